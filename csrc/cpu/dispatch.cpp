@@ -1,0 +1,235 @@
+// Public entry points: pick the ISA path, split the work into ranges and run them on the pool.
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "cpu/impl.h"
+#include "cpu/threadpool.h"
+
+namespace qk {
+namespace {
+
+// Below this many elements a call runs on one thread: waking the pool costs more.
+constexpr int64_t kMinParallel = 1 << 15;
+constexpr int64_t kChunk = 1 << 14;  // elements per task in range-parallel loops
+
+std::atomic<int> g_isa{-1};
+
+Isa initial_isa() {
+  const char* force = std::getenv("QKERN_FORCE_SCALAR");
+  if (force && std::strcmp(force, "0") != 0 && force[0] != '\0') return kIsaScalar;
+  return cpu_has_avx2() ? kIsaAvx2 : kIsaScalar;
+}
+
+const impl::Paths& paths() {
+  if (active_isa() == kIsaAvx2) {
+    const impl::Paths* p = impl::avx2_paths();
+    if (p) return *p;
+  }
+  return impl::kScalarPaths;
+}
+
+// Runs body(e0, e1) over [0, n) in chunks; returns the OR of the results.
+template <typename F>
+bool for_ranges(int64_t n, F body) {
+  if (n < kMinParallel || pool_threads() == 1) return body(int64_t{0}, n);
+  int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::atomic<bool> bad{false};
+  parallel_for(chunks, [&](int64_t c) {
+    int64_t e0 = c * kChunk, e1 = e0 + kChunk < n ? e0 + kChunk : n;
+    if (body(e0, e1)) bad.store(true, std::memory_order_relaxed);
+  });
+  return bad.load();
+}
+
+// Runs body(g0, g1) over groups when there are enough of them to share out; returns false
+// when the caller should instead parallelize inside each (large) group.
+template <typename F>
+bool for_group_blocks(int64_t n, int64_t group, F body, bool* bad_out) {
+  int64_t ng = n / group;
+  int threads = pool_threads();
+  if (n >= kMinParallel && threads > 1 && ng < 4 * threads) return false;
+  int64_t per = kChunk / group > 0 ? kChunk / group : 1;
+  int64_t blocks = (ng + per - 1) / per;
+  std::atomic<bool> bad{false};
+  auto run = [&](int64_t b) {
+    int64_t g0 = b * per, g1 = g0 + per < ng ? g0 + per : ng;
+    if (body(g0, g1)) bad.store(true, std::memory_order_relaxed);
+  };
+  if (n < kMinParallel || threads == 1) {
+    for (int64_t b = 0; b < blocks; ++b) run(b);
+  } else {
+    parallel_for(blocks, run);
+  }
+  *bad_out = bad.load();
+  return true;
+}
+
+// Statistics of one group, computed in parallel when it is large.
+Stats stats_of(const float* x, int64_t n, bool want_sum_abs, bool parallel) {
+  Stats s{INFINITY, -INFINITY, 0.0f, 0.0, false};
+  const auto& p = paths();
+  if (!parallel || n < kMinParallel) {
+    p.minmax(x, n, &s.lo, &s.hi, &s.bad);
+  } else {
+    int64_t chunks = (n + kChunk - 1) / kChunk;
+    std::vector<float> lo(chunks), hi(chunks);
+    std::vector<char> bad(chunks);
+    parallel_for(chunks, [&](int64_t c) {
+      int64_t e0 = c * kChunk, len = e0 + kChunk < n ? kChunk : n - e0;
+      bool b;
+      p.minmax(x + e0, len, &lo[c], &hi[c], &b);
+      bad[c] = b;
+    });
+    for (int64_t c = 0; c < chunks; ++c) {
+      s.lo = lo[c] < s.lo ? lo[c] : s.lo;
+      s.hi = hi[c] > s.hi ? hi[c] : s.hi;
+      s.bad |= bad[c] != 0;
+    }
+  }
+  s.amax = std::fmax(std::fabs(s.lo), std::fabs(s.hi));
+  if (want_sum_abs) {  // always in order, so the result does not depend on the thread count
+    double acc = 0.0;
+    for (int64_t i = 0; i < n; ++i) acc += std::fabs(static_cast<double>(x[i]));
+    s.sum_abs = acc;
+  }
+  return s;
+}
+
+}  // namespace
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+Isa active_isa() {
+  int v = g_isa.load();
+  if (v < 0) {
+    v = initial_isa();
+    g_isa.store(v);
+  }
+  return static_cast<Isa>(v);
+}
+
+void set_isa(Isa isa) { g_isa.store(isa == kIsaAvx2 && cpu_has_avx2() ? kIsaAvx2 : kIsaScalar); }
+void set_num_threads(int n) { pool_set_threads(n); }
+int get_num_threads() { return pool_threads(); }
+
+void group_stats(const float* x, int64_t n, int64_t group, bool want_sum_abs, Stats* out) {
+  int64_t ng = n / group;
+  bool parallel_inside = ng < 4 * pool_threads();
+  auto one = [&](int64_t g) { out[g] = stats_of(x + g * group, group, want_sum_abs, parallel_inside); };
+  if (parallel_inside || n < kMinParallel) {
+    for (int64_t g = 0; g < ng; ++g) one(g);
+  } else {
+    parallel_for(ng, one);
+  }
+}
+
+bool quantize_affine(const float* x, int64_t n, int64_t group, const float* scale,
+                     const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
+  const auto& p = paths();
+  return for_ranges(n, [&](int64_t e0, int64_t e1) {
+    return p.affine(x, e0, e1, group, scale, zp, spec, codes);
+  });
+}
+
+bool quantize_affine_dynamic(const float* x, int64_t n, int64_t group, const AffineSpec& spec,
+                             int rule, float qpos, int emax, float* scale_out, int32_t* zp_out,
+                             uint8_t* codes) {
+  if (n == 0) return false;
+  const auto& p = paths();
+  bool want_sum = rule == kScaleMeanAbs;
+  auto params = [&](const Stats& s, int64_t g) {
+    int32_t z;
+    affine_params_from_stats(s.lo, s.hi, s.amax, s.sum_abs, group, rule, qpos, emax, spec,
+                             &scale_out[g], &z);
+    if (zp_out) zp_out[g] = z;
+  };
+  bool bad = false;
+  bool done = for_group_blocks(n, group, [&](int64_t g0, int64_t g1) {
+    bool b = false;
+    for (int64_t g = g0; g < g1; ++g) {
+      Stats s = stats_of(x + g * group, group, want_sum, false);
+      params(s, g);
+      b |= s.bad;
+      b |= p.affine(x, g * group, (g + 1) * group, group, scale_out, zp_out, spec, codes);
+    }
+    return b;
+  }, &bad);
+  if (done) return bad;
+  for (int64_t g = 0; g < n / group; ++g) {
+    Stats s = stats_of(x + g * group, group, want_sum, true);
+    params(s, g);
+    bad |= s.bad;
+  }
+  return quantize_affine(x, n, group, scale_out, zp_out, spec, codes) || bad;
+}
+
+void dequantize_affine(const uint8_t* codes, int64_t n, int64_t group, const float* scale,
+                       const int32_t* zp, bool is_signed, float offset, float* out) {
+  const auto& p = paths();
+  for_ranges(n, [&](int64_t e0, int64_t e1) {
+    p.dequant_affine(codes, e0, e1, group, scale, zp, is_signed, offset, out);
+    return false;
+  });
+}
+
+bool quantize_codebook(const float* x, int64_t n, int64_t group, const float* scale,
+                       const CodebookSpec& spec, uint8_t* codes) {
+  const auto& p = paths();
+  return for_ranges(n, [&](int64_t e0, int64_t e1) {
+    return p.codebook(x, e0, e1, group, scale, spec, codes);
+  });
+}
+
+bool quantize_codebook_dynamic(const float* x, int64_t n, int64_t group,
+                               const CodebookSpec& spec, int rule, float max_value, int emax,
+                               float* scale_out, uint8_t* codes) {
+  if (n == 0) return false;
+  const auto& p = paths();
+  AffineSpec unused{0, 0, 0, 0, 0.0f, 0};
+  bool want_sum = rule == kScaleMeanAbs;
+  auto params = [&](const Stats& s, int64_t g) {
+    int32_t z;
+    affine_params_from_stats(s.lo, s.hi, s.amax, s.sum_abs, group, rule, max_value, emax,
+                             unused, &scale_out[g], &z);
+  };
+  bool bad = false;
+  bool done = for_group_blocks(n, group, [&](int64_t g0, int64_t g1) {
+    bool b = false;
+    for (int64_t g = g0; g < g1; ++g) {
+      Stats s = stats_of(x + g * group, group, want_sum, false);
+      params(s, g);
+      b |= s.bad;
+      b |= p.codebook(x, g * group, (g + 1) * group, group, scale_out, spec, codes);
+    }
+    return b;
+  }, &bad);
+  if (done) return bad;
+  for (int64_t g = 0; g < n / group; ++g) {
+    Stats s = stats_of(x + g * group, group, want_sum, true);
+    params(s, g);
+    bad |= s.bad;
+  }
+  return quantize_codebook(x, n, group, scale_out, spec, codes) || bad;
+}
+
+void dequantize_lut(const uint8_t* codes, int64_t n, int64_t group, const float* scale,
+                    const float* lut, float* out) {
+  const auto& p = paths();
+  for_ranges(n, [&](int64_t e0, int64_t e1) {
+    p.lut(codes, e0, e1, group, scale, lut, out);
+    return false;
+  });
+}
+
+}  // namespace qk

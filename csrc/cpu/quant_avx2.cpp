@@ -1,0 +1,221 @@
+// AVX2 range kernels. Every vector path performs the same float32 operations in the same
+// order as the scalar reference (division, not reciprocal multiply; no FMA), so codes are
+// identical; modes without a vector path here fall back to the scalar kernels.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "cpu/impl.h"
+
+namespace qk {
+namespace impl {
+namespace {
+
+inline __m256 round_vec(__m256 v, int mode) {
+  switch (mode) {
+    case kNearestEven: return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    case kFloor: return _mm256_floor_ps(v);
+    case kCeil: return _mm256_ceil_ps(v);
+    case kTrunc: return _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    case kHalfAway: {
+      __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+      __m256 d = _mm256_sub_ps(v, r);
+      __m256 one = _mm256_set1_ps(1.0f);
+      r = _mm256_add_ps(r, _mm256_and_ps(_mm256_cmp_ps(d, _mm256_set1_ps(0.5f), _CMP_GE_OQ), one));
+      return _mm256_sub_ps(r, _mm256_and_ps(_mm256_cmp_ps(d, _mm256_set1_ps(-0.5f), _CMP_LE_OQ), one));
+    }
+    default: {  // kHalfUp
+      __m256 r = _mm256_floor_ps(v);
+      __m256 up = _mm256_cmp_ps(_mm256_sub_ps(v, r), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+      return _mm256_add_ps(r, _mm256_and_ps(up, _mm256_set1_ps(1.0f)));
+    }
+  }
+}
+
+inline __m256 nonfinite_mask(__m256 x) {
+  __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  return _mm256_cmp_ps(ax, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ);  // Inf or NaN
+}
+
+// Four vectors of int32 codes (low byte significant) -> 32 bytes in element order.
+inline void store_bytes32(uint8_t* out, __m256i q0, __m256i q1, __m256i q2, __m256i q3) {
+  const __m256i ff = _mm256_set1_epi32(0xFF);
+  __m256i p01 = _mm256_packus_epi32(_mm256_and_si256(q0, ff), _mm256_and_si256(q1, ff));
+  __m256i p23 = _mm256_packus_epi32(_mm256_and_si256(q2, ff), _mm256_and_si256(q3, ff));
+  __m256i b = _mm256_packus_epi16(p01, p23);
+  b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
+}
+
+// Calls seg(g, a, b) for each maximal run [a, b) of [e0, e1) inside one group g.
+template <typename F>
+inline void for_segments(int64_t e0, int64_t e1, int64_t group, F seg) {
+  while (e0 < e1) {
+    int64_t g = e0 / group;
+    int64_t end = (g + 1) * group < e1 ? (g + 1) * group : e1;
+    seg(g, e0, end);
+    e0 = end;
+  }
+}
+
+bool affine_avx2(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
+                 const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
+  if (spec.rounding == kStochastic || spec.shape == kDeadZone)
+    return affine_scalar(x, e0, e1, group, scale, zp, spec, codes);
+  bool bad = false;
+  const bool midrise = spec.shape == kMidRise;
+  for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
+    const int32_t z = zp ? zp[g] : 0;
+    const __m256 vs = _mm256_set1_ps(scale[g]);
+    const __m256 lo = _mm256_set1_ps(static_cast<float>(spec.qmin - z));
+    const __m256 hi = _mm256_set1_ps(static_cast<float>(spec.qmax - z));
+    const __m256i vz = _mm256_set1_epi32(z);
+    const __m256 half = _mm256_set1_ps(midrise ? 0.5f : 0.0f);
+    __m256 badv = _mm256_setzero_ps();
+    auto one = [&](int64_t i) {
+      __m256 v = _mm256_loadu_ps(x + i);
+      badv = _mm256_or_ps(badv, nonfinite_mask(v));
+      __m256 t = _mm256_div_ps(v, vs);
+      if (midrise) t = _mm256_sub_ps(t, half);
+      __m256 r = _mm256_min_ps(_mm256_max_ps(round_vec(t, spec.rounding), lo), hi);
+      return _mm256_add_epi32(_mm256_cvttps_epi32(r), vz);
+    };
+    int64_t i = a;
+    for (; i + 32 <= b; i += 32) store_bytes32(codes + i, one(i), one(i + 8), one(i + 16), one(i + 24));
+    bad |= _mm256_movemask_ps(badv) != 0;
+    if (i < b) bad |= affine_scalar(x, i, b, group, scale, zp, spec, codes);
+  });
+  return bad;
+}
+
+void dequant_affine_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
+                         const float* scale, const int32_t* zp, bool is_signed, float offset,
+                         float* out) {
+  for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
+    const __m256i vz = _mm256_set1_epi32(zp ? zp[g] : 0);
+    const __m256 vs = _mm256_set1_ps(scale[g]);
+    const __m256 vo = _mm256_set1_ps(offset);
+    int64_t i = a;
+    for (; i + 8 <= b; i += 8) {
+      __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i));
+      __m256i c = is_signed ? _mm256_cvtepi8_epi32(c8) : _mm256_cvtepu8_epi32(c8);
+      __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(c, vz));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_add_ps(f, vo), vs));
+    }
+    if (i < b) dequant_affine_scalar(codes, i, b, group, scale, zp, is_signed, offset, out);
+  });
+}
+
+// Nearest-even codebook search for tables of at most 16 values, vectorized exactly like
+// qk::codebook_code: bracket index by counting, then the same two float subtractions.
+bool codebook_avx2(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
+                   const CodebookSpec& spec, uint8_t* codes) {
+  if (spec.rounding != kNearestEven || spec.n > 16)
+    return codebook_scalar(x, e0, e1, group, scale, spec, codes);
+  alignas(32) float vals[16];
+  alignas(32) int32_t cods[16];
+  for (int k = 0; k < 16; ++k) {
+    vals[k] = spec.values[k < spec.n ? k : spec.n - 1];
+    cods[k] = spec.codes[k < spec.n ? k : spec.n - 1];
+  }
+  const __m256 v_lo8 = _mm256_load_ps(vals), v_hi8 = _mm256_load_ps(vals + 8);
+  const __m256i c_lo8 = _mm256_load_si256(reinterpret_cast<const __m256i*>(cods));
+  const __m256i c_hi8 = _mm256_load_si256(reinterpret_cast<const __m256i*>(cods + 8));
+  const __m256i seven = _mm256_set1_epi32(7), one_i = _mm256_set1_epi32(1);
+  const __m256i last = _mm256_set1_epi32(spec.n - 1);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i sign_code = _mm256_set1_epi32(spec.sign_bit);
+  auto lookup_f = [&](__m256i idx) {
+    __m256 a = _mm256_permutevar8x32_ps(v_lo8, idx), b = _mm256_permutevar8x32_ps(v_hi8, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
+  };
+  auto lookup_i = [&](__m256i idx) {
+    __m256i a = _mm256_permutevar8x32_epi32(c_lo8, idx), b = _mm256_permutevar8x32_epi32(c_hi8, idx);
+    return _mm256_blendv_epi8(a, b, _mm256_cmpgt_epi32(idx, seven));
+  };
+  bool bad = false;
+  for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
+    const __m256 vs = _mm256_set1_ps(scale[g]);
+    __m256 badv = _mm256_setzero_ps();
+    auto one = [&](int64_t i) {
+      __m256 v = _mm256_loadu_ps(x + i);
+      badv = _mm256_or_ps(badv, nonfinite_mask(v));
+      __m256 t = _mm256_div_ps(v, vs);
+      __m256i neg = _mm256_setzero_si256();
+      if (spec.sign_bit) {
+        neg = _mm256_srai_epi32(_mm256_castps_si256(t), 31);
+        t = _mm256_andnot_ps(sign, t);
+      }
+      __m256i cnt = _mm256_setzero_si256();
+      for (int k = 1; k < spec.n; ++k)
+        cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(_mm256_set1_ps(vals[k]), t, _CMP_LE_OQ)));
+      __m256i nxt = _mm256_min_epi32(_mm256_add_epi32(cnt, one_i), last);
+      __m256 dlo = _mm256_sub_ps(t, lookup_f(cnt));
+      __m256 dhi = _mm256_sub_ps(lookup_f(nxt), t);
+      __m256i clo = lookup_i(cnt), chi = lookup_i(nxt);
+      __m256 take_hi = _mm256_or_ps(
+          _mm256_cmp_ps(dhi, dlo, _CMP_LT_OQ),
+          _mm256_and_ps(_mm256_cmp_ps(dhi, dlo, _CMP_EQ_OQ),
+                        _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(clo, one_i), one_i))));
+      __m256i c = _mm256_blendv_epi8(clo, chi, _mm256_castps_si256(take_hi));
+      return _mm256_or_si256(c, _mm256_and_si256(neg, sign_code));
+    };
+    int64_t i = a;
+    for (; i + 32 <= b; i += 32) store_bytes32(codes + i, one(i), one(i + 8), one(i + 16), one(i + 24));
+    bad |= _mm256_movemask_ps(badv) != 0;
+    if (i < b) bad |= codebook_scalar(x, i, b, group, scale, spec, codes);
+  });
+  return bad;
+}
+
+void lut_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const float* scale,
+              const float* lut, float* out) {
+  for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
+    const __m256 vs = _mm256_set1_ps(scale[g]);
+    int64_t i = a;
+    for (; i + 8 <= b; i += 8) {
+      __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i));
+      __m256 v = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(c8), 4);
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(v, vs));
+    }
+    if (i < b) lut_scalar(codes, i, b, group, scale, lut, out);
+  });
+}
+
+void minmax_avx2(const float* x, int64_t n, float* lo, float* hi, bool* bad) {
+  __m256 mn = _mm256_set1_ps(INFINITY), mx = _mm256_set1_ps(-INFINITY);
+  __m256 mn2 = mn, mx2 = mx, badv = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    badv = _mm256_or_ps(badv, _mm256_or_ps(nonfinite_mask(a), nonfinite_mask(b)));
+    mn = _mm256_min_ps(a, mn);  // NaN in a leaves mn unchanged, like the scalar loop
+    mx = _mm256_max_ps(a, mx);
+    mn2 = _mm256_min_ps(b, mn2);
+    mx2 = _mm256_max_ps(b, mx2);
+  }
+  alignas(32) float l[8], h[8], l2[8], h2[8];
+  _mm256_store_ps(l, mn);
+  _mm256_store_ps(h, mx);
+  _mm256_store_ps(l2, mn2);
+  _mm256_store_ps(h2, mx2);
+  float rl, rh;
+  bool rb;
+  minmax_scalar(x + i, n - i, &rl, &rh, &rb);
+  for (int k = 0; k < 8; ++k) {
+    rl = std::fmin(rl, std::fmin(l[k], l2[k]));
+    rh = std::fmax(rh, std::fmax(h[k], h2[k]));
+  }
+  *lo = rl;
+  *hi = rh;
+  *bad = rb || _mm256_movemask_ps(badv) != 0;
+}
+
+const Paths kAvx2Paths = {affine_avx2, dequant_affine_avx2, codebook_avx2, lut_avx2, minmax_avx2};
+
+}  // namespace
+
+const Paths* avx2_paths() { return &kAvx2Paths; }
+
+}  // namespace impl
+}  // namespace qk

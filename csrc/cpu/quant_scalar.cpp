@@ -1,0 +1,66 @@
+// Scalar reference kernels: a direct loop over the csrc/core rules.
+#include <cmath>
+
+#include "cpu/impl.h"
+
+namespace qk {
+namespace impl {
+
+bool affine_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
+                   const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
+  bool bad = false;
+  for (int64_t e = e0; e < e1; ++e) {
+    int64_t g = e / group;
+    float v = x[e];
+    bad |= !std::isfinite(v);
+    int32_t q = affine_code(v / scale[g], zp ? zp[g] : 0, spec, static_cast<uint64_t>(e));
+    codes[e] = static_cast<uint8_t>(q & 0xFF);
+  }
+  return bad;
+}
+
+void dequant_affine_scalar(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
+                           const float* scale, const int32_t* zp, bool is_signed, float offset,
+                           float* out) {
+  for (int64_t e = e0; e < e1; ++e) {
+    int64_t g = e / group;
+    int32_t c = is_signed ? static_cast<int32_t>(static_cast<int8_t>(codes[e])) : codes[e];
+    out[e] = affine_value(c, zp ? zp[g] : 0, offset, scale[g]);
+  }
+}
+
+bool codebook_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
+                     const CodebookSpec& spec, uint8_t* codes) {
+  bool bad = false;
+  for (int64_t e = e0; e < e1; ++e) {
+    float v = x[e];
+    bad |= !std::isfinite(v);
+    codes[e] = codebook_code(v / scale[e / group], spec, static_cast<uint64_t>(e));
+  }
+  return bad;
+}
+
+void lut_scalar(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const float* scale,
+                const float* lut, float* out) {
+  for (int64_t e = e0; e < e1; ++e) out[e] = lut[codes[e]] * scale[e / group];
+}
+
+void minmax_scalar(const float* x, int64_t n, float* lo, float* hi, bool* bad) {
+  float mn = INFINITY, mx = -INFINITY;
+  bool b = false;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i];
+    b |= !std::isfinite(v);
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  *lo = mn;
+  *hi = mx;
+  *bad = b;
+}
+
+const Paths kScalarPaths = {affine_scalar, dequant_affine_scalar, codebook_scalar, lut_scalar,
+                            minmax_scalar};
+
+}  // namespace impl
+}  // namespace qk

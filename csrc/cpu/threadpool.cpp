@@ -1,0 +1,115 @@
+#include "cpu/threadpool.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace qk {
+namespace {
+
+class Pool {
+ public:
+  ~Pool() { resize(1); }
+
+  void resize(int n) {
+    std::lock_guard<std::mutex> call_lock(call_mu_);
+    stop_workers();
+    threads_ = n < 1 ? 1 : n;
+    stop_ = false;
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { worker(); });
+  }
+
+  int threads() const { return threads_; }
+
+  void run(int64_t n_chunks, const std::function<void(int64_t)>& fn) {
+    if (n_chunks <= 0) return;
+    if (threads_ == 1 || n_chunks == 1 || in_pool_) {
+      for (int64_t i = 0; i < n_chunks; ++i) fn(i);
+      return;
+    }
+    std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel region at a time
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      fn_ = &fn;
+      n_chunks_ = n_chunks;
+      next_.store(0);
+      active_ = static_cast<int>(workers_.size());
+      ++generation_;
+    }
+    cv_.notify_all();
+    in_pool_ = true;
+    drain();
+    in_pool_ = false;
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [this] { return active_ == 0; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void drain() {
+    for (int64_t i = next_.fetch_add(1); i < n_chunks_; i = next_.fetch_add(1)) (*fn_)(i);
+  }
+
+  void worker() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      in_pool_ = true;
+      drain();
+      in_pool_ = false;
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--active_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  std::mutex call_mu_, mu_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t n_chunks_ = 0;
+  std::atomic<int64_t> next_{0};
+  int active_ = 0;
+  uint64_t generation_ = 0;
+  int threads_ = 1;
+  bool stop_ = false;
+  static thread_local bool in_pool_;
+};
+
+thread_local bool Pool::in_pool_ = false;
+
+Pool& pool() {
+  static Pool* p = [] {
+    auto* q = new Pool();  // leaked on purpose: no join races at interpreter exit
+    unsigned hw = std::thread::hardware_concurrency();
+    q->resize(hw == 0 ? 1 : static_cast<int>(hw));
+    return q;
+  }();
+  return *p;
+}
+
+}  // namespace
+
+void pool_set_threads(int n) { pool().resize(n); }
+int pool_threads() { return pool().threads(); }
+void parallel_for(int64_t n_chunks, const std::function<void(int64_t)>& fn) {
+  pool().run(n_chunks, fn);
+}
+
+}  // namespace qk

@@ -1,0 +1,42 @@
+"""qkern: quantization for neural networks, built from the numbers up."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C, companding, formats, ops  # noqa: F401
+from .packing import pack_bits, pack_int32, unpack_bits, unpack_int32
+from .quantize import dequantize, quantize
+from .tensor import PackedQTensor, QTensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize", "dequantize", "QTensor", "PackedQTensor", "pack_bits", "unpack_bits",
+    "pack_int32", "unpack_int32", "formats", "companding", "set_num_threads",
+    "get_num_threads", "set_isa", "get_isa",
+]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by qkern's CPU kernels (default: torch's intra-op thread count)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_threads must be a positive int, got {n!r}")
+    _C.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return _C.get_num_threads()
+
+
+def set_isa(isa: str) -> None:
+    """Kernel path: 'avx2', 'scalar' or 'auto' (QKERN_FORCE_SCALAR=1 makes 'scalar' the
+    default at import)."""
+    _C.set_isa(isa)
+
+
+def get_isa() -> str:
+    return _C.get_isa()
+
+
+_C.set_num_threads(max(1, torch.get_num_threads()))

@@ -1,0 +1,16 @@
+"""torch.library ops of qkern: schemas + fake kernels, the CPU kernels, and the CUDA kernels
+when ``qkern._cuda`` was built."""
+
+from . import schemas  # noqa: F401  (defines the ops)
+from . import cpu  # noqa: F401  (registers CPU kernels)
+from .cpu import NonFiniteError
+
+try:
+    from .. import _cuda  # noqa: F401
+except ImportError:
+    HAS_CUDA_KERNELS = False
+else:
+    HAS_CUDA_KERNELS = True
+    from . import cuda  # noqa: F401  (registers CUDA kernels)
+
+__all__ = ["NonFiniteError", "HAS_CUDA_KERNELS"]

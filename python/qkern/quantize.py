@@ -1,0 +1,271 @@
+"""``qkern.quantize`` / ``qkern.dequantize``: validation and dispatch onto the qkern:: ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import formats as F
+from ._checks import as_tensor, check_device, check_float, nonfinite_message, normalize_axis
+from .layout import GRANULARITIES, Layout
+from .ops import NonFiniteError
+from .tensor import DoubleQuant, QTensor
+
+ROUNDINGS = ("nearest_even", "half_away", "half_up", "floor", "ceil", "trunc", "stochastic")
+QUANTIZERS = ("midtread", "midrise", "deadzone")
+_OPS = torch.ops.qkern
+
+
+def _choice(value, options, name):
+    if value not in options:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(options)}")
+    return options.index(value)
+
+
+def _seed_bits(seed) -> int:
+    if seed is None:
+        return int(torch.randint(0, 2**62, ()).item())
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    s = seed & 0xFFFFFFFFFFFFFFFF
+    return s - (1 << 64) if s >= 1 << 63 else s  # int64 bits for the op schema
+
+
+def _layout(x: torch.Tensor, fmt: F.Format, granularity, axis, group_size) -> Layout:
+    shape = tuple(x.shape)
+    if granularity is None:
+        granularity = "group" if fmt.block_size is not None else "tensor"
+    _choice(granularity, GRANULARITIES, "granularity")
+    numel = math.prod(shape)
+    if granularity == "tensor":
+        return Layout("tensor", shape, None, max(numel, 1))
+    if x.dim() == 0:
+        raise ValueError(f"granularity={granularity!r} needs a tensor with at least 1 dimension")
+    if granularity == "channel":
+        ax = normalize_axis(0 if axis is None else axis, x.dim())
+        per = numel // shape[ax] if shape[ax] else 0
+        return Layout("channel", shape, ax, max(per, 1))
+    ax = normalize_axis(-1 if axis is None else axis, x.dim())
+    if group_size is None:
+        group_size = fmt.block_size
+    if group_size is None:
+        raise ValueError(f"granularity='group' needs group_size (format {fmt.name} has no default)")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if shape[ax] % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide dimension {ax} of size {shape[ax]}"
+        )
+    return Layout("group", shape, ax, group_size)
+
+
+def _given(value, layout: Layout, name: str, dtype) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=dtype)
+    if t.dim() == 0 and layout.n_groups == 1:
+        t = t.reshape(layout.scale_shape)
+    if tuple(t.shape) != layout.scale_shape:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}; granularity={layout.granularity!r} needs "
+            f"{layout.scale_shape}"
+        )
+    return t
+
+
+def _check_scale(scale: torch.Tensor) -> None:
+    if not torch.isfinite(scale).all():
+        raise ValueError("scale must be finite; it contains NaN or Inf")
+    if (scale <= 0).any():
+        raise ValueError(f"scale must be > 0; smallest given is {float(scale.min())}")
+
+
+def _check_zero_point(zp: torch.Tensor, fmt: F.Format) -> None:
+    if zp.numel() and (zp.min() < fmt.qmin or zp.max() > fmt.qmax):
+        raise ValueError(
+            f"zero_point must lie in the code range [{fmt.qmin}, {fmt.qmax}] of {fmt.name}; "
+            f"got values in [{int(zp.min())}, {int(zp.max())}]"
+        )
+
+
+def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
+             group_size: int | None = None, symmetric: bool = True,
+             rounding: str = "nearest_even", quantizer: str = "midtread", deadzone: float = 1.0,
+             clip: tuple[float, float] | None = None, clip_ratio: float | None = None,
+             scale=None, zero_point=None, seed: int | None = None,
+             double_quant: bool = False) -> QTensor:
+    """Quantize ``x`` to format ``fmt``; see README "Quantize" and docs/numerics.md."""
+    fmt = F.get(fmt)
+    x = as_tensor(x)
+    check_float(x)
+    check_device(x)
+    rmode = _choice(rounding, ROUNDINGS, "rounding")
+    qshape = _choice(quantizer, QUANTIZERS, "quantizer")
+    layout = _layout(x, fmt, granularity, axis, group_size)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    if qshape and not symmetric:
+        raise ValueError(f"quantizer={quantizer!r} is symmetric only: pass symmetric=True")
+    if qshape == 2 and not (isinstance(deadzone, (int, float)) and deadzone >= 1.0):
+        raise ValueError(f"deadzone (zero-bin width in steps) must be >= 1, got {deadzone!r}")
+    if not symmetric and (fmt.kind != "int" or fmt.symmetric_only):
+        raise ValueError(f"format {fmt.name} is symmetric only: pass symmetric=True")
+    if qshape and fmt.kind != "int":
+        raise ValueError(f"quantizer={quantizer!r} applies to integer formats, not {fmt.name}")
+    if fmt.name == "int1" and symmetric and qshape == 0:
+        raise ValueError("int1 has no positive level for a symmetric mid-tread quantizer; "
+                         "use quantizer='midrise', symmetric=False or the 'binary' format")
+    if clip_ratio is not None and not (0.0 < clip_ratio <= 1.0):
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}")
+    if double_quant and fmt.kind != "codebook":
+        raise ValueError("double_quant applies to codebook block formats (nf4, fp4_*)")
+    seed_bits = _seed_bits(seed) if rmode == 6 else 0
+
+    if clip is not None:
+        lo, hi = clip
+        if not lo < hi:
+            raise ValueError(f"clip=(lo, hi) needs lo < hi, got {clip!r}")
+        x = x.clamp(lo, hi)
+    xk = layout.to_kernel(x.float()) if x.numel() else x.float().reshape(-1)
+    sc = zp = None
+    if scale is not None:
+        sc = _given(scale, layout, "scale", torch.float32)
+        _check_scale(sc)
+    if zero_point is not None:
+        if symmetric:
+            raise ValueError("zero_point is given but symmetric=True; pass symmetric=False")
+        zp = _given(zero_point, layout, "zero_point", torch.int64)
+        _check_zero_point(zp, fmt)
+        zp = zp.to(torch.int32)
+        if sc is None:
+            raise ValueError("zero_point needs scale too")
+    if not symmetric and sc is not None and zp is None:
+        raise ValueError("symmetric=False with a given scale needs zero_point too")
+
+    qt_args = dict(format=fmt, layout=layout, dtype=x.dtype, quantizer=quantizer)
+    if x.numel() == 0:
+        empty_scale = torch.ones(layout.scale_shape) if sc is None else sc
+        return QTensor(torch.empty(layout.shape, dtype=_code_dtype(fmt)), empty_scale,
+                       None if symmetric else torch.zeros(layout.scale_shape, dtype=torch.int32),
+                       **qt_args)
+    g = layout.group_size
+    try:
+        if fmt.kind == "companded":
+            codes, sck = _companded(xk, fmt, g, rmode, sc, layout)
+            zpk, dq = None, None
+        elif fmt.kind == "int":
+            codes, sck, zpk = _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed_bits,
+                                      sc, zp, layout, clip_ratio)
+            dq = None
+        else:
+            codes, sck, dq = _codebook(xk, fmt, g, rmode, seed_bits, sc, layout, clip_ratio,
+                                       double_quant)
+            zpk = None
+    except NonFiniteError:
+        raise ValueError(nonfinite_message(x)) from None
+    codes = layout.from_kernel(codes)
+    if fmt.kind == "int" and fmt.signed:
+        codes = codes.view(torch.int8)
+    scale_out = layout.scale_from_kernel(sck)
+    zp_out = None if zpk is None else layout.scale_from_kernel(zpk)
+    return QTensor(codes, scale_out, zp_out, double_quant=dq, **qt_args)
+
+
+def _code_dtype(fmt: F.Format) -> torch.dtype:
+    return torch.int8 if fmt.kind == "int" and fmt.signed else torch.uint8
+
+
+def _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed, sc, zp, layout, clip_ratio):
+    dz_half = (float(deadzone) - 1.0) * 0.5 if qshape == 2 else 0.0
+    if sc is None:
+        rule = fmt.scale_rule if symmetric else F.SCALE_MINMAX
+        qpos = fmt.qmax + (0.5 if qshape == 1 else 0.0)
+        codes, sck, zpk = _OPS.quantize_affine_dynamic(xk, g, fmt.qmin, fmt.qmax, rule, qpos,
+                                                       fmt.emax, rmode, qshape, dz_half, seed)
+        if clip_ratio is None or clip_ratio == 1.0:
+            return codes, sck, (None if symmetric else zpk)
+        sc_k = sck * clip_ratio
+        zp_k = None if symmetric else zpk
+    else:
+        sc_k = layout.scale_to_kernel(sc)
+        zp_k = None if zp is None else layout.scale_to_kernel(zp)
+    codes = _OPS.quantize_affine(xk, sc_k, zp_k, g, fmt.qmin, fmt.qmax, rmode, qshape, dz_half,
+                                 seed)
+    return codes, sc_k, zp_k
+
+
+def _table(fmt):
+    vals, cods = fmt.search_table
+    return torch.from_numpy(vals), torch.from_numpy(cods)
+
+
+def _codebook(xk, fmt, g, rmode, seed, sc, layout, clip_ratio, double_quant):
+    vals, cods = (t.to(xk.device) for t in _table(fmt))
+    dq = None
+    if sc is None:
+        codes, sck = _OPS.quantize_codebook_dynamic(xk, vals, cods, fmt.sign_bit, g,
+                                                    fmt.scale_rule, fmt.max_value, fmt.emax,
+                                                    rmode, seed)
+        if (clip_ratio is None or clip_ratio == 1.0) and not double_quant:
+            return codes, sck, None
+        if clip_ratio is not None:
+            sck = sck * clip_ratio
+        if double_quant:
+            dq, sck = double_quantize_scales(sck)
+    else:
+        sck = layout.scale_to_kernel(sc)
+    codes = _OPS.quantize_codebook(xk, sck, vals, cods, fmt.sign_bit, g, rmode, seed)
+    return codes, sck, dq
+
+
+def double_quantize_scales(s: torch.Tensor, group: int = 256) -> tuple[DoubleQuant, torch.Tensor]:
+    """bitsandbytes-style nested quantization of block scales: the mean, then int8 of the
+    residual per ``group`` blocks. Returns the codes and the dequantized scales."""
+    mean = float(s.double().mean())
+    resid = s - torch.tensor(mean, dtype=torch.float32)
+    pad = (-resid.numel()) % group
+    r = torch.cat([resid, resid.new_zeros(pad)]).view(-1, group)
+    codes, s2, _ = _OPS.quantize_affine_dynamic(r.reshape(-1), group, -128, 127, F.SCALE_ABSMAX,
+                                                127.0, 0, 0, 0, 0.0, 0)
+    deq = _OPS.dequantize_affine(codes, s2, None, group, True, 0.0)[: s.numel()]
+    scales = (deq + torch.tensor(mean, dtype=torch.float32)).clamp_min(torch.finfo(torch.float32).tiny)
+    return DoubleQuant(codes.view(torch.int8)[: s.numel()].clone(), s2, mean, group), scales
+
+
+def _companded(xk, fmt, g, rmode, sc, layout):
+    if rmode not in (0, 3, 4, 5):
+        raise ValueError(f"format {fmt.name} supports rounding nearest_even, floor, ceil, trunc")
+    xg = xk.view(-1, g)
+    if sc is None:
+        if not torch.isfinite(xg).all():
+            raise NonFiniteError("non-finite")
+        sck = (xg.abs().amax(dim=1) / fmt.max_value)
+        sck = torch.where(sck > 0, sck.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+    else:
+        sck = layout.scale_to_kernel(sc)
+    t = xg / sck[:, None]
+    if not torch.isfinite(t).all():
+        raise NonFiniteError("non-finite")
+    t = (torch.round, None, None, torch.floor, torch.ceil, torch.trunc)[rmode](t)
+    pcm = t.clamp(-32768, 32767).to(torch.int16).reshape(-1)
+    enc = _OPS.mulaw_encode if fmt.name == "mulaw" else _OPS.alaw_encode
+    return enc(pcm), sck
+
+
+def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Float values of a QTensor (in the dtype it was quantized from unless ``dtype``)."""
+    if not isinstance(qt, QTensor):
+        raise TypeError(f"dequantize expects a QTensor, got {type(qt).__name__}")
+    fmt, layout = qt.format, qt.layout
+    dtype = dtype or qt.dtype
+    if layout.numel == 0:
+        return torch.empty(layout.shape, dtype=dtype)
+    g = layout.group_size
+    codes = layout.to_kernel(qt.codes.view(torch.uint8))
+    sck = layout.scale_to_kernel(qt.scale.float())
+    if fmt.kind == "int":
+        zpk = None if qt.zero_point is None else layout.scale_to_kernel(qt.zero_point)
+        offset = 0.5 if qt.quantizer == "midrise" else 0.0
+        out = _OPS.dequantize_affine(codes, sck, zpk, g, fmt.signed, offset)
+    else:
+        out = _OPS.dequantize_lut(codes, sck, torch.from_numpy(fmt.lut).to(codes.device), g)
+    return layout.from_kernel(out).to(dtype)

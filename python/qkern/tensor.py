@@ -1,0 +1,114 @@
+"""QTensor: integer codes + scale (+ zero point) + layout, and its packed form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from . import formats as F
+from .layout import Layout
+
+
+@dataclass
+class DoubleQuant:
+    """Second-level quantization of block scales: scale = codes * scale2[g // 256] + mean."""
+
+    codes: torch.Tensor  # int8, one per block
+    scale2: torch.Tensor  # float32, one per 256 blocks
+    mean: float
+    group: int = 256
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + 4 * self.scale2.numel() + 4
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor. ``codes`` are unpacked (one integer per element, int8 for signed
+    integer formats, uint8 otherwise); ``dequantize()`` gives floats back."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    format: F.Format
+    layout: Layout
+    dtype: torch.dtype = torch.float32
+    quantizer: str = "midtread"
+    double_quant: DoubleQuant | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.layout.shape)
+
+    @property
+    def granularity(self) -> str:
+        return self.layout.granularity
+
+    @property
+    def axis(self) -> int | None:
+        return self.layout.axis
+
+    @property
+    def group_size(self) -> int | None:
+        return self.layout.group_size if self.layout.granularity == "group" else None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from .quantize import dequantize
+
+        return dequantize(self, dtype=dtype)
+
+    def pack(self) -> PackedQTensor:
+        from .packing import pack_bits
+
+        flat = self.codes.reshape(-1).view(torch.uint8)
+        return PackedQTensor(pack_bits(flat, self.format.bits), replace(self, codes=None))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed representation: codes at ``bits`` each, scales as stored
+        (float32, E8M0 for MX, int8 + second level with double quantization), zero points at
+        ``bits`` each."""
+        fmt = self.format
+        n = (self.layout.numel * fmt.bits + 7) // 8
+        if self.double_quant is not None:
+            n += self.double_quant.nbytes
+        else:
+            n += (self.scale.numel() * fmt.scale_bits + 7) // 8
+        if self.zero_point is not None:
+            n += (self.zero_point.numel() * fmt.bits + 7) // 8
+        return n
+
+    @property
+    def bits_per_element(self) -> float:
+        numel = self.layout.numel
+        return 8.0 * self.nbytes / numel if numel else 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"QTensor(format={self.format.name}, shape={tuple(self.shape)}, "
+            f"granularity={self.granularity}, bits_per_element={self.bits_per_element:.3f})"
+        )
+
+
+@dataclass
+class PackedQTensor:
+    """Densely bit-packed codes (LSB-first stream) plus everything needed to unpack them."""
+
+    data: torch.Tensor  # uint8
+    meta: QTensor  # codes=None
+
+    @property
+    def nbytes(self) -> int:
+        return self.meta.nbytes
+
+    def unpack(self) -> QTensor:
+        from .packing import unpack_bits
+
+        fmt, layout = self.meta.format, self.meta.layout
+        codes = unpack_bits(self.data, fmt.bits, layout.numel)
+        if fmt.kind == "int" and fmt.signed:  # sign-extend the low `bits` bits
+            shift = 8 - fmt.bits
+            codes = (codes.view(torch.int8) << shift) >> shift
+        return replace(self.meta, codes=codes.view(layout.shape))
