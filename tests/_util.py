@@ -19,7 +19,9 @@ def np_codes(qt) -> np.ndarray:
     return qt.codes.cpu().numpy().astype(np.int64)
 
 
-def np_f32(t: torch.Tensor) -> np.ndarray:
+def np_f32(t) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t.astype(np.float32)
     return t.detach().cpu().float().numpy()
 
 
@@ -69,7 +71,9 @@ def run_int(x: torch.Tensor, name: str, **kw):
     """qkern vs reference for an integer/affine format; returns the QTensor."""
     qt = qkern.quantize(x, name, **kw)
     ref_kw = {k: v for k, v in kw.items() if v is not None}
-    ref_kw.setdefault("granularity", "tensor")
+    if "granularity" not in ref_kw:  # spec defaults: block formats group along the last axis
+        ref_kw["granularity"] = "group" if name in R.BLOCK else "tensor"
+        ref_kw.setdefault("group_size", R.BLOCK.get(name))
     codes, sc, zp, deq = R.quantize_int(np_f32(x), name, **ref_kw)
     what = f"{name} {kw}"
     assert qt.codes.dtype == (torch.int8 if signed_codes(name) else torch.uint8), what

@@ -210,6 +210,13 @@ class View:
         moved = tuple(np.delete(self.shape, self.axis)) + (self.cols // self.group,)
         return np.moveaxis(s2d.reshape(moved), -1, self.axis)
 
+    def scale_to2d(self, p) -> np.ndarray:
+        """Inverse of scale_shape_nd (a scalar is accepted for one group)."""
+        p = np.asarray(p)
+        if self.gran == "group" and p.ndim:
+            p = np.moveaxis(p, self.axis, -1)
+        return np.ascontiguousarray(p).reshape(self.rows, self.cols // self.group)
+
     def expand(self, p2d: np.ndarray) -> np.ndarray:
         return np.repeat(p2d, self.group, axis=1)
 
@@ -292,9 +299,9 @@ def quantize_int(x, name, *, granularity="tensor", axis=None, group_size=None, s
     elif scale is None:
         sc, zp = affine_params(v.groups(x2d), qmin, qmax, symmetric, quantizer)
     else:
-        sc = np.broadcast_to(np.asarray(scale, F32), (v.rows, v.cols // v.group))
-        zp = np.zeros(sc.shape, np.int32) if zero_point is None else np.broadcast_to(
-            np.asarray(zero_point, np.int32), sc.shape)
+        sc = v.scale_to2d(np.asarray(scale, F32))
+        zp = np.zeros(sc.shape, np.int32) if zero_point is None else v.scale_to2d(
+            np.asarray(zero_point, np.int32))
     codes = affine_quantize_2d(x2d, v.expand(sc), v.expand(zp), qmin, qmax, rounding, quantizer,
                                deadzone, seed, v.index())
     deq = affine_dequantize(codes, v.expand(sc), v.expand(zp), quantizer)
@@ -372,7 +379,7 @@ def quantize_codebook(x, name, *, granularity=None, axis=None, group_size=None,
     x2d = v.to2d(x)
     xg = v.groups(x2d)
     if scale is not None:
-        sc = np.broadcast_to(np.asarray(scale, F32), (v.rows, v.cols // v.group))
+        sc = v.scale_to2d(np.asarray(scale, F32))
     elif name in MX_EMAX:
         sc = mx_scale(np.abs(xg).max(axis=-1), MX_EMAX[name])
     elif name == "binary":

@@ -100,6 +100,18 @@ def test_gptq_4bit_hand_example():
     np.testing.assert_array_equal(got1.numpy(), want.T)
 
 
+@pytest.mark.parametrize("bits,n", [(4, 8), (8, 4), (1, 32), (3, 10)])
+def test_pack_int32_one_word_per_line(bits, n, rng):
+    """A single int32 word per line (e.g. GPTQ 4-bit with 8 input features)."""
+    codes = rng.integers(0, 2**bits, (n, 5)).astype(np.uint8)
+    got = qkern.pack_int32(torch.from_numpy(codes), bits, 0)
+    np.testing.assert_array_equal(got.numpy(), R.pack_int32(codes, bits, 0))
+    fresh = torch.tensor(R.pack_int32(codes, bits, 0).tolist(), dtype=torch.int32)
+    for words in (got, fresh):  # `fresh`: plain strides, like words loaded from a checkpoint
+        back = qkern.unpack_int32(words, bits, n, 0)
+        np.testing.assert_array_equal(np.asarray(back).astype(np.int64), codes.astype(np.int64))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("dim", [0, 1, -1])
 def test_pack_int32_vs_reference(bits, dim, rng):

@@ -39,7 +39,7 @@ class Format:
     max_value: float
     qmin: int = 0
     qmax: int = 0
-    values: np.ndarray | None = field(default=None, repr=False)
+    table: np.ndarray | None = field(default=None, repr=False)  # value of each code
     sign_bit: int = 0  # codebook: the sign bit of sign-magnitude codes (0 = plain table)
     block_size: int | None = None  # default group size of block formats
     scale_rule: int = SCALE_ABSMAX
@@ -49,19 +49,24 @@ class Format:
     description: str = ""
 
     @property
+    def values(self) -> torch.Tensor | None:
+        """Value of every code (float32; NaN for NaN/Inf codes), None for integer formats."""
+        return None if self.table is None else torch.from_numpy(self.table.copy())
+
+    @property
     def codebook(self) -> torch.Tensor | None:
         """Every representable value, ascending (None for plain integer formats)."""
-        if self.values is None:
+        if self.table is None:
             return None
-        v = self.values[np.isfinite(self.values)]
+        v = self.table[np.isfinite(self.table)]
         return torch.from_numpy(np.unique(v.astype(np.float32)))
 
     @property
     def search_table(self) -> tuple[np.ndarray, np.ndarray]:
         """(ascending values, their codes) as the kernels search them: magnitudes only for
         sign-magnitude formats."""
-        codes = np.arange(len(self.values), dtype=np.int64)
-        v = self.values
+        codes = np.arange(len(self.table), dtype=np.int64)
+        v = self.table
         keep = np.isfinite(v)
         if self.sign_bit:
             keep &= (codes & self.sign_bit) == 0
@@ -73,7 +78,7 @@ class Format:
     def lut(self) -> np.ndarray:
         """256-entry float32 decode table (zero past the format's codes and for NaN codes)."""
         out = np.zeros(256, dtype=np.float32)
-        v = np.nan_to_num(self.values.astype(np.float32), nan=0.0)
+        v = np.nan_to_num(self.table.astype(np.float32), nan=0.0)
         out[: len(v)] = v
         return out
 
@@ -126,26 +131,26 @@ def _build() -> dict[str, Format]:
                    description=f"{b}-bit unsigned integer"))
     add(Format("ternary", 2, True, "int", 1.0, qmin=-1, qmax=1, symmetric_only=True,
                description="{-1, 0, +1} (1.58-bit)"))
-    add(Format("binary", 1, True, "codebook", 1.0, values=np.array([1.0, -1.0], np.float32),
+    add(Format("binary", 1, True, "codebook", 1.0, table=np.array([1.0, -1.0], np.float32),
                scale_rule=SCALE_MEANABS, description="{+1, -1}, XNOR-Net alpha = mean|x|"))
-    add(Format("nf4", 4, True, "codebook", 1.0, values=np.array(NF4_VALUES, np.float32),
+    add(Format("nf4", 4, True, "codebook", 1.0, table=np.array(NF4_VALUES, np.float32),
                block_size=64, description="NormalFloat4 (QLoRA / bitsandbytes)"))
     e2m1 = _sign_magnitude(np.array(E2M1_MAGNITUDES), 8)
-    add(Format("fp4_e2m1", 4, True, "codebook", 6.0, values=e2m1, sign_bit=8, block_size=64,
+    add(Format("fp4_e2m1", 4, True, "codebook", 6.0, table=e2m1, sign_bit=8, block_size=64,
                description="FP4 E2M1 (OCP MX element)"))
     add(Format("fp4_bnb", 4, True, "codebook", 1.0,
-               values=_sign_magnitude(np.array(BNB_FP4_MAGNITUDES), 8), sign_bit=8,
+               table=_sign_magnitude(np.array(BNB_FP4_MAGNITUDES), 8), sign_bit=8,
                block_size=64, description="bitsandbytes' FP4 table"))
     e4m3 = _minifloat(4, 3, 7, ieee_specials=False)
     e5m2 = _minifloat(5, 2, 15, ieee_specials=True)
-    add(Format("fp8_e4m3", 8, True, "codebook", 448.0, values=e4m3, sign_bit=0x80,
+    add(Format("fp8_e4m3", 8, True, "codebook", 448.0, table=e4m3, sign_bit=0x80,
                description="FP8 E4M3 (fn: no Inf, saturating)"))
-    add(Format("fp8_e5m2", 8, True, "codebook", 57344.0, values=e5m2, sign_bit=0x80,
+    add(Format("fp8_e5m2", 8, True, "codebook", 57344.0, table=e5m2, sign_bit=0x80,
                description="FP8 E5M2 (saturating)"))
-    add(Format("mxfp4", 4, True, "codebook", 6.0, values=e2m1, sign_bit=8, block_size=32,
+    add(Format("mxfp4", 4, True, "codebook", 6.0, table=e2m1, sign_bit=8, block_size=32,
                scale_rule=SCALE_POW2_MX, emax=2, scale_bits=8,
                description="OCP MXFP4: E2M1 elements, E8M0 scale per 32"))
-    add(Format("mxfp8_e4m3", 8, True, "codebook", 448.0, values=e4m3, sign_bit=0x80,
+    add(Format("mxfp8_e4m3", 8, True, "codebook", 448.0, table=e4m3, sign_bit=0x80,
                block_size=32, scale_rule=SCALE_POW2_MX, emax=8, scale_bits=8,
                description="OCP MXFP8 E4M3: E8M0 scale per 32"))
     add(Format("mxint8", 8, True, "int", 127.0, qmin=-128, qmax=127, block_size=32,
@@ -155,10 +160,10 @@ def _build() -> dict[str, Format]:
         k = 2 ** (b - 1) - 1
         mags = np.array([0.0] + [2.0 ** (i - k) for i in range(1, k + 1)])
         add(Format(f"log2_{b}", b, True, "codebook", 1.0,
-                   values=_sign_magnitude(mags, 2 ** (b - 1)), sign_bit=2 ** (b - 1),
+                   table=_sign_magnitude(mags, 2 ** (b - 1)), sign_bit=2 ** (b - 1),
                    description=f"sign + {b - 1}-bit power-of-two exponent + zero"))
     for law, mx in (("mulaw", 32124.0), ("alaw", 32256.0)):
-        add(Format(law, 8, True, "companded", mx, values=_g711_values(law),
+        add(Format(law, 8, True, "companded", mx, table=_g711_values(law),
                    description=f"ITU-T G.711 {law} over 16-bit PCM"))
     return reg
 

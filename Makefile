@@ -1,0 +1,71 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+JOBS   ?= 2
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: all install deps test test-fast demo bench bench-smoke asan cuda-check lint clean
+
+all: test
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+# torch is pinned: plain `torch` would pull a multi-GB CUDA build.
+$(VENV)/.deps: $(VPY) Makefile
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q "scikit-build-core>=0.9" "pybind11>=2.12" ninja numpy \
+		pytest hypothesis safetensors ruff
+	touch $@
+
+deps: $(VENV)/.deps
+
+install: deps
+	$(VPY) -m pip install -q --no-build-isolation ".[test]"
+
+test: install
+	$(VPY) -m pytest -q tests
+
+demo: install
+	$(VENV)/bin/qkern demo
+
+bench: install
+	$(VPY) -m qkern.bench core
+
+# C++ google-benchmark binary (Debian's libbenchmark-dev) and the Python bench, briefly.
+bench-smoke: install
+	@if ! [ -f /usr/include/benchmark/benchmark.h ]; then \
+		(apt-get update -qq && apt-get install -y -qq libbenchmark-dev) >/dev/null 2>&1 || \
+		{ echo "libbenchmark-dev missing and could not be installed"; exit 1; }; fi
+	cmake -S . -B build/bench -G Ninja -DQKERN_PYTHON=OFF -DQKERN_BENCH=ON -DQKERN_CUDA=OFF >/dev/null
+	cmake --build build/bench --target bench_core
+	build/bench/bench_core --benchmark_min_time=0.02s
+	$(VPY) -m qkern.bench core --quick
+
+# The kernel tests over an AddressSanitizer + UBSan build of qkern._C.
+asan: deps
+	cmake -S . -B build/asan -G Ninja -DQKERN_SANITIZE=ON -DQKERN_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+		-DPython_EXECUTABLE=$(abspath $(VPY)) -Dpybind11_DIR=$$($(VPY) -m pybind11 --cmakedir) >/dev/null
+	cmake --build build/asan --target _C
+	rm -rf build/asan/pkg && mkdir -p build/asan/pkg && cp -r python/qkern build/asan/pkg/
+	cp build/asan/_C*.so build/asan/pkg/qkern/
+	cd build/asan/pkg && PYTHONPATH=$(abspath build/asan/pkg) \
+		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		$(abspath $(VPY)) -m pytest -q -p no:cacheprovider $(abspath tests) -k "not cuda" \
+		--ignore=$(abspath tests/test_demo.py)
+
+# Proves the CUDA sources compile (nvcc, sm_80 + sm_90) without needing a GPU.
+cuda-check: deps
+	cmake -S . -B build/cuda -G Ninja -DQKERN_CUDA=ON -DPython_EXECUTABLE=$(abspath $(VPY)) \
+		-Dpybind11_DIR=$$($(VPY) -m pybind11 --cmakedir) >/dev/null
+	cmake --build build/cuda --target _cuda
+
+lint: deps
+	$(VENV)/bin/ruff check python tests bench
+
+clean:
+	rm -rf build

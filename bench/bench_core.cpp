@@ -1,0 +1,264 @@
+// google-benchmark driver over the torch-free CPU kernel core (csrc/cpu/kernels.h).
+//
+//   cmake -S . -B build-bench -G Ninja -DQKERN_PYTHON=OFF -DQKERN_BENCH=ON -DQKERN_CUDA=OFF
+//   cmake --build build-bench --target bench_core && build-bench/bench_core
+//
+// Every benchmark takes the thread count as its argument (/1, /2) and sets it with
+// qk::set_num_threads outside the timed loop. Bytes processed = bytes read + bytes written
+// (input array + output array + scales), so "bytes_per_second" compares directly with the
+// memcpy baselines, which count source + destination bytes the same way. Output buffers are
+// allocated and touched once, before timing: these numbers exclude page faults and allocation
+// (the Python bench, python/qkern/bench.py, includes them, as a user sees them).
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/threadpool.h"
+
+namespace {
+
+constexpr int64_t kRows = 4096, kCols = 4096, kN = kRows * kCols;
+
+// NF4 (bitsandbytes), DESIGN.md section 3; code = index, not sign-magnitude.
+constexpr float kNf4[16] = {-1.0f,
+                            -0.6961928009986877f,
+                            -0.5250730514526367f,
+                            -0.39491748809814453f,
+                            -0.28444138169288635f,
+                            -0.18477343022823334f,
+                            -0.09105003625154495f,
+                            0.0f,
+                            0.07958029955625534f,
+                            0.16093020141124725f,
+                            0.24611230194568634f,
+                            0.33791524171829224f,
+                            0.44070982933044434f,
+                            0.5626170039176941f,
+                            0.7229568362236023f,
+                            1.0f};
+constexpr uint8_t kNf4Codes[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+const std::vector<float>& weights() {
+  static const std::vector<float> w = [] {
+    std::vector<float> v(static_cast<size_t>(kN));
+    std::mt19937 rng(0);
+    std::normal_distribution<float> nd(0.0f, 0.02f);
+    for (auto& f : v) f = nd(rng);
+    return v;
+  }();
+  return w;
+}
+
+std::vector<float> lut256() {
+  std::vector<float> lut(256, 0.0f);
+  for (int k = 0; k < 16; ++k) lut[k] = kNf4[k];
+  return lut;
+}
+
+void set_threads(benchmark::State& state) {
+  qk::set_num_threads(static_cast<int>(state.range(0)));
+  state.counters["threads"] = static_cast<double>(qk::get_num_threads());
+}
+
+void set_bytes(benchmark::State& state, int64_t bytes_per_iter) {
+  state.SetBytesProcessed(state.iterations() * bytes_per_iter);
+  state.counters["MB_per_iter"] = static_cast<double>(bytes_per_iter) / 1e6;
+}
+
+// ---- baselines ---------------------------------------------------------------------------
+
+// memcpy of `nbytes` source bytes, split over the pool like the kernels are (the calling
+// thread takes part); bytes processed = 2 * nbytes (read + write).
+void copy_parallel(const uint8_t* src, uint8_t* dst, int64_t nbytes) {
+  constexpr int64_t kTask = 1 << 20;
+  int64_t tasks = (nbytes + kTask - 1) / kTask;
+  if (qk::get_num_threads() == 1 || tasks == 1) {
+    std::memcpy(dst, src, static_cast<size_t>(nbytes));
+    return;
+  }
+  qk::parallel_for(tasks, [&](int64_t t) {
+    int64_t a = t * kTask, b = a + kTask < nbytes ? a + kTask : nbytes;
+    std::memcpy(dst + a, src + a, static_cast<size_t>(b - a));
+  });
+}
+
+// Baseline sized like the kernels' traffic: range(1) MiB of source.
+void BM_memcpy(benchmark::State& state) {
+  set_threads(state);
+  const int64_t nbytes = state.range(1) << 20;
+  std::vector<uint8_t> src(static_cast<size_t>(nbytes), 1), dst(static_cast<size_t>(nbytes), 0);
+  for (auto _ : state) {
+    copy_parallel(src.data(), dst.data(), nbytes);
+    benchmark::DoNotOptimize(dst.data());
+    benchmark::ClobberMemory();
+  }
+  set_bytes(state, 2 * nbytes);
+}
+
+// Read bandwidth: max|x| over the 64 MiB weight (the statistics pass of a quantizer).
+void BM_read_amax(benchmark::State& state) {
+  set_threads(state);
+  const auto& w = weights();
+  std::vector<qk::Stats> st(static_cast<size_t>(kRows));
+  for (auto _ : state) {
+    qk::group_stats(w.data(), kN, kCols, false, st.data());
+    benchmark::DoNotOptimize(st.data());
+  }
+  set_bytes(state, kN * 4);
+}
+
+// ---- quantize ----------------------------------------------------------------------------
+
+// Symmetric mid-tread int, absmax scale per group (int8 channel: group = one row of 4096).
+void affine_dynamic(benchmark::State& state, int64_t group, int bits) {
+  set_threads(state);
+  const auto& w = weights();
+  const int32_t qmax = (1 << (bits - 1)) - 1;
+  qk::AffineSpec spec{-qmax - 1, qmax, qk::kNearestEven, qk::kMidTread, 0.0f, 0};
+  std::vector<uint8_t> codes(static_cast<size_t>(kN), 0);
+  std::vector<float> scale(static_cast<size_t>(kN / group), 0.0f);
+  std::vector<int32_t> zp(static_cast<size_t>(kN / group), 0);
+  for (auto _ : state) {
+    bool bad = qk::quantize_affine_dynamic(w.data(), kN, group, spec, qk::kScaleAbsMax,
+                                           static_cast<float>(qmax), 0, scale.data(), zp.data(),
+                                           codes.data());
+    benchmark::DoNotOptimize(bad);
+    benchmark::ClobberMemory();
+  }
+  set_bytes(state, kN * 4 + kN + (kN / group) * 4);
+}
+void BM_quantize_int8_channel(benchmark::State& s) { affine_dynamic(s, kCols, 8); }
+void BM_quantize_int4_g128(benchmark::State& s) { affine_dynamic(s, 128, 4); }
+
+void BM_quantize_nf4_g64(benchmark::State& state) {
+  set_threads(state);
+  const auto& w = weights();
+  constexpr int64_t group = 64;
+  qk::CodebookSpec spec{kNf4, kNf4Codes, 16, 0, qk::kNearestEven, 0};
+  std::vector<uint8_t> codes(static_cast<size_t>(kN), 0);
+  std::vector<float> scale(static_cast<size_t>(kN / group), 0.0f);
+  for (auto _ : state) {
+    bool bad = qk::quantize_codebook_dynamic(w.data(), kN, group, spec, qk::kScaleAbsMax, 1.0f,
+                                             0, scale.data(), codes.data());
+    benchmark::DoNotOptimize(bad);
+    benchmark::ClobberMemory();
+  }
+  set_bytes(state, kN * 4 + kN + (kN / group) * 4);
+}
+
+// ---- dequantize --------------------------------------------------------------------------
+
+void dequant_affine(benchmark::State& state, int64_t group, int bits) {
+  set_threads(state);
+  const auto& w = weights();
+  const int32_t qmax = (1 << (bits - 1)) - 1;
+  qk::AffineSpec spec{-qmax - 1, qmax, qk::kNearestEven, qk::kMidTread, 0.0f, 0};
+  std::vector<uint8_t> codes(static_cast<size_t>(kN));
+  std::vector<float> scale(static_cast<size_t>(kN / group));
+  std::vector<int32_t> zp(static_cast<size_t>(kN / group));
+  qk::quantize_affine_dynamic(w.data(), kN, group, spec, qk::kScaleAbsMax,
+                              static_cast<float>(qmax), 0, scale.data(), zp.data(), codes.data());
+  std::vector<float> out(static_cast<size_t>(kN), 0.0f);
+  for (auto _ : state) {
+    qk::dequantize_affine(codes.data(), kN, group, scale.data(), nullptr, true, 0.0f, out.data());
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  set_bytes(state, kN + (kN / group) * 4 + kN * 4);
+}
+void BM_dequantize_int8_channel(benchmark::State& s) { dequant_affine(s, kCols, 8); }
+void BM_dequantize_int4_g128(benchmark::State& s) { dequant_affine(s, 128, 4); }
+
+void BM_dequantize_lut_nf4_g64(benchmark::State& state) {
+  set_threads(state);
+  const auto& w = weights();
+  constexpr int64_t group = 64;
+  qk::CodebookSpec spec{kNf4, kNf4Codes, 16, 0, qk::kNearestEven, 0};
+  std::vector<uint8_t> codes(static_cast<size_t>(kN));
+  std::vector<float> scale(static_cast<size_t>(kN / group));
+  qk::quantize_codebook_dynamic(w.data(), kN, group, spec, qk::kScaleAbsMax, 1.0f, 0,
+                                scale.data(), codes.data());
+  const std::vector<float> lut = lut256();
+  std::vector<float> out(static_cast<size_t>(kN), 0.0f);
+  for (auto _ : state) {
+    qk::dequantize_lut(codes.data(), kN, group, scale.data(), lut.data(), out.data());
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  set_bytes(state, kN + (kN / group) * 4 + kN * 4);
+}
+
+// ---- bit packing -------------------------------------------------------------------------
+
+// range(1) = bits; codes are one byte each (low `bits` bits significant), LSB-first stream.
+void BM_pack_bits(benchmark::State& state) {
+  set_threads(state);
+  const int bits = static_cast<int>(state.range(1));
+  std::vector<uint8_t> codes(static_cast<size_t>(kN));
+  std::mt19937 rng(1);
+  for (auto& c : codes) c = static_cast<uint8_t>(rng() & ((1u << bits) - 1));
+  const int64_t nout = qk::packed_nbytes(kN, bits);
+  std::vector<uint8_t> out(static_cast<size_t>(nout), 0);
+  for (auto _ : state) {
+    qk::pack_bits(codes.data(), kN, bits, false, out.data());
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  set_bytes(state, kN + nout);
+}
+
+void BM_unpack_bits(benchmark::State& state) {
+  set_threads(state);
+  const int bits = static_cast<int>(state.range(1));
+  const int64_t nin = qk::packed_nbytes(kN, bits);
+  std::vector<uint8_t> packed(static_cast<size_t>(nin));
+  std::mt19937 rng(2);
+  for (auto& c : packed) c = static_cast<uint8_t>(rng());
+  std::vector<uint8_t> out(static_cast<size_t>(kN), 0);
+  for (auto _ : state) {
+    qk::unpack_bits(packed.data(), kN, bits, false, out.data());
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  set_bytes(state, nin + kN);
+}
+
+void ThreadArgs(benchmark::internal::Benchmark* b) {
+  b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+void BitsArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"threads", "bits"});
+  for (int t : {1, 2})
+    for (int bits : {4, 8, 3}) b->Args({t, bits});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+// memcpy sized 64 MiB (the float32 weight: what quantize reads, dequantize writes) and
+// 16 MiB (the one-byte codes: what pack reads).
+void CopyArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"threads", "MiB"});
+  for (int t : {1, 2})
+    for (int mib : {64, 16}) b->Args({t, mib});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+}  // namespace
+
+BENCHMARK(BM_memcpy)->Apply(CopyArgs);
+BENCHMARK(BM_read_amax)->Apply(ThreadArgs);
+BENCHMARK(BM_quantize_int8_channel)->Apply(ThreadArgs);
+BENCHMARK(BM_quantize_int4_g128)->Apply(ThreadArgs);
+BENCHMARK(BM_quantize_nf4_g64)->Apply(ThreadArgs);
+BENCHMARK(BM_dequantize_int8_channel)->Apply(ThreadArgs);
+BENCHMARK(BM_dequantize_int4_g128)->Apply(ThreadArgs);
+BENCHMARK(BM_dequantize_lut_nf4_g64)->Apply(ThreadArgs);
+BENCHMARK(BM_pack_bits)->Apply(BitsArgs);
+BENCHMARK(BM_unpack_bits)->Apply(BitsArgs);
+
+BENCHMARK_MAIN();

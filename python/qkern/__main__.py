@@ -1,0 +1,5 @@
+"""``python -m qkern ...``: the same as the ``qkern`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

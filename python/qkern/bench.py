@@ -1,0 +1,404 @@
+"""Speed of qkern's CPU kernels next to their torch peers, in one process run.
+
+    python -m qkern.bench core [--threads 2] [--repeats 9] [--quick] [--shape 4096x4096 ...]
+
+Method (DESIGN.md section 4):
+
+* torch and qkern get the same threads (``torch.set_num_threads`` and
+  ``qkern.set_num_threads``), the same float32 weight, the same shapes, in the same run.
+* Every operation is timed as an alternating series: each repeat runs every implementation
+  once (the order reversing every repeat) together with two bandwidth probes, a torch copy of
+  a large buffer and a sum of it; times are medians (``time.perf_counter``) after warm-up calls,
+  with the garbage collector off. Outputs are freed after the clock stops; their allocation
+  (and first-touch page faults) is inside, as a user sees it.
+* Bytes of an operation = bytes read + bytes written by the operation itself: float32 input
+  (4 B/element), one byte per code, float32 scales, packed bytes. The same nominal count is
+  used for every implementation in a row; GB/s = 1e9 bytes/s.
+* The roofline is the copy bandwidth of the same run: (read + write bytes) / time of
+  ``dst.copy_(src)``, the median over all probe samples taken between the rows.
+* "qkern" is the public Python API (``qkern.quantize(...)``, ``QTensor.dequantize()``,
+  ``qkern.pack_bits``); "op" is the registered ``torch.ops.qkern.*`` op called directly on
+  flat tensors, so the cost of the Python layer is the difference between the two.
+* "vs torch" is torch time / qkern time (above 1: qkern is faster).
+
+``--quick`` (one shape, few repeats, small probe) is a smoke test; a full run takes a few
+minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import qkern
+from qkern import formats as F
+
+_OPS = torch.ops.qkern
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """The bandwidth probes run between the rows (samples pooled over the whole run)."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    copy_s: list[float] = field(default_factory=list)
+    sum_s: list[float] = field(default_factory=list)
+
+    @classmethod
+    def make(cls, nbytes: int) -> Probe:
+        src = torch.rand(nbytes // 4)
+        dst = torch.empty_like(src)
+        dst.copy_(src)  # touch every page before timing
+        return cls(src, dst)
+
+    @property
+    def nbytes(self) -> int:
+        return self.src.numel() * 4
+
+    def run_copy(self) -> None:
+        self.dst.copy_(self.src)
+
+    def run_sum(self) -> None:
+        self.src.sum()
+
+    def copy_gbs(self) -> float:
+        return 2 * self.nbytes / statistics.median(self.copy_s) / 1e9
+
+    def read_gbs(self) -> float:
+        return self.nbytes / statistics.median(self.sum_s) / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    out = fn()
+    t1 = time.perf_counter()
+    del out  # freeing the result is not part of the operation
+    return t1 - t0
+
+
+def time_alternating(impls: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                     probe: Probe | None = None) -> dict[str, float]:
+    """Median seconds of each implementation, timed in alternating order."""
+    names = list(impls)
+    for _ in range(warmup):
+        for n in names:
+            _timed(impls[n])
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            samples[n].append(_timed(impls[n]))
+        if probe is not None:
+            probe.copy_s.append(_timed(probe.run_copy))
+            probe.sum_s.append(_timed(probe.run_sum))
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+# ---- pure-torch peers --------------------------------------------------------------------
+
+
+def torch_group_quantize(w: torch.Tensor, group: int, qmax: int):
+    """Symmetric absmax int quantization in groups of ``group`` consecutive elements, in
+    plain torch ops (the peer for formats torch has no quantized dtype for)."""
+    wg = w.reshape(-1, group)
+    scale = wg.abs().amax(dim=1, keepdim=True).div_(qmax)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (wg / scale).round_().clamp_(-qmax - 1, qmax).to(torch.int8)
+    return q.view(w.shape), scale
+
+
+def torch_group_dequantize(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    return q.reshape(-1, group).to(torch.float32).mul_(scale).view(q.shape)
+
+
+def torch_nf4_quantize(w: torch.Tensor, mids: torch.Tensor, block: int = 64):
+    """NF4 in plain torch: block absmax, then the nearest table entry by bucketizing on the
+    midpoints between the 16 values (ties may differ from qkern's nearest-even)."""
+    wg = w.reshape(-1, block)
+    scale = wg.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.bucketize(wg / scale, mids, out_int32=True).to(torch.uint8)
+    return codes.view(w.shape), scale
+
+
+def torch_lut_dequantize(codes: torch.Tensor, scale: torch.Tensor, table: torch.Tensor,
+                         block: int = 64) -> torch.Tensor:
+    idx = codes.reshape(-1).to(torch.int32)
+    return torch.index_select(table, 0, idx).view(-1, block).mul_(scale).view(codes.shape)
+
+
+def torch_pack4(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte, first element in the low nibble (qkern order='lsb')."""
+    u = codes.reshape(-1, 2).view(torch.uint8)
+    return (u[:, 0] & 15) | (u[:, 1] << 4)
+
+
+_SHIFT3 = torch.arange(0, 24, 3, dtype=torch.int32)
+
+
+def torch_pack3(codes: torch.Tensor) -> torch.Tensor:
+    """Eight 3-bit codes -> three bytes, LSB first (qkern order='lsb')."""
+    u = codes.reshape(-1, 8).view(torch.uint8).to(torch.int32).bitwise_and_(7)
+    acc = (u << _SHIFT3).sum(dim=1, dtype=torch.int32)  # fields do not overlap: sum == or
+    return torch.stack([acc & 255, (acc >> 8) & 255, acc >> 16], dim=1).to(torch.uint8).view(-1)
+
+
+# ---- the cases ---------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    op: str
+    shape: tuple[int, int]
+    nbytes: int
+    peer_name: str
+    impls: dict[str, Callable[[], object]]  # keys: "torch", "qkern", "op"
+    result: dict[str, float] = field(default_factory=dict)
+
+
+def _quant_bytes(n: int, n_scales: int) -> int:
+    return 4 * n + n + 4 * n_scales  # float32 in; one byte per code + float32 scales out
+
+
+def _dequant_bytes(n: int, n_scales: int) -> int:
+    return n + 4 * n_scales + 4 * n
+
+
+def build_cases(shape: tuple[int, int]) -> list[Case]:
+    rows, cols = shape
+    n = rows * cols
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen) * 0.02
+    flat = w.view(-1)
+    cases: list[Case] = []
+
+    def add(name, nbytes, peer_name, **impls):
+        cases.append(Case(name, shape, nbytes, peer_name, impls))
+
+    # -- quantize
+    zp_rows = torch.zeros(rows, dtype=torch.int64)
+    add("quantize int8 per-tensor", _quant_bytes(n, 1), "quantize_per_tensor (+amax)",
+        torch=lambda: torch.quantize_per_tensor(w, float(w.abs().max()) / 127, 0, torch.qint8),
+        qkern=lambda: qkern.quantize(w, "int8"),
+        op=lambda: _OPS.quantize_affine_dynamic(flat, n, -128, 127, F.SCALE_ABSMAX, 127.0, 0,
+                                                0, 0, 0.0, 0))
+    add("quantize int8 per-channel", _quant_bytes(n, rows), "quantize_per_channel (+amax)",
+        torch=lambda: torch.quantize_per_channel(w, w.abs().amax(dim=1).div_(127), zp_rows, 0,
+                                                 torch.qint8),
+        qkern=lambda: qkern.quantize(w, "int8", granularity="channel"),
+        op=lambda: _OPS.quantize_affine_dynamic(flat, cols, -128, 127, F.SCALE_ABSMAX, 127.0, 0,
+                                                0, 0, 0.0, 0))
+    add("quantize int4 per-channel", _quant_bytes(n, rows), "pure torch",
+        torch=lambda: torch_group_quantize(w, cols, 7),
+        qkern=lambda: qkern.quantize(w, "int4", granularity="channel"),
+        op=lambda: _OPS.quantize_affine_dynamic(flat, cols, -8, 7, F.SCALE_ABSMAX, 7.0, 0, 0, 0,
+                                                0.0, 0))
+    add("quantize int4 group-128", _quant_bytes(n, n // 128), "pure torch",
+        torch=lambda: torch_group_quantize(w, 128, 7),
+        qkern=lambda: qkern.quantize(w, "int4", granularity="group", group_size=128),
+        op=lambda: _OPS.quantize_affine_dynamic(flat, 128, -8, 7, F.SCALE_ABSMAX, 7.0, 0, 0, 0,
+                                                0.0, 0))
+    nf4 = F.get("nf4")
+    vals_np, cods_np = nf4.search_table
+    vals, cods = torch.from_numpy(vals_np), torch.from_numpy(cods_np)
+    mids = ((vals[1:] + vals[:-1]) / 2).contiguous()
+    add("quantize nf4 block-64", _quant_bytes(n, n // 64), "pure torch (bucketize)",
+        torch=lambda: torch_nf4_quantize(w, mids),
+        qkern=lambda: qkern.quantize(w, "nf4"),
+        op=lambda: _OPS.quantize_codebook_dynamic(flat, vals, cods, nf4.sign_bit, 64,
+                                                  nf4.scale_rule, nf4.max_value, nf4.emax, 0, 0))
+
+    # -- dequantize (each from its own quantized tensor)
+    tq_t = torch.quantize_per_tensor(w, float(w.abs().max()) / 127, 0, torch.qint8)
+    qt_t = qkern.quantize(w, "int8")
+    add("dequantize int8 per-tensor", _dequant_bytes(n, 1), "Tensor.dequantize()",
+        torch=tq_t.dequantize, qkern=qt_t.dequantize,
+        op=_bind(_OPS.dequantize_affine, qt_t.codes.view(torch.uint8).view(-1),
+                 qt_t.scale.reshape(-1), None, n, True, 0.0))
+    tq_c = torch.quantize_per_channel(w, w.abs().amax(dim=1) / 127, zp_rows, 0, torch.qint8)
+    qt_c = qkern.quantize(w, "int8", granularity="channel")
+    add("dequantize int8 per-channel", _dequant_bytes(n, rows), "Tensor.dequantize()",
+        torch=tq_c.dequantize, qkern=qt_c.dequantize,
+        op=_bind(_OPS.dequantize_affine, qt_c.codes.view(torch.uint8).view(-1),
+                 qt_c.scale.reshape(-1), None, cols, True, 0.0))
+    tq_g, ts_g = torch_group_quantize(w, 128, 7)
+    qt_g = qkern.quantize(w, "int4", granularity="group", group_size=128)
+    add("dequantize int4 group-128", _dequant_bytes(n, n // 128), "pure torch",
+        torch=_bind(torch_group_dequantize, tq_g, ts_g, 128), qkern=qt_g.dequantize,
+        op=_bind(_OPS.dequantize_affine, qt_g.codes.view(torch.uint8).view(-1),
+                 qt_g.scale.reshape(-1), None, 128, True, 0.0))
+    tq_n, ts_n = torch_nf4_quantize(w, mids)
+    qt_n = qkern.quantize(w, "nf4")
+    lut = torch.from_numpy(nf4.lut)
+    add("dequantize nf4 block-64", _dequant_bytes(n, n // 64), "pure torch (index_select)",
+        torch=_bind(torch_lut_dequantize, tq_n, ts_n, vals), qkern=qt_n.dequantize,
+        op=_bind(_OPS.dequantize_lut, qt_n.codes.view(-1), qt_n.scale.reshape(-1), lut, 64))
+
+    # -- bit packing of one-byte codes (the int4 group-128 codes; random 3-bit codes)
+    c4 = qt_g.codes
+    c4u = c4.view(torch.uint8).view(-1)
+    c8 = qt_c.codes
+    c8u = c8.view(torch.uint8).view(-1)
+    c3 = torch.randint(0, 8, shape, dtype=torch.uint8, generator=gen)
+    c3u = c3.view(-1)
+    add("pack 4-bit", n + n // 2, "pure torch (nibble ops)",
+        torch=_bind(torch_pack4, c4), qkern=_bind(qkern.pack_bits, c4, 4),
+        op=_bind(_OPS.pack_bits, c4u, 4, False))
+    add("pack 8-bit", 2 * n, "clone()",
+        torch=c8u.clone, qkern=_bind(qkern.pack_bits, c8, 8), op=_bind(_OPS.pack_bits, c8u, 8, False))
+    add("pack 3-bit", n + (3 * n + 7) // 8, "pure torch (shift+sum)",
+        torch=_bind(torch_pack3, c3), qkern=_bind(qkern.pack_bits, c3, 3),
+        op=_bind(_OPS.pack_bits, c3u, 3, False))
+    return cases
+
+
+def _bind(fn, *args):
+    return lambda: fn(*args)
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(threads: int) -> str:
+    return (f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); threads: {threads} "
+            f"(torch {torch.get_num_threads()}, qkern {qkern.get_num_threads()}); qkern ISA: "
+            f"{qkern.get_isa()}; torch {torch.__version__} "
+            f"({torch.backends.cpu.get_cpu_capability()}); Python {platform.python_version()}")
+
+
+def _shape_str(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def format_table(cases: list[Case], copy_gbs: float) -> str:
+    def rate(c: Case, key: str) -> str:
+        gbs = c.nbytes / c.result[key] / 1e9
+        return f"{gbs:.1f} ({100 * gbs / copy_gbs:.0f}%)"
+
+    lines = [
+        "| operation | shape | torch peer | torch ms | qkern ms | op ms | torch GB/s (% copy) "
+        "| qkern GB/s (% copy) | op GB/s (% copy) | qkern vs torch | op vs torch |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in cases:
+        r = c.result
+        lines.append(
+            f"| {c.op} | {_shape_str(c.shape)} | {c.peer_name} | {1e3 * r['torch']:.2f} | "
+            f"{1e3 * r['qkern']:.2f} | {1e3 * r['op']:.2f} | {rate(c, 'torch')} | "
+            f"{rate(c, 'qkern')} | {rate(c, 'op')} | {r['torch'] / r['qkern']:.2f}x | "
+            f"{r['torch'] / r['op']:.2f}x |")
+    return "\n".join(lines)
+
+
+def run_core(threads: int, repeats: int, warmup: int, shapes: list[tuple[int, int]],
+             probe_mb: int, out=sys.stdout) -> list[Case]:
+    torch.set_num_threads(threads)
+    qkern.set_num_threads(threads)
+    t_start = time.perf_counter()
+    probe = Probe.make(probe_mb << 20)
+    # a first probe series so the roofline exists even for a tiny run
+    time_alternating({}, repeats, 0, probe)
+    done: list[Case] = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for shape in shapes:
+            cases = build_cases(shape)
+            for c in cases:
+                c.result = time_alternating(c.impls, repeats, warmup, probe)
+                print(f"  {c.op:<28} {_shape_str(shape):>10}: torch {1e3 * c.result['torch']:8.2f} ms"
+                      f"  qkern {1e3 * c.result['qkern']:8.2f} ms  op {1e3 * c.result['op']:8.2f} ms",
+                      file=sys.stderr, flush=True)
+                c.impls = {}
+            done.extend(cases)
+            del cases
+            gc.collect()
+    finally:
+        if gc_was:
+            gc.enable()
+    copy_gbs, read_gbs = probe.copy_gbs(), probe.read_gbs()
+    elapsed = time.perf_counter() - t_start
+    print(f"**Machine** {machine_line(threads)}", file=out)
+    print(file=out)
+    print(f"**Roofline (same run)** copy bandwidth {copy_gbs:.1f} GB/s (torch `copy_` of "
+          f"{probe_mb} MiB float32, read + write bytes, median of {len(probe.copy_s)} samples "
+          f"taken between the rows); read bandwidth {read_gbs:.1f} GB/s (`sum` of the same "
+          f"buffer).", file=out)
+    print(file=out)
+    print(f"Median of {repeats} alternating repeats after {warmup} warm-up call(s); bytes = "
+          "bytes read + bytes written (float32 input, 1 B per code, float32 scales, packed "
+          "bytes), GB/s = 1e9 B/s; qkern = public API (`qkern.quantize`, "
+          "`QTensor.dequantize`, `qkern.pack_bits`), op = `torch.ops.qkern.*` on flat tensors; "
+          "\"vs torch\" = torch time / qkern time (> 1: qkern faster).", file=out)
+    print(file=out)
+    print(format_table(done, copy_gbs), file=out)
+    print(file=out)
+    print(f"({elapsed:.0f} s)", file=out, flush=True)
+    return done
+
+
+def _shape(s: str) -> tuple[int, int]:
+    try:
+        r, c = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 4096x4096, got {s!r}") from None
+    if r <= 0 or c <= 0 or c % 128:
+        raise argparse.ArgumentTypeError(f"shape needs positive sizes and cols % 128 == 0: {s!r}")
+    return r, c
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qkern.bench",
+                                description="qkern speed benchmarks against torch peers")
+    p.add_argument("suite", choices=["core"], help="core: quantize/dequantize/pack on the CPU")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="threads for torch and qkern (default: 2, or 1 on a 1-CPU machine)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per implementation (default 9; 3 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 2; 1 quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: one small shape, few repeats, small probe (< 30 s)")
+    p.add_argument("--shape", type=_shape, action="append", dest="shapes",
+                   help="weight shape ROWSxCOLS (repeatable; default 4096x4096 and 11008x4096, "
+                        "1024x4096 with --quick)")
+    p.add_argument("--probe-mb", type=int, default=None,
+                   help="size of the copy/sum bandwidth probe buffer (default 256; 64 quick)")
+    a = p.parse_args(argv)
+    if a.threads < 1:
+        p.error("--threads must be >= 1")
+    repeats = a.repeats if a.repeats is not None else (3 if a.quick else 9)
+    warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
+    if repeats < 1 or warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    shapes = a.shapes or ([(1024, 4096)] if a.quick else [(4096, 4096), (11008, 4096)])
+    probe_mb = a.probe_mb if a.probe_mb is not None else (64 if a.quick else 256)
+    run_core(a.threads, repeats, warmup, shapes, probe_mb)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

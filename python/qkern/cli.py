@@ -1,0 +1,112 @@
+"""The ``qkern`` command line: ``qkern demo``, ``qkern formats``, ``qkern bench``.
+
+Also reachable as ``python -m qkern``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+PROG = "qkern"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    import qkern
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="qkern: quantization for neural networks, built from the numbers up.",
+    )
+    p.add_argument("--version", action="version", version=f"qkern {qkern.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser(
+        "demo", help="quantize a real model's weights to every format and print the errors",
+        description="Quantize every 2-D weight matrix of a small real model (by default the "
+                    "stories260K Llama shipped in models/stories260k) to each format and print "
+                    "bits per weight, SQNR, relative and max abs error.",
+    )
+    d.add_argument("--model", metavar="DIR",
+                   help="model directory holding model.safetensors (+ config.json), or a "
+                        ".safetensors file (default: $QKERN_DEMO_MODEL, else the repository's "
+                        "models/stories260k)")
+    d.add_argument("--formats", metavar="LIST",
+                   help="comma-separated schemes (e.g. int4-g32-asym) or format names "
+                        "(e.g. int4,nf4,log2_8); default: all demo schemes")
+
+    sub.add_parser("formats", help="list every number format qkern knows",
+                   description="List every number format: bits, kind, max value, default block "
+                               "and description.")
+
+    # `qkern bench ...` is handed to qkern.bench.main untouched (see main); this entry only
+    # makes it show up in `qkern --help`.
+    sub.add_parser("bench", help="benchmark qkern's kernels (qkern bench --help)", add_help=False)
+    return p
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    try:
+        demo.run(model=args.model, formats=args.formats)
+    except (demo.ModelNotFoundError, ValueError) as e:
+        print(f"{PROG} demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def formats_table() -> str:
+    from . import formats as F
+
+    lines = ["| format | bits | kind | max value | block | scale | description |",
+             "|---|--:|---|--:|--:|---|---|"]
+    for name in F.names():
+        f = F.get(name)
+        block = "" if f.block_size is None else str(f.block_size)
+        scale = "E8M0" if f.scale_bits == 8 else f"fp{f.scale_bits}"
+        lines.append(f"| {f.name} | {f.bits} | {f.kind} | {f.max_value:g} | {block} | {scale} "
+                     f"| {f.description} |")
+    return "\n".join(lines)
+
+
+def _cmd_formats(args: argparse.Namespace) -> int:
+    print(formats_table())
+    return 0
+
+
+def _cmd_bench(argv: Sequence[str]) -> int:
+    try:
+        from . import bench
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.bench":
+            raise
+        print(f"{PROG} bench: error: this qkern build has no benchmark module (qkern.bench)",
+              file=sys.stderr)
+        return 2
+    rc = bench.main(list(argv))
+    return rc if isinstance(rc, int) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qkern`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "bench":
+            return _cmd_bench(argv[1:])
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+        if args.command == "demo":
+            return _cmd_demo(args)
+        if args.command == "formats":
+            return _cmd_formats(args)
+        parser.print_help()
+        return 2
+    except BrokenPipeError:  # `qkern demo | head`
+        sys.stderr.close()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

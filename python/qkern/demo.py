@@ -1,0 +1,472 @@
+"""``qkern demo``: quantize a real model's weights to every format and show what it costs.
+
+The demo loads a small real checkpoint (by default Karpathy's stories260K, shipped in the
+repository under ``models/stories260k``), quantizes each of its 2-D weight matrices with
+:func:`qkern.quantize` for every scheme in :data:`DEFAULT_SPECS` and prints one Markdown table:
+bits per weight, SQNR, relative error and max abs error, sorted by bits per weight.
+
+The demo is a list of sections (:data:`SECTIONS`) run in order over one :class:`DemoContext`;
+a later feature adds a :class:`Section` to that list. The pieces are usable on their own::
+
+    model = load_model()                      # or load_model("path/to/dir")
+    results = evaluate_weights(model, DEFAULT_SPECS)
+    print(format_weight_table(model, results))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from . import formats as F
+from .quantize import quantize
+from .tensor import QTensor
+
+__all__ = [
+    "Spec", "DEFAULT_SPECS", "select_specs", "Model", "ModelNotFoundError", "find_model",
+    "load_model", "load_safetensors", "read_safetensors", "weight_matrices", "quantize_matrix",
+    "WeightResult", "evaluate_weights", "format_weight_table", "DemoContext", "Section",
+    "SECTIONS", "run",
+]
+
+DEFAULT_MODEL = "stories260k"
+MODEL_ENV = "QKERN_DEMO_MODEL"
+WEIGHTS_FILE = "model.safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# What to quantize to
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One quantization scheme of the demo: a format plus how its scales are laid out.
+
+    ``granularity`` is "tensor", "channel" (one scale per output row, axis 0 of a
+    ``(out, in)`` weight) or "group" (``group_size`` consecutive weights along the input dim;
+    see :func:`quantize_matrix` for matrices whose input dim it does not divide)."""
+
+    key: str  # what --formats accepts
+    format: str
+    granularity: str
+    group_size: int | None = None
+    symmetric: bool = True
+    double_quant: bool = False
+
+    @property
+    def fmt(self) -> F.Format:
+        return F.get(self.format)
+
+    @property
+    def block(self) -> int | None:
+        """The group size actually used (the format's default block when not given)."""
+        if self.granularity != "group":
+            return None
+        return self.group_size or self.fmt.block_size
+
+    def describe(self) -> str:
+        if self.granularity == "tensor":
+            s = "per-tensor"
+        elif self.granularity == "channel":
+            s = "per-channel (row)"
+        else:
+            s = f"group {self.block}"
+        extras = []
+        if not self.symmetric:
+            extras.append("asymmetric")
+        if self.double_quant:
+            extras.append("double-quant scales")
+        if self.fmt.scale_bits == 8:
+            extras.append("E8M0 scales")
+        return ", ".join([s, *extras])
+
+
+DEFAULT_SPECS: tuple[Spec, ...] = (
+    Spec("int8-ch", "int8", "channel"),
+    Spec("int4-ch", "int4", "channel"),
+    Spec("int4-g32", "int4", "group", 32),
+    Spec("int4-g32-asym", "int4", "group", 32, symmetric=False),
+    Spec("int3-g32", "int3", "group", 32),
+    Spec("int2-g32-asym", "int2", "group", 32, symmetric=False),
+    Spec("nf4", "nf4", "group", 64),
+    Spec("nf4-dq", "nf4", "group", 64, double_quant=True),
+    Spec("fp4_e2m1", "fp4_e2m1", "group", 64),
+    Spec("fp4_bnb", "fp4_bnb", "group", 64),
+    Spec("fp8_e4m3", "fp8_e4m3", "tensor"),
+    Spec("fp8_e5m2", "fp8_e5m2", "tensor"),
+    Spec("mxfp4", "mxfp4", "group", 32),
+    Spec("mxfp8_e4m3", "mxfp8_e4m3", "group", 32),
+    Spec("mxint8", "mxint8", "group", 32),
+    Spec("log2_4-ch", "log2_4", "channel"),
+    Spec("ternary-ch", "ternary", "channel"),
+    Spec("binary-ch", "binary", "channel"),
+    Spec("mulaw-ch", "mulaw", "channel"),
+    Spec("alaw-ch", "alaw", "channel"),
+)
+
+
+def _default_spec(name: str) -> Spec:
+    """A scheme for any registry format the defaults do not cover: its own block for block
+    formats, per-channel otherwise."""
+    fmt = F.get(name)
+    if fmt.block_size is not None:
+        return Spec(name, name, "group", fmt.block_size)
+    return Spec(name, name, "channel")
+
+
+def select_specs(names: Iterable[str] | str | None,
+                 specs: Sequence[Spec] = DEFAULT_SPECS) -> list[Spec]:
+    """The schemes named by ``names`` (a list or a comma-separated string). A name is a
+    scheme key ("int4-g32-asym"), a format name ("int4": every default scheme of that format)
+    or any other registry format (quantized per-channel, or in its own blocks)."""
+    if names is None:
+        return list(specs)
+    if isinstance(names, str):
+        names = names.split(",")
+    out: list[Spec] = []
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        hits = [s for s in specs if s.key == name] or [s for s in specs if s.format == name]
+        if not hits:
+            if name not in F.names():
+                raise ValueError(
+                    f"unknown format or scheme {name!r}; schemes: "
+                    f"{', '.join(s.key for s in specs)}; or any format of `qkern formats`"
+                )
+            hits = [_default_spec(name)]
+        out.extend(h for h in hits if h not in out)
+    if not out:
+        raise ValueError("no formats selected")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class Model:
+    name: str
+    path: Path  # the directory (or the .safetensors file when given one alone)
+    tensors: dict[str, torch.Tensor]
+    config: dict = field(default_factory=dict)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def describe(self) -> str:
+        arch = ", ".join(self.config.get("architectures", [])) or "safetensors"
+        return f"{self.name} ({arch}, {self.n_params:,} parameters)"
+
+
+def _has_weights(p: Path) -> bool:
+    return (p.is_file() and p.suffix == ".safetensors") or (p / WEIGHTS_FILE).is_file()
+
+
+def _default_candidates() -> list[Path]:
+    here = Path(__file__).resolve().parent  # python/qkern in a checkout
+    cands = [here.parent.parent / "models" / DEFAULT_MODEL]
+    cwd = Path.cwd().resolve()
+    cands += [d / "models" / DEFAULT_MODEL for d in (cwd, *cwd.parents)]
+    seen: list[Path] = []
+    for c in cands:
+        if c not in seen:
+            seen.append(c)
+    return seen
+
+
+def find_model(path: str | os.PathLike | None = None) -> Path:
+    """The model to load: ``path`` if given, else ``$QKERN_DEMO_MODEL``, else the repository's
+    ``models/stories260k`` (next to the package source in a checkout, or under the current
+    directory or one of its parents). A path is a directory holding ``model.safetensors``
+    (and optionally ``config.json``) or a ``.safetensors`` file."""
+    explicit = path if path is not None else os.environ.get(MODEL_ENV) or None
+    if explicit is not None:
+        p = Path(explicit).expanduser()
+        if _has_weights(p):
+            return p.resolve()
+        source = "--model" if path is not None else f"${MODEL_ENV}"
+        raise ModelNotFoundError(
+            f"{source}={str(explicit)!r}: no model there (expected a directory holding "
+            f"{WEIGHTS_FILE}, or a .safetensors file)"
+        )
+    cands = _default_candidates()
+    for c in cands:
+        if _has_weights(c):
+            return c
+    tried = "\n  ".join(str(c) for c in cands[:4]) + ("\n  ..." if len(cands) > 4 else "")
+    raise ModelNotFoundError(
+        f"cannot find the demo model {DEFAULT_MODEL!r}; looked in:\n  {tried}\n"
+        f"Run from a qkern checkout (it ships models/{DEFAULT_MODEL}), or pass --model DIR "
+        f"or set {MODEL_ENV}=DIR."
+    )
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A dependency-free safetensors reader: 8-byte little-endian header length, a JSON
+    header ``{name: {dtype, shape, data_offsets: [begin, end]}}``, then the raw bytes."""
+    if sys.byteorder != "little":
+        raise RuntimeError("the built-in safetensors reader needs a little-endian host; "
+                           "install the 'safetensors' package")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8:
+        raise ValueError(f"{path}: too short for a safetensors file")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if 8 + n > len(raw):
+        raise ValueError(f"{path}: header length {n} runs past the end of the file")
+    header = json.loads(raw[8:8 + n].decode("utf-8"))
+    data = memoryview(raw)[8 + n:]
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        shape = [int(s) for s in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * itemsize:
+            raise ValueError(f"{path}: tensor {name!r} has bad data_offsets {[begin, end]}")
+        if begin == end:
+            out[name] = torch.empty(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
+    return out
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` when the package is installed (the ``demo`` extra),
+    else :func:`read_safetensors`."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        return read_safetensors(path)
+    return load_file(str(path))
+
+
+def load_model(path: str | os.PathLike | None = None) -> Model:
+    """Find (see :func:`find_model`) and load a model's tensors and config."""
+    p = find_model(path)
+    weights = p if p.is_file() else p / WEIGHTS_FILE
+    cfg_path = weights.parent / "config.json"
+    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    name = p.stem if p.is_file() else p.name
+    return Model(name, p, load_safetensors(weights), config)
+
+
+def weight_matrices(model: Model) -> dict[str, torch.Tensor]:
+    """Every floating-point 2-D tensor (linear weights, embeddings), as float32; norms, biases
+    and other 1-D tensors stay in full precision and are not counted."""
+    return {k: t.float() for k, t in model.tensors.items() if t.dim() == 2 and t.is_floating_point()}
+
+
+# --------------------------------------------------------------------------------------------
+# Quantize and measure
+
+
+def quantize_matrix(w: torch.Tensor, spec: Spec) -> tuple[QTensor, str]:
+    """Quantize one ``(out, in)`` weight matrix; returns the QTensor and where its scales run:
+    "tensor", "row" (per output channel), "in" (groups along the input dim, the usual
+    choice) or "out" (groups along the output dim, used only when the group size does not
+    divide the input dim but divides the output dim, e.g. stories260K's 64x172 down_proj).
+    A matrix neither dim of which the group size divides is quantized per-channel ("row")."""
+    kw = dict(symmetric=spec.symmetric, double_quant=spec.double_quant)
+    if spec.granularity == "tensor":
+        return quantize(w, spec.format, granularity="tensor", **kw), "tensor"
+    if spec.granularity == "channel":
+        return quantize(w, spec.format, granularity="channel", axis=0, **kw), "row"
+    g = spec.block
+    for axis, where in ((1, "in"), (0, "out")):
+        if w.shape[axis] % g == 0:
+            return quantize(w, spec.format, granularity="group", axis=axis, group_size=g,
+                            **kw), where
+    return quantize(w, spec.format, granularity="channel", axis=0, **kw), "row"
+
+
+@dataclass
+class WeightResult:
+    """One scheme over all weight matrices of a model."""
+
+    spec: Spec
+    n_weights: int
+    n_matrices: int
+    nbytes: int
+    sqnr_db: float
+    rel_error: float
+    max_abs_error: float
+    placement: dict[str, str]  # matrix name -> "tensor" | "row" | "in" | "out"
+    seconds: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.n_weights
+
+    @property
+    def unusual(self) -> dict[str, str]:
+        """Matrices whose scales do not run the way ``spec`` asks (group fallbacks)."""
+        want = {"tensor": "tensor", "channel": "row", "group": "in"}[self.spec.granularity]
+        return {k: v for k, v in self.placement.items() if v != want}
+
+    def granularity(self) -> str:
+        s = self.spec.describe()
+        if self.spec.granularity == "group":
+            s = s.replace(f"group {self.spec.block}", f"group {self.spec.block} along in", 1)
+            if self.unusual:
+                s += " †"
+        return s
+
+
+def evaluate_weights(model: Model, specs: Sequence[Spec] = DEFAULT_SPECS) -> list[WeightResult]:
+    """Quantize + dequantize every weight matrix of ``model`` with each scheme; error sums in
+    float64 over all weights: SQNR = 10 log10(sum x^2 / sum (x - x')^2),
+    relative error = ||x - x'|| / ||x||, bits/weight = 8 * sum(nbytes) / weights."""
+    mats = weight_matrices(model)
+    if not mats:
+        raise ValueError(f"{model.name}: no 2-D floating-point weights to quantize")
+    sig = sum(float(w.double().square().sum()) for w in mats.values())
+    n = sum(w.numel() for w in mats.values())
+    results = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        noise, max_err, nbytes, placement = 0.0, 0.0, 0, {}
+        for name, w in mats.items():
+            qt, placement[name] = quantize_matrix(w, spec)
+            err = qt.dequantize(torch.float32).double() - w.double()
+            noise += float(err.square().sum())
+            max_err = max(max_err, float(err.abs().max()))
+            nbytes += qt.nbytes
+        sqnr = math.inf if noise == 0 else 10.0 * math.log10(sig / noise)
+        rel = math.sqrt(noise / sig) if sig else math.nan
+        results.append(WeightResult(spec, n, len(mats), nbytes, sqnr, rel, max_err, placement,
+                                    time.perf_counter() - t0))
+    return results
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(str(s) for s in t.shape)
+
+
+def format_weight_table(model: Model, results: Sequence[WeightResult],
+                        seconds: float | None = None) -> str:
+    """The Markdown table of :func:`evaluate_weights`' results, sorted by bits per weight."""
+    mats = weight_matrices(model)
+    import qkern
+
+    took = sum(r.seconds for r in results) if seconds is None else seconds
+    n = results[0].n_weights if results else sum(w.numel() for w in mats.values())
+    lines = [
+        f"## Weight quantization: {model.describe()}",
+        "",
+        f"{len(mats)} weight matrices ({n:,} weights) x {len(results)} schemes · "
+        f"qkern {qkern.__version__} · ISA {qkern.get_isa()} · "
+        f"{qkern.get_num_threads()} threads · {took:.2f} s",
+        "",
+        "| scheme | format | granularity | bits/weight | SQNR (dB) | rel. error | max abs err |",
+        "|---|---|---|--:|--:|--:|--:|",
+    ]
+    for r in sorted(results, key=lambda r: (r.bits_per_weight, -r.sqnr_db)):
+        lines.append(
+            f"| {r.spec.key} | {r.spec.format} | {r.granularity()} | {r.bits_per_weight:.3f} "
+            f"| {r.sqnr_db:.2f} | {100 * r.rel_error:.3g} % | {r.max_abs_error:.3g} |"
+        )
+    lines += ["", f"bits/weight counts codes, scales (fp32; E8M0 for MX), zero points and "
+                  f"double-quant metadata. SQNR and errors are over all {n:,} weights; 1-D "
+                  f"tensors (norms) stay fp32 and are not counted."]
+    notes: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        for name, where in r.unusual.items():
+            key = (f"{_shape(mats[name])} (group {r.spec.block})", where)
+            if name not in notes.setdefault(key, []):
+                notes[key].append(name)
+    for (what, where), names in notes.items():
+        how = "the output dim" if where == "out" else "per-channel (row) instead"
+        lines.append(
+            f"† {len(names)} of {len(mats)} matrices, shape {what}: the input dim is not a "
+            f"multiple of the group size, so they are grouped along {how} "
+            f"({', '.join(_short_names(names))})."
+        )
+    return "\n".join(lines)
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """'model.layers.{0..4}.mlp.down_proj.weight' -> one entry per distinct suffix."""
+    out: list[str] = []
+    for n in names:
+        parts = [p for p in n.split(".") if not p.isdigit() and p not in ("model", "layers")]
+        s = ".".join(p for p in parts if p != "weight") or n
+        if s not in out:
+            out.append(s)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class DemoContext:
+    """What the sections share: the model, the schemes, where to print and what earlier
+    sections computed (``results[section.name]``)."""
+
+    model: Model
+    specs: list[Spec]
+    out: TextIO
+    results: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    run: Callable[[DemoContext], str]  # returns Markdown to print
+
+
+def _weights_section(ctx: DemoContext) -> str:
+    t0 = time.perf_counter()
+    results = evaluate_weights(ctx.model, ctx.specs)
+    ctx.results["weights"] = results
+    return format_weight_table(ctx.model, results, time.perf_counter() - t0)
+
+
+SECTIONS: list[Section] = [
+    Section("weights", _weights_section),
+]
+
+
+def run(model: str | os.PathLike | Model | None = None, formats: Iterable[str] | str | None = None,
+        out: TextIO | None = None, sections: Sequence[Section] | None = None) -> DemoContext:
+    """Run the demo's sections in order, printing each; returns the context (with results)."""
+    out = sys.stdout if out is None else out
+    m = model if isinstance(model, Model) else load_model(model)
+    ctx = DemoContext(m, select_specs(formats), out)
+    for i, section in enumerate(SECTIONS if sections is None else sections):
+        text = section.run(ctx)
+        if text:
+            out.write(("\n" if i else "") + text.rstrip("\n") + "\n")
+            out.flush()
+    return ctx

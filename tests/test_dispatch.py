@@ -1,0 +1,167 @@
+"""Scalar and AVX2 kernels agree bit for bit (codes, scales, zero points, dequantized values)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import qkern
+import reference as R
+from _util import ALL_FORMATS, INT_FORMATS, np_codes, np_f32
+
+
+def _avx2_available() -> bool:
+    qkern.set_isa("avx2")
+    return qkern.get_isa() == "avx2"
+
+
+needs_avx2 = pytest.mark.skipif(not _avx2_available(), reason="CPU has no AVX2")
+
+
+def _data(seed: int, shape) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    flat = x.reshape(-1)
+    flat[::13] *= 40.0  # saturating values for given scales
+    flat[5::17] = np.round(flat[5::17] * 4) / 4  # quarter grid: exact ties when scale is 2^k
+    flat[7::29] = 0.0
+    flat[9::31] *= 1e-30
+    return torch.from_numpy(x)
+
+
+def _run(isa: str, fn):
+    qkern.set_isa(isa)
+    assert qkern.get_isa() == isa
+    try:
+        return ("ok", fn())
+    except ValueError as e:
+        return ("error", str(e))
+
+
+def _summ(qt) -> dict:
+    out = {"codes": np_codes(qt), "scale": np_f32(qt.scale).view(np.uint32),
+           "deq": np_f32(qt.dequantize()).view(np.uint32)}
+    if qt.zero_point is not None:
+        out["zp"] = qt.zero_point.numpy()
+    return out
+
+
+def _compare(fn, what: str) -> None:
+    a, b = _run("scalar", fn), _run("avx2", fn)
+    assert a[0] == b[0], (what, a, b)
+    if a[0] == "error":
+        assert a[1] == b[1], what
+        return
+    if isinstance(a[1], dict):
+        assert a[1].keys() == b[1].keys(), what
+        for k in a[1]:
+            np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=f"{what}: {k}")
+    else:
+        np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]), err_msg=what)
+
+
+@needs_avx2
+@pytest.mark.parametrize("name", ALL_FORMATS)
+@pytest.mark.parametrize("rounding", list(R.ROUNDINGS))
+def test_formats_and_roundings(name, rounding):
+    x = _data(1, (48, 1024 + 64))
+    base = dict(rounding=rounding, seed=2024)
+    cases = [dict(), dict(granularity="tensor"), dict(granularity="channel", axis=1),
+             dict(granularity="group", group_size=68), dict(granularity="group", group_size=3),
+             dict(granularity="tensor", scale=0.25)]
+    if name in INT_FORMATS:
+        cases += [dict(symmetric=False, granularity="group", group_size=17)]
+    for kw in cases:
+        _compare(lambda: _summ(qkern.quantize(x, name, **base, **kw)), f"{name} {base} {kw}")
+
+
+@needs_avx2
+@pytest.mark.parametrize("quantizer", ["midrise", "deadzone"])
+@pytest.mark.parametrize("rounding", list(R.ROUNDINGS))
+@pytest.mark.parametrize("name", ["int2", "int4", "int8", "uint4", "uint8"])
+def test_quantizer_shapes(quantizer, rounding, name):
+    x = _data(2, (33, 777))
+    for w in (1.0, 1.5, 2.5):
+        for kw in (dict(), dict(granularity="group", group_size=7), dict(scale=0.125)):
+            _compare(lambda: _summ(qkern.quantize(x, name, quantizer=quantizer, deadzone=w,
+                                                  rounding=rounding, seed=5, **kw)),
+                     f"{name} {quantizer} {rounding} w={w} {kw}")
+
+
+@needs_avx2
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 31, 32, 33, 255, 4097])
+def test_odd_lengths_tails(n):
+    x = _data(3, (n,))
+    for name in ("int4", "uint8", "nf4", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "binary"):
+        _compare(lambda: _summ(qkern.quantize(x, name, granularity="tensor")), f"{name} n={n}")
+        _compare(lambda: _summ(qkern.quantize(x, name, granularity="tensor",
+                                              rounding="stochastic", seed=n)), f"{name} sr")
+
+
+@needs_avx2
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_paths(bits):
+    codes = torch.from_numpy(np.random.default_rng(bits).integers(0, 256, 10007).astype(np.uint8))
+    for order in ("lsb", "msb"):
+        _compare(lambda: qkern.pack_bits(codes, bits, order=order).numpy(), f"pack {bits}")
+        packed = qkern.pack_bits(codes, bits, order=order)
+        _compare(lambda: qkern.unpack_bits(packed, bits, 10007, order=order).numpy(), "unpack")
+
+
+@needs_avx2
+def test_companding_paths():
+    pcm = torch.arange(-32768, 32768, dtype=torch.int16)
+    codes = torch.arange(256, dtype=torch.uint8)
+    c = qkern.companding
+    for enc, dec in ((c.mulaw_encode, c.mulaw_decode), (c.alaw_encode, c.alaw_decode)):
+        _compare(lambda: enc(pcm).numpy(), "encode")
+        _compare(lambda: dec(codes).numpy(), "decode")
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("name", ["int4", "uint8", "nf4", "fp8_e4m3", "mxfp4", "mxint8"])
+def test_each_path_matches_reference(isa, name):
+    """Both paths against the numpy reference (not only against each other)."""
+    qkern.set_isa(isa)
+    if qkern.get_isa() != isa:
+        pytest.skip("CPU has no AVX2")
+    x = _data(4, (16, 512))
+    for rounding in ("nearest_even", "stochastic"):
+        qt = qkern.quantize(x, name, rounding=rounding, seed=3)
+        if name in ("int4", "uint8", "mxint8"):
+            codes = R.quantize_int(np_f32(x), name, rounding=rounding, seed=3,
+                                   **({"granularity": "group", "group_size": 32}
+                                      if name == "mxint8" else {}))[0]
+        else:
+            codes = R.quantize_codebook(np_f32(x), name, rounding=rounding, seed=3)[0]
+        np.testing.assert_array_equal(np_codes(qt), codes, err_msg=f"{isa} {name} {rounding}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_count_does_not_change_results(threads):
+    x = _data(5, (256, 1000))
+    ref = None
+    for t in (1, threads):
+        qkern.set_num_threads(t)
+        assert qkern.get_num_threads() == t
+        got = [_summ(qkern.quantize(x, n, rounding="stochastic", seed=9)) for n in
+               ("int4", "nf4", "fp8_e5m2")]
+        if ref is None:
+            ref = got
+        for a, b in zip(ref, got):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_force_scalar_env():
+    code = "import qkern; print(qkern.get_isa())"
+    env = dict(os.environ, QKERN_FORCE_SCALAR="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "scalar"
