@@ -262,7 +262,8 @@ def affine_params(xg: np.ndarray, qmin: int, qmax: int, symmetric: bool, quantiz
 def affine_quantize_2d(x2d, scale_full, zp_full, qmin, qmax, rounding="nearest_even",
                        quantizer="midtread", deadzone=1.0, seed=0, index=None):
     """Codes (int64) from the kernel view; scale_full/zp_full are per-element."""
-    t = (x2d.astype(F32) / scale_full.astype(F32)).astype(F32)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge t saturates (spec)
+        t = (x2d.astype(F32) / scale_full.astype(F32)).astype(F32)
     u = rng_uniform(seed, index) if rounding == "stochastic" else None
     if quantizer == "midrise":
         q = rnd((t - F32(0.5)).astype(F32), rounding, u)
@@ -388,7 +389,8 @@ def quantize_codebook(x, name, *, granularity=None, axis=None, group_size=None,
                             .astype(F32).reshape(xg.shape[:2]))
     else:
         sc = sanitize_scale(np.abs(xg).max(axis=-1).astype(F32) / F32(MAX_VALUE[name]))
-    t = (x2d / v.expand(sc)).astype(F32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = (x2d / v.expand(sc)).astype(F32)
     u = rng_uniform(seed, v.index()) if rounding == "stochastic" else None
     if name in ("mulaw", "alaw"):
         codes = g711_quantize(t, name, rounding, u).astype(np.int64)

@@ -34,6 +34,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -287,7 +288,16 @@ def machine_line(threads: int) -> str:
     return (f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); threads: {threads} "
             f"(torch {torch.get_num_threads()}, qkern {qkern.get_num_threads()}); qkern ISA: "
             f"{qkern.get_isa()}; torch {torch.__version__} "
-            f"({torch.backends.cpu.get_cpu_capability()}); Python {platform.python_version()}")
+            f"({torch.backends.cpu.get_cpu_capability()}, THP_MEM_ALLOC_ENABLE="
+            f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}); Python "
+            f"{platform.python_version()}; load average {_loadavg()}")
+
+
+def _loadavg() -> str:
+    try:
+        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def _shape_str(shape) -> str:
@@ -384,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="smoke test: one small shape, few repeats, small probe (< 30 s)")
     p.add_argument("--shape", type=_shape, action="append", dest="shapes",
                    help="weight shape ROWSxCOLS (repeatable; default 4096x4096 and 11008x4096, "
-                        "1024x4096 with --quick)")
+                        "2048x4096 with --quick)")
     p.add_argument("--probe-mb", type=int, default=None,
                    help="size of the copy/sum bandwidth probe buffer (default 256; 64 quick)")
     a = p.parse_args(argv)
@@ -394,9 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     if repeats < 1 or warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
-    shapes = a.shapes or ([(1024, 4096)] if a.quick else [(4096, 4096), (11008, 4096)])
+    shapes = a.shapes or ([(2048, 4096)] if a.quick else [(4096, 4096), (11008, 4096)])
     probe_mb = a.probe_mb if a.probe_mb is not None else (64 if a.quick else 256)
-    run_core(a.threads, repeats, warmup, shapes, probe_mb)
+    with warnings.catch_warnings():  # torch.quantize_per_* deprecation notices
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        run_core(a.threads, repeats, warmup, shapes, probe_mb)
     return 0
 
 

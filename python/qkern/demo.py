@@ -32,7 +32,7 @@ from . import formats as F
 from .quantize import quantize
 from .tensor import QTensor
 
-__all__ = [
+__all__ = [  # noqa: RUF022 (in reading order)
     "Spec", "DEFAULT_SPECS", "select_specs", "Model", "ModelNotFoundError", "find_model",
     "load_model", "load_safetensors", "read_safetensors", "weight_matrices", "quantize_matrix",
     "WeightResult", "evaluate_weights", "format_weight_table", "DemoContext", "Section",
@@ -98,12 +98,12 @@ DEFAULT_SPECS: tuple[Spec, ...] = (
     Spec("int4-g32-asym", "int4", "group", 32, symmetric=False),
     Spec("int3-g32", "int3", "group", 32),
     Spec("int2-g32-asym", "int2", "group", 32, symmetric=False),
-    Spec("nf4", "nf4", "group", 64),
-    Spec("nf4-dq", "nf4", "group", 64, double_quant=True),
-    Spec("fp4_e2m1", "fp4_e2m1", "group", 64),
-    Spec("fp4_bnb", "fp4_bnb", "group", 64),
-    Spec("fp8_e4m3", "fp8_e4m3", "tensor"),
-    Spec("fp8_e5m2", "fp8_e5m2", "tensor"),
+    Spec("nf4-b64", "nf4", "group", 64),
+    Spec("nf4-b64-dq", "nf4", "group", 64, double_quant=True),
+    Spec("fp4_e2m1-b64", "fp4_e2m1", "group", 64),
+    Spec("fp4_bnb-b64", "fp4_bnb", "group", 64),
+    Spec("fp8_e4m3-tensor", "fp8_e4m3", "tensor"),
+    Spec("fp8_e5m2-tensor", "fp8_e5m2", "tensor"),
     Spec("mxfp4", "mxfp4", "group", 32),
     Spec("mxfp8_e4m3", "mxfp8_e4m3", "group", 32),
     Spec("mxint8", "mxint8", "group", 32),
@@ -296,7 +296,7 @@ def quantize_matrix(w: torch.Tensor, spec: Spec) -> tuple[QTensor, str]:
     choice) or "out" (groups along the output dim, used only when the group size does not
     divide the input dim but divides the output dim, e.g. stories260K's 64x172 down_proj).
     A matrix neither dim of which the group size divides is quantized per-channel ("row")."""
-    kw = dict(symmetric=spec.symmetric, double_quant=spec.double_quant)
+    kw = {"symmetric": spec.symmetric, "double_quant": spec.double_quant}
     if spec.granularity == "tensor":
         return quantize(w, spec.format, granularity="tensor", **kw), "tensor"
     if spec.granularity == "channel":
@@ -336,9 +336,8 @@ class WeightResult:
     def granularity(self) -> str:
         s = self.spec.describe()
         if self.spec.granularity == "group":
-            s = s.replace(f"group {self.spec.block}", f"group {self.spec.block} along in", 1)
-            if self.unusual:
-                s += " †"
+            mark = "†" if self.unusual else ""
+            s = s.replace(f"group {self.spec.block}", f"group {self.spec.block} along in{mark}", 1)
         return s
 
 
@@ -383,9 +382,9 @@ def format_weight_table(model: Model, results: Sequence[WeightResult],
     lines = [
         f"## Weight quantization: {model.describe()}",
         "",
-        f"{len(mats)} weight matrices ({n:,} weights) x {len(results)} schemes · "
-        f"qkern {qkern.__version__} · ISA {qkern.get_isa()} · "
-        f"{qkern.get_num_threads()} threads · {took:.2f} s",
+        (f"{len(mats)} weight matrices ({n:,} weights) x {len(results)} schemes · "
+         f"qkern {qkern.__version__} · ISA {qkern.get_isa()} · "
+         f"{qkern.get_num_threads()} threads · {took:.2f} s"),
         "",
         "| scheme | format | granularity | bits/weight | SQNR (dB) | rel. error | max abs err |",
         "|---|---|---|--:|--:|--:|--:|",
@@ -393,23 +392,28 @@ def format_weight_table(model: Model, results: Sequence[WeightResult],
     for r in sorted(results, key=lambda r: (r.bits_per_weight, -r.sqnr_db)):
         lines.append(
             f"| {r.spec.key} | {r.spec.format} | {r.granularity()} | {r.bits_per_weight:.3f} "
-            f"| {r.sqnr_db:.2f} | {100 * r.rel_error:.3g} % | {r.max_abs_error:.3g} |"
+            f"| {r.sqnr_db:.2f} | {100 * r.rel_error:.2f} % | {r.max_abs_error:.4f} |"
         )
-    lines += ["", f"bits/weight counts codes, scales (fp32; E8M0 for MX), zero points and "
-                  f"double-quant metadata. SQNR and errors are over all {n:,} weights; 1-D "
-                  f"tensors (norms) stay fp32 and are not counted."]
-    notes: dict[tuple[str, str], list[str]] = {}
+    lines += ["", (f"bits/weight counts codes, scales (fp32; E8M0 for MX), zero points and "
+                   f"double-quant metadata. SQNR and errors are over all {n:,} weights; 1-D "
+                   f"tensors (norms) stay fp32 and are not counted.")]
+    # one footnote per set of matrices that fell back the same way, naming the group sizes
+    notes: dict[tuple[tuple[str, ...], str], list[int]] = {}
     for r in results:
+        by_where: dict[str, list[str]] = {}
         for name, where in r.unusual.items():
-            key = (f"{_shape(mats[name])} (group {r.spec.block})", where)
-            if name not in notes.setdefault(key, []):
-                notes[key].append(name)
-    for (what, where), names in notes.items():
-        how = "the output dim" if where == "out" else "per-channel (row) instead"
+            by_where.setdefault(where, []).append(name)
+        for where, names in by_where.items():
+            sizes = notes.setdefault((tuple(names), where), [])
+            if r.spec.block not in sizes:
+                sizes.append(r.spec.block)
+    for (names, where), sizes in notes.items():
+        shapes = sorted({_shape(mats[n]) for n in names})
+        how = "run along the output dim" if where == "out" else "fall back to per-channel"
         lines.append(
-            f"† {len(names)} of {len(mats)} matrices, shape {what}: the input dim is not a "
-            f"multiple of the group size, so they are grouped along {how} "
-            f"({', '.join(_short_names(names))})."
+            f"† {len(names)} of {len(mats)} matrices ({', '.join(_short_names(list(names)))}, "
+            f"{', '.join(shapes)}) have an input dim that is not a multiple of the group size "
+            f"({' or '.join(map(str, sorted(sizes)))}): their groups {how} instead."
         )
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -52,26 +54,33 @@ def unpack_bits(packed, bits: int, n: int, order: str = "lsb"):
     return out.numpy() if was_numpy else out
 
 
+def _padded_len(n: int, bits: int) -> int:
+    """Smallest length >= n whose codes fill whole 32-bit words."""
+    step = 32 // math.gcd(bits, 32)
+    return -(-n // step) * step
+
+
 def pack_int32(codes, bits: int, dim: int = 0):
     """GPTQ-style packing along ``dim``: each line's LSB-first stream of codes cut into
-    little-endian int32 words, ceil(len * bits / 32) words per line."""
+    little-endian int32 words, ceil(len * bits / 32) words per line (zero padded)."""
     check_bits(bits)
     was_numpy = isinstance(codes, np.ndarray)
     t = as_tensor(codes, "codes")
-    if t.dtype.is_floating_point or t.dtype.is_complex:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"codes must be an integer tensor, got {t.dtype}")
     if t.dim() == 0:
         raise ValueError("pack_int32 needs a tensor with at least 1 dimension")
     d = normalize_axis(dim, t.dim(), "dim")
     moved = t.movedim(d, -1)
-    lines = moved.reshape(-1, moved.shape[-1]) if moved.numel() else moved.reshape(0, moved.shape[-1])
-    n = lines.shape[1]
+    n = moved.shape[-1]
+    lines = moved.reshape(-1, n)
+    npad = _padded_len(n, bits)
+    if npad != n:  # pad every line so that lines start on word boundaries of one stream
+        lines = torch.cat([lines, lines.new_zeros(lines.shape[0], npad - n)], dim=1)
     words = (n * bits + 31) // 32
-    out = torch.zeros(lines.shape[0], words * 4, dtype=torch.uint8)
-    for i in range(lines.shape[0]):
-        packed = pack_bits(lines[i], bits)
-        out[i, : packed.numel()] = packed
-    res = out.view(torch.int32).reshape(*moved.shape[:-1], words).movedim(-1, d).contiguous()
+    flat, _ = _codes_u8(lines)
+    packed = pack_bits(flat, bits).view(torch.int32).view(lines.shape[0], npad * bits // 32)
+    res = packed[:, :words].reshape(*moved.shape[:-1], words).movedim(-1, d).contiguous()
     return res.numpy() if was_numpy else res
 
 
@@ -82,9 +91,25 @@ def unpack_int32(packed, bits: int, n: int, dim: int = 0):
     t = as_tensor(packed, "packed")
     if t.dtype != torch.int32:
         raise TypeError(f"packed must be int32, got {t.dtype}")
+    if t.dim() == 0:
+        raise ValueError("unpack_int32 needs a tensor with at least 1 dimension")
+    if not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
     d = normalize_axis(dim, t.dim(), "dim")
     moved = t.movedim(d, -1).contiguous()
-    lines = moved.reshape(-1, moved.shape[-1]).view(torch.uint8)
-    out = torch.stack([unpack_bits(lines[i], bits, n) for i in range(lines.shape[0])]) if lines.shape[0] else torch.zeros(0, n, dtype=torch.uint8)
-    res = out.reshape(*moved.shape[:-1], n).movedim(-1, d).contiguous()
+    words = moved.shape[-1]
+    if words * 32 < n * bits:
+        raise ValueError(
+            f"packed buffer too short: {words} words per line, but {n} codes of {bits} bits "
+            f"need {(n * bits + 31) // 32}"
+        )
+    lines = moved.reshape(-1, words)
+    npad = _padded_len(n, bits)
+    wpad = npad * bits // 32
+    if wpad > words:
+        lines = torch.cat([lines, lines.new_zeros(lines.shape[0], wpad - words)], dim=1)
+    lines = lines[:, :wpad].contiguous()
+    out = unpack_bits(lines.reshape(-1).view(torch.uint8), bits, lines.shape[0] * npad)
+    res = out.view(lines.shape[0], npad)[:, :n].reshape(*moved.shape[:-1], n).movedim(-1, d)
+    res = res.contiguous()
     return res.numpy() if was_numpy else res

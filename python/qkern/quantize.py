@@ -150,7 +150,7 @@ def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
     g = layout.group_size
     try:
         if fmt.kind == "companded":
-            codes, sck = _companded(xk, fmt, g, rmode, sc, layout)
+            codes, sck = _companded(xk, fmt, g, rmode, seed_bits, sc, layout)
             zpk, dq = None, None
         elif fmt.kind == "int":
             codes, sck, zpk = _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed_bits,
@@ -231,21 +231,49 @@ def double_quantize_scales(s: torch.Tensor, group: int = 256) -> tuple[DoubleQua
     return DoubleQuant(codes.view(torch.int8)[: s.numel()].clone(), s2, mean, group), scales
 
 
-def _companded(xk, fmt, g, rmode, sc, layout):
-    if rmode not in (0, 3, 4, 5):
-        raise ValueError(f"format {fmt.name} supports rounding nearest_even, floor, ceil, trunc")
+def _counter_uniform(seed: int, n: int) -> torch.Tensor:
+    """docs/numerics.md's counter RNG in torch int64 arithmetic (wrapping, logical shifts)."""
+    def srl(z, k):
+        return (z >> k) & ((1 << (64 - k)) - 1)
+
+    def wrap(v):
+        return v - (1 << 64) if v >= 1 << 63 else v
+
+    i = torch.arange(1, n + 1, dtype=torch.int64)
+    z = seed + i * wrap(0x9E3779B97F4A7C15)
+    z = (z ^ srl(z, 30)) * wrap(0xBF58476D1CE4E5B9)
+    z = (z ^ srl(z, 27)) * wrap(0x94D049BB133111EB)
+    z = z ^ srl(z, 31)
+    return srl(z, 40).to(torch.float32) * 2.0**-24
+
+
+def _round_torch(t: torch.Tensor, rmode: int, seed: int) -> torch.Tensor:
+    """The rounding modes of docs/numerics.md on a float32 tensor, exactly (via float64)."""
+    d = t.double()
+    if rmode == 0:
+        return torch.round(d)
+    if rmode == 1:
+        r = torch.trunc(d)
+        return r + torch.sign(d) * ((d - r).abs() >= 0.5)
+    if rmode == 2:
+        return torch.floor(d + 0.5)
+    if rmode == 6:
+        r = torch.floor(d)
+        u = _counter_uniform(seed, t.numel()).view(t.shape).double()
+        return r + (u < (d - r).float().double())
+    return (None, None, None, torch.floor, torch.ceil, torch.trunc)[rmode](d)
+
+
+def _companded(xk, fmt, g, rmode, seed, sc, layout):
     xg = xk.view(-1, g)
+    if not torch.isfinite(xg).all():
+        raise NonFiniteError("non-finite")
     if sc is None:
-        if not torch.isfinite(xg).all():
-            raise NonFiniteError("non-finite")
         sck = (xg.abs().amax(dim=1) / fmt.max_value)
         sck = torch.where(sck > 0, sck.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
     else:
         sck = layout.scale_to_kernel(sc)
-    t = xg / sck[:, None]
-    if not torch.isfinite(t).all():
-        raise NonFiniteError("non-finite")
-    t = (torch.round, None, None, torch.floor, torch.ceil, torch.trunc)[rmode](t)
+    t = _round_torch(xg / sck[:, None], rmode, seed)
     pcm = t.clamp(-32768, 32767).to(torch.int16).reshape(-1)
     enc = _OPS.mulaw_encode if fmt.name == "mulaw" else _OPS.alaw_encode
     return enc(pcm), sck

@@ -88,15 +88,14 @@ def _check_rule(rule: int, allowed: tuple[int, ...], what: str) -> None:
 
 
 def _table(values, value_codes, dev):
-    values = _as(values, torch.float32, dev)
-    value_codes = _as(value_codes, torch.uint8, dev)
+    values = _as(values, torch.float32, values.device)  # checked where it lives (often CPU)
     n = values.numel()
     if not 1 <= n <= 256:
         raise ValueError("codebook must have 1..256 values")
     _check_len(value_codes, n, "value_codes")
     if n > 1 and not bool((values[1:] > values[:-1]).all()):
         raise ValueError("codebook values must be strictly ascending")
-    return values, value_codes, n
+    return _as(values, torch.float32, dev), _as(value_codes, torch.uint8, dev), n
 
 
 def _raise_if_bad(bad: torch.Tensor) -> None:
