@@ -13,7 +13,7 @@ import numpy as np
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
-    import audioop  # noqa: F401  (Python 3.11: deprecated but present; G.711 reference)
+    import audioop
 
 F32 = np.float32
 FLT_MIN = np.finfo(np.float32).tiny
@@ -234,6 +234,12 @@ def sanitize_scale(s: np.ndarray) -> np.ndarray:
     return s
 
 
+def mean_abs_scale(xg: np.ndarray) -> np.ndarray:
+    """mean|x| per group: float64 sum in index order (docs/numerics.md), then float32."""
+    total = np.add.accumulate(np.abs(xg).astype(np.float64), axis=-1)[..., -1]
+    return sanitize_scale((total / xg.shape[-1]).astype(F32))
+
+
 def mx_scale(amax: np.ndarray, emax: int) -> np.ndarray:
     amax = np.asarray(amax, dtype=np.float32)
     _, e = np.frexp(np.where(amax > 0, amax, F32(1)))
@@ -296,6 +302,9 @@ def quantize_int(x, name, *, granularity="tensor", axis=None, group_size=None, s
     x2d = v.to2d(x)
     if name == "mxint8" and scale is None:
         sc = mx_scale(np.abs(v.groups(x2d)).max(axis=-1), MX_EMAX["mxint8"])
+        zp = np.zeros(sc.shape, np.int32)
+    elif name == "ternary" and scale is None:  # BitNet b1.58 absmean scale
+        sc = mean_abs_scale(v.groups(x2d))
         zp = np.zeros(sc.shape, np.int32)
     elif scale is None:
         sc, zp = affine_params(v.groups(x2d), qmin, qmax, symmetric, quantizer)
@@ -384,9 +393,7 @@ def quantize_codebook(x, name, *, granularity=None, axis=None, group_size=None,
     elif name in MX_EMAX:
         sc = mx_scale(np.abs(xg).max(axis=-1), MX_EMAX[name])
     elif name == "binary":
-        sc = sanitize_scale(np.array([[math.fsum(np.abs(g).astype(np.float64)) / len(g)
-                                       for g in row] for row in xg], dtype=np.float64)
-                            .astype(F32).reshape(xg.shape[:2]))
+        sc = mean_abs_scale(xg)
     else:
         sc = sanitize_scale(np.abs(xg).max(axis=-1).astype(F32) / F32(MAX_VALUE[name]))
     with np.errstate(over="ignore", invalid="ignore"):
@@ -440,7 +447,7 @@ def pack_int32(codes, bits: int, dim: int) -> np.ndarray:
     c = np.moveaxis(np.asarray(codes), dim, -1)
     n = c.shape[-1]
     words = -(-n * bits // 32)
-    lines = c.reshape(-1, n)
+    lines = c.reshape(int(np.prod(c.shape[:-1], dtype=np.int64)), n)
     out = np.zeros((lines.shape[0], words), dtype=np.int32)
     for r, line in enumerate(lines):
         stream = bit_stream(line, bits, "lsb")

@@ -6,10 +6,9 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
-
 import qkern
 import reference as R
+import torch
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
 import qkern
+import torch
 
 BAD = (ValueError, TypeError)
 

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
 import qkern
 import reference as R
-from _util import (CODEBOOK_FORMATS, INT_FORMATS, MX_FORMATS, assert_bits_equal,
-                   assert_codes_equal, np_codes, np_f32)
+import torch
+from _util import (
+    CODEBOOK_FORMATS,
+    INT_FORMATS,
+    MX_FORMATS,
+    assert_bits_equal,
+    assert_codes_equal,
+    np_codes,
+    np_f32,
+)
 
 EXPECTED_NAMES = set(INT_FORMATS + CODEBOOK_FORMATS + MX_FORMATS + ["ternary"])
 TABLE_FORMATS = [f for f in CODEBOOK_FORMATS + ["mxfp4", "mxfp8_e4m3"]]

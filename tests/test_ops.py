@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from torch.library import opcheck
-
 import qkern
 import reference as R
+import torch
 from qkern.ops.schemas import SCHEMAS
+from torch.library import opcheck
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit inside opcheck
 OPS = torch.ops.qkern
 RND = {name: i for i, name in enumerate(R.ROUNDINGS)}  # enum order of numerics.md's table
 SHAPE = {"midtread": 0, "midrise": 1, "deadzone": 2}
@@ -127,8 +127,8 @@ def test_raw_pack_ops_vs_reference():
 
 
 # ---------------------------------------------------------------------------- torch.compile
-@pytest.mark.parametrize("name,kw", [("int4", dict(granularity="group", group_size=32)),
-                                     ("nf4", dict()), ("uint8", dict(symmetric=False))])
+@pytest.mark.parametrize("name,kw", [("int4", {"granularity": "group", "group_size": 32}),
+                                     ("nf4", {}), ("uint8", {"symmetric": False})])
 def test_compile_fullgraph_quantize_dequantize(name, kw):
     def f(x):
         return qkern.quantize(x, name, **kw).dequantize()

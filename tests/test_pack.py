@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
 import qkern
 import reference as R
+import torch
 
 
 @pytest.mark.parametrize("order", ["lsb", "msb"])
@@ -126,6 +125,16 @@ def test_pack_int32_vs_reference(bits, dim, rng):
     n = codes.shape[dim]
     back = qkern.unpack_int32(got, bits, n, dim)
     np.testing.assert_array_equal(np.asarray(back).astype(np.int64), codes.astype(np.int64))
+
+
+@pytest.mark.parametrize("shape,dim", [((0,), 0), ((1, 0), 0), ((0, 8), 1), ((3, 0), 1)])
+def test_pack_int32_empty(shape, dim):
+    codes = torch.zeros(shape, dtype=torch.uint8)
+    ref = R.pack_int32(codes.numpy(), 4, dim)
+    got = qkern.pack_int32(codes, 4, dim)
+    assert tuple(got.shape) == ref.shape
+    back = qkern.unpack_int32(got, 4, shape[dim], dim)
+    assert tuple(np.asarray(back).shape) == shape
 
 
 def test_pack_empty():

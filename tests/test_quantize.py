@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
 import qkern
 import reference as R
-from _util import (CODEBOOK_FORMATS, INT_FORMATS, MX_FORMATS, assert_bits_equal,
-                   assert_codes_equal, np_codes, np_f32, run_codebook, run_int)
+import torch
+from _util import (
+    CODEBOOK_FORMATS,
+    INT_FORMATS,
+    MX_FORMATS,
+    assert_bits_equal,
+    assert_codes_equal,
+    np_codes,
+    np_f32,
+    run_codebook,
+    run_int,
+)
 
 ROUNDINGS = list(R.ROUNDINGS)
 
@@ -54,22 +62,30 @@ def test_int1_symmetric(rng):
     x = _data(rng)
     run_int(x, "int1", quantizer="midrise")
     run_int(x, "int1", symmetric=False)
-    try:  # undefined by the spec: must either refuse cleanly or stay finite
-        qt = qkern.quantize(x, "int1")
-    except ValueError as e:
-        assert "int1" in str(e)
-    else:
-        assert np.isfinite(np_f32(qt.scale)).all() and np.isfinite(np_f32(qt.dequantize())).all()
+    for quantizer in ("midtread", "deadzone"):  # scale = amax / 0: refuse cleanly or stay finite
+        try:
+            qt = qkern.quantize(x, "int1", quantizer=quantizer)
+        except ValueError as e:
+            assert "int1" in str(e)
+        else:
+            assert np.isfinite(np_f32(qt.scale)).all(), quantizer
+            assert np.isfinite(np_f32(qt.dequantize())).all(), quantizer
 
 
 @pytest.mark.parametrize("rounding", ROUNDINGS)
-@pytest.mark.parametrize("name", ["int2", "int4", "int8", "uint4", "uint8"])
+@pytest.mark.parametrize("name", INT_FORMATS + ["ternary"])
 def test_rounding_modes_exact_ties(name, rounding):
     qmax = R.int_range(name)[1]
-    x = _ties(qmax)
-    run_int(x, name, rounding=rounding, seed=11)
-    run_int(x, name, rounding=rounding, seed=11, scale=0.5)
-    run_int(x * 3 + 1, name, rounding=rounding, seed=3, symmetric=False)
+    x = _ties(max(qmax, 1))
+    if name != "int1":  # int1: qmax = 0, no symmetric mid-tread scale
+        run_int(x, name, rounding=rounding, seed=11)
+        run_int(x, name, rounding=rounding, seed=11, scale=0.5)
+    if name != "ternary":  # ternary is symmetric only
+        run_int(x * 3 + 1, name, rounding=rounding, seed=3, symmetric=False)
+        # asymmetric with an exact scale: (hi - lo) / (qmax - qmin) = 1 -> halves are ties
+        qmin = R.int_range(name)[0]
+        y = torch.cat([torch.tensor([float(qmin), float(qmax)]), _ties(max(qmax, 1)) / 2])
+        run_int(y, name, rounding=rounding, seed=4, symmetric=False)
 
 
 @pytest.mark.parametrize("rounding", ROUNDINGS)
@@ -82,13 +98,13 @@ def test_rounding_modes_random(rounding, symmetric, rng):
 
 
 GRANULARITIES = [
-    dict(granularity="tensor"),
-    dict(granularity="channel"), dict(granularity="channel", axis=1),
-    dict(granularity="channel", axis=2), dict(granularity="channel", axis=-1),
-    dict(granularity="group", group_size=4), dict(granularity="group", group_size=12),
-    dict(granularity="group", axis=0, group_size=3), dict(granularity="group", axis=1,
-                                                          group_size=5),
-    dict(granularity="group", axis=-2, group_size=10),
+    {"granularity": "tensor"},
+    {"granularity": "channel"}, {"granularity": "channel", "axis": 1},
+    {"granularity": "channel", "axis": 2}, {"granularity": "channel", "axis": -1},
+    {"granularity": "group", "group_size": 4}, {"granularity": "group", "group_size": 12},
+    {"granularity": "group", "axis": 0, "group_size": 3}, {"granularity": "group", "axis": 1,
+                                                          "group_size": 5},
+    {"granularity": "group", "axis": -2, "group_size": 10},
 ]
 
 
@@ -142,6 +158,23 @@ def test_deadzone_tie_constructed():
                           rounding="half_away")
     assert np_codes(rne).tolist() == [0, 0, 1, 0, 127]
     assert np_codes(away).tolist() == [1, -1, 1, 0, 127]
+
+
+@pytest.mark.parametrize("w", [1.3, 1.7, 2.2])
+def test_deadzone_width_float32_arithmetic(w):
+    """h = (w - 1) * 0.5f in float32 (numerics.md); probe a = |t| - h right at the ties."""
+    h = (np.float32(w) - np.float32(1)) * np.float32(0.5)
+    centers = (np.arange(6, dtype=np.float32) + np.float32(0.5) + h).astype(np.float32)
+    x = np.array([_step(c, s) for c in centers for s in range(-6, 7)], np.float32)
+    x = torch.from_numpy(np.concatenate([x, -x]))
+    for rounding in ("nearest_even", "half_away", "half_up"):
+        run_int(x, "int8", quantizer="deadzone", deadzone=w, rounding=rounding, scale=1.0)
+
+
+def _step(v: np.float32, k: int) -> np.float32:
+    for _ in range(abs(k)):
+        v = np.nextafter(v, np.float32(np.inf) if k > 0 else np.float32(-np.inf))
+    return v
 
 
 def test_midrise_levels():
@@ -214,7 +247,7 @@ def test_codebook_formats(name, rounding, rng):
     if name == "binary" and rounding in ("half_away", "trunc"):
         pytest.skip("binary: +1 and -1 have equal magnitude, the mode is not defined")
     x = _data(rng, (4, 256))
-    kw = dict(rounding=rounding, seed=77)
+    kw = {"rounding": rounding, "seed": 77}
     run_codebook(x, name, **kw)
     run_codebook(x, name, granularity="channel", **kw)
     run_codebook(x, name, granularity="group", group_size=32, **kw)
@@ -256,6 +289,8 @@ def test_mx_formats(name, rng):
     x[0, :32] = 0.0  # amax = 0 block: scale 2^-127
     x[1, :32] = 3.99  # amax just under a power of two
     x[1, 32:64] = 4.0
+    x[2, :32] *= 1e-40  # subnormal amax: the exponent clamps at 2^-127
+    x[2, 32:64] = 3e38 * np.sign(x[2, 32:64])  # the largest binades
     x = torch.from_numpy(x)
     if name == "mxint8":
         qt = run_int(x, name)

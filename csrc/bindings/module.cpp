@@ -4,6 +4,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <new>
 #include <optional>
 #include <string>
 
@@ -17,6 +21,24 @@ using I16 = py::array_t<int16_t, py::array::c_style | py::array::forcecast>;
 
 namespace {
 
+// Large outputs get 2 MiB-aligned memory with transparent huge pages requested: first-touch
+// page faults otherwise cost more than the kernels themselves on big tensors.
+template <typename T>
+py::array_t<T> new_array(int64_t n) {
+  size_t bytes = static_cast<size_t>(n) * sizeof(T);
+  constexpr size_t kHuge = size_t{2} << 20;
+  if (bytes < 2 * kHuge) return py::array_t<T>(n);
+  size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, rounded) != 0) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+  py::capsule owner(p, [](void* q) { std::free(q); });
+  return py::array_t<T>({static_cast<py::ssize_t>(n)}, {static_cast<py::ssize_t>(sizeof(T))},
+                        static_cast<T*>(p), owner);
+}
+
 void check_groups(int64_t n, int64_t group, const char* what) {
   if (group <= 0) throw py::value_error(std::string(what) + ": group_size must be positive");
   if (n % group != 0)
@@ -28,6 +50,16 @@ void check_len(const py::array& a, int64_t want, const char* name) {
   if (a.size() != want)
     throw py::value_error(std::string(name) + " has " + std::to_string(a.size()) +
                           " elements, expected " + std::to_string(want));
+}
+
+void check_code_range(int qmin, int qmax) {
+  if (qmin > qmax || qmin < -128 || qmax > 255 || (qmin < 0 && qmax > 127))
+    throw py::value_error("code range [" + std::to_string(qmin) + ", " + std::to_string(qmax) +
+                          "] does not fit one signed or unsigned byte");
+}
+
+void check_rule(int rule) {
+  if (rule < qk::kScaleAbsMax || rule > qk::kScaleMeanAbs) throw py::value_error("unknown scale rule id");
 }
 
 void check_rounding(int r, int shape) {
@@ -73,7 +105,8 @@ PYBIND11_MODULE(_C, m) {
     check_len(scale, n / group, "scale");
     if (zp) check_len(*zp, n / group, "zero_point");
     check_rounding(rounding, shape);
-    U8 codes(n);
+    check_code_range(qmin, qmax);
+    auto codes = new_array<uint8_t>(n);
     const int32_t* zpp = zp ? zp->data() : nullptr;
     qk::AffineSpec spec{qmin, qmax, rounding, shape, dz_half, seed};
     bool bad;
@@ -90,9 +123,12 @@ PYBIND11_MODULE(_C, m) {
     int64_t n = x.size();
     check_groups(n, group, "quantize_affine_dynamic");
     check_rounding(rounding, shape);
-    U8 codes(n);
-    F32 scale(n / group);
-    I32 zp(n / group);
+    check_code_range(qmin, qmax);
+    check_rule(rule);
+    if (rule == qk::kScaleAbsMax && !(qpos > 0.0f)) throw py::value_error("qpos must be > 0");
+    auto codes = new_array<uint8_t>(n);
+    auto scale = new_array<float>(n / group);
+    auto zp = new_array<int32_t>(n / group);
     qk::AffineSpec spec{qmin, qmax, rounding, shape, dz_half, seed};
     bool bad;
     {
@@ -109,7 +145,7 @@ PYBIND11_MODULE(_C, m) {
     check_groups(n, group, "dequantize_affine");
     check_len(scale, n / group, "scale");
     if (zp) check_len(*zp, n / group, "zero_point");
-    F32 out(n);
+    auto out = new_array<float>(n);
     const int32_t* zpp = zp ? zp->data() : nullptr;
     py::gil_scoped_release nogil;
     qk::dequantize_affine(codes.data(), n, group, scale.data(), zpp, is_signed, offset,
@@ -123,7 +159,7 @@ PYBIND11_MODULE(_C, m) {
     check_groups(n, group, "quantize_codebook");
     check_len(scale, n / group, "scale");
     auto spec = codebook_spec(values, value_codes, sign_bit, rounding, seed);
-    U8 codes(n);
+    auto codes = new_array<uint8_t>(n);
     bool bad;
     {
       py::gil_scoped_release nogil;
@@ -137,9 +173,12 @@ PYBIND11_MODULE(_C, m) {
                                         int rounding, uint64_t seed) {
     int64_t n = x.size();
     check_groups(n, group, "quantize_codebook_dynamic");
+    check_rule(rule);
+    if (rule == qk::kScaleMinMax) throw py::value_error("codebook formats have no min/max (zero-point) scale rule");
+    if (rule == qk::kScaleAbsMax && !(max_value > 0.0f)) throw py::value_error("max_value must be > 0");
     auto spec = codebook_spec(values, value_codes, sign_bit, rounding, seed);
-    U8 codes(n);
-    F32 scale(n / group);
+    auto codes = new_array<uint8_t>(n);
+    auto scale = new_array<float>(n / group);
     bool bad;
     {
       py::gil_scoped_release nogil;
@@ -154,7 +193,7 @@ PYBIND11_MODULE(_C, m) {
     check_groups(n, group, "dequantize_lut");
     check_len(scale, n / group, "scale");
     check_len(lut, 256, "lut");
-    F32 out(n);
+    auto out = new_array<float>(n);
     py::gil_scoped_release nogil;
     qk::dequantize_lut(codes.data(), n, group, scale.data(), lut.data(), out.mutable_data());
     return out;
@@ -163,7 +202,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("pack_bits", [](U8 codes, int bits, bool msb) {
     if (bits < 1 || bits > 8) throw py::value_error("bits must be in 1..8, got " + std::to_string(bits));
     int64_t n = codes.size();
-    U8 out(qk::packed_nbytes(n, bits));
+    auto out = new_array<uint8_t>(qk::packed_nbytes(n, bits));
     py::gil_scoped_release nogil;
     qk::pack_bits(codes.data(), n, bits, msb, out.mutable_data());
     return out;
@@ -177,32 +216,32 @@ PYBIND11_MODULE(_C, m) {
       throw py::value_error("packed buffer too short: " + std::to_string(packed.size()) +
                             " bytes, " + std::to_string(n) + " codes of " + std::to_string(bits) +
                             " bits need " + std::to_string(need));
-    U8 out(n);
+    auto out = new_array<uint8_t>(n);
     py::gil_scoped_release nogil;
     qk::unpack_bits(packed.data(), n, bits, msb, out.mutable_data());
     return out;
   });
 
   m.def("mulaw_encode", [](I16 pcm) {
-    U8 out(pcm.size());
+    auto out = new_array<uint8_t>(pcm.size());
     py::gil_scoped_release nogil;
     qk::mulaw_encode(pcm.data(), pcm.size(), out.mutable_data());
     return out;
   });
   m.def("alaw_encode", [](I16 pcm) {
-    U8 out(pcm.size());
+    auto out = new_array<uint8_t>(pcm.size());
     py::gil_scoped_release nogil;
     qk::alaw_encode(pcm.data(), pcm.size(), out.mutable_data());
     return out;
   });
   m.def("mulaw_decode", [](U8 codes) {
-    I16 out(codes.size());
+    auto out = new_array<int16_t>(codes.size());
     py::gil_scoped_release nogil;
     qk::mulaw_decode(codes.data(), codes.size(), out.mutable_data());
     return out;
   });
   m.def("alaw_decode", [](U8 codes) {
-    I16 out(codes.size());
+    auto out = new_array<int16_t>(codes.size());
     py::gil_scoped_release nogil;
     qk::alaw_decode(codes.data(), codes.size(), out.mutable_data());
     return out;

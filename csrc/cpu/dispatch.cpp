@@ -89,12 +89,8 @@ Stats stats_of(const float* x, int64_t n, bool want_sum_abs, bool parallel) {
       s.bad |= bad[c] != 0;
     }
   }
-  s.amax = std::fmax(std::fabs(s.lo), std::fabs(s.hi));
-  if (want_sum_abs) {  // always in order, so the result does not depend on the thread count
-    double acc = 0.0;
-    for (int64_t i = 0; i < n; ++i) acc += std::fabs(static_cast<double>(x[i]));
-    s.sum_abs = acc;
-  }
+  s.amax = impl::amax_of(s.lo, s.hi);
+  if (want_sum_abs) s.sum_abs = impl::sum_abs(x, n);
   return s;
 }
 
@@ -155,15 +151,9 @@ bool quantize_affine_dynamic(const float* x, int64_t n, int64_t group, const Aff
     if (zp_out) zp_out[g] = z;
   };
   bool bad = false;
+  const impl::ScaleSpec ss{rule, qpos, emax};
   bool done = for_group_blocks(n, group, [&](int64_t g0, int64_t g1) {
-    bool b = false;
-    for (int64_t g = g0; g < g1; ++g) {
-      Stats s = stats_of(x + g * group, group, want_sum, false);
-      params(s, g);
-      b |= s.bad;
-      b |= p.affine(x, g * group, (g + 1) * group, group, scale_out, zp_out, spec, codes);
-    }
-    return b;
+    return p.affine_groups(x, g0, g1, group, spec, ss, scale_out, zp_out, codes);
   }, &bad);
   if (done) return bad;
   for (int64_t g = 0; g < n / group; ++g) {
@@ -204,15 +194,9 @@ bool quantize_codebook_dynamic(const float* x, int64_t n, int64_t group,
                              unused, &scale_out[g], &z);
   };
   bool bad = false;
+  const impl::ScaleSpec ss{rule, max_value, emax};
   bool done = for_group_blocks(n, group, [&](int64_t g0, int64_t g1) {
-    bool b = false;
-    for (int64_t g = g0; g < g1; ++g) {
-      Stats s = stats_of(x + g * group, group, want_sum, false);
-      params(s, g);
-      b |= s.bad;
-      b |= p.codebook(x, g * group, (g + 1) * group, group, scale_out, spec, codes);
-    }
-    return b;
+    return p.codebook_groups(x, g0, g1, group, spec, ss, scale_out, codes);
   }, &bad);
   if (done) return bad;
   for (int64_t g = 0; g < n / group; ++g) {

@@ -2,11 +2,20 @@
 // whose groups of `group` elements share scale[e / group]; the public entry points in
 // dispatch.cpp split work into ranges and run them on the thread pool.
 #pragma once
+#include <cmath>
 #include <cstdint>
+
 #include "cpu/kernels.h"
 
 namespace qk {
 namespace impl {
+
+// How a dynamic kernel derives a group's scale (see affine_params_from_stats).
+struct ScaleSpec {
+  int rule;
+  float qpos;  // divisor of amax (kScaleAbsMax)
+  int emax;    // kScalePow2MX
+};
 
 struct Paths {
   bool (*affine)(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
@@ -20,6 +29,13 @@ struct Paths {
               const float* lut, float* out);
   // min, max and a NaN/Inf flag over x[0, n)
   void (*minmax)(const float* x, int64_t n, float* lo, float* hi, bool* bad);
+  // Groups [g0, g1): statistics, the group's scale (and zero point), then its codes.
+  bool (*affine_groups)(const float* x, int64_t g0, int64_t g1, int64_t group,
+                        const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
+                        uint8_t* codes);
+  bool (*codebook_groups)(const float* x, int64_t g0, int64_t g1, int64_t group,
+                          const CodebookSpec& spec, const ScaleSpec& ss, float* scale,
+                          uint8_t* codes);
 };
 
 extern const Paths kScalarPaths;
@@ -36,6 +52,44 @@ bool codebook_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, cons
 void lut_scalar(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const float* scale,
                 const float* lut, float* out);
 void minmax_scalar(const float* x, int64_t n, float* lo, float* hi, bool* bad);
+
+bool affine_groups_scalar(const float* x, int64_t g0, int64_t g1, int64_t group,
+                          const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
+                          uint8_t* codes);
+bool codebook_groups_scalar(const float* x, int64_t g0, int64_t g1, int64_t group,
+                            const CodebookSpec& spec, const ScaleSpec& ss, float* scale,
+                            uint8_t* codes);
+
+inline float amax_of(float lo, float hi) { return std::fmax(std::fabs(lo), std::fabs(hi)); }
+
+// Sum of |x| in order, in double: the same on every path and thread count.
+inline double sum_abs(const float* x, int64_t n) {
+  double acc = 0.0;
+  for (int64_t i = 0; i < n; ++i) acc += std::fabs(static_cast<double>(x[i]));
+  return acc;
+}
+
+// The per-group loop shared by every path: `minmax` and `quant(g)` are the path's kernels.
+template <typename MinMax, typename Quant>
+bool dynamic_groups(const float* x, int64_t g0, int64_t g1, int64_t group, const ScaleSpec& ss,
+                    const AffineSpec& spec, float* scale, int32_t* zp, MinMax minmax,
+                    Quant quant) {
+  bool bad = false;
+  for (int64_t g = g0; g < g1; ++g) {
+    const float* xg = x + g * group;
+    float lo, hi;
+    bool b;
+    minmax(xg, group, &lo, &hi, &b);
+    double sa = ss.rule == kScaleMeanAbs ? sum_abs(xg, group) : 0.0;
+    int32_t z;
+    affine_params_from_stats(lo, hi, amax_of(lo, hi), sa, group, ss.rule, ss.qpos, ss.emax, spec,
+                             &scale[g], &z);
+    if (zp) zp[g] = z;
+    bad |= b;
+    bad |= quant(g);
+  }
+  return bad;
+}
 
 }  // namespace impl
 }  // namespace qk

@@ -107,75 +107,114 @@ void dequant_affine_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t g
 }
 
 // Nearest-even codebook search for tables of at most 16 values, vectorized exactly like
-// qk::codebook_code: bracket index by counting, then the same two float subtractions.
+// qk::codebook_code: bracket index by counting, then the same two float subtractions. The
+// table set-up is done once per call, not per group.
+class Table16 {
+ public:
+  static bool eligible(const CodebookSpec& s) { return s.rounding == kNearestEven && s.n <= 16; }
+
+  explicit Table16(const CodebookSpec& spec) : n_(spec.n), sign_bit_(spec.sign_bit) {
+    alignas(32) float vals[16];
+    alignas(32) int32_t cods[16];
+    for (int k = 0; k < 16; ++k) {
+      vals[k] = spec.values[k < spec.n ? k : spec.n - 1];
+      cods[k] = spec.codes[k < spec.n ? k : spec.n - 1];
+    }
+    for (int k = 0; k < 16; ++k) bounds_[k] = _mm256_set1_ps(vals[k]);
+    v_lo8_ = _mm256_load_ps(vals);
+    v_hi8_ = _mm256_load_ps(vals + 8);
+    c_lo8_ = _mm256_load_si256(reinterpret_cast<const __m256i*>(cods));
+    c_hi8_ = _mm256_load_si256(reinterpret_cast<const __m256i*>(cods + 8));
+  }
+
+  // Codes of x[a, b) with one scale; the tail goes to the scalar kernel.
+  bool run(const float* x, int64_t a, int64_t b, int64_t group, const float* scale,
+           const CodebookSpec& spec, uint8_t* codes) const {
+    const __m256 vs = _mm256_set1_ps(scale[a / group]);
+    __m256 badv = _mm256_setzero_ps();
+    int64_t i = a;
+    for (; i + 32 <= b; i += 32)
+      store_bytes32(codes + i, one(x + i, vs, &badv), one(x + i + 8, vs, &badv),
+                    one(x + i + 16, vs, &badv), one(x + i + 24, vs, &badv));
+    bool bad = _mm256_movemask_ps(badv) != 0;
+    if (i < b) bad |= codebook_scalar(x, i, b, group, scale, spec, codes);
+    return bad;
+  }
+
+ private:
+  __m256 lookup_f(__m256i idx) const {
+    __m256 lo = _mm256_permutevar8x32_ps(v_lo8_, idx), hi = _mm256_permutevar8x32_ps(v_hi8_, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
+  }
+  __m256i lookup_i(__m256i idx) const {
+    __m256i lo = _mm256_permutevar8x32_epi32(c_lo8_, idx);
+    __m256i hi = _mm256_permutevar8x32_epi32(c_hi8_, idx);
+    return _mm256_blendv_epi8(lo, hi, _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+  }
+
+  __m256i one(const float* p, __m256 vs, __m256* badv) const {
+    const __m256i one_i = _mm256_set1_epi32(1);
+    __m256 v = _mm256_loadu_ps(p);
+    *badv = _mm256_or_ps(*badv, nonfinite_mask(v));
+    __m256 t = _mm256_div_ps(v, vs);
+    __m256i neg = _mm256_setzero_si256();
+    if (sign_bit_) {
+      neg = _mm256_srai_epi32(_mm256_castps_si256(t), 31);
+      t = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), t);
+    }
+    __m256i cnt = _mm256_setzero_si256();
+    for (int k = 1; k < n_; ++k)
+      cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(bounds_[k], t, _CMP_LE_OQ)));
+    __m256i nxt = _mm256_min_epi32(_mm256_add_epi32(cnt, one_i), _mm256_set1_epi32(n_ - 1));
+    __m256 dlo = _mm256_sub_ps(t, lookup_f(cnt));
+    __m256 dhi = _mm256_sub_ps(lookup_f(nxt), t);
+    __m256i clo = lookup_i(cnt), chi = lookup_i(nxt);
+    __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(clo, one_i), one_i);
+    __m256 take_hi = _mm256_or_ps(
+        _mm256_cmp_ps(dhi, dlo, _CMP_LT_OQ),
+        _mm256_and_ps(_mm256_cmp_ps(dhi, dlo, _CMP_EQ_OQ), _mm256_castsi256_ps(odd)));
+    __m256i c = _mm256_blendv_epi8(clo, chi, _mm256_castps_si256(take_hi));
+    return _mm256_or_si256(c, _mm256_and_si256(neg, _mm256_set1_epi32(sign_bit_)));
+  }
+
+  int n_, sign_bit_;
+  __m256 bounds_[16];
+  __m256 v_lo8_, v_hi8_;
+  __m256i c_lo8_, c_hi8_;
+};
+
 bool codebook_avx2(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
                    const CodebookSpec& spec, uint8_t* codes) {
-  if (spec.rounding != kNearestEven || spec.n > 16)
-    return codebook_scalar(x, e0, e1, group, scale, spec, codes);
-  alignas(32) float vals[16];
-  alignas(32) int32_t cods[16];
-  for (int k = 0; k < 16; ++k) {
-    vals[k] = spec.values[k < spec.n ? k : spec.n - 1];
-    cods[k] = spec.codes[k < spec.n ? k : spec.n - 1];
-  }
-  const __m256 v_lo8 = _mm256_load_ps(vals), v_hi8 = _mm256_load_ps(vals + 8);
-  const __m256i c_lo8 = _mm256_load_si256(reinterpret_cast<const __m256i*>(cods));
-  const __m256i c_hi8 = _mm256_load_si256(reinterpret_cast<const __m256i*>(cods + 8));
-  const __m256i seven = _mm256_set1_epi32(7), one_i = _mm256_set1_epi32(1);
-  const __m256i last = _mm256_set1_epi32(spec.n - 1);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256i sign_code = _mm256_set1_epi32(spec.sign_bit);
-  auto lookup_f = [&](__m256i idx) {
-    __m256 a = _mm256_permutevar8x32_ps(v_lo8, idx), b = _mm256_permutevar8x32_ps(v_hi8, idx);
-    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
-  };
-  auto lookup_i = [&](__m256i idx) {
-    __m256i a = _mm256_permutevar8x32_epi32(c_lo8, idx), b = _mm256_permutevar8x32_epi32(c_hi8, idx);
-    return _mm256_blendv_epi8(a, b, _mm256_cmpgt_epi32(idx, seven));
-  };
+  if (!Table16::eligible(spec)) return codebook_scalar(x, e0, e1, group, scale, spec, codes);
+  const Table16 table(spec);
   bool bad = false;
-  for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
-    const __m256 vs = _mm256_set1_ps(scale[g]);
-    __m256 badv = _mm256_setzero_ps();
-    auto one = [&](int64_t i) {
-      __m256 v = _mm256_loadu_ps(x + i);
-      badv = _mm256_or_ps(badv, nonfinite_mask(v));
-      __m256 t = _mm256_div_ps(v, vs);
-      __m256i neg = _mm256_setzero_si256();
-      if (spec.sign_bit) {
-        neg = _mm256_srai_epi32(_mm256_castps_si256(t), 31);
-        t = _mm256_andnot_ps(sign, t);
-      }
-      __m256i cnt = _mm256_setzero_si256();
-      for (int k = 1; k < spec.n; ++k)
-        cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(_mm256_set1_ps(vals[k]), t, _CMP_LE_OQ)));
-      __m256i nxt = _mm256_min_epi32(_mm256_add_epi32(cnt, one_i), last);
-      __m256 dlo = _mm256_sub_ps(t, lookup_f(cnt));
-      __m256 dhi = _mm256_sub_ps(lookup_f(nxt), t);
-      __m256i clo = lookup_i(cnt), chi = lookup_i(nxt);
-      __m256 take_hi = _mm256_or_ps(
-          _mm256_cmp_ps(dhi, dlo, _CMP_LT_OQ),
-          _mm256_and_ps(_mm256_cmp_ps(dhi, dlo, _CMP_EQ_OQ),
-                        _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(clo, one_i), one_i))));
-      __m256i c = _mm256_blendv_epi8(clo, chi, _mm256_castps_si256(take_hi));
-      return _mm256_or_si256(c, _mm256_and_si256(neg, sign_code));
-    };
-    int64_t i = a;
-    for (; i + 32 <= b; i += 32) store_bytes32(codes + i, one(i), one(i + 8), one(i + 16), one(i + 24));
-    bad |= _mm256_movemask_ps(badv) != 0;
-    if (i < b) bad |= codebook_scalar(x, i, b, group, scale, spec, codes);
+  for_segments(e0, e1, group, [&](int64_t, int64_t a, int64_t b) {
+    bad |= table.run(x, a, b, group, scale, spec, codes);
   });
   return bad;
 }
 
+// 16-entry tables (4-bit formats) decode with two in-register permutes instead of a gather.
 void lut_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const float* scale,
               const float* lut, float* out) {
+  bool small = true;
+  for (int k = 16; k < 256; ++k) small &= lut[k] == 0.0f;
+  const __m256 lo8 = _mm256_loadu_ps(lut), hi8 = _mm256_loadu_ps(lut + 8);
+  const __m256i seven = _mm256_set1_epi32(7), fifteen = _mm256_set1_epi32(15);
   for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
     const __m256 vs = _mm256_set1_ps(scale[g]);
     int64_t i = a;
     for (; i + 8 <= b; i += 8) {
       __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i));
-      __m256 v = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(c8), 4);
+      __m256i idx = _mm256_cvtepu8_epi32(c8);
+      __m256 v;
+      if (small) {
+        __m256 l = _mm256_permutevar8x32_ps(lo8, idx), h = _mm256_permutevar8x32_ps(hi8, idx);
+        v = _mm256_blendv_ps(l, h, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
+        v = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, fifteen)), v);
+      } else {
+        v = _mm256_i32gather_ps(lut, idx, 4);
+      }
       _mm256_storeu_ps(out + i, _mm256_mul_ps(v, vs));
     }
     if (i < b) lut_scalar(codes, i, b, group, scale, lut, out);
@@ -194,24 +233,51 @@ void minmax_avx2(const float* x, int64_t n, float* lo, float* hi, bool* bad) {
     mn2 = _mm256_min_ps(b, mn2);
     mx2 = _mm256_max_ps(b, mx2);
   }
-  alignas(32) float l[8], h[8], l2[8], h2[8];
-  _mm256_store_ps(l, mn);
-  _mm256_store_ps(h, mx);
-  _mm256_store_ps(l2, mn2);
-  _mm256_store_ps(h2, mx2);
-  float rl, rh;
-  bool rb;
-  minmax_scalar(x + i, n - i, &rl, &rh, &rb);
-  for (int k = 0; k < 8; ++k) {
-    rl = std::fmin(rl, std::fmin(l[k], l2[k]));
-    rh = std::fmax(rh, std::fmax(h[k], h2[k]));
+  mn = _mm256_min_ps(mn, mn2);
+  mx = _mm256_max_ps(mx, mx2);
+  __m128 l4 = _mm_min_ps(_mm256_castps256_ps128(mn), _mm256_extractf128_ps(mn, 1));
+  __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  l4 = _mm_min_ps(l4, _mm_movehl_ps(l4, l4));
+  h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
+  l4 = _mm_min_ss(l4, _mm_shuffle_ps(l4, l4, 1));
+  h4 = _mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1));
+  float rl = _mm_cvtss_f32(l4), rh = _mm_cvtss_f32(h4);
+  bool rb = false;
+  if (i < n) {
+    float tl, th;
+    minmax_scalar(x + i, n - i, &tl, &th, &rb);
+    rl = std::fmin(rl, tl);
+    rh = std::fmax(rh, th);
   }
   *lo = rl;
   *hi = rh;
   *bad = rb || _mm256_movemask_ps(badv) != 0;
 }
 
-const Paths kAvx2Paths = {affine_avx2, dequant_affine_avx2, codebook_avx2, lut_avx2, minmax_avx2};
+bool affine_groups_avx2(const float* x, int64_t g0, int64_t g1, int64_t group,
+                        const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
+                        uint8_t* codes) {
+  return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, minmax_avx2, [&](int64_t g) {
+    return affine_avx2(x, g * group, (g + 1) * group, group, scale, zp, spec, codes);
+  });
+}
+
+bool codebook_groups_avx2(const float* x, int64_t g0, int64_t g1, int64_t group,
+                          const CodebookSpec& spec, const ScaleSpec& ss, float* scale,
+                          uint8_t* codes) {
+  const AffineSpec none{0, 0, 0, 0, 0.0f, 0};
+  if (!Table16::eligible(spec))
+    return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, minmax_avx2, [&](int64_t g) {
+      return codebook_scalar(x, g * group, (g + 1) * group, group, scale, spec, codes);
+    });
+  const Table16 table(spec);
+  return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, minmax_avx2, [&](int64_t g) {
+    return table.run(x, g * group, (g + 1) * group, group, scale, spec, codes);
+  });
+}
+
+const Paths kAvx2Paths = {affine_avx2, dequant_affine_avx2, codebook_avx2,     lut_avx2,
+                          minmax_avx2, affine_groups_avx2,  codebook_groups_avx2};
 
 }  // namespace
 

@@ -59,8 +59,26 @@ void minmax_scalar(const float* x, int64_t n, float* lo, float* hi, bool* bad) {
   *bad = b;
 }
 
-const Paths kScalarPaths = {affine_scalar, dequant_affine_scalar, codebook_scalar, lut_scalar,
-                            minmax_scalar};
+bool affine_groups_scalar(const float* x, int64_t g0, int64_t g1, int64_t group,
+                          const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
+                          uint8_t* codes) {
+  return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, minmax_scalar, [&](int64_t g) {
+    return affine_scalar(x, g * group, (g + 1) * group, group, scale, zp, spec, codes);
+  });
+}
+
+bool codebook_groups_scalar(const float* x, int64_t g0, int64_t g1, int64_t group,
+                            const CodebookSpec& spec, const ScaleSpec& ss, float* scale,
+                            uint8_t* codes) {
+  const AffineSpec none{0, 0, 0, 0, 0.0f, 0};
+  return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, minmax_scalar, [&](int64_t g) {
+    return codebook_scalar(x, g * group, (g + 1) * group, group, scale, spec, codes);
+  });
+}
+
+const Paths kScalarPaths = {affine_scalar,  dequant_affine_scalar, codebook_scalar,
+                            lut_scalar,     minmax_scalar,         affine_groups_scalar,
+                            codebook_groups_scalar};
 
 }  // namespace impl
 }  // namespace qk

@@ -7,19 +7,30 @@ Method (DESIGN.md section 4):
 * torch and qkern get the same threads (``torch.set_num_threads`` and
   ``qkern.set_num_threads``), the same float32 weight, the same shapes, in the same run.
 * Every operation is timed as an alternating series: each repeat runs every implementation
-  once (the order reversing every repeat) together with two bandwidth probes, a torch copy of
+  once (the order rotating every repeat) together with two bandwidth probes, a torch copy of
   a large buffer and a sum of it; times are medians (``time.perf_counter``) after warm-up calls,
-  with the garbage collector off. Outputs are freed after the clock stops; their allocation
-  (and first-touch page faults) is inside, as a user sees it.
+  with the garbage collector off. Before every timed call the caches are flushed (a read of
+  twice the last-level cache) and the cores left idle for ``--settle-ms`` (torch's OpenMP
+  workers spin for milliseconds after each parallel region and would otherwise compete with
+  the next call's threads), so every call starts cold and on idle cores. Outputs are freed
+  after the clock stops; their allocation (and first-touch page faults) is inside, as a user
+  sees it. Rows whose implementations would overrun a per-row time budget use fewer repeats
+  (at least 3; the table's ``n`` column).
 * Bytes of an operation = bytes read + bytes written by the operation itself: float32 input
   (4 B/element), one byte per code, float32 scales, packed bytes. The same nominal count is
   used for every implementation in a row; GB/s = 1e9 bytes/s.
 * The roofline is the copy bandwidth of the same run: (read + write bytes) / time of
-  ``dst.copy_(src)``, the median over all probe samples taken between the rows.
+  ``dst.copy_(src)``, the median over all probe samples taken between the rows. copy_ also
+  pays a read-for-ownership of every byte it writes, so a kernel that reads more than it
+  writes can pass 100 % of it (quantize: up to ~125 %, pack: ~110 %).
 * "qkern" is the public Python API (``qkern.quantize(...)``, ``QTensor.dequantize()``,
   ``qkern.pack_bits``); "op" is the registered ``torch.ops.qkern.*`` op called directly on
   flat tensors, so the cost of the Python layer is the difference between the two.
 * "vs torch" is torch time / qkern time (above 1: qkern is faster).
+* torch's allocator uses 4 KiB pages for large tensors unless ``THP_MEM_ALLOC_ENABLE=1``;
+  numpy (which allocates qkern's outputs) asks for huge pages. On machines where page faults
+  are expensive this alone makes torch peers that allocate large temporaries several times
+  slower; the machine line says which setting the run used.
 
 ``--quick`` (one shape, few repeats, small probe) is a smoke test; a full run takes a few
 minutes on a 2-core machine.
@@ -35,8 +46,8 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -82,7 +93,9 @@ class Probe:
         return self.nbytes / statistics.median(self.sum_s) / 1e9
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[], object], flush: Callable[[], object] | None = None) -> float:
+    if flush is not None:
+        flush()
     t0 = time.perf_counter()
     out = fn()
     t1 = time.perf_counter()
@@ -90,22 +103,65 @@ def _timed(fn: Callable[[], object]) -> float:
     return t1 - t0
 
 
+def l3_bytes() -> int:
+    """Size of the last-level cache (32 MiB when it cannot be read)."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in os.listdir(base):
+            try:
+                with open(f"{base}/{d}/size") as f:
+                    txt = f.read().strip()
+            except OSError:
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:].upper(), 1)
+            best = max(best, int(txt.rstrip("KMGkmg")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best or 32 << 20
+
+
+class Flusher:
+    """Runs before every timed call: evicts the caches by reading (not writing, so nothing
+    dirty is left to write back) a buffer of twice the last-level cache, then sleeps
+    ``settle_s`` so that threads still spinning from the previous parallel region (torch's
+    OpenMP workers spin for milliseconds after each region) do not take cores from the next
+    call. Every call starts cold and on idle cores."""
+
+    def __init__(self, settle_s: float = 0.0) -> None:
+        self.buf = torch.ones(min(2 * l3_bytes(), 512 << 20) // 4)
+        self.settle_s = settle_s
+
+    def __call__(self) -> None:
+        self.buf.sum()
+        if self.settle_s > 0:
+            time.sleep(self.settle_s)
+
+
 def time_alternating(impls: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     probe: Probe | None = None) -> dict[str, float]:
-    """Median seconds of each implementation, timed in alternating order."""
+                     probe: Probe | None = None, flush: Callable[[], object] | None = None,
+                     budget_s: float | None = None) -> tuple[dict[str, float], int]:
+    """Median seconds of each implementation, timed in alternating order, and the number of
+    repeats used: at least 3, fewer than ``repeats`` when one round of the slowest
+    implementations would overrun ``budget_s``."""
     names = list(impls)
+    last: dict[str, float] = {}
     for _ in range(warmup):
         for n in names:
-            _timed(impls[n])
+            last[n] = _timed(impls[n], flush)
+    if budget_s is not None and last:
+        per_round = sum(last.values())
+        repeats = max(min(repeats, 3), min(repeats, int(budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        order = names if r % 2 == 0 else names[::-1]
+        k = r % len(names) if names else 0
+        order = names[k:] + names[:k]  # cyclic: each implementation follows each other one
         for n in order:
-            samples[n].append(_timed(impls[n]))
+            samples[n].append(_timed(impls[n], flush))
         if probe is not None:
-            probe.copy_s.append(_timed(probe.run_copy))
-            probe.sum_s.append(_timed(probe.run_sum))
-    return {n: statistics.median(s) for n, s in samples.items()}
+            probe.copy_s.append(_timed(probe.run_copy, flush))
+            probe.sum_s.append(_timed(probe.run_sum, flush))
+    return {n: statistics.median(s) for n, s in samples.items()}, repeats
 
 
 # ---- pure-torch peers --------------------------------------------------------------------
@@ -168,6 +224,7 @@ class Case:
     peer_name: str
     impls: dict[str, Callable[[], object]]  # keys: "torch", "qkern", "op"
     result: dict[str, float] = field(default_factory=dict)
+    repeats: int = 0
 
 
 def _quant_bytes(n: int, n_scales: int) -> int:
@@ -259,7 +316,8 @@ def build_cases(shape: tuple[int, int]) -> list[Case]:
         torch=_bind(torch_pack4, c4), qkern=_bind(qkern.pack_bits, c4, 4),
         op=_bind(_OPS.pack_bits, c4u, 4, False))
     add("pack 8-bit", 2 * n, "clone()",
-        torch=c8u.clone, qkern=_bind(qkern.pack_bits, c8, 8), op=_bind(_OPS.pack_bits, c8u, 8, False))
+        torch=c8u.clone, qkern=_bind(qkern.pack_bits, c8, 8),
+        op=_bind(_OPS.pack_bits, c8u, 8, False))
     add("pack 3-bit", n + (3 * n + 7) // 8, "pure torch (shift+sum)",
         torch=_bind(torch_pack3, c3), qkern=_bind(qkern.pack_bits, c3, 3),
         op=_bind(_OPS.pack_bits, c3u, 3, False))
@@ -310,9 +368,9 @@ def format_table(cases: list[Case], copy_gbs: float) -> str:
         return f"{gbs:.1f} ({100 * gbs / copy_gbs:.0f}%)"
 
     lines = [
-        "| operation | shape | torch peer | torch ms | qkern ms | op ms | torch GB/s (% copy) "
-        "| qkern GB/s (% copy) | op GB/s (% copy) | qkern vs torch | op vs torch |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ("| operation | shape | torch peer | torch ms | qkern ms | op ms | torch GB/s (% copy) "
+         "| qkern GB/s (% copy) | op GB/s (% copy) | qkern vs torch | op vs torch | n |"),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         r = c.result
@@ -320,18 +378,20 @@ def format_table(cases: list[Case], copy_gbs: float) -> str:
             f"| {c.op} | {_shape_str(c.shape)} | {c.peer_name} | {1e3 * r['torch']:.2f} | "
             f"{1e3 * r['qkern']:.2f} | {1e3 * r['op']:.2f} | {rate(c, 'torch')} | "
             f"{rate(c, 'qkern')} | {rate(c, 'op')} | {r['torch'] / r['qkern']:.2f}x | "
-            f"{r['torch'] / r['op']:.2f}x |")
+            f"{r['torch'] / r['op']:.2f}x | {c.repeats} |")
     return "\n".join(lines)
 
 
 def run_core(threads: int, repeats: int, warmup: int, shapes: list[tuple[int, int]],
-             probe_mb: int, out=sys.stdout) -> list[Case]:
+             probe_mb: int, budget_s: float | None = None, settle_ms: float = 10.0,
+             out=sys.stdout) -> list[Case]:
     torch.set_num_threads(threads)
     qkern.set_num_threads(threads)
     t_start = time.perf_counter()
     probe = Probe.make(probe_mb << 20)
+    flush = Flusher(settle_ms / 1e3)
     # a first probe series so the roofline exists even for a tiny run
-    time_alternating({}, repeats, 0, probe)
+    time_alternating({}, repeats, 0, probe, flush)
     done: list[Case] = []
     gc_was = gc.isenabled()
     gc.disable()
@@ -339,9 +399,11 @@ def run_core(threads: int, repeats: int, warmup: int, shapes: list[tuple[int, in
         for shape in shapes:
             cases = build_cases(shape)
             for c in cases:
-                c.result = time_alternating(c.impls, repeats, warmup, probe)
-                print(f"  {c.op:<28} {_shape_str(shape):>10}: torch {1e3 * c.result['torch']:8.2f} ms"
-                      f"  qkern {1e3 * c.result['qkern']:8.2f} ms  op {1e3 * c.result['op']:8.2f} ms",
+                c.result, c.repeats = time_alternating(c.impls, repeats, warmup, probe, flush,
+                                                       budget_s)
+                r = c.result
+                print(f"  {c.op:<28} {_shape_str(shape):>10}: torch {1e3 * r['torch']:8.2f} ms"
+                      f"  qkern {1e3 * r['qkern']:8.2f} ms  op {1e3 * r['op']:8.2f} ms",
                       file=sys.stderr, flush=True)
                 c.impls = {}
             done.extend(cases)
@@ -359,11 +421,23 @@ def run_core(threads: int, repeats: int, warmup: int, shapes: list[tuple[int, in
           f"taken between the rows); read bandwidth {read_gbs:.1f} GB/s (`sum` of the same "
           f"buffer).", file=out)
     print(file=out)
-    print(f"Median of {repeats} alternating repeats after {warmup} warm-up call(s); bytes = "
+    print(f"Median of n alternating repeats (at most {repeats}, fewer for rows whose peer is "
+          f"slow) after {warmup} warm-up call(s), in rotating order; before every timed call "
+          f"the caches are flushed (a read of {flush.buf.numel() * 4 >> 20} MiB) and the "
+          f"cores left idle for {settle_ms:g} ms; bytes = "
           "bytes read + bytes written (float32 input, 1 B per code, float32 scales, packed "
           "bytes), GB/s = 1e9 B/s; qkern = public API (`qkern.quantize`, "
           "`QTensor.dequantize`, `qkern.pack_bits`), op = `torch.ops.qkern.*` on flat tensors; "
-          "\"vs torch\" = torch time / qkern time (> 1: qkern faster).", file=out)
+          "\"vs torch\" = torch time / qkern time (> 1: qkern faster). copy_ also reads every "
+          "line it writes, so kernels that read more than they write can pass 100 % of copy.",
+          file=out)
+    if os.environ.get("THP_MEM_ALLOC_ENABLE", "0") in ("", "0"):
+        print(file=out)
+        print("Note: torch's CPU allocator maps large tensors with 4 KiB pages unless "
+              "THP_MEM_ALLOC_ENABLE=1 is set, while qkern's outputs are numpy allocations, "
+              "which ask for transparent huge pages; peers that allocate large outputs or "
+              "temporaries pay the page faults (several ms per 64 MiB on some VMs). Run with "
+              "THP_MEM_ALLOC_ENABLE=1 to compare without that cost.", file=out)
     print(file=out)
     print(format_table(done, copy_gbs), file=out)
     print(file=out)
@@ -395,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", type=_shape, action="append", dest="shapes",
                    help="weight shape ROWSxCOLS (repeatable; default 4096x4096 and 11008x4096, "
                         "2048x4096 with --quick)")
+    p.add_argument("--settle-ms", type=float, default=10.0,
+                   help="idle time before every timed call, so spinning OpenMP workers of the "
+                        "previous call release the cores (default 10; 0 = none)")
     p.add_argument("--probe-mb", type=int, default=None,
                    help="size of the copy/sum bandwidth probe buffer (default 256; 64 quick)")
     a = p.parse_args(argv)
@@ -408,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     probe_mb = a.probe_mb if a.probe_mb is not None else (64 if a.quick else 256)
     with warnings.catch_warnings():  # torch.quantize_per_* deprecation notices
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-        run_core(a.threads, repeats, warmup, shapes, probe_mb)
+        run_core(a.threads, repeats, warmup, shapes, probe_mb, 2.0 if a.quick else 6.0,
+                 a.settle_ms)
     return 0
 
 

@@ -117,11 +117,13 @@ DEFAULT_SPECS: tuple[Spec, ...] = (
 
 def _default_spec(name: str) -> Spec:
     """A scheme for any registry format the defaults do not cover: its own block for block
-    formats, per-channel otherwise."""
+    formats, per-channel otherwise; asymmetric (min/max) for unsigned integers and int1,
+    which have no symmetric grid around zero."""
     fmt = F.get(name)
+    sym = not (fmt.kind == "int" and not fmt.symmetric_only and (not fmt.signed or fmt.bits == 1))
     if fmt.block_size is not None:
-        return Spec(name, name, "group", fmt.block_size)
-    return Spec(name, name, "channel")
+        return Spec(name, name, "group", fmt.block_size, symmetric=sym)
+    return Spec(name, name, "channel", symmetric=sym)
 
 
 def select_specs(names: Iterable[str] | str | None,
@@ -379,12 +381,13 @@ def format_weight_table(model: Model, results: Sequence[WeightResult],
 
     took = sum(r.seconds for r in results) if seconds is None else seconds
     n = results[0].n_weights if results else sum(w.numel() for w in mats.values())
+    plural = "scheme" if len(results) == 1 else "schemes"
     lines = [
-        f"## Weight quantization: {model.describe()}",
+        (f"## Weight quantization of {model.describe()} · qkern {qkern.__version__}, "
+         f"ISA {qkern.get_isa()}, {qkern.get_num_threads()} threads · {took:.2f} s"),
         "",
-        (f"{len(mats)} weight matrices ({n:,} weights) x {len(results)} schemes · "
-         f"qkern {qkern.__version__} · ISA {qkern.get_isa()} · "
-         f"{qkern.get_num_threads()} threads · {took:.2f} s"),
+        (f"{len(mats)} weight matrices ({n:,} weights) x {len(results)} {plural}; 1-D tensors "
+         f"(norms) stay fp32 and are not counted."),
         "",
         "| scheme | format | granularity | bits/weight | SQNR (dB) | rel. error | max abs err |",
         "|---|---|---|--:|--:|--:|--:|",
@@ -395,8 +398,8 @@ def format_weight_table(model: Model, results: Sequence[WeightResult],
             f"| {r.sqnr_db:.2f} | {100 * r.rel_error:.2f} % | {r.max_abs_error:.4f} |"
         )
     lines += ["", (f"bits/weight counts codes, scales (fp32; E8M0 for MX), zero points and "
-                   f"double-quant metadata. SQNR and errors are over all {n:,} weights; 1-D "
-                   f"tensors (norms) stay fp32 and are not counted.")]
+                   f"double-quant metadata; SQNR = 10 log10(sum x^2 / sum (x - x')^2) and "
+                   f"rel. error = ||x - x'|| / ||x|| over all {n:,} weights.")]
     # one footnote per set of matrices that fell back the same way, naming the group sizes
     notes: dict[tuple[tuple[str, ...], str], list[int]] = {}
     for r in results:

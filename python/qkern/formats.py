@@ -130,7 +130,7 @@ def _build() -> dict[str, Format]:
         add(Format(f"uint{b}", b, False, "int", float(2**b - 1), qmin=0, qmax=2**b - 1,
                    description=f"{b}-bit unsigned integer"))
     add(Format("ternary", 2, True, "int", 1.0, qmin=-1, qmax=1, symmetric_only=True,
-               description="{-1, 0, +1} (1.58-bit)"))
+               scale_rule=SCALE_MEANABS, description="{-1, 0, +1} (1.58-bit), absmean scale"))
     add(Format("binary", 1, True, "codebook", 1.0, table=np.array([1.0, -1.0], np.float32),
                scale_rule=SCALE_MEANABS, description="{+1, -1}, XNOR-Net alpha = mean|x|"))
     add(Format("nf4", 4, True, "codebook", 1.0, table=np.array(NF4_VALUES, np.float32),

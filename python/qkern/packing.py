@@ -60,6 +60,11 @@ def _padded_len(n: int, bits: int) -> int:
     return -(-n // step) * step
 
 
+def _empty_result(lead: torch.Size, last: int, d: int, dtype, was_numpy: bool):
+    res = torch.zeros(*lead, last, dtype=dtype).movedim(-1, d).contiguous()
+    return res.numpy() if was_numpy else res
+
+
 def pack_int32(codes, bits: int, dim: int = 0):
     """GPTQ-style packing along ``dim``: each line's LSB-first stream of codes cut into
     little-endian int32 words, ceil(len * bits / 32) words per line (zero padded)."""
@@ -73,11 +78,13 @@ def pack_int32(codes, bits: int, dim: int = 0):
     d = normalize_axis(dim, t.dim(), "dim")
     moved = t.movedim(d, -1)
     n = moved.shape[-1]
+    words = (n * bits + 31) // 32
+    if moved.numel() == 0:
+        return _empty_result(moved.shape[:-1], words, d, torch.int32, was_numpy)
     lines = moved.reshape(-1, n)
     npad = _padded_len(n, bits)
     if npad != n:  # pad every line so that lines start on word boundaries of one stream
         lines = torch.cat([lines, lines.new_zeros(lines.shape[0], npad - n)], dim=1)
-    words = (n * bits + 31) // 32
     flat, _ = _codes_u8(lines)
     packed = pack_bits(flat, bits).view(torch.int32).view(lines.shape[0], npad * bits // 32)
     res = packed[:, :words].reshape(*moved.shape[:-1], words).movedim(-1, d).contiguous()
@@ -103,6 +110,8 @@ def unpack_int32(packed, bits: int, n: int, dim: int = 0):
             f"packed buffer too short: {words} words per line, but {n} codes of {bits} bits "
             f"need {(n * bits + 31) // 32}"
         )
+    if moved.shape[:-1].numel() == 0 or n == 0:
+        return _empty_result(moved.shape[:-1], n, d, torch.uint8, was_numpy)
     lines = moved.reshape(-1, words)
     npad = _padded_len(n, bits)
     wpad = npad * bits // 32

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import formats as F
@@ -111,9 +112,9 @@ def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
         raise ValueError(f"format {fmt.name} is symmetric only: pass symmetric=True")
     if qshape and fmt.kind != "int":
         raise ValueError(f"quantizer={quantizer!r} applies to integer formats, not {fmt.name}")
-    if fmt.name == "int1" and symmetric and qshape == 0:
-        raise ValueError("int1 has no positive level for a symmetric mid-tread quantizer; "
-                         "use quantizer='midrise', symmetric=False or the 'binary' format")
+    if fmt.kind == "int" and fmt.qmax == 0 and symmetric and qshape != 1:
+        raise ValueError(f"{fmt.name} has no positive level for a symmetric {quantizer} "
+                         "quantizer; use quantizer='midrise', symmetric=False or 'binary'")
     if clip_ratio is not None and not (0.0 < clip_ratio <= 1.0):
         raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}")
     if double_quant and fmt.kind != "codebook":
@@ -175,7 +176,8 @@ def _code_dtype(fmt: F.Format) -> torch.dtype:
 
 
 def _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed, sc, zp, layout, clip_ratio):
-    dz_half = (float(deadzone) - 1.0) * 0.5 if qshape == 2 else 0.0
+    # float32 arithmetic, as docs/numerics.md defines h = (w - 1) * 0.5f
+    dz_half = float((np.float32(deadzone) - np.float32(1)) * np.float32(0.5)) if qshape == 2 else 0.0
     if sc is None:
         rule = fmt.scale_rule if symmetric else F.SCALE_MINMAX
         qpos = fmt.qmax + (0.5 if qshape == 1 else 0.0)
