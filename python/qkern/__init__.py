@@ -12,9 +12,20 @@ from .tensor import PackedQTensor, QTensor
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize", "dequantize", "QTensor", "PackedQTensor", "pack_bits", "unpack_bits",
-    "pack_int32", "unpack_int32", "formats", "companding", "set_num_threads",
-    "get_num_threads", "set_isa", "get_isa",
+    "PackedQTensor",
+    "QTensor",
+    "companding",
+    "dequantize",
+    "formats",
+    "get_isa",
+    "get_num_threads",
+    "pack_bits",
+    "pack_int32",
+    "quantize",
+    "set_isa",
+    "set_num_threads",
+    "unpack_bits",
+    "unpack_int32",
 ]
 
 

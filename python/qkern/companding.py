@@ -7,7 +7,7 @@ import torch
 
 from ._checks import as_tensor
 
-__all__ = ["mulaw_encode", "mulaw_decode", "alaw_encode", "alaw_decode"]
+__all__ = ["alaw_decode", "alaw_encode", "mulaw_decode", "mulaw_encode"]
 _OPS = torch.ops.qkern
 
 

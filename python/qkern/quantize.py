@@ -88,20 +88,7 @@ def _check_zero_point(zp: torch.Tensor, fmt: F.Format) -> None:
         )
 
 
-def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
-             group_size: int | None = None, symmetric: bool = True,
-             rounding: str = "nearest_even", quantizer: str = "midtread", deadzone: float = 1.0,
-             clip: tuple[float, float] | None = None, clip_ratio: float | None = None,
-             scale=None, zero_point=None, seed: int | None = None,
-             double_quant: bool = False) -> QTensor:
-    """Quantize ``x`` to format ``fmt``; see README "Quantize" and docs/numerics.md."""
-    fmt = F.get(fmt)
-    x = as_tensor(x)
-    check_float(x)
-    check_device(x)
-    rmode = _choice(rounding, ROUNDINGS, "rounding")
-    qshape = _choice(quantizer, QUANTIZERS, "quantizer")
-    layout = _layout(x, fmt, granularity, axis, group_size)
+def _check_options(fmt, symmetric, quantizer, qshape, deadzone, clip_ratio, double_quant):
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     if qshape and not symmetric:
@@ -119,6 +106,42 @@ def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
         raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}")
     if double_quant and fmt.kind != "codebook":
         raise ValueError("double_quant applies to codebook block formats (nf4, fp4_*)")
+
+
+def _given_params(scale, zero_point, symmetric, layout, fmt):
+    """The user's scale / zero point, validated, in user layout (or None)."""
+    sc = zp = None
+    if scale is not None:
+        sc = _given(scale, layout, "scale", torch.float32)
+        _check_scale(sc)
+    if zero_point is not None:
+        if symmetric:
+            raise ValueError("zero_point is given but symmetric=True; pass symmetric=False")
+        if sc is None:
+            raise ValueError("zero_point needs scale too")
+        zp = _given(zero_point, layout, "zero_point", torch.int64)
+        _check_zero_point(zp, fmt)
+        zp = zp.to(torch.int32)
+    if not symmetric and sc is not None and zp is None:
+        raise ValueError("symmetric=False with a given scale needs zero_point too")
+    return sc, zp
+
+
+def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
+             group_size: int | None = None, symmetric: bool = True,
+             rounding: str = "nearest_even", quantizer: str = "midtread", deadzone: float = 1.0,
+             clip: tuple[float, float] | None = None, clip_ratio: float | None = None,
+             scale=None, zero_point=None, seed: int | None = None,
+             double_quant: bool = False) -> QTensor:
+    """Quantize ``x`` to format ``fmt``; see README "Quantize" and docs/numerics.md."""
+    fmt = F.get(fmt)
+    x = as_tensor(x)
+    check_float(x)
+    check_device(x)
+    rmode = _choice(rounding, ROUNDINGS, "rounding")
+    qshape = _choice(quantizer, QUANTIZERS, "quantizer")
+    layout = _layout(x, fmt, granularity, axis, group_size)
+    _check_options(fmt, symmetric, quantizer, qshape, deadzone, clip_ratio, double_quant)
     seed_bits = _seed_bits(seed) if rmode == 6 else 0
 
     if clip is not None:
@@ -127,22 +150,9 @@ def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
             raise ValueError(f"clip=(lo, hi) needs lo < hi, got {clip!r}")
         x = x.clamp(lo, hi)
     xk = layout.to_kernel(x.float()) if x.numel() else x.float().reshape(-1)
-    sc = zp = None
-    if scale is not None:
-        sc = _given(scale, layout, "scale", torch.float32)
-        _check_scale(sc)
-    if zero_point is not None:
-        if symmetric:
-            raise ValueError("zero_point is given but symmetric=True; pass symmetric=False")
-        zp = _given(zero_point, layout, "zero_point", torch.int64)
-        _check_zero_point(zp, fmt)
-        zp = zp.to(torch.int32)
-        if sc is None:
-            raise ValueError("zero_point needs scale too")
-    if not symmetric and sc is not None and zp is None:
-        raise ValueError("symmetric=False with a given scale needs zero_point too")
+    sc, zp = _given_params(scale, zero_point, symmetric, layout, fmt)
 
-    qt_args = dict(format=fmt, layout=layout, dtype=x.dtype, quantizer=quantizer)
+    qt_args = {"format": fmt, "layout": layout, "dtype": x.dtype, "quantizer": quantizer}
     if x.numel() == 0:
         empty_scale = torch.ones(layout.scale_shape) if sc is None else sc
         return QTensor(torch.empty(layout.shape, dtype=_code_dtype(fmt)), empty_scale,

@@ -1,8 +1,10 @@
 """torch.library ops of qkern: schemas + fake kernels, the CPU kernels, and the CUDA kernels
 when ``qkern._cuda`` was built."""
 
-from . import schemas  # noqa: F401  (defines the ops)
-from . import cpu  # noqa: F401  (registers CPU kernels)
+from . import (
+    cpu,  # noqa: F401  (registers CPU kernels)
+    schemas,  # noqa: F401  (defines the ops)
+)
 from .cpu import NonFiniteError
 
 try:
@@ -13,4 +15,4 @@ else:
     HAS_CUDA_KERNELS = True
     from . import cuda  # noqa: F401  (registers CUDA kernels)
 
-__all__ = ["NonFiniteError", "HAS_CUDA_KERNELS"]
+__all__ = ["HAS_CUDA_KERNELS", "NonFiniteError"]
