@@ -42,7 +42,7 @@ bench-smoke: install
 		{ echo "libbenchmark-dev missing and could not be installed"; exit 1; }; fi
 	cmake -S . -B build/bench -G Ninja -DQKERN_PYTHON=OFF -DQKERN_BENCH=ON -DQKERN_CUDA=OFF >/dev/null
 	cmake --build build/bench --target bench_core
-	build/bench/bench_core --benchmark_min_time=0.02s
+	build/bench/bench_core --benchmark_min_time=0.02
 	$(VPY) -m qkern.bench core --quick
 
 # The kernel tests over an AddressSanitizer + UBSan build of qkern._C.

@@ -58,6 +58,16 @@ void check_code_range(int qmin, int qmax) {
                           "] does not fit one signed or unsigned byte");
 }
 
+// Zero points are used as `code - zp` in int32: keep them inside the code range so that
+// arithmetic can never overflow.
+void check_zero_points(const I32& zp, int lo, int hi) {
+  const int32_t* z = zp.data();
+  for (py::ssize_t i = 0; i < zp.size(); ++i)
+    if (z[i] < lo || z[i] > hi)
+      throw py::value_error("zero_point " + std::to_string(z[i]) + " is outside the code range [" +
+                            std::to_string(lo) + ", " + std::to_string(hi) + "]");
+}
+
 void check_rule(int rule) {
   if (rule < qk::kScaleAbsMax || rule > qk::kScaleMeanAbs) throw py::value_error("unknown scale rule id");
 }
@@ -106,6 +116,7 @@ PYBIND11_MODULE(_C, m) {
     if (zp) check_len(*zp, n / group, "zero_point");
     check_rounding(rounding, shape);
     check_code_range(qmin, qmax);
+    if (zp) check_zero_points(*zp, qmin, qmax);
     auto codes = new_array<uint8_t>(n);
     const int32_t* zpp = zp ? zp->data() : nullptr;
     qk::AffineSpec spec{qmin, qmax, rounding, shape, dz_half, seed};
@@ -145,6 +156,7 @@ PYBIND11_MODULE(_C, m) {
     check_groups(n, group, "dequantize_affine");
     check_len(scale, n / group, "scale");
     if (zp) check_len(*zp, n / group, "zero_point");
+    if (zp) check_zero_points(*zp, is_signed ? -128 : 0, is_signed ? 127 : 255);
     auto out = new_array<float>(n);
     const int32_t* zpp = zp ? zp->data() : nullptr;
     py::gil_scoped_release nogil;

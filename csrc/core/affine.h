@@ -28,7 +28,9 @@ struct AffineSpec {
   uint64_t seed;
 };
 
-QK_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// NaN goes to lo, so a float-to-int conversion after it is always defined (NaN input is
+// reported by the kernels separately).
+QK_HD float clampf(float v, float lo, float hi) { return v >= lo ? (v <= hi ? v : hi) : lo; }
 
 // t = x / scale already computed; returns the code (zp included) as an integer.
 QK_HD int32_t affine_code(float t, int32_t zp, const AffineSpec& s, uint64_t index) {

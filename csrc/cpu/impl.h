@@ -60,7 +60,11 @@ bool codebook_groups_scalar(const float* x, int64_t g0, int64_t g1, int64_t grou
                             const CodebookSpec& spec, const ScaleSpec& ss, float* scale,
                             uint8_t* codes);
 
-inline float amax_of(float lo, float hi) { return std::fmax(std::fabs(lo), std::fabs(hi)); }
+// max(|lo|, |hi|) with plain comparisons (lo/hi come from the NaN-skipping min/max loops).
+inline float amax_of(float lo, float hi) {
+  float a = lo < 0.0f ? -lo : lo, b = hi < 0.0f ? -hi : hi;
+  return a > b ? a : b;
+}
 
 // Sum of |x| in order, in double: the same on every path and thread count.
 inline double sum_abs(const float* x, int64_t n) {

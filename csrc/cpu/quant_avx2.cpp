@@ -58,34 +58,59 @@ inline void for_segments(int64_t e0, int64_t e1, int64_t group, F seg) {
   }
 }
 
+bool affine_vectorized(const AffineSpec& spec) {
+  return spec.rounding != kStochastic && spec.shape != kDeadZone;
+}
+
+// Codes of x[a, b), all in group g. `pf`, when set, is prefetched alongside (the next group of
+// a per-channel row loop, so memory keeps streaming while this group is coded from cache).
+bool affine_segment(const float* x, int64_t a, int64_t b, int64_t g, int64_t group,
+                    const float* scale, const int32_t* zp, const AffineSpec& spec,
+                    uint8_t* codes, const float* pf) {
+  const bool midrise = spec.shape == kMidRise;
+  const int32_t z = zp ? zp[g] : 0;
+  const __m256 vs = _mm256_set1_ps(scale[g]);
+  const __m256 lo = _mm256_set1_ps(static_cast<float>(spec.qmin - z));
+  const __m256 hi = _mm256_set1_ps(static_cast<float>(spec.qmax - z));
+  const __m256i vz = _mm256_set1_epi32(z);
+  const __m256 half = _mm256_set1_ps(midrise ? 0.5f : 0.0f);
+  __m256 badv = _mm256_setzero_ps();
+  auto one = [&](int64_t i) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    badv = _mm256_or_ps(badv, nonfinite_mask(v));
+    __m256 t = _mm256_div_ps(v, vs);
+    if (midrise) t = _mm256_sub_ps(t, half);
+    __m256 r = _mm256_min_ps(_mm256_max_ps(round_vec(t, spec.rounding), lo), hi);
+    return _mm256_add_epi32(_mm256_cvttps_epi32(r), vz);
+  };
+  int64_t i = a;
+  for (; i + 32 <= b; i += 32) {
+    if (pf) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a)), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a) + 16), _MM_HINT_T0);
+    }
+    store_bytes32(codes + i, one(i), one(i + 8), one(i + 16), one(i + 24));
+  }
+  bool bad = _mm256_movemask_ps(badv) != 0;
+  if (i < b) bad |= affine_scalar(x, i, b, group, scale, zp, spec, codes);
+  return bad;
+}
+
 bool affine_avx2(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
                  const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
-  if (spec.rounding == kStochastic || spec.shape == kDeadZone)
-    return affine_scalar(x, e0, e1, group, scale, zp, spec, codes);
+  if (!affine_vectorized(spec)) return affine_scalar(x, e0, e1, group, scale, zp, spec, codes);
   bool bad = false;
-  const bool midrise = spec.shape == kMidRise;
   for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
-    const int32_t z = zp ? zp[g] : 0;
-    const __m256 vs = _mm256_set1_ps(scale[g]);
-    const __m256 lo = _mm256_set1_ps(static_cast<float>(spec.qmin - z));
-    const __m256 hi = _mm256_set1_ps(static_cast<float>(spec.qmax - z));
-    const __m256i vz = _mm256_set1_epi32(z);
-    const __m256 half = _mm256_set1_ps(midrise ? 0.5f : 0.0f);
-    __m256 badv = _mm256_setzero_ps();
-    auto one = [&](int64_t i) {
-      __m256 v = _mm256_loadu_ps(x + i);
-      badv = _mm256_or_ps(badv, nonfinite_mask(v));
-      __m256 t = _mm256_div_ps(v, vs);
-      if (midrise) t = _mm256_sub_ps(t, half);
-      __m256 r = _mm256_min_ps(_mm256_max_ps(round_vec(t, spec.rounding), lo), hi);
-      return _mm256_add_epi32(_mm256_cvttps_epi32(r), vz);
-    };
-    int64_t i = a;
-    for (; i + 32 <= b; i += 32) store_bytes32(codes + i, one(i), one(i + 8), one(i + 16), one(i + 24));
-    bad |= _mm256_movemask_ps(badv) != 0;
-    if (i < b) bad |= affine_scalar(x, i, b, group, scale, zp, spec, codes);
+    bad |= affine_segment(x, a, b, g, group, scale, zp, spec, codes, nullptr);
   });
   return bad;
+}
+
+// Groups this long are worth prefetching one ahead (a per-channel row, not a 128-block).
+constexpr int64_t kPrefetchGroup = 1024;
+
+inline const float* next_group(const float* x, int64_t g, int64_t g1, int64_t group) {
+  return (group >= kPrefetchGroup && g + 1 < g1) ? x + (g + 1) * group : nullptr;
 }
 
 void dequant_affine_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
@@ -129,13 +154,18 @@ class Table16 {
 
   // Codes of x[a, b) with one scale; the tail goes to the scalar kernel.
   bool run(const float* x, int64_t a, int64_t b, int64_t group, const float* scale,
-           const CodebookSpec& spec, uint8_t* codes) const {
+           const CodebookSpec& spec, uint8_t* codes, const float* pf = nullptr) const {
     const __m256 vs = _mm256_set1_ps(scale[a / group]);
     __m256 badv = _mm256_setzero_ps();
     int64_t i = a;
-    for (; i + 32 <= b; i += 32)
+    for (; i + 32 <= b; i += 32) {
+      if (pf) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a)), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a) + 16), _MM_HINT_T0);
+      }
       store_bytes32(codes + i, one(x + i, vs, &badv), one(x + i + 8, vs, &badv),
                     one(x + i + 16, vs, &badv), one(x + i + 24, vs, &badv));
+    }
     bool bad = _mm256_movemask_ps(badv) != 0;
     if (i < b) bad |= codebook_scalar(x, i, b, group, scale, spec, codes);
     return bad;
@@ -257,8 +287,13 @@ void minmax_avx2(const float* x, int64_t n, float* lo, float* hi, bool* bad) {
 bool affine_groups_avx2(const float* x, int64_t g0, int64_t g1, int64_t group,
                         const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
                         uint8_t* codes) {
+  if (!affine_vectorized(spec))
+    return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, minmax_avx2, [&](int64_t g) {
+      return affine_scalar(x, g * group, (g + 1) * group, group, scale, zp, spec, codes);
+    });
   return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, minmax_avx2, [&](int64_t g) {
-    return affine_avx2(x, g * group, (g + 1) * group, group, scale, zp, spec, codes);
+    return affine_segment(x, g * group, (g + 1) * group, g, group, scale, zp, spec, codes,
+                          next_group(x, g, g1, group));
   });
 }
 
@@ -272,7 +307,8 @@ bool codebook_groups_avx2(const float* x, int64_t g0, int64_t g1, int64_t group,
     });
   const Table16 table(spec);
   return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, minmax_avx2, [&](int64_t g) {
-    return table.run(x, g * group, (g + 1) * group, group, scale, spec, codes);
+    return table.run(x, g * group, (g + 1) * group, group, scale, spec, codes,
+                     next_group(x, g, g1, group));
   });
 }
 

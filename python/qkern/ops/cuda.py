@@ -82,6 +82,16 @@ def _check_rounding(rounding: int, shape: int = 0) -> None:
         raise ValueError("unknown quantizer id")
 
 
+def _check_zero_points(zp: torch.Tensor | None, lo: int, hi: int) -> None:
+    if zp is not None and zp.numel() and (int(zp.min()) < lo or int(zp.max()) > hi):
+        raise ValueError(f"zero_point is outside the code range [{lo}, {hi}]")
+
+
+def _check_code_range(qmin: int, qmax: int) -> None:
+    if qmin > qmax or qmin < -128 or qmax > 255 or (qmin < 0 and qmax > 127):
+        raise ValueError(f"code range [{qmin}, {qmax}] does not fit one signed or unsigned byte")
+
+
 def _check_rule(rule: int, allowed: tuple[int, ...], what: str) -> None:
     if rule not in allowed:
         raise ValueError(f"{what}: unknown scale rule id {rule}")
@@ -112,7 +122,9 @@ def quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shap
     _check_len(scale, n // group_size, "scale")
     if zero_point is not None:
         _check_len(zero_point, n // group_size, "zero_point")
+        _check_zero_points(zero_point, qmin, qmax)
     _check_rounding(rounding, shape)
+    _check_code_range(qmin, qmax)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     bad = torch.empty(1, dtype=torch.int32, device=dev)
     with torch.cuda.device(dev):
@@ -130,6 +142,7 @@ def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, roundin
     _check_groups(n, group_size, "quantize_affine_dynamic")
     _check_rounding(rounding, shape)
     _check_rule(rule, _AFFINE_RULES, "quantize_affine_dynamic")
+    _check_code_range(qmin, qmax)
     g = n // group_size
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     scale = torch.empty(g, dtype=torch.float32, device=dev)
@@ -153,6 +166,7 @@ def dequantize_affine(codes, scale, zero_point, group_size, is_signed, offset):
     _check_len(scale, n // group_size, "scale")
     if zero_point is not None:
         _check_len(zero_point, n // group_size, "zero_point")
+        _check_zero_points(zero_point, -128 if is_signed else 0, 127 if is_signed else 255)
     out = torch.empty(codes.shape, dtype=torch.float32, device=dev)
     with torch.cuda.device(dev):
         _cuda.dequantize_affine(codes.data_ptr(), n, group_size, scale.data_ptr(),
