@@ -138,29 +138,34 @@ bool quantize_affine(const float* x, int64_t n, int64_t group, const float* scal
   });
 }
 
+// Parameters of few, large groups: each group's statistics are computed in parallel, then
+// the whole tensor is coded by the range-parallel kernel. Returns whether NaN/Inf was seen.
+static bool big_group_params(const float* x, int64_t n, int64_t group, const AffineSpec& spec,
+                             const impl::ScaleSpec& ss, float* scale_out, int32_t* zp_out) {
+  bool bad = false;
+  for (int64_t g = 0; g < n / group; ++g) {
+    Stats s = stats_of(x + g * group, group, ss.rule == kScaleMeanAbs, true);
+    int32_t z;
+    affine_params_from_stats(s.lo, s.hi, s.amax, s.sum_abs, group, ss.rule, ss.qpos, ss.emax,
+                             spec, &scale_out[g], &z);
+    if (zp_out) zp_out[g] = z;
+    bad |= s.bad;
+  }
+  return bad;
+}
+
 bool quantize_affine_dynamic(const float* x, int64_t n, int64_t group, const AffineSpec& spec,
                              int rule, float qpos, int emax, float* scale_out, int32_t* zp_out,
                              uint8_t* codes) {
   if (n == 0) return false;
   const auto& p = paths();
-  bool want_sum = rule == kScaleMeanAbs;
-  auto params = [&](const Stats& s, int64_t g) {
-    int32_t z;
-    affine_params_from_stats(s.lo, s.hi, s.amax, s.sum_abs, group, rule, qpos, emax, spec,
-                             &scale_out[g], &z);
-    if (zp_out) zp_out[g] = z;
-  };
-  bool bad = false;
   const impl::ScaleSpec ss{rule, qpos, emax};
-  bool done = for_group_blocks(n, group, [&](int64_t g0, int64_t g1) {
-    return p.affine_groups(x, g0, g1, group, spec, ss, scale_out, zp_out, codes);
-  }, &bad);
-  if (done) return bad;
-  for (int64_t g = 0; g < n / group; ++g) {
-    Stats s = stats_of(x + g * group, group, want_sum, true);
-    params(s, g);
-    bad |= s.bad;
-  }
+  bool bad = false;
+  if (for_group_blocks(n, group, [&](int64_t g0, int64_t g1) {
+        return p.affine_groups(x, g0, g1, group, spec, ss, scale_out, zp_out, codes);
+      }, &bad))
+    return bad;
+  bad = big_group_params(x, n, group, spec, ss, scale_out, zp_out);
   return quantize_affine(x, n, group, scale_out, zp_out, spec, codes) || bad;
 }
 
@@ -186,24 +191,14 @@ bool quantize_codebook_dynamic(const float* x, int64_t n, int64_t group,
                                float* scale_out, uint8_t* codes) {
   if (n == 0) return false;
   const auto& p = paths();
-  AffineSpec unused{0, 0, 0, 0, 0.0f, 0};
-  bool want_sum = rule == kScaleMeanAbs;
-  auto params = [&](const Stats& s, int64_t g) {
-    int32_t z;
-    affine_params_from_stats(s.lo, s.hi, s.amax, s.sum_abs, group, rule, max_value, emax,
-                             unused, &scale_out[g], &z);
-  };
-  bool bad = false;
   const impl::ScaleSpec ss{rule, max_value, emax};
-  bool done = for_group_blocks(n, group, [&](int64_t g0, int64_t g1) {
-    return p.codebook_groups(x, g0, g1, group, spec, ss, scale_out, codes);
-  }, &bad);
-  if (done) return bad;
-  for (int64_t g = 0; g < n / group; ++g) {
-    Stats s = stats_of(x + g * group, group, want_sum, true);
-    params(s, g);
-    bad |= s.bad;
-  }
+  bool bad = false;
+  if (for_group_blocks(n, group, [&](int64_t g0, int64_t g1) {
+        return p.codebook_groups(x, g0, g1, group, spec, ss, scale_out, codes);
+      }, &bad))
+    return bad;
+  const AffineSpec none{0, 0, 0, 0, 0.0f, 0};
+  bad = big_group_params(x, n, group, none, ss, scale_out, nullptr);
   return quantize_codebook(x, n, group, scale_out, spec, codes) || bad;
 }
 

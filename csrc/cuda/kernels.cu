@@ -6,49 +6,14 @@
 
 #include <cstdint>
 
-#include "core/g711.h"
+#include "cuda/launch.cuh"
 
 namespace qk {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;            // every kernel runs blocks of this size
-constexpr int kWarp = 32;
-constexpr int64_t kWarpGroupMax = 1024;  // larger groups: multi-block reduction, 3 passes
-constexpr int64_t kChunk = 16384;        // elements per block in the multi-block reduction
+using namespace detail;  // NOLINT: launch helpers
 
-bool aligned(const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
-
-// Blocks for `items` work items at one per thread, capped at a few waves (grid-stride loops).
-unsigned grid_for(int64_t items) {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      sms <= 0) {
-    sms = 128;
-  }
-  const int64_t want = (items + kThreads - 1) / kThreads, cap = int64_t{sms} * 32;
-  return static_cast<unsigned>(want < 1 ? 1 : (want < cap ? want : cap));
-}
-
-template <class Kernel, class... Args>
-cudaError_t launch(Kernel kernel, int64_t items, cudaStream_t stream, Args... args) {
-  kernel<<<grid_for(items), kThreads, 0, stream>>>(args...);
-  return cudaGetLastError();
-}
-
-// Validates the group layout and clears the NaN/Inf flag.
-cudaError_t begin(int64_t n, int64_t group, int* bad, cudaStream_t stream) {
-  if (n < 0 || group < 1 || n % group != 0) return cudaErrorInvalidValue;
-  return bad ? cudaMemsetAsync(bad, 0, sizeof(int), stream) : cudaSuccess;
-}
-
-__device__ __forceinline__ int64_t thread_id() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ int64_t grid_stride() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x;
-}
 
 // ---- per-format quantizers -----------------------------------------------------------------
 // bind(): run by every thread of the block first (may stage tables in shared memory).
@@ -346,63 +311,6 @@ cudaError_t run_dynamic(const float* x, int64_t n, int64_t group, const Op& op, 
   return launch_static(x, n, group, scale_out, zp_out, op, codes, nullptr, stream);
 }
 
-// ---- bit packing and G.711 ---------------------------------------------------------------------
-
-// One thread per output byte: stream bits [8b, 8b + 8).
-__global__ void __launch_bounds__(kThreads)
-pack_kernel(const uint8_t* __restrict__ codes, int64_t n, int bits, bool msb,
-            uint8_t* __restrict__ out, int64_t nbytes) {
-  for (int64_t b = thread_id(); b < nbytes; b += grid_stride()) {
-    int64_t k = b * 8, i = k / bits;
-    int j = static_cast<int>(k - i * bits);  // bit of element i, in stream order
-    unsigned c = codes[i], byte = 0;         // i < n: byte b holds at least one stream bit
-    for (int p = 0; p < 8 && k < n * bits; ++p, ++k) {
-      byte |= ((c >> (msb ? bits - 1 - j : j)) & 1u) << (msb ? 7 - p : p);
-      if (++j == bits) {
-        j = 0;
-        c = ++i < n ? codes[i] : 0u;
-      }
-    }
-    out[b] = static_cast<uint8_t>(byte);
-  }
-}
-
-// One thread per element.
-__global__ void __launch_bounds__(kThreads)
-unpack_kernel(const uint8_t* __restrict__ packed, int64_t n, int bits, bool msb,
-              uint8_t* __restrict__ out) {
-  for (int64_t i = thread_id(); i < n; i += grid_stride()) {
-    unsigned v = 0;
-    for (int j = 0; j < bits; ++j) {
-      const int64_t k = i * bits + j;
-      const int pos = static_cast<int>(k & 7);
-      v |= ((packed[k >> 3] >> (msb ? 7 - pos : pos)) & 1u) << (msb ? bits - 1 - j : j);
-    }
-    out[i] = static_cast<uint8_t>(v);
-  }
-}
-
-enum G711Op : int { kMulawEnc, kMulawDec, kAlawEnc, kAlawDec };
-
-__global__ void __launch_bounds__(kThreads)
-g711_kernel(const void* __restrict__ in, int64_t n, void* __restrict__ out, int op) {
-  const auto* pcm = static_cast<const int16_t*>(in);
-  const auto* code = static_cast<const uint8_t*>(in);
-  for (int64_t i = thread_id(); i < n; i += grid_stride()) {
-    switch (op) {
-      case kMulawEnc: static_cast<uint8_t*>(out)[i] = mulaw_encode1(pcm[i]); break;
-      case kMulawDec: static_cast<int16_t*>(out)[i] = mulaw_decode1(code[i]); break;
-      case kAlawEnc: static_cast<uint8_t*>(out)[i] = alaw_encode1(pcm[i]); break;
-      default: static_cast<int16_t*>(out)[i] = alaw_decode1(code[i]); break;
-    }
-  }
-}
-
-cudaError_t run_g711(const void* in, int64_t n, void* out, int op, cudaStream_t stream) {
-  if (n < 0) return cudaErrorInvalidValue;
-  return n == 0 ? cudaSuccess : launch(g711_kernel, n, stream, in, n, out, op);
-}
-
 }  // namespace
 
 // ---- public launchers ------------------------------------------------------------------------------
@@ -450,35 +358,6 @@ cudaError_t quantize_codebook_dynamic(const float* x, int64_t n, int64_t group,
 cudaError_t dequantize_lut(const uint8_t* codes, int64_t n, int64_t group, const float* scale,
                            const float* lut, float* out, cudaStream_t stream) {
   return launch_dequantize<true>(codes, n, group, scale, nullptr, false, 0.0f, lut, out, stream);
-}
-
-int64_t packed_nbytes(int64_t n, int bits) { return (n * bits + 7) / 8; }
-
-cudaError_t pack_bits(const uint8_t* codes, int64_t n, int bits, bool msb, uint8_t* out,
-                      cudaStream_t stream) {
-  if (n < 0 || bits < 1 || bits > 8) return cudaErrorInvalidValue;
-  const int64_t nbytes = packed_nbytes(n, bits);
-  return nbytes == 0 ? cudaSuccess
-                     : launch(pack_kernel, nbytes, stream, codes, n, bits, msb, out, nbytes);
-}
-
-cudaError_t unpack_bits(const uint8_t* packed, int64_t n, int bits, bool msb, uint8_t* out,
-                        cudaStream_t stream) {
-  if (n < 0 || bits < 1 || bits > 8) return cudaErrorInvalidValue;
-  return n == 0 ? cudaSuccess : launch(unpack_kernel, n, stream, packed, n, bits, msb, out);
-}
-
-cudaError_t mulaw_encode(const int16_t* pcm, int64_t n, uint8_t* out, cudaStream_t stream) {
-  return run_g711(pcm, n, out, kMulawEnc, stream);
-}
-cudaError_t mulaw_decode(const uint8_t* codes, int64_t n, int16_t* out, cudaStream_t stream) {
-  return run_g711(codes, n, out, kMulawDec, stream);
-}
-cudaError_t alaw_encode(const int16_t* pcm, int64_t n, uint8_t* out, cudaStream_t stream) {
-  return run_g711(pcm, n, out, kAlawEnc, stream);
-}
-cudaError_t alaw_decode(const uint8_t* codes, int64_t n, int16_t* out, cudaStream_t stream) {
-  return run_g711(codes, n, out, kAlawDec, stream);
 }
 
 }  // namespace cuda
