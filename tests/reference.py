@@ -269,7 +269,7 @@ def affine_quantize_2d(x2d, scale_full, zp_full, qmin, qmax, rounding="nearest_e
                        quantizer="midtread", deadzone=1.0, seed=0, index=None):
     """Codes (int64) from the kernel view; scale_full/zp_full are per-element."""
     with np.errstate(over="ignore", invalid="ignore"):  # huge t saturates (spec)
-        t = (x2d.astype(F32) / scale_full.astype(F32)).astype(F32)
+        t = (x2d.astype(F32) * (F32(1) / scale_full.astype(F32))).astype(F32)
     u = rng_uniform(seed, index) if rounding == "stochastic" else None
     if quantizer == "midrise":
         q = rnd((t - F32(0.5)).astype(F32), rounding, u)
@@ -356,7 +356,7 @@ def _bracket(table, tcodes, t, mode, up_is_hi, sign_mag, u):
 
 
 def codebook_codes(t: np.ndarray, name: str, rounding="nearest_even", u=None) -> np.ndarray:
-    """Codes for t = x / scale (float32) of a codebook format (not G.711)."""
+    """Codes for t = x * (1 / scale) (float32) of a codebook format (not G.711)."""
     t = np.asarray(t, dtype=np.float32)
     if u is None:
         u = np.zeros(t.shape, F32)
@@ -397,7 +397,7 @@ def quantize_codebook(x, name, *, granularity=None, axis=None, group_size=None,
     else:
         sc = sanitize_scale(np.abs(xg).max(axis=-1).astype(F32) / F32(MAX_VALUE[name]))
     with np.errstate(over="ignore", invalid="ignore"):
-        t = (x2d / v.expand(sc)).astype(F32)
+        t = (x2d * (F32(1) / v.expand(sc))).astype(F32)
     u = rng_uniform(seed, v.index()) if rounding == "stochastic" else None
     if name in ("mulaw", "alaw"):
         codes = g711_quantize(t, name, rounding, u).astype(np.int64)

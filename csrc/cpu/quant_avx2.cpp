@@ -69,7 +69,7 @@ bool affine_segment(const float* x, int64_t a, int64_t b, int64_t g, int64_t gro
                     uint8_t* codes, const float* pf) {
   const bool midrise = spec.shape == kMidRise;
   const int32_t z = zp ? zp[g] : 0;
-  const __m256 vs = _mm256_set1_ps(scale[g]);
+  const __m256 vs = _mm256_set1_ps(1.0f / scale[g]);  // x * (1/scale), as torch
   const __m256 lo = _mm256_set1_ps(static_cast<float>(spec.qmin - z));
   const __m256 hi = _mm256_set1_ps(static_cast<float>(spec.qmax - z));
   const __m256i vz = _mm256_set1_epi32(z);
@@ -78,7 +78,7 @@ bool affine_segment(const float* x, int64_t a, int64_t b, int64_t g, int64_t gro
   auto one = [&](int64_t i) {
     __m256 v = _mm256_loadu_ps(x + i);
     badv = _mm256_or_ps(badv, nonfinite_mask(v));
-    __m256 t = _mm256_div_ps(v, vs);
+    __m256 t = _mm256_mul_ps(v, vs);
     if (midrise) t = _mm256_sub_ps(t, half);
     __m256 r = _mm256_min_ps(_mm256_max_ps(round_vec(t, spec.rounding), lo), hi);
     return _mm256_add_epi32(_mm256_cvttps_epi32(r), vz);
@@ -155,7 +155,7 @@ class Table16 {
   // Codes of x[a, b) with one scale; the tail goes to the scalar kernel.
   bool run(const float* x, int64_t a, int64_t b, int64_t group, const float* scale,
            const CodebookSpec& spec, uint8_t* codes, const float* pf = nullptr) const {
-    const __m256 vs = _mm256_set1_ps(scale[a / group]);
+    const __m256 vs = _mm256_set1_ps(1.0f / scale[a / group]);
     __m256 badv = _mm256_setzero_ps();
     int64_t i = a;
     for (; i + 32 <= b; i += 32) {
@@ -186,7 +186,7 @@ class Table16 {
     const __m256i one_i = _mm256_set1_epi32(1);
     __m256 v = _mm256_loadu_ps(p);
     *badv = _mm256_or_ps(*badv, nonfinite_mask(v));
-    __m256 t = _mm256_div_ps(v, vs);
+    __m256 t = _mm256_mul_ps(v, vs);
     __m256i neg = _mm256_setzero_si256();
     if (sign_bit_) {
       neg = _mm256_srai_epi32(_mm256_castps_si256(t), 31);

@@ -13,7 +13,7 @@ bool affine_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, const 
     int64_t g = e / group;
     float v = x[e];
     bad |= !std::isfinite(v);
-    int32_t q = affine_code(v / scale[g], zp ? zp[g] : 0, spec, static_cast<uint64_t>(e));
+    int32_t q = affine_code(v * (1.0f / scale[g]), zp ? zp[g] : 0, spec, static_cast<uint64_t>(e));
     codes[e] = static_cast<uint8_t>(q & 0xFF);
   }
   return bad;
@@ -35,7 +35,7 @@ bool codebook_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, cons
   for (int64_t e = e0; e < e1; ++e) {
     float v = x[e];
     bad |= !std::isfinite(v);
-    codes[e] = codebook_code(v / scale[e / group], spec, static_cast<uint64_t>(e));
+    codes[e] = codebook_code(v * (1.0f / scale[e / group]), spec, static_cast<uint64_t>(e));
   }
   return bad;
 }

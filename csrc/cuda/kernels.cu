@@ -115,7 +115,7 @@ quantize_static_kernel(const float* __restrict__ x, int64_t n, int64_t group,
   bool any_bad = false;
   map_grouped<kVec>(x, codes, n, group, [&](float v, int64_t g, int64_t i) {
     any_bad |= !isfinite(v);
-    return op.code(v / scale[g], zp ? zp[g] : 0, static_cast<uint64_t>(i));
+    return op.code(v * (1.0f / scale[g]), zp ? zp[g] : 0, static_cast<uint64_t>(i));
   });
   if (any_bad && bad) *bad = 1;
 }
@@ -239,7 +239,7 @@ dynamic_warp_kernel(const float* __restrict__ x, int64_t ngroups, int64_t group,
       if (zp_out) zp_out[g] = z;
     }
     for (int64_t j = lane; j < group; j += kWarp) {
-      codes[g * group + j] = op.code(xg[j] / s, z, static_cast<uint64_t>(g * group + j));
+      codes[g * group + j] = op.code(xg[j] * (1.0f / s), z, static_cast<uint64_t>(g * group + j));
     }
   }
   if (any_bad && bad) *bad = 1;

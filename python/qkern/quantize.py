@@ -78,6 +78,8 @@ def _check_scale(scale: torch.Tensor) -> None:
         raise ValueError("scale must be finite; it contains NaN or Inf")
     if (scale <= 0).any():
         raise ValueError(f"scale must be > 0; smallest given is {float(scale.min())}")
+    if not torch.isfinite(1.0 / scale).all():  # the kernels multiply by 1/scale in float32
+        raise ValueError(f"scale {float(scale.min())} is too small: 1/scale overflows float32")
 
 
 def _check_zero_point(zp: torch.Tensor, fmt: F.Format) -> None:
@@ -285,7 +287,7 @@ def _companded(xk, fmt, g, rmode, seed, sc, layout):
         sck = torch.where(sck > 0, sck.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
     else:
         sck = layout.scale_to_kernel(sc)
-    t = _round_torch(xg / sck[:, None], rmode, seed)
+    t = _round_torch(xg * (1.0 / sck)[:, None], rmode, seed)
     pcm = t.clamp(-32768, 32767).to(torch.int16).reshape(-1)
     enc = _OPS.mulaw_encode if fmt.name == "mulaw" else _OPS.alaw_encode
     return enc(pcm), sck
