@@ -2,9 +2,8 @@
 code = clamp(nearbyint(x * (1/scale)) + zero_point))."""
 
 import pytest
-import torch
-
 import qkern
+import torch
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_:UserWarning")
 
