@@ -64,7 +64,8 @@ bool affine_vectorized(const AffineSpec& spec) {
 
 // Codes of x[a, b), all in group g. `pf`, when set, is prefetched alongside (the next group of
 // a per-channel row loop, so memory keeps streaming while this group is coded from cache).
-bool affine_segment(const float* x, int64_t a, int64_t b, int64_t g, int64_t group,
+__attribute__((always_inline)) inline bool affine_segment(
+    const float* x, int64_t a, int64_t b, int64_t g, int64_t group,
                     const float* scale, const int32_t* zp, const AffineSpec& spec,
                     uint8_t* codes, const float* pf) {
   const bool midrise = spec.shape == kMidRise;
@@ -251,7 +252,8 @@ void lut_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const
   });
 }
 
-void minmax_avx2(const float* x, int64_t n, float* lo, float* hi, bool* bad) {
+__attribute__((always_inline)) inline void minmax_avx2(const float* x, int64_t n, float* lo,
+                                                      float* hi, bool* bad) {
   __m256 mn = _mm256_set1_ps(INFINITY), mx = _mm256_set1_ps(-INFINITY);
   __m256 mn2 = mn, mx2 = mx, badv = _mm256_setzero_ps();
   int64_t i = 0;
@@ -284,14 +286,19 @@ void minmax_avx2(const float* x, int64_t n, float* lo, float* hi, bool* bad) {
   *bad = rb || _mm256_movemask_ps(badv) != 0;
 }
 
+// Lambda wrapper: a function pointer would be an indirect call per group.
+constexpr auto kMinMax = [](const float* p, int64_t n, float* lo, float* hi, bool* b) {
+  minmax_avx2(p, n, lo, hi, b);
+};
+
 bool affine_groups_avx2(const float* x, int64_t g0, int64_t g1, int64_t group,
                         const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
                         uint8_t* codes) {
   if (!affine_vectorized(spec))
-    return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, minmax_avx2, [&](int64_t g) {
+    return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, kMinMax, [&](int64_t g) {
       return affine_scalar(x, g * group, (g + 1) * group, group, scale, zp, spec, codes);
     });
-  return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, minmax_avx2, [&](int64_t g) {
+  return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, kMinMax, [&](int64_t g) {
     return affine_segment(x, g * group, (g + 1) * group, g, group, scale, zp, spec, codes,
                           next_group(x, g, g1, group));
   });
@@ -302,11 +309,11 @@ bool codebook_groups_avx2(const float* x, int64_t g0, int64_t g1, int64_t group,
                           uint8_t* codes) {
   const AffineSpec none{0, 0, 0, 0, 0.0f, 0};
   if (!Table16::eligible(spec))
-    return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, minmax_avx2, [&](int64_t g) {
+    return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, kMinMax, [&](int64_t g) {
       return codebook_scalar(x, g * group, (g + 1) * group, group, scale, spec, codes);
     });
   const Table16 table(spec);
-  return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, minmax_avx2, [&](int64_t g) {
+  return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, kMinMax, [&](int64_t g) {
     return table.run(x, g * group, (g + 1) * group, group, scale, spec, codes,
                      next_group(x, g, g1, group));
   });
