@@ -33,7 +33,7 @@ demo: install
 	$(VENV)/bin/qkern demo
 
 bench: install
-	$(VPY) -m qkern.bench core
+	THP_MEM_ALLOC_ENABLE=1 $(VPY) -m qkern.bench core --threads 2
 
 # C++ google-benchmark binary (Debian's libbenchmark-dev) and the Python bench, briefly.
 bench-smoke: install
