@@ -17,6 +17,9 @@ constexpr int64_t kChunk = 1 << 14;  // elements per task in range-parallel loop
 
 std::atomic<int> g_isa{-1};
 
+// Float outputs of at least 16 MiB are written with streaming stores (they cannot stay cached).
+inline bool stream_output(int64_t n) { return n >= (int64_t{1} << 22); }
+
 Isa initial_isa() {
   const char* force = std::getenv("QKERN_FORCE_SCALAR");
   if (force && std::strcmp(force, "0") != 0 && force[0] != '\0') return kIsaScalar;
@@ -173,7 +176,7 @@ void dequantize_affine(const uint8_t* codes, int64_t n, int64_t group, const flo
                        const int32_t* zp, bool is_signed, float offset, float* out) {
   const auto& p = paths();
   for_ranges(n, [&](int64_t e0, int64_t e1) {
-    p.dequant_affine(codes, e0, e1, group, scale, zp, is_signed, offset, out);
+    p.dequant_affine(codes, e0, e1, group, scale, zp, is_signed, offset, out, stream_output(n));
     return false;
   });
 }
@@ -206,7 +209,7 @@ void dequantize_lut(const uint8_t* codes, int64_t n, int64_t group, const float*
                     const float* lut, float* out) {
   const auto& p = paths();
   for_ranges(n, [&](int64_t e0, int64_t e1) {
-    p.lut(codes, e0, e1, group, scale, lut, out);
+    p.lut(codes, e0, e1, group, scale, lut, out, stream_output(n));
     return false;
   });
 }

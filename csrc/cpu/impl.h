@@ -20,13 +20,14 @@ struct ScaleSpec {
 struct Paths {
   bool (*affine)(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
                  const int32_t* zp, const AffineSpec& spec, uint8_t* codes);
+  // `stream`: the output is too large for the caches; write it with streaming stores.
   void (*dequant_affine)(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
                          const float* scale, const int32_t* zp, bool is_signed, float offset,
-                         float* out);
+                         float* out, bool stream);
   bool (*codebook)(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
                    const CodebookSpec& spec, uint8_t* codes);
   void (*lut)(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const float* scale,
-              const float* lut, float* out);
+              const float* lut, float* out, bool stream);
   // min, max and a NaN/Inf flag over x[0, n)
   void (*minmax)(const float* x, int64_t n, float* lo, float* hi, bool* bad);
   // Groups [g0, g1): statistics, the group's scale (and zero point), then its codes.
@@ -46,11 +47,11 @@ bool affine_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, const 
                    const int32_t* zp, const AffineSpec& spec, uint8_t* codes);
 void dequant_affine_scalar(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
                            const float* scale, const int32_t* zp, bool is_signed, float offset,
-                           float* out);
+                           float* out, bool stream = false);
 bool codebook_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
                      const CodebookSpec& spec, uint8_t* codes);
 void lut_scalar(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const float* scale,
-                const float* lut, float* out);
+                const float* lut, float* out, bool stream = false);
 void minmax_scalar(const float* x, int64_t n, float* lo, float* hi, bool* bad);
 
 bool affine_groups_scalar(const float* x, int64_t g0, int64_t g1, int64_t group,

@@ -47,6 +47,13 @@ inline void store_bytes32(uint8_t* out, __m256i q0, __m256i q1, __m256i q2, __m2
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
 }
 
+// Large float outputs (4x the bytes of their codes) bypass the caches when aligned: streaming
+// stores skip the read-for-ownership of lines that are entirely overwritten.
+inline void store_f32(float* p, bool stream, __m256 v) {
+  if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0) _mm256_stream_ps(p, v);
+  else _mm256_storeu_ps(p, v);
+}
+
 // Calls seg(g, a, b) for each maximal run [a, b) of [e0, e1) inside one group g.
 template <typename F>
 inline void for_segments(int64_t e0, int64_t e1, int64_t group, F seg) {
@@ -116,7 +123,7 @@ inline const float* next_group(const float* x, int64_t g, int64_t g1, int64_t gr
 
 void dequant_affine_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
                          const float* scale, const int32_t* zp, bool is_signed, float offset,
-                         float* out) {
+                         float* out, bool stream) {
   for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
     const __m256i vz = _mm256_set1_epi32(zp ? zp[g] : 0);
     const __m256 vs = _mm256_set1_ps(scale[g]);
@@ -126,10 +133,11 @@ void dequant_affine_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t g
       __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i));
       __m256i c = is_signed ? _mm256_cvtepi8_epi32(c8) : _mm256_cvtepu8_epi32(c8);
       __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(c, vz));
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_add_ps(f, vo), vs));
+      store_f32(out + i, stream, _mm256_mul_ps(_mm256_add_ps(f, vo), vs));
     }
     if (i < b) dequant_affine_scalar(codes, i, b, group, scale, zp, is_signed, offset, out);
   });
+  if (stream) _mm_sfence();  // streaming stores are weakly ordered
 }
 
 // Nearest-even codebook search for tables of at most 16 values, vectorized exactly like
@@ -227,7 +235,7 @@ bool codebook_avx2(const float* x, int64_t e0, int64_t e1, int64_t group, const 
 
 // 16-entry tables (4-bit formats) decode with two in-register permutes instead of a gather.
 void lut_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const float* scale,
-              const float* lut, float* out) {
+              const float* lut, float* out, bool stream) {
   bool small = true;
   for (int k = 16; k < 256; ++k) small &= lut[k] == 0.0f;
   const __m256 lo8 = _mm256_loadu_ps(lut), hi8 = _mm256_loadu_ps(lut + 8);
@@ -246,10 +254,11 @@ void lut_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const
       } else {
         v = _mm256_i32gather_ps(lut, idx, 4);
       }
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(v, vs));
+      store_f32(out + i, stream, _mm256_mul_ps(v, vs));
     }
     if (i < b) lut_scalar(codes, i, b, group, scale, lut, out);
   });
+  if (stream) _mm_sfence();  // streaming stores are weakly ordered
 }
 
 __attribute__((always_inline)) inline void minmax_avx2(const float* x, int64_t n, float* lo,

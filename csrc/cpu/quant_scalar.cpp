@@ -21,7 +21,7 @@ bool affine_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, const 
 
 void dequant_affine_scalar(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
                            const float* scale, const int32_t* zp, bool is_signed, float offset,
-                           float* out) {
+                           float* out, bool /*stream*/) {
   for (int64_t e = e0; e < e1; ++e) {
     int64_t g = e / group;
     int32_t c = is_signed ? static_cast<int32_t>(static_cast<int8_t>(codes[e])) : codes[e];
@@ -41,7 +41,7 @@ bool codebook_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, cons
 }
 
 void lut_scalar(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const float* scale,
-                const float* lut, float* out) {
+                const float* lut, float* out, bool /*stream*/) {
   for (int64_t e = e0; e < e1; ++e) out[e] = lut[codes[e]] * scale[e / group];
 }
 
