@@ -18,7 +18,10 @@ class Pool {
     stop_workers();
     threads_ = n < 1 ? 1 : n;
     stop_ = false;
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { worker(); });
+    // New workers start at the current generation: a stale one must not run (or count itself
+    // done for) a job that ended before it was born.
+    const uint64_t born = generation_;
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, born] { worker(born); });
   }
 
   int threads() const { return threads_; }
@@ -52,8 +55,7 @@ class Pool {
     for (int64_t i = next_.fetch_add(1); i < n_chunks_; i = next_.fetch_add(1)) (*fn_)(i);
   }
 
-  void worker() {
-    uint64_t seen = 0;
+  void worker(uint64_t seen) {
     for (;;) {
       {
         std::unique_lock<std::mutex> lk(mu_);
