@@ -27,7 +27,7 @@ install: deps
 	$(VPY) -m pip install -q --no-build-isolation ".[test]"
 
 test: install
-	$(VPY) -m pytest -q tests
+	timeout 1800 $(VPY) -m pytest -q tests
 
 demo: install
 	$(VENV)/bin/qkern demo
@@ -55,7 +55,7 @@ asan: deps
 	cd build/asan/pkg && PYTHONPATH=$(abspath build/asan/pkg) \
 		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-		$(abspath $(VPY)) -m pytest -q -p no:cacheprovider $(abspath tests) -k "not cuda" \
+		timeout 1800 $(abspath $(VPY)) -m pytest -q -p no:cacheprovider $(abspath tests) -k "not cuda" \
 		--ignore=$(abspath tests/test_demo.py)
 
 # Proves the CUDA sources compile (nvcc, sm_80 + sm_90) without needing a GPU.
