@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 
+#include "bindings/registry.h"
 #include "cpu/kernels.h"
 
 namespace py = pybind11;
@@ -92,6 +93,7 @@ qk::CodebookSpec codebook_spec(const F32& values, const U8& value_codes, int sig
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  for (auto init : qk::bind::inits()) init(m);  // the other binding files
   m.doc() = "qkern CPU kernels (torch-free)";
 
   m.def("cpu_has_avx2", &qk::cpu_has_avx2);
