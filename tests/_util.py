@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+
 import qkern
 import reference as R
-import torch
 
 INT_FORMATS = [f"int{b}" for b in range(1, 9)] + [f"uint{b}" for b in range(1, 9)]
 CODEBOOK_FORMATS = ["nf4", "fp4_e2m1", "fp4_bnb", "fp8_e4m3", "fp8_e5m2", "binary", "mulaw",

@@ -6,9 +6,10 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
+
 import qkern
 import reference as R
-import torch
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import qkern
 import torch
+
+import qkern
 from qkern import cli, demo
 from qkern import formats as F
 

@@ -8,9 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+
 import qkern
 import reference as R
-import torch
 from _util import ALL_FORMATS, INT_FORMATS, np_codes, np_f32
 
 

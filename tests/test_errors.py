@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import qkern
 import torch
+
+import qkern
 
 BAD = (ValueError, TypeError)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import qkern
-import reference as R
 import torch
-from _util import ALL_FORMATS, INT_FORMATS, np_codes, np_f32
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
+import qkern
+import reference as R
+from _util import ALL_FORMATS, INT_FORMATS, np_codes, np_f32
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -129,7 +130,8 @@ def test_garbage_scales(name, gran, data):
     sc = np.asarray(scale, dtype=np.float32)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         # the spec multiplies by 1/scale in float32: a scale whose reciprocal overflows is bad
-        bad = not (np.isfinite(sc).all() and (sc > 0).all() and np.isfinite(np.float32(1) / sc).all())
+        bad = not (np.isfinite(sc).all() and (sc > 0).all()
+                   and np.isfinite(np.float32(1) / sc).all())
     exact_shape = shape == want_shape
     one = shape == (1,) and gran == "tensor"  # a 1-element scale for one group: either way
     try:

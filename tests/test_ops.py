@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch.library import opcheck
+
 import qkern
 import reference as R
-import torch
 from qkern.ops.schemas import SCHEMAS
-from torch.library import opcheck
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit inside opcheck
 OPS = torch.ops.qkern

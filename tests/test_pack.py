@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+
 import qkern
 import reference as R
-import torch
 
 
 @pytest.mark.parametrize("order", ["lsb", "msb"])

@@ -2,8 +2,9 @@
 code = clamp(nearbyint(x * (1/scale)) + zero_point))."""
 
 import pytest
-import qkern
 import torch
+
+import qkern
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_:UserWarning")
 

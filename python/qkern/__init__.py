@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C, companding, formats, ops  # noqa: F401
+from . import _C, companding, formats, nn, ops  # noqa: F401
 from .packing import pack_bits, pack_int32, unpack_bits, unpack_int32
 from .quantize import dequantize, quantize
 from .tensor import PackedQTensor, QTensor

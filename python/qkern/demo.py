@@ -285,7 +285,8 @@ def load_model(path: str | os.PathLike | None = None) -> Model:
 def weight_matrices(model: Model) -> dict[str, torch.Tensor]:
     """Every floating-point 2-D tensor (linear weights, embeddings), as float32; norms, biases
     and other 1-D tensors stay in full precision and are not counted."""
-    return {k: t.float() for k, t in model.tensors.items() if t.dim() == 2 and t.is_floating_point()}
+    tensors = model.tensors.items()
+    return {k: t.float() for k, t in tensors if t.dim() == 2 and t.is_floating_point()}
 
 
 # --------------------------------------------------------------------------------------------

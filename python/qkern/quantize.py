@@ -189,7 +189,9 @@ def _code_dtype(fmt: F.Format) -> torch.dtype:
 
 def _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed, sc, zp, layout, clip_ratio):
     # float32 arithmetic, as docs/numerics.md defines h = (w - 1) * 0.5f
-    dz_half = float((np.float32(deadzone) - np.float32(1)) * np.float32(0.5)) if qshape == 2 else 0.0
+    dz_half = 0.0
+    if qshape == 2:
+        dz_half = float((np.float32(deadzone) - np.float32(1)) * np.float32(0.5))
     if sc is None:
         rule = fmt.scale_rule if symmetric else F.SCALE_MINMAX
         qpos = fmt.qmax + (0.5 if qshape == 1 else 0.0)
@@ -241,7 +243,8 @@ def double_quantize_scales(s: torch.Tensor, group: int = 256) -> tuple[DoubleQua
     codes, s2, _ = _OPS.quantize_affine_dynamic(r.reshape(-1), group, -128, 127, F.SCALE_ABSMAX,
                                                 127.0, 0, 0, 0, 0.0, 0)
     deq = _OPS.dequantize_affine(codes, s2, None, group, True, 0.0)[: s.numel()]
-    scales = (deq + torch.tensor(mean, dtype=torch.float32)).clamp_min(torch.finfo(torch.float32).tiny)
+    scales = deq + torch.tensor(mean, dtype=torch.float32)
+    scales = scales.clamp_min(torch.finfo(torch.float32).tiny)
     return DoubleQuant(codes.view(torch.int8)[: s.numel()].clone(), s2, mean, group), scales
 
 

@@ -1,0 +1,102 @@
+"""Which matmul kernel a quantized weight runs on, its packed buffers, and the call.
+
+``pack(qweight, act, mode)`` returns ``(kernel name, {buffer name: tensor})``; ``forward``
+runs it. Formats without a fused kernel use "dequant": the codes stay bit-packed in memory and
+are decoded by the qkern ops at each call, then ``F.linear`` (exact, and traceable by
+torch.compile).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..packing import pack_bits
+from ..tensor import QTensor
+
+_OPS = torch.ops.qkern
+
+
+def _w4_ok(q: QTensor, act: str) -> bool:
+    return (q.format.name == "int4" and q.granularity == "group" and q.axis == 1
+            and q.group_size in (32, 64, 128) and q.shape[1] % 32 == 0 and act == "none"
+            and q.quantizer == "midtread" and _has("gemm_w4"))
+
+
+def _w8_ok(q: QTensor) -> bool:
+    return (q.format.name == "int8" and q.granularity == "channel" and q.axis == 0
+            and q.zero_point is None and q.quantizer == "midtread" and _has("gemm_w8a8"))
+
+
+def _has(op: str) -> bool:
+    return hasattr(_OPS, op)
+
+
+def pack(q: QTensor, act: str, mode: str) -> tuple[str, dict[str, torch.Tensor]]:
+    if _w4_ok(q, act):
+        from ..ops import w4
+
+        packed = w4.pack_weight(q.codes, q.scale, q.zero_point, q.group_size)
+        bufs = {f"w4_{name}": t for name, t in packed.items() if t is not None}
+        return f"w4_{mode}", bufs
+    if _w8_ok(q):
+        from ..ops import w8
+
+        bufs = {"w8_packed": w8.pack_weight(q.codes), "w8_scale": q.scale.float().contiguous()}
+        return ("w8a8" if act == "int8_dynamic" else "w8a16"), bufs
+    return "dequant", _dequant_buffers(q)
+
+
+def _dequant_buffers(q: QTensor) -> dict[str, torch.Tensor]:
+    fmt, lay = q.format, q.layout
+    bufs = {"scale": lay.scale_to_kernel(q.scale.float())}
+    if fmt.kind == "int":  # store code - qmin (unsigned), fold qmin into the zero point
+        codes = (lay.to_kernel(q.codes).to(torch.int32) - fmt.qmin).to(torch.uint8)
+        zp = torch.zeros_like(bufs["scale"], dtype=torch.int32) if q.zero_point is None \
+            else lay.scale_to_kernel(q.zero_point).to(torch.int32)
+        bufs["zp"] = zp - fmt.qmin
+    else:
+        codes = lay.to_kernel(q.codes.view(torch.uint8))
+        bufs["lut"] = torch.from_numpy(fmt.lut.copy())
+    bufs["codes_packed"] = pack_bits(codes, fmt.bits)
+    return bufs
+
+
+def dequant_weight(q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
+    fmt, lay = q.format, q.layout
+    codes = _OPS.unpack_bits(bufs["codes_packed"], fmt.bits, lay.numel, False)
+    if fmt.kind == "int":
+        offset = 0.5 if q.quantizer == "midrise" else 0.0
+        flat = _OPS.dequantize_affine(codes, bufs["scale"], bufs["zp"], lay.group_size, False,
+                                      offset)
+    else:
+        flat = _OPS.dequantize_lut(codes, bufs["scale"], bufs["lut"], lay.group_size)
+    return lay.from_kernel(flat)
+
+
+def weight(kernel: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight (out, in) a kernel computes with, decoded from its buffers."""
+    if kernel == "dequant":
+        return dequant_weight(q, bufs)
+    n, k = q.shape
+    eye = torch.eye(k, dtype=torch.float32)  # W^T = I @ W^T, through the kernel itself
+    if kernel.startswith("w4_"):  # exact mode: one float product per weight
+        return forward("w4_exact", eye, bufs, None, n, k, q).T.contiguous()
+    return forward("w8a16", eye, bufs, None, n, k, q).T.contiguous()
+
+
+def forward(kernel: str, x: torch.Tensor, bufs: dict[str, torch.Tensor],
+            bias: torch.Tensor | None, n: int, k: int, q: QTensor) -> torch.Tensor:
+    if kernel == "dequant":
+        w = dequant_weight(q, bufs)
+        return F.linear(x.float(), w, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).float().contiguous()
+    if kernel.startswith("w4_"):
+        y = _OPS.gemm_w4(x2, bufs["w4_packed"], bufs["w4_scales"], bufs.get("w4_zeros"), bias,
+                         n, k, q.group_size, 0 if kernel == "w4_exact" else 1)
+    elif kernel == "w8a8":
+        y = _OPS.gemm_w8a8(x2, bufs["w8_packed"], bufs["w8_scale"], bias, n, k)
+    else:
+        y = _OPS.gemm_w8a16(x2, bufs["w8_packed"], bufs["w8_scale"], bias, n, k)
+    return y.reshape(*lead, n)

@@ -1,0 +1,122 @@
+"""QuantLinear: a Linear layer holding quantized weights, and replace_linear for whole models.
+
+Weights are quantized once with ``qkern.quantize`` (any weight format); ``forward`` runs a
+fused qkern matmul kernel where one exists for the format (``.kernel`` names it) and otherwise
+dequantizes the weight and calls ``F.linear`` (``kernel == "dequant"``), so every format works
+and the fast ones are fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .. import formats as QF
+from ..quantize import quantize
+from ..tensor import QTensor
+from . import kernels
+
+ACTS = ("none", "int8_dynamic")
+MODES = ("exact", "fast")
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W stored quantized (``weight_q``, a QTensor) and packed for its
+    kernel. Build with :meth:`from_float`."""
+
+    def __init__(self, qweight: QTensor, bias: torch.Tensor | None, act: str = "none",
+                 mode: str = "exact"):
+        super().__init__()
+        if act not in ACTS:
+            raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if len(qweight.shape) != 2:
+            raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(qweight.shape)}")
+        self.out_features, self.in_features = qweight.shape
+        self.act, self.mode = act, mode
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
+                                                           requires_grad=False)
+        self.kernel, buffers = kernels.pack(qweight, act, mode)
+        for name, t in buffers.items():
+            self.register_buffer(name, t, persistent=True)
+        self._buffer_names = tuple(buffers)
+        # format and layout only: the codes live in the packed buffers, not twice in memory
+        self.weight_q = replace(qweight, codes=None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, fmt: str = "int4", *, group_size: int | None = 128,
+                   symmetric: bool = True, act: str = "none", mode: str = "exact",
+                   **quant_kwargs) -> QuantLinear:
+        """Quantize ``linear.weight`` (out, in): per output channel when ``group_size`` is None,
+        else in groups of ``group_size`` along the input dimension (block formats default to
+        their own block)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
+        f = QF.get(fmt)
+        w = linear.weight.detach().float()
+        if group_size is None and f.block_size is None:
+            q = quantize(w, f, granularity="channel", axis=0, symmetric=symmetric, **quant_kwargs)
+        else:
+            g = group_size if group_size is not None else f.block_size
+            if w.shape[1] % g:
+                raise ValueError(f"group_size={g} does not divide in_features={w.shape[1]}; "
+                                 "pass group_size=None for per-channel scales")
+            q = quantize(w, f, granularity="group", axis=1, group_size=g, symmetric=symmetric,
+                         **quant_kwargs)
+        return cls(q, linear.bias, act=act, mode=mode)
+
+    def _packed_buffers(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self._buffer_names}
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float32 weight (out, in) the layer computes with, decoded from its buffers."""
+        return kernels.weight(self.kernel, self.weight_q, self._packed_buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dim {self.in_features}, got {x.shape[-1]}")
+        y = kernels.forward(self.kernel, x, self._packed_buffers(), self.bias,
+                            self.out_features, self.in_features, self.weight_q)
+        return y.to(x.dtype) if x.dtype != y.dtype else y
+
+    def extra_repr(self) -> str:
+        q = self.weight_q
+        gran = (f"group_size={q.group_size}" if q.granularity == "group" else q.granularity)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={q.format.name}, {gran}, symmetric={q.zero_point is None}, "
+                f"bits_per_weight={q.bits_per_element:.3f}, act={self.act}, mode={self.mode}, "
+                f"kernel={self.kernel}, bias={self.bias is not None}")
+
+
+Spec = dict | Callable[[str, nn.Linear], dict | None]
+
+
+def replace_linear(model: nn.Module, spec: Spec, skip: Iterable[str] = (),
+                   inplace: bool = False) -> nn.Module:
+    """Swap every nn.Linear of ``model`` for a QuantLinear.
+
+    ``spec``: keyword arguments for :meth:`QuantLinear.from_float` (e.g. ``{"fmt": "int4",
+    "group_size": 128}``), or a function ``(name, linear) -> kwargs or None`` (None keeps the
+    layer in float). ``skip``: module names or fnmatch patterns left in float (e.g.
+    ``["lm_head", "*.gate"]``). The model is copied unless ``inplace=True``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    skip = list(skip)
+    target = model if inplace else copy.deepcopy(model)
+    for name, mod in list(target.named_modules()):
+        if not isinstance(mod, nn.Linear) or any(fnmatch.fnmatch(name, p) for p in skip):
+            continue
+        kw = spec(name, mod) if callable(spec) else dict(spec)
+        if kw is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = target.get_submodule(parent_name) if parent_name else target
+        setattr(parent, child, QuantLinear.from_float(mod, **kw))
+    return target
