@@ -456,9 +456,15 @@ def _shape(s: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["matmul"]:
+        from .bench_matmul import main as matmul_main
+
+        return matmul_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m qkern.bench",
                                 description="qkern speed benchmarks against torch peers")
-    p.add_argument("suite", choices=["core"], help="core: quantize/dequantize/pack on the CPU")
+    p.add_argument("suite", choices=["core", "matmul"],
+                   help="core: quantize/dequantize/pack on the CPU; matmul: see --help there")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="threads for torch and qkern (default: 2, or 1 on a 1-CPU machine)")
     p.add_argument("--repeats", type=int, default=None,

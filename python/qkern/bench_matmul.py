@@ -1,0 +1,145 @@
+"""``python -m qkern.bench matmul``: quantized Linear layers against the peers, in one run.
+
+Every row times one (N out, K in) layer at batch M with the same threads: torch fp32
+``F.linear``; torch's dynamic int8 Linear (fbgemm); ``aten._weight_int4pack_mm_for_cpu``
+(torchao's int4 CPU path, group 128); ``aten._weight_int8pack_mm``; and qkern's QuantLinear
+kernels. Ratios are against fp32 in the same row block. For M = 1 the memory roofline is the
+layer's weight bytes divided by the read bandwidth measured between the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import get_isa, set_num_threads
+from .bench import Flusher, Probe, machine_line, time_alternating
+from .nn import QuantLinear
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N out, K in)
+MS = [1, 8, 128, 512]
+
+
+def _aten_int4(lin: nn.Linear, group: int = 128):
+    """torch's int4 CPU weight path: asymmetric uint4 per group, scales and zeros (K/g, N, 2)."""
+    w = lin.weight.detach().float()
+    n, k = w.shape
+    wg = w.view(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, k), 2)
+    zeros = lo + 8 * scale  # aten dequantizes (q - 8) * scale + zero
+    sz = torch.stack([scale, zeros], -1).transpose(0, 1).contiguous()
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz), n * k // 2
+
+
+def _aten_int8(lin: nn.Linear):
+    w = lin.weight.detach().float()
+    scale = (w.abs().amax(1) / 127).clamp_min(1e-8)
+    q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale), q.numel()
+
+
+def _torch_dynamic_int8(lin: nn.Linear):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear},
+                                                   dtype=torch.qint8)
+    return m, lin.weight.numel()
+
+
+def _qkern(lin: nn.Linear, **kw):
+    ql = QuantLinear.from_float(lin, **kw)
+    nbytes = sum(getattr(ql, n).numel() * getattr(ql, n).element_size()
+                 for n in ql._buffer_names)
+    return ql, nbytes, ql.kernel
+
+
+def implementations(lin: nn.Linear) -> dict[str, tuple[Callable, int, str]]:
+    """name -> (callable on x, weight bytes read per call, note)."""
+    out: dict[str, tuple[Callable, int, str]] = {
+        "torch fp32 F.linear": (lambda x: nn.functional.linear(x, lin.weight, lin.bias),
+                                lin.weight.numel() * 4, "peer"),
+    }
+    m, nb = _torch_dynamic_int8(lin)
+    out["torch dynamic int8 (fbgemm)"] = (m, nb, "peer")
+    for name, make in (("aten int4 g128 (_weight_int4pack_mm)", _aten_int4),
+                       ("aten int8 (_weight_int8pack_mm)", _aten_int8)):
+        try:
+            fn, nb = make(lin)
+            out[name] = (fn, nb, "peer")
+        except (RuntimeError, AttributeError) as e:  # op missing in this torch build
+            print(f"  {name}: unavailable ({str(e).splitlines()[0][:80]})")
+    for name, kw in (("qkern int4 g128 exact", {"fmt": "int4", "group_size": 128}),
+                     ("qkern int4 g128 fast", {"fmt": "int4", "group_size": 128, "mode": "fast"}),
+                     ("qkern W8A8 dynamic", {"fmt": "int8", "group_size": None,
+                                             "act": "int8_dynamic"}),
+                     ("qkern W8A16", {"fmt": "int8", "group_size": None}),
+                     ("qkern nf4 b64", {"fmt": "nf4", "group_size": 64}),
+                     ("qkern binary", {"fmt": "binary", "group_size": None})):
+        ql, nb, kernel = _qkern(lin, **kw)
+        out[name] = (ql, nb, f"kernel={kernel}")
+    return out
+
+
+def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: float) -> str:
+    torch.set_num_threads(threads)
+    set_num_threads(threads)
+    torch.manual_seed(0)
+    probe = Probe.make(256 << 20)
+    flush = Flusher(settle_s)
+    lines = [
+        machine_line(threads),
+        "",
+        "| layer (N x K) | M | implementation | ms | vs fp32 | GB/s weights | % of read bw |"
+        " note |",
+        "|---|--:|---|--:|--:|--:|--:|---|",
+    ]
+    rows: list[tuple] = []
+    for n, k in shapes:
+        lin = nn.Linear(k, n)
+        impls = implementations(lin)
+        for m in ms:
+            x = torch.randn(m, k)
+            calls = {name: (lambda f=f: f(x)) for name, (f, _, _) in impls.items()}
+            with torch.no_grad():
+                med, _ = time_alternating(calls, repeats, warmup, probe, flush, budget_s=20.0)
+            for name, (_, nb, note) in impls.items():
+                rows.append((n, k, m, name, med[name], med["torch fp32 F.linear"], nb, note))
+            print(f"  {n}x{k} M={m}: " + ", ".join(f"{a} {1e3 * t:.2f} ms"
+                                                   for a, t in med.items()), flush=True)
+    read_gbs = probe.read_gbs()
+    for n, k, m, name, t, t32, nb, note in rows:
+        gbs = nb / t / 1e9
+        roof = f"{100 * gbs / read_gbs:.0f} %" if m == 1 else ""
+        lines.append(f"| {n}x{k} | {m} | {name} | {1e3 * t:.3f} | {t32 / t:.2f}x | {gbs:.1f} "
+                     f"| {roof} | {note} |")
+    lines.insert(1, f"**Roofline (same run)** read bandwidth {read_gbs:.1f} GB/s (`sum` of "
+                    f"{probe.nbytes >> 20} MiB); weight bytes = the layer's stored weights "
+                    "(packed codes + scales).")
+    lines.insert(2, f"qkern ISA {get_isa()}; median of alternating repeats, caches flushed "
+                    "before each call.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qkern.bench matmul",
+                                description="quantized Linear layers vs torch peers")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="one small shape, M = 1 and 8")
+    p.add_argument("--settle-ms", type=float, default=10.0)
+    a = p.parse_args(argv)
+    shapes, ms = (SHAPES, MS) if not a.quick else ([(1024, 1024)], [1, 8])
+    t0 = time.perf_counter()
+    print(run_matmul(a.threads, a.repeats if not a.quick else 2, a.warmup, shapes, ms,
+                     a.settle_ms / 1e3))
+    print(f"\n({time.perf_counter() - t0:.0f} s)")
+    return 0
