@@ -28,6 +28,12 @@ def _w8_ok(q: QTensor) -> bool:
             and q.zero_point is None and q.quantizer == "midtread" and _has("gemm_w8a8"))
 
 
+def _lut4_ok(q: QTensor, act: str) -> bool:
+    return (q.format.kind == "codebook" and q.format.bits == 4 and q.granularity == "group"
+            and q.axis == 1 and q.group_size in (32, 64, 128) and act == "none"
+            and _has("gemm_lut4"))
+
+
 def _has(op: str) -> bool:
     return hasattr(_OPS, op)
 
@@ -39,6 +45,13 @@ def pack(q: QTensor, act: str, mode: str) -> tuple[str, dict[str, torch.Tensor]]
         packed = w4.pack_weight(q.codes, q.scale, q.zero_point, q.group_size)
         bufs = {f"w4_{name}": t for name, t in packed.items() if t is not None}
         return f"w4_{mode}", bufs
+    if _lut4_ok(q, act):
+        from ..ops import lut4
+
+        p = lut4.pack_weight(q.codes.view(torch.uint8), q.scale, q.group_size)
+        table = torch.from_numpy(q.format.lut[:16].copy())
+        return "lut4", {"lut4_packed": p["packed"], "lut4_scales": p["scales"],
+                        "lut4_table": table}
     if _w8_ok(q):
         from ..ops import w8
 
@@ -82,6 +95,8 @@ def weight(kernel: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tens
     eye = torch.eye(k, dtype=torch.float32)  # W^T = I @ W^T, through the kernel itself
     if kernel.startswith("w4_"):  # exact mode: one float product per weight
         return forward("w4_exact", eye, bufs, None, n, k, q).T.contiguous()
+    if kernel == "lut4":
+        return forward("lut4", eye, bufs, None, n, k, q).T.contiguous()
     return forward("w8a16", eye, bufs, None, n, k, q).T.contiguous()
 
 
@@ -95,6 +110,9 @@ def forward(kernel: str, x: torch.Tensor, bufs: dict[str, torch.Tensor],
     if kernel.startswith("w4_"):
         y = _OPS.gemm_w4(x2, bufs["w4_packed"], bufs["w4_scales"], bufs.get("w4_zeros"), bias,
                          n, k, q.group_size, 0 if kernel == "w4_exact" else 1)
+    elif kernel == "lut4":
+        y = _OPS.gemm_lut4(x2, bufs["lut4_packed"], bufs["lut4_scales"], bufs["lut4_table"],
+                           bias, n, k, q.group_size)
     elif kernel == "w8a8":
         y = _OPS.gemm_w8a8(x2, bufs["w8_packed"], bufs["w8_scale"], bias, n, k)
     else:

@@ -1,0 +1,57 @@
+// Binding of qk::gemm_lut4 (fused 4-bit codebook matmul): argument checks and buffers only.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+
+#include "bindings/registry.h"
+#include "cpu/gemm_lut4.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
+void expect(bool ok, const std::string& msg) {
+  if (!ok) throw py::value_error("gemm_lut4: " + msg);
+}
+
+void expect_size(const py::array& a, int64_t want, const char* name) {
+  expect(a.size() == want, std::string(name) + " has " + std::to_string(a.size()) +
+                               " elements, expected " + std::to_string(want));
+}
+
+py::array_t<float> gemm_lut4(const F32& x, const U8& packed, const F32& scales, const F32& table,
+                             const std::optional<F32>& bias, int64_t n, int64_t k,
+                             int64_t group) {
+  expect(n >= 0 && k > 0, "N must be >= 0 and K > 0");
+  expect(group > 0 && group % 8 == 0, "group_size must be a positive multiple of 8");
+  expect(k % group == 0, "group_size " + std::to_string(group) + " does not divide K = " +
+                             std::to_string(k));
+  expect(x.ndim() == 2 && x.shape(1) == k, "x must be 2-D (M, K) with K = " + std::to_string(k));
+  expect_size(packed, n * (k / 2), "packed");
+  expect_size(scales, n * (k / group), "scales");
+  expect(table.size() >= 16, "table needs 16 values");
+  if (bias) expect_size(*bias, n, "bias");
+  const int64_t m = x.shape(0);
+  py::array_t<float> y({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
+  const float* bp = bias ? bias->data() : nullptr;
+  float* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    qk::gemm_lut4(x.data(), m, packed.data(), scales.data(), table.data(), bp, n, k, group, yp);
+  }
+  return y;
+}
+
+static qk::bind::Register reg([](py::module_& m) {
+  m.def("gemm_lut4", &gemm_lut4, py::arg("x"), py::arg("packed"), py::arg("scales"),
+        py::arg("table"), py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("group_size"),
+        "y = x @ (table[codes] * scales)^T (+ bias) for 4-bit codes packed two per byte");
+});
+
+}  // namespace

@@ -1,0 +1,171 @@
+"""qkern::gemm_lut4 (fused 4-bit codebook matmul) against an independent float64 reference:
+y = x @ (table[codes] * scales.repeat_interleave(G, 1)).T (+ bias)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkern
+from qkern import formats
+from qkern.ops import lut4
+
+TABLES = ("nf4", "fp4_e2m1", "fp4_bnb")
+ISAS = ("scalar", "avx2")
+EPS32 = 2.0**-24
+
+
+def _table(name: str) -> torch.Tensor:
+    return torch.from_numpy(formats.get(name).lut[:16].copy())
+
+
+def _problem(m, n, k, g, seed=0, scale_mag=1.0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(n, k // g, generator=gen) + 0.05) * scale_mag
+    b = torch.randn(n, generator=gen) if bias else None
+    return x, codes, scales, b
+
+
+def _reference(x, codes, scales, table, g, bias):
+    w = table[codes.long()] * scales.repeat_interleave(g, 1)  # float32, as dequantize_lut
+    y = x.double() @ w.double().T
+    if bias is not None:
+        y = y + bias.double()
+    bound = x.double().abs() @ w.double().abs().T  # scale of the accumulation error
+    return y, bound
+
+
+def _run(x, codes, scales, table, g, bias):
+    p = lut4.pack_weight(codes, scales, g)
+    return torch.ops.qkern.gemm_lut4(x, p["packed"], p["scales"], table, bias, codes.shape[0],
+                                     codes.shape[1], g)
+
+
+def _check(y, ref, bound, k):
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    tol = 4.0 * k**0.5 * EPS32 * bound + 1e-30
+    err = (y.double() - ref).abs()
+    assert bool((err <= tol).all()), f"max err {err.max().item()}, ratio {(err / tol).max()}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 3, 17, 256])
+@pytest.mark.parametrize("n", [1, 7, 33])
+@pytest.mark.parametrize("k,g", [(64, 32), (64, 64), (192, 64), (4096, 128), (4096, 32)])
+def test_shapes_vs_reference(isa, m, n, k, g):
+    qkern.set_isa(isa)
+    table = _table("nf4")
+    x, codes, scales, b = _problem(m, n, k, g, seed=m * 1000 + n + k)
+    y = _run(x, codes, scales, table, g, b)
+    ref, bound = _reference(x, codes, scales, table, g, b)
+    _check(y, ref, bound, k)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", TABLES)
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_tables_and_groups(isa, name, g):
+    qkern.set_isa(isa)
+    table = _table(name)
+    x, codes, scales, b = _problem(5, 33, 384, g, seed=g)
+    ref, bound = _reference(x, codes, scales, table, g, None)
+    _check(_run(x, codes, scales, table, g, None), ref, bound, 384)
+    x1 = x[:1]
+    ref1, bound1 = _reference(x1, codes, scales, table, g, b)
+    _check(_run(x1, codes, scales, table, g, b), ref1, bound1, 384)
+
+
+def test_every_code_decodes_exactly():
+    # one-hot x picks single weights: the result is exactly table[c] * s, on every path
+    table = _table("nf4")
+    k, g = 64, 32
+    codes = (torch.arange(16 * k) % 16).reshape(16, k).to(torch.uint8)
+    codes = codes[:, torch.randperm(k, generator=torch.Generator().manual_seed(1))]
+    scales = torch.rand(16, k // g) + 0.5
+    eye = torch.eye(k)
+    want = (table[codes.long()] * scales.repeat_interleave(g, 1)).T
+    for isa in ISAS:
+        qkern.set_isa(isa)
+        for x in (eye, eye[:1], eye[:2]):
+            assert torch.equal(_run(x, codes, scales, table, g, None), want[: x.shape[0]])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_zero_rows_and_large_scales(isa):
+    qkern.set_isa(isa)
+    table = _table("fp4_e2m1")
+    m, n, k, g = 17, 33, 4096, 64
+    x, codes, scales, b = _problem(m, n, k, g, seed=3, scale_mag=1e30)
+    x[4] = 0.0
+    codes[7] = 0  # fp4 code 0 = +0.0
+    scales[9] = 0.0
+    ref, bound = _reference(x, codes, scales, table, g, b)
+    y = _run(x, codes, scales, table, g, b)
+    _check(y, ref, bound, k)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y[4], b) and torch.equal(y[:, 7], b[7].expand(m))
+    assert torch.equal(y[:, 9], b[9].expand(m))
+
+
+@pytest.mark.parametrize("m", [1, 2, 65, 130])
+def test_avx2_matches_scalar_and_threads_are_deterministic(m):
+    table = _table("nf4")
+    n, k, g = 257, 1024, 64
+    x, codes, scales, b = _problem(m, n, k, g, seed=m)
+    ref, bound = _reference(x, codes, scales, table, g, b)
+    out = {}
+    for isa in ISAS:
+        for threads in (1, 2):
+            qkern.set_isa(isa)
+            qkern.set_num_threads(threads)
+            out[isa, threads] = y = _run(x, codes, scales, table, g, b)
+            _check(y, ref, bound, k)
+        assert torch.equal(out[isa, 1], out[isa, 2])
+    _check(out["avx2", 1], out["scalar", 1].double(), bound, k)
+
+
+def test_layout_is_lsb_nibble_stream_per_row():
+    codes = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    p = lut4.pack_weight(codes, torch.ones(5, 3), 32)
+    assert p["packed"].shape == (5, 48) and p["packed"].dtype == torch.uint8
+    flat = torch.ops.qkern.pack_bits(codes.reshape(-1), 4, False)
+    assert torch.equal(p["packed"].reshape(-1), flat)
+
+
+def test_wrapper_and_empty_batch():
+    table = _table("fp4_bnb")
+    x, codes, scales, b = _problem(6, 7, 64, 32, seed=9)
+    p = lut4.pack_weight(codes, scales, 32)
+    y = lut4.gemm_lut4(x.reshape(2, 3, 64), p, table=torch.from_numpy(
+        formats.get("fp4_bnb").lut.copy()), bias=b)
+    ref, bound = _reference(x, codes, scales, table, 32, b)
+    assert y.shape == (2, 3, 7)
+    _check(y.reshape(6, 7), ref, bound, 64)
+    assert _run(x[:0], codes, scales, table, 32, b).shape == (0, 7)
+
+
+def test_errors():
+    codes = torch.zeros(4, 64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="group_size"):
+        lut4.pack_weight(codes, torch.ones(4, 4), 16)
+    with pytest.raises(ValueError, match="0..15"):
+        lut4.pack_weight(codes + 16, torch.ones(4, 2), 32)
+    p = lut4.pack_weight(codes, torch.ones(4, 2), 32)
+    with pytest.raises(ValueError, match="does not divide"):
+        torch.ops.qkern.gemm_lut4(torch.ones(1, 64), p["packed"], p["scales"], _table("nf4"),
+                                  None, 4, 64, 48)
+    with pytest.raises(ValueError, match="packed"):
+        torch.ops.qkern.gemm_lut4(torch.ones(1, 64), p["packed"], p["scales"], _table("nf4"),
+                                  None, 5, 64, 32)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_opcheck(m):
+    x, codes, scales, b = _problem(m, 7, 128, 64, seed=4)
+    p = lut4.pack_weight(codes, scales, 64)
+    args = (x, p["packed"], p["scales"], _table("nf4"), b, 7, 128, 64)
+    torch.library.opcheck(torch.ops.qkern.gemm_lut4.default, args)
+    args = (x, p["packed"], p["scales"], _table("nf4"), None, 7, 128, 64)
+    torch.library.opcheck(torch.ops.qkern.gemm_lut4.default, args)
