@@ -1,9 +1,10 @@
 """torch.library ops of qkern: schemas + fake kernels, the CPU kernels, and the CUDA kernels
 when ``qkern._cuda`` was built."""
 
-from . import (
-    cpu,  # noqa: F401  (registers CPU kernels)
-    schemas,  # noqa: F401  (defines the ops)
+from . import (  # noqa: F401  (importing a module defines its ops and registers kernels)
+    cpu,
+    lut4,
+    schemas,
 )
 from .cpu import NonFiniteError
 
