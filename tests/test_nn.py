@@ -129,3 +129,19 @@ def test_torch_compile_fullgraph():
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), eager)
+
+
+def test_binary_xnor_activations():
+    """act="binary": XNOR-Net, activations replaced by sign(x) * mean|x| per row (0 -> +1)."""
+    lin = _linear(k=200, n=24, seed=3)
+    ql = QuantLinear.from_float(lin, "binary", group_size=None, act="binary")
+    assert ql.kernel == "binary_xnor"
+    w = _reference_weight(lin, "binary", {"group_size": None})
+    x = torch.randn(5, 200)
+    x[1] = 0.0
+    beta = x.double().abs().mean(1, keepdim=True)
+    xb = torch.where(x < 0, -1.0, 1.0).double() * beta
+    ref = (xb @ w.double().T + lin.bias.double()).float()
+    torch.testing.assert_close(ql(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="binary weights"):
+        QuantLinear.from_float(lin, "int4", group_size=40, act="binary")

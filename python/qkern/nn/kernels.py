@@ -34,6 +34,14 @@ def _lut4_ok(q: QTensor, act: str) -> bool:
             and _has("gemm_lut4"))
 
 
+def _bits_ok(q: QTensor, act: str) -> bool:
+    per_row = q.granularity == "channel" and q.axis == 0 and q.quantizer == "midtread"
+    if q.format.name == "binary":
+        return per_row and act in ("none", "binary") and _has("gemm_binary")
+    return (q.format.name == "ternary" and per_row and act == "none"
+            and _has("gemm_ternary"))
+
+
 def _has(op: str) -> bool:
     return hasattr(_OPS, op)
 
@@ -45,6 +53,17 @@ def pack(q: QTensor, act: str, mode: str) -> tuple[str, dict[str, torch.Tensor]]
         packed = w4.pack_weight(q.codes, q.scale, q.zero_point, q.group_size)
         bufs = {f"w4_{name}": t for name, t in packed.items() if t is not None}
         return f"w4_{mode}", bufs
+    if act == "binary" and q.format.name != "binary":
+        raise ValueError("act='binary' (XNOR-Net activations) needs binary weights")
+    if _bits_ok(q, act):
+        from ..ops import bits
+
+        alpha = q.scale.float().reshape(-1).contiguous()
+        if q.format.name == "binary":
+            name = "binary_xnor" if act == "binary" else "binary"
+            wbits = bits.pack_binary(q.codes.view(torch.uint8))
+            return name, {"bits_w": wbits, "bits_alpha": alpha}
+        return "ternary", {"bits_w": bits.pack_ternary(q.codes), "bits_alpha": alpha}
     if _lut4_ok(q, act):
         from ..ops import lut4
 
@@ -95,8 +114,10 @@ def weight(kernel: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tens
     eye = torch.eye(k, dtype=torch.float32)  # W^T = I @ W^T, through the kernel itself
     if kernel.startswith("w4_"):  # exact mode: one float product per weight
         return forward("w4_exact", eye, bufs, None, n, k, q).T.contiguous()
-    if kernel == "lut4":
-        return forward("lut4", eye, bufs, None, n, k, q).T.contiguous()
+    if kernel in ("lut4", "binary", "ternary"):
+        return forward(kernel, eye, bufs, None, n, k, q).T.contiguous()
+    if kernel == "binary_xnor":  # same weights; decode them with float activations
+        return forward("binary", eye, bufs, None, n, k, q).T.contiguous()
     return forward("w8a16", eye, bufs, None, n, k, q).T.contiguous()
 
 
@@ -113,6 +134,11 @@ def forward(kernel: str, x: torch.Tensor, bufs: dict[str, torch.Tensor],
     elif kernel == "lut4":
         y = _OPS.gemm_lut4(x2, bufs["lut4_packed"], bufs["lut4_scales"], bufs["lut4_table"],
                            bias, n, k, q.group_size)
+    elif kernel in ("binary", "binary_xnor"):
+        y = _OPS.gemm_binary(x2, bufs["bits_w"], bufs["bits_alpha"], bias, n, k,
+                             kernel == "binary_xnor")
+    elif kernel == "ternary":
+        y = _OPS.gemm_ternary(x2, bufs["bits_w"], bufs["bits_alpha"], bias, n, k)
     elif kernel == "w8a8":
         y = _OPS.gemm_w8a8(x2, bufs["w8_packed"], bufs["w8_scale"], bias, n, k)
     else:

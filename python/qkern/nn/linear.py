@@ -21,7 +21,7 @@ from ..quantize import quantize
 from ..tensor import QTensor
 from . import kernels
 
-ACTS = ("none", "int8_dynamic")
+ACTS = ("none", "int8_dynamic", "binary")  # binary: XNOR-Net sign activations
 MODES = ("exact", "fast")
 
 

@@ -2,6 +2,7 @@
 when ``qkern._cuda`` was built."""
 
 from . import (  # noqa: F401  (importing a module defines its ops and registers kernels)
+    bits,
     cpu,
     lut4,
     schemas,

@@ -1,0 +1,74 @@
+// Bindings of the binary / ternary weight matmuls (csrc/cpu/gemm_bits.h): shape checks,
+// numpy plumbing and GIL release.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+
+#include "bindings/registry.h"
+#include "cpu/gemm_bits.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
+void check_size(const py::array& a, int64_t want, const char* op, const char* name) {
+  if (a.size() != want)
+    throw py::value_error(std::string(op) + ": " + name + " has " + std::to_string(a.size()) +
+                          " elements, expected " + std::to_string(want));
+}
+
+// Checks the shared arguments and returns M (rows of x).
+int64_t check_args(const char* op, const F32& x, const U8& w, int64_t w_bytes_per_row,
+                   const F32& alpha, const std::optional<F32>& bias, int64_t N, int64_t K) {
+  if (N < 1 || K < 1) throw py::value_error(std::string(op) + ": N and K must be >= 1");
+  if (x.size() % K != 0)
+    throw py::value_error(std::string(op) + ": x has " + std::to_string(x.size()) +
+                          " elements, not a multiple of K = " + std::to_string(K));
+  check_size(w, N * w_bytes_per_row, op, "packed weight");
+  check_size(alpha, N, op, "alpha");
+  if (bias) check_size(*bias, N, op, "bias");
+  return x.size() / K;
+}
+
+py::array_t<float> run(const char* op, bool ternary, const F32& x, const U8& w, const F32& alpha,
+                       const std::optional<F32>& bias, int64_t N, int64_t K, bool xnor) {
+  const int64_t row_bytes = (ternary ? 16 : 8) * qk::bits_words(K);
+  const int64_t M = check_args(op, x, w, row_bytes, alpha, bias, N, K);
+  py::array_t<float> y(M * N);
+  const float* b = bias ? bias->data() : nullptr;
+  const float *xp = x.data(), *ap = alpha.data();
+  const uint8_t* wp = w.data();
+  float* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    if (ternary) qk::gemm_ternary(xp, M, wp, ap, b, N, K, yp);
+    else qk::gemm_binary(xp, M, wp, ap, b, N, K, xnor, yp);
+  }
+  return y;
+}
+
+static qk::bind::Register reg([](py::module_& m) {
+  m.def("bits_words", &qk::bits_words, "uint64 words per packed row of K weights");
+  m.def(
+      "gemm_binary",
+      [](F32 x, U8 wbits, F32 alpha, std::optional<F32> bias, int64_t N, int64_t K, bool xnor) {
+        return run("gemm_binary", false, x, wbits, alpha, bias, N, K, xnor);
+      },
+      py::arg("x"), py::arg("wbits"), py::arg("alpha"), py::arg("bias"), py::arg("N"),
+      py::arg("K"), py::arg("xnor"));
+  m.def(
+      "gemm_ternary",
+      [](F32 x, U8 wpacked, F32 alpha, std::optional<F32> bias, int64_t N, int64_t K) {
+        return run("gemm_ternary", true, x, wpacked, alpha, bias, N, K, false);
+      },
+      py::arg("x"), py::arg("wpacked"), py::arg("alpha"), py::arg("bias"), py::arg("N"),
+      py::arg("K"));
+});
+
+}  // namespace
