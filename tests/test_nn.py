@@ -145,3 +145,21 @@ def test_binary_xnor_activations():
     torch.testing.assert_close(ql(x), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="binary weights"):
         QuantLinear.from_float(lin, "int4", group_size=40, act="binary")
+
+
+@pytest.mark.parametrize("fmt,kw,block", [
+    ("int4", {"group_size": 64, "mode": "fast"}, 32),  # x quantized per 32-block of K
+    ("int8", {"group_size": None, "act": "int8_dynamic"}, None),  # x quantized per row
+])
+def test_quantized_activation_modes_within_their_bound(fmt, kw, block):
+    lin = _linear(seed=4)
+    ql = QuantLinear.from_float(lin, fmt, **kw)
+    assert ql.kernel in ("w4_fast", "w8a8")
+    w = ql.dequantize_weight().double()
+    x = torch.randn(6, lin.in_features) * 2
+    ref = x.double() @ w.T + lin.bias.double()
+    xb = x.abs().view(6, -1, block or lin.in_features).amax(-1)  # per-block amax of x
+    half_step = (xb / 127 / 2).repeat_interleave(block or lin.in_features, 1).double()
+    bound = half_step @ w.abs().T  # |x - xq| <= step/2 elementwise
+    bound += 1e-5 * (x.double().abs() @ w.abs().T) + 1e-5
+    assert ((ql(x).double() - ref).abs() <= bound).all()

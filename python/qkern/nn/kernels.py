@@ -51,7 +51,7 @@ def pack(q: QTensor, act: str, mode: str) -> tuple[str, dict[str, torch.Tensor]]
         from ..ops import w4
 
         packed = w4.pack_weight(q.codes, q.scale, q.zero_point, q.group_size)
-        bufs = {f"w4_{name}": t for name, t in packed.items() if t is not None}
+        bufs = {f"w4_{name}": t for name, t in packed.items() if isinstance(t, torch.Tensor)}
         return f"w4_{mode}", bufs
     if act == "binary" and q.format.name != "binary":
         raise ValueError("act='binary' (XNOR-Net activations) needs binary weights")
@@ -74,7 +74,7 @@ def pack(q: QTensor, act: str, mode: str) -> tuple[str, dict[str, torch.Tensor]]
     if _w8_ok(q):
         from ..ops import w8
 
-        bufs = {"w8_packed": w8.pack_weight(q.codes), "w8_scale": q.scale.float().contiguous()}
+        bufs = {"w8_packed": w8.pack_w8(q.codes), "w8_scale": q.scale.float().contiguous()}
         return ("w8a8" if act == "int8_dynamic" else "w8a16"), bufs
     return "dequant", _dequant_buffers(q)
 

@@ -6,6 +6,8 @@ from . import (  # noqa: F401  (importing a module defines its ops and registers
     cpu,
     lut4,
     schemas,
+    w4,
+    w8,
 )
 from .cpu import NonFiniteError
 

@@ -1,0 +1,98 @@
+// Bindings of the int4 group-wise matmul (csrc/cpu/gemm_w4.h): argument checks, buffers and
+// GIL release only.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+
+#include "bindings/registry.h"
+#include "cpu/gemm_w4.h"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr auto kFlags = py::array::c_style | py::array::forcecast;
+using F32 = py::array_t<float, kFlags>;
+using I32 = py::array_t<int32_t, kFlags>;
+using I8 = py::array_t<int8_t, kFlags>;
+using U8 = py::array_t<uint8_t, kFlags>;
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+// K and the group: K a positive multiple of the group, the group a positive multiple of 32.
+void check_shape(int64_t n, int64_t k, int64_t group) {
+  if (n < 0) throw py::value_error("gemm_w4: N must be >= 0, got " + str(n));
+  if (group <= 0 || group % qk::kW4Block != 0)
+    throw py::value_error("gemm_w4: group_size must be a positive multiple of 32, got " + str(group));
+  if (k <= 0 || k % group != 0)
+    throw py::value_error("gemm_w4: K = " + str(k) + " must be a positive multiple of group_size " +
+                          str(group) + " (and so of 32)");
+}
+
+void check_size(const py::array& a, int64_t want, const char* name) {
+  if (a.size() != want)
+    throw py::value_error(std::string("gemm_w4: ") + name + " has " + str(a.size()) +
+                          " elements, expected " + str(want));
+}
+
+py::array_t<uint8_t> pack(const I8& codes, int64_t group) {
+  if (codes.ndim() != 2) throw py::value_error("pack_w4: codes must be 2-D (N, K)");
+  const int64_t n = codes.shape(0), k = codes.shape(1);
+  check_shape(n, k, group);
+  const int8_t* c = codes.data();
+  for (int64_t i = 0; i < n * k; ++i)
+    if (c[i] < -8 || c[i] > 7)
+      throw py::value_error("pack_w4: code " + str(c[i]) + " at flat index " + str(i) +
+                            " is outside [-8, 7]");
+  py::array_t<uint8_t> out(qk::w4_packed_nbytes(n, k));
+  py::gil_scoped_release nogil;
+  qk::pack_w4(c, n, k, out.mutable_data());
+  return out;
+}
+
+py::array_t<int8_t> unpack(const U8& packed, int64_t n, int64_t k) {
+  check_shape(n, k, qk::kW4Block);
+  check_size(packed, qk::w4_packed_nbytes(n, k), "packed");
+  py::array_t<int8_t> out({n, k});
+  py::gil_scoped_release nogil;
+  qk::unpack_w4(packed.data(), n, k, out.mutable_data());
+  return out;
+}
+
+py::array_t<float> gemm(const F32& x, const U8& packed, const F32& scales,
+                        const std::optional<I32>& zeros, const std::optional<F32>& bias,
+                        int64_t n, int64_t k, int64_t group, int mode) {
+  check_shape(n, k, group);
+  if (mode != qk::kW4Exact && mode != qk::kW4Fast)
+    throw py::value_error("gemm_w4: mode must be 0 (exact) or 1 (fast), got " + str(mode));
+  if (x.size() % k != 0)
+    throw py::value_error("gemm_w4: x has " + str(x.size()) + " elements, not a multiple of K = " +
+                          str(k));
+  const int64_t m = x.size() / k, np = qk::w4_padded_rows(n);
+  check_size(packed, qk::w4_packed_nbytes(n, k), "packed");
+  check_size(scales, np * (k / group), "scales (tile layout, N padded to a multiple of 8)");
+  if (zeros) check_size(*zeros, np * (k / group), "zeros (tile layout, N padded to a multiple of 8)");
+  if (bias) check_size(*bias, n, "bias");
+  py::array_t<float> y({m, n});
+  const int32_t* zp = zeros ? zeros->data() : nullptr;
+  const float* bp = bias ? bias->data() : nullptr;
+  py::gil_scoped_release nogil;
+  qk::gemm_w4(x.data(), m, packed.data(), scales.data(), zp, bp, n, k, group, mode,
+              y.mutable_data());
+  return y;
+}
+
+const qk::bind::Register reg([](py::module_& m) {
+  m.def("pack_w4", &pack, py::arg("codes"), py::arg("group"),
+        "int8 codes (N, K) in [-8, 7] -> the packed int4 tile layout (uint8, flat)");
+  m.def("unpack_w4", &unpack, py::arg("packed"), py::arg("n"), py::arg("k"),
+        "inverse of pack_w4: int8 codes (N, K)");
+  m.def("gemm_w4", &gemm, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"),
+        py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("mode"),
+        "y (M, N) float32 = x (M, K) @ W^T (+ bias), W int4 group-wise (mode 0 exact, 1 fast)");
+});
+
+}  // namespace

@@ -1,0 +1,127 @@
+// Bindings of the int8-weight matmuls (csrc/cpu/gemm_w8.h): argument checks, numpy plumbing
+// and GIL release only.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+
+#include "bindings/registry.h"
+#include "cpu/gemm_w8.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
+
+void check_dims(int64_t m, int64_t n, int64_t k) {
+  if (m < 0 || n < 0 || k < 0)
+    throw py::value_error("M, N and K must be >= 0, got " + std::to_string(m) + ", " +
+                          std::to_string(n) + ", " + std::to_string(k));
+}
+
+void check_len(const py::array& a, int64_t want, const char* name) {
+  if (a.size() != want)
+    throw py::value_error(std::string(name) + " has " + std::to_string(a.size()) +
+                          " elements, expected " + std::to_string(want));
+}
+
+void check_packed(const I8& packed, int64_t n, int64_t k) {
+  if (packed.size() != qk::w8_packed_nbytes(n, k))
+    throw py::value_error("packed_w has " + std::to_string(packed.size()) +
+                          " bytes; pack_w8 of (N=" + std::to_string(n) + ", K=" +
+                          std::to_string(k) + ") codes has " +
+                          std::to_string(qk::w8_packed_nbytes(n, k)));
+}
+
+void check_w8a8_k(int64_t k) {
+  if (k > qk::kW8A8MaxK)
+    throw py::value_error("K = " + std::to_string(k) + " exceeds " +
+                          std::to_string(qk::kW8A8MaxK) +
+                          ", the largest K whose int32 accumulation cannot overflow");
+}
+
+// The common checks of the two float ops; returns the bias pointer (or null).
+const float* check_gemm(const F32& x, const I8& packed, const F32& w_scale,
+                        const std::optional<F32>& bias, int64_t m, int64_t n, int64_t k) {
+  check_dims(m, n, k);
+  check_len(x, m * k, "x");
+  check_packed(packed, n, k);
+  check_len(w_scale, n, "w_scale");
+  if (bias) check_len(*bias, n, "bias");
+  return bias ? bias->data() : nullptr;
+}
+
+void init(py::module_& m) {
+  m.def("w8_packed_nbytes", [](int64_t n, int64_t k) {
+    check_dims(0, n, k);
+    return qk::w8_packed_nbytes(n, k);
+  });
+
+  m.def("pack_w8", [](I8 codes, int64_t n, int64_t k) {
+    check_dims(0, n, k);
+    check_len(codes, n * k, "codes");
+    py::array_t<int8_t> out(qk::w8_packed_nbytes(n, k));
+    py::gil_scoped_release nogil;
+    qk::pack_w8(codes.data(), n, k, out.mutable_data());
+    return out;
+  });
+
+  m.def("unpack_w8", [](I8 packed, int64_t n, int64_t k) {
+    check_dims(0, n, k);
+    check_packed(packed, n, k);
+    py::array_t<int8_t> out(n * k);
+    py::gil_scoped_release nogil;
+    qk::unpack_w8(packed.data(), n, k, out.mutable_data());
+    return out;
+  });
+
+  // The integer core of W8A8, exposed for exact tests: activation codes must be in [-127, 127].
+  m.def("gemm_s8s8_s32", [](I8 xq, I8 packed, int64_t m, int64_t n, int64_t k) {
+    check_dims(m, n, k);
+    check_len(xq, m * k, "xq");
+    check_packed(packed, n, k);
+    check_w8a8_k(k);
+    const int8_t* q = xq.data();
+    for (int64_t i = 0; i < m * k; ++i)
+      if (q[i] == -128) throw py::value_error("activation codes must be in [-127, 127]");
+    py::array_t<int8_t> xpad(m * k + 4);  // the kernels read whole 4-byte steps
+    int8_t* xp = xpad.mutable_data();
+    std::copy(q, q + m * k, xp);
+    std::fill(xp + m * k, xp + m * k + 4, int8_t{0});
+    py::array_t<int32_t> out(m * n);
+    py::gil_scoped_release nogil;
+    qk::gemm_s8s8_s32(xp, m, packed.data(), n, k, out.mutable_data());
+    return out;
+  });
+
+  m.def("gemm_w8a8", [](F32 x, I8 packed, F32 w_scale, std::optional<F32> bias, int64_t m,
+                        int64_t n, int64_t k) {
+    const float* b = check_gemm(x, packed, w_scale, bias, m, n, k);
+    check_w8a8_k(k);
+    py::array_t<float> y(m * n);
+    bool bad;
+    {
+      py::gil_scoped_release nogil;
+      bad = qk::gemm_w8a8(x.data(), m, packed.data(), w_scale.data(), b, n, k, y.mutable_data());
+    }
+    return py::make_tuple(y, bad);
+  });
+
+  m.def("gemm_w8a16", [](F32 x, I8 packed, F32 w_scale, std::optional<F32> bias, int64_t m,
+                         int64_t n, int64_t k) {
+    const float* b = check_gemm(x, packed, w_scale, bias, m, n, k);
+    py::array_t<float> y(m * n);
+    py::gil_scoped_release nogil;
+    qk::gemm_w8a16(x.data(), m, packed.data(), w_scale.data(), b, n, k, y.mutable_data());
+    return y;
+  });
+}
+
+qk::bind::Register reg(init);
+
+}  // namespace

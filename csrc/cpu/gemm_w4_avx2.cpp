@@ -1,0 +1,413 @@
+// AVX2 int4 matmul kernels. Same float32 operations in the same order as the scalar kernels
+// (gemm_w4_scalar.cpp), so both paths give identical bits. A packed vector is 8 rows x 8 codes
+// (one 32-bit word per row, gemm_w4.h), so every kernel works on 8 rows per vector and never
+// needs a horizontal sum:
+// - fast mode: the low / high nibbles times the broadcast 4 int8 activations they pair with
+//   (maddubs, u8 x s8 -> s16) summed over the block give each row's exact dot product in its
+//   own lane; the zero point and the +8 bias come off through the block's code sum; then one
+//   FMA per block (x scale) and one per group (weight scale).
+// - exact mode: (word & (15 << sh)) converts exactly to u * 2^sh; one FMA by 2^-sh gives
+//   u - (8 + z) exactly; FMA chains run along k inside each group, 4 tiles at a time (M = 1)
+//   or from a k-major float buffer in a 5-row x 16-column register block (M > 1).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "cpu/gemm_w4.h"
+
+namespace qk {
+namespace w4 {
+namespace {
+
+inline float hmax8(__m256 v) {
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_max_ss(a, _mm_shuffle_ps(a, a, 1)));
+}
+
+inline int32_t hsum8i(__m256i v) {
+  __m128i a = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  a = _mm_add_epi32(a, _mm_unpackhi_epi64(a, a));
+  return _mm_cvtsi128_si32(_mm_add_epi32(a, _mm_shuffle_epi32(a, 1)));
+}
+
+void quantize_x_avx2(const float* x, int64_t k, int64_t m0, int64_t m1, int8_t* xq, float* dx,
+                     float* xs) {
+  const int64_t nb = k / kW4Block;
+  const __m256 sign = _mm256_set1_ps(-0.0f), fmax = _mm256_set1_ps(FLT_MAX);
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * k + b * kW4Block;
+      __m256i* qb = reinterpret_cast<__m256i*>(xq + m * k + b * kW4Block);
+      __m256 v[4], amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        __m256 a = _mm256_andnot_ps(sign, v[i]);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, fmax, _CMP_NLE_UQ));  // NaN or Inf
+        amax = _mm256_max_ps(amax, a);
+      }
+      float d = hmax8(amax) / 127.0f;
+      int32_t sum = 0;
+      if (_mm256_movemask_ps(bad) != 0 || d < FLT_MIN) {
+        _mm256_storeu_si256(qb, _mm256_setzero_si256());
+        d = _mm256_movemask_ps(bad) != 0 ? NAN : 0.0f;
+      } else {
+        const __m256 r = _mm256_set1_ps(1.0f / d);
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) {
+          __m256 t = _mm256_round_ps(_mm256_mul_ps(v[i], r),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          q[i] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(t, lo), hi));
+        }
+        sum = hsum8i(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256(qb, _mm256_permutevar8x32_epi32(p, order));
+      }
+      dx[m * nb + b] = d;
+      xs[m * nb + b] = static_cast<float>(sum);
+    }
+  }
+}
+
+// ---- fast mode ---------------------------------------------------------------------------
+
+constexpr int64_t kPrefetch = 2048;  // bytes ahead in the packed stream of a tile (GEMV)
+
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// (8 + z) of a tile's rows for one group, as float.
+inline __m256 code_offsets(const int32_t* zeros, int64_t off) {
+  const __m256 eight = _mm256_set1_ps(8.0f);
+  if (!zeros) return eight;
+  __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(zeros + off));
+  return _mm256_add_ps(eight, _mm256_cvtepi32_ps(z));
+}
+
+// y[m, 8t .. 8t+8) = v (+ bias), rows past n dropped.
+inline void store_tile(const Problem& p, int64_t m, int64_t t, __m256 v) {
+  const int64_t n0 = t * kW4Rows;
+  float* out = p.y + m * p.n + n0;
+  if (n0 + kW4Rows <= p.n) {
+    if (p.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + n0));
+    _mm256_storeu_ps(out, v);
+    return;
+  }
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int64_t r = 0; n0 + r < p.n; ++r) out[r] = p.bias ? tmp[r] + p.bias[n0 + r] : tmp[r];
+}
+
+// GEMV: exact int32 sums u . xq of the tile's 8 rows over one block (row n in lane n),
+// decoded from the 128 packed bytes. A maddubs pair is at most 2 * 15 * 127 = 3810 in
+// magnitude, the int16 sum of eight 30480 < 2^15.
+inline __m256i gemv_block_dot(const uint8_t* blk, const int8_t* xq) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256i p[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * i));
+    p[i] = _mm256_add_epi16(
+        _mm256_maddubs_epi16(_mm256_and_si256(v, mask), bcast4(xq + 8 * i)),
+        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), bcast4(xq + 8 * i + 4)));
+  }
+  const __m256i s = _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
+  return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+}
+
+// GEMV, one tile: per group acc = chain of fma(dx, du - zc * xs, acc), y = fma(scale, acc, y).
+void gemv_tile(const Problem& p, int64_t t, int64_t m) {
+  const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
+  const uint8_t* w = p.packed + t * nb * kW4TileBlockBytes;
+  const int8_t* xq = p.xq + m * p.k;
+  const float* dx = p.dx + m * nb;
+  const float* xs = p.xs + m * nb;
+  __m256 y = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m256 zc = code_offsets(p.zeros, (t * ng + g) * kW4Rows);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      const uint8_t* blk = w + b * kW4TileBlockBytes;  // the hardware prefetcher falls behind
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
+      const __m256 du = _mm256_cvtepi32_ps(gemv_block_dot(blk, xq + b * kW4Block));
+      acc = _mm256_fmadd_ps(_mm256_broadcast_ss(dx + b),
+                            _mm256_fnmadd_ps(zc, _mm256_broadcast_ss(xs + b), du), acc);
+    }
+    y = _mm256_fmadd_ps(_mm256_loadu_ps(p.scales + (t * ng + g) * kW4Rows), acc, y);
+  }
+  store_tile(p, m, t, y);
+}
+
+// Rows `rows` x tiles [t, t + T), groups [g0, g1) (GEMM): per group, acc = chain over its
+// blocks of fma(dx, du - zc * xs, acc), du the exact int32 block sums u . xq (row n of a tile
+// in lane n; bounds as in gemv_block_dot); then y = fma(scale, acc, y). w[j]: tile t + j's
+// nibbles from group g0 on, split beforehand (256 bytes per block: low then high nibbles of
+// words 0..3). Nibble loads and activation broadcasts are shared by the R x T block.
+template <int R, int T>
+inline void fast_groups(const Problem& p, const uint8_t* const* w, const int64_t* rows,
+                        int64_t t, int64_t g0, int64_t g1, __m256 (&y)[R][T]) {
+  const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
+  const __m256i one = _mm256_set1_epi16(1);
+  for (int64_t g = g0; g < g1; ++g) {
+    __m256 zc[T], acc[R][T];
+    for (int j = 0; j < T; ++j) zc[j] = code_offsets(p.zeros, ((t + j) * ng + g) * kW4Rows);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      __m256i s[R][T];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < T; ++j) s[r][j] = _mm256_setzero_si256();
+      for (int i = 0; i < 4; ++i) {
+        __m256i lo[T], hi[T];
+        for (int j = 0; j < T; ++j) {
+          const uint8_t* src = w[j] + (b - g0 * bpg) * 256 + 32 * i;
+          lo[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+          hi[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 128));
+        }
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xq = p.xq + rows[r] * p.k + b * kW4Block + 8 * i;
+          const __m256i xl = bcast4(xq), xh = bcast4(xq + 4);
+          for (int j = 0; j < T; ++j)
+            s[r][j] = _mm256_add_epi16(_mm256_add_epi16(s[r][j], _mm256_maddubs_epi16(lo[j], xl)),
+                                       _mm256_maddubs_epi16(hi[j], xh));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256 xs = _mm256_broadcast_ss(p.xs + rows[r] * nb + b);
+        const __m256 dx = _mm256_broadcast_ss(p.dx + rows[r] * nb + b);
+        for (int j = 0; j < T; ++j) {
+          const __m256 du = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r][j], one));
+          acc[r][j] = _mm256_fmadd_ps(dx, _mm256_fnmadd_ps(zc[j], xs, du), acc[r][j]);
+        }
+      }
+    }
+    for (int j = 0; j < T; ++j) {
+      const __m256 sc = _mm256_loadu_ps(p.scales + ((t + j) * ng + g) * kW4Rows);
+      for (int r = 0; r < R; ++r) y[r][j] = _mm256_fmadd_ps(sc, acc[r][j], y[r][j]);
+    }
+  }
+}
+
+// Rows [m0, m1) x tile pair [t, t + T): for each chunk of >= 1024 k, the nibbles of the tiles
+// are split once into an L1 buffer, then the rows run two at a time (y kept in ys).
+template <int T>
+void fast_rows_tiles(const Problem& p, int64_t t, int64_t m0, int64_t m1, uint8_t* nib,
+                     float* ys) {
+  const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
+  const int64_t gpc = std::max<int64_t>(1, 1024 / p.group), cb = gpc * bpg;  // blocks per chunk
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  std::fill(ys, ys + (m1 - m0) * 8 * T, 0.0f);
+  for (int64_t g0 = 0; g0 < ng; g0 += gpc) {
+    const int64_t g1 = std::min(ng, g0 + gpc);
+    const uint8_t* w[T];
+    for (int j = 0; j < T; ++j) {
+      const uint8_t* src = p.packed + ((t + j) * nb + g0 * bpg) * kW4TileBlockBytes;
+      uint8_t* dst = nib + j * cb * 256;
+      for (int64_t v = 0; v < (g1 - g0) * bpg * 4; ++v) {  // block v / 4, word vector v % 4
+        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * v));
+        uint8_t* d = dst + (v / 4) * 256 + (v % 4) * 32;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm256_and_si256(x, mask));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 128),
+                            _mm256_and_si256(_mm256_srli_epi16(x, 4), mask));
+      }
+      w[j] = dst;
+    }
+    auto rows_at = [&](auto rc, int64_t m) {  // rows m .. m + R - 1, y kept in ys
+      constexpr int R = decltype(rc)::value;
+      const int64_t rows[2] = {m, m + R - 1};
+      __m256 y[R][T];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < T; ++j) y[r][j] = _mm256_loadu_ps(ys + ((m - m0 + r) * T + j) * 8);
+      fast_groups<R, T>(p, w, rows, t, g0, g1, y);
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < T; ++j) _mm256_storeu_ps(ys + ((m - m0 + r) * T + j) * 8, y[r][j]);
+    };
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) rows_at(std::integral_constant<int, 2>{}, m);
+    if (m < m1) rows_at(std::integral_constant<int, 1>{}, m);
+  }
+  for (int64_t m = m0; m < m1; ++m)
+    for (int j = 0; j < T; ++j) store_tile(p, m, t + j, _mm256_loadu_ps(ys + ((m - m0) * T + j) * 8));
+}
+
+void fast_avx2(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
+  int64_t t = t0;
+  if (m1 - m0 == 1) {
+    for (; t < t1; ++t) gemv_tile(p, t, m0);
+    return;
+  }
+  const int64_t gpc = std::max<int64_t>(1, 1024 / p.group), bpg = p.group / kW4Block;
+  thread_local std::vector<uint8_t> nibs;
+  thread_local std::vector<float> ys;
+  if (nibs.size() < static_cast<size_t>(2 * gpc * bpg * 256)) nibs.resize(2 * gpc * bpg * 256);
+  if (ys.size() < static_cast<size_t>((m1 - m0) * 16)) ys.resize((m1 - m0) * 16);
+  for (; t + 2 <= t1; t += 2) fast_rows_tiles<2>(p, t, m0, m1, nibs.data(), ys.data());
+  if (t < t1) fast_rows_tiles<1>(p, t, m0, m1, nibs.data(), ys.data());
+}
+
+// ---- exact mode --------------------------------------------------------------------------
+// Inside a group, k runs over block b, word vector i, code c: k = 32 b + 8 i + c.
+
+// float(u) - zc for code 8i + C of every row of a packed vector (C = 0..7, the nibble at bit
+// sh = 8 (C % 4) + 4 (C / 4)): masked in place, u * 2^sh converts exactly and one FMA by
+// 2^-sh gives u - zc exactly (small integers).
+template <int C>
+inline __m256 code_minus(__m256i v, __m256 zc) {
+  constexpr int kShift = 8 * (C % 4) + 4 * (C / 4);
+  if (kShift == 28) return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28)), zc);
+  __m256 f = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15 << kShift)));
+  if (kShift == 0) return _mm256_sub_ps(f, zc);
+  return _mm256_fmsub_ps(f, _mm256_set1_ps(1.0f / static_cast<float>(1 << kShift)), zc);
+}
+
+// f(std::integral_constant<int, C>{}) for C = 0..7, in order.
+template <typename F, int... C>
+inline void for_codes(F&& f, std::integer_sequence<int, C...>) {
+  (f(std::integral_constant<int, C>{}), ...);
+}
+template <typename F>
+inline void for_codes(F&& f) { for_codes(f, std::make_integer_sequence<int, 8>{}); }
+
+// Row m, tiles [t, t + NT): NT independent FMA chains (one per tile, 8 rows each).
+template <int NT>
+void exact_tiles_row(const Problem& p, int64_t t, int64_t m) {
+  const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
+  const float* x = p.x + m * p.k;
+  __m256 y[NT];
+  for (int j = 0; j < NT; ++j) y[j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 zc[NT], a[NT];
+    for (int j = 0; j < NT; ++j) {
+      zc[j] = code_offsets(p.zeros, ((t + j) * ng + g) * kW4Rows);
+      a[j] = _mm256_setzero_ps();
+    }
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      for (int i = 0; i < 4; ++i) {
+        __m256i v[NT];
+        for (int j = 0; j < NT; ++j)
+          v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+              p.packed + ((t + j) * nb + b) * kW4TileBlockBytes + 32 * i));
+        const float* xk = x + b * kW4Block + 8 * i;
+        for_codes([&](auto c) {
+          const __m256 xb = _mm256_broadcast_ss(xk + c());
+          for (int j = 0; j < NT; ++j)
+            a[j] = _mm256_fmadd_ps(xb, code_minus<c()>(v[j], zc[j]), a[j]);
+        });
+      }
+    }
+    for (int j = 0; j < NT; ++j)
+      y[j] = _mm256_fmadd_ps(_mm256_loadu_ps(p.scales + ((t + j) * ng + g) * kW4Rows), a[j], y[j]);
+  }
+  for (int j = 0; j < NT; ++j) store_tile(p, m, t + j, y[j]);
+}
+
+// Groups [g0, g1) of tiles [t, t + nt) (nt <= 2) as k-major floats u - zc:
+// w[(k - g0 * group) * 16 + 8 j + r] for row r of tile t + j.
+void decode_cols(const Problem& p, int64_t t, int nt, int64_t g0, int64_t g1, float* w) {
+  const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
+  for (int j = 0; j < nt; ++j) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const __m256 zc = code_offsets(p.zeros, ((t + j) * ng + g) * kW4Rows);
+      for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+        for (int i = 0; i < 4; ++i) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+              p.packed + ((t + j) * nb + b) * kW4TileBlockBytes + 32 * i));
+          float* d = w + (b * kW4Block + 8 * i - g0 * p.group) * 16 + 8 * j;
+          for_codes([&](auto c) { _mm256_storeu_ps(d + c() * 16, code_minus<c()>(v, zc)); });
+        }
+      }
+    }
+  }
+}
+
+// One group of MR rows x NT tiles: acc chains over its k from zero, then
+// ys = fma(scale, acc, ys) (ys: 16 floats per row).
+template <int MR, int NT>
+void exact_block(const Problem& p, int64_t m, int64_t t, int64_t g, const float* w, float* ys) {
+  const int64_t ng = p.k / p.group;
+  const float* x = p.x + m * p.k + g * p.group;
+  __m256 acc[MR][NT];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < p.group; ++k) {
+    __m256 wv[NT];
+    for (int j = 0; j < NT; ++j) wv[j] = _mm256_loadu_ps(w + k * 16 + 8 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xb = _mm256_broadcast_ss(x + i * p.k + k);
+      for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_fmadd_ps(xb, wv[j], acc[i][j]);
+    }
+  }
+  for (int j = 0; j < NT; ++j) {
+    const __m256 s = _mm256_loadu_ps(p.scales + ((t + j) * ng + g) * kW4Rows);
+    for (int i = 0; i < MR; ++i) {
+      float* yp = ys + i * 16 + 8 * j;
+      _mm256_storeu_ps(yp, _mm256_fmadd_ps(s, acc[i][j], _mm256_loadu_ps(yp)));
+    }
+  }
+}
+
+template <int NT>
+void exact_block_rows(const Problem& p, int64_t m, int rows, int64_t t, int64_t g,
+                      const float* w, float* ys) {
+  switch (rows) {
+    case 1: return exact_block<1, NT>(p, m, t, g, w, ys);
+    case 2: return exact_block<2, NT>(p, m, t, g, w, ys);
+    case 3: return exact_block<3, NT>(p, m, t, g, w, ys);
+    case 4: return exact_block<4, NT>(p, m, t, g, w, ys);
+    default: return exact_block<5, NT>(p, m, t, g, w, ys);
+  }
+}
+
+// M = 1: codes decoded on the fly, 4 tiles at a time. More rows: pairs of tiles decoded once
+// per chunk of groups (>= 256 k, L1-resident) into k-major floats, then 5 x 16 blocks.
+void exact_avx2(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
+  if (m1 - m0 == 1) {
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) exact_tiles_row<4>(p, t, m0);
+    for (; t < t1; ++t) exact_tiles_row<1>(p, t, m0);
+    return;
+  }
+  const int64_t ng = p.k / p.group, rows = m1 - m0;
+  const int64_t gpc = std::max<int64_t>(1, 256 / p.group);  // groups per chunk
+  thread_local std::vector<float> wbuf, ybuf;
+  if (wbuf.size() < static_cast<size_t>(gpc * p.group * 16)) wbuf.resize(gpc * p.group * 16);
+  if (ybuf.size() < static_cast<size_t>(rows * 16)) ybuf.resize(rows * 16);
+  float* wp = wbuf.data();
+  float* yp = ybuf.data();
+  for (int64_t t = t0; t < t1; t += 2) {
+    const int nt = t + 1 < t1 ? 2 : 1;
+    std::fill(yp, yp + rows * 16, 0.0f);
+    for (int64_t g0 = 0; g0 < ng; g0 += gpc) {
+      const int64_t g1 = std::min(ng, g0 + gpc);
+      decode_cols(p, t, nt, g0, g1, wp);
+      for (int64_t i = 0; i < rows; i += 5) {
+        const int r = static_cast<int>(std::min<int64_t>(5, rows - i));
+        for (int64_t g = g0; g < g1; ++g) {
+          const float* w = wp + (g - g0) * p.group * 16;
+          if (nt == 2) exact_block_rows<2>(p, m0 + i, r, t, g, w, yp + i * 16);
+          else exact_block_rows<1>(p, m0 + i, r, t, g, w, yp + i * 16);
+        }
+      }
+    }
+    for (int64_t i = 0; i < rows; ++i)
+      for (int j = 0; j < nt; ++j) store_tile(p, m0 + i, t + j, _mm256_loadu_ps(yp + i * 16 + 8 * j));
+  }
+}
+
+const Kernels kAvx2Kernels = {quantize_x_avx2, fast_avx2, exact_avx2};
+
+}  // namespace
+
+const Kernels* avx2_kernels() { return &kAvx2Kernels; }
+
+}  // namespace w4
+}  // namespace qk

@@ -1,0 +1,131 @@
+"""int8-weight matmuls: ``qkern::pack_w8``, ``qkern::gemm_w8a8`` and ``qkern::gemm_w8a16``.
+
+Weights are (N, K) int8 codes with one float32 scale per output channel (row), packed once by
+``pack_w8`` into the kernels' blocked layout (``csrc/cpu/gemm_w8.h``): a flat int8 tensor of
+``w8_packed_nbytes(N, K)`` bytes. Exact definitions: docs/numerics.md, "int8 matmul".
+
+- ``gemm_w8a8``: each row of ``x`` is quantized to int8 on the fly (scale = amax / 127, codes
+  [-127, 127], round-nearest-even), int32 accumulation, ``(acc * sx[m]) * w_scale[n] + bias[n]``.
+- ``gemm_w8a16``: ``x @ (codes * w_scale)^T + bias`` with float32 accumulation.
+
+``x`` is (..., K) float32, bfloat16 or float16 (computed in float32); the result is
+(..., N) in ``x.dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _C
+from .cpu import NonFiniteError
+from .schemas import LIB
+
+SCHEMAS = {
+    "pack_w8": "pack_w8(Tensor codes) -> Tensor",
+    "gemm_w8a8": (
+        "gemm_w8a8(Tensor x, Tensor packed_w, Tensor w_scale, Tensor? bias, int N, int K) "
+        "-> Tensor"
+    ),
+    "gemm_w8a16": (
+        "gemm_w8a16(Tensor x, Tensor packed_w, Tensor w_scale, Tensor? bias, int N, int K) "
+        "-> Tensor"
+    ),
+}
+
+for _schema in SCHEMAS.values():
+    LIB.define(_schema)
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def packed_nbytes(n: int, k: int) -> int:
+    """Bytes of ``pack_w8`` of (n, k) codes: n and k padded to multiples of 16 and 4."""
+    return (n + 15) // 16 * 16 * ((k + 3) // 4 * 4)
+
+
+def _check_codes(codes: torch.Tensor) -> None:
+    if codes.dim() != 2 or codes.dtype != torch.int8:
+        raise ValueError(f"codes must be a 2-D int8 tensor (N, K), got {codes.dtype} "
+                         f"of shape {tuple(codes.shape)}")
+
+
+def _check_gemm(x, packed_w, w_scale, bias, N: int, K: int) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have shape (..., K={K}), got {tuple(x.shape)}")
+    if packed_w.dtype != torch.int8 or packed_w.numel() != packed_nbytes(N, K):
+        raise ValueError(f"packed_w must be the int8 pack_w8 output for N={N}, K={K} "
+                         f"({packed_nbytes(N, K)} bytes), got {packed_w.dtype} with "
+                         f"{packed_w.numel()} elements")
+    if w_scale.numel() != N:
+        raise ValueError(f"w_scale must have N={N} elements, got {w_scale.numel()}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"bias must have N={N} elements, got {bias.numel()}")
+
+
+def _out_shape(x: torch.Tensor, N: int) -> tuple:
+    return (*x.shape[:-1], N)
+
+
+@torch.library.register_fake("qkern::pack_w8")
+def _(codes):
+    _check_codes(codes)
+    n, k = codes.shape
+    return codes.new_empty(packed_nbytes(n, k))
+
+
+@torch.library.register_fake("qkern::gemm_w8a8")
+def _(x, packed_w, w_scale, bias, N, K):
+    _check_gemm(x, packed_w, w_scale, bias, N, K)
+    return x.new_empty(_out_shape(x, N))
+
+
+@torch.library.register_fake("qkern::gemm_w8a16")
+def _(x, packed_w, w_scale, bias, N, K):
+    _check_gemm(x, packed_w, w_scale, bias, N, K)
+    return x.new_empty(_out_shape(x, N))
+
+
+def _f32(t: torch.Tensor | None):
+    return None if t is None else t.detach().to(torch.float32).contiguous().reshape(-1).numpy()
+
+
+def pack_w8(codes):
+    _check_codes(codes)
+    n, k = codes.shape
+    return torch.from_numpy(_C.pack_w8(codes.detach().contiguous().reshape(-1).numpy(), n, k))
+
+
+def unpack_w8(packed_w: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The (N, K) codes back from ``pack_w8`` (not an op: a test and debugging helper)."""
+    return torch.from_numpy(_C.unpack_w8(packed_w.contiguous().numpy(), N, K)).view(N, K)
+
+
+def _gemm(fn, x, packed_w, w_scale, bias, N, K):
+    _check_gemm(x, packed_w, w_scale, bias, N, K)
+    m = math.prod(x.shape[:-1])
+    out = fn(_f32(x), packed_w.detach().contiguous().numpy(), _f32(w_scale), _f32(bias),
+             m, N, K)
+    return torch.from_numpy(out).view(_out_shape(x, N)).to(x.dtype)
+
+
+def gemm_w8a8(x, packed_w, w_scale, bias, N, K):
+    def run(*args):
+        y, bad = _C.gemm_w8a8(*args)
+        if bad:
+            raise NonFiniteError("gemm_w8a8: x contains NaN or Inf")
+        return y
+
+    return _gemm(run, x, packed_w, w_scale, bias, N, K)
+
+
+def gemm_w8a16(x, packed_w, w_scale, bias, N, K):
+    return _gemm(_C.gemm_w8a16, x, packed_w, w_scale, bias, N, K)
+
+
+for _name, _fn in {"pack_w8": pack_w8, "gemm_w8a8": gemm_w8a8,
+                   "gemm_w8a16": gemm_w8a16}.items():
+    LIB.impl(_name, _fn, "CPU")

@@ -1,0 +1,246 @@
+"""qkern::gemm_w4 (int4 group-wise weight matmul) against independent float64 references
+written from docs/numerics.md "int4 group-wise matmul": the packed layout byte for byte, the
+exact mode within its float32 accumulation bound, the fast mode against a reference that
+quantizes x per block exactly as specified (to float32 accumulation rounding) and against the
+true product within the activation-quantization bound; scalar and AVX2 paths, 1 and 2 threads,
+GEMV and GEMM paths all bit-identical."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qkern
+import qkern.ops.w4 as W
+
+U = 2.0 ** -24  # float32 unit roundoff
+ISAS = ["scalar"] + (["avx2"] if qkern._C.cpu_has_avx2() else [])
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit in opcheck
+
+
+def make_weight(n, k, group, asym, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    s = (torch.rand(n, k // group, generator=g) + 0.05) * scale
+    z = torch.randint(-8, 8, (n, k // group), dtype=torch.int32, generator=g) if asym else None
+    return q, s, z
+
+
+def dequant64(q, s, z, group):
+    zz = 0 if z is None else z.double().repeat_interleave(group, 1)
+    return (q.double() - zz) * s.double().repeat_interleave(group, 1)
+
+
+def ref_exact(x, q, s, z, group, bias=None):
+    y = x.double() @ dequant64(q, s, z, group).T
+    return y if bias is None else y + bias.double()
+
+
+def quantize_x_ref(x: torch.Tensor):
+    """The fast mode's activation quantization, in numpy float32: per block of 32,
+    d = amax / 127, xq = clip(rint(x * (1 / d)), -127, 127); d < FLT_MIN -> d = 0, xq = 0."""
+    xb = x.numpy().astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(axis=2)
+    d = (amax / np.float32(127)).astype(np.float32)
+    tiny = d < np.finfo(np.float32).tiny
+    r = (np.float32(1) / np.where(tiny, np.float32(1), d)).astype(np.float32)
+    xq = np.clip(np.rint(xb * r[:, :, None]), -127, 127)
+    xq[tiny] = 0
+    d[tiny] = 0
+    return torch.from_numpy(xq.reshape(x.shape).astype(np.float64)), torch.from_numpy(d)
+
+
+def check_exact(y, x, q, s, z, group, bias=None):
+    k = x.shape[-1]  # chains of G FMAs per group, K/G per output, the bias add
+    ref = ref_exact(x, q, s, z, group, bias)
+    mag = x.double().abs() @ dequant64(q, s, z, group).abs().T
+    if bias is not None:
+        mag = mag + bias.double().abs()
+    bound = (group + k // group + 2) * 1.01 * U * mag + 1e-300
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+
+
+def check_fast(y, x, q, s, z, group, bias=None):
+    xq, d = quantize_x_ref(x)
+    xd = xq * d.repeat_interleave(32, 1)  # the quantized activations, exactly
+    w = dequant64(q, s, z, group)
+    yq = xd @ w.T + (0 if bias is None else bias.double())
+    # float32 accumulation: G/32 FMAs per group, K/G per output, the bias add
+    nacc = group // 32 + x.shape[-1] // group + 2
+    mag = xd.abs() @ w.abs().T + (0 if bias is None else bias.double().abs())
+    err = (y.double() - yq).abs()
+    bound = nacc * 1.01 * U * mag + 1e-300
+    assert bool((err <= bound).all()), float((err / bound).max())
+    # against the true product: |x - d xq| <= d / 2 + 2.0001 u |x| per element
+    xerr = d.repeat_interleave(32, 1) / 2 + 2.0001 * U * x.double().abs()
+    total = xerr @ w.abs().T + bound
+    assert bool(((y.double() - ref_exact(x, q, s, z, group, bias)).abs() <= total).all())
+
+
+def run(x, w, mode, bias=None, isa="avx2", threads=2):
+    qkern.set_isa(isa)
+    qkern.set_num_threads(threads)
+    return W.gemm_w4(x, w, bias, mode)
+
+
+# ---- layout ---------------------------------------------------------------------------------
+
+def packed_ref(q: torch.Tensor) -> np.ndarray:
+    """The documented layout, from the codes: tile t, block b, vector i, row r, byte j."""
+    n, k = q.shape
+    npad = (n + 7) // 8 * 8
+    u = np.full((npad, k), 8, np.int64)
+    u[:n] = q.numpy().astype(np.int64) + 8
+    out = np.zeros((npad // 8, k // 32, 4, 8, 4), np.uint8)
+    for t in range(npad // 8):
+        for b in range(k // 32):
+            for i in range(4):
+                for r in range(8):
+                    for j in range(4):
+                        c = u[8 * t + r, 32 * b + 8 * i + j], u[8 * t + r, 32 * b + 8 * i + 4 + j]
+                        out[t, b, i, r, j] = c[0] | c[1] << 4
+    return out.reshape(npad // 8, k // 32, 128)
+
+
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (8, 32), (9, 96), (33, 128)])
+def test_pack_layout_and_roundtrip(n, k):
+    q, s, z = make_weight(n, k, 32, True, seed=n)
+    w = W.pack_weight(q, s, z, 32)
+    assert w["packed"].dtype == torch.uint8
+    assert np.array_equal(w["packed"].numpy(), packed_ref(q))
+    npad = (n + 7) // 8 * 8
+    assert w["scales"].shape == (npad // 8, k // 32, 8)
+    assert torch.equal(w["scales"][0, :, 0], s[0])
+    c2, s2, z2 = W.unpack_weight(w)
+    assert torch.equal(c2, q) and torch.equal(s2, s) and torch.equal(z2, z)
+    assert torch.equal(torch.from_numpy(qkern._C.unpack_w4(w["packed"].numpy(), n, k)), q)
+
+
+def test_pack_errors():
+    q, s, z = make_weight(4, 96, 32, True)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        W.pack_weight(q, s[:, :1], None, 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        W.pack_weight(q[:, :48], s, None, 48)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        W.pack_weight(q[:, :40], s, None, 32)
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        W.pack_weight(q.clone().fill_(8), s, None, 32)
+    with pytest.raises(ValueError, match="zero points"):
+        W.pack_weight(q, s, z + 9, 32)
+    with pytest.raises(ValueError, match="scales must be"):
+        W.pack_weight(q, s[:, :2], None, 32)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        qkern._C.pack_w4(q.numpy(), 64)
+    w = W.pack_weight(q, s, z, 32)
+    with pytest.raises(ValueError, match="K = 96"):
+        W.gemm_w4(torch.randn(2, 64), w)
+    with pytest.raises(ValueError, match="mode"):
+        W.gemm_w4(torch.randn(2, 96), w, mode="slow")
+    with pytest.raises(ValueError, match="scales"):
+        torch.ops.qkern.gemm_w4(torch.randn(2, 96), w["packed"], s, None, None, 4, 96, 32, 0)
+
+
+# ---- numerics -------------------------------------------------------------------------------
+
+SHAPES = [  # M, N, K, G
+    (1, 7, 32, 32), (3, 33, 96, 32), (17, 7, 4096, 128), (1, 33, 4096, 64),
+    (17, 33, 4096, 32), (512, 7, 96, 32), (3, 16, 256, 128),
+]
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_all_paths_identical(shape, asym, mode):
+    m, n, k, g = shape
+    q, s, z = make_weight(n, k, g, asym, seed=m + n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3
+    bias = torch.randn(n) if asym else None
+    w = W.pack_weight(q, s, z, g)
+    outs = [run(x, w, mode, bias, isa, t) for isa in ISAS for t in (1, 2)]
+    (check_exact if mode == "exact" else check_fast)(outs[0], x, q, s, z, g, bias)
+    for o in outs[1:]:  # scalar / AVX2, 1 / 2 threads: the same bits
+        assert torch.equal(o.view(torch.int32), outs[0].view(torch.int32))
+    rows = torch.cat([run(x[i : i + 1], w, mode, bias) for i in range(m)])  # GEMV path
+    assert torch.equal(rows.view(torch.int32), outs[0].view(torch.int32))
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("m", [1, 512])
+def test_large_gemv_gemm(m, mode):
+    n, k, g = 264, 4096, 128
+    q, s, z = make_weight(n, k, g, True, seed=3)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    w = W.pack_weight(q, s, z, g)
+    y = run(x, w, mode, threads=2)
+    (check_exact if mode == "exact" else check_fast)(y, x, q, s, z, g)
+    assert torch.equal(y, run(x, w, mode, threads=1))
+    if "avx2" in ISAS and m == 1:
+        assert torch.equal(y, run(x, w, mode, isa="scalar"))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_zero_rows_and_magnitudes(mode, isa):
+    m, n, k, g = 6, 12, 256, 64
+    q, s, z = make_weight(n, k, g, True, seed=5)
+    q[3] = 0
+    z[3] = 0  # a weight row of zeros
+    s[5] = 0.0  # a row with zero scales
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    x[1] = 0.0  # an activation row of zeros
+    x[2] *= 1e17  # large (products ~1e33: no overflow)
+    x[4] *= 1e-20  # tiny but normal
+    x[5, :32] = 0.0  # one zero block
+    s2 = s.clone()
+    s2[:, 0] *= 1e15
+    for scales in (s, s2):
+        w = W.pack_weight(q, scales, z, g)
+        y = run(x, w, mode, isa=isa)
+        (check_exact if mode == "exact" else check_fast)(y, x, q, scales, z, g)
+        assert bool((y[1] == 0).all()) and bool((y[:, 3] == 0).all()) and bool((y[:, 5] == 0).all())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_nonfinite_activations_give_nan_rows(mode, isa):
+    q, s, z = make_weight(9, 64, 32, False)
+    w = W.pack_weight(q, s, z, 32)
+    x = torch.randn(3, 64)
+    x[0, 5] = float("nan")
+    x[2, 40] = float("inf")
+    y = run(x, w, mode, isa=isa)
+    assert bool(torch.isfinite(y[1]).all())
+    assert bool(torch.isnan(y[0]).all())
+    if mode == "fast":
+        assert bool(torch.isnan(y[2]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_and_leading_dims(dtype):
+    q, s, z = make_weight(10, 128, 64, True)
+    w = W.pack_weight(q, s, z, 64)
+    x = torch.randn(2, 3, 128).to(dtype)
+    bias = torch.randn(10)
+    for mode in ("exact", "fast"):
+        y = W.gemm_w4(x, w, bias, mode)
+        assert y.shape == (2, 3, 10) and y.dtype == torch.float32
+        assert torch.equal(y, W.gemm_w4(x.float(), w, bias, mode))
+    assert W.gemm_w4(x[0, 0], w).shape == (10,)
+    assert W.gemm_w4(torch.empty(0, 128), w).shape == (0, 10)
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_opcheck(mode):
+    q, s, z = make_weight(13, 96, 32, True)
+    w = W.pack_weight(q, s, z, 32)
+    x = torch.randn(5, 96)
+    args = (x, w["packed"], w["scales"], w["zeros"], torch.randn(13), 13, 96, 32, mode)
+    torch.library.opcheck(torch.ops.qkern.gemm_w4.default, args)
+    x3 = torch.randn(2, 1, 96)
+    torch.library.opcheck(torch.ops.qkern.gemm_w4.default,
+                          (x3, w["packed"], w["scales"], None, None, 13, 96, 32, mode))
