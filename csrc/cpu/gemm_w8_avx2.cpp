@@ -5,9 +5,12 @@
 // = w * x, and a pair sum is at most 2 * 128 * 127 = 32512 < 2^15: vpmaddubsw never
 // saturates. vpmaddwd by 1 widens the pairs to int32. So the int32 sums are exact, and the
 // float epilogue is the shared scalar one written with the same operations in the same order.
+// (Widening both operands to int16 for vpmaddwd alone saves the sign op but measured no faster
+// on the Zen development machine, and costs a panel per tile; not used.)
 //
 // W8A16: a GEMV kernel (few rows) converts codes in registers and accumulates with FMA; more
-// rows dequantize one 16-column block into a float panel and run a 6 x 16 FMA micro-kernel.
+// rows dequantize a 16-column block 256 k at a time into a float panel (16 KiB, L1) and run a
+// 6 x 16 FMA micro-kernel over it.
 #include <immintrin.h>
 
 #include <cstring>
