@@ -11,8 +11,9 @@
 namespace qk {
 namespace {
 
-// Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
-constexpr int64_t kMinParallelMacs = int64_t{1} << 18;
+// Below this many multiply-adds a call runs on the calling thread: waking the pool (tens of
+// microseconds here) costs more. The exact mode does about 3x the work per multiply-add.
+constexpr int64_t kMinParallelMacs[2] = {int64_t{1} << 19, int64_t{1} << 21};
 
 const w4::Kernels& kernels() {
   if (active_isa() == kIsaAvx2) {
@@ -65,7 +66,8 @@ void gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scal
   const w4::Kernels& kern = kernels();
   const int threads = pool_threads();
   const int64_t tiles = w4_padded_rows(n) / kW4Rows, nb = k / kW4Block;
-  const bool parallel = threads > 1 && m * tiles * kW4Rows * k >= kMinParallelMacs;
+  const int64_t macs = m * tiles * kW4Rows * k;
+  const bool parallel = threads > 1 && macs >= kMinParallelMacs[mode == kW4Fast];
 
   w4::Problem p{x, packed, scales, zeros, bias, y, m, n, k, group, nullptr, nullptr, nullptr};
   std::vector<int8_t> xq;
@@ -88,8 +90,9 @@ void gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scal
   // per task leave at least 8 tasks per thread for load balance, at most 16 tiles each.
   const int64_t row_chunk = mode == kW4Fast ? 64 : 32;
   const int64_t mchunks = (m + row_chunk - 1) / row_chunk;
-  int64_t per = 16;
+  int64_t per = 16;  // even: the exact GEMM kernel takes tiles in pairs
   if (parallel) per = std::max<int64_t>(1, std::min<int64_t>(16, tiles * mchunks / (8 * threads)));
+  if (per > 1) per &= ~int64_t{1};
   const int64_t tchunks = (tiles + per - 1) / per;
   auto fn = mode == kW4Fast ? kern.fast : kern.exact;
   run_tasks(tchunks * mchunks, parallel, [&](int64_t i) {

@@ -5,7 +5,8 @@
 // - fast mode: the low / high nibbles times the broadcast 4 int8 activations they pair with
 //   (maddubs, u8 x s8 -> s16) summed over the block give each row's exact dot product in its
 //   own lane; the zero point and the +8 bias come off through the block's code sum; then one
-//   FMA per block (x scale) and one per group (weight scale).
+//   FMA per block (x scale) and one per group (weight scale). Weights are decoded on the fly
+//   (software prefetch ahead); for M > 1 each tile stays cached across a chunk of rows.
 // - exact mode: (word & (15 << sh)) converts exactly to u * 2^sh; one FMA by 2^-sh gives
 //   u - (8 + z) exactly; FMA chains run along k inside each group, 4 tiles at a time (M = 1)
 //   or from a k-major float buffer in a 5-row x 16-column register block (M > 1).
@@ -66,7 +67,8 @@ void quantize_x_avx2(const float* x, int64_t k, int64_t m0, int64_t m1, int8_t* 
           q[i] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(t, lo), hi));
         }
         sum = hsum8i(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
-        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                       _mm256_packs_epi32(q[2], q[3]));
         _mm256_storeu_si256(qb, _mm256_permutevar8x32_epi32(p, order));
       }
       dx[m * nb + b] = d;
@@ -77,7 +79,7 @@ void quantize_x_avx2(const float* x, int64_t k, int64_t m0, int64_t m1, int8_t* 
 
 // ---- fast mode ---------------------------------------------------------------------------
 
-constexpr int64_t kPrefetch = 2048;  // bytes ahead in the packed stream of a tile (GEMV)
+constexpr int64_t kPrefetch = 4096;  // bytes ahead in the packed stream of a tile (measured)
 
 inline __m256i bcast4(const int8_t* p) {
   int32_t v;
@@ -117,7 +119,8 @@ inline __m256i gemv_block_dot(const uint8_t* blk, const int8_t* xq) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * i));
     p[i] = _mm256_add_epi16(
         _mm256_maddubs_epi16(_mm256_and_si256(v, mask), bcast4(xq + 8 * i)),
-        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), bcast4(xq + 8 * i + 4)));
+        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+                             bcast4(xq + 8 * i + 4)));
   }
   const __m256i s = _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
   return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
@@ -147,111 +150,12 @@ void gemv_tile(const Problem& p, int64_t t, int64_t m) {
   store_tile(p, m, t, y);
 }
 
-// Rows `rows` x tiles [t, t + T), groups [g0, g1) (GEMM): per group, acc = chain over its
-// blocks of fma(dx, du - zc * xs, acc), du the exact int32 block sums u . xq (row n of a tile
-// in lane n; bounds as in gemv_block_dot); then y = fma(scale, acc, y). w[j]: tile t + j's
-// nibbles from group g0 on, split beforehand (256 bytes per block: low then high nibbles of
-// words 0..3). Nibble loads and activation broadcasts are shared by the R x T block.
-template <int R, int T>
-inline void fast_groups(const Problem& p, const uint8_t* const* w, const int64_t* rows,
-                        int64_t t, int64_t g0, int64_t g1, __m256 (&y)[R][T]) {
-  const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
-  const __m256i one = _mm256_set1_epi16(1);
-  for (int64_t g = g0; g < g1; ++g) {
-    __m256 zc[T], acc[R][T];
-    for (int j = 0; j < T; ++j) zc[j] = code_offsets(p.zeros, ((t + j) * ng + g) * kW4Rows);
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps();
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
-      __m256i s[R][T];
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < T; ++j) s[r][j] = _mm256_setzero_si256();
-      for (int i = 0; i < 4; ++i) {
-        __m256i lo[T], hi[T];
-        for (int j = 0; j < T; ++j) {
-          const uint8_t* src = w[j] + (b - g0 * bpg) * 256 + 32 * i;
-          lo[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-          hi[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 128));
-        }
-        for (int r = 0; r < R; ++r) {
-          const int8_t* xq = p.xq + rows[r] * p.k + b * kW4Block + 8 * i;
-          const __m256i xl = bcast4(xq), xh = bcast4(xq + 4);
-          for (int j = 0; j < T; ++j)
-            s[r][j] = _mm256_add_epi16(_mm256_add_epi16(s[r][j], _mm256_maddubs_epi16(lo[j], xl)),
-                                       _mm256_maddubs_epi16(hi[j], xh));
-        }
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m256 xs = _mm256_broadcast_ss(p.xs + rows[r] * nb + b);
-        const __m256 dx = _mm256_broadcast_ss(p.dx + rows[r] * nb + b);
-        for (int j = 0; j < T; ++j) {
-          const __m256 du = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r][j], one));
-          acc[r][j] = _mm256_fmadd_ps(dx, _mm256_fnmadd_ps(zc[j], xs, du), acc[r][j]);
-        }
-      }
-    }
-    for (int j = 0; j < T; ++j) {
-      const __m256 sc = _mm256_loadu_ps(p.scales + ((t + j) * ng + g) * kW4Rows);
-      for (int r = 0; r < R; ++r) y[r][j] = _mm256_fmadd_ps(sc, acc[r][j], y[r][j]);
-    }
-  }
-}
-
-// Rows [m0, m1) x tile pair [t, t + T): for each chunk of >= 1024 k, the nibbles of the tiles
-// are split once into an L1 buffer, then the rows run two at a time (y kept in ys).
-template <int T>
-void fast_rows_tiles(const Problem& p, int64_t t, int64_t m0, int64_t m1, uint8_t* nib,
-                     float* ys) {
-  const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
-  const int64_t gpc = std::max<int64_t>(1, 1024 / p.group), cb = gpc * bpg;  // blocks per chunk
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  std::fill(ys, ys + (m1 - m0) * 8 * T, 0.0f);
-  for (int64_t g0 = 0; g0 < ng; g0 += gpc) {
-    const int64_t g1 = std::min(ng, g0 + gpc);
-    const uint8_t* w[T];
-    for (int j = 0; j < T; ++j) {
-      const uint8_t* src = p.packed + ((t + j) * nb + g0 * bpg) * kW4TileBlockBytes;
-      uint8_t* dst = nib + j * cb * 256;
-      for (int64_t v = 0; v < (g1 - g0) * bpg * 4; ++v) {  // block v / 4, word vector v % 4
-        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * v));
-        uint8_t* d = dst + (v / 4) * 256 + (v % 4) * 32;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm256_and_si256(x, mask));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 128),
-                            _mm256_and_si256(_mm256_srli_epi16(x, 4), mask));
-      }
-      w[j] = dst;
-    }
-    auto rows_at = [&](auto rc, int64_t m) {  // rows m .. m + R - 1, y kept in ys
-      constexpr int R = decltype(rc)::value;
-      const int64_t rows[2] = {m, m + R - 1};
-      __m256 y[R][T];
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < T; ++j) y[r][j] = _mm256_loadu_ps(ys + ((m - m0 + r) * T + j) * 8);
-      fast_groups<R, T>(p, w, rows, t, g0, g1, y);
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < T; ++j) _mm256_storeu_ps(ys + ((m - m0 + r) * T + j) * 8, y[r][j]);
-    };
-    int64_t m = m0;
-    for (; m + 2 <= m1; m += 2) rows_at(std::integral_constant<int, 2>{}, m);
-    if (m < m1) rows_at(std::integral_constant<int, 1>{}, m);
-  }
-  for (int64_t m = m0; m < m1; ++m)
-    for (int j = 0; j < T; ++j) store_tile(p, m, t + j, _mm256_loadu_ps(ys + ((m - m0) * T + j) * 8));
-}
-
+// Each tile is streamed once per chunk of rows and stays cached while the rows use it: the
+// kernel is bound by maddubs throughput, so splitting nibbles once for several rows (tried:
+// 2 rows x 2 tiles blocks) measured no faster than decoding per row.
 void fast_avx2(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
-  int64_t t = t0;
-  if (m1 - m0 == 1) {
-    for (; t < t1; ++t) gemv_tile(p, t, m0);
-    return;
-  }
-  const int64_t gpc = std::max<int64_t>(1, 1024 / p.group), bpg = p.group / kW4Block;
-  thread_local std::vector<uint8_t> nibs;
-  thread_local std::vector<float> ys;
-  if (nibs.size() < static_cast<size_t>(2 * gpc * bpg * 256)) nibs.resize(2 * gpc * bpg * 256);
-  if (ys.size() < static_cast<size_t>((m1 - m0) * 16)) ys.resize((m1 - m0) * 16);
-  for (; t + 2 <= t1; t += 2) fast_rows_tiles<2>(p, t, m0, m1, nibs.data(), ys.data());
-  if (t < t1) fast_rows_tiles<1>(p, t, m0, m1, nibs.data(), ys.data());
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t m = m0; m < m1; ++m) gemv_tile(p, t, m);
 }
 
 // ---- exact mode --------------------------------------------------------------------------
@@ -291,6 +195,12 @@ void exact_tiles_row(const Problem& p, int64_t t, int64_t m) {
       a[j] = _mm256_setzero_ps();
     }
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      for (int j = 0; j < NT; ++j) {
+        const char* pf = reinterpret_cast<const char*>(
+            p.packed + ((t + j) * nb + b) * kW4TileBlockBytes + kPrefetch);
+        _mm_prefetch(pf, _MM_HINT_T0);
+        _mm_prefetch(pf + 64, _MM_HINT_T0);
+      }
       for (int i = 0; i < 4; ++i) {
         __m256i v[NT];
         for (int j = 0; j < NT; ++j)
@@ -358,22 +268,22 @@ void exact_block(const Problem& p, int64_t m, int64_t t, int64_t g, const float*
 template <int NT>
 void exact_block_rows(const Problem& p, int64_t m, int rows, int64_t t, int64_t g,
                       const float* w, float* ys) {
-  switch (rows) {
-    case 1: return exact_block<1, NT>(p, m, t, g, w, ys);
-    case 2: return exact_block<2, NT>(p, m, t, g, w, ys);
-    case 3: return exact_block<3, NT>(p, m, t, g, w, ys);
-    case 4: return exact_block<4, NT>(p, m, t, g, w, ys);
-    default: return exact_block<5, NT>(p, m, t, g, w, ys);
-  }
+  using Fn = void (*)(const Problem&, int64_t, int64_t, int64_t, const float*, float*);
+  static constexpr Fn kFns[5] = {exact_block<1, NT>, exact_block<2, NT>, exact_block<3, NT>,
+                                 exact_block<4, NT>, exact_block<5, NT>};
+  kFns[rows - 1](p, m, t, g, w, ys);
 }
 
-// M = 1: codes decoded on the fly, 4 tiles at a time. More rows: pairs of tiles decoded once
-// per chunk of groups (>= 256 k, L1-resident) into k-major floats, then 5 x 16 blocks.
+// Up to 3 rows: codes decoded on the fly, 4 tiles at a time, per row (fewer rows give the
+// blocked kernel too few independent FMA chains). More rows: pairs of tiles decoded once per
+// chunk of groups (>= 256 k, L1-resident) into k-major floats, then 5 x 16 blocks.
 void exact_avx2(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
-  if (m1 - m0 == 1) {
-    int64_t t = t0;
-    for (; t + 4 <= t1; t += 4) exact_tiles_row<4>(p, t, m0);
-    for (; t < t1; ++t) exact_tiles_row<1>(p, t, m0);
+  if (m1 - m0 < 4) {
+    for (int64_t m = m0; m < m1; ++m) {
+      int64_t t = t0;
+      for (; t + 4 <= t1; t += 4) exact_tiles_row<4>(p, t, m);
+      for (; t < t1; ++t) exact_tiles_row<1>(p, t, m);
+    }
     return;
   }
   const int64_t ng = p.k / p.group, rows = m1 - m0;
@@ -399,7 +309,8 @@ void exact_avx2(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1
       }
     }
     for (int64_t i = 0; i < rows; ++i)
-      for (int j = 0; j < nt; ++j) store_tile(p, m0 + i, t + j, _mm256_loadu_ps(yp + i * 16 + 8 * j));
+      for (int j = 0; j < nt; ++j)
+        store_tile(p, m0 + i, t + j, _mm256_loadu_ps(yp + i * 16 + 8 * j));
   }
 }
 

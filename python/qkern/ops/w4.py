@@ -51,6 +51,11 @@ def _gemm_w4_cpu(x, packed, scales, zeros, bias, N, K, group_size, mode):
         raise ValueError(f"gemm_w4: x must be floating point, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"gemm_w4: x must be (..., K = {K}), got shape {tuple(x.shape)}")
+    tiles = ((N + 7) // 8, K // group_size if group_size > 0 else 0, 8)
+    for name, t in (("scales", scales), ("zeros", zeros)):  # (N, K/G) would be silently wrong
+        if t is not None and tuple(t.shape) != tiles:
+            raise ValueError(f"gemm_w4: {name} must be in pack_weight's tile layout {tiles}, "
+                             f"got shape {tuple(t.shape)}")
     y = _C.gemm_w4(_np(x, torch.float32), _np(packed, torch.uint8), _np(scales, torch.float32),
                    _np(zeros, torch.int32), _np(bias, torch.float32), N, K, group_size, mode)
     return torch.from_numpy(y).view(*x.shape[:-1], N)
