@@ -35,15 +35,18 @@ def _aten_int4(lin: nn.Linear, group: int = 128):
     q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, k), 2)
     zeros = lo + 8 * scale  # aten dequantizes (q - 8) * scale + zero
-    sz = torch.stack([scale, zeros], -1).transpose(0, 1).contiguous()
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz), n * k // 2
+    sz = torch.stack([scale, zeros], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    # bfloat16 activations: the path torchao uses (its float32 path is far slower)
+    return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed,
+                                                                 group, sz), n * k // 2)
 
 
 def _aten_int8(lin: nn.Linear):
     w = lin.weight.detach().float()
     scale = (w.abs().amax(1) / 127).clamp_min(1e-8)
     q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale), q.numel()
+    scale = scale.to(torch.bfloat16)
+    return lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale), q.numel()
 
 
 def _torch_dynamic_int8(lin: nn.Linear):
@@ -69,8 +72,8 @@ def implementations(lin: nn.Linear) -> dict[str, tuple[Callable, int, str]]:
     }
     m, nb = _torch_dynamic_int8(lin)
     out["torch dynamic int8 (fbgemm)"] = (m, nb, "peer")
-    for name, make in (("aten int4 g128 (_weight_int4pack_mm)", _aten_int4),
-                       ("aten int8 (_weight_int8pack_mm)", _aten_int8)):
+    for name, make in (("aten int4 g128 bf16 (_weight_int4pack_mm)", _aten_int4),
+                       ("aten int8 bf16 (_weight_int8pack_mm)", _aten_int8)):
         try:
             fn, nb = make(lin)
             out[name] = (fn, nb, "peer")
