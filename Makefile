@@ -44,6 +44,7 @@ bench-smoke: install
 	cmake --build build/bench --target bench_core
 	build/bench/bench_core --benchmark_min_time=0.02
 	$(VPY) -m qkern.bench core --quick
+	$(VPY) -m qkern.bench matmul --quick
 
 # The kernel tests over an AddressSanitizer + UBSan build of qkern._C.
 asan: deps
