@@ -188,13 +188,3 @@ def get(name: str | Format) -> Format:
         raise ValueError(
             f"unknown format {name!r}; known formats: {', '.join(_REGISTRY)}"
         ) from None
-
-
-def is_block(fmt: Format) -> bool:
-    return fmt.block_size is not None
-
-
-def bits_of_scales(fmt: Format, n_scales: int) -> int:
-    return n_scales * fmt.scale_bits
-
-
