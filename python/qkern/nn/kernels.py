@@ -106,19 +106,25 @@ def dequant_weight(q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
     return lay.from_kernel(flat)
 
 
+# The float-activation kernel over the same buffers (one float product per weight).
+_FLOAT_TWIN = {"w4_fast": "w4_exact", "binary_xnor": "binary", "w8a8": "w8a16"}
+
+
 def weight(kernel: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The float32 weight (out, in) a kernel computes with, decoded from its buffers."""
+    """The float32 weight (out, in) a kernel computes with, decoded from its buffers: rows of
+    the identity pushed through the kernel itself (W^T = I @ W^T), a block of rows at a time so
+    that memory stays O(block * (in + out))."""
     if kernel == "dequant":
         return dequant_weight(q, bufs)
     n, k = q.shape
-    eye = torch.eye(k, dtype=torch.float32)  # W^T = I @ W^T, through the kernel itself
-    if kernel.startswith("w4_"):  # exact mode: one float product per weight
-        return forward("w4_exact", eye, bufs, None, n, k, q).T.contiguous()
-    if kernel in ("lut4", "binary", "ternary"):
-        return forward(kernel, eye, bufs, None, n, k, q).T.contiguous()
-    if kernel == "binary_xnor":  # same weights; decode them with float activations
-        return forward("binary", eye, bufs, None, n, k, q).T.contiguous()
-    return forward("w8a16", eye, bufs, None, n, k, q).T.contiguous()
+    kernel = _FLOAT_TWIN.get(kernel, kernel)
+    out = torch.empty(n, k, dtype=torch.float32)
+    for k0 in range(0, k, 256):
+        k1 = min(k, k0 + 256)
+        eye = torch.zeros(k1 - k0, k, dtype=torch.float32)
+        eye[:, k0:k1] = torch.eye(k1 - k0)
+        out[:, k0:k1] = forward(kernel, eye, bufs, None, n, k, q).T
+    return out
 
 
 def forward(kernel: str, x: torch.Tensor, bufs: dict[str, torch.Tensor],
