@@ -461,10 +461,15 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_matmul import main as matmul_main
 
         return matmul_main(argv[1:])
+    if argv[:1] == ["decode"]:
+        from .bench_decode import main as decode_main
+
+        return decode_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m qkern.bench",
                                 description="qkern speed benchmarks against torch peers")
-    p.add_argument("suite", choices=["core", "matmul"],
-                   help="core: quantize/dequantize/pack on the CPU; matmul: see --help there")
+    p.add_argument("suite", choices=["core", "matmul", "decode"],
+                   help="core: quantize/dequantize/pack on the CPU; matmul, decode: see "
+                        "--help there")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="threads for torch and qkern (default: 2, or 1 on a 1-CPU machine)")
     p.add_argument("--repeats", type=int, default=None,

@@ -34,7 +34,8 @@ from .tensor import QTensor
 
 __all__ = [  # noqa: RUF022 (in reading order)
     "Spec", "DEFAULT_SPECS", "select_specs", "Model", "ModelNotFoundError", "find_model",
-    "load_model", "load_safetensors", "read_safetensors", "weight_matrices", "quantize_matrix",
+    "load_model", "shipped_path", "load_safetensors", "read_safetensors", "weight_matrices",
+    "quantize_matrix",
     "WeightResult", "evaluate_weights", "format_weight_table", "DemoContext", "Section",
     "SECTIONS", "run",
 ]
@@ -182,16 +183,27 @@ def _has_weights(p: Path) -> bool:
     return (p.is_file() and p.suffix == ".safetensors") or (p / WEIGHTS_FILE).is_file()
 
 
-def _default_candidates() -> list[Path]:
+def _default_candidates(rel: str = f"models/{DEFAULT_MODEL}") -> list[Path]:
     here = Path(__file__).resolve().parent  # python/qkern in a checkout
-    cands = [here.parent.parent / "models" / DEFAULT_MODEL]
+    cands = [here.parent.parent / rel]
     cwd = Path.cwd().resolve()
-    cands += [d / "models" / DEFAULT_MODEL for d in (cwd, *cwd.parents)]
+    cands += [d / rel for d in (cwd, *cwd.parents)]
     seen: list[Path] = []
     for c in cands:
         if c not in seen:
             seen.append(c)
     return seen
+
+
+def shipped_path(rel: str) -> Path:
+    """A file or folder shipped in the repository (``models/...``, ``data/...``): next to the
+    package source in a checkout, or under the current directory or one of its parents."""
+    cands = _default_candidates(rel)
+    for c in cands:
+        if c.exists():
+            return c
+    raise FileNotFoundError(f"cannot find {rel!r} (looked in {cands[0]} and above the current "
+                            "directory); run from a qkern checkout")
 
 
 def find_model(path: str | os.PathLike | None = None) -> Path:

@@ -1,0 +1,248 @@
+"""A minimal Llama (Hugging Face ``LlamaForCausalLM`` weights and config) in plain torch.
+
+Enough for the small checkpoints shipped with qkern (``models/wikitext-bytelm``,
+``models/stories260k``): RMSNorm, rotate-half RoPE, multi-head attention with grouped KV heads
+and a KV cache, SwiGLU MLP. Every projection is an ``nn.Linear`` named as in transformers
+(``model.layers.0.self_attn.q_proj`` ...), so ``qkern.nn.replace_linear`` quantizes it and
+the state dict loads straight from ``model.safetensors``::
+
+    model = load_llama("models/wikitext-bytelm")
+    qmodel = qkern.nn.replace_linear(model, {"fmt": "int4", "group_size": 32})
+    bpb = bits_per_byte(qmodel, open("data/wikitext-2/wiki.test.tokens", "rb").read())
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["KVCache", "Llama", "LlamaConfig", "bits_per_byte", "load_llama"]
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LlamaConfig:
+        arch = d.get("architectures") or ["LlamaForCausalLM"]
+        if "LlamaForCausalLM" not in arch:
+            raise ValueError(f"not a Llama checkpoint: architectures={arch}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (silu only)")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"rope scaling {rope!r} is not supported")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        heads = d["num_attention_heads"]
+        if d.get("head_dim", d["hidden_size"] // heads) * heads != d["hidden_size"]:
+            raise ValueError("head_dim * num_attention_heads != hidden_size is not supported")
+        return cls(d["vocab_size"], d["hidden_size"], d["intermediate_size"],
+                   d["num_hidden_layers"], heads, d.get("num_key_value_heads", heads),
+                   d.get("max_position_embeddings", 2048), d.get("rms_norm_eps", 1e-5),
+                   float(theta), bool(d.get("tie_word_embeddings", False)))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, (batch, kv_heads, max_len, head_dim) per
+    layer, preallocated; ``pos`` is the number of positions filled."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype=torch.float32):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.max_len, self.pos = max_len, 0
+
+
+def _rope_tables(cfg: LlamaConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    ang = torch.outer(torch.arange(n, dtype=torch.int64).float(), inv)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
+        self.cfg = cfg
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int):
+        b, t, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if cache is not None:
+            p = cache.pos
+            cache.k[layer][:, :, p:p + t] = k
+            cache.v[layer][:, :, p:p + t] = v
+            k, v = cache.k[layer][:, :, :p + t], cache.v[layer][:, :, :p + t]
+        rep = c.num_attention_heads // c.num_key_value_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # causal over the new positions; every cached position is visible to all of them
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or cache.pos == 0)
+        if cache is not None and cache.pos > 0 and t > 1:
+            raise NotImplementedError("chunked prefill after the first chunk")
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class _Body(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """``forward(ids (B, T) int64, cache=None) -> logits (B, T, vocab)``. With a
+    :class:`KVCache`, the positions continue from ``cache.pos`` (which then advances)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = _Body(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = _rope_tables(cfg, cfg.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"ids must be integer (batch, seq), got {ids.dtype} "
+                             f"{tuple(ids.shape)}")
+        t = ids.shape[1]
+        p = 0 if cache is None else cache.pos
+        limit = self.config.max_position_embeddings if cache is None else cache.max_len
+        if p + t > min(limit, self.config.max_position_embeddings):
+            raise ValueError(f"sequence of {p + t} positions exceeds the limit {limit}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        cos, sin = self.rope_cos[p:p + t], self.rope_sin[p:p + t]
+        h = self.model.embed_tokens(ids)
+        for i, blk in enumerate(self.model.layers):
+            h = h + blk.self_attn(blk.input_layernorm(h), cos, sin, cache, i)
+            h = h + blk.mlp(blk.post_attention_layernorm(h))
+        if cache is not None:
+            cache.pos += t
+        return self.lm_head(self.model.norm(h))
+
+    @torch.inference_mode()
+    def generate(self, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+        """Greedy decode of ``n_new`` tokens after ``prompt`` (1-D ids) with a KV cache."""
+        ids = prompt.reshape(1, -1).long()
+        cache = KVCache(self.config, 1, ids.shape[1] + n_new)
+        logits = self(ids, cache)
+        out = []
+        for _ in range(n_new):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = self(nxt, cache)
+        return torch.cat(out, dim=1).reshape(-1) if out else ids.new_empty(0)
+
+
+def load_llama(path: str | os.PathLike) -> Llama:
+    """A :class:`Llama` from a folder holding ``config.json`` and ``model.safetensors``."""
+    from ..demo import load_safetensors
+
+    p = Path(path)
+    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{p}: expected config.json and model.safetensors there")
+    cfg = LlamaConfig.from_dict(json.loads((p / "config.json").read_text()))
+    model = Llama(cfg)
+    sd = load_safetensors(p / "model.safetensors")
+    if cfg.tie_word_embeddings and "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{p}: state dict mismatch: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+@torch.inference_mode()
+def bits_per_byte(model: Llama, data: bytes, window: int = 256, n_windows: int = 48,
+                  batch: int = 16) -> float:
+    """Mean next-byte cross-entropy in bits over the first ``n_windows`` non-overlapping
+    windows of ``window`` bytes (each window predicts its bytes 1..window-1 from the prefix)."""
+    if model.config.vocab_size < 256:
+        raise ValueError("bits_per_byte needs a byte-level model (vocab >= 256)")
+    n = min(n_windows, len(data) // window)
+    if n == 0:
+        raise ValueError(f"need at least {window} bytes of text, got {len(data)}")
+    ids = torch.frombuffer(bytearray(data[:n * window]), dtype=torch.uint8).long().view(n, window)
+    total, count = 0.0, 0
+    for i in range(0, n, batch):
+        x = ids[i:i + batch]
+        logits = model(x).float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                              x[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll)
+        count += x[:, 1:].numel()
+    return total / count / math.log(2)
