@@ -1,0 +1,235 @@
+// google-benchmark driver over the quantized matmul kernels of the CPU core (no torch).
+//
+//   cmake -S . -B build-bench -G Ninja -DQKERN_PYTHON=OFF -DQKERN_BENCH=ON -DQKERN_CUDA=OFF
+//   cmake --build build-bench --target bench_matmul && build-bench/bench_matmul
+//
+// Arguments of every benchmark: threads, M (rows of x), N (out), K (in). Weights are random
+// codes packed once, in enough copies that one sweep over them is >= 256 MiB, and each
+// iteration uses the next copy: a GEMV reads its weights from memory, as in decode, not from
+// cache. Counters: weight_GBps = packed weight bytes (codes + scales) / time, the figure to
+// compare with BM_read_bw (a streaming read of 256 MiB with the same threads: the roofline);
+// GFLOPs = 2 M N K / time. The Python bench (python -m qkern.bench matmul) runs the same
+// kernels against torch's in the same process.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "cpu/gemm_bits.h"
+#include "cpu/gemm_lut4.h"
+#include "cpu/gemm_w4.h"
+#include "cpu/gemm_w8.h"
+#include "cpu/kernels.h"
+#include "cpu/threadpool.h"
+
+namespace {
+
+constexpr int64_t kSweepBytes = int64_t{256} << 20;
+
+std::vector<float> randn(int64_t n, uint32_t seed, float sd = 1.0f) {
+  std::vector<float> v(static_cast<size_t>(n));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, sd);
+  for (auto& f : v) f = nd(rng);
+  return v;
+}
+
+std::vector<uint8_t> random_bytes(int64_t n, uint32_t seed, int lo, int hi) {
+  std::vector<uint8_t> v(static_cast<size_t>(n));
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> d(lo, hi);
+  for (auto& b : v) b = static_cast<uint8_t>(d(rng));
+  return v;
+}
+
+// One packed weight (its bytes, in `copies` copies) and the call that multiplies by it.
+struct Weights {
+  int64_t bytes = 0;  // packed codes + scales of one copy
+  int copies = 1;
+  std::function<void(int copy, const float* x, int64_t m, float* y)> run;
+};
+
+int copies_for(int64_t bytes) {
+  return static_cast<int>(std::max<int64_t>(1, (kSweepBytes + bytes - 1) / bytes));
+}
+
+template <typename T>
+std::vector<std::vector<T>> replicate(const std::vector<T>& v, int copies) {
+  return std::vector<std::vector<T>>(static_cast<size_t>(copies), v);
+}
+
+void run_bench(benchmark::State& state, const std::function<Weights(int64_t, int64_t)>& make) {
+  qk::set_num_threads(static_cast<int>(state.range(0)));
+  const int64_t m = state.range(1), n = state.range(2), k = state.range(3);
+  Weights w = make(n, k);
+  const auto x = randn(m * k, 7);
+  std::vector<float> y(static_cast<size_t>(m * n));
+  int c = 0;
+  for (auto _ : state) {
+    w.run(c, x.data(), m, y.data());
+    c = (c + 1) % w.copies;
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  const double it = static_cast<double>(state.iterations());
+  state.counters["weight_GBps"] = benchmark::Counter(it * static_cast<double>(w.bytes) / 1e9,
+                                                     benchmark::Counter::kIsRate);
+  state.counters["GFLOPs"] = benchmark::Counter(it * 2.0 * m * n * k / 1e9,
+                                                benchmark::Counter::kIsRate);
+}
+
+// ---- the kernels -------------------------------------------------------------------------
+
+Weights make_w4(int64_t n, int64_t k, int64_t group, int mode) {
+  const auto raw = random_bytes(n * k, 1, 0, 15);
+  std::vector<int8_t> codes(raw.size());
+  for (size_t i = 0; i < raw.size(); ++i) codes[i] = static_cast<int8_t>(raw[i] - 8);
+  std::vector<uint8_t> packed(static_cast<size_t>(qk::w4_packed_nbytes(n, k)));
+  qk::pack_w4(codes.data(), n, k, packed.data());
+  const auto scales = randn(qk::w4_padded_rows(n) * k / group, 2, 0.01f);
+  Weights w;
+  w.bytes = static_cast<int64_t>(packed.size() + 4 * scales.size());
+  w.copies = copies_for(w.bytes);
+  auto p = std::make_shared<std::vector<std::vector<uint8_t>>>(replicate(packed, w.copies));
+  auto s = std::make_shared<std::vector<std::vector<float>>>(replicate(scales, w.copies));
+  w.run = [=](int c, const float* x, int64_t m, float* y) {
+    qk::gemm_w4(x, m, (*p)[c].data(), (*s)[c].data(), nullptr, nullptr, n, k, group, mode, y);
+  };
+  return w;
+}
+
+Weights make_lut4(int64_t n, int64_t k, int64_t group) {
+  static const float kNf4[16] = {-1.0f, -0.6961928f, -0.5250731f, -0.3949175f, -0.2844414f,
+                                 -0.1847734f, -0.09105004f, 0.0f, 0.0795803f, 0.1609302f,
+                                 0.2461123f, 0.3379152f, 0.4407098f, 0.562617f, 0.7229568f,
+                                 1.0f};
+  const auto codes = random_bytes(n * k, 3, 0, 15);
+  std::vector<uint8_t> packed(static_cast<size_t>(n * k / 2));
+  qk::pack_bits(codes.data(), n * k, 4, false, packed.data());
+  const auto scales = randn(n * k / group, 4, 0.01f);
+  Weights w;
+  w.bytes = static_cast<int64_t>(packed.size() + 4 * scales.size());
+  w.copies = copies_for(w.bytes);
+  auto p = std::make_shared<std::vector<std::vector<uint8_t>>>(replicate(packed, w.copies));
+  auto s = std::make_shared<std::vector<std::vector<float>>>(replicate(scales, w.copies));
+  w.run = [=](int c, const float* x, int64_t m, float* y) {
+    qk::gemm_lut4(x, m, (*p)[c].data(), (*s)[c].data(), kNf4, nullptr, n, k, group, y);
+  };
+  return w;
+}
+
+Weights make_w8(int64_t n, int64_t k, bool a8) {
+  const auto raw = random_bytes(n * k, 5, 1, 255);
+  std::vector<int8_t> codes(raw.size());
+  for (size_t i = 0; i < raw.size(); ++i) codes[i] = static_cast<int8_t>(raw[i] - 128);
+  std::vector<int8_t> packed(static_cast<size_t>(qk::w8_packed_nbytes(n, k)));
+  qk::pack_w8(codes.data(), n, k, packed.data());
+  const auto scales = randn(n, 6, 0.01f);
+  Weights w;
+  w.bytes = static_cast<int64_t>(packed.size() + 4 * scales.size());
+  w.copies = copies_for(w.bytes);
+  auto p = std::make_shared<std::vector<std::vector<int8_t>>>(replicate(packed, w.copies));
+  w.run = [=](int c, const float* x, int64_t m, float* y) {
+    if (a8)
+      qk::gemm_w8a8(x, m, (*p)[c].data(), scales.data(), nullptr, n, k, y);
+    else
+      qk::gemm_w8a16(x, m, (*p)[c].data(), scales.data(), nullptr, n, k, y);
+  };
+  return w;
+}
+
+Weights make_bits(int64_t n, int64_t k, bool ternary, bool xnor) {
+  const int64_t row = 8 * qk::bits_words(k) * (ternary ? 2 : 1);
+  const auto packed = random_bytes(n * row, 8, 0, 255);
+  const auto alpha = randn(n, 9, 0.01f);
+  Weights w;
+  w.bytes = static_cast<int64_t>(packed.size() + 4 * alpha.size());
+  w.copies = copies_for(w.bytes);
+  auto p = std::make_shared<std::vector<std::vector<uint8_t>>>(replicate(packed, w.copies));
+  w.run = [=](int c, const float* x, int64_t m, float* y) {
+    if (ternary)
+      qk::gemm_ternary(x, m, (*p)[c].data(), alpha.data(), nullptr, n, k, y);
+    else
+      qk::gemm_binary(x, m, (*p)[c].data(), alpha.data(), nullptr, n, k, xnor, y);
+  };
+  return w;
+}
+
+void BM_int4_g128_exact(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_w4(n, k, 128, qk::kW4Exact); });
+}
+void BM_int4_g128_fast(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_w4(n, k, 128, qk::kW4Fast); });
+}
+void BM_nf4_g64(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_lut4(n, k, 64); });
+}
+void BM_w8a8(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_w8(n, k, true); });
+}
+void BM_w8a16(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_w8(n, k, false); });
+}
+void BM_binary(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_bits(n, k, false, false); });
+}
+void BM_binary_xnor(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_bits(n, k, false, true); });
+}
+void BM_ternary(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_bits(n, k, true, false); });
+}
+
+// The roofline: a streaming read of 256 MiB (sum of 64-bit words, four accumulators, in
+// 1 MiB tasks over the pool) with the same threads.
+void BM_read_bw(benchmark::State& state) {
+  qk::set_num_threads(static_cast<int>(state.range(0)));
+  constexpr int64_t kTask = int64_t{1} << 17;  // words per task (1 MiB)
+  const int64_t words = kSweepBytes / 8, tasks = words / kTask;
+  const std::vector<uint64_t> v(static_cast<size_t>(words), 1);
+  std::vector<uint64_t> part(static_cast<size_t>(tasks));
+  for (auto _ : state) {
+    qk::parallel_for(tasks, [&](int64_t t) {
+      const uint64_t* p = v.data() + t * kTask;
+      uint64_t a = 0, b = 0, c = 0, d = 0;
+      for (int64_t i = 0; i < kTask; i += 4) {
+        a += p[i];
+        b += p[i + 1];
+        c += p[i + 2];
+        d += p[i + 3];
+      }
+      part[static_cast<size_t>(t)] = a + b + c + d;
+    });
+    benchmark::DoNotOptimize(part.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * kSweepBytes);
+}
+
+// threads x M x (N, K): decode (M = 1, 8) and prefill (M = 128, 512) on the shapes.
+void Shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"threads", "M", "N", "K"});
+  for (int t : {2})
+    for (auto nk : {std::pair<int64_t, int64_t>{4096, 4096}, {11008, 4096}, {4096, 11008}})
+      for (int64_t m : {1, 8, 128, 512}) b->Args({t, m, nk.first, nk.second});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+}  // namespace
+
+BENCHMARK(BM_read_bw)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_int4_g128_exact)->Apply(Shapes);
+BENCHMARK(BM_int4_g128_fast)->Apply(Shapes);
+BENCHMARK(BM_nf4_g64)->Apply(Shapes);
+BENCHMARK(BM_w8a8)->Apply(Shapes);
+BENCHMARK(BM_w8a16)->Apply(Shapes);
+BENCHMARK(BM_binary)->Apply(Shapes);
+BENCHMARK(BM_binary_xnor)->Apply(Shapes);
+BENCHMARK(BM_ternary)->Apply(Shapes);
+
+BENCHMARK_MAIN();
