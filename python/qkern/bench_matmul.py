@@ -5,11 +5,16 @@ Every row times one (N out, K in) layer at batch M with the same threads: torch 
 (torchao's int4 CPU path, group 128); ``aten._weight_int8pack_mm``; and qkern's QuantLinear
 kernels. Ratios are against fp32 in the same row block. For M = 1 the memory roofline is the
 layer's weight bytes divided by the read bandwidth measured between the rows.
+
+torch's dynamic int8 Linear uses fbgemm's widest instructions (AVX-512 VNNI where the CPU has
+them); ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` in the environment compares with its AVX2 path, the
+instruction set qkern's kernels are limited to. The header line shows which was in effect.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -126,8 +131,9 @@ def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: fl
     lines.insert(1, f"**Roofline (same run)** read bandwidth {read_gbs:.1f} GB/s (`sum` of "
                     f"{probe.nbytes >> 20} MiB); weight bytes = the layer's stored weights "
                     "(packed codes + scales).")
-    lines.insert(2, f"qkern ISA {get_isa()}; median of alternating repeats, caches flushed "
-                    "before each call.")
+    fbgemm = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "default (widest)")
+    lines.insert(2, f"qkern ISA {get_isa()}; fbgemm instructions {fbgemm}; median of "
+                    "alternating repeats, caches flushed before each call.")
     return "\n".join(lines)
 
 
