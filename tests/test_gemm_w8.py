@@ -323,7 +323,3 @@ def test_errors():
     with pytest.raises(ValueError, match="-127"):
         _C.gemm_s8s8_s32(np.full(4, -128, np.int8), _C.pack_w8(np.ones(4, np.int8), 1, 4),
                          1, 1, 4)
-
-
-# ---- measurement (not a test): `python tests/test_gemm_w8.py`; THREADS, ROUNDS, and
-# FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (torch's int8 peer without AVX-512/VNNI) from the environment.
