@@ -86,7 +86,7 @@ py::array_t<int8_t> unpack(const U8& packed, int64_t n, int64_t k) {
   return out;
 }
 
-py::array_t<float> gemm(const F32& x, const U8& packed, const F32& scales,
+py::tuple gemm(const F32& x, const U8& packed, const F32& scales,
                         const std::optional<I32>& zeros, const std::optional<F32>& bias,
                         int64_t n, int64_t k, int64_t group, int mode) {
   check_shape(n, k, group);
@@ -104,10 +104,13 @@ py::array_t<float> gemm(const F32& x, const U8& packed, const F32& scales,
   auto y = new_array<float>({m, n});
   const int32_t* zp = zeros ? zeros->data() : nullptr;
   const float* bp = bias ? bias->data() : nullptr;
-  py::gil_scoped_release nogil;
-  qk::gemm_w4(x.data(), m, packed.data(), scales.data(), zp, bp, n, k, group, mode,
-              y.mutable_data());
-  return y;
+  bool bad;
+  {
+    py::gil_scoped_release nogil;
+    bad = qk::gemm_w4(x.data(), m, packed.data(), scales.data(), zp, bp, n, k, group, mode,
+                      y.mutable_data());
+  }
+  return py::make_tuple(y, bad);
 }
 
 const qk::bind::Register reg([](py::module_& m) {
@@ -117,7 +120,8 @@ const qk::bind::Register reg([](py::module_& m) {
         "inverse of pack_w4: int8 codes (N, K)");
   m.def("gemm_w4", &gemm, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"),
         py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("mode"),
-        "y (M, N) float32 = x (M, K) @ W^T (+ bias), W int4 group-wise (mode 0 exact, 1 fast)");
+        "(y, bad): y (M, N) float32 = x (M, K) @ W^T (+ bias), W int4 group-wise (mode 0 "
+        "exact, 1 fast); bad: the fast mode met NaN/Inf in x (y unspecified)");
 });
 
 }  // namespace

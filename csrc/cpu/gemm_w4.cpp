@@ -59,10 +59,10 @@ void unpack_w4(const uint8_t* packed, int64_t n, int64_t k, int8_t* codes) {
       codes[r * k + c] = static_cast<int8_t>(w4_nibble(packed, k, r, c) - 8);
 }
 
-void gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scales,
+bool gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scales,
              const int32_t* zeros, const float* bias, int64_t n, int64_t k, int64_t group,
              int mode, float* y) {
-  if (m <= 0 || n <= 0) return;
+  if (m <= 0 || n <= 0) return false;
   const w4::Kernels& kern = kernels();
   const int threads = pool_threads();
   const int64_t tiles = w4_padded_rows(n) / kW4Rows, nb = k / kW4Block;
@@ -81,6 +81,9 @@ void gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scal
       kern.quantize_x(x, k, i * rows, std::min(m, (i + 1) * rows), xq.data(), dx.data(),
                       xs.data());
     });
+    // quantize_x marks a block holding NaN/Inf with d = NaN: int8 codes cannot represent it
+    for (float d : dx)
+      if (d != d) return true;
     p.xq = xq.data();
     p.dx = dx.data();
     p.xs = xs.data();
@@ -100,6 +103,7 @@ void gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scal
     fn(p, tc * per, std::min(tiles, (tc + 1) * per), mc * row_chunk,
        std::min(m, (mc + 1) * row_chunk));
   });
+  return false;
 }
 
 }  // namespace qk

@@ -43,10 +43,11 @@ void unpack_w4(const uint8_t* packed, int64_t n, int64_t k, int8_t* codes);
 
 enum W4Mode : int { kW4Exact = 0, kW4Fast = 1 };
 
-// y (m, n) float32 = x (m, k) @ W^T (+ bias). scales / zeros (zeros may be null: symmetric)
+// y (m, n) float32 = x (m, k) @ W^T (+ bias). Returns true when the fast mode met a NaN or
+// Inf in x (y is then unspecified; the exact mode propagates them and returns false). scales / zeros (zeros may be null: symmetric)
 // in the tile layout above, w4_padded_rows(n) * k / group values; bias (n) or null.
 // group: a positive multiple of 32 dividing k.
-void gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scales,
+bool gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scales,
              const int32_t* zeros, const float* bias, int64_t n, int64_t k, int64_t group,
              int mode, float* y);
 

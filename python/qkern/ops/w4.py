@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from .cpu import NonFiniteError
 from .schemas import LIB
 
 __all__ = ["MODES", "gemm_w4", "pack_weight", "unpack_weight"]
@@ -56,8 +57,12 @@ def _gemm_w4_cpu(x, packed, scales, zeros, bias, N, K, group_size, mode):
         if t is not None and tuple(t.shape) != tiles:
             raise ValueError(f"gemm_w4: {name} must be in pack_weight's tile layout {tiles}, "
                              f"got shape {tuple(t.shape)}")
-    y = _C.gemm_w4(_np(x, torch.float32), _np(packed, torch.uint8), _np(scales, torch.float32),
-                   _np(zeros, torch.int32), _np(bias, torch.float32), N, K, group_size, mode)
+    y, bad = _C.gemm_w4(_np(x, torch.float32), _np(packed, torch.uint8),
+                        _np(scales, torch.float32), _np(zeros, torch.int32),
+                        _np(bias, torch.float32), N, K, group_size, mode)
+    if bad:
+        raise NonFiniteError("gemm_w4: x contains NaN or Inf (the fast mode quantizes x to "
+                             "int8; use mode=0 (exact) to propagate them)")
     return torch.from_numpy(y).view(*x.shape[:-1], N)
 
 
