@@ -13,10 +13,12 @@ codes ``q`` and zero points ``z`` in [-8, 7] (``z = 0``: symmetric), float32 sca
 Both modes give identical bits on the scalar and AVX2 paths and on any thread count.
 
 Layout (``pack_weight``): rows in tiles of 8 (N padded with zero codes), K in blocks of 32;
-tile ``t``, block ``b`` is 128 bytes, four 32-byte vectors, vector ``v`` holding rows
-``8t+v`` (bytes 0..15) and ``8t+v+4`` (bytes 16..31); a row's 16 bytes hold its 32 codes as
-nibbles ``u = q + 8``, byte ``j = u[j] | u[j + 16] << 4`` (ggml q4_0 order). Scales and zero
-points are stored per tile and group as 8 consecutive values: ``(N_pad // 8, K // G, 8)``.
+tile ``t``, block ``b`` is 128 bytes, four 32-byte vectors ``i = 0..3``, vector ``i`` holding
+codes ``8i .. 8i+7`` of the block for the 8 rows of the tile, one 32-bit word per row (row
+``r`` at bytes ``4r .. 4r+3``); in a word the codes are nibbles ``u = q + 8``, byte
+``j = u[8i + j] | u[8i + 4 + j] << 4``. One AVX2 lane then accumulates one output row (no
+horizontal sums). Scales and zero points are stored per tile and group as 8 consecutive
+values: ``(N_pad // 8, K // G, 8)``. csrc/cpu/gemm_w4.h is the reference for this layout.
 """
 
 from __future__ import annotations
