@@ -23,6 +23,12 @@ def _w4_ok(q: QTensor, act: str) -> bool:
             and q.quantizer == "midtread" and _has("gemm_w4"))
 
 
+def _w23_ok(q: QTensor, act: str) -> bool:
+    return (q.format.name in ("int2", "int3", "uint2", "uint3") and q.granularity == "group"
+            and q.axis == 1 and q.group_size in (32, 64, 128) and act == "none"
+            and q.quantizer == "midtread" and _has("gemm_w23"))
+
+
 def _w8_ok(q: QTensor) -> bool:
     return (q.format.name == "int8" and q.granularity == "channel" and q.axis == 0
             and q.zero_point is None and q.quantizer == "midtread" and _has("gemm_w8a8"))
@@ -53,6 +59,13 @@ def pack(q: QTensor, act: str, mode: str) -> tuple[str, dict[str, torch.Tensor]]
         packed = w4.pack_weight(q.codes, q.scale, q.zero_point, q.group_size)
         bufs = {f"w4_{name}": t for name, t in packed.items() if isinstance(t, torch.Tensor)}
         return f"w4_{mode}", bufs
+    if _w23_ok(q, act):
+        from ..ops import w23
+
+        packed = w23.pack_weight(q.codes, q.scale, q.zero_point, q.group_size, q.format.bits,
+                                 signed=q.format.signed)
+        bufs = {f"w23_{name}": t for name, t in packed.items() if isinstance(t, torch.Tensor)}
+        return f"w23_{mode}", bufs
     if act == "binary" and q.format.name != "binary":
         raise ValueError("act='binary' (XNOR-Net activations) needs binary weights")
     if _bits_ok(q, act):
@@ -107,7 +120,8 @@ def dequant_weight(q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # The float-activation kernel over the same buffers (one float product per weight).
-_FLOAT_TWIN = {"w4_fast": "w4_exact", "binary_xnor": "binary", "w8a8": "w8a16"}
+_FLOAT_TWIN = {"w4_fast": "w4_exact", "w23_fast": "w23_exact", "binary_xnor": "binary",
+               "w8a8": "w8a16"}
 
 
 def weight(kernel: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -137,6 +151,10 @@ def forward(kernel: str, x: torch.Tensor, bufs: dict[str, torch.Tensor],
     if kernel.startswith("w4_"):
         y = _OPS.gemm_w4(x2, bufs["w4_packed"], bufs["w4_scales"], bufs.get("w4_zeros"), bias,
                          n, k, q.group_size, 0 if kernel == "w4_exact" else 1)
+    elif kernel.startswith("w23_"):
+        y = _OPS.gemm_w23(x2, bufs["w23_packed"], bufs["w23_scales"], bufs.get("w23_zeros"),
+                          bias, n, k, q.group_size, q.format.bits, q.format.qmin,
+                          0 if kernel == "w23_exact" else 1)
     elif kernel == "lut4":
         y = _OPS.gemm_lut4(x2, bufs["lut4_packed"], bufs["lut4_scales"], bufs["lut4_table"],
                            bias, n, k, q.group_size)

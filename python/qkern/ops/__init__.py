@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (importing a module defines its ops and registers
     schemas,
     w4,
     w8,
+    w23,
 )
 from .cpu import NonFiniteError
 

@@ -1,0 +1,141 @@
+// Bindings of the 2-bit / 3-bit group-wise matmul (csrc/cpu/gemm_w23.h): argument checks,
+// buffers and GIL release only.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <new>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bindings/registry.h"
+#include "cpu/gemm_w23.h"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr auto kFlags = py::array::c_style | py::array::forcecast;
+using F32 = py::array_t<float, kFlags>;
+using I32 = py::array_t<int32_t, kFlags>;
+using U8 = py::array_t<uint8_t, kFlags>;
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+// Arrays of 4 MiB and more get 2 MiB-aligned memory with transparent huge pages requested:
+// a GEMV streams its packed weights once per call, and 4 KiB pages cost it in TLB misses.
+template <typename T>
+py::array_t<T> new_array(std::vector<py::ssize_t> shape) {
+  size_t n = 1;
+  for (auto d : shape) n *= static_cast<size_t>(d);
+  constexpr size_t kHuge = size_t{2} << 20;
+  if (n * sizeof(T) < 2 * kHuge) return py::array_t<T>(shape);
+  const size_t bytes = (n * sizeof(T) + kHuge - 1) / kHuge * kHuge;
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, bytes) != 0) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+  py::capsule owner(p, [](void* q) { std::free(q); });
+  return py::array_t<T>(shape, static_cast<T*>(p), owner);
+}
+
+void check_bits(int bits, const char* fn) {
+  if (bits != 2 && bits != 3)
+    throw py::value_error(std::string(fn) + ": bits must be 2 or 3, got " + str(bits));
+}
+
+// K and the group: K a positive multiple of the group, the group a positive multiple of 32.
+void check_shape(int64_t n, int64_t k, int64_t group, const char* fn) {
+  if (n < 0) throw py::value_error(std::string(fn) + ": N must be >= 0, got " + str(n));
+  if (group <= 0 || group % qk::kW23Block != 0)
+    throw py::value_error(std::string(fn) + ": group_size must be a positive multiple of 32, got " +
+                          str(group));
+  if (k <= 0 || k % group != 0)
+    throw py::value_error(std::string(fn) + ": K = " + str(k) +
+                          " must be a positive multiple of group_size " + str(group) +
+                          " (and so of 32)");
+}
+
+void check_size(const py::array& a, int64_t want, const char* name) {
+  if (a.size() != want)
+    throw py::value_error(std::string("gemm_w23: ") + name + " has " + str(a.size()) +
+                          " elements, expected " + str(want));
+}
+
+// codes: the unsigned codes u = q - qmin in [0, 2^bits).
+py::array_t<uint8_t> pack(const U8& codes, int bits, int64_t group) {
+  check_bits(bits, "pack_w23");
+  if (codes.ndim() != 2) throw py::value_error("pack_w23: codes must be 2-D (N, K)");
+  const int64_t n = codes.shape(0), k = codes.shape(1);
+  check_shape(n, k, group, "pack_w23");
+  const uint8_t* c = codes.data();
+  for (int64_t i = 0; i < n * k; ++i)
+    if (c[i] >> bits)
+      throw py::value_error("pack_w23: unsigned code " + str(c[i]) + " at flat index " + str(i) +
+                            " is outside [0, " + str((1 << bits) - 1) + "]");
+  auto out = new_array<uint8_t>({qk::w23_packed_nbytes(n, k, bits)});
+  py::gil_scoped_release nogil;
+  qk::pack_w23(c, n, k, bits, out.mutable_data());
+  return out;
+}
+
+py::array_t<uint8_t> unpack(const U8& packed, int64_t n, int64_t k, int bits) {
+  check_bits(bits, "unpack_w23");
+  check_shape(n, k, qk::kW23Block, "unpack_w23");
+  check_size(packed, qk::w23_packed_nbytes(n, k, bits), "packed");
+  py::array_t<uint8_t> out({n, k});
+  py::gil_scoped_release nogil;
+  qk::unpack_w23(packed.data(), n, k, bits, out.mutable_data());
+  return out;
+}
+
+py::tuple gemm(const F32& x, const U8& packed, const F32& scales,
+                        const std::optional<I32>& zeros, const std::optional<F32>& bias,
+                        int64_t n, int64_t k, int64_t group, int bits, int qmin, int mode) {
+  check_bits(bits, "gemm_w23");
+  check_shape(n, k, group, "gemm_w23");
+  if (qmin != 0 && qmin != -(1 << (bits - 1)))
+    throw py::value_error("gemm_w23: qmin must be 0 (unsigned codes) or " +
+                          str(-(1 << (bits - 1))) + " (signed " + str(bits) + "-bit), got " +
+                          str(qmin));
+  if (mode != qk::kW23Exact && mode != qk::kW23Fast)
+    throw py::value_error("gemm_w23: mode must be 0 (exact) or 1 (fast), got " + str(mode));
+  if (x.size() % k != 0)
+    throw py::value_error("gemm_w23: x has " + str(x.size()) +
+                          " elements, not a multiple of K = " + str(k));
+  const int64_t m = x.size() / k, np = qk::w23_padded_rows(n);
+  check_size(packed, qk::w23_packed_nbytes(n, k, bits), "packed");
+  check_size(scales, np * (k / group), "scales (tile layout, N padded to a multiple of 8)");
+  if (zeros)
+    check_size(*zeros, np * (k / group), "zeros (tile layout, N padded to a multiple of 8)");
+  if (bias) check_size(*bias, n, "bias");
+  auto y = new_array<float>({m, n});
+  const int32_t* zp = zeros ? zeros->data() : nullptr;
+  const float* bp = bias ? bias->data() : nullptr;
+  bool bad;
+  {
+    py::gil_scoped_release nogil;
+    bad = qk::gemm_w23(x.data(), m, packed.data(), scales.data(), zp, bp, n, k, group, bits, qmin,
+                       mode, y.mutable_data());
+  }
+  return py::make_tuple(y, bad);
+}
+
+const qk::bind::Register reg([](py::module_& m) {
+  m.def("pack_w23", &pack, py::arg("codes"), py::arg("bits"), py::arg("group"),
+        "uint8 unsigned codes (N, K) in [0, 2^bits) -> the packed 2/3-bit tile layout (flat)");
+  m.def("unpack_w23", &unpack, py::arg("packed"), py::arg("n"), py::arg("k"), py::arg("bits"),
+        "inverse of pack_w23: uint8 unsigned codes (N, K)");
+  m.def("gemm_w23", &gemm, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"),
+        py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("bits"),
+        py::arg("qmin"), py::arg("mode"),
+        "(y, bad): y (M, N) float32 = x (M, K) @ W^T (+ bias), W 2/3-bit group-wise (mode 0 "
+        "exact, 1 fast); bad: the fast mode met NaN/Inf in x (y unspecified)");
+});
+
+}  // namespace

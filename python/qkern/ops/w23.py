@@ -1,0 +1,167 @@
+"""qkern::gemm_w23: matmul with 2-bit or 3-bit group-wise weights (docs/numerics.md, "2-bit
+and 3-bit group-wise matmul").
+
+``y = x @ W^T (+ bias)`` with ``W[n, k] = float(q[n, k] - z[n, g]) * s[n, g]``, ``g = k // G``
+(exactly ``qkern.dequantize``), codes ``q`` of int2 ([-2, 1]), int3 ([-4, 3]), uint2 ([0, 3])
+or uint3 ([0, 7]), zero points ``z`` in the same range (``z = 0``: symmetric), float32 scales.
+
+- ``mode=0`` ("exact"): per group an FMA chain of ``x * float(q - z)`` (exact operands), times
+  the scale, accumulated over the groups in float32;
+- ``mode=1`` ("fast"): activations quantized on the fly per block of 32 along K to int8
+  (``scale = amax / 127``, round-nearest-even, as ``gemm_w4``'s fast mode), exact integer dot
+  products, float32 accumulation per block and group; NaN/Inf in x raise ``NonFiniteError``
+  (the exact mode propagates them per IEEE).
+
+Both modes give identical bits on the scalar and AVX2 paths and on any thread count.
+
+Layout (``pack_weight``): the stored codes are ``u = q - qmin`` (``qmin`` = -2, -4 or 0); rows
+in tiles of 8 (N padded with ``u = 0``), K in blocks of 32; tile ``t``, block ``b`` is
+``32 * bits`` bytes: ``bits`` vectors of one little-endian 32-bit word per row (exactly ``bits``
+bits per weight), codes placed so that shifts and masks give four consecutive codes per byte
+(csrc/cpu/gemm_w23.h has the bit map). Scales and zero points are stored per tile and group as
+8 consecutive values: ``(N_pad // 8, K // G, 8)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from .cpu import NonFiniteError
+from .schemas import LIB
+
+__all__ = ["MODES", "gemm_w23", "pack_weight", "unpack_weight"]
+
+MODES = {"exact": 0, "fast": 1}
+
+LIB.define(
+    "gemm_w23(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int N, "
+    "int K, int group_size, int bits, int qmin, int mode) -> Tensor"
+)
+
+
+@torch.library.register_fake("qkern::gemm_w23")
+def _(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
+    torch._check(x.dim() >= 1 and x.shape[-1] == K, lambda: "gemm_w23: x must be (..., K)")
+    return x.new_empty((*x.shape[:-1], N), dtype=torch.float32)
+
+
+def _np(t: torch.Tensor | None, dtype: torch.dtype):
+    return None if t is None else t.detach().to(dtype).contiguous().numpy()
+
+
+def _gemm_w23_cpu(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
+    if not x.is_floating_point():
+        raise ValueError(f"gemm_w23: x must be floating point, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"gemm_w23: x must be (..., K = {K}), got shape {tuple(x.shape)}")
+    tiles = ((N + 7) // 8, K // group_size if group_size > 0 else 0, 8)
+    for name, t in (("scales", scales), ("zeros", zeros)):  # (N, K/G) would be silently wrong
+        if t is not None and tuple(t.shape) != tiles:
+            raise ValueError(f"gemm_w23: {name} must be in pack_weight's tile layout {tiles}, "
+                             f"got shape {tuple(t.shape)}")
+    y, bad = _C.gemm_w23(_np(x, torch.float32), _np(packed, torch.uint8),
+                         _np(scales, torch.float32), _np(zeros, torch.int32),
+                         _np(bias, torch.float32), N, K, group_size, bits, qmin, mode)
+    if bad:
+        raise NonFiniteError("gemm_w23: x contains NaN or Inf (the fast mode quantizes x to "
+                             "int8; use mode=0 (exact) to propagate them)")
+    return torch.from_numpy(y).view(*x.shape[:-1], N)
+
+
+LIB.impl("gemm_w23", _gemm_w23_cpu, "CPU")
+
+
+def _padded(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _to_tiles(p: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, G) -> (N_pad // 8, G, 8), padded rows 0."""
+    pad = torch.zeros((_padded(n) - n, p.shape[1]), dtype=p.dtype)
+    return torch.cat([p, pad]).view(-1, 8, p.shape[1]).transpose(1, 2).contiguous()
+
+
+def _from_tiles(p: torch.Tensor, n: int) -> torch.Tensor:
+    return p.transpose(1, 2).reshape(-1, p.shape[1])[:n].contiguous()
+
+
+def code_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of the int{bits} / uint{bits} formats."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                group_size: int = 128, bits: int = 2, signed: bool | None = None) -> dict:
+    """Packs 2-bit or 3-bit codes (N, K), float scales (N, K // G) and optional int zero points
+    (N, K // G) for ``gemm_w23``. ``signed`` (default: ``codes.dtype != torch.uint8``, as in
+    QTensor) picks int{bits} codes (``[-2^(bits-1), 2^(bits-1) - 1]``) or uint{bits} codes
+    (``[0, 2^bits - 1]``); zero points lie in the same range. Returns ``{"packed": uint8
+    (N_pad // 8, K // 32, 32 * bits), "scales": float32 (N_pad // 8, K // G, 8), "zeros": int32
+    like scales or None, "N", "K", "group_size", "bits", "qmin"}``."""
+    if bits not in (2, 3):
+        raise ValueError(f"bits must be 2 or 3, got {bits!r}")
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D (N, K), got shape {tuple(codes.shape)}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    if signed is None:
+        signed = codes.dtype != torch.uint8
+    n, k = codes.shape
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 32:
+        raise ValueError(f"group_size must be a positive multiple of 32 (32, 64, 128), "
+                         f"got {group_size!r}")
+    if k <= 0 or k % group_size:
+        raise ValueError(f"K = {k} must be a positive multiple of group_size {group_size} "
+                         "(and so of 32)")
+    qmin, qmax = code_range(bits, signed)
+    name = f"{'' if signed else 'u'}int{bits}"
+    c = codes.detach().cpu()
+    if c.numel() and (int(c.min()) < qmin or int(c.max()) > qmax):
+        raise ValueError(f"{name} codes must be in [{qmin}, {qmax}], got "
+                         f"[{int(c.min())}, {int(c.max())}]")
+    ng = k // group_size
+    if tuple(scales.shape) != (n, ng):
+        raise ValueError(f"scales must be (N, K // group_size) = {(n, ng)}, "
+                         f"got {tuple(scales.shape)}")
+    if zeros is not None:
+        if tuple(zeros.shape) != (n, ng):
+            raise ValueError(f"zeros must be (N, K // group_size) = {(n, ng)}, "
+                             f"got {tuple(zeros.shape)}")
+        if zeros.is_floating_point():
+            raise ValueError(f"zeros must be an integer tensor, got {zeros.dtype}")
+        if zeros.numel() and (int(zeros.min()) < qmin or int(zeros.max()) > qmax):
+            raise ValueError(f"zero points of {name} must be in [{qmin}, {qmax}]")
+    u = (c.to(torch.int32) - qmin).to(torch.uint8).contiguous()
+    packed = torch.from_numpy(_C.pack_w23(u.numpy(), bits, group_size))
+    return {
+        "packed": packed.view(_padded(n) // 8, k // 32, 32 * bits),
+        "scales": _to_tiles(scales.detach().cpu().to(torch.float32), n),
+        "zeros": None if zeros is None else _to_tiles(zeros.detach().cpu().to(torch.int32), n),
+        "N": n,
+        "K": k,
+        "group_size": group_size,
+        "bits": bits,
+        "qmin": qmin,
+    }
+
+
+def unpack_weight(w: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inverse of ``pack_weight``: (codes (N, K): int8 when signed, uint8 when not; scales
+    (N, K // G); zeros or None)."""
+    n, k, qmin = w["N"], w["K"], w["qmin"]
+    u = torch.from_numpy(_C.unpack_w23(w["packed"].contiguous().numpy(), n, k, w["bits"]))
+    codes = (u.to(torch.int32) + qmin).to(torch.int8 if qmin < 0 else torch.uint8)
+    zeros = None if w["zeros"] is None else _from_tiles(w["zeros"], n)
+    return codes, _from_tiles(w["scales"], n), zeros
+
+
+def gemm_w23(x: torch.Tensor, w: dict, bias: torch.Tensor | None = None,
+             mode: str | int = "exact") -> torch.Tensor:
+    """``x (..., K) @ W^T (+ bias)`` -> float32 (..., N) for ``w = pack_weight(...)``;
+    ``mode``: "exact" (0) or "fast" (1). x may be float32, bfloat16 or float16."""
+    m = MODES.get(mode, mode) if isinstance(mode, str) else mode
+    if m not in (0, 1):
+        raise ValueError(f"mode must be 'exact', 'fast', 0 or 1, got {mode!r}")
+    return torch.ops.qkern.gemm_w23(x, w["packed"], w["scales"], w["zeros"], bias, w["N"],
+                                    w["K"], w["group_size"], w["bits"], w["qmin"], m)
