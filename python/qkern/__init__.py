@@ -6,12 +6,21 @@ import torch
 
 from . import _C, companding, formats, nn, ops  # noqa: F401
 from .packing import pack_bits, pack_int32, unpack_bits, unpack_int32
+from .quantization import (ActivationOnlyConfig, DynamicConfig, StaticConfig, WeightOnlyConfig,
+                           convert, prepare, quantize_model)
 from .quantize import dequantize, quantize
 from .tensor import PackedQTensor, QTensor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationOnlyConfig",
+    "DynamicConfig",
+    "StaticConfig",
+    "WeightOnlyConfig",
+    "convert",
+    "prepare",
+    "quantize_model",
     "PackedQTensor",
     "QTensor",
     "companding",

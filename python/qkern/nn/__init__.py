@@ -1,5 +1,7 @@
 """Quantized modules."""
 
+from .conv import QuantConv1d, QuantConv2d
+from .embedding import QuantEmbedding
 from .linear import QuantLinear, replace_linear
 
-__all__ = ["QuantLinear", "replace_linear"]
+__all__ = ["QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "replace_linear"]

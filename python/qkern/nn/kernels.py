@@ -40,6 +40,13 @@ def _lut4_ok(q: QTensor, act: str) -> bool:
             and _has("gemm_lut4"))
 
 
+def _fp8_ok(q: QTensor, act: str) -> bool:
+    per_row = q.granularity == "channel" and q.axis == 0
+    grouped = q.granularity == "group" and q.axis == 1 and q.group_size in (32, 64, 128)
+    return (q.format.name in ("fp8_e4m3", "fp8_e5m2") and (per_row or grouped)
+            and act == "none" and _has("gemm_fp8"))
+
+
 def _bits_ok(q: QTensor, act: str) -> bool:
     per_row = q.granularity == "channel" and q.axis == 0 and q.quantizer == "midtread"
     if q.format.name == "binary":
@@ -80,15 +87,28 @@ def pack(q: QTensor, act: str, mode: str) -> tuple[str, dict[str, torch.Tensor]]
     if _lut4_ok(q, act):
         from ..ops import lut4
 
-        p = lut4.pack_weight(q.codes.view(torch.uint8), q.scale, q.group_size)
         table = torch.from_numpy(q.format.lut[:16].copy())
+        if q.double_quant is not None:  # int8 block scales, rebuilt inside the kernel
+            p = lut4.pack_weight_dq(q.codes.view(torch.uint8), q.double_quant, q.group_size)
+            return "lut4_dq", {"lut4_packed": p["packed"], "lut4_qscales": p["qscales"],
+                               "lut4_scale2": p["scale2"], "lut4_mean": p["mean"],
+                               "lut4_table": table}
+        p = lut4.pack_weight(q.codes.view(torch.uint8), q.scale, q.group_size)
         return "lut4", {"lut4_packed": p["packed"], "lut4_scales": p["scales"],
                         "lut4_table": table}
+    if _fp8_ok(q, act):
+        from ..ops import fp8
+
+        p = fp8.pack_weight(q.codes, q.scale, q.group_size, q.format.name)
+        return "fp8", {"fp8_w": p["w"], "fp8_scales": p["scales"]}
     if _w8_ok(q):
         from ..ops import w8
 
         bufs = {"w8_packed": w8.pack_w8(q.codes), "w8_scale": q.scale.float().contiguous()}
-        return ("w8a8" if act == "int8_dynamic" else "w8a16"), bufs
+        return W8_KERNELS[act], bufs
+    if act != "none":
+        raise ValueError(f"act={act!r} needs int8 weights per output channel (symmetric, "
+                         f"midtread); got {q.format.name} per {q.granularity}")
     return "dequant", _dequant_buffers(q)
 
 
@@ -121,7 +141,22 @@ def dequant_weight(q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 # The float-activation kernel over the same buffers (one float product per weight).
 _FLOAT_TWIN = {"w4_fast": "w4_exact", "w23_fast": "w23_exact", "binary_xnor": "binary",
-               "w8a8": "w8a16"}
+               "w8a8": "w8a16", "w8a8_tensor": "w8a16", "w8a8_static": "w8a16"}
+# int8 weights per output channel: the kernel for each activation mode
+W8_KERNELS = {"none": "w8a16", "int8_dynamic": "w8a8", "int8_dynamic_tensor": "w8a8_tensor",
+              "int8_static": "w8a8_static"}
+INT8_ACTS = ("int8_dynamic_tensor", "int8_static")  # need int8 per-channel weights
+
+
+def _w8a8_given_scale(x2: torch.Tensor, sx: torch.Tensor, bufs, bias, n: int, k: int):
+    """int8 activations with one scale for the whole tensor (static, or per-tensor dynamic):
+    xq = clamp(rne(x * (1 / sx)), -127, 127) by the qkern quantize op, the exact int32 core,
+    then y = (float(acc) * sx) * sw[n] (+ bias[n]) like gemm_w8a8's epilogue."""
+    sx = sx.reshape(1).float()
+    xq = _OPS.quantize_affine(x2.reshape(-1), sx, None, x2.numel(), -127, 127, 0, 0, 0.0, 0)
+    acc = _OPS.gemm_s8s8_s32(xq.view(torch.int8).view(x2.shape), bufs["w8_packed"], n, k)
+    y = (acc.float() * sx) * bufs["w8_scale"]
+    return y if bias is None else y + bias
 
 
 def weight(kernel: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -158,6 +193,13 @@ def forward(kernel: str, x: torch.Tensor, bufs: dict[str, torch.Tensor],
     elif kernel == "lut4":
         y = _OPS.gemm_lut4(x2, bufs["lut4_packed"], bufs["lut4_scales"], bufs["lut4_table"],
                            bias, n, k, q.group_size)
+    elif kernel == "lut4_dq":
+        y = _OPS.gemm_lut4_dq(x2, bufs["lut4_packed"], bufs["lut4_qscales"], bufs["lut4_scale2"],
+                              bufs["lut4_mean"], bufs["lut4_table"], bias, n, k, q.group_size,
+                              q.double_quant.group)
+    elif kernel == "fp8":
+        y = _OPS.gemm_fp8(x2, bufs["fp8_w"], bufs["fp8_scales"], bias, n, k,
+                          q.group_size or 0, 0 if q.format.name == "fp8_e4m3" else 1)
     elif kernel in ("binary", "binary_xnor"):
         y = _OPS.gemm_binary(x2, bufs["bits_w"], bufs["bits_alpha"], bias, n, k,
                              kernel == "binary_xnor")
@@ -165,6 +207,12 @@ def forward(kernel: str, x: torch.Tensor, bufs: dict[str, torch.Tensor],
         y = _OPS.gemm_ternary(x2, bufs["bits_w"], bufs["bits_alpha"], bias, n, k)
     elif kernel == "w8a8":
         y = _OPS.gemm_w8a8(x2, bufs["w8_packed"], bufs["w8_scale"], bias, n, k)
+    elif kernel == "w8a8_static":
+        y = _w8a8_given_scale(x2, bufs["act_scale"], bufs, bias, n, k)
+    elif kernel == "w8a8_tensor":
+        amax = x2.abs().amax() if x2.numel() else x2.new_zeros(())
+        sx = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        y = _w8a8_given_scale(x2, sx, bufs, bias, n, k)
     else:
         y = _OPS.gemm_w8a16(x2, bufs["w8_packed"], bufs["w8_scale"], bias, n, k)
     return y.reshape(*lead, n)

@@ -21,7 +21,9 @@ from ..quantize import quantize
 from ..tensor import QTensor
 from . import kernels
 
-ACTS = ("none", "int8_dynamic", "binary")  # binary: XNOR-Net sign activations
+# int8_dynamic: per token (row of x); int8_dynamic_tensor: one scale per call; int8_static: a
+# fixed scale from calibration (act_scale); binary: XNOR-Net sign activations
+ACTS = ("none", "int8_dynamic", "int8_dynamic_tensor", "int8_static", "binary")
 MODES = ("exact", "fast")
 
 
@@ -30,7 +32,7 @@ class QuantLinear(nn.Module):
     kernel. Build with :meth:`from_float`."""
 
     def __init__(self, qweight: QTensor, bias: torch.Tensor | None, act: str = "none",
-                 mode: str = "exact"):
+                 mode: str = "exact", act_scale: float | torch.Tensor | None = None):
         super().__init__()
         if act not in ACTS:
             raise ValueError(f"act must be one of {ACTS}, got {act!r}")
@@ -42,7 +44,14 @@ class QuantLinear(nn.Module):
         self.act, self.mode = act, mode
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
+        if (act == "int8_static") != (act_scale is not None):
+            raise ValueError("act_scale is given with (and only with) act='int8_static'")
         self.kernel, buffers = kernels.pack(qweight, act, mode)
+        if act_scale is not None:
+            sx = torch.as_tensor(act_scale, dtype=torch.float32).reshape(1).clone()
+            if not bool(torch.isfinite(sx).all()) or float(sx) <= 0:
+                raise ValueError(f"act_scale must be a positive finite number, got {act_scale}")
+            buffers["act_scale"] = sx
         for name, t in buffers.items():
             self.register_buffer(name, t, persistent=True)
         self._buffer_names = tuple(buffers)
@@ -52,6 +61,7 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_float(cls, linear: nn.Linear, fmt: str = "int4", *, group_size: int | None = 128,
                    symmetric: bool = True, act: str = "none", mode: str = "exact",
+                   act_scale: float | torch.Tensor | None = None,
                    **quant_kwargs) -> QuantLinear:
         """Quantize ``linear.weight`` (out, in): per output channel when ``group_size`` is None,
         else in groups of ``group_size`` along the input dimension (block formats default to
@@ -69,7 +79,7 @@ class QuantLinear(nn.Module):
                                  "pass group_size=None for per-channel scales")
             q = quantize(w, f, granularity="group", axis=1, group_size=g, symmetric=symmetric,
                          **quant_kwargs)
-        return cls(q, linear.bias, act=act, mode=mode)
+        return cls(q, linear.bias, act=act, mode=mode, act_scale=act_scale)
 
     def _packed_buffers(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self._buffer_names}

@@ -32,6 +32,8 @@ SCHEMAS = {
         "gemm_w8a16(Tensor x, Tensor packed_w, Tensor w_scale, Tensor? bias, int N, int K) "
         "-> Tensor"
     ),
+    # the exact integer core, for activations quantized by the caller (static or per-tensor)
+    "gemm_s8s8_s32": "gemm_s8s8_s32(Tensor xq, Tensor packed_w, int N, int K) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():
@@ -89,6 +91,29 @@ def _(x, packed_w, w_scale, bias, N, K):
     return x.new_empty(_out_shape(x, N))
 
 
+@torch.library.register_fake("qkern::gemm_s8s8_s32")
+def _(xq, packed_w, N, K):
+    _check_s8(xq, packed_w, N, K)
+    return xq.new_empty(_out_shape(xq, N), dtype=torch.int32)
+
+
+def _check_s8(xq, packed_w, N: int, K: int) -> None:
+    if xq.dtype != torch.int8 or xq.dim() < 1 or xq.shape[-1] != K:
+        raise ValueError(f"xq must be int8 codes of shape (..., K={K}), got {xq.dtype} "
+                         f"{tuple(xq.shape)}")
+    if packed_w.dtype != torch.int8 or packed_w.numel() != packed_nbytes(N, K):
+        raise ValueError(f"packed_w must be the int8 pack_w8 output for N={N}, K={K}")
+
+
+def gemm_s8s8_s32(xq, packed_w, N, K):
+    """acc (..., N) int32 = xq (..., K) int8 @ codes^T, exact; codes in [-127, 127]."""
+    _check_s8(xq, packed_w, N, K)
+    m = math.prod(xq.shape[:-1])
+    acc = _C.gemm_s8s8_s32(xq.detach().contiguous().reshape(-1).numpy(),
+                           packed_w.detach().contiguous().numpy(), m, N, K)
+    return torch.from_numpy(acc).view(_out_shape(xq, N))
+
+
 def _f32(t: torch.Tensor | None):
     return None if t is None else t.detach().to(torch.float32).contiguous().reshape(-1).numpy()
 
@@ -126,6 +151,6 @@ def gemm_w8a16(x, packed_w, w_scale, bias, N, K):
     return _gemm(_C.gemm_w8a16, x, packed_w, w_scale, bias, N, K)
 
 
-for _name, _fn in {"pack_w8": pack_w8, "gemm_w8a8": gemm_w8a8,
-                   "gemm_w8a16": gemm_w8a16}.items():
+for _name, _fn in {"pack_w8": pack_w8, "gemm_w8a8": gemm_w8a8, "gemm_w8a16": gemm_w8a16,
+                   "gemm_s8s8_s32": gemm_s8s8_s32}.items():
     LIB.impl(_name, _fn, "CPU")
