@@ -6,8 +6,15 @@ import torch
 
 from . import _C, companding, formats, nn, ops  # noqa: F401
 from .packing import pack_bits, pack_int32, unpack_bits, unpack_int32
-from .quantization import (ActivationOnlyConfig, DynamicConfig, StaticConfig, WeightOnlyConfig,
-                           convert, prepare, quantize_model)
+from .quantization import (
+    ActivationOnlyConfig,
+    DynamicConfig,
+    StaticConfig,
+    WeightOnlyConfig,
+    convert,
+    prepare,
+    quantize_model,
+)
 from .quantize import dequantize, quantize
 from .tensor import PackedQTensor, QTensor
 

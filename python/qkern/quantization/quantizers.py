@@ -8,8 +8,7 @@ from torch import nn
 from .. import formats as QF
 from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from .api import Quantizer, _replace, register_quantizer
-from .config import (ActivationOnlyConfig, BaseConfig, DynamicConfig, StaticConfig,
-                     WeightOnlyConfig)
+from .config import ActivationOnlyConfig, BaseConfig, DynamicConfig, StaticConfig, WeightOnlyConfig
 
 __all__ = ["ActivationOnlyQuantizer", "DynamicQuantizer", "StaticQuantizer",
            "WeightOnlyQuantizer"]
