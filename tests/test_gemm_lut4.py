@@ -3,6 +3,7 @@ y = x @ (table[codes] * scales.repeat_interleave(G, 1)).T (+ bias)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,3 +170,172 @@ def test_opcheck(m):
     torch.library.opcheck(torch.ops.qkern.gemm_lut4.default, args)
     args = (x, p["packed"], p["scales"], _table("nf4"), None, 7, 128, 64)
     torch.library.opcheck(torch.ops.qkern.gemm_lut4.default, args)
+
+
+# ---- double-quantized scales: qkern::gemm_lut4_dq ------------------------------------------
+
+def _dq_weight(name, n, k, g, seed=0, mag=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * mag
+    w[:, :g] *= torch.rand(n, 1, generator=gen) * 10  # spread the block scales
+    q = qkern.quantize(w, name, group_size=g, double_quant=True)
+    assert q.double_quant is not None and q.axis == 1 and q.group_size == g
+    return q
+
+
+def _dq_scales_from_spec(dq):
+    """Block scales rebuilt in numpy float32 from docs/numerics.md: max(c * s2 + mean, tiny)."""
+    c = dq.codes.reshape(-1).numpy().astype(np.float32)
+    s2 = dq.scale2.reshape(-1).numpy().astype(np.float32)
+    idx = np.arange(c.size) // dq.group
+    s = (c * s2[idx]).astype(np.float32) + np.float32(dq.mean)
+    return torch.from_numpy(np.maximum(s, np.finfo(np.float32).tiny).astype(np.float32))
+
+
+def _run_dq(x, q, bias=None):
+    p = lut4.pack_weight_dq(q.codes, q.double_quant, q.group_size)
+    return lut4.gemm_lut4_dq(x, p, _table(q.format.name), bias)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", TABLES)
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 2, 17])
+def test_dq_vs_dequantize_reference(isa, name, g, m):
+    qkern.set_isa(isa)
+    n, k = 37, 1024  # 37 * 1024 / g blocks: several second-level groups, the last partial
+    q = _dq_weight(name, n, k, g, seed=g + m)
+    assert torch.equal(_dq_scales_from_spec(q.double_quant), q.scale.reshape(-1))
+    gen = torch.Generator().manual_seed(m)
+    x, b = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    w = q.dequantize()
+    y = _run_dq(x, q, b)
+    ref = x.double() @ w.double().T + b.double()
+    bound = x.double().abs() @ w.double().abs().T + b.double().abs()
+    _check(y, ref, bound, k)
+    # same weights, same order: bit-identical with the float-scale kernel
+    p = lut4.pack_weight(q.codes, q.scale, g)
+    y_float = torch.ops.qkern.gemm_lut4(x, p["packed"], p["scales"], _table(name), b, n, k, g)
+    assert torch.equal(y, y_float)
+
+
+@pytest.mark.parametrize("g", [32, 64])
+def test_dq_every_weight_decodes_exactly(g):
+    q = _dq_weight("nf4", 9, 256, g, seed=7)
+    want = q.dequantize().T
+    eye = torch.eye(256)
+    for isa in ISAS:
+        qkern.set_isa(isa)
+        for x in (eye, eye[:1], eye[3:5]):
+            rows = torch.nonzero(x)[:, 1]
+            assert torch.equal(_run_dq(x, q), want[rows])
+
+
+def test_dq_scale_clamp_and_second_level_groups():
+    # hand-made second level: block scales that go to or below zero clamp to FLT_MIN; a small
+    # dq_group puts every few blocks on their own scale2
+    from qkern.tensor import DoubleQuant
+
+    n, k, g, dqg = 4, 128, 32, 3
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    qs = torch.randint(-128, 128, (n * k // g,), generator=gen, dtype=torch.int8)
+    qs[:4] = torch.tensor([-128, 0, 127, -1], dtype=torch.int8)
+    s2 = torch.rand(-(-qs.numel() // dqg), generator=gen) * 0.01
+    dq = DoubleQuant(qs, s2, 0.25, dqg)
+    scales = _dq_scales_from_spec(dq)
+    assert (scales == torch.finfo(torch.float32).tiny).any()
+    table = _table("nf4")
+    x = torch.randn(5, k, generator=gen)
+    p = lut4.pack_weight_dq(codes, dq, g)
+    pf = lut4.pack_weight(codes, scales, g)
+    for isa in ISAS:
+        qkern.set_isa(isa)
+        for xx in (x, x[:1]):
+            y = lut4.gemm_lut4_dq(xx, p, table)
+            assert torch.equal(y, torch.ops.qkern.gemm_lut4(xx, pf["packed"], pf["scales"], table,
+                                                            None, n, k, g))
+        eye = torch.eye(k)
+        assert torch.equal(lut4.gemm_lut4_dq(eye, p, table).T,
+                           table[codes.long()] * scales.reshape(n, -1).repeat_interleave(g, 1))
+
+
+@pytest.mark.parametrize("m", [1, 65])
+def test_dq_avx2_matches_scalar_and_threads_are_deterministic(m):
+    n, k, g = 257, 1024, 64
+    q = _dq_weight("fp4_e2m1", n, k, g, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    w = q.dequantize()
+    ref = x.double() @ w.double().T
+    bound = x.double().abs() @ w.double().abs().T
+    out = {}
+    for isa in ISAS:
+        for threads in (1, 2):
+            qkern.set_isa(isa)
+            qkern.set_num_threads(threads)
+            out[isa, threads] = y = _run_dq(x, q)
+            _check(y, ref, bound, k)
+        assert torch.equal(out[isa, 1], out[isa, 2])
+
+
+def test_dq_errors():
+    q = _dq_weight("nf4", 4, 128, 64)
+    p = lut4.pack_weight_dq(q.codes, q.double_quant, 64)
+    t = _table("nf4")
+    op = torch.ops.qkern.gemm_lut4_dq
+    x = torch.ones(1, 128)
+    args = [x, p["packed"], p["qscales"], p["scale2"], p["mean"], t, None, 4, 128, 64, 256]
+    with pytest.raises(ValueError, match="int8"):
+        op(*args[:2], p["qscales"].to(torch.int32), *args[3:])
+    with pytest.raises(ValueError, match="qscales"):
+        op(*args[:2], p["qscales"][:-1], *args[3:])
+    with pytest.raises(ValueError, match="scale2"):
+        op(*args[:3], torch.ones(2), *args[4:])
+    with pytest.raises(ValueError, match="mean"):
+        op(*args[:4], torch.ones(2), *args[5:])
+    with pytest.raises(ValueError, match="dq_group"):
+        op(*args[:10], 0)
+    with pytest.raises(ValueError, match="does not divide"):
+        op(*args[:9], 48, 256)
+    with pytest.raises(ValueError, match="int8 with"):
+        lut4.pack_weight_dq(q.codes[:2], q.double_quant, 64)
+    with pytest.raises(ValueError, match="group_size"):
+        lut4.pack_weight_dq(q.codes, q.double_quant, 16)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_dq_opcheck(m):
+    q = _dq_weight("nf4", 7, 128, 64, seed=4)
+    p = lut4.pack_weight_dq(q.codes, q.double_quant, 64)
+    x = torch.randn(m, 128)
+    for bias in (torch.randn(7), None):
+        args = (x, p["packed"], p["qscales"], p["scale2"], p["mean"], _table("nf4"), bias, 7, 128,
+                64, p["dq_group"])
+        torch.library.opcheck(torch.ops.qkern.gemm_lut4_dq.default, args)
+
+
+@pytest.mark.parametrize("name", TABLES)
+@pytest.mark.parametrize("m", [1, 9])
+def test_quant_linear_double_quant_runs_lut4_dq(name, m):
+    from torch import nn
+
+    from qkern.nn import QuantLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 48)
+    ql = QuantLinear.from_float(lin, name, group_size=64, double_quant=True)
+    assert ql.kernel == "lut4_dq"
+    bufs = dict(ql.named_buffers())
+    assert bufs["lut4_qscales"].dtype == torch.int8 and "lut4_scales" not in bufs
+    q = qkern.quantize(lin.weight.detach(), name, group_size=64, double_quant=True)
+    wq = ql.dequantize_weight()
+    assert torch.equal(wq, q.dequantize())
+    x = torch.randn(m, 512)
+    y = ql(x)
+    b = lin.bias.detach()
+    ref = x.double() @ wq.double().T + b.double()
+    bound = x.double().abs() @ wq.double().abs().T + b.double().abs()
+    _check(y, ref, bound, 512)
+    assert torch.allclose(y, torch.nn.functional.linear(x, wq, b), rtol=1e-5, atol=1e-5)
+    plain = QuantLinear.from_float(lin, name, group_size=64)
+    assert plain.kernel == "lut4"

@@ -18,11 +18,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-void gemm_lut4(const float* x, int64_t m, const uint8_t* packed, const float* scales,
-               const float* table16, const float* bias, int64_t n, int64_t k, int64_t group,
-               float* y) {
+namespace {
+
+void run(const impl::Lut4Args& a) {
+  const int64_t m = a.m, n = a.n, k = a.k;
   if (m <= 0 || n <= 0) return;
-  const impl::Lut4Args a{x, packed, scales, table16, bias, y, m, n, k, group};
   auto* kernel = active_isa() == kIsaAvx2 ? impl::gemm_lut4_avx2 : impl::gemm_lut4_scalar;
   const int threads = pool_threads();
   if (threads == 1 || m * n * k < kMinParallelMacs) {
@@ -41,6 +41,25 @@ void gemm_lut4(const float* x, int64_t m, const uint8_t* packed, const float* sc
     const int64_t i0 = (t / nt) * mb, j0 = (t % nt) * nb;
     kernel(a, i0, std::min(m, i0 + mb), j0, std::min(n, j0 + nb));
   });
+}
+
+}  // namespace
+
+void gemm_lut4(const float* x, int64_t m, const uint8_t* packed, const float* scales,
+               const float* table16, const float* bias, int64_t n, int64_t k, int64_t group,
+               float* y) {
+  run(impl::Lut4Args{x, packed, scales, table16, bias, y, m, n, k, group});
+}
+
+void gemm_lut4_dq(const float* x, int64_t m, const uint8_t* packed, const int8_t* qscales,
+                  const float* scale2, float mean, int64_t dq_group, const float* table16,
+                  const float* bias, int64_t n, int64_t k, int64_t group, float* y) {
+  impl::Lut4Args a{x, packed, nullptr, table16, bias, y, m, n, k, group};
+  a.qscales = qscales;
+  a.scale2 = scale2;
+  a.mean = mean;
+  a.dq_group = dq_group;
+  run(a);
 }
 
 }  // namespace qk

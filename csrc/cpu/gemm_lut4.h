@@ -11,7 +11,14 @@
 // the products x * w are accumulated in float32. The scalar kernel sums in k order without
 // FMA; the AVX2 kernel uses FMA and 8-lane (plus k-chunk) partial sums, so the two agree to
 // float32 accumulation error (|err| <~ K * 2^-24 * sum_k |x w|), not bit for bit.
+//
+// Double-quantized scales (gemm_lut4_dq): instead of float32 scales, one int8 code per block
+// (block b = n * K/G + g, row-major) plus a float32 second-level scale per dq_group blocks and
+// a float32 mean; the kernel rebuilds each block's scale as qkern's double_quantize_scales
+// dequantizes it (lut4_block_scale below), so the weights are the same bits as with the float
+// scales, for 1 byte of scale storage per block instead of 4.
 #pragma once
+#include <cfloat>
 #include <cstdint>
 
 namespace qk {
@@ -21,6 +28,11 @@ namespace qk {
 void gemm_lut4(const float* x, int64_t m, const uint8_t* packed, const float* scales,
                const float* table16, const float* bias, int64_t n, int64_t k, int64_t group,
                float* y);
+
+// qscales (n * k/group int8), scale2 (ceil(n * k/group / dq_group) float32), mean: see above.
+void gemm_lut4_dq(const float* x, int64_t m, const uint8_t* packed, const int8_t* qscales,
+                  const float* scale2, float mean, int64_t dq_group, const float* table16,
+                  const float* bias, int64_t n, int64_t k, int64_t group, float* y);
 
 namespace impl {
 
@@ -34,7 +46,22 @@ struct Lut4Args {
   const float* bias;
   float* y;
   int64_t m, n, k, group;
+  // double-quantized scales, used when `scales` is null
+  const int8_t* qscales = nullptr;
+  const float* scale2 = nullptr;
+  float mean = 0.0f;
+  int64_t dq_group = 1;
 };
+
+// Scale of row j, group g. Double-quantized: max(float(code) * scale2 + mean, FLT_MIN), a
+// float32 multiply then a float32 add (never fused: the build uses -ffp-contract=off), as
+// python/qkern/quantize.py double_quantize_scales computes the scales it quantizes with.
+inline float lut4_block_scale(const Lut4Args& a, int64_t j, int64_t g) {
+  const int64_t b = j * (a.k / a.group) + g;
+  if (a.scales) return a.scales[b];
+  const float s = static_cast<float>(a.qscales[b]) * a.scale2[b / a.dq_group] + a.mean;
+  return s < FLT_MIN ? FLT_MIN : s;  // NaN stays NaN, as torch's clamp_min
+}
 
 void gemm_lut4_scalar(const Lut4Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void gemm_lut4_avx2(const Lut4Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1);

@@ -4,6 +4,7 @@ when ``qkern._cuda`` was built."""
 from . import (  # noqa: F401  (importing a module defines its ops and registers kernels)
     bits,
     cpu,
+    fp8,
     lut4,
     schemas,
     w4,

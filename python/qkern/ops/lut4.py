@@ -8,6 +8,13 @@ float32 (FMA and partial sums on AVX2, so paths agree to float32 rounding, not b
 Layout (``pack_weight``): each row of codes is an LSB-first nibble stream, ``packed[n, k // 2]``
 holding element ``k`` in its low nibble (even ``k``) or high nibble (odd ``k``); scales are
 float32 ``(N, K // group_size)``.
+
+``qkern::gemm_lut4_dq`` takes double-quantized scales instead (``pack_weight_dq``, from a
+QTensor quantized with ``double_quant=True``): one int8 code per block (row-major over
+``(N, K // group_size)``), a float32 ``scale2`` per ``dq_group`` blocks and a float32 ``mean``
+(a 1-element tensor); the kernel rebuilds block ``b``'s scale as
+``max(float32(qscales[b] * scale2[b // dq_group]) + mean, FLT_MIN)`` in float32, exactly as
+``qkern.quantize.double_quantize_scales`` dequantizes it, so the weights are the same bits.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import torch
 from .. import _C
 from .schemas import LIB
 
-__all__ = ["GROUP_SIZES", "gemm_lut4", "pack_weight"]
+__all__ = ["GROUP_SIZES", "gemm_lut4", "gemm_lut4_dq", "pack_weight", "pack_weight_dq"]
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -45,6 +52,32 @@ def _gemm_lut4_cpu(x, packed, scales, table, bias, N, K, group_size):
 
 LIB.impl("gemm_lut4", _gemm_lut4_cpu, "CPU")
 
+LIB.define(
+    "gemm_lut4_dq(Tensor x, Tensor packed, Tensor qscales, Tensor scale2, Tensor mean, "
+    "Tensor table, Tensor? bias, int N, int K, int group_size, int dq_group) -> Tensor"
+)
+
+
+@torch.library.register_fake("qkern::gemm_lut4_dq")
+def _(x, packed, qscales, scale2, mean, table, bias, N, K, group_size, dq_group):
+    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_lut4_dq: x must be (M, K)")
+    return x.new_empty((x.shape[0], N), dtype=torch.float32)
+
+
+def _gemm_lut4_dq_cpu(x, packed, qscales, scale2, mean, table, bias, N, K, group_size,
+                      dq_group):
+    if qscales.dtype != torch.int8:
+        raise ValueError(f"gemm_lut4_dq: qscales must be int8 codes, got {qscales.dtype}")
+    if mean.numel() != 1:
+        raise ValueError(f"gemm_lut4_dq: mean must hold one value, got {mean.numel()}")
+    y = _C.gemm_lut4_dq(_np(x.float()), _np(packed), _np(qscales), _np(scale2.float()),
+                        float(mean.float().reshape(())), _np(table.float()),
+                        _np(None if bias is None else bias.float()), N, K, group_size, dq_group)
+    return torch.from_numpy(y)
+
+
+LIB.impl("gemm_lut4_dq", _gemm_lut4_dq_cpu, "CPU")
+
 
 def gemm_lut4(x: torch.Tensor, packed: dict[str, torch.Tensor] | torch.Tensor,
               scales: torch.Tensor | None = None, table: torch.Tensor | None = None,
@@ -64,13 +97,11 @@ def gemm_lut4(x: torch.Tensor, packed: dict[str, torch.Tensor] | torch.Tensor,
     return y.reshape(*lead, N)
 
 
-def pack_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> dict:
-    """Packs 4-bit codes (N, K) (uint8, values 0..15) and their float32 scales (N, K/G) for
-    ``gemm_lut4``: returns ``{"packed": uint8 (N, K // 2), "scales": float32 (N, K // G),
-    "N": N, "K": K, "group_size": G}``."""
+def _pack_codes(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K) codes 0..15 -> uint8 (N, K // 2), element k in the low nibble for even k."""
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D (N, K), got shape {tuple(codes.shape)}")
-    n, k = codes.shape
+    k = codes.shape[1]
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
     if k % group_size:
@@ -78,6 +109,46 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> d
     c = codes.to(torch.uint8) if codes.dtype != torch.uint8 else codes
     if c.numel() and int(c.max()) > 15:
         raise ValueError("codes must be in 0..15")
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+def pack_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> dict:
+    """Packs 4-bit codes (N, K) (uint8, values 0..15) and their float32 scales (N, K/G) for
+    ``gemm_lut4``: returns ``{"packed": uint8 (N, K // 2), "scales": float32 (N, K // G),
+    "N": N, "K": K, "group_size": G}``."""
+    packed = _pack_codes(codes, group_size)
+    n, k = codes.shape
     s = scales.detach().float().reshape(n, k // group_size).contiguous()
-    packed = (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
     return {"packed": packed, "scales": s, "N": n, "K": k, "group_size": group_size}
+
+
+def pack_weight_dq(codes: torch.Tensor, dq, group_size: int) -> dict:
+    """Packs 4-bit codes (N, K) with double-quantized block scales (a ``qkern.tensor.
+    DoubleQuant``: ``q.double_quant`` of ``qkern.quantize(w, "nf4", double_quant=True)``, whose
+    blocks run along K) for ``gemm_lut4_dq``: returns ``{"packed", "qscales": int8 (N, K // G),
+    "scale2": float32, "mean": float32 (1,), "N", "K", "group_size", "dq_group"}``."""
+    packed = _pack_codes(codes, group_size)
+    n, k = codes.shape
+    blocks = n * (k // group_size)
+    q = dq.codes.reshape(-1)
+    if q.dtype != torch.int8 or q.numel() != blocks:
+        raise ValueError(f"double-quantized codes must be int8 with N * K / G = {blocks} values, "
+                         f"got {q.dtype} with {q.numel()}")
+    s2 = dq.scale2.detach().float().reshape(-1).contiguous()
+    if s2.numel() != -(-blocks // dq.group):
+        raise ValueError(f"scale2 must have ceil({blocks} / {dq.group}) values, got {s2.numel()}")
+    mean = torch.tensor([dq.mean], dtype=torch.float32)  # rounded as double_quantize_scales
+    return {"packed": packed, "qscales": q.contiguous(), "scale2": s2, "mean": mean,
+            "N": n, "K": k, "group_size": group_size, "dq_group": int(dq.group)}
+
+
+def gemm_lut4_dq(x: torch.Tensor, packed: dict, table: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (..., K) @ W^T (+ bias)`` for ``packed = pack_weight_dq(...)``."""
+    n, k = packed["N"], packed["K"]
+    lead = x.shape[:-1]
+    y = torch.ops.qkern.gemm_lut4_dq(x.reshape(-1, k).float().contiguous(), packed["packed"],
+                                     packed["qscales"], packed["scale2"], packed["mean"],
+                                     table[:16].float().contiguous(), bias, n, k,
+                                     packed["group_size"], packed["dq_group"])
+    return y.reshape(*lead, n)

@@ -1,0 +1,101 @@
+// Binding of qk::gemm_fp8 (FP8-weight matmul): argument checks, buffers and GIL release only.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "bindings/registry.h"
+#include "cpu/gemm_fp8.h"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr auto kFlags = py::array::c_style | py::array::forcecast;
+using F32 = py::array_t<float, kFlags>;
+using U8 = py::array_t<uint8_t, kFlags>;
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+void expect(bool ok, const std::string& msg) {
+  if (!ok) throw py::value_error("gemm_fp8: " + msg);
+}
+
+void expect_size(const py::array& a, int64_t want, const char* name) {
+  expect(a.size() == want, std::string(name) + " has " + str(a.size()) + " elements, expected " +
+                               str(want));
+}
+
+// group_size 0 = per output channel (one scale per row), else a multiple of 16 dividing K.
+int64_t effective_group(int64_t k, int64_t group) {
+  if (group == 0) return k;
+  expect(group > 0 && group % 16 == 0,
+         "group_size must be 0 (per channel) or a positive multiple of 16, got " + str(group));
+  expect(k % group == 0, "group_size " + str(group) + " does not divide K = " + str(k));
+  return group;
+}
+
+// A copy of the codes in 2 MiB-aligned memory with transparent huge pages requested (arrays of
+// 4 MiB and more): a GEMV streams the weights once per call and 4 KiB pages cost TLB misses.
+py::array_t<uint8_t> pack(const U8& codes) {
+  if (codes.ndim() != 2) throw py::value_error("pack_fp8: codes must be 2-D (N, K)");
+  const py::ssize_t n = codes.shape(0), k = codes.shape(1);
+  const size_t bytes = static_cast<size_t>(n) * static_cast<size_t>(k);
+  constexpr size_t kHuge = size_t{2} << 20;
+  py::array_t<uint8_t> out;
+  if (bytes < 2 * kHuge) {
+    out = py::array_t<uint8_t>({n, k});
+  } else {
+    const size_t alloc = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, alloc) != 0) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    madvise(p, alloc, MADV_HUGEPAGE);
+#endif
+    py::capsule owner(p, [](void* q) { std::free(q); });
+    out = py::array_t<uint8_t>({n, k}, static_cast<uint8_t*>(p), owner);
+  }
+  if (bytes) std::memcpy(out.mutable_data(), codes.data(), bytes);
+  return out;
+}
+
+py::array_t<float> gemm(const F32& x, const U8& w, const F32& scales,
+                        const std::optional<F32>& bias, int64_t n, int64_t k, int64_t group,
+                        int fmt) {
+  expect(n >= 0 && k > 0, "N must be >= 0 and K > 0, got N = " + str(n) + ", K = " + str(k));
+  expect(fmt == qk::kFp8E4M3 || fmt == qk::kFp8E5M2,
+         "fmt must be 0 (fp8_e4m3) or 1 (fp8_e5m2), got " + str(fmt));
+  const int64_t g = effective_group(k, group);
+  expect(x.ndim() == 2 && x.shape(1) == k, "x must be 2-D (M, K) with K = " + str(k));
+  expect_size(w, n * k, "w (N * K codes)");
+  expect_size(scales, n * (k / g), group == 0 ? "scales (one per row)" : "scales (N * K / G)");
+  if (bias) expect_size(*bias, n, "bias");
+  const int64_t m = x.shape(0);
+  py::array_t<float> y({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
+  const float* bp = bias ? bias->data() : nullptr;
+  float* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    qk::gemm_fp8(x.data(), m, w.data(), scales.data(), bp, n, k, g, fmt, yp);
+  }
+  return y;
+}
+
+const qk::bind::Register reg([](py::module_& m) {
+  m.def("pack_fp8", &pack, py::arg("codes"),
+        "a copy of uint8 FP8 codes (N, K) in huge-page memory when large");
+  m.def("gemm_fp8", &gemm, py::arg("x"), py::arg("w"), py::arg("scales"), py::arg("bias"),
+        py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("fmt"),
+        "y = x @ (fp8_value(w) * scales)^T (+ bias); fmt 0 = E4M3, 1 = E5M2; group_size 0 = "
+        "per channel");
+});
+
+}  // namespace
