@@ -371,3 +371,16 @@ def test_quantlinear_other_grids_do_not_use_w23():
     assert QuantLinear.from_float(lin, "ternary", group_size=32).kernel != "w23_exact"
     assert QuantLinear.from_float(lin, "int2", group_size=32,
                                   quantizer="midrise").kernel == "dequant"
+
+
+def test_quantlinear_w23_torch_compile_fullgraph():
+    torch.manual_seed(3)
+    model = nn.Sequential(QuantLinear.from_float(nn.Linear(128, 64), "int3", group_size=64,
+                                                 symmetric=False),
+                          nn.GELU(),
+                          QuantLinear.from_float(nn.Linear(64, 8), "uint2", group_size=32,
+                                                 mode="fast"))
+    assert [m.kernel for m in (model[0], model[2])] == ["w23_exact", "w23_fast"]
+    x = torch.randn(3, 128)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), model(x))
