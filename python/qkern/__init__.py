@@ -16,6 +16,7 @@ from .quantization import (
     quantize_model,
 )
 from .quantize import dequantize, quantize
+from .serialization import load, save
 from .tensor import PackedQTensor, QTensor
 
 __version__ = "0.1.0"
@@ -35,9 +36,11 @@ __all__ = [
     "formats",
     "get_isa",
     "get_num_threads",
+    "load",
     "pack_bits",
     "pack_int32",
     "quantize",
+    "save",
     "set_isa",
     "set_num_threads",
     "unpack_bits",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -233,45 +232,11 @@ def find_model(path: str | os.PathLike | None = None) -> Path:
     )
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A dependency-free safetensors reader: 8-byte little-endian header length, a JSON
-    header ``{name: {dtype, shape, data_offsets: [begin, end]}}``, then the raw bytes."""
-    if sys.byteorder != "little":
-        raise RuntimeError("the built-in safetensors reader needs a little-endian host; "
-                           "install the 'safetensors' package")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 8:
-        raise ValueError(f"{path}: too short for a safetensors file")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if 8 + n > len(raw):
-        raise ValueError(f"{path}: header length {n} runs past the end of the file")
-    header = json.loads(raw[8:8 + n].decode("utf-8"))
-    data = memoryview(raw)[8 + n:]
-    out: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        shape = [int(s) for s in info["shape"]]
-        begin, end = (int(o) for o in info["data_offsets"])
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * itemsize:
-            raise ValueError(f"{path}: tensor {name!r} has bad data_offsets {[begin, end]}")
-        if begin == end:
-            out[name] = torch.empty(shape, dtype=dtype)
-        else:
-            out[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
-    return out
+    """A dependency-free safetensors reader (:func:`qkern.io.read_safetensors`)."""
+    from .io import read_safetensors as _read
+
+    return _read(path)
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

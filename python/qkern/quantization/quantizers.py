@@ -46,7 +46,10 @@ def _weight_module(mod: nn.Module, fmt: str, group_size: int | None, notes: dict
                        "quantized per output channel")
         g = None
     if isinstance(mod, nn.Embedding):
-        kw = {k: v for k, v in kw.items() if k not in ("act", "mode", "act_scale")}
+        if kw.get("double_quant"):
+            notes[name] = "embedding scales are kept in float32 (no double quantization)"
+        kw = {k: v for k, v in kw.items()
+              if k not in ("act", "mode", "act_scale", "double_quant")}
         return QuantEmbedding.from_float(mod, fmt, group_size=g, **kw)
     if type(mod) in _CONV:
         return _CONV[type(mod)].from_float(mod, fmt, group_size=g, **kw)

@@ -1,0 +1,160 @@
+"""``qkern.save`` / ``qkern.load``: a converted model as one safetensors file.
+
+The file holds the model's whole state dict (packed codes, scales, activation scales, and the
+float parts) plus, in its metadata, the qkern version, the quant config (JSON) and a spec of
+every quantized layer (its module type, format, group size, activation mode...). ``load``
+rebuilds those layers on a float model of the same architecture and then loads the tensors,
+checking names, shapes and kernels and saying what does not match.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .io import read_safetensors, write_safetensors
+from .nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from .quantization.quantizers import ActQuant, ObservedInput
+
+__all__ = ["load", "save"]
+
+FORMAT_VERSION = "1"
+
+
+def _linear_spec(m: QuantLinear) -> dict:
+    q = m.weight_q
+    return {"fmt": q.format.name, "group_size": q.group_size,
+            "symmetric": q.zero_point is None, "act": m.act, "mode": m.mode,
+            "quantizer": q.quantizer, "double_quant": q.double_quant is not None,
+            "kernel": m.kernel}
+
+
+def _spec(m: nn.Module) -> dict | None:
+    if isinstance(m, QuantLinear):
+        return {"type": "QuantLinear", **_linear_spec(m)}
+    if isinstance(m, (QuantConv1d, QuantConv2d)):
+        return {"type": type(m).__name__, **_linear_spec(m.qlinear)}
+    if isinstance(m, QuantEmbedding):
+        q = m.weight_q
+        return {"type": "QuantEmbedding", "fmt": q.format.name, "group_size": q.group_size,
+                "symmetric": q.zero_point is None}
+    if isinstance(m, ActQuant):
+        return {"type": "ActQuant", "fmt": m.fmt, "zero_point": m.zero_point is not None,
+                "inner": _spec(m.module)}
+    return None
+
+
+def _linear_kwargs(spec: dict) -> dict:
+    kw = {"group_size": spec["group_size"], "symmetric": spec["symmetric"], "act": spec["act"],
+          "mode": spec["mode"], "quantizer": spec["quantizer"]}
+    if spec["double_quant"]:
+        kw["double_quant"] = True
+    if spec["act"] == "int8_static":
+        kw["act_scale"] = 1.0  # placeholder: the saved value is loaded over it
+    return kw
+
+
+_REBUILD: dict[str, tuple[type, Callable]] = {
+    "QuantLinear": (nn.Linear, lambda f, s: QuantLinear.from_float(f, s["fmt"],
+                                                                   **_linear_kwargs(s))),
+    "QuantConv1d": (nn.Conv1d, lambda f, s: QuantConv1d.from_float(f, s["fmt"],
+                                                                   **_linear_kwargs(s))),
+    "QuantConv2d": (nn.Conv2d, lambda f, s: QuantConv2d.from_float(f, s["fmt"],
+                                                                   **_linear_kwargs(s))),
+    "QuantEmbedding": (nn.Embedding, lambda f, s: QuantEmbedding.from_float(
+        f, s["fmt"], group_size=s["group_size"], symmetric=s["symmetric"])),
+}
+
+
+def _rebuild(name: str, float_mod: nn.Module, spec: dict) -> nn.Module:
+    t = spec.get("type")
+    if t == "ActQuant":
+        inner = float_mod if spec["inner"] is None else _rebuild(name, float_mod, spec["inner"])
+        zp = torch.zeros((), dtype=torch.int32) if spec["zero_point"] else None
+        return ActQuant(inner, spec["fmt"], torch.ones(()), zp)
+    if t not in _REBUILD:
+        raise ValueError(f"{name}: unknown quantized layer type {t!r} in the file")
+    want, make = _REBUILD[t]
+    if type(float_mod) is not want:
+        raise ValueError(f"{name}: the file has a {t} built from an nn.{want.__name__}, the "
+                         f"model has {type(float_mod).__name__} there")
+    built = make(float_mod, spec)
+    kernel = spec.get("kernel")
+    got = getattr(built, "kernel", None) or getattr(getattr(built, "qlinear", None), "kernel",
+                                                   None)
+    if kernel is not None and got != kernel:
+        raise ValueError(f"{name}: saved with kernel {kernel!r}, this build would use {got!r} "
+                         "(a different qkern version or missing compiled kernels)")
+    return built
+
+
+def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Writes a converted model to ``path`` (safetensors, atomically). Refuses an existing
+    path unless ``overwrite=True``, and a model that is prepared but not converted."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if getattr(model, "_qkern_state", None) is not None or any(
+            isinstance(m, ObservedInput) for m in model.modules()):
+        raise ValueError("this model is prepared but not converted: call qkern.convert first")
+    specs = {n: s for n, m in model.named_modules() if n and (s := _spec(m)) is not None}
+    specs = {n: s for n, s in specs.items()  # an ActQuant's inner layer is covered by it
+             if not any(n.startswith(o + ".") for o in specs if o != n)}
+    from . import __version__
+
+    config = getattr(model, "qkern_config", None)
+    meta = {"qkern_format": FORMAT_VERSION, "qkern_version": __version__,
+            "qkern_layers": json.dumps(specs),
+            "qkern_config": config.to_json() if config is not None else "null"}
+    tensors = {k: v for k, v in model.state_dict().items() if v is not None}
+    write_safetensors(path, tensors, meta, overwrite=overwrite)
+
+
+def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.Module]
+         ) -> nn.Module:
+    """The quantized model saved at ``path``, rebuilt on ``model_or_factory``: a float model
+    of the saved architecture (copied, never modified) or a function returning one."""
+    tensors, meta = read_safetensors(path, with_metadata=True)
+    if "qkern_layers" not in meta:
+        raise ValueError(f"{path}: not a qkern file (no qkern metadata)")
+    if meta.get("qkern_format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: qkern file format {meta.get('qkern_format')!r}, this qkern "
+                         f"reads {FORMAT_VERSION!r}")
+    if isinstance(model_or_factory, nn.Module):
+        model = copy.deepcopy(model_or_factory)
+    elif callable(model_or_factory):
+        model = model_or_factory()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the factory returned {type(model).__name__}, not an nn.Module")
+    else:
+        raise TypeError("model_or_factory must be an nn.Module or a callable returning one")
+    for name, spec in json.loads(meta["qkern_layers"]).items():
+        try:
+            float_mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: the model has no layer {name!r} (the file quantized it)"
+                             ) from None
+        new = _rebuild(name, float_mod, spec)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    own = {k: v for k, v in model.state_dict().items() if v is not None}
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} {tensors[k].dtype}, model "
+              f"{tuple(own[k].shape)} {own[k].dtype}" for k in own if k in tensors
+              and (tensors[k].shape != own[k].shape or tensors[k].dtype != own[k].dtype)]
+    if missing or unexpected or shapes:
+        parts = ([f"missing in the file: {missing[:10]}"] if missing else []) + \
+                ([f"not in the model: {unexpected[:10]}"] if unexpected else []) + \
+                ([f"shape/dtype mismatch: {shapes[:10]}"] if shapes else [])
+        raise ValueError(f"{path} does not fit this model: " + "; ".join(parts))
+    model.load_state_dict(tensors, strict=True)
+    cfg = json.loads(meta.get("qkern_config", "null"))
+    if cfg is not None:
+        from .quantization import BaseConfig
+
+        model.qkern_config = BaseConfig.from_dict(cfg)
+    return model.eval()
