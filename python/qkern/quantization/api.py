@@ -102,6 +102,19 @@ class Quantizer:
     def calibrated(self, model: nn.Module) -> bool:
         return True
 
+    def _swap(self, model: nn.Module, name: str, make, float_mod: nn.Module | None = None):
+        """Replaces layer ``name`` by ``make()``; a layer the build rejects (ValueError: a
+        shape its format cannot take...) goes back to ``float_mod`` (or stays as it is) and is
+        listed in the warning, so a model is never half-quantized silently."""
+        try:
+            new = make()
+        except ValueError as e:
+            self.skipped[name] = str(e)
+            if float_mod is not None:
+                _replace(model, name, float_mod)
+            return
+        _replace(model, name, new)
+
     def warn_skipped(self) -> None:
         if self.skipped:
             lines = "\n".join(f"  {n}: {why}" for n, why in self.skipped.items())

@@ -75,8 +75,8 @@ class WeightOnlyQuantizer(Quantizer):
                 kw["double_quant"] = True
             if not isinstance(mod, nn.Embedding):
                 kw["mode"] = cfg.mode
-            _replace(model, name, _weight_module(mod, cfg.fmt, cfg.group_size, notes, name,
-                                                 **kw))
+            self._swap(model, name, lambda: _weight_module(mod, cfg.fmt, cfg.group_size, notes,
+                                                           name, **kw))
         self.notes = notes
         _note(notes)
 
@@ -103,8 +103,9 @@ class DynamicQuantizer(Quantizer):
     def convert(self, model: nn.Module) -> None:
         for name, cfg in self.plan:
             act = "int8_dynamic" if cfg.act_granularity == "per_token" else "int8_dynamic_tensor"
-            _replace(model, name, _weight_module(model.get_submodule(name), cfg.fmt, None, {},
-                                                 name, act=act))
+            mod = model.get_submodule(name)
+            self._swap(model, name, lambda: _weight_module(mod, cfg.fmt, None, {}, name,
+                                                           act=act))
 
 
 # ---- static activations ------------------------------------------------------------------
@@ -207,12 +208,15 @@ class StaticQuantizer(_StaticBase):
             fused = (cfg.fmt == "int8" and cfg.group_size is None and cfg.symmetric
                      and cfg.act_fmt == "int8" and zp is None)
             if fused:
-                q = _weight_module(mod, "int8", None, notes, name, symmetric=True,
-                                   act="int8_static", act_scale=_int8_scale(scale))
+                def make():
+                    return _weight_module(mod, "int8", None, notes, name, symmetric=True,
+                                          act="int8_static", act_scale=_int8_scale(scale))
             else:
-                q = ActQuant(_weight_module(mod, cfg.fmt, cfg.group_size, notes, name,
-                                            symmetric=cfg.symmetric), cfg.act_fmt, scale, zp)
-            _replace(model, name, q)
+                def make():
+                    return ActQuant(_weight_module(mod, cfg.fmt, cfg.group_size, notes, name,
+                                                   symmetric=cfg.symmetric), cfg.act_fmt,
+                                    scale, zp)
+            self._swap(model, name, make, float_mod=mod)
         _note(notes)
 
 
