@@ -183,8 +183,7 @@ class _StaticBase(Quantizer):
 
 
 def _seen(observer: nn.Module) -> bool:
-    seen = getattr(observer, "has_data", None)
-    return bool(seen() if callable(seen) else seen) if seen is not None else True
+    return int(observer.num_batches) > 0
 
 
 @register_quantizer(ActivationOnlyConfig)
