@@ -144,8 +144,7 @@ Weights make_w8(int64_t n, int64_t k, bool a8) {
 }
 
 Weights make_bits(int64_t n, int64_t k, bool ternary, bool xnor) {
-  const int64_t row = 8 * qk::bits_words(k) * (ternary ? 2 : 1);
-  const auto packed = random_bytes(n * row, 8, 0, 255);
+  const auto packed = random_bytes(qk::bits_packed_nbytes(n, k, ternary), 8, 0, 255);
   const auto alpha = randn(n, 9, 0.01f);
   Weights w;
   w.bytes = static_cast<int64_t>(packed.size() + 4 * alpha.size());

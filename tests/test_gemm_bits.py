@@ -1,5 +1,6 @@
 """qkern::gemm_binary / gemm_ternary against independent references: a float64 matmul of the
-+-1 / 0 matrices times alpha, and an int64 +-1 dot product for the XNOR mode."""
++-1 / 0 matrices times alpha, and an int64 +-1 dot product for the XNOR mode. The packed layout
+is checked against its documented bit positions (docs/numerics.md)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from qkern.ops import bits
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit in opcheck
 
 OPS = torch.ops.qkern
-MS, NS, KS = (1, 3, 17, 256), (1, 7, 33), (1, 63, 64, 65, 1000, 4096)
+# M: the 8/4/2/1-row batches and several table panels (K = 4096); N: partial 8-row tiles;
+# K: partial 30-weight blocks and groups of 3
+MS, NS, KS = (1, 3, 17, 256), (1, 7, 33), (1, 2, 29, 30, 31, 64, 1000, 4096)
 ISAS = ["scalar", "avx2"] if qkern._C.cpu_has_avx2() else ["scalar"]
 CONFIGS = list(itertools.product(ISAS, (1, 2)))
 SHAPES = list(itertools.product(MS, NS, KS))
@@ -125,42 +128,97 @@ def test_xnor_exact_dot(m, n, k):
         assert torch.equal(y, dot.float())
 
 
-@pytest.mark.parametrize("k", [1, 63, 65, 1000])
+def _word_offset(n: int, k: int, h: int, plane: int, ternary: bool) -> int:
+    """Byte offset of row n's 32-bit word of block h (docs/numerics.md)."""
+    planes, kb = (2 if ternary else 1), -(-k // 30)
+    return (((n // 8) * kb + h) * planes + plane) * 32 + 4 * (n % 8)
+
+
+def _dirty(packed: torch.Tensor, n: int, k: int, ternary: bool) -> torch.Tensor:
+    """Every ignored bit set: bits 30, 31 of every word, k >= K, and the padding rows."""
+    d = packed.clone().view(-1)
+    kb, planes = -(-k // 30), (2 if ternary else 1)
+    for row in range(-(-n // 8) * 8):
+        for h in range(kb):
+            for plane in range(planes):
+                o = _word_offset(row, k, h, plane, ternary)
+                word = int.from_bytes(bytes(d[o:o + 4].tolist()), "little")
+                valid = (1 << min(30, k - 30 * h)) - 1 if row < n else 0
+                word |= 0xFFFFFFFF & ~valid
+                d[o:o + 4] = torch.tensor(list(word.to_bytes(4, "little")), dtype=torch.uint8)
+    return d.view(packed.shape)
+
+
+@pytest.mark.parametrize("k", [1, 29, 31, 65, 1000])
 def test_padding_bits_ignored(k):
-    x, codes, alpha, _ = _data(5, 6, k, seed=k, zero_row=False)
-    wb, wt = bits.pack_binary(codes), bits.pack_ternary(codes.to(torch.int8) * -1)
-    dirty_b, dirty_t = wb.clone(), wt.clone()
-    kw = bits.words(k)
-    for i in range(kw * 64):
-        if i >= k:  # set every padding bit (ternary: in both masks)
-            dirty_b[:, i // 8] |= 1 << (i % 8)
-            w, j = divmod(i, 64)
-            dirty_t[:, 16 * w + j // 8] |= 1 << (j % 8)
-            dirty_t[:, 16 * w + 8 + j // 8] |= 1 << (j % 8)
-    for isa in ISAS:
+    n = 6
+    x, codes, alpha, _ = _data(5, n, k, seed=k, zero_row=False)
+    t = codes.to(torch.int8) * -1
+    wb, wt = bits.pack_binary(codes), bits.pack_ternary(t)
+    dirty_b, dirty_t = _dirty(wb, n, k, False), _dirty(wt, n, k, True)
+    assert not torch.equal(dirty_b, wb) and not torch.equal(dirty_t, wt)
+    for isa, threads in CONFIGS:
         qkern.set_isa(isa)
+        qkern.set_num_threads(threads)
         for xnor in (False, True):
-            assert torch.equal(OPS.gemm_binary(x, wb, alpha, None, 6, k, xnor),
-                               OPS.gemm_binary(x, dirty_b, alpha, None, 6, k, xnor))
-        assert torch.equal(OPS.gemm_ternary(x, wt, alpha, None, 6, k),
-                           OPS.gemm_ternary(x, dirty_t, alpha, None, 6, k))
+            assert torch.equal(OPS.gemm_binary(x, wb, alpha, None, n, k, xnor),
+                               OPS.gemm_binary(x, dirty_b, alpha, None, n, k, xnor))
+        assert torch.equal(OPS.gemm_ternary(x, wt, alpha, None, n, k),
+                           OPS.gemm_ternary(x, dirty_t, alpha, None, n, k))
 
 
 def test_pack_layout():
-    codes = torch.zeros(2, 70, dtype=torch.uint8)
-    codes[0, 0] = codes[0, 9] = codes[1, 64] = codes[1, 69] = 1
+    codes = torch.zeros(10, 70, dtype=torch.uint8)
+    ones = [(0, 0), (0, 9), (1, 30), (1, 69), (9, 31), (9, 60)]
+    for n, k in ones:
+        codes[n, k] = 1
     wb = bits.pack_binary(codes)
-    assert wb.shape == (2, 16) and wb.dtype == torch.uint8
-    assert wb[0].tolist() == [1, 2] + [0] * 14
-    assert wb[1].tolist() == [0] * 8 + [33] + [0] * 7
-    t = torch.tensor([[1, -1, 0, -1]], dtype=torch.int8)
+    assert wb.shape == (2, 3 * 32) and wb.dtype == torch.uint8
+    assert bits.packed_nbytes(10, 70, False) == wb.numel() == 16 * 3 * 4
+    want = torch.zeros(wb.numel(), dtype=torch.uint8)
+    for n, k in ones:
+        o = _word_offset(n, 70, k // 30, 0, False) + (k % 30) // 8
+        want[o] |= 1 << (k % 30 % 8)
+    assert torch.equal(wb.view(-1), want)
+    t = torch.tensor([[1, -1, 0, -1] + [0] * 27 + [1]], dtype=torch.int8)
     wt = bits.pack_ternary(t)
-    assert wt.shape == (1, 16)
-    assert wt[0, 0].item() == 0b1011 and wt[0, 8].item() == 0b1010
-    with pytest.raises(ValueError):
+    assert wt.shape == (1, 2 * 64) and bits.packed_nbytes(1, 32, True) == wt.numel()
+    assert wt[0, 0].item() == 0b0001 and wt[0, 32].item() == 0b1010  # P, Q planes of block 0
+    assert wt[0, 64].item() == 0b10 and wt[0, 96].item() == 0  # k = 31: block 1, bit 1
+    assert int(wt.sum()) == 0b0001 + 0b1010 + 0b10
+    with pytest.raises(ValueError, match="pack_binary"):
         bits.pack_binary(torch.full((1, 3), 2, dtype=torch.uint8))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pack_ternary"):
         bits.pack_ternary(torch.full((1, 3), 2, dtype=torch.int8))
+    with pytest.raises(ValueError, match="2-D"):
+        bits.pack_binary(torch.zeros(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="K >= 1"):
+        bits.pack_ternary(torch.zeros(2, 0, dtype=torch.int8))
+    assert bits.pack_binary(torch.zeros(0, 5, dtype=torch.uint8)).numel() == 0
+
+
+@pytest.mark.parametrize("ternary", [False, True])
+def test_nonfinite_and_large(ternary):
+    """A NaN / Inf activation reaches exactly the outputs whose weight at that k is nonzero;
+    large magnitudes stay within the float32 bound."""
+    m, n, k = 3, 19, 100
+    x, codes, alpha, _ = _data(m, n, k, seed=77, ternary=ternary, zero_row=False)
+    x = x * 1e30
+    ref = _ref_float(x, codes, alpha, None, ternary)
+    x[1, 40], x[2, 41] = float("nan"), float("inf")
+    nz = codes[:, 40] != 0 if ternary else torch.ones(n, dtype=torch.bool)
+    sign41 = codes[:, 41].double() if ternary else 1.0 - 2.0 * codes[:, 41].double()
+    for y in _run_all(lambda: (OPS.gemm_ternary(x, bits.pack_ternary(codes), alpha, None, n, k)
+                               if ternary else
+                               OPS.gemm_binary(x, bits.pack_binary(codes), alpha, None, n, k,
+                                               False))):
+        err = (y[0].double() - ref[0]).abs()
+        assert (err <= _tol(x[:1], alpha, None)[0]).all()
+        assert torch.equal(y[1].isnan(), nz)
+        want = torch.where(sign41 > 0, float("inf"), float("-inf"))
+        want = torch.where(sign41 == 0, y[2], want)
+        assert torch.equal(y[2][sign41 != 0], want[sign41 != 0].float())
+        assert y[2][sign41 == 0].isfinite().all()
 
 
 def test_batched_and_empty():
@@ -179,13 +237,18 @@ def test_errors():
     x, codes, alpha, _ = _data(2, 3, 70, seed=1)
     wb = bits.pack_binary(codes)
     with pytest.raises((RuntimeError, ValueError)):
-        OPS.gemm_binary(x, wb[:2], alpha, None, 3, 70, False)
+        OPS.gemm_binary(x, wb[:, :-32], alpha, None, 3, 70, False)
     with pytest.raises((RuntimeError, ValueError)):
         OPS.gemm_binary(x[:, :69], wb, alpha, None, 3, 70, False)
     with pytest.raises((RuntimeError, ValueError)):
         OPS.gemm_binary(x, wb, alpha[:2], None, 3, 70, True)
     with pytest.raises((RuntimeError, ValueError)):
         OPS.gemm_ternary(x, wb, alpha, None, 3, 70)  # binary-sized buffer
+    with pytest.raises((RuntimeError, ValueError)):
+        OPS.gemm_binary(x, torch.zeros(3, 16, dtype=torch.uint8), alpha, None, 3, 70, False)
+    with pytest.raises(ValueError, match="packed weight"):
+        qkern._C.gemm_binary(x.numpy(), wb.view(-1)[:-1].numpy(), alpha.numpy(), None, 3, 70,
+                             False)
     with pytest.raises((RuntimeError, ValueError)):
         OPS.gemm_binary(x.double(), wb, alpha, None, 3, 70, False)
 

@@ -16,6 +16,7 @@ namespace {
 
 using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
 
 void check_size(const py::array& a, int64_t want, const char* op, const char* name) {
   if (a.size() != want)
@@ -24,13 +25,13 @@ void check_size(const py::array& a, int64_t want, const char* op, const char* na
 }
 
 // Checks the shared arguments and returns M (rows of x).
-int64_t check_args(const char* op, const F32& x, const U8& w, int64_t w_bytes_per_row,
+int64_t check_args(const char* op, const F32& x, const U8& w, int64_t w_bytes,
                    const F32& alpha, const std::optional<F32>& bias, int64_t N, int64_t K) {
   if (N < 1 || K < 1) throw py::value_error(std::string(op) + ": N and K must be >= 1");
   if (x.size() % K != 0)
     throw py::value_error(std::string(op) + ": x has " + std::to_string(x.size()) +
                           " elements, not a multiple of K = " + std::to_string(K));
-  check_size(w, N * w_bytes_per_row, op, "packed weight");
+  check_size(w, w_bytes, op, "packed weight");
   check_size(alpha, N, op, "alpha");
   if (bias) check_size(*bias, N, op, "bias");
   return x.size() / K;
@@ -38,8 +39,8 @@ int64_t check_args(const char* op, const F32& x, const U8& w, int64_t w_bytes_pe
 
 py::array_t<float> run(const char* op, bool ternary, const F32& x, const U8& w, const F32& alpha,
                        const std::optional<F32>& bias, int64_t N, int64_t K, bool xnor) {
-  const int64_t row_bytes = (ternary ? 16 : 8) * qk::bits_words(K);
-  const int64_t M = check_args(op, x, w, row_bytes, alpha, bias, N, K);
+  const int64_t M = check_args(op, x, w, qk::bits_packed_nbytes(N, K, ternary), alpha, bias, N,
+                               K);
   py::array_t<float> y(M * N);
   const float* b = bias ? bias->data() : nullptr;
   const float *xp = x.data(), *ap = alpha.data();
@@ -53,8 +54,39 @@ py::array_t<float> run(const char* op, bool ternary, const F32& x, const U8& w, 
   return y;
 }
 
+// codes (N, K) -> the packed tile layout of csrc/cpu/gemm_bits.h, 1-D uint8.
+template <typename Codes, typename Pack>
+py::array_t<uint8_t> pack(const char* op, const Codes& codes, const char* range, bool ternary,
+                          Pack fn) {
+  if (codes.ndim() != 2)
+    throw py::value_error(std::string(op) + ": codes must be 2-D (N, K)");
+  const int64_t N = codes.shape(0), K = codes.shape(1);
+  if (N < 1 || K < 1) throw py::value_error(std::string(op) + ": N and K must be >= 1");
+  py::array_t<uint8_t> out(qk::bits_packed_nbytes(N, K, ternary));
+  bool ok;
+  {
+    py::gil_scoped_release nogil;
+    ok = fn(codes.data(), N, K, out.mutable_data());
+  }
+  if (!ok) throw py::value_error(std::string(op) + ": codes must be " + range);
+  return out;
+}
+
 static qk::bind::Register reg([](py::module_& m) {
-  m.def("bits_words", &qk::bits_words, "uint64 words per packed row of K weights");
+  m.def("bits_packed_nbytes", &qk::bits_packed_nbytes, py::arg("N"), py::arg("K"),
+        py::arg("ternary"), "bytes of a packed binary / ternary weight (N, K)");
+  m.def(
+      "pack_binary",
+      [](U8 codes) {
+        return pack("pack_binary", codes, "0 (+1) or 1 (-1)", false, &qk::pack_binary);
+      },
+      py::arg("codes"));
+  m.def(
+      "pack_ternary",
+      [](I8 codes) {
+        return pack("pack_ternary", codes, "in {-1, 0, 1}", true, &qk::pack_ternary);
+      },
+      py::arg("codes"));
   m.def(
       "gemm_binary",
       [](F32 x, U8 wbits, F32 alpha, std::optional<F32> bias, int64_t N, int64_t K, bool xnor) {

@@ -1,13 +1,20 @@
 // 1-bit (binary) and 1.58-bit (ternary) weight matmuls with one scale per output channel.
 //
-// Packed weights, one row per output channel n, KW = ceil(K / 64) little-endian uint64 words:
-//   binary : KW words; bit k % 64 of word k / 64 is 1 when w[n, k] = -1 (0: +1). 8*KW bytes.
-//   ternary: 2*KW words, interleaved per 64 weights: word 2i = nonzero mask, word 2i+1 =
-//            negative mask (a weight is -1 when both bits are set). 16*KW bytes.
-// Bits at k >= K are ignored.
+// Packed layout (docs/numerics.md "Binary and ternary matmul"): output channels in tiles of 8
+// (N padded with zero bytes to Np, a multiple of 8), K in blocks of 30 (Kb = ceil(K / 30)).
+// Tile t, block h is one 32-byte vector per bit plane, lane r (bytes 4r .. 4r+3) the
+// little-endian 32-bit word of row 8t + r whose bit j (j < 30) is weight k = 30h + j; bits 30
+// and 31 and bits of k >= K are ignored.
+//   binary : one plane, bit = 1 when w[n, k] = -1 (0: +1). Bytes (t * Kb + h) * 32.
+//   ternary: two planes, P (w = +1) then Q (w = -1), at (t * Kb + h) * 64 and + 32; the weight
+//            is P - Q (both bits set: 0; the packer never writes that).
+// So one vector holds 10 groups of 3 consecutive weights for 8 rows, and `word >> 3j` puts
+// group j's 3-bit pattern in every lane's low bits: the index vpermps reads. The AVX2 float
+// kernels look each pattern up in a per-call table of the 8 signed (binary) or subset
+// (ternary) sums of the group's 3 activations, one table shared by all weight rows.
 //
 //   float activations: y[m, n] = alpha[n] * sum_k w[n, k] x[m, k] (+ bias[n]), sums of +-x in
-//                      float32 (order differs per ISA; no multiplies per weight).
+//                      float32 (the scalar reference in k order; AVX2 in another order).
 //   xnor (binary only): x binarized per row, bit = (x < 0) (so 0 and -0.0 give +1), beta[m] =
 //                      float32(sum |x[m]| in float64, in index order / K) (0 for a zero row);
 //                      y = float(K - 2*popcount(xbits ^ wbits)) * (alpha[n] * beta[m]) (+ bias[n]),
@@ -18,7 +25,28 @@
 
 namespace qk {
 
-inline int64_t bits_words(int64_t K) { return (K + 63) / 64; }
+constexpr int64_t kBitsRows = 8;     // output channels per tile
+constexpr int64_t kBitsBlock = 30;   // weights per block (one 32-bit word per row and plane)
+constexpr int64_t kBitsGroups = 10;  // groups of 3 weights per block
+constexpr uint32_t kBitsWordMask = (uint32_t{1} << kBitsBlock) - 1;
+
+inline int64_t bits_blocks(int64_t K) { return (K + kBitsBlock - 1) / kBitsBlock; }
+inline int64_t bits_padded_rows(int64_t N) { return (N + kBitsRows - 1) / kBitsRows * kBitsRows; }
+inline int64_t bits_planes(bool ternary) { return ternary ? 2 : 1; }
+inline int64_t bits_packed_nbytes(int64_t N, int64_t K, bool ternary) {
+  return bits_padded_rows(N) * 4 * bits_blocks(K) * bits_planes(ternary);
+}
+// Byte offset of row n's word of block h in `plane` (0: binary / ternary P, 1: ternary Q).
+inline int64_t bits_word_offset(int64_t K, bool ternary, int64_t n, int64_t h, int plane) {
+  const int64_t planes = bits_planes(ternary);
+  return (((n / kBitsRows) * bits_blocks(K) + h) * planes + plane) * 32 + 4 * (n % kBitsRows);
+}
+
+// codes (N, K) row-major: binary 0 (+1) / 1 (-1); ternary -1, 0, 1. out:
+// bits_packed_nbytes(N, K, ternary) bytes. Returns false (out unspecified) on a code out of
+// range.
+bool pack_binary(const uint8_t* codes, int64_t N, int64_t K, uint8_t* out);
+bool pack_ternary(const int8_t* codes, int64_t N, int64_t K, uint8_t* out);
 
 // x (M, K), y (M, N) float32 row-major; alpha (N); bias (N) or null.
 void gemm_binary(const float* x, int64_t M, const uint8_t* wbits, const float* alpha,
@@ -28,33 +56,56 @@ void gemm_ternary(const float* x, int64_t M, const uint8_t* wpacked, const float
 
 namespace bits {
 
-// Range kernels over output channels [n0, n1), all M rows. Float kernels read x padded to
-// Kp = 64*KW columns (zeros beyond K, so weight padding never matters).
+// Floats per activation row of the AVX2 lookup tables: 8 per group of 3, 10 groups per block.
+inline int64_t table_floats(int64_t K) { return bits_blocks(K) * kBitsGroups * 8; }
+
+// One float-activation call. `tab` (rows of table_floats(K), 32-byte aligned) is built for
+// the rows of x by Kernels::tables when the ISA has one, else null.
+struct FloatProblem {
+  const float* x;
+  const float* tab;
+  const uint8_t* w;
+  const float* alpha;
+  const float* bias;
+  float* y;
+  int64_t M, N, K;
+  bool ternary;
+};
+
+// One XNOR call: xw (M, Kb) sign words of x in the weights' block layout (bit j of word h:
+// x[m, 30h + j] < 0, zero beyond K and in bits 30, 31), beta (M).
+struct XnorProblem {
+  const uint32_t* xw;
+  const float* beta;
+  const uint8_t* w;
+  const float* alpha;
+  const float* bias;
+  float* y;
+  int64_t M, N, K;
+};
+
+// Range kernels over activation rows [m0, m1) and weight tiles [t0, t1). Each output is
+// computed whole by one call, in an order that does not depend on the split.
 struct Kernels {
-  void (*binary_f32)(const float* xp, int64_t M, int64_t KW, const uint8_t* w, const float* alpha,
-                     const float* bias, int64_t n0, int64_t n1, int64_t N, float* y);
-  void (*ternary_f32)(const float* xp, int64_t M, int64_t KW, const uint8_t* w,
-                      const float* alpha, const float* bias, int64_t n0, int64_t n1, int64_t N,
-                      float* y);
-  // xb: (M, KW) sign words of x, zero padded; beta (M).
-  void (*xnor)(const uint64_t* xb, const float* beta, int64_t M, int64_t K, const uint8_t* w,
-               const float* alpha, const float* bias, int64_t n0, int64_t n1, int64_t N,
-               float* y);
+  // The row's tables (binary: signed sums, ternary: subset sums), or null.
+  void (*tables)(const float* x, int64_t K, bool ternary, float* tab);
+  void (*float_tiles)(const FloatProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+  void (*xnor_tiles)(const XnorProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
 };
 
 extern const Kernels kScalarKernels;
 const Kernels* avx2_kernels();  // gemm_bits_avx2.cpp
 
-inline uint64_t load_word(const uint8_t* p) {
-  uint64_t v;
-  std::memcpy(&v, p, 8);
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
   return v;
 }
 
-// Valid-bit mask of word i of a K-bit row.
-inline uint64_t word_mask(int64_t i, int64_t K) {
-  int64_t rem = K - 64 * i;
-  return rem >= 64 ? ~uint64_t{0} : (uint64_t{1} << rem) - 1;
+// Valid-bit mask of block h of a K-weight row.
+inline uint32_t block_mask(int64_t h, int64_t K) {
+  const int64_t rem = K - kBitsBlock * h;
+  return rem >= kBitsBlock ? kBitsWordMask : (uint32_t{1} << rem) - 1;
 }
 
 // The shared epilogues (identical float operations on every path).

@@ -1,13 +1,20 @@
 // AVX2 kernels of the binary / ternary matmuls (see gemm_bits.h).
 //
-// Float activations: each 32-bit half of a weight word is broadcast; lane i of sub-vector j
-// shifts its bit 8j+i to bit 31 (vpsllvd), which is then XORed into x's sign: sums of +-x with
-// no multiplies (ternary also ANDs with its nonzero mask). Up to 4 activation rows share each
-// decoded mask. (vblendvps instead of AND + XOR measured slower.)
-// XNOR: popcount of (xbits ^ wbits) 256 bits at a time with the pshufb nibble table (AVX2 has
-// no vector popcount), summed with vpsadbw; the tail words are masked exactly as the scalar
-// kernel masks them, so the integer results are identical.
+// Float activations by table lookup (the LUT-GEMM / T-MAC idea, in float32): for every group
+// of 3 consecutive activations the 8 sums s0 x0 + s1 x1 + s2 x2 are built once per call
+// (binary: s in {+1, -1}, entry c has s_i = -1 where bit i of c is set; ternary: s in {0, 1},
+// subset sums), a 32-byte table per group shared by every weight row. A weight vector holds
+// one 30-bit word per row of an 8-row tile (lane-per-row), so `word >> 3j` is an index vector
+// of 8 rows' patterns for group j and one vpermps fetches their 8 partial sums: per 8 rows x 3
+// weights a shift, a permute (table operand from memory) and an add (ternary: twice, P added
+// and Q subtracted). No horizontal sums; up to 8 activation rows share each index vector.
+// XNOR: popcount of (xbits ^ wbits) per row lane with the pshufb nibble table (AVX2 has no
+// vector popcount), byte counts widened to 32 bits every 31 blocks; bits 30, 31 and k >= K
+// are masked as the scalar kernel masks them, so the integer results are identical.
 #include <immintrin.h>
+
+#include <algorithm>
+#include <utility>
 
 #include "cpu/gemm_bits.h"
 
@@ -15,98 +22,133 @@ namespace qk {
 namespace bits {
 namespace {
 
-struct Consts {
-  __m256i sh[4];  // sh[j] lane i: 31 - (8j + i)
-  Consts() {
-    for (int j = 0; j < 4; ++j)
-      sh[j] = _mm256_setr_epi32(31 - 8 * j, 30 - 8 * j, 29 - 8 * j, 28 - 8 * j, 27 - 8 * j,
-                                26 - 8 * j, 25 - 8 * j, 24 - 8 * j);
+// Lane c of the table-building masks: bit i of c.
+struct TableConsts {
+  __m256i bit[3];   // all ones where bit i of the lane index is set
+  __m256 sign[3];   // -0.0 where bit i is set
+  TableConsts() {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i one = _mm256_set1_epi32(1);
+    for (int i = 0; i < 3; ++i) {
+      __m256i b = _mm256_and_si256(_mm256_srli_epi32(lane, i), one);
+      bit[i] = _mm256_cmpeq_epi32(b, one);
+      sign[i] = _mm256_castsi256_ps(_mm256_slli_epi32(b, 31));
+    }
   }
 };
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+template <bool kTernary>
+inline __m256 term(float v, const TableConsts& c, int i) {
+  const __m256 b = _mm256_set1_ps(v);
+  return kTernary ? _mm256_and_ps(b, _mm256_castsi256_ps(c.bit[i])) : _mm256_xor_ps(b, c.sign[i]);
 }
 
-inline uint32_t load_u32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
-// MT activation rows (MT in 1, 2, 4) times one weight row. C independent chains per row.
-// Ternary: nonzero and negative words interleaved (see gemm_bits.h).
-template <int MT, bool kTernary>
-inline void dot_rows(const float* const* xr, int64_t KW, const uint8_t* wr, const Consts& c,
-                     float* out) {
-  constexpr int C = MT == 1 ? 4 : 2;
-  __m256 acc[MT][C];
-  for (int r = 0; r < MT; ++r)
-    for (int k = 0; k < C; ++k) acc[r][k] = _mm256_setzero_ps();
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int64_t h = 0; h < 2 * KW; ++h) {  // 32 weights per step
-    const int64_t off = 32 * h;
-    __m256i ng, nz = _mm256_setzero_si256();
-    if (kTernary) {
-      const uint8_t* p = wr + 16 * (h >> 1) + 4 * (h & 1);
-      nz = _mm256_set1_epi32(static_cast<int>(load_u32(p)));
-      ng = _mm256_set1_epi32(static_cast<int>(load_u32(p + 8)));
-    } else {
-      ng = _mm256_set1_epi32(static_cast<int>(load_u32(wr + 4 * h)));
+// Entry c of group g: (t0 + t1) + t2 with t_i = +-x[3g + i] (binary) or x or 0 (ternary).
+template <bool kTernary>
+void tables_impl(const float* x, int64_t K, float* tab) {
+  const TableConsts c;
+  const int64_t Kb = bits_blocks(K);
+  float last[kBitsBlock] = {};
+  std::copy(x + kBitsBlock * (Kb - 1), x + K, last);
+  for (int64_t h = 0; h < Kb; ++h) {
+    const float* xb = h + 1 < Kb ? x + kBitsBlock * h : last;
+    float* tb = tab + kBitsGroups * 8 * h;
+    for (int j = 0; j < kBitsGroups; ++j) {
+      const float* g = xb + 3 * j;
+      __m256 t = _mm256_add_ps(term<kTernary>(g[0], c, 0), term<kTernary>(g[1], c, 1));
+      _mm256_store_ps(tb + 8 * j, _mm256_add_ps(t, term<kTernary>(g[2], c, 2)));
     }
-    for (int j = 0; j < 4; ++j) {
-      __m256 s = _mm256_and_ps(_mm256_castsi256_ps(_mm256_sllv_epi32(ng, c.sh[j])), sign);
-      __m256 keep = _mm256_setzero_ps();
-      if (kTernary)
-        keep = _mm256_castsi256_ps(_mm256_srai_epi32(_mm256_sllv_epi32(nz, c.sh[j]), 31));
+  }
+}
+
+void tables_avx2(const float* x, int64_t K, bool ternary, float* tab) {
+  if (ternary) tables_impl<true>(x, K, tab);
+  else tables_impl<false>(x, K, tab);
+}
+
+// MT activation rows times one 8-row tile: out[r] lane i = sum over k for row 8t + i.
+// C independent chains per row (more for few rows: the adds' latency).
+template <int MT, bool kTernary>
+struct TileDot {
+  static constexpr int C = MT == 1 ? 4 : MT <= 4 ? 2 : 1;
+  static constexpr int64_t kVec = kTernary ? 64 : 32;  // bytes per block
+
+  template <int J>
+  static inline void group(const __m256i wp, const __m256i wq, const float* const* tb,
+                           __m256 (&acc)[MT][C]) {
+    const __m256i ip = J == 0 ? wp : _mm256_srli_epi32(wp, 3 * J);
+    for (int r = 0; r < MT; ++r) {
+      const __m256 t = _mm256_load_ps(tb[r] + 8 * J);
+      auto& a = acc[r][(kTernary ? 2 * J : J) % C];
+      a = _mm256_add_ps(a, _mm256_permutevar8x32_ps(t, ip));
+    }
+    if (kTernary) {
+      const __m256i iq = J == 0 ? wq : _mm256_srli_epi32(wq, 3 * J);
       for (int r = 0; r < MT; ++r) {
-        __m256 v = _mm256_xor_ps(_mm256_loadu_ps(xr[r] + off + 8 * j), s);
-        if (kTernary) v = _mm256_and_ps(v, keep);
-        acc[r][j % C] = _mm256_add_ps(acc[r][j % C], v);
+        const __m256 t = _mm256_load_ps(tb[r] + 8 * J);
+        auto& a = acc[r][(2 * J + 1) % C];
+        a = _mm256_sub_ps(a, _mm256_permutevar8x32_ps(t, iq));
       }
     }
   }
-  for (int r = 0; r < MT; ++r) {
-    __m256 t = acc[r][0];
-    for (int k = 1; k < C; ++k) t = _mm256_add_ps(t, acc[r][k]);
-    out[r] = hsum(t);
+
+  template <int... J>
+  static inline void block(const __m256i wp, const __m256i wq, const float* const* tb,
+                           __m256 (&acc)[MT][C], std::integer_sequence<int, J...>) {
+    (group<J>(wp, wq, tb, acc), ...);
   }
-}
+
+  static inline void run(const float* const* tab, const uint8_t* wt, int64_t Kb, __m256* out) {
+    __m256 acc[MT][C];
+    for (int r = 0; r < MT; ++r)
+      for (int k = 0; k < C; ++k) acc[r][k] = _mm256_setzero_ps();
+    for (int64_t h = 0; h < Kb; ++h) {
+      const uint8_t* v = wt + kVec * h;
+      const __m256i wp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+      const __m256i wq = kTernary ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32))
+                                  : wp;
+      const float* tb[MT];
+      for (int r = 0; r < MT; ++r) tb[r] = tab[r] + kBitsGroups * 8 * h;
+      block(wp, wq, tb, acc, std::make_integer_sequence<int, kBitsGroups>{});
+    }
+    for (int r = 0; r < MT; ++r) {
+      __m256 s = acc[r][0];
+      for (int k = 1; k < C; ++k) s = _mm256_add_ps(s, acc[r][k]);
+      out[r] = s;
+    }
+  }
+};
 
 template <bool kTernary>
-void float_kernel(const float* xp, int64_t M, int64_t KW, const uint8_t* w, const float* alpha,
-                  const float* bias, int64_t n0, int64_t n1, int64_t N, float* y) {
-  const Consts c;
-  const int64_t Kp = 64 * KW, wstride = (kTernary ? 16 : 8) * KW;
-  for (int64_t m = 0; m < M;) {
-    const int mt = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-    const float* xr[4];
-    for (int r = 0; r < mt; ++r) xr[r] = xp + (m + r) * Kp;
-    for (int64_t n = n0; n < n1; ++n) {
-      float out[4];
-      const uint8_t* wr = w + n * wstride;
-      if (mt == 4) dot_rows<4, kTernary>(xr, KW, wr, c, out);
-      else if (mt == 2) dot_rows<2, kTernary>(xr, KW, wr, c, out);
-      else dot_rows<1, kTernary>(xr, KW, wr, c, out);
-      for (int r = 0; r < mt; ++r) y[(m + r) * N + n] = epilogue_f32(out[r], alpha, bias, n);
+void float_tiles_impl(const FloatProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  const int64_t Kb = bits_blocks(p.K), tf = table_floats(p.K);
+  const int64_t tile_bytes = Kb * (kTernary ? 64 : 32);
+  for (int64_t m = m0; m < m1;) {
+    const int mt = m1 - m >= 8 ? 8 : m1 - m >= 4 ? 4 : m1 - m >= 2 ? 2 : 1;
+    const float* tab[8];
+    for (int r = 0; r < mt; ++r) tab[r] = p.tab + (m + r) * tf;
+    for (int64_t t = t0; t < t1; ++t) {
+      __m256 out[8];
+      const uint8_t* wt = p.w + t * tile_bytes;
+      if (mt == 8) TileDot<8, kTernary>::run(tab, wt, Kb, out);
+      else if (mt == 4) TileDot<4, kTernary>::run(tab, wt, Kb, out);
+      else if (mt == 2) TileDot<2, kTernary>::run(tab, wt, Kb, out);
+      else TileDot<1, kTernary>::run(tab, wt, Kb, out);
+      const int64_t n0 = t * kBitsRows, nn = std::min(kBitsRows, p.N - n0);
+      for (int r = 0; r < mt; ++r) {
+        alignas(32) float o[8];
+        _mm256_store_ps(o, out[r]);
+        float* yr = p.y + (m + r) * p.N;
+        for (int64_t i = 0; i < nn; ++i) yr[n0 + i] = epilogue_f32(o[i], p.alpha, p.bias, n0 + i);
+      }
     }
     m += mt;
   }
 }
 
-void binary_f32_avx2(const float* xp, int64_t M, int64_t KW, const uint8_t* w,
-                     const float* alpha, const float* bias, int64_t n0, int64_t n1, int64_t N,
-                     float* y) {
-  float_kernel<false>(xp, M, KW, w, alpha, bias, n0, n1, N, y);
-}
-
-void ternary_f32_avx2(const float* xp, int64_t M, int64_t KW, const uint8_t* w,
-                      const float* alpha, const float* bias, int64_t n0, int64_t n1, int64_t N,
-                      float* y) {
-  float_kernel<true>(xp, M, KW, w, alpha, bias, n0, n1, N, y);
+void float_tiles_avx2(const FloatProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  if (p.ternary) float_tiles_impl<true>(p, m0, m1, t0, t1);
+  else float_tiles_impl<false>(p, m0, m1, t0, t1);
 }
 
 // Per-byte popcounts of v.
@@ -119,69 +161,70 @@ inline __m256i popcnt_bytes(__m256i v) {
   return _mm256_add_epi8(lo, hi);
 }
 
-inline int64_t hsum64(__m256i v) {
-  __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
-}
-
-// Popcounts of (x_r ^ w) for MT activation rows; `nv` full 4-word vectors, then the masked tail
-// (lanes `tail_lanes`, bits `tail_bits`).
+// Popcounts of (x_r ^ w) per row lane for MT activation rows over the Kb blocks of one tile.
 template <int MT>
-inline void xnor_rows(const uint64_t* const* xr, const uint8_t* wr, int64_t nv,
-                      __m256i tail_lanes, __m256i tail_bits, int64_t* pop) {
-  const __m256i zero = _mm256_setzero_si256();
-  __m256i acc[MT];
-  for (int r = 0; r < MT; ++r) acc[r] = zero;
-  for (int64_t v = 0; v < nv; ++v) {
-    __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 32 * v));
+inline void xnor_rows(const uint32_t* const* xr, const uint8_t* wt, int64_t Kb,
+                      __m256i last_mask, __m256i* out) {
+  constexpr int kFlush = 31;  // byte counts grow by <= 8 per block
+  const __m256i zero = _mm256_setzero_si256(), full = _mm256_set1_epi32(kBitsWordMask);
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  __m256i cnt[MT], acc[MT];
+  for (int r = 0; r < MT; ++r) cnt[r] = acc[r] = zero;
+  auto step = [&](int64_t h, __m256i mask) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + 32 * h));
     for (int r = 0; r < MT; ++r) {
-      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[r] + 4 * v));
-      acc[r] = _mm256_add_epi64(acc[r], _mm256_sad_epu8(popcnt_bytes(_mm256_xor_si256(xv, wv)),
-                                                        zero));
+      const __m256i xv = _mm256_set1_epi32(static_cast<int>(xr[r][h]));
+      const __m256i d = _mm256_and_si256(_mm256_xor_si256(xv, wv), mask);
+      cnt[r] = _mm256_add_epi8(cnt[r], popcnt_bytes(d));
+    }
+  };
+  auto flush = [&]() {
+    for (int r = 0; r < MT; ++r) {
+      const __m256i s16 = _mm256_maddubs_epi16(cnt[r], ones8);
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16, ones16));
+      cnt[r] = zero;
+    }
+  };
+  int pending = 0;
+  for (int64_t h = 0; h + 1 < Kb; ++h) {
+    step(h, full);
+    if (++pending == kFlush) {
+      flush();
+      pending = 0;
     }
   }
-  __m256i wv = _mm256_maskload_epi64(reinterpret_cast<const long long*>(wr + 32 * nv),
-                                     tail_lanes);
-  for (int r = 0; r < MT; ++r) {
-    __m256i xv = _mm256_maskload_epi64(reinterpret_cast<const long long*>(xr[r] + 4 * nv),
-                                       tail_lanes);
-    __m256i d = _mm256_and_si256(_mm256_xor_si256(xv, wv), tail_bits);
-    acc[r] = _mm256_add_epi64(acc[r], _mm256_sad_epu8(popcnt_bytes(d), zero));
-    pop[r] = hsum64(acc[r]);
-  }
+  step(Kb - 1, last_mask);
+  flush();
+  for (int r = 0; r < MT; ++r) out[r] = acc[r];
 }
 
-void xnor_avx2(const uint64_t* xb, const float* beta, int64_t M, int64_t K, const uint8_t* w,
-               const float* alpha, const float* bias, int64_t n0, int64_t n1, int64_t N,
-               float* y) {
-  const int64_t KW = bits_words(K);
-  const int64_t nv = (K / 64) / 4;  // vectors of 4 full words
-  int64_t lanes[4], bitsm[4];
-  for (int l = 0; l < 4; ++l) {
-    int64_t i = 4 * nv + l;
-    lanes[l] = i < KW ? -1 : 0;
-    bitsm[l] = i < KW ? static_cast<int64_t>(word_mask(i, K)) : 0;
-  }
-  const __m256i tail_lanes = _mm256_setr_epi64x(lanes[0], lanes[1], lanes[2], lanes[3]);
-  const __m256i tail_bits = _mm256_setr_epi64x(bitsm[0], bitsm[1], bitsm[2], bitsm[3]);
-  for (int64_t m = 0; m < M;) {
-    const int mt = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-    const uint64_t* xr[4];
-    for (int r = 0; r < mt; ++r) xr[r] = xb + (m + r) * KW;
-    for (int64_t n = n0; n < n1; ++n) {
-      int64_t pop[4];
-      const uint8_t* wr = w + n * 8 * KW;
-      if (mt == 4) xnor_rows<4>(xr, wr, nv, tail_lanes, tail_bits, pop);
-      else if (mt == 2) xnor_rows<2>(xr, wr, nv, tail_lanes, tail_bits, pop);
-      else xnor_rows<1>(xr, wr, nv, tail_lanes, tail_bits, pop);
-      for (int r = 0; r < mt; ++r)
-        y[(m + r) * N + n] = epilogue_xnor(K, pop[r], alpha[n], beta[m + r], bias, n);
+void xnor_tiles_avx2(const XnorProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  const int64_t Kb = bits_blocks(p.K);
+  const __m256i last_mask = _mm256_set1_epi32(static_cast<int>(block_mask(Kb - 1, p.K)));
+  for (int64_t m = m0; m < m1;) {
+    const int mt = m1 - m >= 4 ? 4 : m1 - m >= 2 ? 2 : 1;
+    const uint32_t* xr[4];
+    for (int r = 0; r < mt; ++r) xr[r] = p.xw + (m + r) * Kb;
+    for (int64_t t = t0; t < t1; ++t) {
+      __m256i pop[4];
+      const uint8_t* wt = p.w + t * Kb * 32;
+      if (mt == 4) xnor_rows<4>(xr, wt, Kb, last_mask, pop);
+      else if (mt == 2) xnor_rows<2>(xr, wt, Kb, last_mask, pop);
+      else xnor_rows<1>(xr, wt, Kb, last_mask, pop);
+      const int64_t n0 = t * kBitsRows, nn = std::min(kBitsRows, p.N - n0);
+      for (int r = 0; r < mt; ++r) {
+        alignas(32) int32_t o[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(o), pop[r]);
+        float* yr = p.y + (m + r) * p.N;
+        for (int64_t i = 0; i < nn; ++i)
+          yr[n0 + i] = epilogue_xnor(p.K, o[i], p.alpha[n0 + i], p.beta[m + r], p.bias, n0 + i);
+      }
     }
     m += mt;
   }
 }
 
-const Kernels kAvx2Kernels = {binary_f32_avx2, ternary_f32_avx2, xnor_avx2};
+const Kernels kAvx2Kernels = {tables_avx2, float_tiles_avx2, xnor_tiles_avx2};
 
 }  // namespace
 

@@ -1,4 +1,7 @@
-// Scalar reference kernels of the binary / ternary matmuls (see gemm_bits.h).
+// Scalar reference kernels of the binary / ternary matmuls (see gemm_bits.h): the definition.
+// Float activations: +-x[k] added in k order; XNOR: exact integer popcounts.
+#include <algorithm>
+
 #include "cpu/gemm_bits.h"
 
 namespace qk {
@@ -6,78 +9,64 @@ namespace bits {
 namespace {
 
 // x with its sign flipped when `neg` (exact: no multiply).
-inline float flip(float x, uint64_t neg) {
+inline float flip(float x, uint32_t neg) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  u ^= static_cast<uint32_t>(neg & 1) << 31;
+  u ^= (neg & 1u) << 31;
   std::memcpy(&x, &u, 4);
   return x;
 }
 
-void binary_f32_scalar(const float* xp, int64_t M, int64_t KW, const uint8_t* w,
-                       const float* alpha, const float* bias, int64_t n0, int64_t n1, int64_t N,
-                       float* y) {
-  const int64_t Kp = 64 * KW;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + n * 8 * KW;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = xp + m * Kp;
+void float_tiles_scalar(const FloatProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  const int64_t K = p.K, Kb = bits_blocks(K);
+  const int64_t n1 = std::min(p.N, t1 * kBitsRows);
+  for (int64_t n = t0 * kBitsRows; n < n1; ++n)
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = p.x + m * K;
       float acc = 0.0f;
-      for (int64_t i = 0; i < KW; ++i) {
-        uint64_t b = load_word(wr + 8 * i);
-        for (int j = 0; j < 64; ++j) acc += flip(xr[64 * i + j], b >> j);
+      for (int64_t h = 0; h < Kb; ++h) {
+        const int64_t len = std::min(kBitsBlock, K - kBitsBlock * h);
+        const float* xb = xr + kBitsBlock * h;
+        if (p.ternary) {
+          const uint32_t pos = load_u32(p.w + bits_word_offset(K, true, n, h, 0));
+          const uint32_t neg = load_u32(p.w + bits_word_offset(K, true, n, h, 1));
+          for (int64_t j = 0; j < len; ++j)
+            if (((pos ^ neg) >> j) & 1) acc += flip(xb[j], neg >> j);
+        } else {
+          const uint32_t neg = load_u32(p.w + bits_word_offset(K, false, n, h, 0));
+          for (int64_t j = 0; j < len; ++j) acc += flip(xb[j], neg >> j);
+        }
       }
-      y[m * N + n] = epilogue_f32(acc, alpha, bias, n);
+      p.y[m * p.N + n] = epilogue_f32(acc, p.alpha, p.bias, n);
     }
-  }
-}
-
-void ternary_f32_scalar(const float* xp, int64_t M, int64_t KW, const uint8_t* w,
-                        const float* alpha, const float* bias, int64_t n0, int64_t n1, int64_t N,
-                        float* y) {
-  const int64_t Kp = 64 * KW;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + n * 16 * KW;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = xp + m * Kp;
-      float acc = 0.0f;
-      for (int64_t i = 0; i < KW; ++i) {
-        uint64_t nz = load_word(wr + 16 * i), ng = load_word(wr + 16 * i + 8);
-        for (int j = 0; j < 64; ++j)
-          if ((nz >> j) & 1) acc += flip(xr[64 * i + j], ng >> j);
-      }
-      y[m * N + n] = epilogue_f32(acc, alpha, bias, n);
-    }
-  }
 }
 
 // Portable popcount (SWAR): this file is built without -mpopcnt.
-inline int64_t popcount64(uint64_t v) {
-  v = v - ((v >> 1) & 0x5555555555555555ULL);
-  v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
-  v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
-  return static_cast<int64_t>((v * 0x0101010101010101ULL) >> 56);
+inline int64_t popcount32(uint32_t v) {
+  v = v - ((v >> 1) & 0x55555555u);
+  v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+  v = (v + (v >> 4)) & 0x0F0F0F0Fu;
+  return static_cast<int64_t>((v * 0x01010101u) >> 24);
 }
 
-void xnor_scalar(const uint64_t* xb, const float* beta, int64_t M, int64_t K, const uint8_t* w,
-                 const float* alpha, const float* bias, int64_t n0, int64_t n1, int64_t N,
-                 float* y) {
-  const int64_t KW = bits_words(K);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + n * 8 * KW;
-    for (int64_t m = 0; m < M; ++m) {
-      const uint64_t* xr = xb + m * KW;
+void xnor_tiles_scalar(const XnorProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  const int64_t K = p.K, Kb = bits_blocks(K);
+  const int64_t n1 = std::min(p.N, t1 * kBitsRows);
+  for (int64_t n = t0 * kBitsRows; n < n1; ++n)
+    for (int64_t m = m0; m < m1; ++m) {
+      const uint32_t* xr = p.xw + m * Kb;
       int64_t pop = 0;
-      for (int64_t i = 0; i < KW; ++i)
-        pop += popcount64((xr[i] ^ load_word(wr + 8 * i)) & word_mask(i, K));
-      y[m * N + n] = epilogue_xnor(K, pop, alpha[n], beta[m], bias, n);
+      for (int64_t h = 0; h < Kb; ++h) {
+        const uint32_t wv = load_u32(p.w + bits_word_offset(K, false, n, h, 0));
+        pop += popcount32((xr[h] ^ wv) & block_mask(h, K));
+      }
+      p.y[m * p.N + n] = epilogue_xnor(K, pop, p.alpha[n], p.beta[m], p.bias, n);
     }
-  }
 }
 
 }  // namespace
 
-const Kernels kScalarKernels = {binary_f32_scalar, ternary_f32_scalar, xnor_scalar};
+const Kernels kScalarKernels = {nullptr, float_tiles_scalar, xnor_tiles_scalar};
 
 }  // namespace bits
 }  // namespace qk
