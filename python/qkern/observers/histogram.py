@@ -90,15 +90,19 @@ def l2_range_search(counts: np.ndarray, nd: int, step: float = 1e-5) -> tuple[in
     lower and upper quantiles inward by ``step``; each time, move whichever end that gains more
     bins; stop as soon as the L2 error grows. Returns (start_bin, end_bin)."""
     bins = counts.size
-    csum = np.cumsum(counts).tolist()
-    total = csum[-1]
+    # cumulative counts and quantile targets compare in float32, as in torch.ao: with a round
+    # total (say 10^6) the targets are integers up to the rounding of alpha's sum of steps
+    csum = np.cumsum(counts.astype(np.float32), dtype=np.float32)
+    total = float(csum[-1])
+    csum = csum.tolist()
+    f32 = np.float32
     alpha, beta = 0.0, 1.0
     start, end = 0, bins - 1
     best = math.inf
     while alpha < beta:
         next_alpha, next_beta = alpha + step, beta - step
-        left = bisect.bisect_left(csum, next_alpha * total, start, end)
-        right = bisect.bisect_right(csum, next_beta * total, start + 1, end + 1) - 1
+        left = bisect.bisect_left(csum, float(f32(next_alpha * total)), start, end)
+        right = bisect.bisect_right(csum, float(f32(next_beta * total)), start + 1, end + 1) - 1
         next_start, next_end = start, end
         if left - start > end - right:
             next_start, alpha = left, next_alpha
