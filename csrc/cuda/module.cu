@@ -7,6 +7,10 @@
 // RuntimeError. The quantizers clear and then set the device int at `bad` when the input holds
 // NaN or Inf: the caller reads it after the stream has run. `seed` is an int64 carrying the
 // bits of the uint64 seed.
+//
+// The matmuls (gemm.cuh) take their workspaces from the caller and a `path` (0 auto, 1 GEMV
+// kernels, 2 GEMM kernels); their emulate_* twins run the same kernels on the host over host
+// addresses (CPU tensors' data_ptr()), for tests on machines without a GPU.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
@@ -14,6 +18,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/gemm.cuh"
 #include "cuda/kernels.cuh"
 
 namespace py = pybind11;
@@ -64,6 +69,11 @@ qk::CodebookSpec codebook_spec(Addr values, Addr value_codes, int n_values, int 
                                int rounding, int64_t seed) {
   return qk::CodebookSpec{ptr<const float>(values), ptr<const uint8_t>(value_codes), n_values,
                           sign_bit, rounding, static_cast<uint64_t>(seed)};
+}
+
+// Raises ValueError with the launcher's reason when the shapes are invalid.
+void check_shapes(const char* msg) {
+  if (msg) throw py::value_error(std::string("qkern._cuda.") + msg);
 }
 
 int device_count() {
@@ -242,4 +252,107 @@ PYBIND11_MODULE(_cuda, m) {
                 "alaw_decode");
         },
         arg("codes"), arg("n"), arg("out"), arg("device"), arg("stream"), nogil);
+  // ---- quantized matmuls (gemm.cuh) -------------------------------------------------------------
+  m.def("gemm_w4",
+        [](Addr x, int64_t mrows, Addr packed, Addr scales, Addr zeros, Addr bias, int64_t n,
+           int64_t k, int64_t group, int mode, Addr xq, Addr dx, Addr xs, Addr bad, Addr y,
+           int path,
+           int device, Addr stream) {
+          check_shapes(qk::cuda::gemm_w4_check(mrows, n, k, group, mode, path));
+          DeviceGuard guard(device, "gemm_w4");
+          check(qk::cuda::gemm_w4(ptr<const float>(x), mrows, ptr<const uint8_t>(packed),
+                                  ptr<const float>(scales), ptr<const int32_t>(zeros),
+                                  ptr<const float>(bias), n, k, group, mode, ptr<int8_t>(xq),
+                                  ptr<float>(dx), ptr<float>(xs), ptr<int>(bad),
+                                  ptr<float>(y), path, stream_of(stream)),
+                "gemm_w4");
+        },
+        arg("x"), arg("m"), arg("packed"), arg("scales"), arg("zeros"), arg("bias"), arg("n"),
+        arg("k"), arg("group"), arg("mode"), arg("xq"), arg("dx"), arg("xs"), arg("bad"),
+        arg("y"), arg("path"), arg("device"), arg("stream"), nogil);
+  m.def("emulate_gemm_w4",
+        [](Addr x, int64_t mrows, Addr packed, Addr scales, Addr zeros, Addr bias, int64_t n,
+           int64_t k, int64_t group, int mode, Addr xq, Addr dx, Addr xs, Addr bad, Addr y,
+           int path,
+           bool reverse) {
+          qk::cuda::emulate_gemm_w4(ptr<const float>(x), mrows, ptr<const uint8_t>(packed),
+                                    ptr<const float>(scales), ptr<const int32_t>(zeros),
+                                    ptr<const float>(bias), n, k, group, mode, ptr<int8_t>(xq),
+                                    ptr<float>(dx), ptr<float>(xs), ptr<int>(bad),
+                                    ptr<float>(y), path, reverse);
+        },
+        arg("x"), arg("m"), arg("packed"), arg("scales"), arg("zeros"), arg("bias"), arg("n"),
+        arg("k"), arg("group"), arg("mode"), arg("xq"), arg("dx"), arg("xs"), arg("bad"),
+        arg("y"), arg("path"), arg("reverse"), nogil);
+
+  m.def("gemm_lut4",
+        [](Addr x, int64_t mrows, Addr packed, Addr scales, Addr table, Addr bias, int64_t n,
+           int64_t k, int64_t group, Addr y, int path, int device, Addr stream) {
+          check_shapes(qk::cuda::gemm_lut4_check(mrows, n, k, group, path));
+          DeviceGuard guard(device, "gemm_lut4");
+          check(qk::cuda::gemm_lut4(ptr<const float>(x), mrows, ptr<const uint8_t>(packed),
+                                    ptr<const float>(scales), ptr<const float>(table),
+                                    ptr<const float>(bias), n, k, group, ptr<float>(y), path,
+                                    stream_of(stream)),
+                "gemm_lut4");
+        },
+        arg("x"), arg("m"), arg("packed"), arg("scales"), arg("table"), arg("bias"), arg("n"),
+        arg("k"), arg("group"), arg("y"), arg("path"), arg("device"), arg("stream"), nogil);
+  m.def("emulate_gemm_lut4",
+        [](Addr x, int64_t mrows, Addr packed, Addr scales, Addr table, Addr bias, int64_t n,
+           int64_t k, int64_t group, Addr y, int path, bool reverse) {
+          qk::cuda::emulate_gemm_lut4(ptr<const float>(x), mrows, ptr<const uint8_t>(packed),
+                                      ptr<const float>(scales), ptr<const float>(table),
+                                      ptr<const float>(bias), n, k, group, ptr<float>(y), path,
+                                      reverse);
+        },
+        arg("x"), arg("m"), arg("packed"), arg("scales"), arg("table"), arg("bias"), arg("n"),
+        arg("k"), arg("group"), arg("y"), arg("path"), arg("reverse"), nogil);
+
+  m.def("gemm_w8a8",
+        [](Addr x, int64_t mrows, Addr packed, Addr w_scale, Addr bias, int64_t n, int64_t k,
+           Addr xq, Addr sx, Addr bad, Addr y, int path, int device, Addr stream) {
+          check_shapes(qk::cuda::gemm_w8_check(mrows, n, k, true, path));
+          DeviceGuard guard(device, "gemm_w8a8");
+          check(qk::cuda::gemm_w8a8(ptr<const float>(x), mrows, ptr<const int8_t>(packed),
+                                    ptr<const float>(w_scale), ptr<const float>(bias), n, k,
+                                    ptr<int8_t>(xq), ptr<float>(sx), ptr<int>(bad),
+                                    ptr<float>(y), path, stream_of(stream)),
+                "gemm_w8a8");
+        },
+        arg("x"), arg("m"), arg("packed"), arg("w_scale"), arg("bias"), arg("n"), arg("k"),
+        arg("xq"), arg("sx"), arg("bad"), arg("y"), arg("path"), arg("device"), arg("stream"),
+        nogil);
+  m.def("emulate_gemm_w8a8",
+        [](Addr x, int64_t mrows, Addr packed, Addr w_scale, Addr bias, int64_t n, int64_t k,
+           Addr xq, Addr sx, Addr bad, Addr y, int path, bool reverse) {
+          qk::cuda::emulate_gemm_w8a8(ptr<const float>(x), mrows, ptr<const int8_t>(packed),
+                                      ptr<const float>(w_scale), ptr<const float>(bias), n, k,
+                                      ptr<int8_t>(xq), ptr<float>(sx), ptr<int>(bad),
+                                      ptr<float>(y), path, reverse);
+        },
+        arg("x"), arg("m"), arg("packed"), arg("w_scale"), arg("bias"), arg("n"), arg("k"),
+        arg("xq"), arg("sx"), arg("bad"), arg("y"), arg("path"), arg("reverse"), nogil);
+
+  m.def("gemm_w8a16",
+        [](Addr x, int64_t mrows, Addr packed, Addr w_scale, Addr bias, int64_t n, int64_t k,
+           Addr y, int path, int device, Addr stream) {
+          check_shapes(qk::cuda::gemm_w8_check(mrows, n, k, false, path));
+          DeviceGuard guard(device, "gemm_w8a16");
+          check(qk::cuda::gemm_w8a16(ptr<const float>(x), mrows, ptr<const int8_t>(packed),
+                                     ptr<const float>(w_scale), ptr<const float>(bias), n, k,
+                                     ptr<float>(y), path, stream_of(stream)),
+                "gemm_w8a16");
+        },
+        arg("x"), arg("m"), arg("packed"), arg("w_scale"), arg("bias"), arg("n"), arg("k"),
+        arg("y"), arg("path"), arg("device"), arg("stream"), nogil);
+  m.def("emulate_gemm_w8a16",
+        [](Addr x, int64_t mrows, Addr packed, Addr w_scale, Addr bias, int64_t n, int64_t k,
+           Addr y, int path, bool reverse) {
+          qk::cuda::emulate_gemm_w8a16(ptr<const float>(x), mrows, ptr<const int8_t>(packed),
+                                       ptr<const float>(w_scale), ptr<const float>(bias), n, k,
+                                       ptr<float>(y), path, reverse);
+        },
+        arg("x"), arg("m"), arg("packed"), arg("w_scale"), arg("bias"), arg("n"), arg("k"),
+        arg("y"), arg("path"), arg("reverse"), nogil);
 }

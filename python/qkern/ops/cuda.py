@@ -6,12 +6,20 @@ converted to the kernel dtype and made contiguous like the CPU binding does (num
 and the same argument errors are raised. A quantize op raises NonFiniteError (a ValueError,
 "input contains NaN or Inf") when its input holds NaN or Inf; reading that flag synchronizes
 with the current stream. Importing this module without ``qkern._cuda`` registers nothing.
+
+The quantized matmuls (``gemm_w4``, ``gemm_lut4``, ``gemm_w8a8``, ``gemm_w8a16``) run on the
+packed buffers of the CPU ops unchanged; what each guarantees relative to the CPU op is in
+docs/numerics.md "CUDA matmuls". ``emulate(op, *args)`` runs the same CUDA implementation on
+the host (every kernel thread by thread, over CPU tensors) for tests without a GPU.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from . import lut4, w4, w8  # noqa: F401  (the matmul schemas this module registers kernels for)
 from .schemas import LIB
 
 try:
@@ -276,6 +284,224 @@ def _g711(fn_name: str, in_dtype: torch.dtype, out_dtype: torch.dtype):
     return impl
 
 
+# ---- quantized matmuls ------------------------------------------------------------------------
+
+_PATHS = {"auto": 0, "gemv": 1, "gemm": 2}
+_W8A8_MAX_K = 132104  # K * 127 * 128 <= 2^31 - 1
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _Runner:
+    """Where a matmul runs: on the main tensor's CUDA device, or (``emulate``) on the host
+    through the ``emulate_*`` twins of the launchers. ``path``: 0 auto, 1 GEMV, 2 GEMM."""
+
+    def __init__(self, emulate: bool = False, path: int = 0, reverse: bool = False):
+        if path not in _PATHS.values():
+            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+        self.emulate, self.path, self.reverse = emulate, path, reverse
+
+    def main(self, t: torch.Tensor, what: str) -> torch.device:
+        want = "cpu" if self.emulate else "cuda"
+        if t.device.type != want:
+            raise ValueError(f"{what}: expected a {want.upper()} tensor, got one on {t.device}")
+        return t.device
+
+    def call(self, name: str, dev: torch.device, *args) -> None:
+        if self.emulate:
+            getattr(_cuda, "emulate_" + name)(*args, self.path, self.reverse)
+        else:
+            with torch.cuda.device(dev):
+                getattr(_cuda, name)(*args, self.path, dev.index, _stream(dev))
+
+
+def _aligned(t: torch.Tensor | None, dtype: torch.dtype, dev: torch.device):
+    """``t`` as a contiguous ``dtype`` tensor on ``dev`` at a 16-byte aligned address (the
+    kernels read it with 16-byte vector loads)."""
+    t = _as(t, dtype, dev)
+    if t is not None and t.numel() and t.data_ptr() % 16:
+        t = t.clone()
+    return t
+
+
+def _need(t: torch.Tensor | None, want: int, what: str, name: str) -> None:
+    if t is not None and t.numel() != want:
+        raise ValueError(f"{what}: {name} has {t.numel()} elements, expected {want}")
+
+
+def _gemm_w4(run: _Runner, x, packed, scales, zeros, bias, N, K, group_size, mode):
+    what = "gemm_w4"
+    dev = run.main(x, what)
+    if not x.is_floating_point():
+        raise ValueError(f"{what}: x must be floating point, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"{what}: x must be (..., K = {K}), got shape {tuple(x.shape)}")
+    if N < 0:
+        raise ValueError(f"{what}: N must be >= 0, got {N}")
+    if group_size <= 0 or group_size % 32:
+        raise ValueError(f"{what}: group_size must be a positive multiple of 32, got {group_size}")
+    if K <= 0 or K % group_size:
+        raise ValueError(f"{what}: K = {K} must be a positive multiple of group_size "
+                         f"{group_size} (and so of 32)")
+    if mode not in (0, 1):
+        raise ValueError(f"{what}: mode must be 0 (exact) or 1 (fast), got {mode}")
+    tiles = ((N + 7) // 8, K // group_size, 8)
+    for name, t in (("scales", scales), ("zeros", zeros)):  # (N, K/G) would be silently wrong
+        if t is not None and tuple(t.shape) != tiles:
+            raise ValueError(f"{what}: {name} must be in pack_weight's tile layout {tiles}, "
+                             f"got shape {tuple(t.shape)}")
+    n_pad, nb = tiles[0] * 8, K // 32
+    x32 = _aligned(x, torch.float32, dev)
+    m = x32.numel() // K
+    packed = _aligned(packed, torch.uint8, dev)
+    scales = _aligned(scales, torch.float32, dev)
+    zeros = _as(zeros, torch.int32, dev)
+    bias = _as(bias, torch.float32, dev)
+    _need(packed, n_pad * K // 2, what, "packed")
+    _need(scales, n_pad * (K // group_size), what, "scales (tile layout, N padded to 8)")
+    _need(zeros, n_pad * (K // group_size), what, "zeros (tile layout, N padded to 8)")
+    _need(bias, N, what, "bias")
+    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32, device=dev)
+    if m == 0 or N == 0:
+        return y
+    xq = dx = xs = bad = None
+    if mode == 1:  # workspaces of the activation quantization
+        xq = torch.empty(m * K, dtype=torch.int8, device=dev)
+        dx = torch.empty(m * nb, dtype=torch.float32, device=dev)
+        xs = torch.empty(m * nb, dtype=torch.float32, device=dev)
+        bad = torch.empty(1, dtype=torch.int32, device=dev)
+    run.call(what, dev, x32.data_ptr(), m, packed.data_ptr(), scales.data_ptr(), _addr(zeros),
+             _addr(bias), N, K, group_size, mode, _addr(xq), _addr(dx), _addr(xs), _addr(bad),
+             y.data_ptr())
+    if bad is not None and int(bad.item()):  # synchronizes with the stream
+        raise NonFiniteError(f"{what}: x contains NaN or Inf (the fast mode quantizes x to "
+                             "int8; use mode=0 (exact) to propagate them)")
+    return y
+
+
+def _gemm_lut4(run: _Runner, x, packed, scales, table, bias, N, K, group_size):
+    what = "gemm_lut4"
+    dev = run.main(x, what)
+    if N < 0 or K <= 0:
+        raise ValueError(f"{what}: N must be >= 0 and K > 0, got N = {N}, K = {K}")
+    if group_size <= 0 or group_size % 32:
+        raise ValueError(f"{what}: the CUDA kernels need group_size a positive multiple of 32 "
+                         f"(32, 64, 128), got {group_size}")
+    if K % group_size:
+        raise ValueError(f"{what}: group_size {group_size} does not divide K = {K}")
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"{what}: x must be 2-D (M, K) with K = {K}, got shape "
+                         f"{tuple(x.shape)}")
+    if table.numel() < 16:
+        raise ValueError(f"{what}: table needs 16 values, got {table.numel()}")
+    x32 = _aligned(x, torch.float32, dev)
+    packed = _aligned(packed, torch.uint8, dev)
+    scales = _as(scales, torch.float32, dev)
+    table = _as(table.reshape(-1)[:16], torch.float32, dev)
+    bias = _as(bias, torch.float32, dev)
+    _need(packed, N * (K // 2), what, "packed")
+    _need(scales, N * (K // group_size), what, "scales")
+    _need(bias, N, what, "bias")
+    m = x32.shape[0]
+    y = torch.empty((m, N), dtype=torch.float32, device=dev)
+    if m == 0 or N == 0:
+        return y
+    run.call(what, dev, x32.data_ptr(), m, packed.data_ptr(), scales.data_ptr(),
+             table.data_ptr(), _addr(bias), N, K, group_size, y.data_ptr())
+    return y
+
+
+def _w8_packed_nbytes(n: int, k: int) -> int:
+    return (n + 15) // 16 * 16 * ((k + 3) // 4 * 4)
+
+
+def _gemm_w8(run: _Runner, a8: bool, x, packed_w, w_scale, bias, N, K):
+    what = "gemm_w8a8" if a8 else "gemm_w8a16"
+    dev = run.main(x, what)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{what}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if N < 0 or K < 0:
+        raise ValueError(f"{what}: N and K must be >= 0, got N = {N}, K = {K}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"{what}: x must have shape (..., K={K}), got {tuple(x.shape)}")
+    want = _w8_packed_nbytes(N, K)
+    if packed_w.dtype != torch.int8 or packed_w.numel() != want:
+        raise ValueError(f"{what}: packed_w must be the int8 pack_w8 output for N={N}, K={K} "
+                         f"({want} bytes), got {packed_w.dtype} with {packed_w.numel()} "
+                         "elements")
+    if a8 and K > _W8A8_MAX_K:
+        raise ValueError(f"{what}: K = {K} exceeds {_W8A8_MAX_K}, the largest K whose int32 "
+                         "accumulation cannot overflow")
+    _need(w_scale, N, what, "w_scale")
+    _need(bias, N, what, "bias")
+    m = math.prod(x.shape[:-1])
+    x32 = _aligned(x, torch.float32, dev)
+    packed_w = _aligned(packed_w, torch.int8, dev)
+    w_scale = _as(w_scale.reshape(-1), torch.float32, dev)
+    bias = _as(None if bias is None else bias.reshape(-1), torch.float32, dev)
+    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32, device=dev)
+    if m == 0 or N == 0:
+        return y.to(x.dtype)
+    if a8:
+        kp = (K + 3) // 4 * 4
+        xq = torch.empty(m * kp, dtype=torch.int8, device=dev)
+        sx = torch.empty(m, dtype=torch.float32, device=dev)
+        bad = torch.empty(1, dtype=torch.int32, device=dev)
+        run.call(what, dev, x32.data_ptr(), m, packed_w.data_ptr(), w_scale.data_ptr(),
+                 _addr(bias), N, K, _addr(xq), sx.data_ptr(), bad.data_ptr(), y.data_ptr())
+        if int(bad.item()):  # synchronizes with the stream, as the quantize ops do
+            raise NonFiniteError(f"{what}: x contains NaN or Inf")
+    else:
+        run.call(what, dev, x32.data_ptr(), m, packed_w.data_ptr(), w_scale.data_ptr(),
+                 _addr(bias), N, K, y.data_ptr())
+    return y.to(x.dtype)
+
+
+def _gemm_w8a8(run: _Runner, *args):
+    return _gemm_w8(run, True, *args)
+
+
+def _gemm_w8a16(run: _Runner, *args):
+    return _gemm_w8(run, False, *args)
+
+
+_MATMULS = {
+    "gemm_w4": _gemm_w4,
+    "gemm_lut4": _gemm_lut4,
+    "gemm_w8a8": _gemm_w8a8,
+    "gemm_w8a16": _gemm_w8a16,
+}
+
+
+def _path_id(path: int | str) -> int:
+    return _PATHS[path] if isinstance(path, str) else path
+
+
+def run_matmul(op: str, *args, path: int | str = "auto"):
+    """The CUDA kernel of ``torch.ops.qkern.<op>`` with the kernel family forced: ``path``
+    "gemv" (rows of x in chunks of 8), "gemm" or "auto" (what the op itself runs)."""
+    if _cuda is None:
+        raise RuntimeError("qkern._cuda is not built: no CUDA kernels")
+    return _MATMULS[op](_Runner(False, _path_id(path)), *args)
+
+
+def emulate(op: str, *args, path: int | str = "auto", reverse: bool = False):
+    """``torch.ops.qkern.<op>`` (a matmul) as its CUDA implementation computes it, run on the
+    host over CPU tensors: the same argument handling, workspaces and launch sequence, every
+    kernel step executed thread by thread (``reverse``: threads in reverse order), every
+    memory access bounds-checked. Needs ``qkern._cuda``, not a GPU."""
+    if _cuda is None:
+        raise RuntimeError("qkern._cuda is not built: no CUDA kernels to emulate")
+    return _MATMULS[op](_Runner(True, _path_id(path), reverse), *args)
+
+
+def _device_matmul(op: str):
+    def impl(*args):
+        return _MATMULS[op](_Runner(), *args)
+
+    impl.__name__ = op
+    return impl
+
+
 _IMPLS = {
     "quantize_affine": quantize_affine,
     "quantize_affine_dynamic": quantize_affine_dynamic,
@@ -289,6 +515,7 @@ _IMPLS = {
     "mulaw_decode": _g711("mulaw_decode", torch.uint8, torch.int16),
     "alaw_encode": _g711("alaw_encode", torch.int16, torch.uint8),
     "alaw_decode": _g711("alaw_decode", torch.uint8, torch.int16),
+    **{op: _device_matmul(op) for op in _MATMULS},
 }
 
 if _cuda is not None:
