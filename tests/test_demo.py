@@ -200,7 +200,7 @@ def test_results_are_deterministic(model, results):
 
 def test_table_is_sorted_and_complete():
     out = io.StringIO()
-    ctx = demo.run(MODEL_DIR, out=out)
+    ctx = demo.run(MODEL_DIR, out=out, sections=demo.SECTIONS[:1])
     text = out.getvalue()
     header = text.splitlines()[0]
     assert header.startswith("## ") and header.endswith(" s")
@@ -330,17 +330,21 @@ def test_load_falls_back_without_the_safetensors_package(monkeypatch):
 
 
 def test_cli_demo(capsys):
-    assert cli.main(["demo", "--model", str(MODEL_DIR), "--formats", "int8-ch,nf4"]) == 0
+    assert cli.main(["demo", "--model", str(MODEL_DIR), "--formats", "int8-ch,nf4",
+                     "--sections", "weights"]) == 0
     out = capsys.readouterr().out
     assert "| int8-ch | int8 | per-channel (row) | 8.433 |" in out
     assert "| nf4-b64-dq |" in out and "| nf4-b64 |" in out and "| int4" not in out
 
 
 def test_cli_errors(capsys, tmp_path):
-    assert cli.main(["demo", "--model", str(tmp_path)]) == 2
+    assert cli.main(["demo", "--model", str(tmp_path), "--sections", "weights"]) == 2
     assert "qkern demo: error: --model=" in capsys.readouterr().err
-    assert cli.main(["demo", "--model", str(MODEL_DIR), "--formats", "int9"]) == 2
+    assert cli.main(["demo", "--model", str(MODEL_DIR), "--formats", "int9",
+                     "--sections", "weights"]) == 2
     assert "unknown format or scheme 'int9'" in capsys.readouterr().err
+    assert cli.main(["demo", "--sections", "weights,nope"]) == 2
+    assert "unknown section(s) ['nope']" in capsys.readouterr().err
     assert cli.main([]) == 2
 
 
@@ -365,7 +369,8 @@ def test_cli_bench_delegates(monkeypatch):
 
 def test_python_dash_m(tmp_path):
     env = {**os.environ, demo.MODEL_ENV: str(MODEL_DIR)}
-    p = subprocess.run([sys.executable, "-m", "qkern", "demo", "--formats", "mxint8"],
+    p = subprocess.run([sys.executable, "-m", "qkern", "demo", "--formats", "mxint8",
+                        "--sections", "weights"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
                        check=False)
     assert p.returncode == 0, p.stderr

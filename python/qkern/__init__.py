@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _C, companding, formats, nn, ops  # noqa: F401
+from . import _C, companding, formats, nn, observers, ops  # noqa: F401
 from .packing import pack_bits, pack_int32, unpack_bits, unpack_int32
 from .quantization import (
     ActivationOnlyConfig,
+    AdaRoundConfig,
     DynamicConfig,
     StaticConfig,
     WeightOnlyConfig,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationOnlyConfig",
+    "AdaRoundConfig",
     "DynamicConfig",
     "StaticConfig",
     "WeightOnlyConfig",

@@ -36,6 +36,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="comma-separated schemes (e.g. int4-g32-asym) or format names "
                         "(e.g. int4,nf4,log2_8); default: all demo schemes")
 
+    d.add_argument("--sections", metavar="LIST", default="all",
+                   help="comma-separated demo sections: weights (the weight-format table), "
+                        "decode (wikitext-bytelm bits/byte and tokens/s), digits (PTQ of an "
+                        "MLP and a CNN), minilm (sentence embeddings); default: all")
+
     sub.add_parser("formats", help="list every number format qkern knows",
                    description="List every number format: bits, kind, max value, default block "
                                "and description.")
@@ -49,8 +54,16 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
+    names = [n.strip() for n in args.sections.split(",") if n.strip()]
+    known = {s.name: s for s in demo.SECTIONS}
+    bad = [n for n in names if n != "all" and n not in known]
+    if bad or not names:
+        print(f"{PROG} demo: error: unknown section(s) {bad or names}; choose from "
+              f"{', '.join(known)} or all", file=sys.stderr)
+        return 2
+    sections = demo.SECTIONS if "all" in names else [known[n] for n in names]
     try:
-        demo.run(model=args.model, formats=args.formats)
+        demo.run(model=args.model, formats=args.formats, sections=sections)
     except (demo.ModelNotFoundError, ValueError) as e:
         print(f"{PROG} demo: error: {e}", file=sys.stderr)
         return 2

@@ -419,7 +419,7 @@ class DemoContext:
     """What the sections share: the model, the schemes, where to print and what earlier
     sections computed (``results[section.name]``)."""
 
-    model: Model
+    model: Model | None  # None when no section needs the weight-table model
     specs: list[Spec]
     out: TextIO
     results: dict[str, object] = field(default_factory=dict)
@@ -438,8 +438,43 @@ def _weights_section(ctx: DemoContext) -> str:
     return format_weight_table(ctx.model, results, time.perf_counter() - t0)
 
 
+def _decode_section(ctx: DemoContext) -> str:
+    from .bench_decode import SCHEMES, run_decode
+
+    keep = ("fp32", "torch dynamic", "qkern W8A8", "qkern int4 g32 fast", "qkern nf4",
+            "qkern int3")
+    schemes = [s for s in SCHEMES if s[0].startswith(keep)]
+    try:
+        body = run_decode(threads=max(1, min(2, os.cpu_count() or 1)), repeats=3, n_tokens=64,
+                          windows=48, schemes=schemes)
+    except FileNotFoundError as e:
+        body = f"skipped: {e}"
+    return "## Byte-level Llama (wikitext-bytelm): quality and decode speed\n\n" + body
+
+
+def _digits_section(ctx: DemoContext) -> str:
+    from .reports import digits
+
+    return "## PTQ of an MLP and a CNN on real images\n\n" + digits.run()
+
+
+def _minilm_section(ctx: DemoContext) -> str:
+    try:
+        from .reports import minilm
+    except ImportError as e:  # the report module or its model package is missing
+        return f"## all-MiniLM-L6-v2\n\nskipped: {e}"
+    try:
+        body = minilm.run()
+    except (ImportError, FileNotFoundError) as e:
+        return f"## all-MiniLM-L6-v2\n\nskipped: {e}"
+    return "## all-MiniLM-L6-v2 sentence embeddings, quantized\n\n" + body
+
+
 SECTIONS: list[Section] = [
     Section("weights", _weights_section),
+    Section("decode", _decode_section),
+    Section("digits", _digits_section),
+    Section("minilm", _minilm_section),
 ]
 
 
@@ -447,9 +482,11 @@ def run(model: str | os.PathLike | Model | None = None, formats: Iterable[str] |
         out: TextIO | None = None, sections: Sequence[Section] | None = None) -> DemoContext:
     """Run the demo's sections in order, printing each; returns the context (with results)."""
     out = sys.stdout if out is None else out
-    m = model if isinstance(model, Model) else load_model(model)
+    sections = SECTIONS if sections is None else sections
+    needs_model = any(s.name == "weights" for s in sections) or model is not None
+    m = model if isinstance(model, Model) else load_model(model) if needs_model else None
     ctx = DemoContext(m, select_specs(formats), out)
-    for i, section in enumerate(SECTIONS if sections is None else sections):
+    for i, section in enumerate(sections):
         text = section.run(ctx)
         if text:
             out.write(("\n" if i else "") + text.rstrip("\n") + "\n")
