@@ -219,6 +219,18 @@ def test_dq_vs_dequantize_reference(isa, name, g, m):
     assert torch.equal(y, y_float)
 
 
+def test_dq_composite_for_other_devices_matches_cpu_kernel():
+    # the CUDA registration rebuilds scales with torch ops, then runs gemm_lut4: same bits
+    q = _dq_weight("nf4", 33, 512, 32, seed=11)
+    p = lut4.pack_weight_dq(q.codes, q.double_quant, 32)
+    assert torch.equal(lut4.dq_scales(p["qscales"], p["scale2"], p["mean"], p["dq_group"]),
+                       q.scale.reshape(-1))
+    x = torch.randn(3, 512)
+    args = (x, p["packed"], p["qscales"], p["scale2"], p["mean"], _table("nf4"), None, 33, 512,
+            32, p["dq_group"])
+    assert torch.equal(lut4._gemm_lut4_dq_composite(*args), torch.ops.qkern.gemm_lut4_dq(*args))
+
+
 @pytest.mark.parametrize("g", [32, 64])
 def test_dq_every_weight_decodes_exactly(g):
     q = _dq_weight("nf4", 9, 256, g, seed=7)
@@ -275,6 +287,10 @@ def test_dq_avx2_matches_scalar_and_threads_are_deterministic(m):
             qkern.set_num_threads(threads)
             out[isa, threads] = y = _run_dq(x, q)
             _check(y, ref, bound, k)
+            # scales rebuilt in chunks of rows (128 here): no bit differs from float scales
+            p = lut4.pack_weight(q.codes, q.scale, g)
+            assert torch.equal(y, torch.ops.qkern.gemm_lut4(x, p["packed"], p["scales"],
+                                                            _table("fp4_e2m1"), None, n, k, g))
         assert torch.equal(out[isa, 1], out[isa, 2])
 
 

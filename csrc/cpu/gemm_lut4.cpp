@@ -4,6 +4,7 @@
 #include "cpu/gemm_lut4.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu/kernels.h"
 #include "cpu/threadpool.h"
@@ -13,6 +14,7 @@ namespace {
 
 constexpr int64_t kMinParallelMacs = int64_t{1} << 18;  // below: one thread
 constexpr int64_t kMBlock = 64;                          // rows of x per GEMM task
+constexpr int64_t kDqChunkBlocks = 2048;  // double-quantized scales rebuilt at a time (8 KiB)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -20,13 +22,51 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 namespace {
 
+using Kernel = void (*)(const impl::Lut4Args&, int64_t, int64_t, int64_t, int64_t);
+
+// Double-quantized scales of blocks [b0, b1), rebuilt into out (the compiler vectorizes the
+// inner loop: one second-level scale per run of dq_group blocks).
+void rebuild_scales(const int8_t* q, const float* scale2, float mean, int64_t dq_group,
+                    int64_t b0, int64_t b1, float* out) {
+  for (int64_t b = b0; b < b1;) {
+    const int64_t h = b / dq_group, end = std::min(b1, (h + 1) * dq_group);
+    const float s2 = scale2[h];
+    for (int64_t i = b; i < end; ++i) out[i - b0] = impl::lut4_dq_scale(q[i], s2, mean);
+    b = end;
+  }
+}
+
+// One task: the kernel over rows [n0, n1) of W, through chunks of rebuilt scales when they
+// are double-quantized. Chunks are whole multiples of the kernels' 4-row tiles and pairs, and
+// every output is computed the same way whatever its neighbours, so the chunking changes no bit.
+void run_task(Kernel kernel, const impl::Lut4Args& a, int64_t m0, int64_t m1, int64_t n0,
+              int64_t n1) {
+  if (a.scales) {
+    kernel(a, m0, m1, n0, n1);
+    return;
+  }
+  const int64_t groups = a.k / a.group;
+  const int64_t rows = std::max<int64_t>(4, kDqChunkBlocks / groups / 4 * 4);
+  thread_local std::vector<float> buf;
+  buf.resize(static_cast<size_t>(rows * groups));
+  for (int64_t j0 = n0; j0 < n1; j0 += rows) {
+    const int64_t j1 = std::min(n1, j0 + rows);
+    rebuild_scales(a.qscales, a.scale2, a.mean, a.dq_group, j0 * groups, j1 * groups,
+                   buf.data());
+    impl::Lut4Args c = a;
+    c.scales = buf.data();
+    c.scale_row0 = j0;
+    kernel(c, m0, m1, j0, j1);
+  }
+}
+
 void run(const impl::Lut4Args& a) {
   const int64_t m = a.m, n = a.n, k = a.k;
   if (m <= 0 || n <= 0) return;
-  auto* kernel = active_isa() == kIsaAvx2 ? impl::gemm_lut4_avx2 : impl::gemm_lut4_scalar;
+  Kernel kernel = active_isa() == kIsaAvx2 ? impl::gemm_lut4_avx2 : impl::gemm_lut4_scalar;
   const int threads = pool_threads();
   if (threads == 1 || m * n * k < kMinParallelMacs) {
-    kernel(a, 0, m, 0, n);
+    run_task(kernel, a, 0, m, 0, n);
     return;
   }
   // GEMV-like calls (the kernel's on-the-fly path) keep all rows of x in one task; GEMMs
@@ -39,7 +79,7 @@ void run(const impl::Lut4Args& a) {
   const int64_t nt = ceil_div(n, nb);
   parallel_for(mt * nt, [&](int64_t t) {
     const int64_t i0 = (t / nt) * mb, j0 = (t % nt) * nb;
-    kernel(a, i0, std::min(m, i0 + mb), j0, std::min(n, j0 + nb));
+    run_task(kernel, a, i0, std::min(m, i0 + mb), j0, std::min(n, j0 + nb));
   });
 }
 

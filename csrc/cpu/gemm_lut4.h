@@ -14,9 +14,10 @@
 //
 // Double-quantized scales (gemm_lut4_dq): instead of float32 scales, one int8 code per block
 // (block b = n * K/G + g, row-major) plus a float32 second-level scale per dq_group blocks and
-// a float32 mean; the kernel rebuilds each block's scale as qkern's double_quantize_scales
-// dequantizes it (lut4_block_scale below), so the weights are the same bits as with the float
-// scales, for 1 byte of scale storage per block instead of 4.
+// a float32 mean. Each task rebuilds the scales of its rows (a few thousand blocks at a time,
+// into an L1-sized buffer) as qkern's double_quantize_scales dequantizes them
+// (lut4_dq_scale), then runs the float-scale kernel on them: the weights are the same bits, for
+// 1 byte of scale storage per block instead of 4.
 #pragma once
 #include <cfloat>
 #include <cstdint>
@@ -46,20 +47,19 @@ struct Lut4Args {
   const float* bias;
   float* y;
   int64_t m, n, k, group;
-  // double-quantized scales, used when `scales` is null
+  int64_t scale_row0 = 0;  // scales holds rows [scale_row0, ...) of the (N, K/G) scales
+  // double-quantized scales (gemm_lut4_dq; the entry point rebuilds them into `scales`)
   const int8_t* qscales = nullptr;
   const float* scale2 = nullptr;
   float mean = 0.0f;
   int64_t dq_group = 1;
 };
 
-// Scale of row j, group g. Double-quantized: max(float(code) * scale2 + mean, FLT_MIN), a
-// float32 multiply then a float32 add (never fused: the build uses -ffp-contract=off), as
+// One double-quantized block scale: max(float(code) * scale2 + mean, FLT_MIN), a float32
+// multiply then a float32 add (never fused: the build uses -ffp-contract=off), as
 // python/qkern/quantize.py double_quantize_scales computes the scales it quantizes with.
-inline float lut4_block_scale(const Lut4Args& a, int64_t j, int64_t g) {
-  const int64_t b = j * (a.k / a.group) + g;
-  if (a.scales) return a.scales[b];
-  const float s = static_cast<float>(a.qscales[b]) * a.scale2[b / a.dq_group] + a.mean;
+inline float lut4_dq_scale(int8_t code, float scale2, float mean) {
+  const float s = static_cast<float>(code) * scale2 + mean;
   return s < FLT_MIN ? FLT_MIN : s;  // NaN stays NaN, as torch's clamp_min
 }
 

@@ -68,10 +68,12 @@ void gemv_rows(const Lut4Args& a, const Decoder& dec, const float* x, int64_t j,
   const int64_t groups = a.k / a.group, rb = a.k / 2;
   const uint8_t* p0 = a.packed + j * rb;
   const uint8_t* p1 = p0 + rb;
+  const float* s0 = a.scales + (j - a.scale_row0) * groups;
+  const float* s1 = s0 + groups;
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00;
   for (int64_t g = 0; g < groups; ++g) {
-    const Table t0 = dec.scaled(lut4_block_scale(a, j, g));
-    const Table t1 = kTwo ? dec.scaled(lut4_block_scale(a, j + 1, g)) : t0;
+    const Table t0 = dec.scaled(s0[g]);
+    const Table t1 = kTwo ? dec.scaled(s1[g]) : t0;
     const int64_t end = (g + 1) * a.group;
     for (int64_t e = g * a.group; e < end; e += 16) {
       const __m256 xa = _mm256_loadu_ps(x + e), xb = _mm256_loadu_ps(x + e + 8);
@@ -95,8 +97,9 @@ constexpr int64_t kKc = 512;  // columns per decoded tile (a multiple of every g
 void decode_row(const Lut4Args& a, const Decoder& dec, int64_t j, int64_t k0, int64_t kc,
                 float* dst) {
   const uint8_t* p = a.packed + j * (a.k / 2);
+  const float* s = a.scales + (j - a.scale_row0) * (a.k / a.group);
   for (int64_t g0 = k0; g0 < k0 + kc; g0 += a.group) {
-    const Table t = dec.scaled(lut4_block_scale(a, j, g0 / a.group));
+    const Table t = dec.scaled(s[g0 / a.group]);
     for (int64_t e = g0; e < g0 + a.group; e += 8)
       _mm256_store_ps(dst + (e - k0), dec.values(t, p + (e >> 1)));
   }

@@ -24,7 +24,8 @@ import torch
 from .. import _C
 from .schemas import LIB
 
-__all__ = ["GROUP_SIZES", "gemm_lut4", "gemm_lut4_dq", "pack_weight", "pack_weight_dq"]
+__all__ = ["GROUP_SIZES", "dq_scales", "gemm_lut4", "gemm_lut4_dq", "pack_weight",
+           "pack_weight_dq"]
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -77,6 +78,26 @@ def _gemm_lut4_dq_cpu(x, packed, qscales, scale2, mean, table, bias, N, K, group
 
 
 LIB.impl("gemm_lut4_dq", _gemm_lut4_dq_cpu, "CPU")
+
+
+def dq_scales(qscales: torch.Tensor, scale2: torch.Tensor, mean: torch.Tensor,
+              dq_group: int) -> torch.Tensor:
+    """The block scales ``max(float32(q * scale2[b // dq_group]) + mean, FLT_MIN)`` in torch
+    float32 ops (a multiply, then an add: the same bits as the CPU kernel), on any device."""
+    q = qscales.reshape(-1)
+    s2 = scale2.reshape(-1).float().repeat_interleave(dq_group)[: q.numel()]
+    s = q.float() * s2 + mean.reshape(()).float()
+    return s.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _gemm_lut4_dq_composite(x, packed, qscales, scale2, mean, table, bias, N, K, group_size,
+                            dq_group):
+    # devices without a dedicated kernel (CUDA): rebuild the scales, then qkern::gemm_lut4
+    scales = dq_scales(qscales, scale2, mean, dq_group).reshape(N, K // group_size)
+    return torch.ops.qkern.gemm_lut4(x, packed, scales, table, bias, N, K, group_size)
+
+
+LIB.impl("gemm_lut4_dq", _gemm_lut4_dq_composite, "CUDA")
 
 
 def gemm_lut4(x: torch.Tensor, packed: dict[str, torch.Tensor] | torch.Tensor,
