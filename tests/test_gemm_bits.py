@@ -80,7 +80,10 @@ def test_binary_float(m, n, k):
     wb = bits.pack_binary(codes)
     b = bias if n % 2 else None
     ref = _ref_float(x, codes, alpha, b, False)
-    for y in _run_all(lambda: OPS.gemm_binary(x, wb, alpha, b, n, k, False)):
+    ys = _run_all(lambda: OPS.gemm_binary(x, wb, alpha, b, n, k, False))
+    for i in range(0, len(ys), 2):  # per ISA: the same bits on 1 and 2 threads
+        assert torch.equal(ys[i].view(torch.int32), ys[i + 1].view(torch.int32))
+    for y in ys:
         assert y.shape == (m, n) and y.dtype == torch.float32
         err = (y.double() - ref).abs()
         assert (err <= _tol(x, alpha, b)).all(), err.max()
@@ -95,7 +98,10 @@ def test_ternary_float(m, n, k):
     wp = bits.pack_ternary(codes)
     b = bias if k % 2 else None
     ref = _ref_float(x, codes, alpha, b, True)
-    for y in _run_all(lambda: OPS.gemm_ternary(x, wp, alpha, b, n, k)):
+    ys = _run_all(lambda: OPS.gemm_ternary(x, wp, alpha, b, n, k))
+    for i in range(0, len(ys), 2):
+        assert torch.equal(ys[i].view(torch.int32), ys[i + 1].view(torch.int32))
+    for y in ys:
         err = (y.double() - ref).abs()
         assert (err <= _tol(x, alpha, b)).all(), err.max()
 
