@@ -12,6 +12,7 @@ every op gives exactly the emulation's bits.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -355,6 +356,102 @@ def test_w8_dtypes_nonfinite_and_errors(where):
         run(where, "gemm_w8a8", x.double(), packed, sw, None, n, k)
 
 
+# ---- the shared QK_HD helpers (csrc/core/matmul.h), called on the host ---------------------------
+
+MM = _cuda.host_mm
+F32 = np.float32
+
+
+def test_helper_conversions_exact():
+    for u in (0, 1, 7, 8, 15, 255, 2 ** 20 + 3, 2 ** 23 - 1):
+        assert MM.float_of_small_uint(u) == float(u)
+    for b in range(256):
+        for t in range(4):
+            word = (0xA5C3E17F & ~(0xFF << (8 * t))) | (b << (8 * t))
+            assert MM.float_of_s8(word, t) == float(b - 256 if b >= 128 else b), (b, t)
+
+
+def test_helper_nibbles_follow_the_packed_layouts():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        u = rng.integers(0, 16, 8)
+        # int4 tile layout (csrc/cpu/gemm_w4.h): byte j = u[j] | u[j + 4] << 4
+        word = sum(int(u[j] | u[j + 4] << 4) << (8 * j) for j in range(4))
+        assert [MM.w4_nibble(word, c) for c in range(8)] == list(u)
+        assert MM.w4_low_nibbles(word).to_bytes(4, "little") == bytes(int(v) for v in u[:4])
+        assert MM.w4_high_nibbles(word).to_bytes(4, "little") == bytes(int(v) for v in u[4:])
+        # lut4: LSB-first nibble stream, element j in bits 4j .. 4j+3
+        word = sum(int(u[j]) << (4 * j) for j in range(8))
+        assert [MM.lut4_code(word, j) for j in range(8)] == list(u)
+    # and on a real buffer: the word of row n, vector i of block b (docs/numerics.md offsets)
+    q, _, _, w = make_w4(11, 64, 32, False, seed=4)
+    flat = w["packed"].reshape(-1).numpy()
+    for n in range(11):
+        for k in range(0, 64, 8):
+            b, i = k // 32, (k % 32) // 8
+            off = ((n // 8) * 2 + b) * 128 + 32 * i + 4 * (n % 8)
+            word = int.from_bytes(flat[off: off + 4].tobytes(), "little")
+            assert [MM.w4_nibble(word, c) - 8 for c in range(8)] == q[n, k: k + 8].tolist()
+
+
+def test_helper_dot4_and_block_dot():
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        a, b = rng.integers(-128, 128, 4), rng.integers(-128, 128, 4)
+        c = int(rng.integers(-2 ** 20, 2 ** 20))
+        wa = int.from_bytes(a.astype(np.int8).tobytes(), "little")
+        wb = int.from_bytes(b.astype(np.int8).tobytes(), "little")
+        assert MM.dot4_s8(wa, wb, c) == int(a @ b) + c
+        du, z, xs = int(rng.integers(-60960, 60961)), int(rng.integers(-8, 8)), \
+            int(rng.integers(-4064, 4065))
+        assert MM.w4_block_dot(du, 8.0 + z, float(xs)) == du - (8 + z) * xs
+
+
+def w4_block_ref(x):
+    """Fast-mode block quantization from docs/numerics.md, in numpy float32."""
+    x = np.asarray(x, F32)
+    if not np.isfinite(x).all():
+        return [0] * len(x), float("nan"), 0
+    d = F32(np.abs(x).max() / F32(127))
+    if d < np.finfo(F32).tiny:
+        return [0] * len(x), 0.0, 0
+    q = np.clip(np.rint(x * (F32(1) / d)), -127, 127).astype(np.int64)
+    return q.tolist(), float(d), int(q.sum())
+
+
+def test_helper_w4_quantize_block():
+    rng = np.random.default_rng(2)
+    blocks = [rng.standard_normal(32) * 10 ** rng.uniform(-3, 3) for _ in range(50)]
+    blocks += [np.zeros(32), np.full(32, 1e-40), np.arange(-16, 16) / 4 * 127 / 4,
+               np.r_[rng.standard_normal(31), np.nan], np.r_[np.inf, rng.standard_normal(31)],
+               np.full(32, -3e38)]
+    for xb in blocks:
+        codes, d, s = MM.w4_quantize_block(np.asarray(xb, F32).tolist())
+        rc, rd, rs = w4_block_ref(xb)
+        assert codes == rc and s == rs
+        assert (np.isnan(d) and np.isnan(rd)) or d == rd
+
+
+def test_helper_w8a8_row_matches_the_cpu_quantizer():
+    rng = np.random.default_rng(3)
+    for k in (1, 7, 100, 1000):
+        for scale in (1e-42, 1e-3, 1.0, 1e30):
+            x = (rng.standard_normal(k) * scale).astype(F32)
+            x[:: max(1, k // 5)] = np.round(x[:: max(1, k // 5)] * 4) / 4
+            codes, sx = MM.w8a8_row(x.tolist())
+            c_ref, s_ref, _ = OPS.quantize_affine_dynamic(torch.from_numpy(x).view(1, k), k,
+                                                          -127, 127, 0, 127.0, 0, 0, 0, 0.0, 0)
+            assert codes == c_ref.view(torch.int8).reshape(-1).tolist()
+            assert sx == float(s_ref[0])
+    for acc, sx, sw, b in [(123456, 0.01, -0.5, 0.25), (-(2 ** 30) - 7, 3e-5, 7e-3, None),
+                           (0, 1.0, -2.0, None)]:
+        v = F32(F32(F32(acc) * F32(sx)) * F32(sw))
+        if b is not None:
+            v = F32(v + F32(b))
+        got = MM.w8a8_value(acc, sx, sw, b)
+        assert np.asarray(got, F32).view(np.uint32) == v.view(np.uint32)
+
+
 # ---- argument errors, the raw module and its emulator's checks ----------------------------------
 
 @pytest.mark.parametrize("where", WHERE)
@@ -387,6 +484,12 @@ def test_device_mismatch_and_missing_gpu():
     if HAS_GPU:
         with pytest.raises(ValueError, match="expected a CPU tensor"):
             C.emulate("gemm_w4", torch.randn(1, 64).cuda(), *args)
+
+
+def test_missing_cuda_module_message():
+    # What the CUDA kernels of every op raise when qkern._cuda was not built.
+    with pytest.raises(RuntimeError, match=r"qkern::gemm_w4: .*qkern._cuda is missing"):
+        C._missing("gemm_w4")(torch.zeros(1))
 
 
 def test_raw_emulator_checks():

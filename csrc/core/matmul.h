@@ -8,6 +8,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "affine.h"
 #include "qk_hd.h"
@@ -15,6 +16,28 @@
 
 namespace qk {
 namespace mm {
+
+// ---- exact small-integer conversions without int-to-float instructions ------------------------
+// (those run at a quarter of the FMA rate on sm_80 / sm_90 and would bound the GEMV kernels)
+
+QK_HD float float_of_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+// float(u) for 0 <= u < 2^23: the bits 0x4B000000 | u are 2^23 + u, and subtracting 2^23 is
+// exact.
+QK_HD float float_of_small_uint(uint32_t u) {
+  return float_of_bits(0x4B000000u | u) - 8388608.0f;
+}
+// float(int8 byte t of a word), exactly: (2^23 + (b + 128)) - (2^23 + 128).
+QK_HD float float_of_s8(uint32_t word, int t) {
+  return float_of_bits(0x4B000000u | (((word >> (8 * t)) & 0xFFu) ^ 0x80u)) - 8388736.0f;
+}
 
 // ---- int4 group-wise (gemm_w4) ---------------------------------------------------------------
 
@@ -31,8 +54,8 @@ QK_HD uint32_t w4_high_nibbles(uint32_t word) { return (word >> 4) & 0x0F0F0F0Fu
 // zc = 8 + z: what the unsigned nibble u is reduced by (w = (u - zc) * s); z = 0 without
 // zero points. A float like the CPU's, so out-of-range zero points behave identically.
 QK_HD float w4_code_offset(int32_t z) { return 8.0f + static_cast<float>(z); }
-// float(u) - zc: exact for |zc| < 2^23 (the exact mode's weight factor).
-QK_HD float w4_weight(uint32_t u, float zc) { return static_cast<float>(u) - zc; }
+// float(u) - zc, the exact mode's weight factor (the CPU's float(u) - zc: same two values).
+QK_HD float w4_weight(uint32_t u, float zc) { return float_of_small_uint(u) - zc; }
 
 // Fast-mode activation quantization of one block of 32 (the CPU's quantize_x): amax over
 // the finite values, a NaN/Inf anywhere marks the block bad.

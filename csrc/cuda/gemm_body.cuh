@@ -736,7 +736,7 @@ struct W8Gemv {
 #pragma unroll
           for (int ch = 0; ch < 4; ++ch)
 #pragma unroll
-            for (int t = 0; t < 4; ++t) wf[ch][t] = static_cast<float>(mm::s8_of(comp(w, ch), t));
+            for (int t = 0; t < 4; ++t) wf[ch][t] = mm::float_of_s8(comp(w, ch), t);
 #pragma unroll
           for (int mi = 0; mi < MMAX; ++mi) {
             if (mi >= c.m) break;
@@ -837,7 +837,7 @@ struct W8Gemm : NoReduce {
           const float4 v = mi < c.m ? c.x4(mi, kc + 4 * q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
           for (int t = 0; t < 4; ++t) {
             Xs[(4 * q + t) * 64 + row] = comp(v, t);
-            Ws[(4 * wstep[e] + t) * 64 + wcol[e]] = static_cast<float>(mm::s8_of(wwords[e], t));
+            Ws[(4 * wstep[e] + t) * 64 + wcol[e]] = mm::float_of_s8(wwords[e], t);
           }
         }
       }

@@ -13,11 +13,14 @@
 // addresses (CPU tensors' data_ptr()), for tests on machines without a GPU.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
+#include "core/matmul.h"
 #include "cuda/gemm.cuh"
 #include "cuda/kernels.cuh"
 
@@ -355,4 +358,42 @@ PYBIND11_MODULE(_cuda, m) {
         },
         arg("x"), arg("m"), arg("packed"), arg("w_scale"), arg("bias"), arg("n"), arg("k"),
         arg("y"), arg("path"), arg("reverse"), nogil);
+  // ---- core/matmul.h on the host, for tests of the device helpers' rules ------------------------
+  auto mmh = m.def_submodule("host_mm", "csrc/core/matmul.h helpers called on the host");
+  mmh.def("float_of_small_uint", &qk::mm::float_of_small_uint, arg("u"));
+  mmh.def("float_of_s8", &qk::mm::float_of_s8, arg("word"), arg("t"));
+  mmh.def("w4_nibble", &qk::mm::w4_nibble, arg("word"), arg("c"));
+  mmh.def("w4_low_nibbles", &qk::mm::w4_low_nibbles, arg("word"));
+  mmh.def("w4_high_nibbles", &qk::mm::w4_high_nibbles, arg("word"));
+  mmh.def("lut4_code", &qk::mm::lut4_code, arg("word"), arg("j"));
+  mmh.def("dot4_s8", &qk::mm::dot4_s8, arg("a"), arg("b"), arg("c"));
+  mmh.def("w4_block_dot", &qk::mm::w4_block_dot, arg("du"), arg("zc"), arg("xs"));
+  // One fast-mode activation block (any length; the kernels use 32): (codes, d, code sum).
+  mmh.def("w4_quantize_block", [](const std::vector<float>& x) {
+    float amax = 0.0f;
+    bool bad = false;
+    for (float v : x) amax = qk::mm::w4_amax_step(amax, v, &bad);
+    const float d = qk::mm::w4_block_scale(amax, bad);
+    std::vector<int32_t> codes(x.size(), 0);
+    int32_t sum = 0;
+    if (qk::mm::w4_block_live(d)) {
+      const float r = 1.0f / d;
+      for (size_t j = 0; j < x.size(); ++j) sum += codes[j] = qk::mm::w4_act_code(x[j], r);
+    }
+    return py::make_tuple(codes, d, sum);
+  }, arg("x"));
+  // One W8A8 activation row: (codes, scale).
+  mmh.def("w8a8_row", [](const std::vector<float>& x) {
+    float amax = 0.0f;
+    bool bad = false;
+    for (float v : x) amax = qk::mm::w4_amax_step(amax, v, &bad);
+    const float scale = qk::mm::w8a8_row_scale(amax);
+    std::vector<int32_t> codes;
+    for (float v : x) codes.push_back(qk::mm::w8a8_act_code(v, scale));
+    return py::make_tuple(codes, scale);
+  }, arg("x"));
+  mmh.def("w8a8_value", [](int32_t acc, float sx, float sw, std::optional<float> bias) {
+    const float b = bias ? *bias : 0.0f;
+    return qk::mm::w8a8_value(acc, sx, sw, bias ? &b : nullptr, 0);
+  }, arg("acc"), arg("sx"), arg("sw"), arg("bias"));
 }

@@ -5,7 +5,8 @@ The main tensor of each op (x, codes, packed, pcm) must be on a CUDA device; the
 converted to the kernel dtype and made contiguous like the CPU binding does (numpy forcecast),
 and the same argument errors are raised. A quantize op raises NonFiniteError (a ValueError,
 "input contains NaN or Inf") when its input holds NaN or Inf; reading that flag synchronizes
-with the current stream. Importing this module without ``qkern._cuda`` registers nothing.
+with the current stream. Imported without ``qkern._cuda``, this module registers CUDA kernels
+that raise a RuntimeError saying so.
 
 The quantized matmuls (``gemm_w4``, ``gemm_lut4``, ``gemm_w8a8``, ``gemm_w8a16``) run on the
 packed buffers of the CPU ops unchanged; what each guarantees relative to the CPU op is in
@@ -518,6 +519,17 @@ _IMPLS = {
     **{op: _device_matmul(op) for op in _MATMULS},
 }
 
-if _cuda is not None:
-    for _name, _fn in _IMPLS.items():
-        LIB.impl(_name, _fn, "CUDA")
+_MISSING = ("a CUDA tensor, but qkern was built without its CUDA kernels (qkern._cuda is "
+            "missing): rebuild with nvcc available (QKERN_CUDA=ON) or move the tensors to the CPU")
+
+
+def _missing(op: str):
+    def impl(*args, **kwargs):
+        raise RuntimeError(f"qkern::{op}: {_MISSING}")
+
+    impl.__name__ = op
+    return impl
+
+
+for _name, _fn in _IMPLS.items():
+    LIB.impl(_name, _fn if _cuda is not None else _missing(_name), "CUDA")
