@@ -68,6 +68,22 @@ class Quantizer:
         self.config = config
         self.plan: list[tuple[str, BaseConfig]] = []  # (layer name, its config)
         self.skipped: dict[str, str] = {}  # layer name -> why it stays float
+        #: the model inputs seen between prepare() and convert(), kept (cloned) when
+        #: records_inputs() is True, for methods that re-run calibration inside convert()
+        self.batches: list[_Batch] = []
+
+    def needs_calibration(self) -> str | None:
+        """Why convert() needs calibration data (None: it does not)."""
+        if self.NEEDS_CALIBRATION:
+            return "quantizes activations with ranges from calibration"
+        return None
+
+    def records_inputs(self) -> bool:
+        """True when prepare() should keep every calibration batch for convert()."""
+        return False
+
+    def _record(self, module, args, kwargs) -> None:
+        self.batches.append(_Batch(_clone(args), _clone(kwargs)))
 
     def select(self, model: nn.Module) -> None:
         """Fills ``plan`` from include / exclude / overrides; unsupported layers that the
@@ -118,7 +134,30 @@ class Quantizer:
     def warn_skipped(self) -> None:
         if self.skipped:
             lines = "\n".join(f"  {n}: {why}" for n, why in self.skipped.items())
-            warnings.warn(f"{len(self.skipped)} layer(s) left in float:\n{lines}", stacklevel=3)
+            user_warning(f"{len(self.skipped)} layer(s) left in float:\n{lines}")
+
+
+def user_warning(message: str) -> None:
+    """A UserWarning attributed to the first caller outside the qkern package."""
+    import os
+
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def _clone(v):
+    """Tensors inside (nested) tuples / lists / dicts detached and copied, so a caller that
+    reuses its input buffers does not change the recorded batches."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    if isinstance(v, (tuple, list)):
+        return type(v)(_clone(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _clone(x) for k, x in v.items()}
+    return v
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -177,6 +216,9 @@ def prepare(model: nn.Module, quant_config: BaseConfig, args=None, kwargs=None,
         raise ValueError("this model is already prepared; call qkern.convert(model, config)")
     target = model if inplace else copy.deepcopy(model)
     quantizer.prepare(target)
+    if quantizer.records_inputs():
+        quantizer._record_hook = target.register_forward_pre_hook(quantizer._record,
+                                                                  with_kwargs=True)
     object.__setattr__(target, _STATE, quantizer)  # not a submodule, not in the state dict
     if args is not None or kwargs is not None:
         a = tuple(args) if isinstance(args, (tuple, list)) else (() if args is None else (args,))
@@ -202,11 +244,14 @@ def convert(model: nn.Module, quant_config: BaseConfig | None = None) -> nn.Modu
     if quant_config is not None and quant_config != quantizer.config:
         raise ValueError(f"the model was prepared with {quantizer.config!r}, not "
                          f"{quant_config!r}")
-    if quantizer.NEEDS_CALIBRATION and not quantizer.calibrated(model):
-        raise ValueError(f"{type(quantizer.config).__name__} quantizes activations with ranges "
-                         "from calibration, but the prepared model has seen no data: run "
-                         "sample inputs through it before convert(), or pass calibration= to "
-                         "qkern.quantize_model")
+    hook = getattr(quantizer, "_record_hook", None)
+    if hook is not None:  # convert() re-runs the recorded batches: stop recording
+        hook.remove()
+    why = quantizer.needs_calibration()
+    if why and not quantizer.calibrated(model):
+        raise ValueError(f"{type(quantizer.config).__name__} {why}, but the prepared model has "
+                         "seen no data: run sample inputs through it before convert(), or pass "
+                         "calibration= to qkern.quantize_model")
     quantizer.convert(model)
     object.__delattr__(model, _STATE)
     quantizer.warn_skipped()
@@ -218,12 +263,12 @@ def quantize_model(model: nn.Module, quant_config: BaseConfig, calibration: Iter
                    inplace: bool = False, progress: bool = False) -> nn.Module:
     """``prepare`` + calibration + ``convert`` in one call. ``calibration``: an iterable of
     inputs (tensors, tuples of positional inputs, or dicts of keyword inputs)."""
-    quantizer = _quantizer_for(quant_config)
-    if quantizer.NEEDS_CALIBRATION and calibration is None:
-        raise ValueError(f"{type(quant_config).__name__} needs calibration data: pass "
+    why = _quantizer_for(quant_config).needs_calibration()
+    if why and calibration is None:
+        raise ValueError(f"{type(quant_config).__name__} needs calibration data (it {why}): pass "
                          "calibration=[batch, ...] (a few hundred samples of real inputs)")
     prepared = prepare(model, quant_config, inplace=inplace)
     if calibration is not None:
-        if run_calibration(prepared, calibration, progress) == 0 and quantizer.NEEDS_CALIBRATION:
+        if run_calibration(prepared, calibration, progress) == 0 and why:
             raise ValueError("calibration is empty: it yielded no batches")
     return convert(prepared)

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 
 from .. import formats as QF
 
-__all__ = ["ActivationOnlyConfig", "BaseConfig", "DynamicConfig", "StaticConfig",
-           "WeightOnlyConfig", "config_class"]
+__all__ = ["ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "DynamicConfig",
+           "StaticConfig", "WeightOnlyConfig", "config_class"]
 
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
 _CONFIGS: dict[str, type[BaseConfig]] = {}
@@ -137,6 +137,36 @@ def _check_bool(cls_name: str, name: str, v) -> None:
         _fail(cls_name, name, "a bool", v)
 
 
+def _check_int(cls_name: str, name: str, v, lo: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        _fail(cls_name, name, f"an int >= {lo}", v)
+
+
+def _check_real(cls_name: str, name: str, v, lo: float, hi: float, want: str) -> None:
+    import math
+
+    if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+            or not lo <= v <= hi):
+        _fail(cls_name, name, want, v)
+
+
+CLIP_SEARCHES = ("none", "output")
+
+
+def _check_corrections(cfg) -> None:
+    """The error-correction fields shared by WeightOnlyConfig and StaticConfig (README
+    "Calibration and error correction")."""
+    n = type(cfg).__name__
+    _check_bool(n, "per_tensor", cfg.per_tensor)
+    _check_bool(n, "cross_layer_equalization", cfg.cross_layer_equalization)
+    _check_choice(n, "clip_search", cfg.clip_search, CLIP_SEARCHES)
+    _check_bool(n, "bias_correction", cfg.bias_correction)
+    if cfg.per_tensor and QF.get(cfg.fmt).block_size is not None:
+        _fail(n, "per_tensor", f"False for the block format {cfg.fmt}", cfg.per_tensor)
+    if cfg.clip_search != "none" and getattr(cfg, "double_quant", False):
+        _fail(n, "clip_search", "'none' with double_quant=True", cfg.clip_search)
+
+
 OBSERVER_NAMES = ("minmax", "moving_average", "percentile", "mse", "kl", "histogram")
 
 
@@ -153,6 +183,12 @@ class WeightOnlyConfig(BaseConfig):
     mode: str = "exact"  # "fast": int8 activations per 32-block inside the int4 kernel
     rounding: str = "nearest_even"
     double_quant: bool = False  # nf4/fp4: bitsandbytes-style 8-bit block scales
+    # error correction (correction.py); bias_correction and clip_search="output" need
+    # calibration data
+    per_tensor: bool = False  # one weight scale per layer (group_size is then ignored)
+    cross_layer_equalization: bool = False
+    clip_search: str = "none"  # "output": clip ratio minimising the layer's output error
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -164,6 +200,7 @@ class WeightOnlyConfig(BaseConfig):
 
         _check_choice(n, "rounding", self.rounding, tuple(ROUNDINGS))
         _check_bool(n, "double_quant", self.double_quant)
+        _check_corrections(self)
         super().__post_init__()
 
 
@@ -217,6 +254,13 @@ class StaticConfig(BaseConfig):
     act_fmt: str = "int8"
     observer: str = "minmax"
     act_symmetric: bool = True
+    # error correction (correction.py), all from the calibration data
+    per_tensor: bool = False  # one weight scale per layer (group_size is then ignored)
+    cross_layer_equalization: bool = False
+    clip_search: str = "none"  # "output": clip ratio minimising the layer's output error
+    bias_correction: bool = False
+    progressive: bool = False  # calibrate layer by layer on the already-quantized prefix
+    smoothing_alpha: float | None = None  # SmoothQuant migration strength (None: off)
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -226,4 +270,60 @@ class StaticConfig(BaseConfig):
         _check_format(n, "act_fmt", self.act_fmt)
         _check_choice(n, "observer", self.observer, OBSERVER_NAMES)
         _check_bool(n, "act_symmetric", self.act_symmetric)
+        _check_corrections(self)
+        _check_bool(n, "progressive", self.progressive)
+        if self.smoothing_alpha is not None:
+            _check_real(n, "smoothing_alpha", self.smoothing_alpha, 0.0, 1.0,
+                        "None or a number in [0, 1]")
+            self.smoothing_alpha = float(self.smoothing_alpha)
+        super().__post_init__()
+
+
+@config_class
+@dataclass
+class AdaRoundConfig(BaseConfig):
+    """Weight-only quantization with learned rounding (AdaRound, Nagel et al. 2020): per
+    layer, each weight rounds up or down as a rectified-sigmoid variable trained to keep the
+    layer's output on calibration inputs, then fixed. Integer formats, per output channel
+    (``group_size=None``) or in groups along the input dim; calibration data is required."""
+
+    fmt: str = "int4"
+    group_size: int | None = None
+    symmetric: bool = True
+    # defaults for a few hundred steps (the paper: 10k-20k steps, lr 1e-3, lambda 0.01)
+    iterations: int = 300  # Adam steps per layer
+    lr: float = 5e-2
+    batch_size: int = 256  # input rows (tokens / pixels) per step
+    reg_weight: float = 0.3  # lambda of the rounding regulariser
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2  # fraction of the steps before the regulariser starts
+    quantized_inputs: bool = True  # W~ sees the quantized prefix's inputs (paper, sec. 5)
+    clip_search: str = "none"  # "output": scales from the output-error clip search first
+    cross_layer_equalization: bool = False
+    seed: int = 0
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        _check_format(n, "fmt", self.fmt)
+        f = QF.get(self.fmt)
+        if f.kind != "int" or f.name == "ternary" or f.qmax - f.qmin < 1:
+            _fail(n, "fmt", "an integer format (int2..int8, uint2..uint8)", self.fmt)
+        _check_group(n, "group_size", self.group_size)
+        _check_bool(n, "symmetric", self.symmetric)
+        _check_int(n, "iterations", self.iterations, 1)
+        _check_real(n, "lr", self.lr, 1e-12, 1e3, "a positive number")
+        _check_int(n, "batch_size", self.batch_size, 1)
+        _check_real(n, "reg_weight", self.reg_weight, 0.0, float("inf"), "a number >= 0")
+        _check_real(n, "beta_start", self.beta_start, 1e-6, 1e6, "a positive number")
+        _check_real(n, "beta_end", self.beta_end, 1e-6, 1e6, "a positive number")
+        if self.beta_end > self.beta_start:
+            _fail(n, "beta_end", f"<= beta_start ({self.beta_start})", self.beta_end)
+        _check_real(n, "warmup", self.warmup, 0.0, 0.999, "a fraction in [0, 1)")
+        _check_bool(n, "quantized_inputs", self.quantized_inputs)
+        _check_choice(n, "clip_search", self.clip_search, CLIP_SEARCHES)
+        _check_bool(n, "cross_layer_equalization", self.cross_layer_equalization)
+        _check_int(n, "seed", self.seed, 0)
+        _check_bool(n, "verbose", self.verbose)
         super().__post_init__()
