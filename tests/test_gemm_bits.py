@@ -255,6 +255,10 @@ def test_errors():
     with pytest.raises(ValueError, match="packed weight"):
         qkern._C.gemm_binary(x.numpy(), wb.view(-1)[:-1].numpy(), alpha.numpy(), None, 3, 70,
                              False)
+    with pytest.raises(ValueError, match="null pointer"):
+        qkern._C.gemm_bits_raw(False, 0, 1, 0, 0, 0, 8, 30, False, 0)
+    with pytest.raises(ValueError, match="alpha"):
+        OPS.gemm_ternary(x, bits.pack_ternary(codes.to(torch.int8)), alpha[:1], None, 3, 70)
     with pytest.raises((RuntimeError, ValueError)):
         OPS.gemm_binary(x.double(), wb, alpha, None, 3, 70, False)
 

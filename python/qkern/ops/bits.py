@@ -96,22 +96,47 @@ def _(x, wpacked, alpha, bias, N, K):
     return x.new_empty(_out_shape(x, N), dtype=torch.float32)
 
 
-def _np(t: torch.Tensor | None, dtype: torch.dtype):
-    return None if t is None else t.detach().to(dtype).contiguous().numpy()
+def _check_cpu(op: str, x, w, alpha, bias, n: int, k: int, nbytes: int) -> None:
+    """:func:`_check` with plain comparisons (shapes are concrete here): torch._check's lambdas
+    cost more per call than a 4096 x 4096 binary GEMV's kernel time would tolerate."""
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{op}: x must be (..., K={k}), got {tuple(x.shape)}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"{op}: x must be float32, got {x.dtype}")
+    if w.dtype != torch.uint8:
+        raise ValueError(f"{op}: packed weight must be uint8, got {w.dtype}")
+    if w.numel() != nbytes:
+        raise ValueError(f"{op}: packed weight has {w.numel()} bytes, expected {nbytes} "
+                         f"(pack it with pack_{op[5:]})")
+    if alpha.numel() != n:
+        raise ValueError(f"{op}: alpha must have N={n} elements, got {alpha.numel()}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"{op}: bias must have N={n} elements, got {bias.numel()}")
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+def _run_cpu(op: str, ternary: bool, x, w, alpha, bias, n: int, k: int, xnor: bool):
+    _check_cpu(op, x, w, alpha, bias, n, k, packed_nbytes(n, k, ternary))
+    x, w, alpha, bias = _f32(x), w.contiguous(), _f32(alpha), _f32(bias)
+    y = torch.empty(_out_shape(x, n), dtype=torch.float32)
+    if y.numel() == 0:
+        return y
+    _C.gemm_bits_raw(ternary, x.data_ptr(), x.numel() // k, w.data_ptr(), alpha.data_ptr(),
+                     0 if bias is None else bias.data_ptr(), n, k, xnor, y.data_ptr())
+    return y
 
 
 def _gemm_binary_cpu(x, wbits, alpha, bias, N, K, xnor):
-    _check("gemm_binary", x, wbits, alpha, bias, N, K, packed_nbytes(N, K, False))
-    y = _C.gemm_binary(_np(x, torch.float32), _np(wbits, torch.uint8),
-                       _np(alpha, torch.float32), _np(bias, torch.float32), N, K, xnor)
-    return torch.from_numpy(y).view(_out_shape(x, N))
+    return _run_cpu("gemm_binary", False, x, wbits, alpha, bias, N, K, xnor)
 
 
 def _gemm_ternary_cpu(x, wpacked, alpha, bias, N, K):
-    _check("gemm_ternary", x, wpacked, alpha, bias, N, K, packed_nbytes(N, K, True))
-    y = _C.gemm_ternary(_np(x, torch.float32), _np(wpacked, torch.uint8),
-                        _np(alpha, torch.float32), _np(bias, torch.float32), N, K)
-    return torch.from_numpy(y).view(_out_shape(x, N))
+    return _run_cpu("gemm_ternary", True, x, wpacked, alpha, bias, N, K, False)
 
 
 LIB.impl("gemm_binary", _gemm_binary_cpu, "CPU")
