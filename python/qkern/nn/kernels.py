@@ -167,11 +167,12 @@ def weight(kernel: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tens
         return dequant_weight(q, bufs)
     n, k = q.shape
     kernel = _FLOAT_TWIN.get(kernel, kernel)
-    out = torch.empty(n, k, dtype=torch.float32)
+    dev = next(iter(bufs.values())).device  # the identity goes where the layer lives
+    out = torch.empty(n, k, dtype=torch.float32, device=dev)
     for k0 in range(0, k, 256):
         k1 = min(k, k0 + 256)
-        eye = torch.zeros(k1 - k0, k, dtype=torch.float32)
-        eye[:, k0:k1] = torch.eye(k1 - k0)
+        eye = torch.zeros(k1 - k0, k, dtype=torch.float32, device=dev)
+        eye[:, k0:k1] = torch.eye(k1 - k0, device=dev)
         out[:, k0:k1] = forward(kernel, eye, bufs, None, n, k, q).T
     return out
 
