@@ -26,6 +26,11 @@ namespace qk {
 namespace bits {
 namespace {
 
+// Software prefetch distance over the packed weights, in bytes: without it a cold GEMV (weights
+// from DRAM, the decode case) measured 2.2x slower than a hot one for one row of 4096 x 4096
+// binary (the hardware prefetcher falls behind); 8 KiB ahead leaves ~6%.
+constexpr int64_t kPrefetch = 8192;
+
 // Lane c of the table-building masks: bit i of c.
 struct TableConsts {
   __m256i bit[3];   // all ones where bit i of the lane index is set
@@ -111,6 +116,8 @@ struct TileDot {
       for (int k = 0; k < C; ++k) acc[r][k] = _mm256_setzero_ps();
     for (int64_t h = 0; h < Kb; ++h) {
       const uint8_t* v = wt + kVec * h;
+      _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetch), _MM_HINT_T0);
+      if (kTernary) _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetch + 32), _MM_HINT_T0);
       const __m256i wp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
       const __m256i wq = kTernary ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32))
                                   : wp;
@@ -184,6 +191,7 @@ inline void xnor_rows(const uint32_t* const* xr, const uint8_t* wt, int64_t Kb,
   __m256i cnt[MT], acc[MT];
   for (int r = 0; r < MT; ++r) cnt[r] = acc[r] = zero;
   auto step = [&](int64_t h, __m256i mask) {
+    _mm_prefetch(reinterpret_cast<const char*>(wt + 32 * h + kPrefetch), _MM_HINT_T0);
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + 32 * h));
     for (int r = 0; r < MT; ++r) {
       const __m256i xv = _mm256_set1_epi32(static_cast<int>(xr[r][h]));
