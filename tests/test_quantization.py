@@ -259,3 +259,17 @@ def test_static_act_int8_linear_matches_definition():
     with pytest.raises(ValueError, match="int8 weights"):
         QuantLinear.from_float(lin, "int4", group_size=32, act="int8_dynamic")
     _ = copy
+
+
+def test_save_load_bias_created_by_bias_correction(tmp_path):
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(32, 16, bias=False), nn.ReLU(), nn.Linear(16, 4, bias=False))
+    calib = [torch.randn(16, 32) for _ in range(4)]
+    q = _quiet(qkern.quantize_model, m, qkern.WeightOnlyConfig(fmt="int3", group_size=None,
+                                                               bias_correction=True),
+               calibration=calib)
+    assert q[0].bias is not None  # created by the correction
+    qkern.save(q, tmp_path / "bc.safetensors")
+    r = _quiet(qkern.load, tmp_path / "bc.safetensors", m)
+    x = torch.randn(3, 32)
+    assert torch.equal(r(x), q(x)) and m[0].bias is None

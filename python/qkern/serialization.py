@@ -31,7 +31,7 @@ def _linear_spec(m: QuantLinear) -> dict:
     return {"fmt": q.format.name, "group_size": q.group_size,
             "symmetric": q.zero_point is None, "act": m.act, "mode": m.mode,
             "quantizer": q.quantizer, "double_quant": q.double_quant is not None,
-            "kernel": m.kernel}
+            "kernel": m.kernel, "bias": m.bias is not None}
 
 
 def _spec(m: nn.Module) -> dict | None:
@@ -83,6 +83,10 @@ def _rebuild(name: str, float_mod: nn.Module, spec: dict) -> nn.Module:
     if type(float_mod) is not want:
         raise ValueError(f"{name}: the file has a {t} built from an nn.{want.__name__}, the "
                          f"model has {type(float_mod).__name__} there")
+    if spec.get("bias") and getattr(float_mod, "bias", None) is None:
+        # bias correction gave this layer a bias: the (copied) float layer gets a zero one
+        out = float_mod.weight.shape[0]
+        float_mod.bias = nn.Parameter(torch.zeros(out, dtype=float_mod.weight.dtype))
     built = make(float_mod, spec)
     kernel = spec.get("kernel")
     got = getattr(built, "kernel", None) or getattr(getattr(built, "qlinear", None), "kernel",
