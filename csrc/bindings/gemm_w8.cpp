@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <string>
 
@@ -110,6 +111,26 @@ void init(py::module_& m) {
       bad = qk::gemm_w8a8(x.data(), m, packed.data(), w_scale.data(), b, n, k, y.mutable_data());
     }
     return py::make_tuple(y, bad);
+  });
+
+  // Both float ops over raw addresses: ops/w8.py checks the torch tensors (dtype, contiguity,
+  // sizes) and passes data_ptr()s, saving the numpy round trip of every call. bias 0: none.
+  // Returns `bad` (W8A8 met NaN/Inf in x; always false for W8A16).
+  m.def("gemm_w8_raw", [](bool a8, uintptr_t x, int64_t m, uintptr_t packed, uintptr_t w_scale,
+                          uintptr_t bias, int64_t n, int64_t k, uintptr_t y) {
+    check_dims(m, n, k);
+    if (a8) check_w8a8_k(k);
+    if (m == 0 || n == 0) return false;
+    if (!x || !packed || !w_scale || !y) throw py::value_error("gemm_w8_raw: null pointer");
+    const auto* xp = reinterpret_cast<const float*>(x);
+    const auto* pp = reinterpret_cast<const int8_t*>(packed);
+    const auto* sp = reinterpret_cast<const float*>(w_scale);
+    const auto* bp = reinterpret_cast<const float*>(bias);
+    auto* yp = reinterpret_cast<float*>(y);
+    py::gil_scoped_release nogil;
+    if (a8) return qk::gemm_w8a8(xp, m, pp, sp, bp, n, k, yp);
+    qk::gemm_w8a16(xp, m, pp, sp, bp, n, k, yp);
+    return false;
   });
 
   m.def("gemm_w8a16", [](F32 x, I8 packed, F32 w_scale, std::optional<F32> bias, int64_t m,

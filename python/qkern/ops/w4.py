@@ -45,8 +45,13 @@ def _(x, packed, scales, zeros, bias, N, K, group_size, mode):
     return x.new_empty((*x.shape[:-1], N), dtype=torch.float32)
 
 
-def _np(t: torch.Tensor | None, dtype: torch.dtype):
-    return None if t is None else t.detach().to(dtype).contiguous().numpy()
+def _c(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """t as a contiguous CPU tensor of dtype (the same tensor when it already is one)."""
+    return None if t is None else t.detach().to(dtype).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
 
 def _gemm_w4_cpu(x, packed, scales, zeros, bias, N, K, group_size, mode):
@@ -59,13 +64,22 @@ def _gemm_w4_cpu(x, packed, scales, zeros, bias, N, K, group_size, mode):
         if t is not None and tuple(t.shape) != tiles:
             raise ValueError(f"gemm_w4: {name} must be in pack_weight's tile layout {tiles}, "
                              f"got shape {tuple(t.shape)}")
-    y, bad = _C.gemm_w4(_np(x, torch.float32), _np(packed, torch.uint8),
-                        _np(scales, torch.float32), _np(zeros, torch.int32),
-                        _np(bias, torch.float32), N, K, group_size, mode)
+    if packed.dtype != torch.uint8 or packed.numel() != _padded(N) * K // 2:
+        raise ValueError(f"gemm_w4: packed must be pack_weight's uint8 buffer of "
+                         f"{_padded(N) * K // 2} bytes for N={N}, K={K}, got {packed.dtype} "
+                         f"with {packed.numel()} elements")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"gemm_w4: bias has {bias.numel()} elements, expected N = {N}")
+    x, packed, scales = _c(x, torch.float32), packed.contiguous(), _c(scales, torch.float32)
+    zeros, bias = _c(zeros, torch.int32), _c(bias, torch.float32)
+    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
+    # data_ptr()s of the checked tensors: no numpy round trip per call (decode runs dozens)
+    bad = _C.gemm_w4_raw(x.data_ptr(), x.numel() // K, packed.data_ptr(), scales.data_ptr(),
+                         _ptr(zeros), _ptr(bias), N, K, group_size, mode, y.data_ptr())
     if bad:
         raise NonFiniteError("gemm_w4: x contains NaN or Inf (the fast mode quantizes x to "
                              "int8; use mode=0 (exact) to propagate them)")
-    return torch.from_numpy(y).view(*x.shape[:-1], N)
+    return y
 
 
 LIB.impl("gemm_w4", _gemm_w4_cpu, "CPU")

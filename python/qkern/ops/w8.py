@@ -114,10 +114,6 @@ def gemm_s8s8_s32(xq, packed_w, N, K):
     return torch.from_numpy(acc).view(_out_shape(xq, N))
 
 
-def _f32(t: torch.Tensor | None):
-    return None if t is None else t.detach().to(torch.float32).contiguous().reshape(-1).numpy()
-
-
 def pack_w8(codes):
     _check_codes(codes)
     n, k = codes.shape
@@ -129,26 +125,32 @@ def unpack_w8(packed_w: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return torch.from_numpy(_C.unpack_w8(packed_w.contiguous().numpy(), N, K)).view(N, K)
 
 
-def _gemm(fn, x, packed_w, w_scale, bias, N, K):
+def _c32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _gemm(a8: bool, x, packed_w, w_scale, bias, N, K):
     _check_gemm(x, packed_w, w_scale, bias, N, K)
+    xf, w, sw, b = _c32(x), packed_w.detach().contiguous(), _c32(w_scale), _c32(bias)
     m = math.prod(x.shape[:-1])
-    out = fn(_f32(x), packed_w.detach().contiguous().numpy(), _f32(w_scale), _f32(bias),
-             m, N, K)
-    return torch.from_numpy(out).view(_out_shape(x, N)).to(x.dtype)
+    if K == 0 or m == 0 or N == 0:  # nothing to read: y = 0 * sw (+ bias), as defined
+        y = torch.zeros(_out_shape(x, N), dtype=torch.float32) * sw
+        return (y if b is None else y + b).to(x.dtype)
+    y = torch.empty(_out_shape(x, N), dtype=torch.float32)
+    # data_ptr()s of the checked tensors: no numpy round trip per call (decode runs dozens)
+    bad = _C.gemm_w8_raw(a8, xf.data_ptr(), m, w.data_ptr(), sw.data_ptr(),
+                         0 if b is None else b.data_ptr(), N, K, y.data_ptr())
+    if bad:
+        raise NonFiniteError("gemm_w8a8: x contains NaN or Inf")
+    return y.to(x.dtype)
 
 
 def gemm_w8a8(x, packed_w, w_scale, bias, N, K):
-    def run(*args):
-        y, bad = _C.gemm_w8a8(*args)
-        if bad:
-            raise NonFiniteError("gemm_w8a8: x contains NaN or Inf")
-        return y
-
-    return _gemm(run, x, packed_w, w_scale, bias, N, K)
+    return _gemm(True, x, packed_w, w_scale, bias, N, K)
 
 
 def gemm_w8a16(x, packed_w, w_scale, bias, N, K):
-    return _gemm(_C.gemm_w8a16, x, packed_w, w_scale, bias, N, K)
+    return _gemm(False, x, packed_w, w_scale, bias, N, K)
 
 
 for _name, _fn in {"pack_w8": pack_w8, "gemm_w8a8": gemm_w8a8, "gemm_w8a16": gemm_w8a16,
