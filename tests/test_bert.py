@@ -249,9 +249,9 @@ def test_nn_agreement():
 
 def test_quantized_minilm_cosine_vs_float():
     """Real thresholds on 64 WikiText-2 test sentences. Measured on that set: W8A8 dynamic
-    0.9972 mean cosine (the issue's target is >= 0.99), W4 int4 g128 symmetric RTN 0.938
-    (MiniLM's 384-wide layers lose more to 4 bits than large models do; asymmetric g128:
-    0.957), int8 weight-only 0.9995."""
+    0.9974 mean cosine, 0.9958 worst, 94 % NN agreement (the issue's target is >= 0.99); W4
+    int4 g128 symmetric RTN 0.937 (MiniLM's 384-wide layers lose more to 4 bits than large
+    models do; asymmetric g128: 0.957); int8 weight-only 0.9996."""
     import qkern
 
     model = B.load_minilm()
@@ -268,3 +268,16 @@ def test_quantized_minilm_cosine_vs_float():
     assert rows["w8"].cos_mean >= 0.998
     assert 0.92 <= rows["w4"].cos_mean < rows["dyn"].cos_mean
     assert rows["w4"].weight_bytes < rows["dyn"].weight_bytes < rows["fp32"].weight_bytes / 3.9
+
+
+def test_static_w8a8_calibrated_on_valid_sentences():
+    """StaticConfig on 16 WikiText-2 valid sentences, evaluated on 32 test sentences.
+    Measured: per-tensor minmax everywhere 0.9827 mean cosine (the FFN output projection's
+    GELU inputs set too coarse a range); with that projection dynamic instead, 0.9938."""
+    model = B.load_minilm()
+    schemes = [R.SCHEMES[0], R.SCHEMES[2], R.SCHEMES[3]]
+    assert "static" in schemes[1][0] and "FFN" in schemes[2][0]
+    fp32, static, mixed = R.evaluate(model, R.sentences(32), schemes, n_calib=16, repeats=1)
+    assert static.kernels == "w8a8_static" and mixed.kernels == "w8a8, w8a8_static"
+    assert static.cos_mean >= 0.97
+    assert mixed.cos_mean >= 0.985 and mixed.cos_mean > static.cos_mean
