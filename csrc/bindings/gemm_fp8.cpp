@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/arrays.h"
 #include "bindings/registry.h"
 #include "cpu/gemm_fp8.h"
 
@@ -49,20 +50,7 @@ py::array_t<uint8_t> pack(const U8& codes) {
   if (codes.ndim() != 2) throw py::value_error("pack_fp8: codes must be 2-D (N, K)");
   const py::ssize_t n = codes.shape(0), k = codes.shape(1);
   const size_t bytes = static_cast<size_t>(n) * static_cast<size_t>(k);
-  constexpr size_t kHuge = size_t{2} << 20;
-  py::array_t<uint8_t> out;
-  if (bytes < 2 * kHuge) {
-    out = py::array_t<uint8_t>({n, k});
-  } else {
-    const size_t alloc = (bytes + kHuge - 1) / kHuge * kHuge;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, alloc) != 0) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-    madvise(p, alloc, MADV_HUGEPAGE);
-#endif
-    py::capsule owner(p, [](void* q) { std::free(q); });
-    out = py::array_t<uint8_t>({n, k}, static_cast<uint8_t*>(p), owner);
-  }
+  auto out = qk::bind::new_array<uint8_t>({n, k});
   if (bytes) std::memcpy(out.mutable_data(), codes.data(), bytes);
   return out;
 }

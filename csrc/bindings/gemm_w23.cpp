@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/arrays.h"
 #include "bindings/registry.h"
 #include "cpu/gemm_w23.h"
 
@@ -26,23 +27,7 @@ using U8 = py::array_t<uint8_t, kFlags>;
 
 std::string str(int64_t v) { return std::to_string(v); }
 
-// Arrays of 4 MiB and more get 2 MiB-aligned memory with transparent huge pages requested:
-// a GEMV streams its packed weights once per call, and 4 KiB pages cost it in TLB misses.
-template <typename T>
-py::array_t<T> new_array(std::vector<py::ssize_t> shape) {
-  size_t n = 1;
-  for (auto d : shape) n *= static_cast<size_t>(d);
-  constexpr size_t kHuge = size_t{2} << 20;
-  if (n * sizeof(T) < 2 * kHuge) return py::array_t<T>(shape);
-  const size_t bytes = (n * sizeof(T) + kHuge - 1) / kHuge * kHuge;
-  void* p = nullptr;
-  if (posix_memalign(&p, kHuge, bytes) != 0) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-  madvise(p, bytes, MADV_HUGEPAGE);
-#endif
-  py::capsule owner(p, [](void* q) { std::free(q); });
-  return py::array_t<T>(shape, static_cast<T*>(p), owner);
-}
+using qk::bind::new_array;
 
 void check_bits(int bits, const char* fn) {
   if (bits != 2 && bits != 3)

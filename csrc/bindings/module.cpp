@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 
+#include "bindings/arrays.h"
 #include "bindings/registry.h"
 #include "cpu/kernels.h"
 
@@ -22,22 +23,9 @@ using I16 = py::array_t<int16_t, py::array::c_style | py::array::forcecast>;
 
 namespace {
 
-// Large outputs get 2 MiB-aligned memory with transparent huge pages requested: first-touch
-// page faults otherwise cost more than the kernels themselves on big tensors.
 template <typename T>
-py::array_t<T> new_array(int64_t n) {
-  size_t bytes = static_cast<size_t>(n) * sizeof(T);
-  constexpr size_t kHuge = size_t{2} << 20;
-  if (bytes < 2 * kHuge) return py::array_t<T>(n);
-  size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* p = nullptr;
-  if (posix_memalign(&p, kHuge, rounded) != 0) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-  madvise(p, rounded, MADV_HUGEPAGE);
-#endif
-  py::capsule owner(p, [](void* q) { std::free(q); });
-  return py::array_t<T>({static_cast<py::ssize_t>(n)}, {static_cast<py::ssize_t>(sizeof(T))},
-                        static_cast<T*>(p), owner);
+py::array_t<T> new_array(int64_t n) {  // 1-D, huge pages from 4 MiB (bindings/arrays.h)
+  return qk::bind::new_array<T>({static_cast<py::ssize_t>(n)});
 }
 
 void check_groups(int64_t n, int64_t group, const char* what) {

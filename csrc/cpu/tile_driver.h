@@ -1,0 +1,32 @@
+// The driver shared by the tile-layout matmuls (gemm_w4, gemm_w23): the fast modes' activation
+// quantization on the pool and the split of the work into (tiles x rows) tasks. No numerics
+// beyond calling the ISA's quantize_x, whose definition is gemm_w4's (docs/numerics.md).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace qk {
+namespace tdrv {
+
+// Below this many multiply-adds a call runs on the calling thread: waking the pool (tens of
+// microseconds here) costs more. The exact modes do about 3x the work per multiply-add.
+bool worth_parallel(int64_t macs, bool fast);
+
+// Runs fn(i) for i in [0, n), on the pool when `parallel`.
+void run_tasks(int64_t n, bool parallel, const std::function<void(int64_t)>& fn);
+
+// x (m, k) quantized per row and block of 32 by the active ISA's gemm_w4 quantize_x into
+// xq / dx / xs (resized here). Returns true when a block holds NaN/Inf (d = NaN).
+bool quantize_activations(const float* x, int64_t m, int64_t k, bool parallel,
+                          std::vector<int8_t>& xq, std::vector<float>& dx,
+                          std::vector<float>& xs);
+
+// fn(t0, t1, m0, m1) over chunks of tiles x chunks of rows: rows split only when there are
+// many; tiles per task leave at least 8 tasks per thread, at most 16 tiles each (an even
+// count: the exact GEMM kernels take tiles in pairs). Every output is computed by one task.
+void for_tile_tasks(int64_t tiles, int64_t m, bool fast, bool parallel,
+                    const std::function<void(int64_t, int64_t, int64_t, int64_t)>& fn);
+
+}  // namespace tdrv
+}  // namespace qk
