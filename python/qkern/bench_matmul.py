@@ -90,7 +90,13 @@ def implementations(lin: nn.Linear) -> dict[str, tuple[Callable, int, str]]:
                                              "act": "int8_dynamic"}),
                      ("qkern W8A16", {"fmt": "int8", "group_size": None}),
                      ("qkern nf4 b64", {"fmt": "nf4", "group_size": 64}),
-                     ("qkern binary", {"fmt": "binary", "group_size": None})):
+                     ("qkern int3 g128 fast", {"fmt": "int3", "group_size": 128,
+                                               "mode": "fast"}),
+                     ("qkern int2 g128 fast", {"fmt": "int2", "group_size": 128,
+                                               "mode": "fast", "symmetric": False}),
+                     ("qkern fp8_e4m3 per-channel", {"fmt": "fp8_e4m3", "group_size": None}),
+                     ("qkern binary", {"fmt": "binary", "group_size": None}),
+                     ("qkern ternary", {"fmt": "ternary", "group_size": None})):
         ql, nb, kernel = _qkern(lin, **kw)
         out[name] = (ql, nb, f"kernel={kernel}")
     return out
