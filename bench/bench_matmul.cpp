@@ -21,7 +21,9 @@
 #include <vector>
 
 #include "cpu/gemm_bits.h"
+#include "cpu/gemm_fp8.h"
 #include "cpu/gemm_lut4.h"
+#include "cpu/gemm_w23.h"
 #include "cpu/gemm_w4.h"
 #include "cpu/gemm_w8.h"
 #include "cpu/kernels.h"
@@ -159,6 +161,49 @@ Weights make_bits(int64_t n, int64_t k, bool ternary, bool xnor) {
   return w;
 }
 
+// 2-/3-bit: codes u = q - qmin in [0, 2^bits), scales in the tile layout.
+Weights make_w23(int64_t n, int64_t k, int bits, int64_t group, int mode) {
+  const auto codes = random_bytes(n * k, 10, 0, (1 << bits) - 1);
+  std::vector<uint8_t> packed(static_cast<size_t>(qk::w23_packed_nbytes(n, k, bits)));
+  qk::pack_w23(codes.data(), n, k, bits, packed.data());
+  const auto scales = randn(qk::w23_padded_rows(n) * k / group, 11, 0.01f);
+  Weights w;
+  w.bytes = static_cast<int64_t>(packed.size() + 4 * scales.size());
+  w.copies = copies_for(w.bytes);
+  auto p = std::make_shared<std::vector<std::vector<uint8_t>>>(replicate(packed, w.copies));
+  const int qmin = -(1 << (bits - 1));
+  w.run = [=](int c, const float* x, int64_t m, float* y) {
+    qk::gemm_w23(x, m, (*p)[c].data(), scales.data(), nullptr, nullptr, n, k, group, bits, qmin,
+                 mode, y);
+  };
+  return w;
+}
+
+// FP8 E4M3 bytes (NaN codes 0x7f / 0xff avoided) with one scale per output channel.
+Weights make_fp8(int64_t n, int64_t k) {
+  auto codes = random_bytes(n * k, 12, 0, 253);
+  for (auto& c : codes)
+    if ((c & 0x7f) == 0x7f) c = 0x7e;
+  const auto scales = randn(n, 13, 0.01f);
+  Weights w;
+  w.bytes = static_cast<int64_t>(codes.size() + 4 * scales.size());
+  w.copies = copies_for(w.bytes);
+  auto p = std::make_shared<std::vector<std::vector<uint8_t>>>(replicate(codes, w.copies));
+  w.run = [=](int c, const float* x, int64_t m, float* y) {
+    qk::gemm_fp8(x, m, (*p)[c].data(), scales.data(), nullptr, n, k, k, qk::kFp8E4M3, y);
+  };
+  return w;
+}
+
+void BM_int3_g128_fast(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_w23(n, k, 3, 128, qk::kW23Fast); });
+}
+void BM_int2_g128_fast(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_w23(n, k, 2, 128, qk::kW23Fast); });
+}
+void BM_fp8_e4m3_channel(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_fp8(n, k); });
+}
 void BM_int4_g128_exact(benchmark::State& s) {
   run_bench(s, [](int64_t n, int64_t k) { return make_w4(n, k, 128, qk::kW4Exact); });
 }
@@ -225,6 +270,9 @@ BENCHMARK(BM_read_bw)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTim
 BENCHMARK(BM_int4_g128_exact)->Apply(Shapes);
 BENCHMARK(BM_int4_g128_fast)->Apply(Shapes);
 BENCHMARK(BM_nf4_g64)->Apply(Shapes);
+BENCHMARK(BM_int3_g128_fast)->Apply(Shapes);
+BENCHMARK(BM_int2_g128_fast)->Apply(Shapes);
+BENCHMARK(BM_fp8_e4m3_channel)->Apply(Shapes);
 BENCHMARK(BM_w8a8)->Apply(Shapes);
 BENCHMARK(BM_w8a16)->Apply(Shapes);
 BENCHMARK(BM_binary)->Apply(Shapes);
