@@ -29,10 +29,18 @@ import torch
 from .. import _C
 from .cpu import NonFiniteError
 from .schemas import LIB
+from .w4 import (
+    MODES,
+    _check_group,
+    _from_tiles,
+    _padded,
+    _to_tiles,
+    check_x_and_tiles,
+    parse_mode,
+)
 
 __all__ = ["MODES", "gemm_w23", "pack_weight", "unpack_weight"]
 
-MODES = {"exact": 0, "fast": 1}
 
 LIB.define(
     "gemm_w23(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int N, "
@@ -51,15 +59,7 @@ def _np(t: torch.Tensor | None, dtype: torch.dtype):
 
 
 def _gemm_w23_cpu(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
-    if not x.is_floating_point():
-        raise ValueError(f"gemm_w23: x must be floating point, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"gemm_w23: x must be (..., K = {K}), got shape {tuple(x.shape)}")
-    tiles = ((N + 7) // 8, K // group_size if group_size > 0 else 0, 8)
-    for name, t in (("scales", scales), ("zeros", zeros)):  # (N, K/G) would be silently wrong
-        if t is not None and tuple(t.shape) != tiles:
-            raise ValueError(f"gemm_w23: {name} must be in pack_weight's tile layout {tiles}, "
-                             f"got shape {tuple(t.shape)}")
+    check_x_and_tiles("gemm_w23", x, scales, zeros, N, K, group_size)
     y, bad = _C.gemm_w23(_np(x, torch.float32), _np(packed, torch.uint8),
                          _np(scales, torch.float32), _np(zeros, torch.int32),
                          _np(bias, torch.float32), N, K, group_size, bits, qmin, mode)
@@ -70,20 +70,6 @@ def _gemm_w23_cpu(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, 
 
 
 LIB.impl("gemm_w23", _gemm_w23_cpu, "CPU")
-
-
-def _padded(n: int) -> int:
-    return (n + 7) // 8 * 8
-
-
-def _to_tiles(p: torch.Tensor, n: int) -> torch.Tensor:
-    """(N, G) -> (N_pad // 8, G, 8), padded rows 0."""
-    pad = torch.zeros((_padded(n) - n, p.shape[1]), dtype=p.dtype)
-    return torch.cat([p, pad]).view(-1, 8, p.shape[1]).transpose(1, 2).contiguous()
-
-
-def _from_tiles(p: torch.Tensor, n: int) -> torch.Tensor:
-    return p.transpose(1, 2).reshape(-1, p.shape[1])[:n].contiguous()
 
 
 def code_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -108,12 +94,7 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     if signed is None:
         signed = codes.dtype != torch.uint8
     n, k = codes.shape
-    if not isinstance(group_size, int) or group_size <= 0 or group_size % 32:
-        raise ValueError(f"group_size must be a positive multiple of 32 (32, 64, 128), "
-                         f"got {group_size!r}")
-    if k <= 0 or k % group_size:
-        raise ValueError(f"K = {k} must be a positive multiple of group_size {group_size} "
-                         "(and so of 32)")
+    _check_group(k, group_size)
     qmin, qmax = code_range(bits, signed)
     name = f"{'' if signed else 'u'}int{bits}"
     c = codes.detach().cpu()
@@ -160,8 +141,6 @@ def gemm_w23(x: torch.Tensor, w: dict, bias: torch.Tensor | None = None,
              mode: str | int = "exact") -> torch.Tensor:
     """``x (..., K) @ W^T (+ bias)`` -> float32 (..., N) for ``w = pack_weight(...)``;
     ``mode``: "exact" (0) or "fast" (1). x may be float32, bfloat16 or float16."""
-    m = MODES.get(mode, mode) if isinstance(mode, str) else mode
-    if m not in (0, 1):
-        raise ValueError(f"mode must be 'exact', 'fast', 0 or 1, got {mode!r}")
     return torch.ops.qkern.gemm_w23(x, w["packed"], w["scales"], w["zeros"], bias, w["N"],
-                                    w["K"], w["group_size"], w["bits"], w["qmin"], m)
+                                    w["K"], w["group_size"], w["bits"], w["qmin"],
+                                    parse_mode(mode))

@@ -54,16 +54,21 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
 
-def _gemm_w4_cpu(x, packed, scales, zeros, bias, N, K, group_size, mode):
+def check_x_and_tiles(op: str, x, scales, zeros, N: int, K: int, group_size: int) -> None:
+    """The CPU ops' checks of x and of the scales / zeros tile layout (shared with gemm_w23)."""
     if not x.is_floating_point():
-        raise ValueError(f"gemm_w4: x must be floating point, got {x.dtype}")
+        raise ValueError(f"{op}: x must be floating point, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"gemm_w4: x must be (..., K = {K}), got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must be (..., K = {K}), got shape {tuple(x.shape)}")
     tiles = ((N + 7) // 8, K // group_size if group_size > 0 else 0, 8)
     for name, t in (("scales", scales), ("zeros", zeros)):  # (N, K/G) would be silently wrong
         if t is not None and tuple(t.shape) != tiles:
-            raise ValueError(f"gemm_w4: {name} must be in pack_weight's tile layout {tiles}, "
+            raise ValueError(f"{op}: {name} must be in pack_weight's tile layout {tiles}, "
                              f"got shape {tuple(t.shape)}")
+
+
+def _gemm_w4_cpu(x, packed, scales, zeros, bias, N, K, group_size, mode):
+    check_x_and_tiles("gemm_w4", x, scales, zeros, N, K, group_size)
     if packed.dtype != torch.uint8 or packed.numel() != _padded(N) * K // 2:
         raise ValueError(f"gemm_w4: packed must be pack_weight's uint8 buffer of "
                          f"{_padded(N) * K // 2} bytes for N={N}, K={K}, got {packed.dtype} "
@@ -83,6 +88,14 @@ def _gemm_w4_cpu(x, packed, scales, zeros, bias, N, K, group_size, mode):
 
 
 LIB.impl("gemm_w4", _gemm_w4_cpu, "CPU")
+
+
+def parse_mode(mode: str | int) -> int:
+    """"exact" / 0 or "fast" / 1 (the modes of gemm_w4 and gemm_w23)."""
+    m = MODES.get(mode, mode) if isinstance(mode, str) else mode
+    if m not in (0, 1):
+        raise ValueError(f"mode must be 'exact', 'fast', 0 or 1, got {mode!r}")
+    return m
 
 
 def _padded(n: int) -> int:
@@ -158,8 +171,5 @@ def gemm_w4(x: torch.Tensor, w: dict, bias: torch.Tensor | None = None,
             mode: str | int = "exact") -> torch.Tensor:
     """``x (..., K) @ W^T (+ bias)`` -> float32 (..., N) for ``w = pack_weight(...)``;
     ``mode``: "exact" (0) or "fast" (1). x may be float32, bfloat16 or float16."""
-    m = MODES.get(mode, mode) if isinstance(mode, str) else mode
-    if m not in (0, 1):
-        raise ValueError(f"mode must be 'exact', 'fast', 0 or 1, got {mode!r}")
     return torch.ops.qkern.gemm_w4(x, w["packed"], w["scales"], w["zeros"], bias, w["N"],
-                                   w["K"], w["group_size"], m)
+                                   w["K"], w["group_size"], parse_mode(mode))
