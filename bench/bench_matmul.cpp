@@ -65,6 +65,16 @@ std::vector<std::vector<T>> replicate(const std::vector<T>& v, int copies) {
   return std::vector<std::vector<T>>(static_cast<size_t>(copies), v);
 }
 
+// Sets w.bytes (packed weights + `extra` bytes of scales) and w.copies, and returns the
+// copies of `packed` the calls rotate through.
+template <typename T>
+std::shared_ptr<std::vector<std::vector<T>>> rotate(Weights& w, const std::vector<T>& packed,
+                                                    size_t extra) {
+  w.bytes = static_cast<int64_t>(packed.size() * sizeof(T) + extra);
+  w.copies = copies_for(w.bytes);
+  return std::make_shared<std::vector<std::vector<T>>>(replicate(packed, w.copies));
+}
+
 void run_bench(benchmark::State& state, const std::function<Weights(int64_t, int64_t)>& make) {
   qk::set_num_threads(static_cast<int>(state.range(0)));
   const int64_t m = state.range(1), n = state.range(2), k = state.range(3);
@@ -95,9 +105,7 @@ Weights make_w4(int64_t n, int64_t k, int64_t group, int mode) {
   qk::pack_w4(codes.data(), n, k, packed.data());
   const auto scales = randn(qk::w4_padded_rows(n) * k / group, 2, 0.01f);
   Weights w;
-  w.bytes = static_cast<int64_t>(packed.size() + 4 * scales.size());
-  w.copies = copies_for(w.bytes);
-  auto p = std::make_shared<std::vector<std::vector<uint8_t>>>(replicate(packed, w.copies));
+  auto p = rotate(w, packed, 4 * scales.size());
   auto s = std::make_shared<std::vector<std::vector<float>>>(replicate(scales, w.copies));
   w.run = [=](int c, const float* x, int64_t m, float* y) {
     qk::gemm_w4(x, m, (*p)[c].data(), (*s)[c].data(), nullptr, nullptr, n, k, group, mode, y);
@@ -115,9 +123,7 @@ Weights make_lut4(int64_t n, int64_t k, int64_t group) {
   qk::pack_bits(codes.data(), n * k, 4, false, packed.data());
   const auto scales = randn(n * k / group, 4, 0.01f);
   Weights w;
-  w.bytes = static_cast<int64_t>(packed.size() + 4 * scales.size());
-  w.copies = copies_for(w.bytes);
-  auto p = std::make_shared<std::vector<std::vector<uint8_t>>>(replicate(packed, w.copies));
+  auto p = rotate(w, packed, 4 * scales.size());
   auto s = std::make_shared<std::vector<std::vector<float>>>(replicate(scales, w.copies));
   w.run = [=](int c, const float* x, int64_t m, float* y) {
     qk::gemm_lut4(x, m, (*p)[c].data(), (*s)[c].data(), kNf4, nullptr, n, k, group, y);
@@ -133,9 +139,7 @@ Weights make_w8(int64_t n, int64_t k, bool a8) {
   qk::pack_w8(codes.data(), n, k, packed.data());
   const auto scales = randn(n, 6, 0.01f);
   Weights w;
-  w.bytes = static_cast<int64_t>(packed.size() + 4 * scales.size());
-  w.copies = copies_for(w.bytes);
-  auto p = std::make_shared<std::vector<std::vector<int8_t>>>(replicate(packed, w.copies));
+  auto p = rotate(w, packed, 4 * scales.size());
   w.run = [=](int c, const float* x, int64_t m, float* y) {
     if (a8)
       qk::gemm_w8a8(x, m, (*p)[c].data(), scales.data(), nullptr, n, k, y);
@@ -149,9 +153,7 @@ Weights make_bits(int64_t n, int64_t k, bool ternary, bool xnor) {
   const auto packed = random_bytes(qk::bits_packed_nbytes(n, k, ternary), 8, 0, 255);
   const auto alpha = randn(n, 9, 0.01f);
   Weights w;
-  w.bytes = static_cast<int64_t>(packed.size() + 4 * alpha.size());
-  w.copies = copies_for(w.bytes);
-  auto p = std::make_shared<std::vector<std::vector<uint8_t>>>(replicate(packed, w.copies));
+  auto p = rotate(w, packed, 4 * alpha.size());
   w.run = [=](int c, const float* x, int64_t m, float* y) {
     if (ternary)
       qk::gemm_ternary(x, m, (*p)[c].data(), alpha.data(), nullptr, n, k, y);
@@ -168,9 +170,7 @@ Weights make_w23(int64_t n, int64_t k, int bits, int64_t group, int mode) {
   qk::pack_w23(codes.data(), n, k, bits, packed.data());
   const auto scales = randn(qk::w23_padded_rows(n) * k / group, 11, 0.01f);
   Weights w;
-  w.bytes = static_cast<int64_t>(packed.size() + 4 * scales.size());
-  w.copies = copies_for(w.bytes);
-  auto p = std::make_shared<std::vector<std::vector<uint8_t>>>(replicate(packed, w.copies));
+  auto p = rotate(w, packed, 4 * scales.size());
   const int qmin = -(1 << (bits - 1));
   w.run = [=](int c, const float* x, int64_t m, float* y) {
     qk::gemm_w23(x, m, (*p)[c].data(), scales.data(), nullptr, nullptr, n, k, group, bits, qmin,
@@ -186,9 +186,7 @@ Weights make_fp8(int64_t n, int64_t k) {
     if ((c & 0x7f) == 0x7f) c = 0x7e;
   const auto scales = randn(n, 13, 0.01f);
   Weights w;
-  w.bytes = static_cast<int64_t>(codes.size() + 4 * scales.size());
-  w.copies = copies_for(w.bytes);
-  auto p = std::make_shared<std::vector<std::vector<uint8_t>>>(replicate(codes, w.copies));
+  auto p = rotate(w, codes, 4 * scales.size());
   w.run = [=](int c, const float* x, int64_t m, float* y) {
     qk::gemm_fp8(x, m, (*p)[c].data(), scales.data(), nullptr, n, k, k, qk::kFp8E4M3, y);
   };
