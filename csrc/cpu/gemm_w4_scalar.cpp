@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "cpu/gemm_w4.h"
+#include "cpu/tile_ref.h"
 
 namespace qk {
 namespace w4 {
@@ -48,61 +49,24 @@ void quantize_x_scalar(const float* x, int64_t k, int64_t m0, int64_t m1, int8_t
 }
 
 // (8 + z) as float: the code offset of a group (unsigned nibble u = q + 8, value u - zc).
-inline float code_offset(const Problem& p, int64_t pidx) {
-  return 8.0f + (p.zeros ? static_cast<float>(p.zeros[pidx]) : 0.0f);
-}
+struct Offset {
+  const Problem& p;
+  float operator()(int64_t pidx) const {
+    return 8.0f + (p.zeros ? static_cast<float>(p.zeros[pidx]) : 0.0f);
+  }
+};
 
-inline int64_t param_index(const Problem& p, int64_t n, int64_t g) {
-  return ((n / kW4Rows) * (p.k / p.group) + g) * kW4Rows + n % kW4Rows;
-}
+struct Code {
+  const Problem& p;
+  int operator()(int64_t n, int64_t k) const { return w4_nibble(p.packed, p.k, n, k); }
+};
 
 void fast_scalar(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
-  const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
-  for (int64_t m = m0; m < m1; ++m) {
-    const int8_t* xq = p.xq + m * p.k;
-    const float* dx = p.dx + m * nb;
-    const float* xs = p.xs + m * nb;
-    for (int64_t n = t0 * kW4Rows; n < t1 * kW4Rows && n < p.n; ++n) {
-      float y = 0.0f;
-      for (int64_t g = 0; g < ng; ++g) {
-        const int64_t pi = param_index(p, n, g);
-        const float zc = code_offset(p, pi);
-        float acc = 0.0f;
-        for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
-          int32_t du = 0;  // sum of u * xq over the block: exact
-          for (int64_t j = 0; j < kW4Block; ++j)
-            du += w4_nibble(p.packed, p.k, n, b * kW4Block + j) * xq[b * kW4Block + j];
-          // sum (u - zc) * xq = du - zc * xs, exact in float32 (integers below 2^24)
-          const float idot = std::fma(-zc, xs[b], static_cast<float>(du));
-          acc = std::fma(dx[b], idot, acc);
-        }
-        y = std::fma(p.scales[pi], acc, y);
-      }
-      if (p.bias) y += p.bias[n];
-      p.y[m * p.n + n] = y;
-    }
-  }
+  tile_ref::fast<kW4Rows, kW4Block>(p, t0, t1, m0, m1, Code{p}, Offset{p});
 }
 
-// Exact mode: per group, a = FMA chain of x[k] * float(q - z) along k from 0 (q - z exact);
-// y = FMA chain of scale * a over the groups; then + bias.
 void exact_scalar(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* x = p.x + m * p.k;
-    for (int64_t n = t0 * kW4Rows; n < t1 * kW4Rows && n < p.n; ++n) {
-      float y = 0.0f;
-      for (int64_t g = 0; g < p.k / p.group; ++g) {
-        const int64_t pi = param_index(p, n, g);
-        const float zc = code_offset(p, pi);
-        float a = 0.0f;
-        for (int64_t kk = g * p.group; kk < (g + 1) * p.group; ++kk)
-          a = std::fma(x[kk], static_cast<float>(w4_nibble(p.packed, p.k, n, kk)) - zc, a);
-        y = std::fma(p.scales[pi], a, y);
-      }
-      if (p.bias) y += p.bias[n];
-      p.y[m * p.n + n] = y;
-    }
-  }
+  tile_ref::exact<kW4Rows>(p, t0, t1, m0, m1, Code{p}, Offset{p});
 }
 
 }  // namespace
