@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu/gemm_w23.h"
+#include "cpu/tile_gemm_avx2.h"
 
 namespace qk {
 namespace w23 {
@@ -98,18 +99,8 @@ inline __m256 code_offsets(const Problem& p, int64_t off) {
 }
 
 // y[m, 8t .. 8t+8) = v (+ bias), rows past n dropped.
-inline void store_tile(const Problem& p, int64_t m, int64_t t, __m256 v) {
-  const int64_t n0 = t * kW23Rows;
-  float* out = p.y + m * p.n + n0;
-  if (n0 + kW23Rows <= p.n) {
-    if (p.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(p.bias + n0));
-    _mm256_storeu_ps(out, v);
-    return;
-  }
-  alignas(32) float tmp[8];
-  _mm256_store_ps(tmp, v);
-  for (int64_t r = 0; n0 + r < p.n; ++r) out[r] = p.bias ? tmp[r] + p.bias[n0 + r] : tmp[r];
-}
+using tile_avx2::store_tile;
+static_assert(kW23Rows == tile_avx2::kRows, "the shared tile code assumes 8-row tiles");
 
 // The lines of one block kPrefetch bytes ahead (a 2-bit block is one 64-byte line).
 template <int BITS>
@@ -188,41 +179,6 @@ void decode_cols(const Problem& p, int64_t t, int nt, int64_t g0, int64_t g1, fl
   }
 }
 
-// One group of MR rows x NT tiles: acc chains over its k from zero, then
-// ys = fma(scale, acc, ys) (ys: 16 floats per row).
-template <int MR, int NT>
-void exact_block(const Problem& p, int64_t m, int64_t t, int64_t g, const float* w, float* ys) {
-  const int64_t ng = p.k / p.group;
-  const float* x = p.x + m * p.k + g * p.group;
-  __m256 acc[MR][NT];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < p.group; ++k) {
-    __m256 wv[NT];
-    for (int j = 0; j < NT; ++j) wv[j] = _mm256_loadu_ps(w + k * 16 + 8 * j);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 xb = _mm256_broadcast_ss(x + i * p.k + k);
-      for (int j = 0; j < NT; ++j) acc[i][j] = _mm256_fmadd_ps(xb, wv[j], acc[i][j]);
-    }
-  }
-  for (int j = 0; j < NT; ++j) {
-    const __m256 s = _mm256_loadu_ps(p.scales + ((t + j) * ng + g) * kW23Rows);
-    for (int i = 0; i < MR; ++i) {
-      float* yp = ys + i * 16 + 8 * j;
-      _mm256_storeu_ps(yp, _mm256_fmadd_ps(s, acc[i][j], _mm256_loadu_ps(yp)));
-    }
-  }
-}
-
-template <int NT>
-void exact_block_rows(const Problem& p, int64_t m, int rows, int64_t t, int64_t g,
-                      const float* w, float* ys) {
-  using Fn = void (*)(const Problem&, int64_t, int64_t, int64_t, const float*, float*);
-  static constexpr Fn kFns[5] = {exact_block<1, NT>, exact_block<2, NT>, exact_block<3, NT>,
-                                 exact_block<4, NT>, exact_block<5, NT>};
-  kFns[rows - 1](p, m, t, g, w, ys);
-}
-
 // Up to 3 rows: codes decoded on the fly, 4 tiles at a time, per row. More rows: pairs of
 // tiles decoded once per chunk of groups (>= 256 k, L1-resident) into k-major floats, then
 // 5 x 16 register blocks over the rows.
@@ -236,32 +192,10 @@ void exact_avx2(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1
     }
     return;
   }
-  const int64_t ng = p.k / p.group, rows = m1 - m0;
-  const int64_t gpc = std::max<int64_t>(1, 256 / p.group);  // groups per chunk
-  thread_local std::vector<float> wbuf, ybuf;
-  if (wbuf.size() < static_cast<size_t>(gpc * p.group * 16)) wbuf.resize(gpc * p.group * 16);
-  if (ybuf.size() < static_cast<size_t>(rows * 16)) ybuf.resize(rows * 16);
-  float* wp = wbuf.data();
-  float* yp = ybuf.data();
-  for (int64_t t = t0; t < t1; t += 2) {
-    const int nt = t + 1 < t1 ? 2 : 1;
-    std::fill(yp, yp + rows * 16, 0.0f);
-    for (int64_t g0 = 0; g0 < ng; g0 += gpc) {
-      const int64_t g1 = std::min(ng, g0 + gpc);
-      decode_cols<BITS>(p, t, nt, g0, g1, wp);
-      for (int64_t i = 0; i < rows; i += 5) {
-        const int r = static_cast<int>(std::min<int64_t>(5, rows - i));
-        for (int64_t g = g0; g < g1; ++g) {
-          const float* w = wp + (g - g0) * p.group * 16;
-          if (nt == 2) exact_block_rows<2>(p, m0 + i, r, t, g, w, yp + i * 16);
-          else exact_block_rows<1>(p, m0 + i, r, t, g, w, yp + i * 16);
-        }
-      }
-    }
-    for (int64_t i = 0; i < rows; ++i)
-      for (int j = 0; j < nt; ++j)
-        store_tile(p, m0 + i, t + j, _mm256_loadu_ps(yp + i * 16 + 8 * j));
-  }
+  tile_avx2::exact_gemm(p, t0, t1, m0, m1,
+                        [&p](int64_t t, int nt, int64_t g0, int64_t g1, float* w) {
+                          decode_cols<BITS>(p, t, nt, g0, g1, w);
+                        });
 }
 
 void exact_dispatch(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
