@@ -148,14 +148,6 @@ class AdaRoundQuantizer(Quantizer):
 
     SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
-    def unsupported(self, name, mod, cfg):
-        from .quantizers import _conv_problem
-
-        why = super().unsupported(name, mod, cfg)
-        if why is None and not isinstance(mod, nn.Linear):
-            why = _conv_problem(mod)
-        return why
-
     def prepare(self, model: nn.Module) -> None:
         from .quantizers import _equalize
 

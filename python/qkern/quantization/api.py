@@ -107,6 +107,11 @@ class Quantizer:
         """Why this quantizer cannot take ``mod`` (None: it can)."""
         if type(mod) not in self.SUPPORTED:
             return f"{type(mod).__name__} is not supported by {type(self).__name__}"
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):  # what QuantConv1d/2d (im2col) can take
+            if mod.groups != 1:
+                return f"grouped convolution (groups={mod.groups}) is not supported"
+            if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                return f"padding {mod.padding!r} / mode {mod.padding_mode!r} is not supported"
         return None
 
     def prepare(self, model: nn.Module) -> None:

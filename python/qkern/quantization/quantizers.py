@@ -26,14 +26,6 @@ def _in_features(mod: nn.Module) -> int:
     return mod.weight[0].numel()  # conv: in_channels * prod(kernel)
 
 
-def _conv_problem(mod: nn.Module) -> str | None:
-    if mod.groups != 1:
-        return f"grouped convolution (groups={mod.groups}) is not supported"
-    if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-        return f"padding {mod.padding!r} / mode {mod.padding_mode!r} is not supported"
-    return None
-
-
 def _effective_group(mod: nn.Module, fmt: str, group_size: int | None, notes: dict,
                      name: str) -> int | None:
     """The group size a layer gets: a group size that does not divide the layer's input size
@@ -92,12 +84,6 @@ def _equalize(model: nn.Module, cfg: BaseConfig) -> None:
 class WeightOnlyQuantizer(Quantizer):
     SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
-    def unsupported(self, name, mod, cfg):
-        why = super().unsupported(name, mod, cfg)
-        if why is None and type(mod) in _CONV:
-            why = _conv_problem(mod)
-        return why
-
     def prepare(self, model: nn.Module) -> None:
         _equalize(model, self.config)
         super().prepare(model)
@@ -151,12 +137,6 @@ def _note(notes: dict[str, str]) -> None:
 @register_quantizer(DynamicConfig)
 class DynamicQuantizer(Quantizer):
     SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-    def unsupported(self, name, mod, cfg):
-        why = super().unsupported(name, mod, cfg)
-        if why is None and type(mod) in _CONV:
-            why = _conv_problem(mod)
-        return why
 
     def convert(self, model: nn.Module) -> None:
         for name, cfg in self.plan:
@@ -216,12 +196,6 @@ def _make_observer(cfg: BaseConfig) -> nn.Module:
 class _StaticBase(Quantizer):
     NEEDS_CALIBRATION = True
     SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-    def unsupported(self, name, mod, cfg):
-        why = super().unsupported(name, mod, cfg)
-        if why is None and type(mod) in _CONV:
-            why = _conv_problem(mod)
-        return why
 
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
