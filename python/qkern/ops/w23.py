@@ -32,6 +32,7 @@ from .schemas import LIB
 from .w4 import (
     MODES,
     _check_group,
+    _check_scales_zeros,
     _from_tiles,
     _padded,
     _to_tiles,
@@ -101,18 +102,7 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     if c.numel() and (int(c.min()) < qmin or int(c.max()) > qmax):
         raise ValueError(f"{name} codes must be in [{qmin}, {qmax}], got "
                          f"[{int(c.min())}, {int(c.max())}]")
-    ng = k // group_size
-    if tuple(scales.shape) != (n, ng):
-        raise ValueError(f"scales must be (N, K // group_size) = {(n, ng)}, "
-                         f"got {tuple(scales.shape)}")
-    if zeros is not None:
-        if tuple(zeros.shape) != (n, ng):
-            raise ValueError(f"zeros must be (N, K // group_size) = {(n, ng)}, "
-                             f"got {tuple(zeros.shape)}")
-        if zeros.is_floating_point():
-            raise ValueError(f"zeros must be an integer tensor, got {zeros.dtype}")
-        if zeros.numel() and (int(zeros.min()) < qmin or int(zeros.max()) > qmax):
-            raise ValueError(f"zero points of {name} must be in [{qmin}, {qmax}]")
+    _check_scales_zeros(scales, zeros, n, k // group_size, qmin, qmax, f"zero points of {name}")
     u = (c.to(torch.int32) - qmin).to(torch.uint8).contiguous()
     packed = torch.from_numpy(_C.pack_w23(u.numpy(), bits, group_size))
     return {

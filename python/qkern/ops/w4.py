@@ -111,6 +111,23 @@ def _check_group(k: int, group_size: int) -> None:
                          "(and so of 32)")
 
 
+def _check_scales_zeros(scales, zeros, n: int, ng: int, qmin: int, qmax: int,
+                        zp_name: str) -> None:
+    """pack_weight's checks of scales / zeros (N, K // G), zero points in [qmin, qmax] (shared
+    with gemm_w23)."""
+    if tuple(scales.shape) != (n, ng):
+        raise ValueError(f"scales must be (N, K // group_size) = {(n, ng)}, "
+                         f"got {tuple(scales.shape)}")
+    if zeros is not None:
+        if tuple(zeros.shape) != (n, ng):
+            raise ValueError(f"zeros must be (N, K // group_size) = {(n, ng)}, "
+                             f"got {tuple(zeros.shape)}")
+        if zeros.is_floating_point():
+            raise ValueError(f"zeros must be an integer tensor, got {zeros.dtype}")
+        if zeros.numel() and (int(zeros.min()) < qmin or int(zeros.max()) > qmax):
+            raise ValueError(f"{zp_name} must be in [{qmin}, {qmax}]")
+
+
 def _to_tiles(p: torch.Tensor, n: int) -> torch.Tensor:
     """(N, G) -> (N_pad // 8, G, 8), padded rows 0."""
     pad = torch.zeros((_padded(n) - n, p.shape[1]), dtype=p.dtype)
@@ -136,18 +153,7 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     c = codes.detach().cpu()
     if c.numel() and (int(c.min()) < -8 or int(c.max()) > 7):
         raise ValueError("codes must be in [-8, 7]")
-    ng = k // group_size
-    if tuple(scales.shape) != (n, ng):
-        raise ValueError(f"scales must be (N, K // group_size) = {(n, ng)}, "
-                         f"got {tuple(scales.shape)}")
-    if zeros is not None:
-        if tuple(zeros.shape) != (n, ng):
-            raise ValueError(f"zeros must be (N, K // group_size) = {(n, ng)}, "
-                             f"got {tuple(zeros.shape)}")
-        if zeros.is_floating_point():
-            raise ValueError(f"zeros must be an integer tensor, got {zeros.dtype}")
-        if zeros.numel() and (int(zeros.min()) < -8 or int(zeros.max()) > 7):
-            raise ValueError("zero points must be in [-8, 7]")
+    _check_scales_zeros(scales, zeros, n, k // group_size, -8, 7, "zero points")
     packed = torch.from_numpy(_C.pack_w4(c.to(torch.int8).contiguous().numpy(), group_size))
     return {
         "packed": packed.view(_padded(n) // 8, k // 32, 128),
