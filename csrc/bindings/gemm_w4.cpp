@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <new>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,8 +21,6 @@ namespace py = pybind11;
 namespace {
 
 constexpr auto kFlags = py::array::c_style | py::array::forcecast;
-using F32 = py::array_t<float, kFlags>;
-using I32 = py::array_t<int32_t, kFlags>;
 using I8 = py::array_t<int8_t, kFlags>;
 using U8 = py::array_t<uint8_t, kFlags>;
 
@@ -72,33 +69,6 @@ py::array_t<int8_t> unpack(const U8& packed, int64_t n, int64_t k) {
   return out;
 }
 
-py::tuple gemm(const F32& x, const U8& packed, const F32& scales,
-                        const std::optional<I32>& zeros, const std::optional<F32>& bias,
-                        int64_t n, int64_t k, int64_t group, int mode) {
-  check_shape(n, k, group);
-  if (mode != qk::kW4Exact && mode != qk::kW4Fast)
-    throw py::value_error("gemm_w4: mode must be 0 (exact) or 1 (fast), got " + str(mode));
-  if (x.size() % k != 0)
-    throw py::value_error("gemm_w4: x has " + str(x.size()) + " elements, not a multiple of K = " +
-                          str(k));
-  const int64_t m = x.size() / k, np = qk::w4_padded_rows(n);
-  check_size(packed, qk::w4_packed_nbytes(n, k), "packed");
-  check_size(scales, np * (k / group), "scales (tile layout, N padded to a multiple of 8)");
-  if (zeros)
-    check_size(*zeros, np * (k / group), "zeros (tile layout, N padded to a multiple of 8)");
-  if (bias) check_size(*bias, n, "bias");
-  auto y = new_array<float>({m, n});
-  const int32_t* zp = zeros ? zeros->data() : nullptr;
-  const float* bp = bias ? bias->data() : nullptr;
-  bool bad;
-  {
-    py::gil_scoped_release nogil;
-    bad = qk::gemm_w4(x.data(), m, packed.data(), scales.data(), zp, bp, n, k, group, mode,
-                      y.mutable_data());
-  }
-  return py::make_tuple(y, bad);
-}
-
 // The same over raw addresses: ops/w4.py checks dtypes, contiguity and sizes of the torch
 // tensors and passes data_ptr()s (no numpy round trip: a decode step calls dozens of small
 // GEMVs). zeros / bias 0: none. Returns `bad` (fast mode met NaN/Inf).
@@ -128,10 +98,6 @@ const qk::bind::Register reg([](py::module_& m) {
         "int8 codes (N, K) in [-8, 7] -> the packed int4 tile layout (uint8, flat)");
   m.def("unpack_w4", &unpack, py::arg("packed"), py::arg("n"), py::arg("k"),
         "inverse of pack_w4: int8 codes (N, K)");
-  m.def("gemm_w4", &gemm, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"),
-        py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("mode"),
-        "(y, bad): y (M, N) float32 = x (M, K) @ W^T (+ bias), W int4 group-wise (mode 0 "
-        "exact, 1 fast); bad: the fast mode met NaN/Inf in x (y unspecified)");
 });
 
 }  // namespace

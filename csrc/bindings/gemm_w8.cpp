@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <optional>
 #include <string>
 
 #include "bindings/registry.h"
@@ -16,7 +15,6 @@ namespace py = pybind11;
 
 namespace {
 
-using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
 
 void check_dims(int64_t m, int64_t n, int64_t k) {
@@ -44,17 +42,6 @@ void check_w8a8_k(int64_t k) {
     throw py::value_error("K = " + std::to_string(k) + " exceeds " +
                           std::to_string(qk::kW8A8MaxK) +
                           ", the largest K whose int32 accumulation cannot overflow");
-}
-
-// The common checks of the two float ops; returns the bias pointer (or null).
-const float* check_gemm(const F32& x, const I8& packed, const F32& w_scale,
-                        const std::optional<F32>& bias, int64_t m, int64_t n, int64_t k) {
-  check_dims(m, n, k);
-  check_len(x, m * k, "x");
-  check_packed(packed, n, k);
-  check_len(w_scale, n, "w_scale");
-  if (bias) check_len(*bias, n, "bias");
-  return bias ? bias->data() : nullptr;
 }
 
 void init(py::module_& m) {
@@ -100,19 +87,6 @@ void init(py::module_& m) {
     return out;
   });
 
-  m.def("gemm_w8a8", [](F32 x, I8 packed, F32 w_scale, std::optional<F32> bias, int64_t m,
-                        int64_t n, int64_t k) {
-    const float* b = check_gemm(x, packed, w_scale, bias, m, n, k);
-    check_w8a8_k(k);
-    py::array_t<float> y(m * n);
-    bool bad;
-    {
-      py::gil_scoped_release nogil;
-      bad = qk::gemm_w8a8(x.data(), m, packed.data(), w_scale.data(), b, n, k, y.mutable_data());
-    }
-    return py::make_tuple(y, bad);
-  });
-
   // Both float ops over raw addresses: ops/w8.py checks the torch tensors (dtype, contiguity,
   // sizes) and passes data_ptr()s, saving the numpy round trip of every call. bias 0: none.
   // Returns `bad` (W8A8 met NaN/Inf in x; always false for W8A16).
@@ -131,15 +105,6 @@ void init(py::module_& m) {
     if (a8) return qk::gemm_w8a8(xp, m, pp, sp, bp, n, k, yp);
     qk::gemm_w8a16(xp, m, pp, sp, bp, n, k, yp);
     return false;
-  });
-
-  m.def("gemm_w8a16", [](F32 x, I8 packed, F32 w_scale, std::optional<F32> bias, int64_t m,
-                         int64_t n, int64_t k) {
-    const float* b = check_gemm(x, packed, w_scale, bias, m, n, k);
-    py::array_t<float> y(m * n);
-    py::gil_scoped_release nogil;
-    qk::gemm_w8a16(x.data(), m, packed.data(), w_scale.data(), b, n, k, y.mutable_data());
-    return y;
   });
 }
 
