@@ -54,6 +54,19 @@ def _aten_int8(lin: nn.Linear):
     return lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale), q.numel()
 
 
+def _bnb_nf4(lin: nn.Linear):
+    """bitsandbytes' NF4 (blocks of 64) through ``matmul_4bit``, where bitsandbytes is
+    installed (not a qkern dependency). Its ``gemv_4bit`` is not used: on a CPU install without
+    the optional ``kernels`` package it returned wrong results (checked against
+    ``dequantize_4bit``)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+
+    w = lin.weight.detach().float()
+    q, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    return (lambda x: bnb.matmul_4bit(x, q.t(), quant_state=state)), q.numel() + w.numel() // 16
+
+
 def _torch_dynamic_int8(lin: nn.Linear):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -78,10 +91,13 @@ def implementations(lin: nn.Linear) -> dict[str, tuple[Callable, int, str]]:
     m, nb = _torch_dynamic_int8(lin)
     out["torch dynamic int8 (fbgemm)"] = (m, nb, "peer")
     for name, make in (("aten int4 g128 bf16 (_weight_int4pack_mm)", _aten_int4),
-                       ("aten int8 bf16 (_weight_int8pack_mm)", _aten_int8)):
+                       ("aten int8 bf16 (_weight_int8pack_mm)", _aten_int8),
+                       ("bitsandbytes nf4 b64 (matmul_4bit)", _bnb_nf4)):
         try:
             fn, nb = make(lin)
             out[name] = (fn, nb, "peer")
+        except ImportError:  # bitsandbytes not installed
+            continue
         except (RuntimeError, AttributeError) as e:  # op missing in this torch build
             print(f"  {name}: unavailable ({str(e).splitlines()[0][:80]})")
     for name, kw in (("qkern int4 g128 exact", {"fmt": "int4", "group_size": 128}),
