@@ -78,15 +78,17 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt, symmetric: bool 
     zp = None
     if fmt.kind == "int" and not symmetric:
         lo0, hi0 = lo.clamp(max=0.0), hi.clamp(min=0.0)
-        scale = _sanitize((hi0 - lo0) / float(fmt.qmax - fmt.qmin))
+        scale = sanitize_scale((hi0 - lo0) / float(fmt.qmax - fmt.qmin))
         zp = (fmt.qmin - torch.round(lo0 / scale)).clamp(fmt.qmin, fmt.qmax).to(torch.int32)
     else:
         qpos = float(fmt.qmax) if fmt.kind == "int" else fmt.max_value
-        scale = _sanitize(torch.maximum(lo.abs(), hi.abs()) / qpos)
+        scale = sanitize_scale(torch.maximum(lo.abs(), hi.abs()) / qpos)
     return scale, zp
 
 
-def _sanitize(scale: torch.Tensor) -> torch.Tensor:
+def sanitize_scale(scale: torch.Tensor) -> torch.Tensor:
+    """float32 scales with zeros (an all-constant range) replaced by 1 and tiny ones raised to
+    the smallest normal float, so that 1 / scale is finite."""
     scale = torch.where(scale > 0, scale.clamp_min(_FLT_MIN), torch.ones_like(scale))
     return scale.to(torch.float32)
 

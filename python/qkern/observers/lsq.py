@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Observer, _sanitize
+from .base import Observer, sanitize_scale
 
 
 class LSQObserver(Observer):
@@ -36,7 +36,7 @@ class LSQObserver(Observer):
     def _observe(self, rows: torch.Tensor) -> None:
         if int(self.num_batches) == 0:
             init = 2.0 * rows.abs().mean(dim=1) / math.sqrt(self.q_p)
-            init = _sanitize(init)
+            init = sanitize_scale(init)
             self.scale.data = init.reshape(()) if self.granularity == "tensor" else init
 
     def _range(self):
@@ -46,7 +46,7 @@ class LSQObserver(Observer):
 
     def calculate_qparams(self):
         self._check_seen()
-        return _sanitize(self.scale.detach().cpu().float()).clone(), None
+        return sanitize_scale(self.scale.detach().cpu().float()).clone(), None
 
     def _reset_stats(self) -> None:
         self.scale.data = torch.ones(())
