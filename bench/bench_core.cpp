@@ -1,4 +1,4 @@
-// google-benchmark driver over the torch-free CPU kernel core (csrc/cpu/kernels.h).
+// google-benchmark driver over the torch-free CPU kernel core (csrc/cpu/quant/api.h).
 //
 //   cmake -S . -B build-bench -G Ninja -DQKERN_PYTHON=OFF -DQKERN_BENCH=ON -DQKERN_CUDA=OFF
 //   cmake --build build-bench --target bench_core && build-bench/bench_core
@@ -17,14 +17,15 @@
 #include <random>
 #include <vector>
 
-#include "cpu/kernels.h"
-#include "cpu/threadpool.h"
+#include "cpu/quant/api.h"
+#include "cpu/runtime/threadpool.h"
 
 namespace {
 
 constexpr int64_t kRows = 4096, kCols = 4096, kN = kRows * kCols;
 
-// NF4 (bitsandbytes), DESIGN.md section 3; code = index, not sign-magnitude.
+// NF4: bitsandbytes' 16-value table (NF4_VALUES in python/qkern/formats.py; docs/numerics.md
+// "Tables"); code = index, not sign-magnitude.
 constexpr float kNf4[16] = {-1.0f,
                             -0.6961928009986877f,
                             -0.5250730514526367f,

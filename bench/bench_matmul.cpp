@@ -20,14 +20,14 @@
 #include <random>
 #include <vector>
 
-#include "cpu/gemm_bits.h"
-#include "cpu/gemm_fp8.h"
-#include "cpu/gemm_lut4.h"
-#include "cpu/gemm_w23.h"
-#include "cpu/gemm_w4.h"
-#include "cpu/gemm_w8.h"
-#include "cpu/kernels.h"
-#include "cpu/threadpool.h"
+#include "cpu/gemm/bits/api.h"
+#include "cpu/gemm/fp8/api.h"
+#include "cpu/gemm/lut4/api.h"
+#include "cpu/gemm/w23/api.h"
+#include "cpu/gemm/w4/api.h"
+#include "cpu/gemm/w8/api.h"
+#include "cpu/quant/api.h"
+#include "cpu/runtime/threadpool.h"
 
 namespace {
 

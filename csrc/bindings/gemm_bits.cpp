@@ -9,7 +9,7 @@
 #include <string>
 
 #include "bindings/registry.h"
-#include "cpu/gemm_bits.h"
+#include "cpu/gemm/bits/api.h"
 
 namespace py = pybind11;
 

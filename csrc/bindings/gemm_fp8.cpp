@@ -14,7 +14,7 @@
 
 #include "bindings/arrays.h"
 #include "bindings/registry.h"
-#include "cpu/gemm_fp8.h"
+#include "cpu/gemm/fp8/api.h"
 
 namespace py = pybind11;
 

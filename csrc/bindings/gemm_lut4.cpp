@@ -7,7 +7,7 @@
 #include <string>
 
 #include "bindings/registry.h"
-#include "cpu/gemm_lut4.h"
+#include "cpu/gemm/lut4/api.h"
 
 namespace py = pybind11;
 

@@ -14,7 +14,7 @@
 
 #include "bindings/arrays.h"
 #include "bindings/registry.h"
-#include "cpu/gemm_w4.h"
+#include "cpu/gemm/w4/api.h"
 
 namespace py = pybind11;
 

@@ -9,7 +9,7 @@
 #include <string>
 
 #include "bindings/registry.h"
-#include "cpu/gemm_w8.h"
+#include "cpu/gemm/w8/api.h"
 
 namespace py = pybind11;
 

@@ -13,7 +13,9 @@
 
 #include "bindings/arrays.h"
 #include "bindings/registry.h"
-#include "cpu/kernels.h"
+#include "cpu/quant/api.h"
+#include "cpu/runtime/isa.h"
+#include "cpu/runtime/threadpool.h"
 
 namespace py = pybind11;
 using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;

@@ -42,7 +42,7 @@ QK_HD float float_of_s8(uint32_t word, int t) {
 // ---- int4 group-wise (gemm_w4) ---------------------------------------------------------------
 
 // Code c (0..7, in k order) of a packed int4 word: byte c % 4, low nibble for c < 4, high for
-// c >= 4 (csrc/cpu/gemm_w4.h). The result is the unsigned nibble u = q + 8.
+// c >= 4 (csrc/cpu/gemm/w4/api.h). The result is the unsigned nibble u = q + 8.
 QK_HD uint32_t w4_nibble(uint32_t word, int c) {
   return (word >> (8 * (c & 3) + 4 * (c >> 2))) & 15u;
 }

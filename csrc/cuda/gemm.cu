@@ -1,5 +1,5 @@
 // Launch sequences of the CUDA matmuls (gemm.cuh): argument checks, the choice between GEMV
-// and GEMM kernels, and two executors of the kernel bodies of gemm_body.cuh: the device (one
+// and GEMM kernels, and two executors of the kernel bodies (gemm_*_body.cuh): the device (one
 // __global__ driver running the steps with barriers) and the host emulator (thread by thread).
 // The launch sequence is written once, over the executor, so the emulation runs exactly the
 // shapes, pointer offsets and grids that the device gets.
@@ -12,14 +12,18 @@
 #include <vector>
 
 #include "cuda/gemm_body.cuh"
+#include "cuda/gemm_lut4_body.cuh"
+#include "cuda/gemm_w4_body.cuh"
+#include "cuda/gemm_w8_body.cuh"
 
 namespace qk {
 namespace cuda {
 namespace gemm {
 
-[[noreturn]] void emu_fail(const char* what, int line) {
-  throw std::runtime_error(std::string("qkern CUDA emulation: gemm_body.cuh:") +
-                           std::to_string(line) + ": check failed: " + what);
+[[noreturn]] void emu_fail(const char* what, const char* file, int line) {
+  const char* base = std::strrchr(file, '/');
+  throw std::runtime_error(std::string("qkern CUDA emulation: ") + (base ? base + 1 : file) +
+                           ":" + std::to_string(line) + ": check failed: " + what);
 }
 
 namespace {
@@ -105,7 +109,7 @@ struct HostExec {
         }
       }
       for (size_t i = 0; i < kGuard; ++i)
-        if (smem[bytes + i] != 0xA5) emu_fail("shared memory guard intact", __LINE__);
+        if (smem[bytes + i] != 0xA5) emu_fail("shared memory guard intact", __FILE__, __LINE__);
     }
     return cudaSuccess;
   }

@@ -1,5 +1,5 @@
 // CUDA quantized matmuls over the CPU ops' packed layouts, unchanged (docs/numerics.md; the
-// layouts are defined in csrc/cpu/gemm_w4.h, gemm_lut4.h, gemm_w8.h):
+// layouts are defined in csrc/cpu/gemm/{w4,lut4,w8}/api.h):
 //   gemm_w4    int4 group-wise weights, exact (float) and fast (int8 activations) modes
 //   gemm_lut4  4-bit codes of a 16-entry table (nf4, fp4) with float32 group scales
 //   gemm_w8a8  int8 per-channel weights x int8 per-row dynamic activations, int32 sums

@@ -1,4 +1,4 @@
-// CUDA kernels of qkern: one launcher per entry point of csrc/cpu/kernels.h, bit-identical
+// CUDA kernels of qkern: one launcher per entry point of csrc/cpu/quant/api.h, bit-identical
 // to the CPU because every numeric step goes through the QK_HD functions of csrc/core.
 //
 // Conventions:

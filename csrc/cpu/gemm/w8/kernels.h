@@ -1,0 +1,52 @@
+// Internal interface of the int8-weight matmuls (api.h): the output description, the per-ISA
+// kernel table chosen by kernels() for the running ISA, and the epilogues every path shares.
+#pragma once
+#include <cstdint>
+
+#include "cpu/gemm/w8/api.h"
+#include "cpu/runtime/isa.h"
+
+namespace qk {
+namespace w8 {
+
+// What a kernel writes for the output tile rows [m0, m0 + rows) x block columns.
+struct W8Out {
+  const float* sx;     // per-row activation scale (W8A8), else null
+  const float* sw;     // per-column weight scale, padded to Np
+  const float* bias;   // padded to Np, or null
+  float* y;            // (m, n) row-major float output, or null
+  int32_t* acc;        // (m, n) row-major int32 output instead of y (gemm_s8s8_s32)
+  int64_t n;           // valid columns (row stride of y / acc)
+};
+
+// Per-ISA kernels.
+struct Kernels {
+  // Rows [m0, m1) x blocks [b0, b1) of the int8 product; xq rows have stride k.
+  void (*s8s8)(const int8_t* xq, int64_t m0, int64_t m1, const int8_t* packed, int64_t k,
+               int64_t b0, int64_t b1, const W8Out& out);
+  // Rows [m0, m1) x blocks [b0, b1) of the float-activation product; x rows have stride k.
+  void (*f32)(const float* x, int64_t m0, int64_t m1, const int8_t* packed, int64_t k,
+              int64_t b0, int64_t b1, const W8Out& out);
+};
+
+extern const Kernels kScalarKernels;  // scalar.cpp
+const Kernels* avx2_kernels();        // avx2.cpp
+
+// The table of the running ISA, one entry per qk::Isa (cpu/runtime/isa.h).
+inline const Kernels& kernels() {
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels()};
+  return pick(by_isa);
+}
+
+// The float epilogues, shared by every path so that W8A8 outputs agree bit for bit.
+inline float w8a8_value(int32_t acc, float sx, float sw, const float* bias, int64_t j) {
+  float v = (static_cast<float>(acc) * sx) * sw;
+  return bias ? v + bias[j] : v;
+}
+inline float w8a16_value(float acc, float sw, const float* bias, int64_t j) {
+  float v = acc * sw;
+  return bias ? v + bias[j] : v;
+}
+
+}  // namespace w8
+}  // namespace qk

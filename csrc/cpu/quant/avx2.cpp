@@ -1,0 +1,339 @@
+// AVX2 range kernels. Every vector path performs the same float32 operations in the same
+// order as the scalar reference (division, not reciprocal multiply; no FMA), so codes are
+// identical; modes without a vector path here fall back to the scalar kernels.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "cpu/quant/kernels.h"
+
+namespace qk {
+namespace quant {
+namespace {
+
+inline __m256 round_vec(__m256 v, int mode) {
+  switch (mode) {
+    case kNearestEven: return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    case kFloor: return _mm256_floor_ps(v);
+    case kCeil: return _mm256_ceil_ps(v);
+    case kTrunc: return _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    case kHalfAway: {
+      __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+      __m256 d = _mm256_sub_ps(v, r);
+      __m256 one = _mm256_set1_ps(1.0f);
+      r = _mm256_add_ps(r, _mm256_and_ps(_mm256_cmp_ps(d, _mm256_set1_ps(0.5f), _CMP_GE_OQ), one));
+      return _mm256_sub_ps(r, _mm256_and_ps(_mm256_cmp_ps(d, _mm256_set1_ps(-0.5f), _CMP_LE_OQ), one));
+    }
+    default: {  // kHalfUp
+      __m256 r = _mm256_floor_ps(v);
+      __m256 up = _mm256_cmp_ps(_mm256_sub_ps(v, r), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+      return _mm256_add_ps(r, _mm256_and_ps(up, _mm256_set1_ps(1.0f)));
+    }
+  }
+}
+
+inline __m256 nonfinite_mask(__m256 x) {
+  __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  return _mm256_cmp_ps(ax, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ);  // Inf or NaN
+}
+
+// Four vectors of int32 codes (low byte significant) -> 32 bytes in element order.
+inline void store_bytes32(uint8_t* out, __m256i q0, __m256i q1, __m256i q2, __m256i q3) {
+  const __m256i ff = _mm256_set1_epi32(0xFF);
+  __m256i p01 = _mm256_packus_epi32(_mm256_and_si256(q0, ff), _mm256_and_si256(q1, ff));
+  __m256i p23 = _mm256_packus_epi32(_mm256_and_si256(q2, ff), _mm256_and_si256(q3, ff));
+  __m256i b = _mm256_packus_epi16(p01, p23);
+  b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
+}
+
+// Large float outputs (4x the bytes of their codes) bypass the caches when aligned: streaming
+// stores skip the read-for-ownership of lines that are entirely overwritten.
+inline void store_f32(float* p, bool stream, __m256 v) {
+  if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0) _mm256_stream_ps(p, v);
+  else _mm256_storeu_ps(p, v);
+}
+
+// Calls seg(g, a, b) for each maximal run [a, b) of [e0, e1) inside one group g.
+template <typename F>
+inline void for_segments(int64_t e0, int64_t e1, int64_t group, F seg) {
+  while (e0 < e1) {
+    int64_t g = e0 / group;
+    int64_t end = (g + 1) * group < e1 ? (g + 1) * group : e1;
+    seg(g, e0, end);
+    e0 = end;
+  }
+}
+
+bool affine_vectorized(const AffineSpec& spec) {
+  return spec.rounding != kStochastic && spec.shape != kDeadZone;
+}
+
+// Codes of x[a, b), all in group g. `pf`, when set, is prefetched alongside (the next group of
+// a per-channel row loop, so memory keeps streaming while this group is coded from cache).
+__attribute__((always_inline)) inline bool affine_segment(
+    const float* x, int64_t a, int64_t b, int64_t g, int64_t group,
+                    const float* scale, const int32_t* zp, const AffineSpec& spec,
+                    uint8_t* codes, const float* pf) {
+  const bool midrise = spec.shape == kMidRise;
+  const int32_t z = zp ? zp[g] : 0;
+  const __m256 vs = _mm256_set1_ps(1.0f / scale[g]);  // x * (1/scale), as torch
+  const __m256 lo = _mm256_set1_ps(static_cast<float>(spec.qmin - z));
+  const __m256 hi = _mm256_set1_ps(static_cast<float>(spec.qmax - z));
+  const __m256i vz = _mm256_set1_epi32(z);
+  const __m256 half = _mm256_set1_ps(midrise ? 0.5f : 0.0f);
+  __m256 badv = _mm256_setzero_ps();
+  auto one = [&](int64_t i) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    badv = _mm256_or_ps(badv, nonfinite_mask(v));
+    __m256 t = _mm256_mul_ps(v, vs);
+    if (midrise) t = _mm256_sub_ps(t, half);
+    __m256 r = _mm256_min_ps(_mm256_max_ps(round_vec(t, spec.rounding), lo), hi);
+    return _mm256_add_epi32(_mm256_cvttps_epi32(r), vz);
+  };
+  int64_t i = a;
+  for (; i + 32 <= b; i += 32) {
+    if (pf) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a)), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a) + 16), _MM_HINT_T0);
+    }
+    store_bytes32(codes + i, one(i), one(i + 8), one(i + 16), one(i + 24));
+  }
+  bool bad = _mm256_movemask_ps(badv) != 0;
+  if (i < b) bad |= affine_scalar(x, i, b, group, scale, zp, spec, codes);
+  return bad;
+}
+
+bool affine_avx2(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
+                 const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
+  if (!affine_vectorized(spec)) return affine_scalar(x, e0, e1, group, scale, zp, spec, codes);
+  bool bad = false;
+  for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
+    bad |= affine_segment(x, a, b, g, group, scale, zp, spec, codes, nullptr);
+  });
+  return bad;
+}
+
+// Groups this long are worth prefetching one ahead (a per-channel row, not a 128-block).
+constexpr int64_t kPrefetchGroup = 1024;
+
+inline const float* next_group(const float* x, int64_t g, int64_t g1, int64_t group) {
+  return (group >= kPrefetchGroup && g + 1 < g1) ? x + (g + 1) * group : nullptr;
+}
+
+void dequant_affine_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
+                         const float* scale, const int32_t* zp, bool is_signed, float offset,
+                         float* out, bool stream) {
+  for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
+    const __m256i vz = _mm256_set1_epi32(zp ? zp[g] : 0);
+    const __m256 vs = _mm256_set1_ps(scale[g]);
+    const __m256 vo = _mm256_set1_ps(offset);
+    int64_t i = a;
+    for (; i + 8 <= b; i += 8) {
+      __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i));
+      __m256i c = is_signed ? _mm256_cvtepi8_epi32(c8) : _mm256_cvtepu8_epi32(c8);
+      __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(c, vz));
+      store_f32(out + i, stream, _mm256_mul_ps(_mm256_add_ps(f, vo), vs));
+    }
+    if (i < b) dequant_affine_scalar(codes, i, b, group, scale, zp, is_signed, offset, out);
+  });
+  if (stream) _mm_sfence();  // streaming stores are weakly ordered
+}
+
+// Nearest-even codebook search for tables of at most 16 values, vectorized exactly like
+// qk::codebook_code: bracket index by counting, then the same two float subtractions. The
+// table set-up is done once per call, not per group.
+class Table16 {
+ public:
+  static bool eligible(const CodebookSpec& s) { return s.rounding == kNearestEven && s.n <= 16; }
+
+  explicit Table16(const CodebookSpec& spec) : n_(spec.n), sign_bit_(spec.sign_bit) {
+    alignas(32) float vals[16];
+    alignas(32) int32_t cods[16];
+    for (int k = 0; k < 16; ++k) {
+      vals[k] = spec.values[k < spec.n ? k : spec.n - 1];
+      cods[k] = spec.codes[k < spec.n ? k : spec.n - 1];
+    }
+    for (int k = 0; k < 16; ++k) bounds_[k] = _mm256_set1_ps(vals[k]);
+    v_lo8_ = _mm256_load_ps(vals);
+    v_hi8_ = _mm256_load_ps(vals + 8);
+    c_lo8_ = _mm256_load_si256(reinterpret_cast<const __m256i*>(cods));
+    c_hi8_ = _mm256_load_si256(reinterpret_cast<const __m256i*>(cods + 8));
+  }
+
+  // Codes of x[a, b) with one scale; the tail goes to the scalar kernel.
+  bool run(const float* x, int64_t a, int64_t b, int64_t group, const float* scale,
+           const CodebookSpec& spec, uint8_t* codes, const float* pf = nullptr) const {
+    const __m256 vs = _mm256_set1_ps(1.0f / scale[a / group]);
+    __m256 badv = _mm256_setzero_ps();
+    int64_t i = a;
+    for (; i + 32 <= b; i += 32) {
+      if (pf) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a)), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a) + 16), _MM_HINT_T0);
+      }
+      store_bytes32(codes + i, one(x + i, vs, &badv), one(x + i + 8, vs, &badv),
+                    one(x + i + 16, vs, &badv), one(x + i + 24, vs, &badv));
+    }
+    bool bad = _mm256_movemask_ps(badv) != 0;
+    if (i < b) bad |= codebook_scalar(x, i, b, group, scale, spec, codes);
+    return bad;
+  }
+
+ private:
+  __m256 lookup_f(__m256i idx) const {
+    __m256 lo = _mm256_permutevar8x32_ps(v_lo8_, idx), hi = _mm256_permutevar8x32_ps(v_hi8_, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
+  }
+  __m256i lookup_i(__m256i idx) const {
+    __m256i lo = _mm256_permutevar8x32_epi32(c_lo8_, idx);
+    __m256i hi = _mm256_permutevar8x32_epi32(c_hi8_, idx);
+    return _mm256_blendv_epi8(lo, hi, _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+  }
+
+  __m256i one(const float* p, __m256 vs, __m256* badv) const {
+    const __m256i one_i = _mm256_set1_epi32(1);
+    __m256 v = _mm256_loadu_ps(p);
+    *badv = _mm256_or_ps(*badv, nonfinite_mask(v));
+    __m256 t = _mm256_mul_ps(v, vs);
+    __m256i neg = _mm256_setzero_si256();
+    if (sign_bit_) {
+      neg = _mm256_srai_epi32(_mm256_castps_si256(t), 31);
+      t = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), t);
+    }
+    __m256i cnt = _mm256_setzero_si256();
+    for (int k = 1; k < n_; ++k)
+      cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(bounds_[k], t, _CMP_LE_OQ)));
+    __m256i nxt = _mm256_min_epi32(_mm256_add_epi32(cnt, one_i), _mm256_set1_epi32(n_ - 1));
+    __m256 dlo = _mm256_sub_ps(t, lookup_f(cnt));
+    __m256 dhi = _mm256_sub_ps(lookup_f(nxt), t);
+    __m256i clo = lookup_i(cnt), chi = lookup_i(nxt);
+    __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(clo, one_i), one_i);
+    __m256 take_hi = _mm256_or_ps(
+        _mm256_cmp_ps(dhi, dlo, _CMP_LT_OQ),
+        _mm256_and_ps(_mm256_cmp_ps(dhi, dlo, _CMP_EQ_OQ), _mm256_castsi256_ps(odd)));
+    __m256i c = _mm256_blendv_epi8(clo, chi, _mm256_castps_si256(take_hi));
+    return _mm256_or_si256(c, _mm256_and_si256(neg, _mm256_set1_epi32(sign_bit_)));
+  }
+
+  int n_, sign_bit_;
+  __m256 bounds_[16];
+  __m256 v_lo8_, v_hi8_;
+  __m256i c_lo8_, c_hi8_;
+};
+
+bool codebook_avx2(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
+                   const CodebookSpec& spec, uint8_t* codes) {
+  if (!Table16::eligible(spec)) return codebook_scalar(x, e0, e1, group, scale, spec, codes);
+  const Table16 table(spec);
+  bool bad = false;
+  for_segments(e0, e1, group, [&](int64_t, int64_t a, int64_t b) {
+    bad |= table.run(x, a, b, group, scale, spec, codes);
+  });
+  return bad;
+}
+
+// 16-entry tables (4-bit formats) decode with two in-register permutes instead of a gather.
+void lut_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const float* scale,
+              const float* lut, float* out, bool stream) {
+  bool small = true;
+  for (int k = 16; k < 256; ++k) small &= lut[k] == 0.0f;
+  const __m256 lo8 = _mm256_loadu_ps(lut), hi8 = _mm256_loadu_ps(lut + 8);
+  const __m256i seven = _mm256_set1_epi32(7), fifteen = _mm256_set1_epi32(15);
+  for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
+    const __m256 vs = _mm256_set1_ps(scale[g]);
+    int64_t i = a;
+    for (; i + 8 <= b; i += 8) {
+      __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i));
+      __m256i idx = _mm256_cvtepu8_epi32(c8);
+      __m256 v;
+      if (small) {
+        __m256 l = _mm256_permutevar8x32_ps(lo8, idx), h = _mm256_permutevar8x32_ps(hi8, idx);
+        v = _mm256_blendv_ps(l, h, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
+        v = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, fifteen)), v);
+      } else {
+        v = _mm256_i32gather_ps(lut, idx, 4);
+      }
+      store_f32(out + i, stream, _mm256_mul_ps(v, vs));
+    }
+    if (i < b) lut_scalar(codes, i, b, group, scale, lut, out);
+  });
+  if (stream) _mm_sfence();  // streaming stores are weakly ordered
+}
+
+__attribute__((always_inline)) inline void minmax_avx2(const float* x, int64_t n, float* lo,
+                                                      float* hi, bool* bad) {
+  __m256 mn = _mm256_set1_ps(INFINITY), mx = _mm256_set1_ps(-INFINITY);
+  __m256 mn2 = mn, mx2 = mx, badv = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    badv = _mm256_or_ps(badv, _mm256_or_ps(nonfinite_mask(a), nonfinite_mask(b)));
+    mn = _mm256_min_ps(a, mn);  // NaN in a leaves mn unchanged, like the scalar loop
+    mx = _mm256_max_ps(a, mx);
+    mn2 = _mm256_min_ps(b, mn2);
+    mx2 = _mm256_max_ps(b, mx2);
+  }
+  mn = _mm256_min_ps(mn, mn2);
+  mx = _mm256_max_ps(mx, mx2);
+  __m128 l4 = _mm_min_ps(_mm256_castps256_ps128(mn), _mm256_extractf128_ps(mn, 1));
+  __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  l4 = _mm_min_ps(l4, _mm_movehl_ps(l4, l4));
+  h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
+  l4 = _mm_min_ss(l4, _mm_shuffle_ps(l4, l4, 1));
+  h4 = _mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1));
+  float rl = _mm_cvtss_f32(l4), rh = _mm_cvtss_f32(h4);
+  bool rb = false;
+  if (i < n) {
+    float tl, th;
+    minmax_scalar(x + i, n - i, &tl, &th, &rb);
+    rl = std::fmin(rl, tl);
+    rh = std::fmax(rh, th);
+  }
+  *lo = rl;
+  *hi = rh;
+  *bad = rb || _mm256_movemask_ps(badv) != 0;
+}
+
+// Lambda wrapper: a function pointer would be an indirect call per group.
+constexpr auto kMinMax = [](const float* p, int64_t n, float* lo, float* hi, bool* b) {
+  minmax_avx2(p, n, lo, hi, b);
+};
+
+bool affine_groups_avx2(const float* x, int64_t g0, int64_t g1, int64_t group,
+                        const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
+                        uint8_t* codes) {
+  if (!affine_vectorized(spec))
+    return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, kMinMax, [&](int64_t g) {
+      return affine_scalar(x, g * group, (g + 1) * group, group, scale, zp, spec, codes);
+    });
+  return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, kMinMax, [&](int64_t g) {
+    return affine_segment(x, g * group, (g + 1) * group, g, group, scale, zp, spec, codes,
+                          next_group(x, g, g1, group));
+  });
+}
+
+bool codebook_groups_avx2(const float* x, int64_t g0, int64_t g1, int64_t group,
+                          const CodebookSpec& spec, const ScaleSpec& ss, float* scale,
+                          uint8_t* codes) {
+  const AffineSpec none{0, 0, 0, 0, 0.0f, 0};
+  if (!Table16::eligible(spec))
+    return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, kMinMax, [&](int64_t g) {
+      return codebook_scalar(x, g * group, (g + 1) * group, group, scale, spec, codes);
+    });
+  const Table16 table(spec);
+  return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, kMinMax, [&](int64_t g) {
+    return table.run(x, g * group, (g + 1) * group, group, scale, spec, codes,
+                     next_group(x, g, g1, group));
+  });
+}
+
+const Kernels kAvx2Kernels = {affine_avx2, dequant_affine_avx2, codebook_avx2,     lut_avx2,
+                          minmax_avx2, affine_groups_avx2,  codebook_groups_avx2};
+
+}  // namespace
+
+const Kernels* avx2_kernels() { return &kAvx2Kernels; }
+
+}  // namespace quant
+}  // namespace qk

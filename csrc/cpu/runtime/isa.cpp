@@ -1,0 +1,42 @@
+// The current-ISA switch: cpuid detection, QKERN_FORCE_SCALAR and set_isa.
+#include "cpu/runtime/isa.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace qk {
+namespace {
+
+std::atomic<int> g_isa{-1};
+
+Isa initial_isa() {
+  const char* force = std::getenv("QKERN_FORCE_SCALAR");
+  if (force && std::strcmp(force, "0") != 0 && force[0] != '\0') return kIsaScalar;
+  return cpu_has_avx2() ? kIsaAvx2 : kIsaScalar;
+}
+
+}  // namespace
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+Isa active_isa() {
+  int v = g_isa.load();
+  if (v < 0) {
+    v = initial_isa();
+    g_isa.store(v);
+  }
+  return static_cast<Isa>(v);
+}
+
+void set_isa(Isa isa) { g_isa.store(isa == kIsaAvx2 && cpu_has_avx2() ? kIsaAvx2 : kIsaScalar); }
+
+}  // namespace qk

@@ -1,0 +1,26 @@
+// Run-time ISA choice, shared by every kernel family. The CPU's support is read once (cpuid +
+// OS support); QKERN_FORCE_SCALAR (any value but "" and "0") starts the process on the scalar
+// path; set_isa switches at run time (qkern.set_isa). Each family keeps one table of function
+// pointers per ISA (its kernels.h) and calls pick() on them for every call, so a switch takes
+// effect at the next call.
+#pragma once
+#include <cstddef>
+
+namespace qk {
+
+enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1 };
+bool cpu_has_avx2();    // what the CPU supports (cpuid + OS support)
+Isa active_isa();       // what the kernels use now
+void set_isa(Isa isa);  // kIsaAvx2 falls back to scalar when unsupported
+
+// The table of the running ISA from a family's tables, indexed by Isa: {&kScalarKernels,
+// avx2_kernels(), ...}. An ISA whose entry is null (not built) or past the end falls back to the
+// next lower one; entry 0, the scalar table, is never null.
+template <class Table, std::size_t N>
+const Table& pick(const Table* const (&by_isa)[N]) {
+  for (std::size_t i = static_cast<std::size_t>(active_isa()); i > 0; --i)
+    if (i < N && by_isa[i]) return *by_isa[i];
+  return *by_isa[0];
+}
+
+}  // namespace qk

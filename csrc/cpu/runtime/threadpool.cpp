@@ -1,0 +1,148 @@
+#include "cpu/runtime/threadpool.h"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace qk {
+namespace {
+
+class Pool {
+ public:
+  ~Pool() { resize(1); }
+
+  void resize(int n) {
+    std::lock_guard<std::mutex> call_lock(call_mu_);
+    stop_workers();
+    threads_ = n < 1 ? 1 : n;
+    stop_ = false;
+    stop_flag_.store(false);
+    // New workers start at the current generation: a stale one must not run (or count itself
+    // done for) a job that ended before it was born.
+    const uint64_t born = generation_.load();
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, born] { worker(born); });
+  }
+
+  int threads() const { return threads_; }
+
+  void run(int64_t n_chunks, const std::function<void(int64_t)>& fn) {
+    if (n_chunks <= 0) return;
+    if (threads_ == 1 || n_chunks == 1 || in_pool_) {
+      for (int64_t i = 0; i < n_chunks; ++i) fn(i);
+      return;
+    }
+    std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel region at a time
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      fn_ = &fn;
+      n_chunks_ = n_chunks;
+      next_.store(0);
+      active_.store(static_cast<int>(workers_.size()));
+      generation_.store(generation_.load() + 1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    in_pool_ = true;
+    drain();
+    in_pool_ = false;
+    // Back-to-back calls (a decode step is dozens of small GEMVs) should not pay a futex
+    // sleep and wake each time: spin briefly, then block.
+    spin_while([this] { return active_.load(std::memory_order_acquire) != 0; });
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [this] { return active_.load() == 0; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void drain() {
+    for (int64_t i = next_.fetch_add(1); i < n_chunks_; i = next_.fetch_add(1)) (*fn_)(i);
+  }
+
+  void worker(uint64_t seen) {
+    for (;;) {
+      // Spin a little for the next job before sleeping on the condition variable.
+      spin_while([&] {
+        return generation_.load(std::memory_order_acquire) == seen &&
+               !stop_flag_.load(std::memory_order_relaxed);
+      });
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || generation_.load() != seen; });
+        if (stop_) return;
+        seen = generation_.load();
+      }
+      in_pool_ = true;
+      drain();
+      in_pool_ = false;
+      std::lock_guard<std::mutex> lk(mu_);
+      if (active_.fetch_sub(1) == 1) done_cv_.notify_one();
+    }
+  }
+
+  // Busy-waits while cond() holds, for at most kSpinMicros (pause's latency differs 20x
+  // between CPU generations, so the budget is in time, not iterations).
+  template <typename Cond>
+  static void spin_while(Cond cond) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+    while (cond()) {
+      for (int i = 0; i < 16; ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      }
+      if (std::chrono::steady_clock::now() > end) return;
+    }
+  }
+
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      stop_flag_.store(true);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  std::mutex call_mu_, mu_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t n_chunks_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> active_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> stop_flag_{false};  // stop_, readable while spinning
+  static constexpr int kSpinMicros = 50;
+  int threads_ = 1;
+  bool stop_ = false;
+  static thread_local bool in_pool_;
+};
+
+thread_local bool Pool::in_pool_ = false;
+
+Pool& pool() {
+  static Pool* p = [] {
+    auto* q = new Pool();  // leaked on purpose: no join races at interpreter exit
+    unsigned hw = std::thread::hardware_concurrency();
+    q->resize(hw == 0 ? 1 : static_cast<int>(hw));
+    return q;
+  }();
+  return *p;
+}
+
+}  // namespace
+
+void pool_set_threads(int n) { pool().resize(n); }
+int pool_threads() { return pool().threads(); }
+void parallel_for(int64_t n_chunks, const std::function<void(int64_t)>& fn) {
+  pool().run(n_chunks, fn);
+}
+
+void set_num_threads(int n) { pool_set_threads(n); }
+int get_num_threads() { return pool_threads(); }
+
+}  // namespace qk
