@@ -17,10 +17,9 @@ from .quantization import (
     quantize_model,
 )
 from .quantize import dequantize, quantize
-from .serialization import load, save
+from .io.serialization import load, save
 from .tensor import PackedQTensor, QTensor
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "ActivationOnlyConfig",
