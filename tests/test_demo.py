@@ -276,7 +276,7 @@ def test_find_model_from_the_working_directory(tmp_path, monkeypatch):
     assert assets.find_model() in (checkout, (tmp_path / "models" / "stories260k").resolve())
 
 
-def test_pure_python_reader_matches_safetensors():
+def test_reader_matches_safetensors_load_file():
     st = pytest.importorskip("safetensors.torch")
     path = MODEL_DIR / "model.safetensors"
     ours, theirs = read_safetensors(path), st.load_file(str(path))
@@ -299,7 +299,7 @@ def _write_safetensors(path, tensors):
     path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
-def test_pure_python_reader_dtypes_and_errors(tmp_path):
+def test_reader_dtypes_and_errors(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).half(),
                "c": torch.randn(2, 2, generator=g).bfloat16(),
@@ -356,7 +356,7 @@ def test_cli_bench_delegates(monkeypatch):
     fake = types.ModuleType("qkern.tools.bench")
     fake.main = lambda argv: seen.append(argv) or 3
     monkeypatch.setitem(sys.modules, "qkern.tools.bench", fake)
-    monkeypatch.setattr(qkern.tools, "bench", fake, raising=False)
+    monkeypatch.setattr(cli, "bench", fake, raising=False)
     assert cli.main(["bench", "core", "--quick"]) == 3
     assert seen == [["core", "--quick"]]
 

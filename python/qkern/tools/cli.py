@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from .. import formats as F
 from ..models.assets import ModelNotFoundError
 from ..version import __version__
-from . import demo
+from . import bench, demo
 
 PROG = "qkern"
 
@@ -89,14 +89,6 @@ def _cmd_formats(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(argv: Sequence[str]) -> int:
-    try:  # imported here: the command works in an install that leaves the benchmarks out
-        from . import bench
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.bench":
-            raise
-        print(f"{PROG} bench: error: this qkern build has no benchmark module (qkern.tools.bench)",
-              file=sys.stderr)
-        return 2
     rc = bench.main(list(argv))
     return rc if isinstance(rc, int) else 0
 
