@@ -36,7 +36,7 @@ demo: install
 	$(VENV)/bin/qkern demo
 
 bench: install
-	THP_MEM_ALLOC_ENABLE=1 $(VPY) -m qkern.bench core --threads 2
+	THP_MEM_ALLOC_ENABLE=1 $(VENV)/bin/qkern bench core --threads 2
 
 # C++ google-benchmark binary (Debian's libbenchmark-dev) and the Python bench, briefly.
 bench-smoke: install
@@ -47,9 +47,9 @@ bench-smoke: install
 	cmake --build build/bench --target bench_core bench_matmul
 	build/bench/bench_core --benchmark_min_time=0.02
 	build/bench/bench_matmul --benchmark_min_time=0.02 --benchmark_filter='read_bw|M:1/N:4096/K:4096'
-	$(VPY) -m qkern.bench core --quick
-	$(VPY) -m qkern.bench matmul --quick
-	$(VPY) -m qkern.bench decode --quick
+	$(VENV)/bin/qkern bench core --quick
+	$(VENV)/bin/qkern bench matmul --quick
+	$(VENV)/bin/qkern bench decode --quick
 
 # The kernel tests over an AddressSanitizer + UBSan build of qkern._C.
 asan: deps

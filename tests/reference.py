@@ -1,4 +1,5 @@
-"""Independent numpy references for qkern, written from docs/numerics.md and DESIGN.md §3.
+"""Independent numpy references for qkern, written from docs/numerics.md and the published
+NF4 table (QLoRA's NormalFloat4 as bitsandbytes ships it).
 
 Nothing here imports qkern. Arithmetic follows the spec: float32 divisions/subtractions where
 the spec says float32, rounding decisions in float64 (exact for float32 inputs).

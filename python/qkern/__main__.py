@@ -1,5 +1,5 @@
 """``python -m qkern ...``: the same as the ``qkern`` command."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

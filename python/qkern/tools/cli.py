@@ -9,17 +9,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .. import formats as F
+from ..models.assets import ModelNotFoundError
+from ..version import __version__
+from . import bench, demo
+
 PROG = "qkern"
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    import qkern
-
     p = argparse.ArgumentParser(
         prog=PROG,
         description="qkern: quantization for neural networks, built from the numbers up.",
     )
-    p.add_argument("--version", action="version", version=f"qkern {qkern.__version__}")
+    p.add_argument("--version", action="version", version=f"qkern {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser(
@@ -45,15 +48,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    description="List every number format: bits, kind, max value, default block "
                                "and description.")
 
-    # `qkern bench ...` is handed to qkern.bench.main untouched (see main); this entry only
+    # `qkern bench ...` is handed to qkern.tools.bench.main untouched (see main); this entry only
     # makes it show up in `qkern --help`.
     sub.add_parser("bench", help="benchmark qkern's kernels (qkern bench --help)", add_help=False)
     return p
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
-
     names = [n.strip() for n in args.sections.split(",") if n.strip()]
     known = {s.name: s for s in demo.SECTIONS}
     bad = [n for n in names if n != "all" and n not in known]
@@ -64,15 +65,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     sections = demo.SECTIONS if "all" in names else [known[n] for n in names]
     try:
         demo.run(model=args.model, formats=args.formats, sections=sections)
-    except (demo.ModelNotFoundError, ValueError) as e:
+    except (ModelNotFoundError, ValueError) as e:
         print(f"{PROG} demo: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def formats_table() -> str:
-    from . import formats as F
-
     lines = ["| format | bits | kind | max value | block | scale | description |",
              "|---|--:|---|--:|--:|---|---|"]
     for name in F.names():
@@ -90,14 +89,6 @@ def _cmd_formats(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(argv: Sequence[str]) -> int:
-    try:
-        from . import bench
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.bench":
-            raise
-        print(f"{PROG} bench: error: this qkern build has no benchmark module (qkern.bench)",
-              file=sys.stderr)
-        return 2
     rc = bench.main(list(argv))
     return rc if isinstance(rc, int) else 0
 

@@ -1,4 +1,4 @@
-"""``python -m qkern.bench decode``: a real model's generation speed and quality, fp32 vs
+"""``qkern bench decode``: a real model's generation speed and quality, fp32 vs
 quantized, in one run.
 
 The model is the byte-level Llama shipped in ``models/wikitext-bytelm`` (4 layers, hidden 256,
@@ -14,7 +14,7 @@ dynamic int8 Linear) and is measured on the same prompt, with the same threads:
 
 The layers are small (256 x 256, 672 x 256): at batch 1 a token costs ~30 matmuls of tens of
 microseconds, so framework overhead weighs as much as the kernels. That is what decode of a
-small model costs; the per-layer figures of ``python -m qkern.bench matmul`` show the kernels.
+small model costs; the per-layer figures of ``qkern bench matmul`` show the kernels.
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ import warnings
 import torch
 from torch import nn
 
-from . import set_num_threads
-from .bench import machine_line, time_alternating
-from .demo import shipped_path
-from .models import Llama, bits_per_byte, load_llama
-from .nn import QuantLinear, replace_linear
+from ... import set_num_threads
+from ...models import Llama, bits_per_byte, load_llama
+from ...models.assets import WIKITEXT_BYTELM, WIKITEXT_TEXT, shipped_path
+from ...nn import QuantLinear, replace_linear
+from ..weights import linear_weight_bytes
+from .timing import machine_line, time_alternating
 
-MODEL = "models/wikitext-bytelm"
-TEXT = "data/wikitext-2/wiki.test.tokens"
+MODEL = WIKITEXT_BYTELM
+TEXT = WIKITEXT_TEXT.format(split="test")
 
 # (name, replace_linear spec); None = the fp32 model, "torch" = torch's dynamic int8 peer
 SCHEMES: list[tuple[str, dict | str | None]] = [
@@ -58,21 +59,6 @@ def build(model: Llama, spec: dict | str | None) -> nn.Module:
             warnings.simplefilter("ignore")
             return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     return replace_linear(model, spec)
-
-
-def linear_weight_bytes(model: nn.Module) -> int:
-    """Bytes of the (packed) weights of every linear layer: what one decode step reads."""
-    total = 0
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            total += sum(getattr(mod, n).numel() * getattr(mod, n).element_size()
-                         for n in mod._buffer_names)
-        elif isinstance(mod, nn.Linear):
-            total += mod.weight.numel() * mod.weight.element_size()
-        elif hasattr(mod, "_packed_params") and hasattr(mod, "weight"):  # torch dynamic int8
-            w = mod.weight()
-            total += w.numel() + 4 * w.shape[0]  # int8 codes + a float32 scale per row
-    return total
 
 
 def kernels_of(model: nn.Module) -> str:
@@ -118,7 +104,7 @@ def run_decode(threads: int, repeats: int, n_tokens: int, windows: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qkern.bench decode",
+    p = argparse.ArgumentParser(prog="qkern bench decode",
                                 description="wikitext-bytelm decode: fp32 vs quantized")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)

@@ -1,8 +1,9 @@
 """Speed of qkern's CPU kernels next to their torch peers, in one process run.
 
-    python -m qkern.bench core [--threads 2] [--repeats 9] [--quick] [--shape 4096x4096 ...]
+    qkern bench core [--threads 2] [--repeats 9] [--quick] [--shape 4096x4096 ...]
+    python -m qkern.tools.bench core ...   (the same)
 
-Method (DESIGN.md section 4):
+Method:
 
 * torch and qkern get the same threads (``torch.set_num_threads`` and
   ``qkern.set_num_threads``), the same float32 weight, the same shapes, in the same run.
@@ -41,8 +42,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
-import statistics
 import sys
 import time
 import warnings
@@ -54,114 +53,9 @@ import torch
 import qkern
 from qkern import formats as F
 
+from .timing import Flusher, Probe, machine_line, time_alternating
+
 _OPS = torch.ops.qkern
-
-
-# ---- timing ------------------------------------------------------------------------------
-
-
-@dataclass
-class Probe:
-    """The bandwidth probes run between the rows (samples pooled over the whole run)."""
-
-    src: torch.Tensor
-    dst: torch.Tensor
-    copy_s: list[float] = field(default_factory=list)
-    sum_s: list[float] = field(default_factory=list)
-
-    @classmethod
-    def make(cls, nbytes: int) -> Probe:
-        src = torch.rand(nbytes // 4)
-        dst = torch.empty_like(src)
-        dst.copy_(src)  # touch every page before timing
-        return cls(src, dst)
-
-    @property
-    def nbytes(self) -> int:
-        return self.src.numel() * 4
-
-    def run_copy(self) -> None:
-        self.dst.copy_(self.src)
-
-    def run_sum(self) -> None:
-        self.src.sum()
-
-    def copy_gbs(self) -> float:
-        return 2 * self.nbytes / statistics.median(self.copy_s) / 1e9
-
-    def read_gbs(self) -> float:
-        return self.nbytes / statistics.median(self.sum_s) / 1e9
-
-
-def _timed(fn: Callable[[], object], flush: Callable[[], object] | None = None) -> float:
-    if flush is not None:
-        flush()
-    t0 = time.perf_counter()
-    out = fn()
-    t1 = time.perf_counter()
-    del out  # freeing the result is not part of the operation
-    return t1 - t0
-
-
-def l3_bytes() -> int:
-    """Size of the last-level cache (32 MiB when it cannot be read)."""
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for d in os.listdir(base):
-            try:
-                with open(f"{base}/{d}/size") as f:
-                    txt = f.read().strip()
-            except OSError:
-                continue
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:].upper(), 1)
-            best = max(best, int(txt.rstrip("KMGkmg")) * mult)
-    except (OSError, ValueError):
-        pass
-    return best or 32 << 20
-
-
-class Flusher:
-    """Runs before every timed call: evicts the caches by reading (not writing, so nothing
-    dirty is left to write back) a buffer of twice the last-level cache, then sleeps
-    ``settle_s`` so that threads still spinning from the previous parallel region (torch's
-    OpenMP workers spin for milliseconds after each region) do not take cores from the next
-    call. Every call starts cold and on idle cores."""
-
-    def __init__(self, settle_s: float = 0.0) -> None:
-        self.buf = torch.ones(min(2 * l3_bytes(), 512 << 20) // 4)
-        self.settle_s = settle_s
-
-    def __call__(self) -> None:
-        self.buf.sum()
-        if self.settle_s > 0:
-            time.sleep(self.settle_s)
-
-
-def time_alternating(impls: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     probe: Probe | None = None, flush: Callable[[], object] | None = None,
-                     budget_s: float | None = None) -> tuple[dict[str, float], int]:
-    """Median seconds of each implementation, timed in alternating order, and the number of
-    repeats used: at least 3, fewer than ``repeats`` when one round of the slowest
-    implementations would overrun ``budget_s``."""
-    names = list(impls)
-    last: dict[str, float] = {}
-    for _ in range(warmup):
-        for n in names:
-            last[n] = _timed(impls[n], flush)
-    if budget_s is not None and last:
-        per_round = sum(last.values())
-        repeats = max(min(repeats, 3), min(repeats, int(budget_s / max(per_round, 1e-9))))
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        k = r % len(names) if names else 0
-        order = names[k:] + names[:k]  # cyclic: each implementation follows each other one
-        for n in order:
-            samples[n].append(_timed(impls[n], flush))
-        if probe is not None:
-            probe.copy_s.append(_timed(probe.run_copy, flush))
-            probe.sum_s.append(_timed(probe.run_sum, flush))
-    return {n: statistics.median(s) for n, s in samples.items()}, repeats
 
 
 # ---- pure-torch peers --------------------------------------------------------------------
@@ -331,33 +225,6 @@ def _bind(fn, *args):
 # ---- report ------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_line(threads: int) -> str:
-    return (f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); threads: {threads} "
-            f"(torch {torch.get_num_threads()}, qkern {qkern.get_num_threads()}); qkern ISA: "
-            f"{qkern.get_isa()}; torch {torch.__version__} "
-            f"({torch.backends.cpu.get_cpu_capability()}, THP_MEM_ALLOC_ENABLE="
-            f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}); Python "
-            f"{platform.python_version()}; load average {_loadavg()}")
-
-
-def _loadavg() -> str:
-    try:
-        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def _shape_str(shape) -> str:
     return "x".join(str(s) for s in shape)
 
@@ -457,15 +324,7 @@ def _shape(s: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["matmul"]:
-        from .bench_matmul import main as matmul_main
-
-        return matmul_main(argv[1:])
-    if argv[:1] == ["decode"]:
-        from .bench_decode import main as decode_main
-
-        return decode_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m qkern.bench",
+    p = argparse.ArgumentParser(prog="qkern bench",
                                 description="qkern speed benchmarks against torch peers")
     p.add_argument("suite", choices=["core", "matmul", "decode"],
                    help="core: quantize/dequantize/pack on the CPU; matmul, decode: see "
@@ -499,7 +358,3 @@ def main(argv: list[str] | None = None) -> int:
         run_core(a.threads, repeats, warmup, shapes, probe_mb, 2.0 if a.quick else 6.0,
                  a.settle_ms)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

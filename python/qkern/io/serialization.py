@@ -17,9 +17,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .io import read_safetensors, write_safetensors
-from .nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
-from .quantization.quantizers import ActQuant, ObservedInput
+from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from ..quantization import BaseConfig
+from ..quantization.quantizers import ActQuant, ObservedInput
+from ..version import __version__
+from .safetensors import read_safetensors, write_safetensors
 
 __all__ = ["load", "save"]
 
@@ -108,8 +110,6 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> 
     specs = {n: s for n, m in model.named_modules() if n and (s := _spec(m)) is not None}
     specs = {n: s for n, s in specs.items()  # an ActQuant's inner layer is covered by it
              if not any(n.startswith(o + ".") for o in specs if o != n)}
-    from . import __version__
-
     config = getattr(model, "qkern_config", None)
     meta = {"qkern_format": FORMAT_VERSION, "qkern_version": __version__,
             "qkern_layers": json.dumps(specs),
@@ -158,7 +158,5 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
     model.load_state_dict(tensors, strict=True)
     cfg = json.loads(meta.get("qkern_config", "null"))
     if cfg is not None:
-        from .quantization import BaseConfig
-
         model.qkern_config = BaseConfig.from_dict(cfg)
     return model.eval()

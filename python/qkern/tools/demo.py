@@ -1,7 +1,8 @@
 """``qkern demo``: quantize a real model's weights to every format and show what it costs.
 
 The demo loads a small real checkpoint (by default Karpathy's stories260K, shipped in the
-repository under ``models/stories260k``), quantizes each of its 2-D weight matrices with
+repository under ``models/stories260k`` and found by :func:`qkern.models.assets.find_model`),
+quantizes each of its 2-D weight matrices with
 :func:`qkern.quantize` for every scheme in :data:`DEFAULT_SPECS` and prints one Markdown table:
 bits per weight, SQNR, relative error and max abs error, sorted by bits per weight.
 
@@ -27,21 +28,23 @@ from typing import TextIO
 
 import torch
 
-from . import formats as F
-from .quantize import quantize
-from .tensor import QTensor
+import qkern
+
+from .. import formats as F
+from ..io import read_safetensors
+from ..models.assets import WEIGHTS_FILE, find_model
+from ..quantize import quantize
+from ..tensor import QTensor
+from .bench.decode import SCHEMES as DECODE_SCHEMES
+from .bench.decode import run_decode
+from .reports import digits, minilm
 
 __all__ = [  # noqa: RUF022 (in reading order)
-    "Spec", "DEFAULT_SPECS", "select_specs", "Model", "ModelNotFoundError", "find_model",
-    "load_model", "shipped_path", "load_safetensors", "read_safetensors", "weight_matrices",
+    "Spec", "DEFAULT_SPECS", "select_specs", "Model", "load_model", "weight_matrices",
     "quantize_matrix",
     "WeightResult", "evaluate_weights", "format_weight_table", "DemoContext", "Section",
     "SECTIONS", "run",
 ]
-
-DEFAULT_MODEL = "stories260k"
-MODEL_ENV = "QKERN_DEMO_MODEL"
-WEIGHTS_FILE = "model.safetensors"
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,10 +161,6 @@ def select_specs(names: Iterable[str] | str | None,
 # The model
 
 
-class ModelNotFoundError(FileNotFoundError):
-    pass
-
-
 @dataclass
 class Model:
     name: str
@@ -178,85 +177,14 @@ class Model:
         return f"{self.name} ({arch}, {self.n_params:,} parameters)"
 
 
-def _has_weights(p: Path) -> bool:
-    return (p.is_file() and p.suffix == ".safetensors") or (p / WEIGHTS_FILE).is_file()
-
-
-def _default_candidates(rel: str = f"models/{DEFAULT_MODEL}") -> list[Path]:
-    here = Path(__file__).resolve().parent  # python/qkern in a checkout
-    cands = [here.parent.parent / rel]
-    cwd = Path.cwd().resolve()
-    cands += [d / rel for d in (cwd, *cwd.parents)]
-    seen: list[Path] = []
-    for c in cands:
-        if c not in seen:
-            seen.append(c)
-    return seen
-
-
-def shipped_path(rel: str) -> Path:
-    """A file or folder shipped in the repository (``models/...``, ``data/...``): next to the
-    package source in a checkout, or under the current directory or one of its parents."""
-    cands = _default_candidates(rel)
-    for c in cands:
-        if c.exists():
-            return c
-    raise FileNotFoundError(f"cannot find {rel!r} (looked in {cands[0]} and above the current "
-                            "directory); run from a qkern checkout")
-
-
-def find_model(path: str | os.PathLike | None = None) -> Path:
-    """The model to load: ``path`` if given, else ``$QKERN_DEMO_MODEL``, else the repository's
-    ``models/stories260k`` (next to the package source in a checkout, or under the current
-    directory or one of its parents). A path is a directory holding ``model.safetensors``
-    (and optionally ``config.json``) or a ``.safetensors`` file."""
-    explicit = path if path is not None else os.environ.get(MODEL_ENV) or None
-    if explicit is not None:
-        p = Path(explicit).expanduser()
-        if _has_weights(p):
-            return p.resolve()
-        source = "--model" if path is not None else f"${MODEL_ENV}"
-        raise ModelNotFoundError(
-            f"{source}={str(explicit)!r}: no model there (expected a directory holding "
-            f"{WEIGHTS_FILE}, or a .safetensors file)"
-        )
-    cands = _default_candidates()
-    for c in cands:
-        if _has_weights(c):
-            return c
-    tried = "\n  ".join(str(c) for c in cands[:4]) + ("\n  ..." if len(cands) > 4 else "")
-    raise ModelNotFoundError(
-        f"cannot find the demo model {DEFAULT_MODEL!r}; looked in:\n  {tried}\n"
-        f"Run from a qkern checkout (it ships models/{DEFAULT_MODEL}), or pass --model DIR "
-        f"or set {MODEL_ENV}=DIR."
-    )
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A dependency-free safetensors reader (:func:`qkern.io.read_safetensors`)."""
-    from .io import read_safetensors as _read
-
-    return _read(path)
-
-
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file`` when the package is installed (the ``demo`` extra),
-    else :func:`read_safetensors`."""
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        return read_safetensors(path)
-    return load_file(str(path))
-
-
 def load_model(path: str | os.PathLike | None = None) -> Model:
-    """Find (see :func:`find_model`) and load a model's tensors and config."""
+    """Find (see :func:`qkern.models.assets.find_model`) and load a model's tensors and config."""
     p = find_model(path)
     weights = p if p.is_file() else p / WEIGHTS_FILE
     cfg_path = weights.parent / "config.json"
     config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     name = p.stem if p.is_file() else p.name
-    return Model(name, p, load_safetensors(weights), config)
+    return Model(name, p, read_safetensors(weights), config)
 
 
 def weight_matrices(model: Model) -> dict[str, torch.Tensor]:
@@ -355,8 +283,6 @@ def format_weight_table(model: Model, results: Sequence[WeightResult],
                         seconds: float | None = None) -> str:
     """The Markdown table of :func:`evaluate_weights`' results, sorted by bits per weight."""
     mats = weight_matrices(model)
-    import qkern
-
     took = sum(r.seconds for r in results) if seconds is None else seconds
     n = results[0].n_weights if results else sum(w.numel() for w in mats.values())
     plural = "scheme" if len(results) == 1 else "schemes"
@@ -439,11 +365,9 @@ def _weights_section(ctx: DemoContext) -> str:
 
 
 def _decode_section(ctx: DemoContext) -> str:
-    from .bench_decode import SCHEMES, run_decode
-
     keep = ("fp32", "torch dynamic", "qkern W8A8", "qkern int4 g32 fast", "qkern nf4",
             "qkern int3")
-    schemes = [s for s in SCHEMES if s[0].startswith(keep)]
+    schemes = [s for s in DECODE_SCHEMES if s[0].startswith(keep)]
     try:
         body = run_decode(threads=max(1, min(2, os.cpu_count() or 1)), repeats=3, n_tokens=64,
                           windows=48, schemes=schemes)
@@ -453,19 +377,13 @@ def _decode_section(ctx: DemoContext) -> str:
 
 
 def _digits_section(ctx: DemoContext) -> str:
-    from .reports import digits
-
     return "## PTQ of an MLP and a CNN on real images\n\n" + digits.run()
 
 
 def _minilm_section(ctx: DemoContext) -> str:
     try:
-        from .reports import minilm
-    except ImportError as e:  # the report module or its model package is missing
-        return f"## all-MiniLM-L6-v2\n\nskipped: {e}"
-    try:
         body = minilm.run()
-    except (ImportError, FileNotFoundError) as e:
+    except (ImportError, FileNotFoundError) as e:  # tokenizers or the model package missing
         return f"## all-MiniLM-L6-v2\n\nskipped: {e}"
     return "## all-MiniLM-L6-v2 sentence embeddings, quantized\n\n" + body
 

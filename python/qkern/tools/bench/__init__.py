@@ -1,0 +1,27 @@
+"""``qkern bench SUITE ...`` (also ``python -m qkern.tools.bench SUITE ...``): qkern's speed
+next to torch peers, in one process run.
+
+- ``core``: quantize / dequantize / pack on the CPU (:mod:`.core`);
+- ``matmul``: quantized Linear layers against torch's and other peers (:mod:`.matmul`);
+- ``decode``: a real model's generation speed and quality, fp32 vs quantized (:mod:`.decode`).
+
+The timing method shared by all three is in :mod:`.timing`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import core, decode, matmul
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the suite named by ``argv[0]``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["matmul"]:
+        return matmul.main(argv[1:])
+    if argv[:1] == ["decode"]:
+        return decode.main(argv[1:])
+    return core.main(argv)

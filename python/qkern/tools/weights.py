@@ -1,0 +1,28 @@
+"""What a model's linear layers weigh in memory: the bytes a decode step reads."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..nn import QuantLinear
+
+__all__ = ["linear_weight_bytes", "quant_linear_bytes"]
+
+
+def quant_linear_bytes(ql: QuantLinear) -> int:
+    """Bytes of a QuantLinear's stored weights (packed codes, scales, zero points)."""
+    return sum(getattr(ql, n).numel() * getattr(ql, n).element_size() for n in ql._buffer_names)
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the (packed) weights of every linear layer: what one decode step reads."""
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            total += quant_linear_bytes(mod)
+        elif isinstance(mod, nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+        elif hasattr(mod, "_packed_params") and hasattr(mod, "weight"):  # torch dynamic int8
+            w = mod.weight()
+            total += w.numel() + 4 * w.shape[0]  # int8 codes + a float32 scale per row
+    return total
