@@ -19,7 +19,7 @@ from torch import nn
 
 from .io import read_safetensors, write_safetensors
 from .nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
-from .quantization.quantizers import ActQuant, ObservedInput
+from .quantization import ActQuant, ObservedInput
 
 __all__ = ["load", "save"]
 

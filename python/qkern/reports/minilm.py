@@ -28,8 +28,7 @@ from torch import nn
 
 from .. import quantize_model, set_num_threads
 from ..models.bert import Bert, embed, load_minilm, load_tokenizer
-from ..quantization import DynamicConfig, StaticConfig, WeightOnlyConfig
-from ..quantization.config import BaseConfig
+from ..quantization import BaseConfig, DynamicConfig, StaticConfig, WeightOnlyConfig
 
 __all__ = ["SCHEMES", "Row", "evaluate", "nn_agreement", "run", "sentences"]
 
