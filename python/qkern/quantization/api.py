@@ -48,8 +48,8 @@ def prepare(model: nn.Module, quant_config: BaseConfig, args=None, kwargs=None,
     target = model if inplace else copy.deepcopy(model)
     quantizer.prepare(target)
     if quantizer.records_inputs():
-        quantizer._record_hook = target.register_forward_pre_hook(quantizer.record,
-                                                                  with_kwargs=True)
+        quantizer.record_handle = target.register_forward_pre_hook(quantizer.record,
+                                                                   with_kwargs=True)
     object.__setattr__(target, _STATE, quantizer)  # not a submodule, not in the state dict
     if args is not None or kwargs is not None:
         a = tuple(args) if isinstance(args, (tuple, list)) else (() if args is None else (args,))
@@ -68,7 +68,7 @@ def convert(model: nn.Module, quant_config: BaseConfig | None = None) -> nn.Modu
     if quant_config is not None and quant_config != quantizer.config:
         raise ValueError(f"the model was prepared with {quantizer.config!r}, not "
                          f"{quant_config!r}")
-    hook = getattr(quantizer, "_record_hook", None)
+    hook = getattr(quantizer, "record_handle", None)
     if hook is not None:  # convert() re-runs the recorded batches: stop recording
         hook.remove()
     why = quantizer.needs_calibration()

@@ -275,6 +275,8 @@ class Quantizer:
         #: the model inputs seen between prepare() and convert(), kept (cloned) when
         #: records_inputs() is True, for methods that re-run calibration inside convert()
         self.batches: list[Batch] = []
+        #: the hook handle of ``record`` (set by ``prepare``, removed by ``convert``)
+        self.record_handle: torch.utils.hooks.RemovableHandle | None = None
 
     def needs_calibration(self) -> str | None:
         """Why convert() needs calibration data (None: it does not)."""
