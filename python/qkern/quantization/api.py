@@ -7,10 +7,9 @@ import copy
 import sys
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
-from .calibration import call_model
+from .calibration import run_batches
 from .registry import BaseConfig, Batch, quantizer_for
 
 __all__ = ["convert", "prepare", "quantize_model", "run_calibration"]
@@ -22,16 +21,15 @@ def run_calibration(model: nn.Module, calibration: Iterable, progress: bool = Fa
     """Runs every batch (a tensor, a tuple of positional inputs or a dict of keyword inputs)
     through ``model`` without gradients; returns the number of batches."""
     n = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for n, batch in enumerate(calibration, 1):
-                call_model(model, batch)
-                if progress and (n & (n - 1) == 0 or n % 50 == 0):
-                    print(f"qkern: calibrated on {n} batch(es)", file=sys.stderr, flush=True)
-    finally:
-        model.train(was_training)
+
+    def counted():
+        nonlocal n
+        for n, batch in enumerate(calibration, 1):
+            yield batch
+            if progress and (n & (n - 1) == 0 or n % 50 == 0):
+                print(f"qkern: calibrated on {n} batch(es)", file=sys.stderr, flush=True)
+
+    run_batches(model, counted())
     return n
 
 

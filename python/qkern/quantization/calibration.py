@@ -66,10 +66,11 @@ def call_model(model: nn.Module, batch) -> Any:
     return model(batch)
 
 
-def run_batches(model: nn.Module, batches: Sequence,
+def run_batches(model: nn.Module, batches: Iterable,
                 hooks: dict[str, tuple] | None = None) -> None:
-    """Runs every batch through ``model`` (eval mode, no gradients) with forward hooks:
-    ``hooks`` maps a module name to ``(pre_hook, post_hook)`` (either may be None)."""
+    """Runs every batch through ``model`` (eval mode, no gradients; the training flag is
+    restored after) with forward hooks: ``hooks`` maps a module name to
+    ``(pre_hook, post_hook)`` (either may be None)."""
     handles = []
     for name, (pre, post) in (hooks or {}).items():
         mod = model.get_submodule(name)
