@@ -1,4 +1,5 @@
-"""Calibration and error correction (qkern.quantization.correction / adaround).
+"""Calibration and error correction (qkern.quantization.algorithms: equalization, smoothquant,
+bias_correction, clip_search, adaround; the calibration toolkit).
 
 Each technique against an independent check (numpy formulas on tiny layers, hand-computed
 AdaRound values, brute-force searches over the grid), and each one's gain on the real digits
@@ -29,8 +30,10 @@ from qkern.quantization import (
     cross_layer_equalization,
     smooth_quant,
 )
-from qkern.quantization import adaround as A
-from qkern.quantization import correction as C
+from qkern.quantization.algorithms import adaround as A
+from qkern.quantization.algorithms.clip_search import CLIP_GRID, output_clip_search
+from qkern.quantization.algorithms.equalization import layer_pairs
+from qkern.quantization.layers import weight_module
 
 GAINS: list[tuple[str, str, float, float]] = []
 
@@ -115,15 +118,15 @@ def test_cle_formula_on_a_tiny_pair_matches_numpy():
 
 
 def test_cle_conv_flatten_linear_pairs_and_function(cnn, mlp, data):
-    assert C.layer_pairs(mlp) == [("1", "3"), ("3", "5")]
-    assert C.layer_pairs(cnn) == [("0", "2"), ("2", "6"), ("6", "8")]
+    assert layer_pairs(mlp) == [("1", "3"), ("3", "5")]
+    assert layer_pairs(cnn) == [("0", "2"), ("2", "6"), ("6", "8")]
     for m in (mlp, cnn):
         e = cross_layer_equalization(m)
         with torch.no_grad():
             ref, got = m(data.x_test), e(data.x_test)
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
         # ranges equalized: channel i of layer 1 and input channel i of layer 2 agree
-        for n1, n2 in C.layer_pairs(e):
+        for n1, n2 in layer_pairs(e):
             a, b = e.get_submodule(n1), e.get_submodule(n2)
             c = a.weight.shape[0]
             r1 = a.weight.detach().reshape(c, -1).abs().amax(1)
@@ -135,11 +138,11 @@ def test_layer_pairs_only_across_homogeneous_modules():
     seq = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4), nn.ReLU6(), nn.Linear(4, 4),
                         nn.Dropout(), nn.ReLU(), nn.Linear(4, 2),
                         nn.Sequential(nn.Linear(2, 2)))  # nested: its own container
-    assert C.layer_pairs(seq) == [("4", "7")]
+    assert layer_pairs(seq) == [("4", "7")]
     conv = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Linear(6, 2))  # no Flatten
-    assert C.layer_pairs(conv) == []
+    assert layer_pairs(conv) == []
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 1))
-    assert C.layer_pairs(grouped) == []
+    assert layer_pairs(grouped) == []
 
 
 def test_cle_gain_int4_per_tensor(mlp, cnn, data):
@@ -287,8 +290,8 @@ def test_clip_search_is_the_row_wise_argmin_of_the_output_error():
     w[:, 0] *= 6  # outliers make clipping worthwhile
     x = torch.randn(200, 24) * torch.linspace(0.2, 2.0, 24)
     gram = (x.double().T @ x.double()) / x.shape[0]
-    kw, ratios = C.output_clip_search(w, gram, "int3", group_size=None)
-    grid = C.CLIP_GRID
+    kw, ratios = output_clip_search(w, gram, "int3", group_size=None)
+    grid = CLIP_GRID
     errs = np.zeros((len(grid), 6))
     for i, r in enumerate(grid):  # brute force: the layer's outputs on x
         wq = qkern.quantize(w, "int3", granularity="channel",
@@ -310,15 +313,13 @@ def test_clip_search_gain_and_output_beats_weight_mse(mlp, cnn, data, calib):
         assert r < 0.6, r
     # the same search with H = I picks clip ratios by weight MSE: worse on the outputs
     def weight_mse_params(w, g):
-        kw, _ = C.output_clip_search(w, torch.eye(w.shape[1], dtype=torch.float64), "int3")
+        kw, _ = output_clip_search(w, torch.eye(w.shape[1], dtype=torch.float64), "int3")
         return kw
-
-    from qkern.quantization.quantizers import _weight_module
 
     wmse = _quant(mlp, WeightOnlyConfig(fmt="int3", group_size=None))
     for name in ("1", "3", "5"):
-        wmse[int(name)] = _weight_module(mlp[int(name)], "int3", None, {}, name,
-                                         params=weight_mse_params)
+        wmse[int(name)] = weight_module(mlp[int(name)], "int3", None, {}, name,
+                                        params=weight_mse_params)
     out = _quant(mlp, WeightOnlyConfig(fmt="int3", group_size=None, clip_search="output"),
                  calib)
     assert _err(out, mlp, data) < _err(wmse, mlp, data)

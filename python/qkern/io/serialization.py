@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
-from ..quantization import BaseConfig
-from ..quantization.quantizers import ActQuant, ObservedInput
+from ..quantization import ActQuant, BaseConfig, ObservedInput
 from ..version import __version__
 from .safetensors import read_safetensors, write_safetensors
 

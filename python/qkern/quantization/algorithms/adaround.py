@@ -18,18 +18,36 @@ to 0 or 1. Finally h >= 0.5 rounds up. Layers go in execution order.
 
 from __future__ import annotations
 
+import copy
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .. import formats as QF
-from ..quantize import quantize
-from .api import Quantizer, register_quantizer
-from .config import AdaRoundConfig
+from ... import formats as QF
+from ...quantize import quantize
+from ..calibration import capture_inputs, float_copy, sequential_calibration, weight_matrix
+from ..layers import effective_group, warn_notes, weight_module
+from ..registry import (
+    BaseConfig,
+    Quantizer,
+    check_bool,
+    check_choice,
+    check_format,
+    check_group,
+    check_int,
+    check_real,
+    config_class,
+    fail,
+    register_quantizer,
+)
+from .clip_search import CLIP_SEARCHES, output_clip_search
+from .equalization import equalize
 
-__all__ = ["AdaRoundQuantizer", "ZETA", "GAMMA", "adaround_weight", "beta_schedule",
-           "rectified_sigmoid", "rounding_regularizer"]
+__all__ = ["AdaRoundConfig", "AdaRoundQuantizer", "ZETA", "GAMMA", "adaround_weight",
+           "beta_schedule", "inverse_rectified_sigmoid", "rectified_sigmoid",
+           "rounding_regularizer"]
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -142,6 +160,56 @@ def _adaround(w, x, x_hat, fmt, group_size, symmetric, scale, zero_point, iterat
             "loss_nearest": loss_nearest}
 
 
+@config_class
+@dataclass
+class AdaRoundConfig(BaseConfig):
+    """Weight-only quantization with learned rounding (AdaRound, Nagel et al. 2020): per
+    layer, each weight rounds up or down as a rectified-sigmoid variable trained to keep the
+    layer's output on calibration inputs, then fixed. Integer formats, per output channel
+    (``group_size=None``) or in groups along the input dim; calibration data is required."""
+
+    fmt: str = "int4"
+    group_size: int | None = None
+    symmetric: bool = True
+    # defaults for a few hundred steps (the paper: 10k-20k steps, lr 1e-3, lambda 0.01)
+    iterations: int = 300  # Adam steps per layer
+    lr: float = 5e-2
+    batch_size: int = 256  # input rows (tokens / pixels) per step
+    reg_weight: float = 0.3  # lambda of the rounding regulariser
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2  # fraction of the steps before the regulariser starts
+    quantized_inputs: bool = True  # W~ sees the quantized prefix's inputs (paper, sec. 5)
+    clip_search: str = "none"  # "output": scales from the output-error clip search first
+    cross_layer_equalization: bool = False
+    seed: int = 0
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        check_format(n, "fmt", self.fmt)
+        f = QF.get(self.fmt)
+        if f.kind != "int" or f.name == "ternary" or f.qmax - f.qmin < 1:
+            fail(n, "fmt", "an integer format (int2..int8, uint2..uint8)", self.fmt)
+        check_group(n, "group_size", self.group_size)
+        check_bool(n, "symmetric", self.symmetric)
+        check_int(n, "iterations", self.iterations, 1)
+        check_real(n, "lr", self.lr, 1e-12, 1e3, "a positive number")
+        check_int(n, "batch_size", self.batch_size, 1)
+        check_real(n, "reg_weight", self.reg_weight, 0.0, float("inf"), "a number >= 0")
+        check_real(n, "beta_start", self.beta_start, 1e-6, 1e6, "a positive number")
+        check_real(n, "beta_end", self.beta_end, 1e-6, 1e6, "a positive number")
+        if self.beta_end > self.beta_start:
+            fail(n, "beta_end", f"<= beta_start ({self.beta_start})", self.beta_end)
+        check_real(n, "warmup", self.warmup, 0.0, 0.999, "a fraction in [0, 1)")
+        check_bool(n, "quantized_inputs", self.quantized_inputs)
+        check_choice(n, "clip_search", self.clip_search, CLIP_SEARCHES)
+        check_bool(n, "cross_layer_equalization", self.cross_layer_equalization)
+        check_int(n, "seed", self.seed, 0)
+        check_bool(n, "verbose", self.verbose)
+        super().__post_init__()
+
+
 @register_quantizer(AdaRoundConfig)
 class AdaRoundQuantizer(Quantizer):
     """Weight-only quantization with AdaRound's learned rounding for Linear / Conv layers."""
@@ -149,9 +217,7 @@ class AdaRoundQuantizer(Quantizer):
     SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
     def prepare(self, model: nn.Module) -> None:
-        from .quantizers import _equalize
-
-        _equalize(model, self.config)
+        equalize(model, self.config)
         super().prepare(model)
 
     def records_inputs(self) -> bool:
@@ -164,32 +230,29 @@ class AdaRoundQuantizer(Quantizer):
         return bool(self.batches)
 
     def convert(self, model: nn.Module) -> None:
-        from . import correction as C
-        from .quantizers import _effective_group, _note, _weight_module
-
         notes: dict[str, str] = {}
         batches, cfgs = self.batches, dict(self.plan)
-        float_ref = C.float_copy(model)
-        order = C.execution_order(model, list(cfgs), batches)
+        float_ref = float_copy(model)
         self.losses: dict[str, tuple[float, float]] = {}
-        for i, name in enumerate(order):
+
+        def finish(i: int, name: str) -> None:
             cfg, mod = cfgs[name], model.get_submodule(name)
             log = None
             if cfg.verbose:
                 def log(msg, _n=name):
                     print(f"qkern adaround {_n}: {msg}", file=sys.stderr, flush=True)
             try:
-                group = _effective_group(mod, cfg.fmt, cfg.group_size, notes, name)
-                w = C.weight_matrix(mod)
-                x = C.capture_inputs(float_ref, name, batches)
-                x_hat = C.capture_inputs(model, name, batches) if cfg.quantized_inputs else x
+                group = effective_group(mod, cfg.fmt, cfg.group_size, notes, name)
+                w = weight_matrix(mod)
+                x = capture_inputs(float_ref, name, batches)
+                x_hat = capture_inputs(model, name, batches) if cfg.quantized_inputs else x
                 given = {}
                 if cfg.clip_search == "output":  # E||W x - W_q x^||^2, as progressive
                     xq = x_hat.double()
                     cross = None if x_hat is x else (xq.T @ x.double()) / xq.shape[0]
-                    given, _ = C.output_clip_search(w, (xq.T @ xq) / xq.shape[0], cfg.fmt,
-                                                    group_size=group, symmetric=cfg.symmetric,
-                                                    cross=cross)
+                    given, _ = output_clip_search(w, (xq.T @ xq) / xq.shape[0], cfg.fmt,
+                                                  group_size=group, symmetric=cfg.symmetric,
+                                                  cross=cross)
                 r = adaround_weight(w, x, x_hat, cfg.fmt, group_size=group,
                                     symmetric=cfg.symmetric, iterations=cfg.iterations,
                                     lr=cfg.lr, batch_size=cfg.batch_size,
@@ -198,22 +261,22 @@ class AdaRoundQuantizer(Quantizer):
                                     seed=cfg.seed + i, log=log, **given)
             except ValueError as e:
                 self.skipped[name] = str(e)
-                continue
+                return
             self.losses[name] = (r["loss_nearest"], r["loss"])
             if log is not None:
                 log(f"output MSE nearest {r['loss_nearest']:.6g} -> adaround {r['loss']:.6g}")
             rounded = _with_weight(mod, r["weight"])
             params = {"scale": r["scale"], "zero_point": r["zero_point"]}
-            self._swap(model, name, lambda: _checked(
-                _weight_module(rounded, cfg.fmt, group, notes, name,
-                               params=lambda w, g: params, symmetric=cfg.symmetric),
+            self.swap(model, name, lambda: _checked(
+                weight_module(rounded, cfg.fmt, group, notes, name,
+                              params=lambda w, g: params, symmetric=cfg.symmetric),
                 r["weight"], name))
-        _note(notes)
+
+        sequential_calibration(model, list(cfgs), batches, finish)
+        warn_notes(notes)
 
 
 def _with_weight(mod: nn.Module, w2d: torch.Tensor) -> nn.Module:
-    import copy
-
     new = copy.deepcopy(mod)
     with torch.no_grad():
         new.weight.copy_(w2d.view_as(new.weight))
