@@ -18,10 +18,22 @@ import torch
 from .. import _C
 from .schemas import LIB
 
-__all__ = ["FORMATS", "GROUP_SIZES", "gemm_fp8", "pack_weight"]
+__all__ = ["FORMATS", "GROUP_SIZES", "gemm_fp8", "group_error", "pack_weight"]
 
 FORMATS = {"fp8_e4m3": 0, "fp8_e5m2": 1}
 GROUP_SIZES = (32, 64, 128)
+
+
+def group_error(k: int, group_size: int | None) -> str | None:
+    """Why ``pack_weight`` cannot take ``group_size`` with K = ``k`` (None when it can): None
+    (per channel) or one of ``GROUP_SIZES`` dividing K."""
+    if group_size is None:
+        return None
+    if group_size not in GROUP_SIZES:
+        return f"group_size must be None (per channel) or one of {GROUP_SIZES}, got {group_size}"
+    if k % group_size:
+        return f"group_size {group_size} does not divide K = {k}"
+    return None
 
 LIB.define(
     "gemm_fp8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int N, int K, int group_size, "
@@ -79,15 +91,10 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int | Non
         raise ValueError(f"codes must be uint8 FP8 bit patterns, got {codes.dtype}")
     c = codes.view(torch.uint8) if codes.dtype == torch.int8 else codes
     n, k = c.shape
-    if group_size is None:
-        ng, g = 1, 0
-    else:
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be None (per channel) or one of {GROUP_SIZES}, "
-                             f"got {group_size}")
-        if k % group_size:
-            raise ValueError(f"group_size {group_size} does not divide K = {k}")
-        ng, g = k // group_size, group_size
+    err = group_error(k, group_size)
+    if err is not None:
+        raise ValueError(err)
+    ng, g = (1, 0) if group_size is None else (k // group_size, group_size)
     if scales.numel() != n * ng:
         raise ValueError(f"scales must have {n * ng} values (N={n} x {ng}), got {scales.numel()}")
     bad = _special_codes(c, f)

@@ -24,10 +24,37 @@ import torch
 from .. import _C
 from .schemas import LIB
 
-__all__ = ["GROUP_SIZES", "dq_scales", "gemm_lut4", "gemm_lut4_dq", "pack_weight",
-           "pack_weight_dq"]
+__all__ = ["cpu_group_error", "dq_scales", "gemm_lut4", "gemm_lut4_dq", "group_error",
+           "pack_weight", "pack_weight_dq"]
 
-GROUP_SIZES = (32, 64, 128)
+# The AVX2 GEMM decodes W in tiles of 512 columns (csrc/cpu/gemm_lut4_avx2.cpp kKc), a group at
+# a time, and its GEMV reads 16 codes at a time: safe for groups that are multiples of 16
+# dividing 512. The CUDA kernels need multiples of 32.
+TILE_COLUMNS = 512
+
+
+def cpu_group_error(k: int, group_size: int) -> str | None:
+    """Why the CPU op cannot take ``group_size`` with K = ``k`` (None when it can): a multiple
+    of 16 dividing both K and 512 (16, 32, 64, 128, 256, 512), what the AVX2 paths read safely."""
+    if not isinstance(group_size, int) or group_size <= 0:
+        return f"group_size must be positive, got {group_size!r}"
+    if k % group_size:
+        return f"group_size {group_size} does not divide K = {k}"
+    if group_size % 16 or TILE_COLUMNS % group_size:
+        return (f"group_size must be a multiple of 16 dividing {TILE_COLUMNS} (16, 32, 64, 128, "
+                f"256, 512), got {group_size}")
+    return None
+
+
+def group_error(k: int, group_size: int) -> str | None:
+    """Why ``pack_weight`` cannot lay out ``group_size`` with K = ``k`` (None when it can): a
+    group every device's kernel takes, a multiple of 32 dividing K and 512 (32 .. 512)."""
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 32 \
+            or TILE_COLUMNS % group_size:
+        return f"group_size must be one of 32, 64, 128, 256, 512, got {group_size!r}"
+    if k % group_size:
+        return f"group_size {group_size} does not divide K = {k}"
+    return None
 
 LIB.define(
     "gemm_lut4(Tensor x, Tensor packed, Tensor scales, Tensor table, Tensor? bias, int N, "
@@ -45,7 +72,14 @@ def _np(t: torch.Tensor | None):
     return None if t is None else t.detach().contiguous().numpy()
 
 
+def _check_group_cpu(op: str, K: int, group_size: int) -> None:
+    err = cpu_group_error(K, group_size)
+    if err is not None:
+        raise ValueError(f"{op}: {err}")
+
+
 def _gemm_lut4_cpu(x, packed, scales, table, bias, N, K, group_size):
+    _check_group_cpu("gemm_lut4", K, group_size)
     y = _C.gemm_lut4(_np(x.float()), _np(packed), _np(scales.float()), _np(table.float()),
                      _np(None if bias is None else bias.float()), N, K, group_size)
     return torch.from_numpy(y)
@@ -67,6 +101,7 @@ def _(x, packed, qscales, scale2, mean, table, bias, N, K, group_size, dq_group)
 
 def _gemm_lut4_dq_cpu(x, packed, qscales, scale2, mean, table, bias, N, K, group_size,
                       dq_group):
+    _check_group_cpu("gemm_lut4_dq", K, group_size)
     if qscales.dtype != torch.int8:
         raise ValueError(f"gemm_lut4_dq: qscales must be int8 codes, got {qscales.dtype}")
     if mean.numel() != 1:
@@ -122,11 +157,9 @@ def _pack_codes(codes: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N, K) codes 0..15 -> uint8 (N, K // 2), element k in the low nibble for even k."""
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D (N, K), got shape {tuple(codes.shape)}")
-    k = codes.shape[1]
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
-    if k % group_size:
-        raise ValueError(f"group_size {group_size} does not divide K = {k}")
+    err = group_error(codes.shape[1], group_size)
+    if err is not None:
+        raise ValueError(err)
     c = codes.to(torch.uint8) if codes.dtype != torch.uint8 else codes
     if c.numel() and int(c.max()) > 15:
         raise ValueError("codes must be in 0..15")

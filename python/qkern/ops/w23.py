@@ -29,18 +29,10 @@ import torch
 from .. import _C
 from .cpu import NonFiniteError
 from .schemas import LIB
-from .w4 import (
-    MODES,
-    _check_group,
-    _check_scales_zeros,
-    _from_tiles,
-    _padded,
-    _to_tiles,
-    check_x_and_tiles,
-    parse_mode,
-)
+from .tiles import check_group, check_scales_zeros, from_tiles, padded, parse_mode, to_tiles
+from .w4 import check_x_and_tiles
 
-__all__ = ["MODES", "gemm_w23", "pack_weight", "unpack_weight"]
+__all__ = ["gemm_w23", "pack_weight", "unpack_weight"]
 
 
 LIB.define(
@@ -95,20 +87,20 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     if signed is None:
         signed = codes.dtype != torch.uint8
     n, k = codes.shape
-    _check_group(k, group_size)
+    check_group(k, group_size)
     qmin, qmax = code_range(bits, signed)
     name = f"{'' if signed else 'u'}int{bits}"
     c = codes.detach().cpu()
     if c.numel() and (int(c.min()) < qmin or int(c.max()) > qmax):
         raise ValueError(f"{name} codes must be in [{qmin}, {qmax}], got "
                          f"[{int(c.min())}, {int(c.max())}]")
-    _check_scales_zeros(scales, zeros, n, k // group_size, qmin, qmax, f"zero points of {name}")
+    check_scales_zeros(scales, zeros, n, k // group_size, qmin, qmax, f"zero points of {name}")
     u = (c.to(torch.int32) - qmin).to(torch.uint8).contiguous()
     packed = torch.from_numpy(_C.pack_w23(u.numpy(), bits, group_size))
     return {
-        "packed": packed.view(_padded(n) // 8, k // 32, 32 * bits),
-        "scales": _to_tiles(scales.detach().cpu().to(torch.float32), n),
-        "zeros": None if zeros is None else _to_tiles(zeros.detach().cpu().to(torch.int32), n),
+        "packed": packed.view(padded(n) // 8, k // 32, 32 * bits),
+        "scales": to_tiles(scales.detach().cpu().to(torch.float32), n),
+        "zeros": None if zeros is None else to_tiles(zeros.detach().cpu().to(torch.int32), n),
         "N": n,
         "K": k,
         "group_size": group_size,
@@ -123,8 +115,8 @@ def unpack_weight(w: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     n, k, qmin = w["N"], w["K"], w["qmin"]
     u = torch.from_numpy(_C.unpack_w23(w["packed"].contiguous().numpy(), n, k, w["bits"]))
     codes = (u.to(torch.int32) + qmin).to(torch.int8 if qmin < 0 else torch.uint8)
-    zeros = None if w["zeros"] is None else _from_tiles(w["zeros"], n)
-    return codes, _from_tiles(w["scales"], n), zeros
+    zeros = None if w["zeros"] is None else from_tiles(w["zeros"], n)
+    return codes, from_tiles(w["scales"], n), zeros
 
 
 def gemm_w23(x: torch.Tensor, w: dict, bias: torch.Tensor | None = None,
