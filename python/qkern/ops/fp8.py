@@ -35,18 +35,6 @@ def group_error(k: int, group_size: int | None) -> str | None:
         return f"group_size {group_size} does not divide K = {k}"
     return None
 
-LIB.define(
-    "gemm_fp8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int N, int K, int group_size, "
-    "int fmt) -> Tensor"
-)
-
-
-@torch.library.register_fake("qkern::gemm_fp8")
-def _(x, w, scales, bias, N, K, group_size, fmt):
-    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_fp8: x must be (M, K)")
-    return x.new_empty((x.shape[0], N), dtype=torch.float32)
-
-
 def _np(t: torch.Tensor | None):
     return None if t is None else t.detach().contiguous().numpy()
 

@@ -22,10 +22,11 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from . import checks
 from .schemas import LIB
 
-__all__ = ["cpu_group_error", "dq_scales", "gemm_lut4", "gemm_lut4_dq", "group_error",
-           "pack_weight", "pack_weight_dq"]
+__all__ = ["cpu_group_error", "cuda_group_error", "dq_scales", "gemm_lut4", "gemm_lut4_dq",
+           "group_error", "pack_weight", "pack_weight_dq"]
 
 # The AVX2 GEMM decodes W in tiles of 512 columns (csrc/cpu/gemm_lut4_avx2.cpp kKc), a group at
 # a time, and its GEMV reads 16 codes at a time: safe for groups that are multiples of 16
@@ -46,40 +47,30 @@ def cpu_group_error(k: int, group_size: int) -> str | None:
     return None
 
 
-def group_error(k: int, group_size: int) -> str | None:
-    """Why ``pack_weight`` cannot lay out ``group_size`` with K = ``k`` (None when it can): a
-    group every device's kernel takes, a multiple of 32 dividing K and 512 (32 .. 512)."""
-    if not isinstance(group_size, int) or group_size <= 0 or group_size % 32 \
-            or TILE_COLUMNS % group_size:
-        return f"group_size must be one of 32, 64, 128, 256, 512, got {group_size!r}"
+def cuda_group_error(k: int, group_size: int) -> str | None:
+    """Why the CUDA kernels cannot take ``group_size`` (None when they can): a positive
+    multiple of 32 dividing K."""
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 32:
+        return (f"the CUDA kernels need group_size a positive multiple of 32 (32, 64, 128), "
+                f"got {group_size}")
     if k % group_size:
         return f"group_size {group_size} does not divide K = {k}"
     return None
 
-LIB.define(
-    "gemm_lut4(Tensor x, Tensor packed, Tensor scales, Tensor table, Tensor? bias, int N, "
-    "int K, int group_size) -> Tensor"
-)
 
-
-@torch.library.register_fake("qkern::gemm_lut4")
-def _(x, packed, scales, table, bias, N, K, group_size):
-    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_lut4: x must be (M, K)")
-    return x.new_empty((x.shape[0], N), dtype=torch.float32)
+def group_error(k: int, group_size: int) -> str | None:
+    """Why ``pack_weight`` (and so QuantLinear's lut4 kernels) cannot take ``group_size`` with
+    K = ``k`` (None when it can): a group every device takes, 32, 64, 128, 256 or 512."""
+    return cuda_group_error(k, group_size) or cpu_group_error(k, group_size)
 
 
 def _np(t: torch.Tensor | None):
     return None if t is None else t.detach().contiguous().numpy()
 
 
-def _check_group_cpu(op: str, K: int, group_size: int) -> None:
-    err = cpu_group_error(K, group_size)
-    if err is not None:
-        raise ValueError(f"{op}: {err}")
-
-
 def _gemm_lut4_cpu(x, packed, scales, table, bias, N, K, group_size):
-    _check_group_cpu("gemm_lut4", K, group_size)
+    checks.gemm_lut4("gemm_lut4", x, packed, scales, table, bias, N, K, group_size,
+                     cpu_group_error)
     y = _C.gemm_lut4(_np(x.float()), _np(packed), _np(scales.float()), _np(table.float()),
                      _np(None if bias is None else bias.float()), N, K, group_size)
     return torch.from_numpy(y)
@@ -87,21 +78,10 @@ def _gemm_lut4_cpu(x, packed, scales, table, bias, N, K, group_size):
 
 LIB.impl("gemm_lut4", _gemm_lut4_cpu, "CPU")
 
-LIB.define(
-    "gemm_lut4_dq(Tensor x, Tensor packed, Tensor qscales, Tensor scale2, Tensor mean, "
-    "Tensor table, Tensor? bias, int N, int K, int group_size, int dq_group) -> Tensor"
-)
-
-
-@torch.library.register_fake("qkern::gemm_lut4_dq")
-def _(x, packed, qscales, scale2, mean, table, bias, N, K, group_size, dq_group):
-    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_lut4_dq: x must be (M, K)")
-    return x.new_empty((x.shape[0], N), dtype=torch.float32)
-
-
 def _gemm_lut4_dq_cpu(x, packed, qscales, scale2, mean, table, bias, N, K, group_size,
                       dq_group):
-    _check_group_cpu("gemm_lut4_dq", K, group_size)
+    checks.gemm_lut4("gemm_lut4_dq", x, packed, None, table, bias, N, K, group_size,
+                     cpu_group_error)
     if qscales.dtype != torch.int8:
         raise ValueError(f"gemm_lut4_dq: qscales must be int8 codes, got {qscales.dtype}")
     if mean.numel() != 1:

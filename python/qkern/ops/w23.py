@@ -27,24 +27,12 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from .checks import check_float_x, check_tiles
 from .cpu import NonFiniteError
 from .schemas import LIB
 from .tiles import check_group, check_scales_zeros, from_tiles, padded, parse_mode, to_tiles
-from .w4 import check_x_and_tiles
 
 __all__ = ["gemm_w23", "pack_weight", "unpack_weight"]
-
-
-LIB.define(
-    "gemm_w23(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int N, "
-    "int K, int group_size, int bits, int qmin, int mode) -> Tensor"
-)
-
-
-@torch.library.register_fake("qkern::gemm_w23")
-def _(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
-    torch._check(x.dim() >= 1 and x.shape[-1] == K, lambda: "gemm_w23: x must be (..., K)")
-    return x.new_empty((*x.shape[:-1], N), dtype=torch.float32)
 
 
 def _np(t: torch.Tensor | None, dtype: torch.dtype):
@@ -52,7 +40,8 @@ def _np(t: torch.Tensor | None, dtype: torch.dtype):
 
 
 def _gemm_w23_cpu(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
-    check_x_and_tiles("gemm_w23", x, scales, zeros, N, K, group_size)
+    check_float_x("gemm_w23", x, K)
+    check_tiles("gemm_w23", scales, zeros, N, K, group_size)
     y, bad = _C.gemm_w23(_np(x, torch.float32), _np(packed, torch.uint8),
                          _np(scales, torch.float32), _np(zeros, torch.int32),
                          _np(bias, torch.float32), N, K, group_size, bits, qmin, mode)

@@ -26,31 +26,12 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from . import checks
 from .cpu import NonFiniteError
 from .schemas import LIB
-from .tiles import (
-    check_group,
-    check_scales_zeros,
-    from_tiles,
-    padded,
-    parse_mode,
-    tile_shape,
-    to_tiles,
-)
+from .tiles import check_group, check_scales_zeros, from_tiles, padded, parse_mode, to_tiles
 
 __all__ = ["gemm_w4", "pack_weight", "unpack_weight"]
-
-LIB.define(
-    "gemm_w4(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int N, "
-    "int K, int group_size, int mode) -> Tensor"
-)
-
-
-@torch.library.register_fake("qkern::gemm_w4")
-def _(x, packed, scales, zeros, bias, N, K, group_size, mode):
-    torch._check(x.dim() >= 1 and x.shape[-1] == K, lambda: "gemm_w4: x must be (..., K)")
-    return x.new_empty((*x.shape[:-1], N), dtype=torch.float32)
-
 
 def _c(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """t as a contiguous CPU tensor of dtype (the same tensor when it already is one)."""
@@ -61,27 +42,8 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None or t.numel() == 0 else t.data_ptr()
 
 
-def check_x_and_tiles(op: str, x, scales, zeros, N: int, K: int, group_size: int) -> None:
-    """The CPU ops' checks of x and of the scales / zeros tile layout (shared with gemm_w23)."""
-    if not x.is_floating_point():
-        raise ValueError(f"{op}: x must be floating point, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"{op}: x must be (..., K = {K}), got shape {tuple(x.shape)}")
-    tiles = tile_shape(N, K, group_size)
-    for name, t in (("scales", scales), ("zeros", zeros)):  # (N, K/G) would be silently wrong
-        if t is not None and tuple(t.shape) != tiles:
-            raise ValueError(f"{op}: {name} must be in pack_weight's tile layout {tiles}, "
-                             f"got shape {tuple(t.shape)}")
-
-
 def _gemm_w4_cpu(x, packed, scales, zeros, bias, N, K, group_size, mode):
-    check_x_and_tiles("gemm_w4", x, scales, zeros, N, K, group_size)
-    if packed.dtype != torch.uint8 or packed.numel() != padded(N) * K // 2:
-        raise ValueError(f"gemm_w4: packed must be pack_weight's uint8 buffer of "
-                         f"{padded(N) * K // 2} bytes for N={N}, K={K}, got {packed.dtype} "
-                         f"with {packed.numel()} elements")
-    if bias is not None and bias.numel() != N:
-        raise ValueError(f"gemm_w4: bias has {bias.numel()} elements, expected N = {N}")
+    checks.gemm_w4(x, packed, scales, zeros, bias, N, K, group_size, mode)
     x, packed, scales = _c(x, torch.float32), packed.contiguous(), _c(scales, torch.float32)
     zeros, bias = _c(zeros, torch.int32), _c(bias, torch.float32)
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
