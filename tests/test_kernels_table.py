@@ -179,3 +179,34 @@ def test_lut4_group_rule_is_the_ops():
     with pytest.raises(ValueError, match="multiple of 16 dividing 512"):
         torch.ops.qkern.gemm_lut4(torch.ones(1, 768), p["packed"], torch.ones(4, 2),
                                   torch.zeros(16), None, 4, 768, 384)
+
+
+def test_enums_come_from_C():
+    """The enum values the ops take are exported by qkern._C; the Python names match them."""
+    import importlib
+
+    from qkern import formats
+    from qkern.ops import checks
+
+    Q = importlib.import_module("qkern.quantize")  # the module (qkern.quantize is a function)
+
+    assert tuple(qkern._C.ROUNDINGS) == Q.ROUNDINGS
+    assert list(qkern._C.ROUNDINGS.values()) == list(range(len(Q.ROUNDINGS)))
+    assert tuple(qkern._C.QUANTIZERS) == Q.QUANTIZERS
+    assert list(qkern._C.QUANTIZERS.values()) == list(range(len(Q.QUANTIZERS)))
+    assert qkern._C.NUM_ROUNDINGS == len(Q.ROUNDINGS)
+    rules = qkern._C.SCALE_RULES
+    assert (formats.SCALE_ABSMAX, formats.SCALE_MINMAX, formats.SCALE_POW2_MX,
+            formats.SCALE_MEANABS) == (rules["absmax"], rules["minmax"], rules["pow2_mx"],
+                                       rules["meanabs"])
+    assert checks.AFFINE_RULES == (0, 1, 2, 3) and checks.CODEBOOK_RULES == (0, 2, 3)
+
+
+def test_lut4_binding_refuses_unsafe_groups():
+    """The binding itself refuses groups the AVX2 paths cannot read safely."""
+    import numpy as np
+
+    x = np.zeros((1, 768), np.float32)
+    with pytest.raises(ValueError, match="multiple of 16 dividing 512"):
+        qkern._C.gemm_lut4(x, np.zeros(4 * 384, np.uint8), np.ones(8, np.float32),
+                           np.zeros(16, np.float32), None, 4, 768, 384)

@@ -21,6 +21,15 @@ void expect(bool ok, const std::string& msg) {
   if (!ok) throw py::value_error("gemm_lut4: " + msg);
 }
 
+// The AVX2 GEMV reads 16 codes at a time and the AVX2 GEMM decodes tiles of 512 columns a
+// group at a time: any other group would read or write out of bounds (python/qkern/ops/lut4.py
+// cpu_group_error states the same rule).
+void check_group(int64_t group) {
+  expect(group % 16 == 0 && 512 % group == 0,
+         "group_size must be a multiple of 16 dividing 512 (16, 32, 64, 128, 256, 512), got " +
+             std::to_string(group));
+}
+
 void expect_size(const py::array& a, int64_t want, const char* name) {
   expect(a.size() == want, std::string(name) + " has " + std::to_string(a.size()) +
                                " elements, expected " + std::to_string(want));
@@ -30,9 +39,10 @@ py::array_t<float> gemm_lut4(const F32& x, const U8& packed, const F32& scales, 
                              const std::optional<F32>& bias, int64_t n, int64_t k,
                              int64_t group) {
   expect(n >= 0 && k > 0, "N must be >= 0 and K > 0");
-  expect(group > 0 && group % 8 == 0, "group_size must be a positive multiple of 8");
+  expect(group > 0, "group_size must be positive");
   expect(k % group == 0, "group_size " + std::to_string(group) + " does not divide K = " +
                              std::to_string(k));
+  check_group(group);
   expect(x.ndim() == 2 && x.shape(1) == k, "x must be 2-D (M, K) with K = " + std::to_string(k));
   expect_size(packed, n * (k / 2), "packed");
   expect_size(scales, n * (k / group), "scales");
@@ -54,9 +64,10 @@ py::array_t<float> gemm_lut4_dq(const F32& x, const U8& packed, const I8& qscale
                                 const std::optional<F32>& bias, int64_t n, int64_t k,
                                 int64_t group, int64_t dq_group) {
   expect(n >= 0 && k > 0, "N must be >= 0 and K > 0");
-  expect(group > 0 && group % 8 == 0, "group_size must be a positive multiple of 8");
+  expect(group > 0, "group_size must be positive");
   expect(k % group == 0, "group_size " + std::to_string(group) + " does not divide K = " +
                              std::to_string(k));
+  check_group(group);
   expect(dq_group > 0, "dq_group (blocks per second-level scale) must be positive, got " +
                            std::to_string(dq_group));
   expect(x.ndim() == 2 && x.shape(1) == k, "x must be 2-D (M, K) with K = " + std::to_string(k));

@@ -84,6 +84,27 @@ PYBIND11_MODULE(_C, m) {
   for (auto init : qk::bind::inits()) init(m);  // the other binding files
   m.doc() = "qkern CPU kernels (torch-free)";
 
+  // The enum values the ops take, by name: the Python side reads these instead of copying them.
+  py::dict roundings, quantizers, scale_rules;
+  roundings["nearest_even"] = static_cast<int>(qk::kNearestEven);
+  roundings["half_away"] = static_cast<int>(qk::kHalfAway);
+  roundings["half_up"] = static_cast<int>(qk::kHalfUp);
+  roundings["floor"] = static_cast<int>(qk::kFloor);
+  roundings["ceil"] = static_cast<int>(qk::kCeil);
+  roundings["trunc"] = static_cast<int>(qk::kTrunc);
+  roundings["stochastic"] = static_cast<int>(qk::kStochastic);
+  quantizers["midtread"] = static_cast<int>(qk::kMidTread);
+  quantizers["midrise"] = static_cast<int>(qk::kMidRise);
+  quantizers["deadzone"] = static_cast<int>(qk::kDeadZone);
+  scale_rules["absmax"] = static_cast<int>(qk::kScaleAbsMax);
+  scale_rules["minmax"] = static_cast<int>(qk::kScaleMinMax);
+  scale_rules["pow2_mx"] = static_cast<int>(qk::kScalePow2MX);
+  scale_rules["meanabs"] = static_cast<int>(qk::kScaleMeanAbs);
+  m.attr("ROUNDINGS") = roundings;
+  m.attr("QUANTIZERS") = quantizers;
+  m.attr("SCALE_RULES") = scale_rules;
+  m.attr("NUM_ROUNDINGS") = qk::kNumRoundings;
+
   m.def("cpu_has_avx2", &qk::cpu_has_avx2);
   m.def("get_isa", [] { return std::string(qk::active_isa() == qk::kIsaAvx2 ? "avx2" : "scalar"); });
   m.def("set_isa", [](const std::string& isa) {

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import torch
 
+from .. import _C
 from .tiles import check_group, padded, tile_shape
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-AFFINE_RULES = (0, 1, 2, 3)  # absmax, minmax, pow2 (MX), mean|x|
-CODEBOOK_RULES = (0, 2, 3)  # absmax, pow2 (MX), mean|x|
-NUM_ROUNDINGS = 7
-NUM_SHAPES = 3  # midtread, midrise, deadzone
+# the enum values of csrc/core, exported by name from qkern._C
+AFFINE_RULES = tuple(_C.SCALE_RULES.values())  # absmax, minmax, pow2 (MX), mean|x|
+CODEBOOK_RULES = tuple(v for k, v in _C.SCALE_RULES.items() if k != "minmax")  # no zero point
+NUM_ROUNDINGS = _C.NUM_ROUNDINGS
 
 
 # ---- element-wise quantize / dequantize / packing ops -----------------------------------------
@@ -32,7 +33,7 @@ def check_len(t: torch.Tensor, want: int, name: str) -> None:
 def check_rounding(rounding: int, shape: int = 0) -> None:
     if not 0 <= rounding < NUM_ROUNDINGS:
         raise ValueError("unknown rounding mode id")
-    if not 0 <= shape < NUM_SHAPES:
+    if shape not in _C.QUANTIZERS.values():
         raise ValueError("unknown quantizer id")
 
 
