@@ -204,9 +204,7 @@ def test_enums_come_from_C():
 
 def test_lut4_binding_refuses_unsafe_groups():
     """The binding itself refuses groups the AVX2 paths cannot read safely."""
-    import numpy as np
-
-    x = np.zeros((1, 768), np.float32)
-    with pytest.raises(ValueError, match="multiple of 16 dividing 512"):
-        qkern._C.gemm_lut4(x, np.zeros(4 * 384, np.uint8), np.ones(8, np.float32),
-                           np.zeros(16, np.float32), None, 4, 768, 384)
+    for raw, args in ((qkern._C.gemm_lut4_raw, (0, 1, 0, 0, 0, 0, 4, 768, 384, 0)),
+                      (qkern._C.gemm_lut4_dq_raw, (0, 1, 0, 0, 0, 0.0, 0, 0, 4, 768, 384, 1, 0))):
+        with pytest.raises(ValueError, match="multiple of 16 dividing 512"):
+            raw(*args)

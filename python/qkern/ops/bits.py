@@ -22,6 +22,7 @@ from .. import _C
 from . import checks
 from .checks import bits_blocks as blocks
 from .checks import bits_packed_nbytes as packed_nbytes
+from .raw import contig, ptr
 from .schemas import LIB
 
 __all__ = ["blocks", "pack_binary", "pack_ternary", "packed_nbytes"]
@@ -59,20 +60,15 @@ def _out_shape(x: torch.Tensor, n: int) -> tuple[int, ...]:
     return (*x.shape[:-1], n)
 
 
-def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
-        return t
-    return t.to(torch.float32).contiguous()
-
-
 def _run_cpu(op: str, ternary: bool, x, w, alpha, bias, n: int, k: int, xnor: bool):
     checks.gemm_bits(op, x, w, alpha, bias, n, k)
-    x, w, alpha, bias = _f32(x), w.contiguous(), _f32(alpha), _f32(bias)
+    x, w = contig(x, torch.float32), w.contiguous()
+    alpha, bias = contig(alpha, torch.float32), contig(bias, torch.float32)
     y = torch.empty(_out_shape(x, n), dtype=torch.float32)
     if y.numel() == 0:
         return y
-    _C.gemm_bits_raw(ternary, x.data_ptr(), x.numel() // k, w.data_ptr(), alpha.data_ptr(),
-                     0 if bias is None else bias.data_ptr(), n, k, xnor, y.data_ptr())
+    _C.gemm_bits_raw(ternary, ptr(x), x.numel() // k, ptr(w), ptr(alpha), ptr(bias), n, k, xnor,
+                     ptr(y))
     return y
 
 

@@ -139,6 +139,26 @@ def gemm_w4(x, packed, scales, zeros, bias, N: int, K: int, group_size: int, mod
     check_size(op, bias, N, "bias")
 
 
+def gemm_w23(x, packed, scales, zeros, bias, N: int, K: int, group_size: int, bits: int,
+             qmin: int, mode: int) -> None:
+    op = "gemm_w23"
+    check_float_x(op, x, K)
+    check_tiles(op, scales, zeros, N, K, group_size)
+    if bits not in (2, 3):
+        raise ValueError(f"{op}: bits must be 2 or 3, got {bits}")
+    if N < 0:
+        raise ValueError(f"{op}: N must be >= 0, got {N}")
+    check_group(K, group_size, op)
+    if qmin != 0 and qmin != -(1 << (bits - 1)):
+        raise ValueError(f"{op}: qmin must be 0 (unsigned codes) or {-(1 << (bits - 1))} "
+                         f"(signed {bits}-bit), got {qmin}")
+    check_mode(op, mode)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"{op}: packed must be pack_weight's uint8 buffer, got {packed.dtype}")
+    check_size(op, packed, padded(N) * K * bits // 8, "packed")
+    check_size(op, bias, N, "bias")
+
+
 def gemm_lut4(op: str, x, packed, scales, table, bias, N: int, K: int, group_size: int,
               group_error) -> None:
     """gemm_lut4 / gemm_lut4_dq (``scales`` None: double-quantized, checked by the binding);
@@ -153,8 +173,51 @@ def gemm_lut4(op: str, x, packed, scales, table, bias, N: int, K: int, group_siz
                          f"{tuple(x.shape)}")
     if table.numel() < 16:
         raise ValueError(f"{op}: table needs 16 values, got {table.numel()}")
+    if packed.dtype not in (torch.uint8, torch.int8):
+        raise ValueError(f"{op}: packed must be uint8 nibbles, got {packed.dtype}")
     check_size(op, packed, N * (K // 2), "packed")
     check_size(op, scales, N * (K // group_size), "scales")
+    check_size(op, bias, N, "bias")
+
+
+def gemm_lut4_dq(x, packed, qscales, scale2, mean, table, bias, N: int, K: int,
+                 group_size: int, dq_group: int, group_error) -> None:
+    op = "gemm_lut4_dq"
+    gemm_lut4(op, x, packed, None, table, bias, N, K, group_size, group_error)
+    if dq_group <= 0:
+        raise ValueError(f"{op}: dq_group (blocks per second-level scale) must be positive, "
+                         f"got {dq_group}")
+    if qscales.dtype != torch.int8:
+        raise ValueError(f"{op}: qscales must be int8 codes, got {qscales.dtype}")
+    if mean.numel() != 1:
+        raise ValueError(f"{op}: mean must hold one value, got {mean.numel()}")
+    blocks = N * (K // group_size)
+    check_size(op, qscales, blocks, "qscales (one int8 code per block)")
+    check_size(op, scale2, (blocks + dq_group - 1) // dq_group,
+               "scale2 (one per dq_group blocks)")
+
+
+def gemm_fp8(x, w, scales, bias, N: int, K: int, group_size: int, fmt: int) -> None:
+    """group_size 0: one scale per row."""
+    op = "gemm_fp8"
+    if N < 0 or K <= 0:
+        raise ValueError(f"{op}: N must be >= 0 and K > 0, got N = {N}, K = {K}")
+    if fmt not in (0, 1):
+        raise ValueError(f"{op}: fmt must be 0 (fp8_e4m3) or 1 (fp8_e5m2), got {fmt}")
+    g = K if group_size == 0 else group_size
+    if group_size != 0:
+        if group_size <= 0 or group_size % 16:
+            raise ValueError(f"{op}: group_size must be 0 (per channel) or a positive multiple "
+                             f"of 16, got {group_size}")
+        if K % group_size:
+            raise ValueError(f"{op}: group_size {group_size} does not divide K = {K}")
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"{op}: x must be 2-D (M, K) with K = {K}")
+    if w.dtype != torch.uint8:
+        raise ValueError(f"{op}: w must be uint8 FP8 codes, got {w.dtype}")
+    check_size(op, w, N * K, "w (N * K codes)")
+    check_size(op, scales, N * (K // g),
+               "scales (one per row)" if group_size == 0 else "scales (N * K / G)")
     check_size(op, bias, N, "bias")
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from . import checks
+from .raw import contig, ptr
 from .schemas import LIB
 
 __all__ = ["FORMATS", "GROUP_SIZES", "gemm_fp8", "group_error", "pack_weight"]
@@ -35,16 +37,14 @@ def group_error(k: int, group_size: int | None) -> str | None:
         return f"group_size {group_size} does not divide K = {k}"
     return None
 
-def _np(t: torch.Tensor | None):
-    return None if t is None else t.detach().contiguous().numpy()
-
-
 def _gemm_fp8_cpu(x, w, scales, bias, N, K, group_size, fmt):
-    if w.dtype != torch.uint8:
-        raise ValueError(f"gemm_fp8: w must be uint8 FP8 codes, got {w.dtype}")
-    y = _C.gemm_fp8(_np(x.float()), _np(w), _np(scales.float()),
-                    _np(None if bias is None else bias.float()), N, K, group_size, fmt)
-    return torch.from_numpy(y)
+    checks.gemm_fp8(x, w, scales, bias, N, K, group_size, fmt)
+    x, w, scales = contig(x, torch.float32), w.contiguous(), contig(scales, torch.float32)
+    bias = contig(bias, torch.float32)
+    y = torch.empty((x.shape[0], N), dtype=torch.float32)
+    _C.gemm_fp8_raw(ptr(x), x.shape[0], ptr(w), ptr(scales), ptr(bias), N, K, group_size, fmt,
+                    ptr(y))
+    return y
 
 
 LIB.impl("gemm_fp8", _gemm_fp8_cpu, "CPU")
@@ -94,7 +94,7 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int | Non
     s = scales.detach().float().reshape(n, ng).contiguous()
     if g == 0:
         s = s.reshape(n)
-    w = torch.from_numpy(_C.pack_fp8(_np(c)))
+    w = torch.from_numpy(_C.pack_fp8(c.detach().contiguous().numpy()))
     return {"w": w, "scales": s, "N": n, "K": k, "group_size": g, "fmt": f}
 
 

@@ -23,6 +23,7 @@ import torch
 
 from .. import _C
 from . import checks
+from .raw import contig, ptr
 from .schemas import LIB
 
 __all__ = ["cpu_group_error", "cuda_group_error", "dq_scales", "gemm_lut4", "gemm_lut4_dq",
@@ -64,32 +65,32 @@ def group_error(k: int, group_size: int) -> str | None:
     return cuda_group_error(k, group_size) or cpu_group_error(k, group_size)
 
 
-def _np(t: torch.Tensor | None):
-    return None if t is None else t.detach().contiguous().numpy()
-
-
 def _gemm_lut4_cpu(x, packed, scales, table, bias, N, K, group_size):
     checks.gemm_lut4("gemm_lut4", x, packed, scales, table, bias, N, K, group_size,
                      cpu_group_error)
-    y = _C.gemm_lut4(_np(x.float()), _np(packed), _np(scales.float()), _np(table.float()),
-                     _np(None if bias is None else bias.float()), N, K, group_size)
-    return torch.from_numpy(y)
+    x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
+    table, bias = contig(table, torch.float32), contig(bias, torch.float32)
+    y = torch.empty((x.shape[0], N), dtype=torch.float32)
+    _C.gemm_lut4_raw(ptr(x), x.shape[0], ptr(packed), ptr(scales), ptr(table), ptr(bias), N, K,
+                     group_size, ptr(y))
+    return y
 
 
 LIB.impl("gemm_lut4", _gemm_lut4_cpu, "CPU")
 
+
 def _gemm_lut4_dq_cpu(x, packed, qscales, scale2, mean, table, bias, N, K, group_size,
                       dq_group):
-    checks.gemm_lut4("gemm_lut4_dq", x, packed, None, table, bias, N, K, group_size,
-                     cpu_group_error)
-    if qscales.dtype != torch.int8:
-        raise ValueError(f"gemm_lut4_dq: qscales must be int8 codes, got {qscales.dtype}")
-    if mean.numel() != 1:
-        raise ValueError(f"gemm_lut4_dq: mean must hold one value, got {mean.numel()}")
-    y = _C.gemm_lut4_dq(_np(x.float()), _np(packed), _np(qscales), _np(scale2.float()),
-                        float(mean.float().reshape(())), _np(table.float()),
-                        _np(None if bias is None else bias.float()), N, K, group_size, dq_group)
-    return torch.from_numpy(y)
+    checks.gemm_lut4_dq(x, packed, qscales, scale2, mean, table, bias, N, K, group_size,
+                        dq_group, cpu_group_error)
+    x, packed, qscales = contig(x, torch.float32), packed.contiguous(), qscales.contiguous()
+    scale2, table = contig(scale2, torch.float32), contig(table, torch.float32)
+    bias = contig(bias, torch.float32)
+    y = torch.empty((x.shape[0], N), dtype=torch.float32)
+    _C.gemm_lut4_dq_raw(ptr(x), x.shape[0], ptr(packed), ptr(qscales), ptr(scale2),
+                        float(mean.float().reshape(())), ptr(table), ptr(bias), N, K,
+                        group_size, dq_group, ptr(y))
+    return y
 
 
 LIB.impl("gemm_lut4_dq", _gemm_lut4_dq_cpu, "CPU")

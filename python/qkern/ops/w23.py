@@ -27,28 +27,26 @@ from __future__ import annotations
 import torch
 
 from .. import _C
-from .checks import check_float_x, check_tiles
+from . import checks
 from .cpu import NonFiniteError
+from .raw import contig, ptr
 from .schemas import LIB
 from .tiles import check_group, check_scales_zeros, from_tiles, padded, parse_mode, to_tiles
 
 __all__ = ["gemm_w23", "pack_weight", "unpack_weight"]
 
 
-def _np(t: torch.Tensor | None, dtype: torch.dtype):
-    return None if t is None else t.detach().to(dtype).contiguous().numpy()
-
-
 def _gemm_w23_cpu(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
-    check_float_x("gemm_w23", x, K)
-    check_tiles("gemm_w23", scales, zeros, N, K, group_size)
-    y, bad = _C.gemm_w23(_np(x, torch.float32), _np(packed, torch.uint8),
-                         _np(scales, torch.float32), _np(zeros, torch.int32),
-                         _np(bias, torch.float32), N, K, group_size, bits, qmin, mode)
+    checks.gemm_w23(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode)
+    x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
+    zeros, bias = contig(zeros, torch.int32), contig(bias, torch.float32)
+    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
+    bad = _C.gemm_w23_raw(ptr(x), x.numel() // K, ptr(packed), ptr(scales), ptr(zeros),
+                          ptr(bias), N, K, group_size, bits, qmin, mode, ptr(y))
     if bad:
         raise NonFiniteError("gemm_w23: x contains NaN or Inf (the fast mode quantizes x to "
                              "int8; use mode=0 (exact) to propagate them)")
-    return torch.from_numpy(y).view(*x.shape[:-1], N)
+    return y
 
 
 LIB.impl("gemm_w23", _gemm_w23_cpu, "CPU")

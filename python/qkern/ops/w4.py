@@ -28,28 +28,19 @@ import torch
 from .. import _C
 from . import checks
 from .cpu import NonFiniteError
+from .raw import contig, ptr
 from .schemas import LIB
 from .tiles import check_group, check_scales_zeros, from_tiles, padded, parse_mode, to_tiles
 
 __all__ = ["gemm_w4", "pack_weight", "unpack_weight"]
 
-def _c(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """t as a contiguous CPU tensor of dtype (the same tensor when it already is one)."""
-    return None if t is None else t.detach().to(dtype).contiguous()
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None or t.numel() == 0 else t.data_ptr()
-
-
 def _gemm_w4_cpu(x, packed, scales, zeros, bias, N, K, group_size, mode):
     checks.gemm_w4(x, packed, scales, zeros, bias, N, K, group_size, mode)
-    x, packed, scales = _c(x, torch.float32), packed.contiguous(), _c(scales, torch.float32)
-    zeros, bias = _c(zeros, torch.int32), _c(bias, torch.float32)
+    x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
+    zeros, bias = contig(zeros, torch.int32), contig(bias, torch.float32)
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
-    # data_ptr()s of the checked tensors: no numpy round trip per call (decode runs dozens)
-    bad = _C.gemm_w4_raw(x.data_ptr(), x.numel() // K, packed.data_ptr(), scales.data_ptr(),
-                         _ptr(zeros), _ptr(bias), N, K, group_size, mode, y.data_ptr())
+    bad = _C.gemm_w4_raw(ptr(x), x.numel() // K, ptr(packed), ptr(scales), ptr(zeros),
+                         ptr(bias), N, K, group_size, mode, ptr(y))
     if bad:
         raise NonFiniteError("gemm_w4: x contains NaN or Inf (the fast mode quantizes x to "
                              "int8; use mode=0 (exact) to propagate them)")

@@ -22,6 +22,7 @@ from .. import _C
 from . import checks
 from .checks import w8_packed_nbytes as packed_nbytes
 from .cpu import NonFiniteError
+from .raw import contig, ptr
 from .schemas import LIB
 
 __all__ = ["gemm_s8s8_s32", "gemm_w8a8", "gemm_w8a16", "pack_w8", "packed_nbytes", "unpack_w8"]
@@ -51,21 +52,16 @@ def unpack_w8(packed_w: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return torch.from_numpy(_C.unpack_w8(packed_w.contiguous().numpy(), N, K)).view(N, K)
 
 
-def _c32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().to(torch.float32).contiguous()
-
-
 def _gemm(a8: bool, x, packed_w, w_scale, bias, N, K):
     checks.gemm_w8("gemm_w8a8" if a8 else "gemm_w8a16", x, packed_w, w_scale, bias, N, K)
-    xf, w, sw, b = _c32(x), packed_w.detach().contiguous(), _c32(w_scale), _c32(bias)
+    xf, w = contig(x, torch.float32), packed_w.detach().contiguous()
+    sw, b = contig(w_scale, torch.float32), contig(bias, torch.float32)
     m = math.prod(x.shape[:-1])
     if K == 0 or m == 0 or N == 0:  # nothing to read: y = 0 * sw (+ bias), as defined
         y = torch.zeros(_out_shape(x, N), dtype=torch.float32) * sw
         return (y if b is None else y + b).to(x.dtype)
     y = torch.empty(_out_shape(x, N), dtype=torch.float32)
-    # data_ptr()s of the checked tensors: no numpy round trip per call (decode runs dozens)
-    bad = _C.gemm_w8_raw(a8, xf.data_ptr(), m, w.data_ptr(), sw.data_ptr(),
-                         0 if b is None else b.data_ptr(), N, K, y.data_ptr())
+    bad = _C.gemm_w8_raw(a8, ptr(xf), m, ptr(w), ptr(sw), ptr(b), N, K, ptr(y))
     if bad:
         raise NonFiniteError("gemm_w8a8: x contains NaN or Inf")
     return y.to(x.dtype)
