@@ -12,7 +12,6 @@ from .tiles import check_group, padded, tile_shape
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # the enum values of csrc/core, exported by name from qkern._C
 AFFINE_RULES = tuple(_C.SCALE_RULES.values())  # absmax, minmax, pow2 (MX), mean|x|
-CODEBOOK_RULES = tuple(v for k, v in _C.SCALE_RULES.items() if k != "minmax")  # no zero point
 NUM_ROUNDINGS = _C.NUM_ROUNDINGS
 
 
@@ -76,6 +75,70 @@ def check_unpack(packed: torch.Tensor, bits: int, n: int) -> None:
     if packed.numel() < need:
         raise ValueError(f"packed buffer too short: {packed.numel()} bytes, {n} codes of {bits} "
                          f"bits need {need}")
+
+
+# ---- the element-wise ops, whole (CPU and CUDA implementations call these) ----------------------
+
+def quantize_affine(n: int, scale, zero_point, group_size: int, qmin: int, qmax: int,
+                    rounding: int, shape: int) -> None:
+    what = "quantize_affine"
+    check_groups(n, group_size, what)
+    check_len(scale, n // group_size, "scale")
+    if zero_point is not None:
+        check_len(zero_point, n // group_size, "zero_point")
+    check_rounding(rounding, shape)
+    check_code_range(qmin, qmax)
+    check_zero_points(zero_point, qmin, qmax)
+
+
+def quantize_affine_dynamic(n: int, group_size: int, qmin: int, qmax: int, rule: int,
+                            qpos: float, rounding: int, shape: int) -> None:
+    what = "quantize_affine_dynamic"
+    check_groups(n, group_size, what)
+    check_rounding(rounding, shape)
+    check_code_range(qmin, qmax)
+    check_rule(rule, AFFINE_RULES, what)
+    if rule == _C.SCALE_RULES["absmax"] and not qpos > 0.0:
+        raise ValueError("qpos must be > 0")
+
+
+def dequantize_affine(n: int, scale, zero_point, group_size: int, is_signed: bool) -> None:
+    check_groups(n, group_size, "dequantize_affine")
+    check_len(scale, n // group_size, "scale")
+    if zero_point is not None:
+        check_len(zero_point, n // group_size, "zero_point")
+        check_zero_points(zero_point, -128 if is_signed else 0, 127 if is_signed else 255)
+
+
+def quantize_codebook(n: int, scale, values, value_codes, group_size: int,
+                      rounding: int) -> int:
+    """Returns the number of codebook values."""
+    check_groups(n, group_size, "quantize_codebook")
+    check_len(scale, n // group_size, "scale")
+    nv = check_codebook(values, value_codes)
+    check_rounding(rounding)
+    return nv
+
+
+def quantize_codebook_dynamic(n: int, values, value_codes, group_size: int, rule: int,
+                              max_value: float, rounding: int) -> int:
+    """Returns the number of codebook values."""
+    what = "quantize_codebook_dynamic"
+    check_groups(n, group_size, what)
+    check_rule(rule, AFFINE_RULES, what)
+    if rule == _C.SCALE_RULES["minmax"]:
+        raise ValueError("codebook formats have no min/max (zero-point) scale rule")
+    if rule == _C.SCALE_RULES["absmax"] and not max_value > 0.0:
+        raise ValueError("max_value must be > 0")
+    nv = check_codebook(values, value_codes)
+    check_rounding(rounding)
+    return nv
+
+
+def dequantize_lut(n: int, scale, lut, group_size: int) -> None:
+    check_groups(n, group_size, "dequantize_lut")
+    check_len(scale, n // group_size, "scale")
+    check_len(lut, 256, "lut")
 
 
 # ---- packed sizes -------------------------------------------------------------------------------

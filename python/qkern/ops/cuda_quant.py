@@ -61,12 +61,6 @@ def stream(dev: torch.device) -> int:
     return torch.cuda.current_stream(dev).cuda_stream
 
 
-def _table(values, value_codes, dev):
-    values = as_device(values, torch.float32, values.device)  # checked where it lives (often CPU)
-    n = checks.check_codebook(values, value_codes)
-    return as_device(values, torch.float32, dev), as_device(value_codes, torch.uint8, dev), n
-
-
 def raise_if_bad(bad: torch.Tensor) -> None:
     if int(bad.item()):
         raise NonFiniteError("input contains NaN or Inf")
@@ -75,15 +69,9 @@ def raise_if_bad(bad: torch.Tensor) -> None:
 def quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shape, dz_half, seed):
     x = main_tensor(x, torch.float32, "quantize_affine")
     dev, n = x.device, x.numel()
-    checks.check_groups(n, group_size, "quantize_affine")
     scale = as_device(scale, torch.float32, dev)
     zero_point = as_device(zero_point, torch.int32, dev)
-    checks.check_len(scale, n // group_size, "scale")
-    if zero_point is not None:
-        checks.check_len(zero_point, n // group_size, "zero_point")
-        checks.check_zero_points(zero_point, qmin, qmax)
-    checks.check_rounding(rounding, shape)
-    checks.check_code_range(qmin, qmax)
+    checks.quantize_affine(n, scale, zero_point, group_size, qmin, qmax, rounding, shape)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     bad = torch.empty(1, dtype=torch.int32, device=dev)
     with torch.cuda.device(dev):
@@ -98,10 +86,7 @@ def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, roundin
                             dz_half, seed):
     x = main_tensor(x, torch.float32, "quantize_affine_dynamic")
     dev, n = x.device, x.numel()
-    checks.check_groups(n, group_size, "quantize_affine_dynamic")
-    checks.check_rounding(rounding, shape)
-    checks.check_rule(rule, checks.AFFINE_RULES, "quantize_affine_dynamic")
-    checks.check_code_range(qmin, qmax)
+    checks.quantize_affine_dynamic(n, group_size, qmin, qmax, rule, qpos, rounding, shape)
     g = n // group_size
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     scale = torch.empty(g, dtype=torch.float32, device=dev)
@@ -119,13 +104,9 @@ def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, roundin
 def dequantize_affine(codes, scale, zero_point, group_size, is_signed, offset):
     codes = main_tensor(codes, torch.uint8, "dequantize_affine")
     dev, n = codes.device, codes.numel()
-    checks.check_groups(n, group_size, "dequantize_affine")
     scale = as_device(scale, torch.float32, dev)
     zero_point = as_device(zero_point, torch.int32, dev)
-    checks.check_len(scale, n // group_size, "scale")
-    if zero_point is not None:
-        checks.check_len(zero_point, n // group_size, "zero_point")
-        checks.check_zero_points(zero_point, -128 if is_signed else 0, 127 if is_signed else 255)
+    checks.dequantize_affine(n, scale, zero_point, group_size, is_signed)
     out = torch.empty(codes.shape, dtype=torch.float32, device=dev)
     with torch.cuda.device(dev):
         _cuda.dequantize_affine(codes.data_ptr(), n, group_size, scale.data_ptr(),
@@ -137,11 +118,11 @@ def dequantize_affine(codes, scale, zero_point, group_size, is_signed, offset):
 def quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, rounding, seed):
     x = main_tensor(x, torch.float32, "quantize_codebook")
     dev, n = x.device, x.numel()
-    checks.check_groups(n, group_size, "quantize_codebook")
     scale = as_device(scale, torch.float32, dev)
-    checks.check_len(scale, n // group_size, "scale")
-    values, value_codes, nv = _table(values, value_codes, dev)
-    checks.check_rounding(rounding)
+    values = as_device(values, torch.float32, values.device)  # checked where it lives (often CPU)
+    nv = checks.quantize_codebook(n, scale, values, value_codes, group_size, rounding)
+    values, value_codes = as_device(values, torch.float32, dev), as_device(value_codes,
+                                                                            torch.uint8, dev)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     bad = torch.empty(1, dtype=torch.int32, device=dev)
     with torch.cuda.device(dev):
@@ -156,10 +137,11 @@ def quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule
                               emax, rounding, seed):
     x = main_tensor(x, torch.float32, "quantize_codebook_dynamic")
     dev, n = x.device, x.numel()
-    checks.check_groups(n, group_size, "quantize_codebook_dynamic")
-    values, value_codes, nv = _table(values, value_codes, dev)
-    checks.check_rounding(rounding)
-    checks.check_rule(rule, checks.CODEBOOK_RULES, "quantize_codebook_dynamic")
+    values = as_device(values, torch.float32, values.device)  # checked where it lives (often CPU)
+    nv = checks.quantize_codebook_dynamic(n, values, value_codes, group_size, rule, max_value,
+                                          rounding)
+    values, value_codes = as_device(values, torch.float32, dev), as_device(value_codes,
+                                                                            torch.uint8, dev)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     scale = torch.empty(n // group_size, dtype=torch.float32, device=dev)
     bad = torch.empty(1, dtype=torch.int32, device=dev)
@@ -176,11 +158,9 @@ def quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule
 def dequantize_lut(codes, scale, lut, group_size):
     codes = main_tensor(codes, torch.uint8, "dequantize_lut")
     dev, n = codes.device, codes.numel()
-    checks.check_groups(n, group_size, "dequantize_lut")
     scale = as_device(scale, torch.float32, dev)
     lut = as_device(lut, torch.float32, dev)
-    checks.check_len(scale, n // group_size, "scale")
-    checks.check_len(lut, 256, "lut")
+    checks.dequantize_lut(n, scale, lut, group_size)
     out = torch.empty(codes.shape, dtype=torch.float32, device=dev)
     with torch.cuda.device(dev):
         _cuda.dequantize_lut(codes.data_ptr(), n, group_size, scale.data_ptr(), lut.data_ptr(),
