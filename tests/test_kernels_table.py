@@ -14,8 +14,7 @@ from torch import nn
 import qkern
 import qkern.ops.w4 as W
 from qkern import kernels
-from qkern.nn import QuantLinear
-from qkern.nn.linear import KernelFallbackWarning
+from qkern.nn import KernelFallbackWarning, QuantLinear
 from ref_groupwise import check_exact, check_fast
 
 ISAS = ["scalar"] + (["avx2"] if qkern._C.cpu_has_avx2() else [])
