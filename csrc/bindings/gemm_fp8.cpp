@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,18 +20,12 @@ namespace py = pybind11;
 namespace {
 
 constexpr auto kFlags = py::array::c_style | py::array::forcecast;
-using F32 = py::array_t<float, kFlags>;
 using U8 = py::array_t<uint8_t, kFlags>;
 
 std::string str(int64_t v) { return std::to_string(v); }
 
 void expect(bool ok, const std::string& msg) {
   if (!ok) throw py::value_error("gemm_fp8: " + msg);
-}
-
-void expect_size(const py::array& a, int64_t want, const char* name) {
-  expect(a.size() == want, std::string(name) + " has " + str(a.size()) + " elements, expected " +
-                               str(want));
 }
 
 // group_size 0 = per output channel (one scale per row), else a multiple of 16 dividing K.
@@ -55,35 +48,29 @@ py::array_t<uint8_t> pack(const U8& codes) {
   return out;
 }
 
-py::array_t<float> gemm(const F32& x, const U8& w, const F32& scales,
-                        const std::optional<F32>& bias, int64_t n, int64_t k, int64_t group,
-                        int fmt) {
-  expect(n >= 0 && k > 0, "N must be >= 0 and K > 0, got N = " + str(n) + ", K = " + str(k));
+// gemm_fp8 over raw addresses: ops/fp8.py checks dtypes, contiguity and sizes of the torch
+// tensors (ops/checks.py) and passes data_ptr()s. bias 0: none.
+void gemm_raw(uintptr_t x, int64_t m, uintptr_t w, uintptr_t scales, uintptr_t bias, int64_t n,
+              int64_t k, int64_t group, int fmt, uintptr_t y) {
+  expect(n >= 0 && k > 0 && m >= 0,
+         "M, N must be >= 0 and K > 0, got N = " + str(n) + ", K = " + str(k));
   expect(fmt == qk::kFp8E4M3 || fmt == qk::kFp8E5M2,
          "fmt must be 0 (fp8_e4m3) or 1 (fp8_e5m2), got " + str(fmt));
   const int64_t g = effective_group(k, group);
-  expect(x.ndim() == 2 && x.shape(1) == k, "x must be 2-D (M, K) with K = " + str(k));
-  expect_size(w, n * k, "w (N * K codes)");
-  expect_size(scales, n * (k / g), group == 0 ? "scales (one per row)" : "scales (N * K / G)");
-  if (bias) expect_size(*bias, n, "bias");
-  const int64_t m = x.shape(0);
-  py::array_t<float> y({static_cast<py::ssize_t>(m), static_cast<py::ssize_t>(n)});
-  const float* bp = bias ? bias->data() : nullptr;
-  float* yp = y.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-    qk::gemm_fp8(x.data(), m, w.data(), scales.data(), bp, n, k, g, fmt, yp);
-  }
-  return y;
+  if (m == 0 || n == 0) return;
+  expect(x && w && scales && y, "null pointer");
+  py::gil_scoped_release nogil;
+  qk::gemm_fp8(reinterpret_cast<const float*>(x), m, reinterpret_cast<const uint8_t*>(w),
+               reinterpret_cast<const float*>(scales), reinterpret_cast<const float*>(bias), n,
+               k, g, fmt, reinterpret_cast<float*>(y));
 }
 
 const qk::bind::Register reg([](py::module_& m) {
+  m.def("gemm_fp8_raw", &gemm_raw, py::arg("x"), py::arg("m"), py::arg("w"), py::arg("scales"),
+        py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("fmt"),
+        py::arg("y"), "gemm_fp8 over data_ptr()s of checked contiguous tensors");
   m.def("pack_fp8", &pack, py::arg("codes"),
         "a copy of uint8 FP8 codes (N, K) in huge-page memory when large");
-  m.def("gemm_fp8", &gemm, py::arg("x"), py::arg("w"), py::arg("scales"), py::arg("bias"),
-        py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("fmt"),
-        "y = x @ (fp8_value(w) * scales)^T (+ bias); fmt 0 = E4M3, 1 = E5M2; group_size 0 = "
-        "per channel");
 });
 
 }  // namespace

@@ -8,7 +8,6 @@
 
 #include <cstdlib>
 #include <new>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,8 +20,6 @@ namespace py = pybind11;
 namespace {
 
 constexpr auto kFlags = py::array::c_style | py::array::forcecast;
-using F32 = py::array_t<float, kFlags>;
-using I32 = py::array_t<int32_t, kFlags>;
 using U8 = py::array_t<uint8_t, kFlags>;
 
 std::string str(int64_t v) { return std::to_string(v); }
@@ -79,9 +76,7 @@ py::array_t<uint8_t> unpack(const U8& packed, int64_t n, int64_t k, int bits) {
   return out;
 }
 
-py::tuple gemm(const F32& x, const U8& packed, const F32& scales,
-                        const std::optional<I32>& zeros, const std::optional<F32>& bias,
-                        int64_t n, int64_t k, int64_t group, int bits, int qmin, int mode) {
+void check_args(int64_t n, int64_t k, int64_t group, int bits, int qmin, int mode) {
   check_bits(bits, "gemm_w23");
   check_shape(n, k, group, "gemm_w23");
   if (qmin != 0 && qmin != -(1 << (bits - 1)))
@@ -90,37 +85,35 @@ py::tuple gemm(const F32& x, const U8& packed, const F32& scales,
                           str(qmin));
   if (mode != qk::kW23Exact && mode != qk::kW23Fast)
     throw py::value_error("gemm_w23: mode must be 0 (exact) or 1 (fast), got " + str(mode));
-  if (x.size() % k != 0)
-    throw py::value_error("gemm_w23: x has " + str(x.size()) +
-                          " elements, not a multiple of K = " + str(k));
-  const int64_t m = x.size() / k, np = qk::w23_padded_rows(n);
-  check_size(packed, qk::w23_packed_nbytes(n, k, bits), "packed");
-  check_size(scales, np * (k / group), "scales (tile layout, N padded to a multiple of 8)");
-  if (zeros)
-    check_size(*zeros, np * (k / group), "zeros (tile layout, N padded to a multiple of 8)");
-  if (bias) check_size(*bias, n, "bias");
-  auto y = new_array<float>({m, n});
-  const int32_t* zp = zeros ? zeros->data() : nullptr;
-  const float* bp = bias ? bias->data() : nullptr;
-  bool bad;
-  {
-    py::gil_scoped_release nogil;
-    bad = qk::gemm_w23(x.data(), m, packed.data(), scales.data(), zp, bp, n, k, group, bits, qmin,
-                       mode, y.mutable_data());
-  }
-  return py::make_tuple(y, bad);
+}
+
+// gemm_w23 over raw addresses: ops/w23.py checks dtypes, contiguity and sizes of the torch
+// tensors (ops/checks.py) and passes data_ptr()s. zeros / bias 0: none. Returns `bad`.
+bool gemm_raw(uintptr_t x, int64_t m, uintptr_t packed, uintptr_t scales, uintptr_t zeros,
+              uintptr_t bias, int64_t n, int64_t k, int64_t group, int bits, int qmin, int mode,
+              uintptr_t y) {
+  check_args(n, k, group, bits, qmin, mode);
+  if (m < 0) throw py::value_error("gemm_w23: M must be >= 0");
+  if (m == 0 || n == 0) return false;
+  if (!x || !packed || !scales || !y) throw py::value_error("gemm_w23: null pointer");
+  py::gil_scoped_release nogil;
+  return qk::gemm_w23(reinterpret_cast<const float*>(x), m,
+                      reinterpret_cast<const uint8_t*>(packed),
+                      reinterpret_cast<const float*>(scales),
+                      reinterpret_cast<const int32_t*>(zeros),
+                      reinterpret_cast<const float*>(bias), n, k, group, bits, qmin, mode,
+                      reinterpret_cast<float*>(y));
 }
 
 const qk::bind::Register reg([](py::module_& m) {
+  m.def("gemm_w23_raw", &gemm_raw, py::arg("x"), py::arg("m"), py::arg("packed"),
+        py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("n"), py::arg("k"),
+        py::arg("group"), py::arg("bits"), py::arg("qmin"), py::arg("mode"), py::arg("y"),
+        "gemm_w23 over data_ptr()s of checked contiguous tensors; returns bad");
   m.def("pack_w23", &pack, py::arg("codes"), py::arg("bits"), py::arg("group"),
         "uint8 unsigned codes (N, K) in [0, 2^bits) -> the packed 2/3-bit tile layout (flat)");
   m.def("unpack_w23", &unpack, py::arg("packed"), py::arg("n"), py::arg("k"), py::arg("bits"),
         "inverse of pack_w23: uint8 unsigned codes (N, K)");
-  m.def("gemm_w23", &gemm, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"),
-        py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("bits"),
-        py::arg("qmin"), py::arg("mode"),
-        "(y, bad): y (M, N) float32 = x (M, K) @ W^T (+ bias), W 2/3-bit group-wise (mode 0 "
-        "exact, 1 fast); bad: the fast mode met NaN/Inf in x (y unspecified)");
 });
 
 }  // namespace

@@ -8,7 +8,7 @@
 
 #include <cstdlib>
 #include <new>
-#include <optional>
+#include <cstdint>
 #include <string>
 
 #include "bindings/arrays.h"
@@ -18,10 +18,7 @@
 #include "cpu/runtime/threadpool.h"
 
 namespace py = pybind11;
-using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
-using I16 = py::array_t<int16_t, py::array::c_style | py::array::forcecast>;
 
 namespace {
 
@@ -37,10 +34,18 @@ void check_groups(int64_t n, int64_t group, const char* what) {
                           " does not divide " + std::to_string(n) + " elements");
 }
 
-void check_len(const py::array& a, int64_t want, const char* name) {
-  if (a.size() != want)
-    throw py::value_error(std::string(name) + " has " + std::to_string(a.size()) +
-                          " elements, expected " + std::to_string(want));
+template <typename T>
+const T* ptr(uintptr_t a) { return reinterpret_cast<const T*>(a); }
+
+template <typename T>
+T* out(uintptr_t a) { return reinterpret_cast<T*>(a); }
+
+void check_ptrs(bool ok) {
+  if (!ok) throw py::value_error("null pointer");
+}
+
+void check_bits(int bits) {
+  if (bits < 1 || bits > 8) throw py::value_error("bits must be in 1..8, got " + std::to_string(bits));
 }
 
 void check_code_range(int qmin, int qmax) {
@@ -51,9 +56,8 @@ void check_code_range(int qmin, int qmax) {
 
 // Zero points are used as `code - zp` in int32: keep them inside the code range so that
 // arithmetic can never overflow.
-void check_zero_points(const I32& zp, int lo, int hi) {
-  const int32_t* z = zp.data();
-  for (py::ssize_t i = 0; i < zp.size(); ++i)
+void check_zero_points(const int32_t* z, int64_t n, int lo, int hi) {
+  for (int64_t i = 0; i < n; ++i)
     if (z[i] < lo || z[i] > hi)
       throw py::value_error("zero_point " + std::to_string(z[i]) + " is outside the code range [" +
                             std::to_string(lo) + ", " + std::to_string(hi) + "]");
@@ -68,16 +72,15 @@ void check_rounding(int r, int shape) {
   if (shape < qk::kMidTread || shape > qk::kDeadZone) throw py::value_error("unknown quantizer id");
 }
 
-qk::CodebookSpec codebook_spec(const F32& values, const U8& value_codes, int sign_bit,
+qk::CodebookSpec codebook_spec(uintptr_t values, uintptr_t value_codes, int64_t n, int sign_bit,
                                int rounding, uint64_t seed) {
-  int64_t n = values.size();
   if (n < 1 || n > 256) throw py::value_error("codebook must have 1..256 values");
-  check_len(value_codes, n, "value_codes");
-  const float* v = values.data();
+  check_ptrs(values && value_codes);
+  const float* v = ptr<float>(values);
   for (int64_t i = 1; i < n; ++i)
     if (!(v[i - 1] < v[i])) throw py::value_error("codebook values must be strictly ascending");
   check_rounding(rounding, 0);
-  return {v, value_codes.data(), static_cast<int>(n), sign_bit, rounding, seed};
+  return {v, ptr<uint8_t>(value_codes), static_cast<int>(n), sign_bit, rounding, seed};
 }
 
 }  // namespace
@@ -85,6 +88,27 @@ qk::CodebookSpec codebook_spec(const F32& values, const U8& value_codes, int sig
 PYBIND11_MODULE(_C, m) {
   for (auto init : qk::bind::inits()) init(m);  // the other binding files
   m.doc() = "qkern CPU kernels (torch-free)";
+
+  // The enum values the ops take, by name: the Python side reads these instead of copying them.
+  py::dict roundings, quantizers, scale_rules;
+  roundings["nearest_even"] = static_cast<int>(qk::kNearestEven);
+  roundings["half_away"] = static_cast<int>(qk::kHalfAway);
+  roundings["half_up"] = static_cast<int>(qk::kHalfUp);
+  roundings["floor"] = static_cast<int>(qk::kFloor);
+  roundings["ceil"] = static_cast<int>(qk::kCeil);
+  roundings["trunc"] = static_cast<int>(qk::kTrunc);
+  roundings["stochastic"] = static_cast<int>(qk::kStochastic);
+  quantizers["midtread"] = static_cast<int>(qk::kMidTread);
+  quantizers["midrise"] = static_cast<int>(qk::kMidRise);
+  quantizers["deadzone"] = static_cast<int>(qk::kDeadZone);
+  scale_rules["absmax"] = static_cast<int>(qk::kScaleAbsMax);
+  scale_rules["minmax"] = static_cast<int>(qk::kScaleMinMax);
+  scale_rules["pow2_mx"] = static_cast<int>(qk::kScalePow2MX);
+  scale_rules["meanabs"] = static_cast<int>(qk::kScaleMeanAbs);
+  m.attr("ROUNDINGS") = roundings;
+  m.attr("QUANTIZERS") = quantizers;
+  m.attr("SCALE_RULES") = scale_rules;
+  m.attr("NUM_ROUNDINGS") = qk::kNumRoundings;
 
   m.def("cpu_has_avx2", &qk::cpu_has_avx2);
   m.def("get_isa", [] { return std::string(qk::active_isa() == qk::kIsaAvx2 ? "avx2" : "scalar"); });
@@ -100,144 +124,123 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("get_num_threads", &qk::get_num_threads);
 
-  m.def("quantize_affine", [](F32 x, F32 scale, std::optional<I32> zp, int64_t group, int qmin,
-                              int qmax, int rounding, int shape, float dz_half, uint64_t seed) {
-    int64_t n = x.size();
+  // The element-wise ops over raw addresses: ops/cpu.py checks the torch tensors (dtypes,
+  // contiguity, lengths: ops/checks.py) and passes data_ptr()s; 0 = none. The checks here keep
+  // the kernels' arithmetic and memory safe. The quantize ops return `bad` (NaN/Inf met).
+  m.def("quantize_affine_raw", [](uintptr_t x, int64_t n, uintptr_t scale, uintptr_t zp,
+                                  int64_t group, int qmin, int qmax, int rounding, int shape,
+                                  float dz_half, uint64_t seed, uintptr_t codes) {
     check_groups(n, group, "quantize_affine");
-    check_len(scale, n / group, "scale");
-    if (zp) check_len(*zp, n / group, "zero_point");
     check_rounding(rounding, shape);
     check_code_range(qmin, qmax);
-    if (zp) check_zero_points(*zp, qmin, qmax);
-    auto codes = new_array<uint8_t>(n);
-    const int32_t* zpp = zp ? zp->data() : nullptr;
+    if (n == 0) return false;
+    check_ptrs(x && scale && codes);
+    if (zp) check_zero_points(ptr<int32_t>(zp), n / group, qmin, qmax);
     qk::AffineSpec spec{qmin, qmax, rounding, shape, dz_half, seed};
-    bool bad;
-    {
-      py::gil_scoped_release nogil;
-      bad = qk::quantize_affine(x.data(), n, group, scale.data(), zpp, spec, codes.mutable_data());
-    }
-    return py::make_tuple(codes, bad);
+    py::gil_scoped_release nogil;
+    return qk::quantize_affine(ptr<float>(x), n, group, ptr<float>(scale), ptr<int32_t>(zp), spec,
+                               out<uint8_t>(codes));
   });
 
-  m.def("quantize_affine_dynamic", [](F32 x, int64_t group, int qmin, int qmax, int rule,
-                                      float qpos, int emax, int rounding, int shape,
-                                      float dz_half, uint64_t seed) {
-    int64_t n = x.size();
+  m.def("quantize_affine_dynamic_raw", [](uintptr_t x, int64_t n, int64_t group, int qmin,
+                                          int qmax, int rule, float qpos, int emax, int rounding,
+                                          int shape, float dz_half, uint64_t seed,
+                                          uintptr_t scale, uintptr_t zp, uintptr_t codes) {
     check_groups(n, group, "quantize_affine_dynamic");
     check_rounding(rounding, shape);
     check_code_range(qmin, qmax);
     check_rule(rule);
     if (rule == qk::kScaleAbsMax && !(qpos > 0.0f)) throw py::value_error("qpos must be > 0");
-    auto codes = new_array<uint8_t>(n);
-    auto scale = new_array<float>(n / group);
-    auto zp = new_array<int32_t>(n / group);
+    if (n == 0) return false;
+    check_ptrs(x && scale && zp && codes);
     qk::AffineSpec spec{qmin, qmax, rounding, shape, dz_half, seed};
-    bool bad;
-    {
-      py::gil_scoped_release nogil;
-      bad = qk::quantize_affine_dynamic(x.data(), n, group, spec, rule, qpos, emax,
-                                        scale.mutable_data(), zp.mutable_data(), codes.mutable_data());
-    }
-    return py::make_tuple(codes, scale, zp, bad);
-  });
-
-  m.def("dequantize_affine", [](U8 codes, F32 scale, std::optional<I32> zp, int64_t group,
-                                bool is_signed, float offset) {
-    int64_t n = codes.size();
-    check_groups(n, group, "dequantize_affine");
-    check_len(scale, n / group, "scale");
-    if (zp) check_len(*zp, n / group, "zero_point");
-    if (zp) check_zero_points(*zp, is_signed ? -128 : 0, is_signed ? 127 : 255);
-    auto out = new_array<float>(n);
-    const int32_t* zpp = zp ? zp->data() : nullptr;
     py::gil_scoped_release nogil;
-    qk::dequantize_affine(codes.data(), n, group, scale.data(), zpp, is_signed, offset,
-                          out.mutable_data());
-    return out;
+    return qk::quantize_affine_dynamic(ptr<float>(x), n, group, spec, rule, qpos, emax,
+                                       out<float>(scale), out<int32_t>(zp), out<uint8_t>(codes));
   });
 
-  m.def("quantize_codebook", [](F32 x, F32 scale, F32 values, U8 value_codes, int sign_bit,
-                                int64_t group, int rounding, uint64_t seed) {
-    int64_t n = x.size();
+  m.def("dequantize_affine_raw", [](uintptr_t codes, int64_t n, uintptr_t scale, uintptr_t zp,
+                                    int64_t group, bool is_signed, float offset, uintptr_t y) {
+    check_groups(n, group, "dequantize_affine");
+    if (n == 0) return;
+    check_ptrs(codes && scale && y);
+    if (zp) check_zero_points(ptr<int32_t>(zp), n / group, is_signed ? -128 : 0, is_signed ? 127 : 255);
+    py::gil_scoped_release nogil;
+    qk::dequantize_affine(ptr<uint8_t>(codes), n, group, ptr<float>(scale), ptr<int32_t>(zp),
+                          is_signed, offset, out<float>(y));
+  });
+
+  m.def("quantize_codebook_raw", [](uintptr_t x, int64_t n, uintptr_t scale, uintptr_t values,
+                                    uintptr_t value_codes, int64_t nv, int sign_bit, int64_t group,
+                                    int rounding, uint64_t seed, uintptr_t codes) {
     check_groups(n, group, "quantize_codebook");
-    check_len(scale, n / group, "scale");
-    auto spec = codebook_spec(values, value_codes, sign_bit, rounding, seed);
-    auto codes = new_array<uint8_t>(n);
-    bool bad;
-    {
-      py::gil_scoped_release nogil;
-      bad = qk::quantize_codebook(x.data(), n, group, scale.data(), spec, codes.mutable_data());
-    }
-    return py::make_tuple(codes, bad);
+    auto spec = codebook_spec(values, value_codes, nv, sign_bit, rounding, seed);
+    if (n == 0) return false;
+    check_ptrs(x && scale && codes);
+    py::gil_scoped_release nogil;
+    return qk::quantize_codebook(ptr<float>(x), n, group, ptr<float>(scale), spec,
+                                 out<uint8_t>(codes));
   });
 
-  m.def("quantize_codebook_dynamic", [](F32 x, F32 values, U8 value_codes, int sign_bit,
-                                        int64_t group, int rule, float max_value, int emax,
-                                        int rounding, uint64_t seed) {
-    int64_t n = x.size();
+  m.def("quantize_codebook_dynamic_raw", [](uintptr_t x, int64_t n, uintptr_t values,
+                                            uintptr_t value_codes, int64_t nv, int sign_bit,
+                                            int64_t group, int rule, float max_value, int emax,
+                                            int rounding, uint64_t seed, uintptr_t scale,
+                                            uintptr_t codes) {
     check_groups(n, group, "quantize_codebook_dynamic");
     check_rule(rule);
     if (rule == qk::kScaleMinMax) throw py::value_error("codebook formats have no min/max (zero-point) scale rule");
     if (rule == qk::kScaleAbsMax && !(max_value > 0.0f)) throw py::value_error("max_value must be > 0");
-    auto spec = codebook_spec(values, value_codes, sign_bit, rounding, seed);
-    auto codes = new_array<uint8_t>(n);
-    auto scale = new_array<float>(n / group);
-    bool bad;
-    {
-      py::gil_scoped_release nogil;
-      bad = qk::quantize_codebook_dynamic(x.data(), n, group, spec, rule, max_value, emax,
-                                          scale.mutable_data(), codes.mutable_data());
-    }
-    return py::make_tuple(codes, scale, bad);
+    auto spec = codebook_spec(values, value_codes, nv, sign_bit, rounding, seed);
+    if (n == 0) return false;
+    check_ptrs(x && scale && codes);
+    py::gil_scoped_release nogil;
+    return qk::quantize_codebook_dynamic(ptr<float>(x), n, group, spec, rule, max_value, emax,
+                                         out<float>(scale), out<uint8_t>(codes));
   });
 
-  m.def("dequantize_lut", [](U8 codes, F32 scale, F32 lut, int64_t group) {
-    int64_t n = codes.size();
+  m.def("dequantize_lut_raw", [](uintptr_t codes, int64_t n, uintptr_t scale, uintptr_t lut,
+                                 int64_t group, uintptr_t y) {
     check_groups(n, group, "dequantize_lut");
-    check_len(scale, n / group, "scale");
-    check_len(lut, 256, "lut");
-    auto out = new_array<float>(n);
+    if (n == 0) return;
+    check_ptrs(codes && scale && lut && y);
     py::gil_scoped_release nogil;
-    qk::dequantize_lut(codes.data(), n, group, scale.data(), lut.data(), out.mutable_data());
-    return out;
+    qk::dequantize_lut(ptr<uint8_t>(codes), n, group, ptr<float>(scale), ptr<float>(lut),
+                       out<float>(y));
   });
 
-  m.def("pack_bits", [](U8 codes, int bits, bool msb) {
-    if (bits < 1 || bits > 8) throw py::value_error("bits must be in 1..8, got " + std::to_string(bits));
-    int64_t n = codes.size();
-    auto out = new_array<uint8_t>(qk::packed_nbytes(n, bits));
-    py::gil_scoped_release nogil;
-    qk::pack_bits(codes.data(), n, bits, msb, out.mutable_data());
-    return out;
-  });
-
-  m.def("unpack_bits", [](U8 packed, int bits, int64_t n, bool msb) {
-    if (bits < 1 || bits > 8) throw py::value_error("bits must be in 1..8, got " + std::to_string(bits));
+  m.def("pack_bits_raw", [](uintptr_t codes, int64_t n, int bits, bool msb, uintptr_t packed) {
+    check_bits(bits);
     if (n < 0) throw py::value_error("n must be >= 0");
-    int64_t need = qk::packed_nbytes(n, bits);
-    if (packed.size() < need)
-      throw py::value_error("packed buffer too short: " + std::to_string(packed.size()) +
-                            " bytes, " + std::to_string(n) + " codes of " + std::to_string(bits) +
-                            " bits need " + std::to_string(need));
-    auto out = new_array<uint8_t>(n);
+    if (n == 0) return;
+    check_ptrs(codes && packed);
     py::gil_scoped_release nogil;
-    qk::unpack_bits(packed.data(), n, bits, msb, out.mutable_data());
-    return out;
+    qk::pack_bits(ptr<uint8_t>(codes), n, bits, msb, out<uint8_t>(packed));
   });
 
-  m.def("mulaw_encode", [](I16 pcm) {
-    auto out = new_array<uint8_t>(pcm.size());
+  m.def("unpack_bits_raw", [](uintptr_t packed, int64_t n, int bits, bool msb, uintptr_t codes) {
+    check_bits(bits);
+    if (n < 0) throw py::value_error("n must be >= 0");
+    if (n == 0) return;
+    check_ptrs(packed && codes);
     py::gil_scoped_release nogil;
-    qk::mulaw_encode(pcm.data(), pcm.size(), out.mutable_data());
-    return out;
+    qk::unpack_bits(ptr<uint8_t>(packed), n, bits, msb, out<uint8_t>(codes));
   });
-  m.def("alaw_encode", [](I16 pcm) {
-    auto out = new_array<uint8_t>(pcm.size());
+
+  m.def("g711_raw", [](const std::string& op, uintptr_t src, int64_t n, uintptr_t dst) {
+    const bool encode = op == "mulaw_encode" || op == "alaw_encode";
+    if (!encode && op != "mulaw_decode" && op != "alaw_decode")
+      throw py::value_error("unknown G.711 op '" + op + "'");
+    if (n < 0) throw py::value_error("n must be >= 0");
+    if (n == 0) return;
+    check_ptrs(src && dst);
     py::gil_scoped_release nogil;
-    qk::alaw_encode(pcm.data(), pcm.size(), out.mutable_data());
-    return out;
-  });
+    if (op == "mulaw_encode") qk::mulaw_encode(ptr<int16_t>(src), n, out<uint8_t>(dst));
+    else if (op == "alaw_encode") qk::alaw_encode(ptr<int16_t>(src), n, out<uint8_t>(dst));
+    else if (op == "mulaw_decode") qk::mulaw_decode(ptr<uint8_t>(src), n, out<int16_t>(dst));
+    else qk::alaw_decode(ptr<uint8_t>(src), n, out<int16_t>(dst));
+  }, "mulaw_encode / alaw_encode (int16 -> uint8) or mulaw_decode / alaw_decode (uint8 -> int16)");
+
   m.def("mulaw_decode", [](U8 codes) {
     auto out = new_array<int16_t>(codes.size());
     py::gil_scoped_release nogil;

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import _C
+
 __all__ = ["Format", "get", "names"]
 
 NF4_VALUES = (
@@ -24,8 +26,9 @@ NF4_VALUES = (
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 BNB_FP4_MAGNITUDES = tuple(v / 12 for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0))
 
-# scale rules, mirrored from csrc/core/affine.h
-SCALE_ABSMAX, SCALE_MINMAX, SCALE_POW2_MX, SCALE_MEANABS = 0, 1, 2, 3
+# the scale rule ids of csrc/core/affine.h, exported by qkern._C
+SCALE_ABSMAX, SCALE_MINMAX, SCALE_POW2_MX, SCALE_MEANABS = (
+    _C.SCALE_RULES[k] for k in ("absmax", "minmax", "pow2_mx", "meanabs"))
 
 
 @dataclass(frozen=True, eq=False)

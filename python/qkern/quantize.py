@@ -7,14 +7,16 @@ import math
 import numpy as np
 import torch
 
+from . import _C
 from . import formats as F
 from ._checks import as_tensor, check_device, check_float, nonfinite_message, normalize_axis
 from .layout import GRANULARITIES, Layout
 from .ops import NonFiniteError
 from .tensor import DoubleQuant, QTensor, dequantize  # noqa: F401 (qkern.dequantize)
 
-ROUNDINGS = ("nearest_even", "half_away", "half_up", "floor", "ceil", "trunc", "stochastic")
-QUANTIZERS = ("midtread", "midrise", "deadzone")
+# names in id order (csrc/core/rounding.h, affine.h), exported by qkern._C
+ROUNDINGS = tuple(_C.ROUNDINGS)
+QUANTIZERS = tuple(_C.QUANTIZERS)
 _OPS = torch.ops.qkern
 
 

@@ -2,6 +2,7 @@
 
 from .conv import QuantConv1d, QuantConv2d
 from .embedding import QuantEmbedding
-from .linear import QuantLinear, replace_linear
+from .linear import KernelFallbackWarning, QuantLinear, replace_linear
 
-__all__ = ["QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "replace_linear"]
+__all__ = ["KernelFallbackWarning", "QuantConv1d", "QuantConv2d", "QuantEmbedding",
+           "QuantLinear", "replace_linear"]

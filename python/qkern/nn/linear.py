@@ -1,15 +1,20 @@
 """QuantLinear: a Linear layer holding quantized weights, and replace_linear for whole models.
 
-Weights are quantized once with ``qkern.quantize`` (any weight format); ``forward`` runs a
-fused qkern matmul kernel where one exists for the format (``.kernel`` names it) and otherwise
-dequantizes the weight and calls ``F.linear`` (``kernel == "dequant"``), so every format works
-and the fast ones are fast.
+Weights are quantized once with ``qkern.quantize`` (any weight format); ``forward`` runs the
+fused qkern matmul kernel the kernel table (``qkern.kernels``) picks for the weight
+(``.kernel`` names it) and otherwise dequantizes the weight and calls ``F.linear``
+(``kernel == "dequant"``), so every format works and the fast ones are fast. A layer on the
+"dequant" path says why in ``.kernel_reason`` and warns once per distinct reason
+(:class:`KernelFallbackWarning`).
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import os
+import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
@@ -17,14 +22,38 @@ import torch
 from torch import nn
 
 from .. import formats as QF
+from .. import kernels
 from ..quantize import quantize
 from ..tensor import QTensor
-from . import kernels
 
 # int8_dynamic: per token (row of x); int8_dynamic_tensor: one scale per call; int8_static: a
 # fixed scale from calibration (act_scale); binary: XNOR-Net sign activations
 ACTS = ("none", "int8_dynamic", "int8_dynamic_tensor", "int8_static", "binary")
 MODES = ("exact", "fast")
+
+
+class KernelFallbackWarning(UserWarning):
+    """A QuantLinear runs the slow "dequant" path: no fused kernel takes its weight."""
+
+
+_WARNED: set[str] = set()  # reasons already warned about (one warning per distinct reason)
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # python/qkern
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside the qkern package (the user's call)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_fallback(reason: str) -> None:
+    if reason in _WARNED:
+        return
+    _WARNED.add(reason)
+    warnings.warn(f"QuantLinear runs the slow 'dequant' path (weights decoded at every call): "
+                  f"{reason}", KernelFallbackWarning, stacklevel=_caller_stacklevel())
 
 
 class QuantLinear(nn.Module):
@@ -46,7 +75,9 @@ class QuantLinear(nn.Module):
                                                            requires_grad=False)
         if (act == "int8_static") != (act_scale is not None):
             raise ValueError("act_scale is given with (and only with) act='int8_static'")
-        self.kernel, buffers = kernels.pack(qweight, act, mode)
+        chosen = kernels.select(qweight, act, mode)
+        self.kernel, self.kernel_reason = chosen.name, chosen.reason
+        buffers = chosen.kernel.pack(qweight, act, mode)
         if act_scale is not None:
             sx = torch.as_tensor(act_scale, dtype=torch.float32).reshape(1).clone()
             if not bool(torch.isfinite(sx).all()) or float(sx) <= 0:
@@ -55,8 +86,11 @@ class QuantLinear(nn.Module):
         for name, t in buffers.items():
             self.register_buffer(name, t, persistent=True)
         self._buffer_names = tuple(buffers)
+        self._impl = chosen.kernel
         # format and layout only: the codes live in the packed buffers, not twice in memory
         self.weight_q = replace(qweight, codes=None)
+        if self.kernel_reason is not None:
+            _warn_fallback(self.kernel_reason)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, fmt: str = "int4", *, group_size: int | None = 128,
@@ -81,18 +115,24 @@ class QuantLinear(nn.Module):
                          **quant_kwargs)
         return cls(q, linear.bias, act=act, mode=mode, act_scale=act_scale)
 
-    def _packed_buffers(self) -> dict[str, torch.Tensor]:
+    @property
+    def buffer_names(self) -> tuple[str, ...]:
+        """Names of the kernel's packed buffers (plus ``act_scale`` for int8_static)."""
+        return self._buffer_names
+
+    def packed_buffers(self) -> dict[str, torch.Tensor]:
+        """The kernel's packed buffers by name (what ``forward`` hands the kernel)."""
         return {n: getattr(self, n) for n in self._buffer_names}
 
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 weight (out, in) the layer computes with, decoded from its buffers."""
-        return kernels.weight(self.kernel, self.weight_q, self._packed_buffers())
+        return self._impl.weight(self.kernel, self.weight_q, self.packed_buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got {x.shape[-1]}")
-        y = kernels.forward(self.kernel, x, self._packed_buffers(), self.bias,
-                            self.out_features, self.in_features, self.weight_q)
+        y = self._impl.forward(self.kernel, x, self.packed_buffers(), self.bias,
+                               self.out_features, self.in_features, self.weight_q)
         return y.to(x.dtype) if x.dtype != y.dtype else y
 
     def extra_repr(self) -> str:

@@ -1,16 +1,13 @@
-"""torch.library ops of qkern: schemas + fake kernels, the CPU kernels, and the CUDA kernels
-when ``qkern._cuda`` was built."""
+"""torch.library ops of qkern: schemas + fake kernels (``schemas``), argument checks
+(``checks``), the CPU kernels (``cpu`` and one module per matmul family) and the CUDA kernels
+(``cuda``, ``cuda_quant``) when ``qkern._cuda`` was built.
 
-from . import (  # noqa: F401  (importing a module defines its ops and registers kernels)
-    bits,
-    cpu,
-    fp8,
-    lut4,
-    schemas,
-    w4,
-    w8,
-    w23,
-)
+Every module of this package is imported here (importing a module registers its kernels), so
+adding an op module needs no import list; the CUDA modules only when ``qkern._cuda`` exists."""
+
+import importlib
+import pkgutil
+
 from .cpu import NonFiniteError
 
 try:
@@ -19,6 +16,9 @@ except ImportError:
     HAS_CUDA_KERNELS = False
 else:
     HAS_CUDA_KERNELS = True
-    from . import cuda  # noqa: F401  (registers CUDA kernels)
+
+for _info in pkgutil.iter_modules(__path__):
+    if HAS_CUDA_KERNELS or not _info.name.startswith("cuda"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["HAS_CUDA_KERNELS", "NonFiniteError"]

@@ -19,26 +19,13 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from . import checks
+from .checks import bits_blocks as blocks
+from .checks import bits_packed_nbytes as packed_nbytes
+from .raw import contig, ptr
 from .schemas import LIB
 
-LIB.define(
-    "gemm_binary(Tensor x, Tensor wbits, Tensor alpha, Tensor? bias, int N, int K, bool xnor) "
-    "-> Tensor"
-)
-LIB.define(
-    "gemm_ternary(Tensor x, Tensor wpacked, Tensor alpha, Tensor? bias, int N, int K) -> Tensor"
-)
-
-
-def blocks(k: int) -> int:
-    """Blocks of 30 weights per packed row of ``k`` weights."""
-    return (k + 29) // 30
-
-
-def packed_nbytes(n: int, k: int, ternary: bool) -> int:
-    """Bytes of a packed ``(n, k)`` weight: ``n`` rounded up to 8 rows, 4 bytes per block of 30
-    weights and bit plane (binary 1, ternary 2)."""
-    return (n + 7) // 8 * 8 * 4 * blocks(k) * (2 if ternary else 1)
+__all__ = ["blocks", "pack_binary", "pack_ternary", "packed_nbytes"]
 
 
 def _pack(name: str, codes: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
@@ -73,61 +60,15 @@ def _out_shape(x: torch.Tensor, n: int) -> tuple[int, ...]:
     return (*x.shape[:-1], n)
 
 
-def _check(op: str, x, w, alpha, bias, n: int, k: int, nbytes: int) -> None:
-    torch._check(x.dim() >= 1 and x.shape[-1] == k,
-                 lambda: f"{op}: x must be (..., K={k}), got {tuple(x.shape)}")
-    torch._check(x.dtype == torch.float32, lambda: f"{op}: x must be float32, got {x.dtype}")
-    torch._check(w.dtype == torch.uint8, lambda: f"{op}: packed weight must be uint8")
-    torch._check(w.numel() == nbytes,
-                 lambda: f"{op}: packed weight has {w.numel()} bytes, expected {nbytes}")
-    torch._check(alpha.numel() == n, lambda: f"{op}: alpha must have N={n} elements")
-    torch._check(bias is None or bias.numel() == n, lambda: f"{op}: bias must have N={n} elements")
-
-
-@torch.library.register_fake("qkern::gemm_binary")
-def _(x, wbits, alpha, bias, N, K, xnor):
-    _check("gemm_binary", x, wbits, alpha, bias, N, K, packed_nbytes(N, K, False))
-    return x.new_empty(_out_shape(x, N), dtype=torch.float32)
-
-
-@torch.library.register_fake("qkern::gemm_ternary")
-def _(x, wpacked, alpha, bias, N, K):
-    _check("gemm_ternary", x, wpacked, alpha, bias, N, K, packed_nbytes(N, K, True))
-    return x.new_empty(_out_shape(x, N), dtype=torch.float32)
-
-
-def _check_cpu(op: str, x, w, alpha, bias, n: int, k: int, nbytes: int) -> None:
-    """:func:`_check` with plain comparisons (shapes are concrete here): torch._check's lambdas
-    cost more per call than a 4096 x 4096 binary GEMV's kernel time would tolerate."""
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"{op}: x must be (..., K={k}), got {tuple(x.shape)}")
-    if x.dtype != torch.float32:
-        raise ValueError(f"{op}: x must be float32, got {x.dtype}")
-    if w.dtype != torch.uint8:
-        raise ValueError(f"{op}: packed weight must be uint8, got {w.dtype}")
-    if w.numel() != nbytes:
-        raise ValueError(f"{op}: packed weight has {w.numel()} bytes, expected {nbytes} "
-                         f"(pack it with pack_{op[5:]})")
-    if alpha.numel() != n:
-        raise ValueError(f"{op}: alpha must have N={n} elements, got {alpha.numel()}")
-    if bias is not None and bias.numel() != n:
-        raise ValueError(f"{op}: bias must have N={n} elements, got {bias.numel()}")
-
-
-def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
-        return t
-    return t.to(torch.float32).contiguous()
-
-
 def _run_cpu(op: str, ternary: bool, x, w, alpha, bias, n: int, k: int, xnor: bool):
-    _check_cpu(op, x, w, alpha, bias, n, k, packed_nbytes(n, k, ternary))
-    x, w, alpha, bias = _f32(x), w.contiguous(), _f32(alpha), _f32(bias)
+    checks.gemm_bits(op, x, w, alpha, bias, n, k)
+    x, w = contig(x, torch.float32), w.contiguous()
+    alpha, bias = contig(alpha, torch.float32), contig(bias, torch.float32)
     y = torch.empty(_out_shape(x, n), dtype=torch.float32)
     if y.numel() == 0:
         return y
-    _C.gemm_bits_raw(ternary, x.data_ptr(), x.numel() // k, w.data_ptr(), alpha.data_ptr(),
-                     0 if bias is None else bias.data_ptr(), n, k, xnor, y.data_ptr())
+    _C.gemm_bits_raw(ternary, ptr(x), x.numel() // k, ptr(w), ptr(alpha), ptr(bias), n, k, xnor,
+                     ptr(y))
     return y
 
 

@@ -1,24 +1,20 @@
-"""CPU kernels of the qkern:: ops: thin calls into the torch-free ``qkern._C``."""
+"""CPU kernels of the element-wise qkern:: ops: the checks of ``checks.py`` (shared with the
+CUDA kernels), then the torch-free ``qkern._C`` over ``data_ptr()`` addresses (``raw.py``)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .. import _C
+from . import checks
+from .raw import contig, ptr
 from .schemas import LIB
+
+F32, I32, U8, I16 = torch.float32, torch.int32, torch.uint8, torch.int16
 
 
 class NonFiniteError(ValueError):
     """Raised by a quantize op whose input holds NaN or Inf (the caller adds details)."""
-
-
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().contiguous().numpy()
-
-
-def _t(a: np.ndarray, shape) -> torch.Tensor:
-    return torch.from_numpy(a).view(shape)
 
 
 def _seed(seed: int) -> int:
@@ -30,59 +26,108 @@ def _check_finite(bad: bool) -> None:
         raise NonFiniteError("input contains NaN or Inf")
 
 
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """uint8 codes as the kernels read them (int8 bytes reinterpreted, others converted)."""
+    return contig(t.view(U8) if t.dtype == torch.int8 else t, U8)
+
+
 def quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shape, dz_half, seed):
-    codes, bad = _C.quantize_affine(_np(x), _np(scale), _np(zero_point), group_size, qmin, qmax,
-                                    rounding, shape, dz_half, _seed(seed))
+    x, scale, zp = contig(x, F32), contig(scale, F32), contig(zero_point, I32)
+    n = x.numel()
+    checks.quantize_affine(n, scale, zp, group_size, qmin, qmax, rounding, shape)
+    codes = torch.empty(x.shape, dtype=U8)
+    bad = _C.quantize_affine_raw(ptr(x), n, ptr(scale), ptr(zp), group_size, qmin, qmax,
+                                 rounding, shape, dz_half, _seed(seed), ptr(codes))
     _check_finite(bad)
-    return _t(codes, x.shape)
+    return codes
 
 
 def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, rounding, shape,
                             dz_half, seed):
-    codes, scale, zp, bad = _C.quantize_affine_dynamic(
-        _np(x), group_size, qmin, qmax, rule, qpos, emax, rounding, shape, dz_half, _seed(seed))
+    x = contig(x, F32)
+    n = x.numel()
+    checks.quantize_affine_dynamic(n, group_size, qmin, qmax, rule, qpos, rounding, shape)
+    codes = torch.empty(x.shape, dtype=U8)
+    scale = torch.empty(n // group_size, dtype=F32)
+    zp = torch.empty(n // group_size, dtype=I32)
+    bad = _C.quantize_affine_dynamic_raw(ptr(x), n, group_size, qmin, qmax, rule, qpos, emax,
+                                         rounding, shape, dz_half, _seed(seed), ptr(scale),
+                                         ptr(zp), ptr(codes))
     _check_finite(bad)
-    return _t(codes, x.shape), torch.from_numpy(scale), torch.from_numpy(zp)
+    return codes, scale, zp
 
 
 def dequantize_affine(codes, scale, zero_point, group_size, is_signed, offset):
-    out = _C.dequantize_affine(_np(codes), _np(scale), _np(zero_point), group_size, is_signed,
-                               offset)
-    return _t(out, codes.shape)
+    codes, scale, zp = _bytes(codes), contig(scale, F32), contig(zero_point, I32)
+    n = codes.numel()
+    checks.dequantize_affine(n, scale, zp, group_size, is_signed)
+    out = torch.empty(codes.shape, dtype=F32)
+    _C.dequantize_affine_raw(ptr(codes), n, ptr(scale), ptr(zp), group_size, is_signed, offset,
+                             ptr(out))
+    return out
 
 
 def quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, rounding, seed):
-    codes, bad = _C.quantize_codebook(_np(x), _np(scale), _np(values), _np(value_codes),
-                                      sign_bit, group_size, rounding, _seed(seed))
+    x, scale = contig(x, F32), contig(scale, F32)
+    values, value_codes = contig(values, F32), _bytes(value_codes)
+    n = x.numel()
+    nv = checks.quantize_codebook(n, scale, values, value_codes, group_size, rounding)
+    codes = torch.empty(x.shape, dtype=U8)
+    bad = _C.quantize_codebook_raw(ptr(x), n, ptr(scale), ptr(values), ptr(value_codes), nv,
+                                   sign_bit, group_size, rounding, _seed(seed), ptr(codes))
     _check_finite(bad)
-    return _t(codes, x.shape)
+    return codes
 
 
 def quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule, max_value,
                               emax, rounding, seed):
-    codes, scale, bad = _C.quantize_codebook_dynamic(
-        _np(x), _np(values), _np(value_codes), sign_bit, group_size, rule, max_value, emax,
-        rounding, _seed(seed))
+    x, values, value_codes = contig(x, F32), contig(values, F32), _bytes(value_codes)
+    n = x.numel()
+    nv = checks.quantize_codebook_dynamic(n, values, value_codes, group_size, rule, max_value,
+                                          rounding)
+    codes = torch.empty(x.shape, dtype=U8)
+    scale = torch.empty(n // group_size, dtype=F32)
+    bad = _C.quantize_codebook_dynamic_raw(ptr(x), n, ptr(values), ptr(value_codes), nv,
+                                           sign_bit, group_size, rule, max_value, emax,
+                                           rounding, _seed(seed), ptr(scale), ptr(codes))
     _check_finite(bad)
-    return _t(codes, x.shape), torch.from_numpy(scale)
+    return codes, scale
 
 
 def dequantize_lut(codes, scale, lut, group_size):
-    return _t(_C.dequantize_lut(_np(codes), _np(scale), _np(lut), group_size), codes.shape)
+    codes, scale, lut = _bytes(codes), contig(scale, F32), contig(lut, F32)
+    n = codes.numel()
+    checks.dequantize_lut(n, scale, lut, group_size)
+    out = torch.empty(codes.shape, dtype=F32)
+    _C.dequantize_lut_raw(ptr(codes), n, ptr(scale), ptr(lut), group_size, ptr(out))
+    return out
 
 
 def pack_bits(codes, bits, msb):
-    return torch.from_numpy(_C.pack_bits(_np(codes), bits, msb))
+    checks.check_bits(bits)
+    codes = _bytes(codes)
+    n = codes.numel()
+    out = torch.empty((n * bits + 7) // 8, dtype=U8)
+    _C.pack_bits_raw(ptr(codes), n, bits, msb, ptr(out))
+    return out
 
 
 def unpack_bits(packed, bits, n, msb):
-    return torch.from_numpy(_C.unpack_bits(_np(packed), bits, n, msb))
+    packed = _bytes(packed)
+    checks.check_unpack(packed, bits, n)
+    out = torch.empty(n, dtype=U8)
+    _C.unpack_bits_raw(ptr(packed), n, bits, msb, ptr(out))
+    return out
 
 
-def _g711(fn):
+def _g711(op: str, src_dtype: torch.dtype, dst_dtype: torch.dtype):
     def impl(t):
-        return _t(fn(_np(t)), t.shape)
+        t = contig(t, src_dtype)
+        out = torch.empty(t.shape, dtype=dst_dtype)
+        _C.g711_raw(op, ptr(t), t.numel(), ptr(out))
+        return out
 
+    impl.__name__ = op
     return impl
 
 
@@ -95,10 +140,10 @@ _IMPLS = {
     "dequantize_lut": dequantize_lut,
     "pack_bits": pack_bits,
     "unpack_bits": unpack_bits,
-    "mulaw_encode": _g711(_C.mulaw_encode),
-    "mulaw_decode": _g711(_C.mulaw_decode),
-    "alaw_encode": _g711(_C.alaw_encode),
-    "alaw_decode": _g711(_C.alaw_decode),
+    "mulaw_encode": _g711("mulaw_encode", I16, U8),
+    "mulaw_decode": _g711("mulaw_decode", U8, I16),
+    "alaw_encode": _g711("alaw_encode", I16, U8),
+    "alaw_decode": _g711("alaw_decode", U8, I16),
 }
 
 for _name, _fn in _IMPLS.items():

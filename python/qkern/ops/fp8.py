@@ -16,35 +16,35 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from . import checks
+from .raw import contig, ptr
 from .schemas import LIB
 
-__all__ = ["FORMATS", "GROUP_SIZES", "gemm_fp8", "pack_weight"]
+__all__ = ["FORMATS", "GROUP_SIZES", "gemm_fp8", "group_error", "pack_weight"]
 
 FORMATS = {"fp8_e4m3": 0, "fp8_e5m2": 1}
 GROUP_SIZES = (32, 64, 128)
 
-LIB.define(
-    "gemm_fp8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int N, int K, int group_size, "
-    "int fmt) -> Tensor"
-)
 
-
-@torch.library.register_fake("qkern::gemm_fp8")
-def _(x, w, scales, bias, N, K, group_size, fmt):
-    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_fp8: x must be (M, K)")
-    return x.new_empty((x.shape[0], N), dtype=torch.float32)
-
-
-def _np(t: torch.Tensor | None):
-    return None if t is None else t.detach().contiguous().numpy()
-
+def group_error(k: int, group_size: int | None) -> str | None:
+    """Why ``pack_weight`` cannot take ``group_size`` with K = ``k`` (None when it can): None
+    (per channel) or one of ``GROUP_SIZES`` dividing K."""
+    if group_size is None:
+        return None
+    if group_size not in GROUP_SIZES:
+        return f"group_size must be None (per channel) or one of {GROUP_SIZES}, got {group_size}"
+    if k % group_size:
+        return f"group_size {group_size} does not divide K = {k}"
+    return None
 
 def _gemm_fp8_cpu(x, w, scales, bias, N, K, group_size, fmt):
-    if w.dtype != torch.uint8:
-        raise ValueError(f"gemm_fp8: w must be uint8 FP8 codes, got {w.dtype}")
-    y = _C.gemm_fp8(_np(x.float()), _np(w), _np(scales.float()),
-                    _np(None if bias is None else bias.float()), N, K, group_size, fmt)
-    return torch.from_numpy(y)
+    checks.gemm_fp8(x, w, scales, bias, N, K, group_size, fmt)
+    x, w, scales = contig(x, torch.float32), w.contiguous(), contig(scales, torch.float32)
+    bias = contig(bias, torch.float32)
+    y = torch.empty((x.shape[0], N), dtype=torch.float32)
+    _C.gemm_fp8_raw(ptr(x), x.shape[0], ptr(w), ptr(scales), ptr(bias), N, K, group_size, fmt,
+                    ptr(y))
+    return y
 
 
 LIB.impl("gemm_fp8", _gemm_fp8_cpu, "CPU")
@@ -79,15 +79,10 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int | Non
         raise ValueError(f"codes must be uint8 FP8 bit patterns, got {codes.dtype}")
     c = codes.view(torch.uint8) if codes.dtype == torch.int8 else codes
     n, k = c.shape
-    if group_size is None:
-        ng, g = 1, 0
-    else:
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be None (per channel) or one of {GROUP_SIZES}, "
-                             f"got {group_size}")
-        if k % group_size:
-            raise ValueError(f"group_size {group_size} does not divide K = {k}")
-        ng, g = k // group_size, group_size
+    err = group_error(k, group_size)
+    if err is not None:
+        raise ValueError(err)
+    ng, g = (1, 0) if group_size is None else (k // group_size, group_size)
     if scales.numel() != n * ng:
         raise ValueError(f"scales must have {n * ng} values (N={n} x {ng}), got {scales.numel()}")
     bad = _special_codes(c, f)
@@ -99,7 +94,7 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int | Non
     s = scales.detach().float().reshape(n, ng).contiguous()
     if g == 0:
         s = s.reshape(n)
-    w = torch.from_numpy(_C.pack_fp8(_np(c)))
+    w = torch.from_numpy(_C.pack_fp8(c.detach().contiguous().numpy()))
     return {"w": w, "scales": s, "N": n, "K": k, "group_size": g, "fmt": f}
 
 

@@ -22,59 +22,75 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from . import checks
+from .raw import contig, ptr
 from .schemas import LIB
 
-__all__ = ["GROUP_SIZES", "dq_scales", "gemm_lut4", "gemm_lut4_dq", "pack_weight",
-           "pack_weight_dq"]
+__all__ = ["cpu_group_error", "cuda_group_error", "dq_scales", "gemm_lut4", "gemm_lut4_dq",
+           "group_error", "pack_weight", "pack_weight_dq"]
 
-GROUP_SIZES = (32, 64, 128)
-
-LIB.define(
-    "gemm_lut4(Tensor x, Tensor packed, Tensor scales, Tensor table, Tensor? bias, int N, "
-    "int K, int group_size) -> Tensor"
-)
+# The AVX2 GEMM decodes W in tiles of 512 columns (csrc/cpu/gemm_lut4_avx2.cpp kKc), a group at
+# a time, and its GEMV reads 16 codes at a time: safe for groups that are multiples of 16
+# dividing 512. The CUDA kernels need multiples of 32.
+TILE_COLUMNS = 512
 
 
-@torch.library.register_fake("qkern::gemm_lut4")
-def _(x, packed, scales, table, bias, N, K, group_size):
-    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_lut4: x must be (M, K)")
-    return x.new_empty((x.shape[0], N), dtype=torch.float32)
+def cpu_group_error(k: int, group_size: int) -> str | None:
+    """Why the CPU op cannot take ``group_size`` with K = ``k`` (None when it can): a multiple
+    of 16 dividing both K and 512 (16, 32, 64, 128, 256, 512), what the AVX2 paths read safely."""
+    if not isinstance(group_size, int) or group_size <= 0:
+        return f"group_size must be positive, got {group_size!r}"
+    if k % group_size:
+        return f"group_size {group_size} does not divide K = {k}"
+    if group_size % 16 or TILE_COLUMNS % group_size:
+        return (f"group_size must be a multiple of 16 dividing {TILE_COLUMNS} (16, 32, 64, 128, "
+                f"256, 512), got {group_size}")
+    return None
 
 
-def _np(t: torch.Tensor | None):
-    return None if t is None else t.detach().contiguous().numpy()
+def cuda_group_error(k: int, group_size: int) -> str | None:
+    """Why the CUDA kernels cannot take ``group_size`` (None when they can): a positive
+    multiple of 32 dividing K."""
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 32:
+        return (f"the CUDA kernels need group_size a positive multiple of 32 (32, 64, 128), "
+                f"got {group_size}")
+    if k % group_size:
+        return f"group_size {group_size} does not divide K = {k}"
+    return None
+
+
+def group_error(k: int, group_size: int) -> str | None:
+    """Why ``pack_weight`` (and so QuantLinear's lut4 kernels) cannot take ``group_size`` with
+    K = ``k`` (None when it can): a group every device takes, 32, 64, 128, 256 or 512."""
+    return cuda_group_error(k, group_size) or cpu_group_error(k, group_size)
 
 
 def _gemm_lut4_cpu(x, packed, scales, table, bias, N, K, group_size):
-    y = _C.gemm_lut4(_np(x.float()), _np(packed), _np(scales.float()), _np(table.float()),
-                     _np(None if bias is None else bias.float()), N, K, group_size)
-    return torch.from_numpy(y)
+    checks.gemm_lut4("gemm_lut4", x, packed, scales, table, bias, N, K, group_size,
+                     cpu_group_error)
+    x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
+    table, bias = contig(table, torch.float32), contig(bias, torch.float32)
+    y = torch.empty((x.shape[0], N), dtype=torch.float32)
+    _C.gemm_lut4_raw(ptr(x), x.shape[0], ptr(packed), ptr(scales), ptr(table), ptr(bias), N, K,
+                     group_size, ptr(y))
+    return y
 
 
 LIB.impl("gemm_lut4", _gemm_lut4_cpu, "CPU")
 
-LIB.define(
-    "gemm_lut4_dq(Tensor x, Tensor packed, Tensor qscales, Tensor scale2, Tensor mean, "
-    "Tensor table, Tensor? bias, int N, int K, int group_size, int dq_group) -> Tensor"
-)
-
-
-@torch.library.register_fake("qkern::gemm_lut4_dq")
-def _(x, packed, qscales, scale2, mean, table, bias, N, K, group_size, dq_group):
-    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_lut4_dq: x must be (M, K)")
-    return x.new_empty((x.shape[0], N), dtype=torch.float32)
-
 
 def _gemm_lut4_dq_cpu(x, packed, qscales, scale2, mean, table, bias, N, K, group_size,
                       dq_group):
-    if qscales.dtype != torch.int8:
-        raise ValueError(f"gemm_lut4_dq: qscales must be int8 codes, got {qscales.dtype}")
-    if mean.numel() != 1:
-        raise ValueError(f"gemm_lut4_dq: mean must hold one value, got {mean.numel()}")
-    y = _C.gemm_lut4_dq(_np(x.float()), _np(packed), _np(qscales), _np(scale2.float()),
-                        float(mean.float().reshape(())), _np(table.float()),
-                        _np(None if bias is None else bias.float()), N, K, group_size, dq_group)
-    return torch.from_numpy(y)
+    checks.gemm_lut4_dq(x, packed, qscales, scale2, mean, table, bias, N, K, group_size,
+                        dq_group, cpu_group_error)
+    x, packed, qscales = contig(x, torch.float32), packed.contiguous(), qscales.contiguous()
+    scale2, table = contig(scale2, torch.float32), contig(table, torch.float32)
+    bias = contig(bias, torch.float32)
+    y = torch.empty((x.shape[0], N), dtype=torch.float32)
+    _C.gemm_lut4_dq_raw(ptr(x), x.shape[0], ptr(packed), ptr(qscales), ptr(scale2),
+                        float(mean.float().reshape(())), ptr(table), ptr(bias), N, K,
+                        group_size, dq_group, ptr(y))
+    return y
 
 
 LIB.impl("gemm_lut4_dq", _gemm_lut4_dq_cpu, "CPU")
@@ -122,11 +138,9 @@ def _pack_codes(codes: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N, K) codes 0..15 -> uint8 (N, K // 2), element k in the low nibble for even k."""
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D (N, K), got shape {tuple(codes.shape)}")
-    k = codes.shape[1]
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
-    if k % group_size:
-        raise ValueError(f"group_size {group_size} does not divide K = {k}")
+    err = group_error(codes.shape[1], group_size)
+    if err is not None:
+        raise ValueError(err)
     c = codes.to(torch.uint8) if codes.dtype != torch.uint8 else codes
     if c.numel() and int(c.max()) > 15:
         raise ValueError("codes must be in 0..15")

@@ -1,6 +1,8 @@
 """Every qkern:: op schema and its fake (meta) kernel, in one place.
 
-Device kernels register separately (``cpu.py`` -> ``qkern._C``, ``cuda.py`` -> ``qkern._cuda``).
+Device kernels register separately (``cpu.py`` and the matmul modules ``w4.py``, ``w23.py``,
+``w8.py``, ``lut4.py``, ``fp8.py``, ``bits.py`` -> ``qkern._C``; ``cuda*.py`` ->
+``qkern._cuda``); their argument checks live in ``checks.py``.
 All ops see flat contiguous data: ``n`` elements in ``n // group_size`` consecutive groups,
 group ``g`` using ``scale.view(-1)[g]``. Codes are uint8 (two's complement bytes for signed
 formats); the Python layer reinterprets them. ``seed`` is a uint64 passed as int64 bits.
@@ -9,6 +11,8 @@ formats); the Python layer reinterprets them. ``seed`` is a uint64 passed as int
 from __future__ import annotations
 
 import torch
+
+from . import checks
 
 LIB = torch.library.Library("qkern", "DEF")
 
@@ -46,7 +50,50 @@ SCHEMAS = {
     "alaw_decode": "alaw_decode(Tensor codes) -> Tensor",
 }
 
-for _schema in SCHEMAS.values():
+# The quantized matmuls and their packing (docs/numerics.md; layouts in the op modules).
+MATMUL_SCHEMAS = {
+    "gemm_w4": (
+        "gemm_w4(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int N, "
+        "int K, int group_size, int mode) -> Tensor"
+    ),
+    "gemm_w23": (
+        "gemm_w23(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int N, "
+        "int K, int group_size, int bits, int qmin, int mode) -> Tensor"
+    ),
+    "gemm_lut4": (
+        "gemm_lut4(Tensor x, Tensor packed, Tensor scales, Tensor table, Tensor? bias, int N, "
+        "int K, int group_size) -> Tensor"
+    ),
+    "gemm_lut4_dq": (
+        "gemm_lut4_dq(Tensor x, Tensor packed, Tensor qscales, Tensor scale2, Tensor mean, "
+        "Tensor table, Tensor? bias, int N, int K, int group_size, int dq_group) -> Tensor"
+    ),
+    "gemm_fp8": (
+        "gemm_fp8(Tensor x, Tensor w, Tensor scales, Tensor? bias, int N, int K, "
+        "int group_size, int fmt) -> Tensor"
+    ),
+    "gemm_binary": (
+        "gemm_binary(Tensor x, Tensor wbits, Tensor alpha, Tensor? bias, int N, int K, "
+        "bool xnor) -> Tensor"
+    ),
+    "gemm_ternary": (
+        "gemm_ternary(Tensor x, Tensor wpacked, Tensor alpha, Tensor? bias, int N, int K) "
+        "-> Tensor"
+    ),
+    "pack_w8": "pack_w8(Tensor codes) -> Tensor",
+    "gemm_w8a8": (
+        "gemm_w8a8(Tensor x, Tensor packed_w, Tensor w_scale, Tensor? bias, int N, int K) "
+        "-> Tensor"
+    ),
+    "gemm_w8a16": (
+        "gemm_w8a16(Tensor x, Tensor packed_w, Tensor w_scale, Tensor? bias, int N, int K) "
+        "-> Tensor"
+    ),
+    # the exact integer core, for activations quantized by the caller (static or per-tensor)
+    "gemm_s8s8_s32": "gemm_s8s8_s32(Tensor xq, Tensor packed_w, int N, int K) -> Tensor",
+}
+
+for _schema in (*SCHEMAS.values(), *MATMUL_SCHEMAS.values()):
     LIB.define(_schema)
 
 
@@ -121,3 +168,76 @@ def _(codes):
 @torch.library.register_fake("qkern::alaw_decode")
 def _(codes):
     return torch.empty(codes.shape, dtype=torch.int16, device=codes.device)
+
+
+# ---- quantized matmuls ------------------------------------------------------------------------
+
+def _out(x: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n), dtype=dtype)
+
+
+@torch.library.register_fake("qkern::gemm_w4")
+def _(x, packed, scales, zeros, bias, N, K, group_size, mode):
+    torch._check(x.dim() >= 1 and x.shape[-1] == K, lambda: "gemm_w4: x must be (..., K)")
+    return _out(x, N)
+
+
+@torch.library.register_fake("qkern::gemm_w23")
+def _(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
+    torch._check(x.dim() >= 1 and x.shape[-1] == K, lambda: "gemm_w23: x must be (..., K)")
+    return _out(x, N)
+
+
+@torch.library.register_fake("qkern::gemm_lut4")
+def _(x, packed, scales, table, bias, N, K, group_size):
+    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_lut4: x must be (M, K)")
+    return _out(x, N)
+
+
+@torch.library.register_fake("qkern::gemm_lut4_dq")
+def _(x, packed, qscales, scale2, mean, table, bias, N, K, group_size, dq_group):
+    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_lut4_dq: x must be (M, K)")
+    return _out(x, N)
+
+
+@torch.library.register_fake("qkern::gemm_fp8")
+def _(x, w, scales, bias, N, K, group_size, fmt):
+    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_fp8: x must be (M, K)")
+    return _out(x, N)
+
+
+@torch.library.register_fake("qkern::gemm_binary")
+def _(x, wbits, alpha, bias, N, K, xnor):
+    checks.gemm_bits("gemm_binary", x, wbits, alpha, bias, N, K)
+    return _out(x, N)
+
+
+@torch.library.register_fake("qkern::gemm_ternary")
+def _(x, wpacked, alpha, bias, N, K):
+    checks.gemm_bits("gemm_ternary", x, wpacked, alpha, bias, N, K)
+    return _out(x, N)
+
+
+@torch.library.register_fake("qkern::pack_w8")
+def _(codes):
+    checks.w8_codes(codes)
+    n, k = codes.shape
+    return codes.new_empty(checks.w8_packed_nbytes(n, k))
+
+
+@torch.library.register_fake("qkern::gemm_w8a8")
+def _(x, packed_w, w_scale, bias, N, K):
+    checks.gemm_w8("gemm_w8a8", x, packed_w, w_scale, bias, N, K)
+    return _out(x, N, x.dtype)
+
+
+@torch.library.register_fake("qkern::gemm_w8a16")
+def _(x, packed_w, w_scale, bias, N, K):
+    checks.gemm_w8("gemm_w8a16", x, packed_w, w_scale, bias, N, K)
+    return _out(x, N, x.dtype)
+
+
+@torch.library.register_fake("qkern::gemm_s8s8_s32")
+def _(xq, packed_w, N, K):
+    checks.gemm_s8s8(xq, packed_w, N, K)
+    return _out(xq, N, torch.int32)

@@ -27,47 +27,26 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from . import checks
 from .cpu import NonFiniteError
+from .raw import contig, ptr
 from .schemas import LIB
-from .w4 import (
-    MODES,
-    _check_group,
-    _check_scales_zeros,
-    _from_tiles,
-    _padded,
-    _to_tiles,
-    check_x_and_tiles,
-    parse_mode,
-)
+from .tiles import check_group, check_scales_zeros, from_tiles, padded, parse_mode, to_tiles
 
-__all__ = ["MODES", "gemm_w23", "pack_weight", "unpack_weight"]
-
-
-LIB.define(
-    "gemm_w23(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, int N, "
-    "int K, int group_size, int bits, int qmin, int mode) -> Tensor"
-)
-
-
-@torch.library.register_fake("qkern::gemm_w23")
-def _(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
-    torch._check(x.dim() >= 1 and x.shape[-1] == K, lambda: "gemm_w23: x must be (..., K)")
-    return x.new_empty((*x.shape[:-1], N), dtype=torch.float32)
-
-
-def _np(t: torch.Tensor | None, dtype: torch.dtype):
-    return None if t is None else t.detach().to(dtype).contiguous().numpy()
+__all__ = ["gemm_w23", "pack_weight", "unpack_weight"]
 
 
 def _gemm_w23_cpu(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
-    check_x_and_tiles("gemm_w23", x, scales, zeros, N, K, group_size)
-    y, bad = _C.gemm_w23(_np(x, torch.float32), _np(packed, torch.uint8),
-                         _np(scales, torch.float32), _np(zeros, torch.int32),
-                         _np(bias, torch.float32), N, K, group_size, bits, qmin, mode)
+    checks.gemm_w23(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode)
+    x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
+    zeros, bias = contig(zeros, torch.int32), contig(bias, torch.float32)
+    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
+    bad = _C.gemm_w23_raw(ptr(x), x.numel() // K, ptr(packed), ptr(scales), ptr(zeros),
+                          ptr(bias), N, K, group_size, bits, qmin, mode, ptr(y))
     if bad:
         raise NonFiniteError("gemm_w23: x contains NaN or Inf (the fast mode quantizes x to "
                              "int8; use mode=0 (exact) to propagate them)")
-    return torch.from_numpy(y).view(*x.shape[:-1], N)
+    return y
 
 
 LIB.impl("gemm_w23", _gemm_w23_cpu, "CPU")
@@ -95,20 +74,20 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     if signed is None:
         signed = codes.dtype != torch.uint8
     n, k = codes.shape
-    _check_group(k, group_size)
+    check_group(k, group_size)
     qmin, qmax = code_range(bits, signed)
     name = f"{'' if signed else 'u'}int{bits}"
     c = codes.detach().cpu()
     if c.numel() and (int(c.min()) < qmin or int(c.max()) > qmax):
         raise ValueError(f"{name} codes must be in [{qmin}, {qmax}], got "
                          f"[{int(c.min())}, {int(c.max())}]")
-    _check_scales_zeros(scales, zeros, n, k // group_size, qmin, qmax, f"zero points of {name}")
+    check_scales_zeros(scales, zeros, n, k // group_size, qmin, qmax, f"zero points of {name}")
     u = (c.to(torch.int32) - qmin).to(torch.uint8).contiguous()
     packed = torch.from_numpy(_C.pack_w23(u.numpy(), bits, group_size))
     return {
-        "packed": packed.view(_padded(n) // 8, k // 32, 32 * bits),
-        "scales": _to_tiles(scales.detach().cpu().to(torch.float32), n),
-        "zeros": None if zeros is None else _to_tiles(zeros.detach().cpu().to(torch.int32), n),
+        "packed": packed.view(padded(n) // 8, k // 32, 32 * bits),
+        "scales": to_tiles(scales.detach().cpu().to(torch.float32), n),
+        "zeros": None if zeros is None else to_tiles(zeros.detach().cpu().to(torch.int32), n),
         "N": n,
         "K": k,
         "group_size": group_size,
@@ -123,8 +102,8 @@ def unpack_weight(w: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     n, k, qmin = w["N"], w["K"], w["qmin"]
     u = torch.from_numpy(_C.unpack_w23(w["packed"].contiguous().numpy(), n, k, w["bits"]))
     codes = (u.to(torch.int32) + qmin).to(torch.int8 if qmin < 0 else torch.uint8)
-    zeros = None if w["zeros"] is None else _from_tiles(w["zeros"], n)
-    return codes, _from_tiles(w["scales"], n), zeros
+    zeros = None if w["zeros"] is None else from_tiles(w["zeros"], n)
+    return codes, from_tiles(w["scales"], n), zeros
 
 
 def gemm_w23(x: torch.Tensor, w: dict, bias: torch.Tensor | None = None,

@@ -19,95 +19,22 @@ import math
 import torch
 
 from .. import _C
+from . import checks
+from .checks import w8_packed_nbytes as packed_nbytes
 from .cpu import NonFiniteError
+from .raw import contig, ptr
 from .schemas import LIB
 
-SCHEMAS = {
-    "pack_w8": "pack_w8(Tensor codes) -> Tensor",
-    "gemm_w8a8": (
-        "gemm_w8a8(Tensor x, Tensor packed_w, Tensor w_scale, Tensor? bias, int N, int K) "
-        "-> Tensor"
-    ),
-    "gemm_w8a16": (
-        "gemm_w8a16(Tensor x, Tensor packed_w, Tensor w_scale, Tensor? bias, int N, int K) "
-        "-> Tensor"
-    ),
-    # the exact integer core, for activations quantized by the caller (static or per-tensor)
-    "gemm_s8s8_s32": "gemm_s8s8_s32(Tensor xq, Tensor packed_w, int N, int K) -> Tensor",
-}
-
-for _schema in SCHEMAS.values():
-    LIB.define(_schema)
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def packed_nbytes(n: int, k: int) -> int:
-    """Bytes of ``pack_w8`` of (n, k) codes: n and k padded to multiples of 16 and 4."""
-    return (n + 15) // 16 * 16 * ((k + 3) // 4 * 4)
-
-
-def _check_codes(codes: torch.Tensor) -> None:
-    if codes.dim() != 2 or codes.dtype != torch.int8:
-        raise ValueError(f"codes must be a 2-D int8 tensor (N, K), got {codes.dtype} "
-                         f"of shape {tuple(codes.shape)}")
-
-
-def _check_gemm(x, packed_w, w_scale, bias, N: int, K: int) -> None:
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"x must have shape (..., K={K}), got {tuple(x.shape)}")
-    if packed_w.dtype != torch.int8 or packed_w.numel() != packed_nbytes(N, K):
-        raise ValueError(f"packed_w must be the int8 pack_w8 output for N={N}, K={K} "
-                         f"({packed_nbytes(N, K)} bytes), got {packed_w.dtype} with "
-                         f"{packed_w.numel()} elements")
-    if w_scale.numel() != N:
-        raise ValueError(f"w_scale must have N={N} elements, got {w_scale.numel()}")
-    if bias is not None and bias.numel() != N:
-        raise ValueError(f"bias must have N={N} elements, got {bias.numel()}")
+__all__ = ["gemm_s8s8_s32", "gemm_w8a8", "gemm_w8a16", "pack_w8", "packed_nbytes", "unpack_w8"]
 
 
 def _out_shape(x: torch.Tensor, N: int) -> tuple:
     return (*x.shape[:-1], N)
 
 
-@torch.library.register_fake("qkern::pack_w8")
-def _(codes):
-    _check_codes(codes)
-    n, k = codes.shape
-    return codes.new_empty(packed_nbytes(n, k))
-
-
-@torch.library.register_fake("qkern::gemm_w8a8")
-def _(x, packed_w, w_scale, bias, N, K):
-    _check_gemm(x, packed_w, w_scale, bias, N, K)
-    return x.new_empty(_out_shape(x, N))
-
-
-@torch.library.register_fake("qkern::gemm_w8a16")
-def _(x, packed_w, w_scale, bias, N, K):
-    _check_gemm(x, packed_w, w_scale, bias, N, K)
-    return x.new_empty(_out_shape(x, N))
-
-
-@torch.library.register_fake("qkern::gemm_s8s8_s32")
-def _(xq, packed_w, N, K):
-    _check_s8(xq, packed_w, N, K)
-    return xq.new_empty(_out_shape(xq, N), dtype=torch.int32)
-
-
-def _check_s8(xq, packed_w, N: int, K: int) -> None:
-    if xq.dtype != torch.int8 or xq.dim() < 1 or xq.shape[-1] != K:
-        raise ValueError(f"xq must be int8 codes of shape (..., K={K}), got {xq.dtype} "
-                         f"{tuple(xq.shape)}")
-    if packed_w.dtype != torch.int8 or packed_w.numel() != packed_nbytes(N, K):
-        raise ValueError(f"packed_w must be the int8 pack_w8 output for N={N}, K={K}")
-
-
 def gemm_s8s8_s32(xq, packed_w, N, K):
     """acc (..., N) int32 = xq (..., K) int8 @ codes^T, exact; codes in [-127, 127]."""
-    _check_s8(xq, packed_w, N, K)
+    checks.gemm_s8s8(xq, packed_w, N, K)
     m = math.prod(xq.shape[:-1])
     acc = _C.gemm_s8s8_s32(xq.detach().contiguous().reshape(-1).numpy(),
                            packed_w.detach().contiguous().numpy(), m, N, K)
@@ -115,7 +42,7 @@ def gemm_s8s8_s32(xq, packed_w, N, K):
 
 
 def pack_w8(codes):
-    _check_codes(codes)
+    checks.w8_codes(codes)
     n, k = codes.shape
     return torch.from_numpy(_C.pack_w8(codes.detach().contiguous().reshape(-1).numpy(), n, k))
 
@@ -125,21 +52,16 @@ def unpack_w8(packed_w: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return torch.from_numpy(_C.unpack_w8(packed_w.contiguous().numpy(), N, K)).view(N, K)
 
 
-def _c32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().to(torch.float32).contiguous()
-
-
 def _gemm(a8: bool, x, packed_w, w_scale, bias, N, K):
-    _check_gemm(x, packed_w, w_scale, bias, N, K)
-    xf, w, sw, b = _c32(x), packed_w.detach().contiguous(), _c32(w_scale), _c32(bias)
+    checks.gemm_w8("gemm_w8a8" if a8 else "gemm_w8a16", x, packed_w, w_scale, bias, N, K)
+    xf, w = contig(x, torch.float32), packed_w.detach().contiguous()
+    sw, b = contig(w_scale, torch.float32), contig(bias, torch.float32)
     m = math.prod(x.shape[:-1])
     if K == 0 or m == 0 or N == 0:  # nothing to read: y = 0 * sw (+ bias), as defined
         y = torch.zeros(_out_shape(x, N), dtype=torch.float32) * sw
         return (y if b is None else y + b).to(x.dtype)
     y = torch.empty(_out_shape(x, N), dtype=torch.float32)
-    # data_ptr()s of the checked tensors: no numpy round trip per call (decode runs dozens)
-    bad = _C.gemm_w8_raw(a8, xf.data_ptr(), m, w.data_ptr(), sw.data_ptr(),
-                         0 if b is None else b.data_ptr(), N, K, y.data_ptr())
+    bad = _C.gemm_w8_raw(a8, ptr(xf), m, ptr(w), ptr(sw), ptr(b), N, K, ptr(y))
     if bad:
         raise NonFiniteError("gemm_w8a8: x contains NaN or Inf")
     return y.to(x.dtype)

@@ -1,0 +1,60 @@
+"""1-bit and 1.58-bit weights, one scale per output channel, on qkern::gemm_binary ("binary",
+"binary_xnor": XNOR-Net sign activations) and qkern::gemm_ternary ("ternary")."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import bits
+from ..tensor import QTensor
+from .base import Kernel, need_format, need_midtread, need_per_row, register
+
+
+@register
+class Binary(Kernel):
+    names = ("binary",)
+    order = 30
+
+    def claims(self, q: QTensor) -> bool:
+        return q.format.name == "binary"
+
+    def reason(self, q: QTensor, act: str, mode: str) -> str | None:
+        return need_format(q, ("binary",)) or need_per_row(q) or need_midtread(q)
+
+    def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
+        alpha = q.scale.float().reshape(-1).contiguous()
+        return {"bits_w": bits.pack_binary(q.codes.view(torch.uint8)), "bits_alpha": alpha}
+
+    def matmul(self, name, x2, bufs, bias, n, k, q):
+        return torch.ops.qkern.gemm_binary(x2, bufs["bits_w"], bufs["bits_alpha"], bias, n, k,
+                                           name == "binary_xnor")
+
+
+@register
+class BinaryXnor(Binary):
+    names = ("binary_xnor",)
+    acts = ("binary",)
+    order = 31
+    needs = "binary weights per output channel (midtread)"
+
+    def float_twin(self, name: str) -> str:
+        return "binary"
+
+
+@register
+class Ternary(Kernel):
+    names = ("ternary",)
+    order = 32
+
+    def claims(self, q: QTensor) -> bool:
+        return q.format.name == "ternary"
+
+    def reason(self, q: QTensor, act: str, mode: str) -> str | None:
+        return need_format(q, ("ternary",)) or need_per_row(q) or need_midtread(q)
+
+    def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
+        alpha = q.scale.float().reshape(-1).contiguous()
+        return {"bits_w": bits.pack_ternary(q.codes), "bits_alpha": alpha}
+
+    def matmul(self, name, x2, bufs, bias, n, k, q):
+        return torch.ops.qkern.gemm_ternary(x2, bufs["bits_w"], bufs["bits_alpha"], bias, n, k)

@@ -1,0 +1,32 @@
+"""FP8 weights (fp8_e4m3, fp8_e5m2), per output channel or in groups, on qkern::gemm_fp8."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import fp8
+from ..tensor import QTensor
+from .base import Kernel, need_format, need_groups, need_per_row, register
+
+
+@register
+class Fp8(Kernel):
+    names = ("fp8",)
+    order = 50
+
+    def claims(self, q: QTensor) -> bool:
+        return q.format.name in fp8.FORMATS
+
+    def reason(self, q: QTensor, act: str, mode: str) -> str | None:
+        why = need_format(q, tuple(fp8.FORMATS))
+        if why is not None or need_per_row(q) is None:
+            return why
+        return need_groups(q, fp8.group_error)
+
+    def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
+        p = fp8.pack_weight(q.codes, q.scale, q.group_size, q.format.name)
+        return {"fp8_w": p["w"], "fp8_scales": p["scales"]}
+
+    def matmul(self, name, x2, bufs, bias, n, k, q):
+        return torch.ops.qkern.gemm_fp8(x2, bufs["fp8_w"], bufs["fp8_scales"], bias, n, k,
+                                        q.group_size or 0, fp8.FORMATS[q.format.name])

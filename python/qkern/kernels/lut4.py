@@ -1,0 +1,66 @@
+"""4-bit codebook weights (nf4, fp4_e2m1, fp4_bnb, any 16-entry table) on qkern::gemm_lut4
+("lut4") and, with double-quantized scales, qkern::gemm_lut4_dq ("lut4_dq")."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import lut4
+from ..tensor import QTensor
+from .base import Kernel, need_groups, register
+
+
+def _table(q: QTensor) -> torch.Tensor:
+    return torch.from_numpy(q.format.lut[:16].copy())
+
+
+class _Lut4Family(Kernel):
+    def claims(self, q: QTensor) -> bool:
+        return q.format.kind == "codebook" and q.format.bits == 4
+
+    def reason(self, q: QTensor, act: str, mode: str) -> str | None:
+        if not self.claims(q):
+            return f"takes 4-bit codebook formats, not {q.format.name}"
+        return need_groups(q, lut4.group_error)
+
+
+@register
+class Lut4Dq(_Lut4Family):
+    """int8 block scales, rebuilt inside the kernel."""
+
+    names = ("lut4_dq",)
+    order = 40
+
+    def reason(self, q: QTensor, act: str, mode: str) -> str | None:
+        why = super().reason(q, act, mode)
+        return why or (None if q.double_quant is not None else "needs double-quantized scales")
+
+    def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
+        p = lut4.pack_weight_dq(q.codes.view(torch.uint8), q.double_quant, q.group_size)
+        return {"lut4_packed": p["packed"], "lut4_qscales": p["qscales"],
+                "lut4_scale2": p["scale2"], "lut4_mean": p["mean"], "lut4_table": _table(q)}
+
+    def matmul(self, name, x2, bufs, bias, n, k, q):
+        return torch.ops.qkern.gemm_lut4_dq(x2, bufs["lut4_packed"], bufs["lut4_qscales"],
+                                            bufs["lut4_scale2"], bufs["lut4_mean"],
+                                            bufs["lut4_table"], bias, n, k, q.group_size,
+                                            q.double_quant.group)
+
+
+@register
+class Lut4(_Lut4Family):
+    names = ("lut4",)
+    order = 41
+
+    def reason(self, q: QTensor, act: str, mode: str) -> str | None:
+        why = super().reason(q, act, mode)
+        return why or (None if q.double_quant is None else
+                       "double-quantized scales run on lut4_dq")
+
+    def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
+        p = lut4.pack_weight(q.codes.view(torch.uint8), q.scale, q.group_size)
+        return {"lut4_packed": p["packed"], "lut4_scales": p["scales"], "lut4_table": _table(q)}
+
+    def matmul(self, name, x2, bufs, bias, n, k, q):
+        return torch.ops.qkern.gemm_lut4(x2, bufs["lut4_packed"], bufs["lut4_scales"],
+                                         bufs["lut4_table"], bias, n, k, q.group_size)

@@ -1,0 +1,41 @@
+"""2-bit and 3-bit group-wise weights on qkern::gemm_w23 ("w23_exact", "w23_fast")."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import w23
+from ..ops.tiles import group_error
+from ..tensor import QTensor
+from .base import Kernel, need_format, need_groups, need_midtread, register
+
+FORMATS = ("int2", "int3", "uint2", "uint3")
+
+
+@register
+class W23(Kernel):
+    names = ("w23_exact", "w23_fast")
+    order = 20
+
+    def claims(self, q: QTensor) -> bool:
+        return q.format.name in FORMATS
+
+    def reason(self, q: QTensor, act: str, mode: str) -> str | None:
+        return need_format(q, FORMATS) or need_groups(q, group_error) or need_midtread(q)
+
+    def name(self, q: QTensor, act: str, mode: str) -> str:
+        return f"w23_{mode}"
+
+    def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
+        packed = w23.pack_weight(q.codes, q.scale, q.zero_point, q.group_size, q.format.bits,
+                                 signed=q.format.signed)
+        return {f"w23_{name}": t for name, t in packed.items() if isinstance(t, torch.Tensor)}
+
+    def matmul(self, name, x2, bufs, bias, n, k, q):
+        return torch.ops.qkern.gemm_w23(x2, bufs["w23_packed"], bufs["w23_scales"],
+                                        bufs.get("w23_zeros"), bias, n, k, q.group_size,
+                                        q.format.bits, q.format.qmin,
+                                        0 if name == "w23_exact" else 1)
+
+    def float_twin(self, name: str) -> str:
+        return "w23_exact"

@@ -1,0 +1,86 @@
+"""int8 weights per output channel (symmetric, midtread) on the int8 matmuls, one kernel per
+activation mode: "w8a16" (float activations, qkern::gemm_w8a16), "w8a8" (int8 per token,
+qkern::gemm_w8a8), "w8a8_tensor" (one dynamic scale per call) and "w8a8_static" (the
+calibrated ``act_scale`` buffer), the last two on qkern::gemm_s8s8_s32."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import w8
+from ..tensor import QTensor
+from .base import Kernel, need_format, need_midtread, need_per_row, register
+
+_OPS = torch.ops.qkern
+
+
+@register
+class W8a16(Kernel):
+    names = ("w8a16",)
+    order = 60
+    needs = "int8 weights per output channel (symmetric, midtread)"
+
+    def claims(self, q: QTensor) -> bool:
+        return q.format.name == "int8"
+
+    def reason(self, q: QTensor, act: str, mode: str) -> str | None:
+        why = need_format(q, ("int8",)) or need_per_row(q) or need_midtread(q)
+        return why or (None if q.zero_point is None else "needs symmetric weights (no zero point)")
+
+    def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
+        return {"w8_packed": w8.pack_w8(q.codes), "w8_scale": q.scale.float().contiguous()}
+
+    def matmul(self, name, x2, bufs, bias, n, k, q):
+        return _OPS.gemm_w8a16(x2, bufs["w8_packed"], bufs["w8_scale"], bias, n, k)
+
+    def float_twin(self, name: str) -> str:
+        return "w8a16"
+
+
+@register
+class W8a8(W8a16):
+    """int8 activations per token (row of x)."""
+
+    names = ("w8a8",)
+    acts = ("int8_dynamic",)
+    order = 61
+
+    def matmul(self, name, x2, bufs, bias, n, k, q):
+        return _OPS.gemm_w8a8(x2, bufs["w8_packed"], bufs["w8_scale"], bias, n, k)
+
+
+def given_scale(x2: torch.Tensor, sx: torch.Tensor, bufs, bias, n: int, k: int):
+    """int8 activations with one scale for the whole tensor (static, or per-tensor dynamic):
+    xq = clamp(rne(x * (1 / sx)), -127, 127) by the qkern quantize op, the exact int32 core,
+    then y = (float(acc) * sx) * sw[n] (+ bias[n]) like gemm_w8a8's epilogue."""
+    sx = sx.reshape(1).float()
+    xq = _OPS.quantize_affine(x2.reshape(-1), sx, None, x2.numel(), -127, 127, 0, 0, 0.0, 0)
+    acc = _OPS.gemm_s8s8_s32(xq.view(torch.int8).view(x2.shape), bufs["w8_packed"], n, k)
+    y = (acc.float() * sx) * bufs["w8_scale"]
+    return y if bias is None else y + bias
+
+
+@register
+class W8a8Tensor(W8a16):
+    """int8 activations with one dynamic scale per call (amax / 127)."""
+
+    names = ("w8a8_tensor",)
+    acts = ("int8_dynamic_tensor",)
+    order = 62
+
+    def matmul(self, name, x2, bufs, bias, n, k, q):
+        amax = x2.abs().amax() if x2.numel() else x2.new_zeros(())
+        sx = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        return given_scale(x2, sx, bufs, bias, n, k)
+
+
+@register
+class W8a8Static(W8a16):
+    """int8 activations with the calibrated scale (the layer's ``act_scale`` buffer)."""
+
+    names = ("w8a8_static",)
+    acts = ("int8_static",)
+    order = 63
+
+    def matmul(self, name, x2, bufs, bias, n, k, q):
+        return given_scale(x2, bufs["act_scale"], bufs, bias, n, k)
