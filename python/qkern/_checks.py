@@ -7,6 +7,13 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+try:  # the optional CUDA kernels (built when nvcc was found)
+    from . import _cuda  # noqa: F401
+except ImportError:
+    HAS_CUDA_KERNELS = False
+else:
+    HAS_CUDA_KERNELS = True
+
 
 def as_tensor(x, name: str = "x") -> torch.Tensor:
     if isinstance(x, torch.Tensor):
@@ -27,8 +34,6 @@ def check_device(x: torch.Tensor) -> None:
     if x.device.type == "cpu":
         return
     if x.device.type == "cuda":
-        from .ops import HAS_CUDA_KERNELS
-
         if not HAS_CUDA_KERNELS:
             raise RuntimeError(
                 "x is a CUDA tensor but qkern was built without its CUDA kernels (qkern._cuda "

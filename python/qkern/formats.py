@@ -113,8 +113,7 @@ def _minifloat(ebits: int, mbits: int, bias: int, ieee_specials: bool) -> np.nda
 
 
 def _g711_values(law: str) -> np.ndarray:
-    from . import _C  # decode table from the bit-exact G.711 decoder
-
+    # the decode table comes from the bit-exact G.711 decoder
     codes = np.arange(256, dtype=np.uint8)
     dec = _C.mulaw_decode(codes) if law == "mulaw" else _C.alaw_decode(codes)
     return np.asarray(dec, dtype=np.float32)

@@ -8,14 +8,8 @@ adding an op module needs no import list; the CUDA modules only when ``qkern._cu
 import importlib
 import pkgutil
 
+from .._checks import HAS_CUDA_KERNELS
 from .cpu import NonFiniteError
-
-try:
-    from .. import _cuda  # noqa: F401
-except ImportError:
-    HAS_CUDA_KERNELS = False
-else:
-    HAS_CUDA_KERNELS = True
 
 for _info in pkgutil.iter_modules(__path__):
     if HAS_CUDA_KERNELS or not _info.name.startswith("cuda"):

@@ -11,7 +11,7 @@ __all__ = ["linear_weight_bytes", "quant_linear_bytes"]
 
 def quant_linear_bytes(ql: QuantLinear) -> int:
     """Bytes of a QuantLinear's stored weights (packed codes, scales, zero points)."""
-    return sum(getattr(ql, n).numel() * getattr(ql, n).element_size() for n in ql._buffer_names)
+    return sum(t.numel() * t.element_size() for t in ql.packed_buffers().values())
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
