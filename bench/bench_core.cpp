@@ -8,7 +8,7 @@
 // (input array + output array + scales), so "bytes_per_second" compares directly with the
 // memcpy baselines, which count source + destination bytes the same way. Output buffers are
 // allocated and touched once, before timing: these numbers exclude page faults and allocation
-// (the Python bench, python/qkern/bench.py, includes them, as a user sees them).
+// (the Python bench, python/qkern/tools/bench/core.py, includes them, as a user sees them).
 #include <benchmark/benchmark.h>
 
 #include <cmath>

@@ -375,7 +375,7 @@ def test_helper_nibbles_follow_the_packed_layouts():
     rng = np.random.default_rng(0)
     for _ in range(200):
         u = rng.integers(0, 16, 8)
-        # int4 tile layout (csrc/cpu/gemm_w4.h): byte j = u[j] | u[j + 4] << 4
+        # int4 tile layout (csrc/cpu/gemm/w4/api.h): byte j = u[j] | u[j + 4] << 4
         word = sum(int(u[j] | u[j + 4] << 4) << (8 * j) for j in range(4))
         assert [MM.w4_nibble(word, c) for c in range(8)] == list(u)
         assert MM.w4_low_nibbles(word).to_bytes(4, "little") == bytes(int(v) for v in u[:4])

@@ -1,4 +1,4 @@
-// Bindings of the binary / ternary weight matmuls (csrc/cpu/gemm_bits.h): shape checks,
+// Bindings of the binary / ternary weight matmuls (csrc/cpu/gemm/bits/api.h): shape checks,
 // numpy plumbing and GIL release.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -55,7 +55,7 @@ py::array_t<float> run(const char* op, bool ternary, const F32& x, const U8& w, 
   return y;
 }
 
-// codes (N, K) -> the packed tile layout of csrc/cpu/gemm_bits.h, 1-D uint8.
+// codes (N, K) -> the packed tile layout of csrc/cpu/gemm/bits/api.h, 1-D uint8.
 template <typename Codes, typename Pack>
 py::array_t<uint8_t> pack(const char* op, const Codes& codes, const char* range, bool ternary,
                           Pack fn) {

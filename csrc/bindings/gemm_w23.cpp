@@ -1,4 +1,4 @@
-// Bindings of the 2-bit / 3-bit group-wise matmul (csrc/cpu/gemm_w23.h): argument checks,
+// Bindings of the 2-bit / 3-bit group-wise matmul (csrc/cpu/gemm/w23/api.h): argument checks,
 // buffers and GIL release only.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>

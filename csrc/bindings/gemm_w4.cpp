@@ -1,4 +1,4 @@
-// Bindings of the int4 group-wise matmul (csrc/cpu/gemm_w4.h): argument checks, buffers and
+// Bindings of the int4 group-wise matmul (csrc/cpu/gemm/w4/api.h): argument checks, buffers and
 // GIL release only.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>

@@ -1,4 +1,4 @@
-// Bindings of the int8-weight matmuls (csrc/cpu/gemm_w8.h): argument checks, numpy plumbing
+// Bindings of the int8-weight matmuls (csrc/cpu/gemm/w8/api.h): argument checks, numpy plumbing
 // and GIL release only.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>

@@ -11,7 +11,7 @@
 ``x`` is ``(..., K)``; the result is float32 ``(..., N)``. Pack the weights with
 :func:`pack_binary` / :func:`pack_ternary`: rows in tiles of 8, one 32-bit word per row and 30
 weights, so that the AVX2 kernels look groups of 3 weights up in per-call tables of activation
-sums (layout in ``csrc/cpu/gemm_bits.h`` and docs/numerics.md).
+sums (layout in ``csrc/cpu/gemm/bits/api.h`` and docs/numerics.md).
 """
 
 from __future__ import annotations

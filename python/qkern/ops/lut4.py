@@ -29,7 +29,7 @@ from .schemas import LIB
 __all__ = ["cpu_group_error", "cuda_group_error", "dq_scales", "gemm_lut4", "gemm_lut4_dq",
            "group_error", "pack_weight", "pack_weight_dq"]
 
-# The AVX2 GEMM decodes W in tiles of 512 columns (csrc/cpu/gemm_lut4_avx2.cpp kKc), a group at
+# The AVX2 GEMM decodes W in tiles of 512 columns (csrc/cpu/gemm/lut4/avx2.cpp kKc), a group at
 # a time, and its GEMV reads 16 codes at a time: safe for groups that are multiples of 16
 # dividing 512. The CUDA kernels need multiples of 32.
 TILE_COLUMNS = 512

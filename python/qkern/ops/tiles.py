@@ -9,7 +9,7 @@ import torch
 __all__ = ["BLOCK", "MODES", "check_group", "check_scales_zeros", "from_tiles", "group_error",
            "padded", "parse_mode", "tile_shape", "to_tiles"]
 
-BLOCK = 32  # K runs in blocks of 32 codes (csrc/cpu/gemm_w4.h kW4Block, gemm_w23.h kW23Block)
+BLOCK = 32  # K runs in blocks of 32 codes (csrc/cpu/gemm/w4/api.h kW4Block, gemm_w23.h kW23Block)
 MODES = {"exact": 0, "fast": 1}
 
 

@@ -18,7 +18,7 @@ Layout (``pack_weight``): the stored codes are ``u = q - qmin`` (``qmin`` = -2, 
 in tiles of 8 (N padded with ``u = 0``), K in blocks of 32; tile ``t``, block ``b`` is
 ``32 * bits`` bytes: ``bits`` vectors of one little-endian 32-bit word per row (exactly ``bits``
 bits per weight), codes placed so that shifts and masks give four consecutive codes per byte
-(csrc/cpu/gemm_w23.h has the bit map). Scales and zero points are stored per tile and group as
+(csrc/cpu/gemm/w23/api.h has the bit map). Scales and zero points are stored per tile and group as
 8 consecutive values: ``(N_pad // 8, K // G, 8)``.
 """
 

@@ -18,7 +18,7 @@ codes ``8i .. 8i+7`` of the block for the 8 rows of the tile, one 32-bit word pe
 ``r`` at bytes ``4r .. 4r+3``); in a word the codes are nibbles ``u = q + 8``, byte
 ``j = u[8i + j] | u[8i + 4 + j] << 4``. One AVX2 lane then accumulates one output row (no
 horizontal sums). Scales and zero points are stored per tile and group as 8 consecutive
-values: ``(N_pad // 8, K // G, 8)``. csrc/cpu/gemm_w4.h is the reference for this layout.
+values: ``(N_pad // 8, K // G, 8)``. csrc/cpu/gemm/w4/api.h is the reference for this layout.
 """
 
 from __future__ import annotations

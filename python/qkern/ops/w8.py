@@ -1,7 +1,7 @@
 """int8-weight matmuls: ``qkern::pack_w8``, ``qkern::gemm_w8a8`` and ``qkern::gemm_w8a16``.
 
 Weights are (N, K) int8 codes with one float32 scale per output channel (row), packed once by
-``pack_w8`` into the kernels' blocked layout (``csrc/cpu/gemm_w8.h``): a flat int8 tensor of
+``pack_w8`` into the kernels' blocked layout (``csrc/cpu/gemm/w8/api.h``): a flat int8 tensor of
 ``w8_packed_nbytes(N, K)`` bytes. Exact definitions: docs/numerics.md, "int8 matmul".
 
 - ``gemm_w8a8``: each row of ``x`` is quantized to int8 on the fly (scale = amax / 127, codes
