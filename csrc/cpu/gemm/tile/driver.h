@@ -28,5 +28,24 @@ bool quantize_activations(const float* x, int64_t m, int64_t k, bool parallel,
 void for_tile_tasks(int64_t tiles, int64_t m, bool fast, bool parallel,
                     const std::function<void(int64_t, int64_t, int64_t, int64_t)>& fn);
 
+// A tile-layout matmul call: in fast mode x is quantized into p.xq / p.dx / p.xs first, then
+// kern.fast (or kern.exact) runs over the tile tasks. Returns true when the fast mode meets
+// NaN/Inf in x (nothing computed).
+template <class Problem, class Kernels>
+bool run_tile_gemm(Problem& p, const Kernels& kern, int64_t tiles, bool fast, bool parallel) {
+  std::vector<int8_t> xq;
+  std::vector<float> dx, xs;
+  if (fast) {
+    if (quantize_activations(p.x, p.m, p.k, parallel, xq, dx, xs)) return true;
+    p.xq = xq.data();
+    p.dx = dx.data();
+    p.xs = xs.data();
+  }
+  auto fn = fast ? kern.fast : kern.exact;
+  for_tile_tasks(tiles, p.m, fast, parallel,
+                 [&](int64_t t0, int64_t t1, int64_t m0, int64_t m1) { fn(p, t0, t1, m0, m1); });
+  return false;
+}
+
 }  // namespace tdrv
 }  // namespace qk

@@ -64,18 +64,8 @@ bool gemm_w23(const float* x, int64_t m, const uint8_t* packed, const float* sca
 
   w23::Problem p{x,     packed, scales, zeros, bias, y,      m,      n,     k,
                  group, bits,   static_cast<float>(-qmin), nullptr, nullptr, nullptr};
-  std::vector<int8_t> xq;
-  std::vector<float> dx, xs;
-  if (fast) {  // the int4 kernel's activation quantization: the same definition
-    if (tdrv::quantize_activations(x, m, k, parallel, xq, dx, xs)) return true;  // NaN/Inf
-    p.xq = xq.data();
-    p.dx = dx.data();
-    p.xs = xs.data();
-  }
-  auto fn = fast ? kern.fast : kern.exact;
-  tdrv::for_tile_tasks(tiles, m, fast, parallel, [&](int64_t t0, int64_t t1, int64_t m0,
-                                                       int64_t m1) { fn(p, t0, t1, m0, m1); });
-  return false;
+  // fast mode: the int4 kernel's activation quantization (the same definition)
+  return tdrv::run_tile_gemm(p, kern, tiles, fast, parallel);
 }
 
 }  // namespace qk
