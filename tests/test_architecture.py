@@ -210,8 +210,8 @@ def test_models_only_use_io_and_torch():
 
 
 def _sources():
-    for pattern in ("python/qkern/**/*.py", "csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu",
-                    "csrc/**/*.cuh"):
+    for pattern in ("python/qkern/**/*.py", "tests/*.py", "csrc/**/*.h", "csrc/**/*.cpp",
+                    "csrc/**/*.cu", "csrc/**/*.cuh"):
         yield from ROOT.glob(pattern)
 
 
