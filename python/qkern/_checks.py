@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 import numpy as np
 import torch
 
@@ -64,3 +68,15 @@ def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
 def check_bits(bits: int) -> None:
     if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # python/qkern/
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside the qkern package (the user's
+    line), however deep inside qkern the warning is raised."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import os
-import sys
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
@@ -23,6 +20,7 @@ from torch import nn
 
 from .. import formats as QF
 from .. import kernels
+from .._checks import warn_user
 from ..quantize import quantize
 from ..tensor import QTensor
 
@@ -37,23 +35,14 @@ class KernelFallbackWarning(UserWarning):
 
 
 _WARNED: set[str] = set()  # reasons already warned about (one warning per distinct reason)
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # python/qkern
-
-
-def _caller_stacklevel() -> int:
-    """The stacklevel of the first frame outside the qkern package (the user's call)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _warn_fallback(reason: str) -> None:
     if reason in _WARNED:
         return
     _WARNED.add(reason)
-    warnings.warn(f"QuantLinear runs the slow 'dequant' path (weights decoded at every call): "
-                  f"{reason}", KernelFallbackWarning, stacklevel=_caller_stacklevel())
+    warn_user(f"QuantLinear runs the slow 'dequant' path (weights decoded at every call): "
+              f"{reason}", KernelFallbackWarning)
 
 
 class QuantLinear(nn.Module):

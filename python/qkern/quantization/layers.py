@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from .. import formats as QF
+from .._checks import warn_user
 from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from ..observers import make_observer
 from ..quantize import quantize
-from .registry import BaseConfig, Quantizer, replace_module, user_warning
+from .registry import BaseConfig, Quantizer, replace_module
 
 __all__ = ["OBSERVER_NAMES", "ActQuant", "ObservedInput", "ObservingQuantizer",
            "effective_group", "in_features", "input_observer", "observer_seen", "warn_notes",
@@ -79,7 +80,7 @@ def warn_notes(notes: dict[str, str]) -> None:
     """One warning listing the layers quantized differently from the config, and why."""
     if notes:
         lines = "\n".join(f"  {n}: {why}" for n, why in notes.items())
-        user_warning(f"{len(notes)} layer(s) quantized differently from the config:\n{lines}")
+        warn_user(f"{len(notes)} layer(s) quantized differently from the config:\n{lines}")
 
 
 # ---- static activations ------------------------------------------------------------------

@@ -21,9 +21,6 @@ import dataclasses
 import fnmatch
 import json
 import math
-import os
-import sys
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,11 +29,12 @@ import torch
 from torch import nn
 
 from .. import formats as QF
+from .._checks import warn_user
 
 __all__ = ["LAYER_TYPES", "BaseConfig", "Batch", "Quantizer", "any_layer", "check_bool",
            "check_choice", "check_format", "check_group", "check_int", "check_real",
            "clone_inputs", "config_class", "fail", "quantizer_for", "register_quantizer",
-           "registered_configs", "registered_quantizers", "replace_module", "user_warning",
+           "registered_configs", "registered_quantizers", "replace_module",
            "weight_layers"]
 
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
@@ -346,13 +344,4 @@ class Quantizer:
     def warn_skipped(self) -> None:
         if self.skipped:
             lines = "\n".join(f"  {n}: {why}" for n, why in self.skipped.items())
-            user_warning(f"{len(self.skipped)} layer(s) left in float:\n{lines}")
-
-
-def user_warning(message: str) -> None:
-    """A UserWarning attributed to the first caller outside the qkern package."""
-    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
+            warn_user(f"{len(self.skipped)} layer(s) left in float:\n{lines}")
