@@ -6,7 +6,7 @@ JOBS   ?= 2
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all install deps test test-fast demo bench bench-smoke asan cuda-check lint clean
+.PHONY: all install deps test test-fast demo bench bench-smoke asan asan-build fuzz cuda-check lint clean
 
 all: test
 
@@ -51,18 +51,35 @@ bench-smoke: install
 	$(VENV)/bin/qkern bench matmul --quick
 	$(VENV)/bin/qkern bench decode --quick
 
-# The kernel tests over an AddressSanitizer + UBSan build of qkern._C.
-asan: deps
+# An AddressSanitizer + UBSan build of qkern._C, staged with the Python package in build/asan/pkg.
+ASAN_ENV = PYTHONPATH=$(abspath build/asan/pkg) \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+
+asan-build: deps
 	cmake -S . -B build/asan -G Ninja -DQKERN_SANITIZE=ON -DQKERN_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 		-DPython_EXECUTABLE=$(abspath $(VPY)) -Dpybind11_DIR=$$($(VPY) -m pybind11 --cmakedir) >/dev/null
 	cmake --build build/asan --target _C
 	rm -rf build/asan/pkg && mkdir -p build/asan/pkg && cp -r python/qkern build/asan/pkg/
 	cp build/asan/_C*.so build/asan/pkg/qkern/
-	cd build/asan/pkg && PYTHONPATH=$(abspath build/asan/pkg) \
-		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-		timeout 1800 $(abspath $(VPY)) -m pytest -q -p no:cacheprovider $(abspath tests) -k "not cuda" \
-		--ignore=$(abspath tests/test_demo.py)
+
+# The kernel tests over the sanitizer build.
+asan: asan-build
+	cd build/asan/pkg && $(ASAN_ENV) timeout 1800 $(abspath $(VPY)) -m pytest -q -p no:cacheprovider \
+		$(abspath tests) -k "not cuda" --ignore=$(abspath tests/test_demo.py)
+
+# Fuzzing of the public API and the raw ops (fuzz/fuzz_qkern.py): FUZZ_SECONDS of
+# coverage-guided atheris on the installed (release) build, growing a copy of the seed corpus in
+# build/fuzz-corpus; then every input of that corpus replayed on the ASan + UBSan build (gcc's
+# preloaded ASan runtime hides coverage from libFuzzer, so the guided pass runs without it).
+FUZZ_SECONDS ?= 60
+fuzz: install asan-build
+	$(VPY) -m pip install -q atheris
+	rm -rf build/fuzz-corpus && mkdir -p build/fuzz-corpus && cp fuzz/corpus/* build/fuzz-corpus/
+	timeout $$(( $(FUZZ_SECONDS) + 120 )) $(VPY) fuzz/fuzz_qkern.py build/fuzz-corpus \
+		-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=6144 -timeout=30 -artifact_prefix=build/
+	cd build/asan/pkg && $(ASAN_ENV) timeout 1200 $(abspath $(VPY)) $(abspath fuzz/fuzz_qkern.py) \
+		-rss_limit_mb=6144 -timeout=30 -artifact_prefix=$(abspath build)/ $(abspath build/fuzz-corpus)/*
 
 # Proves the CUDA sources compile (nvcc, sm_80 + sm_90) without needing a GPU.
 cuda-check: deps

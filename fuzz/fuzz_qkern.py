@@ -1,0 +1,199 @@
+"""Coverage-guided fuzzing (atheris / libFuzzer) of qkern's public API and raw torch ops.
+
+Each input picks one target and drives it with values the fuzzer mutates: shapes (empty,
+ragged), special floats, huge or negative sizes and ids, wrong dtypes, garbage files. A target
+may raise the documented clean errors (ValueError, TypeError); anything else — another
+exception, a crash, a hang, a sanitizer report — is a finding.
+
+    make fuzz          # FUZZ_SECONDS (60) coverage-guided on the release build, then every
+                       # input of the grown corpus replayed on the ASan + UBSan build
+    python fuzz/fuzz_qkern.py DIR -max_total_time=60      # on the installed qkern
+    python fuzz/fuzz_qkern.py crash-...                     # replay one input
+
+Coverage guidance needs the release build: under gcc's ASan runtime (preloaded) libFuzzer
+receives no coverage, so the sanitizer pass replays what the guided pass found.
+
+The seed corpus (fuzz/corpus) holds one input per target, written by ``--write-seeds``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+import warnings
+
+import atheris
+
+with atheris.instrument_imports(include=["qkern"]):
+    import numpy as np
+    import torch
+    from torch import nn
+
+    import qkern
+    from qkern.nn import QuantLinear
+
+CLEAN = (ValueError, TypeError)
+OPS = torch.ops.qkern
+FORMATS = qkern.formats.names()
+SPECIALS = [0.0, -0.0, 1e-45, -1e-40, 1.0, -1.5, 2.5, 3e38, -3e38, 1e37, np.inf, -np.inf, np.nan]
+BIG = [0, 1, -1, 2, 3, 7, 8, 16, 31, 32, 64, 96, 128, 256, 512, 2**31 - 1, 2**31, 2**32,
+       2**62, 2**63 - 1, -(2**63)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
+          torch.int16, torch.int32, torch.int64]
+TMP = tempfile.mkdtemp(prefix="qkern-fuzz-")
+warnings.simplefilter("ignore")
+qkern.set_num_threads(2)
+
+
+def _int(fdp: atheris.FuzzedDataProvider, lo: int, hi: int) -> int:
+    return fdp.ConsumeIntInRange(lo, hi)
+
+
+def _size(fdp) -> int:  # mostly small, sometimes absurd
+    return fdp.PickValueInList(BIG) if fdp.ConsumeBool() else _int(fdp, 0, 40)
+
+
+def _floats(fdp, n: int) -> np.ndarray:
+    out = np.empty(n, np.float32)
+    for i in range(n):
+        out[i] = fdp.PickValueInList(SPECIALS) if _int(fdp, 0, 7) == 0 else \
+            fdp.ConsumeFloatInRange(-1e4, 1e4)
+    return out
+
+
+def _tensor(fdp, shape) -> torch.Tensor:
+    n = int(np.prod(shape)) if shape else 1
+    t = torch.from_numpy(_floats(fdp, n)).reshape(shape)
+    dtype = fdp.PickValueInList(DTYPES) if _int(fdp, 0, 5) == 0 else torch.float32
+    return t.to(dtype)
+
+
+def target_quantize(fdp) -> None:
+    shape = [_int(fdp, 0, 9) for _ in range(_int(fdp, 0, 3))]
+    x = _tensor(fdp, shape)
+    kw = {}
+    if fdp.ConsumeBool():
+        kw["granularity"] = fdp.PickValueInList(["tensor", "channel", "group", "rows"])
+    if fdp.ConsumeBool():
+        kw["axis"] = _int(fdp, -4, 3)
+    if fdp.ConsumeBool():
+        kw["group_size"] = fdp.PickValueInList([-1, 0, 1, 2, 3, 4, 8, 32, 64])
+    if fdp.ConsumeBool():
+        kw["rounding"] = fdp.PickValueInList(["nearest_even", "half_away", "half_up", "floor",
+                                              "ceil", "trunc", "stochastic", "bogus"])
+    if fdp.ConsumeBool():
+        kw["symmetric"] = fdp.ConsumeBool()
+    if fdp.ConsumeBool():
+        kw["quantizer"] = fdp.PickValueInList(["midtread", "midrise", "deadzone", "x"])
+        kw["deadzone"] = fdp.PickValueInList([0.5, 1.0, 1.5, 3.0, float("nan")])
+    if fdp.ConsumeBool():
+        kw["scale"] = fdp.PickValueInList(SPECIALS)
+    if fdp.ConsumeBool():
+        kw["clip_ratio"] = fdp.PickValueInList([0.5, 1.0, 0.0, -1.0, float("nan")])
+    if fdp.ConsumeBool():
+        kw["double_quant"] = True
+    q = qkern.quantize(x, fdp.PickValueInList(FORMATS), **kw)
+    q.dequantize()
+    q.pack().unpack()
+
+
+def target_bits(fdp) -> None:
+    bits = _int(fdp, -1, 10)
+    raw = fdp.ConsumeBytes(_int(fdp, 0, 64))
+    buf = np.frombuffer(raw, np.uint8).copy()
+    if fdp.ConsumeBool():
+        codes = qkern.unpack_bits(buf, bits, n=_size(fdp), order=fdp.PickValueInList(
+            ["lsb", "msb", "x"]))
+        qkern.pack_bits(np.asarray(codes), bits)
+    else:
+        qkern.pack_int32(torch.from_numpy(buf.astype(np.int64)).reshape(-1, 1) % 16, bits=bits,
+                         dim=_int(fdp, -2, 2))
+
+
+def target_raw_quantize(fdp) -> None:
+    n = _int(fdp, 0, 64)
+    x = _tensor(fdp, [n])
+    scale = torch.from_numpy(_floats(fdp, _int(fdp, 0, 4)))
+    zp = None if fdp.ConsumeBool() else torch.tensor(
+        [fdp.PickValueInList(BIG) for _ in range(scale.numel())], dtype=torch.int64).to(
+        fdp.PickValueInList([torch.int32, torch.int64]))
+    args = (_size(fdp), _int(fdp, -300, 300), _int(fdp, -300, 300), _int(fdp, -2, 9),
+            _int(fdp, -2, 4), fdp.PickValueInList(SPECIALS), fdp.PickValueInList(BIG))
+    codes = OPS.quantize_affine(x, scale, zp, *args)
+    OPS.dequantize_affine(codes, scale, zp, args[0], fdp.ConsumeBool(),
+                          fdp.PickValueInList([0.0, 0.5, float("nan")]))
+
+
+def target_matmul(fdp) -> None:
+    fmt = fdp.PickValueInList(["int4", "int3", "int2", "uint3", "nf4", "fp4_e2m1", "fp8_e4m3",
+                               "int8", "binary", "ternary", "int5", "mxfp4"])
+    n, k = _int(fdp, 1, 24), fdp.PickValueInList([8, 16, 32, 48, 64, 96, 128, 256])
+    lin = nn.Linear(k, n, bias=fdp.ConsumeBool())
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(_floats(fdp, n * k)).reshape(n, k))
+    kw = {"group_size": fdp.PickValueInList([None, 8, 16, 32, 64, 96, 128, 256]),
+          "symmetric": fdp.ConsumeBool(),
+          "act": fdp.PickValueInList(["none", "none", "int8_dynamic", "int8_dynamic_tensor",
+                                      "binary"]),
+          "mode": fdp.PickValueInList(["exact", "fast"])}
+    q = QuantLinear.from_float(lin, fmt, **kw)
+    x = _tensor(fdp, [_int(fdp, 0, 5), k])
+    q(x)
+    q.dequantize_weight()
+
+
+def target_load(fdp) -> None:
+    path = os.path.join(TMP, "m.safetensors")
+    data = fdp.ConsumeBytes(_int(fdp, 0, 4096))
+    if fdp.ConsumeBool():  # a real file with some bytes overwritten: deeper than random bytes
+        base = io.BytesIO(_SAVED)
+        base.seek(_int(fdp, 0, len(_SAVED)))
+        base.write(data)
+        data = base.getvalue()
+    with open(path, "wb") as f:
+        f.write(data)
+    qkern.load(path, _model())
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 8))
+
+
+def _saved_bytes() -> bytes:
+    path = os.path.join(TMP, "seed.safetensors")
+    q = qkern.quantize_model(_model(), qkern.WeightOnlyConfig(fmt="int4", group_size=32))
+    qkern.save(q, path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+_SAVED = _saved_bytes()
+TARGETS = [target_quantize, target_bits, target_raw_quantize, target_matmul, target_load]
+
+
+def test_one_input(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    target = TARGETS[fdp.ConsumeIntInRange(0, len(TARGETS) - 1)]
+    try:
+        target(fdp)
+    except CLEAN:
+        pass
+
+
+def write_seeds(folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, t in enumerate(TARGETS):
+        with open(os.path.join(folder, f"seed-{t.__name__}"), "wb") as f:
+            f.write(bytes([i]) + rng.integers(0, 256, 512, dtype=np.uint8).tobytes())
+
+
+if __name__ == "__main__":
+    if "--write-seeds" in sys.argv:
+        write_seeds(sys.argv[-1])
+        sys.exit(0)
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
