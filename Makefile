@@ -88,7 +88,7 @@ cuda-check: deps
 	cmake --build build/cuda --target _cuda
 
 lint: deps
-	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff check python tests bench fuzz
 
 clean:
 	rm -rf build
