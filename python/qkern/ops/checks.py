@@ -4,6 +4,8 @@ kernels check sizes again before touching memory (their own safety net)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _C
@@ -301,6 +303,29 @@ def gemm_w8(op: str, x, packed_w, w_scale, bias, N: int, K: int) -> None:
         raise ValueError(f"{op}: w_scale must have N={N} elements, got {w_scale.numel()}")
     if bias is not None and bias.numel() != N:
         raise ValueError(f"{op}: bias must have N={N} elements, got {bias.numel()}")
+
+
+# ---- magnitude bound of the int8-activation paths (docs/numerics.md, "Overflow bound") --------
+# W8A8's float(acc) * sx is at most 128 K max|x| and the int4 / int2 / int3 fast modes' group
+# partial sum at most 15 G max|x|: with max|x| * length <= 2^120 neither overflows float32.
+INT8_ACT_BOUND = 2.0**120
+
+
+def int8_act_bound(op: str, amax: float, length: int, what: str) -> None:
+    """ValueError when ``amax * length`` (``length`` = K for W8A8, the group size for the fast
+    modes) exceeds 2^120; NaN / Inf ``amax`` pass (the kernels report them)."""
+    if math.isfinite(amax) and amax * length > INT8_ACT_BOUND:
+        raise ValueError(
+            f"{op}: max|x| = {amax:.6g} with {what} = {length} exceeds the int8-activation "
+            f"bound max|x| * {what} <= 2^120 ({INT8_ACT_BOUND / length:.6g} here): its float32 "
+            "intermediates would overflow (docs/numerics.md, \"Overflow bound\"); use float "
+            "activations (w8a16, mode='exact') for such inputs")
+
+
+def int8_act_bound_x(op: str, x: torch.Tensor, length: int, what: str) -> None:
+    """``int8_act_bound`` with ``max|x|`` of a real (CPU or CUDA) tensor: one reduction."""
+    if x.numel() and length > 0:
+        int8_act_bound(op, float(x.detach().abs().amax()), length, what)
 
 
 def w8_codes(codes: torch.Tensor) -> None:
