@@ -216,7 +216,7 @@ def _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed, sc, zp, layout
         qpos = fmt.qmax + (0.5 if qshape == 1 else 0.0)
         codes, sck, zpk = _OPS.quantize_affine_dynamic(xk, g, fmt.qmin, fmt.qmax, rule, qpos,
                                                        fmt.emax, rmode, qshape, dz_half, seed)
-        if not symmetric:
+        if not symmetric and fmt.qmax - fmt.qmin == 1 and not torch.compiler.is_compiling():
             _check_range_scale(sck, fmt)
         if clip_ratio is None or clip_ratio == 1.0:
             return codes, sck, (None if symmetric else zpk)
@@ -231,8 +231,8 @@ def _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed, sc, zp, layout
 
 
 def _check_range_scale(sck: torch.Tensor, fmt: F.Format) -> None:
-    """An asymmetric scale is finite for finite data (docs/numerics.md, "range overflow"),
-    except for a 1-bit grid over a range beyond FLT_MAX."""
+    """An asymmetric scale is finite for finite data (docs/numerics.md, "range overflow":
+    at most 2 FLT_MAX / (qmax - qmin)), except for a 1-bit grid over a range beyond FLT_MAX."""
     if not bool(torch.isfinite(sck).all()):
         raise ValueError(f"the data's range max(x, 0) - min(x, 0) over {fmt.qmax - fmt.qmin} "
                          f"step(s) of {fmt.name} needs a scale beyond float32's largest value")
