@@ -181,6 +181,13 @@ def quantize_affine_dynamic(x, group_size: int, qmin: int, qmax: int, rule: int,
         raise ValueError("qpos must be finite and > 0")
 
 
+def dynamic_zero_points(n: int, group_size: int, rule: int) -> int:
+    """Length of quantize_affine_dynamic's zero-point output: one per group for the min/max
+    rule, 0 (an empty tensor, nothing allocated) for the symmetric rules, whose zero point is
+    0 by definition."""
+    return n // group_size if rule == _C.SCALE_RULES["minmax"] and group_size > 0 else 0
+
+
 def dequantize_affine(codes, scale, zero_point, group_size: int, is_signed: bool) -> None:
     what = "dequantize_affine"
     n = codes.numel()

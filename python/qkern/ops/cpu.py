@@ -51,7 +51,7 @@ def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, roundin
     n = x.numel()
     codes = torch.empty(x.shape, dtype=U8)
     scale = torch.empty(n // group_size, dtype=F32)
-    zp = torch.empty(n // group_size, dtype=I32)
+    zp = torch.empty(checks.dynamic_zero_points(n, group_size, rule), dtype=I32)
     bad = _C.quantize_affine_dynamic_raw(ptr(x), n, group_size, qmin, qmax, rule, qpos, emax,
                                          rounding, shape, dz_half, _seed(seed), ptr(scale),
                                          ptr(zp), ptr(codes))

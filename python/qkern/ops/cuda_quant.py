@@ -92,12 +92,14 @@ def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, roundin
     g = n // group_size
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     scale = torch.empty(g, dtype=torch.float32, device=dev)
-    zp = torch.empty(g, dtype=torch.int32, device=dev)
+    zp = torch.empty(checks.dynamic_zero_points(n, group_size, rule), dtype=torch.int32,
+                     device=dev)
+    zp_addr = zp.data_ptr() if zp.numel() else 0  # null: the kernel writes no zero points
     bad = torch.empty(1, dtype=torch.int32, device=dev)
     with torch.cuda.device(dev):
         _cuda.quantize_affine_dynamic(x.data_ptr(), n, group_size, qmin, qmax, rounding, shape,
                                       dz_half, seed_bits(seed), rule, qpos, emax, scale.data_ptr(),
-                                      zp.data_ptr(), codes.data_ptr(), bad.data_ptr(), dev.index,
+                                      zp_addr, codes.data_ptr(), bad.data_ptr(), dev.index,
                                       stream(dev))
     raise_if_bad(bad)
     return codes, scale, zp
