@@ -159,16 +159,24 @@ def test_w8a8_bit_exact(m, n, k, isa):
 def test_w8a8_special_rows(isa):
     # zero rows (scale 1, y = 0 * sw + b), huge and subnormal magnitudes, one-hot rows, and
     # weights at -128 / 127 only.
+    # Huge rows sit at the overflow bound max|x| * K <= 2^120 (docs/numerics.md, "Overflow
+    # bound"; K = 100, 2^113 * 100 < 2^120); past it the op raises (issue 9: the 1e36 / 3.4e38 /
+    # FLT_MAX rows this test used returned Inf where the product was finite).
     x, codes, sw, b = make(9, 33, 100, seed=3, extreme=True)
+    big = np.float32(2.0**113)
     x[0] = 0.0
-    x[1] *= np.float32(1e36)
+    x[1] *= big / np.abs(x[1]).max()
     x[2] = np.float32(3e-41) * np.sign(x[2])  # amax/127 underflows: scale raised to FLT_MIN
     x[3] = 0.0
-    x[3, 50] = -np.float32(3.4e38)
-    x[4] = np.float32(np.finfo(np.float32).max) * np.sign(x[4])
+    x[3, 50] = -big
+    x[4] = big * np.sign(x[4])
     np.testing.assert_array_equal(run(OPS.gemm_w8a8, x, codes, sw, b, isa),
                                   ref_w8a8(x, codes, sw, b))
     assert np.array_equal(run(OPS.gemm_w8a8, x, codes, sw, b, isa)[0], (0 * sw + b))
+    for huge in (np.float32(1e36) * 100, np.float32(3.4e38), np.finfo(np.float32).max):
+        x[4] = huge * np.sign(x[4])
+        with pytest.raises(ValueError, match="2\\^120"):
+            run(OPS.gemm_w8a8, x, codes, sw, b, isa)
 
 
 def test_w8a8_nonfinite_raises():

@@ -152,7 +152,8 @@ PYBIND11_MODULE(_C, m) {
     check_rule(rule);
     if (rule == qk::kScaleAbsMax && !(qpos > 0.0f)) throw py::value_error("qpos must be > 0");
     if (n == 0) return false;
-    check_ptrs(x && scale && zp && codes);
+    // zp may be null for the symmetric rules (their zero point is 0 and is not stored)
+    check_ptrs(x && scale && (zp || rule != qk::kScaleMinMax) && codes);
     qk::AffineSpec spec{qmin, qmax, rounding, shape, dz_half, seed};
     py::gil_scoped_release nogil;
     return qk::quantize_affine_dynamic(ptr<float>(x), n, group, spec, rule, qpos, emax,

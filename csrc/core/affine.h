@@ -73,6 +73,18 @@ QK_HD float pow2_mx_scale(float amax, int emax) {
   return ldexpf(1.0f, e);
 }
 
+// (hi - lo) / n for lo <= 0 <= hi, n = qmax - qmin. When hi - lo overflows float32 (finite
+// hi and lo beyond FLT_MAX / 2 in magnitude) the same quotient is taken from the halves: hi/2,
+// lo/2 and n/2 are exact and rounding commutes with halving, so (hi/2 - lo/2) / (n/2) is
+// float32((hi - lo) / n) computed without the overflow, bit for bit (docs/numerics.md, "range
+// overflow"). Ordinary ranges take the first branch: unchanged bits.
+QK_HD float minmax_scale(float lo, float hi, int32_t n) {
+  const float nf = static_cast<float>(n);
+  const float range = hi - lo;
+  if (range <= FLT_MAX) return range / nf;
+  return (hi * 0.5f - lo * 0.5f) / (nf * 0.5f);
+}
+
 // Scale (and zero point) of one group from its statistics.
 QK_HD void affine_params_from_stats(float lo, float hi, float amax, double sum_abs, int64_t n,
                                     int rule, float qpos, int emax, const AffineSpec& s,
@@ -80,7 +92,7 @@ QK_HD void affine_params_from_stats(float lo, float hi, float amax, double sum_a
   if (rule == kScaleMinMax) {
     lo = lo < 0.0f ? lo : 0.0f;
     hi = hi > 0.0f ? hi : 0.0f;
-    float sc = sanitize_scale((hi - lo) / static_cast<float>(s.qmax - s.qmin));
+    float sc = sanitize_scale(minmax_scale(lo, hi, s.qmax - s.qmin));
     float z = static_cast<float>(s.qmin) - nearbyintf(lo / sc);
     z = clampf(z, static_cast<float>(s.qmin), static_cast<float>(s.qmax));
     *scale = sc;

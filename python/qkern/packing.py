@@ -44,6 +44,10 @@ def unpack_bits(packed, bits: int, n: int, order: str = "lsb"):
     msb = _order(order)
     if not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if isinstance(packed, (np.ndarray, torch.Tensor)) and packed.dtype not in (
+            np.uint8, np.int8, torch.uint8, torch.int8):
+        raise TypeError(f"packed must be a byte buffer (uint8 or int8, as pack_bits returns), "
+                        f"got {packed.dtype}: a wider integer would lose its high bytes")
     t, was_numpy = _codes_u8(packed, "packed")
     need = (n * bits + 7) // 8
     if t.numel() < need:

@@ -84,6 +84,18 @@ def _check_scale(scale: torch.Tensor) -> None:
         raise ValueError(f"scale {float(scale.min())} is too small: 1/scale overflows float32")
 
 
+def _integral(value):
+    """A zero point as given, refused when it is not integer-valued (1.7 silently became 1)."""
+    t = torch.as_tensor(value)
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"zero_point must hold integers, got {t.dtype}")
+    if t.is_floating_point() and t.numel() and not bool((t == t.round()).all()
+                                                       & torch.isfinite(t).all()):
+        bad = t[(t != t.round()) | ~torch.isfinite(t)].reshape(-1)[0]
+        raise ValueError(f"zero_point must be integer-valued, got {float(bad)!r}")
+    return t
+
+
 def _check_zero_point(zp: torch.Tensor, fmt: F.Format) -> None:
     if zp.numel() and (zp.min() < fmt.qmin or zp.max() > fmt.qmax):
         raise ValueError(
@@ -108,8 +120,13 @@ def _check_options(fmt, symmetric, quantizer, qshape, deadzone, clip_ratio, doub
                          "quantizer; use quantizer='midrise', symmetric=False or 'binary'")
     if clip_ratio is not None and not (0.0 < clip_ratio <= 1.0):
         raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}")
-    if double_quant and fmt.kind != "codebook":
-        raise ValueError("double_quant applies to codebook block formats (nf4, fp4_*)")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    if double_quant and (fmt.kind != "codebook" or fmt.scale_rule == F.SCALE_POW2_MX):
+        raise ValueError(f"double_quant applies to codebook block formats with float scales "
+                         f"(nf4, fp4_*), not {fmt.name}"
+                         + (" (MX scales are powers of two, stored as E8M0)"
+                            if fmt.scale_rule == F.SCALE_POW2_MX else ""))
 
 
 def _given_params(scale, zero_point, symmetric, layout, fmt):
@@ -123,7 +140,7 @@ def _given_params(scale, zero_point, symmetric, layout, fmt):
             raise ValueError("zero_point is given but symmetric=True; pass symmetric=False")
         if sc is None:
             raise ValueError("zero_point needs scale too")
-        zp = _given(zero_point, layout, "zero_point", torch.int64)
+        zp = _given(_integral(zero_point), layout, "zero_point", torch.int64)
         _check_zero_point(zp, fmt)
         zp = zp.to(torch.int32)
     if not symmetric and sc is not None and zp is None:
@@ -199,6 +216,8 @@ def _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed, sc, zp, layout
         qpos = fmt.qmax + (0.5 if qshape == 1 else 0.0)
         codes, sck, zpk = _OPS.quantize_affine_dynamic(xk, g, fmt.qmin, fmt.qmax, rule, qpos,
                                                        fmt.emax, rmode, qshape, dz_half, seed)
+        if not symmetric and fmt.qmax - fmt.qmin == 1 and not torch.compiler.is_compiling():
+            _check_range_scale(sck, fmt)
         if clip_ratio is None or clip_ratio == 1.0:
             return codes, sck, (None if symmetric else zpk)
         sc_k = sck * clip_ratio
@@ -209,6 +228,14 @@ def _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed, sc, zp, layout
     codes = _OPS.quantize_affine(xk, sc_k, zp_k, g, fmt.qmin, fmt.qmax, rmode, qshape, dz_half,
                                  seed)
     return codes, sc_k, zp_k
+
+
+def _check_range_scale(sck: torch.Tensor, fmt: F.Format) -> None:
+    """An asymmetric scale is finite for finite data (docs/numerics.md, "range overflow":
+    at most 2 FLT_MAX / (qmax - qmin)), except for a 1-bit grid over a range beyond FLT_MAX."""
+    if not bool(torch.isfinite(sck).all()):
+        raise ValueError(f"the data's range max(x, 0) - min(x, 0) over {fmt.qmax - fmt.qmin} "
+                         f"step(s) of {fmt.name} needs a scale beyond float32's largest value")
 
 
 def _table(fmt):

@@ -117,6 +117,9 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if not isinstance(qt, QTensor):
         raise TypeError(f"dequantize expects a QTensor, got {type(qt).__name__}")
     fmt, layout = qt.format, qt.layout
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dequantize: dtype must be a floating-point torch.dtype, got {dtype!r} "
+                        "(use .codes for the integer codes)")
     dtype = dtype or qt.dtype
     if layout.numel == 0:
         return torch.empty(layout.shape, dtype=dtype)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import w8
+from ..ops import checks, w8
 from ..tensor import QTensor
 from .base import Kernel, need_format, need_midtread, need_per_row, register
 
@@ -54,6 +54,12 @@ def given_scale(x2: torch.Tensor, sx: torch.Tensor, bufs, bias, n: int, k: int):
     xq = clamp(rne(x * (1 / sx)), -127, 127) by the qkern quantize op, the exact int32 core,
     then y = (float(acc) * sx) * sw[n] (+ bias[n]) like gemm_w8a8's epilogue."""
     sx = sx.reshape(1).float()
+    if x2.numel() == 0:  # (0, K) or K = 0: y = 0 * sw (+ bias), as gemm_w8a8 defines it
+        y = torch.zeros((x2.shape[0], n), dtype=torch.float32, device=x2.device)
+        y = y * bufs["w8_scale"]
+        return y if bias is None else y + bias
+    # codes within [-127, 127]: 127 sx plays max|x| in the overflow bound
+    checks.int8_act_bound("w8a8 (one activation scale)", 127.0 * float(sx), k, "K")
     xq = _OPS.quantize_affine(x2.reshape(-1), sx, None, x2.numel(), -127, 127, 0, 0, 0.0, 0)
     acc = _OPS.gemm_s8s8_s32(xq.view(torch.int8).view(x2.shape), bufs["w8_packed"], n, k)
     y = (acc.float() * sx) * bufs["w8_scale"]

@@ -118,6 +118,10 @@ class QuantLinear(nn.Module):
         return self._impl.weight(self.kernel, self.weight_q, self.packed_buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"QuantLinear takes a floating-point input (float32, bfloat16, "
+                            f"float16), got {what}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got {x.shape[-1]}")
         y = self._impl.forward(self.kernel, x, self.packed_buffers(), self.bias,

@@ -71,6 +71,9 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt, symmetric: bool 
       ``scale = (hi' - lo') / (qmax - qmin)``, ``zp = clamp(qmin - rne(lo' / scale))``;
     - codebook / G.711: ``scale = max(|lo|, |hi|) / max_value``;
     - a zero scale becomes 1.0 and a positive one below FLT_MIN becomes FLT_MIN.
+
+    A range whose ``hi' - lo'`` overflows float32 gets the same quotient without the overflow
+    (``minmax_scale``); a scale that still does not fit float32 is a ValueError.
     """
     fmt = F.get(fmt)
     lo = torch.as_tensor(lo, dtype=torch.float32)
@@ -78,12 +81,28 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt, symmetric: bool 
     zp = None
     if fmt.kind == "int" and not symmetric:
         lo0, hi0 = lo.clamp(max=0.0), hi.clamp(min=0.0)
-        scale = sanitize_scale((hi0 - lo0) / float(fmt.qmax - fmt.qmin))
+        scale = sanitize_scale(minmax_scale(lo0, hi0, fmt.qmax - fmt.qmin))
         zp = (fmt.qmin - torch.round(lo0 / scale)).clamp(fmt.qmin, fmt.qmax).to(torch.int32)
     else:
         qpos = float(fmt.qmax) if fmt.kind == "int" else fmt.max_value
         scale = sanitize_scale(torch.maximum(lo.abs(), hi.abs()) / qpos)
     return scale, zp
+
+
+def minmax_scale(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 ``(hi - lo) / n`` (lo <= 0 <= hi), as csrc/core/affine.h's minmax_scale: where
+    ``hi - lo`` overflows float32 on finite data, ``(hi/2 - lo/2) / (n/2)``, the same quotient
+    bit for bit (halving is exact and commutes with rounding). A result that does not fit
+    float32 (a 1-bit format over a range beyond FLT_MAX) is a ValueError."""
+    rng = hi - lo
+    scale = rng / float(n)
+    over = torch.isinf(rng) & torch.isfinite(lo) & torch.isfinite(hi)
+    if bool(over.any()):
+        scale = torch.where(over, (hi * 0.5 - lo * 0.5) / (float(n) * 0.5), scale)
+        if not bool(torch.isfinite(scale[over]).all()):
+            raise ValueError(f"the range [{float(lo[over].min())}, {float(hi[over].max())}] "
+                             f"over {n} steps needs a scale beyond float32's largest value")
+    return scale
 
 
 def sanitize_scale(scale: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,13 @@ from torch import nn
 
 from .base import Observer, sanitize_scale
 
+_FLT_MAX = torch.finfo(torch.float32).max
+
 
 class LSQObserver(Observer):
     """Learnable step size ``s`` (``self.scale``, an nn.Parameter; per channel with granularity
-    ``"channel"``). The first observed batch initializes it to ``2 * mean|x| / sqrt(Q_P)``; after
+    ``"channel"``). The first observed batch initializes it to ``2 * mean|x| / sqrt(Q_P)`` (in
+    float64, capped at FLT_MAX, where float32 overflows on finite data); after
     that ``forward`` only counts batches and ``fake_quantize`` trains it:
 
         v_hat = round(clamp(v / s, -Q_N, Q_P)) * s
@@ -36,6 +39,10 @@ class LSQObserver(Observer):
     def _observe(self, rows: torch.Tensor) -> None:
         if int(self.num_batches) == 0:
             init = 2.0 * rows.abs().mean(dim=1) / math.sqrt(self.q_p)
+            bad = ~torch.isfinite(init)  # a float32 sum or 2 * mean beyond FLT_MAX: float64
+            if bool(bad.any()):
+                init64 = 2.0 * rows.double().abs().mean(dim=1) / math.sqrt(self.q_p)
+                init = torch.where(bad, init64.clamp(max=_FLT_MAX).float(), init)
             init = sanitize_scale(init)
             self.scale.data = init.reshape(()) if self.granularity == "tensor" else init
 

@@ -7,6 +7,18 @@ import torch
 from .base import Observer, check_real
 
 
+def _ema(m: torch.Tensor, cur: torch.Tensor, c: float) -> torch.Tensor:
+    """``m + c * (cur - m)`` in float32; where ``cur - m`` overflows on finite values, the
+    same formula in float64 rounded to float32 (a convex combination of two finite float32
+    values, so finite)."""
+    out = m + c * (cur - m)
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):
+        m64, cur64 = m.double(), cur.double()
+        out = torch.where(bad, (m64 + c * (cur64 - m64)).float(), out)
+    return out
+
+
 class MinMaxObserver(Observer):
     """The range is the smallest and largest value seen (per channel with granularity
     ``"channel"``)."""
@@ -34,8 +46,8 @@ class MinMaxObserver(Observer):
 
 
 class MovingAverageMinMaxObserver(MinMaxObserver):
-    """The first batch's min/max, then ``m += c * (batch_m - m)`` per batch (float32), with
-    ``c = averaging_constant`` (0.01 as in torch.ao)."""
+    """The first batch's min/max, then ``m += c * (batch_m - m)`` per batch (float32; float64
+    where ``batch_m - m`` overflows), with ``c = averaging_constant`` (0.01 as in torch.ao)."""
 
     def __init__(self, fmt="int8", *, averaging_constant: float = 0.01, **kw):
         super().__init__(fmt, **kw)
@@ -46,9 +58,8 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         if self.min_val.numel() == 0:
             self.min_val, self.max_val = cur_min, cur_max
             return
-        c = self.averaging_constant
-        self.min_val = self.min_val + c * (cur_min - self.min_val)
-        self.max_val = self.max_val + c * (cur_max - self.max_val)
+        self.min_val = _ema(self.min_val, cur_min, self.averaging_constant)
+        self.max_val = _ema(self.max_val, cur_max, self.averaging_constant)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", averaging_constant={self.averaging_constant}"

@@ -4,6 +4,8 @@ kernels check sizes again before touching memory (their own safety net)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _C
@@ -42,8 +44,78 @@ def check_zero_points(zp: torch.Tensor | None, lo: int, hi: int) -> None:
 
 
 def check_code_range(qmin: int, qmax: int) -> None:
-    if qmin > qmax or qmin < -128 or qmax > 255 or (qmin < 0 and qmax > 127):
+    if qmin >= qmax:
+        raise ValueError(f"code range [{qmin}, {qmax}] needs qmin < qmax (one level has no "
+                         "scale)")
+    if qmin < -128 or qmax > 255 or (qmin < 0 and qmax > 127):
         raise ValueError(f"code range [{qmin}, {qmax}] does not fit one signed or unsigned byte")
+
+
+# ---- argument values and dtypes of the element-wise ops (checked before any conversion) -------
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_BYTE_DTYPES = (torch.uint8, torch.int8)
+
+
+def check_float_input(op: str, t: torch.Tensor, name: str) -> None:
+    """A floating-point tensor (converted to float32 by the kernels, never from integers)."""
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_dtype(op: str, t: torch.Tensor | None, name: str, allowed: tuple) -> None:
+    """``t`` of one of ``allowed`` dtypes: no silent cast (float to int16, int64 to uint8)."""
+    if t is not None and t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{op}: {name} must be {names}, got {t.dtype}")
+
+
+def check_scale_values(op: str, scale: torch.Tensor, quantize: bool) -> None:
+    """Scales finite and > 0 (and for quantize ops 1/scale finite: the kernels multiply by
+    it). One pass over the scale tensor (small: one entry per group)."""
+    check_float_input(op, scale, "scale")
+    if scale.numel() == 0 or scale.device.type == "meta":
+        return
+    s = scale.detach().float()
+    ok = torch.isfinite(s) & (s > 0)
+    if quantize:
+        ok &= torch.isfinite(1.0 / s)
+    if not bool(ok.all()):
+        bad = float(s[~ok].reshape(-1)[0])
+        raise ValueError(f"{op}: scale must be finite and > 0{' with 1/scale finite' * quantize}"
+                         f", got {bad!r}")
+
+
+def check_zero_point_input(op: str, zp: torch.Tensor | None, lo: int, hi: int) -> None:
+    """An integer zero point within [lo, hi], checked on the given values (an int64 2**40
+    no longer wraps to 0 in the int32 conversion first)."""
+    check_dtype(op, zp, "zero_point", _INT_DTYPES)
+    if zp is not None and zp.numel() and zp.device.type != "meta":
+        zmin, zmax = int(zp.min()), int(zp.max())
+        if zmin < lo or zmax > hi:
+            raise ValueError(f"{op}: zero_point must lie in the code range [{lo}, {hi}], got "
+                             f"values in [{zmin}, {zmax}]")
+
+
+def check_deadzone_half(op: str, deadzone_half: float) -> None:
+    if not (math.isfinite(deadzone_half) and deadzone_half >= 0.0):
+        raise ValueError(f"{op}: deadzone_half ((w - 1) / 2) must be finite and >= 0, got "
+                         f"{deadzone_half!r}")
+
+
+def check_sign_bit(op: str, sign_bit: int, value_codes: torch.Tensor) -> None:
+    """0 (no sign bit) or one bit of a byte, not set in any magnitude code."""
+    if sign_bit != 0 and (sign_bit < 0 or sign_bit > 128 or sign_bit & (sign_bit - 1)):
+        raise ValueError(f"{op}: sign_bit must be 0 or a power of two up to 128, got {sign_bit}")
+    if sign_bit and value_codes.numel() and value_codes.device.type != "meta":
+        if bool((value_codes.to(torch.int64) & sign_bit).any()):
+            raise ValueError(f"{op}: sign_bit {sign_bit} is set in a value code: codes of "
+                             "positive and negative values would collide")
+
+
+def g711(op: str, t: torch.Tensor) -> None:
+    """mulaw / alaw: encoders take int16 PCM, decoders uint8 codes (no cast from others)."""
+    check_dtype(op, t, "pcm" if op.endswith("encode") else "codes",
+                (torch.int16,) if op.endswith("encode") else (torch.uint8,))
 
 
 def check_rule(rule: int, allowed: tuple[int, ...], what: str) -> None:
@@ -79,51 +151,82 @@ def check_unpack(packed: torch.Tensor, bits: int, n: int) -> None:
 
 # ---- the element-wise ops, whole (CPU and CUDA implementations call these) ----------------------
 
-def quantize_affine(n: int, scale, zero_point, group_size: int, qmin: int, qmax: int,
-                    rounding: int, shape: int) -> None:
+def quantize_affine(x, scale, zero_point, group_size: int, qmin: int, qmax: int,
+                    rounding: int, shape: int, deadzone_half: float) -> None:
+    """On the tensors as given (before the kernels' dtype conversion)."""
     what = "quantize_affine"
+    n = x.numel()
+    check_float_input(what, x, "x")
     check_groups(n, group_size, what)
     check_len(scale, n // group_size, "scale")
     if zero_point is not None:
         check_len(zero_point, n // group_size, "zero_point")
     check_rounding(rounding, shape)
     check_code_range(qmin, qmax)
-    check_zero_points(zero_point, qmin, qmax)
+    check_deadzone_half(what, deadzone_half)
+    check_scale_values(what, scale, True)
+    check_zero_point_input(what, zero_point, qmin, qmax)
 
 
-def quantize_affine_dynamic(n: int, group_size: int, qmin: int, qmax: int, rule: int,
-                            qpos: float, rounding: int, shape: int) -> None:
+def quantize_affine_dynamic(x, group_size: int, qmin: int, qmax: int, rule: int,
+                            qpos: float, rounding: int, shape: int, deadzone_half: float) -> None:
     what = "quantize_affine_dynamic"
-    check_groups(n, group_size, what)
+    check_float_input(what, x, "x")
+    check_groups(x.numel(), group_size, what)
     check_rounding(rounding, shape)
     check_code_range(qmin, qmax)
     check_rule(rule, AFFINE_RULES, what)
-    if rule == _C.SCALE_RULES["absmax"] and not qpos > 0.0:
-        raise ValueError("qpos must be > 0")
+    check_deadzone_half(what, deadzone_half)
+    if rule == _C.SCALE_RULES["absmax"] and not (qpos > 0.0 and math.isfinite(qpos)):
+        raise ValueError("qpos must be finite and > 0")
 
 
-def dequantize_affine(n: int, scale, zero_point, group_size: int, is_signed: bool) -> None:
-    check_groups(n, group_size, "dequantize_affine")
+def dynamic_zero_points(n: int, group_size: int, rule: int) -> int:
+    """Length of quantize_affine_dynamic's zero-point output: one per group for the min/max
+    rule, 0 (an empty tensor, nothing allocated) for the symmetric rules, whose zero point is
+    0 by definition."""
+    return n // group_size if rule == _C.SCALE_RULES["minmax"] and group_size > 0 else 0
+
+
+def dequantize_affine(codes, scale, zero_point, group_size: int, is_signed: bool) -> None:
+    what = "dequantize_affine"
+    n = codes.numel()
+    check_dtype(what, codes, "codes", _BYTE_DTYPES)
+    check_groups(n, group_size, what)
     check_len(scale, n // group_size, "scale")
+    check_scale_values(what, scale, False)
     if zero_point is not None:
         check_len(zero_point, n // group_size, "zero_point")
-        check_zero_points(zero_point, -128 if is_signed else 0, 127 if is_signed else 255)
+        check_zero_point_input(what, zero_point, -128 if is_signed else 0,
+                               127 if is_signed else 255)
 
 
-def quantize_codebook(n: int, scale, values, value_codes, group_size: int,
+def quantize_codebook(x, scale, values, value_codes, sign_bit: int, group_size: int,
                       rounding: int) -> int:
     """Returns the number of codebook values."""
-    check_groups(n, group_size, "quantize_codebook")
+    what = "quantize_codebook"
+    n = x.numel()
+    check_float_input(what, x, "x")
+    check_groups(n, group_size, what)
     check_len(scale, n // group_size, "scale")
+    check_scale_values(what, scale, True)
+    check_float_input(what, values, "values")
+    check_dtype(what, value_codes, "value_codes", _BYTE_DTYPES)
     nv = check_codebook(values, value_codes)
+    check_sign_bit(what, sign_bit, value_codes)
     check_rounding(rounding)
     return nv
 
 
-def quantize_codebook_dynamic(n: int, values, value_codes, group_size: int, rule: int,
+def quantize_codebook_dynamic(x, values, value_codes, sign_bit: int, group_size: int, rule: int,
                               max_value: float, rounding: int) -> int:
     """Returns the number of codebook values."""
     what = "quantize_codebook_dynamic"
+    n = x.numel()
+    check_float_input(what, x, "x")
+    check_float_input(what, values, "values")
+    check_dtype(what, value_codes, "value_codes", _BYTE_DTYPES)
+    check_sign_bit(what, sign_bit, value_codes)
     check_groups(n, group_size, what)
     check_rule(rule, AFFINE_RULES, what)
     if rule == _C.SCALE_RULES["minmax"]:
@@ -301,6 +404,29 @@ def gemm_w8(op: str, x, packed_w, w_scale, bias, N: int, K: int) -> None:
         raise ValueError(f"{op}: w_scale must have N={N} elements, got {w_scale.numel()}")
     if bias is not None and bias.numel() != N:
         raise ValueError(f"{op}: bias must have N={N} elements, got {bias.numel()}")
+
+
+# ---- magnitude bound of the int8-activation paths (docs/numerics.md, "Overflow bound") --------
+# W8A8's float(acc) * sx is at most 128 K max|x| and the int4 / int2 / int3 fast modes' group
+# partial sum at most 15 G max|x|: with max|x| * length <= 2^120 neither overflows float32.
+INT8_ACT_BOUND = 2.0**120
+
+
+def int8_act_bound(op: str, amax: float, length: int, what: str) -> None:
+    """ValueError when ``amax * length`` (``length`` = K for W8A8, the group size for the fast
+    modes) exceeds 2^120; NaN / Inf ``amax`` pass (the kernels report them)."""
+    if math.isfinite(amax) and amax * length > INT8_ACT_BOUND:
+        raise ValueError(
+            f"{op}: max|x| = {amax:.6g} with {what} = {length} exceeds the int8-activation "
+            f"bound max|x| * {what} <= 2^120 ({INT8_ACT_BOUND / length:.6g} here): its float32 "
+            "intermediates would overflow (docs/numerics.md, \"Overflow bound\"); use float "
+            "activations (w8a16, mode='exact') for such inputs")
+
+
+def int8_act_bound_x(op: str, x: torch.Tensor, length: int, what: str) -> None:
+    """``int8_act_bound`` with ``max|x|`` of a real (CPU or CUDA) tensor: one reduction."""
+    if x.numel() and length > 0:
+        int8_act_bound(op, float(x.detach().abs().amax()), length, what)
 
 
 def w8_codes(codes: torch.Tensor) -> None:

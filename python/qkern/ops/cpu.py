@@ -32,9 +32,10 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shape, dz_half, seed):
+    checks.quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shape,
+                           dz_half)
     x, scale, zp = contig(x, F32), contig(scale, F32), contig(zero_point, I32)
     n = x.numel()
-    checks.quantize_affine(n, scale, zp, group_size, qmin, qmax, rounding, shape)
     codes = torch.empty(x.shape, dtype=U8)
     bad = _C.quantize_affine_raw(ptr(x), n, ptr(scale), ptr(zp), group_size, qmin, qmax,
                                  rounding, shape, dz_half, _seed(seed), ptr(codes))
@@ -44,12 +45,13 @@ def quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shap
 
 def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, rounding, shape,
                             dz_half, seed):
+    checks.quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, rounding, shape,
+                                   dz_half)
     x = contig(x, F32)
     n = x.numel()
-    checks.quantize_affine_dynamic(n, group_size, qmin, qmax, rule, qpos, rounding, shape)
     codes = torch.empty(x.shape, dtype=U8)
     scale = torch.empty(n // group_size, dtype=F32)
-    zp = torch.empty(n // group_size, dtype=I32)
+    zp = torch.empty(checks.dynamic_zero_points(n, group_size, rule), dtype=I32)
     bad = _C.quantize_affine_dynamic_raw(ptr(x), n, group_size, qmin, qmax, rule, qpos, emax,
                                          rounding, shape, dz_half, _seed(seed), ptr(scale),
                                          ptr(zp), ptr(codes))
@@ -58,9 +60,9 @@ def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, roundin
 
 
 def dequantize_affine(codes, scale, zero_point, group_size, is_signed, offset):
+    checks.dequantize_affine(codes, scale, zero_point, group_size, is_signed)
     codes, scale, zp = _bytes(codes), contig(scale, F32), contig(zero_point, I32)
     n = codes.numel()
-    checks.dequantize_affine(n, scale, zp, group_size, is_signed)
     out = torch.empty(codes.shape, dtype=F32)
     _C.dequantize_affine_raw(ptr(codes), n, ptr(scale), ptr(zp), group_size, is_signed, offset,
                              ptr(out))
@@ -68,10 +70,10 @@ def dequantize_affine(codes, scale, zero_point, group_size, is_signed, offset):
 
 
 def quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, rounding, seed):
+    nv = checks.quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, rounding)
     x, scale = contig(x, F32), contig(scale, F32)
     values, value_codes = contig(values, F32), _bytes(value_codes)
     n = x.numel()
-    nv = checks.quantize_codebook(n, scale, values, value_codes, group_size, rounding)
     codes = torch.empty(x.shape, dtype=U8)
     bad = _C.quantize_codebook_raw(ptr(x), n, ptr(scale), ptr(values), ptr(value_codes), nv,
                                    sign_bit, group_size, rounding, _seed(seed), ptr(codes))
@@ -81,10 +83,10 @@ def quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, round
 
 def quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule, max_value,
                               emax, rounding, seed):
+    nv = checks.quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule,
+                                          max_value, rounding)
     x, values, value_codes = contig(x, F32), contig(values, F32), _bytes(value_codes)
     n = x.numel()
-    nv = checks.quantize_codebook_dynamic(n, values, value_codes, group_size, rule, max_value,
-                                          rounding)
     codes = torch.empty(x.shape, dtype=U8)
     scale = torch.empty(n // group_size, dtype=F32)
     bad = _C.quantize_codebook_dynamic_raw(ptr(x), n, ptr(values), ptr(value_codes), nv,
@@ -122,6 +124,7 @@ def unpack_bits(packed, bits, n, msb):
 
 def _g711(op: str, src_dtype: torch.dtype, dst_dtype: torch.dtype):
     def impl(t):
+        checks.g711(op, t)
         t = contig(t, src_dtype)
         out = torch.empty(t.shape, dtype=dst_dtype)
         _C.g711_raw(op, ptr(t), t.numel(), ptr(out))

@@ -82,6 +82,7 @@ def _gemm_w4(run: _Runner, x, packed, scales, zeros, bias, N, K, group_size, mod
         return y
     xq = dx = xs = bad = None
     if mode == 1:  # workspaces of the activation quantization
+        checks.int8_act_bound_x(what, x32, group_size, "group_size")
         xq = torch.empty(m * K, dtype=torch.int8, device=dev)
         dx = torch.empty(m * nb, dtype=torch.float32, device=dev)
         xs = torch.empty(m * nb, dtype=torch.float32, device=dev)
@@ -129,6 +130,7 @@ def _gemm_w8(run: _Runner, a8: bool, x, packed_w, w_scale, bias, N, K):
     if m == 0 or N == 0:
         return y.to(x.dtype)
     if a8:
+        checks.int8_act_bound_x(what, x32, K, "K")
         kp = (K + 3) // 4 * 4
         xq = torch.empty(m * kp, dtype=torch.int8, device=dev)
         sx = torch.empty(m, dtype=torch.float32, device=dev)

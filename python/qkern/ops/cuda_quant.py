@@ -67,11 +67,12 @@ def raise_if_bad(bad: torch.Tensor) -> None:
 
 
 def quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shape, dz_half, seed):
+    checks.quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shape,
+                           dz_half)
     x = main_tensor(x, torch.float32, "quantize_affine")
     dev, n = x.device, x.numel()
     scale = as_device(scale, torch.float32, dev)
     zero_point = as_device(zero_point, torch.int32, dev)
-    checks.quantize_affine(n, scale, zero_point, group_size, qmin, qmax, rounding, shape)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     bad = torch.empty(1, dtype=torch.int32, device=dev)
     with torch.cuda.device(dev):
@@ -84,29 +85,32 @@ def quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shap
 
 def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, rounding, shape,
                             dz_half, seed):
+    checks.quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, rounding, shape,
+                                   dz_half)
     x = main_tensor(x, torch.float32, "quantize_affine_dynamic")
     dev, n = x.device, x.numel()
-    checks.quantize_affine_dynamic(n, group_size, qmin, qmax, rule, qpos, rounding, shape)
     g = n // group_size
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     scale = torch.empty(g, dtype=torch.float32, device=dev)
-    zp = torch.empty(g, dtype=torch.int32, device=dev)
+    zp = torch.empty(checks.dynamic_zero_points(n, group_size, rule), dtype=torch.int32,
+                     device=dev)
+    zp_addr = zp.data_ptr() if zp.numel() else 0  # null: the kernel writes no zero points
     bad = torch.empty(1, dtype=torch.int32, device=dev)
     with torch.cuda.device(dev):
         _cuda.quantize_affine_dynamic(x.data_ptr(), n, group_size, qmin, qmax, rounding, shape,
                                       dz_half, seed_bits(seed), rule, qpos, emax, scale.data_ptr(),
-                                      zp.data_ptr(), codes.data_ptr(), bad.data_ptr(), dev.index,
+                                      zp_addr, codes.data_ptr(), bad.data_ptr(), dev.index,
                                       stream(dev))
     raise_if_bad(bad)
     return codes, scale, zp
 
 
 def dequantize_affine(codes, scale, zero_point, group_size, is_signed, offset):
+    checks.dequantize_affine(codes, scale, zero_point, group_size, is_signed)
     codes = main_tensor(codes, torch.uint8, "dequantize_affine")
     dev, n = codes.device, codes.numel()
     scale = as_device(scale, torch.float32, dev)
     zero_point = as_device(zero_point, torch.int32, dev)
-    checks.dequantize_affine(n, scale, zero_point, group_size, is_signed)
     out = torch.empty(codes.shape, dtype=torch.float32, device=dev)
     with torch.cuda.device(dev):
         _cuda.dequantize_affine(codes.data_ptr(), n, group_size, scale.data_ptr(),
@@ -116,11 +120,10 @@ def dequantize_affine(codes, scale, zero_point, group_size, is_signed, offset):
 
 
 def quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, rounding, seed):
+    nv = checks.quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, rounding)
     x = main_tensor(x, torch.float32, "quantize_codebook")
     dev, n = x.device, x.numel()
     scale = as_device(scale, torch.float32, dev)
-    values = as_device(values, torch.float32, values.device)  # checked where it lives (often CPU)
-    nv = checks.quantize_codebook(n, scale, values, value_codes, group_size, rounding)
     values, value_codes = as_device(values, torch.float32, dev), as_device(value_codes,
                                                                             torch.uint8, dev)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
@@ -135,11 +138,10 @@ def quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, round
 
 def quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule, max_value,
                               emax, rounding, seed):
+    nv = checks.quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule,
+                                          max_value, rounding)
     x = main_tensor(x, torch.float32, "quantize_codebook_dynamic")
     dev, n = x.device, x.numel()
-    values = as_device(values, torch.float32, values.device)  # checked where it lives (often CPU)
-    nv = checks.quantize_codebook_dynamic(n, values, value_codes, group_size, rule, max_value,
-                                          rounding)
     values, value_codes = as_device(values, torch.float32, dev), as_device(value_codes,
                                                                             torch.uint8, dev)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
@@ -192,6 +194,7 @@ def unpack_bits(packed, bits, n, msb):
 
 def g711(fn_name: str, in_dtype: torch.dtype, out_dtype: torch.dtype):
     def impl(t):
+        checks.g711(fn_name, t)
         t = main_tensor(t, in_dtype, fn_name)
         dev = t.device
         out = torch.empty(t.shape, dtype=out_dtype, device=dev)

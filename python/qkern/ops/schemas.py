@@ -6,6 +6,8 @@ Device kernels register separately (``cpu.py`` and the matmul modules ``w4.py``,
 All ops see flat contiguous data: ``n`` elements in ``n // group_size`` consecutive groups,
 group ``g`` using ``scale.view(-1)[g]``. Codes are uint8 (two's complement bytes for signed
 formats); the Python layer reinterprets them. ``seed`` is a uint64 passed as int64 bits.
+``quantize_affine_dynamic`` returns one zero point per group for the min/max rule and an empty
+zero-point tensor for the symmetric rules (their zero point is 0; nothing is allocated).
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ def _(x, group_size, qmin, qmax, rule, qpos, emax, rounding, shape, deadzone_hal
     return (
         torch.empty(x.shape, dtype=torch.uint8, device=x.device),
         torch.empty(g, dtype=torch.float32, device=x.device),
-        torch.empty(g, dtype=torch.int32, device=x.device),
+        torch.empty(checks.dynamic_zero_points(x.numel(), group_size, rule), dtype=torch.int32,
+                    device=x.device),
     )
 
 

@@ -40,6 +40,8 @@ def _gemm_w23_cpu(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, 
     checks.gemm_w23(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode)
     x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
     zeros, bias = contig(zeros, torch.int32), contig(bias, torch.float32)
+    if mode == 1:
+        checks.int8_act_bound_x("gemm_w23", x, group_size, "group_size")
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
     bad = _C.gemm_w23_raw(ptr(x), x.numel() // K, ptr(packed), ptr(scales), ptr(zeros),
                           ptr(bias), N, K, group_size, bits, qmin, mode, ptr(y))

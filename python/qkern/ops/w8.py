@@ -60,6 +60,8 @@ def _gemm(a8: bool, x, packed_w, w_scale, bias, N, K):
     if K == 0 or m == 0 or N == 0:  # nothing to read: y = 0 * sw (+ bias), as defined
         y = torch.zeros(_out_shape(x, N), dtype=torch.float32) * sw
         return (y if b is None else y + b).to(x.dtype)
+    if a8:
+        checks.int8_act_bound_x("gemm_w8a8", xf, K, "K")
     y = torch.empty(_out_shape(x, N), dtype=torch.float32)
     bad = _C.gemm_w8_raw(a8, ptr(xf), m, ptr(w), ptr(sw), ptr(b), N, K, ptr(y))
     if bad:
