@@ -1,6 +1,7 @@
 """safetensors files through the ``safetensors`` package: read lazily (the tensors are
 memory-mapped, so loading costs no copy of the file) with the ``__metadata__`` dict, and write
-atomically (a temporary file in the same folder, fsync, then rename).
+atomically (a temporary file in the same folder, fsync, then a rename over the target, or a
+hard link that fails when the target exists when it must not be replaced).
 
 Every dtype the package has is accepted (fp8 and uint16/32/64 included); a file the package
 rejects (overlapping or uncovered data, bad JSON, unknown dtype...) raises ``ValueError``
@@ -9,6 +10,7 @@ naming the path.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -49,13 +51,64 @@ def read_safetensors(path: str | os.PathLike, with_metadata: bool = False):
     return tensors
 
 
+def _claim_excl(tmp: str, path: Path) -> None:
+    """The last resort where hard links are not supported (FAT, some FUSE and SMB mounts): the
+    name is claimed atomically by an ``O_EXCL`` create, then the finished file is renamed over
+    the claim. A reader may see an empty file between the two steps."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # FileExistsError if taken
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+# errors of os.link on a file system (or OS) without hard links
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK,
+             errno.EXDEV, errno.EACCES}
+
+
+def _publish_no_replace(tmp: str, path: Path) -> None:
+    """Gives the finished ``tmp`` the name ``path`` unless ``path`` exists, in one atomic step
+    (a hard link, which fails when the name is taken, then the temporary name is removed): of
+    several processes saving to the same new path exactly one succeeds, the others get
+    FileExistsError."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
+    except OSError as e:
+        if e.errno not in _NO_LINKS:
+            raise
+        _claim_excl(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes the new directory entry durable (best effort: not every OS opens folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object],
                  overwrite: bool = False) -> None:
     """Calls ``write(tmp)`` to fill a temporary file in the folder of ``path``, fsyncs it and
-    renames it over the target, so a reader never sees a partial file. Refuses an existing
-    path unless ``overwrite``."""
+    gives it the name ``path``, so a reader never sees a partial file: renamed over the target
+    with ``overwrite=True``; otherwise linked to it in one atomic step that fails with
+    FileExistsError when ``path`` exists (two processes saving to one new path: exactly one
+    wins)."""
     p = Path(path)
-    if p.exists() and not overwrite:
+    if p.exists() and not overwrite:  # early answer; _publish_no_replace is the real check
         raise FileExistsError(f"{p} exists; pass overwrite=True to replace it")
     if not p.parent.is_dir():
         raise FileNotFoundError(f"{p.parent} is not a directory")
@@ -65,13 +118,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object],
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, p)
+        if overwrite:
+            os.replace(tmp, p)
+        else:
+            _publish_no_replace(tmp, p)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+    _fsync_dir(p.parent)
 
 
 def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
