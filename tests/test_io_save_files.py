@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,9 @@ import torch
 from torch import nn
 
 import qkern
-from qkern.io import read_safetensors
+from qkern.io import read_safetensors, stale_temp_files
+
+PYTHON_DIR = Path(qkern.__file__).resolve().parents[1]
 
 N_RACERS = 4
 
@@ -60,3 +67,54 @@ def test_concurrent_no_overwrite_saves_exactly_one_wins(tmp_path):
     x = torch.randn(3, 256)
     assert torch.equal(back(x), _model(winners[0])(x))
     assert sorted(os.listdir(tmp_path)) == ["race.safetensors"]
+
+
+_KILLED_SAVE = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    from qkern.io import atomic_write
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"x" * (1 << 20))  # half a file
+            f.flush()
+        print("writing", flush=True)
+        time.sleep(120)
+
+    atomic_write(sys.argv[1], write)
+""")
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.endswith(".qkern-tmp"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL and pid checks are POSIX")
+def test_a_save_killed_mid_write_is_cleaned_up_by_the_next_save(tmp_path):
+    path = tmp_path / "m.safetensors"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(path), str(PYTHON_DIR)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        left = _temps(tmp_path)
+        assert len(left) == 1 and left[0].startswith(".m.safetensors.")
+        assert str(proc.pid) in left[0]  # discoverable: the target and the writer's pid
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not path.exists() and _temps(tmp_path) == left  # SIGKILL: nothing ran to clean up
+    assert stale_temp_files(path) == [tmp_path / left[0]]
+    # temporary files of a live writer and of another target are not touched
+    live = tmp_path / f".m.safetensors.{os.getpid()}@{socket.gethostname()}.abc.qkern-tmp"
+    other = tmp_path / f".other.safetensors.{proc.pid}@{socket.gethostname()}.abc.qkern-tmp"
+    live.write_bytes(b"")
+    other.write_bytes(b"")
+    keep = sorted([live.name, other.name])
+    if not re.fullmatch(r"[A-Za-z0-9-]+", socket.gethostname()):
+        keep = []  # host names are sanitized in the temp names: this check needs a plain one
+        live.unlink()
+        other.unlink()
+    qkern.save(_model(0), path)
+    assert _temps(tmp_path) == keep
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.safetensors", *keep])
+    assert read_safetensors(path).keys() == _model(0).state_dict().keys()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["atomic_write", "read_safetensors", "write_safetensors"]
+__all__ = ["atomic_write", "read_safetensors", "stale_temp_files", "write_safetensors"]
 
 # plain words for the package's commonest complaints (its own message follows them)
 _HINTS = {
@@ -100,19 +102,75 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# temporary files: ".<target name>.<pid>@<host>.<random>.qkern-tmp" in the target's folder, so
+# that the next save to the same target finds (and removes) those of a killed process
+TMP_SUFFIX = ".qkern-tmp"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix" or pid <= 0:
+        return True  # cannot tell: keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, someone else's
+        return True
+    return True
+
+
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """The temporary files that saves to ``path`` on this host left behind: those whose
+    process is gone (killed mid-write). Files of live processes and of other targets are not
+    listed."""
+    p = Path(path)
+    prefix, host = f".{p.name}.", _host()
+    out = []
+    try:
+        entries = list(os.scandir(p.parent))
+    except OSError:
+        return out
+    for entry in entries:
+        n = entry.name
+        if not (n.startswith(prefix) and n.endswith(TMP_SUFFIX)):
+            continue
+        parts = n[len(prefix):-len(TMP_SUFFIX)].split(".")
+        if len(parts) != 2:  # another target's ("<name>.<more>")
+            continue
+        pid, _, their_host = parts[0].partition("@")
+        if pid.isdigit() and their_host == host and not _pid_alive(int(pid)):
+            out.append(p.parent / n)
+    return out
+
+
+def _remove_stale_temps(p: Path) -> None:
+    for f in stale_temp_files(p):
+        try:
+            os.unlink(f)
+        except OSError:
+            pass
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object],
                  overwrite: bool = False) -> None:
     """Calls ``write(tmp)`` to fill a temporary file in the folder of ``path``, fsyncs it and
     gives it the name ``path``, so a reader never sees a partial file: renamed over the target
     with ``overwrite=True``; otherwise linked to it in one atomic step that fails with
     FileExistsError when ``path`` exists (two processes saving to one new path: exactly one
-    wins)."""
+    wins). The temporary file is named ``.<name>.<pid>@<host>.<random>.qkern-tmp``; those of
+    processes killed mid-write are removed by the next save to the same path."""
     p = Path(path)
     if p.exists() and not overwrite:  # early answer; _publish_no_replace is the real check
         raise FileExistsError(f"{p} exists; pass overwrite=True to replace it")
     if not p.parent.is_dir():
         raise FileNotFoundError(f"{p.parent} is not a directory")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    _remove_stale_temps(p)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}@{_host()}.", suffix=TMP_SUFFIX,
+                               dir=p.parent)
     os.close(fd)
     try:
         write(tmp)
