@@ -118,3 +118,39 @@ def test_a_save_killed_mid_write_is_cleaned_up_by_the_next_save(tmp_path):
     assert _temps(tmp_path) == keep
     assert sorted(os.listdir(tmp_path)) == sorted(["m.safetensors", *keep])
     assert read_safetensors(path).keys() == _model(0).state_dict().keys()
+
+
+_UMASK_SAVES = textwrap.dedent("""
+    import os, stat, sys
+    sys.path.insert(0, sys.argv[2])
+    import torch
+    from qkern.io import write_safetensors
+
+    folder = sys.argv[1]
+    for umask in (0o022, 0o077, 0o002, 0o027):
+        os.umask(umask)
+        p = os.path.join(folder, f"u{umask:03o}.safetensors")
+        write_safetensors(p, {"x": torch.ones(4)})
+        print(f"{umask:o} {stat.S_IMODE(os.stat(p).st_mode):o}")
+    os.umask(0o022)
+    p = os.path.join(folder, "kept.safetensors")
+    write_safetensors(p, {"x": torch.ones(4)})
+    os.chmod(p, 0o640)
+    write_safetensors(p, {"x": torch.zeros(4)}, overwrite=True)
+    print(f"kept {stat.S_IMODE(os.stat(p).st_mode):o}")
+""")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_saved_files_honour_the_umask(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _UMASK_SAVES, str(tmp_path), str(PYTHON_DIR)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    modes = dict(line.split() for line in out.splitlines())
+    assert modes == {"22": "644", "77": "600", "2": "664", "27": "640", "kept": "640"}, modes
+    # qkern.save goes through the same write
+    old = os.umask(0o022)
+    try:
+        qkern.save(_model(0), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "m.safetensors").stat().st_mode & 0o777) == oct(0o644)

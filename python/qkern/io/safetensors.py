@@ -13,8 +13,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import socket
-import tempfile
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,25 +156,50 @@ def _remove_stale_temps(p: Path) -> None:
             pass
 
 
+def _create_temp(p: Path) -> tuple[str, int]:
+    """A new empty temporary file for ``p`` and its permissions: created with mode 0o666, so
+    the OS applies the umask (and any default ACL) as for a normal file write."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = p.parent / f".{p.name}.{os.getpid()}@{_host()}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        return str(tmp), mode
+    raise FileExistsError(f"could not create a temporary file next to {p}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object],
                  overwrite: bool = False) -> None:
     """Calls ``write(tmp)`` to fill a temporary file in the folder of ``path``, fsyncs it and
     gives it the name ``path``, so a reader never sees a partial file: renamed over the target
     with ``overwrite=True``; otherwise linked to it in one atomic step that fails with
     FileExistsError when ``path`` exists (two processes saving to one new path: exactly one
-    wins). The temporary file is named ``.<name>.<pid>@<host>.<random>.qkern-tmp``; those of
-    processes killed mid-write are removed by the next save to the same path."""
+    wins). The file gets the mode a normal write gives (0o666 less the umask; an overwritten
+    file keeps its mode). The temporary file is named
+    ``.<name>.<pid>@<host>.<random>.qkern-tmp``; those of processes killed mid-write are
+    removed by the next save to the same path."""
     p = Path(path)
     if p.exists() and not overwrite:  # early answer; _publish_no_replace is the real check
         raise FileExistsError(f"{p} exists; pass overwrite=True to replace it")
     if not p.parent.is_dir():
         raise FileNotFoundError(f"{p.parent} is not a directory")
     _remove_stale_temps(p)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}@{_host()}.", suffix=TMP_SUFFIX,
-                               dir=p.parent)
-    os.close(fd)
+    tmp, mode = _create_temp(p)
     try:
         write(tmp)
+        if overwrite:  # a normal write over an existing file keeps its permissions
+            try:
+                mode = stat.S_IMODE(os.stat(p).st_mode) & 0o777
+            except OSError:
+                pass
+        # write() may have replaced the file (the safetensors package creates it 0o600)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:
