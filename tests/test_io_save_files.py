@@ -4,6 +4,7 @@ file write would (0o666 less the umask)."""
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import os
 import re
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 import qkern
-from qkern.io import read_safetensors, stale_temp_files
+from qkern.io import read_safetensors, stale_temp_files, write_safetensors
 
 PYTHON_DIR = Path(qkern.__file__).resolve().parents[1]
 
@@ -154,3 +155,23 @@ def test_saved_files_honour_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert oct((tmp_path / "m.safetensors").stat().st_mode & 0o777) == oct(0o644)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_the_no_overwrite_step_itself_refuses_existing_files(tmp_path, monkeypatch, hard_links):
+    def no_links(*args, **kwargs):  # a file system without hard links (FAT, some FUSE mounts)
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    if not hard_links:
+        monkeypatch.setattr(os, "link", no_links)
+    p = tmp_path / "a.safetensors"
+    write_safetensors(p, {"x": torch.ones(3)})
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_safetensors(p, {"x": torch.zeros(3)})
+    # the atomic step (hard link, or O_EXCL claim without links) refuses it, not the early check
+    monkeypatch.setattr(Path, "exists", lambda self: False)
+    with pytest.raises(FileExistsError):
+        write_safetensors(p, {"x": torch.zeros(3)})
+    monkeypatch.undo()
+    assert torch.equal(read_safetensors(p)["x"], torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]
