@@ -78,7 +78,7 @@ def _publish_no_replace(tmp: str, path: Path) -> None:
     several processes saving to the same new path exactly one succeeds, the others get
     FileExistsError."""
     try:
-        os.link(tmp, path, follow_symlinks=False)
+        os.link(tmp, path)
     except FileExistsError:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
     except OSError as e:
