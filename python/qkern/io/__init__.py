@@ -2,6 +2,6 @@
 (:mod:`qkern.io.safetensors`), and ``qkern.save`` / ``qkern.load`` of converted models
 (:mod:`qkern.io.serialization`, imported by ``qkern`` itself)."""
 
-from .safetensors import atomic_write, read_safetensors, write_safetensors
+from .safetensors import atomic_write, read_safetensors, stale_temp_files, write_safetensors
 
-__all__ = ["atomic_write", "read_safetensors", "write_safetensors"]
+__all__ = ["atomic_write", "read_safetensors", "stale_temp_files", "write_safetensors"]

@@ -4,7 +4,13 @@ The file holds the model's whole state dict (packed codes, scales, activation sc
 float parts) plus, in its metadata, the qkern version, the quant config (JSON) and a spec of
 every quantized layer (its module type, format, group size, activation mode...). ``load``
 rebuilds those layers on a float model of the same architecture and then loads the tensors,
-checking names, shapes and kernels and saying what does not match.
+checking names, shapes and kernels and saying what does not match. A loaded layer passes the
+checks a freshly built one passes: ``act_scale`` goes through the layer's constructor, scales
+and zero points through the checks ``qkern.quantize`` applies to given ones; a bad value is a
+ValueError naming the path and the tensor. A malformed file of any kind (metadata that is not
+JSON or not of the expected shape, missing or mistyped spec fields, unknown layer types,
+formats or kernels, tensors that do not fit) raises ``BadFile``, a ValueError naming the path
+and what is wrong.
 """
 
 from __future__ import annotations
@@ -17,8 +23,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..formats import Format
+from ..formats import get as get_format
+from ..kernels.base import FALLBACK
+from ..layout import Layout
 from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from ..ops.tiles import from_tiles
 from ..quantization import ActQuant, BaseConfig, ObservedInput
+from ..quantize import quantize
 from ..version import __version__
 from .safetensors import read_safetensors, write_safetensors
 
@@ -50,52 +62,213 @@ def _spec(m: nn.Module) -> dict | None:
     return None
 
 
-def _linear_kwargs(spec: dict) -> dict:
+class BadFile(ValueError):
+    """A qkern file whose contents cannot be loaded (the message names the path and what is
+    wrong)."""
+
+
+def _linear_kwargs(spec: dict, act_scale: torch.Tensor | float) -> dict:
     kw = {"group_size": spec["group_size"], "symmetric": spec["symmetric"], "act": spec["act"],
           "mode": spec["mode"], "quantizer": spec["quantizer"]}
     if spec["double_quant"]:
         kw["double_quant"] = True
     if spec["act"] == "int8_static":
-        kw["act_scale"] = 1.0  # placeholder: the saved value is loaded over it
+        kw["act_scale"] = act_scale
     return kw
 
 
+def _make_linear(cls: type, key: str) -> Callable:
+    """Builds a QuantLinear / QuantConv from the float layer with the saved ``act_scale``
+    (tensor ``key`` of the layer), so the constructor checks it as it checks a user's value."""
+
+    def make(f: nn.Module, s: dict, saved: Callable[[str], torch.Tensor | None], where: str,
+             name: str):
+        sx = saved(key) if s["act"] == "int8_static" else None
+        try:
+            return cls.from_float(f, s["fmt"], **_linear_kwargs(s, 1.0 if sx is None else sx))
+        except _BUILD_ERRORS as e:
+            if sx is None:
+                raise
+            # the same layer with a valid placeholder scale builds: the file's value is bad
+            cls.from_float(f, s["fmt"], **_linear_kwargs(s, 1.0))
+            raise BadFile(f"{where}: tensor '{name}.{key}': {e}") from None
+
+    return make
+
+
 _REBUILD: dict[str, tuple[type, Callable]] = {
-    "QuantLinear": (nn.Linear, lambda f, s: QuantLinear.from_float(f, s["fmt"],
-                                                                   **_linear_kwargs(s))),
-    "QuantConv1d": (nn.Conv1d, lambda f, s: QuantConv1d.from_float(f, s["fmt"],
-                                                                   **_linear_kwargs(s))),
-    "QuantConv2d": (nn.Conv2d, lambda f, s: QuantConv2d.from_float(f, s["fmt"],
-                                                                   **_linear_kwargs(s))),
-    "QuantEmbedding": (nn.Embedding, lambda f, s: QuantEmbedding.from_float(
+    "QuantLinear": (nn.Linear, _make_linear(QuantLinear, "act_scale")),
+    "QuantConv1d": (nn.Conv1d, _make_linear(QuantConv1d, "qlinear.act_scale")),
+    "QuantConv2d": (nn.Conv2d, _make_linear(QuantConv2d, "qlinear.act_scale")),
+    "QuantEmbedding": (nn.Embedding, lambda f, s, saved, where, name: QuantEmbedding.from_float(
         f, s["fmt"], group_size=s["group_size"], symmetric=s["symmetric"])),
 }
 
 
-def _rebuild(name: str, float_mod: nn.Module, spec: dict) -> nn.Module:
+# the fields of each layer spec in the file and their JSON types (None: null)
+_LINEAR_FIELDS = {"fmt": (str,), "group_size": (int, None), "symmetric": (bool,),
+                  "act": (str,), "mode": (str,), "quantizer": (str,), "double_quant": (bool,)}
+_OPTIONAL = {"kernel": (str, None), "bias": (bool,)}
+_FIELDS = {"QuantLinear": _LINEAR_FIELDS, "QuantConv1d": _LINEAR_FIELDS,
+           "QuantConv2d": _LINEAR_FIELDS,
+           "QuantEmbedding": {"fmt": (str,), "group_size": (int, None), "symmetric": (bool,)},
+           "ActQuant": {"fmt": (str,), "zero_point": (bool,), "inner": (dict, None)}}
+_JSON_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
+               None: "null"}
+
+
+def _json_type(v) -> type | None:
+    return None if v is None else bool if isinstance(v, bool) else type(v)
+
+
+def _check_spec(where: str, name: str, spec) -> None:
+    """The spec of layer ``name`` has the fields its type needs, of the right JSON types."""
+    if not isinstance(spec, dict):
+        raise BadFile(f"{where}: layer {name!r}: the spec must be a JSON object, got "
+                      f"{json.dumps(spec)[:60]}")
+    t = spec.get("type")
+    if not isinstance(t, str) or t not in _FIELDS:
+        raise BadFile(f"{where}: layer {name!r}: unknown quantized layer type "
+                      f"{json.dumps(t)[:60]}; known: {sorted(_FIELDS)}")
+    fields = _FIELDS[t]
+    for key, types in {**fields, **_OPTIONAL}.items():
+        if key not in spec:
+            if key in fields:
+                raise BadFile(f"{where}: layer {name!r}: the {t} spec has no field {key!r}")
+            continue
+        if _json_type(spec[key]) not in types:
+            want = " or ".join(_JSON_NAMES[x] for x in types)
+            raise BadFile(f"{where}: layer {name!r}: field {key!r} must be {want}, got "
+                          f"{json.dumps(spec[key])[:60]}")
+    if t == "ActQuant" and spec["inner"] is not None:
+        _check_spec(where, name + ".module", spec["inner"])
+
+
+def _metadata_json(where: str, meta: dict, key: str, default: str):
+    """The JSON value of metadata ``key``, or BadFile saying why it cannot be read."""
+    try:
+        return json.loads(meta.get(key, default))
+    except RecursionError:
+        raise BadFile(f"{where}: metadata {key!r} is JSON nested too deeply to read") from None
+    except ValueError as e:
+        raise BadFile(f"{where}: metadata {key!r} is not valid JSON ({e})") from None
+
+
+def _layer_specs(where: str, meta: dict) -> dict:
+    layers = _metadata_json(where, meta, "qkern_layers", "{}")
+    if not isinstance(layers, dict):
+        raise BadFile(f"{where}: metadata 'qkern_layers' must be a JSON object mapping layer "
+                      f"names to specs, got {type(layers).__name__}")
+    for name, spec in layers.items():
+        if not name:
+            raise BadFile(f"{where}: a layer spec has an empty name (the whole model)")
+        _check_spec(where, name, spec)
+    return layers
+
+
+def _config(where: str, meta: dict) -> BaseConfig | None:
+    cfg = _metadata_json(where, meta, "qkern_config", "null")
+    if cfg is None:
+        return None
+    try:
+        return BaseConfig.from_dict(cfg)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise BadFile(f"{where}: metadata 'qkern_config' is not a valid config: {e}") from None
+
+
+# what a layer constructor given a malformed spec or tensor may raise
+_BUILD_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError,
+                 OverflowError, RecursionError)
+
+
+def _rebuild(name: str, float_mod: nn.Module, spec: dict, tensors: dict, where: str
+             ) -> nn.Module:
+    """The quantized layer ``spec`` describes, built from ``float_mod`` with the saved values
+    its constructor takes (``tensors``: the file's, ``where``: the path for messages)."""
     t = spec.get("type")
     if t == "ActQuant":
-        inner = float_mod if spec["inner"] is None else _rebuild(name, float_mod, spec["inner"])
+        inner = float_mod if spec["inner"] is None else _rebuild(name + ".module", float_mod,
+                                                                 spec["inner"], tensors, where)
         zp = torch.zeros((), dtype=torch.int32) if spec["zero_point"] else None
         return ActQuant(inner, spec["fmt"], torch.ones(()), zp)
-    if t not in _REBUILD:
-        raise ValueError(f"{name}: unknown quantized layer type {t!r} in the file")
     want, make = _REBUILD[t]
     if type(float_mod) is not want:
-        raise ValueError(f"{name}: the file has a {t} built from an nn.{want.__name__}, the "
-                         f"model has {type(float_mod).__name__} there")
+        raise BadFile(f"{where}: layer {name!r}: the file has a {t} built from an "
+                         f"nn.{want.__name__}, the model has {type(float_mod).__name__} there")
     if spec.get("bias") and getattr(float_mod, "bias", None) is None:
         # bias correction gave this layer a bias: the (copied) float layer gets a zero one
         out = float_mod.weight.shape[0]
         float_mod.bias = nn.Parameter(torch.zeros(out, dtype=float_mod.weight.dtype))
-    built = make(float_mod, spec)
+    built = make(float_mod, spec, lambda key: tensors.get(f"{name}.{key}"), where, name)
     kernel = spec.get("kernel")
     got = getattr(built, "kernel", None) or getattr(getattr(built, "qlinear", None), "kernel",
                                                    None)
     if kernel is not None and got != kernel:
-        raise ValueError(f"{name}: saved with kernel {kernel!r}, this build would use {got!r} "
-                         "(a different qkern version or missing compiled kernels)")
+        raise BadFile(f"{where}: layer {name!r}: saved with kernel {kernel!r}, this build "
+                         f"would use {got!r} (a different qkern version, missing compiled "
+                         "kernels, or a bad file)")
     return built
+
+
+def _check_params(where: str, name: str, fmt: Format, lay: Layout, scale: torch.Tensor,
+                  zero_point: torch.Tensor | None, keys: tuple[str, str], note: str = "",
+                  quantizer: str = "midtread") -> None:
+    """Loaded scales / zero points (in the user layout ``lay``) pass the checks
+    ``qkern.quantize`` applies to given ones (finite, positive scales; zero points in the
+    format's code range), or BadFile names the tensor (``keys``: the scale's and the zero
+    point's names)."""
+    kw = {"granularity": lay.granularity}
+    if lay.granularity == "channel":
+        kw["axis"] = lay.axis
+    elif lay.granularity == "group":
+        kw.update(axis=lay.axis, group_size=lay.group_size)
+    try:
+        quantize(torch.zeros(lay.shape), fmt, scale=scale.reshape(lay.scale_shape),
+                 zero_point=None if zero_point is None else zero_point.reshape(lay.scale_shape),
+                 symmetric=zero_point is None, quantizer=quantizer, **kw)
+    except ValueError as e:
+        zp = str(e).startswith("zero_point")
+        raise BadFile(f"{where}: tensor '{name}.{keys[zp]}': {e}{note if zp else ''}") from None
+
+
+def _check_linear(where: str, name: str, m: QuantLinear) -> None:
+    q, bufs = m.weight_q, m.packed_buffers()
+    if q.format.kind != "int":
+        return
+    n = q.shape[0]
+    for fam in ("w4", "w23"):  # tiled: (N_pad // 8, K // G, 8)
+        if m.kernel.startswith(fam + "_"):
+            zeros = bufs.get(f"{fam}_zeros")
+            _check_params(where, name, q.format, q.layout, from_tiles(bufs[f"{fam}_scales"], n),
+                          None if zeros is None else from_tiles(zeros, n),
+                          (f"{fam}_scales", f"{fam}_zeros"), quantizer=q.quantizer)
+    if m.kernel == FALLBACK:  # kernel layout, zero points stored minus qmin
+        lay, qmin = q.layout, q.format.qmin
+        zp = lay.scale_from_kernel(bufs["zp"] + qmin)
+        if q.zero_point is None and bool((zp != 0).any()):
+            raise BadFile(f"{where}: tensor '{name}.zp': a symmetric layer has zero points "
+                          f"(stored values must all be {-qmin})")
+        _check_params(where, name, q.format, lay, lay.scale_from_kernel(bufs["scale"]),
+                      None if q.zero_point is None else zp,
+                      ("scale", "zp"), note=f" (stored as zero point - qmin, qmin = {qmin})",
+                      quantizer=q.quantizer)
+
+
+def _check_loaded(where: str, name: str, m: nn.Module) -> None:
+    """The loaded values of a rebuilt layer pass the checks a freshly built one passed."""
+    if isinstance(m, QuantLinear):
+        _check_linear(where, name, m)
+    elif isinstance(m, (QuantConv1d, QuantConv2d)):
+        _check_linear(where, name + ".qlinear", m.qlinear)
+    elif isinstance(m, QuantEmbedding):
+        if m.weight_q.format.kind == "int":
+            q = m.weight_q
+            _check_params(where, name, q.format, q.layout, m.scale, m.zero_point,
+                          ("scale", "zero_point"), quantizer=q.quantizer)
+    elif isinstance(m, ActQuant):
+        _check_params(where, name, get_format(m.fmt), Layout("tensor", (), None, 1), m.scale,
+                      m.zero_point, ("scale", "zero_point"))
+        _check_loaded(where, name + ".module", m.module)
 
 
 def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -121,12 +294,14 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
          ) -> nn.Module:
     """The quantized model saved at ``path``, rebuilt on ``model_or_factory``: a float model
     of the saved architecture (copied, never modified) or a function returning one."""
+    where = str(path)
     tensors, meta = read_safetensors(path, with_metadata=True)
     if "qkern_layers" not in meta:
-        raise ValueError(f"{path}: not a qkern file (no qkern metadata)")
+        raise BadFile(f"{where}: not a qkern file (no qkern metadata)")
     if meta.get("qkern_format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: qkern file format {meta.get('qkern_format')!r}, this qkern "
-                         f"reads {FORMAT_VERSION!r}")
+        raise BadFile(f"{where}: qkern file format {meta.get('qkern_format')!r}, this qkern "
+                      f"reads {FORMAT_VERSION!r}")
+    layers, cfg = _layer_specs(where, meta), _config(where, meta)
     if isinstance(model_or_factory, nn.Module):
         model = copy.deepcopy(model_or_factory)
     elif callable(model_or_factory):
@@ -135,13 +310,19 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
             raise TypeError(f"the factory returned {type(model).__name__}, not an nn.Module")
     else:
         raise TypeError("model_or_factory must be an nn.Module or a callable returning one")
-    for name, spec in json.loads(meta["qkern_layers"]).items():
+    for name, spec in layers.items():
         try:
             float_mod = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{path}: the model has no layer {name!r} (the file quantized it)"
-                             ) from None
-        new = _rebuild(name, float_mod, spec)
+            raise BadFile(f"{where}: the model has no layer {name!r} (the file quantized it)"
+                          ) from None
+        try:
+            new = _rebuild(name, float_mod, spec, tensors, where)
+        except BadFile:
+            raise
+        except _BUILD_ERRORS as e:
+            raise BadFile(f"{where}: layer {name!r} cannot be rebuilt: {e} (its spec: "
+                          f"{json.dumps(spec)[:200]})") from e
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     own = {k: v for k, v in model.state_dict().items() if v is not None}
@@ -153,9 +334,10 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
         parts = ([f"missing in the file: {missing[:10]}"] if missing else []) + \
                 ([f"not in the model: {unexpected[:10]}"] if unexpected else []) + \
                 ([f"shape/dtype mismatch: {shapes[:10]}"] if shapes else [])
-        raise ValueError(f"{path} does not fit this model: " + "; ".join(parts))
+        raise BadFile(f"{where} does not fit this model: " + "; ".join(parts))
     model.load_state_dict(tensors, strict=True)
-    cfg = json.loads(meta.get("qkern_config", "null"))
+    for name in layers:
+        _check_loaded(where, name, model.get_submodule(name))
     if cfg is not None:
-        model.qkern_config = BaseConfig.from_dict(cfg)
+        model.qkern_config = cfg
     return model.eval()
