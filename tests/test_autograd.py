@@ -16,6 +16,7 @@ from torch.library import opcheck
 import qkern
 from qkern.nn import QuantLinear
 from qkern.ops import autograd as qk_autograd
+from qkern.quantization.layers import ActQuant
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit in opcheck
 OPS = torch.ops.qkern
@@ -328,3 +329,20 @@ def test_fake_quantize_compiles():
     x.grad = None
     torch.compile(f, backend="aot_eager")(x).backward()
     torch.testing.assert_close(x.grad, eager)
+
+
+def test_static_activation_quantizer_passes_ste_gradient():
+    """quantization.layers.ActQuant (StaticConfig's activation quantizer) trains through with
+    the clipped STE instead of cutting the graph."""
+    torch.manual_seed(4)
+    lin = nn.Linear(16, 4)
+    act = ActQuant(lin, "int8", torch.tensor(0.01), None)
+    x = (torch.randn(3, 16) * 0.8).requires_grad_()
+    y = act(x)
+    torch.testing.assert_close(y, lin(qkern.quantize(x.detach(), "int8", scale=0.01)
+                                      .dequantize()))
+    y.sum().backward()
+    xd = x.detach()  # int8 codes -128..127 at scale 0.01: [-1.285, 1.275] passes
+    mask = ((xd >= -0.01 * 128.5) & (xd <= 0.01 * 127.5)).float()
+    assert 0 < mask.sum() < mask.numel()
+    torch.testing.assert_close(x.grad, mask * lin.weight.sum(0))
