@@ -15,6 +15,7 @@ from torch.library import opcheck
 
 import qkern
 from qkern.nn import QuantLinear
+from qkern.nn import linear as linear_module
 from qkern.ops import autograd as qk_autograd
 from qkern.quantization.layers import ActQuant
 
@@ -61,6 +62,13 @@ RAW_IDS = [i for i, c in zip(IDS, CASES) if c[2] != "dequant"]
 OPCHECKED = {}
 for _fmt, _kw, _kernel in RAW:
     OPCHECKED.setdefault(_kernel, (_fmt, _kw))
+
+
+@pytest.fixture(autouse=True)
+def _private_fallback_warnings(monkeypatch):
+    """The dequant layers built here do not use up QuantLinear's once-per-reason fallback
+    warnings that later tests expect to see."""
+    monkeypatch.setattr(linear_module, "_WARNED", set(linear_module._WARNED))
 
 
 def _layer(fmt, kw, kernel, n=64, k=256, seed=0):
@@ -351,3 +359,10 @@ def test_static_activation_quantizer_passes_ste_gradient():
     mask = ((xd >= -0.01 * 128.5) & (xd <= 0.01 * 127.5)).float()
     assert 0 < mask.sum() < mask.numel()
     torch.testing.assert_close(x.grad, mask * lin.weight.sum(0))
+
+
+def test_every_matmul_op_has_autograd():
+    """A new matmul op needs its weight decoder in ops/autograd.py (the integer-only core and
+    the packer have no gradient)."""
+    from_schemas = set(qkern.ops.schemas.MATMUL_SCHEMAS) - {"pack_w8", "gemm_s8s8_s32"}
+    assert from_schemas == set(qk_autograd.FROZEN)
