@@ -59,9 +59,9 @@ def frozen_error(op: str, name: str) -> RuntimeError:
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
-    """A flat view of ``t``'s bytes as int32 values 0..255 (bit fields extract cleanly)."""
+    """A flat uint8 view of ``t``'s bytes (bit fields extract cleanly)."""
     t = t.reshape(-1)
-    return (t.view(torch.uint8) if t.dtype == torch.int8 else t).to(torch.int32)
+    return t.view(torch.uint8) if t.dtype == torch.int8 else t
 
 
 def _untile(p: torch.Tensor, t0: int, t1: int, ng: int) -> torch.Tensor:
@@ -69,28 +69,33 @@ def _untile(p: torch.Tensor, t0: int, t1: int, ng: int) -> torch.Tensor:
     return p.reshape(-1, ng, 8)[t0:t1].transpose(1, 2).reshape(-1, ng)
 
 
-def _groups(s: torch.Tensor, group_size: int) -> torch.Tensor:
-    return s.float().repeat_interleave(group_size, dim=1)
+def _scaled(w: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w (rows, K) float32 times its group's scale s (rows, K // group_size): one product."""
+    rows, k = w.shape
+    return (w.view(rows, -1, group_size) * s.float().unsqueeze(-1)).view(rows, k)
 
 
 def _tiled_affine(a, u: torch.Tensor, t0: int, t1: int, qmin: int) -> torch.Tensor:
     """W = float(q - z) * s for the tiled int layouts (gemm_w4, gemm_w23), rows 8 t0 .. 8 t1;
-    ``u`` the unsigned codes (rows, K)."""
-    ng = a["K"] // a["group_size"]
-    q = u + qmin
-    if a["zeros"] is not None:
-        q = q - _untile(a["zeros"], t0, t1, ng).to(torch.int32).repeat_interleave(
-            a["group_size"], dim=1)
-    return q.float() * _groups(_untile(a["scales"], t0, t1, ng), a["group_size"])
+    ``u`` the unsigned codes (rows, K), q = u + qmin (float(u) + float(qmin - z) is exact)."""
+    g = a["group_size"]
+    ng = a["K"] // g
+    rows = u.shape[0]
+    w = u.float().view(rows, ng, g)
+    if a["zeros"] is None:
+        w = w + float(qmin)
+    else:
+        w = w + (qmin - _untile(a["zeros"], t0, t1, ng).to(torch.int32)).float().unsqueeze(-1)
+    return _scaled(w.view(rows, -1), _untile(a["scales"], t0, t1, ng), g)
 
 
 def _w4(a, r0: int, r1: int) -> torch.Tensor:
     # tile t, block b: 4 vectors i of 8 rows r x 4 bytes j; byte j = u[8i+j] | u[8i+4+j] << 4
     k, t0, t1 = a["K"], r0 // 8, (r1 + 7) // 8
     v = _u8(a["packed"])[t0 * 4 * k:t1 * 4 * k].reshape(t1 - t0, k // 32, 4, 8, 4)
-    u = torch.stack((v & 15, v >> 4), dim=4)  # (t, b, i, r, h, j): code 8i + 4h + j
-    u = u.permute(0, 3, 1, 2, 4, 5).reshape(-1, k)
-    return _tiled_affine(a, u, t0, t1, -8)
+    v = v.permute(0, 3, 1, 2, 4)  # (t, r, b, i, j)
+    u = torch.stack((v & 15, v >> 4), dim=4)  # (t, r, b, i, h, j): code 8i + 4h + j
+    return _tiled_affine(a, u.reshape(-1, k), t0, t1, -8)
 
 
 def _w23(a, r0: int, r1: int) -> torch.Tensor:
@@ -98,25 +103,24 @@ def _w23(a, r0: int, r1: int) -> torch.Tensor:
     k, bits, t0, t1 = a["K"], a["bits"], r0 // 8, (r1 + 7) // 8
     nb = k // 32
     v = _u8(a["packed"])[t0 * bits * k:t1 * bits * k].reshape(t1 - t0, nb, bits, 8, 4)
+    v = v.permute(0, 3, 1, 2, 4)  # (t, r, b, i, j)
     if bits == 2:  # byte j of word i: u[16i + 4p + j] at bits 2p
-        u = torch.stack([(v >> (2 * p)) & 3 for p in range(4)], dim=4)  # (t, b, i, r, p, j)
-        u = u.permute(0, 3, 1, 2, 4, 5).reshape(-1, k)
+        u = torch.stack([(v >> (2 * p)) & 3 for p in range(4)], dim=4)  # (t, r, b, i, p, j)
     else:  # c < 24: word c // 8, bits 3h of byte j; c = 24 + 4i + j: split over words i and 2
-        head = torch.stack((v & 7, (v >> 3) & 7), dim=4)  # (t, b, i, r, h, j)
-        head = head.permute(0, 3, 1, 2, 4, 5).reshape(t1 - t0, 8, nb, 24)
-        lo = (v[:, :, 0:2] >> 6) & 3  # (t, b, i, r, j)
-        hi = torch.stack(((v[:, :, 2] >> 6) & 1, (v[:, :, 2] >> 7) & 1), dim=2)
-        tail = (lo | (hi << 2)).permute(0, 3, 1, 2, 4).reshape(t1 - t0, 8, nb, 8)
-        u = torch.cat((head, tail), dim=3).reshape(-1, k)
-    return _tiled_affine(a, u, t0, t1, a["qmin"])
+        head = torch.stack((v & 7, (v >> 3) & 7), dim=4).reshape(t1 - t0, 8, nb, 24)
+        lo = (v[:, :, :, 0:2] >> 6) & 3  # (t, r, b, i, j)
+        hi = torch.stack(((v[:, :, :, 2] >> 6) & 1, (v[:, :, :, 2] >> 7) & 1), dim=3)
+        tail = (lo | (hi << 2)).reshape(t1 - t0, 8, nb, 8)
+        u = torch.cat((head, tail), dim=3)
+    return _tiled_affine(a, u.reshape(-1, k), t0, t1, a["qmin"])
 
 
 def _lut4_rows(a, scales: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     k = a["K"]
     p = _u8(a["packed"])[r0 * k // 2:r1 * k // 2].reshape(r1 - r0, k // 2)
-    codes = torch.stack((p & 15, p >> 4), dim=2).reshape(r1 - r0, k)  # even k: low nibble
-    table = a["table"].reshape(-1).float()
-    return table[codes.long()] * _groups(scales[r0:r1], a["group_size"])
+    codes = torch.stack((p & 15, p >> 4), dim=2).reshape(-1)  # even k: low nibble
+    w = a["table"].reshape(-1).float().index_select(0, codes.to(torch.int32))
+    return _scaled(w.view(r1 - r0, k), scales[r0:r1], a["group_size"])
 
 
 def _lut4(a, r0: int, r1: int) -> torch.Tensor:
@@ -131,10 +135,9 @@ def _lut4_dq(a, r0: int, r1: int) -> torch.Tensor:
 def _fp8(a, r0: int, r1: int) -> torch.Tensor:
     k, g = a["K"], a["group_size"]
     dtype = torch.float8_e4m3fn if a["fmt"] == 0 else torch.float8_e5m2
-    w = a["w"].reshape(-1)[r0 * k:r1 * k].view(torch.uint8).view(dtype).float()
-    w = w.reshape(r1 - r0, k)
+    w = _u8(a["w"])[r0 * k:r1 * k].view(dtype).float().view(r1 - r0, k)
     s = a["scales"].reshape(a["N"], -1)[r0:r1]
-    return w * (s.float() if g == 0 else _groups(s, g))
+    return _scaled(w, s, k if g == 0 else g)
 
 
 def _bits(a, r0: int, r1: int, ternary: bool) -> torch.Tensor:
@@ -143,12 +146,16 @@ def _bits(a, r0: int, r1: int, ternary: bool) -> torch.Tensor:
     nb, planes = (k + 29) // 30, 2 if ternary else 1
     per_tile = nb * planes * 32
     v = _u8(a["wpacked" if ternary else "wbits"])[t0 * per_tile:t1 * per_tile]
-    v = v.reshape(t1 - t0, nb, planes, 8, 4, 1)
-    shifts = torch.arange(8, dtype=torch.int32, device=v.device)
-    b = ((v >> shifts) & 1).reshape(t1 - t0, nb, planes, 8, 32)[..., :30]
-    sign = b[:, :, 0] - b[:, :, 1] if ternary else 1 - 2 * b[:, :, 0]  # (t, h, r, 30)
-    sign = sign.permute(0, 2, 1, 3).reshape(-1, nb * 30)[:r1 - t0 * 8, :k]
-    return sign.float() * a["alpha"].reshape(-1)[t0 * 8:r1].float().reshape(-1, 1)
+    v = v.reshape(t1 - t0, nb, planes, 8, 4).permute(0, 3, 1, 2, 4).unsqueeze(-1)
+    shifts = torch.arange(8, dtype=torch.uint8, device=v.device)
+    b = ((v >> shifts) & 1).reshape(t1 - t0, 8, nb, planes, 32)[..., :30]  # (t, r, h, plane, j)
+    rows = r1 - t0 * 8
+    alpha = a["alpha"].reshape(-1)[t0 * 8:r1].float().reshape(-1, 1)
+    if ternary:
+        t = b[:, :, :, 0].to(torch.int8) - b[:, :, :, 1].to(torch.int8)
+        return t.reshape(-1, nb * 30)[:rows, :k].float() * alpha
+    neg = b[:, :, :, 0].reshape(-1, nb * 30)[:rows, :k].bool()
+    return torch.where(neg, -alpha, alpha)
 
 
 def _w8(a, r0: int, r1: int) -> torch.Tensor:
@@ -159,8 +166,7 @@ def _w8(a, r0: int, r1: int) -> torch.Tensor:
     v = a["packed_w"].reshape(-1)[b0 * 16 * kp:b1 * 16 * kp].view(torch.int8)
     codes = v.reshape(b1 - b0, kp // 4, 16, 4).permute(0, 2, 1, 3).reshape(-1, kp)
     s = a["w_scale"].reshape(-1)[b0 * 16:r1].float().reshape(-1, 1)
-    codes = codes[:r1 - b0 * 16, :k]
-    return codes.float() * s
+    return codes[:r1 - b0 * 16, :k].float() * s
 
 
 _DECODE = {
