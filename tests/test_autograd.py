@@ -366,3 +366,19 @@ def test_every_matmul_op_has_autograd():
     the packer have no gradient)."""
     from_schemas = set(qkern.ops.schemas.MATMUL_SCHEMAS) - {"pack_w8", "gemm_s8s8_s32"}
     assert from_schemas == set(qk_autograd.FROZEN)
+
+
+def test_quant_conv2d_input_grad():
+    """QuantConv2d runs its QuantLinear on the unfolded input: the gradient reaches x."""
+    torch.manual_seed(5)
+    conv = nn.Conv2d(16, 12, 2, padding=1)
+    qc = qkern.nn.QuantConv2d.from_float(conv, "int4", group_size=32)
+    assert qc.qlinear.kernel == "w4_exact"
+    x = torch.randn(2, 16, 5, 5, requires_grad=True)
+    y = qc(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    w = qc.qlinear.dequantize_weight().reshape(12, 16, 2, 2)
+    xr = x.detach().clone().requires_grad_()
+    F.conv2d(xr, w, qc.qlinear.bias, padding=1).backward(grad_y)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
