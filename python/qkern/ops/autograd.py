@@ -186,8 +186,7 @@ _DECODE = {
 def decode_rows(op: str, args: dict, r0: int, r1: int) -> torch.Tensor:
     """Rows ``r0 .. r1`` of the float32 weight (N, K) op ``op`` computes with, from its
     arguments by schema name (``r0`` a multiple of the layout's tile rows)."""
-    lead = r0 % _ROWS.get(op, 1)
-    if lead:
+    if r0 % _ROWS.get(op, 1):
         raise ValueError(f"decode_rows: r0 = {r0} is not a multiple of {_ROWS.get(op, 1)}")
     w = _DECODE[op](args, r0, r1)
     return w[:r1 - r0]
@@ -221,7 +220,8 @@ def _register(op: str) -> None:
                 raise frozen_error(op, name)
         x = args[x_name]
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.bias_dtype = None if args.get(bias_name) is None else args[bias_name].dtype
+        bias = args.get(bias_name)
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         keep = [nm for nm in names if nm not in (x_name, bias_name, "y")
                 and isinstance(args[nm], torch.Tensor)]
         ctx.tensor_names = keep
@@ -237,7 +237,8 @@ def _register(op: str) -> None:
         if need[x_name]:
             grads[x_name] = _grad_x(op, args, grad, ctx.x_shape, ctx.x_dtype)
         if bias_name is not None and need[bias_name]:
-            grads[bias_name] = grad.reshape(-1, args["N"]).sum(0).to(ctx.bias_dtype)
+            shape, dtype = ctx.bias_meta
+            grads[bias_name] = grad.reshape(-1, args["N"]).sum(0).reshape(shape).to(dtype)
         if "y" in names and need["y"]:
             grads["y"] = grad
         return tuple(grads[nm] for nm in names)
