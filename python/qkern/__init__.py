@@ -17,7 +17,7 @@ from .quantization import (
     prepare,
     quantize_model,
 )
-from .quantize import dequantize, quantize
+from .quantize import QuantizeGradientWarning, dequantize, fake_quantize, quantize
 from .tensor import PackedQTensor, QTensor
 from .version import __version__ as __version__
 
@@ -32,8 +32,10 @@ __all__ = [
     "quantize_model",
     "PackedQTensor",
     "QTensor",
+    "QuantizeGradientWarning",
     "companding",
     "dequantize",
+    "fake_quantize",
     "formats",
     "get_isa",
     "get_num_threads",

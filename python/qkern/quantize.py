@@ -9,7 +9,14 @@ import torch
 
 from . import _C
 from . import formats as F
-from ._checks import as_tensor, check_device, check_float, nonfinite_message, normalize_axis
+from ._checks import (
+    as_tensor,
+    check_device,
+    check_float,
+    nonfinite_message,
+    normalize_axis,
+    warn_user,
+)
 from .layout import GRANULARITIES, Layout
 from .ops import NonFiniteError
 from .tensor import DoubleQuant, QTensor, dequantize  # noqa: F401 (qkern.dequantize)
@@ -156,7 +163,7 @@ def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
              double_quant: bool = False) -> QTensor:
     """Quantize ``x`` to format ``fmt``; see README "Quantize" and docs/numerics.md."""
     fmt = F.get(fmt)
-    x = as_tensor(x)
+    x = detached_input(as_tensor(x))
     check_float(x)
     check_device(x)
     rmode = _choice(rounding, ROUNDINGS, "rounding")
@@ -323,3 +330,70 @@ def _companded(xk, fmt, g, rmode, seed, sc, layout):
     pcm = t.clamp(-32768, 32767).to(torch.int16).reshape(-1)
     enc = _OPS.mulaw_encode if fmt.name == "mulaw" else _OPS.alaw_encode
     return enc(pcm), sck
+
+
+# ---- gradients: quantize() is data, fake_quantize() is the straight-through path ---------------
+
+class QuantizeGradientWarning(UserWarning):
+    """``qkern.quantize`` was given a tensor that requires grad: the QTensor is detached."""
+
+
+def detached_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached from autograd: a QTensor's codes and scales are data with no gradient.
+    Warns (:class:`QuantizeGradientWarning`) when grad mode is on and ``x`` requires grad, since
+    the caller may expect one; ``fake_quantize`` is the differentiable path."""
+    if not x.requires_grad:
+        return x
+    if torch.is_grad_enabled():
+        warn_user("qkern.quantize: x requires grad, but quantize() has no gradient; the QTensor is "
+                  "detached from x's graph (its dequantize() gives no gradient to x). Use "
+                  "qkern.fake_quantize(x, fmt, ...) for a straight-through gradient, or pass "
+                  "x.detach() / call under torch.no_grad() to silence this",
+                  QuantizeGradientWarning)
+    return x.detach()
+
+
+def ste_mask(x: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """Where the clipped straight-through estimator passes the gradient of ``q = quantize(x)``:
+    the elements within the group's representable range extended by half a step at each end
+    (the inputs the quantizer rounds to a value without clamping), bool like ``x``."""
+    fmt, lay = q.format, q.layout
+    g = lay.group_size
+    xk = lay.to_kernel(x.detach().float()).reshape(-1, g)
+    sk = lay.scale_to_kernel(q.scale.float()).reshape(-1, 1)
+    if fmt.kind == "int":
+        v = torch.arange(fmt.qmin, fmt.qmax + 1, dtype=torch.float32, device=x.device)
+        if q.quantizer == "midrise":
+            v = v + 0.5
+    else:
+        v = fmt.codebook.to(x.device)
+    if v.numel() > 1:
+        lo_unit, hi_unit = v[0] - (v[1] - v[0]) / 2, v[-1] + (v[-1] - v[-2]) / 2
+    else:
+        lo_unit = hi_unit = v[0]
+    shift = 0.0
+    if q.zero_point is not None:
+        shift = lay.scale_to_kernel(q.zero_point).reshape(-1, 1).float()
+    lo, hi = (lo_unit - shift) * sk, (hi_unit - shift) * sk
+    inside = (xk >= lo) & (xk <= hi)
+    return lay.from_kernel(inside.reshape(-1))
+
+
+def fake_quantize(x, fmt, **kwargs) -> torch.Tensor:
+    """``dequantize(quantize(x, fmt, **kwargs))`` in ``x``'s dtype, differentiable with the
+    clipped straight-through estimator: the gradient is passed unchanged (1) where ``x`` lies in
+    its group's representable range (within half a step of the extreme values: where the
+    quantizer did not clamp) and inside ``clip=(lo, hi)`` when given, and is 0 elsewhere. Codes
+    and scales are data (no gradient). Takes every ``quantize`` keyword (README, "Training
+    through quantized layers")."""
+    x = as_tensor(x)
+    q = quantize(x.detach(), fmt, **kwargs)
+    y = q.dequantize()
+    if not (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0:
+        return y
+    mask = ste_mask(x, q)
+    clip = kwargs.get("clip")
+    if clip is not None:
+        mask = mask & (x.detach() >= clip[0]) & (x.detach() <= clip[1])
+    # value y, gradient mask: (x - x.detach()) is 0 in the forward
+    return y + torch.where(mask, x - x.detach(), torch.zeros_like(x))

@@ -66,6 +66,14 @@ def given_scale(x2: torch.Tensor, sx: torch.Tensor, bufs, bias, n: int, k: int):
     return y if bias is None else y + bias
 
 
+def ste(y: torch.Tensor, x2: torch.Tensor, bufs, n: int, k: int) -> torch.Tensor:
+    """y with the straight-through gradient of x2 @ W^T for x2 (qkern::ste_w8), when x2 needs
+    one; y itself when not (inference pays no copy)."""
+    if not (x2.requires_grad and torch.is_grad_enabled()):
+        return y
+    return _OPS.ste_w8(y, x2, bufs["w8_packed"], bufs["w8_scale"], n, k)
+
+
 @register
 class W8a8Tensor(W8a16):
     """int8 activations with one dynamic scale per call (amax / 127)."""
@@ -75,9 +83,10 @@ class W8a8Tensor(W8a16):
     order = 62
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
-        amax = x2.abs().amax() if x2.numel() else x2.new_zeros(())
+        xd = x2.detach()  # no gradient through the scale: straight-through (ste_w8)
+        amax = xd.abs().amax() if xd.numel() else xd.new_zeros(())
         sx = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-        return given_scale(x2, sx, bufs, bias, n, k)
+        return ste(given_scale(xd, sx, bufs, bias, n, k), x2, bufs, n, k)
 
 
 @register
@@ -89,4 +98,5 @@ class W8a8Static(W8a16):
     order = 63
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
-        return given_scale(x2, bufs["act_scale"], bufs, bias, n, k)
+        y = given_scale(x2.detach(), bufs["act_scale"], bufs, bias, n, k)
+        return ste(y, x2, bufs, n, k)

@@ -45,9 +45,22 @@ def _warn_fallback(reason: str) -> None:
               f"{reason}", KernelFallbackWarning)
 
 
+def _check_frozen(bufs: dict[str, torch.Tensor]) -> None:
+    for name, t in bufs.items():
+        if t.requires_grad:
+            raise RuntimeError(f"QuantLinear: buffer {name!r} requires grad, but a quantized "
+                               "weight is frozen: QuantLinear gives gradients to its input (and "
+                               "to bias when bias.requires_grad); set requires_grad=False on it")
+
+
 class QuantLinear(nn.Module):
     """y = x @ W^T + b with W stored quantized (``weight_q``, a QTensor) and packed for its
-    kernel. Build with :meth:`from_float`."""
+    kernel. Build with :meth:`from_float`.
+
+    Differentiable with respect to ``x`` through the same weights (``grad_x = grad_y @ W``,
+    straight-through for the kernels that quantize the activations); the quantized weight is
+    frozen. ``bias`` is a Parameter with ``requires_grad=False``: ``layer.bias.requires_grad_()``
+    makes it trainable (grad = grad_y summed over the rows)."""
 
     def __init__(self, qweight: QTensor, bias: torch.Tensor | None, act: str = "none",
                  mode: str = "exact", act_scale: float | torch.Tensor | None = None):
@@ -124,8 +137,11 @@ class QuantLinear(nn.Module):
                             f"float16), got {what}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got {x.shape[-1]}")
-        y = self._impl.forward(self.kernel, x, self.packed_buffers(), self.bias,
-                               self.out_features, self.in_features, self.weight_q)
+        bufs = self.packed_buffers()
+        if torch.is_grad_enabled():
+            _check_frozen(bufs)
+        y = self._impl.forward(self.kernel, x, bufs, self.bias, self.out_features,
+                               self.in_features, self.weight_q)
         return y.to(x.dtype) if x.dtype != y.dtype else y
 
     def extra_repr(self) -> str:

@@ -93,6 +93,9 @@ MATMUL_SCHEMAS = {
     ),
     # the exact integer core, for activations quantized by the caller (static or per-tensor)
     "gemm_s8s8_s32": "gemm_s8s8_s32(Tensor xq, Tensor packed_w, int N, int K) -> Tensor",
+    # y (computed from int8-quantized x by the caller) with the straight-through gradient of
+    # x @ W^T for x: the autograd of the int8-activation paths (ops/autograd.py)
+    "ste_w8": "ste_w8(Tensor y, Tensor x, Tensor packed_w, Tensor w_scale, int N, int K) -> Tensor",
 }
 
 for _schema in (*SCHEMAS.values(), *MATMUL_SCHEMAS.values()):
@@ -244,3 +247,10 @@ def _(x, packed_w, w_scale, bias, N, K):
 def _(xq, packed_w, N, K):
     checks.gemm_s8s8(xq, packed_w, N, K)
     return _out(xq, N, torch.int32)
+
+
+@torch.library.register_fake("qkern::ste_w8")
+def _(y, x, packed_w, w_scale, N, K):
+    checks.gemm_w8("ste_w8", x, packed_w, w_scale, None, N, K)
+    torch._check(tuple(y.shape) == (*x.shape[:-1], N), lambda: "ste_w8: y must be (..., N)")
+    return torch.empty_like(y)

@@ -19,7 +19,7 @@ from .. import formats as QF
 from .._checks import warn_user
 from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from ..observers import make_observer
-from ..quantize import quantize
+from ..quantize import fake_quantize
 from .registry import BaseConfig, Quantizer, replace_module
 
 __all__ = ["OBSERVER_NAMES", "ActQuant", "ObservedInput", "ObservingQuantizer",
@@ -101,7 +101,8 @@ class ObservedInput(nn.Module):
 
 class ActQuant(nn.Module):
     """Static activation quantization (quantize-dequantize on qkern's ops with a range fixed
-    in calibration) in front of ``module``."""
+    in calibration) in front of ``module``; differentiable with the clipped straight-through
+    estimator (``qkern.fake_quantize``)."""
 
     def __init__(self, module: nn.Module, fmt: str, scale: torch.Tensor,
                  zero_point: torch.Tensor | None):
@@ -112,9 +113,9 @@ class ActQuant(nn.Module):
                              else zero_point.detach().to(torch.int32).reshape(()).clone())
 
     def forward(self, x, *args, **kwargs):
-        q = quantize(x.float(), self.fmt, granularity="tensor", scale=self.scale,
-                     zero_point=self.zero_point, symmetric=self.zero_point is None)
-        return self.module(q.dequantize().to(x.dtype), *args, **kwargs)
+        xq = fake_quantize(x.float(), self.fmt, granularity="tensor", scale=self.scale,
+                           zero_point=self.zero_point, symmetric=self.zero_point is None)
+        return self.module(xq.to(x.dtype), *args, **kwargs)
 
     def extra_repr(self) -> str:
         zp = "" if self.zero_point is None else f", zero_point={int(self.zero_point)}"
