@@ -117,11 +117,18 @@ PYBIND11_MODULE(_C, m) {
     else if (isa == "avx2" || isa == "auto") qk::set_isa(qk::cpu_has_avx2() ? qk::kIsaAvx2 : qk::kIsaScalar);
     else throw py::value_error("isa must be 'scalar', 'avx2' or 'auto', got '" + isa + "'");
   });
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("num_threads must be >= 1");
+  m.def("set_num_threads", [](int64_t n) {
+    const int64_t most = qk::max_num_threads();
+    if (n < 1 || n > most)
+      throw py::value_error("num_threads must be in 1.." + std::to_string(most) + " (" +
+                            std::to_string(qk::kMaxThreadsPerHardwareThread) + " x the " +
+                            std::to_string(qk::hardware_threads()) +
+                            " hardware threads), got " + std::to_string(n));
     py::gil_scoped_release nogil;
-    qk::set_num_threads(n);
+    qk::set_num_threads(static_cast<int>(n));
   });
+  m.def("max_num_threads", &qk::max_num_threads,
+        "the largest set_num_threads: kMaxThreadsPerHardwareThread x the hardware threads");
   m.def("get_num_threads", &qk::get_num_threads);
 
   // The element-wise ops over raw addresses: ops/cpu.py checks the torch tensors (dtypes,
