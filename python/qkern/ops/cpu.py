@@ -47,6 +47,7 @@ def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, roundin
     x = contig(x, F32)
     n = x.numel()
     checks.quantize_affine_dynamic(n, group_size, qmin, qmax, rule, qpos, rounding, shape)
+    checks.check_emax(emax)
     codes = torch.empty(x.shape, dtype=U8)
     scale = torch.empty(n // group_size, dtype=F32)
     zp = torch.empty(n // group_size, dtype=I32)
@@ -85,6 +86,7 @@ def quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule
     n = x.numel()
     nv = checks.quantize_codebook_dynamic(n, values, value_codes, group_size, rule, max_value,
                                           rounding)
+    checks.check_emax(emax)
     codes = torch.empty(x.shape, dtype=U8)
     scale = torch.empty(n // group_size, dtype=F32)
     bad = _C.quantize_codebook_dynamic_raw(ptr(x), n, ptr(values), ptr(value_codes), nv,

@@ -87,6 +87,7 @@ def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, roundin
     x = main_tensor(x, torch.float32, "quantize_affine_dynamic")
     dev, n = x.device, x.numel()
     checks.quantize_affine_dynamic(n, group_size, qmin, qmax, rule, qpos, rounding, shape)
+    checks.check_emax(emax)
     g = n // group_size
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     scale = torch.empty(g, dtype=torch.float32, device=dev)
@@ -140,6 +141,7 @@ def quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule
     values = as_device(values, torch.float32, values.device)  # checked where it lives (often CPU)
     nv = checks.quantize_codebook_dynamic(n, values, value_codes, group_size, rule, max_value,
                                           rounding)
+    checks.check_emax(emax)
     values, value_codes = as_device(values, torch.float32, dev), as_device(value_codes,
                                                                             torch.uint8, dev)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
