@@ -46,6 +46,8 @@ FORK_SCRIPT = textwrap.dedent("""
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (trial, status)
     stop.set()
+    if MODE == "busy_thread":
+        t.join()  # not at exit: a daemon thread inside a GIL-released call is killed there
     print("ok")
 """)
 
