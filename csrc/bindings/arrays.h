@@ -11,13 +11,17 @@
 #include <new>
 #include <vector>
 
+#include "bindings/checked.h"
+
 namespace qk {
 namespace bind {
 
 template <typename T>
 pybind11::array_t<T> new_array(std::vector<pybind11::ssize_t> shape) {
-  size_t n = 1;
-  for (auto d : shape) n *= static_cast<size_t>(d);
+  int64_t elems = 1;
+  for (auto d : shape) elems = checked_mul(elems, static_cast<int64_t>(d), "new_array");
+  const size_t n = static_cast<size_t>(checked_mul(elems, sizeof(T), "new_array (bytes)")) /
+                   sizeof(T);
   constexpr size_t kHuge = size_t{2} << 20;
   if (n * sizeof(T) < 2 * kHuge) return pybind11::array_t<T>(shape);
   const size_t bytes = (n * sizeof(T) + kHuge - 1) / kHuge * kHuge;

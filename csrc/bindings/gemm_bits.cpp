@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 
+#include "bindings/checked.h"
 #include "bindings/registry.h"
 #include "cpu/gemm/bits/api.h"
 
@@ -18,6 +19,16 @@ namespace {
 using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
+
+using qk::bind::checked_mul;
+using qk::bind::checked_size;
+
+// bits_packed_nbytes with every factor and the product <= 2^56 (bindings/checked.h).
+int64_t packed_nbytes(int64_t N, int64_t K, bool ternary) {
+  const int64_t rows = qk::bits_padded_rows(checked_size(N, "N"));
+  const int64_t words = 4 * qk::bits_blocks(checked_size(K, "K")) * qk::bits_planes(ternary);
+  return checked_mul(rows, words, "packed N x K");
+}
 
 void check_size(const py::array& a, int64_t want, const char* op, const char* name) {
   if (a.size() != want)
@@ -40,9 +51,9 @@ int64_t check_args(const char* op, const F32& x, const U8& w, int64_t w_bytes,
 
 py::array_t<float> run(const char* op, bool ternary, const F32& x, const U8& w, const F32& alpha,
                        const std::optional<F32>& bias, int64_t N, int64_t K, bool xnor) {
-  const int64_t M = check_args(op, x, w, qk::bits_packed_nbytes(N, K, ternary), alpha, bias, N,
-                               K);
-  py::array_t<float> y(M * N);
+  if (N < 1 || K < 1) throw py::value_error(std::string(op) + ": N and K must be >= 1");
+  const int64_t M = check_args(op, x, w, packed_nbytes(N, K, ternary), alpha, bias, N, K);
+  py::array_t<float> y(checked_mul(M, N, "M x N"));
   const float* b = bias ? bias->data() : nullptr;
   const float *xp = x.data(), *ap = alpha.data();
   const uint8_t* wp = w.data();
@@ -63,7 +74,7 @@ py::array_t<uint8_t> pack(const char* op, const Codes& codes, const char* range,
     throw py::value_error(std::string(op) + ": codes must be 2-D (N, K)");
   const int64_t N = codes.shape(0), K = codes.shape(1);
   if (N < 1 || K < 1) throw py::value_error(std::string(op) + ": N and K must be >= 1");
-  py::array_t<uint8_t> out(qk::bits_packed_nbytes(N, K, ternary));
+  py::array_t<uint8_t> out(packed_nbytes(N, K, ternary));
   bool ok;
   {
     py::gil_scoped_release nogil;
@@ -74,7 +85,7 @@ py::array_t<uint8_t> pack(const char* op, const Codes& codes, const char* range,
 }
 
 static qk::bind::Register reg([](py::module_& m) {
-  m.def("bits_packed_nbytes", &qk::bits_packed_nbytes, py::arg("N"), py::arg("K"),
+  m.def("bits_packed_nbytes", &packed_nbytes, py::arg("N"), py::arg("K"),
         py::arg("ternary"), "bytes of a packed binary / ternary weight (N, K)");
   m.def(
       "pack_binary",
@@ -111,6 +122,9 @@ static qk::bind::Register reg([](py::module_& m) {
          int64_t N, int64_t K, bool xnor, uintptr_t y) {
         if (M < 0 || N < 1 || K < 1)
           throw py::value_error("gemm_bits_raw: M must be >= 0, N and K >= 1");
+        checked_mul(M, K, "M x K");
+        checked_mul(M, N, "M x N");
+        packed_nbytes(N, K, ternary);
         if (M == 0) return;
         if (!x || !w || !alpha || !y) throw py::value_error("gemm_bits_raw: null pointer");
         const auto* xp = reinterpret_cast<const float*>(x);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "bindings/arrays.h"
+#include "bindings/checked.h"
 #include "bindings/registry.h"
 #include "cpu/gemm/fp8/api.h"
 
@@ -57,6 +58,9 @@ void gemm_raw(uintptr_t x, int64_t m, uintptr_t w, uintptr_t scales, uintptr_t b
   expect(fmt == qk::kFp8E4M3 || fmt == qk::kFp8E5M2,
          "fmt must be 0 (fp8_e4m3) or 1 (fp8_e5m2), got " + str(fmt));
   const int64_t g = effective_group(k, group);
+  qk::bind::checked_mul(m, k, "gemm_fp8: M x K");
+  qk::bind::checked_mul(n, k, "gemm_fp8: N x K");
+  qk::bind::checked_mul(m, n, "gemm_fp8: M x N");
   if (m == 0 || n == 0) return;
   expect(x && w && scales && y, "null pointer");
   py::gil_scoped_release nogil;

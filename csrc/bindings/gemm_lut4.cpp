@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 
+#include "bindings/checked.h"
 #include "bindings/registry.h"
 #include "cpu/gemm/lut4/api.h"
 
@@ -32,6 +33,9 @@ void check_raw(int64_t m, int64_t n, int64_t k, int64_t group, bool ok) {
   expect(group > 0 && k % group == 0, "group_size " + std::to_string(group) +
                                           " does not divide K = " + std::to_string(k));
   check_group(group);
+  qk::bind::checked_mul(m, k, "gemm_lut4: M x K");
+  qk::bind::checked_mul(n, k, "gemm_lut4: N x K");
+  qk::bind::checked_mul(m, n, "gemm_lut4: M x N");
   expect(ok, "null pointer");
 }
 
@@ -50,6 +54,7 @@ void gemm_lut4_dq_raw(uintptr_t x, int64_t m, uintptr_t packed, uintptr_t qscale
                       int64_t k, int64_t group, int64_t dq_group, uintptr_t y) {
   expect(dq_group > 0, "dq_group (blocks per second-level scale) must be positive, got " +
                            std::to_string(dq_group));
+  qk::bind::checked_size(dq_group, "gemm_lut4_dq: dq_group");  // (h + 1) * dq_group stays small
   check_raw(m, n, k, group,
             m == 0 || n == 0 || (x && packed && qscales && scale2 && table && y));
   if (m == 0 || n == 0) return;

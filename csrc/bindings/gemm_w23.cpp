@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "bindings/arrays.h"
+#include "bindings/checked.h"
 #include "bindings/registry.h"
 #include "cpu/gemm/w23/api.h"
 
@@ -41,6 +42,10 @@ void check_shape(int64_t n, int64_t k, int64_t group, const char* fn) {
     throw py::value_error(std::string(fn) + ": K = " + str(k) +
                           " must be a positive multiple of group_size " + str(group) +
                           " (and so of 32)");
+  // padded N x K (the packed codes' count, times bits / 8 for the bytes) <= 2^56: no size
+  // arithmetic here or in the kernels can overflow (bindings/checked.h).
+  qk::bind::checked_mul(qk::w23_padded_rows(qk::bind::checked_size(n, fn)),
+                        qk::bind::checked_size(k, fn), fn);
 }
 
 void check_size(const py::array& a, int64_t want, const char* name) {
@@ -94,6 +99,8 @@ bool gemm_raw(uintptr_t x, int64_t m, uintptr_t packed, uintptr_t scales, uintpt
               uintptr_t y) {
   check_args(n, k, group, bits, qmin, mode);
   if (m < 0) throw py::value_error("gemm_w23: M must be >= 0");
+  qk::bind::checked_mul(m, k, "gemm_w23: M x K");
+  qk::bind::checked_mul(m, n, "gemm_w23: M x N");
   if (m == 0 || n == 0) return false;
   if (!x || !packed || !scales || !y) throw py::value_error("gemm_w23: null pointer");
   py::gil_scoped_release nogil;

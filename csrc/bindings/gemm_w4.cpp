@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "bindings/arrays.h"
+#include "bindings/checked.h"
 #include "bindings/registry.h"
 #include "cpu/gemm/w4/api.h"
 
@@ -37,6 +38,10 @@ void check_shape(int64_t n, int64_t k, int64_t group) {
   if (k <= 0 || k % group != 0)
     throw py::value_error("gemm_w4: K = " + str(k) + " must be a positive multiple of group_size " +
                           str(group) + " (and so of 32)");
+  // padded N x K (the packed codes' count) <= 2^56: no size arithmetic here or in the
+  // kernels can overflow (bindings/checked.h).
+  qk::bind::checked_mul(qk::w4_padded_rows(qk::bind::checked_size(n, "gemm_w4: N")),
+                        qk::bind::checked_size(k, "gemm_w4: K"), "gemm_w4: N x K");
 }
 
 void check_size(const py::array& a, int64_t want, const char* name) {
@@ -78,6 +83,8 @@ bool gemm_raw(uintptr_t x, int64_t m, uintptr_t packed, uintptr_t scales, uintpt
   if (mode != qk::kW4Exact && mode != qk::kW4Fast)
     throw py::value_error("gemm_w4: mode must be 0 (exact) or 1 (fast), got " + str(mode));
   if (m < 0) throw py::value_error("gemm_w4: M must be >= 0");
+  qk::bind::checked_mul(m, k, "gemm_w4: M x K");
+  qk::bind::checked_mul(m, n, "gemm_w4: M x N");
   if (m == 0 || n == 0) return false;
   if (!x || !packed || !scales || !y) throw py::value_error("gemm_w4: null pointer");
   py::gil_scoped_release nogil;

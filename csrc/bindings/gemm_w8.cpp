@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "bindings/checked.h"
 #include "bindings/registry.h"
 #include "cpu/gemm/w8/api.h"
 
@@ -17,10 +18,19 @@ namespace {
 
 using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
 
+using qk::bind::checked_mul;
+
+// M, N, K >= 0 with M*K, M*N and the packed weight's bytes (N and K padded) <= 2^56
+// (bindings/checked.h): no size arithmetic below or in the kernels can overflow.
 void check_dims(int64_t m, int64_t n, int64_t k) {
   if (m < 0 || n < 0 || k < 0)
     throw py::value_error("M, N and K must be >= 0, got " + std::to_string(m) + ", " +
                           std::to_string(n) + ", " + std::to_string(k));
+  checked_mul(m, k, "M x K");
+  checked_mul(m, n, "M x N");
+  checked_mul(n, k, "N x K");
+  checked_mul(qk::bind::checked_size(n, "N") + 15, qk::bind::checked_size(k, "K") + 3,
+              "packed N x K");
 }
 
 void check_len(const py::array& a, int64_t want, const char* name) {

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "bindings/arrays.h"
+#include "bindings/checked.h"
 #include "bindings/registry.h"
 #include "cpu/quant/api.h"
 #include "cpu/runtime/isa.h"
@@ -27,7 +28,11 @@ py::array_t<T> new_array(int64_t n) {  // 1-D, huge pages from 4 MiB (bindings/a
   return qk::bind::new_array<T>({static_cast<py::ssize_t>(n)});
 }
 
+using qk::bind::checked_mul;
+using qk::bind::checked_size;
+
 void check_groups(int64_t n, int64_t group, const char* what) {
+  checked_size(n, what);
   if (group <= 0) throw py::value_error(std::string(what) + ": group_size must be positive");
   if (n % group != 0)
     throw py::value_error(std::string(what) + ": group_size " + std::to_string(group) +
@@ -61,6 +66,14 @@ void check_zero_points(const int32_t* z, int64_t n, int lo, int hi) {
     if (z[i] < lo || z[i] > hi)
       throw py::value_error("zero_point " + std::to_string(z[i]) + " is outside the code range [" +
                             std::to_string(lo) + ", " + std::to_string(hi) + "]");
+}
+
+// pow2_mx_scale computes floor(log2 amax) - emax in int: float exponents lie in [-149, 127], so
+// any |emax| beyond 256 only saturates the scale, and 2^31 would overflow.
+void check_emax(int64_t emax) {
+  if (emax < -256 || emax > 256)
+    throw py::value_error("emax must be in [-256, 256] (float exponents lie in [-149, 127]), got " +
+                          std::to_string(emax));
 }
 
 void check_rule(int rule) {
@@ -109,6 +122,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("QUANTIZERS") = quantizers;
   m.attr("SCALE_RULES") = scale_rules;
   m.attr("NUM_ROUNDINGS") = qk::kNumRoundings;
+  m.attr("MAX_SIZE") = qk::bind::kMaxSize;  // the largest size / product of sizes (checked.h)
 
   m.def("cpu_has_avx2", &qk::cpu_has_avx2);
   m.def("get_isa", [] { return std::string(qk::active_isa() == qk::kIsaAvx2 ? "avx2" : "scalar"); });
@@ -117,11 +131,18 @@ PYBIND11_MODULE(_C, m) {
     else if (isa == "avx2" || isa == "auto") qk::set_isa(qk::cpu_has_avx2() ? qk::kIsaAvx2 : qk::kIsaScalar);
     else throw py::value_error("isa must be 'scalar', 'avx2' or 'auto', got '" + isa + "'");
   });
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("num_threads must be >= 1");
+  m.def("set_num_threads", [](int64_t n) {
+    const int64_t most = qk::max_num_threads();
+    if (n < 1 || n > most)
+      throw py::value_error("num_threads must be in 1.." + std::to_string(most) + " (" +
+                            std::to_string(qk::kMaxThreadsPerHardwareThread) + " x the " +
+                            std::to_string(qk::hardware_threads()) +
+                            " hardware threads), got " + std::to_string(n));
     py::gil_scoped_release nogil;
-    qk::set_num_threads(n);
+    qk::set_num_threads(static_cast<int>(n));
   });
+  m.def("max_num_threads", &qk::max_num_threads,
+        "the largest set_num_threads: kMaxThreadsPerHardwareThread x the hardware threads");
   m.def("get_num_threads", &qk::get_num_threads);
 
   // The element-wise ops over raw addresses: ops/cpu.py checks the torch tensors (dtypes,
@@ -143,10 +164,11 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("quantize_affine_dynamic_raw", [](uintptr_t x, int64_t n, int64_t group, int qmin,
-                                          int qmax, int rule, float qpos, int emax, int rounding,
-                                          int shape, float dz_half, uint64_t seed,
+                                          int qmax, int rule, float qpos, int64_t emax,
+                                          int rounding, int shape, float dz_half, uint64_t seed,
                                           uintptr_t scale, uintptr_t zp, uintptr_t codes) {
     check_groups(n, group, "quantize_affine_dynamic");
+    check_emax(emax);
     check_rounding(rounding, shape);
     check_code_range(qmin, qmax);
     check_rule(rule);
@@ -156,7 +178,7 @@ PYBIND11_MODULE(_C, m) {
     check_ptrs(x && scale && (zp || rule != qk::kScaleMinMax) && codes);
     qk::AffineSpec spec{qmin, qmax, rounding, shape, dz_half, seed};
     py::gil_scoped_release nogil;
-    return qk::quantize_affine_dynamic(ptr<float>(x), n, group, spec, rule, qpos, emax,
+    return qk::quantize_affine_dynamic(ptr<float>(x), n, group, spec, rule, qpos, static_cast<int>(emax),
                                        out<float>(scale), out<int32_t>(zp), out<uint8_t>(codes));
   });
 
@@ -185,10 +207,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("quantize_codebook_dynamic_raw", [](uintptr_t x, int64_t n, uintptr_t values,
                                             uintptr_t value_codes, int64_t nv, int sign_bit,
-                                            int64_t group, int rule, float max_value, int emax,
-                                            int rounding, uint64_t seed, uintptr_t scale,
-                                            uintptr_t codes) {
+                                            int64_t group, int rule, float max_value,
+                                            int64_t emax, int rounding, uint64_t seed,
+                                            uintptr_t scale, uintptr_t codes) {
     check_groups(n, group, "quantize_codebook_dynamic");
+    check_emax(emax);
     check_rule(rule);
     if (rule == qk::kScaleMinMax) throw py::value_error("codebook formats have no min/max (zero-point) scale rule");
     if (rule == qk::kScaleAbsMax && !(max_value > 0.0f)) throw py::value_error("max_value must be > 0");
@@ -196,7 +219,8 @@ PYBIND11_MODULE(_C, m) {
     if (n == 0) return false;
     check_ptrs(x && scale && codes);
     py::gil_scoped_release nogil;
-    return qk::quantize_codebook_dynamic(ptr<float>(x), n, group, spec, rule, max_value, emax,
+    return qk::quantize_codebook_dynamic(ptr<float>(x), n, group, spec, rule, max_value,
+                                         static_cast<int>(emax),
                                          out<float>(scale), out<uint8_t>(codes));
   });
 
@@ -213,6 +237,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("pack_bits_raw", [](uintptr_t codes, int64_t n, int bits, bool msb, uintptr_t packed) {
     check_bits(bits);
     if (n < 0) throw py::value_error("n must be >= 0");
+    checked_mul(n, bits, "pack_bits");  // the kernel's n * bits
     if (n == 0) return;
     check_ptrs(codes && packed);
     py::gil_scoped_release nogil;
@@ -222,6 +247,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("unpack_bits_raw", [](uintptr_t packed, int64_t n, int bits, bool msb, uintptr_t codes) {
     check_bits(bits);
     if (n < 0) throw py::value_error("n must be >= 0");
+    checked_mul(n, bits, "unpack_bits");  // the kernel's n * bits
     if (n == 0) return;
     check_ptrs(packed && codes);
     py::gil_scoped_release nogil;
@@ -233,6 +259,7 @@ PYBIND11_MODULE(_C, m) {
     if (!encode && op != "mulaw_decode" && op != "alaw_decode")
       throw py::value_error("unknown G.711 op '" + op + "'");
     if (n < 0) throw py::value_error("n must be >= 0");
+    checked_size(n, "g711");
     if (n == 0) return;
     check_ptrs(src && dst);
     py::gil_scoped_release nogil;

@@ -52,9 +52,15 @@ __all__ = [
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by qkern's CPU kernels (default: torch's intra-op thread count)."""
+    """Threads used by qkern's CPU kernels (default: torch's intra-op thread count), at most
+    ``qkern._C.max_num_threads()`` (8 x the hardware threads). A process forked from one that
+    used the pool gets a fresh pool of the same size at its first parallel op."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"num_threads must be a positive int, got {n!r}")
+    most = _C.max_num_threads()
+    if n > most:
+        raise ValueError(f"num_threads must be at most {most} (8 x the hardware threads: more "
+                         f"only add scheduling overhead), got {n}")
     _C.set_num_threads(n)
 
 
@@ -72,4 +78,4 @@ def get_isa() -> str:
     return _C.get_isa()
 
 
-_C.set_num_threads(max(1, torch.get_num_threads()))
+_C.set_num_threads(min(max(1, torch.get_num_threads()), _C.max_num_threads()))

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 
@@ -124,19 +125,52 @@ class Pool {
 
 thread_local bool Pool::in_pool_ = false;
 
+// The process's pool, created on first use. fork() copies only the calling thread: the child
+// inherits a Pool whose workers do not exist and whose mutexes another thread may have held at
+// the fork, so the child handler abandons it (leaked: destroying it would join threads that are
+// gone or lock those mutexes) and the next parallel_for in the child creates a fresh pool of the
+// same size, as torch's and OpenMP's runtimes do. The handler only stores plain values.
+std::atomic<Pool*> g_pool{nullptr};
+pthread_mutex_t g_create_mu = PTHREAD_MUTEX_INITIALIZER;
+std::atomic<int> g_size{0};  // the size to (re)create with; 0 = the hardware threads
+
+void after_fork_in_child() {
+  g_pool.store(nullptr);
+  g_create_mu = PTHREAD_MUTEX_INITIALIZER;  // it may have been locked by another thread
+}
+
 Pool& pool() {
-  static Pool* p = [] {
-    auto* q = new Pool();  // leaked on purpose: no join races at interpreter exit
-    unsigned hw = std::thread::hardware_concurrency();
-    q->resize(hw == 0 ? 1 : static_cast<int>(hw));
-    return q;
-  }();
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p) return *p;
+  pthread_mutex_lock(&g_create_mu);
+  p = g_pool.load(std::memory_order_acquire);
+  if (!p) {
+    static const bool registered = pthread_atfork(nullptr, nullptr, after_fork_in_child) == 0;
+    (void)registered;
+    p = new Pool();  // leaked on purpose: no join races at interpreter exit
+    int n = g_size.load();
+    if (n == 0) n = hardware_threads();
+    p->resize(n);
+    g_pool.store(p, std::memory_order_release);
+  }
+  pthread_mutex_unlock(&g_create_mu);
   return *p;
 }
 
 }  // namespace
 
-void pool_set_threads(int n) { pool().resize(n); }
+int hardware_threads() {
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw == 0 ? 1 : static_cast<int>(hw);
+}
+
+int max_num_threads() { return kMaxThreadsPerHardwareThread * hardware_threads(); }
+
+void pool_set_threads(int n) {
+  n = n < 1 ? 1 : (n > max_num_threads() ? max_num_threads() : n);
+  g_size.store(n);
+  pool().resize(n);
+}
 int pool_threads() { return pool().threads(); }
 void parallel_for(int64_t n_chunks, const std::function<void(int64_t)>& fn) {
   pool().run(n_chunks, fn);

@@ -6,13 +6,21 @@
 
 namespace qk {
 
-// Public API (qkern.set_num_threads): the pool's size.
-void set_num_threads(int n);  // n >= 1
+// Public API (qkern.set_num_threads): the pool's size, clamped to [1, max_num_threads()].
+void set_num_threads(int n);
 int get_num_threads();
+
+// The largest pool: kMaxThreadsPerHardwareThread x the hardware threads. More threads than that
+// only add scheduling overhead (4096 threads made a 1024 x 1024 quantize 260x slower).
+constexpr int kMaxThreadsPerHardwareThread = 8;
+int hardware_threads();  // std::thread::hardware_concurrency(), at least 1
+int max_num_threads();
 
 void pool_set_threads(int n);
 int pool_threads();
 
+// After fork() the child's first parallel_for creates a fresh pool of the same size (the
+// parent's workers do not exist in the child).
 // Calls fn(i) for every i in [0, n_chunks), spread over the pool's threads.
 void parallel_for(int64_t n_chunks, const std::function<void(int64_t)>& fn);
 

@@ -15,6 +15,30 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # the enum values of csrc/core, exported by name from qkern._C
 AFFINE_RULES = tuple(_C.SCALE_RULES.values())  # absmax, minmax, pow2 (MX), mean|x|
 NUM_ROUNDINGS = _C.NUM_ROUNDINGS
+# The largest size and product of sizes the kernels take (2^56, csrc/bindings/checked.h): Python
+# ints do not overflow, but the sizes go on to C++ as int64 and are padded and multiplied there.
+MAX_SIZE = _C.MAX_SIZE
+
+
+def size_product(what: str, *sizes: int) -> int:
+    """The product of ``sizes``, each and the product in [0, MAX_SIZE] (else ValueError naming
+    ``what``): the one place where the ops multiply sizes."""
+    out = 1
+    for s in sizes:
+        if not 0 <= s <= MAX_SIZE:
+            raise ValueError(f"{what}: size {s} is outside [0, 2^56]")
+        out *= s
+        if out > MAX_SIZE:
+            raise ValueError(f"{what}: {' x '.join(map(str, sizes))} exceeds 2^56, the largest "
+                             "size")
+    return out
+
+
+def check_emax(emax: int) -> None:
+    """MX scale exponents: floor(log2 amax) - emax is computed in int32 by the kernels."""
+    if not -256 <= emax <= 256:
+        raise ValueError(f"emax must be in [-256, 256] (float exponents lie in [-149, 127]), "
+                         f"got {emax}")
 
 
 # ---- element-wise quantize / dequantize / packing ops -----------------------------------------
@@ -143,7 +167,7 @@ def check_unpack(packed: torch.Tensor, bits: int, n: int) -> None:
     check_bits(bits)
     if n < 0:
         raise ValueError("n must be >= 0")
-    need = (n * bits + 7) // 8
+    need = (size_product("unpack_bits", n, bits) + 7) // 8
     if packed.numel() < need:
         raise ValueError(f"packed buffer too short: {packed.numel()} bytes, {n} codes of {bits} "
                          f"bits need {need}")
@@ -248,7 +272,7 @@ def dequantize_lut(n: int, scale, lut, group_size: int) -> None:
 
 def w8_packed_nbytes(n: int, k: int) -> int:
     """Bytes of ``pack_w8`` of (n, k) codes: n and k padded to multiples of 16 and 4."""
-    return (n + 15) // 16 * 16 * ((k + 3) // 4 * 4)
+    return size_product("w8 packed N x K", (n + 15) // 16 * 16, (k + 3) // 4 * 4)
 
 
 def bits_blocks(k: int) -> int:
@@ -259,7 +283,8 @@ def bits_blocks(k: int) -> int:
 def bits_packed_nbytes(n: int, k: int, ternary: bool) -> int:
     """Bytes of a packed ``(n, k)`` binary / ternary weight: ``n`` rounded up to 8 rows, 4 bytes
     per block of 30 weights and bit plane (binary 1, ternary 2)."""
-    return (n + 7) // 8 * 8 * 4 * bits_blocks(k) * (2 if ternary else 1)
+    planes = 2 if ternary else 1
+    return size_product("packed N x K", (n + 7) // 8 * 8, 4 * bits_blocks(k) * planes)
 
 
 # ---- quantized matmuls --------------------------------------------------------------------------
@@ -301,7 +326,7 @@ def gemm_w4(x, packed, scales, zeros, bias, N: int, K: int, group_size: int, mod
     check_tiles(op, scales, zeros, N, K, group_size)
     if packed.dtype != torch.uint8:
         raise ValueError(f"{op}: packed must be pack_weight's uint8 buffer, got {packed.dtype}")
-    check_size(op, packed, padded(N) * K // 2, "packed")
+    check_size(op, packed, size_product(op, padded(N), K) // 2, "packed")
     check_size(op, bias, N, "bias")
 
 
@@ -321,7 +346,7 @@ def gemm_w23(x, packed, scales, zeros, bias, N: int, K: int, group_size: int, bi
     check_mode(op, mode)
     if packed.dtype != torch.uint8:
         raise ValueError(f"{op}: packed must be pack_weight's uint8 buffer, got {packed.dtype}")
-    check_size(op, packed, padded(N) * K * bits // 8, "packed")
+    check_size(op, packed, size_product(op, padded(N), K) * bits // 8, "packed")
     check_size(op, bias, N, "bias")
 
 
@@ -341,7 +366,9 @@ def gemm_lut4(op: str, x, packed, scales, table, bias, N: int, K: int, group_siz
         raise ValueError(f"{op}: table needs 16 values, got {table.numel()}")
     if packed.dtype not in (torch.uint8, torch.int8):
         raise ValueError(f"{op}: packed must be uint8 nibbles, got {packed.dtype}")
-    check_size(op, packed, N * (K // 2), "packed")
+    size_product(op, x.shape[0], K)
+    size_product(op, x.shape[0], N)
+    check_size(op, packed, size_product(op, N, K) // 2, "packed")
     check_size(op, scales, N * (K // group_size), "scales")
     check_size(op, bias, N, "bias")
 
@@ -357,6 +384,7 @@ def gemm_lut4_dq(x, packed, qscales, scale2, mean, table, bias, N: int, K: int,
         raise ValueError(f"{op}: qscales must be int8 codes, got {qscales.dtype}")
     if mean.numel() != 1:
         raise ValueError(f"{op}: mean must hold one value, got {mean.numel()}")
+    size_product(op, dq_group)  # int64 in the kernel, (h + 1) * dq_group must not overflow
     blocks = N * (K // group_size)
     check_size(op, qscales, blocks, "qscales (one int8 code per block)")
     check_size(op, scale2, (blocks + dq_group - 1) // dq_group,
@@ -381,7 +409,9 @@ def gemm_fp8(x, w, scales, bias, N: int, K: int, group_size: int, fmt: int) -> N
         raise ValueError(f"{op}: x must be 2-D (M, K) with K = {K}")
     if w.dtype != torch.uint8:
         raise ValueError(f"{op}: w must be uint8 FP8 codes, got {w.dtype}")
-    check_size(op, w, N * K, "w (N * K codes)")
+    size_product(op, x.shape[0], K)
+    size_product(op, x.shape[0], N)
+    check_size(op, w, size_product(op, N, K), "w (N * K codes)")
     check_size(op, scales, N * (K // g),
                "scales (one per row)" if group_size == 0 else "scales (N * K / G)")
     check_size(op, bias, N, "bias")

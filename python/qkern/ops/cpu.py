@@ -49,6 +49,7 @@ def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, roundin
                                    dz_half)
     x = contig(x, F32)
     n = x.numel()
+    checks.check_emax(emax)
     codes = torch.empty(x.shape, dtype=U8)
     scale = torch.empty(n // group_size, dtype=F32)
     zp = torch.empty(checks.dynamic_zero_points(n, group_size, rule), dtype=I32)
@@ -87,6 +88,7 @@ def quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule
                                           max_value, rounding)
     x, values, value_codes = contig(x, F32), contig(values, F32), _bytes(value_codes)
     n = x.numel()
+    checks.check_emax(emax)
     codes = torch.empty(x.shape, dtype=U8)
     scale = torch.empty(n // group_size, dtype=F32)
     bad = _C.quantize_codebook_dynamic_raw(ptr(x), n, ptr(values), ptr(value_codes), nv,

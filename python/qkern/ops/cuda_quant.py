@@ -89,6 +89,7 @@ def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, roundin
                                    dz_half)
     x = main_tensor(x, torch.float32, "quantize_affine_dynamic")
     dev, n = x.device, x.numel()
+    checks.check_emax(emax)
     g = n // group_size
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
     scale = torch.empty(g, dtype=torch.float32, device=dev)
@@ -142,6 +143,7 @@ def quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule
                                           max_value, rounding)
     x = main_tensor(x, torch.float32, "quantize_codebook_dynamic")
     dev, n = x.device, x.numel()
+    checks.check_emax(emax)
     values, value_codes = as_device(values, torch.float32, dev), as_device(value_codes,
                                                                             torch.uint8, dev)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=dev)
