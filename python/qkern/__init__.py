@@ -17,8 +17,8 @@ from .quantization import (
     prepare,
     quantize_model,
 )
-from .quantize import QuantizeGradientWarning, dequantize, fake_quantize, quantize
-from .tensor import PackedQTensor, QTensor
+from .quantize import QuantizeGradientWarning, fake_quantize, quantize
+from .tensor import PackedQTensor, QTensor, dequantize
 from .version import __version__ as __version__
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""``qkern.quantize`` / ``qkern.dequantize``: validation and dispatch onto the qkern:: ops."""
+"""``qkern.quantize``: validation and dispatch onto the qkern:: ops (``dequantize`` lives with
+QTensor in tensor.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ._checks import (
 )
 from .layout import GRANULARITIES, Layout
 from .ops import NonFiniteError
-from .tensor import DoubleQuant, QTensor, dequantize  # noqa: F401 (qkern.dequantize)
+from .tensor import DoubleQuant, QTensor
 
 # names in id order (csrc/core/rounding.h, affine.h), exported by qkern._C
 ROUNDINGS = tuple(_C.ROUNDINGS)

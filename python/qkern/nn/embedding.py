@@ -11,8 +11,8 @@ from torch import nn
 from .. import formats as QF
 from ..layout import Layout
 from ..packing import pack_bits, unpack_bits
-from ..quantize import dequantize, quantize
-from ..tensor import QTensor
+from ..quantize import quantize
+from ..tensor import QTensor, dequantize
 
 
 class QuantEmbedding(nn.Module):

@@ -10,7 +10,8 @@ from torch import nn
 
 from .. import formats as F
 from .._checks import check_float, nonfinite_message, normalize_axis
-from ..quantize import dequantize, quantize
+from ..quantize import quantize
+from ..tensor import dequantize
 
 GRANULARITIES = ("tensor", "channel")
 _FLT_MIN = torch.finfo(torch.float32).tiny

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..quantize import dequantize, quantize
+from ..quantize import quantize
+from ..tensor import dequantize
 from .base import Observer, SampleStore, check_int, check_real, qparams_from_range
 
 
