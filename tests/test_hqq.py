@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import qkern
+from qkern.io import read_safetensors, write_safetensors
 from qkern.nn import QuantLinear
 from qkern.nn.linear import KernelFallbackWarning
 from qkern.quantization import BaseConfig
@@ -184,3 +185,22 @@ def test_bad_input():
         hqq_linear(nn.Conv1d(4, 4, 1))
     with pytest.raises(ValueError, match="does not divide"):
         hqq_linear(nn.Linear(50, 4), HQQConfig(group_size=32))
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))
+    q = qkern.quantize_model(model, HQQConfig(bits=3, group_size=32))
+    qkern.save(q, tmp_path / "m.safetensors")
+    back = qkern.load(tmp_path / "m.safetensors", model)
+    x = torch.randn(3, 64)
+    assert back[0].kernel == q[0].kernel == "w23_exact"
+    assert torch.equal(back[0].dequantize_weight(), q[0].dequantize_weight())
+    assert torch.equal(back(x), q(x))
+    assert back.qkern_config == HQQConfig(bits=3, group_size=32)
+    # a file whose float zero points are not finite is refused, naming the tensor
+    tensors, meta = read_safetensors(tmp_path / "m.safetensors", with_metadata=True)
+    tensors["0.w23_zeros"] = torch.full_like(tensors["0.w23_zeros"], float("inf"))
+    write_safetensors(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(ValueError, match="w23_zeros.*finite"):
+        qkern.load(tmp_path / "bad.safetensors", model)
