@@ -37,6 +37,7 @@ from .blocks import block_linears, find_blocks, linearize_conv1d, scale_pairs, s
 from .calibration import as_batches, call_model, collect_grams
 from .layers import warn_notes, weight_module
 from .registry import (
+    BaseConfig,
     Batch,
     Quantizer,
     check_bool,
@@ -45,6 +46,7 @@ from .registry import (
     clone_inputs,
     fail,
     matches,
+    quantizer_for,
     replace_module,
 )
 
@@ -207,6 +209,27 @@ class SequentialQuantizer(Quantizer):
         self.report: list[LayerReport] = []
         self.notes: dict[str, str] = {}
         self.progress: bool | None = None
+        then = getattr(config, "then", None)
+        #: the layer quantizer a transform hands its layers to (``config.then``)
+        self.inner: SequentialQuantizer | None = None
+        if then is not None:
+            inner = quantizer_for(then)
+            if not isinstance(inner, SequentialQuantizer):
+                raise ValueError(f"{type(config).__name__}.then must be an LLM method config "
+                                 f"(RTNConfig, GPTQConfig, ...), got {type(then).__name__}")
+            inner.notes = self.notes
+            self.inner = inner
+
+    def chain(self) -> list[SequentialQuantizer]:
+        """This quantizer and the ones it hands over to (``then``), outermost first."""
+        out, q = [], self
+        while q is not None:
+            out.append(q)
+            q = q.inner
+        return out
+
+    def wants_grams(self) -> bool:
+        return any(q.GRAMS for q in self.chain())
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -231,7 +254,10 @@ class SequentialQuantizer(Quantizer):
                        cfg) -> nn.Module:
         """The quantized twin of ``linear`` (round to nearest by default). ``gram``:
         ``X^T X / N`` (K, K) float64 of its calibration inputs (None when ``GRAMS`` is False
-        or there is no data); notes for the end-of-run warning go to ``self.notes``."""
+        or there is no data); notes for the end-of-run warning go to ``self.notes``. A
+        transform with ``then`` hands the layer to that method."""
+        if self.inner is not None:
+            return self.inner.quantize_layer(name, linear, gram, self.inner.config)
         g = self.group_for(name, cfg, linear.in_features)
         return weight_module(linear, self.layer_format(cfg), g, self.notes, name,
                              symmetric=cfg.sym)
@@ -266,7 +292,7 @@ class SequentialQuantizer(Quantizer):
                 w = lin.weight.detach().float().clone()
                 g = grams.get(rel)
                 full = ctx.full_name(rel)
-                new = self.quantize_layer(full, lin, g if self.GRAMS else None,
+                new = self.quantize_layer(full, lin, g if self.wants_grams() else None,
                                           ctx.layers[rel])
                 replace_module(ctx.block, rel, new)
                 deq = getattr(new, "dequantize_weight", None)
@@ -276,13 +302,15 @@ class SequentialQuantizer(Quantizer):
     # ---- the workflow --------------------------------------------------------------------
 
     def needs_calibration(self) -> str | None:
-        return "measures layer inputs on calibration data" if self.NEEDS_DATA else None
+        if any(q.NEEDS_DATA for q in self.chain()):
+            return "measures layer inputs on calibration data"
+        return None
 
     def records_inputs(self) -> bool:
         return True
 
     def calibrated(self, model: nn.Module) -> bool:
-        return bool(self.batches) or not self.NEEDS_DATA
+        return bool(self.batches) or self.needs_calibration() is None
 
     def select(self, model: nn.Module) -> None:
         pass  # layers are chosen block by block (after GPT-2's Conv1D -> Linear)
@@ -377,7 +405,8 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
                 groups = [[n for g in groups for n in g]]
             ctx = BlockContext(name, i, len(tblocks), blk, inputs, layers, groups,
                                scale_pairs(blk), notes)
-            quantizer.process_block(ctx)
+            for q in quantizer.chain():  # transforms first, then the layer method's own
+                q.process_block(ctx)
             quantizer.quantize_block(ctx, log)
             if inputs:
                 inputs = [_with_hidden(b, h) for b, h in zip(inputs, block_outputs(blk, inputs))]
@@ -392,8 +421,18 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
 
 
 def check_weight_bits(cfg) -> None:
-    """Validates the ``bits`` / ``group_size`` / ``sym`` fields every sequential config has."""
+    """Validates the ``bits`` / ``group_size`` / ``sym`` fields every sequential config has
+    (and ``then``, where a transform config has it: an LLM method config with the same
+    bits / group_size / sym)."""
     n = type(cfg).__name__
+    then = getattr(cfg, "then", None)
+    if then is not None:
+        if not isinstance(then, BaseConfig):
+            fail(n, "then", "None or an LLM method config (RTNConfig, GPTQConfig, ...)", then)
+        for f in ("bits", "group_size", "sym"):
+            if getattr(then, f, None) != getattr(cfg, f):
+                raise ValueError(f"{n}.then: {type(then).__name__}.{f}={getattr(then, f, None)!r}"
+                                 f" differs from {n}.{f}={getattr(cfg, f)!r}; set them equal")
     check_int(n, "bits", cfg.bits, 2)
     if cfg.bits > 8:
         fail(n, "bits", "an int in 2..8", cfg.bits)
