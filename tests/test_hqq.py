@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import llm_models as LM
 import qkern
 from qkern.io import read_safetensors, write_safetensors
 from qkern.nn import QuantLinear
@@ -147,16 +148,28 @@ def test_8bit_and_ragged_fall_back_with_exact_weights():
                        hqq_quantize(lin.weight.detach(), 8, 16).dequantize())
 
 
-def test_quantize_model_runs_hqq_on_every_linear():
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
-    out = qkern.quantize_model(model, HQQConfig(bits=4, group_size=32))
-    assert isinstance(out[0], QuantLinear) and isinstance(out[2], QuantLinear)
-    assert torch.equal(out[2].dequantize_weight(),
-                       hqq_quantize(model[2].weight.detach(), 4, 32).dequantize())
-    assert isinstance(model[0], nn.Linear)  # the input model is untouched
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pipeline_quantizes_every_block_linear_without_data(arch):
+    model = LM.build(arch)
+    q = qkern.quantize_model(model, HQQConfig(bits=4, group_size=32))
+    lins = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert len(lins) == (14 if arch == "llama" else 8)  # 7 per llama block, 4 per gpt2 block
+    name, ql = next(iter(lins.items()))
+    w = model.get_submodule(name).weight.detach()
+    w = w.T if arch == "gpt2" else w  # transformers' Conv1D stores (in, out)
+    assert torch.equal(ql.dequantize_weight(), hqq_quantize(w, 4, 32).dequantize())
+    assert all(m.kernel == "w4_exact" for m in lins.values())
+    ids = LM.calibration(1)[0]
+    ref, got = LM.output(model, ids), LM.output(q, ids)
+    assert float((got - ref).norm() / ref.norm()) < 0.1
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # input untouched
     cfg = BaseConfig.from_json(HQQConfig(bits=3, lp_norm=0.5).to_json())
     assert cfg == HQQConfig(bits=3, lp_norm=0.5)
+
+
+def test_pipeline_refuses_what_no_kernel_runs():
+    with pytest.raises(ValueError, match="no fused kernel"):
+        qkern.quantize_model(LM.build("llama"), HQQConfig(bits=8, group_size=32))
 
 
 def test_bad_input():
@@ -181,6 +194,8 @@ def test_bad_input():
         HQQConfig(bits=5)
     with pytest.raises(ValueError, match="iters"):
         HQQConfig(iters=-1)
+    with pytest.raises(ValueError, match="sym"):
+        HQQConfig(sym=True)
     with pytest.raises(TypeError, match="nn.Linear"):
         hqq_linear(nn.Conv1d(4, 4, 1))
     with pytest.raises(ValueError, match="does not divide"):
@@ -188,19 +203,21 @@ def test_bad_input():
 
 
 def test_save_load_roundtrip(tmp_path):
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8, bias=False))
+    model = LM.build("llama")
     q = qkern.quantize_model(model, HQQConfig(bits=3, group_size=32))
     qkern.save(q, tmp_path / "m.safetensors")
     back = qkern.load(tmp_path / "m.safetensors", model)
-    x = torch.randn(3, 64)
-    assert back[0].kernel == q[0].kernel == "w23_exact"
-    assert torch.equal(back[0].dequantize_weight(), q[0].dequantize_weight())
-    assert torch.equal(back(x), q(x))
+    name = "model.layers.0.self_attn.q_proj"
+    assert back.get_submodule(name).kernel == "w23_exact"
+    assert torch.equal(back.get_submodule(name).dequantize_weight(),
+                       q.get_submodule(name).dequantize_weight())
+    ids = LM.calibration(1)[0]
+    assert torch.equal(LM.output(back, ids), LM.output(q, ids))
     assert back.qkern_config == HQQConfig(bits=3, group_size=32)
     # a file whose float zero points are not finite is refused, naming the tensor
     tensors, meta = read_safetensors(tmp_path / "m.safetensors", with_metadata=True)
-    tensors["0.w23_zeros"] = torch.full_like(tensors["0.w23_zeros"], float("inf"))
+    key = name + ".w23_zeros"
+    tensors[key] = torch.full_like(tensors[key], float("inf"))
     write_safetensors(tmp_path / "bad.safetensors", tensors, meta)
     with pytest.raises(ValueError, match="w23_zeros.*finite"):
         qkern.load(tmp_path / "bad.safetensors", model)

@@ -18,7 +18,9 @@ is a float, so the codes are unsigned (``uint{b}``) and the layer runs on the fu
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +32,6 @@ from ...nn import QuantLinear
 from ...tensor import QTensor
 from ..registry import (
     BaseConfig,
-    Quantizer,
     check_bool,
     check_choice,
     check_group,
@@ -40,6 +41,7 @@ from ..registry import (
     fail,
     register_quantizer,
 )
+from ..sequential import SequentialQuantizer
 
 __all__ = ["HQQConfig", "HQQQuantizer", "HQQResult", "hqq_linear", "hqq_quantize", "shrink_lp"]
 
@@ -52,10 +54,13 @@ class HQQConfig(BaseConfig):
     """HQQ with the paper's / the hqq package's defaults: 4 bits in groups of 64 along the
     input dimension (``axis=1``), 20 iterations of the proximal solver on the l_0.7 error with
     beta = 10 growing by kappa = 1.01 per iteration, stopping at the first iteration that does
-    not lower the error. ``group_size=None``: one group per output row."""
+    not lower the error. ``group_size=None``: one group per output row. In the LLM pipeline
+    (``quantize_model`` on a transformers model) only the linears inside transformer blocks
+    are quantized, and no calibration data is needed."""
 
     bits: int = 4
     group_size: int | None = 64
+    sym: bool = False  # HQQ is asymmetric: the zero point is what it optimises
     axis: int = 1
     iters: int = 20
     lp_norm: float = 0.7
@@ -70,6 +75,9 @@ class HQQConfig(BaseConfig):
         n = type(self).__name__
         check_choice(n, "bits", self.bits, BITS)
         check_group(n, "group_size", self.group_size)
+        if self.sym is not False:
+            fail(n, "sym", "False (HQQ optimises the zero points; there is no symmetric HQQ)",
+                 self.sym)
         check_hqq_params(n, self.axis, self.iters, self.lp_norm, self.beta, self.kappa)
         check_bool(n, "early_stop", self.early_stop)
         check_choice(n, "mode", self.mode, ("exact", "fast"))
@@ -195,10 +203,29 @@ def hqq_linear(linear: nn.Linear, cfg: HQQConfig | None = None) -> QuantLinear:
 
 
 @register_quantizer(HQQConfig)
-class HQQQuantizer(Quantizer):
-    """HQQ on every selected nn.Linear, one layer at a time (no calibration data)."""
+class HQQQuantizer(SequentialQuantizer):
+    """HQQ on the linears of each transformer block through the sequential pipeline: no
+    calibration data (with data, the per-layer log reports each layer's output error)."""
 
-    def convert(self, model: nn.Module) -> None:
-        for name, cfg in self.plan:
-            mod = model.get_submodule(name)
-            self.swap(model, name, lambda: hqq_linear(mod, cfg))
+    GRAMS = False
+    NEEDS_DATA = False
+
+    def quantize_layer(self, name: str, linear: nn.Linear, gram: torch.Tensor | None,
+                       cfg: HQQConfig) -> nn.Module:
+        g = self.group_for(name, cfg, linear.in_features)
+        return hqq_linear(linear, dataclasses.replace(cfg, group_size=g))
+
+    def preflight(self, name: str, linear: nn.Linear, cfg: HQQConfig) -> None:
+        """Refuses, before any work, a bits / group size no fused kernel runs (HQQ's float
+        zero points run on the w4 / w23 kernels: 2, 3, 4 bits, groups a multiple of 32)."""
+        probe = nn.Linear(linear.in_features, linear.out_features, bias=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g = self.group_for(name, cfg, linear.in_features)
+            q = hqq_linear(probe, dataclasses.replace(cfg, group_size=g, iters=0))
+        self.notes.pop(name, None)
+        if q.kernel_reason:
+            raise ValueError(f"HQQConfig(bits={cfg.bits}, group_size={cfg.group_size}) on {name} "
+                             f"({linear.in_features} -> {linear.out_features}): no fused kernel "
+                             f"runs it ({q.kernel_reason}); HQQ runs on the kernels at 2, 3 and 4 "
+                             "bits with groups of a multiple of 32")
