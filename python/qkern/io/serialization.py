@@ -27,7 +27,7 @@ from ..formats import Format
 from ..formats import get as get_format
 from ..kernels.base import FALLBACK
 from ..layout import Layout
-from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from ..nn import DynamicWeightLinear, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from ..ops.tiles import from_tiles
 from ..quantization import ActQuant, BaseConfig, ObservedInput
 from ..quantize import quantize
@@ -69,6 +69,9 @@ def _spec(m: nn.Module) -> dict | None:
         return {"type": "QuantLinear", **_linear_spec(m)}
     if isinstance(m, (QuantConv1d, QuantConv2d)):
         return {"type": type(m).__name__, **_linear_spec(m.qlinear)}
+    if isinstance(m, DynamicWeightLinear):  # the float weight is in the state dict
+        return {"type": "DynamicWeightLinear", "fmt": m.fmt, "group_size": m.group_size,
+                "symmetric": m.symmetric, "rounding": m.rounding, "bias": m.bias is not None}
     if isinstance(m, QuantEmbedding):
         q = m.weight_q
         return {"type": "QuantEmbedding", "fmt": q.format.name, "group_size": q.group_size,
@@ -122,6 +125,10 @@ _REBUILD: dict[str, tuple[type, Callable]] = {
     "QuantLinear": (nn.Linear, _make_linear(QuantLinear, "act_scale")),
     "QuantConv1d": (nn.Conv1d, _make_linear(QuantConv1d, "qlinear.act_scale")),
     "QuantConv2d": (nn.Conv2d, _make_linear(QuantConv2d, "qlinear.act_scale")),
+    "DynamicWeightLinear": (nn.Linear, lambda f, s, saved, where, name:
+                            DynamicWeightLinear.from_float(
+                                f, s["fmt"], group_size=s["group_size"],
+                                symmetric=s["symmetric"], rounding=s["rounding"])),
     "QuantEmbedding": (nn.Embedding, lambda f, s, saved, where, name: QuantEmbedding.from_float(
         f, s["fmt"], group_size=s["group_size"], symmetric=s["symmetric"])),
 }
@@ -134,6 +141,8 @@ _OPTIONAL = {"kernel": (str, None), "bias": (bool,), "float_zero": (bool,)}
 _FIELDS = {"QuantLinear": _LINEAR_FIELDS, "QuantConv1d": _LINEAR_FIELDS,
            "QuantConv2d": _LINEAR_FIELDS,
            "QuantEmbedding": {"fmt": (str,), "group_size": (int, None), "symmetric": (bool,)},
+           "DynamicWeightLinear": {"fmt": (str,), "group_size": (int, None),
+                                   "symmetric": (bool,), "rounding": (str,)},
            "ActQuant": {"fmt": (str,), "zero_point": (bool,), "inner": (dict, None)}}
 _JSON_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
                None: "null"}

@@ -16,6 +16,7 @@ from .algorithms.activation_only import ActivationOnlyConfig
 from .algorithms.adaround import AdaRoundConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
+from .algorithms.dynamic_weight import DynamicWeightOnlyConfig
 from .algorithms.equalization import cross_layer_equalization
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
 from .algorithms.rtn import RTNConfig
@@ -55,7 +56,8 @@ from .registry import (
 from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize_sequential
 
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
-           "BlockContext", "DynamicConfig", "Gram", "HQQConfig", "LayerReport", "ObservedInput",
+           "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "Gram", "HQQConfig",
+           "LayerReport", "ObservedInput",
            "ObservingQuantizer", "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig",
            "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
