@@ -23,7 +23,7 @@ from qkern.quantization.algorithms.hqq import HQQConfig, hqq_linear, hqq_quantiz
 
 
 def ref_hqq(w: np.ndarray, bits: int, g: int, iters=20, p=0.7, beta=10.0, kappa=1.01,
-            early_stop=True):
+            early_stop=True, round_zero=False):
     """The paper's algorithm in float64 numpy, one group per row of ``wg``."""
     wg = w.astype(np.float64).reshape(-1, g)
     qmax = 2.0**bits - 1
@@ -31,6 +31,8 @@ def ref_hqq(w: np.ndarray, bits: int, g: int, iters=20, p=0.7, beta=10.0, kappa=
     s = (hi - lo) / qmax
     s[s < np.finfo(np.float32).tiny] = 1.0
     z = -lo / s
+    if round_zero:
+        z = np.round(z)
     objs, zs = [], []
     for it in range(iters + 1):
         wq = np.clip(np.round(wg / s + z), 0, qmax)  # np.round: half to even, like torch
@@ -55,14 +57,16 @@ def lp(a: torch.Tensor, b: torch.Tensor, p: float = 0.7) -> float:
     return float((a.double() - b.double()).abs().pow(p).sum())
 
 
-@pytest.mark.parametrize("bits,g,early", [(4, 64, True), (3, 32, True), (2, 64, False),
-                                          (4, None, False)])
-def test_matches_float64_reference(bits, g, early):
+@pytest.mark.parametrize("bits,g,early,rz", [(4, 64, True, False), (3, 32, True, False),
+                                             (2, 64, False, False), (4, None, False, False),
+                                             (4, 32, True, True)])
+def test_matches_float64_reference(bits, g, early, rz):
     torch.manual_seed(bits)
     w = torch.randn(12, 128) * 0.05
     w[0, :32] += 0.3  # an outlier region
-    r = hqq_quantize(w, bits, g, early_stop=early, dtype=torch.float64)
-    codes, s, z, objs, best = ref_hqq(w.numpy(), bits, g or 128, early_stop=early)
+    r = hqq_quantize(w, bits, g, early_stop=early, round_zero=rz, dtype=torch.float64)
+    codes, s, z, objs, best = ref_hqq(w.numpy(), bits, g or 128, early_stop=early,
+                                      round_zero=rz)
     assert r.best == best and len(r.objective) == len(objs)
     np.testing.assert_allclose(r.objective, objs, rtol=1e-12)
     np.testing.assert_array_equal(r.codes.numpy(), codes)
@@ -70,7 +74,7 @@ def test_matches_float64_reference(bits, g, early):
     np.testing.assert_allclose(r.zero.numpy().reshape(-1), z.reshape(-1), rtol=1e-12,
                                atol=1e-12)
     # float32 arithmetic (the default) lands on the same solution up to rounding
-    r32 = hqq_quantize(w, bits, g, early_stop=early)
+    r32 = hqq_quantize(w, bits, g, early_stop=early, round_zero=rz)
     assert abs(r32.objective[r32.best] - objs[best]) <= 1e-4 * objs[best]
 
 
@@ -121,7 +125,7 @@ def test_quantlinear_reproduces_hqq_weights(bits, kernel):
     lin = nn.Linear(96, 20)
     cfg = HQQConfig(bits=bits, group_size=32)
     ql = hqq_linear(lin, cfg)
-    r = hqq_quantize(lin.weight.detach(), bits, 32)
+    r = hqq_quantize(lin.weight.detach(), bits, 32, round_zero=bits == 4)  # config default
     assert ql.kernel == kernel and ql.kernel_reason is None
     w = r.dequantize()
     assert torch.equal(ql.dequantize_weight(), w)
@@ -157,7 +161,7 @@ def test_pipeline_quantizes_every_block_linear_without_data(arch):
     name, ql = next(iter(lins.items()))
     w = model.get_submodule(name).weight.detach()
     w = w.T if arch == "gpt2" else w  # transformers' Conv1D stores (in, out)
-    assert torch.equal(ql.dequantize_weight(), hqq_quantize(w, 4, 32).dequantize())
+    assert torch.equal(ql.dequantize_weight(), hqq_quantize(w, 4, 32, round_zero=True).dequantize())
     assert all(m.kernel == "w4_exact" for m in lins.values())
     ids = LM.calibration(1)[0]
     ref, got = LM.output(model, ids), LM.output(q, ids)
@@ -196,6 +200,8 @@ def test_bad_input():
         HQQConfig(iters=-1)
     with pytest.raises(ValueError, match="sym"):
         HQQConfig(sym=True)
+    with pytest.raises(ValueError, match="round_zero"):
+        HQQConfig(round_zero=1)
     with pytest.raises(TypeError, match="nn.Linear"):
         hqq_linear(nn.Conv1d(4, 4, 1))
     with pytest.raises(ValueError, match="does not divide"):

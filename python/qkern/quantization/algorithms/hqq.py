@@ -54,7 +54,9 @@ class HQQConfig(BaseConfig):
     """HQQ with the paper's / the hqq package's defaults: 4 bits in groups of 64 along the
     input dimension (``axis=1``), 20 iterations of the proximal solver on the l_0.7 error with
     beta = 10 growing by kappa = 1.01 per iteration, stopping at the first iteration that does
-    not lower the error. ``group_size=None``: one group per output row. In the LLM pipeline
+    not lower the error. ``round_zero``: start from the rounded min-max zero point (the hqq
+    package's default for 4 bits, None; the paper starts from the float one).
+    ``group_size=None``: one group per output row. In the LLM pipeline
     (``quantize_model`` on a transformers model) only the linears inside transformer blocks
     are quantized, and no calibration data is needed."""
 
@@ -67,6 +69,7 @@ class HQQConfig(BaseConfig):
     beta: float = 10.0
     kappa: float = 1.01
     early_stop: bool = True
+    round_zero: bool | None = None  # round the min-max zero point first (None: for 4 bits)
     mode: str = "exact"  # "fast": int8 activations per 32-block inside the w4 / w23 kernels
 
     FORMAT_FIELD = "bits"
@@ -80,6 +83,8 @@ class HQQConfig(BaseConfig):
                  self.sym)
         check_hqq_params(n, self.axis, self.iters, self.lp_norm, self.beta, self.kappa)
         check_bool(n, "early_stop", self.early_stop)
+        if self.round_zero is not None:
+            check_bool(n, "round_zero", self.round_zero)
         check_choice(n, "mode", self.mode, ("exact", "fast"))
         super().__post_init__()
 
@@ -137,11 +142,13 @@ def _lp(d: torch.Tensor, p: float) -> float:
 
 def hqq_quantize(w: torch.Tensor, bits: int = 4, group_size: int | None = 64, *, axis: int = 1,
                  iters: int = 20, lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
-                 early_stop: bool = True, dtype: torch.dtype = torch.float32) -> HQQResult:
+                 early_stop: bool = True, round_zero: bool = False,
+                 dtype: torch.dtype = torch.float32) -> HQQResult:
     """HQQ of a weight matrix ``w`` (out, in): min-max init, then the alternating proximal
     solver on the zero points (module docstring). ``early_stop``: stop at the first iteration
     whose l_p error is not below the best so far. The iterate with the lowest l_p error is
-    returned. ``dtype``: the arithmetic (float32 like the hqq package on CPU, or float64)."""
+    returned. ``round_zero``: start from round(-min / s) instead of -min / s. ``dtype``: the
+    arithmetic (float32 like the hqq package on CPU, or float64)."""
     n_ = "hqq_quantize"
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise TypeError(f"{n_}: w must be a floating-point tensor, got "
@@ -167,22 +174,25 @@ def hqq_quantize(w: torch.Tensor, bits: int = 4, group_size: int | None = 64, *,
     s = (hi - lo) / qmax
     s = torch.where(s >= torch.finfo(torch.float32).tiny, s, torch.ones_like(s))  # flat group
     z = -lo / s
+    if round_zero:
+        z = torch.round(z)
     objective: list[float] = []
     best_z, best = z, 0
+    ws = wg / s  # s stays fixed: W / s once
     for it in range(iters + 1):
-        q = torch.round(wg / s + z).clamp(0.0, qmax)
-        wr = (q - z) * s
-        objective.append(_lp(wg - wr, lp_norm))
+        q = torch.round(ws + z).clamp(0.0, qmax)
+        err = wg - (q - z) * s
+        objective.append(_lp(err, lp_norm))
         if objective[-1] < objective[best] or it == 0:
             best_z, best = z, it
         elif early_stop:
             break
         if it == iters:
             break
-        we = shrink_lp(wg - wr, beta, lp_norm)
+        we = shrink_lp(err, beta, lp_norm)
         z = (q - (wg - we) / s).mean(1, keepdim=True)
         beta *= kappa
-    codes = torch.round(wg / s + best_z).clamp(0.0, qmax).to(torch.uint8)
+    codes = torch.round(ws + best_z).clamp(0.0, qmax).to(torch.uint8)
     return HQQResult(codes.view(n, k), s.view(n, k // g), best_z.view(n, k // g), bits, g,
                      objective, best)
 
@@ -198,7 +208,8 @@ def hqq_linear(linear: nn.Linear, cfg: HQQConfig | None = None) -> QuantLinear:
         raise TypeError(f"hqq_linear expects an HQQConfig, got {type(cfg).__name__}")
     r = hqq_quantize(linear.weight.detach().float(), cfg.bits, cfg.group_size, axis=cfg.axis,
                      iters=cfg.iters, lp_norm=cfg.lp_norm, beta=cfg.beta, kappa=cfg.kappa,
-                     early_stop=cfg.early_stop)
+                     early_stop=cfg.early_stop,
+                     round_zero=cfg.bits == 4 if cfg.round_zero is None else cfg.round_zero)
     return QuantLinear(r.qtensor(), linear.bias, mode=cfg.mode)
 
 
