@@ -278,3 +278,13 @@ def test_a_local_folder_loads_through_transformers():
         torch.testing.assert_close(q(ids).logits, ref(ids), rtol=1e-4, atol=1e-4)
     with pytest.raises(FileNotFoundError, match="config.json"):
         qkern.quantize_model("data", RTNConfig(), cal)
+
+
+def test_a_layer_no_kernel_takes_stays_float_and_is_reported():
+    model = load_llama("models/stories260k")  # intermediate 172: not a multiple of 32
+    cal = [torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))]
+    with pytest.warns(UserWarning, match=r"5 layer\(s\) left in float") as rec:
+        q = qkern.quantize_model(model, RTNConfig(bits=4, group_size=32), cal)
+    assert sum("left in float" in str(w.message) for w in rec) == 1
+    assert type(q.model.layers[0].mlp.down_proj) is nn.Linear
+    assert type(q.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
