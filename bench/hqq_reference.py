@@ -1,7 +1,8 @@
 """qkern's HQQ beside the reference implementation (the ``hqq`` package from PyPI, mobiusml/hqq)
 on the same weights, in the same run: per-weight l_0.7 error, MSE and seconds on random
 matrices and on every block linear of the wikitext-bytelm model, then the model's bits per byte
-on WikiText-2 test (48 windows of 256 bytes) with every block linear quantized by each.
+on WikiText-2 test (48 windows of 256 bytes) with every block linear quantized by each (and
+qkern's through ``quantize_model``, running on the fused kernels).
 
     pip install --no-deps --target /work/refs/hqq hqq termcolor   # (or unpack its sdist there)
     PYTHONPATH=python:/work/refs/hqq python bench/hqq_reference.py [--quick]
@@ -24,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import qkern
+from qkern import HQQConfig
 from qkern.models import load_llama
 from qkern.models.llama import bits_per_byte
 from qkern.quantization.algorithms.hqq import hqq_quantize
@@ -104,7 +107,8 @@ def model_table(model: nn.Module, data: bytes, settings, n_windows: int) -> None
     fp = bits_per_byte(model, data, n_windows=n_windows)
     print(f"\nwikitext-bytelm bits per byte, WikiText-2 test, {n_windows} x 256 bytes "
           f"(fp32: {fp:.4f})")
-    print(f"{'setting':<12}" + "".join(f"{m:>26}" for m in ms) + "   (bpb / quantize s)")
+    print(f"{'setting':<12}" + "".join(f"{m:>26}" for m in [*ms, "qkern HQQ on kernels"])
+          + "   (bpb / quantize s)")
     for bits, g in settings:
         row = f"{f'w{bits} ' + ('g' + str(g) if g else 'per-ch'):<12}"
         for fn in ms.values():
@@ -116,6 +120,11 @@ def model_table(model: nn.Module, data: bytes, settings, n_windows: int) -> None
                     lin.weight.copy_(fn(w, bits, group_for(w.shape[1], g)))
             sec = time.perf_counter() - t0
             row += f"{bits_per_byte(q, data, n_windows=n_windows):>18.4f}{sec:>8.2f}"
+        # the same HQQ through quantize_model: QuantLinear on the fused w4 / w23 kernels
+        t0 = time.perf_counter()
+        q = qkern.quantize_model(model, HQQConfig(bits=bits, group_size=g))
+        sec = time.perf_counter() - t0
+        row += f"{bits_per_byte(q, data, n_windows=n_windows):>18.4f}{sec:>8.2f}"
         print(row)
         sys.stdout.flush()
 

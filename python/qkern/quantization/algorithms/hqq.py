@@ -226,17 +226,19 @@ class HQQQuantizer(SequentialQuantizer):
         g = self.group_for(name, cfg, linear.in_features)
         return hqq_linear(linear, dataclasses.replace(cfg, group_size=g))
 
-    def preflight(self, name: str, linear: nn.Linear, cfg: HQQConfig) -> None:
-        """Refuses, before any work, a bits / group size no fused kernel runs (HQQ's float
-        zero points run on the w4 / w23 kernels: 2, 3, 4 bits, groups a multiple of 32)."""
+    def preflight(self, name: str, linear: nn.Linear, cfg: HQQConfig) -> str | None:
+        """Why no fused kernel runs HQQ with ``cfg`` on ``linear``'s shape (None: one does);
+        HQQ's float zero points run on the w4 / w23 kernels: 2, 3, 4 bits, groups of a multiple
+        of 32. Such layers stay float, reported once."""
         probe = nn.Linear(linear.in_features, linear.out_features, bias=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            g = self.group_for(name, cfg, linear.in_features)
-            q = hqq_linear(probe, dataclasses.replace(cfg, group_size=g, iters=0))
+            try:
+                q = self.quantize_layer(name, probe, None, dataclasses.replace(cfg, iters=0))
+            except ValueError as e:
+                return str(e)
         self.notes.pop(name, None)
         if q.kernel_reason:
-            raise ValueError(f"HQQConfig(bits={cfg.bits}, group_size={cfg.group_size}) on {name} "
-                             f"({linear.in_features} -> {linear.out_features}): no fused kernel "
-                             f"runs it ({q.kernel_reason}); HQQ runs on the kernels at 2, 3 and 4 "
-                             "bits with groups of a multiple of 32")
+            return (f"no fused kernel runs it ({q.kernel_reason}); HQQ runs on the kernels at "
+                    "2, 3 and 4 bits with groups of a multiple of 32")
+        return None
