@@ -8,8 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+import llm_models as LM
 import qkern
 import reference as R
+from qkern.models import load_llama
+from qkern.quantization import text_calibration
 from qkern.quantization.algorithms.gptq import GPTQConfig, gptq_linear, gptq_quantize
 
 F32 = np.float32
@@ -220,18 +223,43 @@ def test_config_exported_and_round_trips():
     assert qkern.quantization.BaseConfig.from_json(cfg.to_json()) == cfg
 
 
-def test_quantize_model_beats_rtn_on_an_mlp():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.GELU(),
-                          nn.Linear(64, 32))
-    x = correlated(512, 64, 6, seed=5).float()
-    calib = list(x[:384].split(64))
-    ref = model(x[384:]).detach()
-    gq = qkern.quantize_model(model, GPTQConfig(bits=3, group_size=32), calibration=calib)
-    rtn = qkern.quantize_model(model, qkern.WeightOnlyConfig(fmt="int3", group_size=32))
-    assert all(isinstance(m, qkern.nn.QuantLinear) for m in (gq[0], gq[2], gq[4]))
-    err_g = float(((gq(x[384:]) - ref) ** 2).mean())
-    err_r = float(((rtn(x[384:]) - ref) ** 2).mean())
-    assert err_g < 0.7 * err_r
+def _out(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out if isinstance(out, torch.Tensor) else LM.output(model, ids)
+
+
+def _logit_mse(q, ref_logits, ids):
+    return sum(float(((_out(q, i) - r) ** 2).mean()) for i, r in zip(ids, ref_logits))
+
+
+def test_quantize_model_beats_rtn_on_tiny_llama():
+    model = LM.build("llama")
+    cal = LM.calibration(8, 32)
+    ids = LM.calibration(3, 32, seed=9)
+    ref = [_out(model, i) for i in ids]
+    cfg = GPTQConfig(bits=3, group_size=32)
+    gq = qkern.quantize_model(model, cfg, cal)
+    rtn = qkern.quantize_model(model, qkern.RTNConfig(bits=3, group_size=32), cal)
+    names = [r.name for r in gq.qkern_report]
+    assert names == [r.name for r in rtn.qkern_report] and len(names) >= 8
+    assert all(isinstance(gq.get_submodule(n), qkern.nn.QuantLinear) for n in names)
+    assert _logit_mse(gq, ref, ids) < 0.8 * _logit_mse(rtn, ref, ids)
+    # per layer, on the inputs each layer saw, GPTQ's relative output error is below RTN's
+    # (the first layer of each block sees the same inputs in both; later ones differ)
+    assert sum(r.error for r in gq.qkern_report) < sum(r.error for r in rtn.qkern_report)
     with pytest.raises(ValueError, match="calibration"):
-        qkern.quantize_model(model, GPTQConfig())
+        qkern.quantize_model(model, cfg)
+
+
+def test_quantize_model_bytelm_beats_rtn():
+    model = load_llama("models/wikitext-bytelm")
+    cal = text_calibration(open("data/wikitext-2/wiki.valid.tokens", "rb").read(), "bytes",
+                           4, 64)
+    ids = text_calibration(open("data/wikitext-2/wiki.test.tokens", "rb").read(), "bytes",
+                           1, 128, seed=4)
+    ref = [_out(model, i) for i in ids]
+    gq = qkern.quantize_model(model, GPTQConfig(bits=3, group_size=32, act_order=True,
+                                                static_groups=True), cal)
+    rtn = qkern.quantize_model(model, qkern.RTNConfig(bits=3, group_size=32), cal)
+    assert _logit_mse(gq, ref, ids) < 0.8 * _logit_mse(rtn, ref, ids)

@@ -41,10 +41,8 @@ from ...layout import Layout
 from ...nn import QuantLinear
 from ...quantize import quantize
 from ...tensor import QTensor
-from ..calibration import Gram, sequential_calibration
 from ..registry import (
     BaseConfig,
-    Quantizer,
     check_bool,
     check_group,
     check_int,
@@ -52,6 +50,7 @@ from ..registry import (
     config_class,
     register_quantizer,
 )
+from ..sequential import SequentialQuantizer, check_weight_bits
 
 __all__ = ["GPTQConfig", "GPTQQuantizer", "GPTQResult", "gptq_linear", "gptq_quantize",
            "output_error"]
@@ -80,9 +79,8 @@ class GPTQConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         n = type(self).__name__
-        check_bits(n, self.bits)
-        check_group(n, "group_size", self.group_size)
-        for f in ("sym", "act_order", "static_groups", "true_sequential"):
+        check_weight_bits(self)
+        for f in ("act_order", "static_groups", "true_sequential"):
             check_bool(n, f, getattr(self, f))
         check_real(n, "damp_percent", self.damp_percent, 0.0, 1.0, "a number in [0, 1]")
         check_int(n, "block_size", self.block_size, 1)
@@ -136,6 +134,11 @@ class GPTQResult:
         return QTensor(self.codes, sc, zp, f, lay, dtype=dtype)
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """All elements finite (a float64 sum first: finite for finite data of sane size)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64))) or bool(torch.isfinite(t).all())
+
+
 def _check_inputs(w, gram, bits, group_size, sym, act_order, static_groups, damp_percent,
                   block_size) -> None:
     n = "gptq_quantize: "
@@ -149,9 +152,9 @@ def _check_inputs(w, gram, bits, group_size, sym, act_order, static_groups, damp
                          f"{tuple(w.shape)}, got {tuple(gram.shape)} {gram.dtype}")
     if w.device != gram.device:
         raise ValueError(f"{n}w is on {w.device} but gram on {gram.device}")
-    if not bool(torch.isfinite(w).all()):
+    if not _finite(w):
         raise ValueError(f"{n}w contains NaN or Inf")
-    if not bool(torch.isfinite(gram).all()):
+    if not _finite(gram):
         raise ValueError(f"{n}gram contains NaN or Inf")
     if bool((gram.diagonal() < 0).any()):
         raise ValueError(f"{n}gram has a negative diagonal entry: it must be X^T X / N")
@@ -270,6 +273,8 @@ def _sweep(w0t, r, f, fmt, sym, group_size, params, perm, block_size):
     d_buf = torch.empty_like(cur)                        # their D = W_orig - Q
     loss = 0.0
     bounds = _bounds(k, block_size, group_size, dynamic)
+    w0_rows, rq_rows, deq_rows = w0t.unbind(0), rq.unbind(0), deq.unbind(0)
+    sc_rows, rinv_rows, lo_rows, hi_rows = (t.unbind(0) for t in (sc_t, rinv_t, lo_t, hi_t))
     wide = dt != torch.float32
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
         if dynamic and i1 % group_size == 0:
@@ -278,26 +283,28 @@ def _sweep(w0t, r, f, fmt, sym, group_size, params, perm, block_size):
             # the group's weights as the OBS updates of columns < i1 left them (not yet
             # those of its own columns): W_orig + C U with U = R^-1 (upper, so only the
             # group's own rows of C and its diagonal block of R enter)
-            wg = w0t[cols] + torch.linalg.solve_triangular(r[cols, cols].T, acc[cols],
-                                                           upper=False)
+            rg = r[cols, cols]
+            ug = torch.linalg.solve_triangular(rg, torch.eye(len(rg), dtype=dt), upper=True)
+            wg = torch.addmm(w0t[cols], ug.T, acc[cols])
             s, z = _params(wg.T, fmt, sym)
             sc_t[gi], zp_t[gi] = s, z
             rinv_t[gi], lo_t[gi], hi_t[gi] = 1.0 / s, (f.qmin - z).float(), (f.qmax - z).float()
         rb, nb = r[i1:i2, i1:i2], i2 - i1
         a1, d1, c1 = acc[i1:i2], d_buf[:nb], cur[:nb]
-        for i in range(i2 - i1):
+        rows_a, rows_d, rows_c = a1.unbind(0), d1.unbind(0), c1.unbind(0)
+        for i in range(nb):  # the per-column work: 7 torch ops over the rows
             j = i1 + i
             g = gidx[j]
-            wj = torch.add(w0t[j], a1[i], alpha=inv_rd[j], out=c1[i])
-            t = torch.mul(wj.float() if wide else wj, rinv_t[g], out=rq[j])
+            wj = torch.add(w0_rows[j], rows_a[i], alpha=inv_rd[j], out=rows_c[i])
+            t = torch.mul(wj.float() if wide else wj, rinv_rows[g], out=rq_rows[j])
             t.round_()
             if sym:
                 t.clamp_(f.qmin, f.qmax)
             else:
-                torch.clamp(t, lo_t[g], hi_t[g], out=t)
-            dq = torch.mul(t, sc_t[g], out=deq[j])
-            dj = torch.sub(w0t[j], dq, out=d1[i])
-            if i + 1 < i2 - i1:
+                torch.clamp(t, lo_rows[g], hi_rows[g], out=t)
+            dq = torch.mul(t, sc_rows[g], out=deq_rows[j])
+            dj = torch.sub(w0_rows[j], dq, out=rows_d[i])
+            if i + 1 < nb:
                 a1[i + 1:].addr_(rb[i, i + 1:], dj)
         if i2 < k:
             acc[i2:].addmm_(r[i1:i2, i2:].T, d1)
@@ -315,15 +322,17 @@ def _sweep(w0t, r, f, fmt, sym, group_size, params, perm, block_size):
 def gptq_linear(linear: nn.Linear, gram: torch.Tensor, cfg: GPTQConfig,
                 **kw) -> QuantLinear:
     """A :class:`QuantLinear` holding the GPTQ-quantized weight of ``linear`` (its bias kept);
-    ``gram`` is ``X^T X / N`` of the layer's inputs; ``kw`` goes to :func:`gptq_quantize`.
+    ``gram`` is ``X^T X / N`` of the layer's inputs; ``kw`` goes to :func:`gptq_quantize`
+    (over the config's fields).
     Its dequantized weight is the result's ``weight`` bit for bit."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"gptq_linear expects an nn.Linear, got {type(linear).__name__}")
     if not isinstance(cfg, GPTQConfig):
         raise TypeError(f"gptq_linear expects a GPTQConfig, got {type(cfg).__name__}")
-    res = gptq_quantize(linear.weight, gram, bits=cfg.bits, group_size=cfg.group_size,
-                        sym=cfg.sym, act_order=cfg.act_order, static_groups=cfg.static_groups,
-                        damp_percent=cfg.damp_percent, block_size=cfg.block_size, **kw)
+    args = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
+            "act_order": cfg.act_order, "static_groups": cfg.static_groups,
+            "damp_percent": cfg.damp_percent, "block_size": cfg.block_size, **kw}
+    res = gptq_quantize(linear.weight, gram, **args)
     bias = None if linear.bias is None else linear.bias.detach()
     return QuantLinear(res.qtensor(linear.weight.dtype), bias)
 
@@ -336,31 +345,23 @@ def output_error(w: torch.Tensor, q: torch.Tensor, gram: torch.Tensor) -> float:
 
 
 @register_quantizer(GPTQConfig)
-class GPTQQuantizer(Quantizer):
-    """GPTQ over a model's Linear layers, one layer at a time in execution order, each
-    measured on the outputs of the layers already quantized (GPTQ's sequential rule)."""
+class GPTQQuantizer(SequentialQuantizer):
+    """GPTQ in the block-by-block pipeline: each linear of a block is quantized with the Gram
+    matrix of its inputs measured on the partially quantized block (true-sequential groups:
+    q/k/v, o, gate/up, down), so later layers absorb the error of earlier ones."""
 
-    def records_inputs(self) -> bool:
-        return True
+    GRAMS = True
+    NEEDS_DATA = True
 
-    def needs_calibration(self) -> str | None:
-        return "needs the Gram matrix X^T X of each layer's calibration inputs"
-
-    def calibrated(self, model: nn.Module) -> bool:
-        return bool(self.batches)
-
-    def convert(self, model: nn.Module) -> None:
-        cfgs: dict[str, GPTQConfig] = dict(self.plan)
-        grams: dict[str, Gram] = {}
-
-        def hooks(stage):
-            grams.clear()
-            grams.update({n: Gram(model.get_submodule(n)) for n in stage})
-            return {n: (g, None) for n, g in grams.items()}
-
-        def finish(i, name):
-            mod, cfg = model.get_submodule(name), cfgs[name]
-            gram = grams[name].matrix()
-            self.swap(model, name, lambda: gptq_linear(mod, gram, cfg))
-
-        sequential_calibration(model, list(cfgs), self.batches, finish, hooks)
+    def quantize_layer(self, name: str, linear: nn.Linear, gram: torch.Tensor | None,
+                       cfg) -> nn.Module:
+        if gram is None:
+            raise ValueError(f"{name}: GPTQ needs the Gram matrix X^T X / N of the layer's "
+                             "calibration inputs")
+        k = linear.in_features
+        group = cfg.group_size
+        if group is not None and k % group:
+            self.notes[name] = (f"group_size {group} does not divide its input size {k}: "
+                                "quantized per output channel")
+            group = None
+        return gptq_linear(linear, gram, cfg, group_size=group)
