@@ -77,13 +77,16 @@ def _scaled(w: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def _tiled_affine(a, u: torch.Tensor, t0: int, t1: int, qmin: int) -> torch.Tensor:
     """W = float(q - z) * s for the tiled int layouts (gemm_w4, gemm_w23), rows 8 t0 .. 8 t1;
-    ``u`` the unsigned codes (rows, K), q = u + qmin (float(u) + float(qmin - z) is exact)."""
+    ``u`` the unsigned codes (rows, K), q = u + qmin (float(u) + float(qmin - z) is exact);
+    float zero points z of u: (float(u) - z) * s, as the kernels decode them."""
     g = a["group_size"]
     ng = a["K"] // g
     rows = u.shape[0]
     w = u.float().view(rows, ng, g)
     if a["zeros"] is None:
         w = w + float(qmin)
+    elif a["zeros"].is_floating_point():  # float zero points of u: (float(u) - z) * s
+        w = w - _untile(a["zeros"], t0, t1, ng).float().unsqueeze(-1)
     else:
         w = w + (qmin - _untile(a["zeros"], t0, t1, ng).to(torch.int32)).float().unsqueeze(-1)
     return _scaled(w.view(rows, -1), _untile(a["scales"], t0, t1, ng), g)
