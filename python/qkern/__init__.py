@@ -12,6 +12,7 @@ from .quantization import (
     AdaRoundConfig,
     DynamicConfig,
     DynamicWeightOnlyConfig,
+    GPTQConfig,
     HQQConfig,
     RTNConfig,
     StaticConfig,
@@ -24,37 +25,12 @@ from .quantize import QuantizeGradientWarning, fake_quantize, quantize
 from .tensor import PackedQTensor, QTensor, dequantize
 from .version import __version__ as __version__
 
-__all__ = [
-    "ActivationOnlyConfig",
-    "AdaRoundConfig",
-    "DynamicConfig",
-    "DynamicWeightOnlyConfig",
-    "HQQConfig",
-    "RTNConfig",
-    "StaticConfig",
-    "WeightOnlyConfig",
-    "convert",
-    "prepare",
-    "quantize_model",
-    "PackedQTensor",
-    "QTensor",
-    "QuantizeGradientWarning",
-    "companding",
-    "dequantize",
-    "fake_quantize",
-    "formats",
-    "get_isa",
-    "get_num_threads",
-    "load",
-    "pack_bits",
-    "pack_int32",
-    "quantize",
-    "save",
-    "set_isa",
-    "set_num_threads",
-    "unpack_bits",
-    "unpack_int32",
-]
+__all__ = ["ActivationOnlyConfig", "AdaRoundConfig", "DynamicConfig", "DynamicWeightOnlyConfig",
+           "GPTQConfig", "HQQConfig", "PackedQTensor", "QTensor", "QuantizeGradientWarning",
+           "RTNConfig", "StaticConfig", "WeightOnlyConfig", "companding", "convert", "dequantize",
+           "fake_quantize", "formats", "get_isa", "get_num_threads", "load", "pack_bits",
+           "pack_int32", "prepare", "quantize", "quantize_model", "save", "set_isa",
+           "set_num_threads", "unpack_bits", "unpack_int32"]
 
 
 def set_num_threads(n: int) -> None:
