@@ -15,6 +15,7 @@ from .algorithms.adaround import AdaRoundConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
 from .algorithms.equalization import cross_layer_equalization
+from .algorithms.llm_int8 import LLMInt8Config
 from .algorithms.smoothquant import smooth_quant
 from .algorithms.static import StaticConfig
 from .algorithms.weight_only import WeightOnlyConfig
@@ -48,7 +49,8 @@ from .registry import (
 )
 
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
-           "DynamicConfig", "Gram", "ObservedInput", "ObservingQuantizer", "Quantizer",
+           "DynamicConfig", "Gram", "LLMInt8Config", "ObservedInput", "ObservingQuantizer",
+           "Quantizer",
            "StaticConfig", "WeightOnlyConfig", "as_batches", "bias_correction", "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class",
            "convert", "cross_layer_equalization", "execution_order", "float_copy",
