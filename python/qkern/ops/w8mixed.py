@@ -51,8 +51,11 @@ def gather_w8_columns(packed_w: torch.Tensor, N: int, K: int, cols: torch.Tensor
     """The int8 codes ``W[:, cols]^T`` (len(cols), N) read from the ``pack_w8`` layout
     (csrc/cpu/gemm/w8/api.h: packed[b, s, j, t] = codes[16 b + j][4 s + t]), O(N len(cols))."""
     nb, kp = (N + 15) // 16, (K + 3) // 4 * 4
-    pv = packed_w.reshape(nb, kp // 4, 16, 4)
-    return pv[:, cols // 4, :, cols % 4].reshape(len(cols), nb * 16)[:, :N]
+    # one int32 = the 4 codes (k = 4s .. 4s+3) of one row: pick the step, shift out code t
+    words = packed_w.contiguous().view(torch.int32).reshape(nb, kp // 4, 16)
+    sel = words.index_select(1, cols // 4)  # (nb, L, 16)
+    codes = (sel >> (8 * (cols % 4)).reshape(1, -1, 1)).to(torch.int8)  # low byte, wrapped
+    return codes.transpose(0, 1).reshape(len(cols), nb * 16)[:, :N]
 
 
 def gemm_w8a8_mixed(x, packed_w, w_scale, bias, N, K, threshold):
