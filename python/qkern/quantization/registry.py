@@ -33,7 +33,7 @@ from .._checks import warn_user
 
 __all__ = ["LAYER_TYPES", "BaseConfig", "Batch", "Quantizer", "any_layer", "check_bool",
            "check_choice", "check_format", "check_group", "check_int", "check_real",
-           "clone_inputs", "config_class", "fail", "quantizer_for", "register_quantizer",
+           "clone_inputs", "config_class", "fail", "matches", "quantizer_for", "register_quantizer",
            "registered_configs", "registered_quantizers", "replace_module",
            "weight_layers"]
 
@@ -226,7 +226,8 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _matches(name: str, mod: nn.Module, patterns: Iterable[str]) -> bool:
+def matches(name: str, mod: nn.Module, patterns: Iterable[str]) -> bool:
+    """True when ``name`` matches a pattern (fnmatch) or ``mod``'s class name is one."""
     return any(p == type(mod).__name__ or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -295,9 +296,9 @@ class Quantizer:
         config would have taken go to ``skipped``."""
         cfg = self.config
         for name, mod in weight_layers(model):
-            if cfg.include is not None and not _matches(name, mod, cfg.include):
+            if cfg.include is not None and not matches(name, mod, cfg.include):
                 continue
-            if _matches(name, mod, cfg.exclude):
+            if matches(name, mod, cfg.exclude):
                 continue
             layer_cfg = cfg.for_layer(name)
             if layer_cfg is None:
