@@ -26,8 +26,10 @@ from ..tensor import QTensor
 
 # int8_dynamic: per token (row of x); int8_dynamic_tensor: one scale per call; int8_static: a
 # fixed scale from calibration (act_scale); binary: XNOR-Net sign activations; int8_mixed:
-# LLM.int8, per token int8 except the outlier columns (|x| >= threshold), computed in float
-ACTS = ("none", "int8_dynamic", "int8_dynamic_tensor", "int8_static", "binary", "int8_mixed")
+# LLM.int8, per token int8 except the outlier columns (|x| >= threshold), computed in float;
+# int8_token: per token int8 (quantized, dequantized) in front of any weight's float kernel
+ACTS = ("none", "int8_dynamic", "int8_dynamic_tensor", "int8_static", "binary", "int8_mixed",
+        "int8_token")
 MODES = ("exact", "fast")
 
 

@@ -22,6 +22,7 @@ from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import smooth_quant
 from .algorithms.static import StaticConfig
 from .algorithms.weight_only import WeightOnlyConfig
+from .algorithms.zeroquant import ZeroQuantConfig
 from .api import convert, prepare, quantize_model, run_calibration
 from .blocks import find_blocks, fold_scales, linearize_conv1d, scale_pairs
 from .calibration import (
@@ -58,7 +59,8 @@ __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "
            "BlockContext", "DynamicConfig", "Gram", "LLMInt8Config", "LayerReport",
            "ObservedInput",
            "ObservingQuantizer", "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig",
-           "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
+           "WeightOnlyConfig", "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens",
+           "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
            "fold_scales", "input_rows", "linearize_conv1d", "paired_moments", "prepare",
