@@ -84,10 +84,10 @@ def _block0_error(model, q, batches) -> float:
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_lkd_lowers_the_block_output_error(arch):
     model = LM.build(arch)
-    cal = LM.calibration(4, 16)
+    cal = LM.calibration(2, 16)
     plain = qkern.quantize_model(model, ZeroQuantConfig(bits=4, group_size=32), cal,
                                  progress=False)
-    cfg = ZeroQuantConfig(bits=4, group_size=32, lkd=True, lkd_steps=40, lkd_lr=3e-5)
+    cfg = ZeroQuantConfig(bits=4, group_size=32, lkd=True, lkd_steps=20, lkd_lr=3e-5)
     quantizer = qkern.quantization.quantizer_for(cfg)
     lkd = qkern.quantization.quantize_sequential(model, quantizer, cal, progress=False)
     e_plain, e_lkd = _block0_error(model, plain, cal), _block0_error(model, lkd, cal)
