@@ -13,6 +13,7 @@ dimensions (|x| ~ 20, as the paper's emergent features) and on inputs without ou
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 import warnings
@@ -77,7 +78,8 @@ def main() -> None:
     mixed = QuantLinear.from_float(lin, "int8", group_size=None, act="int8_mixed",
                                    threshold=args.threshold)
     plain = QuantLinear.from_float(lin, "int8", group_size=None, act="int8_dynamic")
-    warnings.simplefilter("ignore")  # bitsandbytes warns at every call (float32 -> float16)
+    warnings.simplefilter("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # logs float32 -> float16 per call
     bnb = bnb_linear(lin, args.threshold)
     paths = {"float": lin, "qkern W8A8": plain, "qkern LLM.int8": mixed}
     if bnb is not None:
