@@ -237,3 +237,54 @@ def test_scale_pairs_fold_preserves_the_block(arch, n):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="positive"):
         fold_scales(blk, pairs[0][0], pairs[0][1], -torch.ones(k))
+
+
+def test_then_hands_layers_to_the_inner_method_and_round_trips_json():
+    class Halve(SequentialQuantizer):
+        """A transform: scales every block's first pair by 2 (function-preserving)."""
+
+        def process_block(self, ctx):
+            prev, nexts = ctx.pairs[0]
+            k = ctx.block.get_submodule(nexts[0]).in_features
+            fold_scales(ctx.block, prev, nexts, torch.full((k,), 2.0))
+
+    model = LM.build("llama-mha")
+    cfg = RTNConfig(bits=4, group_size=32, sym=False)
+    q = Halve(RTNConfig(bits=4, group_size=32, sym=False))
+    q.inner = SequentialQuantizer(cfg)
+    got = quantize_sequential(model, q, LM.calibration())
+    w = model.model.layers[1].self_attn.q_proj.weight.detach() * 2
+    *_, deq = quantize_int(w.numpy(), "int4", granularity="group", axis=1, group_size=32,
+                           symmetric=False)
+    np.testing.assert_array_equal(
+        got.model.layers[1].self_attn.q_proj.dequantize_weight().numpy(), deq)
+    with pytest.raises(ValueError, match="differs"):
+        qkern.quantization.algorithms.rtn.check_weight_bits(
+            type("C", (), {"bits": 4, "group_size": 64, "sym": True,
+                           "then": RTNConfig(bits=4, group_size=128)})())
+    nested = {"type": "RTNConfig", "bits": 3, "group_size": 64, "sym": True, "include": None,
+              "exclude": [], "overrides": {}}
+    assert qkern.quantization.BaseConfig.from_dict(nested) == RTNConfig(bits=3, group_size=64)
+
+
+def test_a_local_folder_loads_through_transformers():
+    model = load_llama("models/wikitext-bytelm")
+    cal = text_calibration(open("data/wikitext-2/wiki.valid.tokens", "rb").read(), "bytes", 2, 64)
+    q = qkern.quantize_model("models/wikitext-bytelm", RTNConfig(bits=4, group_size=64), cal)
+    assert type(q).__name__ == "LlamaForCausalLM"
+    ref = qkern.quantize_model(model, RTNConfig(bits=4, group_size=64), cal)
+    ids = cal[0]
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids).logits, ref(ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        qkern.quantize_model("data", RTNConfig(), cal)
+
+
+def test_a_layer_no_kernel_takes_stays_float_and_is_reported():
+    model = load_llama("models/stories260k")  # intermediate 172: not a multiple of 32
+    cal = [torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))]
+    with pytest.warns(UserWarning, match=r"5 layer\(s\) left in float") as rec:
+        q = qkern.quantize_model(model, RTNConfig(bits=4, group_size=32), cal)
+    assert sum("left in float" in str(w.message) for w in rec) == 1
+    assert type(q.model.layers[0].mlp.down_proj) is nn.Linear
+    assert type(q.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"

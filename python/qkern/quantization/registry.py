@@ -17,6 +17,7 @@ The ``check_*`` helpers validate config fields with the same messages for every 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import json
@@ -104,7 +105,13 @@ class BaseConfig:
 
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"type": type(self).__name__, **dataclasses.asdict(self)}
+        """The fields, with the class name under ``type``; a nested config (the ``then``
+        field of the LLM transforms) becomes its own dict."""
+        out = {"type": type(self).__name__}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, BaseConfig) else copy.deepcopy(v)
+        return out
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -116,7 +123,8 @@ class BaseConfig:
         cls = _CONFIGS.get(d["type"])
         if cls is None:
             raise ValueError(f"unknown config type {d['type']!r}; known: {sorted(_CONFIGS)}")
-        fields = {k: v for k, v in d.items() if k != "type"}
+        fields = {k: (BaseConfig.from_dict(v) if isinstance(v, dict) and v.get("type") in
+                      _CONFIGS else v) for k, v in d.items() if k != "type"}
         names = {f.name for f in dataclasses.fields(cls)}
         if set(fields) - names:
             raise ValueError(f"{d['type']}: unknown field(s) {sorted(set(fields) - names)}")

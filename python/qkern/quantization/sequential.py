@@ -37,6 +37,7 @@ from .blocks import block_linears, find_blocks, linearize_conv1d, scale_pairs, s
 from .calibration import as_batches, call_model, collect_grams
 from .layers import warn_notes, weight_module
 from .registry import (
+    BaseConfig,
     Batch,
     Quantizer,
     check_bool,
@@ -45,6 +46,7 @@ from .registry import (
     clone_inputs,
     fail,
     matches,
+    quantizer_for,
     replace_module,
 )
 
@@ -207,6 +209,27 @@ class SequentialQuantizer(Quantizer):
         self.report: list[LayerReport] = []
         self.notes: dict[str, str] = {}
         self.progress: bool | None = None
+        then = getattr(config, "then", None)
+        #: the layer quantizer a transform hands its layers to (``config.then``)
+        self.inner: SequentialQuantizer | None = None
+        if then is not None:
+            inner = quantizer_for(then)
+            if not isinstance(inner, SequentialQuantizer):
+                raise ValueError(f"{type(config).__name__}.then must be an LLM method config "
+                                 f"(RTNConfig, GPTQConfig, ...), got {type(then).__name__}")
+            inner.notes = self.notes
+            self.inner = inner
+
+    def chain(self) -> list[SequentialQuantizer]:
+        """This quantizer and the ones it hands over to (``then``), outermost first."""
+        out, q = [], self
+        while q is not None:
+            out.append(q)
+            q = q.inner
+        return out
+
+    def wants_grams(self) -> bool:
+        return any(q.GRAMS for q in self.chain())
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -231,24 +254,27 @@ class SequentialQuantizer(Quantizer):
                        cfg) -> nn.Module:
         """The quantized twin of ``linear`` (round to nearest by default). ``gram``:
         ``X^T X / N`` (K, K) float64 of its calibration inputs (None when ``GRAMS`` is False
-        or there is no data); notes for the end-of-run warning go to ``self.notes``."""
+        or there is no data); notes for the end-of-run warning go to ``self.notes``. A
+        transform with ``then`` hands the layer to that method."""
+        if self.inner is not None:
+            return self.inner.quantize_layer(name, linear, gram, self.inner.config)
         g = self.group_for(name, cfg, linear.in_features)
         return weight_module(linear, self.layer_format(cfg), g, self.notes, name,
                              symmetric=cfg.sym)
 
-    def preflight(self, name: str, linear: nn.Linear, cfg) -> None:
-        """Raises ValueError, before any work starts, when ``cfg`` cannot run on ``linear``'s
-        shape on one of qkern's fused kernels (checked on a random weight of that shape)."""
+    def preflight(self, name: str, linear: nn.Linear, cfg) -> str | None:
+        """Why ``cfg`` cannot run on ``linear``'s shape on one of qkern's fused kernels
+        (checked on a random weight of that shape before any work starts); None when it can.
+        Such layers stay float, reported once."""
         probe = nn.Linear(linear.in_features, linear.out_features, bias=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = SequentialQuantizer.quantize_layer(self, name, probe, None, cfg)
+            try:
+                q = SequentialQuantizer.quantize_layer(self, name, probe, None, cfg)
+            except ValueError as e:
+                return str(e)
         why = getattr(q, "kernel_reason", None)
-        if why:
-            raise ValueError(f"{type(cfg).__name__}(bits={cfg.bits}, group_size="
-                             f"{cfg.group_size}) on {name} ({linear.in_features} -> "
-                             f"{linear.out_features}): no fused kernel runs it ({why}); "
-                             "choose another bits / group_size (see docs/llm.md)")
+        return None if why is None else f"no fused kernel runs it ({why})"
 
     def process_block(self, ctx: BlockContext) -> None:
         """Runs before the block's layers are quantized (scale folding, rotations ...)."""
@@ -266,7 +292,7 @@ class SequentialQuantizer(Quantizer):
                 w = lin.weight.detach().float().clone()
                 g = grams.get(rel)
                 full = ctx.full_name(rel)
-                new = self.quantize_layer(full, lin, g if self.GRAMS else None,
+                new = self.quantize_layer(full, lin, g if self.wants_grams() else None,
                                           ctx.layers[rel])
                 replace_module(ctx.block, rel, new)
                 deq = getattr(new, "dequantize_weight", None)
@@ -276,13 +302,15 @@ class SequentialQuantizer(Quantizer):
     # ---- the workflow --------------------------------------------------------------------
 
     def needs_calibration(self) -> str | None:
-        return "measures layer inputs on calibration data" if self.NEEDS_DATA else None
+        if any(q.NEEDS_DATA for q in self.chain()):
+            return "measures layer inputs on calibration data"
+        return None
 
     def records_inputs(self) -> bool:
         return True
 
     def calibrated(self, model: nn.Module) -> bool:
-        return bool(self.batches) or not self.NEEDS_DATA
+        return bool(self.batches) or self.needs_calibration() is None
 
     def select(self, model: nn.Module) -> None:
         pass  # layers are chosen block by block (after GPT-2's Conv1D -> Linear)
@@ -310,6 +338,30 @@ def _check_model(model: nn.Module) -> None:
                              "with model.float() first")
 
 
+def _preflight(quantizer: SequentialQuantizer, list_name: str, block: nn.Module
+               ) -> dict[str, str]:
+    """{relative linear name: why it stays float} for block 0 (every block has the same
+    shapes); raises ValueError when no selected layer can be quantized."""
+    first = copy.deepcopy(block)
+    linearize_conv1d(first)
+    cannot, chosen = {}, 0
+    for rel in block_linears(first):
+        mod = first.get_submodule(rel)
+        cfg = quantizer.layer_config(f"{list_name}.0.{rel}", mod)
+        if cfg is None:
+            continue
+        chosen += 1
+        why = quantizer.preflight(f"{list_name}.0.{rel}", mod, cfg)
+        if why is not None:
+            cannot[rel] = why
+    if chosen and len(cannot) == chosen:
+        c = quantizer.config
+        raise ValueError(f"{type(c).__name__}(bits={c.bits}, group_size={c.group_size}): no "
+                         f"layer of the model can take it: {next(iter(cannot.values()))}; "
+                         "choose another bits / group_size (see docs/llm.md)")
+    return cannot
+
+
 def _shared_copy(model: nn.Module, blocks: nn.ModuleList) -> nn.Module:
     """A deep copy of ``model`` whose blocks share their tensors with the original (each is
     copied for real, one at a time, when it is quantized)."""
@@ -335,16 +387,7 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
     _, tblocks = find_blocks(target)
     if progress is None:
         progress = quantizer.progress if quantizer.progress is not None else sys.stderr.isatty()
-    first = copy.deepcopy(blocks[0])
-    linearize_conv1d(first)
-    seen = set()
-    for rel in block_linears(first):
-        mod = first.get_submodule(rel)
-        c = quantizer.layer_config(f"{list_name}.0.{rel}", mod)
-        if c is not None and (mod.in_features, mod.out_features, id(c)) not in seen:
-            seen.add((mod.in_features, mod.out_features, id(c)))
-            quantizer.preflight(f"{list_name}.0.{rel}", mod, c)
-    del first
+    cannot = _preflight(quantizer, list_name, blocks[0])
     inputs = capture_first_block_inputs(target, tblocks[0], batches) if batches else []
     n_layers = sum(len(block_linears(b)) for b in tblocks)
     done = 0
@@ -368,8 +411,12 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
             linearize_conv1d(blk)
             layers = {}
             for rel in block_linears(blk):
-                c = quantizer.layer_config(f"{name}.{rel}", blk.get_submodule(rel))
-                if c is not None:
+                mod = blk.get_submodule(rel)
+                c = quantizer.layer_config(f"{name}.{rel}", mod)
+                why = cannot.get(rel)
+                if c is not None and why is not None:
+                    quantizer.skipped[f"{name}.{rel}"] = why
+                elif c is not None:
                     layers[rel] = c
             groups = (sequential_groups(blk, inputs[0], list(layers)) if inputs
                       else [[n] for n in layers])
@@ -377,7 +424,8 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
                 groups = [[n for g in groups for n in g]]
             ctx = BlockContext(name, i, len(tblocks), blk, inputs, layers, groups,
                                scale_pairs(blk), notes)
-            quantizer.process_block(ctx)
+            for q in quantizer.chain():  # transforms first, then the layer method's own
+                q.process_block(ctx)
             quantizer.quantize_block(ctx, log)
             if inputs:
                 inputs = [_with_hidden(b, h) for b, h in zip(inputs, block_outputs(blk, inputs))]
@@ -392,8 +440,18 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
 
 
 def check_weight_bits(cfg) -> None:
-    """Validates the ``bits`` / ``group_size`` / ``sym`` fields every sequential config has."""
+    """Validates the ``bits`` / ``group_size`` / ``sym`` fields every sequential config has
+    (and ``then``, where a transform config has it: an LLM method config with the same
+    bits / group_size / sym)."""
     n = type(cfg).__name__
+    then = getattr(cfg, "then", None)
+    if then is not None:
+        if not isinstance(then, BaseConfig):
+            fail(n, "then", "None or an LLM method config (RTNConfig, GPTQConfig, ...)", then)
+        for f in ("bits", "group_size", "sym"):
+            if getattr(then, f, None) != getattr(cfg, f):
+                raise ValueError(f"{n}.then: {type(then).__name__}.{f}={getattr(then, f, None)!r}"
+                                 f" differs from {n}.{f}={getattr(cfg, f)!r}; set them equal")
     check_int(n, "bits", cfg.bits, 2)
     if cfg.bits > 8:
         fail(n, "bits", "an int in 2..8", cfg.bits)
