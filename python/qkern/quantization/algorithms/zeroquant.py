@@ -134,12 +134,19 @@ class ZeroQuantQuantizer(SequentialQuantizer):
         return weight_module(linear, f"int{cfg.bits}", g, self.notes, name, symmetric=cfg.sym,
                              act=zeroquant_act(cfg, g))
 
-    def preflight(self, name, linear, cfg) -> None:
+    def preflight(self, name, linear, cfg) -> str | None:
+        """None, or why the layer cannot be built (every weight runs: the int8_token path
+        takes any format behind its own kernel or the "dequant" fallback)."""
         probe = nn.Linear(linear.in_features, linear.out_features, bias=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.quantize_layer(name, probe, None, cfg)
-        self.notes.pop(name, None)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.quantize_layer(name, probe, None, cfg)
+        except ValueError as e:
+            return str(e)
+        finally:
+            self.notes.pop(name, None)
+        return None
 
     def process_block(self, ctx: BlockContext) -> None:
         if not self.config.lkd or not ctx.inputs or not ctx.layers:
