@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.library import opcheck
 
+import llm_models as LM
 import qkern
 from qkern.io.serialization import BadFile
 from qkern.nn import QuantLinear
@@ -232,3 +233,31 @@ def test_quantize_model_save_load(tmp_path):
     qkern.save(q, path, overwrite=True)
     with pytest.raises(BadFile, match="outlier_threshold"):
         qkern.load(path, Net)
+
+
+class _RefMixed(nn.Module):
+    def __init__(self, lin: nn.Linear, thr: float):
+        super().__init__()
+        self.lin, self.thr = lin, thr
+
+    def forward(self, x):
+        b = None if self.lin.bias is None else np_(self.lin.bias)
+        y = ref_llm_int8(np_(x.reshape(-1, x.shape[-1])), np_(self.lin.weight), b, self.thr)
+        return torch.from_numpy(y).float().reshape(*x.shape[:-1], -1)
+
+
+def test_tiny_llama_end_to_end():
+    """Every block linear of a tiny transformers Llama (threshold 1: outliers in most calls)
+    against the reference; the LM head and embeddings stay float."""
+    model = LM.build("llama")
+    q = qkern.quantize_model(model, qkern.LLMInt8Config(threshold=1.0))
+    assert type(q.lm_head) is nn.Linear and type(q.get_input_embeddings()) is nn.Embedding
+    ref = LM.build("llama")
+    names = [n for n, m in ref.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    assert len(names) == 14
+    for n in names:
+        assert q.get_submodule(n).kernel == "w8a8_mixed"
+        parent, _, child = n.rpartition(".")
+        setattr(ref.get_submodule(parent), child, _RefMixed(ref.get_submodule(n), 1.0))
+    ids = LM.calibration(1, 12, seed=5)[0]
+    torch.testing.assert_close(LM.output(q, ids), LM.output(ref, ids), atol=2e-4, rtol=2e-4)

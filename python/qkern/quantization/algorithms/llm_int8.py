@@ -25,11 +25,12 @@ __all__ = ["LLMInt8Config", "LLMInt8Quantizer"]
 class LLMInt8Config(BaseConfig):
     """``threshold``: the outlier magnitude (the paper's alpha = 6.0, bitsandbytes'
     ``llm_int8_threshold``); 0 computes every column in float, ``math.inf`` none (plain
-    per-token W8A8). ``lm_head`` stays float by default (``exclude``), as in bitsandbytes."""
+    per-token W8A8). ``lm_head`` and the embeddings stay float by default (``exclude``), as in
+    bitsandbytes."""
 
     threshold: float = 6.0
     fmt: str = "int8"
-    exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+    exclude: list[str] = field(default_factory=lambda: ["lm_head", "Embedding"])
     FORMAT_FIELD: ClassVar[str] = "fmt"
 
     def __post_init__(self) -> None:
