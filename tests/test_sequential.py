@@ -288,3 +288,12 @@ def test_a_layer_no_kernel_takes_stays_float_and_is_reported():
     assert sum("left in float" in str(w.message) for w in rec) == 1
     assert type(q.model.layers[0].mlp.down_proj) is nn.Linear
     assert type(q.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_save_load_round_trip(arch, tmp_path):
+    q = qkern.quantize_model(LM.build(arch), RTNConfig(bits=4, group_size=32), LM.calibration())
+    qkern.save(q, tmp_path / "m.qk")
+    r = qkern.load(tmp_path / "m.qk", lambda: LM.build(arch, seed=3))  # other float weights
+    ids = LM.calibration(1, 10, seed=7)[0]
+    assert torch.equal(LM.output(q, ids), LM.output(r, ids))

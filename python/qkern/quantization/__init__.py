@@ -17,6 +17,7 @@ from .algorithms.adaround import AdaRoundConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
 from .algorithms.equalization import cross_layer_equalization
+from .algorithms.gptq import GPTQConfig
 from .algorithms.llm_int8 import LLMInt8Config
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import smooth_quant
@@ -56,8 +57,8 @@ from .registry import (
 from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize_sequential
 
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
-           "BlockContext", "DynamicConfig", "Gram", "LLMInt8Config", "LayerReport",
-           "ObservedInput",
+           "BlockContext", "DynamicConfig", "GPTQConfig", "Gram", "LLMInt8Config",
+           "LayerReport", "ObservedInput",
            "ObservingQuantizer", "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig",
            "WeightOnlyConfig", "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens",
            "call_model",
