@@ -5,12 +5,12 @@ float parts) plus, in its metadata, the qkern version, the quant config (JSON) a
 every quantized layer (its module type, format, group size, activation mode...). ``load``
 rebuilds those layers on a float model of the same architecture and then loads the tensors,
 checking names, shapes and kernels and saying what does not match. A loaded layer passes the
-checks a freshly built one passes: ``act_scale`` goes through the layer's constructor, scales
-and zero points through the checks ``qkern.quantize`` applies to given ones; a bad value is a
-ValueError naming the path and the tensor. A malformed file of any kind (metadata that is not
-JSON or not of the expected shape, missing or mistyped spec fields, unknown layer types,
-formats or kernels, tensors that do not fit) raises ``BadFile``, a ValueError naming the path
-and what is wrong.
+checks a freshly built one passes: ``act_scale`` (and LLM.int8's ``outlier_threshold``) goes
+through the layer's constructor, scales and zero points through the checks ``qkern.quantize``
+applies to given ones; a bad value is a ValueError naming the path and the tensor. A malformed
+file of any kind (metadata that is not JSON or not of the expected shape, missing or mistyped
+spec fields, unknown layer types, formats or kernels, tensors that do not fit) raises
+``BadFile``, a ValueError naming the path and what is wrong.
 """
 
 from __future__ import annotations
@@ -87,44 +87,52 @@ class BadFile(ValueError):
     wrong)."""
 
 
-def _linear_kwargs(spec: dict, act_scale: torch.Tensor | float) -> dict:
+def _linear_kwargs(spec: dict, act_scale: torch.Tensor | float,
+                   threshold: torch.Tensor | float = 6.0) -> dict:
     kw = {"group_size": spec["group_size"], "symmetric": spec["symmetric"], "act": spec["act"],
           "mode": spec["mode"], "quantizer": spec["quantizer"]}
     if spec["double_quant"]:
         kw["double_quant"] = True
     if spec["act"] == "int8_static":
         kw["act_scale"] = act_scale
+    if spec["act"] == "int8_mixed":
+        kw["threshold"] = threshold
     return kw
 
 
-def _make_linear(cls: type, key: str) -> Callable:
+def _make_linear(cls: type, prefix: str) -> Callable:
     """Builds a QuantLinear / QuantConv from the float layer with the saved ``act_scale``
-    (tensor ``key`` of the layer), so the constructor checks it as it checks a user's value."""
+    (int8_static) or ``outlier_threshold`` (int8_mixed) tensor of the layer (``prefix``: where
+    the QuantLinear sits in it), so the constructor checks it as it checks a user's value."""
 
     def make(f: nn.Module, s: dict, saved: Callable[[str], torch.Tensor | None], where: str,
              name: str):
-        sx = saved(key) if s["act"] == "int8_static" else None
         if s.get("float_zero"):
             if cls is not QuantLinear:
                 raise ValueError(f"float zero points (HQQ) come with QuantLinear layers, not "
                                  f"{cls.__name__}")
             return _float_zero_linear(f, s)
+        key = {"int8_static": "act_scale", "int8_mixed": "outlier_threshold"}.get(s["act"])
+        v = None if key is None else saved(prefix + key)
+        static = s["act"] == "int8_static"
+        kw = _linear_kwargs(s, v if static and v is not None else 1.0,
+                            v if not static and v is not None else 6.0)
         try:
-            return cls.from_float(f, s["fmt"], **_linear_kwargs(s, 1.0 if sx is None else sx))
+            return cls.from_float(f, s["fmt"], **kw)
         except _BUILD_ERRORS as e:
-            if sx is None:
+            if v is None:
                 raise
-            # the same layer with a valid placeholder scale builds: the file's value is bad
+            # the same layer with a valid placeholder value builds: the file's value is bad
             cls.from_float(f, s["fmt"], **_linear_kwargs(s, 1.0))
-            raise BadFile(f"{where}: tensor '{name}.{key}': {e}") from None
+            raise BadFile(f"{where}: tensor '{name}.{prefix}{key}': {e}") from None
 
     return make
 
 
 _REBUILD: dict[str, tuple[type, Callable]] = {
-    "QuantLinear": (nn.Linear, _make_linear(QuantLinear, "act_scale")),
-    "QuantConv1d": (nn.Conv1d, _make_linear(QuantConv1d, "qlinear.act_scale")),
-    "QuantConv2d": (nn.Conv2d, _make_linear(QuantConv2d, "qlinear.act_scale")),
+    "QuantLinear": (nn.Linear, _make_linear(QuantLinear, "")),
+    "QuantConv1d": (nn.Conv1d, _make_linear(QuantConv1d, "qlinear.")),
+    "QuantConv2d": (nn.Conv2d, _make_linear(QuantConv2d, "qlinear.")),
     "DynamicWeightLinear": (nn.Linear, lambda f, s, saved, where, name:
                             DynamicWeightLinear.from_float(
                                 f, s["fmt"], group_size=s["group_size"],

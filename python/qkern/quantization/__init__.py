@@ -20,10 +20,12 @@ from .algorithms.dynamic_weight import DynamicWeightOnlyConfig
 from .algorithms.equalization import cross_layer_equalization
 from .algorithms.gptq import GPTQConfig
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
+from .algorithms.llm_int8 import LLMInt8Config
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import smooth_quant
 from .algorithms.static import StaticConfig
 from .algorithms.weight_only import WeightOnlyConfig
+from .algorithms.zeroquant import ZeroQuantConfig
 from .api import convert, prepare, quantize_model, run_calibration
 from .blocks import find_blocks, fold_scales, linearize_conv1d, scale_pairs
 from .calibration import (
@@ -58,10 +60,10 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
            "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig", "Gram",
-           "HQQConfig", "LayerReport", "ObservedInput", "ObservingQuantizer", "Quantizer",
-           "RTNConfig", "SequentialQuantizer", "StaticConfig", "WeightOnlyConfig", "as_batches",
-           "bias_correction", "byte_tokens", "call_model", "capture_block_inputs",
-           "capture_inputs", "collect_grams", "config_class", "convert",
+           "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput", "ObservingQuantizer",
+           "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig", "WeightOnlyConfig",
+           "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
+           "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
            "fold_scales", "hqq_linear", "hqq_quantize", "input_rows", "linearize_conv1d",
            "paired_moments", "prepare", "quantize_model", "quantize_sequential", "quantizer_for",
