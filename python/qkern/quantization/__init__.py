@@ -18,7 +18,7 @@ from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
 from .algorithms.equalization import cross_layer_equalization
 from .algorithms.rtn import RTNConfig
-from .algorithms.smoothquant import smooth_quant
+from .algorithms.smoothquant import SmoothQuantConfig, smooth_quant
 from .algorithms.static import StaticConfig
 from .algorithms.weight_only import WeightOnlyConfig
 from .api import convert, prepare, quantize_model, run_calibration
@@ -55,8 +55,9 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
            "BlockContext", "DynamicConfig", "Gram", "LayerReport", "ObservedInput",
-           "ObservingQuantizer", "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig",
-           "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
+           "ObservingQuantizer", "Quantizer", "RTNConfig", "SequentialQuantizer",
+           "SmoothQuantConfig", "StaticConfig", "WeightOnlyConfig", "as_batches",
+           "bias_correction", "byte_tokens", "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
            "fold_scales", "input_rows", "linearize_conv1d", "paired_moments", "prepare",
