@@ -15,7 +15,7 @@
    sentences).
 
 Run: PYTHONPATH=python python bench/smoothquant_llm.py [--n-calib 64] [--no-minilm]
-     [--no-reference] [--mirror /work/.mirror/mit-han-lab+smoothquant/repo]
+     [--no-reference] [--threads 1] [--mirror /work/.mirror/mit-han-lab+smoothquant/repo]
 """
 
 from __future__ import annotations
@@ -185,7 +185,12 @@ def main(argv=None) -> None:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--mirror", default=MIRROR)
     ap.add_argument("--sentences", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="qkern and torch threads (1 is much faster on an oversubscribed box)")
     a = ap.parse_args(argv)
+    if a.threads:
+        qkern.set_num_threads(a.threads)
+        torch.set_num_threads(a.threads)
     valid = shipped_path(WIKITEXT_TEXT.format(split="valid")).read_bytes()
     test = shipped_path(WIKITEXT_TEXT.format(split="test")).read_bytes()
     cal = text_calibration(valid, "bytes", a.n_calib, 256)

@@ -9,6 +9,7 @@ finds no pair."""
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import numpy as np
@@ -230,21 +231,25 @@ def bytelm():
         test = shipped_path(WIKITEXT_TEXT.format(split="test")).read_bytes()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    return load_llama(path), text_calibration(valid, "bytes", 64, 256), test
+    published = json.loads((path / "README.json").read_text())["fp32_bits_per_byte"]
+    return load_llama(path), valid, test, published["wiki.test.tokens, first 48 windows of 256"]
 
 
 def test_bytelm_smoothquant_w8a8(bytelm):
-    model, cal, test = bytelm
-    fp = bits_per_byte(model, test)
-    ids = [torch.frombuffer(bytearray(test[i * 256:(i + 1) * 256]), dtype=torch.uint8)
-           .long().view(1, -1) for i in range(4)]
-    res = {}
-    for pairs in ("none", "all"):
-        q = _quiet(qkern.quantize_model, model, SmoothQuantConfig(act="O1", pairs=pairs), cal)
+    model, valid, test, fp = bytelm
+    ids = torch.frombuffer(bytearray(test[:4 * 256]), dtype=torch.uint8).long().view(4, 256)
+    with torch.no_grad():
+        ref = model(ids)
+    small = text_calibration(valid, "bytes", 16, 256)
+    err = {}
+    for pairs in ("none", "all"):  # per-tensor static activations: where outliers hurt most
+        q = _quiet(qkern.quantize_model, model, SmoothQuantConfig(act="O3", pairs=pairs), small)
         with torch.no_grad():
-            ref = torch.cat([model(i) for i in ids])
-            out = torch.cat([q(i) for i in ids])
-        res[pairs] = (float(((out - ref) ** 2).mean() / (ref ** 2).mean()), bits_per_byte(q, test))
-    assert res["all"][0] < res["none"][0], res
-    # bits per byte on WikiText-2 test (48 x 256 bytes) within 1 % of fp32's
-    assert res["all"][1] < fp * 1.01, (fp, res)
+            err[pairs] = float(((q(ids) - ref) ** 2).mean() / (ref ** 2).mean())
+    # measured: plain 5.8e-4, SmoothQuant 2.4e-4
+    assert err["all"] < err["none"] / 1.5, err
+    # bits per byte on WikiText-2 test (48 x 256 bytes), calibration 64 x 256 bytes of valid:
+    # within 1 % of fp32's (published 1.922; measured 1.9244 for O1, fp32 1.9241)
+    cal = text_calibration(valid, "bytes", 64, 256)
+    q = _quiet(qkern.quantize_model, model, SmoothQuantConfig(act="O1"), cal)
+    assert bits_per_byte(q, test) < fp * 1.01
