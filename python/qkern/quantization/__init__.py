@@ -22,7 +22,7 @@ from .algorithms.gptq import GPTQConfig
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
 from .algorithms.llm_int8 import LLMInt8Config
 from .algorithms.rtn import RTNConfig
-from .algorithms.smoothquant import smooth_quant
+from .algorithms.smoothquant import SmoothQuantConfig, smooth_quant
 from .algorithms.static import StaticConfig
 from .algorithms.weight_only import WeightOnlyConfig
 from .algorithms.zeroquant import ZeroQuantConfig
@@ -61,10 +61,10 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
            "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig", "Gram",
            "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput", "ObservingQuantizer",
-           "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig", "WeightOnlyConfig",
-           "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
-           "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
-           "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
+           "Quantizer", "RTNConfig", "SequentialQuantizer", "SmoothQuantConfig", "StaticConfig",
+           "WeightOnlyConfig", "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens",
+           "call_model", "capture_block_inputs", "capture_inputs", "collect_grams", "config_class",
+           "convert", "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
            "fold_scales", "hqq_linear", "hqq_quantize", "input_rows", "linearize_conv1d",
            "paired_moments", "prepare", "quantize_model", "quantize_sequential", "quantizer_for",
            "register_quantizer", "registered_configs", "registered_quantizers", "replace_module",
