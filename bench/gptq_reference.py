@@ -80,18 +80,18 @@ def run_reference(mods, w, gram, bits, group, sym, act):
     g.nsamples = 1
     g.quantizer = quant.Quantizer()
     g.quantizer.configure(bits, perchannel=True, sym=sym, mse=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):
         g.fasterquant(blocksize=128, percdamp=0.01, groupsize=group, actorder=act,
                       static_groups=act)
-    return time.perf_counter() - t0, layer.weight.data.clone()
+    return (time.perf_counter() - t0, time.process_time() - c0), layer.weight.data.clone()
 
 
 def run_qkern(w, gram, bits, group, sym, act):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = gptq_quantize(w, gram, bits=bits, group_size=group, sym=sym, block_size=128,
                         act_order=act, static_groups=act)
-    return time.perf_counter() - t0, res.weight
+    return (time.perf_counter() - t0, time.process_time() - c0), res.weight
 
 
 def bytelm_layers(bits: int, group: int):
@@ -126,9 +126,9 @@ def main_bytelm(mods, reps: int) -> None:
             bq, br = [], []
             for _ in range(reps):
                 t, q_q = run_qkern(w, gram, bits, group, sym, False)
-                bq.append(t)
+                bq.append(t[0])
                 t, q_r = run_reference(mods, w, gram, bits, group, sym, False)
-                br.append(t)
+                br.append(t[0])
             tq, tr = tq + min(bq), tr + min(br)
             eq, er = eq + output_error(w, q_q, gram), er + output_error(w, q_r, gram)
         name = f"w{bits} g{group} {'sym' if sym else 'asym'}"
@@ -157,8 +157,8 @@ def main() -> None:
         return
     w, gram = make_problem(args.k, args.n, args.tokens)
     print(f"layer {args.n}x{args.k}, {args.tokens} tokens, {args.threads} threads, "
-          f"best of {args.reps}")
-    print(f"{'setting':<20} {'ref s':>8} {'qkern s':>8} {'speedup':>8} "
+          f"best of {args.reps}; wall s (CPU s of all threads)")
+    print(f"{'setting':<20} {'ref s':>15} {'qkern s':>15} {'speedup':>13} "
           f"{'ref err':>11} {'qkern err':>11} {'err ratio':>9} {'RTN err':>11}")
     settings = ((4, 128, False, False), (3, 128, False, False), (4, 128, False, True),
                 (4, 128, True, False), (3, 128, True, False))
@@ -175,13 +175,16 @@ def main() -> None:
                        symmetric=sym).dequantize()
         e_rtn = output_error(w, rtn, gram)
         name = f"w{bits} g{group} {'sym' if sym else 'asym'}{' act' if act else ''}"
+        wq, cq = min(t[0] for t in tq), min(t[1] for t in tq)
         if mods is None:
-            print(f"{name:<20} {'-':>8} {min(tq):8.2f} {'-':>8} {'-':>11} {e_q:11.4e} "
-                  f"{'-':>9} {e_rtn:11.4e}", flush=True)
+            print(f"{name:<20} {'-':>15} {wq:7.2f} ({cq:5.1f}) {'-':>13} {'-':>11} "
+                  f"{e_q:11.4e} {'-':>9} {e_rtn:11.4e}", flush=True)
             continue
+        wr, cr = min(t[0] for t in tr), min(t[1] for t in tr)
         e_r = output_error(w, q_r, gram)
-        print(f"{name:<20} {min(tr):8.2f} {min(tq):8.2f} {min(tr) / min(tq):7.2f}x "
-              f"{e_r:11.4e} {e_q:11.4e} {e_q / e_r:9.4f} {e_rtn:11.4e}", flush=True)
+        print(f"{name:<20} {wr:7.2f} ({cr:5.1f}) {wq:7.2f} ({cq:5.1f}) {wr / wq:5.2f}x "
+              f"({cr / cq:4.2f}x) {e_r:11.4e} {e_q:11.4e} {e_q / e_r:9.4f} {e_rtn:11.4e}",
+              flush=True)
 
 
 if __name__ == "__main__":
