@@ -11,10 +11,14 @@ from .quantization import (
     ActivationOnlyConfig,
     AdaRoundConfig,
     DynamicConfig,
+    DynamicWeightOnlyConfig,
     GPTQConfig,
+    HQQConfig,
+    LLMInt8Config,
     RTNConfig,
     StaticConfig,
     WeightOnlyConfig,
+    ZeroQuantConfig,
     convert,
     prepare,
     quantize_model,
@@ -23,14 +27,22 @@ from .quantize import QuantizeGradientWarning, fake_quantize, quantize
 from .tensor import PackedQTensor, QTensor, dequantize
 from .version import __version__ as __version__
 
+__all__ = ["ActivationOnlyConfig", "AdaRoundConfig", "DynamicConfig", "DynamicWeightOnlyConfig",
+           "GPTQConfig", "HQQConfig", "PackedQTensor", "QTensor", "QuantizeGradientWarning",
+           "RTNConfig", "StaticConfig", "WeightOnlyConfig", "companding", "convert", "dequantize",
+           "fake_quantize", "formats", "get_isa", "get_num_threads", "load", "pack_bits",
+           "pack_int32", "prepare", "quantize", "quantize_model", "save", "set_isa",
+           "set_num_threads", "unpack_bits", "unpack_int32"]
 __all__ = [
     "ActivationOnlyConfig",
     "AdaRoundConfig",
     "DynamicConfig",
     "GPTQConfig",
+    "LLMInt8Config",
     "RTNConfig",
     "StaticConfig",
     "WeightOnlyConfig",
+    "ZeroQuantConfig",
     "convert",
     "prepare",
     "quantize_model",
