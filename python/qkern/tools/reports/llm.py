@@ -44,9 +44,9 @@ def _cfg(name: str, **kw) -> BaseConfig | None:
 
 
 def _rotation_gptq(bits: int, group: int | None) -> BaseConfig | None:
-    gptq = _cfg("GPTQConfig", bits=bits, group_size=group)
+    gptq = _cfg("GPTQConfig", bits=bits, group_size=group, sym=False)
     return None if gptq is None else _cfg("RotationConfig", bits=bits, group_size=group,
-                                          then=gptq)
+                                          sym=False, then=gptq)
 
 
 def _awq_gptq(bits: int, group: int | None) -> BaseConfig | None:
@@ -55,11 +55,12 @@ def _awq_gptq(bits: int, group: int | None) -> BaseConfig | None:
                                           then=gptq)
 
 
-#: method label -> (bits, group) -> config (None where the method is not available)
+#: method label -> (bits, group) -> config (None where the method is not available); every
+#: method with zero points (asymmetric), as the reference implementations run them
 METHODS: dict[str, Callable[[int, int | None], BaseConfig | None]] = {
-    "RTN": lambda b, g: _cfg("RTNConfig", bits=b, group_size=g),
-    "GPTQ": lambda b, g: _cfg("GPTQConfig", bits=b, group_size=g),
-    "AWQ": lambda b, g: _cfg("AWQConfig", bits=b, group_size=g),
+    "RTN": lambda b, g: _cfg("RTNConfig", bits=b, group_size=g, sym=False),
+    "GPTQ": lambda b, g: _cfg("GPTQConfig", bits=b, group_size=g, sym=False),
+    "AWQ": lambda b, g: _cfg("AWQConfig", bits=b, group_size=g, sym=False),
     "AWQ + GPTQ": _awq_gptq,
     "HQQ": lambda b, g: _cfg("HQQConfig", bits=b, group_size=g),
     "OmniQuant": lambda b, g: _cfg("OmniQuantConfig", bits=b, group_size=g),
