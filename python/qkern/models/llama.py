@@ -154,6 +154,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
 
 class _Body(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -190,8 +195,7 @@ class Llama(nn.Module):
         cos, sin = self.rope_cos[p:p + t], self.rope_sin[p:p + t]
         h = self.model.embed_tokens(ids)
         for i, blk in enumerate(self.model.layers):
-            h = h + blk.self_attn(blk.input_layernorm(h), cos, sin, cache, i)
-            h = h + blk.mlp(blk.post_attention_layernorm(h))
+            h = blk(h, cos, sin, cache, i)
         if cache is not None:
             cache.pos += t
         return self.lm_head(self.model.norm(h))

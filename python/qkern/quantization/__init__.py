@@ -6,6 +6,8 @@
   order, layer / block inputs, Gram matrices, layer-by-layer calibration);
 - :mod:`.layers`: float layers -> quantized twins, observed inputs, activation quantizers;
 - :mod:`.api`: ``prepare`` / ``convert`` / ``quantize_model``;
+- :mod:`.blocks` / :mod:`.sequential`: transformer blocks and the block-by-block pipeline of
+  the LLM methods (:class:`SequentialQuantizer`); :mod:`.data`: calibration text -> samples;
 - :mod:`.algorithms`: one module per method (imported by discovery).
 """
 
@@ -15,10 +17,12 @@ from .algorithms.adaround import AdaRoundConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
 from .algorithms.equalization import cross_layer_equalization
+from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import smooth_quant
 from .algorithms.static import StaticConfig
 from .algorithms.weight_only import WeightOnlyConfig
 from .api import convert, prepare, quantize_model, run_calibration
+from .blocks import find_blocks, fold_scales, linearize_conv1d, scale_pairs
 from .calibration import (
     Gram,
     as_batches,
@@ -34,6 +38,7 @@ from .calibration import (
     sequential_calibration,
     weight_matrix,
 )
+from .data import byte_tokens, text_calibration
 from .layers import ActQuant, ObservedInput, ObservingQuantizer, weight_module
 from .registry import (
     BaseConfig,
@@ -46,13 +51,16 @@ from .registry import (
     registered_quantizers,
     replace_module,
 )
+from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize_sequential
 
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
-           "DynamicConfig", "Gram", "ObservedInput", "ObservingQuantizer", "Quantizer",
-           "StaticConfig", "WeightOnlyConfig", "as_batches", "bias_correction", "call_model",
-           "capture_block_inputs", "capture_inputs", "collect_grams", "config_class",
-           "convert", "cross_layer_equalization", "execution_order", "float_copy",
-           "input_rows", "paired_moments", "prepare", "quantize_model", "quantizer_for",
-           "register_quantizer", "registered_configs", "registered_quantizers",
-           "replace_module", "run_batches", "run_calibration", "sequential_calibration",
-           "smooth_quant", "weight_matrix", "weight_module"]
+           "BlockContext", "DynamicConfig", "Gram", "LayerReport", "ObservedInput",
+           "ObservingQuantizer", "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig",
+           "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
+           "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
+           "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
+           "fold_scales", "input_rows", "linearize_conv1d", "paired_moments", "prepare",
+           "quantize_model", "quantize_sequential", "quantizer_for", "register_quantizer",
+           "registered_configs", "registered_quantizers", "replace_module", "run_batches",
+           "run_calibration", "scale_pairs", "sequential_calibration", "smooth_quant",
+           "text_calibration", "weight_matrix", "weight_module"]

@@ -9,8 +9,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .blocks import linearize_conv1d
 from .calibration import run_batches
 from .registry import BaseConfig, Batch, quantizer_for
+from .sequential import SequentialQuantizer, quantize_sequential
 
 __all__ = ["convert", "prepare", "quantize_model", "run_calibration"]
 
@@ -44,6 +46,7 @@ def prepare(model: nn.Module, quant_config: BaseConfig, args=None, kwargs=None,
     if getattr(model, _STATE, None) is not None:
         raise ValueError("this model is already prepared; call qkern.convert(model, config)")
     target = model if inplace else copy.deepcopy(model)
+    linearize_conv1d(target)  # GPT-2's transformers Conv1D -> the equivalent nn.Linear
     quantizer.prepare(target)
     if quantizer.records_inputs():
         quantizer.record_handle = target.register_forward_pre_hook(quantizer.record,
@@ -82,15 +85,29 @@ def convert(model: nn.Module, quant_config: BaseConfig | None = None) -> nn.Modu
 
 
 def quantize_model(model: nn.Module, quant_config: BaseConfig, calibration: Iterable | None = None,
-                   inplace: bool = False, progress: bool = False) -> nn.Module:
+                   inplace: bool = False, progress: bool | None = None) -> nn.Module:
     """``prepare`` + calibration + ``convert`` in one call. ``calibration``: an iterable of
-    inputs (tensors, tuples of positional inputs, or dicts of keyword inputs)."""
-    why = quantizer_for(quant_config).needs_calibration()
+    inputs (tensors, tuples of positional inputs, or dicts of keyword inputs).
+
+    The LLM methods (GPTQ, AWQ, RTN ...: :class:`SequentialQuantizer`) run block by block
+    instead, holding one float block at a time: the result shares nothing with ``model``
+    (unless ``inplace``), and ``progress`` (default: when stderr is a terminal) shows a bar
+    over blocks and one line per layer."""
+    quantizer = quantizer_for(quant_config)
+    if isinstance(quantizer, SequentialQuantizer):
+        quantizer.progress = progress
+        out = quantize_sequential(model, quantizer, calibration, inplace=inplace,
+                                  progress=progress)
+        quantizer.warn_skipped()
+        out.qkern_config = quant_config
+        out.qkern_report = quantizer.report
+        return out
+    why = quantizer.needs_calibration()
     if why and calibration is None:
         raise ValueError(f"{type(quant_config).__name__} needs calibration data (it {why}): pass "
                          "calibration=[batch, ...] (a few hundred samples of real inputs)")
     prepared = prepare(model, quant_config, inplace=inplace)
     if calibration is not None:
-        if run_calibration(prepared, calibration, progress) == 0 and why:
+        if run_calibration(prepared, calibration, bool(progress)) == 0 and why:
             raise ValueError("calibration is empty: it yielded no batches")
     return convert(prepared)

@@ -17,6 +17,7 @@ The ``check_*`` helpers validate config fields with the same messages for every 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import json
@@ -33,7 +34,7 @@ from .._checks import warn_user
 
 __all__ = ["LAYER_TYPES", "BaseConfig", "Batch", "Quantizer", "any_layer", "check_bool",
            "check_choice", "check_format", "check_group", "check_int", "check_real",
-           "clone_inputs", "config_class", "fail", "quantizer_for", "register_quantizer",
+           "clone_inputs", "config_class", "fail", "matches", "quantizer_for", "register_quantizer",
            "registered_configs", "registered_quantizers", "replace_module",
            "weight_layers"]
 
@@ -104,7 +105,13 @@ class BaseConfig:
 
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"type": type(self).__name__, **dataclasses.asdict(self)}
+        """The fields, with the class name under ``type``; a nested config (the ``then``
+        field of the LLM transforms) becomes its own dict."""
+        out = {"type": type(self).__name__}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, BaseConfig) else copy.deepcopy(v)
+        return out
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -116,7 +123,8 @@ class BaseConfig:
         cls = _CONFIGS.get(d["type"])
         if cls is None:
             raise ValueError(f"unknown config type {d['type']!r}; known: {sorted(_CONFIGS)}")
-        fields = {k: v for k, v in d.items() if k != "type"}
+        fields = {k: (BaseConfig.from_dict(v) if isinstance(v, dict) and v.get("type") in
+                      _CONFIGS else v) for k, v in d.items() if k != "type"}
         names = {f.name for f in dataclasses.fields(cls)}
         if set(fields) - names:
             raise ValueError(f"{d['type']}: unknown field(s) {sorted(set(fields) - names)}")
@@ -226,7 +234,8 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _matches(name: str, mod: nn.Module, patterns: Iterable[str]) -> bool:
+def matches(name: str, mod: nn.Module, patterns: Iterable[str]) -> bool:
+    """True when ``name`` matches a pattern (fnmatch) or ``mod``'s class name is one."""
     return any(p == type(mod).__name__ or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -295,9 +304,9 @@ class Quantizer:
         config would have taken go to ``skipped``."""
         cfg = self.config
         for name, mod in weight_layers(model):
-            if cfg.include is not None and not _matches(name, mod, cfg.include):
+            if cfg.include is not None and not matches(name, mod, cfg.include):
                 continue
-            if _matches(name, mod, cfg.exclude):
+            if matches(name, mod, cfg.exclude):
                 continue
             layer_cfg = cfg.for_layer(name)
             if layer_cfg is None:

@@ -1,0 +1,440 @@
+"""The block-by-block pipeline of the LLM methods (GPTQ, AWQ, SmoothQuant, OmniQuant, HQQ,
+RTN, rotations ...), and :class:`SequentialQuantizer`, their base class.
+
+For each transformer block (found by :func:`~qkern.quantization.blocks.find_blocks`), in order:
+
+1. the block's inputs (positional and keyword arguments, one :class:`Batch` per calibration
+   batch) are at hand: block 0's captured from the model, block i+1's produced by running the
+   *quantized* block i on block i's inputs;
+2. a float copy of the block is made (the model is never held twice: one block at a time);
+3. ``quantizer.process_block(ctx)`` may transform it (scale folding, rotations, training);
+4. ``quantizer.quantize_block(ctx)``: by default, for each true-sequential group of linears
+   (q/k/v, then o, then gate/up, then down), the Gram matrices ``X^T X / N`` of their inputs
+   are collected on the partially quantized block and ``quantize_layer`` builds each
+   quantized layer; one log line per layer gives its relative output error and time;
+5. the quantized block replaces the original, and runs to give the next block's inputs.
+
+Only one block's activations are alive at a time. Without ``inplace`` the user's model is
+never modified (an interrupt leaves it as it was); with ``inplace`` the blocks finished so far
+are quantized.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .blocks import block_linears, find_blocks, linearize_conv1d, scale_pairs, sequential_groups
+from .calibration import as_batches, call_model, collect_grams
+from .layers import warn_notes, weight_module
+from .registry import (
+    BaseConfig,
+    Batch,
+    Quantizer,
+    check_bool,
+    check_group,
+    check_int,
+    clone_inputs,
+    fail,
+    matches,
+    quantizer_for,
+    replace_module,
+)
+
+__all__ = ["BlockContext", "LayerReport", "SequentialQuantizer", "block_outputs",
+           "capture_first_block_inputs", "check_weight_bits", "quantize_sequential",
+           "relative_output_error"]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after block 0 needs to run."""
+
+
+def _no_cache(v):
+    """Cache objects (transformers' Cache, qkern's KVCache) in block inputs -> None: the
+    pipeline replays each block many times and must not grow a cache."""
+    if type(v).__name__.endswith("Cache"):
+        return None
+    if isinstance(v, tuple):
+        return tuple(_no_cache(x) for x in v)
+    if isinstance(v, list):
+        return [_no_cache(x) for x in v]
+    if isinstance(v, dict):
+        return {k: (False if k == "use_cache" else _no_cache(x)) for k, x in v.items()}
+    return v
+
+
+def _model_call(model: nn.Module, batch):
+    """``model`` on one calibration batch, with ``use_cache=False`` where it takes one."""
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if takes:
+        if isinstance(batch, dict):
+            batch = {"use_cache": False, **batch}
+        elif isinstance(batch, Batch):
+            batch = Batch(batch.args, {"use_cache": False, **batch.kwargs})
+        else:
+            args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+            batch = Batch(args, {"use_cache": False})
+    return call_model(model, batch)
+
+
+def capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[Batch]:
+    """The inputs ``block`` is called with, one :class:`Batch` per calibration batch; the
+    model stops at the block (nothing after it runs)."""
+    got: list[Batch] = []
+
+    def pre(mod, args, kwargs):
+        got.append(Batch(_no_cache(clone_inputs(args)), _no_cache(clone_inputs(kwargs))))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    _model_call(model, b)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if len(got) != len(batches):
+        raise ValueError("the transformer blocks did not run on every calibration batch")
+    return got
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def block_outputs(block: nn.Module, inputs: list[Batch]) -> list[torch.Tensor]:
+    """The hidden states ``block`` returns on each input."""
+    with torch.no_grad():
+        return [_hidden(call_model(block, b)) for b in inputs]
+
+
+def _with_hidden(batch: Batch, h: torch.Tensor) -> Batch:
+    if batch.args:
+        return Batch((h, *batch.args[1:]), batch.kwargs)
+    if "hidden_states" in batch.kwargs:
+        return Batch((), {**batch.kwargs, "hidden_states": h})
+    raise ValueError("cannot find the hidden states among the block's inputs")
+
+
+def relative_output_error(w: torch.Tensor, wq: torch.Tensor, gram: torch.Tensor | None) -> float:
+    """``E||(W - Wq) x||^2 / E||W x||^2`` for inputs with second moment ``gram`` (the weight
+    MSE ratio when ``gram`` is None)."""
+    w, d = w.double(), (w.double() - wq.double())
+    if gram is None:
+        return float((d * d).sum() / (w * w).sum().clamp_min(1e-300))
+    g = gram.double()
+    return float(((d @ g) * d).sum() / ((w @ g) * w).sum().clamp_min(1e-300))
+
+
+@dataclass
+class LayerReport:
+    """One quantized layer: its name, relative output error, seconds, and a note."""
+    name: str
+    error: float
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of one block: ``block`` (the float copy being quantized, modules
+    named relative to it), ``inputs`` (its calibration inputs; empty without data),
+    ``layers`` {relative linear name: its config} to quantize, ``groups`` (true-sequential
+    order), ``pairs`` (foldable (op, linears) pairs: :func:`~.blocks.scale_pairs`)."""
+    name: str
+    index: int
+    count: int
+    block: nn.Module
+    inputs: list[Batch]
+    layers: dict[str, object]
+    groups: list[list[str]]
+    pairs: list[tuple[str, list[str]]]
+    notes: dict[str, str] = field(default_factory=dict)
+    _float_out: list[torch.Tensor] | None = None
+
+    @property
+    def float_outputs(self) -> list[torch.Tensor]:
+        """The float block's outputs on ``inputs`` (computed on first use: read it before
+        changing the block)."""
+        if self._float_out is None:
+            self._float_out = block_outputs(self.block, self.inputs)
+        return self._float_out
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The block's outputs on ``inputs`` as it is now."""
+        return block_outputs(self.block, self.inputs)
+
+    def grams(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """{name: X^T X / N} of the named linears' inputs, running the block as it is now."""
+        if not self.inputs:
+            return {}
+        return collect_grams(self.block, names, self.inputs)
+
+    def full_name(self, rel: str) -> str:
+        return f"{self.name}.{rel}"
+
+
+class SequentialQuantizer(Quantizer):
+    """Base of the block-by-block methods. Subclasses set ``GRAMS`` / ``NEEDS_DATA`` and
+    override :meth:`quantize_layer` (and, if they need the whole block, :meth:`process_block`
+    or :meth:`quantize_block`). Their configs have ``bits``, ``group_size`` and ``sym``."""
+
+    SUPPORTED = (nn.Linear,)
+    #: quantize_layer gets the Gram matrix of the layer's inputs
+    GRAMS = True
+    #: convert needs calibration data
+    NEEDS_DATA = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.report: list[LayerReport] = []
+        self.notes: dict[str, str] = {}
+        self.progress: bool | None = None
+        then = getattr(config, "then", None)
+        #: the layer quantizer a transform hands its layers to (``config.then``)
+        self.inner: SequentialQuantizer | None = None
+        if then is not None:
+            inner = quantizer_for(then)
+            if not isinstance(inner, SequentialQuantizer):
+                raise ValueError(f"{type(config).__name__}.then must be an LLM method config "
+                                 f"(RTNConfig, GPTQConfig, ...), got {type(then).__name__}")
+            inner.notes = self.notes
+            self.inner = inner
+
+    def chain(self) -> list[SequentialQuantizer]:
+        """This quantizer and the ones it hands over to (``then``), outermost first."""
+        out, q = [], self
+        while q is not None:
+            out.append(q)
+            q = q.inner
+        return out
+
+    def wants_grams(self) -> bool:
+        return any(q.GRAMS for q in self.chain())
+
+    # ---- hooks ---------------------------------------------------------------------------
+
+    def layer_format(self, cfg) -> str:
+        return f"int{cfg.bits}"
+
+    def group_for(self, name: str, cfg, k: int) -> int | None:
+        """The group size layer ``name`` (input size ``k``) is stored with. qkern's int2-4
+        kernels take groups of a multiple of 32 along K: per output channel
+        (``group_size=None``) is one group of K there, and a group size that does not
+        divide K falls back to that (noted). Otherwise ``cfg.group_size``."""
+        g = cfg.group_size
+        if cfg.bits > 4 or k % 32:
+            return g
+        if g is not None and k % g:
+            self.notes[name] = (f"group_size {g} does not divide its input size {k}: "
+                                "quantized per output channel")
+            g = None
+        return k if g is None else g
+
+    def quantize_layer(self, name: str, linear: nn.Linear, gram: torch.Tensor | None,
+                       cfg) -> nn.Module:
+        """The quantized twin of ``linear`` (round to nearest by default). ``gram``:
+        ``X^T X / N`` (K, K) float64 of its calibration inputs (None when ``GRAMS`` is False
+        or there is no data); notes for the end-of-run warning go to ``self.notes``. A
+        transform with ``then`` hands the layer to that method."""
+        if self.inner is not None:
+            return self.inner.quantize_layer(name, linear, gram, self.inner.config)
+        g = self.group_for(name, cfg, linear.in_features)
+        return weight_module(linear, self.layer_format(cfg), g, self.notes, name,
+                             symmetric=cfg.sym)
+
+    def preflight(self, name: str, linear: nn.Linear, cfg) -> None:
+        """Raises ValueError, before any work starts, when ``cfg`` cannot run on ``linear``'s
+        shape on one of qkern's fused kernels (checked on a random weight of that shape)."""
+        probe = nn.Linear(linear.in_features, linear.out_features, bias=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = SequentialQuantizer.quantize_layer(self, name, probe, None, cfg)
+        why = getattr(q, "kernel_reason", None)
+        if why:
+            raise ValueError(f"{type(cfg).__name__}(bits={cfg.bits}, group_size="
+                             f"{cfg.group_size}) on {name} ({linear.in_features} -> "
+                             f"{linear.out_features}): no fused kernel runs it ({why}); "
+                             "choose another bits / group_size (see docs/llm.md)")
+
+    def process_block(self, ctx: BlockContext) -> None:
+        """Runs before the block's layers are quantized (scale folding, rotations ...)."""
+
+    def quantize_block(self, ctx: BlockContext, log) -> None:
+        """Quantizes ``ctx.layers`` group by group (true-sequential)."""
+        for group in ctx.groups:
+            todo = [n for n in group if n in ctx.layers]
+            if not todo:
+                continue
+            grams = ctx.grams(todo)
+            for rel in todo:
+                t0 = time.perf_counter()
+                lin = ctx.block.get_submodule(rel)
+                w = lin.weight.detach().float().clone()
+                g = grams.get(rel)
+                full = ctx.full_name(rel)
+                new = self.quantize_layer(full, lin, g if self.wants_grams() else None,
+                                          ctx.layers[rel])
+                replace_module(ctx.block, rel, new)
+                deq = getattr(new, "dequantize_weight", None)
+                err = relative_output_error(w, deq(), g) if deq is not None else float("nan")
+                log(full, err, time.perf_counter() - t0)
+
+    # ---- the workflow --------------------------------------------------------------------
+
+    def needs_calibration(self) -> str | None:
+        if any(q.NEEDS_DATA for q in self.chain()):
+            return "measures layer inputs on calibration data"
+        return None
+
+    def records_inputs(self) -> bool:
+        return True
+
+    def calibrated(self, model: nn.Module) -> bool:
+        return bool(self.batches) or self.needs_calibration() is None
+
+    def select(self, model: nn.Module) -> None:
+        pass  # layers are chosen block by block (after GPT-2's Conv1D -> Linear)
+
+    def layer_config(self, name: str, mod: nn.Module):
+        """The config of block linear ``name`` (None: keep it float)."""
+        cfg = self.config
+        if cfg.include is not None and not matches(name, mod, cfg.include):
+            return None
+        if matches(name, mod, cfg.exclude):
+            return None
+        return cfg.for_layer(name)
+
+    def convert(self, model: nn.Module) -> None:
+        quantize_sequential(model, self, self.batches or None, inplace=True)
+
+
+def _check_model(model: nn.Module) -> None:
+    for n, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point() and p.device.type != "cpu":
+            raise ValueError(f"{n} is on {p.device}: the sequential pipeline runs on the CPU; "
+                             "move the model with model.cpu()")
+        if p.is_floating_point() and p.dtype != torch.float32:
+            raise ValueError(f"{n} is {p.dtype}: qkern quantizes float32 models; convert "
+                             "with model.float() first")
+
+
+def _shared_copy(model: nn.Module, blocks: nn.ModuleList) -> nn.Module:
+    """A deep copy of ``model`` whose blocks share their tensors with the original (each is
+    copied for real, one at a time, when it is quantized)."""
+    memo = {id(t): t for t in list(blocks.parameters()) + list(blocks.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
+                        calibration: Iterable | None, inplace: bool = False,
+                        progress: bool | None = None) -> nn.Module:
+    """Runs ``quantizer`` block by block over ``model`` (see the module docstring); returns
+    the quantized model (``model`` itself when ``inplace``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_model(model)
+    list_name, blocks = find_blocks(model)
+    batches = None if calibration is None else as_batches(calibration)
+    why = quantizer.needs_calibration()
+    if why and batches is None:
+        raise ValueError(f"{type(quantizer.config).__name__} needs calibration data (it {why})"
+                         ": pass calibration=[token ids (1, L), ...]")
+    target = model if inplace else _shared_copy(model, blocks)
+    _, tblocks = find_blocks(target)
+    if progress is None:
+        progress = quantizer.progress if quantizer.progress is not None else sys.stderr.isatty()
+    first = copy.deepcopy(blocks[0])
+    linearize_conv1d(first)
+    seen = set()
+    for rel in block_linears(first):
+        mod = first.get_submodule(rel)
+        c = quantizer.layer_config(f"{list_name}.0.{rel}", mod)
+        if c is not None and (mod.in_features, mod.out_features, id(c)) not in seen:
+            seen.add((mod.in_features, mod.out_features, id(c)))
+            quantizer.preflight(f"{list_name}.0.{rel}", mod, c)
+    del first
+    inputs = capture_first_block_inputs(target, tblocks[0], batches) if batches else []
+    n_layers = sum(len(block_linears(b)) for b in tblocks)
+    done = 0
+    report: list[LayerReport] = []
+    notes = quantizer.notes
+    bar = tqdm(total=len(tblocks), desc="qkern", unit="block", disable=not progress,
+               file=sys.stderr)
+
+    def log(name: str, err: float, seconds: float) -> None:
+        nonlocal done
+        done += 1
+        report.append(LayerReport(name, err, seconds, notes.get(name, "")))
+        if progress:
+            bar.write(f"({done}/{n_layers}) {name}  err {err:.2e}  {seconds:.2f} s",
+                      file=sys.stderr)
+
+    try:
+        for i in range(len(tblocks)):
+            name = f"{list_name}.{i}"
+            blk = copy.deepcopy(tblocks[i])
+            linearize_conv1d(blk)
+            layers = {}
+            for rel in block_linears(blk):
+                c = quantizer.layer_config(f"{name}.{rel}", blk.get_submodule(rel))
+                if c is not None:
+                    layers[rel] = c
+            groups = (sequential_groups(blk, inputs[0], list(layers)) if inputs
+                      else [[n] for n in layers])
+            if not getattr(quantizer.config, "true_sequential", True):
+                groups = [[n for g in groups for n in g]]
+            ctx = BlockContext(name, i, len(tblocks), blk, inputs, layers, groups,
+                               scale_pairs(blk), notes)
+            for q in quantizer.chain():  # transforms first, then the layer method's own
+                q.process_block(ctx)
+            quantizer.quantize_block(ctx, log)
+            if inputs:
+                inputs = [_with_hidden(b, h) for b, h in zip(inputs, block_outputs(blk, inputs))]
+            tblocks[i] = blk
+            bar.update(1)
+    finally:
+        bar.close()
+    quantizer.report = report
+    if notes:
+        warn_notes(notes)
+    return target
+
+
+def check_weight_bits(cfg) -> None:
+    """Validates the ``bits`` / ``group_size`` / ``sym`` fields every sequential config has
+    (and ``then``, where a transform config has it: an LLM method config with the same
+    bits / group_size / sym)."""
+    n = type(cfg).__name__
+    then = getattr(cfg, "then", None)
+    if then is not None:
+        if not isinstance(then, BaseConfig):
+            fail(n, "then", "None or an LLM method config (RTNConfig, GPTQConfig, ...)", then)
+        for f in ("bits", "group_size", "sym"):
+            if getattr(then, f, None) != getattr(cfg, f):
+                raise ValueError(f"{n}.then: {type(then).__name__}.{f}={getattr(then, f, None)!r}"
+                                 f" differs from {n}.{f}={getattr(cfg, f)!r}; set them equal")
+    check_int(n, "bits", cfg.bits, 2)
+    if cfg.bits > 8:
+        fail(n, "bits", "an int in 2..8", cfg.bits)
+    check_group(n, "group_size", cfg.group_size)
+    check_bool(n, "sym", cfg.sym)
