@@ -2,7 +2,8 @@
 
 from .conv import QuantConv1d, QuantConv2d
 from .embedding import QuantEmbedding
+from .hadamard import HadamardInput, HadamardOutput
 from .linear import KernelFallbackWarning, QuantLinear, replace_linear
 
-__all__ = ["KernelFallbackWarning", "QuantConv1d", "QuantConv2d", "QuantEmbedding",
-           "QuantLinear", "replace_linear"]
+__all__ = ["HadamardInput", "HadamardOutput", "KernelFallbackWarning", "QuantConv1d",
+           "QuantConv2d", "QuantEmbedding", "QuantLinear", "replace_linear"]

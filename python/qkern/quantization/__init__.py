@@ -17,6 +17,7 @@ from .algorithms.adaround import AdaRoundConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
 from .algorithms.equalization import cross_layer_equalization
+from .algorithms.rotation import RotationConfig, rotate_block
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import smooth_quant
 from .algorithms.static import StaticConfig
@@ -55,12 +56,12 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
            "BlockContext", "DynamicConfig", "Gram", "LayerReport", "ObservedInput",
-           "ObservingQuantizer", "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig",
-           "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
-           "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
-           "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
+           "ObservingQuantizer", "Quantizer", "RTNConfig", "RotationConfig", "SequentialQuantizer",
+           "StaticConfig", "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens",
+           "call_model", "capture_block_inputs", "capture_inputs", "collect_grams", "config_class",
+           "convert", "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
            "fold_scales", "input_rows", "linearize_conv1d", "paired_moments", "prepare",
            "quantize_model", "quantize_sequential", "quantizer_for", "register_quantizer",
-           "registered_configs", "registered_quantizers", "replace_module", "run_batches",
-           "run_calibration", "scale_pairs", "sequential_calibration", "smooth_quant",
-           "text_calibration", "weight_matrix", "weight_module"]
+           "registered_configs", "registered_quantizers", "replace_module", "rotate_block",
+           "run_batches", "run_calibration", "scale_pairs", "sequential_calibration",
+           "smooth_quant", "text_calibration", "weight_matrix", "weight_module"]

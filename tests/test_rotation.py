@@ -1,0 +1,197 @@
+"""RotationConfig / rotate_block: the rotated float model computes the original's logits
+(tiny random Llama / Mistral / Qwen2 / Qwen3 and the wikitext-bytelm), through the pipeline
+too; rotation + RTN against RTN alone on the bytelm; W4A8; refusals and config checks."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import llm_models as LM
+import qkern
+from qkern.hadamard import hadamard_matrix
+from qkern.models import assets
+from qkern.models.llama import load_llama
+from qkern.nn import HadamardInput, HadamardOutput, QuantLinear
+from qkern.quantization import (
+    BaseConfig,
+    RotationConfig,
+    RTNConfig,
+    SequentialQuantizer,
+    find_blocks,
+    quantize_sequential,
+    rotate_block,
+)
+from qkern.quantization.algorithms.rotation import RotationQuantizer, a8_linear
+
+LLAMA_STYLE = ("llama", "llama-mha", "mistral", "qwen2", "qwen3")
+
+
+def _rotated_copy(model: nn.Module, seed: int | None = 0) -> nn.Module:
+    out = copy.deepcopy(model)
+    for i, blk in enumerate(find_blocks(out)[1]):
+        rotate_block(blk, seed, i)
+    return out
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    scale = float(b.abs().max())
+    assert float((a - b).abs().max()) <= rel * scale, (float((a - b).abs().max()), scale)
+
+
+@pytest.mark.parametrize("arch", LLAMA_STYLE)
+def test_rotated_float_model_keeps_its_logits(arch):
+    model = LM.build(arch)
+    ids = LM.calibration(2, 16)[0]
+    want = LM.output(model, ids)
+    for seed in (0, None):
+        rot = _rotated_copy(model, seed)
+        blk = find_blocks(rot)[1][0]
+        assert isinstance(blk.input_layernorm, HadamardOutput)
+        assert isinstance(blk.mlp.down_proj, HadamardInput)
+        assert torch.equal(blk.input_layernorm.module.weight,
+                           torch.ones_like(blk.input_layernorm.module.weight))
+        _close(LM.output(rot, ids), want)
+
+
+def test_online_rotation_is_the_dense_orthogonal_matrix():
+    """HadamardInput computes linear(x R) with R = diag(s) H^T / sqrt(n) (dense float64)."""
+    lin = nn.Linear(24, 5, bias=False)
+    s = torch.tensor([1.0, -1.0] * 12)
+    mod = HadamardInput(lin, s)
+    x = torch.randn(3, 24)
+    r = torch.diag(s.double()) @ hadamard_matrix(24).T / math.sqrt(24)
+    torch.testing.assert_close(r @ r.T, torch.eye(24, dtype=torch.float64))
+    want = (x.double() @ r) @ lin.weight.detach().double().T
+    torch.testing.assert_close(mod(x).double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="\\+1 / -1"):
+        HadamardInput(lin, torch.full((24,), 0.5))
+    with pytest.raises(ValueError, match="Hadamard"):
+        HadamardOutput(nn.Identity(), torch.ones(92))
+
+
+class _KeepFloat(SequentialQuantizer):
+    """A layer method that keeps every linear in float (to test the transform alone)."""
+
+    def quantize_layer(self, name, linear, gram, cfg):
+        return linear
+
+
+def test_pipeline_rotation_keeps_logits_and_the_input_model():
+    model = LM.build("llama")
+    ids = LM.calibration(1, 16, seed=7)[0]
+    want = LM.output(model, ids)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = RotationQuantizer(RotationConfig(bits=4, group_size=32))
+    q.inner = _KeepFloat(RTNConfig(bits=4, group_size=32))
+    got = quantize_sequential(model, q, LM.calibration())
+    _close(LM.output(got, ids), want)
+    names = [r.name for r in q.report]
+    assert "model.layers.1.mlp.down_proj.linear" in names and len(names) == 14
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.fixture(scope="module")
+def bytelm():
+    model = load_llama(assets.WIKITEXT_BYTELM)
+    data = open(assets.WIKITEXT_TEXT.format(split="test"), "rb").read()[:4 * 128]
+    ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long().view(4, 128)
+    with torch.no_grad():
+        return model, ids, model(ids)
+
+
+def _err(model: nn.Module, ids: torch.Tensor, ref: torch.Tensor) -> float:
+    with torch.no_grad():
+        out = model(ids)
+    return float(((out - ref) ** 2).mean() / (ref ** 2).mean())
+
+
+def test_bytelm_rotated_float_keeps_its_logits(bytelm):
+    model, ids, ref = bytelm
+    rot = _rotated_copy(model, seed=3)
+    with torch.no_grad():
+        _close(rot(ids), ref, rel=1e-5)
+
+
+def test_bytelm_rotation_lowers_rtn_error_at_w4(bytelm):
+    """Relative logits MSE to fp32 on 4 x 128 bytes of WikiText-2 test: RTN w4 g128 1.09e-3,
+    rotation + RTN 1.03e-3 (seed 0; 1.01e-3 and 0.95e-3 for seeds 1, 2). At w3 g128 and
+    w2 g64 the randomized rotation does not help RTN on this model (docs/llm.md)."""
+    model, ids, ref = bytelm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rtn = _err(qkern.quantize_model(model, RTNConfig(bits=4, group_size=128)), ids, ref)
+        rot = _err(qkern.quantize_model(model, RotationConfig(bits=4, group_size=128)), ids,
+                   ref)
+    assert rot < rtn, (rot, rtn)
+
+
+def test_w4a8_runs_on_the_fast_kernels(bytelm):
+    model, ids, ref = bytelm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w4 = qkern.quantize_model(model, RotationConfig(bits=4, group_size=128))
+        a8 = qkern.quantize_model(model, RotationConfig(bits=4, group_size=128, act_bits=8))
+    mods = [m for m in a8.modules() if isinstance(m, QuantLinear)]
+    assert len(mods) == 28 and all(m.mode == "fast" for m in mods)
+    assert {m.kernel for m in mods} == {"w4_fast"}  # down_proj (K=672) per channel: 1 group
+    e4, e48 = _err(w4, ids, ref), _err(a8, ids, ref)
+    assert e48 < 2 * e4 + 1e-4, (e48, e4)
+
+
+def test_a8_linear_keeps_the_weight_and_w8a8():
+    lin = nn.Linear(64, 16)
+    q8 = QuantLinear.from_float(lin, "int8", group_size=None)
+    a8 = a8_linear(q8)
+    assert a8.act == "int8_dynamic" and torch.equal(a8.dequantize_weight(),
+                                                    q8.dequantize_weight())
+    q4 = QuantLinear.from_float(lin, "int4", group_size=32, symmetric=False)
+    assert torch.equal(a8_linear(q4).dequantize_weight(), q4.dequantize_weight())
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2", "bert"])
+def test_layernorm_architectures_refused(arch):
+    with pytest.raises(ValueError, match="LayerNorm|Llama-style"):
+        qkern.quantize_model(LM.build(arch), RotationConfig(bits=4, group_size=32))
+
+
+def test_unsupported_size_is_left_unrotated_with_a_note():
+    cfg = __import__("transformers").LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=92, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4)
+    model = __import__("transformers").LlamaForCausalLM(cfg).eval()
+    ids = LM.calibration(1, 12)[0]
+    want = LM.output(model, ids)
+    notes: dict[str, str] = {}
+    blk = find_blocks(model)[1][0]
+    renames = rotate_block(blk, 0, 0, notes, "model.layers.0")
+    assert renames == {"self_attn.o_proj": "self_attn.o_proj.linear"}
+    assert "92" in notes["model.layers.0.mlp.down_proj"]
+    _close(LM.output(model, ids), want)
+
+
+def test_config_checks_and_json():
+    with pytest.raises(ValueError, match="act_bits"):
+        RotationConfig(act_bits=4)
+    with pytest.raises(ValueError, match="seed"):
+        RotationConfig(seed=-1)
+    with pytest.raises(ValueError, match="differs"):
+        RotationConfig(bits=4, then=RTNConfig(bits=3))
+    cfg = RotationConfig(bits=3, group_size=64, seed=5, then=RTNConfig(bits=3, group_size=64))
+    assert BaseConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_then_hands_the_rotated_layers_to_the_inner_method():
+    model = LM.build("qwen2")
+    a = qkern.quantize_model(model, RotationConfig(bits=4, group_size=32))
+    b = qkern.quantize_model(model, RotationConfig(bits=4, group_size=32,
+                                                   then=RTNConfig(bits=4, group_size=32)))
+    for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules()):
+        assert na == nb
+        if isinstance(ma, QuantLinear):
+            assert torch.equal(ma.dequantize_weight(), mb.dequantize_weight()), na
