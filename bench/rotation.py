@@ -23,7 +23,7 @@ from qkern.models import assets
 from qkern.models.llama import bits_per_byte, load_llama
 from qkern.nn import QuantLinear
 from qkern.quantization import find_blocks, rotate_block, text_calibration
-from qkern.quantization.algorithms.rotation import a8_linear
+from qkern.quantization.algorithms.rotation import a8_linear, rotate_model
 
 SETTINGS = [("w4 g128", 4, 128), ("w3 g128", 3, 128), ("w4 per-channel", 4, None),
             ("w2 g64", 2, 64)]
@@ -58,7 +58,8 @@ def main() -> None:
     if args.gptq:
         cal = text_calibration(assets.WIKITEXT_TEXT.format(split="valid"), "bytes",
                                n_samples=64, seqlen=256)
-    cols = ["RTN", "rot+RTN", "H+RTN"] + (["GPTQ", "rot+GPTQ"] if args.gptq else [])
+    quarot = rotate_model(copy.deepcopy(model), 0)
+    cols = ["RTN", "rot+RTN", "H+RTN", "QuaRot+RTN"] + (["GPTQ", "rot+GPTQ"] if args.gptq else [])
     print(f"{'setting':<16}" + "".join(f"{c:>12}" for c in cols) + f"{'seconds':>9}")
     rows = [(n, b, g, False) for n, b, g in SETTINGS] + [("W4A8 g128", 4, 128, True)]
     with warnings.catch_warnings():
@@ -76,6 +77,8 @@ def main() -> None:
             cfg = qkern.RotationConfig(bits=bits, group_size=g, random_signs=False,
                                        act_bits=8 if a8 else None)
             vals.append(bpb(qkern.quantize_model(model, cfg)))
+            q = qkern.quantize_model(quarot, qkern.RTNConfig(bits=bits, group_size=g))
+            vals.append(bpb(_a8(q) if a8 else q))
             if args.gptq:
                 G = qkern.GPTQConfig  # type: ignore[attr-defined]
                 q = qkern.quantize_model(model, G(bits=bits, group_size=g), cal)
@@ -85,8 +88,9 @@ def main() -> None:
                 vals.append(bpb(qkern.quantize_model(model, cfg, cal)))
             print(f"{name:<16}" + "".join(f"{v:12.4f}" for v in vals) +
                   f"{time.perf_counter() - t0:9.1f}")
-    print(f"\nrot: random signs (mean over seeds {args.seeds}); H: the plain Hadamard "
-          "(random_signs=False)")
+    print(f"\nrot: RotationConfig, random signs (mean over seeds {args.seeds}); H: the plain "
+          "Hadamard (random_signs=False); QuaRot: rotate_model (the residual stream rotated, "
+          "seed 0), then RTNConfig")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from qkern.quantization import (
     quantize_sequential,
     rotate_block,
 )
-from qkern.quantization.algorithms.rotation import RotationQuantizer, a8_linear
+from qkern.quantization.algorithms.rotation import RotationQuantizer, a8_linear, rotate_model
 
 LLAMA_STYLE = ("llama", "llama-mha", "mistral", "qwen2", "qwen3")
 
@@ -195,3 +195,45 @@ def test_then_hands_the_rotated_layers_to_the_inner_method():
         assert na == nb
         if isinstance(ma, QuantLinear):
             assert torch.equal(ma.dequantize_weight(), mb.dequantize_weight()), na
+
+
+@pytest.mark.parametrize("arch", LLAMA_STYLE)
+def test_rotate_model_keeps_logits_and_quantizes_through_the_pipeline(arch):
+    """QuaRot's residual-stream rotation (embeddings, every block, LM head) is function
+    preserving, and the pipeline then finds down_proj inside its online Hadamard."""
+    model = LM.build(arch)
+    ids = LM.calibration(1, 16, seed=3)[0]
+    want = LM.output(model, ids)
+    rot = rotate_model(copy.deepcopy(model), seed=1)
+    assert not torch.equal(rot.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert isinstance(rot.model.layers[0].mlp.down_proj, HadamardInput)
+    _close(LM.output(rot, ids), want)
+    q = qkern.quantize_model(rot, RTNConfig(bits=8, group_size=None))
+    assert isinstance(q.model.layers[1].mlp.down_proj.linear, QuantLinear)
+    assert len(q.qkern_report) == 14
+    got = LM.output(q, ids)
+    assert float(((got - want) ** 2).mean() / (want ** 2).mean()) < 1e-3
+
+
+def test_rotate_model_unties_a_tied_head_and_refuses_others():
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = LM.calibration(1, 12)[0]
+    want = LM.output(model, ids)
+    rot = rotate_model(copy.deepcopy(model))
+    assert rot.lm_head.weight is not rot.model.embed_tokens.weight
+    _close(LM.output(rot, ids), want)
+    with pytest.raises(ValueError, match="LayerNorm|Llama-style"):
+        rotate_model(LM.build("opt"))
+
+
+def test_bytelm_rotate_model_keeps_its_logits(bytelm):
+    model, ids, ref = bytelm
+    with torch.no_grad():
+        _close(rotate_model(copy.deepcopy(model))(ids), ref)

@@ -17,7 +17,7 @@ from .algorithms.adaround import AdaRoundConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
 from .algorithms.equalization import cross_layer_equalization
-from .algorithms.rotation import RotationConfig, rotate_block
+from .algorithms.rotation import RotationConfig, rotate_block, rotate_model
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import smooth_quant
 from .algorithms.static import StaticConfig
@@ -63,5 +63,6 @@ __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "
            "fold_scales", "input_rows", "linearize_conv1d", "paired_moments", "prepare",
            "quantize_model", "quantize_sequential", "quantizer_for", "register_quantizer",
            "registered_configs", "registered_quantizers", "replace_module", "rotate_block",
-           "run_batches", "run_calibration", "scale_pairs", "sequential_calibration",
-           "smooth_quant", "text_calibration", "weight_matrix", "weight_module"]
+           "rotate_model", "run_batches", "run_calibration", "scale_pairs",
+           "sequential_calibration", "smooth_quant", "text_calibration", "weight_matrix",
+           "weight_module"]

@@ -44,12 +44,12 @@ from torch import nn
 from ...hadamard import base_order, random_signs
 from ...nn import QuantLinear
 from ...nn.hadamard import HadamardInput, HadamardOutput, rotate
-from ..blocks import is_norm
+from ..blocks import find_blocks, is_norm
 from ..registry import BaseConfig, check_bool, check_int, config_class, fail, register_quantizer
 from ..sequential import BlockContext, SequentialQuantizer, check_weight_bits
 
 __all__ = ["NORM_SITES", "ONLINE_SITES", "RotationConfig", "RotationQuantizer", "a8_linear",
-           "rotate_block"]
+           "rotate_block", "rotate_model"]
 
 #: (RMSNorm, the linears reading its output) of a Llama-style block
 NORM_SITES = (
@@ -171,6 +171,80 @@ def rotate_block(block: nn.Module, seed: int | None = 0, index: int = 0,
         _replace(block, lin_name, HadamardInput(lin, signs))
         renames[lin_name] = f"{lin_name}.linear"
     return renames
+
+
+def _fold_norm(norm: nn.Module, lins: list[nn.Linear]) -> None:
+    """``W <- W diag(w)`` for each linear, then ``w <- 1``."""
+    w = norm.weight.detach().double()
+    with torch.no_grad():
+        for lin in lins:
+            lin.weight.copy_((lin.weight.double() * w[None, :]).to(lin.weight.dtype))
+        norm.weight.fill_(1.0)
+
+
+def _rotate_rows(lin: nn.Linear, signs: torch.Tensor) -> None:
+    """``y <- y R`` for the linear's output: ``W <- R^T W``, ``b <- b R``."""
+    with torch.no_grad():
+        lin.weight.copy_(rotate(lin.weight.detach().float().T, signs).T.to(lin.weight.dtype))
+        if lin.bias is not None:
+            lin.bias.copy_(rotate(lin.bias.detach().float(), signs).to(lin.bias.dtype))
+
+
+def _embeddings(model: nn.Module, list_name: str) -> tuple[nn.Embedding, nn.Linear, nn.Module]:
+    """(input embedding, LM head, final norm) of a decoder-only Llama-style model."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb = get_in() if get_in else getattr(getattr(model, "model", None), "embed_tokens", None)
+    head = get_out() if get_out else getattr(model, "lm_head", None)
+    parent = model.get_submodule(list_name.rpartition(".")[0])
+    norm = getattr(parent, "norm", None)
+    if not (isinstance(emb, nn.Embedding) and type(head) is nn.Linear and norm is not None
+            and is_norm(norm) and getattr(norm, "bias", None) is None):
+        raise ValueError(f"rotate_model: {type(model).__name__} is not a Llama-style causal LM "
+                         "(embed_tokens -> RMSNorm blocks -> norm -> lm_head)")
+    return emb, head, norm
+
+
+def rotate_model(model: nn.Module, seed: int | None = 0) -> nn.Module:
+    """QuaRot's rotation of the whole residual stream, in place: ``h <- h R`` everywhere
+    between the blocks (``R = diag(s) H^T / sqrt(d)``), folded into the weights: the
+    embeddings ``E <- E R``; per block the RMSNorm weights folded into q/k/v and gate/up,
+    whose input columns get ``W <- W R``, and o_proj / down_proj outputs ``W <- R^T W``; the
+    final norm folded into the LM head, ``W <- W R``. Plus the online Hadamard on down_proj's
+    input (:class:`~qkern.nn.HadamardInput`). A tied LM head is untied (the final norm's
+    weight is folded into it only). Then quantize with any LLM method, e.g.
+    ``quantize_model(rotate_model(copy.deepcopy(m)), GPTQConfig(...), cal)``: its blocks hold
+    the linears as ``mlp.down_proj.linear``. ``seed`` None: the plain Hadamard."""
+    from_list, blocks = find_blocks(model)
+    for blk in blocks:
+        _llama_style(blk)
+    emb, head, final = _embeddings(model, from_list)
+    d = emb.embedding_dim
+    signs = _site_signs(d, seed, -1, 0)
+    if signs is None:
+        raise ValueError(f"rotate_model: no Hadamard matrix of the hidden size {d}")
+    if head.weight is emb.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        emb.weight.copy_(rotate(emb.weight.detach().float(), signs).to(emb.weight.dtype))
+    _fold_norm(final, [head])
+    _rotate_columns(head, signs)
+    for i, blk in enumerate(blocks):
+        for norm_name, lin_names in NORM_SITES:
+            lins = [blk.get_submodule(n) for n in lin_names]
+            _fold_norm(blk.get_submodule(norm_name), lins)
+            for lin in lins:
+                _rotate_columns(lin, signs)
+        for out_name in ONLINE_SITES:
+            _rotate_rows(blk.get_submodule(out_name), signs)
+        down = blk.get_submodule("mlp.down_proj")
+        s2 = _site_signs(down.in_features, seed, i, 1)
+        if s2 is not None:
+            _rotate_columns(down, s2)
+            _replace(blk, "mlp.down_proj", HadamardInput(down, s2))
+    return model
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
