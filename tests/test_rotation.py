@@ -237,3 +237,21 @@ def test_bytelm_rotate_model_keeps_its_logits(bytelm):
     model, ids, ref = bytelm
     with torch.no_grad():
         _close(rotate_model(copy.deepcopy(model))(ids), ref)
+
+
+def test_save_and_load_on_a_rotated_structure(tmp_path):
+    """qkern.load rebuilds the rotated layout on a float model rotated the same way (any
+    weights and seed: the file holds the rotated weights and the signs)."""
+    model = LM.build("llama")
+    q = qkern.quantize_model(model, RotationConfig(bits=4, group_size=32, seed=3))
+    qkern.save(q, tmp_path / "rot.safetensors")
+
+    def factory():
+        f = LM.build("llama", seed=5)
+        for i, blk in enumerate(find_blocks(f)[1]):
+            rotate_block(blk, 0, i)
+        return f
+
+    back = qkern.load(tmp_path / "rot.safetensors", factory)
+    ids = LM.calibration(1, 16)[0]
+    assert torch.equal(LM.output(back, ids), LM.output(q, ids))
