@@ -17,6 +17,7 @@ from .algorithms.adaround import AdaRoundConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
 from .algorithms.equalization import cross_layer_equalization
+from .algorithms.gptq import GPTQConfig
 from .algorithms.rotation import RotationConfig, rotate_block, rotate_model
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import smooth_quant
@@ -55,7 +56,7 @@ from .registry import (
 from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize_sequential
 
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
-           "BlockContext", "DynamicConfig", "Gram", "LayerReport", "ObservedInput",
+           "BlockContext", "DynamicConfig", "GPTQConfig", "Gram", "LayerReport", "ObservedInput",
            "ObservingQuantizer", "Quantizer", "RTNConfig", "RotationConfig", "SequentialQuantizer",
            "StaticConfig", "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens",
            "call_model", "capture_block_inputs", "capture_inputs", "collect_grams", "config_class",
