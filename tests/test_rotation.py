@@ -257,3 +257,15 @@ def test_save_and_load_on_a_rotated_structure(tmp_path):
     back = qkern.load(tmp_path / "rot.safetensors", factory)
     ids = LM.calibration(1, 16)[0]
     assert torch.equal(LM.output(back, ids), LM.output(q, ids))
+
+
+def test_rotation_then_gptq_runs_and_keeps_the_rotated_layout():
+    model = LM.build("llama")
+    cfg = RotationConfig(bits=4, group_size=32, then=qkern.GPTQConfig(bits=4, group_size=32))
+    q = qkern.quantize_model(model, cfg, LM.calibration())
+    down = q.model.layers[0].mlp.down_proj
+    assert isinstance(down, HadamardInput) and isinstance(down.linear, QuantLinear)
+    ids = LM.calibration(1, 16, seed=9)[0]
+    want = LM.output(model, ids)
+    got = LM.output(q, ids)
+    assert float(((got - want) ** 2).mean() / (want ** 2).mean()) < 0.05
