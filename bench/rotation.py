@@ -6,7 +6,8 @@ rounding).
 
     PYTHONPATH=python python bench/rotation.py [--seeds 0 1 2]
 
-Rotation + GPTQ: pass --gptq when qkern.GPTQConfig exists (RotationConfig(then=GPTQConfig)).
+--gptq adds GPTQ, RotationConfig(then=GPTQConfig) (random and plain signs) and rotate_model +
+GPTQ (calibration: 64 x 256 bytes of WikiText-2 valid).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> None:
         cal = text_calibration(assets.WIKITEXT_TEXT.format(split="valid"), "bytes",
                                n_samples=64, seqlen=256)
     quarot = rotate_model(copy.deepcopy(model), 0)
-    cols = ["RTN", "rot+RTN", "H+RTN", "QuaRot+RTN"] + (["GPTQ", "rot+GPTQ"] if args.gptq else [])
+    cols = ["RTN", "rot+RTN", "H+RTN", "QuaRot+RTN"] + (["GPTQ", "rot+GPTQ", "H+GPTQ", "QuaRot+GPTQ"] if args.gptq else [])
     print(f"{'setting':<16}" + "".join(f"{c:>12}" for c in cols) + f"{'seconds':>9}")
     rows = [(n, b, g, False) for n, b, g in SETTINGS] + [("W4A8 g128", 4, 128, True)]
     with warnings.catch_warnings():
@@ -80,12 +81,16 @@ def main() -> None:
             q = qkern.quantize_model(quarot, qkern.RTNConfig(bits=bits, group_size=g))
             vals.append(bpb(_a8(q) if a8 else q))
             if args.gptq:
-                G = qkern.GPTQConfig  # type: ignore[attr-defined]
+                G = qkern.GPTQConfig
                 q = qkern.quantize_model(model, G(bits=bits, group_size=g), cal)
                 vals.append(bpb(_a8(q) if a8 else q))
-                cfg = qkern.RotationConfig(bits=bits, group_size=g, act_bits=8 if a8 else None,
-                                           then=G(bits=bits, group_size=g))
-                vals.append(bpb(qkern.quantize_model(model, cfg, cal)))
+                for signs in (True, False):
+                    cfg = qkern.RotationConfig(bits=bits, group_size=g, random_signs=signs,
+                                               act_bits=8 if a8 else None,
+                                               then=G(bits=bits, group_size=g))
+                    vals.append(bpb(qkern.quantize_model(model, cfg, cal)))
+                q = qkern.quantize_model(quarot, G(bits=bits, group_size=g), cal)
+                vals.append(bpb(_a8(q) if a8 else q))
             print(f"{name:<16}" + "".join(f"{v:12.4f}" for v in vals) +
                   f"{time.perf_counter() - t0:9.1f}")
     print(f"\nrot: RotationConfig, random signs (mean over seeds {args.seeds}); H: the plain "
