@@ -60,7 +60,9 @@ def main() -> None:
         cal = text_calibration(assets.WIKITEXT_TEXT.format(split="valid"), "bytes",
                                n_samples=64, seqlen=256)
     quarot = rotate_model(copy.deepcopy(model), 0)
-    cols = ["RTN", "rot+RTN", "H+RTN", "QuaRot+RTN"] + (["GPTQ", "rot+GPTQ", "H+GPTQ", "QuaRot+GPTQ"] if args.gptq else [])
+    cols = ["RTN", "rot+RTN", "H+RTN", "QuaRot+RTN"]
+    if args.gptq:
+        cols += ["GPTQ", "rot+GPTQ", "H+GPTQ", "QuaRot+GPTQ"]
     print(f"{'setting':<16}" + "".join(f"{c:>12}" for c in cols) + f"{'seconds':>9}")
     rows = [(n, b, g, False) for n, b, g in SETTINGS] + [("W4A8 g128", 4, 128, True)]
     with warnings.catch_warnings():
