@@ -78,6 +78,7 @@ def _cases():
         "alaw_encode": [(pcm,)],
         "mulaw_decode": [(codes,), (codes.reshape(16, 16),)],
         "alaw_decode": [(codes,)],
+        "fwht": [(_x((4, 64), 3),), (_x((2, 3, 8), 4).bfloat16(),)],
     }
 
 

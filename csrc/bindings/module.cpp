@@ -125,11 +125,18 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_SIZE") = qk::bind::kMaxSize;  // the largest size / product of sizes (checked.h)
 
   m.def("cpu_has_avx2", &qk::cpu_has_avx2);
-  m.def("get_isa", [] { return std::string(qk::active_isa() == qk::kIsaAvx2 ? "avx2" : "scalar"); });
+  m.def("cpu_has_avx512", &qk::cpu_has_avx512);
+  m.def("get_isa", [] {
+    const qk::Isa isa = qk::active_isa();
+    return std::string(isa == qk::kIsaAvx512 ? "avx512" : isa == qk::kIsaAvx2 ? "avx2" : "scalar");
+  });
   m.def("set_isa", [](const std::string& isa) {
     if (isa == "scalar") qk::set_isa(qk::kIsaScalar);
-    else if (isa == "avx2" || isa == "auto") qk::set_isa(qk::cpu_has_avx2() ? qk::kIsaAvx2 : qk::kIsaScalar);
-    else throw py::value_error("isa must be 'scalar', 'avx2' or 'auto', got '" + isa + "'");
+    else if (isa == "avx2") qk::set_isa(qk::kIsaAvx2);
+    else if (isa == "avx512" || isa == "auto") qk::set_isa(qk::kIsaAvx512);
+    else
+      throw py::value_error("isa must be 'scalar', 'avx2', 'avx512' or 'auto', got '" + isa +
+                            "'");
   });
   m.def("set_num_threads", [](int64_t n) {
     const int64_t most = qk::max_num_threads();

@@ -15,6 +15,7 @@ from .quantization import (
     GPTQConfig,
     HQQConfig,
     LLMInt8Config,
+    RotationConfig,
     RTNConfig,
     SmoothQuantConfig,
     StaticConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "DynamicConfig",
     "GPTQConfig",
     "LLMInt8Config",
+    "RotationConfig",
     "RTNConfig",
     "SmoothQuantConfig",
     "StaticConfig",
@@ -87,8 +89,9 @@ def get_num_threads() -> int:
 
 
 def set_isa(isa: str) -> None:
-    """Kernel path: 'avx2', 'scalar' or 'auto' (QKERN_FORCE_SCALAR=1 makes 'scalar' the
-    default at import)."""
+    """Kernel path: 'avx512', 'avx2', 'scalar' or 'auto' (the best the CPU has, the default;
+    QKERN_FORCE_SCALAR=1 makes 'scalar' the default at import). A path the CPU lacks falls back
+    to the next lower one, and so does a kernel family without an AVX-512 path."""
     _C.set_isa(isa)
 
 

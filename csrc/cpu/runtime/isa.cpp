@@ -13,7 +13,7 @@ std::atomic<int> g_isa{-1};
 Isa initial_isa() {
   const char* force = std::getenv("QKERN_FORCE_SCALAR");
   if (force && std::strcmp(force, "0") != 0 && force[0] != '\0') return kIsaScalar;
-  return cpu_has_avx2() ? kIsaAvx2 : kIsaScalar;
+  return cpu_has_avx512() ? kIsaAvx512 : cpu_has_avx2() ? kIsaAvx2 : kIsaScalar;
 }
 
 }  // namespace
@@ -28,6 +28,16 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
 Isa active_isa() {
   int v = g_isa.load();
   if (v < 0) {
@@ -37,6 +47,10 @@ Isa active_isa() {
   return static_cast<Isa>(v);
 }
 
-void set_isa(Isa isa) { g_isa.store(isa == kIsaAvx2 && cpu_has_avx2() ? kIsaAvx2 : kIsaScalar); }
+void set_isa(Isa isa) {
+  if (isa >= kIsaAvx512 && cpu_has_avx512()) g_isa.store(kIsaAvx512);
+  else if (isa >= kIsaAvx2 && cpu_has_avx2()) g_isa.store(kIsaAvx2);
+  else g_isa.store(kIsaScalar);
+}
 
 }  // namespace qk

@@ -1,5 +1,5 @@
 // Run-time ISA choice, shared by every kernel family. The CPU's support is read once (cpuid +
-// OS support); QKERN_FORCE_SCALAR (any value but "" and "0") starts the process on the scalar
+// OS support); the default is the highest ISA the CPU has; QKERN_FORCE_SCALAR (any value but "" and "0") starts the process on the scalar
 // path; set_isa switches at run time (qkern.set_isa). Each family keeps one table of function
 // pointers per ISA (its kernels.h) and calls pick() on them for every call, so a switch takes
 // effect at the next call.
@@ -8,10 +8,11 @@
 
 namespace qk {
 
-enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1 };
+enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 bool cpu_has_avx2();    // what the CPU supports (cpuid + OS support)
+bool cpu_has_avx512();  // AVX-512 F + BW + VL (and AVX2); families without it run AVX2
 Isa active_isa();       // what the kernels use now
-void set_isa(Isa isa);  // kIsaAvx2 falls back to scalar when unsupported
+void set_isa(Isa isa);  // the highest supported ISA <= isa
 
 // The table of the running ISA from a family's tables, indexed by Isa: {&kScalarKernels,
 // avx2_kernels(), ...}. An ISA whose entry is null (not built) or past the end falls back to the

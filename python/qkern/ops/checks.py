@@ -287,6 +287,15 @@ def bits_packed_nbytes(n: int, k: int, ternary: bool) -> int:
     return size_product("packed N x K", (n + 7) // 8 * 8, 4 * bits_blocks(k) * planes)
 
 
+def fwht(x) -> None:
+    """qkern::fwht: x float32/bfloat16/float16 (..., n), n a power of two."""
+    check_dtype("fwht", x, "x", FLOAT_DTYPES)
+    n = x.shape[-1] if x.dim() else 0
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"fwht: the last dimension must be a power of two (1, 2, 4, ...), got "
+                         f"shape {tuple(x.shape)}")
+
+
 # ---- quantized matmuls --------------------------------------------------------------------------
 
 def check_size(op: str, t: torch.Tensor | None, want: int, name: str) -> None:

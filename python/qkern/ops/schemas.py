@@ -50,6 +50,8 @@ SCHEMAS = {
     "mulaw_decode": "mulaw_decode(Tensor codes) -> Tensor",
     "alaw_encode": "alaw_encode(Tensor pcm) -> Tensor",
     "alaw_decode": "alaw_decode(Tensor codes) -> Tensor",
+    # x H_n / sqrt(n) over the last dimension (ops/hadamard.py)
+    "fwht": "fwht(Tensor x) -> Tensor",
 }
 
 # The quantized matmuls and their packing (docs/numerics.md; layouts in the op modules).
@@ -180,6 +182,12 @@ def _(codes):
 @torch.library.register_fake("qkern::alaw_decode")
 def _(codes):
     return torch.empty(codes.shape, dtype=torch.int16, device=codes.device)
+
+
+@torch.library.register_fake("qkern::fwht")
+def _(x):
+    checks.fwht(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 # ---- quantized matmuls ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from .algorithms.equalization import cross_layer_equalization
 from .algorithms.gptq import GPTQConfig
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
 from .algorithms.llm_int8 import LLMInt8Config
+from .algorithms.rotation import RotationConfig, rotate_block, rotate_model
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import SmoothQuantConfig, smooth_quant
 from .algorithms.static import StaticConfig
@@ -70,3 +71,12 @@ __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "
            "register_quantizer", "registered_configs", "registered_quantizers", "replace_module",
            "run_batches", "run_calibration", "scale_pairs", "sequential_calibration",
            "smooth_quant", "text_calibration", "weight_matrix", "weight_module"]
+           "BlockContext", "DynamicConfig", "GPTQConfig", "Gram", "LayerReport", "ObservedInput",
+           "ObservingQuantizer", "Quantizer", "RTNConfig", "RotationConfig", "SequentialQuantizer",
+           "StaticConfig", "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens",
+           "fold_scales", "input_rows", "linearize_conv1d", "paired_moments", "prepare",
+           "quantize_model", "quantize_sequential", "quantizer_for", "register_quantizer",
+           "registered_configs", "registered_quantizers", "replace_module", "rotate_block",
+           "rotate_model", "run_batches", "run_calibration", "scale_pairs",
+           "sequential_calibration", "smooth_quant", "text_calibration", "weight_matrix",
+           "weight_module"]
