@@ -17,6 +17,7 @@ from .algorithms.adaround import AdaRoundConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
 from .algorithms.equalization import cross_layer_equalization
+from .algorithms.omniquant import OmniQuantConfig
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import smooth_quant
 from .algorithms.static import StaticConfig
@@ -55,7 +56,7 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
            "BlockContext", "DynamicConfig", "Gram", "LayerReport", "ObservedInput",
-           "ObservingQuantizer", "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig",
+           "ObservingQuantizer", "OmniQuantConfig", "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig",
            "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
