@@ -23,6 +23,16 @@ from qkern.quantization.blocks import block_linears
 from reference import F32, int_range, quantize_int, sanitize_scale
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Training runs many small ops: on the shared 2-core box, 2 torch threads were 12x
+    slower than 1 (OpenMP waits); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _ref_lwc(w: np.ndarray, group: int, bits: int, sym: bool, gam, bet) -> np.ndarray:
     """The paper's eq. 2 on qkern's grid, in numpy float32: ``hi = gam * max``,
     ``lo = bet * min`` per group (zero kept in range), then quantize_int with those scales."""
