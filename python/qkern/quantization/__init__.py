@@ -56,7 +56,8 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
            "BlockContext", "DynamicConfig", "Gram", "LayerReport", "ObservedInput",
-           "ObservingQuantizer", "OmniQuantConfig", "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig",
+           "ObservingQuantizer", "OmniQuantConfig", "Quantizer", "RTNConfig",
+           "SequentialQuantizer", "StaticConfig",
            "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
