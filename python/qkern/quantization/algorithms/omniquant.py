@@ -16,6 +16,10 @@ the linears it feeds (``X W = (X / s)(s W)``, the pairs of
 (:func:`~qkern.quantization.blocks.fold_scales`). The authors turn the shift off for Llama and
 for weight-only quantization; so does this module (no shift).
 
+Weight-activation (``act_bits=8``, the paper's W8A8): each quantized linear's input is
+fake-quantized per token (symmetric int8, as qkern's w8a8 kernel) while training, and the
+layers run on that kernel.
+
 Training target (the authors' ``fp_inps``): the float model's block output on the float
 model's block input, carried from block to block beside the quantized path
 (``target="float"``); ``target="block"`` uses the float block on the quantized inputs
@@ -24,6 +28,7 @@ model's block input, carried from block to block beside the quantized path
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -56,8 +61,8 @@ from ..sequential import (
     relative_output_error,
 )
 
-__all__ = ["OmniQuantConfig", "OmniQuantQuantizer", "lwc_fake_quant", "lwc_qparams",
-           "round_ste"]
+__all__ = ["OmniQuantConfig", "OmniQuantQuantizer", "act_fake_quant", "fake_quant_inputs",
+           "lwc_fake_quant", "lwc_qparams", "round_ste"]
 
 log = logging.getLogger("qkern.omniquant")
 
@@ -77,7 +82,10 @@ class OmniQuantConfig(BaseConfig):
     ``batch_size`` calibration batches per step (1); ``lwc_init`` the clip logits' start (4);
     ``let_alpha`` SmoothQuant's migration strength for LET's start (0.5); ``target`` the
     block loss's target ("float": the float model's output, as the authors; "block": the
-    float block on the quantized inputs)."""
+    float block on the quantized inputs). ``act_bits=8``: weight-activation W8A8 (the
+    paper's W8A8 setting): linear inputs fake-quantized per token (symmetric int8,
+    ``amax / 127``) while training, layers on qkern's w8a8 kernel (``act="int8_dynamic"``);
+    it needs ``bits=8, group_size=None, sym=True`` (the kernel's per-channel int8 weights)."""
 
     bits: int = 4
     group_size: int | None = 128
@@ -92,6 +100,7 @@ class OmniQuantConfig(BaseConfig):
     lwc_init: float = 4.0
     let_alpha: float = 0.5
     target: str = "float"
+    act_bits: int | None = None
 
     def __post_init__(self) -> None:
         check_weight_bits(self)
@@ -106,6 +115,12 @@ class OmniQuantConfig(BaseConfig):
         check_real(n, "lwc_init", self.lwc_init, -30.0, 30.0, "a float in [-30, 30]")
         check_real(n, "let_alpha", self.let_alpha, 0.0, 1.0, "a float in [0, 1]")
         check_choice(n, "target", self.target, TARGETS)
+        if self.act_bits is not None:
+            check_choice(n, "act_bits", self.act_bits, (None, 8))
+            if (self.bits, self.group_size, self.sym) != (8, None, True):
+                raise ValueError(f"{n}.act_bits=8 runs on qkern's w8a8 kernel (per-channel "
+                                 "symmetric int8 weights): set bits=8, group_size=None, "
+                                 "sym=True")
         if self.epochs > 0 and not (self.lwc or self.let):
             fail(n, "lwc", "True when let is False and epochs > 0 (nothing to train)", self.lwc)
         super().__post_init__()
@@ -169,6 +184,26 @@ def lwc_fake_quant(w: torch.Tensor, group: int, bits: int, sym: bool,
     if zp is not None:
         q = q - zp.unsqueeze(-1)
     return (q * s).reshape(n, k), scale, zp
+
+
+def act_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """Per-token symmetric int8 of the w8a8 kernel (docs/numerics.md: ``sx = amax / 127``,
+    0 -> 1, ``xq = clamp(rne(x / sx), -127, 127)``), straight-through rounding."""
+    sx = x.abs().amax(-1, keepdim=True) / 127.0
+    sx = torch.where(sx > 0, sx, torch.ones_like(sx)).clamp_min(MIN_SCALE)
+    return round_ste(x * (1.0 / sx)).clamp(-127, 127) * sx
+
+
+@contextlib.contextmanager
+def fake_quant_inputs(block: nn.Module, names):
+    """While active, the named linears of ``block`` see per-token int8 fake-quantized inputs."""
+    hooks = [block.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args: (act_fake_quant(args[0]), *args[1:])) for n in names]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _hidden(batch: Batch) -> torch.Tensor:
@@ -295,13 +330,18 @@ class OmniQuantQuantizer(SequentialQuantizer):
     def block_loss(self, ctx: BlockContext, lwc: dict, let: list,
                    targets: list[torch.Tensor]) -> float:
         """Mean MSE of the fake-quantized block to ``targets`` over the calibration inputs."""
-        with torch.no_grad():
+        with torch.no_grad(), self._acts(ctx):
             eff = self._fake_weights(ctx.block, lwc, let)
             tot = 0.0
             for b, y in zip(ctx.inputs, targets):
                 o = _out(functional_call(ctx.block, eff, b.args, b.kwargs, strict=False))
                 tot += float(torch.nn.functional.mse_loss(o, y))
         return tot / max(len(targets), 1)
+
+    def _acts(self, ctx: BlockContext):
+        if self.config.act_bits is None:
+            return contextlib.nullcontext()
+        return fake_quant_inputs(ctx.block, list(ctx.layers))
 
     def _train(self, ctx: BlockContext, lwc: dict, let: list, targets: list) -> list[float]:
         c = self.config
@@ -324,10 +364,12 @@ class OmniQuantQuantizer(SequentialQuantizer):
                 eff = self._fake_weights(ctx.block, lwc, let)
                 loss = 0.0
                 chunk = range(i, min(i + c.batch_size, n))
-                for j in chunk:
-                    b = ctx.inputs[j]
-                    o = _out(functional_call(ctx.block, eff, b.args, b.kwargs, strict=False))
-                    loss = loss + torch.nn.functional.mse_loss(o, targets[j]) / len(chunk)
+                with self._acts(ctx):
+                    for j in chunk:
+                        b = ctx.inputs[j]
+                        o = _out(functional_call(ctx.block, eff, b.args, b.kwargs,
+                                                 strict=False))
+                        loss = loss + torch.nn.functional.mse_loss(o, targets[j]) / len(chunk)
                 loss.backward()
                 opt.step()
                 tot += float(loss.detach()) * len(chunk)
@@ -341,6 +383,12 @@ class OmniQuantQuantizer(SequentialQuantizer):
         return hist
 
     # ---- the block -----------------------------------------------------------------------
+
+    def quantize_layer(self, name: str, linear: nn.Linear, gram, cfg) -> nn.Module:
+        """Not used: OmniQuant trains whole blocks (:meth:`quantize_block`), so it cannot be
+        handed single layers as another config's ``then``."""
+        raise ValueError(f"{name}: OmniQuantConfig trains whole blocks and cannot be another "
+                         "config's then=; use it as the outer config")
 
     def quantize_block(self, ctx: BlockContext, log) -> None:
         """Trains the block's clip logits (and LET scales), folds the scales, then stores each
@@ -365,7 +413,8 @@ class OmniQuantQuantizer(SequentialQuantizer):
             t1 = time.perf_counter()
             lin = ctx.block.get_submodule(rel)
             w = lin.weight.detach().float().clone()
-            new = self.build_layer(lin, *lwc[rel])
+            new = self.build_layer(lin, *lwc[rel], act="none" if self.config.act_bits is None
+                                   else "int8_dynamic")
             up, low = lwc[rel][3:]
             if up is not None:
                 self.clips[ctx.full_name(rel)] = (torch.sigmoid(up.detach()),
@@ -376,7 +425,8 @@ class OmniQuantQuantizer(SequentialQuantizer):
 
     @staticmethod
     def build_layer(lin: nn.Linear, group: int, bits: int, sym: bool,
-                    up: torch.Tensor | None, low: torch.Tensor | None) -> QuantLinear:
+                    up: torch.Tensor | None, low: torch.Tensor | None,
+                    act: str = "none") -> QuantLinear:
         """The QuantLinear holding ``lin``'s weight quantized with the learned clip: its
         dequantized weight equals :func:`lwc_fake_quant`'s."""
         with torch.no_grad():
@@ -389,4 +439,5 @@ class OmniQuantQuantizer(SequentialQuantizer):
         if group == w.shape[1] and bits > 4:  # int8: per output channel
             gs = None
             kw = {k: v.reshape(-1) for k, v in kw.items()}
-        return QuantLinear.from_float(lin, f"int{bits}", group_size=gs, symmetric=sym, **kw)
+        return QuantLinear.from_float(lin, f"int{bits}", group_size=gs, symmetric=sym, act=act,
+                                      **kw)
