@@ -265,3 +265,35 @@ def test_then_hands_layers_to_the_inner_method_and_round_trips_json():
     nested = {"type": "RTNConfig", "bits": 3, "group_size": 64, "sym": True, "include": None,
               "exclude": [], "overrides": {}}
     assert qkern.quantization.BaseConfig.from_dict(nested) == RTNConfig(bits=3, group_size=64)
+
+
+def test_a_local_folder_loads_through_transformers():
+    model = load_llama("models/wikitext-bytelm")
+    cal = text_calibration(open("data/wikitext-2/wiki.valid.tokens", "rb").read(), "bytes", 2, 64)
+    q = qkern.quantize_model("models/wikitext-bytelm", RTNConfig(bits=4, group_size=64), cal)
+    assert type(q).__name__ == "LlamaForCausalLM"
+    ref = qkern.quantize_model(model, RTNConfig(bits=4, group_size=64), cal)
+    ids = cal[0]
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids).logits, ref(ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        qkern.quantize_model("data", RTNConfig(), cal)
+
+
+def test_a_layer_no_kernel_takes_stays_float_and_is_reported():
+    model = load_llama("models/stories260k")  # intermediate 172: not a multiple of 32
+    cal = [torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))]
+    with pytest.warns(UserWarning, match=r"5 layer\(s\) left in float") as rec:
+        q = qkern.quantize_model(model, RTNConfig(bits=4, group_size=32), cal)
+    assert sum("left in float" in str(w.message) for w in rec) == 1
+    assert type(q.model.layers[0].mlp.down_proj) is nn.Linear
+    assert type(q.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_save_load_round_trip(arch, tmp_path):
+    q = qkern.quantize_model(LM.build(arch), RTNConfig(bits=4, group_size=32), LM.calibration())
+    qkern.save(q, tmp_path / "m.qk")
+    r = qkern.load(tmp_path / "m.qk", lambda: LM.build(arch, seed=3))  # other float weights
+    ids = LM.calibration(1, 10, seed=7)[0]
+    assert torch.equal(LM.output(q, ids), LM.output(r, ids))

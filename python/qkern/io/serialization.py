@@ -29,7 +29,7 @@ from ..kernels.base import FALLBACK
 from ..layout import Layout
 from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from ..ops.tiles import from_tiles
-from ..quantization import ActQuant, BaseConfig, ObservedInput
+from ..quantization import ActQuant, BaseConfig, ObservedInput, linearize_conv1d
 from ..quantize import quantize
 from ..version import __version__
 from .safetensors import read_safetensors, write_safetensors
@@ -310,6 +310,7 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
             raise TypeError(f"the factory returned {type(model).__name__}, not an nn.Module")
     else:
         raise TypeError("model_or_factory must be an nn.Module or a callable returning one")
+    linearize_conv1d(model)  # as quantization did: transformers' Conv1D -> nn.Linear
     for name, spec in layers.items():
         try:
             float_mod = model.get_submodule(name)

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from collections.abc import Iterable
 
 from torch import nn
 
+from ..models import load_pretrained
 from .blocks import linearize_conv1d
 from .calibration import run_batches
 from .registry import BaseConfig, Batch, quantizer_for
@@ -84,16 +86,21 @@ def convert(model: nn.Module, quant_config: BaseConfig | None = None) -> nn.Modu
     return model
 
 
-def quantize_model(model: nn.Module, quant_config: BaseConfig, calibration: Iterable | None = None,
-                   inplace: bool = False, progress: bool | None = None) -> nn.Module:
-    """``prepare`` + calibration + ``convert`` in one call. ``calibration``: an iterable of
-    inputs (tensors, tuples of positional inputs, or dicts of keyword inputs).
+def quantize_model(model: nn.Module | str | os.PathLike, quant_config: BaseConfig,
+                   calibration: Iterable | None = None, inplace: bool = False,
+                   progress: bool | None = None) -> nn.Module:
+    """``prepare`` + calibration + ``convert`` in one call. ``model``: an nn.Module, or the
+    path of a local transformers model folder (loaded in float32 with
+    :func:`qkern.models.load_pretrained`, then quantized in place). ``calibration``: an
+    iterable of inputs (tensors, tuples of positional inputs, or dicts of keyword inputs).
 
     The LLM methods (GPTQ, AWQ, RTN ...: :class:`SequentialQuantizer`) run block by block
     instead, holding one float block at a time: the result shares nothing with ``model``
     (unless ``inplace``), and ``progress`` (default: when stderr is a terminal) shows a bar
     over blocks and one line per layer."""
     quantizer = quantizer_for(quant_config)
+    if isinstance(model, (str, os.PathLike)):  # a local transformers model folder
+        model, inplace = load_pretrained(model), True
     if isinstance(quantizer, SequentialQuantizer):
         quantizer.progress = progress
         out = quantize_sequential(model, quantizer, calibration, inplace=inplace,

@@ -262,19 +262,19 @@ class SequentialQuantizer(Quantizer):
         return weight_module(linear, self.layer_format(cfg), g, self.notes, name,
                              symmetric=cfg.sym)
 
-    def preflight(self, name: str, linear: nn.Linear, cfg) -> None:
-        """Raises ValueError, before any work starts, when ``cfg`` cannot run on ``linear``'s
-        shape on one of qkern's fused kernels (checked on a random weight of that shape)."""
+    def preflight(self, name: str, linear: nn.Linear, cfg) -> str | None:
+        """Why ``cfg`` cannot run on ``linear``'s shape on one of qkern's fused kernels
+        (checked on a random weight of that shape before any work starts); None when it can.
+        Such layers stay float, reported once."""
         probe = nn.Linear(linear.in_features, linear.out_features, bias=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = SequentialQuantizer.quantize_layer(self, name, probe, None, cfg)
+            try:
+                q = SequentialQuantizer.quantize_layer(self, name, probe, None, cfg)
+            except ValueError as e:
+                return str(e)
         why = getattr(q, "kernel_reason", None)
-        if why:
-            raise ValueError(f"{type(cfg).__name__}(bits={cfg.bits}, group_size="
-                             f"{cfg.group_size}) on {name} ({linear.in_features} -> "
-                             f"{linear.out_features}): no fused kernel runs it ({why}); "
-                             "choose another bits / group_size (see docs/llm.md)")
+        return None if why is None else f"no fused kernel runs it ({why})"
 
     def process_block(self, ctx: BlockContext) -> None:
         """Runs before the block's layers are quantized (scale folding, rotations ...)."""
@@ -338,6 +338,30 @@ def _check_model(model: nn.Module) -> None:
                              "with model.float() first")
 
 
+def _preflight(quantizer: SequentialQuantizer, list_name: str, block: nn.Module
+               ) -> dict[str, str]:
+    """{relative linear name: why it stays float} for block 0 (every block has the same
+    shapes); raises ValueError when no selected layer can be quantized."""
+    first = copy.deepcopy(block)
+    linearize_conv1d(first)
+    cannot, chosen = {}, 0
+    for rel in block_linears(first):
+        mod = first.get_submodule(rel)
+        cfg = quantizer.layer_config(f"{list_name}.0.{rel}", mod)
+        if cfg is None:
+            continue
+        chosen += 1
+        why = quantizer.preflight(f"{list_name}.0.{rel}", mod, cfg)
+        if why is not None:
+            cannot[rel] = why
+    if chosen and len(cannot) == chosen:
+        c = quantizer.config
+        raise ValueError(f"{type(c).__name__}(bits={c.bits}, group_size={c.group_size}): no "
+                         f"layer of the model can take it: {next(iter(cannot.values()))}; "
+                         "choose another bits / group_size (see docs/llm.md)")
+    return cannot
+
+
 def _shared_copy(model: nn.Module, blocks: nn.ModuleList) -> nn.Module:
     """A deep copy of ``model`` whose blocks share their tensors with the original (each is
     copied for real, one at a time, when it is quantized)."""
@@ -363,16 +387,7 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
     _, tblocks = find_blocks(target)
     if progress is None:
         progress = quantizer.progress if quantizer.progress is not None else sys.stderr.isatty()
-    first = copy.deepcopy(blocks[0])
-    linearize_conv1d(first)
-    seen = set()
-    for rel in block_linears(first):
-        mod = first.get_submodule(rel)
-        c = quantizer.layer_config(f"{list_name}.0.{rel}", mod)
-        if c is not None and (mod.in_features, mod.out_features, id(c)) not in seen:
-            seen.add((mod.in_features, mod.out_features, id(c)))
-            quantizer.preflight(f"{list_name}.0.{rel}", mod, c)
-    del first
+    cannot = _preflight(quantizer, list_name, blocks[0])
     inputs = capture_first_block_inputs(target, tblocks[0], batches) if batches else []
     n_layers = sum(len(block_linears(b)) for b in tblocks)
     done = 0
@@ -396,8 +411,12 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
             linearize_conv1d(blk)
             layers = {}
             for rel in block_linears(blk):
-                c = quantizer.layer_config(f"{name}.{rel}", blk.get_submodule(rel))
-                if c is not None:
+                mod = blk.get_submodule(rel)
+                c = quantizer.layer_config(f"{name}.{rel}", mod)
+                why = cannot.get(rel)
+                if c is not None and why is not None:
+                    quantizer.skipped[f"{name}.{rel}"] = why
+                elif c is not None:
                     layers[rel] = c
             groups = (sequential_groups(blk, inputs[0], list(layers)) if inputs
                       else [[n] for n in layers])

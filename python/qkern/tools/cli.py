@@ -41,7 +41,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     d.add_argument("--sections", metavar="LIST", default="all",
                    help="comma-separated demo sections: weights (the weight-format table), "
-                        "decode (wikitext-bytelm bits/byte and tokens/s), digits (PTQ of an "
+                        "decode (wikitext-bytelm bits/byte and tokens/s), llm (RTN / GPTQ / "
+                        "AWQ / HQQ on the wikitext-bytelm), digits (PTQ of an "
                         "MLP and a CNN), minilm (sentence embeddings); default: all")
 
     sub.add_parser("formats", help="list every number format qkern knows",

@@ -37,7 +37,7 @@ from ..quantize import quantize
 from ..tensor import QTensor
 from .bench.decode import SCHEMES as DECODE_SCHEMES
 from .bench.decode import run_decode
-from .reports import digits, minilm
+from .reports import digits, llm, minilm
 
 __all__ = [  # noqa: RUF022 (in reading order)
     "Spec", "DEFAULT_SPECS", "select_specs", "Model", "load_model", "weight_matrices",
@@ -388,9 +388,19 @@ def _minilm_section(ctx: DemoContext) -> str:
     return "## all-MiniLM-L6-v2 sentence embeddings, quantized\n\n" + body
 
 
+def _llm_section(ctx: DemoContext) -> str:
+    try:
+        body = llm.bytelm_table(["RTN", "GPTQ", "AWQ", "HQQ"], ["w4 g128", "w3 g128"], n_cal=32)
+    except FileNotFoundError as e:
+        body = f"skipped: {e}"
+    return ("## LLM post-training quantization (wikitext-bytelm, block by block)\n\n" + body
+            + "\n\nThe full table: python -m qkern.tools.reports.llm")
+
+
 SECTIONS: list[Section] = [
     Section("weights", _weights_section),
     Section("decode", _decode_section),
+    Section("llm", _llm_section),
     Section("digits", _digits_section),
     Section("minilm", _minilm_section),
 ]
