@@ -253,6 +253,16 @@ def test_needs_calibration_and_fused_kernel():
                              LM.calibration(1, 8))
 
 
+def test_trains_under_no_grad():
+    model, cal = LM.build("llama"), LM.calibration(2, 8)
+    quantizer = OmniQuantQuantizer(OmniQuantConfig(bits=2, group_size=32, epochs=2,
+                                                   lr_lwc=0.1))
+    with torch.no_grad():
+        qkern.quantization.quantize_sequential(model, quantizer, cal)
+    assert all(not torch.equal(g, torch.full_like(g, float(torch.sigmoid(torch.tensor(4.0)))))
+               for g, _ in quantizer.clips.values())
+
+
 def test_cannot_be_handed_single_layers():
     q = OmniQuantQuantizer(OmniQuantConfig())
     with pytest.raises(ValueError, match="whole blocks"):

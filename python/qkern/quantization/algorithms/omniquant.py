@@ -402,7 +402,8 @@ class OmniQuantQuantizer(SequentialQuantizer):
         let = self._let_params(ctx)
         if ctx.inputs:
             targets = self._targets(ctx)
-            self.history[ctx.name] = self._train(ctx, lwc, let, targets)
+            with torch.enable_grad():  # also when quantize_model runs under no_grad
+                self.history[ctx.name] = self._train(ctx, lwc, let, targets)
         with torch.no_grad():
             for prev, nexts, s in let:
                 fold_scales(ctx.block, prev, nexts, s.detach().clamp_min(1e-2))
