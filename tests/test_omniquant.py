@@ -253,6 +253,21 @@ def test_needs_calibration_and_fused_kernel():
                              LM.calibration(1, 8))
 
 
+def test_float_target_carried_past_unquantized_blocks():
+    """Only block 1 quantized: its inputs are the float model's, so the float-model target
+    (carried through block 0) equals the float block's output on its inputs."""
+    model, cal = LM.build("llama"), LM.calibration(2, 8)
+    hist = {}
+    for target in ("float", "block"):
+        quantizer = OmniQuantQuantizer(OmniQuantConfig(
+            bits=2, group_size=32, epochs=2, lr_lwc=0.1, target=target,
+            include=["model.layers.1.*"]))
+        qkern.quantization.quantize_sequential(model, quantizer, cal)
+        hist[target] = quantizer.history
+    assert list(hist["float"]) == ["model.layers.1"]
+    assert hist["float"] == hist["block"]
+
+
 def test_trains_under_no_grad():
     model, cal = LM.build("llama"), LM.calibration(2, 8)
     quantizer = OmniQuantQuantizer(OmniQuantConfig(bits=2, group_size=32, epochs=2,

@@ -394,6 +394,8 @@ class OmniQuantQuantizer(SequentialQuantizer):
         """Trains the block's clip logits (and LET scales), folds the scales, then stores each
         linear on qkern's grid with the learned clip (one log line per layer)."""
         t0 = time.perf_counter()
+        floats = ctx.inputs and (ctx.layers or self.config.target == "float")
+        targets = self._targets(ctx) if floats else []  # also carries the float path along
         if not ctx.layers:
             return
         for p in ctx.block.parameters():
@@ -401,7 +403,6 @@ class OmniQuantQuantizer(SequentialQuantizer):
         lwc = self._lwc_params(ctx)
         let = self._let_params(ctx)
         if ctx.inputs:
-            targets = self._targets(ctx)
             with torch.enable_grad():  # also when quantize_model runs under no_grad
                 self.history[ctx.name] = self._train(ctx, lwc, let, targets)
         with torch.no_grad():
