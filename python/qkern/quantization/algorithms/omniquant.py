@@ -9,12 +9,13 @@ holds zero and the grid is qkern's ``int{bits}`` one (docs/numerics.md: ``t = w 
 ``q = clamp(rne(t) + zp, qmin, qmax)``, ``w_q = (q - zp) scale``), so the trained fake
 quantization is, bit for bit, the weight the final :class:`~qkern.nn.QuantLinear` holds.
 
-LET (paper eq. 3-5), weight-only form: a per-channel scale ``s`` between each norm / linear and
+LET (paper eq. 3-5), scales only: a per-channel scale ``s`` between each norm / linear and
 the linears it feeds (``X W = (X / s)(s W)``, the pairs of
 :func:`~qkern.quantization.blocks.scale_pairs`), started at SmoothQuant's
 ``max|X|^0.5 / max|W|^0.5`` and trained at lr 5e-3, folded into the weights at the end
-(:func:`~qkern.quantization.blocks.fold_scales`). The authors turn the shift off for Llama and
-for weight-only quantization; so does this module (no shift).
+(:func:`~qkern.quantization.blocks.fold_scales`). No shift: the authors use one only for
+weight-activation quantization of models with norm biases (OPT), off for Llama and for
+weight-only quantization; no q/k scale (it does not commute with RoPE).
 
 Weight-activation (``act_bits=8``, the paper's W8A8): each quantized linear's input is
 fake-quantized per token (symmetric int8, as qkern's w8a8 kernel) while training, and the
