@@ -188,6 +188,9 @@ def main() -> None:
     ap.add_argument("--peer-src", default="/work/refs/omniquant-src")
     ap.add_argument("--peer-pkgs", default="/work/refs/omniquant-pkgs")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--hf", action="store_true",
+                    help="also run qkern's OmniQuant on the transformers model the authors' "
+                         "code gets (same block class on both sides)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -228,6 +231,11 @@ def main() -> None:
         cfg = OmniQuantConfig(bits=bits, group_size=group, epochs=a.epochs, lr_lwc=a.lr_lwc)
         row("OmniQuant (qkern)",
             lambda: quantize_sequential(model, OmniQuantQuantizer(cfg), copy.copy(cal)))
+        if a.hf:
+            from transformers import LlamaForCausalLM
+            hfm = LlamaForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+            row("OmniQuant (qkern, hf)", lambda: quantize_sequential(
+                hfm, OmniQuantQuantizer(cfg), copy.copy(cal)), hf_bits_per_byte)
         if why is None:
             row("OmniQuant (authors)", lambda: run_peer(bits, group, cal, a.epochs, a.lr_lwc,
                                                         peer_log), hf_bits_per_byte)
