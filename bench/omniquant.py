@@ -188,9 +188,9 @@ def main() -> None:
     ap.add_argument("--peer-src", default="/work/refs/omniquant-src")
     ap.add_argument("--peer-pkgs", default="/work/refs/omniquant-pkgs")
     ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--hf", action="store_true",
-                    help="also run qkern's OmniQuant on the transformers model the authors' "
-                         "code gets (same block class on both sides)")
+    ap.add_argument("--methods", default="rtn,gptq,omni,peer",
+                    help="rows to run: rtn, gptq, omni, hf (qkern's OmniQuant on the "
+                         "transformers model the authors' code gets), peer")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -200,7 +200,9 @@ def main() -> None:
     with open(TEST, "rb") as f:
         test = f.read()
     model = load_llama(MODEL)
-    why = "--no-peer" if a.no_peer else peer_available(a.peer_src, a.peer_pkgs)
+    todo = set(a.methods.split(","))
+    why = ("not asked for" if a.no_peer or "peer" not in todo
+           else peer_available(a.peer_src, a.peer_pkgs))
     print(f"wikitext-bytelm, WikiText-2 test bits/byte (48 x 256), calibration {a.nsamples} x "
           f"256, epochs {a.epochs}, lr_lwc {a.lr_lwc}, {a.threads} thread(s)")
     print(f"fp32 (qkern) {bits_per_byte(model, test):.4f}")
@@ -223,15 +225,17 @@ def main() -> None:
             secs = time.perf_counter() - t0
             print(f"{tag:<10} {name:<22} {evaluate(q, test):9.4f} {secs:8.1f}", flush=True)
 
-        row("RTN (asym)", lambda: qkern.quantize_model(
-            model, RTNConfig(bits=bits, group_size=group, sym=False), cal))
-        if gptq is not None:
+        if "rtn" in todo:
+            row("RTN (asym)", lambda: qkern.quantize_model(
+                model, RTNConfig(bits=bits, group_size=group, sym=False), cal))
+        if gptq is not None and "gptq" in todo:
             row("GPTQ (qkern)", lambda: qkern.quantize_model(
                 model, gptq(bits=bits, group_size=group, sym=False), cal))
         cfg = OmniQuantConfig(bits=bits, group_size=group, epochs=a.epochs, lr_lwc=a.lr_lwc)
-        row("OmniQuant (qkern)",
-            lambda: quantize_sequential(model, OmniQuantQuantizer(cfg), copy.copy(cal)))
-        if a.hf:
+        if "omni" in todo:
+            row("OmniQuant (qkern)",
+                lambda: quantize_sequential(model, OmniQuantQuantizer(cfg), copy.copy(cal)))
+        if "hf" in todo:
             from transformers import LlamaForCausalLM
             hfm = LlamaForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
             row("OmniQuant (qkern, hf)", lambda: quantize_sequential(
