@@ -50,7 +50,7 @@ CASES = [
     ("mxfp4", dict(), "lut4"),
     ("log2_4", dict(group_size=32), "lut4"),
     ("int8", dict(group_size=128), "dequant"),
-    ("uint4", dict(group_size=128, symmetric=False), "dequant"),
+    ("uint4", dict(group_size=128, symmetric=False), "w4_exact"),
 ]
 IDS = [f"{k}-{f}-{i}" for i, (f, _, k) in enumerate(CASES)]
 # kernels whose forward quantizes x (straight-through backward: not the derivative of the

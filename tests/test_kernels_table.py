@@ -98,7 +98,7 @@ def test_one_warning_per_reason_pointing_at_the_caller(ext_kernel):
     ("int4", dict(group_size=None), "w4_exact/w4_fast: needs groups along in_features"),
     ("int4", dict(group_size=32, quantizer="midrise"), "needs the midtread quantizer"),
     ("int2", dict(group_size=48), "group_size must be a positive multiple of 32, got 48"),
-    ("uint4", dict(group_size=32), "no fused kernel for format uint4"),
+    ("uint8", dict(group_size=32), "no fused kernel for format uint8"),
     ("mulaw", dict(group_size=32), "no fused kernel for format mulaw"),
     ("int8", dict(group_size=32), "w8a16: needs one scale per output channel"),
 ])

@@ -93,10 +93,10 @@ void check_args(int64_t n, int64_t k, int64_t group, int bits, int qmin, int mod
 }
 
 // gemm_w23 over raw addresses: ops/w23.py checks dtypes, contiguity and sizes of the torch
-// tensors (ops/checks.py) and passes data_ptr()s. zeros / bias 0: none. Returns `bad`.
+// tensors (ops/checks.py) and passes data_ptr()s. zeros / bias / zeros_f 0: none. Returns `bad`.
 bool gemm_raw(uintptr_t x, int64_t m, uintptr_t packed, uintptr_t scales, uintptr_t zeros,
               uintptr_t bias, int64_t n, int64_t k, int64_t group, int bits, int qmin, int mode,
-              uintptr_t y) {
+              uintptr_t y, uintptr_t zeros_f) {
   check_args(n, k, group, bits, qmin, mode);
   if (m < 0) throw py::value_error("gemm_w23: M must be >= 0");
   qk::bind::checked_mul(m, k, "gemm_w23: M x K");
@@ -109,13 +109,13 @@ bool gemm_raw(uintptr_t x, int64_t m, uintptr_t packed, uintptr_t scales, uintpt
                       reinterpret_cast<const float*>(scales),
                       reinterpret_cast<const int32_t*>(zeros),
                       reinterpret_cast<const float*>(bias), n, k, group, bits, qmin, mode,
-                      reinterpret_cast<float*>(y));
+                      reinterpret_cast<float*>(y), reinterpret_cast<const float*>(zeros_f));
 }
 
 const qk::bind::Register reg([](py::module_& m) {
   m.def("gemm_w23_raw", &gemm_raw, py::arg("x"), py::arg("m"), py::arg("packed"),
         py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("n"), py::arg("k"),
-        py::arg("group"), py::arg("bits"), py::arg("qmin"), py::arg("mode"), py::arg("y"),
+        py::arg("group"), py::arg("bits"), py::arg("qmin"), py::arg("mode"), py::arg("y"), py::arg("zeros_f") = 0,
         "gemm_w23 over data_ptr()s of checked contiguous tensors; returns bad");
   m.def("pack_w23", &pack, py::arg("codes"), py::arg("bits"), py::arg("group"),
         "uint8 unsigned codes (N, K) in [0, 2^bits) -> the packed 2/3-bit tile layout (flat)");

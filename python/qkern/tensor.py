@@ -31,7 +31,9 @@ class DoubleQuant:
 @dataclass
 class QTensor:
     """A quantized tensor. ``codes`` are unpacked (one integer per element, int8 for signed
-    integer formats, uint8 otherwise); ``dequantize()`` gives floats back."""
+    integer formats, uint8 otherwise); ``dequantize()`` gives floats back. ``zero_point`` is
+    int32, or float32 for integer formats with float zero points (HQQ): the value is then
+    ``(float(q) - z) * s``, each operation rounded to float32."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -76,8 +78,9 @@ class QTensor:
             n += self.double_quant.nbytes
         else:
             n += (self.scale.numel() * fmt.scale_bits + 7) // 8
-        if self.zero_point is not None:
-            n += (self.zero_point.numel() * fmt.bits + 7) // 8
+        if self.zero_point is not None:  # integer zero points at `bits`, float ones at 32
+            zbits = 32 if self.zero_point.is_floating_point() else fmt.bits
+            n += (self.zero_point.numel() * zbits + 7) // 8
         return n
 
     @property
@@ -126,10 +129,24 @@ def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     g = layout.group_size
     codes = layout.to_kernel(qt.codes.view(torch.uint8))
     sck = layout.scale_to_kernel(qt.scale.float())
-    if fmt.kind == "int":
+    if fmt.kind == "int" and qt.zero_point is not None and qt.zero_point.is_floating_point():
+        out = dequantize_float_zero(codes, sck, layout.scale_to_kernel(qt.zero_point.float()),
+                                    g, fmt.signed, qt.quantizer)
+    elif fmt.kind == "int":
         zpk = None if qt.zero_point is None else layout.scale_to_kernel(qt.zero_point)
         offset = 0.5 if qt.quantizer == "midrise" else 0.0
         out = _OPS.dequantize_affine(codes, sck, zpk, g, fmt.signed, offset)
     else:
         out = _OPS.dequantize_lut(codes, sck, torch.from_numpy(fmt.lut).to(codes.device), g)
     return layout.from_kernel(out).to(dtype)
+
+
+def dequantize_float_zero(codes: torch.Tensor, sck: torch.Tensor, zk: torch.Tensor, g: int,
+                          signed: bool, quantizer: str = "midtread") -> torch.Tensor:
+    """Kernel-order codes (uint8 view) with float32 scales and float32 zero points per group of
+    ``g``: ``(float(q) - z) * s`` (plus 0.5 for midrise), each operation rounded to float32, as
+    the w4 / w23 kernels decode float zero points."""
+    q = (codes.view(torch.int8) if signed else codes).float().view(-1, g)
+    if quantizer == "midrise":
+        q = q + 0.5
+    return ((q - zk.view(-1, 1)) * sck.view(-1, 1)).view(-1)

@@ -5,12 +5,12 @@ float parts) plus, in its metadata, the qkern version, the quant config (JSON) a
 every quantized layer (its module type, format, group size, activation mode...). ``load``
 rebuilds those layers on a float model of the same architecture and then loads the tensors,
 checking names, shapes and kernels and saying what does not match. A loaded layer passes the
-checks a freshly built one passes: ``act_scale`` goes through the layer's constructor, scales
-and zero points through the checks ``qkern.quantize`` applies to given ones; a bad value is a
-ValueError naming the path and the tensor. A malformed file of any kind (metadata that is not
-JSON or not of the expected shape, missing or mistyped spec fields, unknown layer types,
-formats or kernels, tensors that do not fit) raises ``BadFile``, a ValueError naming the path
-and what is wrong.
+checks a freshly built one passes: ``act_scale`` (and LLM.int8's ``outlier_threshold``) goes
+through the layer's constructor, scales and zero points through the checks ``qkern.quantize``
+applies to given ones; a bad value is a ValueError naming the path and the tensor. A malformed
+file of any kind (metadata that is not JSON or not of the expected shape, missing or mistyped
+spec fields, unknown layer types, formats or kernels, tensors that do not fit) raises
+``BadFile``, a ValueError naming the path and what is wrong.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from ..formats import Format
 from ..formats import get as get_format
 from ..kernels.base import FALLBACK
 from ..layout import Layout
-from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from ..nn import DynamicWeightLinear, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from ..ops.tiles import from_tiles
 from ..quantization import ActQuant, BaseConfig, ObservedInput, linearize_conv1d
 from ..quantize import quantize
+from ..tensor import QTensor
 from ..version import __version__
 from .safetensors import read_safetensors, write_safetensors
 
@@ -41,10 +42,26 @@ FORMAT_VERSION = "1"
 
 def _linear_spec(m: QuantLinear) -> dict:
     q = m.weight_q
-    return {"fmt": q.format.name, "group_size": q.group_size,
+    spec = {"fmt": q.format.name, "group_size": q.group_size,
             "symmetric": q.zero_point is None, "act": m.act, "mode": m.mode,
             "quantizer": q.quantizer, "double_quant": q.double_quant is not None,
             "kernel": m.kernel, "bias": m.bias is not None}
+    if q.zero_point is not None and q.zero_point.is_floating_point():
+        spec["float_zero"] = True  # HQQ: float32 zero points (the buffers hold them)
+    return spec
+
+
+def _float_zero_linear(f: nn.Linear, s: dict) -> QuantLinear:
+    """A placeholder QuantLinear with float zero points (HQQ) of the saved kind; the file's
+    tensors then fill its buffers."""
+    n, k = f.weight.shape
+    g = s["group_size"]
+    if g is None or g <= 0 or k % g:
+        raise ValueError(f"group_size {g} does not divide in_features {k}")
+    lay = Layout("group", (n, k), 1, g)
+    q = QTensor(torch.zeros(n, k, dtype=torch.uint8), torch.ones(lay.scale_shape),
+                torch.zeros(lay.scale_shape), get_format(s["fmt"]), lay)
+    return QuantLinear(q, f.bias, act=s["act"], mode=s["mode"])
 
 
 def _spec(m: nn.Module) -> dict | None:
@@ -52,6 +69,9 @@ def _spec(m: nn.Module) -> dict | None:
         return {"type": "QuantLinear", **_linear_spec(m)}
     if isinstance(m, (QuantConv1d, QuantConv2d)):
         return {"type": type(m).__name__, **_linear_spec(m.qlinear)}
+    if isinstance(m, DynamicWeightLinear):  # the float weight is in the state dict
+        return {"type": "DynamicWeightLinear", "fmt": m.fmt, "group_size": m.group_size,
+                "symmetric": m.symmetric, "rounding": m.rounding, "bias": m.bias is not None}
     if isinstance(m, QuantEmbedding):
         q = m.weight_q
         return {"type": "QuantEmbedding", "fmt": q.format.name, "group_size": q.group_size,
@@ -67,39 +87,56 @@ class BadFile(ValueError):
     wrong)."""
 
 
-def _linear_kwargs(spec: dict, act_scale: torch.Tensor | float) -> dict:
+def _linear_kwargs(spec: dict, act_scale: torch.Tensor | float,
+                   threshold: torch.Tensor | float = 6.0) -> dict:
     kw = {"group_size": spec["group_size"], "symmetric": spec["symmetric"], "act": spec["act"],
           "mode": spec["mode"], "quantizer": spec["quantizer"]}
     if spec["double_quant"]:
         kw["double_quant"] = True
     if spec["act"] == "int8_static":
         kw["act_scale"] = act_scale
+    if spec["act"] == "int8_mixed":
+        kw["threshold"] = threshold
     return kw
 
 
-def _make_linear(cls: type, key: str) -> Callable:
+def _make_linear(cls: type, prefix: str) -> Callable:
     """Builds a QuantLinear / QuantConv from the float layer with the saved ``act_scale``
-    (tensor ``key`` of the layer), so the constructor checks it as it checks a user's value."""
+    (int8_static) or ``outlier_threshold`` (int8_mixed) tensor of the layer (``prefix``: where
+    the QuantLinear sits in it), so the constructor checks it as it checks a user's value."""
 
     def make(f: nn.Module, s: dict, saved: Callable[[str], torch.Tensor | None], where: str,
              name: str):
-        sx = saved(key) if s["act"] == "int8_static" else None
+        if s.get("float_zero"):
+            if cls is not QuantLinear:
+                raise ValueError(f"float zero points (HQQ) come with QuantLinear layers, not "
+                                 f"{cls.__name__}")
+            return _float_zero_linear(f, s)
+        key = {"int8_static": "act_scale", "int8_mixed": "outlier_threshold"}.get(s["act"])
+        v = None if key is None else saved(prefix + key)
+        static = s["act"] == "int8_static"
+        kw = _linear_kwargs(s, v if static and v is not None else 1.0,
+                            v if not static and v is not None else 6.0)
         try:
-            return cls.from_float(f, s["fmt"], **_linear_kwargs(s, 1.0 if sx is None else sx))
+            return cls.from_float(f, s["fmt"], **kw)
         except _BUILD_ERRORS as e:
-            if sx is None:
+            if v is None:
                 raise
-            # the same layer with a valid placeholder scale builds: the file's value is bad
+            # the same layer with a valid placeholder value builds: the file's value is bad
             cls.from_float(f, s["fmt"], **_linear_kwargs(s, 1.0))
-            raise BadFile(f"{where}: tensor '{name}.{key}': {e}") from None
+            raise BadFile(f"{where}: tensor '{name}.{prefix}{key}': {e}") from None
 
     return make
 
 
 _REBUILD: dict[str, tuple[type, Callable]] = {
-    "QuantLinear": (nn.Linear, _make_linear(QuantLinear, "act_scale")),
-    "QuantConv1d": (nn.Conv1d, _make_linear(QuantConv1d, "qlinear.act_scale")),
-    "QuantConv2d": (nn.Conv2d, _make_linear(QuantConv2d, "qlinear.act_scale")),
+    "QuantLinear": (nn.Linear, _make_linear(QuantLinear, "")),
+    "QuantConv1d": (nn.Conv1d, _make_linear(QuantConv1d, "qlinear.")),
+    "QuantConv2d": (nn.Conv2d, _make_linear(QuantConv2d, "qlinear.")),
+    "DynamicWeightLinear": (nn.Linear, lambda f, s, saved, where, name:
+                            DynamicWeightLinear.from_float(
+                                f, s["fmt"], group_size=s["group_size"],
+                                symmetric=s["symmetric"], rounding=s["rounding"])),
     "QuantEmbedding": (nn.Embedding, lambda f, s, saved, where, name: QuantEmbedding.from_float(
         f, s["fmt"], group_size=s["group_size"], symmetric=s["symmetric"])),
 }
@@ -108,10 +145,12 @@ _REBUILD: dict[str, tuple[type, Callable]] = {
 # the fields of each layer spec in the file and their JSON types (None: null)
 _LINEAR_FIELDS = {"fmt": (str,), "group_size": (int, None), "symmetric": (bool,),
                   "act": (str,), "mode": (str,), "quantizer": (str,), "double_quant": (bool,)}
-_OPTIONAL = {"kernel": (str, None), "bias": (bool,)}
+_OPTIONAL = {"kernel": (str, None), "bias": (bool,), "float_zero": (bool,)}
 _FIELDS = {"QuantLinear": _LINEAR_FIELDS, "QuantConv1d": _LINEAR_FIELDS,
            "QuantConv2d": _LINEAR_FIELDS,
            "QuantEmbedding": {"fmt": (str,), "group_size": (int, None), "symmetric": (bool,)},
+           "DynamicWeightLinear": {"fmt": (str,), "group_size": (int, None),
+                                   "symmetric": (bool,), "rounding": (str,)},
            "ActQuant": {"fmt": (str,), "zero_point": (bool,), "inner": (dict, None)}}
 _JSON_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
                None: "null"}
@@ -231,6 +270,11 @@ def _check_params(where: str, name: str, fmt: Format, lay: Layout, scale: torch.
         raise BadFile(f"{where}: tensor '{name}.{keys[zp]}': {e}{note if zp else ''}") from None
 
 
+def _check_float_zero(where: str, name: str, z: torch.Tensor) -> None:
+    if not bool(torch.isfinite(z).all()):
+        raise BadFile(f"{where}: tensor '{name}': float zero points must be finite")
+
+
 def _check_linear(where: str, name: str, m: QuantLinear) -> None:
     q, bufs = m.weight_q, m.packed_buffers()
     if q.format.kind != "int":
@@ -239,10 +283,20 @@ def _check_linear(where: str, name: str, m: QuantLinear) -> None:
     for fam in ("w4", "w23"):  # tiled: (N_pad // 8, K // G, 8)
         if m.kernel.startswith(fam + "_"):
             zeros = bufs.get(f"{fam}_zeros")
+            if zeros is not None and zeros.is_floating_point():
+                _check_float_zero(where, f"{name}.{fam}_zeros", zeros)
+                zeros = None
+            elif zeros is not None and fam == "w4" and not q.format.signed:
+                zeros = zeros + 8  # uint4 runs as int4 codes u - 8, zero points z - 8
             _check_params(where, name, q.format, q.layout, from_tiles(bufs[f"{fam}_scales"], n),
                           None if zeros is None else from_tiles(zeros, n),
                           (f"{fam}_scales", f"{fam}_zeros"), quantizer=q.quantizer)
-    if m.kernel == FALLBACK:  # kernel layout, zero points stored minus qmin
+    if m.kernel == FALLBACK and bufs["zp"].is_floating_point():
+        _check_float_zero(where, f"{name}.zp", bufs["zp"])
+        lay = q.layout
+        _check_params(where, name, q.format, lay, lay.scale_from_kernel(bufs["scale"]), None,
+                      ("scale", "zp"), quantizer=q.quantizer)
+    elif m.kernel == FALLBACK:  # kernel layout, zero points stored minus qmin
         lay, qmin = q.layout, q.format.qmin
         zp = lay.scale_from_kernel(bufs["zp"] + qmin)
         if q.zero_point is None and bool((zp != 0).any()):

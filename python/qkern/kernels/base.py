@@ -188,3 +188,13 @@ def need_groups(q: QTensor, group_error) -> str | None:
         return (f"needs groups along in_features (granularity 'group', axis 1), got "
                 f"granularity {q.granularity!r}, axis {q.axis}")
     return group_error(q.shape[1], q.group_size)
+
+
+def need_unsigned_float_zero(q: QTensor) -> str | None:
+    """Float zero points (HQQ) only with unsigned codes: the kernels take them as zero points
+    of the stored unsigned code, which is the code itself only for uint formats."""
+    z = q.zero_point
+    if z is None or not z.is_floating_point() or not q.format.signed:
+        return None
+    return (f"float zero points need an unsigned format (uint{q.format.bits}), got "
+            f"{q.format.name}")

@@ -18,7 +18,12 @@ _OPS = torch.ops.qkern
 def dequant_weight(q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
     fmt, lay = q.format, q.layout
     codes = _OPS.unpack_bits(bufs["codes_packed"], fmt.bits, lay.numel, False)
-    if fmt.kind == "int":
+    if fmt.kind == "int" and bufs["zp"].is_floating_point():  # float zero points (HQQ)
+        v = codes.float().view(-1, lay.group_size) + float(fmt.qmin)  # the code q, exactly
+        if q.quantizer == "midrise":
+            v = v + 0.5
+        flat = ((v - bufs["zp"].view(-1, 1)) * bufs["scale"].view(-1, 1)).view(-1)
+    elif fmt.kind == "int":
         offset = 0.5 if q.quantizer == "midrise" else 0.0
         flat = _OPS.dequantize_affine(codes, bufs["scale"], bufs["zp"], lay.group_size, False,
                                       offset)
@@ -43,9 +48,12 @@ class Dequant(Kernel):
         bufs = {"scale": lay.scale_to_kernel(q.scale.float())}
         if fmt.kind == "int":  # store code - qmin (unsigned), fold qmin into the zero point
             codes = (lay.to_kernel(q.codes).to(torch.int32) - fmt.qmin).to(torch.uint8)
-            zp = torch.zeros_like(bufs["scale"], dtype=torch.int32) if q.zero_point is None \
-                else lay.scale_to_kernel(q.zero_point).to(torch.int32)
-            bufs["zp"] = zp - fmt.qmin
+            if q.zero_point is not None and q.zero_point.is_floating_point():
+                bufs["zp"] = lay.scale_to_kernel(q.zero_point).float()  # as given, not - qmin
+            else:
+                zp = torch.zeros_like(bufs["scale"], dtype=torch.int32) if q.zero_point is None \
+                    else lay.scale_to_kernel(q.zero_point).to(torch.int32)
+                bufs["zp"] = zp - fmt.qmin
         else:
             codes = lay.to_kernel(q.codes.view(torch.uint8))
             bufs["lut"] = torch.from_numpy(fmt.lut.copy())

@@ -1,4 +1,5 @@
-"""2-bit and 3-bit group-wise weights on qkern::gemm_w23 ("w23_exact", "w23_fast")."""
+"""2-bit and 3-bit group-wise weights on qkern::gemm_w23 ("w23_exact", "w23_fast"); uint2 / uint3
+with float zero points (HQQ) run with ``(float(u) - z) * s``, exactly ``QTensor.dequantize``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import torch
 from ..ops import w23
 from ..ops.tiles import group_error
 from ..tensor import QTensor
-from .base import Kernel, need_format, need_groups, need_midtread, register
+from .base import (
+    Kernel,
+    need_format,
+    need_groups,
+    need_midtread,
+    need_unsigned_float_zero,
+    register,
+)
 
 FORMATS = ("int2", "int3", "uint2", "uint3")
 
@@ -21,7 +29,8 @@ class W23(Kernel):
         return q.format.name in FORMATS
 
     def reason(self, q: QTensor, act: str, mode: str) -> str | None:
-        return need_format(q, FORMATS) or need_groups(q, group_error) or need_midtread(q)
+        return (need_format(q, FORMATS) or need_groups(q, group_error) or need_midtread(q)
+                or need_unsigned_float_zero(q))
 
     def name(self, q: QTensor, act: str, mode: str) -> str:
         return f"w23_{mode}"

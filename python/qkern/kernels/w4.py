@@ -1,4 +1,8 @@
-"""int4 group-wise weights on qkern::gemm_w4 ("w4_exact", "w4_fast")."""
+"""int4 / uint4 group-wise weights on qkern::gemm_w4 ("w4_exact", "w4_fast").
+
+uint4 codes ``u`` run as int4 codes ``u - 8`` with zero points ``z - 8`` (exact integers), or,
+for float zero points (HQQ), with the float zero points of the stored nibble ``u`` itself:
+the kernel then computes with ``(float(u) - z) * s``, exactly ``QTensor.dequantize``."""
 
 from __future__ import annotations
 
@@ -7,7 +11,14 @@ import torch
 from ..ops import w4
 from ..ops.tiles import group_error
 from ..tensor import QTensor
-from .base import Kernel, need_format, need_groups, need_midtread, register
+from .base import (
+    Kernel,
+    need_format,
+    need_groups,
+    need_midtread,
+    need_unsigned_float_zero,
+    register,
+)
 
 
 @register
@@ -16,17 +27,24 @@ class W4(Kernel):
     order = 10
 
     def claims(self, q: QTensor) -> bool:
-        return q.format.name == "int4"
+        return q.format.name in ("int4", "uint4")
 
     def reason(self, q: QTensor, act: str, mode: str) -> str | None:
-        return (need_format(q, ("int4",)) or need_groups(q, group_error)
-                or need_midtread(q))
+        return (need_format(q, ("int4", "uint4")) or need_groups(q, group_error)
+                or need_midtread(q) or need_unsigned_float_zero(q))
 
     def name(self, q: QTensor, act: str, mode: str) -> str:
         return f"w4_{mode}"
 
     def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
-        packed = w4.pack_weight(q.codes, q.scale, q.zero_point, q.group_size)
+        codes, zeros = q.codes, q.zero_point
+        if not q.format.signed:  # uint4: stored nibble u = q, int4 code u - 8
+            codes = (codes.to(torch.int16) - 8).to(torch.int8)
+            if zeros is None:
+                zeros = torch.full(q.scale.shape, -8, dtype=torch.int32)
+            elif not zeros.is_floating_point():
+                zeros = zeros.to(torch.int32) - 8
+        packed = w4.pack_weight(codes, q.scale, zeros, q.group_size)
         return {f"w4_{name}": t for name, t in packed.items() if isinstance(t, torch.Tensor)}
 
     def matmul(self, name, x2, bufs, bias, n, k, q):

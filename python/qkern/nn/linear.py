@@ -25,8 +25,11 @@ from ..quantize import quantize
 from ..tensor import QTensor
 
 # int8_dynamic: per token (row of x); int8_dynamic_tensor: one scale per call; int8_static: a
-# fixed scale from calibration (act_scale); binary: XNOR-Net sign activations
-ACTS = ("none", "int8_dynamic", "int8_dynamic_tensor", "int8_static", "binary")
+# fixed scale from calibration (act_scale); binary: XNOR-Net sign activations; int8_mixed:
+# LLM.int8, per token int8 except the outlier columns (|x| >= threshold), computed in float;
+# int8_token: per token int8 (quantized, dequantized) in front of any weight's float kernel
+ACTS = ("none", "int8_dynamic", "int8_dynamic_tensor", "int8_static", "binary", "int8_mixed",
+        "int8_token")
 MODES = ("exact", "fast")
 
 
@@ -43,6 +46,17 @@ def _warn_fallback(reason: str) -> None:
     _WARNED.add(reason)
     warn_user(f"QuantLinear runs the slow 'dequant' path (weights decoded at every call): "
               f"{reason}", KernelFallbackWarning)
+
+
+def check_threshold(threshold: float | torch.Tensor) -> torch.Tensor:
+    """LLM.int8's outlier threshold as a 1-element float32 tensor: a number >= 0 (0: every
+    input column is computed in float; inf: none is), else ValueError."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.Tensor)):
+        raise ValueError(f"threshold must be a number >= 0, got {type(threshold).__name__}")
+    t = torch.as_tensor(threshold, dtype=torch.float32).detach().reshape(-1).clone()
+    if t.numel() != 1 or bool(torch.isnan(t).any()) or float(t[0]) < 0:
+        raise ValueError(f"threshold must be a number >= 0 (inf: no outliers), got {threshold}")
+    return t
 
 
 def _check_frozen(bufs: dict[str, torch.Tensor]) -> None:
@@ -63,7 +77,8 @@ class QuantLinear(nn.Module):
     makes it trainable (grad = grad_y summed over the rows)."""
 
     def __init__(self, qweight: QTensor, bias: torch.Tensor | None, act: str = "none",
-                 mode: str = "exact", act_scale: float | torch.Tensor | None = None):
+                 mode: str = "exact", act_scale: float | torch.Tensor | None = None,
+                 threshold: float | torch.Tensor | None = None):
         super().__init__()
         if act not in ACTS:
             raise ValueError(f"act must be one of {ACTS}, got {act!r}")
@@ -85,6 +100,10 @@ class QuantLinear(nn.Module):
             if not bool(torch.isfinite(sx).all()) or float(sx) <= 0:
                 raise ValueError(f"act_scale must be a positive finite number, got {act_scale}")
             buffers["act_scale"] = sx
+        if (act == "int8_mixed") != (threshold is not None):
+            raise ValueError("threshold is given with (and only with) act='int8_mixed'")
+        if threshold is not None:
+            buffers["outlier_threshold"] = check_threshold(threshold)
         for name, t in buffers.items():
             self.register_buffer(name, t, persistent=True)
         self._buffer_names = tuple(buffers)
@@ -98,6 +117,7 @@ class QuantLinear(nn.Module):
     def from_float(cls, linear: nn.Linear, fmt: str = "int4", *, group_size: int | None = 128,
                    symmetric: bool = True, act: str = "none", mode: str = "exact",
                    act_scale: float | torch.Tensor | None = None,
+                   threshold: float | torch.Tensor | None = None,
                    **quant_kwargs) -> QuantLinear:
         """Quantize ``linear.weight`` (out, in): per output channel when ``group_size`` is None,
         else in groups of ``group_size`` along the input dimension (block formats default to
@@ -115,11 +135,12 @@ class QuantLinear(nn.Module):
                                  "pass group_size=None for per-channel scales")
             q = quantize(w, f, granularity="group", axis=1, group_size=g, symmetric=symmetric,
                          **quant_kwargs)
-        return cls(q, linear.bias, act=act, mode=mode, act_scale=act_scale)
+        return cls(q, linear.bias, act=act, mode=mode, act_scale=act_scale, threshold=threshold)
 
     @property
     def buffer_names(self) -> tuple[str, ...]:
-        """Names of the kernel's packed buffers (plus ``act_scale`` for int8_static)."""
+        """Names of the kernel's packed buffers (plus ``act_scale`` for int8_static,
+        ``outlier_threshold`` for int8_mixed)."""
         return self._buffer_names
 
     def packed_buffers(self) -> dict[str, torch.Tensor]:
@@ -150,7 +171,9 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={q.format.name}, {gran}, symmetric={q.zero_point is None}, "
                 f"bits_per_weight={q.bits_per_element:.3f}, act={self.act}, mode={self.mode}, "
-                f"kernel={self.kernel}, bias={self.bias is not None}")
+                f"kernel={self.kernel}, bias={self.bias is not None}"
+                + (f", threshold={float(self.outlier_threshold)}" if self.act == "int8_mixed"
+                   else ""))
 
 
 Spec = dict | Callable[[str, nn.Linear], dict | None]

@@ -8,9 +8,10 @@ torch.compile) a block of output rows at a time, so the backward holds at most a
 ``CHUNK_ELEMENTS`` decoded floats besides ``grad_x``; nothing is cached between calls.
 
 The ops that quantize the activations on the fly (gemm_w4 / gemm_w23 ``mode=1``, gemm_w8a8,
-gemm_binary ``xnor=True``, and the int8-activation path of ``ste_w8``) use the straight-through
-estimator: the activation quantizer's derivative is taken as 1, so their gradient is that of
-``x @ W^T`` with the same ``W`` (README, "Training through quantized layers").
+gemm_w8a8_mixed's int8 columns, gemm_binary ``xnor=True``, and the int8-activation path of
+``ste_w8``) use the straight-through estimator: the activation quantizer's derivative is taken
+as 1, so their gradient is that of ``x @ W^T`` with the same ``W`` (README, "Training through
+quantized layers").
 
 A quantized weight is frozen: when one of its float buffers (scales, tables, ...) requires grad
 the op raises RuntimeError at the forward instead of dropping that gradient silently. Integer
@@ -45,9 +46,11 @@ FROZEN = {
     "gemm_w8a8": ("w_scale",),
     "gemm_w8a16": ("w_scale",),
     "ste_w8": ("w_scale",),
+    "gemm_w8a8_mixed": ("w_scale",),
 }
 _ROWS = {"gemm_w4": 8, "gemm_w23": 8, "gemm_binary": 8, "gemm_ternary": 8, "gemm_w8a8": 16,
-         "gemm_w8a16": 16, "ste_w8": 16}  # rows per tile of the packed layout (1: plain rows)
+         "gemm_w8a16": 16, "ste_w8": 16,
+         "gemm_w8a8_mixed": 16}  # rows per tile of the packed layout (1: plain rows)
 
 
 def frozen_error(op: str, name: str) -> RuntimeError:
@@ -77,13 +80,16 @@ def _scaled(w: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def _tiled_affine(a, u: torch.Tensor, t0: int, t1: int, qmin: int) -> torch.Tensor:
     """W = float(q - z) * s for the tiled int layouts (gemm_w4, gemm_w23), rows 8 t0 .. 8 t1;
-    ``u`` the unsigned codes (rows, K), q = u + qmin (float(u) + float(qmin - z) is exact)."""
+    ``u`` the unsigned codes (rows, K), q = u + qmin (float(u) + float(qmin - z) is exact);
+    float zero points z of u: (float(u) - z) * s, as the kernels decode them."""
     g = a["group_size"]
     ng = a["K"] // g
     rows = u.shape[0]
     w = u.float().view(rows, ng, g)
     if a["zeros"] is None:
         w = w + float(qmin)
+    elif a["zeros"].is_floating_point():  # float zero points of u: (float(u) - z) * s
+        w = w - _untile(a["zeros"], t0, t1, ng).float().unsqueeze(-1)
     else:
         w = w + (qmin - _untile(a["zeros"], t0, t1, ng).to(torch.int32)).float().unsqueeze(-1)
     return _scaled(w.view(rows, -1), _untile(a["scales"], t0, t1, ng), g)
@@ -180,6 +186,7 @@ _DECODE = {
     "gemm_w8a8": _w8,
     "gemm_w8a16": _w8,
     "ste_w8": _w8,
+    "gemm_w8a8_mixed": _w8,
 }
 
 

@@ -459,6 +459,16 @@ def int8_act_bound_x(op: str, x: torch.Tensor, length: int, what: str) -> None:
         int8_act_bound(op, float(x.detach().abs().amax()), length, what)
 
 
+def threshold_tensor(op: str, threshold) -> None:
+    """The outlier threshold of gemm_w8a8_mixed: a 1-element floating-point tensor (its value
+    is checked where it is set, QuantLinear, and by the CPU op)."""
+    if (not isinstance(threshold, torch.Tensor) or threshold.numel() != 1
+            or not threshold.is_floating_point()):
+        what = (f"{threshold.dtype} of shape {tuple(threshold.shape)}"
+                if isinstance(threshold, torch.Tensor) else type(threshold).__name__)
+        raise ValueError(f"{op}: threshold must be a 1-element float tensor, got {what}")
+
+
 def w8_codes(codes: torch.Tensor) -> None:
     if codes.dim() != 2 or codes.dtype != torch.int8:
         raise ValueError(f"codes must be a 2-D int8 tensor (N, K), got {codes.dtype} "

@@ -70,6 +70,9 @@ def _gemm_w4(run: _Runner, x, packed, scales, zeros, bias, N, K, group_size, mod
     what = "gemm_w4"
     dev = run.main(x, what)
     checks.gemm_w4(x, packed, scales, zeros, bias, N, K, group_size, mode)
+    if zeros is not None and zeros.is_floating_point():
+        raise ValueError(f"{what}: float zero points (HQQ) run on the CPU kernels only; the CUDA "
+                         "kernel takes int32 zero points")
     nb = K // 32
     x32 = _aligned(x, torch.float32, dev)
     m = x32.numel() // K

@@ -96,6 +96,12 @@ MATMUL_SCHEMAS = {
     # y (computed from int8-quantized x by the caller) with the straight-through gradient of
     # x @ W^T for x: the autograd of the int8-activation paths (ops/autograd.py)
     "ste_w8": "ste_w8(Tensor y, Tensor x, Tensor packed_w, Tensor w_scale, int N, int K) -> Tensor",
+    # LLM.int8: int8 x int8 over the columns of x below the threshold, float over the outlier
+    # columns (ops/w8mixed.py); threshold is a 1-element float tensor (a layer buffer)
+    "gemm_w8a8_mixed": (
+        "gemm_w8a8_mixed(Tensor x, Tensor packed_w, Tensor w_scale, Tensor? bias, int N, int K, "
+        "Tensor threshold) -> Tensor"
+    ),
 }
 
 for _schema in (*SCHEMAS.values(), *MATMUL_SCHEMAS.values()):
@@ -240,6 +246,13 @@ def _(x, packed_w, w_scale, bias, N, K):
 @torch.library.register_fake("qkern::gemm_w8a16")
 def _(x, packed_w, w_scale, bias, N, K):
     checks.gemm_w8("gemm_w8a16", x, packed_w, w_scale, bias, N, K)
+    return _out(x, N, x.dtype)
+
+
+@torch.library.register_fake("qkern::gemm_w8a8_mixed")
+def _(x, packed_w, w_scale, bias, N, K, threshold):
+    checks.gemm_w8("gemm_w8a8_mixed", x, packed_w, w_scale, bias, N, K)
+    checks.threshold_tensor("gemm_w8a8_mixed", threshold)
     return _out(x, N, x.dtype)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["BLOCK", "MODES", "check_group", "check_scales_zeros", "from_tiles", "group_error",
-           "padded", "parse_mode", "tile_shape", "to_tiles"]
+           "padded", "parse_mode", "split_zeros", "tile_shape", "to_tiles", "zeros_dtype"]
 
 BLOCK = 32  # K runs in blocks of 32 codes (csrc/cpu/gemm/w4/api.h kW4Block, gemm_w23.h kW23Block)
 MODES = {"exact": 0, "fast": 1}
@@ -51,7 +51,8 @@ def tile_shape(n: int, k: int, group_size: int) -> tuple[int, int, int]:
 
 def check_scales_zeros(scales, zeros, n: int, ng: int, qmin: int, qmax: int,
                        zp_name: str) -> None:
-    """pack_weight's checks of scales / zeros (N, K // G), zero points in [qmin, qmax]."""
+    """pack_weight's checks of scales / zeros (N, K // G): integer zero points in [qmin, qmax],
+    or float32 zero points of the stored unsigned code (finite, any value)."""
     if tuple(scales.shape) != (n, ng):
         raise ValueError(f"scales must be (N, K // group_size) = {(n, ng)}, "
                          f"got {tuple(scales.shape)}")
@@ -60,7 +61,11 @@ def check_scales_zeros(scales, zeros, n: int, ng: int, qmin: int, qmax: int,
             raise ValueError(f"zeros must be (N, K // group_size) = {(n, ng)}, "
                              f"got {tuple(zeros.shape)}")
         if zeros.is_floating_point():
-            raise ValueError(f"zeros must be an integer tensor, got {zeros.dtype}")
+            if zeros.dtype != torch.float32:
+                raise ValueError(f"float zeros must be float32, got {zeros.dtype}")
+            if not bool(torch.isfinite(zeros).all()):
+                raise ValueError("float zeros must be finite; they contain NaN or Inf")
+            return
         if zeros.numel() and (int(zeros.min()) < qmin or int(zeros.max()) > qmax):
             raise ValueError(f"{zp_name} must be in [{qmin}, {qmax}]")
 
@@ -74,3 +79,18 @@ def to_tiles(p: torch.Tensor, n: int) -> torch.Tensor:
 def from_tiles(p: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`to_tiles`: (N_pad // 8, G, 8) -> (N, G)."""
     return p.transpose(1, 2).reshape(-1, p.shape[1])[:n].contiguous()
+
+
+def split_zeros(zeros: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The ``zeros`` argument of gemm_w4 / gemm_w23 as (int32 zero points, float32 zero points
+    of the stored code): int32 or float32 contiguous, the other None."""
+    if zeros is None:
+        return None, None
+    if zeros.is_floating_point():
+        return None, zeros.detach().to(torch.float32).contiguous()
+    return zeros.detach().to(torch.int32).contiguous(), None
+
+
+def zeros_dtype(zeros: torch.Tensor) -> torch.Tensor:
+    """Zero points as the kernels store them: float32 when floating point, else int32."""
+    return zeros.to(torch.float32 if zeros.is_floating_point() else torch.int32)

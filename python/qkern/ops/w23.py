@@ -4,6 +4,8 @@ and 3-bit group-wise matmul").
 ``y = x @ W^T (+ bias)`` with ``W[n, k] = float(q[n, k] - z[n, g]) * s[n, g]``, ``g = k // G``
 (exactly ``qkern.dequantize``), codes ``q`` of int2 ([-2, 1]), int3 ([-4, 3]), uint2 ([0, 3])
 or uint3 ([0, 7]), zero points ``z`` in the same range (``z = 0``: symmetric), float32 scales.
+Float32 ``zeros`` are instead float zero points of the stored code ``u = q - qmin`` (HQQ's
+``uint{2,3}`` codes): ``W[n, k] = (float(u) - z) * s``, each operation rounded to float32.
 
 - ``mode=0`` ("exact"): per group an FMA chain of ``x * float(q - z)`` (exact operands), times
   the scale, accumulated over the groups in float32;
@@ -31,7 +33,16 @@ from . import checks
 from .cpu import NonFiniteError
 from .raw import contig, ptr
 from .schemas import LIB
-from .tiles import check_group, check_scales_zeros, from_tiles, padded, parse_mode, to_tiles
+from .tiles import (
+    check_group,
+    check_scales_zeros,
+    from_tiles,
+    padded,
+    parse_mode,
+    split_zeros,
+    to_tiles,
+    zeros_dtype,
+)
 
 __all__ = ["gemm_w23", "pack_weight", "unpack_weight"]
 
@@ -39,12 +50,12 @@ __all__ = ["gemm_w23", "pack_weight", "unpack_weight"]
 def _gemm_w23_cpu(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
     checks.gemm_w23(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode)
     x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
-    zeros, bias = contig(zeros, torch.int32), contig(bias, torch.float32)
+    (zeros, zeros_f), bias = split_zeros(zeros), contig(bias, torch.float32)
     if mode == 1:
         checks.int8_act_bound_x("gemm_w23", x, group_size, "group_size")
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
     bad = _C.gemm_w23_raw(ptr(x), x.numel() // K, ptr(packed), ptr(scales), ptr(zeros),
-                          ptr(bias), N, K, group_size, bits, qmin, mode, ptr(y))
+                          ptr(bias), N, K, group_size, bits, qmin, mode, ptr(y), ptr(zeros_f))
     if bad:
         raise NonFiniteError("gemm_w23: x contains NaN or Inf (the fast mode quantizes x to "
                              "int8; use mode=0 (exact) to propagate them)")
@@ -64,7 +75,8 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     """Packs 2-bit or 3-bit codes (N, K), float scales (N, K // G) and optional int zero points
     (N, K // G) for ``gemm_w23``. ``signed`` (default: ``codes.dtype != torch.uint8``, as in
     QTensor) picks int{bits} codes (``[-2^(bits-1), 2^(bits-1) - 1]``) or uint{bits} codes
-    (``[0, 2^bits - 1]``); zero points lie in the same range. Returns ``{"packed": uint8
+    (``[0, 2^bits - 1]``); int zero points lie in the same range (float32 ones are zero points
+    of ``u = q - qmin``, any finite value). Returns ``{"packed": uint8
     (N_pad // 8, K // 32, 32 * bits), "scales": float32 (N_pad // 8, K // G, 8), "zeros": int32
     like scales or None, "N", "K", "group_size", "bits", "qmin"}``."""
     if bits not in (2, 3):
@@ -89,7 +101,7 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     return {
         "packed": packed.view(padded(n) // 8, k // 32, 32 * bits),
         "scales": to_tiles(scales.detach().cpu().to(torch.float32), n),
-        "zeros": None if zeros is None else to_tiles(zeros.detach().cpu().to(torch.int32), n),
+        "zeros": None if zeros is None else to_tiles(zeros_dtype(zeros.detach().cpu()), n),
         "N": n,
         "K": k,
         "group_size": group_size,

@@ -3,6 +3,8 @@ matmul").
 
 ``y = x @ W^T (+ bias)`` with ``W[n, k] = (q[n, k] - z[n, g]) * s[n, g]``, ``g = k // G``,
 codes ``q`` and zero points ``z`` in [-8, 7] (``z = 0``: symmetric), float32 scales ``s``.
+Float32 ``zeros`` are instead float zero points of the stored nibble ``u = q + 8`` (HQQ's
+``uint4`` codes): ``W[n, k] = (float(u) - z) * s``, each operation rounded to float32.
 
 - ``mode=0`` ("exact"): weights dequantized to float32 exactly as ``qkern.dequantize`` and
   accumulated by float32 FMA in a fixed order;
@@ -30,19 +32,28 @@ from . import checks
 from .cpu import NonFiniteError
 from .raw import contig, ptr
 from .schemas import LIB
-from .tiles import check_group, check_scales_zeros, from_tiles, padded, parse_mode, to_tiles
+from .tiles import (
+    check_group,
+    check_scales_zeros,
+    from_tiles,
+    padded,
+    parse_mode,
+    split_zeros,
+    to_tiles,
+    zeros_dtype,
+)
 
 __all__ = ["gemm_w4", "pack_weight", "unpack_weight"]
 
 def _gemm_w4_cpu(x, packed, scales, zeros, bias, N, K, group_size, mode):
     checks.gemm_w4(x, packed, scales, zeros, bias, N, K, group_size, mode)
     x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
-    zeros, bias = contig(zeros, torch.int32), contig(bias, torch.float32)
+    (zeros, zeros_f), bias = split_zeros(zeros), contig(bias, torch.float32)
     if mode == 1:
         checks.int8_act_bound_x("gemm_w4", x, group_size, "group_size")
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
     bad = _C.gemm_w4_raw(ptr(x), x.numel() // K, ptr(packed), ptr(scales), ptr(zeros),
-                         ptr(bias), N, K, group_size, mode, ptr(y))
+                         ptr(bias), N, K, group_size, mode, ptr(y), ptr(zeros_f))
     if bad:
         raise NonFiniteError("gemm_w4: x contains NaN or Inf (the fast mode quantizes x to "
                              "int8; use mode=0 (exact) to propagate them)")
@@ -55,9 +66,9 @@ LIB.impl("gemm_w4", _gemm_w4_cpu, "CPU")
 def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
                 group_size: int = 128) -> dict:
     """Packs int4 codes (N, K) in [-8, 7], float scales (N, K // G) and optional int zero points
-    (N, K // G) in [-8, 7] for ``gemm_w4``. Returns ``{"packed": uint8 (N_pad // 8, K // 32,
-    128), "scales": float32 (N_pad // 8, K // G, 8), "zeros": int32 like scales or None, "N",
-    "K", "group_size"}``."""
+    (N, K // G) in [-8, 7] (or float32 zero points of ``u = q + 8``) for ``gemm_w4``. Returns
+    ``{"packed": uint8 (N_pad // 8, K // 32, 128), "scales": float32 (N_pad // 8, K // G, 8),
+    "zeros": int32 (float32) like scales or None, "N", "K", "group_size"}``."""
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D (N, K), got shape {tuple(codes.shape)}")
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
@@ -72,7 +83,7 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     return {
         "packed": packed.view(padded(n) // 8, k // 32, 128),
         "scales": to_tiles(scales.detach().cpu().to(torch.float32), n),
-        "zeros": None if zeros is None else to_tiles(zeros.detach().cpu().to(torch.int32), n),
+        "zeros": None if zeros is None else to_tiles(zeros_dtype(zeros.detach().cpu()), n),
         "N": n,
         "K": k,
         "group_size": group_size,

@@ -16,12 +16,17 @@ from .algorithms.activation_only import ActivationOnlyConfig
 from .algorithms.adaround import AdaRoundConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
+from .algorithms.dynamic_weight import DynamicWeightOnlyConfig
 from .algorithms.equalization import cross_layer_equalization
+from .algorithms.gptq import GPTQConfig
+from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
+from .algorithms.llm_int8 import LLMInt8Config
 from .algorithms.omniquant import OmniQuantConfig
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import smooth_quant
 from .algorithms.static import StaticConfig
 from .algorithms.weight_only import WeightOnlyConfig
+from .algorithms.zeroquant import ZeroQuantConfig
 from .api import convert, prepare, quantize_model, run_calibration
 from .blocks import find_blocks, fold_scales, linearize_conv1d, scale_pairs
 from .calibration import (
@@ -55,14 +60,15 @@ from .registry import (
 from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize_sequential
 
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
-           "BlockContext", "DynamicConfig", "Gram", "LayerReport", "ObservedInput",
-           "ObservingQuantizer", "OmniQuantConfig", "Quantizer", "RTNConfig",
-           "SequentialQuantizer", "StaticConfig",
-           "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
+           "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig", "Gram",
+           "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput", "ObservingQuantizer",
+           "OmniQuantConfig", "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig",
+           "WeightOnlyConfig", "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens",
+           "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
-           "fold_scales", "input_rows", "linearize_conv1d", "paired_moments", "prepare",
-           "quantize_model", "quantize_sequential", "quantizer_for", "register_quantizer",
-           "registered_configs", "registered_quantizers", "replace_module", "run_batches",
-           "run_calibration", "scale_pairs", "sequential_calibration", "smooth_quant",
-           "text_calibration", "weight_matrix", "weight_module"]
+           "fold_scales", "hqq_linear", "hqq_quantize", "input_rows", "linearize_conv1d",
+           "paired_moments", "prepare", "quantize_model", "quantize_sequential", "quantizer_for",
+           "register_quantizer", "registered_configs", "registered_quantizers", "replace_module",
+           "run_batches", "run_calibration", "scale_pairs", "sequential_calibration",
+           "smooth_quant", "text_calibration", "weight_matrix", "weight_module"]

@@ -79,9 +79,10 @@ enum W23Mode : int { kW23Exact = 0, kW23Fast = 1 };
 // Inf in x (y is then unspecified; the exact mode propagates them and returns false).
 // scales / zeros (zeros may be null) in the tile layout above, w23_padded_rows(n) * k / group values; bias (n) or null. bits: 2 or 3; qmin:
 // the code of u = 0 (so w = float(u + qmin - z) * s). group: a positive multiple of 32
-// dividing k.
+// dividing k. zeros_f (optional, instead of zeros): float zero points of the stored code u, in the
+// same tile layout: w = (float(u) - zf) * s, each step rounded to float32 (HQQ).
 bool gemm_w23(const float* x, int64_t m, const uint8_t* packed, const float* scales,
               const int32_t* zeros, const float* bias, int64_t n, int64_t k, int64_t group,
-              int bits, int qmin, int mode, float* y);
+              int bits, int qmin, int mode, float* y, const float* zeros_f = nullptr);
 
 }  // namespace qk

@@ -90,8 +90,9 @@ inline __m256 field_minus(__m256i v, __m256 zc) {
   }
 }
 
-// zc = float(-qmin) + float(z) of a tile's rows for one group.
+// zc = float(-qmin) + float(z) of a tile's rows for one group (the float zero points if given).
 inline __m256 code_offsets(const Problem& p, int64_t off) {
+  if (p.zeros_f) return _mm256_loadu_ps(p.zeros_f + off);
   const __m256 zc0 = _mm256_set1_ps(p.zc0);
   if (!p.zeros) return zc0;
   const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zeros + off));

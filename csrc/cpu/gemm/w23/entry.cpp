@@ -55,7 +55,7 @@ void unpack_w23(const uint8_t* packed, int64_t n, int64_t k, int bits, uint8_t* 
 
 bool gemm_w23(const float* x, int64_t m, const uint8_t* packed, const float* scales,
               const int32_t* zeros, const float* bias, int64_t n, int64_t k, int64_t group,
-              int bits, int qmin, int mode, float* y) {
+              int bits, int qmin, int mode, float* y, const float* zeros_f) {
   if (m <= 0 || n <= 0) return false;
   const w23::Kernels& kern = w23::kernels();
   const int64_t tiles = w23_padded_rows(n) / kW23Rows;
@@ -63,7 +63,7 @@ bool gemm_w23(const float* x, int64_t m, const uint8_t* packed, const float* sca
   const bool parallel = tdrv::worth_parallel(m * tiles * kW23Rows * k, fast);
 
   w23::Problem p{x,     packed, scales, zeros, bias, y,      m,      n,     k,
-                 group, bits,   static_cast<float>(-qmin), nullptr, nullptr, nullptr};
+                 group, bits,   static_cast<float>(-qmin), nullptr, nullptr, nullptr, zeros_f};
   // fast mode: the int4 kernel's activation quantization (the same definition)
   return tdrv::run_tile_gemm(p, kern, tiles, fast, parallel);
 }

@@ -25,6 +25,7 @@ struct Problem {
   const int8_t* xq;
   const float* dx;
   const float* xs;
+  const float* zeros_f;  // float zero points of the stored code u (HQQ) or null: see api.h
 };
 
 // Per-ISA kernels: y for tiles [t0, t1) and rows [m0, m1), each output in the order of the

@@ -13,6 +13,7 @@ namespace {
 struct Offset {
   const Problem& p;
   float operator()(int64_t pidx) const {
+    if (p.zeros_f) return p.zeros_f[pidx];
     return p.zc0 + (p.zeros ? static_cast<float>(p.zeros[pidx]) : 0.0f);
   }
 };

@@ -47,8 +47,11 @@ enum W4Mode : int { kW4Exact = 0, kW4Fast = 1 };
 // Inf in x (y is then unspecified; the exact mode propagates them and returns false). scales / zeros (zeros may be null: symmetric)
 // in the tile layout above, w4_padded_rows(n) * k / group values; bias (n) or null.
 // group: a positive multiple of 32 dividing k.
+// zeros_f (optional, instead of zeros): float zero points of the stored nibble u = q + 8, in the
+// same tile layout: w = (float(u) - zf) * s, each step rounded to float32 (HQQ's uint4 codes
+// with float zero points; the fast mode's block term du - zf * xs is then one rounded FMA).
 bool gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scales,
              const int32_t* zeros, const float* bias, int64_t n, int64_t k, int64_t group,
-             int mode, float* y);
+             int mode, float* y, const float* zeros_f = nullptr);
 
 }  // namespace qk

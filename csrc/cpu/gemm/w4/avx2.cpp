@@ -88,8 +88,10 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// (8 + z) of a tile's rows for one group, as float.
-inline __m256 code_offsets(const int32_t* zeros, int64_t off) {
+// (8 + z) of a tile's rows for one group, as float (the float zero points themselves if given).
+inline __m256 code_offsets(const Problem& p, int64_t off) {
+  if (p.zeros_f) return _mm256_loadu_ps(p.zeros_f + off);
+  const int32_t* zeros = p.zeros;
   const __m256 eight = _mm256_set1_ps(8.0f);
   if (!zeros) return eight;
   __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(zeros + off));
@@ -126,7 +128,7 @@ void gemv_tile(const Problem& p, int64_t t, int64_t m) {
   const float* xs = p.xs + m * nb;
   __m256 y = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
-    const __m256 zc = code_offsets(p.zeros, (t * ng + g) * kW4Rows);
+    const __m256 zc = code_offsets(p, (t * ng + g) * kW4Rows);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
       const uint8_t* blk = w + b * kW4TileBlockBytes;  // the hardware prefetcher falls behind
@@ -182,7 +184,7 @@ void exact_tiles_row(const Problem& p, int64_t t, int64_t m) {
   for (int64_t g = 0; g < ng; ++g) {
     __m256 zc[NT], a[NT];
     for (int j = 0; j < NT; ++j) {
-      zc[j] = code_offsets(p.zeros, ((t + j) * ng + g) * kW4Rows);
+      zc[j] = code_offsets(p, ((t + j) * ng + g) * kW4Rows);
       a[j] = _mm256_setzero_ps();
     }
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
@@ -217,7 +219,7 @@ void decode_cols(const Problem& p, int64_t t, int nt, int64_t g0, int64_t g1, fl
   const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
   for (int j = 0; j < nt; ++j) {
     for (int64_t g = g0; g < g1; ++g) {
-      const __m256 zc = code_offsets(p.zeros, ((t + j) * ng + g) * kW4Rows);
+      const __m256 zc = code_offsets(p, ((t + j) * ng + g) * kW4Rows);
       for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
         for (int i = 0; i < 4; ++i) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(

@@ -22,6 +22,7 @@ struct Problem {
   const int8_t* xq;
   const float* dx;
   const float* xs;
+  const float* zeros_f;  // float zero points of the stored code u (HQQ) or null: see api.h
 };
 
 // Per-ISA kernels. quantize_x: rows [m0, m1) of x into xq / dx / xs. The matmul kernels

@@ -48,10 +48,12 @@ void quantize_x_scalar(const float* x, int64_t k, int64_t m0, int64_t m1, int8_t
   }
 }
 
-// (8 + z) as float: the code offset of a group (unsigned nibble u = q + 8, value u - zc).
+// (8 + z) as float: the code offset of a group (unsigned nibble u = q + 8, value u - zc); with
+// float zero points zc is the given float itself.
 struct Offset {
   const Problem& p;
   float operator()(int64_t pidx) const {
+    if (p.zeros_f) return p.zeros_f[pidx];
     return 8.0f + (p.zeros ? static_cast<float>(p.zeros[pidx]) : 0.0f);
   }
 };
