@@ -21,6 +21,7 @@ from .algorithms.equalization import cross_layer_equalization
 from .algorithms.gptq import GPTQConfig
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
 from .algorithms.llm_int8 import LLMInt8Config
+from .algorithms.omniquant import OmniQuantConfig
 from .algorithms.rotation import RotationConfig, rotate_block, rotate_model
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import SmoothQuantConfig, smooth_quant
@@ -62,13 +63,14 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 __all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
            "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig", "Gram",
            "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput", "ObservingQuantizer",
-           "Quantizer", "RTNConfig", "RotationConfig", "SequentialQuantizer", "SmoothQuantConfig",
-           "StaticConfig", "WeightOnlyConfig", "ZeroQuantConfig", "as_batches", "bias_correction",
-           "byte_tokens", "call_model", "capture_block_inputs", "capture_inputs", "collect_grams",
-           "config_class", "convert", "cross_layer_equalization", "execution_order", "find_blocks",
-           "float_copy", "fold_scales", "hqq_linear", "hqq_quantize", "input_rows",
-           "linearize_conv1d", "paired_moments", "prepare", "quantize_model",
-           "quantize_sequential", "quantizer_for", "register_quantizer", "registered_configs",
-           "registered_quantizers", "replace_module", "rotate_block", "rotate_model",
-           "run_batches", "run_calibration", "scale_pairs", "sequential_calibration",
-           "smooth_quant", "text_calibration", "weight_matrix", "weight_module"]
+           "OmniQuantConfig", "Quantizer", "RTNConfig", "RotationConfig", "SequentialQuantizer",
+           "SmoothQuantConfig", "StaticConfig", "WeightOnlyConfig", "ZeroQuantConfig",
+           "as_batches", "bias_correction", "byte_tokens", "call_model", "capture_block_inputs",
+           "capture_inputs", "collect_grams", "config_class", "convert",
+           "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
+           "fold_scales", "hqq_linear", "hqq_quantize", "input_rows", "linearize_conv1d",
+           "paired_moments", "prepare", "quantize_model", "quantize_sequential", "quantizer_for",
+           "register_quantizer", "registered_configs", "registered_quantizers", "replace_module",
+           "rotate_block", "rotate_model", "run_batches", "run_calibration", "scale_pairs",
+           "sequential_calibration", "smooth_quant", "text_calibration", "weight_matrix",
+           "weight_module"]
