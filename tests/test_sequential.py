@@ -26,6 +26,7 @@ from qkern.quantization import (
 )
 from qkern.quantization.blocks import block_linears, sequential_groups
 from qkern.quantization.sequential import block_outputs, capture_first_block_inputs
+from qkern.tools.reports import llm
 from reference import quantize_int
 
 
@@ -297,3 +298,10 @@ def test_save_load_round_trip(arch, tmp_path):
     r = qkern.load(tmp_path / "m.qk", lambda: LM.build(arch, seed=3))  # other float weights
     ids = LM.calibration(1, 10, seed=7)[0]
     assert torch.equal(LM.output(q, ids), LM.output(r, ids))
+
+
+def test_llm_report_table_runs():
+    out = llm.bytelm_table(["RTN"], ["w4 g128"], n_cal=2)
+    rows = [r for r in out.splitlines() if r.startswith("| ")]
+    fp32, rtn = (float(r.split("|")[2].split()[0]) for r in rows[1:3])
+    assert abs(fp32 - 1.922) < 0.005 and fp32 < rtn < fp32 + 0.05

@@ -250,6 +250,12 @@ class SequentialQuantizer(Quantizer):
             g = None
         return k if g is None else g
 
+    def rtn_layer(self, name: str, linear: nn.Linear, cfg) -> nn.Module:
+        """``linear`` rounded to nearest on ``cfg``'s grid (bits, group, sym)."""
+        g = self.group_for(name, cfg, linear.in_features)
+        return weight_module(linear, self.layer_format(cfg), g, self.notes, name,
+                             symmetric=cfg.sym)
+
     def quantize_layer(self, name: str, linear: nn.Linear, gram: torch.Tensor | None,
                        cfg) -> nn.Module:
         """The quantized twin of ``linear`` (round to nearest by default). ``gram``:
@@ -258,9 +264,7 @@ class SequentialQuantizer(Quantizer):
         transform with ``then`` hands the layer to that method."""
         if self.inner is not None:
             return self.inner.quantize_layer(name, linear, gram, self.inner.config)
-        g = self.group_for(name, cfg, linear.in_features)
-        return weight_module(linear, self.layer_format(cfg), g, self.notes, name,
-                             symmetric=cfg.sym)
+        return self.rtn_layer(name, linear, cfg)
 
     def preflight(self, name: str, linear: nn.Linear, cfg) -> str | None:
         """Why ``cfg`` cannot run on ``linear``'s shape on one of qkern's fused kernels
@@ -270,7 +274,7 @@ class SequentialQuantizer(Quantizer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                q = SequentialQuantizer.quantize_layer(self, name, probe, None, cfg)
+                q = self.rtn_layer(name, probe, cfg)
             except ValueError as e:
                 return str(e)
         why = getattr(q, "kernel_reason", None)

@@ -271,16 +271,6 @@ class RotationQuantizer(SequentialQuantizer):
             group[:] = [renames.get(n, n) for n in group]
         ctx.pairs.clear()  # the norms are wrapped: nothing is left to fold scales into
 
-    def preflight(self, name: str, linear: nn.Linear, cfg) -> str | None:
-        """The shape check of round to nearest with the same bits / group_size / sym (the
-        base class's probe would hand the layer to ``then`` without a Gram matrix, which
-        GPTQ refuses)."""
-        inner, self.inner = self.inner, None
-        try:
-            return super().preflight(name, linear, cfg)
-        finally:
-            self.inner = inner
-
     def quantize_layer(self, name: str, linear: nn.Linear, gram: torch.Tensor | None,
                        cfg) -> nn.Module:
         q = super().quantize_layer(name, linear, gram, cfg)

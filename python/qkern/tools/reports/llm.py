@@ -19,19 +19,27 @@ group per row at those settings (noted by the pipeline).
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ... import set_num_threads
 from ...models import bits_per_byte, load_llama
 from ...models.assets import shipped_path
-from ...quantization import BaseConfig, quantize_model, registered_configs, text_calibration
+from ...quantization import (
+    BaseConfig,
+    quantize_model,
+    registered_configs,
+    rotate_model,
+    text_calibration,
+)
 
-__all__ = ["METHODS", "SETTINGS", "bytelm_table", "kl_table", "main", "method_config"]
+__all__ = ["METHODS", "SETTINGS", "TRANSFORMS", "bytelm_table", "kl_table", "main", "method_config"]
 
 #: weight settings: label -> (bits, group_size)
 SETTINGS: dict[str, tuple[int, int | None]] = {
@@ -43,10 +51,9 @@ def _cfg(name: str, **kw) -> BaseConfig | None:
     return None if cls is None else cls(**kw)
 
 
-def _rotation_gptq(bits: int, group: int | None) -> BaseConfig | None:
-    gptq = _cfg("GPTQConfig", bits=bits, group_size=group, sym=False)
-    return None if gptq is None else _cfg("RotationConfig", bits=bits, group_size=group,
-                                          sym=False, then=gptq)
+def _rotated(model: nn.Module) -> nn.Module:
+    """QuaRot's whole-model Hadamard rotation (folded, plus the online one on down_proj)."""
+    return rotate_model(copy.deepcopy(model), seed=0)
 
 
 def _awq_gptq(bits: int, group: int | None) -> BaseConfig | None:
@@ -63,14 +70,22 @@ METHODS: dict[str, Callable[[int, int | None], BaseConfig | None]] = {
     "AWQ": lambda b, g: _cfg("AWQConfig", bits=b, group_size=g, sym=False),
     "AWQ + GPTQ": _awq_gptq,
     "HQQ": lambda b, g: _cfg("HQQConfig", bits=b, group_size=g),
-    "OmniQuant": lambda b, g: _cfg("OmniQuantConfig", bits=b, group_size=g),
-    "rotation + GPTQ": _rotation_gptq,
+    "OmniQuant (LWC, 2 epochs)": lambda b, g: _cfg("OmniQuantConfig", bits=b, group_size=g,
+                                                   epochs=2),
+    "rotation + GPTQ": lambda b, g: _cfg("GPTQConfig", bits=b, group_size=g, sym=False),
 }
+#: methods that transform the float model first
+TRANSFORMS: dict[str, Callable[[nn.Module], nn.Module]] = {"rotation + GPTQ": _rotated}
 
 
 def method_config(method: str, setting: str) -> BaseConfig | None:
     bits, group = SETTINGS[setting]
     return METHODS[method](bits, group)
+
+
+def _prepare(method: str, model: nn.Module) -> nn.Module:
+    t = TRANSFORMS.get(method)
+    return model if t is None else t(model)
 
 
 def _quantize(model, cfg, cal):
@@ -100,7 +115,7 @@ def bytelm_table(methods: list[str], settings: list[str], n_cal: int = 64) -> st
             if cfg is None:
                 cells.append("n/a")
                 continue
-            q, secs = _quantize(model, cfg, cal)
+            q, secs = _quantize(_prepare(m, model), cfg, cal)
             with torch.no_grad():
                 cells.append(f"{bits_per_byte(q, test):.4f} ({secs:.0f} s)")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -145,7 +160,7 @@ def kl_table(methods: list[str], settings: list[str]) -> str:
             if cfg is None:
                 cells.append("n/a")
                 continue
-            q, _ = _quantize(model, cfg, cal)
+            q, _ = _quantize(_prepare(m, model), cfg, cal)
             cells.append(f"{_kl(model, q, ev):.4f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
