@@ -14,6 +14,7 @@
 from . import algorithms  # noqa: F401  (imports, and so registers, every algorithm)
 from .algorithms.activation_only import ActivationOnlyConfig
 from .algorithms.adaround import AdaRoundConfig
+from .algorithms.awq import AWQConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
 from .algorithms.equalization import cross_layer_equalization
@@ -53,7 +54,7 @@ from .registry import (
 )
 from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize_sequential
 
-__all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
+__all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
            "BlockContext", "DynamicConfig", "Gram", "LayerReport", "ObservedInput",
            "ObservingQuantizer", "Quantizer", "RTNConfig", "SequentialQuantizer", "StaticConfig",
            "WeightOnlyConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
