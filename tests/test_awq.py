@@ -11,7 +11,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import llm_models as LM
 import qkern
@@ -110,10 +109,9 @@ def _brute_force_alphas(model, cal, pairs, bits, group, n_grid=20):
             for lin, w in zip(lins, orig):
                 lin.weight.copy_((w.double() * s).float())
             p = blk.get_submodule(prev)
-            shape = (-1,) if isinstance(p.weight, nn.Parameter) and p.weight.dim() == 1 \
-                else (-1, 1)
             for t in (p.weight, getattr(p, "bias", None)):
                 if t is not None:
+                    shape = (-1,) if t.dim() == 1 else (-1, 1)
                     t.copy_((t.double() / s.reshape(shape)).float())
         out[prev] = (best / n_grid, losses)
     return out
