@@ -304,7 +304,7 @@ def test_config_validation_and_json():
 def test_per_channel_duo_scaling_and_block_objective_run():
     model = LM.build("qwen2")
     cal = LM.calibration()
-    for cfg in (AWQConfig(bits=4, group_size=None), AWQConfig(bits=8, group_size=None),
+    for cfg in (AWQConfig(bits=4, group_size=None), AWQConfig(bits=8, group_size=None, sym=True),
                 AWQConfig(bits=3, group_size=32, duo_scaling=True, objective="block")):
         q = AWQQuantizer(cfg)
         out = quantize_sequential(model, q, cal)
