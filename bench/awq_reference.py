@@ -178,7 +178,7 @@ def main() -> None:
 
     def row(name: str, value: float, secs: float | None = None) -> None:
         t = "" if secs is None else f"{secs:8.1f} s"
-        print(f"| {name:<34} | {value:.4f} | {t:>10} |", flush=True)
+        print(f"| {name:<34} | {value:.4f} | {t:>10} |", file=sys.__stdout__, flush=True)
 
     print(f"wikitext-bytelm, bits per byte on WikiText-2 test (48 x 256), calibration "
           f"{args.samples} x {args.seqlen} bytes of WikiText-2 valid; threads "
