@@ -10,6 +10,7 @@ from .packing import pack_bits, pack_int32, unpack_bits, unpack_int32
 from .quantization import (
     ActivationOnlyConfig,
     AdaRoundConfig,
+    AWQConfig,
     DynamicConfig,
     DynamicWeightOnlyConfig,
     GPTQConfig,
@@ -31,6 +32,7 @@ from .tensor import PackedQTensor, QTensor, dequantize
 from .version import __version__ as __version__
 
 __all__ = [
+    "AWQConfig",
     "ActivationOnlyConfig",
     "AdaRoundConfig",
     "DynamicConfig",

@@ -14,6 +14,7 @@
 from . import algorithms  # noqa: F401  (imports, and so registers, every algorithm)
 from .algorithms.activation_only import ActivationOnlyConfig
 from .algorithms.adaround import AdaRoundConfig
+from .algorithms.awq import AWQConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
 from .algorithms.dynamic_weight import DynamicWeightOnlyConfig
@@ -60,13 +61,13 @@ from .registry import (
 )
 from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize_sequential
 
-__all__ = ["ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig", "Batch",
-           "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig", "Gram",
-           "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput", "ObservingQuantizer",
-           "OmniQuantConfig", "Quantizer", "RTNConfig", "RotationConfig", "SequentialQuantizer",
-           "SmoothQuantConfig", "StaticConfig", "WeightOnlyConfig", "ZeroQuantConfig",
-           "as_batches", "bias_correction", "byte_tokens", "call_model", "capture_block_inputs",
-           "capture_inputs", "collect_grams", "config_class", "convert",
+__all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig",
+           "Batch", "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig",
+           "Gram", "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput",
+           "ObservingQuantizer", "OmniQuantConfig", "Quantizer", "RTNConfig", "RotationConfig",
+           "SequentialQuantizer", "SmoothQuantConfig", "StaticConfig", "WeightOnlyConfig",
+           "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
+           "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
            "fold_scales", "hqq_linear", "hqq_quantize", "input_rows", "linearize_conv1d",
            "paired_moments", "prepare", "quantize_model", "quantize_sequential", "quantizer_for",
