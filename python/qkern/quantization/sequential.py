@@ -228,6 +228,12 @@ class SequentialQuantizer(Quantizer):
             q = q.inner
         return out
 
+    def float_inputs(self) -> bool:
+        """True when each block is calibrated on the float model's activations (the previous
+        blocks transformed but not quantized, as llm-awq searches) instead of the quantized
+        prefix's (GPTQ's rule, the default)."""
+        return getattr(self.config, "inputs", "quantized") == "float"
+
     def wants_grams(self) -> bool:
         return any(q.GRAMS for q in self.chain())
 
@@ -430,9 +436,12 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
                                scale_pairs(blk), notes)
             for q in quantizer.chain():  # transforms first, then the layer method's own
                 q.process_block(ctx)
+            # the next block sees this block's float (transformed) outputs, or its quantized ones
+            nxt = block_outputs(blk, inputs) if inputs and quantizer.float_inputs() else None
             quantizer.quantize_block(ctx, log)
             if inputs:
-                inputs = [_with_hidden(b, h) for b, h in zip(inputs, block_outputs(blk, inputs))]
+                outs = nxt if nxt is not None else block_outputs(blk, inputs)
+                inputs = [_with_hidden(b, h) for b, h in zip(inputs, outs)]
             tblocks[i] = blk
             bar.update(1)
     finally:

@@ -65,8 +65,10 @@ class AWQConfig(BaseConfig):
     (False: zero points, as llm-awq); ``n_grid`` alphas scored per pair (paper: 20),
     ``clip`` (the max-value shrink search, ``clip_grid`` / ``max_shrink`` as llm-awq's 20 /
     0.5), ``duo_scaling`` (AutoAWQ's ``s_x^a / s_w^(1-a)``; llm-awq: off), ``objective``
-    ("module" as llm-awq, or "block"), ``then``: the LLM method that quantizes the scaled
-    layers (None: round to nearest)."""
+    ("module" as llm-awq, or "block"), ``inputs`` ("float": each block searched on the
+    float model's activations with the earlier blocks scaled but not quantized, as llm-awq;
+    "quantized": on the quantized prefix's, the pipeline's default for GPTQ), ``then``: the
+    LLM method that quantizes the scaled layers (None: round to nearest)."""
 
     bits: int = 4
     group_size: int | None = 128
@@ -77,6 +79,7 @@ class AWQConfig(BaseConfig):
     max_shrink: float = 0.5
     duo_scaling: bool = False
     objective: str = "module"
+    inputs: str = "float"
     then: BaseConfig | None = None
 
     def __post_init__(self) -> None:
@@ -88,6 +91,7 @@ class AWQConfig(BaseConfig):
         check_real(n, "max_shrink", self.max_shrink, 0.0, 0.95, "a real in [0, 0.95]")
         check_bool(n, "duo_scaling", self.duo_scaling)
         check_choice(n, "objective", self.objective, AWQ_OBJECTIVES)
+        check_choice(n, "inputs", self.inputs, ("float", "quantized"))
         super().__post_init__()
 
 
