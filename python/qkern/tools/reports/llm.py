@@ -70,7 +70,7 @@ METHODS: dict[str, Callable[[int, int | None], BaseConfig | None]] = {
     "AWQ": lambda b, g: _cfg("AWQConfig", bits=b, group_size=g, sym=False),
     "AWQ + GPTQ": _awq_gptq,
     "HQQ": lambda b, g: _cfg("HQQConfig", bits=b, group_size=g),
-    "OmniQuant (LWC, 2 epochs)": lambda b, g: _cfg("OmniQuantConfig", bits=b, group_size=g,
+    "OmniQuant (LWC; 2 epochs)": lambda b, g: _cfg("OmniQuantConfig", bits=b, group_size=g,
                                                    epochs=2),
     "rotation + GPTQ": lambda b, g: _cfg("GPTQConfig", bits=b, group_size=g, sym=False),
 }
