@@ -50,11 +50,12 @@ from torch import nn
 
 import qkern
 from qkern.models import bits_per_byte, load_llama
+from qkern.models.assets import shipped_path
 from qkern.quantization import text_calibration
 
-MODEL = "models/wikitext-bytelm"
-VALID = "data/wikitext-2/wiki.valid.tokens"
-TEST = "data/wikitext-2/wiki.test.tokens"
+MODEL = shipped_path("models/wikitext-bytelm")
+VALID = shipped_path("data/wikitext-2/wiki.valid.tokens")
+TEST = shipped_path("data/wikitext-2/wiki.test.tokens")
 MIRROR = os.environ.get("QKERN_AWQ_MIRROR", "/work/.mirror/mit-han-lab+llm-awq/repo")
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from qkern import quantize
+from qkern.models.assets import shipped_path
 from qkern.quantization.algorithms.gptq import gptq_quantize, output_error
 
 MIRROR = os.environ.get("GPTQ_MIRROR", "/work/.mirror/IST-DASLab+gptq/repo")
@@ -109,8 +110,8 @@ def bytelm_layers(bits: int, group: int):
             got.append((name, linear.weight.detach().clone(), gram))
             return super().quantize_layer(name, linear, gram, cfg)
 
-    model = load_llama("models/wikitext-bytelm")
-    cal = text_calibration("data/wikitext-2/wiki.valid.tokens", "bytes", 64, 256)
+    model = load_llama(shipped_path("models/wikitext-bytelm"))
+    cal = text_calibration(shipped_path("data/wikitext-2/wiki.valid.tokens"), "bytes", 64, 256)
     quantize_sequential(model, Recorder(GPTQConfig(bits=bits, group_size=group)), cal)
     return got
 

@@ -40,12 +40,13 @@ from torch import nn
 
 import qkern
 from qkern.models import bits_per_byte, load_llama
+from qkern.models.assets import shipped_path
 from qkern.quantization import OmniQuantConfig, RTNConfig, quantize_sequential, text_calibration
 from qkern.quantization.algorithms.omniquant import OmniQuantQuantizer
 
-MODEL = "models/wikitext-bytelm"
-VALID = "data/wikitext-2/wiki.valid.tokens"
-TEST = "data/wikitext-2/wiki.test.tokens"
+MODEL = shipped_path("models/wikitext-bytelm")
+VALID = shipped_path("data/wikitext-2/wiki.valid.tokens")
+TEST = shipped_path("data/wikitext-2/wiki.test.tokens")
 
 
 def hf_bits_per_byte(model: nn.Module, data: bytes, window: int = 256, n_windows: int = 48,

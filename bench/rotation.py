@@ -46,8 +46,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=48)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = load_llama(assets.WIKITEXT_BYTELM)
-    data = open(assets.WIKITEXT_TEXT.format(split="test"), "rb").read()
+    model = load_llama(assets.shipped_path(assets.WIKITEXT_BYTELM))
+    data = open(assets.shipped_path(assets.WIKITEXT_TEXT.format(split="test")), "rb").read()
     bpb = lambda m: bits_per_byte(m, data, n_windows=args.windows)  # noqa: E731
     fp = bpb(model)
     rot = copy.deepcopy(model)
@@ -57,8 +57,8 @@ def main() -> None:
     print(f"fp32 {fp:.4f}   rotated fp32 {bpb(rot):.4f}\n")
     cal = None
     if args.gptq:
-        cal = text_calibration(assets.WIKITEXT_TEXT.format(split="valid"), "bytes",
-                               n_samples=64, seqlen=256)
+        valid = assets.shipped_path(assets.WIKITEXT_TEXT.format(split="valid"))
+        cal = text_calibration(valid, "bytes", n_samples=64, seqlen=256)
     quarot = rotate_model(copy.deepcopy(model), 0)
     cols = ["RTN", "rot+RTN", "H+RTN", "QuaRot+RTN"]
     if args.gptq:

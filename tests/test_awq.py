@@ -15,13 +15,14 @@ import torch
 import llm_models as LM
 import qkern
 from qkern.models import load_llama
+from qkern.models.assets import shipped_path
 from qkern.quantization import AWQConfig, RTNConfig, find_blocks, quantize_sequential
 from qkern.quantization import text_calibration as cut
 from qkern.quantization.algorithms.awq import AWQQuantizer, clip_ratios, clip_search
 from qkern.quantization.blocks import block_linears
 from reference import quantize_int
 
-VALID = "data/wikitext-2/wiki.valid.tokens"
+VALID = shipped_path("data/wikitext-2/wiki.valid.tokens")
 
 
 def _bytelm_cal(n=8, length=128):
@@ -137,8 +138,8 @@ OPT_PAIRS = [
                                               ("llama-mha", 3, 32), ("opt", 3, 32)])
 def test_alpha_equals_brute_force(which, bits, group):
     if which == "bytelm":
-        model, cal, pairs = load_llama("models/wikitext-bytelm"), _bytelm_cal(2, 64), \
-            LLAMA_PAIRS
+        model = load_llama(shipped_path("models/wikitext-bytelm"))
+        cal, pairs = _bytelm_cal(2, 64), LLAMA_PAIRS
     else:
         model, cal = LM.build(which), LM.calibration(4, 16)
         pairs = LLAMA_PAIRS if which.startswith("llama") else OPT_PAIRS
@@ -247,11 +248,11 @@ def _block_errors(model, qmodel, cal):
 
 @pytest.mark.parametrize("bits", [4, 3])
 def test_block_error_below_rtn_on_the_bytelm(bits):
-    model = load_llama("models/wikitext-bytelm")
+    model = load_llama(shipped_path("models/wikitext-bytelm"))
     cal = _bytelm_cal(8, 64)
     awq = qkern.quantize_model(model, AWQConfig(bits=bits, group_size=128), cal)
     rtn = qkern.quantize_model(model, RTNConfig(bits=bits, group_size=128, sym=False), cal)
-    held_out = cut("data/wikitext-2/wiki.test.tokens", "bytes", 4, 128)
+    held_out = cut(shipped_path("data/wikitext-2/wiki.test.tokens"), "bytes", 4, 128)
     ea, er = _block_errors(model, awq, held_out), _block_errors(model, rtn, held_out)
     assert all(a <= r for a, r in zip(ea, er)), (ea, er)
     assert sum(ea) < 0.9 * sum(er), (ea, er)

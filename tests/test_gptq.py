@@ -12,6 +12,7 @@ import llm_models as LM
 import qkern
 import reference as R
 from qkern.models import load_llama
+from qkern.models.assets import shipped_path
 from qkern.quantization import text_calibration
 from qkern.quantization.algorithms.gptq import GPTQConfig, gptq_linear, gptq_quantize
 
@@ -253,12 +254,12 @@ def test_quantize_model_beats_rtn_on_tiny_llama():
 
 
 def test_quantize_model_bytelm_beats_rtn():
-    model = load_llama("models/wikitext-bytelm")
+    model = load_llama(shipped_path("models/wikitext-bytelm"))
     # enough calibration rows (16 x 128 > the widest input, 672) for a well-posed H, so the
     # comparison does not hinge on BLAS summation order (thread count)
-    cal = text_calibration(open("data/wikitext-2/wiki.valid.tokens", "rb").read(), "bytes",
+    cal = text_calibration(shipped_path("data/wikitext-2/wiki.valid.tokens"), "bytes",
                            16, 128)
-    ids = text_calibration(open("data/wikitext-2/wiki.test.tokens", "rb").read(), "bytes",
+    ids = text_calibration(shipped_path("data/wikitext-2/wiki.test.tokens"), "bytes",
                            4, 128, seed=4)
     ref = [_out(model, i) for i in ids]
     gq = qkern.quantize_model(model, GPTQConfig(bits=3, group_size=32, act_order=True,

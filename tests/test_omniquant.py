@@ -13,6 +13,7 @@ import torch
 import llm_models as LM
 import qkern
 from qkern.models import load_llama
+from qkern.models.assets import shipped_path
 from qkern.quantization import OmniQuantConfig, RTNConfig, find_blocks, text_calibration
 from qkern.quantization.algorithms.omniquant import (
     OmniQuantQuantizer,
@@ -216,8 +217,8 @@ def test_w8a8_with_let(arch):
 
 
 def test_bytelm_block_error_below_rtn():
-    model = load_llama("models/wikitext-bytelm")
-    with open("data/wikitext-2/wiki.valid.tokens", "rb") as f:
+    model = load_llama(shipped_path("models/wikitext-bytelm"))
+    with open(shipped_path("data/wikitext-2/wiki.valid.tokens"), "rb") as f:
         cal = text_calibration(f.read(), "bytes", 4, 128)
     name = find_blocks(model)[0]
     cfg = OmniQuantConfig(bits=2, group_size=64, epochs=4, lr_lwc=0.1,

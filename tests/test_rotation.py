@@ -98,8 +98,8 @@ def test_pipeline_rotation_keeps_logits_and_the_input_model():
 
 @pytest.fixture(scope="module")
 def bytelm():
-    model = load_llama(assets.WIKITEXT_BYTELM)
-    data = open(assets.WIKITEXT_TEXT.format(split="test"), "rb").read()[:4 * 128]
+    model = load_llama(assets.shipped_path(assets.WIKITEXT_BYTELM))
+    data = assets.shipped_path(assets.WIKITEXT_TEXT.format(split="test")).read_bytes()[:4 * 128]
     ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long().view(4, 128)
     with torch.no_grad():
         return model, ids, model(ids)
@@ -123,7 +123,7 @@ def test_bytelm_rotation_lowers_rtn_bits_per_byte_at_w3(bytelm):
     1.921, rotation + RTN 1.880 (seed 0; 1.876 and 1.908 with seeds 1, 2). At w4 g128 the
     rotation is within noise of RTN on this model (docs/llm.md, bench/rotation.py)."""
     model = bytelm[0]
-    data = open(assets.WIKITEXT_TEXT.format(split="test"), "rb").read()
+    data = open(assets.shipped_path(assets.WIKITEXT_TEXT.format(split="test")), "rb").read()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rtn = bits_per_byte(qkern.quantize_model(model, RTNConfig(bits=3, group_size=128)),

@@ -15,6 +15,7 @@ from torch import nn
 import llm_models as LM
 import qkern
 from qkern.models import load_llama
+from qkern.models.assets import shipped_path
 from qkern.quantization import (
     RTNConfig,
     SequentialQuantizer,
@@ -113,8 +114,8 @@ class _Recorder(SequentialQuantizer):
 
 
 def test_layers_are_calibrated_on_the_quantized_prefix():
-    model = load_llama("models/wikitext-bytelm")
-    data = open("data/wikitext-2/wiki.valid.tokens", "rb").read()
+    model = load_llama(shipped_path("models/wikitext-bytelm"))
+    data = open(shipped_path("data/wikitext-2/wiki.valid.tokens"), "rb").read()
     cal = text_calibration(data, "bytes", 4, 64)
     rec = _Recorder(RTNConfig(bits=3, group_size=32))
     q = quantize_sequential(model, rec, cal)
@@ -269,20 +270,21 @@ def test_then_hands_layers_to_the_inner_method_and_round_trips_json():
 
 
 def test_a_local_folder_loads_through_transformers():
-    model = load_llama("models/wikitext-bytelm")
-    cal = text_calibration(open("data/wikitext-2/wiki.valid.tokens", "rb").read(), "bytes", 2, 64)
-    q = qkern.quantize_model("models/wikitext-bytelm", RTNConfig(bits=4, group_size=64), cal)
+    model = load_llama(shipped_path("models/wikitext-bytelm"))
+    cal = text_calibration(shipped_path("data/wikitext-2/wiki.valid.tokens"), "bytes", 2, 64)
+    folder = shipped_path("models/wikitext-bytelm")
+    q = qkern.quantize_model(folder, RTNConfig(bits=4, group_size=64), cal)
     assert type(q).__name__ == "LlamaForCausalLM"
     ref = qkern.quantize_model(model, RTNConfig(bits=4, group_size=64), cal)
     ids = cal[0]
     with torch.no_grad():
         torch.testing.assert_close(q(ids).logits, ref(ids), rtol=1e-4, atol=1e-4)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        qkern.quantize_model("data", RTNConfig(), cal)
+        qkern.quantize_model(shipped_path("data"), RTNConfig(), cal)
 
 
 def test_a_layer_no_kernel_takes_stays_float_and_is_reported():
-    model = load_llama("models/stories260k")  # intermediate 172: not a multiple of 32
+    model = load_llama(shipped_path("models/stories260k"))  # intermediate 172: not a multiple of 32
     cal = [torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))]
     with pytest.warns(UserWarning, match=r"5 layer\(s\) left in float") as rec:
         q = qkern.quantize_model(model, RTNConfig(bits=4, group_size=32), cal)
