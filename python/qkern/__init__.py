@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _C, companding, formats, nn, observers, ops  # noqa: F401
+from .interop import export, from_pretrained
 from .io.serialization import load, save
 from .packing import pack_bits, pack_int32, unpack_bits, unpack_int32
 from .quantization import (
@@ -53,8 +54,10 @@ __all__ = [
     "companding",
     "convert",
     "dequantize",
+    "export",
     "fake_quantize",
     "formats",
+    "from_pretrained",
     "get_isa",
     "get_num_threads",
     "load",

@@ -61,6 +61,13 @@ class Kernel:
         """The float-activation kernel over the same buffers (one float product per weight)."""
         return name
 
+    def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
+        """The weight's QTensor back from the packed buffers: codes, scales and zero points in
+        the user layout of ``q`` (``q`` carries the format and layout; its own scale / zero
+        point tensors are not read). Exporters read the codes through this."""
+        raise NotImplementedError(f"kernel {name!r} cannot give its codes back "
+                                  f"(format {q.format.name})")
+
     def forward(self, name: str, x: torch.Tensor, bufs: dict[str, torch.Tensor],
                 bias: torch.Tensor | None, n: int, k: int, q: QTensor) -> torch.Tensor:
         """y (..., n) float32 for x (..., k)."""

@@ -5,6 +5,8 @@ weight, and says why."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -59,6 +61,22 @@ class Dequant(Kernel):
             bufs["lut"] = torch.from_numpy(fmt.lut.copy())
         bufs["codes_packed"] = pack_bits(codes, fmt.bits)
         return bufs
+
+    def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
+        fmt, lay = q.format, q.layout
+        u = _OPS.unpack_bits(bufs["codes_packed"], fmt.bits, lay.numel, False)
+        scale = lay.scale_from_kernel(bufs["scale"].float())
+        zp = bufs.get("zp")
+        if fmt.kind != "int":
+            return replace(q, codes=lay.from_kernel(u.to(torch.uint8)), scale=scale)
+        codes = (u.to(torch.int32) + fmt.qmin).to(torch.int8 if fmt.signed else torch.uint8)
+        if q.zero_point is None:
+            zero = None
+        elif zp.is_floating_point():
+            zero = lay.scale_from_kernel(zp)
+        else:
+            zero = lay.scale_from_kernel(zp + fmt.qmin).to(torch.int32)
+        return replace(q, codes=lay.from_kernel(codes), scale=scale, zero_point=zero)
 
     def forward(self, name, x, bufs, bias, n, k, q):
         return F.linear(x.float(), dequant_weight(q, bufs), bias)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..ops import fp8
@@ -26,6 +28,10 @@ class Fp8(Kernel):
     def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
         p = fp8.pack_weight(q.codes, q.scale, q.group_size, q.format.name)
         return {"fp8_w": p["w"], "fp8_scales": p["scales"]}
+
+    def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
+        return replace(q, codes=bufs["fp8_w"].clone(),
+                       scale=bufs["fp8_scales"].reshape(q.layout.scale_shape).clone())
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_fp8(x2, bufs["fp8_w"], bufs["fp8_scales"], bias, n, k,

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..ops import lut4
@@ -12,6 +14,11 @@ from .base import Kernel, need_groups, register
 
 def _table(q: QTensor) -> torch.Tensor:
     return torch.from_numpy(q.format.lut[:16].copy())
+
+
+def _codes(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K // 2) bytes -> (N, K) codes 0..15 (element k in the low nibble for even k)."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
 
 
 class _Lut4Family(Kernel):
@@ -40,6 +47,14 @@ class Lut4Dq(_Lut4Family):
         return {"lut4_packed": p["packed"], "lut4_qscales": p["qscales"],
                 "lut4_scale2": p["scale2"], "lut4_mean": p["mean"], "lut4_table": _table(q)}
 
+    def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
+        n, k = q.shape
+        dq = replace(q.double_quant, codes=bufs["lut4_qscales"].clone(),
+                     scale2=bufs["lut4_scale2"].clone(), mean=float(bufs["lut4_mean"][0]))
+        scales = lut4.dq_scales(dq.codes, dq.scale2, bufs["lut4_mean"], dq.group)
+        return replace(q, codes=_codes(bufs["lut4_packed"]),
+                       scale=scales.reshape(q.layout.scale_shape), double_quant=dq)
+
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_lut4_dq(x2, bufs["lut4_packed"], bufs["lut4_qscales"],
                                             bufs["lut4_scale2"], bufs["lut4_mean"],
@@ -60,6 +75,10 @@ class Lut4(_Lut4Family):
     def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
         p = lut4.pack_weight(q.codes.view(torch.uint8), q.scale, q.group_size)
         return {"lut4_packed": p["packed"], "lut4_scales": p["scales"], "lut4_table": _table(q)}
+
+    def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
+        return replace(q, codes=_codes(bufs["lut4_packed"]),
+                       scale=bufs["lut4_scales"].reshape(q.layout.scale_shape).clone())
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_lut4(x2, bufs["lut4_packed"], bufs["lut4_scales"],

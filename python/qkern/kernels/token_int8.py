@@ -50,6 +50,10 @@ class Int8Token(Kernel):
         """The float-activation kernel of the weight (what ``act="none"`` would run)."""
         return select(q, "none", "exact").name
 
+    def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
+        inner = self.inner(q)
+        return by_name(inner).unpack(inner, q, bufs)
+
     def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
         name = self.inner(q)
         return by_name(name).pack(q, "none", "exact")

@@ -3,6 +3,8 @@ with float zero points (HQQ) run with ``(float(u) - z) * s``, exactly ``QTensor.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..ops import w23
@@ -45,6 +47,15 @@ class W23(Kernel):
                                         bufs.get("w23_zeros"), bias, n, k, q.group_size,
                                         q.format.bits, q.format.qmin,
                                         0 if name == "w23_exact" else 1)
+
+    def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
+        n, k = q.shape
+        bits = q.format.bits
+        codes, scales, zeros = w23.unpack_weight({
+            "packed": bufs["w23_packed"], "scales": bufs["w23_scales"],
+            "zeros": bufs.get("w23_zeros"), "N": n, "K": k, "bits": bits,
+            "qmin": w23.code_range(bits, q.format.signed)[0]})
+        return replace(q, codes=codes, scale=scales, zero_point=zeros)
 
     def float_twin(self, name: str) -> str:
         return "w23_exact"

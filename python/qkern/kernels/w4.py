@@ -6,6 +6,8 @@ the kernel then computes with ``(float(u) - z) * s``, exactly ``QTensor.dequanti
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..ops import w4
@@ -54,3 +56,16 @@ class W4(Kernel):
 
     def float_twin(self, name: str) -> str:
         return "w4_exact"
+
+    def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
+        n, k = q.shape
+        codes, scales, zeros = w4.unpack_weight({"packed": bufs["w4_packed"], "N": n, "K": k,
+                                                 "scales": bufs["w4_scales"],
+                                                 "zeros": bufs.get("w4_zeros")})
+        if not q.format.signed:  # stored as int4 codes u - 8 and zero points z - 8
+            codes = (codes.to(torch.int16) + 8).to(torch.uint8)
+            if zeros is not None and not zeros.is_floating_point():
+                zeros = zeros + 8
+            if q.zero_point is None:
+                zeros = None
+        return replace(q, codes=codes, scale=scales, zero_point=zeros)

@@ -5,6 +5,8 @@ calibrated ``act_scale`` buffer), the last two on qkern::gemm_s8s8_s32."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..ops import checks, w8
@@ -35,6 +37,12 @@ class W8a16(Kernel):
 
     def float_twin(self, name: str) -> str:
         return "w8a16"
+
+    def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
+        n, k = q.shape
+        return replace(q, codes=w8.unpack_w8(bufs["w8_packed"], n, k),
+                       scale=bufs["w8_scale"].reshape(q.layout.scale_shape).clone(),
+                       zero_point=None)
 
 
 @register

@@ -147,6 +147,11 @@ class QuantLinear(nn.Module):
         """The kernel's packed buffers by name (what ``forward`` hands the kernel)."""
         return {n: getattr(self, n) for n in self._buffer_names}
 
+    def quantized_weight(self) -> QTensor:
+        """The weight as a QTensor read back from the packed buffers (codes, scales and zero
+        points in the user layout, as ``qkern.quantize`` gave them): what exporters write."""
+        return self._impl.unpack(self.kernel, self.weight_q, self.packed_buffers())
+
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 weight (out, in) the layer computes with, decoded from its buffers."""
         return self._impl.weight(self.kernel, self.weight_q, self.packed_buffers())
