@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from . import _C, companding, formats, nn, observers, ops  # noqa: F401
@@ -103,3 +105,6 @@ def get_isa() -> str:
 
 
 _C.set_num_threads(min(max(1, torch.get_num_threads()), _C.max_num_threads()))
+
+if importlib.util.find_spec("transformers") is not None:  # the optional qkern[hf] extra
+    from . import hf  # noqa: F401, E402  registers "qkern" with transformers' quantizers

@@ -29,13 +29,19 @@ from ..kernels.base import FALLBACK
 from ..layout import Layout
 from ..nn import DynamicWeightLinear, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from ..ops.tiles import from_tiles
-from ..quantization import ActQuant, BaseConfig, ObservedInput, linearize_conv1d
+from ..quantization import (
+    ActQuant,
+    BaseConfig,
+    ObservedInput,
+    linearize_conv1d,
+    notify_quantized,
+)
 from ..quantize import quantize
 from ..tensor import QTensor
 from ..version import __version__
 from .safetensors import read_safetensors, write_safetensors
 
-__all__ = ["load", "save"]
+__all__ = ["BadFile", "check_loaded_layer", "layer_specs", "load", "rebuild_layer", "save"]
 
 FORMAT_VERSION = "1"
 
@@ -325,6 +331,39 @@ def _check_loaded(where: str, name: str, m: nn.Module) -> None:
         _check_loaded(where, name + ".module", m.module)
 
 
+def layer_specs(model: nn.Module) -> dict[str, dict]:
+    """{module name: spec} of every quantized layer of ``model`` (its type, format, group
+    size, activation mode, kernel...): what ``save`` writes in the metadata and what
+    :func:`rebuild_layer` takes. An ActQuant's inner layer is covered by the ActQuant's."""
+    specs = {n: s for n, m in model.named_modules() if n and (s := _spec(m)) is not None}
+    return {n: s for n, s in specs.items()
+            if not any(n.startswith(o + ".") for o in specs if o != n)}
+
+
+def rebuild_layer(name: str, float_mod: nn.Module, spec: dict, tensors, where: str
+                  ) -> nn.Module:
+    """The quantized layer ``spec`` (one value of :func:`layer_specs`) describes, built on
+    ``float_mod`` (a float layer of the saved kind and shape, whose weights only shape the
+    result: the saved tensors are loaded into it afterwards). ``tensors``: anything with
+    ``.get(key)`` giving the saved tensor named ``key`` or None (the values a constructor
+    checks: ``act_scale``, ``outlier_threshold``); ``where`` names the source in messages.
+    BadFile when the spec is malformed or the layer cannot be built."""
+    _check_spec(where, name, spec)
+    try:
+        return _rebuild(name, float_mod, spec, tensors, where)
+    except BadFile:
+        raise
+    except _BUILD_ERRORS as e:
+        raise BadFile(f"{where}: layer {name!r} cannot be rebuilt: {e} (its spec: "
+                      f"{json.dumps(spec)[:200]})") from e
+
+
+def check_loaded_layer(where: str, name: str, module: nn.Module) -> None:
+    """The loaded values of a rebuilt layer pass the checks a freshly built one passes
+    (finite positive scales, zero points in range...), or BadFile names the tensor."""
+    _check_loaded(where, name, module)
+
+
 def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> None:
     """Writes a converted model to ``path`` (safetensors, atomically). Refuses an existing
     path unless ``overwrite=True``, and a model that is prepared but not converted."""
@@ -333,9 +372,7 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> 
     if getattr(model, "_qkern_state", None) is not None or any(
             isinstance(m, ObservedInput) for m in model.modules()):
         raise ValueError("this model is prepared but not converted: call qkern.convert first")
-    specs = {n: s for n, m in model.named_modules() if n and (s := _spec(m)) is not None}
-    specs = {n: s for n, s in specs.items()  # an ActQuant's inner layer is covered by it
-             if not any(n.startswith(o + ".") for o in specs if o != n)}
+    specs = layer_specs(model)
     config = getattr(model, "qkern_config", None)
     meta = {"qkern_format": FORMAT_VERSION, "qkern_version": __version__,
             "qkern_layers": json.dumps(specs),
@@ -395,4 +432,4 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
         _check_loaded(where, name, model.get_submodule(name))
     if cfg is not None:
         model.qkern_config = cfg
-    return model.eval()
+    return notify_quantized(model.eval())

@@ -29,7 +29,7 @@ from .algorithms.smoothquant import SmoothQuantConfig, smooth_quant
 from .algorithms.static import StaticConfig
 from .algorithms.weight_only import WeightOnlyConfig
 from .algorithms.zeroquant import ZeroQuantConfig
-from .api import convert, prepare, quantize_model, run_calibration
+from .api import convert, notify_quantized, on_quantized, prepare, quantize_model, run_calibration
 from .blocks import find_blocks, fold_scales, linearize_conv1d, scale_pairs
 from .calibration import (
     Gram,
@@ -70,7 +70,8 @@ __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "B
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
            "fold_scales", "hqq_linear", "hqq_quantize", "input_rows", "linearize_conv1d",
-           "paired_moments", "prepare", "quantize_model", "quantize_sequential", "quantizer_for",
+           "notify_quantized", "on_quantized", "paired_moments", "prepare", "quantize_model",
+           "quantize_sequential", "quantizer_for",
            "register_quantizer", "registered_configs", "registered_quantizers", "replace_module",
            "rotate_block", "rotate_model", "run_batches", "run_calibration", "scale_pairs",
            "sequential_calibration", "smooth_quant", "text_calibration", "weight_matrix",

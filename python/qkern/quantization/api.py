@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
@@ -16,9 +16,29 @@ from .calibration import run_batches
 from .registry import BaseConfig, Batch, quantizer_for
 from .sequential import SequentialQuantizer, quantize_sequential
 
-__all__ = ["convert", "prepare", "quantize_model", "run_calibration"]
+__all__ = ["convert", "notify_quantized", "on_quantized", "prepare", "quantize_model",
+           "run_calibration"]
 
 _STATE = "_qkern_state"
+
+#: called with every model quantize_model / convert / qkern.load return (qkern.hf registers one
+#: that gives a transformers model the quantization config save_pretrained needs)
+_ON_QUANTIZED: list[Callable[[nn.Module], None]] = []
+
+
+def on_quantized(fn: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Registers ``fn(model)``, called with each model ``quantize_model``, ``convert`` and
+    ``qkern.load`` return (once per function, in registration order)."""
+    if fn not in _ON_QUANTIZED:
+        _ON_QUANTIZED.append(fn)
+    return fn
+
+
+def notify_quantized(model: nn.Module) -> nn.Module:
+    """Runs the :func:`on_quantized` functions on ``model``; returns it."""
+    for fn in _ON_QUANTIZED:
+        fn(model)
+    return model
 
 
 def run_calibration(model: nn.Module, calibration: Iterable, progress: bool = False) -> int:
@@ -83,7 +103,7 @@ def convert(model: nn.Module, quant_config: BaseConfig | None = None) -> nn.Modu
     object.__delattr__(model, _STATE)
     quantizer.warn_skipped()
     model.qkern_config = quantizer.config  # plain attribute: read by qkern.save
-    return model
+    return notify_quantized(model)
 
 
 def quantize_model(model: nn.Module | str | os.PathLike, quant_config: BaseConfig,
@@ -108,7 +128,7 @@ def quantize_model(model: nn.Module | str | os.PathLike, quant_config: BaseConfi
         quantizer.warn_skipped()
         out.qkern_config = quant_config
         out.qkern_report = quantizer.report
-        return out
+        return notify_quantized(out)
     why = quantizer.needs_calibration()
     if why and calibration is None:
         raise ValueError(f"{type(quant_config).__name__} needs calibration data (it {why}): pass "
