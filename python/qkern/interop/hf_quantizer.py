@@ -44,7 +44,8 @@ from ..quantization import SequentialQuantizer, find_blocks, quantizer_for, repl
 from ..quantization.blocks import block_linears, is_conv1d
 from ..quantization.layers import warn_notes
 
-__all__ = ["QkernHfQuantizer", "on_load_problem", "placeholder", "saving_problems"]
+__all__ = ["QkernHfQuantizer", "fresh_model", "on_load_problem", "placeholder", "read_quant_method",
+           "saving_problems", "state_dict_to_save"]
 
 
 @contextlib.contextmanager
@@ -245,6 +246,7 @@ class QkernHfQuantizer(HfQuantizer):
                 missing += [f"{name}.{k}" for k in new.state_dict()
                             if ckpt.key(f"{name}.{k}") is None]
             replace_module(model, name, new.to("meta"))
+            _spare_parents(model, name)
         if missing:
             more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
             raise BadFile(f"{self.source}: the checkpoint lacks tensors of its quantized "
@@ -275,6 +277,7 @@ class QkernHfQuantizer(HfQuantizer):
             new = self.quantizer.quantize_layer(name, lin, None, cfg)
         new._is_hf_initialized = True
         replace_module(model, name, new)
+        _spare_parents(model, name)
         if missing_keys is not None:
             missing_keys.discard(param_name)
 
@@ -314,14 +317,16 @@ class QkernHfQuantizer(HfQuantizer):
         """Called by ``save_pretrained`` before anything is written: the config's ``layers``
         re-read from the model, or ValueError when a fresh ``from_pretrained`` of the folder
         could not rebuild it exactly."""
-        problems = saving_problems(model)
+        fresh = fresh_model(model)
+        state = state_dict_to_save(model, fresh)
+        problems = saving_problems(model, fresh, state)
         if problems:
             more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
             raise ValueError("save_pretrained: this qkern model would not load back from the "
                              "folder:\n  " + "\n  ".join(problems[:8]) + more)
         self.quantization_config.layers = layer_specs(model)
         model.config.quantization_config = self.quantization_config
-        return None, {"qkern_format": self.quantization_config.format_version}
+        return state, {"qkern_format": self.quantization_config.format_version}
 
     def _dequantize(self, model, dtype=None):
         for name, mod in list(model.named_modules()):
@@ -339,6 +344,20 @@ class QkernHfQuantizer(HfQuantizer):
         return model
 
 
+def _spare_parents(model: nn.Module, name: str) -> None:
+    """Marks the modules above quantized layer ``name`` that hold no tensor of their own as
+    initialized, so transformers' weight init after loading (run for missing keys; GPT-2's
+    re-scales ``attn.c_proj.weight`` from the attention module) does not look for the
+    ``weight`` a QuantLinear does not have. Their children are initialized (or loaded) on
+    their own account."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        mod = model.get_submodule(".".join(parts[:i]))
+        if next(mod.parameters(recurse=False), None) is None and \
+                next(mod.buffers(recurse=False), None) is None:
+            mod._is_hf_initialized = True
+
+
 def _freeze_biases(model: nn.Module) -> None:
     """QuantLinear biases as qkern keeps them: float32, no gradient (transformers loads a
     bias as a trainable parameter of the checkpoint's dtype)."""
@@ -347,28 +366,53 @@ def _freeze_biases(model: nn.Module) -> None:
             mod.bias = nn.Parameter(mod.bias.detach().float(), requires_grad=False)
 
 
-def saving_problems(model: nn.Module) -> list[str]:
-    """Why ``from_pretrained`` of what ``save_pretrained`` writes would not rebuild ``model``
-    (empty: it would): each quantized layer must sit where the architecture's fresh (meta)
-    model has a layer qkern rebuilds on, and every other tensor must have a place there."""
-    specs = layer_specs(model)
+def fresh_model(model: nn.Module) -> nn.Module:
+    """The architecture of ``model`` built anew on the meta device (what ``from_pretrained``
+    starts from)."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        skeleton = type(model)(copy.deepcopy(model.config))
+        return type(model)(copy.deepcopy(model.config))
+
+
+def state_dict_to_save(model: nn.Module, fresh: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict in the layout ``fresh`` loads: float ``nn.Linear`` layers that
+    quantization made of transformers' ``Conv1D`` (GPT-2) get their weight transposed back."""
+    out = model.state_dict()
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear and name:
+            try:
+                was = fresh.get_submodule(name)
+            except AttributeError:
+                continue
+            if is_conv1d(was):
+                out[f"{name}.weight"] = mod.weight.detach().t().contiguous()
+    return out
+
+
+def saving_problems(model: nn.Module, fresh: nn.Module, state: dict) -> list[str]:
+    """Why ``from_pretrained`` of ``state`` (what ``save_pretrained`` writes) would not
+    rebuild ``model`` (empty: it would): each quantized layer must sit where the fresh model
+    has a layer qkern rebuilds on, and every other tensor must fit a tensor of the fresh
+    model (transformers would drop or reject it)."""
+    specs = layer_specs(model)
     out = []
-    for name, spec in specs.items():
+    for name in specs:
         try:
-            placeholder(skeleton.get_submodule(name), name)
+            placeholder(fresh.get_submodule(name), name)
         except AttributeError:
             out.append(f"{name}: a fresh {type(model).__name__} has no layer there")
         except ValueError as e:
             out.append(str(e))
     inside = tuple(f"{n}." for n in specs)
-    fresh = set(skeleton.state_dict())
-    extra = [k for k in model.state_dict() if not k.startswith(inside) and k not in fresh]
-    if extra:
-        out.append(f"tensors a fresh {type(model).__name__} has no place for (transformers "
-                   f"would drop them): {extra[:8]}")
+    own = fresh.state_dict()
+    for k, t in state.items():
+        if k.startswith(inside):
+            continue
+        if k not in own:
+            out.append(f"{k}: a fresh {type(model).__name__} has no such tensor")
+        elif own[k].shape != t.shape:
+            out.append(f"{k}: shape {tuple(t.shape)}, a fresh {type(model).__name__} has "
+                       f"{tuple(own[k].shape)}")
     return out
 
 
