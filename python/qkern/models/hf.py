@@ -13,10 +13,14 @@ from torch import nn
 __all__ = ["load_pretrained"]
 
 
-def load_pretrained(path: str | os.PathLike) -> nn.Module:
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+                    **kwargs) -> nn.Module:
     """The transformers model saved in the local folder ``path`` (its ``config.json``
     ``architectures`` decides the class: ``*ForCausalLM`` and encoders such as ``BertModel``),
-    in float32 and eval mode. Needs ``pip install qkern[hf]``."""
+    in eval mode. One ``model.safetensors`` or shards with ``model.safetensors.index.json``;
+    float16 / bfloat16 checkpoints are converted to ``dtype`` (float32 by default: exact;
+    ``"auto"`` keeps the checkpoint's). ``kwargs`` go to ``from_pretrained`` (e.g.
+    ``quantization_config=qkern.hf.QkernConfig(...)``). Needs ``pip install qkern[hf]``."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{p}: not a model folder (no config.json)")
@@ -29,5 +33,5 @@ def load_pretrained(path: str | os.PathLike) -> nn.Module:
     cls = getattr(transformers, arch, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoModelForCausalLM
-    model = cls.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
+    model = cls.from_pretrained(str(p), dtype=dtype, local_files_only=True, **kwargs)
     return model.eval()

@@ -25,7 +25,8 @@ from torch import nn
 
 from ..io import read_safetensors
 
-__all__ = ["KVCache", "Llama", "LlamaConfig", "bits_per_byte", "load_llama"]
+__all__ = ["INDEX_FILE", "KVCache", "Llama", "LlamaConfig", "bits_per_byte", "load_llama",
+           "read_weights", "weight_files"]
 
 
 @dataclass(frozen=True)
@@ -192,8 +193,8 @@ class Llama(nn.Module):
             raise ValueError(f"sequence of {p + t} positions exceeds the limit {limit}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        cos, sin = self.rope_cos[p:p + t], self.rope_sin[p:p + t]
         h = self.model.embed_tokens(ids)
+        cos, sin = self.rope_cos[p:p + t].to(h.dtype), self.rope_sin[p:p + t].to(h.dtype)
         for i, blk in enumerate(self.model.layers):
             h = blk(h, cos, sin, cache, i)
         if cache is not None:
@@ -204,7 +205,9 @@ class Llama(nn.Module):
     def generate(self, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
         """Greedy decode of ``n_new`` tokens after ``prompt`` (1-D ids) with a KV cache."""
         ids = prompt.reshape(1, -1).long()
-        cache = KVCache(self.config, 1, ids.shape[1] + n_new)
+        dtype = next((t.dtype for t in self.parameters() if t.is_floating_point()),
+                     torch.float32)
+        cache = KVCache(self.config, 1, ids.shape[1] + n_new, dtype=dtype)
         logits = self(ids, cache)
         out = []
         for _ in range(n_new):
@@ -214,16 +217,74 @@ class Llama(nn.Module):
         return torch.cat(out, dim=1).reshape(-1) if out else ids.new_empty(0)
 
 
-def load_llama(path: str | os.PathLike) -> Llama:
-    """A :class:`Llama` from a folder holding ``config.json`` and ``model.safetensors``."""
+INDEX_FILE = "model.safetensors.index.json"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model folder: the shards ``model.safetensors.index.json``
+    names (each must be there), else ``model.safetensors``, else every ``*.safetensors``."""
     p = Path(path)
-    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{p}: expected config.json and model.safetensors there")
+    index = p / INDEX_FILE
+    if index.is_file():
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(wmap.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with a "
+                             "'weight_map' {tensor name: file name})") from None
+        missing = [f for f in files if not (p / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{p}: shards named by {INDEX_FILE} are missing: {missing}")
+        return [p / f for f in files]
+    if (p / "model.safetensors").is_file():
+        return [p / "model.safetensors"]
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{p}: no model.safetensors, {INDEX_FILE} or *.safetensors")
+    return files
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder's safetensors files (memory-mapped; see
+    :func:`weight_files`); a name in two files is a ValueError."""
+    out: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        part = read_safetensors(f)
+        twice = sorted(set(part) & set(out))
+        if twice:
+            raise ValueError(f"{f}: tensors {twice[:5]} are in another shard too")
+        out.update(part)
+    return out
+
+
+def load_llama(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> Llama:
+    """A :class:`Llama` from a folder holding ``config.json`` and its weights: one
+    ``model.safetensors``, or shards with ``model.safetensors.index.json`` (as transformers'
+    ``save_pretrained(max_shard_size=...)`` writes), or several ``*.safetensors``.
+
+    ``dtype``: the model's float dtype; float16 / bfloat16 weights become float32 exactly
+    (the default, what qkern's quantizers take); None keeps the checkpoint's dtype (all its
+    float tensors must share one); a narrower dtype than the file's rounds the weights."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: expected config.json (and model.safetensors or "
+                                f"{INDEX_FILE}) there")
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {_FLOAT_DTYPES} or None, got {dtype!r}")
     cfg = LlamaConfig.from_dict(json.loads((p / "config.json").read_text()))
-    model = Llama(cfg)
-    sd = read_safetensors(p / "model.safetensors")
+    sd = read_weights(p)
+    kinds = {t.dtype for t in sd.values() if t.is_floating_point()}
+    if dtype is None:
+        if len(kinds) != 1:
+            raise ValueError(f"{p}: the checkpoint mixes float dtypes {sorted(map(str, kinds))};"
+                             " pass dtype= to convert them to one")
+        dtype = kinds.pop()
     if cfg.tie_word_embeddings and "lm_head.weight" not in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model = Llama(cfg).to(dtype)
+    model.rope_cos, model.rope_sin = _rope_tables(cfg, cfg.max_position_embeddings)  # float32
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{p}: state dict mismatch: missing {missing}, unexpected {unexpected}")
