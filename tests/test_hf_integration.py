@@ -255,3 +255,45 @@ def test_dequantize(float_dir):
     assert type(d.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert torch.equal(d.model.layers[0].self_attn.q_proj.weight, w)
     assert "quantization_config" not in d.config.to_dict()
+
+
+def _tied_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=LM.VOCAB, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make,cfg,kinds", [
+    (_tied_llama, qkern.WeightOnlyConfig(include=["Linear", "Embedding"]),
+     {"QuantLinear/none", "QuantEmbedding/None"}),
+    (lambda: LM.build("llama"), qkern.StaticConfig(), {"QuantLinear/int8_static"}),
+    (lambda: LM.build("llama"), qkern.LLMInt8Config(), {"QuantLinear/int8_mixed"}),
+    (lambda: LM.build("qwen3"), qkern.DynamicConfig(), {"QuantLinear/int8_dynamic"}),
+])
+def test_other_qkern_layers_round_trip(tmp_path, make, cfg, kinds):
+    """Layers of the non-LLM configs (quantized embeddings, tied to a quantized LM head;
+    static activation scales and LLM.int8 thresholds, read from the checkpoint by the layer
+    constructors before transformers loads the rest)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = qkern.quantize_model(make(), cfg, LM.calibration())
+    specs = qkern.io.serialization.layer_specs(q)
+    assert {f"{s['type']}/{s.get('act')}" for s in specs.values()} == kinds
+    q.save_pretrained(tmp_path / "m")
+    back = _load(tmp_path / "m")
+    _same_state(back, q)
+    assert torch.equal(_logits(back), _logits(q))
+
+
+def test_bad_saved_values_are_refused(tmp_path):
+    q = qkern.quantize_model(LM.build("llama"), qkern.StaticConfig(exclude=["Embedding"]),
+                             LM.calibration())
+    q.save_pretrained(tmp_path / "s")
+    f = tmp_path / "s" / "model.safetensors"
+    sd = load_file(f)
+    sd["model.layers.0.mlp.down_proj.act_scale"] = torch.tensor([-1.0])
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="down_proj.act_scale.*positive"):
+        _load(tmp_path / "s")

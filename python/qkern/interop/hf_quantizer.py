@@ -45,7 +45,7 @@ from ..quantization.blocks import block_linears, is_conv1d
 from ..quantization.layers import warn_notes
 
 __all__ = ["QkernHfQuantizer", "fresh_model", "on_load_problem", "placeholder", "read_quant_method",
-           "saving_problems", "state_dict_to_save"]
+           "saving_problems", "state_dict_to_save", "untie_quantized"]
 
 
 @contextlib.contextmanager
@@ -317,6 +317,7 @@ class QkernHfQuantizer(HfQuantizer):
         """Called by ``save_pretrained`` before anything is written: the config's ``layers``
         re-read from the model, or ValueError when a fresh ``from_pretrained`` of the folder
         could not rebuild it exactly."""
+        untie_quantized(model)
         fresh = fresh_model(model)
         state = state_dict_to_save(model, fresh)
         problems = saving_problems(model, fresh, state)
@@ -364,6 +365,18 @@ def _freeze_biases(model: nn.Module) -> None:
     for mod in model.modules():
         if isinstance(mod, QuantLinear) and mod.bias is not None:
             mod.bias = nn.Parameter(mod.bias.detach().float(), requires_grad=False)
+
+
+def untie_quantized(model: nn.Module) -> None:
+    """A quantized layer that was tied to another (the LM head and the input embeddings under
+    ``tie_word_embeddings``) holds its own codes now: the config says so
+    (``tie_word_embeddings=False``), or ``from_pretrained`` would tie a float weight the
+    quantized layer does not have."""
+    specs = layer_specs(model)
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    owners = {n.rpartition(".")[0] for pair in tied.items() for n in pair}
+    if owners & set(specs) and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
 
 
 def fresh_model(model: nn.Module) -> nn.Module:

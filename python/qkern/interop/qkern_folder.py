@@ -23,7 +23,7 @@ from ..io.serialization import layer_specs
 from ..models import Llama, load_pretrained
 from . import Format, register
 from ._common import write_folder, write_json, write_tensors
-from .hf_quantizer import fresh_model, read_quant_method, saving_problems, state_dict_to_save
+from .hf_quantizer import read_quant_method, saving_problems
 
 __all__ = ["QkernFolder", "llama_hf_config"]
 
@@ -53,13 +53,16 @@ def _refuse(problems: list[str]) -> None:
 
 def _write_llama(model: Llama, tmp: Path) -> None:
     d = llama_hf_config(model)
+    specs = layer_specs(model)
+    if {"lm_head", "model.embed_tokens"} & set(specs):
+        d["tie_word_embeddings"] = False  # each holds its own codes now
     with torch.device("meta"):
         fresh = transformers.LlamaForCausalLM(transformers.LlamaConfig(**d))
     state = {k: v for k, v in model.state_dict().items() if v is not None}
-    if model.config.tie_word_embeddings:
+    if d["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)
     _refuse(saving_problems(model, fresh, state))
-    cfg = QkernConfig(getattr(model, "qkern_config", None), layers=layer_specs(model))
+    cfg = QkernConfig(getattr(model, "qkern_config", None), layers=specs)
     write_json(tmp / "config.json", {**d, "quantization_config": cfg.to_dict(),
                                      "transformers_version": transformers.__version__})
     write_tensors(tmp / "model.safetensors", {k: v.contiguous() for k, v in state.items()})
@@ -82,8 +85,6 @@ class QkernFolder(Format):
         if not isinstance(model, transformers.PreTrainedModel):
             raise TypeError(f"qkern export writes transformers models and qkern's Llama, got "
                             f"{type(model).__name__} (qkern.save writes any model)")
-        _refuse(saving_problems(model, fresh := fresh_model(model),
-                                state_dict_to_save(model, fresh)))
         kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         attached = isinstance(getattr(model, "hf_quantizer", None), QkernHfQuantizer)
         names = ("hf_quantizer", "is_quantized", "quantization_method")
