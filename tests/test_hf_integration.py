@@ -297,3 +297,13 @@ def test_bad_saved_values_are_refused(tmp_path):
     save_file(sd, f, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="down_proj.act_scale.*positive"):
         _load(tmp_path / "s")
+
+
+def test_qkern_load_result_saves_with_transformers(tmp_path, float_dir):
+    """qkern.save / qkern.load (a qkern file rebuilt on a float transformers model) gives a
+    model whose save_pretrained folder loads back too."""
+    q = qkern.quantize_model(_load(float_dir), qkern.RTNConfig(bits=2, group_size=32))
+    qkern.save(q, tmp_path / "q.safetensors")
+    again = qkern.load(tmp_path / "q.safetensors", lambda: _load(float_dir))
+    again.save_pretrained(tmp_path / "hf")
+    assert torch.equal(_logits(_load(tmp_path / "hf")), _logits(q))

@@ -106,5 +106,9 @@ def get_isa() -> str:
 
 _C.set_num_threads(min(max(1, torch.get_num_threads()), _C.max_num_threads()))
 
-if importlib.util.find_spec("transformers") is not None:  # the optional qkern[hf] extra
+try:  # the optional qkern[hf] extra
+    _HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+except (ImportError, ValueError):
+    _HAS_TRANSFORMERS = False
+if _HAS_TRANSFORMERS:
     from . import hf  # noqa: F401, E402  registers "qkern" with transformers' quantizers

@@ -25,10 +25,14 @@ from __future__ import annotations
 import dataclasses
 
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.quantizers import register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
-from transformers.utils.quantization_config import QuantizationConfigMixin
+
+try:
+    from transformers import PreTrainedModel
+    from transformers.quantizers import register_quantization_config, register_quantizer
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+except ImportError as e:  # the optional dependency
+    raise ImportError(f"qkern.hf needs transformers >= 5 ({e}): pip install 'qkern[hf]'") from e
 
 from .interop.hf_quantizer import QkernHfQuantizer, on_load_problem
 from .io.serialization import FORMAT_VERSION, layer_specs
