@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -307,3 +308,14 @@ def test_qkern_load_result_saves_with_transformers(tmp_path, float_dir):
     again = qkern.load(tmp_path / "q.safetensors", lambda: _load(float_dir))
     again.save_pretrained(tmp_path / "hf")
     assert torch.equal(_logits(_load(tmp_path / "hf")), _logits(q))
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    """docs/serving/transformers.md's example, as written."""
+    doc = (Path(__file__).resolve().parents[1] / "docs/serving/transformers.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr("tempfile.mkdtemp", lambda *a, **k: str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, "docs/serving/transformers.md", "exec"), {})
+    assert (tmp_path / "bytelm-rtn4" / "config.json").is_file()
