@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import llm_models as LM  # noqa: E402
 from qkern.models import load_llama, load_pretrained  # noqa: E402
+from qkern.models.assets import find_model  # noqa: E402
 from qkern.models.llama import read_weights, weight_files  # noqa: E402
+from qkern.tools.demo import load_model  # noqa: E402
 
 IDS = torch.tensor([[1, 50, 7, 33, 90, 12, 64, 5]])
 
@@ -138,3 +140,11 @@ def test_mixed_dtypes_need_a_dtype(tmp_path, tiny):
     with pytest.raises(ValueError, match="mixes float dtypes"):
         load_llama(d, dtype=None)
     assert load_llama(d).model.norm.weight.dtype == torch.float32
+
+
+def test_demo_finds_and_reads_a_sharded_folder(tmp_path, tiny):
+    d = _save(tiny, tmp_path / "demo", shard="30KB")
+    assert find_model(d) == d.resolve()
+    m = load_model(d)
+    sd = _files(d)
+    assert set(m.tensors) == set(sd) and all(torch.equal(m.tensors[k], sd[k]) for k in sd)

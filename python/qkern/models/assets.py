@@ -30,7 +30,8 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def _has_weights(p: Path) -> bool:
-    return (p.is_file() and p.suffix == ".safetensors") or (p / WEIGHTS_FILE).is_file()
+    return ((p.is_file() and p.suffix == ".safetensors") or (p / WEIGHTS_FILE).is_file()
+            or (p / f"{WEIGHTS_FILE}.index.json").is_file())  # shards
 
 
 def _default_candidates(rel: str = f"models/{DEFAULT_MODEL}") -> list[Path]:
@@ -59,7 +60,8 @@ def find_model(path: str | os.PathLike | None = None) -> Path:
     """The model to load: ``path`` if given, else ``$QKERN_DEMO_MODEL``, else the repository's
     ``models/stories260k`` (next to the package source in a checkout, or under the current
     directory or one of its parents). A path is a directory holding ``model.safetensors``
-    (and optionally ``config.json``) or a ``.safetensors`` file."""
+    or shards with ``model.safetensors.index.json`` (and optionally ``config.json``), or a
+    ``.safetensors`` file."""
     explicit = path if path is not None else os.environ.get(MODEL_ENV) or None
     if explicit is not None:
         p = Path(explicit).expanduser()

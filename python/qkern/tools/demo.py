@@ -32,7 +32,8 @@ import qkern
 
 from .. import formats as F
 from ..io import read_safetensors
-from ..models.assets import WEIGHTS_FILE, find_model
+from ..models.assets import find_model
+from ..models.llama import read_weights
 from ..quantize import quantize
 from ..tensor import QTensor
 from .bench.decode import SCHEMES as DECODE_SCHEMES
@@ -180,11 +181,10 @@ class Model:
 def load_model(path: str | os.PathLike | None = None) -> Model:
     """Find (see :func:`qkern.models.assets.find_model`) and load a model's tensors and config."""
     p = find_model(path)
-    weights = p if p.is_file() else p / WEIGHTS_FILE
-    cfg_path = weights.parent / "config.json"
+    cfg_path = (p.parent if p.is_file() else p) / "config.json"
     config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     name = p.stem if p.is_file() else p.name
-    return Model(name, p, read_safetensors(weights), config)
+    return Model(name, p, read_safetensors(p) if p.is_file() else read_weights(p), config)
 
 
 def weight_matrices(model: Model) -> dict[str, torch.Tensor]:
