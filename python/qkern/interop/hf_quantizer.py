@@ -163,7 +163,7 @@ class QkernHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict):
             bad = {v for v in device_map.values() if str(v) != "cpu"}
         else:
-            bad = set() if device_map in (None, "cpu") else {device_map}
+            bad = set() if device_map is None or str(device_map) == "cpu" else {device_map}
         if bad:
             raise ValueError(f"qkern loads quantized models onto the CPU (its kernels); got "
                              f"device_map={device_map!r}. Load without device_map, then "
@@ -204,8 +204,7 @@ class QkernHfQuantizer(HfQuantizer):
             return nn.Linear(k, n, bias=False, device="meta")
 
         cannot, chosen = {}, 0
-        with _cpu_float32(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _cpu_float32():
             for rel in block_linears(blocks[0]):
                 lin = as_linear(blocks[0].get_submodule(rel))
                 c = q.layer_config(f"{list_name}.0.{rel}", lin)
@@ -239,8 +238,7 @@ class QkernHfQuantizer(HfQuantizer):
                 raise BadFile(f"{self.source}: the quantization_config lists layer {name!r}, "
                               f"which {type(model).__name__} does not have") from None
             float_mod = placeholder(old, name)
-            with _cpu_float32(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with _cpu_float32():
                 new = rebuild_layer(name, float_mod, spec, ckpt, self.source)
             if ckpt.known:
                 missing += [f"{name}.{k}" for k in new.state_dict()
