@@ -145,11 +145,21 @@ def test_qkern_llama_exports_a_folder_transformers_loads(tmp_path):
         assert torch.allclose(back(ids).logits, q(ids), rtol=0, atol=1e-4)
 
 
+def test_replace_linear_result_saves_and_loads_back(tmp_path, float_dir):
+    q = qkern.nn.replace_linear(_load(float_dir), {"fmt": "nf4", "group_size": 32},
+                                skip=["lm_head"])
+    q.save_pretrained(tmp_path / "rl")
+    assert torch.equal(_logits(_load(tmp_path / "rl")), _logits(q))
+
+
 def test_unattached_model_is_left_as_it_was_by_export(tmp_path, float_dir):
-    """A model quantized by hand (replace_linear) has no config attached: export attaches
+    """A model whose layers were swapped by hand has no config attached: export attaches
     one for its own save only."""
-    m = _load(float_dir)
-    q = qkern.nn.replace_linear(m, {"fmt": "int4", "group_size": 32}, skip=["lm_head"])
+    q = _load(float_dir)
+    for name in ("model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj"):
+        lin = q.get_submodule(name)
+        qkern.quantization.replace_module(q, name, QuantLinear.from_float(lin, "int4",
+                                                                           group_size=32))
     qkern.export(q, tmp_path / "rl", format="qkern")
     assert getattr(q, "hf_quantizer", None) is None
     assert "quantization_config" not in q.config.to_dict()

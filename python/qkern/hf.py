@@ -12,7 +12,8 @@ transformers' plugin API: :class:`QkernConfig` as its quantization config and
     model.save_pretrained(out)                          # qkern's packed buffers + the config
     again = AutoModelForCausalLM.from_pretrained(out)   # the same QuantLinear layers
 
-and a model quantized by ``qkern.quantize_model`` (or ``qkern.convert`` / ``qkern.load``) gets
+and a model quantized by ``qkern.quantize_model`` (or ``convert`` / ``replace_linear`` /
+``qkern.load``) gets
 the same config attached (:func:`attach`), so its ``save_pretrained`` folder loads back too.
 ``config.json``'s ``quantization_config`` holds ``quant_method: "qkern"``, the qkern config
 that was run (``config``, its JSON as ``qkern.save`` writes it) and one spec per quantized
@@ -125,8 +126,8 @@ def attach(model: nn.Module) -> nn.Module:
     needs to write a folder ``from_pretrained`` loads back: ``config.quantization_config``
     (a :class:`QkernConfig` with the model's ``qkern_config``) and the qkern quantizer
     (which checks the model when it is saved). Other models are returned untouched.
-    ``quantize_model``, ``convert`` and ``qkern.load`` call it on what they return; call it
-    yourself after building quantized layers by hand (``qkern.nn.replace_linear``)."""
+    ``quantize_model``, ``convert``, ``qkern.nn.replace_linear`` and ``qkern.load`` call it on
+    what they return; call it yourself after putting quantized layers in by hand."""
     if not isinstance(model, PreTrainedModel) or not layer_specs(model):
         return model
     old = getattr(model, "hf_quantizer", None)

@@ -4,7 +4,14 @@ from .conv import QuantConv1d, QuantConv2d
 from .dynamic_weight import DynamicWeightLinear
 from .embedding import QuantEmbedding
 from .hadamard import HadamardInput, HadamardOutput
-from .linear import KernelFallbackWarning, QuantLinear, replace_linear
+from .linear import (
+    KernelFallbackWarning,
+    QuantLinear,
+    notify_quantized,
+    on_quantized,
+    replace_linear,
+)
 
 __all__ = ["DynamicWeightLinear", "HadamardInput", "HadamardOutput", "KernelFallbackWarning",
-           "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "replace_linear"]
+           "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "notify_quantized",
+           "on_quantized", "replace_linear"]

@@ -181,6 +181,27 @@ class QuantLinear(nn.Module):
                    else ""))
 
 
+#: called with every model replace_linear, quantize_model, convert and qkern.load return
+#: (qkern.hf registers one giving a transformers model what save_pretrained needs)
+_ON_QUANTIZED: list[Callable[[nn.Module], None]] = []
+
+
+def on_quantized(fn: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Registers ``fn(model)``, called with each model that ``replace_linear``,
+    ``quantize_model``, ``convert`` and ``qkern.load`` return (once per function, in
+    registration order)."""
+    if fn not in _ON_QUANTIZED:
+        _ON_QUANTIZED.append(fn)
+    return fn
+
+
+def notify_quantized(model: nn.Module) -> nn.Module:
+    """Runs the :func:`on_quantized` functions on ``model``; returns it."""
+    for fn in _ON_QUANTIZED:
+        fn(model)
+    return model
+
+
 Spec = dict | Callable[[str, nn.Linear], dict | None]
 
 
@@ -206,4 +227,4 @@ def replace_linear(model: nn.Module, spec: Spec, skip: Iterable[str] = (),
         parent_name, _, child = name.rpartition(".")
         parent = target.get_submodule(parent_name) if parent_name else target
         setattr(parent, child, QuantLinear.from_float(mod, **kw))
-    return target
+    return notify_quantized(target)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from torch import nn
 
 from ..models import load_pretrained
+from ..nn import notify_quantized, on_quantized
 from .blocks import linearize_conv1d
 from .calibration import run_batches
 from .registry import BaseConfig, Batch, quantizer_for
@@ -20,25 +21,6 @@ __all__ = ["convert", "notify_quantized", "on_quantized", "prepare", "quantize_m
            "run_calibration"]
 
 _STATE = "_qkern_state"
-
-#: called with every model quantize_model / convert / qkern.load return (qkern.hf registers one
-#: that gives a transformers model the quantization config save_pretrained needs)
-_ON_QUANTIZED: list[Callable[[nn.Module], None]] = []
-
-
-def on_quantized(fn: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
-    """Registers ``fn(model)``, called with each model ``quantize_model``, ``convert`` and
-    ``qkern.load`` return (once per function, in registration order)."""
-    if fn not in _ON_QUANTIZED:
-        _ON_QUANTIZED.append(fn)
-    return fn
-
-
-def notify_quantized(model: nn.Module) -> nn.Module:
-    """Runs the :func:`on_quantized` functions on ``model``; returns it."""
-    for fn in _ON_QUANTIZED:
-        fn(model)
-    return model
 
 
 def run_calibration(model: nn.Module, calibration: Iterable, progress: bool = False) -> int:
