@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -329,3 +330,19 @@ def test_docs_example_runs(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         exec(compile(code, "docs/serving/transformers.md", "exec"), {})
     assert (tmp_path / "bytelm-rtn4" / "config.json").is_file()
+
+
+def test_quantize_on_load_holds_one_float_weight_at_a_time(float_dir, monkeypatch):
+    """Each checkpoint weight is quantized as it arrives and dropped: when a layer has been
+    quantized, no earlier float weight is still alive."""
+    refs, most = [], [0]
+    quantize = qkern.interop.hf_quantizer.QkernHfQuantizer.quantize_weight
+
+    def spy(self, model, name, value, missing):
+        quantize(self, model, name, value, missing)
+        refs.append(weakref.ref(value))
+        most[0] = max(most[0], sum(r() is not None for r in refs))
+
+    monkeypatch.setattr(qkern.interop.hf_quantizer.QkernHfQuantizer, "quantize_weight", spy)
+    _load(float_dir, quantization_config=QkernConfig(qkern.RTNConfig(bits=4, group_size=32)))
+    assert len(refs) == 2 * 7 and most[0] == 1
