@@ -43,6 +43,7 @@ from ..nn import QuantLinear
 from ..quantization import SequentialQuantizer, find_blocks, quantizer_for, replace_module
 from ..quantization.blocks import block_linears, is_conv1d
 from ..quantization.layers import warn_notes
+from ..version import __version__
 
 __all__ = ["QkernHfQuantizer", "fresh_model", "on_load_problem", "placeholder", "read_quant_method",
            "saving_problems", "state_dict_to_save", "untie_quantized"]
@@ -324,6 +325,7 @@ class QkernHfQuantizer(HfQuantizer):
             raise ValueError("save_pretrained: this qkern model would not load back from the "
                              "folder:\n  " + "\n  ".join(problems[:8]) + more)
         self.quantization_config.layers = layer_specs(model)
+        self.quantization_config.qkern_version = __version__  # the writer of the folder
         model.config.quantization_config = self.quantization_config
         return state, {"qkern_format": self.quantization_config.format_version}
 
