@@ -50,6 +50,7 @@ from ._common import check_layers, float_tensors, hf_config, write_folder, write
 from .wna16 import (
     IntWeight,
     build_model,
+    common_group_size,
     half_scales,
     int_weight,
     pack_int32,
@@ -79,22 +80,6 @@ def _why_not(w: IntWeight | str, k: int, n: int, exact: bool) -> str | None:
     return half_scales(w.scale, exact)[1]
 
 
-def _group_size(weights: dict[str, IntWeight], shapes: dict[str, tuple[int, int]]) -> int:
-    """The one ``group_size`` every layer admits (-1: one group per row), else ValueError."""
-    choices = None
-    for name, w in weights.items():
-        k = shapes[name][1]
-        ok = {w.group} | ({-1} if w.group == k else set())
-        choices = ok if choices is None else choices & ok
-    if not choices:
-        sizes = sorted({(w.group, shapes[n][1]) for n, w in weights.items()})
-        raise ValueError("gptq export: GPTQ states one group_size for all layers, but the "
-                         "layers have (group size, in_features) " + ", ".join(
-                             f"({g}, {k})" for g, k in sizes[:8]) +
-                         "; quantize with a group_size that divides every in_features")
-    return max(choices) if -1 not in choices or len(choices) == 1 else -1
-
-
 def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool = False) -> dict:
     """The ``quantization_config`` of a v1 GPTQ checkpoint (transformers' GPTQConfig fields
     and AutoGPTQ's ``quantize_config.json`` keys)."""
@@ -105,15 +90,12 @@ def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool = 
             "quantizer": ["qkern"]}
 
 
-def _tensors(w: IntWeight, n: int, k: int, group_size: int) -> dict[str, torch.Tensor]:
-    g = k if group_size == -1 else group_size
-    ut = w.u.T.contiguous()                                   # (K, N)
-    z = w.z.repeat_interleave(w.group // g, dim=1) if g != w.group else w.z   # (N, K/g)
-    s = w.scale.repeat_interleave(w.group // g, dim=1) if g != w.group else w.scale
-    return {"qweight": pack_int32(ut, w.bits, 0),
-            "qzeros": pack_int32((z - 1).T.contiguous(), w.bits, 1),
-            "scales": half_scales(s.T.contiguous(), exact=False)[0],
-            "g_idx": (torch.arange(k, dtype=torch.int32) // g).to(torch.int32)}
+def _tensors(w: IntWeight, k: int) -> dict[str, torch.Tensor]:
+    """The four GPTQ tensors of one layer (its groups are the export's group size)."""
+    return {"qweight": pack_int32(w.u.T.contiguous(), w.bits, 0),
+            "qzeros": pack_int32((w.z - 1).T.contiguous(), w.bits, 1),
+            "scales": half_scales(w.scale.T.contiguous(), exact=False)[0],
+            "g_idx": (torch.arange(k, dtype=torch.int32) // w.group).to(torch.int32)}
 
 
 @register
@@ -148,14 +130,13 @@ class GPTQFormat(Format):
         if len(bits) > 1:
             raise ValueError(f"gptq export: GPTQ states one bits value, the layers have "
                              f"{sorted(bits)}")
-        group_size = _group_size(weights, shapes)
+        group_size = common_group_size(weights, shapes, "gptq", per_row=True)
         sym = all(w.sym for w in weights.values())
         tensors = {}
         for key, t in float_tensors(model).items():
             tensors[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         for name, w in weights.items():
-            n, k = shapes[name]
-            for suffix, t in _tensors(w, n, k, group_size).items():
+            for suffix, t in _tensors(w, shapes[name][1]).items():
                 tensors[f"{name}.{suffix}"] = t
         qc = quantization_config(bits.pop(), group_size, sym)
         cfg["quantization_config"] = qc

@@ -29,8 +29,8 @@ from ..nn import QuantLinear
 from ..tensor import QTensor
 from ._common import quantized_layers
 
-__all__ = ["FP16_MAX", "FP16_MIN_NORMAL", "IntWeight", "build_model", "fp16_scales",
-           "half_scales", "int_weight", "pack_int32", "read_config", "read_tensors",
+__all__ = ["FP16_MAX", "FP16_MIN_NORMAL", "IntWeight", "build_model", "common_group_size",
+           "fp16_scales", "half_scales", "int_weight", "pack_int32", "read_config", "read_tensors",
            "to_qtensor", "unpack_int32"]
 
 FP16_MAX = 65504.0
@@ -59,7 +59,8 @@ def int_weight(q: QTensor, bits_allowed: tuple[int, ...]) -> IntWeight | str:
     if f.kind != "int":
         return f"format {f.name} is not an integer grid (GPTQ/AWQ store integer codes)"
     if f.bits not in bits_allowed:
-        return f"{f.bits}-bit codes ({f.name}); the format stores {bits_allowed} bits"
+        return (f"{f.bits}-bit codes ({f.name}); the format stores "
+                + "/".join(map(str, bits_allowed)) + "-bit codes")
     if q.quantizer != "midtread":
         return f"the {q.quantizer} quantizer's half-step offset has no place in the format"
     if q.double_quant is not None:
@@ -125,6 +126,24 @@ def fp16_scales(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent) if parent else out, child, new)
     return out
+
+
+def common_group_size(weights: dict[str, IntWeight], shapes: dict[str, tuple[int, int]],
+                      fmt: str, per_row: bool) -> int:
+    """The one ``group_size`` every layer admits (``per_row``: -1, one group per row, is a
+    choice too), else ValueError listing the layers' (group size, in_features)."""
+    choices: set[int] | None = None
+    for name, w in weights.items():
+        k = shapes[name][1]
+        ok = {w.group} | ({-1} if per_row and w.group == k else set())
+        choices = ok if choices is None else choices & ok
+    if not choices:
+        sizes = sorted({(w.group, shapes[n][1]) for n, w in weights.items()})
+        raise ValueError(f"{fmt} export: the format states one group_size for all layers, but "
+                         "the layers have (group size, in_features) " + ", ".join(
+                             f"({g}, {k})" for g, k in sizes[:8]) +
+                         "; quantize with a group_size that divides every in_features")
+    return -1 if -1 in choices else max(choices)
 
 
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
