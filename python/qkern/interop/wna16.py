@@ -276,8 +276,7 @@ def build_model(path: Path, layers: dict[str, QuantLinear],
     floats = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     res = model.load_state_dict(floats, strict=False)
     quant_prefixes = tuple(f"{n}." for n in layers)
-    missing = [k for k in res.missing_keys
-               if not (k.startswith(quant_prefixes) and not k.endswith(".bias"))]
+    missing = [k for k in res.missing_keys if not k.startswith(quant_prefixes)]
     if getattr(config, "tie_word_embeddings", False):
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing:

@@ -1,0 +1,396 @@
+"""GPTQ (v1) export and import, checked against the format's published layout.
+
+The reader (``spec_unpack``) and the packer (``spec_pack``) here are written from the GPTQ v1
+layout as AutoGPTQ documents and packs it (qweight: codes along the input dim, LSB first, 32
+inputs per ``bits`` words; qzeros: zero point minus one, along the output dim; scales float16;
+g_idx the group of each input), in numpy, without qkern's code. Where auto-gptq is on the path
+(``pip install --no-deps --target DIR auto-gptq==0.7.1``, DIR on PYTHONPATH), its own
+QuantLinear reads qkern's export and its own ``pack`` writes a checkpoint qkern imports.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
+
+import llm_models as LM
+import qkern
+from qkern import formats as QF
+from qkern.interop.wna16 import fp16_scales
+from qkern.layout import Layout
+from qkern.models.assets import shipped_path
+from qkern.nn import QuantLinear
+from qkern.tensor import QTensor
+
+# ---- the format, from its spec (numpy only) ----------------------------------------------
+
+
+def spec_unpack(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Value j of a column/row sits at bit offset bits*j of its stream of 32-bit words."""
+    w = np.moveaxis(words, axis, 0).astype(np.int64) & 0xFFFFFFFF
+    n = w.shape[0] * 32 // bits
+    out = np.zeros((n,) + w.shape[1:], np.int64)
+    for j in range(n):
+        q, r = divmod(bits * j, 32)
+        v = w[q] >> r
+        if r + bits > 32:
+            v = v | (w[q + 1] << (32 - r))
+        out[j] = v & ((1 << bits) - 1)
+    return np.moveaxis(out, 0, axis)
+
+
+def spec_pack(vals: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """AutoGPTQ's word layout, written out: 2/4/8 bits: 32/bits values per word, value i at
+    bit bits*i; 3 bits: 32 values per 3 words (w0: values 0..9 at 3i and the low 2 bits of
+    value 10 at 30; w1: bit 2 of value 10 at 0, values 11..20 at 3i+1, bit 0 of value 21 at 31;
+    w2: bits 1..2 of value 21 at 0, values 22..31 at 3i+2)."""
+    v = np.moveaxis(vals, axis, 0).astype(np.uint64)
+    rest = v.shape[1:]
+    if bits in (2, 4, 8):
+        per = 32 // bits
+        v = v.reshape((-1, per) + rest)
+        words = sum(v[:, i] << np.uint64(bits * i) for i in range(per))
+    else:
+        v = v.reshape((-1, 32) + rest)
+
+        def sh(x, s):
+            return x << np.uint64(s)
+
+        w0 = sum(sh(v[:, i], 3 * i) for i in range(10)) | sh(v[:, 10] & 3, 30)
+        w1 = (v[:, 10] >> np.uint64(2)) | sum(sh(v[:, 11 + i], 3 * i + 1) for i in range(10)) \
+            | sh(v[:, 21] & 1, 31)
+        w2 = (v[:, 21] >> np.uint64(1)) | sum(sh(v[:, 22 + i], 3 * i + 2) for i in range(10))
+        words = np.stack([w0, w1, w2], 1).reshape((-1,) + rest)
+    words = (words & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
+    return np.ascontiguousarray(np.moveaxis(words, 0, axis))
+
+
+def spec_dequant(t: dict, name: str, bits: int) -> np.ndarray:
+    """W (N, K) float32 = (u - (stored zero + 1)) * scale[g_idx], each product rounded once."""
+    u = spec_unpack(t[f"{name}.qweight"], bits, 0)            # (K, N)
+    z = spec_unpack(t[f"{name}.qzeros"], bits, 1) + 1          # (groups, N)
+    s = t[f"{name}.scales"].astype(np.float32)                 # (groups, N)
+    g = t[f"{name}.g_idx"].astype(np.int64)
+    return ((u - z[g]).astype(np.float32) * s[g]).T
+
+
+def qlayers(model) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def rtn(model, bits, group_size, sym):
+    return qkern.quantize_model(model, qkern.RTNConfig(bits=bits, group_size=group_size, sym=sym))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return LM.build("llama")
+
+
+# ---- export: the exported tensors read by the spec reader ---------------------------------
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 64, False), (3, 32, True),
+                                            (3, 32, False), (2, 32, False), (8, None, True),
+                                            (4, None, False)])
+def test_export_read_by_spec(llama, tmp_path, bits, group, sym):
+    q = rtn(llama, bits, group, sym)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    out = qkern.export(q, tmp_path / "m", format="gptq")
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())  # untouched
+    t = load_file(str(out / "model.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq"
+    assert (qc["bits"], qc["sym"], qc["desc_act"]) == (bits, sym, False)
+    assert qc["group_size"] == (-1 if group is None else group)
+    assert json.loads((out / "quantize_config.json").read_text()) == qc
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    ref16 = fp16_scales(q)
+    for name, m in qlayers(q).items():
+        n, k = m.out_features, m.in_features
+        g = k if group is None else group
+        assert t[f"{name}.qweight"].dtype == np.int32
+        assert t[f"{name}.qweight"].shape == (k * bits // 32, n)
+        assert t[f"{name}.qzeros"].shape == (k // g, n * bits // 32)
+        assert t[f"{name}.scales"].dtype == np.float16 and t[f"{name}.scales"].shape == (k // g, n)
+        assert np.array_equal(t[f"{name}.g_idx"], np.arange(k) // g)
+        w = spec_dequant(t, name, bits)
+        exact = ref16.get_submodule(name).dequantize_weight().numpy()
+        assert np.array_equal(w, exact), name
+        w0 = m.dequantize_weight().numpy()  # float32 scales: within float16's rounding
+        assert np.all(np.abs(w - w0) <= np.abs(w0) * 2.0 ** -11), name
+        if sym:  # symmetric: stored zero 2^(bits-1) - 1
+            assert np.all(spec_unpack(t[f"{name}.qzeros"], bits, 1) == 2 ** (bits - 1) - 1)
+    # the float tensors as they are; no packed qkern buffer leaks into the folder
+    sd = llama.state_dict()
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert np.array_equal(t[key], sd[key].numpy())
+    assert not any(".w4_" in k or ".w23_" in k or ".w8_" in k for k in t)
+
+
+def test_gptq_algorithm_round_trip_logits(llama, tmp_path):
+    """qkern's GPTQ (asym, act_order with static groups: contiguous groups, g_idx = k // G)
+    -> export -> from_pretrained: the logits of the fp16-scale model, bit for bit."""
+    cfg = qkern.GPTQConfig(bits=4, group_size=32, sym=False, act_order=True, static_groups=True)
+    q = qkern.quantize_model(llama, cfg, LM.calibration())
+    out = qkern.export(q, tmp_path / "m", format="gptq")
+    back = qkern.from_pretrained(out)
+    assert {n: m.kernel for n, m in qlayers(back).items()} == \
+        {n: m.kernel for n, m in qlayers(q).items()}
+    ids = LM.calibration(seed=7)[0]
+    ref = LM.output(fp16_scales(q), ids)
+    got = LM.output(back, ids)
+    assert torch.equal(got, ref)
+    assert (got - LM.output(q, ids)).abs().max() < 1e-3
+
+
+def test_bytelm_round_trip(tmp_path):
+    path = shipped_path("models/wikitext-bytelm")
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"{path}: the shipped bytelm is missing")
+    model = qkern.models.load_pretrained(path)
+    q = rtn(model, 4, 32, False)
+    out = qkern.export(q, tmp_path / "b", format="gptq")
+    back = qkern.from_pretrained(out)
+    ids = torch.tensor([list(b"The tower is 324 metres tall, about the same height")])
+    with torch.no_grad():
+        ref, got = fp16_scales(q)(ids).logits, back(ids).logits
+    assert torch.equal(got, ref)
+    # 128 does not divide the MLP's 672 inputs: one group_size cannot describe the model
+    with pytest.warns(UserWarning, match="per output channel"):
+        q128 = rtn(model, 4, 128, False)
+    with pytest.raises(ValueError, match="one group_size"):
+        qkern.export(q128, tmp_path / "c", format="gptq")
+
+
+# ---- import: checkpoints written by the spec packer --------------------------------------
+
+
+def hand_built(model, folder, bits, group, sym, seed=0, v2=False, act_order=False):
+    """A GPTQ folder for ``model`` with random codes / zeros / fp16 scales per linear of the
+    blocks, packed by spec_pack. Returns the expected float32 weights (N, K) by layer."""
+    rng = np.random.default_rng(seed)
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group,
+                                  "sym": sym, "desc_act": act_order,
+                                  "checkpoint_format": "gptq_v2" if v2 else "gptq"}
+    tensors, want = {}, {}
+    for key, v in model.state_dict().items():
+        tensors[key] = v.clone()
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or name == "lm_head":
+            continue
+        n, k = m.out_features, m.in_features
+        groups = k // group
+        u = rng.integers(0, 2 ** bits, (k, n))
+        z = (np.full((groups, n), 2 ** (bits - 1)) if sym
+             else rng.integers(1, 2 ** bits, (groups, n)))
+        s = (rng.uniform(0.5, 2.0, (groups, n)) * 2.0 ** rng.integers(-9, -4, (groups, n)))
+        s = s.astype(np.float16)
+        g = np.arange(k) // group
+        if act_order:
+            g = g[rng.permutation(k)]
+        del tensors[f"{name}.weight"]
+        tensors[f"{name}.qweight"] = torch.from_numpy(spec_pack(u, bits, 0))
+        stored = z if v2 else z - 1
+        tensors[f"{name}.qzeros"] = torch.from_numpy(spec_pack(stored, bits, 1))
+        tensors[f"{name}.scales"] = torch.from_numpy(s)
+        tensors[f"{name}.g_idx"] = torch.from_numpy(g.astype(np.int32))
+        want[name] = ((u - z[g]).astype(np.float32) * s[g].astype(np.float32)).T
+    os.makedirs(folder)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return want
+
+
+@pytest.mark.filterwarnings("ignore:QuantLinear runs the slow")
+@pytest.mark.parametrize("bits,group,sym,v2", [(4, 32, False, False), (4, 64, True, False),
+                                               (3, 32, False, False), (2, 32, True, False),
+                                               (8, 32, False, False), (4, 32, False, True)])
+def test_import_spec_packed(tmp_path, bits, group, sym, v2):
+    model = LM.build("qwen2")  # q/k/v carry biases
+    want = hand_built(model, tmp_path / "m", bits, group, sym, v2=v2)
+    back = qkern.from_pretrained(tmp_path / "m")
+    layers = qlayers(back)
+    assert set(layers) == set(want)
+    kinds = {m.kernel for m in layers.values()}
+    assert kinds == {"w4_exact" if bits == 4 else "w23_exact" if bits < 4 else "dequant"}
+    for name, w in want.items():
+        assert np.array_equal(layers[name].dequantize_weight().numpy(), w), name
+        q = layers[name].quantized_weight()
+        assert q.format.name == f"int{bits}" and (q.zero_point is None) == sym
+    sd = model.state_dict()
+    got = back.state_dict()
+    for key in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias",
+                "model.norm.weight"):
+        assert torch.equal(got[key], sd[key]), key
+    ids = LM.calibration()[0]
+    x = LM.output(back, ids)
+    assert torch.isfinite(x).all()
+
+
+def test_import_refusals(tmp_path):
+    model = LM.build("llama")
+    hand_built(model, tmp_path / "a", 4, 32, False, act_order=True)
+    with pytest.raises(ValueError, match="g_idx is not k // 32.*act-order"):
+        qkern.from_pretrained(tmp_path / "a")
+    # a stored v1 zero of 15 (zero 16, or a mangled 0): ambiguous
+    hand_built(model, tmp_path / "b", 4, 32, False)
+    t = load_file(str(tmp_path / "b" / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.qzeros"
+    t[name] = t[name] | np.int32(0xF)
+    save_file({k: torch.from_numpy(v) for k, v in t.items()},
+              str(tmp_path / "b" / "model.safetensors"))
+    with pytest.raises(ValueError, match="up_proj.*ambiguous"):
+        qkern.from_pretrained(tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    cfg["quantization_config"]["checkpoint_format"] = "marlin"
+    (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="marlin"):
+        qkern.from_pretrained(tmp_path / "b", format="gptq")
+    with pytest.raises(ValueError, match="not a GPTQ checkpoint"):
+        qkern.from_pretrained(shipped_path("models/wikitext-bytelm"), format="gptq")
+
+
+# ---- export refusals -----------------------------------------------------------------------
+
+
+def single(qt: QTensor, bias=None):
+    m = LM.build("llama")
+    m.model.layers[0].mlp.up_proj = QuantLinear(qt, bias)
+    return m
+
+
+def group_q(fmt, codes, scale, zp, g=32):
+    shape = tuple(codes.shape)
+    return QTensor(codes, scale, zp, QF.get(fmt), Layout("group", shape, 1, g))
+
+
+@pytest.mark.filterwarnings("ignore:QuantLinear runs the slow")
+def test_export_refusals(llama, tmp_path):
+    with pytest.raises(ValueError, match="no quantized layers"):
+        qkern.export(llama, tmp_path / "x", format="gptq")
+    codes = torch.randint(-8, 8, (128, 64), dtype=torch.int8)
+    scale = torch.full((128, 2), 0.01)
+    zp = torch.zeros((128, 2), dtype=torch.int32)
+    zp[3, 1] = -8  # GPTQ zero point 0: v1 stores -1
+    with pytest.raises(ValueError, match="up_proj: a zero point of 0"):
+        qkern.export(single(group_q("int4", codes, scale, zp)), tmp_path / "x", format="gptq")
+    hqq = group_q("uint4", (codes + 8).to(torch.uint8), scale, torch.full((128, 2), 7.5))
+    with pytest.raises(ValueError, match="up_proj: float zero points"):
+        qkern.export(single(hqq), tmp_path / "x", format="gptq")
+    with pytest.raises(ValueError, match="exceeds float16"):
+        qkern.export(single(group_q("int4", codes, torch.full((128, 2), 1e5), None)),
+                     tmp_path / "x", format="gptq")
+    q5 = group_q("int5", torch.randint(-16, 16, (128, 64), dtype=torch.int8), scale, None)
+    with pytest.raises(ValueError, match="5-bit codes"):
+        qkern.export(single(q5), tmp_path / "x", format="gptq")
+    nf4 = group_q("nf4", torch.randint(0, 16, (128, 64), dtype=torch.uint8), scale, None)
+    with pytest.raises(ValueError, match="not an integer grid"):
+        qkern.export(single(nf4), tmp_path / "x", format="gptq")
+    # exact=True: float32 scales float16 cannot hold are refused; fp16_scales makes them so
+    q = rtn(llama, 4, 32, True)
+    with pytest.raises(ValueError, match="not float16 numbers"):
+        qkern.export(q, tmp_path / "x", format="gptq", exact=True)
+    assert not (tmp_path / "x").exists()
+    out = qkern.export(fp16_scales(q), tmp_path / "x", format="gptq", exact=True)
+    with pytest.raises(FileExistsError):
+        qkern.export(q, out, format="gptq")
+    qkern.export(q, out, format="gptq", overwrite=True)
+    with pytest.raises(TypeError, match="exact"):
+        qkern.export(q, tmp_path / "y", format="gptq", exact="yes")
+
+
+# ---- the consumers --------------------------------------------------------------------------
+
+
+def auto_gptq_qlinear():
+    """auto-gptq's QuantLinear ("cuda" flavour, whose CPU path is plain torch and honours
+    g_idx), loaded from its file (the package's __init__ pulls in accelerate, peft, ...)."""
+    spec = importlib.util.find_spec("auto_gptq")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("auto-gptq is not installed: pip install --no-deps --target DIR "
+                    "auto-gptq==0.7.1 and put DIR on PYTHONPATH")
+    path = os.path.join(spec.submodule_search_locations[0], "nn_modules", "qlinear",
+                        "qlinear_cuda.py")
+    s = importlib.util.spec_from_file_location("auto_gptq_qlinear_cuda", path)
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    return mod.QuantLinear
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, 32, True), (2, 64, False),
+                                            (8, None, True)])
+def test_auto_gptq_reads_export(llama, tmp_path, bits, group, sym):
+    QL = auto_gptq_qlinear()
+    q = rtn(llama, bits, group, sym)
+    out = qkern.export(q, tmp_path / "m", format="gptq")
+    t = load_file(str(out / "model.safetensors"))
+    ref16 = fp16_scales(q)
+    for name, m in qlayers(q).items():
+        k, n = m.in_features, m.out_features
+        layer = QL(bits, -1 if group is None else group, k, n, False)
+        layer.load_state_dict({s: torch.from_numpy(t[f"{name}.{s}"])
+                               for s in ("qweight", "qzeros", "scales", "g_idx")})
+        layer.scales = layer.scales.float()  # its dequant in float32: (u - z) * s exactly
+        with torch.no_grad():
+            w = layer(torch.eye(k)).T  # I @ W^T: auto-gptq's dequantized weight
+        assert torch.equal(w, ref16.get_submodule(name).dequantize_weight()), name
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_import_auto_gptq_pack(tmp_path, bits):
+    """auto-gptq's own pack() writes the layers; qkern imports them to the same weights."""
+    QL = auto_gptq_qlinear()
+    model = LM.build("llama")
+    rng = np.random.default_rng(3)
+    group = 32
+    tensors = {k: v for k, v in model.state_dict().items()}
+    want = {}
+    for name, lin in list(model.named_modules()):
+        if not isinstance(lin, torch.nn.Linear) or name == "lm_head":
+            continue
+        n, k = lin.out_features, lin.in_features
+        scales = torch.from_numpy(rng.uniform(0.004, 0.02, (n, k // group))).half().float()
+        zeros = torch.from_numpy(rng.integers(1, 2 ** bits, (n, k // group))).float()
+        u = torch.from_numpy(rng.integers(0, 2 ** bits, (n, k))).float()
+        g = torch.arange(k) // group
+        w = (u - zeros[:, g]) * scales[:, g]
+        src = torch.nn.Linear(k, n, bias=False)
+        src.weight.data = w
+        layer = QL(bits, group, k, n, False, weight_dtype=torch.float32)
+        layer.pack(src, scales, zeros, g.int())
+        del tensors[f"{name}.weight"]
+        for s in ("qweight", "qzeros", "g_idx"):
+            tensors[f"{name}.{s}"] = getattr(layer, s)
+        tensors[f"{name}.scales"] = layer.scales.half()
+        want[name] = w
+    (tmp_path / "m").mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              str(tmp_path / "m" / "model.safetensors"))
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group,
+                                  "sym": False, "desc_act": False}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    back = qkern.from_pretrained(tmp_path / "m")
+    for name, w in want.items():
+        assert torch.equal(back.get_submodule(name).dequantize_weight(), w), name
+
+
+def test_transformers_without_gptq_backend(llama, tmp_path):
+    """transformers 5 hands GPTQ folders to optimum + gptqmodel; without them it refuses."""
+    transformers = pytest.importorskip("transformers")
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("gptqmodel"):
+        pytest.skip("optimum and gptqmodel are installed: transformers can load GPTQ")
+    out = qkern.export(rtn(llama, 4, 32, True), tmp_path / "m", format="gptq")
+    with pytest.raises((ImportError, RuntimeError), match="optimum|gptqmodel|GPU"):
+        transformers.AutoModelForCausalLM.from_pretrained(str(out))
