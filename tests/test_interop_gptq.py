@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 import llm_models as LM
 import qkern
 from qkern import formats as QF
+from qkern.interop.gptq import ActOrderQuantLinear
 from qkern.interop.wna16 import fp16_scales
 from qkern.layout import Layout
 from qkern.models.assets import shipped_path
@@ -238,11 +239,40 @@ def test_import_spec_packed(tmp_path, bits, group, sym, v2):
     assert torch.isfinite(x).all()
 
 
+def test_act_order_import_and_export(tmp_path):
+    """desc_act: g_idx permuted. qkern sorts the columns by group and permutes the input;
+    exporting the imported model writes the checkpoint's own tensors back."""
+    model = LM.build("qwen2")
+    want = hand_built(model, tmp_path / "a", 3, 32, False, act_order=True)
+    back = qkern.from_pretrained(tmp_path / "a")
+    for name, w in want.items():
+        layer = back.get_submodule(name)
+        assert isinstance(layer, ActOrderQuantLinear) and layer.kernel == "w23_exact"
+        assert np.array_equal(layer.dequantize_weight().numpy(), w), name
+        x = torch.randn(5, layer.in_features)
+        ref = x.double() @ torch.from_numpy(w).double().T
+        ref = ref + (0 if layer.bias is None else layer.bias.double())
+        assert torch.allclose(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    out = qkern.export(back, tmp_path / "b", format="gptq")
+    a, b = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "a", out))
+    for key in a:
+        if key.endswith(("qweight", "qzeros", "scales", "g_idx")):
+            assert np.array_equal(a[key], b[key]), key
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"]
+    with pytest.raises(ValueError, match="q_proj: a GPTQ act-order layer"):
+        qkern.export(back, tmp_path / "c", format="awq")
+    # groups of unequal size cannot be made contiguous groups of G
+    t = load_file(str(tmp_path / "a" / "model.safetensors"))
+    g = t["model.layers.0.mlp.down_proj.g_idx"]
+    g[g == 1] = 0
+    save_file({k: torch.from_numpy(v) for k, v in t.items()},
+              str(tmp_path / "a" / "model.safetensors"))
+    with pytest.raises(ValueError, match="down_proj: g_idx groups are not all of 32"):
+        qkern.from_pretrained(tmp_path / "a")
+
+
 def test_import_refusals(tmp_path):
     model = LM.build("llama")
-    hand_built(model, tmp_path / "a", 4, 32, False, act_order=True)
-    with pytest.raises(ValueError, match="g_idx is not k // 32.*act-order"):
-        qkern.from_pretrained(tmp_path / "a")
     # a stored v1 zero of 15 (zero 16, or a mangled 0): ambiguous
     hand_built(model, tmp_path / "b", 4, 32, False)
     t = load_file(str(tmp_path / "b" / "model.safetensors"))
@@ -345,6 +375,21 @@ def test_auto_gptq_reads_export(llama, tmp_path, bits, group, sym):
         with torch.no_grad():
             w = layer(torch.eye(k)).T  # I @ W^T: auto-gptq's dequantized weight
         assert torch.equal(w, ref16.get_submodule(name).dequantize_weight()), name
+
+
+def test_auto_gptq_reads_act_order(tmp_path):
+    QL = auto_gptq_qlinear()
+    want = hand_built(LM.build("llama"), tmp_path / "a", 4, 32, False, act_order=True)
+    out = qkern.export(qkern.from_pretrained(tmp_path / "a"), tmp_path / "b", format="gptq")
+    t = load_file(str(out / "model.safetensors"))
+    for name, w in want.items():
+        k, n = w.shape[1], w.shape[0]
+        layer = QL(4, 32, k, n, False)
+        layer.load_state_dict({s: torch.from_numpy(t[f"{name}.{s}"])
+                               for s in ("qweight", "qzeros", "scales", "g_idx")})
+        layer.scales = layer.scales.float()
+        with torch.no_grad():
+            assert np.array_equal(layer(torch.eye(k)).T.numpy(), w), name
 
 
 @pytest.mark.parametrize("bits", [4, 3])

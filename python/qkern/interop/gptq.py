@@ -32,8 +32,11 @@ What an export holds exactly and what it refuses (each refused layer named with 
 Import (``qkern.from_pretrained(folder)``) reads v1 and ``gptq_v2`` (zero points stored as
 they are) folders onto QuantLinear layers (int4 on the w4 kernel, int2/int3 on w23, int8 on
 w8 when symmetric per channel, else the dequant path), codes bit-exact and float16 scales
-exactly float32. act-order checkpoints whose ``g_idx`` is not ``k // G`` are refused: qkern's
-kernels hold contiguous groups.
+exactly float32. An act-order (``desc_act``) layer, whose ``g_idx`` is not ``k // G``, becomes
+an :class:`ActOrderQuantLinear`: the columns sorted by group (contiguous groups for the
+kernels) and the input permuted the same way, exact up to the order of the sums; a ``g_idx``
+whose groups are not all of ``G`` inputs is refused. Exporting such a model to GPTQ writes its
+``g_idx`` back (``desc_act: true``); other formats refuse it.
 """
 
 from __future__ import annotations
@@ -45,8 +48,16 @@ import torch
 from torch import nn
 
 from ..nn import QuantLinear
+from ..tensor import QTensor
 from . import Format, register
-from ._common import check_layers, float_tensors, hf_config, write_folder, write_json, write_tensors
+from ._common import (
+    float_tensors,
+    hf_config,
+    quantized_layers,
+    write_folder,
+    write_json,
+    write_tensors,
+)
 from .wna16 import (
     IntWeight,
     build_model,
@@ -60,7 +71,7 @@ from .wna16 import (
     unpack_int32,
 )
 
-__all__ = ["BITS", "GPTQFormat", "quantization_config"]
+__all__ = ["BITS", "ActOrderQuantLinear", "GPTQFormat", "quantization_config"]
 
 BITS = (2, 3, 4, 8)
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -90,12 +101,86 @@ def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool = 
             "quantizer": ["qkern"]}
 
 
-def _tensors(w: IntWeight, k: int) -> dict[str, torch.Tensor]:
-    """The four GPTQ tensors of one layer (its groups are the export's group size)."""
-    return {"qweight": pack_int32(w.u.T.contiguous(), w.bits, 0),
+def _tensors(w: IntWeight, k: int, order: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The four GPTQ tensors of one layer (its groups are the export's group size); ``order``:
+    an act-order layer's input order (its codes are held with column j = input order[j])."""
+    u, g_idx = w.u, torch.arange(k, dtype=torch.int64) // w.group
+    if order is not None:
+        inv = torch.argsort(order)
+        u, g_idx = u[:, inv], inv // w.group
+    return {"qweight": pack_int32(u.T.contiguous(), w.bits, 0),
             "qzeros": pack_int32((w.z - 1).T.contiguous(), w.bits, 1),
             "scales": half_scales(w.scale.T.contiguous(), exact=False)[0],
-            "g_idx": (torch.arange(k, dtype=torch.int32) // w.group).to(torch.int32)}
+            "g_idx": g_idx.to(torch.int32)}
+
+
+class ActOrderQuantLinear(QuantLinear):
+    """A GPTQ act-order (``desc_act``) layer: ``g_idx`` puts input ``k`` in group
+    ``g_idx[k]``, the groups are not runs of consecutive inputs. qkern holds the weight with
+    its columns sorted by group (``input_order``: column j is input ``input_order[j]``), so
+    each group is contiguous for the kernels, and permutes the input to match:
+    ``y = x[..., input_order] @ W_sorted^T + b``, the same products summed in another order.
+    ``quantized_weight()`` raises (its codes are in sorted order: only the GPTQ export, which
+    writes ``g_idx`` back, holds such a layer); ``dequantize_weight()`` is in input order."""
+
+    def __init__(self, qweight: QTensor, bias: torch.Tensor | None, order: torch.Tensor):
+        super().__init__(qweight, bias)
+        order = torch.as_tensor(order, dtype=torch.long).reshape(-1)
+        if not torch.equal(torch.sort(order).values, torch.arange(self.in_features)):
+            raise ValueError(f"input_order must be a permutation of range({self.in_features})")
+        self.register_buffer("input_order", order.clone(), persistent=True)
+
+    def permuted_weight(self) -> tuple[QTensor, torch.Tensor]:
+        """The weight in sorted column order and ``input_order``."""
+        return super().quantized_weight(), self.input_order
+
+    def quantized_weight(self) -> QTensor:
+        raise NotImplementedError("a GPTQ act-order layer (inputs permuted by g_idx): only "
+                                  "format='gptq' holds it")
+
+    def dequantize_weight(self) -> torch.Tensor:
+        w = super().dequantize_weight()
+        out = torch.empty_like(w)
+        out[:, self.input_order] = w
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.in_features:
+            x = x.index_select(-1, self.input_order)
+        return super().forward(x)
+
+
+def _collect(model: nn.Module, exact: bool):
+    """Each quantized layer as an IntWeight with its shape and act-order input order;
+    ValueError naming every layer GPTQ cannot hold (as ``check_layers``, which would refuse
+    the act-order layers: their quantized_weight() raises)."""
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("gptq export: the model has no quantized layers (QuantLinear); "
+                         "quantize it first (qkern.quantize_model)")
+    found, bad = {}, []
+    for name, m in layers.items():
+        order = None
+        try:
+            if isinstance(m, ActOrderQuantLinear):
+                q, order = m.permuted_weight()
+            else:
+                q = m.quantized_weight()
+        except NotImplementedError as e:
+            bad.append(f"{name}: {e}")
+            continue
+        n, k = q.shape
+        w = int_weight(q, BITS)
+        why = _why_not(w, k, n, exact)
+        if why is None:
+            found[name] = (w, (n, k), order)
+        else:
+            bad.append(f"{name}: {why}")
+    if bad:
+        more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
+        raise ValueError("gptq export cannot hold these layers exactly:\n  "
+                         + "\n  ".join(bad[:8]) + more)
+    return found
 
 
 @register
@@ -114,18 +199,9 @@ class GPTQFormat(Format):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         cfg = hf_config(model, "gptq")
-        weights: dict[str, IntWeight] = {}
-        shapes: dict[str, tuple[int, int]] = {}
-
-        def why_not(name, m, q):
-            n, k = q.shape
-            w = int_weight(q, BITS)
-            why = _why_not(w, k, n, exact)
-            if why is None:
-                weights[name], shapes[name] = w, (n, k)
-            return why
-
-        check_layers(model, "gptq", why_not)
+        found = _collect(model, exact)
+        weights = {n: w for n, (w, _, _) in found.items()}
+        shapes = {n: shape for n, (_, shape, _) in found.items()}
         bits = {w.bits for w in weights.values()}
         if len(bits) > 1:
             raise ValueError(f"gptq export: GPTQ states one bits value, the layers have "
@@ -135,10 +211,11 @@ class GPTQFormat(Format):
         tensors = {}
         for key, t in float_tensors(model).items():
             tensors[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        for name, w in weights.items():
-            for suffix, t in _tensors(w, shapes[name][1]).items():
+        for name, (w, (_, k), order) in found.items():
+            for suffix, t in _tensors(w, k, order).items():
                 tensors[f"{name}.{suffix}"] = t
-        qc = quantization_config(bits.pop(), group_size, sym)
+        desc_act = any(order is not None for _, _, order in found.values())
+        qc = quantization_config(bits.pop(), group_size, sym, desc_act)
         cfg["quantization_config"] = qc
         if dtype is not None:
             cfg["dtype"] = str(dtype).removeprefix("torch.")
@@ -172,8 +249,10 @@ class GPTQFormat(Format):
         for name in names:
             parts = {s: tensors.pop(f"{name}.{s}", None) for s in SUFFIXES}
             bias = tensors.pop(f"{name}.bias", None)
-            q = _read_layer(path, name, parts, bits, qc.get("group_size"), fmt == "gptq")
-            layers[name] = QuantLinear(q, bias)
+            q, order = _read_layer(path, name, parts, bits, qc.get("group_size"),
+                                   fmt == "gptq")
+            layers[name] = (QuantLinear(q, bias) if order is None
+                            else ActOrderQuantLinear(q, bias, order))
         return build_model(path, layers, tensors)
 
 
@@ -210,7 +289,9 @@ def _quant_config(path: Path, quiet: bool) -> dict | None:
 
 
 def _read_layer(path: Path, name: str, parts: dict, bits: int, group_size, v1: bool):
-    """The QTensor of one GPTQ layer (ValueError naming the layer for what qkern cannot run)."""
+    """The QTensor of one GPTQ layer and, for an act-order layer, the input order that makes
+    its groups contiguous (None otherwise); ValueError naming the layer for what qkern cannot
+    run exactly."""
     where = f"{path}: {name}"
     missing = [s for s in ("qweight", "qzeros", "scales") if parts[s] is None]
     if missing:
@@ -232,13 +313,20 @@ def _read_layer(path: Path, name: str, parts: dict, bits: int, group_size, v1: b
     if tuple(qz.shape) != (n_groups, n * bits // 32):
         raise ValueError(f"{where}: qzeros {tuple(qz.shape)}, expected "
                          f"({n_groups}, {n * bits // 32})")
+    order = None
     if g_idx is not None:
-        plain = torch.arange(k, dtype=torch.int64) // g
-        if g_idx.numel() != k or not torch.equal(g_idx.to(torch.int64).reshape(-1), plain):
-            raise ValueError(f"{where}: g_idx is not k // {g} (an act-order / desc_act "
-                             "checkpoint): qkern's kernels hold contiguous groups of inputs, "
-                             "so it cannot run this layer exactly")
+        gi = g_idx.to(torch.int64).reshape(-1)
+        if gi.numel() != k or int(gi.min()) < 0 or int(gi.max()) >= n_groups:
+            raise ValueError(f"{where}: g_idx must give each of the {k} inputs a group in "
+                             f"[0, {n_groups})")
+        if not torch.equal(gi, torch.arange(k) // g):  # act order: groups not contiguous
+            if not bool((torch.bincount(gi, minlength=n_groups) == g).all()):
+                raise ValueError(f"{where}: g_idx groups are not all of {g} inputs: qkern's "
+                                 "kernels cannot hold them exactly")
+            order = torch.argsort(gi, stable=True)
     u = unpack_int32(qw, bits, 0).T.contiguous()           # (N, K)
+    if order is not None:
+        u = u[:, order].contiguous()  # columns sorted by group: contiguous groups
     stored = unpack_int32(qz, bits, 1).T.contiguous()      # (N, groups)
     if v1 and bool((stored == 2 ** bits - 1).any()):
         raise ValueError(f"{where}: a stored zero point 2^{bits}-1, i.e. zero {2 ** bits} in "
@@ -248,4 +336,4 @@ def _read_layer(path: Path, name: str, parts: dict, bits: int, group_size, v1: b
     scale = sc.float().T.contiguous()
     if not bool(torch.isfinite(scale).all()):
         raise ValueError(f"{where}: a scale is NaN or infinite")
-    return to_qtensor(where, u, z, scale, bits, g)
+    return to_qtensor(where, u, z, scale, bits, g), order
