@@ -172,6 +172,30 @@ def test_bytelm_round_trip(tmp_path):
         qkern.export(q128, tmp_path / "c", format="gptq")
 
 
+def test_config_variants(llama, tmp_path):
+    """A block linear left in float goes to GPTQModel's "dynamic" skip list; float16 float
+    tensors on request; a folder whose only GPTQ config is quantize_config.json loads."""
+    cfg = qkern.RTNConfig(bits=4, group_size=32, sym=True, exclude=["*.mlp.down_proj"])
+    q = qkern.quantize_model(llama, cfg)
+    out = qkern.export(q, tmp_path / "m", format="gptq", dtype=torch.float16)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["dynamic"] == {r"-:^model\.layers\.0\.mlp\.down_proj$": {},
+                             r"-:^model\.layers\.1\.mlp\.down_proj$": {}}
+    assert qc["lm_head"] is False
+    t = load_file(str(out / "model.safetensors"))
+    assert t["model.layers.0.mlp.down_proj.weight"].dtype == np.float16
+    assert t["model.embed_tokens.weight"].dtype == np.float16
+    back = qkern.from_pretrained(out)
+    assert type(back.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    ids = LM.calibration()[0]
+    assert (LM.output(back, ids) - LM.output(q, ids)).abs().max() < 2e-3
+    cfg_file = out / "config.json"
+    c = json.loads(cfg_file.read_text())
+    del c["quantization_config"]
+    cfg_file.write_text(json.dumps(c))
+    assert torch.equal(LM.output(qkern.from_pretrained(out), ids), LM.output(back, ids))
+
+
 # ---- import: checkpoints written by the spec packer --------------------------------------
 
 

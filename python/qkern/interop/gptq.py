@@ -27,7 +27,10 @@ What an export holds exactly and what it refuses (each refused layer named with 
   range are refused); ``exact=True`` refuses any scale float16 does not hold, and
   :func:`qkern.interop.wna16.fp16_scales` gives the qkern model the export holds bit for bit;
 - HQQ's float zero points, codebook / float formats, 5..7 bits, double quantization, per-layer
-  group sizes the single ``group_size`` cannot state: refused.
+  group sizes the single ``group_size`` cannot state: refused;
+- a linear layer left in float inside a block of quantized ones is named in GPTQModel's
+  ``dynamic`` override (``{"-:^<name>$": {}}``: not quantized), which GPTQModel and vLLM
+  honour; ``lm_head`` says whether the head is quantized.
 
 Import (``qkern.from_pretrained(folder)``) reads v1 and ``gptq_v2`` (zero points stored as
 they are) folders onto QuantLinear layers (int4 on the w4 kernel, int2/int3 on w23, int8 on
@@ -42,6 +45,7 @@ whose groups are not all of ``G`` inputs is refused. Exporting such a model to G
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -99,6 +103,20 @@ def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool = 
             "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": "gptq",
             "model_file_base_name": "model", "is_marlin_format": False,
             "quantizer": ["qkern"]}
+
+
+def float_linears_in_blocks(model: nn.Module, quantized: set[str]) -> list[str]:
+    """The float nn.Linear layers inside the blocks (``<...>.<index>``, e.g.
+    ``model.layers.3``) that hold quantized layers: GPTQ loaders take every linear of a block
+    as quantized unless the config says otherwise."""
+    def block(name: str) -> str | None:
+        parts = name.split(".")
+        idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        return None if idx is None else ".".join(parts[: idx + 1])
+
+    blocks = {block(n) for n in quantized} - {None}
+    return [n for n, m in model.named_modules()
+            if type(m) is nn.Linear and block(n) in blocks]
 
 
 def _tensors(w: IntWeight, k: int, order: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -216,6 +234,10 @@ class GPTQFormat(Format):
                 tensors[f"{name}.{suffix}"] = t
         desc_act = any(order is not None for _, _, order in found.values())
         qc = quantization_config(bits.pop(), group_size, sym, desc_act)
+        qc["lm_head"] = "lm_head" in found
+        skipped = float_linears_in_blocks(model, set(found))
+        if skipped:  # GPTQModel's per-module override ("-:" = not quantized), which vLLM reads
+            qc["dynamic"] = {f"-:^{re.escape(n)}$": {} for n in skipped}
         cfg["quantization_config"] = qc
         if dtype is not None:
             cfg["dtype"] = str(dtype).removeprefix("torch.")
