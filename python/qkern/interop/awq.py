@@ -21,7 +21,8 @@ Scales: float16 as for GPTQ (rounded to nearest by default, the weight moving by
 of its magnitude; ``exact=True`` refuses scales float16 does not hold; scales outside
 float16's normal range refused). Refused with the layer and the reason: other bit widths, float
 zero points (HQQ), non-integer formats, out_features not a multiple of 8, group sizes the one
-``group_size`` cannot state.
+``group_size`` cannot state. Linear layers of the blocks left in float are listed in
+``modules_to_not_convert``.
 
 Import (``qkern.from_pretrained(folder)``): GEMM-layout 4-bit folders onto QuantLinear layers
 on the w4 kernel, codes bit-exact, float16 scales exactly float32; "gemv" and other versions
@@ -42,6 +43,7 @@ from .wna16 import (
     IntWeight,
     build_model,
     common_group_size,
+    float_linears_in_blocks,
     half_scales,
     int_weight,
     pack_int32,
@@ -75,10 +77,12 @@ def unpack_awq(words: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def quantization_config(group_size: int) -> dict:
-    """The ``quantization_config`` AutoAWQ writes (``to_transformers_dict``)."""
+def quantization_config(group_size: int, not_converted: list[str] | None = None) -> dict:
+    """The ``quantization_config`` AutoAWQ writes (``to_transformers_dict``);
+    ``not_converted``: linear layers of the blocks left in float (transformers and vLLM skip
+    a layer whose name contains one of them)."""
     return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group_size,
-            "zero_point": True, "modules_to_not_convert": None}
+            "zero_point": True, "modules_to_not_convert": not_converted or None}
 
 
 def _why_not(w: IntWeight | str, n: int, exact: bool) -> str | None:
@@ -123,7 +127,8 @@ class AWQFormat(Format):
             tensors[f"{name}.qweight"] = pack_awq(w.u.T.contiguous())
             tensors[f"{name}.qzeros"] = pack_awq(w.z.T.contiguous())
             tensors[f"{name}.scales"] = half_scales(w.scale.T.contiguous(), exact=False)[0]
-        cfg["quantization_config"] = quantization_config(group_size)
+        cfg["quantization_config"] = quantization_config(
+            group_size, float_linears_in_blocks(model, set(weights)))
         if dtype is not None:
             cfg["dtype"] = str(dtype).removeprefix("torch.")
 

@@ -66,6 +66,7 @@ from .wna16 import (
     IntWeight,
     build_model,
     common_group_size,
+    float_linears_in_blocks,
     half_scales,
     int_weight,
     pack_int32,
@@ -103,20 +104,6 @@ def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool = 
             "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": "gptq",
             "model_file_base_name": "model", "is_marlin_format": False,
             "quantizer": ["qkern"]}
-
-
-def float_linears_in_blocks(model: nn.Module, quantized: set[str]) -> list[str]:
-    """The float nn.Linear layers inside the blocks (``<...>.<index>``, e.g.
-    ``model.layers.3``) that hold quantized layers: GPTQ loaders take every linear of a block
-    as quantized unless the config says otherwise."""
-    def block(name: str) -> str | None:
-        parts = name.split(".")
-        idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-        return None if idx is None else ".".join(parts[: idx + 1])
-
-    blocks = {block(n) for n in quantized} - {None}
-    return [n for n, m in model.named_modules()
-            if type(m) is nn.Linear and block(n) in blocks]
 
 
 def _tensors(w: IntWeight, k: int, order: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -30,8 +30,8 @@ from ..tensor import QTensor
 from ._common import quantized_layers
 
 __all__ = ["FP16_MAX", "FP16_MIN_NORMAL", "IntWeight", "build_model", "common_group_size",
-           "fp16_scales", "half_scales", "int_weight", "pack_int32", "read_config", "read_tensors",
-           "to_qtensor", "unpack_int32"]
+           "float_linears_in_blocks", "fp16_scales", "half_scales", "int_weight", "pack_int32",
+           "read_config", "read_tensors", "to_qtensor", "unpack_int32"]
 
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14
@@ -144,6 +144,20 @@ def common_group_size(weights: dict[str, IntWeight], shapes: dict[str, tuple[int
                              f"({g}, {k})" for g, k in sizes[:8]) +
                          "; quantize with a group_size that divides every in_features")
     return -1 if -1 in choices else max(choices)
+
+
+def float_linears_in_blocks(model: nn.Module, quantized: set[str]) -> list[str]:
+    """The float nn.Linear layers inside the blocks (``<...>.<index>``, e.g.
+    ``model.layers.3``) that hold quantized layers: GPTQ loaders take every linear of a block
+    as quantized unless the config says otherwise."""
+    def block(name: str) -> str | None:
+        parts = name.split(".")
+        idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        return None if idx is None else ".".join(parts[: idx + 1])
+
+    blocks = {block(n) for n in quantized} - {None}
+    return [n for n, m in model.named_modules()
+            if type(m) is nn.Linear and block(n) in blocks]
 
 
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
