@@ -116,6 +116,36 @@ def test_awq_algorithm_round_trip_logits(llama, tmp_path):
     assert (got - LM.output(q, ids)).abs().max() < 1e-3
 
 
+def test_float_layers_not_converted(llama, tmp_path):
+    cfg = qkern.RTNConfig(bits=4, group_size=32, sym=False, exclude=["*.self_attn.o_proj"])
+    q = qkern.quantize_model(llama, cfg)
+    out = qkern.export(q, tmp_path / "m", format="awq")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["model.layers.0.self_attn.o_proj",
+                                            "model.layers.1.self_attn.o_proj"]
+    back = qkern.from_pretrained(out)
+    assert type(back.model.layers[1].self_attn.o_proj) is torch.nn.Linear
+    ids = LM.calibration()[0]
+    assert torch.equal(LM.output(back, ids), LM.output(fp16_scales(q), ids))
+
+
+def test_sharded_folder(llama, tmp_path):
+    """The shards of model.safetensors.index.json load as one checkpoint."""
+    q = rtn(llama, 32, True)
+    out = qkern.export(q, tmp_path / "m", format="awq")
+    t = load_file(str(out / "model.safetensors"))
+    (out / "model.safetensors").unlink()
+    keys = sorted(t)
+    halves = {"model-00001-of-00002.safetensors": keys[::2],
+              "model-00002-of-00002.safetensors": keys[1::2]}
+    for fname, ks in halves.items():
+        save_file({k: torch.from_numpy(t[k]) for k in ks}, str(out / fname))
+    index = {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    ids = LM.calibration()[0]
+    assert torch.equal(LM.output(qkern.from_pretrained(out), ids), LM.output(fp16_scales(q), ids))
+
+
 def test_bytelm_round_trip(tmp_path):
     path = shipped_path("models/wikitext-bytelm")
     if not (path / "model.safetensors").is_file():
