@@ -28,6 +28,7 @@ from qkern.interop.wna16 import fp16_scales
 from qkern.layout import Layout
 from qkern.models.assets import shipped_path
 from qkern.nn import QuantLinear
+from qkern.nn.hadamard import HadamardInput
 from qkern.tensor import QTensor
 
 # ---- the format, from its spec (numpy only) ----------------------------------------------
@@ -351,6 +352,17 @@ def test_export_refusals(llama, tmp_path):
     nf4 = group_q("nf4", torch.randint(0, 16, (128, 64), dtype=torch.uint8), scale, None)
     with pytest.raises(ValueError, match="not an integer grid"):
         qkern.export(single(nf4), tmp_path / "x", format="gptq")
+    # weight-only: quantized activations and qkern modules the loaders would not run
+    m = rtn(llama, 4, 32, True)
+    lin = torch.nn.Linear(64, 64)
+    m.model.layers[1].self_attn.o_proj = QuantLinear.from_float(lin, "int8", group_size=None,
+                                                                act="int8_dynamic")
+    q_proj = m.model.layers[0].self_attn.q_proj
+    m.model.layers[0].self_attn.q_proj = HadamardInput(q_proj, torch.ones(64))
+    with pytest.raises(ValueError) as e:
+        qkern.export(m, tmp_path / "x", format="gptq")
+    assert "q_proj: a qkern HadamardInput" in str(e.value)
+    assert "o_proj: activations quantized (act='int8_dynamic')" in str(e.value)
     # exact=True: float32 scales float16 cannot hold are refused; fp16_scales makes them so
     q = rtn(llama, 4, 32, True)
     with pytest.raises(ValueError, match="not float16 numbers"):

@@ -42,6 +42,7 @@ from ._common import check_layers, float_tensors, hf_config, write_folder, write
 from .wna16 import (
     IntWeight,
     build_model,
+    check_weight_only,
     common_group_size,
     float_linears_in_blocks,
     half_scales,
@@ -107,6 +108,7 @@ class AWQFormat(Format):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         cfg = hf_config(model, "awq")
+        check_weight_only(model, "awq")
         weights: dict[str, IntWeight] = {}
         shapes: dict[str, tuple[int, int]] = {}
 

@@ -65,6 +65,7 @@ from ._common import (
 from .wna16 import (
     IntWeight,
     build_model,
+    check_weight_only,
     common_group_size,
     float_linears_in_blocks,
     half_scales,
@@ -204,6 +205,7 @@ class GPTQFormat(Format):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         cfg = hf_config(model, "gptq")
+        check_weight_only(model, "gptq")
         found = _collect(model, exact)
         weights = {n: w for n, (w, _, _) in found.items()}
         shapes = {n: shape for n, (_, shape, _) in found.items()}

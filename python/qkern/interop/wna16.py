@@ -29,9 +29,10 @@ from ..nn import QuantLinear
 from ..tensor import QTensor
 from ._common import quantized_layers
 
-__all__ = ["FP16_MAX", "FP16_MIN_NORMAL", "IntWeight", "build_model", "common_group_size",
-           "float_linears_in_blocks", "fp16_scales", "half_scales", "int_weight", "pack_int32",
-           "read_config", "read_tensors", "to_qtensor", "unpack_int32"]
+__all__ = ["FP16_MAX", "FP16_MIN_NORMAL", "IntWeight", "build_model", "check_weight_only",
+           "common_group_size", "float_linears_in_blocks", "fp16_scales", "half_scales",
+           "int_weight", "pack_int32", "read_config", "read_tensors", "to_qtensor",
+           "unpack_int32"]
 
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14
@@ -144,6 +145,27 @@ def common_group_size(weights: dict[str, IntWeight], shapes: dict[str, tuple[int
                              f"({g}, {k})" for g, k in sizes[:8]) +
                          "; quantize with a group_size that divides every in_features")
     return -1 if -1 in choices else max(choices)
+
+
+def check_weight_only(model: nn.Module, fmt: str) -> None:
+    """ValueError naming what a weight-only integer format (activations in float, the plain
+    transformers modules around the quantized linears) cannot hold: QuantLinear layers that
+    quantize their activations, and other qkern modules (activation quantizers, Hadamard
+    rotations, run-time weight quantization, quantized embeddings / convolutions), which the
+    format's loaders would not run, so the served model would compute something else."""
+    bad = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            if m.act != "none":
+                bad.append(f"{name}: activations quantized (act={m.act!r}); {fmt} is "
+                           "weight-only (activations in float)")
+        elif type(m).__module__.startswith("qkern."):
+            bad.append(f"{name or '<model>'}: a qkern {type(m).__name__}, which {fmt} "
+                       "loaders would not run")
+    if bad:
+        more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
+        raise ValueError(f"{fmt} export cannot hold these modules:\n  " + "\n  ".join(bad[:8])
+                         + more)
 
 
 def float_linears_in_blocks(model: nn.Module, quantized: set[str]) -> list[str]:
@@ -299,6 +321,6 @@ def build_model(path: Path, layers: dict[str, QuantLinear],
     if res.unexpected_keys:
         raise ValueError(f"{path}: {len(res.unexpected_keys)} tensors are no weight of "
                          f"{type(model).__name__}: {', '.join(res.unexpected_keys[:6])}")
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False) and "lm_head" not in layers:
         model.tie_weights()
     return model.eval()
