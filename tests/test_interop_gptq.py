@@ -1,18 +1,13 @@
-"""GPTQ (v1) export and import, checked against the format's published layout.
-
-The reader (``spec_unpack``) and the packer (``spec_pack``) here are written from the GPTQ v1
-layout as AutoGPTQ documents and packs it (qweight: codes along the input dim, LSB first, 32
-inputs per ``bits`` words; qzeros: zero point minus one, along the output dim; scales float16;
-g_idx the group of each input), in numpy, without qkern's code. Where auto-gptq is on the path
-(``pip install --no-deps --target DIR auto-gptq==0.7.1``, DIR on PYTHONPATH), its own
-QuantLinear reads qkern's export and its own ``pack`` writes a checkpoint qkern imports.
+"""GPTQ (v1) export and import, checked against the format's published layout: the numpy
+reader and packer of ``gptq_spec.py`` (written from the layout, no qkern code) read qkern's
+exports and write the checkpoints qkern imports; round trips on a tiny Llama and the bytelm;
+what is refused. The consumers' own code (auto-gptq, GPTQModel, transformers) is in
+``test_interop_gptq_consumers.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -22,6 +17,7 @@ from safetensors.torch import save_file
 
 import llm_models as LM
 import qkern
+from gptq_spec import hand_built, spec_dequant, spec_unpack
 from qkern import formats as QF
 from qkern.interop.gptq import ActOrderQuantLinear
 from qkern.interop.wna16 import fp16_scales
@@ -30,57 +26,6 @@ from qkern.models.assets import shipped_path
 from qkern.nn import QuantLinear
 from qkern.nn.hadamard import HadamardInput
 from qkern.tensor import QTensor
-
-# ---- the format, from its spec (numpy only) ----------------------------------------------
-
-
-def spec_unpack(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
-    """Value j of a column/row sits at bit offset bits*j of its stream of 32-bit words."""
-    w = np.moveaxis(words, axis, 0).astype(np.int64) & 0xFFFFFFFF
-    n = w.shape[0] * 32 // bits
-    out = np.zeros((n,) + w.shape[1:], np.int64)
-    for j in range(n):
-        q, r = divmod(bits * j, 32)
-        v = w[q] >> r
-        if r + bits > 32:
-            v = v | (w[q + 1] << (32 - r))
-        out[j] = v & ((1 << bits) - 1)
-    return np.moveaxis(out, 0, axis)
-
-
-def spec_pack(vals: np.ndarray, bits: int, axis: int) -> np.ndarray:
-    """AutoGPTQ's word layout, written out: 2/4/8 bits: 32/bits values per word, value i at
-    bit bits*i; 3 bits: 32 values per 3 words (w0: values 0..9 at 3i and the low 2 bits of
-    value 10 at 30; w1: bit 2 of value 10 at 0, values 11..20 at 3i+1, bit 0 of value 21 at 31;
-    w2: bits 1..2 of value 21 at 0, values 22..31 at 3i+2)."""
-    v = np.moveaxis(vals, axis, 0).astype(np.uint64)
-    rest = v.shape[1:]
-    if bits in (2, 4, 8):
-        per = 32 // bits
-        v = v.reshape((-1, per) + rest)
-        words = sum(v[:, i] << np.uint64(bits * i) for i in range(per))
-    else:
-        v = v.reshape((-1, 32) + rest)
-
-        def sh(x, s):
-            return x << np.uint64(s)
-
-        w0 = sum(sh(v[:, i], 3 * i) for i in range(10)) | sh(v[:, 10] & 3, 30)
-        w1 = (v[:, 10] >> np.uint64(2)) | sum(sh(v[:, 11 + i], 3 * i + 1) for i in range(10)) \
-            | sh(v[:, 21] & 1, 31)
-        w2 = (v[:, 21] >> np.uint64(1)) | sum(sh(v[:, 22 + i], 3 * i + 2) for i in range(10))
-        words = np.stack([w0, w1, w2], 1).reshape((-1,) + rest)
-    words = (words & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
-    return np.ascontiguousarray(np.moveaxis(words, 0, axis))
-
-
-def spec_dequant(t: dict, name: str, bits: int) -> np.ndarray:
-    """W (N, K) float32 = (u - (stored zero + 1)) * scale[g_idx], each product rounded once."""
-    u = spec_unpack(t[f"{name}.qweight"], bits, 0)            # (K, N)
-    z = spec_unpack(t[f"{name}.qzeros"], bits, 1) + 1          # (groups, N)
-    s = t[f"{name}.scales"].astype(np.float32)                 # (groups, N)
-    g = t[f"{name}.g_idx"].astype(np.int64)
-    return ((u - z[g]).astype(np.float32) * s[g]).T
 
 
 def qlayers(model) -> dict:
@@ -198,44 +143,6 @@ def test_config_variants(llama, tmp_path):
 
 
 # ---- import: checkpoints written by the spec packer --------------------------------------
-
-
-def hand_built(model, folder, bits, group, sym, seed=0, v2=False, act_order=False):
-    """A GPTQ folder for ``model`` with random codes / zeros / fp16 scales per linear of the
-    blocks, packed by spec_pack. Returns the expected float32 weights (N, K) by layer."""
-    rng = np.random.default_rng(seed)
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group,
-                                  "sym": sym, "desc_act": act_order,
-                                  "checkpoint_format": "gptq_v2" if v2 else "gptq"}
-    tensors, want = {}, {}
-    for key, v in model.state_dict().items():
-        tensors[key] = v.clone()
-    for name, m in model.named_modules():
-        if not isinstance(m, torch.nn.Linear) or name == "lm_head":
-            continue
-        n, k = m.out_features, m.in_features
-        groups = k // group
-        u = rng.integers(0, 2 ** bits, (k, n))
-        z = (np.full((groups, n), 2 ** (bits - 1)) if sym
-             else rng.integers(1, 2 ** bits, (groups, n)))
-        s = (rng.uniform(0.5, 2.0, (groups, n)) * 2.0 ** rng.integers(-9, -4, (groups, n)))
-        s = s.astype(np.float16)
-        g = np.arange(k) // group
-        if act_order:
-            g = g[rng.permutation(k)]
-        del tensors[f"{name}.weight"]
-        tensors[f"{name}.qweight"] = torch.from_numpy(spec_pack(u, bits, 0))
-        stored = z if v2 else z - 1
-        tensors[f"{name}.qzeros"] = torch.from_numpy(spec_pack(stored, bits, 1))
-        tensors[f"{name}.scales"] = torch.from_numpy(s)
-        tensors[f"{name}.g_idx"] = torch.from_numpy(g.astype(np.int32))
-        want[name] = ((u - z[g]).astype(np.float32) * s[g].astype(np.float32)).T
-    os.makedirs(folder)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return want
 
 
 @pytest.mark.filterwarnings("ignore:QuantLinear runs the slow")
@@ -374,104 +281,3 @@ def test_export_refusals(llama, tmp_path):
     qkern.export(q, out, format="gptq", overwrite=True)
     with pytest.raises(TypeError, match="exact"):
         qkern.export(q, tmp_path / "y", format="gptq", exact="yes")
-
-
-# ---- the consumers --------------------------------------------------------------------------
-
-
-def auto_gptq_qlinear():
-    """auto-gptq's QuantLinear ("cuda" flavour, whose CPU path is plain torch and honours
-    g_idx), loaded from its file (the package's __init__ pulls in accelerate, peft, ...)."""
-    spec = importlib.util.find_spec("auto_gptq")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("auto-gptq is not installed: pip install --no-deps --target DIR "
-                    "auto-gptq==0.7.1 and put DIR on PYTHONPATH")
-    path = os.path.join(spec.submodule_search_locations[0], "nn_modules", "qlinear",
-                        "qlinear_cuda.py")
-    s = importlib.util.spec_from_file_location("auto_gptq_qlinear_cuda", path)
-    mod = importlib.util.module_from_spec(s)
-    s.loader.exec_module(mod)
-    return mod.QuantLinear
-
-
-@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, 32, True), (2, 64, False),
-                                            (8, None, True)])
-def test_auto_gptq_reads_export(llama, tmp_path, bits, group, sym):
-    QL = auto_gptq_qlinear()
-    q = rtn(llama, bits, group, sym)
-    out = qkern.export(q, tmp_path / "m", format="gptq")
-    t = load_file(str(out / "model.safetensors"))
-    ref16 = fp16_scales(q)
-    for name, m in qlayers(q).items():
-        k, n = m.in_features, m.out_features
-        layer = QL(bits, -1 if group is None else group, k, n, False)
-        layer.load_state_dict({s: torch.from_numpy(t[f"{name}.{s}"])
-                               for s in ("qweight", "qzeros", "scales", "g_idx")})
-        layer.scales = layer.scales.float()  # its dequant in float32: (u - z) * s exactly
-        with torch.no_grad():
-            w = layer(torch.eye(k)).T  # I @ W^T: auto-gptq's dequantized weight
-        assert torch.equal(w, ref16.get_submodule(name).dequantize_weight()), name
-
-
-def test_auto_gptq_reads_act_order(tmp_path):
-    QL = auto_gptq_qlinear()
-    want = hand_built(LM.build("llama"), tmp_path / "a", 4, 32, False, act_order=True)
-    out = qkern.export(qkern.from_pretrained(tmp_path / "a"), tmp_path / "b", format="gptq")
-    t = load_file(str(out / "model.safetensors"))
-    for name, w in want.items():
-        k, n = w.shape[1], w.shape[0]
-        layer = QL(4, 32, k, n, False)
-        layer.load_state_dict({s: torch.from_numpy(t[f"{name}.{s}"])
-                               for s in ("qweight", "qzeros", "scales", "g_idx")})
-        layer.scales = layer.scales.float()
-        with torch.no_grad():
-            assert np.array_equal(layer(torch.eye(k)).T.numpy(), w), name
-
-
-@pytest.mark.parametrize("bits", [4, 3])
-def test_import_auto_gptq_pack(tmp_path, bits):
-    """auto-gptq's own pack() writes the layers; qkern imports them to the same weights."""
-    QL = auto_gptq_qlinear()
-    model = LM.build("llama")
-    rng = np.random.default_rng(3)
-    group = 32
-    tensors = {k: v for k, v in model.state_dict().items()}
-    want = {}
-    for name, lin in list(model.named_modules()):
-        if not isinstance(lin, torch.nn.Linear) or name == "lm_head":
-            continue
-        n, k = lin.out_features, lin.in_features
-        scales = torch.from_numpy(rng.uniform(0.004, 0.02, (n, k // group))).half().float()
-        zeros = torch.from_numpy(rng.integers(1, 2 ** bits, (n, k // group))).float()
-        u = torch.from_numpy(rng.integers(0, 2 ** bits, (n, k))).float()
-        g = torch.arange(k) // group
-        w = (u - zeros[:, g]) * scales[:, g]
-        src = torch.nn.Linear(k, n, bias=False)
-        src.weight.data = w
-        layer = QL(bits, group, k, n, False, weight_dtype=torch.float32)
-        layer.pack(src, scales, zeros, g.int())
-        del tensors[f"{name}.weight"]
-        for s in ("qweight", "qzeros", "g_idx"):
-            tensors[f"{name}.{s}"] = getattr(layer, s)
-        tensors[f"{name}.scales"] = layer.scales.half()
-        want[name] = w
-    (tmp_path / "m").mkdir()
-    save_file({k: v.contiguous() for k, v in tensors.items()},
-              str(tmp_path / "m" / "model.safetensors"))
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group,
-                                  "sym": False, "desc_act": False}
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    back = qkern.from_pretrained(tmp_path / "m")
-    for name, w in want.items():
-        assert torch.equal(back.get_submodule(name).dequantize_weight(), w), name
-
-
-def test_transformers_without_gptq_backend(llama, tmp_path):
-    """transformers 5 hands GPTQ folders to optimum + gptqmodel; without them it refuses."""
-    transformers = pytest.importorskip("transformers")
-    if importlib.util.find_spec("optimum") and importlib.util.find_spec("gptqmodel"):
-        pytest.skip("optimum and gptqmodel are installed: transformers can load GPTQ")
-    out = qkern.export(rtn(llama, 4, 32, True), tmp_path / "m", format="gptq")
-    with pytest.raises((ImportError, RuntimeError), match="optimum|gptqmodel|GPU"):
-        transformers.AutoModelForCausalLM.from_pretrained(str(out))
