@@ -337,10 +337,15 @@ def test_import_autoawq_pack(tmp_path, autoawq):
 
 
 def test_transformers_without_awq_backend(llama, tmp_path):
-    """transformers 5 hands AWQ folders to gptqmodel; without it, it refuses to load."""
+    """transformers 5 hands AWQ folders to gptqmodel; while gptqmodel does not import (absent,
+    or its files without its dependencies, as for the GPTQModel test), loading refuses."""
     transformers = pytest.importorskip("transformers")
-    if importlib.util.find_spec("gptqmodel"):
-        pytest.skip("gptqmodel is installed: transformers can load AWQ")
+    try:
+        importlib.import_module("gptqmodel")
+    except Exception:
+        pass
+    else:
+        pytest.skip("gptqmodel imports: transformers can load AWQ through it")
     out = qkern.export(rtn(llama, 32, False), tmp_path / "m", format="awq")
-    with pytest.raises((ImportError, RuntimeError), match="gptqmodel|GPU"):
+    with pytest.raises(ImportError):
         transformers.AutoModelForCausalLM.from_pretrained(str(out))
