@@ -347,5 +347,9 @@ def test_transformers_without_awq_backend(llama, tmp_path):
     else:
         pytest.skip("gptqmodel imports: transformers can load AWQ through it")
     out = qkern.export(rtn(llama, 32, False), tmp_path / "m", format="awq")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = transformers.AwqConfig.from_dict(qc)  # its reading of the config
+    assert (parsed.bits, parsed.group_size, parsed.zero_point, parsed.format) == \
+        (4, 32, True, "gemm")
     with pytest.raises(ImportError):
         transformers.AutoModelForCausalLM.from_pretrained(str(out))

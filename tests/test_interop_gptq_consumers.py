@@ -188,5 +188,8 @@ def test_transformers_without_gptq_backend(llama, tmp_path):
     if importlib.util.find_spec("optimum"):
         pytest.skip("optimum is installed: transformers goes on to gptqmodel")
     out = qkern.export(rtn(llama, 4, 32, True), tmp_path / "m", format="gptq")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = transformers.GPTQConfig.from_dict(qc)  # its reading of the config
+    assert (parsed.bits, parsed.group_size, parsed.sym, parsed.format) == (4, 32, True, "gptq")
     with pytest.raises((ImportError, RuntimeError), match="optimum|gptqmodel|GPU"):
         transformers.AutoModelForCausalLM.from_pretrained(str(out))

@@ -53,6 +53,7 @@ from torch import nn
 
 from ..nn import QuantLinear
 from ..tensor import QTensor
+from ..version import __version__
 from . import Format, register
 from ._common import (
     float_tensors,
@@ -104,7 +105,7 @@ def quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool = 
             "desc_act": desc_act, "sym": sym, "static_groups": False,
             "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": "gptq",
             "model_file_base_name": "model", "is_marlin_format": False,
-            "quantizer": ["qkern"]}
+            "meta": {"quantizer": [f"qkern:{__version__}"]}}
 
 
 def _tensors(w: IntWeight, k: int, order: torch.Tensor | None) -> dict[str, torch.Tensor]:
