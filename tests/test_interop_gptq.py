@@ -185,6 +185,8 @@ def test_act_order_import_and_export(tmp_path):
         ref = x.double() @ torch.from_numpy(w).double().T
         ref = ref + (0 if layer.bias is None else layer.bias.double())
         assert torch.allclose(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    ids = LM.calibration()[0]  # its scales are float16 already: fp16_scales keeps it as is
+    assert torch.equal(LM.output(fp16_scales(back), ids), LM.output(back, ids))
     out = qkern.export(back, tmp_path / "b", format="gptq")
     a, b = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "a", out))
     for key in a:

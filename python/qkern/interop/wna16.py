@@ -119,11 +119,18 @@ def fp16_scales(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     out = copy.deepcopy(model)
     for name, m in quantized_layers(out).items():
-        q = m.quantized_weight()
+        permuted = hasattr(m, "permuted_weight")  # a GPTQ act-order layer: its sorted weight
+        q, order = m.permuted_weight() if permuted else (m.quantized_weight(), None)
         h, why = half_scales(q.scale, exact=False)
         if why is not None:
             raise ValueError(f"{name}: {why}")
-        new = QuantLinear(replace(q, scale=h.float()), m.bias, act=m.act, mode=m.mode)
+        q = replace(q, scale=h.float())
+        if permuted:
+            new = type(m)(q, m.bias, order)
+        else:
+            new = QuantLinear(q, m.bias, act=m.act, mode=m.mode,
+                              act_scale=getattr(m, "act_scale", None),
+                              threshold=getattr(m, "outlier_threshold", None))
         parent, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent) if parent else out, child, new)
     return out
