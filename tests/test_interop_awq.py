@@ -129,6 +129,14 @@ def test_float_layers_not_converted(llama, tmp_path):
     assert torch.equal(LM.output(back, ids), LM.output(fp16_scales(q), ids))
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_architectures_round_trip(tmp_path, arch):
+    q = rtn(LM.build(arch), 32, False)
+    back = qkern.from_pretrained(qkern.export(q, tmp_path / "m", format="awq"))
+    ids = LM.calibration()[0]
+    assert torch.equal(LM.output(back, ids), LM.output(fp16_scales(q), ids))
+
+
 def test_sharded_folder(llama, tmp_path):
     """The shards of model.safetensors.index.json load as one checkpoint."""
     q = rtn(llama, 32, True)

@@ -99,6 +99,16 @@ def test_gptq_algorithm_round_trip_logits(llama, tmp_path):
     assert (got - LM.output(q, ids)).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "qwen3", "bert"])
+def test_architectures_round_trip(tmp_path, arch):
+    """GPT-2's Conv1D layers (stored as linears), tied embeddings (GPT-2, OPT), biases, an
+    encoder: the import gives the fp16-scale model's outputs bit for bit."""
+    q = rtn(LM.build(arch), 4, 32, False)
+    back = qkern.from_pretrained(qkern.export(q, tmp_path / "m", format="gptq"))
+    ids = LM.calibration()[0]
+    assert torch.equal(LM.output(back, ids), LM.output(fp16_scales(q), ids))
+
+
 def test_bytelm_round_trip(tmp_path):
     path = shipped_path("models/wikitext-bytelm")
     if not (path / "model.safetensors").is_file():

@@ -14,7 +14,9 @@ only the scales change: qkern keeps float32 scales, the formats float16 (see
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -297,10 +299,15 @@ def build_model(path: Path, layers: dict[str, QuantLinear],
     config = transformers.AutoConfig.for_model(**cfg_dict)
     arch = (cfg_dict.get("architectures") or [""])[0]
     cls = getattr(transformers, arch, None)
-    if cls is not None and hasattr(cls, "_from_config"):
-        model = cls._from_config(config, dtype=torch.float32)
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:  # every weight is loaded below (or missing: an error): skip the random init
+        no_init = importlib.import_module("transformers.initialization").no_init_weights
+    except (ImportError, AttributeError):
+        no_init = contextlib.nullcontext
+    with no_init():
+        if cls is not None and hasattr(cls, "_from_config"):
+            model = cls._from_config(config, dtype=torch.float32)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model = model.float().eval()
     for name, layer in layers.items():
         try:
@@ -308,12 +315,15 @@ def build_model(path: Path, layers: dict[str, QuantLinear],
         except AttributeError:
             raise ValueError(f"{path}: quantized layer {name} is not a module of "
                              f"{type(model).__name__}") from None
-        if not isinstance(old, nn.Linear):
+        if isinstance(old, nn.Linear):
+            shape = (old.out_features, old.in_features)
+        elif type(old).__name__ == "Conv1D" and hasattr(old, "nf"):  # GPT-2's (in, out) linear
+            shape = (old.nf, old.weight.shape[0])
+        else:
             raise ValueError(f"{path}: {name} is a {type(old).__name__}, not a Linear layer")
-        if (old.out_features, old.in_features) != (layer.out_features, layer.in_features):
+        if shape != (layer.out_features, layer.in_features):
             raise ValueError(f"{path}: {name} holds a ({layer.out_features}, "
-                             f"{layer.in_features}) weight; the model's layer is "
-                             f"({old.out_features}, {old.in_features})")
+                             f"{layer.in_features}) weight; the model's layer is {shape}")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     floats = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
