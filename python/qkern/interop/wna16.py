@@ -81,12 +81,12 @@ def int_weight(q: QTensor, bits_allowed: tuple[int, ...]) -> IntWeight | str:
         g = k
     else:
         return f"{lay.granularity} scales along axis {lay.axis} (the format groups the input dim)"
-    u = q.codes.to(torch.int32) - f.qmin
-    scale = q.scale.float().reshape(n, k // g)
+    u = q.codes.cpu().to(torch.int32) - f.qmin
+    scale = q.scale.cpu().float().reshape(n, k // g)
     if q.zero_point is None:
         z = torch.full((n, k // g), -f.qmin, dtype=torch.int32)
     else:
-        z = q.zero_point.to(torch.int32).reshape(n, k // g) - f.qmin
+        z = q.zero_point.cpu().to(torch.int32).reshape(n, k // g) - f.qmin
     return IntWeight(u, z, scale, f.bits, g, q.zero_point is None, f.signed)
 
 
@@ -198,12 +198,17 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     multiple of ``32 / gcd(32, bits)``."""
     v = values.movedim(dim, -1).to(torch.int64)
     n = v.shape[-1]
-    per = 32 // _gcd(32, bits)
+    per, nw = 32 // _gcd(32, bits), bits // _gcd(32, bits)  # values and words per unit
     if n % per:
         raise ValueError(f"pack_int32: {n} values along dim {dim} are not a multiple of {per}")
-    shifts = torch.arange(bits, dtype=torch.int64)
-    bitsv = ((v.unsqueeze(-1) >> shifts) & 1).reshape(*v.shape[:-1], n * bits // 32, 32)
-    words = (bitsv << torch.arange(32, dtype=torch.int64)).sum(-1)
+    v = v.reshape(*v.shape[:-1], n // per, per)
+    words = torch.zeros(*v.shape[:-1], nw, dtype=torch.int64, device=v.device)
+    for j in range(per):
+        w, b = divmod(bits * j, 32)
+        words[..., w] |= (v[..., j] << b) & 0xFFFFFFFF
+        if b + bits > 32:  # the value's high bits start the next word
+            words[..., w + 1] |= v[..., j] >> (32 - b)
+    words = words.reshape(*words.shape[:-2], -1)
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
     return words.movedim(-1, dim).contiguous()
 
@@ -212,12 +217,21 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """The inverse of :func:`pack_int32`: int32 words -> int32 values in ``[0, 2^bits)``."""
     w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
     m = w.shape[-1]
-    if (m * 32) % bits:
-        raise ValueError(f"unpack_int32: {m} words do not hold whole {bits}-bit values")
-    bitsv = ((w.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).reshape(
-        *w.shape[:-1], m * 32 // bits, bits)
-    vals = (bitsv << torch.arange(bits, dtype=torch.int64)).sum(-1).to(torch.int32)
-    return vals.movedim(-1, dim).contiguous()
+    per, nw = 32 // _gcd(32, bits), bits // _gcd(32, bits)
+    if m % nw:
+        raise ValueError(f"unpack_int32: {m} words along dim {dim} do not hold whole "
+                         f"{bits}-bit values")
+    w = w.reshape(*w.shape[:-1], m // nw, nw)
+    out = torch.empty(*w.shape[:-1], per, dtype=torch.int64, device=w.device)
+    mask = (1 << bits) - 1
+    for j in range(per):
+        i, b = divmod(bits * j, 32)
+        val = w[..., i] >> b
+        if b + bits > 32:
+            val = val | (w[..., i + 1] << (32 - b))
+        out[..., j] = val & mask
+    out = out.reshape(*out.shape[:-2], -1).to(torch.int32)
+    return out.movedim(-1, dim).contiguous()
 
 
 def _gcd(a: int, b: int) -> int:
