@@ -25,7 +25,7 @@ or static per tensor with ``input_scale``.
 qkern writes the scales as float32 (``dtype="float32"``, the default): the checkpoint then
 dequantizes to exactly ``QuantLinear.dequantize_weight()``. ``dtype="bfloat16"`` /
 ``"float16"`` writes scales and float tensors in that dtype, as llm-compressor does for a half
-precision model: each scale is rounded to nearest (relative error <= 2^-9 bfloat16, 2^-12
+precision model: each scale is rounded to nearest (relative error <= 2^-8 bfloat16, 2^-11
 float16 for normal numbers), so every weight moves by at most that relative amount; a scale
 that does not survive the rounding (overflow, underflow) is refused.
 """
@@ -68,7 +68,7 @@ ACT_ARGS = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: bound on the relative rounding error of a normal number cast to each dtype
-ROUND_ERROR = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -12}
+ROUND_ERROR = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
 @dataclass(frozen=True)
