@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -389,3 +390,60 @@ def test_import_refuses_truncated_tensors(tmp_path):
     save_file(t, str(out / "model.safetensors"))
     with pytest.raises(ValueError, match="weight_packed' is missing"):
         qkern.from_pretrained(out)
+
+
+def _legacy_pack(u: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """compressed-tensors < 0.18 pack_to_int32 as its source specifies it: ``32 // bits``
+    unsigned codes per int32 word, code j at bit (j % per) * bits of word j // per (numpy)."""
+    a = u.movedim(dim, -1).numpy().astype(np.uint64)
+    per = 32 // bits
+    words = -(-a.shape[-1] // per)
+    a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, words * per - a.shape[-1])])
+    shifts = (np.arange(per, dtype=np.uint64) * bits)
+    w = (a.reshape(*a.shape[:-1], words, per) << shifts).sum(-1).astype(np.uint32)
+    return torch.from_numpy(w.view(np.int32)).movedim(-1, dim).contiguous()
+
+
+def test_import_legacy_packing_before_0_18(tmp_path):
+    """3-bit codes: compressed-tensors before 0.18 put 10 per word (2 bits unused); a
+    checkpoint whose config says version 0.17 is read that way, to the same weights."""
+    from safetensors.torch import save_file
+    _, q = _quantized("w3asym")
+    out = qkern.export(q, tmp_path / "ct", format=FMT)
+    t = load_file(str(out / "model.safetensors"))
+    for n, layer in _qlayers(q).items():
+        qt = layer.quantized_weight()  # int3 codes and zero points in [-4, 3]
+        t[f"{n}.weight_packed"] = _legacy_pack((qt.codes.to(torch.int16) + 4), 3, 1)
+        t[f"{n}.weight_zero_point"] = _legacy_pack(qt.zero_point.to(torch.int16) + 4, 3, 0)
+    save_file(t, str(out / "model.safetensors"))
+    _edit_config(out, version="0.17.1")
+    r = qkern.from_pretrained(out)
+    for n, layer in _qlayers(q).items():
+        assert torch.equal(_qlayers(r)[n].dequantize_weight(), layer.dequantize_weight()), n
+    _edit_config(out, version="0.20.1")  # read as dense: the word count is wrong
+    with pytest.raises(ValueError, match="weight_packed"):
+        qkern.from_pretrained(out)
+
+
+@pytest.mark.parametrize("arch", ["tied-llama", "bert"])
+def test_tied_and_encoder_models(arch, tmp_path):
+    if arch == "bert":
+        m = LM.build("bert")
+    else:
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=LM.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    q = qkern.quantize_model(m, qkern.RTNConfig(bits=4, group_size=32))
+    out = qkern.export(q, tmp_path / "ct", format=FMT)
+    want = LM.output(q, IDS)
+    assert torch.equal(LM.output(qkern.from_pretrained(out), IDS), want)
+    cls = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
+    got = LM.output(cls.from_pretrained(str(out), dtype=torch.float32), IDS)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_gpt2_conv1d_refused(tmp_path):
+    q = qkern.quantize_model(LM.build("gpt2"), qkern.RTNConfig(bits=4, group_size=32))
+    with pytest.raises(ValueError, match="transformer.h.0.attn.c_attn: transformers builds "
+                                         "it as Conv1D"):
+        qkern.export(q, tmp_path / "ct", format=FMT)

@@ -32,6 +32,7 @@ that does not survive the rounding (overflow, underflow) is refused.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,29 @@ def _other_quantized(model: nn.Module) -> list[str]:
     return bad
 
 
+def _not_linear_in_transformers(model: nn.Module, names: list[str]) -> list[str]:
+    """Quantized layers that the model's own transformers class builds as something other
+    than nn.Linear (GPT-2's Conv1D, stored transposed): compressed-tensors quantizes Linear
+    modules, so a consumer would find no place for them. The class is rebuilt on the meta
+    device from the model's config (no memory, no weights)."""
+    build = getattr(type(model), "_from_config", None)
+    if build is None:
+        return []
+    with torch.device("meta"):
+        fresh = build(copy.deepcopy(model.config))
+    bad = []
+    for n in names:
+        try:
+            kind = type(fresh.get_submodule(n))
+        except AttributeError:
+            bad.append(f"{n}: the transformers class has no module of this name")
+            continue
+        if not issubclass(kind, nn.Linear):
+            bad.append(f"{n}: transformers builds it as {kind.__name__}, and "
+                       "compressed-tensors quantizes Linear layers only")
+    return bad
+
+
 def build_config(model: nn.Module, cfg: dict, schemes: dict[str, Scheme],
                  dtype: torch.dtype) -> dict:
     """config.json: the transformers config with the quantization_config llm-compressor
@@ -263,6 +287,10 @@ class CompressedTensors(Format):
             return None
 
         qts = check_layers(model, "compressed-tensors", why_not)
+        bad = _not_linear_in_transformers(model, list(qts))
+        if bad:
+            raise ValueError("compressed-tensors export cannot hold these layers:\n  "
+                             + "\n  ".join(bad[:8]))
         layers = quantized_layers(model)
         tensors = {k: (v.detach().to(dt) if v.is_floating_point() else v.detach()).clone()
                    for k, v in float_tensors(model).items()

@@ -21,7 +21,7 @@ from ..nn import QuantLinear
 from ..packing import unpack_int32
 from ..tensor import QTensor
 
-__all__ = ["build_model", "load_folder", "read_folder_tensors", "scheme_for"]
+__all__ = ["build_model", "dense_packing", "load_folder", "read_folder_tensors", "scheme_for"]
 
 WEIGHT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
 KNOWN_WEIGHT_ARGS = {"num_bits", "type", "symmetric", "group_size", "strategy", "dynamic",
@@ -169,7 +169,31 @@ def _scale(s: torch.Tensor, n: int, k: int, w: dict, where: str) -> tuple[torch.
     raise ValueError(f"{where}: weight strategy {strategy!r} is not supported by qkern")
 
 
-def _codes(t: dict, name: str, fmt: str, w: dict, n: int, k: int, where: str):
+def dense_packing(version: str | None) -> bool:
+    """Whether a checkpoint written by compressed-tensors ``version`` packs 1-8 bit codes
+    densely (0.18 and later: each row one LSB-first bit stream cut into int32 words) rather
+    than ``32 // bits`` codes per word (earlier releases; the same for 1, 2, 4 and 8 bits)."""
+    nums = re.findall(r"\d+", version or "")
+    if len(nums) < 2:
+        return True  # no version: the current layout
+    return (int(nums[0]), int(nums[1])) >= (0, 18)
+
+
+def _unpack(packed: torch.Tensor, bits: int, n: int, dim: int, dense: bool) -> torch.Tensor:
+    """Unsigned codes (int16) from int32 words along ``dim``."""
+    if dense or 32 % bits == 0:
+        return unpack_int32(packed, bits, n, dim=dim).to(torch.int16)
+    per = 32 // bits  # legacy: code j in word j // per, at bit (j % per) * bits
+    p = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
+    if p.shape[-1] * per < n:
+        raise ValueError(f"{p.shape[-1]} words hold fewer than {n} codes of {bits} bits")
+    j = torch.arange(n)
+    codes = (p[..., j // per] >> ((j % per) * bits)) & ((1 << bits) - 1)
+    return codes.to(torch.int16).movedim(-1, dim).contiguous()
+
+
+def _codes(t: dict, name: str, fmt: str, w: dict, n: int, k: int, where: str,
+           dense: bool = True):
     """Signed codes (int16, n x k) and signed zero points (int16 or None) of an int weight."""
     bits = w["num_bits"]
     off = 1 << (bits - 1)
@@ -180,12 +204,13 @@ def _codes(t: dict, name: str, fmt: str, w: dict, n: int, k: int, where: str):
             raise ValueError(f"{where}: weight_shape {shape.tolist()} is not the layer's "
                              f"{[n, k]}")
         packed = _get(t, f"{name}.weight_packed", where)
-        if packed.dtype != torch.int32 or packed.shape != (n, -(-k * bits // 32)):
+        words = -(-k * bits // 32) if dense else -(-k // (32 // bits))
+        if packed.dtype != torch.int32 or packed.shape != (n, words):
             raise ValueError(f"{where}: weight_packed {packed.dtype} {tuple(packed.shape)} is "
-                             f"not int32 ({n}, {-(-k * bits // 32)})")
-        codes = unpack_int32(packed, bits, k, dim=1).to(torch.int16) - off
+                             f"not int32 ({n}, {words})")
+        codes = _unpack(packed, bits, k, 1, dense) - off
         if zp is not None and not w.get("symmetric", True):
-            zp = unpack_int32(zp.to(torch.int32), bits, n, dim=0).to(torch.int16) - off
+            zp = _unpack(zp.to(torch.int32), bits, n, 0, dense) - off
     else:
         codes = _get(t, f"{name}.weight", where)
         if codes.dtype not in (torch.int8, torch.int16, torch.int32) or codes.shape != (n, k):
@@ -207,7 +232,8 @@ def _codes(t: dict, name: str, fmt: str, w: dict, n: int, k: int, where: str):
     return codes, zp
 
 
-def _qtensor(t: dict, name: str, fmt: str, w: dict, n: int, k: int, where: str) -> QTensor:
+def _qtensor(t: dict, name: str, fmt: str, w: dict, n: int, k: int, where: str,
+             dense: bool = True) -> QTensor:
     """The layer's weight as a qkern QTensor with the same values: signed codes -> int{b}
     (symmetric) or uint{b} with integer zero points (asymmetric), both exact integer shifts."""
     extra = set(w) - KNOWN_WEIGHT_ARGS
@@ -234,7 +260,7 @@ def _qtensor(t: dict, name: str, fmt: str, w: dict, n: int, k: int, where: str) 
     elif w.get("type") == "int" and isinstance(w.get("num_bits"), int) and \
             2 <= w["num_bits"] <= 8:
         bits = w["num_bits"]
-        signed, zp = _codes(t, name, fmt, w, n, k, where)
+        signed, zp = _codes(t, name, fmt, w, n, k, where, dense)
         off = 1 << (bits - 1)
         if zp is None:
             f, codes = QF.get(f"int{bits}"), signed.to(torch.int8)
@@ -266,6 +292,7 @@ def load_folder(path: Path, ignore_activations: bool = False) -> nn.Module:
                          f"{qc.get('quant_method')!r})")
     _check_top(qc, str(path))
     groups, ignore = qc.get("config_groups") or {}, qc.get("ignore") or []
+    dense = dense_packing(qc.get("version"))
     tensors = read_folder_tensors(path)
     model = build_model(path)
     done = 0
@@ -285,7 +312,7 @@ def load_folder(path: Path, ignore_activations: bool = False) -> nn.Module:
             raise ValueError(f"{where}: activation-only quantization is not supported")
         act, needs_scale = _acts(g, where, ignore_activations)
         n, k = module.out_features, module.in_features
-        q = _qtensor(tensors, name, fmt, g["weights"], n, k, where)
+        q = _qtensor(tensors, name, fmt, g["weights"], n, k, where, dense)
         act_scale = None
         if needs_scale:
             act_scale = _get(tensors, f"{name}.input_scale", where).float().reshape(-1)[0]
