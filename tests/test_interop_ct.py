@@ -145,16 +145,20 @@ def test_round_trip_same_logits(arch, kind, tmp_path):
     assert torch.equal(LM.output(r, IDS), LM.output(q, IDS))
 
 
-def test_bytelm_round_trip(tmp_path):
+def test_bytelm_round_trip_and_transformers(tmp_path):
     from qkern.models import load_pretrained
     from qkern.models.assets import shipped_path
     model = load_pretrained(shipped_path("models/wikitext-bytelm"))
-    q = qkern.quantize_model(model, qkern.RTNConfig(bits=4, group_size=32, sym=False))
-    out = qkern.export(q, tmp_path / "ct", format=FMT)
-    r = qkern.from_pretrained(out)
     ids = torch.tensor([list(b"The quick brown fox jumps over the lazy dog.")])
-    assert torch.equal(LM.output(r, ids), LM.output(q, ids))
-    assert {x.kernel for x in _qlayers(r).values()} == {"w4_exact"}
+    for sym in (False, True):
+        q = qkern.quantize_model(model, qkern.RTNConfig(bits=4, group_size=32, sym=sym))
+        out = qkern.export(q, tmp_path / f"ct{sym}", format=FMT)
+        r = qkern.from_pretrained(out)
+        want = LM.output(q, ids)
+        assert torch.equal(LM.output(r, ids), want)
+        assert {x.kernel for x in _qlayers(r).values()} == {"w4_exact"}
+    t = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert (LM.output(t, ids) - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 @pytest.mark.parametrize("kind", ["w4", "w8", "w2", "fp8", "fp8g"])
