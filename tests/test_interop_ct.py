@@ -190,7 +190,7 @@ def test_transformers_w8a8_weights_exact_activations_differ(tmp_path):
         assert torch.equal(t.get_submodule(name).weight, layer.dequantize_weight()), name
 
 
-def _ct_checkpoint(path, scheme: QuantizationScheme, arch: str = "llama"):
+def _ct_checkpoint(path, scheme: QuantizationScheme, arch: str = "llama", shard: str = "5GB"):
     """A checkpoint written by the compressed-tensors package itself: its scheme applied to
     a tiny model, scales / zero points from its calculate_qparams (min-max), compressed by
     its ModelCompressor and saved as llm-compressor does."""
@@ -213,7 +213,7 @@ def _ct_checkpoint(path, scheme: QuantizationScheme, arch: str = "llama"):
                 mod.weight_zero_point.shape)
     comp = ModelCompressor.from_pretrained_model(m)
     comp.compress_model(m)
-    m.save_pretrained(str(path))
+    m.save_pretrained(str(path), max_shard_size=shard)
     comp.update_config(str(path))
     return LM.build(arch)
 
@@ -259,6 +259,37 @@ def test_import_per_channel_int8_and_fp8_from_package(tmp_path):
         for n, layer in _qlayers(r).items():
             assert layer.kernel == kernel, (n, layer.kernel)
             assert torch.equal(layer.dequantize_weight(), want[n].float()), n
+
+
+def test_import_sharded_package_checkpoint(tmp_path):
+    float_model = _ct_checkpoint(tmp_path / "ct", _scheme("W4A16"), shard="40KB")
+    assert (tmp_path / "ct" / "model.safetensors.index.json").is_file()
+    want = _ct_weights_sharded(tmp_path / "ct", float_model)
+    for n, layer in _qlayers(qkern.from_pretrained(tmp_path / "ct")).items():
+        assert torch.equal(layer.dequantize_weight(), want[n]), n
+
+
+def _ct_weights_sharded(folder, float_model):
+    """_ct_weights over a sharded folder: the shards merged into one file first."""
+    from safetensors.torch import save_file
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    merged = {}
+    for f in set(index["weight_map"].values()):
+        merged.update(load_file(str(folder / f)))
+    flat = folder.parent / "merged"
+    flat.mkdir()
+    save_file(merged, str(flat / "model.safetensors"))
+    (flat / "config.json").write_text((folder / "config.json").read_text())
+    return _ct_weights(flat, float_model)
+
+
+def test_detect_only_compressed_tensors_folders(tmp_path):
+    from qkern.interop.compressed_tensors import CompressedTensors
+    LM.build("llama").save_pretrained(str(tmp_path / "plain"))
+    assert not CompressedTensors().detect(tmp_path / "plain")
+    assert not CompressedTensors().detect(tmp_path)
+    with pytest.raises(ValueError, match="not a compressed-tensors checkpoint"):
+        qkern.from_pretrained(tmp_path / "plain", format=FMT)
 
 
 def test_import_package_checkpoint_logits_match_transformers(tmp_path):
@@ -353,8 +384,9 @@ def test_export_refusals_name_the_layer(tmp_path):
 def _edit_config(folder, **changes):
     cfg = json.loads((folder / "config.json").read_text())
     for k, v in changes.items():
-        if k == "weights":
-            cfg["quantization_config"]["config_groups"]["group_0"]["weights"].update(v)
+        if k in ("weights", "input_activations"):
+            group = cfg["quantization_config"]["config_groups"]["group_0"]
+            group[k] = {**(group.get(k) or {}), **v}
         else:
             cfg["quantization_config"][k] = v
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -368,6 +400,11 @@ def _edit_config(folder, **changes):
     ({"format": "nvfp4-pack-quantized"}, "nvfp4"),
     ({"weights": {"actorder": "group"}}, "g_idx"),
     ({"weights": {"dynamic": True}}, "dynamic"),
+    ({"input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
+                            "strategy": "tensor", "dynamic": True}},
+     "q_proj: qkern cannot run this scheme: act='int8_dynamic_tensor' needs int8 weights"),
+    ({"input_activations": {"num_bits": 8, "type": "int", "symmetric": False,
+                            "strategy": "token", "dynamic": True}}, "ignore_activations"),
 ])
 def test_import_refusals(change, match, tmp_path):
     _, q = _quantized("w4")
