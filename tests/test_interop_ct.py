@@ -283,6 +283,15 @@ def _ct_weights_sharded(folder, float_model):
     return _ct_weights(flat, float_model)
 
 
+def test_import_fast_mode(tmp_path):
+    _, q = _quantized("w4")
+    out = qkern.export(q, tmp_path / "ct", format=FMT)
+    r = qkern.from_pretrained(out, mode="fast")
+    assert {x.kernel for x in _qlayers(r).values()} == {"w4_fast"}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        qkern.from_pretrained(out, mode="quick")
+
+
 def test_detect_only_compressed_tensors_folders(tmp_path):
     from qkern.interop.compressed_tensors import CompressedTensors
     LM.build("llama").save_pretrained(str(tmp_path / "plain"))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -295,8 +295,12 @@ class CompressedTensors(Format):
         tensors = {k: (v.detach().to(dt) if v.is_floating_point() else v.detach()).clone()
                    for k, v in float_tensors(model).items()
                    if k.rpartition(".")[0] not in layers}
+        tensors = {k: v.cpu() for k, v in tensors.items()}
         for name, q in qts.items():
-            tensors.update(layer_tensors(name, layers[name], q, reasons[name], dt))
+            q = replace(q, codes=q.codes.cpu(), scale=q.scale.cpu(),
+                        zero_point=None if q.zero_point is None else q.zero_point.cpu())
+            found = layer_tensors(name, layers[name], q, reasons[name], dt)
+            tensors.update({k: v.cpu() for k, v in found.items()})
         config = build_config(model, cfg, reasons, dt)
 
         def fill(tmp: Path) -> None:

@@ -18,6 +18,7 @@ from .. import formats as QF
 from ..io.safetensors import read_safetensors
 from ..layout import Layout
 from ..nn import QuantLinear
+from ..nn.linear import MODES
 from ..packing import unpack_int32
 from ..tensor import QTensor
 
@@ -279,10 +280,13 @@ def _qtensor(t: dict, name: str, fmt: str, w: dict, n: int, k: int, where: str,
     return QTensor(codes, scale, zp, f, Layout("group", (n, k), 1, g))
 
 
-def load_folder(path: Path, ignore_activations: bool = False) -> nn.Module:
+def load_folder(path: Path, ignore_activations: bool = False, mode: str = "exact") -> nn.Module:
     """The compressed-tensors checkpoint at ``path`` on qkern's kernels (float32, eval).
     ``ignore_activations=True`` loads weights of schemes whose activation quantization qkern
-    does not run (fp8 activations) exactly and runs their activations in float32."""
+    does not run (fp8 activations) exactly and runs their activations in float32. ``mode``:
+    the QuantLinear mode ("exact", or "fast" for the kernels that have one)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path}: no config.json")
@@ -327,7 +331,7 @@ def load_folder(path: Path, ignore_activations: bool = False) -> nn.Module:
             raise ValueError(f"{where}: bias {'missing' if bias is None else 'unexpected'}")
         try:
             layer = QuantLinear(q, None if bias is None else bias.float(), act=act,
-                                act_scale=act_scale)
+                                mode=mode, act_scale=act_scale)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: qkern cannot run this scheme: {e}") from None
         parent, _, child = name.rpartition(".")
