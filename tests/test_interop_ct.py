@@ -313,17 +313,24 @@ def test_import_package_checkpoint_logits_match_transformers(tmp_path):
 
 
 def test_mixed_schemes_get_one_group_each(tmp_path):
+    """int4 sym + asym (pack-quantized), W8A8 (int-quantized), fp8 (naive-quantized): one
+    config group each, top-level format "mixed-precision"; the package and qkern's import
+    read it."""
     m = LM.build("llama")
 
     def spec(name, lin):
-        if name.endswith("down_proj"):
-            return {"fmt": "int8", "group_size": None}
+        if "mlp" in name:
+            return {"fmt": "int8", "group_size": None, "act": "int8_dynamic"}
+        if "o_proj" in name:
+            return {"fmt": "fp8_e4m3", "group_size": None}
         return {"fmt": "int4", "group_size": 32, "symmetric": "q_proj" not in name}
 
     q = replace_linear(m, spec, skip=["lm_head"])
     out = qkern.export(q, tmp_path / "ct", format=FMT)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert len(qc["config_groups"]) == 3 and qc["format"] == "pack-quantized"
+    assert qc["format"] == "mixed-precision"
+    assert sorted(g["format"] for g in qc["config_groups"].values()) == [
+        "int-quantized", "naive-quantized", "pack-quantized", "pack-quantized"]
     got = _ct_weights(out, m)
     for n, layer in _qlayers(q).items():
         assert torch.equal(got[n], layer.dequantize_weight()), n
