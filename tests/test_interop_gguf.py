@@ -384,6 +384,6 @@ def test_llama_cpp_quantizer_agrees_with_qkern_encoders(tmp_path):
             va, vb = values(t), values(u)
             assert np.sqrt(((va - vb) ** 2).mean() / (vb ** 2).mean()) < 0.05, name
         assert total > 0
-        # Q6_K: byte-identical; Q4_K: the scale search differs in rounding from the compiled C
-        # (fused multiply-adds) on a share of blocks, by one step of a 6-bit scale
-        assert same / total >= (1.0 if typ == "Q6_K" else 0.3), (typ, same, total)
+        # byte-identical on x86-64 (a compiler fusing ggml's multiply-adds could flip a rare
+        # near-tie in the scale search)
+        assert same / total >= 0.99, (typ, same, total)

@@ -16,10 +16,13 @@ Super-blocks of QK_K = 256 values along a row:
   ``d * sc * (q - 32)``. Each 16-value scale is searched by ``make_qx_quants`` (rmse_type 1:
   weights x^2, 19 candidates), then quantized to int8 against the largest.
 
-Arithmetic is float32 as in ggml; ``nearest_int`` is round-half-to-even (``np.rint``). Sums run
-in order (``cumsum``) like ggml's loops, but a C compiler may contract products into FMAs, so a
-rare block can differ from llama.cpp's own bytes in the last bit of a scale search; the encoding
-is valid either way and decodes with ``gguf.quants.dequantize``.
+Arithmetic is float32 in ggml's order (sums run in index order, ``cumsum``); ``nearest_int`` is
+round-half-to-even (``np.rint``). On the wikitext-bytelm these encoders give the same bytes as
+llama.cpp's own quantizer (``llama_model_quantize``, x86-64 build) for every Q4_K and Q6_K
+tensor (tests/test_interop_gguf.py). A build whose compiler contracts ggml's products into
+fused multiply-adds (ggml-base is compiled without -march on x86; aarch64 compilers contract by
+default) could differ in the last bit of a scale search on a rare block; the encoding is valid
+either way and decodes with ``gguf.quants.dequantize``.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
     L = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
     diff = scale[:, None] * L.astype(_F32) + mn[:, None] - x
     best = _sum(w * (diff * diff))
-    for i in range(nstep + 1):
+    for i in range(nstep + 1):  # ggml updates min as it goes: later steps use the new one
+        rng = np.where(flat, _F32(1), mx - mn)
         isc = (_F32(rmin) + _F32(rdelta) * _F32(i) + _F32(nmax)) / rng
         la = np.clip(_rint(isc[:, None] * (x - mn[:, None])), 0, nmax)
         lf = la.astype(_F32)
