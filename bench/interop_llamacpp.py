@@ -7,7 +7,12 @@ Rows (one per GGUF type):
 - Q8_0: qkern RTN int8 per output channel (qkern's w8 kernel), written as Q8_0 with each row's
   scale repeated over its 32-blocks, rounded to fp16;
 - Q4_0: qkern RTN int4 symmetric, groups of 32 (w4 kernel), written as Q4_0 (codes as they are,
-  scales rounded to fp16).
+  scales rounded to fp16);
+- Q6_K, Q4_K: the float model quantized by qkern's K-quant encoders (the same bytes as
+  llama.cpp's quantizer); "qkern (orig)" is then the float model. Imported back, Q6_K runs on
+  qkern exactly (int6 / uint6 groups of 16), Q4_K with ``unsupported="float"`` (its exact values
+  as float weights: qkern cannot hold d*sc*q - dmin*m); ffn_down (672 columns) takes llama.cpp's
+  fallback types Q8_0 / Q5_0.
 
 For each: the GGUF file is imported back with ``qkern.from_pretrained`` (the exact weights of the
 file, on qkern's kernels: "qkern (gguf)"), and compared with llama.cpp on WikiText-2 test:
@@ -96,7 +101,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--types", nargs="+", default=["F32", "Q8_0", "Q4_0"])
+    ap.add_argument("--types", nargs="+", default=["F32", "Q8_0", "Q4_0", "Q6_K", "Q4_K"])
     args = ap.parse_args()
     from llama_cpp import Llama  # optional: the consumer under test
 
@@ -105,7 +110,8 @@ def main() -> None:
     windows = [list(text[i * WINDOW:(i + 1) * WINDOW]) for i in range(args.windows)]
     model = load_pretrained(shipped_path("models/wikitext-bytelm"))
     configs = {"F32": None, "Q8_0": qkern.RTNConfig(bits=8, group_size=None),
-               "Q4_0": qkern.RTNConfig(bits=4, group_size=32, sym=True)}
+               "Q4_0": qkern.RTNConfig(bits=4, group_size=32, sym=True), "Q6_K": None,
+               "Q4_K": None}
     print(f"wikitext-bytelm, WikiText-2 test: {args.windows} windows x {WINDOW} bytes; greedy "
           f"{args.new} bytes after a 64-byte prompt of each of the first 4 windows")
     print(f"{'type':5} {'model':13} {'bits/byte':>9} {'|dlogit| med':>12} {'max':>7} "
@@ -119,9 +125,11 @@ def main() -> None:
                 qkern.export(qm, path, format="gguf", type=typ)
             hows = sorted({h for w in caught for h in ("fp16 scales", "requantized")
                            if f": {h})" in str(w.message)})
+            if configs[typ] is None:
+                hows = ["from float" if typ != "F32" else "float"]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                back = qkern.from_pretrained(path)
+                back = qkern.from_pretrained(path, unsupported="float")
             t0 = time.perf_counter()
             llm = Llama(str(path), n_ctx=WINDOW, n_batch=WINDOW, n_threads=args.threads,
                         logits_all=True, verbose=False)

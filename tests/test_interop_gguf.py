@@ -208,6 +208,24 @@ def test_import_exact_round_trip(tmp_path):
         torch.testing.assert_close(own(ids), qm(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_tied_embeddings_and_float_round_trip(tmp_path):
+    import transformers
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        tie_word_embeddings=True)).eval()
+    out = export(model, tmp_path / "t.gguf", type="F32")  # vocab 256: the byte table
+    fields, tensors = read(out)
+    assert "output.weight" not in tensors and fields["tokenizer.ggml.model"] == "gpt2"
+    back = qkern.from_pretrained(out)
+    assert back.config.tie_word_embeddings
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, back(ids).logits)
+
+
 def write_reference_gguf(path, model, qtype) -> None:
     """A GGUF written with the gguf package alone (no qkern): as convert_hf_to_gguf.py
     followed by llama.cpp's quantizer would (q/k permuted, linears in qtype)."""

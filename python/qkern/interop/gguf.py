@@ -2,26 +2,26 @@
 
 ``qkern.export(model, "out.gguf", format="gguf", type="Q4_0")`` writes a Llama (transformers
 ``LlamaForCausalLM`` or qkern's ``models.llama.Llama``, float or qkern-quantized) as one
-``.gguf`` file for llama.cpp: the llama architecture's metadata, a tokenizer table, and the
-tensors under llama.cpp's names (``token_embd``, ``blk.N.attn_q`` ...), the q/k projection rows
-permuted as llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel.permute``) does.
+``.gguf`` file for llama.cpp: the llama architecture's metadata, a tokenizer table (byte-level
+models: 256 byte tokens, :func:`.gguf_arch.byte_tokens`), and the tensors under llama.cpp's
+names (``token_embd``, ``blk.N.attn_q`` ...), the q/k projection rows permuted as llama.cpp's
+``convert_hf_to_gguf.py`` (``LlamaModel.permute``) does.
 
-The block linears are written in ``type``; where a qkern layer's codes fit the type exactly they
-are written bit-exactly (int4 / uint4 with zero point 8, groups of 32, fp16-exact scales ->
-Q4_0 ``x = d * (q - 8)``; int8 groups of 32, fp16-exact scales -> Q8_0 ``x = d * q``; int6
-groups of 16 whose scales are ``d * sc`` with fp16 ``d`` and int8 ``sc`` per 256 -> Q6_K),
-otherwise the layer's float weight (qkern's dequantized one) is quantized with the type's own
-rule: ``gguf.quants.quantize`` for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, :mod:`.gguf_blocks` (ggml's
-reference rows) for Q4_K/Q6_K. Rows a type cannot hold (K-quants need rows of a multiple of 256,
-the others of 32) fall back as llama.cpp's quantizer does (Q4_K -> Q5_0, Q6_K -> Q8_0, else
-F16). Embeddings, norms and a float LM head stay F32.
+The block linears are written in ``type``. A qkern layer whose codes the type holds keeps them
+(:func:`.gguf_blocks.legacy_blocks`): int4 (or uint4 with zero point 8) -> Q4_0 ``d * (u - 8)``,
+int4 / uint4 with zero points -> Q4_1 ``d * u + m`` (m = -d * z), int5 / uint5 -> Q5_0 / Q5_1,
+int8 -> Q8_0 ``d * q``, in groups of a multiple of 32 or per output channel (the scale repeated
+over the 32-blocks); int6 in groups of 16 with scales ``d * sc`` -> Q6_K. That is bit-exact
+when the scales (and mins) are fp16 numbers, and otherwise the same codes with the scales rounded
+to fp16 (relative change <= 2^-11; reported by a warning, refused with ``exact=True``). A layer
+no type holds is requantized from qkern's dequantized weight with the type's own rule (also
+warned): ``gguf.quants.quantize`` for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/BF16, :mod:`.gguf_blocks`
+(ggml's reference rows) for Q4_K/Q6_K. Float layers are quantized the same way. Rows a type
+cannot split (K-quants need a multiple of 256, the others of 32) take llama.cpp's fallback
+(Q4_K -> Q5_0, Q6_K -> Q8_0, else F16). Embeddings, norms and a float LM head stay F32.
 
-``qkern.from_pretrained("x.gguf")`` reads a llama-architecture GGUF back onto qkern: Q4_0 ->
-int4 groups of 32 (w4 kernel), Q5_0 -> int5 g32, Q8_0 -> int8 g32, Q6_K -> int6 g16 (scale
-``d * sc``, exact in float32), each checked to reproduce ``gguf.quants.dequantize`` bit for bit;
-types qkern cannot hold exactly (Q4_1, Q5_1, Q4_K ``d*sc*q - dmin*m``, Q2_K ...) are refused
-with the reason, or with ``unsupported="float"`` loaded as float weights (the exact GGUF
-values, computed in float). F32/F16/BF16 tensors and quantized embeddings load as float.
+``qkern.from_pretrained("x.gguf")`` reads a llama-architecture GGUF back onto qkern exactly
+(:mod:`.gguf_load`).
 """
 
 from __future__ import annotations
