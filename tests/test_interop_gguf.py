@@ -208,16 +208,21 @@ def test_import_exact_round_trip(tmp_path):
         torch.testing.assert_close(own(ids), qm(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_tied_embeddings_and_float_round_trip(tmp_path):
+def test_tied_embeddings_biases_and_float_round_trip(tmp_path):
     import transformers
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-        tie_word_embeddings=True)).eval()
+        tie_word_embeddings=True, attention_bias=True)).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.normal_(m.bias)
     out = export(model, tmp_path / "t.gguf", type="F32")  # vocab 256: the byte table
     fields, tensors = read(out)
     assert "output.weight" not in tensors and fields["tokenizer.ggml.model"] == "gpt2"
+    np.testing.assert_array_equal(values(tensors["blk.0.attn_k.bias"]), permute(
+        model.model.layers[0].self_attn.k_proj.bias.detach().numpy(), 1))
     back = qkern.from_pretrained(out)
     assert back.config.tie_word_embeddings
     assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()

@@ -131,7 +131,7 @@ def _unpermute_q(q: QTensor, heads: int) -> QTensor:
     return replace(q, codes=rows(q.codes), scale=rows(q.scale), zero_point=rows(q.zero_point))
 
 
-def _build(hp: Hparams, backend: str) -> nn.Module:
+def _build(hp: Hparams, backend: str, biases: set[str]) -> nn.Module:
     if backend == "qkern":
         if hp.head_dim * hp.num_attention_heads != hp.hidden_size:
             raise ValueError("backend='qkern' needs head_dim * heads == hidden size; use "
@@ -153,7 +153,8 @@ def _build(hp: Hparams, backend: str) -> nn.Module:
         num_attention_heads=hp.num_attention_heads, num_key_value_heads=hp.num_key_value_heads,
         head_dim=hp.head_dim, max_position_embeddings=hp.max_position_embeddings,
         rms_norm_eps=hp.rms_norm_eps, tie_word_embeddings=hp.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": hp.rope_theta})
+        rope_parameters={"rope_type": "default", "rope_theta": hp.rope_theta},
+        attention_bias="attn_q" in biases, mlp_bias="ffn_up" in biases)
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -198,9 +199,11 @@ def load_gguf(path: Path, backend: str = "transformers", unsupported: str = "err
                 quant[hf.rpartition(".")[0]] = q if ph is None else _unpermute_q(q, ph)
                 continue
             refused.append(f"{t.name} ({t.tensor_type.name}): {q}")
+        if len(t.shape) == 1:
+            v = v.reshape(-1)
         if ph is not None:
             v = gguf_unpermute(v, ph)
-        state[hf] = torch.from_numpy(np.array(v.reshape(-1) if len(t.shape) == 1 else v))
+        state[hf] = torch.from_numpy(np.array(v))
     if refused and unsupported == "error":
         raise ValueError(
             f"{path}: qkern cannot run these GGUF tensors exactly:\n  "
@@ -210,7 +213,11 @@ def load_gguf(path: Path, backend: str = "transformers", unsupported: str = "err
             "groups of 16), and Q4_1/Q5_1/Q4_K/Q5_K when their mins are integer multiples of "
             "their scales. Pass unsupported='float' to load these as float weights (the exact "
             "GGUF values, computed in float)")
-    model = _build(hp, backend).eval()
+    biases = {t.name.split(".")[-2] for t in r.tensors if t.name.endswith(".bias")}
+    if biases and backend == "qkern":
+        raise ValueError(f"{path}: biases ({', '.join(sorted(biases))}) need "
+                         "backend='transformers'")
+    model = _build(hp, backend, biases).eval()
     if hp.tie_word_embeddings and backend == "qkern":
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)
