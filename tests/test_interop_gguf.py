@@ -203,6 +203,13 @@ def test_import_exact_round_trip(tmp_path):
         assert torch.equal(qm(ids).logits, back(ids).logits)
     again = export(back, tmp_path / "again.gguf", type="Q4_0", exact=True, vocab="none")
     assert again.read_bytes() == out.read_bytes()
+    q8 = qkern.quantize_model(tiny(), qkern.RTNConfig(bits=8, group_size=None))
+    back8 = qkern.from_pretrained(export(fp16_scales(q8), tmp_path / "q8.gguf", type="Q8_0",
+                                         exact=True, vocab="none"))
+    layer = back8.model.layers[0].self_attn.q_proj  # one d per row: per channel again
+    assert layer.kernel == "w8a16" and layer.weight_q.granularity == "channel"
+    torch.testing.assert_close(layer.dequantize_weight(), fp16_scales(q8).model.layers[0]
+                               .self_attn.q_proj.dequantize_weight(), rtol=0, atol=0)
     own = qkern.from_pretrained(out, backend="qkern")  # qkern's Llama class
     with torch.no_grad():
         torch.testing.assert_close(own(ids), qm(ids).logits, rtol=1e-5, atol=1e-5)

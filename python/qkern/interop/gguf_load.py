@@ -88,7 +88,8 @@ def exact_qtensor(t, values: np.ndarray) -> QTensor | str:
     number once, so they agree exactly. A negative scale (ggml's Q4_0 takes d = max / -8) is
     made positive by flipping the codes (u -> 2^bits - 1 - u, z likewise); a zero scale holds
     zeros (scale 1, u = z). When every z is 2^(bits-1) the result is the signed format
-    (int4 ...) without zero points. The result is checked against ``values``."""
+    (int4 ...) without zero points; Q8_0 with one d per row becomes int8 per output channel
+    (the w8 kernel). The result is checked against ``values``."""
     fmt, g = EXACT_TYPES[t.tensor_type]
     bits = QF.get(fmt).bits
     off, umax = 2 ** (bits - 1), 2 ** bits - 1
@@ -117,6 +118,11 @@ def exact_qtensor(t, values: np.ndarray) -> QTensor | str:
         return "scale * code does not reproduce its values"
     lay = Layout("group", (n, k), 1, g)
     s_t = torch.from_numpy(np.ascontiguousarray(safe, np.float32))
+    if bits == 8 and np.all(z == off) and np.all(safe == safe[:, :1]):
+        # one d per row (qkern's int8 per channel, exported): per channel, on the w8 kernel
+        return QTensor(torch.from_numpy((u - off).astype(np.int8)),
+                       torch.from_numpy(np.ascontiguousarray(safe[:, 0], np.float32)), None,
+                       QF.get("int8"), Layout("channel", (n, k), 0, k))
     if np.all(z == off):
         return QTensor(torch.from_numpy((u - off).astype(np.int8)), s_t, None,
                        QF.get(f"int{bits}"), lay)
