@@ -128,11 +128,16 @@ def read_hparams(r: G.GGUFReader, path: Path) -> Hparams:
     if scaling not in ("none", "linear") or (scaling == "linear" and float(
             field(r, "llama.rope.scaling.factor", 1.0)) != 1.0):
         raise ValueError(f"{path}: rope scaling {scaling!r} is not supported")
+    head_dim = int(field(r, "llama.attention.key_length", hidden // heads))
+    if int(field(r, "llama.attention.value_length", head_dim)) != head_dim or int(
+            field(r, "llama.rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError(f"{path}: value length or rope dimension count differs from the head "
+                         f"size {head_dim} (partial rotary): not supported")
     return Hparams(int(field(r, "llama.vocab_size", int(emb.shape[1]))), hidden,
                    int(field(r, "llama.feed_forward_length")),
                    int(field(r, "llama.block_count")), heads,
                    int(field(r, "llama.attention.head_count_kv", heads)),
-                   int(field(r, "llama.attention.key_length", hidden // heads)),
+                   head_dim,
                    int(field(r, "llama.context_length", 2048)),
                    float(field(r, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
                    float(field(r, "llama.rope.freq_base", 10000.0)),

@@ -51,8 +51,11 @@ def _rows(t) -> tuple[int, int]:
 def _values(t) -> np.ndarray:
     """The tensor's values as the gguf package decodes them, (rows, row length) float32."""
     n, k = _rows(t)
-    return np.asarray(gguf_dequantize(np.asarray(t.data), t.tensor_type),
-                      np.float32).reshape(n, k)
+    try:
+        v = gguf_dequantize(np.asarray(t.data), t.tensor_type)
+    except NotImplementedError as e:
+        raise ValueError(f"{t.name}: the gguf package cannot decode {t.tensor_type.name}") from e
+    return np.asarray(v, np.float32).reshape(n, k)
 
 
 def _scales(t, n: int, k: int) -> tuple[np.ndarray, np.ndarray | None]:
