@@ -395,7 +395,7 @@ def test_llama_cpp_quantizer_agrees_with_qkern_encoders(tmp_path):
     from qkern.models.assets import shipped_path
     model = load_pretrained(shipped_path("models/wikitext-bytelm"))
     f32 = export(model, tmp_path / "f32.gguf", type="F32")
-    for typ, ftype in (("Q6_K", 18), ("Q4_K", 14)):
+    for typ, ftype in (("Q6_K", 18), ("Q4_K", 14), ("Q4_0", 2)):
         mine = read(export(model, tmp_path / f"{typ}.gguf", type=typ))[1]
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.nthread = ftype, 1
@@ -417,3 +417,21 @@ def test_llama_cpp_quantizer_agrees_with_qkern_encoders(tmp_path):
         # byte-identical on x86-64 (a compiler fusing ggml's multiply-adds could flip a rare
         # near-tie in the scale search)
         assert same / total >= 0.99, (typ, same, total)
+        # llama.cpp's file imported: Q6_K / Q8_0 / Q4_0 (negative d) exactly; Q4_K refused
+        if typ == "Q4_K":
+            with pytest.raises(ValueError, match="Q4_K"):
+                qkern.from_pretrained(theirs_path)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            back = qkern.from_pretrained(theirs_path)
+        for name, t in theirs.items():
+            if name.startswith("blk.") and name.rsplit(".", 2)[-2] in LINEARS.values():
+                i, gg = int(name.split(".")[1]), name.split(".")[2]
+                hf = {v: k for k, v in LINEARS.items()}[gg]
+                assert isinstance(back.get_submodule(f"model.layers.{i}.{hf}"), QuantLinear)
+                np.testing.assert_array_equal(expected(back, f"model.layers.{i}.{hf}", gg),
+                                              values(t))
+        assert isinstance(back.lm_head, QuantLinear)  # llama.cpp writes output as Q6_K
+        np.testing.assert_array_equal(back.lm_head.dequantize_weight(),
+                                      values(theirs["output.weight"]))
