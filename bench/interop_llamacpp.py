@@ -12,7 +12,10 @@ Rows (one per GGUF type):
   llama.cpp's quantizer); "qkern (orig)" is then the float model. Imported back, Q6_K runs on
   qkern exactly (int6 / uint6 groups of 16), Q4_K with ``unsupported="float"`` (its exact values
   as float weights: qkern cannot hold d*sc*q - dmin*m); ffn_down (672 columns) takes llama.cpp's
-  fallback types Q8_0 / Q5_0.
+  fallback types Q8_0 / Q5_0;
+- llama-Q4_0, llama-Q6_K: qkern's F32 export quantized by llama.cpp itself
+  (``llama_model_quantize``: its mixes, the output in Q6_K, ggml's negative Q4_0 scales), then
+  imported by qkern (exactly: QuantLinear layers) - a "community" GGUF on qkern's kernels.
 
 For each: the GGUF file is imported back with ``qkern.from_pretrained`` (the exact weights of the
 file, on qkern's kernels: "qkern (gguf)"), and compared with llama.cpp on WikiText-2 test:
@@ -48,6 +51,21 @@ from qkern.models import load_pretrained
 from qkern.models.assets import shipped_path
 
 WINDOW = 256
+
+
+#: files quantized by llama.cpp itself (llama_model_quantize, its Q4_0 mix: output Q6_K)
+LLAMA_FTYPES = {"llama-Q4_0": 2, "llama-Q6_K": 18}
+
+
+def llama_quantize(src: Path, dst: Path, ftype: int) -> None:
+    import ctypes
+
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, 1
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                      ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed on {src}")
 
 
 def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
@@ -101,7 +119,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--types", nargs="+", default=["F32", "Q8_0", "Q4_0", "Q6_K", "Q4_K"])
+    ap.add_argument("--types", nargs="+",
+                    default=["F32", "Q8_0", "Q4_0", "Q6_K", "Q4_K", "llama-Q4_0", "llama-Q6_K"])
     args = ap.parse_args()
     from llama_cpp import Llama  # optional: the consumer under test
 
@@ -114,19 +133,25 @@ def main() -> None:
                "Q4_K": None}
     print(f"wikitext-bytelm, WikiText-2 test: {args.windows} windows x {WINDOW} bytes; greedy "
           f"{args.new} bytes after a 64-byte prompt of each of the first 4 windows")
-    print(f"{'type':5} {'model':13} {'bits/byte':>9} {'|dlogit| med':>12} {'max':>7} "
+    print(f"{'type':10} {'model':13} {'bits/byte':>9} {'|dlogit| med':>12} {'max':>7} "
           f"{'greedy agree':>12} {'time s':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for typ in args.types:
-            qm = model if configs[typ] is None else qkern.quantize_model(model, configs[typ])
+            qm = model if configs.get(typ) is None else qkern.quantize_model(model, configs[typ])
             path = Path(tmp) / f"bytelm-{typ}.gguf"
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                qkern.export(qm, path, format="gguf", type=typ)
+                if typ in LLAMA_FTYPES:  # llama.cpp's own quantizer on qkern's F32 export
+                    f32 = qkern.export(model, Path(tmp) / "f32.gguf", format="gguf",
+                                       type="F32", overwrite=True)
+                    llama_quantize(f32, path, LLAMA_FTYPES[typ])
+                else:
+                    qkern.export(qm, path, format="gguf", type=typ)
             hows = sorted({h for w in caught for h in ("fp16 scales", "requantized")
                            if f": {h})" in str(w.message)})
-            if configs[typ] is None:
-                hows = ["from float" if typ != "F32" else "float"]
+            if configs.get(typ) is None:
+                hows = ["float" if typ == "F32" else "by llama.cpp's quantizer"
+                        if typ in LLAMA_FTYPES else "from float"]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 back = qkern.from_pretrained(path, unsupported="float")
@@ -157,9 +182,9 @@ def main() -> None:
                 d = np.concatenate(dl) if dl else None
                 med = f"{np.median(d):12.4f}" if d is not None else f"{'':12}"
                 mx = f"{d.max():7.4f}" if d is not None else f"{'':7}"
-                print(f"{typ:5} {name:13} {bits / n:9.4f} {med} {mx} "
+                print(f"{typ:10} {name:13} {bits / n:9.4f} {med} {mx} "
                       f"{a:>5}/{4 * args.new:<6} {el:7.2f}")
-            print(f"      (layers written: {', '.join(hows) or 'bit-exact'}; "
+            print(f"           (layers written: {', '.join(hows) or 'bit-exact'}; "
                   f"llama.cpp load {t_load:.2f} s)")
             del llm
 
