@@ -199,6 +199,10 @@ def _write_file(model: nn.Module, path: Path, qtype: str, vocab: str, exact: boo
     w.add_file_type(int(G.LlamaFileType[_FILE_TYPE[qtype]]))
     w.add_quantization_version(G.GGML_QUANT_VERSION)
     _add_vocab(w, hp, vocab)
+    acts = sorted({m.act for m in model.modules() if isinstance(m, QuantLinear)} - {"none"})
+    if acts:
+        warn_user(f"GGUF export: activation quantization ({', '.join(acts)}) is not part of "
+                  "GGUF; the weights are written, llama.cpp quantizes activations its own way")
     log, inexact = [], []
     for tname, data, t, how in _tensors(model, hp, qtype):
         raw = None if t in ("F32", "F16") else T[t]
