@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
 
 import torch
 
@@ -106,9 +108,21 @@ def get_isa() -> str:
 
 _C.set_num_threads(min(max(1, torch.get_num_threads()), _C.max_num_threads()))
 
-try:  # the optional qkern[hf] extra
-    _HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
-except (ImportError, ValueError):
-    _HAS_TRANSFORMERS = False
-if _HAS_TRANSFORMERS:
-    from . import hf  # noqa: F401, E402  registers "qkern" with transformers' quantizers
+def _hf_attach(model: torch.nn.Module) -> None:
+    """A transformers model that qkern quantized gets its ``QkernConfig`` (``qkern.hf.attach``)
+    so that ``save_pretrained`` writes a folder that loads back. ``qkern.hf`` (which loads
+    transformers' quantizer machinery, ~2 s) is imported here, for the first transformers
+    model, not by ``import qkern``."""
+    if "transformers" in sys.modules and hasattr(model, "save_pretrained"):
+        importlib.import_module(".hf", __name__).attach(model)
+
+
+nn.on_quantized(_hf_attach)
+if "transformers" in sys.modules:  # already paid for: register "qkern" with transformers now
+    importlib.import_module(".hf", __name__)
+
+
+def __getattr__(name: str):
+    if name == "hf":  # qkern.hf: the transformers integration, imported on first use
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'qkern' has no attribute {name!r}")

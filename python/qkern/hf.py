@@ -1,7 +1,8 @@
 """qkern as a transformers quantization method (the optional ``qkern[hf]`` extra).
 
-Importing ``qkern`` (or ``qkern.hf``) with transformers installed registers ``"qkern"`` with
-transformers' plugin API: :class:`QkernConfig` as its quantization config and
+Importing ``qkern.hf`` (also done by ``import qkern`` when transformers is already imported,
+by the first transformers model qkern quantizes, and by ``qkern.from_pretrained``) registers
+``"qkern"`` with transformers' plugin API: :class:`QkernConfig` as its quantization config and
 :class:`~qkern.interop.hf_quantizer.QkernHfQuantizer` as its quantizer. Then::
 
     from transformers import AutoModelForCausalLM
@@ -37,7 +38,7 @@ except ImportError as e:  # the optional dependency
 
 from .interop.hf_quantizer import QkernHfQuantizer, on_load_problem
 from .io.serialization import FORMAT_VERSION, layer_specs
-from .quantization import BaseConfig, on_quantized, registered_configs
+from .quantization import BaseConfig, registered_configs
 from .version import __version__
 
 __all__ = ["METHOD", "QkernConfig", "QkernHfQuantizer", "attach", "on_load_problem"]
@@ -146,4 +147,3 @@ def attach(model: nn.Module) -> nn.Module:
 if AUTO_QUANTIZATION_CONFIG_MAPPING.get(METHOD) is None:  # registered once per process
     register_quantization_config(METHOD)(QkernConfig)
     register_quantizer(METHOD)(QkernHfQuantizer)
-on_quantized(attach)
