@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package")
 ort = pytest.importorskip("onnxruntime", reason="the ONNX consumer, onnxruntime, is not installed")
@@ -141,3 +142,74 @@ def test_weight_codes_are_the_initializers(scheme, elem, block, data, floats, tm
             zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.int64)
             assert inits[node.input[2]].data_type == elem
             np.testing.assert_array_equal(zp, qt.zero_point.numpy().astype(np.int64).T)
+
+
+# ---- what cannot be exported, files, options -----------------------------------------------
+
+
+def test_refusals_name_the_layer_and_the_reason(data, floats, tmp_path):
+    x = (data.x_test[:2],)
+    mlp, cnn = floats["mlp"], floats["cnn"]
+    cases = [
+        (qkern.WeightOnlyConfig(fmt="nf4", group_size=16), mlp, "1: format nf4 is a codebook"),
+        (qkern.LLMInt8Config(), mlp, "3: act='int8_mixed' has no QDQ form"),
+        (qkern.DynamicConfig(), cnn, "0: act='int8_dynamic' on a convolution"),
+    ]
+    for cfg, model, needle in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = qkern.quantize_model(model, cfg, calibration=list(data.x_calib.split(64)))
+        with pytest.raises(ValueError, match="cannot express these layers") as e:
+            qkern.export(q, tmp_path / "m.onnx", format="onnx", example_inputs=x)
+        assert needle in str(e.value), str(e.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = nn.Sequential(nn.Flatten(), QuantLinear.from_float(nn.Linear(64, 8), "int4",
+                                                                  group_size=32, mode="fast"))
+    with pytest.raises(ValueError, match="1: mode='fast'"):
+        qkern.export(fast, tmp_path / "m.onnx", format="onnx", example_inputs=x)
+    emb = nn.Sequential(qkern.nn.QuantEmbedding.from_float(nn.Embedding(10, 8)),
+                        QuantLinear.from_float(nn.Linear(8, 4), "int8", group_size=None))
+    with pytest.raises(ValueError, match="0: QuantEmbedding has no ONNX QDQ export"):
+        qkern.export(emb, tmp_path / "m.onnx", format="onnx",
+                     example_inputs=(torch.tensor([[1, 2]]),))
+    w4 = quantized(floats, data, "mlp", "w4-g32")
+    with pytest.raises(ValueError, match="group-wise scales need opset >= 21"):
+        qkern.export(w4, tmp_path / "m.onnx", format="onnx", example_inputs=x, opset=17)
+    with pytest.raises(ValueError, match="no quantized layers"):
+        qkern.export(mlp, tmp_path / "m.onnx", format="onnx", example_inputs=x)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
+
+
+def test_inputs_files_and_the_model_left_alone(data, floats, tmp_path):
+    q = quantized(floats, data, "mlp", "static")
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    types = [type(m) for m in q.modules()]
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match="example_inputs"):
+        qkern.export(q, out, format="onnx")
+    with pytest.raises(TypeError, match="must all be tensors"):
+        qkern.export(q, out, format="onnx", example_inputs=(data.x_test[:2].numpy(),))
+    with pytest.raises(ValueError, match="not parameters"):
+        qkern.export(q, out, format="onnx", example_inputs={"x": data.x_test[:2]})
+    with pytest.raises(ValueError, match="opset"):
+        qkern.export(q, out, format="onnx", example_inputs=(data.x_test[:2],), opset=22)
+    with pytest.raises(FileNotFoundError):
+        qkern.export(q, tmp_path / "no" / "m.onnx", format="onnx",
+                     example_inputs=(data.x_test[:2],))
+    # opset 17: per-channel int8 weights and static activations need nothing newer
+    path = qkern.export(q, out, format="onnx", example_inputs={"input": data.x_test[:2]},
+                        opset=17, input_names=["pixels"], output_names=["logits"])
+    assert path == out and out.is_file()
+    proto = onnx.load(out)
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    with torch.no_grad():
+        ref = q(data.x_test).numpy()
+    y = session(proto, AS_WRITTEN).run(["logits"], {"pixels": data.x_test.numpy()})[0]
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+    with pytest.raises(FileExistsError):
+        qkern.export(q, out, format="onnx", example_inputs=(data.x_test[:2],))
+    qkern.export(q, out, format="onnx", example_inputs=(data.x_test[:2],), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+    assert [type(m) for m in q.modules()] == types

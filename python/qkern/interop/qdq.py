@@ -46,8 +46,8 @@ def _weight(q: QTensor, opset: int) -> _Weight | str:
     """The DequantizeLinear form of a quantized weight, or why there is none."""
     f = q.format
     if f.kind != "int":
-        return (f"format {f.name} is a {f.kind} format; DequantizeLinear decodes integer codes "
-                "with an affine scale only")
+        return (f"format {f.name} is a {f.kind} format (a table of values); DequantizeLinear "
+                "decodes integer codes with an affine scale only")
     if q.quantizer not in ("midtread", "deadzone"):
         return f"quantizer {q.quantizer!r} has no DequantizeLinear form ((q + 1/2) * scale)"
     if q.zero_point is not None and q.zero_point.is_floating_point():
@@ -261,7 +261,9 @@ def _act_of_layer(ql: QuantLinear, opset: int, conv: bool) -> nn.Module | None |
         return _DynamicAct(True, opset)
     if ql.act == "int8_dynamic_tensor":
         return _DynamicAct(False, opset)
-    return f"act={ql.act!r} has no QDQ form"
+    why = {"int8_mixed": "LLM.int8 computes the outlier columns of each call in float",
+           "binary": "XNOR sign activations are not an affine quantization"}
+    return f"act={ql.act!r} has no QDQ form ({why.get(ql.act, 'unknown activation mode')})"
 
 
 def _act_of_actquant(m: ActQuant) -> nn.Module | str:
