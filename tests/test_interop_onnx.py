@@ -173,6 +173,10 @@ def test_refusals_name_the_layer_and_the_reason(data, floats, tmp_path):
     with pytest.raises(ValueError, match="0: QuantEmbedding has no ONNX QDQ export"):
         qkern.export(emb, tmp_path / "m.onnx", format="onnx",
                      example_inputs=(torch.tensor([[1, 2]]),))
+    half = nn.Sequential(QuantLinear.from_float(nn.Linear(64, 8), "int8", group_size=None),
+                         nn.Linear(8, 4).to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"1.weight: torch.bfloat16 \(the QDQ graph computes"):
+        qkern.export(half, tmp_path / "m.onnx", format="onnx", example_inputs=(torch.ones(1, 64),))
     w4 = quantized(floats, data, "mlp", "w4-g32")
     with pytest.raises(ValueError, match="group-wise scales need opset >= 21"):
         qkern.export(w4, tmp_path / "m.onnx", format="onnx", example_inputs=x, opset=17)

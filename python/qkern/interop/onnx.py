@@ -174,9 +174,15 @@ class OnnxFormat(Format):
         buf = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings of input checks; dynamo=False
-            torch.onnx.export(tw, args, buf, dynamo=False, opset_version=opset,
-                              input_names=names, output_names=list(output_names),
-                              dynamic_axes=dynamic_axes, do_constant_folding=True)
+            try:
+                torch.onnx.export(tw, args, buf, dynamo=False, opset_version=opset,
+                                  input_names=names, output_names=list(output_names),
+                                  dynamic_axes=dynamic_axes, do_constant_folding=True)
+            except Exception as e:  # an op of the float part the exporter cannot write
+                raise RuntimeError(f"onnx export: torch.onnx.export (TorchScript exporter, "
+                                   f"opset {opset}) failed on {type(model).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                   ) from e
         proto = onnx.load_from_string(buf.getvalue())
         _retype_4bit(proto)
         proto.producer_name, proto.producer_version = "qkern", __version__

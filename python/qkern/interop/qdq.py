@@ -325,7 +325,9 @@ def twin(model: nn.Module, opset: int = MAX_OPSET) -> nn.Module:
     if not _has_quantized(model):
         raise ValueError("onnx export: the model has no quantized layers (QuantLinear, "
                          "QuantConv, ActQuant); quantize it first (qkern.quantize_model)")
-    bad: list[str] = []
+    bad = [f"{n}: {t.dtype} (the QDQ graph computes in float32: export model.float())"
+           for n, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and t.dtype != torch.float32]
     out = _swap(copy.deepcopy(model), "", opset, bad)
     if bad:
         more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
