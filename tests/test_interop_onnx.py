@@ -32,6 +32,7 @@ from onnx_check import AS_WRITTEN, compare_codes, export, qkern_codes, session  
 from qkern.interop.onnx import count_ops  # noqa: E402
 from qkern.models import digits as D  # noqa: E402
 from qkern.nn import QuantLinear  # noqa: E402
+from qkern.quantization import ActQuant  # noqa: E402
 
 INT8, INT4 = onnx.TensorProto.INT8, onnx.TensorProto.INT4
 
@@ -217,3 +218,38 @@ def test_inputs_files_and_the_model_left_alone(data, floats, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
     assert [type(m) for m in q.modules()] == types
+
+
+@pytest.mark.parametrize("rounding", ["onnx", "qkern"])
+def test_rounding_ties_and_saturation(rounding, tmp_path):
+    """Activations a rounding error away from half-integers of the step, and far outside the
+    range: ONNX's QuantizeLinear divides (``x / s``), qkern multiplies by ``1/s``; with
+    rounding="qkern" the graph quantizes ``x * (1/s)`` with scale 1 and every code is qkern's;
+    with the standard pair some near-ties land one code away. Both saturate as qkern does:
+    ActQuant int8 at -128, the W8A8 kernel at -127 (the exported Clip)."""
+    torch.manual_seed(0)
+    s = 0.1
+    act_q = ActQuant(QuantLinear.from_float(nn.Linear(15, 8), "int8", group_size=None), "int8",
+                     torch.tensor(s), None)
+    w8a8 = QuantLinear.from_float(nn.Linear(64, 8), "int8", group_size=None, act="int8_static",
+                                  act_scale=s)
+    mid = nn.Linear(8, 64)
+    with torch.no_grad():
+        mid.weight.mul_(100.0)  # the saturated row's hidden values go far past +-12.7
+    model = nn.Sequential(act_q, mid, w8a8)
+    ties = ((torch.arange(-128, 127, dtype=torch.float32) + 0.5) * s).reshape(-1, 15)
+    x = torch.cat([ties, torch.nextafter(ties, torch.full_like(ties, 1e9)),
+                   torch.nextafter(ties, torch.full_like(ties, -1e9)), torch.full((1, 15), -1e3)])
+    proto = export(model, tmp_path, example_inputs=(x[:2],), rounding=rounding)
+    outs = session(proto, AS_WRITTEN, extra_outputs=True).run(None, {"input": x.numpy()})
+    ours = qkern_codes(model, {"input": x})
+    assert ours[0][-1].min() == -128 and ours[1][-1].min() == -127  # saturation, as qkern
+    assert outs[1][-1].min() == -128 and outs[2][-1].min() == -127
+    same, worst = compare_codes(ours[:1], outs[1:2])  # the first layer: identical inputs
+    if rounding == "qkern":
+        assert same == 1.0
+        with torch.no_grad():
+            ref = model(x).numpy()
+        assert np.abs(outs[0] - ref).max() <= 1e-5 * np.abs(ref).max()
+    else:
+        assert 0.9 < same < 1.0 and worst == 1, same  # x / s, x * (1/s): some ties differ

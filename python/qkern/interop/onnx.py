@@ -137,14 +137,20 @@ def count_ops(model) -> dict[str, int]:
 @register
 class OnnxFormat(Format):
     """``qkern.export(model, "model.onnx", format="onnx", example_inputs=..., opset=21,
-    input_names=None, output_names=None, dynamic_axes=None, overwrite=False)``: one ``.onnx``
-    file, written atomically, checked with ``onnx.checker`` (full check) before it is."""
+    input_names=None, output_names=None, dynamic_axes=None, rounding="onnx",
+    overwrite=False)``: one ``.onnx`` file, written atomically, checked with ``onnx.checker``
+    (full check) before it is. ``example_inputs``: what ``model`` is traced with (a tensor, a
+    tuple, or a dict by ``forward``'s parameter names); ``dynamic_axes``: torch's (default: dim
+    0 of every input and output, and dim 1 of 2-D integer inputs); ``rounding``: "onnx" (the
+    standard QDQ pair) or "qkern" (``QuantizeLinear(x * (1/s), 1)``: qkern's codes bit for
+    bit)."""
 
     name = "onnx"
 
     def write(self, model: nn.Module, out: Path, example_inputs=None, opset: int = MAX_OPSET,
               input_names: list[str] | None = None, output_names: list[str] | None = None,
-              dynamic_axes: dict | None = None, overwrite: bool = False) -> Path:
+              dynamic_axes: dict | None = None, rounding: str = "onnx",
+              overwrite: bool = False) -> Path:
         try:
             import onnx
         except ImportError as e:
@@ -160,7 +166,7 @@ class OnnxFormat(Format):
         if not out.parent.is_dir():
             raise FileNotFoundError(f"{out.parent} is not a directory")
         args, names = _inputs(model, example_inputs)
-        tw = twin(model, opset)
+        tw = twin(model, opset, rounding)
         with torch.no_grad():
             res = tw(*args)
         outputs = res if isinstance(res, (tuple, list)) else (res,)

@@ -18,7 +18,7 @@ from ..nn import QuantConv1d, QuantConv2d, QuantLinear
 from ..quantization import ActQuant
 from ..tensor import QTensor
 
-__all__ = ["BLOCKED_OPSET", "ELEM_TAG", "MAX_OPSET", "MIN_OPSET", "twin"]
+__all__ = ["BLOCKED_OPSET", "ELEM_TAG", "MAX_OPSET", "MIN_OPSET", "ROUNDINGS", "twin"]
 
 # ONNX TensorProto element types
 _UINT8, _INT8, _UINT4, _INT4 = 2, 3, 21, 22
@@ -27,6 +27,7 @@ MIN_OPSET, MAX_OPSET = 13, 21
 BLOCKED_OPSET = 21
 ELEM_TAG = "qkern_elem_type"  # marks DequantizeLinear nodes whose int8 initializers become 4-bit
 _F32_TINY = float(torch.finfo(torch.float32).tiny)
+ROUNDINGS = ("onnx", "qkern")
 _QKERN_MODULES = ("qkern.nn", "qkern.quantization")
 
 
@@ -115,13 +116,24 @@ class _QDQ(torch.autograd.Function):
     """DequantizeLinear(QuantizeLinear(x, scale, zp), scale, zp), one static scale."""
 
     @staticmethod
-    def forward(ctx, x, scale, zp, qmin: int, qmax: int):
+    def forward(ctx, x, scale, zp, qmin: int, qmax: int, recip: bool):
         q = torch.clamp(torch.round(x * (1.0 / scale)) + zp.float(), qmin, qmax)
         return (q - zp.float()) * scale
 
     @staticmethod
-    def symbolic(g, x, scale, zp, qmin: int, qmax: int):
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zp), scale, zp)
+    def symbolic(g, x, scale, zp, qmin: int, qmax: int, recip: bool):
+        if recip:
+            x, q_scale = _times_reciprocal(g, x, scale)
+        else:
+            q_scale = scale
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, q_scale, zp), scale, zp)
+
+
+def _times_reciprocal(g, x, scale):
+    """(x * float32(1 / scale), 1.0): qkern's quantize step, ``rne(x * (1/s))``, for a
+    QuantizeLinear of scale 1 (whose division by 1 is exact)."""
+    r = g.op("Div", _const(g, torch.tensor(1.0)), scale)
+    return g.op("Mul", x, r), _const(g, torch.tensor(1.0))
 
 
 class _DynQDQ(torch.autograd.Function):
@@ -129,14 +141,14 @@ class _DynQDQ(torch.autograd.Function):
     dimension; blocked Q/DQ with one block per row) or of the whole tensor."""
 
     @staticmethod
-    def forward(ctx, x, per_row: bool, opset: int, rank: int, k: int):
+    def forward(ctx, x, per_row: bool, opset: int, rank: int, k: int, recip: bool):
         amax = x.abs().amax(-1, keepdim=True) if per_row else x.abs().amax()
         s = amax / 127.0
         s = torch.where(amax > 0, s.clamp_min(_F32_TINY) if per_row else s, torch.ones_like(s))
         return torch.clamp(torch.round(x * (1.0 / s)), -127, 127) * s
 
     @staticmethod
-    def symbolic(g, x, per_row: bool, opset: int, rank: int, k: int):
+    def symbolic(g, x, per_row: bool, opset: int, rank: int, k: int, recip: bool):
         a = g.op("Abs", x)
         if not per_row:
             amax = g.op("ReduceMax", a, keepdims_i=0)
@@ -149,9 +161,15 @@ class _DynQDQ(torch.autograd.Function):
             s = g.op("Max", s, _const(g, torch.tensor(_F32_TINY)))
         zero = g.op("Equal", amax, _const(g, torch.tensor(0.0)))
         s = g.op("Where", zero, _const(g, torch.tensor(1.0)), s)
+        zp = _const(g, torch.tensor(0, dtype=torch.int8))
         if not per_row:
-            zp = _const(g, torch.tensor(0, dtype=torch.int8))
-            return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, zp), s, zp)
+            q_x, q_s = _times_reciprocal(g, x, s) if recip else (x, s)
+            return g.op("DequantizeLinear", g.op("QuantizeLinear", q_x, q_s, zp), s, zp)
+        if recip:  # Q / DQ of scale 1, times the per-row scales (a blocked DQ here breaks
+            #      onnxruntime's int8 -> uint8 rewrite of the default session)
+            x1, one = _times_reciprocal(g, x, s)
+            q = g.op("QuantizeLinear", x1, one, zp)
+            return g.op("Mul", g.op("DequantizeLinear", q, one, zp), s)
         blocked = {"axis_i": rank - 1, "block_size_i": k}
         q = g.op("QuantizeLinear", x, s, output_dtype_i=_INT8, **blocked)
         return g.op("DequantizeLinear", q, s, **blocked)
@@ -160,9 +178,10 @@ class _DynQDQ(torch.autograd.Function):
 class _StaticAct(nn.Module):
     """QDQ of an activation with a calibrated per-tensor scale; ``clip``: W8A8's [-127, 127]."""
 
-    def __init__(self, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int, clip: bool):
+    def __init__(self, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int, clip: bool,
+                 recip: bool):
         super().__init__()
-        self.qmin, self.qmax = qmin, qmax
+        self.qmin, self.qmax, self.recip = qmin, qmax, recip
         self.register_buffer("scale", scale.detach().float().reshape(()).clone())
         self.register_buffer("zero_point", zp.reshape(()).clone())
         self.register_buffer("bound", (127.0 * self.scale).reshape(()) if clip else None)
@@ -170,16 +189,16 @@ class _StaticAct(nn.Module):
     def forward(self, x):
         if self.bound is not None:
             x = torch.clamp(x, -self.bound, self.bound)
-        return _QDQ.apply(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        return _QDQ.apply(x, self.scale, self.zero_point, self.qmin, self.qmax, self.recip)
 
 
 class _DynamicAct(nn.Module):
-    def __init__(self, per_row: bool, opset: int):
+    def __init__(self, per_row: bool, opset: int, recip: bool):
         super().__init__()
-        self.per_row, self.opset = per_row, opset
+        self.per_row, self.opset, self.recip = per_row, opset, recip
 
     def forward(self, x):
-        return _DynQDQ.apply(x, self.per_row, self.opset, x.dim(), int(x.shape[-1]))
+        return _DynQDQ.apply(x, self.per_row, self.opset, x.dim(), int(x.shape[-1]), self.recip)
 
 
 class _WithAct(nn.Module):
@@ -246,33 +265,35 @@ class _Conv(nn.Module):
 # ---- the twin: every qkern layer replaced by its ONNX-exportable form ----------------------
 
 
-def _act_of_layer(ql: QuantLinear, opset: int, conv: bool) -> nn.Module | None | str:
+def _act_of_layer(ql: QuantLinear, opset: int, conv: bool, recip: bool
+                  ) -> nn.Module | None | str:
     if ql.mode != "exact":
         return f"mode={ql.mode!r} (activations quantized in blocks of 32 inside the kernel)"
     if ql.act == "none":
         return None
     if ql.act == "int8_static":
-        return _StaticAct(ql.act_scale, torch.zeros((), dtype=torch.int8), -128, 127, True)
+        return _StaticAct(ql.act_scale, torch.zeros((), dtype=torch.int8), -128, 127, True,
+                          recip)
     if conv:
         return f"act={ql.act!r} on a convolution (its im2col rows have no Conv-input form)"
     if ql.act in ("int8_dynamic", "int8_token"):
         if opset < BLOCKED_OPSET:
             return f"act={ql.act!r} (per-row scales) needs opset >= {BLOCKED_OPSET}"
-        return _DynamicAct(True, opset)
+        return _DynamicAct(True, opset, recip)
     if ql.act == "int8_dynamic_tensor":
-        return _DynamicAct(False, opset)
+        return _DynamicAct(False, opset, recip)
     why = {"int8_mixed": "LLM.int8 computes the outlier columns of each call in float",
            "binary": "XNOR sign activations are not an affine quantization"}
     return f"act={ql.act!r} has no QDQ form ({why.get(ql.act, 'unknown activation mode')})"
 
 
-def _act_of_actquant(m: ActQuant) -> nn.Module | str:
+def _act_of_actquant(m: ActQuant, recip: bool) -> nn.Module | str:
     from_fmt = _fmt_range(m.fmt)
     if isinstance(from_fmt, str):
         return from_fmt
     dt, qmin, qmax = from_fmt
     zp = torch.zeros((), dtype=dt) if m.zero_point is None else m.zero_point.to(dt)
-    return _StaticAct(m.scale, zp, qmin, qmax, False)
+    return _StaticAct(m.scale, zp, qmin, qmax, False, recip)
 
 
 def _fmt_range(name: str) -> tuple[torch.dtype, int, int] | str:
@@ -283,11 +304,11 @@ def _fmt_range(name: str) -> tuple[torch.dtype, int, int] | str:
     return f"activation format {name}: only int8 / uint8 activations are exported"
 
 
-def _swap(mod: nn.Module, name: str, opset: int, bad: list[str]) -> nn.Module:
+def _swap(mod: nn.Module, name: str, opset: int, recip: bool, bad: list[str]) -> nn.Module:
     """The ONNX-exportable twin of ``mod`` (in place on a copy); reasons collected in bad."""
     if isinstance(mod, ActQuant):
-        act = _act_of_actquant(mod)
-        inner = _swap(mod.module, f"{name}.module", opset, bad)
+        act = _act_of_actquant(mod, recip)
+        inner = _swap(mod.module, f"{name}.module", opset, recip, bad)
         if isinstance(act, str):
             bad.append(f"{name}: {act}")
             return mod
@@ -299,7 +320,7 @@ def _swap(mod: nn.Module, name: str, opset: int, bad: list[str]) -> nn.Module:
             w = _weight(ql.quantized_weight(), opset)
         except NotImplementedError as e:
             w = str(e)
-        act = _act_of_layer(ql, opset, is_conv)
+        act = _act_of_layer(ql, opset, is_conv, recip)
         why = [r for r in (w, act) if isinstance(r, str)]
         if why:
             bad.extend(f"{name}: {r}" for r in why)
@@ -309,7 +330,7 @@ def _swap(mod: nn.Module, name: str, opset: int, bad: list[str]) -> nn.Module:
         bad.append(f"{name}: {type(mod).__name__} has no ONNX QDQ export")
         return mod
     for child_name, child in list(mod.named_children()):
-        new = _swap(child, f"{name}.{child_name}" if name else child_name, opset, bad)
+        new = _swap(child, f"{name}.{child_name}" if name else child_name, opset, recip, bad)
         if new is not child:
             setattr(mod, child_name, new)
     return mod
@@ -319,16 +340,20 @@ def _has_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (QuantLinear, ActQuant)) for m in model.modules())
 
 
-def twin(model: nn.Module, opset: int = MAX_OPSET) -> nn.Module:
+def twin(model: nn.Module, opset: int = MAX_OPSET, rounding: str = "onnx") -> nn.Module:
     """A copy of ``model`` with every qkern layer replaced by the torch functions whose ONNX
-    export is its QDQ form; ValueError naming every layer that has none."""
+    export is its QDQ form; ValueError naming every layer that has none. ``rounding``: "onnx"
+    (``QuantizeLinear(x, s)``, which divides) or "qkern" (``QuantizeLinear(x * (1/s), 1)``,
+    qkern's codes bit for bit; the DequantizeLinear keeps ``s``)."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     if not _has_quantized(model):
         raise ValueError("onnx export: the model has no quantized layers (QuantLinear, "
                          "QuantConv, ActQuant); quantize it first (qkern.quantize_model)")
     bad = [f"{n}: {t.dtype} (the QDQ graph computes in float32: export model.float())"
            for n, t in [*model.named_parameters(), *model.named_buffers()]
            if t.is_floating_point() and t.dtype != torch.float32]
-    out = _swap(copy.deepcopy(model), "", opset, bad)
+    out = _swap(copy.deepcopy(model), "", opset, rounding == "qkern", bad)
     if bad:
         more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
         raise ValueError("onnx export cannot express these layers exactly:\n  "
