@@ -169,11 +169,10 @@ def test_refusals_name_the_layer_and_the_reason(data, floats, tmp_path):
                                                                   group_size=32, mode="fast"))
     with pytest.raises(ValueError, match="1: mode='fast'"):
         qkern.export(fast, tmp_path / "m.onnx", format="onnx", example_inputs=x)
-    emb = nn.Sequential(qkern.nn.QuantEmbedding.from_float(nn.Embedding(10, 8)),
-                        QuantLinear.from_float(nn.Linear(8, 4), "int8", group_size=None))
-    with pytest.raises(ValueError, match="0: QuantEmbedding has no ONNX QDQ export"):
-        qkern.export(emb, tmp_path / "m.onnx", format="onnx",
-                     example_inputs=(torch.tensor([[1, 2]]),))
+    dyn_w = nn.Sequential(qkern.nn.DynamicWeightLinear.from_float(nn.Linear(64, 8)),
+                          QuantLinear.from_float(nn.Linear(8, 4), "int8", group_size=None))
+    with pytest.raises(ValueError, match="0: DynamicWeightLinear has no ONNX QDQ export"):
+        qkern.export(dyn_w, tmp_path / "m.onnx", format="onnx", example_inputs=(torch.ones(1, 64),))
     half = nn.Sequential(QuantLinear.from_float(nn.Linear(64, 8), "int8", group_size=None),
                          nn.Linear(8, 4).to(torch.bfloat16))
     with pytest.raises(ValueError, match=r"1.weight: torch.bfloat16 \(the QDQ graph computes"):

@@ -45,8 +45,11 @@ def hidden_diff(y: np.ndarray, ref: np.ndarray, mask: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("scheme", ["dynamic", "w4-g16-asym"])
 def test_tiny_bert(scheme, tmp_path):
+    """Dynamic per-token W8A8 on the Linear layers; or int4 weights with zero points, the
+    three embedding tables included (DequantizeLinear -> Gather)."""
     cfg = (qkern.DynamicConfig(include=["Linear"]) if scheme == "dynamic" else
-           qkern.WeightOnlyConfig(fmt="int4", group_size=16, symmetric=False, include=["Linear"]))
+           qkern.WeightOnlyConfig(fmt="int4", group_size=16, symmetric=False,
+                                  include=["Linear", "Embedding"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = qkern.quantize_model(tiny_bert(), cfg)
@@ -55,7 +58,7 @@ def test_tiny_bert(scheme, tmp_path):
     n = 2 * LINEARS
     acts = scheme == "dynamic"
     assert ops.get("QuantizeLinear", 0) == (n if acts else 0), ops
-    assert ops.get("DequantizeLinear", 0) == (2 * n if acts else n), ops
+    assert ops.get("DequantizeLinear", 0) == (2 * n if acts else n + 3), ops
     assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
     inputs = batch(1, 3, 11)  # another batch size and sequence length than traced
     with torch.no_grad():

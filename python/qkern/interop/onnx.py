@@ -10,7 +10,8 @@ compute what it computes (ONNX operator spec, ``QuantizeLinear`` / ``DequantizeL
 
 - weights: the integer codes as an initializer (int8 / uint8; int4 / uint4 for 2..4-bit formats,
   whose codes fit), their float32 scales and zero points (in code units, the codes' type) ->
-  ``DequantizeLinear`` -> ``MatMul`` (+ ``Add`` of the float bias) or ``Conv``. ONNX dequantizes
+  ``DequantizeLinear`` -> ``MatMul`` (+ ``Add`` of the float bias), ``Conv`` or ``Gather``
+  (quantized embeddings). ONNX dequantizes
   ``(q - zero_point) * scale``, qkern's rule. Per-channel scales use ``axis``; group-wise scales
   the blocked form (``block_size``, opset 21). The codes are stored transposed, (in, out),
   the layout ``MatMul`` reads and onnxruntime's MatMulNBits fusion looks for.
@@ -26,10 +27,12 @@ compute what it computes (ONNX operator spec, ``QuantizeLinear`` / ``DequantizeL
 Rounding: ONNX's ``QuantizeLinear`` divides, ``round(x / scale)``; qkern multiplies by the
 reciprocal, ``round(x * (1 / scale))`` (docs/numerics.md). The two agree except where the
 quotient lies within a rounding error of a half-integer: such an activation gets the
-neighbouring code (one step). Everything else is the same arithmetic up to float32 summation
-order. Layers the format cannot express exactly (codebook / float formats, float zero points,
-mid-rise codes, LLM.int8 outliers, binary activations, fast-mode activation blocks, quantized
-embeddings, Hadamard rotations) are refused with their names and the reason.
+neighbouring code (one step); ``rounding="qkern"`` writes ``QuantizeLinear(x * (1/s), 1)``
+instead, qkern's codes bit for bit. Everything else is the same arithmetic up to float32
+summation order. Layers the format cannot express exactly (codebook / float formats, float zero
+points, mid-rise codes, LLM.int8 outliers, binary activations, fast-mode activation blocks,
+dynamic activations on convolutions, Hadamard rotations) are refused with their names and the
+reason. docs/serving/onnx.md: examples, onnxruntime's session options, measured agreement.
 """
 
 from __future__ import annotations

@@ -8,17 +8,19 @@ docstring there states what each layer becomes and what is refused.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import QuantConv1d, QuantConv2d, QuantLinear
+from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from ..packing import unpack_bits
 from ..quantization import ActQuant
 from ..tensor import QTensor
 
-__all__ = ["BLOCKED_OPSET", "ELEM_TAG", "MAX_OPSET", "MIN_OPSET", "ROUNDINGS", "twin"]
+__all__ = ["BLOCKED_OPSET", "ELEM_TAG", "MAX_OPSET", "MIN_OPSET", "ROUNDINGS", "embedding_weight",
+           "twin"]
 
 # ONNX TensorProto element types
 _UINT8, _INT8, _UINT4, _INT4 = 2, 3, 21, 22
@@ -262,6 +264,35 @@ class _Conv(nn.Module):
         return conv(x, w, self.bias, self.stride, self.padding, self.dilation)
 
 
+class _Embedding(nn.Module):
+    """``Gather(DequantizeLinear(codes), ids)``: rows per row (``axis=0``) or blocked along the
+    embedding dimension."""
+
+    def __init__(self, w: _Weight):
+        super().__init__()
+        self.axis, self.block, self.elem = (1, w.group, w.elem) if w.group else (0, 0, w.elem)
+        self.register_buffer("codes", w.codes)
+        self.register_buffer("scale", w.scale)
+        self.register_buffer("zero_point", w.zero_point)
+
+    def forward(self, ids):
+        w = _DQ.apply(self.codes, self.scale, self.zero_point, self.axis, self.block, self.elem)
+        return F.embedding(ids, w)
+
+
+def embedding_weight(m: QuantEmbedding) -> QTensor:
+    """A QuantEmbedding's table as a QTensor, read from its public buffers (``codes_packed``:
+    the codes bit-packed row by row, integer codes stored as ``code - qmin``)."""
+    q, f = m.weight_q, m.weight_q.format
+    n, d = m.num_embeddings, m.embedding_dim
+    codes = unpack_bits(m.codes_packed.reshape(-1), f.bits, n * d).view(n, d)
+    if f.kind == "int":
+        codes = (codes.to(torch.int16) + f.qmin).to(torch.int8 if f.signed else torch.uint8)
+    zp = m.zero_point
+    return replace(q, codes=codes, scale=m.scale.reshape(q.layout.scale_shape),
+                   zero_point=None if zp is None else zp.reshape(q.layout.scale_shape))
+
+
 # ---- the twin: every qkern layer replaced by its ONNX-exportable form ----------------------
 
 
@@ -326,6 +357,12 @@ def _swap(mod: nn.Module, name: str, opset: int, recip: bool, bad: list[str]) ->
             bad.extend(f"{name}: {r}" for r in why)
             return mod
         return _Conv(mod, w, act) if is_conv else _Linear(w, ql.bias, act)
+    if isinstance(mod, QuantEmbedding):
+        w = _weight(embedding_weight(mod), opset)
+        if isinstance(w, str):
+            bad.append(f"{name}: {w}")
+            return mod
+        return _Embedding(w)
     if type(mod).__module__.startswith(_QKERN_MODULES):
         bad.append(f"{name}: {type(mod).__name__} has no ONNX QDQ export")
         return mod
@@ -337,7 +374,7 @@ def _swap(mod: nn.Module, name: str, opset: int, recip: bool, bad: list[str]) ->
 
 
 def _has_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (QuantLinear, ActQuant)) for m in model.modules())
+    return any(isinstance(m, (QuantLinear, ActQuant, QuantEmbedding)) for m in model.modules())
 
 
 def twin(model: nn.Module, opset: int = MAX_OPSET, rounding: str = "onnx") -> nn.Module:
