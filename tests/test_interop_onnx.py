@@ -34,7 +34,7 @@ from qkern.models import digits as D  # noqa: E402
 from qkern.nn import QuantLinear  # noqa: E402
 from qkern.quantization import ActQuant  # noqa: E402
 
-INT8, INT4 = onnx.TensorProto.INT8, onnx.TensorProto.INT4
+INT8, INT4, F8 = onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.FLOAT8E4M3FN
 
 # ---- digits MLP / CNN ---------------------------------------------------------------------
 
@@ -57,8 +57,11 @@ SCHEMES = {
     "w4-g32": (qkern.WeightOnlyConfig(fmt="int4", group_size=32), False),
     "w4-g16-asym": (qkern.WeightOnlyConfig(fmt="int4", group_size=16, symmetric=False), False),
     "a8-only": (qkern.ActivationOnlyConfig(act_fmt="uint8"), True),
+    "fp8-e4m3": (qkern.WeightOnlyConfig(fmt="fp8_e4m3", group_size=None), False),
+    "mxfp8-e4m3": (qkern.WeightOnlyConfig(fmt="mxfp8_e4m3", group_size=32), False),  # E8M0
 }
-CASES = [(k, s) for k in ("mlp", "cnn") for s in SCHEMES if not (k == "cnn" and s == "dynamic")]
+CASES = [(k, s) for k in ("mlp", "cnn") for s in SCHEMES
+         if k == "mlp" or s in ("static", "static-uint8-asym", "w4-g32", "a8-only")]
 
 
 def quantized(floats, data, kind, scheme):
@@ -114,10 +117,12 @@ def _initializers(proto):
     return {t.name: t for t in proto.graph.initializer}
 
 
-@pytest.mark.parametrize("scheme,elem,block", [("static", INT8, None), ("w4-g16-asym", INT4, 16)])
+@pytest.mark.parametrize("scheme,elem,block", [("static", INT8, None), ("w4-g16-asym", INT4, 16),
+                                               ("mxfp8-e4m3", F8, 32)])
 def test_weight_codes_are_the_initializers(scheme, elem, block, data, floats, tmp_path):
     """The weights are qkern's codes, scales and zero points, read back with onnx's own
-    numpy_helper (4-bit codes unpacked by onnx), transposed to the (in, out) MatMul layout."""
+    numpy_helper (4-bit codes unpacked by onnx; float8 codes compared as bytes), transposed to
+    the (in, out) MatMul layout."""
     from onnx import numpy_helper
 
     q = quantized(floats, data, "mlp", scheme)
@@ -130,9 +135,11 @@ def test_weight_codes_are_the_initializers(scheme, elem, block, data, floats, tm
     for node, layer in zip(dqs, layers):
         qt = layer.quantized_weight()
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        codes = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64)
+        codes = numpy_helper.to_array(inits[node.input[0]])
+        codes = codes.view(np.uint8) if elem == F8 else codes.astype(np.int64)
         scale = numpy_helper.to_array(inits[node.input[1]])
-        np.testing.assert_array_equal(codes, qt.codes.numpy().astype(np.int64).T)
+        ref = qt.codes.numpy()
+        np.testing.assert_array_equal(codes, (ref if elem == F8 else ref.astype(np.int64)).T)
         if block is None:
             assert attrs.get("axis") == 1 and "block_size" not in attrs
             np.testing.assert_array_equal(scale, qt.scale.numpy().reshape(-1))
@@ -140,6 +147,9 @@ def test_weight_codes_are_the_initializers(scheme, elem, block, data, floats, tm
         else:
             assert attrs.get("axis") == 0 and attrs.get("block_size") == block
             np.testing.assert_array_equal(scale, qt.scale.numpy().T)
+            if qt.zero_point is None:
+                assert len(node.input) == 2
+                continue
             zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.int64)
             assert inits[node.input[2]].data_type == elem
             np.testing.assert_array_equal(zp, qt.zero_point.numpy().astype(np.int64).T)

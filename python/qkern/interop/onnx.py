@@ -9,12 +9,13 @@ The graph is the float model's (traced with torch's TorchScript ONNX exporter,
 compute what it computes (ONNX operator spec, ``QuantizeLinear`` / ``DequantizeLinear``):
 
 - weights: the integer codes as an initializer (int8 / uint8; int4 / uint4 for 2..4-bit formats,
-  whose codes fit), their float32 scales and zero points (in code units, the codes' type) ->
-  ``DequantizeLinear`` -> ``MatMul`` (+ ``Add`` of the float bias), ``Conv`` or ``Gather``
-  (quantized embeddings). ONNX dequantizes
-  ``(q - zero_point) * scale``, qkern's rule. Per-channel scales use ``axis``; group-wise scales
-  the blocked form (``block_size``, opset 21). The codes are stored transposed, (in, out),
-  the layout ``MatMul`` reads and onnxruntime's MatMulNBits fusion looks for.
+  whose codes fit; FLOAT8E4M3FN / FLOAT8E5M2 bytes for qkern's fp8 / mxfp8 formats), their
+  float32 scales and zero points (in code units, the codes' type) -> ``DequantizeLinear`` ->
+  ``MatMul`` (+ ``Add`` of the float bias), ``Conv`` or ``Gather`` (quantized embeddings).
+  ONNX dequantizes ``(q - zero_point) * scale``, qkern's rule. Per-channel scales use
+  ``axis``; group-wise scales the blocked form (``block_size``, opset 21). The codes are stored
+  transposed, (in, out), the layout ``MatMul`` reads and onnxruntime's MatMulNBits fusion looks
+  for.
 - static activations (``ActQuant``; the W8A8 kernels' ``act_scale``): ``QuantizeLinear`` ->
   ``DequantizeLinear`` with the calibrated scale and zero point (int8, or uint8 for unsigned
   formats). Both saturate to the code range and round half to even. qkern's W8A8 kernels keep
@@ -29,10 +30,10 @@ reciprocal, ``round(x * (1 / scale))`` (docs/numerics.md). The two agree except 
 quotient lies within a rounding error of a half-integer: such an activation gets the
 neighbouring code (one step); ``rounding="qkern"`` writes ``QuantizeLinear(x * (1/s), 1)``
 instead, qkern's codes bit for bit. Everything else is the same arithmetic up to float32
-summation order. Layers the format cannot express exactly (codebook / float formats, float zero
-points, mid-rise codes, LLM.int8 outliers, binary activations, fast-mode activation blocks,
-dynamic activations on convolutions, Hadamard rotations) are refused with their names and the
-reason. docs/serving/onnx.md: examples, onnxruntime's session options, measured agreement.
+summation order. Layers the format cannot express exactly (codebook formats other than float8,
+float zero points, mid-rise codes, LLM.int8 outliers, binary activations, fast-mode activation
+blocks, dynamic activations on convolutions, Hadamard rotations) are refused with their names
+and the reason. docs/serving/onnx.md: examples, onnxruntime's session options, measured agreement.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from torch import nn
 
 from ..version import __version__
 from . import Format, register
-from .qdq import ELEM_TAG, MAX_OPSET, MIN_OPSET, twin
+from .qdq import ELEM_TAG, FLOAT8, MAX_OPSET, MIN_OPSET, twin
 
 __all__ = ["OnnxFormat", "count_ops", "twin"]
 
@@ -104,9 +105,11 @@ def _dynamic_axes(args, names, out_names, outputs) -> dict[str, dict[int, str]]:
     return axes
 
 
-def _retype_4bit(model) -> None:
-    """The int8 initializers of DequantizeLinear nodes marked 4-bit become INT4 / UINT4 (the
-    same values; onnx packs two per byte); the marks are removed."""
+def _retype(model) -> None:
+    """The int8 / uint8 initializers of DequantizeLinear nodes marked 4-bit or float8 become
+    INT4 / UINT4 (the same values; onnx packs two per byte) or FLOAT8E4M3FN / FLOAT8E5M2 (the
+    same bytes); the marks are removed."""
+    import onnx
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -123,9 +126,14 @@ def _retype_4bit(model) -> None:
             t = inits.get(node.input[i])
             if t is None:
                 raise RuntimeError(f"onnx export: {node.input[i]!r} of {node.name} is not an "
-                                   "initializer (cannot store it as 4-bit)")
+                                   "initializer (cannot retype it)")
             a = numpy_helper.to_array(t)
-            t.CopyFrom(helper.make_tensor(t.name, elem, a.shape, a.reshape(-1).tolist()))
+            if elem in FLOAT8:
+                new = onnx.TensorProto(name=t.name, data_type=elem, dims=a.shape,
+                                       raw_data=a.astype("uint8").tobytes())
+            else:
+                new = helper.make_tensor(t.name, elem, a.shape, a.reshape(-1).tolist())
+            t.CopyFrom(new)
             done.add(t.name)
 
 
@@ -193,7 +201,7 @@ class OnnxFormat(Format):
                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                    ) from e
         proto = onnx.load_from_string(buf.getvalue())
-        _retype_4bit(proto)
+        _retype(proto)
         proto.producer_name, proto.producer_version = "qkern", __version__
         proto.doc_string = (f"{type(model).__name__} quantized with qkern, QDQ form "
                             "(QuantizeLinear / DequantizeLinear)")

@@ -19,11 +19,18 @@ from ..packing import unpack_bits
 from ..quantization import ActQuant
 from ..tensor import QTensor
 
-__all__ = ["BLOCKED_OPSET", "ELEM_TAG", "MAX_OPSET", "MIN_OPSET", "ROUNDINGS", "embedding_weight",
-           "twin"]
+__all__ = ["BLOCKED_OPSET", "ELEM_TAG", "FLOAT8", "MAX_OPSET", "MIN_OPSET", "RETYPED", "ROUNDINGS",
+           "embedding_weight", "twin"]
 
 # ONNX TensorProto element types
 _UINT8, _INT8, _UINT4, _INT4 = 2, 3, 21, 22
+#: ONNX float8 element types (opset 19) and their torch dtypes: a codebook format whose table is
+#: exactly one of them (qkern's fp8_e4m3, mxfp8_e4m3: E4M3FN; fp8_e5m2: E5M2) is exported as
+#: such codes (the same bytes)
+FLOAT8 = {17: torch.float8_e4m3fn, 19: torch.float8_e5m2}
+#: element types the exporter retypes after tracing (torch writes them as int8 / uint8)
+RETYPED = (_INT4, _UINT4, *FLOAT8)
+_F8_VALUES = {e: torch.arange(256, dtype=torch.uint8).view(dt).float() for e, dt in FLOAT8.items()}
 MIN_OPSET, MAX_OPSET = 13, 21
 #: the first opset with blocked (group-wise) Q/DQ and 4-bit integer types
 BLOCKED_OPSET = 21
@@ -48,9 +55,10 @@ class _Weight:
 def _weight(q: QTensor, opset: int) -> _Weight | str:
     """The DequantizeLinear form of a quantized weight, or why there is none."""
     f = q.format
-    if f.kind != "int":
+    fp8 = _float8(f)
+    if f.kind != "int" and fp8 is None:
         return (f"format {f.name} is a {f.kind} format (a table of values); DequantizeLinear "
-                "decodes integer codes with an affine scale only")
+                "decodes integer or float8 codes with an affine scale only")
     if q.quantizer not in ("midtread", "deadzone"):
         return f"quantizer {q.quantizer!r} has no DequantizeLinear form ((q + 1/2) * scale)"
     if q.zero_point is not None and q.zero_point.is_floating_point():
@@ -58,6 +66,10 @@ def _weight(q: QTensor, opset: int) -> _Weight | str:
     if f.bits > 8:
         return f"{f.bits}-bit codes (8 at most)"
     elem = (_INT4 if f.signed else _UINT4) if f.bits <= 4 else (_INT8 if f.signed else _UINT8)
+    if fp8 is not None:
+        elem = fp8
+        if opset < 19:
+            return f"float8 codes need opset >= 19; opset={opset}"
     out, n_in = q.shape
     scale = q.scale.detach().float()
     group = None
@@ -73,11 +85,23 @@ def _weight(q: QTensor, opset: int) -> _Weight | str:
         return (f"{'group-wise scales' if group else f'{f.bits}-bit codes'} need opset >= "
                 f"{BLOCKED_OPSET} (blocked / 4-bit DequantizeLinear); opset={opset}")
     zp = None if q.zero_point is None else q.zero_point.detach().reshape(scale.shape)
-    dt = torch.int8 if elem in (_INT8, _INT4) else torch.uint8
+    dt = torch.int8 if elem in (_INT8, _INT4) else torch.uint8  # float8: the code bytes
     return _Weight(q.codes.to(dt), scale, None if zp is None else zp.to(dt), elem, group)
 
 
 # ---- the quantized operators, as torch functions with ONNX symbolics -----------------------
+
+
+def _float8(f) -> int | None:
+    """The ONNX float8 type whose values are exactly the table of codebook format ``f``."""
+    if f.kind != "codebook" or f.bits != 8 or f.table is None:
+        return None
+    table = f.values
+    for elem, v in _F8_VALUES.items():
+        fin = torch.isfinite(table)
+        if torch.equal(fin, torch.isfinite(v)) and torch.equal(table[fin], v[fin]):
+            return elem
+    return None
 
 
 def _const(g, value: torch.Tensor):
@@ -88,18 +112,20 @@ class _DQ(torch.autograd.Function):
     """DequantizeLinear(codes, scale, zero_point): per tensor, per ``axis`` or blocked."""
 
     @staticmethod
-    def forward(ctx, codes, scale, zp, axis: int, block: int, elem: int):
+    def forward(ctx, codes, scale, zp, values, axis: int, block: int, elem: int):
         n = codes.dim()
+        if values is not None:  # float8: the value of each code byte
+            codes = values[codes.long()]
         c = codes.float() if zp is None else codes.float() - _expand(zp.float(), axis, block, n)
         return c * _expand(scale, axis, block, n)
 
     @staticmethod
-    def symbolic(g, codes, scale, zp, axis: int, block: int, elem: int):
+    def symbolic(g, codes, scale, zp, values, axis: int, block: int, elem: int):
         attrs = {"axis_i": axis}
         if block:
             attrs["block_size_i"] = block
-        if elem in (_INT4, _UINT4):
-            attrs[f"{ELEM_TAG}_i"] = elem  # the exporter has no 4-bit tensors: retyped afterwards
+        if elem in RETYPED:  # the exporter has no 4-bit / float8 tensors: retyped afterwards
+            attrs[f"{ELEM_TAG}_i"] = elem
         ins = [codes, scale] if zp is None else [codes, scale, zp]
         return g.op("DequantizeLinear", *ins, **attrs)
 
@@ -225,13 +251,15 @@ class _Linear(nn.Module):
         self.register_buffer("codes", w.codes.t().contiguous())
         self.register_buffer("scale", t(w.scale))
         self.register_buffer("zero_point", t(w.zero_point))
+        self.register_buffer("values", _F8_VALUES.get(w.elem), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.act = act
 
     def forward(self, x):
         if self.act is not None:
             x = self.act(x)
-        w = _DQ.apply(self.codes, self.scale, self.zero_point, self.axis, self.block, self.elem)
+        w = _DQ.apply(self.codes, self.scale, self.zero_point, self.values, self.axis,
+                      self.block, self.elem)
         y = torch.matmul(x, w)
         return y if self.bias is None else y + self.bias
 
@@ -249,6 +277,7 @@ class _Conv(nn.Module):
         self.register_buffer("codes", w.codes if w.group else w.codes.reshape(shape))
         self.register_buffer("scale", w.scale)
         self.register_buffer("zero_point", w.zero_point)
+        self.register_buffer("values", _F8_VALUES.get(w.elem), persistent=False)
         bias = conv.qlinear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.act = act
@@ -256,7 +285,7 @@ class _Conv(nn.Module):
     def forward(self, x):
         if self.act is not None:
             x = self.act(x)
-        w = _DQ.apply(self.codes, self.scale, self.zero_point, 1 if self.block else 0,
+        w = _DQ.apply(self.codes, self.scale, self.zero_point, self.values, 1 if self.block else 0,
                       self.block, self.elem)
         if self.block:
             w = w.reshape(self.shape)
@@ -274,9 +303,11 @@ class _Embedding(nn.Module):
         self.register_buffer("codes", w.codes)
         self.register_buffer("scale", w.scale)
         self.register_buffer("zero_point", w.zero_point)
+        self.register_buffer("values", _F8_VALUES.get(w.elem), persistent=False)
 
     def forward(self, ids):
-        w = _DQ.apply(self.codes, self.scale, self.zero_point, self.axis, self.block, self.elem)
+        w = _DQ.apply(self.codes, self.scale, self.zero_point, self.values, self.axis,
+                      self.block, self.elem)
         return F.embedding(ids, w)
 
 
