@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 import qkern
-from qkern.nn import QuantConv2d, QuantLinear
+from qkern.nn import QuantConv1d, QuantConv2d, QuantLinear
 from qkern.quantization import ActQuant
 
 AS_WRITTEN = {"session.disable_quant_qdq": "1"}
+CONVS = (QuantConv1d, QuantConv2d)
 
 
 def session(model: onnx.ModelProto, config: dict[str, str], extra_outputs: bool = False):
@@ -39,9 +40,9 @@ def qkern_codes(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[np.nd
     computed in numpy from docs/numerics.md on the inputs the layers saw."""
     seen: list[tuple[nn.Module, np.ndarray]] = []
     hooks = []
-    in_conv = {id(m.qlinear) for m in model.modules() if isinstance(m, QuantConv2d)}
+    in_conv = {id(m.qlinear) for m in model.modules() if isinstance(m, CONVS)}
     for m in model.modules():
-        if isinstance(m, QuantConv2d):
+        if isinstance(m, CONVS):
             acts = m.qlinear.act != "none"  # per tensor: the conv input's codes
         else:
             acts = isinstance(m, ActQuant) or (isinstance(m, QuantLinear) and m.act != "none"
@@ -55,7 +56,7 @@ def qkern_codes(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[np.nd
         h.remove()
     out = []
     for mod, x in seen:
-        if isinstance(mod, QuantConv2d):
+        if isinstance(mod, CONVS):
             mod = mod.qlinear
         if isinstance(mod, ActQuant):
             s, (lo, hi) = np.float32(mod.scale), (-128, 127) if mod.fmt == "int8" else (0, 255)

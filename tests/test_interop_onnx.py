@@ -61,7 +61,7 @@ SCHEMES = {
     "mxfp8-e4m3": (qkern.WeightOnlyConfig(fmt="mxfp8_e4m3", group_size=32), False),  # E8M0
 }
 CASES = [(k, s) for k in ("mlp", "cnn") for s in SCHEMES
-         if k == "mlp" or s in ("static", "static-uint8-asym", "w4-g32", "a8-only")]
+         if k == "mlp" or s in ("static", "static-uint8-asym", "w4-g16-asym", "a8-only")]
 
 
 def quantized(floats, data, kind, scheme):
@@ -262,3 +262,29 @@ def test_rounding_ties_and_saturation(rounding, tmp_path):
         assert np.abs(outs[0] - ref).max() <= 1e-5 * np.abs(ref).max()
     else:
         assert 0.9 < same < 1.0 and worst == 1, same  # x / s, x * (1/s): some ties differ
+
+
+@pytest.mark.parametrize("cfg", [
+    qkern.StaticConfig(),  # W8A8 kernels on every layer
+    qkern.StaticConfig(fmt="int4", group_size=4, act_fmt="uint8", act_symmetric=False),
+], ids=["w8a8", "w4-g4-uint8-act"])
+def test_conv1d_strides_dilation_groups(cfg, tmp_path):
+    """QuantConv1d with stride, padding and dilation; group-wise weights dequantized blocked on
+    the (out, in * k) matrix, then reshaped for Conv."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1, stride=2), nn.ReLU(),
+                          nn.Conv1d(8, 8, 5, dilation=2), nn.Flatten(), nn.Linear(16, 3))
+    x = torch.randn(16, 4, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = qkern.quantize_model(model, cfg, calibration=[x[:8]])
+    proto = export(q, tmp_path, example_inputs=(x[:2],))
+    ops = count_ops(proto)
+    assert ops["Conv"] == 2 and ops["QuantizeLinear"] == 3 and ops["DequantizeLinear"] == 6
+    assert ops.get("Reshape", 0) == (2 if cfg.group_size else 0)
+    outs = session(proto, AS_WRITTEN, extra_outputs=True).run(None, {"input": x.numpy()})
+    same, worst = compare_codes(qkern_codes(q, {"input": x}), outs[1:])
+    assert same == 1.0, (same, worst)
+    with torch.no_grad():
+        ref = q(x).numpy()
+    assert np.abs(outs[0] - ref).max() <= 1e-5 * np.abs(ref).max()
