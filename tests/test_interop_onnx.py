@@ -288,3 +288,31 @@ def test_conv1d_strides_dilation_groups(cfg, tmp_path):
     with torch.no_grad():
         ref = q(x).numpy()
     assert np.abs(outs[0] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_equal_zero_points_shared_by_int4_and_int8_layers(tmp_path):
+    """torch's exporter stores equal constants once (later uses through Identity): all-zero
+    zero points of two int4 layers and an int8 layer are one tensor; the int4 layers get an
+    INT4 copy and the int8 layer keeps its INT8 one."""
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+
+    def layer(fmt):
+        w = torch.randn(64, 64)
+        scale = w.abs().reshape(64, 4, 16).amax(-1) / 7
+        q = qkern.quantize(w, fmt, granularity="group", axis=1, group_size=16, symmetric=False,
+                           scale=scale, zero_point=torch.zeros(64, 4, dtype=torch.int32))
+        return QuantLinear(q, torch.zeros(64))
+
+    model = nn.Sequential(layer("int4"), nn.ReLU(), layer("int4"), nn.ReLU(), layer("int8"))
+    x = torch.randn(8, 64)
+    proto = export(model, tmp_path, example_inputs=(x[:2],))
+    inits = {t.name: t for t in proto.graph.initializer}
+    dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert [inits[n.input[2]].data_type for n in dqs] == [INT4, INT4, INT8]
+    assert all(not numpy_helper.to_array(inits[n.input[2]]).any() for n in dqs)
+    y = session(proto, AS_WRITTEN).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()

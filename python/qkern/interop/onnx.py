@@ -108,33 +108,63 @@ def _dynamic_axes(args, names, out_names, outputs) -> dict[str, dict[int, str]]:
 def _retype(model) -> None:
     """The int8 / uint8 initializers of DequantizeLinear nodes marked 4-bit or float8 become
     INT4 / UINT4 (the same values; onnx packs two per byte) or FLOAT8E4M3FN / FLOAT8E5M2 (the
-    same bytes); the marks are removed."""
+    same bytes); the marks are removed. An initializer the exporter shared with a node that
+    needs it as it is gets a retyped copy instead."""
     import onnx
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    done: set[str] = set()
-    for node in model.graph.node:
+    _skip_identities(model, set(inits))
+    want: dict[tuple[int, int], int] = {}  # (node index, input index) -> element type
+    for k, node in enumerate(model.graph.node):
         marks = [a for a in node.attribute if a.name == ELEM_TAG]
-        if node.op_type != "DequantizeLinear" or not marks:
-            continue
-        elem = marks[0].i
-        node.attribute.remove(marks[0])
-        for i in (0, 2):
-            if i >= len(node.input) or node.input[i] in done:
-                continue
-            t = inits.get(node.input[i])
-            if t is None:
-                raise RuntimeError(f"onnx export: {node.input[i]!r} of {node.name} is not an "
-                                   "initializer (cannot retype it)")
+        if marks:
+            node.attribute.remove(marks[0])
+            want.update({(k, i): marks[0].i for i in (0, 2) if i < len(node.input)})
+    users: dict[str, set[int | None]] = {}
+    for k, node in enumerate(model.graph.node):
+        for i, name in enumerate(node.input):
+            users.setdefault(name, set()).add(want.get((k, i)))
+    made: dict[tuple[str, int], str] = {}
+    for (k, i), elem in want.items():
+        node = model.graph.node[k]
+        name = node.input[i]
+        t = inits.get(name)
+        if t is None:
+            raise RuntimeError(f"onnx export: {name!r} of {node.name} is not an initializer "
+                               "(cannot retype it)")
+        if (name, elem) not in made:
             a = numpy_helper.to_array(t)
+            own = users[name] == {elem}
+            new_name = name if own else f"{name}__{elem}"
             if elem in FLOAT8:
-                new = onnx.TensorProto(name=t.name, data_type=elem, dims=a.shape,
+                new = onnx.TensorProto(name=new_name, data_type=elem, dims=a.shape,
                                        raw_data=a.astype("uint8").tobytes())
             else:
-                new = helper.make_tensor(t.name, elem, a.shape, a.reshape(-1).tolist())
-            t.CopyFrom(new)
-            done.add(t.name)
+                new = helper.make_tensor(new_name, elem, a.shape, a.reshape(-1).tolist())
+            if own:
+                t.CopyFrom(new)
+            else:
+                model.graph.initializer.append(new)
+            made[(name, elem)] = new_name
+        node.input[i] = made[(name, elem)]
+
+
+def _skip_identities(model, inits: set[str]) -> None:
+    """Consumers of ``Identity(initializer)`` (how the exporter shares equal constants) read
+    the initializer itself; those Identity nodes go."""
+    outputs = {o.name for o in model.graph.output}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 def count_ops(model) -> dict[str, int]:

@@ -34,7 +34,7 @@ _F8_VALUES = {e: torch.arange(256, dtype=torch.uint8).view(dt).float() for e, dt
 MIN_OPSET, MAX_OPSET = 13, 21
 #: the first opset with blocked (group-wise) Q/DQ and 4-bit integer types
 BLOCKED_OPSET = 21
-ELEM_TAG = "qkern_elem_type"  # marks DequantizeLinear nodes whose int8 initializers become 4-bit
+ELEM_TAG = "qkern_elem_type"  # marks DequantizeLinear nodes whose initializers get retyped
 _F32_TINY = float(torch.finfo(torch.float32).tiny)
 ROUNDINGS = ("onnx", "qkern")
 _QKERN_MODULES = ("qkern.nn", "qkern.quantization")
@@ -75,12 +75,13 @@ def _weight(q: QTensor, opset: int) -> _Weight | str:
     group = None
     if q.granularity == "tensor":
         scale = scale.reshape(())
-    elif q.granularity == "channel" and scale.numel() == out:
+    elif q.granularity == "channel" and q.axis == 0 and scale.numel() == out:
         scale = scale.reshape(out)
-    elif q.granularity == "group" and scale.shape == (out, n_in // q.group_size):
+    elif (q.granularity == "group" and q.axis == 1
+          and scale.shape == (out, n_in // q.group_size)):
         group = q.group_size
     else:
-        return f"{q.granularity} scales of shape {tuple(scale.shape)}"
+        return f"{q.granularity} scales along axis {q.axis}, of shape {tuple(scale.shape)}"
     if (group is not None or elem in (_INT4, _UINT4)) and opset < BLOCKED_OPSET:
         return (f"{'group-wise scales' if group else f'{f.bits}-bit codes'} need opset >= "
                 f"{BLOCKED_OPSET} (blocked / 4-bit DequantizeLinear); opset={opset}")
