@@ -17,8 +17,8 @@ from ..io.safetensors import write_safetensors
 from ..nn import QuantLinear
 from ..tensor import QTensor
 
-__all__ = ["check_layers", "float_tensors", "hf_config", "quantized_layers", "write_folder",
-           "write_json", "write_tensors"]
+__all__ = ["check_layers", "float_tensors", "hf_config", "hf_skeleton", "quantized_layers",
+           "write_folder", "write_json", "write_tensors"]
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -83,6 +83,36 @@ def hf_config(model: nn.Module, fmt: str) -> dict:
     if not d.get("architectures"):
         d["architectures"] = [type(model).__name__]
     return d
+
+
+def hf_skeleton(path: Path, what: str = "importing a checkpoint folder") -> nn.Module:
+    """The float32 transformers model of ``path/config.json`` (its ``architectures``; the
+    ``quantization_config`` dropped), in eval mode, its weights neither read nor initialized:
+    the importers fill them."""
+    try:
+        import transformers  # optional dependency: only a folder import needs it
+        from transformers.initialization import no_init_weights
+    except ImportError as e:
+        raise ImportError(f"{what} needs transformers: pip install 'qkern[hf]'") from e
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (a transformers model folder has one)")
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    cls = getattr(transformers, arch, None)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with no_init_weights():
+            if cls is not None and hasattr(cls, "_from_config"):
+                model = cls._from_config(config, dtype=torch.float32)
+            else:
+                model = transformers.AutoModelForCausalLM.from_config(config,
+                                                                      dtype=torch.float32)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.float().eval()
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.llama import read_weights
 from ..nn import QuantLinear
 from . import Format, register
 from ._common import check_layers, float_tensors, hf_config, write_folder, write_json, write_tensors
@@ -49,7 +50,6 @@ from .wna16 import (
     int_weight,
     pack_int32,
     read_config,
-    read_tensors,
     to_qtensor,
     unpack_int32,
 )
@@ -165,7 +165,7 @@ class AWQFormat(Format):
         if qc.get("zero_point") is False:
             raise ValueError(f"{p}: AWQ zero_point false: the GEMM layout qkern reads stores "
                              "zero points")
-        tensors = read_tensors(p)
+        tensors = read_weights(p)
         names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
         if not names:
             raise ValueError(f"{p}: an AWQ config but no <layer>.qweight tensor")

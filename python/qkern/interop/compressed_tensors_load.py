@@ -15,63 +15,20 @@ import torch
 from torch import nn
 
 from .. import formats as QF
-from ..io.safetensors import read_safetensors
 from ..layout import Layout
+from ..models.llama import read_weights
 from ..nn import QuantLinear
 from ..nn.linear import MODES
 from ..packing import unpack_int32
 from ..tensor import QTensor
+from ._common import hf_skeleton
 
-__all__ = ["build_model", "dense_packing", "load_folder", "read_folder_tensors", "scheme_for"]
+__all__ = ["dense_packing", "load_folder", "scheme_for"]
 
 WEIGHT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
 KNOWN_WEIGHT_ARGS = {"num_bits", "type", "symmetric", "group_size", "strategy", "dynamic",
                      "actorder", "block_structure", "observer", "observer_kwargs",
                      "scale_dtype", "zp_dtype"}
-
-
-def read_folder_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's ``model.safetensors`` or of the shards its
-    ``model.safetensors.index.json`` names."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors (or index) in the folder")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(read_safetensors(path / f))
-    return out
-
-
-def build_model(path: Path) -> nn.Module:
-    """The float32 transformers model of ``path/config.json`` (its ``architectures``; no
-    weights read, none initialized), without the config's ``quantization_config``."""
-    try:
-        import transformers  # optional dependency: only a folder import needs it
-        from transformers.initialization import no_init_weights
-    except ImportError as e:
-        raise ImportError("importing a checkpoint folder needs transformers: pip install "
-                          "'qkern[hf]'") from e
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    arch = (getattr(config, "architectures", None) or [""])[0]
-    cls = getattr(transformers, arch, None)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        with no_init_weights():
-            if cls is not None and hasattr(cls, "_from_config"):
-                model = cls._from_config(config, dtype=torch.float32)
-            else:
-                model = transformers.AutoModelForCausalLM.from_config(config,
-                                                                      dtype=torch.float32)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.eval()
 
 
 def _class_names(module: nn.Module) -> set[str]:
@@ -297,8 +254,8 @@ def load_folder(path: Path, ignore_activations: bool = False, mode: str = "exact
     _check_top(qc, str(path))
     groups, ignore = qc.get("config_groups") or {}, qc.get("ignore") or []
     dense = dense_packing(qc.get("version"))
-    tensors = read_folder_tensors(path)
-    model = build_model(path)
+    tensors = read_weights(path)
+    model = hf_skeleton(path)
     done = 0
     for name, module in list(model.named_modules()):
         g = scheme_for(name, module, groups, ignore)

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.llama import read_weights
 from ..nn import QuantLinear
 from ..tensor import QTensor
 from ..version import __version__
@@ -73,7 +74,6 @@ from .wna16 import (
     int_weight,
     pack_int32,
     read_config,
-    read_tensors,
     to_qtensor,
     unpack_int32,
 )
@@ -253,7 +253,7 @@ class GPTQFormat(Format):
         bits = qc.get("bits")
         if bits not in BITS:
             raise ValueError(f"{path}: GPTQ bits {bits!r}; GPTQ stores {BITS}")
-        tensors = read_tensors(path)
+        tensors = read_weights(path)
         names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
         if not names:
             raise ValueError(f"{path}: a GPTQ config but no <layer>.qweight tensor")

@@ -14,9 +14,7 @@ only the scales change: qkern keeps float32 scales, the formats float16 (see
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,15 +23,14 @@ import torch
 from torch import nn
 
 from .. import formats as QF
-from ..io.safetensors import read_safetensors
 from ..layout import Layout
 from ..nn import QuantLinear
 from ..tensor import QTensor
-from ._common import quantized_layers
+from ._common import hf_skeleton, quantized_layers
 
 __all__ = ["FP16_MAX", "FP16_MIN_NORMAL", "IntWeight", "build_model", "check_weight_only",
            "common_group_size", "float_linears_in_blocks", "fp16_scales", "half_scales",
-           "int_weight", "pack_int32", "read_config", "read_tensors", "to_qtensor",
+           "int_weight", "pack_int32", "read_config", "to_qtensor",
            "unpack_int32"]
 
 FP16_MAX = 65504.0
@@ -277,52 +274,14 @@ def read_config(path: Path) -> dict:
         raise ValueError(f"{f}: not valid JSON ({e})") from None
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's ``*.safetensors`` files (one file or the shards of
-    ``model.safetensors.index.json``)."""
-    p = Path(path)
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        paths = [p / f for f in files]
-    else:
-        paths = sorted(p.glob("*.safetensors"))
-    if not paths:
-        raise FileNotFoundError(f"{p}: no .safetensors file")
-    out: dict[str, torch.Tensor] = {}
-    for f in paths:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: named in the index but missing")
-        out.update(read_safetensors(f))
-    return out
-
-
 def build_model(path: Path, layers: dict[str, QuantLinear],
                 tensors: dict[str, torch.Tensor]) -> nn.Module:
     """The transformers model of ``path/config.json`` (without its quantization_config) in
     float32, its linear layers ``layers`` (by module name) replaced by the given QuantLinear,
     the other weights from ``tensors``; ValueError for a weight the checkpoint lacks or has in
     excess. Eval mode."""
-    try:
-        import transformers  # optional dependency: only loading a model folder needs it
-    except ImportError as e:
-        raise ImportError("loading a GPTQ/AWQ folder needs transformers: pip install "
-                          "'qkern[hf]'") from e
-    cfg_dict = read_config(path)
-    cfg_dict.pop("quantization_config", None)
-    config = transformers.AutoConfig.for_model(**cfg_dict)
-    arch = (cfg_dict.get("architectures") or [""])[0]
-    cls = getattr(transformers, arch, None)
-    try:  # every weight is loaded below (or missing: an error): skip the random init
-        no_init = importlib.import_module("transformers.initialization").no_init_weights
-    except (ImportError, AttributeError):
-        no_init = contextlib.nullcontext
-    with no_init():
-        if cls is not None and hasattr(cls, "_from_config"):
-            model = cls._from_config(config, dtype=torch.float32)
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model = model.float().eval()
+    model = hf_skeleton(path, "loading a GPTQ/AWQ folder")
+    config = model.config
     for name, layer in layers.items():
         try:
             old = model.get_submodule(name)
