@@ -9,8 +9,9 @@ prints Markdown tables:
 - models/stories260k: mean per-token KL divergence of the quantized model's next-token
   distribution to the fp32 model's, on sequences sampled from the fp32 model (calibration on
   other sampled sequences: the model has no tokenizer shipped);
-- activation quantization rows (SmoothQuant W8A8, LLM.int8, rotation W4A8) where those
-  methods are registered.
+- activation quantization (:mod:`.llm_act`): RTN W8A8, SmoothQuant W8A8 (O1, O3), LLM.int8,
+  ZeroQuant W4A8 and rotation W4A8 on the bytelm (bits per byte) and on all-MiniLM-L6-v2
+  (sentence-embedding cosine to fp32).
 
 The bytelm's MLP input (672) is not a multiple of 128 or 64: its down_proj is stored with one
 group per row at those settings (noted by the pipeline).
@@ -38,8 +39,10 @@ from ...quantization import (
     rotate_model,
     text_calibration,
 )
+from .llm_act import act_table
 
-__all__ = ["METHODS", "SETTINGS", "TRANSFORMS", "bytelm_table", "kl_table", "main", "method_config"]
+__all__ = ["METHODS", "QUICK_ACT", "SETTINGS", "TRANSFORMS", "act_table", "bytelm_table",
+           "kl_table", "main", "method_config"]
 
 #: weight settings: label -> (bits, group_size)
 SETTINGS: dict[str, tuple[int, int | None]] = {
@@ -60,6 +63,10 @@ def _awq_gptq(bits: int, group: int | None) -> BaseConfig | None:
     gptq = _cfg("GPTQConfig", bits=bits, group_size=group, sym=False)
     return None if gptq is None else _cfg("AWQConfig", bits=bits, group_size=group, sym=False,
                                           then=gptq)
+
+
+#: the activation table's sizes under --quick (make demo)
+QUICK_ACT = {"n_cal": 16, "n_windows": 16, "n_sentences": 64, "n_cal_sentences": 16}
 
 
 #: method label -> (bits, group) -> config (None where the method is not available); every
@@ -175,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"comma-separated, from: {', '.join(SETTINGS)}")
     p.add_argument("--quick", action="store_true",
                    help="RTN and GPTQ at w4 g128 and w3 g128 only (for make demo)")
+    p.add_argument("--no-act", action="store_true", help="skip the activation quantization table")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     a = p.parse_args(argv)
     methods = ["RTN", "GPTQ"] if a.quick else [m.strip() for m in a.methods.split(",")]
@@ -190,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     print(bytelm_table(methods, settings))
     print()
     print(kl_table(methods, settings))
+    if not a.no_act:
+        print()
+        print(act_table(**QUICK_ACT) if a.quick else act_table())
 
 
 if __name__ == "__main__":
