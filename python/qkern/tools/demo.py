@@ -391,7 +391,8 @@ def _minilm_section(ctx: DemoContext) -> str:
 def _llm_section(ctx: DemoContext) -> str:
     try:
         body = llm.bytelm_table(["RTN", "GPTQ", "AWQ", "HQQ"], ["w4 g128", "w3 g128"], n_cal=32)
-    except FileNotFoundError as e:
+        body += "\n\n" + llm.act_table(**llm.QUICK_ACT)  # W8A8 / W4A8 rows, smaller sizes
+    except (ImportError, FileNotFoundError) as e:  # MiniLM's tokenizers or weights missing
         body = f"skipped: {e}"
     return ("## LLM post-training quantization (wikitext-bytelm, block by block)\n\n" + body
             + "\n\nThe full table: python -m qkern.tools.reports.llm")
