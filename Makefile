@@ -1,4 +1,5 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 VPY    := $(VENV)/bin/python
@@ -27,8 +28,12 @@ $(VENV)/.deps: $(VPY) Makefile
 
 deps: $(VENV)/.deps
 
+# The C++ build shows ninja's [n/total] progress lines (about 2 minutes on 2 cores without CUDA);
+# QKERN_CUDA=ON also compiles the CUDA kernels (by default only when the machine has a GPU).
 install: deps
-	$(VPY) -m pip install -q --no-build-isolation ".[test]"
+	@echo "building qkern's kernels (QKERN_CUDA=$${QKERN_CUDA:-AUTO}) ..."
+	set -o pipefail; $(VPY) -m pip install -v --no-build-isolation ".[test]" 2>&1 \
+		| grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]|^Successfully installed|[Ee]rror:'
 
 # The consumers whose own code reads qkern's exports (tests/test_interop_*): packages that do not
 # install whole on a CPU machine, put in build/consumers/<name> without their dependencies, on
