@@ -147,13 +147,15 @@ def weight_figure(layers: list[str], weights: dict[str, torch.Tensor],
         ax.hist(w.numpy(), bins=120, color="0.55")
         ax.set_yscale("log")
         ax.set_title(f"{_short(name)} {tuple(weights[name].shape)}: all weights", fontsize=9)
+        ax.locator_params(axis="x", nbins=5)
         ax = axes[1, j]
         grids = [(p, p.grids[name]) for p in points if name in p.grids]
         if not grids:
             ax.set_visible(False)
             continue
         vals = grids[0][1].values.float()
-        ax.hist(vals.numpy(), bins=40, color="0.75", label=f"row 0, {vals.numel()} weights")
+        ax.hist(vals.numpy(), bins=40, color="0.75",
+                label=f"group weights ({grids[0][0].setting})")
         top = ax.get_ylim()[1]
         for i, (p, g) in enumerate(grids):
             y = top * (1.05 + 0.08 * i)
@@ -161,8 +163,10 @@ def weight_figure(layers: list[str], weights: dict[str, torch.Tensor],
             ax.plot(lv, [y] * len(lv), "|", ms=9, mew=1.3, color=f"C{i % 10}", label=p.label)
             ax.plot([lv.min(), lv.max()], [y, y], lw=0.8, color=f"C{i % 10}")
         ax.set_ylim(0, top * (1.15 + 0.08 * len(grids)))
-        ax.set_title("first group of row 0 and the grid levels (|) per method", fontsize=9)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title("row 0, first group: grid levels (|) per method", fontsize=9)
+        ax.locator_params(axis="x", nbins=5)
+        if j == len(layers) - 1:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _png(fig)
 
 
