@@ -21,7 +21,7 @@ from qkern.tools import cli
 from qkern.tools.reports import llm
 from qkern.tools.reports.llm import quantize
 
-N_CAL, N_EVAL = 2, 2
+N_CAL, N_EVAL = 1, 2
 
 
 class _Page(HTMLParser):
