@@ -13,6 +13,7 @@ from .. import formats as F
 from ..models.assets import ModelNotFoundError
 from ..version import __version__
 from . import bench, demo
+from .reports import html as report
 
 PROG = "qkern"
 
@@ -52,6 +53,8 @@ def _build_parser() -> argparse.ArgumentParser:
     # `qkern bench ...` is handed to qkern.tools.bench.main untouched (see main); this entry only
     # makes it show up in `qkern --help`.
     sub.add_parser("bench", help="benchmark qkern's kernels (qkern bench --help)", add_help=False)
+    sub.add_parser("report", help="HTML report with plots: size vs quality across methods, "
+                   "per-layer error, histograms (qkern report --help)", add_help=False)
     return p
 
 
@@ -100,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "bench":
             return _cmd_bench(argv[1:])
+        if argv and argv[0] == "report":  # parsed by qkern.tools.reports.html.main
+            return report.main(argv[1:])
         parser = _build_parser()
         args = parser.parse_args(argv)
         if args.command == "demo":
