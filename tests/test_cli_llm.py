@@ -14,6 +14,7 @@ import qkern
 from qkern.models import load_pretrained
 from qkern.models.assets import shipped_path
 from qkern.quantization import text_calibration
+from qkern.tools import demo
 from qkern.tools.cli import main
 
 BYTELM = shipped_path("models/wikitext-bytelm")
@@ -114,3 +115,12 @@ def test_existing_output_is_refused(quantized, capsys):
     assert main(["quantize", str(BYTELM), str(quantized), "--samples", "2", "--seqlen",
                  "64"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_demo_speed_caveat_follows_the_load(monkeypatch):
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (3.5, 1.0, 1.0))
+    assert "unreliable" in demo.load_caveat() and "3.5" in demo.load_caveat()
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.2, 1.0, 1.0))
+    assert "unreliable" not in demo.load_caveat() and "0.2" in demo.load_caveat()
