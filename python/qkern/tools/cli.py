@@ -1,4 +1,6 @@
-"""The ``qkern`` command line: ``qkern demo``, ``qkern formats``, ``qkern bench``.
+"""The ``qkern`` command line: ``qkern quantize``, ``qkern eval``, ``qkern inspect`` (one module
+each: ``quantize_cmd``, ``eval_cmd``, ``inspect_cmd``), ``qkern demo``, ``qkern formats``,
+``qkern bench``.
 
 Also reachable as ``python -m qkern``.
 """
@@ -12,9 +14,12 @@ from collections.abc import Sequence
 from .. import formats as F
 from ..models.assets import ModelNotFoundError
 from ..version import __version__
-from . import bench, demo
+from . import bench, demo, eval_cmd, inspect_cmd, quantize_cmd
+from .cmdutil import run_guarded
 
 PROG = "qkern"
+#: the practitioner's subcommands: name -> module with add_parser(sub) and run(args)
+COMMANDS = {"quantize": quantize_cmd, "eval": eval_cmd, "inspect": inspect_cmd}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -24,6 +29,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"qkern {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in COMMANDS.values():
+        mod.add_parser(sub)
 
     d = sub.add_parser(
         "demo", help="quantize a real model's weights to every format and print the errors",
@@ -102,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(argv[1:])
         parser = _build_parser()
         args = parser.parse_args(argv)
+        if args.command in COMMANDS:
+            return run_guarded(args.command, COMMANDS[args.command].run, args)
         if args.command == "demo":
             return _cmd_demo(args)
         if args.command == "formats":
