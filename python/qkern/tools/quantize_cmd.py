@@ -44,6 +44,7 @@ FORMATS = ("qkern", "gptq", "awq", "compressed-tensors", "gguf")
 #: optional gguf package, which `qkern --help` must not)
 GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")
 DEFAULT_BITS, DEFAULT_GROUP = 4, 128
+BITS = (2, 3, 4, 8)  # what the fused kernels run: int2-4 in groups of 32k, int8 per channel
 _UNSET = object()  # --group-size not given ('channel' gives None)
 
 
@@ -89,13 +90,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=known, metavar="METHOD",
                    help=f"quantization method, one of: {', '.join(known)} "
                         "(docs/llm.md describes each)")
-    p.add_argument("--bits", type=int, default=None,
-                   help=f"weight bits (default {DEFAULT_BITS}; smoothquant and llm_int8 are "
-                        "int8 and refuse other values)")
+    p.add_argument("--bits", type=int, default=None, choices=BITS,
+                   help=f"weight bits, one of 2, 3, 4, 8 (the fused kernels; default "
+                        f"{DEFAULT_BITS}; smoothquant and llm_int8 are int8 and refuse other "
+                        "values)")
     p.add_argument("--group-size", type=_group, default=_UNSET, metavar="G",
-                   help=f"weights per scale along the input dimension, or 'channel' for one "
-                        f"scale per output channel (default {DEFAULT_GROUP}; a layer whose "
-                        "width G does not divide gets per-channel scales)")
+                   help=f"weights per scale along the input dimension (a multiple of 32), or "
+                        f"'channel' for one scale per output channel (default {DEFAULT_GROUP}; "
+                        "channel for 8 bits; a layer whose width G does not divide gets "
+                        "per-channel scales)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None,
                      help="symmetric grid, no zero point (default: the method's own: gptq, "
@@ -142,8 +145,23 @@ def build_config(method: str, bits: int | None, group: int | None, sym: bool | N
         if sym is False:
             raise UsageError(f"--method {method}: {what} is symmetric; --asym does not apply")
         return cls()
-    kwargs = {"bits": DEFAULT_BITS if bits is None else bits,
-              "group_size": group if group_given else DEFAULT_GROUP}
+    bits = DEFAULT_BITS if bits is None else bits
+    if bits == 8 and group_given and group is not None:
+        raise UsageError("8-bit weights take one scale per output channel (the w8 kernels): "
+                         "leave --group-size out or pass --group-size channel")
+    if bits < 8 and group_given and group is not None and group % 32:
+        raise UsageError(f"--group-size {group}: the int2-4 kernels take groups of a multiple "
+                         "of 32 (or 'channel')")
+    if bits == 8 and method == "hqq":
+        raise UsageError("--method hqq: 8 bits has no fused kernel for HQQ's float zero points; "
+                         "use 2-4 bits")
+    if bits == 8 and method != "zeroquant":
+        if sym is False:
+            raise UsageError("8-bit weights run on the w8 kernels, which take symmetric weights "
+                             "only: drop --asym")
+        sym = True  # AWQ / OmniQuant default to asymmetric grids
+    default_group = None if bits == 8 else DEFAULT_GROUP
+    kwargs = {"bits": bits, "group_size": group if group_given else default_group}
     if sym is not None:
         kwargs["sym"] = sym
     try:
