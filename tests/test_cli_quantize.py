@@ -114,6 +114,7 @@ def test_help_lists_every_option_with_text():
     (["--method", "gptq", "--seqlen", "1024"], "context length"),
     (["--method", "gptq", "--samples", "100000", "--seqlen", "256"], "calibration text"),
     (["--method", "gptq", "--calib", "/nonexistent/text.txt"], "no such file"),
+    (["--method", "rtn", "--threads", "0"], "--threads"),
     ([], "--method"),
 ])
 def test_usage_errors_exit_2(tmp_path, argv, message):

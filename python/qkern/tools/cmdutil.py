@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import from_pretrained
+from .. import from_pretrained, set_num_threads
 from ..models import load_pretrained
 from ..models.assets import WIKITEXT_TEXT, shipped_path
 from ..quantization import byte_tokens
 
-__all__ = ["CONSUMERS", "UsageError", "checkpoint_kind", "context_length", "encode",
-           "fmt_bytes", "load_any", "load_tokenizer", "logits", "path_bytes", "read_text",
-           "run_guarded", "shipped_text", "vocab_size"]
+__all__ = ["CONSUMERS", "UsageError", "add_threads", "apply_threads", "checkpoint_kind",
+           "context_length", "encode", "fmt_bytes", "load_any", "load_tokenizer", "logits",
+           "path_bytes", "read_text", "run_guarded", "shipped_text", "vocab_size"]
 
 #: which programs load a checkpoint of each kind (docs/serving/)
 CONSUMERS = {
@@ -81,6 +81,25 @@ def run_guarded(name: str, fn: Callable[[argparse.Namespace], int | None],
         hint = "" if debug else " (QKERN_DEBUG=1 shows the traceback)"
         print(f"qkern {name}: error: {type(e).__name__}: {_one_line(e)}{hint}", file=sys.stderr)
         return 1
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch and qkern's kernels (default: torch's, i.e. "
+                        "$OMP_NUM_THREADS or the cores; on a busy machine 1 can be much faster)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if n < 1:
+        raise UsageError(f"--threads must be a positive integer, got {n}")
+    try:
+        set_num_threads(n)
+    except ValueError as e:
+        raise UsageError(f"--threads: {e}") from None
+    torch.set_num_threads(n)
 
 
 def _read_json(p: Path) -> dict:

@@ -17,6 +17,8 @@ from torch import nn
 
 from .cmdutil import (
     UsageError,
+    add_threads,
+    apply_threads,
     checkpoint_kind,
     context_length,
     encode,
@@ -70,6 +72,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive, default=16, metavar="B",
                    help="windows per forward pass (default: 16)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    add_threads(p)
     return p
 
 
@@ -118,6 +121,7 @@ def _loss_text(nll: float, byte_level: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     kind = checkpoint_kind(args.model)
     data_path = Path(args.data) if args.data else shipped_text("test")
     text = read_text(data_path, "--data")

@@ -21,6 +21,8 @@ from ..quantization import (
 )
 from .cmdutil import (
     UsageError,
+    add_threads,
+    apply_threads,
     checkpoint_kind,
     context_length,
     fmt_bytes,
@@ -125,6 +127,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help=f"GGUF tensor type of the block linears (--format gguf only; default "
                         f"Q4_0): {', '.join(GGUF_TYPES)}")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_threads(p)
     return p
 
 
@@ -236,6 +239,7 @@ def _peak_rss() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     def log(msg: str) -> None:
         print(f"qkern quantize: {msg}", file=sys.stderr, flush=True)
 
