@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_pretrained(args.model)
     before = _float_bytes(model)
     cal = _calibration(args, model, config, log)
-    log(f"{type(config).__name__}: {config}")
+    log(f"config: {config}")
     t1 = time.perf_counter()
     qmodel = quantize_model(model, config, cal, inplace=True, progress=True)
     t2 = time.perf_counter()
