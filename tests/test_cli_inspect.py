@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -130,3 +133,14 @@ def test_errors(tmp_path, exports):
     assert rc == 1 and err.strip().splitlines()[-1].startswith("qkern inspect: error: ")
     rc, _, err = run("inspect")
     assert rc == 2 and "FILE_OR_DIR" in err
+
+
+def test_console_entry_point_exit_status(tmp_path):
+    """``python -m qkern`` as a process: the status and the one stderr line reach the shell."""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(qkern.__file__))}
+    env.pop("QKERN_DEBUG", None)
+    p = subprocess.run([sys.executable, "-m", "qkern", "inspect", str(tmp_path / "nope")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == [f"qkern inspect: error: {tmp_path / 'nope'}: no "
+                                             "such file or folder"]

@@ -162,3 +162,22 @@ def test_failure_exit_1_one_line_and_debug_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("QKERN_DEBUG", "1")
     rc, _, err = run("quantize", bad, tmp_path / "out", "--method", "rtn")
     assert rc == 1 and "Traceback" in err
+
+
+@pytest.mark.parametrize("method, bits, group, sym, want", [
+    ("gptq", None, None, None, ("GPTQConfig", 4, 128, True)),  # the CLI defaults
+    ("awq", None, None, None, ("AWQConfig", 4, 128, False)),  # the method's own symmetry
+    ("awq", 8, None, None, ("AWQConfig", 8, None, True)),  # 8 bits: per channel, symmetric
+    ("hqq", 3, 64, None, ("HQQConfig", 3, 64, False)),
+    ("rtn", 4, "channel", False, ("RTNConfig", 4, None, False)),
+    ("smoothquant", 8, None, None, ("SmoothQuantConfig", 8, None, True)),
+    ("llm_int8", None, None, None, ("LLMInt8Config", None, None, None)),
+])
+def test_method_options_to_config(method, bits, group, sym, want):
+    given = group is not None
+    cfg = quantize_cmd.build_config(method, bits, None if group == "channel" else group, sym,
+                                    group_given=given)
+    got = (type(cfg).__name__, getattr(cfg, "bits", None), getattr(cfg, "group_size", None),
+           getattr(cfg, "sym", None))
+    assert got == want
+    assert type(cfg) is qkern.quantization.registered_configs()[want[0]]
