@@ -369,3 +369,13 @@ def test_python_dash_m(tmp_path):
                        check=False)
     assert p.returncode == 0, p.stderr
     assert "| mxint8 | mxint8 | group 32 along in†, E8M0 scales | 8.250 |" in p.stdout
+
+
+def test_demo_speed_caveat_follows_the_load(monkeypatch):
+    from qkern.tools import demo
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (3.5, 1.0, 1.0))
+    assert "unreliable" in demo.load_caveat() and "3.5" in demo.load_caveat()
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.2, 1.0, 1.0))
+    assert "unreliable" not in demo.load_caveat() and "0.2" in demo.load_caveat()

@@ -1,5 +1,6 @@
-"""The ``qkern`` command line: ``qkern demo``, ``formats``, ``bench``, ``report``, ``quantize``,
-``eval``, ``inspect``.
+"""The ``qkern`` command line: ``qkern quantize``, ``qkern eval``, ``qkern inspect`` (one module
+each: ``quantize_cmd``, ``eval_cmd``, ``inspect_cmd``), ``qkern report``, ``qkern demo``,
+``qkern formats``, ``qkern bench``.
 
 Also reachable as ``python -m qkern``.
 """
@@ -13,11 +14,13 @@ from collections.abc import Sequence
 from .. import formats as F
 from ..models.assets import ModelNotFoundError
 from ..version import __version__
-from . import bench, demo
-from .llm_cmds import eval_main, inspect_main, quantize_main
+from . import bench, demo, eval_cmd, inspect_cmd, quantize_cmd
+from .cmdutil import run_guarded
 from .reports import html as report
 
 PROG = "qkern"
+#: the practitioner's subcommands: name -> module with add_parser(sub) and run(args)
+COMMANDS = {"quantize": quantize_cmd, "eval": eval_cmd, "inspect": inspect_cmd}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -27,6 +30,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"qkern {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in COMMANDS.values():
+        mod.add_parser(sub)
 
     d = sub.add_parser(
         "demo", help="quantize a real model's weights to every format and print the errors",
@@ -59,14 +64,6 @@ def _build_parser() -> argparse.ArgumentParser:
     # `qkern bench ...` is handed to qkern.tools.bench.main untouched (see main); this entry only
     # makes it show up in `qkern --help`.
     sub.add_parser("bench", help="benchmark qkern's kernels (qkern bench --help)", add_help=False)
-    sub.add_parser("quantize", add_help=False,
-                   help="quantize a transformers model folder (GPTQ, AWQ, HQQ, RTN ...) and "
-                        "write it as qkern / gptq / awq / compressed-tensors / gguf")
-    sub.add_parser("eval", add_help=False,
-                   help="bits per byte / perplexity of a model folder or .gguf (KL to a "
-                        "reference)")
-    sub.add_parser("inspect", add_help=False,
-                   help="what a quantized checkpoint holds and which kernels it runs on")
     sub.add_parser("report", help="HTML report with plots: size vs quality across methods, "
                    "per-layer error, histograms (qkern report --help)", add_help=False)
     return p
@@ -111,9 +108,6 @@ def _cmd_bench(argv: Sequence[str]) -> int:
     return rc if isinstance(rc, int) else 0
 
 
-LLM_COMMANDS = {"quantize": quantize_main, "eval": eval_main, "inspect": inspect_main}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qkern`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -122,10 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(argv[1:])
         if argv and argv[0] == "report":  # parsed by qkern.tools.reports.html.main
             return report.main(argv[1:])
-        if argv and argv[0] in LLM_COMMANDS:  # each parses its own arguments
-            return LLM_COMMANDS[argv[0]](argv[1:])
         parser = _build_parser()
         args = parser.parse_args(argv)
+        if args.command in COMMANDS:
+            return run_guarded(args.command, COMMANDS[args.command].run, args)
         if args.command == "demo":
             return _cmd_demo(args)
         if args.command == "formats":
