@@ -417,3 +417,28 @@ def test_installed_wheel_carries_the_demo_models_and_data(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "stories260k" in r.stdout
+
+
+def test_demo_exit_status_when_a_section_cannot_run(tmp_path, monkeypatch, capsys):
+    """The same situation gives the same status: any section whose shipped file or optional
+    package is missing prints 'skipped: reason' and the demo exits 1; a path the user gave that
+    holds no model is a usage error (2)."""
+    from qkern.tools import cli
+    from qkern.tools.reports import minilm
+
+    def no_package():
+        raise ImportError("no module named tokenizers")
+
+    monkeypatch.setattr(minilm, "run", no_package)
+    assert cli.main(["demo", "--sections", "minilm"]) == 1
+    out, err = capsys.readouterr()
+    assert "skipped: no module named tokenizers" in out and "minilm:" in err
+    monkeypatch.delenv(assets.MODEL_ENV, raising=False)
+    monkeypatch.setattr(assets, "_CHECKOUT", tmp_path / "none")
+    monkeypatch.setattr(assets, "_WHEEL_ASSETS", tmp_path / "none")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--sections", "weights"]) == 1
+    out, err = capsys.readouterr()
+    assert "skipped: cannot find the demo model" in out and "weights:" in err
+    assert cli.main(["demo", "--sections", "weights", "--model", str(tmp_path)]) == 2
+    assert "--model" in capsys.readouterr().err

@@ -40,7 +40,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     "models/stories260k, in each format: bits per weight, SQNR, errors), decode "
                     "(wikitext-bytelm bits per byte and tokens/s per scheme), llm (RTN / GPTQ / "
                     "AWQ / HQQ on the wikitext-bytelm), digits (PTQ of an MLP and a CNN), minilm "
-                    "(sentence-embedding cosine). Exit status: 0 done, 2 usage error.",
+                    "(sentence-embedding cosine). Exit status: 0 done; 1 a section was "
+                    "skipped (a shipped file or optional package missing: the reason is "
+                    "printed); 2 usage error (unknown section or format, no model at --model).",
     )
     d.add_argument("--model", metavar="DIR",
                    help="model directory holding model.safetensors (+ config.json), or a "
@@ -79,10 +81,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 2
     sections = demo.SECTIONS if "all" in names else [known[n] for n in names]
     try:
-        demo.run(model=args.model, formats=args.formats, sections=sections)
+        ctx = demo.run(model=args.model, formats=args.formats, sections=sections)
     except (ModelNotFoundError, ValueError) as e:
         print(f"{PROG} demo: error: {e}", file=sys.stderr)
         return 2
+    if ctx.skipped:  # a shipped file or optional package missing: the demo is incomplete
+        print(f"{PROG} demo: {len(ctx.skipped)} section(s) skipped:\n  "
+              + "\n  ".join(ctx.skipped), file=sys.stderr)
+        return 1
     return 0
 
 
