@@ -46,7 +46,7 @@ from ..registry import (
 from ..sequential import BlockContext, SequentialQuantizer, check_weight_bits
 
 __all__ = ["AWQ_OBJECTIVES", "CLIP_SKIP", "AWQConfig", "AWQQuantizer", "awq_scales",
-           "clip_ratios", "clip_search", "inspect_target", "pseudo_quantize"]
+           "clip_grams", "clip_ratios", "clip_search", "inspect_target", "pseudo_quantize"]
 
 #: what the scale search scores: the output of the module the pair feeds, or of the block
 AWQ_OBJECTIVES = ("module", "block")
@@ -382,7 +382,7 @@ class AWQQuantizer(SequentialQuantizer):
             k = ctx.block.get_submodule(n).in_features
             g = self._group(ctx, n, k)
             groups[n] = k if g is None else g
-        blocks = _block_grams(ctx.block, ctx.inputs, groups, self.config.clip_tokens)
+        blocks = clip_grams(ctx.block, ctx.inputs, groups, self.config.clip_tokens)
         ratios = clip_ratios(self.config.clip_grid, self.config.max_shrink)
         for n in names:
             lin = ctx.block.get_submodule(n)
@@ -411,7 +411,7 @@ def _token_count(block: nn.Module, inputs: list[Batch], name: str) -> int:
     return n[0]
 
 
-def _block_grams(block: nn.Module, inputs: list[Batch], groups: dict[str, int],
+def clip_grams(block: nn.Module, inputs: list[Batch], groups: dict[str, int],
                  tokens: int | None = None) -> dict[str, torch.Tensor]:
     """{linear: (G, g, g) float64 ``E[x_g x_g^T]``}: the diagonal blocks of each named
     linear's input second moment, groups of ``groups[name]`` columns; ``tokens``: over every
