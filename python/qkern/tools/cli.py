@@ -1,4 +1,5 @@
-"""The ``qkern`` command line: ``qkern demo``, ``qkern formats``, ``qkern bench``.
+"""The ``qkern`` command line: ``qkern demo``, ``formats``, ``bench``, ``report``, ``quantize``,
+``eval``, ``inspect``.
 
 Also reachable as ``python -m qkern``.
 """
@@ -13,6 +14,8 @@ from .. import formats as F
 from ..models.assets import ModelNotFoundError
 from ..version import __version__
 from . import bench, demo
+from .llm_cmds import eval_main, inspect_main, quantize_main
+from .reports import html as report
 
 PROG = "qkern"
 
@@ -27,9 +30,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo", help="quantize a real model's weights to every format and print the errors",
-        description="Quantize every 2-D weight matrix of a small real model (by default the "
-                    "stories260K Llama shipped in models/stories260k) to each format and print "
-                    "bits per weight, SQNR, relative and max abs error.",
+        description="Run the demo sections on the models and data shipped in the repository: "
+                    "weights (every 2-D weight matrix of a small real model, by default "
+                    "models/stories260k, in each format: bits per weight, SQNR, errors), decode "
+                    "(wikitext-bytelm bits per byte and tokens/s per scheme), llm (RTN / GPTQ / "
+                    "AWQ / HQQ on the wikitext-bytelm), digits (PTQ of an MLP and a CNN), minilm "
+                    "(sentence-embedding cosine). Exit status: 0 done, 2 usage error.",
     )
     d.add_argument("--model", metavar="DIR",
                    help="model directory holding model.safetensors (+ config.json), or a "
@@ -37,7 +43,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "models/stories260k)")
     d.add_argument("--formats", metavar="LIST",
                    help="comma-separated schemes (e.g. int4-g32-asym) or format names "
-                        "(e.g. int4,nf4,log2_8); default: all demo schemes")
+                        "(e.g. int4,nf4,log2_8) for the weights section (the other sections "
+                        "have fixed schemes); default: all demo schemes")
 
     d.add_argument("--sections", metavar="LIST", default="all",
                    help="comma-separated demo sections: weights (the weight-format table), "
@@ -52,6 +59,16 @@ def _build_parser() -> argparse.ArgumentParser:
     # `qkern bench ...` is handed to qkern.tools.bench.main untouched (see main); this entry only
     # makes it show up in `qkern --help`.
     sub.add_parser("bench", help="benchmark qkern's kernels (qkern bench --help)", add_help=False)
+    sub.add_parser("quantize", add_help=False,
+                   help="quantize a transformers model folder (GPTQ, AWQ, HQQ, RTN ...) and "
+                        "write it as qkern / gptq / awq / compressed-tensors / gguf")
+    sub.add_parser("eval", add_help=False,
+                   help="bits per byte / perplexity of a model folder or .gguf (KL to a "
+                        "reference)")
+    sub.add_parser("inspect", add_help=False,
+                   help="what a quantized checkpoint holds and which kernels it runs on")
+    sub.add_parser("report", help="HTML report with plots: size vs quality across methods, "
+                   "per-layer error, histograms (qkern report --help)", add_help=False)
     return p
 
 
@@ -94,12 +111,19 @@ def _cmd_bench(argv: Sequence[str]) -> int:
     return rc if isinstance(rc, int) else 0
 
 
+LLM_COMMANDS = {"quantize": quantize_main, "eval": eval_main, "inspect": inspect_main}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qkern`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "bench":
             return _cmd_bench(argv[1:])
+        if argv and argv[0] == "report":  # parsed by qkern.tools.reports.html.main
+            return report.main(argv[1:])
+        if argv and argv[0] in LLM_COMMANDS:  # each parses its own arguments
+            return LLM_COMMANDS[argv[0]](argv[1:])
         parser = _build_parser()
         args = parser.parse_args(argv)
         if args.command == "demo":

@@ -373,7 +373,22 @@ def _decode_section(ctx: DemoContext) -> str:
                           windows=48, schemes=schemes)
     except FileNotFoundError as e:
         body = f"skipped: {e}"
-    return "## Byte-level Llama (wikitext-bytelm): quality and decode speed\n\n" + body
+    return ("## Byte-level Llama (wikitext-bytelm): quality and decode speed\n\n"
+            + load_caveat() + "\n\n" + body)
+
+
+def load_caveat() -> str:
+    """The machine's load when the speeds were measured, and whether they can be trusted."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "Load average unknown: speed figures may be disturbed by other work."
+    cpus = os.cpu_count() or 1
+    if load > 0.5 * cpus:
+        return (f"**Speed figures unreliable**: load average {load:.1f} on {cpus} CPUs while "
+                "measuring (other processes share the cores; tokens/s can swing 10x). Quality "
+                "columns are exact.")
+    return f"Measured at load average {load:.1f} on {cpus} CPUs."
 
 
 def _digits_section(ctx: DemoContext) -> str:
