@@ -1,6 +1,7 @@
 """RotationConfig / rotate_block: the rotated float model computes the original's logits
-(tiny random Llama / Mistral / Qwen2 / Qwen3 and the wikitext-bytelm), through the pipeline
-too; rotation + RTN against RTN alone on the bytelm; W4A8; refusals and config checks."""
+(tiny random Llama / Mistral / Qwen2 / Qwen3, OPT / GPT-2 / BERT and the wikitext-bytelm),
+through the pipeline too; rotation + RTN against RTN alone on the bytelm; W4A8; refusals and
+config checks."""
 
 from __future__ import annotations
 
@@ -156,10 +157,83 @@ def test_a8_linear_keeps_the_weight_and_w8a8():
     assert torch.equal(a8_linear(q4).dequantize_weight(), q4.dequantize_weight())
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt2", "bert"])
-def test_layernorm_architectures_refused(arch):
-    with pytest.raises(ValueError, match="LayerNorm|Llama-style"):
-        qkern.quantize_model(LM.build(arch), RotationConfig(bits=4, group_size=32))
+def _perturb_norms(model: nn.Module) -> None:
+    """Random LayerNorm gains and biases (a fresh model has 1 and 0: nothing to fold)."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3)
+
+
+#: (arch, the norms wrapped by HadamardOutput, the linears wrapped by HadamardInput) per block
+LAYERNORM_SITES = {
+    "opt": ({"self_attn_layer_norm", "final_layer_norm"}, {"self_attn.out_proj", "fc2"}),
+    "gpt2": ({"ln_1", "ln_2"}, {"attn.c_proj", "mlp.c_proj"}),
+    "bert": (set(), {"attention.self.query", "attention.self.key", "attention.self.value",
+                     "attention.output.dense", "intermediate.dense", "output.dense"}),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(LAYERNORM_SITES))
+def test_layernorm_blocks_rotated_keep_their_output(arch):
+    """OPT / GPT-2 (pre-LN: the norm's gain and bias folded into the linears, its output
+    rotated) and BERT (post-LN: every linear's input rotated online) compute the float
+    model's output; the folded norms are weight-free."""
+    model = LM.build(arch)
+    _perturb_norms(model)
+    ids = LM.calibration(2, 16)[0]
+    want = LM.output(model, ids)
+    norms, online = LAYERNORM_SITES[arch]
+    rot = _rotated_copy(model, 0)
+    blk = find_blocks(rot)[1][1]
+    got_norms = {n for n, m in blk.named_modules() if isinstance(m, HadamardOutput)}
+    got_online = {n for n, m in blk.named_modules() if isinstance(m, HadamardInput)}
+    assert (got_norms, got_online) == (norms, online)
+    for n in norms:
+        ln = blk.get_submodule(n).module
+        assert torch.equal(ln.weight, torch.ones_like(ln.weight))
+        assert torch.equal(ln.bias, torch.zeros_like(ln.bias))
+    _close(LM.output(rot, ids), want)
+
+
+def test_post_layernorm_opt_is_rotated_online_only():
+    """OPT-350m's layout (do_layer_norm_before=False): the norms also feed the residual,
+    so nothing is folded; every linear gets an online rotation and the output is kept."""
+    import transformers
+    cfg = transformers.OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=128,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 word_embed_proj_dim=64, max_position_embeddings=128,
+                                 do_layer_norm_before=False)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    _perturb_norms(model)
+    ids = LM.calibration(1, 16)[0]
+    want = LM.output(model, ids)
+    rot = _rotated_copy(model, 1)
+    blk = find_blocks(rot)[1][0]
+    assert not any(isinstance(m, HadamardOutput) for m in blk.modules())
+    assert sum(isinstance(m, HadamardInput) for m in blk.modules()) == 6
+    _close(LM.output(rot, ids), want)
+
+
+@pytest.mark.parametrize("arch", sorted(LAYERNORM_SITES))
+def test_layernorm_w4a8_rotation_through_the_pipeline(arch):
+    """RotationConfig on LayerNorm models: the rotated layers are quantized (W4A8 on the
+    fast kernels) and the output stays close to the float model's."""
+    model = LM.build(arch)
+    _perturb_norms(model)
+    ids = LM.calibration(1, 16, seed=5)[0]
+    want = LM.output(model, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = qkern.quantize_model(model, RotationConfig(bits=4, group_size=32, act_bits=8))
+    mods = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    n_linear = {"opt": 12, "gpt2": 8, "bert": 12}[arch]  # GPT-2's q/k/v is one c_attn
+    assert len(mods) == n_linear and all(m.mode == "fast" for m in mods)
+    got = LM.output(q, ids)
+    assert float(((got - want) ** 2).mean() / (want ** 2).mean()) < 0.05
 
 
 def test_unsupported_size_is_left_unrotated_with_a_note():

@@ -25,8 +25,16 @@ The residual stream itself stays in the original basis (QuaRot rotates it once f
 model, folding ``R`` into the embeddings and the LM head): the pipeline works one block at a
 time and never sees those, so every rotation here is inside a block — two more online
 transforms per block than QuaRot (the two norms), each O(n log n) against the block's O(n^2)
-matmuls. OPT / GPT-2 / BERT blocks (LayerNorm: mean subtraction and a bias, which do not commute
-with a rotation) are refused with a ValueError.
+matmuls.
+
+Any other block (OPT, GPT-2, BERT: LayerNorm, whose mean subtraction and bias do not commute
+with a rotation of its INPUT) is rotated by :func:`_rotate_any_block`: each norm whose output
+feeds only linears (:func:`foldable_norms`: pre-LN OPT and GPT-2) has its gain and bias folded
+into them (``W <- W diag(g)``, ``b <- b + W beta``; ``g <- 1``, ``beta <- 0``), their input
+columns get ``W <- W R`` and the norm's OUTPUT is rotated online (exact: the mean subtraction
+happens before); every other linear of the block (o / out_proj, fc2, GPT-2's c_proj, all of
+post-LN BERT's) gets ``W <- W R`` and an online rotation of its input
+(:class:`~qkern.nn.HadamardInput`). :func:`rotate_model` stays Llama-only.
 
 ``RotationConfig(then=GPTQConfig(...))`` hands the rotated layers to another LLM method;
 without ``then`` they are rounded to nearest. ``act_bits=8`` quantizes every quantized layer's
@@ -44,12 +52,12 @@ from torch import nn
 from ...hadamard import base_order, random_signs
 from ...nn import QuantLinear
 from ...nn.hadamard import HadamardInput, HadamardOutput, rotate
-from ..blocks import find_blocks, is_norm
+from ..blocks import block_linears, find_blocks, is_norm, linearize_conv1d, scale_pairs
 from ..registry import BaseConfig, check_bool, check_int, config_class, fail, register_quantizer
 from ..sequential import BlockContext, SequentialQuantizer, check_weight_bits
 
 __all__ = ["NORM_SITES", "ONLINE_SITES", "RotationConfig", "RotationQuantizer", "a8_linear",
-           "rotate_block", "rotate_model"]
+           "foldable_norms", "rotate_block", "rotate_model"]
 
 #: (RMSNorm, the linears reading its output) of a Llama-style block
 NORM_SITES = (
@@ -138,8 +146,11 @@ def rotate_block(block: nn.Module, seed: int | None = 0, index: int = 0,
     (``x.o_proj`` -> ``x.o_proj.linear``). A
     site whose size has no Hadamard matrix (``qkern.hadamard.base_order``) is left as it is,
     with a note in ``notes``."""
-    _llama_style(block)
     notes = {} if notes is None else notes
+    try:
+        _llama_style(block)
+    except ValueError:
+        return _rotate_any_block(block, seed, index, notes, name)
     site = 0
     for norm_name, lin_names in NORM_SITES:
         norm = block.get_submodule(norm_name)
@@ -160,6 +171,76 @@ def rotate_block(block: nn.Module, seed: int | None = 0, index: int = 0,
         _replace(block, norm_name, HadamardOutput(norm, signs))
     renames = {}
     for lin_name in ONLINE_SITES:
+        lin = block.get_submodule(lin_name)
+        signs = _site_signs(lin.in_features, seed, index, site)
+        site += 1
+        if signs is None:
+            notes[f"{name}.{lin_name}"] = (f"no Hadamard matrix of size {lin.in_features}: "
+                                           "input not rotated")
+            continue
+        _rotate_columns(lin, signs)
+        _replace(block, lin_name, HadamardInput(lin, signs))
+        renames[lin_name] = f"{lin_name}.linear"
+    return renames
+
+
+def foldable_norms(block: nn.Module) -> list[tuple[str, list[str]]]:
+    """The (norm, linears) pairs of :func:`~qkern.quantization.scale_pairs` whose norm output
+    feeds only those linears (pre-norm blocks: OPT with ``do_layer_norm_before``, GPT-2); a
+    post-norm block's norms (BERT, OPT-350m) also feed the residual stream: none."""
+    if getattr(block, "do_layer_norm_before", True) is False:
+        return []
+    return [(p, ls) for p, ls in scale_pairs(block) if is_norm(block.get_submodule(p))]
+
+
+def _fold_layernorm(norm: nn.Module, lins: list[nn.Linear]) -> None:
+    """``W <- W diag(g)``, ``b <- b + W beta`` for each linear, then ``g <- 1``, ``beta <- 0``
+    (the norm's output then is the bare normalized input; a linear without a bias gets one
+    when ``beta`` is not zero)."""
+    g = norm.weight.detach().double()
+    beta = getattr(norm, "bias", None)
+    with torch.no_grad():
+        for lin in lins:
+            w = lin.weight.detach().double()
+            if beta is not None and bool((beta != 0).any()):
+                if lin.bias is None:
+                    lin.bias = nn.Parameter(torch.zeros(
+                        lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
+                lin.bias.copy_((lin.bias.double() + w @ beta.double()).to(lin.bias.dtype))
+            lin.weight.copy_((w * g[None, :]).to(lin.weight.dtype))
+        norm.weight.fill_(1.0)
+        if beta is not None:
+            beta.zero_()
+
+
+def _rotate_any_block(block: nn.Module, seed: int | None, index: int, notes: dict[str, str],
+                      name: str) -> dict[str, str]:
+    """Any block (LayerNorm ones: OPT, GPT-2, BERT): each foldable norm
+    (:func:`foldable_norms`) gets its weight and bias folded into its linears, whose input
+    columns are rotated, and its output rotated online (:class:`~qkern.nn.HadamardOutput`:
+    rotating a LayerNorm's output is exact, its mean subtraction comes before); every other
+    linear is rotated on its input (:class:`~qkern.nn.HadamardInput`)."""
+    linearize_conv1d(block)
+    names = block_linears(block)
+    if not names:
+        raise ValueError(f"RotationConfig: {type(block).__name__} has no Linear layers")
+    site, done = 0, set()
+    for norm_name, lin_names in foldable_norms(block):
+        norm = block.get_submodule(norm_name)
+        lins = [block.get_submodule(n) for n in lin_names]
+        _fold_layernorm(norm, lins)
+        done.update(lin_names)
+        signs = _site_signs(norm.weight.numel(), seed, index, site)
+        site += 1
+        if signs is None:
+            notes[f"{name}.{norm_name}"] = (f"no Hadamard matrix of size {norm.weight.numel()}: "
+                                            "norm folded, not rotated")
+            continue
+        for lin in lins:
+            _rotate_columns(lin, signs)
+        _replace(block, norm_name, HadamardOutput(norm, signs))
+    renames = {}
+    for lin_name in (n for n in names if n not in done):
         lin = block.get_submodule(lin_name)
         signs = _site_signs(lin.in_features, seed, index, site)
         site += 1
