@@ -168,14 +168,14 @@ def capture_block_inputs(model: nn.Module, name: str, batches: Sequence) -> list
 
 
 class Gram:
-    """A pre-hook accumulating ``X^T X`` over a layer's input rows (float64); ``matrix()``
-    is its mean over rows."""
+    """A pre-hook accumulating ``X^T X`` over a layer's input rows (float64, or ``dtype``);
+    ``matrix()`` is its mean over rows."""
 
-    def __init__(self, mod: nn.Module):
-        self.mod, self.h, self.n = mod, None, 0
+    def __init__(self, mod: nn.Module, dtype: torch.dtype = torch.float64):
+        self.mod, self.h, self.n, self.dtype = mod, None, 0, dtype
 
     def __call__(self, module, args):
-        r = input_rows(self.mod, args[0]).double()
+        r = input_rows(self.mod, args[0]).to(self.dtype)
         self.h = r.T @ r if self.h is None else self.h + r.T @ r
         self.n += r.shape[0]
 
@@ -185,10 +185,11 @@ class Gram:
         return self.h / self.n
 
 
-def collect_grams(model: nn.Module, names: Iterable[str], batches: Sequence
-                  ) -> dict[str, torch.Tensor]:
-    """{name: X^T X / N} of each layer's calibration inputs (float64)."""
-    grams = {n: Gram(model.get_submodule(n)) for n in names}
+def collect_grams(model: nn.Module, names: Iterable[str], batches: Sequence,
+                  dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """{name: X^T X / N} of each layer's calibration inputs (accumulated in float64, or in
+    ``dtype``: float32 is enough where they only weigh the reported error)."""
+    grams = {n: Gram(model.get_submodule(n), dtype) for n in names}
     run_batches(model, batches, {n: (g, None) for n, g in grams.items()})
     out = {}
     for n, g in grams.items():
