@@ -190,8 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true",
                    help="RTN and GPTQ at w4 g128 and w3 g128 only (for make demo)")
     p.add_argument("--no-act", action="store_true", help="skip the activation quantization table")
+    p.add_argument("--act-only", action="store_true",
+                   help="only the activation quantization table")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     a = p.parse_args(argv)
+    if a.act_only and a.no_act:
+        p.error("--act-only and --no-act exclude each other")
     methods = ["RTN", "GPTQ"] if a.quick else [m.strip() for m in a.methods.split(",")]
     settings = ["w4 g128", "w3 g128"] if a.quick else [s.strip() for s in a.settings.split(",")]
     for m in methods:
@@ -202,11 +206,13 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"unknown setting {s!r}; choose from {', '.join(SETTINGS)}")
     set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
-    print(bytelm_table(methods, settings))
-    print()
-    print(kl_table(methods, settings))
-    if not a.no_act:
+    if not a.act_only:
+        print(bytelm_table(methods, settings))
         print()
+        print(kl_table(methods, settings))
+    if not a.no_act:
+        if not a.act_only:
+            print()
         print(act_table(**QUICK_ACT) if a.quick else act_table())
 
 

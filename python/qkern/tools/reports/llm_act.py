@@ -4,7 +4,9 @@
 smaller evaluation). Rows: round-to-nearest W8A8 without smoothing (the baseline), SmoothQuant
 W8A8 at the paper's O1 (per-token dynamic activations) and O3 (per-tensor static), LLM.int8
 (threshold 6), ZeroQuant W4A8 (int4 g128 weights, int8 per-token activations) and rotation
-W4A8 (QuaRot-style Hadamard rotation, int4 g128 weights, int8 per-token activations).
+W4A8 (QuaRot-style Hadamard rotation, int4 g128 weights, int8 activations per block of 32
+along K on the fast kernels; on MiniLM's LayerNorm blocks too). Footnotes say what
+SmoothQuant smooths on MiniLM (post-LN BERT: one pair per block).
 Columns:
 
 - models/wikitext-bytelm: bits per byte on WikiText-2 test, the weight-only table's
@@ -48,25 +50,38 @@ ACT_METHODS: dict[str, Callable[[], BaseConfig | None]] = {
     "LLM.int8 (threshold 6)": lambda: _cfg("LLMInt8Config", threshold=6.0),
     "ZeroQuant W4A8 (int4 g128 sym, act per token)":
         lambda: _cfg("ZeroQuantConfig", bits=4, group_size=128),
-    "rotation W4A8 (Hadamard, int4 g128, act int8 per token)":
+    "rotation W4A8 (Hadamard, int4 g128, act int8 per 32 along K)":
         lambda: _cfg("RotationConfig", bits=4, group_size=128, act_bits=8),
 }
-#: rows that cannot run on BERT -> why (printed as a footnote)
-NOT_ON_BERT: dict[str, str] = {
-    "rotation W4A8 (Hadamard, int4 g128, act int8 per token)":
-        "the rotation is implemented for RMSNorm (Llama-style) blocks only: a LayerNorm "
-        "subtracts the mean, which does not commute with a rotation unless the mean "
-        "subtraction is first folded away (QuaRot/SliceGPT's LayerNorm -> RMSNorm conversion, "
-        "not implemented), so RotationConfig refuses BERT's blocks",
-}
+#: rows that cannot run on BERT -> why (printed as a footnote); none since RotationConfig
+#: rotates LayerNorm blocks too
+NOT_ON_BERT: dict[str, str] = {}
+#: SmoothQuant's warning for a linear it could not smooth
+UNSMOOTHED = "no foldable predecessor"
 
 
-def _quantize(model: nn.Module, cfg: BaseConfig, cal) -> tuple[nn.Module, float]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+def _quantize(model: nn.Module, cfg: BaseConfig, cal) -> tuple[nn.Module, float, list[str]]:
+    """(quantized model, seconds, the warnings' messages)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         t = time.perf_counter()
         q = quantize_model(model, cfg, cal, progress=False)
-        return q, time.perf_counter() - t
+        secs = time.perf_counter() - t
+    return q, secs, [str(w.message) for w in caught]
+
+
+def _smoothing_note(q: nn.Module, messages: list[str]) -> str | None:
+    """How many of MiniLM's linears SmoothQuant smoothed, and why not the others (from its
+    warning), or None when it smoothed all."""
+    n = len(getattr(q, "qkern_report", ()))
+    k = sum(line.count(UNSMOOTHED) for line in messages)
+    if not k:
+        return None
+    return (f"SmoothQuant on MiniLM smooths {n - k} of its {n} linears: per block only "
+            "value -> attention.output.dense (folded per channel into value's rows). BERT is "
+            "post-LN: each LayerNorm also feeds the residual stream, so no scale can be folded "
+            "into it (q/k/v and intermediate.dense), and GELU sits between intermediate.dense "
+            f"and output.dense; those {k} run W8A8 unsmoothed (SmoothQuant's warning lists them)")
 
 
 def _cos(e: torch.Tensor, ref: torch.Tensor) -> float:
@@ -101,22 +116,30 @@ def act_table(methods: list[str] | None = None, n_cal: int = 64, n_windows: int 
              "| method | bytelm bits/byte | MiniLM cosine |", "|---|---|---|",
              f"| fp32 | {fp:.4f} | 1.00000 |"]
     notes: list[str] = []
+
+    def mark(note: str) -> str:
+        if note not in notes:
+            notes.append(note)
+        return f" [{notes.index(note) + 1}]"
+
     for m in methods:
         cfg = ACT_METHODS[m]()
         if cfg is None:
             lines.append(f"| {m} | n/a | n/a |")
             continue
-        q, secs = _quantize(lm, cfg, cal)
+        q, secs, _ = _quantize(lm, cfg, cal)
         with torch.no_grad():
             cell_lm = f"{bits_per_byte(q, test, n_windows=n_windows):.4f} ({secs:.0f} s)"
         del q
         if m in NOT_ON_BERT:
-            notes.append(NOT_ON_BERT[m])
-            cell_b = f"n/a [{len(notes)}]"
+            cell_b = "n/a" + mark(NOT_ON_BERT[m])
         else:
-            qb, secs = _quantize(bert, ACT_METHODS[m](), bcal)
+            qb, secs, msgs = _quantize(bert, ACT_METHODS[m](), bcal)
             with torch.no_grad():
                 cell_b = f"{_cos(embed(qb, sents), ref):.5f} ({secs:.0f} s)"
+            note = _smoothing_note(qb, msgs) if m.startswith("SmoothQuant") else None
+            cell_b += mark(note) if note else ""
+            del qb
         lines.append(f"| {m} | {cell_lm} | {cell_b} |")
     if notes:
         lines.append("")
