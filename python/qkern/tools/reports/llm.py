@@ -11,7 +11,8 @@ prints Markdown tables:
   other sampled sequences: the model has no tokenizer shipped);
 - activation quantization (:mod:`.llm_act`): RTN W8A8, SmoothQuant W8A8 (O1, O3), LLM.int8,
   ZeroQuant W4A8 and rotation W4A8 on the bytelm (bits per byte) and on all-MiniLM-L6-v2
-  (sentence-embedding cosine to fp32).
+  (sentence-embedding cosine to fp32); ``--act-only`` prints only this one, ``--no-act``
+  skips it.
 
 The bytelm's MLP input (672) is not a multiple of 128 or 64: its down_proj is stored with one
 group per row at those settings (noted by the pipeline).
