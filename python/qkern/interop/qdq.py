@@ -351,6 +351,9 @@ def _act_of_layer(ql: QuantLinear, opset: int, conv: bool, recip: bool
 
 
 def _act_of_actquant(m: ActQuant, recip: bool) -> nn.Module | str:
+    if m.offset is not None:
+        return ("a float activation offset (LSQ+) has no QDQ form: ONNX zero points are "
+                "integers")
     from_fmt = _fmt_range(m.fmt)
     if isinstance(from_fmt, str):
         return from_fmt

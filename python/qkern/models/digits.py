@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DigitsData", "accuracy", "load_data", "make_model", "train"]
+__all__ = ["DigitsData", "accuracy", "finetune", "load_data", "make_model", "train"]
 
 
 @dataclass
@@ -70,6 +70,28 @@ def train(kind: str, data: DigitsData | None = None, epochs: int = 30, seed: int
             opt.zero_grad()
             F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
             opt.step()
+    return model.eval()
+
+
+def finetune(model: nn.Module, data: DigitsData, epochs: int = 6, lr: float = 5e-3,
+             seed: int = 0, batch: int = 64, extra_loss=None) -> nn.Module:
+    """Fine-tunes ``model`` in place (e.g. a QAT-prepared one): SGD with momentum 0.9 and a
+    cosine learning-rate schedule, as the LSQ paper fine-tunes; ``extra_loss(model)`` is added
+    to the cross entropy (QAT's regularization). Returns the model in eval mode."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
+    g = torch.Generator().manual_seed(seed)
+    n = len(data.y_train)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=g).split(batch):
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
     return model.eval()
 
 

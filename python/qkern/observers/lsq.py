@@ -63,18 +63,48 @@ class LSQObserver(Observer):
         initializes the scale from ``x`` if nothing was observed yet."""
         if int(self.num_batches) == 0:
             self(x)
-        s = self.scale
-        if self.granularity == "channel":
-            ax = self.axis % x.dim()
-            n_per = x.numel() // x.shape[ax]
-            shape = [1] * x.dim()
-            shape[ax] = x.shape[ax]
-        else:
-            n_per, shape = x.numel(), []
-        g = 1.0 / math.sqrt(n_per * self.q_p)
-        sg = s * g
-        s = s.detach() + (sg - sg.detach())  # value exactly s, gradient scaled by g
-        s = s.reshape(shape)
-        t = (x.float() * s.reciprocal()).clamp(-self.q_n, self.q_p)
-        q = (t.round() - t).detach() + t  # straight-through round
-        return (q * s).to(x.dtype)
+        axis = self.axis % x.dim() if self.granularity == "channel" else None
+        return lsq_fake_quantize(x, self.scale, self.q_n, self.q_p, axis=axis)
+
+
+def grad_scaled(p: torch.Tensor, g: float) -> torch.Tensor:
+    """``p``'s value with its gradient multiplied by ``g`` (LSQ's gradient scale)."""
+    pg = p * g
+    return p.detach() + (pg - pg.detach())
+
+
+def ste_round(t: torch.Tensor) -> torch.Tensor:
+    """``round(t)`` (half to even, as qkern's kernels) with the gradient of the identity."""
+    return (t.round() - t).detach() + t
+
+
+def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, q_n: int, q_p: int,
+                      axis: int | None = None, offset: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """LSQ (Esser et al. 2020) and LSQ+ (Bhalgat et al. 2020, with ``offset`` beta):
+
+        v_hat = round(clamp((v - beta) / s, -Q_N, Q_P)) * s + beta
+
+    with the straight-through estimator for ``round`` and the gradients of ``s`` and ``beta``
+    scaled by ``g = 1 / sqrt(N * Q_P)`` (N = elements per scale). ``scale`` (and ``offset``)
+    are 0-d, or 1-d along ``axis`` of ``x``. ``(v - beta) / s`` is computed as
+    ``(v - beta) * (1 / s)``, as qkern's kernels do, so the values equal
+    ``qkern.quantize(v - beta, fmt, scale=s)`` dequantized, plus beta."""
+    if axis is None:
+        n_per, shape = x.numel(), []
+    else:
+        n_per = x.numel() // max(x.shape[axis], 1)
+        shape = [1] * x.dim()
+        shape[axis] = x.shape[axis]
+    g = 1.0 / math.sqrt(max(n_per, 1) * q_p)
+    s = grad_scaled(scale, g).reshape(shape)
+    v = x.float()
+    b = None
+    if offset is not None:
+        b = grad_scaled(offset, g).reshape(shape)
+        v = v - b
+    q = ste_round((v * s.reciprocal()).clamp(-q_n, q_p))
+    out = q * s
+    if b is not None:
+        out = out + b
+    return out.to(x.dtype)

@@ -23,6 +23,7 @@ from .algorithms.gptq import GPTQConfig
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
 from .algorithms.llm_int8 import LLMInt8Config
 from .algorithms.omniquant import OmniQuantConfig
+from .algorithms.qat import QATConfig, qat_regularization
 from .algorithms.rotation import RotationConfig, rotate_block, rotate_model
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import SmoothQuantConfig, smooth_quant
@@ -64,13 +65,15 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig",
            "Batch", "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig",
            "Gram", "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput",
-           "ObservingQuantizer", "OmniQuantConfig", "Quantizer", "RTNConfig", "RotationConfig",
+           "ObservingQuantizer", "OmniQuantConfig", "QATConfig", "Quantizer", "RTNConfig",
+           "RotationConfig",
            "SequentialQuantizer", "SmoothQuantConfig", "StaticConfig", "WeightOnlyConfig",
            "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
            "fold_scales", "hqq_linear", "hqq_quantize", "input_rows", "linearize_conv1d",
-           "notify_quantized", "on_quantized", "paired_moments", "prepare", "quantize_model",
+           "notify_quantized", "on_quantized", "paired_moments", "prepare", "qat_regularization",
+           "quantize_model",
            "quantize_sequential", "quantizer_for",
            "register_quantizer", "registered_configs", "registered_quantizers", "replace_module",
            "rotate_block", "rotate_model", "run_batches", "run_calibration", "scale_pairs",

@@ -101,25 +101,32 @@ class ObservedInput(nn.Module):
 
 class ActQuant(nn.Module):
     """Static activation quantization (quantize-dequantize on qkern's ops with a range fixed
-    in calibration) in front of ``module``; differentiable with the clipped straight-through
-    estimator (``qkern.fake_quantize``)."""
+    in calibration or learned in QAT) in front of ``module``; differentiable with the clipped
+    straight-through estimator (``qkern.fake_quantize``). ``offset`` (LSQ+'s learned float
+    offset beta): ``module(dequantize(quantize(x - offset)) + offset)``."""
 
     def __init__(self, module: nn.Module, fmt: str, scale: torch.Tensor,
-                 zero_point: torch.Tensor | None):
+                 zero_point: torch.Tensor | None, offset: torch.Tensor | None = None):
         super().__init__()
         self.module, self.fmt = module, QF.get(fmt).name
         self.register_buffer("scale", scale.detach().float().reshape(()).clone())
         self.register_buffer("zero_point", None if zero_point is None
                              else zero_point.detach().to(torch.int32).reshape(()).clone())
+        self.register_buffer("offset", None if offset is None
+                             else torch.as_tensor(offset).detach().float().reshape(()).clone())
 
     def forward(self, x, *args, **kwargs):
-        xq = fake_quantize(x.float(), self.fmt, granularity="tensor", scale=self.scale,
+        v = x.float() if self.offset is None else x.float() - self.offset
+        xq = fake_quantize(v, self.fmt, granularity="tensor", scale=self.scale,
                            zero_point=self.zero_point, symmetric=self.zero_point is None)
+        if self.offset is not None:
+            xq = xq + self.offset
         return self.module(xq.to(x.dtype), *args, **kwargs)
 
     def extra_repr(self) -> str:
         zp = "" if self.zero_point is None else f", zero_point={int(self.zero_point)}"
-        return f"act_fmt={self.fmt}, scale={float(self.scale):.6g}{zp}"
+        off = "" if self.offset is None else f", offset={float(self.offset):.6g}"
+        return f"act_fmt={self.fmt}, scale={float(self.scale):.6g}{zp}{off}"
 
 
 def input_observer(cfg: BaseConfig) -> nn.Module:

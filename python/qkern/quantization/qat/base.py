@@ -1,0 +1,105 @@
+"""What every QAT quantizer is: an ``nn.Module`` that fake-quantizes a tensor while the model
+trains (``forward``) and, at ``convert``, says which grid the deployed model uses
+(:meth:`FakeQuant.deploy`: a qkern format, its scales and an optional offset)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ... import formats as QF
+
+__all__ = ["Deployed", "FakeQuant", "int_format"]
+
+
+def int_format(bits: int, signed: bool) -> QF.Format:
+    """qkern's ``int{bits}`` / ``uint{bits}`` format."""
+    return QF.get(f"{'int' if signed else 'uint'}{bits}")
+
+
+@dataclass
+class Deployed:
+    """The grid a trained quantizer ends on: ``x_hat = (clamp(round((x - offset) / scale),
+    qmin, qmax)) * scale + offset`` with ``fmt``'s ``qmin`` / ``qmax``; ``scale`` (and
+    ``offset``) 0-d (per tensor) or 1-d along ``axis`` (per channel)."""
+
+    fmt: str
+    scale: torch.Tensor
+    offset: torch.Tensor | None = None
+    axis: int | None = None
+
+
+class FakeQuant(nn.Module):
+    """Base class: ``bits``-bit integers, signed or not (``signed=None``: decided from the
+    first batch, unsigned when it holds no negative value, as after a ReLU), one scale per
+    tensor (``axis=None``) or per slice along ``axis``."""
+
+    #: a short name for messages
+    KIND = "fake quantizer"
+
+    def __init__(self, bits: int, signed: bool | None = True, axis: int | None = None,
+                 name: str = ""):
+        super().__init__()
+        self.bits, self.signed, self.axis, self.layer = bits, signed, axis, name
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    # -- the integer grid ------------------------------------------------------------------
+    def resolve_sign(self, x: torch.Tensor) -> None:
+        if self.signed is None:
+            self.signed = bool((x.detach() < 0).any())
+
+    @property
+    def format(self) -> QF.Format:
+        if self.signed is None:
+            raise RuntimeError(f"{self.where()}: the sign of the grid is decided by the first "
+                               "batch; run one through the prepared model first")
+        return int_format(self.bits, self.signed)
+
+    @property
+    def q_n(self) -> int:
+        return -self.format.qmin
+
+    @property
+    def q_p(self) -> int:
+        return self.format.qmax
+
+    def reduce_dims(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The dims a per-``axis`` statistic reduces over."""
+        if self.axis is None:
+            return tuple(range(x.dim()))
+        ax = self.axis % x.dim()
+        return tuple(d for d in range(x.dim()) if d != ax)
+
+    def per_axis(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """``fn`` over each slice along ``axis`` (over everything when per tensor)."""
+        if self.axis is None:
+            return fn(x.reshape(-1))
+        return fn(x.movedim(self.axis % x.dim(), 0).reshape(x.shape[self.axis], -1), 1)
+
+    def where(self) -> str:
+        return f"{type(self).__name__}" + (f" of {self.layer}" if self.layer else "")
+
+    def check_positive(self, scale: torch.Tensor, what: str = "scale") -> None:
+        s = scale.detach()
+        if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+            raise ValueError(f"{self.where()}: the learned {what} went non-positive or "
+                             f"non-finite (min {float(s.min()):.3g}); lower the learning rate "
+                             "or clamp it after each optimizer step")
+
+    # -- what subclasses provide -----------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def deploy(self) -> Deployed:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def regularization(self) -> torch.Tensor | float:
+        """A term to add to the training loss (PACT's L2 on its clip); 0 for most."""
+        return 0.0
+
+    def extra_repr(self) -> str:
+        sign = "auto" if self.signed is None else ("signed" if self.signed else "unsigned")
+        per = "tensor" if self.axis is None else f"axis {self.axis}"
+        return f"bits={self.bits}, {sign}, per {per}"

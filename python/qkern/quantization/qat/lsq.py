@@ -1,0 +1,129 @@
+"""LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020) and LSQ+ (Bhalgat et al.,
+"LSQ+: Improving low-bit quantization through learnable offsets and better initialization",
+CVPR-W 2020): the step size ``s`` (and LSQ+'s offset ``beta``) are ``nn.Parameter`` s trained
+with the network, their gradients scaled by ``g = 1 / sqrt(N * Q_P)``
+(:func:`qkern.observers.lsq.lsq_fake_quantize`).
+
+Initialisation: LSQ ``s = 2 mean|v| / sqrt(Q_P)`` (the paper); LSQ+ weights
+``s = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)`` (the paper's eq. 8), LSQ+ activations
+``beta, s`` minimising the mean squared quantization error of the first batch (the paper's
+MSE initialisation: a search over clipping ranges ``[min, min + r (max - min)]``).
+A per-tensor activation quantizer's parameters exist from ``prepare`` on (so an optimizer
+made afterwards holds them) and are filled in place by the first batch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...observers.lsq import lsq_fake_quantize
+from .base import Deployed, FakeQuant
+
+__all__ = ["LSQPlusQuant", "LSQQuant", "mse_range"]
+
+
+def mse_range(x: torch.Tensor, q_n: int, q_p: int, steps: int = 100
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, offset)`` of the ``[lo, hi]`` range with the least squared error of
+    ``round(clamp((x - offset) / scale, -Q_N, Q_P)) * scale + offset`` over ``x``, among
+    ``hi = lo + r (max - min)``, ``lo = min * r`` (r = 1/steps ... 1): the range shrinks
+    toward the data's low end, where a ReLU/Swish-like activation has most of its mass."""
+    v = x.detach().float().reshape(-1)
+    lo0, hi0 = v.min(), v.max()
+    span = (hi0 - lo0).clamp(min=1e-12)
+    best, best_err = None, math.inf
+    for i in range(1, steps + 1):
+        r = i / steps
+        lo = lo0 * r if q_n == 0 else lo0
+        s = (span * r) / (q_p + q_n)
+        b = lo + q_n * s  # code -Q_N sits at lo
+        q = ((v - b) * s.reciprocal()).clamp(-q_n, q_p).round() * s + b
+        err = float((q - v).square().mean())
+        if err < best_err:
+            best, best_err = (s, b), err
+    return best
+
+
+class LSQQuant(FakeQuant):
+    """LSQ: learned step size, symmetric grid (signed, or unsigned from zero)."""
+
+    KIND = "lsq"
+
+    def __init__(self, bits: int, signed: bool | None = True, axis: int | None = None,
+                 init: torch.Tensor | None = None, name: str = ""):
+        super().__init__(bits, signed, axis, name)
+        n = 1 if init is None or axis is None else init.shape[axis]
+        self.scale = nn.Parameter(torch.ones(() if axis is None else (n,)))
+        if init is not None:
+            self.init_from(init)
+
+    def init_from(self, v: torch.Tensor) -> None:
+        self.resolve_sign(v)
+        a = v.detach().float().abs()
+        m = self.per_axis(a, lambda t, *d: t.mean(*d))
+        s = (2.0 * m / math.sqrt(self.q_p)).clamp(min=1e-8)
+        with torch.no_grad():
+            self.scale.data = s.reshape(self.scale.shape).clone()
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.init_from(x)
+        self.check_positive(self.scale)
+        ax = None if self.axis is None else self.axis % x.dim()
+        return lsq_fake_quantize(x, self.scale, self.q_n, self.q_p, axis=ax)
+
+    def deploy(self) -> Deployed:
+        if not bool(self.initialized):
+            raise ValueError(f"{self.where()}: its step size is set by the first training "
+                             "batch; train the prepared model before convert()")
+        self.check_positive(self.scale)
+        return Deployed(self.format.name, self.scale.detach().clone(), None, self.axis)
+
+
+class LSQPlusQuant(LSQQuant):
+    """LSQ+: LSQ plus a learned offset ``beta`` (asymmetric activations; weights keep
+    ``beta = 0`` and the paper's mean / std initialisation)."""
+
+    KIND = "lsq+"
+
+    def __init__(self, bits: int, signed: bool | None = True, axis: int | None = None,
+                 init: torch.Tensor | None = None, offset: bool = True, name: str = ""):
+        self.learn_offset = offset
+        super().__init__(bits, signed, axis, init, name)
+        if offset:
+            self.offset = nn.Parameter(torch.zeros(()))
+
+    def init_from(self, v: torch.Tensor) -> None:
+        self.resolve_sign(v)
+        x = v.detach().float()
+        with torch.no_grad():
+            if self.learn_offset:  # activations: MSE over clipping ranges
+                s, b = mse_range(x, self.q_n, self.q_p)
+                self.scale.data = s.reshape(self.scale.shape).clone()
+                self.offset.data = b.reshape(()).clone()
+            else:  # weights: the paper's mean / std rule, per slice
+                mu = self.per_axis(x, lambda t, *d: t.mean(*d))
+                sd = self.per_axis(x, lambda t, *d: t.std(*d))
+                m = torch.maximum((mu - 3 * sd).abs(), (mu + 3 * sd).abs())
+                s = (m / 2 ** (self.bits - 1)).clamp(min=1e-8)
+                self.scale.data = s.reshape(self.scale.shape).clone()
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.learn_offset:
+            return super().forward(x)
+        if not bool(self.initialized):
+            self.init_from(x)
+        self.check_positive(self.scale)
+        ax = None if self.axis is None else self.axis % x.dim()
+        return lsq_fake_quantize(x, self.scale, self.q_n, self.q_p, axis=ax,
+                                 offset=self.offset)
+
+    def deploy(self) -> Deployed:
+        d = super().deploy()
+        if self.learn_offset:
+            d.offset = self.offset.detach().clone()
+        return d
