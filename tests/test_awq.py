@@ -18,7 +18,13 @@ from qkern.models import load_llama
 from qkern.models.assets import shipped_path
 from qkern.quantization import AWQConfig, RTNConfig, find_blocks, quantize_sequential
 from qkern.quantization import text_calibration as cut
-from qkern.quantization.algorithms.awq import AWQQuantizer, clip_grams, clip_ratios, clip_search
+from qkern.quantization.algorithms.awq import (
+    AWQQuantizer,
+    clip_grams,
+    clip_quantize,
+    clip_ratios,
+    clip_search,
+)
 from qkern.quantization.blocks import block_linears
 from qkern.quantization.registry import Batch
 from reference import quantize_int
@@ -157,7 +163,39 @@ def test_alpha_equals_brute_force(which, bits, group):
     assert any(a > 0 for a, _ in want.values())  # the scales are not all trivial
 
 
-@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, None, False), (4, 32, True)])
+def _llm_awq_rtn(w: np.ndarray, bits: int, group: int | None) -> np.ndarray:
+    """llm-awq's pseudo_quantize_tensor (zero point), in numpy float32: ``round(w / s)`` by
+    division, round half to even."""
+    n, k = w.shape
+    g = k if group is None else group
+    wg = w.astype(np.float32).reshape(-1, g)
+    mx, mn = wg.max(1, keepdims=True), wg.min(1, keepdims=True)
+    top = np.float32(2 ** bits - 1)
+    s = (np.maximum(mx - mn, np.float32(1e-5)) / top).astype(np.float32)
+    z = np.clip(-np.round(mn / s), 0, top)
+    return ((np.clip(np.round(wg / s) + z, 0, top) - z) * s).astype(np.float32).reshape(n, k)
+
+
+def test_clip_quantize_breaks_half_step_ties_as_llm_awq():
+    """A group clamped to [-r m, r m] has ``lo / scale`` = -(2^b - 1) / 2 exactly: every clamped
+    value sits on a half-step tie. The clip search rounds it as llm-awq (``w / s``), where
+    qkern's kernel (``w * (1 / s)``) rounds both ends inward."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 128, generator=g)
+    m = w.abs().reshape(16, -1, 32).amax(-1, keepdim=True)
+    for bits in (3, 4):
+        for r in (0.55, 0.6, 0.75):
+            c = torch.clamp(w.reshape(16, -1, 32), -r * m, r * m).reshape(16, 128)
+            got = clip_quantize(c, bits, 32, False).numpy()
+            np.testing.assert_array_equal(got, _llm_awq_rtn(c.numpy(), bits, 32))
+            assert (got != _ref_rtn(c.numpy(), bits, 32, False)).any()  # the kernel differs
+        plain = torch.randn(8, 96, generator=g)
+        np.testing.assert_array_equal(clip_quantize(plain, bits, None, False).numpy(),
+                                      _ref_rtn(plain.numpy(), bits, None, False))
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, None, False), (4, 32, True),
+                                            (3, 32, False)])
 def test_clip_search_equals_per_group_brute_force(bits, group, sym):
     g = torch.Generator().manual_seed(3)
     n, k = 24, 64
@@ -176,7 +214,8 @@ def test_clip_search_equals_per_group_brute_force(bits, group, sym):
     for ratio in ratios:
         lim = np.repeat((np.float32(ratio) * m.astype(np.float32)), gs, axis=1)
         wc = np.minimum(np.maximum(w.numpy(), -lim), lim)
-        q = _ref_rtn(wc, bits, group, sym).astype(np.float64)
+        q = (_ref_rtn(wc, bits, group, sym) if sym else
+             _llm_awq_rtn(wc, bits, group)).astype(np.float64)
         d = (wn - q).reshape(n, -1, gs)
         err = ((np.einsum("nga,tga->tng", d, xg.numpy())) ** 2).mean(0)
         better = err < best * (1 - 1e-9)

@@ -46,7 +46,8 @@ from ..registry import (
 from ..sequential import BlockContext, SequentialQuantizer, check_weight_bits
 
 __all__ = ["AWQ_OBJECTIVES", "CLIP_SKIP", "AWQConfig", "AWQQuantizer", "awq_scales",
-           "clip_grams", "clip_ratios", "clip_search", "inspect_target", "pseudo_quantize"]
+           "clip_grams", "clip_quantize", "clip_ratios", "clip_search", "inspect_target",
+           "pseudo_quantize"]
 
 #: what the scale search scores: the output of the module the pair feeds, or of the block
 AWQ_OBJECTIVES = ("module", "block")
@@ -114,6 +115,32 @@ def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int | None, sym: boo
                          symmetric=sym)
 
 
+def clip_quantize(w: torch.Tensor, bits: int, group_size: int | None, sym: bool
+                  ) -> torch.Tensor:
+    """The clip search's round to nearest: qkern's grid (scale ``(hi - lo) / (2^bits - 1)``
+    in float32 over the range widened to hold 0, zero point ``qmin - round(lo / scale)``) with
+    the codes ``round(w / scale)`` by division, as the paper's ``round(w / delta)`` and
+    llm-awq's pseudo_quantize_tensor. The kernel multiplies by ``1 / scale`` (as torch);
+    the two differ only on exact half-step ties, and a group clamped on both sides to
+    ``[-r m, r m]`` puts every clamped value on one (``lo / scale = -(2^bits - 1) / 2``):
+    the kernel then rounds both ends inward, llm-awq the low end outward. ``sym``: the
+    kernel's grid (no such tie)."""
+    if sym:
+        return pseudo_quantize(w, bits, group_size, sym)
+    w = w.float()
+    n, k = w.shape
+    g = k if group_size is None else group_size
+    wg = w.reshape(n, k // g, g)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    lo = wg.amin(-1, keepdim=True).clamp_max(0.0)
+    hi = wg.amax(-1, keepdim=True).clamp_min(0.0)
+    sc = (hi - lo) / float(qmax - qmin)
+    sc = torch.where(sc > 0, sc.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(sc))
+    z = (qmin - torch.round(lo / sc)).clamp(qmin, qmax)
+    q = torch.minimum(torch.maximum(torch.round(wg / sc), qmin - z), qmax - z)
+    return (q * sc).reshape(n, k)
+
+
 def awq_scales(x_mean: torch.Tensor, alphas: torch.Tensor,
                w_mean: torch.Tensor | None = None) -> torch.Tensor:
     """(A, K) float64 scales, one row per alpha: ``s = x_mean^alpha`` (or
@@ -148,7 +175,7 @@ def clip_search(w: torch.Tensor, gram_blocks: torch.Tensor, bits: int,
     diagonal blocks ``E[x_g x_g^T]`` of the input second moment (one per group of ``g``
     columns; G = 1, g = K per channel). For each row and group, the ratio ``r`` minimising
     ``d H_g d^T`` with ``d = w_g - Q(clamp(w_g, -r m, r m))``, ``m = max|w_g|`` (the first
-    one on ties). Returns (max values r m (N, G), ratios (N, G))."""
+    one on ties; ``Q``: :func:`clip_quantize`). Returns (max values r m (N, G), ratios (N, G))."""
     w = w.detach().float()
     n, k = w.shape
     gs = k if group_size is None else group_size
@@ -163,7 +190,7 @@ def clip_search(w: torch.Tensor, gram_blocks: torch.Tensor, bits: int,
         wc = wg[i:i + rows]
         mv = (r.reshape(-1, 1, 1) * m[i:i + rows]).unsqueeze(-1)  # (R, n, G, 1)
         cand = torch.minimum(torch.maximum(wc.unsqueeze(0), -mv), mv)
-        q = pseudo_quantize(cand.reshape(-1, k), bits, group_size, sym)
+        q = clip_quantize(cand.reshape(-1, k), bits, group_size, sym)
         d = (wc.unsqueeze(0) - q.reshape(cand.shape)).double()  # (R, n, G, g)
         dg = d.permute(2, 0, 1, 3).reshape(ng, -1, gs)  # (G, R n, g)
         err = ((dg @ h) * dg).sum(-1).reshape(ng, len(ratios), -1)  # (G, R, n)
@@ -247,7 +274,8 @@ def _scaled_candidates(w: torch.Tensor, scales: torch.Tensor, bits: int, group: 
 @register_quantizer(AWQConfig)
 class AWQQuantizer(SequentialQuantizer):
     """AWQ (see the module docstring). After a run, ``alphas`` {block.prev: alpha chosen},
-    ``losses`` {block.prev: [loss per alpha]} and ``clips`` {layer: (N, G) shrink ratios}."""
+    ``losses`` {block.prev: [loss per alpha]}, ``scales`` {block.prev: (K,) scales folded},
+    ``clips`` {layer: (N, G) shrink ratios} and ``clip_max`` {layer: (N, G) max values}."""
 
     GRAMS = False
 
@@ -256,6 +284,8 @@ class AWQQuantizer(SequentialQuantizer):
         self.alphas: dict[str, float] = {}
         self.losses: dict[str, list[float]] = {}
         self.clips: dict[str, torch.Tensor] = {}
+        self.scales: dict[str, torch.Tensor] = {}
+        self.clip_max: dict[str, torch.Tensor] = {}
         self._clip_max: dict[str, dict[str, torch.Tensor]] = {}
 
     def _group(self, ctx: BlockContext, rel: str, k: int) -> int | None:
@@ -313,6 +343,7 @@ class AWQQuantizer(SequentialQuantizer):
         key = f"{ctx.name}.{prev}"
         self.alphas[key] = float(alphas[best])
         self.losses[key] = losses
+        self.scales[key] = scales[best].clone()
         fold_scales(block, prev, nexts, scales[best])
         return scales[best]
 
@@ -393,6 +424,7 @@ class AWQQuantizer(SequentialQuantizer):
                                 c.sym, ratios)
             self._clip_max.setdefault(ctx.name, {})[n] = mx
             self.clips[ctx.full_name(n)] = r
+            self.clip_max[ctx.full_name(n)] = mx
 
 
 def _token_count(block: nn.Module, inputs: list[Batch], name: str) -> int:
