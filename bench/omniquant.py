@@ -118,7 +118,11 @@ def peer_available(src: str, pkgs: str) -> str | None:
 
 
 def run_peer(bits: int, group: int | None, cal: list, epochs: int, lr_lwc: float,
-             log: logging.Logger) -> nn.Module:
+             log: logging.Logger, aug_loss: bool = False) -> nn.Module:
+    """The authors' ``omniquant()`` on transformers' copy of the bytelm (LWC, weight-only,
+    batch 1, AdamW, wd 0; ``aug_loss`` their ``--aug_loss`` of the W2A16 scripts); the model
+    comes back with ``omni_dir``, where their ``omni_parameters.pth`` (the learned
+    ``bound_factor`` logits per layer) was saved."""
     import quantize.int_linear as il
     import quantize.omniquant as oq
     from transformers import LlamaForCausalLM
@@ -154,7 +158,7 @@ def run_peer(bits: int, group: int | None, cal: list, epochs: int, lr_lwc: float
         layers[i] = PeerLayer(layers[i], model.model.rotary_emb)
     args = types.SimpleNamespace(
         net="mixtral-bytelm", deactive_amp=True, epochs=epochs, nsamples=len(cal),
-        batch_size=1, aug_loss=False, resume=None, let=False, lwc=True, let_lr=5e-3,
+        batch_size=1, aug_loss=aug_loss, resume=None, let=False, lwc=True, let_lr=5e-3,
         lwc_lr=lr_lwc, wd=0.0, real_quant=False, alpha=0.5, wbits=bits, abits=16,
         output_dir=tempfile.mkdtemp(prefix="omniquant-peer-"),
         weight_quant_params={"n_bits": bits, "per_channel_axes": [0], "symmetric": False,
@@ -171,6 +175,7 @@ def run_peer(bits: int, group: int | None, cal: list, epochs: int, lr_lwc: float
         oq.QuantLinear = il.QuantLinear
     for lay in model.model.layers:
         lay.tuple_out = False
+    model.omni_dir = args.output_dir
     return model
 
 

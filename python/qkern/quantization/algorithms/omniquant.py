@@ -24,7 +24,9 @@ layers run on that kernel.
 Training target (the authors' ``fp_inps``): the float model's block output on the float
 model's block input, carried from block to block beside the quantized path
 (``target="float"``); ``target="block"`` uses the float block on the quantized inputs
-(``ctx.float_outputs``).
+(``ctx.float_outputs``). ``aug_loss=True`` (the authors' ``--aug_loss``, on in their W2A16
+scripts) adds the MSE to the float block's output on the quantized inputs (their
+``fp_inps_2``) to the loss.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ class OmniQuantConfig(BaseConfig):
     ``batch_size`` calibration batches per step (1); ``lwc_init`` the clip logits' start (4);
     ``let_alpha`` SmoothQuant's migration strength for LET's start (0.5); ``target`` the
     block loss's target ("float": the float model's output, as the authors; "block": the
-    float block on the quantized inputs). ``act_bits=8``: weight-activation W8A8 (the
+    float block on the quantized inputs); ``aug_loss`` adds the MSE to the float block on the
+    quantized inputs (the authors' ``--aug_loss``, used in their W2A16 scripts with 40
+    epochs). ``act_bits=8``: weight-activation W8A8 (the
     paper's W8A8 setting): linear inputs fake-quantized per token (symmetric int8,
     ``amax / 127``) while training, layers on qkern's w8a8 kernel (``act="int8_dynamic"``);
     it needs ``bits=8, group_size=None, sym=True`` (the kernel's per-channel int8 weights)."""
@@ -102,12 +106,14 @@ class OmniQuantConfig(BaseConfig):
     let_alpha: float = 0.5
     target: str = "float"
     act_bits: int | None = None
+    aug_loss: bool = False
 
     def __post_init__(self) -> None:
         check_weight_bits(self)
         n = type(self).__name__
         check_bool(n, "lwc", self.lwc)
         check_bool(n, "let", self.let)
+        check_bool(n, "aug_loss", self.aug_loss)
         check_int(n, "epochs", self.epochs, 0)
         check_int(n, "batch_size", self.batch_size, 1)
         for f in ("lr_lwc", "lr_let"):
@@ -328,15 +334,24 @@ class OmniQuantQuantizer(SequentialQuantizer):
             return out
         return self._fp
 
+    @staticmethod
+    def _loss(o: torch.Tensor, j: int, targets: list, aug: list | None) -> torch.Tensor:
+        """MSE to ``targets[j]`` (plus the MSE to ``aug[j]``: the authors' aug_loss)."""
+        loss = torch.nn.functional.mse_loss(o, targets[j])
+        if aug is not None:
+            loss = loss + torch.nn.functional.mse_loss(o, aug[j])
+        return loss
+
     def block_loss(self, ctx: BlockContext, lwc: dict, let: list,
-                   targets: list[torch.Tensor]) -> float:
-        """Mean MSE of the fake-quantized block to ``targets`` over the calibration inputs."""
+                   targets: list[torch.Tensor], aug: list | None = None) -> float:
+        """Mean loss (MSE to ``targets``, plus to ``aug`` when given) of the fake-quantized
+        block over the calibration inputs."""
         with torch.no_grad(), self._acts(ctx):
             eff = self._fake_weights(ctx.block, lwc, let)
             tot = 0.0
-            for b, y in zip(ctx.inputs, targets):
+            for j, b in enumerate(ctx.inputs):
                 o = _out(functional_call(ctx.block, eff, b.args, b.kwargs, strict=False))
-                tot += float(torch.nn.functional.mse_loss(o, y))
+                tot += float(self._loss(o, j, targets, aug))
         return tot / max(len(targets), 1)
 
     def _acts(self, ctx: BlockContext):
@@ -344,9 +359,10 @@ class OmniQuantQuantizer(SequentialQuantizer):
             return contextlib.nullcontext()
         return fake_quant_inputs(ctx.block, list(ctx.layers))
 
-    def _train(self, ctx: BlockContext, lwc: dict, let: list, targets: list) -> list[float]:
+    def _train(self, ctx: BlockContext, lwc: dict, let: list, targets: list,
+               aug: list | None = None) -> list[float]:
         c = self.config
-        hist = [self.block_loss(ctx, lwc, let, targets)]
+        hist = [self.block_loss(ctx, lwc, let, targets, aug)]
         groups = []
         if let:
             groups.append({"params": [s for *_, s in let], "lr": c.lr_let})
@@ -370,7 +386,7 @@ class OmniQuantQuantizer(SequentialQuantizer):
                         b = ctx.inputs[j]
                         o = _out(functional_call(ctx.block, eff, b.args, b.kwargs,
                                                  strict=False))
-                        loss = loss + torch.nn.functional.mse_loss(o, targets[j]) / len(chunk)
+                        loss = loss + self._loss(o, j, targets, aug) / len(chunk)
                 loss.backward()
                 opt.step()
                 tot += float(loss.detach()) * len(chunk)
@@ -380,7 +396,7 @@ class OmniQuantQuantizer(SequentialQuantizer):
             log.info(msg)
             if show:
                 print(msg, file=sys.stderr, flush=True)
-        hist[-1] = self.block_loss(ctx, lwc, let, targets)  # after the last step
+        hist[-1] = self.block_loss(ctx, lwc, let, targets, aug)  # after the last step
         return hist
 
     # ---- the block -----------------------------------------------------------------------
@@ -404,8 +420,10 @@ class OmniQuantQuantizer(SequentialQuantizer):
         lwc = self._lwc_params(ctx)
         let = self._let_params(ctx)
         if ctx.inputs:
+            # the authors' fp_inps_2: the float block on the quantized inputs
+            aug = ctx.float_outputs if self.config.aug_loss else None
             with torch.enable_grad():  # also when quantize_model runs under no_grad
-                self.history[ctx.name] = self._train(ctx, lwc, let, targets)
+                self.history[ctx.name] = self._train(ctx, lwc, let, targets, aug)
         with torch.no_grad():
             for prev, nexts, s in let:
                 fold_scales(ctx.block, prev, nexts, s.detach().clamp_min(1e-2))
