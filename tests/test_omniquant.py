@@ -14,7 +14,13 @@ import llm_models as LM
 import qkern
 from qkern.models import load_llama
 from qkern.models.assets import shipped_path
-from qkern.quantization import OmniQuantConfig, RTNConfig, find_blocks, text_calibration
+from qkern.quantization import (
+    GPTQConfig,
+    OmniQuantConfig,
+    RTNConfig,
+    find_blocks,
+    text_calibration,
+)
 from qkern.quantization.algorithms.omniquant import (
     OmniQuantQuantizer,
     act_fake_quant,
@@ -286,8 +292,41 @@ def test_cannot_be_handed_single_layers():
 
 
 def test_config_round_trips_json():
-    cfg = OmniQuantConfig(bits=3, group_size=64, epochs=2, let=True, lr_lwc=0.05)
+    cfg = OmniQuantConfig(bits=3, group_size=64, epochs=2, let=True, lr_lwc=0.05,
+                          aug_loss=True, then=GPTQConfig(bits=3, group_size=64, sym=False))
     assert qkern.quantization.BaseConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_then_without_clipping_is_the_inner_method():
+    """No training, clip factors 1.0 (logits 30): then=GPTQ gives GPTQ's weights exactly."""
+    model, cal = LM.build("llama"), LM.calibration(2, 8)
+    g = GPTQConfig(bits=2, group_size=32, sym=False)
+    q = qkern.quantize_model(model, OmniQuantConfig(bits=2, group_size=32, epochs=0,
+                                                    lwc_init=30.0, then=g), cal)
+    r = qkern.quantize_model(model, g, cal)
+    qm, rm = dict(q.named_modules()), dict(r.named_modules())
+    name, blocks = find_blocks(model)
+    for i, b in enumerate(blocks):
+        for rel in block_linears(b):
+            n = f"{name}.{i}.{rel}"
+            assert torch.equal(qm[n].dequantize_weight(), rm[n].dequantize_weight()), n
+
+
+def test_then_rtn_rounds_inside_the_learned_clip():
+    """then=RTN on the clamped weights: the numpy reference of the LWC grid with the learned
+    factors (min-max of the clamped group is the learned range)."""
+    model, cal = LM.build("llama"), LM.calibration(2, 8)
+    cfg = OmniQuantConfig(bits=2, group_size=32, epochs=2, lr_lwc=0.1,
+                          then=RTNConfig(bits=2, group_size=32, sym=False))
+    quantizer = OmniQuantQuantizer(cfg)
+    q = qkern.quantization.quantize_sequential(model, quantizer, cal)
+    _check_weights_are_trained_fake_quant(model, q, quantizer, cfg)
+
+
+def test_then_refused_with_activations():
+    with pytest.raises(ValueError, match="then"):
+        OmniQuantConfig(bits=8, group_size=None, sym=True, act_bits=8,
+                        then=GPTQConfig(bits=8, group_size=None, sym=True))
 
 
 def _ref_lwc_train(block, args, kwargs, targets, bits, group, steps, lr):
