@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20, help="paper: 20 (40 at W2A16)")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--lr-lwc", type=float, default=1e-2)
+    ap.add_argument("--aug-loss", action="store_true",
+                    help="the authors' --aug_loss (their W2A16 scripts: 40 epochs + aug_loss)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (training is many small ops: 1 is fastest on 2 cores)")
     ap.add_argument("--peer-src", default="/work/refs/omniquant-src")
@@ -196,7 +198,8 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--methods", default="rtn,gptq,omni,peer",
                     help="rows to run: rtn, gptq, omni, hf (qkern's OmniQuant on the "
-                         "transformers model the authors' code gets), peer")
+                         "transformers model the authors' code gets), omni+gptq (qkern's "
+                         "OmniQuant with then=GPTQConfig: GPTQ inside the learned clip), peer")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -210,7 +213,8 @@ def main() -> None:
     why = ("not asked for" if a.no_peer or "peer" not in todo
            else peer_available(a.peer_src, a.peer_pkgs))
     print(f"wikitext-bytelm, WikiText-2 test bits/byte (48 x 256), calibration {a.nsamples} x "
-          f"256, epochs {a.epochs}, lr_lwc {a.lr_lwc}, {a.threads} thread(s)")
+          f"256, epochs {a.epochs}, lr_lwc {a.lr_lwc}, aug_loss {a.aug_loss}, "
+          f"{a.threads} thread(s)")
     print(f"fp32 (qkern) {bits_per_byte(model, test):.4f}")
     if why is None:
         from transformers import LlamaForCausalLM
@@ -237,10 +241,17 @@ def main() -> None:
         if gptq is not None and "gptq" in todo:
             row("GPTQ (qkern)", lambda: qkern.quantize_model(
                 model, gptq(bits=bits, group_size=group, sym=False), cal))
-        cfg = OmniQuantConfig(bits=bits, group_size=group, epochs=a.epochs, lr_lwc=a.lr_lwc)
+        cfg = OmniQuantConfig(bits=bits, group_size=group, epochs=a.epochs, lr_lwc=a.lr_lwc,
+                              aug_loss=a.aug_loss)
         if "omni" in todo:
             row("OmniQuant (qkern)",
                 lambda: quantize_sequential(model, OmniQuantQuantizer(cfg), copy.copy(cal)))
+        if "omni+gptq" in todo and gptq is not None:
+            both = OmniQuantConfig(bits=bits, group_size=group, epochs=a.epochs,
+                                   lr_lwc=a.lr_lwc, aug_loss=a.aug_loss,
+                                   then=gptq(bits=bits, group_size=group, sym=False))
+            row("OmniQuant+GPTQ (qkern)",
+                lambda: quantize_sequential(model, OmniQuantQuantizer(both), copy.copy(cal)))
         if "hf" in todo:
             from transformers import LlamaForCausalLM
             hfm = LlamaForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
@@ -248,7 +259,7 @@ def main() -> None:
                 hfm, OmniQuantQuantizer(cfg), copy.copy(cal)), hf_bits_per_byte)
         if why is None:
             row("OmniQuant (authors)", lambda: run_peer(bits, group, cal, a.epochs, a.lr_lwc,
-                                                        peer_log), hf_bits_per_byte)
+                                                        peer_log, a.aug_loss), hf_bits_per_byte)
 
 
 if __name__ == "__main__":
