@@ -18,8 +18,9 @@ from qkern.models import load_llama
 from qkern.models.assets import shipped_path
 from qkern.quantization import AWQConfig, RTNConfig, find_blocks, quantize_sequential
 from qkern.quantization import text_calibration as cut
-from qkern.quantization.algorithms.awq import AWQQuantizer, clip_ratios, clip_search
+from qkern.quantization.algorithms.awq import AWQQuantizer, clip_grams, clip_ratios, clip_search
 from qkern.quantization.blocks import block_linears
+from qkern.quantization.registry import Batch
 from reference import quantize_int
 
 VALID = shipped_path("data/wikitext-2/wiki.valid.tokens")
@@ -312,3 +313,60 @@ def test_per_channel_duo_scaling_and_block_objective_run():
         assert type(out.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
         assert len(q.alphas) == 2 * 3  # qkv, gate/up, down per block (GQA: no v -> o)
         assert torch.isfinite(LM.output(out, cal[0])).all()
+
+
+@pytest.mark.parametrize("tokens", [None, 7, 40])
+def test_clip_grams_on_llm_awqs_token_sample(tokens):
+    """llm-awq's auto_clip: the error on rows ``x[0 :: T // n_sample_token]`` of all the
+    calibration tokens concatenated; a naive gather of those rows here."""
+    model = LM.build("llama")
+    cal = LM.calibration()
+    blk = find_blocks(model)[1][0]
+    ins = _block_inputs(model, cal)
+    name, g = "mlp.down_proj", 32
+    grab = _Grab(blk, "", name)
+    with torch.no_grad():
+        for a, k in ins:
+            blk(*a, **k)
+    grab.close()
+    x = torch.cat(grab.rows)
+    if tokens is not None:
+        x = x[0::len(x) // tokens]
+    xg = x.reshape(len(x), -1, g)
+    want = torch.einsum("tga,tgb->gab", xg, xg) / len(x)
+    got = clip_grams(blk, [Batch(a, k) for a, k in ins], {name: g}, tokens)[name]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_next_block_is_searched_on_the_float_models_activations():
+    """llm-awq's run_awq takes block i+1's inputs from block i before auto_scale / auto_clip:
+    with ``inputs="float"`` every block's search sees the float model's activations (the
+    scales keep the function, the clip ranges are applied only when quantizing)."""
+    model = LM.build("llama").double().float()
+    cal = LM.calibration()
+    _, blocks = find_blocks(model)
+    want = []
+    hs = [b.register_forward_pre_hook(
+        lambda m, a, k: want.append((a[0] if a else k["hidden_states"]).detach().clone()),
+        with_kwargs=True) for b in blocks]
+    with torch.no_grad():
+        for b in cal:
+            model(b)
+    for h in hs:
+        h.remove()
+    seen = []
+
+    class Spy(AWQQuantizer):
+        def process_block(self, ctx):
+            seen.extend((b.args[0] if b.args else b.kwargs["hidden_states"]).clone()
+                        for b in ctx.inputs)
+            super().process_block(ctx)
+
+    q = Spy(AWQConfig(bits=3, group_size=32, inputs="float"))
+    quantize_sequential(model, q, cal)
+    assert any((r < 1).any() for r in q.clips.values())  # the clip did shrink some ranges
+    n = len(cal)
+    want = [w for i in range(len(blocks)) for w in want[i::len(blocks)]][:len(seen)]
+    assert len(seen) == len(want) == n * len(blocks)
+    for s, w in zip(seen, want):
+        torch.testing.assert_close(s, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))

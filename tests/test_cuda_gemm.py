@@ -15,7 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-_cuda = pytest.importorskip("qkern._cuda", reason="qkern._cuda not built (no nvcc)")
+_cuda = pytest.importorskip("qkern._cuda",
+                            reason="qkern._cuda not built (no nvcc or no GPU; QKERN_CUDA=ON)")
 
 import qkern  # noqa: E402
 import qkern.ops.lut4 as L4  # noqa: E402

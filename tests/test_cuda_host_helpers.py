@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-_cuda = pytest.importorskip("qkern._cuda", reason="qkern._cuda not built (no nvcc)")
+_cuda = pytest.importorskip("qkern._cuda",
+                            reason="qkern._cuda not built (no nvcc or no GPU; QKERN_CUDA=ON)")
 
 from cuda_gemm_data import (  # noqa: E402
     HAS_GPU,

@@ -369,3 +369,76 @@ def test_python_dash_m(tmp_path):
                        check=False)
     assert p.returncode == 0, p.stderr
     assert "| mxint8 | mxint8 | group 32 along in†, E8M0 scales | 8.250 |" in p.stdout
+
+
+def test_demo_speed_caveat_follows_the_load(monkeypatch):
+    from qkern.tools import demo
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (3.5, 1.0, 1.0))
+    assert "unreliable" in demo.load_caveat() and "3.5" in demo.load_caveat()
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.2, 1.0, 1.0))
+    assert "unreliable" not in demo.load_caveat() and "0.2" in demo.load_caveat()
+
+
+def test_shipped_assets_found_in_an_installed_wheels_assets(tmp_path, monkeypatch):
+    """Outside a checkout (no models/ next to the package, none above the working directory)
+    the demo's files come from the wheel's qkern/assets folder."""
+    wheel = tmp_path / "site" / "qkern" / "assets"
+    shutil.copytree(MODEL_DIR, wheel / "models" / "stories260k")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv(assets.MODEL_ENV, raising=False)
+    monkeypatch.setattr(assets, "_CHECKOUT", tmp_path / "no-checkout")
+    monkeypatch.setattr(assets, "_WHEEL_ASSETS", wheel)
+    assert assets.shipped_path("models/stories260k") == wheel / "models" / "stories260k"
+    assert assets.find_model() == wheel / "models" / "stories260k"
+    with pytest.raises(FileNotFoundError, match="wheel"):
+        assets.shipped_path("data/wikitext-2/wiki.test.tokens")
+    monkeypatch.setattr(assets, "_WHEEL_ASSETS", tmp_path / "no-assets")
+    with pytest.raises(assets.ModelNotFoundError, match="--model DIR"):
+        assets.find_model()
+
+
+def test_installed_wheel_carries_the_demo_models_and_data(tmp_path):
+    """`pip install .` (make install) puts the demo's models and data in the wheel; `qkern demo`
+    then runs from any directory. Only meaningful for an installed qkern, not a source tree on
+    PYTHONPATH (the unit test above covers the lookup there)."""
+    if (Path(qkern.__file__).resolve().parents[2] / "CMakeLists.txt").exists():
+        pytest.skip("qkern imported from the source tree, not an installed wheel")
+    root = Path(qkern.__file__).resolve().parent / "assets"
+    for rel in ("models/stories260k/model.safetensors", "models/wikitext-bytelm/config.json",
+                "data/wikitext-2/wiki.test.tokens", "data/wikitext-2/wiki.valid.tokens"):
+        assert (root / rel).is_file(), rel
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", assets.MODEL_ENV)}
+    r = subprocess.run([sys.executable, "-m", "qkern", "demo", "--sections", "weights",
+                        "--formats", "int4"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stories260k" in r.stdout
+
+
+def test_demo_exit_status_when_a_section_cannot_run(tmp_path, monkeypatch, capsys):
+    """The same situation gives the same status: any section whose shipped file or optional
+    package is missing prints 'skipped: reason' and the demo exits 1; a path the user gave that
+    holds no model is a usage error (2)."""
+    from qkern.tools import cli
+    from qkern.tools.reports import minilm
+
+    def no_package():
+        raise ImportError("no module named tokenizers")
+
+    monkeypatch.setattr(minilm, "run", no_package)
+    assert cli.main(["demo", "--sections", "minilm"]) == 1
+    out, err = capsys.readouterr()
+    assert "skipped: no module named tokenizers" in out and "minilm:" in err
+    monkeypatch.delenv(assets.MODEL_ENV, raising=False)
+    monkeypatch.setattr(assets, "_CHECKOUT", tmp_path / "none")
+    monkeypatch.setattr(assets, "_WHEEL_ASSETS", tmp_path / "none")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--sections", "weights"]) == 1
+    out, err = capsys.readouterr()
+    assert "skipped: cannot find the demo model" in out and "weights:" in err
+    assert cli.main(["demo", "--sections", "weights", "--model", str(tmp_path)]) == 2
+    assert "--model" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qkern
+import qkern.nn.linear as linear_module
 import qkern.ops.w4 as W
 from qkern import kernels
 from qkern.nn import KernelFallbackWarning, QuantLinear
@@ -70,7 +71,9 @@ def test_kernel_class_added_from_outside(ext_kernel):
     assert other.kernel_reason == "ext_int5: test-only: group_size 32 is not 64"
 
 
-def test_unregistered_kernel_is_gone(ext_kernel):
+def test_unregistered_kernel_is_gone(ext_kernel, monkeypatch):
+    # the fallback warns once per reason per process: forget what earlier tests were warned of
+    monkeypatch.setattr(linear_module, "_WARNED", set())
     kernels.unregister(ExtInt5)
     with pytest.warns(KernelFallbackWarning):
         ql = QuantLinear.from_float(nn.Linear(64, 4), "int5", group_size=64)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import qkern
-from qkern.nn import QuantLinear, replace_linear
+from qkern.nn import QuantEmbedding, QuantLinear, replace_linear
 
 CASES = [
     ("int4", {"group_size": 128}),
@@ -163,3 +163,17 @@ def test_quantized_activation_modes_within_their_bound(fmt, kw, block):
     bound = half_step @ w.abs().T  # |x - xq| <= step/2 elementwise
     bound += 1e-5 * (x.double().abs() @ w.abs().T) + 1e-5
     assert ((ql(x).double() - ref).abs() <= bound).all()
+
+
+def test_quant_embedding_compiles_without_graph_breaks():
+    emb = torch.nn.Embedding(64, 32)
+    qe = QuantEmbedding.from_float(emb, "int4", group_size=32)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(qe, fullgraph=True, backend="eager")  # a graph break raises
+    want = emb.weight.detach()[ids]  # the float rows, to within the int4 step
+    got = compiled(ids)
+    assert torch.equal(got, qe(ids))
+    assert float((got - want).abs().max()) <= float(qe.dequantize_weight().sub(
+        emb.weight.detach()).abs().max()) + 1e-7
+    with pytest.raises(IndexError):
+        qe(torch.tensor([64]))

@@ -74,8 +74,8 @@ def formats() -> tuple[str, ...]:
 def export(model: nn.Module, out: str | os.PathLike, format: str, **options) -> Path:
     """Writes the quantized ``model`` to ``out`` in ``format`` ("gptq", "awq",
     "compressed-tensors", "gguf", "onnx") for that format's own runtime; ``options`` are the
-    format's (see docs/serving/<format>.md). Refuses, naming the layer and the reason, a model the format
-    cannot hold exactly. Returns the path written."""
+    format's (see docs/serving/<format>.md). Refuses, naming the layer and the reason, a model
+    the format cannot hold exactly. Returns the path written."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(format, str):

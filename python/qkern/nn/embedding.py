@@ -81,7 +81,10 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be int64 or int32, got {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+        # under torch.compile the data-dependent check would break the graph; the row gather
+        # below still refuses an id out of range there (an indexing error)
+        if (ids.numel() and not torch.compiler.is_compiling()
+                and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings)):
             raise IndexError(f"ids must be in [0, {self.num_embeddings})")
         flat = ids.reshape(-1).long()
         return self._rows(flat).view(*ids.shape, self.embedding_dim)

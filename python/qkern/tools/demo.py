@@ -32,7 +32,7 @@ import qkern
 
 from .. import formats as F
 from ..io import read_safetensors
-from ..models.assets import find_model
+from ..models.assets import MODEL_ENV, ModelNotFoundError, find_model
 from ..models.llama import read_weights
 from ..quantize import quantize
 from ..tensor import QTensor
@@ -349,6 +349,12 @@ class DemoContext:
     specs: list[Spec]
     out: TextIO
     results: dict[str, object] = field(default_factory=dict)
+    #: "section: reason" for every section that could not run (a file or package missing)
+    skipped: list[str] = field(default_factory=list)
+
+    def skip(self, section: str, title: str, reason: Exception) -> str:
+        self.skipped.append(f"{section}: {reason}")
+        return f"{title}\n\nskipped: {reason}"
 
 
 @dataclass(frozen=True)
@@ -358,6 +364,8 @@ class Section:
 
 
 def _weights_section(ctx: DemoContext) -> str:
+    if ctx.model is None:  # the default model is not there (run() noted why)
+        return ""
     t0 = time.perf_counter()
     results = evaluate_weights(ctx.model, ctx.specs)
     ctx.results["weights"] = results
@@ -368,33 +376,53 @@ def _decode_section(ctx: DemoContext) -> str:
     keep = ("fp32", "torch dynamic", "qkern W8A8", "qkern int4 g32 fast", "qkern nf4",
             "qkern int3")
     schemes = [s for s in DECODE_SCHEMES if s[0].startswith(keep)]
+    title = "## Byte-level Llama (wikitext-bytelm): quality and decode speed"
     try:
         body = run_decode(threads=max(1, min(2, os.cpu_count() or 1)), repeats=3, n_tokens=64,
                           windows=48, schemes=schemes)
     except FileNotFoundError as e:
-        body = f"skipped: {e}"
-    return "## Byte-level Llama (wikitext-bytelm): quality and decode speed\n\n" + body
+        return ctx.skip("decode", title, e)
+    return title + "\n\n" + load_caveat() + "\n\n" + body
+
+
+def load_caveat() -> str:
+    """The machine's load when the speeds were measured, and whether they can be trusted."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "Load average unknown: speed figures may be disturbed by other work."
+    cpus = os.cpu_count() or 1
+    if load > 0.5 * cpus:
+        return (f"**Speed figures unreliable**: load average {load:.1f} on {cpus} CPUs while "
+                "measuring (other processes share the cores; tokens/s can swing 10x). Quality "
+                "columns are exact.")
+    return f"Measured at load average {load:.1f} on {cpus} CPUs."
 
 
 def _digits_section(ctx: DemoContext) -> str:
-    return "## PTQ of an MLP and a CNN on real images\n\n" + digits.run()
+    title = "## PTQ of an MLP and a CNN on real images"
+    try:
+        body = digits.run()
+    except ImportError as e:  # scikit-learn (the [demo] extra) missing
+        return ctx.skip("digits", title, e)
+    return title + "\n\n" + body
 
 
 def _minilm_section(ctx: DemoContext) -> str:
     try:
         body = minilm.run()
     except (ImportError, FileNotFoundError) as e:  # tokenizers or the model package missing
-        return f"## all-MiniLM-L6-v2\n\nskipped: {e}"
+        return ctx.skip("minilm", "## all-MiniLM-L6-v2", e)
     return "## all-MiniLM-L6-v2 sentence embeddings, quantized\n\n" + body
 
 
 def _llm_section(ctx: DemoContext) -> str:
+    title = "## LLM post-training quantization (wikitext-bytelm, block by block)"
     try:
         body = llm.bytelm_table(["RTN", "GPTQ", "AWQ", "HQQ"], ["w4 g128", "w3 g128"], n_cal=32)
     except FileNotFoundError as e:
-        body = f"skipped: {e}"
-    return ("## LLM post-training quantization (wikitext-bytelm, block by block)\n\n" + body
-            + "\n\nThe full table: python -m qkern.tools.reports.llm")
+        return ctx.skip("llm", title, e)
+    return title + "\n\n" + body + "\n\nThe full table: python -m qkern.tools.reports.llm"
 
 
 SECTIONS: list[Section] = [
@@ -412,8 +440,19 @@ def run(model: str | os.PathLike | Model | None = None, formats: Iterable[str] |
     out = sys.stdout if out is None else out
     sections = SECTIONS if sections is None else sections
     needs_model = any(s.name == "weights" for s in sections) or model is not None
-    m = model if isinstance(model, Model) else load_model(model) if needs_model else None
+    m, missing = None, None
+    if isinstance(model, Model):
+        m = model
+    elif needs_model:
+        try:
+            m = load_model(model)
+        except ModelNotFoundError as e:
+            if model is not None or os.environ.get(MODEL_ENV):  # the user's path: a usage error
+                raise
+            missing = e  # the shipped default is not there: skipped like the other sections
     ctx = DemoContext(m, select_specs(formats), out)
+    if missing is not None:
+        out.write(ctx.skip("weights", "## Weight formats", missing) + "\n")
     for i, section in enumerate(sections):
         text = section.run(ctx)
         if text:

@@ -46,7 +46,7 @@ from ..registry import (
 from ..sequential import BlockContext, SequentialQuantizer, check_weight_bits
 
 __all__ = ["AWQ_OBJECTIVES", "CLIP_SKIP", "AWQConfig", "AWQQuantizer", "awq_scales",
-           "clip_ratios", "clip_search", "inspect_target", "pseudo_quantize"]
+           "clip_grams", "clip_ratios", "clip_search", "inspect_target", "pseudo_quantize"]
 
 #: what the scale search scores: the output of the module the pair feeds, or of the block
 AWQ_OBJECTIVES = ("module", "block")
@@ -64,7 +64,9 @@ class AWQConfig(BaseConfig):
     """AWQ weights: ``bits`` 2..8, ``group_size`` (None: per output channel), ``sym``
     (False: zero points, as llm-awq); ``n_grid`` alphas scored per pair (paper: 20),
     ``clip`` (the max-value shrink search, ``clip_grid`` / ``max_shrink`` as llm-awq's 20 /
-    0.5), ``duo_scaling`` (AutoAWQ's ``s_x^a / s_w^(1-a)``; llm-awq: off), ``objective``
+    0.5; ``clip_tokens``: the clip error on every ``T // clip_tokens``-th of the T calibration
+    tokens, as llm-awq's n_sample_token=512; None: all), ``duo_scaling`` (AutoAWQ's
+    ``s_x^a / s_w^(1-a)``; llm-awq: off), ``objective``
     ("module" as llm-awq, or "block"), ``inputs`` ("float": each block searched on the
     float model's activations with the earlier blocks scaled but not quantized, as llm-awq;
     "quantized": on the quantized prefix's, the pipeline's default for GPTQ), ``then``: the
@@ -77,6 +79,7 @@ class AWQConfig(BaseConfig):
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
+    clip_tokens: int | None = 512
     duo_scaling: bool = False
     objective: str = "module"
     inputs: str = "float"
@@ -89,6 +92,8 @@ class AWQConfig(BaseConfig):
         check_bool(n, "clip", self.clip)
         check_int(n, "clip_grid", self.clip_grid, 1)
         check_real(n, "max_shrink", self.max_shrink, 0.0, 0.95, "a real in [0, 0.95]")
+        if self.clip_tokens is not None:
+            check_int(n, "clip_tokens", self.clip_tokens, 1)
         check_bool(n, "duo_scaling", self.duo_scaling)
         check_choice(n, "objective", self.objective, AWQ_OBJECTIVES)
         check_choice(n, "inputs", self.inputs, ("float", "quantized"))
@@ -251,6 +256,7 @@ class AWQQuantizer(SequentialQuantizer):
         self.alphas: dict[str, float] = {}
         self.losses: dict[str, list[float]] = {}
         self.clips: dict[str, torch.Tensor] = {}
+        self._clip_max: dict[str, dict[str, torch.Tensor]] = {}
 
     def _group(self, ctx: BlockContext, rel: str, k: int) -> int | None:
         cfg = ctx.layers[rel]
@@ -265,6 +271,21 @@ class AWQQuantizer(SequentialQuantizer):
                 self.search_pair(ctx, prev, nexts)
         if self.config.clip:
             self.clip_block(ctx)
+
+    def quantize_block(self, ctx: BlockContext, log) -> None:
+        """Clamps the weights to the clip ranges found, then quantizes: the clamp comes after
+        the pipeline took this block's outputs for the next block, so (``inputs="float"``)
+        every block is searched on the float model's activations, as llm-awq's run_awq (the
+        next block's inputs are computed before auto_scale / auto_clip)."""
+        for rel, mx in self._clip_max.pop(ctx.name, {}).items():
+            lin = ctx.block.get_submodule(rel)
+            w = lin.weight.detach().float()
+            lim = mx.unsqueeze(-1)
+            wc = torch.minimum(torch.maximum(w.reshape(w.shape[0], mx.shape[1], -1), -lim),
+                               lim)
+            with torch.no_grad():
+                lin.weight.copy_(wc.reshape(w.shape).to(lin.weight.dtype))
+        super().quantize_block(ctx, log)
 
     # ---- scale search ------------------------------------------------------------------------
 
@@ -351,8 +372,8 @@ class AWQQuantizer(SequentialQuantizer):
     # ---- clip search -------------------------------------------------------------------------
 
     def clip_block(self, ctx: BlockContext) -> None:
-        """The max-value shrink search on every quantized linear but q/k; the weights are
-        clamped to the chosen ranges in ``ctx.block``."""
+        """The max-value shrink search on every quantized linear but q/k; the chosen ranges
+        are kept and the weights clamped by :meth:`quantize_block`."""
         names = [n for n in ctx.layers if n.rpartition(".")[2] not in CLIP_SKIP]
         if not names:
             return
@@ -361,7 +382,7 @@ class AWQQuantizer(SequentialQuantizer):
             k = ctx.block.get_submodule(n).in_features
             g = self._group(ctx, n, k)
             groups[n] = k if g is None else g
-        blocks = _block_grams(ctx.block, ctx.inputs, groups)
+        blocks = clip_grams(ctx.block, ctx.inputs, groups, self.config.clip_tokens)
         ratios = clip_ratios(self.config.clip_grid, self.config.max_shrink)
         for n in names:
             lin = ctx.block.get_submodule(n)
@@ -370,22 +391,42 @@ class AWQQuantizer(SequentialQuantizer):
             gs = groups[n]
             mx, r = clip_search(w, blocks[n], c.bits, None if gs == w.shape[1] else gs,
                                 c.sym, ratios)
-            lim = mx.unsqueeze(-1)
-            wc = torch.minimum(torch.maximum(w.reshape(w.shape[0], -1, gs), -lim), lim)
-            with torch.no_grad():
-                lin.weight.copy_(wc.reshape(w.shape).to(lin.weight.dtype))
+            self._clip_max.setdefault(ctx.name, {})[n] = mx
             self.clips[ctx.full_name(n)] = r
 
 
-def _block_grams(block: nn.Module, inputs: list[Batch], groups: dict[str, int]
-                 ) -> dict[str, torch.Tensor]:
+def _token_count(block: nn.Module, inputs: list[Batch], name: str) -> int:
+    n = [0]
+
+    def f(mod, args):
+        n[0] += _rows(args[0]).shape[0]
+
+    h = block.get_submodule(name).register_forward_pre_hook(f)
+    try:
+        with torch.no_grad():
+            for b in inputs:
+                call_model(block, b)
+    finally:
+        h.remove()
+    return n[0]
+
+
+def clip_grams(block: nn.Module, inputs: list[Batch], groups: dict[str, int],
+                 tokens: int | None = None) -> dict[str, torch.Tensor]:
     """{linear: (G, g, g) float64 ``E[x_g x_g^T]``}: the diagonal blocks of each named
-    linear's input second moment, groups of ``groups[name]`` columns (one block run)."""
-    acc: dict[str, list] = {n: [None, 0] for n in groups}
+    linear's input second moment, groups of ``groups[name]`` columns; ``tokens``: over every
+    ``T // tokens``-th of the T calibration tokens (llm-awq's ``[0::T // 512]``)."""
+    acc: dict[str, list] = {n: [None, 0, 0] for n in groups}
+    step = 1
+    if tokens is not None and groups:
+        step = max(1, _token_count(block, inputs, next(iter(groups))) // tokens)
 
     def hook(n):
         def f(mod, args):
             x = _rows(args[0]).double()
+            first = (-acc[n][2]) % step
+            acc[n][2] += x.shape[0]
+            x = x[first::step]
             g = groups[n]
             xg = x.reshape(x.shape[0], -1, g).transpose(0, 1)  # (G, T, g)
             h = xg.transpose(1, 2) @ xg
@@ -402,7 +443,7 @@ def _block_grams(block: nn.Module, inputs: list[Batch], groups: dict[str, int]
         for h in handles:
             h.remove()
     out = {}
-    for n, (h, cnt) in acc.items():
+    for n, (h, cnt, _) in acc.items():
         if h is None:
             raise ValueError(f"{n}: the layer did not run on the calibration data")
         out[n] = h / cnt

@@ -39,7 +39,8 @@ from ...quantization import (
     text_calibration,
 )
 
-__all__ = ["METHODS", "SETTINGS", "TRANSFORMS", "bytelm_table", "kl_table", "main", "method_config"]
+__all__ = ["METHODS", "SETTINGS", "TRANSFORMS", "bytelm_table", "kl_table", "main", "method_config",
+           "prepare", "quantize", "wikitext_bytes"]
 
 #: weight settings: label -> (bits, group_size)
 SETTINGS: dict[str, tuple[int, int | None]] = {
@@ -83,12 +84,20 @@ def method_config(method: str, setting: str) -> BaseConfig | None:
     return METHODS[method](bits, group)
 
 
-def _prepare(method: str, model: nn.Module) -> nn.Module:
+def prepare(method: str, model: nn.Module) -> nn.Module:
+    """``model``, transformed first where the method asks for it (:data:`TRANSFORMS`)."""
     t = TRANSFORMS.get(method)
     return model if t is None else t(model)
 
 
-def _quantize(model, cfg, cal):
+def wikitext_bytes() -> tuple[bytes, bytes]:
+    """The shipped WikiText-2 *valid* (calibration) and *test* (evaluation) text."""
+    return (shipped_path("data/wikitext-2/wiki.valid.tokens").read_bytes(),
+            shipped_path("data/wikitext-2/wiki.test.tokens").read_bytes())
+
+
+def quantize(model, cfg, cal):
+    """``quantize_model`` without progress output or warnings; returns (model, seconds)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = time.perf_counter()
@@ -98,8 +107,7 @@ def _quantize(model, cfg, cal):
 
 def bytelm_table(methods: list[str], settings: list[str], n_cal: int = 64) -> str:
     model = load_llama(shipped_path("models/wikitext-bytelm"))
-    valid = shipped_path("data/wikitext-2/wiki.valid.tokens").read_bytes()
-    test = shipped_path("data/wikitext-2/wiki.test.tokens").read_bytes()
+    valid, test = wikitext_bytes()
     cal = text_calibration(valid, "bytes", n_cal, 256)
     with torch.no_grad():
         fp = bits_per_byte(model, test)
@@ -115,7 +123,7 @@ def bytelm_table(methods: list[str], settings: list[str], n_cal: int = 64) -> st
             if cfg is None:
                 cells.append("n/a")
                 continue
-            q, secs = _quantize(_prepare(m, model), cfg, cal)
+            q, secs = quantize(prepare(m, model), cfg, cal)
             with torch.no_grad():
                 cells.append(f"{bits_per_byte(q, test):.4f} ({secs:.0f} s)")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -160,7 +168,7 @@ def kl_table(methods: list[str], settings: list[str]) -> str:
             if cfg is None:
                 cells.append("n/a")
                 continue
-            q, _ = _quantize(_prepare(m, model), cfg, cal)
+            q, _ = quantize(prepare(m, model), cfg, cal)
             cells.append(f"{_kl(model, q, ev):.4f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
