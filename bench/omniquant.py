@@ -41,7 +41,13 @@ from torch import nn
 import qkern
 from qkern.models import bits_per_byte, load_llama
 from qkern.models.assets import shipped_path
-from qkern.quantization import OmniQuantConfig, RTNConfig, quantize_sequential, text_calibration
+from qkern.quantization import (
+    OmniQuantConfig,
+    RTNConfig,
+    quantize_sequential,
+    rotate_model,
+    text_calibration,
+)
 from qkern.quantization.algorithms.omniquant import OmniQuantQuantizer
 
 MODEL = shipped_path("models/wikitext-bytelm")
@@ -199,7 +205,9 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq,omni,peer",
                     help="rows to run: rtn, gptq, omni, hf (qkern's OmniQuant on the "
                          "transformers model the authors' code gets), omni+gptq (qkern's "
-                         "OmniQuant with then=GPTQConfig: GPTQ inside the learned clip), peer")
+                         "OmniQuant with then=GPTQConfig: GPTQ inside the learned clip), "
+                         "rot+gptq, rot+omni+gptq (the same on QuaRot's rotated model: "
+                         "rotate_model(seed=0)), peer")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -252,6 +260,16 @@ def main() -> None:
                                    then=gptq(bits=bits, group_size=group, sym=False))
             row("OmniQuant+GPTQ (qkern)",
                 lambda: quantize_sequential(model, OmniQuantQuantizer(both), copy.copy(cal)))
+        rot_rows = [m for m in ("rot+gptq", "rot+omni+gptq") if m in todo]
+        if rot_rows and gptq is not None:
+            rot = rotate_model(copy.deepcopy(model), seed=0)
+            g = gptq(bits=bits, group_size=group, sym=False)
+            if "rot+gptq" in todo:
+                row("rotation + GPTQ", lambda: qkern.quantize_model(rot, g, cal))
+            if "rot+omni+gptq" in todo:
+                ro = OmniQuantConfig(bits=bits, group_size=group, epochs=a.epochs,
+                                     lr_lwc=a.lr_lwc, aug_loss=a.aug_loss, then=g)
+                row("rotation+Omni+GPTQ", lambda: qkern.quantize_model(rot, ro, cal))
         if "hf" in todo:
             from transformers import LlamaForCausalLM
             hfm = LlamaForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
