@@ -323,6 +323,13 @@ def test_then_rtn_rounds_inside_the_learned_clip():
     _check_weights_are_trained_fake_quant(model, q, quantizer, cfg)
 
 
+@pytest.mark.parametrize("field,value", [("bits", 3), ("group_size", 32), ("sym", True)])
+def test_then_must_match_bits_group_and_sym(field, value):
+    kw = {"bits": 2, "group_size": 64, "sym": False}
+    with pytest.raises(ValueError, match=f"GPTQConfig.{field}=.* differs from"):
+        OmniQuantConfig(**kw, then=GPTQConfig(**{**kw, field: value}))
+
+
 def test_then_refused_with_activations():
     with pytest.raises(ValueError, match="then"):
         OmniQuantConfig(bits=8, group_size=None, sym=True, act_bits=8,
