@@ -41,7 +41,13 @@ from torch import nn
 import qkern
 from qkern.models import bits_per_byte, load_llama
 from qkern.models.assets import shipped_path
-from qkern.quantization import OmniQuantConfig, RTNConfig, quantize_sequential, text_calibration
+from qkern.quantization import (
+    OmniQuantConfig,
+    RTNConfig,
+    quantize_sequential,
+    rotate_model,
+    text_calibration,
+)
 from qkern.quantization.algorithms.omniquant import OmniQuantQuantizer
 
 MODEL = shipped_path("models/wikitext-bytelm")
@@ -118,7 +124,11 @@ def peer_available(src: str, pkgs: str) -> str | None:
 
 
 def run_peer(bits: int, group: int | None, cal: list, epochs: int, lr_lwc: float,
-             log: logging.Logger) -> nn.Module:
+             log: logging.Logger, aug_loss: bool = False) -> nn.Module:
+    """The authors' ``omniquant()`` on transformers' copy of the bytelm (LWC, weight-only,
+    batch 1, AdamW, wd 0; ``aug_loss`` their ``--aug_loss`` of the W2A16 scripts); the model
+    comes back with ``omni_dir``, where their ``omni_parameters.pth`` (the learned
+    ``bound_factor`` logits per layer) was saved."""
     import quantize.int_linear as il
     import quantize.omniquant as oq
     from transformers import LlamaForCausalLM
@@ -154,7 +164,7 @@ def run_peer(bits: int, group: int | None, cal: list, epochs: int, lr_lwc: float
         layers[i] = PeerLayer(layers[i], model.model.rotary_emb)
     args = types.SimpleNamespace(
         net="mixtral-bytelm", deactive_amp=True, epochs=epochs, nsamples=len(cal),
-        batch_size=1, aug_loss=False, resume=None, let=False, lwc=True, let_lr=5e-3,
+        batch_size=1, aug_loss=aug_loss, resume=None, let=False, lwc=True, let_lr=5e-3,
         lwc_lr=lr_lwc, wd=0.0, real_quant=False, alpha=0.5, wbits=bits, abits=16,
         output_dir=tempfile.mkdtemp(prefix="omniquant-peer-"),
         weight_quant_params={"n_bits": bits, "per_channel_axes": [0], "symmetric": False,
@@ -171,6 +181,7 @@ def run_peer(bits: int, group: int | None, cal: list, epochs: int, lr_lwc: float
         oq.QuantLinear = il.QuantLinear
     for lay in model.model.layers:
         lay.tuple_out = False
+    model.omni_dir = args.output_dir
     return model
 
 
@@ -184,6 +195,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20, help="paper: 20 (40 at W2A16)")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--lr-lwc", type=float, default=1e-2)
+    ap.add_argument("--aug-loss", action="store_true",
+                    help="the authors' --aug_loss (their W2A16 scripts: 40 epochs + aug_loss)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (training is many small ops: 1 is fastest on 2 cores)")
     ap.add_argument("--peer-src", default="/work/refs/omniquant-src")
@@ -191,7 +204,10 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--methods", default="rtn,gptq,omni,peer",
                     help="rows to run: rtn, gptq, omni, hf (qkern's OmniQuant on the "
-                         "transformers model the authors' code gets), peer")
+                         "transformers model the authors' code gets), omni+gptq (qkern's "
+                         "OmniQuant with then=GPTQConfig: GPTQ inside the learned clip), "
+                         "rot+gptq, rot+omni+gptq (the same on QuaRot's rotated model: "
+                         "rotate_model(seed=0)), peer")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -205,7 +221,8 @@ def main() -> None:
     why = ("not asked for" if a.no_peer or "peer" not in todo
            else peer_available(a.peer_src, a.peer_pkgs))
     print(f"wikitext-bytelm, WikiText-2 test bits/byte (48 x 256), calibration {a.nsamples} x "
-          f"256, epochs {a.epochs}, lr_lwc {a.lr_lwc}, {a.threads} thread(s)")
+          f"256, epochs {a.epochs}, lr_lwc {a.lr_lwc}, aug_loss {a.aug_loss}, "
+          f"{a.threads} thread(s)")
     print(f"fp32 (qkern) {bits_per_byte(model, test):.4f}")
     if why is None:
         from transformers import LlamaForCausalLM
@@ -232,10 +249,27 @@ def main() -> None:
         if gptq is not None and "gptq" in todo:
             row("GPTQ (qkern)", lambda: qkern.quantize_model(
                 model, gptq(bits=bits, group_size=group, sym=False), cal))
-        cfg = OmniQuantConfig(bits=bits, group_size=group, epochs=a.epochs, lr_lwc=a.lr_lwc)
+        cfg = OmniQuantConfig(bits=bits, group_size=group, epochs=a.epochs, lr_lwc=a.lr_lwc,
+                              aug_loss=a.aug_loss)
         if "omni" in todo:
             row("OmniQuant (qkern)",
                 lambda: quantize_sequential(model, OmniQuantQuantizer(cfg), copy.copy(cal)))
+        if "omni+gptq" in todo and gptq is not None:
+            both = OmniQuantConfig(bits=bits, group_size=group, epochs=a.epochs,
+                                   lr_lwc=a.lr_lwc, aug_loss=a.aug_loss,
+                                   then=gptq(bits=bits, group_size=group, sym=False))
+            row("OmniQuant+GPTQ (qkern)",
+                lambda: quantize_sequential(model, OmniQuantQuantizer(both), copy.copy(cal)))
+        rot_rows = [m for m in ("rot+gptq", "rot+omni+gptq") if m in todo]
+        if rot_rows and gptq is not None:
+            rot = rotate_model(copy.deepcopy(model), seed=0)
+            g = gptq(bits=bits, group_size=group, sym=False)
+            if "rot+gptq" in todo:
+                row("rotation + GPTQ", lambda: qkern.quantize_model(rot, g, cal))
+            if "rot+omni+gptq" in todo:
+                ro = OmniQuantConfig(bits=bits, group_size=group, epochs=a.epochs,
+                                     lr_lwc=a.lr_lwc, aug_loss=a.aug_loss, then=g)
+                row("rotation+Omni+GPTQ", lambda: qkern.quantize_model(rot, ro, cal))
         if "hf" in todo:
             from transformers import LlamaForCausalLM
             hfm = LlamaForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
@@ -243,7 +277,7 @@ def main() -> None:
                 hfm, OmniQuantQuantizer(cfg), copy.copy(cal)), hf_bits_per_byte)
         if why is None:
             row("OmniQuant (authors)", lambda: run_peer(bits, group, cal, a.epochs, a.lr_lwc,
-                                                        peer_log), hf_bits_per_byte)
+                                                        peer_log, a.aug_loss), hf_bits_per_byte)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ import llm_models as LM
 import qkern
 from qkern.models import load_llama
 from qkern.models.assets import shipped_path
-from qkern.quantization import OmniQuantConfig, RTNConfig, find_blocks, text_calibration
+from qkern.quantization import (
+    GPTQConfig,
+    OmniQuantConfig,
+    RTNConfig,
+    find_blocks,
+    text_calibration,
+)
 from qkern.quantization.algorithms.omniquant import (
     OmniQuantQuantizer,
     act_fake_quant,
@@ -286,5 +292,123 @@ def test_cannot_be_handed_single_layers():
 
 
 def test_config_round_trips_json():
-    cfg = OmniQuantConfig(bits=3, group_size=64, epochs=2, let=True, lr_lwc=0.05)
+    cfg = OmniQuantConfig(bits=3, group_size=64, epochs=2, let=True, lr_lwc=0.05,
+                          aug_loss=True, then=GPTQConfig(bits=3, group_size=64, sym=False))
     assert qkern.quantization.BaseConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_then_without_clipping_is_the_inner_method():
+    """No training, clip factors 1.0 (logits 30): then=GPTQ gives GPTQ's weights exactly."""
+    model, cal = LM.build("llama"), LM.calibration(2, 8)
+    g = GPTQConfig(bits=2, group_size=32, sym=False)
+    q = qkern.quantize_model(model, OmniQuantConfig(bits=2, group_size=32, epochs=0,
+                                                    lwc_init=30.0, then=g), cal)
+    r = qkern.quantize_model(model, g, cal)
+    qm, rm = dict(q.named_modules()), dict(r.named_modules())
+    name, blocks = find_blocks(model)
+    for i, b in enumerate(blocks):
+        for rel in block_linears(b):
+            n = f"{name}.{i}.{rel}"
+            assert torch.equal(qm[n].dequantize_weight(), rm[n].dequantize_weight()), n
+
+
+def test_then_rtn_rounds_inside_the_learned_clip():
+    """then=RTN on the clamped weights: the numpy reference of the LWC grid with the learned
+    factors (min-max of the clamped group is the learned range)."""
+    model, cal = LM.build("llama"), LM.calibration(2, 8)
+    cfg = OmniQuantConfig(bits=2, group_size=32, epochs=2, lr_lwc=0.1,
+                          then=RTNConfig(bits=2, group_size=32, sym=False))
+    quantizer = OmniQuantQuantizer(cfg)
+    q = qkern.quantization.quantize_sequential(model, quantizer, cal)
+    _check_weights_are_trained_fake_quant(model, q, quantizer, cfg)
+
+
+@pytest.mark.parametrize("field,value", [("bits", 3), ("group_size", 32), ("sym", True)])
+def test_then_must_match_bits_group_and_sym(field, value):
+    kw = {"bits": 2, "group_size": 64, "sym": False}
+    with pytest.raises(ValueError, match=f"GPTQConfig.{field}=.* differs from"):
+        OmniQuantConfig(**kw, then=GPTQConfig(**{**kw, field: value}))
+
+
+def test_then_refused_with_activations():
+    with pytest.raises(ValueError, match="then"):
+        OmniQuantConfig(bits=8, group_size=None, sym=True, act_bits=8,
+                        then=GPTQConfig(bits=8, group_size=None, sym=True))
+
+
+def _ref_lwc_train(block, args, kwargs, targets, bits, group, steps, lr):
+    """The authors' LWC training of one block, written from their equations in plain torch:
+    per group ``hi = sigmoid(g) max``, ``lo = sigmoid(b) min``, ``s = (hi - lo) / (2^N - 1)``,
+    ``zp = round(-lo / s)``, ``w_q = (clamp(round_ste(w / s) + zp, 0, 2^N - 1) - zp) s``, loss
+    the sum of the MSEs to each target, AdamW (wd 0) at ``lr``, one step per call.
+    Returns {layer: (sigmoid(g), sigmoid(b))}."""
+    from torch.func import functional_call
+
+    ws = {n: block.get_submodule(n).weight.detach().float() for n in block_linears(block)}
+    ps = {n: (torch.full((w.numel() // group, 1), 4.0, requires_grad=True),
+              torch.full((w.numel() // group, 1), 4.0, requires_grad=True))
+          for n, w in ws.items()}
+    opt = torch.optim.AdamW([p for pair in ps.values() for p in pair], lr=lr, weight_decay=0.0)
+    top = 2 ** bits - 1
+    for _ in range(steps):
+        eff = {}
+        for n, w in ws.items():
+            up, low = ps[n]
+            wg = w.reshape(-1, group)
+            hi = torch.sigmoid(up) * wg.amax(1, keepdim=True)
+            lo = torch.sigmoid(low) * wg.amin(1, keepdim=True)
+            s = ((hi - lo) / top).clamp(min=1e-5)
+            zp = torch.round(-lo / s).detach()
+            t = wg / s
+            q = (t + (torch.round(t) - t).detach() + zp).clamp(0, top)
+            eff[f"{n}.weight"] = ((q - zp) * s).reshape(w.shape)
+        o = functional_call(block, eff, args, kwargs, strict=False)
+        o = o[0] if isinstance(o, tuple) else o
+        loss = sum(torch.nn.functional.mse_loss(o, y) for y in targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {n: (torch.sigmoid(u.detach()).reshape(ws[n].shape[0], -1),
+                torch.sigmoid(b.detach()).reshape(ws[n].shape[0], -1)) for n, (u, b) in ps.items()}
+
+
+def _block_call(model, name, idx, ids):
+    """(args, kwargs, output) of block ``name.idx`` of ``model`` on ``ids``."""
+    blk, got = model.get_submodule(f"{name}.{idx}"), {}
+    h1 = blk.register_forward_pre_hook(lambda m, a, k: got.update(a=a, k=k), with_kwargs=True)
+    h2 = blk.register_forward_hook(lambda m, a, o: got.update(o=o[0] if isinstance(o, tuple)
+                                                              else o))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    h1.remove()
+    h2.remove()
+    return got["a"], got["k"], got["o"]
+
+
+@pytest.mark.parametrize("aug", [False, True])
+def test_block1_training_equals_authors_procedure(aug):
+    """Block 1 of a tiny Llama, 1 sample x 3 epochs: the learned clip factors equal the
+    authors' procedure written independently (inputs: the quantized block 0's output; target:
+    the float model's block output; aug_loss adds the float block on the quantized inputs)."""
+    model, cal = LM.build("llama"), LM.calibration(1, 16)
+    bits, group, steps, lr = 2, 32, 3, 0.05
+    q = OmniQuantQuantizer(OmniQuantConfig(bits=bits, group_size=group, epochs=steps,
+                                           lr_lwc=lr, aug_loss=aug))
+    qm = qkern.quantization.quantize_sequential(model, q, cal)
+    name, blocks = find_blocks(model)
+    fargs, fkw, fout = _block_call(model, name, 1, cal[0])
+    qargs, qkw, _ = _block_call(qm, name, 1, cal[0])
+    assert not torch.equal(qargs[0], fargs[0])  # the quantized prefix changed the inputs
+    with torch.no_grad():
+        same = blocks[1](*qargs, **qkw)
+    targets = [fout] + ([same[0] if isinstance(same, tuple) else same] if aug else [])
+    ref = _ref_lwc_train(blocks[1], qargs, qkw, targets, bits, group, steps, lr)
+    other = _ref_lwc_train(blocks[1], qargs, qkw, targets[:1] if aug else targets + [
+        same[0] if isinstance(same, tuple) else same], bits, group, steps, lr)
+    moved = 0
+    for rel, (gam, bet) in ref.items():
+        got = q.clips[f"{name}.1.{rel}"]
+        torch.testing.assert_close(got[0], gam, rtol=0, atol=2e-6)
+        torch.testing.assert_close(got[1], bet, rtol=0, atol=2e-6)
+        moved += int(((other[rel][0] - gam).abs() > 1e-5).sum())
+    assert moved > 0  # the loss with / without the aug term trains differently here

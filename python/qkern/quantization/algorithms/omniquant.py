@@ -24,7 +24,13 @@ layers run on that kernel.
 Training target (the authors' ``fp_inps``): the float model's block output on the float
 model's block input, carried from block to block beside the quantized path
 (``target="float"``); ``target="block"`` uses the float block on the quantized inputs
-(``ctx.float_outputs``).
+(``ctx.float_outputs``). ``aug_loss=True`` (the authors' ``--aug_loss``, on in their W2A16
+scripts) adds the MSE to the float block's output on the quantized inputs (their
+``fp_inps_2``) to the loss.
+
+``then=GPTQConfig(...)`` (same bits / group_size / sym; not in the paper): after training,
+each group's weights are clamped to the learned range ``[lo, hi]`` and the layers are handed
+to that method (true-sequential, as AWQ's ``then``), so GPTQ rounds inside OmniQuant's clip.
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ from ..sequential import (
 )
 
 __all__ = ["OmniQuantConfig", "OmniQuantQuantizer", "act_fake_quant", "fake_quant_inputs",
-           "lwc_fake_quant", "lwc_qparams", "round_ste"]
+           "lwc_fake_quant", "lwc_qparams", "lwc_range", "round_ste"]
 
 log = logging.getLogger("qkern.omniquant")
 
@@ -83,10 +89,12 @@ class OmniQuantConfig(BaseConfig):
     ``batch_size`` calibration batches per step (1); ``lwc_init`` the clip logits' start (4);
     ``let_alpha`` SmoothQuant's migration strength for LET's start (0.5); ``target`` the
     block loss's target ("float": the float model's output, as the authors; "block": the
-    float block on the quantized inputs). ``act_bits=8``: weight-activation W8A8 (the
-    paper's W8A8 setting): linear inputs fake-quantized per token (symmetric int8,
-    ``amax / 127``) while training, layers on qkern's w8a8 kernel (``act="int8_dynamic"``);
-    it needs ``bits=8, group_size=None, sym=True`` (the kernel's per-channel int8 weights)."""
+    float block on the quantized inputs); ``aug_loss`` adds the MSE to the float block on the
+    quantized inputs (the authors' ``--aug_loss``, used in their W2A16 scripts with 40
+    epochs); ``then`` an LLM method config (e.g. GPTQConfig, same bits / group_size / sym)
+    that quantizes the layers inside the learned clip. ``act_bits=8``: the paper's W8A8,
+    linear inputs fake-quantized per token (symmetric int8, ``amax / 127``) while training,
+    layers on qkern's w8a8 kernel; needs ``bits=8, group_size=None, sym=True``."""
 
     bits: int = 4
     group_size: int | None = 128
@@ -102,12 +110,15 @@ class OmniQuantConfig(BaseConfig):
     let_alpha: float = 0.5
     target: str = "float"
     act_bits: int | None = None
+    aug_loss: bool = False
+    then: BaseConfig | None = None
 
     def __post_init__(self) -> None:
         check_weight_bits(self)
         n = type(self).__name__
         check_bool(n, "lwc", self.lwc)
         check_bool(n, "let", self.let)
+        check_bool(n, "aug_loss", self.aug_loss)
         check_int(n, "epochs", self.epochs, 0)
         check_int(n, "batch_size", self.batch_size, 1)
         for f in ("lr_lwc", "lr_let"):
@@ -122,6 +133,8 @@ class OmniQuantConfig(BaseConfig):
                 raise ValueError(f"{n}.act_bits=8 runs on qkern's w8a8 kernel (per-channel "
                                  "symmetric int8 weights): set bits=8, group_size=None, "
                                  "sym=True")
+        if self.then is not None and self.act_bits is not None:
+            raise ValueError(f"{n}.then is for weight-only quantization: act_bits must be None")
         if self.epochs > 0 and not (self.lwc or self.let):
             fail(n, "lwc", "True when let is False and epochs > 0 (nothing to train)", self.lwc)
         super().__post_init__()
@@ -141,6 +154,19 @@ def _sane(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale)).clamp_min(MIN_SCALE)
 
 
+def lwc_range(w: torch.Tensor, group: int, up: torch.Tensor | None = None,
+              low: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group ``(max(sigmoid(up) max(w_g), 0), min(sigmoid(low) min(w_g), 0))``."""
+    n, k = w.shape
+    wg = w.reshape(n, k // group, group)
+    hi, lo = wg.amax(-1), wg.amin(-1)
+    if up is not None:
+        hi = torch.sigmoid(up) * hi
+    if low is not None:
+        lo = torch.sigmoid(low) * lo
+    return hi.clamp_min(0.0), lo.clamp_max(0.0)
+
+
 def lwc_qparams(w: torch.Tensor, group: int, bits: int, sym: bool,
                 up: torch.Tensor | None = None, low: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -150,14 +176,7 @@ def lwc_qparams(w: torch.Tensor, group: int, bits: int, sym: bool,
     Asymmetric: ``scale = (hi - lo) / (qmax - qmin)``, ``zp = clamp(qmin - rne(lo / scale))``
     (no gradient through the zero point, as the authors' ``round``); symmetric:
     ``scale = max(hi, -lo) / qmax``, zp None. Differentiable in ``up`` / ``low``."""
-    n, k = w.shape
-    wg = w.reshape(n, k // group, group)
-    hi, lo = wg.amax(-1), wg.amin(-1)
-    if up is not None:
-        hi = torch.sigmoid(up) * hi
-    if low is not None:
-        lo = torch.sigmoid(low) * lo
-    hi, lo = hi.clamp_min(0.0), lo.clamp_max(0.0)
+    hi, lo = lwc_range(w, group, up, low)
     qmin, qmax = _grid(bits)
     if sym:
         return _sane(torch.maximum(hi, -lo) / float(qmax)), None
@@ -328,15 +347,24 @@ class OmniQuantQuantizer(SequentialQuantizer):
             return out
         return self._fp
 
+    @staticmethod
+    def _loss(o: torch.Tensor, j: int, targets: list, aug: list | None) -> torch.Tensor:
+        """MSE to ``targets[j]`` (plus the MSE to ``aug[j]``: the authors' aug_loss)."""
+        loss = torch.nn.functional.mse_loss(o, targets[j])
+        if aug is not None:
+            loss = loss + torch.nn.functional.mse_loss(o, aug[j])
+        return loss
+
     def block_loss(self, ctx: BlockContext, lwc: dict, let: list,
-                   targets: list[torch.Tensor]) -> float:
-        """Mean MSE of the fake-quantized block to ``targets`` over the calibration inputs."""
+                   targets: list[torch.Tensor], aug: list | None = None) -> float:
+        """Mean loss (MSE to ``targets``, plus to ``aug`` when given) of the fake-quantized
+        block over the calibration inputs."""
         with torch.no_grad(), self._acts(ctx):
             eff = self._fake_weights(ctx.block, lwc, let)
             tot = 0.0
-            for b, y in zip(ctx.inputs, targets):
+            for j, b in enumerate(ctx.inputs):
                 o = _out(functional_call(ctx.block, eff, b.args, b.kwargs, strict=False))
-                tot += float(torch.nn.functional.mse_loss(o, y))
+                tot += float(self._loss(o, j, targets, aug))
         return tot / max(len(targets), 1)
 
     def _acts(self, ctx: BlockContext):
@@ -344,9 +372,10 @@ class OmniQuantQuantizer(SequentialQuantizer):
             return contextlib.nullcontext()
         return fake_quant_inputs(ctx.block, list(ctx.layers))
 
-    def _train(self, ctx: BlockContext, lwc: dict, let: list, targets: list) -> list[float]:
+    def _train(self, ctx: BlockContext, lwc: dict, let: list, targets: list,
+               aug: list | None = None) -> list[float]:
         c = self.config
-        hist = [self.block_loss(ctx, lwc, let, targets)]
+        hist = [self.block_loss(ctx, lwc, let, targets, aug)]
         groups = []
         if let:
             groups.append({"params": [s for *_, s in let], "lr": c.lr_let})
@@ -370,7 +399,7 @@ class OmniQuantQuantizer(SequentialQuantizer):
                         b = ctx.inputs[j]
                         o = _out(functional_call(ctx.block, eff, b.args, b.kwargs,
                                                  strict=False))
-                        loss = loss + torch.nn.functional.mse_loss(o, targets[j]) / len(chunk)
+                        loss = loss + self._loss(o, j, targets, aug) / len(chunk)
                 loss.backward()
                 opt.step()
                 tot += float(loss.detach()) * len(chunk)
@@ -380,14 +409,17 @@ class OmniQuantQuantizer(SequentialQuantizer):
             log.info(msg)
             if show:
                 print(msg, file=sys.stderr, flush=True)
-        hist[-1] = self.block_loss(ctx, lwc, let, targets)  # after the last step
+        hist[-1] = self.block_loss(ctx, lwc, let, targets, aug)  # after the last step
         return hist
 
     # ---- the block -----------------------------------------------------------------------
 
     def quantize_layer(self, name: str, linear: nn.Linear, gram, cfg) -> nn.Module:
-        """Not used: OmniQuant trains whole blocks (:meth:`quantize_block`), so it cannot be
-        handed single layers as another config's ``then``."""
+        """With ``then``: that method's layer (weights already clamped to the learned clip).
+        Otherwise not used: OmniQuant trains whole blocks (:meth:`quantize_block`), so it
+        cannot be handed single layers as another config's ``then``."""
+        if self.inner is not None:
+            return super().quantize_layer(name, linear, gram, cfg)
         raise ValueError(f"{name}: OmniQuantConfig trains whole blocks and cannot be another "
                          "config's then=; use it as the outer config")
 
@@ -404,11 +436,20 @@ class OmniQuantQuantizer(SequentialQuantizer):
         lwc = self._lwc_params(ctx)
         let = self._let_params(ctx)
         if ctx.inputs:
+            # the authors' fp_inps_2: the float block on the quantized inputs
+            aug = ctx.float_outputs if self.config.aug_loss else None
             with torch.enable_grad():  # also when quantize_model runs under no_grad
-                self.history[ctx.name] = self._train(ctx, lwc, let, targets)
+                self.history[ctx.name] = self._train(ctx, lwc, let, targets, aug)
         with torch.no_grad():
             for prev, nexts, s in let:
                 fold_scales(ctx.block, prev, nexts, s.detach().clamp_min(1e-2))
+        for rel, (g, _, sym, up, low) in lwc.items():
+            if up is not None:
+                self.clips[ctx.full_name(rel)] = (torch.sigmoid(up.detach()),
+                                                  torch.sigmoid(low.detach()))
+        if self.inner is not None:
+            self._clamp_to_clip(ctx, lwc)
+            return super().quantize_block(ctx, log)
         names = list(ctx.layers)
         grams = ctx.grams(names) if ctx.inputs else {}
         share = (time.perf_counter() - t0) / len(names)
@@ -418,13 +459,25 @@ class OmniQuantQuantizer(SequentialQuantizer):
             w = lin.weight.detach().float().clone()
             new = self.build_layer(lin, *lwc[rel], act="none" if self.config.act_bits is None
                                    else "int8_dynamic")
-            up, low = lwc[rel][3:]
-            if up is not None:
-                self.clips[ctx.full_name(rel)] = (torch.sigmoid(up.detach()),
-                                                  torch.sigmoid(low.detach()))
             replace_module(ctx.block, rel, new)
             err = relative_output_error(w, new.dequantize_weight(), grams.get(rel))
             log(ctx.full_name(rel), err, share + time.perf_counter() - t1)
+
+    @staticmethod
+    def _clamp_to_clip(ctx: BlockContext, lwc: dict) -> None:
+        """Clamps each weight group to its learned ``[lo, hi]`` (sym: ``+-max(hi, -lo)``)."""
+        with torch.no_grad():
+            for rel, (g, _, sym, up, low) in lwc.items():
+                lin = ctx.block.get_submodule(rel)
+                w = lin.weight
+                hi, lo = lwc_range(w.detach().float(), g, up, low)
+                if sym:
+                    hi = torch.maximum(hi, -lo)
+                    lo = -hi
+                n, k = w.shape
+                wg = w.detach().float().reshape(n, k // g, g)
+                wg = torch.minimum(torch.maximum(wg, lo.unsqueeze(-1)), hi.unsqueeze(-1))
+                w.copy_(wg.reshape(n, k).to(w.dtype))
 
     @staticmethod
     def build_layer(lin: nn.Linear, group: int, bits: int, sym: bool,
