@@ -27,7 +27,8 @@ from ..quantization import byte_tokens
 
 __all__ = ["CONSUMERS", "UsageError", "add_threads", "apply_threads", "checkpoint_kind",
            "context_length", "encode", "fmt_bytes", "load_any", "load_tokenizer", "logits",
-           "path_bytes", "read_text", "run_guarded", "shipped_text", "vocab_size"]
+           "path_bytes", "positive_int", "read_text", "run_guarded", "shipped_text",
+           "vocab_size"]
 
 #: which programs load a checkpoint of each kind (docs/serving/)
 CONSUMERS = {
@@ -48,6 +49,17 @@ QUANT_METHODS = {"qkern": "qkern", "gptq": "gptq", "awq": "awq",
 
 class UsageError(Exception):
     """A bad option, a bad combination or a missing input: exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
 
 
 def _one_line(e: BaseException) -> str:

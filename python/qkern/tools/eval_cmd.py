@@ -25,22 +25,13 @@ from .cmdutil import (
     load_any,
     load_tokenizer,
     logits,
+    positive_int,
     read_text,
     shipped_text,
     vocab_size,
 )
 
 __all__ = ["add_parser", "evaluate", "run"]
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -58,9 +49,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="FILE", default=None,
                    help="text file to evaluate on (default: the shipped WikiText-2 "
                         "wiki.test.tokens)")
-    p.add_argument("--windows", type=_positive, default=48, metavar="N",
+    p.add_argument("--windows", type=positive_int, default=48, metavar="N",
                    help="number of windows (default: 48; fewer when the text is short)")
-    p.add_argument("--seqlen", type=_positive, default=None, metavar="L",
+    p.add_argument("--seqlen", type=positive_int, default=None, metavar="L",
                    help="tokens per window (default: 256, or the model's context length when "
                         "shorter)")
     p.add_argument("--tokenizer", default=None, metavar="bytes|DIR",
@@ -69,7 +60,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="DIR", default=None,
                    help="reference model (e.g. the float folder the model was quantized from) "
                         "for the KL divergence")
-    p.add_argument("--batch", type=_positive, default=16, metavar="B",
+    p.add_argument("--batch", type=positive_int, default=16, metavar="B",
                    help="windows per forward pass (default: 16)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     add_threads(p)

@@ -28,6 +28,7 @@ from .cmdutil import (
     fmt_bytes,
     load_tokenizer,
     path_bytes,
+    positive_int,
     shipped_text,
     vocab_size,
 )
@@ -61,16 +62,6 @@ def _group(text: str) -> int | None:
     if g < 1:
         raise argparse.ArgumentTypeError(f"group size must be positive, got {g}")
     return g
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -111,9 +102,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="calibration text file (default: the shipped WikiText-2 "
                         "wiki.valid.tokens for byte-level models (vocab 256); other models "
                         "need --calib for the methods that measure activations)")
-    p.add_argument("--samples", type=_positive, default=128, metavar="N",
+    p.add_argument("--samples", type=positive_int, default=128, metavar="N",
                    help="calibration samples (windows cut from the text; default: 128)")
-    p.add_argument("--seqlen", type=_positive, default=None, metavar="L",
+    p.add_argument("--seqlen", type=positive_int, default=None, metavar="L",
                    help="tokens per calibration sample (default: 512, or the model's context "
                         "length when shorter)")
     p.add_argument("--tokenizer", default=None, metavar="bytes|DIR",

@@ -151,26 +151,33 @@ def rotate_block(block: nn.Module, seed: int | None = 0, index: int = 0,
         _llama_style(block)
     except ValueError:
         return _rotate_any_block(block, seed, index, notes, name)
+    return _rotate_sites(block, list(NORM_SITES), list(ONLINE_SITES), _fold_norm, seed, index,
+                         notes, name)
+
+
+def _rotate_sites(block: nn.Module, norms: list, online: list[str], fold, seed: int | None,
+                  index: int, notes: dict[str, str], name: str) -> dict[str, str]:
+    """Each (norm, linears) site of ``norms``: ``fold(norm, linears)``, the linears' input
+    columns rotated and the norm's output rotated online; each linear of ``online``: its
+    columns and its input rotated. Returns the renames of the linears now inside a
+    HadamardInput."""
     site = 0
-    for norm_name, lin_names in NORM_SITES:
+    for norm_name, lin_names in norms:
         norm = block.get_submodule(norm_name)
         lins = [block.get_submodule(n) for n in lin_names]
-        w = norm.weight.detach().double()
-        with torch.no_grad():
-            for lin in lins:
-                lin.weight.copy_((lin.weight.double() * w[None, :]).to(lin.weight.dtype))
-            norm.weight.fill_(1.0)
-        signs = _site_signs(w.numel(), seed, index, site)
+        fold(norm, lins)
+        n = norm.weight.numel()
+        signs = _site_signs(n, seed, index, site)
         site += 1
         if signs is None:
-            notes[f"{name}.{norm_name}"] = (f"no Hadamard matrix of size {w.numel()}: norm "
-                                            "folded, not rotated")
+            notes[f"{name}.{norm_name}"] = (f"no Hadamard matrix of size {n}: norm folded, not "
+                                            "rotated")
             continue
         for lin in lins:
             _rotate_columns(lin, signs)
         _replace(block, norm_name, HadamardOutput(norm, signs))
     renames = {}
-    for lin_name in ONLINE_SITES:
+    for lin_name in online:
         lin = block.get_submodule(lin_name)
         signs = _site_signs(lin.in_features, seed, index, site)
         site += 1
@@ -224,34 +231,10 @@ def _rotate_any_block(block: nn.Module, seed: int | None, index: int, notes: dic
     names = block_linears(block)
     if not names:
         raise ValueError(f"RotationConfig: {type(block).__name__} has no Linear layers")
-    site, done = 0, set()
-    for norm_name, lin_names in foldable_norms(block):
-        norm = block.get_submodule(norm_name)
-        lins = [block.get_submodule(n) for n in lin_names]
-        _fold_layernorm(norm, lins)
-        done.update(lin_names)
-        signs = _site_signs(norm.weight.numel(), seed, index, site)
-        site += 1
-        if signs is None:
-            notes[f"{name}.{norm_name}"] = (f"no Hadamard matrix of size {norm.weight.numel()}: "
-                                            "norm folded, not rotated")
-            continue
-        for lin in lins:
-            _rotate_columns(lin, signs)
-        _replace(block, norm_name, HadamardOutput(norm, signs))
-    renames = {}
-    for lin_name in (n for n in names if n not in done):
-        lin = block.get_submodule(lin_name)
-        signs = _site_signs(lin.in_features, seed, index, site)
-        site += 1
-        if signs is None:
-            notes[f"{name}.{lin_name}"] = (f"no Hadamard matrix of size {lin.in_features}: "
-                                           "input not rotated")
-            continue
-        _rotate_columns(lin, signs)
-        _replace(block, lin_name, HadamardInput(lin, signs))
-        renames[lin_name] = f"{lin_name}.linear"
-    return renames
+    norms = foldable_norms(block)
+    done = {n for _, lins in norms for n in lins}
+    return _rotate_sites(block, norms, [n for n in names if n not in done], _fold_layernorm,
+                         seed, index, notes, name)
 
 
 def _fold_norm(norm: nn.Module, lins: list[nn.Linear]) -> None:
