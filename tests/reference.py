@@ -347,8 +347,9 @@ def _bracket(table, tcodes, t, mode, up_is_hi, sign_mag, u):
         pick_hi = up_is_hi
     elif mode == "trunc":
         pick_hi = lo_bigger if not sign_mag else np.zeros_like(even_lo)
-    elif mode == "away":
-        pick_hi = ~lo_bigger if not sign_mag else np.ones_like(even_lo)
+    elif mode == "away":  # larger magnitude; equal magnitudes: the one on t's side of zero
+        same = np.abs(lo) == np.abs(hi)
+        pick_hi = np.where(same, t >= 0, ~lo_bigger) if not sign_mag else np.ones_like(even_lo)
     elif mode == "stochastic":
         p = ((t - lo).astype(F32) / (hi - lo).astype(F32)).astype(F32)
         pick_hi = u < p
