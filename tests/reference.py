@@ -18,7 +18,8 @@ with warnings.catch_warnings():
 
 F32 = np.float32
 FLT_MIN = np.finfo(np.float32).tiny
-ROUNDINGS = ("nearest_even", "half_away", "half_up", "floor", "ceil", "trunc", "stochastic")
+ROUNDINGS = ("nearest_even", "half_away", "half_up", "floor", "ceil", "trunc", "stochastic",
+             "away")
 
 # ---------------------------------------------------------------------------------------------
 # Published tables
@@ -159,6 +160,8 @@ def rnd(v: np.ndarray, mode: str, u: np.ndarray | None = None) -> np.ndarray:
         return np.ceil(v)
     if mode == "trunc":
         return np.trunc(v)
+    if mode == "away":  # directed away from zero
+        return np.where(v >= 0, np.ceil(v), np.floor(v))
     if mode == "stochastic":
         f = np.floor(v)
         return f + (np.asarray(u, dtype=np.float64) < (v - f))
@@ -344,6 +347,9 @@ def _bracket(table, tcodes, t, mode, up_is_hi, sign_mag, u):
         pick_hi = up_is_hi
     elif mode == "trunc":
         pick_hi = lo_bigger if not sign_mag else np.zeros_like(even_lo)
+    elif mode == "away":  # larger magnitude; equal magnitudes: the one on t's side of zero
+        same = np.abs(lo) == np.abs(hi)
+        pick_hi = np.where(same, t >= 0, ~lo_bigger) if not sign_mag else np.ones_like(even_lo)
     elif mode == "stochastic":
         p = ((t - lo).astype(F32) / (hi - lo).astype(F32)).astype(F32)
         pick_hi = u < p

@@ -374,3 +374,13 @@ def test_bits_per_element(rng):
     packed = qt.pack()
     data = getattr(packed, "data", packed)
     assert data.numel() * data.element_size() == x.numel() // 2
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_away_rounding_is_directed_away_from_zero(isa):
+    """The issue's definition: 1.2 -> 2, -1.2 -> -2; integers stay; ties are not special
+    (a path the CPU lacks falls back to the next lower one)."""
+    qkern.set_isa(isa)
+    x = torch.tensor([1.2, -1.2, 2.0, -2.0, 0.5, -0.5, 0.0, 0.01, -0.01, 126.5, -127.9])
+    got = qkern.quantize(x, "int8", scale=torch.tensor(1.0), rounding="away").codes
+    assert got.tolist() == [2, -2, 2, -2, 1, -1, 0, 1, -1, 127, -128]

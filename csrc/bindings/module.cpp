@@ -110,6 +110,7 @@ PYBIND11_MODULE(_C, m) {
   roundings["floor"] = static_cast<int>(qk::kFloor);
   roundings["ceil"] = static_cast<int>(qk::kCeil);
   roundings["trunc"] = static_cast<int>(qk::kTrunc);
+  roundings["away"] = static_cast<int>(qk::kAway);
   roundings["stochastic"] = static_cast<int>(qk::kStochastic);
   quantizers["midtread"] = static_cast<int>(qk::kMidTread);
   quantizers["midrise"] = static_cast<int>(qk::kMidRise);

@@ -55,6 +55,7 @@ QK_HD int codebook_index(const CodebookSpec& s, float t, int mode, bool toward_h
     case kFloor: return toward_hi_is_up ? i : i + 1;
     case kCeil: return toward_hi_is_up ? i + 1 : i;
     case kTrunc: return s.sign_bit ? i : (t >= 0.0f ? i : i + 1);
+    case kAway: return s.sign_bit ? i + 1 : (t >= 0.0f ? i + 1 : i);
     default: {  // kStochastic
       float p = (t - s.values[i]) / (s.values[i + 1] - s.values[i]);
       return uniform01(s.seed, index) < p ? i + 1 : i;

@@ -16,8 +16,9 @@ enum Rounding : int {
   kCeil = 4,
   kTrunc = 5,
   kStochastic = 6,
+  kAway = 7,  // directed away from zero: 1.2 -> 2, -1.2 -> -2 (integers stay)
 };
-constexpr int kNumRoundings = 7;
+constexpr int kNumRoundings = 8;
 
 QK_HD uint64_t mix64(uint64_t seed, uint64_t index) {
   uint64_t z = seed + 0x9E3779B97F4A7C15ULL * (index + 1);
@@ -53,6 +54,8 @@ QK_HD float round_mode(float v, int mode, uint64_t seed, uint64_t index) {
       return ceilf(v);
     case kTrunc:
       return truncf(v);
+    case kAway:
+      return v >= 0.0f ? ceilf(v) : floorf(v);
     default: {  // kStochastic
       float r = floorf(v);
       return (uniform01(seed, index) < v - r) ? r + 1.0f : r;

@@ -22,9 +22,10 @@ from .layout import GRANULARITIES, Layout
 from .ops import NonFiniteError
 from .tensor import DoubleQuant, QTensor
 
-# names in id order (csrc/core/rounding.h, affine.h), exported by qkern._C
-ROUNDINGS = tuple(_C.ROUNDINGS)
-QUANTIZERS = tuple(_C.QUANTIZERS)
+# names in id order (csrc/core/rounding.h, affine.h), exported by qkern._C as {name: id}
+ROUNDINGS = tuple(sorted(_C.ROUNDINGS, key=_C.ROUNDINGS.__getitem__))
+QUANTIZERS = tuple(sorted(_C.QUANTIZERS, key=_C.QUANTIZERS.__getitem__))
+assert [_C.ROUNDINGS[n] for n in ROUNDINGS] == list(range(len(ROUNDINGS)))
 _OPS = torch.ops.qkern
 
 
@@ -315,6 +316,8 @@ def _round_torch(t: torch.Tensor, rmode: int, seed: int) -> torch.Tensor:
         r = torch.floor(d)
         u = _counter_uniform(seed, t.numel()).view(t.shape).double()
         return r + (u < (d - r).float().double())
+    if rmode == 7:  # away from zero
+        return torch.where(d >= 0, torch.ceil(d), torch.floor(d))
     return (None, None, None, torch.floor, torch.ceil, torch.trunc)[rmode](d)
 
 

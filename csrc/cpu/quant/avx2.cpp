@@ -17,6 +17,10 @@ inline __m256 round_vec(__m256 v, int mode) {
     case kFloor: return _mm256_floor_ps(v);
     case kCeil: return _mm256_ceil_ps(v);
     case kTrunc: return _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    case kAway: {  // ceil(|v|) with v's sign (v >= 0 ? ceil : floor; -0.0 stays -0.0)
+      __m256 sign = _mm256_and_ps(v, _mm256_set1_ps(-0.0f));
+      return _mm256_or_ps(_mm256_ceil_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)), sign);
+    }
     case kHalfAway: {
       __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
       __m256 d = _mm256_sub_ps(v, r);
