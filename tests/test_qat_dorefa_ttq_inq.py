@@ -169,7 +169,7 @@ def test_ttq_converts_to_two_ternary_layers(make, act):
         d = _convert(m)
         out = d(x)
     pair = d[0] if act is None else d[0].module
-    assert isinstance(pair, qkern.quantization.qat.ParallelSum)
+    assert isinstance(pair, qkern.quantization.ParallelSum)
     lins = [getattr(p, "qlinear", p) for p in pair.parts]
     wsum = sum(q.dequantize_weight() for q in lins)
     assert all(q.kernel == "ternary" for q in lins)
@@ -316,3 +316,27 @@ def test_inq_step_without_inq_layers():
     with pytest.raises(ValueError, match="no INQ layer"):
         inq_step(m)
     assert isinstance(m[0], QATLinear)
+
+
+@pytest.mark.parametrize("cfg", [
+    QATConfig(weight=2, activation=2, method="dorefa"),
+    QATConfig(weight=2, activation=4, method="ttq"),
+    QATConfig(weight=3, activation=None, method="inq"),
+])
+def test_converted_models_save_and_load(cfg, tmp_path):
+    """qkern.save / qkern.load keep the midrise grid, TTQ's ParallelSum and log2 weights."""
+    x = torch.rand(8, 64)
+    m = qkern.prepare(_mlp(), cfg)
+    if cfg.method == "inq":
+        for _ in range(4):
+            inq_step(m)
+    m(x)
+    m.eval()
+    d = _convert(m)
+    qkern.save(d, tmp_path / "m.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = qkern.load(tmp_path / "m.safetensors", _mlp)
+    with torch.no_grad():
+        assert torch.equal(back(x), d(x))
+    assert type(back[0]) is type(d[0])

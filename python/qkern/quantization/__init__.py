@@ -48,7 +48,7 @@ from .calibration import (
     weight_matrix,
 )
 from .data import byte_tokens, text_calibration
-from .layers import ActQuant, ObservedInput, ObservingQuantizer, weight_module
+from .layers import ActQuant, ObservedInput, ObservingQuantizer, ParallelSum, weight_module
 from .registry import (
     BaseConfig,
     Batch,
@@ -65,7 +65,8 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig",
            "Batch", "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig",
            "Gram", "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput",
-           "ObservingQuantizer", "OmniQuantConfig", "QATConfig", "Quantizer", "RTNConfig",
+           "ObservingQuantizer", "OmniQuantConfig", "ParallelSum", "QATConfig", "Quantizer",
+           "RTNConfig",
            "RotationConfig",
            "SequentialQuantizer", "SmoothQuantConfig", "StaticConfig", "WeightOnlyConfig",
            "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...nn import QuantConv2d, QuantLinear
-from ..layers import ActQuant
+from ..layers import ActQuant, ParallelSum
 from ..qat import (
     Deployed,
     DoReFaActQuant,
@@ -34,7 +34,6 @@ from ..qat import (
     LSQPlusQuant,
     LSQQuant,
     PACTQuant,
-    ParallelSum,
     QATConv2d,
     QATLinear,
     STEQuant,

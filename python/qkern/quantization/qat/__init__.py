@@ -11,9 +11,9 @@ from .lsq import LSQPlusQuant, LSQQuant, mse_range
 from .modules import QATConv2d, QATLinear, fake_quantizers
 from .pact import PACTQuant
 from .ste import STEQuant
-from .ttq import ParallelSum, TTQQuant
+from .ttq import TTQQuant
 
 __all__ = ["Deployed", "DoReFaActQuant", "DoReFaGradQuant", "DoReFaWeightQuant", "FakeQuant",
-           "INQQuant", "LSQPlusQuant", "LSQQuant", "PACTQuant", "ParallelSum", "QATConv2d",
+           "INQQuant", "LSQPlusQuant", "LSQQuant", "PACTQuant", "QATConv2d",
            "QATLinear", "STEQuant", "TTQQuant", "dorefa_quantize_grad", "fake_quantizers",
            "inq_step", "int_format", "mse_range", "pow2_quantize"]

@@ -22,7 +22,7 @@ from torch import nn
 
 from .base import Deployed, FakeQuant
 
-__all__ = ["TTQQuant", "ParallelSum"]
+__all__ = ["TTQQuant"]
 
 
 class _TTQFn(torch.autograd.Function):
@@ -87,16 +87,3 @@ class TTQQuant(FakeQuant):
         return (f"ternary, threshold={self.threshold}, W_p={float(self.w_p):.4g}, "
                 f"W_n={float(self.w_n):.4g}")
 
-
-class ParallelSum(nn.Module):
-    """``sum(m(x) for m in parts)``: a layer deployed as several quantized layers (TTQ)."""
-
-    def __init__(self, parts: list[nn.Module]):
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.parts[0](x)
-        for m in self.parts[1:]:
-            y = y + m(x)
-        return y
