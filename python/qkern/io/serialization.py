@@ -33,6 +33,7 @@ from ..quantization import (
     ActQuant,
     BaseConfig,
     ObservedInput,
+    ParallelSum,
     linearize_conv1d,
     notify_quantized,
 )
@@ -85,6 +86,8 @@ def _spec(m: nn.Module) -> dict | None:
     if isinstance(m, ActQuant):
         return {"type": "ActQuant", "fmt": m.fmt, "zero_point": m.zero_point is not None,
                 "inner": _spec(m.module)}
+    if isinstance(m, ParallelSum):  # TTQ: one layer as the sum of two ternary layers
+        return {"type": "ParallelSum", "parts": [_spec(p) for p in m.parts]}
     return None
 
 
@@ -157,9 +160,10 @@ _FIELDS = {"QuantLinear": _LINEAR_FIELDS, "QuantConv1d": _LINEAR_FIELDS,
            "QuantEmbedding": {"fmt": (str,), "group_size": (int, None), "symmetric": (bool,)},
            "DynamicWeightLinear": {"fmt": (str,), "group_size": (int, None),
                                    "symmetric": (bool,), "rounding": (str,)},
-           "ActQuant": {"fmt": (str,), "zero_point": (bool,), "inner": (dict, None)}}
+           "ActQuant": {"fmt": (str,), "zero_point": (bool,), "inner": (dict, None)},
+           "ParallelSum": {"parts": (list,)}}
 _JSON_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
-               None: "null"}
+               list: "an array", None: "null"}
 
 
 def _json_type(v) -> type | None:
@@ -187,6 +191,11 @@ def _check_spec(where: str, name: str, spec) -> None:
                           f"{json.dumps(spec[key])[:60]}")
     if t == "ActQuant" and spec["inner"] is not None:
         _check_spec(where, name + ".module", spec["inner"])
+    if t == "ParallelSum":
+        if not spec["parts"]:
+            raise BadFile(f"{where}: layer {name!r}: a ParallelSum with no parts")
+        for i, part in enumerate(spec["parts"]):
+            _check_spec(where, f"{name}.parts.{i}", part)
 
 
 def _metadata_json(where: str, meta: dict, key: str, default: str):
@@ -236,6 +245,14 @@ def _rebuild(name: str, float_mod: nn.Module, spec: dict, tensors: dict, where: 
                                                                  spec["inner"], tensors, where)
         zp = torch.zeros((), dtype=torch.int32) if spec["zero_point"] else None
         return ActQuant(inner, spec["fmt"], torch.ones(()), zp)
+    if t == "ParallelSum":
+        parts = []
+        for i, part in enumerate(spec["parts"]):
+            f = copy.deepcopy(float_mod)
+            if not part.get("bias", True) and getattr(f, "bias", None) is not None:
+                f.bias = None  # the bias lives on the first part only
+            parts.append(_rebuild(f"{name}.parts.{i}", f, part, tensors, where))
+        return ParallelSum(parts)
     want, make = _REBUILD[t]
     if type(float_mod) is not want:
         raise BadFile(f"{where}: layer {name!r}: the file has a {t} built from an "
@@ -329,6 +346,9 @@ def _check_loaded(where: str, name: str, m: nn.Module) -> None:
         _check_params(where, name, get_format(m.fmt), Layout("tensor", (), None, 1), m.scale,
                       m.zero_point, ("scale", "zero_point"))
         _check_loaded(where, name + ".module", m.module)
+    elif isinstance(m, ParallelSum):
+        for i, part in enumerate(m.parts):
+            _check_loaded(where, f"{name}.parts.{i}", part)
 
 
 def layer_specs(model: nn.Module) -> dict[str, dict]:

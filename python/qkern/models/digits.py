@@ -74,11 +74,20 @@ def train(kind: str, data: DigitsData | None = None, epochs: int = 30, seed: int
 
 
 def finetune(model: nn.Module, data: DigitsData, epochs: int = 6, lr: float = 5e-3,
-             seed: int = 0, batch: int = 64, extra_loss=None) -> nn.Module:
+             seed: int = 0, batch: int = 64, extra_loss=None,
+             lr_scale: dict[str, float] | None = None) -> nn.Module:
     """Fine-tunes ``model`` in place (e.g. a QAT-prepared one): SGD with momentum 0.9 and a
     cosine learning-rate schedule, as the LSQ paper fine-tunes; ``extra_loss(model)`` is added
-    to the cross entropy (QAT's regularization). Returns the model in eval mode."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    to the cross entropy (QAT's regularization); ``lr_scale``: parameter-name suffix -> a
+    factor on ``lr`` for those parameters (e.g. TTQ's ``w_p`` / ``w_n``, whose gradients are
+    sums over a layer). Returns the model in eval mode."""
+    scale = lr_scale or {}
+    groups: dict[float, list] = {}
+    for name, p in model.named_parameters():
+        f = next((v for k, v in scale.items() if name.endswith(k)), 1.0)
+        groups.setdefault(f, []).append(p)
+    opt = torch.optim.SGD([{"params": ps, "lr": lr * f} for f, ps in groups.items()], lr=lr,
+                          momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs, 1))
     g = torch.Generator().manual_seed(seed)
     n = len(data.y_train)

@@ -23,7 +23,7 @@ from .algorithms.gptq import GPTQConfig
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
 from .algorithms.llm_int8 import LLMInt8Config
 from .algorithms.omniquant import OmniQuantConfig
-from .algorithms.qat import QATConfig, qat_regularization
+from .algorithms.qat import QATConfig, inq_step, qat_regularization
 from .algorithms.rotation import RotationConfig, rotate_block, rotate_model
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import SmoothQuantConfig, smooth_quant
@@ -48,7 +48,7 @@ from .calibration import (
     weight_matrix,
 )
 from .data import byte_tokens, text_calibration
-from .layers import ActQuant, ObservedInput, ObservingQuantizer, weight_module
+from .layers import ActQuant, ObservedInput, ObservingQuantizer, ParallelSum, weight_module
 from .registry import (
     BaseConfig,
     Batch,
@@ -65,13 +65,15 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig",
            "Batch", "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig",
            "Gram", "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput",
-           "ObservingQuantizer", "OmniQuantConfig", "QATConfig", "Quantizer", "RTNConfig",
+           "ObservingQuantizer", "OmniQuantConfig", "ParallelSum", "QATConfig", "Quantizer",
+           "RTNConfig",
            "RotationConfig",
            "SequentialQuantizer", "SmoothQuantConfig", "StaticConfig", "WeightOnlyConfig",
            "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
-           "fold_scales", "hqq_linear", "hqq_quantize", "input_rows", "linearize_conv1d",
+           "fold_scales", "hqq_linear", "hqq_quantize", "inq_step", "input_rows",
+           "linearize_conv1d",
            "notify_quantized", "on_quantized", "paired_moments", "prepare", "qat_regularization",
            "quantize_model",
            "quantize_sequential", "quantizer_for",

@@ -22,7 +22,7 @@ from ..observers import make_observer
 from ..quantize import fake_quantize
 from .registry import BaseConfig, Quantizer, replace_module
 
-__all__ = ["OBSERVER_NAMES", "ActQuant", "ObservedInput", "ObservingQuantizer",
+__all__ = ["OBSERVER_NAMES", "ActQuant", "ObservedInput", "ObservingQuantizer", "ParallelSum",
            "effective_group", "in_features", "input_observer", "observer_seen", "warn_notes",
            "weight_module"]
 
@@ -127,6 +127,21 @@ class ActQuant(nn.Module):
         zp = "" if self.zero_point is None else f", zero_point={int(self.zero_point)}"
         off = "" if self.offset is None else f", offset={float(self.offset):.6g}"
         return f"act_fmt={self.fmt}, scale={float(self.scale):.6g}{zp}{off}"
+
+
+class ParallelSum(nn.Module):
+    """``sum(m(x) for m in parts)``: a layer deployed as several quantized layers (TTQ's
+    ``{-W_n, 0, W_p}`` as two ternary layers, the bias on the first)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.parts[0](x)
+        for m in self.parts[1:]:
+            y = y + m(x)
+        return y
 
 
 def input_observer(cfg: BaseConfig) -> nn.Module:

@@ -9,7 +9,11 @@ modules (QuantLinear / QuantConv2d on the fused int kernels, the input quantized
 
 Methods (``method=``): ``"ste"`` (max-based scales, straight-through), ``"lsq"`` (Esser et al.
 2020), ``"lsq+"`` (Bhalgat et al. 2020: learned activation offset, MSE initialisation),
-``"pact"`` (Choi et al. 2018: learned activation clip; weights as ``"ste"``)."""
+``"pact"`` (Choi et al. 2018: learned activation clip; weights as ``"ste"``), ``"dorefa"``
+(Zhou et al. 2016: tanh-normalised weights on a midrise grid, [0, 1] activations, optional
+gradient bits), ``"ttq"`` (Zhu et al. 2017: ternary weights with learned W_p / W_n),
+``"inq"`` (Zhou et al. 2017: power-of-two weights fixed incrementally by :func:`inq_step`;
+TTQ and INQ inputs, with ``activation=bits``, as ``"ste"``)."""
 
 from __future__ import annotations
 
@@ -19,8 +23,23 @@ import torch
 from torch import nn
 
 from ...nn import QuantConv2d, QuantLinear
-from ..layers import ActQuant
-from ..qat import FakeQuant, LSQPlusQuant, LSQQuant, PACTQuant, QATConv2d, QATLinear, STEQuant
+from ..layers import ActQuant, ParallelSum
+from ..qat import (
+    Deployed,
+    DoReFaActQuant,
+    DoReFaGradQuant,
+    DoReFaWeightQuant,
+    FakeQuant,
+    INQQuant,
+    LSQPlusQuant,
+    LSQQuant,
+    PACTQuant,
+    QATConv2d,
+    QATLinear,
+    STEQuant,
+    TTQQuant,
+    inq_step,
+)
 from ..registry import (
     BaseConfig,
     Quantizer,
@@ -33,12 +52,14 @@ from ..registry import (
     replace_module,
 )
 
-__all__ = ["QAT_METHODS", "QATConfig", "QATQuantizer", "qat_regularization"]
+__all__ = ["QAT_METHODS", "QATConfig", "QATQuantizer", "inq_step", "qat_regularization"]
 
+_B28 = (2, 3, 4, 5, 6, 7, 8)
 #: method -> the weight bit widths it takes
-QAT_METHODS = {"ste": (2, 3, 4, 5, 6, 7, 8), "lsq": (2, 3, 4, 5, 6, 7, 8),
-               "lsq+": (2, 3, 4, 5, 6, 7, 8), "pact": (2, 3, 4, 5, 6, 7, 8)}
-_ACT_BITS = (2, 3, 4, 5, 6, 7, 8)
+QAT_METHODS = {"ste": _B28, "lsq": _B28, "lsq+": _B28, "pact": _B28,
+               "dorefa": (1,) + _B28, "ttq": (2,), "inq": _B28}
+_ACT_BITS = _B28
+_GRAD_BITS = tuple(range(2, 17))
 
 
 @config_class
@@ -57,6 +78,9 @@ class QATConfig(BaseConfig):
     pact_alpha: float | None = None
     pact_decay: float = 1e-4
     ema: float = 0.1  # "ste" activations: the moving average's weight of a new batch
+    grad_bits: int | None = None  # "dorefa": quantize each layer's output gradient
+    ttq_threshold: float = 0.05  # "ttq": delta = ttq_threshold * max|w| per layer
+    inq_schedule: tuple = (0.5, 0.75, 0.875, 1.0)  # "inq": fractions fixed by inq_step
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -80,10 +104,31 @@ class QATConfig(BaseConfig):
             check_real(n, "pact_alpha", self.pact_alpha, 1e-6, 1e6, "None or a positive clip")
         check_real(n, "pact_decay", self.pact_decay, 0.0, 1e3, "an L2 weight >= 0")
         check_real(n, "ema", self.ema, 1e-6, 1.0, "a weight in (0, 1]")
+        if self.method == "dorefa" and self.act_signed:
+            fail(n, "act_signed", "None or False for DoReFa (it clips to [0, 1])",
+                 self.act_signed)
+        if self.grad_bits is not None and (self.method != "dorefa" or isinstance(
+                self.grad_bits, bool) or self.grad_bits not in _GRAD_BITS):
+            fail(n, "grad_bits", "None, or gradient bits in 2..16 with method 'dorefa'",
+                 self.grad_bits)
+        check_real(n, "ttq_threshold", self.ttq_threshold, 1e-6, 0.999, "a fraction in (0, 1)")
+        sch = self.inq_schedule
+        if not (isinstance(sch, (tuple, list)) and sch
+                and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in sch)
+                and all(0 <= a < b for a, b in zip((0,) + tuple(sch), sch))
+                and float(sch[-1]) == 1.0):
+            fail(n, "inq_schedule", "increasing fractions in (0, 1] ending at 1.0",
+                 self.inq_schedule)
         super().__post_init__()
 
 
 def weight_quantizer(cfg: QATConfig, weight: torch.Tensor, name: str) -> FakeQuant:
+    if cfg.method == "dorefa":
+        return DoReFaWeightQuant(cfg.weight, name=name)
+    if cfg.method == "ttq":
+        return TTQQuant(weight, cfg.ttq_threshold, name=name)
+    if cfg.method == "inq":
+        return INQQuant(cfg.weight, weight, cfg.inq_schedule, name=name)
     if cfg.method == "lsq":
         return LSQQuant(cfg.weight, True, 0, init=weight, name=name)
     if cfg.method == "lsq+":
@@ -94,6 +139,8 @@ def weight_quantizer(cfg: QATConfig, weight: torch.Tensor, name: str) -> FakeQua
 def input_quantizer(cfg: QATConfig, name: str) -> FakeQuant | None:
     if cfg.activation is None:
         return None
+    if cfg.method == "dorefa":
+        return DoReFaActQuant(cfg.activation, name=name)
     if cfg.method == "pact":
         return PACTQuant(cfg.activation, cfg.pact_alpha, cfg.pact_decay, name=name)
     if cfg.method == "lsq":
@@ -116,7 +163,8 @@ class QATQuantizer(Quantizer):
     SUPPORTED = (nn.Linear, nn.Conv2d)
 
     def needs_calibration(self) -> str | None:
-        if self.config.activation is not None or self.config.method == "ste":
+        cfg = self.config
+        if (cfg.activation is not None and cfg.method != "dorefa") or cfg.method == "ste":
             return ("learns its ranges while training (the activation quantizers are set by "
                     "the first batch)")
         return None
@@ -127,13 +175,17 @@ class QATQuantizer(Quantizer):
             mod = model.get_submodule(name)
             wq = weight_quantizer(cfg, mod.weight.detach(), f"{name}.weight")
             aq = input_quantizer(cfg, f"{name} input")
+            gq = None if cfg.grad_bits is None else DoReFaGradQuant(cfg.grad_bits)
             qat = QATLinear if isinstance(mod, nn.Linear) else QATConv2d
-            replace_module(model, name, qat(mod, wq, aq))
+            replace_module(model, name, qat(mod, wq, aq, gq))
 
     def calibrated(self, model: nn.Module) -> bool:
         return all(bool(q.initialized) for q in model.modules() if isinstance(q, FakeQuant))
 
     def convert(self, model: nn.Module) -> None:
+        for q in model.modules():  # before any swap: INQ's schedule must be complete
+            if isinstance(q, FakeQuant):
+                q.check_ready()
         for name, _ in self.plan:
             mod = model.get_submodule(name)
             if not isinstance(mod, (QATLinear, QATConv2d)):
@@ -142,34 +194,48 @@ class QATQuantizer(Quantizer):
             self.swap(model, name, lambda: deploy(mod))
 
 
-def deploy(mod: QATLinear | QATConv2d) -> nn.Module:
-    """The quantized module equal to ``mod``'s fake-quantized forward: the weight on the
-    learned per-channel grid (QuantLinear / QuantConv2d), the input through an ActQuant."""
-    w = mod.weight_fake.deploy()
+def _layer(mod: QATLinear | QATConv2d, w: Deployed, bias: bool) -> nn.Module:
+    """QuantLinear / QuantConv2d of ``mod`` on the grid ``w`` (its ``weight`` values, or the
+    latent weight rounded on ``w.scale``)."""
     if w.offset is not None:
         raise ValueError("a weight offset cannot be deployed")  # no method learns one
     k = mod.weight[0].numel()
-    # one scale per output channel = one group of the whole row: the int2-4 kernels take
-    # groups along the input (a multiple of 32), per-channel scales only through dequant
-    if k % 32 == 0 and w.fmt in ("int2", "int3", "int4"):
-        kw = {"group_size": k, "symmetric": True, "scale": w.scale.reshape(-1, 1)}
+    kw = {"symmetric": True, "quantizer": w.quantizer}
+    # one scale per output channel = one group of the whole row: the int2-4 / lut4 kernels
+    # take groups along the input (a multiple of 32), per-channel scales only through dequant;
+    # the ternary kernel takes one scale per output channel
+    if k % 32 == 0 and w.quantizer == "midtread" and w.fmt in ("int2", "int3", "int4",
+                                                                "log2_4"):
+        kw.update(group_size=k, scale=w.scale.reshape(-1, 1))
     else:
-        kw = {"group_size": None, "symmetric": True, "scale": w.scale}
+        kw.update(group_size=None, scale=w.scale)
+    src = mod.weight.detach() if w.weight is None else w.weight.to(mod.weight.dtype)
+    b = mod.bias is not None and bias
     if isinstance(mod, QATLinear):
-        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        lin = nn.Linear(mod.in_features, mod.out_features, bias=b)
         with torch.no_grad():
-            lin.weight.copy_(mod.weight.detach())
-            if mod.bias is not None:
+            lin.weight.copy_(src)
+            if b:
                 lin.bias.copy_(mod.bias.detach())
-        q = QuantLinear.from_float(lin, w.fmt, **kw)
+        return QuantLinear.from_float(lin, w.fmt, **kw)
+    conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride,
+                     mod.padding, mod.dilation, bias=b)
+    with torch.no_grad():
+        conv.weight.copy_(src)
+        if b:
+            conv.bias.copy_(mod.bias.detach())
+    return QuantConv2d.from_float(conv, w.fmt, **kw)
+
+
+def deploy(mod: QATLinear | QATConv2d) -> nn.Module:
+    """The quantized module equal to ``mod``'s fake-quantized forward: the weight on the
+    learned grid (QuantLinear / QuantConv2d; TTQ's two-scale ternary weight as a
+    :class:`ParallelSum` of two ternary layers), the input through an ActQuant."""
+    w = mod.weight_fake.deploy_weight(mod.weight.detach())
+    if w.parts:
+        q = ParallelSum([_layer(mod, p, i == 0) for i, p in enumerate(w.parts)])
     else:
-        conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride,
-                         mod.padding, mod.dilation, bias=mod.bias is not None)
-        with torch.no_grad():
-            conv.weight.copy_(mod.weight.detach())
-            if mod.bias is not None:
-                conv.bias.copy_(mod.bias.detach())
-        q = QuantConv2d.from_float(conv, w.fmt, **kw)
+        q = _layer(mod, w, True)
     if mod.input_fake is None:
         return q
     a = mod.input_fake.deploy()

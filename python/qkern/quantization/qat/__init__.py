@@ -1,13 +1,19 @@
 """Quantization-aware training: the fake quantizers, one module per method's rule (``ste``,
-``lsq`` (LSQ and LSQ+), ``pact``), and the training modules ``prepare`` swaps in. The config
-and its quantizer (``QATConfig``, prepare -> your training loop -> convert) live in
-``quantization/algorithms/qat.py``."""
+``lsq`` (LSQ and LSQ+), ``pact``, ``dorefa``, ``ttq``, ``inq``), and the training modules
+``prepare`` swaps in. The config and its quantizer (``QATConfig``, prepare -> your training
+loop -> convert) live in ``quantization/algorithms/qat.py``; :func:`inq_step` advances INQ's
+partition schedule between training phases."""
 
 from .base import Deployed, FakeQuant, int_format
+from .dorefa import DoReFaActQuant, DoReFaGradQuant, DoReFaWeightQuant, dorefa_quantize_grad
+from .inq import INQQuant, inq_step, pow2_quantize
 from .lsq import LSQPlusQuant, LSQQuant, mse_range
 from .modules import QATConv2d, QATLinear, fake_quantizers
 from .pact import PACTQuant
 from .ste import STEQuant
+from .ttq import TTQQuant
 
-__all__ = ["Deployed", "FakeQuant", "LSQPlusQuant", "LSQQuant", "PACTQuant", "QATConv2d",
-           "QATLinear", "STEQuant", "fake_quantizers", "int_format", "mse_range"]
+__all__ = ["Deployed", "DoReFaActQuant", "DoReFaGradQuant", "DoReFaWeightQuant", "FakeQuant",
+           "INQQuant", "LSQPlusQuant", "LSQQuant", "PACTQuant", "QATConv2d",
+           "QATLinear", "STEQuant", "TTQQuant", "dorefa_quantize_grad", "fake_quantizers",
+           "inq_step", "int_format", "mse_range", "pow2_quantize"]

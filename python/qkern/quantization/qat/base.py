@@ -29,6 +29,14 @@ class Deployed:
     scale: torch.Tensor
     offset: torch.Tensor | None = None
     axis: int | None = None
+    #: the exact fake-quantized weight when the grid is not ``round(w / scale)`` of the latent
+    #: weight (DoReFa's tanh normalisation, TTQ, INQ): ``convert`` quantizes these values
+    weight: torch.Tensor | None = None
+    #: ``qkern.quantize``'s ``quantizer=`` (DoReFa: ``"midrise"``, a grid without zero)
+    quantizer: str = "midtread"
+    #: a weight deployed as the sum of several layers (TTQ's ``{-W_n, 0, W_p}``: one ternary
+    #: layer per scale), each with its own ``weight``; ``fmt`` / ``scale`` then unused
+    parts: list[Deployed] | None = None
 
 
 class FakeQuant(nn.Module):
@@ -94,6 +102,14 @@ class FakeQuant(nn.Module):
 
     def deploy(self) -> Deployed:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check_ready(self) -> None:
+        """Raises ValueError when ``convert`` must not run yet (INQ before its last step)."""
+
+    def deploy_weight(self, weight: torch.Tensor) -> Deployed:
+        """The grid a weight quantizer ends on, given the latent weight (``deploy()`` unless
+        the grid depends on it: DoReFa, TTQ, INQ)."""
+        return self.deploy()
 
     def regularization(self) -> torch.Tensor | float:
         """A term to add to the training loss (PACT's L2 on its clip); 0 for most."""

@@ -17,13 +17,18 @@ __all__ = ["QATConv2d", "QATLinear", "fake_quantizers"]
 class _QATMixin:
     weight_fake: FakeQuant
     input_fake: FakeQuant | None
+    output_grad: nn.Module | None
 
     def _adopt(self, mod: nn.Module, weight_fake: FakeQuant,
-               input_fake: FakeQuant | None) -> None:
+               input_fake: FakeQuant | None, output_grad: nn.Module | None) -> None:
         self.weight = mod.weight  # the same Parameter objects
         self.bias = mod.bias
         self.weight_fake = weight_fake
         self.input_fake = input_fake
+        self.output_grad = output_grad  # identity forward, quantizes the output's gradient
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.output_grad is None else self.output_grad(y)
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xq = x if self.input_fake is None else self.input_fake(x)
@@ -31,34 +36,35 @@ class _QATMixin:
 
 
 class QATLinear(_QATMixin, nn.Linear):
-    """``linear(input_fake(x), weight_fake(W), b)``."""
+    """``linear(input_fake(x), weight_fake(W), b)`` (through ``output_grad``, when given: an
+    identity whose backward quantizes the gradient, DoReFa's gradient bits)."""
 
     def __init__(self, linear: nn.Linear, weight_fake: FakeQuant,
-                 input_fake: FakeQuant | None = None):
+                 input_fake: FakeQuant | None = None, output_grad: nn.Module | None = None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._adopt(linear, weight_fake, input_fake)
+        self._adopt(linear, weight_fake, input_fake, output_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq, w = self._inputs(x)
-        return F.linear(xq, w, self.bias)
+        return self._output(F.linear(xq, w, self.bias))
 
 
 class QATConv2d(_QATMixin, nn.Conv2d):
     """``conv2d(input_fake(x), weight_fake(W), b)`` with the float layer's geometry."""
 
     def __init__(self, conv: nn.Conv2d, weight_fake: FakeQuant,
-                 input_fake: FakeQuant | None = None):
+                 input_fake: FakeQuant | None = None, output_grad: nn.Module | None = None):
         nn.Module.__init__(self)
         for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
                   "transposed", "output_padding", "groups", "padding_mode"):
             setattr(self, k, getattr(conv, k))
         self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
-        self._adopt(conv, weight_fake, input_fake)
+        self._adopt(conv, weight_fake, input_fake, output_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq, w = self._inputs(x)
-        return self._conv_forward(xq, w, self.bias)
+        return self._output(self._conv_forward(xq, w, self.bias))
 
 
 def fake_quantizers(model: nn.Module) -> list[FakeQuant]:

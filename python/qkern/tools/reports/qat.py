@@ -1,7 +1,8 @@
 """QAT accuracy on real images: the digits CNN (qkern.models.digits) trained in float, then
 fine-tuned with each QAT method at W4A4 and W2A2 from the same float checkpoint and seed,
 converted to qkern's kernels, and scored on the held-out split beside PTQ (StaticConfig, MSE
-observer) at the same bits. ``python -m qkern.tools.reports.qat`` prints the table."""
+observer) at the same bits; then the ternary / power-of-two methods (TTQ, INQ) weight-only and
+with 4-bit activations. ``python -m qkern.tools.reports.qat`` prints the tables."""
 
 from __future__ import annotations
 
@@ -15,11 +16,16 @@ import torch
 from ... import quantization as Q
 from ...models import digits as D
 
-__all__ = ["METHODS", "SETTINGS", "ptq", "qat", "table"]
+__all__ = ["LOW_BIT", "METHODS", "SETTINGS", "TTQ_LR_SCALE", "ptq", "qat", "table"]
 
-METHODS = ("ste", "lsq", "lsq+", "pact")
+METHODS = ("ste", "lsq", "lsq+", "pact", "dorefa")
 #: label -> (weight bits, activation bits)
 SETTINGS = {"W4A4": (4, 4), "W2A2": (2, 2)}
+#: TTQ's W_p / W_n gradients are sums over a layer's region: their learning rate is scaled
+TTQ_LR_SCALE = {"w_p": 1e-2, "w_n": 1e-2}
+#: the second table: (method, weight bits, label), weight-only and with 4-bit activations
+LOW_BIT = (("ttq", 2, "TTQ (ternary)"), ("inq", 3, "INQ 3-bit (log2_3)"),
+           ("inq", 5, "INQ 5-bit (log2_5)"))
 
 
 def ptq(model: torch.nn.Module, data: D.DigitsData, bits: int) -> float:
@@ -32,14 +38,22 @@ def ptq(model: torch.nn.Module, data: D.DigitsData, bits: int) -> float:
     return D.accuracy(q, data.x_test, data.y_test)
 
 
-def qat(model: torch.nn.Module, data: D.DigitsData, method: str, w_bits: int, a_bits: int,
-        epochs: int = 6, lr: float = 5e-3) -> float:
+def qat(model: torch.nn.Module, data: D.DigitsData, method: str, w_bits: int,
+        a_bits: int | None, epochs: int = 6, lr: float = 5e-3) -> float:
     """Fine-tunes a prepared copy of ``model`` (:func:`qkern.models.digits.finetune`),
-    converts it and returns the converted model's test accuracy."""
+    converts it and returns the converted model's test accuracy. INQ: ``epochs`` split over
+    the three retraining phases after 50 / 75 / 87.5 % (then the last step to 100 %)."""
     torch.manual_seed(0)
     m = Q.prepare(copy.deepcopy(model), Q.QATConfig(weight=w_bits, activation=a_bits,
                                                     method=method), inplace=True)
-    D.finetune(m, data, epochs=epochs, lr=lr, extra_loss=Q.qat_regularization)
+    if method == "inq":
+        for _ in range(3):
+            Q.inq_step(m)
+            D.finetune(m, data, epochs=max(epochs // 3, 1), lr=lr)
+        Q.inq_step(m)
+    else:
+        D.finetune(m, data, epochs=epochs, lr=lr, extra_loss=Q.qat_regularization,
+                   lr_scale=TTQ_LR_SCALE if method == "ttq" else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # per-channel conv weights on the dequant path
         q = Q.convert(m)
@@ -65,6 +79,14 @@ def table(methods=METHODS, settings=tuple(SETTINGS), epochs: int = 6,
             acc = qat(model, data, meth, *SETTINGS[s], epochs=epochs)
             cells.append(f"{acc:.4f} ({time.perf_counter() - t0:.0f} s)")
         lines.append(f"| QAT {meth} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | weight-only | A4 |", "|---|---|---|"]
+    for meth, bits, label in LOW_BIT:
+        cells = []
+        for a in (None, 4):
+            t0 = time.perf_counter()
+            acc = qat(model, data, meth, bits, a, epochs=epochs)
+            cells.append(f"{acc:.4f} ({time.perf_counter() - t0:.0f} s)")
+        lines.append(f"| QAT {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,107 @@
+"""DoReFa-Net (Zhou et al., "DoReFa-Net: Training Low Bitwidth Convolutional Neural Networks
+with Low Bitwidth Gradients", 2016), with ``quantize_k(r) = round((2^k - 1) r) / (2^k - 1)``
+and the straight-through estimator for ``round``:
+
+- weights (eq. 9): ``w_k = 2 quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1`` (max over the
+  layer); the gradient flows through ``tanh`` and the max. The values are the odd multiples of
+  ``1 / (2^k - 1)``: qkern's ``int{k}`` *midrise* grid ``(q + 1/2) s`` with ``s = 2 / (2^k - 1)``
+  (no zero level), so ``forward`` computes them in that form and ``deploy`` is exact;
+- activations (eq. 10 after the paper's bounded activation): ``quantize_k(clip(x, 0, 1))``,
+  gradient 1 on ``[0, 1]`` and 0 outside: ``uint{k}`` with the scale ``1 / (2^k - 1)``;
+- gradients (eq. 12, optional): the gradient ``dr`` reaching a layer's output becomes
+  ``2 m [quantize_k(dr / (2 m) + 1/2) - 1/2]`` with ``m = max|dr|`` per sample. The paper adds
+  uniform noise ``N(k) = sigma / (2^k - 1)``, ``sigma ~ U(-1/2, 1/2)`` before rounding; this
+  implementation rounds deterministically (no noise)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...observers.lsq import lsq_fake_quantize, ste_round
+from .base import Deployed, FakeQuant
+
+__all__ = ["DoReFaActQuant", "DoReFaGradQuant", "DoReFaWeightQuant", "dorefa_quantize_grad"]
+
+
+class DoReFaWeightQuant(FakeQuant):
+    """``bits``-bit DoReFa weights (one normalisation per layer)."""
+
+    KIND = "dorefa"
+
+    def __init__(self, bits: int, name: str = ""):
+        super().__init__(bits, True, None, name)
+        self.initialized.fill_(True)
+
+    @property
+    def step(self) -> float:
+        """The midrise step ``2 / (2^k - 1)`` (float32)."""
+        return float(torch.tensor(2.0 / (2 ** self.bits - 1), dtype=torch.float32))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(w.float())
+        r = t / (2 * t.abs().max().clamp(min=torch.finfo(torch.float32).tiny)) + 0.5
+        n = ste_round(r * (2 ** self.bits - 1))  # quantize_k: n / (2^k - 1), n in 0..2^k-1
+        # 2 n / (2^k - 1) - 1 = (n - 2^(k-1) + 1/2) * 2 / (2^k - 1): the midrise code form
+        return ((n - 2 ** (self.bits - 1) + 0.5) * self.step).to(w.dtype)
+
+    def deploy_weight(self, w: torch.Tensor) -> Deployed:
+        with torch.no_grad():
+            v = self.forward(w.detach()).float()
+        s = torch.full((w.shape[0],), self.step)
+        return Deployed(f"int{self.bits}", s, None, 0, weight=v, quantizer="midrise")
+
+
+class DoReFaActQuant(FakeQuant):
+    """``quantize_k(clip(x, 0, 1))``: unsigned, fixed scale ``1 / (2^k - 1)``."""
+
+    KIND = "dorefa"
+
+    def __init__(self, bits: int, name: str = ""):
+        super().__init__(bits, False, None, name)
+        self.register_buffer("scale", torch.tensor(1.0 / (2 ** bits - 1)))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lsq_fake_quantize(x, self.scale, 0, self.q_p)  # scale is a buffer: no grad
+
+    def deploy(self) -> Deployed:
+        return Deployed(self.format.name, self.scale.clone(), None, None)
+
+
+def dorefa_quantize_grad(g: torch.Tensor, bits: int) -> torch.Tensor:
+    """DoReFa's eq. 12 without the noise: ``2 m [quantize_k(g / (2 m) + 1/2) - 1/2]``,
+    ``m = max|g|`` over all but the first (batch) dimension."""
+    if g.dim() == 0:
+        m = g.abs()
+    else:
+        m = g.abs().reshape(g.shape[0], -1).amax(1).reshape([-1] + [1] * (g.dim() - 1))
+    m = m.clamp(min=torch.finfo(torch.float32).tiny)
+    levels = 2 ** bits - 1
+    r = g / (2 * m) + 0.5
+    return 2 * m * (torch.round(r * levels) / levels - 0.5)
+
+
+class _GradQuantFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bits):
+        ctx.bits = bits
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return dorefa_quantize_grad(g, ctx.bits), None
+
+
+class DoReFaGradQuant(nn.Module):
+    """Identity forward; the gradient of its output is quantized to ``bits`` (eq. 12)."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return _GradQuantFn.apply(y, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"grad_bits={self.bits}"
