@@ -9,7 +9,10 @@ modules (QuantLinear / QuantConv2d on the fused int kernels, the input quantized
 
 Methods (``method=``): ``"ste"`` (max-based scales, straight-through), ``"lsq"`` (Esser et al.
 2020), ``"lsq+"`` (Bhalgat et al. 2020: learned activation offset, MSE initialisation),
-``"pact"`` (Choi et al. 2018: learned activation clip; weights as ``"ste"``)."""
+``"pact"`` (Choi et al. 2018: learned activation clip; weights as ``"ste"``), and the 1-bit
+``"binaryconnect"`` (Courbariaux et al. 2015), ``"xnor"`` (Rastegari et al. 2016) and ``"abc"``
+(Lin et al. 2017; ``abc_weight_bases`` x ``abc_act_bases`` binary kernels), quantization/qat/
+binary.py."""
 
 from __future__ import annotations
 
@@ -20,12 +23,29 @@ from torch import nn
 
 from ...nn import QuantConv2d, QuantLinear
 from ..layers import ActQuant
-from ..qat import FakeQuant, LSQPlusQuant, LSQQuant, PACTQuant, QATConv2d, QATLinear, STEQuant
+from ..qat import (
+    BINARY_METHODS,
+    ABCInputQuant,
+    ABCWeightQuant,
+    BinaryConnectQuant,
+    FakeQuant,
+    LSQPlusQuant,
+    LSQQuant,
+    PACTQuant,
+    QATConv2d,
+    QATLinear,
+    STEQuant,
+    XNORConv2d,
+    XNORInputQuant,
+    XNORWeightQuant,
+    deploy_binary,
+)
 from ..registry import (
     BaseConfig,
     Quantizer,
     check_bool,
     check_choice,
+    check_int,
     check_real,
     config_class,
     fail,
@@ -37,7 +57,10 @@ __all__ = ["QAT_METHODS", "QATConfig", "QATQuantizer", "qat_regularization"]
 
 #: method -> the weight bit widths it takes
 QAT_METHODS = {"ste": (2, 3, 4, 5, 6, 7, 8), "lsq": (2, 3, 4, 5, 6, 7, 8),
-               "lsq+": (2, 3, 4, 5, 6, 7, 8), "pact": (2, 3, 4, 5, 6, 7, 8)}
+               "lsq+": (2, 3, 4, 5, 6, 7, 8), "pact": (2, 3, 4, 5, 6, 7, 8),
+               "binaryconnect": (1,), "xnor": (1,), "abc": (1,)}
+#: method -> the activation bit widths it takes (None: weight-only is allowed)
+_METHOD_ACT = {"binaryconnect": (None, 2, 3, 4, 5, 6, 7, 8), "xnor": (1,), "abc": (None, 1)}
 _ACT_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
@@ -48,7 +71,9 @@ class QATConfig(BaseConfig):
     every quantized layer, or None for weight-only QAT; ``act_signed``: None decides from
     the first batch (unsigned when it holds no negative value, e.g. after a ReLU);
     ``pact_alpha`` / ``pact_decay``: PACT's initial clip (None: the first batch's max; the
-    paper's 10 suits ImageNet-scale activations, not inputs in [0, 1]) and its L2 weight."""
+    paper's 10 suits ImageNet-scale activations, not inputs in [0, 1]) and its L2 weight;
+    ``stochastic``: BinaryConnect's stochastic binarization while training;
+    ``abc_weight_bases`` / ``abc_act_bases``: ABC-Net's M and N."""
 
     weight: int = 4
     activation: int | None = 8
@@ -57,6 +82,9 @@ class QATConfig(BaseConfig):
     pact_alpha: float | None = None
     pact_decay: float = 1e-4
     ema: float = 0.1  # "ste" activations: the moving average's weight of a new batch
+    stochastic: bool = False
+    abc_weight_bases: int = 3
+    abc_act_bases: int = 3
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -65,9 +93,10 @@ class QATConfig(BaseConfig):
                 self.weight not in QAT_METHODS[self.method]:
             fail(n, "weight", f"weight bits in {QAT_METHODS[self.method]} for method "
                  f"{self.method!r}", self.weight)
-        if self.activation is not None and (isinstance(self.activation, bool)
-                                            or self.activation not in _ACT_BITS):
-            fail(n, "activation", f"None or activation bits in {_ACT_BITS}", self.activation)
+        acts = _METHOD_ACT.get(self.method, (None, *_ACT_BITS))
+        if isinstance(self.activation, bool) or self.activation not in acts:
+            fail(n, "activation", f"activation bits in {acts} for method {self.method!r} "
+                 "(None: weight-only)", self.activation)
         if self.method == "pact" and self.activation is None:
             fail(n, "activation", "activation bits for method 'pact' (it learns the "
                  "activation clip)", self.activation)
@@ -80,10 +109,23 @@ class QATConfig(BaseConfig):
             check_real(n, "pact_alpha", self.pact_alpha, 1e-6, 1e6, "None or a positive clip")
         check_real(n, "pact_decay", self.pact_decay, 0.0, 1e3, "an L2 weight >= 0")
         check_real(n, "ema", self.ema, 1e-6, 1.0, "a weight in (0, 1]")
+        check_bool(n, "stochastic", self.stochastic)
+        if self.stochastic and self.method != "binaryconnect":
+            fail(n, "stochastic", "False unless method='binaryconnect'", self.stochastic)
+        for f in ("abc_weight_bases", "abc_act_bases"):
+            check_int(n, f, getattr(self, f), 1)
+            if getattr(self, f) > 8:
+                fail(n, f, "a number of binary bases in 1..8", getattr(self, f))
         super().__post_init__()
 
 
 def weight_quantizer(cfg: QATConfig, weight: torch.Tensor, name: str) -> FakeQuant:
+    if cfg.method == "binaryconnect":
+        return BinaryConnectQuant(cfg.stochastic, name=name)
+    if cfg.method == "xnor":
+        return XNORWeightQuant(name=name)
+    if cfg.method == "abc":
+        return ABCWeightQuant(cfg.abc_weight_bases, weight, name=name)
     if cfg.method == "lsq":
         return LSQQuant(cfg.weight, True, 0, init=weight, name=name)
     if cfg.method == "lsq+":
@@ -94,6 +136,10 @@ def weight_quantizer(cfg: QATConfig, weight: torch.Tensor, name: str) -> FakeQua
 def input_quantizer(cfg: QATConfig, name: str) -> FakeQuant | None:
     if cfg.activation is None:
         return None
+    if cfg.method == "xnor":
+        return XNORInputQuant(name=name)
+    if cfg.method == "abc":
+        return ABCInputQuant(cfg.abc_act_bases, name=name)
     if cfg.method == "pact":
         return PACTQuant(cfg.activation, cfg.pact_alpha, cfg.pact_decay, name=name)
     if cfg.method == "lsq":
@@ -127,19 +173,27 @@ class QATQuantizer(Quantizer):
             mod = model.get_submodule(name)
             wq = weight_quantizer(cfg, mod.weight.detach(), f"{name}.weight")
             aq = input_quantizer(cfg, f"{name} input")
-            qat = QATLinear if isinstance(mod, nn.Linear) else QATConv2d
+            qat = QATLinear if isinstance(mod, nn.Linear) else \
+                XNORConv2d if cfg.method == "xnor" else QATConv2d
             replace_module(model, name, qat(mod, wq, aq))
 
     def calibrated(self, model: nn.Module) -> bool:
         return all(bool(q.initialized) for q in model.modules() if isinstance(q, FakeQuant))
 
     def convert(self, model: nn.Module) -> None:
-        for name, _ in self.plan:
+        for name, cfg in self.plan:
             mod = model.get_submodule(name)
             if not isinstance(mod, (QATLinear, QATConv2d)):
                 raise ValueError(f"{name}: expected the QAT module prepare() put there, found "
                                  f"{type(mod).__name__}; was the prepared model modified?")
-            self.swap(model, name, lambda: deploy(mod))
+            if cfg.method in BINARY_METHODS:
+                self.swap(model, name, lambda: deploy_binary(mod, _wrap_input))
+            else:
+                self.swap(model, name, lambda: deploy(mod))
+
+
+def _wrap_input(q: nn.Module, a) -> nn.Module:
+    return ActQuant(q, a.fmt, a.scale, None, a.offset)
 
 
 def deploy(mod: QATLinear | QATConv2d) -> nn.Module:
