@@ -45,10 +45,21 @@ def sign_pm(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, value, mask):
+        ctx.save_for_backward(mask)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask.to(grad.dtype), None, None
+
+
 def _ste(x: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``value`` forward, ``d/dx = mask`` (1 where None) backward."""
-    xm = x if mask is None else x * mask.to(x.dtype)
-    return value.detach() + xm - xm.detach()
+    """``value`` exactly forward, ``d/dx = mask`` (1 where None) backward."""
+    return _STE.apply(x, value, torch.ones((), dtype=torch.bool) if mask is None else mask)
 
 
 def _clip_mask(x: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
@@ -170,8 +181,8 @@ class ABCWeightQuant(_Binary):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         b = self.bases(w)
-        out = (self.alpha.reshape(-1, *([1] * w.dim())) * b).sum(0)
-        return out + (w - w.detach())  # identity STE for the bases
+        b = torch.stack([_ste(w, bi, None) for bi in b])  # identity STE for the bases
+        return (self.alpha.reshape(-1, *([1] * w.dim())) * b).sum(0)
 
     def deploy(self) -> Deployed:
         return Deployed("binary", self.alpha.detach().clone(), None, None)
