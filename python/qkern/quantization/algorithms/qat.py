@@ -38,6 +38,7 @@ from ..qat import (
     XNORConv2d,
     XNORInputQuant,
     XNORWeightQuant,
+    clip_latent_weights,
     deploy_binary,
 )
 from ..registry import (
@@ -53,7 +54,8 @@ from ..registry import (
     replace_module,
 )
 
-__all__ = ["QAT_METHODS", "QATConfig", "QATQuantizer", "qat_regularization"]
+__all__ = ["QAT_METHODS", "QATConfig", "QATQuantizer", "clip_latent_weights",
+           "qat_regularization"]
 
 #: method -> the weight bit widths it takes
 QAT_METHODS = {"ste": (2, 3, 4, 5, 6, 7, 8), "lsq": (2, 3, 4, 5, 6, 7, 8),

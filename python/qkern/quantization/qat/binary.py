@@ -16,7 +16,10 @@ ABC-Net (Lin et al. 2017), with their deployment on qkern's binary kernels (gemm
   padding to +1, so the deployed conv subtracts that padding's contribution beside the kernel.
 - ABC-Net: ``W ~ sum_m alpha_m B_m``, ``B_m = sign(W - mean(W) + u_m std(W))`` with ``u_m``
   evenly spread in [-1, 1], ``alpha`` by least squares at the start and then trained (identity
-  STE for the bases); activations ``A ~ sum_n beta_n H_{v_n}(x)``, ``H_v(x) = +1 where
+  STE for the bases). The paper does not say how the scales are trained; their gradients
+  are sums over the whole tensor and diverge at the weights' learning rate, so, as LSQ's step
+  sizes, ``alpha`` / ``beta`` / ``v`` get their gradient scaled by ``1 / sqrt(numel)`` of the
+  weight / input. Activations ``A ~ sum_n beta_n H_{v_n}(x)``, ``H_v(x) = +1 where
   clip(x + v, 0, 1) >= 0.5 else -1`` with learned shifts ``v_n`` and scales ``beta_n``
   (initialised from the first batch like the weights; STE ``1{0 <= x + v <= 1}``). Deployed
   as ``M`` (x ``N``) binary kernels summed.
@@ -30,6 +33,7 @@ from torch import nn
 
 from ... import formats as QF
 from ...nn import QuantConv2d, QuantLinear
+from ...observers.lsq import grad_scaled
 from .base import Deployed, FakeQuant
 from .modules import QATConv2d, QATLinear
 
@@ -182,7 +186,8 @@ class ABCWeightQuant(_Binary):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         b = self.bases(w)
         b = torch.stack([_ste(w, bi, None) for bi in b])  # identity STE for the bases
-        return (self.alpha.reshape(-1, *([1] * w.dim())) * b).sum(0)
+        alpha = grad_scaled(self.alpha, w.numel() ** -0.5)
+        return (alpha.reshape(-1, *([1] * w.dim())) * b).sum(0)
 
     def deploy(self) -> Deployed:
         return Deployed("binary", self.alpha.detach().clone(), None, None)
@@ -213,13 +218,14 @@ class ABCInputQuant(_Binary):
         if not bool(self.initialized):
             self.init_from(x)
         out = []
-        for v in self.shift:
+        for v in grad_scaled(self.shift, x.numel() ** -0.5):
             z = x + v
             out.append(_ste(z, sign_pm(z.detach().clamp(0, 1) - 0.5), _clip_mask(z, 0.0, 1.0)))
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sum(b * h for b, h in zip(self.beta, self.bases(x)))
+        beta = grad_scaled(self.beta, x.numel() ** -0.5)
+        return sum(b * h for b, h in zip(beta, self.bases(x)))
 
     def deploy(self) -> Deployed:
         if not bool(self.initialized):
