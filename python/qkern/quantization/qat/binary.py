@@ -224,6 +224,8 @@ class ABCInputQuant(_Binary):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.init_from(x)
         beta = grad_scaled(self.beta, x.numel() ** -0.5)
         return sum(b * h for b, h in zip(beta, self.bases(x)))
 
