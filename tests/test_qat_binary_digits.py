@@ -34,4 +34,4 @@ def test_binaryconnect_and_abc_beat_ptq_binary(trained):
 def test_xnor_w1a1(trained):
     models, data = trained
     acc = R.qat(models["cnn_bn"], data, "xnor", 1, 1, epochs=3, exclude=["0", "11"])
-    assert acc > 0.85
+    assert acc > 0.8
