@@ -52,7 +52,12 @@ def make_model(kind: str) -> nn.Module:
                              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                              nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
                              nn.Linear(64, 10))
-    raise ValueError(f"kind must be 'mlp' or 'cnn', got {kind!r}")
+    if kind == "cnn_bn":  # XNOR-Net's block order: BatchNorm -> (binary) conv / linear
+        return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(16),
+                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.BatchNorm1d(32 * 4 * 4), nn.Linear(32 * 4 * 4, 64),
+                             nn.ReLU(), nn.BatchNorm1d(64), nn.Linear(64, 10))
+    raise ValueError(f"kind must be 'mlp', 'cnn' or 'cnn_bn', got {kind!r}")
 
 
 def train(kind: str, data: DigitsData | None = None, epochs: int = 30, seed: int = 0,
@@ -75,12 +80,13 @@ def train(kind: str, data: DigitsData | None = None, epochs: int = 30, seed: int
 
 def finetune(model: nn.Module, data: DigitsData, epochs: int = 6, lr: float = 5e-3,
              seed: int = 0, batch: int = 64, extra_loss=None,
-             lr_scale: dict[str, float] | None = None) -> nn.Module:
+             lr_scale: dict[str, float] | None = None, after_step=None) -> nn.Module:
     """Fine-tunes ``model`` in place (e.g. a QAT-prepared one): SGD with momentum 0.9 and a
     cosine learning-rate schedule, as the LSQ paper fine-tunes; ``extra_loss(model)`` is added
     to the cross entropy (QAT's regularization); ``lr_scale``: parameter-name suffix -> a
     factor on ``lr`` for those parameters (e.g. TTQ's ``w_p`` / ``w_n``, whose gradients are
-    sums over a layer). Returns the model in eval mode."""
+    sums over a layer); ``after_step(model)`` runs after each optimizer step (BinaryConnect's
+    weight clip). Returns the model in eval mode."""
     scale = lr_scale or {}
     groups: dict[float, list] = {}
     for name, p in model.named_parameters():
@@ -100,6 +106,8 @@ def finetune(model: nn.Module, data: DigitsData, epochs: int = 6, lr: float = 5e
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if after_step is not None:
+                after_step(model)
         sched.step()
     return model.eval()
 

@@ -23,7 +23,12 @@ from .algorithms.gptq import GPTQConfig
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
 from .algorithms.llm_int8 import LLMInt8Config
 from .algorithms.omniquant import OmniQuantConfig
-from .algorithms.qat import QATConfig, inq_step, qat_regularization
+from .algorithms.qat import (
+    QATConfig,
+    clip_latent_weights,
+    inq_step,
+    qat_regularization,
+)
 from .algorithms.rotation import RotationConfig, rotate_block, rotate_model
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import SmoothQuantConfig, smooth_quant
@@ -75,7 +80,7 @@ __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "B
            "fold_scales", "hqq_linear", "hqq_quantize", "inq_step", "input_rows",
            "linearize_conv1d",
            "notify_quantized", "on_quantized", "paired_moments", "prepare", "qat_regularization",
-           "quantize_model",
+           "clip_latent_weights", "quantize_model",
            "quantize_sequential", "quantizer_for",
            "register_quantizer", "registered_configs", "registered_quantizers", "replace_module",
            "rotate_block", "rotate_model", "run_batches", "run_calibration", "scale_pairs",

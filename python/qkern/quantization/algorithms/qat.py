@@ -13,7 +13,10 @@ Methods (``method=``): ``"ste"`` (max-based scales, straight-through), ``"lsq"``
 (Zhou et al. 2016: tanh-normalised weights on a midrise grid, [0, 1] activations, optional
 gradient bits), ``"ttq"`` (Zhu et al. 2017: ternary weights with learned W_p / W_n),
 ``"inq"`` (Zhou et al. 2017: power-of-two weights fixed incrementally by :func:`inq_step`;
-TTQ and INQ inputs, with ``activation=bits``, as ``"ste"``)."""
+TTQ and INQ inputs, with ``activation=bits``, as ``"ste"``), and the 1-bit
+``"binaryconnect"`` (Courbariaux et al. 2015), ``"xnor"`` (Rastegari et al. 2016) and ``"abc"``
+(Lin et al. 2017; ``abc_weight_bases`` x ``abc_act_bases`` binary kernels), quantization/qat/
+binary.py."""
 
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ from torch import nn
 from ...nn import QuantConv2d, QuantLinear
 from ..layers import ActQuant, ParallelSum
 from ..qat import (
+    BINARY_METHODS,
+    ABCInputQuant,
+    ABCWeightQuant,
+    BinaryConnectQuant,
     Deployed,
     DoReFaActQuant,
     DoReFaGradQuant,
@@ -38,6 +45,11 @@ from ..qat import (
     QATLinear,
     STEQuant,
     TTQQuant,
+    XNORConv2d,
+    XNORInputQuant,
+    XNORWeightQuant,
+    clip_latent_weights,
+    deploy_binary,
     inq_step,
 )
 from ..registry import (
@@ -45,6 +57,7 @@ from ..registry import (
     Quantizer,
     check_bool,
     check_choice,
+    check_int,
     check_real,
     config_class,
     fail,
@@ -52,12 +65,16 @@ from ..registry import (
     replace_module,
 )
 
-__all__ = ["QAT_METHODS", "QATConfig", "QATQuantizer", "inq_step", "qat_regularization"]
+__all__ = ["QAT_METHODS", "QATConfig", "QATQuantizer", "clip_latent_weights", "inq_step",
+           "qat_regularization"]
 
 _B28 = (2, 3, 4, 5, 6, 7, 8)
 #: method -> the weight bit widths it takes
 QAT_METHODS = {"ste": _B28, "lsq": _B28, "lsq+": _B28, "pact": _B28,
-               "dorefa": (1,) + _B28, "ttq": (2,), "inq": _B28}
+               "dorefa": (1,) + _B28, "ttq": (2,), "inq": _B28,
+               "binaryconnect": (1,), "xnor": (1,), "abc": (1,)}
+#: method -> the activation bit widths it takes (None: weight-only is allowed)
+_METHOD_ACT = {"binaryconnect": (None, *_B28), "xnor": (1,), "abc": (None, 1)}
 _ACT_BITS = _B28
 _GRAD_BITS = tuple(range(2, 17))
 
@@ -69,7 +86,9 @@ class QATConfig(BaseConfig):
     every quantized layer, or None for weight-only QAT; ``act_signed``: None decides from
     the first batch (unsigned when it holds no negative value, e.g. after a ReLU);
     ``pact_alpha`` / ``pact_decay``: PACT's initial clip (None: the first batch's max; the
-    paper's 10 suits ImageNet-scale activations, not inputs in [0, 1]) and its L2 weight."""
+    paper's 10 suits ImageNet-scale activations, not inputs in [0, 1]) and its L2 weight;
+    ``stochastic``: BinaryConnect's stochastic binarization while training;
+    ``abc_weight_bases`` / ``abc_act_bases``: ABC-Net's M and N."""
 
     weight: int = 4
     activation: int | None = 8
@@ -81,6 +100,9 @@ class QATConfig(BaseConfig):
     grad_bits: int | None = None  # "dorefa": quantize each layer's output gradient
     ttq_threshold: float = 0.05  # "ttq": delta = ttq_threshold * max|w| per layer
     inq_schedule: tuple = (0.5, 0.75, 0.875, 1.0)  # "inq": fractions fixed by inq_step
+    stochastic: bool = False
+    abc_weight_bases: int = 3
+    abc_act_bases: int = 3
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -89,9 +111,10 @@ class QATConfig(BaseConfig):
                 self.weight not in QAT_METHODS[self.method]:
             fail(n, "weight", f"weight bits in {QAT_METHODS[self.method]} for method "
                  f"{self.method!r}", self.weight)
-        if self.activation is not None and (isinstance(self.activation, bool)
-                                            or self.activation not in _ACT_BITS):
-            fail(n, "activation", f"None or activation bits in {_ACT_BITS}", self.activation)
+        acts = _METHOD_ACT.get(self.method, (None, *_ACT_BITS))
+        if isinstance(self.activation, bool) or self.activation not in acts:
+            fail(n, "activation", f"activation bits in {acts} for method {self.method!r} "
+                 "(None: weight-only)", self.activation)
         if self.method == "pact" and self.activation is None:
             fail(n, "activation", "activation bits for method 'pact' (it learns the "
                  "activation clip)", self.activation)
@@ -119,6 +142,13 @@ class QATConfig(BaseConfig):
                 and float(sch[-1]) == 1.0):
             fail(n, "inq_schedule", "increasing fractions in (0, 1] ending at 1.0",
                  self.inq_schedule)
+        check_bool(n, "stochastic", self.stochastic)
+        if self.stochastic and self.method != "binaryconnect":
+            fail(n, "stochastic", "False unless method='binaryconnect'", self.stochastic)
+        for f in ("abc_weight_bases", "abc_act_bases"):
+            check_int(n, f, getattr(self, f), 1)
+            if getattr(self, f) > 8:
+                fail(n, f, "a number of binary bases in 1..8", getattr(self, f))
         super().__post_init__()
 
 
@@ -129,6 +159,12 @@ def weight_quantizer(cfg: QATConfig, weight: torch.Tensor, name: str) -> FakeQua
         return TTQQuant(weight, cfg.ttq_threshold, name=name)
     if cfg.method == "inq":
         return INQQuant(cfg.weight, weight, cfg.inq_schedule, name=name)
+    if cfg.method == "binaryconnect":
+        return BinaryConnectQuant(cfg.stochastic, name=name)
+    if cfg.method == "xnor":
+        return XNORWeightQuant(name=name)
+    if cfg.method == "abc":
+        return ABCWeightQuant(cfg.abc_weight_bases, weight, name=name)
     if cfg.method == "lsq":
         return LSQQuant(cfg.weight, True, 0, init=weight, name=name)
     if cfg.method == "lsq+":
@@ -141,6 +177,10 @@ def input_quantizer(cfg: QATConfig, name: str) -> FakeQuant | None:
         return None
     if cfg.method == "dorefa":
         return DoReFaActQuant(cfg.activation, name=name)
+    if cfg.method == "xnor":
+        return XNORInputQuant(name=name)
+    if cfg.method == "abc":
+        return ABCInputQuant(cfg.abc_act_bases, name=name)
     if cfg.method == "pact":
         return PACTQuant(cfg.activation, cfg.pact_alpha, cfg.pact_decay, name=name)
     if cfg.method == "lsq":
@@ -176,8 +216,9 @@ class QATQuantizer(Quantizer):
             wq = weight_quantizer(cfg, mod.weight.detach(), f"{name}.weight")
             aq = input_quantizer(cfg, f"{name} input")
             gq = None if cfg.grad_bits is None else DoReFaGradQuant(cfg.grad_bits)
-            qat = QATLinear if isinstance(mod, nn.Linear) else QATConv2d
-            replace_module(model, name, qat(mod, wq, aq, gq))
+            qat = QATLinear if isinstance(mod, nn.Linear) else \
+                XNORConv2d if cfg.method == "xnor" else QATConv2d
+            replace_module(model, name, qat(mod, wq, aq) if gq is None else qat(mod, wq, aq, gq))
 
     def calibrated(self, model: nn.Module) -> bool:
         return all(bool(q.initialized) for q in model.modules() if isinstance(q, FakeQuant))
@@ -186,12 +227,19 @@ class QATQuantizer(Quantizer):
         for q in model.modules():  # before any swap: INQ's schedule must be complete
             if isinstance(q, FakeQuant):
                 q.check_ready()
-        for name, _ in self.plan:
+        for name, cfg in self.plan:
             mod = model.get_submodule(name)
             if not isinstance(mod, (QATLinear, QATConv2d)):
                 raise ValueError(f"{name}: expected the QAT module prepare() put there, found "
                                  f"{type(mod).__name__}; was the prepared model modified?")
-            self.swap(model, name, lambda: deploy(mod))
+            if cfg.method in BINARY_METHODS:
+                self.swap(model, name, lambda: deploy_binary(mod, _wrap_input))
+            else:
+                self.swap(model, name, lambda: deploy(mod))
+
+
+def _wrap_input(q: nn.Module, a) -> nn.Module:
+    return ActQuant(q, a.fmt, a.scale, None, a.offset)
 
 
 def _layer(mod: QATLinear | QATConv2d, w: Deployed, bias: bool) -> nn.Module:

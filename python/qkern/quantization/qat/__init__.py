@@ -1,10 +1,22 @@
 """Quantization-aware training: the fake quantizers, one module per method's rule (``ste``,
-``lsq`` (LSQ and LSQ+), ``pact``, ``dorefa``, ``ttq``, ``inq``), and the training modules
-``prepare`` swaps in. The config and its quantizer (``QATConfig``, prepare -> your training
-loop -> convert) live in ``quantization/algorithms/qat.py``; :func:`inq_step` advances INQ's
-partition schedule between training phases."""
+``lsq`` (LSQ and LSQ+), ``pact``, ``dorefa``, ``ttq``, ``inq``, ``binary``: BinaryConnect /
+XNOR-Net / ABC-Net), and the training modules ``prepare`` swaps in. The config and its quantizer
+(``QATConfig``, prepare -> your training loop -> convert) live in
+``quantization/algorithms/qat.py``; :func:`inq_step` advances INQ's partition schedule between
+training phases, :func:`clip_latent_weights` is BinaryConnect's clip after each step."""
 
 from .base import Deployed, FakeQuant, int_format
+from .binary import (
+    BINARY_METHODS,
+    ABCInputQuant,
+    ABCWeightQuant,
+    BinaryConnectQuant,
+    XNORConv2d,
+    XNORInputQuant,
+    XNORWeightQuant,
+    clip_latent_weights,
+    deploy_binary,
+)
 from .dorefa import DoReFaActQuant, DoReFaGradQuant, DoReFaWeightQuant, dorefa_quantize_grad
 from .inq import INQQuant, inq_step, pow2_quantize
 from .lsq import LSQPlusQuant, LSQQuant, mse_range
@@ -13,7 +25,9 @@ from .pact import PACTQuant
 from .ste import STEQuant
 from .ttq import TTQQuant
 
-__all__ = ["Deployed", "DoReFaActQuant", "DoReFaGradQuant", "DoReFaWeightQuant", "FakeQuant",
-           "INQQuant", "LSQPlusQuant", "LSQQuant", "PACTQuant", "QATConv2d",
-           "QATLinear", "STEQuant", "TTQQuant", "dorefa_quantize_grad", "fake_quantizers",
+__all__ = ["ABCInputQuant", "ABCWeightQuant", "BINARY_METHODS", "BinaryConnectQuant",
+           "Deployed", "DoReFaActQuant", "DoReFaGradQuant", "DoReFaWeightQuant", "FakeQuant",
+           "INQQuant", "LSQPlusQuant", "LSQQuant", "PACTQuant", "QATConv2d", "QATLinear",
+           "STEQuant", "TTQQuant", "XNORConv2d", "XNORInputQuant", "XNORWeightQuant",
+           "clip_latent_weights", "deploy_binary", "dorefa_quantize_grad", "fake_quantizers",
            "inq_step", "int_format", "mse_range", "pow2_quantize"]
