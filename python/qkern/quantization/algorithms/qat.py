@@ -13,14 +13,25 @@ Methods (``method=``): ``"ste"`` (max-based scales, straight-through), ``"lsq"``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ...nn import QuantConv2d, QuantLinear
 from ..layers import ActQuant
-from ..qat import FakeQuant, LSQPlusQuant, LSQQuant, PACTQuant, QATConv2d, QATLinear, STEQuant
+from ..qat import (
+    AttentionQuant,
+    FakeQuant,
+    LSQPlusQuant,
+    LSQQuant,
+    PACTQuant,
+    QATConv2d,
+    QATLinear,
+    STEQuant,
+    bert_attention,
+    register_transformers,
+)
 from ..registry import (
     BaseConfig,
     Quantizer,
@@ -48,7 +59,13 @@ class QATConfig(BaseConfig):
     every quantized layer, or None for weight-only QAT; ``act_signed``: None decides from
     the first batch (unsigned when it holds no negative value, e.g. after a ReLU);
     ``pact_alpha`` / ``pact_decay``: PACT's initial clip (None: the first batch's max; the
-    paper's 10 suits ImageNet-scale activations, not inputs in [0, 1]) and its L2 weight."""
+    paper's 10 suits ImageNet-scale activations, not inputs in [0, 1]) and its L2 weight.
+    ``attention=True`` also fake-quantizes the attention matmuls' operands (Q, K, V after the
+    KV cache, the softmax probabilities) at ``activation`` bits: transformers models through
+    the ``"qkern_qat"`` attention implementation, qkern's BERT through its ``attn_fn`` hook.
+    ``lsq_init``: ``"paper"`` (LSQ's ``2 mean|v| / sqrt(Q_P)``) or ``"max"`` (``max|v| / Q_P``:
+    round-to-nearest's scales, a better start when fine-tuning a pretrained transformer).
+    ``lm_head`` and embeddings stay float by default (``exclude``), as in the LLM methods."""
 
     weight: int = 4
     activation: int | None = 8
@@ -57,6 +74,9 @@ class QATConfig(BaseConfig):
     pact_alpha: float | None = None
     pact_decay: float = 1e-4
     ema: float = 0.1  # "ste" activations: the moving average's weight of a new batch
+    attention: bool = False
+    lsq_init: str = "paper"
+    exclude: list[str] = field(default_factory=lambda: ["lm_head", "Embedding"])
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -80,12 +100,17 @@ class QATConfig(BaseConfig):
             check_real(n, "pact_alpha", self.pact_alpha, 1e-6, 1e6, "None or a positive clip")
         check_real(n, "pact_decay", self.pact_decay, 0.0, 1e3, "an L2 weight >= 0")
         check_real(n, "ema", self.ema, 1e-6, 1.0, "a weight in (0, 1]")
+        check_bool(n, "attention", self.attention)
+        check_choice(n, "lsq_init", self.lsq_init, ("paper", "max"))
+        if self.attention and self.activation is None:
+            fail(n, "attention", "False without activation bits (the attention operands are "
+                 "quantized at the activation bits)", self.attention)
         super().__post_init__()
 
 
 def weight_quantizer(cfg: QATConfig, weight: torch.Tensor, name: str) -> FakeQuant:
     if cfg.method == "lsq":
-        return LSQQuant(cfg.weight, True, 0, init=weight, name=name)
+        return LSQQuant(cfg.weight, True, 0, init=weight, name=name, init_mode=cfg.lsq_init)
     if cfg.method == "lsq+":
         return LSQPlusQuant(cfg.weight, True, 0, init=weight, offset=False, name=name)
     return STEQuant(cfg.weight, True, 0, momentum=None, name=name)  # ste, pact
@@ -97,7 +122,7 @@ def input_quantizer(cfg: QATConfig, name: str) -> FakeQuant | None:
     if cfg.method == "pact":
         return PACTQuant(cfg.activation, cfg.pact_alpha, cfg.pact_decay, name=name)
     if cfg.method == "lsq":
-        q = LSQQuant(cfg.activation, cfg.act_signed, None, name=name)
+        q = LSQQuant(cfg.activation, cfg.act_signed, None, name=name, init_mode=cfg.lsq_init)
     elif cfg.method == "lsq+":
         q = LSQPlusQuant(cfg.activation, cfg.act_signed, None, offset=True, name=name)
     else:
@@ -129,6 +154,8 @@ class QATQuantizer(Quantizer):
             aq = input_quantizer(cfg, f"{name} input")
             qat = QATLinear if isinstance(mod, nn.Linear) else QATConv2d
             replace_module(model, name, qat(mod, wq, aq))
+        if self.config.attention:
+            attach_attention(model, self.config)
 
     def calibrated(self, model: nn.Module) -> bool:
         return all(bool(q.initialized) for q in model.modules() if isinstance(q, FakeQuant))
@@ -140,6 +167,39 @@ class QATQuantizer(Quantizer):
                 raise ValueError(f"{name}: expected the QAT module prepare() put there, found "
                                  f"{type(mod).__name__}; was the prepared model modified?")
             self.swap(model, name, lambda: deploy(mod))
+
+
+def attach_attention(model: nn.Module, cfg: QATConfig) -> int:
+    """Gives every attention module of ``model`` an ``AttentionQuant`` (``qat_attention``) and
+    routes its attention through it: transformers attention modules (a ``config`` whose
+    ``_attn_implementation`` is set) by switching that config to ``"qkern_qat"``, qkern's BERT
+    self-attention by its ``attn_fn``. Returns how many; none found raises ValueError."""
+    found, configs = 0, []
+    learned = cfg.method in ("lsq", "lsq+")
+    for name, mod in model.named_modules():
+        conf = getattr(mod, "config", None)
+        is_hf = (type(mod).__name__.endswith("Attention") and hasattr(mod, "scaling")
+                 and isinstance(getattr(conf, "_attn_implementation", None), str))
+        if not (is_hf or hasattr(mod, "attn_fn")):
+            continue
+        mod.qat_attention = AttentionQuant(cfg.activation, learned, cfg.ema, name, cfg.lsq_init)
+        found += 1
+        if is_hf:
+            if all(c is not conf for c in configs):
+                configs.append(conf)
+        else:
+            mod.attn_fn = bert_attention
+    if not found:
+        raise ValueError(f"QATConfig(attention=True): {type(model).__name__} has no attention "
+                         "module qkern can hook (transformers attention or qkern's BERT)")
+    if configs:
+        register_transformers()
+        for conf in configs:
+            conf._attn_implementation = "qkern_qat"
+        top = getattr(model, "config", None)
+        if top is not None and all(c is not top for c in configs):
+            top._attn_implementation = "qkern_qat"
+    return found
 
 
 def deploy(mod: QATLinear | QATConv2d) -> nn.Module:
