@@ -15,7 +15,6 @@ the attention matmuls' Q, K, V and softmax probabilities int8 too; norms and emb
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import time
@@ -65,11 +64,21 @@ def _windows(data: bytes, n: int, window: int, gen: torch.Generator) -> torch.Te
 
 
 def _optimizer(model: nn.Module, lr: float, scale_lr: float) -> torch.optim.Optimizer:
-    scales = [p for n, p in model.named_parameters()
-              if n.endswith(".scale") or n.endswith(".offset")]
+    """Adam, the step sizes in their own group at ``scale_lr``."""
+    scales = [p for n, p in model.named_parameters() if n.endswith(".scale")]
     ids = {id(p) for p in scales}
     rest = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
     return torch.optim.Adam([{"params": rest, "lr": lr}, {"params": scales, "lr": scale_lr}])
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One Adam step, the step sizes kept positive (Adam's fixed-size steps can cross 0)."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for p in opt.param_groups[1]["params"]:
+            p.clamp_(min=1e-8)
 
 
 def finetune_bytelm(model: nn.Module, steps: int = 200, batch: int = 8, window: int = 256,
@@ -85,10 +94,8 @@ def finetune_bytelm(model: nn.Module, steps: int = 200, batch: int = 8, window: 
     for _ in range(steps):
         x = _windows(data, batch, window, gen)
         logits = q(x).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _step(opt, F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                   x[:, 1:].reshape(-1)))
     return q.eval()
 
 
@@ -132,10 +139,7 @@ def finetune_minilm(model: nn.Module, train: list[str], steps: int = 100, batch:
         h = q(**enc)
         m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
         e = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-        loss = (1 - (e * target[idx]).sum(-1)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _step(opt, (1 - (e * target[idx]).sum(-1)).mean())
     return q.eval()
 
 
