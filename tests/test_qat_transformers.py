@@ -5,12 +5,12 @@ on qkern's own BERT; lm_head / embeddings float; convert; errors."""
 
 import copy
 
-import llm_models as LM
 import pytest
 import torch
 import transformers
 from torch import nn
 
+import llm_models as LM
 import qkern
 from qkern.models.bert import Bert, BertConfig
 from qkern.nn import QuantLinear
