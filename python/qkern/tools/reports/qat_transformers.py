@@ -10,7 +10,7 @@ the attention matmuls' Q, K, V and softmax probabilities int8 too; norms and emb
   sentence embeddings (loss ``1 - cos``) on WikiText-2 *valid* sentences, scored by embedding
   cosine on *test* sentences, beside RTN W4A8 (``"ste"``, untrained).
 
-``python -m qkern.tools.reports.qat_transformers [--steps 200] [--which bytelm minilm]``."""
+``python -m qkern.tools.reports.qat_transformers [--steps 100] [--which bytelm minilm]``."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from ...models.assets import WIKITEXT_BYTELM, WIKITEXT_TEXT, shipped_path
 from ...models.bert import embed, load_minilm, load_tokenizer
 from .minilm import sentences
 
-__all__ = ["bytelm_bpb", "bytelm_rows", "finetune_bytelm", "finetune_minilm", "minilm_rows",
-           "w4a8"]
+__all__ = ["bytelm_bpb", "bytelm_rows", "calibrated", "finetune_bytelm", "finetune_minilm",
+           "minilm_rows", "text_bytes", "w4a8", "windows"]
 
 
 def w4a8(method: str, init: str = "max") -> Q.QATConfig:
@@ -57,7 +57,7 @@ def bytelm_bpb(model: nn.Module, data: bytes, window: int = 256, n_windows: int 
     return total / (n * (window - 1)) / math.log(2)
 
 
-def _windows(data: bytes, n: int, window: int, gen: torch.Generator) -> torch.Tensor:
+def windows(data: bytes, n: int, window: int, gen: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(data) - window, (n,), generator=gen).tolist()
     return torch.stack([torch.frombuffer(bytearray(data[s:s + window]), dtype=torch.uint8)
                         for s in starts]).long()
@@ -81,39 +81,39 @@ def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
             p.clamp_(min=1e-8)
 
 
-def finetune_bytelm(model: nn.Module, steps: int = 200, batch: int = 8, window: int = 256,
+def finetune_bytelm(model: nn.Module, steps: int = 100, batch: int = 8, window: int = 256,
                     lr: float = 2e-5, scale_lr: float = 1e-4, seed: int = 0) -> nn.Module:
     """Prepares a W4A8 LSQ copy of ``model`` and trains it ``steps`` steps on WikiText-2
     valid (next-byte cross-entropy); returns it in eval mode."""
     data, gen = text_bytes("valid"), torch.Generator().manual_seed(seed)
     q = Q.prepare(model, w4a8("lsq"))
     with torch.no_grad():  # the first batch sets the activation step sizes
-        q(_windows(data, batch, window, gen))
+        q(windows(data, batch, window, gen))
     q.train()
     opt = _optimizer(q, lr, scale_lr)
     for _ in range(steps):
-        x = _windows(data, batch, window, gen)
+        x = windows(data, batch, window, gen)
         logits = q(x).logits
         _step(opt, F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                    x[:, 1:].reshape(-1)))
     return q.eval()
 
 
-def _calibrated(model: nn.Module, method: str, x) -> nn.Module:
+def calibrated(model: nn.Module, method: str, x) -> nn.Module:
     q = Q.prepare(model, w4a8(method))
     with torch.no_grad():
         q(**x) if isinstance(x, dict) else q(x)
     return q.eval()
 
 
-def bytelm_rows(steps: int = 200, n_windows: int = 48) -> list[tuple[str, float]]:
+def bytelm_rows(steps: int = 100, n_windows: int = 48) -> list[tuple[str, float]]:
     """(row, bits per byte) for fp32, RTN W4A8, LSQ W4A8 init, LSQ W4A8 after ``steps``."""
     model = load_pretrained(shipped_path(WIKITEXT_BYTELM))
     test = text_bytes("test")
-    calib = _windows(text_bytes("valid"), 8, 256, torch.Generator().manual_seed(0))
+    calib = windows(text_bytes("valid"), 8, 256, torch.Generator().manual_seed(0))
     rows = [("fp32", bytelm_bpb(model, test, n_windows=n_windows))]
     for name, method in (("RTN W4A8 (no training)", "ste"), ("LSQ W4A8 init", "lsq")):
-        rows.append((name, bytelm_bpb(_calibrated(model, method, calib), test,
+        rows.append((name, bytelm_bpb(calibrated(model, method, calib), test,
                                       n_windows=n_windows)))
     q = finetune_bytelm(model, steps)
     rows.append((f"LSQ W4A8 QAT, {steps} steps", bytelm_bpb(q, test, n_windows=n_windows)))
@@ -121,7 +121,7 @@ def bytelm_rows(steps: int = 200, n_windows: int = 48) -> list[tuple[str, float]
 
 
 def finetune_minilm(model: nn.Module, train: list[str], steps: int = 100, batch: int = 16,
-                    lr: float = 2e-5, scale_lr: float = 1e-4, seed: int = 0) -> nn.Module:
+                    lr: float = 1e-4, scale_lr: float = 1e-4, seed: int = 0) -> nn.Module:
     """A W4A8 LSQ copy of ``model`` trained to match its fp32 sentence embeddings (mean-pooled,
     unit norm; loss ``1 - cosine``) on ``train``."""
     tok = load_tokenizer(model.name_or_path)
@@ -157,8 +157,8 @@ def minilm_rows(steps: int = 100, n_test: int = 128, n_train: int = 512
             cos = (embed(m, test, tok) * ref).sum(-1)
         return float(cos.mean()), float(cos.min())
 
-    rows = [("RTN W4A8 (no training)", *score(_calibrated(model, "ste", tok(train[:16]))))]
-    rows.append(("LSQ W4A8 init", *score(_calibrated(model, "lsq", tok(train[:16])))))
+    rows = [("RTN W4A8 (no training)", *score(calibrated(model, "ste", tok(train[:16]))))]
+    rows.append(("LSQ W4A8 init", *score(calibrated(model, "lsq", tok(train[:16])))))
     q = finetune_minilm(model, train, steps)
     rows.append((f"LSQ W4A8 QAT, {steps} steps", *score(q)))
     return rows
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qkern.tools.reports.qat_transformers")
     ap.add_argument("--which", nargs="+", choices=("bytelm", "minilm"),
                     default=["bytelm", "minilm"])
-    ap.add_argument("--steps", type=int, default=200, help="bytelm fine-tune steps")
+    ap.add_argument("--steps", type=int, default=100, help="bytelm fine-tune steps")
     ap.add_argument("--minilm-steps", type=int, default=100)
     a = ap.parse_args(argv)
     if a.steps < 0 or a.minilm_steps < 0:
