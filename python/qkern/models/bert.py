@@ -93,6 +93,9 @@ class SelfAttention(nn.Module):
         d = cfg.hidden_size
         self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        # None: torch's scaled_dot_product_attention; else attn_fn(self, q, k, v, keep) -> the
+        # (b, heads, t, head_dim) output (QAT's fake-quantized attention sets it)
+        self.attn_fn = None
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -102,7 +105,10 @@ class SelfAttention(nn.Module):
 
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         # keep: (b, 1, 1, t) bool, True where a key position is a real token
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        if self.attn_fn is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        else:
+            y = self.attn_fn(self, q, k, v, keep)
         return y.transpose(1, 2).reshape(b, t, -1)
 
 

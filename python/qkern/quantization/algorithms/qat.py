@@ -20,7 +20,7 @@ binary.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from ..qat import (
     BINARY_METHODS,
     ABCInputQuant,
     ABCWeightQuant,
+    AttentionQuant,
     BinaryConnectQuant,
     Deployed,
     DoReFaActQuant,
@@ -48,9 +49,11 @@ from ..qat import (
     XNORConv2d,
     XNORInputQuant,
     XNORWeightQuant,
+    bert_attention,
     clip_latent_weights,
     deploy_binary,
     inq_step,
+    register_transformers,
 )
 from ..registry import (
     BaseConfig,
@@ -88,7 +91,13 @@ class QATConfig(BaseConfig):
     ``pact_alpha`` / ``pact_decay``: PACT's initial clip (None: the first batch's max; the
     paper's 10 suits ImageNet-scale activations, not inputs in [0, 1]) and its L2 weight;
     ``stochastic``: BinaryConnect's stochastic binarization while training;
-    ``abc_weight_bases`` / ``abc_act_bases``: ABC-Net's M and N."""
+    ``abc_weight_bases`` / ``abc_act_bases``: ABC-Net's M and N.
+    ``attention=True`` also fake-quantizes the attention matmuls' operands (Q, K, V after the
+    KV cache, the softmax probabilities) at ``activation`` bits: transformers models through
+    the ``"qkern_qat"`` attention implementation, qkern's BERT through its ``attn_fn`` hook.
+    ``lsq_init``: ``"paper"`` (LSQ's ``2 mean|v| / sqrt(Q_P)``) or ``"max"`` (``max|v| / Q_P``:
+    round-to-nearest's scales, a better start when fine-tuning a pretrained transformer).
+    ``lm_head`` and embeddings stay float by default (``exclude``), as in the LLM methods."""
 
     weight: int = 4
     activation: int | None = 8
@@ -103,6 +112,9 @@ class QATConfig(BaseConfig):
     stochastic: bool = False
     abc_weight_bases: int = 3
     abc_act_bases: int = 3
+    attention: bool = False
+    lsq_init: str = "paper"
+    exclude: list[str] = field(default_factory=lambda: ["lm_head", "Embedding"])
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -149,6 +161,11 @@ class QATConfig(BaseConfig):
             check_int(n, f, getattr(self, f), 1)
             if getattr(self, f) > 8:
                 fail(n, f, "a number of binary bases in 1..8", getattr(self, f))
+        check_bool(n, "attention", self.attention)
+        check_choice(n, "lsq_init", self.lsq_init, ("paper", "max"))
+        if self.attention and self.activation is None:
+            fail(n, "attention", "False without activation bits (the attention operands are "
+                 "quantized at the activation bits)", self.attention)
         super().__post_init__()
 
 
@@ -166,7 +183,7 @@ def weight_quantizer(cfg: QATConfig, weight: torch.Tensor, name: str) -> FakeQua
     if cfg.method == "abc":
         return ABCWeightQuant(cfg.abc_weight_bases, weight, name=name)
     if cfg.method == "lsq":
-        return LSQQuant(cfg.weight, True, 0, init=weight, name=name)
+        return LSQQuant(cfg.weight, True, 0, init=weight, name=name, init_mode=cfg.lsq_init)
     if cfg.method == "lsq+":
         return LSQPlusQuant(cfg.weight, True, 0, init=weight, offset=False, name=name)
     return STEQuant(cfg.weight, True, 0, momentum=None, name=name)  # ste, pact
@@ -184,7 +201,7 @@ def input_quantizer(cfg: QATConfig, name: str) -> FakeQuant | None:
     if cfg.method == "pact":
         return PACTQuant(cfg.activation, cfg.pact_alpha, cfg.pact_decay, name=name)
     if cfg.method == "lsq":
-        q = LSQQuant(cfg.activation, cfg.act_signed, None, name=name)
+        q = LSQQuant(cfg.activation, cfg.act_signed, None, name=name, init_mode=cfg.lsq_init)
     elif cfg.method == "lsq+":
         q = LSQPlusQuant(cfg.activation, cfg.act_signed, None, offset=True, name=name)
     else:
@@ -219,6 +236,8 @@ class QATQuantizer(Quantizer):
             qat = QATLinear if isinstance(mod, nn.Linear) else \
                 XNORConv2d if cfg.method == "xnor" else QATConv2d
             replace_module(model, name, qat(mod, wq, aq) if gq is None else qat(mod, wq, aq, gq))
+        if self.config.attention:
+            attach_attention(model, self.config)
 
     def calibrated(self, model: nn.Module) -> bool:
         return all(bool(q.initialized) for q in model.modules() if isinstance(q, FakeQuant))
@@ -273,6 +292,39 @@ def _layer(mod: QATLinear | QATConv2d, w: Deployed, bias: bool) -> nn.Module:
         if b:
             conv.bias.copy_(mod.bias.detach())
     return QuantConv2d.from_float(conv, w.fmt, **kw)
+
+
+def attach_attention(model: nn.Module, cfg: QATConfig) -> int:
+    """Gives every attention module of ``model`` an ``AttentionQuant`` (``qat_attention``) and
+    routes its attention through it: transformers attention modules (a ``config`` whose
+    ``_attn_implementation`` is set) by switching that config to ``"qkern_qat"``, qkern's BERT
+    self-attention by its ``attn_fn``. Returns how many; none found raises ValueError."""
+    found, configs = 0, []
+    learned = cfg.method in ("lsq", "lsq+")
+    for name, mod in model.named_modules():
+        conf = getattr(mod, "config", None)
+        is_hf = (type(mod).__name__.endswith("Attention") and hasattr(mod, "scaling")
+                 and isinstance(getattr(conf, "_attn_implementation", None), str))
+        if not (is_hf or hasattr(mod, "attn_fn")):
+            continue
+        mod.qat_attention = AttentionQuant(cfg.activation, learned, cfg.ema, name, cfg.lsq_init)
+        found += 1
+        if is_hf:
+            if all(c is not conf for c in configs):
+                configs.append(conf)
+        else:
+            mod.attn_fn = bert_attention
+    if not found:
+        raise ValueError(f"QATConfig(attention=True): {type(model).__name__} has no attention "
+                         "module qkern can hook (transformers attention or qkern's BERT)")
+    if configs:
+        register_transformers()
+        for conf in configs:
+            conf._attn_implementation = "qkern_qat"
+        top = getattr(model, "config", None)
+        if top is not None and all(c is not top for c in configs):
+            top._attn_implementation = "qkern_qat"
+    return found
 
 
 def deploy(mod: QATLinear | QATConv2d) -> nn.Module:

@@ -4,7 +4,8 @@ CVPR-W 2020): the step size ``s`` (and LSQ+'s offset ``beta``) are ``nn.Paramete
 with the network, their gradients scaled by ``g = 1 / sqrt(N * Q_P)``
 (:func:`qkern.observers.lsq.lsq_fake_quantize`).
 
-Initialisation: LSQ ``s = 2 mean|v| / sqrt(Q_P)`` (the paper); LSQ+ weights
+Initialisation: LSQ ``s = 2 mean|v| / sqrt(Q_P)`` (the paper; ``init_mode="max"``:
+``max|v| / Q_P``, round-to-nearest's scale, the usual start for LLM QAT); LSQ+ weights
 ``s = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)`` (the paper's eq. 8), LSQ+ activations
 ``beta, s`` minimising the mean squared quantization error of the first batch (the paper's
 MSE initialisation: a search over clipping ranges ``[min, min + r (max - min)]``).
@@ -52,8 +53,9 @@ class LSQQuant(FakeQuant):
     KIND = "lsq"
 
     def __init__(self, bits: int, signed: bool | None = True, axis: int | None = None,
-                 init: torch.Tensor | None = None, name: str = ""):
+                 init: torch.Tensor | None = None, name: str = "", init_mode: str = "paper"):
         super().__init__(bits, signed, axis, name)
+        self.init_mode = init_mode  # "paper": 2 mean|v| / sqrt(Q_P); "max": max|v| / Q_P
         n = 1 if init is None or axis is None else init.shape[axis]
         self.scale = nn.Parameter(torch.ones(() if axis is None else (n,)))
         if init is not None:
@@ -62,8 +64,11 @@ class LSQQuant(FakeQuant):
     def init_from(self, v: torch.Tensor) -> None:
         self.resolve_sign(v)
         a = v.detach().float().abs()
-        m = self.per_axis(a, lambda t, *d: t.mean(*d))
-        s = (2.0 * m / math.sqrt(self.q_p)).clamp(min=1e-8)
+        if self.init_mode == "max":  # round-to-nearest's scale: no clipping
+            s = (self.per_axis(a, lambda t, *d: t.amax(*d)) / self.q_p).clamp(min=1e-8)
+        else:
+            m = self.per_axis(a, lambda t, *d: t.mean(*d))
+            s = (2.0 * m / math.sqrt(self.q_p)).clamp(min=1e-8)
         with torch.no_grad():
             self.scale.data = s.reshape(self.scale.shape).clone()
         self.initialized.fill_(True)
