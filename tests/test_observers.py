@@ -335,7 +335,6 @@ def test_registry():
     (O.HistogramObserver, {"granularity": "channel"}, "per-tensor only"),
     (O.HistogramObserver, {"bins": 2048.0}, "bins"),
     (O.HistogramObserver, {"fmt": "nf4"}, "nf4"),
-    (O.LSQObserver, {"symmetric": False}, "symmetric"),
     (O.LSQObserver, {"fmt": "fp8_e4m3"}, "fp8_e4m3"),
 ])
 def test_bad_config_is_value_error_naming_it(cls, kw, field):

@@ -15,7 +15,10 @@ _FLT_MAX = torch.finfo(torch.float32).max
 
 class LSQObserver(Observer):
     """Learnable step size ``s`` (``self.scale``, an nn.Parameter; per channel with granularity
-    ``"channel"``). The first observed batch initializes it to ``2 * mean|x| / sqrt(Q_P)`` (in
+    ``"channel"``); with ``symmetric=False`` also LSQ+'s learned offset ``beta``
+    (``self.offset``, initialised with the step size by the least-squares range search
+    :func:`mse_range` on the first batch). Symmetric: the first observed batch initializes it to
+    ``2 * mean|x| / sqrt(Q_P)`` (in
     float64, capped at FLT_MAX, where float32 overflows on finite data); after
     that ``forward`` only counts batches and ``fake_quantize`` trains it:
 
@@ -30,13 +33,21 @@ class LSQObserver(Observer):
 
     def __init__(self, fmt="int8", **kw):
         super().__init__(fmt, **kw)
-        if self.format.kind != "int" or not self.symmetric:
-            raise ValueError("LSQObserver needs a symmetric integer format, got "
-                             f"{self.format.name}, symmetric={self.symmetric}")
+        if self.format.kind != "int":
+            raise ValueError(f"LSQObserver needs an integer format, got {self.format.name}")
         self.q_n, self.q_p = -self.format.qmin, self.format.qmax
         self.scale = nn.Parameter(torch.ones(()))
+        # LSQ+ (Bhalgat et al. 2020) when asymmetric: a learned offset beta, MSE initialisation
+        self.offset = None if self.symmetric else nn.Parameter(torch.zeros(()))
 
     def _observe(self, rows: torch.Tensor) -> None:
+        if int(self.num_batches) == 0 and self.offset is not None:
+            sb = [mse_range(r, self.q_n, self.q_p) for r in rows]
+            s = sanitize_scale(torch.stack([v[0] for v in sb]))
+            b = torch.stack([v[1] for v in sb]).float()
+            self.scale.data = s.reshape(()) if self.granularity == "tensor" else s
+            self.offset.data = b.reshape(()) if self.granularity == "tensor" else b
+            return
         if int(self.num_batches) == 0:
             init = 2.0 * rows.abs().mean(dim=1) / math.sqrt(self.q_p)
             bad = ~torch.isfinite(init)  # a float32 sum or 2 * mean beyond FLT_MAX: float64
@@ -48,15 +59,27 @@ class LSQObserver(Observer):
 
     def _range(self):
         s = self.scale.detach().reshape(-1)
+        if self.offset is not None:
+            b = self.offset.detach().reshape(-1)
+            return b - self.q_n * s, b + self.q_p * s
         lo = -self.q_p * s if self.format.signed else torch.zeros_like(s)
         return lo, self.q_p * s
 
     def calculate_qparams(self):
+        """``(scale, None)``; LSQ+ (asymmetric): ``(scale, zero_point)`` with the integer
+        zero point nearest to the learned offset, ``zp = clamp(rne(-beta / s))`` (qkern's grids
+        have integer zero points: ``x_hat = (q - zp) s``)."""
         self._check_seen()
-        return sanitize_scale(self.scale.detach().cpu().float()).clone(), None
+        s = sanitize_scale(self.scale.detach().cpu().float()).clone()
+        if self.offset is None:
+            return s, None
+        zp = torch.round(-self.offset.detach().cpu().float() / s)
+        return s, zp.clamp(self.format.qmin, self.format.qmax).to(torch.int32)
 
     def _reset_stats(self) -> None:
         self.scale.data = torch.ones(())
+        if self.offset is not None:
+            self.offset.data = torch.zeros(())
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ's quantize -> dequantize with gradients for ``x`` (STE) and ``self.scale``;
@@ -64,7 +87,8 @@ class LSQObserver(Observer):
         if int(self.num_batches) == 0:
             self(x)
         axis = self.axis % x.dim() if self.granularity == "channel" else None
-        return lsq_fake_quantize(x, self.scale, self.q_n, self.q_p, axis=axis)
+        return lsq_fake_quantize(x, self.scale, self.q_n, self.q_p, axis=axis,
+                                 offset=self.offset)
 
 
 def grad_scaled(p: torch.Tensor, g: float) -> torch.Tensor:
@@ -108,3 +132,25 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, q_n: int, q_p: int,
     if b is not None:
         out = out + b
     return out.to(x.dtype)
+
+
+def mse_range(x: torch.Tensor, q_n: int, q_p: int, steps: int = 100
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, offset)`` of the ``[lo, hi]`` range with the least squared error of
+    ``round(clamp((x - offset) / scale, -Q_N, Q_P)) * scale + offset`` over ``x``, among
+    ``hi = lo + r (max - min)``, ``lo = min * r`` (r = 1/steps ... 1): the range shrinks
+    toward the data's low end, where a ReLU/Swish-like activation has most of its mass."""
+    v = x.detach().float().reshape(-1)
+    lo0, hi0 = v.min(), v.max()
+    span = (hi0 - lo0).clamp(min=1e-12)
+    best, best_err = None, math.inf
+    for i in range(1, steps + 1):
+        r = i / steps
+        lo = lo0 * r if q_n == 0 else lo0
+        s = (span * r) / (q_p + q_n)
+        b = lo + q_n * s  # code -Q_N sits at lo
+        q = ((v - b) * s.reciprocal()).clamp(-q_n, q_p).round() * s + b
+        err = float((q - v).square().mean())
+        if err < best_err:
+            best, best_err = (s, b), err
+    return best

@@ -19,32 +19,10 @@ import math
 import torch
 from torch import nn
 
-from ...observers.lsq import lsq_fake_quantize
+from ...observers.lsq import lsq_fake_quantize, mse_range
 from .base import Deployed, FakeQuant
 
 __all__ = ["LSQPlusQuant", "LSQQuant", "mse_range"]
-
-
-def mse_range(x: torch.Tensor, q_n: int, q_p: int, steps: int = 100
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, offset)`` of the ``[lo, hi]`` range with the least squared error of
-    ``round(clamp((x - offset) / scale, -Q_N, Q_P)) * scale + offset`` over ``x``, among
-    ``hi = lo + r (max - min)``, ``lo = min * r`` (r = 1/steps ... 1): the range shrinks
-    toward the data's low end, where a ReLU/Swish-like activation has most of its mass."""
-    v = x.detach().float().reshape(-1)
-    lo0, hi0 = v.min(), v.max()
-    span = (hi0 - lo0).clamp(min=1e-12)
-    best, best_err = None, math.inf
-    for i in range(1, steps + 1):
-        r = i / steps
-        lo = lo0 * r if q_n == 0 else lo0
-        s = (span * r) / (q_p + q_n)
-        b = lo + q_n * s  # code -Q_N sits at lo
-        q = ((v - b) * s.reciprocal()).clamp(-q_n, q_p).round() * s + b
-        err = float((q - v).square().mean())
-        if err < best_err:
-            best, best_err = (s, b), err
-    return best
 
 
 class LSQQuant(FakeQuant):
