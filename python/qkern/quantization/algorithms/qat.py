@@ -52,6 +52,7 @@ from ..qat import (
     bert_attention,
     clip_latent_weights,
     deploy_binary,
+    float_twin,
     inq_step,
     register_transformers,
 )
@@ -277,21 +278,8 @@ def _layer(mod: QATLinear | QATConv2d, w: Deployed, bias: bool) -> nn.Module:
     else:
         kw.update(group_size=None, scale=w.scale)
     src = mod.weight.detach() if w.weight is None else w.weight.to(mod.weight.dtype)
-    b = mod.bias is not None and bias
-    if isinstance(mod, QATLinear):
-        lin = nn.Linear(mod.in_features, mod.out_features, bias=b)
-        with torch.no_grad():
-            lin.weight.copy_(src)
-            if b:
-                lin.bias.copy_(mod.bias.detach())
-        return QuantLinear.from_float(lin, w.fmt, **kw)
-    conv = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride,
-                     mod.padding, mod.dilation, bias=b)
-    with torch.no_grad():
-        conv.weight.copy_(src)
-        if b:
-            conv.bias.copy_(mod.bias.detach())
-    return QuantConv2d.from_float(conv, w.fmt, **kw)
+    cls = QuantLinear if isinstance(mod, QATLinear) else QuantConv2d
+    return cls.from_float(float_twin(mod, src, mod.bias is not None and bias), w.fmt, **kw)
 
 
 def attach_attention(model: nn.Module, cfg: QATConfig) -> int:

@@ -35,7 +35,7 @@ from ... import formats as QF
 from ...nn import QuantConv2d, QuantLinear
 from ...observers.lsq import grad_scaled
 from .base import Deployed, FakeQuant
-from .modules import QATConv2d, QATLinear
+from .modules import QATConv2d, QATLinear, float_twin
 
 __all__ = ["ABCInputQuant", "ABCWeightQuant", "BINARY_METHODS", "BinaryConnectQuant",
            "XNORConv2d", "XNORInputQuant", "XNORWeightQuant", "clip_latent_weights",
@@ -252,17 +252,9 @@ def _binary_layer(mod: nn.Module, w2: torch.Tensor, alpha: torch.Tensor, act: st
                   bias: bool) -> nn.Module:
     """A QuantLinear / QuantConv2d on the binary kernel with weights ``alpha[n] * sign``
     (``w2`` already of that form, so the codes are exact)."""
-    if isinstance(mod, nn.Linear):
-        f = nn.Linear(mod.in_features, mod.out_features, bias=bias)
-    else:
-        f = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride,
-                      mod.padding, mod.dilation, bias=bias)
-    with torch.no_grad():
-        f.weight.copy_(w2)
-        if bias:
-            f.bias.copy_(mod.bias.detach())
     cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
-    return cls.from_float(f, "binary", group_size=None, act=act, scale=alpha.float())
+    return cls.from_float(float_twin(mod, w2, bias), "binary", group_size=None, act=act,
+                          scale=alpha.float())
 
 
 class XNORDeployedConv2d(nn.Module):

@@ -11,7 +11,7 @@ from torch import nn
 
 from .base import FakeQuant
 
-__all__ = ["QATConv2d", "QATLinear", "fake_quantizers"]
+__all__ = ["QATConv2d", "QATLinear", "fake_quantizers", "float_twin"]
 
 
 class _QATMixin:
@@ -70,3 +70,19 @@ class QATConv2d(_QATMixin, nn.Conv2d):
 def fake_quantizers(model: nn.Module) -> list[FakeQuant]:
     """Every fake quantizer inside ``model``."""
     return [m for m in model.modules() if isinstance(m, FakeQuant)]
+
+
+def float_twin(mod: nn.Module, weight: torch.Tensor, bias: bool) -> nn.Linear | nn.Conv2d:
+    """A plain ``nn.Linear`` / ``nn.Conv2d`` with ``mod``'s geometry holding ``weight`` (and
+    ``mod``'s bias when ``bias``): what ``convert`` hands to QuantLinear / QuantConv2d's
+    ``from_float``."""
+    if isinstance(mod, nn.Linear):
+        f = nn.Linear(mod.in_features, mod.out_features, bias=bias)
+    else:
+        f = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride,
+                      mod.padding, mod.dilation, bias=bias)
+    with torch.no_grad():
+        f.weight.copy_(weight)
+        if bias:
+            f.bias.copy_(mod.bias.detach())
+    return f
