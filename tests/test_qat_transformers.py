@@ -160,3 +160,70 @@ def test_lsq_max_init_is_round_to_nearest():
                                                     lsq_init="max"))
     want = lin.weight.detach().abs().amax(1) / 7
     torch.testing.assert_close(q[0].weight_fake.scale.detach(), want)
+
+
+def tiny_qkern_llama():
+    from qkern.models.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return Llama(cfg).eval()
+
+
+def test_qkern_llama_hook_matches_reference():
+    model = tiny_qkern_llama()
+    q = qkern.prepare(model, QATConfig(weight=4, activation=8, attention=True))
+    assert all(m.attn_fn is None for m in model.modules() if hasattr(m, "attn_fn"))
+    ids = torch.randint(0, 40, (2, 11))
+    with torch.no_grad():
+        q(ids)
+        q.eval()
+        got = q(ids)
+        ref = copy.deepcopy(q)
+        causal = torch.ones(11, 11, dtype=torch.bool).tril()
+        for m in ref.modules():
+            if getattr(m, "attn_fn", None) is not None:
+                m.attn_fn = lambda mod, a, b, c, keep: ref_eager(
+                    mod.qat_attention, a, b, c, causal, a.shape[-1] ** -0.5)
+        want = ref(ids)
+        plain = copy.deepcopy(q)
+        for m in plain.modules():
+            if hasattr(m, "attn_fn"):
+                m.attn_fn = None
+        other = plain(ids)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert float((got - other).abs().max()) > 1e-3  # the attention quantizers do act
+
+
+def test_kv_cache_decode_equals_the_full_forward():
+    """Prefill + one-token steps through the KV cache give the full forward's logits: the
+    cached K / V go through the same (frozen, eval-mode) quantizers as the recomputed ones.
+    qkern's Llama (its KVCache) and transformers' Llama (its DynamicCache)."""
+    from qkern.models.llama import KVCache
+    model = tiny_qkern_llama()
+    q = qkern.prepare(model, QATConfig(weight=4, activation=8, attention=True))
+    ids = torch.randint(0, 40, (1, 12))
+    with torch.no_grad():
+        q(ids)
+        q.eval()
+        full = q(ids)
+        cache = KVCache(q.config, 1, 12)
+        steps = [q(ids[:, :5], cache)] + [q(ids[:, i:i + 1], cache) for i in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-4, rtol=1e-4)
+    assert len(q.generate(ids[0, :4], 6)) == 6
+
+    _, hf = prepared("llama")
+    ids = torch.randint(0, LM.VOCAB, (1, 12))
+    with torch.no_grad():
+        hf(input_ids=ids)
+        hf.eval()
+        full = hf(input_ids=ids).logits
+        out = hf(input_ids=ids[:, :5], use_cache=True)
+        steps, past = [out.logits], out.past_key_values
+        for i in range(5, 12):
+            out = hf(input_ids=ids[:, i:i + 1], past_key_values=past, use_cache=True)
+            steps.append(out.logits)
+            past = out.past_key_values
+        gen = hf.generate(ids[:, :4], max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-4, rtol=1e-4)
+    assert gen.shape == (1, 10)

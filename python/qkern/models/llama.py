@@ -111,6 +111,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
         self.cfg = cfg
+        # None: torch's scaled_dot_product_attention; else attn_fn(self, q, k, v, keep) -> the
+        # (b, heads, t, head_dim) output, k / v as attended (after the cache, repeated to the
+        # query heads), keep (t, positions) bool, True where a query may attend a key (QAT's
+        # fake-quantized attention sets it)
+        self.attn_fn = None
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int):
         b, t, _ = x.shape
@@ -128,10 +133,16 @@ class Attention(nn.Module):
         rep = c.num_attention_heads // c.num_key_value_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        # causal over the new positions; every cached position is visible to all of them
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or cache.pos == 0)
         if cache is not None and cache.pos > 0 and t > 1:
             raise NotImplementedError("chunked prefill after the first chunk")
+        # causal over the new positions; every cached position is visible to all of them
+        if self.attn_fn is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or cache.pos == 0)
+        else:
+            p0 = k.shape[2] - t  # positions before the new ones
+            keep = (torch.arange(k.shape[2], device=q.device)
+                    <= p0 + torch.arange(t, device=q.device).unsqueeze(1))
+            y = self.attn_fn(self, q, k, v, keep)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -49,11 +49,11 @@ from ..qat import (
     XNORConv2d,
     XNORInputQuant,
     XNORWeightQuant,
-    bert_attention,
     clip_latent_weights,
     deploy_binary,
     float_twin,
     inq_step,
+    qkern_attention,
     register_transformers,
 )
 from ..registry import (
@@ -95,7 +95,8 @@ class QATConfig(BaseConfig):
     ``abc_weight_bases`` / ``abc_act_bases``: ABC-Net's M and N.
     ``attention=True`` also fake-quantizes the attention matmuls' operands (Q, K, V after the
     KV cache, the softmax probabilities) at ``activation`` bits: transformers models through
-    the ``"qkern_qat"`` attention implementation, qkern's BERT through its ``attn_fn`` hook.
+    the ``"qkern_qat"`` attention implementation, qkern's BERT and Llama through their
+    ``attn_fn`` hook.
     ``lsq_init``: ``"paper"`` (LSQ's ``2 mean|v| / sqrt(Q_P)``) or ``"max"`` (``max|v| / Q_P``:
     round-to-nearest's scales, a better start when fine-tuning a pretrained transformer).
     ``lm_head`` and embeddings stay float by default (``exclude``), as in the LLM methods."""
@@ -285,8 +286,9 @@ def _layer(mod: QATLinear | QATConv2d, w: Deployed, bias: bool) -> nn.Module:
 def attach_attention(model: nn.Module, cfg: QATConfig) -> int:
     """Gives every attention module of ``model`` an ``AttentionQuant`` (``qat_attention``) and
     routes its attention through it: transformers attention modules (a ``config`` whose
-    ``_attn_implementation`` is set) by switching that config to ``"qkern_qat"``, qkern's BERT
-    self-attention by its ``attn_fn``. Returns how many; none found raises ValueError."""
+    ``_attn_implementation`` is set) by switching that config to ``"qkern_qat"``, qkern's own
+    BERT and Llama attention by their ``attn_fn``. Returns how many; none found raises
+    ValueError."""
     found, configs = 0, []
     learned = cfg.method in ("lsq", "lsq+")
     for name, mod in model.named_modules():
@@ -301,10 +303,10 @@ def attach_attention(model: nn.Module, cfg: QATConfig) -> int:
             if all(c is not conf for c in configs):
                 configs.append(conf)
         else:
-            mod.attn_fn = bert_attention
+            mod.attn_fn = qkern_attention
     if not found:
         raise ValueError(f"QATConfig(attention=True): {type(model).__name__} has no attention "
-                         "module qkern can hook (transformers attention or qkern's BERT)")
+                         "module qkern can hook (transformers attention or qkern's BERT / Llama)")
     if configs:
         register_transformers()
         for conf in configs:

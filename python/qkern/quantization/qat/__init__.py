@@ -5,7 +5,7 @@ XNOR-Net / ABC-Net), and the training modules ``prepare`` swaps in. The config a
 ``quantization/algorithms/qat.py``; :func:`inq_step` advances INQ's partition schedule between
 training phases, :func:`clip_latent_weights` is BinaryConnect's clip after each step."""
 
-from .attention import AttentionQuant, bert_attention, register_transformers
+from .attention import AttentionQuant, qkern_attention, register_transformers
 from .base import Deployed, FakeQuant, int_format
 from .binary import (
     BINARY_METHODS,
@@ -30,6 +30,6 @@ __all__ = ["ABCInputQuant", "ABCWeightQuant", "AttentionQuant", "BINARY_METHODS"
            "BinaryConnectQuant", "Deployed", "DoReFaActQuant", "DoReFaGradQuant",
            "DoReFaWeightQuant", "FakeQuant", "INQQuant", "LSQPlusQuant", "LSQQuant", "PACTQuant",
            "QATConv2d", "QATLinear", "STEQuant", "TTQQuant", "XNORConv2d", "XNORInputQuant",
-           "XNORWeightQuant", "bert_attention", "clip_latent_weights", "deploy_binary",
+           "XNORWeightQuant", "qkern_attention", "clip_latent_weights", "deploy_binary",
            "dorefa_quantize_grad", "fake_quantizers", "float_twin", "inq_step", "int_format",
            "mse_range", "pow2_quantize", "register_transformers"]

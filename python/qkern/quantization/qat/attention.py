@@ -5,10 +5,10 @@ quantizers (:class:`AttentionQuant`), computed eagerly.
 Two hooks use it: transformers models route attention through an attention function chosen by
 ``config._attn_implementation``; :func:`register_transformers` registers
 :func:`transformers_attention` as ``"qkern_qat"`` (with transformers' eager additive mask), and
-``prepare`` sets the prepared copy's implementation to it. qkern's own BERT
-(:mod:`qkern.models.bert`) calls its self-attention modules' ``attn_fn`` when set
-(:func:`bert_attention`). There is no integer attention kernel: after ``convert`` these
-quantizers stay as fake quantization."""
+``prepare`` sets the prepared copy's implementation to it. qkern's own models (BERT in
+:mod:`qkern.models.bert`, Llama in :mod:`qkern.models.llama`, KV cache included) call their
+attention modules' ``attn_fn`` when set (:func:`qkern_attention`). There is no integer
+attention kernel: after ``convert`` these quantizers stay as fake quantization."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .base import FakeQuant
 from .lsq import LSQQuant
 from .ste import STEQuant
 
-__all__ = ["IMPLEMENTATION", "AttentionQuant", "bert_attention", "eager_attention",
+__all__ = ["IMPLEMENTATION", "AttentionQuant", "qkern_attention", "eager_attention",
            "register_transformers", "transformers_attention"]
 
 #: the name of the transformers attention implementation
@@ -92,9 +92,10 @@ def transformers_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     return out.transpose(1, 2).contiguous(), p
 
 
-def bert_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def qkern_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    keep: torch.Tensor) -> torch.Tensor:
-    """qkern BERT's ``SelfAttention.attn_fn``: (B, H, T, D) in and out, ``keep`` boolean."""
+    """The ``attn_fn`` of qkern's BERT self-attention and Llama attention: (B, H, T, D) in and
+    out (K and V as attended), ``keep`` boolean, True where a query may attend a key."""
     out, _ = eager_attention(module.qat_attention, q, k, v, keep, q.shape[-1] ** -0.5)
     return out
 
