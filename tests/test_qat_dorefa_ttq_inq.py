@@ -112,6 +112,34 @@ def test_dorefa_gradient_bits_follow_eq12_without_noise():
     torch.testing.assert_close(lin.weight.grad, w.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_dorefa_gradient_noise_follows_eq12():
+    """With the paper's noise N(k) = sigma / (2^k - 1), sigma ~ U(-1/2, 1/2): the same
+    noise drawn here (same seed) gives the same values; every value lies on the k-bit grid
+    of 2 m [i / (2^k - 1) - 1/2]; the rounding is unbiased (the mean over many draws is dr,
+    which the deterministic rounding misses)."""
+    g = torch.randn(3, 7, generator=torch.Generator().manual_seed(1))
+    k, levels = 2, 3
+    gn = g.numpy().astype(np.float64)
+    m = np.abs(gn).max(axis=1, keepdims=True)
+    torch.manual_seed(5)
+    got = dorefa_quantize_grad(g, k, noise=True)
+    torch.manual_seed(5)
+    sigma = (torch.rand(3, 7) - 0.5).numpy().astype(np.float64)
+    ref = 2 * m * (np.round((gn / (2 * m) + 0.5) * levels + sigma) / levels - 0.5)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-6)
+    i = (got.numpy() / (2 * m) + 0.5) * levels
+    np.testing.assert_allclose(i, np.round(i), atol=1e-4)
+    mean = torch.stack([dorefa_quantize_grad(g, k, noise=True) for _ in range(4000)]).mean(0)
+    assert float((mean - g).abs().max()) < 0.05 * float(g.abs().max())
+    assert float((dorefa_quantize_grad(g, k) - g).abs().max()) > 0.1 * float(g.abs().max())
+    # through QATConfig: stochastic=True turns the noise on (dorefa with grad_bits only)
+    model = qkern.prepare(nn.Sequential(nn.Linear(6, 7)), QATConfig(
+        weight=2, activation=None, method="dorefa", grad_bits=k, stochastic=True))
+    assert any(getattr(mod, "noise", False) for mod in model.modules())
+    with pytest.raises(ValueError, match="stochastic"):
+        QATConfig(weight=2, method="dorefa", stochastic=True)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_dorefa_converts_to_the_midrise_grid_exactly(k):
     x = torch.rand(16, 64)

@@ -91,7 +91,8 @@ class QATConfig(BaseConfig):
     the first batch (unsigned when it holds no negative value, e.g. after a ReLU);
     ``pact_alpha`` / ``pact_decay``: PACT's initial clip (None: the first batch's max; the
     paper's 10 suits ImageNet-scale activations, not inputs in [0, 1]) and its L2 weight;
-    ``stochastic``: BinaryConnect's stochastic binarization while training;
+    ``stochastic``: BinaryConnect's stochastic binarization while training, or with
+    ``method="dorefa"`` and ``grad_bits`` the paper's uniform noise on the quantized gradients;
     ``abc_weight_bases`` / ``abc_act_bases``: ABC-Net's M and N.
     ``attention=True`` also fake-quantizes the attention matmuls' operands (Q, K, V after the
     KV cache, the softmax probabilities) at ``activation`` bits: transformers models through
@@ -157,8 +158,10 @@ class QATConfig(BaseConfig):
             fail(n, "inq_schedule", "increasing fractions in (0, 1] ending at 1.0",
                  self.inq_schedule)
         check_bool(n, "stochastic", self.stochastic)
-        if self.stochastic and self.method != "binaryconnect":
-            fail(n, "stochastic", "False unless method='binaryconnect'", self.stochastic)
+        if self.stochastic and not (self.method == "binaryconnect" or (
+                self.method == "dorefa" and self.grad_bits is not None)):
+            fail(n, "stochastic", "False unless method='binaryconnect', or 'dorefa' with "
+                 "grad_bits", self.stochastic)
         for f in ("abc_weight_bases", "abc_act_bases"):
             check_int(n, f, getattr(self, f), 1)
             if getattr(self, f) > 8:
@@ -234,7 +237,7 @@ class QATQuantizer(Quantizer):
             mod = model.get_submodule(name)
             wq = weight_quantizer(cfg, mod.weight.detach(), f"{name}.weight")
             aq = input_quantizer(cfg, f"{name} input")
-            gq = None if cfg.grad_bits is None else DoReFaGradQuant(cfg.grad_bits)
+            gq = None if cfg.grad_bits is None else DoReFaGradQuant(cfg.grad_bits, cfg.stochastic)
             qat = QATLinear if isinstance(mod, nn.Linear) else \
                 XNORConv2d if cfg.method == "xnor" else QATConv2d
             replace_module(model, name, qat(mod, wq, aq) if gq is None else qat(mod, wq, aq, gq))

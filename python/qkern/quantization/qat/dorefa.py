@@ -9,9 +9,10 @@ and the straight-through estimator for ``round``:
 - activations (eq. 10 after the paper's bounded activation): ``quantize_k(clip(x, 0, 1))``,
   gradient 1 on ``[0, 1]`` and 0 outside: ``uint{k}`` with the scale ``1 / (2^k - 1)``;
 - gradients (eq. 12, optional): the gradient ``dr`` reaching a layer's output becomes
-  ``2 m [quantize_k(dr / (2 m) + 1/2) - 1/2]`` with ``m = max|dr|`` per sample. The paper adds
-  uniform noise ``N(k) = sigma / (2^k - 1)``, ``sigma ~ U(-1/2, 1/2)`` before rounding; this
-  implementation rounds deterministically (no noise)."""
+  ``2 m [quantize_k(dr / (2 m) + 1/2 + N(k)) - 1/2]`` with ``m = max|dr|`` per sample and the
+  paper's uniform noise ``N(k) = sigma / (2^k - 1)``, ``sigma ~ U(-1/2, 1/2)`` (``noise=True``:
+  stochastic rounding, unbiased, ``E[dr_k] = dr``), or rounded deterministically
+  (``noise=False``)."""
 
 from __future__ import annotations
 
@@ -69,39 +70,43 @@ class DoReFaActQuant(FakeQuant):
         return Deployed(self.format.name, self.scale.clone(), None, None)
 
 
-def dorefa_quantize_grad(g: torch.Tensor, bits: int) -> torch.Tensor:
-    """DoReFa's eq. 12 without the noise: ``2 m [quantize_k(g / (2 m) + 1/2) - 1/2]``,
-    ``m = max|g|`` over all but the first (batch) dimension."""
+def dorefa_quantize_grad(g: torch.Tensor, bits: int, noise: bool = False) -> torch.Tensor:
+    """DoReFa's eq. 12: ``2 m [quantize_k(g / (2 m) + 1/2 + N(k)) - 1/2]``, ``m = max|g|``
+    over all but the first (batch) dimension; ``N(k) = sigma / (2^k - 1)``, ``sigma ~
+    U(-1/2, 1/2)`` when ``noise`` (torch's global generator), else 0."""
     if g.dim() == 0:
         m = g.abs()
     else:
         m = g.abs().reshape(g.shape[0], -1).amax(1).reshape([-1] + [1] * (g.dim() - 1))
     m = m.clamp(min=torch.finfo(torch.float32).tiny)
     levels = 2 ** bits - 1
-    r = g / (2 * m) + 0.5
-    return 2 * m * (torch.round(r * levels) / levels - 0.5)
+    r = (g / (2 * m) + 0.5) * levels
+    if noise:
+        r = r + (torch.rand_like(r) - 0.5)
+    return 2 * m * (torch.round(r).clamp(0, levels) / levels - 0.5)
 
 
 class _GradQuantFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bits):
-        ctx.bits = bits
+    def forward(ctx, x, bits, noise):
+        ctx.bits, ctx.noise = bits, noise
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        return dorefa_quantize_grad(g, ctx.bits), None
+        return dorefa_quantize_grad(g, ctx.bits, ctx.noise), None, None
 
 
 class DoReFaGradQuant(nn.Module):
-    """Identity forward; the gradient of its output is quantized to ``bits`` (eq. 12)."""
+    """Identity forward; the gradient of its output is quantized to ``bits`` (eq. 12), with
+    the paper's noise when ``noise``."""
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, noise: bool = False):
         super().__init__()
-        self.bits = bits
+        self.bits, self.noise = bits, noise
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return _GradQuantFn.apply(y, self.bits)
+        return _GradQuantFn.apply(y, self.bits, self.noise)
 
     def extra_repr(self) -> str:
-        return f"grad_bits={self.bits}"
+        return f"grad_bits={self.bits}" + (", noise" if self.noise else "")
