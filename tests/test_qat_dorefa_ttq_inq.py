@@ -151,7 +151,12 @@ def test_dorefa_converts_to_the_midrise_grid_exactly(k):
         fake = m(x)
         d = _convert(m)
         qw = d[0].module.quantized_weight()
-        assert qw.quantizer == "midrise" and qw.format.name == f"int{k}"
+        if k == 1:  # the dequant path: qkern's int1 midrise grid
+            assert qw.quantizer == "midrise" and qw.format.name == "int1"
+        else:  # the fused int2/3/4 kernels: (u - z) s with the float zero z = 2^(k-1) - 1/2
+            assert qw.format.name == f"uint{k}" and d[0].module.kernel != "dequant"
+            torch.testing.assert_close(qw.zero_point, torch.full_like(qw.zero_point,
+                                                                      2 ** (k - 1) - 0.5))
         assert torch.equal(d[0].module.dequantize_weight(), fake_w)
         torch.testing.assert_close(d(x), fake, rtol=0, atol=1e-6)
 

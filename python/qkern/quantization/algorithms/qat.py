@@ -53,6 +53,7 @@ from ..qat import (
     deploy_binary,
     float_twin,
     inq_step,
+    midrise_qtensor,
     qkern_attention,
     register_transformers,
 )
@@ -272,6 +273,10 @@ def _layer(mod: QATLinear | QATConv2d, w: Deployed, bias: bool) -> nn.Module:
     if w.offset is not None:
         raise ValueError("a weight offset cannot be deployed")  # no method learns one
     k = mod.weight[0].numel()
+    if w.quantizer == "midrise" and isinstance(mod, QATLinear) and k % 32 == 0 and \
+            w.fmt in ("int2", "int3", "int4"):  # DoReFa: on the fused kernels' float zeros
+        b = mod.bias.detach().clone() if bias and mod.bias is not None else None
+        return QuantLinear(midrise_qtensor(w.weight, w.scale, int(w.fmt[3:])), b)
     kw = {"symmetric": True, "quantizer": w.quantizer}
     # one scale per output channel = one group of the whole row: the int2-4 / lut4 kernels
     # take groups along the input (a multiple of 32), per-channel scales only through dequant;

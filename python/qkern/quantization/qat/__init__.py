@@ -18,7 +18,13 @@ from .binary import (
     clip_latent_weights,
     deploy_binary,
 )
-from .dorefa import DoReFaActQuant, DoReFaGradQuant, DoReFaWeightQuant, dorefa_quantize_grad
+from .dorefa import (
+    DoReFaActQuant,
+    DoReFaGradQuant,
+    DoReFaWeightQuant,
+    dorefa_quantize_grad,
+    midrise_qtensor,
+)
 from .inq import INQQuant, inq_step, pow2_quantize
 from .lsq import LSQPlusQuant, LSQQuant, mse_range
 from .modules import QATConv2d, QATLinear, fake_quantizers, float_twin
@@ -32,4 +38,4 @@ __all__ = ["ABCInputQuant", "ABCWeightQuant", "AttentionQuant", "BINARY_METHODS"
            "QATConv2d", "QATLinear", "STEQuant", "TTQQuant", "XNORConv2d", "XNORInputQuant",
            "XNORWeightQuant", "qkern_attention", "clip_latent_weights", "deploy_binary",
            "dorefa_quantize_grad", "fake_quantizers", "float_twin", "inq_step", "int_format",
-           "mse_range", "pow2_quantize", "register_transformers"]
+           "midrise_qtensor", "mse_range", "pow2_quantize", "register_transformers"]

@@ -19,10 +19,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ... import formats as QF
+from ...layout import Layout
 from ...observers.lsq import lsq_fake_quantize, ste_round
+from ...tensor import QTensor
 from .base import Deployed, FakeQuant
 
-__all__ = ["DoReFaActQuant", "DoReFaGradQuant", "DoReFaWeightQuant", "dorefa_quantize_grad"]
+__all__ = ["DoReFaActQuant", "DoReFaGradQuant", "DoReFaWeightQuant", "dorefa_quantize_grad",
+           "midrise_qtensor"]
 
 
 class DoReFaWeightQuant(FakeQuant):
@@ -51,6 +55,23 @@ class DoReFaWeightQuant(FakeQuant):
             v = self.forward(w.detach()).float()
         s = torch.full((w.shape[0],), self.step)
         return Deployed(f"int{self.bits}", s, None, 0, weight=v, quantizer="midrise")
+
+
+def midrise_qtensor(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> QTensor:
+    """The (out, in) ``weight`` whose rows lie on the midrise grid ``(q + 1/2) scale[row]``,
+    ``q`` in ``int{bits}``, as a ``uint{bits}`` QTensor with one group per row and the float
+    zero point ``z = 2^(bits-1) - 1/2``: ``(u - z) s`` with ``u = q + 2^(bits-1)``, the same
+    values, in the form the fused int2/3/4 kernels take (their HQQ path: float zero points of
+    unsigned codes) instead of the dequant fallback."""
+    n, k = weight.shape
+    z = 2 ** (bits - 1) - 0.5
+    s = scale.float().reshape(n, 1)
+    u = torch.round(weight.float() * s.reciprocal() + z)
+    if not bool(torch.equal(((u - z) * s), weight.float())) or bool((u < 0).any()) or \
+            bool((u > 2 ** bits - 1).any()):
+        raise ValueError(f"midrise_qtensor: the weight is not on the int{bits} midrise grid")
+    return QTensor(u.to(torch.uint8), s, torch.full((n, 1), z), QF.get(f"uint{bits}"),
+                   Layout("group", (n, k), 1, k))
 
 
 class DoReFaActQuant(FakeQuant):
