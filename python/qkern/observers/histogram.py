@@ -16,7 +16,7 @@ import torch
 
 from .base import Observer, check_int
 
-_CHUNK = 1 << 22  # elements per block of the vectorized re-binning
+_REBIN_CHUNK = 1 << 16  # (channel, bin) elements per block of the re-binning (in cache)
 _KL_CHUNK = 1 << 16  # (candidate, level, channel) elements per block of the KL search
 
 
@@ -51,26 +51,38 @@ class RunningHistogram:
         return counts.reshape(c, self.bins).double().numpy()
 
     def _rebin(self, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """The counts of channels ``rows`` in ``bins`` bins over the wider ``[lo, hi]``."""
+        """The counts of channels ``rows`` in ``bins`` bins over the wider ``[lo, hi]``.
+
+        The parts of one old bin lie within less than one new bin width (the new range holds
+        the old one), so they land in at most two new bins, the first ones in the bin of part
+        0 and the rest in the bin of part u-1: the split is found by bisection over the parts,
+        each part's bin computed as the definition says (its midpoint)."""
         b, u = self.bins, self.upsample_rate
-        old_lo, old_hi, counts = self.lo[rows], self.hi[rows], self.counts[rows]
-        out = np.empty_like(counts)
-        step = max(1, _CHUNK // (b * u))
-        mid_k = np.arange(b * u) + 0.5
+        out = np.empty((rows.size, b))
+        step = max(1, _REBIN_CHUNK // b)
+        first = np.arange(b)[None, :] * u  # each old bin's first part
         for s in range(0, rows.size, step):
-            sl = slice(s, s + step)
-            olo, ohi, nlo, nhi = old_lo[sl, None], old_hi[sl, None], lo[sl, None], hi[sl, None]
-            point = (ohi == olo)[:, 0]
-            mid = olo + mid_k * ((ohi - olo) / (b * u))
-            mid[point] = olo[point]  # a one-value channel: all its count at that value
-            idx = np.clip(np.floor((mid - nlo) / (nhi - nlo) * b), 0, b - 1).astype(np.int64)
-            w = np.repeat(counts[sl] / u, u, axis=1)
-            w[point] = 0.0
-            w[point, 0] = counts[sl][point].sum(1)
-            k = idx.shape[0]
-            idx += np.arange(k)[:, None] * b
-            out[sl] = np.bincount(idx.reshape(-1), weights=w.reshape(-1),
-                                  minlength=k * b).reshape(k, b)
+            r = rows[s:s + step]
+            olo, part = self.lo[r, None], (self.hi[r, None] - self.lo[r, None]) / (b * u)
+            nlo, span = lo[s:s + step, None], hi[s:s + step, None] - lo[s:s + step, None]
+
+            def new_bin(t, olo=olo, part=part, nlo=nlo, span=span):
+                mid = olo + (first + t + 0.5) * part  # a one-value channel: part = 0
+                return np.clip(np.floor((mid - nlo) / span * b), 0, b - 1)
+
+            i0, i1 = new_bin(0), new_bin(u - 1)
+            below, above = np.zeros_like(i0), np.full_like(i0, float(u))  # i0 at below
+            for _ in range(max(0, math.ceil(math.log2(u)))):
+                m = np.floor((below + above) / 2)
+                same = new_bin(m) == i0
+                below, above = np.where(same, m, below), np.where(same, above, m)
+            w0 = self.counts[r] * ((below + 1) / u)  # parts 0..below in bin i0
+            k = r.size
+            off = np.arange(k)[:, None] * b
+            idx = np.concatenate([(i0 + off).reshape(-1), (i1 + off).reshape(-1)])
+            w = np.concatenate([w0.reshape(-1), (self.counts[r] - w0).reshape(-1)])
+            out[s:s + step] = np.bincount(idx.astype(np.int64), weights=w,
+                                          minlength=k * b).reshape(k, b)
         return out
 
     def add(self, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
