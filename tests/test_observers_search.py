@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import qkern
-from observer_data import feed, make_batches
+from observer_data import feed, make_batches, ref_kl_threshold_bin_numpy
 from qkern import observers as O
 
 
@@ -47,29 +47,6 @@ def ref_kl_threshold_bin_loops(hist, levels: int, start: int) -> int:
                     break
                 kl += p[k] / sp * math.log((p[k] / sp) / (q[k] / sq))
         if finite and kl <= best:
-            best_i, best = i, kl
-    return best_i
-
-
-def ref_kl_threshold_bin_numpy(hist, levels: int, start: int) -> int:
-    """The same definition, vectorized per candidate with bincount (for 2048 bins)."""
-    hist = np.asarray(hist, np.float64)
-    n = hist.size
-    best_i, best = n, math.inf
-    for i in range(start, n + 1):
-        p = hist[:i].copy()
-        p[-1] += hist[i:].sum()
-        lev = np.arange(i) * levels // i
-        mass = np.bincount(lev, weights=hist[:i], minlength=levels)
-        nzc = np.bincount(lev, weights=(p > 0).astype(np.float64), minlength=levels)
-        nz = p > 0
-        q = np.zeros(i)
-        q[nz] = mass[lev[nz]] / nzc[lev[nz]]
-        if q.sum() == 0 or (q[nz] == 0).any():
-            continue
-        pn, qn = p[nz] / p.sum(), q[nz] / q.sum()
-        kl = float(np.sum(pn * np.log(pn / qn)))
-        if kl <= best:
             best_i, best = i, kl
     return best_i
 

@@ -109,16 +109,35 @@ def _const(g, value: torch.Tensor):
     return g.op("Constant", value_t=value)
 
 
+def _dequantize(codes, scale, zp, values, axis: int, block: int) -> torch.Tensor:
+    n = codes.dim()
+    if values is not None:  # float8: the value of each code byte
+        codes = values[codes.long()]
+    c = codes.float() if zp is None else codes.float() - _expand(zp.float(), axis, block, n)
+    return c * _expand(scale, axis, block, n)
+
+
 class _DQ(torch.autograd.Function):
-    """DequantizeLinear(codes, scale, zero_point): per tensor, per ``axis`` or blocked."""
+    """DequantizeLinear(codes, scale, zero_point): per tensor, per ``axis`` or blocked.
+    Backward: the exact derivative with respect to a float ``scale`` (the codes are integers);
+    none for the zero point."""
 
     @staticmethod
     def forward(ctx, codes, scale, zp, values, axis: int, block: int, elem: int):
-        n = codes.dim()
-        if values is not None:  # float8: the value of each code byte
-            codes = values[codes.long()]
-        c = codes.float() if zp is None else codes.float() - _expand(zp.float(), axis, block, n)
-        return c * _expand(scale, axis, block, n)
+        ctx.save_for_backward(codes, scale, zp, values)
+        ctx.axis, ctx.block = axis, block
+        return _dequantize(codes, scale, zp, values, axis, block)
+
+    @staticmethod
+    def backward(ctx, g):
+        codes, scale, zp, values = ctx.saved_tensors
+        gs = None
+        if ctx.needs_input_grad[1]:
+            with torch.enable_grad():
+                s = scale.detach().requires_grad_()
+                y = _dequantize(codes, s, zp, values, ctx.axis, ctx.block)
+                (gs,) = torch.autograd.grad(y, s, g)
+        return None, gs, None, None, None, None, None
 
     @staticmethod
     def symbolic(g, codes, scale, zp, values, axis: int, block: int, elem: int):
@@ -142,12 +161,22 @@ def _expand(t: torch.Tensor, axis: int, block: int, ndim: int) -> torch.Tensor:
 
 
 class _QDQ(torch.autograd.Function):
-    """DequantizeLinear(QuantizeLinear(x, scale, zp), scale, zp), one static scale."""
+    """DequantizeLinear(QuantizeLinear(x, scale, zp), scale, zp), one static scale.
+    Backward: the clipped straight-through estimator of ``qkern.fake_quantize`` (the gradient
+    of x passes where ``x / scale + zp`` lies in ``[qmin - 1/2, qmax + 1/2]``, 0 elsewhere);
+    scale and zero point are data (no gradient)."""
 
     @staticmethod
     def forward(ctx, x, scale, zp, qmin: int, qmax: int, recip: bool):
+        t = x * (1.0 / scale) + zp.float()
+        ctx.save_for_backward((t >= qmin - 0.5) & (t <= qmax + 0.5))
         q = torch.clamp(torch.round(x * (1.0 / scale)) + zp.float(), qmin, qmax)
         return (q - zp.float()) * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, g, torch.zeros_like(g)), None, None, None, None, None
 
     @staticmethod
     def symbolic(g, x, scale, zp, qmin: int, qmax: int, recip: bool):
@@ -167,7 +196,13 @@ def _times_reciprocal(g, x, scale):
 
 class _DynQDQ(torch.autograd.Function):
     """Symmetric int8 QDQ with the scale ``max|x| / 127`` (0 -> 1) of each row (the last
-    dimension; blocked Q/DQ with one block per row) or of the whole tensor."""
+    dimension; blocked Q/DQ with one block per row) or of the whole tensor. Backward: the
+    straight-through estimator with the scale a constant (nothing clamps: every ``|x|`` is at
+    most ``127 scale``), so the gradient passes unchanged."""
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None, None, None, None
 
     @staticmethod
     def forward(ctx, x, per_row: bool, opset: int, rank: int, k: int, recip: bool):

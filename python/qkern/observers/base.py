@@ -124,8 +124,6 @@ class Observer(nn.Module):
     zero point ``qkern.quantize(x, fmt, scale=..., zero_point=...)`` accepts.
     """
 
-    supports_channel = True
-
     def __init__(self, fmt="int8", *, symmetric: bool = True, granularity: str = "tensor",
                  axis: int = 0):
         super().__init__()
@@ -133,8 +131,6 @@ class Observer(nn.Module):
         self.symmetric = symmetric
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
-        if granularity == "channel" and not self.supports_channel:
-            raise ValueError(f"{type(self).__name__} is per-tensor only: granularity='tensor'")
         self.granularity = granularity
         self.axis = check_int("axis", axis, -(2**31))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))

@@ -12,15 +12,43 @@ from collections.abc import Sequence
 import torch
 
 from ... import formats as QF
+from ...observers import make_observer
 from ...quantize import quantize
+from ..registry import check_choice, fail
 
-__all__ = ["CLIP_GRID", "CLIP_SEARCHES", "clip_searchable", "output_clip_search",
-           "weight_params"]
+__all__ = ["CLIP_GRID", "CLIP_SEARCHES", "WEIGHT_OBSERVERS", "check_weight_observer",
+           "clip_searchable", "output_clip_search", "weight_params"]
 
 #: clip ratios the output clip search tries (1 = the data range)
 CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(25))  # 1.0 ... 0.4
 #: the values of a config's ``clip_search`` field
 CLIP_SEARCHES = ("none", "output")
+#: the values of StaticConfig's ``weight_observer``: per-output-channel weight ranges from
+#: an observer ("minmax": the data range, qkern.quantize's own)
+WEIGHT_OBSERVERS = ("minmax", "mse", "percentile", "histogram", "kl")
+
+
+def _weight_observer(cfg):
+    return make_observer(cfg.weight_observer, fmt=cfg.fmt, symmetric=cfg.symmetric,
+                         granularity="channel", axis=0)
+
+
+def check_weight_observer(cfg) -> None:
+    """``cfg.weight_observer``: one of WEIGHT_OBSERVERS; other than "minmax" only for per
+    output channel weights (no group_size / per_tensor / clip_search) in a format the observer
+    takes (histogram: integer formats; kl: symmetric integer formats)."""
+    n, name = type(cfg).__name__, cfg.weight_observer
+    check_choice(n, "weight_observer", name, WEIGHT_OBSERVERS)
+    if name == "minmax":
+        return
+    if cfg.group_size is not None or cfg.per_tensor or cfg.clip_search != "none":
+        fail(n, "weight_observer", "'minmax' with group_size, per_tensor or clip_search "
+             "(an observer sets one range per output channel)", name)
+    try:
+        _weight_observer(cfg)
+    except ValueError as e:
+        fail(n, "weight_observer", f"an observer for fmt={cfg.fmt!r}, "
+             f"symmetric={cfg.symmetric} ({e})", name)
 
 
 def clip_searchable(fmt: str) -> bool:
@@ -86,7 +114,16 @@ def weight_params(cfg, gram: torch.Tensor | None, notes: dict, name: str,
                   cross: torch.Tensor | None = None):
     """The ``params`` function of ``layers.weight_module`` for a layer config: scales
     from the output clip search (with a Gram matrix, and ``cross`` for the progressive
-    objective) and / or one per-tensor scale; None when the config asks for neither."""
+    objective) and / or one per-tensor scale, or per-channel scales from the config's
+    ``weight_observer``; None when the config asks for none of these."""
+    if getattr(cfg, "weight_observer", "minmax") != "minmax":
+        def observed(w: torch.Tensor, group: int | None) -> dict:
+            obs = _weight_observer(cfg)
+            obs(w)
+            scale, zp = obs.calculate_qparams()
+            return {"scale": scale, "zero_point": zp}
+
+        return observed
     per_tensor = getattr(cfg, "per_tensor", False)
     search = getattr(cfg, "clip_search", "none") == "output" and gram is not None
     if search and not clip_searchable(cfg.fmt):

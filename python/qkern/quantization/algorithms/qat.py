@@ -52,9 +52,12 @@ from ..qat import (
     clip_latent_weights,
     deploy_binary,
     float_twin,
+    frozen_after_convert,
     inq_step,
     midrise_qtensor,
     qkern_attention,
+    quantized_layers,
+    refuse_converted,
     register_transformers,
 )
 from ..registry import (
@@ -217,7 +220,8 @@ def input_quantizer(cfg: QATConfig, name: str) -> FakeQuant | None:
 
 def qat_regularization(model: nn.Module) -> torch.Tensor | float:
     """The sum of the fake quantizers' loss terms (PACT's ``lambda * alpha^2``): add it to the
-    training loss."""
+    training loss. A converted model is a ValueError (nothing left to regularize)."""
+    refuse_converted(model, "qat_regularization")
     return sum((q.regularization() for q in model.modules() if isinstance(q, FakeQuant)), 0.0)
 
 
@@ -233,6 +237,11 @@ class QATQuantizer(Quantizer):
         return None
 
     def prepare(self, model: nn.Module) -> None:
+        done = quantized_layers(model)
+        if done:
+            raise ValueError(f"QATConfig: the model holds converted quantized layers ({done[0]!r}"
+                             ", ...) whose integer weights cannot train: prepare the float "
+                             "model and train it before convert()")
         super().prepare(model)
         for name, cfg in self.plan:
             mod = model.get_submodule(name)
@@ -261,6 +270,8 @@ class QATQuantizer(Quantizer):
                 self.swap(model, name, lambda: deploy_binary(mod, _wrap_input))
             else:
                 self.swap(model, name, lambda: deploy(mod))
+        model.eval()  # a converted model runs inference; training it warns (below)
+        model.register_forward_hook(frozen_after_convert)
 
 
 def _wrap_input(q: nn.Module, a) -> nn.Module:

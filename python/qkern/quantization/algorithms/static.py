@@ -32,7 +32,7 @@ from ..registry import (
     register_quantizer,
 )
 from .bias_correction import bias_correction
-from .clip_search import weight_params
+from .clip_search import check_weight_observer, weight_params
 from .equalization import equalize
 from .smoothquant import smooth_quant
 from .weight_only import check_corrections, wants_data
@@ -54,6 +54,7 @@ class StaticConfig(BaseConfig):
     act_fmt: str = "int8"
     observer: str = "minmax"
     act_symmetric: bool = True
+    weight_observer: str = "minmax"  # per-output-channel weight ranges (WEIGHT_OBSERVERS)
     # error correction (equalization, clip_search, bias_correction, smoothquant modules),
     # all from the calibration data
     per_tensor: bool = False  # one weight scale per layer (group_size is then ignored)
@@ -72,6 +73,7 @@ class StaticConfig(BaseConfig):
         check_choice(n, "observer", self.observer, OBSERVER_NAMES)
         check_bool(n, "act_symmetric", self.act_symmetric)
         check_corrections(self)
+        check_weight_observer(self)
         check_bool(n, "progressive", self.progressive)
         if self.smoothing_alpha is not None:
             check_real(n, "smoothing_alpha", self.smoothing_alpha, 0.0, 1.0,

@@ -6,7 +6,15 @@ XNOR-Net / ABC-Net), and the training modules ``prepare`` swaps in. The config a
 training phases, :func:`clip_latent_weights` is BinaryConnect's clip after each step."""
 
 from .attention import AttentionQuant, qkern_attention, register_transformers
-from .base import Deployed, FakeQuant, int_format
+from .base import (
+    ConvertedModelTrainingWarning,
+    Deployed,
+    FakeQuant,
+    frozen_after_convert,
+    int_format,
+    quantized_layers,
+    refuse_converted,
+)
 from .binary import (
     BINARY_METHODS,
     ABCInputQuant,
@@ -33,9 +41,11 @@ from .ste import STEQuant
 from .ttq import TTQQuant
 
 __all__ = ["ABCInputQuant", "ABCWeightQuant", "AttentionQuant", "BINARY_METHODS",
-           "BinaryConnectQuant", "Deployed", "DoReFaActQuant", "DoReFaGradQuant",
+           "BinaryConnectQuant", "ConvertedModelTrainingWarning", "Deployed", "DoReFaActQuant",
+           "DoReFaGradQuant",
            "DoReFaWeightQuant", "FakeQuant", "INQQuant", "LSQPlusQuant", "LSQQuant", "PACTQuant",
            "QATConv2d", "QATLinear", "STEQuant", "TTQQuant", "XNORConv2d", "XNORInputQuant",
            "XNORWeightQuant", "qkern_attention", "clip_latent_weights", "deploy_binary",
-           "dorefa_quantize_grad", "fake_quantizers", "float_twin", "inq_step", "int_format",
-           "midrise_qtensor", "mse_range", "pow2_quantize", "register_transformers"]
+           "dorefa_quantize_grad", "fake_quantizers", "float_twin", "frozen_after_convert",
+           "inq_step", "int_format", "midrise_qtensor", "mse_range", "pow2_quantize",
+           "quantized_layers", "refuse_converted", "register_transformers"]

@@ -10,8 +10,20 @@ import torch
 from torch import nn
 
 from ... import formats as QF
+from ..._checks import warn_user
+from ...nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 
-__all__ = ["Deployed", "FakeQuant", "int_format"]
+__all__ = ["ConvertedModelTrainingWarning", "Deployed", "FakeQuant", "frozen_after_convert",
+           "int_format", "quantized_layers", "refuse_converted"]
+
+class ConvertedModelTrainingWarning(UserWarning):
+    """A converted (frozen) QAT model run in training mode with nothing to train."""
+
+
+#: qkern's quantized modules (frozen integer weights: what ``convert`` builds)
+QUANTIZED = (QuantLinear, QuantConv1d, QuantConv2d, QuantEmbedding)
+_TRAIN_FIRST = ("QAT trains the prepared model: qkern.prepare(float_model, QATConfig(...)), "
+                "your training loop, then qkern.convert(model)")
 
 
 def int_format(bits: int, signed: bool) -> QF.Format:
@@ -103,8 +115,16 @@ class FakeQuant(nn.Module):
     def deploy(self) -> Deployed:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    #: (attribute, name in messages) of the learned scales that must stay positive
+    LEARNED: tuple[tuple[str, str], ...] = ()
+
     def check_ready(self) -> None:
-        """Raises ValueError when ``convert`` must not run yet (INQ before its last step)."""
+        """Raises ValueError when ``convert`` must not run yet (INQ before its last step) or
+        must not run at all (a learned scale in ``LEARNED`` gone non-positive / non-finite:
+        no layer is converted, rather than that layer left in float with a warning)."""
+        if bool(self.initialized):
+            for attr, what in self.LEARNED:
+                self.check_positive(getattr(self, attr), what)
 
     def deploy_weight(self, weight: torch.Tensor) -> Deployed:
         """The grid a weight quantizer ends on, given the latent weight (``deploy()`` unless
@@ -119,3 +139,49 @@ class FakeQuant(nn.Module):
         sign = "auto" if self.signed is None else ("signed" if self.signed else "unsigned")
         per = "tensor" if self.axis is None else f"axis {self.axis}"
         return f"bits={self.bits}, {sign}, per {per}"
+
+
+# -- a converted model is frozen ---------------------------------------------------------------
+def quantized_layers(model: nn.Module) -> list[str]:
+    """The names of qkern's quantized modules in ``model``."""
+    return [n for n, m in model.named_modules() if isinstance(m, QUANTIZED)]
+
+
+def refuse_converted(model: nn.Module, what: str) -> None:
+    """ValueError when ``model`` is a converted model (qkern's quantized layers and no fake
+    quantizer left): ``what`` is a training step that has nothing to act on there."""
+    if any(isinstance(m, FakeQuant) for m in model.modules()):
+        return
+    names = quantized_layers(model)
+    if names:
+        raise ValueError(f"{what}: the model was converted (qkern.convert): its layers "
+                         f"({names[0]!r}, ...) are quantized with frozen integer weights and "
+                         f"no fake quantizer is left to train. {_TRAIN_FIRST}, calling "
+                         f"{what} during training")
+
+
+def _needs_grad(out) -> bool:
+    if isinstance(out, torch.Tensor):
+        return out.requires_grad
+    if isinstance(out, dict):
+        return any(_needs_grad(v) for v in out.values())
+    if isinstance(out, (list, tuple)):
+        return any(_needs_grad(v) for v in out)
+    return False
+
+
+def frozen_after_convert(module: nn.Module, args, output) -> None:
+    """Forward hook ``convert`` puts on a QAT model: in training mode with gradients enabled,
+    an output that needs no gradient means nothing in the model can train (the quantized
+    weights are integer buffers), so a training step would do nothing: one warning per model
+    says so (a backward then fails in torch: nothing requires grad). An output that needs a
+    gradient passes silently (inputs that require grad; adapters or other float parameters
+    inside, as QLoRA trains)."""
+    if module.training and torch.is_grad_enabled() and not _needs_grad(output) \
+            and not getattr(module, "_qkern_frozen_warned", False):
+        module._qkern_frozen_warned = True
+        warn_user(f"{type(module).__name__} was converted (qkern.convert) and is in training "
+                  "mode, but nothing in it can train: its quantized layers hold frozen integer "
+                  f"weights (no parameters, no gradients). {_TRAIN_FIRST}. To run the "
+                  "converted model, call model.eval() (or use torch.no_grad())",
+                  ConvertedModelTrainingWarning)

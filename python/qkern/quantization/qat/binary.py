@@ -34,7 +34,7 @@ from torch import nn
 from ... import formats as QF
 from ...nn import QuantConv2d, QuantLinear
 from ...observers.lsq import grad_scaled
-from .base import Deployed, FakeQuant
+from .base import Deployed, FakeQuant, refuse_converted
 from .modules import QATConv2d, QATLinear, float_twin
 
 __all__ = ["ABCInputQuant", "ABCWeightQuant", "BINARY_METHODS", "BinaryConnectQuant",
@@ -238,7 +238,8 @@ class ABCInputQuant(_Binary):
 
 def clip_latent_weights(model: nn.Module) -> None:
     """BinaryConnect: clip every latent float weight to [-1, 1] (call after each
-    ``optimizer.step()``, as the paper)."""
+    ``optimizer.step()``, as the paper). A converted model is a ValueError."""
+    refuse_converted(model, "clip_latent_weights")
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (QATLinear, QATConv2d)) and \

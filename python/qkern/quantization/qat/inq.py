@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Deployed, FakeQuant
+from .base import Deployed, FakeQuant, refuse_converted
 
 __all__ = ["INQQuant", "inq_step", "pow2_quantize"]
 
@@ -104,6 +104,7 @@ def inq_step(model: nn.Module) -> float:
     """Advance INQ's schedule by one phase in every INQ layer of ``model`` (prepared with
     ``QATConfig(method="inq")``): call it before the first retraining phase and after each
     one; ``convert`` needs the last step (100 %). Returns the fraction now fixed."""
+    refuse_converted(model, "inq_step")
     done = None
     for mod in model.modules():
         q = getattr(mod, "weight_fake", None)

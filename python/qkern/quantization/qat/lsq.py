@@ -29,6 +29,7 @@ class LSQQuant(FakeQuant):
     """LSQ: learned step size, symmetric grid (signed, or unsigned from zero)."""
 
     KIND = "lsq"
+    LEARNED = (("scale", "scale"),)
 
     def __init__(self, bits: int, signed: bool | None = True, axis: int | None = None,
                  init: torch.Tensor | None = None, name: str = "", init_mode: str = "paper"):

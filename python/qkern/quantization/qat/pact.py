@@ -23,6 +23,7 @@ class PACTQuant(FakeQuant):
     """Unsigned ``bits``-bit activations with a learned clip ``alpha`` (per tensor)."""
 
     KIND = "pact"
+    LEARNED = (("alpha", "clip alpha"),)
 
     def __init__(self, bits: int, alpha: float | None = None, weight_decay: float = 1e-4,
                  name: str = ""):

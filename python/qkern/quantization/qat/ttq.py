@@ -47,6 +47,7 @@ class TTQQuant(FakeQuant):
     """Ternary weights ``{-W_n, 0, W_p}`` with learned per-layer scales."""
 
     KIND = "ttq"
+    LEARNED = (("w_p", "W_p"), ("w_n", "W_n"))
 
     def __init__(self, init: torch.Tensor, threshold: float = 0.05, name: str = ""):
         super().__init__(2, True, None, name)
