@@ -104,8 +104,8 @@ def ste_round(t: torch.Tensor) -> torch.Tensor:
 
 
 def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, q_n: int, q_p: int,
-                      axis: int | None = None, offset: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+                      axis: int | None = None, offset: torch.Tensor | None = None,
+                      kernel: bool = True) -> torch.Tensor:
     """LSQ (Esser et al. 2020) and LSQ+ (Bhalgat et al. 2020, with ``offset`` beta):
 
         v_hat = round(clamp((v - beta) / s, -Q_N, Q_P)) * s + beta
@@ -119,7 +119,8 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, q_n: int, q_p: int,
     float32 CPU tensors go through the fused kernel ``qkern::fake_quantize``
     (ops/fake_quant.py: one pass forward, one pass backward, the same values and masks; the
     gradients equal this formula's up to float rounding); other dtypes and devices (float64,
-    CUDA, bfloat16 ...) through the torch formula below."""
+    CUDA, bfloat16 ...) through the torch formula below; ``kernel=False`` always takes the
+    formula (the reference the kernel is measured against: tests, bench/fake_quant.py)."""
     if axis is None:
         n_per, shape = x.numel(), []
     else:
@@ -127,7 +128,7 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, q_n: int, q_p: int,
         shape = [1] * x.dim()
         shape[axis] = x.shape[axis]
     g = 1.0 / math.sqrt(max(n_per, 1) * q_p)
-    if _fused(x, scale, offset):
+    if kernel and _fused(x, scale, offset):
         return torch.ops.qkern.fake_quantize(x, scale, offset, axis, q_n, q_p, g)
     s = grad_scaled(scale, g).reshape(shape)
     v = x.float()
