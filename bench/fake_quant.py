@@ -1,4 +1,4 @@
-"""Fused LSQ fake quantization, forward + backward: qkern::fake_quantize (one pass each way,
+"""Fused LSQ fake quantization, forward + backward: qkern::lsq_fake_quantize (one pass each way,
 csrc/cpu/fakequant) beside torch's own fused learnable fake quantization
 (torch._fake_quantize_learnable_per_{tensor,channel}_affine) and the autograd formula of
 qkern.observers.lsq (lsq_fake_quantize(kernel=False)), all float32, in the same run. Each call
@@ -39,7 +39,7 @@ def _impls(x: torch.Tensor, s: torch.Tensor, axis: int | None) -> dict:
     s1 = s.detach().reshape(-1).clone().requires_grad_()
 
     def qkern_op():
-        y = torch.ops.qkern.fake_quantize(xs, ss, None, axis, Q_N, Q_P, g)
+        y = torch.ops.qkern.lsq_fake_quantize(xs, ss, None, axis, Q_N, Q_P, g)
         return torch.autograd.grad(y, (xs, ss), gy)
 
     def torch_op():

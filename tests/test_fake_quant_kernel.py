@@ -1,4 +1,4 @@
-"""qkern::fake_quantize (the fused LSQ / LSQ+ kernel, csrc/cpu/fakequant) against the LSQ
+"""qkern::lsq_fake_quantize (the fused LSQ / LSQ+ kernel, csrc/cpu/fakequant) against the LSQ
 (Esser et al. 2020) and LSQ+ (Bhalgat et al. 2020) formulas written here, and against torch's
 own learnable fake quantization ops: forward and the three gradients on every ISA, per tensor /
 per channel (axis 0, 1, last) / group-wise, with and without offset, ties and clip bounds;
@@ -17,7 +17,7 @@ from _util import assert_bits_equal
 from qkern import _C
 from qkern.observers.lsq import lsq_fake_quantize
 
-fq = torch.ops.qkern.fake_quantize
+fq = torch.ops.qkern.lsq_fake_quantize
 ISAS = ["scalar", "avx2", "avx512"]
 HAS = {"scalar": True, "avx2": _C.cpu_has_avx2(), "avx512": _C.cpu_has_avx512()}
 Q_N, Q_P = 8, 7  # int4
@@ -291,7 +291,7 @@ def test_bad_input_errors(kw, exc, match):
 def test_backward_op_checks_grad_shape_and_raw_binding_checks():
     x, s, zero = torch.ones(4, 3), torch.ones(3), torch.zeros(3)
     with pytest.raises(ValueError, match="grad has shape"):
-        torch.ops.qkern.fake_quantize_backward(torch.ones(3), x, s, None, 1, Q_N, Q_P, 0.1)
+        torch.ops.qkern.lsq_fake_quantize_backward(torch.ones(3), x, s, None, 1, Q_N, Q_P, 0.1)
     with pytest.raises(ValueError, match="scale must be positive"):
         _C.fake_quantize_raw(x.data_ptr(), zero.data_ptr(), 0, 4, 3, 1, Q_N, Q_P,
                              x.data_ptr())

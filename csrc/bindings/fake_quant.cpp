@@ -17,17 +17,17 @@ namespace {
 // Sizes, clip range and step sizes; returns the element count (0: nothing to do).
 int64_t check(int64_t outer, int64_t channels, int64_t inner, int64_t q_n, int64_t q_p,
               uintptr_t scale) {
-  const int64_t n = qk::bind::checked_mul(outer, channels, inner, "fake_quantize");
-  if (channels < 1) throw py::value_error("fake_quantize: needs at least one scale (C >= 1)");
+  const int64_t n = qk::bind::checked_mul(outer, channels, inner, "lsq_fake_quantize");
+  if (channels < 1) throw py::value_error("lsq_fake_quantize: needs at least one scale (C >= 1)");
   if (q_n < 0 || q_n > INT32_MAX)
-    throw py::value_error("fake_quantize: q_n must be in [0, 2^31), got " + std::to_string(q_n));
+    throw py::value_error("lsq_fake_quantize: q_n must be in [0, 2^31), got " + std::to_string(q_n));
   if (q_p <= 0 || q_p > INT32_MAX)
-    throw py::value_error("fake_quantize: q_p must be in [1, 2^31), got " + std::to_string(q_p));
+    throw py::value_error("lsq_fake_quantize: q_p must be in [1, 2^31), got " + std::to_string(q_p));
   if (!scale) throw py::value_error("fake_quantize_raw: null scale pointer");
   const auto* s = reinterpret_cast<const float*>(scale);
   for (int64_t c = 0; c < channels; ++c)
     if (!(s[c] > 0.0f) || !std::isfinite(s[c]))
-      throw py::value_error("fake_quantize: scale must be positive and finite, got " +
+      throw py::value_error("lsq_fake_quantize: scale must be positive and finite, got " +
                             std::to_string(s[c]) + " at index " + std::to_string(c));
   return n;
 }
@@ -53,7 +53,7 @@ void init(py::module_& m) {
            uintptr_t grad_x, uintptr_t grad_scale, uintptr_t grad_offset) {
           const int64_t n = check(outer, channels, inner, q_n, q_p, scale);
           if (!std::isfinite(grad_factor))
-            throw py::value_error("fake_quantize: grad_factor must be finite");
+            throw py::value_error("lsq_fake_quantize: grad_factor must be finite");
           if (!grad_scale || (n > 0 && (!x || !grad_y || !grad_x)))
             throw py::value_error("fake_quantize_backward_raw: null pointer");
           py::gil_scoped_release nogil;

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import fake_quant  # noqa: F401  (registers qkern::fake_quantize)
+from ..ops import fake_quant  # noqa: F401  (registers qkern::lsq_fake_quantize)
 from .base import Observer, sanitize_scale
 
 _FLT_MAX = torch.finfo(torch.float32).max
@@ -116,7 +116,7 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, q_n: int, q_p: int,
     ``(v - beta) * (1 / s)``, as qkern's kernels do, so the values equal
     ``qkern.quantize(v - beta, fmt, scale=s)`` dequantized, plus beta.
 
-    float32 CPU tensors go through the fused kernel ``qkern::fake_quantize``
+    float32 CPU tensors go through the fused kernel ``qkern::lsq_fake_quantize``
     (ops/fake_quant.py: one pass forward, one pass backward, the same values and masks; the
     gradients equal this formula's up to float rounding); other dtypes and devices (float64,
     CUDA, bfloat16 ...) through the torch formula below; ``kernel=False`` always takes the
@@ -129,7 +129,7 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, q_n: int, q_p: int,
         shape[axis] = x.shape[axis]
     g = 1.0 / math.sqrt(max(n_per, 1) * q_p)
     if kernel and _fused(x, scale, offset):
-        return torch.ops.qkern.fake_quantize(x, scale, offset, axis, q_n, q_p, g)
+        return torch.ops.qkern.lsq_fake_quantize(x, scale, offset, axis, q_n, q_p, g)
     s = grad_scaled(scale, g).reshape(shape)
     v = x.float()
     b = None

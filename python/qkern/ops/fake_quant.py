@@ -1,5 +1,6 @@
-"""``qkern::fake_quantize``: LSQ / LSQ+ fake quantization with a learned step size, fused
-forward and backward (csrc/cpu/fakequant/api.h; the per-element rule is csrc/core/fakequant.h):
+"""``qkern::lsq_fake_quantize``: LSQ / LSQ+ fake quantization with a learned step size,
+fused forward and backward (csrc/cpu/fakequant/api.h; the per-element rule is
+csrc/core/fakequant.h):
 
     y = round(clamp((x - offset) * (1 / scale), -q_n, q_p)) * scale + offset
 
@@ -10,8 +11,8 @@ beta) has scale's shape, or is None. ``x`` is float32, bfloat16 or float16 (comp
 float32; y and grad_x in x's dtype); ``scale`` and ``offset`` are float32, scale > 0 and
 finite.
 
-Autograd (``qkern::fake_quantize_backward``, one pass over x and grad, nothing saved but the
-inputs), with the straight-through estimator for round and ``g = grad_factor`` (LSQ:
+Autograd (``qkern::lsq_fake_quantize_backward``, one pass over x and grad, nothing saved but
+the inputs), with the straight-through estimator for round and ``g = grad_factor`` (LSQ:
 ``1 / sqrt(N * q_p)``, N elements per scale); t = (x - offset) / scale, inside =
 -q_n <= t <= q_p (bounds included, as torch.clamp's gradient):
 
@@ -32,10 +33,10 @@ from .checks import check_scale_values
 from .raw import contig, ptr
 from .schemas import LIB
 
-__all__ = ["fake_quantize", "fake_quantize_backward"]
+__all__ = ["lsq_fake_quantize_backward_cpu", "lsq_fake_quantize_cpu"]
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+def lsq_fake_quantize_cpu(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                   axis: int | None, q_n: int, q_p: int, grad_factor: float) -> torch.Tensor:
     outer, c, inner = fq_checks.fake_quantize(x, scale, offset, axis, q_n, q_p, grad_factor)
     check_scale_values(fq_checks.OP, scale, True)
@@ -46,7 +47,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | N
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def fake_quantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+def lsq_fake_quantize_backward_cpu(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                            offset: torch.Tensor | None, axis: int | None, q_n: int, q_p: int,
                            grad_factor: float
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,10 +73,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: torch.Tensor):
     x, scale, offset = ctx.saved_tensors
-    gx, gs, gb = torch.ops.qkern.fake_quantize_backward(grad, x, scale, offset, *ctx.args)
+    gx, gs, gb = torch.ops.qkern.lsq_fake_quantize_backward(grad, x, scale, offset, *ctx.args)
     return gx, gs, (gb if offset is not None else None), None, None, None, None
 
 
-LIB.impl("fake_quantize", fake_quantize, "CPU")
-LIB.impl("fake_quantize_backward", fake_quantize_backward, "CPU")
-torch.library.register_autograd("qkern::fake_quantize", _backward, setup_context=_setup_context)
+LIB.impl("lsq_fake_quantize", lsq_fake_quantize_cpu, "CPU")
+LIB.impl("lsq_fake_quantize_backward", lsq_fake_quantize_backward_cpu, "CPU")
+torch.library.register_autograd("qkern::lsq_fake_quantize", _backward,
+                                setup_context=_setup_context)

@@ -1,5 +1,5 @@
-"""Argument checks of ``qkern::fake_quantize`` and its backward (ops/fake_quant.py), shared by
-the fake (meta) kernels in ``schemas.py`` and the CPU kernels. Each raises ValueError or
+"""Argument checks of ``qkern::lsq_fake_quantize`` and its backward (ops/fake_quant.py), shared
+by the fake (meta) kernels in ``schemas.py`` and the CPU kernels. Each raises ValueError or
 TypeError naming the op and the problem."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from .checks import FLOAT_DTYPES, check_dtype, size_product
 
-OP = "fake_quantize"
+OP = "lsq_fake_quantize"
 _INT32_MAX = 2**31 - 1
 
 

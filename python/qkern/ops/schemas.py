@@ -53,13 +53,13 @@ SCHEMAS = {
     # x H_n / sqrt(n) over the last dimension (ops/hadamard.py)
     "fwht": "fwht(Tensor x) -> Tensor",
     # LSQ / LSQ+ fake quantization and its fused backward (ops/fake_quant.py)
-    "fake_quantize": (
-        "fake_quantize(Tensor x, Tensor scale, Tensor? offset, int? axis, int q_n, int q_p, "
-        "float grad_factor) -> Tensor"
+    "lsq_fake_quantize": (
+        "lsq_fake_quantize(Tensor x, Tensor scale, Tensor? offset, int? axis, int q_n, "
+        "int q_p, float grad_factor) -> Tensor"
     ),
-    "fake_quantize_backward": (
-        "fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor? offset, int? axis, "
-        "int q_n, int q_p, float grad_factor) -> (Tensor, Tensor, Tensor)"
+    "lsq_fake_quantize_backward": (
+        "lsq_fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor? offset, "
+        "int? axis, int q_n, int q_p, float grad_factor) -> (Tensor, Tensor, Tensor)"
     ),
 }
 
@@ -199,13 +199,13 @@ def _(x):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("qkern::fake_quantize")
+@torch.library.register_fake("qkern::lsq_fake_quantize")
 def _(x, scale, offset, axis, q_n, q_p, grad_factor):
     fq_checks.fake_quantize(x, scale, offset, axis, q_n, q_p, grad_factor)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("qkern::fake_quantize_backward")
+@torch.library.register_fake("qkern::lsq_fake_quantize_backward")
 def _(grad, x, scale, offset, axis, q_n, q_p, grad_factor):
     fq_checks.fake_quantize(x, scale, offset, axis, q_n, q_p, grad_factor)
     fq_checks.backward(grad, x)
