@@ -18,11 +18,14 @@ namespace {
 int64_t check(int64_t outer, int64_t channels, int64_t inner, int64_t q_n, int64_t q_p,
               uintptr_t scale) {
   const int64_t n = qk::bind::checked_mul(outer, channels, inner, "lsq_fake_quantize");
-  if (channels < 1) throw py::value_error("lsq_fake_quantize: needs at least one scale (C >= 1)");
+  if (channels < 1)
+    throw py::value_error("lsq_fake_quantize: needs at least one scale (C >= 1)");
   if (q_n < 0 || q_n > INT32_MAX)
-    throw py::value_error("lsq_fake_quantize: q_n must be in [0, 2^31), got " + std::to_string(q_n));
+    throw py::value_error("lsq_fake_quantize: q_n must be in [0, 2^31), got " +
+                          std::to_string(q_n));
   if (q_p <= 0 || q_p > INT32_MAX)
-    throw py::value_error("lsq_fake_quantize: q_p must be in [1, 2^31), got " + std::to_string(q_p));
+    throw py::value_error("lsq_fake_quantize: q_p must be in [1, 2^31), got " +
+                          std::to_string(q_p));
   if (!scale) throw py::value_error("fake_quantize_raw: null scale pointer");
   const auto* s = reinterpret_cast<const float*>(scale);
   for (int64_t c = 0; c < channels; ++c)
@@ -57,10 +60,10 @@ void init(py::module_& m) {
           if (!grad_scale || (n > 0 && (!x || !grad_y || !grad_x)))
             throw py::value_error("fake_quantize_backward_raw: null pointer");
           py::gil_scoped_release nogil;
-          qk::fake_quantize_backward_f32(in(x), in(grad_y), in(scale), offset ? in(offset) : nullptr,
-                                         outer, channels, inner, static_cast<int32_t>(q_n),
-                                         static_cast<int32_t>(q_p), grad_factor, out(grad_x),
-                                         out(grad_scale), grad_offset ? out(grad_offset) : nullptr);
+          qk::fake_quantize_backward_f32(
+              in(x), in(grad_y), in(scale), offset ? in(offset) : nullptr, outer, channels, inner,
+              static_cast<int32_t>(q_n), static_cast<int32_t>(q_p), grad_factor, out(grad_x),
+              out(grad_scale), grad_offset ? out(grad_offset) : nullptr);
         });
 }
 

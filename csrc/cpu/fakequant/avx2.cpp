@@ -4,17 +4,13 @@
 #include <immintrin.h>
 
 #include "cpu/fakequant/kernels.h"
+#include "cpu/runtime/simd_f32.h"
 
 namespace qk {
 namespace fakequant {
 namespace {
 
-struct Avx2 {
-  using T = __m256;
-  static constexpr int64_t kW = 8;
-  static T load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
-  static T set1(float v) { return _mm256_set1_ps(v); }
+struct Avx2 : simd::F32x8 {
   // t > hi ? hi : t, then u < lo ? lo : u (min/max return their second operand on NaN)
   static T clamp(T t, T lo, T hi) { return _mm256_max_ps(lo, _mm256_min_ps(hi, t)); }
   static T rne(T v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }

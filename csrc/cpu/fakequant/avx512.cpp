@@ -3,26 +3,22 @@
 // double: elements 0..7 then 8..15 of each vector into the 8 lanes (kernels.h).
 #include <immintrin.h>
 
-// GCC 12 reports its own unmasked AVX-512 intrinsics (min, max, roundscale, cvtps_pd, extract:
-// an _mm512_undefined_* merge source) as "may be used uninitialized": a false positive.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
 #include "cpu/fakequant/kernels.h"
+#include "cpu/runtime/simd_f32.h"
 
 namespace qk {
 namespace fakequant {
 namespace {
 
-struct Avx512 {
-  using T = __m512;
-  static constexpr int64_t kW = 16;
-  static T load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
-  static T set1(float v) { return _mm512_set1_ps(v); }
-  static T clamp(T t, T lo, T hi) { return _mm512_max_ps(lo, _mm512_min_ps(hi, t)); }
-  static T rne(T v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+struct Avx512 : simd::F32x16 {
+  // The masked forms with every lane selected (as hadamard/avx512.cpp): the unmasked ones start
+  // from _mm512_undefined_*(), which GCC 12 reports as maybe-uninitialized.
+  static T clamp(T t, T lo, T hi) {
+    return _mm512_mask_max_ps(lo, 0xFFFF, lo, _mm512_mask_min_ps(hi, 0xFFFF, hi, t));
+  }
+  static T rne(T v) {
+    return _mm512_mask_roundscale_ps(v, 0xFFFF, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
 
   static T fwd(T x, T s, T inv, T b, bool has_b, T lo, T hi) {
     const T y = _mm512_mul_ps(rne(clamp(_mm512_mul_ps(_mm512_sub_ps(x, b), inv), lo, hi)), s);
@@ -31,17 +27,23 @@ struct Avx512 {
   static void bwd(T x, T gy, T inv, T b, T lo, T hi, T* gx, T* st, T* go) {
     const T t = _mm512_mul_ps(_mm512_sub_ps(x, b), inv);
     const T tc = clamp(t, lo, hi);
-    const __mmask16 out = _mm512_cmp_ps_mask(t, lo, _CMP_LT_OQ) | _mm512_cmp_ps_mask(t, hi, _CMP_GT_OQ);
-    const __mmask16 in = _mm512_cmp_ps_mask(t, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(t, hi, _CMP_LE_OQ);
+    const __mmask16 out =
+        _mm512_cmp_ps_mask(t, lo, _CMP_LT_OQ) | _mm512_cmp_ps_mask(t, hi, _CMP_GT_OQ);
+    const __mmask16 in =
+        _mm512_cmp_ps_mask(t, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(t, hi, _CMP_LE_OQ);
     *gx = _mm512_maskz_mov_ps(in, gy);
     *st = _mm512_mask_blend_ps(out, _mm512_sub_ps(rne(tc), tc), tc);
     *go = _mm512_maskz_mov_ps(out, gy);
   }
 
-  static __m512d lo8(T v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
-  static __m512d hi8(T v) {
-    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  static __m512d widen(__m256 v) { return _mm512_mask_cvtps_pd(_mm512_setzero_pd(), 0xFF, v); }
+  template <int kHalf>  // floats 0..7 or 8..15 (GCC's cast to 256 bits is an unmasked extract)
+  static __m256 half(T v) {
+    const __m512d d = _mm512_castps_pd(v);
+    return _mm256_castpd_ps(_mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, d, kHalf));
   }
+  static __m512d lo8(T v) { return widen(half<0>(v)); }
+  static __m512d hi8(T v) { return widen(half<1>(v)); }
   static __m512d fma8(__m512d acc, __m512d a, __m512d b) {  // two roundings: no FMA
     return _mm512_add_pd(acc, _mm512_mul_pd(a, b));
   }

@@ -61,7 +61,9 @@ int64_t rows_per_task(int64_t outer, int64_t channels) {
   return std::max(cdiv(kMinTaskFloats, channels), cdiv(outer, kMaxRowTasks));
 }
 
-double lanes_sum(const double* l) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
+double lanes_sum(const double* l) {
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
 
 }  // namespace
 
@@ -84,7 +86,8 @@ void fake_quantize_f32(const float* x, const float* scale, const float* offset, 
     for (int64_t p = t * runs.per; p < std::min(runs.pieces, (t + 1) * runs.per); ++p) {
       const int64_t seg = p / runs.chunks, j = (p % runs.chunks) * kFqChunk;
       const int64_t at = seg * inner + j;
-      k.fwd_run(x + at, y + at, std::min(kFqChunk, inner - j), st.channel(scale, offset, seg % channels));
+      k.fwd_run(x + at, y + at, std::min(kFqChunk, inner - j),
+                st.channel(scale, offset, seg % channels));
     }
   });
 }

@@ -72,9 +72,11 @@ void fwd_run_simd(const float* x, float* y, int64_t n, const Channel& c) {
   const T lo = V::set1(c.lo), hi = V::set1(c.hi);
   int64_t i = 0;
   if (c.has_b)
-    for (; i + V::kW <= n; i += V::kW) V::store(y + i, V::fwd(V::load(x + i), s, inv, b, true, lo, hi));
+    for (; i + V::kW <= n; i += V::kW)
+      V::store(y + i, V::fwd(V::load(x + i), s, inv, b, true, lo, hi));
   else
-    for (; i + V::kW <= n; i += V::kW) V::store(y + i, V::fwd(V::load(x + i), s, inv, b, false, lo, hi));
+    for (; i + V::kW <= n; i += V::kW)
+      V::store(y + i, V::fwd(V::load(x + i), s, inv, b, false, lo, hi));
   fwd_run_scalar(x + i, y + i, n - i, c);
 }
 
