@@ -37,30 +37,35 @@ __all__ = ["lsq_fake_quantize_backward_cpu", "lsq_fake_quantize_cpu"]
 
 
 def lsq_fake_quantize_cpu(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                  axis: int | None, q_n: int, q_p: int, grad_factor: float) -> torch.Tensor:
+                          axis: int | None, q_n: int, q_p: int, grad_factor: float
+                          ) -> torch.Tensor:
     outer, c, inner = fq_checks.fake_quantize(x, scale, offset, axis, q_n, q_p, grad_factor)
     check_scale_values(fq_checks.OP, scale, True)
     xf = contig(x, torch.float32)
     y = torch.empty(x.shape, dtype=torch.float32)
-    _C.fake_quantize_raw(ptr(xf), ptr(contig(scale, torch.float32)),
-                         ptr(contig(offset, torch.float32)), outer, c, inner, q_n, q_p, ptr(y))
+    if y.numel():
+        _C.fake_quantize_raw(ptr(xf), ptr(contig(scale, torch.float32)),
+                             ptr(contig(offset, torch.float32)), outer, c, inner, q_n, q_p,
+                             ptr(y))
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def lsq_fake_quantize_backward_cpu(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
-                           offset: torch.Tensor | None, axis: int | None, q_n: int, q_p: int,
-                           grad_factor: float
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                   offset: torch.Tensor | None, axis: int | None, q_n: int,
+                                   q_p: int, grad_factor: float
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     outer, c, inner = fq_checks.fake_quantize(x, scale, offset, axis, q_n, q_p, grad_factor)
     fq_checks.backward(grad, x)
     check_scale_values(fq_checks.OP, scale, True)
     xf, gf = contig(x, torch.float32), contig(grad, torch.float32)
     gx = torch.empty(x.shape, dtype=torch.float32)
-    gs = torch.empty(c, dtype=torch.float32)
-    gb = torch.empty(c if offset is not None else 0, dtype=torch.float32)
-    _C.fake_quantize_backward_raw(ptr(xf), ptr(gf), ptr(contig(scale, torch.float32)),
-                                  ptr(contig(offset, torch.float32)), outer, c, inner, q_n, q_p,
-                                  float(grad_factor), ptr(gx), gs.data_ptr(), ptr(gb))
+    gs = torch.zeros(c, dtype=torch.float32)
+    gb = torch.zeros(c if offset is not None else 0, dtype=torch.float32)
+    if x.numel():  # else nothing to sum: zero gradients
+        _C.fake_quantize_backward_raw(ptr(xf), ptr(gf), ptr(contig(scale, torch.float32)),
+                                      ptr(contig(offset, torch.float32)), outer, c, inner,
+                                      q_n, q_p, float(grad_factor), ptr(gx), gs.data_ptr(),
+                                      ptr(gb))
     gx = gx if x.dtype == torch.float32 else gx.to(x.dtype)
     return gx, gs.reshape(scale.shape), gb.reshape(offset.shape if offset is not None else (0,))
 

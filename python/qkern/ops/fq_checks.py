@@ -19,7 +19,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | N
                   ) -> tuple[int, int, int]:
     """The kernel's ``(outer, C, inner)`` view of ``x``: x float32 / bfloat16 / float16 (the
     kernel computes in float32), scale (and offset) float32 with one value (axis None) or
-    ``x.shape[axis]`` values, ``0 <= q_n``, ``0 < q_p`` (both < 2^31), grad_factor finite."""
+    ``x.shape[axis]`` values (any shape: the gradients come back in it), ``0 <= q_n``,
+    ``0 < q_p`` (both < 2^31), grad_factor finite."""
     check_dtype(OP, x, "x", FLOAT_DTYPES)
     check_dtype(OP, scale, "scale", (torch.float32,))
     check_dtype(OP, offset, "offset", (torch.float32,))
@@ -29,8 +30,6 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | N
         raise ValueError(f"{OP}: q_p must be in [1, 2^31), got {q_p}")
     if not math.isfinite(grad_factor):
         raise ValueError(f"{OP}: grad_factor must be finite, got {grad_factor}")
-    if scale.dim() > 1:
-        raise ValueError(f"{OP}: scale must be 0-d or 1-d, got shape {tuple(scale.shape)}")
     if axis is None:
         outer, c, inner = 1, 1, x.numel()
         if scale.numel() != 1:
@@ -46,9 +45,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | N
         if scale.numel() != c:
             raise ValueError(f"{OP}: scale has {scale.numel()} elements, expected "
                              f"x.shape[{axis}] = {c} (one per channel)")
-    if offset is not None and offset.shape != scale.shape:
-        raise ValueError(f"{OP}: offset has shape {tuple(offset.shape)}, expected scale's "
-                         f"{tuple(scale.shape)}")
+    if offset is not None and offset.numel() != scale.numel():
+        raise ValueError(f"{OP}: offset has {offset.numel()} elements, expected one per scale "
+                         f"({scale.numel()})")
     size_product(OP, outer, c, inner)
     return outer, c, inner
 
