@@ -1,9 +1,11 @@
 // Binding of the fused LSQ / LSQ+ fake quantization (csrc/cpu/fakequant/api.h): size, range,
-// scale and null pointer checks, and GIL release only.
+// scale and null pointer checks, and GIL release only. The scale values are checked here only
+// (ops/fake_quant.py checks dtypes and shapes): one pass over C floats, no torch ops per call.
 #include <pybind11/pybind11.h>
 
 #include <cmath>
 #include <cstdint>
+#include <sstream>
 #include <string>
 
 #include "bindings/checked.h"
@@ -29,9 +31,13 @@ int64_t check(int64_t outer, int64_t channels, int64_t inner, int64_t q_n, int64
   if (!scale) throw py::value_error("fake_quantize_raw: null scale pointer");
   const auto* s = reinterpret_cast<const float*>(scale);
   for (int64_t c = 0; c < channels; ++c)
-    if (!(s[c] > 0.0f) || !std::isfinite(s[c]))
-      throw py::value_error("lsq_fake_quantize: scale must be positive and finite, got " +
-                            std::to_string(s[c]) + " at index " + std::to_string(c));
+    if (!(s[c] > 0.0f) || !std::isfinite(s[c]) || !std::isfinite(1.0f / s[c])) {
+      std::ostringstream msg;
+      msg.precision(9);
+      msg << "lsq_fake_quantize: scale must be finite and > 0 with 1/scale finite, got " << s[c]
+          << " at index " << c;
+      throw py::value_error(msg.str());
+    }
   return n;
 }
 
