@@ -126,6 +126,25 @@ def target_raw_quantize(fdp) -> None:
                           fdp.PickValueInList([0.0, 0.5, float("nan")]))
 
 
+def target_fake_quant(fdp) -> None:
+    """qkern::lsq_fake_quantize forward and backward (ops/fake_quant.py)."""
+    shape = [_int(fdp, 0, 9) for _ in range(_int(fdp, 0, 3))]
+    x = _tensor(fdp, shape)
+    c = _int(fdp, 0, 10)
+    scale = torch.from_numpy(_floats(fdp, c))
+    scale = scale.reshape(()) if c == 1 and fdp.ConsumeBool() else scale
+    offset = None if fdp.ConsumeBool() else torch.from_numpy(_floats(fdp, scale.numel()))
+    if offset is not None and fdp.ConsumeBool():
+        offset = offset.reshape(scale.shape)
+    ints = [-1, 0, 1, 7, 8, 127, 128, 2**31 - 1, 2**31]
+    args = (None if fdp.ConsumeBool() else _int(fdp, -4, 3), fdp.PickValueInList(ints),
+            fdp.PickValueInList(ints), fdp.PickValueInList([0.0, 0.1, np.inf, np.nan]))
+    if x.is_floating_point():
+        x.requires_grad_()
+    y = OPS.lsq_fake_quantize(x, scale.requires_grad_(), offset, *args)
+    y.backward(torch.ones_like(y))
+
+
 def target_matmul(fdp) -> None:
     fmt = fdp.PickValueInList(["int4", "int3", "int2", "uint3", "nf4", "fp4_e2m1", "fp8_e4m3",
                                "int8", "binary", "ternary", "int5", "mxfp4"])
@@ -171,7 +190,8 @@ def _saved_bytes() -> bytes:
 
 
 _SAVED = _saved_bytes()
-TARGETS = [target_quantize, target_bits, target_raw_quantize, target_matmul, target_load]
+TARGETS = [target_quantize, target_bits, target_raw_quantize, target_matmul, target_load,
+           target_fake_quant]
 
 
 def test_one_input(data: bytes) -> None:

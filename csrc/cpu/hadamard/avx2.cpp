@@ -4,21 +4,13 @@
 #include <immintrin.h>
 
 #include "cpu/hadamard/kernels.h"
+#include "cpu/runtime/simd_f32.h"
 
 namespace qk {
 namespace hadamard {
 namespace {
 
-struct Avx2 {
-  using T = __m256;
-  static constexpr int64_t kW = 8;
-  static T load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
-  static T add(T a, T b) { return _mm256_add_ps(a, b); }
-  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
-  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
-  static T set1(float v) { return _mm256_set1_ps(v); }
-
+struct Avx2 : simd::F32x8 {
   // lane j + h (the high member of a pair) gets t - v = x[j] - x[j + h]; lane j gets v + t.
   template <int kMask>
   static T stage(T v, T t) {

@@ -3,21 +3,13 @@
 #include <immintrin.h>
 
 #include "cpu/hadamard/kernels.h"
+#include "cpu/runtime/simd_f32.h"
 
 namespace qk {
 namespace hadamard {
 namespace {
 
-struct Avx512 {
-  using T = __m512;
-  static constexpr int64_t kW = 16;
-  static T load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
-  static T add(T a, T b) { return _mm512_add_ps(a, b); }
-  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
-  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
-  static T set1(float v) { return _mm512_set1_ps(v); }
-
+struct Avx512 : simd::F32x16 {
   // lane j + h (the high member of a pair) gets t - v = x[j] - x[j + h]; lane j gets v + t.
   static T stage(T v, T t, __mmask16 high) {
     return _mm512_mask_blend_ps(high, _mm512_add_ps(v, t), _mm512_sub_ps(t, v));

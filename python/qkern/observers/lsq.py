@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from ..ops import fake_quant  # noqa: F401  (registers qkern::lsq_fake_quantize)
 from .base import Observer, sanitize_scale
 
 _FLT_MAX = torch.finfo(torch.float32).max
@@ -103,8 +104,8 @@ def ste_round(t: torch.Tensor) -> torch.Tensor:
 
 
 def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, q_n: int, q_p: int,
-                      axis: int | None = None, offset: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+                      axis: int | None = None, offset: torch.Tensor | None = None,
+                      kernel: bool = True) -> torch.Tensor:
     """LSQ (Esser et al. 2020) and LSQ+ (Bhalgat et al. 2020, with ``offset`` beta):
 
         v_hat = round(clamp((v - beta) / s, -Q_N, Q_P)) * s + beta
@@ -113,7 +114,13 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, q_n: int, q_p: int,
     scaled by ``g = 1 / sqrt(N * Q_P)`` (N = elements per scale). ``scale`` (and ``offset``)
     are 0-d, or 1-d along ``axis`` of ``x``. ``(v - beta) / s`` is computed as
     ``(v - beta) * (1 / s)``, as qkern's kernels do, so the values equal
-    ``qkern.quantize(v - beta, fmt, scale=s)`` dequantized, plus beta."""
+    ``qkern.quantize(v - beta, fmt, scale=s)`` dequantized, plus beta.
+
+    float32 CPU tensors go through the fused kernel ``qkern::lsq_fake_quantize``
+    (ops/fake_quant.py: one pass forward, one pass backward, the same values and masks; the
+    gradients equal this formula's up to float rounding); other dtypes and devices (float64,
+    CUDA, bfloat16 ...) through the torch formula below; ``kernel=False`` always takes the
+    formula (the reference the kernel is measured against: tests, bench/fake_quant.py)."""
     if axis is None:
         n_per, shape = x.numel(), []
     else:
@@ -121,6 +128,8 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, q_n: int, q_p: int,
         shape = [1] * x.dim()
         shape[axis] = x.shape[axis]
     g = 1.0 / math.sqrt(max(n_per, 1) * q_p)
+    if kernel and _fused(x, scale, offset):
+        return torch.ops.qkern.lsq_fake_quantize(x, scale, offset, axis, q_n, q_p, g)
     s = grad_scaled(scale, g).reshape(shape)
     v = x.float()
     b = None
@@ -132,6 +141,12 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, q_n: int, q_p: int,
     if b is not None:
         out = out + b
     return out.to(x.dtype)
+
+
+def _fused(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether the fused CPU kernel takes these tensors: all float32 on the CPU."""
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu")
+               for t in (x, *params))
 
 
 def mse_range(x: torch.Tensor, q_n: int, q_p: int, steps: int = 100

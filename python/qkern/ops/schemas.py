@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checks
+from . import checks, fq_checks
 
 LIB = torch.library.Library("qkern", "DEF")
 
@@ -52,6 +52,15 @@ SCHEMAS = {
     "alaw_decode": "alaw_decode(Tensor codes) -> Tensor",
     # x H_n / sqrt(n) over the last dimension (ops/hadamard.py)
     "fwht": "fwht(Tensor x) -> Tensor",
+    # LSQ / LSQ+ fake quantization and its fused backward (ops/fake_quant.py)
+    "lsq_fake_quantize": (
+        "lsq_fake_quantize(Tensor x, Tensor scale, Tensor? offset, int? axis, int q_n, "
+        "int q_p, float grad_factor) -> Tensor"
+    ),
+    "lsq_fake_quantize_backward": (
+        "lsq_fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor? offset, "
+        "int? axis, int q_n, int q_p, float grad_factor) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 
 # The quantized matmuls and their packing (docs/numerics.md; layouts in the op modules).
@@ -188,6 +197,20 @@ def _(codes):
 def _(x):
     checks.fwht(x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("qkern::lsq_fake_quantize")
+def _(x, scale, offset, axis, q_n, q_p, grad_factor):
+    fq_checks.fake_quantize(x, scale, offset, axis, q_n, q_p, grad_factor)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("qkern::lsq_fake_quantize_backward")
+def _(grad, x, scale, offset, axis, q_n, q_p, grad_factor):
+    fq_checks.fake_quantize(x, scale, offset, axis, q_n, q_p, grad_factor)
+    fq_checks.backward(grad, x)
+    gb = torch.empty_like(offset) if offset is not None else scale.new_empty((0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scale), gb
 
 
 # ---- quantized matmuls ------------------------------------------------------------------------
