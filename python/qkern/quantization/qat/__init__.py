@@ -20,16 +20,17 @@ from .binary import (
 )
 from .dorefa import DoReFaActQuant, DoReFaGradQuant, DoReFaWeightQuant, dorefa_quantize_grad
 from .inq import INQQuant, inq_step, pow2_quantize
-from .lsq import LSQPlusQuant, LSQQuant, mse_range
+from .lsq import LSQPlusQuant, LSQQuant, mse_range, mse_scale
 from .modules import QATConv2d, QATLinear, fake_quantizers, float_twin
 from .pact import PACTQuant
 from .ste import STEQuant
+from .token import TokenQuant
 from .ttq import TTQQuant
 
 __all__ = ["ABCInputQuant", "ABCWeightQuant", "AttentionQuant", "BINARY_METHODS",
            "BinaryConnectQuant", "Deployed", "DoReFaActQuant", "DoReFaGradQuant",
            "DoReFaWeightQuant", "FakeQuant", "INQQuant", "LSQPlusQuant", "LSQQuant", "PACTQuant",
-           "QATConv2d", "QATLinear", "STEQuant", "TTQQuant", "XNORConv2d", "XNORInputQuant",
-           "XNORWeightQuant", "bert_attention", "clip_latent_weights", "deploy_binary",
-           "dorefa_quantize_grad", "fake_quantizers", "float_twin", "inq_step", "int_format",
-           "mse_range", "pow2_quantize", "register_transformers"]
+           "QATConv2d", "QATLinear", "STEQuant", "TTQQuant", "TokenQuant", "XNORConv2d",
+           "XNORInputQuant", "XNORWeightQuant", "bert_attention", "clip_latent_weights",
+           "deploy_binary", "dorefa_quantize_grad", "fake_quantizers", "float_twin", "inq_step",
+           "int_format", "mse_range", "mse_scale", "pow2_quantize", "register_transformers"]
