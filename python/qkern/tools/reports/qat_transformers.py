@@ -273,7 +273,7 @@ def minilm_rows(steps: int = 100, n_test: int = 128, n_train: int = 512,
     followed by its seconds)."""
     model = load_minilm()
     tok = load_tokenizer(model.name_or_path)
-    test, train = sentences(n_test, "test"), sentences(max(n_train, 2048), "valid")
+    test, train = sentences(n_test, "test"), sentences(n_train, "valid")
     with torch.no_grad():
         ref = embed(model, test, tok)
     calib = tok(train[:16])
@@ -282,7 +282,7 @@ def minilm_rows(steps: int = 100, n_test: int = 128, n_train: int = 512,
     rows.append(("LSQ W4A8 init", *minilm_scores(calibrated(model, "lsq", calib), test, ref,
                                                  tok)))
     if not ablation:
-        q = finetune_minilm(model, train[:n_train], steps)
+        q = finetune_minilm(model, train, steps)
         return rows + [(f"LSQ W4A8 QAT, {steps} steps", *minilm_scores(q, test, ref, tok))]
     for name, r in ABLATION:
         t = time.time()
