@@ -45,6 +45,7 @@ from ..qat import (
     QATConv2d,
     QATLinear,
     STEQuant,
+    TokenQuant,
     TTQQuant,
     XNORConv2d,
     XNORInputQuant,
@@ -85,6 +86,10 @@ QAT_METHODS = {"ste": _B28, "lsq": _B28, "lsq+": _B28, "pact": _B28,
 _METHOD_ACT = {"binaryconnect": (None, *_B28), "xnor": (1,), "abc": (None, 1)}
 _ACT_BITS = _B28
 _GRAD_BITS = tuple(range(2, 17))
+#: the methods whose weight quantizer takes ``group_size`` / whose input quantizer is swapped
+#: for the per-token one with ``act_granularity="token"``
+_GROUP_METHODS = ("ste", "lsq", "lsq+", "pact")
+_TOKEN_METHODS = ("ste", "lsq", "lsq+")
 
 
 @config_class
@@ -102,8 +107,16 @@ class QATConfig(BaseConfig):
     KV cache, the softmax probabilities) at ``activation`` bits: transformers models through
     the ``"qkern_qat"`` attention implementation, qkern's BERT and Llama through their
     ``attn_fn`` hook.
-    ``lsq_init``: ``"paper"`` (LSQ's ``2 mean|v| / sqrt(Q_P)``) or ``"max"`` (``max|v| / Q_P``:
-    round-to-nearest's scales, a better start when fine-tuning a pretrained transformer).
+    ``lsq_init``: ``"paper"`` (LSQ's ``2 mean|v| / sqrt(Q_P)``), ``"max"`` (``max|v| / Q_P``:
+    round-to-nearest's scales, a better start when fine-tuning a pretrained transformer) or
+    ``"mse"`` (the clip ``r max|v|`` with the least squared error, per scale).
+    ``group_size``: None (one weight scale per output channel) or one learned scale per group
+    of ``group_size`` consecutive input weights (``"ste"`` / ``"lsq"`` / ``"lsq+"`` /
+    ``"pact"``; it must divide each layer's input size); converted to QuantLinear with that
+    group size. ``act_granularity``: ``"tensor"`` (one learned / tracked input scale) or
+    ``"token"`` (8-bit only, ``"ste"`` / ``"lsq"`` / ``"lsq+"``, Linear layers: each token's
+    max-abs scale at run time, converted to ``act="int8_token"``); set it per layer with
+    ``overrides={"pattern": {"act_granularity": "token"}}``.
     ``lm_head`` and embeddings stay float by default (``exclude``), as in the LLM methods."""
 
     weight: int = 4
@@ -121,6 +134,8 @@ class QATConfig(BaseConfig):
     abc_act_bases: int = 3
     attention: bool = False
     lsq_init: str = "paper"
+    group_size: int | None = None
+    act_granularity: str = "tensor"
     exclude: list[str] = field(default_factory=lambda: ["lm_head", "Embedding"])
 
     def __post_init__(self) -> None:
@@ -171,7 +186,19 @@ class QATConfig(BaseConfig):
             if getattr(self, f) > 8:
                 fail(n, f, "a number of binary bases in 1..8", getattr(self, f))
         check_bool(n, "attention", self.attention)
-        check_choice(n, "lsq_init", self.lsq_init, ("paper", "max"))
+        check_choice(n, "lsq_init", self.lsq_init, ("paper", "max", "mse"))
+        if self.group_size is not None:
+            check_int(n, "group_size", self.group_size, 1)
+            if self.method not in _GROUP_METHODS:
+                fail(n, "group_size", f"None for method {self.method!r} (group-wise weight "
+                     f"scales: methods {_GROUP_METHODS})", self.group_size)
+        check_choice(n, "act_granularity", self.act_granularity, ("tensor", "token"))
+        if self.act_granularity == "token" and (self.method not in _TOKEN_METHODS
+                                                or self.activation != 8):
+            fail(n, "act_granularity", f"'tensor' unless activation=8 with a method in "
+                 f"{_TOKEN_METHODS} (per-token scales are int8, deployed as act='int8_token'; "
+                 f"got method {self.method!r}, activation {self.activation})",
+                 self.act_granularity)
         if self.attention and self.activation is None:
             fail(n, "attention", "False without activation bits (the attention operands are "
                  "quantized at the activation bits)", self.attention)
@@ -191,11 +218,18 @@ def weight_quantizer(cfg: QATConfig, weight: torch.Tensor, name: str) -> FakeQua
         return XNORWeightQuant(name=name)
     if cfg.method == "abc":
         return ABCWeightQuant(cfg.abc_weight_bases, weight, name=name)
+    g = cfg.group_size
+    if g is not None and weight[0].numel() % g:
+        raise ValueError(f"{name}: QATConfig.group_size {g} does not divide the layer's input "
+                         f"size {weight[0].numel()}; pick a divisor, or exclude / override "
+                         "the layer")
     if cfg.method == "lsq":
-        return LSQQuant(cfg.weight, True, 0, init=weight, name=name, init_mode=cfg.lsq_init)
+        return LSQQuant(cfg.weight, True, 0, init=weight, name=name, init_mode=cfg.lsq_init,
+                        group_size=g)
     if cfg.method == "lsq+":
-        return LSQPlusQuant(cfg.weight, True, 0, init=weight, offset=False, name=name)
-    return STEQuant(cfg.weight, True, 0, momentum=None, name=name)  # ste, pact
+        return LSQPlusQuant(cfg.weight, True, 0, init=weight, offset=False, name=name,
+                            group_size=g)
+    return STEQuant(cfg.weight, True, 0, momentum=None, name=name, group_size=g)  # ste, pact
 
 
 def input_quantizer(cfg: QATConfig, name: str) -> FakeQuant | None:
@@ -207,6 +241,8 @@ def input_quantizer(cfg: QATConfig, name: str) -> FakeQuant | None:
         return XNORInputQuant(name=name)
     if cfg.method == "abc":
         return ABCInputQuant(cfg.abc_act_bases, name=name)
+    if cfg.act_granularity == "token":
+        return TokenQuant(name=name)
     if cfg.method == "pact":
         return PACTQuant(cfg.activation, cfg.pact_alpha, cfg.pact_decay, name=name)
     if cfg.method == "lsq":
@@ -245,6 +281,10 @@ class QATQuantizer(Quantizer):
         super().prepare(model)
         for name, cfg in self.plan:
             mod = model.get_submodule(name)
+            if cfg.act_granularity == "token" and not isinstance(mod, nn.Linear):
+                raise ValueError(f"{name}: act_granularity='token' takes nn.Linear layers "
+                                 f"only (per-token int8 deploys as QuantLinear), not "
+                                 f"{type(mod).__name__}; override it to 'tensor' there")
             wq = weight_quantizer(cfg, mod.weight.detach(), f"{name}.weight")
             aq = input_quantizer(cfg, f"{name} input")
             gq = None if cfg.grad_bits is None else DoReFaGradQuant(cfg.grad_bits, cfg.stochastic)
@@ -278,9 +318,10 @@ def _wrap_input(q: nn.Module, a) -> nn.Module:
     return ActQuant(q, a.fmt, a.scale, None, a.offset)
 
 
-def _layer(mod: QATLinear | QATConv2d, w: Deployed, bias: bool) -> nn.Module:
+def _layer(mod: QATLinear | QATConv2d, w: Deployed, bias: bool, act: str = "none"
+           ) -> nn.Module:
     """QuantLinear / QuantConv2d of ``mod`` on the grid ``w`` (its ``weight`` values, or the
-    latent weight rounded on ``w.scale``)."""
+    latent weight rounded on ``w.scale``); ``act``: QuantLinear's activation mode."""
     if w.offset is not None:
         raise ValueError("a weight offset cannot be deployed")  # no method learns one
     k = mod.weight[0].numel()
@@ -289,11 +330,15 @@ def _layer(mod: QATLinear | QATConv2d, w: Deployed, bias: bool) -> nn.Module:
         b = mod.bias.detach().clone() if bias and mod.bias is not None else None
         return QuantLinear(midrise_qtensor(w.weight, w.scale, int(w.fmt[3:])), b)
     kw = {"symmetric": True, "quantizer": w.quantizer}
+    if act != "none":
+        kw["act"] = act
     # one scale per output channel = one group of the whole row: the int2-4 / lut4 kernels
     # take groups along the input (a multiple of 32), per-channel scales only through dequant;
     # the ternary kernel takes one scale per output channel
-    if k % 32 == 0 and w.quantizer == "midtread" and w.fmt in ("int2", "int3", "int4",
-                                                                "log2_4"):
+    if w.group_size is not None:  # (out, in / g) learned scales
+        kw.update(group_size=w.group_size, scale=w.scale)
+    elif k % 32 == 0 and w.quantizer == "midtread" and w.fmt in ("int2", "int3", "int4",
+                                                                  "log2_4"):
         kw.update(group_size=k, scale=w.scale.reshape(-1, 1))
     else:
         kw.update(group_size=None, scale=w.scale)
@@ -341,11 +386,13 @@ def deploy(mod: QATLinear | QATConv2d) -> nn.Module:
     learned grid (QuantLinear / QuantConv2d; TTQ's two-scale ternary weight as a
     :class:`ParallelSum` of two ternary layers), the input through an ActQuant."""
     w = mod.weight_fake.deploy_weight(mod.weight.detach())
+    a = None if mod.input_fake is None else mod.input_fake.deploy()
+    if a is not None and a.granularity == "token":  # dynamic: inside QuantLinear
+        return _layer(mod, w, True, "int8_token")
     if w.parts:
         q = ParallelSum([_layer(mod, p, i == 0) for i, p in enumerate(w.parts)])
     else:
         q = _layer(mod, w, True)
-    if mod.input_fake is None:
+    if a is None:
         return q
-    a = mod.input_fake.deploy()
     return ActQuant(q, a.fmt, a.scale, None, a.offset)

@@ -34,18 +34,20 @@ from .dorefa import (
     midrise_qtensor,
 )
 from .inq import INQQuant, inq_step, pow2_quantize
-from .lsq import LSQPlusQuant, LSQQuant, mse_range
+from .lsq import LSQPlusQuant, LSQQuant, mse_range, mse_scale
 from .modules import QATConv2d, QATLinear, fake_quantizers, float_twin
 from .pact import PACTQuant
 from .ste import STEQuant
+from .token import TokenQuant
 from .ttq import TTQQuant
 
 __all__ = ["ABCInputQuant", "ABCWeightQuant", "AttentionQuant", "BINARY_METHODS",
            "BinaryConnectQuant", "ConvertedModelTrainingWarning", "Deployed", "DoReFaActQuant",
            "DoReFaGradQuant",
            "DoReFaWeightQuant", "FakeQuant", "INQQuant", "LSQPlusQuant", "LSQQuant", "PACTQuant",
-           "QATConv2d", "QATLinear", "STEQuant", "TTQQuant", "XNORConv2d", "XNORInputQuant",
-           "XNORWeightQuant", "qkern_attention", "clip_latent_weights", "deploy_binary",
+           "QATConv2d", "QATLinear", "STEQuant", "TTQQuant", "TokenQuant", "XNORConv2d",
+           "XNORInputQuant", "XNORWeightQuant", "clip_latent_weights", "deploy_binary",
            "dorefa_quantize_grad", "fake_quantizers", "float_twin", "frozen_after_convert",
-           "inq_step", "int_format", "midrise_qtensor", "mse_range", "pow2_quantize",
-           "quantized_layers", "refuse_converted", "register_transformers"]
+           "inq_step", "int_format", "midrise_qtensor", "mse_range", "mse_scale",
+           "pow2_quantize", "qkern_attention", "quantized_layers", "refuse_converted",
+           "register_transformers"]

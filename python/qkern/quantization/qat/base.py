@@ -49,21 +49,44 @@ class Deployed:
     #: a weight deployed as the sum of several layers (TTQ's ``{-W_n, 0, W_p}``: one ternary
     #: layer per scale), each with its own ``weight``; ``fmt`` / ``scale`` then unused
     parts: list[Deployed] | None = None
+    #: weights in groups of ``group_size`` along the input (``scale`` (out, in / group_size))
+    group_size: int | None = None
+    #: activations: ``"tensor"`` (one static ``scale``) or ``"token"`` (each row's max-abs scale
+    #: at run time, deployed as QuantLinear's ``act="int8_token"``; ``scale`` unused)
+    granularity: str = "tensor"
 
 
 class FakeQuant(nn.Module):
     """Base class: ``bits``-bit integers, signed or not (``signed=None``: decided from the
     first batch, unsigned when it holds no negative value, as after a ReLU), one scale per
-    tensor (``axis=None``) or per slice along ``axis``."""
+    tensor (``axis=None``) or per slice along ``axis``; weights with ``group_size``: one scale
+    per group of ``group_size`` consecutive input elements (the weight viewed as
+    ``(out * in / group_size, group_size)``, per slice along axis 0 of that view)."""
 
     #: a short name for messages
     KIND = "fake quantizer"
 
     def __init__(self, bits: int, signed: bool | None = True, axis: int | None = None,
-                 name: str = ""):
+                 name: str = "", group_size: int | None = None):
         super().__init__()
+        if group_size is not None and axis != 0:
+            raise ValueError(f"{type(self).__name__}: group_size takes a weight quantizer "
+                             f"(axis 0), got axis {axis}")
         self.bits, self.signed, self.axis, self.layer = bits, signed, axis, name
+        self.group_size = group_size
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    # -- groups ----------------------------------------------------------------------------
+    def grouped(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` as the quantizer sees it: unchanged, or with ``group_size`` the weight
+        (out, in, ...) viewed as ``(out * in_features / group_size, group_size)``."""
+        if self.group_size is None:
+            return w
+        k = w[0].numel()
+        if k % self.group_size:
+            raise ValueError(f"{self.where()}: group_size {self.group_size} does not divide "
+                             f"the layer's input size {k}")
+        return w.reshape(-1, self.group_size)
 
     # -- the integer grid ------------------------------------------------------------------
     def resolve_sign(self, x: torch.Tensor) -> None:
@@ -128,8 +151,12 @@ class FakeQuant(nn.Module):
 
     def deploy_weight(self, weight: torch.Tensor) -> Deployed:
         """The grid a weight quantizer ends on, given the latent weight (``deploy()`` unless
-        the grid depends on it: DoReFa, TTQ, INQ)."""
-        return self.deploy()
+        the grid depends on it: DoReFa, TTQ, INQ); grouped scales as (out, in / group_size)."""
+        d = self.deploy()
+        if self.group_size is not None:
+            d.scale, d.group_size, d.axis = d.scale.reshape(weight.shape[0], -1), \
+                self.group_size, None
+        return d
 
     def regularization(self) -> torch.Tensor | float:
         """A term to add to the training loss (PACT's L2 on its clip); 0 for most."""
@@ -138,6 +165,8 @@ class FakeQuant(nn.Module):
     def extra_repr(self) -> str:
         sign = "auto" if self.signed is None else ("signed" if self.signed else "unsigned")
         per = "tensor" if self.axis is None else f"axis {self.axis}"
+        if self.group_size is not None:
+            per = f"group of {self.group_size}"
         return f"bits={self.bits}, {sign}, per {per}"
 
 

@@ -20,10 +20,10 @@ class STEQuant(FakeQuant):
     KIND = "ste"
 
     def __init__(self, bits: int, signed: bool | None = True, axis: int | None = None,
-                 momentum: float | None = 0.1, name: str = ""):
+                 momentum: float | None = 0.1, name: str = "", group_size: int | None = None):
         """``momentum``: the moving average's weight of a new batch (activations); None: the
         current tensor's max at every call (weights)."""
-        super().__init__(bits, signed, axis, name)
+        super().__init__(bits, signed, axis, name, group_size)
         self.momentum = momentum
         self.register_buffer("running_max", torch.zeros(()))
 
@@ -34,6 +34,7 @@ class STEQuant(FakeQuant):
         return (self.running_max / self.q_p).clamp(min=torch.finfo(torch.float32).tiny)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, x = x.shape, self.grouped(x)
         self.resolve_sign(x)
         if self.momentum is None or self.training or not bool(self.initialized):
             m = self._batch_max(x)
@@ -43,7 +44,7 @@ class STEQuant(FakeQuant):
             else:
                 self.running_max.mul_(1 - self.momentum).add_(self.momentum * m)
         ax = None if self.axis is None else self.axis % x.dim()
-        return lsq_fake_quantize(x, self._scale(), self.q_n, self.q_p, axis=ax)
+        return lsq_fake_quantize(x, self._scale(), self.q_n, self.q_p, axis=ax).reshape(shape)
 
     def deploy(self) -> Deployed:
         if not bool(self.initialized):
