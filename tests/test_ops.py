@@ -79,6 +79,15 @@ def _cases():
         "mulaw_decode": [(codes,), (codes.reshape(16, 16),)],
         "alaw_decode": [(codes,)],
         "fwht": [(_x((4, 64), 3),), (_x((2, 3, 8), 4).bfloat16(),)],
+        "lsq_fake_quantize": [
+            (x, torch.tensor(0.3), None, None, 8, 7, 0.05),
+            (x, torch.rand(4) + 0.1, torch.randn(4) * 0.1, 0, 8, 7, 0.02),
+            (x.clone().requires_grad_(), (torch.rand(64) + 0.1).requires_grad_(), None, 1, 0,
+             15, 0.1),
+            (x.bfloat16(), torch.rand(64) + 0.1, None, -1, 2, 1, 0.5)],
+        "lsq_fake_quantize_backward": [
+            (_x((4, 64), 5), x, torch.tensor(0.3), None, None, 8, 7, 0.05),
+            (_x((4, 64), 6), x, torch.rand(4) + 0.1, torch.randn(4) * 0.1, 0, 8, 7, 0.02)],
     }
 
 
