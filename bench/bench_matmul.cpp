@@ -3,7 +3,8 @@
 //   cmake -S . -B build-bench -G Ninja -DQKERN_PYTHON=OFF -DQKERN_BENCH=ON -DQKERN_CUDA=OFF
 //   cmake --build build-bench --target bench_matmul && build-bench/bench_matmul
 //
-// Arguments of every benchmark: threads, M (rows of x), N (out), K (in). Weights are random
+// Arguments of every benchmark: isa (0 scalar, 1 avx2, 2 avx512; levels the CPU lacks are not
+// registered), threads, M (rows of x), N (out), K (in). Weights are random
 // codes packed once, in enough copies that one sweep over them is >= 256 MiB, and each
 // iteration uses the next copy: a GEMV reads its weights from memory, as in decode, not from
 // cache. Counters: weight_GBps = packed weight bytes (codes + scales) / time, the figure to
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -27,6 +29,7 @@
 #include "cpu/gemm/w4/api.h"
 #include "cpu/gemm/w8/api.h"
 #include "cpu/quant/api.h"
+#include "cpu/runtime/isa.h"
 #include "cpu/runtime/threadpool.h"
 
 namespace {
@@ -76,8 +79,9 @@ std::shared_ptr<std::vector<std::vector<T>>> rotate(Weights& w, const std::vecto
 }
 
 void run_bench(benchmark::State& state, const std::function<Weights(int64_t, int64_t)>& make) {
-  qk::set_num_threads(static_cast<int>(state.range(0)));
-  const int64_t m = state.range(1), n = state.range(2), k = state.range(3);
+  qk::set_isa(static_cast<qk::Isa>(state.range(0)));
+  qk::set_num_threads(static_cast<int>(state.range(1)));
+  const int64_t m = state.range(2), n = state.range(3), k = state.range(4);
   Weights w = make(n, k);
   const auto x = randn(m * k, 7);
   std::vector<float> y(static_cast<size_t>(m * n));
@@ -252,11 +256,28 @@ void BM_read_bw(benchmark::State& state) {
 }
 
 // threads x M x (N, K): decode (M = 1, 8) and prefill (M = 128, 512) on the shapes.
+// Every ISA level the CPU has (QKERN_BENCH_ISA=scalar|avx2|avx512 in the environment: only that one).
+std::vector<int64_t> bench_isas() {
+  std::vector<int64_t> out{qk::kIsaScalar};
+  if (qk::cpu_has_avx2()) out.push_back(qk::kIsaAvx2);
+  if (qk::cpu_has_avx512()) out.push_back(qk::kIsaAvx512);
+  if (const char* only = std::getenv("QKERN_BENCH_ISA")) {
+    const int64_t want = std::strcmp(only, "scalar") == 0 ? qk::kIsaScalar
+                         : std::strcmp(only, "avx2") == 0 ? qk::kIsaAvx2 : qk::kIsaAvx512;
+    std::vector<int64_t> one;
+    for (int64_t i : out)
+      if (i == want) one.push_back(i);
+    return one;
+  }
+  return out;
+}
+
 void Shapes(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"threads", "M", "N", "K"});
-  for (int t : {2})
-    for (auto nk : {std::pair<int64_t, int64_t>{4096, 4096}, {11008, 4096}, {4096, 11008}})
-      for (int64_t m : {1, 8, 128, 512}) b->Args({t, m, nk.first, nk.second});
+  b->ArgNames({"isa", "threads", "M", "N", "K"});
+  for (int64_t isa : bench_isas())
+    for (int t : {2})
+      for (auto nk : {std::pair<int64_t, int64_t>{4096, 4096}, {11008, 4096}, {4096, 11008}})
+        for (int64_t m : {1, 8, 128, 512}) b->Args({isa, t, m, nk.first, nk.second});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 

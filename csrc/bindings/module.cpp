@@ -127,6 +127,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cpu_has_avx2", &qk::cpu_has_avx2);
   m.def("cpu_has_avx512", &qk::cpu_has_avx512);
+  m.def("cpu_has_avx512_bf16", &qk::cpu_has_avx512_bf16);
+  m.def("cpu_has_avx512_vbmi", &qk::cpu_has_avx512_vbmi);
   m.def("get_isa", [] {
     const qk::Isa isa = qk::active_isa();
     return std::string(isa == qk::kIsaAvx512 ? "avx512" : isa == qk::kIsaAvx2 ? "avx2" : "scalar");

@@ -65,6 +65,7 @@ __all__ = [
     "formats",
     "from_pretrained",
     "get_isa",
+    "available_isas",
     "get_num_threads",
     "load",
     "pack_bits",
@@ -98,14 +99,27 @@ def get_num_threads() -> int:
 
 
 def set_isa(isa: str) -> None:
-    """Kernel path: 'avx512', 'avx2', 'scalar' or 'auto' (the best the CPU has, the default;
-    QKERN_FORCE_SCALAR=1 makes 'scalar' the default at import). A path the CPU lacks falls back
-    to the next lower one, and so does a kernel family without an AVX-512 path."""
+    """Kernel path: 'avx512' (AVX-512 F/BW/VL/DQ + VNNI), 'avx2' (AVX2 + FMA + F16C), 'scalar'
+    or 'auto' (the best the CPU has, the default). At import, ``QKERN_ISA=scalar|avx2|avx512``
+    in the environment picks the starting level and ``QKERN_FORCE_SCALAR=1`` forces 'scalar'.
+    A path the CPU lacks falls back to the next lower one, and so does a kernel family without
+    a path at that level. Integer results are bit-identical on every path; float results too,
+    except where docs/numerics.md states a bound."""
     _C.set_isa(isa)
 
 
 def get_isa() -> str:
     return _C.get_isa()
+
+
+def available_isas() -> list[str]:
+    """The kernel paths this CPU can run, lowest first: 'scalar', then 'avx2', 'avx512'."""
+    out = ["scalar"]
+    if _C.cpu_has_avx2():
+        out.append("avx2")
+        if _C.cpu_has_avx512():
+            out.append("avx512")
+    return out
 
 
 _C.set_num_threads(min(max(1, torch.get_num_threads()), _C.max_num_threads()))

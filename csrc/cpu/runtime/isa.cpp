@@ -13,7 +13,14 @@ std::atomic<int> g_isa{-1};
 Isa initial_isa() {
   const char* force = std::getenv("QKERN_FORCE_SCALAR");
   if (force && std::strcmp(force, "0") != 0 && force[0] != '\0') return kIsaScalar;
-  return cpu_has_avx512() ? kIsaAvx512 : cpu_has_avx2() ? kIsaAvx2 : kIsaScalar;
+  Isa want = kIsaAvx512;  // QKERN_ISA: the highest level to start with (unknown names: auto)
+  if (const char* env = std::getenv("QKERN_ISA")) {
+    if (std::strcmp(env, "scalar") == 0) want = kIsaScalar;
+    else if (std::strcmp(env, "avx2") == 0) want = kIsaAvx2;
+  }
+  if (want >= kIsaAvx512 && cpu_has_avx512()) return kIsaAvx512;
+  if (want >= kIsaAvx2 && cpu_has_avx2()) return kIsaAvx2;
+  return kIsaScalar;
 }
 
 }  // namespace
@@ -32,7 +39,24 @@ bool cpu_has_avx512() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_vbmi() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi");
 #else
   return false;
 #endif

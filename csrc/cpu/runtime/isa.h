@@ -1,6 +1,14 @@
 // Run-time ISA choice, shared by every kernel family. The CPU's support is read once (cpuid +
-// OS support); the default is the highest ISA the CPU has; QKERN_FORCE_SCALAR (any value but "" and "0") starts the process on the scalar
-// path; set_isa switches at run time (qkern.set_isa). Each family keeps one table of function
+// OS support); the default is the highest ISA the CPU has. QKERN_ISA=scalar|avx2|avx512|auto
+// in the environment picks the starting level (the highest supported one <= it);
+// QKERN_FORCE_SCALAR (any value but "" and "0") starts the process on the scalar path (it wins
+// over QKERN_ISA); set_isa switches at run time (qkern.set_isa).
+//
+// The levels: avx2 = AVX2 + FMA + F16C; avx512 = that + AVX-512 F/BW/VL/DQ + VNNI (Cascade
+// Lake, Ice Lake, Sapphire Rapids, Zen 4 and later; a Skylake-X without VNNI runs avx2).
+// avx512.cpp translation units are compiled for exactly that set. BF16 and VBMI are extra:
+// code using them carries __attribute__((target("avx512bf16"))) (or "avx512vbmi") and runs only
+// when cpu_has_avx512_bf16() (cpu_has_avx512_vbmi()) says so. Each family keeps one table of function
 // pointers per ISA (its kernels.h) and calls pick() on them for every call, so a switch takes
 // effect at the next call.
 #pragma once
@@ -10,7 +18,9 @@ namespace qk {
 
 enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 bool cpu_has_avx2();    // what the CPU supports (cpuid + OS support)
-bool cpu_has_avx512();  // AVX-512 F + BW + VL (and AVX2); families without it run AVX2
+bool cpu_has_avx512();  // AVX-512 F + BW + VL + DQ + VNNI (and AVX2); else the avx2 level
+bool cpu_has_avx512_bf16();  // the avx512 level + AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16)
+bool cpu_has_avx512_vbmi();  // the avx512 level + AVX512_VBMI (vpermb, vpmultishiftqb)
 Isa active_isa();       // what the kernels use now
 void set_isa(Isa isa);  // the highest supported ISA <= isa
 

@@ -1,0 +1,27 @@
+"""The kernel paths (ISAs) the tests run: every level qkern has, the ones this CPU lacks skipped
+with the reason (run pytest with ``-rs`` to see it)."""
+
+from __future__ import annotations
+
+import pytest
+
+import qkern
+
+ALL = ("scalar", "avx2", "avx512")
+HAVE = tuple(qkern.available_isas())
+WHAT = {"avx2": "AVX2 + FMA + F16C", "avx512": "AVX-512 F/BW/VL/DQ + VNNI"}
+
+
+def params(isas=ALL):
+    """pytest parameters for ``isas``: those this CPU lacks are skipped, naming what is missing."""
+    return [pytest.param(i, id=i) if i in HAVE else
+            pytest.param(i, id=i, marks=pytest.mark.skip(reason=f"this CPU has no {WHAT[i]}"))
+            for i in isas]
+
+
+def use(isa: str) -> None:
+    """Switch qkern to ``isa`` (skipping the test when the CPU lacks it); conftest restores it."""
+    if isa not in HAVE:
+        pytest.skip(f"this CPU has no {WHAT.get(isa, isa)}")
+    qkern.set_isa(isa)
+    assert qkern.get_isa() == isa
