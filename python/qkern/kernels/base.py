@@ -15,13 +15,20 @@ way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..tensor import QTensor
 
-__all__ = ["Kernel", "Selection", "by_name", "register", "select", "table", "unregister"]
+__all__ = ["Kernel", "Selection", "by_name", "one_row", "register", "select", "table",
+           "unregister"]
+
+
+def one_row(k: int) -> torch.Tensor:
+    """A (1, k) float32 input for running an op's checks on a layer's buffers (Kernel.plan)."""
+    return torch.zeros(1, k)
 
 
 class Kernel:
@@ -60,6 +67,15 @@ class Kernel:
     def float_twin(self, name: str) -> str:
         """The float-activation kernel over the same buffers (one float product per weight)."""
         return name
+
+    def plan(self, name: str, bufs: dict[str, torch.Tensor], bias: torch.Tensor | None, n: int,
+             k: int, q: QTensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A function ``x2 (M, k) float32 contiguous CPU -> y (M, n) float32`` running the same
+        CPU kernel as :meth:`matmul` without the torch op dispatcher, or None (no such path).
+        QuantLinear calls it when nothing needs the op (no autograd, tracing, compiling or
+        torch function / dispatch mode): a decode step's GEMV then costs microseconds of
+        Python instead of ~80. The buffers are checked once here, by the op's own checks."""
+        return None
 
     def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
         """The weight's QTensor back from the packed buffers: codes, scales and zero points in

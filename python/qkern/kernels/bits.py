@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import bits
+from ..ops import bits, checks
+from ..ops.raw import contig
 from ..tensor import QTensor
-from .base import Kernel, need_format, need_midtread, need_per_row, register
+from .base import Kernel, need_format, need_midtread, need_per_row, one_row, register
+
+
+def _plan_bits(op: str, ternary: bool, xnor: bool, bufs, bias, n: int, k: int):
+    w, alpha = bufs["bits_w"], bufs["bits_alpha"]
+    checks.gemm_bits(op, one_row(k), w, alpha, bias, n, k)
+    w, alpha, bias = w.contiguous(), contig(alpha, torch.float32), contig(bias, torch.float32)
+    return lambda x2: bits.run_gemm_bits(ternary, x2, w, alpha, bias, n, k, xnor)
 
 
 @register
@@ -24,6 +32,9 @@ class Binary(Kernel):
     def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
         alpha = q.scale.float().reshape(-1).contiguous()
         return {"bits_w": bits.pack_binary(q.codes.view(torch.uint8)), "bits_alpha": alpha}
+
+    def plan(self, name, bufs, bias, n, k, q):
+        return _plan_bits("gemm_binary", False, name == "binary_xnor", bufs, bias, n, k)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_binary(x2, bufs["bits_w"], bufs["bits_alpha"], bias, n, k,
@@ -55,6 +66,9 @@ class Ternary(Kernel):
     def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
         alpha = q.scale.float().reshape(-1).contiguous()
         return {"bits_w": bits.pack_ternary(q.codes), "bits_alpha": alpha}
+
+    def plan(self, name, bufs, bias, n, k, q):
+        return _plan_bits("gemm_ternary", True, False, bufs, bias, n, k)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_ternary(x2, bufs["bits_w"], bufs["bits_alpha"], bias, n, k)

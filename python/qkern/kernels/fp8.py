@@ -6,9 +6,10 @@ from dataclasses import replace
 
 import torch
 
-from ..ops import fp8
+from ..ops import checks, fp8
+from ..ops.raw import contig
 from ..tensor import QTensor
-from .base import Kernel, need_format, need_groups, need_per_row, register
+from .base import Kernel, need_format, need_groups, need_per_row, one_row, register
 
 
 @register
@@ -32,6 +33,13 @@ class Fp8(Kernel):
     def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
         return replace(q, codes=bufs["fp8_w"].clone(),
                        scale=bufs["fp8_scales"].reshape(q.layout.scale_shape).clone())
+
+    def plan(self, name, bufs, bias, n, k, q):
+        w, scales, g, fmt = (bufs["fp8_w"], bufs["fp8_scales"], q.group_size or 0,
+                             fp8.FORMATS[q.format.name])
+        checks.gemm_fp8(one_row(k), w, scales, bias, n, k, g, fmt)
+        w, scales, bias = w.contiguous(), contig(scales, torch.float32), contig(bias, torch.float32)
+        return lambda x2: fp8.run_gemm_fp8(x2, w, scales, bias, n, k, g, fmt)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_fp8(x2, bufs["fp8_w"], bufs["fp8_scales"], bias, n, k,

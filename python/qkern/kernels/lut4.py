@@ -7,9 +7,10 @@ from dataclasses import replace
 
 import torch
 
-from ..ops import lut4
+from ..ops import checks, lut4
+from ..ops.raw import contig
 from ..tensor import QTensor
-from .base import Kernel, need_groups, register
+from .base import Kernel, need_groups, one_row, register
 
 
 def _table(q: QTensor) -> torch.Tensor:
@@ -55,6 +56,17 @@ class Lut4Dq(_Lut4Family):
         return replace(q, codes=_codes(bufs["lut4_packed"]),
                        scale=scales.reshape(q.layout.scale_shape), double_quant=dq)
 
+    def plan(self, name, bufs, bias, n, k, q):
+        packed, qs, s2 = bufs["lut4_packed"], bufs["lut4_qscales"], bufs["lut4_scale2"]
+        mean, table = bufs["lut4_mean"], bufs["lut4_table"]
+        g, dg = q.group_size, q.double_quant.group
+        checks.gemm_lut4_dq(one_row(k), packed, qs, s2, mean, table, bias, n, k, g, dg,
+                            lut4.cpu_group_error)
+        packed, qs, s2 = packed.contiguous(), qs.contiguous(), contig(s2, torch.float32)
+        table, bias, mean = contig(table, torch.float32), contig(bias, torch.float32), float(mean)
+        return lambda x2: lut4.run_gemm_lut4_dq(x2, packed, qs, s2, mean, table, bias, n, k, g,
+                                                dg)
+
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_lut4_dq(x2, bufs["lut4_packed"], bufs["lut4_qscales"],
                                             bufs["lut4_scale2"], bufs["lut4_mean"],
@@ -79,6 +91,15 @@ class Lut4(_Lut4Family):
     def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
         return replace(q, codes=_codes(bufs["lut4_packed"]),
                        scale=bufs["lut4_scales"].reshape(q.layout.scale_shape).clone())
+
+    def plan(self, name, bufs, bias, n, k, q):
+        packed, scales, table, g = (bufs["lut4_packed"], bufs["lut4_scales"],
+                                    bufs["lut4_table"], q.group_size)
+        checks.gemm_lut4("gemm_lut4", one_row(k), packed, scales, table, bias, n, k, g,
+                         lut4.cpu_group_error)
+        packed, scales = packed.contiguous(), contig(scales, torch.float32)
+        table, bias = contig(table, torch.float32), contig(bias, torch.float32)
+        return lambda x2: lut4.run_gemm_lut4(x2, packed, scales, table, bias, n, k, g)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_lut4(x2, bufs["lut4_packed"], bufs["lut4_scales"],

@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import torch
 
-from ..ops import w23
-from ..ops.tiles import group_error
+from ..ops import checks, w23
+from ..ops.raw import contig
+from ..ops.tiles import group_error, split_zeros
 from ..tensor import QTensor
 from .base import (
     Kernel,
@@ -16,6 +17,7 @@ from .base import (
     need_groups,
     need_midtread,
     need_unsigned_float_zero,
+    one_row,
     register,
 )
 
@@ -41,6 +43,16 @@ class W23(Kernel):
         packed = w23.pack_weight(q.codes, q.scale, q.zero_point, q.group_size, q.format.bits,
                                  signed=q.format.signed)
         return {f"w23_{name}": t for name, t in packed.items() if isinstance(t, torch.Tensor)}
+
+    def plan(self, name, bufs, bias, n, k, q):
+        packed, scales, zeros = bufs["w23_packed"], bufs["w23_scales"], bufs.get("w23_zeros")
+        mode, g = 0 if name == "w23_exact" else 1, q.group_size
+        bits, qmin = q.format.bits, q.format.qmin
+        checks.gemm_w23(one_row(k), packed, scales, zeros, bias, n, k, g, bits, qmin, mode)
+        packed, scales = packed.contiguous(), contig(scales, torch.float32)
+        (zeros, zeros_f), bias = split_zeros(zeros), contig(bias, torch.float32)
+        return lambda x2: w23.run_gemm_w23(x2, packed, scales, zeros, zeros_f, bias, n, k, g,
+                                           bits, qmin, mode)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_w23(x2, bufs["w23_packed"], bufs["w23_scales"],

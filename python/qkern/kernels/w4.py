@@ -10,8 +10,9 @@ from dataclasses import replace
 
 import torch
 
-from ..ops import w4
-from ..ops.tiles import group_error
+from ..ops import checks, w4
+from ..ops.raw import contig
+from ..ops.tiles import group_error, split_zeros
 from ..tensor import QTensor
 from .base import (
     Kernel,
@@ -19,6 +20,7 @@ from .base import (
     need_groups,
     need_midtread,
     need_unsigned_float_zero,
+    one_row,
     register,
 )
 
@@ -56,6 +58,15 @@ class W4(Kernel):
 
     def float_twin(self, name: str) -> str:
         return "w4_exact"
+
+    def plan(self, name, bufs, bias, n, k, q):
+        packed, scales, zeros = bufs["w4_packed"], bufs["w4_scales"], bufs.get("w4_zeros")
+        mode = 0 if name == "w4_exact" else 1
+        checks.gemm_w4(one_row(k), packed, scales, zeros, bias, n, k, q.group_size, mode)
+        packed, scales = packed.contiguous(), contig(scales, torch.float32)
+        (zeros, zeros_f), bias = split_zeros(zeros), contig(bias, torch.float32)
+        g = q.group_size
+        return lambda x2: w4.run_gemm_w4(x2, packed, scales, zeros, zeros_f, bias, n, k, g, mode)
 
     def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
         n, k = q.shape

@@ -10,8 +10,9 @@ from dataclasses import replace
 import torch
 
 from ..ops import checks, w8
+from ..ops.raw import contig
 from ..tensor import QTensor
-from .base import Kernel, need_format, need_midtread, need_per_row, register
+from .base import Kernel, need_format, need_midtread, need_per_row, one_row, register
 
 _OPS = torch.ops.qkern
 
@@ -31,6 +32,17 @@ class W8a16(Kernel):
 
     def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
         return {"w8_packed": w8.pack_w8(q.codes), "w8_scale": q.scale.float().contiguous()}
+
+    a8 = False  # the float-activation kernel (W8a8 sets it)
+
+    def plan(self, name, bufs, bias, n, k, q):
+        if name not in ("w8a16", "w8a8"):
+            return None  # one scale per tensor / static scale: the op path (quantize + s8s8)
+        w, sw = bufs["w8_packed"], bufs["w8_scale"]
+        checks.gemm_w8(f"gemm_{name}", one_row(k), w, sw, bias, n, k)
+        w, sw, a8 = w.detach().contiguous(), contig(sw, torch.float32), self.a8
+        bias = contig(bias, torch.float32)
+        return lambda x2: w8.run_gemm_w8(a8, x2, w, sw, bias, n, k)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return _OPS.gemm_w8a16(x2, bufs["w8_packed"], bufs["w8_scale"], bias, n, k)
@@ -52,6 +64,7 @@ class W8a8(W8a16):
     names = ("w8a8",)
     acts = ("int8_dynamic",)
     order = 61
+    a8 = True
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return _OPS.gemm_w8a8(x2, bufs["w8_packed"], bufs["w8_scale"], bias, n, k)

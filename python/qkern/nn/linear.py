@@ -67,6 +67,20 @@ def _check_frozen(bufs: dict[str, torch.Tensor]) -> None:
                                "to bias when bias.requires_grad); set requires_grad=False on it")
 
 
+def _plain_call(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a forward can skip the torch op dispatcher: a plain CPU tensor, nothing to
+    differentiate, and no tracing, compiling or torch function / dispatch mode that must see
+    the op (torch.compile, torch.export, jit.trace, FakeTensor, FlopCounterMode, ...)."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None
+                                                        and bias.requires_grad)):
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._len_torch_dispatch_stack() > 0
+                or torch._C._is_torch_function_mode_enabled())
+
+
 class QuantLinear(nn.Module):
     """y = x @ W^T + b with W stored quantized (``weight_q``, a QTensor) and packed for its
     kernel. Build with :meth:`from_float`.
@@ -166,9 +180,32 @@ class QuantLinear(nn.Module):
         bufs = self.packed_buffers()
         if torch.is_grad_enabled():
             _check_frozen(bufs)
+        if _plain_call(x, self.bias):
+            run = self._plan(bufs)
+            if run is not None:
+                lead = x.shape[:-1]
+                y = run(x.reshape(-1, self.in_features).float().contiguous())
+                y = y.reshape(*lead, self.out_features)
+                return y.to(x.dtype) if x.dtype != y.dtype else y
         y = self._impl.forward(self.kernel, x, bufs, self.bias, self.out_features,
                                self.in_features, self.weight_q)
         return y.to(x.dtype) if x.dtype != y.dtype else y
+
+    def _plan(self, bufs: dict[str, torch.Tensor]):
+        """The kernel's dispatcher-free CPU call (Kernel.plan) for the current buffers, made
+        once and remade when a buffer, the bias or the kernel changes (identity or in-place
+        version); None when the kernel has none or the buffers are not on the CPU."""
+        key = (self.kernel, self.bias is None or (id(self.bias), self.bias._version),
+               *((id(t), t._version) for t in bufs.values()))
+        cached = self.__dict__.get("_plan_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        run = None
+        if all(t.device.type == "cpu" for t in bufs.values()):
+            run = self._impl.plan(self.kernel, bufs, self.bias, self.out_features,
+                                  self.in_features, self.weight_q)
+        self.__dict__["_plan_cache"] = (key, run)
+        return run
 
     def extra_repr(self) -> str:
         q = self.weight_q

@@ -25,7 +25,7 @@ from .checks import bits_packed_nbytes as packed_nbytes
 from .raw import contig, ptr
 from .schemas import LIB
 
-__all__ = ["blocks", "pack_binary", "pack_ternary", "packed_nbytes"]
+__all__ = ["blocks", "pack_binary", "pack_ternary", "packed_nbytes", "run_gemm_bits"]
 
 
 def _pack(name: str, codes: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
@@ -64,6 +64,11 @@ def _run_cpu(op: str, ternary: bool, x, w, alpha, bias, n: int, k: int, xnor: bo
     checks.gemm_bits(op, x, w, alpha, bias, n, k)
     x, w = contig(x, torch.float32), w.contiguous()
     alpha, bias = contig(alpha, torch.float32), contig(bias, torch.float32)
+    return run_gemm_bits(ternary, x, w, alpha, bias, n, k, xnor)
+
+
+def run_gemm_bits(ternary: bool, x, w, alpha, bias, n: int, k: int, xnor: bool):
+    """The CPU body of ``gemm_binary`` / ``gemm_ternary`` on checked, contiguous arguments."""
     y = torch.empty(_out_shape(x, n), dtype=torch.float32)
     if y.numel() == 0:
         return y

@@ -20,7 +20,8 @@ from . import checks
 from .raw import contig, ptr
 from .schemas import LIB
 
-__all__ = ["FORMATS", "GROUP_SIZES", "gemm_fp8", "group_error", "pack_weight"]
+__all__ = ["FORMATS", "GROUP_SIZES", "gemm_fp8", "group_error", "pack_weight",
+           "run_gemm_fp8"]
 
 FORMATS = {"fp8_e4m3": 0, "fp8_e5m2": 1}
 GROUP_SIZES = (32, 64, 128)
@@ -40,7 +41,11 @@ def group_error(k: int, group_size: int | None) -> str | None:
 def _gemm_fp8_cpu(x, w, scales, bias, N, K, group_size, fmt):
     checks.gemm_fp8(x, w, scales, bias, N, K, group_size, fmt)
     x, w, scales = contig(x, torch.float32), w.contiguous(), contig(scales, torch.float32)
-    bias = contig(bias, torch.float32)
+    return run_gemm_fp8(x, w, scales, contig(bias, torch.float32), N, K, group_size, fmt)
+
+
+def run_gemm_fp8(x, w, scales, bias, N, K, group_size, fmt):
+    """The CPU body of ``gemm_fp8`` on checked, contiguous arguments (x float32 (M, K))."""
     y = torch.empty((x.shape[0], N), dtype=torch.float32)
     _C.gemm_fp8_raw(ptr(x), x.shape[0], ptr(w), ptr(scales), ptr(bias), N, K, group_size, fmt,
                     ptr(y))

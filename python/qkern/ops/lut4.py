@@ -27,7 +27,7 @@ from .raw import contig, ptr
 from .schemas import LIB
 
 __all__ = ["cpu_group_error", "cuda_group_error", "dq_scales", "gemm_lut4", "gemm_lut4_dq",
-           "group_error", "pack_weight", "pack_weight_dq"]
+           "group_error", "pack_weight", "pack_weight_dq", "run_gemm_lut4", "run_gemm_lut4_dq"]
 
 # The AVX2 GEMM decodes W in tiles of 512 columns (csrc/cpu/gemm/lut4/avx2.cpp kKc), a group at
 # a time, and its GEMV reads 16 codes at a time: safe for groups that are multiples of 16
@@ -70,6 +70,11 @@ def _gemm_lut4_cpu(x, packed, scales, table, bias, N, K, group_size):
                      cpu_group_error)
     x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
     table, bias = contig(table, torch.float32), contig(bias, torch.float32)
+    return run_gemm_lut4(x, packed, scales, table, bias, N, K, group_size)
+
+
+def run_gemm_lut4(x, packed, scales, table, bias, N, K, group_size):
+    """The CPU body of ``gemm_lut4`` on checked, contiguous arguments (x float32 (M, K))."""
     y = torch.empty((x.shape[0], N), dtype=torch.float32)
     _C.gemm_lut4_raw(ptr(x), x.shape[0], ptr(packed), ptr(scales), ptr(table), ptr(bias), N, K,
                      group_size, ptr(y))
@@ -85,11 +90,16 @@ def _gemm_lut4_dq_cpu(x, packed, qscales, scale2, mean, table, bias, N, K, group
                         dq_group, cpu_group_error)
     x, packed, qscales = contig(x, torch.float32), packed.contiguous(), qscales.contiguous()
     scale2, table = contig(scale2, torch.float32), contig(table, torch.float32)
-    bias = contig(bias, torch.float32)
+    return run_gemm_lut4_dq(x, packed, qscales, scale2, float(mean.float().reshape(())), table,
+                            contig(bias, torch.float32), N, K, group_size, dq_group)
+
+
+def run_gemm_lut4_dq(x, packed, qscales, scale2, mean: float, table, bias, N, K, group_size,
+                     dq_group):
+    """The CPU body of ``gemm_lut4_dq`` on checked, contiguous arguments (``mean`` a float)."""
     y = torch.empty((x.shape[0], N), dtype=torch.float32)
-    _C.gemm_lut4_dq_raw(ptr(x), x.shape[0], ptr(packed), ptr(qscales), ptr(scale2),
-                        float(mean.float().reshape(())), ptr(table), ptr(bias), N, K,
-                        group_size, dq_group, ptr(y))
+    _C.gemm_lut4_dq_raw(ptr(x), x.shape[0], ptr(packed), ptr(qscales), ptr(scale2), mean,
+                        ptr(table), ptr(bias), N, K, group_size, dq_group, ptr(y))
     return y
 
 

@@ -44,13 +44,19 @@ from .tiles import (
     zeros_dtype,
 )
 
-__all__ = ["gemm_w23", "pack_weight", "unpack_weight"]
+__all__ = ["gemm_w23", "pack_weight", "run_gemm_w23", "unpack_weight"]
 
 
 def _gemm_w23_cpu(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
     checks.gemm_w23(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode)
     x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
     (zeros, zeros_f), bias = split_zeros(zeros), contig(bias, torch.float32)
+    return run_gemm_w23(x, packed, scales, zeros, zeros_f, bias, N, K, group_size, bits, qmin,
+                        mode)
+
+
+def run_gemm_w23(x, packed, scales, zeros, zeros_f, bias, N, K, group_size, bits, qmin, mode):
+    """The CPU body of ``gemm_w23`` on checked, contiguous arguments (as ``run_gemm_w4``)."""
     if mode == 1:
         checks.int8_act_bound_x("gemm_w23", x, group_size, "group_size")
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)

@@ -25,7 +25,8 @@ from .cpu import NonFiniteError
 from .raw import contig, ptr
 from .schemas import LIB
 
-__all__ = ["gemm_s8s8_s32", "gemm_w8a8", "gemm_w8a16", "pack_w8", "packed_nbytes", "unpack_w8"]
+__all__ = ["gemm_s8s8_s32", "gemm_w8a8", "gemm_w8a16", "pack_w8", "packed_nbytes", "run_gemm_w8",
+           "unpack_w8"]
 
 
 def _out_shape(x: torch.Tensor, N: int) -> tuple:
@@ -56,17 +57,23 @@ def _gemm(a8: bool, x, packed_w, w_scale, bias, N, K):
     checks.gemm_w8("gemm_w8a8" if a8 else "gemm_w8a16", x, packed_w, w_scale, bias, N, K)
     xf, w = contig(x, torch.float32), packed_w.detach().contiguous()
     sw, b = contig(w_scale, torch.float32), contig(bias, torch.float32)
-    m = math.prod(x.shape[:-1])
+    return run_gemm_w8(a8, xf, w, sw, b, N, K).to(x.dtype)
+
+
+def run_gemm_w8(a8: bool, xf, w, sw, b, N, K):
+    """The CPU body of ``gemm_w8a8`` / ``gemm_w8a16`` on checked, contiguous arguments (xf
+    float32 (..., K)); float32 out."""
+    m = math.prod(xf.shape[:-1])
     if K == 0 or m == 0 or N == 0:  # nothing to read: y = 0 * sw (+ bias), as defined
-        y = torch.zeros(_out_shape(x, N), dtype=torch.float32) * sw
-        return (y if b is None else y + b).to(x.dtype)
+        y = torch.zeros(_out_shape(xf, N), dtype=torch.float32) * sw
+        return y if b is None else y + b
     if a8:
         checks.int8_act_bound_x("gemm_w8a8", xf, K, "K")
-    y = torch.empty(_out_shape(x, N), dtype=torch.float32)
+    y = torch.empty(_out_shape(xf, N), dtype=torch.float32)
     bad = _C.gemm_w8_raw(a8, ptr(xf), m, ptr(w), ptr(sw), ptr(b), N, K, ptr(y))
     if bad:
         raise NonFiniteError("gemm_w8a8: x contains NaN or Inf")
-    return y.to(x.dtype)
+    return y
 
 
 def gemm_w8a8(x, packed_w, w_scale, bias, N, K):
