@@ -180,7 +180,7 @@ LAYERS = [
     ("quantization", ["qkern.quantization"]),
     ("files", ["qkern.io.serialization"]),
     ("api", ["qkern"]),
-    ("tools", ["qkern.tools", "qkern.__main__"]),
+    ("tools", ["qkern.tools", "qkern.__main__", "qkern.bench"]),
 ]
 
 

@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import torch
 from torch import nn
 
 from ... import set_num_threads
-from ...models import Llama, bits_per_byte, load_llama
+from ...models import bits_per_byte, load_llama
 from ...models.assets import WIKITEXT_BYTELM, WIKITEXT_TEXT, shipped_path
-from ...nn import QuantLinear, replace_linear
 from ..weights import linear_weight_bytes
+from .decode_synth import run_decode_synth
+from .schemes import build, kernels_of
 from .timing import machine_line, time_alternating
 
 MODEL = WIKITEXT_BYTELM
@@ -49,21 +49,6 @@ SCHEMES: list[tuple[str, dict | str | None]] = [
     ("qkern int3 g32", {"fmt": "int3", "group_size": 32}),
     ("qkern int2 g32", {"fmt": "int2", "group_size": 32, "symmetric": False}),
 ]
-
-
-def build(model: Llama, spec: dict | str | None) -> nn.Module:
-    if spec is None:
-        return model
-    if spec == "torch":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-    return replace_linear(model, spec)
-
-
-def kernels_of(model: nn.Module) -> str:
-    names = sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)})
-    return ", ".join(names) if names else "-"
 
 
 def run_decode(threads: int, repeats: int, n_tokens: int, windows: int,
@@ -111,12 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=128, help="tokens generated per repeat")
     p.add_argument("--windows", type=int, default=48, help="256-byte windows for bits/byte")
     p.add_argument("--quick", action="store_true", help="fewer tokens, repeats and windows")
+    p.add_argument("--model", choices=("wikitext-bytelm", "synthetic-337m"),
+                   default="wikitext-bytelm",
+                   help="the shipped byte-level model (speed and quality), or a 337M-parameter "
+                        "Llama with random weights (speed only, beside llama.cpp Q4_0)")
+    p.add_argument("--no-llama-cpp", action="store_true",
+                   help="synthetic-337m: skip llama.cpp even where llama-cpp-python imports")
     a = p.parse_args(argv)
     if a.threads < 1 or a.repeats < 1 or a.tokens < 1 or a.windows < 1:
         p.error("--threads, --repeats, --tokens and --windows must be >= 1")
     if a.quick:
         a.repeats, a.tokens, a.windows = 2, 16, 4
     t0 = time.perf_counter()
-    print(run_decode(a.threads, a.repeats, a.tokens, a.windows))
+    if a.model == "synthetic-337m":
+        print(run_decode_synth(a.threads, a.repeats, a.tokens,
+                               llama_cpp=not a.no_llama_cpp))
+    else:
+        print(run_decode(a.threads, a.repeats, a.tokens, a.windows))
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     return 0

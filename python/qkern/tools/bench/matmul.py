@@ -4,11 +4,13 @@ Every row times one (N out, K in) layer at batch M with the same threads: torch 
 ``F.linear``; torch's dynamic int8 Linear (fbgemm); ``aten._weight_int4pack_mm_for_cpu``
 (torchao's int4 CPU path, group 128); ``aten._weight_int8pack_mm``; and qkern's QuantLinear
 kernels. Ratios are against fp32 in the same row block. For M = 1 the memory roofline is the
-layer's weight bytes divided by the read bandwidth measured between the rows.
+layer's weight bytes divided by the read bandwidth measured between the rows. ``--isa all``
+times every qkern row on each kernel path the CPU has (scalar, avx2, avx512) and adds a table
+with one column per path.
 
 torch's dynamic int8 Linear uses fbgemm's widest instructions (AVX-512 VNNI where the CPU has
-them); ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` in the environment compares with its AVX2 path, the
-instruction set qkern's kernels are limited to. The header line shows which was in effect.
+them); ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` in the environment compares with its AVX2 path.
+The header line shows which was in effect.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ... import get_isa, set_num_threads
+from ... import available_isas, get_isa, set_isa, set_num_threads
 from ...nn import QuantLinear
 from ..weights import quant_linear_bytes
 from .timing import Flusher, Probe, machine_line, time_alternating
@@ -81,8 +83,18 @@ def _qkern(lin: nn.Linear, **kw):
     return ql, quant_linear_bytes(ql), ql.kernel
 
 
-def implementations(lin: nn.Linear) -> dict[str, tuple[Callable, int, str]]:
-    """name -> (callable on x, weight bytes read per call, note)."""
+def on_isa(isa: str, fn: Callable) -> Callable:
+    """fn with qkern switched to ``isa`` for the call (the next row switches back)."""
+    def call(x):
+        set_isa(isa)
+        return fn(x)
+    return call
+
+
+def implementations(lin: nn.Linear, isas: tuple[str, ...] = ()) -> dict[str, tuple[Callable, int,
+                                                                                    str]]:
+    """name -> (callable on x, weight bytes read per call, note). With ``isas``, every qkern
+    row once per ISA, named "... [isa]"."""
     out: dict[str, tuple[Callable, int, str]] = {
         "torch fp32 F.linear": (lambda x: nn.functional.linear(x, lin.weight, lin.bias),
                                 lin.weight.numel() * 4, "peer"),
@@ -113,11 +125,38 @@ def implementations(lin: nn.Linear) -> dict[str, tuple[Callable, int, str]]:
                      ("qkern binary", {"fmt": "binary", "group_size": None}),
                      ("qkern ternary", {"fmt": "ternary", "group_size": None})):
         ql, nb, kernel = _qkern(lin, **kw)
-        out[name] = (ql, nb, f"kernel={kernel}")
+        if not isas:
+            out[name] = (ql, nb, f"kernel={kernel}")
+        for isa in isas:
+            out[f"{name} [{isa}]"] = (on_isa(isa, ql), nb, f"kernel={kernel}, isa={isa}")
     return out
 
 
-def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: float) -> str:
+def isa_columns(rows: list[tuple], isas: tuple[str, ...]) -> list[str]:
+    """A second table: each qkern row's ms per ISA side by side (and AVX-512 vs AVX2)."""
+    ms: dict[tuple, dict[str, float]] = {}
+    for n, k, m, name, t, *_ in rows:
+        if name.endswith("]") and " [" in name:
+            base, isa = name[:-1].rsplit(" [", 1)
+            ms.setdefault((n, k, m, base), {})[isa] = t
+    head = "| layer (N x K) | M | implementation | " + " | ".join(f"{i} ms" for i in isas)
+    both = "avx2" in isas and "avx512" in isas
+    lines = ["", "**Per ISA** (the same rows, one column per kernel path):", "",
+             head + (" | avx512 vs avx2 |" if both else " |"),
+             "|---|--:|---|" + "--:|" * (len(isas) + both)]
+    for (n, k, m, base), by in ms.items():
+        cells = " | ".join(f"{1e3 * by[i]:.3f}" if i in by else "-" for i in isas)
+        ratio = (f" | {by['avx2'] / by['avx512']:.2f}x |"
+                 if both and "avx2" in by and "avx512" in by else (" | - |" if both else " |"))
+        lines.append(f"| {n}x{k} | {m} | {base} | {cells}{ratio}")
+    return lines
+
+
+def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: float,
+               isas: tuple[str, ...] = ()) -> str:
+    """The table (and with ``isas``, one qkern row per ISA plus a per-ISA table). The scalar
+    path is timed for M = 1 only (a 4096 x 4096 M = 512 product takes it tens of seconds)."""
+    start_isa = get_isa()
     torch.set_num_threads(threads)
     set_num_threads(threads)
     torch.manual_seed(0)
@@ -133,14 +172,16 @@ def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: fl
     rows: list[tuple] = []
     for n, k in shapes:
         lin = nn.Linear(k, n)
-        impls = implementations(lin)
+        impls = implementations(lin, isas)
         for m in ms:
             x = torch.randn(m, k)
-            calls = {name: (lambda f=f: f(x)) for name, (f, _, _) in impls.items()}
+            calls = {name: (lambda f=f: f(x)) for name, (f, _, _) in impls.items()
+                     if m == 1 or not name.endswith("[scalar]")}
             with torch.no_grad():
                 med, _ = time_alternating(calls, repeats, warmup, probe, flush, budget_s=20.0)
             for name, (_, nb, note) in impls.items():
-                rows.append((n, k, m, name, med[name], med["torch fp32 F.linear"], nb, note))
+                if name in med:
+                    rows.append((n, k, m, name, med[name], med["torch fp32 F.linear"], nb, note))
             print(f"  {n}x{k} M={m}: " + ", ".join(f"{a} {1e3 * t:.2f} ms"
                                                    for a, t in med.items()), flush=True)
     read_gbs = probe.read_gbs()
@@ -153,8 +194,12 @@ def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: fl
                     f"{probe.nbytes >> 20} MiB); weight bytes = the layer's stored weights "
                     "(packed codes + scales).")
     fbgemm = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "default (widest)")
-    lines.insert(2, f"qkern ISA {get_isa()}; fbgemm instructions {fbgemm}; median of "
+    which = f"ISAs {', '.join(isas)} (one row each)" if isas else f"ISA {start_isa}"
+    lines.insert(2, f"qkern {which}; fbgemm instructions {fbgemm}; median of "
                     "alternating repeats, caches flushed before each call.")
+    if isas:
+        set_isa(start_isa)
+        lines += isa_columns(rows, isas)
     return "\n".join(lines)
 
 
@@ -166,10 +211,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="one small shape, M = 1 and 8")
     p.add_argument("--settle-ms", type=float, default=10.0)
+    p.add_argument("--isa", default=None,
+                   help="qkern kernel paths to time, each as its own rows: 'all' (every ISA "
+                        "this CPU has) or a comma list of scalar, avx2, avx512 (default: the "
+                        "active one only)")
     a = p.parse_args(argv)
+    isas: tuple[str, ...] = ()
+    if a.isa is not None:
+        have = available_isas()
+        isas = tuple(have) if a.isa == "all" else tuple(i.strip() for i in a.isa.split(","))
+        bad = [i for i in isas if i not in ("scalar", "avx2", "avx512")]
+        if bad:
+            p.error(f"--isa: unknown {bad}; use 'all' or a comma list of scalar, avx2, avx512")
+        missing = [i for i in isas if i not in have]
+        if missing:
+            p.error(f"--isa: this CPU cannot run {missing} (it has {', '.join(have)})")
     shapes, ms = (SHAPES, MS) if not a.quick else ([(1024, 1024)], [1, 8])
     t0 = time.perf_counter()
     print(run_matmul(a.threads, a.repeats if not a.quick else 2, a.warmup, shapes, ms,
-                     a.settle_ms / 1e3))
+                     a.settle_ms / 1e3, isas))
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     return 0
