@@ -3,9 +3,15 @@ between parallel calls never hangs (a regression: a worker born during a resize 
 part in a finished job and the next call waited forever). Run in a subprocess with a time
 limit so that a hang fails the test instead of stalling the suite."""
 
+import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
+import torch
+
+import qkern
 
 SCRIPT = textwrap.dedent("""
     import torch, qkern
@@ -29,3 +35,26 @@ def test_resize_between_parallel_calls_is_deterministic_and_never_hangs():
                          check=False, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+def test_spin_setting():
+    """QKERN_SPIN_US at start-up, set_spin_us at run time (bounds checked); results never
+    depend on it."""
+    code = "import qkern; print(qkern._C.get_spin_us())"
+    env = {**os.environ, "QKERN_SPIN_US": "77"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "77", out.stderr
+    before = qkern._C.get_spin_us()
+    try:
+        x = torch.randn(3, 256)
+        ql = qkern.nn.QuantLinear.from_float(torch.nn.Linear(256, 64), fmt="int4", mode="fast")
+        qkern._C.set_spin_us(0)
+        y0 = ql(x)
+        qkern._C.set_spin_us(5000)
+        assert qkern._C.get_spin_us() == 5000 and torch.equal(ql(x), y0)
+        for bad in (-1, 1000001):
+            with pytest.raises(ValueError, match="spin_us must be in 0..1000000"):
+                qkern._C.set_spin_us(bad)
+    finally:
+        qkern._C.set_spin_us(before)

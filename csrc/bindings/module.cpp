@@ -154,6 +154,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("max_num_threads", &qk::max_num_threads,
         "the largest set_num_threads: kMaxThreadsPerHardwareThread x the hardware threads");
   m.def("get_num_threads", &qk::get_num_threads);
+  m.def("get_spin_us", &qk::spin_micros,
+        "how long an idle pool worker spins for the next job before sleeping (microseconds)");
+  m.def("set_spin_us", [](int64_t us) {
+    if (us < 0 || us > 1000000)
+      throw py::value_error("spin_us must be in 0..1000000 microseconds, got " +
+                            std::to_string(us));
+    qk::set_spin_micros(static_cast<int>(us));
+  });
 
   // The element-wise ops over raw addresses: ops/cpu.py checks the torch tensors (dtypes,
   // contiguity, lengths: ops/checks.py) and passes data_ptr()s; 0 = none. The checks here keep

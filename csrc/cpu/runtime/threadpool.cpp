@@ -3,6 +3,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
 #include <pthread.h>
 #include <thread>
@@ -48,9 +49,11 @@ class Pool {
     in_pool_ = true;
     drain();
     in_pool_ = false;
-    // Back-to-back calls (a decode step is dozens of small GEMVs) should not pay a futex
-    // sleep and wake each time: spin briefly, then block.
-    spin_while([this] { return active_.load(std::memory_order_acquire) != 0; });
+    // The workers are running their last chunks: the caller has nothing else to do, so it
+    // spins (up to kJoinSpinMicros, when every thread has a core of its own) instead of paying a
+    // futex sleep and wake-up (tens of microseconds) at the end of every call.
+    const int join_us = threads_ <= hardware_threads() ? kJoinSpinMicros : spin_micros();
+    spin_while([this] { return active_.load(std::memory_order_acquire) != 0; }, join_us);
     std::unique_lock<std::mutex> lk(mu_);
     done_cv_.wait(lk, [this] { return active_.load() == 0; });
     fn_ = nullptr;
@@ -63,11 +66,13 @@ class Pool {
 
   void worker(uint64_t seen) {
     for (;;) {
-      // Spin a little for the next job before sleeping on the condition variable.
+      // Spin a while for the next job before sleeping on the condition variable: a decode
+      // step's GEMVs come tens of microseconds apart, and a sleeping worker joins the next one
+      // only after a futex wake-up.
       spin_while([&] {
         return generation_.load(std::memory_order_acquire) == seen &&
                !stop_flag_.load(std::memory_order_relaxed);
-      });
+      }, spin_micros());
       {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return stop_ || generation_.load() != seen; });
@@ -82,11 +87,12 @@ class Pool {
     }
   }
 
-  // Busy-waits while cond() holds, for at most kSpinMicros (pause's latency differs 20x
+  // Busy-waits while cond() holds, for at most `micros` (pause's latency differs 20x
   // between CPU generations, so the budget is in time, not iterations).
   template <typename Cond>
-  static void spin_while(Cond cond) {
-    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+  static void spin_while(Cond cond, int micros) {
+    if (micros <= 0) return;
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(micros);
     while (cond()) {
       for (int i = 0; i < 16; ++i) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -117,7 +123,7 @@ class Pool {
   std::atomic<int> active_{0};
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> stop_flag_{false};  // stop_, readable while spinning
-  static constexpr int kSpinMicros = 50;
+  static constexpr int kJoinSpinMicros = 2000;
   int threads_ = 1;
   bool stop_ = false;
   static thread_local bool in_pool_;
@@ -131,6 +137,7 @@ thread_local bool Pool::in_pool_ = false;
 // gone or lock those mutexes) and the next parallel_for in the child creates a fresh pool of the
 // same size, as torch's and OpenMP's runtimes do. The handler only stores plain values.
 std::atomic<Pool*> g_pool{nullptr};
+std::atomic<int> g_spin_us{-1};  // -1: not read yet (QKERN_SPIN_US or kDefaultSpinMicros)
 pthread_mutex_t g_create_mu = PTHREAD_MUTEX_INITIALIZER;
 std::atomic<int> g_size{0};  // the size to (re)create with; 0 = the hardware threads
 
@@ -158,6 +165,22 @@ Pool& pool() {
 }
 
 }  // namespace
+
+int spin_micros() {
+  int v = g_spin_us.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = kDefaultSpinMicros;
+    if (const char* env = std::getenv("QKERN_SPIN_US")) {
+      char* end = nullptr;
+      const long n = std::strtol(env, &end, 10);
+      if (end != env && *end == '\0' && n >= 0 && n <= 1000000) v = static_cast<int>(n);
+    }
+    g_spin_us.store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+void set_spin_micros(int us) { g_spin_us.store(us < 0 ? 0 : (us > 1000000 ? 1000000 : us)); }
 
 int hardware_threads() {
   const unsigned hw = std::thread::hardware_concurrency();

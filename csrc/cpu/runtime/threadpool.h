@@ -16,6 +16,15 @@ constexpr int kMaxThreadsPerHardwareThread = 8;
 int hardware_threads();  // std::thread::hardware_concurrency(), at least 1
 int max_num_threads();
 
+// How long an idle worker spins for the next job before sleeping (microseconds): a decode
+// step's GEMVs come tens of microseconds apart and a sleeping worker joins the next one only
+// after a futex wake-up. Default kDefaultSpinMicros; QKERN_SPIN_US in the environment (0 to
+// 1000000) or set_spin_micros at run time. Spinning holds the core: lower it when other
+// thread pools (torch's OpenMP) share the cores between qkern calls.
+constexpr int kDefaultSpinMicros = 300;
+int spin_micros();
+void set_spin_micros(int us);
+
 void pool_set_threads(int n);
 int pool_threads();
 
