@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import bits, checks
-from ..ops.raw import contig
+from ..ops.raw import contig, ptr
 from ..tensor import QTensor
 from .base import Kernel, need_format, need_midtread, need_per_row, one_row, register
 
@@ -15,7 +15,9 @@ def _plan_bits(op: str, ternary: bool, xnor: bool, bufs, bias, n: int, k: int):
     w, alpha = bufs["bits_w"], bufs["bits_alpha"]
     checks.gemm_bits(op, one_row(k), w, alpha, bias, n, k)
     w, alpha, bias = w.contiguous(), contig(alpha, torch.float32), contig(bias, torch.float32)
-    return lambda x2: bits.run_gemm_bits(ternary, x2, w, alpha, bias, n, k, xnor)
+    keep = (w, alpha, bias)  # alive as long as the plan
+    a = [ptr(t) for t in keep]
+    return lambda x2, keep=keep: bits.run_gemm_bits(ternary, x2, *a, n, k, xnor)
 
 
 @register

@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from ..ops import checks, fp8
-from ..ops.raw import contig
+from ..ops.raw import contig, ptr
 from ..tensor import QTensor
 from .base import Kernel, need_format, need_groups, need_per_row, one_row, register
 
@@ -39,7 +39,9 @@ class Fp8(Kernel):
                              fp8.FORMATS[q.format.name])
         checks.gemm_fp8(one_row(k), w, scales, bias, n, k, g, fmt)
         w, scales, bias = w.contiguous(), contig(scales, torch.float32), contig(bias, torch.float32)
-        return lambda x2: fp8.run_gemm_fp8(x2, w, scales, bias, n, k, g, fmt)
+        keep = (w, scales, bias)  # alive as long as the plan
+        a = [ptr(t) for t in keep]
+        return lambda x2, keep=keep: fp8.run_gemm_fp8(x2, *a, n, k, g, fmt)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_fp8(x2, bufs["fp8_w"], bufs["fp8_scales"], bias, n, k,

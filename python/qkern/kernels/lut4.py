@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from ..ops import checks, lut4
-from ..ops.raw import contig
+from ..ops.raw import contig, ptr
 from ..tensor import QTensor
 from .base import Kernel, need_groups, one_row, register
 
@@ -64,8 +64,10 @@ class Lut4Dq(_Lut4Family):
                             lut4.cpu_group_error)
         packed, qs, s2 = packed.contiguous(), qs.contiguous(), contig(s2, torch.float32)
         table, bias, mean = contig(table, torch.float32), contig(bias, torch.float32), float(mean)
-        return lambda x2: lut4.run_gemm_lut4_dq(x2, packed, qs, s2, mean, table, bias, n, k, g,
-                                                dg)
+        keep = (packed, qs, s2, table, bias)  # alive as long as the plan
+        p, q8, sc2, tb, bi = (ptr(t) for t in keep)
+        return lambda x2, keep=keep: lut4.run_gemm_lut4_dq(x2, p, q8, sc2, mean, tb, bi, n, k, g,
+                                                           dg)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_lut4_dq(x2, bufs["lut4_packed"], bufs["lut4_qscales"],
@@ -99,7 +101,9 @@ class Lut4(_Lut4Family):
                          lut4.cpu_group_error)
         packed, scales = packed.contiguous(), contig(scales, torch.float32)
         table, bias = contig(table, torch.float32), contig(bias, torch.float32)
-        return lambda x2: lut4.run_gemm_lut4(x2, packed, scales, table, bias, n, k, g)
+        keep = (packed, scales, table, bias)  # alive as long as the plan
+        a = [ptr(t) for t in keep]
+        return lambda x2, keep=keep: lut4.run_gemm_lut4(x2, *a, n, k, g)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_lut4(x2, bufs["lut4_packed"], bufs["lut4_scales"],

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from ..ops import checks, w23
-from ..ops.raw import contig
+from ..ops.raw import contig, ptr
 from ..ops.tiles import group_error, split_zeros
 from ..tensor import QTensor
 from .base import (
@@ -51,8 +51,9 @@ class W23(Kernel):
         checks.gemm_w23(one_row(k), packed, scales, zeros, bias, n, k, g, bits, qmin, mode)
         packed, scales = packed.contiguous(), contig(scales, torch.float32)
         (zeros, zeros_f), bias = split_zeros(zeros), contig(bias, torch.float32)
-        return lambda x2: w23.run_gemm_w23(x2, packed, scales, zeros, zeros_f, bias, n, k, g,
-                                           bits, qmin, mode)
+        keep = (packed, scales, zeros, zeros_f, bias)  # alive as long as the plan
+        a = [ptr(t) for t in keep]
+        return lambda x2, keep=keep: w23.run_gemm_w23(x2, *a, n, k, g, bits, qmin, mode)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_w23(x2, bufs["w23_packed"], bufs["w23_scales"],

@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 
 from ..ops import checks, w4
-from ..ops.raw import contig
+from ..ops.raw import contig, ptr
 from ..ops.tiles import group_error, split_zeros
 from ..tensor import QTensor
 from .base import (
@@ -65,8 +65,10 @@ class W4(Kernel):
         checks.gemm_w4(one_row(k), packed, scales, zeros, bias, n, k, q.group_size, mode)
         packed, scales = packed.contiguous(), contig(scales, torch.float32)
         (zeros, zeros_f), bias = split_zeros(zeros), contig(bias, torch.float32)
+        keep = (packed, scales, zeros, zeros_f, bias)  # alive as long as the plan
+        a = [ptr(t) for t in keep]
         g = q.group_size
-        return lambda x2: w4.run_gemm_w4(x2, packed, scales, zeros, zeros_f, bias, n, k, g, mode)
+        return lambda x2, keep=keep: w4.run_gemm_w4(x2, *a, n, k, g, mode)
 
     def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
         n, k = q.shape

@@ -177,32 +177,39 @@ class QuantLinear(nn.Module):
                             f"float16), got {what}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got {x.shape[-1]}")
+        bias = self.bias
+        if _plain_call(x, bias):
+            run = self._plan(bias)
+            if run is not None:
+                if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+                    return run(x)
+                y = run(x.reshape(-1, self.in_features).float().contiguous())
+                y = y.reshape(*x.shape[:-1], self.out_features)
+                return y.to(x.dtype) if x.dtype != y.dtype else y
         bufs = self.packed_buffers()
         if torch.is_grad_enabled():
             _check_frozen(bufs)
-        if _plain_call(x, self.bias):
-            run = self._plan(bufs)
-            if run is not None:
-                lead = x.shape[:-1]
-                y = run(x.reshape(-1, self.in_features).float().contiguous())
-                y = y.reshape(*lead, self.out_features)
-                return y.to(x.dtype) if x.dtype != y.dtype else y
         y = self._impl.forward(self.kernel, x, bufs, self.bias, self.out_features,
                                self.in_features, self.weight_q)
         return y.to(x.dtype) if x.dtype != y.dtype else y
 
-    def _plan(self, bufs: dict[str, torch.Tensor]):
+    def _plan(self, bias: torch.Tensor | None):
         """The kernel's dispatcher-free CPU call (Kernel.plan) for the current buffers, made
-        once and remade when a buffer, the bias or the kernel changes (identity or in-place
-        version); None when the kernel has none or the buffers are not on the CPU."""
-        key = (self.kernel, self.bias is None or (id(self.bias), self.bias._version),
-               *((id(t), t._version) for t in bufs.values()))
+        once and remade when a buffer, the bias or the kernel changes (identity, in-place
+        version or requires_grad); None when the kernel has none, a buffer is not on the CPU
+        or requires grad (the op path then says why)."""
+        b = self._buffers
+        key = [self.kernel, id(bias), bias is not None and bias._version]
+        for n in self._buffer_names:
+            t = b[n]
+            key += (id(t), t._version, t.requires_grad)
         cached = self.__dict__.get("_plan_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
+        bufs = self.packed_buffers()
         run = None
-        if all(t.device.type == "cpu" for t in bufs.values()):
-            run = self._impl.plan(self.kernel, bufs, self.bias, self.out_features,
+        if all(t.device.type == "cpu" and not t.requires_grad for t in bufs.values()):
+            run = self._impl.plan(self.kernel, bufs, bias, self.out_features,
                                   self.in_features, self.weight_q)
         self.__dict__["_plan_cache"] = (key, run)
         return run

@@ -15,6 +15,11 @@ def contig(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.detach().to(dtype).contiguous()
 
 
-def ptr(t: torch.Tensor | None) -> int:
-    """t's address, 0 for None or an empty tensor (the bindings' "none")."""
-    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+def ptr(t: torch.Tensor | int | None) -> int:
+    """t's address, 0 for None or an empty tensor (the bindings' "none"); an int is an address
+    taken before (``ptr`` of a tensor the caller keeps alive: Kernel.plan's buffers)."""
+    if t is None:
+        return 0
+    if type(t) is int:
+        return t
+    return 0 if t.numel() == 0 else t.data_ptr()

@@ -54,8 +54,9 @@ def _gemm_w4_cpu(x, packed, scales, zeros, bias, N, K, group_size, mode):
 
 def run_gemm_w4(x, packed, scales, zeros, zeros_f, bias, N, K, group_size, mode):
     """The CPU body of ``gemm_w4`` on checked, contiguous arguments of the kernel's dtypes
-    (x float32 (..., K); int32 ``zeros`` or float32 ``zeros_f``, or neither): the op after its
-    checks, and QuantLinear's per-call fast path (qkern.kernels.base.Kernel.plan)."""
+    (x float32 (..., K); int32 ``zeros`` or float32 ``zeros_f``, or neither; the weight
+    operands as tensors or as their ``ptr`` addresses): the op after its checks, and
+    QuantLinear's per-call fast path (qkern.kernels.base.Kernel.plan)."""
     if mode == 1:
         checks.int8_act_bound_x("gemm_w4", x, group_size, "group_size")
     y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)

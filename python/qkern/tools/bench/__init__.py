@@ -3,7 +3,9 @@ next to torch peers, in one process run.
 
 - ``core``: quantize / dequantize / pack on the CPU (:mod:`.core`);
 - ``matmul``: quantized Linear layers against torch's and other peers (:mod:`.matmul`);
-- ``decode``: a real model's generation speed and quality, fp32 vs quantized (:mod:`.decode`).
+- ``decode``: a real model's generation speed and quality, fp32 vs quantized, or a synthetic
+  337M-parameter Llama beside llama.cpp (:mod:`.decode`, :mod:`.decode_synth`);
+- ``overhead``: the per-call cost of a tiny layer from Python, qkern vs torch (:mod:`.overhead`).
 
 The timing method shared by all three is in :mod:`.timing`.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from . import core, decode, matmul
+from . import core, decode, matmul, overhead
 
 __all__ = ["main"]
 
@@ -24,4 +26,6 @@ def main(argv: list[str] | None = None) -> int:
         return matmul.main(argv[1:])
     if argv[:1] == ["decode"]:
         return decode.main(argv[1:])
+    if argv[:1] == ["overhead"]:
+        return overhead.main(argv[1:])
     return core.main(argv)
