@@ -2,9 +2,11 @@
 
 Every row times one (N out, K in) layer at batch M with the same threads: torch fp32
 ``F.linear``; torch's dynamic int8 Linear (fbgemm); ``aten._weight_int4pack_mm_for_cpu``
-(torchao's int4 CPU path, group 128); ``aten._weight_int8pack_mm``; and qkern's QuantLinear
-kernels. Ratios are against fp32 in the same row block. For M = 1 the memory roofline is the
-layer's weight bytes divided by the read bandwidth measured between the rows. ``--isa all``
+(torchao's int4 CPU path, group 128); ``aten._weight_int8pack_mm``; bitsandbytes' NF4 and
+GPTQModel's AVX512-BF16 int4 kernel where those packages import (:mod:`.peers`: a missing one
+is skipped with a line saying why); and qkern's QuantLinear kernels. Ratios are against fp32
+in the same row block. For M = 1 the memory roofline is the layer's weight bytes divided by
+the read bandwidth measured between the rows. ``--isa all``
 times every qkern row on each kernel path the CPU has (scalar, avx2, avx512) and adds a table
 with one column per path.
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -27,60 +28,26 @@ from torch import nn
 from ... import available_isas, get_isa, set_isa, set_num_threads
 from ...nn import QuantLinear
 from ..weights import quant_linear_bytes
+from . import peers
 from .timing import Flusher, Probe, machine_line, time_alternating
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N out, K in)
 MS = [1, 8, 128, 512]
 
 
-def _aten_int4(lin: nn.Linear, group: int = 128):
-    """torch's int4 CPU weight path: asymmetric uint4 per group, scales and zeros (K/g, N, 2)."""
-    w = lin.weight.detach().float()
-    n, k = w.shape
-    wg = w.view(n, k // group, group)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    scale = ((hi - lo) / 15).clamp_min(1e-8)
-    q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(n, k), 2)
-    zeros = lo + 8 * scale  # aten dequantizes (q - 8) * scale + zero
-    sz = torch.stack([scale, zeros], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    # bfloat16 activations: the path torchao uses (its float32 path is far slower)
-    return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed,
-                                                                 group, sz), n * k // 2)
-
-
-def _aten_int8(lin: nn.Linear):
-    w = lin.weight.detach().float()
-    scale = (w.abs().amax(1) / 127).clamp_min(1e-8)
-    q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-    scale = scale.to(torch.bfloat16)
-    return lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale), q.numel()
-
-
-def _bnb_nf4(lin: nn.Linear):
-    """bitsandbytes' NF4 (blocks of 64) through ``matmul_4bit``, where bitsandbytes is
-    installed (not a qkern dependency). Its ``gemv_4bit`` is not used: on a CPU install without
-    the optional ``kernels`` package it returned wrong results (checked against
-    ``dequantize_4bit``)."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bf
-
-    w = lin.weight.detach().float()
-    q, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    return (lambda x: bnb.matmul_4bit(x, q.t(), quant_state=state)), q.numel() + w.numel() // 16
-
-
-def _torch_dynamic_int8(lin: nn.Linear):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear},
-                                                   dtype=torch.qint8)
-    return m, lin.weight.numel()
-
-
 def _qkern(lin: nn.Linear, **kw):
     ql = QuantLinear.from_float(lin, **kw)
     return ql, quant_linear_bytes(ql), ql.kernel
+
+
+_said: set[str] = set()
+
+
+def _say(line: str) -> None:
+    """Prints why a peer is missing, once per process."""
+    if line not in _said:
+        print(line, flush=True)
+    _said.add(line)
 
 
 def on_isa(isa: str, fn: Callable) -> Callable:
@@ -99,18 +66,18 @@ def implementations(lin: nn.Linear, isas: tuple[str, ...] = ()) -> dict[str, tup
         "torch fp32 F.linear": (lambda x: nn.functional.linear(x, lin.weight, lin.bias),
                                 lin.weight.numel() * 4, "peer"),
     }
-    m, nb = _torch_dynamic_int8(lin)
-    out["torch dynamic int8 (fbgemm)"] = (m, nb, "peer")
-    for name, make in (("aten int4 g128 bf16 (_weight_int4pack_mm)", _aten_int4),
-                       ("aten int8 bf16 (_weight_int8pack_mm)", _aten_int8),
-                       ("bitsandbytes nf4 b64 (matmul_4bit)", _bnb_nf4)):
+    for name, make in (("torch dynamic int8 (fbgemm)", peers.torch_dynamic_int8),
+                       ("aten int4 g128 bf16 (_weight_int4pack_mm)", peers.aten_int4),
+                       ("aten int8 bf16 (_weight_int8pack_mm)", peers.aten_int8),
+                       ("bitsandbytes nf4 b64 (matmul_4bit)", peers.bnb_nf4),
+                       ("GPTQModel int4 g128 AVX512-BF16", peers.gptqmodel_int4)):
         try:
-            fn, nb = make(lin)
-            out[name] = (fn, nb, "peer")
-        except ImportError:  # bitsandbytes not installed
-            continue
-        except (RuntimeError, AttributeError) as e:  # op missing in this torch build
-            print(f"  {name}: unavailable ({str(e).splitlines()[0][:80]})")
+            p = make(lin)
+            out[name] = (p.fn, p.nbytes, "peer")
+        except ImportError as e:  # an optional package (bitsandbytes, gptqmodel) is missing
+            _say(f"  {name}: skipped (not importable: {e})")
+        except (RuntimeError, AttributeError) as e:  # op missing or failing to build here
+            _say(f"  {name}: unavailable ({str(e).strip().splitlines()[0][:100]})")
     for name, kw in (("qkern int4 g128 exact", {"fmt": "int4", "group_size": 128}),
                      ("qkern int4 g128 fast", {"fmt": "int4", "group_size": 128, "mode": "fast"}),
                      ("qkern W8A8 dynamic", {"fmt": "int8", "group_size": None,
