@@ -25,6 +25,7 @@ from torch import nn
 
 from ... import _C, set_num_threads
 from ...nn import QuantLinear
+from .peers import aten_int4
 from .timing import machine_line
 
 
@@ -63,12 +64,8 @@ def _rows(n: int, k: int) -> dict[str, Callable[[], object]]:
         "torch F.linear fp32": lambda: nn.functional.linear(x, lin.weight, lin.bias),
     }
     try:
-        q = torch.randint(0, 16, (n, k), dtype=torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        sz = torch.ones(k // 128, n, 2, dtype=torch.bfloat16)
-        xb = x.to(torch.bfloat16)
-        rows["aten _weight_int4pack_mm_for_cpu (bf16)"] = (
-            lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 128, sz))
+        peer = aten_int4(lin)
+        rows["aten _weight_int4pack_mm_for_cpu (bf16)"] = lambda: peer.fn(x)
     except (RuntimeError, AttributeError) as e:  # op missing in this torch build
         print(f"  aten int4: unavailable ({str(e).splitlines()[0][:80]})")
     return rows
