@@ -7,7 +7,7 @@ JOBS   ?= 2
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(JOBS)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all install deps consumers test test-fast demo bench bench-smoke asan asan-build fuzz cuda-check lint clean
+.PHONY: all install deps consumers test test-fast demo bench bench-peers bench-smoke asan asan-build fuzz cuda-check lint clean
 
 all: test
 
@@ -65,6 +65,25 @@ demo: install
 
 bench: install
 	THP_MEM_ALLOC_ENABLE=1 $(VENV)/bin/qkern bench core --threads 2
+
+# The speed peers of `qkern bench matmul` / `decode --model synthetic-337m` that are not qkern
+# dependencies: bitsandbytes (nf4), GPTQModel's CPU int4 kernel (its extension is JIT-built on
+# first use, ~5 min, cached in ~/.cache/gptqmodel) with the packages its import needs, and
+# llama.cpp (llama-cpp-python, from `make consumers`). Installed beside the venv, on PYTHONPATH
+# only for these benches.
+PEERS = build/peers
+$(PEERS)/.done: $(VENV)/.deps
+	rm -rf $(PEERS) && mkdir -p $(PEERS)
+	$(VPY) -m pip install -q --no-deps --target $(PEERS) bitsandbytes==0.50.2 gptqmodel==7.7.0 \
+		accelerate==1.16.0 pypcre==0.6.4 logbar==0.4.15 device-smi==0.5.7 tokenicer==0.0.14 \
+		defuser==0.0.28
+	touch $@
+
+bench-peers: install consumers $(PEERS)/.done
+	THP_MEM_ALLOC_ENABLE=1 PYTHONPATH=$(abspath $(PEERS)) $(VENV)/bin/qkern bench matmul \
+		--threads 2 --repeats 5
+	THP_MEM_ALLOC_ENABLE=1 PYTHONPATH=$(abspath $(CONSUMERS))/llamacpp $(VENV)/bin/qkern \
+		bench decode --model synthetic-337m --threads 2 --repeats 3 --tokens 32
 
 # C++ google-benchmark binary (Debian's libbenchmark-dev) and the Python bench, briefly.
 bench-smoke: install
