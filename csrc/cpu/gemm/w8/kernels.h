@@ -31,10 +31,15 @@ struct Kernels {
 
 extern const Kernels kScalarKernels;  // scalar.cpp
 const Kernels* avx2_kernels();        // avx2.cpp
+const Kernels* avx512_kernels();      // avx512.cpp
+
+// The AVX-512 float-activation kernel (f32_avx512.cpp), an entry of avx512_kernels().
+void f32_avx512(const float* x, int64_t m0, int64_t m1, const int8_t* packed, int64_t k,
+                int64_t b0, int64_t b1, const W8Out& out);
 
 // The table of the running ISA, one entry per qk::Isa (cpu/runtime/isa.h).
 inline const Kernels& kernels() {
-  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels()};
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
   return pick(by_isa);
 }
 
