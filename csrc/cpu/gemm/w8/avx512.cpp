@@ -39,6 +39,13 @@ inline int32_t load_i32(const int8_t* p) {
 // GCC 12 reports as maybe-uninitialized; an all-ones mask compiles to the same vcvtdq2ps).
 inline __m512 to_ps(__m512i v) { return _mm512_mask_cvtepi32_ps(_mm512_setzero_ps(), 0xFFFF, v); }
 
+// acc + the 4-byte dot products of u (unsigned) and x (signed): _mm512_dpbusd_epi32 as inline
+// asm, since GCC 12 copies (and spills) the accumulator of every intrinsic call in the tile.
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i x) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(x));
+  return acc;
+}
+
 inline __mmask16 col_mask(int64_t col, int64_t n) {
   const int64_t left = n - col;
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (left > 0 ? left : 0)) - 1);
@@ -100,7 +107,7 @@ __attribute__((always_inline)) inline void mk_s8(const int8_t* x, int64_t ldx, c
     for (int i = 0; i < MR; ++i) {
       const __m512i xb = _mm512_set1_epi32(load_i32(xr[i] + 4 * s));
 #pragma GCC unroll 3
-      for (int j = 0; j < NR; ++j) c[i][j] = _mm512_dpbusd_epi32(c[i][j], u[j], xb);
+      for (int j = 0; j < NR; ++j) c[i][j] = dpbusd(c[i][j], u[j], xb);
     }
   }
 }
