@@ -18,7 +18,6 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <vector>
 
 #include "cpu/gemm/w8/kernels.h"
 
@@ -28,6 +27,7 @@ namespace {
 
 constexpr int kMr = 8;  // rows per int8 micro-tile
 constexpr int kNr = 3;  // 16-column blocks per int8 micro-tile
+constexpr int64_t kPrefetch = 512;  // bytes ahead of each weight stream (a prefetch never faults)
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -98,11 +98,14 @@ __attribute__((always_inline)) inline void mk_s8(const int8_t* x, int64_t ldx, c
   const int8_t* xr[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) xr[i] = x + i * ldx;
+#pragma GCC unroll 2
   for (int64_t s = 0; s < steps; ++s) {
     __m512i u[NR];
 #pragma GCC unroll 3
-    for (int j = 0; j < NR; ++j)
+    for (int j = 0; j < NR; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * ws + 64 * s + kPrefetch), _MM_HINT_T0);
       u[j] = _mm512_xor_si512(_mm512_loadu_si512(w + j * ws + 64 * s), bias);
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512i xb = _mm512_set1_epi32(load_i32(xr[i] + 4 * s));
@@ -143,22 +146,25 @@ void rows_s8(const int8_t* xq, int64_t m0, int64_t m1, int64_t k, const int8_t* 
 
 void s8s8_avx512(const int8_t* xq, int64_t m0, int64_t m1, const int8_t* packed, int64_t k,
                  int64_t b0, int64_t b1, const W8Out& out) {
-  const int64_t kp = w8_padded_k(k), ws = kW8BlockN * kp;
-  thread_local std::vector<int32_t> comp;
-  comp.resize(static_cast<size_t>(m1 - m0));
-  for (int64_t i = m0; i < m1; ++i) comp[i - m0] = rowsum128(xq + i * k, kp);
+  const int64_t ws = kW8BlockN * w8_padded_k(k);
+  const int32_t* comp = out.xsum + m0;
   for (int64_t b = b0; b < b1; b += kNr) {
     const int8_t* w = packed + b * ws;
     const int64_t col = b * kW8BlockN;
     switch (b1 - b < kNr ? b1 - b : kNr) {
-      case 3: rows_s8<3>(xq, m0, m1, k, w, ws, col, comp.data(), out); break;
-      case 2: rows_s8<2>(xq, m0, m1, k, w, ws, col, comp.data(), out); break;
-      default: rows_s8<1>(xq, m0, m1, k, w, ws, col, comp.data(), out); break;
+      case 3: rows_s8<3>(xq, m0, m1, k, w, ws, col, comp, out); break;
+      case 2: rows_s8<2>(xq, m0, m1, k, w, ws, col, comp, out); break;
+      default: rows_s8<1>(xq, m0, m1, k, w, ws, col, comp, out); break;
     }
   }
 }
 
-const Kernels kAvx512Kernels = {s8s8_avx512, f32_avx512};
+// 128 * the row sums of the bytes the micro-kernel reads (the whole 4-k steps).
+void xsums_avx512(const int8_t* xq, int64_t m, int64_t k, int32_t* out) {
+  for (int64_t i = 0; i < m; ++i) out[i] = rowsum128(xq + i * k, w8_padded_k(k));
+}
+
+const Kernels kAvx512Kernels = {s8s8_avx512, f32_avx512, xsums_avx512};
 
 }  // namespace
 
