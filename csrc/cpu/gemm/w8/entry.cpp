@@ -63,8 +63,9 @@ void run_s8s8(const int8_t* xq, int64_t m, const int8_t* packed, int64_t n, int6
     p.xsums(xq, m, k, xsum.data());
     out.xsum = xsum.data();
   }
-  const int64_t mc = (int64_t{256} << 10) / k / 4 * 4;
-  run_tiles(m, n, k, mc < 4 ? 4 : mc, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
+  // Row tiles of about 512 KiB of codes, a multiple of 8 rows (the micro-tiles' heights).
+  const int64_t mc = (int64_t{512} << 10) / k / 8 * 8;
+  run_tiles(m, n, k, mc < 8 ? 8 : mc, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
     p.s8s8(xq, m0, m1, packed, k, b0, b1, out);
   });
 }
