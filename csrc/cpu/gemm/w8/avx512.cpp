@@ -27,7 +27,8 @@ namespace {
 
 constexpr int kMr = 8;  // rows per int8 micro-tile
 constexpr int kNr = 3;  // 16-column blocks per int8 micro-tile
-constexpr int64_t kPrefetch = 512;  // bytes ahead of each weight stream (a prefetch never faults)
+// Prefetch distances, bytes ahead of each weight stream (a prefetch never faults).
+constexpr int64_t kPrefetch = 512, kPrefetchL2 = 4096;
 
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
@@ -104,6 +105,8 @@ __attribute__((always_inline)) inline void mk_s8(const int8_t* x, int64_t ldx, c
 #pragma GCC unroll 3
     for (int j = 0; j < NR; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(w + j * ws + 64 * s + kPrefetch), _MM_HINT_T0);
+      if (MR >= 4)  // and into L2 from further ahead where the tile computes longer per step
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * ws + 64 * s + kPrefetchL2), _MM_HINT_T1);
       u[j] = _mm512_xor_si512(_mm512_loadu_si512(w + j * ws + 64 * s), bias);
     }
 #pragma GCC unroll 8
