@@ -20,9 +20,9 @@ namespace w8 {
 namespace {
 
 constexpr int kGemvRows = 3;  // tiles of at most this many rows use the GEMV kernel
-constexpr int kMrF = 12;      // rows per float micro-tile
-constexpr int kNrF = 2;       // blocks per float micro-tile (12 x 2 = 24 accumulators)
-constexpr int64_t kKc = 128;  // panel k rows: 2 blocks x 128 x 16 floats = 16 KiB (L1)
+constexpr int kMrF = 8;       // rows per float micro-tile
+constexpr int kNrF = 3;       // blocks per float micro-tile (8 x 3 = 24 accumulators)
+constexpr int64_t kKc = 256;  // panel k rows: 3 blocks x 256 x 16 floats = 48 KiB (L1 + L2)
 
 // The masked forms with every lane selected (the plain ones start from _mm512_undefined_*(),
 // which GCC 12 reports as maybe-uninitialized; all-ones masks compile to the plain instruction).
@@ -114,24 +114,24 @@ void tile_f32(const float* x, int64_t row, int64_t k, int64_t kc, int64_t kn, co
   __m512 c[MR][NR];
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int j = 0; j < NR; ++j)
       c[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(cbuf + 16 * (kNrF * i + j));
   const float* xr = x + row * k + kc;
   for (int64_t kk = 0; kk < kn; ++kk) {
     __m512 p[NR];
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int j = 0; j < NR; ++j) p[j] = _mm512_load_ps(panel + j * kKc * 16 + 16 * kk);
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
       const __m512 xb = _mm512_set1_ps(xr[i * k + kk]);
-#pragma GCC unroll 2
+#pragma GCC unroll 3
       for (int j = 0; j < NR; ++j) c[i][j] = _mm512_fmadd_ps(p[j], xb, c[i][j]);
     }
   }
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int j = 0; j < NR; ++j) {
       if (last) store_f32(c[i][j], row + i, col + 16 * j, o);
       else _mm512_storeu_ps(cbuf + 16 * (kNrF * i + j), c[i][j]);
@@ -149,9 +149,7 @@ void rows_f32(const float* x, int64_t m0, int64_t m1, int64_t k, int64_t kc, int
     i += kMr;
   };
   while (i + kMrF <= m1) tile(std::integral_constant<int, kMrF>());
-  const int64_t left = m1 - i;
-  if (left >= 8) tile(std::integral_constant<int, 8>());
-  if ((m1 - i) >= 4) tile(std::integral_constant<int, 4>());
+  if (m1 - i >= 4) tile(std::integral_constant<int, 4>());
   switch (m1 - i) {
     case 3: tile(std::integral_constant<int, 3>()); break;
     case 2: tile(std::integral_constant<int, 2>()); break;
@@ -183,10 +181,13 @@ void f32_avx512(const float* x, int64_t m0, int64_t m1, const int8_t* packed, in
         dequant_panel(packed + (b + j) * ws + kc * kW8BlockN, w8_padded_k(kn),
                       panel + j * kKc * kW8BlockN);
       const bool first = kc == 0, last = kc + kKc >= k;
-      if (nr == 2)
-        rows_f32<2>(x, m0, m1, k, kc, kn, panel, cbuf.data(), first, last, b * kW8BlockN, out);
-      else
-        rows_f32<1>(x, m0, m1, k, kc, kn, panel, cbuf.data(), first, last, b * kW8BlockN, out);
+      auto rows = [&](auto nrc) {
+        rows_f32<decltype(nrc)::value>(x, m0, m1, k, kc, kn, panel, cbuf.data(), first, last,
+                                       b * kW8BlockN, out);
+      };
+      if (nr == 3) rows(std::integral_constant<int, 3>());
+      else if (nr == 2) rows(std::integral_constant<int, 2>());
+      else rows(std::integral_constant<int, 1>());
     }
   }
 }
