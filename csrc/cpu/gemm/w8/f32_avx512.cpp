@@ -1,11 +1,14 @@
 // AVX-512 W8A16 kernel (float activations x int8 weights, layout in api.h), the f32 entry of
 // avx512_kernels(). The sums are float32 FMA chains, as in the AVX2 kernel:
-// - few rows (GEMV): codes converted in registers; each lane of a[j] is one FMA chain over the
-//   k of one residue mod 4 (columns 4j .. 4j+3), and the four chains of a column are added as
-//   (t0 + t1) + (t2 + t3), the order of the AVX2 GEMV kernel's hadd pairs;
+// - few rows (GEMV): codes converted in registers, once for all the rows; each lane of a[j] is
+//   one FMA chain over the k of one residue mod 4 (columns 4j .. 4j+3), and the four chains of
+//   a column are added as (t0 + t1) + (t2 + t3), the order of the AVX2 GEMV kernel's hadds;
 // - more rows: a 16-column block is dequantized kKc k at a time into a float panel and an
 //   MR x NR micro-kernel runs one FMA chain per output in k order (the AVX2 panel kernel's
 //   order, so those outputs equal the AVX2 ones bit for bit).
+// (Zen 4: the int8 -> int32 widening, a shuffle, bounds the GEMV at ~27 GB/s of codes per core,
+// as in the AVX2 kernel; FMA throughput is the same for ymm and zmm, so the panel path gains
+// only from its larger register tile.)
 // Either way each output is a float32 sum of its K products in some order, within the bound
 // of docs/numerics.md ((K + 4) u relative to sum |x q| s + |b|), which the tests check.
 #include <immintrin.h>
@@ -63,28 +66,41 @@ inline __m512 reduce_quads(const __m512 (&a)[4]) {
   return pairs(pairs(a[0], a[1]), pairs(a[2], a[3]));
 }
 
-// One row times one block.
+// Rows [row, row + R) (stride k) times one block: each code vector converted once for all rows.
+template <int R>
 void gemv_block(const float* x, const int8_t* w, int64_t k, int64_t row, int64_t col,
                 const W8Out& o) {
-  __m512 a[4];
-  for (auto& v : a) v = _mm512_setzero_ps();
-  auto step = [&](const int8_t* ws, __m512 xx) {
+  __m512 a[R][4];
+#pragma GCC unroll 3
+  for (int r = 0; r < R; ++r)
+    for (auto& v : a[r]) v = _mm512_setzero_ps();
+  auto step = [&](const int8_t* ws, const __m512 (&xx)[R]) {
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + 16 * j));
-      a[j] = _mm512_fmadd_ps(to_ps(widen(q)), xx, a[j]);
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + 16 * j));
+      const __m512 q = to_ps(widen(c));
+#pragma GCC unroll 3
+      for (int r = 0; r < R; ++r) a[r][j] = _mm512_fmadd_ps(q, xx[r], a[r][j]);
     }
   };
+  const float* xr = x + row * k;
   const int64_t full = k / 4;
   for (int64_t s = 0; s < full; ++s) {
     _mm_prefetch(reinterpret_cast<const char*>(w + 64 * s + 1024), _MM_HINT_T0);
-    step(w + 64 * s, bcast4(_mm_loadu_ps(x + 4 * s)));
+    __m512 xx[R];
+#pragma GCC unroll 3
+    for (int r = 0; r < R; ++r) xx[r] = bcast4(_mm_loadu_ps(xr + r * k + 4 * s));
+    step(w + 64 * s, xx);
   }
   if (k % 4) {  // x beyond k is not read (it could be NaN; padding codes are 0)
     const __mmask8 m = static_cast<__mmask8>((1u << (k % 4)) - 1);
-    step(w + 64 * full, bcast4(_mm_maskz_loadu_ps(m, x + 4 * full)));
+    __m512 xx[R];
+#pragma GCC unroll 3
+    for (int r = 0; r < R; ++r) xx[r] = bcast4(_mm_maskz_loadu_ps(m, xr + r * k + 4 * full));
+    step(w + 64 * full, xx);
   }
-  store_f32(reduce_quads(a), row, col, o);
+#pragma GCC unroll 3
+  for (int r = 0; r < R; ++r) store_f32(reduce_quads(a[r]), row + r, col, o);
 }
 
 // ---- panel -------------------------------------------------------------------------------
@@ -164,9 +180,14 @@ void f32_avx512(const float* x, int64_t m0, int64_t m1, const int8_t* packed, in
                 int64_t b0, int64_t b1, const W8Out& out) {
   const int64_t kp = w8_padded_k(k), ws = kW8BlockN * kp;
   if (m1 - m0 <= kGemvRows) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t i = m0; i < m1; ++i)
-        gemv_block(x + i * k, packed + b * ws, k, i, b * kW8BlockN, out);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int8_t* w = packed + b * ws;
+      switch (m1 - m0) {
+        case 3: gemv_block<3>(x, w, k, m0, b * kW8BlockN, out); break;
+        case 2: gemv_block<2>(x, w, k, m0, b * kW8BlockN, out); break;
+        default: gemv_block<1>(x, w, k, m0, b * kW8BlockN, out); break;
+      }
+    }
     return;
   }
   alignas(64) float panel[kNrF * kKc * kW8BlockN];
