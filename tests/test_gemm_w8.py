@@ -317,7 +317,7 @@ def test_w8a16_nonfinite_propagates_per_row(isa):
     x, codes, sw, b = make(8, 33, 64, seed=2)
     x[2, 7] = np.nan
     x[5, 63] = np.inf
-    for m in (1, 8):  # GEMV and panel kernels
+    for m in (1, 3, 8):  # GEMV (1 and 3 rows) and panel kernels
         y = run(OPS.gemm_w8a16, x[:m], codes, sw, b, isa)
         finite = np.isfinite(y).all(axis=1)
         assert finite.tolist() == [i not in (2, 5) for i in range(m)]
