@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch.library import opcheck
 
+import isas
 import qkern
 import qkern.ops.w8 as w8  # registers the ops (not yet imported by qkern.ops)
 from qkern import _C
 from qkern.ops import NonFiniteError
 
 OPS = torch.ops.qkern
-ISAS = ["scalar", "avx2"]
+ISAS = isas.params()
 U = 2.0**-24  # float32 unit roundoff
 F32_TINY = np.float32(np.finfo(np.float32).tiny)
 MAX_K = 132104  # largest K with K * 127 * 128 <= 2^31 - 1
@@ -85,7 +86,7 @@ def make(m, n, k, seed=0, extreme=False, bias=True):
 
 
 def run(op, x, codes, sw, b, isa="avx2", threads=2):
-    qkern.set_isa(isa)
+    isas.use(isa)
     qkern.set_num_threads(threads)
     n, k = codes.shape
     packed = OPS.pack_w8(torch.from_numpy(codes))
@@ -94,7 +95,7 @@ def run(op, x, codes, sw, b, isa="avx2", threads=2):
 
 
 def s8s8(xq, codes, isa, threads):
-    qkern.set_isa(isa)
+    isas.use(isa)
     qkern.set_num_threads(threads)
     (m, k), n = xq.shape, codes.shape[0]
     packed = _C.pack_w8(codes.reshape(-1), n, k)
@@ -179,14 +180,64 @@ def test_w8a8_special_rows(isa):
             run(OPS.gemm_w8a8, x, codes, sw, b, isa)
 
 
-def test_w8a8_nonfinite_raises():
+@pytest.mark.parametrize("isa", ISAS)
+def test_w8a8_nonfinite_raises(isa):
     x, codes, sw, b = make(3, 7, 33)
     for bad in (np.nan, np.inf, -np.inf):
         x2 = x.copy()
         x2[1, 5] = bad
-        for isa in ISAS:
-            with pytest.raises(NonFiniteError):
-                run(OPS.gemm_w8a8, x2, codes, sw, b, isa)
+        with pytest.raises(NonFiniteError):
+            run(OPS.gemm_w8a8, x2, codes, sw, b, isa)
+
+
+# Row / column / k tails of the register tiles (AVX-512: 8 rows x 3 blocks, GEMV rows; AVX2:
+# 4 rows x 1 block): every M = 1..8, 13, 64, 70; N = 1 block, 3 blocks minus a column, 4 blocks
+# minus 14 columns (a 3-block group + 1), 7 blocks; K at 1, 2, 3, 5, 63, 64, 65, 259.
+TAILS = [(m, n, k) for m in (1, 2, 3, 4, 5, 6, 7, 8, 13, 64, 70) for n in (16, 47, 50, 112)
+         for k in (1, 3, 5, 64, 65, 259)]
+TAILS += [(m, 47, k) for m in (2, 9) for k in (2, 63)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_tiles_vs_reference_and_scalar(isa):
+    """Every path against the int64 / numpy references and the scalar kernel, bit for bit, 1
+    and 2 threads (the W8A8 codes use the full [-127, 127] range: the AVX-512 kernel biases
+    them)."""
+    for i, (m, n, k) in enumerate(TAILS):
+        g = np.random.default_rng(i)
+        xq = np.concatenate([np.full((1, k), -127), g.integers(-127, 128, (m - 1, k))])
+        xq = xq.astype(np.int8)
+        codes = g.integers(-128, 128, (n, k), dtype=np.int8)
+        ref = xq.astype(np.int64) @ codes.astype(np.int64).T
+        scalar = s8s8(xq, codes, "scalar", 1)
+        for threads in (1, 2):
+            got = s8s8(xq, codes, isa, threads)
+            np.testing.assert_array_equal(got.astype(np.int64), ref)
+            np.testing.assert_array_equal(got, scalar)
+        x, codes, sw, b = make(m, n, k, seed=i, bias=i % 2 == 0)
+        ref = ref_w8a8(x, codes, sw, b)
+        scalar = run(OPS.gemm_w8a8, x, codes, sw, b, "scalar", 1)
+        for threads in (1, 2):
+            got = run(OPS.gemm_w8a8, x, codes, sw, b, isa, threads)
+            np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+            np.testing.assert_array_equal(got.view(np.uint32), scalar.view(np.uint32))
+            y = run(OPS.gemm_w8a16, x, codes, sw, b, isa, threads)
+            assert np.all(np.abs(y - ref_w8a16(x, codes, sw, b)) <= w8a16_bound(x, codes, sw, b))
+
+
+@pytest.mark.parametrize("m,n,k", TAILS[::7] + [(8, 40, 4096), (100, 33, 300), (1, 4100, 4)])
+def test_w8a16_avx512_matches_avx2(m, n, k):
+    """The AVX-512 W8A16 kernels keep the AVX2 ones' float operations (f32_avx512.cpp): the
+    GEMV's per-residue FMA chains added pairwise, the panel's one FMA chain per output in k
+    order. So their outputs agree bit for bit, as well as each is within the bound."""
+    for i in ("avx2", "avx512"):
+        isas.use(i)
+    x, codes, sw, b = make(m, n, k, seed=m + n + k, bias=k % 2 == 1)
+    x[0, 0] = -0.0
+    want = run(OPS.gemm_w8a16, x, codes, sw, b, "avx2", 2)
+    for threads in (1, 2):
+        got = run(OPS.gemm_w8a16, x, codes, sw, b, "avx512", threads)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 # ---- W8A8 against torch's dynamic quantized Linear (fbgemm) ---------------------------------
@@ -261,25 +312,25 @@ def test_w8a16_half_inputs_and_leading_dims():
             assert torch.equal(y, y32.to(dt))
 
 
-def test_w8a16_nonfinite_propagates_per_row():
+@pytest.mark.parametrize("isa", ISAS)
+def test_w8a16_nonfinite_propagates_per_row(isa):
     x, codes, sw, b = make(8, 33, 64, seed=2)
     x[2, 7] = np.nan
     x[5, 63] = np.inf
-    for isa in ISAS:
-        for m in (1, 8):  # GEMV and panel kernels
-            y = run(OPS.gemm_w8a16, x[:m], codes, sw, b, isa)
-            finite = np.isfinite(y).all(axis=1)
-            assert finite.tolist() == [i not in (2, 5) for i in range(m)]
+    for m in (1, 3, 8):  # GEMV (1 and 3 rows) and panel kernels
+        y = run(OPS.gemm_w8a16, x[:m], codes, sw, b, isa)
+        finite = np.isfinite(y).all(axis=1)
+        assert finite.tolist() == [i not in (2, 5) for i in range(m)]
 
 
-def test_empty_k_and_m():
+@pytest.mark.parametrize("isa", ISAS)
+def test_empty_k_and_m(isa):
     _, codes, sw, b = make(1, 7, 0, seed=1)
     x = np.zeros((3, 0), np.float32)
     for op in (OPS.gemm_w8a8, OPS.gemm_w8a16):
-        for isa in ISAS:
-            y = run(op, x, codes, sw, b, isa)
-            np.testing.assert_array_equal(y, np.broadcast_to(0 * sw + b, (3, 7)))
-            assert run(op, np.zeros((0, 0), np.float32), codes, sw, b, isa).shape == (0, 7)
+        y = run(op, x, codes, sw, b, isa)
+        np.testing.assert_array_equal(y, np.broadcast_to(0 * sw + b, (3, 7)))
+        assert run(op, np.zeros((0, 0), np.float32), codes, sw, b, isa).shape == (0, 7)
 
 
 # ---- op plumbing -----------------------------------------------------------------------------

@@ -53,6 +53,23 @@ void fill_empty(const float* w_scale, const float* bias, int64_t m, int64_t n, f
     for (int64_t j = 0; j < n; ++j) y[i * n + j] = w8::w8a16_value(0.0f, w_scale[j], bias, j);
 }
 
+// The int8 product on the running ISA's kernels, its per-row sums (if it takes them) first.
+void run_s8s8(const int8_t* xq, int64_t m, const int8_t* packed, int64_t n, int64_t k,
+              w8::W8Out out) {
+  const auto& p = w8::kernels();
+  std::vector<int32_t> xsum;
+  if (p.xsums) {
+    xsum.resize(static_cast<size_t>(m));
+    p.xsums(xq, m, k, xsum.data());
+    out.xsum = xsum.data();
+  }
+  // Row tiles of about 512 KiB of codes, a multiple of 8 rows (the micro-tiles' heights).
+  const int64_t mc = (int64_t{512} << 10) / k / 8 * 8;
+  run_tiles(m, n, k, mc < 8 ? 8 : mc, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
+    p.s8s8(xq, m0, m1, packed, k, b0, b1, out);
+  });
+}
+
 }  // namespace
 
 void pack_w8(const int8_t* codes, int64_t n, int64_t k, int8_t* packed) {
@@ -87,12 +104,7 @@ void gemm_s8s8_s32(const int8_t* xq, int64_t m, const int8_t* packed, int64_t n,
     std::memset(acc, 0, sizeof(int32_t) * static_cast<size_t>(m * n));
     return;
   }
-  const auto& p = w8::kernels();
-  w8::W8Out out{nullptr, nullptr, nullptr, nullptr, acc, n};
-  const int64_t mc = (int64_t{256} << 10) / k / 4 * 4;
-  run_tiles(m, n, k, mc < 4 ? 4 : mc, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
-    p.s8s8(xq, m0, m1, packed, k, b0, b1, out);
-  });
+  run_s8s8(xq, m, packed, n, k, w8::W8Out{nullptr, nullptr, nullptr, nullptr, acc, n, nullptr});
 }
 
 bool gemm_w8a8(const float* x, int64_t m, const int8_t* packed, const float* w_scale,
@@ -113,12 +125,8 @@ bool gemm_w8a8(const float* x, int64_t m, const int8_t* packed, const float* w_s
     return true;
   const std::vector<float> sw = padded(w_scale, n);
   const std::vector<float> b = bias ? padded(bias, n) : std::vector<float>();
-  w8::W8Out out{sx.data(), sw.data(), bias ? b.data() : nullptr, y, nullptr, n};
-  const auto& p = w8::kernels();
-  const int64_t mc = (int64_t{256} << 10) / k / 4 * 4;
-  run_tiles(m, n, k, mc < 4 ? 4 : mc, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
-    p.s8s8(xq.data(), m0, m1, packed, k, b0, b1, out);
-  });
+  run_s8s8(xq.data(), m, packed, n, k,
+           w8::W8Out{sx.data(), sw.data(), bias ? b.data() : nullptr, y, nullptr, n, nullptr});
   return false;
 }
 
@@ -131,7 +139,7 @@ void gemm_w8a16(const float* x, int64_t m, const int8_t* packed, const float* w_
   }
   const std::vector<float> sw = padded(w_scale, n);
   const std::vector<float> b = bias ? padded(bias, n) : std::vector<float>();
-  w8::W8Out out{nullptr, sw.data(), bias ? b.data() : nullptr, y, nullptr, n};
+  w8::W8Out out{nullptr, sw.data(), bias ? b.data() : nullptr, y, nullptr, n, nullptr};
   const auto& p = w8::kernels();
   run_tiles(m, n, k, 96, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
     p.f32(x, m0, m1, packed, k, b0, b1, out);

@@ -17,6 +17,7 @@ struct W8Out {
   float* y;            // (m, n) row-major float output, or null
   int32_t* acc;        // (m, n) row-major int32 output instead of y (gemm_s8s8_s32)
   int64_t n;           // valid columns (row stride of y / acc)
+  const int32_t* xsum; // per-row sums of the s8s8 kernel's table entry `xsums`, or null
 };
 
 // Per-ISA kernels.
@@ -27,14 +28,22 @@ struct Kernels {
   // Rows [m0, m1) x blocks [b0, b1) of the float-activation product; x rows have stride k.
   void (*f32)(const float* x, int64_t m0, int64_t m1, const int8_t* packed, int64_t k,
               int64_t b0, int64_t b1, const W8Out& out);
+  // Per-row activation sums s8s8 needs (W8Out::xsum), computed once per call for rows [0, m);
+  // null when it needs none.
+  void (*xsums)(const int8_t* xq, int64_t m, int64_t k, int32_t* out);
 };
 
 extern const Kernels kScalarKernels;  // scalar.cpp
 const Kernels* avx2_kernels();        // avx2.cpp
+const Kernels* avx512_kernels();      // avx512.cpp
+
+// The AVX-512 float-activation kernel (f32_avx512.cpp), an entry of avx512_kernels().
+void f32_avx512(const float* x, int64_t m0, int64_t m1, const int8_t* packed, int64_t k,
+                int64_t b0, int64_t b1, const W8Out& out);
 
 // The table of the running ISA, one entry per qk::Isa (cpu/runtime/isa.h).
 inline const Kernels& kernels() {
-  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels()};
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
   return pick(by_isa);
 }
 
