@@ -139,3 +139,20 @@ def test_kernels_without_a_plan_still_run():
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.equal(ql(x), op_path(ql, x))
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 4096, 1 << 21])
+def test_absmax_binding(n):
+    """The bound check's max|x| (the quantizers' statistics kernel) against torch."""
+    from qkern import _C
+
+    x = torch.randn(n) * 3
+    got = _C.absmax_f32_raw(x.data_ptr() if n else 0, n)
+    assert got == (float(x.abs().max()) if n else 0.0)
+    if n:
+        for bad in (float("nan"), float("inf")):
+            y = x.clone()
+            y[n // 2] = bad
+            assert _C.absmax_f32_raw(y.data_ptr(), n) != _C.absmax_f32_raw(y.data_ptr(), n)
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.absmax_f32_raw(0, 4)
