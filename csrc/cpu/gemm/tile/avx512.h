@@ -12,7 +12,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
+
+#include "cpu/gemm/tile/exact_loop.h"
 
 namespace qk {
 namespace tile_avx512 {
@@ -85,28 +86,14 @@ void exact_block_rows(const P& p, int64_t m, int rows, int64_t t, int nt, int64_
 // L1-resident) into k-major floats, then register blocks of up to kMaxRows rows x 16 columns.
 template <typename P, typename Decode>
 void exact_gemm(const P& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1, Decode decode) {
-  const int64_t ng = p.k / p.group, rows = m1 - m0;
-  const int64_t gpc = std::max<int64_t>(1, 256 / p.group);  // groups per chunk
-  thread_local std::vector<float> wbuf, ybuf;  // zero-filled when grown: a lone tile's upper
-  if (wbuf.size() < static_cast<size_t>(gpc * p.group * 16))  // columns stay finite
-    wbuf.resize(gpc * p.group * 16);
-  if (ybuf.size() < static_cast<size_t>(rows * 16)) ybuf.resize(rows * 16);
-  float* wp = wbuf.data();
-  float* yp = ybuf.data();
-  for (int64_t t = t0; t < t1; t += 2) {
-    const int nt = t + 1 < t1 ? 2 : 1;
-    std::fill(yp, yp + rows * 16, 0.0f);
-    for (int64_t g0 = 0; g0 < ng; g0 += gpc) {
-      const int64_t g1 = std::min(ng, g0 + gpc);
-      decode(t, nt, g0, g1, wp);
-      for (int64_t i = 0; i < rows; i += kMaxRows) {
-        const int r = static_cast<int>(std::min<int64_t>(kMaxRows, rows - i));
-        for (int64_t g = g0; g < g1; ++g)
-          exact_block_rows(p, m0 + i, r, t, nt, g, wp + (g - g0) * p.group * 16, yp + i * 16);
-      }
-    }
-    for (int64_t i = 0; i < rows; ++i) store_pair(p, m0 + i, t, nt, _mm512_loadu_ps(yp + i * 16));
-  }
+  tile_loop::exact_gemm<kMaxRows>(
+      p, t0, t1, m0, m1, decode,
+      [&p](int64_t m, int rows, int64_t t, int nt, int64_t g, const float* w, float* ys) {
+        exact_block_rows(p, m, rows, t, nt, g, w, ys);
+      },
+      [&p](int64_t m, int64_t t, int nt, const float* ys) {
+        store_pair(p, m, t, nt, _mm512_loadu_ps(ys));
+      });
 }
 
 }  // namespace tile_avx512
