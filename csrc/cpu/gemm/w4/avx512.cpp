@@ -92,8 +92,9 @@ inline void prefetch_block(const uint8_t* blk) {
 
 // ---- fast mode ---------------------------------------------------------------------------
 
-// One block of a tile pair as unsigned codes: lo[i] / hi[i] = the low / high nibbles of packed
-// vector i (codes 8i + j / 8i + 4 + j of every row in byte j of its lane).
+// One block of a tile pair: lo[i] = the low nibbles u of packed vector i (codes 8i + j of every
+// row in byte j of its lane), hi[i] = its high nibbles times 16 (codes 8i + 4 + j, in place:
+// one AND each, no shift).
 struct PairBlock {
   __m512i lo[4], hi[4];
 };
@@ -103,7 +104,7 @@ inline void decode_block(const uint8_t* b0, const uint8_t* b1, PairBlock& c) {
   for (int i = 0; i < 4; ++i) {
     const __m512i v = load_pair(b0 + 32 * i, b1 + 32 * i);
     c.lo[i] = _mm512_and_si512(v, mask);
-    c.hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    c.hi[i] = _mm512_andnot_si512(mask, v);
   }
 }
 
@@ -113,20 +114,22 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// Exact int32 sums u . xq over one block for the pair's 16 rows (two chains of 4 vpdpbusd).
+// Exact int32 sums u . xq over one block for the pair's 16 rows: the low nibbles' chain plus
+// the high nibbles' chain (16 times their sum: |.| <= 16 * 16 * 15 * 127, the shift exact).
 inline __m512i block_dot(const PairBlock& c, const int8_t* xq) {
   __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
   for (int i = 0; i < 4; ++i) {
     a = _mm512_dpbusd_epi32(a, c.lo[i], bcast4(xq + 8 * i));
     b = _mm512_dpbusd_epi32(b, c.hi[i], bcast4(xq + 8 * i + 4));
   }
-  return _mm512_add_epi32(a, b);
+  return _mm512_add_epi32(a, _mm512_srai_epi32(b, 4));
 }
 
-// Rows [m, m + R) x tiles t .. t + nt - 1: per group acc = chain of fma(dx, du - zc * xs, acc),
-// y = fma(scale, acc, y); each block decoded once for the R rows.
+// Rows [m, m + R) x tiles t .. t + nt - 1, group g: acc = chain of fma(dx, du - zc * xs, acc)
+// over its blocks, then ys = fma(scale, acc, ys) (16 floats per row); each block decoded once
+// for the R rows.
 template <int R>
-void fast_pair_rows(const Problem& p, int64_t t, int nt, int64_t m) {
+void fast_group(const Problem& p, int64_t m, int64_t t, int nt, int64_t g, float* ys) {
   const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
   const int64_t tile_bytes = nb * kW4TileBlockBytes;
   const uint8_t* w0 = p.packed + t * tile_bytes;
@@ -134,43 +137,44 @@ void fast_pair_rows(const Problem& p, int64_t t, int nt, int64_t m) {
   const int8_t* xq = p.xq + m * p.k;
   const float* dx = p.dx + m * nb;
   const float* xs = p.xs + m * nb;
-  __m512 y[R];
-  for (int r = 0; r < R; ++r) y[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-    const __m512 zc = code_offsets(p, t, nt, g);
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
-      const uint8_t* b0 = w0 + b * kW4TileBlockBytes;
-      const uint8_t* b1 = w1 + b * kW4TileBlockBytes;
-      prefetch_block(b0);
-      prefetch_block(b1);
-      PairBlock c;
-      decode_block(b0, b1, c);
-      for (int r = 0; r < R; ++r) {
-        const __m512 du = _mm512_cvtepi32_ps(block_dot(c, xq + r * p.k + b * kW4Block));
-        const __m512 idot = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xs[r * nb + b]), du);
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dx[r * nb + b]), idot, acc[r]);
-      }
+  const __m512 zc = code_offsets(p, t, nt, g);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+    const uint8_t* b0 = w0 + b * kW4TileBlockBytes;
+    const uint8_t* b1 = w1 + b * kW4TileBlockBytes;
+    prefetch_block(b0);
+    prefetch_block(b1);
+    PairBlock c;
+    decode_block(b0, b1, c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 du = _mm512_cvtepi32_ps(block_dot(c, xq + r * p.k + b * kW4Block));
+      const __m512 idot = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xs[r * nb + b]), du);
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dx[r * nb + b]), idot, acc[r]);
     }
-    const __m512 s = params_pair(p.scales, ng, t, nt, g);
-    for (int r = 0; r < R; ++r) y[r] = _mm512_fmadd_ps(s, acc[r], y[r]);
   }
-  for (int r = 0; r < R; ++r) store_pair(p, m + r, t, nt, y[r]);
+  const __m512 s = params_pair(p.scales, ng, t, nt, g);
+  for (int r = 0; r < R; ++r)
+    _mm512_storeu_ps(ys + 16 * r, _mm512_fmadd_ps(s, acc[r], _mm512_loadu_ps(ys + 16 * r)));
 }
 
 constexpr int kFastRows = 8;  // rows per register block
 
+// Tile pairs x chunks of groups (the pair's weights of a chunk stay in L1) x blocks of rows
+// (tile/exact_loop.h's loop; the fast mode has nothing to decode ahead).
 void fast_avx512(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
-  using Fn = void (*)(const Problem&, int64_t, int, int64_t);
-  static constexpr Fn kFns[kFastRows] = {fast_pair_rows<1>, fast_pair_rows<2>, fast_pair_rows<3>,
-                                         fast_pair_rows<4>, fast_pair_rows<5>, fast_pair_rows<6>,
-                                         fast_pair_rows<7>, fast_pair_rows<8>};
-  for (int64_t t = t0; t < t1; t += 2) {
-    const int nt = t + 1 < t1 ? 2 : 1;
-    for (int64_t m = m0; m < m1; m += kFastRows)
-      kFns[std::min<int64_t>(kFastRows, m1 - m) - 1](p, t, nt, m);
-  }
+  using Fn = void (*)(const Problem&, int64_t, int64_t, int, int64_t, float*);
+  static constexpr Fn kFns[kFastRows] = {fast_group<1>, fast_group<2>, fast_group<3>,
+                                         fast_group<4>, fast_group<5>, fast_group<6>,
+                                         fast_group<7>, fast_group<8>};
+  tile_loop::exact_gemm<kFastRows>(
+      p, t0, t1, m0, m1, [](int64_t, int, int64_t, int64_t, float*) {},
+      [&p](int64_t m, int rows, int64_t t, int nt, int64_t g, const float*, float* ys) {
+        kFns[rows - 1](p, m, t, nt, g, ys);
+      },
+      [&p](int64_t m, int64_t t, int nt, const float* ys) {
+        store_pair(p, m, t, nt, _mm512_loadu_ps(ys));
+      });
 }
 
 // ---- exact mode --------------------------------------------------------------------------
