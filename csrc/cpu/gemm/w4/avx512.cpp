@@ -210,27 +210,28 @@ inline void for_codes(F&& f, std::integer_sequence<int, C...>) {
 template <typename F>
 inline void for_codes(F&& f) { for_codes(f, std::make_integer_sequence<int, 8>{}); }
 
-// Row m, NP tile pairs from t (the last one nt_last tiles): NP independent FMA chains.
-template <int NP, bool kFloatZeros>
-void exact_pairs_row(const Problem& p, int64_t t, int nt_last, int64_t m) {
+// Rows [m, m + R), NP tile pairs from t (the last one nt_last tiles): each code decoded once
+// for the R rows, NP x R independent FMA chains.
+template <int NP, int R, bool kFloatZeros>
+void exact_pairs_rows(const Problem& p, int64_t t, int nt_last, int64_t m) {
   const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
   const int64_t tile_bytes = nb * kW4TileBlockBytes;
   const float* x = p.x + m * p.k;
   const uint8_t* w0[NP];
   const uint8_t* w1[NP];
   int nt[NP];
-  __m512 y[NP];
+  __m512 y[NP][R];
   for (int j = 0; j < NP; ++j) {
     nt[j] = j + 1 < NP ? 2 : nt_last;
     w0[j] = p.packed + (t + 2 * j) * tile_bytes;
     w1[j] = w0[j] + (nt[j] - 1) * tile_bytes;
-    y[j] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) y[j][r] = _mm512_setzero_ps();
   }
   for (int64_t g = 0; g < ng; ++g) {
-    __m512 off[NP], zf[NP], a[NP];
+    __m512 off[NP], zf[NP], a[NP][R];
     for (int j = 0; j < NP; ++j) {
       offsets<kFloatZeros>(p, t + 2 * j, nt[j], g, off[j], zf[j]);
-      a[j] = _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) a[j][r] = _mm512_setzero_ps();
     }
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
       for (int j = 0; j < NP; ++j) {
@@ -244,16 +245,29 @@ void exact_pairs_row(const Problem& p, int64_t t, int nt_last, int64_t m) {
                            w1[j] + b * kW4TileBlockBytes + 32 * i);
         const float* xk = x + b * kW4Block + 8 * i;
         for_codes([&](auto c) {
-          const __m512 xb = _mm512_set1_ps(xk[c()]);
-          for (int j = 0; j < NP; ++j)
-            a[j] = _mm512_fmadd_ps(xb, code_minus<c(), kFloatZeros>(v[j], off[j], zf[j]), a[j]);
+          for (int j = 0; j < NP; ++j) {
+            const __m512 wv = code_minus<c(), kFloatZeros>(v[j], off[j], zf[j]);
+            for (int r = 0; r < R; ++r)
+              a[j][r] = _mm512_fmadd_ps(_mm512_set1_ps(xk[r * p.k + c()]), wv, a[j][r]);
+          }
         });
       }
     }
-    for (int j = 0; j < NP; ++j)
-      y[j] = _mm512_fmadd_ps(params_pair(p.scales, ng, t + 2 * j, nt[j], g), a[j], y[j]);
+    for (int j = 0; j < NP; ++j) {
+      const __m512 s = params_pair(p.scales, ng, t + 2 * j, nt[j], g);
+      for (int r = 0; r < R; ++r) y[j][r] = _mm512_fmadd_ps(s, a[j][r], y[j][r]);
+    }
   }
-  for (int j = 0; j < NP; ++j) store_pair(p, m, t + 2 * j, nt[j], y[j]);
+  for (int j = 0; j < NP; ++j)
+    for (int r = 0; r < R; ++r) store_pair(p, m + r, t + 2 * j, nt[j], y[j][r]);
+}
+
+// Rows [m, m + R), tiles [t0, t1): NP pairs at a time, then the rest one pair at a time.
+template <int NP, int R, bool kFloatZeros>
+void exact_small(const Problem& p, int64_t t0, int64_t t1, int64_t m) {
+  int64_t t = t0;
+  for (; t + 2 * NP <= t1; t += 2 * NP) exact_pairs_rows<NP, R, kFloatZeros>(p, t, 2, m);
+  for (; t < t1; t += 2) exact_pairs_rows<1, R, kFloatZeros>(p, t, t + 1 < t1 ? 2 : 1, m);
 }
 
 // Groups [g0, g1) of tiles [t, t + nt) as k-major floats u - zc (tile/avx512.h's decode):
@@ -279,22 +293,21 @@ void decode_cols(const Problem& p, int64_t t, int nt, int64_t g0, int64_t g1, fl
   }
 }
 
-// Up to 3 rows: codes decoded on the fly, 4 tile pairs at a time, per row. More rows: tile
-// pairs decoded once per chunk of groups into k-major floats, then 8 x 16 register blocks.
+// Up to 3 rows: codes decoded on the fly, once for all the rows, 4 (1 row) or 2 tile pairs at a
+// time. More rows: tile pairs decoded once per chunk of groups into k-major floats, then 8 x 16
+// register blocks.
 template <bool kFloatZeros>
 void exact_impl(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
-  if (m1 - m0 < 4) {
-    for (int64_t m = m0; m < m1; ++m) {
-      int64_t t = t0;
-      for (; t + 8 <= t1; t += 8) exact_pairs_row<4, kFloatZeros>(p, t, 2, m);
-      for (; t < t1; t += 2) exact_pairs_row<1, kFloatZeros>(p, t, t + 1 < t1 ? 2 : 1, m);
-    }
-    return;
+  switch (m1 - m0) {
+    case 1: return exact_small<4, 1, kFloatZeros>(p, t0, t1, m0);
+    case 2: return exact_small<2, 2, kFloatZeros>(p, t0, t1, m0);
+    case 3: return exact_small<2, 3, kFloatZeros>(p, t0, t1, m0);
+    default:
+      tile_avx512::exact_gemm(p, t0, t1, m0, m1,
+                              [&p](int64_t t, int nt, int64_t g0, int64_t g1, float* w) {
+                                decode_cols<kFloatZeros>(p, t, nt, g0, g1, w);
+                              });
   }
-  tile_avx512::exact_gemm(p, t0, t1, m0, m1,
-                          [&p](int64_t t, int nt, int64_t g0, int64_t g1, float* w) {
-                            decode_cols<kFloatZeros>(p, t, nt, g0, g1, w);
-                          });
 }
 
 void exact_avx512(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
