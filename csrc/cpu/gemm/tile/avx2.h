@@ -74,7 +74,7 @@ void exact_block_rows(const P& p, int64_t m, int rows, int64_t t, int64_t g, con
 // L1-resident) into k-major floats, then 5 x 16 register blocks over the rows.
 template <typename P, typename Decode>
 void exact_gemm(const P& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1, Decode decode) {
-  tile_loop::exact_gemm<5>(
+  tile_loop::pairs_by_groups<5>(
       p, t0, t1, m0, m1, decode,
       [&p](int64_t m, int rows, int64_t t, int nt, int64_t g, const float* w, float* ys) {
         if (nt == 2) exact_block_rows<2>(p, m, rows, t, g, w, ys);

@@ -86,7 +86,7 @@ void exact_block_rows(const P& p, int64_t m, int rows, int64_t t, int nt, int64_
 // L1-resident) into k-major floats, then register blocks of up to kMaxRows rows x 16 columns.
 template <typename P, typename Decode>
 void exact_gemm(const P& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1, Decode decode) {
-  tile_loop::exact_gemm<kMaxRows>(
+  tile_loop::pairs_by_groups<kMaxRows>(
       p, t0, t1, m0, m1, decode,
       [&p](int64_t m, int rows, int64_t t, int nt, int64_t g, const float* w, float* ys) {
         exact_block_rows(p, m, rows, t, nt, g, w, ys);

@@ -1,5 +1,7 @@
-// The loop of the tile-layout exact-mode GEMMs over weights decoded to k-major floats, shared by
-// tile/avx2.h and tile/avx512.h (ISA-neutral: the register blocks are the caller's). Tiles are
+// The loop of the tile-layout GEMMs that take tiles in pairs and K in chunks of groups: the
+// exact modes over weights decoded to k-major floats (tile/avx2.h, tile/avx512.h) and the
+// AVX-512 fast mode (nothing to decode: `decode` does nothing). ISA-neutral: the register
+// blocks are the caller's. Tiles are
 // taken in pairs (nt = 2, or 1 for a lone last tile), decoded once per chunk of groups (>= 256
 // k, L1-resident) by `decode(t, nt, g0, g1, w)` (the layout of tile/avx2.h), then
 // `block(m, rows, t, nt, g, w_g, ys)` runs rows [m, m + rows) (rows <= MR) over group g, its
@@ -14,8 +16,8 @@ namespace qk {
 namespace tile_loop {
 
 template <int MR, typename P, typename Decode, typename Block, typename Store>
-void exact_gemm(const P& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1, Decode decode,
-                Block block, Store store) {
+void pairs_by_groups(const P& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1,
+                     Decode decode, Block block, Store store) {
   const int64_t ng = p.k / p.group, rows = m1 - m0;
   const int64_t gpc = std::max<int64_t>(1, 256 / p.group);  // groups per chunk
   // Zero-filled when grown, so the unused half of a lone tile's columns is always finite.

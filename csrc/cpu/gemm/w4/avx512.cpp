@@ -3,14 +3,15 @@
 // the 32-byte packed vector i of tile t and the one of tile t + 1 make one 64-byte register, 16
 // rows x 8 codes, one 32-bit lane per row (tile/avx512.h), so nothing needs a horizontal sum:
 // - fast mode: vpdpbusd (u8 x s8 -> s32, exact) of the low / high nibbles with the broadcast
-//   4 int8 activations they pair with (an embedded broadcast from memory) gives each row's
+//   4 int8 activations they pair with (one broadcast load each) gives each row's
 //   exact block dot product in its own lane; then the float epilogue of the definition on 16
 //   rows at once. A block is decoded once (8 registers) for a register block of up to 8 rows.
 // - exact mode: code - zc as (2^23 + u) - (2^23 + zc): the nibble or'ed into the mantissa of
 //   2^23 (one vpternlogd) and one subtraction give float(u) - zc exactly for integer offsets
-//   (with float zero points: (2^23 + u) - 2^23 = u, then u - zf, the definition's one
-//   rounding); FMA chains along k inside each group, 8 tiles at a time (M < 4), or the shared
-//   k-major GEMM (tile/avx512.h) with 8-row x 16-column register blocks.
+//   (zero points in [-8, 7]; with float zero points: (2^23 + u) - 2^23 = u, then u - zf, the
+//   definition's one rounding); FMA chains along k inside each group: M = 1 on 4 tile pairs
+//   at a time, M = 2, 3 on 2 pairs with each code decoded once for all the rows; M >= 4 the
+//   shared k-major GEMM (tile/avx512.h) with 8-row x 16-column register blocks.
 // - quantize_x: two 16-float registers per block of 32.
 //
 // GCC 12's unmasked AVX-512 intrinsics start from _mm512_undefined_*() and report it as
@@ -78,7 +79,8 @@ inline __m512 code_offsets(const Problem& p, int64_t t, int nt, int64_t g) {
   if (p.zeros_f) return params_pair(p.zeros_f, ng, t, nt, g);
   const __m512 eight = _mm512_set1_ps(8.0f);
   if (!p.zeros) return eight;
-  const __m256i za = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zeros + (t * ng + g) * kW4Rows));
+  const __m256i za =
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zeros + (t * ng + g) * kW4Rows));
   const __m256i zb = _mm256_loadu_si256(
       reinterpret_cast<const __m256i*>(p.zeros + ((t + nt - 1) * ng + g) * kW4Rows));
   const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(za), zb, 1);
@@ -161,13 +163,15 @@ void fast_group(const Problem& p, int64_t m, int64_t t, int nt, int64_t g, float
 constexpr int kFastRows = 8;  // rows per register block
 
 // Tile pairs x chunks of groups (the pair's weights of a chunk stay in L1) x blocks of rows
-// (tile/exact_loop.h's loop; the fast mode has nothing to decode ahead).
+// (tile/exact_loop.h; the fast mode has nothing to decode ahead). The decoding (4 loads, 8
+// ANDs) is shared by the rows; each row then costs 8 vpdpbusd per 512 multiply-adds, the
+// limit of the VNNI unit from M = 8 on.
 void fast_avx512(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
   using Fn = void (*)(const Problem&, int64_t, int64_t, int, int64_t, float*);
   static constexpr Fn kFns[kFastRows] = {fast_group<1>, fast_group<2>, fast_group<3>,
                                          fast_group<4>, fast_group<5>, fast_group<6>,
                                          fast_group<7>, fast_group<8>};
-  tile_loop::exact_gemm<kFastRows>(
+  tile_loop::pairs_by_groups<kFastRows>(
       p, t0, t1, m0, m1, [](int64_t, int, int64_t, int64_t, float*) {},
       [&p](int64_t m, int rows, int64_t t, int nt, int64_t g, const float*, float* ys) {
         kFns[rows - 1](p, m, t, nt, g, ys);
