@@ -1,7 +1,8 @@
 """Float zero points on the tiled int kernels (gemm_w4 / gemm_w23, HQQ's uint codes): the
 weight is (float(u) - z) * s with u the stored unsigned code, against a float64 reference of
-that product; scalar == AVX2 bit for bit on 1 and 2 threads, GEMV and GEMM paths; the fast mode
-within the int8 activation bound; the autograd decoder, the dequant fallback and the checks."""
+that product; scalar == AVX2 == AVX-512 bit for bit on 1 and 2 threads, GEMV and GEMM paths;
+the fast mode within the int8 activation bound; the autograd decoder, the dequant fallback and
+the checks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import isas
 import qkern
 import qkern.ops.w4 as W4
 import qkern.ops.w23 as W23
@@ -20,7 +22,7 @@ from qkern.nn import QuantLinear
 from qkern.nn.linear import KernelFallbackWarning
 from qkern.tensor import QTensor
 
-ISAS = ["scalar"] + (["avx2"] if qkern._C.cpu_has_avx2() else [])
+ISAS = isas.HAVE  # every ISA this CPU has (scalar first): the same bits on each
 
 
 def weight(n, k, g, bits, seed=0):

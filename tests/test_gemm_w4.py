@@ -2,8 +2,8 @@
 written from docs/numerics.md "int4 group-wise matmul": the packed layout byte for byte, the
 exact mode within its float32 accumulation bound, the fast mode against a reference that
 quantizes x per block exactly as specified (to float32 accumulation rounding) and against the
-true product within the activation-quantization bound; scalar and AVX2 paths, 1 and 2 threads,
-GEMV and GEMM paths all bit-identical."""
+true product within the activation-quantization bound; every ISA (tests/isas.py: scalar, AVX2,
+AVX-512), 1 and 2 threads, GEMV and GEMM paths all bit-identical to the scalar path."""
 
 from __future__ import annotations
 
@@ -11,27 +11,44 @@ import numpy as np
 import pytest
 import torch
 
+import isas
 import qkern
 import qkern.ops.w4 as W
 from ref_groupwise import U, check_exact, check_fast, dequant64, quantize_x_ref, ref_exact  # noqa: F401
 
-ISAS = ["scalar"] + (["avx2"] if qkern._C.cpu_has_avx2() else [])
+SIMD = isas.params(("avx2", "avx512"))  # the paths compared bit for bit with scalar
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit in opcheck
 
 
 def make_weight(n, k, group, asym, seed=0, scale=0.05):
+    """asym: False (symmetric), True / "int" (int zero points), "float" (float zero points of
+    u = q + 8, HQQ style)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
     s = (torch.rand(n, k // group, generator=g) + 0.05) * scale
-    z = torch.randint(-8, 8, (n, k // group), dtype=torch.int32, generator=g) if asym else None
+    z = None
+    if asym == "float":
+        z = (torch.rand(n, k // group, generator=g) * 17 - 1.3).float()
+    elif asym:
+        z = torch.randint(-8, 8, (n, k // group), dtype=torch.int32, generator=g)
     return q, s, z
 
 
-def run(x, w, mode, bias=None, isa="avx2", threads=2):
-    qkern.set_isa(isa)
+def ref_zeros(z):
+    """Zero points as the references take them (of q = u - 8): float ones are of u."""
+    return z.double() - 8 if z is not None and z.is_floating_point() else z
+
+
+def run(x, w, mode, bias=None, isa=None, threads=2):
+    qkern.set_isa(isa or isas.HAVE[-1])
+    assert qkern.get_isa() == (isa or isas.HAVE[-1])
     qkern.set_num_threads(threads)
     return W.gemm_w4(x, w, bias, mode)
+
+
+def same_bits(a, b):
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 # ---- layout ---------------------------------------------------------------------------------
@@ -98,44 +115,48 @@ def test_pack_errors():
 
 # ---- numerics -------------------------------------------------------------------------------
 
-SHAPES = [  # M, N, K, G
+SHAPES = [  # M, N, K, G: N odd and not a multiple of 16 (tile pairs), M around the blocks
     (1, 7, 32, 32), (3, 33, 96, 32), (17, 7, 4096, 128), (1, 33, 4096, 64),
-    (17, 33, 4096, 32), (512, 7, 96, 32), (35, 16, 256, 128),
+    (17, 33, 4096, 32), (512, 7, 96, 32), (35, 16, 256, 128), (2, 24, 32, 32),
+    (5, 41, 128, 64), (13, 40, 256, 128), (7, 9, 64, 32), (64, 17, 128, 32),
+    (67, 25, 96, 32), (2, 72, 128, 64), (1, 136, 256, 128), (4, 8, 64, 64), (9, 130, 64, 32),
 ]
 
 
+@pytest.mark.parametrize("isa", SIMD)
 @pytest.mark.parametrize("mode", ["exact", "fast"])
-@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("asym", [False, "int", "float"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_reference_all_paths_identical(shape, asym, mode):
+def test_matches_reference_all_paths_identical(shape, asym, mode, isa):
     m, n, k, g = shape
     q, s, z = make_weight(n, k, g, asym, seed=m + n + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3
     bias = torch.randn(n) if asym else None
     w = W.pack_weight(q, s, z, g)
-    outs = [run(x, w, mode, bias, isa, t) for isa in ISAS for t in (1, 2)]
-    (check_exact if mode == "exact" else check_fast)(outs[0], x, q, s, z, g, bias)
-    for o in outs[1:]:  # scalar / AVX2, 1 / 2 threads: the same bits
-        assert torch.equal(o.view(torch.int32), outs[0].view(torch.int32))
-    rows = torch.cat([run(x[i : i + 1], w, mode, bias) for i in range(m)])  # GEMV path
-    assert torch.equal(rows.view(torch.int32), outs[0].view(torch.int32))
+    want = run(x, w, mode, bias, "scalar", 1)
+    (check_exact if mode == "exact" else check_fast)(want, x, q, s, ref_zeros(z), g, bias)
+    for t in (1, 2):
+        assert same_bits(run(x, w, mode, bias, isa, t), want)
+    rows = torch.cat([run(x[i : i + 1], w, mode, bias, isa) for i in range(m)])  # GEMV path
+    assert same_bits(rows, want)
 
 
+@pytest.mark.parametrize("isa", SIMD)  # scalar: compared on a sample of rows
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("m", [1, 512])
-def test_large_gemv_gemm(m, mode):
+def test_large_gemv_gemm(m, mode, isa):
     n, k, g = 520, 4096, 128  # large enough for both modes to run on the pool
     q, s, z = make_weight(n, k, g, True, seed=3)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     w = W.pack_weight(q, s, z, g)
-    y = run(x, w, mode, threads=2)
+    y = run(x, w, mode, isa=isa, threads=2)
     (check_exact if mode == "exact" else check_fast)(y, x, q, s, z, g)
-    assert torch.equal(y, run(x, w, mode, threads=1))
-    if "avx2" in ISAS and m == 1:
-        assert torch.equal(y, run(x, w, mode, isa="scalar"))
+    assert same_bits(y, run(x, w, mode, isa=isa, threads=1))
+    pick = torch.arange(0, m, 73)  # rows are independent: scalar on a sample of them
+    assert same_bits(y[pick], run(x[pick], w, mode, isa="scalar", threads=1))
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", isas.params())
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_zero_rows_and_magnitudes(mode, isa):
     m, n, k, g = 6, 12, 256, 64
@@ -148,6 +169,7 @@ def test_zero_rows_and_magnitudes(mode, isa):
     x[2] *= 1e17  # large (products ~1e33: no overflow)
     x[4] *= 1e-20  # tiny but normal
     x[5, :32] = 0.0  # one zero block
+    x[0, 64:96] = 1e-41  # one block of subnormals (fast mode: d < FLT_MIN -> 0)
     s2 = s.clone()
     s2[:, 0] *= 1e15
     for scales in (s, s2):
@@ -155,23 +177,26 @@ def test_zero_rows_and_magnitudes(mode, isa):
         y = run(x, w, mode, isa=isa)
         (check_exact if mode == "exact" else check_fast)(y, x, q, scales, z, g)
         assert bool((y[1] == 0).all()) and bool((y[:, 3] == 0).all()) and bool((y[:, 5] == 0).all())
+        assert same_bits(y, run(x, w, mode, isa="scalar"))
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", isas.params())
+@pytest.mark.parametrize("pos", [5, 52])  # first / second half of a block
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_activations(bad, isa):
+def test_nonfinite_activations(bad, pos, isa):
     """exact mode: IEEE propagation to that row only; fast mode: NonFiniteError (int8
     activation codes cannot hold NaN/Inf), like W8A8."""
     q, s, z = make_weight(9, 64, 32, False)
     w = W.pack_weight(q, s, z, 32)
     x = torch.randn(3, 64)
-    x[0, 5] = bad
+    x[0, pos] = bad
     y = run(x, w, "exact", isa=isa)
     assert bool(torch.isfinite(y[1:]).all())
     assert not bool(torch.isfinite(y[0]).any())
+    assert same_bits(y[1:], run(x[1:], w, "exact", isa="scalar"))
     with pytest.raises(qkern.ops.NonFiniteError, match="NaN or Inf"):
         run(x, w, "fast", isa=isa)
-    x[0, 5] = 0.0
+    x[0, pos] = 0.0
     assert bool(torch.isfinite(run(x, w, "fast", isa=isa)).all())
 
 

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/gemm/tile/exact_loop.h"
+
 namespace qk {
 namespace tile_avx2 {
 
@@ -72,32 +74,15 @@ void exact_block_rows(const P& p, int64_t m, int rows, int64_t t, int64_t g, con
 // L1-resident) into k-major floats, then 5 x 16 register blocks over the rows.
 template <typename P, typename Decode>
 void exact_gemm(const P& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1, Decode decode) {
-  const int64_t ng = p.k / p.group, rows = m1 - m0;
-  const int64_t gpc = std::max<int64_t>(1, 256 / p.group);  // groups per chunk
-  thread_local std::vector<float> wbuf, ybuf;
-  if (wbuf.size() < static_cast<size_t>(gpc * p.group * 16)) wbuf.resize(gpc * p.group * 16);
-  if (ybuf.size() < static_cast<size_t>(rows * 16)) ybuf.resize(rows * 16);
-  float* wp = wbuf.data();
-  float* yp = ybuf.data();
-  for (int64_t t = t0; t < t1; t += 2) {
-    const int nt = t + 1 < t1 ? 2 : 1;
-    std::fill(yp, yp + rows * 16, 0.0f);
-    for (int64_t g0 = 0; g0 < ng; g0 += gpc) {
-      const int64_t g1 = std::min(ng, g0 + gpc);
-      decode(t, nt, g0, g1, wp);
-      for (int64_t i = 0; i < rows; i += 5) {
-        const int r = static_cast<int>(std::min<int64_t>(5, rows - i));
-        for (int64_t g = g0; g < g1; ++g) {
-          const float* w = wp + (g - g0) * p.group * 16;
-          if (nt == 2) exact_block_rows<2>(p, m0 + i, r, t, g, w, yp + i * 16);
-          else exact_block_rows<1>(p, m0 + i, r, t, g, w, yp + i * 16);
-        }
-      }
-    }
-    for (int64_t i = 0; i < rows; ++i)
-      for (int j = 0; j < nt; ++j)
-        store_tile(p, m0 + i, t + j, _mm256_loadu_ps(yp + i * 16 + 8 * j));
-  }
+  tile_loop::pairs_by_groups<5>(
+      p, t0, t1, m0, m1, decode,
+      [&p](int64_t m, int rows, int64_t t, int nt, int64_t g, const float* w, float* ys) {
+        if (nt == 2) exact_block_rows<2>(p, m, rows, t, g, w, ys);
+        else exact_block_rows<1>(p, m, rows, t, g, w, ys);
+      },
+      [&p](int64_t m, int64_t t, int nt, const float* ys) {
+        for (int j = 0; j < nt; ++j) store_tile(p, m, t + j, _mm256_loadu_ps(ys + 8 * j));
+      });
 }
 
 }  // namespace tile_avx2

@@ -1,0 +1,100 @@
+// AVX-512 pieces shared by the tile-layout matmuls (gemm_w4, gemm_w23): tiles are taken in
+// pairs, one 16-float register holding 16 rows (tile t in lanes 0..7, tile t + 1 in lanes
+// 8..15; with a lone last tile both halves read it and the upper lanes are never stored).
+// Provides the per-pair parameter loads, the output store, and the exact-mode GEMM over weights
+// already decoded to k-major floats. Include only from the families' avx512.cpp files. A
+// format provides `decode(t, nt, g0, g1, w)` exactly as for tile/avx2.h: tiles t .. t+nt-1
+// (nt 1 or 2), groups [g0, g1), w[(g - g0) * G * 16 + kk * 16 + 8 j + r] = float32(u - zc) of
+// row 8(t+j)+r. The float32 operations and their order are tile_ref::exact's (ref.h), so the
+// results are bit-identical to the scalar definition.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/gemm/tile/exact_loop.h"
+
+namespace qk {
+namespace tile_avx512 {
+
+constexpr int64_t kRows = 8;
+
+// 8 floats at a in lanes 0..7, 8 at b in lanes 8..15.
+inline __m512 load_pair(const float* a, const float* b) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(b), 1);
+}
+inline __m512i load_pair(const uint8_t* a, const uint8_t* b) {
+  return _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+}
+
+// The per-row parameters (scales, zero points: 8 per tile and group, index (t * ng + g) * 8 + r)
+// of tiles t and t + nt - 1 for group g.
+inline __m512 params_pair(const float* v, int64_t ng, int64_t t, int nt, int64_t g) {
+  return load_pair(v + (t * ng + g) * kRows, v + ((t + nt - 1) * ng + g) * kRows);
+}
+
+// y[m][8t .. 8t + 8 nt) = v (+ bias), the rows past N dropped.
+template <typename P>
+inline void store_pair(const P& p, int64_t m, int64_t t, int nt, __m512 v) {
+  const int64_t n0 = t * kRows;
+  float* out = p.y + m * p.n + n0;
+  if (nt == 2 && n0 + 2 * kRows <= p.n) {
+    if (p.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(p.bias + n0));
+    _mm512_storeu_ps(out, v);
+    return;
+  }
+  const int64_t left = std::min<int64_t>(nt * kRows, p.n - n0);
+  const __mmask16 keep = static_cast<__mmask16>((1u << left) - 1);
+  if (p.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, p.bias + n0));
+  _mm512_mask_storeu_ps(out, keep, v);
+}
+
+// One group of MR rows x one tile pair: acc chains over its k from zero, then
+// ys = fma(scale, acc, ys) (ys: 16 floats per row).
+template <int MR, typename P>
+void exact_block(const P& p, int64_t m, int64_t t, int nt, int64_t g, const float* w,
+                 float* ys) {
+  const float* x = p.x + m * p.k + g * p.group;
+  __m512 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < p.group; ++k) {
+    const __m512 wv = _mm512_loadu_ps(w + k * 16);
+    for (int i = 0; i < MR; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * p.k + k]), wv, acc[i]);
+  }
+  const __m512 s = params_pair(p.scales, p.k / p.group, t, nt, g);
+  for (int i = 0; i < MR; ++i)
+    _mm512_storeu_ps(ys + i * 16, _mm512_fmadd_ps(s, acc[i], _mm512_loadu_ps(ys + i * 16)));
+}
+
+constexpr int kMaxRows = 8;  // rows per register block (8 independent FMA chains)
+
+template <typename P>
+void exact_block_rows(const P& p, int64_t m, int rows, int64_t t, int nt, int64_t g,
+                      const float* w, float* ys) {
+  using Fn = void (*)(const P&, int64_t, int64_t, int, int64_t, const float*, float*);
+  static constexpr Fn kFns[kMaxRows] = {exact_block<1, P>, exact_block<2, P>, exact_block<3, P>,
+                                        exact_block<4, P>, exact_block<5, P>, exact_block<6, P>,
+                                        exact_block<7, P>, exact_block<8, P>};
+  kFns[rows - 1](p, m, t, nt, g, w, ys);
+}
+
+// Rows [m0, m1) x tiles [t0, t1): pairs of tiles decoded once per chunk of groups (>= 256 k,
+// L1-resident) into k-major floats, then register blocks of up to kMaxRows rows x 16 columns.
+template <typename P, typename Decode>
+void exact_gemm(const P& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1, Decode decode) {
+  tile_loop::pairs_by_groups<kMaxRows>(
+      p, t0, t1, m0, m1, decode,
+      [&p](int64_t m, int rows, int64_t t, int nt, int64_t g, const float* w, float* ys) {
+        exact_block_rows(p, m, rows, t, nt, g, w, ys);
+      },
+      [&p](int64_t m, int64_t t, int nt, const float* ys) {
+        store_pair(p, m, t, nt, _mm512_loadu_ps(ys));
+      });
+}
+
+}  // namespace tile_avx512
+}  // namespace qk
