@@ -1,0 +1,230 @@
+// AVX-512 kernel of gemm_lut4. The 16-entry table times the group's scale is one zmm, and
+// vpermps with a 32-bit index reads only its low 4 bits: 16 bytes of codes zero-extended to
+// 16 dwords (vpmovzxbd) are the indices of the 16 even-k codes as they stand, and shifted right
+// by 4 those of the 16 odd-k codes. So 32 weights cost one vpmovzxbd, one shift and two vpermps
+// (AVX2: ~24 instructions), each decoded weight exactly table[c] * s (one float product, as
+// dequantize_lut). Group 16 (8 bytes) decodes 16 weights per step the same way.
+//   GEMV (1-2 rows of x): the task first copies x in the decoder's order (per 32 columns the
+//   16 even then the 16 odd ones), shared by every row of W; four rows of W per pass, each with
+//   an FMA partial sum per lane for even and odd k, added and summed horizontally at the end.
+//   GEMM: a 4 x 512 tile of W decoded into L1 in k order, reused by every row of x (4 x 4 zmm
+//   dot-product micro-kernel), so decoding costs O(N K) per block of 64 rows of x.
+// Numerics: the same decoded weights as every path; float32 FMA partial sums in another order
+// than scalar.cpp and avx2.cpp (api.h: they agree to float32 accumulation error).
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() (`__Y = __Y`), which it reports
+// as (maybe-)uninitialized wherever they inline: a false positive, silenced for this file.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/gemm/lut4/kernels.h"
+
+namespace qk {
+namespace lut4 {
+namespace {
+
+// The 16 dwords = the 16 bytes at p (vpermps indices of the even codes; >> 4: the odd ones).
+inline __m512i bytes16(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Group 16: lanes 0..7 the even codes of the 8 bytes at p, lanes 8..15 the odd ones.
+inline __m512i bytes8(const uint8_t* p) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m512i dd = _mm512_shuffle_i64x2(d, d, 0x44);  // lanes 0..7 twice
+  return _mm512_mask_srli_epi32(dd, 0xFF00, dd, 4);
+}
+
+// x[0, k) in the decoder's order: per 32 columns (S = 32) the even then the odd ones; per 16
+// columns (S = 16) the 8 even then the 8 odd ones.
+template <int S>
+void shuffle_x(const float* x, int64_t k, float* out) {
+  if (S == 32) {
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    for (int64_t e = 0; e < k; e += 32) {
+      const __m512 a = _mm512_loadu_ps(x + e), b = _mm512_loadu_ps(x + e + 16);
+      _mm512_storeu_ps(out + e, _mm512_permutex2var_ps(a, ev, b));
+      _mm512_storeu_ps(out + e + 16, _mm512_permutex2var_ps(a, od, b));
+    }
+  } else {
+    const __m512i idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int64_t e = 0; e < k; e += 16)
+      _mm512_storeu_ps(out + e, _mm512_permutexvar_ps(idx, _mm512_loadu_ps(x + e)));
+  }
+}
+
+// v's two halves added (the masked extract: the unmasked one starts from an undefined register,
+// which GCC 12 reports as maybe-uninitialized).
+inline __m256 half8(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_maskz_extractf32x8_ps(0xFF, v, 1));
+}
+
+inline float hsum(__m512 v) {
+  const __m256 h = half8(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One row of shuffled x (xs) against rows [j, j + R) of W.
+template <int S, int R>
+void gemv_rows(const Lut4Args& a, __m512 table, const float* xs, int64_t j, float* y) {
+  const int64_t groups = a.k / a.group, rb = a.k / 2;
+  const uint8_t* p[R];
+  const float* s[R];
+  __m512 c0[R], c1[R];
+  for (int r = 0; r < R; ++r) {
+    p[r] = a.packed + (j + r) * rb;
+    s[r] = a.scales + (j + r - a.scale_row0) * groups;
+    c0[r] = c1[r] = _mm512_setzero_ps();
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 t[R];
+    for (int r = 0; r < R; ++r) t[r] = _mm512_mul_ps(table, _mm512_set1_ps(s[r][g]));
+    const int64_t end = (g + 1) * a.group;
+    for (int64_t e = g * a.group; e < end; e += S) {
+      const __m512 x0 = _mm512_loadu_ps(xs + e);
+      if (S == 32) {
+        const __m512 x1 = _mm512_loadu_ps(xs + e + 16);
+        for (int r = 0; r < R; ++r) {
+          const __m512i idx = bytes16(p[r] + (e >> 1));
+          c0[r] = _mm512_fmadd_ps(x0, _mm512_permutexvar_ps(idx, t[r]), c0[r]);
+          c1[r] = _mm512_fmadd_ps(x1, _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), t[r]),
+                                  c1[r]);
+        }
+      } else {
+        for (int r = 0; r < R; ++r)
+          c0[r] = _mm512_fmadd_ps(x0, _mm512_permutexvar_ps(bytes8(p[r] + (e >> 1)), t[r]), c0[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float v = hsum(_mm512_add_ps(c0[r], c1[r]));
+    y[j + r] = a.bias ? v + a.bias[j + r] : v;
+  }
+}
+
+template <int S>
+void gemv(const Lut4Args& a, __m512 table, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  thread_local std::vector<float> xbuf;
+  xbuf.resize(static_cast<size_t>((m1 - m0) * a.k));
+  for (int64_t i = m0; i < m1; ++i) shuffle_x<S>(a.x + i * a.k, a.k, xbuf.data() + (i - m0) * a.k);
+  int64_t j = n0;
+  for (; j + 4 <= n1; j += 4)  // rows of x inner: a second row finds the rows of W in L1
+    for (int64_t i = m0; i < m1; ++i)
+      gemv_rows<S, 4>(a, table, xbuf.data() + (i - m0) * a.k, j, a.y + i * a.n);
+  for (; j < n1; ++j)
+    for (int64_t i = m0; i < m1; ++i)
+      gemv_rows<S, 1>(a, table, xbuf.data() + (i - m0) * a.k, j, a.y + i * a.n);
+}
+
+// ---- GEMM -----------------------------------------------------------------------------------
+
+constexpr int64_t kNr = 4;    // rows of W per decoded tile
+constexpr int64_t kKc = 512;  // columns per decoded tile (a multiple of every group size)
+constexpr int kMr = 4;        // rows of x per micro-kernel call
+
+// Decodes W[j][k0, k0 + kc) into dst (kc floats, k order).
+void decode_row(const Lut4Args& a, __m512 table, int64_t j, int64_t k0, int64_t kc, float* dst) {
+  const uint8_t* p = a.packed + j * (a.k / 2);
+  const float* s = a.scales + (j - a.scale_row0) * (a.k / a.group);
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  const __m512i il = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  for (int64_t g0 = k0; g0 < k0 + kc; g0 += a.group) {
+    const __m512 t = _mm512_mul_ps(table, _mm512_set1_ps(s[g0 / a.group]));
+    int64_t e = g0;
+    for (; e + 32 <= g0 + a.group; e += 32) {
+      const __m512i idx = bytes16(p + (e >> 1));
+      const __m512 ev = _mm512_permutexvar_ps(idx, t);
+      const __m512 od = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), t);
+      _mm512_store_ps(dst + (e - k0), _mm512_permutex2var_ps(ev, lo, od));
+      _mm512_store_ps(dst + (e - k0) + 16, _mm512_permutex2var_ps(ev, hi, od));
+    }
+    if (e < g0 + a.group)  // group 16
+      _mm512_store_ps(dst + (e - k0),
+                      _mm512_permutexvar_ps(il, _mm512_permutexvar_ps(bytes8(p + (e >> 1)), t)));
+  }
+}
+
+// The four horizontal sums of a, b, c, d.
+inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(half8(a), half8(b)),
+                                     _mm256_hadd_ps(half8(c), half8(d)));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// y[i.., j0 + r] += x[i..][k0, k0 + kc) . w[r] for r < nr, for MR rows of x.
+template <int MR>
+void micro(const float* x, int64_t ldx, const float (*w)[kKc], int64_t kc, float* y,
+           int64_t ldy, int64_t nr) {
+  __m512 acc[MR][kNr];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < kNr; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < kc; e += 16) {
+    __m512 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + e);
+    for (int r = 0; r < kNr; ++r) {
+      const __m512 wv = _mm512_load_ps(w[r] + e);
+      for (int i = 0; i < MR; ++i) acc[i][r] = _mm512_fmadd_ps(xv[i], wv, acc[i][r]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    alignas(16) float s[4];
+    _mm_store_ps(s, hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+    for (int64_t r = 0; r < nr; ++r) y[i * ldy + r] += s[r];
+  }
+}
+
+void micro_rows(int rows, const float* x, int64_t ldx, const float (*w)[kKc], int64_t kc,
+                float* y, int64_t ldy, int64_t nr) {
+  using Fn = void (*)(const float*, int64_t, const float (*)[kKc], int64_t, float*, int64_t,
+                      int64_t);
+  static constexpr Fn kFns[kMr] = {micro<1>, micro<2>, micro<3>, micro<4>};
+  kFns[rows - 1](x, ldx, w, kc, y, ldy, nr);
+}
+
+void gemm_tiles(const Lut4Args& a, __m512 table, int64_t m0, int64_t m1, int64_t n0,
+                int64_t n1) {
+  alignas(64) float w[kNr][kKc];
+  for (int64_t j0 = n0; j0 < n1; j0 += kNr) {
+    const int64_t nr = std::min(kNr, n1 - j0);
+    for (int64_t i = m0; i < m1; ++i)
+      for (int64_t r = 0; r < nr; ++r) a.y[i * a.n + j0 + r] = a.bias ? a.bias[j0 + r] : 0.0f;
+    for (int64_t k0 = 0; k0 < a.k; k0 += kKc) {
+      const int64_t kc = std::min(kKc, a.k - k0);
+      for (int64_t r = 0; r < kNr; ++r) {
+        if (r < nr) decode_row(a, table, j0 + r, k0, kc, w[r]);
+        else std::fill(w[r], w[r] + kc, 0.0f);  // padding rows: computed, never stored
+      }
+      for (int64_t i = m0; i < m1; i += kMr) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMr, m1 - i));
+        micro_rows(rows, a.x + i * a.k + k0, a.k, w, kc, a.y + i * a.n + j0, a.n, nr);
+      }
+    }
+  }
+}
+
+void gemm_avx512(const Lut4Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const __m512 table = _mm512_loadu_ps(a.table16);
+  if (a.m > 2) {  // by the whole call's M, so a task's result never depends on the split
+    gemm_tiles(a, table, m0, m1, n0, n1);
+    return;
+  }
+  if (a.group % 32 == 0) gemv<32>(a, table, m0, m1, n0, n1);
+  else gemv<16>(a, table, m0, m1, n0, n1);
+}
+
+const Kernels kAvx512Kernels = {gemm_avx512};
+
+}  // namespace
+
+const Kernels* avx512_kernels() { return &kAvx512Kernels; }
+
+}  // namespace lut4
+}  // namespace qk
