@@ -61,7 +61,7 @@ def _check(y, ref, bound, k):
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 13, 17, 256])
 @pytest.mark.parametrize("n", [1, 7, 33])
 @pytest.mark.parametrize("k,g", [(16, 16), (64, 32), (64, 64), (192, 64), (4096, 128), (4096, 32),
-                                 (1024, 512)])
+                                 (1024, 512), (208, 16), (224, 32)])
 def test_shapes_vs_reference(isa, m, n, k, g):
     isas.use(isa)
     table = _table("nf4")
