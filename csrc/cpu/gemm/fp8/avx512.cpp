@@ -1,16 +1,17 @@
 // AVX-512 kernel of gemm_fp8. Decode as the AVX2 kernel: codes become binary16 bits in
 // 16-bit lanes (E5M2: code << 8; E4M3: that shifted right arithmetically by one, bit 14
 // cleared, = value * 2^-8, normals and subnormals) and vcvtph2ps makes them exact floats.
-//   GEMV (M <= 2): 64 codes per step (one 64-byte load, vpunpck{l,h}bw with zeros puts each
+//   GEMV (M <= 4): 64 codes per step (one 64-byte load, vpunpck{l,h}bw with zeros puts each
 //   code in the high byte of a 16-bit lane, four vcvtph2ps; the task first copies x into that
-//   in-lane order), four rows of W per pass sharing the x loads; groups that are not a
-//   multiple of 64 and per-channel tails take 32-code steps (vpmovzxbw) and 16-code masked
-//   ones. Per group two 16-lane FMA partial sums of x * value, added, then y16 = fma(s', c,
-//   y16) with s' = 256 s for E4M3 (exact; when 256 s overflows, fma(s, 256 c, y16)) or s for
-//   E5M2; y = hsum(y16) + bias. The scale multiplies the exact value, so a one-hot x returns
-//   float32(value * s) bit for bit. On Zen 4 (512-bit ops in two halves) the wide step costs
-//   ~15 % less per weight than AVX2's decode.
-//   GEMM (M > 2): the AVX2 tiled kernel (FMA-bound; the same bits as avx2).
+//   in-lane order); M = 1: four rows of W per pass sharing the x loads; M = 2..4: each row of W
+//   decoded once for all rows of x. Groups that are not a multiple of 64 and per-channel tails
+//   take 32-code steps (vpmovzxbw) and 16-code masked ones. Per group and output FMA partial
+//   sums of x * value (two for M <= 2: k mod 32 < 16, >= 16; one for M = 3, 4), then y16 =
+//   fma(s', c, y16) with s' = 256 s for E4M3 (exact; when 256 s overflows, fma(s, 256 c, y16))
+//   or s for E5M2; y = hsum(y16) + bias. The scale multiplies the exact value, so a one-hot x
+//   returns float32(value * s) bit for bit. On Zen 4 (512-bit ops in two halves) the 64-code
+//   step costs ~15 % less per weight than AVX2's decode; M = 2..4 decode once, not M times.
+//   GEMM (M > 4): the AVX2 tiled kernel (FMA-bound; the same bits as avx2).
 // Numerics: docs/numerics.md "FP8 matmul" (every order there satisfies the same bound).
 // GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() (`__Y = __Y`), which it reports
 // as (maybe-)uninitialized wherever they inline: a false positive, silenced for this file.
@@ -18,6 +19,7 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -101,58 +103,87 @@ void shuffle_x(const float* x, int64_t k, float* out) {
   }
 }
 
-// y[j .. j + R) for one row x (xs: x in decode64's order).
-template <int F, int R>
-void gemv_rows(const Fp8Args& a, const float* x, const float* xs, int64_t j, float* y) {
+constexpr int64_t kFewRows = 4;  // M up to which the GEMM decodes on the fly too
+
+// y[i][j .. j + R) for MR rows i of x (x, xs: row i at + i k; xs in decode64's order; y row i
+// at + i n): each step's codes decoded once for every row of x.
+template <int F, int R, int MR>
+void rows(const Fp8Args& a, const float* x, const float* xs, int64_t j, float* y) {
+  constexpr bool kTwo = MR <= 2;  // two partial sums per output (registers allowing)
   const int64_t k = a.k, grp = a.group, ng = k / grp;
   const bool wide = grp % 64 == 0 || ng == 1;  // 64-column steps from a multiple of 64
   const uint8_t* p[R];
   const float* s[R];
-  __m512 yv[R];
+  __m512 yv[R][MR];
   for (int r = 0; r < R; ++r) {
     p[r] = a.w + (j + r) * k;
     s[r] = a.scales + (j + r) * ng;
-    yv[r] = _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) yv[r][i] = _mm512_setzero_ps();
   }
   for (int64_t g = 0; g < ng; ++g) {
-    __m512 c0[R], c1[R];
-    for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+    __m512 c0[R][MR], c1[R][MR];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < MR; ++i) c0[r][i] = c1[r][i] = _mm512_setzero_ps();
     const int64_t e1 = (g + 1) * grp;
     int64_t e = g * grp;
     for (; wide && e + 64 <= e1; e += 64) {
-      const __m512 x0 = _mm512_loadu_ps(xs + e), x1 = _mm512_loadu_ps(xs + e + 16);
-      const __m512 x2 = _mm512_loadu_ps(xs + e + 32), x3 = _mm512_loadu_ps(xs + e + 48);
+      __m512 d[R][4];
       for (int r = 0; r < R; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(p[r] + e + kPrefetch), _MM_HINT_T0);
-        __m512 d[4];
-        decode64<F>(p[r] + e, d);
-        c0[r] = _mm512_fmadd_ps(x0, d[0], c0[r]);
-        c1[r] = _mm512_fmadd_ps(x1, d[1], c1[r]);
-        c0[r] = _mm512_fmadd_ps(x2, d[2], c0[r]);
-        c1[r] = _mm512_fmadd_ps(x3, d[3], c1[r]);
+        decode64<F>(p[r] + e, d[r]);
       }
+      for (int i = 0; i < MR; ++i)
+        for (int q = 0; q < 4; ++q) {
+          const __m512 xv = _mm512_loadu_ps(xs + i * k + e + 16 * q);
+          for (int r = 0; r < R; ++r) {
+            if (kTwo && (q & 1)) c1[r][i] = _mm512_fmadd_ps(xv, d[r][q], c1[r][i]);
+            else c0[r][i] = _mm512_fmadd_ps(xv, d[r][q], c0[r][i]);
+          }
+        }
     }
     for (; e + 32 <= e1; e += 32) {
-      const __m512 x0 = _mm512_loadu_ps(x + e), x1 = _mm512_loadu_ps(x + e + 16);
-      for (int r = 0; r < R; ++r) {
-        __m512 lo, hi;
-        decode32<F>(p[r] + e, lo, hi);
-        c0[r] = _mm512_fmadd_ps(x0, lo, c0[r]);
-        c1[r] = _mm512_fmadd_ps(x1, hi, c1[r]);
+      __m512 lo[R], hi[R];
+      for (int r = 0; r < R; ++r) decode32<F>(p[r] + e, lo[r], hi[r]);
+      for (int i = 0; i < MR; ++i) {
+        const __m512 x0 = _mm512_loadu_ps(x + i * k + e), x1 = _mm512_loadu_ps(x + i * k + e + 16);
+        for (int r = 0; r < R; ++r) {
+          c0[r][i] = _mm512_fmadd_ps(x0, lo[r], c0[r][i]);
+          if (kTwo) c1[r][i] = _mm512_fmadd_ps(x1, hi[r], c1[r][i]);
+          else c0[r][i] = _mm512_fmadd_ps(x1, hi[r], c0[r][i]);
+        }
       }
     }
     for (; e < e1; e += 16) {  // group 16 (odd multiples), per-channel tails K % 32
       const __mmask16 mask = e1 - e >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (e1 - e)) - 1);
-      const __m512 x0 = _mm512_maskz_loadu_ps(mask, x + e);
-      for (int r = 0; r < R; ++r) c0[r] = _mm512_fmadd_ps(x0, decode16<F>(p[r] + e, mask), c0[r]);
+      __m512 w[R];
+      for (int r = 0; r < R; ++r) w[r] = decode16<F>(p[r] + e, mask);
+      for (int i = 0; i < MR; ++i) {
+        const __m512 x0 = _mm512_maskz_loadu_ps(mask, x + i * k + e);
+        for (int r = 0; r < R; ++r) c0[r][i] = _mm512_fmadd_ps(x0, w[r], c0[r][i]);
+      }
     }
     for (int r = 0; r < R; ++r)
-      yv[r] = apply_scale<F>(s[r][g], _mm512_add_ps(c0[r], c1[r]), yv[r]);
+      for (int i = 0; i < MR; ++i)
+        yv[r][i] = apply_scale<F>(s[r][g], kTwo ? _mm512_add_ps(c0[r][i], c1[r][i]) : c0[r][i],
+                                  yv[r][i]);
   }
-  for (int r = 0; r < R; ++r) {
-    const float v = hsum(yv[r]);
-    y[j + r] = a.bias ? v + a.bias[j + r] : v;
-  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < MR; ++i) {
+      const float v = hsum(yv[r][i]);
+      y[i * a.n + j + r] = a.bias ? v + a.bias[j + r] : v;
+    }
+}
+
+// M <= kFewRows: every row of W read once and decoded on the fly (M = 1: four rows of W per
+// pass; else one row of W for all the rows of x).
+template <int F, int MR>
+void few_rows(const Fp8Args& a, const float* xs, int64_t m0, int64_t n0, int64_t n1) {
+  const float* x = a.x + m0 * a.k;
+  float* y = a.y + m0 * a.n;
+  int64_t j = n0;
+  if (MR == 1)
+    for (; j + 4 <= n1; j += 4) rows<F, 4, 1>(a, x, xs, j, y);
+  for (; j < n1; ++j) rows<F, 1, MR>(a, x, xs, j, y);
 }
 
 template <int F>
@@ -160,17 +191,14 @@ void gemv(const Fp8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   thread_local std::vector<float> xbuf;
   xbuf.resize(static_cast<size_t>((m1 - m0) * a.k));
   for (int64_t i = m0; i < m1; ++i) shuffle_x(a.x + i * a.k, a.k, xbuf.data() + (i - m0) * a.k);
-  int64_t j = n0;
-  for (; j + 4 <= n1; j += 4)  // rows x inner loop: a second row of x finds W in L1
-    for (int64_t i = m0; i < m1; ++i)
-      gemv_rows<F, 4>(a, a.x + i * a.k, xbuf.data() + (i - m0) * a.k, j, a.y + i * a.n);
-  for (; j < n1; ++j)
-    for (int64_t i = m0; i < m1; ++i)
-      gemv_rows<F, 1>(a, a.x + i * a.k, xbuf.data() + (i - m0) * a.k, j, a.y + i * a.n);
+  using Fn = void (*)(const Fp8Args&, const float*, int64_t, int64_t, int64_t);
+  static constexpr Fn kFns[kFewRows] = {few_rows<F, 1>, few_rows<F, 2>, few_rows<F, 3>,
+                                        few_rows<F, 4>};
+  kFns[m1 - m0 - 1](a, xbuf.data(), m0, n0, n1);
 }
 
 void gemm_avx512(const Fp8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (a.m > kFp8GemvRows) {  // by the whole call's M, so a task's result never depends on the split
+  if (a.m > kFewRows) {  // by the whole call's M, so a task's result never depends on the split
     avx2_kernels()->gemm(a, m0, m1, n0, n1);
     return;
   }
