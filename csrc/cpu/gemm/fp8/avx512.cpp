@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/gemm/fp8/kernels.h"
+#include "cpu/runtime/simd_f32.h"
 
 namespace qk {
 namespace fp8 {
@@ -33,13 +34,7 @@ namespace {
 // register, which GCC 12 reports as maybe-uninitialized.
 inline __m512 cvtph(__m256i h) { return _mm512_maskz_cvtph_ps(0xFFFF, h); }
 
-inline float hsum(__m512 v) {
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_maskz_extractf32x8_ps(0xFF, v, 1));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+inline float hsum(__m512 v) { return simd::F32x16::sum(v); }
 
 // 16-bit lanes holding code << 8 -> binary16 bits of the code's decoded value.
 template <int F>

@@ -27,6 +27,8 @@
 #include <vector>
 
 #include "cpu/gemm/lut4/kernels.h"
+#include "cpu/runtime/simd_f32.h"
+#include "cpu/gemm/lut4/tiles.h"
 
 namespace qk {
 namespace lut4 {
@@ -83,19 +85,8 @@ void shuffle_x128(const float* x, int64_t k128, float* out) {
   }
 }
 
-// v's two halves added (the masked extract: the unmasked one starts from an undefined register,
-// which GCC 12 reports as maybe-uninitialized).
-inline __m256 half8(__m512 v) {
-  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_maskz_extractf32x8_ps(0xFF, v, 1));
-}
-
-inline float hsum(__m512 v) {
-  const __m256 h = half8(v);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+inline __m256 half8(__m512 v) { return simd::F32x16::halves(v); }
+inline float hsum(__m512 v) { return simd::F32x16::sum(v); }
 
 // 128 codes of a row at p as 8 index vectors: lane l of vector q = code 8 l + q, the nibble at
 // bit 4q of dword l (vpermps reads the low 4 bits); one 64-byte load and a shift each.
@@ -264,33 +255,20 @@ void micro(const float* x, int64_t ldx, const float (*w)[kKc], int64_t kc, float
   }
 }
 
-void micro_rows(int rows, const float* x, int64_t ldx, const float (*w)[kKc], int64_t kc,
-                float* y, int64_t ldy, int64_t nr) {
+void gemm_tiles(const Lut4Args& a, __m512 table, int64_t m0, int64_t m1, int64_t n0,
+                int64_t n1) {
   using Fn = void (*)(const float*, int64_t, const float (*)[kKc], int64_t, float*, int64_t,
                       int64_t);
   static constexpr Fn kFns[kMr] = {micro<1>, micro<2>, micro<3>, micro<4>};
-  kFns[rows - 1](x, ldx, w, kc, y, ldy, nr);
-}
-
-void gemm_tiles(const Lut4Args& a, __m512 table, int64_t m0, int64_t m1, int64_t n0,
-                int64_t n1) {
-  alignas(64) float w[kNr][kKc];
-  for (int64_t j0 = n0; j0 < n1; j0 += kNr) {
-    const int64_t nr = std::min(kNr, n1 - j0);
-    for (int64_t i = m0; i < m1; ++i)
-      for (int64_t r = 0; r < nr; ++r) a.y[i * a.n + j0 + r] = a.bias ? a.bias[j0 + r] : 0.0f;
-    for (int64_t k0 = 0; k0 < a.k; k0 += kKc) {
-      const int64_t kc = std::min(kKc, a.k - k0);
-      for (int64_t r = 0; r < kNr; ++r) {
-        if (r < nr) decode_row(a, table, j0 + r, k0, kc, w[r]);
-        else std::fill(w[r], w[r] + kc, 0.0f);  // padding rows: computed, never stored
-      }
-      for (int64_t i = m0; i < m1; i += kMr) {
-        const int rows = static_cast<int>(std::min<int64_t>(kMr, m1 - i));
-        micro_rows(rows, a.x + i * a.k + k0, a.k, w, kc, a.y + i * a.n + j0, a.n, nr);
-      }
-    }
-  }
+  lut4::gemm_tiles<kNr, kKc>(
+      a, m0, m1, n0, n1,
+      [&](int64_t j, int64_t k0, int64_t kc, float* dst) { decode_row(a, table, j, k0, kc, dst); },
+      [&](int64_t i, int64_t left, int64_t k0, int64_t kc, const float (*w)[kKc], int64_t j0,
+          int64_t nr) -> int64_t {
+        const int64_t rows = std::min<int64_t>(kMr, left);
+        kFns[rows - 1](a.x + i * a.k + k0, a.k, w, kc, a.y + i * a.n + j0, a.n, nr);
+        return rows;
+      });
 }
 
 void gemm_avx512(const Lut4Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
