@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import isas
 import qkern
 from qkern.nn import QuantLinear
 from qkern.ops import fp8
 
 U = 2.0**-24
-ISAS = ["scalar"] + (["avx2"] if qkern._C.cpu_has_avx2() else [])
+ISAS = isas.params()
+HAVE = isas.HAVE  # the loops below: every ISA this CPU has
 FMTS = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit in opcheck
@@ -44,6 +46,10 @@ def _weight(codes, scales, fmt):
 
 
 def _run(x, codes, scales, g, fmt, bias):
+    if g in (16, 48):  # groups the raw op takes (multiples of 16) but pack_weight does not
+        n, k = codes.shape
+        return torch.ops.qkern.gemm_fp8(x, codes.contiguous(), scales.contiguous(), bias, n, k, g,
+                                        fp8.FORMATS[fmt])
     p = fp8.pack_weight(codes, scales, g, fmt)
     return torch.ops.qkern.gemm_fp8(x, p["w"], p["scales"], bias, p["N"], p["K"],
                                     p["group_size"], p["fmt"])
@@ -64,12 +70,12 @@ def _check(y, x, w, bias):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", list(FMTS))
-@pytest.mark.parametrize("m", [1, 2, 3, 17, 130])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 13, 17, 130])
 @pytest.mark.parametrize("n", [1, 7, 33])
 @pytest.mark.parametrize("k,g", [(64, 32), (192, 64), (128, None), (100, None), (37, None),
-                                 (4096, 128)])
+                                 (4096, 128), (48, 16), (144, 48), (1000, None), (5, None)])
 def test_shapes_vs_reference(isa, fmt, m, n, k, g):
-    qkern.set_isa(isa)
+    isas.use(isa)
     x, codes, scales, b = _problem(m, n, k, g, fmt, seed=m * 1000 + n + k)
     _check(_run(x, codes, scales, g, fmt, b), x, _weight(codes, scales, fmt), b)
 
@@ -80,7 +86,7 @@ def test_shapes_vs_reference(isa, fmt, m, n, k, g):
 def test_every_code_decodes_exactly(isa, fmt, g):
     # one-hot x picks single weights: the result is exactly float32(value * s), on the GEMV
     # (1-2 rows) and tiled (K rows) paths alike
-    qkern.set_isa(isa)
+    isas.use(isa)
     n, k = 16, 256
     codes = (torch.arange(n * k) % 256).to(torch.uint8).reshape(n, k)
     codes = codes[:, torch.randperm(k, generator=torch.Generator().manual_seed(1))]
@@ -104,8 +110,8 @@ def test_matches_qkern_dequantize_bit_for_bit(fmt, g):
     else:
         q = qkern.quantize(w, fmt, granularity="group", axis=1, group_size=g)
     want = q.dequantize()
-    for isa in ISAS:
-        qkern.set_isa(isa)
+    for isa in HAVE:
+        isas.use(isa)
         for x in (torch.eye(128), torch.eye(128)[:2]):
             y = _run(x, q.codes, q.scale, g, fmt, None)
             assert torch.equal(y.T, want[:, : x.shape[0]])
@@ -115,7 +121,7 @@ def test_matches_qkern_dequantize_bit_for_bit(fmt, g):
 @pytest.mark.parametrize("fmt", list(FMTS))
 @pytest.mark.parametrize("m", [1, 9])
 def test_zero_rows_and_large_magnitudes(isa, fmt, m):
-    qkern.set_isa(isa)
+    isas.use(isa)
     n, k, g = 33, 512, 64
     x, codes, scales, b = _problem(m, n, k, g, fmt, seed=3, scale_mag=1e30)
     x = x * 1e-30
@@ -134,7 +140,7 @@ def test_zero_rows_and_large_magnitudes(isa, fmt, m):
 @pytest.mark.parametrize("m", [1, 5])
 def test_scales_near_float32_max(isa, m):
     # E4M3's GEMV folds 2^8 into the scale; scale * 256 overflows above 2^120: other order
-    qkern.set_isa(isa)
+    isas.use(isa)
     n, k = 9, 64
     x, codes, scales, _ = _problem(m, n, k, 32, "fp8_e4m3", seed=5)
     codes = codes & 0x87  # small values (|v| < 2^-5) keep every weight finite
@@ -145,20 +151,27 @@ def test_scales_near_float32_max(isa, m):
     _check(_run(x, codes, scales, 32, "fp8_e4m3", None), x, w, None)
 
 
-@pytest.mark.parametrize("m", [1, 2, 100])
+@pytest.mark.parametrize("m", [1, 2, 5, 100])
 @pytest.mark.parametrize("fmt", list(FMTS))
-def test_avx2_matches_scalar_and_threads_are_deterministic(m, fmt):
-    n, k, g = 257, 1024, 128
+@pytest.mark.parametrize("k,g", [(1024, 128), (1008, None), (1024, 16)])
+def test_every_isa_matches_scalar_and_threads_are_deterministic(m, fmt, k, g):
+    n = 257
     x, codes, scales, b = _problem(m, n, k, g, fmt, seed=m)
     w = _weight(codes, scales, fmt)
     out = {}
-    for isa in ISAS:
+    for isa in HAVE:
         for threads in (1, 2):
-            qkern.set_isa(isa)
+            isas.use(isa)
             qkern.set_num_threads(threads)
             out[isa, threads] = y = _run(x, codes, scales, g, fmt, b)
             _check(y, x, w, b)
         assert torch.equal(out[isa, 1], out[isa, 2])
+        _check(out[isa, 1], x, w, b)
+        diff = (out[isa, 1].double() - out["scalar", 1].double()).abs()
+        mag = x.double().abs() @ w.double().abs().T + b.double().abs()
+        assert bool((diff <= 2 * (k + 8) * U * mag).all()), isa  # both within the bound
+    if m > 4 and "avx512" in HAVE:  # the tiled path: the same bits as AVX2
+        assert torch.equal(out["avx512", 1], out["avx2", 1])
 
 
 def test_special_codes_in_the_raw_op():
@@ -167,8 +180,8 @@ def test_special_codes_in_the_raw_op():
     s = torch.full((4,), 2.0)
     e4 = torch.tensor([[0x7F], [0xFF], [0x7E], [0x01]], dtype=torch.uint8)  # N = 4, K = 1
     e5 = torch.tensor([[0x7C], [0xFC], [0x7D], [0x7B]], dtype=torch.uint8)
-    for isa in ISAS:
-        qkern.set_isa(isa)
+    for isa in HAVE:
+        isas.use(isa)
         for m in (1, 3):  # GEMV and tiled paths
             x = torch.ones(m, 1)
             y = torch.ops.qkern.gemm_fp8(x, e4, s, None, 4, 1, 0, 0)

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+import isas
 import qkern
 from qkern import formats
 from qkern.ops import lut4
 
 TABLES = ("nf4", "fp4_e2m1", "fp4_bnb")
-ISAS = ("scalar", "avx2")
+ISAS = isas.params()
+HAVE = isas.HAVE  # the loops below: every ISA this CPU has
 EPS32 = 2.0**-24
 
 
@@ -39,9 +41,13 @@ def _reference(x, codes, scales, table, g, bias):
 
 
 def _run(x, codes, scales, table, g, bias):
-    p = lut4.pack_weight(codes, scales, g)
-    return torch.ops.qkern.gemm_lut4(x, p["packed"], p["scales"], table, bias, codes.shape[0],
-                                     codes.shape[1], g)
+    if g in (32, 64, 128):
+        p = lut4.pack_weight(codes, scales, g)
+        packed, sc = p["packed"], p["scales"]
+    else:  # groups the raw op takes but pack_weight (CUDA's rule) does not: the same layout
+        packed = torch.ops.qkern.pack_bits(codes.reshape(-1), 4, False).reshape(codes.shape[0], -1)
+        sc = scales.contiguous()
+    return torch.ops.qkern.gemm_lut4(x, packed, sc, table, bias, codes.shape[0], codes.shape[1], g)
 
 
 def _check(y, ref, bound, k):
@@ -52,11 +58,12 @@ def _check(y, ref, bound, k):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m", [1, 3, 17, 256])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 13, 17, 256])
 @pytest.mark.parametrize("n", [1, 7, 33])
-@pytest.mark.parametrize("k,g", [(64, 32), (64, 64), (192, 64), (4096, 128), (4096, 32)])
+@pytest.mark.parametrize("k,g", [(16, 16), (64, 32), (64, 64), (192, 64), (4096, 128), (4096, 32),
+                                 (1024, 512), (208, 16), (224, 32)])
 def test_shapes_vs_reference(isa, m, n, k, g):
-    qkern.set_isa(isa)
+    isas.use(isa)
     table = _table("nf4")
     x, codes, scales, b = _problem(m, n, k, g, seed=m * 1000 + n + k)
     y = _run(x, codes, scales, table, g, b)
@@ -66,36 +73,37 @@ def test_shapes_vs_reference(isa, m, n, k, g):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", TABLES)
-@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("g", [16, 32, 64, 128, 256])
 def test_tables_and_groups(isa, name, g):
-    qkern.set_isa(isa)
+    isas.use(isa)
     table = _table(name)
-    x, codes, scales, b = _problem(5, 33, 384, g, seed=g)
+    x, codes, scales, b = _problem(5, 33, 768, g, seed=g)
     ref, bound = _reference(x, codes, scales, table, g, None)
-    _check(_run(x, codes, scales, table, g, None), ref, bound, 384)
+    _check(_run(x, codes, scales, table, g, None), ref, bound, 768)
     x1 = x[:1]
     ref1, bound1 = _reference(x1, codes, scales, table, g, b)
-    _check(_run(x1, codes, scales, table, g, b), ref1, bound1, 384)
+    _check(_run(x1, codes, scales, table, g, b), ref1, bound1, 768)
 
 
-def test_every_code_decodes_exactly():
+@pytest.mark.parametrize("g", [16, 32])
+def test_every_code_decodes_exactly(g):
     # one-hot x picks single weights: the result is exactly table[c] * s, on every path
     table = _table("nf4")
-    k, g = 64, 32
+    k = 64
     codes = (torch.arange(16 * k) % 16).reshape(16, k).to(torch.uint8)
     codes = codes[:, torch.randperm(k, generator=torch.Generator().manual_seed(1))]
     scales = torch.rand(16, k // g) + 0.5
     eye = torch.eye(k)
     want = (table[codes.long()] * scales.repeat_interleave(g, 1)).T
-    for isa in ISAS:
-        qkern.set_isa(isa)
+    for isa in HAVE:
+        isas.use(isa)
         for x in (eye, eye[:1], eye[:2]):
             assert torch.equal(_run(x, codes, scales, table, g, None), want[: x.shape[0]])
 
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_zero_rows_and_large_scales(isa):
-    qkern.set_isa(isa)
+    isas.use(isa)
     table = _table("fp4_e2m1")
     m, n, k, g = 17, 33, 4096, 64
     x, codes, scales, b = _problem(m, n, k, g, seed=3, scale_mag=1e30)
@@ -110,21 +118,42 @@ def test_zero_rows_and_large_scales(isa):
     assert torch.equal(y[:, 9], b[9].expand(m))
 
 
-@pytest.mark.parametrize("m", [1, 2, 65, 130])
-def test_avx2_matches_scalar_and_threads_are_deterministic(m):
+@pytest.mark.parametrize("m", [1, 2, 5, 65, 130])
+@pytest.mark.parametrize("g", [16, 64, 512])
+def test_every_isa_matches_scalar_and_threads_are_deterministic(m, g):
     table = _table("nf4")
-    n, k, g = 257, 1024, 64
+    n, k = 257, 1024
     x, codes, scales, b = _problem(m, n, k, g, seed=m)
     ref, bound = _reference(x, codes, scales, table, g, b)
     out = {}
-    for isa in ISAS:
+    for isa in HAVE:
         for threads in (1, 2):
-            qkern.set_isa(isa)
+            isas.use(isa)
             qkern.set_num_threads(threads)
             out[isa, threads] = y = _run(x, codes, scales, table, g, b)
             _check(y, ref, bound, k)
         assert torch.equal(out[isa, 1], out[isa, 2])
-    _check(out["avx2", 1], out["scalar", 1].double(), bound, k)
+        _check(out[isa, 1], out["scalar", 1].double(), bound, k)
+
+
+def test_non_finite_inputs_propagate():
+    # NaN / Inf in x or in a scale: every path gives NaN / Inf exactly where the definition does
+    table = _table("nf4")
+    m, n, k, g = 3, 9, 256, 64
+    x, codes, scales, _ = _problem(m, n, k, g, seed=21)
+    codes[:, :] = 15  # table value 1.0 and positive scales: every weight > 0
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    scales[4, 2] = float("nan")
+    col = torch.arange(n) == 4
+    nan = torch.stack([col, torch.ones(n, dtype=torch.bool), col])
+    inf = torch.stack([torch.zeros(n, dtype=torch.bool)] * 2 + [~col])
+    for isa in HAVE:
+        isas.use(isa)
+        for rows in (slice(0, 3), slice(1, 2), slice(2, 3)):  # GEMM and GEMV paths
+            y = _run(x[rows], codes, scales, table, g, None)
+            assert torch.equal(y.isnan(), nan[rows]), isa
+            assert torch.equal(y == float("inf"), inf[rows]), isa
 
 
 def test_layout_is_lsb_nibble_stream_per_row():
@@ -202,7 +231,7 @@ def _run_dq(x, q, bias=None):
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("m", [1, 2, 17])
 def test_dq_vs_dequantize_reference(isa, name, g, m):
-    qkern.set_isa(isa)
+    isas.use(isa)
     n, k = 37, 1024  # 37 * 1024 / g blocks: several second-level groups, the last partial
     q = _dq_weight(name, n, k, g, seed=g + m)
     assert torch.equal(_dq_scales_from_spec(q.double_quant), q.scale.reshape(-1))
@@ -236,8 +265,8 @@ def test_dq_every_weight_decodes_exactly(g):
     q = _dq_weight("nf4", 9, 256, g, seed=7)
     want = q.dequantize().T
     eye = torch.eye(256)
-    for isa in ISAS:
-        qkern.set_isa(isa)
+    for isa in HAVE:
+        isas.use(isa)
         for x in (eye, eye[:1], eye[3:5]):
             rows = torch.nonzero(x)[:, 1]
             assert torch.equal(_run_dq(x, q), want[rows])
@@ -261,8 +290,8 @@ def test_dq_scale_clamp_and_second_level_groups():
     x = torch.randn(5, k, generator=gen)
     p = lut4.pack_weight_dq(codes, dq, g)
     pf = lut4.pack_weight(codes, scales, g)
-    for isa in ISAS:
-        qkern.set_isa(isa)
+    for isa in HAVE:
+        isas.use(isa)
         for xx in (x, x[:1]):
             y = lut4.gemm_lut4_dq(xx, p, table)
             assert torch.equal(y, torch.ops.qkern.gemm_lut4(xx, pf["packed"], pf["scales"], table,
@@ -281,9 +310,9 @@ def test_dq_avx2_matches_scalar_and_threads_are_deterministic(m):
     ref = x.double() @ w.double().T
     bound = x.double().abs() @ w.double().abs().T
     out = {}
-    for isa in ISAS:
+    for isa in HAVE:
         for threads in (1, 2):
-            qkern.set_isa(isa)
+            isas.use(isa)
             qkern.set_num_threads(threads)
             out[isa, threads] = y = _run_dq(x, q)
             _check(y, ref, bound, k)

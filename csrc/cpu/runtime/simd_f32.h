@@ -32,6 +32,19 @@ struct F32x16 {
   static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
   static T set1(float v) { return _mm512_set1_ps(v); }
+  // v's two 8-lane halves added (the masked extract: GCC 12 reports the unmasked one, which
+  // starts from an undefined register, as maybe-uninitialized).
+  static __m256 halves(T v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_maskz_extractf32x8_ps(0xFF, v, 1));
+  }
+  // The sum of the 16 lanes: halves, then 128-bit halves, then pairs.
+  static float sum(T v) {
+    const __m256 h = halves(v);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
 };
 #endif
 

@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "cpu/gemm/lut4/kernels.h"
+#include "cpu/gemm/lut4/tiles.h"
 
 namespace qk {
 namespace lut4 {
@@ -130,23 +131,17 @@ void micro(const float* x, int64_t ldx, const float (*w)[kKc], int64_t kc, float
 
 void gemm_tiles(const Lut4Args& a, const Decoder& dec, int64_t m0, int64_t m1, int64_t n0,
                 int64_t n1) {
-  alignas(32) float w[kNr][kKc];
-  for (int64_t j0 = n0; j0 < n1; j0 += kNr) {
-    const int64_t nr = std::min(kNr, n1 - j0);
-    for (int64_t i = m0; i < m1; ++i)
-      for (int64_t r = 0; r < nr; ++r) a.y[i * a.n + j0 + r] = a.bias ? a.bias[j0 + r] : 0.0f;
-    for (int64_t k0 = 0; k0 < a.k; k0 += kKc) {
-      const int64_t kc = std::min(kKc, a.k - k0);
-      for (int64_t r = 0; r < kNr; ++r) {
-        if (r < nr) decode_row(a, dec, j0 + r, k0, kc, w[r]);
-        else std::fill(w[r], w[r] + kc, 0.0f);  // padding rows: computed, never stored
-      }
-      int64_t i = m0;
-      for (; i + 2 <= m1; i += 2)
-        micro<2>(a.x + i * a.k + k0, a.k, w, kc, a.y + i * a.n + j0, a.n, nr);
-      if (i < m1) micro<1>(a.x + i * a.k + k0, a.k, w, kc, a.y + i * a.n + j0, a.n, nr);
-    }
-  }
+  lut4::gemm_tiles<kNr, kKc>(
+      a, m0, m1, n0, n1,
+      [&](int64_t j, int64_t k0, int64_t kc, float* dst) { decode_row(a, dec, j, k0, kc, dst); },
+      [&](int64_t i, int64_t left, int64_t k0, int64_t kc, const float (*w)[kKc], int64_t j0,
+          int64_t nr) -> int64_t {
+        const float* x = a.x + i * a.k + k0;
+        float* y = a.y + i * a.n + j0;
+        if (left >= 2) micro<2>(x, a.k, w, kc, y, a.n, nr);
+        else micro<1>(x, a.k, w, kc, y, a.n, nr);
+        return left >= 2 ? 2 : 1;
+      });
 }
 
 void gemm_avx2(const Lut4Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
