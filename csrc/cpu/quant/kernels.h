@@ -42,14 +42,15 @@ struct Kernels {
 
 extern const Kernels kScalarKernels;  // scalar.cpp
 const Kernels* avx2_kernels();        // avx2.cpp
+const Kernels* avx512_kernels();      // avx512.cpp
 
 // The table of the running ISA, one entry per qk::Isa.
 inline const Kernels& kernels() {
-  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels()};
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
   return pick(by_isa);
 }
 
-// Scalar kernels, also the fallback of the AVX2 ones for modes they do not vectorize.
+// Scalar kernels, also the fallback of the AVX2 / AVX-512 ones for modes they do not vectorize.
 bool affine_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
                    const int32_t* zp, const AffineSpec& spec, uint8_t* codes);
 void dequant_affine_scalar(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
