@@ -74,17 +74,6 @@ inline void store_f32(float* p, bool stream, __m512 v) {
   else _mm512_storeu_ps(p, v);
 }
 
-// Calls seg(g, a, b) for each maximal run [a, b) of [e0, e1) inside one group g.
-template <typename F>
-inline void for_segments(int64_t e0, int64_t e1, int64_t group, F seg) {
-  while (e0 < e1) {
-    int64_t g = e0 / group;
-    int64_t end = (g + 1) * group < e1 ? (g + 1) * group : e1;
-    seg(g, e0, end);
-    e0 = end;
-  }
-}
-
 bool affine_vectorized(const AffineSpec& spec) { return spec.rounding != kStochastic; }
 
 // core/affine.h affine_code on 16 values t = x * (1/scale): the quantizer shape, the clamp
@@ -120,8 +109,8 @@ struct AffineVec {
 // Codes of x[a, b), all in group g; `pf` (when set) is prefetched alongside: the next group
 // of a per-channel row loop, so memory keeps streaming while this group is coded from cache.
 __attribute__((always_inline)) inline bool affine_segment(
-    const float* x, int64_t a, int64_t b, int64_t g, const float* scale, const int32_t* zp,
-    const AffineSpec& spec, uint8_t* codes, const float* pf) {
+    const float* x, int64_t a, int64_t b, int64_t g, int64_t /*group*/, const float* scale,
+    const int32_t* zp, const AffineSpec& spec, uint8_t* codes, const float* pf) {
   const AffineVec av(spec, zp ? zp[g] : 0);
   const __m512 vs = _mm512_set1_ps(1.0f / scale[g]);
   __mmask16 bad = 0;
@@ -150,23 +139,6 @@ __attribute__((always_inline)) inline bool affine_segment(
     _mm512_mask_cvtepi32_storeu_epi8(codes + i, m, av.code(_mm512_mul_ps(v, vs)));
   }
   return bad != 0;
-}
-
-bool affine_avx512(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
-                   const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
-  if (!affine_vectorized(spec)) return affine_scalar(x, e0, e1, group, scale, zp, spec, codes);
-  bool bad = false;
-  for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
-    bad |= affine_segment(x, a, b, g, scale, zp, spec, codes, nullptr);
-  });
-  return bad;
-}
-
-// Groups this long are worth prefetching one ahead (a per-channel row, not a 128-block).
-constexpr int64_t kPrefetchGroup = 1024;
-
-inline const float* next_group(const float* x, int64_t g, int64_t g1, int64_t group) {
-  return (group >= kPrefetchGroup && g + 1 < g1) ? x + (g + 1) * group : nullptr;
 }
 
 // 16 codes at p (bytes, masked) as int32.
@@ -222,22 +194,15 @@ void dequant_affine_avx512(const uint8_t* codes, int64_t e0, int64_t e1, int64_t
 // passes n - 1 unless t >= the last value, where the clamp gives n - 1 as the count would.
 class Table16 {
  public:
-  static bool eligible(const CodebookSpec& s) { return s.rounding == kNearestEven && s.n <= 16; }
-
   explicit Table16(const CodebookSpec& spec) : n_(spec.n), sign_bit_(spec.sign_bit) {
-    alignas(64) float vals[16];
-    alignas(64) int32_t cods[16];
-    for (int k = 0; k < 16; ++k) {
-      vals[k] = spec.values[k < spec.n ? k : spec.n - 1];
-      cods[k] = spec.codes[k < spec.n ? k : spec.n - 1];
-    }
-    vals_ = _mm512_load_ps(vals);
-    cods_ = _mm512_load_si512(cods);
+    const Table16Data t(spec);
+    vals_ = _mm512_load_ps(t.vals);
+    cods_ = _mm512_load_si512(t.codes);
   }
 
   // Codes of x[a, b) with one scale.
   bool run(const float* x, int64_t a, int64_t b, int64_t group, const float* scale,
-           uint8_t* codes, const float* pf = nullptr) const {
+           const CodebookSpec&, uint8_t* codes, const float* pf) const {
     const __m512 vs = _mm512_set1_ps(1.0f / scale[a / group]);
     __mmask16 bad = 0;
     for (int64_t i = a; i < b; i += kW) {
@@ -284,17 +249,6 @@ class Table16 {
   __m512 vals_;
   __m512i cods_;
 };
-
-bool codebook_avx512(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
-                     const CodebookSpec& spec, uint8_t* codes) {
-  if (!Table16::eligible(spec)) return codebook_scalar(x, e0, e1, group, scale, spec, codes);
-  const Table16 table(spec);
-  bool bad = false;
-  for_segments(e0, e1, group, [&](int64_t, int64_t a, int64_t b) {
-    bad |= table.run(x, a, b, group, scale, codes);
-  });
-  return bad;
-}
 
 // 16-entry tables (4-bit formats) decode with one in-register permute; larger ones gather.
 void lut_avx512(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const float* scale,
@@ -344,42 +298,10 @@ __attribute__((always_inline)) inline void minmax_avx512(const float* x, int64_t
   *bad = b != 0;
 }
 
-// Lambda wrapper: a function pointer would be an indirect call per group.
-constexpr auto kMinMax = [](const float* p, int64_t n, float* lo, float* hi, bool* b) {
-  minmax_avx512(p, n, lo, hi, b);
-};
+using Path = VectorPath<affine_vectorized, affine_segment, minmax_avx512, Table16>;
 
-bool affine_groups_avx512(const float* x, int64_t g0, int64_t g1, int64_t group,
-                          const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
-                          uint8_t* codes) {
-  if (!affine_vectorized(spec))
-    return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, kMinMax, [&](int64_t g) {
-      return affine_scalar(x, g * group, (g + 1) * group, group, scale, zp, spec, codes);
-    });
-  return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, kMinMax, [&](int64_t g) {
-    return affine_segment(x, g * group, (g + 1) * group, g, scale, zp, spec, codes,
-                          next_group(x, g, g1, group));
-  });
-}
-
-bool codebook_groups_avx512(const float* x, int64_t g0, int64_t g1, int64_t group,
-                            const CodebookSpec& spec, const ScaleSpec& ss, float* scale,
-                            uint8_t* codes) {
-  const AffineSpec none{0, 0, 0, 0, 0.0f, 0};
-  if (!Table16::eligible(spec))
-    return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, kMinMax, [&](int64_t g) {
-      return codebook_scalar(x, g * group, (g + 1) * group, group, scale, spec, codes);
-    });
-  const Table16 table(spec);
-  return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, kMinMax, [&](int64_t g) {
-    return table.run(x, g * group, (g + 1) * group, group, scale, codes,
-                     next_group(x, g, g1, group));
-  });
-}
-
-const Kernels kAvx512Kernels = {affine_avx512, dequant_affine_avx512, codebook_avx512,
-                                lut_avx512,    minmax_avx512,         affine_groups_avx512,
-                                codebook_groups_avx512};
+const Kernels kAvx512Kernels = {Path::affine, dequant_affine_avx512, Path::codebook, lut_avx512,
+                                minmax_avx512, Path::affine_groups, Path::codebook_groups};
 
 }  // namespace
 
