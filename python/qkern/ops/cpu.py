@@ -7,7 +7,7 @@ import torch
 
 from .. import _C
 from . import checks
-from .raw import contig, out_tensor, ptr
+from .raw import contig, empty, out_tensor, ptr
 from .schemas import LIB, SCHEMAS
 
 F32, I32, U8, I16 = torch.float32, torch.int32, torch.uint8, torch.int16
@@ -35,7 +35,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def _out(op, t, n, dtypes, shape, name="out"):
     """The output: allocated (``t`` None: a functional op) or the caller's (an ``*_out`` op)."""
     if t is None:
-        return torch.empty(shape, dtype=dtypes[0])
+        return empty(shape, dtypes[0])
     return out_tensor(f"{op}_out", t, n, dtypes, name)
 
 
