@@ -102,21 +102,14 @@ def check_scale_values(op: str, scale: torch.Tensor, quantize: bool) -> None:
     if scale.numel() == 0 or scale.device.type == "meta":
         return
     s = scale.detach().float()
-    if s.device.type == "cpu":
-        a = s.numpy()
-        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-            ok = np.isfinite(a) & (a > 0)
-            if quantize:
-                ok &= np.isfinite(np.float32(1.0) / a)
-        if bool(ok.all()):
-            return
-        ok = torch.from_numpy(ok)
-    else:
-        ok = torch.isfinite(s) & (s > 0)
+    cpu = s.device.type == "cpu"
+    a, lib = (s.numpy(), np) if cpu else (s, torch)
+    with np.errstate(all="ignore"):
+        ok = lib.isfinite(a) & (a > 0)
         if quantize:
-            ok &= torch.isfinite(1.0 / s)
+            ok &= lib.isfinite((np.float32(1.0) if cpu else 1.0) / a)
     if not bool(ok.all()):
-        bad = float(s[~ok].reshape(-1)[0])
+        bad = float(a[~ok].reshape(-1)[0])
         raise ValueError(f"{op}: scale must be finite and > 0{' with 1/scale finite' * quantize}"
                          f", got {bad!r}")
 
