@@ -147,23 +147,12 @@ inline __m512i load_codes(const uint8_t* p, __mmask16 m, bool is_signed) {
   return is_signed ? _mm512_cvtepi8_epi32(c8) : _mm512_cvtepu8_epi32(c8);
 }
 
-// out[a, b) = f(16 codes, 16 lanes mask): full vectors (streamed once the output is
-// line-aligned when `stream`), then one masked tail.
+// out[a, b) = f(16 codes, 16 lanes mask): full vectors, then one masked tail. `stream`: the
+// vectors go out with streaming stores (whole lines; see stream_ok).
 template <typename F>
 inline void decode_range(const uint8_t* codes, int64_t a, int64_t b, float* out, bool stream,
                          F f) {
   int64_t i = a;
-  if (reinterpret_cast<uintptr_t>(out) & 3) stream = false;  // not float-aligned: no lines
-  if (stream) {  // unaligned head up to a 64-byte boundary
-    auto addr = reinterpret_cast<uintptr_t>(out + i);
-    int64_t head = static_cast<int64_t>(((64 - (addr & 63)) & 63) / 4);
-    if (head > b - i) head = b - i;
-    if (head) {
-      __mmask16 m = lanes(head);
-      _mm512_mask_storeu_ps(out + i, m, f(codes + i, m));
-      i += head;
-    }
-  }
   const auto all = static_cast<__mmask16>(0xFFFF);
   for (; i + kW <= b; i += kW) store_f32(out + i, stream, f(codes + i, all));
   if (i < b) {
@@ -172,9 +161,17 @@ inline void decode_range(const uint8_t* codes, int64_t a, int64_t b, float* out,
   }
 }
 
+// Streaming stores only where every segment [a, b) of the range starts on a 64-byte line and
+// fills whole lines (a partial line stored normally beside streamed ones costs more than the
+// streaming saves): the range starts line-aligned and groups are multiples of 16 floats.
+inline bool stream_ok(bool stream, const float* out, int64_t e0, int64_t group) {
+  return stream && (reinterpret_cast<uintptr_t>(out + e0) & 63) == 0 && group % kW == 0;
+}
+
 void dequant_affine_avx512(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
                            const float* scale, const int32_t* zp, bool is_signed, float offset,
                            float* out, bool stream) {
+  stream = stream_ok(stream, out, e0, group);
   const __m512 vo = _mm512_set1_ps(offset);
   for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
     const __m512i vz = _mm512_set1_epi32(zp ? zp[g] : 0);
@@ -255,17 +252,23 @@ void lut_avx512(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, con
                 const float* lut, float* out, bool stream) {
   bool small = true;
   for (int k = 16; k < 256; ++k) small &= lut[k] == 0.0f;
+  stream = stream_ok(stream, out, e0, group);
   const __m512 t16 = _mm512_loadu_ps(lut);
   const __m512i fifteen = _mm512_set1_epi32(15);
   for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
     const __m512 vs = _mm512_set1_ps(scale[g]);
-    decode_range(codes, a, b, out, stream, [&](const uint8_t* p, __mmask16 m) {
-      __m512i idx = load_codes(p, m, false);
-      __m512 v = small
-          ? _mm512_maskz_permutexvar_ps(_mm512_cmple_epu32_mask(idx, fifteen), idx, t16)
-          : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, lut, 4);
-      return _mm512_mul_ps(v, vs);
-    });
+    if (small) {  // two loops, not a select: the gather would be computed either way
+      decode_range(codes, a, b, out, stream, [&](const uint8_t* p, __mmask16 m) {
+        __m512i idx = load_codes(p, m, false);
+        __mmask16 in = _mm512_cmple_epu32_mask(idx, fifteen);
+        return _mm512_mul_ps(_mm512_maskz_permutexvar_ps(in, idx, t16), vs);
+      });
+    } else {
+      decode_range(codes, a, b, out, stream, [&](const uint8_t* p, __mmask16 m) {
+        __m512i idx = load_codes(p, m, false);
+        return _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, lut, 4), vs);
+      });
+    }
   });
   if (stream) _mm_sfence();
 }
