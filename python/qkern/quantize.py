@@ -173,7 +173,7 @@ def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
     """Quantize ``x`` to format ``fmt``; see README "Quantize" and docs/numerics.md.
     ``out``: a QTensor of the same format, layout and kind of zero point (e.g. an earlier
     result) whose codes, scale and zero point are overwritten in place and returned
-    (docs/api.md, "Preallocated outputs")."""
+    (docs/speed.md, "Preallocated outputs")."""
     fmt = F.get(fmt)
     x = detached_input(as_tensor(x))
     check_float(x)
