@@ -42,13 +42,15 @@ inline __m256 nonfinite_mask(__m256 x) {
 }
 
 // Four vectors of int32 codes (low byte significant) -> 32 bytes in element order.
-inline void store_bytes32(uint8_t* out, __m256i q0, __m256i q1, __m256i q2, __m256i q3) {
+inline void store_bytes32(uint8_t* out, __m256i q0, __m256i q1, __m256i q2, __m256i q3,
+                          bool stream = false) {
   const __m256i ff = _mm256_set1_epi32(0xFF);
   __m256i p01 = _mm256_packus_epi32(_mm256_and_si256(q0, ff), _mm256_and_si256(q1, ff));
   __m256i p23 = _mm256_packus_epi32(_mm256_and_si256(q2, ff), _mm256_and_si256(q3, ff));
   __m256i b = _mm256_packus_epi16(p01, p23);
   b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
+  if (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(out), b);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
 }
 
 // Large float outputs (4x the bytes of their codes) bypass the caches when aligned: streaming
@@ -67,7 +69,7 @@ bool affine_vectorized(const AffineSpec& spec) {
 __attribute__((always_inline)) inline bool affine_segment(
     const float* x, int64_t a, int64_t b, int64_t g, int64_t group,
                     const float* scale, const int32_t* zp, const AffineSpec& spec,
-                    uint8_t* codes, const float* pf) {
+                    uint8_t* codes, const float* pf, bool stream) {
   const bool midrise = spec.shape == kMidRise;
   const int32_t z = zp ? zp[g] : 0;
   const __m256 vs = _mm256_set1_ps(1.0f / scale[g]);  // x * (1/scale), as torch
@@ -90,7 +92,7 @@ __attribute__((always_inline)) inline bool affine_segment(
       _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a)), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a) + 16), _MM_HINT_T0);
     }
-    store_bytes32(codes + i, one(i), one(i + 8), one(i + 16), one(i + 24));
+    store_bytes32(codes + i, one(i), one(i + 8), one(i + 16), one(i + 24), stream);
   }
   bool bad = _mm256_movemask_ps(badv) != 0;
   if (i < b) bad |= affine_scalar(x, i, b, group, scale, zp, spec, codes);

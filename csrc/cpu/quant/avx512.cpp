@@ -110,7 +110,7 @@ struct AffineVec {
 // of a per-channel row loop, so memory keeps streaming while this group is coded from cache.
 __attribute__((always_inline)) inline bool affine_segment(
     const float* x, int64_t a, int64_t b, int64_t g, int64_t /*group*/, const float* scale,
-    const int32_t* zp, const AffineSpec& spec, uint8_t* codes, const float* pf) {
+    const int32_t* zp, const AffineSpec& spec, uint8_t* codes, const float* pf, bool stream) {
   const AffineVec av(spec, zp ? zp[g] : 0);
   const __m512 vs = _mm512_set1_ps(1.0f / scale[g]);
   __mmask16 bad = 0;
@@ -130,7 +130,8 @@ __attribute__((always_inline)) inline bool affine_segment(
     __m128i b2 = _mm512_cvtepi32_epi8(q[2]), b3 = _mm512_cvtepi32_epi8(q[3]);
     __m512i all = _mm512_inserti64x4(
         _mm512_castsi256_si512(_mm256_set_m128i(b1, b0)), _mm256_set_m128i(b3, b2), 1);
-    _mm512_storeu_si512(codes + i, all);
+    if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(codes + i), all);
+    else _mm512_storeu_si512(codes + i, all);
   }
   for (; i < b; i += kW) {
     __mmask16 m = lanes(b - i);

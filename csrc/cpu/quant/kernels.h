@@ -4,6 +4,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <xmmintrin.h>  // _mm_sfence after streaming stores
 
 #include "cpu/quant/api.h"
 #include "cpu/runtime/isa.h"
@@ -18,10 +19,11 @@ struct ScaleSpec {
   int emax;    // kScalePow2MX
 };
 
+// `stream` (affine kernels, dequantize kernels): the output is too large for the caches; write
+// it with streaming stores where whole lines are written.
 struct Kernels {
   bool (*affine)(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
-                 const int32_t* zp, const AffineSpec& spec, uint8_t* codes);
-  // `stream`: the output is too large for the caches; write it with streaming stores.
+                 const int32_t* zp, const AffineSpec& spec, uint8_t* codes, bool stream);
   void (*dequant_affine)(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
                          const float* scale, const int32_t* zp, bool is_signed, float offset,
                          float* out, bool stream);
@@ -34,7 +36,7 @@ struct Kernels {
   // Groups [g0, g1): statistics, the group's scale (and zero point), then its codes.
   bool (*affine_groups)(const float* x, int64_t g0, int64_t g1, int64_t group,
                         const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
-                        uint8_t* codes);
+                        uint8_t* codes, bool stream);
   bool (*codebook_groups)(const float* x, int64_t g0, int64_t g1, int64_t group,
                           const CodebookSpec& spec, const ScaleSpec& ss, float* scale,
                           uint8_t* codes);
@@ -52,7 +54,8 @@ inline const Kernels& kernels() {
 
 // Scalar kernels, also the fallback of the AVX2 / AVX-512 ones for modes they do not vectorize.
 bool affine_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
-                   const int32_t* zp, const AffineSpec& spec, uint8_t* codes);
+                   const int32_t* zp, const AffineSpec& spec, uint8_t* codes,
+                   bool stream = false);
 void dequant_affine_scalar(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
                            const float* scale, const int32_t* zp, bool is_signed, float offset,
                            float* out, bool stream = false);
@@ -64,7 +67,7 @@ void minmax_scalar(const float* x, int64_t n, float* lo, float* hi, bool* bad);
 
 bool affine_groups_scalar(const float* x, int64_t g0, int64_t g1, int64_t group,
                           const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
-                          uint8_t* codes);
+                          uint8_t* codes, bool stream = false);
 bool codebook_groups_scalar(const float* x, int64_t g0, int64_t g1, int64_t group,
                             const CodebookSpec& spec, const ScaleSpec& ss, float* scale,
                             uint8_t* codes);
@@ -143,19 +146,26 @@ struct Table16Data {
 // g; `pf` is prefetched alongside), its min/max and its 16-value codebook table.
 using SegmentFn = bool (*)(const float* x, int64_t a, int64_t b, int64_t g, int64_t group,
                            const float* scale, const int32_t* zp, const AffineSpec& spec,
-                           uint8_t* codes, const float* pf);
+                           uint8_t* codes, const float* pf, bool stream);
+
+// Codes of whole 64-byte lines only: the range starts on a line and groups fill lines.
+inline bool stream_codes(bool stream, const uint8_t* codes, int64_t e0, int64_t group) {
+  return stream && (reinterpret_cast<uintptr_t>(codes + e0) & 63) == 0 && group % 64 == 0;
+}
 using MinMaxFn = void (*)(const float* x, int64_t n, float* lo, float* hi, bool* bad);
 
 template <bool (*kVectorized)(const AffineSpec&), SegmentFn kSegment, MinMaxFn kMinMax,
           class Table>
 struct VectorPath {
   static bool affine(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
-                     const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
+                     const int32_t* zp, const AffineSpec& spec, uint8_t* codes, bool stream) {
     if (!kVectorized(spec)) return affine_scalar(x, e0, e1, group, scale, zp, spec, codes);
+    stream = stream_codes(stream, codes, e0, group);
     bool bad = false;
     for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
-      bad |= kSegment(x, a, b, g, group, scale, zp, spec, codes, nullptr);
+      bad |= kSegment(x, a, b, g, group, scale, zp, spec, codes, nullptr, stream);
     });
+    if (stream) _mm_sfence();
     return bad;
   }
 
@@ -172,15 +182,18 @@ struct VectorPath {
 
   static bool affine_groups(const float* x, int64_t g0, int64_t g1, int64_t group,
                             const AffineSpec& spec, const ScaleSpec& ss, float* scale,
-                            int32_t* zp, uint8_t* codes) {
+                            int32_t* zp, uint8_t* codes, bool stream) {
     if (!kVectorized(spec))
       return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, kMinMax, [&](int64_t g) {
         return affine_scalar(x, g * group, (g + 1) * group, group, scale, zp, spec, codes);
       });
-    return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, kMinMax, [&](int64_t g) {
+    stream = stream_codes(stream, codes, g0 * group, group);
+    bool bad = dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, kMinMax, [&](int64_t g) {
       return kSegment(x, g * group, (g + 1) * group, g, group, scale, zp, spec, codes,
-                      next_group(x, g, g1, group));
+                      next_group(x, g, g1, group), stream);
     });
+    if (stream) _mm_sfence();  // streaming stores are weakly ordered
+    return bad;
   }
 
   static bool codebook_groups(const float* x, int64_t g0, int64_t g1, int64_t group,
