@@ -77,12 +77,14 @@ void set_isa_threads(benchmark::State& state) {
   set_threads(state, 1);
 }
 
-// A zeroed float buffer on a 64-byte line, as torch allocates (a std::vector's data sits 16
+// A zeroed output buffer on a 64-byte line, as torch allocates (a std::vector's data sits 16
 // bytes past a page, which keeps the kernels off their streaming-store path).
-std::shared_ptr<float> aligned_floats(int64_t n) {
-  void* p = std::aligned_alloc(64, static_cast<size_t>((n * 4 + 63) / 64 * 64));
-  std::memset(p, 0, static_cast<size_t>(n * 4));
-  return std::shared_ptr<float>(static_cast<float*>(p), std::free);
+template <typename T = float>
+std::shared_ptr<T> aligned_buffer(int64_t n) {
+  const auto bytes = static_cast<size_t>((n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, bytes);
+  std::memset(p, 0, bytes);
+  return std::shared_ptr<T>(static_cast<T*>(p), std::free);
 }
 
 void set_bytes(benchmark::State& state, int64_t bytes_per_iter) {
@@ -140,13 +142,13 @@ void affine_dynamic(benchmark::State& state, int64_t group, int bits) {
   const auto& w = weights();
   const int32_t qmax = (1 << (bits - 1)) - 1;
   qk::AffineSpec spec{-qmax - 1, qmax, qk::kNearestEven, qk::kMidTread, 0.0f, 0};
-  std::vector<uint8_t> codes(static_cast<size_t>(kN), 0);
+  auto codes = aligned_buffer<uint8_t>(kN);
   std::vector<float> scale(static_cast<size_t>(kN / group), 0.0f);
   std::vector<int32_t> zp(static_cast<size_t>(kN / group), 0);
   for (auto _ : state) {
     bool bad = qk::quantize_affine_dynamic(w.data(), kN, group, spec, qk::kScaleAbsMax,
                                            static_cast<float>(qmax), 0, scale.data(), zp.data(),
-                                           codes.data());
+                                           codes.get());
     benchmark::DoNotOptimize(bad);
     benchmark::ClobberMemory();
   }
@@ -183,7 +185,7 @@ void dequant_affine(benchmark::State& state, int64_t group, int bits) {
   std::vector<int32_t> zp(static_cast<size_t>(kN / group));
   qk::quantize_affine_dynamic(w.data(), kN, group, spec, qk::kScaleAbsMax,
                               static_cast<float>(qmax), 0, scale.data(), zp.data(), codes.data());
-  auto out = aligned_floats(kN);
+  auto out = aligned_buffer(kN);
   for (auto _ : state) {
     qk::dequantize_affine(codes.data(), kN, group, scale.data(), nullptr, true, 0.0f, out.get());
     benchmark::DoNotOptimize(out.get());
@@ -204,7 +206,7 @@ void BM_dequantize_lut_nf4_g64(benchmark::State& state) {
   qk::quantize_codebook_dynamic(w.data(), kN, group, spec, qk::kScaleAbsMax, 1.0f, 0,
                                 scale.data(), codes.data());
   const std::vector<float> lut = lut256();
-  auto out = aligned_floats(kN);
+  auto out = aligned_buffer(kN);
   for (auto _ : state) {
     qk::dequantize_lut(codes.data(), kN, group, scale.data(), lut.data(), out.get());
     benchmark::DoNotOptimize(out.get());
