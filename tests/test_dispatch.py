@@ -71,7 +71,7 @@ def _compare(isa: str, what: str, fn, *args, **kwargs) -> None:
 @pytest.mark.parametrize("name", ALL_FORMATS)
 @pytest.mark.parametrize("rounding", list(R.ROUNDINGS))
 def test_formats_and_roundings(isa, name, rounding):
-    x = _data(1, (48, 1024 + 64))
+    x = _data(1, (24, 1024 + 64))
     base = {"rounding": rounding, "seed": 2024}
     cases = [{}, {"granularity": "tensor"}, {"granularity": "channel", "axis": 1},
              {"granularity": "group", "group_size": 68}, {"granularity": "group", "group_size": 3},
