@@ -3,8 +3,9 @@
 //   cmake -S . -B build-bench -G Ninja -DQKERN_PYTHON=OFF -DQKERN_BENCH=ON -DQKERN_CUDA=OFF
 //   cmake --build build-bench --target bench_core && build-bench/bench_core
 //
-// Every benchmark takes the thread count as its argument (/1, /2) and sets it with
-// qk::set_num_threads outside the timed loop. Bytes processed = bytes read + bytes written
+// The quantize / dequantize benchmarks take the ISA (0 scalar, 1 avx2, 2 avx512: every level
+// the CPU has, or QKERN_BENCH_ISA=...) and the thread count (/1, /2) as arguments, set outside
+// the timed loop; the baselines and bit packing (not ISA-dispatched) the thread count only. Bytes processed = bytes read + bytes written
 // (input array + output array + scales), so "bytes_per_second" compares directly with the
 // memcpy baselines, which count source + destination bytes the same way. Output buffers are
 // allocated and touched once, before timing: these numbers exclude page faults and allocation
@@ -13,11 +14,15 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <vector>
 
+#include "bench_isa.h"
 #include "cpu/quant/api.h"
+#include "cpu/runtime/isa.h"
 #include "cpu/runtime/threadpool.h"
 
 namespace {
@@ -61,9 +66,25 @@ std::vector<float> lut256() {
   return lut;
 }
 
-void set_threads(benchmark::State& state) {
-  qk::set_num_threads(static_cast<int>(state.range(0)));
+void set_threads(benchmark::State& state, int arg = 0) {
+  qk::set_num_threads(static_cast<int>(state.range(arg)));
   state.counters["threads"] = static_cast<double>(qk::get_num_threads());
+}
+
+// Arguments (isa, threads) of the ISA-dispatched kernels.
+void set_isa_threads(benchmark::State& state) {
+  qk::set_isa(static_cast<qk::Isa>(state.range(0)));
+  set_threads(state, 1);
+}
+
+// A zeroed output buffer on a 64-byte line, as torch allocates (a std::vector's data sits 16
+// bytes past a page, which keeps the kernels off their streaming-store path).
+template <typename T = float>
+std::shared_ptr<T> aligned_buffer(int64_t n) {
+  const auto bytes = static_cast<size_t>((n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, bytes);
+  std::memset(p, 0, bytes);
+  return std::shared_ptr<T>(static_cast<T*>(p), std::free);
 }
 
 void set_bytes(benchmark::State& state, int64_t bytes_per_iter) {
@@ -103,7 +124,7 @@ void BM_memcpy(benchmark::State& state) {
 
 // Read bandwidth: max|x| over the 64 MiB weight (the statistics pass of a quantizer).
 void BM_read_amax(benchmark::State& state) {
-  set_threads(state);
+  set_isa_threads(state);
   const auto& w = weights();
   std::vector<qk::Stats> st(static_cast<size_t>(kRows));
   for (auto _ : state) {
@@ -117,17 +138,17 @@ void BM_read_amax(benchmark::State& state) {
 
 // Symmetric mid-tread int, absmax scale per group (int8 channel: group = one row of 4096).
 void affine_dynamic(benchmark::State& state, int64_t group, int bits) {
-  set_threads(state);
+  set_isa_threads(state);
   const auto& w = weights();
   const int32_t qmax = (1 << (bits - 1)) - 1;
   qk::AffineSpec spec{-qmax - 1, qmax, qk::kNearestEven, qk::kMidTread, 0.0f, 0};
-  std::vector<uint8_t> codes(static_cast<size_t>(kN), 0);
+  auto codes = aligned_buffer<uint8_t>(kN);
   std::vector<float> scale(static_cast<size_t>(kN / group), 0.0f);
   std::vector<int32_t> zp(static_cast<size_t>(kN / group), 0);
   for (auto _ : state) {
     bool bad = qk::quantize_affine_dynamic(w.data(), kN, group, spec, qk::kScaleAbsMax,
                                            static_cast<float>(qmax), 0, scale.data(), zp.data(),
-                                           codes.data());
+                                           codes.get());
     benchmark::DoNotOptimize(bad);
     benchmark::ClobberMemory();
   }
@@ -137,7 +158,7 @@ void BM_quantize_int8_channel(benchmark::State& s) { affine_dynamic(s, kCols, 8)
 void BM_quantize_int4_g128(benchmark::State& s) { affine_dynamic(s, 128, 4); }
 
 void BM_quantize_nf4_g64(benchmark::State& state) {
-  set_threads(state);
+  set_isa_threads(state);
   const auto& w = weights();
   constexpr int64_t group = 64;
   qk::CodebookSpec spec{kNf4, kNf4Codes, 16, 0, qk::kNearestEven, 0};
@@ -155,7 +176,7 @@ void BM_quantize_nf4_g64(benchmark::State& state) {
 // ---- dequantize --------------------------------------------------------------------------
 
 void dequant_affine(benchmark::State& state, int64_t group, int bits) {
-  set_threads(state);
+  set_isa_threads(state);
   const auto& w = weights();
   const int32_t qmax = (1 << (bits - 1)) - 1;
   qk::AffineSpec spec{-qmax - 1, qmax, qk::kNearestEven, qk::kMidTread, 0.0f, 0};
@@ -164,10 +185,10 @@ void dequant_affine(benchmark::State& state, int64_t group, int bits) {
   std::vector<int32_t> zp(static_cast<size_t>(kN / group));
   qk::quantize_affine_dynamic(w.data(), kN, group, spec, qk::kScaleAbsMax,
                               static_cast<float>(qmax), 0, scale.data(), zp.data(), codes.data());
-  std::vector<float> out(static_cast<size_t>(kN), 0.0f);
+  auto out = aligned_buffer(kN);
   for (auto _ : state) {
-    qk::dequantize_affine(codes.data(), kN, group, scale.data(), nullptr, true, 0.0f, out.data());
-    benchmark::DoNotOptimize(out.data());
+    qk::dequantize_affine(codes.data(), kN, group, scale.data(), nullptr, true, 0.0f, out.get());
+    benchmark::DoNotOptimize(out.get());
     benchmark::ClobberMemory();
   }
   set_bytes(state, kN + (kN / group) * 4 + kN * 4);
@@ -176,7 +197,7 @@ void BM_dequantize_int8_channel(benchmark::State& s) { dequant_affine(s, kCols, 
 void BM_dequantize_int4_g128(benchmark::State& s) { dequant_affine(s, 128, 4); }
 
 void BM_dequantize_lut_nf4_g64(benchmark::State& state) {
-  set_threads(state);
+  set_isa_threads(state);
   const auto& w = weights();
   constexpr int64_t group = 64;
   qk::CodebookSpec spec{kNf4, kNf4Codes, 16, 0, qk::kNearestEven, 0};
@@ -185,10 +206,10 @@ void BM_dequantize_lut_nf4_g64(benchmark::State& state) {
   qk::quantize_codebook_dynamic(w.data(), kN, group, spec, qk::kScaleAbsMax, 1.0f, 0,
                                 scale.data(), codes.data());
   const std::vector<float> lut = lut256();
-  std::vector<float> out(static_cast<size_t>(kN), 0.0f);
+  auto out = aligned_buffer(kN);
   for (auto _ : state) {
-    qk::dequantize_lut(codes.data(), kN, group, scale.data(), lut.data(), out.data());
-    benchmark::DoNotOptimize(out.data());
+    qk::dequantize_lut(codes.data(), kN, group, scale.data(), lut.data(), out.get());
+    benchmark::DoNotOptimize(out.get());
     benchmark::ClobberMemory();
   }
   set_bytes(state, kN + (kN / group) * 4 + kN * 4);
@@ -229,8 +250,11 @@ void BM_unpack_bits(benchmark::State& state) {
   set_bytes(state, nin + kN);
 }
 
-void ThreadArgs(benchmark::internal::Benchmark* b) {
-  b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+void IsaThreadArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"isa", "threads"});
+  for (int64_t isa : bench_isas())
+    for (int t : {1, 2}) b->Args({isa, t});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
 void BitsArgs(benchmark::internal::Benchmark* b) {
@@ -252,13 +276,13 @@ void CopyArgs(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(BM_memcpy)->Apply(CopyArgs);
-BENCHMARK(BM_read_amax)->Apply(ThreadArgs);
-BENCHMARK(BM_quantize_int8_channel)->Apply(ThreadArgs);
-BENCHMARK(BM_quantize_int4_g128)->Apply(ThreadArgs);
-BENCHMARK(BM_quantize_nf4_g64)->Apply(ThreadArgs);
-BENCHMARK(BM_dequantize_int8_channel)->Apply(ThreadArgs);
-BENCHMARK(BM_dequantize_int4_g128)->Apply(ThreadArgs);
-BENCHMARK(BM_dequantize_lut_nf4_g64)->Apply(ThreadArgs);
+BENCHMARK(BM_read_amax)->Apply(IsaThreadArgs);
+BENCHMARK(BM_quantize_int8_channel)->Apply(IsaThreadArgs);
+BENCHMARK(BM_quantize_int4_g128)->Apply(IsaThreadArgs);
+BENCHMARK(BM_quantize_nf4_g64)->Apply(IsaThreadArgs);
+BENCHMARK(BM_dequantize_int8_channel)->Apply(IsaThreadArgs);
+BENCHMARK(BM_dequantize_int4_g128)->Apply(IsaThreadArgs);
+BENCHMARK(BM_dequantize_lut_nf4_g64)->Apply(IsaThreadArgs);
 BENCHMARK(BM_pack_bits)->Apply(BitsArgs);
 BENCHMARK(BM_unpack_bits)->Apply(BitsArgs);
 

@@ -29,6 +29,7 @@
 #include "cpu/gemm/w4/api.h"
 #include "cpu/gemm/w8/api.h"
 #include "cpu/quant/api.h"
+#include "bench_isa.h"
 #include "cpu/runtime/isa.h"
 #include "cpu/runtime/threadpool.h"
 
@@ -256,22 +257,6 @@ void BM_read_bw(benchmark::State& state) {
 }
 
 // threads x M x (N, K): decode (M = 1, 8) and prefill (M = 128, 512) on the shapes.
-// Every ISA level the CPU has (QKERN_BENCH_ISA=scalar|avx2|avx512 in the environment: only that one).
-std::vector<int64_t> bench_isas() {
-  std::vector<int64_t> out{qk::kIsaScalar};
-  if (qk::cpu_has_avx2()) out.push_back(qk::kIsaAvx2);
-  if (qk::cpu_has_avx512()) out.push_back(qk::kIsaAvx512);
-  if (const char* only = std::getenv("QKERN_BENCH_ISA")) {
-    const int64_t want = std::strcmp(only, "scalar") == 0 ? qk::kIsaScalar
-                         : std::strcmp(only, "avx2") == 0 ? qk::kIsaAvx2 : qk::kIsaAvx512;
-    std::vector<int64_t> one;
-    for (int64_t i : out)
-      if (i == want) one.push_back(i);
-    return one;
-  }
-  return out;
-}
-
 void Shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"isa", "threads", "M", "N", "K"});
   for (int64_t isa : bench_isas())

@@ -1,4 +1,5 @@
-"""Scalar and AVX2 kernels agree bit for bit (codes, scales, zero points, dequantized values)."""
+"""Every vector path (AVX2, AVX-512) agrees with the scalar kernels bit for bit (codes, scales,
+zero points, dequantized values); each path also against the numpy reference."""
 
 from __future__ import annotations
 
@@ -10,20 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+import isas
 import qkern
 import reference as R
 from _util import ALL_FORMATS, INT_FORMATS, np_codes, np_f32
 
-
-def _avx2_available() -> bool:
-    before = qkern.get_isa()
-    qkern.set_isa("avx2")
-    ok = qkern.get_isa() == "avx2"
-    qkern.set_isa(before)
-    return ok
-
-
-needs_avx2 = pytest.mark.skipif(not _avx2_available(), reason="CPU has no AVX2")
+VECTOR = isas.params(("avx2", "avx512"))
 
 
 def _data(seed: int, shape) -> torch.Tensor:
@@ -58,9 +51,10 @@ def _q(*args, **kwargs) -> dict:
     return _summ(qkern.quantize(*args, **kwargs))
 
 
-def _compare(what: str, fn, *args, **kwargs) -> None:
-    """fn(*args, **kwargs) on the scalar path, then on the AVX2 path: identical results."""
-    a, b = _run("scalar", fn, args, kwargs), _run("avx2", fn, args, kwargs)
+def _compare(isa: str, what: str, fn, *args, **kwargs) -> None:
+    """fn(*args, **kwargs) on the scalar path, then on ``isa``'s: identical results."""
+    what = f"{isa}: {what}"
+    a, b = _run("scalar", fn, args, kwargs), _run(isa, fn, args, kwargs)
     assert a[0] == b[0], (what, a, b)
     if a[0] == "error":
         assert a[1] == b[1], what
@@ -73,11 +67,11 @@ def _compare(what: str, fn, *args, **kwargs) -> None:
         np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]), err_msg=what)
 
 
-@needs_avx2
+@pytest.mark.parametrize("isa", VECTOR)
 @pytest.mark.parametrize("name", ALL_FORMATS)
 @pytest.mark.parametrize("rounding", list(R.ROUNDINGS))
-def test_formats_and_roundings(name, rounding):
-    x = _data(1, (48, 1024 + 64))
+def test_formats_and_roundings(isa, name, rounding):
+    x = _data(1, (24, 1024 + 64))
     base = {"rounding": rounding, "seed": 2024}
     cases = [{}, {"granularity": "tensor"}, {"granularity": "channel", "axis": 1},
              {"granularity": "group", "group_size": 68}, {"granularity": "group", "group_size": 3},
@@ -85,58 +79,56 @@ def test_formats_and_roundings(name, rounding):
     if name in INT_FORMATS:
         cases += [{"symmetric": False, "granularity": "group", "group_size": 17}]
     for kw in cases:
-        _compare(f"{name} {base} {kw}", _q, x, name, **base, **kw)
+        _compare(isa, f"{name} {base} {kw}", _q, x, name, **base, **kw)
 
 
-@needs_avx2
+@pytest.mark.parametrize("isa", VECTOR)
 @pytest.mark.parametrize("quantizer", ["midrise", "deadzone"])
 @pytest.mark.parametrize("rounding", list(R.ROUNDINGS))
 @pytest.mark.parametrize("name", ["int2", "int4", "int8", "uint4", "uint8"])
-def test_quantizer_shapes(quantizer, rounding, name):
+def test_quantizer_shapes(isa, quantizer, rounding, name):
     x = _data(2, (33, 777))
     for w in (1.0, 1.5, 2.5):
         for kw in ({}, {"granularity": "group", "group_size": 7}, {"scale": 0.125}):
-            _compare(f"{name} {quantizer} {rounding} w={w} {kw}", _q, x, name,
+            _compare(isa, f"{name} {quantizer} {rounding} w={w} {kw}", _q, x, name,
                      quantizer=quantizer, deadzone=w, rounding=rounding, seed=5, **kw)
 
 
-@needs_avx2
+@pytest.mark.parametrize("isa", VECTOR)
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 31, 32, 33, 255, 4097])
-def test_odd_lengths_tails(n):
+def test_odd_lengths_tails(isa, n):
     x = _data(3, (n,))
     for name in ("int4", "uint8", "nf4", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "binary"):
-        _compare(f"{name} n={n}", _q, x, name, granularity="tensor")
-        _compare(f"{name} n={n} sr", _q, x, name, granularity="tensor", rounding="stochastic",
+        _compare(isa, f"{name} n={n}", _q, x, name, granularity="tensor")
+        _compare(isa, f"{name} n={n} sr", _q, x, name, granularity="tensor", rounding="stochastic",
                  seed=n)
 
 
-@needs_avx2
+@pytest.mark.parametrize("isa", VECTOR)
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_pack_paths(bits):
+def test_pack_paths(isa, bits):
     codes = torch.from_numpy(np.random.default_rng(bits).integers(0, 256, 10007).astype(np.uint8))
     for order in ("lsb", "msb"):
-        _compare(f"pack {bits} {order}", qkern.pack_bits, codes, bits, order=order)
+        _compare(isa, f"pack {bits} {order}", qkern.pack_bits, codes, bits, order=order)
         packed = qkern.pack_bits(codes, bits, order=order)
-        _compare(f"unpack {bits} {order}", qkern.unpack_bits, packed, bits, 10007, order=order)
+        _compare(isa, f"unpack {bits} {order}", qkern.unpack_bits, packed, bits, 10007, order=order)
 
 
-@needs_avx2
-def test_companding_paths():
+@pytest.mark.parametrize("isa", VECTOR)
+def test_companding_paths(isa):
     pcm = torch.arange(-32768, 32768, dtype=torch.int16)
     codes = torch.arange(256, dtype=torch.uint8)
     c = qkern.companding
     for enc, dec in ((c.mulaw_encode, c.mulaw_decode), (c.alaw_encode, c.alaw_decode)):
-        _compare(f"{enc.__name__}", enc, pcm)
-        _compare(f"{dec.__name__}", dec, codes)
+        _compare(isa, f"{enc.__name__}", enc, pcm)
+        _compare(isa, f"{dec.__name__}", dec, codes)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", isas.params())
 @pytest.mark.parametrize("name", ["int4", "uint8", "nf4", "fp8_e4m3", "mxfp4", "mxint8"])
 def test_each_path_matches_reference(isa, name):
-    """Both paths against the numpy reference (not only against each other)."""
-    qkern.set_isa(isa)
-    if qkern.get_isa() != isa:
-        pytest.skip("CPU has no AVX2")
+    """Every path against the numpy reference (not only against each other)."""
+    isas.use(isa)
     x = _data(4, (16, 512))
     for rounding in ("nearest_even", "stochastic"):
         qt = qkern.quantize(x, name, rounding=rounding, seed=3)
@@ -172,3 +164,34 @@ def test_force_scalar_env():
                          check=False, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "scalar"
+
+
+@pytest.mark.parametrize("isa", isas.params())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_seen_at_every_position(isa, bad):
+    """A NaN/Inf anywhere (vector body, masked tail, any group) is reported on every path."""
+    isas.use(isa)
+    n = 67
+    for pos in (0, 15, 16, 31, 63, 64, 66):
+        x = torch.linspace(-1, 1, n)
+        x[pos] = bad
+        for kw in ({"granularity": "tensor"}, {"granularity": "group", "group_size": 67},
+                   {"granularity": "tensor", "scale": 0.5}):
+            for name in ("int4", "uint8", "nf4"):
+                with pytest.raises(ValueError, match="NaN|Inf|finite"):
+                    qkern.quantize(x, name, **kw)
+
+
+@pytest.mark.parametrize("isa", VECTOR)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_streamed_outputs(isa, threads):
+    """Outputs of >= 4M floats take the streaming-store path: the same bits as the scalar
+    kernels and the reference, on 1 and 2 threads."""
+    qkern.set_num_threads(threads)
+    x = _data(6, (1025, 4096))
+    for name, kw in (("int4", {"granularity": "group", "group_size": 128}),
+                     ("int8", {"granularity": "channel"}), ("nf4", {})):
+        _compare(isa, f"{name} {kw} threads={threads}", _q, x, name, **kw)
+    qt = qkern.quantize(x, "int4", granularity="group", group_size=128)
+    _, _, _, deq = R.quantize_int(np_f32(x), "int4", granularity="group", group_size=128)
+    np.testing.assert_array_equal(np_f32(qt.dequantize()).view(np.uint32), deq.view(np.uint32))

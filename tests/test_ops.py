@@ -40,6 +40,37 @@ def _lut(name):
     return torch.from_numpy(lut)
 
 
+def _out_cases(x, xf, s16, zp16, codes, vals, vcodes, nvals, ncodes):
+    """The ``*_out`` ops: the functional cases plus preallocated outputs (int8 and uint8
+    codes, an empty zero point for the symmetric rules)."""
+    u8, i8, f32, i32 = torch.uint8, torch.int8, torch.float32, torch.int32
+
+    def z(n, dtype=u8):
+        return torch.zeros(n, dtype=dtype)
+
+    return {
+        "quantize_affine_out": [
+            (xf, s16, None, 16, -8, 7, 0, 0, 0.0, 0, z(256, i8)),
+            (x, s16, zp16, 16, 0, 15, RND["stochastic"], 0, 0.0, 123, z(256)),
+            (xf, s16, None, 16, -128, 127, RND["half_away"], 2, 0.25, 0, z(256))],
+        "quantize_affine_dynamic_out": [
+            (xf, 16, -8, 7, RULE_ABSMAX, 7.0, 0, 0, 0, 0.0, 0, z(256, i8), z(16, f32),
+             z(0, i32)),
+            (xf, 32, 0, 255, RULE_MINMAX, 255.0, 0, RND["ceil"], 0, 0.0, 0, z(256), z(8, f32),
+             z(8, i32))],
+        "dequantize_affine_out": [
+            (codes, s16, None, 16, True, 0.0, z(256, f32)),
+            (codes, s16, zp16, 16, False, 0.5, z(256, f32))],
+        "quantize_codebook_out": [
+            (xf, s16, vals, vcodes, 8, 16, 0, 0, z(256)),
+            (xf, s16, nvals, ncodes, 0, 16, RND["stochastic"], 9, z(256))],
+        "quantize_codebook_dynamic_out": [
+            (xf, vals, vcodes, 8, 64, RULE_ABSMAX, 6.0, 0, 0, 0, z(256), z(4, f32)),
+            (xf, nvals, ncodes, 0, 32, RULE_MX, 1.0, 2, RND["trunc"], 0, z(256), z(8, f32))],
+        "dequantize_lut_out": [(codes, s16, _lut("nf4"), 16, z(256, f32))],
+    }
+
+
 def _cases():
     x = _x()
     xf = x.reshape(-1)
@@ -71,6 +102,7 @@ def _cases():
             (xf, vals, vcodes, 8, 32, RULE_MX, 6.0, 2, RND["trunc"], 0),
             (xf, nvals, ncodes, 0, 64, RULE_ABSMAX, 1.0, 0, RND["half_up"], 0)],
         "dequantize_lut": [(codes, s16, _lut("fp8_e4m3"), 16), (codes, s16, _lut("nf4"), 16)],
+        **_out_cases(x, xf, s16, zp16, codes, vals, vcodes, nvals, ncodes),
         "pack_bits": [(codes, b, msb) for b in (1, 3, 4, 8) for msb in (False, True)],
         "unpack_bits": [(codes, b, 256 * 8 // b, msb) for b in (1, 3, 4, 8)
                         for msb in (False, True)],
@@ -169,3 +201,39 @@ def test_compile_fullgraph_raw_ops():
     got, want = torch.compile(g, fullgraph=True)(x), g(x)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_compile_fullgraph_out_ops():
+    """The ``*_out`` ops under torch.compile: the preallocated outputs are written in place."""
+    def g(x, codes, scale, out):
+        OPS.quantize_affine_dynamic_out(x, 32, -8, 7, RULE_ABSMAX, 7.0, 0, 0, 0, 0.0, 0, codes,
+                                        scale, torch.empty(0, dtype=torch.int32))
+        OPS.dequantize_affine_out(codes, scale, None, 32, True, 0.0, out)
+        return out + 1
+
+    x = _x((4, 128), 7).reshape(-1)
+    bufs = [(torch.empty(512, dtype=torch.int8), torch.empty(16), torch.empty(512))
+            for _ in range(2)]
+    got = torch.compile(g, fullgraph=True)(x, *bufs[0])
+    want = g(x, *bufs[1])
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    for a, b in zip(*bufs):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    c, s, _ = OPS.quantize_affine_dynamic(x, 32, -8, 7, RULE_ABSMAX, 7.0, 0, 0, 0, 0.0, 0)
+    np.testing.assert_array_equal(bufs[0][0].view(torch.uint8).numpy(), c.numpy())
+    np.testing.assert_array_equal(bufs[0][1].numpy(), s.numpy())
+
+
+def test_compile_quantize_dequantize_out():
+    def f(x, qt, out):
+        qkern.quantize(x, "int4", granularity="group", group_size=32, out=qt)
+        return qt.dequantize(out=out) * 2
+
+    x = _x((8, 128), 8)
+    qt = qkern.quantize(torch.zeros(8, 128), "int4", granularity="group", group_size=32)
+    out = torch.empty(8, 128)
+    got = torch.compile(f, fullgraph=True)(x, qt, out)
+    want = qkern.quantize(x, "int4", granularity="group", group_size=32)
+    np.testing.assert_array_equal(qt.codes.numpy(), want.codes.numpy())
+    np.testing.assert_array_equal(out.numpy(), want.dequantize().numpy())
+    np.testing.assert_array_equal(got.numpy(), 2 * want.dequantize().numpy())

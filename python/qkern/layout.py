@@ -28,6 +28,14 @@ class Layout:
         return n
 
     @property
+    def in_kernel_order(self) -> bool:
+        """User order is kernel order (``to_kernel`` / ``from_kernel`` of contiguous data are
+        views): per tensor, per channel along axis 0, groups along the last axis."""
+        g, ax = self.granularity, self.axis
+        return g == "tensor" or (g == "channel" and ax == 0) or (
+            g == "group" and ax == len(self.shape) - 1)
+
+    @property
     def n_groups(self) -> int:
         return self.numel // self.group_size if self.group_size else 0
 

@@ -20,7 +20,14 @@ from ._checks import (
 )
 from .layout import GRANULARITIES, Layout
 from .ops import NonFiniteError
-from .tensor import DoubleQuant, QTensor
+from .tensor import (
+    DoubleQuant,
+    QTensor,
+    check_quantize_out,
+    fill_out,
+    out_views,
+    out_written,
+)
 
 # names in id order (csrc/core/rounding.h, affine.h), exported by qkern._C as {name: id}
 ROUNDINGS = tuple(sorted(_C.ROUNDINGS, key=_C.ROUNDINGS.__getitem__))
@@ -162,8 +169,11 @@ def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
              rounding: str = "nearest_even", quantizer: str = "midtread", deadzone: float = 1.0,
              clip: tuple[float, float] | None = None, clip_ratio: float | None = None,
              scale=None, zero_point=None, seed: int | None = None,
-             double_quant: bool = False) -> QTensor:
-    """Quantize ``x`` to format ``fmt``; see README "Quantize" and docs/numerics.md."""
+             double_quant: bool = False, out: QTensor | None = None) -> QTensor:
+    """Quantize ``x`` to format ``fmt``; see README "Quantize" and docs/numerics.md.
+    ``out``: a QTensor of the same format, layout and kind of zero point (e.g. an earlier
+    result) whose codes, scale and zero point are overwritten in place and returned
+    (docs/speed.md, "Preallocated outputs")."""
     fmt = F.get(fmt)
     x = detached_input(as_tensor(x))
     check_float(x)
@@ -181,8 +191,14 @@ def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
         x = x.clamp(lo, hi)
     xk = layout.to_kernel(x.float()) if x.numel() else x.float().reshape(-1)
     sc, zp = _given_params(scale, zero_point, symmetric, layout, fmt)
+    if out is not None:
+        check_quantize_out(out, fmt, layout, symmetric, x.device, _code_dtype(fmt))
+    dst = out_views(out, layout, x.device) if fmt.kind != "companded" else None
 
     qt_args = {"format": fmt, "layout": layout, "dtype": x.dtype, "quantizer": quantizer}
+    if x.numel() == 0 and out is not None:
+        return fill_out(out, None, None, None, (True, True, True), dtype=x.dtype,
+                      quantizer=quantizer)
     if x.numel() == 0:
         empty_scale = torch.ones(layout.scale_shape) if sc is None else sc
         return QTensor(torch.empty(layout.shape, dtype=_code_dtype(fmt)), empty_scale,
@@ -195,19 +211,23 @@ def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
             zpk, dq = None, None
         elif fmt.kind == "int":
             codes, sck, zpk = _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed_bits,
-                                      sc, zp, layout, clip_ratio)
+                                      sc, zp, layout, clip_ratio, dst)
             dq = None
         else:
             codes, sck, dq = _codebook(xk, fmt, g, rmode, seed_bits, sc, layout, clip_ratio,
-                                       double_quant)
+                                       double_quant, dst)
             zpk = None
     except NonFiniteError:
         raise ValueError(nonfinite_message(x)) from None
+    done = out_written(dst, codes, sck, zpk)
     codes = layout.from_kernel(codes)
     if fmt.kind == "int" and fmt.signed:
         codes = codes.view(torch.int8)
     scale_out = layout.scale_from_kernel(sck)
     zp_out = None if zpk is None else layout.scale_from_kernel(zpk)
+    if out is not None:
+        return fill_out(out, codes, scale_out, zp_out, done, double_quant=dq, dtype=x.dtype,
+                      quantizer=quantizer)
     return QTensor(codes, scale_out, zp_out, double_quant=dq, **qt_args)
 
 
@@ -215,7 +235,9 @@ def _code_dtype(fmt: F.Format) -> torch.dtype:
     return torch.int8 if fmt.kind == "int" and fmt.signed else torch.uint8
 
 
-def _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed, sc, zp, layout, clip_ratio):
+def _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed, sc, zp, layout, clip_ratio,
+            dst=None):
+    """Kernel-order codes, scale, zero point; ``dst``: flat views of out= the ops write."""
     # float32 arithmetic, as docs/numerics.md defines h = (w - 1) * 0.5f
     dz_half = 0.0
     if qshape == 2:
@@ -223,8 +245,12 @@ def _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed, sc, zp, layout
     if sc is None:
         rule = fmt.scale_rule if symmetric else F.SCALE_MINMAX
         qpos = fmt.qmax + (0.5 if qshape == 1 else 0.0)
-        codes, sck, zpk = _OPS.quantize_affine_dynamic(xk, g, fmt.qmin, fmt.qmax, rule, qpos,
-                                                       fmt.emax, rmode, qshape, dz_half, seed)
+        args = (xk, g, fmt.qmin, fmt.qmax, rule, qpos, fmt.emax, rmode, qshape, dz_half, seed)
+        if dst is None:
+            codes, sck, zpk = _OPS.quantize_affine_dynamic(*args)
+        else:
+            codes, sck, zpk = dst[0], dst[1], dst[2] if rule == F.SCALE_MINMAX else dst[2][:0]
+            _OPS.quantize_affine_dynamic_out(*args, codes, sck, zpk)
         if not symmetric and fmt.qmax - fmt.qmin == 1 and not torch.compiler.is_compiling():
             _check_range_scale(sck, fmt)
         if clip_ratio is None or clip_ratio == 1.0:
@@ -234,9 +260,11 @@ def _affine(xk, fmt, g, symmetric, rmode, qshape, deadzone, seed, sc, zp, layout
     else:
         sc_k = layout.scale_to_kernel(sc)
         zp_k = None if zp is None else layout.scale_to_kernel(zp)
-    codes = _OPS.quantize_affine(xk, sc_k, zp_k, g, fmt.qmin, fmt.qmax, rmode, qshape, dz_half,
-                                 seed)
-    return codes, sc_k, zp_k
+    args = (xk, sc_k, zp_k, g, fmt.qmin, fmt.qmax, rmode, qshape, dz_half, seed)
+    if dst is None:
+        return _OPS.quantize_affine(*args), sc_k, zp_k
+    _OPS.quantize_affine_out(*args, dst[0])
+    return dst[0], sc_k, zp_k
 
 
 def _check_range_scale(sck: torch.Tensor, fmt: F.Format) -> None:
@@ -252,13 +280,17 @@ def _table(fmt):
     return torch.from_numpy(vals), torch.from_numpy(cods)
 
 
-def _codebook(xk, fmt, g, rmode, seed, sc, layout, clip_ratio, double_quant):
+def _codebook(xk, fmt, g, rmode, seed, sc, layout, clip_ratio, double_quant, dst=None):
     vals, cods = (t.to(xk.device) for t in _table(fmt))
     dq = None
     if sc is None:
-        codes, sck = _OPS.quantize_codebook_dynamic(xk, vals, cods, fmt.sign_bit, g,
-                                                    fmt.scale_rule, fmt.max_value, fmt.emax,
-                                                    rmode, seed)
+        args = (xk, vals, cods, fmt.sign_bit, g, fmt.scale_rule, fmt.max_value, fmt.emax, rmode,
+                seed)
+        if dst is None:
+            codes, sck = _OPS.quantize_codebook_dynamic(*args)
+        else:
+            codes, sck = dst[0], dst[1]
+            _OPS.quantize_codebook_dynamic_out(*args, codes, sck)
         if (clip_ratio is None or clip_ratio == 1.0) and not double_quant:
             return codes, sck, None
         if clip_ratio is not None:
@@ -267,8 +299,11 @@ def _codebook(xk, fmt, g, rmode, seed, sc, layout, clip_ratio, double_quant):
             dq, sck = double_quantize_scales(sck)
     else:
         sck = layout.scale_to_kernel(sc)
-    codes = _OPS.quantize_codebook(xk, sck, vals, cods, fmt.sign_bit, g, rmode, seed)
-    return codes, sck, dq
+    args = (xk, sck, vals, cods, fmt.sign_bit, g, rmode, seed)
+    if dst is None:
+        return _OPS.quantize_codebook(*args), sck, dq
+    _OPS.quantize_codebook_out(*args, dst[0])
+    return dst[0], sck, dq
 
 
 def double_quantize_scales(s: torch.Tensor, group: int = 256) -> tuple[DoubleQuant, torch.Tensor]:

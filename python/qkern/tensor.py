@@ -60,8 +60,9 @@ class QTensor:
     def group_size(self) -> int | None:
         return self.layout.group_size if self.layout.granularity == "group" else None
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self, dtype=dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, *,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        return dequantize(self, dtype=dtype, out=out)
 
     def pack(self) -> PackedQTensor:
         flat = self.codes.reshape(-1).view(torch.uint8)
@@ -115,30 +116,52 @@ class PackedQTensor:
         return replace(self.meta, codes=codes.view(layout.shape))
 
 
-def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Float values of a QTensor (in the dtype it was quantized from unless ``dtype``)."""
+def dequantize(qt: QTensor, dtype: torch.dtype | None = None, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float values of a QTensor (in the dtype it was quantized from unless ``dtype``).
+    ``out``: a contiguous tensor of the QTensor's shape on its device, written in place and
+    returned; its dtype is the result's (``dtype`` defaults to it). float32 outputs in the
+    kernels' order (per tensor, per channel along axis 0, groups along the last axis) are
+    written by the kernels directly; others receive a copy."""
     if not isinstance(qt, QTensor):
         raise TypeError(f"dequantize expects a QTensor, got {type(qt).__name__}")
     fmt, layout = qt.format, qt.layout
+    if dtype is None and out is not None and isinstance(out, torch.Tensor):
+        dtype = out.dtype
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dequantize: dtype must be a floating-point torch.dtype, got {dtype!r} "
                         "(use .codes for the integer codes)")
     dtype = dtype or qt.dtype
+    if out is not None:
+        check_dequantize_out(out, layout.shape, dtype, qt.codes.device)
     if layout.numel == 0:
-        return torch.empty(layout.shape, dtype=dtype)
+        return torch.empty(layout.shape, dtype=dtype) if out is None else out
     g = layout.group_size
     codes = layout.to_kernel(qt.codes.view(torch.uint8))
     sck = layout.scale_to_kernel(qt.scale.float())
+    direct = (out is not None and dtype == torch.float32 and layout.in_kernel_order
+              and out.device.type == "cpu")
+    dst = (out.view(-1),) if direct else ()
     if fmt.kind == "int" and qt.zero_point is not None and qt.zero_point.is_floating_point():
-        out = dequantize_float_zero(codes, sck, layout.scale_to_kernel(qt.zero_point.float()),
+        res = dequantize_float_zero(codes, sck, layout.scale_to_kernel(qt.zero_point.float()),
                                     g, fmt.signed, qt.quantizer)
+        direct = False
     elif fmt.kind == "int":
         zpk = None if qt.zero_point is None else layout.scale_to_kernel(qt.zero_point)
         offset = 0.5 if qt.quantizer == "midrise" else 0.0
-        out = _OPS.dequantize_affine(codes, sck, zpk, g, fmt.signed, offset)
+        op = _OPS.dequantize_affine_out if direct else _OPS.dequantize_affine
+        res = op(codes, sck, zpk, g, fmt.signed, offset, *dst)
     else:
-        out = _OPS.dequantize_lut(codes, sck, torch.from_numpy(fmt.lut).to(codes.device), g)
-    return layout.from_kernel(out).to(dtype)
+        lut = torch.from_numpy(fmt.lut).to(codes.device)
+        op = _OPS.dequantize_lut_out if direct else _OPS.dequantize_lut
+        res = op(codes, sck, lut, g, *dst)
+    if direct:
+        return out
+    res = layout.from_kernel(res).to(dtype)
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
 
 
 def dequantize_float_zero(codes: torch.Tensor, sck: torch.Tensor, zk: torch.Tensor, g: int,
@@ -150,3 +173,79 @@ def dequantize_float_zero(codes: torch.Tensor, sck: torch.Tensor, zk: torch.Tens
     if quantizer == "midrise":
         q = q + 0.5
     return ((q - zk.view(-1, 1)) * sck.view(-1, 1)).view(-1)
+
+
+# ---- out=: the preallocated outputs of quantize / dequantize --------------------------------
+# Checked (clear errors before any kernel runs) and, where the layout allows, handed to the
+# ``*_out`` ops as flat views so the kernels write them in place; otherwise the result is
+# copied in.
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"out= {msg}")
+
+
+def _tensor(t, name: str, shape, dtype, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"out= {name} must be a tensor, got {type(t).__name__}")
+    _check(tuple(t.shape) == tuple(shape), f"{name} has shape {tuple(t.shape)}, expected "
+           f"{tuple(shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"out= {name} has dtype {t.dtype}, expected {dtype}")
+    _check(t.device == device, f"{name} is on {t.device}, the input on {device}")
+    _check(t.is_contiguous(), f"{name} must be contiguous")
+
+
+def check_quantize_out(out, fmt: F.Format, layout, symmetric: bool, device, code_dtype) -> None:
+    """``out`` (a QTensor, e.g. an earlier result) can hold ``quantize(x, fmt, ...)``."""
+    if not isinstance(out, QTensor):
+        raise TypeError(f"out= must be a QTensor (e.g. from an earlier qkern.quantize of the same "
+                        f"shape and format), got {type(out).__name__}")
+    _check(out.format.name == fmt.name, f"has format {out.format.name}, quantizing to {fmt.name}")
+    _check(out.layout == layout, f"has layout {out.layout}, this call needs {layout}")
+    _check(out.codes is not None, "has no codes (a PackedQTensor's meta)")
+    _tensor(out.codes, "codes", layout.shape, code_dtype, device)
+    _tensor(out.scale, "scale", layout.scale_shape, torch.float32, device)
+    want_zp = fmt.kind == "int" and not symmetric
+    if want_zp:
+        _check(out.zero_point is not None, "has no zero_point; symmetric=False needs one")
+        _tensor(out.zero_point, "zero_point", layout.scale_shape, torch.int32, device)
+    else:
+        _check(out.zero_point is None, "has a zero_point; this call (symmetric) has none")
+
+
+def out_views(out, layout, device):
+    """(codes, scale, zero_point) of ``out`` as the flat tensors the ops write, or None when
+    the kernels cannot write them directly (the result is then copied in by ``fill_out``)."""
+    if out is None or device.type != "cpu" or not layout.in_kernel_order:
+        return None
+    zp = out.zero_point.view(-1) if out.zero_point is not None else out.scale.new_empty(
+        0, dtype=torch.int32)
+    return out.codes.view(-1), out.scale.view(-1), zp
+
+
+def out_written(dst, codes, scale, zero_point) -> tuple[bool, bool, bool]:
+    """Which of the kernel-order results are ``dst``'s views (the kernels wrote ``out``)."""
+    if dst is None:
+        return False, False, False
+    return True, scale is dst[1], zero_point is dst[2]
+
+
+def fill_out(out, codes, scale, zero_point, done=(False, False, False), **meta):
+    """``out`` holding the result: copied in except where the kernels wrote it (``done``, from
+    ``out_written``), its metadata updated; returns ``out``."""
+    if not done[0]:
+        out.codes.copy_(codes)
+    if not done[1]:
+        out.scale.copy_(scale)
+    if zero_point is not None and not done[2]:
+        out.zero_point.copy_(zero_point)
+    for k, v in meta.items():
+        setattr(out, k, v)
+    return out
+
+
+def check_dequantize_out(out, shape, dtype, device) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out= must be a tensor, got {type(out).__name__}")
+    _tensor(out, "tensor", shape, dtype, device)

@@ -42,13 +42,15 @@ inline __m256 nonfinite_mask(__m256 x) {
 }
 
 // Four vectors of int32 codes (low byte significant) -> 32 bytes in element order.
-inline void store_bytes32(uint8_t* out, __m256i q0, __m256i q1, __m256i q2, __m256i q3) {
+inline void store_bytes32(uint8_t* out, __m256i q0, __m256i q1, __m256i q2, __m256i q3,
+                          bool stream = false) {
   const __m256i ff = _mm256_set1_epi32(0xFF);
   __m256i p01 = _mm256_packus_epi32(_mm256_and_si256(q0, ff), _mm256_and_si256(q1, ff));
   __m256i p23 = _mm256_packus_epi32(_mm256_and_si256(q2, ff), _mm256_and_si256(q3, ff));
   __m256i b = _mm256_packus_epi16(p01, p23);
   b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
+  if (stream) _mm256_stream_si256(reinterpret_cast<__m256i*>(out), b);
+  else _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
 }
 
 // Large float outputs (4x the bytes of their codes) bypass the caches when aligned: streaming
@@ -56,17 +58,6 @@ inline void store_bytes32(uint8_t* out, __m256i q0, __m256i q1, __m256i q2, __m2
 inline void store_f32(float* p, bool stream, __m256 v) {
   if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 0) _mm256_stream_ps(p, v);
   else _mm256_storeu_ps(p, v);
-}
-
-// Calls seg(g, a, b) for each maximal run [a, b) of [e0, e1) inside one group g.
-template <typename F>
-inline void for_segments(int64_t e0, int64_t e1, int64_t group, F seg) {
-  while (e0 < e1) {
-    int64_t g = e0 / group;
-    int64_t end = (g + 1) * group < e1 ? (g + 1) * group : e1;
-    seg(g, e0, end);
-    e0 = end;
-  }
 }
 
 bool affine_vectorized(const AffineSpec& spec) {
@@ -78,7 +69,7 @@ bool affine_vectorized(const AffineSpec& spec) {
 __attribute__((always_inline)) inline bool affine_segment(
     const float* x, int64_t a, int64_t b, int64_t g, int64_t group,
                     const float* scale, const int32_t* zp, const AffineSpec& spec,
-                    uint8_t* codes, const float* pf) {
+                    uint8_t* codes, const float* pf, bool stream) {
   const bool midrise = spec.shape == kMidRise;
   const int32_t z = zp ? zp[g] : 0;
   const __m256 vs = _mm256_set1_ps(1.0f / scale[g]);  // x * (1/scale), as torch
@@ -101,28 +92,11 @@ __attribute__((always_inline)) inline bool affine_segment(
       _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a)), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(pf + (i - a) + 16), _MM_HINT_T0);
     }
-    store_bytes32(codes + i, one(i), one(i + 8), one(i + 16), one(i + 24));
+    store_bytes32(codes + i, one(i), one(i + 8), one(i + 16), one(i + 24), stream);
   }
   bool bad = _mm256_movemask_ps(badv) != 0;
   if (i < b) bad |= affine_scalar(x, i, b, group, scale, zp, spec, codes);
   return bad;
-}
-
-bool affine_avx2(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
-                 const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
-  if (!affine_vectorized(spec)) return affine_scalar(x, e0, e1, group, scale, zp, spec, codes);
-  bool bad = false;
-  for_segments(e0, e1, group, [&](int64_t g, int64_t a, int64_t b) {
-    bad |= affine_segment(x, a, b, g, group, scale, zp, spec, codes, nullptr);
-  });
-  return bad;
-}
-
-// Groups this long are worth prefetching one ahead (a per-channel row, not a 128-block).
-constexpr int64_t kPrefetchGroup = 1024;
-
-inline const float* next_group(const float* x, int64_t g, int64_t g1, int64_t group) {
-  return (group >= kPrefetchGroup && g + 1 < g1) ? x + (g + 1) * group : nullptr;
 }
 
 void dequant_affine_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group,
@@ -149,25 +123,18 @@ void dequant_affine_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t g
 // table set-up is done once per call, not per group.
 class Table16 {
  public:
-  static bool eligible(const CodebookSpec& s) { return s.rounding == kNearestEven && s.n <= 16; }
-
   explicit Table16(const CodebookSpec& spec) : n_(spec.n), sign_bit_(spec.sign_bit) {
-    alignas(32) float vals[16];
-    alignas(32) int32_t cods[16];
-    for (int k = 0; k < 16; ++k) {
-      vals[k] = spec.values[k < spec.n ? k : spec.n - 1];
-      cods[k] = spec.codes[k < spec.n ? k : spec.n - 1];
-    }
-    for (int k = 0; k < 16; ++k) bounds_[k] = _mm256_set1_ps(vals[k]);
-    v_lo8_ = _mm256_load_ps(vals);
-    v_hi8_ = _mm256_load_ps(vals + 8);
-    c_lo8_ = _mm256_load_si256(reinterpret_cast<const __m256i*>(cods));
-    c_hi8_ = _mm256_load_si256(reinterpret_cast<const __m256i*>(cods + 8));
+    const Table16Data t(spec);
+    for (int k = 0; k < 16; ++k) bounds_[k] = _mm256_set1_ps(t.vals[k]);
+    v_lo8_ = _mm256_load_ps(t.vals);
+    v_hi8_ = _mm256_load_ps(t.vals + 8);
+    c_lo8_ = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.codes));
+    c_hi8_ = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.codes + 8));
   }
 
   // Codes of x[a, b) with one scale; the tail goes to the scalar kernel.
   bool run(const float* x, int64_t a, int64_t b, int64_t group, const float* scale,
-           const CodebookSpec& spec, uint8_t* codes, const float* pf = nullptr) const {
+           const CodebookSpec& spec, uint8_t* codes, const float* pf) const {
     const __m256 vs = _mm256_set1_ps(1.0f / scale[a / group]);
     __m256 badv = _mm256_setzero_ps();
     int64_t i = a;
@@ -225,17 +192,6 @@ class Table16 {
   __m256 v_lo8_, v_hi8_;
   __m256i c_lo8_, c_hi8_;
 };
-
-bool codebook_avx2(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
-                   const CodebookSpec& spec, uint8_t* codes) {
-  if (!Table16::eligible(spec)) return codebook_scalar(x, e0, e1, group, scale, spec, codes);
-  const Table16 table(spec);
-  bool bad = false;
-  for_segments(e0, e1, group, [&](int64_t, int64_t a, int64_t b) {
-    bad |= table.run(x, a, b, group, scale, spec, codes);
-  });
-  return bad;
-}
 
 // 16-entry tables (4-bit formats) decode with two in-register permutes instead of a gather.
 void lut_avx2(const uint8_t* codes, int64_t e0, int64_t e1, int64_t group, const float* scale,
@@ -299,41 +255,10 @@ __attribute__((always_inline)) inline void minmax_avx2(const float* x, int64_t n
   *bad = rb || _mm256_movemask_ps(badv) != 0;
 }
 
-// Lambda wrapper: a function pointer would be an indirect call per group.
-constexpr auto kMinMax = [](const float* p, int64_t n, float* lo, float* hi, bool* b) {
-  minmax_avx2(p, n, lo, hi, b);
-};
+using Path = VectorPath<affine_vectorized, affine_segment, minmax_avx2, Table16>;
 
-bool affine_groups_avx2(const float* x, int64_t g0, int64_t g1, int64_t group,
-                        const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
-                        uint8_t* codes) {
-  if (!affine_vectorized(spec))
-    return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, kMinMax, [&](int64_t g) {
-      return affine_scalar(x, g * group, (g + 1) * group, group, scale, zp, spec, codes);
-    });
-  return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, kMinMax, [&](int64_t g) {
-    return affine_segment(x, g * group, (g + 1) * group, g, group, scale, zp, spec, codes,
-                          next_group(x, g, g1, group));
-  });
-}
-
-bool codebook_groups_avx2(const float* x, int64_t g0, int64_t g1, int64_t group,
-                          const CodebookSpec& spec, const ScaleSpec& ss, float* scale,
-                          uint8_t* codes) {
-  const AffineSpec none{0, 0, 0, 0, 0.0f, 0};
-  if (!Table16::eligible(spec))
-    return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, kMinMax, [&](int64_t g) {
-      return codebook_scalar(x, g * group, (g + 1) * group, group, scale, spec, codes);
-    });
-  const Table16 table(spec);
-  return dynamic_groups(x, g0, g1, group, ss, none, scale, nullptr, kMinMax, [&](int64_t g) {
-    return table.run(x, g * group, (g + 1) * group, group, scale, spec, codes,
-                     next_group(x, g, g1, group));
-  });
-}
-
-const Kernels kAvx2Kernels = {affine_avx2, dequant_affine_avx2, codebook_avx2,     lut_avx2,
-                          minmax_avx2, affine_groups_avx2,  codebook_groups_avx2};
+const Kernels kAvx2Kernels = {Path::affine, dequant_affine_avx2, Path::codebook, lut_avx2,
+                              minmax_avx2, Path::affine_groups, Path::codebook_groups};
 
 }  // namespace
 

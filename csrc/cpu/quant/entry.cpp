@@ -14,7 +14,8 @@ namespace {
 constexpr int64_t kMinParallel = 1 << 15;
 constexpr int64_t kChunk = 1 << 14;  // elements per task in range-parallel loops
 
-// Float outputs of at least 16 MiB are written with streaming stores (they cannot stay cached).
+// Outputs of calls over at least 4M elements (16 MiB of float32 read or written) are written
+// with streaming stores: they cannot stay cached beside the float side.
 inline bool stream_output(int64_t n) { return n >= (int64_t{1} << 22); }
 
 // Runs body(e0, e1) over [0, n) in chunks; returns the OR of the results.
@@ -97,7 +98,7 @@ bool quantize_affine(const float* x, int64_t n, int64_t group, const float* scal
                      const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
   const auto& p = quant::kernels();
   return for_ranges(n, [&](int64_t e0, int64_t e1) {
-    return p.affine(x, e0, e1, group, scale, zp, spec, codes);
+    return p.affine(x, e0, e1, group, scale, zp, spec, codes, stream_output(n));
   });
 }
 
@@ -125,7 +126,8 @@ bool quantize_affine_dynamic(const float* x, int64_t n, int64_t group, const Aff
   const quant::ScaleSpec ss{rule, qpos, emax};
   bool bad = false;
   if (for_group_blocks(n, group, [&](int64_t g0, int64_t g1) {
-        return p.affine_groups(x, g0, g1, group, spec, ss, scale_out, zp_out, codes);
+        return p.affine_groups(x, g0, g1, group, spec, ss, scale_out, zp_out, codes,
+                               stream_output(n));
       }, &bad))
     return bad;
   bad = big_group_params(x, n, group, spec, ss, scale_out, zp_out);

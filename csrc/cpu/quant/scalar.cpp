@@ -7,7 +7,7 @@ namespace qk {
 namespace quant {
 
 bool affine_scalar(const float* x, int64_t e0, int64_t e1, int64_t group, const float* scale,
-                   const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
+                   const int32_t* zp, const AffineSpec& spec, uint8_t* codes, bool /*stream*/) {
   bool bad = false;
   for (int64_t e = e0; e < e1; ++e) {
     int64_t g = e / group;
@@ -61,7 +61,7 @@ void minmax_scalar(const float* x, int64_t n, float* lo, float* hi, bool* bad) {
 
 bool affine_groups_scalar(const float* x, int64_t g0, int64_t g1, int64_t group,
                           const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
-                          uint8_t* codes) {
+                          uint8_t* codes, bool /*stream*/) {
   return dynamic_groups(x, g0, g1, group, ss, spec, scale, zp, minmax_scalar, [&](int64_t g) {
     return affine_scalar(x, g * group, (g + 1) * group, group, scale, zp, spec, codes);
   });

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .. import _C
@@ -95,16 +96,20 @@ def check_dtype(op: str, t: torch.Tensor | None, name: str, allowed: tuple) -> N
 
 def check_scale_values(op: str, scale: torch.Tensor, quantize: bool) -> None:
     """Scales finite and > 0 (and for quantize ops 1/scale finite: the kernels multiply by
-    it). One pass over the scale tensor (small: one entry per group)."""
+    it). One pass over the scale tensor (small: one entry per group); CPU tensors in numpy
+    (one thread: torch's OpenMP wake-up costs more than the pass)."""
     check_float_input(op, scale, "scale")
     if scale.numel() == 0 or scale.device.type == "meta":
         return
     s = scale.detach().float()
-    ok = torch.isfinite(s) & (s > 0)
-    if quantize:
-        ok &= torch.isfinite(1.0 / s)
+    cpu = s.device.type == "cpu"
+    a, lib = (s.numpy(), np) if cpu else (s, torch)
+    with np.errstate(all="ignore"):
+        ok = lib.isfinite(a) & (a > 0)
+        if quantize:
+            ok &= lib.isfinite((np.float32(1.0) if cpu else 1.0) / a)
     if not bool(ok.all()):
-        bad = float(s[~ok].reshape(-1)[0])
+        bad = float(a[~ok].reshape(-1)[0])
         raise ValueError(f"{op}: scale must be finite and > 0{' with 1/scale finite' * quantize}"
                          f", got {bad!r}")
 
@@ -114,7 +119,8 @@ def check_zero_point_input(op: str, zp: torch.Tensor | None, lo: int, hi: int) -
     no longer wraps to 0 in the int32 conversion first)."""
     check_dtype(op, zp, "zero_point", _INT_DTYPES)
     if zp is not None and zp.numel() and zp.device.type != "meta":
-        zmin, zmax = int(zp.min()), int(zp.max())
+        z = zp.detach().numpy() if zp.device.type == "cpu" else zp
+        zmin, zmax = int(z.min()), int(z.max())
         if zmin < lo or zmax > hi:
             raise ValueError(f"{op}: zero_point must lie in the code range [{lo}, {hi}], got "
                              f"values in [{zmin}, {zmax}]")

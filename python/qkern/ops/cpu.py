@@ -7,10 +7,11 @@ import torch
 
 from .. import _C
 from . import checks
-from .raw import contig, ptr
-from .schemas import LIB
+from .raw import contig, empty, out_tensor, ptr
+from .schemas import LIB, SCHEMAS
 
 F32, I32, U8, I16 = torch.float32, torch.int32, torch.uint8, torch.int16
+BYTES = (U8, torch.int8)  # code outputs: the bytes are the same
 
 
 class NonFiniteError(ValueError):
@@ -31,12 +32,22 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return contig(t.view(U8) if t.dtype == torch.int8 else t, U8)
 
 
-def quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shape, dz_half, seed):
+def _out(op, t, n, dtypes, shape, name="out"):
+    """The output: allocated (``t`` None: a functional op) or the caller's (an ``*_out`` op)."""
+    if t is None:
+        return empty(shape, dtypes[0])
+    return out_tensor(f"{op}_out", t, n, dtypes, name)
+
+
+# Each kernel below is the ``*_out`` op given its outputs and the functional op given None.
+
+def quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shape, dz_half, seed,
+                    out=None):
     checks.quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shape,
                            dz_half)
     x, scale, zp = contig(x, F32), contig(scale, F32), contig(zero_point, I32)
     n = x.numel()
-    codes = torch.empty(x.shape, dtype=U8)
+    codes = _out("quantize_affine", out, n, BYTES, x.shape)
     bad = _C.quantize_affine_raw(ptr(x), n, ptr(scale), ptr(zp), group_size, qmin, qmax,
                                  rounding, shape, dz_half, _seed(seed), ptr(codes))
     _check_finite(bad)
@@ -44,38 +55,41 @@ def quantize_affine(x, scale, zero_point, group_size, qmin, qmax, rounding, shap
 
 
 def quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, emax, rounding, shape,
-                            dz_half, seed):
+                            dz_half, seed, codes=None, scale=None, zero_point=None):
+    op = "quantize_affine_dynamic"
     checks.quantize_affine_dynamic(x, group_size, qmin, qmax, rule, qpos, rounding, shape,
                                    dz_half)
     x = contig(x, F32)
     n = x.numel()
     checks.check_emax(emax)
-    codes = torch.empty(x.shape, dtype=U8)
-    scale = torch.empty(n // group_size, dtype=F32)
-    zp = torch.empty(checks.dynamic_zero_points(n, group_size, rule), dtype=I32)
+    codes = _out(op, codes, n, BYTES, x.shape, "codes")
+    scale = _out(op, scale, n // group_size, (F32,), n // group_size, "scale")
+    nz = checks.dynamic_zero_points(n, group_size, rule)
+    zero_point = _out(op, zero_point, nz, (I32,), nz, "zero_point")
     bad = _C.quantize_affine_dynamic_raw(ptr(x), n, group_size, qmin, qmax, rule, qpos, emax,
                                          rounding, shape, dz_half, _seed(seed), ptr(scale),
-                                         ptr(zp), ptr(codes))
+                                         ptr(zero_point), ptr(codes))
     _check_finite(bad)
-    return codes, scale, zp
+    return codes, scale, zero_point
 
 
-def dequantize_affine(codes, scale, zero_point, group_size, is_signed, offset):
+def dequantize_affine(codes, scale, zero_point, group_size, is_signed, offset, out=None):
     checks.dequantize_affine(codes, scale, zero_point, group_size, is_signed)
     codes, scale, zp = _bytes(codes), contig(scale, F32), contig(zero_point, I32)
     n = codes.numel()
-    out = torch.empty(codes.shape, dtype=F32)
+    out = _out("dequantize_affine", out, n, (F32,), codes.shape)
     _C.dequantize_affine_raw(ptr(codes), n, ptr(scale), ptr(zp), group_size, is_signed, offset,
                              ptr(out))
     return out
 
 
-def quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, rounding, seed):
+def quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, rounding, seed,
+                      out=None):
     nv = checks.quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, rounding)
     x, scale = contig(x, F32), contig(scale, F32)
     values, value_codes = contig(values, F32), _bytes(value_codes)
     n = x.numel()
-    codes = torch.empty(x.shape, dtype=U8)
+    codes = _out("quantize_codebook", out, n, BYTES, x.shape)
     bad = _C.quantize_codebook_raw(ptr(x), n, ptr(scale), ptr(values), ptr(value_codes), nv,
                                    sign_bit, group_size, rounding, _seed(seed), ptr(codes))
     _check_finite(bad)
@@ -83,14 +97,15 @@ def quantize_codebook(x, scale, values, value_codes, sign_bit, group_size, round
 
 
 def quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule, max_value,
-                              emax, rounding, seed):
+                              emax, rounding, seed, codes=None, scale=None):
+    op = "quantize_codebook_dynamic"
     nv = checks.quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule,
                                           max_value, rounding)
     x, values, value_codes = contig(x, F32), contig(values, F32), _bytes(value_codes)
     n = x.numel()
     checks.check_emax(emax)
-    codes = torch.empty(x.shape, dtype=U8)
-    scale = torch.empty(n // group_size, dtype=F32)
+    codes = _out(op, codes, n, BYTES, x.shape, "codes")
+    scale = _out(op, scale, n // group_size, (F32,), n // group_size, "scale")
     bad = _C.quantize_codebook_dynamic_raw(ptr(x), n, ptr(values), ptr(value_codes), nv,
                                            sign_bit, group_size, rule, max_value, emax,
                                            rounding, _seed(seed), ptr(scale), ptr(codes))
@@ -98,11 +113,11 @@ def quantize_codebook_dynamic(x, values, value_codes, sign_bit, group_size, rule
     return codes, scale
 
 
-def dequantize_lut(codes, scale, lut, group_size):
+def dequantize_lut(codes, scale, lut, group_size, out=None):
     codes, scale, lut = _bytes(codes), contig(scale, F32), contig(lut, F32)
     n = codes.numel()
     checks.dequantize_lut(n, scale, lut, group_size)
-    out = torch.empty(codes.shape, dtype=F32)
+    out = _out("dequantize_lut", out, n, (F32,), codes.shape)
     _C.dequantize_lut_raw(ptr(codes), n, ptr(scale), ptr(lut), group_size, ptr(out))
     return out
 
@@ -151,5 +166,17 @@ _IMPLS = {
     "alaw_decode": _g711("alaw_decode", U8, I16),
 }
 
+
+
+def _returns_nothing(fn):
+    def impl(*args):
+        fn(*args)
+
+    impl.__name__ = f"{fn.__name__}_out"
+    return impl
+
+
 for _name, _fn in _IMPLS.items():
     LIB.impl(_name, _fn, "CPU")
+    if f"{_name}_out" in SCHEMAS:  # the same kernel with the caller's outputs
+        LIB.impl(f"{_name}_out", _returns_nothing(_fn), "CPU")

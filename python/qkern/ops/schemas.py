@@ -8,6 +8,11 @@ group ``g`` using ``scale.view(-1)[g]``. Codes are uint8 (two's complement bytes
 formats); the Python layer reinterprets them. ``seed`` is a uint64 passed as int64 bits.
 ``quantize_affine_dynamic`` returns one zero point per group for the min/max rule and an empty
 zero-point tensor for the symmetric rules (their zero point is 0; nothing is allocated).
+
+The ``*_out`` ops write into preallocated outputs (``Tensor(a!)``: contiguous, on x's device,
+of the functional op's length; codes may be uint8 or int8) and return nothing: the functional
+ops are these plus the allocation. For a symmetric rule ``quantize_affine_dynamic_out`` takes an
+empty ``zero_point``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,34 @@ SCHEMAS = {
     ),
     "dequantize_lut": (
         "dequantize_lut(Tensor codes, Tensor scale, Tensor lut, int group_size) -> Tensor"
+    ),
+    # preallocated outputs (qkern.quantize(..., out=) and QTensor.dequantize(out=))
+    "quantize_affine_out": (
+        "quantize_affine_out(Tensor x, Tensor scale, Tensor? zero_point, int group_size, "
+        "int qmin, int qmax, int rounding, int shape, float deadzone_half, int seed, "
+        "Tensor(a!) out) -> ()"
+    ),
+    "quantize_affine_dynamic_out": (
+        "quantize_affine_dynamic_out(Tensor x, int group_size, int qmin, int qmax, int rule, "
+        "float qpos, int emax, int rounding, int shape, float deadzone_half, int seed, "
+        "Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero_point) -> ()"
+    ),
+    "dequantize_affine_out": (
+        "dequantize_affine_out(Tensor codes, Tensor scale, Tensor? zero_point, int group_size, "
+        "bool is_signed, float offset, Tensor(a!) out) -> ()"
+    ),
+    "quantize_codebook_out": (
+        "quantize_codebook_out(Tensor x, Tensor scale, Tensor values, Tensor value_codes, "
+        "int sign_bit, int group_size, int rounding, int seed, Tensor(a!) out) -> ()"
+    ),
+    "quantize_codebook_dynamic_out": (
+        "quantize_codebook_dynamic_out(Tensor x, Tensor values, Tensor value_codes, "
+        "int sign_bit, int group_size, int rule, float max_value, int emax, int rounding, "
+        "int seed, Tensor(a!) codes, Tensor(b!) scale) -> ()"
+    ),
+    "dequantize_lut_out": (
+        "dequantize_lut_out(Tensor codes, Tensor scale, Tensor lut, int group_size, "
+        "Tensor(a!) out) -> ()"
     ),
     "pack_bits": "pack_bits(Tensor codes, int bits, bool msb) -> Tensor",
     "unpack_bits": "unpack_bits(Tensor packed, int bits, int n, bool msb) -> Tensor",
@@ -161,6 +194,14 @@ def _(x, values, value_codes, sign_bit, group_size, rule, max_value, emax, round
 @torch.library.register_fake("qkern::dequantize_lut")
 def _(codes, scale, lut, group_size):
     return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+
+def _no_output(*args):
+    return None
+
+
+for _name in [k for k in SCHEMAS if k.endswith("_out")]:
+    torch.library.register_fake(f"qkern::{_name}", _no_output)
 
 
 @torch.library.register_fake("qkern::pack_bits")

@@ -29,7 +29,10 @@ Method:
   flat tensors, so the cost of the Python layer is the difference between the two.
 * "vs torch" is torch time / qkern time (above 1: qkern is faster).
 * torch's allocator uses 4 KiB pages for large tensors unless ``THP_MEM_ALLOC_ENABLE=1``;
-  numpy (which allocates qkern's outputs) asks for huge pages. On machines where page faults
+  qkern's ops ask for transparent huge pages (madvise) on outputs of 4 MiB and more.
+* The "out=" rows write into preallocated outputs (``qkern.quantize(..., out=qt)``,
+  ``qt.dequantize(out=t)``, ``torch.ops.qkern.*_out``): the cost of the kernel and the Python
+  layer without allocation or first-touch page faults. On machines where page faults
   are expensive this alone makes torch peers that allocate large temporaries several times
   slower; the machine line says which setting the run used.
 
@@ -199,6 +202,9 @@ def build_cases(shape: tuple[int, int]) -> list[Case]:
         torch=_bind(torch_lut_dequantize, tq_n, ts_n, vals), qkern=qt_n.dequantize,
         op=_bind(_OPS.dequantize_lut, qt_n.codes.view(-1), qt_n.scale.reshape(-1), lut, 64))
 
+    # -- the same into preallocated outputs (out=): no allocation, no first-touch page faults
+    _out_cases(add, w, n, rows, cols, qt_t, qt_c, qt_g)
+
     # -- bit packing of one-byte codes (the int4 group-128 codes; random 3-bit codes)
     c4 = qt_g.codes
     c4u = c4.view(torch.uint8).view(-1)
@@ -216,6 +222,36 @@ def build_cases(shape: tuple[int, int]) -> list[Case]:
         torch=_bind(torch_pack3, c3), qkern=_bind(qkern.pack_bits, c3, 3),
         op=_bind(_OPS.pack_bits, c3u, 3, False))
     return cases
+
+
+def _out_cases(add, w, n, rows, cols, qt_t, qt_c, qt_g) -> None:
+    """Rows of ``qkern.quantize(..., out=qt)`` / ``qt.dequantize(out=t)`` and the ``*_out``
+    ops; the torch peer is the allocating one of the row above (torch has no out= for these)."""
+    flat = w.view(-1)
+    i32 = torch.empty(0, dtype=torch.int32)
+    for what, qt, g, kw in (("int8 per-tensor", qt_t, n, {}),
+                            ("int8 per-channel", qt_c, cols, {"granularity": "channel"}),
+                            ("int4 group-128", qt_g, 128, {"granularity": "group",
+                                                           "group_size": 128})):
+        fmt = qt.format
+        q = qkern.quantize(w, fmt.name, **kw)
+        codes, scale = q.codes.view(-1), q.scale.view(-1)
+        peer = torch.quantize_per_tensor if g == n else None
+        add(f"quantize {what} out=", _quant_bytes(n, n // g), "allocating peer",
+            torch=(lambda p=peer: p(w, float(w.abs().max()) / 127, 0, torch.qint8)) if peer else
+            (lambda g=g, qmax=fmt.qmax: torch_group_quantize(w, g, qmax)),
+            qkern=lambda q=q, kw=kw, name=fmt.name: qkern.quantize(w, name, out=q, **kw),
+            op=lambda g=g, fmt=fmt, codes=codes, scale=scale: _OPS.quantize_affine_dynamic_out(
+                flat, g, fmt.qmin, fmt.qmax, F.SCALE_ABSMAX, float(fmt.qmax), 0, 0, 0, 0.0, 0,
+                codes, scale, i32))
+        out = torch.empty(w.shape)
+        tq, ts = torch_group_quantize(w, g, fmt.qmax)
+        add(f"dequantize {what} out=", _dequant_bytes(n, n // g), "allocating peer",
+            torch=_bind(torch_group_dequantize, tq, ts, g),
+            qkern=lambda qt=qt, out=out: qt.dequantize(out=out),
+            op=lambda qt=qt, g=g, out=out: _OPS.dequantize_affine_out(
+                qt.codes.view(torch.uint8).view(-1), qt.scale.reshape(-1), None, g, True, 0.0,
+                out.view(-1)))
 
 
 def _bind(fn, *args):
@@ -301,8 +337,8 @@ def run_core(threads: int, repeats: int, warmup: int, shapes: list[tuple[int, in
     if os.environ.get("THP_MEM_ALLOC_ENABLE", "0") in ("", "0"):
         print(file=out)
         print("Note: torch's CPU allocator maps large tensors with 4 KiB pages unless "
-              "THP_MEM_ALLOC_ENABLE=1 is set, while qkern's outputs are numpy allocations, "
-              "which ask for transparent huge pages; peers that allocate large outputs or "
+              "THP_MEM_ALLOC_ENABLE=1 is set, while qkern's ops ask for transparent huge pages "
+              "for outputs of 4 MiB and more; peers that allocate large outputs or "
               "temporaries pay the page faults (several ms per 64 MiB on some VMs). Run with "
               "THP_MEM_ALLOC_ENABLE=1 to compare without that cost.", file=out)
     print(file=out)
