@@ -131,7 +131,8 @@ inline void decode_u8(const uint8_t* b0, const uint8_t* b1, __m512i (&u)[8]) {
     for (int i = 0; i < 2; ++i) {
       const __m512i v = word<2, 0, kTwo>(b0 + 32 * i, b1 + 32 * i);
       u[4 * i] = _mm512_and_si512(v, mask);
-      for (int q = 1; q < 4; ++q) u[4 * i + q] = _mm512_and_si512(_mm512_srli_epi16(v, 2 * q), mask);
+      for (int q = 1; q < 4; ++q)
+        u[4 * i + q] = _mm512_and_si512(_mm512_srli_epi16(v, 2 * q), mask);
     }
   } else {
     for (int i = 0; i < 3; ++i) {
@@ -304,7 +305,8 @@ void exact_block(const Problem& p, int64_t m, __m512 scale, int64_t g, const flo
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < p.group; ++k) {
     const __m512 wv = _mm512_loadu_ps(w + k * 16);
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * p.k + k]), wv, acc[i]);
+    for (int i = 0; i < MR; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * p.k + k]), wv, acc[i]);
   }
   for (int i = 0; i < MR; ++i)
     _mm512_storeu_ps(ys + i * 16, _mm512_fmadd_ps(scale, acc[i], _mm512_loadu_ps(ys + i * 16)));
@@ -325,7 +327,8 @@ void exact_gemm_pair(const Problem& p, int64_t t, int64_t m0, int64_t m1, float*
     for (int64_t i = 0; i < rows; i += 8) {
       const int r = static_cast<int>(std::min<int64_t>(8, rows - i));
       for (int64_t g = g0; g < g1; ++g)
-        kBlockFns[r - 1](p, m0 + i, pr.scales<kTwo>(g), g, wp + (g - g0) * p.group * 16, yp + i * 16);
+        kBlockFns[r - 1](p, m0 + i, pr.scales<kTwo>(g), g, wp + (g - g0) * p.group * 16,
+                         yp + i * 16);
     }
   }
   for (int64_t i = 0; i < rows; ++i) store_pair(p, m0 + i, t, kTwo, _mm512_loadu_ps(yp + i * 16));
