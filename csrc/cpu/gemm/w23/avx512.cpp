@@ -65,6 +65,13 @@ inline __m512 load2f(const float* p0, const float* p1) {
   else return _mm512_maskz_loadu_ps(0xFF, p0);
 }
 
+// The lines of one block kPrefetch bytes ahead (a 2-bit block is one 64-byte line).
+template <int BITS>
+inline void prefetch_block(const uint8_t* blk) {
+  _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
+  if (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
+}
+
 // The operands of tile pair (t, t + 1) at block b / group g.
 struct Pair {
   const Problem& p;
@@ -87,13 +94,10 @@ struct Pair {
     const __m512i zi = load2<kTwo>(z + 4 * par0(g), z + 4 * par1(g));
     return _mm512_add_ps(zc0, cvt(zi));
   }
-  template <int BITS>
-  void prefetch(int64_t b, bool two) const {
-    for (int i = 0; i < (two ? 2 : 1); ++i) {
-      const char* q = reinterpret_cast<const char*>(i ? blk1(b) : blk0(b)) + kPrefetch;
-      _mm_prefetch(q, _MM_HINT_T0);
-      if (BITS == 3) _mm_prefetch(q + 64, _MM_HINT_T0);
-    }
+  template <int BITS, bool kTwo>
+  void prefetch(int64_t b) const {
+    prefetch_block<BITS>(blk0(b));
+    if (kTwo) prefetch_block<BITS>(blk1(b));
   }
 };
 
@@ -162,7 +166,7 @@ void fast_rows(const Problem& p, int64_t t, int64_t m) {
     const __m512 zc = pr.offsets<kTwo>(g);
     for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
-      pr.prefetch<BITS>(b, kTwo);
+      pr.prefetch<BITS, kTwo>(b);
       __m512i u[8];
       decode_u8<BITS, kTwo>(pr.blk0(b), pr.blk1(b), u);
       for (int r = 0; r < MR; ++r) {
@@ -263,7 +267,7 @@ void exact_pairs_row(const Problem& p, int64_t t, int64_t m) {
         const Pair q(p, t + 2 * j, BITS);
         b0[j] = q.blk0(b);
         b1[j] = q.blk1(b);
-        q.prefetch<BITS>(b, kTwo);
+        q.template prefetch<BITS, kTwo>(b);
       }
       const float* xk = x + b * kW23Block;
       block_fields<BITS, NP, kTwo>(b0, b1, zc, [&](int k, const __m512* w) {
