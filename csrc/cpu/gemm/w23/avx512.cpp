@@ -25,7 +25,7 @@ namespace qk {
 namespace w23 {
 namespace {
 
-constexpr int64_t kPrefetch = 4096;  // bytes ahead in the packed stream of a tile
+constexpr int64_t kPrefetch = 8192;  // bytes ahead in the packed stream of a tile
 
 template <int N, typename F, int... I>
 inline void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
@@ -155,6 +155,45 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// One row's exact int32 dots over a block of the pair (row r in lane r) from the fields left in
+// place: (word & field mask) is u * 2^e in each byte (at most 192: a valid vpdpbusd u8 operand),
+// so the dots of the fields with the same e are summed in one accumulator and shifted down
+// once (exact: each such sum is a multiple of 2^e). For one row this saves the shifts that
+// move every field to bit 0; B = 3's codes 24 .. 31 come as low bits (e = 6) plus a high bit
+// (at e = 6 or 7, scaled up to 8 before the shared shift).
+template <int BITS, bool kTwo>
+inline __m512i block_dot_inplace(const uint8_t* b0, const uint8_t* b1, const int8_t* xq) {
+  const __m512i zero = _mm512_setzero_si512();
+  auto dp = [&](__m512i acc, __m512i v, int mask, int c) {
+    return _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(mask))),
+                               bcast4(xq + 4 * c));
+  };
+  if constexpr (BITS == 2) {
+    __m512i s[4] = {zero, zero, zero, zero};  // s[q]: fields at bit 2q of every byte
+    for (int i = 0; i < 2; ++i) {
+      const __m512i v = load2<kTwo>(b0 + 32 * i, b1 + 32 * i);
+      for (int q = 0; q < 4; ++q) s[q] = dp(s[q], v, 0x03 << (2 * q), 4 * i + q);
+    }
+    const __m512i a = _mm512_add_epi32(s[0], _mm512_srai_epi32(s[1], 2));
+    return _mm512_add_epi32(_mm512_add_epi32(a, _mm512_srai_epi32(s[2], 4)),
+                            _mm512_srai_epi32(s[3], 6));
+  } else {
+    __m512i s1 = zero, s8 = zero, s64 = zero, h0 = zero, h1 = zero;
+    __m512i v[3];
+    for (int i = 0; i < 3; ++i) {
+      v[i] = load2<kTwo>(b0 + 32 * i, b1 + 32 * i);
+      s1 = dp(s1, v[i], 0x07, 2 * i);
+      s8 = dp(s8, v[i], 0x38, 2 * i + 1);
+    }
+    s64 = dp(dp(s64, v[0], 0xC0, 6), v[1], 0xC0, 7);  // low bits of codes 24 .. 31
+    h0 = dp(h0, v[2], 0x40, 6);                        // high bit of codes 24 .. 27: 64 u2
+    h1 = dp(h1, v[2], 0x80, 7);                        // of codes 28 .. 31: 128 u2
+    const __m512i hi = _mm512_add_epi32(_mm512_slli_epi32(h0, 2), _mm512_slli_epi32(h1, 1));
+    const __m512i a = _mm512_add_epi32(s1, _mm512_srai_epi32(s8, 3));
+    return _mm512_add_epi32(a, _mm512_srai_epi32(_mm512_add_epi32(s64, hi), 6));
+  }
+}
+
 // Rows [m, m + MR) of tile pair t.
 template <int BITS, int MR, bool kTwo>
 void fast_rows(const Problem& p, int64_t t, int64_t m) {
@@ -168,16 +207,22 @@ void fast_rows(const Problem& p, int64_t t, int64_t m) {
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
       pr.prefetch<BITS, kTwo>(b);
       __m512i u[8];
-      decode_u8<BITS, kTwo>(pr.blk0(b), pr.blk1(b), u);
+      if (MR > 1) decode_u8<BITS, kTwo>(pr.blk0(b), pr.blk1(b), u);
       for (int r = 0; r < MR; ++r) {
         const int8_t* xq = p.xq + (m + r) * p.k + b * kW23Block;
-        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast4(xq));
-        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast4(xq + 4));
-        for (int c = 2; c < 8; c += 2) {
-          s0 = _mm512_dpbusd_epi32(s0, u[c], bcast4(xq + 4 * c));
-          s1 = _mm512_dpbusd_epi32(s1, u[c + 1], bcast4(xq + 4 * c + 4));
+        __m512i dot;  // exact int32 sums
+        if constexpr (MR == 1) {
+          dot = block_dot_inplace<BITS, kTwo>(pr.blk0(b), pr.blk1(b), xq);
+        } else {
+          __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast4(xq));
+          __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast4(xq + 4));
+          for (int c = 2; c < 8; c += 2) {
+            s0 = _mm512_dpbusd_epi32(s0, u[c], bcast4(xq + 4 * c));
+            s1 = _mm512_dpbusd_epi32(s1, u[c + 1], bcast4(xq + 4 * c + 4));
+          }
+          dot = _mm512_add_epi32(s0, s1);
         }
-        const __m512 du = cvt(_mm512_add_epi32(s0, s1));  // exact int32 sum
+        const __m512 du = cvt(dot);
         const int64_t bi = (m + r) * pr.nb + b;
         acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(p.dx[bi]),
                                  _mm512_fnmadd_ps(zc, _mm512_set1_ps(p.xs[bi]), du), acc[r]);
