@@ -41,6 +41,10 @@ inline void static_for(F&& f) {
 constexpr __mmask16 kAll = 0xFFFF;
 template <int N>
 inline __m512i srli32(__m512i v) { return _mm512_maskz_srli_epi32(kAll, v, N); }
+template <int N>
+inline __m512i srai32(__m512i v) { return _mm512_maskz_srai_epi32(kAll, v, N); }
+template <int N>
+inline __m512i slli32(__m512i v) { return _mm512_maskz_slli_epi32(kAll, v, N); }
 inline __m512 cvt(__m512i v) { return _mm512_maskz_cvtepi32_ps(kAll, v); }
 
 inline __m256i load8(const uint8_t* p) {
@@ -174,9 +178,9 @@ inline __m512i block_dot_inplace(const uint8_t* b0, const uint8_t* b1, const int
       const __m512i v = load2<kTwo>(b0 + 32 * i, b1 + 32 * i);
       for (int q = 0; q < 4; ++q) s[q] = dp(s[q], v, 0x03 << (2 * q), 4 * i + q);
     }
-    const __m512i a = _mm512_add_epi32(s[0], _mm512_srai_epi32(s[1], 2));
-    return _mm512_add_epi32(_mm512_add_epi32(a, _mm512_srai_epi32(s[2], 4)),
-                            _mm512_srai_epi32(s[3], 6));
+    const __m512i a = _mm512_add_epi32(s[0], srai32<2>(s[1]));
+    return _mm512_add_epi32(_mm512_add_epi32(a, srai32<4>(s[2])),
+                            srai32<6>(s[3]));
   } else {
     __m512i s1 = zero, s8 = zero, s64 = zero, h0 = zero, h1 = zero;
     __m512i v[3];
@@ -188,9 +192,9 @@ inline __m512i block_dot_inplace(const uint8_t* b0, const uint8_t* b1, const int
     s64 = dp(dp(s64, v[0], 0xC0, 6), v[1], 0xC0, 7);  // low bits of codes 24 .. 31
     h0 = dp(h0, v[2], 0x40, 6);                        // high bit of codes 24 .. 27: 64 u2
     h1 = dp(h1, v[2], 0x80, 7);                        // of codes 28 .. 31: 128 u2
-    const __m512i hi = _mm512_add_epi32(_mm512_slli_epi32(h0, 2), _mm512_slli_epi32(h1, 1));
-    const __m512i a = _mm512_add_epi32(s1, _mm512_srai_epi32(s8, 3));
-    return _mm512_add_epi32(a, _mm512_srai_epi32(_mm512_add_epi32(s64, hi), 6));
+    const __m512i hi = _mm512_add_epi32(slli32<2>(h0), slli32<1>(h1));
+    const __m512i a = _mm512_add_epi32(s1, srai32<3>(s8));
+    return _mm512_add_epi32(a, srai32<6>(_mm512_add_epi32(s64, hi)));
   }
 }
 
