@@ -15,9 +15,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <utility>
 
 #include "cpu/gemm/bits/kernels.h"
+#include "cpu/gemm/bits/lut_dot.h"
 
 namespace qk {
 namespace bits {
@@ -62,82 +62,36 @@ void tables_avx512(const float* x, int64_t K, bool ternary, float* tab) {
   avx2_kernels()->tables(x, K, ternary, tab);  // the same tables (and bits) as AVX2
 }
 
-// MT activation rows times one tile pair: out[r] lane i = sum over k of row 8t + i.
-template <int MT, bool kTernary, bool kTwo>
-struct PairDot {
-  static constexpr int C = MT == 1 ? kBitsGroups : MT == 2 ? 5 : MT == 4 ? 2 : 1;
-  static constexpr int64_t kVec = kTernary ? 64 : 32;  // bytes per block and tile
-
-  template <int J>
-  static inline void group(const __m512i wp, const __m512i wq, const float* const* tb,
-                           __m512 one, __m512 (&acc)[MT][C]) {
-    __m512 t[MT];
-    for (int r = 0; r < MT; ++r) t[r] = bcast8(tb[r] + 8 * J);
-    const __m512i ip = J == 0 ? wp : _mm512_maskz_srli_epi32(kAll, wp, 3 * J);
-    for (int r = 0; r < MT; ++r)
-      acc[r][J % C] = _mm512_fmadd_ps(perm(ip, t[r]), one, acc[r][J % C]);
-    if (kTernary) {  // acc - q: the Q plane's subset sums
-      const __m512i iq = J == 0 ? wq : _mm512_maskz_srli_epi32(kAll, wq, 3 * J);
-      for (int r = 0; r < MT; ++r)
-        acc[r][J % C] = _mm512_fnmadd_ps(perm(iq, t[r]), one, acc[r][J % C]);
-    }
-  }
-
-  template <int... J>
-  static inline void block(const __m512i wp, const __m512i wq, const float* const* tb,
-                           __m512 one, __m512 (&acc)[MT][C], std::integer_sequence<int, J...>) {
-    (group<J>(wp, wq, tb, one, acc), ...);
-  }
-
-  static inline void run(const float* const* tab, const uint8_t* wt, int64_t Kb, __m512* out) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    const int64_t stride = Kb * kVec;  // tile t -> t + 1
-    __m512 acc[MT][C];
-    for (int r = 0; r < MT; ++r)
-      for (int k = 0; k < C; ++k) acc[r][k] = _mm512_setzero_ps();
-    for (int64_t h = 0; h < Kb; ++h) {
-      const uint8_t* v = wt + kVec * h;
-      prefetch2<kTwo>(v, stride);
-      if (kTernary) prefetch2<kTwo>(v + 32, stride);
-      const __m512i wp = load2<kTwo>(v, stride);
-      const __m512i wq = kTernary ? load2<kTwo>(v + 32, stride) : wp;
-      const float* tb[MT];
-      for (int r = 0; r < MT; ++r) tb[r] = tab[r] + kBitsGroups * 8 * h;
-      block(wp, wq, tb, one, acc, std::make_integer_sequence<int, kBitsGroups>{});
-    }
-    for (int r = 0; r < MT; ++r) {  // pairwise, as avx2.cpp
-      __m512 s[C];
-      for (int k = 0; k < C; ++k) s[k] = acc[r][k];
-      for (int w = 1; w < C; w *= 2)
-        for (int k = 0; k + w < C; k += 2 * w) s[k] = _mm512_add_ps(s[k], s[k + w]);
-      out[r] = s[0];
-    }
-  }
+// Tiles t, t + 1 (lanes 0-7, 8-15; t alone when !kTwo) for LutDot (lut_dot.h): each group's
+// table in both halves, so the low 3 bits of an index pick the entry in either half.
+template <bool kTwo>
+struct Avx512Pair {
+  using F = __m512;
+  using I = __m512i;
+  int64_t stride;  // bytes from tile t's block to tile t + 1's
+  static F zero() { return _mm512_setzero_ps(); }
+  static F one() { return _mm512_set1_ps(1.0f); }
+  static F lookup(const float* t, I idx) { return perm(idx, bcast8(t)); }
+  template <int N>
+  static I srli(I v) { return _mm512_maskz_srli_epi32(kAll, v, N); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  I load(const uint8_t* p) const { return load2<kTwo>(p, stride); }
+  void prefetch(const uint8_t* p) const { prefetch2<kTwo>(p, stride); }
 };
 
-template <bool kTernary, bool kTwo>
-void pair_rows(const float* const* tab, const uint8_t* wt, int64_t Kb, int mt, __m512* out) {
-  if (mt == 8) PairDot<8, kTernary, kTwo>::run(tab, wt, Kb, out);
-  else if (mt == 4) PairDot<4, kTernary, kTwo>::run(tab, wt, Kb, out);
-  else if (mt == 2) PairDot<2, kTernary, kTwo>::run(tab, wt, Kb, out);
-  else PairDot<1, kTernary, kTwo>::run(tab, wt, Kb, out);
-}
-
-// Rows in batches of 8, 4, 2, 1 (fixed by M alone, as avx2.cpp), each over the tile pairs.
+// Each batch of rows (lut_dot.h) over the tile pairs.
 template <bool kTernary>
 void float_tiles_impl(const FloatProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-  const int64_t Kb = bits_blocks(p.K), tf = table_floats(p.K);
-  const int64_t tile_bytes = Kb * (kTernary ? 64 : 32);
-  for (int64_t m = m0; m < m1;) {
-    const int mt = m1 - m >= 8 ? 8 : m1 - m >= 4 ? 4 : m1 - m >= 2 ? 2 : 1;
-    const float* tab[8];
-    for (int r = 0; r < mt; ++r) tab[r] = p.tab + (m + r) * tf;
+  const int64_t Kb = bits_blocks(p.K), tile_bytes = Kb * (kTernary ? 64 : 32);
+  for_row_batches(p, m0, m1, [&](int64_t m, int mt, const float* const* tab) {
     for (int64_t t = t0; t < t1; t += 2) {
       const bool two = t + 1 < t1;
       __m512 out[8];
       const uint8_t* wt = p.w + t * tile_bytes;
-      if (two) pair_rows<kTernary, true>(tab, wt, Kb, mt, out);
-      else pair_rows<kTernary, false>(tab, wt, Kb, mt, out);
+      if (two) lut_rows<Avx512Pair<true>, kTernary>({tile_bytes}, tab, wt, Kb, mt, out);
+      else lut_rows<Avx512Pair<false>, kTernary>({tile_bytes}, tab, wt, Kb, mt, out);
       const int64_t n0 = t * kBitsRows;
       const __mmask16 mask = pair_mask(n0, two, p.N);
       const __m512 alpha = _mm512_maskz_loadu_ps(mask, p.alpha + n0);
@@ -148,8 +102,7 @@ void float_tiles_impl(const FloatProblem& p, int64_t m0, int64_t m1, int64_t t0,
         _mm512_mask_storeu_ps(p.y + (m + r) * p.N + n0, mask, v);
       }
     }
-    m += mt;
-  }
+  });
 }
 
 void float_tiles_avx512(const FloatProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {

@@ -15,7 +15,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 #include "cpu/gemm/tile/avx2.h"
@@ -27,16 +26,6 @@ namespace w23 {
 namespace {
 
 constexpr int64_t kPrefetch = 4096;  // bytes ahead in the packed stream of a tile
-
-template <int N, typename F, int... I>
-inline void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-// f(std::integral_constant<int, I>{}) for I = 0..N-1, in order.
-template <int N, typename F>
-inline void static_for(F&& f) {
-  static_for_impl<N>(f, std::make_integer_sequence<int, N>{});
-}
 
 inline __m256i load(const uint8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));

@@ -15,7 +15,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 #include "cpu/gemm/w23/geo.h"
@@ -26,15 +25,6 @@ namespace w23 {
 namespace {
 
 constexpr int64_t kPrefetch = 8192;  // bytes ahead in the packed stream of a tile
-
-template <int N, typename F, int... I>
-inline void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-template <int N, typename F>
-inline void static_for(F&& f) {
-  static_for_impl<N>(f, std::make_integer_sequence<int, N>{});
-}
 
 // The zero-masking forms with every lane selected: GCC 12 builds the plain ones from
 // _mm512_undefined_*() and reports it as maybe-uninitialized.
