@@ -18,9 +18,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "cpu/gemm/bits/kernels.h"
-#include "cpu/gemm/bits/lut_dot.h"
 
 namespace qk {
 namespace bits {
@@ -75,37 +75,85 @@ void tables_avx2(const float* x, int64_t K, bool ternary, float* tab) {
   else tables_impl<false>(x, K, tab);
 }
 
-// One 8-row tile (lane-per-row) for LutDot (lut_dot.h).
-struct Avx2Tile {
-  using F = __m256;
-  using I = __m256i;
-  static F zero() { return _mm256_setzero_ps(); }
-  static F one() { return _mm256_set1_ps(1.0f); }
-  static F lookup(const float* t, I idx) {
-    return _mm256_permutevar8x32_ps(_mm256_load_ps(t), idx);
+// MT activation rows times one 8-row tile: out[r] lane i = sum over k of row 8t + i.
+//
+// The partial sums are accumulated with FMA by 1.0: fma(p, 1, acc) = acc + p exactly (p * 1
+// is exact, one rounding), but it issues on the FMA pipes, while on Zen 5 FP adds share two
+// pipes with the vector shifts (measured: 7.7 instead of 11.7 cycles per block for one row).
+// C chains per row hide the FMA latency.
+template <int MT, bool kTernary>
+struct TileDot {
+  static constexpr int C = MT == 1 ? kBitsGroups : MT == 2 ? 5 : MT == 4 ? 2 : 1;
+  static constexpr int64_t kVec = kTernary ? 64 : 32;  // bytes per block
+
+  template <int J>
+  static inline void group(const __m256i wp, const __m256i wq, const float* const* tb,
+                           __m256 one, __m256 (&acc)[MT][C]) {
+    const __m256i ip = J == 0 ? wp : _mm256_srli_epi32(wp, 3 * J);
+    for (int r = 0; r < MT; ++r) {
+      const __m256 p = _mm256_permutevar8x32_ps(_mm256_load_ps(tb[r] + 8 * J), ip);
+      acc[r][J % C] = _mm256_fmadd_ps(p, one, acc[r][J % C]);
+    }
+    if (kTernary) {  // acc - q: the Q plane's subset sums
+      const __m256i iq = J == 0 ? wq : _mm256_srli_epi32(wq, 3 * J);
+      for (int r = 0; r < MT; ++r) {
+        const __m256 q = _mm256_permutevar8x32_ps(_mm256_load_ps(tb[r] + 8 * J), iq);
+        acc[r][J % C] = _mm256_fnmadd_ps(q, one, acc[r][J % C]);
+      }
+    }
   }
-  template <int N>
-  static I srli(I v) { return _mm256_srli_epi32(v, N); }
-  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
-  static F add(F a, F b) { return _mm256_add_ps(a, b); }
-  I load(const uint8_t* p) const {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+
+  template <int... J>
+  static inline void block(const __m256i wp, const __m256i wq, const float* const* tb,
+                           __m256 one, __m256 (&acc)[MT][C], std::integer_sequence<int, J...>) {
+    (group<J>(wp, wq, tb, one, acc), ...);
   }
-  void prefetch(const uint8_t* p) const {
-    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch), _MM_HINT_T0);
+
+  static inline void run(const float* const* tab, const uint8_t* wt, int64_t Kb, __m256* out) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 acc[MT][C];
+    for (int r = 0; r < MT; ++r)
+      for (int k = 0; k < C; ++k) acc[r][k] = _mm256_setzero_ps();
+    for (int64_t h = 0; h < Kb; ++h) {
+      const uint8_t* v = wt + kVec * h;
+      _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetch), _MM_HINT_T0);
+      if (kTernary) _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetch + 32), _MM_HINT_T0);
+      const __m256i wp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+      const __m256i wq = kTernary ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 32))
+                                  : wp;
+      const float* tb[MT];
+      for (int r = 0; r < MT; ++r) tb[r] = tab[r] + kBitsGroups * 8 * h;
+      block(wp, wq, tb, one, acc, std::make_integer_sequence<int, kBitsGroups>{});
+    }
+    for (int r = 0; r < MT; ++r) {  // pairwise
+      __m256 s[C];
+      for (int k = 0; k < C; ++k) s[k] = acc[r][k];
+      for (int w = 1; w < C; w *= 2)
+        for (int k = 0; k + w < C; k += 2 * w) s[k] = _mm256_add_ps(s[k], s[k + w]);
+      out[r] = s[0];
+    }
   }
 };
 
-// Each batch of rows (lut_dot.h) passes over the tiles [t0, t1) with its tables in L1 or L2 (a
-// K-chunked loop keeping them in L1 measured no faster, and slower for one row).
+// Rows in batches of 8, then 4, 2, 1: fixed by M alone (the splits over threads cut at
+// multiples of 8), so results do not depend on the thread count. Each batch passes over the
+// tiles [t0, t1) with its tables in L1 or L2 (a K-chunked loop keeping them in L1 measured no
+// faster, and slower for one row).
 template <bool kTernary>
 void float_tiles_impl(const FloatProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-  const int64_t Kb = bits_blocks(p.K), tile_bytes = Kb * (kTernary ? 64 : 32);
-  for_row_batches(p, m0, m1, [&](int64_t m, int mt, const float* const* tab) {
+  const int64_t Kb = bits_blocks(p.K), tf = table_floats(p.K);
+  const int64_t tile_bytes = Kb * (kTernary ? 64 : 32);
+  for (int64_t m = m0; m < m1;) {
+    const int mt = m1 - m >= 8 ? 8 : m1 - m >= 4 ? 4 : m1 - m >= 2 ? 2 : 1;
+    const float* tab[8];
+    for (int r = 0; r < mt; ++r) tab[r] = p.tab + (m + r) * tf;
     for (int64_t t = t0; t < t1; ++t) {
       __m256 out[8];
-      lut_rows<Avx2Tile, kTernary>(Avx2Tile{}, tab, p.w + t * tile_bytes, Kb, mt, out);
+      const uint8_t* wt = p.w + t * tile_bytes;
+      if (mt == 8) TileDot<8, kTernary>::run(tab, wt, Kb, out);
+      else if (mt == 4) TileDot<4, kTernary>::run(tab, wt, Kb, out);
+      else if (mt == 2) TileDot<2, kTernary>::run(tab, wt, Kb, out);
+      else TileDot<1, kTernary>::run(tab, wt, Kb, out);
       const int64_t n0 = t * kBitsRows, nn = std::min(kBitsRows, p.N - n0);
       for (int r = 0; r < mt; ++r) {
         alignas(32) float o[8];
@@ -114,7 +162,8 @@ void float_tiles_impl(const FloatProblem& p, int64_t m0, int64_t m1, int64_t t0,
         for (int64_t i = 0; i < nn; ++i) yr[n0 + i] = epilogue_f32(o[i], p.alpha, p.bias, n0 + i);
       }
     }
-  });
+    m += mt;
+  }
 }
 
 void float_tiles_avx2(const FloatProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
