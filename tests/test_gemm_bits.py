@@ -77,8 +77,8 @@ def _run_all(fn):
 
 
 def _same_bits_per_isa(ys):
-    """Per ISA the same bits on 1 and 2 threads; AVX-512 the AVX2 kernel's bits (same tables,
-    chains and final sums; the scalar kernel adds in k order: within the bound only)."""
+    """Per ISA the same bits on 1 and 2 threads; AVX-512 the AVX2 bits (its float path is the
+    AVX2 kernel; the scalar kernel adds in k order: within the bound only)."""
     for i in range(0, len(ys), 2):
         assert torch.equal(ys[i].view(torch.int32), ys[i + 1].view(torch.int32))
     if "avx2" in ISAS and "avx512" in ISAS:
