@@ -6,7 +6,8 @@
 //   codes 4c .. 4c+3 of every row in its lane ((word >> s) & 0x03 / 0x07 per byte, geo.h), so
 //   one vpdpbusd per vector with the block's 4 int8 activations 4c .. 4c+3 (a broadcast dword)
 //   adds each row's exact int32 dot product in its lane: 8 vpdpbusd per row and block, the
-//   decoding shared by up to 4 activation rows. Then, as scalar: idot = fma(-zc, xs, du),
+//   decoding shared by up to 4 activation rows. A single row skips the shifts: vpdpbusd on
+//   the fields masked in place (block_dot_inplace). Then, as scalar: idot = fma(-zc, xs, du),
 //   acc = fma(dx, idot, acc) per block, y = fma(scale, acc, y) per group.
 // - exact mode: up to 3 rows, codes decoded on the fly ((word & mask) converts exactly to
 //   u * 2^sh, one FMA by 2^-sh gives u - zc exactly), FMA chains along k, 4 tile pairs at a
