@@ -89,6 +89,13 @@ struct Pair {
     const __m512i zi = load2<kTwo>(z + 4 * par0(g), z + 4 * par1(g));
     return _mm512_add_ps(zc0, cvt(zi));
   }
+  __m256 offsets8(int64_t g) const {  // offsets() of tile t alone
+    if (p.zeros_f) return _mm256_loadu_ps(p.zeros_f + par0(g));
+    const __m256 zc0 = _mm256_set1_ps(p.zc0);
+    if (!p.zeros) return zc0;
+    return _mm256_add_ps(zc0, _mm256_cvtepi32_ps(load8(
+                                  reinterpret_cast<const uint8_t*>(p.zeros + par0(g)))));
+  }
   template <int BITS, bool kTwo>
   void prefetch(int64_t b) const {
     prefetch_block<BITS>(blk0(b));
@@ -156,37 +163,100 @@ inline __m512i bcast4(const int8_t* p) {
 // once (exact: each such sum is a multiple of 2^e). For one row this saves the shifts that
 // move every field to bit 0; B = 3's codes 24 .. 31 come as low bits (e = 6) plus a high bit
 // (at e = 6 or 7, scaled up to 8 before the shared shift).
-template <int BITS, bool kTwo>
-inline __m512i block_dot_inplace(const uint8_t* b0, const uint8_t* b1, const int8_t* xq) {
-  const __m512i zero = _mm512_setzero_si512();
-  auto dp = [&](__m512i acc, __m512i v, int mask, int c) {
-    return _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(mask))),
-                               bcast4(xq + 4 * c));
+template <int BITS, typename V>
+inline typename V::I block_dot_inplace(const V& w, const int8_t* xq) {
+  using I = typename V::I;
+  auto dp = [&](I acc, I v, int mask, int c) {
+    int32_t x4;
+    __builtin_memcpy(&x4, xq + 4 * c, 4);
+    return V::dpbusd(acc, V::and8(v, mask), x4);
   };
   if constexpr (BITS == 2) {
-    __m512i s[4] = {zero, zero, zero, zero};  // s[q]: fields at bit 2q of every byte
+    I s[4] = {V::zero(), V::zero(), V::zero(), V::zero()};  // s[q]: fields at bit 2q
     for (int i = 0; i < 2; ++i) {
-      const __m512i v = load2<kTwo>(b0 + 32 * i, b1 + 32 * i);
+      const I v = w.load(i);
       for (int q = 0; q < 4; ++q) s[q] = dp(s[q], v, 0x03 << (2 * q), 4 * i + q);
     }
-    const __m512i a = _mm512_add_epi32(s[0], srai32<2>(s[1]));
-    return _mm512_add_epi32(_mm512_add_epi32(a, srai32<4>(s[2])),
-                            srai32<6>(s[3]));
+    const I a = V::add(s[0], V::template srai<2>(s[1]));
+    return V::add(V::add(a, V::template srai<4>(s[2])), V::template srai<6>(s[3]));
   } else {
-    __m512i s1 = zero, s8 = zero, s64 = zero, h0 = zero, h1 = zero;
-    __m512i v[3];
+    I s1 = V::zero(), s8 = V::zero(), s64 = V::zero(), h0 = V::zero(), h1 = V::zero();
+    I v[3];
     for (int i = 0; i < 3; ++i) {
-      v[i] = load2<kTwo>(b0 + 32 * i, b1 + 32 * i);
+      v[i] = w.load(i);
       s1 = dp(s1, v[i], 0x07, 2 * i);
       s8 = dp(s8, v[i], 0x38, 2 * i + 1);
     }
     s64 = dp(dp(s64, v[0], 0xC0, 6), v[1], 0xC0, 7);  // low bits of codes 24 .. 31
     h0 = dp(h0, v[2], 0x40, 6);                        // high bit of codes 24 .. 27: 64 u2
     h1 = dp(h1, v[2], 0x80, 7);                        // of codes 28 .. 31: 128 u2
-    const __m512i hi = _mm512_add_epi32(slli32<2>(h0), slli32<1>(h1));
-    const __m512i a = _mm512_add_epi32(s1, srai32<3>(s8));
-    return _mm512_add_epi32(a, srai32<6>(_mm512_add_epi32(s64, hi)));
+    const I hi = V::add(V::template slli<2>(h0), V::template slli<1>(h1));
+    const I a = V::add(s1, V::template srai<3>(s8));
+    return V::add(a, V::template srai<6>(V::add(s64, hi)));
   }
+}
+
+// A block of one 8-row tile (ymm, AVX-512 VL) or of a tile pair (zmm) for block_dot_inplace.
+struct TileYmm {
+  using I = __m256i;
+  const uint8_t* blk;
+  I load(int i) const { return load8(blk + 32 * i); }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I and8(I v, int m) { return _mm256_and_si256(v, _mm256_set1_epi8(static_cast<char>(m))); }
+  static I dpbusd(I acc, I u, int32_t x4) {
+    return _mm256_dpbusd_epi32(acc, u, _mm256_set1_epi32(x4));
+  }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  template <int N>
+  static I srai(I v) { return _mm256_srai_epi32(v, N); }
+  template <int N>
+  static I slli(I v) { return _mm256_slli_epi32(v, N); }
+};
+
+template <bool kTwo>
+struct PairZmm {
+  using I = __m512i;
+  const uint8_t* b0;
+  const uint8_t* b1;
+  I load(int i) const { return load2<kTwo>(b0 + 32 * i, b1 + 32 * i); }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I and8(I v, int m) { return _mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(m))); }
+  static I dpbusd(I acc, I u, int32_t x4) {
+    return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(x4));
+  }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  template <int N>
+  static I srai(I v) { return srai32<N>(v); }
+  template <int N>
+  static I slli(I v) { return slli32<N>(v); }
+};
+
+// One row, one tile, in ymm: the tile's blocks read in order, one stream (as the AVX2 kernel:
+// measured faster on cold weights than two tiles' streams at once).
+template <int BITS>
+void fast_tile_row(const Problem& p, int64_t t, int64_t m) {
+  const Pair pr(p, t, BITS);
+  const int64_t bpg = p.group / kW23Block;
+  const int8_t* xq = p.xq + m * p.k;
+  const float* dx = p.dx + m * pr.nb;
+  const float* xs = p.xs + m * pr.nb;
+  __m256 y = _mm256_setzero_ps();
+  for (int64_t g = 0; g < pr.ng; ++g) {
+    const __m256 zc = pr.offsets8(g);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      prefetch_block<BITS>(pr.blk0(b));
+      const __m256i dot = block_dot_inplace<BITS>(TileYmm{pr.blk0(b)}, xq + b * kW23Block);
+      const __m256 du = _mm256_cvtepi32_ps(dot);
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(dx[b]),
+                            _mm256_fnmadd_ps(zc, _mm256_set1_ps(xs[b]), du), acc);
+    }
+    y = _mm256_fmadd_ps(_mm256_loadu_ps(p.scales + pr.par0(g)), acc, y);
+  }
+  const int64_t n0 = t * kW23Rows;  // y[m, 8t .. 8t + 8) = y (+ bias), rows past n dropped
+  const __mmask8 mask = static_cast<__mmask8>((1u << std::min<int64_t>(8, p.n - n0)) - 1);
+  if (p.bias) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(mask, p.bias + n0));
+  _mm256_mask_storeu_ps(p.y + m * p.n + n0, mask, y);
 }
 
 // Rows [m, m + MR) of tile pair t.
@@ -207,7 +277,7 @@ void fast_rows(const Problem& p, int64_t t, int64_t m) {
         const int8_t* xq = p.xq + (m + r) * p.k + b * kW23Block;
         __m512i dot;  // exact int32 sums
         if constexpr (MR == 1) {
-          dot = block_dot_inplace<BITS, kTwo>(pr.blk0(b), pr.blk1(b), xq);
+          dot = block_dot_inplace<BITS>(PairZmm<kTwo>{pr.blk0(b), pr.blk1(b)}, xq);
         } else {
           __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast4(xq));
           __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast4(xq + 4));
@@ -243,6 +313,10 @@ void fast_pair(const Problem& p, int64_t t, int64_t m0, int64_t m1) {
 
 template <int BITS>
 void fast_avx512(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
+  if (m1 - m0 == 1) {
+    for (int64_t t = t0; t < t1; ++t) fast_tile_row<BITS>(p, t, m0);
+    return;
+  }
   int64_t t = t0;
   for (; t + 2 <= t1; t += 2) fast_pair<BITS, true>(p, t, m0, m1);
   if (t < t1) fast_pair<BITS, false>(p, t, m0, m1);
