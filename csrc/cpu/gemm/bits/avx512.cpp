@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "cpu/gemm/bits/kernels.h"
+#include "cpu/gemm/bits/xnor_tiles.h"
 
 namespace qk {
 namespace bits {
@@ -57,27 +58,12 @@ __attribute__((target("avx512vpopcntdq"))) void xnor_rows(const uint32_t* const*
 void xnor_tiles_vpopcnt(const XnorProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   const int64_t Kb = bits_blocks(p.K);
   const uint32_t last = block_mask(Kb - 1, p.K);
-  for (int64_t m = m0; m < m1;) {
-    const int mt = m1 - m >= 4 ? 4 : m1 - m >= 2 ? 2 : 1;
-    const uint32_t* xr[4];
-    for (int r = 0; r < mt; ++r) xr[r] = p.xw + (m + r) * Kb;
-    for (int64_t t = t0; t < t1; ++t) {
-      __m256i pop[4];
-      const uint8_t* wt = p.w + t * Kb * 32;
-      if (mt == 4) xnor_rows<4>(xr, wt, Kb, last, pop);
-      else if (mt == 2) xnor_rows<2>(xr, wt, Kb, last, pop);
-      else xnor_rows<1>(xr, wt, Kb, last, pop);
-      const int64_t n0 = t * kBitsRows, nn = std::min(kBitsRows, p.N - n0);
-      for (int r = 0; r < mt; ++r) {
-        alignas(32) int32_t o[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(o), pop[r]);
-        float* yr = p.y + (m + r) * p.N;
-        for (int64_t i = 0; i < nn; ++i)
-          yr[n0 + i] = epilogue_xnor(p.K, o[i], p.alpha[n0 + i], p.beta[m + r], p.bias, n0 + i);
-      }
-    }
-    m += mt;
-  }
+  xnor_tiles_loop(p, m0, m1, t0, t1,
+                  [&](int mt, const uint32_t* const* xr, const uint8_t* wt, __m256i* pop) {
+                    if (mt == 4) xnor_rows<4>(xr, wt, Kb, last, pop);
+                    else if (mt == 2) xnor_rows<2>(xr, wt, Kb, last, pop);
+                    else xnor_rows<1>(xr, wt, Kb, last, pop);
+                  });
 }
 
 void xnor_tiles_avx512(const XnorProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
