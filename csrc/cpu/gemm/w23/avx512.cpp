@@ -6,9 +6,11 @@
 //   codes 4c .. 4c+3 of every row in its lane ((word >> s) & 0x03 / 0x07 per byte, geo.h), so
 //   one vpdpbusd per vector with the block's 4 int8 activations 4c .. 4c+3 (a broadcast dword)
 //   adds each row's exact int32 dot product in its lane: 8 vpdpbusd per row and block, the
-//   decoding shared by up to 4 activation rows. A single row skips the shifts: vpdpbusd on
-//   the fields masked in place (block_dot_inplace). Then, as scalar: idot = fma(-zc, xs, du),
-//   acc = fma(dx, idot, acc) per block, y = fma(scale, acc, y) per group.
+//   decoding shared by up to 4 activation rows. A single row runs one tile at a time in ymm
+//   (one weight stream, as AVX2: two tiles' streams at once ran 0.8x AVX2 on cold weights) and
+//   skips the shifts: vpdpbusd on the fields masked in place (block_dot_inplace). Then, as
+//   scalar: idot = fma(-zc, xs, du), acc = fma(dx, idot, acc) per block, y = fma(scale, acc, y)
+//   per group.
 // - exact mode: up to 3 rows, codes decoded on the fly ((word & mask) converts exactly to
 //   u * 2^sh, one FMA by 2^-sh gives u - zc exactly), FMA chains along k, 4 tile pairs at a
 //   time; more rows: a tile pair decoded once per chunk of groups into k-major floats (16 per
@@ -32,10 +34,6 @@ constexpr int64_t kPrefetch = 8192;  // bytes ahead in the packed stream of a ti
 constexpr __mmask16 kAll = 0xFFFF;
 template <int N>
 inline __m512i srli32(__m512i v) { return _mm512_maskz_srli_epi32(kAll, v, N); }
-template <int N>
-inline __m512i srai32(__m512i v) { return _mm512_maskz_srai_epi32(kAll, v, N); }
-template <int N>
-inline __m512i slli32(__m512i v) { return _mm512_maskz_slli_epi32(kAll, v, N); }
 inline __m512 cvt(__m512i v) { return _mm512_maskz_cvtepi32_ps(kAll, v); }
 
 inline __m256i load8(const uint8_t* p) {
@@ -196,7 +194,7 @@ inline typename V::I block_dot_inplace(const V& w, const int8_t* xq) {
   }
 }
 
-// A block of one 8-row tile (ymm, AVX-512 VL) or of a tile pair (zmm) for block_dot_inplace.
+// A block of one 8-row tile (ymm, AVX-512 VL) for block_dot_inplace.
 struct TileYmm {
   using I = __m256i;
   const uint8_t* blk;
@@ -211,24 +209,6 @@ struct TileYmm {
   static I srai(I v) { return _mm256_srai_epi32(v, N); }
   template <int N>
   static I slli(I v) { return _mm256_slli_epi32(v, N); }
-};
-
-template <bool kTwo>
-struct PairZmm {
-  using I = __m512i;
-  const uint8_t* b0;
-  const uint8_t* b1;
-  I load(int i) const { return load2<kTwo>(b0 + 32 * i, b1 + 32 * i); }
-  static I zero() { return _mm512_setzero_si512(); }
-  static I and8(I v, int m) { return _mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(m))); }
-  static I dpbusd(I acc, I u, int32_t x4) {
-    return _mm512_dpbusd_epi32(acc, u, _mm512_set1_epi32(x4));
-  }
-  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
-  template <int N>
-  static I srai(I v) { return srai32<N>(v); }
-  template <int N>
-  static I slli(I v) { return slli32<N>(v); }
 };
 
 // One row, one tile, in ymm: the tile's blocks read in order, one stream (as the AVX2 kernel:
@@ -272,21 +252,16 @@ void fast_rows(const Problem& p, int64_t t, int64_t m) {
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
       pr.prefetch<BITS, kTwo>(b);
       __m512i u[8];
-      if (MR > 1) decode_u8<BITS, kTwo>(pr.blk0(b), pr.blk1(b), u);
+      decode_u8<BITS, kTwo>(pr.blk0(b), pr.blk1(b), u);
       for (int r = 0; r < MR; ++r) {
         const int8_t* xq = p.xq + (m + r) * p.k + b * kW23Block;
-        __m512i dot;  // exact int32 sums
-        if constexpr (MR == 1) {
-          dot = block_dot_inplace<BITS>(PairZmm<kTwo>{pr.blk0(b), pr.blk1(b)}, xq);
-        } else {
-          __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast4(xq));
-          __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast4(xq + 4));
-          for (int c = 2; c < 8; c += 2) {
-            s0 = _mm512_dpbusd_epi32(s0, u[c], bcast4(xq + 4 * c));
-            s1 = _mm512_dpbusd_epi32(s1, u[c + 1], bcast4(xq + 4 * c + 4));
-          }
-          dot = _mm512_add_epi32(s0, s1);
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast4(xq));
+        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast4(xq + 4));
+        for (int c = 2; c < 8; c += 2) {
+          s0 = _mm512_dpbusd_epi32(s0, u[c], bcast4(xq + 4 * c));
+          s1 = _mm512_dpbusd_epi32(s1, u[c + 1], bcast4(xq + 4 * c + 4));
         }
+        const __m512i dot = _mm512_add_epi32(s0, s1);  // exact int32 sums
         const __m512 du = cvt(dot);
         const int64_t bi = (m + r) * pr.nb + b;
         acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(p.dx[bi]),
@@ -306,7 +281,10 @@ void fast_pair(const Problem& p, int64_t t, int64_t m0, int64_t m1) {
   switch (m1 - m) {
     case 3: fast_rows<BITS, 3, kTwo>(p, t, m); break;
     case 2: fast_rows<BITS, 2, kTwo>(p, t, m); break;
-    case 1: fast_rows<BITS, 1, kTwo>(p, t, m); break;
+    case 1:  // one row: one tile at a time (fast_tile_row)
+      fast_tile_row<BITS>(p, t, m);
+      if (kTwo) fast_tile_row<BITS>(p, t + 1, m);
+      break;
     default: break;
   }
 }
