@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
+import isas
 import qkern
 from qkern.ops import bits
 
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.j
 OPS = torch.ops.qkern
 # M: the 8/4/2/1-row batches and several table panels (K = 4096); N: partial 8-row tiles;
 # K: partial 30-weight blocks and groups of 3
-MS, NS, KS = (1, 3, 17, 256), (1, 7, 33), (1, 2, 29, 30, 31, 64, 1000, 4096)
-ISAS = ["scalar", "avx2"] if qkern._C.cpu_has_avx2() else ["scalar"]
+# N: partial 8-row tiles, odd tile counts (AVX-512 takes tiles in pairs) and whole pairs (48)
+MS, NS, KS = (1, 3, 17, 256), (1, 7, 33, 48), (1, 2, 29, 30, 31, 64, 1000, 4096)
+ISAS = list(isas.HAVE)  # every path this CPU has (tests/isas.py)
 CONFIGS = list(itertools.product(ISAS, (1, 2)))
 SHAPES = list(itertools.product(MS, NS, KS))
 
@@ -74,6 +76,16 @@ def _run_all(fn):
     return out
 
 
+def _same_bits_per_isa(ys):
+    """Per ISA the same bits on 1 and 2 threads; AVX-512 the AVX2 bits (its float path is the
+    AVX2 kernel; the scalar kernel adds in k order: within the bound only)."""
+    for i in range(0, len(ys), 2):
+        assert torch.equal(ys[i].view(torch.int32), ys[i + 1].view(torch.int32))
+    if "avx2" in ISAS and "avx512" in ISAS:
+        a, b = 2 * ISAS.index("avx2"), 2 * ISAS.index("avx512")
+        assert torch.equal(ys[a].view(torch.int32), ys[b].view(torch.int32))
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_binary_float(m, n, k):
     x, codes, alpha, bias = _data(m, n, k, seed=m * 10007 + n * 101 + k)
@@ -81,8 +93,7 @@ def test_binary_float(m, n, k):
     b = bias if n % 2 else None
     ref = _ref_float(x, codes, alpha, b, False)
     ys = _run_all(lambda: OPS.gemm_binary(x, wb, alpha, b, n, k, False))
-    for i in range(0, len(ys), 2):  # per ISA: the same bits on 1 and 2 threads
-        assert torch.equal(ys[i].view(torch.int32), ys[i + 1].view(torch.int32))
+    _same_bits_per_isa(ys)
     for y in ys:
         assert y.shape == (m, n) and y.dtype == torch.float32
         err = (y.double() - ref).abs()
@@ -99,8 +110,7 @@ def test_ternary_float(m, n, k):
     b = bias if k % 2 else None
     ref = _ref_float(x, codes, alpha, b, True)
     ys = _run_all(lambda: OPS.gemm_ternary(x, wp, alpha, b, n, k))
-    for i in range(0, len(ys), 2):
-        assert torch.equal(ys[i].view(torch.int32), ys[i + 1].view(torch.int32))
+    _same_bits_per_isa(ys)
     for y in ys:
         err = (y.double() - ref).abs()
         assert (err <= _tol(x, alpha, b)).all(), err.max()

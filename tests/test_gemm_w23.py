@@ -2,8 +2,9 @@
 references written from docs/numerics.md "2-bit and 3-bit group-wise matmul": the packed
 layout bit for bit, the exact mode within its float32 accumulation bound, the fast mode against
 a reference that quantizes x per block exactly as specified and against the true product within
-the activation-quantization bound; scalar and AVX2 paths, 1 and 2 threads, GEMV and GEMM paths
-all bit-identical; QuantLinear picks the kernel for int2/int3/uint2/uint3 group weights."""
+the activation-quantization bound; every ISA path (tests/isas.py), 1 and 2 threads, GEMV and
+GEMM paths all bit-identical; QuantLinear picks the kernel for int2/int3/uint2/uint3 group
+weights."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import isas
 import qkern
 import qkern.ops.w23 as W
 from qkern.nn import QuantLinear
 from ref_groupwise import U, check_exact, check_fast, dequant64, quantize_x_ref, ref_exact  # noqa: F401
 
-ISAS = ["scalar"] + (["avx2"] if qkern._C.cpu_has_avx2() else [])
+ISAS = list(isas.HAVE)  # every path this CPU has (scalar first); tests/isas.py
+BEST = ISAS[-1]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit in opcheck
 
@@ -37,7 +40,7 @@ def make_weight(n, k, group, asym, bits=2, signed=True, seed=0, scale=0.05):
     return q, s, z
 
 
-def run(x, w, mode, bias=None, isa="avx2", threads=2):
+def run(x, w, mode, bias=None, isa=BEST, threads=2):
     qkern.set_isa(isa)
     qkern.set_num_threads(threads)
     return W.gemm_w23(x, w, bias, mode)
@@ -158,6 +161,8 @@ def test_pack_errors():
 SHAPES = [  # M, N, K, G
     (1, 7, 32, 32), (3, 33, 96, 32), (17, 7, 2048, 128), (1, 33, 2048, 64),
     (17, 33, 1024, 32), (512, 7, 96, 32), (35, 16, 256, 128),
+    # odd tile counts, 4-pair blocks of tiles and every row remainder of the AVX-512 kernels
+    (2, 136, 128, 128), (5, 40, 64, 32), (7, 65, 96, 32), (13, 72, 256, 64),
 ]
 FORMATS = [(2, True), (3, True), (2, False), (3, False)]
 
@@ -175,10 +180,11 @@ def test_matches_reference_all_paths_identical(shape, fmt, asym, mode):
     w = W.pack_weight(q, s, z, g, bits)
     outs = [run(x, w, mode, bias, isa, t) for isa in ISAS for t in (1, 2)]
     (check_exact if mode == "exact" else check_fast)(outs[0], x, q, s, z, g, bias)
-    for o in outs[1:]:  # scalar / AVX2, 1 / 2 threads: the same bits
+    for o in outs[1:]:  # scalar / AVX2 / AVX-512, 1 / 2 threads: the same bits
         assert torch.equal(o.view(torch.int32), outs[0].view(torch.int32))
-    rows = torch.cat([run(x[i : i + 1], w, mode, bias) for i in range(m)])  # GEMV path
-    assert torch.equal(rows.view(torch.int32), outs[0].view(torch.int32))
+    for isa in ISAS[1:]:  # each ISA's GEMV path (one row at a time) too
+        rows = torch.cat([run(x[i : i + 1], w, mode, bias, isa) for i in range(m)])
+        assert torch.equal(rows.view(torch.int32), outs[0].view(torch.int32))
 
 
 @pytest.mark.parametrize("bits", [2, 3])
@@ -192,8 +198,9 @@ def test_large_gemv_gemm(m, mode, bits):
     y = run(x, w, mode, threads=2)
     (check_exact if mode == "exact" else check_fast)(y, x, q, s, z, g)
     assert torch.equal(y, run(x, w, mode, threads=1))
-    if "avx2" in ISAS and m == 1:
-        assert torch.equal(y, run(x, w, mode, isa="scalar"))
+    for isa in ISAS[:-1]:  # every other ISA: the same bits (scalar on the GEMV only: slow)
+        if m == 1 or isa != "scalar":
+            assert torch.equal(y, run(x, w, mode, isa=isa))
     if m > 1:  # the GEMM kernel against the GEMV kernel, a few rows
         for i in (0, 3, m - 1):
             assert torch.equal(y[i : i + 1], run(x[i : i + 1], w, mode))
@@ -211,7 +218,7 @@ def test_dequantized_weight_is_bit_exact():
             assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", isas.params())
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("bits", [2, 3])
 def test_zero_rows_and_magnitudes(bits, mode, isa):
@@ -234,7 +241,7 @@ def test_zero_rows_and_magnitudes(bits, mode, isa):
         assert bool((y[1] == 0).all()) and bool((y[:, 3] == 0).all()) and bool((y[:, 5] == 0).all())
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", isas.params())
 @pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_activations(bad, bits, isa):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import qkern
+import isas
 from qkern.ops import bits
 
 
@@ -23,9 +23,9 @@ def _rows_where_definitions_differ(k: int, want: int) -> np.ndarray:
     return np.stack(rows)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", isas.params())
 def test_xnor_beta_is_float32_of_float64_mean(isa):
-    qkern.set_isa(isa)
+    isas.use(isa)
     k, n = 45, 3
     x = _rows_where_definitions_differ(k, 4)
     codes = torch.zeros((n, k), dtype=torch.uint8)  # every weight +1: popcount = #(x < 0)

@@ -21,6 +21,7 @@
 #include <utility>
 
 #include "cpu/gemm/bits/kernels.h"
+#include "cpu/gemm/bits/xnor_tiles.h"
 
 namespace qk {
 namespace bits {
@@ -222,27 +223,12 @@ inline void xnor_rows(const uint32_t* const* xr, const uint8_t* wt, int64_t Kb,
 void xnor_tiles_avx2(const XnorProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   const int64_t Kb = bits_blocks(p.K);
   const __m256i last_mask = _mm256_set1_epi32(static_cast<int>(block_mask(Kb - 1, p.K)));
-  for (int64_t m = m0; m < m1;) {
-    const int mt = m1 - m >= 4 ? 4 : m1 - m >= 2 ? 2 : 1;
-    const uint32_t* xr[4];
-    for (int r = 0; r < mt; ++r) xr[r] = p.xw + (m + r) * Kb;
-    for (int64_t t = t0; t < t1; ++t) {
-      __m256i pop[4];
-      const uint8_t* wt = p.w + t * Kb * 32;
-      if (mt == 4) xnor_rows<4>(xr, wt, Kb, last_mask, pop);
-      else if (mt == 2) xnor_rows<2>(xr, wt, Kb, last_mask, pop);
-      else xnor_rows<1>(xr, wt, Kb, last_mask, pop);
-      const int64_t n0 = t * kBitsRows, nn = std::min(kBitsRows, p.N - n0);
-      for (int r = 0; r < mt; ++r) {
-        alignas(32) int32_t o[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(o), pop[r]);
-        float* yr = p.y + (m + r) * p.N;
-        for (int64_t i = 0; i < nn; ++i)
-          yr[n0 + i] = epilogue_xnor(p.K, o[i], p.alpha[n0 + i], p.beta[m + r], p.bias, n0 + i);
-      }
-    }
-    m += mt;
-  }
+  xnor_tiles_loop(p, m0, m1, t0, t1,
+                  [&](int mt, const uint32_t* const* xr, const uint8_t* wt, __m256i* pop) {
+                    if (mt == 4) xnor_rows<4>(xr, wt, Kb, last_mask, pop);
+                    else if (mt == 2) xnor_rows<2>(xr, wt, Kb, last_mask, pop);
+                    else xnor_rows<1>(xr, wt, Kb, last_mask, pop);
+                  });
 }
 
 const Kernels kAvx2Kernels = {tables_avx2, float_tiles_avx2, xnor_tiles_avx2};

@@ -15,10 +15,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 #include "cpu/gemm/tile/avx2.h"
+#include "cpu/gemm/w23/geo.h"
 #include "cpu/gemm/w23/kernels.h"
 
 namespace qk {
@@ -27,55 +27,24 @@ namespace {
 
 constexpr int64_t kPrefetch = 4096;  // bytes ahead in the packed stream of a tile
 
-template <int N, typename F, int... I>
-inline void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-// f(std::integral_constant<int, I>{}) for I = 0..N-1, in order.
-template <int N, typename F>
-inline void static_for(F&& f) {
-  static_for_impl<N>(f, std::make_integer_sequence<int, N>{});
-}
-
 inline __m256i load(const uint8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
-// Where the codes of a block are (api.h): step S is one 32-bit word per row holding
-// count(S) codes first(S) .. first(S) + count(S) - 1, code first(S) + C at bit shift(S, C).
-template <int BITS>
-struct Geo;
-
-template <>
-struct Geo<2> {
-  static constexpr int kSteps = 2, kWidth = 2;
-  static constexpr int first(int s) { return 16 * s; }
-  static constexpr int count(int) { return 16; }
-  static constexpr int shift(int, int c) { return 8 * (c % 4) + 2 * (c / 4); }
-  template <int S>
-  static __m256i word(const uint8_t* blk) { return load(blk + 32 * S); }
-};
-
-template <>
-struct Geo<3> {
-  static constexpr int kSteps = 5, kWidth = 3;
-  static constexpr int first(int s) { return s < 3 ? 8 * s : 24 + 4 * (s - 3); }
-  static constexpr int count(int s) { return s < 3 ? 8 : 4; }
-  static constexpr int shift(int s, int c) { return s < 3 ? 8 * (c % 4) + 3 * (c / 4) : 8 * c; }
-  template <int S>
-  static __m256i word(const uint8_t* blk) {
-    if constexpr (S < 3) {
-      return load(blk + 32 * S);
-    } else {  // codes 24 + 4i + j in byte j: low bits from word i, high bit from word 2
-      constexpr int i = S - 3;
-      const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(load(blk + 32 * i), 6),
-                                          _mm256_set1_epi32(0x03030303));
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(load(blk + 64), 4 + i),
-                                          _mm256_set1_epi32(0x04040404));
-      return _mm256_or_si256(lo, hi);
-    }
+// Step S's word of every row of the tile (geo.h); steps 3, 4 of B = 3 assembled in place.
+template <int BITS, int S>
+inline __m256i word(const uint8_t* blk) {
+  if constexpr (BITS == 2 || S < 3) {
+    return load(blk + 32 * S);
+  } else {  // codes 24 + 4i + j in byte j: low bits from word i, high bit from word 2
+    constexpr int i = S - 3;
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(load(blk + 32 * i), 6),
+                                        _mm256_set1_epi32(0x03030303));
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(load(blk + 64), 4 + i),
+                                        _mm256_set1_epi32(0x04040404));
+    return _mm256_or_si256(lo, hi);
   }
-};
+}
 
 // float(u) - zc for the W-bit field at bit SH of every lane, exactly: masked in place u * 2^SH
 // converts exactly (at most 3 significant bits) and one FMA by 2^-SH gives u - zc exactly.
@@ -137,7 +106,7 @@ void exact_tiles_row(const Problem& p, int64_t t, int64_t m) {
       static_for<G::kSteps>([&](auto s) {
         constexpr int S = decltype(s)::value;
         __m256i v[NT];
-        for (int j = 0; j < NT; ++j) v[j] = G::template word<S>(blk[j]);
+        for (int j = 0; j < NT; ++j) v[j] = word<BITS, S>(blk[j]);
         static_for<G::count(S)>([&](auto c) {
           constexpr int C = decltype(c)::value;
           const __m256 xb = _mm256_broadcast_ss(xk + G::first(S) + C);
@@ -168,7 +137,7 @@ void decode_cols(const Problem& p, int64_t t, int nt, int64_t g0, int64_t g1, fl
         float* d = w + (b * kW23Block - g0 * p.group) * 16 + 8 * j;
         static_for<G::kSteps>([&](auto s) {
           constexpr int S = decltype(s)::value;
-          const __m256i v = G::template word<S>(blk);
+          const __m256i v = word<BITS, S>(blk);
           static_for<G::count(S)>([&](auto c) {
             constexpr int C = decltype(c)::value;
             _mm256_storeu_ps(d + (G::first(S) + C) * 16,
@@ -234,8 +203,8 @@ inline __m256i block_dot(const uint8_t* blk, const int8_t* xq) {
                                   _mm256_and_si256(_mm256_srli_epi16(v, 3), mask),
                                   bcast4(xq + 8 * i + 4)));
     }
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(Geo<3>::word<3>(blk), bcast4(xq + 24)));
-    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(Geo<3>::word<4>(blk), bcast4(xq + 28)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(word<3, 3>(blk), bcast4(xq + 24)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(word<3, 4>(blk), bcast4(xq + 28)));
   }
   return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
 }

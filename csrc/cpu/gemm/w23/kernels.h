@@ -38,10 +38,11 @@ struct Kernels {
 
 extern const Kernels kScalarKernels;  // scalar.cpp
 const Kernels* avx2_kernels();        // avx2.cpp
+const Kernels* avx512_kernels();      // avx512.cpp
 
 // The table of the running ISA, one entry per qk::Isa (cpu/runtime/isa.h).
 inline const Kernels& kernels() {
-  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels()};
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
   return pick(by_isa);
 }
 
