@@ -469,14 +469,11 @@ def int8_act_bound(op: str, amax: float, length: int, what: str) -> None:
 
 
 def int8_act_bound_x(op: str, x: torch.Tensor, length: int, what: str) -> None:
-    """``int8_act_bound`` with ``max|x|`` of a real (CPU or CUDA) tensor: one reduction (in
-    C++ for a contiguous float32 CPU tensor: a torch reduction costs more than a decode-step
-    GEMV's activations take to read)."""
+    """``int8_act_bound`` with ``max|x|`` of a real tensor (in C++ for contiguous float32 on the
+    CPU: a torch reduction costs more than a decode step's GEMV takes to read x)."""
     if x.numel() and length > 0:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
-            amax = _C.absmax_f32_raw(x.data_ptr(), x.numel())
-        else:
-            amax = float(x.detach().abs().amax())
+        fast = x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+        amax = _C.absmax_f32_raw(x.data_ptr(), x.numel()) if fast else float(x.abs().amax())
         int8_act_bound(op, amax, length, what)
 
 
