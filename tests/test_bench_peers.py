@@ -74,6 +74,7 @@ def test_bench_skips_a_missing_peer_with_a_line(monkeypatch, capsys):
 
     monkeypatch.setattr(peers, "gptqmodel_int4", missing)
     monkeypatch.setattr(peers, "bnb_nf4", broken)
+    monkeypatch.setattr(matmul, "_said", set())  # the lines print once per process
     impls = matmul.implementations(nn.Linear(128, 64))
     out = capsys.readouterr().out
     assert "GPTQModel int4 g128 AVX512-BF16: skipped (not importable: No module named" in out

@@ -30,6 +30,14 @@ class Pool {
 
   int threads() const { return threads_; }
 
+  // Job protocol. A job is published as work_ = tag(gen) | 0; anyone (the caller or a worker
+  // woken for generation gen) claims chunk i by a CAS of work_ from tag(gen) | i to
+  // tag(gen) | i + 1, runs it and counts it in done_. The caller returns once done_ == n: it
+  // never waits for a worker that has not claimed a chunk (a worker asleep when the job came,
+  // e.g. after a pause between calls, wakes only after a futex / vCPU wake-up that can take
+  // longer than the whole job; it then finds the job closed and goes back to waiting). After
+  // the job the caller closes work_ (kClosed) before fn_ / n_chunks_ change, so a late CAS on
+  // the finished job's word fails, and a successful claim proves the job (its fn_) is live.
   void run(int64_t n_chunks, const std::function<void(int64_t)>& fn) {
     if (n_chunks <= 0) return;
     if (threads_ == 1 || n_chunks == 1 || in_pool_) {
@@ -37,31 +45,57 @@ class Pool {
       return;
     }
     std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel region at a time
+    const uint64_t gen = generation_.load() + 1;
+    fn_.store(&fn, std::memory_order_relaxed);
+    n_chunks_.store(n_chunks, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    work_.store(tag(gen), std::memory_order_release);
     {
       std::lock_guard<std::mutex> lk(mu_);
-      fn_ = &fn;
-      n_chunks_ = n_chunks;
-      next_.store(0);
-      active_.store(static_cast<int>(workers_.size()));
-      generation_.store(generation_.load() + 1, std::memory_order_release);
+      generation_.store(gen, std::memory_order_release);
     }
     cv_.notify_all();
     in_pool_ = true;
-    drain();
+    drain(gen);
     in_pool_ = false;
-    // The workers are running their last chunks: the caller has nothing else to do, so it
-    // spins (up to kJoinSpinMicros, when every thread has a core of its own) instead of paying a
-    // futex sleep and wake-up (tens of microseconds) at the end of every call.
-    const int join_us = threads_ <= hardware_threads() ? kJoinSpinMicros : spin_micros();
-    spin_while([this] { return active_.load(std::memory_order_acquire) != 0; }, join_us);
-    std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [this] { return active_.load() == 0; });
-    fn_ = nullptr;
+    // Chunks others claimed are running on their own cores: the caller has nothing else to
+    // do, so it spins (up to kJoinSpinMicros when every thread has a core of its own) rather
+    // than paying a futex sleep and wake-up at the end of every call.
+    auto pending = [this, n_chunks] { return done_.load(std::memory_order_acquire) != n_chunks; };
+    if (pending()) {
+      spin_while(pending, threads_ <= hardware_threads() ? kJoinSpinMicros : spin_micros());
+      std::unique_lock<std::mutex> lk(mu_);
+      done_cv_.wait(lk, [&] { return !pending(); });
+    }
+    work_.store(kClosed, std::memory_order_release);
+    fn_.store(nullptr, std::memory_order_relaxed);
   }
 
  private:
-  void drain() {
-    for (int64_t i = next_.fetch_add(1); i < n_chunks_; i = next_.fetch_add(1)) (*fn_)(i);
+  static constexpr int kIndexBits = 40;  // chunk indices < 2^40; generations mod 2^24
+  static constexpr uint64_t kIndexMask = (uint64_t{1} << kIndexBits) - 1;
+  static constexpr uint64_t kClosed = ~uint64_t{0};  // no job: matches no tag
+  static uint64_t tag(uint64_t gen) { return (gen & 0xFFFFFF) << kIndexBits; }
+
+  // Claims and runs chunks of job `gen` until none is left (or another job is current).
+  void drain(uint64_t gen) {
+    const uint64_t t = tag(gen);
+    uint64_t w = work_.load(std::memory_order_acquire);
+    for (;;) {
+      if ((w & ~kIndexMask) != t) return;
+      const int64_t i = static_cast<int64_t>(w & kIndexMask);
+      const int64_t n = n_chunks_.load(std::memory_order_relaxed);
+      if (i >= n) return;
+      if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel,
+                                       std::memory_order_acquire))
+        continue;  // w reloaded
+      (*fn_.load(std::memory_order_relaxed))(i);
+      if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+        std::lock_guard<std::mutex> lk(mu_);  // the caller checks done_ under mu_: no lost wake
+        done_cv_.notify_all();
+      }
+      w = work_.load(std::memory_order_acquire);
+    }
   }
 
   void worker(uint64_t seen) {
@@ -80,10 +114,8 @@ class Pool {
         seen = generation_.load();
       }
       in_pool_ = true;
-      drain();
+      drain(seen);
       in_pool_ = false;
-      std::lock_guard<std::mutex> lk(mu_);
-      if (active_.fetch_sub(1) == 1) done_cv_.notify_one();
     }
   }
 
@@ -117,10 +149,10 @@ class Pool {
   std::mutex call_mu_, mu_;
   std::condition_variable cv_, done_cv_;
   std::vector<std::thread> workers_;
-  const std::function<void(int64_t)>* fn_ = nullptr;
-  int64_t n_chunks_ = 0;
-  std::atomic<int64_t> next_{0};
-  std::atomic<int> active_{0};
+  std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
+  std::atomic<int64_t> n_chunks_{0};
+  std::atomic<uint64_t> work_{kClosed};  // tag(generation) | next chunk index, or kClosed
+  std::atomic<int64_t> done_{0};         // chunks of the current job finished
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> stop_flag_{false};  // stop_, readable while spinning
   static constexpr int kJoinSpinMicros = 2000;
