@@ -162,11 +162,78 @@ void fast_group(const Problem& p, int64_t m, int64_t t, int nt, int64_t g, float
 
 constexpr int kFastRows = 8;  // rows per register block
 
+// ---- one row: a tile at a time in ymm ------------------------------------------------------
+// A decode step's GEMV streams its weights from memory: one tile's contiguous bytes at a time
+// (one stream, as the AVX2 kernel) measured faster from memory than a pair's two streams, so a
+// single row runs AVX2's GEMV with VNNI in ymm (vpdpbusd replaces maddubs + madd; the sums are
+// exact either way) and AVX2's float epilogue: the scalar order.
+
+inline __m256i bcast4_y(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// (8 + z) of one tile's rows for group g (the float zero points themselves if given).
+inline __m256 code_offsets_y(const Problem& p, int64_t off) {
+  if (p.zeros_f) return _mm256_loadu_ps(p.zeros_f + off);
+  const __m256 eight = _mm256_set1_ps(8.0f);
+  if (!p.zeros) return eight;
+  const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zeros + off));
+  return _mm256_add_ps(eight, _mm256_cvtepi32_ps(z));
+}
+
+void gemv_tile_y(const Problem& p, int64_t t, int64_t m) {
+  const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
+  const uint8_t* w = p.packed + t * nb * kW4TileBlockBytes;
+  const int8_t* xq = p.xq + m * p.k;
+  const float* dx = p.dx + m * nb;
+  const float* xs = p.xs + m * nb;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256 y = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m256 zc = code_offsets_y(p, (t * ng + g) * kW4Rows);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      const uint8_t* blk = w + b * kW4TileBlockBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
+      const int8_t* xb = xq + b * kW4Block;
+      __m256i d = _mm256_setzero_si256();
+      for (int i = 0; i < 4; ++i) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * i));
+        d = _mm256_dpbusd_epi32(d, _mm256_and_si256(v, mask), bcast4_y(xb + 8 * i));
+        d = _mm256_dpbusd_epi32(d, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+                                bcast4_y(xb + 8 * i + 4));
+      }
+      const __m256 du = _mm256_cvtepi32_ps(d);
+      acc = _mm256_fmadd_ps(_mm256_broadcast_ss(dx + b),
+                            _mm256_fnmadd_ps(zc, _mm256_broadcast_ss(xs + b), du), acc);
+    }
+    y = _mm256_fmadd_ps(_mm256_loadu_ps(p.scales + (t * ng + g) * kW4Rows), acc, y);
+  }
+  // y[m, 8t .. 8t+8) (+ bias), rows past n dropped
+  const int64_t n0 = t * kW4Rows;
+  float* out = p.y + m * p.n + n0;
+  if (n0 + kW4Rows <= p.n) {
+    if (p.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(p.bias + n0));
+    _mm256_storeu_ps(out, y);
+    return;
+  }
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, y);
+  for (int64_t r = 0; n0 + r < p.n; ++r) out[r] = p.bias ? tmp[r] + p.bias[n0 + r] : tmp[r];
+}
+
 // Tile pairs x chunks of groups (the pair's weights of a chunk stay in L1) x blocks of rows
 // (tile/exact_loop.h; the fast mode has nothing to decode ahead). The decoding (4 loads, 8
 // ANDs) is shared by the rows; each row then costs 8 vpdpbusd per 512 multiply-adds, the
 // limit of the VNNI unit from M = 8 on.
 void fast_avx512(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
+  if (m1 - m0 == 1) {
+    for (int64_t t = t0; t < t1; ++t) gemv_tile_y(p, t, m0);
+    return;
+  }
   using Fn = void (*)(const Problem&, int64_t, int64_t, int, int64_t, float*);
   static constexpr Fn kFns[kFastRows] = {fast_group<1>, fast_group<2>, fast_group<3>,
                                          fast_group<4>, fast_group<5>, fast_group<6>,
