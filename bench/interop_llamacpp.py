@@ -49,6 +49,7 @@ import torch
 import qkern
 from qkern.models import load_pretrained
 from qkern.models.assets import shipped_path
+from qkern.tools.bench.decode_synth import llama_cpp_greedy
 
 WINDOW = 256
 
@@ -73,17 +74,6 @@ def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
     llm.reset()
     llm.eval(ids)
     return np.array(llm.scores[:len(ids)], dtype=np.float64)
-
-
-def llama_cpp_greedy(llm, ids: list[int], n: int) -> list[int]:
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
-    return out
 
 
 @torch.inference_mode()

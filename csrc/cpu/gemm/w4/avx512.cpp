@@ -23,6 +23,7 @@
 #include <cmath>
 #include <utility>
 
+#include "cpu/gemm/tile/avx2.h"
 #include "cpu/gemm/tile/avx512.h"
 #include "cpu/gemm/w4/kernels.h"
 
@@ -212,17 +213,7 @@ void gemv_tile_y(const Problem& p, int64_t t, int64_t m) {
     }
     y = _mm256_fmadd_ps(_mm256_loadu_ps(p.scales + (t * ng + g) * kW4Rows), acc, y);
   }
-  // y[m, 8t .. 8t+8) (+ bias), rows past n dropped
-  const int64_t n0 = t * kW4Rows;
-  float* out = p.y + m * p.n + n0;
-  if (n0 + kW4Rows <= p.n) {
-    if (p.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(p.bias + n0));
-    _mm256_storeu_ps(out, y);
-    return;
-  }
-  alignas(32) float tmp[8];
-  _mm256_store_ps(tmp, y);
-  for (int64_t r = 0; n0 + r < p.n; ++r) out[r] = p.bias ? tmp[r] + p.bias[n0 + r] : tmp[r];
+  tile_avx2::store_tile(p, m, t, y);  // y[m, 8t .. 8t+8) (+ bias), rows past n dropped
 }
 
 // Tile pairs x chunks of groups (the pair's weights of a chunk stay in L1) x blocks of rows

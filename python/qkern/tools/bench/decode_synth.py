@@ -84,7 +84,8 @@ def _llama_cpp(model: nn.Module, threads: int, n_ctx: int, tmp: Path):
                     if isinstance(m, QuantLinear)) * 18 // 32
 
 
-def _llama_cpp_decode(llm, prompt: list[int], n: int) -> list[int]:
+def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    """Greedy decode of ``n`` tokens by llama-cpp-python after ``prompt`` (from an empty cache)."""
     llm.reset()
     llm.eval(prompt)
     out = []
@@ -114,7 +115,7 @@ def run_decode_synth(threads: int, repeats: int, n_tokens: int, schemes=SCHEMES,
         if cpp is not None:
             llm, nbytes = cpp
             ids = prompt.tolist()
-            calls["llama.cpp Q4_0 (llama-cpp-python)"] = lambda: _llama_cpp_decode(llm, ids,
+            calls["llama.cpp Q4_0 (llama-cpp-python)"] = lambda: llama_cpp_greedy(llm, ids,
                                                                                   n_tokens)
             sizes["llama.cpp Q4_0 (llama-cpp-python)"] = nbytes
             notes["llama.cpp Q4_0 (llama-cpp-python)"] = "ggml Q4_0"
