@@ -19,9 +19,10 @@ int max_num_threads();
 // How long an idle worker spins for the next job before sleeping (microseconds): a decode
 // step's GEMVs come tens of microseconds apart and a sleeping worker joins the next one only
 // after a futex wake-up. Default kDefaultSpinMicros; QKERN_SPIN_US in the environment (0 to
-// 1000000) or set_spin_micros at run time. Spinning holds the core: lower it when other
-// thread pools (torch's OpenMP) share the cores between qkern calls.
-constexpr int kDefaultSpinMicros = 300;
+// 1000000) or set_spin_micros at run time. Spinning holds the core, and a decode step runs
+// torch ops (OpenMP) between qkern's GEMVs on the same cores: the 337M Llama's int4 decode ran
+// ~97 / 94 / 85 / 59 tok/s with 0 / 50 / 300 / 2000 us (tools/bench decode_synth model).
+constexpr int kDefaultSpinMicros = 50;
 int spin_micros();
 void set_spin_micros(int us);
 
