@@ -14,12 +14,13 @@
 // - exact mode: up to 3 rows, codes decoded on the fly ((word & mask) converts exactly to
 //   u * 2^sh, one FMA by 2^-sh gives u - zc exactly), FMA chains along k, 4 tile pairs at a
 //   time; more rows: a tile pair decoded once per chunk of groups into k-major floats (16 per
-//   k: one zmm), then 8 rows x 16 columns of FMA chains (one load and 8 FMAs per k).
+//   k: one zmm), then 8 rows x 16 columns of FMA chains (one load and 8 FMAs per k): the
+//   GEMM shared with int4, tile_avx512::exact_gemm.
 #include <immintrin.h>
 
 #include <algorithm>
-#include <vector>
 
+#include "cpu/gemm/tile/avx512.h"
 #include "cpu/gemm/w23/geo.h"
 #include "cpu/gemm/w23/kernels.h"
 
@@ -391,45 +392,6 @@ void decode_pair(const Problem& p, int64_t t, int64_t g0, int64_t g1, float* w) 
   }
 }
 
-// One group of MR rows of the pair: acc chains over its k from zero, then ys = fma(scale, acc,
-// ys) (ys: 16 floats per row).
-template <int MR>
-void exact_block(const Problem& p, int64_t m, __m512 scale, int64_t g, const float* w,
-                 float* ys) {
-  const float* x = p.x + m * p.k + g * p.group;
-  __m512 acc[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < p.group; ++k) {
-    const __m512 wv = _mm512_loadu_ps(w + k * 16);
-    for (int i = 0; i < MR; ++i)
-      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * p.k + k]), wv, acc[i]);
-  }
-  for (int i = 0; i < MR; ++i)
-    _mm512_storeu_ps(ys + i * 16, _mm512_fmadd_ps(scale, acc[i], _mm512_loadu_ps(ys + i * 16)));
-}
-
-using BlockFn = void (*)(const Problem&, int64_t, __m512, int64_t, const float*, float*);
-constexpr BlockFn kBlockFns[8] = {exact_block<1>, exact_block<2>, exact_block<3>, exact_block<4>,
-                                  exact_block<5>, exact_block<6>, exact_block<7>, exact_block<8>};
-
-template <int BITS, bool kTwo>
-void exact_gemm_pair(const Problem& p, int64_t t, int64_t m0, int64_t m1, float* wp, float* yp) {
-  const Pair pr(p, t, BITS);
-  const int64_t rows = m1 - m0, gpc = std::max<int64_t>(1, 256 / p.group);
-  std::fill(yp, yp + rows * 16, 0.0f);
-  for (int64_t g0 = 0; g0 < pr.ng; g0 += gpc) {
-    const int64_t g1 = std::min(pr.ng, g0 + gpc);
-    decode_pair<BITS, kTwo>(p, t, g0, g1, wp);
-    for (int64_t i = 0; i < rows; i += 8) {
-      const int r = static_cast<int>(std::min<int64_t>(8, rows - i));
-      for (int64_t g = g0; g < g1; ++g)
-        kBlockFns[r - 1](p, m0 + i, pr.scales<kTwo>(g), g, wp + (g - g0) * p.group * 16,
-                         yp + i * 16);
-    }
-  }
-  for (int64_t i = 0; i < rows; ++i) store_pair(p, m0 + i, t, kTwo, _mm512_loadu_ps(yp + i * 16));
-}
-
 template <int BITS>
 void exact_avx512(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
   if (m1 - m0 < 4) {
@@ -441,13 +403,12 @@ void exact_avx512(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t 
     }
     return;
   }
-  const int64_t gpc = std::max<int64_t>(1, 256 / p.group);
-  thread_local std::vector<float> wbuf, ybuf;
-  if (wbuf.size() < static_cast<size_t>(gpc * p.group * 16)) wbuf.resize(gpc * p.group * 16);
-  if (ybuf.size() < static_cast<size_t>((m1 - m0) * 16)) ybuf.resize((m1 - m0) * 16);
-  int64_t t = t0;
-  for (; t + 2 <= t1; t += 2) exact_gemm_pair<BITS, true>(p, t, m0, m1, wbuf.data(), ybuf.data());
-  if (t < t1) exact_gemm_pair<BITS, false>(p, t, m0, m1, wbuf.data(), ybuf.data());
+  // More rows: the shared k-major GEMM (tile/avx512.h), tile pairs decoded by decode_pair.
+  tile_avx512::exact_gemm(p, t0, t1, m0, m1,
+                          [&p](int64_t t, int nt, int64_t g0, int64_t g1, float* w) {
+                            if (nt == 2) decode_pair<BITS, true>(p, t, g0, g1, w);
+                            else decode_pair<BITS, false>(p, t, g0, g1, w);
+                          });
 }
 
 void exact_dispatch(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
