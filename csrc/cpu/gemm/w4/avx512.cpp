@@ -73,6 +73,9 @@ void quantize_x_avx512(const float* x, int64_t k, int64_t m0, int64_t m1, int8_t
 }
 
 constexpr int64_t kPrefetch = 4096;  // bytes ahead in the packed stream of a tile
+// The one-row GEMV streams its weights from memory: prefetched further ahead and into L2
+// (measured on Zen 4, weights cold: 16 KiB / T1 ran 1.1-1.25x 4 KiB / T0).
+constexpr int64_t kGemvPrefetch = 16384;
 
 // (8 + z) of the pair's rows for group g, as float (the float zero points themselves if given).
 inline __m512 code_offsets(const Problem& p, int64_t t, int nt, int64_t g) {
@@ -197,17 +200,19 @@ void gemv_tile_y(const Problem& p, int64_t t, int64_t m) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
       const uint8_t* blk = w + b * kW4TileBlockBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kGemvPrefetch), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kGemvPrefetch + 64), _MM_HINT_T1);
       const int8_t* xb = xq + b * kW4Block;
-      __m256i d = _mm256_setzero_si256();
+      __m256i d[4];  // four independent vpdpbusd chains (exact int32 sums: any order)
       for (int i = 0; i < 4; ++i) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * i));
-        d = _mm256_dpbusd_epi32(d, _mm256_and_si256(v, mask), bcast4_y(xb + 8 * i));
-        d = _mm256_dpbusd_epi32(d, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
-                                bcast4_y(xb + 8 * i + 4));
+        const __m256i lo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(v, mask),
+                                               bcast4_y(xb + 8 * i));
+        d[i] = _mm256_dpbusd_epi32(lo, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+                                   bcast4_y(xb + 8 * i + 4));
       }
-      const __m256 du = _mm256_cvtepi32_ps(d);
+      const __m256 du = _mm256_cvtepi32_ps(
+          _mm256_add_epi32(_mm256_add_epi32(d[0], d[1]), _mm256_add_epi32(d[2], d[3])));
       acc = _mm256_fmadd_ps(_mm256_broadcast_ss(dx + b),
                             _mm256_fnmadd_ps(zc, _mm256_broadcast_ss(xs + b), du), acc);
     }
