@@ -13,6 +13,8 @@ import qkern
 from qkern.models.llama import LlamaConfig
 from qkern.tools.bench import matmul
 from qkern.tools.bench.decode_synth import SCHEMES, run_decode_synth, synthetic_llama
+from qkern.tools.bench.sweep import copies_for, run_sweep
+from qkern.tools.bench.timing import Probe
 
 
 def test_isa_flag_errors(capsys):
@@ -24,7 +26,7 @@ def test_isa_flag_errors(capsys):
 def test_per_isa_table_has_a_column_per_isa():
     isas = tuple(qkern.available_isas())
     start = qkern.get_isa()
-    out = matmul.run_matmul(1, 1, 0, [(64, 128)], [1, 8], 0.0, isas)
+    out = matmul.run_matmul(1, 1, 0, [(64, 128)], [1, 8], 0.0, isas, sweep="no")
     assert qkern.get_isa() == start  # the bench switches back
     head = next(line for line in out.splitlines() if line.startswith("| layer") and "ms |" in line
                 and "implementation | " + isas[0] in line)
@@ -35,6 +37,39 @@ def test_per_isa_table_has_a_column_per_isa():
     assert all(float(c) > 0 for c in cells)  # every ISA timed at M = 1, scalar included
     m8 = next(r for r in out.splitlines() if r.startswith("| 64x128 | 8 | qkern int4 g128 fast |"))
     assert m8.strip("|").split("|")[3].strip() == "-"  # scalar: M = 1 only
+
+
+def test_sweep_copies_cover_twice_the_cache():
+    assert copies_for(8 << 20, cache=32 << 20) == 8
+    assert copies_for(100 << 20, cache=32 << 20) == 2  # at least 2: one call evicts the other
+    assert copies_for(1000, cache=32 << 20, most=64) == 64
+
+
+def test_sweep_table_times_every_implementation():
+    calls = {"a": 0, "b": 0}
+
+    def makers(lin):
+        def build(name, nb):
+            def make(_lin):
+                def f(x):
+                    calls[name] += 1
+                    return x @ lin.weight.T
+                return f, nb, "note"
+            return make
+        return {"a": build("a", 1 << 20), "b": build("b", 4 << 20)}
+
+    probe = Probe.make(1 << 20)
+    lines = run_sweep([(32, 64)], makers, 3, 0.0, probe, "a", most=4)
+    rows = {r.split("|")[2].strip(): r for r in lines if r.startswith("| 32x64 |")}
+    assert set(rows) == {"a", "b"}
+    for name in ("a", "b"):
+        cells = [c.strip() for c in rows[name].strip("|").split("|")]
+        assert cells[2] == "4"  # copies, capped by most
+        assert float(cells[3]) > 0
+        # 1 warm-up sweep + 3 timed sweeps of 4 copies each
+        assert calls[name] == 4 * 4
+    assert rows["a"].split("|")[5].strip() == "1.00x"
+    assert len(probe.sum_s) == 3
 
 
 def test_synthetic_llama_size():

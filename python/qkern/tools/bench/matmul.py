@@ -8,7 +8,8 @@ is skipped with a line saying why); and qkern's QuantLinear kernels. Ratios are 
 in the same row block. For M = 1 the memory roofline is the layer's weight bytes divided by
 the read bandwidth measured between the rows. ``--isa all``
 times every qkern row on each kernel path the CPU has (scalar, avx2, avx512) and adds a table
-with one column per path.
+with one column per path. For M = 1 a second table (:mod:`.sweep`, ``--sweep``) calls many
+copies of each layer back to back, as a decode step does: weights cold, code warm.
 
 torch's dynamic int8 Linear uses fbgemm's widest instructions (AVX-512 VNNI where the CPU has
 them); ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` in the environment compares with its AVX2 path.
@@ -29,9 +30,11 @@ from ... import available_isas, get_isa, set_isa, set_num_threads
 from ...nn import QuantLinear
 from ..weights import quant_linear_bytes
 from . import peers
+from .sweep import run_sweep
 from .timing import Flusher, Probe, machine_line, time_alternating
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N out, K in)
+AT4 = "aten int4 g128 bf16 (_weight_int4pack_mm)"  # the M = 1 reference of the sweep table
 MS = [1, 8, 128, 512]
 
 
@@ -58,45 +61,71 @@ def on_isa(isa: str, fn: Callable) -> Callable:
     return call
 
 
-def implementations(lin: nn.Linear, isas: tuple[str, ...] = ()) -> dict[str, tuple[Callable, int,
-                                                                                    str]]:
-    """name -> (callable on x, weight bytes read per call, note). With ``isas``, every qkern
-    row once per ISA, named "... [isa]"."""
-    out: dict[str, tuple[Callable, int, str]] = {
-        "torch fp32 F.linear": (lambda x: nn.functional.linear(x, lin.weight, lin.bias),
-                                lin.weight.numel() * 4, "peer"),
+Impl = tuple[Callable, int, str]  # (call on x, weight bytes read per call, note)
+
+QKERN_ROWS = (("qkern int4 g128 exact", {"fmt": "int4", "group_size": 128}),
+              ("qkern int4 g128 fast", {"fmt": "int4", "group_size": 128, "mode": "fast"}),
+              ("qkern W8A8 dynamic", {"fmt": "int8", "group_size": None, "act": "int8_dynamic"}),
+              ("qkern W8A16", {"fmt": "int8", "group_size": None}),
+              ("qkern nf4 b64", {"fmt": "nf4", "group_size": 64}),
+              ("qkern int3 g128 fast", {"fmt": "int3", "group_size": 128, "mode": "fast"}),
+              ("qkern int2 g128 fast", {"fmt": "int2", "group_size": 128, "mode": "fast",
+                                        "symmetric": False}),
+              ("qkern fp8_e4m3 per-channel", {"fmt": "fp8_e4m3", "group_size": None}),
+              ("qkern binary", {"fmt": "binary", "group_size": None}),
+              ("qkern ternary", {"fmt": "ternary", "group_size": None}))
+
+
+def _peer_maker(make: Callable, first) -> Callable[[nn.Linear], Impl]:
+    """The peer's builder; its first call returns ``first`` (built already, as the test that
+    the peer runs here)."""
+    pending = [first]
+
+    def build(lin: nn.Linear) -> Impl:
+        p = pending.pop() if pending else make(lin)
+        return p.fn, p.nbytes, "peer"
+    return build
+
+
+def _qkern_maker(kw: dict, isa: str | None) -> Callable[[nn.Linear], Impl]:
+    def build(lin: nn.Linear) -> Impl:
+        ql, nb, kernel = _qkern(lin, **kw)
+        if isa is None:
+            return ql, nb, f"kernel={kernel}"
+        return on_isa(isa, ql), nb, f"kernel={kernel}, isa={isa}"
+    return build
+
+
+def makers(lin: nn.Linear, isas: tuple[str, ...] = ()) -> dict[str, Callable[[nn.Linear], Impl]]:
+    """name -> a builder of that implementation from an ``nn.Linear``: the peers that build
+    here (``lin`` is tried once; a missing package or op is skipped with a line saying why),
+    then qkern's rows, with ``isas`` once per ISA, named "... [isa]"."""
+    out: dict[str, Callable[[nn.Linear], Impl]] = {
+        "torch fp32 F.linear": lambda m: (lambda x: nn.functional.linear(x, m.weight, m.bias),
+                                          m.weight.numel() * 4, "peer"),
     }
     for name, make in (("torch dynamic int8 (fbgemm)", peers.torch_dynamic_int8),
-                       ("aten int4 g128 bf16 (_weight_int4pack_mm)", peers.aten_int4),
+                       (AT4, peers.aten_int4),
                        ("aten int8 bf16 (_weight_int8pack_mm)", peers.aten_int8),
                        ("bitsandbytes nf4 b64 (matmul_4bit)", peers.bnb_nf4),
                        ("GPTQModel int4 g128 AVX512-BF16", peers.gptqmodel_int4)):
         try:
-            p = make(lin)
-            out[name] = (p.fn, p.nbytes, "peer")
+            out[name] = _peer_maker(make, make(lin))
         except ImportError as e:  # an optional package (bitsandbytes, gptqmodel) is missing
             _say(f"  {name}: skipped (not importable: {e})")
         except (RuntimeError, AttributeError) as e:  # op missing or failing to build here
             _say(f"  {name}: unavailable ({str(e).strip().splitlines()[0][:100]})")
-    for name, kw in (("qkern int4 g128 exact", {"fmt": "int4", "group_size": 128}),
-                     ("qkern int4 g128 fast", {"fmt": "int4", "group_size": 128, "mode": "fast"}),
-                     ("qkern W8A8 dynamic", {"fmt": "int8", "group_size": None,
-                                             "act": "int8_dynamic"}),
-                     ("qkern W8A16", {"fmt": "int8", "group_size": None}),
-                     ("qkern nf4 b64", {"fmt": "nf4", "group_size": 64}),
-                     ("qkern int3 g128 fast", {"fmt": "int3", "group_size": 128,
-                                               "mode": "fast"}),
-                     ("qkern int2 g128 fast", {"fmt": "int2", "group_size": 128,
-                                               "mode": "fast", "symmetric": False}),
-                     ("qkern fp8_e4m3 per-channel", {"fmt": "fp8_e4m3", "group_size": None}),
-                     ("qkern binary", {"fmt": "binary", "group_size": None}),
-                     ("qkern ternary", {"fmt": "ternary", "group_size": None})):
-        ql, nb, kernel = _qkern(lin, **kw)
+    for name, kw in QKERN_ROWS:
         if not isas:
-            out[name] = (ql, nb, f"kernel={kernel}")
+            out[name] = _qkern_maker(kw, None)
         for isa in isas:
-            out[f"{name} [{isa}]"] = (on_isa(isa, ql), nb, f"kernel={kernel}, isa={isa}")
+            out[f"{name} [{isa}]"] = _qkern_maker(kw, isa)
     return out
+
+
+def implementations(lin: nn.Linear, isas: tuple[str, ...] = ()) -> dict[str, Impl]:
+    """name -> (callable on x, weight bytes read per call, note), every row built once."""
+    return {name: build(lin) for name, build in makers(lin, isas).items()}
 
 
 def isa_columns(rows: list[tuple], isas: tuple[str, ...]) -> list[str]:
@@ -120,14 +149,21 @@ def isa_columns(rows: list[tuple], isas: tuple[str, ...]) -> list[str]:
 
 
 def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: float,
-               isas: tuple[str, ...] = ()) -> str:
+               isas: tuple[str, ...] = (), sweep: str = "also") -> str:
     """The table (and with ``isas``, one qkern row per ISA plus a per-ISA table). The scalar
-    path is timed for M = 1 only (a 4096 x 4096 M = 512 product takes it tens of seconds)."""
+    path is timed for M = 1 only (a 4096 x 4096 M = 512 product takes it tens of seconds).
+    ``sweep``: "also" adds the M = 1 back-to-back table (:mod:`.sweep`), "only" prints just
+    that one, "no" leaves it out."""
     start_isa = get_isa()
     torch.set_num_threads(threads)
     set_num_threads(threads)
     torch.manual_seed(0)
     probe = Probe.make(256 << 20)
+    if sweep == "only":
+        lines = [machine_line(threads), *run_sweep(shapes, lambda lin: makers(lin, isas),
+                                                   repeats, settle_s, probe, AT4)]
+        set_isa(start_isa)
+        return "\n".join(lines)
     flush = Flusher(settle_s)
     lines = [
         machine_line(threads),
@@ -167,6 +203,10 @@ def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: fl
     if isas:
         set_isa(start_isa)
         lines += isa_columns(rows, isas)
+    if sweep == "also" and 1 in ms:
+        lines += run_sweep(shapes, lambda lin: makers(lin, isas), repeats, settle_s,
+                           Probe(probe.src, probe.dst), AT4)
+        set_isa(start_isa)
     return "\n".join(lines)
 
 
@@ -182,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="qkern kernel paths to time, each as its own rows: 'all' (every ISA "
                         "this CPU has) or a comma list of scalar, avx2, avx512 (default: the "
                         "active one only)")
+    p.add_argument("--sweep", choices=("also", "only", "no"), default="also",
+                   help="the M = 1 table of layers called back to back (weights cold, code "
+                        "warm, as in decode): after the main table (also), alone (only) or not")
     a = p.parse_args(argv)
     isas: tuple[str, ...] = ()
     if a.isa is not None:
@@ -196,6 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     shapes, ms = (SHAPES, MS) if not a.quick else ([(1024, 1024)], [1, 8])
     t0 = time.perf_counter()
     print(run_matmul(a.threads, a.repeats if not a.quick else 2, a.warmup, shapes, ms,
-                     a.settle_ms / 1e3, isas))
+                     a.settle_ms / 1e3, isas, a.sweep))
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -1,0 +1,88 @@
+"""M = 1 as a decode step sees it: many layers of one shape called back to back.
+
+The main ``qkern bench matmul`` table times every call alone: the caches are flushed (a read of
+twice the last-level cache) and the cores left idle for ``--settle-ms`` first, so everything a
+call touches is cold, including the interpreter's and torch's own code and data. A decode step
+is different: each layer's weights come from memory, but the code that calls them runs every few
+hundred microseconds and stays in cache. This table reproduces that: each implementation is
+built ``copies`` times (enough copies that one sweep reads at least twice the last-level cache,
+so no layer's weights are still cached when it is called again) and the sweep over all copies
+is timed; the figure is the sweep's time divided by the copies. Implementations alternate as in
+the main table, and the read-bandwidth probe runs between the sweeps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .timing import Probe, l3_bytes
+
+
+def copies_for(nbytes: int, cache: int | None = None, most: int = 512) -> int:
+    """Copies of a layer whose weights (``nbytes`` each) add up to twice the last-level cache
+    (at least 2, at most ``most``: layers that small stay partly cached, as they would in a
+    model)."""
+    cache = l3_bytes() if cache is None else cache
+    return min(most, max(2, -(-2 * cache // max(nbytes, 1))))
+
+
+def time_sweeps(layers: dict[str, list[Callable]], x: torch.Tensor, repeats: int,
+                probe: Probe | None = None, settle_s: float = 0.0) -> dict[str, float]:
+    """Median seconds per call of each implementation, its copies called back to back."""
+    names = list(layers)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    with torch.no_grad():
+        for n in names:  # warm-up: builds plans, touches every page once
+            for f in layers[n]:
+                f(x)
+        for r in range(repeats):
+            k = r % len(names) if names else 0
+            for n in names[k:] + names[:k]:
+                if settle_s > 0:
+                    time.sleep(settle_s)  # the previous sweep's spinning threads go idle
+                t0 = time.perf_counter()
+                for f in layers[n]:
+                    f(x)
+                samples[n].append((time.perf_counter() - t0) / len(layers[n]))
+            if probe is not None:
+                t0 = time.perf_counter()
+                probe.run_sum()
+                probe.sum_s.append(time.perf_counter() - t0)
+    return {n: sorted(s)[len(s) // 2] for n, s in samples.items()}
+
+
+def run_sweep(shapes, makers: Callable[[nn.Linear], dict[str, Callable[[nn.Linear], tuple]]],
+              repeats: int, settle_s: float, probe: Probe, ref: str,
+              most: int = 512) -> list[str]:
+    """The table's lines: one row per (shape, implementation), ratios against ``ref``.
+    ``makers(lin)``: name -> builder of (call on x, weight bytes per call, note) from ``lin``."""
+    lines = ["", "**M = 1, layers back to back** (weights cold, code warm: a decode step; "
+             "each implementation's copies swept, time per call)", "",
+             f"| layer (N x K) | implementation | copies | ms | vs {ref.split(' (')[0]} | GB/s weights | "
+             "% of read bw |", "|---|---|--:|--:|--:|--:|--:|"]
+    rows = []
+    for n, k in shapes:
+        lin = nn.Linear(k, n)
+        layers: dict[str, list[Callable]] = {}
+        nbytes: dict[str, int] = {}
+        for name, build in makers(lin).items():
+            f, nb, _ = build(lin)
+            layers[name] = [f] + [build(lin)[0] for _ in range(copies_for(nb, most=most) - 1)]
+            nbytes[name] = nb
+        med = time_sweeps(layers, torch.randn(1, k), repeats, probe, settle_s)
+        print(f"  {n}x{k} M=1 back to back: " + ", ".join(
+            f"{a} {1e3 * t:.3f} ms" for a, t in med.items()), flush=True)
+        rows.append((n, k, med, layers, nbytes))
+    read_gbs = probe.read_gbs()
+    for n, k, med, layers, nbytes in rows:
+        for name, t in med.items():
+            gbs = nbytes[name] / t / 1e9
+            vs = f"{med[ref] / t:.2f}x" if ref in med else "-"
+            lines.append(f"| {n}x{k} | {name} | {len(layers[name])} | {1e3 * t:.3f} | {vs} | "
+                         f"{gbs:.1f} | {100 * gbs / read_gbs:.0f} % |")
+    lines.insert(2, f"Read bandwidth in the same sweeps {read_gbs:.1f} GB/s.")
+    return lines
