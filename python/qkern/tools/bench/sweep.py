@@ -62,8 +62,8 @@ def run_sweep(shapes, makers: Callable[[nn.Linear], dict[str, Callable[[nn.Linea
     ``makers(lin)``: name -> builder of (call on x, weight bytes per call, note) from ``lin``."""
     lines = ["", "**M = 1, layers back to back** (weights cold, code warm: a decode step; "
              "each implementation's copies swept, time per call)", "",
-             f"| layer (N x K) | implementation | copies | ms | vs {ref.split(' (')[0]} | GB/s weights | "
-             "% of read bw |", "|---|---|--:|--:|--:|--:|--:|"]
+             f"| layer (N x K) | implementation | copies | ms | vs {ref.split(' (')[0]} | "
+             "GB/s weights | % of read bw |", "|---|---|--:|--:|--:|--:|--:|"]
     rows = []
     for n, k in shapes:
         lin = nn.Linear(k, n)
