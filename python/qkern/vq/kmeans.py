@@ -99,22 +99,32 @@ class KMeans(VQBase):
         p = None if w is None else w / w.sum()
         if self.init == "random":
             return x[rng.choice(n, k, replace=False, p=p)].copy()
-        # k-means++ (Arthur & Vassilvitskii): each next centroid drawn with probability
-        # proportional to weight x squared distance to the nearest centroid so far.
+        # greedy k-means++ (Arthur & Vassilvitskii; scikit-learn's default): each step draws
+        # 2 + log(k) candidates with probability proportional to weight x squared distance to
+        # the nearest centroid so far and keeps the one that lowers the total most.
         x64 = x.astype(np.float64)
-        first = rng.choice(n, p=p)
-        chosen = [first]
-        d2 = ((x64 - x64[first]) ** 2).sum(axis=1)
+        xn = (x64 ** 2).sum(axis=1)
+        wt = np.ones(n) if w is None else w
+        trials = 2 + int(np.log(k))
+
+        def d2_to(idx):  # (n, len(idx)) squared distances, float64 (>= -rounding)
+            c = x64[idx]
+            return (x64 @ (-2 * c.T) + (c ** 2).sum(axis=1)[None, :]) + xn[:, None]
+
+        chosen = [int(rng.choice(n, p=p))]
+        d2 = np.maximum(d2_to(chosen)[:, 0], 0)
         for _ in range(1, k):
-            score = d2 if w is None else d2 * w
+            score = d2 * wt
             tot = score.sum()
             if tot > 0:
-                nxt = rng.choice(n, p=score / tot)
+                cand = rng.choice(n, trials, p=score / tot)
+                pot = np.minimum(d2[:, None], d2_to(cand))
+                best = int(np.argmin(wt @ pot))
+                nxt, d2 = int(cand[best]), np.maximum(pot[:, best], 0)
             else:  # every point (of positive weight) sits on a centroid: any unused one
-                free = np.setdiff1d(np.arange(n) if w is None else np.nonzero(w)[0], chosen)
-                nxt = rng.choice(free if free.size else np.arange(n))
+                free = np.setdiff1d(np.flatnonzero(wt > 0), chosen)
+                nxt = int(rng.choice(free if free.size else np.arange(n)))
             chosen.append(nxt)
-            d2 = np.minimum(d2, ((x64 - x64[nxt]) ** 2).sum(axis=1))
         return x[np.array(chosen)].copy()
 
     # ---- the VQBase interface ----------------------------------------------------------
