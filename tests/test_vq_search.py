@@ -154,3 +154,9 @@ def test_errors(rng):
         _C.pq_adc_scan_raw(0, 1, 16, 0, 1, 3, 1, 0)
     with pytest.raises(ValueError, match="code_bytes"):
         _C.pq_adc_scan_raw(1, 1, 16, 1, 1, 3, 4, 1)
+    with pytest.raises(ValueError, match="exceeds 2\\^56"):
+        _C.vq_assign_raw(1, 2**60, 64, 1, 1, 1, True, 1)
+    with pytest.raises(ValueError, match="k must be < 2\\^31"):
+        _C.vq_assign_raw(1, 1, 1, 1, 2**31, 1, True, 1)
+    with pytest.raises(ValueError, match="exceeds 2\\^56"):
+        _C.pq_adc_scan_raw(1, 2**40, 16, 1, 2**40, 3, 1, 1)

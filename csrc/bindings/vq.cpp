@@ -34,7 +34,8 @@ void init(py::module_& m) {
     positive(k, "vq_assign: k");
     qk::bind::checked_mul(n, d, "vq_assign n x d");
     qk::bind::checked_mul(k, d, "vq_assign k x d");
-    if (!codes64 && k > INT32_MAX) throw py::value_error("vq_assign: k too large for int32");
+    if (k > INT32_MAX)
+      throw py::value_error("vq_assign: k must be < 2^31, got " + std::to_string(k));
     if (n == 0) return;
     nonnull({x, c, codes, dist}, "vq_assign_raw");
     const auto* xp = reinterpret_cast<const float*>(x);
