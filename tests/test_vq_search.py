@@ -109,10 +109,11 @@ def test_adc_table_and_scan(isa, rng):
         assert got.shape == (3, n) and got.dtype == np.float32
 
 
-def test_adc_isas_and_threads_agree_bitwise(rng):
-    cb = rng.standard_normal((8, 256, 3)).astype(np.float32)
+@pytest.mark.parametrize("ksub", [5, 16, 256])  # the permutation paths and the scalar loop
+def test_adc_isas_and_threads_agree_bitwise(rng, ksub):
+    cb = rng.standard_normal((8, ksub, 3)).astype(np.float32)
     q = rng.standard_normal((4, 24)).astype(np.float32)
-    codes = rng.integers(0, 256, (5000, 8)).astype(np.uint8)
+    codes = rng.integers(0, ksub, (5003, 8)).astype(np.uint8)
     qkern.set_isa("scalar")
     t0 = adc_table(q, cb)
     d0 = adc_scan(t0, codes)
@@ -123,6 +124,7 @@ def test_adc_isas_and_threads_agree_bitwise(rng):
             np.testing.assert_array_equal(adc_table(q, cb), t0)
             np.testing.assert_array_equal(adc_scan(t0, codes), d0)
             np.testing.assert_array_equal(adc_scan(t0, codes.astype(np.uint16)), d0)
+            np.testing.assert_array_equal(adc_scan(t0[:1], codes), d0[:1])
 
 
 def test_errors(rng):

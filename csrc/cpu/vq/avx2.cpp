@@ -1,6 +1,7 @@
 // The AVX2 VQ kernels: register-blocked assignment (6 rows x one 16-centroid panel, two
-// 8-float vectors), the ADC table 8 sub-centroids at a time, the ADC scan by gathers. Same
-// float operations as scalar.cpp (kernels.h).
+// 8-float vectors), the ADC table 8 sub-centroids at a time, the ADC scan of tables of <= 8
+// entries by lane permutations (larger ones: the scalar loop). Same float operations as
+// scalar.cpp (kernels.h).
 #include <immintrin.h>
 
 #include "cpu/runtime/simd_f32.h"
@@ -16,9 +17,6 @@ struct Avx2 : simd::F32x8 {
     return _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(base)),
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
-  static I seqmul(int32_t s) {
-    return _mm256_mullo_epi32(_mm256_set1_epi32(s), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
   static T lt(T a, T b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   static T blend(T m, T a, T b) { return _mm256_blendv_ps(a, b, m); }
   static I blendi(T m, I a, I b) {
@@ -26,13 +24,13 @@ struct Avx2 : simd::F32x8 {
         _mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), m));
   }
   static void storei(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<I*>(p), v); }
-  static I set1i(int32_t v) { return _mm256_set1_epi32(v); }
-  static I andi(I a, I b) { return _mm256_and_si256(a, b); }
-  static I addi(I a, I b) { return _mm256_add_epi32(a, b); }
-  static I gather_words(const char* base, I off) {
-    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), off, 1);
+  static I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
+  // row[ix] for ksub <= 8 entries (a masked load: no read past row[ksub - 1]; the rest zero).
+  static T lookup(const float* row, int64_t ksub, I ix) {
+    const I lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const I keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(ksub)), lanes);
+    return _mm256_permutevar8x32_ps(_mm256_maskload_ps(row, keep), ix);
   }
-  static T gather(const float* t, I ix) { return _mm256_i32gather_ps(t, ix, 4); }
 };
 
 void assign_avx2(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v) {
@@ -44,14 +42,14 @@ void table_avx2(const float* q, int64_t m, int64_t ksub, int64_t dsub, const flo
   table_simd<Avx2>(q, m, ksub, dsub, cb, cbt, table);
 }
 
-void scan_u8_avx2(const float* table, int64_t ksub, const uint8_t* codes, int64_t n, int64_t m,
-                  float* dist) {
-  scan_simd<Avx2>(table, ksub, codes, n, m, dist);
+void scan_u8_avx2(const float* tables, int64_t nq, int64_t ksub, const uint8_t* codes,
+                  int64_t n, int64_t m, float* dist, int64_t ld) {
+  scan_simd<Avx2>(tables, nq, ksub, codes, n, m, dist, ld);
 }
 
-void scan_u16_avx2(const float* table, int64_t ksub, const uint16_t* codes, int64_t n,
-                   int64_t m, float* dist) {
-  scan_simd<Avx2>(table, ksub, codes, n, m, dist);
+void scan_u16_avx2(const float* tables, int64_t nq, int64_t ksub, const uint16_t* codes,
+                   int64_t n, int64_t m, float* dist, int64_t ld) {
+  scan_simd<Avx2>(tables, nq, ksub, codes, n, m, dist, ld);
 }
 
 const Kernels kAvx2Kernels = {assign_avx2, table_avx2, scan_u8_avx2, scan_u16_avx2};

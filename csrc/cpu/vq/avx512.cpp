@@ -1,6 +1,7 @@
 // The AVX-512 VQ kernels: register-blocked assignment (6 rows x one 16-centroid panel), the
-// ADC table 16 sub-centroids at a time, the ADC scan by gathers 16 codes at a time. Same float
-// operations as scalar.cpp (kernels.h).
+// ADC table 16 sub-centroids at a time, the ADC scan of tables of <= 16 entries by lane
+// permutations, 16 codes at a time (larger ones: the scalar loop). Same float operations as
+// scalar.cpp (kernels.h).
 #include <immintrin.h>
 
 #include "cpu/runtime/simd_f32.h"
@@ -18,21 +19,15 @@ struct Avx512 : simd::F32x16 {
   static I seq(int64_t base) {
     return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(base)), lanes());
   }
-  static I seqmul(int32_t s) { return _mm512_mullo_epi32(_mm512_set1_epi32(s), lanes()); }
   static __mmask16 lt(T a, T b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static T blend(__mmask16 m, T a, T b) { return _mm512_mask_blend_ps(m, a, b); }
   static I blendi(__mmask16 m, I a, I b) { return _mm512_mask_blend_epi32(m, a, b); }
   static void storei(int32_t* p, I v) { _mm512_storeu_si512(p, v); }
-  static I set1i(int32_t v) { return _mm512_set1_epi32(v); }
-  static I andi(I a, I b) { return _mm512_and_si512(a, b); }
-  static I addi(I a, I b) { return _mm512_add_epi32(a, b); }
-  // The masked gathers with every lane selected (GCC 12 reports the unmasked ones, which start
-  // from an undefined register, as maybe-uninitialized).
-  static I gather_words(const char* base, I off) {
-    return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xFFFF, off, base, 1);
-  }
-  static T gather(const float* t, I ix) {
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, ix, t, 4);
+  static I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }
+  // row[ix] for ksub <= 16 entries (a masked load, the rest zero).
+  static T lookup(const float* row, int64_t ksub, I ix) {
+    const T r = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ksub) - 1), row);
+    return _mm512_mask_permutexvar_ps(r, 0xFFFF, ix, r);
   }
 };
 
@@ -45,14 +40,14 @@ void table_avx512(const float* q, int64_t m, int64_t ksub, int64_t dsub, const f
   table_simd<Avx512>(q, m, ksub, dsub, cb, cbt, table);
 }
 
-void scan_u8_avx512(const float* table, int64_t ksub, const uint8_t* codes, int64_t n,
-                    int64_t m, float* dist) {
-  scan_simd<Avx512>(table, ksub, codes, n, m, dist);
+void scan_u8_avx512(const float* tables, int64_t nq, int64_t ksub, const uint8_t* codes,
+                    int64_t n, int64_t m, float* dist, int64_t ld) {
+  scan_simd<Avx512>(tables, nq, ksub, codes, n, m, dist, ld);
 }
 
-void scan_u16_avx512(const float* table, int64_t ksub, const uint16_t* codes, int64_t n,
-                     int64_t m, float* dist) {
-  scan_simd<Avx512>(table, ksub, codes, n, m, dist);
+void scan_u16_avx512(const float* tables, int64_t nq, int64_t ksub, const uint16_t* codes,
+                     int64_t n, int64_t m, float* dist, int64_t ld) {
+  scan_simd<Avx512>(tables, nq, ksub, codes, n, m, dist, ld);
 }
 
 const Kernels kAvx512Kernels = {assign_avx512, table_avx512, scan_u8_avx512, scan_u16_avx512};

@@ -66,23 +66,27 @@ void scan_impl(const float* table, int64_t nq, int64_t ksub, const Code* codes, 
                int64_t m, float* dist) {
   if (nq <= 0 || n <= 0) return;
   const auto& kern = vq::kernels();
-  // Tasks: (query, block of codes).
-  int64_t per = std::max<int64_t>(64, kTaskWork / std::max<int64_t>(m, 1) / 64 * 64);
+  // Tasks: blocks of codes; each block is scanned in slices of ~16 KiB of codes that stay in
+  // cache while every query's table runs over them (the codes are read from memory once).
+  const int64_t slice = std::max<int64_t>(16, (int64_t{16} << 10) / (m * sizeof(Code)));
+  const int64_t per = std::max<int64_t>(slice, kTaskWork / std::max<int64_t>(m * nq, 1)) /
+                      slice * slice;
   const int64_t blocks = (n + per - 1) / per;
   auto task = [&](int64_t t) {
-    const int64_t q = t / blocks, i0 = t % blocks * per, len = std::min(per, n - i0);
-    const float* tq = table + q * m * ksub;
-    float* out = dist + q * n + i0;
-    if constexpr (sizeof(Code) == 1)
-      kern.scan_u8(tq, ksub, codes + i0 * m, len, m, out);
-    else
-      kern.scan_u16(tq, ksub, codes + i0 * m, len, m, out);
+    const int64_t end = std::min(n, (t + 1) * per);
+    for (int64_t i0 = t * per; i0 < end; i0 += slice) {
+      const int64_t len = std::min(slice, end - i0);
+      if constexpr (sizeof(Code) == 1)
+        kern.scan_u8(table, nq, ksub, codes + i0 * m, len, m, dist + i0, n);
+      else
+        kern.scan_u16(table, nq, ksub, codes + i0 * m, len, m, dist + i0, n);
+    }
   };
-  if (nq * blocks == 1 || pool_threads() == 1) {
-    for (int64_t t = 0; t < nq * blocks; ++t) task(t);
+  if (blocks == 1 || pool_threads() == 1) {
+    for (int64_t t = 0; t < blocks; ++t) task(t);
     return;
   }
-  parallel_for(nq * blocks, task);
+  parallel_for(blocks, task);
 }
 
 }  // namespace
