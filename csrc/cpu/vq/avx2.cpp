@@ -13,6 +13,7 @@ namespace {
 
 struct Avx2 : simd::F32x8 {
   using I = __m256i;
+  static constexpr int kRows = 6;  // 12 accumulators + 2 panel vectors + 1 broadcast
   static I seq(int64_t base) {
     return _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(base)),
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));

@@ -1,4 +1,4 @@
-// The AVX-512 VQ kernels: register-blocked assignment (6 rows x one 16-centroid panel), the
+// The AVX-512 VQ kernels: register-blocked assignment (12 rows x one 16-centroid panel), the
 // ADC table 16 sub-centroids at a time, the ADC scan of tables of <= 16 entries by lane
 // permutations, 16 codes at a time (larger ones: the scalar loop). Same float operations as
 // scalar.cpp (kernels.h).
@@ -13,6 +13,7 @@ namespace {
 
 struct Avx512 : simd::F32x16 {
   using I = __m512i;
+  static constexpr int kRows = 12;  // 12 accumulators, 32 registers
   static I lanes() {
     return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   }

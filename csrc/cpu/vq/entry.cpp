@@ -19,11 +19,11 @@ float sqnorm(const float* v, int64_t d) {
   return s;
 }
 
-// fn(r0, r1) over [0, rows) in blocks of `per` rows (a multiple of 6, the SIMD row block).
+// fn(r0, r1) over [0, rows) in blocks of `per` rows (a multiple of 12, the SIMD row blocks).
 template <class Fn>
 void over_rows(int64_t rows, int64_t work_per_row, const Fn& fn) {
   int64_t per = kTaskWork / std::max<int64_t>(work_per_row, 1);
-  per = std::max<int64_t>(6, per / 6 * 6);
+  per = std::max<int64_t>(12, per / 12 * 12);
   const int64_t tasks = (rows + per - 1) / per;
   auto task = [&](int64_t t) { fn(t * per, std::min(rows, (t + 1) * per)); };
   if (tasks <= 1 || pool_threads() == 1) {
