@@ -59,8 +59,9 @@ void scan_scalar(const float* tables, int64_t nq, int64_t ksub, const uint16_t* 
 // The SIMD assignment (avx2.cpp, avx512.cpp): V is a float vector type of V::kW lanes with
 // load/store/add/sub/mul/set1, plus V::I (index vector), lt(a, b) -> mask, blend(mask, a, b)
 // (b where mask) for values and indices, and seq(base) (base, base+1, ...). kPanel / V::kW
-// vectors per panel, R rows at a time (V::kRows: what its registers hold); the per-lane running minimum keeps the lowest index
-// (strict <, panels in ascending order), the lanes are reduced at the end the same way.
+// vectors per panel, R rows at a time (V::kRows: what its registers hold); the per-lane
+// running minimum keeps the lowest index (strict <, panels in ascending order), the lanes are
+// reduced at the end the same way.
 template <class V, int R>
 inline void assign_block(const float* x, const Packed& c, int64_t* idx, float* v) {
   constexpr int kV = static_cast<int>(kPanel / V::kW);
