@@ -44,7 +44,8 @@ class ProductQuantizer(VQBase):
 
     ``search(queries, codes, k) -> (D, I)``: the k encoded vectors nearest to each query by
     asymmetric distance (the query exact, the database decoded: squared L2 to the decoded
-    vector), D float32 (nq, k) ascending, I int64 (nq, k) (ties: the lower index).
+    vector), D float32 (nq, k) ascending, I int64 (nq, k) (equal distances in index order;
+    which of several equal ones at the k-th place are kept is not specified).
 
     >>> x = np.random.default_rng(1).standard_normal((500, 8))
     >>> pq = ProductQuantizer(8, m=2, nbits=4).train(x)
