@@ -3,7 +3,9 @@ save / load; :mod:`.base`) over k-means, product, residual, additive and lattice
 learned scalar grids, with the hot loops in C++."""
 
 from .base import NotTrainedError, VQBase, as_codes, as_vectors
+from .kmeans import KMeans
+from .pq import ProductQuantizer, VectorQuantizer
 from .vqvae import VQVAE, VQCodebook
 
-__all__ = ["NotTrainedError", "VQBase", "as_codes", "as_vectors"]
-__all__ += ["VQCodebook", "VQVAE"]
+__all__ = ["KMeans", "NotTrainedError", "ProductQuantizer", "VQBase", "VQCodebook", "VQVAE",
+           "VectorQuantizer", "as_codes", "as_vectors"]

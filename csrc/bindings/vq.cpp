@@ -1,0 +1,93 @@
+// Bindings of the VQ kernels (csrc/cpu/vq/api.h): size and null-pointer checks, GIL release.
+// python/qkern/vq/search.py checks the numpy arrays (dtype, shape, contiguity, code ranges)
+// and passes their addresses.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "bindings/checked.h"
+#include "bindings/registry.h"
+#include "cpu/vq/api.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void positive(int64_t v, const char* what) {
+  if (v <= 0) throw py::value_error(std::string(what) + " must be positive, got " +
+                                    std::to_string(v));
+}
+
+void nonnull(std::initializer_list<uintptr_t> ps, const char* fn) {
+  for (auto p : ps)
+    if (!p) throw py::value_error(std::string(fn) + ": null pointer");
+}
+
+void init(py::module_& m) {
+  // codes: int64 when codes64 else int32; dist: float32 (n).
+  m.def("vq_assign_raw", [](uintptr_t x, int64_t n, int64_t d, uintptr_t c, int64_t k,
+                            uintptr_t codes, bool codes64, uintptr_t dist) {
+    positive(d, "vq_assign: d");
+    positive(k, "vq_assign: k");
+    qk::bind::checked_mul(n, d, "vq_assign n x d");
+    qk::bind::checked_mul(k, d, "vq_assign k x d");
+    if (k > INT32_MAX)
+      throw py::value_error("vq_assign: k must be < 2^31, got " + std::to_string(k));
+    if (n == 0) return;
+    nonnull({x, c, codes, dist}, "vq_assign_raw");
+    const auto* xp = reinterpret_cast<const float*>(x);
+    const auto* cp = reinterpret_cast<const float*>(c);
+    auto* dp = reinterpret_cast<float*>(dist);
+    py::gil_scoped_release nogil;
+    if (codes64)
+      qk::vq_assign(xp, n, d, cp, k, reinterpret_cast<int64_t*>(codes), dp);
+    else
+      qk::vq_assign(xp, n, d, cp, k, reinterpret_cast<int32_t*>(codes), dp);
+  });
+  // q (nq, m * dsub), codebooks (m, ksub, dsub), table (nq, m, ksub): float32.
+  m.def("pq_adc_table_raw", [](uintptr_t q, int64_t nq, int64_t m_, int64_t ksub, int64_t dsub,
+                               uintptr_t cb, uintptr_t table) {
+    positive(m_, "pq_adc_table: m");
+    positive(ksub, "pq_adc_table: ksub");
+    positive(dsub, "pq_adc_table: dsub");
+    qk::bind::checked_mul(qk::bind::checked_mul(m_, ksub, "pq_adc_table m x ksub"), dsub,
+                          "pq_adc_table m x ksub x dsub");
+    qk::bind::checked_mul(qk::bind::checked_mul(nq, m_, "pq_adc_table nq x m"),
+                          std::max(ksub, dsub), "pq_adc_table nq x m x ksub");
+    if (nq == 0) return;
+    nonnull({q, cb, table}, "pq_adc_table_raw");
+    py::gil_scoped_release nogil;
+    qk::pq_adc_table(reinterpret_cast<const float*>(q), nq, m_, ksub, dsub,
+                     reinterpret_cast<const float*>(cb), reinterpret_cast<float*>(table));
+  });
+  // table (nq, m, ksub) float32, codes (n, m) of code_bytes (1: uint8, 2: uint16), each code
+  // < ksub (checked by the caller), dist (nq, n) float32.
+  m.def("pq_adc_scan_raw", [](uintptr_t table, int64_t nq, int64_t ksub, uintptr_t codes,
+                              int64_t n, int64_t m_, int code_bytes, uintptr_t dist) {
+    positive(m_, "pq_adc_scan: m");
+    positive(ksub, "pq_adc_scan: ksub");
+    if (code_bytes != 1 && code_bytes != 2)
+      throw py::value_error("pq_adc_scan: code_bytes must be 1 (uint8) or 2 (uint16), got " +
+                            std::to_string(code_bytes));
+    qk::bind::checked_mul(n, m_, "pq_adc_scan n x m");
+    qk::bind::checked_mul(nq, n, "pq_adc_scan nq x n");
+    qk::bind::checked_mul(qk::bind::checked_mul(nq, m_, "pq_adc_scan nq x m"), ksub,
+                          "pq_adc_scan nq x m x ksub");
+    if (nq == 0 || n == 0) return;
+    nonnull({table, codes, dist}, "pq_adc_scan_raw");
+    const auto* tp = reinterpret_cast<const float*>(table);
+    auto* dp = reinterpret_cast<float*>(dist);
+    py::gil_scoped_release nogil;
+    if (code_bytes == 1)
+      qk::pq_adc_scan(tp, nq, ksub, reinterpret_cast<const uint8_t*>(codes), n, m_, dp);
+    else
+      qk::pq_adc_scan(tp, nq, ksub, reinterpret_cast<const uint16_t*>(codes), n, m_, dp);
+  });
+}
+
+qk::bind::Register reg(init);
+
+}  // namespace

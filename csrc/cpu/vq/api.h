@@ -1,0 +1,43 @@
+// Vector-quantization kernels (qkern.vq): nearest-centroid search (k-means assignment, VQ
+// encoding) and asymmetric distance computation (ADC) for product quantization. Torch-free.
+//
+// vq_assign: for each row x_i of x (n, d) the index of the nearest row of centroids (k, d) in
+// squared L2 and that distance. It is computed as FAISS does, through the expansion
+//   ||x - c||^2 = ||x||^2 + (||c||^2 - 2 x.c),
+// the centroid norms once per call, the dot products as a small register-blocked GEMM (blocks
+// of x rows against panels of 16 centroids), the argmin fused behind it. Float contract, the
+// same on every ISA (bit-identical: each dot product and norm is the sequential float32 sum
+// over t = 0..d-1 of the products x[t] * c[t], mul then add, no FMA):
+//   s_j = x.c_j,  v_j = ||c_j||^2 - 2 s_j,  code = the lowest j with the smallest v_j,
+//   dist = max(0, ||x||^2 + v_code).
+// The expansion cancels: dist carries an absolute error of a few ulp of ||x||^2 + ||c||^2
+// (about d * 2^-24 (||x||^2 + ||c||^2)), not of the distance itself, so a small distance
+// between large vectors is only accurate to that bound (it is clamped at >= 0, as FAISS does),
+// and two centroids whose distances differ by less than it may be ranked either way.
+//
+// pq_adc_table: for each query (nq, m * dsub) and sub-quantizer j, the squared distance of the
+// query's j-th sub-vector to every sub-centroid of codebooks (m, ksub, dsub):
+//   table[q, j, c] = sum_{t < dsub} (q[j * dsub + t] - cb[j, c, t])^2   (sequential, float32)
+// pq_adc_scan: dist[q, i] = sum_{j < m} table[q, j, codes[i, j]] (sequential over j, float32),
+// codes (n, m) uint8 or uint16, every code < ksub (the caller checks). Both are bit-identical
+// on every ISA. All three spread their rows over the thread pool; results do not depend on the
+// thread count.
+#pragma once
+#include <cstdint>
+
+namespace qk {
+
+void vq_assign(const float* x, int64_t n, int64_t d, const float* centroids, int64_t k,
+               int64_t* codes, float* dist);
+void vq_assign(const float* x, int64_t n, int64_t d, const float* centroids, int64_t k,
+               int32_t* codes, float* dist);
+
+void pq_adc_table(const float* q, int64_t nq, int64_t m, int64_t ksub, int64_t dsub,
+                  const float* codebooks, float* table);
+
+void pq_adc_scan(const float* table, int64_t nq, int64_t ksub, const uint8_t* codes, int64_t n,
+                 int64_t m, float* dist);
+void pq_adc_scan(const float* table, int64_t nq, int64_t ksub, const uint16_t* codes,
+                 int64_t n, int64_t m, float* dist);
+
+}  // namespace qk

@@ -1,0 +1,63 @@
+// The AVX2 VQ kernels: register-blocked assignment (6 rows x one 16-centroid panel, two
+// 8-float vectors), the ADC table 8 sub-centroids at a time, the ADC scan of tables of <= 8
+// entries by lane permutations (larger ones: the scalar loop). Same float operations as
+// scalar.cpp (kernels.h).
+#include <immintrin.h>
+
+#include "cpu/runtime/simd_f32.h"
+#include "cpu/vq/kernels.h"
+
+namespace qk {
+namespace vq {
+namespace {
+
+struct Avx2 : simd::F32x8 {
+  using I = __m256i;
+  static constexpr int kRows = 6;  // 12 accumulators + 2 panel vectors + 1 broadcast
+  static I seq(int64_t base) {
+    return _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(base)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static T lt(T a, T b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static T blend(T m, T a, T b) { return _mm256_blendv_ps(a, b, m); }
+  static I blendi(T m, I a, I b) {
+    return _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), m));
+  }
+  static void storei(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<I*>(p), v); }
+  static I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
+  // row[ix] for ksub <= 8 entries (a masked load: no read past row[ksub - 1]; the rest zero).
+  static T lookup(const float* row, int64_t ksub, I ix) {
+    const I lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const I keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(ksub)), lanes);
+    return _mm256_permutevar8x32_ps(_mm256_maskload_ps(row, keep), ix);
+  }
+};
+
+void assign_avx2(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v) {
+  assign_simd<Avx2>(x, n, c, idx, v);
+}
+
+void table_avx2(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
+                const float* cbt, float* table) {
+  table_simd<Avx2>(q, m, ksub, dsub, cb, cbt, table);
+}
+
+void scan_u8_avx2(const float* tables, int64_t nq, int64_t ksub, const uint8_t* codes,
+                  int64_t n, int64_t m, float* dist, int64_t ld) {
+  scan_simd<Avx2>(tables, nq, ksub, codes, n, m, dist, ld);
+}
+
+void scan_u16_avx2(const float* tables, int64_t nq, int64_t ksub, const uint16_t* codes,
+                   int64_t n, int64_t m, float* dist, int64_t ld) {
+  scan_simd<Avx2>(tables, nq, ksub, codes, n, m, dist, ld);
+}
+
+const Kernels kAvx2Kernels = {assign_avx2, table_avx2, scan_u8_avx2, scan_u16_avx2};
+
+}  // namespace
+
+const Kernels* avx2_kernels() { return &kAvx2Kernels; }
+
+}  // namespace vq
+}  // namespace qk

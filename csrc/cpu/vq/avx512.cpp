@@ -1,0 +1,61 @@
+// The AVX-512 VQ kernels: register-blocked assignment (12 rows x one 16-centroid panel), the
+// ADC table 16 sub-centroids at a time, the ADC scan of tables of <= 16 entries by lane
+// permutations, 16 codes at a time (larger ones: the scalar loop). Same float operations as
+// scalar.cpp (kernels.h).
+#include <immintrin.h>
+
+#include "cpu/runtime/simd_f32.h"
+#include "cpu/vq/kernels.h"
+
+namespace qk {
+namespace vq {
+namespace {
+
+struct Avx512 : simd::F32x16 {
+  using I = __m512i;
+  static constexpr int kRows = 12;  // 12 accumulators, 32 registers
+  static I lanes() {
+    return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  static I seq(int64_t base) {
+    return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(base)), lanes());
+  }
+  static __mmask16 lt(T a, T b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static T blend(__mmask16 m, T a, T b) { return _mm512_mask_blend_ps(m, a, b); }
+  static I blendi(__mmask16 m, I a, I b) { return _mm512_mask_blend_epi32(m, a, b); }
+  static void storei(int32_t* p, I v) { _mm512_storeu_si512(p, v); }
+  static I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }
+  // row[ix] for ksub <= 16 entries (a masked load, the rest zero).
+  static T lookup(const float* row, int64_t ksub, I ix) {
+    const T r = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ksub) - 1), row);
+    return _mm512_mask_permutexvar_ps(r, 0xFFFF, ix, r);
+  }
+};
+
+void assign_avx512(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v) {
+  assign_simd<Avx512>(x, n, c, idx, v);
+}
+
+void table_avx512(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
+                  const float* cbt, float* table) {
+  table_simd<Avx512>(q, m, ksub, dsub, cb, cbt, table);
+}
+
+void scan_u8_avx512(const float* tables, int64_t nq, int64_t ksub, const uint8_t* codes,
+                    int64_t n, int64_t m, float* dist, int64_t ld) {
+  scan_simd<Avx512>(tables, nq, ksub, codes, n, m, dist, ld);
+}
+
+void scan_u16_avx512(const float* tables, int64_t nq, int64_t ksub, const uint16_t* codes,
+                     int64_t n, int64_t m, float* dist, int64_t ld) {
+  scan_simd<Avx512>(tables, nq, ksub, codes, n, m, dist, ld);
+}
+
+const Kernels kAvx512Kernels = {assign_avx512, table_avx512, scan_u8_avx512, scan_u16_avx512};
+
+}  // namespace
+
+const Kernels* avx512_kernels() { return &kAvx512Kernels; }
+
+}  // namespace vq
+}  // namespace qk

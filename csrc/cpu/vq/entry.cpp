@@ -1,0 +1,130 @@
+// VQ entry points (api.h): norms and centroid panels once per call, ISA dispatch, and rows
+// spread over the thread pool in fixed blocks (each row's result is computed by one kernel call
+// whatever the thread count, so results do not depend on it).
+#include <algorithm>
+#include <vector>
+
+#include "cpu/runtime/threadpool.h"
+#include "cpu/vq/kernels.h"
+
+namespace qk {
+namespace {
+
+// Rows per task: about this many multiply-adds, so that waking the pool pays.
+constexpr int64_t kTaskWork = int64_t{1} << 18;
+
+float sqnorm(const float* v, int64_t d) {
+  float s = 0.0f;
+  for (int64_t t = 0; t < d; ++t) s = s + v[t] * v[t];
+  return s;
+}
+
+// fn(r0, r1) over [0, rows) in blocks of `per` rows (a multiple of 12, the SIMD row blocks).
+template <class Fn>
+void over_rows(int64_t rows, int64_t work_per_row, const Fn& fn) {
+  int64_t per = kTaskWork / std::max<int64_t>(work_per_row, 1);
+  per = std::max<int64_t>(12, per / 12 * 12);
+  const int64_t tasks = (rows + per - 1) / per;
+  auto task = [&](int64_t t) { fn(t * per, std::min(rows, (t + 1) * per)); };
+  if (tasks <= 1 || pool_threads() == 1) {
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+    return;
+  }
+  parallel_for(tasks, task);
+}
+
+template <class Code>
+void assign_impl(const float* x, int64_t n, int64_t d, const float* cent, int64_t k, Code* codes,
+                 float* dist) {
+  if (n <= 0 || k <= 0 || d <= 0) return;
+  const int64_t panels = (k + vq::kPanel - 1) / vq::kPanel;
+  std::vector<float> pan(static_cast<size_t>(panels * d * vq::kPanel), 0.0f);
+  std::vector<float> norms(static_cast<size_t>(panels * vq::kPanel), __builtin_inff());
+  for (int64_t j = 0; j < k; ++j) {
+    const float* c = cent + j * d;
+    norms[j] = sqnorm(c, d);
+    float* p = pan.data() + (j / vq::kPanel) * d * vq::kPanel + j % vq::kPanel;
+    for (int64_t t = 0; t < d; ++t) p[t * vq::kPanel] = c[t];
+  }
+  const vq::Packed packed{pan.data(), norms.data(), cent, k, d};
+  const auto& kern = vq::kernels();
+  over_rows(n, k * d, [&](int64_t r0, int64_t r1) {
+    int64_t idx[96];
+    for (int64_t i = r0; i < r1; i += 96) {
+      const int64_t len = std::min<int64_t>(96, r1 - i);
+      kern.assign(x + i * d, len, packed, idx, dist + i);
+      for (int64_t r = 0; r < len; ++r) {
+        codes[i + r] = static_cast<Code>(idx[r]);
+        dist[i + r] = std::max(0.0f, sqnorm(x + (i + r) * d, d) + dist[i + r]);
+      }
+    }
+  });
+}
+
+template <class Code>
+void scan_impl(const float* table, int64_t nq, int64_t ksub, const Code* codes, int64_t n,
+               int64_t m, float* dist) {
+  if (nq <= 0 || n <= 0) return;
+  const auto& kern = vq::kernels();
+  // Tasks: blocks of codes; each block is scanned in slices of ~16 KiB of codes that stay in
+  // cache while every query's table runs over them (the codes are read from memory once).
+  const int64_t slice = std::max<int64_t>(16, (int64_t{16} << 10) / (m * sizeof(Code)));
+  const int64_t per = std::max<int64_t>(slice, kTaskWork / std::max<int64_t>(m * nq, 1)) /
+                      slice * slice;
+  const int64_t blocks = (n + per - 1) / per;
+  auto task = [&](int64_t t) {
+    const int64_t end = std::min(n, (t + 1) * per);
+    for (int64_t i0 = t * per; i0 < end; i0 += slice) {
+      const int64_t len = std::min(slice, end - i0);
+      if constexpr (sizeof(Code) == 1)
+        kern.scan_u8(table, nq, ksub, codes + i0 * m, len, m, dist + i0, n);
+      else
+        kern.scan_u16(table, nq, ksub, codes + i0 * m, len, m, dist + i0, n);
+    }
+  };
+  if (blocks == 1 || pool_threads() == 1) {
+    for (int64_t t = 0; t < blocks; ++t) task(t);
+    return;
+  }
+  parallel_for(blocks, task);
+}
+
+}  // namespace
+
+void vq_assign(const float* x, int64_t n, int64_t d, const float* centroids, int64_t k,
+               int64_t* codes, float* dist) {
+  assign_impl(x, n, d, centroids, k, codes, dist);
+}
+
+void vq_assign(const float* x, int64_t n, int64_t d, const float* centroids, int64_t k,
+               int32_t* codes, float* dist) {
+  assign_impl(x, n, d, centroids, k, codes, dist);
+}
+
+void pq_adc_table(const float* q, int64_t nq, int64_t m, int64_t ksub, int64_t dsub,
+                  const float* codebooks, float* table) {
+  if (nq <= 0 || m <= 0 || ksub <= 0 || dsub <= 0) return;
+  std::vector<float> cbt(static_cast<size_t>(m * ksub * dsub));
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t c = 0; c < ksub; ++c)
+      for (int64_t t = 0; t < dsub; ++t)
+        cbt[(j * dsub + t) * ksub + c] = codebooks[(j * ksub + c) * dsub + t];
+  const auto& kern = vq::kernels();
+  over_rows(nq, m * ksub * dsub, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      kern.adc_table(q + i * m * dsub, m, ksub, dsub, codebooks, cbt.data(),
+                     table + i * m * ksub);
+  });
+}
+
+void pq_adc_scan(const float* table, int64_t nq, int64_t ksub, const uint8_t* codes, int64_t n,
+                 int64_t m, float* dist) {
+  scan_impl(table, nq, ksub, codes, n, m, dist);
+}
+
+void pq_adc_scan(const float* table, int64_t nq, int64_t ksub, const uint16_t* codes,
+                 int64_t n, int64_t m, float* dist) {
+  scan_impl(table, nq, ksub, codes, n, m, dist);
+}
+
+}  // namespace qk

@@ -1,0 +1,193 @@
+// Internal interface of the VQ kernels (api.h): the per-ISA kernel table and the packed
+// centroid layout the SIMD assignment reads.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "cpu/runtime/isa.h"
+#include "cpu/vq/api.h"
+
+namespace qk {
+namespace vq {
+
+// Centroids are packed in panels of kPanel: panel p holds centroids p*kPanel .. p*kPanel+15 as
+// (d, kPanel) (coordinate-major), so a SIMD load reads one coordinate of 16 centroids. The
+// missing centroids of the last panel are zero with norm +inf (never chosen).
+constexpr int64_t kPanel = 16;
+
+struct Packed {
+  const float* panels;  // (ceil(k / kPanel), d, kPanel)
+  const float* norms;   // (ceil(k / kPanel) * kPanel): ||c_j||^2, +inf past k
+  const float* raw;     // (k, d) as given
+  int64_t k, d;
+};
+
+struct Kernels {
+  // rows [0, n) of x (row stride d): best index and v_best = ||c||^2 - 2 x.c (api.h).
+  void (*assign)(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v);
+  // one query: table (m, ksub) from codebooks (m, ksub, dsub) and its transpose cbt
+  // (m, dsub, ksub).
+  void (*adc_table)(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
+                    const float* cbt, float* table);
+  // nq queries' tables (nq, m, ksub) against codes (n, m): dist row q at dist + q * ld.
+  void (*scan_u8)(const float* tables, int64_t nq, int64_t ksub, const uint8_t* codes,
+                  int64_t n, int64_t m, float* dist, int64_t ld);
+  void (*scan_u16)(const float* tables, int64_t nq, int64_t ksub, const uint16_t* codes,
+                   int64_t n, int64_t m, float* dist, int64_t ld);
+};
+
+extern const Kernels kScalarKernels;  // scalar.cpp
+const Kernels* avx2_kernels();        // avx2.cpp
+const Kernels* avx512_kernels();      // avx512.cpp
+
+inline const Kernels& kernels() {
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
+  return pick(by_isa);
+}
+
+// The reference loops (scalar.cpp), used by the SIMD paths for their tails.
+void assign_scalar(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v);
+void table_scalar(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
+                  const float* cbt, float* table);
+// The reference scans (scalar.cpp; the SIMD files call these rather than compile the loop
+// themselves: GCC vectorizes it with gathers there, which measured slower).
+void scan_scalar(const float* tables, int64_t nq, int64_t ksub, const uint8_t* codes, int64_t n,
+                 int64_t m, float* dist, int64_t ld);
+void scan_scalar(const float* tables, int64_t nq, int64_t ksub, const uint16_t* codes,
+                 int64_t n, int64_t m, float* dist, int64_t ld);
+
+// The SIMD assignment (avx2.cpp, avx512.cpp): V is a float vector type of V::kW lanes with
+// load/store/add/sub/mul/set1, plus V::I (index vector), lt(a, b) -> mask, blend(mask, a, b)
+// (b where mask) for values and indices, and seq(base) (base, base+1, ...). kPanel / V::kW
+// vectors per panel, R rows at a time (V::kRows: what its registers hold); the per-lane
+// running minimum keeps the lowest index (strict <, panels in ascending order), the lanes are
+// reduced at the end the same way.
+template <class V, int R>
+inline void assign_block(const float* x, const Packed& c, int64_t* idx, float* v) {
+  constexpr int kV = static_cast<int>(kPanel / V::kW);
+  const int64_t d = c.d, panels = (c.k + kPanel - 1) / kPanel;
+  typename V::T bv[R][kV];
+  typename V::I bi[R][kV];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < kV; ++u) {
+      bv[r][u] = V::set1(__builtin_inff());
+      bi[r][u] = V::seq(u * V::kW);
+    }
+  const typename V::T two = V::set1(2.0f);
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* pan = c.panels + p * d * kPanel;
+    typename V::T acc[R][kV];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < kV; ++u) acc[r][u] = V::set1(0.0f);
+    for (int64_t t = 0; t < d; ++t) {
+      typename V::T cv[kV];
+      for (int u = 0; u < kV; ++u) cv[u] = V::load(pan + t * kPanel + u * V::kW);
+      for (int r = 0; r < R; ++r) {
+        const typename V::T xv = V::set1(x[r * d + t]);
+        for (int u = 0; u < kV; ++u) acc[r][u] = V::add(acc[r][u], V::mul(xv, cv[u]));
+      }
+    }
+    for (int u = 0; u < kV; ++u) {
+      const typename V::T cn = V::load(c.norms + p * kPanel + u * V::kW);
+      const typename V::I ix = V::seq(p * kPanel + u * V::kW);
+      for (int r = 0; r < R; ++r) {
+        const typename V::T val = V::sub(cn, V::mul(two, acc[r][u]));
+        const auto m = V::lt(val, bv[r][u]);
+        bv[r][u] = V::blend(m, bv[r][u], val);
+        bi[r][u] = V::blendi(m, bi[r][u], ix);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float fv[kPanel];
+    alignas(64) int32_t fi[kPanel];
+    for (int u = 0; u < kV; ++u) {
+      V::store(fv + u * V::kW, bv[r][u]);
+      V::storei(fi + u * V::kW, bi[r][u]);
+    }
+    float best = fv[0];
+    int32_t bidx = fi[0];
+    for (int64_t l = 1; l < kPanel; ++l)
+      if (fv[l] < best || (fv[l] == best && fi[l] < bidx)) {
+        best = fv[l];
+        bidx = fi[l];
+      }
+    idx[r] = bidx < c.k ? bidx : 0;
+    v[r] = best;
+  }
+}
+
+template <class V>
+inline void assign_simd(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v) {
+  constexpr int kR = V::kRows;
+  int64_t i = 0;
+  for (; i + kR <= n; i += kR) assign_block<V, kR>(x + i * c.d, c, idx + i, v + i);
+  for (; i + 4 <= n; i += 4) assign_block<V, 4>(x + i * c.d, c, idx + i, v + i);
+  for (; i < n; ++i) assign_block<V, 1>(x + i * c.d, c, idx + i, v + i);
+}
+
+}  // namespace vq
+}  // namespace qk
+
+namespace qk {
+namespace vq {
+
+// The SIMD ADC table of one query: V::kW sub-centroids at a time from the transposed codebooks
+// (the same float operations as table_scalar); the last ksub % kW ones scalar.
+template <class V>
+inline void table_simd(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
+                       const float* cbt, float* table) {
+  const int64_t kv = ksub / V::kW * V::kW;
+  for (int64_t j = 0; j < m; ++j) {
+    const float* qq = q + j * dsub;
+    const float* tj = cbt + j * dsub * ksub;
+    for (int64_t c = 0; c < kv; c += V::kW) {
+      typename V::T acc = V::set1(0.0f);
+      for (int64_t t = 0; t < dsub; ++t) {
+        const typename V::T e = V::sub(V::set1(qq[t]), V::load(tj + t * ksub + c));
+        acc = V::add(acc, V::mul(e, e));
+      }
+      V::store(table + j * ksub + c, acc);
+    }
+    for (int64_t c = kv; c < ksub; ++c) {
+      const float* cc = cb + (j * ksub + c) * dsub;
+      float s = 0.0f;
+      for (int64_t t = 0; t < dsub; ++t) {
+        const float e = qq[t] - cc[t];
+        s = s + e * e;
+      }
+      table[j * ksub + c] = s;
+    }
+  }
+}
+
+// The SIMD scan for small tables (ksub <= V::kW: nbits <= 3 on AVX2, <= 4 on AVX-512) and two
+// queries or more: V::kW codes at a time, their codes transposed once into a (m, kW) int32
+// scratch that every query then reads a column at a time, the table row j in one register and
+// the look-up a lane permutation; each lane sums over j in order (as scan_scalar). Larger
+// tables (and one query) run the scalar loop: gathering the entries (vpgatherdd / vgatherdps)
+// measured no faster than scalar loads (Zen 4), the transposition pays only from 2 queries.
+template <class V, class Code>
+inline void scan_simd(const float* tables, int64_t nq, int64_t ksub, const Code* codes,
+                      int64_t n, int64_t m, float* dist, int64_t ld) {
+  int64_t i = 0;
+  if (ksub <= V::kW && nq >= 2) {  // the transposition pays from two queries on
+    std::vector<int32_t> scratch(static_cast<size_t>(m * V::kW));
+    int32_t* sc = scratch.data();
+    for (; i + V::kW <= n; i += V::kW) {
+      for (int64_t l = 0; l < V::kW; ++l)
+        for (int64_t j = 0; j < m; ++j) sc[j * V::kW + l] = codes[(i + l) * m + j];
+      for (int64_t q = 0; q < nq; ++q) {
+        const float* tq = tables + q * m * ksub;
+        typename V::T acc = V::set1(0.0f);
+        for (int64_t j = 0; j < m; ++j)
+          acc = V::add(acc, V::lookup(tq + j * ksub, ksub, V::loadi(sc + j * V::kW)));
+        V::store(dist + q * ld + i, acc);
+      }
+    }
+  }
+  scan_scalar(tables, nq, ksub, codes + i * m, n - i, m, dist + i, ld);
+}
+
+}  // namespace vq
+}  // namespace qk

@@ -1,0 +1,80 @@
+// The reference VQ kernels (api.h): the float operations every ISA performs, in order.
+#include "cpu/vq/kernels.h"
+
+namespace qk {
+namespace vq {
+
+void assign_scalar(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v) {
+  const int64_t d = c.d;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = x + i * d;
+    float best = __builtin_inff();
+    int64_t bj = 0;
+    for (int64_t j = 0; j < c.k; ++j) {
+      const float* cj = c.raw + j * d;
+      float s = 0.0f;
+      for (int64_t t = 0; t < d; ++t) s = s + xi[t] * cj[t];
+      const float val = c.norms[j] - 2.0f * s;
+      if (val < best) {
+        best = val;
+        bj = j;
+      }
+    }
+    idx[i] = bj;
+    v[i] = best;
+  }
+}
+
+void table_scalar(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
+                  const float*, float* table) {
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t c = 0; c < ksub; ++c) {
+      const float* cc = cb + (j * ksub + c) * dsub;
+      const float* qq = q + j * dsub;
+      float s = 0.0f;
+      for (int64_t t = 0; t < dsub; ++t) {
+        const float e = qq[t] - cc[t];
+        s = s + e * e;
+      }
+      table[j * ksub + c] = s;
+    }
+}
+
+namespace {
+
+// One query's table over n codes (kept apart from the loop over queries: GCC compiles it to
+// a faster loop that way).
+template <class Code>
+__attribute__((noinline)) void scan_one(const float* table, int64_t ksub, const Code* codes,
+                                        int64_t n, int64_t m, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Code* c = codes + i * m;
+    float s = 0.0f;
+    for (int64_t j = 0; j < m; ++j) s = s + table[j * ksub + c[j]];
+    out[i] = s;
+  }
+}
+
+template <class Code>
+void scan_rows(const float* tables, int64_t nq, int64_t ksub, const Code* codes, int64_t n,
+               int64_t m, float* dist, int64_t ld) {
+  for (int64_t q = 0; q < nq; ++q)
+    scan_one(tables + q * m * ksub, ksub, codes, n, m, dist + q * ld);
+}
+
+}  // namespace
+
+void scan_scalar(const float* tables, int64_t nq, int64_t ksub, const uint8_t* codes, int64_t n,
+                 int64_t m, float* dist, int64_t ld) {
+  scan_rows(tables, nq, ksub, codes, n, m, dist, ld);
+}
+
+void scan_scalar(const float* tables, int64_t nq, int64_t ksub, const uint16_t* codes,
+                 int64_t n, int64_t m, float* dist, int64_t ld) {
+  scan_rows(tables, nq, ksub, codes, n, m, dist, ld);
+}
+
+const Kernels kScalarKernels = {assign_scalar, table_scalar, scan_scalar, scan_scalar};
+
+}  // namespace vq
+}  // namespace qk
