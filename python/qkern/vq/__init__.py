@@ -3,5 +3,6 @@ save / load; :mod:`.base`) over k-means, product, residual, additive and lattice
 learned scalar grids, with the hot loops in C++."""
 
 from .base import NotTrainedError, VQBase, as_codes, as_vectors
+from .lattice import LatticeQuantizer
 
-__all__ = ["NotTrainedError", "VQBase", "as_codes", "as_vectors"]
+__all__ = ["NotTrainedError", "VQBase", "as_codes", "as_vectors", "LatticeQuantizer"]
