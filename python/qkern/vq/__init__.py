@@ -4,5 +4,7 @@ learned scalar grids, with the hot loops in C++."""
 
 from .base import NotTrainedError, VQBase, as_codes, as_vectors
 from .lattice import LatticeQuantizer
+from .lut import LUTQuantizer
 
-__all__ = ["NotTrainedError", "VQBase", "as_codes", "as_vectors", "LatticeQuantizer"]
+__all__ = ["NotTrainedError", "VQBase", "as_codes", "as_vectors"]
+__all__ += ["LatticeQuantizer", "LUTQuantizer"]
