@@ -36,6 +36,27 @@ def dp_optimum(v: np.ndarray, w: np.ndarray, k: int) -> float:
     return float(best[n])
 
 
+def test_starts_at_the_weighted_quantiles():
+    rng = np.random.default_rng(7)
+    v = rng.normal(size=(20, 30))
+    w = rng.exponential(size=v.shape)
+    k = 4
+    got = weighted_kmeans_1d(v, w, k=k, max_iter=0)
+    for i in range(len(v)):
+        o = np.argsort(v[i])
+        cum = np.cumsum(w[i][o])
+        for j in range(k):  # the first sorted value whose cumulative weight reaches the target
+            t = (j + 0.5) / k * cum[-1]
+            assert got[i, j] == v[i][o][np.nonzero(cum >= t)[0][0]]
+
+
+def test_zero_weight_rows_are_fitted_unweighted():
+    v = np.random.default_rng(8).normal(size=(6, 40))
+    w = np.ones_like(v)
+    w[::2] = 0.0
+    np.testing.assert_array_equal(weighted_kmeans_1d(v, w, k=4), weighted_kmeans_1d(v, k=4))
+
+
 @pytest.mark.parametrize("k", [4, 8])
 def test_objective_never_increases(k):
     rng = np.random.default_rng(0)
