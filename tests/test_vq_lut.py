@@ -108,6 +108,9 @@ def test_exact_when_levels_cover_the_distinct_values(bits):
     x = np.repeat(rng.normal(size=(8, 12)), 4, axis=1).astype(np.float32)  # 4 distinct / group
     q = LUTQuantizer(48, bits=bits, group_size=16).train(x)
     np.testing.assert_array_equal(q.reconstruct(x), x)
+    for gs in (1, 2):  # groups of one or two values
+        q = LUTQuantizer(48, bits=1, group_size=gs).train(x)
+        np.testing.assert_array_equal(q.reconstruct(x), x)
 
 
 def test_weighted_fit_is_better_on_the_weighted_objective():

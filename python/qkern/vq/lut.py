@@ -72,36 +72,41 @@ def weighted_kmeans_1d(values: Any, weights: Any = None, k: int = 16,
     idx = np.minimum(_rowwise_searchsorted(cw[:, 1:], targets, right=False), m - 1)
     levels = np.take_along_axis(v, idx, axis=1)
 
-    tol = 1e-12 * cwvv[:, -1]  # a split-and-merge move must gain more than this
-    active = np.arange(n_rows)
-    bounds_prev = np.full((n_rows, k + 1), -1, dtype=np.int64)
+    tol = 1e-12 * cwvv[:, -1]  # a Hartigan or split-and-merge move must gain more than this
+    # the working set: rows not yet converged (and some that have, until it is compacted)
+    rows = np.arange(n_rows)
+    ws = [v, w, cw, cwv, cwvv, tol, levels.copy(), np.full((n_rows, k + 1), -1, np.int64)]
     for _ in range(max_iter):
-        if not len(active):
+        if not len(rows):
             break
-        va, wa, c = v[active], w[active], levels[active]
-        cwa, cwva = cw[active], cwv[active]
+        va, wa, cwa, cwva, cwvva, tola, c, bounds_prev = ws
         mids = (c[:, 1:] + c[:, :-1]) / 2
         inner = _rowwise_searchsorted(va, mids, right=True)
-        bounds = np.concatenate([np.zeros((len(active), 1), np.int64), inner,
-                                 np.full((len(active), 1), m, np.int64)], axis=1)
+        bounds = np.concatenate([np.zeros((len(rows), 1), np.int64), inner,
+                                 np.full((len(rows), 1), m, np.int64)], axis=1)
         new = np.sort(_means(cwa, cwva, bounds, c)[0], axis=1)
-        done = (bounds == bounds_prev[active]).all(axis=1)
-        bounds_prev[active] = bounds
-        if done.any():  # Lloyd's fixed points: try a split-and-merge move
+        done = (bounds == bounds_prev).all(axis=1)
+        bounds_prev[:] = bounds
+        if done.any():  # Lloyd's fixed points: Hartigan's moves, else split and merge
             r = np.nonzero(done)[0]
             hb = bounds[r]
             for parity in (0, 1):
-                hb = _hartigan(va[r], wa[r], cwa[r], cwva[r], hb, tol[active[r]], parity)
-            same = (hb == bounds[r]).all(axis=1)
-            hb[same] = _split_merge(cwa[r[same]], cwva[r[same]], cwvv[active[r[same]]],
-                                    bounds[r[same]], tol[active[r[same]]])
+                hb = _hartigan(va[r], wa[r], cwa[r], cwva[r], hb, tola[r], parity)
+            same = np.nonzero((hb == bounds[r]).all(axis=1))[0]
+            hb[same] = _split_merge(cwa[r[same]], cwva[r[same]], cwvva[r[same]],
+                                    bounds[r[same]], tola[r[same]])
             hmoved = (hb != bounds[r]).any(axis=1)
             r, hb = r[hmoved], hb[hmoved]
             new[r] = np.sort(_means(cwa[r], cwva[r], hb, new[r])[0], axis=1)
-            bounds_prev[active[r]] = hb
+            bounds_prev[r] = hb
             done[r] = False
-        levels[active] = new
-        active = active[~done]
+        c[:] = new
+        levels[rows] = new
+        if done.all():
+            break
+        if done.mean() > 0.25:
+            ws = [a[~done] for a in ws]
+            rows = rows[~done]
     return levels
 
 
@@ -162,7 +167,7 @@ def _split_merge(cw: np.ndarray, cwv: np.ndarray, cwvv: np.ndarray, bounds: np.n
     than ``tol``. Returns the new bounds (unchanged rows where no move gains)."""
     n_rows, k1 = bounds.shape
     k, m = k1 - 1, cw.shape[1] - 1
-    if k < 2:
+    if k < 2 or m < 2:
         return bounds
     p = np.broadcast_to(np.arange(1, m), (n_rows, m - 1))
     run = _rowwise_searchsorted(bounds.astype(np.float64), p.astype(np.float64), True) - 1
