@@ -4,8 +4,10 @@ learned scalar grids, with the hot loops in C++."""
 
 from .base import NotTrainedError, VQBase, as_codes, as_vectors
 from .kmeans import KMeans
+from .lattice import LatticeQuantizer
+from .lut import LUTQuantizer
 from .pq import ProductQuantizer, VectorQuantizer
 from .vqvae import VQVAE, VQCodebook
 
-__all__ = ["KMeans", "NotTrainedError", "ProductQuantizer", "VQBase", "VQCodebook", "VQVAE",
-           "VectorQuantizer", "as_codes", "as_vectors"]
+__all__ = ["KMeans", "LUTQuantizer", "LatticeQuantizer", "NotTrainedError", "ProductQuantizer",
+           "VQBase", "VQCodebook", "VQVAE", "VectorQuantizer", "as_codes", "as_vectors"]
