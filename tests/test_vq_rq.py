@@ -14,7 +14,7 @@ import qkern
 from isas import params, use
 from qkern.vq import AdditiveQuantizer, KMeans, MultiLevelVQ, ResidualQuantizer, VQBase
 from qkern.vq.rq import lsq_codebooks
-from qkern.vq.search import topk
+from qkern.vq.search import smallest, topk
 
 
 def brute(x, c):
@@ -79,6 +79,19 @@ def test_topk_errors(rng):
             topk(np.zeros((2, 3)), c, k)
     with pytest.raises(ValueError, match="dimension"):
         topk(np.zeros((2, 4)), c, 1)
+
+
+def test_smallest_is_a_stable_partial_argsort(rng):
+    for n, length, k in [(1, 1, 1), (40, 7, 3), (300, 64, 16), (5, 1000, 1000)]:
+        v = rng.integers(0, 9, (n, length)).astype(np.float32)  # many ties
+        want = np.argsort(v, axis=1, kind="stable")[:, :k]
+        for threads in (1, 3):
+            qkern.set_num_threads(threads)
+            np.testing.assert_array_equal(smallest(v, k), want)
+    with pytest.raises(ValueError, match="k must be"):
+        smallest(np.zeros((2, 3)), 4)
+    with pytest.raises(ValueError, match="NaN"):
+        smallest(np.array([[np.nan, 1.0]]), 1)
 
 
 # ---- residual quantization ---------------------------------------------------------------

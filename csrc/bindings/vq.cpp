@@ -64,6 +64,20 @@ void init(py::module_& m) {
     qk::vq_topk(reinterpret_cast<const float*>(x), n, d, reinterpret_cast<const float*>(c), k,
                 kk, reinterpret_cast<int64_t*>(idx), reinterpret_cast<float*>(dist));
   });
+  // values (n, len) float32, idx (n, kk) int64; 1 <= kk <= len.
+  m.def("vq_topk_rows_raw", [](uintptr_t values, int64_t n, int64_t len, int64_t kk,
+                               uintptr_t idx) {
+    positive(len, "vq_topk_rows: len");
+    if (kk <= 0 || kk > len)
+      throw py::value_error("vq_topk_rows: kk must lie in 1.." + std::to_string(len) + ", got " +
+                            std::to_string(kk));
+    qk::bind::checked_mul(n, len, "vq_topk_rows n x len");
+    if (n == 0) return;
+    nonnull({values, idx}, "vq_topk_rows_raw");
+    py::gil_scoped_release nogil;
+    qk::vq_topk_rows(reinterpret_cast<const float*>(values), n, len, kk,
+                     reinterpret_cast<int64_t*>(idx));
+  });
   // q (nq, m * dsub), codebooks (m, ksub, dsub), table (nq, m, ksub): float32.
   m.def("pq_adc_table_raw", [](uintptr_t q, int64_t nq, int64_t m_, int64_t ksub, int64_t dsub,
                                uintptr_t cb, uintptr_t table) {

@@ -130,6 +130,21 @@ void vq_topk(const float* x, int64_t n, int64_t d, const float* centroids, int64
   topk_impl(x, n, d, centroids, k, std::min(kk, k), idx, dist);
 }
 
+void vq_topk_rows(const float* values, int64_t n, int64_t len, int64_t kk, int64_t* idx) {
+  if (n <= 0 || len <= 0 || kk <= 0) return;
+  kk = std::min(kk, len);
+  over_rows(n, len, [&](int64_t r0, int64_t r1) {
+    std::vector<float> v(static_cast<size_t>(kk));
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* row = values + i * len;
+      int64_t* ri = idx + i * kk;
+      vq::topk_init(v.data(), ri, kk, len);
+      for (int64_t j = 0; j < len; ++j)
+        if (row[j] <= v[kk - 1]) vq::topk_offer(v.data(), ri, kk, row[j], j);
+    }
+  });
+}
+
 void pq_adc_table(const float* q, int64_t nq, int64_t m, int64_t ksub, int64_t dsub,
                   const float* codebooks, float* table) {
   if (nq <= 0 || m <= 0 || ksub <= 0 || dsub <= 0) return;

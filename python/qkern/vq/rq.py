@@ -5,7 +5,8 @@ A residual / additive code of ``m`` stages of ``nbits`` each reconstructs a vect
 one entry of each of the ``m`` codebooks (m, 2^nbits, d). Encoding is a beam search (FAISS's):
 stage s keeps, per vector, the ``beam_size`` partial encodings with the smallest residual
 after s + 1 stages; each entry's nearest codewords come from the C++ top-k kernel
-(:func:`qkern.vq.search.topk`). ``beam_size = 1`` is the greedy encoding; a beam of
+(:func:`qkern.vq.search.topk`), the best of a vector's candidates from
+:func:`qkern.vq.search.smallest` (C++ too). ``beam_size = 1`` is the greedy encoding; a beam of
 ``2^(nbits m)`` is exhaustive.
 
 >>> import numpy as np
@@ -28,7 +29,7 @@ import torch
 from .base import VQBase, as_codes
 from .kmeans import KMeans
 from .pq import ProductQuantizer
-from .search import assign, topk
+from .search import assign, smallest, topk
 
 __all__ = ["ResidualQuantizer", "AdditiveQuantizer", "MultiLevelVQ", "beam_search"]
 
@@ -49,7 +50,7 @@ def _beam_step(res: np.ndarray, codes: np.ndarray, book: np.ndarray, beam: int):
     idx, dist = topk(res.reshape(n * b, d), book, kk)
     idx, dist = idx.reshape(n, b * kk), dist.reshape(n, b * kk)
     nb = min(beam, b * kk)
-    sel = np.argsort(dist, axis=1, kind="stable")[:, :nb]
+    sel = smallest(dist, nb)
     parent, cid = sel // kk, np.take_along_axis(idx, sel, axis=1)
     new_codes = np.concatenate([np.take_along_axis(codes, parent[..., None], axis=1),
                                 cid[..., None]], axis=2)
