@@ -47,6 +47,37 @@ void init(py::module_& m) {
     else
       qk::vq_assign(xp, n, d, cp, k, reinterpret_cast<int32_t*>(codes), dp);
   });
+  // idx (n, kk) int64, dist (n, kk) float32; 1 <= kk <= k.
+  m.def("vq_topk_raw", [](uintptr_t x, int64_t n, int64_t d, uintptr_t c, int64_t k, int64_t kk,
+                          uintptr_t idx, uintptr_t dist) {
+    positive(d, "vq_topk: d");
+    positive(k, "vq_topk: k");
+    if (kk <= 0 || kk > k)
+      throw py::value_error("vq_topk: kk must lie in 1.." + std::to_string(k) + ", got " +
+                            std::to_string(kk));
+    qk::bind::checked_mul(n, d, "vq_topk n x d");
+    qk::bind::checked_mul(n, kk, "vq_topk n x kk");
+    qk::bind::checked_mul(k, d, "vq_topk k x d");
+    if (n == 0) return;
+    nonnull({x, c, idx, dist}, "vq_topk_raw");
+    py::gil_scoped_release nogil;
+    qk::vq_topk(reinterpret_cast<const float*>(x), n, d, reinterpret_cast<const float*>(c), k,
+                kk, reinterpret_cast<int64_t*>(idx), reinterpret_cast<float*>(dist));
+  });
+  // values (n, len) float32, idx (n, kk) int64; 1 <= kk <= len.
+  m.def("vq_topk_rows_raw", [](uintptr_t values, int64_t n, int64_t len, int64_t kk,
+                               uintptr_t idx) {
+    positive(len, "vq_topk_rows: len");
+    if (kk <= 0 || kk > len)
+      throw py::value_error("vq_topk_rows: kk must lie in 1.." + std::to_string(len) + ", got " +
+                            std::to_string(kk));
+    qk::bind::checked_mul(n, len, "vq_topk_rows n x len");
+    if (n == 0) return;
+    nonnull({values, idx}, "vq_topk_rows_raw");
+    py::gil_scoped_release nogil;
+    qk::vq_topk_rows(reinterpret_cast<const float*>(values), n, len, kk,
+                     reinterpret_cast<int64_t*>(idx));
+  });
   // q (nq, m * dsub), codebooks (m, ksub, dsub), table (nq, m, ksub): float32.
   m.def("pq_adc_table_raw", [](uintptr_t q, int64_t nq, int64_t m_, int64_t ksub, int64_t dsub,
                                uintptr_t cb, uintptr_t table) {

@@ -15,6 +15,16 @@
 // between large vectors is only accurate to that bound (it is clamped at >= 0, as FAISS does),
 // and two centroids whose distances differ by less than it may be ranked either way.
 //
+// vq_topk: for each row of x the kk nearest centroids (kk <= k) by the same values as
+// vq_assign, ascending (equal values: the lower index first): idx (n, kk) and dist (n, kk),
+// dist = max(0, ||x||^2 + v). Its first column is vq_assign's result. Bit-identical on every
+// ISA (the register-blocked GEMM of vq_assign with a small sorted list per row instead of the
+// argmin).
+//
+// vq_topk_rows: for each row of values (n, len) the positions of its kk smallest entries
+// (kk <= len), ascending by value, equal values by position (the beam selection of a residual
+// quantizer's search); idx (n, kk). Plain comparisons: the same on every ISA.
+//
 // pq_adc_table: for each query (nq, m * dsub) and sub-quantizer j, the squared distance of the
 // query's j-th sub-vector to every sub-centroid of codebooks (m, ksub, dsub):
 //   table[q, j, c] = sum_{t < dsub} (q[j * dsub + t] - cb[j, c, t])^2   (sequential, float32)
@@ -31,6 +41,10 @@ void vq_assign(const float* x, int64_t n, int64_t d, const float* centroids, int
                int64_t* codes, float* dist);
 void vq_assign(const float* x, int64_t n, int64_t d, const float* centroids, int64_t k,
                int32_t* codes, float* dist);
+
+void vq_topk(const float* x, int64_t n, int64_t d, const float* centroids, int64_t k, int64_t kk,
+             int64_t* idx, float* dist);
+void vq_topk_rows(const float* values, int64_t n, int64_t len, int64_t kk, int64_t* idx);
 
 void pq_adc_table(const float* q, int64_t nq, int64_t m, int64_t ksub, int64_t dsub,
                   const float* codebooks, float* table);

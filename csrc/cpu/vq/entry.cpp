@@ -33,20 +33,30 @@ void over_rows(int64_t rows, int64_t work_per_row, const Fn& fn) {
   parallel_for(tasks, task);
 }
 
+// The centroid panels and norms of vq::Packed (kernels.h), owned.
+struct PackedOwner {
+  std::vector<float> pan, norms;
+  vq::Packed packed;
+  PackedOwner(const float* cent, int64_t k, int64_t d) {
+    const int64_t panels = (k + vq::kPanel - 1) / vq::kPanel;
+    pan.assign(static_cast<size_t>(panels * d * vq::kPanel), 0.0f);
+    norms.assign(static_cast<size_t>(panels * vq::kPanel), __builtin_inff());
+    for (int64_t j = 0; j < k; ++j) {
+      const float* c = cent + j * d;
+      norms[j] = sqnorm(c, d);
+      float* p = pan.data() + (j / vq::kPanel) * d * vq::kPanel + j % vq::kPanel;
+      for (int64_t t = 0; t < d; ++t) p[t * vq::kPanel] = c[t];
+    }
+    packed = vq::Packed{pan.data(), norms.data(), cent, k, d};
+  }
+};
+
 template <class Code>
 void assign_impl(const float* x, int64_t n, int64_t d, const float* cent, int64_t k, Code* codes,
                  float* dist) {
   if (n <= 0 || k <= 0 || d <= 0) return;
-  const int64_t panels = (k + vq::kPanel - 1) / vq::kPanel;
-  std::vector<float> pan(static_cast<size_t>(panels * d * vq::kPanel), 0.0f);
-  std::vector<float> norms(static_cast<size_t>(panels * vq::kPanel), __builtin_inff());
-  for (int64_t j = 0; j < k; ++j) {
-    const float* c = cent + j * d;
-    norms[j] = sqnorm(c, d);
-    float* p = pan.data() + (j / vq::kPanel) * d * vq::kPanel + j % vq::kPanel;
-    for (int64_t t = 0; t < d; ++t) p[t * vq::kPanel] = c[t];
-  }
-  const vq::Packed packed{pan.data(), norms.data(), cent, k, d};
+  const PackedOwner own(cent, k, d);
+  const vq::Packed& packed = own.packed;
   const auto& kern = vq::kernels();
   over_rows(n, k * d, [&](int64_t r0, int64_t r1) {
     int64_t idx[96];
@@ -57,6 +67,20 @@ void assign_impl(const float* x, int64_t n, int64_t d, const float* cent, int64_
         codes[i + r] = static_cast<Code>(idx[r]);
         dist[i + r] = std::max(0.0f, sqnorm(x + (i + r) * d, d) + dist[i + r]);
       }
+    }
+  });
+}
+
+void topk_impl(const float* x, int64_t n, int64_t d, const float* cent, int64_t k, int64_t kk,
+               int64_t* idx, float* dist) {
+  if (n <= 0 || k <= 0 || d <= 0 || kk <= 0) return;
+  const PackedOwner own(cent, k, d);
+  const auto& kern = vq::kernels();
+  over_rows(n, k * d, [&](int64_t r0, int64_t r1) {
+    kern.topk(x + r0 * d, r1 - r0, own.packed, kk, idx + r0 * kk, dist + r0 * kk);
+    for (int64_t i = r0; i < r1; ++i) {
+      const float xn = sqnorm(x + i * d, d);
+      for (int64_t e = i * kk; e < (i + 1) * kk; ++e) dist[e] = std::max(0.0f, xn + dist[e]);
     }
   });
 }
@@ -99,6 +123,26 @@ void vq_assign(const float* x, int64_t n, int64_t d, const float* centroids, int
 void vq_assign(const float* x, int64_t n, int64_t d, const float* centroids, int64_t k,
                int32_t* codes, float* dist) {
   assign_impl(x, n, d, centroids, k, codes, dist);
+}
+
+void vq_topk(const float* x, int64_t n, int64_t d, const float* centroids, int64_t k, int64_t kk,
+             int64_t* idx, float* dist) {
+  topk_impl(x, n, d, centroids, k, std::min(kk, k), idx, dist);
+}
+
+void vq_topk_rows(const float* values, int64_t n, int64_t len, int64_t kk, int64_t* idx) {
+  if (n <= 0 || len <= 0 || kk <= 0) return;
+  kk = std::min(kk, len);
+  over_rows(n, len, [&](int64_t r0, int64_t r1) {
+    std::vector<float> v(static_cast<size_t>(kk));
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* row = values + i * len;
+      int64_t* ri = idx + i * kk;
+      vq::topk_init(v.data(), ri, kk, len);
+      for (int64_t j = 0; j < len; ++j)
+        if (row[j] <= v[kk - 1]) vq::topk_offer(v.data(), ri, kk, row[j], j);
+    }
+  });
 }
 
 void pq_adc_table(const float* q, int64_t nq, int64_t m, int64_t ksub, int64_t dsub,

@@ -1,6 +1,7 @@
 // Internal interface of the VQ kernels (api.h): the per-ISA kernel table and the packed
 // centroid layout the SIMD assignment reads.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -25,6 +26,9 @@ struct Packed {
 struct Kernels {
   // rows [0, n) of x (row stride d): best index and v_best = ||c||^2 - 2 x.c (api.h).
   void (*assign)(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v);
+  // rows [0, n) of x: the kk smallest v = ||c||^2 - 2 x.c, ascending (ties: lower index), in
+  // idx / v (n, kk) (api.h vq_topk; kk <= k).
+  void (*topk)(const float* x, int64_t n, const Packed& c, int64_t kk, int64_t* idx, float* v);
   // one query: table (m, ksub) from codebooks (m, ksub, dsub) and its transpose cbt
   // (m, dsub, ksub).
   void (*adc_table)(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
@@ -47,6 +51,8 @@ inline const Kernels& kernels() {
 
 // The reference loops (scalar.cpp), used by the SIMD paths for their tails.
 void assign_scalar(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v);
+void topk_scalar(const float* x, int64_t n, const Packed& c, int64_t kk, int64_t* idx,
+                 float* v);
 void table_scalar(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
                   const float* cbt, float* table);
 // The reference scans (scalar.cpp; the SIMD files call these rather than compile the loop
@@ -62,10 +68,29 @@ void scan_scalar(const float* tables, int64_t nq, int64_t ksub, const uint16_t* 
 // vectors per panel, R rows at a time (V::kRows: what its registers hold); the per-lane
 // running minimum keeps the lowest index (strict <, panels in ascending order), the lanes are
 // reduced at the end the same way.
+// acc[r][u] = x_r . c_j for the kPanel centroids j of panel p (sequential over t, mul then add).
+template <class V, int R>
+inline void panel_dots(const float* x, const Packed& c, int64_t p,
+                       typename V::T (&acc)[R][kPanel / V::kW]) {
+  constexpr int kV = static_cast<int>(kPanel / V::kW);
+  const int64_t d = c.d;
+  const float* pan = c.panels + p * d * kPanel;
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < kV; ++u) acc[r][u] = V::set1(0.0f);
+  for (int64_t t = 0; t < d; ++t) {
+    typename V::T cv[kV];
+    for (int u = 0; u < kV; ++u) cv[u] = V::load(pan + t * kPanel + u * V::kW);
+    for (int r = 0; r < R; ++r) {
+      const typename V::T xv = V::set1(x[r * d + t]);
+      for (int u = 0; u < kV; ++u) acc[r][u] = V::add(acc[r][u], V::mul(xv, cv[u]));
+    }
+  }
+}
+
 template <class V, int R>
 inline void assign_block(const float* x, const Packed& c, int64_t* idx, float* v) {
   constexpr int kV = static_cast<int>(kPanel / V::kW);
-  const int64_t d = c.d, panels = (c.k + kPanel - 1) / kPanel;
+  const int64_t panels = (c.k + kPanel - 1) / kPanel;
   typename V::T bv[R][kV];
   typename V::I bi[R][kV];
   for (int r = 0; r < R; ++r)
@@ -75,18 +100,8 @@ inline void assign_block(const float* x, const Packed& c, int64_t* idx, float* v
     }
   const typename V::T two = V::set1(2.0f);
   for (int64_t p = 0; p < panels; ++p) {
-    const float* pan = c.panels + p * d * kPanel;
     typename V::T acc[R][kV];
-    for (int r = 0; r < R; ++r)
-      for (int u = 0; u < kV; ++u) acc[r][u] = V::set1(0.0f);
-    for (int64_t t = 0; t < d; ++t) {
-      typename V::T cv[kV];
-      for (int u = 0; u < kV; ++u) cv[u] = V::load(pan + t * kPanel + u * V::kW);
-      for (int r = 0; r < R; ++r) {
-        const typename V::T xv = V::set1(x[r * d + t]);
-        for (int u = 0; u < kV; ++u) acc[r][u] = V::add(acc[r][u], V::mul(xv, cv[u]));
-      }
-    }
+    panel_dots<V, R>(x, c, p, acc);
     for (int u = 0; u < kV; ++u) {
       const typename V::T cn = V::load(c.norms + p * kPanel + u * V::kW);
       const typename V::I ix = V::seq(p * kPanel + u * V::kW);
@@ -115,6 +130,63 @@ inline void assign_block(const float* x, const Packed& c, int64_t* idx, float* v
     idx[r] = bidx < c.k ? bidx : 0;
     v[r] = best;
   }
+}
+
+// The per-row top-kk list (api.h vq_topk): v / idx (kk) ascending by (value, index), initially
+// (+inf, k). Offers value `val` of centroid j: kept when it sorts before the last entry.
+inline void topk_offer(float* v, int64_t* idx, int64_t kk, float val, int64_t j) {
+  if (!(val < v[kk - 1] || (val == v[kk - 1] && j < idx[kk - 1]))) return;
+  int64_t pos = kk - 1;
+  while (pos > 0 && (v[pos - 1] > val || (v[pos - 1] == val && idx[pos - 1] > j))) {
+    v[pos] = v[pos - 1];
+    idx[pos] = idx[pos - 1];
+    --pos;
+  }
+  v[pos] = val;
+  idx[pos] = j;
+}
+
+inline void topk_init(float* v, int64_t* idx, int64_t n_entries, int64_t k) {
+  for (int64_t e = 0; e < n_entries; ++e) {
+    v[e] = __builtin_inff();
+    idx[e] = k;
+  }
+}
+
+// The assignment's register blocking with a top-kk list per row instead of the running
+// minimum: each panel's values (computed as assign_block does) are compared with the row's
+// current kk-th value, the lanes that may enter offered in index order.
+template <class V, int R>
+inline void topk_block(const float* x, const Packed& c, int64_t kk, int64_t* idx, float* v) {
+  constexpr int kV = static_cast<int>(kPanel / V::kW);
+  const int64_t panels = (c.k + kPanel - 1) / kPanel;
+  topk_init(v, idx, R * kk, c.k);
+  const typename V::T two = V::set1(2.0f);
+  for (int64_t p = 0; p < panels; ++p) {
+    typename V::T acc[R][kV];
+    panel_dots<V, R>(x, c, p, acc);
+    for (int r = 0; r < R; ++r) {
+      alignas(64) float fv[kPanel];
+      for (int u = 0; u < kV; ++u)
+        V::store(fv + u * V::kW,
+                 V::sub(V::load(c.norms + p * kPanel + u * V::kW), V::mul(two, acc[r][u])));
+      float* rv = v + r * kk;
+      int64_t* ri = idx + r * kk;
+      const int64_t lanes = std::min<int64_t>(kPanel, c.k - p * kPanel);
+      for (int64_t l = 0; l < lanes; ++l)
+        if (fv[l] <= rv[kk - 1]) topk_offer(rv, ri, kk, fv[l], p * kPanel + l);
+    }
+  }
+}
+
+template <class V>
+inline void topk_simd(const float* x, int64_t n, const Packed& c, int64_t kk, int64_t* idx,
+                      float* v) {
+  constexpr int kR = V::kRows;
+  int64_t i = 0;
+  for (; i + kR <= n; i += kR) topk_block<V, kR>(x + i * c.d, c, kk, idx + i * kk, v + i * kk);
+  for (; i + 4 <= n; i += 4) topk_block<V, 4>(x + i * c.d, c, kk, idx + i * kk, v + i * kk);
+  for (; i < n; ++i) topk_block<V, 1>(x + i * c.d, c, kk, idx + i * kk, v + i * kk);
 }
 
 template <class V>

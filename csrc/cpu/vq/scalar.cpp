@@ -25,6 +25,23 @@ void assign_scalar(const float* x, int64_t n, const Packed& c, int64_t* idx, flo
   }
 }
 
+void topk_scalar(const float* x, int64_t n, const Packed& c, int64_t kk, int64_t* idx,
+                 float* v) {
+  const int64_t d = c.d;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = x + i * d;
+    float* rv = v + i * kk;
+    int64_t* ri = idx + i * kk;
+    topk_init(rv, ri, kk, c.k);
+    for (int64_t j = 0; j < c.k; ++j) {
+      const float* cj = c.raw + j * d;
+      float s = 0.0f;
+      for (int64_t t = 0; t < d; ++t) s = s + xi[t] * cj[t];
+      topk_offer(rv, ri, kk, c.norms[j] - 2.0f * s, j);
+    }
+  }
+}
+
 void table_scalar(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
                   const float*, float* table) {
   for (int64_t j = 0; j < m; ++j)
@@ -74,7 +91,8 @@ void scan_scalar(const float* tables, int64_t nq, int64_t ksub, const uint16_t* 
   scan_rows(tables, nq, ksub, codes, n, m, dist, ld);
 }
 
-const Kernels kScalarKernels = {assign_scalar, table_scalar, scan_scalar, scan_scalar};
+const Kernels kScalarKernels = {assign_scalar, topk_scalar, table_scalar, scan_scalar,
+                                 scan_scalar};
 
 }  // namespace vq
 }  // namespace qk

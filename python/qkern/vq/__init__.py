@@ -6,8 +6,11 @@ from .base import NotTrainedError, VQBase, as_codes, as_vectors
 from .kmeans import KMeans
 from .lattice import LatticeQuantizer
 from .lut import LUTQuantizer
+from .opq import OPQ
 from .pq import ProductQuantizer, VectorQuantizer
+from .rq import AdditiveQuantizer, MultiLevelVQ, ResidualQuantizer
 from .vqvae import VQVAE, VQCodebook
 
 __all__ = ["KMeans", "LUTQuantizer", "LatticeQuantizer", "NotTrainedError", "ProductQuantizer",
            "VQBase", "VQCodebook", "VQVAE", "VectorQuantizer", "as_codes", "as_vectors"]
+__all__ += ["AdditiveQuantizer", "MultiLevelVQ", "OPQ", "ResidualQuantizer"]

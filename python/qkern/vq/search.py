@@ -5,6 +5,11 @@
   nearest row of ``centroids`` (k, d) in squared L2 (ties: the lowest index) and that squared
   distance, computed as ``||x||^2 + (||c||^2 - 2 x.c)`` in float32 (FAISS's expansion), clamped
   at >= 0. Its error is a few ulp of ``||x||^2 + ||c||^2``, not of the distance.
+- ``topk(x, centroids, k) -> (idx, dist)``: the ``k`` nearest centroids of each row, (n, k)
+  each, ascending by the same float32 values (ties: the lower index first); column 0 is
+  ``assign``'s result.
+- ``smallest(values, k) -> idx``: the positions of the ``k`` smallest entries of each row of
+  ``values`` (n, len), ascending (equal values: the lower position first).
 - ``adc_table(q, codebooks) -> table``: ``table[i, j, c] = ||q_i[j] - codebooks[j, c]||^2``, the
   squared distance of the j-th sub-vector of each query (nq, m * dsub) to every sub-centroid of
   ``codebooks`` (m, ksub, dsub).
@@ -29,7 +34,7 @@ import torch
 from .. import _C
 from .base import as_vectors
 
-__all__ = ["assign", "adc_table", "adc_scan"]
+__all__ = ["assign", "topk", "smallest", "adc_table", "adc_scan"]
 
 
 def _floats(a: Any, name: str, ndim: int) -> np.ndarray:
@@ -59,6 +64,45 @@ def assign(x: Any, centroids: Any) -> tuple[np.ndarray, np.ndarray]:
     _C.vq_assign_raw(x.ctypes.data, n, d, c.ctypes.data, c.shape[0], codes.ctypes.data, True,
                      dist.ctypes.data)
     return codes, dist
+
+
+def topk(x: Any, centroids: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest centroids of each row of ``x`` (n, d): ``(idx int64 (n, k), dist
+    float32 (n, k))``, ascending by distance, equal ones by index (see the module docstring).
+
+    >>> idx, dist = topk(np.array([[0.0, 0.0]]), np.array([[3.0, 0], [1.0, 0], [2.0, 0]]), 2)
+    >>> idx.tolist(), dist.tolist()
+    ([[1, 2]], [[1.0, 4.0]])
+    """
+    c = _floats(centroids, "centroids", 2)
+    x = as_vectors(x, c.shape[1], "x")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= c.shape[0]:
+        raise ValueError(f"topk: k must be an int in 1..{c.shape[0]} (the number of "
+                         f"centroids), got {k!r}")
+    k = int(k)
+    n, d = x.shape
+    idx = np.empty((n, k), dtype=np.int64)
+    dist = np.empty((n, k), dtype=np.float32)
+    _C.vq_topk_raw(x.ctypes.data, n, d, c.ctypes.data, c.shape[0], k, idx.ctypes.data,
+                   dist.ctypes.data)
+    return idx, dist
+
+
+def smallest(values: Any, k: int) -> np.ndarray:
+    """The positions (n, k) int64 of the ``k`` smallest entries of each row of ``values``
+    (n, len) float32, ascending by value, equal values by position (a stable partial argsort).
+
+    >>> smallest(np.array([[3.0, 1.0, 2.0, 1.0]]), 3).tolist()
+    [[1, 3, 2]]
+    """
+    v = _floats(values, "values", 2)
+    n, length = v.shape
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= length:
+        raise ValueError(f"smallest: k must be an int in 1..{length} (the row length), "
+                         f"got {k!r}")
+    idx = np.empty((n, int(k)), dtype=np.int64)
+    _C.vq_topk_rows_raw(v.ctypes.data, n, length, int(k), idx.ctypes.data)
+    return idx
 
 
 def adc_table(q: Any, codebooks: Any) -> np.ndarray:
