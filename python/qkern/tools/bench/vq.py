@@ -13,7 +13,8 @@ and measured on the same base and queries:
   the first 1 / 10 results of the library's quantized search: ADC over the encoded base (the
   query exact, each base vector decoded), qkern's ``search`` (or, for a quantizer without one,
   exact distances to the decoded base), FAISS's ``index.search`` after ``index.add``;
-- train s: one training run (wall clock, after the data are in memory);
+- train s: one training run (wall clock, after the data are in memory; each library's first
+  training of a data set is preceded by an untimed one, a warm-up);
 - encode s: encoding the base set, median of ``repeats`` runs after one warm-up, the two
   libraries alternating (:func:`.timing.time_alternating`).
 
@@ -177,7 +178,15 @@ class Result:
     encode_s: float
 
 
-def _measure(impls, ds: vq_data.VQData, nearest, repeats: int, method: str, nbytes: int):
+def _measure(makers, ds: vq_data.VQData, nearest, repeats: int, method: str, nbytes: int,
+             warm: set[str]):
+    """One (method, size) for each library; ``warm``: the libraries that have trained already
+    in this run (the others first train a throwaway copy, untimed: first-call costs)."""
+    impls = [make() for make in makers]
+    for make, im in zip(makers, impls):
+        if im.lib not in warm:
+            make().train(ds.train)
+            warm.add(im.lib)
     out = {}
     codes, train_s = {}, {}
     for im in impls:
@@ -235,6 +244,7 @@ def run_vq(datasets: list[str], sizes: list[int], methods: list[str], threads: i
             nearest = exact_nearest(ds.base, ds.queries)
             lines += [f"### {name}", "", ds.note, ""]
             rows: list[Result] = []
+            warm: set[str] = set()
             for mname in methods:
                 meth = METHODS[mname]
                 for nbytes in sizes:
@@ -242,9 +252,11 @@ def run_vq(datasets: list[str], sizes: list[int], methods: list[str], threads: i
                         lines.append(f"({mname} {nbytes} bytes skipped: d = {ds.d} is not "
                                      f"divisible by {nbytes})")
                         continue
-                    impls = ([_Qkern(meth.qkern, ds.d, nbytes)] if meth.qkern else [])
-                    impls.append(_Faiss(faiss, meth.faiss.format(m=nbytes), ds.d))
-                    res = _measure(impls, ds, nearest, repeats, mname, nbytes)
+                    key = meth.faiss.format(m=nbytes)
+                    makers = [lambda: _Faiss(faiss, key, ds.d)]
+                    if meth.qkern:
+                        makers.insert(0, lambda: _Qkern(meth.qkern, ds.d, nbytes))
+                    res = _measure(makers, ds, nearest, repeats, mname, nbytes, warm)
                     rows += list(res.values())
             lines += table(rows) + [""]
         return "\n".join(lines)
