@@ -5,16 +5,18 @@ next to torch peers, in one process run.
 - ``matmul``: quantized Linear layers against torch's and other peers (:mod:`.matmul`);
 - ``decode``: a real model's generation speed and quality, fp32 vs quantized, or a synthetic
   337M-parameter Llama beside llama.cpp (:mod:`.decode`, :mod:`.decode_synth`);
-- ``overhead``: the per-call cost of a tiny layer from Python, qkern vs torch (:mod:`.overhead`).
+- ``overhead``: the per-call cost of a tiny layer from Python, qkern vs torch (:mod:`.overhead`);
+- ``vq``: the vector quantizers of :mod:`qkern.vq` beside FAISS's: reconstruction error, search
+  recall, training and encoding time on digits and MiniLM embeddings (:mod:`.vq`).
 
-The timing method shared by all three is in :mod:`.timing`.
+The timing method shared by all of them is in :mod:`.timing`.
 """
 
 from __future__ import annotations
 
 import sys
 
-from . import core, decode, matmul, overhead
+from . import core, decode, matmul, overhead, vq
 
 __all__ = ["main"]
 
@@ -28,4 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         return decode.main(argv[1:])
     if argv[:1] == ["overhead"]:
         return overhead.main(argv[1:])
+    if argv[:1] == ["vq"]:
+        return vq.main(argv[1:])
     return core.main(argv)

@@ -362,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="qkern bench",
                                 description="qkern speed benchmarks against torch peers")
-    p.add_argument("suite", choices=["core", "matmul", "decode", "overhead"],
+    p.add_argument("suite", choices=["core", "matmul", "decode", "overhead", "vq"],
                    help="core: quantize/dequantize/pack on the CPU; matmul, decode, "
-                        "overhead: see --help there")
+                        "overhead, vq: see --help there")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="threads for torch and qkern (default: 2, or 1 on a 1-CPU machine)")
     p.add_argument("--repeats", type=int, default=None,
