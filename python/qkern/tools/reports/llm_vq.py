@@ -1,0 +1,95 @@
+"""GPTVQ (``VQConfig``) against GPTQ on models/wikitext-bytelm at matched bits per weight.
+
+``python -m qkern.tools.reports.llm_vq [--configs NAME,...] [--threads 2]`` prints a Markdown
+table: bits per byte on WikiText-2 test (the first 48 windows of 256 bytes, as
+:mod:`.llm`), calibration 64 x 256 bytes of WikiText-2 valid (the same data as the llm
+report), and the total bits per weight over every quantized block linear:
+
+- GPTQ w2 g64 (asymmetric, as the llm report runs it), counted as int2 codes plus, per group,
+  a float16 scale and a 2-bit zero point (``2 + 18 / 64`` on the 256-input layers;
+  ``down_proj``'s 672 inputs take no group of 64, so one group per row, ``2 + 18 / 672``);
+- each VQ config of :data:`CONFIGS`: codes + float16 codebooks + float16 scales, counted
+  exactly from the quantized layers (:func:`model_bits_per_weight`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from ... import set_num_threads
+from ...models import bits_per_byte, load_llama
+from ...models.assets import shipped_path
+from ...quantization import GPTQConfig, VQConfig, text_calibration
+from ...quantization.algorithms.vq import model_bits_per_weight
+from .llm import quantize, wikitext_bytes
+
+__all__ = ["CONFIGS", "gptq_bits", "main", "vq_table"]
+
+#: label -> VQ config
+CONFIGS: dict[str, VQConfig] = {
+    "VQ d4 2b per-layer": VQConfig(bits=2, dim=4),
+    "VQ d2 2b rows16": VQConfig(bits=2, dim=2, group_rows=16),
+    "VQ d2 2b rows32 s256": VQConfig(bits=2, dim=2, group_rows=32, scale_group=256),
+    "VQ d4 2b per-layer s256": VQConfig(bits=2, dim=4, scale_group=256),
+}
+
+
+def gptq_bits(model: nn.Module, bits: int, group: int) -> tuple[int, int]:
+    """(total bits, weights) of asymmetric GPTQ ``w{bits} g{group}`` over the block linears:
+    codes + per group a float16 scale and a ``bits``-bit zero point (one group per row where
+    ``group`` does not divide the input size)."""
+    tot = n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and ".layers." in f".{name}":
+            o, k = m.weight.shape
+            g = group if k % group == 0 else k
+            tot += o * k * bits + o * (k // g) * (16 + bits)
+            n += o * k
+    return tot, n
+
+
+def vq_table(labels: list[str], n_cal: int = 64) -> str:
+    model = load_llama(shipped_path("models/wikitext-bytelm"))
+    valid, test = wikitext_bytes()
+    cal = text_calibration(valid, "bytes", n_cal, 256)
+    with torch.no_grad():
+        fp = bits_per_byte(model, test)
+    lines = ["wikitext-bytelm: bits per byte on WikiText-2 test (48 x 256 bytes), calibration "
+             f"{n_cal} x 256 bytes of WikiText-2 valid; bits per weight over the block linears",
+             "", "| method | bits per byte | bits per weight | seconds |", "|---|---|---|---|",
+             f"| fp32 | {fp:.4f} | 32 | |"]
+    q, secs = quantize(model, GPTQConfig(bits=2, group_size=64, sym=False), cal)
+    b, n = gptq_bits(model, 2, 64)
+    with torch.no_grad():
+        lines.append(f"| GPTQ w2 g64 | {bits_per_byte(q, test):.4f} | {b / n:.4f} "
+                     f"({b} / {n}) | {secs:.0f} |")
+    for lab in labels:
+        q, secs = quantize(model, CONFIGS[lab], cal)
+        b, n = model_bits_per_weight(q)
+        with torch.no_grad():
+            lines.append(f"| {lab} | {bits_per_byte(q, test):.4f} | {b / n:.4f} ({b} / {n}) "
+                         f"| {secs:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m qkern.tools.reports.llm_vq",
+                                description="GPTVQ vs GPTQ on wikitext-bytelm")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    a = p.parse_args(argv)
+    labels = [c.strip() for c in a.configs.split(",")]
+    for c in labels:
+        if c not in CONFIGS:
+            p.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+    set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
+    print(vq_table(labels))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""GPTVQ (qkern.quantization.algorithms.vq) and its layer (qkern.vq.linear.VQLinear).
+
+References written here from the definitions, in numpy: the Hessian-weighted objective
+tr((W - Q) H (W - Q)^T), the brute-force nearest codebook entry, the decode of codes +
+codebooks + scales, the bit count of codes + codebooks + scales."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import llm_models as LM
+import qkern
+from qkern.quantization import VQConfig
+from qkern.quantization.algorithms.vq import (
+    model_bits_per_weight,
+    vq_linear,
+    vq_linear_from,
+    vq_quantize,
+)
+from qkern.vq.linear import VQLinear
+
+
+def _objective(w, q, h) -> float:
+    d = np.asarray(w, np.float64) - np.asarray(q, np.float64)
+    return float(np.trace(d @ np.asarray(h, np.float64) @ d.T))
+
+
+def _decode(codes, books, scales, group_rows) -> np.ndarray:
+    """W[r, v*dim:(v+1)*dim] = scale(r, segment) * books[r // group_rows, codes[r, v]]."""
+    codes = codes.numpy().astype(np.int64)
+    books = books.float().numpy().astype(np.float64)
+    out, nv = codes.shape
+    dim = books.shape[2]
+    w = np.zeros((out, nv * dim))
+    for r in range(out):
+        for v in range(nv):
+            w[r, v * dim:(v + 1) * dim] = books[r // group_rows, codes[r, v]]
+    if scales is not None:
+        s = scales.float().numpy().astype(np.float64)
+        seg = nv * dim // s.shape[1]
+        w *= np.repeat(s, seg, axis=1)
+    return w
+
+
+def _nearest(w, books, scales, group_rows, dim) -> np.ndarray:
+    """Brute force: each vector (divided by its scale) to its group's nearest entry."""
+    w = w.numpy().astype(np.float64)
+    out, n_in = w.shape
+    b = books.float().numpy().astype(np.float64)
+    s = None if scales is None else np.repeat(scales.float().numpy(), n_in // scales.shape[1], 1)
+    wn = w if s is None else w / s
+    codes = np.zeros((out, n_in // dim), np.int64)
+    for r in range(out):
+        vec = wn[r].reshape(-1, dim)
+        d2 = ((vec[:, None, :] - b[r // group_rows][None]) ** 2).sum(-1)
+        codes[r] = d2.argmin(1)
+    return codes
+
+
+def _problem(seed, out=24, n_in=32, n=400):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n_in, n_in, generator=g)
+    x = torch.randn(n, n_in, generator=g) @ mix + 0.3 * torch.randn(n, n_in, generator=g)
+    w = torch.randn(out, n_in, generator=g)
+    return w, x.T @ x / n
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dim,rows,sg", [(2, None, None), (2, 8, 16), (4, None, None)])
+def test_feedback_beats_nearest_assignment(seed, dim, rows, sg):
+    w, gram = _problem(seed)
+    res = vq_quantize(w, gram, bits=2 if dim == 2 else 1, dim=dim, group_rows=rows,
+                      scale_group=sg)
+    plain = vq_quantize(w, gram, bits=2 if dim == 2 else 1, dim=dim, group_rows=rows,
+                        scale_group=sg, feedback=False)
+    near = _nearest(w, res.codebooks, res.scales, res.group_rows, dim)
+    assert np.array_equal(plain.codes.numpy().astype(np.int64), near)
+    q_near = _decode(torch.from_numpy(near).to(torch.uint8), res.codebooks, res.scales,
+                     res.group_rows)
+    q_fb = _decode(res.codes, res.codebooks, res.scales, res.group_rows)
+    assert np.allclose(q_fb, res.weight.numpy(), atol=1e-6)
+    h = gram.numpy()
+    assert _objective(w, q_fb, h) < 0.95 * _objective(w, q_near, h)
+
+
+def test_identity_hessian_is_nearest_assignment():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 32, generator=g)
+    res = vq_quantize(w, torch.eye(32) * 0.5, bits=2, dim=2, group_rows=8)
+    near = _nearest(w, res.codebooks, None, 8, 2)
+    assert np.array_equal(res.codes.numpy().astype(np.int64), near)
+
+
+def test_loss_is_the_damped_objective():
+    w, gram = _problem(9)
+    res = vq_quantize(w, gram, bits=2, dim=2, damp_percent=0.0)
+    h = 2 * gram.numpy().astype(np.float64)
+    assert res.loss == pytest.approx(_objective(w, res.weight, h) / 2, rel=1e-3)
+
+
+def test_bits_per_weight_by_hand():
+    # 32 x 16, dim 2, 2 bits: 32 * 8 codes of 4 bits = 1024; 4 groups of 8 rows x 16 entries
+    # x 2 float16 = 2048; scales 32 rows x 2 segments x 16 = 1024 -> 4096 bits / 512 weights
+    w, gram = _problem(1, out=32, n_in=16)
+    layer = vq_linear_from(vq_quantize(w, gram, bits=2, dim=2, group_rows=8, scale_group=8),
+                           None)
+    assert (layer.code_bits, layer.overhead_bits) == (1024, 3072)
+    assert layer.bits_per_weight == 8.0
+    # float32 codebooks, no scales, per layer: 1024 + 16 * 2 * 32 = 2048 bits
+    layer = vq_linear_from(vq_quantize(w, gram, bits=2, dim=2, codebook_dtype="float32"), None)
+    assert layer.bits_per_weight == 2048 / 512
+    assert layer.codebooks.dtype == torch.float32
+
+
+def test_scales_are_segment_maxima_in_float16():
+    w, gram = _problem(2, out=8, n_in=32)
+    res = vq_quantize(w, gram, bits=2, dim=2, scale_group=16)
+    ref = np.abs(w.numpy()).reshape(8, 2, 16).max(2).astype(np.float16)
+    assert res.scales.dtype == torch.float16 and np.array_equal(res.scales.numpy(), ref)
+
+
+def test_codes_dtype_follows_codebook_size():
+    w, gram = _problem(3, out=64, n_in=64)
+    assert vq_quantize(w, gram, bits=2, dim=4).codes.dtype == torch.uint8
+    assert vq_quantize(w, gram, bits=5, dim=2, kmeans_iters=2).codes.dtype == torch.uint16
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"dim": 3}, "dim must be one of"),
+    ({"bits": 4, "dim": 4}, r"2\^16"),
+    ({"bits": 0}, "bits must be"),
+    ({"bits": 2, "dim": 2, "scale_group": 3}, "not a multiple of dim"),
+    ({"group_rows": 0}, "group_rows must be"),
+    ({"codebook_dtype": "bfloat16"}, "codebook_dtype"),
+])
+def test_bad_configs(kw, match):
+    with pytest.raises(ValueError, match=match):
+        VQConfig(**kw)
+
+
+def test_bad_shapes():
+    w, gram = _problem(4, out=8, n_in=30)
+    with pytest.raises(ValueError, match="dim=4 does not divide in_features=30"):
+        vq_quantize(w, gram, bits=1, dim=4)
+    with pytest.raises(ValueError, match="fewer than the 2\\^8"):
+        vq_quantize(w, gram, bits=4, dim=2, group_rows=2)
+    with pytest.raises(ValueError, match="gram must be"):
+        vq_quantize(w, gram[:4, :4], dim=2)
+    with pytest.raises(ValueError, match="scale_group=20 does not divide"):
+        vq_quantize(w, gram, dim=2, scale_group=20)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        vq_linear(nn.Conv1d(3, 3, 1), gram, VQConfig())
+
+
+def test_layer_forward_is_x_times_decoded_weight():
+    w, gram = _problem(6, out=24, n_in=32)
+    lin = nn.Linear(32, 24)
+    lin.weight.data.copy_(w)
+    layer = vq_linear(lin, gram, VQConfig(bits=2, dim=2, group_rows=8, scale_group=16))
+    wd = _decode(layer.codes, layer.codebooks, layer.scales, 8)
+    x = torch.randn(5, 3, 32)
+    ref = x.double().numpy() @ wd.T + lin.bias.detach().double().numpy()
+    assert np.allclose(layer(x).detach().numpy(), ref, atol=1e-4)
+    assert np.allclose(layer.dequantize_weight().numpy(), wd, atol=1e-6)
+
+
+def test_pipeline_quantizes_every_block_linear():
+    model = LM.build("llama")
+    cal = LM.calibration()
+    q = qkern.quantize_model(copy.deepcopy(model), VQConfig(bits=2, dim=2, kmeans_iters=5),
+                             cal, progress=False)
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, VQLinear)}
+    assert len(layers) == 2 * 7
+    # the quantized model = the float model with every weight replaced by its decode
+    ref = copy.deepcopy(model)
+    for n, m in layers.items():
+        ref.get_submodule(n).weight.data = torch.from_numpy(
+            _decode(m.codes, m.codebooks, m.scales, m.group_rows)).float()
+    ids = cal[0]
+    with torch.no_grad():
+        assert torch.allclose(LM.output(q, ids), LM.output(ref, ids), atol=1e-4)
+    bits, n = model_bits_per_weight(q)
+    ref_bits = sum(m.out_features * m.in_features * 2 + 16 * 2 * 16 for m in layers.values())
+    assert (bits, n) == (ref_bits, sum(m.out_features * m.in_features for m in layers.values()))
