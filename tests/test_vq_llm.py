@@ -115,6 +115,9 @@ def test_bits_per_weight_by_hand():
     layer = vq_linear_from(vq_quantize(w, gram, bits=2, dim=2, codebook_dtype="float32"), None)
     assert layer.bits_per_weight == 2048 / 512
     assert layer.codebooks.dtype == torch.float32
+    # 2.5 bits at dim 2: 32-entry codebook, 5-bit codes: 32 * 8 * 5 + 32 * 2 * 16 = 2304 bits
+    layer = vq_linear_from(vq_quantize(w, gram, bits=2.5, dim=2), None)
+    assert layer.k == 32 and layer.bits_per_weight == 2304 / 512
 
 
 def test_scales_are_segment_maxima_in_float16():
@@ -134,6 +137,7 @@ def test_codes_dtype_follows_codebook_size():
     ({"dim": 3}, "dim must be one of"),
     ({"bits": 4, "dim": 4}, r"2\^16"),
     ({"bits": 0}, "bits must be"),
+    ({"bits": 1.25, "dim": 2}, "must be a positive integer"),
     ({"bits": 2, "dim": 2, "scale_group": 3}, "not a multiple of dim"),
     ({"group_rows": 0}, "group_rows must be"),
     ({"codebook_dtype": "bfloat16"}, "codebook_dtype"),

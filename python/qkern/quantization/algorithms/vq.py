@@ -70,12 +70,13 @@ CODEBOOK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 @dataclass
 class VQConfig(BaseConfig):
     """GPTVQ weight-only vector quantization (module docstring): ``bits`` per weight in the
-    codes, vectors of ``dim`` input elements (codebooks of ``2^(bits * dim)`` entries, at most
-    2^12), one codebook per ``group_rows`` output rows (None: per layer), optional scales per
-    row and ``scale_group`` input columns, codebooks stored as ``codebook_dtype``. Layers whose
-    input size ``dim`` does not divide stay float (noted)."""
+    codes (fractional where ``bits * dim`` is an integer: 2.5 at dim 2), vectors of ``dim``
+    input elements (codebooks of ``2^(bits * dim)`` entries, at most 2^12), one codebook per
+    ``group_rows`` output rows (None: per layer), optional scales per row and ``scale_group``
+    input columns, codebooks stored as ``codebook_dtype``. Layers whose input size ``dim``
+    does not divide stay float (noted)."""
 
-    bits: int = 2
+    bits: float = 2
     dim: int = 2
     group_rows: int | None = None
     scale_group: int | None = None
@@ -105,17 +106,26 @@ class VQConfig(BaseConfig):
         return None
 
 
+def index_bits(bits, dim) -> int:
+    """Bits of one code: ``bits * dim`` (an integer)."""
+    return int(round(bits * dim))
+
+
 def check_vq_args(prefix: str, bits, dim, group_rows, scale_group, codebook_dtype) -> None:
-    """The shape arguments of VQ: clear ValueErrors (``prefix`` names the caller)."""
+    """The shape arguments of VQ: clear ValueErrors (``prefix`` names the caller). ``bits``
+    may be fractional (2.5 with dim 2: 32-entry codebooks) as long as ``bits * dim`` is an
+    integer."""
     name = prefix.rstrip(".: ")
-    check_int(name, "bits", bits, 1)
-    if bits > 8:
-        fail(name, "bits", "an int in 1..8", bits)
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 0 < bits <= 8:
+        fail(name, "bits", "a number in (0, 8]", bits)
     if dim not in DIMS or isinstance(dim, bool):
         fail(name, "dim", f"one of {DIMS}", dim)
-    if bits * dim > MAX_INDEX_BITS:
-        raise ValueError(f"{prefix} bits * dim = {bits} * {dim} = {bits * dim} asks for "
-                         f"codebooks of 2^{bits * dim} entries; at most 2^{MAX_INDEX_BITS} "
+    if abs(bits * dim - round(bits * dim)) > 1e-9 or round(bits * dim) < 1:
+        raise ValueError(f"{prefix} bits * dim = {bits} * {dim} must be a positive integer "
+                         "(the bits of one code)")
+    if index_bits(bits, dim) > MAX_INDEX_BITS:
+        raise ValueError(f"{prefix} bits * dim = {bits} * {dim} = {bits * dim:g} asks for "
+                         f"codebooks of 2^{bits * dim:g} entries; at most 2^{MAX_INDEX_BITS} "
                          "(lower bits or dim)")
     if group_rows is not None:
         check_int(name, "group_rows", group_rows, 1)
@@ -163,9 +173,10 @@ def _check_inputs(w, gram, bits, dim, group_rows, scale_group, codebook_dtype) -
         raise ValueError(f"{n}scale_group={scale_group} does not divide in_features={k}")
     rows = out if group_rows is None else min(group_rows, out)
     smallest = (out % rows or rows) * (k // dim)
-    if smallest < 2 ** (bits * dim):
+    nb = index_bits(bits, dim)
+    if smallest < 2 ** nb:
         raise ValueError(f"{n}a group of rows holds {smallest} vectors, fewer than the "
-                         f"2^{bits * dim} = {2 ** (bits * dim)} codebook entries; raise "
+                         f"2^{nb} = {2 ** nb} codebook entries; raise "
                          "group_rows or lower bits * dim")
 
 
@@ -204,7 +215,7 @@ def _codebooks(wn: torch.Tensor, hdiag: torch.Tensor, sfull: torch.Tensor | None
     return torch.stack(books).to(dtype)
 
 
-def vq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: int = 2, dim: int = 2,
+def vq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: float = 2, dim: int = 2,
                 group_rows: int | None = None, scale_group: int | None = None,
                 codebook_dtype: str = "float16", damp_percent: float = 0.01,
                 block_size: int = 128, kmeans_iters: int = 25, seed: int = 0,
@@ -219,7 +230,7 @@ def vq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: int = 2, dim: int 
     check_bool("vq_quantize", "feedback", feedback)
     out, n_in = w.shape
     rows = out if group_rows is None else min(group_rows, out)
-    k = 2 ** (bits * dim)
+    k = 2 ** index_bits(bits, dim)
     with torch.no_grad():
         w0 = w.detach().float().clone()
         h = gram.detach().double() * 2.0
@@ -235,7 +246,7 @@ def vq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: int = 2, dim: int 
         books = _codebooks(wn, h.diagonal().float(), sfull, dim, k, rows, kmeans_iters, seed,
                            CODEBOOK_DTYPES[codebook_dtype])
         codes, q, loss = _sweep(w0, u, books.float(), sfull, dim, rows, block_size, feedback)
-    cdt = torch.uint8 if bits * dim <= 8 else torch.uint16
+    cdt = torch.uint8 if index_bits(bits, dim) <= 8 else torch.uint16
     return VQResult(q, codes.to(cdt), books, scales, rows, loss)
 
 
@@ -327,7 +338,7 @@ class VQQuantizer(SequentialQuantizer):
         if cfg.scale_group is not None and k % cfg.scale_group:
             return f"scale_group={cfg.scale_group} does not divide its input size {k}"
         rows = linear.out_features if cfg.group_rows is None else cfg.group_rows
-        if min(rows, linear.out_features) * (k // cfg.dim) < 2 ** (cfg.bits * cfg.dim):
+        if min(rows, linear.out_features) * (k // cfg.dim) < 2 ** index_bits(cfg.bits, cfg.dim):
             return "a group of rows holds fewer vectors than the codebook has entries"
         return None
 
