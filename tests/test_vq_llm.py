@@ -75,7 +75,7 @@ def _problem(seed, out=24, n_in=32, n=400):
 def test_feedback_beats_nearest_assignment(seed, dim, rows, sg):
     w, gram = _problem(seed)
     res = vq_quantize(w, gram, bits=2 if dim == 2 else 1, dim=dim, group_rows=rows,
-                      scale_group=sg)
+                      scale_group=sg, update_codebooks=False)
     plain = vq_quantize(w, gram, bits=2 if dim == 2 else 1, dim=dim, group_rows=rows,
                         scale_group=sg, feedback=False)
     near = _nearest(w, res.codebooks, res.scales, res.group_rows, dim)
@@ -91,16 +91,46 @@ def test_feedback_beats_nearest_assignment(seed, dim, rows, sg):
 def test_identity_hessian_is_nearest_assignment():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(16, 32, generator=g)
-    res = vq_quantize(w, torch.eye(32) * 0.5, bits=2, dim=2, group_rows=8)
+    res = vq_quantize(w, torch.eye(32) * 0.5, bits=2, dim=2, group_rows=8,
+                      update_codebooks=False)
     near = _nearest(w, res.codebooks, None, 8, 2)
     assert np.array_equal(res.codes.numpy().astype(np.int64), near)
 
 
 def test_loss_is_the_damped_objective():
     w, gram = _problem(9)
-    res = vq_quantize(w, gram, bits=2, dim=2, damp_percent=0.0)
+    res = vq_quantize(w, gram, bits=2, dim=2, damp_percent=0.0, update_codebooks=False)
     h = 2 * gram.numpy().astype(np.float64)
     assert res.loss == pytest.approx(_objective(w, res.weight, h) / 2, rel=1e-3)
+    assert res.sweep_loss == pytest.approx(res.loss, rel=1e-3)  # the OBS errors add up
+
+
+@pytest.mark.parametrize("sg", [None, 4])
+def test_codebook_update_is_the_least_squares_optimum(sg):
+    """numpy: the design matrix of Q = A vec(C) built entry by entry, then lstsq on
+    H^(1/2)-weighted rows; the codes stay, the codebook is the minimizer."""
+    w, gram = _problem(11, out=12, n_in=8)
+    kw = dict(bits=1, dim=2, group_rows=6, scale_group=sg, codebook_dtype="float32",
+              damp_percent=0.0)
+    before = vq_quantize(w, gram, update_codebooks=False, **kw)
+    after = vq_quantize(w, gram, **kw)
+    assert torch.equal(before.codes, after.codes)
+    h = 2 * gram.numpy().astype(np.float64)
+    root = np.linalg.cholesky(h)                          # h = L L^T
+    codes = after.codes.numpy().astype(np.int64)
+    s = np.ones((12, 8)) if sg is None else np.repeat(after.scales.float().numpy(), sg, 1)
+    for g in range(2):
+        rows = range(6 * g, 6 * g + 6)
+        a = np.zeros((6 * 8, 4 * 2))                      # vec(Q_rows) = a @ vec(C)
+        for i, r in enumerate(rows):
+            for col in range(8):
+                a[i * 8 + col, codes[r, col // 2] * 2 + col % 2] = s[r, col]
+        # sum_r (w_r - q_r) h (w_r - q_r)^T = || (w_r - q_r) L ||^2 stacked over rows
+        big = np.kron(np.eye(6), root.T)
+        c, *_ = np.linalg.lstsq(big @ a, big @ w.numpy()[list(rows)].reshape(-1), rcond=None)
+        assert np.allclose(after.codebooks[g].numpy().reshape(-1), c, atol=1e-4)
+    wn = w.numpy()
+    assert _objective(wn, after.weight, h) <= _objective(wn, before.weight, h)
 
 
 def test_bits_per_weight_by_hand():

@@ -85,6 +85,7 @@ class VQConfig(BaseConfig):
     block_size: int = 128
     kmeans_iters: int = 25
     seed: int = 0
+    update_codebooks: bool = True
     true_sequential: bool = True
 
     FORMAT_FIELD: ClassVar[str] = "bits"
@@ -98,6 +99,7 @@ class VQConfig(BaseConfig):
         check_int(n, "kmeans_iters", self.kmeans_iters, 0)
         check_int(n, "seed", self.seed, 0)
         check_bool(n, "true_sequential", self.true_sequential)
+        check_bool(n, "update_codebooks", self.update_codebooks)
         super().__post_init__()
 
     @property
@@ -141,8 +143,9 @@ def check_vq_args(prefix: str, bits, dim, group_rows, scale_group, codebook_dtyp
 class VQResult:
     """What :func:`vq_quantize` returns: ``weight`` (out, in) float32 the decoded weight;
     ``codes`` (out, in / dim) uint8 / uint16; ``codebooks`` (groups, k, dim) in the storage
-    dtype; ``scales`` None or (out, in / scale_group) float16; ``group_rows``; ``loss`` the OBS
-    losses ``sum ||E||^2 / 2`` (= ``||W X - Q X||^2 / N`` on the damped Hessian)."""
+    dtype; ``scales`` None or (out, in / scale_group) float16; ``group_rows``; ``loss``
+    ``tr((W - Q) H (W - Q)^T) / 2`` on the damped ``H = 2 X^T X / N``; ``sweep_loss`` the
+    sweep's OBS losses ``sum ||E||^2 / 2`` (equal to ``loss`` before the codebook update)."""
 
     weight: torch.Tensor
     codes: torch.Tensor
@@ -150,6 +153,7 @@ class VQResult:
     scales: torch.Tensor | None
     group_rows: int
     loss: float
+    sweep_loss: float = float("nan")
 
 
 def _check_inputs(w, gram, bits, dim, group_rows, scale_group, codebook_dtype) -> None:
@@ -219,15 +223,16 @@ def vq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: float = 2, dim: in
                 group_rows: int | None = None, scale_group: int | None = None,
                 codebook_dtype: str = "float16", damp_percent: float = 0.01,
                 block_size: int = 128, kmeans_iters: int = 25, seed: int = 0,
-                feedback: bool = True) -> VQResult:
+                update_codebooks: bool = True, feedback: bool = True) -> VQResult:
     """GPTVQ of ``w`` (out, in) given ``gram = X^T X / N`` (in, in) of the layer's inputs
     (module docstring). ``feedback=False``: the plain nearest assignment (no error feedback)
-    with the same codebooks, for comparison."""
+    with the k-means codebooks, for comparison (no codebook update)."""
     _check_inputs(w, gram, bits, dim, group_rows, scale_group, codebook_dtype)
     check_real("vq_quantize", "damp_percent", damp_percent, 0.0, 1.0, "a number in [0, 1]")
     check_int("vq_quantize", "block_size", block_size, 1)
     check_int("vq_quantize", "kmeans_iters", kmeans_iters, 0)
     check_bool("vq_quantize", "feedback", feedback)
+    check_bool("vq_quantize", "update_codebooks", update_codebooks)
     out, n_in = w.shape
     rows = out if group_rows is None else min(group_rows, out)
     k = 2 ** index_bits(bits, dim)
@@ -245,9 +250,56 @@ def vq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: float = 2, dim: in
         wn = w0 if sfull is None else w0 / sfull
         books = _codebooks(wn, h.diagonal().float(), sfull, dim, k, rows, kmeans_iters, seed,
                            CODEBOOK_DTYPES[codebook_dtype])
-        codes, q, loss = _sweep(w0, u, books.float(), sfull, dim, rows, block_size, feedback)
+        codes, q, sweep_loss = _sweep(w0, u, books.float(), sfull, dim, rows, block_size,
+                                      feedback)
+        if update_codebooks and feedback:
+            books = _update_codebooks(w0, h, codes, books, sfull, rows)
+            q = _decoded(codes, books.float(), sfull, rows)
+        d = (w0 - q).double()
+        loss = 0.5 * float(((d @ h) * d).sum())
     cdt = torch.uint8 if index_bits(bits, dim) <= 8 else torch.uint16
-    return VQResult(q, codes.to(cdt), books, scales, rows, loss)
+    return VQResult(q, codes.to(cdt), books, scales, rows, loss, sweep_loss)
+
+
+def _decoded(codes, books, sfull, rows):
+    """``W`` from codes (out, in / dim) int64, codebooks (groups, k, dim), scales."""
+    out = codes.shape[0]
+    g = torch.arange(out) // rows
+    q = books[g[:, None], codes].reshape(out, -1)
+    return q if sfull is None else q * sfull
+
+
+def _update_codebooks(w0, h, codes, books, sfull, rows):
+    """GPTVQ's codebook update: with the codes fixed, each group's codebook ``C`` minimizing
+    ``tr((W - Q) H (W - Q)^T)`` over its rows (``Q`` linear in ``C``): the normal equations
+    ``M vec(C) = b``, ``M[(a,i),(b,j)] = sum_r sum_{v: c_rv = a} sum_{u: c_ru = b}
+    s_rv s_ru H[v d + i, u d + j]``, ``b[(a,i)] = sum_{r, v: c_rv = a} s_rv (W H)[r, v d + i]``;
+    a tiny ridge towards the old codebook keeps unused entries where they were."""
+    out, n_in = w0.shape
+    n_groups, k, dim = books.shape
+    kd = k * dim
+    hd = h.double()
+    wh = w0.double() @ hd
+    sf = torch.ones(out, n_in, dtype=torch.float64) if sfull is None else sfull.double()
+    new = []
+    for gi in range(n_groups):
+        r0, r1 = gi * rows, min(out, (gi + 1) * rows)
+        pos = (codes[r0:r1, :, None] * dim + torch.arange(dim)).reshape(r1 - r0, n_in)
+        m = torch.zeros(kd * kd, dtype=torch.float64)
+        for r in range(r0, r1, 16):  # chunks of 16 rows: (16, in, in) scatter indices
+            e = min(r + 16, r1)
+            p, s = pos[r - r0:e - r0], sf[r:e]
+            idx = (p[:, :, None] * kd + p[:, None, :]).reshape(-1)
+            m.index_add_(0, idx, (s[:, :, None] * s[:, None, :] * hd).reshape(-1))
+        m = m.reshape(kd, kd)
+        b = torch.zeros(kd, dtype=torch.float64)
+        b.index_add_(0, pos.reshape(-1), (sf[r0:r1] * wh[r0:r1]).reshape(-1))
+        old = books[gi].double().reshape(-1)
+        lam = 1e-6 * float(m.diagonal().mean()) + 1e-30
+        m.diagonal().add_(lam)
+        c = torch.linalg.solve(m, b + lam * old)
+        new.append(c.reshape(k, dim))
+    return torch.stack(new).to(books.dtype)
 
 
 def _sweep(w0, u, books, sfull, dim, rows, block_size, feedback):
@@ -309,7 +361,8 @@ def vq_linear(linear: nn.Linear, gram: torch.Tensor, cfg: VQConfig) -> VQLinear:
     res = vq_quantize(linear.weight, gram, bits=cfg.bits, dim=cfg.dim,
                       group_rows=cfg.group_rows, scale_group=cfg.scale_group,
                       codebook_dtype=cfg.codebook_dtype, damp_percent=cfg.damp_percent,
-                      block_size=cfg.block_size, kmeans_iters=cfg.kmeans_iters, seed=cfg.seed)
+                      block_size=cfg.block_size, kmeans_iters=cfg.kmeans_iters, seed=cfg.seed,
+                      update_codebooks=cfg.update_codebooks)
     return vq_linear_from(res, linear.bias)
 
 
