@@ -221,3 +221,9 @@ def test_pipeline_quantizes_every_block_linear():
     bits, n = model_bits_per_weight(q)
     ref_bits = sum(m.out_features * m.in_features * 2 + 16 * 2 * 16 for m in layers.values())
     assert (bits, n) == (ref_bits, sum(m.out_features * m.in_features for m in layers.values()))
+
+
+def test_config_round_trips_json():
+    cfg = VQConfig(bits=2.5, dim=2, group_rows=32, scale_group=64, exclude=["lm_head"])
+    back = qkern.quantization.BaseConfig.from_json(cfg.to_json())
+    assert back == cfg and type(back) is VQConfig

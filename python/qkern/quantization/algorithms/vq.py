@@ -17,7 +17,9 @@ upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), the OBS loss of fixing the
 ``A = U_BB^-1``: the nearest entry of ``c A`` to ``w A`` (:func:`qkern.vq.search.assign`);
 the error ``E = (W_B - Q_B) A`` updates the later columns ``W_F -= E U_{B, F}`` (exactly
 GPTQ's update, lazily in blocks of ``block_size`` columns). With ``H`` a multiple of the
-identity it is the plain nearest assignment.
+identity it is the plain nearest assignment. Last (``update_codebooks``, GPTVQ's codebook
+update, here in closed form): the codes fixed, each codebook is replaced by the least-squares
+minimizer of ``tr((W - Q) H (W - Q)^T)`` over its rows, then rounded to float16.
 
 The quantized layer is a :class:`qkern.vq.linear.VQLinear` (codes + float16 codebooks +
 scales; decoded weight through ``torch.nn.functional.linear``). Bits per weight:

@@ -5,9 +5,10 @@ table: bits per byte on WikiText-2 test (the first 48 windows of 256 bytes, as
 :mod:`.llm`), calibration 64 x 256 bytes of WikiText-2 valid (the same data as the llm
 report), and the total bits per weight over every quantized block linear:
 
-- GPTQ w2 g64 (asymmetric, as the llm report runs it), counted as int2 codes plus, per group,
-  a float16 scale and a 2-bit zero point (``2 + 18 / 64`` on the 256-input layers;
-  ``down_proj``'s 672 inputs take no group of 64, so one group per row, ``2 + 18 / 672``);
+- GPTQ wB gG (asymmetric, as the llm report runs it), counted as B-bit codes plus, per group,
+  a float16 scale and a B-bit zero point (w2 g64: ``2 + 18 / 64`` on the 256-input layers;
+  ``down_proj``'s 672 inputs take no group of 64 or 128, so one group per row there,
+  ``2 + 18 / 672``);
 - each VQ config of :data:`CONFIGS`: codes + float16 codebooks + float16 scales, counted
   exactly from the quantized layers (:func:`model_bits_per_weight`).
 """
