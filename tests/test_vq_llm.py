@@ -227,3 +227,15 @@ def test_config_round_trips_json():
     cfg = VQConfig(bits=2.5, dim=2, group_rows=32, scale_group=64, exclude=["lm_head"])
     back = qkern.quantization.BaseConfig.from_json(cfg.to_json())
     assert back == cfg and type(back) is VQConfig
+
+
+def test_pipeline_scale_group_falls_back_to_one_scale_per_row():
+    model = LM.build("llama")  # hidden 64, MLP 128: scale_group 128 fits down_proj only
+    with pytest.warns(UserWarning):
+        q = qkern.quantize_model(model, VQConfig(bits=2, dim=2, scale_group=128,
+                                                 kmeans_iters=3), LM.calibration(),
+                                 progress=False)
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, VQLinear)}
+    assert len(layers) == 14
+    for n, m in layers.items():
+        assert m.scales.shape == (m.out_features, 1), n

@@ -38,6 +38,7 @@ scales; decoded weight through ``torch.nn.functional.linear``). Bits per weight:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -76,7 +77,8 @@ class VQConfig(BaseConfig):
     input elements (codebooks of ``2^(bits * dim)`` entries, at most 2^12), one codebook per
     ``group_rows`` output rows (None: per layer), optional scales per row and ``scale_group``
     input columns, codebooks stored as ``codebook_dtype``. Layers whose input size ``dim``
-    does not divide stay float (noted)."""
+    does not divide stay float (noted); where ``scale_group`` does not divide it, one scale
+    per row (noted)."""
 
     bits: float = 2
     dim: int = 2
@@ -390,8 +392,6 @@ class VQQuantizer(SequentialQuantizer):
         k = linear.in_features
         if k % cfg.dim:
             return f"dim={cfg.dim} does not divide its input size {k}"
-        if cfg.scale_group is not None and k % cfg.scale_group:
-            return f"scale_group={cfg.scale_group} does not divide its input size {k}"
         rows = linear.out_features if cfg.group_rows is None else cfg.group_rows
         if min(rows, linear.out_features) * (k // cfg.dim) < 2 ** index_bits(cfg.bits, cfg.dim):
             return "a group of rows holds fewer vectors than the codebook has entries"
@@ -402,5 +402,10 @@ class VQQuantizer(SequentialQuantizer):
         if gram is None:
             raise ValueError(f"{name}: VQ needs the Gram matrix X^T X / N of the layer's "
                              "calibration inputs")
+        k = linear.in_features
+        if cfg.scale_group is not None and k % cfg.scale_group:
+            self.notes[name] = (f"scale_group {cfg.scale_group} does not divide its input size "
+                                f"{k}: one scale per row")
+            cfg = dataclasses.replace(cfg, scale_group=k)
         return vq_linear(linear, gram, cfg)
 
