@@ -177,6 +177,7 @@ LAYERS = [
     ("kernels", ["qkern.kernels"]),
     ("nn", ["qkern.nn", "qkern.observers"]),
     ("models", ["qkern.models"]),
+    ("vq", ["qkern.vq"]),
     ("quantization", ["qkern.quantization"]),
     ("files", ["qkern.io.serialization"]),
     ("api", ["qkern"]),

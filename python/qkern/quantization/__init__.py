@@ -33,6 +33,7 @@ from .algorithms.rotation import RotationConfig, rotate_block, rotate_model
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import SmoothQuantConfig, smooth_quant
 from .algorithms.static import StaticConfig
+from .algorithms.vq import VQConfig
 from .algorithms.weight_only import WeightOnlyConfig
 from .algorithms.zeroquant import ZeroQuantConfig
 from .api import convert, notify_quantized, on_quantized, prepare, quantize_model, run_calibration
@@ -73,7 +74,8 @@ __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "B
            "ObservingQuantizer", "OmniQuantConfig", "ParallelSum", "QATConfig", "Quantizer",
            "RTNConfig",
            "RotationConfig",
-           "SequentialQuantizer", "SmoothQuantConfig", "StaticConfig", "WeightOnlyConfig",
+           "SequentialQuantizer", "SmoothQuantConfig", "StaticConfig", "VQConfig",
+           "WeightOnlyConfig",
            "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",

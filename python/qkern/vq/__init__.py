@@ -5,6 +5,7 @@ learned scalar grids, with the hot loops in C++."""
 from .base import NotTrainedError, VQBase, as_codes, as_vectors
 from .kmeans import KMeans
 from .lattice import LatticeQuantizer
+from .linear import VQLinear
 from .lut import LUTQuantizer
 from .opq import OPQ
 from .pq import ProductQuantizer, VectorQuantizer
@@ -13,4 +14,4 @@ from .vqvae import VQVAE, VQCodebook
 
 __all__ = ["KMeans", "LUTQuantizer", "LatticeQuantizer", "NotTrainedError", "ProductQuantizer",
            "VQBase", "VQCodebook", "VQVAE", "VectorQuantizer", "as_codes", "as_vectors"]
-__all__ += ["AdditiveQuantizer", "MultiLevelVQ", "OPQ", "ResidualQuantizer"]
+__all__ += ["AdditiveQuantizer", "MultiLevelVQ", "OPQ", "ResidualQuantizer", "VQLinear"]

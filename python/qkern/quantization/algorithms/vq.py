@@ -1,0 +1,411 @@
+"""GPTVQ (van Baalen et al., 2024, "GPTVQ: The Blessing of Dimensionality for LLM
+Quantization"): vector quantization of LLM weights with GPTQ's error feedback.
+
+Each row of a Linear's weight ``W`` (out, in) is cut into vectors of ``dim`` consecutive input
+elements; each group of ``group_rows`` output rows (or the whole layer) has one codebook of
+``2^(bits * dim)`` entries (``bits`` per weight in the codes), learned by weighted k-means
+(:class:`qkern.vq.KMeans`) on the group's vectors, each vector weighted by the mean Hessian
+diagonal ``H_jj`` of its columns (times its scale squared). Optional scales: one per row and
+segment of ``scale_group`` input columns (the segment's largest magnitude, float16), the
+vectors divided by it before the codebook.
+
+Then GPTQ's sweep, ``dim`` columns at a time. With ``H = 2 X^T X / N`` (damped) and ``U`` the
+upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), the OBS loss of fixing the columns
+``B = j .. j + dim - 1`` at ``Q_B`` while the later ones stay free is
+``||(W_B - Q_B) U_BB^-1||^2 / 2`` per row (``[H_F^-1]_BB = U_BB^T U_BB`` for the columns
+``F`` from ``j`` on), so each vector takes the codebook entry nearest in the metric
+``A = U_BB^-1``: the nearest entry of ``c A`` to ``w A`` (:func:`qkern.vq.search.assign`);
+the error ``E = (W_B - Q_B) A`` updates the later columns ``W_F -= E U_{B, F}`` (exactly
+GPTQ's update, lazily in blocks of ``block_size`` columns). With ``H`` a multiple of the
+identity it is the plain nearest assignment. Last (``update_codebooks``, GPTVQ's codebook
+update, here in closed form): the codes fixed, each codebook is replaced by the least-squares
+minimizer of ``tr((W - Q) H (W - Q)^T)`` over its rows, then rounded to float16.
+
+The quantized layer is a :class:`qkern.vq.linear.VQLinear` (codes + float16 codebooks +
+scales; decoded weight through ``torch.nn.functional.linear``). Bits per weight:
+``bits + (groups * 2^(bits * dim) * dim * 16 + scales * 16) / (out * in)``.
+
+>>> import torch
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> w, x = torch.randn(64, 32), torch.randn(256, 32)
+>>> res = vq_quantize(w, x.T @ x / 256, bits=2, dim=2)
+>>> res.codes.shape, res.codebooks.shape, res.codes.dtype
+(torch.Size([64, 16]), torch.Size([1, 16, 2]), torch.uint8)
+>>> round(vq_linear_from(res, None).bits_per_weight, 4)  # 2 + 16 * 2 * 16 / 2048
+2.25
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ...vq.kmeans import KMeans
+from ...vq.linear import VQLinear
+from ...vq.search import assign
+from ..registry import (
+    BaseConfig,
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    config_class,
+    fail,
+    register_quantizer,
+)
+from ..sequential import SequentialQuantizer
+
+__all__ = ["VQConfig", "VQQuantizer", "VQResult", "model_bits_per_weight", "vq_linear",
+           "vq_linear_from", "vq_quantize"]
+
+DIMS = (1, 2, 4, 8)
+#: the largest codebook: 2^12 entries
+MAX_INDEX_BITS = 12
+CODEBOOK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@config_class
+@dataclass
+class VQConfig(BaseConfig):
+    """GPTVQ weight-only vector quantization (module docstring): ``bits`` per weight in the
+    codes (fractional where ``bits * dim`` is an integer: 2.5 at dim 2), vectors of ``dim``
+    input elements (codebooks of ``2^(bits * dim)`` entries, at most 2^12), one codebook per
+    ``group_rows`` output rows (None: per layer), optional scales per row and ``scale_group``
+    input columns, codebooks stored as ``codebook_dtype``. Layers whose input size ``dim``
+    does not divide stay float (noted); where ``scale_group`` does not divide it, one scale
+    per row (noted)."""
+
+    bits: float = 2
+    dim: int = 2
+    group_rows: int | None = None
+    scale_group: int | None = None
+    codebook_dtype: str = "float16"
+    damp_percent: float = 0.01
+    block_size: int = 128
+    kmeans_iters: int = 25
+    seed: int = 0
+    update_codebooks: bool = True
+    true_sequential: bool = True
+
+    FORMAT_FIELD: ClassVar[str] = "bits"
+
+    def __post_init__(self) -> None:
+        n = type(self).__name__
+        check_vq_args(n + ".", self.bits, self.dim, self.group_rows, self.scale_group,
+                      self.codebook_dtype)
+        check_real(n, "damp_percent", self.damp_percent, 0.0, 1.0, "a number in [0, 1]")
+        check_int(n, "block_size", self.block_size, 1)
+        check_int(n, "kmeans_iters", self.kmeans_iters, 0)
+        check_int(n, "seed", self.seed, 0)
+        check_bool(n, "true_sequential", self.true_sequential)
+        check_bool(n, "update_codebooks", self.update_codebooks)
+        super().__post_init__()
+
+    @property
+    def group_size(self) -> None:
+        """No scalar groups (the pipeline's messages name it)."""
+        return None
+
+
+def index_bits(bits, dim) -> int:
+    """Bits of one code: ``bits * dim`` (an integer)."""
+    return int(round(bits * dim))
+
+
+def check_vq_args(prefix: str, bits, dim, group_rows, scale_group, codebook_dtype) -> None:
+    """The shape arguments of VQ: clear ValueErrors (``prefix`` names the caller). ``bits``
+    may be fractional (2.5 with dim 2: 32-entry codebooks) as long as ``bits * dim`` is an
+    integer."""
+    name = prefix.rstrip(".: ")
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 0 < bits <= 8:
+        fail(name, "bits", "a number in (0, 8]", bits)
+    if dim not in DIMS or isinstance(dim, bool):
+        fail(name, "dim", f"one of {DIMS}", dim)
+    if abs(bits * dim - round(bits * dim)) > 1e-9 or round(bits * dim) < 1:
+        raise ValueError(f"{prefix} bits * dim = {bits} * {dim} must be a positive integer "
+                         "(the bits of one code)")
+    if index_bits(bits, dim) > MAX_INDEX_BITS:
+        raise ValueError(f"{prefix} bits * dim = {bits} * {dim} = {bits * dim:g} asks for "
+                         f"codebooks of 2^{bits * dim:g} entries; at most 2^{MAX_INDEX_BITS} "
+                         "(lower bits or dim)")
+    if group_rows is not None:
+        check_int(name, "group_rows", group_rows, 1)
+    if scale_group is not None:
+        check_int(name, "scale_group", scale_group, 1)
+        if scale_group % dim:
+            raise ValueError(f"{prefix} scale_group={scale_group} is not a multiple of "
+                             f"dim={dim}")
+    check_choice(name, "codebook_dtype", codebook_dtype, tuple(CODEBOOK_DTYPES))
+
+
+@dataclass(frozen=True)
+class VQResult:
+    """What :func:`vq_quantize` returns: ``weight`` (out, in) float32 the decoded weight;
+    ``codes`` (out, in / dim) uint8 / uint16; ``codebooks`` (groups, k, dim) in the storage
+    dtype; ``scales`` None or (out, in / scale_group) float16; ``group_rows``; ``loss``
+    ``tr((W - Q) H (W - Q)^T) / 2`` on the damped ``H = 2 X^T X / N``; ``sweep_loss`` the
+    sweep's OBS losses ``sum ||E||^2 / 2`` (equal to ``loss`` before the codebook update)."""
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    codebooks: torch.Tensor
+    scales: torch.Tensor | None
+    group_rows: int
+    loss: float
+    sweep_loss: float = float("nan")
+
+
+def _check_inputs(w, gram, bits, dim, group_rows, scale_group, codebook_dtype) -> None:
+    n = "vq_quantize: "
+    if not isinstance(w, torch.Tensor) or not isinstance(gram, torch.Tensor):
+        raise TypeError(f"{n}w and gram must be torch tensors")
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"{n}w must be a 2-D float (out, in) matrix, got {w.dim()}-D {w.dtype}")
+    out, k = w.shape
+    if tuple(gram.shape) != (k, k) or not gram.is_floating_point():
+        raise ValueError(f"{n}gram must be a float ({k}, {k}) matrix for w of shape "
+                         f"{tuple(w.shape)}, got {tuple(gram.shape)} {gram.dtype}")
+    if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(gram).all()):
+        raise ValueError(f"{n}w and gram must be finite (NaN or Inf found)")
+    if bool((gram.diagonal() < 0).any()):
+        raise ValueError(f"{n}gram has a negative diagonal entry: it must be X^T X / N")
+    check_vq_args(n, bits, dim, group_rows, scale_group, codebook_dtype)
+    if k % dim:
+        raise ValueError(f"{n}dim={dim} does not divide in_features={k}")
+    if scale_group is not None and k % scale_group:
+        raise ValueError(f"{n}scale_group={scale_group} does not divide in_features={k}")
+    rows = out if group_rows is None else min(group_rows, out)
+    smallest = (out % rows or rows) * (k // dim)
+    nb = index_bits(bits, dim)
+    if smallest < 2 ** nb:
+        raise ValueError(f"{n}a group of rows holds {smallest} vectors, fewer than the "
+                         f"2^{nb} = {2 ** nb} codebook entries; raise "
+                         "group_rows or lower bits * dim")
+
+
+def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """``U`` upper with ``H^-1 = U^T U`` (GPTQ's reference: Cholesky of the inverse)."""
+    lo, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise ValueError("vq_quantize: H + damping is not positive definite (gram must be "
+                         "X^T X / N of the layer's inputs; a larger damp_percent helps)")
+    return torch.linalg.cholesky(torch.cholesky_inverse(lo), upper=True)
+
+
+def _scales(w: torch.Tensor, scale_group: int | None) -> torch.Tensor | None:
+    """Per row and segment: the largest magnitude, float16 (1 where the segment is zero)."""
+    if scale_group is None:
+        return None
+    s = w.reshape(w.shape[0], -1, scale_group).abs().amax(2).to(torch.float16)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _codebooks(wn: torch.Tensor, hdiag: torch.Tensor, sfull: torch.Tensor | None, dim: int,
+               k: int, rows: int, iters: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """One weighted-k-means codebook per group of ``rows`` rows of the normalized weight
+    ``wn``, rounded to the storage ``dtype``."""
+    out, n_in = wn.shape
+    vw = hdiag.reshape(-1, dim).mean(1).clamp_min(1e-12)        # (in / dim,)
+    books = []
+    for r0 in range(0, out, rows):
+        vec = wn[r0:r0 + rows].reshape(-1, dim).numpy()
+        wt = vw.repeat(min(rows, out - r0))
+        if sfull is not None:
+            wt = wt * sfull[r0:r0 + rows, ::dim].reshape(-1).square()
+        km = KMeans(d=dim, k=k, n_iter=iters, seed=seed, max_points_per_centroid=1 << 30)
+        km.train(vec, weights=wt.numpy())
+        books.append(torch.from_numpy(km.centroids))
+    return torch.stack(books).to(dtype)
+
+
+def vq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: float = 2, dim: int = 2,
+                group_rows: int | None = None, scale_group: int | None = None,
+                codebook_dtype: str = "float16", damp_percent: float = 0.01,
+                block_size: int = 128, kmeans_iters: int = 25, seed: int = 0,
+                update_codebooks: bool = True, feedback: bool = True) -> VQResult:
+    """GPTVQ of ``w`` (out, in) given ``gram = X^T X / N`` (in, in) of the layer's inputs
+    (module docstring). ``feedback=False``: the plain nearest assignment (no error feedback)
+    with the k-means codebooks, for comparison (no codebook update)."""
+    _check_inputs(w, gram, bits, dim, group_rows, scale_group, codebook_dtype)
+    check_real("vq_quantize", "damp_percent", damp_percent, 0.0, 1.0, "a number in [0, 1]")
+    check_int("vq_quantize", "block_size", block_size, 1)
+    check_int("vq_quantize", "kmeans_iters", kmeans_iters, 0)
+    check_bool("vq_quantize", "feedback", feedback)
+    check_bool("vq_quantize", "update_codebooks", update_codebooks)
+    out, n_in = w.shape
+    rows = out if group_rows is None else min(group_rows, out)
+    k = 2 ** index_bits(bits, dim)
+    with torch.no_grad():
+        w0 = w.detach().float().clone()
+        h = gram.detach().double() * 2.0
+        dead = h.diagonal() == 0
+        if bool(dead.any()):
+            h[dead, dead] = 1.0
+            w0[:, dead] = 0.0
+        h.diagonal().add_(damp_percent * h.diagonal().mean())
+        u = _upper_inverse_cholesky(h).float()
+        scales = _scales(w0, scale_group)
+        sfull = None if scales is None else scales.float().repeat_interleave(scale_group, 1)
+        wn = w0 if sfull is None else w0 / sfull
+        books = _codebooks(wn, h.diagonal().float(), sfull, dim, k, rows, kmeans_iters, seed,
+                           CODEBOOK_DTYPES[codebook_dtype])
+        codes, q, sweep_loss = _sweep(w0, u, books.float(), sfull, dim, rows, block_size,
+                                      feedback)
+        if update_codebooks and feedback:
+            books = _update_codebooks(w0, h, codes, books, sfull, rows)
+            q = _decoded(codes, books.float(), sfull, rows)
+        d = (w0 - q).double()
+        loss = 0.5 * float(((d @ h) * d).sum())
+    cdt = torch.uint8 if index_bits(bits, dim) <= 8 else torch.uint16
+    return VQResult(q, codes.to(cdt), books, scales, rows, loss, sweep_loss)
+
+
+def _decoded(codes, books, sfull, rows):
+    """``W`` from codes (out, in / dim) int64, codebooks (groups, k, dim), scales."""
+    out = codes.shape[0]
+    g = torch.arange(out) // rows
+    q = books[g[:, None], codes].reshape(out, -1)
+    return q if sfull is None else q * sfull
+
+
+def _update_codebooks(w0, h, codes, books, sfull, rows):
+    """GPTVQ's codebook update: with the codes fixed, each group's codebook ``C`` minimizing
+    ``tr((W - Q) H (W - Q)^T)`` over its rows (``Q`` linear in ``C``): the normal equations
+    ``M vec(C) = b``, ``M[(a,i),(b,j)] = sum_r sum_{v: c_rv = a} sum_{u: c_ru = b}
+    s_rv s_ru H[v d + i, u d + j]``, ``b[(a,i)] = sum_{r, v: c_rv = a} s_rv (W H)[r, v d + i]``;
+    a tiny ridge towards the old codebook keeps unused entries where they were."""
+    out, n_in = w0.shape
+    n_groups, k, dim = books.shape
+    kd = k * dim
+    hd = h.double()
+    wh = w0.double() @ hd
+    sf = torch.ones(out, n_in, dtype=torch.float64) if sfull is None else sfull.double()
+    new = []
+    for gi in range(n_groups):
+        r0, r1 = gi * rows, min(out, (gi + 1) * rows)
+        pos = (codes[r0:r1, :, None] * dim + torch.arange(dim)).reshape(r1 - r0, n_in)
+        m = torch.zeros(kd * kd, dtype=torch.float64)
+        for r in range(r0, r1, 16):  # chunks of 16 rows: (16, in, in) scatter indices
+            e = min(r + 16, r1)
+            p, s = pos[r - r0:e - r0], sf[r:e]
+            idx = (p[:, :, None] * kd + p[:, None, :]).reshape(-1)
+            m.index_add_(0, idx, (s[:, :, None] * s[:, None, :] * hd).reshape(-1))
+        m = m.reshape(kd, kd)
+        b = torch.zeros(kd, dtype=torch.float64)
+        b.index_add_(0, pos.reshape(-1), (sf[r0:r1] * wh[r0:r1]).reshape(-1))
+        old = books[gi].double().reshape(-1)
+        lam = 1e-6 * float(m.diagonal().mean()) + 1e-30
+        m.diagonal().add_(lam)
+        c = torch.linalg.solve(m, b + lam * old)
+        new.append(c.reshape(k, dim))
+    return torch.stack(new).to(books.dtype)
+
+
+def _sweep(w0, u, books, sfull, dim, rows, block_size, feedback):
+    """The column sweep, ``dim`` columns at a time (module docstring)."""
+    out, n_in = w0.shape
+    bs = max(dim, block_size // dim * dim)
+    wk = w0.clone()
+    codes = torch.empty(out, n_in // dim, dtype=torch.int64)
+    q = torch.empty_like(w0)
+    loss = 0.0
+    starts = list(range(0, out, rows))
+    for i1 in range(0, n_in, bs):
+        i2 = min(i1 + bs, n_in)
+        errs = torch.empty(out, i2 - i1)
+        for j in range(i1, i2, dim):
+            b = slice(j, j + dim)
+            a = torch.linalg.solve_triangular(u[b, b], torch.eye(dim), upper=True)
+            if not feedback:
+                a = torch.eye(dim)
+            wb = wk[:, b]
+            sb = None if sfull is None else sfull[:, j:j + 1]
+            xn = wb if sb is None else wb / sb
+            xt = (xn @ a).numpy()
+            for g, r0 in enumerate(starts):
+                c = books[g]
+                idx, _ = assign(xt[r0:r0 + rows], (c @ a).numpy())
+                idx = torch.from_numpy(idx)
+                codes[r0:r0 + rows, j // dim] = idx
+                q[r0:r0 + rows, b] = c[idx]
+            if sb is not None:
+                q[:, b] *= sb
+            if feedback:
+                e = (wb - q[:, b]) @ a
+                errs[:, j - i1:j - i1 + dim] = e
+                loss += 0.5 * float(e.double().square().sum())
+                if j + dim < i2:
+                    wk[:, j + dim:i2] -= e @ u[b, j + dim:i2]
+        if feedback and i2 < n_in:
+            wk[:, i2:] -= errs @ u[i1:i2, i2:]
+    if not feedback:
+        loss = float("nan")
+    return codes, q, loss
+
+
+def vq_linear_from(res: VQResult, bias: torch.Tensor | None) -> VQLinear:
+    """The :class:`VQLinear` of a :func:`vq_quantize` result (its weight decodes to
+    ``res.weight``)."""
+    b = None if bias is None else bias.detach()
+    return VQLinear(res.codes, res.codebooks, res.scales, b, res.group_rows)
+
+
+def vq_linear(linear: nn.Linear, gram: torch.Tensor, cfg: VQConfig) -> VQLinear:
+    """A :class:`VQLinear` holding the GPTVQ-quantized weight of ``linear`` (bias kept);
+    ``gram`` is ``X^T X / N`` of its inputs."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"vq_linear expects an nn.Linear, got {type(linear).__name__}")
+    if not isinstance(cfg, VQConfig):
+        raise TypeError(f"vq_linear expects a VQConfig, got {type(cfg).__name__}")
+    res = vq_quantize(linear.weight, gram, bits=cfg.bits, dim=cfg.dim,
+                      group_rows=cfg.group_rows, scale_group=cfg.scale_group,
+                      codebook_dtype=cfg.codebook_dtype, damp_percent=cfg.damp_percent,
+                      block_size=cfg.block_size, kmeans_iters=cfg.kmeans_iters, seed=cfg.seed,
+                      update_codebooks=cfg.update_codebooks)
+    return vq_linear_from(res, linear.bias)
+
+
+def model_bits_per_weight(model: nn.Module) -> tuple[int, int]:
+    """(total bits, weights) over the :class:`VQLinear` layers of ``model``."""
+    bits = weights = 0
+    for m in model.modules():
+        if isinstance(m, VQLinear):
+            bits += m.code_bits + m.overhead_bits
+            weights += m.in_features * m.out_features
+    return bits, weights
+
+
+@register_quantizer(VQConfig)
+class VQQuantizer(SequentialQuantizer):
+    """GPTVQ in the block-by-block pipeline: each linear is vector-quantized with the Gram
+    matrix of its inputs measured on the partially quantized block (as GPTQ)."""
+
+    GRAMS = True
+    NEEDS_DATA = True
+
+    def preflight(self, name: str, linear: nn.Linear, cfg) -> str | None:
+        k = linear.in_features
+        if k % cfg.dim:
+            return f"dim={cfg.dim} does not divide its input size {k}"
+        rows = linear.out_features if cfg.group_rows is None else cfg.group_rows
+        if min(rows, linear.out_features) * (k // cfg.dim) < 2 ** index_bits(cfg.bits, cfg.dim):
+            return "a group of rows holds fewer vectors than the codebook has entries"
+        return None
+
+    def quantize_layer(self, name: str, linear: nn.Linear, gram: torch.Tensor | None,
+                       cfg) -> nn.Module:
+        if gram is None:
+            raise ValueError(f"{name}: VQ needs the Gram matrix X^T X / N of the layer's "
+                             "calibration inputs")
+        k = linear.in_features
+        if cfg.scale_group is not None and k % cfg.scale_group:
+            self.notes[name] = (f"scale_group {cfg.scale_group} does not divide its input size "
+                                f"{k}: one scale per row")
+            cfg = dataclasses.replace(cfg, scale_group=k)
+        return vq_linear(linear, gram, cfg)
+

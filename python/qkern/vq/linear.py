@@ -1,0 +1,121 @@
+"""A Linear layer whose weight is stored as vector-quantization codes (GPTVQ's format):
+each row of the weight (out, in) is cut into ``in / dim`` vectors of ``dim`` consecutive
+input elements, each stored as the index of an entry of its row group's codebook, optionally
+times a per-row scale for each segment of ``scale_group`` input columns.
+
+``VQLinear(codes, codebooks, scales, bias, group_rows)``:
+
+- ``codes`` (out, in / dim), uint8 (codebooks of <= 256 entries) or uint16;
+- ``codebooks`` (groups, k, dim), float16 or float32: group ``g`` serves the output rows
+  ``g * group_rows .. (g + 1) * group_rows - 1`` (the last group may be shorter);
+- ``scales`` None or (out, in / scale_group) float16.
+
+``W[r, v * dim:(v + 1) * dim] = scales[r, v * dim // scale_group] * codebooks[r // group_rows,
+codes[r, v]]`` (in float32), and ``forward(x) = x @ W^T + bias``: this pass decodes the whole
+weight and calls ``torch.nn.functional.linear`` on it (a correct reference path; no fused
+decode-GEMV kernel yet).
+
+``bits_per_weight`` = (code bits + codebook bits + scale bits) / (out * in), the codes counted
+at ``log2(k)`` bits each (bit-packed: ``bits * dim`` per vector), codebook entries and scales
+at their storage width (16 or 32 bits per number).
+
+>>> import torch
+>>> codes = torch.tensor([[0, 1], [1, 1]], dtype=torch.uint8)
+>>> cb = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], dtype=torch.float16)
+>>> layer = VQLinear(codes, cb, None, None, group_rows=2)
+>>> layer.dequantize_weight().tolist()
+[[1.0, 2.0, 3.0, 4.0], [3.0, 4.0, 3.0, 4.0]]
+>>> layer.bits_per_weight  # (4 codes x 1 bit + 2 x 2 x 16 codebook bits) / 8 weights
+8.5
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["VQLinear"]
+
+_FLOATS = (torch.float16, torch.float32)
+
+
+class VQLinear(nn.Module):
+    """A Linear layer over a vector-quantized weight (module docstring)."""
+
+    def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor,
+                 scales: torch.Tensor | None, bias: torch.Tensor | None, group_rows: int):
+        super().__init__()
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype not in (
+                torch.uint8, torch.uint16):
+            raise TypeError("VQLinear: codes must be a 2-D uint8 or uint16 tensor (out, in/dim)")
+        if not isinstance(codebooks, torch.Tensor) or codebooks.dim() != 3 or (
+                codebooks.dtype not in _FLOATS):
+            raise TypeError("VQLinear: codebooks must be a 3-D float16 / float32 tensor "
+                            "(groups, k, dim)")
+        if not isinstance(group_rows, int) or group_rows < 1:
+            raise ValueError(f"VQLinear: group_rows must be an int >= 1, got {group_rows!r}")
+        out, nv = codes.shape
+        groups, k, dim = codebooks.shape
+        if groups != math.ceil(out / group_rows):
+            raise ValueError(f"VQLinear: {groups} codebooks for {out} rows in groups of "
+                             f"{group_rows}; expected {math.ceil(out / group_rows)}")
+        if codes.numel() and int(codes.to(torch.int64).max()) >= k:
+            raise ValueError(f"VQLinear: a code is >= the codebook size {k}")
+        self.in_features, self.out_features = nv * dim, out
+        if scales is not None:
+            if scales.dim() != 2 or scales.shape[0] != out or scales.dtype not in _FLOATS or (
+                    self.in_features % scales.shape[1]) or (
+                    (self.in_features // scales.shape[1]) % dim):
+                raise ValueError("VQLinear: scales must be float16 / float32 (out, in / "
+                                 "scale_group), scale_group a multiple of dim dividing in")
+        if bias is not None and tuple(bias.shape) != (out,):
+            raise ValueError(f"VQLinear: bias must have shape ({out},), got {tuple(bias.shape)}")
+        self.group_rows, self.dim, self.k = group_rows, dim, k
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("codebooks", codebooks.contiguous())
+        self.register_buffer("scales", None if scales is None else scales.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The decoded weight (out, in) float32."""
+        out, nv = self.codes.shape
+        rows = torch.arange(out, device=self.codes.device) // self.group_rows
+        w = self.codebooks.float()[rows[:, None], self.codes.to(torch.int64)]  # (out, nv, dim)
+        w = w.reshape(out, self.in_features)
+        if self.scales is not None:
+            seg = self.in_features // self.scales.shape[1]
+            w = w * self.scales.float().repeat_interleave(seg, dim=1)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of the codes, bit-packed: ``log2(k)`` (rounded up) per vector."""
+        return self.codes.numel() * max(1, math.ceil(math.log2(self.k)))
+
+    @property
+    def overhead_bits(self) -> int:
+        """Bits of the codebooks and scales at their storage width."""
+        n = self.codebooks.numel() * self.codebooks.element_size() * 8
+        if self.scales is not None:
+            n += self.scales.numel() * self.scales.element_size() * 8
+        return n
+
+    @property
+    def bits_per_weight(self) -> float:
+        """(codes + codebooks + scales) bits / (out * in)."""
+        return (self.code_bits + self.overhead_bits) / (self.out_features * self.in_features)
+
+    def extra_repr(self) -> str:
+        s = "" if self.scales is None else (
+            f", scale_group={self.in_features // self.scales.shape[1]}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"dim={self.dim}, k={self.k}, group_rows={self.group_rows}{s}, "
+                f"bits_per_weight={self.bits_per_weight:.4f}")
