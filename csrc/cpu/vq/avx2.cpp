@@ -34,32 +34,7 @@ struct Avx2 : simd::F32x8 {
   }
 };
 
-void assign_avx2(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v) {
-  assign_simd<Avx2>(x, n, c, idx, v);
-}
-
-void topk_avx2(const float* x, int64_t n, const Packed& c, int64_t kk, int64_t* idx,
-               float* v) {
-  topk_simd<Avx2>(x, n, c, kk, idx, v);
-}
-
-void table_avx2(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
-                const float* cbt, float* table) {
-  table_simd<Avx2>(q, m, ksub, dsub, cb, cbt, table);
-}
-
-void scan_u8_avx2(const float* tables, int64_t nq, int64_t ksub, const uint8_t* codes,
-                  int64_t n, int64_t m, float* dist, int64_t ld) {
-  scan_simd<Avx2>(tables, nq, ksub, codes, n, m, dist, ld);
-}
-
-void scan_u16_avx2(const float* tables, int64_t nq, int64_t ksub, const uint16_t* codes,
-                   int64_t n, int64_t m, float* dist, int64_t ld) {
-  scan_simd<Avx2>(tables, nq, ksub, codes, n, m, dist, ld);
-}
-
-const Kernels kAvx2Kernels = {assign_avx2, topk_avx2, table_avx2, scan_u8_avx2,
-                               scan_u16_avx2};
+const Kernels kAvx2Kernels = simd_kernels<Avx2>();
 
 }  // namespace
 

@@ -32,32 +32,7 @@ struct Avx512 : simd::F32x16 {
   }
 };
 
-void assign_avx512(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v) {
-  assign_simd<Avx512>(x, n, c, idx, v);
-}
-
-void topk_avx512(const float* x, int64_t n, const Packed& c, int64_t kk, int64_t* idx,
-                 float* v) {
-  topk_simd<Avx512>(x, n, c, kk, idx, v);
-}
-
-void table_avx512(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
-                  const float* cbt, float* table) {
-  table_simd<Avx512>(q, m, ksub, dsub, cb, cbt, table);
-}
-
-void scan_u8_avx512(const float* tables, int64_t nq, int64_t ksub, const uint8_t* codes,
-                    int64_t n, int64_t m, float* dist, int64_t ld) {
-  scan_simd<Avx512>(tables, nq, ksub, codes, n, m, dist, ld);
-}
-
-void scan_u16_avx512(const float* tables, int64_t nq, int64_t ksub, const uint16_t* codes,
-                     int64_t n, int64_t m, float* dist, int64_t ld) {
-  scan_simd<Avx512>(tables, nq, ksub, codes, n, m, dist, ld);
-}
-
-const Kernels kAvx512Kernels = {assign_avx512, topk_avx512, table_avx512, scan_u8_avx512,
-                                 scan_u16_avx512};
+const Kernels kAvx512Kernels = simd_kernels<Avx512>();
 
 }  // namespace
 

@@ -261,5 +261,13 @@ inline void scan_simd(const float* tables, int64_t nq, int64_t ksub, const Code*
   scan_scalar(tables, nq, ksub, codes + i * m, n - i, m, dist + i, ld);
 }
 
+// The table of one vector ISA V: every entry the templates of this file instantiated for V
+// (avx2.cpp and avx512.cpp differ only in V).
+template <class V>
+constexpr Kernels simd_kernels() {
+  return {assign_simd<V>, topk_simd<V>, table_simd<V>, scan_simd<V, uint8_t>,
+          scan_simd<V, uint16_t>};
+}
+
 }  // namespace vq
 }  // namespace qk
