@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cpu/gemm/lut4/kernels.h"
+#include "cpu/runtime/prefetch.h"
 #include "cpu/runtime/simd_f32.h"
 #include "cpu/gemm/lut4/tiles.h"
 
@@ -92,13 +93,6 @@ inline float hsum(__m512 v) { return simd::F32x16::sum(v); }
 // bit 4q of dword l (vpermps reads the low 4 bits); one 64-byte load and a shift each.
 inline __m512i nibbles(__m512i d, int q) { return _mm512_srlv_epi32(d, _mm512_set1_epi32(4 * q)); }
 
-// The line `ahead` bytes past p into L2: the same columns of the next pass's rows (R rows
-// ahead), so every row's stream is in flight before the pass reaches it (weights cold: nf4
-// b64 4096 x 4096 M = 1 ran 1.6x faster than with no software prefetch).
-inline void prefetch_next(const uint8_t* p, int64_t ahead) {
-  _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T1);
-}
-
 // One row of x (xs: shuffled, see gemv) against rows [j, j + R) of W. Columns [0, k128) in
 // 128-code steps: for groups >= 128, the group's scaled table decodes (weights table[c] * s);
 // for smaller groups (several per step) each step accumulates x * table[c] and multiplies the
@@ -122,7 +116,7 @@ void gemv_rows(const Lut4Args& a, __m512 table, const float* xs, int64_t j, floa
       for (int64_t e = g * G; e < (g + 1) * G; e += 128) {
         __m512i d[R];
         for (int r = 0; r < R; ++r) {
-          prefetch_next(p[r] + (e >> 1), R * rb);
+          prefetch_l2(p[r] + (e >> 1), R * rb);
           d[r] = _mm512_loadu_si512(p[r] + (e >> 1));
         }
         for (int q = 0; q < 8; q += 2) {
@@ -144,7 +138,7 @@ void gemv_rows(const Lut4Args& a, __m512 table, const float* xs, int64_t j, floa
       __m512i d[R];
       __m512 u0[R], u1[R];
       for (int r = 0; r < R; ++r) {
-        prefetch_next(p[r] + (e >> 1), R * rb);
+        prefetch_l2(p[r] + (e >> 1), R * rb);
         d[r] = _mm512_loadu_si512(p[r] + (e >> 1));
         u0[r] = u1[r] = _mm512_setzero_ps();
       }
