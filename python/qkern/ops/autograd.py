@@ -29,6 +29,7 @@ import torch
 from . import checks
 from .lut4 import dq_scales
 from .schemas import LIB
+from .vq import decode_vq, unpack_codes
 
 __all__ = ["CHUNK_ELEMENTS", "FROZEN", "decode_rows", "frozen_error"]
 
@@ -47,10 +48,11 @@ FROZEN = {
     "gemm_w8a16": ("w_scale",),
     "ste_w8": ("w_scale",),
     "gemm_w8a8_mixed": ("w_scale",),
+    "gemm_vq": ("codebooks", "scales"),
 }
 _ROWS = {"gemm_w4": 8, "gemm_w23": 8, "gemm_binary": 8, "gemm_ternary": 8, "gemm_w8a8": 16,
          "gemm_w8a16": 16, "ste_w8": 16,
-         "gemm_w8a8_mixed": 16}  # rows per tile of the packed layout (1: plain rows)
+         "gemm_w8a8_mixed": 16, "gemm_vq": 16}  # rows per tile of the packed layout (1: plain rows)
 
 
 def frozen_error(op: str, name: str) -> RuntimeError:
@@ -187,6 +189,8 @@ _DECODE = {
     "gemm_w8a16": _w8,
     "ste_w8": _w8,
     "gemm_w8a8_mixed": _w8,
+    "gemm_vq": lambda a, r0, r1: decode_vq(unpack_codes(a["packed"], r0, r1), a["codebooks"],
+                                           a["scales"], a["group_rows"], r0),
 }
 
 

@@ -146,6 +146,11 @@ MATMUL_SCHEMAS = {
         "gemm_w8a8_mixed(Tensor x, Tensor packed_w, Tensor w_scale, Tensor? bias, int N, int K, "
         "Tensor threshold) -> Tensor"
     ),
+    # vector-quantized weights (ops/vq.py; qkern.vq.VQLinear)
+    "gemm_vq": (
+        "gemm_vq(Tensor x, Tensor packed, Tensor codebooks, Tensor? scales, Tensor? bias, int N, "
+        "int K, int group_rows) -> Tensor"
+    ),
 }
 
 for _schema in (*SCHEMAS.values(), *MATMUL_SCHEMAS.values()):
@@ -281,6 +286,12 @@ def _(x, packed, scales, table, bias, N, K, group_size):
 @torch.library.register_fake("qkern::gemm_lut4_dq")
 def _(x, packed, qscales, scale2, mean, table, bias, N, K, group_size, dq_group):
     torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_lut4_dq: x must be (M, K)")
+    return _out(x, N)
+
+
+@torch.library.register_fake("qkern::gemm_vq")
+def _(x, packed, codebooks, scales, bias, N, K, group_rows):
+    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_vq: x must be (M, K)")
     return _out(x, N)
 
 

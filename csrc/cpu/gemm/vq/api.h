@@ -1,0 +1,38 @@
+// Fused matmul for vector-quantized weights (python/qkern/vq/linear.py VQLinear, GPTVQ's
+// layout): y[i][r] = sum_v s[r][v / spv] * dot(x[i][v*dim .. v*dim+dim), book[g(r)][code[r][v]])
+// (+ bias[r]), g(r) = r / group_rows, without decoding the weight.
+//
+// Operands. codes packed in blocks of 16 rows (kVqRows), `packed` (ceil(n/16), nv, 16):
+// packed[b][v][l] = code of row 16 b + l, vector v (rows past n: any valid code, their outputs
+// are dropped); uint8 or uint16. books (groups, kc, dim) float32, groups = ceil(n /
+// group_rows). scales null or (n, nseg) float32, nseg dividing nv (spv = nv / nseg vectors per
+// segment). x (m, nv * dim), y (m, n), bias null or (n).
+//
+// Two algorithms, chosen by the shapes only (never by the ISA or thread count):
+// - table (group_rows % 16 == 0, or one codebook): a block of 16 rows shares its codebook, so
+//   for each x row and vector v the kc dot products t[v][c] = x_v . book[c] are computed once
+//   (in tiles of at most 4096 floats, L1-resident) and each row adds t[v][code] (16 rows per
+//   SIMD vector: a lane permutation for kc <= 16 (AVX-512; 8 on AVX2) or 32, else a gather);
+// - lanes (anything else, e.g. a codebook per row): each lane decodes its own row's entries
+//   (gathers) and multiplies them by x.
+// Float contract, bit-identical on every ISA and thread count (mul then add, no FMA):
+//   t[v][c] = x[v dim] b[c][0] + x[v dim + 1] b[c][1] + ... (sequentially; the lanes path the
+//   same with b = its row's entry), per segment part = sum over its vectors in order of t,
+//   acc = acc + s * part (no scales: acc = sum of t in v order), y = acc (+ bias).
+// A code >= kc raises std::invalid_argument (the result is then unspecified): no out-of-range
+// read happens (indices are clamped before the look-up, the check is folded into the loop).
+#pragma once
+#include <cstdint>
+
+namespace qk {
+
+constexpr int64_t kVqRows = 16;
+
+void gemm_vq(const float* x, int64_t m, const uint8_t* packed, int64_t n, int64_t nv,
+             const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
+             const float* scales, int64_t nseg, const float* bias, float* y);
+void gemm_vq(const float* x, int64_t m, const uint16_t* packed, int64_t n, int64_t nv,
+             const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
+             const float* scales, int64_t nseg, const float* bias, float* y);
+
+}  // namespace qk

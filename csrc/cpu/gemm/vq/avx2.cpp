@@ -1,0 +1,64 @@
+// AVX2 loops of gemm_vq: 8 rows per vector (two per block of 16); tables of <= 8 entries by
+// vpermps, larger by vgatherdps. Same float operations as scalar.cpp (kernels.h).
+#include <immintrin.h>
+
+#include "cpu/gemm/vq/kernels.h"
+#include "cpu/runtime/simd_f32.h"
+
+namespace qk {
+namespace vqmm {
+namespace {
+
+struct Avx2 : simd::F32x8 {
+  using I = __m256i;
+  static constexpr int64_t kPerm = 8;
+  static I keep(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n < 8 ? n : 8)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static T load_n(const float* p, int64_t n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, keep(n));
+  }
+  static void store_n(float* p, T v, int64_t n) {
+    if (n >= 8)
+      _mm256_storeu_ps(p, v);
+    else
+      _mm256_maskstore_ps(p, keep(n), v);
+  }
+  static I codes(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  static I codes(const uint16_t* p) {
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static I zeroi() { return _mm256_setzero_si256(); }
+  static I set1i(int32_t v) { return _mm256_set1_epi32(v); }
+  static I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
+  static I addi(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I mulsmall(I a, int64_t k) {
+    return _mm256_mullo_epi32(a, _mm256_set1_epi32(static_cast<int32_t>(k)));
+  }
+  static I umax(I a, I b) { return _mm256_max_epu32(a, b); }
+  static I clamp(I a, I last) { return _mm256_min_epu32(a, last); }
+  static uint32_t hmax(I a) {
+    alignas(32) uint32_t v[8];
+    _mm256_store_si256(reinterpret_cast<I*>(v), a);
+    uint32_t m = v[0];
+    for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+  }
+  // row[ix] for kc <= 8 (vpermps reads the low 3 bits: never a read past the row).
+  static T lookup(const float* row, int64_t kc, I ix) {
+    return _mm256_permutevar8x32_ps(load_n(row, kc), ix);
+  }
+  static T gather(const float* base, I ix) { return _mm256_i32gather_ps(base, ix, 4); }
+};
+
+const Kernels kAvx2Kernels = simd_kernels<Avx2>();
+
+}  // namespace
+
+const Kernels* avx2_kernels() { return &kAvx2Kernels; }
+
+}  // namespace vqmm
+}  // namespace qk

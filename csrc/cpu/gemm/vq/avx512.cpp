@@ -1,0 +1,53 @@
+// AVX-512 loops of gemm_vq: 16 rows per vector; tables of <= 16 entries by vpermps, <= 32 by
+// vpermt2ps, larger by vgatherdps. Same float operations as scalar.cpp (kernels.h).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+
+#include "cpu/gemm/vq/kernels.h"
+#include "cpu/runtime/simd_f32.h"
+
+namespace qk {
+namespace vqmm {
+namespace {
+
+struct Avx512 : simd::F32x16 {
+  using I = __m512i;
+  static constexpr int64_t kPerm = 32;
+  static __mmask16 first(int64_t n) {
+    return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+  }
+  static T load_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  static void store_n(float* p, T v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
+  static I codes(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static I codes(const uint16_t* p) {
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static I zeroi() { return _mm512_setzero_si512(); }
+  static I set1i(int32_t v) { return _mm512_set1_epi32(v); }
+  static I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static I addi(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I mulsmall(I a, int64_t k) {
+    return _mm512_mullo_epi32(a, _mm512_set1_epi32(static_cast<int32_t>(k)));
+  }
+  static I umax(I a, I b) { return _mm512_max_epu32(a, b); }
+  static I clamp(I a, I last) { return _mm512_min_epu32(a, last); }
+  static uint32_t hmax(I a) { return _mm512_reduce_max_epu32(a); }
+  // row[ix] for kc <= 32 (indices use their low 4 / 5 bits: never a read past the row).
+  static T lookup(const float* row, int64_t kc, I ix) {
+    if (kc <= 16) return _mm512_permutexvar_ps(ix, load_n(row, kc));
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(row), ix, load_n(row + 16, kc - 16));
+  }
+  static T gather(const float* base, I ix) { return _mm512_i32gather_ps(ix, base, 4); }
+};
+
+const Kernels kAvx512Kernels = simd_kernels<Avx512>();
+
+}  // namespace
+
+const Kernels* avx512_kernels() { return &kAvx512Kernels; }
+
+}  // namespace vqmm
+}  // namespace qk

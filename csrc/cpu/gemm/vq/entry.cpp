@@ -1,0 +1,199 @@
+// gemm_vq entry point (api.h): the table / lanes algorithm over blocks of 16 rows, tasks of
+// whole blocks on the thread pool (each output computed by one task, the same way whatever
+// the split), the segment scales applied here (shared by every ISA).
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/gemm/vq/kernels.h"
+#include "cpu/runtime/threadpool.h"
+
+namespace qk {
+namespace {
+
+constexpr int64_t kLutFloats = 4096;                // one x row's look-up tile: 16 KiB
+constexpr int64_t kMinParallel = int64_t{1} << 16;  // weights below which one thread runs
+
+template <class Code>
+struct Call {
+  const float* x;
+  int64_t m;
+  const Code* packed;
+  int64_t n, nv;
+  const float* books;
+  int64_t groups, kc, dim, group_rows;
+  const float* scales;
+  int64_t nseg;
+  const float* bias;
+  float* y;
+  std::vector<float> bookt;  // table path: (groups, dim, kc)
+};
+
+template <class Code>
+uint32_t run_acc(const vqmm::Kernels& kern, const float* lut, int64_t kc, int64_t nvt,
+                 const Code* codes, float* acc) {
+  if constexpr (sizeof(Code) == 1)
+    return kern.acc_u8(lut, kc, nvt, codes, acc);
+  else
+    return kern.acc_u16(lut, kc, nvt, codes, acc);
+}
+
+template <class Code>
+uint32_t run_lane(const vqmm::Kernels& kern, const float* x, int64_t nvt, int64_t dim,
+                  const Code* codes, int64_t kc, const float* books, const int32_t* base,
+                  float* acc) {
+  if constexpr (sizeof(Code) == 1)
+    return kern.lane_u8(x, nvt, dim, codes, kc, books, base, acc);
+  else
+    return kern.lane_u16(x, nvt, dim, codes, kc, books, base, acc);
+}
+
+// acc = acc + s * part for the 16 rows of block b, segment s (rows past n: nothing added).
+template <class Code>
+void add_scaled(const Call<Code>& c, int64_t b, int64_t seg, const float* part, float* acc) {
+  for (int64_t l = 0; l < kVqRows; ++l) {
+    const int64_t r = b * kVqRows + l;
+    if (r < c.n) acc[l] = acc[l] + c.scales[r * c.nseg + seg] * part[l];
+  }
+}
+
+template <class Code>
+void store(const Call<Code>& c, int64_t b, int64_t i, const float* acc) {
+  for (int64_t l = 0; l < kVqRows; ++l) {
+    const int64_t r = b * kVqRows + l;
+    if (r < c.n) c.y[i * c.n + r] = c.bias ? acc[l] + c.bias[r] : acc[l];
+  }
+}
+
+// The table path over blocks [b0, b1): per codebook group, per segment, per tile of vectors.
+template <class Code>
+uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
+  const auto& kern = vqmm::kernels();
+  const int64_t spv = c.nv / c.nseg, m = c.m, kc = c.kc;
+  const int64_t tile = std::max<int64_t>(1, std::min(spv, kLutFloats / kc));
+  std::vector<float> lut(static_cast<size_t>(m * tile * kc));
+  uint32_t top = 0;
+  for (int64_t b = b0; b < b1;) {
+    const int64_t g = c.groups == 1 ? 0 : b * kVqRows / c.group_rows;
+    const int64_t end = c.groups == 1 ? b1 : std::min(b1, (g + 1) * c.group_rows / kVqRows);
+    const int64_t nbk = end - b;
+    std::vector<float> acc(static_cast<size_t>(nbk * m * kVqRows), 0.0f);
+    std::vector<float> part(c.scales ? acc.size() : 0);
+    const float* bt = c.bookt.data() + g * c.dim * kc;
+    for (int64_t s = 0; s < c.nseg; ++s) {
+      float* target = c.scales ? part.data() : acc.data();
+      std::fill(part.begin(), part.end(), 0.0f);
+      for (int64_t v0 = s * spv; v0 < (s + 1) * spv; v0 += tile) {
+        const int64_t nvt = std::min(tile, (s + 1) * spv - v0);
+        for (int64_t i = 0; i < m; ++i)
+          kern.build(c.x + i * c.nv * c.dim + v0 * c.dim, nvt, c.dim, bt, kc,
+                     lut.data() + i * tile * kc);
+        for (int64_t bb = b; bb < end; ++bb) {
+          const Code* codes = c.packed + (bb * c.nv + v0) * kVqRows;
+          for (int64_t i = 0; i < m; ++i)
+            top = std::max(top, run_acc(kern, lut.data() + i * tile * kc, kc, nvt, codes,
+                                        target + ((bb - b) * m + i) * kVqRows));
+        }
+      }
+      if (c.scales)
+        for (int64_t bb = b; bb < end; ++bb)
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t o = ((bb - b) * m + i) * kVqRows;
+            add_scaled(c, bb, s, part.data() + o, acc.data() + o);
+          }
+    }
+    for (int64_t bb = b; bb < end; ++bb)
+      for (int64_t i = 0; i < m; ++i) store(c, bb, i, acc.data() + ((bb - b) * m + i) * kVqRows);
+    b = end;
+  }
+  return top;
+}
+
+// The lanes path over blocks [b0, b1): each lane its own row's codebook.
+template <class Code>
+uint32_t lane_task(const Call<Code>& c, int64_t b0, int64_t b1) {
+  const auto& kern = vqmm::kernels();
+  const int64_t spv = c.nv / c.nseg;
+  uint32_t top = 0;
+  int32_t base[kVqRows];
+  float acc[kVqRows], part[kVqRows];
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t l = 0; l < kVqRows; ++l) {
+      const int64_t r = std::min(b * kVqRows + l, c.n - 1);
+      base[l] = static_cast<int32_t>(r / c.group_rows * c.kc * c.dim);
+    }
+    const Code* codes = c.packed + b * c.nv * kVqRows;
+    for (int64_t i = 0; i < c.m; ++i) {
+      const float* x = c.x + i * c.nv * c.dim;
+      std::fill(acc, acc + kVqRows, 0.0f);
+      for (int64_t s = 0; s < c.nseg; ++s) {
+        float* target = c.scales ? part : acc;
+        std::fill(part, part + kVqRows, 0.0f);
+        top = std::max(top, run_lane(kern, x + s * spv * c.dim, spv, c.dim,
+                                     codes + s * spv * kVqRows, c.kc, c.books, base, target));
+        if (c.scales) add_scaled(c, b, s, part, acc);
+      }
+      store(c, b, i, acc);
+    }
+  }
+  return top;
+}
+
+template <class Code>
+void run(Call<Code>& c) {
+  if (c.m <= 0 || c.n <= 0) return;
+  if (c.nv <= 0) {  // K = 0: y = bias
+    for (int64_t i = 0; i < c.m; ++i)
+      for (int64_t r = 0; r < c.n; ++r) c.y[i * c.n + r] = c.bias ? c.bias[r] : 0.0f;
+    return;
+  }
+  const bool table = c.groups == 1 || c.group_rows % kVqRows == 0;
+  if (table) {
+    c.bookt.resize(static_cast<size_t>(c.groups * c.dim * c.kc));
+    for (int64_t g = 0; g < c.groups; ++g)
+      for (int64_t e = 0; e < c.kc; ++e)
+        for (int64_t d = 0; d < c.dim; ++d)
+          c.bookt[(g * c.dim + d) * c.kc + e] = c.books[(g * c.kc + e) * c.dim + d];
+  }
+  const int64_t nb = (c.n + kVqRows - 1) / kVqRows;
+  const int threads = pool_threads();
+  // one task per thread when a codebook spans the layer (each task builds its tables once)
+  const int64_t tasks = threads == 1 || c.n * c.nv * c.dim < kMinParallel
+                            ? 1
+                            : std::min<int64_t>(nb, c.groups == 1 ? threads : 4 * threads);
+  std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
+  auto task = [&](int64_t t) {
+    const int64_t b0 = nb * t / tasks, b1 = nb * (t + 1) / tasks;
+    tops[t] = table ? table_task(c, b0, b1) : lane_task(c, b0, b1);
+  };
+  if (tasks == 1)
+    task(0);
+  else
+    parallel_for(tasks, task);
+  const uint32_t top = *std::max_element(tops.begin(), tops.end());
+  if (top >= static_cast<uint64_t>(c.kc))
+    throw std::invalid_argument("gemm_vq: code " + std::to_string(top) +
+                                " is out of range for a codebook of " + std::to_string(c.kc) +
+                                " entries");
+}
+
+}  // namespace
+
+void gemm_vq(const float* x, int64_t m, const uint8_t* packed, int64_t n, int64_t nv,
+             const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
+             const float* scales, int64_t nseg, const float* bias, float* y) {
+  Call<uint8_t> c{x, m, packed, n, nv, books, groups, kc, dim, group_rows,
+                  scales, scales ? nseg : 1, bias, y, {}};
+  run(c);
+}
+
+void gemm_vq(const float* x, int64_t m, const uint16_t* packed, int64_t n, int64_t nv,
+             const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
+             const float* scales, int64_t nseg, const float* bias, float* y) {
+  Call<uint16_t> c{x, m, packed, n, nv, books, groups, kc, dim, group_rows,
+                   scales, scales ? nseg : 1, bias, y, {}};
+  run(c);
+}
+
+}  // namespace qk

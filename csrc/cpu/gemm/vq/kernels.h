@@ -1,0 +1,117 @@
+// Internal interface of the VQ matmul (api.h): the per-ISA inner loops over one block of 16
+// rows and the templates the SIMD files instantiate.
+#pragma once
+#include <cstdint>
+
+#include "cpu/gemm/vq/api.h"
+#include "cpu/runtime/isa.h"
+
+namespace qk {
+namespace vqmm {
+
+// Every entry returns the largest code it read (the caller checks it against kc); indices are
+// clamped to kc - 1 before any look-up.
+struct Kernels {
+  // lut (nvt, kc): lut[v][c] = sum_d x[v dim + d] * bookt[d][c] (bookt (dim, kc), api.h order)
+  void (*build)(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t kc,
+                float* lut);
+  // acc[l] += lut[v][codes[v][l]] for v < nvt in order (codes (nvt, 16)).
+  uint32_t (*acc_u8)(const float* lut, int64_t kc, int64_t nvt, const uint8_t* codes,
+                     float* acc);
+  uint32_t (*acc_u16)(const float* lut, int64_t kc, int64_t nvt, const uint16_t* codes,
+                      float* acc);
+  // acc[l] += sum_d books[base[l] + code dim + d] * x[v dim + d] for v < nvt (the lanes path).
+  uint32_t (*lane_u8)(const float* x, int64_t nvt, int64_t dim, const uint8_t* codes,
+                      int64_t kc, const float* books, const int32_t* base, float* acc);
+  uint32_t (*lane_u16)(const float* x, int64_t nvt, int64_t dim, const uint16_t* codes,
+                       int64_t kc, const float* books, const int32_t* base, float* acc);
+};
+
+extern const Kernels kScalarKernels;  // scalar.cpp
+const Kernels* avx2_kernels();        // avx2.cpp
+const Kernels* avx512_kernels();      // avx512.cpp
+
+inline const Kernels& kernels() {
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
+  return pick(by_isa);
+}
+
+// The SIMD loops, V a float vector of V::kW lanes (16 / V::kW vectors per block) with
+// load_n / store_n (the first n lanes), codes(p) (V::kW codes at p as int32 lanes), clamp,
+// umax, lookup(row, kc, idx) (row[idx] for kc <= V::kPerm entries, a permutation) and
+// gather(base, idx) (base[idx]).
+template <class V>
+void build_simd(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t kc,
+                float* lut) {
+  for (int64_t v = 0; v < nvt; ++v, lut += kc) {
+    const float* xv = x + v * dim;
+    for (int64_t c = 0; c < kc; c += V::kW) {
+      const int64_t w = kc - c < V::kW ? kc - c : V::kW;
+      typename V::T t = V::mul(V::set1(xv[0]), V::load_n(bookt + c, w));
+      for (int64_t d = 1; d < dim; ++d)
+        t = V::add(t, V::mul(V::set1(xv[d]), V::load_n(bookt + d * kc + c, w)));
+      V::store_n(lut + c, t, w);
+    }
+  }
+}
+
+template <class V, bool kPerm, class Code>
+uint32_t acc_loop(const float* lut, int64_t kc, int64_t nvt, const Code* codes, float* acc) {
+  constexpr int kVec = static_cast<int>(kVqRows / V::kW);
+  typename V::T a[kVec];
+  typename V::I top = V::zeroi();
+  const typename V::I last = V::set1i(static_cast<int32_t>(kc - 1));
+  for (int u = 0; u < kVec; ++u) a[u] = V::load(acc + u * V::kW);
+  for (int64_t v = 0; v < nvt; ++v, lut += kc, codes += kVqRows)
+    for (int u = 0; u < kVec; ++u) {
+      typename V::I ix = V::codes(codes + u * V::kW);
+      top = V::umax(top, ix);
+      if constexpr (kPerm) {
+        a[u] = V::add(a[u], V::lookup(lut, kc, ix));
+      } else {
+        ix = V::clamp(ix, last);
+        a[u] = V::add(a[u], V::gather(lut, ix));
+      }
+    }
+  for (int u = 0; u < kVec; ++u) V::store(acc + u * V::kW, a[u]);
+  return V::hmax(top);
+}
+
+template <class V, class Code>
+uint32_t acc_simd(const float* lut, int64_t kc, int64_t nvt, const Code* codes, float* acc) {
+  return kc <= V::kPerm ? acc_loop<V, true>(lut, kc, nvt, codes, acc)
+                        : acc_loop<V, false>(lut, kc, nvt, codes, acc);
+}
+
+template <class V, class Code>
+uint32_t lane_simd(const float* x, int64_t nvt, int64_t dim, const Code* codes, int64_t kc,
+                   const float* books, const int32_t* base, float* acc) {
+  constexpr int kVec = static_cast<int>(kVqRows / V::kW);
+  typename V::I top = V::zeroi();
+  const typename V::I last = V::set1i(static_cast<int32_t>(kc - 1));
+  for (int u = 0; u < kVec; ++u) {
+    typename V::T a = V::load(acc + u * V::kW);
+    const typename V::I b = V::loadi(base + u * V::kW);
+    for (int64_t v = 0; v < nvt; ++v) {
+      const typename V::I ix = V::codes(codes + v * kVqRows + u * V::kW);
+      top = V::umax(top, ix);
+      const typename V::I at = V::addi(b, V::mulsmall(V::clamp(ix, last), dim));
+      const float* xv = x + v * dim;
+      typename V::T t = V::mul(V::gather(books, at), V::set1(xv[0]));
+      for (int64_t d = 1; d < dim; ++d)
+        t = V::add(t, V::mul(V::gather(books + d, at), V::set1(xv[d])));
+      a = V::add(a, t);
+    }
+    V::store(acc + u * V::kW, a);
+  }
+  return V::hmax(top);
+}
+
+template <class V>
+constexpr Kernels simd_kernels() {
+  return {build_simd<V>, acc_simd<V, uint8_t>, acc_simd<V, uint16_t>, lane_simd<V, uint8_t>,
+          lane_simd<V, uint16_t>};
+}
+
+}  // namespace vqmm
+}  // namespace qk

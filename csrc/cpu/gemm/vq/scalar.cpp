@@ -1,0 +1,58 @@
+// Scalar reference loops of gemm_vq (api.h float contract; -ffp-contract=off: no FMA).
+#include "cpu/gemm/vq/kernels.h"
+
+namespace qk {
+namespace vqmm {
+namespace {
+
+void build(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t kc,
+           float* lut) {
+  for (int64_t v = 0; v < nvt; ++v)
+    for (int64_t c = 0; c < kc; ++c) {
+      float t = x[v * dim] * bookt[c];
+      for (int64_t d = 1; d < dim; ++d) t = t + x[v * dim + d] * bookt[d * kc + c];
+      lut[v * kc + c] = t;
+    }
+}
+
+template <class Code>
+uint32_t acc(const float* lut, int64_t kc, int64_t nvt, const Code* codes, float* acc) {
+  uint32_t top = 0;
+  for (int64_t l = 0; l < kVqRows; ++l) {
+    float a = acc[l];
+    for (int64_t v = 0; v < nvt; ++v) {
+      const uint32_t c = codes[v * kVqRows + l];
+      top = c > top ? c : top;
+      a = a + lut[v * kc + (c < kc ? c : kc - 1)];
+    }
+    acc[l] = a;
+  }
+  return top;
+}
+
+template <class Code>
+uint32_t lane(const float* x, int64_t nvt, int64_t dim, const Code* codes, int64_t kc,
+              const float* books, const int32_t* base, float* acc) {
+  uint32_t top = 0;
+  for (int64_t l = 0; l < kVqRows; ++l) {
+    float a = acc[l];
+    for (int64_t v = 0; v < nvt; ++v) {
+      const uint32_t c = codes[v * kVqRows + l];
+      top = c > top ? c : top;
+      const float* e = books + base[l] + (c < kc ? c : kc - 1) * dim;
+      float t = e[0] * x[v * dim];
+      for (int64_t d = 1; d < dim; ++d) t = t + e[d] * x[v * dim + d];
+      a = a + t;
+    }
+    acc[l] = a;
+  }
+  return top;
+}
+
+}  // namespace
+
+const Kernels kScalarKernels = {build, acc<uint8_t>, acc<uint16_t>, lane<uint8_t>,
+                                 lane<uint16_t>};
+
+}  // namespace vqmm
+}  // namespace qk

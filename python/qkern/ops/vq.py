@@ -1,0 +1,120 @@
+"""qkern::gemm_vq: fused matmul over vector-quantized weights (:class:`qkern.vq.linear.VQLinear`,
+GPTVQ's layout), without decoding the weight (csrc/cpu/gemm/vq/api.h).
+
+``y = x @ W^T (+ bias)`` with ``W[r, v*dim:(v+1)*dim] = s[r, v // spv] * codebooks[r //
+group_rows, codes[r, v]]``: codes (N, nv) uint8 or uint16, codebooks (groups, kc, dim) float32
+(groups = ceil(N / group_rows)), scales None or (N, nseg) float32 (``spv = nv / nseg`` vectors
+per segment), K = nv * dim. The op takes the codes packed in blocks of 16 rows
+(:func:`pack_codes`: ``packed[b, v, l] = codes[16 b + l, v]``, (ceil(N / 16), nv, 16)).
+
+Numerics (float32, the same bits on every ISA and thread count): for a block of 16 rows that
+share a codebook the kernel computes each ``x_v . c`` once per codebook entry and adds
+``t[v][code]`` per row; a segment's sum is multiplied by its scale, so results agree with
+``x @ decode(...)^T`` to float32 rounding, not bit for bit. A code >= kc raises ValueError.
+
+>>> import torch
+>>> codes = torch.tensor([[0, 1], [1, 1]], dtype=torch.uint8)
+>>> books = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+>>> x = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+>>> torch.ops.qkern.gemm_vq(x, pack_codes(codes), books, None, None, 2, 4, 2).tolist()
+[[5.0, 7.0]]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from .raw import contig, ptr
+from .schemas import LIB
+
+__all__ = ["ROWS", "check_gemm_vq", "decode_vq", "pack_codes", "unpack_codes"]
+
+ROWS = 16  # rows per block of the packed layout
+_CODES = {torch.uint8: 256, torch.uint16: 65536}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, nv) uint8 / uint16 -> (ceil(N / 16), nv, 16), rows past N coded 0."""
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype not in _CODES:
+        raise TypeError("pack_codes: codes must be a 2-D uint8 or uint16 tensor (N, nv)")
+    n, nv = codes.shape
+    nb = -(-n // ROWS)
+    full = torch.cat((codes, codes.new_zeros((nb * ROWS - n, nv))))
+    return full.view(nb, ROWS, nv).transpose(1, 2).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0 .. r1`` of the codes (N, nv) from the packed layout (``r0`` a multiple of 16)."""
+    b0, b1 = r0 // ROWS, -(-r1 // ROWS)
+    p = packed[b0:b1]
+    return p.transpose(1, 2).reshape(-1, packed.shape[1])[:r1 - r0]
+
+
+def decode_vq(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor | None,
+              group_rows: int, row0: int = 0) -> torch.Tensor:
+    """The float32 weight rows ``row0 .. row0 + len(codes)`` (rows, nv * dim): each vector its
+    codebook entry, times its segment's scale (one float32 product); torch ops, any device,
+    differentiable in ``codebooks`` and ``scales``."""
+    rows, nv = codes.shape
+    g = torch.arange(row0, row0 + rows, device=codes.device) // group_rows
+    w = codebooks.float()[g[:, None], codes.to(torch.int64)].reshape(rows, -1)
+    if scales is None:
+        return w
+    s = scales[row0:row0 + rows].float()
+    return (w.view(rows, s.shape[1], -1) * s.unsqueeze(-1)).view(rows, -1)
+
+
+def check_gemm_vq(x, packed, codebooks, scales, bias, N: int, K: int, group_rows: int) -> None:
+    """Clear errors for arguments the kernel cannot take (module docstring)."""
+    def fail(msg, kind=ValueError):
+        raise kind(f"gemm_vq: {msg}")
+
+    for name, t in (("x", x), ("packed", packed), ("codebooks", codebooks), ("scales", scales),
+                    ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            fail(f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+        if t is not None and t.device.type != "cpu":
+            fail(f"{name} must be on the CPU, got {t.device}")
+    if x.dim() != 2 or x.shape[1] != K or x.dtype not in _FLOATS:
+        fail(f"x must be a float (M, K = {K}) tensor, got {x.dtype} {tuple(x.shape)}", TypeError)
+    if codebooks.dim() != 3 or codebooks.dtype not in _FLOATS:
+        fail("codebooks must be a float (groups, entries, dim) tensor", TypeError)
+    groups, kc, dim = codebooks.shape
+    if packed.dtype not in _CODES or packed.dim() != 3 or packed.shape[2] != ROWS:
+        fail(f"packed must be uint8 / uint16 codes (ceil(N / 16), nv, 16) (pack_codes), got "
+             f"{packed.dtype} {tuple(packed.shape)}", TypeError)
+    if not isinstance(group_rows, int) or group_rows < 1:
+        fail(f"group_rows must be an int >= 1, got {group_rows!r}")
+    nv = packed.shape[1]
+    if N < 0 or packed.shape[0] != -(-N // ROWS) or nv * dim != K:
+        fail(f"packed {tuple(packed.shape)} and codebooks of dim {dim} do not hold an "
+             f"(N = {N}, K = {K}) weight")
+    if kc < 1 or kc > _CODES[packed.dtype] or dim < 1:
+        fail(f"{kc} codebook entries of dim {dim} with {packed.dtype} codes")
+    if groups != -(-N // group_rows):
+        fail(f"{groups} codebooks for {N} rows in groups of {group_rows}; expected "
+             f"{-(-N // group_rows)}")
+    if scales is not None and (scales.dim() != 2 or scales.shape[0] != N or scales.shape[1] < 1
+                               or nv % scales.shape[1] or scales.dtype not in _FLOATS):
+        fail(f"scales must be float (N, nseg) with nseg dividing the {nv} vectors per row, got "
+             f"{scales.dtype} {tuple(scales.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        fail(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+
+
+def _gemm_vq_cpu(x, packed, codebooks, scales, bias, N, K, group_rows):
+    check_gemm_vq(x, packed, codebooks, scales, bias, N, K, group_rows)
+    x, books = contig(x, torch.float32), contig(codebooks, torch.float32)
+    scales, bias = contig(scales, torch.float32), contig(bias, torch.float32)
+    packed = packed.contiguous()
+    groups, kc, dim = codebooks.shape
+    y = torch.empty((x.shape[0], N), dtype=torch.float32)
+    _C.gemm_vq_raw(ptr(x), x.shape[0], ptr(packed), packed.dtype == torch.uint16, N,
+                   packed.shape[1], ptr(books), groups, kc, dim, group_rows, ptr(scales),
+                   0 if scales is None else scales.shape[1], ptr(bias), ptr(y))
+    return y
+
+
+LIB.impl("gemm_vq", _gemm_vq_cpu, "CPU")
