@@ -51,6 +51,8 @@ struct Avx2 : simd::F32x8 {
   static T lookup(const float* row, int64_t kc, I ix) {
     return _mm256_permutevar8x32_ps(load_n(row, kc), ix);
   }
+  // t[ix] for a table of <= 8 entries in a register
+  static T permute(T t, I ix) { return _mm256_permutevar8x32_ps(t, ix); }
   static T gather(const float* base, I ix) { return _mm256_i32gather_ps(base, ix, 4); }
 };
 

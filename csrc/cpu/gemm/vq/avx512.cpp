@@ -15,7 +15,8 @@ struct Avx512 : simd::F32x16 {
   using I = __m512i;
   static constexpr int64_t kPerm = 32;
   static __mmask16 first(int64_t n) {
-    return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+    return n >= 16 ? static_cast<__mmask16>(0xFFFF)
+                   : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
   }
   static T load_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
   static void store_n(float* p, T v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
@@ -40,6 +41,8 @@ struct Avx512 : simd::F32x16 {
     if (kc <= 16) return _mm512_permutexvar_ps(ix, load_n(row, kc));
     return _mm512_permutex2var_ps(_mm512_loadu_ps(row), ix, load_n(row + 16, kc - 16));
   }
+  // t[ix] for a table of <= 16 entries in a register
+  static T permute(T t, I ix) { return _mm512_permutexvar_ps(ix, t); }
   static T gather(const float* base, I ix) { return _mm512_i32gather_ps(ix, base, 4); }
 };
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu/gemm/vq/kernels.h"
+#include "cpu/runtime/prefetch.h"
 #include "cpu/runtime/threadpool.h"
 
 namespace qk {
@@ -14,6 +15,7 @@ namespace {
 
 constexpr int64_t kLutFloats = 4096;                // one x row's look-up tile: 16 KiB
 constexpr int64_t kMinParallel = int64_t{1} << 16;  // weights below which one thread runs
+constexpr int64_t kAheadBlocks = 4;  // the table path prefetches this many blocks ahead
 
 template <class Code>
 struct Call {
@@ -37,6 +39,15 @@ uint32_t run_acc(const vqmm::Kernels& kern, const float* lut, int64_t kc, int64_
     return kern.acc_u8(lut, kc, nvt, codes, acc);
   else
     return kern.acc_u16(lut, kc, nvt, codes, acc);
+}
+
+template <class Code>
+uint32_t run_fused(const vqmm::Kernels& kern, const float* x, int64_t nvt, int64_t dim,
+                   const float* bookt, int64_t kc, const Code* codes, float* acc) {
+  if constexpr (sizeof(Code) == 1)
+    return kern.fused_u8(x, nvt, dim, bookt, kc, codes, acc);
+  else
+    return kern.fused_u16(x, nvt, dim, bookt, kc, codes, acc);
 }
 
 template <class Code>
@@ -72,7 +83,10 @@ uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
   const auto& kern = vqmm::kernels();
   const int64_t spv = c.nv / c.nseg, m = c.m, kc = c.kc;
   const int64_t tile = std::max<int64_t>(1, std::min(spv, kLutFloats / kc));
-  std::vector<float> lut(static_cast<size_t>(m * tile * kc));
+  // a codebook per one or two blocks: the table in registers (same bits, no table stored)
+  const bool fused = c.groups > 1 && c.group_rows <= 2 * kVqRows && kc <= kern.fused_kc &&
+                     c.dim <= 8;
+  std::vector<float> lut(fused ? 0 : static_cast<size_t>(m * tile * kc));
   uint32_t top = 0;
   for (int64_t b = b0; b < b1;) {
     const int64_t g = c.groups == 1 ? 0 : b * kVqRows / c.group_rows;
@@ -86,14 +100,27 @@ uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
       std::fill(part.begin(), part.end(), 0.0f);
       for (int64_t v0 = s * spv; v0 < (s + 1) * spv; v0 += tile) {
         const int64_t nvt = std::min(tile, (s + 1) * spv - v0);
-        for (int64_t i = 0; i < m; ++i)
+        for (int64_t i = 0; i < m && !fused; ++i)
           kern.build(c.x + i * c.nv * c.dim + v0 * c.dim, nvt, c.dim, bt, kc,
                      lut.data() + i * tile * kc);
         for (int64_t bb = b; bb < end; ++bb) {
           const Code* codes = c.packed + (bb * c.nv + v0) * kVqRows;
-          for (int64_t i = 0; i < m; ++i)
-            top = std::max(top, run_acc(kern, lut.data() + i * tile * kc, kc, nvt, codes,
-                                        target + ((bb - b) * m + i) * kVqRows));
+          // the tile's codes of a later block: rows of blocks lie nv * 16 codes apart, a
+          // stride the hardware prefetchers do not follow
+          if (bb + kAheadBlocks < end) {
+            const auto* next = reinterpret_cast<const uint8_t*>(codes + kAheadBlocks * c.nv *
+                                                                            kVqRows);
+            for (int64_t o = 0; o < nvt * kVqRows * int64_t{sizeof(Code)}; o += 64)
+              prefetch_l2(next, o);
+          }
+          for (int64_t i = 0; i < m; ++i) {
+            float* acc = target + ((bb - b) * m + i) * kVqRows;
+            const uint32_t t =
+                fused ? run_fused(kern, c.x + (i * c.nv + v0) * c.dim, nvt, c.dim, bt, kc, codes,
+                                  acc)
+                      : run_acc(kern, lut.data() + i * tile * kc, kc, nvt, codes, acc);
+            top = std::max(top, t);
+          }
         }
       }
       if (c.scales)

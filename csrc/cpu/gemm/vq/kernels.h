@@ -25,6 +25,13 @@ struct Kernels {
                       int64_t kc, const float* books, const int32_t* base, float* acc);
   uint32_t (*lane_u16)(const float* x, int64_t nvt, int64_t dim, const uint16_t* codes,
                        int64_t kc, const float* books, const int32_t* base, float* acc);
+  // build then acc for one block whose table row fits a register (kc <= fused_kc; 0: none):
+  // the same bits, without storing the table (a block with a codebook of its own)
+  int64_t fused_kc;
+  uint32_t (*fused_u8)(const float* x, int64_t nvt, int64_t dim, const float* bookt,
+                       int64_t kc, const uint8_t* codes, float* acc);
+  uint32_t (*fused_u16)(const float* x, int64_t nvt, int64_t dim, const float* bookt,
+                        int64_t kc, const uint16_t* codes, float* acc);
 };
 
 extern const Kernels kScalarKernels;  // scalar.cpp
@@ -107,10 +114,34 @@ uint32_t lane_simd(const float* x, int64_t nvt, int64_t dim, const Code* codes, 
   return V::hmax(top);
 }
 
+// build_simd's row t (kc <= V::kW entries) kept in a register and looked up at once.
+template <class V, class Code>
+uint32_t fused_simd(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t kc,
+                    const Code* codes, float* acc) {
+  constexpr int kVec = static_cast<int>(kVqRows / V::kW);
+  typename V::T col[8], a[kVec];  // dim <= 8 (the caller's rule)
+  for (int64_t d = 0; d < dim; ++d) col[d] = V::load_n(bookt + d * kc, kc);
+  typename V::I top = V::zeroi();
+  for (int u = 0; u < kVec; ++u) a[u] = V::load(acc + u * V::kW);
+  for (int64_t v = 0; v < nvt; ++v, codes += kVqRows) {
+    const float* xv = x + v * dim;
+    typename V::T t = V::mul(V::set1(xv[0]), col[0]);
+    for (int64_t d = 1; d < dim; ++d) t = V::add(t, V::mul(V::set1(xv[d]), col[d]));
+    for (int u = 0; u < kVec; ++u) {
+      const typename V::I ix = V::codes(codes + u * V::kW);
+      top = V::umax(top, ix);
+      a[u] = V::add(a[u], V::permute(t, ix));
+    }
+  }
+  for (int u = 0; u < kVec; ++u) V::store(acc + u * V::kW, a[u]);
+  return V::hmax(top);
+}
+
 template <class V>
 constexpr Kernels simd_kernels() {
-  return {build_simd<V>, acc_simd<V, uint8_t>, acc_simd<V, uint16_t>, lane_simd<V, uint8_t>,
-          lane_simd<V, uint16_t>};
+  return {build_simd<V>,         acc_simd<V, uint8_t>,  acc_simd<V, uint16_t>,
+          lane_simd<V, uint8_t>, lane_simd<V, uint16_t>, V::kW,
+          fused_simd<V, uint8_t>, fused_simd<V, uint16_t>};
 }
 
 }  // namespace vqmm

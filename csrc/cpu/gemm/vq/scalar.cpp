@@ -52,7 +52,7 @@ uint32_t lane(const float* x, int64_t nvt, int64_t dim, const Code* codes, int64
 }  // namespace
 
 const Kernels kScalarKernels = {build, acc<uint8_t>, acc<uint16_t>, lane<uint8_t>,
-                                 lane<uint16_t>};
+                                 lane<uint16_t>, 0, nullptr, nullptr};
 
 }  // namespace vqmm
 }  // namespace qk
