@@ -33,6 +33,7 @@ with atheris.instrument_imports(include=["qkern"]):
 
     import qkern
     from qkern.nn import QuantLinear
+    from qkern.ops.vq import pack_codes
 
 CLEAN = (ValueError, TypeError)
 OPS = torch.ops.qkern
@@ -163,6 +164,22 @@ def target_matmul(fdp) -> None:
     q.dequantize_weight()
 
 
+def target_vq(fdp) -> None:
+    """qkern::gemm_vq on raw operands: codes possibly out of range, odd group sizes, scales."""
+    n, nv, dim = _int(fdp, 0, 40), _int(fdp, 0, 12), _int(fdp, 1, 9)
+    kc = fdp.PickValueInList([1, 3, 16, 32, 33, 256, 300])
+    gr = _int(fdp, 1, 48)
+    wide = kc > 256 or fdp.ConsumeBool()
+    hi = 65536 if wide else 256
+    codes = torch.from_numpy(np.array([_int(fdp, 0, min(hi - 1, kc + 2)) for _ in range(n * nv)],
+                                      dtype=np.int64)).reshape(n, nv)
+    codes = codes.to(torch.uint16 if wide else torch.uint8)
+    books = _tensor(fdp, [_int(fdp, 0, 4), kc, dim])
+    scales = _tensor(fdp, [n, _int(fdp, 1, 4)]) if fdp.ConsumeBool() else None
+    x = _tensor(fdp, [_int(fdp, 0, 5), nv * dim])
+    OPS.gemm_vq(x, pack_codes(codes), books, scales, None, n, nv * dim, gr)
+
+
 def target_load(fdp) -> None:
     path = os.path.join(TMP, "m.safetensors")
     data = fdp.ConsumeBytes(_int(fdp, 0, 4096))
@@ -191,7 +208,7 @@ def _saved_bytes() -> bytes:
 
 _SAVED = _saved_bytes()
 TARGETS = [target_quantize, target_bits, target_raw_quantize, target_matmul, target_load,
-           target_fake_quant]
+           target_fake_quant, target_vq]
 
 
 def test_one_input(data: bytes) -> None:

@@ -40,7 +40,7 @@ void gemm_vq_raw(uintptr_t x, int64_t m, uintptr_t packed, bool wide, int64_t n,
   qk::bind::checked_mul((n + 15) / 16 * 16, nv, "gemm_vq: packed codes");
   qk::bind::checked_mul(m, n, "gemm_vq: M x N");
   if (m == 0 || n == 0) return;
-  expect(x && y && (nv == 0 || (packed && books)), "null pointer");
+  expect(y && (nv == 0 || (x && packed && books)), "null pointer");
   py::gil_scoped_release nogil;
   const auto* xp = reinterpret_cast<const float*>(x);
   const auto* bp = reinterpret_cast<const float*>(books);

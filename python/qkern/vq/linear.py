@@ -11,9 +11,13 @@ times a per-row scale for each segment of ``scale_group`` input columns.
 - ``scales`` None or (out, in / scale_group) float16.
 
 ``W[r, v * dim:(v + 1) * dim] = scales[r, v * dim // scale_group] * codebooks[r // group_rows,
-codes[r, v]]`` (in float32), and ``forward(x) = x @ W^T + bias``: this pass decodes the whole
-weight and calls ``torch.nn.functional.linear`` on it (a correct reference path; no fused
-decode-GEMV kernel yet).
+codes[r, v]]`` (in float32), and ``forward(x) = x @ W^T + bias``. On the CPU, for up to
+``FUSED_MAX_ROWS`` rows of ``x`` (decoding), ``forward`` runs the fused kernel
+``qkern::gemm_vq`` (:mod:`qkern.ops.vq`: per block of 16 rows the dot products of ``x`` with
+the codebook entries, then one look-up per code; the weight is never decoded); otherwise, or
+when the codebooks or scales require grad (codebook fine-tuning), it decodes the weight
+(:meth:`dequantize_weight`) and calls ``torch.nn.functional.linear``. The two agree to float32
+rounding.
 
 ``bits_per_weight`` = (code bits + codebook bits + scale bits) / (out * in), the codes counted
 at ``log2(k)`` bits each (bit-packed: ``bits * dim`` per vector), codebook entries and scales
@@ -37,7 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VQLinear"]
+from ..ops.vq import decode_vq, pack_codes
+
+__all__ = ["FUSED_MAX_ROWS", "VQLinear"]
+
+#: the most rows of x (tokens) the fused kernel takes; more decode the weight once instead
+FUSED_MAX_ROWS = 8
 
 _FLOATS = (torch.float16, torch.float32)
 
@@ -81,17 +90,32 @@ class VQLinear(nn.Module):
                                                            requires_grad=False)
 
     def dequantize_weight(self) -> torch.Tensor:
-        """The decoded weight (out, in) float32."""
-        out, nv = self.codes.shape
-        rows = torch.arange(out, device=self.codes.device) // self.group_rows
-        w = self.codebooks.float()[rows[:, None], self.codes.to(torch.int64)]  # (out, nv, dim)
-        w = w.reshape(out, self.in_features)
-        if self.scales is not None:
-            seg = self.in_features // self.scales.shape[1]
-            w = w * self.scales.float().repeat_interleave(seg, dim=1)
-        return w
+        """The decoded weight (out, in) float32 (differentiable in the codebooks and scales)."""
+        return decode_vq(self.codes, self.codebooks, self.scales, self.group_rows)
+
+    def _fused_operands(self) -> tuple:
+        """(packed codes, float32 codebooks, float32 scales, float32 bias) for gemm_vq, rebuilt
+        when a buffer was replaced or changed in place since the last call."""
+        bufs = (self.codes, self.codebooks, self.scales, self.bias)
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in bufs)
+        if getattr(self, "_fused_key", None) != key:
+            f32 = (None if t is None else t.detach().float().contiguous() for t in bufs[1:])
+            self._fused = (pack_codes(self.codes), *f32)
+            self._fused_key = key
+        return self._fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.numel() // max(1, self.in_features)
+        trained = self.codebooks.requires_grad or (
+            self.scales is not None and self.scales.requires_grad)
+        if x.device.type == "cpu" and self.codes.device.type == "cpu" and not trained and (
+                rows <= FUSED_MAX_ROWS):
+            packed, books, scales, bias = self._fused_operands()
+            y = torch.ops.qkern.gemm_vq(x.reshape(rows, self.in_features), packed, books,
+                                        scales, bias, self.out_features, self.in_features,
+                                        self.group_rows)
+            return y.reshape(*lead, self.out_features).to(x.dtype)
         w = self.dequantize_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

@@ -1,0 +1,160 @@
+"""qkern::gemm_vq (fused matmul over vector-quantized weights, csrc/cpu/gemm/vq) and VQLinear's
+use of it, against a float64 numpy reference written from the definition (each vector of a row
+its codebook entry times its segment's scale), on every ISA the CPU has and 1 / 2 threads:
+every path (a codebook per layer, per 16 / 32 / 48 rows: the table path, kept in registers or
+not; per 1 / 3 / 8 rows: the lanes path), uint8 and uint16 codes, scales, bias."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.library import opcheck
+
+import isas
+import qkern
+from qkern.ops.vq import pack_codes
+from qkern.vq.linear import FUSED_MAX_ROWS, VQLinear
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit in opcheck
+
+OPS = torch.ops.qkern
+# (N, nv, dim, kc, group_rows (None: one codebook), segments (None: no scales), M)
+CASES = [
+    (37, 24, 2, 16, None, None, 1),    # per layer, kc 16 (vpermps on AVX-512)
+    (64, 32, 4, 256, None, None, 2),   # per layer, kc 256 (gathers)
+    (50, 16, 2, 32, 16, 4, 3),         # 16-row codebooks, kc 32, scales
+    (70, 24, 2, 16, 16, 3, 2),         # 16-row codebooks in registers, N % 16 != 0
+    (64, 20, 4, 8, 32, None, 1),       # 32-row codebooks in registers (AVX2 too: kc 8)
+    (96, 40, 2, 16, 48, 5, 2),         # 48-row codebooks: a shared table over 3 blocks
+    (48, 40, 1, 4, 1, 5, 1),           # a codebook per row (lanes path)
+    (33, 12, 8, 300, 8, 3, 2),         # uint16 codes, 8-row codebooks (lanes path)
+    (20, 8, 2, 16, 3, None, 9),        # 3-row codebooks, M = 9
+    (17, 6, 2, 1, None, 2, 4),         # a 1-entry codebook
+]
+
+
+def _data(n, nv, dim, kc, gr, nseg, m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gr = gr or n
+    dtype = torch.uint8 if kc <= 256 else torch.uint16
+    codes = torch.randint(0, kc, (n, nv), generator=g).to(dtype)
+    books = torch.randn(-(-n // gr), kc, dim, generator=g)
+    scales = None if nseg is None else torch.rand(n, nseg, generator=g) + 0.5
+    return (torch.randn(m, nv * dim, generator=g), codes, books, scales,
+            torch.randn(n, generator=g), gr)
+
+
+def _reference(x, codes, books, scales, bias, gr) -> np.ndarray:
+    """float64 y = x W^T + bias with W decoded from the definition, row by row."""
+    c = codes.to(torch.int64).numpy()
+    b = books.double().numpy()
+    n, nv = c.shape
+    w = np.empty((n, nv * b.shape[2]))
+    for r in range(n):
+        row = b[r // gr][c[r]]  # (nv, dim)
+        if scales is not None:
+            row = row * np.repeat(scales[r].double().numpy(), nv // scales.shape[1])[:, None]
+        w[r] = row.reshape(-1)
+    return x.double().numpy() @ w.T + bias.double().numpy()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_matches_reference_on_every_isa_and_thread_count(case):
+    x, codes, books, scales, bias, gr = _data(*case)
+    n, k = codes.shape[0], x.shape[1]
+    ref = _reference(x, codes, books, scales, bias, gr)
+    got = {}
+    for isa, threads in itertools.product(isas.HAVE, (1, 2)):
+        isas.use(isa)
+        qkern.set_num_threads(threads)
+        got[isa, threads] = OPS.gemm_vq(x, pack_codes(codes), books, scales, bias, n, k, gr)
+    first = next(iter(got.values()))
+    for key, y in got.items():  # the same bits everywhere (api.h float contract)
+        assert torch.equal(y, first), key
+    scale = np.abs(ref).max() + 1e-30
+    assert np.abs(first.double().numpy() - ref).max() / scale < 1e-5
+
+
+def test_code_out_of_range_raises():
+    x, codes, books, _, _, gr = _data(20, 8, 2, 16, None, None, 1)
+    for isa in isas.HAVE:
+        isas.use(isa)
+        bad = codes.clone()
+        bad[13, 5] = 16
+        with pytest.raises(ValueError, match="code 16 is out of range for a codebook of 16"):
+            OPS.gemm_vq(x, pack_codes(bad), books, None, None, 20, 16, gr)
+        wide = torch.randint(0, 300, (20, 8)).to(torch.uint16)
+        wide[0, 0] = 300
+        with pytest.raises(ValueError, match="out of range"):
+            OPS.gemm_vq(x, pack_codes(wide), torch.randn(1, 300, 2), None, None, 20, 16, 20)
+
+
+def test_bad_arguments_raise_clear_errors():
+    x, codes, books, scales, bias, gr = _data(32, 8, 2, 16, 16, 2, 2)
+    p = pack_codes(codes)
+    with pytest.raises(TypeError, match="x must be a float"):
+        OPS.gemm_vq(x[:, :5], p, books, None, None, 32, 16, gr)
+    with pytest.raises(TypeError, match="packed must be"):
+        OPS.gemm_vq(x, codes, books, None, None, 32, 16, gr)
+    with pytest.raises(ValueError, match="3 codebooks for 32 rows"):
+        OPS.gemm_vq(x, p, torch.randn(3, 16, 2), None, None, 32, 16, gr)
+    with pytest.raises(ValueError, match="scales must be"):
+        OPS.gemm_vq(x, p, books, torch.rand(32, 3), None, 32, 16, gr)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        OPS.gemm_vq(x, p, books, scales, torch.randn(31), 32, 16, gr)
+    with pytest.raises(ValueError, match="300 codebook entries"):
+        OPS.gemm_vq(x, p, torch.randn(2, 300, 2), None, None, 32, 16, gr)
+    with pytest.raises(ValueError, match="group_rows"):
+        OPS.gemm_vq(x, p, books, None, None, 32, 16, 0)
+    with pytest.raises(TypeError, match="uint8 or uint16"):
+        pack_codes(codes.to(torch.int32))
+
+
+def test_empty_shapes():
+    books = torch.randn(1, 4, 2)
+    y = OPS.gemm_vq(torch.randn(0, 6), pack_codes(torch.zeros(5, 3, dtype=torch.uint8)), books,
+                    None, None, 5, 6, 5)
+    assert y.shape == (0, 5)
+    bias = torch.randn(5)
+    y = OPS.gemm_vq(torch.randn(2, 0), pack_codes(torch.zeros(5, 0, dtype=torch.uint8)), books,
+                    None, bias, 5, 0, 5)
+    assert torch.equal(y, bias.expand(2, 5))
+
+
+def test_gradient_of_x_and_bias_and_opcheck():
+    x, codes, books, scales, bias, gr = _data(40, 10, 2, 16, 16, 5, 3)
+    w = torch.from_numpy(_reference(torch.eye(20), codes, books, scales, torch.zeros(40), gr).T)
+    xr = x.double().requires_grad_()
+    br = bias.double().requires_grad_()
+    (xr @ w.T + br).pow(2).sum().backward()
+    xq, bq = x.clone().requires_grad_(), bias.clone().requires_grad_()
+    OPS.gemm_vq(xq, pack_codes(codes), books, scales, bq, 40, 20, gr).pow(2).sum().backward()
+    assert torch.allclose(xq.grad.double(), xr.grad, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(bq.grad.double(), br.grad, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="codebooks requires grad"):
+        OPS.gemm_vq(x, pack_codes(codes), books.requires_grad_(), scales, bias, 40, 20, gr)
+    opcheck(OPS.gemm_vq.default, (x, pack_codes(codes), books.detach(), scales, bias, 40, 20, gr))
+
+
+def test_vqlinear_fused_forward_matches_decoded_weight():
+    x, codes, books, scales, bias, gr = _data(48, 12, 2, 16, 16, 3, 1, seed=3)
+    layer = VQLinear(codes, books.half(), scales.half(), bias, group_rows=gr)
+    ref = torch.from_numpy(_reference(torch.eye(24), codes, books.half().float(),
+                                      scales.half().float(), torch.zeros(48), gr).T).float()
+    for rows in (1, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1):  # fused, fused, decoded
+        xx = torch.randn(rows, 24)
+        want = xx.double() @ ref.double().T + bias.double()
+        assert torch.allclose(layer(xx).double(), want, rtol=1e-5, atol=1e-5)
+    # a change to the codebooks in place reaches the next call (the packed operands are rebuilt)
+    xx = torch.randn(1, 24)
+    before = layer(xx)
+    with torch.no_grad():
+        layer.codebooks.mul_(2)
+    assert torch.allclose(layer(xx) - bias, 2 * (before - bias), rtol=1e-3, atol=1e-3)
+    # codebooks that require grad (fine-tuning) take the differentiable decoded path
+    layer.codebooks.requires_grad_()
+    layer(torch.randn(2, 24)).sum().backward()
+    assert layer.codebooks.grad is not None and layer.codebooks.grad.abs().sum() > 0
