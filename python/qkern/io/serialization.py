@@ -40,6 +40,7 @@ from ..quantization import (
 from ..quantize import quantize
 from ..tensor import QTensor
 from ..version import __version__
+from ..vq.linear import VQLinear
 from .safetensors import read_safetensors, write_safetensors
 
 __all__ = ["BadFile", "check_loaded_layer", "layer_specs", "load", "rebuild_layer", "save"]
@@ -88,6 +89,8 @@ def _spec(m: nn.Module) -> dict | None:
                 "inner": _spec(m.module)}
     if isinstance(m, ParallelSum):  # TTQ: one layer as the sum of two ternary layers
         return {"type": "ParallelSum", "parts": [_spec(p) for p in m.parts]}
+    if isinstance(m, VQLinear):  # codes, codebooks and scales are in the state dict
+        return {"type": "VQLinear", "group_rows": m.group_rows, "bias": m.bias is not None}
     return None
 
 
@@ -148,7 +151,21 @@ _REBUILD: dict[str, tuple[type, Callable]] = {
                                 symmetric=s["symmetric"], rounding=s["rounding"])),
     "QuantEmbedding": (nn.Embedding, lambda f, s, saved, where, name: QuantEmbedding.from_float(
         f, s["fmt"], group_size=s["group_size"], symmetric=s["symmetric"])),
+    "VQLinear": (nn.Linear, lambda f, s, saved, where, name: _vq_linear(f, s, saved)),
 }
+
+
+def _vq_linear(f: nn.Linear, s: dict, saved: Callable) -> VQLinear:
+    """A VQLinear from the file's codes / codebooks / scales (its constructor checks them),
+    of the float layer's shape."""
+    codes, books = saved("codes"), saved("codebooks")
+    if codes is None or books is None:
+        raise ValueError("the file has no codes / codebooks for this VQLinear")
+    m = VQLinear(codes, books, saved("scales"), f.bias, s["group_rows"])
+    if (m.out_features, m.in_features) != tuple(f.weight.shape):
+        raise ValueError(f"its codes hold a ({m.out_features}, {m.in_features}) weight, the "
+                         f"model's layer is {tuple(f.weight.shape)}")
+    return m
 
 
 # the fields of each layer spec in the file and their JSON types (None: null)
@@ -161,6 +178,7 @@ _FIELDS = {"QuantLinear": _LINEAR_FIELDS, "QuantConv1d": _LINEAR_FIELDS,
            "DynamicWeightLinear": {"fmt": (str,), "group_size": (int, None),
                                    "symmetric": (bool,), "rounding": (str,)},
            "ActQuant": {"fmt": (str,), "zero_point": (bool,), "inner": (dict, None)},
+           "VQLinear": {"group_rows": (int,)},
            "ParallelSum": {"parts": (list,)}}
 _JSON_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
                list: "an array", None: "null"}
@@ -349,6 +367,11 @@ def _check_loaded(where: str, name: str, m: nn.Module) -> None:
     elif isinstance(m, ParallelSum):
         for i, part in enumerate(m.parts):
             _check_loaded(where, f"{name}.parts.{i}", part)
+    elif isinstance(m, VQLinear):
+        for key in ("codebooks", "scales"):
+            t = getattr(m, key)
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise BadFile(f"{where}: tensor '{name}.{key}': must be finite")
 
 
 def layer_specs(model: nn.Module) -> dict[str, dict]:
