@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn import QuantLinear
+from ..vq.linear import VQLinear
 
 __all__ = ["linear_weight_bytes", "quant_linear_bytes"]
 
@@ -20,6 +21,9 @@ def linear_weight_bytes(model: nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             total += quant_linear_bytes(mod)
+        elif isinstance(mod, VQLinear):  # codes as stored (uint8 / uint16), codebooks, scales
+            total += sum(t.numel() * t.element_size() for t in (mod.codes, mod.codebooks,
+                                                                 mod.scales) if t is not None)
         elif isinstance(mod, nn.Linear):
             total += mod.weight.numel() * mod.weight.element_size()
         elif hasattr(mod, "_packed_params") and hasattr(mod, "weight"):  # torch dynamic int8

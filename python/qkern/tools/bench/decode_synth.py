@@ -50,6 +50,11 @@ SCHEMES: list[tuple[str, dict | str | None]] = [
     ("qkern int3 g128 fast", {"fmt": "int3", "group_size": 128, "mode": "fast"}),
     ("qkern int2 g128 fast", {"fmt": "int2", "group_size": 128, "mode": "fast",
                               "symmetric": False}),
+    # GPTVQ layouts, 2 bits per weight in the codes (random codes and codebooks: timing only)
+    ("qkern VQ d4 2b, 256-entry codebook per layer", {"vq": {"dim": 4, "bits": 2,
+                                                             "group_rows": None}}),
+    ("qkern VQ d2 2b, 16-entry codebook per 16 rows", {"vq": {"dim": 2, "bits": 2,
+                                                              "group_rows": 16}}),
 ]
 Q4_0_SOURCE = "qkern int4 g32 fast (as Q4_0)"
 
