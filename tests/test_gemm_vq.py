@@ -24,7 +24,9 @@ OPS = torch.ops.qkern
 # (N, nv, dim, kc, group_rows (None: one codebook), segments (None: no scales), M)
 CASES = [
     (37, 24, 2, 16, None, None, 1),    # per layer, kc 16 (vpermps on AVX-512)
-    (64, 32, 4, 256, None, None, 2),   # per layer, kc 256 (gathers)
+    (64, 32, 4, 256, None, None, 2),   # per layer, kc 256 (rows path: 32-column steps)
+    (40, 10, 4, 64, None, None, 1),    # per layer, kc 64, 40 columns (table path, gathers)
+    (48, 32, 2, 64, 16, 2, 2),         # 16-row codebooks of 64 2-d entries (rows path)
     (50, 16, 2, 32, 16, 4, 3),         # 16-row codebooks, kc 32, scales
     (70, 24, 2, 16, 16, 3, 2),         # 16-row codebooks in registers, N % 16 != 0
     (64, 20, 4, 8, 32, None, 1),       # 32-row codebooks in registers (AVX2 too: kc 8)
@@ -86,6 +88,11 @@ def test_code_out_of_range_raises():
         bad[13, 5] = 16
         with pytest.raises(ValueError, match="code 16 is out of range for a codebook of 16"):
             OPS.gemm_vq(x, pack_codes(bad), books, None, None, 20, 16, gr)
+        rows = torch.randint(0, 64, (20, 8)).to(torch.uint8)  # the rows path (kc > 32)
+        rows[19, 7] = 200
+        with pytest.raises(ValueError, match="code 200 is out of range for a codebook of 64"):
+            OPS.gemm_vq(torch.randn(1, 32), pack_codes(rows), torch.randn(1, 64, 4), None, None,
+                        20, 32, 20)
         wide = torch.randint(0, 300, (20, 8)).to(torch.uint16)
         wide[0, 0] = 300
         with pytest.raises(ValueError, match="out of range"):

@@ -8,17 +8,24 @@
 // group_rows). scales null or (n, nseg) float32, nseg dividing nv (spv = nv / nseg vectors per
 // segment). x (m, nv * dim), y (m, n), bias null or (n).
 //
-// Two algorithms, chosen by the shapes only (never by the ISA or thread count):
-// - table (group_rows % 16 == 0, or one codebook): a block of 16 rows shares its codebook, so
-//   for each x row and vector v the kc dot products t[v][c] = x_v . book[c] are computed once
-//   (in tiles of at most 4096 floats, L1-resident) and each row adds t[v][code] (16 rows per
-//   SIMD vector: a lane permutation for kc <= 16 (AVX-512; 8 on AVX2) or 32, else a gather);
-// - lanes (anything else, e.g. a codebook per row): each lane decodes its own row's entries
-//   (gathers) and multiplies them by x.
+// Three algorithms, chosen by the shapes only (never by the ISA or thread count):
+// - rows (kc > 32, dim 2, 4 or 8, segments of a multiple of 32 columns): each row decodes
+//   its entries (16-byte loads for dim 4) and multiplies them by x in 32 partial sums;
+// - table (otherwise, when a block of 16 rows shares its codebook: group_rows % 16 == 0, or
+//   one codebook): for each x row and vector v the kc dot products t[v][c] = x_v . book[c]
+//   are computed once (in tiles of at most 4096 floats, L1-resident) and each row adds
+//   t[v][code] (16 rows per SIMD vector: a lane permutation for kc <= 16 (AVX-512; 8 on
+//   AVX2) or 32, else a gather; a 16- or 32-row codebook of <= 16 entries keeps t[v] in a
+//   register);
+// - lanes (anything else, e.g. a small codebook per row): each lane gathers its own row's
+//   entries and multiplies them by x.
 // Float contract, bit-identical on every ISA and thread count (mul then add, no FMA):
-//   t[v][c] = x[v dim] b[c][0] + x[v dim + 1] b[c][1] + ... (sequentially; the lanes path the
-//   same with b = its row's entry), per segment part = sum over its vectors in order of t,
-//   acc = acc + s * part (no scales: acc = sum of t in v order), y = acc (+ bias).
+//   table / lanes: t[v][c] = x[v dim] b[c][0] + x[v dim + 1] b[c][1] + ... (sequentially; the
+//   lanes path the same with b = its row's entry), per segment part = sum over its vectors
+//   in order of t;
+//   rows: per segment 32 partial sums P[e % 32] = P[e % 32] + w[e] x[e] in column order, then
+//   part = the tree P[j] + P[j + h] for h = 16, 8, 4, 2, 1;
+//   then acc = acc + s * part (no scales: acc = acc + part, one segment), y = acc (+ bias).
 // A code >= kc raises std::invalid_argument (the result is then unspecified): no out-of-range
 // read happens (indices are clamped before the look-up, the check is folded into the loop).
 #pragma once

@@ -54,6 +54,28 @@ struct Avx2 : simd::F32x8 {
   // t[ix] for a table of <= 8 entries in a register
   static T permute(T t, I ix) { return _mm256_permutevar8x32_ps(t, ix); }
   static T gather(const float* base, I ix) { return _mm256_i32gather_ps(base, ix, 4); }
+  static __m128 pair(const float* p) {  // 2 floats in the low half
+    return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+  }
+  // 8 weights: the entries of codes c[0], c[16], ... (8 / dim of them) in a row
+  template <int dim, class Code>
+  static T weights(const float* bk, const Code* c) {
+    if constexpr (dim == 8) return _mm256_loadu_ps(bk + c[0] * int64_t{8});
+    if constexpr (dim == 4)
+      return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(bk + c[0] * int64_t{4})),
+                                  _mm_loadu_ps(bk + c[16] * int64_t{4}), 1);
+    const __m128 lo = _mm_movelh_ps(pair(bk + c[0] * int64_t{2}), pair(bk + c[16] * int64_t{2}));
+    const __m128 hi = _mm_movelh_ps(pair(bk + c[32] * int64_t{2}), pair(bk + c[48] * int64_t{2}));
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+  }
+  // the rows path's tree (kernels.h): lanes j + j+16, j + j+8, then quarters, pairs
+  static float reduce32(const T (&a)[4]) {
+    const __m256 h = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
 };
 
 const Kernels kAvx2Kernels = simd_kernels<Avx2>();

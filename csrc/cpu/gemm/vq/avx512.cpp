@@ -44,6 +44,28 @@ struct Avx512 : simd::F32x16 {
   // t[ix] for a table of <= 16 entries in a register
   static T permute(T t, I ix) { return _mm512_permutexvar_ps(ix, t); }
   static T gather(const float* base, I ix) { return _mm512_i32gather_ps(ix, base, 4); }
+  static __m128 pair(const float* p) {  // 2 floats in the low half
+    return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+  }
+  // 16 weights: the entries of codes c[0], c[16], ... (16 / dim of them) in a row
+  template <int dim, class Code>
+  static T weights(const float* bk, const Code* c) {
+    if constexpr (dim == 8)
+      return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(bk + c[0] * int64_t{8})),
+                                _mm256_loadu_ps(bk + c[16] * int64_t{8}), 1);
+    __m128 q[4];
+    if constexpr (dim == 4) {
+      for (int i = 0; i < 4; ++i) q[i] = _mm_loadu_ps(bk + c[16 * i] * int64_t{4});
+    } else {  // dim 2
+      for (int i = 0; i < 4; ++i)
+        q[i] = _mm_movelh_ps(pair(bk + c[32 * i] * int64_t{2}),
+                             pair(bk + c[32 * i + 16] * int64_t{2}));
+    }
+    const __m512 lo = _mm512_insertf32x4(_mm512_castps128_ps512(q[0]), q[1], 1);
+    return _mm512_insertf32x4(_mm512_insertf32x4(lo, q[2], 2), q[3], 3);
+  }
+  // the rows path's tree: lanes j + j+16, then halves, quarters, pairs (F32x16::sum)
+  static float reduce32(const T (&a)[2]) { return sum(_mm512_add_ps(a[0], a[1])); }
 };
 
 const Kernels kAvx512Kernels = simd_kernels<Avx512>();

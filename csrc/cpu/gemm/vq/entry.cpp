@@ -168,6 +168,44 @@ uint32_t lane_task(const Call<Code>& c, int64_t b0, int64_t b1) {
 }
 
 template <class Code>
+uint32_t run_rows(const vqmm::Kernels& kern, const float* x, int64_t len, int64_t dim,
+                  const Code* codes, int64_t kc, const float* books, const int64_t* off,
+                  float* part) {
+  if constexpr (sizeof(Code) == 1)
+    return kern.rows_u8(x, len, dim, codes, kc, books, off, part);
+  else
+    return kern.rows_u16(x, len, dim, codes, kc, books, off, part);
+}
+
+// The rows path over blocks [b0, b1): each row decodes its entries and multiplies them by x.
+template <class Code>
+uint32_t rows_task(const Call<Code>& c, int64_t b0, int64_t b1) {
+  const auto& kern = vqmm::kernels();
+  const int64_t spv = c.nv / c.nseg, len = spv * c.dim;
+  uint32_t top = 0;
+  int64_t off[kVqRows];
+  float acc[kVqRows], part[kVqRows];
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t l = 0; l < kVqRows; ++l)
+      off[l] = std::min(b * kVqRows + l, c.n - 1) / c.group_rows * c.kc * c.dim;
+    const Code* codes = c.packed + b * c.nv * kVqRows;
+    for (int64_t i = 0; i < c.m; ++i) {
+      std::fill(acc, acc + kVqRows, 0.0f);
+      for (int64_t s = 0; s < c.nseg; ++s) {
+        top = std::max(top, run_rows(kern, c.x + i * c.nv * c.dim + s * len, len, c.dim,
+                                     codes + s * spv * kVqRows, c.kc, c.books, off, part));
+        if (c.scales)
+          add_scaled(c, b, s, part, acc);
+        else
+          for (int64_t l = 0; l < kVqRows; ++l) acc[l] = acc[l] + part[l];
+      }
+      store(c, b, i, acc);
+    }
+  }
+  return top;
+}
+
+template <class Code>
 void run(Call<Code>& c) {
   if (c.m <= 0 || c.n <= 0) return;
   if (c.nv <= 0) {  // K = 0: y = bias
@@ -175,7 +213,10 @@ void run(Call<Code>& c) {
       for (int64_t r = 0; r < c.n; ++r) c.y[i * c.n + r] = c.bias ? c.bias[r] : 0.0f;
     return;
   }
-  const bool table = c.groups == 1 || c.group_rows % kVqRows == 0;
+  // rows path: large codebooks of 2-, 4- or 8-d vectors, segments of whole 32 columns
+  const bool rows = c.kc > 32 && (c.dim == 2 || c.dim == 4 || c.dim == 8) &&
+                    (c.nv / c.nseg * c.dim) % 32 == 0;
+  const bool table = !rows && (c.groups == 1 || c.group_rows % kVqRows == 0);
   if (table) {
     c.bookt.resize(static_cast<size_t>(c.groups * c.dim * c.kc));
     for (int64_t g = 0; g < c.groups; ++g)
@@ -188,11 +229,12 @@ void run(Call<Code>& c) {
   // one task per thread when a codebook spans the layer (each task builds its tables once)
   const int64_t tasks = threads == 1 || c.n * c.nv * c.dim < kMinParallel
                             ? 1
-                            : std::min<int64_t>(nb, c.groups == 1 ? threads : 4 * threads);
+                            : std::min<int64_t>(nb, table && c.groups == 1 ? threads
+                                                                           : 4 * threads);
   std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
   auto task = [&](int64_t t) {
     const int64_t b0 = nb * t / tasks, b1 = nb * (t + 1) / tasks;
-    tops[t] = table ? table_task(c, b0, b1) : lane_task(c, b0, b1);
+    tops[t] = rows ? rows_task(c, b0, b1) : table ? table_task(c, b0, b1) : lane_task(c, b0, b1);
   };
   if (tasks == 1)
     task(0);

@@ -32,7 +32,22 @@ struct Kernels {
                        int64_t kc, const uint8_t* codes, float* acc);
   uint32_t (*fused_u16)(const float* x, int64_t nvt, int64_t dim, const float* bookt,
                         int64_t kc, const uint16_t* codes, float* acc);
+  // the rows path (api.h): part[l] = the tree-reduced 32 partial sums of one segment of len
+  // columns (len % 32 == 0, dim 2, 4 or 8) of row l, its codebook at books + off[l]; nothing
+  // is computed when a code is out of range (its largest code is returned).
+  uint32_t (*rows_u8)(const float* x, int64_t len, int64_t dim, const uint8_t* codes,
+                      int64_t kc, const float* books, const int64_t* off, float* part);
+  uint32_t (*rows_u16)(const float* x, int64_t len, int64_t dim, const uint16_t* codes,
+                       int64_t kc, const float* books, const int64_t* off, float* part);
 };
+
+// The largest of n codes (in the codes' own type: a loop the compiler vectorizes).
+template <class Code>
+inline uint32_t max_code(const Code* codes, int64_t n) {
+  Code top = 0;
+  for (int64_t i = 0; i < n; ++i) top = codes[i] > top ? codes[i] : top;
+  return top;
+}
 
 extern const Kernels kScalarKernels;  // scalar.cpp
 const Kernels* avx2_kernels();        // avx2.cpp
@@ -137,11 +152,45 @@ uint32_t fused_simd(const float* x, int64_t nvt, int64_t dim, const float* bookt
   return V::hmax(top);
 }
 
+// The rows path: 32 / V::kW vector accumulators (lane j of accumulator u: the partial sum of
+// the columns = u kW + j mod 32), each step kW weights decoded from kW / dim entries.
+template <class V, int kDim, class Code>
+void rows_dim(const float* x, int64_t len, const Code* codes, const float* books,
+              const int64_t* off, float* part) {
+  constexpr int kA = static_cast<int>(32 / V::kW);
+  for (int64_t l = 0; l < kVqRows; ++l) {
+    const float* bk = books + off[l];
+    const Code* cl = codes + l;
+    typename V::T a[kA];
+    for (int u = 0; u < kA; ++u) a[u] = V::set1(0.0f);
+    const float* xe = x;
+    for (int64_t e0 = 0; e0 < len; e0 += 32, xe += 32, cl += 32 / kDim * kVqRows)
+      for (int u = 0; u < kA; ++u) {
+        const typename V::T w =
+            V::template weights<kDim>(bk, cl + u * V::kW / kDim * kVqRows);
+        a[u] = V::add(a[u], V::mul(w, V::load(xe + u * V::kW)));
+      }
+    part[l] = V::reduce32(a);
+  }
+}
+
+template <class V, class Code>
+uint32_t rows_simd(const float* x, int64_t len, int64_t dim, const Code* codes, int64_t kc,
+                   const float* books, const int64_t* off, float* part) {
+  const uint32_t top = max_code(codes, len / dim * kVqRows);
+  if (top >= static_cast<uint64_t>(kc)) return top;
+  if (dim == 2) rows_dim<V, 2>(x, len, codes, books, off, part);
+  if (dim == 4) rows_dim<V, 4>(x, len, codes, books, off, part);
+  if (dim == 8) rows_dim<V, 8>(x, len, codes, books, off, part);
+  return top;
+}
+
 template <class V>
 constexpr Kernels simd_kernels() {
   return {build_simd<V>,         acc_simd<V, uint8_t>,  acc_simd<V, uint16_t>,
           lane_simd<V, uint8_t>, lane_simd<V, uint16_t>, V::kW,
-          fused_simd<V, uint8_t>, fused_simd<V, uint16_t>};
+          fused_simd<V, uint8_t>, fused_simd<V, uint16_t>, rows_simd<V, uint8_t>,
+          rows_simd<V, uint16_t>};
 }
 
 }  // namespace vqmm

@@ -49,10 +49,39 @@ uint32_t lane(const float* x, int64_t nvt, int64_t dim, const Code* codes, int64
   return top;
 }
 
+// The rows path (api.h): 32 partial sums, P[e % 32] += w[e] x[e], then the tree
+// P[j] + P[j + h] for h = 16, 8, 4, 2, 1.
+template <int kDim, class Code>
+void rows_dim(const float* x, int64_t len, const Code* codes, const float* books,
+              const int64_t* off, float* part) {
+  for (int64_t l = 0; l < kVqRows; ++l) {
+    float p[32] = {};
+    for (int64_t e = 0; e < len; ++e) {
+      const float w = books[off[l] + codes[e / kDim * kVqRows + l] * kDim + e % kDim];
+      p[e % 32] = p[e % 32] + w * x[e];
+    }
+    for (int64_t h = 16; h >= 1; h /= 2)
+      for (int64_t j = 0; j < h; ++j) p[j] = p[j] + p[j + h];
+    part[l] = p[0];
+  }
+}
+
+template <class Code>
+uint32_t rows(const float* x, int64_t len, int64_t dim, const Code* codes, int64_t kc,
+              const float* books, const int64_t* off, float* part) {
+  const uint32_t top = max_code(codes, len / dim * kVqRows);
+  if (top >= static_cast<uint64_t>(kc)) return top;
+  if (dim == 2) rows_dim<2>(x, len, codes, books, off, part);
+  if (dim == 4) rows_dim<4>(x, len, codes, books, off, part);
+  if (dim == 8) rows_dim<8>(x, len, codes, books, off, part);
+  return top;
+}
+
 }  // namespace
 
 const Kernels kScalarKernels = {build, acc<uint8_t>, acc<uint16_t>, lane<uint8_t>,
-                                 lane<uint16_t>, 0, nullptr, nullptr};
+                                 lane<uint16_t>, 0,          nullptr,
+                                 nullptr,       rows<uint8_t>, rows<uint16_t>};
 
 }  // namespace vqmm
 }  // namespace qk
