@@ -31,7 +31,10 @@ CASES = [
     (70, 24, 2, 16, 16, 3, 2),         # 16-row codebooks in registers, N % 16 != 0
     (64, 20, 4, 8, 32, None, 1),       # 32-row codebooks in registers (AVX2 too: kc 8)
     (96, 40, 2, 16, 48, 5, 2),         # 48-row codebooks: a shared table over 3 blocks
-    (48, 40, 1, 4, 1, 5, 1),           # a codebook per row (lanes path)
+    (48, 40, 1, 4, 1, 5, 1),           # a codebook per row (lanes path, tables in registers)
+    (40, 32, 1, 16, 1, None, 2),       # 16 levels per row (AVX-512: 256 entries in registers)
+    (24, 12, 2, 8, 8, 3, 1),           # 8-row codebooks of 8 2-d entries (registers)
+    (30, 10, 4, 3, 5, None, 2),        # 3 entries (padded to 4) of 4-d vectors per 5 rows
     (33, 12, 8, 300, 8, 3, 2),         # uint16 codes, 8-row codebooks (lanes path)
     (20, 8, 2, 16, 3, None, 9),        # 3-row codebooks, M = 9
     (17, 6, 2, 1, None, 2, 4),         # a 1-entry codebook
@@ -88,6 +91,11 @@ def test_code_out_of_range_raises():
         bad[13, 5] = 16
         with pytest.raises(ValueError, match="code 16 is out of range for a codebook of 16"):
             OPS.gemm_vq(x, pack_codes(bad), books, None, None, 20, 16, gr)
+        lanes = torch.randint(0, 4, (20, 8)).to(torch.uint8)  # the lanes path (a row each)
+        lanes[7, 3] = 4
+        with pytest.raises(ValueError, match="code 4 is out of range for a codebook of 4"):
+            OPS.gemm_vq(torch.randn(1, 8), pack_codes(lanes), torch.randn(20, 4, 1), None, None,
+                        20, 8, 1)
         rows = torch.randint(0, 64, (20, 8)).to(torch.uint8)  # the rows path (kc > 32)
         rows[19, 7] = 200
         with pytest.raises(ValueError, match="code 200 is out of range for a codebook of 64"):

@@ -4,6 +4,8 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "cpu/gemm/vq/kernels.h"
 #include "cpu/runtime/simd_f32.h"
 
@@ -25,6 +27,9 @@ struct Avx512 : simd::F32x16 {
   }
   static I codes(const uint16_t* p) {
     return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static I lanes() {
+    return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   }
   static I zeroi() { return _mm512_setzero_si512(); }
   static I set1i(int32_t v) { return _mm512_set1_epi32(v); }
@@ -68,7 +73,93 @@ struct Avx512 : simd::F32x16 {
   static float reduce32(const T (&a)[2]) { return sum(_mm512_add_ps(a[0], a[1])); }
 };
 
-const Kernels kAvx512Kernels = simd_kernels<Avx512>();
+// The lanes path for small codebooks (kc <= 8, dim * kc <= 16 after rounding kc up to a power
+// of two KC): the block's 16 rows' entries in registers, entry l * KC + c of coordinate d's
+// table = row l's entry c (zero past kc), looked up by vpermt2ps and a blend tree on the index
+// bits 5.. instead of a gather per coordinate. The same products and sums as lane_simd.
+template <int KC>
+__m512 pick(const __m512 (&t)[KC], __m512i idx) {
+  if constexpr (KC == 1) {
+    return _mm512_permutexvar_ps(idx, t[0]);
+  } else {
+    __m512 r[KC / 2];
+    for (int j = 0; j < KC / 2; ++j) r[j] = _mm512_permutex2var_ps(t[2 * j], idx, t[2 * j + 1]);
+    for (int bit = 5, step = 1; step < KC / 2; ++bit, step *= 2) {
+      const __mmask16 hi = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(1 << bit));
+      for (int j = 0; j + step < KC / 2; j += 2 * step)
+        r[j] = _mm512_mask_blend_ps(hi, r[j], r[j + step]);
+    }
+    return r[0];
+  }
+}
+
+template <int KC, int DIM, class Code>
+uint32_t lane_regs(const float* x, int64_t nvt, const Code* codes, int64_t kc,
+                   const float* books, const int32_t* base, float* acc) {
+  alignas(64) float tb[DIM][16 * KC];
+  for (int d = 0; d < DIM; ++d)
+    for (int l = 0; l < 16; ++l)
+      for (int c = 0; c < KC; ++c) tb[d][l * KC + c] = c < kc ? books[base[l] + c * DIM + d] : 0;
+  __m512 t[DIM][KC];
+  for (int d = 0; d < DIM; ++d)
+    for (int j = 0; j < KC; ++j) t[d][j] = _mm512_load_ps(tb[d] + 16 * j);
+  const __m512i off = _mm512_mullo_epi32(Avx512::lanes(), _mm512_set1_epi32(KC));
+  const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(kc - 1));
+  __m512i top = _mm512_setzero_si512();
+  __m512 a = _mm512_loadu_ps(acc);
+  for (int64_t v = 0; v < nvt; ++v, codes += kVqRows, x += DIM) {
+    const __m512i ix = Avx512::codes(codes);
+    top = _mm512_max_epu32(top, ix);
+    const __m512i idx = _mm512_add_epi32(_mm512_min_epu32(ix, last), off);
+    __m512 s = _mm512_mul_ps(pick<KC>(t[0], idx), _mm512_set1_ps(x[0]));
+    for (int d = 1; d < DIM; ++d)
+      s = _mm512_add_ps(s, _mm512_mul_ps(pick<KC>(t[d], idx), _mm512_set1_ps(x[d])));
+    a = _mm512_add_ps(a, s);
+  }
+  _mm512_storeu_ps(acc, a);
+  return _mm512_reduce_max_epu32(top);
+}
+
+template <class Code>
+uint32_t lane_avx512(const float* x, int64_t nvt, int64_t dim, const Code* codes, int64_t kc,
+                     const float* books, const int32_t* base, float* acc) {
+  const int64_t kp = kc <= 1 ? 1 : kc <= 2 ? 2 : kc <= 4 ? 4 : kc <= 8 ? 8 : 16;
+  const auto run = [&](auto kcp, auto dp) {
+    return lane_regs<decltype(kcp)::value, decltype(dp)::value>(x, nvt, codes, kc, books, base,
+                                                                acc);
+  };
+  using std::integral_constant;
+  // (16 entries per row would take 16 table registers: slower than gathers, measured)
+  if (kc <= 8 && kp * dim <= 16) {
+    const integral_constant<int, 1> d1;
+    const integral_constant<int, 2> d2;
+    const integral_constant<int, 4> d4;
+    const integral_constant<int, 8> d8;
+    if (kp == 1 && dim == 1) return run(d1, d1);
+    if (kp == 1 && dim == 2) return run(d1, d2);
+    if (kp == 1 && dim == 4) return run(d1, d4);
+    if (kp == 1 && dim == 8) return run(d1, d8);
+    if (kp == 2 && dim == 1) return run(d2, d1);
+    if (kp == 2 && dim == 2) return run(d2, d2);
+    if (kp == 2 && dim == 4) return run(d2, d4);
+    if (kp == 2 && dim == 8) return run(d2, d8);
+    if (kp == 4 && dim == 1) return run(d4, d1);
+    if (kp == 4 && dim == 2) return run(d4, d2);
+    if (kp == 4 && dim == 4) return run(d4, d4);
+    if (kp == 8 && dim == 1) return run(d8, d1);
+    if (kp == 8 && dim == 2) return run(d8, d2);
+  }
+  return lane_simd<Avx512, Code>(x, nvt, dim, codes, kc, books, base, acc);
+}
+
+Kernels avx512_table() {
+  Kernels k = simd_kernels<Avx512>();
+  k.lane_u8 = lane_avx512<uint8_t>;
+  k.lane_u16 = lane_avx512<uint16_t>;
+  return k;
+}
+
+const Kernels kAvx512Kernels = avx512_table();
 
 }  // namespace
 
