@@ -154,8 +154,8 @@ uint32_t lane_avx512(const float* x, int64_t nvt, int64_t dim, const Code* codes
 
 Kernels avx512_table() {
   Kernels k = simd_kernels<Avx512>();
-  k.lane_u8 = lane_avx512<uint8_t>;
-  k.lane_u16 = lane_avx512<uint16_t>;
+  k.u8.lane = lane_avx512<uint8_t>;
+  k.u16.lane = lane_avx512<uint16_t>;
   return k;
 }
 

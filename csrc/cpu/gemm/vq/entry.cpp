@@ -32,34 +32,6 @@ struct Call {
   std::vector<float> bookt;  // table path: (groups, dim, kc)
 };
 
-template <class Code>
-uint32_t run_acc(const vqmm::Kernels& kern, const float* lut, int64_t kc, int64_t nvt,
-                 const Code* codes, float* acc) {
-  if constexpr (sizeof(Code) == 1)
-    return kern.acc_u8(lut, kc, nvt, codes, acc);
-  else
-    return kern.acc_u16(lut, kc, nvt, codes, acc);
-}
-
-template <class Code>
-uint32_t run_fused(const vqmm::Kernels& kern, const float* x, int64_t nvt, int64_t dim,
-                   const float* bookt, int64_t kc, const Code* codes, float* acc) {
-  if constexpr (sizeof(Code) == 1)
-    return kern.fused_u8(x, nvt, dim, bookt, kc, codes, acc);
-  else
-    return kern.fused_u16(x, nvt, dim, bookt, kc, codes, acc);
-}
-
-template <class Code>
-uint32_t run_lane(const vqmm::Kernels& kern, const float* x, int64_t nvt, int64_t dim,
-                  const Code* codes, int64_t kc, const float* books, const int32_t* base,
-                  float* acc) {
-  if constexpr (sizeof(Code) == 1)
-    return kern.lane_u8(x, nvt, dim, codes, kc, books, base, acc);
-  else
-    return kern.lane_u16(x, nvt, dim, codes, kc, books, base, acc);
-}
-
 // acc = acc + s * part for the 16 rows of block b, segment s (rows past n: nothing added).
 template <class Code>
 void add_scaled(const Call<Code>& c, int64_t b, int64_t seg, const float* part, float* acc) {
@@ -81,6 +53,7 @@ void store(const Call<Code>& c, int64_t b, int64_t i, const float* acc) {
 template <class Code>
 uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
   const auto& kern = vqmm::kernels();
+  const auto& ck = kern.template of<Code>();
   const int64_t spv = c.nv / c.nseg, m = c.m, kc = c.kc;
   const int64_t tile = std::max<int64_t>(1, std::min(spv, kLutFloats / kc));
   // a codebook per one or two blocks: the table in registers (same bits, no table stored)
@@ -116,9 +89,8 @@ uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
           for (int64_t i = 0; i < m; ++i) {
             float* acc = target + ((bb - b) * m + i) * kVqRows;
             const uint32_t t =
-                fused ? run_fused(kern, c.x + (i * c.nv + v0) * c.dim, nvt, c.dim, bt, kc, codes,
-                                  acc)
-                      : run_acc(kern, lut.data() + i * tile * kc, kc, nvt, codes, acc);
+                fused ? ck.fused(c.x + (i * c.nv + v0) * c.dim, nvt, c.dim, bt, kc, codes, acc)
+                      : ck.acc(lut.data() + i * tile * kc, kc, nvt, codes, acc);
             top = std::max(top, t);
           }
         }
@@ -141,6 +113,7 @@ uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
 template <class Code>
 uint32_t lane_task(const Call<Code>& c, int64_t b0, int64_t b1) {
   const auto& kern = vqmm::kernels();
+  const auto& ck = kern.template of<Code>();
   const int64_t spv = c.nv / c.nseg;
   uint32_t top = 0;
   int32_t base[kVqRows];
@@ -157,8 +130,8 @@ uint32_t lane_task(const Call<Code>& c, int64_t b0, int64_t b1) {
       for (int64_t s = 0; s < c.nseg; ++s) {
         float* target = c.scales ? part : acc;
         std::fill(part, part + kVqRows, 0.0f);
-        top = std::max(top, run_lane(kern, x + s * spv * c.dim, spv, c.dim,
-                                     codes + s * spv * kVqRows, c.kc, c.books, base, target));
+        top = std::max(top, ck.lane(x + s * spv * c.dim, spv, c.dim, codes + s * spv * kVqRows,
+                                    c.kc, c.books, base, target));
         if (c.scales) add_scaled(c, b, s, part, acc);
       }
       store(c, b, i, acc);
@@ -167,20 +140,11 @@ uint32_t lane_task(const Call<Code>& c, int64_t b0, int64_t b1) {
   return top;
 }
 
-template <class Code>
-uint32_t run_rows(const vqmm::Kernels& kern, const float* x, int64_t len, int64_t dim,
-                  const Code* codes, int64_t kc, const float* books, const int64_t* off,
-                  float* part) {
-  if constexpr (sizeof(Code) == 1)
-    return kern.rows_u8(x, len, dim, codes, kc, books, off, part);
-  else
-    return kern.rows_u16(x, len, dim, codes, kc, books, off, part);
-}
-
 // The rows path over blocks [b0, b1): each row decodes its entries and multiplies them by x.
 template <class Code>
 uint32_t rows_task(const Call<Code>& c, int64_t b0, int64_t b1) {
   const auto& kern = vqmm::kernels();
+  const auto& ck = kern.template of<Code>();
   const int64_t spv = c.nv / c.nseg, len = spv * c.dim;
   uint32_t top = 0;
   int64_t off[kVqRows];
@@ -192,8 +156,8 @@ uint32_t rows_task(const Call<Code>& c, int64_t b0, int64_t b1) {
     for (int64_t i = 0; i < c.m; ++i) {
       std::fill(acc, acc + kVqRows, 0.0f);
       for (int64_t s = 0; s < c.nseg; ++s) {
-        top = std::max(top, run_rows(kern, c.x + i * c.nv * c.dim + s * len, len, c.dim,
-                                     codes + s * spv * kVqRows, c.kc, c.books, off, part));
+        top = std::max(top, ck.rows(c.x + i * c.nv * c.dim + s * len, len, c.dim,
+                                    codes + s * spv * kVqRows, c.kc, c.books, off, part));
         if (c.scales)
           add_scaled(c, b, s, part, acc);
         else
@@ -206,7 +170,8 @@ uint32_t rows_task(const Call<Code>& c, int64_t b0, int64_t b1) {
 }
 
 template <class Code>
-void run(Call<Code>& c) {
+void run(Call<Code> c) {
+  if (!c.scales) c.nseg = 1;
   if (c.m <= 0 || c.n <= 0) return;
   if (c.nv <= 0) {  // K = 0: y = bias
     for (int64_t i = 0; i < c.m; ++i)
@@ -252,17 +217,15 @@ void run(Call<Code>& c) {
 void gemm_vq(const float* x, int64_t m, const uint8_t* packed, int64_t n, int64_t nv,
              const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
              const float* scales, int64_t nseg, const float* bias, float* y) {
-  Call<uint8_t> c{x, m, packed, n, nv, books, groups, kc, dim, group_rows,
-                  scales, scales ? nseg : 1, bias, y, {}};
-  run(c);
+  run(Call<uint8_t>{x, m, packed, n, nv, books, groups, kc, dim, group_rows, scales, nseg, bias,
+                    y});
 }
 
 void gemm_vq(const float* x, int64_t m, const uint16_t* packed, int64_t n, int64_t nv,
              const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
              const float* scales, int64_t nseg, const float* bias, float* y) {
-  Call<uint16_t> c{x, m, packed, n, nv, books, groups, kc, dim, group_rows,
-                   scales, scales ? nseg : 1, bias, y, {}};
-  run(c);
+  run(Call<uint16_t>{x, m, packed, n, nv, books, groups, kc, dim, group_rows, scales, nseg, bias,
+                     y});
 }
 
 }  // namespace qk

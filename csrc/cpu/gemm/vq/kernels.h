@@ -9,36 +9,41 @@
 namespace qk {
 namespace vqmm {
 
-// Every entry returns the largest code it read (the caller checks it against kc); indices are
-// clamped to kc - 1 before any look-up.
+// Indices are clamped to kc - 1 (or wrap inside a register table) before any look-up.
+// The loops over one block's codes, per code type (uint8_t, uint16_t). Every entry returns the
+// largest code it read (the caller checks it against kc).
+template <class Code>
+struct CodeKernels {
+  // acc[l] += lut[v][codes[v][l]] for v < nvt in order (codes (nvt, 16)).
+  uint32_t (*acc)(const float* lut, int64_t kc, int64_t nvt, const Code* codes, float* acc);
+  // acc[l] += sum_d books[base[l] + code dim + d] * x[v dim + d] for v < nvt (the lanes path).
+  uint32_t (*lane)(const float* x, int64_t nvt, int64_t dim, const Code* codes, int64_t kc,
+                   const float* books, const int32_t* base, float* acc);
+  // build then acc for one block whose table row fits a register (kc <= Kernels::fused_kc):
+  // the same bits, without storing the table (a block with a codebook of its own)
+  uint32_t (*fused)(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t kc,
+                    const Code* codes, float* acc);
+  // the rows path (api.h): part[l] = the tree-reduced 32 partial sums of one segment of len
+  // columns (len % 32 == 0, dim 2, 4 or 8) of row l, its codebook at books + off[l]; nothing
+  // is computed when a code is out of range.
+  uint32_t (*rows)(const float* x, int64_t len, int64_t dim, const Code* codes, int64_t kc,
+                   const float* books, const int64_t* off, float* part);
+};
+
 struct Kernels {
   // lut (nvt, kc): lut[v][c] = sum_d x[v dim + d] * bookt[d][c] (bookt (dim, kc), api.h order)
   void (*build)(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t kc,
                 float* lut);
-  // acc[l] += lut[v][codes[v][l]] for v < nvt in order (codes (nvt, 16)).
-  uint32_t (*acc_u8)(const float* lut, int64_t kc, int64_t nvt, const uint8_t* codes,
-                     float* acc);
-  uint32_t (*acc_u16)(const float* lut, int64_t kc, int64_t nvt, const uint16_t* codes,
-                      float* acc);
-  // acc[l] += sum_d books[base[l] + code dim + d] * x[v dim + d] for v < nvt (the lanes path).
-  uint32_t (*lane_u8)(const float* x, int64_t nvt, int64_t dim, const uint8_t* codes,
-                      int64_t kc, const float* books, const int32_t* base, float* acc);
-  uint32_t (*lane_u16)(const float* x, int64_t nvt, int64_t dim, const uint16_t* codes,
-                       int64_t kc, const float* books, const int32_t* base, float* acc);
-  // build then acc for one block whose table row fits a register (kc <= fused_kc; 0: none):
-  // the same bits, without storing the table (a block with a codebook of its own)
-  int64_t fused_kc;
-  uint32_t (*fused_u8)(const float* x, int64_t nvt, int64_t dim, const float* bookt,
-                       int64_t kc, const uint8_t* codes, float* acc);
-  uint32_t (*fused_u16)(const float* x, int64_t nvt, int64_t dim, const float* bookt,
-                        int64_t kc, const uint16_t* codes, float* acc);
-  // the rows path (api.h): part[l] = the tree-reduced 32 partial sums of one segment of len
-  // columns (len % 32 == 0, dim 2, 4 or 8) of row l, its codebook at books + off[l]; nothing
-  // is computed when a code is out of range (its largest code is returned).
-  uint32_t (*rows_u8)(const float* x, int64_t len, int64_t dim, const uint8_t* codes,
-                      int64_t kc, const float* books, const int64_t* off, float* part);
-  uint32_t (*rows_u16)(const float* x, int64_t len, int64_t dim, const uint16_t* codes,
-                       int64_t kc, const float* books, const int64_t* off, float* part);
+  int64_t fused_kc;  // the largest kc of `fused` (0: none)
+  CodeKernels<uint8_t> u8;
+  CodeKernels<uint16_t> u16;
+  template <class Code>
+  const CodeKernels<Code>& of() const {
+    if constexpr (sizeof(Code) == 1)
+      return u8;
+    else
+      return u16;
+  }
 };
 
 // The largest of n codes (in the codes' own type: a loop the compiler vectorizes).
@@ -185,12 +190,14 @@ uint32_t rows_simd(const float* x, int64_t len, int64_t dim, const Code* codes, 
   return top;
 }
 
+template <class V, class Code>
+constexpr CodeKernels<Code> code_kernels() {
+  return {acc_simd<V, Code>, lane_simd<V, Code>, fused_simd<V, Code>, rows_simd<V, Code>};
+}
+
 template <class V>
 constexpr Kernels simd_kernels() {
-  return {build_simd<V>,         acc_simd<V, uint8_t>,  acc_simd<V, uint16_t>,
-          lane_simd<V, uint8_t>, lane_simd<V, uint16_t>, V::kW,
-          fused_simd<V, uint8_t>, fused_simd<V, uint16_t>, rows_simd<V, uint8_t>,
-          rows_simd<V, uint16_t>};
+  return {build_simd<V>, V::kW, code_kernels<V, uint8_t>(), code_kernels<V, uint16_t>()};
 }
 
 }  // namespace vqmm

@@ -77,11 +77,14 @@ uint32_t rows(const float* x, int64_t len, int64_t dim, const Code* codes, int64
   return top;
 }
 
+template <class Code>
+constexpr CodeKernels<Code> code_kernels() {
+  return {acc<Code>, lane<Code>, nullptr, rows<Code>};
+}
+
 }  // namespace
 
-const Kernels kScalarKernels = {build, acc<uint8_t>, acc<uint16_t>, lane<uint8_t>,
-                                 lane<uint16_t>, 0,          nullptr,
-                                 nullptr,       rows<uint8_t>, rows<uint16_t>};
+const Kernels kScalarKernels = {build, 0, code_kernels<uint8_t>(), code_kernels<uint16_t>()};
 
 }  // namespace vqmm
 }  // namespace qk
