@@ -218,14 +218,14 @@ void gemm_vq(const float* x, int64_t m, const uint8_t* packed, int64_t n, int64_
              const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
              const float* scales, int64_t nseg, const float* bias, float* y) {
   run(Call<uint8_t>{x, m, packed, n, nv, books, groups, kc, dim, group_rows, scales, nseg, bias,
-                    y});
+                    y, {}});
 }
 
 void gemm_vq(const float* x, int64_t m, const uint16_t* packed, int64_t n, int64_t nv,
              const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
              const float* scales, int64_t nseg, const float* bias, float* y) {
   run(Call<uint16_t>{x, m, packed, n, nv, books, groups, kc, dim, group_rows, scales, nseg, bias,
-                     y});
+                     y, {}});
 }
 
 }  // namespace qk
