@@ -27,6 +27,7 @@
 #include "cpu/gemm/lut4/api.h"
 #include "cpu/gemm/w23/api.h"
 #include "cpu/gemm/w4/api.h"
+#include "cpu/gemm/vq/api.h"
 #include "cpu/gemm/w8/api.h"
 #include "cpu/quant/api.h"
 #include "bench_isa.h"
@@ -136,6 +137,22 @@ Weights make_lut4(int64_t n, int64_t k, int64_t group) {
   return w;
 }
 
+// GPTVQ's layout (qkern.vq.VQLinear): random codes of dim-element vectors (already in the
+// 16-row packed order), kc-entry codebooks per group_rows rows (0: one per layer), no scales.
+Weights make_vq(int64_t n, int64_t k, int64_t dim, int64_t kc, int64_t group_rows) {
+  const int64_t nv = k / dim, rows = group_rows ? group_rows : n;
+  const int64_t groups = (n + rows - 1) / rows;
+  const auto packed = random_bytes((n + 15) / 16 * 16 * nv, 11, 0, static_cast<int>(kc - 1));
+  const auto books = randn(groups * kc * dim, 12, 0.02f);
+  Weights w;
+  auto p = rotate(w, packed, 4 * books.size());
+  w.run = [=](int c, const float* x, int64_t m, float* y) {
+    qk::gemm_vq(x, m, (*p)[c].data(), n, nv, books.data(), groups, kc, dim, rows, nullptr, 1,
+                nullptr, y);
+  };
+  return w;
+}
+
 Weights make_w8(int64_t n, int64_t k, bool a8) {
   const auto raw = random_bytes(n * k, 5, 1, 255);
   std::vector<int8_t> codes(raw.size());
@@ -204,6 +221,12 @@ void BM_int3_g128_fast(benchmark::State& s) {
 void BM_int2_g128_fast(benchmark::State& s) {
   run_bench(s, [](int64_t n, int64_t k) { return make_w23(n, k, 2, 128, qk::kW23Fast); });
 }
+void BM_vq_d4_256_per_layer(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_vq(n, k, 4, 256, 0); });
+}
+void BM_vq_d2_16_per_16_rows(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_vq(n, k, 2, 16, 16); });
+}
 void BM_fp8_e4m3_channel(benchmark::State& s) {
   run_bench(s, [](int64_t n, int64_t k) { return make_fp8(n, k); });
 }
@@ -266,6 +289,15 @@ void Shapes(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
+// The decode shapes only (VQLinear decodes the weight for more than 8 rows of x).
+void DecodeShapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"isa", "threads", "M", "N", "K"});
+  for (int64_t isa : bench_isas())
+    for (auto nk : {std::pair<int64_t, int64_t>{4096, 4096}, {11008, 4096}, {4096, 11008}})
+      for (int64_t m : {1, 8}) b->Args({isa, 2, m, nk.first, nk.second});
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
 }  // namespace
 
 BENCHMARK(BM_read_bw)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -274,6 +306,8 @@ BENCHMARK(BM_int4_g128_fast)->Apply(Shapes);
 BENCHMARK(BM_nf4_g64)->Apply(Shapes);
 BENCHMARK(BM_int3_g128_fast)->Apply(Shapes);
 BENCHMARK(BM_int2_g128_fast)->Apply(Shapes);
+BENCHMARK(BM_vq_d4_256_per_layer)->Apply(DecodeShapes);
+BENCHMARK(BM_vq_d2_16_per_16_rows)->Apply(DecodeShapes);
 BENCHMARK(BM_fp8_e4m3_channel)->Apply(Shapes);
 BENCHMARK(BM_w8a8)->Apply(Shapes);
 BENCHMARK(BM_w8a16)->Apply(Shapes);
