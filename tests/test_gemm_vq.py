@@ -15,7 +15,7 @@ from torch.library import opcheck
 
 import isas
 import qkern
-from qkern.ops.vq import pack_codes
+from qkern.ops.vq import nibbles_fit, pack_codes, unpack_codes
 from qkern.vq.linear import FUSED_MAX_ROWS, VQLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit in opcheck
@@ -71,16 +71,40 @@ def test_matches_reference_on_every_isa_and_thread_count(case):
     x, codes, books, scales, bias, gr = _data(*case)
     n, k = codes.shape[0], x.shape[1]
     ref = _reference(x, codes, books, scales, bias, gr)
+    nib = codes.dtype == torch.uint8 and nibbles_fit(n, codes.shape[1], books.shape[1],
+                                                     books.shape[0], gr, scales)
     got = {}
     for isa, threads in itertools.product(isas.HAVE, (1, 2)):
         isas.use(isa)
         qkern.set_num_threads(threads)
         got[isa, threads] = OPS.gemm_vq(x, pack_codes(codes), books, scales, bias, n, k, gr)
+        if nib:  # 4-bit words: the same bits
+            got[isa, threads, 4] = OPS.gemm_vq(x, pack_codes(codes, nibbles=True), books,
+                                               scales, bias, n, k, gr)
     first = next(iter(got.values()))
     for key, y in got.items():  # the same bits everywhere (api.h float contract)
         assert torch.equal(y, first), key
     scale = np.abs(ref).max() + 1e-30
     assert np.abs(first.double().numpy() - ref).max() / scale < 1e-5
+
+
+def test_nibble_packing_round_trips_and_is_used_where_it_fits():
+    codes = torch.randint(0, 16, (37, 21), dtype=torch.uint8)
+    for nib in (False, True):
+        p = pack_codes(codes, nibbles=nib)
+        assert p.shape == ((3, 3, 16) if nib else (3, 21, 16))
+        for r0, r1 in ((0, 37), (16, 30), (32, 37)):
+            assert torch.equal(unpack_codes(p, r0, r1, 21), codes[r0:r1])
+    # word [b, w, l] bits 4j..4j+3 = code (16 b + l, 8 w + j), independent check of one word
+    p = pack_codes(codes, nibbles=True)
+    want = sum(int(codes[16 + 5, 8 + j]) << (4 * j) for j in range(8))
+    assert int(p[1, 1, 5]) & 0xFFFFFFFF == want
+    assert nibbles_fit(64, 32, 16, 1, 64, None) and nibbles_fit(64, 32, 16, 4, 16, None)
+    assert not nibbles_fit(64, 32, 17, 1, 64, None)        # 17 entries
+    assert not nibbles_fit(64, 32, 16, 8, 8, None)         # 8-row codebooks: the lanes path
+    assert not nibbles_fit(64, 32, 16, 1, 64, torch.ones(64, 8))  # segments of 4 vectors
+    with pytest.raises(ValueError, match="codes < 16"):
+        pack_codes(torch.full((2, 2), 16, dtype=torch.uint8), nibbles=True)
 
 
 def test_code_out_of_range_raises():
@@ -91,6 +115,11 @@ def test_code_out_of_range_raises():
         bad[13, 5] = 16
         with pytest.raises(ValueError, match="code 16 is out of range for a codebook of 16"):
             OPS.gemm_vq(x, pack_codes(bad), books, None, None, 20, 16, gr)
+        small = torch.randint(0, 12, (20, 16)).to(torch.uint8)  # 4-bit words, 12 entries
+        small[5, 9] = 13
+        with pytest.raises(ValueError, match="code 13 is out of range for a codebook of 12"):
+            OPS.gemm_vq(torch.randn(1, 32), pack_codes(small, nibbles=True),
+                        torch.randn(1, 12, 2), None, None, 20, 32, 20)
         lanes = torch.randint(0, 4, (20, 8)).to(torch.uint8)  # the lanes path (a row each)
         lanes[7, 3] = 4
         with pytest.raises(ValueError, match="code 4 is out of range for a codebook of 4"):
@@ -126,6 +155,9 @@ def test_bad_arguments_raise_clear_errors():
         OPS.gemm_vq(x, p, books, None, None, 32, 16, 0)
     with pytest.raises(TypeError, match="uint8 or uint16"):
         pack_codes(codes.to(torch.int32))
+    with pytest.raises(ValueError, match="4-bit words need"):  # 8-row codebooks: lanes path
+        OPS.gemm_vq(x, pack_codes(codes, nibbles=True), torch.randn(4, 16, 2), None, None, 32,
+                    16, 8)
 
 
 def test_empty_shapes():

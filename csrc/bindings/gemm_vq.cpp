@@ -19,12 +19,16 @@ void expect(bool ok, const std::string& msg) {
   if (!ok) throw py::value_error("gemm_vq: " + msg);
 }
 
-// packed: uint16 codes when wide, else uint8; scales / bias 0: none.
-void gemm_vq_raw(uintptr_t x, int64_t m, uintptr_t packed, bool wide, int64_t n, int64_t nv,
+// packed: layout 0 uint8 codes, 1 uint16 codes, 2 4-bit codes in 32-bit words (api.h
+// gemm_vq_p4); scales / bias 0: none.
+void gemm_vq_raw(uintptr_t x, int64_t m, uintptr_t packed, int64_t layout, int64_t n, int64_t nv,
                  uintptr_t books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
                  uintptr_t scales, int64_t nseg, uintptr_t bias, uintptr_t y) {
   expect(m >= 0 && n >= 0 && nv >= 0, "M, N and the number of vectors must be >= 0");
+  expect(layout >= 0 && layout <= 2, "layout must be 0, 1 or 2");
+  const bool wide = layout == 1;
   expect(dim >= 1 && dim <= 64, "dim must be in 1..64, got " + std::to_string(dim));
+  expect(layout != 2 || kc <= 16, "4-bit codes need a codebook of <= 16 entries");
   expect(kc >= 1 && kc <= (wide ? 65536 : 256),
          "the codebook size must be in 1.." + std::string(wide ? "65536" : "256") +
              " for " + (wide ? "uint16" : "uint8") + " codes, got " + std::to_string(kc));
@@ -47,7 +51,10 @@ void gemm_vq_raw(uintptr_t x, int64_t m, uintptr_t packed, bool wide, int64_t n,
   const auto* sp = reinterpret_cast<const float*>(scales);
   const auto* bi = reinterpret_cast<const float*>(bias);
   auto* yp = reinterpret_cast<float*>(y);
-  if (wide)
+  if (layout == 2)
+    qk::gemm_vq_p4(xp, m, reinterpret_cast<const uint32_t*>(packed), n, nv, bp, groups, kc, dim,
+                   group_rows, sp, nseg, bi, yp);
+  else if (wide)
     qk::gemm_vq(xp, m, reinterpret_cast<const uint16_t*>(packed), n, nv, bp, groups, kc, dim,
                 group_rows, sp, nseg, bi, yp);
   else
@@ -57,7 +64,7 @@ void gemm_vq_raw(uintptr_t x, int64_t m, uintptr_t packed, bool wide, int64_t n,
 
 static qk::bind::Register reg([](py::module_& m) {
   m.def("gemm_vq_raw", &gemm_vq_raw, py::arg("x"), py::arg("m"), py::arg("packed"),
-        py::arg("wide"), py::arg("n"), py::arg("nv"), py::arg("books"), py::arg("groups"),
+        py::arg("layout"), py::arg("n"), py::arg("nv"), py::arg("books"), py::arg("groups"),
         py::arg("kc"), py::arg("dim"), py::arg("group_rows"), py::arg("scales"),
         py::arg("nseg"), py::arg("bias"), py::arg("y"),
         "gemm_vq over data_ptr()s of checked contiguous tensors");

@@ -189,8 +189,9 @@ _DECODE = {
     "gemm_w8a16": _w8,
     "ste_w8": _w8,
     "gemm_w8a8_mixed": _w8,
-    "gemm_vq": lambda a, r0, r1: decode_vq(unpack_codes(a["packed"], r0, r1), a["codebooks"],
-                                           a["scales"], a["group_rows"], r0),
+    "gemm_vq": lambda a, r0, r1: decode_vq(
+        unpack_codes(a["packed"], r0, r1, a["K"] // a["codebooks"].shape[2]), a["codebooks"],
+        a["scales"], a["group_rows"], r0),
 }
 
 

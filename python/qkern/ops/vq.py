@@ -5,7 +5,12 @@ GPTVQ's layout), without decoding the weight (csrc/cpu/gemm/vq/api.h).
 group_rows, codes[r, v]]``: codes (N, nv) uint8 or uint16, codebooks (groups, kc, dim) float32
 (groups = ceil(N / group_rows)), scales None or (N, nseg) float32 (``spv = nv / nseg`` vectors
 per segment), K = nv * dim. The op takes the codes packed in blocks of 16 rows
-(:func:`pack_codes`: ``packed[b, v, l] = codes[16 b + l, v]``, (ceil(N / 16), nv, 16)).
+(:func:`pack_codes`: ``packed[b, v, l] = codes[16 b + l, v]``, (ceil(N / 16), nv, 16)), or, for
+codebooks of <= 16 entries shared by whole blocks (one per layer or per a multiple of 16 rows;
+scale segments of a multiple of 8 vectors), 4 bits each (``pack_codes(codes, nibbles=True)``:
+int32 words (ceil(N / 16), ceil(nv / 8), 16), word ``[b, w, l]`` holding the codes of row
+``16 b + l``, vectors ``8 w .. 8 w + 7`` in bits 0-3, 4-7, ...): half the bytes, the same
+result bits.
 
 Numerics (float32, the same bits on every ISA and thread count): for a block of 16 rows that
 share a codebook the kernel computes each ``x_v . c`` once per codebook entry and adds
@@ -28,28 +33,46 @@ from .. import _C
 from .raw import contig, ptr
 from .schemas import LIB
 
-__all__ = ["ROWS", "check_gemm_vq", "decode_vq", "pack_codes", "unpack_codes"]
+__all__ = ["ROWS", "check_gemm_vq", "decode_vq", "nibbles_fit", "pack_codes", "unpack_codes"]
 
 ROWS = 16  # rows per block of the packed layout
 _CODES = {torch.uint8: 256, torch.uint16: 65536}
+_PACKED = {torch.uint8: 256, torch.uint16: 65536, torch.int32: 16}  # int32: 4-bit words
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """codes (N, nv) uint8 / uint16 -> (ceil(N / 16), nv, 16), rows past N coded 0."""
+def pack_codes(codes: torch.Tensor, nibbles: bool = False) -> torch.Tensor:
+    """codes (N, nv) uint8 / uint16 -> (ceil(N / 16), nv, 16), rows past N coded 0; with
+    ``nibbles`` (codes < 16) the int32 words (ceil(N / 16), ceil(nv / 8), 16) (module
+    docstring)."""
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype not in _CODES:
         raise TypeError("pack_codes: codes must be a 2-D uint8 or uint16 tensor (N, nv)")
     n, nv = codes.shape
     nb = -(-n // ROWS)
     full = torch.cat((codes, codes.new_zeros((nb * ROWS - n, nv))))
-    return full.view(nb, ROWS, nv).transpose(1, 2).contiguous()
+    packed = full.view(nb, ROWS, nv).transpose(1, 2)
+    if not nibbles:
+        return packed.contiguous()
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError("pack_codes: 4-bit packing needs codes < 16")
+    nw = -(-nv // 8)
+    p = torch.cat((packed.to(torch.int64), packed.new_zeros((nb, nw * 8 - nv, ROWS),
+                                                            dtype=torch.int64)), dim=1)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64).view(1, 1, 8, 1)
+    words = (p.view(nb, nw, 8, ROWS) << shifts).sum(2)  # < 2^32: the bits never overlap
+    return (words - (words >= 2 ** 31) * 2 ** 32).to(torch.int32)
 
 
-def unpack_codes(packed: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows ``r0 .. r1`` of the codes (N, nv) from the packed layout (``r0`` a multiple of 16)."""
+def unpack_codes(packed: torch.Tensor, r0: int, r1: int, nv: int | None = None) -> torch.Tensor:
+    """Rows ``r0 .. r1`` of the codes (N, nv) from either packed layout (``r0`` a multiple of
+    16; ``nv`` needed for 4-bit words)."""
     b0, b1 = r0 // ROWS, -(-r1 // ROWS)
     p = packed[b0:b1]
-    return p.transpose(1, 2).reshape(-1, packed.shape[1])[:r1 - r0]
+    if packed.dtype == torch.int32:
+        shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=p.device).view(1, 1, 8, 1)
+        p = ((p.to(torch.int64).unsqueeze(2) >> shifts) & 15).to(torch.uint8)
+        p = p.reshape(p.shape[0], -1, ROWS)[:, :nv]
+    return p.transpose(1, 2).reshape(-1, p.shape[1])[:r1 - r0]
 
 
 def decode_vq(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor | None,
@@ -82,16 +105,18 @@ def check_gemm_vq(x, packed, codebooks, scales, bias, N: int, K: int, group_rows
     if codebooks.dim() != 3 or codebooks.dtype not in _FLOATS:
         fail("codebooks must be a float (groups, entries, dim) tensor", TypeError)
     groups, kc, dim = codebooks.shape
-    if packed.dtype not in _CODES or packed.dim() != 3 or packed.shape[2] != ROWS:
-        fail(f"packed must be uint8 / uint16 codes (ceil(N / 16), nv, 16) (pack_codes), got "
-             f"{packed.dtype} {tuple(packed.shape)}", TypeError)
+    if packed.dtype not in _PACKED or packed.dim() != 3 or packed.shape[2] != ROWS:
+        fail(f"packed must be uint8 / uint16 codes (ceil(N / 16), nv, 16) or int32 4-bit words "
+             f"(pack_codes), got {packed.dtype} {tuple(packed.shape)}", TypeError)
     if not isinstance(group_rows, int) or group_rows < 1:
         fail(f"group_rows must be an int >= 1, got {group_rows!r}")
-    nv = packed.shape[1]
-    if N < 0 or packed.shape[0] != -(-N // ROWS) or nv * dim != K:
+    nv = K // dim if dim >= 1 else -1
+    words = packed.dtype == torch.int32
+    if N < 0 or packed.shape[0] != -(-N // ROWS) or nv * dim != K or packed.shape[1] != (
+            -(-nv // 8) if words else nv):
         fail(f"packed {tuple(packed.shape)} and codebooks of dim {dim} do not hold an "
              f"(N = {N}, K = {K}) weight")
-    if kc < 1 or kc > _CODES[packed.dtype] or dim < 1:
+    if kc < 1 or kc > _PACKED[packed.dtype] or dim < 1:
         fail(f"{kc} codebook entries of dim {dim} with {packed.dtype} codes")
     if groups != -(-N // group_rows):
         fail(f"{groups} codebooks for {N} rows in groups of {group_rows}; expected "
@@ -102,6 +127,15 @@ def check_gemm_vq(x, packed, codebooks, scales, bias, N: int, K: int, group_rows
              f"{scales.dtype} {tuple(scales.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
         fail(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    if words and not nibbles_fit(N, nv, kc, groups, group_rows, scales):
+        fail("4-bit words need <= 16 codebook entries, one codebook per layer or per a "
+             "multiple of 16 rows, and scale segments of a multiple of 8 vectors")
+
+
+def nibbles_fit(n: int, nv: int, kc: int, groups: int, group_rows: int, scales) -> bool:
+    """Whether the 4-bit word layout serves this shape (module docstring)."""
+    seg_ok = scales is None or (nv // scales.shape[1]) % 8 == 0
+    return kc <= 16 and (groups == 1 or group_rows % ROWS == 0) and seg_ok
 
 
 def _gemm_vq_cpu(x, packed, codebooks, scales, bias, N, K, group_rows):
@@ -111,8 +145,9 @@ def _gemm_vq_cpu(x, packed, codebooks, scales, bias, N, K, group_rows):
     packed = packed.contiguous()
     groups, kc, dim = codebooks.shape
     y = torch.empty((x.shape[0], N), dtype=torch.float32)
-    _C.gemm_vq_raw(ptr(x), x.shape[0], ptr(packed), packed.dtype == torch.uint16, N,
-                   packed.shape[1], ptr(books), groups, kc, dim, group_rows, ptr(scales),
+    layout = {torch.uint8: 0, torch.uint16: 1, torch.int32: 2}[packed.dtype]
+    _C.gemm_vq_raw(ptr(x), x.shape[0], ptr(packed), layout, N, K // dim, ptr(books), groups, kc,
+                   dim, group_rows, ptr(scales),
                    0 if scales is None else scales.shape[1], ptr(bias), ptr(y))
     return y
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.vq import decode_vq, pack_codes
+from ..ops.vq import decode_vq, nibbles_fit, pack_codes
 
 __all__ = ["FUSED_MAX_ROWS", "VQLinear"]
 
@@ -100,7 +100,11 @@ class VQLinear(nn.Module):
         key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in bufs)
         if getattr(self, "_fused_key", None) != key:
             f32 = (None if t is None else t.detach().float().contiguous() for t in bufs[1:])
-            self._fused = (pack_codes(self.codes), *f32)
+            groups = self.codebooks.shape[0]
+            nib = self.codes.dtype == torch.uint8 and nibbles_fit(
+                self.out_features, self.codes.shape[1], self.k, groups, self.group_rows,
+                self.scales)
+            self._fused = (pack_codes(self.codes, nibbles=nib), *f32)
             self._fused_key = key
         return self._fused
 

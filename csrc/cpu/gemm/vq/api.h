@@ -42,4 +42,14 @@ void gemm_vq(const float* x, int64_t m, const uint16_t* packed, int64_t n, int64
              const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
              const float* scales, int64_t nseg, const float* bias, float* y);
 
+// Codebooks of <= 16 entries with the table path (one codebook per layer or per a multiple of
+// 16 rows; scale segments of a multiple of 8 vectors) may take their codes 4 bits each:
+// `words` (ceil(n / 16), ceil(nv / 8), 16) uint32, word [b][w][l] holding the codes of row
+// 16 b + l, vectors 8 w .. 8 w + 7 at bits 0-3, 4-7, ... (missing vectors / rows: 0). Half the
+// bytes of uint8 codes, and one shift instead of a byte widening per look-up; the same bits.
+// Other shapes: std::invalid_argument.
+void gemm_vq_p4(const float* x, int64_t m, const uint32_t* words, int64_t n, int64_t nv,
+                const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
+                const float* scales, int64_t nseg, const float* bias, float* y);
+
 }  // namespace qk

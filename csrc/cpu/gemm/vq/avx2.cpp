@@ -31,6 +31,11 @@ struct Avx2 : simd::F32x8 {
   static I codes(const uint16_t* p) {
     return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  static I nibbles(const uint32_t* p, int s) {
+    return _mm256_and_si256(
+        _mm256_srl_epi32(_mm256_loadu_si256(reinterpret_cast<const I*>(p)), _mm_cvtsi32_si128(s)),
+        _mm256_set1_epi32(15));
+  }
   static I zeroi() { return _mm256_setzero_si256(); }
   static I set1i(int32_t v) { return _mm256_set1_epi32(v); }
   static I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }

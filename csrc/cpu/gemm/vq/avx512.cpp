@@ -31,6 +31,10 @@ struct Avx512 : simd::F32x16 {
   static I lanes() {
     return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   }
+  static I nibbles(const uint32_t* p, int s) {
+    return _mm512_and_si512(_mm512_srl_epi32(_mm512_loadu_si512(p), _mm_cvtsi32_si128(s)),
+                            _mm512_set1_epi32(15));
+  }
   static I zeroi() { return _mm512_setzero_si512(); }
   static I set1i(int32_t v) { return _mm512_set1_epi32(v); }
   static I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }

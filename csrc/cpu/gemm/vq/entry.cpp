@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/gemm/vq/kernels.h"
@@ -49,13 +50,31 @@ void store(const Call<Code>& c, int64_t b, int64_t i, const float* acc) {
   }
 }
 
+// Block b's codes from vector v on (v a multiple of 8 for Nib4), and the bytes of nvt vectors.
+template <class Code>
+const Code* codes_at(const Call<Code>& c, int64_t b, int64_t v) {
+  if constexpr (std::is_same_v<Code, vqmm::Nib4>)
+    return c.packed + (b * ((c.nv + 7) / 8) + v / 8) * kVqRows;
+  else
+    return c.packed + (b * c.nv + v) * kVqRows;
+}
+
+template <class Code>
+int64_t codes_bytes(int64_t nvt) {
+  if constexpr (std::is_same_v<Code, vqmm::Nib4>)
+    return (nvt + 7) / 8 * kVqRows * 4;
+  else
+    return nvt * kVqRows * int64_t{sizeof(Code)};
+}
+
 // The table path over blocks [b0, b1): per codebook group, per segment, per tile of vectors.
 template <class Code>
 uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
   const auto& kern = vqmm::kernels();
   const auto& ck = kern.template of<Code>();
   const int64_t spv = c.nv / c.nseg, m = c.m, kc = c.kc;
-  const int64_t tile = std::max<int64_t>(1, std::min(spv, kLutFloats / kc));
+  int64_t tile = std::max<int64_t>(1, std::min(spv, kLutFloats / kc));
+  if constexpr (std::is_same_v<Code, vqmm::Nib4>) tile = std::max<int64_t>(8, tile / 8 * 8);
   // a codebook per one or two blocks: the table in registers (same bits, no table stored)
   const bool fused = c.groups > 1 && c.group_rows <= 2 * kVqRows && kc <= kern.fused_kc &&
                      c.dim <= 8;
@@ -77,14 +96,13 @@ uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
           kern.build(c.x + i * c.nv * c.dim + v0 * c.dim, nvt, c.dim, bt, kc,
                      lut.data() + i * tile * kc);
         for (int64_t bb = b; bb < end; ++bb) {
-          const Code* codes = c.packed + (bb * c.nv + v0) * kVqRows;
+          const Code* codes = codes_at(c, bb, v0);
           // the tile's codes of a later block: rows of blocks lie nv * 16 codes apart, a
           // stride the hardware prefetchers do not follow
           if (bb + kAheadBlocks < end) {
-            const auto* next = reinterpret_cast<const uint8_t*>(codes + kAheadBlocks * c.nv *
-                                                                            kVqRows);
-            for (int64_t o = 0; o < nvt * kVqRows * int64_t{sizeof(Code)}; o += 64)
-              prefetch_l2(next, o);
+            const auto* next = reinterpret_cast<const uint8_t*>(codes_at(c, bb + kAheadBlocks,
+                                                                         v0));
+            for (int64_t o = 0; o < codes_bytes<Code>(nvt); o += 64) prefetch_l2(next, o);
           }
           for (int64_t i = 0; i < m; ++i) {
             float* acc = target + ((bb - b) * m + i) * kVqRows;
@@ -182,6 +200,11 @@ void run(Call<Code> c) {
   const bool rows = c.kc > 32 && (c.dim == 2 || c.dim == 4 || c.dim == 8) &&
                     (c.nv / c.nseg * c.dim) % 32 == 0;
   const bool table = !rows && (c.groups == 1 || c.group_rows % kVqRows == 0);
+  if constexpr (std::is_same_v<Code, vqmm::Nib4>)
+    if (!table || c.kc > 16 || (c.scales && (c.nv / c.nseg) % 8))
+      throw std::invalid_argument(
+          "gemm_vq: 4-bit packed codes need the table path (<= 16 entries, one codebook per "
+          "layer or per a multiple of 16 rows, scale segments of a multiple of 8 vectors)");
   if (table) {
     c.bookt.resize(static_cast<size_t>(c.groups * c.dim * c.kc));
     for (int64_t g = 0; g < c.groups; ++g)
@@ -199,7 +222,12 @@ void run(Call<Code> c) {
   std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
   auto task = [&](int64_t t) {
     const int64_t b0 = nb * t / tasks, b1 = nb * (t + 1) / tasks;
-    tops[t] = rows ? rows_task(c, b0, b1) : table ? table_task(c, b0, b1) : lane_task(c, b0, b1);
+    if constexpr (std::is_same_v<Code, vqmm::Nib4>)
+      tops[t] = table_task(c, b0, b1);
+    else
+      tops[t] = rows    ? rows_task(c, b0, b1)
+                : table ? table_task(c, b0, b1)
+                        : lane_task(c, b0, b1);
   };
   if (tasks == 1)
     task(0);
@@ -226,6 +254,13 @@ void gemm_vq(const float* x, int64_t m, const uint16_t* packed, int64_t n, int64
              const float* scales, int64_t nseg, const float* bias, float* y) {
   run(Call<uint16_t>{x, m, packed, n, nv, books, groups, kc, dim, group_rows, scales, nseg, bias,
                      y, {}});
+}
+
+void gemm_vq_p4(const float* x, int64_t m, const uint32_t* words, int64_t n, int64_t nv,
+                const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
+                const float* scales, int64_t nseg, const float* bias, float* y) {
+  run(Call<vqmm::Nib4>{x, m, reinterpret_cast<const vqmm::Nib4*>(words), n, nv, books, groups,
+                       kc, dim, group_rows, scales, nseg, bias, y, {}});
 }
 
 }  // namespace qk

@@ -10,6 +10,24 @@ namespace qk {
 namespace vqmm {
 
 // Indices are clamped to kc - 1 (or wrap inside a register table) before any look-up.
+// 4-bit codes packed 8 to a 32-bit word (api.h gemm_vq_p4: word w of lane l holds the codes of
+// vectors 8 w .. 8 w + 7, LSB first).
+struct Nib4 {
+  uint32_t word;
+};
+
+// Code (v, l) of a block's codes (v counted from where `codes` points: a multiple of 8 for
+// Nib4).
+inline uint32_t code_of(const uint8_t* codes, int64_t v, int64_t l) {
+  return codes[v * kVqRows + l];
+}
+inline uint32_t code_of(const uint16_t* codes, int64_t v, int64_t l) {
+  return codes[v * kVqRows + l];
+}
+inline uint32_t code_of(const Nib4* codes, int64_t v, int64_t l) {
+  return (codes[(v >> 3) * kVqRows + l].word >> (4 * (v & 7))) & 15u;
+}
+
 // The loops over one block's codes, per code type (uint8_t, uint16_t). Every entry returns the
 // largest code it read (the caller checks it against kc).
 template <class Code>
@@ -37,12 +55,15 @@ struct Kernels {
   int64_t fused_kc;  // the largest kc of `fused` (0: none)
   CodeKernels<uint8_t> u8;
   CodeKernels<uint16_t> u16;
+  CodeKernels<Nib4> u4;  // the table path only (lane and rows null)
   template <class Code>
   const CodeKernels<Code>& of() const {
     if constexpr (sizeof(Code) == 1)
       return u8;
-    else
+    else if constexpr (sizeof(Code) == 2)
       return u16;
+    else
+      return u4;
   }
 };
 
@@ -64,9 +85,21 @@ inline const Kernels& kernels() {
 }
 
 // The SIMD loops, V a float vector of V::kW lanes (16 / V::kW vectors per block) with
-// load_n / store_n (the first n lanes), codes(p) (V::kW codes at p as int32 lanes), clamp,
-// umax, lookup(row, kc, idx) (row[idx] for kc <= V::kPerm entries, a permutation) and
-// gather(base, idx) (base[idx]).
+// load_n / store_n (the first n lanes), codes(p) (V::kW codes at p as int32 lanes), nibbles(p,
+// s) (V::kW words at p shifted right by s, masked to 4 bits), clamp, umax, lookup(row, kc, idx)
+// (row[idx] for kc <= V::kPerm entries, a permutation) and gather(base, idx) (base[idx]).
+template <class V>
+typename V::I codes_at(const uint8_t* codes, int64_t v, int u) {
+  return V::codes(codes + v * kVqRows + u * V::kW);
+}
+template <class V>
+typename V::I codes_at(const uint16_t* codes, int64_t v, int u) {
+  return V::codes(codes + v * kVqRows + u * V::kW);
+}
+template <class V>
+typename V::I codes_at(const Nib4* codes, int64_t v, int u) {
+  return V::nibbles(&codes[(v >> 3) * kVqRows + u * V::kW].word, static_cast<int>(4 * (v & 7)));
+}
 template <class V>
 void build_simd(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t kc,
                 float* lut) {
@@ -89,9 +122,9 @@ uint32_t acc_loop(const float* lut, int64_t kc, int64_t nvt, const Code* codes, 
   typename V::I top = V::zeroi();
   const typename V::I last = V::set1i(static_cast<int32_t>(kc - 1));
   for (int u = 0; u < kVec; ++u) a[u] = V::load(acc + u * V::kW);
-  for (int64_t v = 0; v < nvt; ++v, lut += kc, codes += kVqRows)
+  for (int64_t v = 0; v < nvt; ++v, lut += kc)
     for (int u = 0; u < kVec; ++u) {
-      typename V::I ix = V::codes(codes + u * V::kW);
+      typename V::I ix = codes_at<V>(codes, v, u);
       top = V::umax(top, ix);
       if constexpr (kPerm) {
         a[u] = V::add(a[u], V::lookup(lut, kc, ix));
@@ -120,7 +153,7 @@ uint32_t lane_simd(const float* x, int64_t nvt, int64_t dim, const Code* codes, 
     typename V::T a = V::load(acc + u * V::kW);
     const typename V::I b = V::loadi(base + u * V::kW);
     for (int64_t v = 0; v < nvt; ++v) {
-      const typename V::I ix = V::codes(codes + v * kVqRows + u * V::kW);
+      const typename V::I ix = codes_at<V>(codes, v, u);
       top = V::umax(top, ix);
       const typename V::I at = V::addi(b, V::mulsmall(V::clamp(ix, last), dim));
       const float* xv = x + v * dim;
@@ -143,12 +176,12 @@ uint32_t fused_simd(const float* x, int64_t nvt, int64_t dim, const float* bookt
   for (int64_t d = 0; d < dim; ++d) col[d] = V::load_n(bookt + d * kc, kc);
   typename V::I top = V::zeroi();
   for (int u = 0; u < kVec; ++u) a[u] = V::load(acc + u * V::kW);
-  for (int64_t v = 0; v < nvt; ++v, codes += kVqRows) {
+  for (int64_t v = 0; v < nvt; ++v) {
     const float* xv = x + v * dim;
     typename V::T t = V::mul(V::set1(xv[0]), col[0]);
     for (int64_t d = 1; d < dim; ++d) t = V::add(t, V::mul(V::set1(xv[d]), col[d]));
     for (int u = 0; u < kVec; ++u) {
-      const typename V::I ix = V::codes(codes + u * V::kW);
+      const typename V::I ix = codes_at<V>(codes, v, u);
       top = V::umax(top, ix);
       a[u] = V::add(a[u], V::permute(t, ix));
     }
@@ -197,7 +230,8 @@ constexpr CodeKernels<Code> code_kernels() {
 
 template <class V>
 constexpr Kernels simd_kernels() {
-  return {build_simd<V>, V::kW, code_kernels<V, uint8_t>(), code_kernels<V, uint16_t>()};
+  return {build_simd<V>, V::kW, code_kernels<V, uint8_t>(), code_kernels<V, uint16_t>(),
+          {acc_simd<V, Nib4>, nullptr, fused_simd<V, Nib4>, nullptr}};
 }
 
 }  // namespace vqmm

@@ -21,7 +21,7 @@ uint32_t acc(const float* lut, int64_t kc, int64_t nvt, const Code* codes, float
   for (int64_t l = 0; l < kVqRows; ++l) {
     float a = acc[l];
     for (int64_t v = 0; v < nvt; ++v) {
-      const uint32_t c = codes[v * kVqRows + l];
+      const uint32_t c = code_of(codes, v, l);
       top = c > top ? c : top;
       a = a + lut[v * kc + (c < kc ? c : kc - 1)];
     }
@@ -37,7 +37,7 @@ uint32_t lane(const float* x, int64_t nvt, int64_t dim, const Code* codes, int64
   for (int64_t l = 0; l < kVqRows; ++l) {
     float a = acc[l];
     for (int64_t v = 0; v < nvt; ++v) {
-      const uint32_t c = codes[v * kVqRows + l];
+      const uint32_t c = code_of(codes, v, l);
       top = c > top ? c : top;
       const float* e = books + base[l] + (c < kc ? c : kc - 1) * dim;
       float t = e[0] * x[v * dim];
@@ -84,7 +84,8 @@ constexpr CodeKernels<Code> code_kernels() {
 
 }  // namespace
 
-const Kernels kScalarKernels = {build, 0, code_kernels<uint8_t>(), code_kernels<uint16_t>()};
+const Kernels kScalarKernels = {build, 0, code_kernels<uint8_t>(), code_kernels<uint16_t>(),
+                                 {acc<Nib4>, nullptr, nullptr, nullptr}};
 
 }  // namespace vqmm
 }  // namespace qk
