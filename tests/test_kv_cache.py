@@ -224,3 +224,12 @@ def test_bad_types_and_shapes():
     cache.update(k, v, 0)
     with pytest.raises(ValueError, match="cannot crop"):
         cache.crop(-1)
+
+
+def test_report_runs_on_two_windows():
+    from qkern.tools.reports import kv_cache
+
+    text = kv_cache.table(2, rows=["fp32 (DynamicCache)", "int4 g32 r0"])
+    diff = float(text.split("chunked fp32 - plain: ")[1].split(")")[0])
+    assert abs(diff) < 1e-5  # the DynamicCache chunked path reproduces the plain forward
+    assert "| int4 g32 r0 |" in text and "| 8192 |" in text
