@@ -21,8 +21,9 @@
 //   entries and multiplies them by x.
 // Float contract, bit-identical on every ISA and thread count (mul then add, no FMA):
 //   table / lanes: t[v][c] = x[v dim] b[c][0] + x[v dim + 1] b[c][1] + ... (sequentially; the
-//   lanes path the same with b = its row's entry), per segment part = sum over its vectors
-//   in order of t;
+//   lanes path the same with b = its row's entry); per segment four chains, P_j the sum in
+//   order of t over the segment's vectors v with v % 4 == j (v counted from 0 at the row's
+//   start), and part = (P_0 + P_1) + (P_2 + P_3);
 //   rows: per segment 32 partial sums P[e % 32] = P[e % 32] + w[e] x[e] in column order, then
 //   part = the tree P[j] + P[j + h] for h = 16, 8, 4, 2, 1;
 //   then acc = acc + s * part (no scales: acc = acc + part, one segment), y = acc (+ bias).

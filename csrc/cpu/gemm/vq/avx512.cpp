@@ -99,7 +99,7 @@ __m512 pick(const __m512 (&t)[KC], __m512i idx) {
 
 template <int KC, int DIM, class Code>
 uint32_t lane_regs(const float* x, int64_t nvt, const Code* codes, int64_t kc,
-                   const float* books, const int32_t* base, float* acc) {
+                   const float* books, const int32_t* base, int64_t v0, float* chains) {
   alignas(64) float tb[DIM][16 * KC];
   for (int d = 0; d < DIM; ++d)
     for (int l = 0; l < 16; ++l)
@@ -110,27 +110,26 @@ uint32_t lane_regs(const float* x, int64_t nvt, const Code* codes, int64_t kc,
   const __m512i off = _mm512_mullo_epi32(Avx512::lanes(), _mm512_set1_epi32(KC));
   const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(kc - 1));
   __m512i top = _mm512_setzero_si512();
-  __m512 a = _mm512_loadu_ps(acc);
-  for (int64_t v = 0; v < nvt; ++v, codes += kVqRows, x += DIM) {
-    const __m512i ix = Avx512::codes(codes);
+  chain_loop<Avx512>(nvt, v0, chains, [&](int64_t v, __m512* out) {
+    const __m512i ix = codes_at<Avx512>(codes, v, 0);
     top = _mm512_max_epu32(top, ix);
     const __m512i idx = _mm512_add_epi32(_mm512_min_epu32(ix, last), off);
-    __m512 s = _mm512_mul_ps(pick<KC>(t[0], idx), _mm512_set1_ps(x[0]));
+    const float* xv = x + v * DIM;
+    __m512 s = _mm512_mul_ps(pick<KC>(t[0], idx), _mm512_set1_ps(xv[0]));
     for (int d = 1; d < DIM; ++d)
-      s = _mm512_add_ps(s, _mm512_mul_ps(pick<KC>(t[d], idx), _mm512_set1_ps(x[d])));
-    a = _mm512_add_ps(a, s);
-  }
-  _mm512_storeu_ps(acc, a);
+      s = _mm512_add_ps(s, _mm512_mul_ps(pick<KC>(t[d], idx), _mm512_set1_ps(xv[d])));
+    out[0] = s;
+  });
   return _mm512_reduce_max_epu32(top);
 }
 
 template <class Code>
 uint32_t lane_avx512(const float* x, int64_t nvt, int64_t dim, const Code* codes, int64_t kc,
-                     const float* books, const int32_t* base, float* acc) {
+                     const float* books, const int32_t* base, int64_t v0, float* chains) {
   const int64_t kp = kc <= 1 ? 1 : kc <= 2 ? 2 : kc <= 4 ? 4 : kc <= 8 ? 8 : 16;
   const auto run = [&](auto kcp, auto dp) {
     return lane_regs<decltype(kcp)::value, decltype(dp)::value>(x, nvt, codes, kc, books, base,
-                                                                acc);
+                                                                v0, chains);
   };
   using std::integral_constant;
   // (16 entries per row would take 16 table registers: slower than gathers, measured)
@@ -153,7 +152,7 @@ uint32_t lane_avx512(const float* x, int64_t nvt, int64_t dim, const Code* codes
     if (kp == 8 && dim == 1) return run(d8, d1);
     if (kp == 8 && dim == 2) return run(d8, d2);
   }
-  return lane_simd<Avx512, Code>(x, nvt, dim, codes, kc, books, base, acc);
+  return lane_simd<Avx512, Code>(x, nvt, dim, codes, kc, books, base, v0, chains);
 }
 
 Kernels avx512_table() {

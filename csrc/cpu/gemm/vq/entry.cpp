@@ -67,6 +67,21 @@ int64_t codes_bytes(int64_t nvt) {
     return nvt * kVqRows * int64_t{sizeof(Code)};
 }
 
+// A segment's sum from its four chains (api.h): part = (P0 + P1) + (P2 + P3), then added to
+// acc (times the segment's scale when there are scales); the chains are zeroed for the next.
+template <class Code>
+void finish_segment(const Call<Code>& c, int64_t b, int64_t seg, float* chains, float* acc) {
+  float part[kVqRows];
+  for (int64_t l = 0; l < kVqRows; ++l)
+    part[l] = (chains[l] + chains[kVqRows + l]) + (chains[2 * kVqRows + l] +
+                                                    chains[3 * kVqRows + l]);
+  if (c.scales)
+    add_scaled(c, b, seg, part, acc);
+  else
+    for (int64_t l = 0; l < kVqRows; ++l) acc[l] = acc[l] + part[l];
+  std::fill(chains, chains + 4 * kVqRows, 0.0f);
+}
+
 // The table path over blocks [b0, b1): per codebook group, per segment, per tile of vectors.
 template <class Code>
 uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
@@ -85,11 +100,9 @@ uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
     const int64_t end = c.groups == 1 ? b1 : std::min(b1, (g + 1) * c.group_rows / kVqRows);
     const int64_t nbk = end - b;
     std::vector<float> acc(static_cast<size_t>(nbk * m * kVqRows), 0.0f);
-    std::vector<float> part(c.scales ? acc.size() : 0);
+    std::vector<float> chains(4 * acc.size(), 0.0f);
     const float* bt = c.bookt.data() + g * c.dim * kc;
     for (int64_t s = 0; s < c.nseg; ++s) {
-      float* target = c.scales ? part.data() : acc.data();
-      std::fill(part.begin(), part.end(), 0.0f);
       for (int64_t v0 = s * spv; v0 < (s + 1) * spv; v0 += tile) {
         const int64_t nvt = std::min(tile, (s + 1) * spv - v0);
         for (int64_t i = 0; i < m && !fused; ++i)
@@ -105,20 +118,19 @@ uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
             for (int64_t o = 0; o < codes_bytes<Code>(nvt); o += 64) prefetch_l2(next, o);
           }
           for (int64_t i = 0; i < m; ++i) {
-            float* acc = target + ((bb - b) * m + i) * kVqRows;
+            float* ch = chains.data() + ((bb - b) * m + i) * 4 * kVqRows;
             const uint32_t t =
-                fused ? ck.fused(c.x + (i * c.nv + v0) * c.dim, nvt, c.dim, bt, kc, codes, acc)
-                      : ck.acc(lut.data() + i * tile * kc, kc, nvt, codes, acc);
+                fused ? ck.fused(c.x + (i * c.nv + v0) * c.dim, nvt, c.dim, bt, kc, codes, v0, ch)
+                      : ck.acc(lut.data() + i * tile * kc, kc, nvt, codes, v0, ch);
             top = std::max(top, t);
           }
         }
       }
-      if (c.scales)
-        for (int64_t bb = b; bb < end; ++bb)
-          for (int64_t i = 0; i < m; ++i) {
-            const int64_t o = ((bb - b) * m + i) * kVqRows;
-            add_scaled(c, bb, s, part.data() + o, acc.data() + o);
-          }
+      for (int64_t bb = b; bb < end; ++bb)
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t o = (bb - b) * m + i;
+          finish_segment(c, bb, s, chains.data() + o * 4 * kVqRows, acc.data() + o * kVqRows);
+        }
     }
     for (int64_t bb = b; bb < end; ++bb)
       for (int64_t i = 0; i < m; ++i) store(c, bb, i, acc.data() + ((bb - b) * m + i) * kVqRows);
@@ -135,7 +147,7 @@ uint32_t lane_task(const Call<Code>& c, int64_t b0, int64_t b1) {
   const int64_t spv = c.nv / c.nseg;
   uint32_t top = 0;
   int32_t base[kVqRows];
-  float acc[kVqRows], part[kVqRows];
+  float acc[kVqRows], chains[4 * kVqRows] = {};
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t l = 0; l < kVqRows; ++l) {
       const int64_t r = std::min(b * kVqRows + l, c.n - 1);
@@ -146,11 +158,9 @@ uint32_t lane_task(const Call<Code>& c, int64_t b0, int64_t b1) {
       const float* x = c.x + i * c.nv * c.dim;
       std::fill(acc, acc + kVqRows, 0.0f);
       for (int64_t s = 0; s < c.nseg; ++s) {
-        float* target = c.scales ? part : acc;
-        std::fill(part, part + kVqRows, 0.0f);
         top = std::max(top, ck.lane(x + s * spv * c.dim, spv, c.dim, codes + s * spv * kVqRows,
-                                    c.kc, c.books, base, target));
-        if (c.scales) add_scaled(c, b, s, part, acc);
+                                    c.kc, c.books, base, s * spv, chains));
+        finish_segment(c, b, s, chains, acc);
       }
       store(c, b, i, acc);
     }

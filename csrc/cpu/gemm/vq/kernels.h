@@ -32,15 +32,17 @@ inline uint32_t code_of(const Nib4* codes, int64_t v, int64_t l) {
 // largest code it read (the caller checks it against kc).
 template <class Code>
 struct CodeKernels {
-  // acc[l] += lut[v][codes[v][l]] for v < nvt in order (codes (nvt, 16)).
-  uint32_t (*acc)(const float* lut, int64_t kc, int64_t nvt, const Code* codes, float* acc);
-  // acc[l] += sum_d books[base[l] + code dim + d] * x[v dim + d] for v < nvt (the lanes path).
+  // chains[(v0 + v) % 4][l] += lut[v][codes[v][l]] for v < nvt in order (codes (nvt, 16);
+  // chains [4][16]: api.h's four partial sums of the table and lanes paths)
+  uint32_t (*acc)(const float* lut, int64_t kc, int64_t nvt, const Code* codes, int64_t v0,
+                  float* chains);
+  // the same with t = sum_d books[base[l] + code dim + d] * x[v dim + d] (the lanes path)
   uint32_t (*lane)(const float* x, int64_t nvt, int64_t dim, const Code* codes, int64_t kc,
-                   const float* books, const int32_t* base, float* acc);
+                   const float* books, const int32_t* base, int64_t v0, float* chains);
   // build then acc for one block whose table row fits a register (kc <= Kernels::fused_kc):
   // the same bits, without storing the table (a block with a codebook of its own)
   uint32_t (*fused)(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t kc,
-                    const Code* codes, float* acc);
+                    const Code* codes, int64_t v0, float* chains);
   // the rows path (api.h): part[l] = the tree-reduced 32 partial sums of one segment of len
   // columns (len % 32 == 0, dim 2, 4 or 8) of row l, its codebook at books + off[l]; nothing
   // is computed when a code is out of range.
@@ -115,78 +117,97 @@ void build_simd(const float* x, int64_t nvt, int64_t dim, const float* bookt, in
   }
 }
 
-template <class V, bool kPerm, class Code>
-uint32_t acc_loop(const float* lut, int64_t kc, int64_t nvt, const Code* codes, float* acc) {
+// Adds term(v, t) (t: the V::kT vectors of the 16 lanes for vector v) for v < nvt to the four
+// chains of `chains` ([4][16] floats): vector v goes to chain (v0 + v) % 4, in order.
+template <class V, class Term>
+inline void chain_loop(int64_t nvt, int64_t v0, float* chains, Term term) {
   constexpr int kVec = static_cast<int>(kVqRows / V::kW);
-  typename V::T a[kVec];
+  typename V::T r[4][kVec], t[kVec];
+  for (int k = 0; k < 4; ++k)
+    for (int u = 0; u < kVec; ++u) r[k][u] = V::load(chains + ((v0 + k) & 3) * kVqRows + u * V::kW);
+  int64_t v = 0;
+  for (; v + 4 <= nvt; v += 4)
+    for (int k = 0; k < 4; ++k) {
+      term(v + k, t);
+      for (int u = 0; u < kVec; ++u) r[k][u] = V::add(r[k][u], t[u]);
+    }
+  for (int k = 0; k < 3; ++k)
+    if (v + k < nvt) {
+      term(v + k, t);
+      for (int u = 0; u < kVec; ++u) r[k][u] = V::add(r[k][u], t[u]);
+    }
+  for (int k = 0; k < 4; ++k)
+    for (int u = 0; u < kVec; ++u) V::store(chains + ((v0 + k) & 3) * kVqRows + u * V::kW, r[k][u]);
+}
+
+template <class V, bool kPerm, class Code>
+uint32_t acc_loop(const float* lut, int64_t kc, int64_t nvt, const Code* codes, int64_t v0,
+                  float* chains) {
+  constexpr int kVec = static_cast<int>(kVqRows / V::kW);
   typename V::I top = V::zeroi();
   const typename V::I last = V::set1i(static_cast<int32_t>(kc - 1));
-  for (int u = 0; u < kVec; ++u) a[u] = V::load(acc + u * V::kW);
-  for (int64_t v = 0; v < nvt; ++v, lut += kc)
+  chain_loop<V>(nvt, v0, chains, [&](int64_t v, typename V::T* t) {
     for (int u = 0; u < kVec; ++u) {
       typename V::I ix = codes_at<V>(codes, v, u);
       top = V::umax(top, ix);
       if constexpr (kPerm) {
-        a[u] = V::add(a[u], V::lookup(lut, kc, ix));
+        t[u] = V::lookup(lut + v * kc, kc, ix);
       } else {
         ix = V::clamp(ix, last);
-        a[u] = V::add(a[u], V::gather(lut, ix));
+        t[u] = V::gather(lut + v * kc, ix);
       }
     }
-  for (int u = 0; u < kVec; ++u) V::store(acc + u * V::kW, a[u]);
+  });
   return V::hmax(top);
 }
 
 template <class V, class Code>
-uint32_t acc_simd(const float* lut, int64_t kc, int64_t nvt, const Code* codes, float* acc) {
-  return kc <= V::kPerm ? acc_loop<V, true>(lut, kc, nvt, codes, acc)
-                        : acc_loop<V, false>(lut, kc, nvt, codes, acc);
+uint32_t acc_simd(const float* lut, int64_t kc, int64_t nvt, const Code* codes, int64_t v0,
+                  float* chains) {
+  return kc <= V::kPerm ? acc_loop<V, true>(lut, kc, nvt, codes, v0, chains)
+                        : acc_loop<V, false>(lut, kc, nvt, codes, v0, chains);
 }
 
 template <class V, class Code>
 uint32_t lane_simd(const float* x, int64_t nvt, int64_t dim, const Code* codes, int64_t kc,
-                   const float* books, const int32_t* base, float* acc) {
+                   const float* books, const int32_t* base, int64_t v0, float* chains) {
   constexpr int kVec = static_cast<int>(kVqRows / V::kW);
   typename V::I top = V::zeroi();
   const typename V::I last = V::set1i(static_cast<int32_t>(kc - 1));
-  for (int u = 0; u < kVec; ++u) {
-    typename V::T a = V::load(acc + u * V::kW);
-    const typename V::I b = V::loadi(base + u * V::kW);
-    for (int64_t v = 0; v < nvt; ++v) {
+  typename V::I b[kVec];
+  for (int u = 0; u < kVec; ++u) b[u] = V::loadi(base + u * V::kW);
+  chain_loop<V>(nvt, v0, chains, [&](int64_t v, typename V::T* t) {
+    const float* xv = x + v * dim;
+    for (int u = 0; u < kVec; ++u) {
       const typename V::I ix = codes_at<V>(codes, v, u);
       top = V::umax(top, ix);
-      const typename V::I at = V::addi(b, V::mulsmall(V::clamp(ix, last), dim));
-      const float* xv = x + v * dim;
-      typename V::T t = V::mul(V::gather(books, at), V::set1(xv[0]));
+      const typename V::I at = V::addi(b[u], V::mulsmall(V::clamp(ix, last), dim));
+      t[u] = V::mul(V::gather(books, at), V::set1(xv[0]));
       for (int64_t d = 1; d < dim; ++d)
-        t = V::add(t, V::mul(V::gather(books + d, at), V::set1(xv[d])));
-      a = V::add(a, t);
+        t[u] = V::add(t[u], V::mul(V::gather(books + d, at), V::set1(xv[d])));
     }
-    V::store(acc + u * V::kW, a);
-  }
+  });
   return V::hmax(top);
 }
 
 // build_simd's row t (kc <= V::kW entries) kept in a register and looked up at once.
 template <class V, class Code>
 uint32_t fused_simd(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t kc,
-                    const Code* codes, float* acc) {
+                    const Code* codes, int64_t v0, float* chains) {
   constexpr int kVec = static_cast<int>(kVqRows / V::kW);
-  typename V::T col[8], a[kVec];  // dim <= 8 (the caller's rule)
+  typename V::T col[8];  // dim <= 8 (the caller's rule)
   for (int64_t d = 0; d < dim; ++d) col[d] = V::load_n(bookt + d * kc, kc);
   typename V::I top = V::zeroi();
-  for (int u = 0; u < kVec; ++u) a[u] = V::load(acc + u * V::kW);
-  for (int64_t v = 0; v < nvt; ++v) {
+  chain_loop<V>(nvt, v0, chains, [&](int64_t v, typename V::T* t) {
     const float* xv = x + v * dim;
-    typename V::T t = V::mul(V::set1(xv[0]), col[0]);
-    for (int64_t d = 1; d < dim; ++d) t = V::add(t, V::mul(V::set1(xv[d]), col[d]));
+    typename V::T row = V::mul(V::set1(xv[0]), col[0]);
+    for (int64_t d = 1; d < dim; ++d) row = V::add(row, V::mul(V::set1(xv[d]), col[d]));
     for (int u = 0; u < kVec; ++u) {
       const typename V::I ix = codes_at<V>(codes, v, u);
       top = V::umax(top, ix);
-      a[u] = V::add(a[u], V::permute(t, ix));
+      t[u] = V::permute(row, ix);
     }
-  }
-  for (int u = 0; u < kVec; ++u) V::store(acc + u * V::kW, a[u]);
+  });
   return V::hmax(top);
 }
 

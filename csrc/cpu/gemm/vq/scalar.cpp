@@ -16,36 +16,33 @@ void build(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t
 }
 
 template <class Code>
-uint32_t acc(const float* lut, int64_t kc, int64_t nvt, const Code* codes, float* acc) {
+uint32_t acc(const float* lut, int64_t kc, int64_t nvt, const Code* codes, int64_t v0,
+             float* chains) {
   uint32_t top = 0;
-  for (int64_t l = 0; l < kVqRows; ++l) {
-    float a = acc[l];
+  for (int64_t l = 0; l < kVqRows; ++l)
     for (int64_t v = 0; v < nvt; ++v) {
       const uint32_t c = code_of(codes, v, l);
       top = c > top ? c : top;
-      a = a + lut[v * kc + (c < kc ? c : kc - 1)];
+      float& p = chains[((v0 + v) & 3) * kVqRows + l];
+      p = p + lut[v * kc + (c < kc ? c : kc - 1)];
     }
-    acc[l] = a;
-  }
   return top;
 }
 
 template <class Code>
 uint32_t lane(const float* x, int64_t nvt, int64_t dim, const Code* codes, int64_t kc,
-              const float* books, const int32_t* base, float* acc) {
+              const float* books, const int32_t* base, int64_t v0, float* chains) {
   uint32_t top = 0;
-  for (int64_t l = 0; l < kVqRows; ++l) {
-    float a = acc[l];
+  for (int64_t l = 0; l < kVqRows; ++l)
     for (int64_t v = 0; v < nvt; ++v) {
       const uint32_t c = code_of(codes, v, l);
       top = c > top ? c : top;
       const float* e = books + base[l] + (c < kc ? c : kc - 1) * dim;
       float t = e[0] * x[v * dim];
       for (int64_t d = 1; d < dim; ++d) t = t + e[d] * x[v * dim + d];
-      a = a + t;
+      float& p = chains[((v0 + v) & 3) * kVqRows + l];
+      p = p + t;
     }
-    acc[l] = a;
-  }
   return top;
 }
 
