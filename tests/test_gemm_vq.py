@@ -205,3 +205,10 @@ def test_vqlinear_fused_forward_matches_decoded_weight():
     layer.codebooks.requires_grad_()
     layer(torch.randn(2, 24)).sum().backward()
     assert layer.codebooks.grad is not None and layer.codebooks.grad.abs().sum() > 0
+
+
+def test_vqlinear_compiles_fullgraph():
+    x, codes, books, scales, bias, gr = _data(48, 16, 2, 16, 16, 2, 1, seed=5)
+    layer = VQLinear(codes, books.half(), scales.half(), bias, group_rows=gr)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), layer(x))

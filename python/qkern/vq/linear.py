@@ -88,25 +88,32 @@ class VQLinear(nn.Module):
         self.register_buffer("scales", None if scales is None else scales.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
+        for name in ("_vq_packed", "_vq_books", "_vq_scales", "_vq_bias"):
+            self.register_buffer(name, None, persistent=False)
+        self.refresh_kernel_operands()
 
     def dequantize_weight(self) -> torch.Tensor:
         """The decoded weight (out, in) float32 (differentiable in the codebooks and scales)."""
         return decode_vq(self.codes, self.codebooks, self.scales, self.group_rows)
 
-    def _fused_operands(self) -> tuple:
-        """(packed codes, float32 codebooks, float32 scales, float32 bias) for gemm_vq, rebuilt
-        when a buffer was replaced or changed in place since the last call."""
+    def _buffers_key(self) -> tuple:
         bufs = (self.codes, self.codebooks, self.scales, self.bias)
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in bufs)
-        if getattr(self, "_fused_key", None) != key:
-            f32 = (None if t is None else t.detach().float().contiguous() for t in bufs[1:])
-            groups = self.codebooks.shape[0]
-            nib = self.codes.dtype == torch.uint8 and nibbles_fit(
-                self.out_features, self.codes.shape[1], self.k, groups, self.group_rows,
-                self.scales)
-            self._fused = (pack_codes(self.codes, nibbles=nib), *f32)
-            self._fused_key = key
-        return self._fused
+        return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
+                     for t in bufs)
+
+    def refresh_kernel_operands(self) -> None:
+        """Rebuilds the fused kernel's operands (codes packed in blocks of 16 rows, float32
+        codebooks, scales and bias: non-persistent buffers) from ``codes`` / ``codebooks`` /
+        ``scales`` / ``bias``. ``forward`` calls it itself when one of them was replaced or
+        changed in place (eagerly; a compiled forward uses the operands as they are)."""
+        groups = self.codebooks.shape[0]
+        nib = self.codes.dtype == torch.uint8 and nibbles_fit(
+            self.out_features, self.codes.shape[1], self.k, groups, self.group_rows, self.scales)
+        self._vq_packed = pack_codes(self.codes, nibbles=nib)
+        for name, t in (("_vq_books", self.codebooks), ("_vq_scales", self.scales),
+                        ("_vq_bias", self.bias)):
+            setattr(self, name, None if t is None else t.detach().float().contiguous())
+        self._vq_key = self._buffers_key()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -115,10 +122,11 @@ class VQLinear(nn.Module):
             self.scales is not None and self.scales.requires_grad)
         if x.device.type == "cpu" and self.codes.device.type == "cpu" and not trained and (
                 rows <= FUSED_MAX_ROWS):
-            packed, books, scales, bias = self._fused_operands()
-            y = torch.ops.qkern.gemm_vq(x.reshape(rows, self.in_features), packed, books,
-                                        scales, bias, self.out_features, self.in_features,
-                                        self.group_rows)
+            if not torch.compiler.is_compiling() and self._vq_key != self._buffers_key():
+                self.refresh_kernel_operands()
+            y = torch.ops.qkern.gemm_vq(x.reshape(rows, self.in_features), self._vq_packed,
+                                        self._vq_books, self._vq_scales, self._vq_bias,
+                                        self.out_features, self.in_features, self.group_rows)
             return y.reshape(*lead, self.out_features).to(x.dtype)
         w = self.dequantize_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
