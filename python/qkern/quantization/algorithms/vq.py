@@ -39,6 +39,8 @@ scales; decoded weight through ``torch.nn.functional.linear``). Bits per weight:
 from __future__ import annotations
 
 import dataclasses
+import logging
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,7 +60,8 @@ from ..registry import (
     fail,
     register_quantizer,
 )
-from ..sequential import SequentialQuantizer
+from ..sequential import BlockContext, SequentialQuantizer
+from .vq_finetune import FinetuneResult, finetune_codebooks
 
 __all__ = ["VQConfig", "VQQuantizer", "VQResult", "model_bits_per_weight", "vq_linear",
            "vq_linear_from", "vq_quantize"]
@@ -67,6 +70,8 @@ DIMS = (1, 2, 4, 8)
 #: the largest codebook: 2^12 entries
 MAX_INDEX_BITS = 12
 CODEBOOK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+log = logging.getLogger("qkern.vq")
 
 
 @config_class
@@ -78,7 +83,10 @@ class VQConfig(BaseConfig):
     ``group_rows`` output rows (None: per layer), optional scales per row and ``scale_group``
     input columns, codebooks stored as ``codebook_dtype``. Layers whose input size ``dim``
     does not divide stay float (noted); where ``scale_group`` does not divide it, one scale
-    per row (noted)."""
+    per row (noted). ``finetune_steps`` > 0: after each block's layers are quantized, their
+    codebooks (and scales) are trained by Adam at ``finetune_lr`` for that many steps on the
+    block-output MSE to the float block, codes fixed (AQLM's block-wise fine-tuning:
+    :mod:`.vq_finetune`); 0 (the default) is off."""
 
     bits: float = 2
     dim: int = 2
@@ -91,6 +99,8 @@ class VQConfig(BaseConfig):
     seed: int = 0
     update_codebooks: bool = True
     true_sequential: bool = True
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-4
 
     FORMAT_FIELD: ClassVar[str] = "bits"
 
@@ -104,6 +114,11 @@ class VQConfig(BaseConfig):
         check_int(n, "seed", self.seed, 0)
         check_bool(n, "true_sequential", self.true_sequential)
         check_bool(n, "update_codebooks", self.update_codebooks)
+        check_int(n, "finetune_steps", self.finetune_steps, 0)
+        lr = self.finetune_lr
+        if (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1
+                or lr != lr):
+            fail(n, "finetune_lr", "a learning rate in (0, 1]", lr)
         super().__post_init__()
 
     @property
@@ -383,10 +398,34 @@ def model_bits_per_weight(model: nn.Module) -> tuple[int, int]:
 @register_quantizer(VQConfig)
 class VQQuantizer(SequentialQuantizer):
     """GPTVQ in the block-by-block pipeline: each linear is vector-quantized with the Gram
-    matrix of its inputs measured on the partially quantized block (as GPTQ)."""
+    matrix of its inputs measured on the partially quantized block (as GPTQ); with
+    ``finetune_steps`` the block's codebooks are then fine-tuned (``finetuned[block name]``:
+    the :class:`~.vq_finetune.FinetuneResult`)."""
 
     GRAMS = True
     NEEDS_DATA = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.finetuned: dict[str, FinetuneResult] = {}
+
+    def quantize_block(self, ctx: BlockContext, log_layer) -> None:
+        """GPTQ-style layer by layer (the base class), then the codebook fine-tuning (the
+        float block's outputs are taken before the first layer is quantized)."""
+        steps = self.config.finetune_steps
+        targets = ctx.float_outputs if steps and ctx.inputs and ctx.layers else None
+        super().quantize_block(ctx, log_layer)
+        if targets is None:
+            return
+        res = finetune_codebooks(ctx.block, ctx.inputs, targets, steps=steps,
+                                 lr=self.config.finetune_lr)
+        self.finetuned[ctx.name] = res
+        msg = (f"{ctx.name} codebook fine-tuning: loss {res.before:.4e} -> {res.after:.4e}"
+               f" ({steps} steps, {res.layers} layers, {res.seconds:.2f} s)"
+               + ("; no gain, GPTVQ codebooks kept" if res.kept else ""))
+        log.info(msg)
+        if self.progress:
+            print(msg, file=sys.stderr, flush=True)
 
     def preflight(self, name: str, linear: nn.Linear, cfg) -> str | None:
         k = linear.in_features

@@ -10,7 +10,8 @@ report), and the total bits per weight over every quantized block linear:
   ``down_proj``'s 672 inputs take no group of 64 or 128, so one group per row there,
   ``2 + 18 / 672``);
 - each VQ config of :data:`CONFIGS`: codes + float16 codebooks + float16 scales, counted
-  exactly from the quantized layers (:func:`model_bits_per_weight`).
+  exactly from the quantized layers (:func:`model_bits_per_weight`); the "ft" rows add the
+  block-wise codebook fine-tuning (:mod:`qkern.quantization.algorithms.vq_finetune`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = ["CONFIGS", "GPTQ_SETTINGS", "gptq_bits", "main", "vq_table"]
 CONFIGS: dict[str, VQConfig] = {
     "VQ d4 2b per-layer": VQConfig(bits=2, dim=4),
     "VQ d4 2b per-layer no-update": VQConfig(bits=2, dim=4, update_codebooks=False),
+    "VQ d4 2b per-layer ft": VQConfig(bits=2, dim=4, finetune_steps=128, finetune_lr=3e-4),
     "VQ d2 2b rows16": VQConfig(bits=2, dim=2, group_rows=16),
     "VQ d4 2b per-layer s256": VQConfig(bits=2, dim=4, scale_group=256),
     "VQ d2 2.5b per-layer": VQConfig(bits=2.5, dim=2),
