@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ops.vq import decode_vq
 from ...vq.linear import VQLinear
 from ..calibration import call_model
 from ..registry import Batch, replace_module
@@ -69,29 +70,19 @@ class FinetuneResult:
 
 class _Decoding(nn.Module):
     """Stands in for a VQLinear while training: the same codes, trainable float32 codebooks
-    (and scales); ``forward`` decodes the weight as :meth:`VQLinear.dequantize_weight` does,
-    as one ``index_select`` of codebook rows (its backward, an ``index_add``, is some 15x
-    faster on the CPU than that of the 2-D gather VQLinear uses)."""
+    (and scales); ``forward`` decodes the weight with :func:`qkern.ops.vq.decode_vq`, as
+    :meth:`VQLinear.dequantize_weight` does."""
 
     def __init__(self, src: VQLinear):
         super().__init__()
-        out, nv = src.codes.shape
-        k = src.codebooks.shape[1]
-        group = torch.arange(out) // src.group_rows
-        # row r, vector v -> row group[r] * k + codes[r, v] of the stacked codebooks
-        self.index = (group[:, None] * k + src.codes.to(torch.int64)).reshape(-1)
-        self.shape = (out, src.in_features)
+        self.codes, self.group_rows = src.codes, src.group_rows
         self.codebooks = nn.Parameter(src.codebooks.detach().float().clone())
         self.scales = (None if src.scales is None
                        else nn.Parameter(src.scales.detach().float().clone()))
         self.bias = None if src.bias is None else src.bias.detach()
 
     def dequantize_weight(self) -> torch.Tensor:
-        books = self.codebooks.reshape(-1, self.codebooks.shape[-1])
-        w = books.index_select(0, self.index).reshape(self.shape)
-        if self.scales is not None:
-            w = w * self.scales.repeat_interleave(self.shape[1] // self.scales.shape[1], 1)
-        return w
+        return decode_vq(self.codes, self.codebooks, self.scales, self.group_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize_weight().to(x.dtype)
