@@ -78,6 +78,24 @@ void init(py::module_& m) {
     qk::vq_topk_rows(reinterpret_cast<const float*>(values), n, len, kk,
                      reinterpret_cast<int64_t*>(idx));
   });
+  // x (n, m * dsub), codebooks (m, ksub, dsub) float32, codes (n, m) int64.
+  m.def("pq_encode_raw", [](uintptr_t x, int64_t n, int64_t m_, int64_t ksub, int64_t dsub,
+                            uintptr_t cb, uintptr_t codes) {
+    positive(m_, "pq_encode: m");
+    positive(ksub, "pq_encode: ksub");
+    positive(dsub, "pq_encode: dsub");
+    if (ksub > INT32_MAX)
+      throw py::value_error("pq_encode: ksub must be < 2^31, got " + std::to_string(ksub));
+    const int64_t d = qk::bind::checked_mul(m_, dsub, "pq_encode m x dsub");
+    qk::bind::checked_mul(qk::bind::checked_mul(m_, ksub, "pq_encode m x ksub"), dsub,
+                          "pq_encode m x ksub x dsub");
+    qk::bind::checked_mul(n, d, "pq_encode n x d");
+    if (n == 0) return;
+    nonnull({x, cb, codes}, "pq_encode_raw");
+    py::gil_scoped_release nogil;
+    qk::pq_encode(reinterpret_cast<const float*>(x), n, m_, ksub, dsub,
+                  reinterpret_cast<const float*>(cb), reinterpret_cast<int64_t*>(codes));
+  });
   // q (nq, m * dsub), codebooks (m, ksub, dsub), table (nq, m, ksub): float32.
   m.def("pq_adc_table_raw", [](uintptr_t q, int64_t nq, int64_t m_, int64_t ksub, int64_t dsub,
                                uintptr_t cb, uintptr_t table) {

@@ -25,6 +25,11 @@
 // (kk <= len), ascending by value, equal values by position (the beam selection of a residual
 // quantizer's search); idx (n, kk). Plain comparisons: the same on every ISA.
 //
+// pq_encode: the product-quantization codes of x (n, m * dsub): codes[i, j] (n, m) = the
+// vq_assign code of the j-th sub-vector x[i, j * dsub : (j + 1) * dsub] among the ksub rows of
+// codebooks[j] (m, ksub, dsub) (the same values and ties, without the distances); one call
+// for all m sub-quantizers, read in place (no sub-vector copies).
+//
 // pq_adc_table: for each query (nq, m * dsub) and sub-quantizer j, the squared distance of the
 // query's j-th sub-vector to every sub-centroid of codebooks (m, ksub, dsub):
 //   table[q, j, c] = sum_{t < dsub} (q[j * dsub + t] - cb[j, c, t])^2   (sequential, float32)
@@ -45,6 +50,9 @@ void vq_assign(const float* x, int64_t n, int64_t d, const float* centroids, int
 void vq_topk(const float* x, int64_t n, int64_t d, const float* centroids, int64_t k, int64_t kk,
              int64_t* idx, float* dist);
 void vq_topk_rows(const float* values, int64_t n, int64_t len, int64_t kk, int64_t* idx);
+
+void pq_encode(const float* x, int64_t n, int64_t m, int64_t ksub, int64_t dsub,
+               const float* codebooks, int64_t* codes);
 
 void pq_adc_table(const float* q, int64_t nq, int64_t m, int64_t ksub, int64_t dsub,
                   const float* codebooks, float* table);

@@ -19,6 +19,8 @@ struct Avx2 : simd::F32x8 {
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
   static T lt(T a, T b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static T le(T a, T b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
+  static uint32_t bits(T m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
   static T blend(T m, T a, T b) { return _mm256_blendv_ps(a, b, m); }
   static I blendi(T m, I a, I b) {
     return _mm256_castps_si256(

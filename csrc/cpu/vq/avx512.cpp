@@ -21,6 +21,8 @@ struct Avx512 : simd::F32x16 {
     return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(base)), lanes());
   }
   static __mmask16 lt(T a, T b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static __mmask16 le(T a, T b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
+  static uint32_t bits(__mmask16 m) { return static_cast<uint32_t>(m); }
   static T blend(__mmask16 m, T a, T b) { return _mm512_mask_blend_ps(m, a, b); }
   static I blendi(__mmask16 m, I a, I b) { return _mm512_mask_blend_epi32(m, a, b); }
   static void storei(int32_t* p, I v) { _mm512_storeu_si512(p, v); }

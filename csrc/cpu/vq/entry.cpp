@@ -37,7 +37,8 @@ void over_rows(int64_t rows, int64_t work_per_row, const Fn& fn) {
 struct PackedOwner {
   std::vector<float> pan, norms;
   vq::Packed packed;
-  PackedOwner(const float* cent, int64_t k, int64_t d) {
+  // ldx: the row stride of the x it will be matched against (d, or more for a sub-vector).
+  PackedOwner(const float* cent, int64_t k, int64_t d, int64_t ldx) {
     const int64_t panels = (k + vq::kPanel - 1) / vq::kPanel;
     pan.assign(static_cast<size_t>(panels * d * vq::kPanel), 0.0f);
     norms.assign(static_cast<size_t>(panels * vq::kPanel), __builtin_inff());
@@ -47,7 +48,7 @@ struct PackedOwner {
       float* p = pan.data() + (j / vq::kPanel) * d * vq::kPanel + j % vq::kPanel;
       for (int64_t t = 0; t < d; ++t) p[t * vq::kPanel] = c[t];
     }
-    packed = vq::Packed{pan.data(), norms.data(), cent, k, d};
+    packed = vq::Packed{pan.data(), norms.data(), cent, k, d, ldx};
   }
 };
 
@@ -55,7 +56,7 @@ template <class Code>
 void assign_impl(const float* x, int64_t n, int64_t d, const float* cent, int64_t k, Code* codes,
                  float* dist) {
   if (n <= 0 || k <= 0 || d <= 0) return;
-  const PackedOwner own(cent, k, d);
+  const PackedOwner own(cent, k, d, d);
   const vq::Packed& packed = own.packed;
   const auto& kern = vq::kernels();
   over_rows(n, k * d, [&](int64_t r0, int64_t r1) {
@@ -74,7 +75,7 @@ void assign_impl(const float* x, int64_t n, int64_t d, const float* cent, int64_
 void topk_impl(const float* x, int64_t n, int64_t d, const float* cent, int64_t k, int64_t kk,
                int64_t* idx, float* dist) {
   if (n <= 0 || k <= 0 || d <= 0 || kk <= 0) return;
-  const PackedOwner own(cent, k, d);
+  const PackedOwner own(cent, k, d, d);
   const auto& kern = vq::kernels();
   over_rows(n, k * d, [&](int64_t r0, int64_t r1) {
     kern.topk(x + r0 * d, r1 - r0, own.packed, kk, idx + r0 * kk, dist + r0 * kk);
@@ -141,6 +142,29 @@ void vq_topk_rows(const float* values, int64_t n, int64_t len, int64_t kk, int64
       vq::topk_init(v.data(), ri, kk, len);
       for (int64_t j = 0; j < len; ++j)
         if (row[j] <= v[kk - 1]) vq::topk_offer(v.data(), ri, kk, row[j], j);
+    }
+  });
+}
+
+void pq_encode(const float* x, int64_t n, int64_t m, int64_t ksub, int64_t dsub,
+               const float* codebooks, int64_t* codes) {
+  if (n <= 0 || m <= 0 || ksub <= 0 || dsub <= 0) return;
+  const int64_t d = m * dsub;
+  std::vector<PackedOwner> books;
+  books.reserve(static_cast<size_t>(m));
+  for (int64_t j = 0; j < m; ++j) books.emplace_back(codebooks + j * ksub * dsub, ksub, dsub, d);
+  const auto& kern = vq::kernels();
+  // Blocks of rows; in each, chunks of 96 rows go through the m sub-quantizers in turn (the
+  // chunk's rows stay in cache, one codebook's panels are read once per chunk).
+  over_rows(n, ksub * d, [&](int64_t r0, int64_t r1) {
+    int64_t idx[96];
+    float v[96];
+    for (int64_t i = r0; i < r1; i += 96) {
+      const int64_t len = std::min<int64_t>(96, r1 - i);
+      for (int64_t j = 0; j < m; ++j) {
+        kern.assign(x + i * d + j * dsub, len, books[static_cast<size_t>(j)].packed, idx, v);
+        for (int64_t r = 0; r < len; ++r) codes[(i + r) * m + j] = idx[r];
+      }
     }
   });
 }

@@ -21,10 +21,11 @@ struct Packed {
   const float* norms;   // (ceil(k / kPanel) * kPanel): ||c_j||^2, +inf past k
   const float* raw;     // (k, d) as given
   int64_t k, d;
+  int64_t ldx;  // row stride of the x the kernels read (>= d: d coordinates of a longer row)
 };
 
 struct Kernels {
-  // rows [0, n) of x (row stride d): best index and v_best = ||c||^2 - 2 x.c (api.h).
+  // rows [0, n) of x (row stride c.ldx): best index and v_best = ||c||^2 - 2 x.c (api.h).
   void (*assign)(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v);
   // rows [0, n) of x: the kk smallest v = ||c||^2 - 2 x.c, ascending (ties: lower index), in
   // idx / v (n, kk) (api.h vq_topk; kk <= k).
@@ -64,7 +65,8 @@ void scan_scalar(const float* tables, int64_t nq, int64_t ksub, const uint16_t* 
 
 // The SIMD assignment (avx2.cpp, avx512.cpp): V is a float vector type of V::kW lanes with
 // load/store/add/sub/mul/set1, plus V::I (index vector), lt(a, b) -> mask, blend(mask, a, b)
-// (b where mask) for values and indices, and seq(base) (base, base+1, ...). kPanel / V::kW
+// (b where mask) for values and indices, seq(base) (base, base+1, ...), le(a, b) -> mask and
+// bits(mask) -> the lanes' bits (topk_block). kPanel / V::kW
 // vectors per panel, R rows at a time (V::kRows: what its registers hold); the per-lane
 // running minimum keeps the lowest index (strict <, panels in ascending order), the lanes are
 // reduced at the end the same way.
@@ -81,7 +83,7 @@ inline void panel_dots(const float* x, const Packed& c, int64_t p,
     typename V::T cv[kV];
     for (int u = 0; u < kV; ++u) cv[u] = V::load(pan + t * kPanel + u * V::kW);
     for (int r = 0; r < R; ++r) {
-      const typename V::T xv = V::set1(x[r * d + t]);
+      const typename V::T xv = V::set1(x[r * c.ldx + t]);
       for (int u = 0; u < kV; ++u) acc[r][u] = V::add(acc[r][u], V::mul(xv, cv[u]));
     }
   }
@@ -155,7 +157,8 @@ inline void topk_init(float* v, int64_t* idx, int64_t n_entries, int64_t k) {
 
 // The assignment's register blocking with a top-kk list per row instead of the running
 // minimum: each panel's values (computed as assign_block does) are compared with the row's
-// current kk-th value, the lanes that may enter offered in index order.
+// current kk-th value (V::le, V::bits: a lane mask), the lanes that may enter offered in index
+// order.
 template <class V, int R>
 inline void topk_block(const float* x, const Packed& c, int64_t kk, int64_t* idx, float* v) {
   constexpr int kV = static_cast<int>(kPanel / V::kW);
@@ -165,16 +168,28 @@ inline void topk_block(const float* x, const Packed& c, int64_t kk, int64_t* idx
   for (int64_t p = 0; p < panels; ++p) {
     typename V::T acc[R][kV];
     panel_dots<V, R>(x, c, p, acc);
+    const int64_t lanes = std::min<int64_t>(kPanel, c.k - p * kPanel);
+    const uint32_t live = lanes >= 32 ? ~0u : (1u << lanes) - 1;
     for (int r = 0; r < R; ++r) {
-      alignas(64) float fv[kPanel];
-      for (int u = 0; u < kV; ++u)
-        V::store(fv + u * V::kW,
-                 V::sub(V::load(c.norms + p * kPanel + u * V::kW), V::mul(two, acc[r][u])));
       float* rv = v + r * kk;
       int64_t* ri = idx + r * kk;
-      const int64_t lanes = std::min<int64_t>(kPanel, c.k - p * kPanel);
-      for (int64_t l = 0; l < lanes; ++l)
+      // The lanes at or below the row's current kk-th value (a mask, most panels none), then
+      // offered in lane order, each re-checked: the kk-th value only decreases.
+      const typename V::T thr = V::set1(rv[kk - 1]);
+      typename V::T val[kV];
+      uint32_t cand = 0;
+      for (int u = 0; u < kV; ++u) {
+        val[u] = V::sub(V::load(c.norms + p * kPanel + u * V::kW), V::mul(two, acc[r][u]));
+        cand |= V::bits(V::le(val[u], thr)) << (u * V::kW);
+      }
+      cand &= live;
+      if (!cand) continue;
+      alignas(64) float fv[kPanel];
+      for (int u = 0; u < kV; ++u) V::store(fv + u * V::kW, val[u]);
+      for (; cand; cand &= cand - 1) {
+        const int l = __builtin_ctz(cand);
         if (fv[l] <= rv[kk - 1]) topk_offer(rv, ri, kk, fv[l], p * kPanel + l);
+      }
     }
   }
 }
@@ -184,18 +199,21 @@ inline void topk_simd(const float* x, int64_t n, const Packed& c, int64_t kk, in
                       float* v) {
   constexpr int kR = V::kRows;
   int64_t i = 0;
-  for (; i + kR <= n; i += kR) topk_block<V, kR>(x + i * c.d, c, kk, idx + i * kk, v + i * kk);
-  for (; i + 4 <= n; i += 4) topk_block<V, 4>(x + i * c.d, c, kk, idx + i * kk, v + i * kk);
-  for (; i < n; ++i) topk_block<V, 1>(x + i * c.d, c, kk, idx + i * kk, v + i * kk);
+  for (; i + kR <= n; i += kR) 
+    topk_block<V, kR>(x + i * c.ldx, c, kk, idx + i * kk, v + i * kk);
+  for (; i + 4 <= n; i += 4) 
+    topk_block<V, 4>(x + i * c.ldx, c, kk, idx + i * kk, v + i * kk);
+  for (; i < n; ++i) 
+    topk_block<V, 1>(x + i * c.ldx, c, kk, idx + i * kk, v + i * kk);
 }
 
 template <class V>
 inline void assign_simd(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v) {
   constexpr int kR = V::kRows;
   int64_t i = 0;
-  for (; i + kR <= n; i += kR) assign_block<V, kR>(x + i * c.d, c, idx + i, v + i);
-  for (; i + 4 <= n; i += 4) assign_block<V, 4>(x + i * c.d, c, idx + i, v + i);
-  for (; i < n; ++i) assign_block<V, 1>(x + i * c.d, c, idx + i, v + i);
+  for (; i + kR <= n; i += kR) assign_block<V, kR>(x + i * c.ldx, c, idx + i, v + i);
+  for (; i + 4 <= n; i += 4) assign_block<V, 4>(x + i * c.ldx, c, idx + i, v + i);
+  for (; i < n; ++i) assign_block<V, 1>(x + i * c.ldx, c, idx + i, v + i);
 }
 
 }  // namespace vq

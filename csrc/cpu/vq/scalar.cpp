@@ -7,7 +7,7 @@ namespace vq {
 void assign_scalar(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v) {
   const int64_t d = c.d;
   for (int64_t i = 0; i < n; ++i) {
-    const float* xi = x + i * d;
+    const float* xi = x + i * c.ldx;
     float best = __builtin_inff();
     int64_t bj = 0;
     for (int64_t j = 0; j < c.k; ++j) {
@@ -29,7 +29,7 @@ void topk_scalar(const float* x, int64_t n, const Packed& c, int64_t kk, int64_t
                  float* v) {
   const int64_t d = c.d;
   for (int64_t i = 0; i < n; ++i) {
-    const float* xi = x + i * d;
+    const float* xi = x + i * c.ldx;
     float* rv = v + i * kk;
     int64_t* ri = idx + i * kk;
     topk_init(rv, ri, kk, c.k);

@@ -21,7 +21,7 @@ import torch
 
 from .base import VQBase, as_codes, as_vectors
 from .kmeans import KMeans
-from .search import adc_scan, adc_table, assign
+from .search import adc_scan, adc_table, assign, pq_encode
 
 __all__ = ["ProductQuantizer", "VectorQuantizer", "compact_codes"]
 
@@ -81,10 +81,7 @@ class ProductQuantizer(VQBase):
         return np.ascontiguousarray(x[:, j * self.dsub:(j + 1) * self.dsub])
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
-        codes = np.empty((x.shape[0], self.m), dtype=np.int64)
-        for j in range(self.m):
-            codes[:, j] = assign(self._sub(x, j), self.codebooks[j])[0]
-        return codes
+        return pq_encode(x, self.codebooks)  # all m sub-spaces in one C++ call
 
     def _decode(self, codes: Any) -> np.ndarray:
         c = as_codes(codes, self.m, self.ksub)

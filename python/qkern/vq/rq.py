@@ -46,16 +46,22 @@ def _beam_step(res: np.ndarray, codes: np.ndarray, book: np.ndarray, beam: int):
     codes and (n, B') squared residual norms, B' = min(beam, B * K), best first (equal
     distances: the earlier parent, then the lower codeword)."""
     n, b, d = res.shape
+    s = codes.shape[2]
     kk = min(beam, book.shape[0])
     idx, dist = topk(res.reshape(n * b, d), book, kk)
     idx, dist = idx.reshape(n, b * kk), dist.reshape(n, b * kk)
     nb = min(beam, b * kk)
     sel = smallest(dist, nb)
-    parent, cid = sel // kk, np.take_along_axis(idx, sel, axis=1)
-    new_codes = np.concatenate([np.take_along_axis(codes, parent[..., None], axis=1),
-                                cid[..., None]], axis=2)
-    new_res = np.take_along_axis(res, parent[..., None], axis=1) - book[cid]
-    return new_res, new_codes, np.take_along_axis(dist, sel, axis=1)
+    cid = np.take_along_axis(idx, sel, axis=1).ravel()
+    # the parents' rows of the flattened (n * b, ...) arrays: whole-row gathers (np.take)
+    rows = (sel // kk + (np.arange(n, dtype=np.int64) * b)[:, None]).ravel()
+    new_codes = np.empty((n * nb, s + 1), dtype=np.int64)
+    np.take(codes.reshape(n * b, s), rows, axis=0, out=new_codes[:, :s])
+    new_codes[:, s] = cid
+    new_res = np.take(res.reshape(n * b, d), rows, axis=0)
+    new_res -= np.take(book, cid, axis=0)
+    return (new_res.reshape(n, nb, d), new_codes.reshape(n, nb, s + 1),
+            np.take_along_axis(dist, sel, axis=1))
 
 
 def beam_search(x: np.ndarray, codebooks: np.ndarray, beam_size: int) -> np.ndarray:

@@ -10,6 +10,9 @@
   ``assign``'s result.
 - ``smallest(values, k) -> idx``: the positions of the ``k`` smallest entries of each row of
   ``values`` (n, len), ascending (equal values: the lower position first).
+- ``pq_encode(x, codebooks) -> codes``: product-quantization codes (n, m) int64 of ``x``
+  (n, m * dsub) against ``codebooks`` (m, ksub, dsub): column j is ``assign``'s code of the j-th
+  sub-vector among ``codebooks[j]`` (the same values and ties), all m in one C++ call.
 - ``adc_table(q, codebooks) -> table``: ``table[i, j, c] = ||q_i[j] - codebooks[j, c]||^2``, the
   squared distance of the j-th sub-vector of each query (nq, m * dsub) to every sub-centroid of
   ``codebooks`` (m, ksub, dsub).
@@ -34,7 +37,7 @@ import torch
 from .. import _C
 from .base import as_vectors
 
-__all__ = ["assign", "topk", "smallest", "adc_table", "adc_scan"]
+__all__ = ["assign", "topk", "smallest", "pq_encode", "adc_table", "adc_scan"]
 
 
 def _floats(a: Any, name: str, ndim: int) -> np.ndarray:
@@ -103,6 +106,22 @@ def smallest(values: Any, k: int) -> np.ndarray:
     idx = np.empty((n, int(k)), dtype=np.int64)
     _C.vq_topk_rows_raw(v.ctypes.data, n, length, int(k), idx.ctypes.data)
     return idx
+
+
+def pq_encode(x: Any, codebooks: Any) -> np.ndarray:
+    """PQ codes (n, m) int64 of ``x`` (n, m * dsub) against ``codebooks`` (m, ksub, dsub): the
+    nearest sub-centroid of each sub-vector, as :func:`assign` gives it (module docstring).
+
+    >>> books = np.array([[[0.0], [1.0]], [[0.0], [5.0]]])  # m = 2, ksub = 2, dsub = 1
+    >>> pq_encode(np.array([[0.9, 0.2], [0.1, 4.0]]), books).tolist()
+    [[1, 0], [0, 1]]
+    """
+    cb = _floats(codebooks, "codebooks", 3)
+    m, ksub, dsub = cb.shape
+    x = as_vectors(x, m * dsub, "x")
+    codes = np.empty((x.shape[0], m), dtype=np.int64)
+    _C.pq_encode_raw(x.ctypes.data, x.shape[0], m, ksub, dsub, cb.ctypes.data, codes.ctypes.data)
+    return codes
 
 
 def adc_table(q: Any, codebooks: Any) -> np.ndarray:
