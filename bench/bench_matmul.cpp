@@ -138,17 +138,25 @@ Weights make_lut4(int64_t n, int64_t k, int64_t group) {
 }
 
 // GPTVQ's layout (qkern.vq.VQLinear): random codes of dim-element vectors (already in the
-// 16-row packed order), kc-entry codebooks per group_rows rows (0: one per layer), no scales.
+// 16-row packed order; 4-bit words for 16-entry codebooks, as VQLinear packs them),
+// kc-entry codebooks per group_rows rows (0: one per layer), no scales.
 Weights make_vq(int64_t n, int64_t k, int64_t dim, int64_t kc, int64_t group_rows) {
-  const int64_t nv = k / dim, rows = group_rows ? group_rows : n;
+  const int64_t nv = k / dim, rows = group_rows ? group_rows : n, nb = (n + 15) / 16;
   const int64_t groups = (n + rows - 1) / rows;
-  const auto packed = random_bytes((n + 15) / 16 * 16 * nv, 11, 0, static_cast<int>(kc - 1));
+  const bool words = kc == 16;
+  const auto packed = words ? random_bytes(nb * ((nv + 7) / 8) * 64, 11, 0, 255)
+                            : random_bytes(nb * 16 * nv, 11, 0, static_cast<int>(kc - 1));
   const auto books = randn(groups * kc * dim, 12, 0.02f);
   Weights w;
   auto p = rotate(w, packed, 4 * books.size());
   w.run = [=](int c, const float* x, int64_t m, float* y) {
-    qk::gemm_vq(x, m, (*p)[c].data(), n, nv, books.data(), groups, kc, dim, rows, nullptr, 1,
-                nullptr, y);
+    const uint8_t* codes = (*p)[c].data();
+    if (words)
+      qk::gemm_vq_p4(x, m, reinterpret_cast<const uint32_t*>(codes), n, nv, books.data(),
+                     groups, kc, dim, rows, nullptr, 1, nullptr, y);
+    else
+      qk::gemm_vq(x, m, codes, n, nv, books.data(), groups, kc, dim, rows, nullptr, 1, nullptr,
+                  y);
   };
   return w;
 }
