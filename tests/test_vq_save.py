@@ -61,3 +61,20 @@ def test_bad_vq_tensors_raise_badfile(tmp_path, edit, match):
     write_safetensors(path, tensors, meta, overwrite=True)
     with pytest.raises(BadFile, match=match):
         qkern.load(path, model)
+
+
+def test_lattice_layer_round_trips(tmp_path):
+    from qkern.vq.lattice import lattice_codebook
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 24))
+    book = torch.as_tensor(lattice_codebook("D4", 2, centered=True)).half().unsqueeze(0)
+    q = copy.deepcopy(model)
+    q[0] = VQLinear(torch.randint(0, 256, (24, 8)).to(torch.uint8), book,
+                    (torch.rand(24, 1) + 0.5).half(), q[0].bias, 24, lattice="D4")
+    path = tmp_path / "lattice.safetensors"
+    qkern.save(q, path)
+    back = qkern.load(path, model)
+    assert back[0].lattice == "D4" and back[0].overhead_bits == 24 * 16
+    x = torch.randn(3, 32)
+    assert torch.equal(back(x), q(x))

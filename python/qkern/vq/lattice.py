@@ -30,7 +30,7 @@ import torch
 from .base import VQBase, as_codes
 
 __all__ = ["LatticeQuantizer", "nearest_z", "nearest_dn", "nearest_e8", "nearest_point",
-           "generator_matrix"]
+           "generator_matrix", "lattice_codebook"]
 
 
 def nearest_z(x: np.ndarray) -> np.ndarray:
@@ -97,6 +97,38 @@ def generator_matrix(lattice: str) -> np.ndarray:
     if lattice == "E8":
         g[7] = 0.5
     return g
+
+
+def lattice_codebook(lattice: str, bits_per_dim: int, centered: bool = False) -> np.ndarray:
+    """Every point of the Voronoi code of ``lattice`` ("Z" (1-d), "D4" or "E8") with
+    ``r = 2**bits_per_dim``: the ``r**dim`` lattice points in the (shifted) Voronoi region of
+    ``r L`` that :class:`LatticeQuantizer` encodes to, as a float64 array (r**dim, dim) in
+    lattice units, row ``i`` the point of the code whose base-``r`` digits (most significant
+    first) are ``i``. Entries are integers or half-integers (exact in float16).
+
+    The shift that picks one point of each coset puts the code off-centre (its mean is up to
+    about ``0.5`` per coordinate); ``centered=True`` subtracts that mean rounded to a
+    multiple of 1/64 (entries then stay exact in float16): the code translated to the origin.
+
+    >>> cb = lattice_codebook("D4", 2)
+    >>> cb.shape, bool((cb.sum(axis=1) % 2 == 0).all())  # D4: integer points, even sum
+    ((256, 4), True)
+    """
+    if lattice not in _DIM:
+        raise ValueError(f"lattice must be one of {sorted(_DIM)}, got {lattice!r}")
+    if (not isinstance(bits_per_dim, int) or isinstance(bits_per_dim, bool)
+            or not 1 <= bits_per_dim <= 16 or bits_per_dim * _DIM[lattice] > 16):
+        raise ValueError(f"lattice_codebook: bits_per_dim must be an int >= 1 with "
+                         f"bits_per_dim * {_DIM[lattice]} <= 16 for {lattice}, "
+                         f"got {bits_per_dim!r}")
+    q = LatticeQuantizer(_DIM[lattice], lattice, bits_per_dim, scale=1.0)
+    n = _DIM[lattice]
+    idx = np.arange(q.r ** n)
+    digits = (idx[:, None] // q.r ** np.arange(n - 1, -1, -1)) % q.r
+    points = q._point_of(digits)
+    if centered:
+        points = points - np.round(points.mean(axis=0) * 64) / 64
+    return points
 
 
 class LatticeQuantizer(VQBase):

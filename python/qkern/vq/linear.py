@@ -3,12 +3,16 @@ each row of the weight (out, in) is cut into ``in / dim`` vectors of ``dim`` con
 input elements, each stored as the index of an entry of its row group's codebook, optionally
 times a per-row scale for each segment of ``scale_group`` input columns.
 
-``VQLinear(codes, codebooks, scales, bias, group_rows)``:
+``VQLinear(codes, codebooks, scales, bias, group_rows, lattice=None)``:
 
 - ``codes`` (out, in / dim), uint8 (codebooks of <= 256 entries) or uint16;
 - ``codebooks`` (groups, k, dim), float16 or float32: group ``g`` serves the output rows
   ``g * group_rows .. (g + 1) * group_rows - 1`` (the last group may be shorter);
-- ``scales`` None or (out, in / scale_group) float16.
+- ``scales`` None or (out, in / scale_group) float16;
+- ``lattice`` None (a learned codebook) or "D4" / "E8": the one codebook is then the centred
+  Voronoi code of that lattice (:func:`qkern.vq.lattice.lattice_codebook` with
+  ``centered=True``, ``2^(bits * dim)`` entries; checked on construction), implicit, so it is
+  not counted in ``bits_per_weight``; scales are required.
 
 ``W[r, v * dim:(v + 1) * dim] = scales[r, v * dim // scale_group] * codebooks[r // group_rows,
 codes[r, v]]`` (in float32), and ``forward(x) = x @ W^T + bias``. On the CPU, for up to
@@ -21,7 +25,7 @@ rounding.
 
 ``bits_per_weight`` = (code bits + codebook bits + scale bits) / (out * in), the codes counted
 at ``log2(k)`` bits each (bit-packed: ``bits * dim`` per vector), codebook entries and scales
-at their storage width (16 or 32 bits per number).
+at their storage width (16 or 32 bits per number); a lattice codebook counts 0 bits.
 
 >>> import torch
 >>> codes = torch.tensor([[0, 1], [1, 1]], dtype=torch.uint8)
@@ -37,11 +41,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops.vq import decode_vq, nibbles_fit, pack_codes
+from .lattice import lattice_codebook
 
 __all__ = ["FUSED_MAX_ROWS", "VQLinear"]
 
@@ -49,13 +55,15 @@ __all__ = ["FUSED_MAX_ROWS", "VQLinear"]
 FUSED_MAX_ROWS = 8
 
 _FLOATS = (torch.float16, torch.float32)
+_LATTICE_DIMS = {"D4": 4, "E8": 8}
 
 
 class VQLinear(nn.Module):
     """A Linear layer over a vector-quantized weight (module docstring)."""
 
     def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor,
-                 scales: torch.Tensor | None, bias: torch.Tensor | None, group_rows: int):
+                 scales: torch.Tensor | None, bias: torch.Tensor | None, group_rows: int,
+                 lattice: str | None = None):
         super().__init__()
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype not in (
                 torch.uint8, torch.uint16):
@@ -82,7 +90,9 @@ class VQLinear(nn.Module):
                                  "scale_group), scale_group a multiple of dim dividing in")
         if bias is not None and tuple(bias.shape) != (out,):
             raise ValueError(f"VQLinear: bias must have shape ({out},), got {tuple(bias.shape)}")
-        self.group_rows, self.dim, self.k = group_rows, dim, k
+        if lattice is not None:
+            _check_lattice(lattice, codebooks, scales)
+        self.group_rows, self.dim, self.k, self.lattice = group_rows, dim, k, lattice
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("codebooks", codebooks.contiguous())
         self.register_buffer("scales", None if scales is None else scales.contiguous())
@@ -138,8 +148,9 @@ class VQLinear(nn.Module):
 
     @property
     def overhead_bits(self) -> int:
-        """Bits of the codebooks and scales at their storage width."""
-        n = self.codebooks.numel() * self.codebooks.element_size() * 8
+        """Bits of the codebooks and scales at their storage width (a lattice codebook:
+        none, it is implicit)."""
+        n = 0 if self.lattice else self.codebooks.numel() * self.codebooks.element_size() * 8
         if self.scales is not None:
             n += self.scales.numel() * self.scales.element_size() * 8
         return n
@@ -152,6 +163,27 @@ class VQLinear(nn.Module):
     def extra_repr(self) -> str:
         s = "" if self.scales is None else (
             f", scale_group={self.in_features // self.scales.shape[1]}")
+        if self.lattice:
+            s += f", lattice={self.lattice}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"dim={self.dim}, k={self.k}, group_rows={self.group_rows}{s}, "
                 f"bits_per_weight={self.bits_per_weight:.4f}")
+
+
+def _check_lattice(lattice, codebooks: torch.Tensor, scales) -> None:
+    """A lattice layer's codebook must be the centred Voronoi code it claims to be."""
+    if lattice not in _LATTICE_DIMS:
+        raise ValueError(f"VQLinear: lattice must be None or one of {sorted(_LATTICE_DIMS)}, "
+                         f"got {lattice!r}")
+    groups, k, dim = codebooks.shape
+    ld = _LATTICE_DIMS[lattice]
+    nb = k.bit_length() - 1
+    if dim != ld or groups != 1 or k != 1 << nb or nb % ld:
+        raise ValueError(f"VQLinear: a {lattice} codebook is (1, 2^(bits * {ld}), {ld}), got "
+                         f"{tuple(codebooks.shape)}")
+    if scales is None:
+        raise ValueError(f"VQLinear: a {lattice} lattice codebook needs scales")
+    ref = lattice_codebook(lattice, nb // ld, centered=True)
+    if not np.array_equal(codebooks[0].detach().cpu().double().numpy(), ref):
+        raise ValueError(f"VQLinear: codebooks are not the centred {lattice} Voronoi code of "
+                         f"{nb // ld} bits per dimension (qkern.vq.lattice.lattice_codebook)")

@@ -5,6 +5,9 @@
   nearest row of ``centroids`` (k, d) in squared L2 (ties: the lowest index) and that squared
   distance, computed as ``||x||^2 + (||c||^2 - 2 x.c)`` in float32 (FAISS's expansion), clamped
   at >= 0. Its error is a few ulp of ``||x||^2 + ||c||^2``, not of the distance.
+- ``assign_grouped(x, centroids, rows) -> (codes, dist)``: ``assign`` with one codebook per
+  group of ``rows`` consecutive rows of ``x`` (centroids (groups, k, d)): row ``i`` searches
+  ``centroids[i // rows]`` (the same kernel, called once per group).
 - ``topk(x, centroids, k) -> (idx, dist)``: the ``k`` nearest centroids of each row, (n, k)
   each, ascending by the same float32 values (ties: the lower index first); column 0 is
   ``assign``'s result.
@@ -37,7 +40,8 @@ import torch
 from .. import _C
 from .base import as_vectors
 
-__all__ = ["assign", "topk", "smallest", "pq_encode", "adc_table", "adc_scan"]
+__all__ = ["assign", "assign_grouped", "topk", "smallest", "pq_encode", "adc_table",
+           "adc_scan"]
 
 
 def _floats(a: Any, name: str, ndim: int) -> np.ndarray:
@@ -66,6 +70,35 @@ def assign(x: Any, centroids: Any) -> tuple[np.ndarray, np.ndarray]:
     dist = np.empty(n, dtype=np.float32)
     _C.vq_assign_raw(x.ctypes.data, n, d, c.ctypes.data, c.shape[0], codes.ctypes.data, True,
                      dist.ctypes.data)
+    return codes, dist
+
+
+def assign_grouped(x: Any, centroids: Any, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`assign` of row ``i`` of ``x`` (n, d) among ``centroids[i // rows]``, centroids
+    (groups, k, d) with ``groups = ceil(n / rows)``: ``(codes int64 (n,), dist float32 (n,))``.
+
+    >>> cb = np.array([[[0.0], [1.0]], [[5.0], [9.0]]])
+    >>> assign_grouped(np.array([[0.9], [0.1], [8.0]]), cb, 2)[0].tolist()
+    [1, 0, 1]
+    """
+    c = _floats(centroids, "centroids", 3)
+    groups, k, d = c.shape
+    x = as_vectors(x, d, "x")
+    n = x.shape[0]
+    if not isinstance(rows, (int, np.integer)) or isinstance(rows, bool) or rows < 1:
+        raise ValueError(f"assign_grouped: rows must be an int >= 1, got {rows!r}")
+    if groups != -(-n // int(rows)):
+        raise ValueError(f"assign_grouped: {groups} codebooks for {n} rows in groups of "
+                         f"{rows}; expected {-(-n // int(rows))}")
+    rows = int(rows)
+    codes = np.empty(n, dtype=np.int64)
+    dist = np.empty(n, dtype=np.float32)
+    xp, cp, op, dp = x.ctypes.data, c.ctypes.data, codes.ctypes.data, dist.ctypes.data
+    for g in range(groups):
+        r0 = g * rows
+        m = min(rows, n - r0)
+        _C.vq_assign_raw(xp + 4 * r0 * d, m, d, cp + 4 * g * k * d, k, op + 8 * r0, True,
+                         dp + 4 * r0)
     return codes, dist
 
 

@@ -14,16 +14,30 @@ upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), the OBS loss of fixing the
 ``B = j .. j + dim - 1`` at ``Q_B`` while the later ones stay free is
 ``||(W_B - Q_B) U_BB^-1||^2 / 2`` per row (``[H_F^-1]_BB = U_BB^T U_BB`` for the columns
 ``F`` from ``j`` on), so each vector takes the codebook entry nearest in the metric
-``A = U_BB^-1``: the nearest entry of ``c A`` to ``w A`` (:func:`qkern.vq.search.assign`);
-the error ``E = (W_B - Q_B) A`` updates the later columns ``W_F -= E U_{B, F}`` (exactly
-GPTQ's update, lazily in blocks of ``block_size`` columns). With ``H`` a multiple of the
-identity it is the plain nearest assignment. Last (``update_codebooks``, GPTVQ's codebook
-update, here in closed form): the codes fixed, each codebook is replaced by the least-squares
-minimizer of ``tr((W - Q) H (W - Q)^T)`` over its rows, then rounded to float16.
+``A = U_BB^-1``: the nearest entry of ``c A`` to ``w A``
+(:func:`qkern.vq.search.assign_grouped`); the error ``E = (W_B - Q_B) A`` updates the later
+columns ``W_F -= E U_{B, F}`` (exactly GPTQ's update, lazily in blocks of ``block_size``
+columns). With ``H`` a multiple of the identity it is the plain nearest assignment. Last
+(``update_codebooks``, GPTVQ's codebook update, here in closed form): the codes fixed, each
+codebook is replaced by the least-squares minimizer of ``tr((W - Q) H (W - Q)^T)`` over its
+rows, then rounded to float16.
+
+Lattice codebooks (``codebook="d4"`` or ``"e8"``): instead of k-means, the one codebook of
+every layer is the Voronoi code of the lattice D4 (``dim=4``) or E8 (``dim=8``) with
+``r = 2^bits`` (``bits`` an integer: ``r^dim`` entries, all of them; centred:
+:func:`qkern.vq.lattice.lattice_codebook` with ``centered=True``), fixed (no k-means, no
+codebook update), times the per-row segment scales, which are then required. Each scale is
+searched, not taken from the largest magnitude: of 21 candidates ``t * rms(segment) /
+rms(codebook)``, ``t`` log-spaced in [0.5, 2], the one (float16) minimizing the
+Hessian-diagonal-weighted error ``sum_j H_jj (w_j - s q_j)^2`` of the segment's weights
+rounded to the code (the nearest lattice point, overloads clipped radially:
+:class:`qkern.vq.LatticeQuantizer`), before the sweep. The codebook is implicit
+(regenerable from the lattice and ``bits``), so it is not counted in the bits per weight.
 
 The quantized layer is a :class:`qkern.vq.linear.VQLinear` (codes + float16 codebooks +
 scales; decoded weight through ``torch.nn.functional.linear``). Bits per weight:
-``bits + (groups * 2^(bits * dim) * dim * 16 + scales * 16) / (out * in)``.
+``bits + (groups * 2^(bits * dim) * dim * 16 + scales * 16) / (out * in)`` (lattice codebooks:
+``bits + scales * 16 / (out * in)``).
 
 >>> import torch
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -47,9 +61,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...vq.kmeans import KMeans
+from ...vq.lattice import lattice_codebook
 from ...vq.linear import VQLinear
-from ...vq.search import assign
+from ...vq.search import assign_grouped
 from ..registry import (
     BaseConfig,
     check_bool,
@@ -61,14 +75,20 @@ from ..registry import (
     register_quantizer,
 )
 from ..sequential import BlockContext, SequentialQuantizer
+from .vq_codebooks import codebooks_kmeans, lattice_scales, max_scales
 from .vq_finetune import FinetuneResult, finetune_codebooks
 
 __all__ = ["VQConfig", "VQQuantizer", "VQResult", "model_bits_per_weight", "vq_linear",
            "vq_linear_from", "vq_quantize"]
 
 DIMS = (1, 2, 4, 8)
-#: the largest codebook: 2^12 entries
+#: the largest learned codebook: 2^12 entries
 MAX_INDEX_BITS = 12
+#: the largest lattice codebook: 2^16 entries (E8 at 2 bits per weight)
+MAX_LATTICE_INDEX_BITS = 16
+#: ``VQConfig.codebook`` choices; lattice name -> its dimension
+CODEBOOKS = ("learned", "d4", "e8")
+LATTICE_DIMS = {"d4": 4, "e8": 8}
 CODEBOOK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 log = logging.getLogger("qkern.vq")
@@ -83,10 +103,13 @@ class VQConfig(BaseConfig):
     ``group_rows`` output rows (None: per layer), optional scales per row and ``scale_group``
     input columns, codebooks stored as ``codebook_dtype``. Layers whose input size ``dim``
     does not divide stay float (noted); where ``scale_group`` does not divide it, one scale
-    per row (noted). ``finetune_steps`` > 0: after each block's layers are quantized, their
-    codebooks (and scales) are trained by Adam at ``finetune_lr`` for that many steps on the
-    block-output MSE to the float block, codes fixed (AQLM's block-wise fine-tuning:
-    :mod:`.vq_finetune`); 0 (the default) is off."""
+    per row (noted). ``codebook``: "learned" (k-means, GPTVQ) or a fixed lattice code, "d4"
+    (``dim=4``) or "e8" (``dim=8``), integer ``bits``, ``scale_group`` required, ``group_rows``
+    None; the lattice codebook is implicit and not counted in the bits per weight.
+    ``finetune_steps`` > 0: after each block's layers are quantized, their codebooks (and
+    scales) are trained by Adam at ``finetune_lr`` for that many steps on the block-output MSE
+    to the float block, codes fixed (AQLM's block-wise fine-tuning: :mod:`.vq_finetune`); 0
+    (the default) is off."""
 
     bits: float = 2
     dim: int = 2
@@ -99,6 +122,7 @@ class VQConfig(BaseConfig):
     seed: int = 0
     update_codebooks: bool = True
     true_sequential: bool = True
+    codebook: str = "learned"
     finetune_steps: int = 0
     finetune_lr: float = 1e-4
 
@@ -107,7 +131,7 @@ class VQConfig(BaseConfig):
     def __post_init__(self) -> None:
         n = type(self).__name__
         check_vq_args(n + ".", self.bits, self.dim, self.group_rows, self.scale_group,
-                      self.codebook_dtype)
+                      self.codebook_dtype, self.codebook)
         check_real(n, "damp_percent", self.damp_percent, 0.0, 1.0, "a number in [0, 1]")
         check_int(n, "block_size", self.block_size, 1)
         check_int(n, "kmeans_iters", self.kmeans_iters, 0)
@@ -132,11 +156,15 @@ def index_bits(bits, dim) -> int:
     return int(round(bits * dim))
 
 
-def check_vq_args(prefix: str, bits, dim, group_rows, scale_group, codebook_dtype) -> None:
+def check_vq_args(prefix: str, bits, dim, group_rows, scale_group, codebook_dtype,
+                  codebook: str = "learned") -> None:
     """The shape arguments of VQ: clear ValueErrors (``prefix`` names the caller). ``bits``
     may be fractional (2.5 with dim 2: 32-entry codebooks) as long as ``bits * dim`` is an
-    integer."""
+    integer; a lattice ``codebook`` needs integer bits, its lattice's dim and scales."""
     name = prefix.rstrip(".: ")
+    check_choice(name, "codebook", codebook, CODEBOOKS)
+    if codebook in LATTICE_DIMS:
+        _check_lattice_args(prefix, bits, dim, group_rows, scale_group, codebook)
     if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 0 < bits <= 8:
         fail(name, "bits", "a number in (0, 8]", bits)
     if dim not in DIMS or isinstance(dim, bool):
@@ -144,7 +172,7 @@ def check_vq_args(prefix: str, bits, dim, group_rows, scale_group, codebook_dtyp
     if abs(bits * dim - round(bits * dim)) > 1e-9 or round(bits * dim) < 1:
         raise ValueError(f"{prefix} bits * dim = {bits} * {dim} must be a positive integer "
                          "(the bits of one code)")
-    if index_bits(bits, dim) > MAX_INDEX_BITS:
+    if codebook == "learned" and index_bits(bits, dim) > MAX_INDEX_BITS:
         raise ValueError(f"{prefix} bits * dim = {bits} * {dim} = {bits * dim:g} asks for "
                          f"codebooks of 2^{bits * dim:g} entries; at most 2^{MAX_INDEX_BITS} "
                          "(lower bits or dim)")
@@ -158,13 +186,32 @@ def check_vq_args(prefix: str, bits, dim, group_rows, scale_group, codebook_dtyp
     check_choice(name, "codebook_dtype", codebook_dtype, tuple(CODEBOOK_DTYPES))
 
 
+def _check_lattice_args(prefix, bits, dim, group_rows, scale_group, codebook) -> None:
+    ld = LATTICE_DIMS[codebook]
+    if dim != ld:
+        raise ValueError(f"{prefix} codebook={codebook!r} is a {ld}-dimensional lattice: it "
+                         f"needs dim={ld}, got dim={dim!r}")
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits != int(bits) or (
+            not 1 <= bits * ld <= MAX_LATTICE_INDEX_BITS):
+        raise ValueError(f"{prefix} codebook={codebook!r} needs an integer bits with "
+                         f"bits * {ld} <= {MAX_LATTICE_INDEX_BITS} (a Voronoi code of "
+                         f"2^(bits * {ld}) points), got bits={bits!r}")
+    if scale_group is None:
+        raise ValueError(f"{prefix} codebook={codebook!r} is a fixed lattice code: it needs "
+                         "scales; set scale_group (e.g. the input size: one scale per row)")
+    if group_rows is not None:
+        raise ValueError(f"{prefix} codebook={codebook!r} is one fixed code for every row: "
+                         f"group_rows must be None, got {group_rows!r}")
+
+
 @dataclass(frozen=True)
 class VQResult:
     """What :func:`vq_quantize` returns: ``weight`` (out, in) float32 the decoded weight;
     ``codes`` (out, in / dim) uint8 / uint16; ``codebooks`` (groups, k, dim) in the storage
     dtype; ``scales`` None or (out, in / scale_group) float16; ``group_rows``; ``loss``
     ``tr((W - Q) H (W - Q)^T) / 2`` on the damped ``H = 2 X^T X / N``; ``sweep_loss`` the
-    sweep's OBS losses ``sum ||E||^2 / 2`` (equal to ``loss`` before the codebook update)."""
+    sweep's OBS losses ``sum ||E||^2 / 2`` (equal to ``loss`` before the codebook update);
+    ``codebook`` the :class:`VQConfig` choice ("learned", "d4", "e8")."""
 
     weight: torch.Tensor
     codes: torch.Tensor
@@ -173,9 +220,11 @@ class VQResult:
     group_rows: int
     loss: float
     sweep_loss: float = float("nan")
+    codebook: str = "learned"
 
 
-def _check_inputs(w, gram, bits, dim, group_rows, scale_group, codebook_dtype) -> None:
+def _check_inputs(w, gram, bits, dim, group_rows, scale_group, codebook_dtype,
+                  codebook) -> None:
     n = "vq_quantize: "
     if not isinstance(w, torch.Tensor) or not isinstance(gram, torch.Tensor):
         raise TypeError(f"{n}w and gram must be torch tensors")
@@ -189,7 +238,7 @@ def _check_inputs(w, gram, bits, dim, group_rows, scale_group, codebook_dtype) -
         raise ValueError(f"{n}w and gram must be finite (NaN or Inf found)")
     if bool((gram.diagonal() < 0).any()):
         raise ValueError(f"{n}gram has a negative diagonal entry: it must be X^T X / N")
-    check_vq_args(n, bits, dim, group_rows, scale_group, codebook_dtype)
+    check_vq_args(n, bits, dim, group_rows, scale_group, codebook_dtype, codebook)
     if k % dim:
         raise ValueError(f"{n}dim={dim} does not divide in_features={k}")
     if scale_group is not None and k % scale_group:
@@ -197,7 +246,7 @@ def _check_inputs(w, gram, bits, dim, group_rows, scale_group, codebook_dtype) -
     rows = out if group_rows is None else min(group_rows, out)
     smallest = (out % rows or rows) * (k // dim)
     nb = index_bits(bits, dim)
-    if smallest < 2 ** nb:
+    if codebook == "learned" and smallest < 2 ** nb:
         raise ValueError(f"{n}a group of rows holds {smallest} vectors, fewer than the "
                          f"2^{nb} = {2 ** nb} codebook entries; raise "
                          "group_rows or lower bits * dim")
@@ -212,41 +261,17 @@ def _upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(lo), upper=True)
 
 
-def _scales(w: torch.Tensor, scale_group: int | None) -> torch.Tensor | None:
-    """Per row and segment: the largest magnitude, float16 (1 where the segment is zero)."""
-    if scale_group is None:
-        return None
-    s = w.reshape(w.shape[0], -1, scale_group).abs().amax(2).to(torch.float16)
-    return torch.where(s > 0, s, torch.ones_like(s))
-
-
-def _codebooks(wn: torch.Tensor, hdiag: torch.Tensor, sfull: torch.Tensor | None, dim: int,
-               k: int, rows: int, iters: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """One weighted-k-means codebook per group of ``rows`` rows of the normalized weight
-    ``wn``, rounded to the storage ``dtype``."""
-    out, n_in = wn.shape
-    vw = hdiag.reshape(-1, dim).mean(1).clamp_min(1e-12)        # (in / dim,)
-    books = []
-    for r0 in range(0, out, rows):
-        vec = wn[r0:r0 + rows].reshape(-1, dim).numpy()
-        wt = vw.repeat(min(rows, out - r0))
-        if sfull is not None:
-            wt = wt * sfull[r0:r0 + rows, ::dim].reshape(-1).square()
-        km = KMeans(d=dim, k=k, n_iter=iters, seed=seed, max_points_per_centroid=1 << 30)
-        km.train(vec, weights=wt.numpy())
-        books.append(torch.from_numpy(km.centroids))
-    return torch.stack(books).to(dtype)
-
-
 def vq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: float = 2, dim: int = 2,
                 group_rows: int | None = None, scale_group: int | None = None,
                 codebook_dtype: str = "float16", damp_percent: float = 0.01,
                 block_size: int = 128, kmeans_iters: int = 25, seed: int = 0,
-                update_codebooks: bool = True, feedback: bool = True) -> VQResult:
+                update_codebooks: bool = True, feedback: bool = True,
+                codebook: str = "learned") -> VQResult:
     """GPTVQ of ``w`` (out, in) given ``gram = X^T X / N`` (in, in) of the layer's inputs
     (module docstring). ``feedback=False``: the plain nearest assignment (no error feedback)
-    with the k-means codebooks, for comparison (no codebook update)."""
-    _check_inputs(w, gram, bits, dim, group_rows, scale_group, codebook_dtype)
+    with the k-means codebooks, for comparison (no codebook update). ``codebook``: "learned"
+    or a fixed lattice code ("d4", "e8"; ``kmeans_iters`` and ``update_codebooks`` unused)."""
+    _check_inputs(w, gram, bits, dim, group_rows, scale_group, codebook_dtype, codebook)
     check_real("vq_quantize", "damp_percent", damp_percent, 0.0, 1.0, "a number in [0, 1]")
     check_int("vq_quantize", "block_size", block_size, 1)
     check_int("vq_quantize", "kmeans_iters", kmeans_iters, 0)
@@ -264,20 +289,28 @@ def vq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: float = 2, dim: in
             w0[:, dead] = 0.0
         h.diagonal().add_(damp_percent * h.diagonal().mean())
         u = _upper_inverse_cholesky(h).float()
-        scales = _scales(w0, scale_group)
+        lattice = codebook in LATTICE_DIMS
+        if lattice:
+            cb = torch.from_numpy(lattice_codebook(codebook.upper(), int(bits), centered=True))
+            books = cb[None].to(CODEBOOK_DTYPES[codebook_dtype])
+            scales = lattice_scales(w0, h.diagonal().float(), scale_group, codebook, int(bits),
+                                     cb.float())
+        else:
+            scales = max_scales(w0, scale_group)
         sfull = None if scales is None else scales.float().repeat_interleave(scale_group, 1)
         wn = w0 if sfull is None else w0 / sfull
-        books = _codebooks(wn, h.diagonal().float(), sfull, dim, k, rows, kmeans_iters, seed,
-                           CODEBOOK_DTYPES[codebook_dtype])
+        if not lattice:
+            books = codebooks_kmeans(wn, h.diagonal().float(), sfull, dim, k, rows, kmeans_iters,
+                               seed, CODEBOOK_DTYPES[codebook_dtype])
         codes, q, sweep_loss = _sweep(w0, u, books.float(), sfull, dim, rows, block_size,
                                       feedback)
-        if update_codebooks and feedback:
+        if update_codebooks and feedback and not lattice:
             books = _update_codebooks(w0, h, codes, books, sfull, rows)
             q = _decoded(codes, books.float(), sfull, rows)
         d = (w0 - q).double()
         loss = 0.5 * float(((d @ h) * d).sum())
     cdt = torch.uint8 if index_bits(bits, dim) <= 8 else torch.uint16
-    return VQResult(q, codes.to(cdt), books, scales, rows, loss, sweep_loss)
+    return VQResult(q, codes.to(cdt), books, scales, rows, loss, sweep_loss, codebook)
 
 
 def _decoded(codes, books, sfull, rows):
@@ -329,7 +362,7 @@ def _sweep(w0, u, books, sfull, dim, rows, block_size, feedback):
     codes = torch.empty(out, n_in // dim, dtype=torch.int64)
     q = torch.empty_like(w0)
     loss = 0.0
-    starts = list(range(0, out, rows))
+    grp = torch.arange(out) // rows
     for i1 in range(0, n_in, bs):
         i2 = min(i1 + bs, n_in)
         errs = torch.empty(out, i2 - i1)
@@ -341,13 +374,10 @@ def _sweep(w0, u, books, sfull, dim, rows, block_size, feedback):
             wb = wk[:, b]
             sb = None if sfull is None else sfull[:, j:j + 1]
             xn = wb if sb is None else wb / sb
-            xt = (xn @ a).numpy()
-            for g, r0 in enumerate(starts):
-                c = books[g]
-                idx, _ = assign(xt[r0:r0 + rows], (c @ a).numpy())
-                idx = torch.from_numpy(idx)
-                codes[r0:r0 + rows, j // dim] = idx
-                q[r0:r0 + rows, b] = c[idx]
+            idx, _ = assign_grouped((xn @ a).numpy(), (books @ a).numpy(), rows)
+            idx = torch.from_numpy(idx)
+            codes[:, j // dim] = idx
+            q[:, b] = books[grp, idx]
             if sb is not None:
                 q[:, b] *= sb
             if feedback:
@@ -367,7 +397,8 @@ def vq_linear_from(res: VQResult, bias: torch.Tensor | None) -> VQLinear:
     """The :class:`VQLinear` of a :func:`vq_quantize` result (its weight decodes to
     ``res.weight``)."""
     b = None if bias is None else bias.detach()
-    return VQLinear(res.codes, res.codebooks, res.scales, b, res.group_rows)
+    lattice = res.codebook.upper() if res.codebook in LATTICE_DIMS else None
+    return VQLinear(res.codes, res.codebooks, res.scales, b, res.group_rows, lattice=lattice)
 
 
 def vq_linear(linear: nn.Linear, gram: torch.Tensor, cfg: VQConfig) -> VQLinear:
@@ -381,7 +412,7 @@ def vq_linear(linear: nn.Linear, gram: torch.Tensor, cfg: VQConfig) -> VQLinear:
                       group_rows=cfg.group_rows, scale_group=cfg.scale_group,
                       codebook_dtype=cfg.codebook_dtype, damp_percent=cfg.damp_percent,
                       block_size=cfg.block_size, kmeans_iters=cfg.kmeans_iters, seed=cfg.seed,
-                      update_codebooks=cfg.update_codebooks)
+                      update_codebooks=cfg.update_codebooks, codebook=cfg.codebook)
     return vq_linear_from(res, linear.bias)
 
 
@@ -432,7 +463,8 @@ class VQQuantizer(SequentialQuantizer):
         if k % cfg.dim:
             return f"dim={cfg.dim} does not divide its input size {k}"
         rows = linear.out_features if cfg.group_rows is None else cfg.group_rows
-        if min(rows, linear.out_features) * (k // cfg.dim) < 2 ** index_bits(cfg.bits, cfg.dim):
+        entries = 2 ** index_bits(cfg.bits, cfg.dim)
+        if cfg.codebook == "learned" and min(rows, linear.out_features) * (k // cfg.dim) < entries:
             return "a group of rows holds fewer vectors than the codebook has entries"
         return None
 
