@@ -139,6 +139,6 @@ if "transformers" in sys.modules:  # already paid for: register "qkern" with tra
 
 
 def __getattr__(name: str):
-    if name in ("hf", "vq"):  # qkern.hf (transformers integration), qkern.vq: on first use
+    if name in ("hf", "vq", "lora"):  # qkern.hf (transformers), qkern.vq, qkern.lora: on use
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'qkern' has no attribute {name!r}")
