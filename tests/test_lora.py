@@ -272,7 +272,7 @@ def test_float_layers_and_llama_names_can_be_targets():
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
-def test_peft_lora_on_a_qkern_model_equals_qkern_lora():
+def test_peft_lora_on_a_qkern_model_equals_qkern_lora(tmp_path):
     peft = pytest.importorskip("peft", reason="peft is in the Makefile's deps")
     net, q = _quantized()
     cfg = register_peft(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
@@ -297,6 +297,10 @@ def test_peft_lora_on_a_qkern_model_equals_qkern_lora():
         torch.testing.assert_close(pl.lora_A["default"].weight.grad, lay.lora_A.grad)
         torch.testing.assert_close(pl.lora_B["default"].weight.grad, lay.lora_B.grad)
     assert all(b.grad is None for b in base.get_submodule("0").base_layer.buffers())
+    pm.save_pretrained(tmp_path)
+    back = peft.PeftModel.from_pretrained(
+        copy.deepcopy(q), tmp_path, config=register_peft(peft.LoraConfig.from_pretrained(tmp_path)))
+    torch.testing.assert_close(back(x.detach()), y_ours.detach(), rtol=1e-6, atol=1e-6)
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     assert len(trainable) == 4 and all("lora_" in n for n in trainable)
     with pytest.warns(UserWarning, match="re-quantizes"):
