@@ -1,6 +1,6 @@
 """QLoRA on the shipped byte-level Llama: NF4 (double-quantized) frozen base + LoRA adapters.
 
-``python -m qkern.tools.reports.qlora [--steps 200] [--batch 4] [--quick]`` prints a Markdown
+``python -m qkern.tools.reports.qlora [--steps 100] [--lr 3e-4] [--quick]`` prints a Markdown
 table: models/wikitext-bytelm with every attention and MLP Linear quantized to NF4 (groups of
 64, 32 for down_proj whose 672 inputs 64 does not divide; double-quantized scales: the lut4_dq
 kernel; embeddings and lm_head stay float, as in QLoRA), LoRA rank 8 on all of those layers,
@@ -49,7 +49,7 @@ def _windows(ids: torch.Tensor, batch: int, window: int, gen: torch.Generator) -
 
 
 def train(model: nn.Module, text: bytes, steps: int, batch: int = 4, window: int = 256,
-          lr: float = 2e-3, seed: int = 0) -> tuple[list[float], torch.optim.Optimizer]:
+          lr: float = 3e-4, seed: int = 0) -> tuple[list[float], torch.optim.Optimizer]:
     """Adam on the trainable parameters over random windows of ``text``: next-byte
     cross-entropy in bits. Returns the per-step losses and the optimizer."""
     ids = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
@@ -93,9 +93,9 @@ def _mib(n: int) -> str:
     return f"{n / 2 ** 20:.3f} MiB"
 
 
-def qlora_table(steps: int = 200, batch: int = 4, lr: float = 2e-3, rank: int = 8,
-                alpha: float = 16.0, eval_windows: int = 32, adapters: str | None = None
-                ) -> str:
+def qlora_table(steps: int = 100, batch: int = 4, lr: float = 3e-4, rank: int = 8,
+                alpha: float = 16.0, eval_windows: int = 32, adapters: str | None = None,
+                dropout: float = 0.05) -> str:
     t0 = time.perf_counter()
     model = load_llama(shipped_path("models/wikitext-bytelm"))
     train_text, eval_text = split_text()
@@ -108,7 +108,7 @@ def qlora_table(steps: int = 200, batch: int = 4, lr: float = 2e-3, rank: int = 
         q = quantize_model(model, NF4_CONFIG)
     packed, flt, before = _quant_bytes(q)
     n_layers = sum(isinstance(m, QuantLinear) for m in q.modules())
-    lm = apply_lora(q, LoRAConfig(rank=rank, alpha=alpha, seed=0))
+    lm = apply_lora(q, LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, seed=0))
     rows = [("fp32 (reference)", bpb(model)), ("NF4 double-quant, no adapters", bpb(q)),
             (f"NF4 + LoRA r{rank}, step 0", bpb(lm))]
     t1 = time.perf_counter()
@@ -131,7 +131,8 @@ def qlora_table(steps: int = 200, batch: int = 4, lr: float = 2e-3, rank: int = 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     lines = [
         f"wikitext-bytelm, QLoRA: LoRA r{rank} (alpha {alpha:g}) on all {n_layers} attention + "
-        f"MLP layers over NF4 double-quantized weights; Adam lr {lr:g} (20-step warm-up), "
+        f"MLP layers over NF4 double-quantized weights (dropout {dropout:g}); Adam lr {lr:g} "
+        f"(20-step warm-up), "
         f"{steps} steps x {batch} windows x 256 bytes of WikiText-2 test's first half; bits per "
         f"byte on the second half ({eval_windows} x 256 bytes; lower is better)", "",
         "| model | bits per byte |", "|---|---|"]
@@ -159,9 +160,10 @@ def qlora_table(steps: int = 200, batch: int = 4, lr: float = 2e-3, rank: int = 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m qkern.tools.reports.qlora",
                                 description="QLoRA fine-tuning of the shipped byte-level Llama")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=4, help="256-byte windows per step")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--eval-windows", type=int, default=32)
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     print(qlora_table(a.steps, a.batch, a.lr, a.rank, a.alpha, a.eval_windows,
-                      a.save_adapters))
+                      a.save_adapters, a.dropout))
 
 
 if __name__ == "__main__":
