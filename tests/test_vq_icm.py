@@ -13,7 +13,7 @@ import pytest
 
 import qkern
 from isas import params, use
-from qkern.vq import AdditiveQuantizer, ResidualQuantizer
+from qkern.vq import AdditiveQuantizer, KMeans, ResidualQuantizer
 from qkern.vq.icm import icm, ils
 from qkern.vq.kmeans import progressive_dim_kmeans
 
@@ -182,3 +182,5 @@ def test_progressive_errors(rng):
         progressive_dim_kmeans(x, 60)
     with pytest.raises(ValueError, match="progressive_dim_steps"):
         ResidualQuantizer(3, 2, 2, progressive_dim_steps=-1)
+    with pytest.raises(ValueError, match="init_centroids"):  # the warm start's shape
+        KMeans(3, 4).train(x, init_centroids=np.zeros((4, 2)))
