@@ -23,7 +23,7 @@ import torch
 from .base import VQBase, as_codes
 from .search import assign
 
-__all__ = ["KMeans"]
+__all__ = ["KMeans", "progressive_dim_kmeans"]
 
 # The relative perturbation of a split centroid (FAISS's EPS = 1 / 1024).
 SPLIT_EPS = 1.0 / 1024
@@ -64,8 +64,13 @@ class KMeans(VQBase):
         self.objective_history: list[float] = []
 
     # ---- training ----------------------------------------------------------------------
-    def _train(self, x: np.ndarray, weights: Any = None) -> None:
+    def _train(self, x: np.ndarray, weights: Any = None, init_centroids: Any = None) -> None:
         n, k = x.shape[0], self.k
+        if init_centroids is not None:  # a warm start (progressive_dim_kmeans)
+            init_centroids = np.asarray(init_centroids, dtype=np.float32)
+            if init_centroids.shape != (k, self.d) or not np.isfinite(init_centroids).all():
+                raise ValueError(f"KMeans: init_centroids must be finite, of shape ({k}, "
+                                 f"{self.d}), got {init_centroids.shape}")
         w = None if weights is None else _check_weights(weights, n, k)
         if n < k:
             raise ValueError(f"KMeans: {n} training vectors for k = {k} centroids; need >= k")
@@ -79,7 +84,7 @@ class KMeans(VQBase):
                 if np.count_nonzero(w) < k:  # keep the subsample usable
                     raise ValueError(f"KMeans: fewer than k = {k} positive weights in the "
                                      f"subsample of {cap} points; raise max_points_per_centroid")
-        c = self._initial(x, w, rng)
+        c = self._initial(x, w, rng) if init_centroids is None else init_centroids.copy()
         self.init_centroids = c.copy()
         self.objective_history = []
         for it in range(self.n_iter):
@@ -154,6 +159,55 @@ class KMeans(VQBase):
             raise ValueError(f"KMeans: centroids of shape {tuple(c.shape)}, expected "
                              f"({self.k}, {self.d})")
         self.centroids = np.ascontiguousarray(c)
+
+
+def progressive_dim_kmeans(x: np.ndarray, k: int, steps: int = 10, n_iter: int = 10,
+                           seed: int = 0, apply_pca: bool = True, init: str = "k-means++"
+                           ) -> np.ndarray:
+    """FAISS's ``ProgressiveDimClustering``: (k, d) float32 centroids of ``x`` (n, d) by
+    k-means whose dimension grows. The data are rotated onto their principal axes (PCA in
+    float64, centred, axes by decreasing variance, each axis' sign fixed by its largest entry
+    being positive), then step t = 0..steps-1 runs :class:`KMeans` (``n_iter`` iterations,
+    ``seed``; the first step starts by ``init``, FAISS's is "random") on the first
+    ``int(d ** ((t + 1) / steps))`` coordinates, started (t > 0) from the previous step's
+    centroids padded with zeros; the result is rotated back. The leading, high-variance
+    directions are clustered first and the later ones only refine them: fewer centroids are
+    spent on low-variance noise (FAISS's ResidualQuantizer trains each stage so by default,
+    ``train_type = Train_progressive_dim``, 10 steps of 10 iterations).
+
+    >>> x = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
+    >>> progressive_dim_kmeans(x, 8, steps=4, n_iter=5).shape
+    (8, 16)
+    """
+    for name, v, lo in (("k", k, 1), ("steps", steps, 1), ("n_iter", n_iter, 0),
+                        ("seed", seed, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"progressive_dim_kmeans: {name} must be an int >= {lo}, "
+                             f"got {v!r}")
+    x = np.asarray(x)
+    if x.ndim != 2 or x.dtype.kind not in "fiu" or not np.isfinite(x).all():
+        raise ValueError(f"progressive_dim_kmeans: x must be a finite (n, d) array, got "
+                         f"shape {x.shape}, dtype {x.dtype}")
+    d = x.shape[1]
+    x64 = x.astype(np.float64)
+    mean = x64.mean(0) if apply_pca else np.zeros(d)
+    rot = np.eye(d)
+    if apply_pca:
+        xc = x64 - mean
+        _, vec = np.linalg.eigh(xc.T @ xc)
+        rot = vec[:, ::-1]  # decreasing variance
+        rot = rot * np.sign(rot[np.abs(rot).argmax(0), np.arange(d)])[None, :]
+    xp = np.ascontiguousarray(((x64 - mean) @ rot).astype(np.float32))
+    c = None
+    for t in range(steps):
+        di = max(1, int(d ** ((1.0 + t) / steps)))
+        start = None
+        if c is not None:
+            start = np.zeros((k, di), dtype=np.float32)
+            start[:, :c.shape[1]] = c[:, :di]
+        km = KMeans(di, k, n_iter=n_iter, seed=seed, init=init)
+        c = km.train(np.ascontiguousarray(xp[:, :di]), init_centroids=start).centroids
+    return np.ascontiguousarray((c.astype(np.float64) @ rot.T + mean).astype(np.float32))
 
 
 def _check_weights(weights: Any, n: int, k: int) -> np.ndarray:

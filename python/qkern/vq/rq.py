@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .base import VQBase, as_codes
-from .kmeans import KMeans
+from .icm import ils, sq_errors
+from .kmeans import KMeans, progressive_dim_kmeans
 from .pq import ProductQuantizer
 from .search import assign, smallest, topk
 
@@ -87,7 +88,11 @@ class ResidualQuantizer(VQBase):
     """Residual quantizer of ``m`` stages of ``2^nbits`` codewords (FAISS's
     ``ResidualQuantizer(d, m, nbits)`` with ``max_beam_size = beam_size``): stage s is a
     k-means (``n_iter`` Lloyd iterations, seed ``seed + s``) of the residuals of every beam
-    entry after stages 0..s-1, the training vectors then re-encoded by one beam step. Codes
+    entry after stages 0..s-1, the training vectors then re-encoded by one beam step. With
+    ``progressive_dim_steps = p > 0`` each stage's k-means is FAISS's progressive-dimension
+    one instead (:func:`qkern.vq.kmeans.progressive_dim_kmeans`, p steps of ``n_iter``
+    iterations each; FAISS's default: p = 10, n_iter = 10), which fits the training set less
+    closely (better on held-out vectors when the codebooks are large next to the data). Codes
     (n, m) int64; ``decode`` sums the chosen codewords; ``code_size_bits = m * nbits``.
 
     >>> x = np.random.default_rng(1).standard_normal((600, 6))
@@ -99,9 +104,11 @@ class ResidualQuantizer(VQBase):
     kind = "rq"
 
     def __init__(self, d: int, m: int, nbits: int = 8, beam_size: int = 1, n_iter: int = 25,
-                 seed: int = 0):
+                 seed: int = 0, progressive_dim_steps: int = 0):
         super().__init__(d)
         owner = type(self).__name__
+        _int(owner, "progressive_dim_steps", progressive_dim_steps, 0)
+        self.progressive_dim_steps = progressive_dim_steps
         _int(owner, "m", m, 1)
         _int(owner, "nbits", nbits, 1, 16)
         _int(owner, "beam_size", beam_size, 1)
@@ -121,8 +128,13 @@ class ResidualQuantizer(VQBase):
         res, codes = x[:, None, :], np.zeros((n, 1, 0), dtype=np.int64)
         books = []
         for s in range(self.m):
-            km = KMeans(d, self.ksub, n_iter=self.n_iter, seed=self.seed + s)
-            book = km.train(np.ascontiguousarray(res.reshape(-1, d))).centroids
+            xs = np.ascontiguousarray(res.reshape(-1, d))
+            if self.progressive_dim_steps:
+                book = progressive_dim_kmeans(xs, self.ksub, self.progressive_dim_steps,
+                                              self.n_iter, self.seed + s)
+            else:
+                book = KMeans(d, self.ksub, n_iter=self.n_iter, seed=self.seed + s).train(
+                    xs).centroids
             books.append(book)
             res, codes, _ = _beam_step(res, codes, book, self.beam_size)
         self.codebooks = np.ascontiguousarray(np.stack(books))
@@ -143,7 +155,8 @@ class ResidualQuantizer(VQBase):
 
     def config(self) -> dict:
         return {"d": self.d, "m": self.m, "nbits": self.nbits, "beam_size": self.beam_size,
-                "n_iter": self.n_iter, "seed": self.seed}
+                "n_iter": self.n_iter, "seed": self.seed,
+                "progressive_dim_steps": self.progressive_dim_steps}
 
     def state(self) -> dict[str, torch.Tensor]:
         return {} if self.codebooks is None else {"codebooks": torch.from_numpy(self.codebooks)}
@@ -177,15 +190,33 @@ def lsq_codebooks(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray,
 
 class AdditiveQuantizer(ResidualQuantizer):
     """Additive quantizer with the code shape of :class:`ResidualQuantizer` (m codebooks of
-    2^nbits entries, codes (n, m), decode = the sum), its codebooks refined jointly after the
-    RQ training (LSQ-style): ``refine_rounds`` rounds of (the least-squares update of all
-    codebooks at once for the current codes, :func:`lsq_codebooks`; the training vectors
-    re-encoded by the beam search). A round is kept only when it lowers the training MSE of
-    ``encode``, so the result is never worse than the RQ it started from on the training data
-    (``rq_mse`` and ``mse_history`` record the path).
+    2^nbits entries, codes (n, m), decode = the sum), trained from the RQ's codebooks.
+
+    ``encoder="ils"`` (default; FAISS's ``LocalSearchQuantizer``): codes by iterated local
+    search (:func:`qkern.vq.icm.ils`: ICM sweeps under random perturbations of ``nperts``
+    codes, ``ils_iters`` rounds, ``icm_iters`` sweeps each) started from the beam search's
+    codes, the perturbations drawn from ``default_rng([seed, 1])`` at each ``encode`` call (so
+    the same input gives the same codes; a row's code may depend on its position in the
+    batch). Training, from the RQ's codebooks: ``refine_rounds`` rounds of (the joint
+    least-squares update of all codebooks for the current codes, :func:`lsq_codebooks`; the
+    training set re-encoded from scratch by the encoder, with ``train_ils_iters`` ILS rounds),
+    the codebooks with the lowest training error of the encoder's codes kept. The codes are
+    never carried over from round to round (FAISS's LSQ does that, from random codes, and
+    reaches training errors its encoder does not reach again on vectors it was not trained on
+    in that order). ``anneal > 0`` adds LSQ's SR-D annealing: the codes of the next round come
+    from codebooks moved by Gaussian noise of standard deviation ``T * std(x) / m`` per
+    coordinate, ``T = anneal * (1 - (i + 1) / refine_rounds) ** 0.5`` (FAISS: 1; off by
+    default: from the RQ's start it did not help on digits).
+
+    ``encoder="beam"``: the earlier recipe, codes by the beam search, rounds of (least-squares
+    update, beam re-encoding) while the training MSE drops.
+
+    Either way, if the trained codebooks encode the training set worse than the RQ did, the
+    RQ's codebooks are kept: never worse than the RQ on the training data (``rq_mse`` and
+    ``mse_history`` record the path).
 
     >>> x = np.random.default_rng(2).standard_normal((800, 8)).astype(np.float32)
-    >>> aq = AdditiveQuantizer(8, m=3, nbits=4, beam_size=2).train(x)
+    >>> aq = AdditiveQuantizer(8, m=3, nbits=4, beam_size=2, refine_rounds=3).train(x)
     >>> bool(aq.mse(x) <= aq.rq_mse)
     True
     """
@@ -193,39 +224,97 @@ class AdditiveQuantizer(ResidualQuantizer):
     kind = "aq"
 
     def __init__(self, d: int, m: int, nbits: int = 8, beam_size: int = 1, n_iter: int = 25,
-                 seed: int = 0, refine_rounds: int = 4, ridge: float = 1e-3):
-        super().__init__(d, m, nbits, beam_size, n_iter, seed)
-        _int("AdditiveQuantizer", "refine_rounds", refine_rounds, 0)
-        if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not ridge > 0:
-            raise ValueError(f"AdditiveQuantizer: ridge must be a number > 0, got {ridge!r}")
+                 seed: int = 0, refine_rounds: int = 4, ridge: float = 1e-3,
+                 progressive_dim_steps: int = 0, encoder: str = "ils", ils_iters: int = 16,
+                 train_ils_iters: int = 8, icm_iters: int = 4, nperts: int | None = None,
+                 anneal: float = 0.0):
+        super().__init__(d, m, nbits, beam_size, n_iter, seed, progressive_dim_steps)
+        owner = "AdditiveQuantizer"
+        _int(owner, "refine_rounds", refine_rounds, 0)
+        for name, v, ok in (("ridge", ridge, "> 0"), ("anneal", anneal, ">= 0")):
+            if (not isinstance(v, (int, float)) or isinstance(v, bool)
+                    or not (v > 0 if ok == "> 0" else v >= 0)):
+                raise ValueError(f"{owner}: {name} must be a number {ok}, got {v!r}")
+        if encoder not in ("ils", "beam"):
+            raise ValueError(f"{owner}: encoder must be 'ils' or 'beam', got {encoder!r}")
+        _int(owner, "ils_iters", ils_iters, 0)
+        _int(owner, "train_ils_iters", train_ils_iters, 0)
+        _int(owner, "icm_iters", icm_iters, 1)
+        nperts = min(4, m) if nperts is None else nperts
+        _int(owner, "nperts", nperts, 1, m)
         if m * self.ksub > 8192:
-            raise ValueError(f"AdditiveQuantizer: m * 2^nbits = {m * self.ksub} codewords; the "
+            raise ValueError(f"{owner}: m * 2^nbits = {m * self.ksub} codewords; the "
                              f"joint update solves a system of that size, at most 8192")
         self.refine_rounds, self.ridge = refine_rounds, float(ridge)
+        self.encoder, self.ils_iters, self.train_ils_iters = encoder, ils_iters, train_ils_iters
+        self.icm_iters, self.nperts, self.anneal = icm_iters, nperts, float(anneal)
         self.rq_mse: float | None = None
         self.mse_history: list[float] = []
 
+    def _ils(self, x, books, codes, iters, rng):
+        return ils(x, books, codes, iters, self.icm_iters, self.nperts, rng)
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        codes = beam_search(x, self.codebooks, self.beam_size)
+        if self.encoder == "beam":
+            return codes
+        rng = np.random.default_rng([self.seed, 1])
+        return self._ils(x, self.codebooks, codes, self.ils_iters, rng)
+
     def _train(self, x: np.ndarray, **kw) -> None:
         super()._train(x, **kw)
+        rq_books = self.codebooks
+        codes = beam_search(x, rq_books, self.beam_size)
+        self.rq_mse = float(sq_errors(x, rq_books, codes).mean())
+        self.mse_history = [self.rq_mse]
+        if self.encoder == "beam":
+            self._train_beam(x, codes)
+        else:
+            self._train_ils(x, codes)
+        final = float(sq_errors(x, self.codebooks, self._encode(x)).mean())
+        if self.codebooks is not rq_books and not final <= self.rq_mse:
+            self.codebooks = rq_books  # never worse than the RQ on the training set
 
-        def err(books, codes):
-            r = x.astype(np.float64) - books[np.arange(self.m)[None, :], codes].sum(1)
-            return float((r ** 2).sum(1).mean())
-
-        codes = beam_search(x, self.codebooks, self.beam_size)
-        best = err(self.codebooks, codes)
-        self.rq_mse, self.mse_history = best, [best]
+    def _train_beam(self, x: np.ndarray, codes: np.ndarray) -> None:
+        best = self.rq_mse
         for _ in range(self.refine_rounds):
             books = lsq_codebooks(x, codes, self.codebooks, self.ridge)
             new_codes = beam_search(x, books, self.beam_size)
-            e = err(books, new_codes)
+            e = float(sq_errors(x, books, new_codes).mean())
             self.mse_history.append(e)
             if not e < best:
                 break
             self.codebooks, codes, best = books, new_codes, e
 
+    def _train_ils(self, x: np.ndarray, codes: np.ndarray) -> None:
+        rng = np.random.default_rng([self.seed, 2])
+        std = x.astype(np.float64).std(0)
+
+        def enc(b):  # the encoder's codes (beam start, ILS): never codes carried over rounds,
+            # which can reach a training error no encoder reaches from scratch again
+            return self._ils(x, b, beam_search(x, b, self.beam_size), self.train_ils_iters, rng)
+
+        books = self.codebooks
+        codes = enc(books)
+        best = float(sq_errors(x, books, codes).mean())
+        self.mse_history.append(best)
+        for i in range(self.refine_rounds):
+            books = lsq_codebooks(x, codes, books, self.ridge)
+            t = self.anneal * (1.0 - (i + 1.0) / self.refine_rounds) ** 0.5
+            fit = codes = enc(books)
+            if t > 0:  # SR-D: the next codes from perturbed codebooks
+                noise = rng.standard_normal(books.shape) * (t * std / self.m)
+                codes = enc((books + noise).astype(np.float32))
+            e = float(sq_errors(x, books, fit).mean())  # what the encoder gets with books
+            self.mse_history.append(e)
+            if e < best:
+                self.codebooks, best = books, e
+
     def config(self) -> dict:
-        return {**super().config(), "refine_rounds": self.refine_rounds, "ridge": self.ridge}
+        return {**super().config(), "refine_rounds": self.refine_rounds, "ridge": self.ridge,
+                "encoder": self.encoder, "ils_iters": self.ils_iters,
+                "train_ils_iters": self.train_ils_iters, "icm_iters": self.icm_iters,
+                "nperts": self.nperts, "anneal": self.anneal}
 
 
 class MultiLevelVQ(VQBase):
