@@ -139,6 +139,7 @@ if "transformers" in sys.modules:  # already paid for: register "qkern" with tra
 
 
 def __getattr__(name: str):
-    if name in ("hf", "vq", "kv"):  # qkern.hf, qkern.kv (transformers), qkern.vq: on first use
+    if name in ("hf", "vq", "kv", "mixed_precision"):  # qkern.hf, qkern.kv (transformers),
+        # qkern.vq, qkern.mixed_precision: on first use
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'qkern' has no attribute {name!r}")
