@@ -70,6 +70,9 @@ class LayerSensitivity:
     score: float
     cost: dict[int, float] = field(default_factory=dict)
     bits_per_weight: dict[int, float] = field(default_factory=dict)
+    #: how each bit width is written in the config's ``overrides`` (``{"bits": b}``, or with
+    #: ``"group_size": None, "sym": True`` where only that runs on a fused kernel, as int8)
+    override: dict[int, dict] = field(default_factory=dict)
 
 
 # ---- the loss and the layers ------------------------------------------------------------------
@@ -211,12 +214,22 @@ def _layer_quantizers(model: nn.Module, config: BaseConfig, bits: Sequence[int],
         base = config.for_layer(n) or config
         built = {}
         for b in bits:
-            cfg = dataclasses.replace(base, bits=b)
+            ov = {"bits": b}
+            cfg = dataclasses.replace(base, **ov)
+            qb = quantizer_for(cfg)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                new = quantizer_for(cfg).rtn_layer(n, lin, cfg)
+                if qb.preflight(n, lin, cfg) is not None:  # e.g. int8 needs sym per channel
+                    ov = {"bits": b, "group_size": None, "sym": True}
+                    alt = dataclasses.replace(base, **ov)
+                    why = qb.preflight(n, lin, alt)
+                    if why is not None:
+                        raise ValueError(f"{n}: {b} bits cannot run on a fused kernel ({why}); "
+                                         "leave it out of bits")
+                    cfg = alt
+                new = qb.rtn_layer(n, lin, cfg)
             built[b] = (new.dequantize_weight().detach().to(lin.weight.dtype),
-                        float(new.weight_q.bits_per_element))
+                        float(new.weight_q.bits_per_element), ov)
         out.append((n, lin, built))
     return out
 
@@ -229,7 +242,7 @@ def _kl_costs(model, batches, built, progress) -> dict[str, dict[int, float]]:
         for n, lin, by_bits in tqdm(built, desc="kl", disable=not progress):
             w0 = lin.weight.data.clone()
             out[n] = {}
-            for b, (wq, _) in by_bits.items():
+            for b, (wq, _, _) in by_bits.items():
                 lin.weight.data.copy_(wq)
                 kl = 0.0
                 for x, lp in zip(batches, ref):
@@ -269,7 +282,8 @@ def sensitivity(model: nn.Module, calibration, method: str = "hutchinson",
         costs = _kl_costs(model, batches, built, progress)
         for n, lin, by_bits in built:
             out[n] = LayerSensitivity(lin.weight.numel(), math.nan, costs[n],
-                                      {b: v[1] for b, v in by_bits.items()})
+                                      {b: v[1] for b, v in by_bits.items()},
+                                      {b: v[2] for b, v in by_bits.items()})
         return out
     if method == "hutchinson":
         tr = hessian_trace(model, batches, names, n_probes, seed, batch_size=batch_size,
@@ -279,12 +293,13 @@ def sensitivity(model: nn.Module, calibration, method: str = "hutchinson",
     for n, lin, by_bits in built:
         w = lin.weight.detach().double()
         cost = {}
-        for b, (wq, _) in by_bits.items():
+        for b, (wq, _, _) in by_bits.items():
             d2 = (w - wq.double()) ** 2
             cost[b] = (tr[n] / w.numel() * float(d2.sum()) if method == "hutchinson"
                        else float((fd[n] * d2).sum()))
         score = tr[n] if method == "hutchinson" else float(fd[n].sum())
-        out[n] = LayerSensitivity(w.numel(), score, cost, {b: v[1] for b, v in by_bits.items()})
+        out[n] = LayerSensitivity(w.numel(), score, cost, {b: v[1] for b, v in by_bits.items()},
+                                  {b: v[2] for b, v in by_bits.items()})
     return out
 
 
@@ -428,8 +443,13 @@ def allocate_bits(sensitivities: Mapping, budget: float,
         pick = _greedy(wts, costs, cap + int(wts.min(1).sum()))
     else:
         pick = _knapsack(wts, costs, cap, max_states)
-    return {n: (None if choices[j] is None else {"bits": choices[j]})
-            for n, j in zip(names, pick)}
+    return {n: _override(sensitivities[n], choices[j]) for n, j in zip(names, pick)}
+
+
+def _override(s, b):
+    if b is None:
+        return None
+    return dict(s.override.get(b, {"bits": b})) if isinstance(s, LayerSensitivity) else {"bits": b}
 
 
 def _bits_of(v):
@@ -471,6 +491,7 @@ def mixed_config(config: BaseConfig, overrides: Mapping) -> BaseConfig:
 
 
 def uniform(sensitivities: Mapping, bits: int | None) -> dict:
-    """The uniform allocation: every layer at ``bits`` (None: float)."""
-    return {n: None if bits is None else {"bits": bits} for n in sensitivities}
+    """The uniform allocation: every layer at ``bits`` (None: float), written as
+    :func:`allocate_bits` writes it."""
+    return {n: _override(s, bits) for n, s in sensitivities.items()}
 
