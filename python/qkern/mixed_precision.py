@@ -18,13 +18,17 @@ Sensitivity, per linear ``l`` of the transformer blocks (the layers the config q
   calibration per layer and bit width).
 
 Predicted loss increase of layer ``l`` at ``b`` bits (``cost[b]``): Hutchinson
-``tr(H_l) / n_l * ||W_l - Q_b(W_l)||^2`` (HAWQ-v2's Omega; the second-order Taylor term is
-half of it, which changes no allocation), Fisher ``sum(F_l * (W_l - Q_b(W_l))^2)``, KL the
-measured KL. ``Q_b`` is the config's own round-to-nearest grid (``bits=b``, its group size
-and symmetry, built by its quantizer exactly as ``quantize_model`` stores it: e.g. RTN g64
-asymmetric; GPTQ configs are ranked by their RTN error). A layer's bits per weight at ``b``
-are the real storage of that built layer (``weight_q.bits_per_element``: codes + scales +
-zero points); float (choice ``None``) counts ``float_bits`` (16 by default: a float16 copy).
+``max(tr(H_l), 0) / n_l * ||W_l - Q_b(W_l)||^2`` (HAWQ-v2's Omega; the second-order Taylor
+term is half of it, which changes no allocation; a negative estimate, away from a minimum or
+from too few probes, predicts no increase rather than a gain), Fisher
+``sum(F_l * (W_l - Q_b(W_l))^2)``, KL the measured KL. ``Q_b`` is the config's own
+round-to-nearest grid (``bits=b``, its group size and symmetry, built by its quantizer exactly
+as ``quantize_model`` stores it: e.g. RTN g64 asymmetric; GPTQ configs are ranked by their RTN
+error). Where that grid has no fused kernel (int8 with zero points or groups), the bit width is
+written ``{"bits": 8, "group_size": None, "sym": True}``, the int8 kernel's layout. A layer's
+bits per weight at ``b`` are the real storage of that built layer
+(``weight_q.bits_per_element``: codes + scales + zero points); float (choice ``None``) counts
+``float_bits`` (16 by default: a float16 copy; 32 optional).
 
 >>> import torch, qkern
 >>> from qkern.mixed_precision import allocate_bits
@@ -96,9 +100,9 @@ def _batches(calibration, batch_size: int) -> list[torch.Tensor]:
                         "int64, e.g. qkern.quantization.text_calibration(...))")
     rows: list[torch.Tensor] = []
     for x in calibration:
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() not in (1, 2):
-            raise TypeError(f"calibration items must be int64 token id tensors (T,) or (B, T), "
-                            f"got {type(x).__name__}")
+        if not isinstance(x, torch.Tensor) or x.dim() not in (1, 2):
+            raise TypeError(f"calibration items must be token id tensors (T,) or (B, T) (or "
+                            f"(B, features) inputs of a custom loss_fn), got {type(x).__name__}")
         rows.extend(x.view(-1, x.shape[-1]))
     if not rows:
         raise ValueError("calibration is empty: it yielded no batches")
@@ -295,7 +299,7 @@ def sensitivity(model: nn.Module, calibration, method: str = "hutchinson",
         cost = {}
         for b, (wq, _, _) in by_bits.items():
             d2 = (w - wq.double()) ** 2
-            cost[b] = (tr[n] / w.numel() * float(d2.sum()) if method == "hutchinson"
+            cost[b] = (max(tr[n], 0.0) / w.numel() * float(d2.sum()) if method == "hutchinson"
                        else float((fd[n] * d2).sum()))
         score = tr[n] if method == "hutchinson" else float(fd[n].sum())
         out[n] = LayerSensitivity(w.numel(), score, cost, {b: v[1] for b, v in by_bits.items()},
