@@ -229,3 +229,18 @@ def test_bad_arguments():
         mp.hessian_trace(model, cal, ["model.layers.9.mlp.up_proj"])
     with pytest.raises(TypeError, match="config"):
         mp.mixed_config("RTN", {})
+
+
+def test_pipeline_checks_each_overridden_layer_not_only_block_0():
+    """int8 with zero points has no fused kernel: the layer that asks for it stays float, and
+    the same layer of another block, at 4 bits, is still quantized."""
+    model, cal = build("llama"), calibration(2, 16)
+    cfg = qkern.RTNConfig(bits=4, group_size=32, sym=False,
+                          overrides={"model.layers.0.self_attn.q_proj": {"bits": 8},
+                                     "model.layers.1.mlp.up_proj": {"bits": 8}})
+    with pytest.warns(UserWarning, match="left in float"):
+        q = qkern.quantize_model(model, cfg, cal)
+    assert type(q.get_submodule("model.layers.0.self_attn.q_proj")) is nn.Linear
+    assert type(q.get_submodule("model.layers.1.mlp.up_proj")) is nn.Linear
+    for n in ("model.layers.1.self_attn.q_proj", "model.layers.0.mlp.up_proj"):
+        assert q.get_submodule(n).weight_q.format.name == "int4", n
