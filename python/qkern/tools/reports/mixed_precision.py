@@ -4,14 +4,15 @@ docs/mixed_precision.md.
 ``python -m qkern.tools.reports.mixed_precision [--budgets 2.5,3,3.5,4.5] [--methods
 hutchinson,kl] [--plot docs/images/mixed_precision.png]``
 
-RTN at the llm report's settings (group 64, asymmetric; the bytelm's down_proj, input 672, is
-stored per output channel, as the pipeline notes). Sensitivities on ``--n-cal`` windows x 256
-bytes of WikiText-2 *valid*; each budget's allocation (exact knapsack over {2, 3, 4, 8,
-float16}) is quantized with ``quantize_model`` and scored in bits per byte on WikiText-2
-*test* (48 x 256 bytes, as the llm report). Average bits per weight over the 28 block linears
-are measured on the built layers (``weight_q.bits_per_element``: codes, scales, zero points;
-float layers at 16). Budgets ``u2``, ``u3``, ``u4`` stand for the uniform allocations' own
-averages, so mixed and uniform meet at equal bits there.
+RTN (or ``--algo gptq``: GPTQ on 64 windows) at the llm report's settings (group 64,
+asymmetric; int8 symmetric per channel, its fused kernel's layout; the bytelm's down_proj,
+input 672, is stored per output channel, as the pipeline notes). Sensitivities on
+``--n-cal`` windows x 256 bytes of WikiText-2 *valid*; each budget's allocation (exact
+knapsack over {2, 3, 4, 8, float16}) is quantized with ``quantize_model`` and scored in bits
+per byte on WikiText-2 *test* (48 x 256 bytes, as the llm report). Average bits per weight
+over the 28 block linears are measured on the built layers (``weight_q.bits_per_element``:
+codes, scales, zero points; float layers at 16). Budgets ``u2``, ``u3``, ``u4`` stand for the
+uniform allocations' own averages, so mixed and uniform meet at equal bits there.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ... import RTNConfig, set_num_threads
+from ... import GPTQConfig, RTNConfig, set_num_threads
 from ... import mixed_precision as mp
 from ...models import bits_per_byte, load_llama
 from ...models.assets import shipped_path
@@ -32,10 +33,11 @@ from ...quantization import quantize_model, text_calibration
 from .llm import wikitext_bytes
 from .plots import pyplot
 
-__all__ = ["CONFIG", "main", "measured_bits", "pareto_table", "plot"]
+__all__ = ["CONFIGS", "main", "measured_bits", "pareto_table", "plot"]
 
-#: the llm report's RTN setting at g64
-CONFIG = RTNConfig(bits=4, group_size=64, sym=False)
+#: the llm report's settings at g64 (asymmetric), by ``--algo``
+CONFIGS = {"rtn": RTNConfig(bits=4, group_size=64, sym=False),
+           "gptq": GPTQConfig(bits=4, group_size=64, sym=False)}
 UNIFORM = (2, 3, 4, 8)
 
 
@@ -52,32 +54,36 @@ def measured_bits(model: nn.Module, layers: list[str], float_bits: int = 16) -> 
     return tot / n
 
 
-def _score(model, cfg, test) -> tuple[nn.Module, float]:
+def _score(model, cfg, test, cal) -> tuple[nn.Module, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = quantize_model(model, cfg, None, progress=False)
+        q = quantize_model(model, cfg, cal, progress=False)
     with torch.no_grad():
         return q, bits_per_byte(q, test)
 
 
 def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_probes: int = 4,
-                 progress: bool = False) -> tuple[str, dict]:
+                 algo: str = "rtn", progress: bool = False) -> tuple[str, dict]:
     """(Markdown, the points {curve label: [(avg bits, bits per byte)]})."""
     model = load_llama(shipped_path("models/wikitext-bytelm"))
     valid, test = wikitext_bytes()
     cal = text_calibration(valid, "bytes", n_cal, 256)
+    config = CONFIGS[algo]
+    # GPTQ calibrates on the llm report's 64 windows; RTN needs none
+    qcal = text_calibration(valid, "bytes", 64, 256) if algo == "gptq" else None
     with torch.no_grad():
         fp = bits_per_byte(model, test)
     sens, secs = {}, {}
     for m in methods:
         t = time.perf_counter()
-        sens[m] = mp.sensitivity(model, cal, method=m, config=CONFIG, n_probes=n_probes,
+        sens[m] = mp.sensitivity(model, cal, method=m, config=config, n_probes=n_probes,
                                  progress=progress)
         secs[m] = time.perf_counter() - t
     layers = list(next(iter(sens.values())))
     uni = {}
     for b in UNIFORM:
-        q, bpb = _score(model, mp.mixed_config(CONFIG, mp.uniform(sens[methods[0]], b)), test)
+        q, bpb = _score(model, mp.mixed_config(config, mp.uniform(sens[methods[0]], b)), test,
+                        qcal)
         uni[b] = (measured_bits(q, layers), bpb)
     points = {"uniform": sorted(uni.values())}
     rows = []
@@ -89,7 +95,7 @@ def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_prob
         ok = True
         for m in methods:
             over = mp.allocate_bits(sens[m], budget)
-            q, bpb = _score(model, mp.mixed_config(CONFIG, over), test)
+            q, bpb = _score(model, mp.mixed_config(config, over), test, qcal)
             avg = measured_bits(q, layers)
             points.setdefault(f"mixed ({m})", []).append((avg, bpb))
             counts = {b: sum(1 for v in over.values() if (v or {}).get("bits") == b)
@@ -105,8 +111,9 @@ def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_prob
     head = ("| budget (bits/weight) | " + " | ".join(f"mixed, {m}: bpb (avg bits; 2/3/4/8/float "
                                                     "layers)" for m in methods)
             + " | uniform at or below budget | uniform above budget | mixed <= uniform below |")
-    lines = [f"wikitext-bytelm, RTN g64 asymmetric: bits per byte on WikiText-2 test (48 x 256 "
-             f"bytes; fp32 {fp:.4f}); sensitivities on {n_cal} x 256 bytes of WikiText-2 valid "
+    lines = [f"wikitext-bytelm, {algo.upper()} g64 asymmetric: bits per byte on WikiText-2 test "
+             f"(48 x 256 bytes; fp32 {fp:.4f}); sensitivities on {n_cal} x 256 bytes of "
+             f"WikiText-2 valid "
              f"({', '.join(f'{m} {secs[m]:.0f} s' for m in methods)}; Hutchinson "
              f"{n_probes} probes); knapsack over {{2, 3, 4, 8, float16}}", "", head,
              "|" + "---|" * (len(methods) + 4)] + rows
@@ -115,7 +122,7 @@ def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_prob
     return "\n".join(lines), {"fp32": fp, **points}
 
 
-def plot(points: dict, path: str | Path) -> None:
+def plot(points: dict, path: str | Path, algo: str = "rtn") -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for i, (label, ps) in enumerate((k, v) for k, v in points.items() if k != "fp32"):
@@ -125,7 +132,8 @@ def plot(points: dict, path: str | Path) -> None:
     ax.axhline(points["fp32"], color="0.5", lw=1, label=f"fp32 ({points['fp32']:.4f})")
     ax.set_xlabel("average bits per weight (block linears; scales and zero points included)")
     ax.set_ylabel("bits per byte on WikiText-2 test (lower is better)")
-    ax.set_title("wikitext-bytelm, RTN g64 asym: mixed vs uniform bits", fontsize=10)
+    ax.set_title(f"wikitext-bytelm, {algo.upper()} g64 asym: mixed vs uniform bits",
+                 fontsize=10)
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -142,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"sensitivity methods, from {', '.join(mp.METHODS)}")
     p.add_argument("--n-cal", type=int, default=16, help="calibration windows (256 bytes)")
     p.add_argument("--probes", type=int, default=4, help="Hutchinson probes")
+    p.add_argument("--algo", default="rtn", choices=sorted(CONFIGS),
+                   help="the quantizer (g64 asymmetric; default rtn)")
     p.add_argument("--plot", default=None, help="write the PNG plot here")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     a = p.parse_args(argv)
@@ -159,10 +169,10 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"unknown method {m!r}; choose from {', '.join(mp.METHODS)}")
     set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
-    text, points = pareto_table(budgets, methods, a.n_cal, a.probes)
+    text, points = pareto_table(budgets, methods, a.n_cal, a.probes, a.algo)
     print(text)
     if a.plot:
-        plot(points, a.plot)
+        plot(points, a.plot, a.algo)
         print(f"\nplot: {a.plot}")
 
 
