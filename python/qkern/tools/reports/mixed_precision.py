@@ -123,20 +123,24 @@ def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_prob
 
 
 def plot(points: dict, path: str | Path, algo: str = "rtn") -> None:
+    """Bits per byte vs average bits per weight, one line per curve: all points (left) and
+    3.3 to 4.7 bits (right)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    for i, (label, ps) in enumerate((k, v) for k, v in points.items() if k != "fp32"):
-        ps = sorted(ps)
-        ax.plot([p[0] for p in ps], [p[1] for p in ps], marker="o", color=f"C{i}",
-                ls="--" if label == "uniform" else "-", label=label)
-    ax.axhline(points["fp32"], color="0.5", lw=1, label=f"fp32 ({points['fp32']:.4f})")
-    ax.set_xlabel("average bits per weight (block linears; scales and zero points included)")
-    ax.set_ylabel("bits per byte on WikiText-2 test (lower is better)")
-    ax.set_title(f"wikitext-bytelm, {algo.upper()} g64 asym: mixed vs uniform bits",
+    fp = points["fp32"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
+    for ax, zoom in zip(axes, (False, True)):
+        for i, (label, ps) in enumerate((k, v) for k, v in points.items() if k != "fp32"):
+            ps = sorted(p for p in ps if not zoom or 3.3 <= p[0] <= 4.7)
+            ax.plot([p[0] for p in ps], [p[1] for p in ps], marker="o", color=f"C{i}",
+                    ls="--" if label == "uniform" else "-", label=label, alpha=0.85)
+        ax.axhline(fp, color="0.5", lw=1, label=f"fp32 ({fp:.4f})")
+        ax.set_xlabel("average bits per weight (scales, zero points included)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("bits per byte, WikiText-2 test (lower is better)")
+    axes[0].legend(fontsize=8)
+    axes[1].set_title("3.3 to 4.7 bits", fontsize=9)
+    fig.suptitle(f"wikitext-bytelm, {algo.upper()} g64 asymmetric: mixed vs uniform bits",
                  fontsize=10)
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
