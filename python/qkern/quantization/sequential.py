@@ -429,6 +429,9 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
                 mod = blk.get_submodule(rel)
                 c = quantizer.layer_config(f"{name}.{rel}", mod)
                 why = cannot.get(rel)
+                if c is not None and c != quantizer.layer_config(f"{list_name}.0.{rel}", mod):
+                    # a per-layer override (mixed precision): block 0's probe does not apply
+                    why = quantizer.preflight(f"{name}.{rel}", mod, c)
                 if c is not None and why is not None:
                     quantizer.skipped[f"{name}.{rel}"] = why
                 elif c is not None:
