@@ -178,6 +178,7 @@ def target_vq(fdp) -> None:
     scales = _tensor(fdp, [n, _int(fdp, 1, 4)]) if fdp.ConsumeBool() else None
     x = _tensor(fdp, [_int(fdp, 0, 5), nv * dim])
     OPS.gemm_vq(x, pack_codes(codes), books, scales, None, n, nv * dim, gr)
+    OPS.dequantize_vq(pack_codes(codes), books, scales, n, nv * dim, gr)
 
 
 def target_load(fdp) -> None:

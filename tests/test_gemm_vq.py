@@ -212,3 +212,26 @@ def test_vqlinear_compiles_fullgraph():
     layer = VQLinear(codes, books.half(), scales.half(), bias, group_rows=gr)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] > 0], ids=[str(c) for c in CASES])
+def test_dequantize_vq_is_the_definition(case):
+    _, codes, books, scales, _, gr = _data(*case)
+    n, nv = codes.shape
+    k = nv * books.shape[2]
+    want = _reference(torch.eye(k), codes, books, scales, torch.zeros(n), gr).T  # (n, k) float64
+    layouts = [pack_codes(codes)]
+    if codes.dtype == torch.uint8 and nibbles_fit(n, nv, books.shape[1], books.shape[0], gr,
+                                                  scales):
+        layouts.append(pack_codes(codes, nibbles=True))
+    for packed in layouts:
+        for threads in (1, 2):
+            qkern.set_num_threads(threads)
+            w = OPS.dequantize_vq(packed, books, scales, n, k, gr)
+            # one float32 product per weight (scale * entry): exact against float64's
+            assert torch.equal(w, torch.from_numpy(want).float()), (packed.dtype, threads)
+    bad = codes.clone()
+    bad[0, 0] = books.shape[1] if books.shape[1] < 256 else 0
+    if books.shape[1] < 256:
+        with pytest.raises(ValueError, match="out of range"):
+            OPS.dequantize_vq(pack_codes(bad), books, scales, n, k, gr)

@@ -19,12 +19,11 @@ void expect(bool ok, const std::string& msg) {
   if (!ok) throw py::value_error("gemm_vq: " + msg);
 }
 
-// packed: layout 0 uint8 codes, 1 uint16 codes, 2 4-bit codes in 32-bit words (api.h
-// gemm_vq_p4); scales / bias 0: none.
-void gemm_vq_raw(uintptr_t x, int64_t m, uintptr_t packed, int64_t layout, int64_t n, int64_t nv,
-                 uintptr_t books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
-                 uintptr_t scales, int64_t nseg, uintptr_t bias, uintptr_t y) {
-  expect(m >= 0 && n >= 0 && nv >= 0, "M, N and the number of vectors must be >= 0");
+// The shape rules both entry points share (layout: 0 uint8 codes, 1 uint16 codes, 2 4-bit codes
+// in 32-bit words, api.h gemm_vq_p4).
+void check_codes(int64_t layout, int64_t n, int64_t nv, int64_t groups, int64_t kc, int64_t dim,
+                 int64_t group_rows, bool scales, int64_t nseg) {
+  expect(n >= 0 && nv >= 0, "N and the number of vectors must be >= 0");
   expect(layout >= 0 && layout <= 2, "layout must be 0, 1 or 2");
   const bool wide = layout == 1;
   expect(dim >= 1 && dim <= 64, "dim must be in 1..64, got " + std::to_string(dim));
@@ -40,8 +39,17 @@ void gemm_vq_raw(uintptr_t x, int64_t m, uintptr_t packed, int64_t layout, int64
          "the number of scale segments must divide the number of vectors");
   qk::bind::checked_mul(groups, kc, dim, "gemm_vq: codebook size");
   expect(groups * kc * dim < (int64_t{1} << 31), "the codebooks must hold < 2^31 numbers");
-  qk::bind::checked_mul(m, nv, dim, "gemm_vq: M x K");
   qk::bind::checked_mul((n + 15) / 16 * 16, nv, "gemm_vq: packed codes");
+  qk::bind::checked_mul(n, nv, dim, "gemm_vq: N x K");
+}
+
+// scales / bias 0: none.
+void gemm_vq_raw(uintptr_t x, int64_t m, uintptr_t packed, int64_t layout, int64_t n, int64_t nv,
+                 uintptr_t books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
+                 uintptr_t scales, int64_t nseg, uintptr_t bias, uintptr_t y) {
+  expect(m >= 0, "M must be >= 0");
+  check_codes(layout, n, nv, groups, kc, dim, group_rows, scales != 0, nseg);
+  qk::bind::checked_mul(m, nv, dim, "gemm_vq: M x K");
   qk::bind::checked_mul(m, n, "gemm_vq: M x N");
   if (m == 0 || n == 0) return;
   expect(y && (nv == 0 || (x && packed && books)), "null pointer");
@@ -54,12 +62,24 @@ void gemm_vq_raw(uintptr_t x, int64_t m, uintptr_t packed, int64_t layout, int64
   if (layout == 2)
     qk::gemm_vq_p4(xp, m, reinterpret_cast<const uint32_t*>(packed), n, nv, bp, groups, kc, dim,
                    group_rows, sp, nseg, bi, yp);
-  else if (wide)
+  else if (layout == 1)
     qk::gemm_vq(xp, m, reinterpret_cast<const uint16_t*>(packed), n, nv, bp, groups, kc, dim,
                 group_rows, sp, nseg, bi, yp);
   else
     qk::gemm_vq(xp, m, reinterpret_cast<const uint8_t*>(packed), n, nv, bp, groups, kc, dim,
                 group_rows, sp, nseg, bi, yp);
+}
+
+void decode_vq_raw(uintptr_t packed, int64_t layout, int64_t n, int64_t nv, uintptr_t books,
+                   int64_t groups, int64_t kc, int64_t dim, int64_t group_rows, uintptr_t scales,
+                   int64_t nseg, uintptr_t w) {
+  check_codes(layout, n, nv, groups, kc, dim, group_rows, scales != 0, nseg);
+  if (n == 0 || nv == 0) return;
+  expect(packed && books && w, "null pointer");
+  py::gil_scoped_release nogil;
+  qk::vq_decode(reinterpret_cast<const void*>(packed), static_cast<int>(layout), n, nv,
+                reinterpret_cast<const float*>(books), groups, kc, dim, group_rows,
+                reinterpret_cast<const float*>(scales), nseg, reinterpret_cast<float*>(w));
 }
 
 static qk::bind::Register reg([](py::module_& m) {
@@ -68,6 +88,10 @@ static qk::bind::Register reg([](py::module_& m) {
         py::arg("kc"), py::arg("dim"), py::arg("group_rows"), py::arg("scales"),
         py::arg("nseg"), py::arg("bias"), py::arg("y"),
         "gemm_vq over data_ptr()s of checked contiguous tensors");
+  m.def("decode_vq_raw", &decode_vq_raw, py::arg("packed"), py::arg("layout"), py::arg("n"),
+        py::arg("nv"), py::arg("books"), py::arg("groups"), py::arg("kc"), py::arg("dim"),
+        py::arg("group_rows"), py::arg("scales"), py::arg("nseg"), py::arg("w"),
+        "vq_decode over data_ptr()s of checked contiguous tensors");
 });
 
 }  // namespace

@@ -49,6 +49,11 @@ SCHEMAS = {
     "dequantize_lut": (
         "dequantize_lut(Tensor codes, Tensor scale, Tensor lut, int group_size) -> Tensor"
     ),
+    # the decoded weight of gemm_vq's operands (for many rows of x: a GEMM over it)
+    "dequantize_vq": (
+        "dequantize_vq(Tensor packed, Tensor codebooks, Tensor? scales, int N, int K, "
+        "int group_rows) -> Tensor"
+    ),
     # preallocated outputs (qkern.quantize(..., out=) and QTensor.dequantize(out=))
     "quantize_affine_out": (
         "quantize_affine_out(Tensor x, Tensor scale, Tensor? zero_point, int group_size, "
@@ -293,6 +298,11 @@ def _(x, packed, qscales, scale2, mean, table, bias, N, K, group_size, dq_group)
 def _(x, packed, codebooks, scales, bias, N, K, group_rows):
     torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_vq: x must be (M, K)")
     return _out(x, N)
+
+
+@torch.library.register_fake("qkern::dequantize_vq")
+def _(packed, codebooks, scales, N, K, group_rows):
+    return packed.new_empty((N, K), dtype=torch.float32)
 
 
 @torch.library.register_fake("qkern::gemm_fp8")

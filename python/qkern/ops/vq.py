@@ -33,11 +33,17 @@ from .. import _C
 from .raw import contig, ptr
 from .schemas import LIB
 
+# ``torch.ops.qkern.dequantize_vq(packed, codebooks, scales, N, K, group_rows)``: the decoded
+# float32 weight (N, K) of the same operands (C++, threaded): what VQLinear multiplies with a
+# GEMM when x has many rows. Frozen weights only (no autograd: :func:`decode_vq` is the
+# differentiable twin).
+
 __all__ = ["ROWS", "check_gemm_vq", "decode_vq", "nibbles_fit", "pack_codes", "unpack_codes"]
 
 ROWS = 16  # rows per block of the packed layout
 _CODES = {torch.uint8: 256, torch.uint16: 65536}
 _PACKED = {torch.uint8: 256, torch.uint16: 65536, torch.int32: 16}  # int32: 4-bit words
+_LAYOUT = {torch.uint8: 0, torch.uint16: 1, torch.int32: 2}  # the kernels' layout numbers
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -93,10 +99,12 @@ def decode_vq(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor
     return (w.view(rows, s.shape[1], -1) * s.unsqueeze(-1)).view(rows, -1)
 
 
-def check_gemm_vq(x, packed, codebooks, scales, bias, N: int, K: int, group_rows: int) -> None:
-    """Clear errors for arguments the kernel cannot take (module docstring)."""
+def check_gemm_vq(x, packed, codebooks, scales, bias, N: int, K: int, group_rows: int,
+                  op: str = "gemm_vq") -> None:
+    """Clear errors for arguments the kernel cannot take (module docstring); ``x`` None for
+    ``dequantize_vq``."""
     def fail(msg, kind=ValueError):
-        raise kind(f"gemm_vq: {msg}")
+        raise kind(f"{op}: {msg}")
 
     for name, t in (("x", x), ("packed", packed), ("codebooks", codebooks), ("scales", scales),
                     ("bias", bias)):
@@ -104,7 +112,7 @@ def check_gemm_vq(x, packed, codebooks, scales, bias, N: int, K: int, group_rows
             fail(f"{name} must be a tensor, got {type(t).__name__}", TypeError)
         if t is not None and t.device.type != "cpu":
             fail(f"{name} must be on the CPU, got {t.device}")
-    if x.dim() != 2 or x.shape[1] != K or x.dtype not in _FLOATS:
+    if x is not None and (x.dim() != 2 or x.shape[1] != K or x.dtype not in _FLOATS):
         fail(f"x must be a float (M, K = {K}) tensor, got {x.dtype} {tuple(x.shape)}", TypeError)
     if codebooks.dim() != 3 or codebooks.dtype not in _FLOATS:
         fail("codebooks must be a float (groups, entries, dim) tensor", TypeError)
@@ -149,11 +157,25 @@ def _gemm_vq_cpu(x, packed, codebooks, scales, bias, N, K, group_rows):
     packed = packed.contiguous()
     groups, kc, dim = codebooks.shape
     y = torch.empty((x.shape[0], N), dtype=torch.float32)
-    layout = {torch.uint8: 0, torch.uint16: 1, torch.int32: 2}[packed.dtype]
-    _C.gemm_vq_raw(ptr(x), x.shape[0], ptr(packed), layout, N, K // dim, ptr(books), groups, kc,
-                   dim, group_rows, ptr(scales),
+    _C.gemm_vq_raw(ptr(x), x.shape[0], ptr(packed), _LAYOUT[packed.dtype], N, K // dim,
+                   ptr(books), groups, kc, dim, group_rows, ptr(scales),
                    0 if scales is None else scales.shape[1], ptr(bias), ptr(y))
     return y
 
 
 LIB.impl("gemm_vq", _gemm_vq_cpu, "CPU")
+
+
+def _dequantize_vq_cpu(packed, codebooks, scales, N, K, group_rows):
+    check_gemm_vq(None, packed, codebooks, scales, None, N, K, group_rows, "dequantize_vq")
+    books, scales = contig(codebooks, torch.float32), contig(scales, torch.float32)
+    packed = packed.contiguous()
+    groups, kc, dim = codebooks.shape
+    w = torch.empty((N, K), dtype=torch.float32)
+    _C.decode_vq_raw(ptr(packed), _LAYOUT[packed.dtype], N, K // dim, ptr(books), groups, kc,
+                     dim, group_rows, ptr(scales), 0 if scales is None else scales.shape[1],
+                     ptr(w))
+    return w
+
+
+LIB.impl("dequantize_vq", _dequantize_vq_cpu, "CPU")

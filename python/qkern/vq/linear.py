@@ -18,10 +18,11 @@ times a per-row scale for each segment of ``scale_group`` input columns.
 codes[r, v]]`` (in float32), and ``forward(x) = x @ W^T + bias``. On the CPU, for up to
 ``FUSED_MAX_ROWS`` rows of ``x`` (decoding), ``forward`` runs the fused kernel
 ``qkern::gemm_vq`` (:mod:`qkern.ops.vq`: per block of 16 rows the dot products of ``x`` with
-the codebook entries, then one look-up per code; the weight is never decoded); otherwise, or
-when the codebooks or scales require grad (codebook fine-tuning), it decodes the weight
-(:meth:`dequantize_weight`) and calls ``torch.nn.functional.linear``. The two agree to float32
-rounding.
+the codebook entries, then one look-up per code; the weight is never decoded); for more rows
+it decodes the weight in C++ (``qkern::dequantize_vq``) and calls
+``torch.nn.functional.linear`` (a GEMM); when the codebooks or scales require grad (codebook
+fine-tuning) or off the CPU, it decodes with torch ops (:meth:`dequantize_weight`,
+differentiable). They agree to float32 rounding.
 
 ``bits_per_weight`` = (code bits + codebook bits + scale bits) / (out * in), the codes counted
 at ``log2(k)`` bits each (bit-packed: ``bits * dim`` per vector), codebook entries and scales
@@ -51,8 +52,9 @@ from .lattice import lattice_codebook
 
 __all__ = ["FUSED_MAX_ROWS", "VQLinear"]
 
-#: the most rows of x (tokens) the fused kernel takes; more decode the weight once instead
-FUSED_MAX_ROWS = 8
+#: the most rows of x (tokens) the fused kernel takes (its cost grows with the rows; past
+#: about 32 decoding the weight once for a GEMM is cheaper)
+FUSED_MAX_ROWS = 32
 
 _FLOATS = (torch.float16, torch.float32)
 _LATTICE_DIMS = {"D4": 4, "E8": 8}
@@ -138,6 +140,13 @@ class VQLinear(nn.Module):
                                         self._vq_books, self._vq_scales, self._vq_bias,
                                         self.out_features, self.in_features, self.group_rows)
             return y.reshape(*lead, self.out_features).to(x.dtype)
+        if x.device.type == "cpu" and self.codes.device.type == "cpu" and not trained:
+            if not torch.compiler.is_compiling() and self._vq_key != self._buffers_key():
+                self.refresh_kernel_operands()
+            w = torch.ops.qkern.dequantize_vq(self._vq_packed, self._vq_books, self._vq_scales,
+                                              self.out_features, self.in_features,
+                                              self.group_rows).to(x.dtype)
+            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         w = self.dequantize_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

@@ -53,4 +53,12 @@ void gemm_vq_p4(const float* x, int64_t m, const uint32_t* words, int64_t n, int
                 const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
                 const float* scales, int64_t nseg, const float* bias, float* y);
 
+// The decoded weight w (n, nv * dim) float32 of any of the three code layouts (layout 0 uint8,
+// 1 uint16, 2 4-bit words): w[r][v dim + d] = book[g(r)][code][d] (times the segment's scale:
+// one float32 product). For many rows of x, where a GEMM over w beats the fused kernel. A code
+// >= kc raises std::invalid_argument.
+void vq_decode(const void* packed, int layout, int64_t n, int64_t nv, const float* books,
+               int64_t groups, int64_t kc, int64_t dim, int64_t group_rows, const float* scales,
+               int64_t nseg, float* w);
+
 }  // namespace qk

@@ -266,6 +266,76 @@ void gemm_vq(const float* x, int64_t m, const uint16_t* packed, int64_t n, int64
                      y, {}});
 }
 
+namespace {
+
+// Rows of blocks [b0, b1) of the decoded weight (api.h vq_decode); the largest code read.
+template <class Code>
+uint32_t decode_task(const Call<Code>& c, int64_t b0, int64_t b1, float* w) {
+  const int64_t k = c.nv * c.dim, spv = c.nv / c.nseg;
+  uint32_t top = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const Code* codes = codes_at(c, b, 0);
+    for (int64_t l = 0; l < kVqRows; ++l) {
+      const int64_t r = b * kVqRows + l;
+      if (r >= c.n) break;
+      const float* book = c.books + r / c.group_rows * c.kc * c.dim;
+      float* row = w + r * k;
+      for (int64_t v = 0; v < c.nv; ++v) {
+        const uint32_t code = vqmm::code_of(codes, v, l);
+        top = code > top ? code : top;
+        const float* e = book + (code < c.kc ? code : c.kc - 1) * c.dim;
+        if (c.scales) {
+          const float s = c.scales[r * c.nseg + v / spv];
+          for (int64_t d = 0; d < c.dim; ++d) row[v * c.dim + d] = e[d] * s;
+        } else {
+          for (int64_t d = 0; d < c.dim; ++d) row[v * c.dim + d] = e[d];
+        }
+      }
+    }
+  }
+  return top;
+}
+
+template <class Code>
+void decode(Call<Code> c, float* w) {
+  if (!c.scales) c.nseg = 1;
+  if (c.n <= 0 || c.nv <= 0) return;
+  const int64_t nb = (c.n + kVqRows - 1) / kVqRows;
+  const int64_t tasks = pool_threads() == 1 || c.n * c.nv * c.dim < kMinParallel
+                            ? 1
+                            : std::min<int64_t>(nb, 4 * pool_threads());
+  std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
+  auto task = [&](int64_t t) { tops[t] = decode_task(c, nb * t / tasks, nb * (t + 1) / tasks, w); };
+  if (tasks == 1)
+    task(0);
+  else
+    parallel_for(tasks, task);
+  const uint32_t top = *std::max_element(tops.begin(), tops.end());
+  if (top >= static_cast<uint64_t>(c.kc))
+    throw std::invalid_argument("vq_decode: code " + std::to_string(top) +
+                                " is out of range for a codebook of " + std::to_string(c.kc) +
+                                " entries");
+}
+
+}  // namespace
+
+void vq_decode(const void* packed, int layout, int64_t n, int64_t nv, const float* books,
+               int64_t groups, int64_t kc, int64_t dim, int64_t group_rows, const float* scales,
+               int64_t nseg, float* w) {
+  if (layout == 2)
+    decode(Call<vqmm::Nib4>{nullptr, 0, static_cast<const vqmm::Nib4*>(packed), n, nv, books,
+                            groups, kc, dim, group_rows, scales, nseg, nullptr, nullptr, {}},
+           w);
+  else if (layout == 1)
+    decode(Call<uint16_t>{nullptr, 0, static_cast<const uint16_t*>(packed), n, nv, books,
+                          groups, kc, dim, group_rows, scales, nseg, nullptr, nullptr, {}},
+           w);
+  else
+    decode(Call<uint8_t>{nullptr, 0, static_cast<const uint8_t*>(packed), n, nv, books, groups,
+                         kc, dim, group_rows, scales, nseg, nullptr, nullptr, {}},
+           w);
+}
+
 void gemm_vq_p4(const float* x, int64_t m, const uint32_t* words, int64_t n, int64_t nv,
                 const float* books, int64_t groups, int64_t kc, int64_t dim, int64_t group_rows,
                 const float* scales, int64_t nseg, const float* bias, float* y) {
