@@ -92,7 +92,7 @@ uint32_t table_task(const Call<Code>& c, int64_t b0, int64_t b1) {
   if constexpr (std::is_same_v<Code, vqmm::Nib4>) tile = std::max<int64_t>(8, tile / 8 * 8);
   // a codebook per one or two blocks: the table in registers (same bits, no table stored)
   const bool fused = c.groups > 1 && c.group_rows <= 2 * kVqRows && kc <= kern.fused_kc &&
-                     c.dim <= 8;
+                     (c.dim == 1 || c.dim == 2 || c.dim == 4 || c.dim == 8);
   std::vector<float> lut(fused ? 0 : static_cast<size_t>(m * tile * kc));
   uint32_t top = 0;
   for (int64_t b = b0; b < b1;) {

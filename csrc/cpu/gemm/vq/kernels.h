@@ -190,18 +190,19 @@ uint32_t lane_simd(const float* x, int64_t nvt, int64_t dim, const Code* codes, 
   return V::hmax(top);
 }
 
-// build_simd's row t (kc <= V::kW entries) kept in a register and looked up at once.
-template <class V, class Code>
-uint32_t fused_simd(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t kc,
-                    const Code* codes, int64_t v0, float* chains) {
+// build_simd's row t (kc <= V::kW entries) kept in a register and looked up at once; kDim
+// the vector length (a template argument: the row's sums unrolled, no branches per vector).
+template <class V, int kDim, class Code>
+uint32_t fused_dim(const float* x, int64_t nvt, const float* bookt, int64_t kc,
+                   const Code* codes, int64_t v0, float* chains) {
   constexpr int kVec = static_cast<int>(kVqRows / V::kW);
-  typename V::T col[8];  // dim <= 8 (the caller's rule)
-  for (int64_t d = 0; d < dim; ++d) col[d] = V::load_n(bookt + d * kc, kc);
+  typename V::T col[kDim];
+  for (int d = 0; d < kDim; ++d) col[d] = V::load_n(bookt + d * kc, kc);
   typename V::I top = V::zeroi();
   chain_loop<V>(nvt, v0, chains, [&](int64_t v, typename V::T* t) {
-    const float* xv = x + v * dim;
+    const float* xv = x + v * kDim;
     typename V::T row = V::mul(V::set1(xv[0]), col[0]);
-    for (int64_t d = 1; d < dim; ++d) row = V::add(row, V::mul(V::set1(xv[d]), col[d]));
+    for (int d = 1; d < kDim; ++d) row = V::add(row, V::mul(V::set1(xv[d]), col[d]));
     for (int u = 0; u < kVec; ++u) {
       const typename V::I ix = codes_at<V>(codes, v, u);
       top = V::umax(top, ix);
@@ -209,6 +210,18 @@ uint32_t fused_simd(const float* x, int64_t nvt, int64_t dim, const float* bookt
     }
   });
   return V::hmax(top);
+}
+
+// dim 1, 2, 4 or 8 (the caller's rule)
+template <class V, class Code>
+uint32_t fused_simd(const float* x, int64_t nvt, int64_t dim, const float* bookt, int64_t kc,
+                    const Code* codes, int64_t v0, float* chains) {
+  switch (dim) {
+    case 1: return fused_dim<V, 1>(x, nvt, bookt, kc, codes, v0, chains);
+    case 2: return fused_dim<V, 2>(x, nvt, bookt, kc, codes, v0, chains);
+    case 4: return fused_dim<V, 4>(x, nvt, bookt, kc, codes, v0, chains);
+    default: return fused_dim<V, 8>(x, nvt, bookt, kc, codes, v0, chains);
+  }
 }
 
 // The rows path: 32 / V::kW vector accumulators (lane j of accumulator u: the partial sum of
