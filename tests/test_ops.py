@@ -10,6 +10,7 @@ from torch.library import opcheck
 import qkern
 import reference as R
 from qkern.ops.schemas import SCHEMAS
+from qkern.ops.vq import pack_codes
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit inside opcheck
 OPS = torch.ops.qkern
@@ -80,6 +81,7 @@ def _cases():
     vals, vcodes = _e2m1()
     nvals, ncodes = _nf4()
     pcm = torch.randint(-32768, 32768, (300,), dtype=torch.int16)
+    vq_codes = torch.randint(0, 16, (40, 12), dtype=torch.uint8)
     return {
         "quantize_affine": [
             (xf, s16, None, 16, -8, 7, 0, 0, 0.0, 0),
@@ -102,6 +104,12 @@ def _cases():
             (xf, vals, vcodes, 8, 32, RULE_MX, 6.0, 2, RND["trunc"], 0),
             (xf, nvals, ncodes, 0, 64, RULE_ABSMAX, 1.0, 0, RND["half_up"], 0)],
         "dequantize_lut": [(codes, s16, _lut("fp8_e4m3"), 16), (codes, s16, _lut("nf4"), 16)],
+        # 40 x 24 weight: 12 2-d vectors per row, 16-entry codebooks per 16 rows, a scale per
+        # row (bytes and 4-bit words) or per 4 vectors; one codebook, no scales
+        "dequantize_vq": [(pack_codes(vq_codes, nibbles=nib), _x((3, 16, 2), 7),
+                           torch.rand(40, 1) + 0.5, 40, 24, 16) for nib in (False, True)]
+        + [(pack_codes(vq_codes), _x((3, 16, 2), 7), torch.rand(40, 3) + 0.5, 40, 24, 16),
+           (pack_codes(vq_codes), _x((1, 16, 2), 8), None, 40, 24, 40)],
         **_out_cases(x, xf, s16, zp16, codes, vals, vcodes, nvals, ncodes),
         "pack_bits": [(codes, b, msb) for b in (1, 3, 4, 8) for msb in (False, True)],
         "unpack_bits": [(codes, b, 256 * 8 // b, msb) for b in (1, 3, 4, 8)

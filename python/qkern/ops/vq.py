@@ -7,9 +7,9 @@ group_rows, codes[r, v]]``: codes (N, nv) uint8 or uint16, codebooks (groups, kc
 per segment), K = nv * dim. The op takes the codes packed in blocks of 16 rows
 (:func:`pack_codes`: ``packed[b, v, l] = codes[16 b + l, v]``, (ceil(N / 16), nv, 16)), or, for
 codebooks of <= 16 entries shared by whole blocks (one per layer or per a multiple of 16 rows;
-scale segments of a multiple of 8 vectors), 4 bits each (``pack_codes(codes, nibbles=True)``:
-int32 words (ceil(N / 16), ceil(nv / 8), 16), word ``[b, w, l]`` holding the codes of row
-``16 b + l``, vectors ``8 w .. 8 w + 7`` in bits 0-3, 4-7, ...): half the bytes, the same
+one scale segment or segments of a multiple of 8 vectors), 4 bits each
+(``pack_codes(codes, nibbles=True)``: int32 words (ceil(N / 16), ceil(nv / 8), 16), word
+``[b, w, l]`` holding the codes of row ``16 b + l``, vectors ``8 w .. 8 w + 7`` in bits 0-3, 4-7, ...): half the bytes, the same
 result bits.
 
 Numerics (float32, the same bits on every ISA and thread count): for a block of 16 rows that
@@ -141,12 +141,12 @@ def check_gemm_vq(x, packed, codebooks, scales, bias, N: int, K: int, group_rows
         fail(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     if words and not nibbles_fit(N, nv, kc, groups, group_rows, scales):
         fail("4-bit words need <= 16 codebook entries, one codebook per layer or per a "
-             "multiple of 16 rows, and scale segments of a multiple of 8 vectors")
+             "multiple of 16 rows, and one scale segment or segments of a multiple of 8 vectors")
 
 
 def nibbles_fit(n: int, nv: int, kc: int, groups: int, group_rows: int, scales) -> bool:
     """Whether the 4-bit word layout serves this shape (module docstring)."""
-    seg_ok = scales is None or (nv // scales.shape[1]) % 8 == 0
+    seg_ok = scales is None or scales.shape[1] == 1 or (nv // scales.shape[1]) % 8 == 0
     return kc <= 16 and (groups == 1 or group_rows % ROWS == 0) and seg_ok
 
 

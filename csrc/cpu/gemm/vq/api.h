@@ -44,7 +44,7 @@ void gemm_vq(const float* x, int64_t m, const uint16_t* packed, int64_t n, int64
              const float* scales, int64_t nseg, const float* bias, float* y);
 
 // Codebooks of <= 16 entries with the table path (one codebook per layer or per a multiple of
-// 16 rows; scale segments of a multiple of 8 vectors) may take their codes 4 bits each:
+// 16 rows; one scale segment or segments of a multiple of 8 vectors) take 4-bit codes:
 // `words` (ceil(n / 16), ceil(nv / 8), 16) uint32, word [b][w][l] holding the codes of row
 // 16 b + l, vectors 8 w .. 8 w + 7 at bits 0-3, 4-7, ... (missing vectors / rows: 0). Half the
 // bytes of uint8 codes, and one shift instead of a byte widening per look-up; the same bits.

@@ -211,10 +211,10 @@ void run(Call<Code> c) {
                     (c.nv / c.nseg * c.dim) % 32 == 0;
   const bool table = !rows && (c.groups == 1 || c.group_rows % kVqRows == 0);
   if constexpr (std::is_same_v<Code, vqmm::Nib4>)
-    if (!table || c.kc > 16 || (c.scales && (c.nv / c.nseg) % 8))
+    if (!table || c.kc > 16 || (c.nseg > 1 && (c.nv / c.nseg) % 8))
       throw std::invalid_argument(
           "gemm_vq: 4-bit packed codes need the table path (<= 16 entries, one codebook per "
-          "layer or per a multiple of 16 rows, scale segments of a multiple of 8 vectors)");
+          "layer or per a multiple of 16 rows, segments of a multiple of 8 vectors)");
   if (table) {
     c.bookt.resize(static_cast<size_t>(c.groups * c.dim * c.kc));
     for (int64_t g = 0; g < c.groups; ++g)
