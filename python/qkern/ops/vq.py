@@ -9,8 +9,8 @@ per segment), K = nv * dim. The op takes the codes packed in blocks of 16 rows
 codebooks of <= 16 entries shared by whole blocks (one per layer or per a multiple of 16 rows;
 one scale segment or segments of a multiple of 8 vectors), 4 bits each
 (``pack_codes(codes, nibbles=True)``: int32 words (ceil(N / 16), ceil(nv / 8), 16), word
-``[b, w, l]`` holding the codes of row ``16 b + l``, vectors ``8 w .. 8 w + 7`` in bits 0-3, 4-7, ...): half the bytes, the same
-result bits.
+``[b, w, l]`` holding the codes of row ``16 b + l``, vectors ``8 w .. 8 w + 7`` in bits 0-3,
+4-7, ...): half the bytes, the same result bits.
 
 Numerics (float32, the same bits on every ISA and thread count): for a block of 16 rows that
 share a codebook the kernel computes each ``x_v . c`` once per codebook entry and adds
