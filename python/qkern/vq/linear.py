@@ -132,17 +132,15 @@ class VQLinear(nn.Module):
         rows = x.numel() // max(1, self.in_features)
         trained = self.codebooks.requires_grad or (
             self.scales is not None and self.scales.requires_grad)
-        if x.device.type == "cpu" and self.codes.device.type == "cpu" and not trained and (
-                rows <= FUSED_MAX_ROWS):
-            if not torch.compiler.is_compiling() and self._vq_key != self._buffers_key():
-                self.refresh_kernel_operands()
-            y = torch.ops.qkern.gemm_vq(x.reshape(rows, self.in_features), self._vq_packed,
-                                        self._vq_books, self._vq_scales, self._vq_bias,
-                                        self.out_features, self.in_features, self.group_rows)
-            return y.reshape(*lead, self.out_features).to(x.dtype)
         if x.device.type == "cpu" and self.codes.device.type == "cpu" and not trained:
             if not torch.compiler.is_compiling() and self._vq_key != self._buffers_key():
                 self.refresh_kernel_operands()
+            if rows <= FUSED_MAX_ROWS:
+                y = torch.ops.qkern.gemm_vq(x.reshape(rows, self.in_features), self._vq_packed,
+                                            self._vq_books, self._vq_scales, self._vq_bias,
+                                            self.out_features, self.in_features,
+                                            self.group_rows)
+                return y.reshape(*lead, self.out_features).to(x.dtype)
             w = torch.ops.qkern.dequantize_vq(self._vq_packed, self._vq_books, self._vq_scales,
                                               self.out_features, self.in_features,
                                               self.group_rows).to(x.dtype)

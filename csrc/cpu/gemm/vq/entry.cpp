@@ -50,6 +50,23 @@ void store(const Call<Code>& c, int64_t b, int64_t i, const float* acc) {
   }
 }
 
+// Runs block_task(b0, b1) over `tasks` equal shares of the nb blocks (inline for one task),
+// then raises std::invalid_argument naming `op` when a task read a code >= kc.
+template <class F>
+void run_blocks(const char* op, int64_t kc, int64_t nb, int64_t tasks, F block_task) {
+  std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
+  auto task = [&](int64_t t) { tops[t] = block_task(nb * t / tasks, nb * (t + 1) / tasks); };
+  if (tasks == 1)
+    task(0);
+  else
+    parallel_for(tasks, task);
+  const uint32_t top = *std::max_element(tops.begin(), tops.end());
+  if (top >= static_cast<uint64_t>(kc))
+    throw std::invalid_argument(std::string(op) + ": code " + std::to_string(top) +
+                                " is out of range for a codebook of " + std::to_string(kc) +
+                                " entries");
+}
+
 // Block b's codes from vector v on (v a multiple of 8 for Nib4), and the bytes of nvt vectors.
 template <class Code>
 const Code* codes_at(const Call<Code>& c, int64_t b, int64_t v) {
@@ -229,25 +246,14 @@ void run(Call<Code> c) {
                             ? 1
                             : std::min<int64_t>(nb, table && c.groups == 1 ? threads
                                                                            : 4 * threads);
-  std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
-  auto task = [&](int64_t t) {
-    const int64_t b0 = nb * t / tasks, b1 = nb * (t + 1) / tasks;
+  run_blocks("gemm_vq", c.kc, nb, tasks, [&](int64_t b0, int64_t b1) -> uint32_t {
     if constexpr (std::is_same_v<Code, vqmm::Nib4>)
-      tops[t] = table_task(c, b0, b1);
+      return table_task(c, b0, b1);
     else
-      tops[t] = rows    ? rows_task(c, b0, b1)
-                : table ? table_task(c, b0, b1)
-                        : lane_task(c, b0, b1);
-  };
-  if (tasks == 1)
-    task(0);
-  else
-    parallel_for(tasks, task);
-  const uint32_t top = *std::max_element(tops.begin(), tops.end());
-  if (top >= static_cast<uint64_t>(c.kc))
-    throw std::invalid_argument("gemm_vq: code " + std::to_string(top) +
-                                " is out of range for a codebook of " + std::to_string(c.kc) +
-                                " entries");
+      return rows    ? rows_task(c, b0, b1)
+             : table ? table_task(c, b0, b1)
+                     : lane_task(c, b0, b1);
+  });
 }
 
 }  // namespace
@@ -304,17 +310,8 @@ void decode(Call<Code> c, float* w) {
   const int64_t tasks = pool_threads() == 1 || c.n * c.nv * c.dim < kMinParallel
                             ? 1
                             : std::min<int64_t>(nb, 4 * pool_threads());
-  std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
-  auto task = [&](int64_t t) { tops[t] = decode_task(c, nb * t / tasks, nb * (t + 1) / tasks, w); };
-  if (tasks == 1)
-    task(0);
-  else
-    parallel_for(tasks, task);
-  const uint32_t top = *std::max_element(tops.begin(), tops.end());
-  if (top >= static_cast<uint64_t>(c.kc))
-    throw std::invalid_argument("vq_decode: code " + std::to_string(top) +
-                                " is out of range for a codebook of " + std::to_string(c.kc) +
-                                " entries");
+  run_blocks("vq_decode", c.kc, nb, tasks,
+             [&](int64_t b0, int64_t b1) { return decode_task(c, b0, b1, w); });
 }
 
 }  // namespace
