@@ -91,7 +91,7 @@ def _spec(m: nn.Module) -> dict | None:
         return {"type": "ParallelSum", "parts": [_spec(p) for p in m.parts]}
     if isinstance(m, VQLinear):  # codes, codebooks and scales are in the state dict
         return {"type": "VQLinear", "group_rows": m.group_rows, "lattice": m.lattice,
-                "bias": m.bias is not None}
+                "bias": m.bias is not None, "mode": m.mode}
     return None
 
 
@@ -162,7 +162,8 @@ def _vq_linear(f: nn.Linear, s: dict, saved: Callable) -> VQLinear:
     codes, books = saved("codes"), saved("codebooks")
     if codes is None or books is None:
         raise ValueError("the file has no codes / codebooks for this VQLinear")
-    m = VQLinear(codes, books, saved("scales"), f.bias, s["group_rows"], lattice=s["lattice"])
+    m = VQLinear(codes, books, saved("scales"), f.bias, s["group_rows"], lattice=s["lattice"],
+                 mode=s.get("mode", "exact"))
     if (m.out_features, m.in_features) != tuple(f.weight.shape):
         raise ValueError(f"its codes hold a ({m.out_features}, {m.in_features}) weight, the "
                          f"model's layer is {tuple(f.weight.shape)}")
@@ -179,7 +180,7 @@ _FIELDS = {"QuantLinear": _LINEAR_FIELDS, "QuantConv1d": _LINEAR_FIELDS,
            "DynamicWeightLinear": {"fmt": (str,), "group_size": (int, None),
                                    "symmetric": (bool,), "rounding": (str,)},
            "ActQuant": {"fmt": (str,), "zero_point": (bool,), "inner": (dict, None)},
-           "VQLinear": {"group_rows": (int,), "lattice": (str, None)},
+           "VQLinear": {"group_rows": (int,), "lattice": (str, None)},  # + optional "mode"
            "ParallelSum": {"parts": (list,)}}
 _JSON_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
                list: "an array", None: "null"}

@@ -30,6 +30,7 @@ from . import checks
 from .lut4 import dq_scales
 from .schemas import LIB
 from .vq import decode_vq, unpack_codes
+from .vq8 import decode_vq8
 
 __all__ = ["CHUNK_ELEMENTS", "FROZEN", "decode_rows", "frozen_error"]
 
@@ -49,10 +50,12 @@ FROZEN = {
     "ste_w8": ("w_scale",),
     "gemm_w8a8_mixed": ("w_scale",),
     "gemm_vq": ("codebooks", "scales"),
+    "gemm_vq8": ("book_scales", "scales"),
 }
 _ROWS = {"gemm_w4": 8, "gemm_w23": 8, "gemm_binary": 8, "gemm_ternary": 8, "gemm_w8a8": 16,
          "gemm_w8a16": 16, "ste_w8": 16,
-         "gemm_w8a8_mixed": 16, "gemm_vq": 16}  # rows per tile of the packed layout (1: plain rows)
+         "gemm_w8a8_mixed": 16, "gemm_vq": 16,
+         "gemm_vq8": 16}  # rows per tile of the packed layout (1: plain rows)
 
 
 def frozen_error(op: str, name: str) -> RuntimeError:
@@ -192,6 +195,7 @@ _DECODE = {
     "gemm_vq": lambda a, r0, r1: decode_vq(
         unpack_codes(a["packed"], r0, r1, a["K"] // a["codebooks"].shape[2]), a["codebooks"],
         a["scales"], a["group_rows"], r0),
+    "gemm_vq8": decode_vq8,
 }
 
 

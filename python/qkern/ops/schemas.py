@@ -156,6 +156,11 @@ MATMUL_SCHEMAS = {
         "gemm_vq(Tensor x, Tensor packed, Tensor codebooks, Tensor? scales, Tensor? bias, int N, "
         "int K, int group_rows) -> Tensor"
     ),
+    # its int8 fast mode: int8 codebooks and activations (ops/vq8.py)
+    "gemm_vq8": (
+        "gemm_vq8(Tensor x, Tensor packed4, Tensor codebooks8, Tensor book_scales, Tensor? "
+        "scales, Tensor? bias, int N, int K, int group_rows) -> Tensor"
+    ),
 }
 
 for _schema in (*SCHEMAS.values(), *MATMUL_SCHEMAS.values()):
@@ -297,6 +302,12 @@ def _(x, packed, qscales, scale2, mean, table, bias, N, K, group_size, dq_group)
 @torch.library.register_fake("qkern::gemm_vq")
 def _(x, packed, codebooks, scales, bias, N, K, group_rows):
     torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_vq: x must be (M, K)")
+    return _out(x, N)
+
+
+@torch.library.register_fake("qkern::gemm_vq8")
+def _(x, packed4, codebooks8, book_scales, scales, bias, N, K, group_rows):
+    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_vq8: x must be (M, K)")
     return _out(x, N)
 
 

@@ -24,6 +24,15 @@ it decodes the weight in C++ (``qkern::dequantize_vq``) and calls
 fine-tuning) or off the CPU, it decodes with torch ops (:meth:`dequantize_weight`,
 differentiable). They agree to float32 rounding.
 
+``mode="fast"`` (llama.cpp IQ2-style, about int2's decode speed): the codebooks are rounded to
+int8 (one float32 scale per codebook, :func:`qkern.ops.vq8.quantize_codebooks`) and, for up to
+``FUSED_MAX_ROWS`` rows, ``x`` to int8 per row and block of 32 columns inside the kernel
+``qkern::gemm_vq8`` (integer dot products); more rows decode those int8 codebooks (torch) for a
+GEMM. Shapes it does not take (:func:`qkern.ops.vq8.vq8_fits`: dim 2 / 4 / 8, in a multiple of
+32, <= 256 entries, 128 at dim 8, one codebook or one per a multiple of 16 rows, scale groups
+of a multiple of 32) run the exact path: ``fast_active`` says which. NaN / Inf in ``x`` raise
+``qkern.ops.NonFiniteError`` in the fast kernel.
+
 ``bits_per_weight`` = (code bits + codebook bits + scale bits) / (out * in), the codes counted
 at ``log2(k)`` bits each (bit-packed: ``bits * dim`` per vector), codebook entries and scales
 at their storage width (16 or 32 bits per number); a lattice codebook counts 0 bits.
@@ -48,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.vq import decode_vq, nibbles_fit, pack_codes
+from ..ops.vq8 import pack_codes4, quantize_codebooks, unpack_codes4, vq8_fits
 from .lattice import lattice_codebook
 
 __all__ = ["FUSED_MAX_ROWS", "VQLinear"]
@@ -57,6 +67,7 @@ __all__ = ["FUSED_MAX_ROWS", "VQLinear"]
 FUSED_MAX_ROWS = 32
 
 _FLOATS = (torch.float16, torch.float32)
+_MODES = ("exact", "fast")
 _LATTICE_DIMS = {"D4": 4, "E8": 8}
 
 
@@ -65,8 +76,10 @@ class VQLinear(nn.Module):
 
     def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor,
                  scales: torch.Tensor | None, bias: torch.Tensor | None, group_rows: int,
-                 lattice: str | None = None):
+                 lattice: str | None = None, mode: str = "exact"):
         super().__init__()
+        if mode not in _MODES:
+            raise ValueError(f"VQLinear: mode must be one of {_MODES}, got {mode!r}")
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype not in (
                 torch.uint8, torch.uint16):
             raise TypeError("VQLinear: codes must be a 2-D uint8 or uint16 tensor (out, in/dim)")
@@ -95,12 +108,14 @@ class VQLinear(nn.Module):
         if lattice is not None:
             _check_lattice(lattice, codebooks, scales)
         self.group_rows, self.dim, self.k, self.lattice = group_rows, dim, k, lattice
+        self.mode = mode
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("codebooks", codebooks.contiguous())
         self.register_buffer("scales", None if scales is None else scales.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
-        for name in ("_vq_packed", "_vq_books", "_vq_scales", "_vq_bias"):
+        for name in ("_vq_packed", "_vq_books", "_vq_scales", "_vq_bias", "_vq8_books",
+                     "_vq8_bs"):
             self.register_buffer(name, None, persistent=False)
         self.refresh_kernel_operands()
 
@@ -110,22 +125,48 @@ class VQLinear(nn.Module):
 
     def _buffers_key(self) -> tuple:
         bufs = (self.codes, self.codebooks, self.scales, self.bias)
-        return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
-                     for t in bufs)
+        return (self.mode, *(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
+                             for t in bufs))
+
+    @property
+    def fast_active(self) -> bool:
+        """Whether ``forward`` runs the int8 fast kernel (``mode="fast"`` on a shape it
+        takes)."""
+        return self._vq8_books is not None
 
     def refresh_kernel_operands(self) -> None:
         """Rebuilds the fused kernel's operands (codes packed in blocks of 16 rows, float32
-        codebooks, scales and bias: non-persistent buffers) from ``codes`` / ``codebooks`` /
-        ``scales`` / ``bias``. ``forward`` calls it itself when one of them was replaced or
-        changed in place (eagerly; a compiled forward uses the operands as they are)."""
-        groups = self.codebooks.shape[0]
-        nib = self.codes.dtype == torch.uint8 and nibbles_fit(
-            self.out_features, self.codes.shape[1], self.k, groups, self.group_rows, self.scales)
-        self._vq_packed = pack_codes(self.codes, nibbles=nib)
-        for name, t in (("_vq_books", self.codebooks), ("_vq_scales", self.scales),
-                        ("_vq_bias", self.bias)):
+        or, in fast mode, int8 codebooks, scales and bias: non-persistent buffers) from
+        ``codes`` / ``codebooks`` / ``scales`` / ``bias``. ``forward`` calls it itself when one
+        of them was replaced or changed in place (eagerly; a compiled forward uses the
+        operands as they are)."""
+        groups, nv = self.codebooks.shape[0], self.codes.shape[1]
+        fast = self.mode == "fast" and self.codes.dtype == torch.uint8 and vq8_fits(
+            self.out_features, nv, self.k, self.dim, groups, self.group_rows,
+            None if self.scales is None else self.scales.shape[1])
+        self._vq8_books = self._vq8_bs = None
+        if fast:
+            self._vq_packed = pack_codes4(self.codes)
+            self._vq8_books, self._vq8_bs = quantize_codebooks(self.codebooks)
+        else:
+            nib = self.codes.dtype == torch.uint8 and nibbles_fit(
+                self.out_features, nv, self.k, groups, self.group_rows, self.scales)
+            self._vq_packed = pack_codes(self.codes, nibbles=nib)
+        for name, t in (("_vq_books", None if fast else self.codebooks),
+                        ("_vq_scales", self.scales), ("_vq_bias", self.bias)):
             setattr(self, name, None if t is None else t.detach().float().contiguous())
         self._vq_key = self._buffers_key()
+
+    def _forward_fast(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        if rows <= FUSED_MAX_ROWS:
+            return torch.ops.qkern.gemm_vq8(x.reshape(rows, self.in_features), self._vq_packed,
+                                            self._vq8_books, self._vq8_bs, self._vq_scales,
+                                            self._vq_bias, self.out_features,
+                                            self.in_features, self.group_rows)
+        books = self._vq8_books.float() * self._vq8_bs.view(-1, 1, 1)
+        w = decode_vq(unpack_codes4(self._vq_packed, 0, self.out_features), books,
+                      self._vq_scales, self.group_rows)
+        return F.linear(x.reshape(rows, self.in_features).float(), w, self._vq_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -135,6 +176,9 @@ class VQLinear(nn.Module):
         if x.device.type == "cpu" and self.codes.device.type == "cpu" and not trained:
             if not torch.compiler.is_compiling() and self._vq_key != self._buffers_key():
                 self.refresh_kernel_operands()
+            if self._vq8_books is not None:
+                y = self._forward_fast(x, rows)
+                return y.reshape(*lead, self.out_features).to(x.dtype)
             if rows <= FUSED_MAX_ROWS:
                 y = torch.ops.qkern.gemm_vq(x.reshape(rows, self.in_features), self._vq_packed,
                                             self._vq_books, self._vq_scales, self._vq_bias,
@@ -172,6 +216,8 @@ class VQLinear(nn.Module):
             f", scale_group={self.in_features // self.scales.shape[1]}")
         if self.lattice:
             s += f", lattice={self.lattice}"
+        if self.mode != "exact":
+            s += f", mode={self.mode}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"dim={self.dim}, k={self.k}, group_rows={self.group_rows}{s}, "
                 f"bits_per_weight={self.bits_per_weight:.4f}")

@@ -125,6 +125,7 @@ class VQConfig(BaseConfig):
     codebook: str = "learned"
     finetune_steps: int = 0
     finetune_lr: float = 1e-4
+    mode: str = "exact"
 
     FORMAT_FIELD: ClassVar[str] = "bits"
 
@@ -138,6 +139,7 @@ class VQConfig(BaseConfig):
         check_int(n, "seed", self.seed, 0)
         check_bool(n, "true_sequential", self.true_sequential)
         check_bool(n, "update_codebooks", self.update_codebooks)
+        check_choice(n, "mode", self.mode, ("exact", "fast"))
         check_int(n, "finetune_steps", self.finetune_steps, 0)
         lr = self.finetune_lr
         if (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1
@@ -393,12 +395,13 @@ def _sweep(w0, u, books, sfull, dim, rows, block_size, feedback):
     return codes, q, loss
 
 
-def vq_linear_from(res: VQResult, bias: torch.Tensor | None) -> VQLinear:
+def vq_linear_from(res: VQResult, bias: torch.Tensor | None, mode: str = "exact") -> VQLinear:
     """The :class:`VQLinear` of a :func:`vq_quantize` result (its weight decodes to
-    ``res.weight``)."""
+    ``res.weight``), running in ``mode``."""
     b = None if bias is None else bias.detach()
     lattice = res.codebook.upper() if res.codebook in LATTICE_DIMS else None
-    return VQLinear(res.codes, res.codebooks, res.scales, b, res.group_rows, lattice=lattice)
+    return VQLinear(res.codes, res.codebooks, res.scales, b, res.group_rows, lattice=lattice,
+                    mode=mode)
 
 
 def vq_linear(linear: nn.Linear, gram: torch.Tensor, cfg: VQConfig) -> VQLinear:
@@ -413,7 +416,7 @@ def vq_linear(linear: nn.Linear, gram: torch.Tensor, cfg: VQConfig) -> VQLinear:
                       codebook_dtype=cfg.codebook_dtype, damp_percent=cfg.damp_percent,
                       block_size=cfg.block_size, kmeans_iters=cfg.kmeans_iters, seed=cfg.seed,
                       update_codebooks=cfg.update_codebooks, codebook=cfg.codebook)
-    return vq_linear_from(res, linear.bias)
+    return vq_linear_from(res, linear.bias, cfg.mode)
 
 
 def model_bits_per_weight(model: nn.Module) -> tuple[int, int]:

@@ -45,6 +45,9 @@ CONFIGS: dict[str, VQConfig] = {
     "VQ d4 2b per-layer no-update": VQConfig(bits=2, dim=4, update_codebooks=False),
     "VQ d4 2b per-layer ft": VQConfig(bits=2, dim=4, finetune_steps=128, finetune_lr=3e-4),
     "VQ d2 2b rows16": VQConfig(bits=2, dim=2, group_rows=16),
+    # the int8 fast mode (int8 codebooks and activations, qkern::gemm_vq8)
+    "VQ d4 2b per-layer fast": VQConfig(bits=2, dim=4, mode="fast"),
+    "VQ d2 3b per-layer fast": VQConfig(bits=3, dim=2, mode="fast"),
     "VQ d4 2b per-layer s256": VQConfig(bits=2, dim=4, scale_group=256),
     "VQ d2 2.5b per-layer": VQConfig(bits=2.5, dim=2),
     "VQ d2 2.5b rows32": VQConfig(bits=2.5, dim=2, group_rows=32),

@@ -1,0 +1,66 @@
+// AVX2 gemm_vq8 (api.h): each group of 16 rows x 4 vectors is decoded into bytes from the
+// codebook planes (scalar look-ups), then multiplied by the broadcast activation word with
+// the sign trick (maddubs(|x|, sign(w, x)): pairs <= 2 * 127 * 127, no saturation) and
+// madd into int32 lanes, one per row: the exact dot products of api.h.
+#include <immintrin.h>
+
+#include "cpu/gemm/vq8/kernels.h"
+
+namespace qk {
+namespace vq8 {
+namespace {
+
+inline __m256i dot4(__m256i acc, __m256i w, __m256i x) {
+  const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+uint32_t block_avx2(const Problem& p, int64_t b, const int8_t* tab, float* out) {
+  const int64_t nq = p.nv / kVq8Group, dim = p.dim, qpb = 8 / dim;
+  const uint8_t* codes = p.packed4 + b * nq * 64;
+  alignas(32) int8_t w[8 * 64];  // the decoded group, plane by plane
+  alignas(32) float s[kVq8Rows];
+  uint32_t top = 0;
+  for (int64_t i = 0; i < p.m; ++i) {
+    const uint32_t* xp = p.xp + i * nq * dim;
+    __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
+    int64_t seg = -1;
+    for (int64_t blk = 0, q = 0; blk < p.nblk; ++blk) {
+      __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+      for (int64_t e = 0; e < qpb; ++e, ++q) {
+        const uint8_t* c = codes + q * 64;
+        for (int64_t j = 0; j < 64; ++j) {
+          top = c[j] > top ? c[j] : top;
+          for (int64_t d = 0; d < dim; ++d) w[d * 64 + j] = tab[d * 256 + c[j]];
+        }
+        for (int64_t d = 0; d < dim; ++d) {
+          const __m256i xb = _mm256_set1_epi32(static_cast<int>(xp[q * dim + d]));
+          const auto* wd = reinterpret_cast<const __m256i*>(w + d * 64);
+          a0 = dot4(a0, _mm256_load_si256(wd), xb);
+          a1 = dot4(a1, _mm256_load_si256(wd + 1), xb);
+        }
+      }
+      if (blk * p.nseg / p.nblk != seg) {
+        seg = blk * p.nseg / p.nblk;
+        for (int64_t l = 0; l < kVq8Rows; ++l) s[l] = row_scale(p, b * kVq8Rows + l, blk);
+      }
+      const __m256 dx = _mm256_set1_ps(p.dx[i * p.nblk + blk]);
+      y0 = _mm256_add_ps(y0, _mm256_mul_ps(_mm256_cvtepi32_ps(a0),
+                                           _mm256_mul_ps(dx, _mm256_load_ps(s))));
+      y1 = _mm256_add_ps(y1, _mm256_mul_ps(_mm256_cvtepi32_ps(a1),
+                                           _mm256_mul_ps(dx, _mm256_load_ps(s + 8))));
+    }
+    _mm256_storeu_ps(out + i * kVq8Rows, y0);
+    _mm256_storeu_ps(out + i * kVq8Rows + 8, y1);
+  }
+  return top;
+}
+
+const Kernels kAvx2Kernels = {block_avx2};
+
+}  // namespace
+
+const Kernels* avx2_kernels() { return &kAvx2Kernels; }
+
+}  // namespace vq8
+}  // namespace qk

@@ -1,0 +1,52 @@
+// Internal interface of gemm_vq8 (api.h): the per-ISA loop over one block of 16 rows.
+#pragma once
+#include <cstdint>
+
+#include "cpu/gemm/vq8/api.h"
+#include "cpu/runtime/isa.h"
+
+namespace qk {
+namespace vq8 {
+
+// One call's operands as the block loops see them. xp: the activation codes regrouped per x
+// row as (nv / 4, dim) 32-bit words, word [q][d] = bytes xq[(4 q + t) dim + d] for t = 0..3 (the
+// four vectors of a code group, dimension d); dx / xs: per row and block of 32 the scale and
+// the sum of the codes (exact in float). tables: per codebook group, dim planes of 256 bytes,
+// plane d byte c = books8[g][c][d] (c < kc; 0 past kc).
+struct Problem {
+  const uint32_t* xp;
+  const float* dx;
+  const float* xs;
+  int64_t m, nv, dim, kc, nblk;  // nblk = K / 32
+  const uint8_t* packed4;
+  const int8_t* tables;
+  const float* scales;  // null or (n, nseg); nseg = 1 without scales
+  int64_t n, nseg;
+};
+
+// Block b (16 rows; codebook tables `tab`, dim * 256 bytes) for x rows [0, m): acc[i][l] as
+// api.h defines it (before bs and bias), stored at out[i * 16 + l]; rows past n get scale 0.
+// Returns the largest code read.
+using BlockFn = uint32_t (*)(const Problem& p, int64_t b, const int8_t* tab, float* out);
+
+struct Kernels {
+  BlockFn block;
+};
+
+// The segment scale of row r for block of 32 `blk` (1 without scales; 0 past n).
+inline float row_scale(const Problem& p, int64_t r, int64_t blk) {
+  if (r >= p.n) return 0.0f;
+  return p.scales ? p.scales[r * p.nseg + blk * p.nseg / p.nblk] : 1.0f;
+}
+
+extern const Kernels kScalarKernels;  // scalar.cpp
+const Kernels* avx2_kernels();        // avx2.cpp
+const Kernels* avx512_kernels();      // avx512.cpp (VBMI; else the AVX2 table)
+
+inline const Kernels& kernels() {
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
+  return pick(by_isa);
+}
+
+}  // namespace vq8
+}  // namespace qk

@@ -1,0 +1,149 @@
+"""qkern::gemm_vq8: the VQ matmul's int8 fast mode (csrc/cpu/gemm/vq8/api.h), llama.cpp-IQ2
+style: the codebooks in int8 (one float32 scale per codebook), x quantized per row and block of
+32 columns to int8 (gemm_w4's fast-mode rule), 4-way integer dot products (AVX-512 VNNI with
+VBMI byte look-ups; AVX2 and scalar give the same bits).
+
+``y[i, r] = bs[g] * sum_B float(D[i, r, B]) * (dx[i, B] * s[r, seg(B)]) (+ bias[r])`` with
+``D`` the exact integer dot product of block ``B`` (32 columns) of the int8 weight
+``books8[g, codes[r, v], d]`` and the int8 activation codes: the weight it multiplies is
+``bs[g] * books8[...] * s`` exactly, the activations carry gemm_w4's fast-mode rounding.
+
+Operands: :func:`pack_codes4` (uint8 codes (N, nv) -> (ceil(N / 16), nv / 4, 16, 4)),
+:func:`quantize_codebooks` (float codebooks -> int8 + per-codebook scale). Shapes
+(:func:`vq8_fits`): dim 2, 4 or 8, K a multiple of 32, <= 256 entries (128 at dim 8), one
+codebook per layer or per a multiple of 16 rows, scale segments of a multiple of 32 columns.
+
+>>> import torch
+>>> codes = torch.randint(0, 256, (32, 16), dtype=torch.uint8)
+>>> books8, bs = quantize_codebooks(torch.randn(1, 256, 4))
+>>> x = torch.randn(1, 64)
+>>> y = torch.ops.qkern.gemm_vq8(x, pack_codes4(codes), books8, bs, None, None, 32, 64, 32)
+>>> w = decode_vq(codes, books8.float() * bs.view(-1, 1, 1), None, 32)
+>>> bool(torch.allclose(y, x @ w.T, rtol=0.05, atol=0.05 * float((x @ w.T).abs().max())))
+True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from .cpu import NonFiniteError
+from .raw import contig, ptr
+from .schemas import LIB
+from .vq import ROWS, decode_vq
+
+__all__ = ["pack_codes4", "quantize_codebooks", "unpack_codes4", "vq8_fits"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def pack_codes4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (N, nv), nv a multiple of 4 -> (ceil(N / 16), nv / 4, 16, 4):
+    ``[b, q, l, t] = codes[16 b + l, 4 q + t]`` (rows past N coded 0)."""
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype != torch.uint8:
+        raise TypeError("pack_codes4: codes must be a 2-D uint8 tensor (N, nv)")
+    n, nv = codes.shape
+    if nv % 4:
+        raise ValueError(f"pack_codes4: the number of vectors per row ({nv}) must be a "
+                         "multiple of 4")
+    nb = -(-n // ROWS)
+    full = torch.cat((codes, codes.new_zeros((nb * ROWS - n, nv))))
+    return full.view(nb, ROWS, nv // 4, 4).transpose(1, 2).contiguous()
+
+
+def unpack_codes4(packed4: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0 .. r1`` of the codes (N, nv) (``r0`` a multiple of 16)."""
+    b0, b1 = r0 // ROWS, -(-r1 // ROWS)
+    p = packed4[b0:b1]
+    return p.transpose(1, 2).reshape(-1, p.shape[1] * 4)[:r1 - r0]
+
+
+def quantize_codebooks(codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float codebooks (groups, kc, dim) -> (int8 codebooks in [-127, 127], float32 scales
+    (groups,)): symmetric absmax per codebook, round to nearest even (an all-zero codebook
+    gets scale 1)."""
+    if not isinstance(codebooks, torch.Tensor) or codebooks.dim() != 3 or (
+            codebooks.dtype not in _FLOATS):
+        raise TypeError("quantize_codebooks: codebooks must be a float (groups, kc, dim) tensor")
+    b = codebooks.detach().float()
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("quantize_codebooks: codebooks hold NaN or Inf")
+    amax = b.abs().amax(dim=(1, 2))
+    bs = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(b / bs.view(-1, 1, 1)).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), bs.contiguous()
+
+
+def vq8_fits(n: int, nv: int, kc: int, dim: int, groups: int, group_rows: int,
+             nseg: int | None) -> bool:
+    """Whether gemm_vq8 takes this shape (module docstring; ``nseg`` None: no scales)."""
+    return bool(_C.vq8_supported(n, nv, groups, kc, dim, group_rows, nseg or 1))
+
+
+def _check(x, packed4, books8, bs, scales, bias, N, K, group_rows):
+    def fail(msg, kind=ValueError):
+        raise kind(f"gemm_vq8: {msg}")
+
+    for name, t in (("x", x), ("packed4", packed4), ("codebooks8", books8),
+                    ("book_scales", bs), ("scales", scales), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            fail(f"{name} must be a tensor, got {type(t).__name__}", TypeError)
+        if t is not None and t.device.type != "cpu":
+            fail(f"{name} must be on the CPU, got {t.device}")
+    if x.dim() != 2 or x.shape[1] != K or x.dtype not in _FLOATS:
+        fail(f"x must be a float (M, K = {K}) tensor, got {x.dtype} {tuple(x.shape)}", TypeError)
+    if books8.dim() != 3 or books8.dtype != torch.int8:
+        fail("codebooks8 must be an int8 (groups, entries, dim) tensor (quantize_codebooks)",
+             TypeError)
+    groups, kc, dim = books8.shape
+    if not isinstance(group_rows, int) or group_rows < 1:
+        fail(f"group_rows must be an int >= 1, got {group_rows!r}")
+    if dim < 1 or K % dim or N < 0:
+        fail(f"K = {K} is not a whole number of vectors of dim {dim}")
+    nv = K // dim
+    if packed4.dtype != torch.uint8 or tuple(packed4.shape) != (-(-N // ROWS), nv // 4, ROWS, 4):
+        fail(f"packed4 must be uint8 {(-(-N // ROWS), nv // 4, ROWS, 4)} (pack_codes4), got "
+             f"{packed4.dtype} {tuple(packed4.shape)}", TypeError)
+    if groups != -(-N // group_rows):
+        fail(f"{groups} codebooks for {N} rows in groups of {group_rows}")
+    if bs.dtype not in _FLOATS or tuple(bs.shape) != (groups,):
+        fail(f"book_scales must be float ({groups},), got {bs.dtype} {tuple(bs.shape)}")
+    if books8.numel() and int(books8.min()) < -127:
+        fail("codebooks8 must lie in [-127, 127] (quantize_codebooks)")
+    if scales is not None and (scales.dim() != 2 or scales.shape[0] != N
+                               or scales.dtype not in _FLOATS):
+        fail(f"scales must be float (N, nseg), got {scales.dtype} {tuple(scales.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        fail(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    if not vq8_fits(N, nv, kc, dim, groups, group_rows,
+                    None if scales is None else scales.shape[1]):
+        fail("unsupported shape: dim 2, 4 or 8, K a multiple of 32, <= 256 entries (128 at "
+             "dim 8), one codebook or one per a multiple of 16 rows, scale segments of a "
+             "multiple of 32 columns")
+
+
+def _gemm_vq8_cpu(x, packed4, codebooks8, book_scales, scales, bias, N, K, group_rows):
+    _check(x, packed4, codebooks8, book_scales, scales, bias, N, K, group_rows)
+    x = contig(x, torch.float32)
+    bs, scales, bias = (contig(t, torch.float32) for t in (book_scales, scales, bias))
+    packed4, books8 = packed4.contiguous(), codebooks8.contiguous()
+    groups, kc, dim = books8.shape
+    y = torch.empty((x.shape[0], N), dtype=torch.float32)
+    bad = _C.gemm_vq8_raw(ptr(x), x.shape[0], ptr(packed4), N, K // dim, ptr(books8), ptr(bs),
+                          groups, kc, dim, group_rows, ptr(scales),
+                          0 if scales is None else scales.shape[1], ptr(bias), ptr(y))
+    if bad:
+        raise NonFiniteError("gemm_vq8: x contains NaN or Inf (the fast mode quantizes x to "
+                             "int8; use gemm_vq to propagate them)")
+    return y
+
+
+LIB.impl("gemm_vq8", _gemm_vq8_cpu, "CPU")
+
+
+def decode_vq8(args: dict, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0 .. r1`` of the float32 weight gemm_vq8 multiplies (its autograd's decode)."""
+    books = args["codebooks8"].float() * args["book_scales"].float().view(-1, 1, 1)
+    return decode_vq(unpack_codes4(args["packed4"], r0, r1), books, args["scales"],
+                     args["group_rows"], r0)
