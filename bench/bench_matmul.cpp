@@ -28,6 +28,7 @@
 #include "cpu/gemm/w23/api.h"
 #include "cpu/gemm/w4/api.h"
 #include "cpu/gemm/vq/api.h"
+#include "cpu/gemm/vq8/api.h"
 #include "cpu/gemm/w8/api.h"
 #include "cpu/quant/api.h"
 #include "bench_isa.h"
@@ -161,6 +162,25 @@ Weights make_vq(int64_t n, int64_t k, int64_t dim, int64_t kc, int64_t group_row
   return w;
 }
 
+// The same weights in gemm_vq8's int8 fast mode (codes in 16-row x 4-vector groups, int8
+// codebooks).
+Weights make_vq8(int64_t n, int64_t k, int64_t dim, int64_t kc, int64_t group_rows) {
+  const int64_t nv = k / dim, rows = group_rows ? group_rows : n, nb = (n + 15) / 16;
+  const int64_t groups = (n + rows - 1) / rows;
+  const auto packed = random_bytes(nb * 16 * nv, 11, 0, static_cast<int>(kc - 1));
+  const auto raw = random_bytes(groups * kc * dim, 12, 1, 255);
+  std::vector<int8_t> books(raw.size());
+  for (size_t i = 0; i < raw.size(); ++i) books[i] = static_cast<int8_t>(raw[i] - 128);
+  const std::vector<float> bs(static_cast<size_t>(groups), 0.001f);
+  Weights w;
+  auto p = rotate(w, packed, books.size());
+  w.run = [=](int c, const float* x, int64_t m, float* y) {
+    qk::gemm_vq8(x, m, (*p)[c].data(), n, nv, books.data(), bs.data(), groups, kc, dim, rows,
+                 nullptr, 1, nullptr, y);
+  };
+  return w;
+}
+
 Weights make_w8(int64_t n, int64_t k, bool a8) {
   const auto raw = random_bytes(n * k, 5, 1, 255);
   std::vector<int8_t> codes(raw.size());
@@ -234,6 +254,12 @@ void BM_vq_d4_256_per_layer(benchmark::State& s) {
 }
 void BM_vq_d2_16_per_16_rows(benchmark::State& s) {
   run_bench(s, [](int64_t n, int64_t k) { return make_vq(n, k, 2, 16, 16); });
+}
+void BM_vq8_d4_256_per_layer(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_vq8(n, k, 4, 256, 0); });
+}
+void BM_vq8_d2_16_per_16_rows(benchmark::State& s) {
+  run_bench(s, [](int64_t n, int64_t k) { return make_vq8(n, k, 2, 16, 16); });
 }
 void BM_fp8_e4m3_channel(benchmark::State& s) {
   run_bench(s, [](int64_t n, int64_t k) { return make_fp8(n, k); });
@@ -316,6 +342,8 @@ BENCHMARK(BM_int3_g128_fast)->Apply(Shapes);
 BENCHMARK(BM_int2_g128_fast)->Apply(Shapes);
 BENCHMARK(BM_vq_d4_256_per_layer)->Apply(DecodeShapes);
 BENCHMARK(BM_vq_d2_16_per_16_rows)->Apply(DecodeShapes);
+BENCHMARK(BM_vq8_d4_256_per_layer)->Apply(DecodeShapes);
+BENCHMARK(BM_vq8_d2_16_per_16_rows)->Apply(DecodeShapes);
 BENCHMARK(BM_fp8_e4m3_channel)->Apply(Shapes);
 BENCHMARK(BM_w8a8)->Apply(Shapes);
 BENCHMARK(BM_w8a16)->Apply(Shapes);

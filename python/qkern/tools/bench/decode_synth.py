@@ -55,6 +55,8 @@ SCHEMES: list[tuple[str, dict | str | None]] = [
                                                              "group_rows": None}}),
     ("qkern VQ d2 2b, 16-entry codebook per 16 rows", {"vq": {"dim": 2, "bits": 2,
                                                               "group_rows": 16}}),
+    ("qkern VQ d4 2b per layer, fast (int8)", {"vq": {"dim": 4, "bits": 2, "group_rows": None,
+                                                      "mode": "fast"}}),
 ]
 Q4_0_SOURCE = "qkern int4 g32 fast (as Q4_0)"
 

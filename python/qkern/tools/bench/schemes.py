@@ -17,11 +17,11 @@ __all__ = ["build", "kernels_of", "random_vq"]
 
 
 def random_vq(model: nn.Module, dim: int, bits: float, group_rows: int | None,
-              seed: int = 0) -> nn.Module:
+              seed: int = 0, mode: str = "exact") -> nn.Module:
     """A copy of ``model`` with every nn.Linear a VQLinear of its shape: random codes of
     ``bits * dim`` bits per vector (uint8), random float16 codebooks (one per ``group_rows``
     rows, or per layer), no scales. For timing: the kernels do the same work whatever the
-    values."""
+    values. ``mode``: VQLinear's ("fast": the int8 kernel)."""
     g = torch.Generator().manual_seed(seed)
     out = copy.deepcopy(model)
     kc = 2 ** round(bits * dim)
@@ -32,7 +32,7 @@ def random_vq(model: nn.Module, dim: int, bits: float, group_rows: int | None,
         books = (0.02 * torch.randn(-(-o // rows), kc, dim, generator=g)).half()
         parent, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent) if parent else out, child,
-                VQLinear(codes, books, None, lin.bias, rows))
+                VQLinear(codes, books, None, lin.bias, rows, mode=mode))
     return out
 
 
@@ -50,5 +50,6 @@ def build(model: nn.Module, spec: dict | str | None) -> nn.Module:
 
 def kernels_of(model: nn.Module) -> str:
     names = sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)} |
-                   {"gemm_vq" for m in model.modules() if isinstance(m, VQLinear)})
+                   {"gemm_vq8" if m.fast_active else "gemm_vq" for m in model.modules()
+                    if isinstance(m, VQLinear)})
     return ", ".join(names) if names else "-"
