@@ -99,7 +99,8 @@ def ima_adpcm_decode(codes, n: int, state=None, *, packed: bool | None = None):
     decides by type and length (``bytes`` / ``bytearray`` are packed; an array of length n is
     unpacked, of length ceil(n / 2) packed)."""
     if isinstance(codes, (bytes, bytearray)):
-        codes, packed = np.frombuffer(bytes(codes), np.uint8), True if packed is None else packed
+        codes = np.frombuffer(bytes(codes), np.uint8).copy()
+        packed = True if packed is None else packed
     a = _numpy(codes, "codes")
     if a.dtype != np.uint8:
         raise TypeError(f"ima_adpcm_decode: codes must be uint8, got {a.dtype}")
