@@ -205,3 +205,6 @@ def test_errors_name_the_problem():
         compress_stream(x, axis=2)
     with pytest.raises(ValueError, match="order"):
         compress_stream(x, order=0)
+    with pytest.raises(ValueError, match="no samples"):
+        compress_stream(np.zeros((0, 3), np.float32))
+    assert dpcm_encode(np.zeros((0, 3), np.float32)).codes.shape == (0, 3)

@@ -28,6 +28,7 @@ True
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,12 @@ class DPCMCode:
     """What ``dpcm_encode`` / ``delta_encode`` produce: ``codes`` uint8 (x's shape), the
     predictor ``coef`` float32 (order, C), the residual ``step`` float32 (C) (the range for
     ``"mulaw"``), the quantizer, and the encoder's reconstruction ``xhat`` (what
-    ``dpcm_decode`` gives back, bit for bit)."""
+    ``dpcm_decode`` gives back, bit for bit).
+
+    >>> code = dpcm_encode(np.arange(8, dtype=np.float32), coef=[1.0], bits=2, step=1.0)
+    >>> code.order, code.codes.tolist(), dpcm_decode(code).tolist()
+    (1, [2, 3, 3, 3, 3, 3, 3, 3], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    """
 
     codes: np.ndarray
     coef: np.ndarray
@@ -114,6 +120,8 @@ def fit_predictor(x, order: int) -> np.ndarray:
 def _default_step(x2: np.ndarray, coef: np.ndarray, bits: int, quantizer: str) -> np.ndarray:
     """From the open-loop residual r: uniform 2 max|r| / (2^bits - 1) (bits >= 2), the mean
     |r| for delta modulation, max|r| (the range) for mu-law."""
+    if x2.shape[0] == 0:
+        return np.ones(x2.shape[1], np.float32)
     pred = np.zeros_like(x2)
     for k in range(1, coef.shape[0] + 1):
         pred[k:] += coef[k - 1] * x2[:-k]
@@ -170,7 +178,7 @@ def dpcm_encode(x, order: int = 2, coef=None, bits: int = 4, step=None,
             else _per_channel(step, "step", fn, (C,)))
     if not (step > 0).all():
         raise ValueError(f"{fn}: step must be positive, got {step}")
-    if not (isinstance(mu, (int, float)) and mu > 0):
+    if not (isinstance(mu, numbers.Real) and not isinstance(mu, bool) and mu > 0):
         raise ValueError(f"{fn}: mu must be a positive number, got {mu!r}")
     codes = np.empty((T, C), np.uint8)
     xh = _run(x2, codes, coef, step, bits, quantizer, mu)

@@ -56,7 +56,7 @@ def _as_2d(x, axis: int, fn: str):
         raise ValueError(f"{fn}: axis {axis!r} out of range for {a.ndim} dimensions")
     axis = int(axis) % a.ndim
     m = np.moveaxis(a, axis, 0)
-    x2 = np.ascontiguousarray(m.reshape(m.shape[0], -1), np.float32)
+    x2 = np.ascontiguousarray(m.reshape(m.shape[0], int(np.prod(m.shape[1:]))), np.float32)
     if not np.isfinite(x2).all():
         raise ValueError(f"{fn}: x contains NaN or Inf")
     return x2, was_torch, dtype, a.shape, axis
@@ -71,7 +71,12 @@ def _back(x2: np.ndarray, was_torch: bool, dtype, shape, axis: int):
 
 @dataclass
 class CompressedStream:
-    """A tensor compressed along ``axis`` by ``compress_stream``."""
+    """A tensor compressed along ``axis`` by ``compress_stream``.
+
+    >>> c = compress_stream(torch.ones(16, 3), axis=0, method="adpcm")
+    >>> c.codes.shape, round(c.bits_per_value, 3), c.decompress().shape
+    ((3, 16), 6.0, torch.Size([16, 3]))
+    """
 
     method: str
     bits: int
@@ -122,6 +127,8 @@ def compress_stream(x, axis: int = 0, method: str = "dpcm", bits: int = 4,
     if method not in METHODS:
         raise ValueError(f"{fn}: method must be one of {METHODS}, got {method!r}")
     x2, was_torch, dtype, shape, axis = _as_2d(x, axis, fn)
+    if x2.shape[0] == 0:
+        raise ValueError(f"{fn}: x has no samples along axis {axis} (shape {shape})")
     meta = {"shape": shape, "axis": axis, "dtype": dtype, "was_torch": was_torch}
     if method == "adpcm":
         if bits != 4:
