@@ -178,6 +178,7 @@ LAYERS = [
     ("nn", ["qkern.nn", "qkern.observers"]),
     ("models", ["qkern.models"]),
     ("vq", ["qkern.vq"]),
+    ("signal", ["qkern.signal"]),
     ("quantization", ["qkern.quantization"]),
     ("files", ["qkern.io.serialization"]),
     ("api", ["qkern"]),
