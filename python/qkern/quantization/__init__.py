@@ -14,6 +14,7 @@
 from . import algorithms  # noqa: F401  (imports, and so registers, every algorithm)
 from .algorithms.activation_only import ActivationOnlyConfig
 from .algorithms.adaround import AdaRoundConfig
+from .algorithms.attention_int8 import QuantizedAttentionConfig
 from .algorithms.awq import AWQConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
@@ -72,6 +73,7 @@ __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "B
            "Batch", "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig",
            "Gram", "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput",
            "ObservingQuantizer", "OmniQuantConfig", "ParallelSum", "QATConfig", "Quantizer",
+           "QuantizedAttentionConfig",
            "RTNConfig",
            "RotationConfig",
            "SequentialQuantizer", "SmoothQuantConfig", "StaticConfig", "VQConfig",
