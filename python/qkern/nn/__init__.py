@@ -1,5 +1,6 @@
 """Quantized modules."""
 
+from .attention import Int8Attention
 from .conv import QuantConv1d, QuantConv2d
 from .dynamic_weight import DynamicWeightLinear
 from .embedding import QuantEmbedding
@@ -12,6 +13,7 @@ from .linear import (
     replace_linear,
 )
 
-__all__ = ["DynamicWeightLinear", "HadamardInput", "HadamardOutput", "KernelFallbackWarning",
-           "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "notify_quantized",
+__all__ = ["DynamicWeightLinear", "HadamardInput", "HadamardOutput", "Int8Attention",
+           "KernelFallbackWarning", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear",
+           "notify_quantized",
            "on_quantized", "replace_linear"]

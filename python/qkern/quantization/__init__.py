@@ -14,6 +14,7 @@
 from . import algorithms  # noqa: F401  (imports, and so registers, every algorithm)
 from .algorithms.activation_only import ActivationOnlyConfig
 from .algorithms.adaround import AdaRoundConfig
+from .algorithms.attention_int8 import QuantizedAttentionConfig
 from .algorithms.awq import AWQConfig
 from .algorithms.bias_correction import bias_correction
 from .algorithms.dynamic import DynamicConfig
@@ -21,7 +22,7 @@ from .algorithms.dynamic_weight import DynamicWeightOnlyConfig
 from .algorithms.equalization import cross_layer_equalization
 from .algorithms.gptq import GPTQConfig
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
-from .algorithms.llm_int8 import LLMInt8Config
+from .algorithms.llm_int8 import LLMInt8Config, OutlierReport, outlier_report
 from .algorithms.omniquant import OmniQuantConfig
 from .algorithms.qat import (
     QATConfig,
@@ -71,7 +72,8 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig",
            "Batch", "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig",
            "Gram", "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput",
-           "ObservingQuantizer", "OmniQuantConfig", "ParallelSum", "QATConfig", "Quantizer",
+           "ObservingQuantizer", "OmniQuantConfig", "OutlierReport", "ParallelSum", "QATConfig",
+           "Quantizer", "QuantizedAttentionConfig",
            "RTNConfig",
            "RotationConfig",
            "SequentialQuantizer", "SmoothQuantConfig", "StaticConfig", "VQConfig",
@@ -80,7 +82,7 @@ __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "B
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
            "fold_scales", "hqq_linear", "hqq_quantize", "inq_step", "input_rows",
-           "linearize_conv1d",
+           "linearize_conv1d", "outlier_report",
            "notify_quantized", "on_quantized", "paired_moments", "prepare", "qat_regularization",
            "clip_latent_weights", "quantize_model",
            "quantize_sequential", "quantizer_for",

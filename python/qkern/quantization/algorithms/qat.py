@@ -56,10 +56,11 @@ from ..qat import (
     frozen_after_convert,
     inq_step,
     midrise_qtensor,
-    qkern_attention,
     quantized_layers,
     refuse_converted,
-    register_transformers,
+)
+from ..qat import (
+    attach_attention as attach,
 )
 from ..registry import (
     BaseConfig,
@@ -349,36 +350,12 @@ def _layer(mod: QATLinear | QATConv2d, w: Deployed, bias: bool, act: str = "none
 
 def attach_attention(model: nn.Module, cfg: QATConfig) -> int:
     """Gives every attention module of ``model`` an ``AttentionQuant`` (``qat_attention``) and
-    routes its attention through it: transformers attention modules (a ``config`` whose
-    ``_attn_implementation`` is set) by switching that config to ``"qkern_qat"``, qkern's own
-    BERT and Llama attention by their ``attn_fn``. Returns how many; none found raises
-    ValueError."""
-    found, configs = 0, []
+    routes its attention through it (:func:`qkern.quantization.qat.attention.attach_attention`:
+    transformers attention by ``"qkern_qat"``, qkern's BERT and Llama by their ``attn_fn``).
+    Returns how many; none found raises ValueError."""
     learned = cfg.method in ("lsq", "lsq+")
-    for name, mod in model.named_modules():
-        conf = getattr(mod, "config", None)
-        is_hf = (type(mod).__name__.endswith("Attention") and hasattr(mod, "scaling")
-                 and isinstance(getattr(conf, "_attn_implementation", None), str))
-        if not (is_hf or hasattr(mod, "attn_fn")):
-            continue
-        mod.qat_attention = AttentionQuant(cfg.activation, learned, cfg.ema, name, cfg.lsq_init)
-        found += 1
-        if is_hf:
-            if all(c is not conf for c in configs):
-                configs.append(conf)
-        else:
-            mod.attn_fn = qkern_attention
-    if not found:
-        raise ValueError(f"QATConfig(attention=True): {type(model).__name__} has no attention "
-                         "module qkern can hook (transformers attention or qkern's BERT / Llama)")
-    if configs:
-        register_transformers()
-        for conf in configs:
-            conf._attn_implementation = "qkern_qat"
-        top = getattr(model, "config", None)
-        if top is not None and all(c is not top for c in configs):
-            top._attn_implementation = "qkern_qat"
-    return found
+    return attach(model, lambda name, mod: AttentionQuant(cfg.activation, learned, cfg.ema,
+                                                          name, cfg.lsq_init))
 
 
 def deploy(mod: QATLinear | QATConv2d) -> nn.Module:

@@ -5,7 +5,7 @@ XNOR-Net / ABC-Net), and the training modules ``prepare`` swaps in. The config a
 ``quantization/algorithms/qat.py``; :func:`inq_step` advances INQ's partition schedule between
 training phases, :func:`clip_latent_weights` is BinaryConnect's clip after each step."""
 
-from .attention import AttentionQuant, qkern_attention, register_transformers
+from .attention import AttentionQuant, attach_attention, qkern_attention, register_transformers
 from .base import (
     ConvertedModelTrainingWarning,
     Deployed,
@@ -42,8 +42,8 @@ from .token import TokenQuant
 from .ttq import TTQQuant
 
 __all__ = ["ABCInputQuant", "ABCWeightQuant", "AttentionQuant", "BINARY_METHODS",
-           "BinaryConnectQuant", "ConvertedModelTrainingWarning", "Deployed", "DoReFaActQuant",
-           "DoReFaGradQuant",
+           "attach_attention", "BinaryConnectQuant", "ConvertedModelTrainingWarning", "Deployed",
+           "DoReFaActQuant", "DoReFaGradQuant",
            "DoReFaWeightQuant", "FakeQuant", "INQQuant", "LSQPlusQuant", "LSQQuant", "PACTQuant",
            "QATConv2d", "QATLinear", "STEQuant", "TTQQuant", "TokenQuant", "XNORConv2d",
            "XNORInputQuant", "XNORWeightQuant", "clip_latent_weights", "deploy_binary",
