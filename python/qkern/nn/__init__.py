@@ -4,6 +4,16 @@ from .conv import QuantConv1d, QuantConv2d
 from .dynamic_weight import DynamicWeightLinear
 from .embedding import QuantEmbedding
 from .hadamard import HadamardInput, HadamardOutput
+from .integer import (
+    FloatBoundary,
+    IntegerAvgPool2d,
+    IntegerConv2d,
+    IntegerLinear,
+    IntegerLinearIO,
+    IntegerMaxPool2d,
+    IntegerModel,
+    IntegerReLU,
+)
 from .linear import (
     KernelFallbackWarning,
     QuantLinear,
@@ -12,6 +22,8 @@ from .linear import (
     replace_linear,
 )
 
-__all__ = ["DynamicWeightLinear", "HadamardInput", "HadamardOutput", "KernelFallbackWarning",
+__all__ = ["DynamicWeightLinear", "FloatBoundary", "HadamardInput", "HadamardOutput",
+           "IntegerAvgPool2d", "IntegerConv2d", "IntegerLinear", "IntegerLinearIO",
+           "IntegerMaxPool2d", "IntegerModel", "IntegerReLU", "KernelFallbackWarning",
            "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "notify_quantized",
            "on_quantized", "replace_linear"]
