@@ -119,6 +119,13 @@ def _cases():
         "mulaw_decode": [(codes,), (codes.reshape(16, 16),)],
         "alaw_decode": [(codes,)],
         "fwht": [(_x((4, 64), 3),), (_x((2, 3, 8), 4).bfloat16(),)],
+        "requantize": [
+            (torch.randint(-2**20, 2**20, (5, 24), dtype=torch.int32),
+             torch.randint(2**30, 2**31 - 1, (24,), dtype=torch.int32),
+             torch.randint(-20, 2, (24,), dtype=torch.int32), -3, -3, 127, 8),
+            (torch.randint(-2**20, 2**20, (2, 3, 7), dtype=torch.int32),
+             torch.tensor([1518500250], dtype=torch.int32), torch.tensor([-9], dtype=torch.int32),
+             0, -2**31, 2**31 - 1, 32)],
         "lsq_fake_quantize": [
             (x, torch.tensor(0.3), None, None, 8, 7, 0.05),
             (x, torch.rand(4) + 0.1, torch.randn(4) * 0.1, 0, 8, 7, 0.02),

@@ -8,9 +8,10 @@ import sys
 
 import torch
 
-from . import _C, companding, formats, nn, observers, ops  # noqa: F401
+from . import _C, companding, fixed_point, formats, nn, observers, ops  # noqa: F401
 from .interop import export, from_pretrained
 from .io.serialization import load, save
+from .nn.integer import IntegerModel
 from .packing import pack_bits, pack_int32, unpack_bits, unpack_int32
 from .quantization import (
     ActivationOnlyConfig,
@@ -20,6 +21,7 @@ from .quantization import (
     DynamicWeightOnlyConfig,
     GPTQConfig,
     HQQConfig,
+    IntegerOnlyConfig,
     LLMInt8Config,
     OmniQuantConfig,
     QATConfig,
@@ -46,6 +48,8 @@ __all__ = [
     "GPTQConfig",
     "QATConfig",
     "HQQConfig",
+    "IntegerModel",
+    "IntegerOnlyConfig",
     "LLMInt8Config",
     "OmniQuantConfig",
     "PackedQTensor",

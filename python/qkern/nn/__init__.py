@@ -5,6 +5,16 @@ from .conv import QuantConv1d, QuantConv2d
 from .dynamic_weight import DynamicWeightLinear
 from .embedding import QuantEmbedding
 from .hadamard import HadamardInput, HadamardOutput
+from .integer import (
+    FloatBoundary,
+    IntegerAvgPool2d,
+    IntegerConv2d,
+    IntegerLinear,
+    IntegerLinearIO,
+    IntegerMaxPool2d,
+    IntegerModel,
+    IntegerReLU,
+)
 from .linear import (
     KernelFallbackWarning,
     QuantLinear,
@@ -13,7 +23,14 @@ from .linear import (
     replace_linear,
 )
 
+<<<<<<< HEAD
 __all__ = ["DynamicWeightLinear", "HadamardInput", "HadamardOutput", "Int8Attention",
            "KernelFallbackWarning", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear",
            "notify_quantized",
+=======
+__all__ = ["DynamicWeightLinear", "FloatBoundary", "HadamardInput", "HadamardOutput",
+           "IntegerAvgPool2d", "IntegerConv2d", "IntegerLinear", "IntegerLinearIO",
+           "IntegerMaxPool2d", "IntegerModel", "IntegerReLU", "KernelFallbackWarning",
+           "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "notify_quantized",
+>>>>>>> fixedpoint
            "on_quantized", "replace_linear"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, fq_checks
+from . import checks, fp_checks, fq_checks
 
 LIB = torch.library.Library("qkern", "DEF")
 
@@ -98,6 +98,11 @@ SCHEMAS = {
     "lsq_fake_quantize_backward": (
         "lsq_fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor? offset, "
         "int? axis, int q_n, int q_p, float grad_factor) -> (Tensor, Tensor, Tensor)"
+    ),
+    # int32 accumulator -> int8 / int32 with a fixed-point multiplier (ops/fixedpoint.py)
+    "requantize": (
+        "requantize(Tensor acc, Tensor multiplier, Tensor shift, int zero_point, int qmin, "
+        "int qmax, int out_bits) -> Tensor"
     ),
 }
 
@@ -253,6 +258,12 @@ def _(codes):
 def _(x):
     checks.fwht(x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("qkern::requantize")
+def _(acc, multiplier, shift, zero_point, qmin, qmax, out_bits):
+    fp_checks.requantize(acc, multiplier, shift, zero_point, qmin, qmax, out_bits)
+    return torch.empty(acc.shape, dtype=fp_checks.OUT_DTYPES[out_bits], device=acc.device)
 
 
 @torch.library.register_fake("qkern::lsq_fake_quantize")

@@ -22,6 +22,7 @@ from .algorithms.dynamic_weight import DynamicWeightOnlyConfig
 from .algorithms.equalization import cross_layer_equalization
 from .algorithms.gptq import GPTQConfig
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
+from .algorithms.integer_only import IntegerOnlyConfig
 from .algorithms.llm_int8 import LLMInt8Config, OutlierReport, outlier_report
 from .algorithms.omniquant import OmniQuantConfig
 from .algorithms.qat import (
@@ -71,7 +72,8 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 
 __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig",
            "Batch", "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig",
-           "Gram", "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput",
+           "Gram", "HQQConfig", "IntegerOnlyConfig", "LLMInt8Config", "LayerReport",
+           "ObservedInput",
            "ObservingQuantizer", "OmniQuantConfig", "OutlierReport", "ParallelSum", "QATConfig",
            "Quantizer", "QuantizedAttentionConfig",
            "RTNConfig",
