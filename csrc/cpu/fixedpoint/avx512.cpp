@@ -1,6 +1,9 @@
 // The AVX-512 requantization: 16 channels per step, the same integers as scalar.cpp (the
 // operations of avx2.cpp on 16 lanes, with mask registers for the comparisons and
 // _mm512_cvtepi32_epi8 for the int8 store).
+// GCC 12 warns about the undefined passthrough operand inside its own AVX-512 headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include "cpu/fixedpoint/kernels.h"

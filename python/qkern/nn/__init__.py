@@ -23,14 +23,9 @@ from .linear import (
     replace_linear,
 )
 
-<<<<<<< HEAD
-__all__ = ["DynamicWeightLinear", "HadamardInput", "HadamardOutput", "Int8Attention",
+__all__ = ["DynamicWeightLinear", "FloatBoundary", "HadamardInput", "HadamardOutput",
+           "Int8Attention", "IntegerAvgPool2d", "IntegerConv2d", "IntegerLinear",
+           "IntegerLinearIO", "IntegerMaxPool2d", "IntegerModel", "IntegerReLU",
            "KernelFallbackWarning", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear",
            "notify_quantized",
-=======
-__all__ = ["DynamicWeightLinear", "FloatBoundary", "HadamardInput", "HadamardOutput",
-           "IntegerAvgPool2d", "IntegerConv2d", "IntegerLinear", "IntegerLinearIO",
-           "IntegerMaxPool2d", "IntegerModel", "IntegerReLU", "KernelFallbackWarning",
-           "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "notify_quantized",
->>>>>>> fixedpoint
            "on_quantized", "replace_linear"]
