@@ -53,7 +53,9 @@ from .calibration import (
     sequential_calibration,
     weight_matrix,
 )
+from .constraints import HardwareConstraints
 from .data import byte_tokens, text_calibration
+from .hardware import HardwareCost, hardware_cost
 from .layers import ActQuant, ObservedInput, ObservingQuantizer, ParallelSum, weight_module
 from .registry import (
     BaseConfig,
@@ -70,7 +72,8 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 
 __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig",
            "Batch", "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig",
-           "Gram", "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput",
+           "Gram", "HQQConfig", "HardwareConstraints", "HardwareCost", "LLMInt8Config",
+           "LayerReport", "ObservedInput",
            "ObservingQuantizer", "OmniQuantConfig", "ParallelSum", "QATConfig", "Quantizer",
            "RTNConfig",
            "RotationConfig",
@@ -79,7 +82,7 @@ __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "B
            "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
-           "fold_scales", "hqq_linear", "hqq_quantize", "inq_step", "input_rows",
+           "fold_scales", "hardware_cost", "hqq_linear", "hqq_quantize", "inq_step", "input_rows",
            "linearize_conv1d",
            "notify_quantized", "on_quantized", "paired_moments", "prepare", "qat_regularization",
            "clip_latent_weights", "quantize_model",
