@@ -163,7 +163,7 @@ def test_impossible_and_unsupported_constraints_are_refused():
     # a layer the constraints cannot apply to stays float, named in the warning
     with pytest.warns(UserWarning, match="integer weight format"):
         q = qkern.quantize_model(_layer(64, 4), qkern.WeightOnlyConfig(
-            fmt="nf4", group_size=None, constraints={"accumulator_bits": 16}))
+            fmt="fp8_e4m3", group_size=None, constraints={"accumulator_bits": 16}))
     assert type(q[0]) is nn.Linear
 
 
