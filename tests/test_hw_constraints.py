@@ -76,7 +76,8 @@ def test_accumulator_bound_brute_force_every_input_of_a_tiny_layer():
 
 def test_within_budget_codes_are_plain_round_to_nearest_and_over_budget_a_soft_threshold():
     w = torch.tensor([[0.9, -0.5, 0.26, 0.1], [1.0, 1.0, -1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
-    c = qkern.HardwareConstraints(accumulator_bits=12, input_bits=8)  # budget 2047 // 128 = 15
+    c = qkern.HardwareConstraints(accumulator_bits=12, input_bits=8,  # budget 2047 // 128 = 15
+                                  accumulator_method="l1_project")
     _, scale, codes = Q.constraints.constrained_weight(w, "int4", c)
     s = w.abs().amax(1).numpy() / 7
     s[s == 0] = 1
@@ -89,6 +90,30 @@ def test_within_budget_codes_are_plain_round_to_nearest_and_over_budget_a_soft_t
     np.testing.assert_array_equal(codes[1].numpy(),
                                   np.sign(ref[1]) * np.maximum(np.abs(ref[1]) - 4, 0))
     np.testing.assert_array_equal(codes[2].numpy(), 0)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_scale_method_coarsens_only_the_channels_over_budget(pow2):
+    torch.manual_seed(4)
+    w = torch.randn(6, 32)
+    c = qkern.HardwareConstraints(accumulator_bits=12, input_bits=4, pow2_scales=pow2)
+    budget = 2047 // 8
+    _, scale, codes = Q.constraints.constrained_weight(w, "int8", c)
+    s0 = w.abs().amax(1).double().numpy() / 127
+    if pow2:
+        s0 = 2.0 ** np.ceil(np.log2(s0))
+    s, q = scale.double().numpy(), codes.numpy()
+    assert (np.abs(q).sum(1) <= budget).all()
+    r0 = np.clip(np.round(w.numpy() / s0[:, None]), -128, 127)
+    over = np.abs(r0).sum(1) > budget
+    assert over.all()  # int8 codes of 32 gaussian weights: l1 ~ 32 * 127 * 0.3 > 255
+    assert (s > s0).all()
+    # each channel is plain round-to-nearest at its (coarser) scale unless the soft threshold
+    # had to finish the job; the scale stays within 2x of ||w||_1 / budget (4x with pow2)
+    plain = np.clip(np.round(w.numpy() / s[:, None]), -128, 127)
+    assert (plain == q).all(1).sum() >= 4
+    need = np.abs(w.numpy()).sum(1) / budget
+    assert (s <= 2 * need * (1 + 1e-5) * (2 if pow2 else 1)).all()
 
 
 def test_pow2_scales_round_up_and_never_clip_more():

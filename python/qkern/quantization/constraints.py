@@ -12,9 +12,12 @@ A :class:`HardwareConstraints` says what the target integer hardware can do:
   ``||w_int||_1 <= (2^(P-1) - 1) // max|x_int|``, so ``sum_i w_i x_i`` cannot overflow a
   signed P-bit accumulator for any N-bit input (a zero point of the input is folded into the
   bias, which is added in a wider register). The weights are rounded to nearest first; a
-  channel over the budget is then shrunk by an integer soft threshold
-  ``q_i <- sign(q_i) max(|q_i| - t, 0)`` with the smallest integer ``t`` that meets the budget
-  (the l1-ball projection of A2Q, post-training, restricted to integer thresholds).
+  channel over the budget is then (``accumulator_method="scale"``, the default, per-channel
+  scales only) re-quantized with a coarser scale ``s * l1 / budget`` (repeated, power of two
+  when asked, until it fits or 20 rounds), and what is still over is shrunk by an integer soft
+  threshold ``q_i <- sign(q_i) max(|q_i| - t, 0)`` with the smallest integer ``t`` that meets
+  the budget (the l1-ball projection of A2Q, post-training, restricted to integer thresholds;
+  ``accumulator_method="l1_project"`` uses only this).
 
 Example::
 
@@ -54,8 +57,15 @@ class HardwareConstraints:
     accumulator_bits: int | None = None
     input_bits: int = 8
     input_signed: bool = True
+    #: how a channel over the l1 budget is brought under it: "scale" (a coarser scale for that
+    #: channel, then the soft threshold for what rounding leaves over) or "l1_project" (the
+    #: integer soft threshold only; the only choice with per_tensor)
+    accumulator_method: str = "scale"
 
     def __post_init__(self) -> None:
+        if self.accumulator_method not in ("scale", "l1_project"):
+            raise ValueError("HardwareConstraints.accumulator_method must be 'scale' or "
+                             f"'l1_project', got {self.accumulator_method!r}")
         for f in ("pow2_scales", "per_tensor", "symmetric", "input_signed"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"HardwareConstraints.{f} must be a bool, "
@@ -179,6 +189,19 @@ def constrained_weight(w: torch.Tensor, fmt: str, c: HardwareConstraints, name: 
         return w, scale.contiguous(), None
     q = torch.round(w / scale[:, None]).clamp(f.qmin, f.qmax).to(torch.int64)
     budget = c.l1_budget()
+    if budget is not None and c.accumulator_method == "scale" and not c.per_tensor:
+        for _ in range(20):
+            l1 = q.abs().sum(1)
+            over = l1 > budget
+            if not bool(over.any()):
+                break
+            grow = torch.where(over, l1.double() / budget, torch.ones_like(l1.double()))
+            scale = (scale.double() * grow).float()
+            scale = torch.where(over, torch.nextafter(scale, torch.full_like(scale, 1e30)),
+                                scale)
+            if c.pow2_scales:
+                scale = pow2_ceil(scale)
+            q = torch.round(w / scale[:, None]).clamp(f.qmin, f.qmax).to(torch.int64)
     if budget is not None:
         q = l1_project_int(q, budget)
     return (q.float() * scale[:, None]), scale.contiguous(), q

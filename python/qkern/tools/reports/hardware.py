@@ -35,10 +35,16 @@ SETS: list[tuple[str, str, str, HC | None]] = [
      HC(pow2_scales=True, symmetric=True, per_tensor=True)),
     ("symmetric, 16-bit accumulator", "int8", "int8",
      HC(symmetric=True, accumulator_bits=16, input_bits=8)),
+    ("symmetric, 16-bit accumulator, l1 projection only", "int8", "int8",
+     HC(symmetric=True, accumulator_bits=16, input_bits=8, accumulator_method="l1_project")),
     ("symmetric, 14-bit accumulator", "int8", "int8",
      HC(symmetric=True, accumulator_bits=14, input_bits=8)),
-    ("pow2 + symmetric, 12-bit accumulator (W4A4)", "int4", "int4",
+    ("none", "int4", "int4", None),
+    ("pow2 + symmetric, 12-bit accumulator", "int4", "int4",
      HC(pow2_scales=True, symmetric=True, accumulator_bits=12, input_bits=4)),
+    ("pow2 + symmetric, 12-bit accumulator, l1 projection only", "int4", "int4",
+     HC(pow2_scales=True, symmetric=True, accumulator_bits=12, input_bits=4,
+        accumulator_method="l1_project")),
 ]
 
 
@@ -88,8 +94,8 @@ def _operands() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     ops = [("digits MLP fc1 (64 -> 128)", x0, mlp[1].weight.detach()),
            ("digits MLP fc2 (128 -> 64)", x1, mlp[3].weight.detach())]
     lm = load_pretrained(shipped_path("models/wikitext-bytelm")).eval()
-    text = shipped_path("data/wikitext-2/wiki.test.tokens").read_bytes()[:4096]
-    ids = torch.tensor(list(text[:512]), dtype=torch.long)[None]
+    text = shipped_path("data/wikitext-2/wiki.test.tokens").read_bytes()[:1024]
+    ids = torch.tensor(list(text), dtype=torch.long).reshape(4, 256)
     name, lin = next((n, m) for n, m in lm.named_modules()
                      if isinstance(m, torch.nn.Linear) and "mlp" in n and "up" in n)
     got = {}
@@ -104,13 +110,14 @@ def _operands() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
 
 
 def log_table() -> str:
-    out = ["| layer | bits | linear int | log base 2 | log base sqrt(2) | log base 2^(1/4) |",
-           "|---|---|---|---|---|---|"]
+    bases = (2.0, 2**0.5, 2**0.25, 2**0.125, 2**(1 / 16))
+    out = ["| layer | bits | linear int | log base 2 | 2^(1/2) | 2^(1/4) | 2^(1/8) | 2^(1/16) |",
+           "|---|---|---|---|---|---|---|---|"]
     for label, x, w in _operands():
         ref = x.double() @ w.double().T
         for bits in (4, 8):
             cells = [f"{_rel(_linear_int(x, w, bits), ref):.4f}"]
-            for base in (2.0, 2**0.5, 2**0.25):
+            for base in bases:
                 y = log_matmul(log_quantize(x, bits, base, per_row=True),
                                log_quantize(w, bits, base, per_row=True))
                 cells.append(f"{_rel(y, ref):.4f}")
