@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import qkern
+import qkern.logdomain as L
 import qkern.quantization as Q
 
 
@@ -203,3 +204,41 @@ def test_hardware_cost_counts_groups_and_float_models():
     assert row["worst_acc"] == worst
     frow = qkern.hardware_cost(m, qkern.HardwareConstraints(accumulator_bits=16)).rows[0]
     assert frow["weight_bits"] == 8 and frow["fits"] is True
+
+
+def test_activations_wider_than_the_bound_assumes_are_refused():
+    c = qkern.HardwareConstraints(symmetric=True, accumulator_bits=12, input_bits=4)
+    with pytest.raises(ValueError, match="int8 reach \\|x\\| = 128"):
+        qkern.quantize_model(_layer(8, 4), qkern.StaticConfig(
+            fmt="int8", act_fmt="int8", group_size=None, constraints=c),
+            calibration=[torch.randn(4, 8)])
+    with pytest.raises(ValueError, match="DynamicConfig"):
+        qkern.quantize_model(_layer(8, 4), qkern.DynamicConfig(constraints=c))
+
+
+def test_conv_layers_saved_and_loaded_keep_their_constrained_codes(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    c = qkern.HardwareConstraints(pow2_scales=True, symmetric=True, accumulator_bits=14,
+                                  input_bits=8)
+    cfg = qkern.StaticConfig(fmt="int8", act_fmt="int8", group_size=None, constraints=c)
+    x = torch.randn(16, 2, 6, 6)
+    q = qkern.quantize_model(m, cfg, calibration=[x])
+    cost = qkern.hardware_cost(q, c)
+    assert [r["K"] for r in cost.rows] == [18, 64] and cost.totals["all_fit"]
+    for row, lin in zip(cost.rows, (q[0].qlinear, q[3])):
+        codes = lin.quantized_weight().codes.numpy().astype(np.int64)
+        worst = np.maximum(np.where(codes > 0, codes * 127, codes * -128).sum(1),
+                           np.where(codes > 0, codes * 128, codes * -127).sum(1)).max()
+        assert row["worst_acc"] == worst < 2**13
+    qkern.save(q, tmp_path / "m.safetensors")
+    back = qkern.load(tmp_path / "m.safetensors", m)
+    assert torch.equal(back(x), q(x))
+    assert back.qkern_config.constraints == c
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    for mod in (Q.constraints, Q.hardware, L):
+        assert doctest.testmod(mod).failed == 0, mod.__name__

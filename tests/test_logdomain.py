@@ -111,6 +111,11 @@ def test_bad_inputs_raise_clear_errors():
         log_quantize(x, 9)
     with pytest.raises(ValueError, match="base"):
         log_quantize(x, 4, base=1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        log_quantize(torch.tensor([1.0, float("nan")]), 4)
+    with pytest.raises(TypeError, match="uint8"):
+        q = log_quantize(x, 4)
+        log_matmul(LogTensor(q.codes.int(), q.scale, 4, 2.0), q)
     with pytest.raises(TypeError, match="floating-point"):
         log_quantize(torch.ones(3, dtype=torch.int32), 4)
     a, b = log_quantize(x, 4, 1.5), log_quantize(x, 4, 1.5)

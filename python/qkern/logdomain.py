@@ -77,6 +77,8 @@ def log_quantize(x: torch.Tensor, bits: int, base: float = 2.0, *, per_row: bool
     if per_row and x.dim() != 2:
         raise ValueError(f"log_quantize: per_row needs a 2-D x, got shape {tuple(x.shape)}")
     xd = x.detach().double()
+    if not bool(torch.isfinite(xd).all()):
+        raise ValueError("log_quantize: x holds NaN or Inf")
     if scale is None:
         amax = xd.abs().amax(1) if per_row else xd.abs().max()
         scale = torch.where(amax > 0, amax, torch.ones_like(amax)).float()
@@ -153,6 +155,10 @@ def log_matmul(xq: LogTensor, wq: LogTensor) -> torch.Tensor:
     if f is None:
         raise ValueError(f"log_matmul: the kernel takes bases 2^(1/2^f), f = 0..6 (2, sqrt 2, "
                          f"2^(1/4), ...), got {xq.base}; use log_matmul_reference")
+    for what, q in (("x", xq), ("w", wq)):
+        if q.codes.dtype != torch.uint8 or q.codes.device.type != "cpu":
+            raise TypeError(f"log_matmul: {what} codes must be a CPU uint8 tensor, got "
+                            f"{q.codes.dtype} on {q.codes.device}")
     (m, k), n = xq.codes.shape, wq.codes.shape[0]
     xc, wc = xq.codes.contiguous(), wq.codes.contiguous()
     xs, ws = _row_scales(xq, m, "x"), _row_scales(wq, n, "w")

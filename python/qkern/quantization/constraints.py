@@ -39,7 +39,8 @@ import torch
 
 from .. import formats as QF
 
-__all__ = ["HardwareConstraints", "accumulator_bits_needed", "constrain_activation",
+__all__ = ["HardwareConstraints", "accumulator_bits_needed", "check_input_format",
+           "constrain_activation",
            "constrained_weight", "l1_project_int", "pow2_ceil", "worst_case_accumulator"]
 
 
@@ -205,6 +206,21 @@ def constrained_weight(w: torch.Tensor, fmt: str, c: HardwareConstraints, name: 
     if budget is not None:
         q = l1_project_int(q, budget)
     return (q.float() * scale[:, None]), scale.contiguous(), q
+
+
+def check_input_format(c: HardwareConstraints | None, act_fmt: str, what: str) -> None:
+    """ValueError when integer inputs of ``act_fmt`` can exceed the ``max |x_int|`` the
+    accumulator bound of ``c`` was computed for."""
+    if c is None or c.accumulator_bits is None:
+        return
+    f = QF.get(act_fmt)
+    top = max(-f.qmin, f.qmax) if f.kind == "int" else None
+    if top is None or top > c.max_abs_input():
+        raise ValueError(f"{what}: activations in {act_fmt} reach |x| = "
+                         f"{'unbounded codes' if top is None else top}, but the accumulator "
+                         f"bound assumes {c.input_bits}-bit "
+                         f"{'signed' if c.input_signed else 'unsigned'} inputs (max |x| = "
+                         f"{c.max_abs_input()}); set input_bits / input_signed to match")
 
 
 def constrain_activation(scale: torch.Tensor, zero_point, c: HardwareConstraints | None,

@@ -22,7 +22,12 @@ from .._checks import warn_user
 from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from ..observers import make_observer
 from ..quantize import fake_quantize
-from .constraints import HardwareConstraints, constrain_activation, constrained_weight
+from .constraints import (
+    HardwareConstraints,
+    check_input_format,
+    constrain_activation,
+    constrained_weight,
+)
 from .registry import BaseConfig, Quantizer, replace_module
 
 __all__ = ["OBSERVER_NAMES", "ActQuant", "ObservedInput", "ObservingQuantizer", "ParallelSum",
@@ -199,6 +204,10 @@ class ObservingQuantizer(Quantizer):
 
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
+        for name, cfg in self.plan:
+            if cfg.constraints is not None:
+                check_input_format(cfg.constraints, cfg.act_fmt,
+                                   f"{type(cfg).__name__} ({name})")
         for name, cfg in self.plan:
             replace_module(model, name, ObservedInput(model.get_submodule(name),
                                                       input_observer(cfg)))

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from ..constraints import check_input_format
 from ..layers import weight_module
 from ..registry import BaseConfig, Quantizer, check_choice, config_class, register_quantizer
 
@@ -41,6 +42,7 @@ class DynamicQuantizer(Quantizer):
         if c is not None and c.pow2_scales:
             raise ValueError("DynamicConfig computes activation scales at run time, which "
                              "cannot be made powers of two; use StaticConfig")
+        check_input_format(c, "int8", "DynamicConfig")
         if c is not None and c.per_tensor and self.config.act_granularity == "per_token":
             raise ValueError("DynamicConfig: per_tensor constraints need "
                              "act_granularity='per_tensor'")

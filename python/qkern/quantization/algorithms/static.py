@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..calibration import Gram, float_copy, paired_moments, sequential_calibration
-from ..constraints import constrain_activation
+from ..constraints import check_input_format, constrain_activation
 from ..layers import (
     OBSERVER_NAMES,
     ActQuant,
@@ -103,6 +103,8 @@ class StaticQuantizer(ObservingQuantizer):
         equalize(model, self.config)
         if self._replay():  # observers come in convert()
             Quantizer.prepare(self, model)
+            for name, cfg in self.plan:
+                check_input_format(cfg.constraints, cfg.act_fmt, f"StaticConfig ({name})")
         else:
             super().prepare(model)
 
