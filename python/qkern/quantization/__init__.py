@@ -55,7 +55,9 @@ from .calibration import (
     sequential_calibration,
     weight_matrix,
 )
+from .constraints import HardwareConstraints
 from .data import byte_tokens, text_calibration
+from .hardware import HardwareCost, hardware_cost
 from .layers import ActQuant, ObservedInput, ObservingQuantizer, ParallelSum, weight_module
 from .registry import (
     BaseConfig,
@@ -72,8 +74,8 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 
 __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig",
            "Batch", "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig",
-           "Gram", "HQQConfig", "IntegerOnlyConfig", "LLMInt8Config", "LayerReport",
-           "ObservedInput",
+           "Gram", "HQQConfig", "HardwareConstraints", "HardwareCost", "IntegerOnlyConfig",
+           "LLMInt8Config", "LayerReport", "ObservedInput",
            "ObservingQuantizer", "OmniQuantConfig", "OutlierReport", "ParallelSum", "QATConfig",
            "Quantizer", "QuantizedAttentionConfig",
            "RTNConfig",
@@ -83,7 +85,7 @@ __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "B
            "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",
            "capture_block_inputs", "capture_inputs", "collect_grams", "config_class", "convert",
            "cross_layer_equalization", "execution_order", "find_blocks", "float_copy",
-           "fold_scales", "hqq_linear", "hqq_quantize", "inq_step", "input_rows",
+           "fold_scales", "hardware_cost", "hqq_linear", "hqq_quantize", "inq_step", "input_rows",
            "linearize_conv1d", "outlier_report",
            "notify_quantized", "on_quantized", "paired_moments", "prepare", "qat_regularization",
            "clip_latent_weights", "quantize_model",

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -20,6 +22,12 @@ from .._checks import warn_user
 from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
 from ..observers import make_observer
 from ..quantize import fake_quantize
+from .constraints import (
+    HardwareConstraints,
+    check_input_format,
+    constrain_activation,
+    constrained_weight,
+)
 from .registry import BaseConfig, Quantizer, replace_module
 
 __all__ = ["OBSERVER_NAMES", "ActQuant", "ObservedInput", "ObservingQuantizer", "ParallelSum",
@@ -57,10 +65,16 @@ def effective_group(mod: nn.Module, fmt: str, group_size: int | None, notes: dic
 
 
 def weight_module(mod: nn.Module, fmt: str, group_size: int | None, notes: dict, name: str,
-                  params=None, **kw) -> nn.Module:
+                  params=None, constraints: HardwareConstraints | None = None,
+                  **kw) -> nn.Module:
     """The quantized twin of ``mod`` (Linear, Conv1d/2d, Embedding). ``params``: None, or a
     function (weight matrix (out, K), group size or None) -> extra ``qkern.quantize``
-    arguments (given scales from a clip search, a per-tensor scale)."""
+    arguments (given scales from a clip search, a per-tensor scale). ``constraints``
+    (quantization/constraints.py): symmetric per-channel (or per-tensor) scales, power of two
+    and / or within the accumulator's l1 budget, replacing ``params`` and ``group_size``."""
+    if constraints is not None and constraints.touches_weights() and not isinstance(
+            mod, nn.Embedding):
+        return _constrained_module(mod, fmt, group_size, notes, name, params, constraints, kw)
     g = effective_group(mod, fmt, group_size, notes, name)
     if isinstance(mod, nn.Embedding):
         if kw.get("double_quant"):
@@ -74,6 +88,30 @@ def weight_module(mod: nn.Module, fmt: str, group_size: int | None, notes: dict,
     if type(mod) in _CONV:
         return _CONV[type(mod)].from_float(mod, fmt, group_size=g, **kw)
     return QuantLinear.from_float(mod, fmt, group_size=g, **kw)
+
+
+def _constrained_module(mod, fmt, group_size, notes, name, params, c, kw) -> nn.Module:
+    """weight_module under hardware constraints: the weight replaced by ``codes * scale``
+    (constraints.constrained_weight), quantized per channel with those scales."""
+    if QF.get(fmt).block_size is not None:
+        raise ValueError(f"{name}: block format {fmt} has its own scales; hardware "
+                         "constraints need per-channel or per-tensor scales")
+    why = [w for w, on in ((f"group_size {group_size} -> per-channel scales",
+                            group_size is not None),
+                           ("clip search / weight observer not applied", params is not None),
+                           ("symmetric weights", kw.get("symmetric") is False)) if on]
+    if why:
+        notes[name] = "hardware constraints: " + "; ".join(why)
+    w = mod.weight.detach().float()
+    w_exact, scale, _ = constrained_weight(w.reshape(w.shape[0], -1), fmt, c, name)
+    twin = copy.deepcopy(mod)
+    with torch.no_grad():
+        twin.weight.copy_(w_exact.reshape(w.shape).to(twin.weight.dtype))
+    kw = {k: v for k, v in kw.items() if k not in ("symmetric", "scale", "zero_point")}
+    kw.update(symmetric=True, scale=scale)
+    if type(mod) in _CONV:
+        return _CONV[type(mod)].from_float(twin, fmt, group_size=None, **kw)
+    return QuantLinear.from_float(twin, fmt, group_size=None, **kw)
 
 
 def warn_notes(notes: dict[str, str]) -> None:
@@ -146,9 +184,9 @@ class ParallelSum(nn.Module):
 
 def input_observer(cfg: BaseConfig) -> nn.Module:
     """The per-tensor observer of a layer input that ``cfg`` asks for (its ``observer``,
-    ``act_fmt`` and ``act_symmetric`` fields)."""
-    return make_observer(cfg.observer, fmt=cfg.act_fmt, symmetric=cfg.act_symmetric,
-                         granularity="tensor")
+    ``act_fmt`` and ``act_symmetric`` fields; symmetric when its constraints say so)."""
+    sym = cfg.act_symmetric or (cfg.constraints is not None and cfg.constraints.symmetric)
+    return make_observer(cfg.observer, fmt=cfg.act_fmt, symmetric=sym, granularity="tensor")
 
 
 def observer_seen(observer: nn.Module) -> bool:
@@ -167,6 +205,10 @@ class ObservingQuantizer(Quantizer):
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
         for name, cfg in self.plan:
+            if cfg.constraints is not None:
+                check_input_format(cfg.constraints, cfg.act_fmt,
+                                   f"{type(cfg).__name__} ({name})")
+        for name, cfg in self.plan:
             replace_module(model, name, ObservedInput(model.get_submodule(name),
                                                       input_observer(cfg)))
 
@@ -180,4 +222,6 @@ class ObservingQuantizer(Quantizer):
             raise ValueError(f"{name}: expected the observer inserted by prepare(); was the "
                              "prepared model modified?")
         scale, zp = wrapper.observer.calculate_qparams()
+        cfg = dict(self.plan)[name]
+        scale, zp = constrain_activation(scale, zp, cfg.constraints, name)
         return wrapper.module, scale, (None if zp is None else zp)

@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import formats as QF
 from .._checks import warn_user
+from .constraints import HardwareConstraints
 
 __all__ = ["LAYER_TYPES", "BaseConfig", "Batch", "Quantizer", "any_layer", "check_bool",
            "check_choice", "check_format", "check_group", "check_int", "check_real",
@@ -62,6 +63,8 @@ class BaseConfig:
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: what the target hardware supports (quantization/constraints.py); None: no limits
+    constraints: HardwareConstraints | None = None
 
     # the fields a per-layer override may set (besides the format shorthand)
     FORMAT_FIELD: ClassVar[str] = "fmt"
@@ -75,6 +78,7 @@ class BaseConfig:
             fail(n, "exclude", "a list of name patterns / layer type names", self.exclude)
         self.include = None if self.include is None else list(self.include)
         self.exclude = list(self.exclude)
+        self.constraints = HardwareConstraints.coerce(self.constraints)
         if not isinstance(self.overrides, dict) or not all(
                 isinstance(k, str) for k in self.overrides):
             fail(n, "overrides", "a dict {name pattern: format name or dict of fields}",
@@ -110,7 +114,8 @@ class BaseConfig:
         out = {"type": type(self).__name__}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.to_dict() if isinstance(v, BaseConfig) else copy.deepcopy(v)
+            out[f.name] = (v.to_dict() if isinstance(v, (BaseConfig, HardwareConstraints))
+                           else copy.deepcopy(v))
         return out
 
     def to_json(self, **kw) -> str:
@@ -274,6 +279,9 @@ class Quantizer:
     SUPPORTED: tuple[type, ...] = (nn.Linear,)
     #: True when convert() needs calibration data seen after prepare()
     NEEDS_CALIBRATION = False
+    #: True when convert() applies ``config.constraints``; a config with constraints given
+    #: to a quantizer that does not is refused in prepare() rather than silently ignored
+    APPLIES_CONSTRAINTS = False
 
     def __init__(self, config: BaseConfig):
         self.config = config
@@ -311,6 +319,10 @@ class Quantizer:
             layer_cfg = cfg.for_layer(name)
             if layer_cfg is None:
                 continue
+            if layer_cfg.constraints is not None and not self.APPLIES_CONSTRAINTS:
+                raise ValueError(f"{type(self).__name__} does not apply hardware constraints "
+                                 f"(layer {name}); use WeightOnlyConfig, StaticConfig or "
+                                 "DynamicConfig, or constraints=None")
             why = self.unsupported(name, mod, layer_cfg)
             if why:
                 self.skipped[name] = why

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from ..constraints import check_input_format
 from ..layers import weight_module
 from ..registry import BaseConfig, Quantizer, check_choice, config_class, register_quantizer
 
@@ -34,10 +35,22 @@ class DynamicConfig(BaseConfig):
 @register_quantizer(DynamicConfig)
 class DynamicQuantizer(Quantizer):
     SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+    APPLIES_CONSTRAINTS = True
+
+    def prepare(self, model: nn.Module) -> None:
+        c = self.config.constraints
+        if c is not None and c.pow2_scales:
+            raise ValueError("DynamicConfig computes activation scales at run time, which "
+                             "cannot be made powers of two; use StaticConfig")
+        check_input_format(c, "int8", "DynamicConfig")
+        if c is not None and c.per_tensor and self.config.act_granularity == "per_token":
+            raise ValueError("DynamicConfig: per_tensor constraints need "
+                             "act_granularity='per_tensor'")
+        super().prepare(model)
 
     def convert(self, model: nn.Module) -> None:
         for name, cfg in self.plan:
             act = "int8_dynamic" if cfg.act_granularity == "per_token" else "int8_dynamic_tensor"
             mod = model.get_submodule(name)
             self.swap(model, name, lambda: weight_module(mod, cfg.fmt, None, {}, name,
-                                                         act=act))
+                                                         act=act, constraints=cfg.constraints))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..calibration import Gram, float_copy, paired_moments, sequential_calibration
+from ..constraints import check_input_format, constrain_activation
 from ..layers import (
     OBSERVER_NAMES,
     ActQuant,
@@ -84,6 +85,7 @@ class StaticConfig(BaseConfig):
 
 @register_quantizer(StaticConfig)
 class StaticQuantizer(ObservingQuantizer):
+    APPLIES_CONSTRAINTS = True
     """int8 per-channel symmetric weights with symmetric int8 activations run the W8A8 kernel
     with the calibrated activation scale; any other combination quantizes the activations
     with ActQuant in front of a weight-quantized layer."""
@@ -101,6 +103,8 @@ class StaticQuantizer(ObservingQuantizer):
         equalize(model, self.config)
         if self._replay():  # observers come in convert()
             Quantizer.prepare(self, model)
+            for name, cfg in self.plan:
+                check_input_format(cfg.constraints, cfg.act_fmt, f"StaticConfig ({name})")
         else:
             super().prepare(model)
 
@@ -125,12 +129,13 @@ class StaticQuantizer(ObservingQuantizer):
         if fused:
             def make():
                 return weight_module(mod, "int8", None, notes, name, params=params,
-                                     symmetric=True, act="int8_static",
+                                     constraints=cfg.constraints, symmetric=True, act="int8_static",
                                      act_scale=_int8_scale(scale))
         else:
             def make():
                 return ActQuant(weight_module(mod, cfg.fmt, group, notes, name,
-                                              params=params, symmetric=cfg.symmetric),
+                                              params=params, symmetric=cfg.symmetric,
+                                              constraints=cfg.constraints),
                                 cfg.act_fmt, scale, zp)
         self.swap(model, name, make, float_mod=mod)
 
@@ -169,7 +174,8 @@ class StaticQuantizer(ObservingQuantizer):
         def finish(i: int, n: str) -> None:
             if not observer_seen(observers[n]):
                 raise ValueError(f"{n}: the layer did not run on the calibration data")
-            scale, zp = observers[n].calculate_qparams()
+            scale, zp = constrain_activation(*observers[n].calculate_qparams(),
+                                             cfgs[n].constraints, n)
             gram = cross = None
             if n in grams:
                 gram = grams[n].matrix()

@@ -84,6 +84,7 @@ class WeightOnlyConfig(BaseConfig):
 
 @register_quantizer(WeightOnlyConfig)
 class WeightOnlyQuantizer(Quantizer):
+    APPLIES_CONSTRAINTS = True
     SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
     def prepare(self, model: nn.Module) -> None:
@@ -120,7 +121,8 @@ class WeightOnlyQuantizer(Quantizer):
             params = weight_params(cfg, grams.get(name), notes, name)
             group = None if cfg.per_tensor else cfg.group_size
             self.swap(model, name, lambda: weight_module(mod, cfg.fmt, group, notes, name,
-                                                         params=params, **kw))
+                                                         params=params,
+                                                         constraints=cfg.constraints, **kw))
         if fixed:
             bias_correction(float_ref, model, batches,
                             layers=[n for n in fixed if n not in self.skipped])
