@@ -173,7 +173,7 @@ LAYERS = [
               "qkern.io.safetensors"]),
     ("ops", ["qkern.ops"]),
     ("numerics", ["qkern.packing", "qkern.companding", "qkern.tensor", "qkern.quantize",
-                  "qkern.hadamard", "qkern.fixed_point"]),
+                  "qkern.hadamard", "qkern.fixed_point", "qkern.logdomain"]),
     ("kernels", ["qkern.kernels"]),
     ("nn", ["qkern.nn", "qkern.observers"]),
     ("models", ["qkern.models"]),

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import _C, companding, fixed_point, formats, nn, observers, ops  # noqa: F401
+from . import _C, companding, fixed_point, formats, logdomain, nn, observers, ops  # noqa: F401
 from .interop import export, from_pretrained
 from .io.serialization import load, save
 from .nn.integer import IntegerModel
