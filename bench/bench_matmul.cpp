@@ -162,12 +162,14 @@ Weights make_vq(int64_t n, int64_t k, int64_t dim, int64_t kc, int64_t group_row
   return w;
 }
 
-// The same weights in gemm_vq8's int8 fast mode (codes in 16-row x 4-vector groups, int8
-// codebooks).
+// The same weights in gemm_vq8's int8 fast mode (codes in 16-row x 4-vector groups, two to a
+// byte for 16-entry codebooks, as VQLinear packs them; int8 codebooks).
 Weights make_vq8(int64_t n, int64_t k, int64_t dim, int64_t kc, int64_t group_rows) {
   const int64_t nv = k / dim, rows = group_rows ? group_rows : n, nb = (n + 15) / 16;
   const int64_t groups = (n + rows - 1) / rows;
-  const auto packed = random_bytes(nb * 16 * nv, 11, 0, static_cast<int>(kc - 1));
+  const bool nib = kc == 16;
+  const auto packed = nib ? random_bytes(nb * 8 * nv, 11, 0, 255)
+                          : random_bytes(nb * 16 * nv, 11, 0, static_cast<int>(kc - 1));
   const auto raw = random_bytes(groups * kc * dim, 12, 1, 255);
   std::vector<int8_t> books(raw.size());
   for (size_t i = 0; i < raw.size(); ++i) books[i] = static_cast<int8_t>(raw[i] - 128);
@@ -176,7 +178,7 @@ Weights make_vq8(int64_t n, int64_t k, int64_t dim, int64_t kc, int64_t group_ro
   auto p = rotate(w, packed, books.size());
   w.run = [=](int c, const float* x, int64_t m, float* y) {
     qk::gemm_vq8(x, m, (*p)[c].data(), n, nv, books.data(), bs.data(), groups, kc, dim, rows,
-                 nullptr, 1, nullptr, y);
+                 nullptr, 1, nullptr, y, nib);
   };
   return w;
 }

@@ -32,6 +32,8 @@ CASES = [
     (40, 96, 8, 128, 32, 3, 1),        # dim 8, 128 entries, 32-row codebooks
     (33, 64, 4, 60, None, None, 5),    # 60 entries (one register per plane)
     (32, 32, 2, 100, 16, None, 2),     # 100 entries (two registers per plane)
+    (40, 128, 2, 16, 16, 2, 3),        # 16-row codebooks of 16 entries: 4-bit codes too
+    (24, 64, 4, 9, None, None, 1),     # 9 entries: 4-bit codes too
 ]
 
 
@@ -79,11 +81,14 @@ def test_matches_reference_bit_for_bit_on_every_isa_and_thread_count(case):
     x, codes, books8, bs, scales, bias, gr = _data(*case)
     n, k = codes.shape[0], x.shape[1]
     ref = _reference(x, codes, books8, bs, scales, bias, gr)
-    for isa, threads in itertools.product(isas.HAVE, (1, 2)):
+    layouts = [False] + ([True] if vq8_fits(n, codes.shape[1], books8.shape[1], books8.shape[2],
+                                            books8.shape[0], gr, None if scales is None
+                                            else scales.shape[1], nibbles=True) else [])
+    for isa, threads, nib in itertools.product(isas.HAVE, (1, 2), layouts):
         isas.use(isa)
         qkern.set_num_threads(threads)
-        y = OPS.gemm_vq8(x, pack_codes4(codes), books8, bs, scales, bias, n, k, gr)
-        np.testing.assert_array_equal(y.numpy(), ref, err_msg=f"{isa} {threads} threads")
+        y = OPS.gemm_vq8(x, pack_codes4(codes, nibbles=nib), books8, bs, scales, bias, n, k, gr)
+        np.testing.assert_array_equal(y.numpy(), ref, err_msg=f"{isa} {threads} threads {nib}")
 
 
 def test_large_layer_close_to_float_and_threads_agree():
@@ -115,6 +120,13 @@ def test_codebook_quantization_and_packing():
     assert p.shape == (3, 3, 16, 4) and int(p[1, 2, 5, 3]) == int(codes[16 + 5, 4 * 2 + 3])
     for r0, r1 in ((0, 37), (16, 30), (32, 37)):
         assert torch.equal(unpack_codes4(p, r0, r1), codes[r0:r1])
+    small = codes[:, :8] % 16
+    p4 = pack_codes4(small, nibbles=True)  # byte [b, h, l, t]: vectors 8h + t and 8h + 4 + t
+    assert p4.shape == (3, 1, 16, 4)
+    assert int(p4[2, 0, 3, 1]) == int(small[35, 1]) | int(small[35, 5]) << 4
+    assert torch.equal(unpack_codes4(p4, 16, 37, nibbles=True), small[16:])
+    with pytest.raises(ValueError, match="4-bit"):
+        pack_codes4(codes[:, :8], nibbles=True)
 
 
 def test_bad_input_raises_clear_errors():
@@ -162,6 +174,12 @@ def test_vqlinear_fast_mode_runs_the_int8_kernel_and_round_trips(tmp_path):
     exact = VQLinear(codes, books, scales, bias, 40)
     fast = VQLinear(codes, books, scales, bias, 40, mode="fast")
     assert fast.fast_active and not exact.fast_active and "mode=fast" in repr(fast)
+    small = VQLinear(codes % 16, books[:, :16], scales, bias, 40, mode="fast")
+    assert small._vq_packed.shape == (3, 4, 16, 4)  # 4-bit codes: nv / 8 byte groups
+    x1 = torch.randn(3, 128, generator=g)
+    b16, bs16 = quantize_codebooks(books[:, :16])
+    want = x1 @ decode_vq(codes % 16, b16.float() * bs16.view(-1, 1, 1), scales, 40).T + bias
+    assert float((small(x1) - want).norm() / want.norm()) < 0.01
     b8, bs = quantize_codebooks(books)
     for rows in (1, 5, 33):  # the fused kernel, then the decoded GEMM
         x = torch.randn(rows, 128, generator=g)

@@ -23,7 +23,7 @@ void expect(bool ok, const std::string& msg) {
 bool gemm_vq8_raw(uintptr_t x, int64_t m, uintptr_t packed4, int64_t n, int64_t nv,
                   uintptr_t books8, uintptr_t bs, int64_t groups, int64_t kc, int64_t dim,
                   int64_t group_rows, uintptr_t scales, int64_t nseg, uintptr_t bias,
-                  uintptr_t y) {
+                  uintptr_t y, bool nibbles) {
   expect(m >= 0 && n >= 0 && nv >= 0, "M, N and the number of vectors must be >= 0");
   expect(groups == (n + group_rows - 1) / std::max<int64_t>(group_rows, 1) || n == 0,
          std::to_string(groups) + " codebooks for " + std::to_string(n) + " rows in groups of " +
@@ -32,6 +32,8 @@ bool gemm_vq8_raw(uintptr_t x, int64_t m, uintptr_t packed4, int64_t n, int64_t 
          "unsupported shape: dim 2, 4 or 8, K a multiple of 32, kc <= 256 (128 at dim 8), "
          "group_rows a multiple of 16 or one codebook, scale segments of a multiple of 32 "
          "columns");
+  expect(!nibbles || qk::vq8_nibbles_fit(n, nv, groups, kc, dim, group_rows, scales ? nseg : 1),
+         "4-bit codes need a codebook of <= 16 entries and a multiple of 8 vectors per row");
   qk::bind::checked_mul(m, nv, dim, "gemm_vq8: M x K");
   qk::bind::checked_mul(m, n, "gemm_vq8: M x N");
   qk::bind::checked_mul((n + 15) / 16 * 16, nv, "gemm_vq8: packed codes");
@@ -42,18 +44,21 @@ bool gemm_vq8_raw(uintptr_t x, int64_t m, uintptr_t packed4, int64_t n, int64_t 
                       reinterpret_cast<const uint8_t*>(packed4), n, nv,
                       reinterpret_cast<const int8_t*>(books8), reinterpret_cast<const float*>(bs),
                       groups, kc, dim, group_rows, reinterpret_cast<const float*>(scales), nseg,
-                      reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(y));
+                      reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(y), nibbles);
 }
 
 static qk::bind::Register reg([](py::module_& m) {
   m.def("gemm_vq8_raw", &gemm_vq8_raw, py::arg("x"), py::arg("m"), py::arg("packed4"),
         py::arg("n"), py::arg("nv"), py::arg("books8"), py::arg("bs"), py::arg("groups"),
         py::arg("kc"), py::arg("dim"), py::arg("group_rows"), py::arg("scales"),
-        py::arg("nseg"), py::arg("bias"), py::arg("y"),
+        py::arg("nseg"), py::arg("bias"), py::arg("y"), py::arg("nibbles"),
         "gemm_vq8 over data_ptr()s of checked contiguous tensors; True when x had NaN/Inf");
   m.def("vq8_supported", &qk::vq8_supported, py::arg("n"), py::arg("nv"), py::arg("groups"),
         py::arg("kc"), py::arg("dim"), py::arg("group_rows"), py::arg("nseg"),
         "whether gemm_vq8 takes these shapes");
+  m.def("vq8_nibbles_fit", &qk::vq8_nibbles_fit, py::arg("n"), py::arg("nv"), py::arg("groups"),
+        py::arg("kc"), py::arg("dim"), py::arg("group_rows"), py::arg("nseg"),
+        "whether gemm_vq8 takes these shapes with 4-bit codes");
 });
 
 }  // namespace

@@ -8,7 +8,10 @@ VBMI byte look-ups; AVX2 and scalar give the same bits).
 ``books8[g, codes[r, v], d]`` and the int8 activation codes: the weight it multiplies is
 ``bs[g] * books8[...] * s`` exactly, the activations carry gemm_w4's fast-mode rounding.
 
-Operands: :func:`pack_codes4` (uint8 codes (N, nv) -> (ceil(N / 16), nv / 4, 16, 4)),
+Operands: :func:`pack_codes4` (uint8 codes (N, nv) -> (ceil(N / 16), nv / 4, 16, 4); with
+``nibbles=True``, for codebooks of <= 16 entries and nv a multiple of 8, two codes a byte:
+(ceil(N / 16), nv / 8, 16, 4), byte ``[b, h, l, t] = codes[16 b + l, 8 h + t] | codes[16 b +
+l, 8 h + 4 + t] << 4``; the op tells the layouts apart by their shape),
 :func:`quantize_codebooks` (float codebooks -> int8 + per-codebook scale). Shapes
 (:func:`vq8_fits`): dim 2, 4 or 8, K a multiple of 32, <= 256 entries (128 at dim 8), one
 codebook per layer or per a multiple of 16 rows, scale segments of a multiple of 32 columns.
@@ -38,9 +41,10 @@ __all__ = ["pack_codes4", "quantize_codebooks", "unpack_codes4", "vq8_fits"]
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def pack_codes4(codes: torch.Tensor) -> torch.Tensor:
+def pack_codes4(codes: torch.Tensor, nibbles: bool = False) -> torch.Tensor:
     """uint8 codes (N, nv), nv a multiple of 4 -> (ceil(N / 16), nv / 4, 16, 4):
-    ``[b, q, l, t] = codes[16 b + l, 4 q + t]`` (rows past N coded 0)."""
+    ``[b, q, l, t] = codes[16 b + l, 4 q + t]`` (rows past N coded 0); ``nibbles``: the 4-bit
+    layout (module docstring)."""
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype != torch.uint8:
         raise TypeError("pack_codes4: codes must be a 2-D uint8 tensor (N, nv)")
     n, nv = codes.shape
@@ -49,13 +53,21 @@ def pack_codes4(codes: torch.Tensor) -> torch.Tensor:
                          "multiple of 4")
     nb = -(-n // ROWS)
     full = torch.cat((codes, codes.new_zeros((nb * ROWS - n, nv))))
-    return full.view(nb, ROWS, nv // 4, 4).transpose(1, 2).contiguous()
+    p = full.view(nb, ROWS, nv // 4, 4).transpose(1, 2).contiguous()
+    if not nibbles:
+        return p
+    if nv % 8 or (codes.numel() and int(codes.max()) > 15):
+        raise ValueError("pack_codes4: 4-bit codes need codes < 16 and a multiple of 8 vectors")
+    return (p[:, 0::2] | (p[:, 1::2] << 4)).contiguous()
 
 
-def unpack_codes4(packed4: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows ``r0 .. r1`` of the codes (N, nv) (``r0`` a multiple of 16)."""
+def unpack_codes4(packed4: torch.Tensor, r0: int, r1: int, nibbles: bool = False
+                  ) -> torch.Tensor:
+    """Rows ``r0 .. r1`` of the codes (N, nv) (``r0`` a multiple of 16) of either layout."""
     b0, b1 = r0 // ROWS, -(-r1 // ROWS)
     p = packed4[b0:b1]
+    if nibbles:
+        p = torch.stack((p & 15, p >> 4), dim=2).flatten(1, 2)
     return p.transpose(1, 2).reshape(-1, p.shape[1] * 4)[:r1 - r0]
 
 
@@ -76,9 +88,16 @@ def quantize_codebooks(codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def vq8_fits(n: int, nv: int, kc: int, dim: int, groups: int, group_rows: int,
-             nseg: int | None) -> bool:
-    """Whether gemm_vq8 takes this shape (module docstring; ``nseg`` None: no scales)."""
-    return bool(_C.vq8_supported(n, nv, groups, kc, dim, group_rows, nseg or 1))
+             nseg: int | None, nibbles: bool = False) -> bool:
+    """Whether gemm_vq8 takes this shape (module docstring; ``nseg`` None: no scales), with
+    4-bit codes when ``nibbles``."""
+    fits = _C.vq8_nibbles_fit if nibbles else _C.vq8_supported
+    return bool(fits(n, nv, groups, kc, dim, group_rows, nseg or 1))
+
+
+def _nibbles(packed4: torch.Tensor, nv: int) -> bool:
+    """Whether ``packed4`` holds the 4-bit layout (nv / 8 code groups of 16 rows)."""
+    return nv % 8 == 0 and packed4.dim() == 4 and packed4.shape[1] == nv // 8 and nv > 0
 
 
 def _check(x, packed4, books8, bs, scales, bias, N, K, group_rows):
@@ -102,9 +121,11 @@ def _check(x, packed4, books8, bs, scales, bias, N, K, group_rows):
     if dim < 1 or K % dim or N < 0:
         fail(f"K = {K} is not a whole number of vectors of dim {dim}")
     nv = K // dim
-    if packed4.dtype != torch.uint8 or tuple(packed4.shape) != (-(-N // ROWS), nv // 4, ROWS, 4):
-        fail(f"packed4 must be uint8 {(-(-N // ROWS), nv // 4, ROWS, 4)} (pack_codes4), got "
-             f"{packed4.dtype} {tuple(packed4.shape)}", TypeError)
+    nib = _nibbles(packed4, nv)
+    if packed4.dtype != torch.uint8 or tuple(packed4.shape) != (
+            -(-N // ROWS), nv // (8 if nib else 4), ROWS, 4):
+        fail(f"packed4 must be uint8 {(-(-N // ROWS), nv // 4, ROWS, 4)} (pack_codes4) or its "
+             f"4-bit layout, got {packed4.dtype} {tuple(packed4.shape)}", TypeError)
     if groups != -(-N // group_rows):
         fail(f"{groups} codebooks for {N} rows in groups of {group_rows}")
     if bs.dtype not in _FLOATS or tuple(bs.shape) != (groups,):
@@ -116,6 +137,9 @@ def _check(x, packed4, books8, bs, scales, bias, N, K, group_rows):
         fail(f"scales must be float (N, nseg), got {scales.dtype} {tuple(scales.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
         fail(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    if nib and not vq8_fits(N, nv, kc, dim, groups, group_rows,
+                            None if scales is None else scales.shape[1], True):
+        fail("4-bit codes need a codebook of <= 16 entries")
     if not vq8_fits(N, nv, kc, dim, groups, group_rows,
                     None if scales is None else scales.shape[1]):
         fail("unsupported shape: dim 2, 4 or 8, K a multiple of 32, <= 256 entries (128 at "
@@ -132,7 +156,8 @@ def _gemm_vq8_cpu(x, packed4, codebooks8, book_scales, scales, bias, N, K, group
     y = torch.empty((x.shape[0], N), dtype=torch.float32)
     bad = _C.gemm_vq8_raw(ptr(x), x.shape[0], ptr(packed4), N, K // dim, ptr(books8), ptr(bs),
                           groups, kc, dim, group_rows, ptr(scales),
-                          0 if scales is None else scales.shape[1], ptr(bias), ptr(y))
+                          0 if scales is None else scales.shape[1], ptr(bias), ptr(y),
+                          _nibbles(packed4, K // dim))
     if bad:
         raise NonFiniteError("gemm_vq8: x contains NaN or Inf (the fast mode quantizes x to "
                              "int8; use gemm_vq to propagate them)")
@@ -145,5 +170,6 @@ LIB.impl("gemm_vq8", _gemm_vq8_cpu, "CPU")
 def decode_vq8(args: dict, r0: int, r1: int) -> torch.Tensor:
     """Rows ``r0 .. r1`` of the float32 weight gemm_vq8 multiplies (its autograd's decode)."""
     books = args["codebooks8"].float() * args["book_scales"].float().view(-1, 1, 1)
-    return decode_vq(unpack_codes4(args["packed4"], r0, r1), books, args["scales"],
+    nib = _nibbles(args["packed4"], args["K"] // books.shape[2])
+    return decode_vq(unpack_codes4(args["packed4"], r0, r1, nib), books, args["scales"],
                      args["group_rows"], r0)

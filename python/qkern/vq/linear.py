@@ -141,12 +141,14 @@ class VQLinear(nn.Module):
         of them was replaced or changed in place (eagerly; a compiled forward uses the
         operands as they are)."""
         groups, nv = self.codebooks.shape[0], self.codes.shape[1]
+        nseg = None if self.scales is None else self.scales.shape[1]
         fast = self.mode == "fast" and self.codes.dtype == torch.uint8 and vq8_fits(
-            self.out_features, nv, self.k, self.dim, groups, self.group_rows,
-            None if self.scales is None else self.scales.shape[1])
+            self.out_features, nv, self.k, self.dim, groups, self.group_rows, nseg)
         self._vq8_books = self._vq8_bs = None
         if fast:
-            self._vq_packed = pack_codes4(self.codes)
+            self._vq_nib = vq8_fits(self.out_features, nv, self.k, self.dim, groups,
+                                    self.group_rows, nseg, nibbles=True)
+            self._vq_packed = pack_codes4(self.codes, nibbles=self._vq_nib)
             self._vq8_books, self._vq8_bs = quantize_codebooks(self.codebooks)
         else:
             nib = self.codes.dtype == torch.uint8 and nibbles_fit(
@@ -164,7 +166,7 @@ class VQLinear(nn.Module):
                                             self._vq_bias, self.out_features,
                                             self.in_features, self.group_rows)
         books = self._vq8_books.float() * self._vq8_bs.view(-1, 1, 1)
-        w = decode_vq(unpack_codes4(self._vq_packed, 0, self.out_features), books,
+        w = decode_vq(unpack_codes4(self._vq_packed, 0, self.out_features, self._vq_nib), books,
                       self._vq_scales, self.group_rows)
         return F.linear(x.reshape(rows, self.in_features).float(), w, self._vq_bias)
 

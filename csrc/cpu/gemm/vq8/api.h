@@ -13,7 +13,9 @@
 //
 // Operands. codes uint8 packed in blocks of 16 rows and groups of 4 vectors, `packed4`
 // (ceil(n / 16), nv / 4, 16, 4): packed4[b][q][l][t] = code of row 16 b + l, vector 4 q + t (rows
-// past n: code 0, dropped). books8 (groups, kc, dim) int8, bs (groups) float32, scales null or
+// past n: code 0, dropped). With `nibbles` (kc <= 16, nv a multiple of 8) two codes share a
+// byte, (ceil(n / 16), nv / 8, 16, 4): byte [b][h][l][t] = code (row 16 b + l, vector 8 h + t)
+// | code (same row, vector 8 h + 4 + t) << 4: half the bytes. books8 (groups, kc, dim) int8, bs (groups) float32, scales null or
 // (n, nseg) float32 with K / nseg a multiple of 32 columns, bias null or (n).
 // Shapes (vq8_supported): dim 2, 4 or 8; K = nv dim a multiple of 32; kc <= 256 (128 at dim
 // 8); group_rows a multiple of 16 or one codebook.
@@ -29,9 +31,13 @@ constexpr int64_t kVq8Group = 4;  // vectors per 64-byte group of a block
 
 bool vq8_supported(int64_t n, int64_t nv, int64_t groups, int64_t kc, int64_t dim,
                    int64_t group_rows, int64_t nseg);
+// Whether the 4-bit layout serves this shape (kc <= 16, nv % 8 == 0, vq8_supported).
+bool vq8_nibbles_fit(int64_t n, int64_t nv, int64_t groups, int64_t kc, int64_t dim,
+                     int64_t group_rows, int64_t nseg);
 
 bool gemm_vq8(const float* x, int64_t m, const uint8_t* packed4, int64_t n, int64_t nv,
               const int8_t* books8, const float* bs, int64_t groups, int64_t kc, int64_t dim,
-              int64_t group_rows, const float* scales, int64_t nseg, const float* bias, float* y);
+              int64_t group_rows, const float* scales, int64_t nseg, const float* bias, float* y,
+              bool nibbles = false);
 
 }  // namespace qk

@@ -17,7 +17,7 @@ inline __m256i dot4(__m256i acc, __m256i w, __m256i x) {
 
 uint32_t block_avx2(const Problem& p, int64_t b, const int8_t* tab, float* out) {
   const int64_t nq = p.nv / kVq8Group, dim = p.dim, qpb = 8 / dim;
-  const uint8_t* codes = p.packed4 + b * nq * 64;
+  const uint8_t* codes = p.packed4 + b * block_bytes(p);
   alignas(32) int8_t w[8 * 64];  // the decoded group, plane by plane
   alignas(32) float s[kVq8Rows];
   uint32_t top = 0;
@@ -28,10 +28,10 @@ uint32_t block_avx2(const Problem& p, int64_t b, const int8_t* tab, float* out) 
     for (int64_t blk = 0, q = 0; blk < p.nblk; ++blk) {
       __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
       for (int64_t e = 0; e < qpb; ++e, ++q) {
-        const uint8_t* c = codes + q * 64;
         for (int64_t j = 0; j < 64; ++j) {
-          top = c[j] > top ? c[j] : top;
-          for (int64_t d = 0; d < dim; ++d) w[d * 64 + j] = tab[d * 256 + c[j]];
+          const uint32_t c = code_at(p, codes, q, j / kVq8Group, j % kVq8Group);
+          top = c > top ? c : top;
+          for (int64_t d = 0; d < dim; ++d) w[d * 64 + j] = tab[d * 256 + c];
         }
         for (int64_t d = 0; d < dim; ++d) {
           const __m256i xb = _mm256_set1_epi32(static_cast<int>(xp[q * dim + d]));

@@ -33,12 +33,14 @@ inline __m512 scales_of(const Problem& p, int64_t b, int64_t blk) {
 }
 
 // x rows i0 .. i0 + MR - 1 of block b.
-template <int DIM, int NT, int MR>
+template <int DIM, int NT, int MR, bool NIB>
 QK_VBMI uint32_t rows_vbmi(const Problem& p, int64_t b, const __m512i (&t)[DIM][NT], int64_t i0,
                            float* out) {
   constexpr int64_t qpb = 8 / DIM;  // code groups per block of 32 columns
   const int64_t nq = p.nv / kVq8Group;
-  const uint8_t* codes = p.packed4 + b * nq * 64;
+  const uint8_t* codes = p.packed4 + b * block_bytes(p);
+  const __m512i low4 = _mm512_set1_epi8(15);
+  __m512i pair = _mm512_setzero_si512();  // NIB: the byte pair of groups q & ~1, q | 1
   const uint32_t* xp[MR];
   __m512 yacc[MR];
   for (int mi = 0; mi < MR; ++mi) {
@@ -52,7 +54,17 @@ QK_VBMI uint32_t rows_vbmi(const Problem& p, int64_t b, const __m512i (&t)[DIM][
     __m512i acc[MR];
     for (int mi = 0; mi < MR; ++mi) acc[mi] = _mm512_setzero_si512();
     for (int64_t e = 0; e < qpb; ++e, ++q) {
-      const __m512i c = _mm512_loadu_si512(codes + q * 64);
+      __m512i c;
+      if constexpr (NIB) {
+        if (q % 2 == 0) {
+          pair = _mm512_loadu_si512(codes + q / 2 * 64);
+          c = _mm512_and_si512(pair, low4);
+        } else {
+          c = _mm512_and_si512(_mm512_srli_epi16(pair, 4), low4);
+        }
+      } else {
+        c = _mm512_loadu_si512(codes + q * 64);
+      }
       top = _mm512_max_epu8(top, c);
       const __mmask64 hi = NT == 4 ? _mm512_movepi8_mask(c) : 0;
       for (int d = 0; d < DIM; ++d) {
@@ -91,11 +103,13 @@ QK_VBMI uint32_t block_dim(const Problem& p, int64_t b, const int8_t* tab, float
   uint32_t top = 0, r = 0;
   int64_t i = 0;
   for (; i + 2 <= p.m; i += 2) {
-    r = rows_vbmi<DIM, NT, 2>(p, b, t, i, out);
+    r = p.nib ? rows_vbmi<DIM, NT, 2, true>(p, b, t, i, out)
+              : rows_vbmi<DIM, NT, 2, false>(p, b, t, i, out);
     top = r > top ? r : top;
   }
   if (i < p.m) {
-    r = rows_vbmi<DIM, NT, 1>(p, b, t, i, out);
+    r = p.nib ? rows_vbmi<DIM, NT, 1, true>(p, b, t, i, out)
+              : rows_vbmi<DIM, NT, 1, false>(p, b, t, i, out);
     top = r > top ? r : top;
   }
   return top;

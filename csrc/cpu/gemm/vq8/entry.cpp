@@ -20,6 +20,11 @@ bool vq8_supported(int64_t n, int64_t nv, int64_t groups, int64_t kc, int64_t di
   return nseg >= 1 && (k / 32) % nseg == 0;
 }
 
+bool vq8_nibbles_fit(int64_t n, int64_t nv, int64_t groups, int64_t kc, int64_t dim,
+                     int64_t group_rows, int64_t nseg) {
+  return kc <= 16 && nv % 8 == 0 && vq8_supported(n, nv, groups, kc, dim, group_rows, nseg);
+}
+
 namespace {
 
 // Word [q][d] of x row i: bytes xq[(4 q + t) dim + d], t = 0..3 (kernels.h Problem).
@@ -41,10 +46,12 @@ void activation_words(const int8_t* xq, int64_t m, int64_t nv, int64_t dim, uint
 bool gemm_vq8(const float* x, int64_t m, const uint8_t* packed4, int64_t n, int64_t nv,
               const int8_t* books8, const float* bs, int64_t groups, int64_t kc, int64_t dim,
               int64_t group_rows, const float* scales, int64_t nseg, const float* bias,
-              float* y) {
+              float* y, bool nibbles) {
   if (!scales) nseg = 1;
   if (!vq8_supported(n, nv, groups, kc, dim, group_rows, nseg))
     throw std::invalid_argument("gemm_vq8: unsupported shape (api.h vq8_supported)");
+  if (nibbles && !vq8_nibbles_fit(n, nv, groups, kc, dim, group_rows, nseg))
+    throw std::invalid_argument("gemm_vq8: 4-bit codes need kc <= 16 and nv % 8 == 0");
   if (m == 0 || n == 0) return false;
   const int64_t k = nv * dim, nb = (n + kVq8Rows - 1) / kVq8Rows;
   const bool parallel = tdrv::worth_parallel(m * n * k, true);
@@ -59,7 +66,7 @@ bool gemm_vq8(const float* x, int64_t m, const uint8_t* packed4, int64_t n, int6
       for (int64_t d = 0; d < dim; ++d)
         tables[(g * dim + d) * 256 + c] = books8[(g * kc + c) * dim + d];
   const vq8::Problem p{xp.data(), dx.data(), xs.data(), m,  nv,      dim,     kc,
-                       k / 32,    packed4,   tables.data(), scales, n,  nseg};
+                       k / 32,    packed4,   nibbles, tables.data(), scales, n,  nseg};
   const vq8::Kernels& kern = vq8::kernels();
   const int64_t tasks = parallel ? std::min<int64_t>(nb, 64) : 1;
   std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);

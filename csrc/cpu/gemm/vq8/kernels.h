@@ -19,6 +19,7 @@ struct Problem {
   const float* xs;
   int64_t m, nv, dim, kc, nblk;  // nblk = K / 32
   const uint8_t* packed4;
+  bool nib;  // 4-bit layout (api.h)
   const int8_t* tables;
   const float* scales;  // null or (n, nseg); nseg = 1 without scales
   int64_t n, nseg;
@@ -32,6 +33,17 @@ using BlockFn = uint32_t (*)(const Problem& p, int64_t b, const int8_t* tab, flo
 struct Kernels {
   BlockFn block;
 };
+
+// Bytes of one 16-row block's codes.
+inline int64_t block_bytes(const Problem& p) { return p.nv * kVq8Rows / (p.nib ? 2 : 1); }
+
+// Code (row l, vector 4 q + t) of the block at `codes`.
+inline uint32_t code_at(const Problem& p, const uint8_t* codes, int64_t q, int64_t l,
+                        int64_t t) {
+  if (!p.nib) return codes[(q * kVq8Rows + l) * kVq8Group + t];
+  const uint8_t byte = codes[((q / 2) * kVq8Rows + l) * kVq8Group + t];
+  return q % 2 ? byte >> 4 : byte & 15u;
+}
 
 // The segment scale of row r for block of 32 `blk` (1 without scales; 0 past n).
 inline float row_scale(const Problem& p, int64_t r, int64_t blk) {

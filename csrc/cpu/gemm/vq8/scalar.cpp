@@ -12,8 +12,8 @@ int32_t x_code(const Problem& p, int64_t i, int64_t v, int64_t d) {
 }
 
 uint32_t block_scalar(const Problem& p, int64_t b, const int8_t* tab, float* out) {
-  const int64_t nq = p.nv / kVq8Group, cols = 32;
-  const uint8_t* codes = p.packed4 + b * nq * kVq8Rows * kVq8Group;
+  const int64_t cols = 32;
+  const uint8_t* codes = p.packed4 + b * block_bytes(p);
   uint32_t top = 0;
   for (int64_t i = 0; i < p.m; ++i) {
     for (int64_t l = 0; l < kVq8Rows; ++l) {
@@ -22,7 +22,7 @@ uint32_t block_scalar(const Problem& p, int64_t b, const int8_t* tab, float* out
         int32_t dot = 0;
         for (int64_t k = blk * cols; k < (blk + 1) * cols; ++k) {
           const int64_t v = k / p.dim, d = k % p.dim;
-          const uint32_t c = codes[(v / kVq8Group * kVq8Rows + l) * kVq8Group + v % kVq8Group];
+          const uint32_t c = code_at(p, codes, v / kVq8Group, l, v % kVq8Group);
           top = c > top ? c : top;
           dot += tab[d * 256 + c] * x_code(p, i, v, d);
         }

@@ -57,6 +57,8 @@ SCHEMES: list[tuple[str, dict | str | None]] = [
                                                               "group_rows": 16}}),
     ("qkern VQ d4 2b per layer, fast (int8)", {"vq": {"dim": 4, "bits": 2, "group_rows": None,
                                                       "mode": "fast"}}),
+    ("qkern VQ d2 2b per 16 rows, fast (int8)", {"vq": {"dim": 2, "bits": 2, "group_rows": 16,
+                                                        "mode": "fast"}}),
 ]
 Q4_0_SOURCE = "qkern int4 g32 fast (as Q4_0)"
 
