@@ -34,6 +34,7 @@ with atheris.instrument_imports(include=["qkern"]):
     import qkern
     from qkern.nn import QuantLinear
     from qkern.ops.vq import pack_codes
+    from qkern.ops.vq8 import pack_codes4
 
 CLEAN = (ValueError, TypeError)
 OPS = torch.ops.qkern
@@ -181,6 +182,26 @@ def target_vq(fdp) -> None:
     OPS.dequantize_vq(pack_codes(codes), books, scales, n, nv * dim, gr)
 
 
+def target_vq8(fdp) -> None:
+    """qkern::gemm_vq8 on raw operands: any shape (supported or not), codes possibly out of
+    range, either code layout (possibly the wrong one), int8 codebooks including -128."""
+    n, dim = _int(fdp, 0, 40), fdp.PickValueInList([1, 2, 4, 8])
+    nv = 4 * _int(fdp, 0, 6)
+    kc = fdp.PickValueInList([1, 9, 16, 64, 100, 128, 256])
+    gr = fdp.PickValueInList([1, 16, 32, max(n, 1)])
+    codes = torch.from_numpy(np.array([_int(fdp, 0, min(255, kc + 2)) for _ in range(n * nv)],
+                                      dtype=np.int64)).reshape(n, nv).to(torch.uint8)
+    nib = fdp.ConsumeBool() and nv % 8 == 0
+    packed = pack_codes4(codes % 16 if nib else codes, nibbles=nib)
+    groups = _int(fdp, 0, 4)
+    books8 = torch.from_numpy(np.array([_int(fdp, 0, 255) - 128 for _ in range(groups * kc * dim)],
+                                       dtype=np.int64)).reshape(groups, kc, dim).to(torch.int8)
+    bs = _tensor(fdp, [groups])
+    scales = _tensor(fdp, [n, _int(fdp, 1, 4)]) if fdp.ConsumeBool() else None
+    x = _tensor(fdp, [_int(fdp, 0, 5), nv * dim])
+    OPS.gemm_vq8(x, packed, books8, bs, scales, None, n, nv * dim, gr)
+
+
 def target_load(fdp) -> None:
     path = os.path.join(TMP, "m.safetensors")
     data = fdp.ConsumeBytes(_int(fdp, 0, 4096))
@@ -209,7 +230,7 @@ def _saved_bytes() -> bytes:
 
 _SAVED = _saved_bytes()
 TARGETS = [target_quantize, target_bits, target_raw_quantize, target_matmul, target_load,
-           target_fake_quant, target_vq]
+           target_fake_quant, target_vq, target_vq8]
 
 
 def test_one_input(data: bytes) -> None:
