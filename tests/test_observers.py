@@ -296,7 +296,7 @@ def test_observer_in_a_model_passes_values_and_gradients():
 
 def test_registry():
     assert set(O.OBSERVERS) == {"minmax", "moving_average", "percentile", "mse", "kl",
-                                "histogram", "lsq"}
+                                "histogram", "lsq", "ema", "running_mean"}
     for name, cls in O.OBSERVERS.items():
         obs = O.make_observer(name, fmt="int4")
         assert type(obs) is cls and obs.format.name == "int4"

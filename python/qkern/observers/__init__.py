@@ -11,6 +11,7 @@ them and turn them into qkern's scale / zero point.
 from __future__ import annotations
 
 from .base import Observer, qparams_from_range
+from .ema import EMAMinMaxObserver, RunningMeanMinMaxObserver
 from .histogram import HistogramObserver, KLObserver, kl_threshold_bin, l2_range_search
 from .lsq import LSQObserver
 from .minmax import MinMaxObserver, MovingAverageMinMaxObserver
@@ -18,6 +19,7 @@ from .sampled import MSEObserver, PercentileObserver
 
 __all__ = [
     "OBSERVERS",
+    "EMAMinMaxObserver",
     "HistogramObserver",
     "KLObserver",
     "LSQObserver",
@@ -26,6 +28,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "Observer",
     "PercentileObserver",
+    "RunningMeanMinMaxObserver",
     "kl_threshold_bin",
     "l2_range_search",
     "make_observer",
@@ -40,6 +43,8 @@ OBSERVERS: dict[str, type[Observer]] = {
     "kl": KLObserver,
     "histogram": HistogramObserver,
     "lsq": LSQObserver,
+    "ema": EMAMinMaxObserver,
+    "running_mean": RunningMeanMinMaxObserver,
 }
 
 

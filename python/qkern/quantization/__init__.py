@@ -32,6 +32,7 @@ from .algorithms.qat import (
     qat_regularization,
 )
 from .algorithms.rotation import RotationConfig, rotate_block, rotate_model
+from .algorithms.round_aware import RoundAwareConfig, round_aware_finetune, round_on_grid
 from .algorithms.rtn import RTNConfig
 from .algorithms.smoothquant import SmoothQuantConfig, smooth_quant
 from .algorithms.static import StaticConfig
@@ -79,7 +80,7 @@ __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "B
            "ObservingQuantizer", "OmniQuantConfig", "OutlierReport", "ParallelSum", "QATConfig",
            "Quantizer", "QuantizedAttentionConfig",
            "RTNConfig",
-           "RotationConfig",
+           "RotationConfig", "RoundAwareConfig", "round_aware_finetune", "round_on_grid",
            "SequentialQuantizer", "SmoothQuantConfig", "StaticConfig", "VQConfig",
            "WeightOnlyConfig",
            "ZeroQuantConfig", "as_batches", "bias_correction", "byte_tokens", "call_model",

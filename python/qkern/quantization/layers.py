@@ -36,7 +36,8 @@ __all__ = ["OBSERVER_NAMES", "ActQuant", "ObservedInput", "ObservingQuantizer", 
 
 _CONV = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d}
 #: the observers a config's ``observer`` field may name
-OBSERVER_NAMES = ("minmax", "moving_average", "percentile", "mse", "kl", "histogram", "lsq")
+OBSERVER_NAMES = ("minmax", "moving_average", "percentile", "mse", "kl", "histogram", "lsq",
+                  "ema", "running_mean")
 
 
 def in_features(mod: nn.Module) -> int:

@@ -13,7 +13,9 @@ Methods (``method=``): ``"ste"`` (max-based scales, straight-through), ``"lsq"``
 (Zhou et al. 2016: tanh-normalised weights on a midrise grid, [0, 1] activations, optional
 gradient bits), ``"ttq"`` (Zhu et al. 2017: ternary weights with learned W_p / W_n),
 ``"inq"`` (Zhou et al. 2017: power-of-two weights fixed incrementally by :func:`inq_step`;
-TTQ and INQ inputs, with ``activation=bits``, as ``"ste"``), and the 1-bit
+TTQ and INQ inputs, with ``activation=bits``, as ``"ste"``), ``"relaxed"`` (Louizos et al.
+2019: relaxed quantization, learned step and logistic noise scale, concrete / RQ-ST sampling
+at temperature ``relaxed_tau``, quantization/qat/relaxed.py), and the 1-bit
 ``"binaryconnect"`` (Courbariaux et al. 2015), ``"xnor"`` (Rastegari et al. 2016) and ``"abc"``
 (Lin et al. 2017; ``abc_weight_bases`` x ``abc_act_bases`` binary kernels), quantization/qat/
 binary.py."""
@@ -44,6 +46,7 @@ from ..qat import (
     PACTQuant,
     QATConv2d,
     QATLinear,
+    RelaxedQuant,
     STEQuant,
     TokenQuant,
     TTQQuant,
@@ -81,7 +84,7 @@ __all__ = ["QAT_METHODS", "QATConfig", "QATQuantizer", "clip_latent_weights", "i
 _B28 = (2, 3, 4, 5, 6, 7, 8)
 #: method -> the weight bit widths it takes
 QAT_METHODS = {"ste": _B28, "lsq": _B28, "lsq+": _B28, "pact": _B28,
-               "dorefa": (1,) + _B28, "ttq": (2,), "inq": _B28,
+               "dorefa": (1,) + _B28, "ttq": (2,), "inq": _B28, "relaxed": _B28,
                "binaryconnect": (1,), "xnor": (1,), "abc": (1,)}
 #: method -> the activation bit widths it takes (None: weight-only is allowed)
 _METHOD_ACT = {"binaryconnect": (None, *_B28), "xnor": (1,), "abc": (None, 1)}
@@ -118,6 +121,8 @@ class QATConfig(BaseConfig):
     ``"token"`` (8-bit only, ``"ste"`` / ``"lsq"`` / ``"lsq+"``, Linear layers: each token's
     max-abs scale at run time, converted to ``act="int8_token"``); set it per layer with
     ``overrides={"pattern": {"act_granularity": "token"}}``.
+    ``relaxed_tau`` / ``relaxed_hard``: method ``"relaxed"``'s concrete temperature and
+    RQ-ST (a hard sampled grid point forward, the concrete sample's gradient).
     ``lm_head`` and embeddings stay float by default (``exclude``), as in the LLM methods."""
 
     weight: int = 4
@@ -135,6 +140,8 @@ class QATConfig(BaseConfig):
     abc_act_bases: int = 3
     attention: bool = False
     lsq_init: str = "paper"
+    relaxed_tau: float = 1.0  # "relaxed": the concrete distribution's temperature
+    relaxed_hard: bool = False  # "relaxed": RQ-ST (hard sampled grid point forward)
     group_size: int | None = None
     act_granularity: str = "tensor"
     exclude: list[str] = field(default_factory=lambda: ["lm_head", "Embedding"])
@@ -188,6 +195,9 @@ class QATConfig(BaseConfig):
                 fail(n, f, "a number of binary bases in 1..8", getattr(self, f))
         check_bool(n, "attention", self.attention)
         check_choice(n, "lsq_init", self.lsq_init, ("paper", "max", "mse"))
+        check_real(n, "relaxed_tau", self.relaxed_tau, 1e-3, 1e3, "a temperature in "
+                   "[0.001, 1000]")
+        check_bool(n, "relaxed_hard", self.relaxed_hard)
         if self.group_size is not None:
             check_int(n, "group_size", self.group_size, 1)
             if self.method not in _GROUP_METHODS:
@@ -224,6 +234,9 @@ def weight_quantizer(cfg: QATConfig, weight: torch.Tensor, name: str) -> FakeQua
         raise ValueError(f"{name}: QATConfig.group_size {g} does not divide the layer's input "
                          f"size {weight[0].numel()}; pick a divisor, or exclude / override "
                          "the layer")
+    if cfg.method == "relaxed":
+        return RelaxedQuant(cfg.weight, True, 0, init=weight, name=name, tau=cfg.relaxed_tau,
+                            hard=cfg.relaxed_hard)
     if cfg.method == "lsq":
         return LSQQuant(cfg.weight, True, 0, init=weight, name=name, init_mode=cfg.lsq_init,
                         group_size=g)
@@ -244,6 +257,9 @@ def input_quantizer(cfg: QATConfig, name: str) -> FakeQuant | None:
         return ABCInputQuant(cfg.abc_act_bases, name=name)
     if cfg.act_granularity == "token":
         return TokenQuant(name=name)
+    if cfg.method == "relaxed":
+        return RelaxedQuant(cfg.activation, cfg.act_signed, None, name=name,
+                            tau=cfg.relaxed_tau, hard=cfg.relaxed_hard)
     if cfg.method == "pact":
         return PACTQuant(cfg.activation, cfg.pact_alpha, cfg.pact_decay, name=name)
     if cfg.method == "lsq":
