@@ -20,7 +20,7 @@ from torch import nn
 from .. import formats as QF
 from .._checks import warn_user
 from ..nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
-from ..observers import make_observer
+from ..observers import OBSERVERS, make_observer
 from ..quantize import fake_quantize
 from .constraints import (
     HardwareConstraints,
@@ -36,8 +36,7 @@ __all__ = ["OBSERVER_NAMES", "ActQuant", "ObservedInput", "ObservingQuantizer", 
 
 _CONV = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d}
 #: the observers a config's ``observer`` field may name
-OBSERVER_NAMES = ("minmax", "moving_average", "percentile", "mse", "kl", "histogram", "lsq",
-                  "ema", "running_mean")
+OBSERVER_NAMES = tuple(OBSERVERS)
 
 
 def in_features(mod: nn.Module) -> int:
