@@ -139,8 +139,8 @@ if "transformers" in sys.modules:  # already paid for: register "qkern" with tra
 
 
 def __getattr__(name: str):
-    # qkern.hf, qkern.kv (transformers), qkern.vq, qkern.lora, qkern.mixed_precision: imported
-    # on first use
-    if name in ("hf", "vq", "kv", "lora", "mixed_precision"):
+    # qkern.hf, qkern.kv (transformers), qkern.vq, qkern.lora, qkern.mixed_precision,
+    # qkern.decompose: imported on first use
+    if name in ("hf", "vq", "kv", "lora", "mixed_precision", "decompose"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'qkern' has no attribute {name!r}")

@@ -11,7 +11,9 @@ from .linear import (
     on_quantized,
     replace_linear,
 )
+from .lowrank import CompensatedLinear, LowRankLinear, factor_layer, weight_bits
 
-__all__ = ["DynamicWeightLinear", "HadamardInput", "HadamardOutput", "KernelFallbackWarning",
-           "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear", "notify_quantized",
-           "on_quantized", "replace_linear"]
+__all__ = ["CompensatedLinear", "DynamicWeightLinear", "HadamardInput", "HadamardOutput",
+           "KernelFallbackWarning", "LowRankLinear", "QuantConv1d", "QuantConv2d",
+           "QuantEmbedding", "QuantLinear", "factor_layer", "notify_quantized", "on_quantized",
+           "replace_linear", "weight_bits"]

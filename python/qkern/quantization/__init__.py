@@ -22,6 +22,7 @@ from .algorithms.equalization import cross_layer_equalization
 from .algorithms.gptq import GPTQConfig
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
 from .algorithms.llm_int8 import LLMInt8Config
+from .algorithms.low_rank import LowRankCompensationConfig
 from .algorithms.omniquant import OmniQuantConfig
 from .algorithms.qat import (
     QATConfig,
@@ -70,7 +71,8 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 
 __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig",
            "Batch", "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig",
-           "Gram", "HQQConfig", "LLMInt8Config", "LayerReport", "ObservedInput",
+           "Gram", "HQQConfig", "LLMInt8Config", "LayerReport",
+           "LowRankCompensationConfig", "ObservedInput",
            "ObservingQuantizer", "OmniQuantConfig", "ParallelSum", "QATConfig", "Quantizer",
            "RTNConfig",
            "RotationConfig",
