@@ -21,7 +21,7 @@ from qkern.quantization import (
     RTNConfig,
     WeightOnlyConfig,
 )
-from qkern.quantization.algorithms.low_rank import compensate
+from qkern.quantization.algorithms.low_rank import compensate, compensate_model
 
 
 def _np_truncated(e: np.ndarray, r: int) -> np.ndarray:
@@ -95,6 +95,19 @@ def test_config_on_a_float_model_matches_the_base_plus_svd():
     with torch.no_grad():
         assert float((q(x) - m(x)).norm()) < float((alone(x) - m(x)).norm())
     assert q.qkern_config == cfg
+
+
+def test_compensate_model_after_the_fact():
+    torch.manual_seed(3)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 32))
+    alone = qkern.quantize_model(m, WeightOnlyConfig(fmt="int4", group_size=32,
+                                                     exclude=["2"]))
+    q, errors = compensate_model(alone, m, rank=5)
+    assert isinstance(alone[0], QuantLinear)  # a copy: the quantized model is untouched
+    assert list(errors) == ["0"] and type(q[2]) is torch.nn.Linear
+    w, qd = m[0].weight.detach().numpy(), alone[0].dequantize_weight().numpy()
+    np.testing.assert_allclose(q[0].dequantize_weight().numpy(), qd + _np_truncated(w - qd, 5),
+                               atol=1e-5)
 
 
 def test_gptq_base_in_the_llm_pipeline():

@@ -15,6 +15,7 @@ from ..quantization.algorithms.low_rank import (
     CompensationResult,
     LowRankCompensationConfig,
     compensate,
+    compensate_model,
     svd_factors,
 )
 from .conv import (
@@ -31,7 +32,7 @@ from .conv import (
 from .svd import decompose_model, factor_bits, quantized_svd, rank_for_budget
 
 __all__ = ["CompensatedLinear", "CompensationResult", "LowRankCompensationConfig",
-           "LowRankLinear", "compensate", "cp_als", "cp_conv", "cp_reconstruct",
+           "LowRankLinear", "compensate", "compensate_model", "cp_als", "cp_conv", "cp_reconstruct",
            "decompose_convs", "decompose_model", "factor_bits", "quantize_factors",
            "quantized_svd", "rank_for_budget", "storage_bits", "svd_factors", "tucker2",
            "tucker2_reconstruct", "tucker_conv", "weight_bits"]

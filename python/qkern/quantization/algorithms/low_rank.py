@@ -19,6 +19,7 @@ calibrate on compensated outputs.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +43,7 @@ from ..sequential import SequentialQuantizer, quantize_sequential
 from .rtn import RTNConfig
 
 __all__ = ["CompensationResult", "LowRankCompensationConfig", "LowRankCompensationQuantizer",
-           "compensate", "requantize", "svd_factors"]
+           "compensate", "compensate_model", "requantize", "svd_factors"]
 
 
 def svd_factors(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +114,32 @@ def compensate(weight: torch.Tensor, layer: QuantLinear, rank: int, iters: int =
             break
         best = (q, side, err)
     return CompensationResult(CompensatedLinear(best[0], best[1]), errors)
+
+
+def compensate_model(quantized: nn.Module, float_model: nn.Module, rank: int, iters: int = 0,
+                     factor_fmt: str | None = None, factor_group_size: int | None = None,
+                     inplace: bool = False) -> tuple[nn.Module, dict[str, list[float]]]:
+    """LoRC / LQ-LoRA after the fact: every QuantLinear of ``quantized`` whose name is an
+    ``nn.Linear`` of the same shape in ``float_model`` (the model it was quantized from)
+    gets the compensation of :func:`compensate` (``rank`` capped at the layer's smaller
+    dim). Returns (the model, {layer name: errors}); a copy unless ``inplace``. Unlike
+    :class:`LowRankCompensationConfig` inside the LLM pipeline, later layers were quantized
+    on uncompensated inputs (ZeroQuant-V2's LoRC is this post-hoc form)."""
+    if not isinstance(quantized, nn.Module) or not isinstance(float_model, nn.Module):
+        raise TypeError("compensate_model: quantized and float_model must be nn.Modules")
+    target = quantized if inplace else copy.deepcopy(quantized)
+    floats = dict(float_model.named_modules())
+    errors = {}
+    for name, m in list(target.named_modules()):
+        f = floats.get(name)
+        if not isinstance(m, QuantLinear) or not isinstance(f, nn.Linear) or \
+                tuple(f.weight.shape) != (m.out_features, m.in_features):
+            continue
+        r = min(rank, m.in_features, m.out_features)
+        res = compensate(f.weight, m, r, iters, factor_fmt, factor_group_size)
+        replace_module(target, name, res.layer)
+        errors[name] = res.errors
+    return target, errors
 
 
 @config_class
