@@ -153,3 +153,11 @@ def test_config_json_and_bad_fields():
     lin = torch.nn.Linear(32, 8)
     with pytest.raises(ValueError, match="weight is"):
         compensate(torch.randn(8, 16), QuantLinear.from_float(lin, "int8", group_size=None), 2)
+
+
+def test_save_refuses_low_rank_layers_clearly(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    q = qkern.quantize_model(m, LowRankCompensationConfig(base=WeightOnlyConfig(group_size=32),
+                                                          rank=2))
+    with pytest.raises(ValueError, match="low-rank"):
+        qkern.save(q, tmp_path / "q.safetensors")
