@@ -8,10 +8,10 @@ Markdown tables:
   factors), with int8 factors, with LQ-LoRA (LoRC + 2 alternating steps), and quantized SVD
   of every block linear at a few budgets; bits per weight over the block linears count the
   codes, a float16 scale and a zero point per group, and the low-rank factors (float factors
-  at 16 bits per value). RTN rows run ``LowRankCompensationConfig(base=RTNConfig(...))``;
-  GPTQ runs once and its rows add the compensation after the fact (``compensate_model``),
-  plus one row of the config inside the pipeline. Calibration: 32 windows x 256 bytes of
-  WikiText-2 valid (the llm report uses 64);
+  at 16 bits per value). Each base runs once and its rows add the compensation after the
+  fact (``compensate_model``; for RTN the same as the config), plus one row of
+  ``LowRankCompensationConfig(base=GPTQConfig(...), rank=8)`` inside the pipeline.
+  Calibration: 32 windows x 256 bytes of WikiText-2 valid (the llm report uses 64);
 - the digits CNN (qkern.models.digits, trained with seed 0): held-out accuracy of the model
   with its second conv (16 -> 32, 3x3) replaced by a Tucker-2 (HOSVD + 2 HOOI sweeps) or CP
   (ALS) sequence, factors float32 / int8 / int4 (per output channel), no fine-tuning; size
@@ -76,10 +76,10 @@ def _row(lab: str, q: nn.Module, test: bytes, secs: float | None) -> str:
 
 
 def bytelm_rows(quick: bool = False, n_cal: int = 32):
-    """Yields the Markdown lines of the bytelm table. RTN rows run the config
-    (``LowRankCompensationConfig(base=RTNConfig(...))``); GPTQ runs once and its rows add the
-    compensation after the fact (:func:`compensate_model`, seconds: the compensation's own),
-    plus one row of the config inside the pipeline (not with ``quick``)."""
+    """Yields the Markdown lines of the bytelm table. Each base runs once and its rows add
+    the compensation after the fact (:func:`compensate_model`; seconds: the compensation's
+    own), plus one row of ``LowRankCompensationConfig`` inside the GPTQ pipeline (not with
+    ``quick``)."""
     model = load_llama(shipped_path("models/wikitext-bytelm"))
     valid, test = wikitext_bytes()
     cal = text_calibration(valid, "bytes", n_cal, 256)
@@ -98,20 +98,16 @@ def bytelm_rows(quick: bool = False, n_cal: int = 32):
     if not quick:
         variants.append(("LoRC r8 (int8 factors)", dict(rank=8, factor_fmt="int8")))
     variants.append(("LQ-LoRA r8 (2 steps)", dict(rank=8, iters=2)))
-    rtn = BASES["RTN"]
-    for lab, kw in [("", None)] + variants:
-        cfg = rtn if kw is None else LowRankCompensationConfig(base=rtn, **kw)
-        q, secs = quantize(model, cfg, cal)
-        yield _row("RTN w3 g64" + (f" + {lab}" if lab else ""), q, test, secs)
-    gptq, secs = quantize(model, BASES["GPTQ"], cal)
-    yield _row("GPTQ w3 g64", gptq, test, secs)
-    for lab, kw in variants:
-        t = time.perf_counter()
-        q, _ = compensate_model(gptq, model, **kw)
-        yield _row(f"GPTQ w3 g64 + {lab} (after)", q, test, time.perf_counter() - t)
+    for base_label, base in BASES.items():
+        alone, secs = quantize(model, base, cal)
+        yield _row(f"{base_label} w3 g64", alone, test, secs)
+        for lab, kw in variants:
+            t = time.perf_counter()
+            q, _ = compensate_model(alone, model, **kw)
+            yield _row(f"{base_label} w3 g64 + {lab}", q, test, time.perf_counter() - t)
     if not quick:
         q, secs = quantize(model, LowRankCompensationConfig(base=BASES["GPTQ"], rank=8), cal)
-        yield _row("GPTQ w3 g64 + LoRC r8 (in the pipeline)", q, test, secs)
+        yield _row("GPTQ w3 g64 + LoRC r8 (config, in the pipeline)", q, test, secs)
     for budget, fmt, g in SVD_BUDGETS[:1] if quick else SVD_BUDGETS:
         t = time.perf_counter()
         with warnings.catch_warnings():
