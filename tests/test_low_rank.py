@@ -22,6 +22,8 @@ from qkern.quantization import (
     WeightOnlyConfig,
 )
 from qkern.quantization.algorithms.low_rank import compensate, compensate_model
+from qkern.tools.reports.decompose import block_bits
+from qkern.tools.reports.llm_vq import gptq_bits
 
 
 def _np_truncated(e: np.ndarray, r: int) -> np.ndarray:
@@ -161,3 +163,14 @@ def test_save_refuses_low_rank_layers_clearly(tmp_path):
                                                           rank=2))
     with pytest.raises(ValueError, match="low-rank"):
         qkern.save(q, tmp_path / "q.safetensors")
+
+
+def test_report_counts_bits_as_the_vq_report_counts_gptq():
+    model = build("llama")
+    rtn = RTNConfig(bits=3, group_size=64, sym=False)
+    alone = _quiet(qkern.quantize_model, model, rtn, progress=False)
+    assert block_bits(alone) == gptq_bits(model, 3, 64)
+    q, _ = compensate_model(alone, model, rank=8)
+    extra = sum(16 * 8 * (m.in_features + m.out_features) for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    assert block_bits(q) == (gptq_bits(model, 3, 64)[0] + extra, gptq_bits(model, 3, 64)[1])
