@@ -145,6 +145,7 @@ def test_config_json_and_bad_fields():
                                     factor_fmt="int8")
     assert BaseConfig.from_json(cfg.to_json()) == cfg
     assert isinstance(LowRankCompensationConfig().base, RTNConfig)
+    assert LowRankCompensationConfig(overrides={"x": "int8"}).for_layer("x").factor_fmt == "int8"
     for kw, what in ((dict(rank=0), "rank"), (dict(iters=-1), "iters"),
                      (dict(base="gptq"), "base"), (dict(factor_fmt="int99"), "factor_fmt"),
                      (dict(base=LowRankCompensationConfig()), "base")):

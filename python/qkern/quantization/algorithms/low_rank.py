@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -166,6 +167,9 @@ class LowRankCompensationConfig(BaseConfig):
     iters: int = 0
     factor_fmt: str | None = None
     factor_group_size: int | None = None
+
+    #: an override given as a format name sets the factors' format
+    FORMAT_FIELD: ClassVar[str] = "factor_fmt"
 
     def __post_init__(self) -> None:
         n = type(self).__name__
