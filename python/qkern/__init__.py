@@ -148,7 +148,7 @@ if "transformers" in sys.modules:  # already paid for: register "qkern" with tra
 
 def __getattr__(name: str):
     # qkern.hf, qkern.kv (transformers), qkern.vq, qkern.lora, qkern.mixed_precision,
-    # qkern.signal: imported on first use
-    if name in ("hf", "vq", "kv", "lora", "mixed_precision", "signal"):
+    # qkern.signal, qkern.decompose: imported on first use
+    if name in ("hf", "vq", "kv", "lora", "mixed_precision", "signal", "decompose"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'qkern' has no attribute {name!r}")

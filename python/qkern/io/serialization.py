@@ -27,7 +27,15 @@ from ..formats import Format
 from ..formats import get as get_format
 from ..kernels.base import FALLBACK
 from ..layout import Layout
-from ..nn import DynamicWeightLinear, QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from ..nn import (
+    CompensatedLinear,
+    DynamicWeightLinear,
+    LowRankLinear,
+    QuantConv1d,
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+)
 from ..ops.tiles import from_tiles
 from ..quantization import (
     ActQuant,
@@ -417,6 +425,9 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> 
     if getattr(model, "_qkern_state", None) is not None or any(
             isinstance(m, ObservedInput) for m in model.modules()):
         raise ValueError("this model is prepared but not converted: call qkern.convert first")
+    if any(isinstance(m, (LowRankLinear, CompensatedLinear)) for m in model.modules()):
+        raise ValueError("qkern.save does not store low-rank layers (LowRankLinear, "
+                         "CompensatedLinear) yet: use torch.save(model) for now")
     specs = layer_specs(model)
     config = getattr(model, "qkern_config", None)
     meta = {"qkern_format": FORMAT_VERSION, "qkern_version": __version__,

@@ -22,10 +22,11 @@ from .linear import (
     on_quantized,
     replace_linear,
 )
+from .lowrank import CompensatedLinear, LowRankLinear, factor_layer, weight_bits
 
-__all__ = ["DynamicWeightLinear", "FloatBoundary", "HadamardInput", "HadamardOutput",
-           "Int8Attention", "IntegerAvgPool2d", "IntegerConv2d", "IntegerLinear",
-           "IntegerLinearIO", "IntegerMaxPool2d", "IntegerModel", "IntegerReLU",
-           "KernelFallbackWarning", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "QuantLinear",
-           "notify_quantized",
-           "on_quantized", "replace_linear"]
+__all__ = ["CompensatedLinear", "DynamicWeightLinear", "FloatBoundary", "HadamardInput",
+           "HadamardOutput", "Int8Attention", "IntegerAvgPool2d", "IntegerConv2d",
+           "IntegerLinear", "IntegerLinearIO", "IntegerMaxPool2d", "IntegerModel", "IntegerReLU",
+           "KernelFallbackWarning", "LowRankLinear", "QuantConv1d", "QuantConv2d",
+           "QuantEmbedding", "QuantLinear", "factor_layer", "notify_quantized", "on_quantized",
+           "replace_linear", "weight_bits"]

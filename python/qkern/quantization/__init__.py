@@ -24,6 +24,7 @@ from .algorithms.gptq import GPTQConfig
 from .algorithms.hqq import HQQConfig, hqq_linear, hqq_quantize
 from .algorithms.integer_only import IntegerOnlyConfig
 from .algorithms.llm_int8 import LLMInt8Config, OutlierReport, outlier_report
+from .algorithms.low_rank import LowRankCompensationConfig
 from .algorithms.omniquant import OmniQuantConfig
 from .algorithms.qat import (
     QATConfig,
@@ -76,7 +77,7 @@ from .sequential import BlockContext, LayerReport, SequentialQuantizer, quantize
 __all__ = ["AWQConfig", "ActQuant", "ActivationOnlyConfig", "AdaRoundConfig", "BaseConfig",
            "Batch", "BlockContext", "DynamicConfig", "DynamicWeightOnlyConfig", "GPTQConfig",
            "Gram", "HQQConfig", "HardwareConstraints", "HardwareCost", "IntegerOnlyConfig",
-           "LLMInt8Config", "LayerReport", "ObservedInput",
+           "LLMInt8Config", "LayerReport", "LowRankCompensationConfig", "ObservedInput",
            "ObservingQuantizer", "OmniQuantConfig", "OutlierReport", "ParallelSum", "QATConfig",
            "Quantizer", "QuantizedAttentionConfig",
            "RTNConfig",
