@@ -40,6 +40,7 @@ from ..quantization import (
 from ..quantize import quantize
 from ..version import __version__
 from ..vq.linear import VQLinear
+from .hf_config import model_from_config
 from .safetensors import write_safetensors
 from .shards import read_checkpoint
 from .skeleton import (
@@ -417,7 +418,6 @@ def _target(model_or_factory, config, where: str) -> nn.Module:
         raise TypeError("qkern.load needs a model (or a function returning one) or config=, "
                         "exactly one of them")
     if config is not None:
-        from .hf_config import model_from_config  # transformers is optional
         return model_from_config(config)
     if isinstance(model_or_factory, nn.Module):
         return structure_copy(model_or_factory)
