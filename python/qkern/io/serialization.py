@@ -42,7 +42,7 @@ from ..version import __version__
 from ..vq.linear import VQLinear
 from .hf_config import model_from_config
 from .safetensors import write_safetensors
-from .shards import read_checkpoint
+from .shards import read_checkpoint, read_owned
 from .skeleton import (
     meta_tensors,
     retie,
@@ -456,7 +456,8 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
         except AttributeError:
             raise BadFile(f"{where}: the model has no layer {name!r} (the file quantized it)"
                           ) from None
-        new = rebuild_layer(name, float_mod, spec, tensors, where)
+        # the skeleton's placeholder buffers let go at once: the file's replace them
+        new = rebuild_layer(name, float_mod, spec, tensors, where).to("meta")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     own = {k: v for k, v in model.state_dict().items() if v is not None}
@@ -469,9 +470,8 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
                 ([f"not in the model: {unexpected[:10]}"] if unexpected else []) + \
                 ([f"shape/dtype mismatch: {shapes[:10]}"] if shapes else [])
         raise BadFile(f"{where} does not fit this model: " + "; ".join(parts))
-    # each tensor copied out of the memory map (the model owns its memory), one at a time
-    model.load_state_dict({k: tensors.pop(k).clone() for k in own}, strict=True, assign=True)
-    del tensors
+    del tensors  # the mapped views; each tensor is now copied in on its own (read_owned)
+    model.load_state_dict(read_owned(path, own), strict=True, assign=True)
     retie(model, ties, where)
     for m in model.modules():  # operands derived from the loaded tensors (VQLinear's)
         if callable(getattr(m, "refresh_kernel_operands", None)):

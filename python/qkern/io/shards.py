@@ -16,10 +16,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .safetensors import read_safetensors
 
-__all__ = ["checkpoint_files", "read_checkpoint"]
+__all__ = ["checkpoint_files", "read_checkpoint", "read_owned"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -102,3 +103,32 @@ def read_checkpoint(path: str | os.PathLike, with_metadata: bool = False):
         raise ValueError(f"{index}: tensors of the weight_map missing from their shards: "
                          f"{lost[:8]}")
     return (tensors, meta) if with_metadata else tensors
+
+
+def read_owned(path: str | os.PathLike, keys=None,
+               window: int = 64 * 2**20) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of the checkpoint at ``path`` (the ``keys`` given, or all) copied
+    into memory of their own (aligned, writable, independent of the file). The file is
+    opened anew after every ``window`` bytes read, so the mapped pages an open handle keeps
+    resident are let go: the peak is the copies plus one window (or one tensor), not twice
+    the checkpoint. Read after :func:`read_checkpoint` has checked the layout."""
+    want = None if keys is None else set(keys)
+    out: dict[str, torch.Tensor] = {}
+    for f in checkpoint_files(path):
+        todo: list[str] | None = None
+        while todo is None or todo:
+            try:
+                with safe_open(os.fspath(f), framework="pt", device="cpu") as h:
+                    if todo is None:
+                        todo = [k for k in reversed(list(h.keys())) if want is None or k in want]
+                    read = 0
+                    while todo and read < window:
+                        k = todo.pop()
+                        t = h.get_tensor(k)
+                        read += t.numel() * t.element_size()
+                        out[k] = t.clone()
+                        del t
+            except SafetensorError as e:
+                raise ValueError(f"{f}: not a valid safetensors file: {e}") from None
+            del h  # the handle holds the file's mapping
+    return out
