@@ -470,8 +470,10 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
                 ([f"not in the model: {unexpected[:10]}"] if unexpected else []) + \
                 ([f"shape/dtype mismatch: {shapes[:10]}"] if shapes else [])
         raise BadFile(f"{where} does not fit this model: " + "; ".join(parts))
-    del tensors  # the mapped views; each tensor is now copied in on its own (read_owned)
-    model.load_state_dict(read_owned(path, own), strict=True, assign=True)
+    owned = read_owned(path, {k: tensors[k] for k in own})  # read, not mapped: no 2x peak
+    del tensors
+    model.load_state_dict(owned, strict=True, assign=True)
+    del owned
     retie(model, ties, where)
     for m in model.modules():  # operands derived from the loaded tensors (VQLinear's)
         if callable(getattr(m, "refresh_kernel_operands", None)):
