@@ -289,3 +289,56 @@ def test_peak_memory_of_a_meta_load_is_below_the_float_model(tmp_path):
     # the file's pages (mapped) plus the model's own copy, and one layer's packing at a time
     assert grew < 2 * q_bytes + 16 * 2**20, (grew, q_bytes, float_bytes)
     assert grew < float_bytes / 2
+
+
+def _no_float_quantization(monkeypatch):
+    """Any quantization of a float weight while loading fails the test."""
+    def refuse(*a, **kw):
+        raise AssertionError("a float weight was quantized while loading")
+
+    for cls in (QuantLinear, QuantEmbedding, QuantConv2d, DynamicWeightLinear):
+        monkeypatch.setattr(cls, "from_float", classmethod(refuse))
+
+
+def test_loads_quantize_no_float_weight(tmp_path, monkeypatch):
+    q, path = _saved_llama(tmp_path)
+    _no_float_quantization(monkeypatch)
+    back = qkern.load(path, _llama())
+    assert torch.equal(back(IDS), q(IDS))
+
+
+def test_from_pretrained_builds_no_float_weight_of_a_quantized_layer(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    import qkern.hf  # noqa: F401  (registers the quantizer)
+    from qkern.interop.hf_quantizer import placeholder
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    q = _quiet(qkern.quantize_model, transformers.LlamaForCausalLM(cfg).eval(),
+               qkern.RTNConfig(bits=4, group_size=32), progress=False)
+    q.save_pretrained(tmp_path / "q", max_shard_size="40KB")  # shards + index
+    assert placeholder(nn.Linear(64, 32), "x").weight.is_meta
+    _no_float_quantization(monkeypatch)
+    back = _quiet(transformers.AutoModelForCausalLM.from_pretrained, str(tmp_path / "q"))
+    _same_state(back, q)
+    with torch.no_grad():
+        assert torch.equal(back(IDS).logits, q(IDS).logits)
+
+
+def test_load_pretrained_reads_a_sharded_source_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from qkern.models import load_pretrained
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    m.save_pretrained(tmp_path / "one")
+    m.save_pretrained(tmp_path / "many", max_shard_size="40KB")
+    assert len(list((tmp_path / "many").glob("model-*.safetensors"))) > 1
+    one, many = load_pretrained(tmp_path / "one"), load_pretrained(tmp_path / "many")
+    _same_state(one, many)
+    assert set(read_checkpoint(tmp_path / "many")) == set(read_checkpoint(tmp_path / "one"))
