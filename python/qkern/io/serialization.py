@@ -37,7 +37,7 @@ from ..quantization import (
     linearize_conv1d,
     notify_quantized,
 )
-from ..quantize import quantize
+from ..quantize import check_params
 from ..version import __version__
 from ..vq.linear import VQLinear
 from .hf_config import model_from_config
@@ -283,15 +283,10 @@ def _check_params(where: str, name: str, fmt: Format, lay: Layout, scale: torch.
     ``qkern.quantize`` applies to given ones (finite, positive scales; zero points in the
     format's code range), or BadFile names the tensor (``keys``: the scale's and the zero
     point's names)."""
-    kw = {"granularity": lay.granularity}
-    if lay.granularity == "channel":
-        kw["axis"] = lay.axis
-    elif lay.granularity == "group":
-        kw.update(axis=lay.axis, group_size=lay.group_size)
-    try:
-        quantize(torch.zeros(lay.shape), fmt, scale=scale.reshape(lay.scale_shape),
-                 zero_point=None if zero_point is None else zero_point.reshape(lay.scale_shape),
-                 symmetric=zero_point is None, quantizer=quantizer, **kw)
+    try:  # no data: the checks alone (no float tensor of the layer's shape)
+        check_params(fmt, lay, scale.reshape(lay.scale_shape),
+                     None if zero_point is None else zero_point.reshape(lay.scale_shape),
+                     symmetric=zero_point is None, quantizer=quantizer)
     except ValueError as e:
         zp = str(e).startswith("zero_point")
         raise BadFile(f"{where}: tensor '{name}.{keys[zp]}': {e}{note if zp else ''}") from None
