@@ -11,6 +11,7 @@ import torch
 from . import _C, companding, fixed_point, formats, logdomain, nn, observers, ops  # noqa: F401
 from .interop import export, from_pretrained
 from .io.serialization import load, save
+from .io.skeleton import empty_init
 from .nn.integer import IntegerModel
 from .packing import pack_bits, pack_int32, unpack_bits, unpack_int32
 from .quantization import (
@@ -68,6 +69,7 @@ __all__ = [
     "convert",
     "hardware_cost",
     "dequantize",
+    "empty_init",
     "export",
     "fake_quantize",
     "formats",

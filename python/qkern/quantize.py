@@ -164,6 +164,17 @@ def _given_params(scale, zero_point, symmetric, layout, fmt):
     return sc, zp
 
 
+def check_params(fmt, layout: Layout, scale, zero_point=None, symmetric: bool = True,
+                 quantizer: str = "midtread") -> None:
+    """The checks :func:`quantize` applies to a given ``scale`` / ``zero_point`` for a tensor
+    of ``layout`` (the options, the scale's shape, finite positive scales, zero points in the
+    format's code range), without the tensor: ValueError naming the problem."""
+    fmt = F.get(fmt)
+    qshape = _choice(quantizer, QUANTIZERS, "quantizer")
+    _check_options(fmt, symmetric, quantizer, qshape, 1.0, None, False)
+    _given_params(scale, zero_point, symmetric, layout, fmt)
+
+
 def quantize(x, fmt, *, granularity: str | None = None, axis: int | None = None,
              group_size: int | None = None, symmetric: bool = True,
              rounding: str = "nearest_even", quantizer: str = "midtread", deadzone: float = 1.0,

@@ -80,28 +80,21 @@ def on_load_problem(config) -> str | None:
 
 
 def placeholder(mod: nn.Module, name: str) -> nn.Module:
-    """A CPU float32 layer of ``mod``'s kind and shape (``mod`` may be on the meta device)
-    with fixed pseudo-random weights, for a quantized layer to be built on before its saved
-    tensors load. transformers' ``Conv1D`` becomes its ``nn.Linear`` (as quantization did)."""
-    g = torch.Generator().manual_seed(0)
-    with _cpu_float32():
-        if type(mod) is nn.Linear or is_conv1d(mod):
-            n, k = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else \
-                mod.weight.shape
-            out: nn.Module = nn.Linear(k, n, bias=mod.bias is not None)
-        elif type(mod) is nn.Embedding:
-            out = nn.Embedding(mod.num_embeddings, mod.embedding_dim, mod.padding_idx)
-        elif type(mod) in (nn.Conv1d, nn.Conv2d):
-            out = copy.deepcopy(mod).to_empty(device="cpu").float()
-        else:
-            raise ValueError(f"layer {name!r} is a {type(mod).__name__} in this model; qkern "
-                             "rebuilds quantized layers on nn.Linear, transformers' Conv1D, "
-                             "nn.Conv1d/2d and nn.Embedding only")
-        with torch.no_grad():
-            out.weight.copy_(torch.randn(out.weight.shape, generator=g) * 0.02)
-            if getattr(out, "bias", None) is not None:
-                out.bias.zero_()
-    return out
+    """A float32 layer of ``mod``'s kind and shape on the meta device (no memory), for a
+    quantized layer to be built on from its shape before its saved tensors load.
+    transformers' ``Conv1D`` becomes its ``nn.Linear`` (as quantization did)."""
+    if type(mod) is nn.Linear or is_conv1d(mod):
+        n, k = (mod.weight.shape[1], mod.weight.shape[0]) if is_conv1d(mod) else \
+            mod.weight.shape
+        return nn.Linear(k, n, bias=mod.bias is not None, device="meta")
+    if type(mod) is nn.Embedding:
+        return nn.Embedding(mod.num_embeddings, mod.embedding_dim, mod.padding_idx,
+                            device="meta")
+    if type(mod) in (nn.Conv1d, nn.Conv2d):
+        return copy.deepcopy(mod).to("meta").float()
+    raise ValueError(f"layer {name!r} is a {type(mod).__name__} in this model; qkern "
+                     "rebuilds quantized layers on nn.Linear, transformers' Conv1D, "
+                     "nn.Conv1d/2d and nn.Embedding only")
 
 
 class _Checkpoint:

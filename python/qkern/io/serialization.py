@@ -45,11 +45,22 @@ from ..quantization import (
     linearize_conv1d,
     notify_quantized,
 )
-from ..quantize import quantize
-from ..tensor import QTensor
+from ..quantize import check_params
 from ..version import __version__
 from ..vq.linear import VQLinear
-from .safetensors import read_safetensors, write_safetensors
+from .hf_config import model_from_config
+from .safetensors import write_safetensors
+from .shards import read_checkpoint, read_owned
+from .skeleton import (
+    meta_tensors,
+    retie,
+    skeleton_conv,
+    skeleton_dynamic,
+    skeleton_embedding,
+    skeleton_linear,
+    structure_copy,
+    tied_groups,
+)
 
 __all__ = ["BadFile", "check_loaded_layer", "layer_specs", "load", "rebuild_layer", "save"]
 
@@ -65,19 +76,6 @@ def _linear_spec(m: QuantLinear) -> dict:
     if q.zero_point is not None and q.zero_point.is_floating_point():
         spec["float_zero"] = True  # HQQ: float32 zero points (the buffers hold them)
     return spec
-
-
-def _float_zero_linear(f: nn.Linear, s: dict) -> QuantLinear:
-    """A placeholder QuantLinear with float zero points (HQQ) of the saved kind; the file's
-    tensors then fill its buffers."""
-    n, k = f.weight.shape
-    g = s["group_size"]
-    if g is None or g <= 0 or k % g:
-        raise ValueError(f"group_size {g} does not divide in_features {k}")
-    lay = Layout("group", (n, k), 1, g)
-    q = QTensor(torch.zeros(n, k, dtype=torch.uint8), torch.ones(lay.scale_shape),
-                torch.zeros(lay.scale_shape), get_format(s["fmt"]), lay)
-    return QuantLinear(q, f.bias, act=s["act"], mode=s["mode"])
 
 
 def _spec(m: nn.Module) -> dict | None:
@@ -108,19 +106,6 @@ class BadFile(ValueError):
     wrong)."""
 
 
-def _linear_kwargs(spec: dict, act_scale: torch.Tensor | float,
-                   threshold: torch.Tensor | float = 6.0) -> dict:
-    kw = {"group_size": spec["group_size"], "symmetric": spec["symmetric"], "act": spec["act"],
-          "mode": spec["mode"], "quantizer": spec["quantizer"]}
-    if spec["double_quant"]:
-        kw["double_quant"] = True
-    if spec["act"] == "int8_static":
-        kw["act_scale"] = act_scale
-    if spec["act"] == "int8_mixed":
-        kw["threshold"] = threshold
-    return kw
-
-
 def _make_linear(cls: type, prefix: str) -> Callable:
     """Builds a QuantLinear / QuantConv from the float layer with the saved ``act_scale``
     (int8_static) or ``outlier_threshold`` (int8_mixed) tensor of the layer (``prefix``: where
@@ -128,23 +113,23 @@ def _make_linear(cls: type, prefix: str) -> Callable:
 
     def make(f: nn.Module, s: dict, saved: Callable[[str], torch.Tensor | None], where: str,
              name: str):
-        if s.get("float_zero"):
-            if cls is not QuantLinear:
-                raise ValueError(f"float zero points (HQQ) come with QuantLinear layers, not "
-                                 f"{cls.__name__}")
-            return _float_zero_linear(f, s)
+        if s.get("float_zero") and cls is not QuantLinear:
+            raise ValueError(f"float zero points (HQQ) come with QuantLinear layers, not "
+                             f"{cls.__name__}")
         key = {"int8_static": "act_scale", "int8_mixed": "outlier_threshold"}.get(s["act"])
         v = None if key is None else saved(prefix + key)
-        static = s["act"] == "int8_static"
-        kw = _linear_kwargs(s, v if static and v is not None else 1.0,
-                            v if not static and v is not None else 6.0)
+
+        def build(value):
+            if cls is QuantLinear:
+                return skeleton_linear(f, s, value, value)
+            return skeleton_conv(cls, f, s, value, value)
+
         try:
-            return cls.from_float(f, s["fmt"], **kw)
+            return build(v)
         except _BUILD_ERRORS as e:
             if v is None:
                 raise
-            # the same layer with a valid placeholder value builds: the file's value is bad
-            cls.from_float(f, s["fmt"], **_linear_kwargs(s, 1.0))
+            build(None)  # with a valid placeholder value it builds: the file's value is bad
             raise BadFile(f"{where}: tensor '{name}.{prefix}{key}': {e}") from None
 
     return make
@@ -155,11 +140,9 @@ _REBUILD: dict[str, tuple[type, Callable]] = {
     "QuantConv1d": (nn.Conv1d, _make_linear(QuantConv1d, "qlinear.")),
     "QuantConv2d": (nn.Conv2d, _make_linear(QuantConv2d, "qlinear.")),
     "DynamicWeightLinear": (nn.Linear, lambda f, s, saved, where, name:
-                            DynamicWeightLinear.from_float(
-                                f, s["fmt"], group_size=s["group_size"],
-                                symmetric=s["symmetric"], rounding=s["rounding"])),
-    "QuantEmbedding": (nn.Embedding, lambda f, s, saved, where, name: QuantEmbedding.from_float(
-        f, s["fmt"], group_size=s["group_size"], symmetric=s["symmetric"])),
+                            skeleton_dynamic(f, s)),
+    "QuantEmbedding": (nn.Embedding, lambda f, s, saved, where, name:
+                       skeleton_embedding(f, s)),
     "VQLinear": (nn.Linear, lambda f, s, saved, where, name: _vq_linear(f, s, saved)),
 }
 
@@ -288,7 +271,8 @@ def _rebuild(name: str, float_mod: nn.Module, spec: dict, tensors: dict, where: 
     if spec.get("bias") and getattr(float_mod, "bias", None) is None:
         # bias correction gave this layer a bias: the (copied) float layer gets a zero one
         out = float_mod.weight.shape[0]
-        float_mod.bias = nn.Parameter(torch.zeros(out, dtype=float_mod.weight.dtype))
+        float_mod.bias = nn.Parameter(torch.zeros(out, dtype=float_mod.weight.dtype,
+                                                  device="meta"))
     built = make(float_mod, spec, lambda key: tensors.get(f"{name}.{key}"), where, name)
     kernel = spec.get("kernel")
     got = getattr(built, "kernel", None) or getattr(getattr(built, "qlinear", None), "kernel",
@@ -307,15 +291,10 @@ def _check_params(where: str, name: str, fmt: Format, lay: Layout, scale: torch.
     ``qkern.quantize`` applies to given ones (finite, positive scales; zero points in the
     format's code range), or BadFile names the tensor (``keys``: the scale's and the zero
     point's names)."""
-    kw = {"granularity": lay.granularity}
-    if lay.granularity == "channel":
-        kw["axis"] = lay.axis
-    elif lay.granularity == "group":
-        kw.update(axis=lay.axis, group_size=lay.group_size)
-    try:
-        quantize(torch.zeros(lay.shape), fmt, scale=scale.reshape(lay.scale_shape),
-                 zero_point=None if zero_point is None else zero_point.reshape(lay.scale_shape),
-                 symmetric=zero_point is None, quantizer=quantizer, **kw)
+    try:  # no data: the checks alone (no float tensor of the layer's shape)
+        check_params(fmt, lay, scale.reshape(lay.scale_shape),
+                     None if zero_point is None else zero_point.reshape(lay.scale_shape),
+                     symmetric=zero_point is None, quantizer=quantizer)
     except ValueError as e:
         zp = str(e).startswith("zero_point")
         raise BadFile(f"{where}: tensor '{name}.{keys[zp]}': {e}{note if zp else ''}") from None
@@ -437,40 +416,54 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> 
     write_safetensors(path, tensors, meta, overwrite=overwrite)
 
 
+def _target(model_or_factory, config, where: str) -> nn.Module:
+    """The model to rebuild: a structure copy of a given model (its state-dict tensors as meta
+    placeholders: nothing of the user's is copied or modified), a factory's result, or the
+    architecture ``config`` names built by :func:`~qkern.io.skeleton.empty_init`."""
+    if (model_or_factory is None) == (config is None):
+        raise TypeError("qkern.load needs a model (or a function returning one) or config=, "
+                        "exactly one of them")
+    if config is not None:
+        return model_from_config(config)
+    if isinstance(model_or_factory, nn.Module):
+        return structure_copy(model_or_factory)
+    if callable(model_or_factory):
+        model = model_or_factory()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the factory returned {type(model).__name__}, not an nn.Module")
+        return model
+    raise TypeError("model_or_factory must be an nn.Module or a callable returning one")
+
+
 def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.Module]
-         ) -> nn.Module:
-    """The quantized model saved at ``path``, rebuilt on ``model_or_factory``: a float model
-    of the saved architecture (copied, never modified) or a function returning one."""
+         | None = None, *, config=None) -> nn.Module:
+    """The quantized model saved at ``path`` (a qkern file, or a folder / index.json of
+    transformers' sharded safetensors layout holding qkern metadata), rebuilt on
+    ``model_or_factory``: a model of the saved architecture (never modified, and its
+    weights are not copied: only its structure is), possibly built on the meta device
+    (``with torch.device("meta")`` or ``with qkern.empty_init()``), or a function returning
+    one; or on ``config=`` (a transformers config, or a transformers model folder) built
+    with no weights. Quantized layers are built from their shapes only and every tensor
+    comes from the file: no float weight of a quantized layer is materialized."""
     where = str(path)
-    tensors, meta = read_safetensors(path, with_metadata=True)
+    tensors, meta = read_checkpoint(path, with_metadata=True)
     if "qkern_layers" not in meta:
         raise BadFile(f"{where}: not a qkern file (no qkern metadata)")
     if meta.get("qkern_format") != FORMAT_VERSION:
         raise BadFile(f"{where}: qkern file format {meta.get('qkern_format')!r}, this qkern "
                       f"reads {FORMAT_VERSION!r}")
     layers, cfg = _layer_specs(where, meta), _config(where, meta)
-    if isinstance(model_or_factory, nn.Module):
-        model = copy.deepcopy(model_or_factory)
-    elif callable(model_or_factory):
-        model = model_or_factory()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"the factory returned {type(model).__name__}, not an nn.Module")
-    else:
-        raise TypeError("model_or_factory must be an nn.Module or a callable returning one")
+    model = _target(model_or_factory, config, where)
     linearize_conv1d(model)  # as quantization did: transformers' Conv1D -> nn.Linear
+    ties = tied_groups(model)
     for name, spec in layers.items():
         try:
             float_mod = model.get_submodule(name)
         except AttributeError:
             raise BadFile(f"{where}: the model has no layer {name!r} (the file quantized it)"
                           ) from None
-        try:
-            new = _rebuild(name, float_mod, spec, tensors, where)
-        except BadFile:
-            raise
-        except _BUILD_ERRORS as e:
-            raise BadFile(f"{where}: layer {name!r} cannot be rebuilt: {e} (its spec: "
-                          f"{json.dumps(spec)[:200]})") from e
+        # the skeleton's placeholder buffers let go at once: the file's replace them
+        new = rebuild_layer(name, float_mod, spec, tensors, where).to("meta")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     own = {k: v for k, v in model.state_dict().items() if v is not None}
@@ -483,7 +476,19 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
                 ([f"not in the model: {unexpected[:10]}"] if unexpected else []) + \
                 ([f"shape/dtype mismatch: {shapes[:10]}"] if shapes else [])
         raise BadFile(f"{where} does not fit this model: " + "; ".join(parts))
-    model.load_state_dict(tensors, strict=True)
+    owned = read_owned(path, {k: tensors[k] for k in own})  # read, not mapped: no 2x peak
+    del tensors
+    model.load_state_dict(owned, strict=True, assign=True)
+    del owned
+    retie(model, ties, where)
+    for m in model.modules():  # operands derived from the loaded tensors (VQLinear's)
+        if callable(getattr(m, "refresh_kernel_operands", None)):
+            m.refresh_kernel_operands()
+    left = meta_tensors(model)
+    if left:
+        raise BadFile(f"{where}: no file tensor for {left[:10]} (left on the meta device: "
+                      "non-persistent buffers of a model built on meta; build it with "
+                      "qkern.empty_init(), which keeps buffers real)")
     for name in layers:
         _check_loaded(where, name, model.get_submodule(name))
     if cfg is not None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import read_safetensors
+from ..io.shards import checkpoint_files, read_checkpoint
 
 __all__ = ["INDEX_FILE", "KVCache", "Llama", "LlamaConfig", "bits_per_byte", "load_llama",
            "read_weights", "weight_files"]
@@ -234,39 +234,16 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of a model folder: the shards ``model.safetensors.index.json``
-    names (each must be there), else ``model.safetensors``, else every ``*.safetensors``."""
-    p = Path(path)
-    index = p / INDEX_FILE
-    if index.is_file():
-        try:
-            wmap = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(wmap.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"{index}: not a safetensors index (a JSON object with a "
-                             "'weight_map' {tensor name: file name})") from None
-        missing = [f for f in files if not (p / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{p}: shards named by {INDEX_FILE} are missing: {missing}")
-        return [p / f for f in files]
-    if (p / "model.safetensors").is_file():
-        return [p / "model.safetensors"]
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{p}: no model.safetensors, {INDEX_FILE} or *.safetensors")
-    return files
+    names (each must be there), else ``model.safetensors``, else every ``*.safetensors``
+    (:func:`qkern.io.shards.checkpoint_files`)."""
+    return checkpoint_files(path)
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a model folder's safetensors files (memory-mapped; see
-    :func:`weight_files`); a name in two files is a ValueError."""
-    out: dict[str, torch.Tensor] = {}
-    for f in weight_files(path):
-        part = read_safetensors(f)
-        twice = sorted(set(part) & set(out))
-        if twice:
-            raise ValueError(f"{f}: tensors {twice[:5]} are in another shard too")
-        out.update(part)
-    return out
+    :func:`weight_files`); a name in two files is a ValueError
+    (:func:`qkern.io.shards.read_checkpoint`)."""
+    return read_checkpoint(path)
 
 
 def load_llama(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> Llama:

@@ -30,6 +30,26 @@ class _QuantConvNd(nn.Module):
     @classmethod
     def from_float(cls, conv: nn.Module, fmt: str = "int8", *, group_size: int | None = None,
                    **kw) -> _QuantConvNd:
+        cls._check(conv)
+        w = conv.weight.detach()
+        lin = nn.Linear(w[0].numel(), w.shape[0], bias=conv.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(w.reshape(w.shape[0], -1))
+            if conv.bias is not None:
+                lin.bias.copy_(conv.bias.detach())
+        ql = QuantLinear.from_float(lin, fmt, group_size=group_size, **kw)
+        return cls.from_quant_linear(conv, ql)
+
+    @classmethod
+    def from_quant_linear(cls, conv: nn.Module, qlinear: QuantLinear) -> _QuantConvNd:
+        """The quantized conv of ``conv``'s geometry (``conv`` may be on the meta device)
+        computing with ``qlinear`` (out, in * prod(kernel))."""
+        cls._check(conv)
+        return cls(qlinear, conv.in_channels, conv.kernel_size, conv.stride, conv.padding,
+                   conv.dilation)
+
+    @classmethod
+    def _check(cls, conv: nn.Module) -> None:
         want = nn.Conv1d if cls.ndim == 1 else nn.Conv2d
         if not isinstance(conv, want):
             raise TypeError(f"from_float expects an nn.{want.__name__}, got "
@@ -40,15 +60,6 @@ class _QuantConvNd(nn.Module):
             raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported")
         if isinstance(conv.padding, str):
             raise ValueError(f"padding={conv.padding!r} is not supported; give sizes")
-        w = conv.weight.detach()
-        lin = nn.Linear(w[0].numel(), w.shape[0], bias=conv.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(w.reshape(w.shape[0], -1))
-            if conv.bias is not None:
-                lin.bias.copy_(conv.bias.detach())
-        ql = QuantLinear.from_float(lin, fmt, group_size=group_size, **kw)
-        return cls(ql, conv.in_channels, conv.kernel_size, conv.stride, conv.padding,
-                   conv.dilation)
 
     def _as2d(self, x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(-2) if self.ndim == 1 else x

@@ -6,7 +6,9 @@ For each transformer block (found by :func:`~qkern.quantization.blocks.find_bloc
 1. the block's inputs (positional and keyword arguments, one :class:`Batch` per calibration
    batch) are at hand: block 0's captured from the model, block i+1's produced by running the
    *quantized* block i on block i's inputs;
-2. a float copy of the block is made (the model is never held twice: one block at a time);
+2. a float copy of the block is made (the model is never held twice: one block at a time;
+   where no method transforms whole blocks, the linears' weights are shared with the
+   original and each layer gets its own copy only while it is quantized);
 3. ``quantizer.process_block(ctx)`` may transform it (scale folding, rotations, training);
 4. ``quantizer.quantize_block(ctx)``: by default, for each true-sequential group of linears
    (q/k/v, then o, then gate/up, then down), the Gram matrices ``X^T X / N`` of their inputs
@@ -304,7 +306,12 @@ class SequentialQuantizer(Quantizer):
             for rel in todo:
                 t0 = time.perf_counter()
                 lin = ctx.block.get_submodule(rel)
-                w = lin.weight.detach().float().clone()
+                # the layer gets its own copy of the weight to quantize (a method may write
+                # it); the block's tensor (perhaps shared with the user's model) stays as it
+                # was and is the reference of the reported error
+                w = lin.weight.detach().float()
+                lin.weight = nn.Parameter(lin.weight.detach().clone(),
+                                          requires_grad=lin.weight.requires_grad)
                 g = grams.get(rel)
                 full = ctx.full_name(rel)
                 new = self.quantize_layer(full, lin, g if want else None,
@@ -384,6 +391,35 @@ def _shared_copy(model: nn.Module, blocks: nn.ModuleList) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _block_copy(block: nn.Module, quantizer: SequentialQuantizer) -> nn.Module:
+    """The float copy of ``block`` that is transformed and quantized. Where no method of the
+    chain transforms blocks (no ``process_block`` / ``quantize_block`` of its own: RTN, HQQ,
+    GPTQ ...), the linears' weights are shared with ``block``, not copied: the default
+    ``quantize_block`` gives each layer its own copy only while it quantizes it (copy on
+    write), so the whole block's float weights are never held twice."""
+    if any(type(x).process_block is not SequentialQuantizer.process_block
+           or type(x).quantize_block is not SequentialQuantizer.quantize_block
+           for x in quantizer.chain()):
+        return copy.deepcopy(block)
+    memo = {}
+    for rel in block_linears(block):
+        w = getattr(block.get_submodule(rel), "weight", None)
+        if isinstance(w, nn.Parameter):
+            memo[id(w)] = w
+    return copy.deepcopy(block, memo)
+
+
+def _unshare(copied: nn.Module, original: nn.Module) -> None:
+    """Gives the parameters ``copied`` still shares with ``original`` (layers left float)
+    copies of their own: the result shares no tensor with the user's model."""
+    theirs = {id(p) for p in original.parameters()}
+    for mod in copied.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and id(p) in theirs:
+                mod._parameters[name] = nn.Parameter(p.detach().clone(),
+                                                     requires_grad=p.requires_grad)
+
+
 def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
                         calibration: Iterable | None, inplace: bool = False,
                         progress: bool | None = None) -> nn.Module:
@@ -422,7 +458,7 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
     try:
         for i in range(len(tblocks)):
             name = f"{list_name}.{i}"
-            blk = copy.deepcopy(tblocks[i])
+            blk = _block_copy(tblocks[i], quantizer)
             linearize_conv1d(blk)
             layers = {}
             for rel in block_linears(blk):
@@ -450,6 +486,7 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
             if inputs:
                 outs = nxt if nxt is not None else block_outputs(blk, inputs)
                 inputs = [_with_hidden(b, h) for b, h in zip(inputs, outs)]
+            _unshare(blk, tblocks[i])
             tblocks[i] = blk
             bar.update(1)
     finally:
