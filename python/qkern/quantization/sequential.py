@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .blocks import block_linears, find_blocks, linearize_conv1d, scale_pairs, sequential_groups
 from .calibration import as_batches, call_model, collect_grams
+from .distributed import DataParallel, data_parallel, mine, resolve, shard, share_modules
 from .layers import warn_notes, weight_module
 from .registry import (
     BaseConfig,
@@ -205,6 +206,8 @@ class SequentialQuantizer(Quantizer):
     GRAMS = True
     #: convert needs calibration data
     NEEDS_DATA = True
+    #: runs data-parallel (distributed=True): every statistic it uses is all-reduced
+    DISTRIBUTED = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -301,18 +304,28 @@ class SequentialQuantizer(Quantizer):
             # float32 is enough there (float64 took a fifth of RTN / ZeroQuant / rotation)
             want = self.wants_grams()
             grams = ctx.grams(todo, torch.float64 if want else torch.float32)
+            ws = {rel: ctx.block.get_submodule(rel).weight.detach().float().clone()
+                  for rel in todo}
+            made = {}
+            for i, rel in enumerate(todo):  # layer-parallel over ranks (one rank: all)
+                if mine(i):
+                    t0 = time.perf_counter()
+                    full = ctx.full_name(rel)
+                    new = self.quantize_layer(full, ctx.block.get_submodule(rel),
+                                              grams.get(rel) if want else None, ctx.layers[rel])
+                    made[rel] = (new, self.notes.get(full), time.perf_counter() - t0)
+            made = share_modules(made, todo)  # each owner's modules to every rank
             for rel in todo:
                 t0 = time.perf_counter()
-                lin = ctx.block.get_submodule(rel)
-                w = lin.weight.detach().float().clone()
-                g = grams.get(rel)
+                new, note, seconds = made[rel]
                 full = ctx.full_name(rel)
-                new = self.quantize_layer(full, lin, g if want else None,
-                                          ctx.layers[rel])
+                if note is not None:
+                    self.notes[full] = note
                 replace_module(ctx.block, rel, new)
                 deq = getattr(new, "dequantize_weight", None)
-                err = relative_output_error(w, deq(), g) if deq is not None else float("nan")
-                log(full, err, time.perf_counter() - t0)
+                g = grams.get(rel)
+                err = relative_output_error(ws[rel], deq(), g) if deq is not None else float("nan")
+                log(full, err, seconds + time.perf_counter() - t0)
 
     # ---- the workflow --------------------------------------------------------------------
 
@@ -377,6 +390,14 @@ def _preflight(quantizer: SequentialQuantizer, list_name: str, block: nn.Module
     return cannot
 
 
+def _check_distributed(quantizer: SequentialQuantizer, dp: DataParallel | None) -> None:
+    bad = [type(q.config).__name__ for q in quantizer.chain() if not q.DISTRIBUTED]
+    if dp is not None and bad:
+        raise ValueError(f"{bad[0]} does not run distributed yet (its statistics are not "
+                         "all-reduced): run it in one process (distributed=False); "
+                         "GPTQ, RTN, SmoothQuant, HQQ and the rotations do (docs/distributed.md)")
+
+
 def _shared_copy(model: nn.Module, blocks: nn.ModuleList) -> nn.Module:
     """A deep copy of ``model`` whose blocks share their tensors with the original (each is
     copied for real, one at a time, when it is quantized)."""
@@ -386,14 +407,19 @@ def _shared_copy(model: nn.Module, blocks: nn.ModuleList) -> nn.Module:
 
 def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
                         calibration: Iterable | None, inplace: bool = False,
-                        progress: bool | None = None) -> nn.Module:
+                        progress: bool | None = None, distributed: bool | None = None
+                        ) -> nn.Module:
     """Runs ``quantizer`` block by block over ``model`` (see the module docstring); returns
-    the quantized model (``model`` itself when ``inplace``)."""
+    the quantized model (``model`` itself when ``inplace``). ``distributed``: data- and
+    layer-parallel over the torch.distributed group (None: when one with several ranks is
+    initialized; :mod:`~qkern.quantization.distributed`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_model(model)
     list_name, blocks = find_blocks(model)
-    batches = None if calibration is None else as_batches(calibration)
+    dp = resolve(distributed)
+    _check_distributed(quantizer, dp)
+    batches = None if calibration is None else shard(as_batches(calibration), dp)
     why = quantizer.needs_calibration()
     if why and batches is None:
         raise ValueError(f"{type(quantizer.config).__name__} needs calibration data (it {why})"
@@ -402,6 +428,7 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
     _, tblocks = find_blocks(target)
     if progress is None:
         progress = quantizer.progress if quantizer.progress is not None else sys.stderr.isatty()
+    progress = progress and (dp is None or dp.rank == 0)
     cannot = _preflight(quantizer, list_name, blocks[0])
     inputs = capture_first_block_inputs(target, tblocks[0], batches) if batches else []
     n_layers = sum(len(block_linears(b)) for b in tblocks)
@@ -420,38 +447,41 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
                       file=sys.stderr)
 
     try:
-        for i in range(len(tblocks)):
-            name = f"{list_name}.{i}"
-            blk = copy.deepcopy(tblocks[i])
-            linearize_conv1d(blk)
-            layers = {}
-            for rel in block_linears(blk):
-                mod = blk.get_submodule(rel)
-                c = quantizer.layer_config(f"{name}.{rel}", mod)
-                why = cannot.get(rel)
-                if c is not None and c != quantizer.layer_config(f"{list_name}.0.{rel}", mod):
-                    # a per-layer override (mixed precision): block 0's probe does not apply
-                    why = quantizer.preflight(f"{name}.{rel}", mod, c)
-                if c is not None and why is not None:
-                    quantizer.skipped[f"{name}.{rel}"] = why
-                elif c is not None:
-                    layers[rel] = c
-            groups = (sequential_groups(blk, inputs[0], list(layers)) if inputs
-                      else [[n] for n in layers])
-            if not getattr(quantizer.config, "true_sequential", True):
-                groups = [[n for g in groups for n in g]]
-            ctx = BlockContext(name, i, len(tblocks), blk, inputs, layers, groups,
-                               scale_pairs(blk), notes)
-            for q in quantizer.chain():  # transforms first, then the layer method's own
-                q.process_block(ctx)
-            # the next block sees this block's float (transformed) outputs, or its quantized ones
-            nxt = block_outputs(blk, inputs) if inputs and quantizer.float_inputs() else None
-            quantizer.quantize_block(ctx, log)
-            if inputs:
-                outs = nxt if nxt is not None else block_outputs(blk, inputs)
-                inputs = [_with_hidden(b, h) for b, h in zip(inputs, outs)]
-            tblocks[i] = blk
-            bar.update(1)
+        with data_parallel(dp):  # the statistics are all-reduced inside
+            for i in range(len(tblocks)):
+                name = f"{list_name}.{i}"
+                blk = copy.deepcopy(tblocks[i])
+                linearize_conv1d(blk)
+                layers = {}
+                for rel in block_linears(blk):
+                    mod = blk.get_submodule(rel)
+                    c = quantizer.layer_config(f"{name}.{rel}", mod)
+                    why = cannot.get(rel)
+                    if c is not None and c != quantizer.layer_config(f"{list_name}.0.{rel}",
+                                                                     mod):
+                        # a per-layer override (mixed precision): block 0's probe is not it
+                        why = quantizer.preflight(f"{name}.{rel}", mod, c)
+                    if c is not None and why is not None:
+                        quantizer.skipped[f"{name}.{rel}"] = why
+                    elif c is not None:
+                        layers[rel] = c
+                groups = (sequential_groups(blk, inputs[0], list(layers)) if inputs
+                          else [[n] for n in layers])
+                if not getattr(quantizer.config, "true_sequential", True):
+                    groups = [[n for g in groups for n in g]]
+                ctx = BlockContext(name, i, len(tblocks), blk, inputs, layers, groups,
+                                   scale_pairs(blk), notes)
+                for q in quantizer.chain():  # transforms first, then the layer method's own
+                    q.process_block(ctx)
+                # the next block sees this block's float (transformed) outputs, or its
+                # quantized ones
+                nxt = block_outputs(blk, inputs) if inputs and quantizer.float_inputs() else None
+                quantizer.quantize_block(ctx, log)
+                if inputs:
+                    outs = nxt if nxt is not None else block_outputs(blk, inputs)
+                    inputs = [_with_hidden(b, h) for b, h in zip(inputs, outs)]
+                tblocks[i] = blk
+                bar.update(1)
     finally:
         bar.close()
     quantizer.report = report
