@@ -1,7 +1,7 @@
 """One rank (or the single process) of tests/test_distributed.py: quantizes the tiny Llama of
-llm_models with a method and writes {layer: (codes, scale, dequantized weight)} and the model's
-logits to OUT/rank<r>.pt. Environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (torchrun's),
-or none for the single-process reference."""
+llm_models with each method asked for and writes {layer: (codes, scale, dequantized weight)}
+and the model's logits to OUT/<method>_<batches>_rank<r>.pt. Environment: RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT (torchrun's), or none for the single-process reference."""
 
 import datetime
 import os
@@ -38,7 +38,7 @@ def layers(model) -> dict:
     return out
 
 
-def observers(out: str, n_batches: int, rank: int) -> None:
+def observers(n_batches: int) -> dict:
     """Per-channel MinMaxObserver on this rank's shard, synced, vs one on all the data."""
     g = torch.Generator().manual_seed(3)
     data = [torch.randn(8, 5, generator=g) * (i + 1) for i in range(n_batches)]
@@ -48,31 +48,35 @@ def observers(out: str, n_batches: int, rank: int) -> None:
     for x in data:
         ref(x)
     assert D.sync_observers(nn.Sequential(mine)) == 1
-    torch.save({"min": mine.min_val, "max": mine.max_val, "ref_min": ref.min_val,
-                "ref_max": ref.max_val, "scale": mine.calculate_qparams()[0],
-                "ref_scale": ref.calculate_qparams()[0]}, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return {"min": mine.min_val, "max": mine.max_val, "ref_min": ref.min_val,
+            "ref_max": ref.max_val, "scale": mine.calculate_qparams()[0],
+            "ref_scale": ref.calculate_qparams()[0]}
 
 
-def main(method: str, out: str, n_batches: int) -> None:
+def quantize(method: str, n_batches: int) -> dict:
+    model = LM.build("llama")
+    calib = LM.calibration(n_batches, 16)
+    q = qkern.quantize_model(model, CONFIGS[method](), calib, progress=False)
+    ids = LM.calibration(1, 16, seed=7)[0]
+    return {"layers": layers(q), "logits": LM.output(q, ids),
+            "report": [(r.name, r.error) for r in q.qkern_report]}
+
+
+def main(out: str, jobs: list[str]) -> None:
+    """Runs each job ``method:batches`` in turn, writing OUT/<method>_<batches>_rank<r>.pt."""
     torch.set_num_threads(1)
     rank = 0
     if "RANK" in os.environ:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         rank = dist.get_rank()
-    if method == "observers":
-        return observers(out, n_batches, rank)
-    model = LM.build("llama")
-    calib = LM.calibration(n_batches, 16)
-    q = qkern.quantize_model(model, CONFIGS[method](), calib, progress=False)
-    ids = LM.calibration(1, 16, seed=7)[0]
-    torch.save({"layers": layers(q), "logits": LM.output(q, ids),
-                "report": [(r.name, r.error) for r in q.qkern_report]},
-               os.path.join(out, f"rank{rank}.pt"))
+    for job in jobs:
+        method, n = job.split(":")
+        res = observers(int(n)) if method == "observers" else quantize(method, int(n))
+        torch.save(res, os.path.join(out, f"{method}_{n}_rank{rank}.pt"))
     if "RANK" in os.environ:
         dist.barrier()
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2:])

@@ -40,10 +40,11 @@ def _env(**extra) -> dict:
     return env
 
 
-def run(method: str, world: int, n_batches: int, out: Path) -> list[dict]:
-    """The worker's results: one dict per rank (world 0: the single process, no group)."""
+def run(jobs: list[str], world: int, out: Path) -> None:
+    """Runs the worker on ``jobs`` (``method:batches``) on ``world`` ranks (0: one process
+    without a group); its results are in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(WORKER), method, str(out), str(n_batches)]
+    cmd = [sys.executable, str(WORKER), str(out), *jobs]
     if world == 0:
         envs = [_env()]
     else:
@@ -59,10 +60,25 @@ def run(method: str, world: int, n_batches: int, out: Path) -> list[dict]:
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail(f"{method}: a rank hung for more than {TIMEOUT} s")
+        pytest.fail(f"a rank hung for more than {TIMEOUT} s")
     for p, log in zip(procs, logs):
-        assert p.returncode == 0, f"{method}: a rank failed:\n{log[-3000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(max(world, 1))]
+        assert p.returncode == 0, f"a rank failed:\n{log[-3000:]}"
+
+
+CASES = [("gptq", 5), ("gptq-lp", 4), ("rtn", 4), ("smoothquant", 4), ("smoothquant-gptq", 5)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every case on 2 ranks and in one process (one launch each: the imports dominate)."""
+    root = tmp_path_factory.mktemp("dist")
+    jobs = [f"{m}:{n}" for m, n in CASES]
+    run([*jobs, "observers:4"], 2, root / "dist")
+    run([*jobs, "gptq:3"], 0, root / "single")
+
+    def load(kind: str, method: str, n: int, rank: int = 0) -> dict:
+        return torch.load(root / kind / f"{method}_{n}_rank{rank}.pt")
+    return load
 
 
 def assert_identical(a: dict, b: dict) -> None:
@@ -93,11 +109,10 @@ def assert_within_bound(dist_res: dict, single: dict) -> dict:
     return {"codes": n_codes, "differ": n_diff}
 
 
-@pytest.mark.parametrize("method,batches", [("gptq", 5), ("gptq-lp", 4), ("rtn", 4),
-                                            ("smoothquant", 4), ("smoothquant-gptq", 5)])
-def test_two_ranks_match_single_process(tmp_path, method, batches):
-    ranks = run(method, 2, batches, tmp_path / "dist")
-    single = run(method, 0, batches, tmp_path / "single")[0]
+@pytest.mark.parametrize("method,batches", CASES)
+def test_two_ranks_match_single_process(results, method, batches):
+    ranks = [results("dist", method, batches, r) for r in range(2)]
+    single = results("single", method, batches)
     assert_identical(ranks[0], ranks[1])
     stats = assert_within_bound(ranks[0], single)
     assert stats["codes"] > 0
@@ -108,20 +123,19 @@ def test_two_ranks_match_single_process(tmp_path, method, batches):
     assert rel <= 1e-2, rel
 
 
-def test_shards_are_not_enough_alone(tmp_path):
-    """The all-reduce matters: GPTQ on one rank's shard alone (half the batches) gives other
-    codes than on all of them, far beyond the bound (so the test above can fail)."""
-    full = run("gptq", 0, 6, tmp_path / "full")[0]
-    half = run("gptq", 0, 3, tmp_path / "half")[0]
+def test_shards_are_not_enough_alone(results):
+    """The all-reduce matters: GPTQ on one rank's shard alone (3 of 5 batches, what rank 0
+    of the 2-rank run sees) gives other codes than on all of them, far beyond the bound (so
+    the test above can fail)."""
     with pytest.raises(AssertionError):
-        assert_within_bound(half, full)
+        assert_within_bound(results("single", "gptq", 3), results("single", "gptq", 5))
 
 
-def test_observers_synced(tmp_path):
-    ranks = run("observers", 2, 4, tmp_path / "obs")
-    for r in ranks:
-        assert torch.equal(r["min"], r["ref_min"]) and torch.equal(r["max"], r["ref_max"])
-        assert torch.equal(r["scale"], r["ref_scale"])
+def test_observers_synced(results):
+    for r in range(2):
+        o = results("dist", "observers", 4, r)
+        assert torch.equal(o["min"], o["ref_min"]) and torch.equal(o["max"], o["ref_max"])
+        assert torch.equal(o["scale"], o["ref_scale"])
 
 
 def test_errors_without_group_and_unsupported_method(tmp_path):
