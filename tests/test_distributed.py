@@ -165,3 +165,32 @@ def test_errors_without_group_and_unsupported_method(tmp_path):
     assert D.shard(list(range(10)), fake) == [1, 5, 9]
     with pytest.raises(ValueError, match="every rank needs at least one batch"):
         D.shard([0, 1, 2], fake)
+
+
+def test_cli_nproc_2_writes_the_single_process_model(tmp_path):
+    """``qkern quantize ... --nproc 2`` (torchrun, 2 gloo ranks; rank 0 writes) against the
+    Python API in one process on the same calibration data: within the bound."""
+    from cli_util import BYTELM, WIKI_VALID
+
+    out = tmp_path / "q"
+    cmd = [sys.executable, "-m", "qkern", "quantize", str(BYTELM), str(out), "--method",
+           "gptq", "--bits", "4", "--group-size", "32", "--samples", "4", "--seqlen", "64",
+           "--nproc", "2"]
+    try:
+        p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"qkern quantize --nproc 2 ran for more than {TIMEOUT} s")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("quantized  ") == 1  # rank 0 alone reports and writes
+    assert "(28/28)" in p.stderr
+    from dist_worker import layers
+    from qkern.models import load_llama
+    from qkern.quantization import text_calibration
+
+    cal = text_calibration(WIKI_VALID, "bytes", n_samples=4, seqlen=64)
+    single = qkern.quantize_model(load_llama(BYTELM), GPTQConfig(bits=4, group_size=32), cal,
+                                  progress=False)
+    got = layers(qkern.from_pretrained(out))
+    want = layers(single)
+    assert got.keys() == want.keys() and len(got) == 28
+    assert_within_bound({"layers": got}, {"layers": want})
