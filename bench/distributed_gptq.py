@@ -11,7 +11,7 @@ Three runs, each a fresh process group of subprocesses (the timings are of
 
 Besides the wall time: each rank's CPU seconds (``time.process_time``: all its threads; on a
 busy machine the contention-free measure of the work and of the critical path) and the GPTQ
-seconds of the layers each rank quantized itself (the layer-parallel part; the rest is forward
+CPU seconds of the layers each rank quantized itself (the layer-parallel part; the rest is forward
 passes, Gram matrices and broadcasts). GPTQConfig(bits=4, group_size=128), calibration:
 ``--samples`` random token sequences of ``--seqlen`` tokens (seed 0).
 
@@ -59,11 +59,11 @@ def worker(args) -> None:
     inner = GPTQQuantizer.quantize_layer
 
     def timed(self, *a, **k):
-        t = time.perf_counter()
+        t = time.process_time()
         try:
             return inner(self, *a, **k)
         finally:
-            own[0] += time.perf_counter() - t
+            own[0] += time.process_time() - t
 
     GPTQQuantizer.quantize_layer = timed
     if world > 1:
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
           f"{CONFIG.hidden_size} / {CONFIG.intermediate_size}), GPTQ int4 g128, calibration "
           f"{args.samples} x {args.seqlen} tokens; {os.cpu_count()} CPUs; best of "
           f"{args.repeats}")
-    print("| run | wall s | CPU s per rank | GPTQ s per rank (own layers) | speed-up vs 1x1 "
+    print("| run | wall s | CPU s per rank | GPTQ CPU s per rank (own layers) | speed-up vs 1x1 "
           "| vs 1x2 |")
     print("|---|---|---|---|---|---|")
     base = {}

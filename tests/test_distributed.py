@@ -174,7 +174,7 @@ def test_cli_nproc_2_writes_the_single_process_model(tmp_path):
 
     out = tmp_path / "q"
     cmd = [sys.executable, "-m", "qkern", "quantize", str(BYTELM), str(out), "--method",
-           "gptq", "--bits", "4", "--group-size", "32", "--samples", "4", "--seqlen", "64",
+           "gptq", "--bits", "4", "--group-size", "32", "--samples", "2", "--seqlen", "32",
            "--nproc", "2"]
     try:
         p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
@@ -187,7 +187,7 @@ def test_cli_nproc_2_writes_the_single_process_model(tmp_path):
     from qkern.models import load_llama
     from qkern.quantization import text_calibration
 
-    cal = text_calibration(WIKI_VALID, "bytes", n_samples=4, seqlen=64)
+    cal = text_calibration(WIKI_VALID, "bytes", n_samples=2, seqlen=32)
     single = qkern.quantize_model(load_llama(BYTELM), GPTQConfig(bits=4, group_size=32), cal,
                                   progress=False)
     got = layers(qkern.from_pretrained(out))

@@ -304,28 +304,26 @@ class SequentialQuantizer(Quantizer):
             # float32 is enough there (float64 took a fifth of RTN / ZeroQuant / rotation)
             want = self.wants_grams()
             grams = ctx.grams(todo, torch.float64 if want else torch.float32)
-            ws = {rel: ctx.block.get_submodule(rel).weight.detach().float().clone()
-                  for rel in todo}
             made = {}
             for i, rel in enumerate(todo):  # layer-parallel over ranks (one rank: all)
                 if mine(i):
                     t0 = time.perf_counter()
+                    lin = ctx.block.get_submodule(rel)
+                    w = lin.weight.detach().float().clone()
+                    g = grams.get(rel)
                     full = ctx.full_name(rel)
-                    new = self.quantize_layer(full, ctx.block.get_submodule(rel),
-                                              grams.get(rel) if want else None, ctx.layers[rel])
-                    made[rel] = (new, self.notes.get(full), time.perf_counter() - t0)
+                    new = self.quantize_layer(full, lin, g if want else None, ctx.layers[rel])
+                    deq = getattr(new, "dequantize_weight", None)
+                    err = relative_output_error(w, deq(), g) if deq is not None else float("nan")
+                    made[rel] = (new, self.notes.get(full), err, time.perf_counter() - t0)
             made = share_modules(made, todo)  # each owner's modules to every rank
             for rel in todo:
-                t0 = time.perf_counter()
-                new, note, seconds = made[rel]
+                new, note, err, seconds = made[rel]
                 full = ctx.full_name(rel)
                 if note is not None:
                     self.notes[full] = note
                 replace_module(ctx.block, rel, new)
-                deq = getattr(new, "dequantize_weight", None)
-                g = grams.get(rel)
-                err = relative_output_error(ws[rel], deq(), g) if deq is not None else float("nan")
-                log(full, err, seconds + time.perf_counter() - t0)
+                log(full, err, seconds)
 
     # ---- the workflow --------------------------------------------------------------------
 
