@@ -90,7 +90,8 @@ def convert(model: nn.Module, quant_config: BaseConfig | None = None) -> nn.Modu
 
 def quantize_model(model: nn.Module | str | os.PathLike, quant_config: BaseConfig,
                    calibration: Iterable | None = None, inplace: bool = False,
-                   progress: bool | None = None) -> nn.Module:
+                   progress: bool | None = None, distributed: bool | None = None
+                   ) -> nn.Module:
     """``prepare`` + calibration + ``convert`` in one call. ``model``: an nn.Module, or the
     path of a local transformers model folder (loaded in float32 with
     :func:`qkern.models.load_pretrained`, then quantized in place). ``calibration``: an
@@ -99,18 +100,25 @@ def quantize_model(model: nn.Module | str | os.PathLike, quant_config: BaseConfi
     The LLM methods (GPTQ, AWQ, RTN ...: :class:`SequentialQuantizer`) run block by block
     instead, holding one float block at a time: the result shares nothing with ``model``
     (unless ``inplace``), and ``progress`` (default: when stderr is a terminal) shows a bar
-    over blocks and one line per layer."""
+    over blocks and one line per layer. ``distributed``: run them data- and layer-parallel
+    over the torch.distributed process group (None: automatically when one with several
+    ranks is initialized; docs/distributed.md); every rank gets the same quantized model."""
     quantizer = quantizer_for(quant_config)
     if isinstance(model, (str, os.PathLike)):  # a local transformers model folder
         model, inplace = load_pretrained(model), True
     if isinstance(quantizer, SequentialQuantizer):
         quantizer.progress = progress
         out = quantize_sequential(model, quantizer, calibration, inplace=inplace,
-                                  progress=progress)
+                                  progress=progress, distributed=distributed)
         quantizer.warn_skipped()
         out.qkern_config = quant_config
         out.qkern_report = quantizer.report
         return notify_quantized(out)
+    if distributed:
+        raise ValueError(f"{type(quant_config).__name__}: distributed=True runs the LLM "
+                         "(block-by-block) methods; for observer-based static methods calibrate "
+                         "each rank's shard, then call qkern.quantization.distributed."
+                         "sync_observers(prepared) before convert")
     why = quantizer.needs_calibration()
     if why and calibration is None:
         raise ValueError(f"{type(quant_config).__name__} needs calibration data (it {why}): pass "

@@ -27,12 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import active, all_reduce_sum
 from .layers import ObservedInput
 from .registry import Batch, clone_inputs, replace_module
 
 __all__ = ["FLOAT_LAYERS", "Gram", "as_batches", "call_model", "capture_block_inputs",
            "capture_inputs", "collect_grams", "execution_order", "float_copy", "input_rows",
-           "paired_moments", "run_batches", "sequential_calibration", "weight_matrix"]
+           "paired_moments", "run_batches", "sequential_calibration", "sum_over_ranks",
+           "weight_matrix"]
 
 #: the float layers whose input rows / weight matrix the toolkit knows
 FLOAT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -185,12 +187,26 @@ class Gram:
         return self.h / self.n
 
 
+def sum_over_ranks(g: Gram) -> None:
+    """In data-parallel calibration (:mod:`~qkern.quantization.distributed`), ``g``'s sum
+    ``X^T X`` and row count become those of every rank's shard; a no-op otherwise."""
+    if active() is None:
+        return
+    k = weight_matrix(g.mod).shape[1]
+    h = g.h if g.h is not None else torch.zeros(k, k, dtype=g.dtype)
+    n = int(all_reduce_sum(torch.tensor([g.n], dtype=torch.int64)))
+    h = all_reduce_sum(h)
+    g.h, g.n = (h, n) if n else (None, 0)
+
+
 def collect_grams(model: nn.Module, names: Iterable[str], batches: Sequence,
                   dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """{name: X^T X / N} of each layer's calibration inputs (accumulated in float64, or in
     ``dtype``: float32 is enough where they only weigh the reported error)."""
     grams = {n: Gram(model.get_submodule(n), dtype) for n in names}
     run_batches(model, batches, {n: (g, None) for n, g in grams.items()})
+    for g in grams.values():
+        sum_over_ranks(g)
     out = {}
     for n, g in grams.items():
         if g.h is None:

@@ -24,28 +24,33 @@ are quantized.
 from __future__ import annotations
 
 import copy
-import inspect
 import sys
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from .block_io import (
+    BlockContext,
+    LayerReport,
+    block_outputs,
+    capture_first_block_inputs,
+    relative_output_error,
+    with_hidden,
+)
 from .blocks import block_linears, find_blocks, linearize_conv1d, scale_pairs, sequential_groups
-from .calibration import as_batches, call_model, collect_grams
+from .calibration import as_batches
+from .distributed import DataParallel, data_parallel, mine, resolve, shard, share_modules
 from .layers import warn_notes, weight_module
 from .registry import (
     BaseConfig,
-    Batch,
     Quantizer,
     check_bool,
     check_group,
     check_int,
-    clone_inputs,
     fail,
     matches,
     quantizer_for,
@@ -55,146 +60,6 @@ from .registry import (
 __all__ = ["BlockContext", "LayerReport", "SequentialQuantizer", "block_outputs",
            "capture_first_block_inputs", "check_weight_bits", "quantize_sequential",
            "relative_output_error"]
-
-
-class _Stop(Exception):
-    """Raised by the capture hook: nothing after block 0 needs to run."""
-
-
-def _no_cache(v):
-    """Cache objects (transformers' Cache, qkern's KVCache) in block inputs -> None: the
-    pipeline replays each block many times and must not grow a cache."""
-    if type(v).__name__.endswith("Cache"):
-        return None
-    if isinstance(v, tuple):
-        return tuple(_no_cache(x) for x in v)
-    if isinstance(v, list):
-        return [_no_cache(x) for x in v]
-    if isinstance(v, dict):
-        return {k: (False if k == "use_cache" else _no_cache(x)) for k, x in v.items()}
-    return v
-
-
-def _model_call(model: nn.Module, batch):
-    """``model`` on one calibration batch, with ``use_cache=False`` where it takes one."""
-    try:
-        takes = "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        takes = False
-    if takes:
-        if isinstance(batch, dict):
-            batch = {"use_cache": False, **batch}
-        elif isinstance(batch, Batch):
-            batch = Batch(batch.args, {"use_cache": False, **batch.kwargs})
-        else:
-            args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-            batch = Batch(args, {"use_cache": False})
-    return call_model(model, batch)
-
-
-def capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: list) -> list[Batch]:
-    """The inputs ``block`` is called with, one :class:`Batch` per calibration batch; the
-    model stops at the block (nothing after it runs)."""
-    got: list[Batch] = []
-
-    def pre(mod, args, kwargs):
-        got.append(Batch(_no_cache(clone_inputs(args)), _no_cache(clone_inputs(kwargs))))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(pre, with_kwargs=True)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    _model_call(model, b)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-        model.train(was_training)
-    if len(got) != len(batches):
-        raise ValueError("the transformer blocks did not run on every calibration batch")
-    return got
-
-
-def _hidden(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def block_outputs(block: nn.Module, inputs: list[Batch]) -> list[torch.Tensor]:
-    """The hidden states ``block`` returns on each input."""
-    with torch.no_grad():
-        return [_hidden(call_model(block, b)) for b in inputs]
-
-
-def _with_hidden(batch: Batch, h: torch.Tensor) -> Batch:
-    if batch.args:
-        return Batch((h, *batch.args[1:]), batch.kwargs)
-    if "hidden_states" in batch.kwargs:
-        return Batch((), {**batch.kwargs, "hidden_states": h})
-    raise ValueError("cannot find the hidden states among the block's inputs")
-
-
-def relative_output_error(w: torch.Tensor, wq: torch.Tensor, gram: torch.Tensor | None) -> float:
-    """``E||(W - Wq) x||^2 / E||W x||^2`` for inputs with second moment ``gram`` (the weight
-    MSE ratio when ``gram`` is None)."""
-    w, d = w.double(), (w.double() - wq.double())
-    if gram is None:
-        return float((d * d).sum() / (w * w).sum().clamp_min(1e-300))
-    g = gram.double()
-    return float(((d @ g) * d).sum() / ((w @ g) * w).sum().clamp_min(1e-300))
-
-
-@dataclass
-class LayerReport:
-    """One quantized layer: its name, relative output error, seconds, and a note."""
-    name: str
-    error: float
-    seconds: float
-    note: str = ""
-
-
-@dataclass
-class BlockContext:
-    """What a method sees of one block: ``block`` (the float copy being quantized, modules
-    named relative to it), ``inputs`` (its calibration inputs; empty without data),
-    ``layers`` {relative linear name: its config} to quantize, ``groups`` (true-sequential
-    order), ``pairs`` (foldable (op, linears) pairs: :func:`~.blocks.scale_pairs`)."""
-    name: str
-    index: int
-    count: int
-    block: nn.Module
-    inputs: list[Batch]
-    layers: dict[str, object]
-    groups: list[list[str]]
-    pairs: list[tuple[str, list[str]]]
-    notes: dict[str, str] = field(default_factory=dict)
-    _float_out: list[torch.Tensor] | None = None
-
-    @property
-    def float_outputs(self) -> list[torch.Tensor]:
-        """The float block's outputs on ``inputs`` (computed on first use: read it before
-        changing the block)."""
-        if self._float_out is None:
-            self._float_out = block_outputs(self.block, self.inputs)
-        return self._float_out
-
-    def outputs(self) -> list[torch.Tensor]:
-        """The block's outputs on ``inputs`` as it is now."""
-        return block_outputs(self.block, self.inputs)
-
-    def grams(self, names: list[str], dtype: torch.dtype = torch.float64
-              ) -> dict[str, torch.Tensor]:
-        """{name: X^T X / N} of the named linears' inputs, running the block as it is now
-        (accumulated in ``dtype``)."""
-        if not self.inputs:
-            return {}
-        return collect_grams(self.block, names, self.inputs, dtype)
-
-    def full_name(self, rel: str) -> str:
-        return f"{self.name}.{rel}"
 
 
 class SequentialQuantizer(Quantizer):
@@ -207,6 +72,8 @@ class SequentialQuantizer(Quantizer):
     GRAMS = True
     #: convert needs calibration data
     NEEDS_DATA = True
+    #: runs data-parallel (distributed=True): every statistic it uses is all-reduced
+    DISTRIBUTED = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -303,23 +170,31 @@ class SequentialQuantizer(Quantizer):
             # float32 is enough there (float64 took a fifth of RTN / ZeroQuant / rotation)
             want = self.wants_grams()
             grams = ctx.grams(todo, torch.float64 if want else torch.float32)
+            made = {}
+            for i, rel in enumerate(todo):  # layer-parallel over ranks (one rank: all)
+                if mine(i):
+                    t0 = time.perf_counter()
+                    lin = ctx.block.get_submodule(rel)
+                    # the layer gets its own copy of the weight to quantize (a method may
+                    # write it); the block's tensor (perhaps shared with the user's model)
+                    # stays as it was and is the reference of the reported error
+                    w = lin.weight.detach().float()
+                    lin.weight = nn.Parameter(lin.weight.detach().clone(),
+                                              requires_grad=lin.weight.requires_grad)
+                    g = grams.get(rel)
+                    full = ctx.full_name(rel)
+                    new = self.quantize_layer(full, lin, g if want else None, ctx.layers[rel])
+                    deq = getattr(new, "dequantize_weight", None)
+                    err = relative_output_error(w, deq(), g) if deq is not None else float("nan")
+                    made[rel] = (new, self.notes.get(full), err, time.perf_counter() - t0)
+            made = share_modules(made, todo)  # each owner's modules to every rank
             for rel in todo:
-                t0 = time.perf_counter()
-                lin = ctx.block.get_submodule(rel)
-                # the layer gets its own copy of the weight to quantize (a method may write
-                # it); the block's tensor (perhaps shared with the user's model) stays as it
-                # was and is the reference of the reported error
-                w = lin.weight.detach().float()
-                lin.weight = nn.Parameter(lin.weight.detach().clone(),
-                                          requires_grad=lin.weight.requires_grad)
-                g = grams.get(rel)
+                new, note, err, seconds = made[rel]
                 full = ctx.full_name(rel)
-                new = self.quantize_layer(full, lin, g if want else None,
-                                          ctx.layers[rel])
+                if note is not None:
+                    self.notes[full] = note
                 replace_module(ctx.block, rel, new)
-                deq = getattr(new, "dequantize_weight", None)
-                err = relative_output_error(w, deq(), g) if deq is not None else float("nan")
-                log(full, err, time.perf_counter() - t0)
+                log(full, err, seconds)
 
     # ---- the workflow --------------------------------------------------------------------
 
@@ -384,6 +259,14 @@ def _preflight(quantizer: SequentialQuantizer, list_name: str, block: nn.Module
     return cannot
 
 
+def _check_distributed(quantizer: SequentialQuantizer, dp: DataParallel | None) -> None:
+    bad = [type(q.config).__name__ for q in quantizer.chain() if not q.DISTRIBUTED]
+    if dp is not None and bad:
+        raise ValueError(f"{bad[0]} does not run distributed yet (its statistics are not "
+                         "all-reduced): run it in one process (distributed=False); "
+                         "GPTQ, RTN, SmoothQuant, HQQ and the rotations do (docs/distributed.md)")
+
+
 def _shared_copy(model: nn.Module, blocks: nn.ModuleList) -> nn.Module:
     """A deep copy of ``model`` whose blocks share their tensors with the original (each is
     copied for real, one at a time, when it is quantized)."""
@@ -422,14 +305,19 @@ def _unshare(copied: nn.Module, original: nn.Module) -> None:
 
 def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
                         calibration: Iterable | None, inplace: bool = False,
-                        progress: bool | None = None) -> nn.Module:
+                        progress: bool | None = None, distributed: bool | None = None
+                        ) -> nn.Module:
     """Runs ``quantizer`` block by block over ``model`` (see the module docstring); returns
-    the quantized model (``model`` itself when ``inplace``)."""
+    the quantized model (``model`` itself when ``inplace``). ``distributed``: data- and
+    layer-parallel over the torch.distributed group (None: when one with several ranks is
+    initialized; :mod:`~qkern.quantization.distributed`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_model(model)
     list_name, blocks = find_blocks(model)
-    batches = None if calibration is None else as_batches(calibration)
+    dp = resolve(distributed)
+    _check_distributed(quantizer, dp)
+    batches = None if calibration is None else shard(as_batches(calibration), dp)
     why = quantizer.needs_calibration()
     if why and batches is None:
         raise ValueError(f"{type(quantizer.config).__name__} needs calibration data (it {why})"
@@ -438,6 +326,7 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
     _, tblocks = find_blocks(target)
     if progress is None:
         progress = quantizer.progress if quantizer.progress is not None else sys.stderr.isatty()
+    progress = progress and (dp is None or dp.rank == 0)
     cannot = _preflight(quantizer, list_name, blocks[0])
     inputs = capture_first_block_inputs(target, tblocks[0], batches) if batches else []
     n_layers = sum(len(block_linears(b)) for b in tblocks)
@@ -456,39 +345,42 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
                       file=sys.stderr)
 
     try:
-        for i in range(len(tblocks)):
-            name = f"{list_name}.{i}"
-            blk = _block_copy(tblocks[i], quantizer)
-            linearize_conv1d(blk)
-            layers = {}
-            for rel in block_linears(blk):
-                mod = blk.get_submodule(rel)
-                c = quantizer.layer_config(f"{name}.{rel}", mod)
-                why = cannot.get(rel)
-                if c is not None and c != quantizer.layer_config(f"{list_name}.0.{rel}", mod):
-                    # a per-layer override (mixed precision): block 0's probe does not apply
-                    why = quantizer.preflight(f"{name}.{rel}", mod, c)
-                if c is not None and why is not None:
-                    quantizer.skipped[f"{name}.{rel}"] = why
-                elif c is not None:
-                    layers[rel] = c
-            groups = (sequential_groups(blk, inputs[0], list(layers)) if inputs
-                      else [[n] for n in layers])
-            if not getattr(quantizer.config, "true_sequential", True):
-                groups = [[n for g in groups for n in g]]
-            ctx = BlockContext(name, i, len(tblocks), blk, inputs, layers, groups,
-                               scale_pairs(blk), notes)
-            for q in quantizer.chain():  # transforms first, then the layer method's own
-                q.process_block(ctx)
-            # the next block sees this block's float (transformed) outputs, or its quantized ones
-            nxt = block_outputs(blk, inputs) if inputs and quantizer.float_inputs() else None
-            quantizer.quantize_block(ctx, log)
-            if inputs:
-                outs = nxt if nxt is not None else block_outputs(blk, inputs)
-                inputs = [_with_hidden(b, h) for b, h in zip(inputs, outs)]
-            _unshare(blk, tblocks[i])
-            tblocks[i] = blk
-            bar.update(1)
+        with data_parallel(dp):  # the statistics are all-reduced inside
+            for i in range(len(tblocks)):
+                name = f"{list_name}.{i}"
+                blk = _block_copy(tblocks[i], quantizer)
+                linearize_conv1d(blk)
+                layers = {}
+                for rel in block_linears(blk):
+                    mod = blk.get_submodule(rel)
+                    c = quantizer.layer_config(f"{name}.{rel}", mod)
+                    why = cannot.get(rel)
+                    if c is not None and c != quantizer.layer_config(f"{list_name}.0.{rel}",
+                                                                     mod):
+                        # a per-layer override (mixed precision): block 0's probe is not it
+                        why = quantizer.preflight(f"{name}.{rel}", mod, c)
+                    if c is not None and why is not None:
+                        quantizer.skipped[f"{name}.{rel}"] = why
+                    elif c is not None:
+                        layers[rel] = c
+                groups = (sequential_groups(blk, inputs[0], list(layers)) if inputs
+                          else [[n] for n in layers])
+                if not getattr(quantizer.config, "true_sequential", True):
+                    groups = [[n for g in groups for n in g]]
+                ctx = BlockContext(name, i, len(tblocks), blk, inputs, layers, groups,
+                                   scale_pairs(blk), notes)
+                for q in quantizer.chain():  # transforms first, then the layer method's own
+                    q.process_block(ctx)
+                # the next block sees this block's float (transformed) outputs, or its
+                # quantized ones
+                nxt = block_outputs(blk, inputs) if inputs and quantizer.float_inputs() else None
+                quantizer.quantize_block(ctx, log)
+                if inputs:
+                    outs = nxt if nxt is not None else block_outputs(blk, inputs)
+                    inputs = [with_hidden(b, h) for b, h in zip(inputs, outs)]
+                _unshare(blk, tblocks[i])
+                tblocks[i] = blk
+                bar.update(1)
     finally:
         bar.close()
     quantizer.report = report

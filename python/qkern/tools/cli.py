@@ -124,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return report.main(argv[1:])
         parser = _build_parser()
         args = parser.parse_args(argv)
+        args.argv = argv  # `qkern quantize --nproc N` re-runs itself under torchrun
         if args.command in COMMANDS:
             return run_guarded(args.command, COMMANDS[args.command].run, args)
         if args.command == "demo":

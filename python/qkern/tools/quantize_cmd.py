@@ -32,6 +32,7 @@ from .cmdutil import (
     shipped_text,
     vocab_size,
 )
+from .launch import add_nproc, init_group, relaunch
 
 __all__ = ["FIXED_W8", "GGUF_TYPES", "METHODS", "add_parser", "build_config", "run"]
 
@@ -118,6 +119,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help=f"GGUF tensor type of the block linears (--format gguf only; default "
                         f"Q4_0): {', '.join(GGUF_TYPES)}")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_nproc(p)
     add_threads(p)
     return p
 
@@ -230,9 +232,15 @@ def _peak_rss() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    rc = relaunch(args)
+    if rc is not None:
+        return rc
     apply_threads(args)
+    rank = init_group()
+
     def log(msg: str) -> None:
-        print(f"qkern quantize: {msg}", file=sys.stderr, flush=True)
+        if rank == 0:
+            print(f"qkern quantize: {msg}", file=sys.stderr, flush=True)
 
     given = args.group_size is not _UNSET
     config = build_config(args.method, args.bits, args.group_size if given else None, args.sym,
@@ -252,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     qmodel = quantize_model(model, config, cal, inplace=True, progress=True)
     t2 = time.perf_counter()
+    if rank != 0:  # every rank holds the same model: rank 0 writes it
+        return 0
     options = {"overwrite": args.overwrite}
     if args.format == "gguf":
         options["type"] = args.gguf_type or "Q4_0"

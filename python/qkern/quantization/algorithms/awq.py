@@ -278,6 +278,7 @@ class AWQQuantizer(SequentialQuantizer):
     ``clips`` {layer: (N, G) shrink ratios} and ``clip_max`` {layer: (N, G) max values}."""
 
     GRAMS = False
+    DISTRIBUTED = False  # its own statistics are not all-reduced yet
 
     def __init__(self, config):
         super().__init__(config)

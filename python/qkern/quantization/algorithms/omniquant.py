@@ -264,6 +264,7 @@ class OmniQuantQuantizer(SequentialQuantizer):
     epoch; ``clips[layer name]``: the learned ``(sigmoid(gamma), sigmoid(beta))`` (N, groups)."""
 
     GRAMS = True
+    DISTRIBUTED = False  # its own statistics are not all-reduced yet
     NEEDS_DATA = True
 
     def __init__(self, config):

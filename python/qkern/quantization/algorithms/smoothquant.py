@@ -31,6 +31,7 @@ from ..._checks import warn_user
 from ...nn import QuantLinear
 from ..blocks import find_blocks, fold_scales, is_norm, scale_pairs
 from ..calibration import as_batches, input_rows, run_batches
+from ..distributed import active, all_reduce_max, all_reduce_sum
 from ..layers import weight_module
 from ..registry import (
     BaseConfig,
@@ -105,6 +106,20 @@ def input_statistics(model: nn.Module, names: Iterable[str], batches: Sequence,
 
     names = list(names)
     run_batches(model, batches, {n: (hook(n), None) for n in names})
+    if active() is not None:  # data-parallel calibration: combine every rank's shard
+        ran = all_reduce_sum(torch.tensor([int(n in amax) for n in names]))
+        for n, r in zip(names, ran.tolist()):
+            k = model.get_submodule(n).in_features
+            a = all_reduce_max(amax.get(n, torch.zeros(k)))
+            if grams:
+                g, cnt = acc.get(n, [torch.zeros(k, k, dtype=torch.float64), 0])
+                cnt = int(all_reduce_sum(torch.tensor([cnt], dtype=torch.int64)))
+                acc[n] = [all_reduce_sum(g), cnt]
+            if r:
+                amax[n] = a
+            else:
+                amax.pop(n, None)
+                acc.pop(n, None)
     for n in names:
         if n not in amax:
             raise ValueError(f"{n}: the layer did not run on the calibration data")

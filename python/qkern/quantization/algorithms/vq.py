@@ -437,6 +437,7 @@ class VQQuantizer(SequentialQuantizer):
     the :class:`~.vq_finetune.FinetuneResult`)."""
 
     GRAMS = True
+    DISTRIBUTED = False  # its own statistics are not all-reduced yet
     NEEDS_DATA = True
 
     def __init__(self, config):

@@ -109,6 +109,7 @@ def _hidden(out):
 @register_quantizer(ZeroQuantConfig)
 class ZeroQuantQuantizer(SequentialQuantizer):
     GRAMS = False
+    DISTRIBUTED = False  # its own statistics are not all-reduced yet
     NEEDS_DATA = False
 
     def __init__(self, config):

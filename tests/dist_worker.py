@@ -1,0 +1,82 @@
+"""One rank (or the single process) of tests/test_distributed.py: quantizes the tiny Llama of
+llm_models with each method asked for and writes {layer: (codes, scale, dequantized weight)}
+and the model's logits to OUT/<method>_<batches>_rank<r>.pt. Environment: RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT (torchrun's), or none for the single-process reference."""
+
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import llm_models as LM
+import qkern
+from qkern.nn import QuantLinear
+from qkern.observers import MinMaxObserver
+from qkern.quantization import GPTQConfig, RTNConfig, SmoothQuantConfig
+from qkern.quantization import distributed as D
+
+CONFIGS = {
+    "gptq": lambda: GPTQConfig(bits=4, group_size=32),
+    "gptq-lp": lambda: GPTQConfig(bits=3, group_size=None, act_order=True),
+    "rtn": lambda: RTNConfig(bits=4, group_size=32),
+    "smoothquant": lambda: SmoothQuantConfig(act="static_tensor"),
+    "smoothquant-gptq": lambda: SmoothQuantConfig(then=GPTQConfig(bits=8, group_size=None)),
+}
+
+
+def layers(model) -> dict:
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            q = m.quantized_weight()
+            out[n] = {"codes": q.codes.clone(), "scale": q.scale.clone(),
+                      "weight": m.dequantize_weight().clone(),
+                      "act_scale": getattr(m, "act_scale", None)}
+    return out
+
+
+def observers(n_batches: int) -> dict:
+    """Per-channel MinMaxObserver on this rank's shard, synced, vs one on all the data."""
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(8, 5, generator=g) * (i + 1) for i in range(n_batches)]
+    mine, ref = (MinMaxObserver("int8", granularity="channel", axis=1) for _ in range(2))
+    for x in D.shard(data, D.resolve(True)):
+        mine(x)
+    for x in data:
+        ref(x)
+    assert D.sync_observers(nn.Sequential(mine)) == 1
+    return {"min": mine.min_val, "max": mine.max_val, "ref_min": ref.min_val,
+            "ref_max": ref.max_val, "scale": mine.calculate_qparams()[0],
+            "ref_scale": ref.calculate_qparams()[0]}
+
+
+def quantize(method: str, n_batches: int) -> dict:
+    model = LM.build("llama")
+    calib = LM.calibration(n_batches, 16)
+    q = qkern.quantize_model(model, CONFIGS[method](), calib, progress=False)
+    ids = LM.calibration(1, 16, seed=7)[0]
+    return {"layers": layers(q), "logits": LM.output(q, ids),
+            "report": [(r.name, r.error) for r in q.qkern_report]}
+
+
+def main(out: str, jobs: list[str]) -> None:
+    """Runs each job ``method:batches`` in turn, writing OUT/<method>_<batches>_rank<r>.pt."""
+    torch.set_num_threads(1)
+    rank = 0
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        rank = dist.get_rank()
+    for job in jobs:
+        method, n = job.split(":")
+        res = observers(int(n)) if method == "observers" else quantize(method, int(n))
+        torch.save(res, os.path.join(out, f"{method}_{n}_rank{rank}.pt"))
+    if "RANK" in os.environ:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
