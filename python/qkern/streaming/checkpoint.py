@@ -58,7 +58,10 @@ def skeleton(model_dir: str | Path) -> nn.Module:
         raise ValueError(f"{model_dir}: an already quantized checkpoint ({method!r}); "
                          "quantize_pretrained takes a float model folder")
     with parameters_on_meta():
-        return hf_skeleton(Path(model_dir), "quantize_pretrained")
+        model = hf_skeleton(Path(model_dir), "quantize_pretrained")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # as from_pretrained does: a tied LM head is the embedding
+    return model
 
 
 def _owner(mod: nn.Module, name: str) -> tuple[nn.Module, str]:
