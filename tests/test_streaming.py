@@ -16,10 +16,13 @@ from safetensors.torch import save_file
 
 import llm_models as LM
 import qkern
+from cli_util import run, tiny_llama_folder
 from qkern.io.shards import Checkpoint, read_header, write_streamed
 from qkern.models import load_pretrained
+from qkern.quantization import text_calibration
 from qkern.quantization.registry import Batch
 from qkern.streaming import MANIFEST, ActivationStore
+from qkern.tools.cmdutil import load_tokenizer
 
 GPTQ = qkern.GPTQConfig(bits=4, group_size=32)
 
@@ -256,3 +259,29 @@ def test_activation_store_offloads_past_its_limit(tmp_path):
         assert torch.equal(got.kwargs["position_ids"], want.kwargs["position_ids"])
     store.remove()
     assert not (tmp_path / "acts").exists()
+
+
+def test_cli_quantize_streams_resumes_and_equals_the_in_memory_path(tmp_path):
+    pytest.importorskip("tokenizers")
+    folder, text = tiny_llama_folder(tmp_path)
+    cal = text_calibration(text, load_tokenizer(None, folder, LM.VOCAB), n_samples=4,
+                           seqlen=32)
+    cfg = qkern.GPTQConfig(bits=4, group_size=32)
+    _reference(folder, tmp_path / "ref", cfg, cal)
+    argv = ["quantize", folder, tmp_path / "out", "--method", "gptq", "--group-size", 32,
+            "--calib", text, "--samples", 4, "--seqlen", 32]
+    with pytest.raises(_Stop):  # an interrupted run: block 0 done
+        qkern.quantize_pretrained(folder, cfg, tmp_path / "out", cal, on_block=_stop_after(0))
+    rc, stdout, stderr = run(*argv, "--memory-limit", "1KB")
+    assert rc == 0, stderr
+    assert "resumed at block 1" in stderr and "quantize + write block by block" in stdout
+    _assert_same(tmp_path / "out", tmp_path / "ref")
+    rc, _, err = run(*argv)  # finished: replacing it needs --overwrite
+    assert rc == 2 and "--overwrite" in err
+    rc, _, err = run(*argv, "--overwrite", "--no-resume")
+    assert rc == 0, err
+    _assert_same(tmp_path / "out", tmp_path / "ref")
+    for extra, msg in ((["--memory-limit", "lots"], "not a size"),
+                       (["--memory-limit", "1MB", "--format", "gptq"], "--format qkern")):
+        rc, _, err = run(*argv[:2], tmp_path / "other", *argv[3:], *extra)
+        assert rc == 2 and msg in err, err

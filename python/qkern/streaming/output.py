@@ -23,7 +23,7 @@ import torch
 from ..io.safetensors import atomic_write
 from .activations import iter_tensors
 
-__all__ = ["MANIFEST", "WORK", "OutFolder", "calibration_digest"]
+__all__ = ["MANIFEST", "WORK", "OutFolder", "calibration_digest", "run_state"]
 
 MANIFEST = "qkern-progress.json"
 WORK = ".qkern-stream"
@@ -41,6 +41,21 @@ def calibration_digest(batches: list) -> str:
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def run_state(out_dir: str | Path) -> str | None:
+    """What ``out_dir`` holds: "finished" or "unfinished" (a quantize_pretrained run, by its
+    manifest), None for anything else (no folder, or not one of ours)."""
+    p = Path(out_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except ValueError:
+        return None
+    if not isinstance(m, dict) or m.get("format") != 1:
+        return None
+    return "finished" if m.get("finished") else "unfinished"
 
 
 class OutFolder:
