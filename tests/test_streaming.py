@@ -170,6 +170,15 @@ def test_awq_transform_equals_the_in_memory_path(llama, tmp_path):
     _assert_same(tmp_path / "out", tmp_path / "ref")
 
 
+def test_a_method_with_cross_block_state_refuses_to_resume(llama, tmp_path):
+    _, src, cal, _ = llama
+    cfg = qkern.OmniQuantConfig(bits=4, group_size=32, epochs=1)  # float targets, block to block
+    with pytest.raises(_Stop):
+        qkern.quantize_pretrained(src, cfg, tmp_path / "out", cal, on_block=_stop_after(0))
+    with pytest.raises(ValueError, match="cannot be resumed exactly; pass resume=False"):
+        qkern.quantize_pretrained(src, cfg, tmp_path / "out", cal)
+
+
 def test_bad_input_is_refused(llama, tmp_path):
     _, src, cal, _ = llama
     with pytest.raises(ValueError, match="block-by-block LLM methods"):

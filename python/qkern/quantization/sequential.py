@@ -240,6 +240,11 @@ class SequentialQuantizer(Quantizer):
     def wants_grams(self) -> bool:
         return any(q.GRAMS for q in self.chain())
 
+    def cross_block_state(self) -> bool:
+        """True when the method carries state from one block to the next (OmniQuant's
+        float-model targets): a streamed run cannot then resume part way."""
+        return False
+
     # ---- hooks ---------------------------------------------------------------------------
 
     def layer_format(self, cfg) -> str:
@@ -392,9 +397,8 @@ def next_block_inputs(block: nn.Module, inputs: Sequence[Batch]) -> list[Batch]:
 
 
 class BlockLog:
-    """The per-layer log of a run: ``report`` (a :class:`LayerReport` per layer), and with
-    ``progress`` a bar over ``n_blocks`` blocks and one line per layer on stderr. Called as
-    ``log(name, error, seconds)`` by :meth:`SequentialQuantizer.quantize_block`."""
+    """The per-layer log of a run, ``log(name, error, seconds)``: ``report`` (a LayerReport per
+    layer), and with ``progress`` a bar over blocks and one line per layer on stderr."""
 
     def __init__(self, notes: dict[str, str], n_blocks: int, n_layers: int, progress: bool,
                  done_blocks: int = 0, done_layers: int = 0):

@@ -202,6 +202,11 @@ def quantize_pretrained(model_dir: str | os.PathLike, config: BaseConfig,
     if not m.get("outside"):
         _write_outside(out, model, list_name, ckpt, m)
     start = len(m["done"])
+    carries = [type(q.config).__name__ for q in quantizer.chain() if q.cross_block_state()]
+    if start and carries:
+        raise ValueError(f"{carries[0]} carries state from block to block, which a stopped run "
+                         f"does not keep: {out.path} stopped after block {start - 1} cannot be "
+                         "resumed exactly; pass resume=False to start over")
     store = _first_inputs(model, list_name, blocks[0], ckpt, batches, out, start,
                           memory_limit)
     offloaded = store.offloaded
