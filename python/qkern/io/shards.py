@@ -176,6 +176,7 @@ def write_streamed(path: str | os.PathLike, specs: dict[str, tuple[torch.dtype, 
                                      f"{dtype} {tuple(shape)}")
                 if t.numel():
                     f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                del t  # before the next one is read
 
     atomic_write(path, write, overwrite=overwrite)
     return off
