@@ -178,7 +178,10 @@ class Gram:
 
     def __call__(self, module, args):
         r = input_rows(self.mod, args[0]).to(self.dtype)
-        self.h = r.T @ r if self.h is None else self.h + r.T @ r
+        if self.h is None:
+            self.h = r.T @ r
+        else:  # in place: one (K, K) matrix less at the peak (the same sums, bit for bit)
+            self.h += r.T @ r
         self.n += r.shape[0]
 
     def matrix(self) -> torch.Tensor:
@@ -212,6 +215,7 @@ def collect_grams(model: nn.Module, names: Iterable[str], batches: Sequence,
         if g.h is None:
             raise ValueError(f"{n}: the layer did not run on the calibration data")
         out[n] = g.matrix()
+        g.h = None  # the sum is not needed once its mean is taken
     return out
 
 

@@ -27,7 +27,7 @@ import copy
 import sys
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -47,6 +47,7 @@ from .distributed import DataParallel, data_parallel, mine, resolve, shard, shar
 from .layers import warn_notes, weight_module
 from .registry import (
     BaseConfig,
+    Batch,
     Quantizer,
     check_bool,
     check_group,
@@ -57,8 +58,9 @@ from .registry import (
     replace_module,
 )
 
-__all__ = ["BlockContext", "LayerReport", "SequentialQuantizer", "block_outputs",
-           "capture_first_block_inputs", "check_weight_bits", "quantize_sequential",
+__all__ = ["BlockContext", "BlockLog", "LayerReport", "SequentialQuantizer", "block_outputs",
+           "capture_first_block_inputs", "check_weight_bits", "next_block_inputs",
+           "preflight_block", "quantize_block_copy", "quantize_sequential",
            "relative_output_error"]
 
 
@@ -107,6 +109,11 @@ class SequentialQuantizer(Quantizer):
 
     def wants_grams(self) -> bool:
         return any(q.GRAMS for q in self.chain())
+
+    def cross_block_state(self) -> bool:
+        """True when the method carries state from one block to the next (OmniQuant's
+        float-model targets): a streamed run cannot then resume part way."""
+        return False
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -235,8 +242,8 @@ def _check_model(model: nn.Module) -> None:
                              "with model.float() first")
 
 
-def _preflight(quantizer: SequentialQuantizer, list_name: str, block: nn.Module
-               ) -> dict[str, str]:
+def preflight_block(quantizer: SequentialQuantizer, list_name: str, block: nn.Module
+                    ) -> dict[str, str]:
     """{relative linear name: why it stays float} for block 0 (every block has the same
     shapes); raises ValueError when no selected layer can be quantized."""
     first = copy.deepcopy(block)
@@ -303,6 +310,77 @@ def _unshare(copied: nn.Module, original: nn.Module) -> None:
                                                      requires_grad=p.requires_grad)
 
 
+def next_block_inputs(block: nn.Module, inputs: Sequence[Batch]) -> list[Batch]:
+    """The next block's inputs: ``inputs`` with their hidden states replaced by ``block``'s
+    outputs on them."""
+    return [with_hidden(b, h) for b, h in zip(inputs, block_outputs(block, inputs))]
+
+
+class BlockLog:
+    """The per-layer log of a run, ``log(name, error, seconds)``: ``report`` (a LayerReport per
+    layer), and with ``progress`` a bar over blocks and one line per layer on stderr."""
+
+    def __init__(self, notes: dict[str, str], n_blocks: int, n_layers: int, progress: bool,
+                 done_blocks: int = 0, done_layers: int = 0):
+        self.notes, self.n_layers, self.done, self.progress = notes, n_layers, done_layers, progress
+        self.report: list[LayerReport] = []
+        self.bar = tqdm(total=n_blocks, initial=done_blocks, desc="qkern", unit="block",
+                        disable=not progress, file=sys.stderr)
+
+    def __call__(self, name: str, err: float, seconds: float) -> None:
+        self.done += 1
+        self.report.append(LayerReport(name, err, seconds, self.notes.get(name, "")))
+        if self.progress:
+            self.bar.write(f"({self.done}/{self.n_layers}) {name}  err {err:.2e}  "
+                           f"{seconds:.2f} s", file=sys.stderr)
+
+    def block_done(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def quantize_block_copy(quantizer: SequentialQuantizer, list_name: str, index: int, count: int,
+                        blk: nn.Module, inputs: Sequence[Batch], cannot: dict[str, str],
+                        log: Callable, advance: Callable = next_block_inputs):
+    """The pipeline's step for one block: quantizes ``blk`` (block ``index`` of ``count``, a
+    float copy the caller owns; its linears are replaced in place) on ``inputs`` (its
+    calibration inputs; empty without data) and returns the next block's inputs,
+    ``advance(block, inputs)``, computed on the quantized block (or, for methods calibrating
+    on float activations, on the transformed float block before quantization); ``inputs``
+    itself when it is empty. ``cannot``: :func:`preflight_block`'s answer. What
+    :func:`quantize_sequential` and ``qkern.quantize_pretrained`` run for every block."""
+    name = f"{list_name}.{index}"
+    linearize_conv1d(blk)
+    layers = {}
+    for rel in block_linears(blk):
+        mod = blk.get_submodule(rel)
+        c = quantizer.layer_config(f"{name}.{rel}", mod)
+        why = cannot.get(rel)
+        if c is not None and c != quantizer.layer_config(f"{list_name}.0.{rel}", mod):
+            # a per-layer override (mixed precision): block 0's probe does not apply
+            why = quantizer.preflight(f"{name}.{rel}", mod, c)
+        if c is not None and why is not None:
+            quantizer.skipped[f"{name}.{rel}"] = why
+        elif c is not None:
+            layers[rel] = c
+    groups = (sequential_groups(blk, inputs[0], list(layers)) if inputs
+              else [[n] for n in layers])
+    if not getattr(quantizer.config, "true_sequential", True):
+        groups = [[n for g in groups for n in g]]
+    ctx = BlockContext(name, index, count, blk, inputs, layers, groups, scale_pairs(blk),
+                       quantizer.notes)
+    for q in quantizer.chain():  # transforms first, then the layer method's own
+        q.process_block(ctx)
+    # the next block sees this block's float (transformed) outputs, or its quantized ones
+    nxt = advance(blk, inputs) if inputs and quantizer.float_inputs() else None
+    quantizer.quantize_block(ctx, log)
+    if not inputs:
+        return inputs
+    return nxt if nxt is not None else advance(blk, inputs)
+
+
 def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
                         calibration: Iterable | None, inplace: bool = False,
                         progress: bool | None = None, distributed: bool | None = None
@@ -327,65 +405,24 @@ def quantize_sequential(model: nn.Module, quantizer: SequentialQuantizer,
     if progress is None:
         progress = quantizer.progress if quantizer.progress is not None else sys.stderr.isatty()
     progress = progress and (dp is None or dp.rank == 0)
-    cannot = _preflight(quantizer, list_name, blocks[0])
+    cannot = preflight_block(quantizer, list_name, blocks[0])
     inputs = capture_first_block_inputs(target, tblocks[0], batches) if batches else []
-    n_layers = sum(len(block_linears(b)) for b in tblocks)
-    done = 0
-    report: list[LayerReport] = []
-    notes = quantizer.notes
-    bar = tqdm(total=len(tblocks), desc="qkern", unit="block", disable=not progress,
-               file=sys.stderr)
-
-    def log(name: str, err: float, seconds: float) -> None:
-        nonlocal done
-        done += 1
-        report.append(LayerReport(name, err, seconds, notes.get(name, "")))
-        if progress:
-            bar.write(f"({done}/{n_layers}) {name}  err {err:.2e}  {seconds:.2f} s",
-                      file=sys.stderr)
-
+    log = BlockLog(quantizer.notes, len(tblocks), sum(len(block_linears(b)) for b in tblocks),
+                   progress)
     try:
         with data_parallel(dp):  # the statistics are all-reduced inside
             for i in range(len(tblocks)):
-                name = f"{list_name}.{i}"
                 blk = _block_copy(tblocks[i], quantizer)
-                linearize_conv1d(blk)
-                layers = {}
-                for rel in block_linears(blk):
-                    mod = blk.get_submodule(rel)
-                    c = quantizer.layer_config(f"{name}.{rel}", mod)
-                    why = cannot.get(rel)
-                    if c is not None and c != quantizer.layer_config(f"{list_name}.0.{rel}",
-                                                                     mod):
-                        # a per-layer override (mixed precision): block 0's probe is not it
-                        why = quantizer.preflight(f"{name}.{rel}", mod, c)
-                    if c is not None and why is not None:
-                        quantizer.skipped[f"{name}.{rel}"] = why
-                    elif c is not None:
-                        layers[rel] = c
-                groups = (sequential_groups(blk, inputs[0], list(layers)) if inputs
-                          else [[n] for n in layers])
-                if not getattr(quantizer.config, "true_sequential", True):
-                    groups = [[n for g in groups for n in g]]
-                ctx = BlockContext(name, i, len(tblocks), blk, inputs, layers, groups,
-                                   scale_pairs(blk), notes)
-                for q in quantizer.chain():  # transforms first, then the layer method's own
-                    q.process_block(ctx)
-                # the next block sees this block's float (transformed) outputs, or its
-                # quantized ones
-                nxt = block_outputs(blk, inputs) if inputs and quantizer.float_inputs() else None
-                quantizer.quantize_block(ctx, log)
-                if inputs:
-                    outs = nxt if nxt is not None else block_outputs(blk, inputs)
-                    inputs = [with_hidden(b, h) for b, h in zip(inputs, outs)]
+                inputs = quantize_block_copy(quantizer, list_name, i, len(tblocks), blk,
+                                             inputs, cannot, log)
                 _unshare(blk, tblocks[i])
                 tblocks[i] = blk
-                bar.update(1)
+                log.block_done()
     finally:
-        bar.close()
-    quantizer.report = report
-    if notes:
-        warn_notes(notes)
+        log.close()
+    quantizer.report = log.report
+    if quantizer.notes:
+        warn_notes(quantizer.notes)
     return target
 
 

@@ -4,14 +4,16 @@ quantized with one of the LLM methods and written in a format other programs loa
 from __future__ import annotations
 
 import argparse
+import re
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from torch import nn
 
-from .. import export, quantize_model
+from .. import export, quantize_model, streaming
 from ..models import load_pretrained
 from ..quantization import (
     SequentialQuantizer,
@@ -32,7 +34,7 @@ from .cmdutil import (
     shipped_text,
     vocab_size,
 )
-from .launch import add_nproc, init_group, relaunch
+from .launch import add_nproc, in_launch, init_group, relaunch
 
 __all__ = ["FIXED_W8", "GGUF_TYPES", "METHODS", "add_parser", "build_config", "run"]
 
@@ -120,8 +122,33 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         f"Q4_0): {', '.join(GGUF_TYPES)}")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_nproc(p)
+    p.add_argument("--memory-limit", type=_size, default=None, metavar="BYTES",
+                   help="--format qkern: bytes of one block's calibration activations kept in "
+                        "memory; past it they are offloaded to files in OUT (e.g. 512MB, "
+                        "2GiB; default: no limit). The weights are read one block at a time "
+                        "whatever this says (docs/streaming.md)")
+    res = p.add_mutually_exclusive_group()
+    res.add_argument("--resume", dest="resume", action="store_true", default=True,
+                     help="--format qkern: an OUT left by an interrupted run goes on from its "
+                          "first unfinished block (the default)")
+    res.add_argument("--no-resume", dest="resume", action="store_false",
+                     help="--format qkern: start over (an existing OUT then needs --overwrite)")
     add_threads(p)
     return p
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _size(text: str) -> int:
+    """argparse type: bytes, as an int or with a unit (512MB, 2GiB)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m and _UNITS.get(m.group(2).lower())
+    if unit is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with a unit: "
+                                         "512MB, 2GiB)")
+    return int(float(m.group(1)) * unit)
 
 
 def build_config(method: str, bits: int | None, group: int | None, sym: bool | None,
@@ -172,7 +199,8 @@ def _check_out(args: argparse.Namespace) -> Path:
         raise UsageError("--gguf-type needs --format gguf")
     if args.format == "gguf" and out.is_dir():
         raise UsageError(f"{out} is a folder; GGUF is one file (e.g. {out}/model.gguf)")
-    if out.exists() and not args.overwrite:
+    goes_on = _streams(args) and args.resume and streaming.run_state(out) == "unfinished"
+    if out.exists() and not args.overwrite and not goes_on:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
     if not out.resolve().parent.is_dir():
         raise UsageError(f"{out.parent}: no such folder")
@@ -216,12 +244,20 @@ def _calibration(args: argparse.Namespace, model: nn.Module, config, log) -> lis
     return cal
 
 
+def _streams(args: argparse.Namespace) -> bool:
+    """--format qkern from a safetensors folder runs qkern.quantize_pretrained (block by
+    block from disk); other formats and .bin checkpoints load the whole model."""
+    m = Path(args.model)
+    return args.format == "qkern" and ((m / "model.safetensors").is_file() or
+                                       (m / "model.safetensors.index.json").is_file())
+
+
 def _float_bytes(model: nn.Module) -> int:
     seen, n = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or not t.is_floating_point():
+        if id(t) in seen or not t.is_floating_point():  # a tied weight counts once
             continue
-        seen.add(t.data_ptr())
+        seen.add(id(t))
         n += t.numel() * t.element_size()
     return n
 
@@ -229,6 +265,13 @@ def _float_bytes(model: nn.Module) -> int:
 def _peak_rss() -> int:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb * (1 if sys.platform == "darwin" else 1024)
+
+
+def _remove(out: Path) -> None:
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)
+    else:
+        out.unlink()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -252,31 +295,46 @@ def run(args: argparse.Namespace) -> int:
     if kind != "float" or Path(args.model).is_file():
         raise UsageError(f"{args.model}: a {kind} checkpoint; qkern quantize takes a float "
                          "transformers model folder")
+    if args.memory_limit is not None and args.format != "qkern":
+        raise UsageError("--memory-limit applies to --format qkern (the streamed path)")
     t0 = time.perf_counter()
-    model = load_pretrained(args.model)
+    stream = _streams(args) and not in_launch()  # torchrun ranks quantize in memory
+    model = streaming.skeleton(args.model) if stream else load_pretrained(args.model)
     before = _float_bytes(model)
     cal = _calibration(args, model, config, log)
     log(f"config: {config}")
     t1 = time.perf_counter()
-    qmodel = quantize_model(model, config, cal, inplace=True, progress=True)
-    t2 = time.perf_counter()
-    if rank != 0:  # every rank holds the same model: rank 0 writes it
-        return 0
-    options = {"overwrite": args.overwrite}
-    if args.format == "gguf":
-        options["type"] = args.gguf_type or "Q4_0"
-    written = export(qmodel, out, format=args.format, **options)
-    t3 = time.perf_counter()
+    if stream:
+        if out.exists() and not (args.resume and streaming.run_state(out) == "unfinished"):
+            _remove(out)  # --overwrite (checked above)
+        result = streaming.quantize_pretrained(args.model, config, out, cal,
+                                               memory_limit=args.memory_limit,
+                                               resume=args.resume, progress=True)
+        if result.resumed_from:
+            log(f"resumed at block {result.resumed_from} of an interrupted run in {out}")
+        written, report = out, result.report
+        t2 = t3 = time.perf_counter()
+    else:
+        qmodel = quantize_model(model, config, cal, inplace=True, progress=True)
+        t2 = time.perf_counter()
+        if rank != 0:  # every rank holds the same model: rank 0 writes it
+            return 0
+        options = {"overwrite": args.overwrite}
+        if args.format == "gguf":
+            options["type"] = args.gguf_type or "Q4_0"
+        written = export(qmodel, out, format=args.format, **options)
+        t3 = time.perf_counter()
+        report = getattr(qmodel, "qkern_report", None) or []
     after = path_bytes(written)
-    report = getattr(qmodel, "qkern_report", None) or []
     errs = [r.error for r in report if getattr(r, "error", None) is not None]
     lines = [
         f"quantized  {args.model} -> {written} ({args.format})",
         f"method     {type(config).__name__}" + (f", {len(report)} layers" if report else ""),
         f"size       {fmt_bytes(before)} float weights -> {fmt_bytes(after)} written "
         f"({before / max(after, 1):.2f}x smaller)",
-        f"time       {t3 - t0:.1f} s (load + calibration data {t1 - t0:.1f} s, quantize "
-        f"{t2 - t1:.1f} s, write {t3 - t2:.1f} s)",
+        f"time       {t3 - t0:.1f} s (load + calibration data {t1 - t0:.1f} s, " + (
+            f"quantize + write block by block {t2 - t1:.1f} s)" if stream else
+            f"quantize {t2 - t1:.1f} s, write {t3 - t2:.1f} s)"),
         f"peak mem   {fmt_bytes(_peak_rss())} (max resident set size of this process)",
     ]
     if errs:

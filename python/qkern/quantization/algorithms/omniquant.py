@@ -336,6 +336,9 @@ class OmniQuantQuantizer(SequentialQuantizer):
 
     # ---- training ------------------------------------------------------------------------
 
+    def cross_block_state(self) -> bool:
+        return self.config.target != "block"  # the float model's outputs, block to block
+
     def _targets(self, ctx: BlockContext) -> list[torch.Tensor]:
         if self.config.target == "block":
             return ctx.float_outputs
