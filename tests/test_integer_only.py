@@ -27,7 +27,7 @@ from qkern.nn import (
     IntegerModel,
 )
 from qkern.quantization import BaseConfig, IntegerOnlyConfig, StaticConfig
-from qkern.quantization.algorithms.integer_only import integer_layer
+from qkern.quantization.algorithms.integer_only import integer_layer, widen_to_int16
 
 pytest.importorskip("sklearn")
 from qkern.models import digits as D  # noqa: E402
@@ -120,6 +120,44 @@ def test_integer_linear_vs_reference():
         np.testing.assert_allclose(m.numpy(), (s_in * s_w / 0.05).numpy(), rtol=1e-6)
 
 
+def test_integer_linear_int16_out_vs_reference():
+    """layers mode's int16 output codes: bit-exact against the Python-int gemmlowp / TFLite
+    requantization with the int16 zero point and clamp (clamping exercised at both ends)."""
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(40, 13)
+    s16, zp16 = widen_to_int16(0.05, -7)
+    # the int16 grid covers exactly the int8 grid's real range, 257x finer
+    assert zp16 == 257 * -7 + 128 and s16 * 257 == pytest.approx(0.05, rel=1e-15)
+    assert (-32768 - zp16) * s16 == pytest.approx((-128 + 7) * 0.05, rel=1e-12)
+    assert (32767 - zp16) * s16 == pytest.approx((127 + 7) * 0.05, rel=1e-12)
+    for s_out, zp_out, per_ch in [(s16, zp16, True), (s16 / 40, 1000, False),
+                                  (1e-5, 0, True)]:
+        layer = integer_layer(lin, 0.02, 9, s_out, zp_out, qmin=-32768, per_channel=per_ch,
+                              out_bits=16)
+        x = torch.randint(-128, 128, (64, 40), generator=g, dtype=torch.int8)
+        got = layer(x)
+        assert got.dtype == torch.int16 and layer.qmax == 32767
+        acc = (x.numpy().astype(np.int64) - 9) @ layer.w_q.numpy().astype(np.int64).T
+        acc = acc + layer.bias_q.numpy()
+        want = _ref_requant(acc, layer)
+        assert got.tolist() == want
+        # and the codes are round(acc * M) + zp: the real rescale to within the fixed-point error
+        m = (layer.m0.double() * 2.0 ** (layer.shift.double() - 31)).numpy()
+        ideal = np.clip(np.round(acc * m) + zp_out, -32768, 32767)
+        assert np.abs(np.array(want) - ideal).max() <= 1
+    assert (np.array(want) == 32767).any() and (np.array(want) == -32768).any()
+    with pytest.raises(ValueError, match="Linear"):
+        integer_layer(nn.Conv2d(2, 3, 3), 0.1, 0, 0.1, 0, out_bits=16)
+    with pytest.raises(ValueError, match="out_bits"):
+        IntegerLinear(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(2, dtype=torch.int32),
+                      torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
+                      in_zp=0, out_zp=0, out_bits=4)
+    with pytest.raises(ValueError, match="int8 value"):
+        IntegerLinear(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(2, dtype=torch.int32),
+                      torch.ones(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
+                      in_zp=300, out_zp=0, qmax=32767, out_bits=16)
+
+
 def test_integer_conv_and_pools_vs_reference():
     g = torch.Generator().manual_seed(1)
     conv = nn.Conv2d(3, 5, 3, stride=(1, 2), padding=(1, 2))
@@ -176,14 +214,28 @@ def test_layers_mode_inside_a_float_model():
     calib = [torch.randn(4, 5, 16) for _ in range(4)]
     q = qkern.quantize_model(model, IntegerOnlyConfig(), calibration=calib)
     assert isinstance(q.a, IntegerLinearIO) and isinstance(q.b, IntegerLinearIO)
+    assert q.a.layer.out_bits == 16
     x = torch.randn(3, 5, 16)
     ref = model(x).detach()
     assert (q(x) - ref).norm() / ref.norm() < 0.05
     codes = q.a.quant_in.quantize(x)
     rec = DtypeRecorder()  # inside the layer: integers only
     with torch.no_grad(), rec:
-        q.a.layer(codes)
-    assert not floats(rec.seen)
+        out = q.a.layer(codes)
+    assert not floats(rec.seen) and out.dtype == torch.int16
+    # int16 output: the layer's output differs from the float rescale of its own int32
+    # accumulator by the output rounding only (half an int16 step + the multiplier's error)
+    a = q.a.layer
+    acc = (codes.reshape(-1, 16).double() - a.in_zp) @ a.w_q.double().T + a.bias_q.double()
+    m = a.m0.double() * 2.0 ** (a.shift.double() - 31)
+    real = (acc * m * a.out_scale).reshape(3, 5, 32)
+    deq = q.a.dequant_out.dequantize(out).double()
+    inside = (out > a.qmin) & (out < a.qmax)  # not clamped at the calibrated range
+    assert inside.float().mean() > 0.9
+    assert ((deq - real)[inside]).abs().max() <= 0.5001 * a.out_scale + 1e-6 * real.abs().max()
+    q8 = qkern.quantize_model(TwoLinears().eval(), IntegerOnlyConfig(layers_out_bits=8),
+                              calibration=calib)
+    assert q8.a.layer.out_bits == 8 and q8.a.layer(codes).dtype == torch.int8
     with pytest.raises(ValueError, match="nn.Sequential"):
         qkern.quantize_model(model, IntegerOnlyConfig(mode="model"), calibration=calib)
 
@@ -191,8 +243,10 @@ def test_layers_mode_inside_a_float_model():
 def test_config_checks_and_json():
     cfg = IntegerOnlyConfig(act_symmetric=True, mode="layers", exclude=["b"])
     assert BaseConfig.from_json(cfg.to_json()) == cfg
+    assert BaseConfig.from_json(IntegerOnlyConfig(layers_out_bits=8).to_json()).layers_out_bits == 8
     for bad in (dict(mode="x"), dict(observer="nope"), dict(per_channel=1),
-                dict(overrides={"a": "int4"})):
+                dict(overrides={"a": "int4"}), dict(layers_out_bits=12),
+                dict(layers_out_bits=True), dict(layers_out_bits=16.0)):
         with pytest.raises(ValueError):
             IntegerOnlyConfig(**bad)
     with pytest.raises(TypeError, match="int8"):

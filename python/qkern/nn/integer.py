@@ -34,18 +34,28 @@ def _check_int8(name: str, x: torch.Tensor) -> None:
                         "input with FloatBoundary / IntegerModel.quantize)")
 
 
+OUT_DTYPES = {8: torch.int8, 16: torch.int16}
+
+
 class _Requant(nn.Module):
     """The output stage shared by the integer layers: int32 bias, per-channel ``m0`` / ``shift``
-    (``M = s_in s_w / s_out``), output zero point and the clamp ``[qmin, qmax]``."""
+    (``M = s_in s_w / s_out``), output zero point and the clamp ``[qmin, qmax]``; int8 output
+    codes, or int16 (``out_bits=16``) where the consumer is a float op (layers mode)."""
 
     def __init__(self, bias_q, m0, shift, in_zp: int, out_zp: int, qmin: int, qmax: int,
-                 in_scale: float = 1.0, out_scale: float = 1.0):
+                 in_scale: float = 1.0, out_scale: float = 1.0, out_bits: int = 8):
         super().__init__()
-        if not -128 <= qmin <= qmax <= 127:
-            raise ValueError(f"need -128 <= qmin <= qmax <= 127, got [{qmin}, {qmax}]")
-        for name, v in (("in_zp", in_zp), ("out_zp", out_zp)):
-            if not -128 <= int(v) <= 127:
-                raise ValueError(f"{name} must be an int8 value, got {v}")
+        if out_bits not in OUT_DTYPES:
+            raise ValueError(f"out_bits must be 8 or 16, got {out_bits!r}")
+        lo, hi = -(1 << (out_bits - 1)), (1 << (out_bits - 1)) - 1
+        if not lo <= qmin <= qmax <= hi:
+            raise ValueError(f"need {lo} <= qmin <= qmax <= {hi} (out_bits={out_bits}), got "
+                             f"[{qmin}, {qmax}]")
+        if not -128 <= int(in_zp) <= 127:
+            raise ValueError(f"in_zp must be an int8 value, got {in_zp}")
+        if not lo <= int(out_zp) <= hi:
+            raise ValueError(f"out_zp must be an int{out_bits} value, got {out_zp}")
+        self.out_bits = out_bits
         self.register_buffer("bias_q", torch.as_tensor(bias_q, dtype=I32).reshape(-1).clone())
         self.register_buffer("m0", torch.as_tensor(m0, dtype=I32).reshape(-1).clone())
         self.register_buffer("shift", torch.as_tensor(shift, dtype=I32).reshape(-1).clone())
@@ -53,21 +63,28 @@ class _Requant(nn.Module):
         self.in_scale, self.out_scale = float(in_scale), float(out_scale)  # metadata only
 
     def requant(self, acc: torch.Tensor) -> torch.Tensor:
-        """acc (..., C) int32 -> (..., C) int8."""
+        """acc (..., C) int32 -> (..., C) int8 (int16: the int32 kernel output clamped to
+        ``[qmin, qmax]`` inside the int16 range, narrowed)."""
         if self.bias_q.numel():
             acc = acc + self.bias_q
+        if self.out_bits == 8:
+            return torch.ops.qkern.requantize(acc, self.m0, self.shift, self.out_zp, self.qmin,
+                                              self.qmax, 8)
         return torch.ops.qkern.requantize(acc, self.m0, self.shift, self.out_zp, self.qmin,
-                                          self.qmax, 8)
+                                          self.qmax, 32).to(torch.int16)
 
 
 class IntegerLinear(_Requant):
     """``y_q = clamp(requant((x_q - in_zp) @ w_q^T + bias_q) + out_zp, qmin, qmax)``; ``w_q``
     (N, K) int8 (symmetric: weight zero point 0), ``bias_q`` (N,) int32 (or empty), ``m0`` /
-    ``shift`` (N,) or (1,) int32."""
+    ``shift`` (N,) or (1,) int32; ``out_bits=16``: int16 output codes (zero point and clamp in
+    the int16 range), for an output that goes to a float op."""
 
     def __init__(self, w_q, bias_q, m0, shift, *, in_zp: int, out_zp: int, qmin: int = -128,
-                 qmax: int = 127, in_scale: float = 1.0, out_scale: float = 1.0):
-        super().__init__(bias_q, m0, shift, in_zp, out_zp, qmin, qmax, in_scale, out_scale)
+                 qmax: int = 127, in_scale: float = 1.0, out_scale: float = 1.0,
+                 out_bits: int = 8):
+        super().__init__(bias_q, m0, shift, in_zp, out_zp, qmin, qmax, in_scale, out_scale,
+                         out_bits)
         w = torch.as_tensor(w_q)
         if w.dtype != torch.int8 or w.dim() != 2:
             raise TypeError(f"w_q must be an (N, K) int8 tensor, got {w.dtype} {tuple(w.shape)}")
@@ -83,7 +100,7 @@ class IntegerLinear(_Requant):
     def extra_repr(self) -> str:
         n, k = self.w_q.shape
         return f"{k} -> {n}, in_zp={self.in_zp}, out_zp={self.out_zp}, clamp=[{self.qmin}, " \
-               f"{self.qmax}]"
+               f"{self.qmax}], out int{self.out_bits}"
 
 
 class IntegerConv2d(_Requant):
@@ -181,7 +198,8 @@ class IntegerLinearIO(nn.Module):
     """An :class:`IntegerLinear` between two float boundaries (IntegerOnlyConfig's ``layers``
     mode, for models that are not one integer network, e.g. MiniLM): the float input quantized
     with the calibrated input scale, the integer-only matmul and requantization to the
-    calibrated output scale, the int8 output dequantized. Integer-only inside the layer; the
+    calibrated output scale, the output codes (int16 by default:
+    ``IntegerOnlyConfig.layers_out_bits``) dequantized. Integer-only inside the layer; the
     model around it stays float."""
 
     def __init__(self, quant_in: FloatBoundary, layer: IntegerLinear, dequant_out: FloatBoundary):

@@ -14,8 +14,11 @@ Two forms:
   boundary (quantize the input, dequantize the output).
 - ``mode="layers"`` (any other model, e.g. MiniLM): each Linear becomes an
   :class:`~qkern.nn.integer.IntegerLinearIO`: its float input quantized with the calibrated
-  input scale, the integer-only matmul and requantization to the calibrated output scale,
-  dequantized back to float. Only the layers are integer-only, not the model.
+  input scale, the integer-only matmul and requantization to the calibrated output range,
+  dequantized back to float. The consumer of the output is a float op (LayerNorm, GELU,
+  softmax, residual add), so the output codes are int16 by default (``layers_out_bits``): the
+  same fixed-point requantization, 257 times finer steps over the same calibrated range. Only
+  the layers are integer-only, not the model.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from ..registry import (
     register_quantizer,
 )
 
-__all__ = ["IntegerOnlyConfig", "IntegerOnlyQuantizer", "integer_layer"]
+__all__ = ["IntegerOnlyConfig", "IntegerOnlyQuantizer", "integer_layer", "widen_to_int16"]
 
 MODES = ("auto", "model", "layers")
 PASS = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
@@ -58,6 +61,8 @@ class IntegerOnlyConfig(BaseConfig):
     """int8 weights (symmetric, per output channel unless ``per_channel=False``), int8
     activations (asymmetric unless ``act_symmetric``; ranges from the ``observer`` over the
     calibration data), int32 biases, fixed-point requantization between layers.
+    ``layers_out_bits`` (16 or 8): the width of the output codes in ``layers`` mode, where the
+    output goes to a float op (in ``model`` mode each output is the next layer's int8 input).
 
     >>> import torch, qkern
     >>> from torch import nn
@@ -74,6 +79,7 @@ class IntegerOnlyConfig(BaseConfig):
     act_symmetric: bool = False
     per_channel: bool = True
     mode: str = "auto"
+    layers_out_bits: int = 16
 
     act_fmt = "int8"  # what input_observer reads (not a field: always int8)
 
@@ -83,6 +89,9 @@ class IntegerOnlyConfig(BaseConfig):
         check_bool(n, "act_symmetric", self.act_symmetric)
         check_bool(n, "per_channel", self.per_channel)
         check_choice(n, "mode", self.mode, MODES)
+        if type(self.layers_out_bits) is not int:
+            fail(n, "layers_out_bits", "8 or 16", self.layers_out_bits)
+        check_choice(n, "layers_out_bits", self.layers_out_bits, (8, 16))
         for pat, v in self.overrides.items():
             if isinstance(v, str):
                 fail(n, f"overrides[{pat!r}]", "None (keep float) or a dict of fields", v)
@@ -94,11 +103,21 @@ def _qparams(observer: nn.Module) -> tuple[float, int]:
     return float(scale), 0 if zp is None else int(zp)
 
 
+def widen_to_int16(s_out: float, zp_out: int) -> tuple[float, int]:
+    """The int16 grid over the real range of the int8 grid ``(s_out, zp_out)``:
+    ``[(-128 - zp) s, (127 - zp) s]`` is ``[(-32768 - zp16) s16, (32767 - zp16) s16]`` with
+    ``s16 = s / 257`` and ``zp16 = 257 zp + 128`` (exact: 65535 = 255 * 257)."""
+    return s_out / 257, 257 * int(zp_out) + 128
+
+
 def integer_layer(mod: nn.Module, s_in: float, zp_in: int, s_out: float, zp_out: int,
-                  qmin: int = -128, per_channel: bool = True) -> nn.Module:
+                  qmin: int = -128, per_channel: bool = True, out_bits: int = 8) -> nn.Module:
     """The integer twin of a float Linear / Conv2d: int8 weight codes (qkern.quantize, int8
     symmetric, per output channel or per tensor), int32 bias ``round(b / (s_in s_w))``,
-    ``(m0, shift)`` of ``M = s_in s_w / s_out`` (computed in float64), clamp ``[qmin, 127]``."""
+    ``(m0, shift)`` of ``M = s_in s_w / s_out`` (computed in float64), clamp ``[qmin, 127]``
+    (``out_bits=16``, Linear only: int16 output codes, clamp ``[qmin, 32767]``)."""
+    if out_bits == 16 and not isinstance(mod, nn.Linear):
+        raise ValueError("integer_layer: out_bits=16 is for Linear layers (layers mode) only")
     w = mod.weight.detach().float()
     if per_channel:
         qt = quantize(w, "int8", granularity="channel", axis=0)
@@ -117,6 +136,8 @@ def integer_layer(mod: nn.Module, s_in: float, zp_in: int, s_out: float, zp_out:
     kw = dict(in_zp=zp_in, out_zp=zp_out, qmin=qmin, qmax=127, in_scale=s_in, out_scale=s_out)
     if isinstance(mod, nn.Conv2d):
         return IntegerConv2d(codes, bias_q, m0, shift, mod.stride, mod.padding, **kw)
+    if out_bits == 16:
+        kw.update(qmax=32767, out_bits=16)
     return IntegerLinear(codes, bias_q, m0, shift, **kw)
 
 
@@ -192,8 +213,11 @@ class IntegerOnlyQuantizer(ObservingQuantizer):
             mod, scale, zp = self.observed(model, name)
             s_in, zp_in = float(scale), 0 if zp is None else int(zp)
             s_out, zp_out = _qparams(self.outputs[name])
-            layer = integer_layer(mod, s_in, zp_in, s_out, zp_out,
-                                  per_channel=lcfg.per_channel)
+            qmin = -128
+            if lcfg.layers_out_bits == 16:
+                (s_out, zp_out), qmin = widen_to_int16(s_out, zp_out), -32768
+            layer = integer_layer(mod, s_in, zp_in, s_out, zp_out, qmin, lcfg.per_channel,
+                                  lcfg.layers_out_bits)
             self.swap(model, name, lambda: IntegerLinearIO(
                 FloatBoundary(s_in, zp_in), layer, FloatBoundary(s_out, zp_out)), float_mod=mod)
 
