@@ -150,3 +150,5 @@ def test_bad_arguments(setup):
         choose_allocation(model, CFG, cal, 4.3, {n: dict(s.cost) for n, s in sens.items()})
     with pytest.raises(TypeError, match="config"):
         choose_allocation(model, "RTN", cal, 4.3, sens)
+    with pytest.raises(ValueError, match="reference"):
+        mc.measure_loss(model, cal, "kl")

@@ -124,6 +124,11 @@ def measure_loss(model: nn.Module, calibration, measure: str = "loss",
     (each ``(T,)`` or ``(B, T)``; weighted by predicted tokens), or with ``measure="kl"`` the
     mean per-token ``KL(float || model)``, ``reference`` the float model's log-probabilities
     per tensor."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; choose from {MEASURES}")
+    if measure == "kl" and (reference is None or len(reference) != len(calibration)):
+        raise ValueError("measure='kl' needs reference: the float model's log-probabilities, "
+                         "one tensor per calibration tensor")
     tot = n = 0.0
     with torch.no_grad():
         for i, x in enumerate(calibration):
