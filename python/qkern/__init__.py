@@ -150,9 +150,9 @@ if "transformers" in sys.modules:  # already paid for: register "qkern" with tra
 
 def __getattr__(name: str):
     # qkern.hf, qkern.kv (transformers), qkern.vq, qkern.lora, qkern.mixed_precision,
-    # qkern.signal, qkern.decompose, qkern.streaming: imported on first use
-    if name in ("hf", "vq", "kv", "lora", "mixed_precision", "signal", "decompose",
-                "streaming"):
+    # qkern.signal, qkern.decompose, qkern.streaming, qkern.mixed_choice: imported on first use
+    if name in ("hf", "vq", "kv", "lora", "mixed_precision", "mixed_choice", "signal",
+                "decompose", "streaming"):
         return importlib.import_module(f".{name}", __name__)
     if name == "quantize_pretrained":  # qkern.streaming (transformers): imported on first use
         return importlib.import_module(".streaming", __name__).quantize_pretrained

@@ -8,11 +8,15 @@ RTN (or ``--algo gptq``: GPTQ on 64 windows) at the llm report's settings (group
 asymmetric; int8 symmetric per channel, its fused kernel's layout; the bytelm's down_proj,
 input 672, is stored per output channel, as the pipeline notes). Sensitivities on
 ``--n-cal`` windows x 256 bytes of WikiText-2 *valid*; each budget's allocation (exact
-knapsack over {2, 3, 4, 8, float16}) is quantized with ``quantize_model`` and scored in bits
-per byte on WikiText-2 *test* (48 x 256 bytes, as the llm report). Average bits per weight
-over the 28 block linears are measured on the built layers (``weight_q.bits_per_element``:
-codes, scales, zero points; float layers at 16). Budgets ``u2``, ``u3``, ``u4`` stand for the
-uniform allocations' own averages, so mixed and uniform meet at equal bits there.
+knapsack over {2, 3, 4, 8, float16}) is verified by
+:func:`qkern.mixed_choice.choose_allocation` (the knapsack, the knapsack 0.025 / 0.05 / 0.1
+bits lower, every uniform allocation that fits: the lowest loss on the same calibration
+windows wins), then quantized with ``quantize_model`` and scored in bits per byte on
+WikiText-2 *test* (48 x 256 bytes, as the llm report), next to the unverified knapsack.
+Average bits per weight over the 28 block linears are measured on the built layers
+(``weight_q.bits_per_element``: codes, scales, zero points; float layers at 16). Budgets
+``u2``, ``u3``, ``u4`` stand for the uniform allocations' own averages, so mixed and uniform
+meet at equal bits there.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 
 from ... import GPTQConfig, RTNConfig, set_num_threads
 from ... import mixed_precision as mp
+from ...mixed_choice import choose_allocation
 from ...models import bits_per_byte, load_llama
 from ...models.assets import shipped_path
 from ...quantization import quantize_model, text_calibration
@@ -39,6 +44,7 @@ __all__ = ["CONFIGS", "main", "measured_bits", "pareto_table", "plot"]
 CONFIGS = {"rtn": RTNConfig(bits=4, group_size=64, sym=False),
            "gptq": GPTQConfig(bits=4, group_size=64, sym=False)}
 UNIFORM = (2, 3, 4, 8)
+_STYLE = {"uniform": "--", "knapsack": ":"}
 
 
 def measured_bits(model: nn.Module, layers: list[str], float_bits: int = 16) -> float:
@@ -86,7 +92,19 @@ def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_prob
                         qcal)
         uni[b] = (measured_bits(q, layers), bpb)
     points = {"uniform": sorted(uni.values())}
+    tested: dict = {}  # test bpb by allocation, so a candidate met again is not rescored
+    measured: dict = {}  # calibration loss by allocation (choose_allocation's cache)
+
+    def test_bpb(over):
+        k = tuple(sorted((n, None if v is None else tuple(sorted(v.items())))
+                         for n, v in over.items()))
+        if k not in tested:
+            q, bpb = _score(model, mp.mixed_config(config, over), test, qcal)
+            tested[k] = (measured_bits(q, layers), bpb)
+        return tested[k]
+
     rows = []
+    t_choose = 0.0
     for label in budgets:
         budget = uni[int(label[1:])][0] if label.startswith("u") else float(label)
         fits = [b for b in UNIFORM if uni[b][0] <= budget + 1e-9]
@@ -94,29 +112,39 @@ def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_prob
         cells = [f"{budget:.3f}"]
         ok = True
         for m in methods:
-            over = mp.allocate_bits(sens[m], budget)
-            q, bpb = _score(model, mp.mixed_config(config, over), test, qcal)
-            avg = measured_bits(q, layers)
-            points.setdefault(f"mixed ({m})", []).append((avg, bpb))
+            t = time.perf_counter()
+            pick = choose_allocation(model, config, cal, budget, sens[m],
+                                     quant_calibration=qcal, cache=measured)
+            t_choose += time.perf_counter() - t
+            over = pick.overrides
+            avg, bpb = test_bpb(over)
+            kavg, kbpb = test_bpb(pick.candidates["knapsack"])
+            points.setdefault(f"verified ({m})", []).append((avg, bpb))
+            points.setdefault(f"knapsack ({m})", []).append((kavg, kbpb))
             counts = {b: sum(1 for v in over.values() if (v or {}).get("bits") == b)
                       for b in (*UNIFORM, None)}
             mix = "/".join(str(counts[b]) for b in (*UNIFORM, None))
-            cells.append(f"{bpb:.4f} ({avg:.3f} b; {mix})")
+            cells.append(f"{bpb:.4f} ({avg:.3f} b; {mix}; {pick.label}, of "
+                         f"{len(pick.candidates)})")
+            cells.append(f"{kbpb:.4f}")
             if fits and bpb > uni[fits[-1]][1]:
                 ok = False
         lo = f"w{fits[-1]}: {uni[fits[-1]][1]:.4f} ({uni[fits[-1]][0]:.3f} b)" if fits else "-"
         hi = f"w{above[0]}: {uni[above[0]][1]:.4f} ({uni[above[0]][0]:.3f} b)" if above else "-"
         cells += [lo, hi, "yes" if ok and fits else ("n/a" if not fits else "**no**")]
         rows.append("| " + " | ".join(cells) + " |")
-    head = ("| budget (bits/weight) | " + " | ".join(f"mixed, {m}: bpb (avg bits; 2/3/4/8/float "
-                                                    "layers)" for m in methods)
-            + " | uniform at or below budget | uniform above budget | mixed <= uniform below |")
+    head = ("| budget (bits/weight) | " + " | ".join(
+        f"verified, {m}: bpb (avg bits; 2/3/4/8/float layers; chosen, of candidates) | "
+        f"knapsack alone, {m}" for m in methods)
+            + " | uniform at or below budget | uniform above budget | verified <= uniform below |")
     lines = [f"wikitext-bytelm, {algo.upper()} g64 asymmetric: bits per byte on WikiText-2 test "
              f"(48 x 256 bytes; fp32 {fp:.4f}); sensitivities on {n_cal} x 256 bytes of "
              f"WikiText-2 valid "
              f"({', '.join(f'{m} {secs[m]:.0f} s' for m in methods)}; Hutchinson "
-             f"{n_probes} probes); knapsack over {{2, 3, 4, 8, float16}}", "", head,
-             "|" + "---|" * (len(methods) + 4)] + rows
+             f"{n_probes} probes); knapsack over {{2, 3, 4, 8, float16}}; candidates verified "
+             f"by their loss on the same calibration windows ({len(measured)} distinct "
+             f"quantizations, {t_choose:.0f} s)", "", head,
+             "|" + "---|" * (2 * len(methods) + 4)] + rows
     lines += ["", "uniform allocations: " + ", ".join(
         f"w{b} {uni[b][1]:.4f} bpb at {uni[b][0]:.3f} bits/weight" for b in UNIFORM)]
     return "\n".join(lines), {"fp32": fp, **points}
@@ -132,7 +160,7 @@ def plot(points: dict, path: str | Path, algo: str = "rtn") -> None:
         for i, (label, ps) in enumerate((k, v) for k, v in points.items() if k != "fp32"):
             ps = sorted(p for p in ps if not zoom or 3.3 <= p[0] <= 4.7)
             ax.plot([p[0] for p in ps], [p[1] for p in ps], marker="o", color=f"C{i}",
-                    ls="--" if label == "uniform" else "-", label=label, alpha=0.85)
+                    ls=_STYLE.get(label.split()[0], "-"), label=label, alpha=0.85)
         ax.axhline(fp, color="0.5", lw=1, label=f"fp32 ({fp:.4f})")
         ax.set_xlabel("average bits per weight (scales, zero points included)")
         ax.grid(alpha=0.3)
