@@ -188,6 +188,12 @@ def test_vqlinear_fast_mode_runs_the_int8_kernel_and_round_trips(tmp_path):
         got = fast(x)
         assert float((got.double() - want).norm() / want.norm()) < 0.01
         assert float((got - exact(x)).norm() / exact(x).norm()) < 0.02
+    x = torch.randn(2, 128, generator=g)
+    with torch.no_grad():  # the eager decode path (no per-call checks) gives the op's bits
+        eager = fast(x)
+    op = OPS.gemm_vq8(x, fast._vq_packed, fast._vq8_books, fast._vq8_bs, fast._vq_scales,
+                      fast._vq_bias, 40, 128, 40)
+    assert torch.equal(eager, op) and torch.equal(fast(x), op)
     model = torch.nn.Sequential(torch.nn.Linear(128, 40))
     model[0] = fast
     qkern.save(model, tmp_path / "m")

@@ -36,7 +36,7 @@ from .raw import contig, ptr
 from .schemas import LIB
 from .vq import ROWS, decode_vq
 
-__all__ = ["pack_codes4", "quantize_codebooks", "unpack_codes4", "vq8_fits"]
+__all__ = ["pack_codes4", "quantize_codebooks", "run_gemm_vq8", "unpack_codes4", "vq8_fits"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -151,7 +151,15 @@ def _gemm_vq8_cpu(x, packed4, codebooks8, book_scales, scales, bias, N, K, group
     _check(x, packed4, codebooks8, book_scales, scales, bias, N, K, group_rows)
     x = contig(x, torch.float32)
     bs, scales, bias = (contig(t, torch.float32) for t in (book_scales, scales, bias))
-    packed4, books8 = packed4.contiguous(), codebooks8.contiguous()
+    return run_gemm_vq8(x, packed4.contiguous(), codebooks8.contiguous(), bs, scales, bias, N,
+                        K, group_rows)
+
+
+def run_gemm_vq8(x, packed4, books8, bs, scales, bias, N: int, K: int,
+                 group_rows: int) -> torch.Tensor:
+    """The CPU body of ``gemm_vq8`` on checked, contiguous operands of the kernel's dtypes
+    (x float32 (M, K)): the op after its checks, and VQLinear's eager decode path (its
+    operands were checked when it built them; the kernel still checks every code)."""
     groups, kc, dim = books8.shape
     y = torch.empty((x.shape[0], N), dtype=torch.float32)
     bad = _C.gemm_vq8_raw(ptr(x), x.shape[0], ptr(packed4), N, K // dim, ptr(books8), ptr(bs),

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.vq import decode_vq, nibbles_fit, pack_codes
-from ..ops.vq8 import pack_codes4, quantize_codebooks, unpack_codes4, vq8_fits
+from ..ops.vq8 import pack_codes4, quantize_codebooks, run_gemm_vq8, unpack_codes4, vq8_fits
 from .lattice import lattice_codebook
 
 __all__ = ["FUSED_MAX_ROWS", "VQLinear"]
@@ -160,6 +160,13 @@ class VQLinear(nn.Module):
         self._vq_key = self._buffers_key()
 
     def _forward_fast(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        if (rows <= FUSED_MAX_ROWS and not torch.compiler.is_compiling() and x.dtype ==
+                torch.float32 and x.is_contiguous() and not torch.is_grad_enabled()):
+            # eager decode: the op's per-call checks cost about as much as a small layer's
+            # matmul; the operands were checked when refresh_kernel_operands built them
+            return run_gemm_vq8(x.reshape(rows, self.in_features), self._vq_packed,
+                                self._vq8_books, self._vq8_bs, self._vq_scales, self._vq_bias,
+                                self.out_features, self.in_features, self.group_rows)
         if rows <= FUSED_MAX_ROWS:
             return torch.ops.qkern.gemm_vq8(x.reshape(rows, self.in_features), self._vq_packed,
                                             self._vq8_books, self._vq8_bs, self._vq_scales,
