@@ -33,7 +33,9 @@ def _free_port() -> int:
 
 def _env(**extra) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent / "python"), str(HERE)]))
+               # the qkern this test imports (installed, or a checkout's python/), and tests/
+               PYTHONPATH=os.pathsep.join([str(Path(qkern.__file__).resolve().parents[1]),
+                                           str(HERE)]))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     env.update({k: str(v) for k, v in extra.items()})
