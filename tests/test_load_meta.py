@@ -7,6 +7,7 @@ state dict, bit for bit) and layers quantized from real float weights (``from_fl
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -290,7 +291,8 @@ def test_peak_memory_of_a_load_is_the_quantized_model(tmp_path, empty):
     code = PEAK.format(tests=str(Path(__file__).parent), path=str(path), empty=empty,
                        tiny=str(tmp_path / "tiny.safetensors"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(PYTHON_DIR), "OMP_NUM_THREADS": "1"},
+                         env={**os.environ, "PYTHONPATH": str(PYTHON_DIR),
+                              "OMP_NUM_THREADS": "1"},
                          timeout=120)
     assert out.returncode == 0, out.stderr
     grew = int(out.stdout.split()[-1])  # the load's peak above the resident set before it
