@@ -34,7 +34,7 @@ from .. import _C
 from .cpu import NonFiniteError
 from .raw import contig, ptr
 from .schemas import LIB
-from .vq import ROWS, decode_vq
+from .vq import ROWS, decode_vq, pack_codes, unpack_codes
 
 __all__ = ["pack_codes4", "quantize_codebooks", "run_gemm_vq8", "unpack_codes4", "vq8_fits"]
 
@@ -51,9 +51,9 @@ def pack_codes4(codes: torch.Tensor, nibbles: bool = False) -> torch.Tensor:
     if nv % 4:
         raise ValueError(f"pack_codes4: the number of vectors per row ({nv}) must be a "
                          "multiple of 4")
-    nb = -(-n // ROWS)
-    full = torch.cat((codes, codes.new_zeros((nb * ROWS - n, nv))))
-    p = full.view(nb, ROWS, nv // 4, 4).transpose(1, 2).contiguous()
+    # gemm_vq's 16-row blocks (nb, nv, 16), each row's 4 consecutive vectors made adjacent
+    p = pack_codes(codes)
+    p = p.view(p.shape[0], nv // 4, 4, ROWS).transpose(2, 3).contiguous()
     if not nibbles:
         return p
     if nv % 8 or (codes.numel() and int(codes.max()) > 15):
@@ -68,7 +68,9 @@ def unpack_codes4(packed4: torch.Tensor, r0: int, r1: int, nibbles: bool = False
     p = packed4[b0:b1]
     if nibbles:
         p = torch.stack((p & 15, p >> 4), dim=2).flatten(1, 2)
-    return p.transpose(1, 2).reshape(-1, p.shape[1] * 4)[:r1 - r0]
+    # back to gemm_vq's blocks (nb, nv, 16)
+    p = p.transpose(2, 3).reshape(p.shape[0], -1, ROWS)
+    return unpack_codes(p, r0 - b0 * ROWS, r1 - b0 * ROWS)
 
 
 def quantize_codebooks(codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

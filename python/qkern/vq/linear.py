@@ -60,14 +60,15 @@ from ..ops.vq import decode_vq, nibbles_fit, pack_codes
 from ..ops.vq8 import pack_codes4, quantize_codebooks, run_gemm_vq8, unpack_codes4, vq8_fits
 from .lattice import lattice_codebook
 
-__all__ = ["FUSED_MAX_ROWS", "VQLinear"]
+__all__ = ["FUSED_MAX_ROWS", "MODES", "VQLinear"]
 
 #: the most rows of x (tokens) the fused kernel takes (its cost grows with the rows; past
 #: about 32 decoding the weight once for a GEMM is cheaper)
 FUSED_MAX_ROWS = 32
 
 _FLOATS = (torch.float16, torch.float32)
-_MODES = ("exact", "fast")
+#: VQLinear's modes (module docstring)
+MODES = ("exact", "fast")
 _LATTICE_DIMS = {"D4": 4, "E8": 8}
 
 
@@ -78,8 +79,8 @@ class VQLinear(nn.Module):
                  scales: torch.Tensor | None, bias: torch.Tensor | None, group_rows: int,
                  lattice: str | None = None, mode: str = "exact"):
         super().__init__()
-        if mode not in _MODES:
-            raise ValueError(f"VQLinear: mode must be one of {_MODES}, got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"VQLinear: mode must be one of {MODES}, got {mode!r}")
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype not in (
                 torch.uint8, torch.uint16):
             raise TypeError("VQLinear: codes must be a 2-D uint8 or uint16 tensor (out, in/dim)")

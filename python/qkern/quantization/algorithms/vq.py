@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from ...vq.lattice import lattice_codebook
-from ...vq.linear import VQLinear
+from ...vq.linear import MODES, VQLinear
 from ...vq.search import assign_grouped
 from ..registry import (
     BaseConfig,
@@ -139,7 +139,7 @@ class VQConfig(BaseConfig):
         check_int(n, "seed", self.seed, 0)
         check_bool(n, "true_sequential", self.true_sequential)
         check_bool(n, "update_codebooks", self.update_codebooks)
-        check_choice(n, "mode", self.mode, ("exact", "fast"))
+        check_choice(n, "mode", self.mode, MODES)
         check_int(n, "finetune_steps", self.finetune_steps, 0)
         lr = self.finetune_lr
         if (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1
