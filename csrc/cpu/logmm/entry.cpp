@@ -1,5 +1,5 @@
 // Log-domain matmul entry point: decodes the codes once (exponents and sign bits; w transposed
-// and padded to 8 columns), builds the fraction table, spreads rows of out over the pool (each
+// and padded to 16 columns), builds the fraction table, spreads rows of out over the pool (each
 // output is computed by one thread, whole: results do not depend on the thread count).
 #include <cmath>
 #include <vector>
@@ -23,7 +23,7 @@ void decode(uint8_t c, int bits, int32_t* e, uint32_t* s) {
 void logmm_f32(const uint8_t* xc, const uint8_t* wc, const float* xs, const float* ws,
                float* out, int64_t M, int64_t N, int64_t K, int bx, int bw, int frac_bits) {
   if (M <= 0 || N <= 0) return;
-  const int64_t Np = (N + 7) / 8 * 8;
+  const int64_t Np = (N + 15) / 16 * 16;  // the AVX-512 kernel's 16 lanes
   std::vector<int32_t> xe(M * K), we(K * Np, logmm::kZeroExp);
   std::vector<uint32_t> xsg(M * K), wsg(K * Np, 0u);
   for (int64_t i = 0; i < M * K; ++i) decode(xc[i], bx, &xe[i], &xsg[i]);

@@ -16,7 +16,7 @@ constexpr int32_t kZeroExp = -(1 << 20);
 struct Args {
   const int32_t* xe;   // (M, K) exponents (kZeroExp for zero codes)
   const uint32_t* xs;  // (M, K) sign bits (0 or 0x80000000)
-  const int32_t* we;   // (K, Np) exponents of w, transposed, N padded to Np (a multiple of 8)
+  const int32_t* we;   // (K, Np) exponents of w, transposed, N padded to Np (a multiple of 16)
   const uint32_t* ws;  // (K, Np) sign bits
   const float* table;  // 2^f entries: 2^(j / 2^f)
   const float* xscale;
@@ -46,9 +46,10 @@ struct Kernels {
 
 extern const Kernels kScalarKernels;  // scalar.cpp
 const Kernels* avx2_kernels();        // avx2.cpp
+const Kernels* avx512_kernels();      // avx512.cpp
 
 inline const Kernels& kernels() {
-  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels()};
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
   return pick(by_isa);
 }
 
