@@ -180,7 +180,8 @@ LAYERS = [
     ("vq", ["qkern.vq"]),
     ("signal", ["qkern.signal"]),
     ("quantization", ["qkern.quantization"]),
-    ("files", ["qkern.io.serialization", "qkern.io.skeleton", "qkern.io.hf_config"]),
+    ("files", ["qkern.io.serialization", "qkern.io.skeleton", "qkern.io.hf_config",
+               "qkern.io.extras"]),
     ("api", ["qkern"]),
     ("tools", ["qkern.tools", "qkern.__main__", "qkern.bench"]),
 ]

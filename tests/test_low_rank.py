@@ -158,12 +158,15 @@ def test_config_json_and_bad_fields():
         compensate(torch.randn(8, 16), QuantLinear.from_float(lin, "int8", group_size=None), 2)
 
 
-def test_save_refuses_low_rank_layers_clearly(tmp_path):
+def test_save_and_load_keep_low_rank_layers(tmp_path):
+    """qkern.save stores CompensatedLinear (tests/test_save_extras.py has the real models)."""
     m = torch.nn.Sequential(torch.nn.Linear(64, 32))
     q = qkern.quantize_model(m, LowRankCompensationConfig(base=WeightOnlyConfig(group_size=32),
                                                           rank=2))
-    with pytest.raises(ValueError, match="low-rank"):
-        qkern.save(q, tmp_path / "q.safetensors")
+    qkern.save(q, tmp_path / "q.safetensors")
+    back = qkern.load(tmp_path / "q.safetensors", torch.nn.Sequential(torch.nn.Linear(64, 32)))
+    x = torch.randn(3, 64)
+    assert torch.equal(back(x), q(x))
 
 
 def test_report_counts_bits_as_the_vq_report_counts_gptq():

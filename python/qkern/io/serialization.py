@@ -28,9 +28,7 @@ from ..formats import get as get_format
 from ..kernels.base import FALLBACK
 from ..layout import Layout
 from ..nn import (
-    CompensatedLinear,
     DynamicWeightLinear,
-    LowRankLinear,
     QuantConv1d,
     QuantConv2d,
     QuantEmbedding,
@@ -48,6 +46,20 @@ from ..quantization import (
 from ..quantize import check_params
 from ..version import __version__
 from ..vq.linear import VQLinear
+from .extras import (
+    EXTRA_FIELDS,
+    BadFile,
+    attach_saved_attention,
+    attention_specs,
+    check_attention_loaded,
+    check_attention_specs,
+    check_extra_loaded,
+    check_extra_spec,
+    check_savable,
+    extra_spec,
+    identity_specs,
+    rebuild_extra,
+)
 from .hf_config import model_from_config
 from .safetensors import write_safetensors
 from .shards import read_checkpoint, read_owned
@@ -98,12 +110,7 @@ def _spec(m: nn.Module) -> dict | None:
     if isinstance(m, VQLinear):  # codes, codebooks and scales are in the state dict
         return {"type": "VQLinear", "group_rows": m.group_rows, "lattice": m.lattice,
                 "bias": m.bias is not None, "mode": m.mode}
-    return None
-
-
-class BadFile(ValueError):
-    """A qkern file whose contents cannot be loaded (the message names the path and what is
-    wrong)."""
+    return extra_spec(m, _spec)  # integer-only, low-rank (io/extras.py)
 
 
 def _make_linear(cls: type, prefix: str) -> Callable:
@@ -172,9 +179,9 @@ _FIELDS = {"QuantLinear": _LINEAR_FIELDS, "QuantConv1d": _LINEAR_FIELDS,
                                    "symmetric": (bool,), "rounding": (str,)},
            "ActQuant": {"fmt": (str,), "zero_point": (bool,), "inner": (dict, None)},
            "VQLinear": {"group_rows": (int,), "lattice": (str, None)},  # + optional "mode"
-           "ParallelSum": {"parts": (list,)}}
+           "ParallelSum": {"parts": (list,)}, **EXTRA_FIELDS}
 _JSON_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
-               list: "an array", None: "null"}
+               list: "an array", None: "null", float: "a number"}
 
 
 def _json_type(v) -> type | None:
@@ -207,6 +214,7 @@ def _check_spec(where: str, name: str, spec) -> None:
             raise BadFile(f"{where}: layer {name!r}: a ParallelSum with no parts")
         for i, part in enumerate(spec["parts"]):
             _check_spec(where, f"{name}.parts.{i}", part)
+    check_extra_spec(where, name, spec, _check_spec)
 
 
 def _metadata_json(where: str, meta: dict, key: str, default: str):
@@ -264,6 +272,9 @@ def _rebuild(name: str, float_mod: nn.Module, spec: dict, tensors: dict, where: 
                 f.bias = None  # the bias lives on the first part only
             parts.append(_rebuild(f"{name}.parts.{i}", f, part, tensors, where))
         return ParallelSum(parts)
+    if t in EXTRA_FIELDS:
+        return rebuild_extra(name, float_mod, spec, lambda n, f, s: _rebuild(n, f, s, tensors,
+                                                                             where), where)
     want, make = _REBUILD[t]
     if type(float_mod) is not want:
         raise BadFile(f"{where}: layer {name!r}: the file has a {t} built from an "
@@ -361,6 +372,8 @@ def _check_loaded(where: str, name: str, m: nn.Module) -> None:
             t = getattr(m, key)
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise BadFile(f"{where}: tensor '{name}.{key}': must be finite")
+    else:
+        check_extra_loaded(where, name, m, _check_loaded)
 
 
 def layer_specs(model: nn.Module) -> dict[str, dict]:
@@ -368,6 +381,7 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
     size, activation mode, kernel...): what ``save`` writes in the metadata and what
     :func:`rebuild_layer` takes. An ActQuant's inner layer is covered by the ActQuant's."""
     specs = {n: s for n, m in model.named_modules() if n and (s := _spec(m)) is not None}
+    specs.update(identity_specs(model))
     return {n: s for n, s in specs.items()
             if not any(n.startswith(o + ".") for o in specs if o != n)}
 
@@ -404,13 +418,12 @@ def save(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> 
     if getattr(model, "_qkern_state", None) is not None or any(
             isinstance(m, ObservedInput) for m in model.modules()):
         raise ValueError("this model is prepared but not converted: call qkern.convert first")
-    if any(isinstance(m, (LowRankLinear, CompensatedLinear)) for m in model.modules()):
-        raise ValueError("qkern.save does not store low-rank layers (LowRankLinear, "
-                         "CompensatedLinear) yet: use torch.save(model) for now")
+    check_savable(model)
     specs = layer_specs(model)
     config = getattr(model, "qkern_config", None)
     meta = {"qkern_format": FORMAT_VERSION, "qkern_version": __version__,
             "qkern_layers": json.dumps(specs),
+            "qkern_attention": json.dumps(attention_specs(model)),
             "qkern_config": config.to_json() if config is not None else "null"}
     tensors = {k: v for k, v in model.state_dict().items() if v is not None}
     write_safetensors(path, tensors, meta, overwrite=overwrite)
@@ -453,6 +466,7 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
         raise BadFile(f"{where}: qkern file format {meta.get('qkern_format')!r}, this qkern "
                       f"reads {FORMAT_VERSION!r}")
     layers, cfg = _layer_specs(where, meta), _config(where, meta)
+    att = check_attention_specs(where, _metadata_json(where, meta, "qkern_attention", "{}"))
     model = _target(model_or_factory, config, where)
     linearize_conv1d(model)  # as quantization did: transformers' Conv1D -> nn.Linear
     ties = tied_groups(model)
@@ -466,6 +480,7 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
         new = rebuild_layer(name, float_mod, spec, tensors, where).to("meta")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    attach_saved_attention(model, att, where)  # the int8 attention rules (io/extras.py)
     own = {k: v for k, v in model.state_dict().items() if v is not None}
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     shapes = [f"{k}: file {tuple(tensors[k].shape)} {tensors[k].dtype}, model "
@@ -491,6 +506,7 @@ def load(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.
                       "qkern.empty_init(), which keeps buffers real)")
     for name in layers:
         _check_loaded(where, name, model.get_submodule(name))
+    check_attention_loaded(where, model, att)
     if cfg is not None:
         model.qkern_config = cfg
     return notify_quantized(model.eval())
