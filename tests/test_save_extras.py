@@ -241,3 +241,27 @@ def test_plain_low_rank_linear_roundtrip(digits, tmp_path):
     assert isinstance(back[1], LowRankLinear) and back[1].bias is not None
     with torch.no_grad():
         assert torch.equal(back(data.x_test), model(data.x_test))
+
+
+def test_transformers_integer_only_layers_save_pretrained_roundtrip(tmp_path):
+    """A transformers BERT converted by IntegerOnlyConfig (layers mode) goes through
+    save_pretrained / from_pretrained and comes back with its integer layers, giving the
+    converted model's outputs exactly (before the layer specs it came back float)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64)
+    model = transformers.BertModel(cfg).eval()
+    calib = [{"input_ids": torch.randint(0, 100, (2, 7))} for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = qkern.quantize_model(model, IntegerOnlyConfig(), calibration=calib)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        want = q(input_ids=ids).last_hidden_state
+        assert not torch.equal(want, model(input_ids=ids).last_hidden_state)
+    q.save_pretrained(tmp_path / "bert")
+    back = transformers.BertModel.from_pretrained(tmp_path / "bert").eval()
+    assert isinstance(back.encoder.layer[0].attention.self.query, IntegerLinearIO)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).last_hidden_state, want)
