@@ -20,10 +20,13 @@ from qkern.quantization import (
     GPTQConfig,
     RTNConfig,
     SmoothQuantConfig,
+    VQConfig,
+    ZeroQuantConfig,
     quantize_sequential,
     quantizer_for,
 )
 from qkern.quantization import distributed as D
+from qkern.vq.linear import VQLinear
 
 CONFIGS = {
     "gptq": lambda: GPTQConfig(bits=4, group_size=32),
@@ -31,6 +34,10 @@ CONFIGS = {
     "rtn": lambda: RTNConfig(bits=4, group_size=32),
     "smoothquant": lambda: SmoothQuantConfig(act="static_tensor"),
     "smoothquant-gptq": lambda: SmoothQuantConfig(then=GPTQConfig(bits=8, group_size=None)),
+    # LKD: one batch a step, its gradient from the rank holding it (exact)
+    "zeroquant-lkd": lambda: ZeroQuantConfig(bits=4, group_size=32, lkd=True, lkd_steps=6,
+                                             lkd_lr=3e-5),
+    "vq": lambda: VQConfig(bits=2, dim=2, kmeans_iters=5),
     # on the shipped byte-level Llama (tests/test_distributed_awq.py): llm-awq's defaults
     # (module objective, float inputs, clip on a token stride that crosses the batches)
     "awq": lambda: AWQConfig(bits=4, group_size=32, clip_tokens=24),
@@ -41,6 +48,9 @@ CONFIGS = {
 }
 #: the methods run on the shipped byte-level Llama (seqlen 32) instead of llm_models' Llama
 BYTELM = ("awq", "awq-gptq")
+#: what the quantizer chose, saved with the layers: AWQ's, and other methods' named here
+AWQ_CHOICES = ("alphas", "losses", "scales", "clips")
+CHOICES = {"zeroquant-lkd": ("lkd_losses",)}
 
 
 def layers(model) -> dict:
@@ -51,6 +61,9 @@ def layers(model) -> dict:
             out[n] = {"codes": q.codes.clone(), "scale": q.scale.clone(),
                       "weight": m.dequantize_weight().clone(),
                       "act_scale": getattr(m, "act_scale", None)}
+        elif isinstance(m, VQLinear):  # "scale": the codebooks (what a step is made of)
+            out[n] = {"codes": m.codes.clone(), "scale": m.codebooks.float().clone(),
+                      "weight": m.dequantize_weight().clone()}
     return out
 
 
@@ -91,10 +104,10 @@ def quantize(method: str, n_batches: int) -> dict:
     else:
         model, calib = LM.build("llama"), LM.calibration(n_batches, 16)
         ids = LM.calibration(1, 16, seed=7)[0]
-    if method in BYTELM:  # the quantizer itself: its choices are compared too
+    if method in BYTELM or method in CHOICES:  # the quantizer itself: its choices too
         qz = quantizer_for(CONFIGS[method]())
         q = quantize_sequential(model, qz, calib, progress=False)
-        extra = {k: getattr(qz, k) for k in ("alphas", "losses", "scales", "clips")}
+        extra = {k: getattr(qz, k) for k in CHOICES.get(method, AWQ_CHOICES)}
         return {"layers": layers(q), "logits": _logits(q, ids), **extra}
     q = qkern.quantize_model(model, CONFIGS[method](), calib, progress=False)
     return {"layers": layers(q), "logits": LM.output(q, ids),

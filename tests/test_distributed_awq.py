@@ -7,6 +7,7 @@ all-reduced sums (another float64 summation order: docs/distributed.md's bound).
 
 import pytest
 import torch
+
 from test_distributed import assert_identical, assert_within_bound, run
 
 CASES = [("awq", 5), ("awq-gptq", 4)]

@@ -31,8 +31,8 @@ from torch import nn
 from ..observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer
 
 __all__ = ["DataParallel", "active", "all_batches", "all_reduce_max", "all_reduce_min",
-           "all_reduce_sum", "batch_indices", "batch_owner", "data_parallel", "mine", "owner",
-           "resolve", "shard", "share_modules", "sum_batches", "sync_observers"]
+           "all_reduce_sum", "batch_count", "batch_indices", "data_parallel", "local_batch", "mine",
+           "owner", "resolve", "shard", "share_modules", "sum_batches", "sync_observers"]
 
 
 class DataParallel:
@@ -140,12 +140,18 @@ def batch_indices(n_local: int) -> list[int]:
     return [dp.rank + j * dp.world for j in range(n_local)]
 
 
-def batch_owner(index: int) -> tuple[int, int]:
-    """(rank, local position) of batch ``index`` of the full calibration list."""
+def batch_count(n_local: int) -> int:
+    """How many calibration batches all ranks hold together (``n_local`` alone)."""
+    return int(all_reduce_sum(torch.tensor([n_local], dtype=torch.int64))[0])
+
+
+def local_batch(index: int) -> int | None:
+    """This rank's position of batch ``index`` of the full calibration list (None: another
+    rank holds it); ``index`` alone."""
     dp = active()
     if dp is None or dp.world == 1:
-        return 0, index
-    return index % dp.world, index // dp.world
+        return index
+    return index // dp.world if index % dp.world == dp.rank else None
 
 
 def all_batches(rows: torch.Tensor) -> torch.Tensor:
@@ -155,7 +161,7 @@ def all_batches(rows: torch.Tensor) -> torch.Tensor:
     dp = active()
     if dp is None or dp.world == 1:
         return rows
-    n = int(all_reduce_sum(torch.tensor([rows.shape[0]], dtype=torch.int64))[0])
+    n = batch_count(rows.shape[0])
     buf = rows.new_zeros((n, *rows.shape[1:]))
     buf[batch_indices(rows.shape[0])] = rows
     return all_reduce_sum(buf)
