@@ -10,7 +10,7 @@ import torch
 
 from test_distributed import assert_identical, assert_within_bound, run
 
-CASES = [("awq", 5), ("awq-gptq", 4)]
+CASES = [("awq", 4), ("awq-gptq", 3)]
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_awq")
     jobs = [f"{m}:{n}" for m, n in CASES]
     run(jobs, 2, root / "dist")
-    run([*jobs, "awq:3"], 0, root / "single")
+    run([*jobs, "awq:2"], 0, root / "single")
 
     def load(kind: str, method: str, n: int, rank: int = 0) -> dict:
         return torch.load(root / kind / f"{method}_{n}_rank{rank}.pt")
@@ -48,7 +48,9 @@ def test_awq_two_ranks_match_single_process(results, method, batches):
     assert len(single["alphas"]) == 4 * 4 and any(a > 0 for a in single["alphas"].values())
     if method == "awq":
         assert len(single["clips"]) == 4 * 5  # every linear but q / k
-    stats = assert_within_bound(ranks[0], single)
+    if method == "awq":  # round to nearest of the same scaled, clamped weights: bit for bit
+        assert_identical(ranks[0], single)
+    stats = assert_within_bound(ranks[0], single)  # GPTQ's Grams: the bound (observed: 0)
     assert stats["codes"] > 0
     ref = single["logits"]
     rel = float((ranks[0]["logits"] - ref).norm() / ref.norm())
@@ -56,8 +58,8 @@ def test_awq_two_ranks_match_single_process(results, method, batches):
 
 
 def test_awq_one_shard_alone_differs(results):
-    """The sums over ranks matter: AWQ on 3 of the 5 batches (rank 0's shard) alone makes
+    """The sums over ranks matter: AWQ on 2 of the 4 batches (rank 0's shard) alone makes
     other choices than on all of them (so the test above can fail)."""
-    part, full = results("single", "awq", 3), results("single", "awq", 5)
+    part, full = results("single", "awq", 2), results("single", "awq", 4)
     with pytest.raises(AssertionError):
         _same_choices(part, full)

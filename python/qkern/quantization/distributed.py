@@ -9,7 +9,9 @@ on every rank of an initialized process group (torchrun: gloo on CPUs, NCCL on G
 - the statistics are sums over tokens, all-reduced where they are accumulated: Gram matrices
   ``X^T X`` and the token count N (:func:`~qkern.quantization.calibration.collect_grams`),
   SmoothQuant's per-channel ``max |x|`` (MAX) and Gram sums, :func:`sync_observers` for
-  min/max observers (MIN / MAX);
+  min/max observers (MIN / MAX); small per-batch statistics (AWQ's mean |x| and search
+  losses, LKD's losses) are summed over all ranks' batches in the calibration list's order
+  (:func:`sum_batches`: bit for bit one process's sum);
 - layer-parallel GPTQ: the linears of one true-sequential group are quantized round robin on
   the ranks (:func:`owner`); each owner broadcasts its quantized module (:func:`share_modules`)
   so every rank ends with identical modules.
