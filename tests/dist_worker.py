@@ -40,9 +40,9 @@ CONFIGS = {
     "vq": lambda: VQConfig(bits=2, dim=2, kmeans_iters=5),
     # on the shipped byte-level Llama (tests/test_distributed_awq.py): llm-awq's defaults
     # (module objective, float inputs, clip on a token stride that crosses the batches)
-    "awq": lambda: AWQConfig(bits=4, group_size=32, clip_tokens=24),
+    "awq": lambda: AWQConfig(bits=4, group_size=32, n_grid=10, clip_tokens=24),
     # the block objective on the quantized prefix, AutoAWQ's duo scaling, handed to GPTQ
-    "awq-gptq": lambda: AWQConfig(bits=3, group_size=32, sym=True, objective="block",
+    "awq-gptq": lambda: AWQConfig(bits=3, group_size=32, sym=True, n_grid=10, objective="block",
                                   duo_scaling=True, inputs="quantized", clip_tokens=None,
                                   then=GPTQConfig(bits=3, group_size=32, sym=True)),
 }
