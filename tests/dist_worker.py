@@ -15,8 +15,18 @@ import llm_models as LM
 import qkern
 from qkern.nn import QuantLinear
 from qkern.observers import MinMaxObserver
-from qkern.quantization import GPTQConfig, RTNConfig, SmoothQuantConfig
+from qkern.quantization import (
+    AWQConfig,
+    GPTQConfig,
+    RTNConfig,
+    SmoothQuantConfig,
+    VQConfig,
+    ZeroQuantConfig,
+    quantize_sequential,
+    quantizer_for,
+)
 from qkern.quantization import distributed as D
+from qkern.vq.linear import VQLinear
 
 CONFIGS = {
     "gptq": lambda: GPTQConfig(bits=4, group_size=32),
@@ -24,7 +34,23 @@ CONFIGS = {
     "rtn": lambda: RTNConfig(bits=4, group_size=32),
     "smoothquant": lambda: SmoothQuantConfig(act="static_tensor"),
     "smoothquant-gptq": lambda: SmoothQuantConfig(then=GPTQConfig(bits=8, group_size=None)),
+    # LKD: one batch a step, its gradient from the rank holding it (exact)
+    "zeroquant-lkd": lambda: ZeroQuantConfig(bits=4, group_size=32, lkd=True, lkd_steps=6,
+                                             lkd_lr=3e-5),
+    "vq": lambda: VQConfig(bits=2, dim=2, kmeans_iters=5),
+    # on the shipped byte-level Llama (tests/test_distributed_awq.py): llm-awq's defaults
+    # (module objective, float inputs, clip on a token stride that crosses the batches)
+    "awq": lambda: AWQConfig(bits=4, group_size=32, n_grid=10, clip_tokens=24),
+    # the block objective on the quantized prefix, AutoAWQ's duo scaling, handed to GPTQ
+    "awq-gptq": lambda: AWQConfig(bits=3, group_size=32, sym=True, n_grid=10, objective="block",
+                                  duo_scaling=True, inputs="quantized", clip_tokens=None,
+                                  then=GPTQConfig(bits=3, group_size=32, sym=True)),
 }
+#: the methods run on the shipped byte-level Llama (seqlen 32) instead of llm_models' Llama
+BYTELM = ("awq", "awq-gptq")
+#: what the quantizer chose, saved with the layers: AWQ's, and other methods' named here
+AWQ_CHOICES = ("alphas", "losses", "scales", "clips")
+CHOICES = {"zeroquant-lkd": ("lkd_losses",)}
 
 
 def layers(model) -> dict:
@@ -35,6 +61,9 @@ def layers(model) -> dict:
             out[n] = {"codes": q.codes.clone(), "scale": q.scale.clone(),
                       "weight": m.dequantize_weight().clone(),
                       "act_scale": getattr(m, "act_scale", None)}
+        elif isinstance(m, VQLinear):  # "scale": the codebooks (what a step is made of)
+            out[n] = {"codes": m.codes.clone(), "scale": m.codebooks.float().clone(),
+                      "weight": m.dequantize_weight().clone()}
     return out
 
 
@@ -53,11 +82,34 @@ def observers(n_batches: int) -> dict:
             "ref_scale": ref.calculate_qparams()[0]}
 
 
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out if isinstance(out, torch.Tensor) else LM.output(model, ids)
+
+
+def _bytelm(n_batches: int):
+    from qkern.models import load_llama
+    from qkern.models.assets import WIKITEXT_BYTELM, WIKITEXT_TEXT, shipped_path
+    from qkern.quantization import text_calibration
+
+    calib = text_calibration(shipped_path(WIKITEXT_TEXT.format(split="valid")), "bytes",
+                             n_samples=n_batches + 1, seqlen=32)
+    return load_llama(shipped_path(WIKITEXT_BYTELM)), calib[:-1], calib[-1]
+
+
 def quantize(method: str, n_batches: int) -> dict:
-    model = LM.build("llama")
-    calib = LM.calibration(n_batches, 16)
+    if method in BYTELM:
+        model, calib, ids = _bytelm(n_batches)
+    else:
+        model, calib = LM.build("llama"), LM.calibration(n_batches, 16)
+        ids = LM.calibration(1, 16, seed=7)[0]
+    if method in BYTELM or method in CHOICES:  # the quantizer itself: its choices too
+        qz = quantizer_for(CONFIGS[method]())
+        q = quantize_sequential(model, qz, calib, progress=False)
+        extra = {k: getattr(qz, k) for k in CHOICES.get(method, AWQ_CHOICES)}
+        return {"layers": layers(q), "logits": _logits(q, ids), **extra}
     q = qkern.quantize_model(model, CONFIGS[method](), calib, progress=False)
-    ids = LM.calibration(1, 16, seed=7)[0]
     return {"layers": layers(q), "logits": LM.output(q, ids),
             "report": [(r.name, r.error) for r in q.qkern_report]}
 

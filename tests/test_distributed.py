@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import llm_models as LM
 import qkern
-from qkern.quantization import AWQConfig, GPTQConfig
+from qkern.quantization import GPTQConfig, OmniQuantConfig, VQConfig
 from qkern.quantization import distributed as D
 
 HERE = Path(__file__).resolve().parent
@@ -153,9 +153,12 @@ def test_errors_without_group_and_unsupported_method(tmp_path):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=30))
     try:
-        with pytest.raises(ValueError, match="AWQConfig does not run distributed"):
-            qkern.quantize_model(model, AWQConfig(bits=4, group_size=32), calib,
+        # what still raises: OmniQuant's training, VQ's codebook fine-tuning
+        with pytest.raises(ValueError, match="OmniQuantConfig does not run distributed"):
+            qkern.quantize_model(model, OmniQuantConfig(bits=4, group_size=32), calib,
                                  distributed=True)
+        with pytest.raises(ValueError, match="VQConfig does not run distributed .finetune"):
+            qkern.quantize_model(model, VQConfig(finetune_steps=2), calib, distributed=True)
         dp = D.resolve(True)
         assert (dp.rank, dp.world) == (0, 1)
         assert D.resolve(None) is None  # one rank: automatic mode stays single-process

@@ -9,7 +9,9 @@ on every rank of an initialized process group (torchrun: gloo on CPUs, NCCL on G
 - the statistics are sums over tokens, all-reduced where they are accumulated: Gram matrices
   ``X^T X`` and the token count N (:func:`~qkern.quantization.calibration.collect_grams`),
   SmoothQuant's per-channel ``max |x|`` (MAX) and Gram sums, :func:`sync_observers` for
-  min/max observers (MIN / MAX);
+  min/max observers (MIN / MAX); small per-batch statistics (AWQ's mean |x| and search
+  losses, LKD's losses) are summed over all ranks' batches in the calibration list's order
+  (:func:`sum_batches`: bit for bit one process's sum);
 - layer-parallel GPTQ: the linears of one true-sequential group are quantized round robin on
   the ranks (:func:`owner`); each owner broadcasts its quantized module (:func:`share_modules`)
   so every rank ends with identical modules.
@@ -30,8 +32,9 @@ from torch import nn
 
 from ..observers import MinMaxObserver, MovingAverageMinMaxObserver, Observer
 
-__all__ = ["DataParallel", "active", "all_reduce_max", "all_reduce_min", "all_reduce_sum",
-           "data_parallel", "mine", "owner", "resolve", "shard", "share_modules", "sync_observers"]
+__all__ = ["DataParallel", "active", "all_batches", "all_reduce_max", "all_reduce_min",
+           "all_reduce_sum", "batch_count", "batch_indices", "data_parallel", "local_batch", "mine",
+           "owner", "resolve", "shard", "share_modules", "sum_batches", "sync_observers"]
 
 
 class DataParallel:
@@ -128,6 +131,55 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
     """The element-wise min of ``t`` over the ranks."""
     return _reduce(t, dist.ReduceOp.MIN)
+
+
+def batch_indices(n_local: int) -> list[int]:
+    """The positions in the full calibration list of this rank's ``n_local`` batches
+    (:func:`shard` took ``batches[rank::world]``); ``0 .. n_local - 1`` alone."""
+    dp = active()
+    if dp is None or dp.world == 1:
+        return list(range(n_local))
+    return [dp.rank + j * dp.world for j in range(n_local)]
+
+
+def batch_count(n_local: int) -> int:
+    """How many calibration batches all ranks hold together (``n_local`` alone)."""
+    return int(all_reduce_sum(torch.tensor([n_local], dtype=torch.int64))[0])
+
+
+def local_batch(index: int) -> int | None:
+    """This rank's position of batch ``index`` of the full calibration list (None: another
+    rank holds it); ``index`` alone."""
+    dp = active()
+    if dp is None or dp.world == 1:
+        return index
+    return index // dp.world if index % dp.world == dp.rank else None
+
+
+def all_batches(rows: torch.Tensor) -> torch.Tensor:
+    """(B, ...) one row per batch of this rank's shard -> (B_all, ...) every rank's rows, in
+    the order of the full calibration list, on every rank. Exact: each rank writes its rows
+    into zeros and the zero-padded tensors are summed (``x + 0 == x``)."""
+    dp = active()
+    if dp is None or dp.world == 1:
+        return rows
+    n = batch_count(rows.shape[0])
+    buf = rows.new_zeros((n, *rows.shape[1:]))
+    buf[batch_indices(rows.shape[0])] = rows
+    return all_reduce_sum(buf)
+
+
+def sum_batches(rows: torch.Tensor) -> torch.Tensor:
+    """The sum over all ranks' batches of per-batch rows (B, ...), added batch after batch in
+    the order of the full calibration list: bit for bit what one process adding its batches
+    in turn computes (for small statistics; large ones are all-reduced as sums)."""
+    rows = all_batches(rows)
+    if rows.shape[0] == 0:
+        raise ValueError("no calibration batch to sum over")
+    acc = rows[0].clone()
+    for r in rows[1:]:
+        acc = acc + r
+    return acc
 
 
 def owner(index: int) -> int:

@@ -76,6 +76,8 @@ class SequentialQuantizer(Quantizer):
     NEEDS_DATA = True
     #: runs data-parallel (distributed=True): every statistic it uses is all-reduced
     DISTRIBUTED = True
+    #: why not, when DISTRIBUTED is False (the error's words)
+    NOT_DISTRIBUTED = "its statistics are not all-reduced"
 
     def __init__(self, config):
         super().__init__(config)
@@ -106,6 +108,10 @@ class SequentialQuantizer(Quantizer):
         blocks transformed but not quantized, as llm-awq searches) instead of the quantized
         prefix's (GPTQ's rule, the default)."""
         return getattr(self.config, "inputs", "quantized") == "float"
+
+    def not_distributed(self) -> str | None:
+        """Why this quantizer (its config) cannot run data-parallel; None: it can."""
+        return None if self.DISTRIBUTED else self.NOT_DISTRIBUTED
 
     def wants_grams(self) -> bool:
         return any(q.GRAMS for q in self.chain())
@@ -267,11 +273,13 @@ def preflight_block(quantizer: SequentialQuantizer, list_name: str, block: nn.Mo
 
 
 def _check_distributed(quantizer: SequentialQuantizer, dp: DataParallel | None) -> None:
-    bad = [type(q.config).__name__ for q in quantizer.chain() if not q.DISTRIBUTED]
+    bad = [(type(q.config).__name__, q.not_distributed()) for q in quantizer.chain()]
+    bad = [b for b in bad if b[1] is not None]
     if dp is not None and bad:
-        raise ValueError(f"{bad[0]} does not run distributed yet (its statistics are not "
-                         "all-reduced): run it in one process (distributed=False); "
-                         "GPTQ, RTN, SmoothQuant, HQQ and the rotations do (docs/distributed.md)")
+        raise ValueError(f"{bad[0][0]} does not run distributed ({bad[0][1]}): run it in one "
+                         "process (distributed=False); GPTQ, RTN, AWQ, SmoothQuant, HQQ, "
+                         "ZeroQuant, VQ without fine-tuning and the rotations do "
+                         "(docs/distributed.md)")
 
 
 def _shared_copy(model: nn.Module, blocks: nn.ModuleList) -> nn.Module:

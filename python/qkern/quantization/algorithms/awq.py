@@ -33,6 +33,7 @@ from torch import nn
 from ...quantize import fake_quantize
 from ..blocks import fold_scales
 from ..calibration import call_model
+from ..distributed import all_batches, all_reduce_sum, batch_indices, sum_batches
 from ..registry import (
     BaseConfig,
     Batch,
@@ -227,16 +228,20 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _capture(block: nn.Module, inputs: list[Batch], target: str, first: str, gram: bool):
-    """Runs ``block`` on ``inputs`` once: the inputs of module ``target`` (one Batch each;
-    ``inputs`` for the block), sum |x| and the token count of linear ``first``'s input (and
-    ``X^T X`` when ``gram``)."""
+    """Runs ``block`` on ``inputs`` (this rank's shard) once: the inputs of module ``target``
+    (one Batch each; ``inputs`` for the block) with the batch each came from, and over all
+    ranks' tokens the mean |x| of linear ``first``'s input (summed batch after batch in the
+    calibration list's order: ``distributed.sum_batches``) and, when ``gram``, ``X^T X / N``
+    (all-reduced)."""
     got: list[Batch] = []
-    st: dict = {"abs": None, "n": 0, "xx": None}
+    where: list[int] = []
+    st: dict = {"abs": {}, "n": 0, "xx": None, "b": 0}
 
     def lin_hook(mod, args):
         x = _rows(args[0]).float()
         a = x.abs().sum(0, dtype=torch.float64)
-        st["abs"] = a if st["abs"] is None else st["abs"] + a
+        j = st["b"]
+        st["abs"][j] = st["abs"][j] + a if j in st["abs"] else a
         st["n"] += x.shape[0]
         if gram:
             xx = (x.T @ x).double()
@@ -244,6 +249,7 @@ def _capture(block: nn.Module, inputs: list[Batch], target: str, first: str, gra
 
     def mod_hook(mod, args, kwargs):
         got.append(Batch(tuple(args), dict(kwargs)))
+        where.append(st["b"])
 
     handles = [block.get_submodule(first).register_forward_pre_hook(lin_hook)]
     if target and not gram:
@@ -251,16 +257,21 @@ def _capture(block: nn.Module, inputs: list[Batch], target: str, first: str, gra
             mod_hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            for b in inputs:
+            for j, b in enumerate(inputs):
+                st["b"] = j
                 call_model(block, b)
     finally:
         for h in handles:
             h.remove()
     if st["n"] == 0:
         raise ValueError(f"{first}: the layer did not run on the calibration data")
-    recorded = got if target else list(inputs)
-    xx = None if st["xx"] is None else st["xx"] / st["n"]
-    return recorded, st["abs"] / st["n"], xx
+    k = next(iter(st["abs"].values())).numel()
+    zero = torch.zeros(k, dtype=torch.float64)
+    sums = sum_batches(torch.stack([st["abs"].get(j, zero) for j in range(len(inputs))]))
+    n = int(all_reduce_sum(torch.tensor(st["n"], dtype=torch.int64)))
+    recorded = (got, where) if target else (list(inputs), list(range(len(inputs))))
+    xx = None if st["xx"] is None else all_reduce_sum(st["xx"]) / n
+    return recorded, sums / n, xx
 
 
 def _scaled_candidates(w: torch.Tensor, scales: torch.Tensor, bits: int, group: int | None,
@@ -278,7 +289,6 @@ class AWQQuantizer(SequentialQuantizer):
     ``clips`` {layer: (N, G) shrink ratios} and ``clip_max`` {layer: (N, G) max values}."""
 
     GRAMS = False
-    DISTRIBUTED = False  # its own statistics are not all-reduced yet
 
     def __init__(self, config):
         super().__init__(config)
@@ -368,16 +378,20 @@ class AWQQuantizer(SequentialQuantizer):
         return out
 
     def _module_losses(self, ctx: BlockContext, target: str, quant: list[str],
-                       scales: torch.Tensor, recorded: list[Batch]) -> list[float]:
+                       scales: torch.Tensor, recorded: tuple[list[Batch], list[int]]
+                       ) -> list[float]:
         """Mean squared error of module ``target``'s output (the block when "") with the
-        pair's quantized linears taking ``Q(W s) / s``, one forward pass per alpha."""
+        pair's quantized linears taking ``Q(W s) / s``, one forward pass per alpha; the squared
+        errors are summed per batch, then over all ranks' batches in the calibration list's
+        order (every rank gets the same losses, bit for bit one process's)."""
+        recorded, where = recorded
         mod = ctx.block.get_submodule(target) if target else ctx.block
         lins = {n: ctx.block.get_submodule(n) for n in quant}
         orig = {n: m.weight.detach().clone() for n, m in lins.items()}
         with torch.no_grad():
             ref = [_first(call_model(mod, b)) for b in recorded]
-        total = sum(r.numel() for r in ref)
-        losses: list[float] = []
+        total = int(all_reduce_sum(torch.tensor(sum(r.numel() for r in ref))))
+        errs = torch.zeros(len(ctx.inputs), len(scales), dtype=torch.float64)
         try:
             numel = max(o.numel() for o in orig.values())
             for a, b in self._chunks(len(scales), numel):
@@ -390,16 +404,14 @@ class AWQQuantizer(SequentialQuantizer):
                     with torch.no_grad():
                         for n, m in lins.items():
                             m.weight.copy_(cands[n][j])
-                        err = 0.0
-                        for r, batch in zip(ref, recorded):
+                        for r, batch, i in zip(ref, recorded, where):
                             d = _first(call_model(mod, batch)) - r
-                            err += float(torch.sum(d * d, dtype=torch.float64))
-                    losses.append(err / max(1, total))
+                            errs[i, a + j] += torch.sum(d * d, dtype=torch.float64)
         finally:
             with torch.no_grad():
                 for n, m in lins.items():
                     m.weight.copy_(orig[n])
-        return losses
+        return (sum_batches(errs) / max(1, total)).tolist()
 
     # ---- clip search -------------------------------------------------------------------------
 
@@ -428,31 +440,44 @@ class AWQQuantizer(SequentialQuantizer):
             self.clip_max[ctx.full_name(n)] = mx
 
 
-def _token_count(block: nn.Module, inputs: list[Batch], name: str) -> int:
-    n = [0]
+def _token_counts(block: nn.Module, inputs: list[Batch], names: list[str]
+                  ) -> dict[str, torch.Tensor]:
+    """{linear: (B,) int64 tokens of its input in each batch}."""
+    cnt = {n: torch.zeros(len(inputs), dtype=torch.int64) for n in names}
+    cur = [0]
 
-    def f(mod, args):
-        n[0] += _rows(args[0]).shape[0]
+    def hook(n):
+        def f(mod, args):
+            cnt[n][cur[0]] += _rows(args[0]).shape[0]
+        return f
 
-    h = block.get_submodule(name).register_forward_pre_hook(f)
+    handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
-            for b in inputs:
+            for j, b in enumerate(inputs):
+                cur[0] = j
                 call_model(block, b)
     finally:
-        h.remove()
-    return n[0]
+        for h in handles:
+            h.remove()
+    return cnt
 
 
 def clip_grams(block: nn.Module, inputs: list[Batch], groups: dict[str, int],
                  tokens: int | None = None) -> dict[str, torch.Tensor]:
     """{linear: (G, g, g) float64 ``E[x_g x_g^T]``}: the diagonal blocks of each named
     linear's input second moment, groups of ``groups[name]`` columns; ``tokens``: over every
-    ``T // tokens``-th of the T calibration tokens (llm-awq's ``[0::T // 512]``)."""
+    ``T // tokens``-th of the T calibration tokens (llm-awq's ``[0::T // 512]``). Distributed:
+    T and each batch's first token are counted over the full calibration list, so the ranks
+    take the tokens one process would, and the sums are all-reduced."""
     acc: dict[str, list] = {n: [None, 0, 0] for n in groups}
-    step = 1
+    step, starts = 1, None
     if tokens is not None and groups:
-        step = max(1, _token_count(block, inputs, next(iter(groups))) // tokens)
+        every = {n: all_batches(c) for n, c in _token_counts(block, inputs, list(groups)
+                                                                ).items()}
+        step = max(1, int(every[next(iter(groups))].sum()) // tokens)
+        mine = batch_indices(len(inputs))
+        starts = {n: (torch.cumsum(c, 0) - c)[mine].tolist() for n, c in every.items()}
 
     def hook(n):
         def f(mod, args):
@@ -470,7 +495,9 @@ def clip_grams(block: nn.Module, inputs: list[Batch], groups: dict[str, int],
     handles = [block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in groups]
     try:
         with torch.no_grad():
-            for b in inputs:
+            for j, b in enumerate(inputs):
+                for n in acc if starts is not None else ():
+                    acc[n][2] = starts[n][j]  # the batch's first token in the full list
                 call_model(block, b)
     finally:
         for h in handles:
@@ -479,5 +506,5 @@ def clip_grams(block: nn.Module, inputs: list[Batch], groups: dict[str, int],
     for n, (h, cnt, _) in acc.items():
         if h is None:
             raise ValueError(f"{n}: the layer did not run on the calibration data")
-        out[n] = h / cnt
+        out[n] = all_reduce_sum(h) / int(all_reduce_sum(torch.tensor(cnt)))
     return out

@@ -264,7 +264,10 @@ class OmniQuantQuantizer(SequentialQuantizer):
     epoch; ``clips[layer name]``: the learned ``(sigmoid(gamma), sigmoid(beta))`` (N, groups)."""
 
     GRAMS = True
-    DISTRIBUTED = False  # its own statistics are not all-reduced yet
+    DISTRIBUTED = False
+    NOT_DISTRIBUTED = ("its LWC / LET training sums gradients over mini-batches of several "
+                       "calibration batches: split over ranks, the sums take another order "
+                       "and Adam's epochs carry the difference on; docs/distributed.md")
     NEEDS_DATA = True
 
     def __init__(self, config):

@@ -437,12 +437,18 @@ class VQQuantizer(SequentialQuantizer):
     the :class:`~.vq_finetune.FinetuneResult`)."""
 
     GRAMS = True
-    DISTRIBUTED = False  # its own statistics are not all-reduced yet
     NEEDS_DATA = True
 
     def __init__(self, config):
         super().__init__(config)
         self.finetuned: dict[str, FinetuneResult] = {}
+
+    def not_distributed(self) -> str | None:
+        """The Gram matrices are all-reduced (the base class); the codebook fine-tuning is
+        not data-parallel."""
+        if self.config.finetune_steps:
+            return "finetune_steps > 0: the codebook fine-tuning is not data-parallel"
+        return None
 
     def quantize_block(self, ctx: BlockContext, log_layer) -> None:
         """GPTQ-style layer by layer (the base class), then the codebook fine-tuning (the

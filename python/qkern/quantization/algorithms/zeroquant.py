@@ -25,6 +25,7 @@ from torch import nn
 from ...kernels.token_int8 import per_token_int8
 from ...quantize import fake_quantize
 from ..calibration import call_model
+from ..distributed import all_reduce_sum, batch_count, local_batch, sum_batches
 from ..layers import weight_module
 from ..registry import (
     BaseConfig,
@@ -109,7 +110,6 @@ def _hidden(out):
 @register_quantizer(ZeroQuantConfig)
 class ZeroQuantQuantizer(SequentialQuantizer):
     GRAMS = False
-    DISTRIBUTED = False  # its own statistics are not all-reduced yet
     NEEDS_DATA = False
 
     def __init__(self, config):
@@ -156,10 +156,39 @@ class ZeroQuantQuantizer(SequentialQuantizer):
 
 
 def _block_mse(ctx: BlockContext, target: list[torch.Tensor]) -> float:
+    """The mean over all ranks' batches of the per-batch output MSE (added in the calibration
+    list's order: one process's sum, bit for bit)."""
     with torch.no_grad():
         errs = [F.mse_loss(_hidden(call_model(ctx.block, b)).float(), t).item()
                 for b, t in zip(ctx.inputs, target)]
-    return sum(errs) / len(errs)
+    total = sum_batches(torch.tensor(errs, dtype=torch.float64))
+    return float(total) / batch_count(len(errs))
+
+
+def _lkd_step(ctx: BlockContext, target: list[torch.Tensor], params: list, i: int
+              ) -> float | None:
+    """Batch ``i`` (of the full calibration list) 's loss, and its gradient in ``params``'
+    ``.grad``: computed by the rank holding the batch, summed with the others' zeros (exact),
+    so every rank steps as one process would. None (no gradient) when the loss is not
+    finite."""
+    j = local_batch(i)
+    loss = None
+    if j is not None:
+        loss = F.mse_loss(_hidden(call_model(ctx.block, ctx.inputs[j])).float(), target[j])
+    value = float(all_reduce_sum(torch.tensor(0.0 if loss is None else loss.item(),
+                                              dtype=torch.float64)))
+    if not math.isfinite(value):
+        return None
+    for p in params:
+        p.grad = None
+    if loss is not None:
+        loss.backward()
+    # which parameters got a gradient (Adam skips the others), then the gradients themselves
+    has = all_reduce_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.int64))
+    for p, h in zip(params, has.tolist()):
+        if h:
+            p.grad = all_reduce_sum(p.grad if p.grad is not None else torch.zeros_like(p))
+    return value
 
 
 def distill_block(q: ZeroQuantQuantizer, ctx: BlockContext) -> tuple[float, float]:
@@ -182,14 +211,10 @@ def distill_block(q: ZeroQuantQuantizer, ctx: BlockContext) -> tuple[float, floa
             p.requires_grad_(True)
         before = _block_mse(ctx, target)
         opt = torch.optim.Adam(params, lr=q.config.lkd_lr)
+        n = batch_count(len(ctx.inputs))
         for step in range(q.config.lkd_steps):
-            i = step % len(ctx.inputs)
-            out = _hidden(call_model(ctx.block, ctx.inputs[i])).float()
-            loss = F.mse_loss(out, target[i])
-            if not math.isfinite(loss.item()):
+            if _lkd_step(ctx, target, params, step % n) is None:
                 break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             opt.step()
         after = _block_mse(ctx, target)
         if not after < before:  # not better: keep the round-to-nearest start
