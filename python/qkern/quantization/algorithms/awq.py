@@ -33,6 +33,7 @@ from torch import nn
 from ...quantize import fake_quantize
 from ..blocks import fold_scales
 from ..calibration import call_model
+from ..constraints import HardwareConstraints, constrained_weight, grid_params
 from ..registry import (
     BaseConfig,
     Batch,
@@ -55,6 +56,7 @@ AWQ_OBJECTIVES = ("module", "block")
 #: fused qkv layers as llm-awq's Wqkv)
 CLIP_SKIP = ("q_proj", "k_proj", "query", "key", "c_attn", "Wqkv", "qkv_proj",
              "query_key_value")
+_NONE = HardwareConstraints()
 #: elements per chunk of batched candidate weights (bounds the search's extra memory)
 _CHUNK = 1 << 24
 
@@ -104,19 +106,28 @@ class AWQConfig(BaseConfig):
 # ---- the math, on tensors -------------------------------------------------------------------
 
 
-def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int | None, sym: bool
-                    ) -> torch.Tensor:
+def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int | None, sym: bool,
+                    c: HardwareConstraints | None = None) -> torch.Tensor:
     """Round to nearest of ``w`` (rows, K) on qkern's ``int{bits}`` grid, dequantized: per
-    row (``group_size`` None) or in groups along K, as ``QuantLinear.from_float`` does."""
+    row (``group_size`` None) or in groups along K, as ``QuantLinear.from_float`` does; under
+    hardware constraints ``c`` on the grid the final layer gets (``constraints.grid_params``,
+    or ``constrained_weight`` with per_tensor / accumulator_bits)."""
     fmt = f"int{bits}"
+    if c is not None and c.touches_weights():
+        if c.per_tensor or c.accumulator_bits is not None:
+            return constrained_weight(w.float(), fmt, c)[0]
+        s, z = grid_params(w, fmt, c, sym, group_size)
+        gran = {"granularity": "channel", "axis": 0} if group_size is None else {
+            "granularity": "group", "axis": 1, "group_size": group_size}
+        return fake_quantize(w, fmt, scale=s, zero_point=z, symmetric=z is None, **gran)
     if group_size is None:
         return fake_quantize(w, fmt, granularity="channel", axis=0, symmetric=sym)
     return fake_quantize(w, fmt, granularity="group", axis=1, group_size=group_size,
                          symmetric=sym)
 
 
-def clip_quantize(w: torch.Tensor, bits: int, group_size: int | None, sym: bool
-                  ) -> torch.Tensor:
+def clip_quantize(w: torch.Tensor, bits: int, group_size: int | None, sym: bool,
+                  c: HardwareConstraints | None = None) -> torch.Tensor:
     """The clip search's round to nearest: qkern's grid (scale ``(hi - lo) / (2^bits - 1)``
     in float32 over the range widened to hold 0, zero point ``qmin - round(lo / scale)``) with
     the codes ``round(w / scale)`` by division, as the paper's ``round(w / delta)`` and
@@ -124,9 +135,9 @@ def clip_quantize(w: torch.Tensor, bits: int, group_size: int | None, sym: bool
     the two differ only on exact half-step ties, and a group clamped on both sides to
     ``[-r m, r m]`` puts every clamped value on one (``lo / scale = -(2^bits - 1) / 2``):
     the kernel then rounds both ends inward, llm-awq the low end outward. ``sym``: the
-    kernel's grid (no such tie)."""
-    if sym:
-        return pseudo_quantize(w, bits, group_size, sym)
+    kernel's grid (no such tie); so is a grid under hardware constraints ``c``."""
+    if sym or (c is not None and c.touches_weights()):
+        return pseudo_quantize(w, bits, group_size, sym, c)
     w = w.float()
     n, k = w.shape
     g = k if group_size is None else group_size
@@ -169,8 +180,8 @@ def clip_ratios(clip_grid: int = 20, max_shrink: float = 0.5) -> list[float]:
 
 
 def clip_search(w: torch.Tensor, gram_blocks: torch.Tensor, bits: int,
-                group_size: int | None, sym: bool, ratios: list[float]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                group_size: int | None, sym: bool, ratios: list[float],
+                c: HardwareConstraints | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """llm-awq's auto_clip on one layer: ``w`` (N, K); ``gram_blocks`` (G, g, g) the
     diagonal blocks ``E[x_g x_g^T]`` of the input second moment (one per group of ``g``
     columns; G = 1, g = K per channel). For each row and group, the ratio ``r`` minimising
@@ -190,7 +201,7 @@ def clip_search(w: torch.Tensor, gram_blocks: torch.Tensor, bits: int,
         wc = wg[i:i + rows]
         mv = (r.reshape(-1, 1, 1) * m[i:i + rows]).unsqueeze(-1)  # (R, n, G, 1)
         cand = torch.minimum(torch.maximum(wc.unsqueeze(0), -mv), mv)
-        q = clip_quantize(cand.reshape(-1, k), bits, group_size, sym)
+        q = clip_quantize(cand.reshape(-1, k), bits, group_size, sym, c)
         d = (wc.unsqueeze(0) - q.reshape(cand.shape)).double()  # (R, n, G, g)
         dg = d.permute(2, 0, 1, 3).reshape(ng, -1, gs)  # (G, R n, g)
         err = ((dg @ h) * dg).sum(-1).reshape(ng, len(ratios), -1)  # (G, R, n)
@@ -264,10 +275,14 @@ def _capture(block: nn.Module, inputs: list[Batch], target: str, first: str, gra
 
 
 def _scaled_candidates(w: torch.Tensor, scales: torch.Tensor, bits: int, group: int | None,
-                       sym: bool) -> torch.Tensor:
-    """(A, N, K) float32 ``Q(W diag(s)) / s`` for each row ``s`` of ``scales`` (A, K)."""
+                       sym: bool, c: HardwareConstraints | None = None) -> torch.Tensor:
+    """(A, N, K) float32 ``Q(W diag(s)) / s`` for each row ``s`` of ``scales`` (A, K);
+    per-tensor constraints quantize each candidate on its own."""
     ws = (w.double().unsqueeze(0) * scales.unsqueeze(1)).float()
-    q = pseudo_quantize(ws.reshape(-1, w.shape[1]), bits, group, sym).reshape(ws.shape)
+    if c is not None and c.per_tensor:
+        q = torch.stack([pseudo_quantize(x, bits, group, sym, c) for x in ws])
+    else:
+        q = pseudo_quantize(ws.reshape(-1, w.shape[1]), bits, group, sym, c).reshape(ws.shape)
     return (q.double() / scales.unsqueeze(1)).float()
 
 
@@ -279,6 +294,7 @@ class AWQQuantizer(SequentialQuantizer):
 
     GRAMS = False
     DISTRIBUTED = False  # its own statistics are not all-reduced yet
+    APPLIES_CONSTRAINTS = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -363,7 +379,7 @@ class AWQQuantizer(SequentialQuantizer):
         out = []
         for a, b in self._chunks(len(scales), w.numel()):
             d = w.double().unsqueeze(0) - _scaled_candidates(w, scales[a:b], c.bits, g,
-                                                             c.sym).double()
+                                                             c.sym, c.constraints).double()
             out += (((d @ xx) * d).sum((1, 2)) / w.shape[0]).tolist()
         return out
 
@@ -385,7 +401,8 @@ class AWQQuantizer(SequentialQuantizer):
                 for n, w in orig.items():
                     c = ctx.layers[n]
                     cands[n] = _scaled_candidates(w.float(), scales[a:b], c.bits,
-                                                  self._group(ctx, n, w.shape[1]), c.sym)
+                                                  self._group(ctx, n, w.shape[1]), c.sym,
+                                                  c.constraints)
                 for j in range(b - a):
                     with torch.no_grad():
                         for n, m in lins.items():
@@ -406,7 +423,8 @@ class AWQQuantizer(SequentialQuantizer):
     def clip_block(self, ctx: BlockContext) -> None:
         """The max-value shrink search on every quantized linear but q/k; the chosen ranges
         are kept and the weights clamped by :meth:`quantize_block`."""
-        names = [n for n in ctx.layers if n.rpartition(".")[2] not in CLIP_SKIP]
+        names = [n for n in ctx.layers if n.rpartition(".")[2] not in CLIP_SKIP
+                 and not (ctx.layers[n].constraints or _NONE).per_tensor]
         if not names:
             return
         groups = {}
@@ -422,7 +440,7 @@ class AWQQuantizer(SequentialQuantizer):
             w = lin.weight.detach().float()
             gs = groups[n]
             mx, r = clip_search(w, blocks[n], c.bits, None if gs == w.shape[1] else gs,
-                                c.sym, ratios)
+                                c.sym, ratios, c.constraints)
             self._clip_max.setdefault(ctx.name, {})[n] = mx
             self.clips[ctx.full_name(n)] = r
             self.clip_max[ctx.full_name(n)] = mx
