@@ -40,8 +40,8 @@ import torch
 from .. import formats as QF
 
 __all__ = ["HardwareConstraints", "accumulator_bits_needed", "check_input_format",
-           "constrain_activation",
-           "constrained_weight", "l1_project_int", "pow2_ceil", "worst_case_accumulator"]
+           "constrain_activation", "constrained_weight", "fit_l1_budget", "grid_params",
+           "l1_project_int", "pow2_ceil", "worst_case_accumulator"]
 
 
 @dataclass(frozen=True)
@@ -167,42 +167,105 @@ def accumulator_bits_needed(max_abs: int) -> int:
     return int(max_abs).bit_length() + 1
 
 
+def grid_params(w: torch.Tensor, fmt: str, c: HardwareConstraints | None, sym: bool = True,
+                group_size: int | None = None, name: str = "layer"):
+    """``(scale, zero_point or None)`` of the grid of ``w`` (rows, K) under ``c``: the one
+    place every method's scale / zero point choice goes through (WeightOnly / Static /
+    Dynamic through :func:`constrained_weight`, RTN, GPTQ's per-group / per-column-block
+    choice, AWQ's search). Per row (``group_size`` None; one value for all rows when
+    ``c.per_tensor``) or per group of ``group_size`` along K (shape (rows, K // g)).
+    Symmetric (``sym`` or ``c.symmetric``): ``amax / qmax`` (``amax / max_value`` for a float
+    format); else qkern's min-max rule over the range widened to hold 0,
+    ``(hi - lo) / (qmax - qmin)``, zero point ``qmin - round(lo / scale)`` (int32). With
+    ``c.pow2_scales`` the scale is :func:`pow2_ceil`'d first and the zero point computed
+    from the power-of-two scale.
+
+    >>> s, z = grid_params(torch.tensor([[0.3, -0.9]]), "int4",
+    ...                    HardwareConstraints(pow2_scales=True))
+    >>> float(s[0]), z  # 0.9 / 7 = 0.129, rounded up to 2^-2
+    (0.25, None)
+    """
+    c = c or HardwareConstraints()
+    f = QF.get(fmt)
+    sym = sym or c.symmetric or f.kind != "int"
+    w = w.detach().float()
+    if w.dim() != 2:
+        raise ValueError(f"{name}: grid_params needs a 2-D (rows, K) weight, got {w.dim()}-D")
+    if group_size is not None:
+        if c.per_tensor:
+            raise ValueError(f"{name}: per_tensor hardware constraints need group_size=None "
+                             f"(one scale per layer), got group_size={group_size}")
+        if w.shape[1] % group_size:
+            raise ValueError(f"{name}: group_size={group_size} does not divide {w.shape[1]}")
+        wg = w.reshape(w.shape[0], -1, group_size)
+    else:
+        wg = w.reshape(w.shape[0], 1, -1)
+    top = float(f.qmax if f.kind == "int" else f.max_value)
+    if top <= 0:
+        raise ValueError(f"{name}: hardware constraints need a format with a positive "
+                         f"largest value, got {fmt}")
+    if sym:
+        amax = wg.abs().amax(-1)
+        if c.per_tensor:
+            amax = amax.max().expand_as(amax)
+        scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+        lo = None
+    else:
+        lo, hi = wg.amin(-1).clamp_max(0.0), wg.amax(-1).clamp_min(0.0)
+        if c.per_tensor:
+            lo, hi = lo.min().expand_as(lo), hi.max().expand_as(hi)
+        scale = (hi - lo) / float(f.qmax - f.qmin)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if c.pow2_scales:
+        scale = pow2_ceil(scale)
+    zp = None
+    if lo is not None:
+        zp = (f.qmin - torch.round(lo / scale)).clamp(f.qmin, f.qmax).to(torch.int32)
+    if group_size is None:
+        scale, zp = scale[:, 0], None if zp is None else zp[:, 0]
+    return scale.contiguous(), None if zp is None else zp.contiguous()
+
+
+def fit_l1_budget(w: torch.Tensor, scale: torch.Tensor, fmt: str, c: HardwareConstraints):
+    """With ``c.accumulator_method == "scale"`` (and per-channel scales): the symmetric
+    per-row ``scale`` of ``w`` (rows, K) coarsened for each row whose round-to-nearest codes
+    exceed the l1 budget (``s * l1 / budget``, power of two when asked, up to 20 rounds).
+    Returns ``(scale, codes)``: the codes rounded to nearest at that scale (int64), not yet
+    projected; GPTQ takes only the scale (its column loop keeps the budget itself)."""
+    f = QF.get(fmt)
+    budget = c.l1_budget()
+    q = torch.round(w / scale[:, None]).clamp(f.qmin, f.qmax).to(torch.int64)
+    if budget is None or c.accumulator_method != "scale" or c.per_tensor:
+        return scale, q
+    for _ in range(20):
+        l1 = q.abs().sum(1)
+        over = l1 > budget
+        if not bool(over.any()):
+            break
+        grow = torch.where(over, l1.double() / budget, torch.ones_like(l1.double()))
+        scale = (scale.double() * grow).float()
+        scale = torch.where(over, torch.nextafter(scale, torch.full_like(scale, 1e30)), scale)
+        if c.pow2_scales:
+            scale = pow2_ceil(scale)
+        q = torch.round(w / scale[:, None]).clamp(f.qmin, f.qmax).to(torch.int64)
+    return scale, q
+
+
 def constrained_weight(w: torch.Tensor, fmt: str, c: HardwareConstraints, name: str = "layer"):
     """``(w_exact, scale, codes)`` for a weight matrix (out, K) under ``c``: symmetric scales
-    per output channel (one for all when ``per_tensor``), power-of-two when asked, the codes
-    rounded to nearest (ties to even) and, with ``accumulator_bits``, shrunk to the l1 budget.
+    per output channel (one for all when ``per_tensor``; :func:`grid_params`), power-of-two
+    when asked, the codes rounded to nearest (ties to even) and, with ``accumulator_bits``,
+    brought to the l1 budget (:func:`fit_l1_budget`, then :func:`l1_project_int`).
     ``w_exact = codes * scale`` quantizes back to ``codes`` with ``scale``."""
     f = QF.get(fmt)
     if c.accumulator_bits is not None and f.kind != "int":
         raise ValueError(f"{name}: accumulator_bits needs an integer weight format, got {fmt}")
     w = w.detach().float()
-    amax = w.abs().amax(1)
-    if c.per_tensor:
-        amax = amax.max().expand_as(amax)
-    top = float(f.qmax if f.kind == "int" else f.max_value)
-    if top <= 0:
-        raise ValueError(f"{name}: hardware constraints need a format with a positive "
-                         f"largest value, got {fmt}")
-    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
-    if c.pow2_scales:
-        scale = pow2_ceil(scale)
+    scale, _ = grid_params(w, fmt, c, True, None, name)
     if f.kind != "int":
         return w, scale.contiguous(), None
-    q = torch.round(w / scale[:, None]).clamp(f.qmin, f.qmax).to(torch.int64)
+    scale, q = fit_l1_budget(w, scale, fmt, c)
     budget = c.l1_budget()
-    if budget is not None and c.accumulator_method == "scale" and not c.per_tensor:
-        for _ in range(20):
-            l1 = q.abs().sum(1)
-            over = l1 > budget
-            if not bool(over.any()):
-                break
-            grow = torch.where(over, l1.double() / budget, torch.ones_like(l1.double()))
-            scale = (scale.double() * grow).float()
-            scale = torch.where(over, torch.nextafter(scale, torch.full_like(scale, 1e30)),
-                                scale)
-            if c.pow2_scales:
-                scale = pow2_ceil(scale)
-            q = torch.round(w / scale[:, None]).clamp(f.qmin, f.qmax).to(torch.int64)
     if budget is not None:
         q = l1_project_int(q, budget)
     return (q.float() * scale[:, None]), scale.contiguous(), q

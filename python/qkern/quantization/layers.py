@@ -27,6 +27,7 @@ from .constraints import (
     check_input_format,
     constrain_activation,
     constrained_weight,
+    grid_params,
 )
 from .registry import BaseConfig, Quantizer, replace_module
 
@@ -91,27 +92,45 @@ def weight_module(mod: nn.Module, fmt: str, group_size: int | None, notes: dict,
 
 
 def _constrained_module(mod, fmt, group_size, notes, name, params, c, kw) -> nn.Module:
-    """weight_module under hardware constraints: the weight replaced by ``codes * scale``
-    (constraints.constrained_weight), quantized per channel with those scales."""
-    if QF.get(fmt).block_size is not None:
+    """weight_module under hardware constraints. With ``accumulator_bits`` or ``per_tensor``:
+    the weight replaced by ``codes * scale`` (constraints.constrained_weight), quantized per
+    channel with those symmetric scales. Otherwise (power-of-two and / or symmetric only, an
+    integer format) the layer keeps its groups and, unless ``symmetric``, its zero points, on
+    the grid of constraints.grid_params."""
+    f = QF.get(fmt)
+    if f.block_size is not None:
         raise ValueError(f"{name}: block format {fmt} has its own scales; hardware "
                          "constraints need per-channel or per-tensor scales")
+    whole = c.accumulator_bits is not None or c.per_tensor or f.kind != "int"
+    sym = kw.get("symmetric", True) is not False
+    row = group_size is not None and group_size == in_features(mod)  # one group: per channel
     why = [w for w, on in ((f"group_size {group_size} -> per-channel scales",
-                            group_size is not None),
+                            group_size is not None and whole and not row),
                            ("clip search / weight observer not applied", params is not None),
-                           ("symmetric weights", kw.get("symmetric") is False)) if on]
+                           ("symmetric weights", not sym and (whole or c.symmetric))) if on]
     if why:
         notes[name] = "hardware constraints: " + "; ".join(why)
     w = mod.weight.detach().float()
-    w_exact, scale, _ = constrained_weight(w.reshape(w.shape[0], -1), fmt, c, name)
-    twin = copy.deepcopy(mod)
-    with torch.no_grad():
-        twin.weight.copy_(w_exact.reshape(w.shape).to(twin.weight.dtype))
+    w2 = w.reshape(w.shape[0], -1)
     kw = {k: v for k, v in kw.items() if k not in ("symmetric", "scale", "zero_point")}
-    kw.update(symmetric=True, scale=scale)
+    if whole:
+        g = group_size if row else None  # int2-4 kernels take a row as one group
+        w_exact, scale, _ = constrained_weight(w2, fmt, c, name)
+        scale = scale.reshape(-1, 1) if row else scale
+        zp = None
+        twin = copy.deepcopy(mod)
+        with torch.no_grad():
+            twin.weight.copy_(w_exact.reshape(w.shape).to(twin.weight.dtype))
+    else:
+        g = effective_group(mod, fmt, group_size, notes, name)
+        scale, zp = grid_params(w2, fmt, c, sym, g, name)
+        twin = mod
+    kw.update(symmetric=zp is None, scale=scale)
+    if zp is not None:
+        kw["zero_point"] = zp
     if type(mod) in _CONV:
-        return _CONV[type(mod)].from_float(twin, fmt, group_size=None, **kw)
-    return QuantLinear.from_float(twin, fmt, group_size=None, **kw)
+        return _CONV[type(mod)].from_float(twin, fmt, group_size=g, **kw)
+    return QuantLinear.from_float(twin, fmt, group_size=g, **kw)
 
 
 def warn_notes(notes: dict[str, str]) -> None:

@@ -322,7 +322,8 @@ class Quantizer:
             if layer_cfg.constraints is not None and not self.APPLIES_CONSTRAINTS:
                 raise ValueError(f"{type(self).__name__} does not apply hardware constraints "
                                  f"(layer {name}); use WeightOnlyConfig, StaticConfig or "
-                                 "DynamicConfig, or constraints=None")
+                                 "DynamicConfig (LLMs: RTN, GPTQ, AWQ, HQQ), or "
+                                 "constraints=None")
             why = self.unsupported(name, mod, layer_cfg)
             if why:
                 self.skipped[name] = why

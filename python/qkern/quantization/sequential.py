@@ -78,6 +78,11 @@ class SequentialQuantizer(Quantizer):
     DISTRIBUTED = True
     #: why not, when DISTRIBUTED is False (the error's words)
     NOT_DISTRIBUTED = "its statistics are not all-reduced"
+    #: applies ``cfg.constraints`` (RTN's round to nearest does, through ``rtn_layer``; a
+    #: subclass with its own grid sets it when its grid goes through constraints.grid_params)
+    APPLIES_CONSTRAINTS = False
+    #: why this method refuses constraints (None: the generic hint)
+    CONSTRAINTS_REFUSAL: str | None = None
 
     def __init__(self, config):
         super().__init__(config)
@@ -144,7 +149,26 @@ class SequentialQuantizer(Quantizer):
         """``linear`` rounded to nearest on ``cfg``'s grid (bits, group, sym)."""
         g = self.group_for(name, cfg, linear.in_features)
         return weight_module(linear, self.layer_format(cfg), g, self.notes, name,
-                             symmetric=cfg.sym)
+                             symmetric=cfg.sym, constraints=cfg.constraints)
+
+    def check_constraints(self, cfg, name: str) -> None:
+        """ValueError when ``cfg.constraints`` (of layer ``name``) cannot be applied: this
+        method does not apply them (``APPLIES_CONSTRAINTS`` False), or per-tensor scales /
+        an accumulator bound come with a ``group_size`` (they need one scale per row or per
+        layer: ``group_size=None``)."""
+        c = cfg.constraints
+        if c is None:
+            return
+        n = type(cfg).__name__
+        if not self.APPLIES_CONSTRAINTS:
+            raise ValueError(f"{n} does not apply hardware constraints (layer {name}): "
+                             f"{self.CONSTRAINTS_REFUSAL or CONSTRAINTS_HINT}")
+        if cfg.group_size is not None and (c.per_tensor or c.accumulator_bits is not None):
+            what = "per_tensor" if c.per_tensor else "accumulator_bits"
+            raise ValueError(f"{n}(group_size={cfg.group_size}) with {what} hardware "
+                             f"constraints (layer {name}): {what} needs one scale per "
+                             f"{'layer' if c.per_tensor else 'output channel'}; "
+                             "set group_size=None")
 
     def quantize_layer(self, name: str, linear: nn.Linear, gram: torch.Tensor | None,
                        cfg) -> nn.Module:
@@ -232,10 +256,25 @@ class SequentialQuantizer(Quantizer):
             return None
         if matches(name, mod, cfg.exclude):
             return None
-        return cfg.for_layer(name)
+        layer_cfg = cfg.for_layer(name)
+        if layer_cfg is not None:
+            for q in self.chain():
+                q.check_constraints(layer_cfg if q is self else q.config, name)
+            inner = self.inner
+            if (inner is not None and layer_cfg.constraints is not None
+                    and inner.config.constraints != layer_cfg.constraints):
+                raise ValueError(f"{type(layer_cfg).__name__}.then: {type(inner.config).__name__}"
+                                 " must carry the same constraints (it quantizes the layers); "
+                                 f"got {inner.config.constraints} vs {layer_cfg.constraints}")
+        return layer_cfg
 
     def convert(self, model: nn.Module) -> None:
         quantize_sequential(model, self, self.batches or None, inplace=True)
+
+
+CONSTRAINTS_HINT = ("the LLM methods that do are RTNConfig, GPTQConfig, AWQConfig and HQQConfig "
+                    "(WeightOnlyConfig, StaticConfig, DynamicConfig outside the pipeline); "
+                    "or pass constraints=None (docs/hardware.md)")
 
 
 def _check_model(model: nn.Module) -> None:

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...quantize import fake_quantize
 from ..blocks import fold_scales
 from ..calibration import call_model
+from ..constraints import HardwareConstraints
 from ..distributed import all_batches, all_reduce_sum, batch_indices, sum_batches
 from ..registry import (
     BaseConfig,
@@ -45,6 +45,15 @@ from ..registry import (
     register_quantizer,
 )
 from ..sequential import BlockContext, SequentialQuantizer, check_weight_bits
+from .awq_math import (
+    CHUNK,
+    awq_scales,
+    clip_quantize,
+    clip_ratios,
+    clip_search,
+    pseudo_quantize,
+    weight_mean,
+)
 
 __all__ = ["AWQ_OBJECTIVES", "CLIP_SKIP", "AWQConfig", "AWQQuantizer", "awq_scales",
            "clip_grams", "clip_quantize", "clip_ratios", "clip_search", "inspect_target",
@@ -56,8 +65,7 @@ AWQ_OBJECTIVES = ("module", "block")
 #: fused qkv layers as llm-awq's Wqkv)
 CLIP_SKIP = ("q_proj", "k_proj", "query", "key", "c_attn", "Wqkv", "qkv_proj",
              "query_key_value")
-#: elements per chunk of batched candidate weights (bounds the search's extra memory)
-_CHUNK = 1 << 24
+_NONE = HardwareConstraints()
 
 
 @config_class
@@ -100,104 +108,6 @@ class AWQConfig(BaseConfig):
         check_choice(n, "objective", self.objective, AWQ_OBJECTIVES)
         check_choice(n, "inputs", self.inputs, ("float", "quantized"))
         super().__post_init__()
-
-
-# ---- the math, on tensors -------------------------------------------------------------------
-
-
-def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int | None, sym: bool
-                    ) -> torch.Tensor:
-    """Round to nearest of ``w`` (rows, K) on qkern's ``int{bits}`` grid, dequantized: per
-    row (``group_size`` None) or in groups along K, as ``QuantLinear.from_float`` does."""
-    fmt = f"int{bits}"
-    if group_size is None:
-        return fake_quantize(w, fmt, granularity="channel", axis=0, symmetric=sym)
-    return fake_quantize(w, fmt, granularity="group", axis=1, group_size=group_size,
-                         symmetric=sym)
-
-
-def clip_quantize(w: torch.Tensor, bits: int, group_size: int | None, sym: bool
-                  ) -> torch.Tensor:
-    """The clip search's round to nearest: qkern's grid (scale ``(hi - lo) / (2^bits - 1)``
-    in float32 over the range widened to hold 0, zero point ``qmin - round(lo / scale)``) with
-    the codes ``round(w / scale)`` by division, as the paper's ``round(w / delta)`` and
-    llm-awq's pseudo_quantize_tensor. The kernel multiplies by ``1 / scale`` (as torch);
-    the two differ only on exact half-step ties, and a group clamped on both sides to
-    ``[-r m, r m]`` puts every clamped value on one (``lo / scale = -(2^bits - 1) / 2``):
-    the kernel then rounds both ends inward, llm-awq the low end outward. ``sym``: the
-    kernel's grid (no such tie)."""
-    if sym:
-        return pseudo_quantize(w, bits, group_size, sym)
-    w = w.float()
-    n, k = w.shape
-    g = k if group_size is None else group_size
-    wg = w.reshape(n, k // g, g)
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    lo = wg.amin(-1, keepdim=True).clamp_max(0.0)
-    hi = wg.amax(-1, keepdim=True).clamp_min(0.0)
-    sc = (hi - lo) / float(qmax - qmin)
-    sc = torch.where(sc > 0, sc.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(sc))
-    z = (qmin - torch.round(lo / sc)).clamp(qmin, qmax)
-    q = torch.minimum(torch.maximum(torch.round(wg / sc), qmin - z), qmax - z)
-    return (q * sc).reshape(n, k)
-
-
-def awq_scales(x_mean: torch.Tensor, alphas: torch.Tensor,
-               w_mean: torch.Tensor | None = None) -> torch.Tensor:
-    """(A, K) float64 scales, one row per alpha: ``s = x_mean^alpha`` (or
-    ``x_mean^alpha / (w_mean^(1-alpha) + 1e-4)``), clamped to >= 1e-4, divided by
-    ``sqrt(max(s) min(s))``."""
-    x = x_mean.double().reshape(1, -1)
-    a = alphas.double().reshape(-1, 1)
-    s = x.pow(a)
-    if w_mean is not None:
-        s = s / (w_mean.double().reshape(1, -1).pow(1 - a) + 1e-4)
-    s = s.clamp_min(1e-4)
-    return s / (s.amax(1, keepdim=True) * s.amin(1, keepdim=True)).sqrt()
-
-
-def weight_mean(weights: list[torch.Tensor], group_size: int | None) -> torch.Tensor:
-    """AutoAWQ's ``s_w``: mean over rows of ``|w| / max|w|`` of its group (duo scaling)."""
-    w = torch.cat([t.detach().double() for t in weights])
-    g = w.shape[1] if group_size is None else group_size
-    wg = w.abs().reshape(-1, g)
-    return (wg / (wg.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
-
-
-def clip_ratios(clip_grid: int = 20, max_shrink: float = 0.5) -> list[float]:
-    """llm-awq's shrink grid: ``1 - i / clip_grid`` for ``i < max_shrink * clip_grid``."""
-    return [1 - i / clip_grid for i in range(max(1, int(max_shrink * clip_grid)))]
-
-
-def clip_search(w: torch.Tensor, gram_blocks: torch.Tensor, bits: int,
-                group_size: int | None, sym: bool, ratios: list[float]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """llm-awq's auto_clip on one layer: ``w`` (N, K); ``gram_blocks`` (G, g, g) the
-    diagonal blocks ``E[x_g x_g^T]`` of the input second moment (one per group of ``g``
-    columns; G = 1, g = K per channel). For each row and group, the ratio ``r`` minimising
-    ``d H_g d^T`` with ``d = w_g - Q(clamp(w_g, -r m, r m))``, ``m = max|w_g|`` (the first
-    one on ties; ``Q``: :func:`clip_quantize`). Returns (max values r m (N, G), ratios (N, G))."""
-    w = w.detach().float()
-    n, k = w.shape
-    gs = k if group_size is None else group_size
-    ng = k // gs
-    h = gram_blocks.double()
-    r = torch.tensor(ratios, dtype=torch.float32)
-    wg = w.reshape(n, ng, gs)
-    m = wg.abs().amax(-1)  # (N, G)
-    pick = torch.empty(n, ng, dtype=torch.long)
-    rows = max(1, _CHUNK // (len(ratios) * k))
-    for i in range(0, n, rows):
-        wc = wg[i:i + rows]
-        mv = (r.reshape(-1, 1, 1) * m[i:i + rows]).unsqueeze(-1)  # (R, n, G, 1)
-        cand = torch.minimum(torch.maximum(wc.unsqueeze(0), -mv), mv)
-        q = clip_quantize(cand.reshape(-1, k), bits, group_size, sym)
-        d = (wc.unsqueeze(0) - q.reshape(cand.shape)).double()  # (R, n, G, g)
-        dg = d.permute(2, 0, 1, 3).reshape(ng, -1, gs)  # (G, R n, g)
-        err = ((dg @ h) * dg).sum(-1).reshape(ng, len(ratios), -1)  # (G, R, n)
-        pick[i:i + rows] = err.argmin(1).T
-    chosen = r[pick]
-    return chosen * m, chosen
 
 
 def inspect_target(block: nn.Module, prev: str, nexts: list[str], objective: str) -> str:
@@ -275,10 +185,14 @@ def _capture(block: nn.Module, inputs: list[Batch], target: str, first: str, gra
 
 
 def _scaled_candidates(w: torch.Tensor, scales: torch.Tensor, bits: int, group: int | None,
-                       sym: bool) -> torch.Tensor:
-    """(A, N, K) float32 ``Q(W diag(s)) / s`` for each row ``s`` of ``scales`` (A, K)."""
+                       sym: bool, c: HardwareConstraints | None = None) -> torch.Tensor:
+    """(A, N, K) float32 ``Q(W diag(s)) / s`` for each row ``s`` of ``scales`` (A, K);
+    per-tensor constraints quantize each candidate on its own."""
     ws = (w.double().unsqueeze(0) * scales.unsqueeze(1)).float()
-    q = pseudo_quantize(ws.reshape(-1, w.shape[1]), bits, group, sym).reshape(ws.shape)
+    if c is not None and c.per_tensor:
+        q = torch.stack([pseudo_quantize(x, bits, group, sym, c) for x in ws])
+    else:
+        q = pseudo_quantize(ws.reshape(-1, w.shape[1]), bits, group, sym, c).reshape(ws.shape)
     return (q.double() / scales.unsqueeze(1)).float()
 
 
@@ -289,6 +203,7 @@ class AWQQuantizer(SequentialQuantizer):
     ``clips`` {layer: (N, G) shrink ratios} and ``clip_max`` {layer: (N, G) max values}."""
 
     GRAMS = False
+    APPLIES_CONSTRAINTS = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -359,7 +274,7 @@ class AWQQuantizer(SequentialQuantizer):
         return scales[best]
 
     def _chunks(self, n_alpha: int, numel: int):
-        step = max(1, _CHUNK // max(1, numel))
+        step = max(1, CHUNK // max(1, numel))
         return [(i, min(n_alpha, i + step)) for i in range(0, n_alpha, step)]
 
     def _linear_losses(self, ctx: BlockContext, rel: str, scales: torch.Tensor,
@@ -373,7 +288,7 @@ class AWQQuantizer(SequentialQuantizer):
         out = []
         for a, b in self._chunks(len(scales), w.numel()):
             d = w.double().unsqueeze(0) - _scaled_candidates(w, scales[a:b], c.bits, g,
-                                                             c.sym).double()
+                                                             c.sym, c.constraints).double()
             out += (((d @ xx) * d).sum((1, 2)) / w.shape[0]).tolist()
         return out
 
@@ -399,7 +314,8 @@ class AWQQuantizer(SequentialQuantizer):
                 for n, w in orig.items():
                     c = ctx.layers[n]
                     cands[n] = _scaled_candidates(w.float(), scales[a:b], c.bits,
-                                                  self._group(ctx, n, w.shape[1]), c.sym)
+                                                  self._group(ctx, n, w.shape[1]), c.sym,
+                                                  c.constraints)
                 for j in range(b - a):
                     with torch.no_grad():
                         for n, m in lins.items():
@@ -418,7 +334,8 @@ class AWQQuantizer(SequentialQuantizer):
     def clip_block(self, ctx: BlockContext) -> None:
         """The max-value shrink search on every quantized linear but q/k; the chosen ranges
         are kept and the weights clamped by :meth:`quantize_block`."""
-        names = [n for n in ctx.layers if n.rpartition(".")[2] not in CLIP_SKIP]
+        names = [n for n in ctx.layers if n.rpartition(".")[2] not in CLIP_SKIP
+                 and not (ctx.layers[n].constraints or _NONE).per_tensor]
         if not names:
             return
         groups = {}
@@ -434,7 +351,7 @@ class AWQQuantizer(SequentialQuantizer):
             w = lin.weight.detach().float()
             gs = groups[n]
             mx, r = clip_search(w, blocks[n], c.bits, None if gs == w.shape[1] else gs,
-                                c.sym, ratios)
+                                c.sym, ratios, c.constraints)
             self._clip_max.setdefault(ctx.name, {})[n] = mx
             self.clips[ctx.full_name(n)] = r
             self.clip_max[ctx.full_name(n)] = mx

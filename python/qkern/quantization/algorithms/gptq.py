@@ -41,6 +41,7 @@ from ...layout import Layout
 from ...nn import QuantLinear
 from ...quantize import quantize
 from ...tensor import QTensor
+from ..constraints import HardwareConstraints, fit_l1_budget, grid_params
 from ..registry import (
     BaseConfig,
     check_bool,
@@ -171,20 +172,32 @@ def _check_inputs(w, gram, bits, group_size, sym, act_order, static_groups, damp
         raise ValueError(ACT_ORDER_MESSAGE.format(n=n))
 
 
-def _params(wt: torch.Tensor, fmt: str, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """qkern's scale and zero point (int32; 0 when symmetric) per row of ``wt`` (rows, cols)."""
+def _params(wt: torch.Tensor, fmt: str, sym: bool, c: HardwareConstraints | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkern's scale and zero point (int32; 0 when symmetric) per row of ``wt`` (rows, cols);
+    under hardware constraints ``c`` the grid of ``constraints.grid_params`` (power-of-two,
+    per-tensor, symmetric), chosen before any column of the group is rounded."""
+    if c is not None and c.touches_weights():
+        s, z = grid_params(wt, fmt, c, sym, None, "gptq_quantize")
+        return s, torch.zeros_like(s, dtype=torch.int32) if z is None else z
     q = quantize(wt.float(), fmt, granularity="channel", axis=0, symmetric=sym)
     zp = torch.zeros_like(q.scale, dtype=torch.int32) if q.zero_point is None else q.zero_point
     return q.scale, zp
 
 
-def _static_params(w0: torch.Tensor, fmt: str, sym: bool, group_size: int | None):
+def _static_params(w0: torch.Tensor, fmt: str, sym: bool, group_size: int | None,
+                   c: HardwareConstraints | None = None):
     """Scales / zero points (groups, out) from the original weights (groups: contiguous
-    column blocks in the original order; one group when per channel)."""
+    column blocks in the original order; one group when per channel). With an accumulator
+    bound (per channel), each row's scale is coarsened until its round-to-nearest codes fit
+    the l1 budget (``constraints.fit_l1_budget``)."""
     k = w0.shape[1]
     g = k if group_size is None else group_size
-    out = [_params(w0[:, i:i + g], fmt, sym) for i in range(0, k, g)]
-    return torch.stack([s for s, _ in out]), torch.stack([z for _, z in out])
+    out = [_params(w0[:, i:i + g], fmt, sym, c) for i in range(0, k, g)]
+    sc, zp = torch.stack([s for s, _ in out]), torch.stack([z for _, z in out])
+    if c is not None and c.accumulator_bits is not None:
+        sc = fit_l1_budget(w0.float(), sc[0], fmt, c)[0].unsqueeze(0)
+    return sc, zp
 
 
 def _reversed_cholesky(h: torch.Tensor) -> torch.Tensor:
@@ -200,12 +213,25 @@ def _reversed_cholesky(h: torch.Tensor) -> torch.Tensor:
 def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: int = 4,
                   group_size: int | None = 128, sym: bool = True, act_order: bool = False,
                   static_groups: bool = False, damp_percent: float = 0.01,
-                  block_size: int = 128, dtype: torch.dtype = torch.float32) -> GPTQResult:
+                  block_size: int = 128, dtype: torch.dtype = torch.float32,
+                  constraints: HardwareConstraints | None = None) -> GPTQResult:
     """GPTQ of weight ``w`` (out, in) given ``gram = X^T X / N`` (in, in) of the layer's
     inputs, onto qkern's ``int{bits}`` grid (module docstring). ``dtype``: the arithmetic of
-    the updates (float32 as the reference implementation; float64 for checks)."""
+    the updates (float32 as the reference implementation; float64 for checks).
+    ``constraints`` (docs/hardware.md): every group's grid from ``constraints.grid_params``
+    (so the error feedback sees the constrained grid); ``per_tensor`` / ``accumulator_bits``
+    need ``group_size=None``; with ``accumulator_bits`` the weights are symmetric and the
+    column loop keeps each row's l1 norm of integer weights within the budget."""
     _check_inputs(w, gram, bits, group_size, sym, act_order, static_groups, damp_percent,
                   block_size)
+    c = HardwareConstraints.coerce(constraints)
+    budget = None
+    if c is not None:
+        if group_size is not None and (c.per_tensor or c.accumulator_bits is not None):
+            raise ValueError("gptq_quantize: per_tensor / accumulator_bits constraints need "
+                             f"group_size=None (one scale per layer / row), got {group_size}")
+        sym = sym or c.symmetric or c.accumulator_bits is not None
+        budget = c.l1_budget()
     fmt = f"int{bits}"
     f = QF.get(fmt)
     n_out, k = w.shape
@@ -217,7 +243,7 @@ def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: int = 4,
             h[dead, dead] = 1.0
             w0[:, dead] = 0.0
         dynamic = group_size is not None and not static_groups
-        params = None if dynamic else _static_params(w0, fmt, sym, group_size)
+        params = None if dynamic else _static_params(w0, fmt, sym, group_size, c)
         perm = None
         if act_order:
             perm = torch.argsort(h.diagonal(), descending=True, stable=True)
@@ -225,7 +251,8 @@ def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, *, bits: int = 4,
             h = h[perm][:, perm]
         h.diagonal().add_(damp_percent * h.diagonal().mean())
         r = _reversed_cholesky(h)
-        out = _sweep(w0.T.contiguous(), r, f, fmt, sym, group_size, params, perm, block_size)
+        out = _sweep(w0.T.contiguous(), r, f, fmt, sym, group_size, params, perm, block_size,
+                     c, budget)
     q, codes, scale, zp, loss = out
     if perm is not None:
         inv = torch.argsort(perm)
@@ -243,10 +270,12 @@ def _bounds(k: int, block_size: int, group_size: int | None, dynamic: bool) -> l
     return [*sorted(cuts), k]
 
 
-def _sweep(w0t, r, f, fmt, sym, group_size, params, perm, block_size):
+def _sweep(w0t, r, f, fmt, sym, group_size, params, perm, block_size, c=None, budget=None):
     """The column loop on ``w0t`` (in, out), columns in processing order. Returns the
     dequantized weight and the codes (in, out, processing order), scale / zero point in
-    qkern's layout, and the loss."""
+    qkern's layout, and the loss. ``budget``: the l1 budget of each row's integer weights;
+    a column's code is clamped to what the row has left (``|q_j| <= budget - sum_{i<j}
+    |q_i|``) before its error is fed back."""
     k, n = w0t.shape
     dt = w0t.dtype
     dynamic = params is None
@@ -276,6 +305,7 @@ def _sweep(w0t, r, f, fmt, sym, group_size, params, perm, block_size):
     w0_rows, rq_rows, deq_rows = w0t.unbind(0), rq.unbind(0), deq.unbind(0)
     sc_rows, rinv_rows, lo_rows, hi_rows = (t.unbind(0) for t in (sc_t, rinv_t, lo_t, hi_t))
     wide = dt != torch.float32
+    left = None if budget is None else torch.full((n,), float(budget))
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
         if dynamic and i1 % group_size == 0:
             gi = i1 // group_size
@@ -286,7 +316,7 @@ def _sweep(w0t, r, f, fmt, sym, group_size, params, perm, block_size):
             rg = r[cols, cols]
             ug = torch.linalg.solve_triangular(rg, torch.eye(len(rg), dtype=dt), upper=True)
             wg = torch.addmm(w0t[cols], ug.T, acc[cols])
-            s, z = _params(wg.T, fmt, sym)
+            s, z = _params(wg.T, fmt, sym, c)
             sc_t[gi], zp_t[gi] = s, z
             rinv_t[gi], lo_t[gi], hi_t[gi] = 1.0 / s, (f.qmin - z).float(), (f.qmax - z).float()
         rb, nb = r[i1:i2, i1:i2], i2 - i1
@@ -302,6 +332,9 @@ def _sweep(w0t, r, f, fmt, sym, group_size, params, perm, block_size):
                 t.clamp_(f.qmin, f.qmax)
             else:
                 torch.clamp(t, lo_rows[g], hi_rows[g], out=t)
+            if left is not None:
+                torch.clamp(t, -left, left, out=t)
+                left.sub_(t.abs())
             dq = torch.mul(t, sc_rows[g], out=deq_rows[j])
             dj = torch.sub(w0_rows[j], dq, out=rows_d[i])
             if i + 1 < nb:
@@ -331,7 +364,8 @@ def gptq_linear(linear: nn.Linear, gram: torch.Tensor, cfg: GPTQConfig,
         raise TypeError(f"gptq_linear expects a GPTQConfig, got {type(cfg).__name__}")
     args = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
             "act_order": cfg.act_order, "static_groups": cfg.static_groups,
-            "damp_percent": cfg.damp_percent, "block_size": cfg.block_size, **kw}
+            "damp_percent": cfg.damp_percent, "block_size": cfg.block_size,
+            "constraints": cfg.constraints, **kw}
     res = gptq_quantize(linear.weight, gram, **args)
     bias = None if linear.bias is None else linear.bias.detach()
     return QuantLinear(res.qtensor(linear.weight.dtype), bias)
@@ -352,6 +386,7 @@ class GPTQQuantizer(SequentialQuantizer):
 
     GRAMS = True
     NEEDS_DATA = True
+    APPLIES_CONSTRAINTS = True
 
     def quantize_layer(self, name: str, linear: nn.Linear, gram: torch.Tensor | None,
                        cfg) -> nn.Module:

@@ -30,6 +30,7 @@ from ... import formats as QF
 from ...layout import Layout
 from ...nn import QuantLinear
 from ...tensor import QTensor
+from ..constraints import HardwareConstraints, grid_params
 from ..registry import (
     BaseConfig,
     check_bool,
@@ -143,12 +144,17 @@ def _lp(d: torch.Tensor, p: float) -> float:
 def hqq_quantize(w: torch.Tensor, bits: int = 4, group_size: int | None = 64, *, axis: int = 1,
                  iters: int = 20, lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
                  early_stop: bool = True, round_zero: bool = False,
-                 dtype: torch.dtype = torch.float32) -> HQQResult:
+                 dtype: torch.dtype = torch.float32,
+                 constraints: HardwareConstraints | None = None) -> HQQResult:
     """HQQ of a weight matrix ``w`` (out, in): min-max init, then the alternating proximal
     solver on the zero points (module docstring). ``early_stop``: stop at the first iteration
     whose l_p error is not below the best so far. The iterate with the lowest l_p error is
     returned. ``round_zero``: start from round(-min / s) instead of -min / s. ``dtype``: the
-    arithmetic (float32 like the hqq package on CPU, or float64)."""
+    arithmetic (float32 like the hqq package on CPU, or float64). ``constraints``: the
+    (fixed) scales come from ``constraints.grid_params`` (qkern's min-max range, widened to
+    hold 0; power of two and / or one per layer); the solver then optimises the float zero
+    points as usual. Symmetric weights and an accumulator bound are refused: HQQ's weights
+    are ``(q - z) s`` with a float zero point ``z``, which is what it optimises."""
     n_ = "hqq_quantize"
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise TypeError(f"{n_}: w must be a floating-point tensor, got "
@@ -168,11 +174,21 @@ def hqq_quantize(w: torch.Tensor, bits: int = 4, group_size: int | None = 64, *,
         raise ValueError(f"{n_}: group_size={g} does not divide in_features={k}")
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{n_}: w contains NaN or Inf")
+    c = HardwareConstraints.coerce(constraints)
+    if c is not None and (c.symmetric or c.accumulator_bits is not None):
+        raise ValueError(f"{n_}: HQQ optimises a float zero point per group; symmetric "
+                         "weights / an accumulator bound (integer weights) leave it nothing "
+                         "to optimise: use RTNConfig or GPTQConfig with these constraints")
     wg = w.detach().to(dtype).reshape(-1, g)
     qmax = float(2**bits - 1)
     lo, hi = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
-    s = (hi - lo) / qmax
-    s = torch.where(s >= torch.finfo(torch.float32).tiny, s, torch.ones_like(s))  # flat group
+    if c is not None and c.touches_weights():
+        s = grid_params(w.detach().float(), f"int{bits}", c, False, None if g == k else g,
+                        n_)[0].to(dtype).reshape(-1, 1)
+        lo = lo.clamp_max(0.0)  # the range grid_params covers
+    else:
+        s = (hi - lo) / qmax
+        s = torch.where(s >= torch.finfo(torch.float32).tiny, s, torch.ones_like(s))  # flat
     z = -lo / s
     if round_zero:
         z = torch.round(z)
@@ -209,7 +225,8 @@ def hqq_linear(linear: nn.Linear, cfg: HQQConfig | None = None) -> QuantLinear:
     r = hqq_quantize(linear.weight.detach().float(), cfg.bits, cfg.group_size, axis=cfg.axis,
                      iters=cfg.iters, lp_norm=cfg.lp_norm, beta=cfg.beta, kappa=cfg.kappa,
                      early_stop=cfg.early_stop,
-                     round_zero=cfg.bits == 4 if cfg.round_zero is None else cfg.round_zero)
+                     round_zero=cfg.bits == 4 if cfg.round_zero is None else cfg.round_zero,
+                     constraints=cfg.constraints)
     return QuantLinear(r.qtensor(), linear.bias, mode=cfg.mode)
 
 
@@ -220,6 +237,18 @@ class HQQQuantizer(SequentialQuantizer):
 
     GRAMS = False
     NEEDS_DATA = False
+    APPLIES_CONSTRAINTS = True
+
+    def check_constraints(self, cfg, name: str) -> None:
+        """HQQ applies power-of-two and per-tensor scales; symmetric weights and an
+        accumulator bound are refused (see :func:`hqq_quantize`)."""
+        super().check_constraints(cfg, name)
+        c = cfg.constraints
+        if c is not None and (c.symmetric or c.accumulator_bits is not None):
+            raise ValueError(f"HQQConfig (layer {name}): HQQ optimises a float zero point per "
+                             "group, so it cannot give symmetric weights or integer weights "
+                             "within an accumulator bound; use RTNConfig or GPTQConfig with "
+                             "these constraints (HQQ applies pow2_scales and per_tensor)")
 
     def quantize_layer(self, name: str, linear: nn.Linear, gram: torch.Tensor | None,
                        cfg: HQQConfig) -> nn.Module:

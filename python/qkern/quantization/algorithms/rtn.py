@@ -33,4 +33,5 @@ class RTNConfig(BaseConfig):
 @register_quantizer(RTNConfig)
 class RTNQuantizer(SequentialQuantizer):
     GRAMS = False
+    APPLIES_CONSTRAINTS = True
     NEEDS_DATA = False

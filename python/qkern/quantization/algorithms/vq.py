@@ -438,6 +438,9 @@ class VQQuantizer(SequentialQuantizer):
 
     GRAMS = True
     NEEDS_DATA = True
+    CONSTRAINTS_REFUSAL = ("its weights are codebook entries, not a scaled integer grid: "
+                           "power-of-two scales, zero points and an integer accumulator "
+                           "bound do not apply (docs/hardware.md)")
 
     def __init__(self, config):
         super().__init__(config)
