@@ -9,6 +9,11 @@
 2. the log-domain matmul (``qkern.logdomain``) against the float matmul, and linear int4 / int8
    at the same bits, on real weights and their real inputs: the digits MLP's first two layers
    (test images) and one Linear of models/wikitext-bytelm (WikiText-2 test bytes).
+
+With ``--llm`` a third: models/wikitext-bytelm quantized to int4 per channel by RTN and by
+GPTQ (act_order) under the same constraint sets (calibration 8 x 128 bytes of WikiText-2 valid;
+logit MSE against the float model on 2 x 128 bytes of test, summed over the two; the sum of the
+run's per-layer relative output errors).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ...models import load_pretrained
 from ...models.assets import shipped_path
 from ...quantize import quantize
 
-__all__ = ["SETS", "constraint_table", "log_table", "main"]
+__all__ = ["LLM_SETS", "SETS", "constraint_table", "llm_table", "log_table", "main"]
 
 HC = Q.HardwareConstraints
 SETS: list[tuple[str, str, str, HC | None]] = [
@@ -125,10 +130,45 @@ def log_table() -> str:
     return "\n".join(out)
 
 
+LLM_SETS: list[tuple[str, HC | None]] = [
+    ("none", None),
+    ("pow2 + symmetric", HC(pow2_scales=True, symmetric=True)),
+    ("pow2 + symmetric + 16-bit accumulator (8-bit inputs)",
+     HC(pow2_scales=True, symmetric=True, accumulator_bits=16, input_bits=8)),
+    ("per-tensor + pow2", HC(per_tensor=True, pow2_scales=True)),
+]
+
+
+def llm_table() -> str:
+    """RTN vs GPTQ int4 per channel on models/wikitext-bytelm under each of LLM_SETS."""
+    from ...models import load_llama
+    from ...quantization import text_calibration
+
+    model = load_llama(shipped_path("models/wikitext-bytelm"))
+    cal = text_calibration(shipped_path("data/wikitext-2/wiki.valid.tokens"), "bytes", 8, 128)
+    ids = text_calibration(shipped_path("data/wikitext-2/wiki.test.tokens"), "bytes", 2, 128,
+                           seed=4)
+    with torch.no_grad():
+        ref = [model(i) for i in ids]
+    out = ["| constraints | method | sum of layer errors | logit MSE |", "|---|---|--:|--:|"]
+    for name, c in LLM_SETS:
+        for method, cfg in (("RTN", Q.RTNConfig(bits=4, group_size=None, constraints=c)),
+                            ("GPTQ", Q.GPTQConfig(bits=4, group_size=None, act_order=True,
+                                                  constraints=c))):
+            q = Q.quantize_model(model, cfg, cal, progress=False)
+            with torch.no_grad():
+                mse = sum(float(((q(i) - r) ** 2).mean()) for i, r in zip(ids, ref))
+            err = sum(r.error for r in q.qkern_report)
+            out.append(f"| {name} | {method} | {err:.3f} | {mse:.4f} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m qkern.tools.reports.hardware",
                                 description=__doc__.split("\n\n")[0])
-    p.parse_args(argv)
+    p.add_argument("--llm", action="store_true",
+                   help="also RTN vs GPTQ under constraints on models/wikitext-bytelm")
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     print(constraint_table())
     print()
@@ -136,6 +176,9 @@ def main(argv=None) -> None:
           "output channel):")
     print()
     print(log_table())
+    if args.llm:
+        print()
+        print(llm_table())
 
 
 if __name__ == "__main__":
