@@ -214,3 +214,15 @@ def test_quantlinear_selection_weight_and_compile():
         assert torch.equal(torch.compile(q, fullgraph=True, backend="aot_eager")(x), y)
     with pytest.raises(NonFiniteError):
         q(torch.full((1, 128), float("nan")))
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(1)
+    lin = nn.Linear(96, 24)
+    model = nn.Sequential(QuantLinear.from_float(lin, "fp4_e2m1", group_size=32, mode="fast"))
+    qkern.save(model, tmp_path / "m.safetensors")
+    back = qkern.load(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(96, 24)))
+    assert back[0].kernel == "lut4_fast"
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))

@@ -160,7 +160,7 @@ void fast_group(const Problem& p, int64_t m, int64_t t, int nt, int64_t g, float
   const float* dx = p.dx + m * nb;
   const float* xs = p.xs + m * nb;
   const __m512 zc = kTable ? _mm512_set1_ps(128.0f) : code_offsets(p, t, nt, g);
-  const __m512i tbl = table_lanes(p);
+  const __m512i tbl = kTable ? table_lanes(p) : _mm512_setzero_si512();
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
@@ -212,7 +212,7 @@ void gemv_tile_y(const Problem& p, int64_t t, int64_t m) {
   const float* dx = p.dx + m * nb;
   const float* xs = p.xs + m * nb;
   const __m256i mask = _mm256_set1_epi8(0x0F);
-  const __m256i tbl = _mm512_castsi512_si256(table_lanes(p));
+  const __m256i tbl = kTable ? _mm512_castsi512_si256(table_lanes(p)) : _mm256_setzero_si256();
   __m256 y = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const __m256 zc =
