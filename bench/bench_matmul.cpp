@@ -104,7 +104,9 @@ void run_bench(benchmark::State& state, const std::function<Weights(int64_t, int
 
 // ---- the kernels -------------------------------------------------------------------------
 
-Weights make_w4(int64_t n, int64_t k, int64_t group, int mode) {
+// table8: the 4-bit codebook fast mode (gemm_lut4_fast: nibbles are table indices).
+Weights make_w4(int64_t n, int64_t k, int64_t group, int mode,
+                const uint8_t* table8 = nullptr) {
   const auto raw = random_bytes(n * k, 1, 0, 15);
   std::vector<int8_t> codes(raw.size());
   for (size_t i = 0; i < raw.size(); ++i) codes[i] = static_cast<int8_t>(raw[i] - 8);
@@ -115,7 +117,8 @@ Weights make_w4(int64_t n, int64_t k, int64_t group, int mode) {
   auto p = rotate(w, packed, 4 * scales.size());
   auto s = std::make_shared<std::vector<std::vector<float>>>(replicate(scales, w.copies));
   w.run = [=](int c, const float* x, int64_t m, float* y) {
-    qk::gemm_w4(x, m, (*p)[c].data(), (*s)[c].data(), nullptr, nullptr, n, k, group, mode, y);
+    qk::gemm_w4(x, m, (*p)[c].data(), (*s)[c].data(), nullptr, nullptr, n, k, group, mode, y,
+                nullptr, table8);
   };
   return w;
 }
@@ -275,6 +278,12 @@ void BM_int4_g128_fast(benchmark::State& s) {
 void BM_nf4_g64(benchmark::State& s) {
   run_bench(s, [](int64_t n, int64_t k) { return make_lut4(n, k, 64); });
 }
+void BM_nf4_g64_fast(benchmark::State& s) {
+  // nf4's table as gemm_lut4_fast takes it: t8 + 128, t8 = round(table * 127) (tmax = 1)
+  static const uint8_t kNf4T8[16] = {1,   40,  61,  78,  92,  105, 116, 128,
+                                     138, 148, 159, 171, 184, 199, 220, 255};
+  run_bench(s, [](int64_t n, int64_t k) { return make_w4(n, k, 64, qk::kW4Fast, kNf4T8); });
+}
 void BM_w8a8(benchmark::State& s) {
   run_bench(s, [](int64_t n, int64_t k) { return make_w8(n, k, true); });
 }
@@ -340,6 +349,7 @@ BENCHMARK(BM_read_bw)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTim
 BENCHMARK(BM_int4_g128_exact)->Apply(Shapes);
 BENCHMARK(BM_int4_g128_fast)->Apply(Shapes);
 BENCHMARK(BM_nf4_g64)->Apply(Shapes);
+BENCHMARK(BM_nf4_g64_fast)->Apply(Shapes);
 BENCHMARK(BM_int3_g128_fast)->Apply(Shapes);
 BENCHMARK(BM_int2_g128_fast)->Apply(Shapes);
 BENCHMARK(BM_vq_d4_256_per_layer)->Apply(DecodeShapes);

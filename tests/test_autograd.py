@@ -51,11 +51,13 @@ CASES = [
     ("log2_4", dict(group_size=32), "lut4"),
     ("int8", dict(group_size=128), "dequant"),
     ("uint4", dict(group_size=128, symmetric=False), "w4_exact"),
+    ("nf4", dict(group_size=64, mode="fast"), "lut4_fast"),
 ]
 IDS = [f"{k}-{f}-{i}" for i, (f, _, k) in enumerate(CASES)]
 # kernels whose forward quantizes x (straight-through backward: not the derivative of the
 # forward, so no gradcheck for them)
-STE_KERNELS = {"w4_fast", "w23_fast", "binary_xnor", "w8a8", "w8a8_tensor", "w8a8_static"}
+STE_KERNELS = {"w4_fast", "w23_fast", "lut4_fast", "binary_xnor", "w8a8", "w8a8_tensor",
+               "w8a8_static"}
 # the cases on a fused kernel (a raw qkern matmul op; "dequant" runs F.linear)
 RAW = [c for c in CASES if c[2] != "dequant"]
 RAW_IDS = [i for i, c in zip(IDS, CASES) if c[2] != "dequant"]
@@ -187,6 +189,9 @@ def _raw_args(q, x):
     if kern == "lut4":
         return "gemm_lut4", (x, b["lut4_packed"], b["lut4_scales"], b["lut4_table"], bias, n, k,
                              wq.group_size)
+    if kern == "lut4_fast":
+        return "gemm_lut4_fast", (x, b["lut4f_packed"], b["lut4f_scales"], b["lut4f_table8"],
+                                  bias, n, k, wq.group_size)
     if kern == "lut4_dq":
         return "gemm_lut4_dq", (x, b["lut4_packed"], b["lut4_qscales"], b["lut4_scale2"],
                                 b["lut4_mean"], b["lut4_table"], bias, n, k, wq.group_size,

@@ -78,10 +78,14 @@ py::array_t<int8_t> unpack(const U8& packed, int64_t n, int64_t k) {
 // tensors and passes data_ptr()s (no numpy round trip: a decode step calls dozens of small
 // GEMVs). zeros / bias / zeros_f 0: none. Returns `bad` (fast mode met NaN/Inf).
 bool gemm_raw(uintptr_t x, int64_t m, uintptr_t packed, uintptr_t scales, uintptr_t zeros,
-              uintptr_t bias, int64_t n, int64_t k, int64_t group, int mode, uintptr_t y, uintptr_t zeros_f) {
+              uintptr_t bias, int64_t n, int64_t k, int64_t group, int mode, uintptr_t y,
+              uintptr_t zeros_f, uintptr_t table8) {
   check_shape(n, k, group);
   if (mode != qk::kW4Exact && mode != qk::kW4Fast)
     throw py::value_error("gemm_w4: mode must be 0 (exact) or 1 (fast), got " + str(mode));
+  if (table8 && (mode != qk::kW4Fast || zeros || zeros_f))
+    throw py::value_error("gemm_w4: a code table (the 4-bit codebook mode) takes mode 1 (fast) "
+                          "and no zero points");
   if (m < 0) throw py::value_error("gemm_w4: M must be >= 0");
   qk::bind::checked_mul(m, k, "gemm_w4: M x K");
   qk::bind::checked_mul(m, n, "gemm_w4: M x N");
@@ -93,14 +97,17 @@ bool gemm_raw(uintptr_t x, int64_t m, uintptr_t packed, uintptr_t scales, uintpt
                      reinterpret_cast<const float*>(scales),
                      reinterpret_cast<const int32_t*>(zeros),
                      reinterpret_cast<const float*>(bias), n, k, group, mode,
-                     reinterpret_cast<float*>(y), reinterpret_cast<const float*>(zeros_f));
+                     reinterpret_cast<float*>(y), reinterpret_cast<const float*>(zeros_f),
+                     reinterpret_cast<const uint8_t*>(table8));
 }
 
 const qk::bind::Register reg([](py::module_& m) {
   m.def("gemm_w4_raw", &gemm_raw, py::arg("x"), py::arg("m"), py::arg("packed"),
         py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("n"), py::arg("k"),
         py::arg("group"), py::arg("mode"), py::arg("y"), py::arg("zeros_f") = 0,
-        "gemm_w4 over data_ptr()s of checked contiguous tensors; returns bad");
+        py::arg("table8") = 0,
+        "gemm_w4 over data_ptr()s of checked contiguous tensors; returns bad (table8: 16 "
+        "uint8 codes t8 + 128 of the 4-bit codebook fast mode, or 0)");
   m.def("pack_w4", &pack, py::arg("codes"), py::arg("group"),
         "int8 codes (N, K) in [-8, 7] -> the packed int4 tile layout (uint8, flat)");
   m.def("unpack_w4", &unpack, py::arg("packed"), py::arg("n"), py::arg("k"),

@@ -1,5 +1,7 @@
 """4-bit codebook weights (nf4, fp4_e2m1, fp4_bnb, any 16-entry table) on qkern::gemm_lut4
-("lut4") and, with double-quantized scales, qkern::gemm_lut4_dq ("lut4_dq")."""
+("lut4"), with double-quantized scales on qkern::gemm_lut4_dq ("lut4_dq"), and with
+``mode="fast"`` (plain float scales) on qkern::gemm_lut4_fast ("lut4_fast": an int8 table and
+int8 activations on gemm_w4's fast kernels; double-quantized scales stay on lut4_dq)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ from dataclasses import replace
 
 import torch
 
-from ..ops import checks, lut4
+from ..ops import autograd, checks, lut4, lut4_fast
 from ..ops.raw import contig, ptr
+from ..ops.tiles import group_error as tile_group_error
 from ..tensor import QTensor
 from .base import Kernel, need_groups, one_row, register
 
@@ -108,3 +111,64 @@ class Lut4(_Lut4Family):
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_lut4(x2, bufs["lut4_packed"], bufs["lut4_scales"],
                                          bufs["lut4_table"], bias, n, k, q.group_size)
+
+
+@register
+class Lut4Fast(_Lut4Family):
+    """``mode="fast"``: the table rounded to int8 (``t8 = round(table / tmax * 127)``, the
+    scales times ``tmax / 127``) and the activations to int8 per block of 32, on gemm_w4's fast
+    kernels (docs/numerics.md, "4-bit codebook fast mode").
+
+    >>> import torch, qkern
+    >>> lin = torch.nn.Linear(64, 16)
+    >>> q = qkern.nn.QuantLinear.from_float(lin, "nf4", group_size=32, mode="fast")
+    >>> q.kernel, q(torch.randn(2, 64)).shape
+    ('lut4_fast', torch.Size([2, 16]))
+    """
+
+    names = ("lut4_fast",)
+    order = 39  # before "lut4", which takes either mode
+
+    def reason(self, q: QTensor, act: str, mode: str) -> str | None:
+        if not self.claims(q):
+            return f"takes 4-bit codebook formats, not {q.format.name}"
+        if mode != "fast":
+            return "runs mode='fast' only"
+        if q.double_quant is not None:
+            return "double-quantized scales run on lut4_dq (exact)"
+        return need_groups(q, tile_group_error)
+
+    def pack(self, q: QTensor, act: str, mode: str) -> dict[str, torch.Tensor]:
+        w = lut4_fast.pack_weight(q.codes.view(torch.uint8), q.scale, _table(q), q.group_size)
+        return {"lut4f_packed": w["packed"], "lut4f_scales": w["scales"],
+                "lut4f_table8": w["table8"]}
+
+    def _args(self, bufs, bias, n, k, q):
+        return (bufs["lut4f_packed"], bufs["lut4f_scales"], bufs["lut4f_table8"], bias, n, k,
+                q.group_size)
+
+    def matmul(self, name, x2, bufs, bias, n, k, q):
+        return torch.ops.qkern.gemm_lut4_fast(x2, *self._args(bufs, bias, n, k, q))
+
+    def plan(self, name, bufs, bias, n, k, q):
+        packed, scales, t8, bias, n, k, g = self._args(bufs, bias, n, k, q)
+        lut4_fast.check_args(one_row(k), packed, scales, t8, bias, n, k, g)
+        packed, scales = packed.contiguous(), contig(scales, torch.float32)
+        t8, bias = t8.contiguous(), contig(bias, torch.float32)
+        keep = (packed, scales, t8, bias)  # alive as long as the plan
+        a = [ptr(t) for t in keep]
+        return lambda x2, keep=keep: lut4_fast.run_gemm_lut4_fast(x2, *a, n, k, g)
+
+    def weight(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """t8[c] * s' (the weight the kernel computes with), decoded by the op's autograd."""
+        packed, scales, t8, _, n, k, g = self._args(bufs, None, *q.shape, q)
+        args = {"packed": packed, "scales": scales, "table8": t8, "N": n, "K": k,
+                "group_size": g}
+        return autograd.decode_rows("gemm_lut4_fast", args, 0, n)
+
+    def unpack(self, name: str, q: QTensor, bufs: dict[str, torch.Tensor]) -> QTensor:
+        """The codes exactly; the scales divided back by tmax / 127 (a float32 rounding off)."""
+        n, k = q.shape
+        codes, s = lut4_fast.unpack_weight({"packed": bufs["lut4f_packed"], "N": n, "K": k,
+                                            "scales": bufs["lut4f_scales"]}, _table(q))
+        return replace(q, codes=codes, scale=s.reshape(q.layout.scale_shape))

@@ -7,7 +7,8 @@ the backward from the op's own packed buffers (torch ops only: any device, trace
 torch.compile) a block of output rows at a time, so the backward holds at most about
 ``CHUNK_ELEMENTS`` decoded floats besides ``grad_x``; nothing is cached between calls.
 
-The ops that quantize the activations on the fly (gemm_w4 / gemm_w23 ``mode=1``, gemm_w8a8,
+The ops that quantize the activations on the fly (gemm_w4 / gemm_w23 ``mode=1``,
+gemm_lut4_fast, gemm_w8a8,
 gemm_w8a8_mixed's int8 columns, gemm_binary ``xnor=True``, and the int8-activation path of
 ``ste_w8``) use the straight-through estimator: the activation quantizer's derivative is taken
 as 1, so their gradient is that of ``x @ W^T`` with the same ``W`` (README, "Training through
@@ -42,6 +43,7 @@ FROZEN = {
     "gemm_w23": ("scales",),
     "gemm_lut4": ("scales", "table"),
     "gemm_lut4_dq": ("scale2", "mean", "table"),
+    "gemm_lut4_fast": ("scales",),
     "gemm_fp8": ("scales",),
     "gemm_binary": ("alpha",),
     "gemm_ternary": ("alpha",),
@@ -52,7 +54,8 @@ FROZEN = {
     "gemm_vq": ("codebooks", "scales"),
     "gemm_vq8": ("book_scales", "scales"),
 }
-_ROWS = {"gemm_w4": 8, "gemm_w23": 8, "gemm_binary": 8, "gemm_ternary": 8, "gemm_w8a8": 16,
+_ROWS = {"gemm_w4": 8, "gemm_w23": 8, "gemm_lut4_fast": 8, "gemm_binary": 8, "gemm_ternary": 8,
+         "gemm_w8a8": 16,
          "gemm_w8a16": 16, "ste_w8": 16,
          "gemm_w8a8_mixed": 16, "gemm_vq": 16,
          "gemm_vq8": 16}  # rows per tile of the packed layout (1: plain rows)
@@ -100,13 +103,27 @@ def _tiled_affine(a, u: torch.Tensor, t0: int, t1: int, qmin: int) -> torch.Tens
     return _scaled(w.view(rows, -1), _untile(a["scales"], t0, t1, ng), g)
 
 
-def _w4(a, r0: int, r1: int) -> torch.Tensor:
+def _w4_nibbles(a, t0: int, t1: int) -> torch.Tensor:
     # tile t, block b: 4 vectors i of 8 rows r x 4 bytes j; byte j = u[8i+j] | u[8i+4+j] << 4
-    k, t0, t1 = a["K"], r0 // 8, (r1 + 7) // 8
+    k = a["K"]
     v = _u8(a["packed"])[t0 * 4 * k:t1 * 4 * k].reshape(t1 - t0, k // 32, 4, 8, 4)
     v = v.permute(0, 3, 1, 2, 4)  # (t, r, b, i, j)
     u = torch.stack((v & 15, v >> 4), dim=4)  # (t, r, b, i, h, j): code 8i + 4h + j
-    return _tiled_affine(a, u.reshape(-1, k), t0, t1, -8)
+    return u.reshape(-1, k)
+
+
+def _w4(a, r0: int, r1: int) -> torch.Tensor:
+    t0, t1 = r0 // 8, (r1 + 7) // 8
+    return _tiled_affine(a, _w4_nibbles(a, t0, t1), t0, t1, -8)
+
+
+def _lut4_fast(a, r0: int, r1: int) -> torch.Tensor:
+    # gemm_w4's tiles holding table indices c: W = float(table8[c] - 128) * s (exact, then one
+    # product)
+    t0, t1 = r0 // 8, (r1 + 7) // 8
+    c = _w4_nibbles(a, t0, t1)
+    u = a["table8"].reshape(-1).to(torch.int32).index_select(0, c.reshape(-1).to(torch.int32))
+    return _tiled_affine({**a, "zeros": None}, u.view(c.shape), t0, t1, -128)
 
 
 def _w23(a, r0: int, r1: int) -> torch.Tensor:
@@ -185,6 +202,7 @@ _DECODE = {
     "gemm_w23": _w23,
     "gemm_lut4": _lut4,
     "gemm_lut4_dq": _lut4_dq,
+    "gemm_lut4_fast": _lut4_fast,
     "gemm_fp8": _fp8,
     "gemm_binary": lambda a, r0, r1: _bits(a, r0, r1, False),
     "gemm_ternary": lambda a, r0, r1: _bits(a, r0, r1, True),

@@ -331,8 +331,8 @@ def check_mode(op: str, mode: int) -> None:
         raise ValueError(f"{op}: mode must be 0 (exact) or 1 (fast), got {mode}")
 
 
-def gemm_w4(x, packed, scales, zeros, bias, N: int, K: int, group_size: int, mode: int) -> None:
-    op = "gemm_w4"
+def gemm_w4(x, packed, scales, zeros, bias, N: int, K: int, group_size: int, mode: int,
+            op: str = "gemm_w4") -> None:
     check_float_x(op, x, K)
     if N < 0:
         raise ValueError(f"{op}: N must be >= 0, got {N}")

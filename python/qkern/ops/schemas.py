@@ -120,6 +120,10 @@ MATMUL_SCHEMAS = {
         "gemm_lut4(Tensor x, Tensor packed, Tensor scales, Tensor table, Tensor? bias, int N, "
         "int K, int group_size) -> Tensor"
     ),
+    "gemm_lut4_fast": (
+        "gemm_lut4_fast(Tensor x, Tensor packed, Tensor scales, Tensor table8, Tensor? bias, "
+        "int N, int K, int group_size) -> Tensor"
+    ),
     "gemm_lut4_dq": (
         "gemm_lut4_dq(Tensor x, Tensor packed, Tensor qscales, Tensor scale2, Tensor mean, "
         "Tensor table, Tensor? bias, int N, int K, int group_size, int dq_group) -> Tensor"
@@ -301,6 +305,12 @@ def _(x, packed, scales, zeros, bias, N, K, group_size, bits, qmin, mode):
 @torch.library.register_fake("qkern::gemm_lut4")
 def _(x, packed, scales, table, bias, N, K, group_size):
     torch._check(x.dim() == 2 and x.shape[1] == K, lambda: "gemm_lut4: x must be (M, K)")
+    return _out(x, N)
+
+
+@torch.library.register_fake("qkern::gemm_lut4_fast")
+def _(x, packed, scales, table8, bias, N, K, group_size):
+    torch._check(x.dim() >= 1 and x.shape[-1] == K, lambda: "gemm_lut4_fast: x must be (..., K)")
     return _out(x, N)
 
 

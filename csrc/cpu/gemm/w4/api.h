@@ -50,8 +50,14 @@ enum W4Mode : int { kW4Exact = 0, kW4Fast = 1 };
 // zeros_f (optional, instead of zeros): float zero points of the stored nibble u = q + 8, in the
 // same tile layout: w = (float(u) - zf) * s, each step rounded to float32 (HQQ's uint4 codes
 // with float zero points; the fast mode's block term du - zf * xs is then one rounded FMA).
+// table8 (optional, fast mode only, no zero points): the 4-bit codebook fast mode (gemm_lut4's
+// nf4 / fp4 / any 16-entry table, docs/numerics.md "4-bit codebook fast mode"): the stored
+// nibble c is a table index and its weight is (table8[c] - 128) * s, table8[c] = t8[c] + 128 in
+// [1, 255] (t8 = round(table / tmax * 127), the scales already multiplied by tmax / 127): the
+// int4 fast mode with code u = table8[c] and offset zc = 128.
 bool gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scales,
              const int32_t* zeros, const float* bias, int64_t n, int64_t k, int64_t group,
-             int mode, float* y, const float* zeros_f = nullptr);
+             int mode, float* y, const float* zeros_f = nullptr,
+             const uint8_t* table8 = nullptr);
 
 }  // namespace qk

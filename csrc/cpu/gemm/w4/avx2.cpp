@@ -5,7 +5,8 @@
 // - fast mode: the low / high nibbles times the broadcast 4 int8 activations they pair with
 //   (maddubs, u8 x s8 -> s16) summed over the block give each row's exact dot product in its
 //   own lane; the zero point and the +8 bias come off through the block's code sum; then one
-//   FMA per block (x scale) and one per group (weight scale). Weights are decoded on the fly
+//   FMA per block (x scale) and one per group (weight scale); the codebook mode (api.h
+//   table8) looks each nibble up with one vpshufb first. Weights are decoded on the fly
 //   (software prefetch ahead); for M > 1 each tile stays cached across a chunk of rows.
 // - exact mode: (word & (15 << sh)) converts exactly to u * 2^sh; one FMA by 2^-sh gives
 //   u - (8 + z) exactly; FMA chains run along k inside each group, 4 tiles at a time (M = 1)
@@ -105,22 +106,42 @@ static_assert(kW4Rows == tile_avx2::kRows, "the shared tile code assumes 8-row t
 // GEMV: exact int32 sums u . xq of the tile's 8 rows over one block (row n in lane n),
 // decoded from the 128 packed bytes. A maddubs pair is at most 2 * 15 * 127 = 3810 in
 // magnitude, the int16 sum of eight 30480 < 2^15.
-inline __m256i gemv_block_dot(const uint8_t* blk, const int8_t* xq) {
+// kTable (the codebook mode, api.h): each nibble is looked up in `tbl` (the signed t8 =
+// table8 - 128 in both 128-bit lanes, one vpshufb) and the block's sum t8 . xq comes from
+// maddubs(|t8|, sign(xq, t8)) (a pair at most 2 * 127 * 127 < 2^15), each widened by madd to
+// int32 before any further sum: exact. That is u . xq - 128 * sum(xq) already, so
+// the caller's offset is 0: the float value du - zc * xs of the definition is the same integer.
+template <bool kTable>
+inline __m256i gemv_block_dot(const uint8_t* blk, const int8_t* xq, __m256i tbl) {
   const __m256i mask = _mm256_set1_epi8(0x0F);
   __m256i p[4];
   for (int i = 0; i < 4; ++i) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * i));
-    p[i] = _mm256_add_epi16(
-        _mm256_maddubs_epi16(_mm256_and_si256(v, mask), bcast4(xq + 8 * i)),
-        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
-                             bcast4(xq + 8 * i + 4)));
+    const __m256i lo = _mm256_and_si256(v, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    if (kTable) {
+      const __m256i wl = _mm256_shuffle_epi8(tbl, lo), wh = _mm256_shuffle_epi8(tbl, hi);
+      const __m256i xl = bcast4(xq + 8 * i), xh = bcast4(xq + 8 * i + 4);
+      const __m256i one = _mm256_set1_epi16(1);
+      p[i] = _mm256_add_epi32(
+          _mm256_madd_epi16(
+              _mm256_maddubs_epi16(_mm256_sign_epi8(wl, wl), _mm256_sign_epi8(xl, wl)), one),
+          _mm256_madd_epi16(
+              _mm256_maddubs_epi16(_mm256_sign_epi8(wh, wh), _mm256_sign_epi8(xh, wh)), one));
+    } else {
+      p[i] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xq + 8 * i)),
+                              _mm256_maddubs_epi16(hi, bcast4(xq + 8 * i + 4)));
+    }
   }
+  if (kTable)  // int32 partial sums already
+    return _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
   const __m256i s = _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3]));
   return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
 }
 
 // GEMV, one tile: per group acc = chain of fma(dx, du - zc * xs, acc), y = fma(scale, acc, y).
-void gemv_tile(const Problem& p, int64_t t, int64_t m) {
+template <bool kTable>
+void gemv_tile(const Problem& p, int64_t t, int64_t m, __m256i tbl) {
   const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
   const uint8_t* w = p.packed + t * nb * kW4TileBlockBytes;
   const int8_t* xq = p.xq + m * p.k;
@@ -128,13 +149,14 @@ void gemv_tile(const Problem& p, int64_t t, int64_t m) {
   const float* xs = p.xs + m * nb;
   __m256 y = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
-    const __m256 zc = code_offsets(p, (t * ng + g) * kW4Rows);
+    const __m256 zc = kTable ? _mm256_setzero_ps() : code_offsets(p, (t * ng + g) * kW4Rows);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
       const uint8_t* blk = w + b * kW4TileBlockBytes;  // the hardware prefetcher falls behind
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch + 64), _MM_HINT_T0);
-      const __m256 du = _mm256_cvtepi32_ps(gemv_block_dot(blk, xq + b * kW4Block));
+      const __m256 du =
+          _mm256_cvtepi32_ps(gemv_block_dot<kTable>(blk, xq + b * kW4Block, tbl));
       acc = _mm256_fmadd_ps(_mm256_broadcast_ss(dx + b),
                             _mm256_fnmadd_ps(zc, _mm256_broadcast_ss(xs + b), du), acc);
     }
@@ -147,8 +169,16 @@ void gemv_tile(const Problem& p, int64_t t, int64_t m) {
 // kernel is bound by maddubs throughput, so splitting nibbles once for several rows (tried:
 // 2 rows x 2 tiles blocks) measured no faster than decoding per row.
 void fast_avx2(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
+  if (p.table8) {  // the signed table t8 = table8 - 128 in both lanes
+    const __m128i t8 = _mm_xor_si128(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.table8)), _mm_set1_epi8(-128));
+    const __m256i tbl = _mm256_broadcastsi128_si256(t8);
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m = m0; m < m1; ++m) gemv_tile<true>(p, t, m, tbl);
+    return;
+  }
   for (int64_t t = t0; t < t1; ++t)
-    for (int64_t m = m0; m < m1; ++m) gemv_tile(p, t, m);
+    for (int64_t m = m0; m < m1; ++m) gemv_tile<false>(p, t, m, _mm256_setzero_si256());
 }
 
 // ---- exact mode --------------------------------------------------------------------------

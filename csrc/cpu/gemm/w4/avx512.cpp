@@ -6,6 +6,7 @@
 //   4 int8 activations they pair with (one broadcast load each) gives each row's
 //   exact block dot product in its own lane; then the float epilogue of the definition on 16
 //   rows at once. A block is decoded once (8 registers) for a register block of up to 8 rows.
+//   The codebook mode (api.h table8) maps each nibble to its code with one vpshufb.
 // - exact mode: code - zc as (2^23 + u) - (2^23 + zc): the nibble or'ed into the mantissa of
 //   2^23 (one vpternlogd) and one subtraction give float(u) - zc exactly for integer offsets
 //   (zero points in [-8, 7]; with float zero points: (2^23 + u) - 2^23 = u, then u - zf, the
@@ -100,18 +101,31 @@ inline void prefetch_block(const uint8_t* blk) {
 
 // One block of a tile pair: lo[i] = the low nibbles u of packed vector i (codes 8i + j of every
 // row in byte j of its lane), hi[i] = its high nibbles times 16 (codes 8i + 4 + j, in place:
-// one AND each, no shift).
+// one AND each, no shift). kTable (the codebook mode, api.h): both nibbles shifted down and
+// looked up in `tbl` (table8 in every 128-bit lane, one vpshufb each): the codes u = table8[c].
 struct PairBlock {
   __m512i lo[4], hi[4];
 };
 
-inline void decode_block(const uint8_t* b0, const uint8_t* b1, PairBlock& c) {
+template <bool kTable>
+inline void decode_block(const uint8_t* b0, const uint8_t* b1, PairBlock& c, __m512i tbl) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
   for (int i = 0; i < 4; ++i) {
     const __m512i v = load_pair(b0 + 32 * i, b1 + 32 * i);
-    c.lo[i] = _mm512_and_si512(v, mask);
-    c.hi[i] = _mm512_andnot_si512(mask, v);
+    if (kTable) {
+      c.lo[i] = _mm512_shuffle_epi8(tbl, _mm512_and_si512(v, mask));
+      c.hi[i] = _mm512_shuffle_epi8(tbl, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask));
+    } else {
+      c.lo[i] = _mm512_and_si512(v, mask);
+      c.hi[i] = _mm512_andnot_si512(mask, v);
+    }
   }
+}
+
+// table8 in every 128-bit lane (the codebook mode), or zeros.
+inline __m512i table_lanes(const Problem& p) {
+  if (!p.table8) return _mm512_setzero_si512();
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.table8)));
 }
 
 inline __m512i bcast4(const int8_t* p) {
@@ -121,20 +135,22 @@ inline __m512i bcast4(const int8_t* p) {
 }
 
 // Exact int32 sums u . xq over one block for the pair's 16 rows: the low nibbles' chain plus
-// the high nibbles' chain (16 times their sum: |.| <= 16 * 16 * 15 * 127, the shift exact).
+// the high nibbles' chain (16 times their sum: |.| <= 16 * 16 * 15 * 127, the shift exact;
+// with kTable the codes themselves, |.| <= 32 * 255 * 127).
+template <bool kTable>
 inline __m512i block_dot(const PairBlock& c, const int8_t* xq) {
   __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
   for (int i = 0; i < 4; ++i) {
     a = _mm512_dpbusd_epi32(a, c.lo[i], bcast4(xq + 8 * i));
     b = _mm512_dpbusd_epi32(b, c.hi[i], bcast4(xq + 8 * i + 4));
   }
-  return _mm512_add_epi32(a, _mm512_srai_epi32(b, 4));
+  return _mm512_add_epi32(a, kTable ? b : _mm512_srai_epi32(b, 4));
 }
 
 // Rows [m, m + R) x tiles t .. t + nt - 1, group g: acc = chain of fma(dx, du - zc * xs, acc)
 // over its blocks, then ys = fma(scale, acc, ys) (16 floats per row); each block decoded once
 // for the R rows.
-template <int R>
+template <int R, bool kTable>
 void fast_group(const Problem& p, int64_t m, int64_t t, int nt, int64_t g, float* ys) {
   const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
   const int64_t tile_bytes = nb * kW4TileBlockBytes;
@@ -143,7 +159,8 @@ void fast_group(const Problem& p, int64_t m, int64_t t, int nt, int64_t g, float
   const int8_t* xq = p.xq + m * p.k;
   const float* dx = p.dx + m * nb;
   const float* xs = p.xs + m * nb;
-  const __m512 zc = code_offsets(p, t, nt, g);
+  const __m512 zc = kTable ? _mm512_set1_ps(128.0f) : code_offsets(p, t, nt, g);
+  const __m512i tbl = kTable ? table_lanes(p) : _mm512_setzero_si512();
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
@@ -152,9 +169,9 @@ void fast_group(const Problem& p, int64_t m, int64_t t, int nt, int64_t g, float
     prefetch_block(b0);
     prefetch_block(b1);
     PairBlock c;
-    decode_block(b0, b1, c);
+    decode_block<kTable>(b0, b1, c, tbl);
     for (int r = 0; r < R; ++r) {
-      const __m512 du = _mm512_cvtepi32_ps(block_dot(c, xq + r * p.k + b * kW4Block));
+      const __m512 du = _mm512_cvtepi32_ps(block_dot<kTable>(c, xq + r * p.k + b * kW4Block));
       const __m512 idot = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xs[r * nb + b]), du);
       acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(dx[r * nb + b]), idot, acc[r]);
     }
@@ -187,6 +204,7 @@ inline __m256 code_offsets_y(const Problem& p, int64_t off) {
   return _mm256_add_ps(eight, _mm256_cvtepi32_ps(z));
 }
 
+template <bool kTable>
 void gemv_tile_y(const Problem& p, int64_t t, int64_t m) {
   const int64_t nb = p.k / kW4Block, ng = p.k / p.group, bpg = p.group / kW4Block;
   const uint8_t* w = p.packed + t * nb * kW4TileBlockBytes;
@@ -194,9 +212,11 @@ void gemv_tile_y(const Problem& p, int64_t t, int64_t m) {
   const float* dx = p.dx + m * nb;
   const float* xs = p.xs + m * nb;
   const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i tbl = kTable ? _mm512_castsi512_si256(table_lanes(p)) : _mm256_setzero_si256();
   __m256 y = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
-    const __m256 zc = code_offsets_y(p, (t * ng + g) * kW4Rows);
+    const __m256 zc =
+        kTable ? _mm256_set1_ps(128.0f) : code_offsets_y(p, (t * ng + g) * kW4Rows);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
       const uint8_t* blk = w + b * kW4TileBlockBytes;
@@ -206,10 +226,14 @@ void gemv_tile_y(const Problem& p, int64_t t, int64_t m) {
       __m256i d[4];  // four independent vpdpbusd chains (exact int32 sums: any order)
       for (int i = 0; i < 4; ++i) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * i));
-        const __m256i lo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(v, mask),
-                                               bcast4_y(xb + 8 * i));
-        d[i] = _mm256_dpbusd_epi32(lo, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
-                                   bcast4_y(xb + 8 * i + 4));
+        __m256i cl = _mm256_and_si256(v, mask);
+        __m256i ch = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        if (kTable) {  // the codes u = table8[c] (vpshufb per 128-bit lane)
+          cl = _mm256_shuffle_epi8(tbl, cl);
+          ch = _mm256_shuffle_epi8(tbl, ch);
+        }
+        const __m256i lo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), cl, bcast4_y(xb + 8 * i));
+        d[i] = _mm256_dpbusd_epi32(lo, ch, bcast4_y(xb + 8 * i + 4));
       }
       const __m256 du = _mm256_cvtepi32_ps(
           _mm256_add_epi32(_mm256_add_epi32(d[0], d[1]), _mm256_add_epi32(d[2], d[3])));
@@ -225,15 +249,16 @@ void gemv_tile_y(const Problem& p, int64_t t, int64_t m) {
 // (tile/exact_loop.h; the fast mode has nothing to decode ahead). The decoding (4 loads, 8
 // ANDs) is shared by the rows; each row then costs 8 vpdpbusd per 512 multiply-adds, the
 // limit of the VNNI unit from M = 8 on.
-void fast_avx512(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
+template <bool kTable>
+void fast_impl(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
   if (m1 - m0 == 1) {
-    for (int64_t t = t0; t < t1; ++t) gemv_tile_y(p, t, m0);
+    for (int64_t t = t0; t < t1; ++t) gemv_tile_y<kTable>(p, t, m0);
     return;
   }
   using Fn = void (*)(const Problem&, int64_t, int64_t, int, int64_t, float*);
-  static constexpr Fn kFns[kFastRows] = {fast_group<1>, fast_group<2>, fast_group<3>,
-                                         fast_group<4>, fast_group<5>, fast_group<6>,
-                                         fast_group<7>, fast_group<8>};
+  static constexpr Fn kFns[kFastRows] = {
+      fast_group<1, kTable>, fast_group<2, kTable>, fast_group<3, kTable>, fast_group<4, kTable>,
+      fast_group<5, kTable>, fast_group<6, kTable>, fast_group<7, kTable>, fast_group<8, kTable>};
   tile_loop::pairs_by_groups<kFastRows>(
       p, t0, t1, m0, m1, [](int64_t, int, int64_t, int64_t, float*) {},
       [&p](int64_t m, int rows, int64_t t, int nt, int64_t g, const float*, float* ys) {
@@ -242,6 +267,11 @@ void fast_avx512(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m
       [&p](int64_t m, int64_t t, int nt, const float* ys) {
         store_pair(p, m, t, nt, _mm512_loadu_ps(ys));
       });
+}
+
+void fast_avx512(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
+  if (p.table8) fast_impl<true>(p, t0, t1, m0, m1);
+  else fast_impl<false>(p, t0, t1, m0, m1);
 }
 
 // ---- exact mode --------------------------------------------------------------------------

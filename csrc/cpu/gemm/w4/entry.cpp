@@ -41,15 +41,16 @@ void unpack_w4(const uint8_t* packed, int64_t n, int64_t k, int8_t* codes) {
 
 bool gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scales,
              const int32_t* zeros, const float* bias, int64_t n, int64_t k, int64_t group,
-             int mode, float* y, const float* zeros_f) {
+             int mode, float* y, const float* zeros_f, const uint8_t* table8) {
   if (m <= 0 || n <= 0) return false;
   const w4::Kernels& kern = w4::kernels();
   const int64_t tiles = w4_padded_rows(n) / kW4Rows;
   const bool fast = mode == kW4Fast;
   const bool parallel = tdrv::worth_parallel(m * tiles * kW4Rows * k, fast);
 
-  w4::Problem p{x,     packed,  scales,  zeros,   bias,   y, m, n, k,
-                group, nullptr, nullptr, nullptr, zeros_f};
+  if (table8 && (!fast || zeros || zeros_f)) return false;  // not a mode (the binding says so)
+  w4::Problem p{x,     packed,  scales,  zeros,   bias,   y,      m, n, k,
+                group, nullptr, nullptr, nullptr, zeros_f, table8};
   return tdrv::run_tile_gemm(p, kern, tiles, fast, parallel);
 }
 

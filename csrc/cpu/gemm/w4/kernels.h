@@ -23,6 +23,7 @@ struct Problem {
   const float* dx;
   const float* xs;
   const float* zeros_f;  // float zero points of the stored code u (HQQ) or null: see api.h
+  const uint8_t* table8;  // fast mode: code u = table8[nibble], zc = 128 (api.h), or null
 };
 
 // Per-ISA kernels. quantize_x: rows [m0, m1) of x into xq / dx / xs. The matmul kernels

@@ -53,6 +53,7 @@ void quantize_x_scalar(const float* x, int64_t k, int64_t m0, int64_t m1, int8_t
 struct Offset {
   const Problem& p;
   float operator()(int64_t pidx) const {
+    if (p.table8) return 128.0f;  // codebook: u = t8 + 128
     if (p.zeros_f) return p.zeros_f[pidx];
     return 8.0f + (p.zeros ? static_cast<float>(p.zeros[pidx]) : 0.0f);
   }
@@ -60,7 +61,10 @@ struct Offset {
 
 struct Code {
   const Problem& p;
-  int operator()(int64_t n, int64_t k) const { return w4_nibble(p.packed, p.k, n, k); }
+  int operator()(int64_t n, int64_t k) const {
+    const int c = w4_nibble(p.packed, p.k, n, k);
+    return p.table8 ? p.table8[c] : c;
+  }
 };
 
 void fast_scalar(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {

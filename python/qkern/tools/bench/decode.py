@@ -46,6 +46,7 @@ SCHEMES: list[tuple[str, dict | str | None]] = [
     ("qkern int4 g32 exact", {"fmt": "int4", "group_size": 32}),
     ("qkern int4 g32 fast", {"fmt": "int4", "group_size": 32, "mode": "fast"}),
     ("qkern nf4 g32", {"fmt": "nf4", "group_size": 32}),
+    ("qkern nf4 g32 fast", {"fmt": "nf4", "group_size": 32, "mode": "fast"}),
     ("qkern int3 g32", {"fmt": "int3", "group_size": 32}),
     ("qkern int2 g32", {"fmt": "int2", "group_size": 32, "symmetric": False}),
 ]

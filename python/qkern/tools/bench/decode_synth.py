@@ -47,6 +47,7 @@ SCHEMES: list[tuple[str, dict | str | None]] = [
     ("qkern int4 g32 fast (as Q4_0)", {"fmt": "int4", "group_size": 32, "mode": "fast"}),
     ("qkern W8A8 dynamic", {"fmt": "int8", "group_size": None, "act": "int8_dynamic"}),
     ("qkern nf4 b64", {"fmt": "nf4", "group_size": 64}),
+    ("qkern nf4 b64 fast", {"fmt": "nf4", "group_size": 64, "mode": "fast"}),
     ("qkern int3 g128 fast", {"fmt": "int3", "group_size": 128, "mode": "fast"}),
     ("qkern int2 g128 fast", {"fmt": "int2", "group_size": 128, "mode": "fast",
                               "symmetric": False}),
