@@ -54,7 +54,8 @@ enum W4Mode : int { kW4Exact = 0, kW4Fast = 1 };
 // nf4 / fp4 / any 16-entry table, docs/numerics.md "4-bit codebook fast mode"): the stored
 // nibble c is a table index and its weight is (table8[c] - 128) * s, table8[c] = t8[c] + 128 in
 // [1, 255] (t8 = round(table / tmax * 127), the scales already multiplied by tmax / 127): the
-// int4 fast mode with code u = table8[c] and offset zc = 128.
+// int4 fast mode with code u = table8[c] and offset zc = 128. With the exact mode or zero
+// points: std::invalid_argument.
 bool gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scales,
              const int32_t* zeros, const float* bias, int64_t n, int64_t k, int64_t group,
              int mode, float* y, const float* zeros_f = nullptr,

@@ -3,6 +3,7 @@
 #include "cpu/gemm/w4/kernels.h"
 
 #include <algorithm>
+#include <stdexcept>
 #include <vector>
 
 #include "cpu/gemm/tile/driver.h"
@@ -48,7 +49,9 @@ bool gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scal
   const bool fast = mode == kW4Fast;
   const bool parallel = tdrv::worth_parallel(m * tiles * kW4Rows * k, fast);
 
-  if (table8 && (!fast || zeros || zeros_f)) return false;  // not a mode (the binding says so)
+  if (table8 && (!fast || zeros || zeros_f))
+    throw std::invalid_argument("gemm_w4: a byte table (table8) needs the fast mode and no zero "
+                                "points");
   w4::Problem p{x,     packed,  scales,  zeros,   bias,   y,      m, n, k,
                 group, nullptr, nullptr, nullptr, zeros_f, table8};
   return tdrv::run_tile_gemm(p, kern, tiles, fast, parallel);
