@@ -17,7 +17,14 @@ import isas
 import qkern
 from qkern.ops import NonFiniteError
 from qkern.ops.vq import decode_vq
-from qkern.ops.vq8 import pack_codes4, quantize_codebooks, unpack_codes4, vq8_fits
+from qkern.ops.vq8 import (
+    pack_codes4,
+    quantize_codebooks,
+    run_gemm_vq8,
+    unpack_codes4,
+    vq8_fits,
+    vq8_tables,
+)
 from qkern.vq.linear import VQLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit in opcheck
@@ -208,6 +215,37 @@ def test_vqlinear_fast_mode_runs_the_int8_kernel_and_round_trips(tmp_path):
     odd = VQLinear(torch.randint(0, 16, (16, 12), dtype=torch.uint8), torch.randn(1, 16, 2),
                    None, None, 16, mode="fast")  # K = 24: the exact path
     assert not odd.fast_active and odd(torch.randn(1, 24)).shape == (1, 16)
+
+
+def test_prebuilt_tables_are_the_transposed_codebooks_and_give_the_same_bits():
+    g = torch.Generator().manual_seed(5)
+    books8, bs = quantize_codebooks(torch.randn(3, 200, 8 // 2, generator=g))  # 3 groups
+    t = vq8_tables(books8)
+    want = np.zeros((3, 4, 256), dtype=np.int8)  # numpy: [g, d, c] = books8[g, c, d], 0 past kc
+    want[:, :, :200] = books8.numpy().transpose(0, 2, 1)
+    np.testing.assert_array_equal(t.numpy(), want)
+    n, k = 48, 128
+    codes = torch.randint(0, 200, (n, k // 4), dtype=torch.uint8, generator=g)
+    x = torch.randn(3, k, generator=g)
+    scales = torch.rand(n, 2, generator=g) + 0.5
+    p = pack_codes4(codes)
+    for isa in isas.HAVE:
+        isas.use(isa)
+        y = run_gemm_vq8(x, p, books8, bs, scales, None, n, k, 16, t)
+        assert torch.equal(y, OPS.gemm_vq8(x, p, books8, bs, scales, None, n, k, 16))
+    # VQLinear keeps them; an in-place change of the codebooks rebuilds them
+    layer = VQLinear(codes, torch.randn(3, 200, 4, generator=g), scales, None, 16, mode="fast")
+    assert torch.equal(layer._vq8_tables, vq8_tables(layer._vq8_books))
+    with torch.no_grad():
+        layer.codebooks.mul_(-1)
+        y = layer(x)
+    assert torch.equal(layer._vq8_tables, vq8_tables(layer._vq8_books))
+    assert torch.equal(y, OPS.gemm_vq8(x, layer._vq_packed, layer._vq8_books, layer._vq8_bs,
+                                       layer._vq_scales, None, n, k, 16))
+    with pytest.raises(TypeError, match="int8"):
+        vq8_tables(books8.float())
+    with pytest.raises(ValueError, match="1..256"):
+        vq8_tables(torch.zeros(1, 300, 2, dtype=torch.int8))
 
 
 def test_vqlinear_fast_mode_compiles_fullgraph():

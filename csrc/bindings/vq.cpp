@@ -78,6 +78,43 @@ void init(py::module_& m) {
     qk::vq_topk_rows(reinterpret_cast<const float*>(values), n, len, kk,
                      reinterpret_cast<int64_t*>(idx));
   });
+  // books (m, k, d) float32, cross (k * k * m * (m - 1) / 2) float32.
+  m.def("rq_cross_table_raw", [](uintptr_t books, int64_t m_, int64_t k, int64_t d,
+                                 uintptr_t cross) {
+    positive(m_, "rq_cross_table: m");
+    positive(k, "rq_cross_table: k");
+    positive(d, "rq_cross_table: d");
+    qk::bind::checked_mul(qk::bind::checked_mul(m_, k, "rq_cross_table m x k"), d,
+                          "rq_cross_table m x k x d");
+    qk::bind::checked_mul(qk::bind::checked_mul(k, k, "rq_cross_table k x k"), m_ * m_,
+                          "rq_cross_table table size");
+    nonnull({books, cross}, "rq_cross_table_raw");
+    py::gil_scoped_release nogil;
+    qk::rq_cross_table(reinterpret_cast<const float*>(books), m_, k, d,
+                       reinterpret_cast<float*>(cross));
+  });
+  // x (n, d), books (m, k, d), cross (rq_cross_table) float32; codes (n, m) int64; beam >= 1.
+  m.def("rq_beam_encode_raw", [](uintptr_t x, int64_t n, int64_t d, uintptr_t books,
+                                 int64_t m_, int64_t k, uintptr_t cross, int64_t beam,
+                                 uintptr_t codes) {
+    positive(d, "rq_beam_encode: d");
+    positive(m_, "rq_beam_encode: m");
+    positive(k, "rq_beam_encode: k");
+    positive(beam, "rq_beam_encode: beam");
+    qk::bind::checked_mul(n, d, "rq_beam_encode n x d");
+    qk::bind::checked_mul(n, m_, "rq_beam_encode n x m");
+    qk::bind::checked_mul(qk::bind::checked_mul(m_, k, "rq_beam_encode m x k"), d,
+                          "rq_beam_encode m x k x d");
+    qk::bind::checked_mul(beam, m_, "rq_beam_encode beam x m");
+    if (n == 0) return;
+    nonnull({x, books, codes}, "rq_beam_encode_raw");
+    if (m_ > 1) nonnull({cross}, "rq_beam_encode_raw");
+    py::gil_scoped_release nogil;
+    qk::rq_beam_encode(reinterpret_cast<const float*>(x), n, d,
+                       reinterpret_cast<const float*>(books), m_, k,
+                       reinterpret_cast<const float*>(cross), beam,
+                       reinterpret_cast<int64_t*>(codes));
+  });
   // x (n, m * dsub), codebooks (m, ksub, dsub) float32, codes (n, m) int64.
   m.def("pq_encode_raw", [](uintptr_t x, int64_t n, int64_t m_, int64_t ksub, int64_t dsub,
                             uintptr_t cb, uintptr_t codes) {

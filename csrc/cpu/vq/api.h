@@ -35,7 +35,20 @@
 //   table[q, j, c] = sum_{t < dsub} (q[j * dsub + t] - cb[j, c, t])^2   (sequential, float32)
 // pq_adc_scan: dist[q, i] = sum_{j < m} table[q, j, codes[i, j]] (sequential over j, float32),
 // codes (n, m) uint8 or uint16, every code < ksub (the caller checks). Both are bit-identical
-// on every ISA. All three spread their rows over the thread pool; results do not depend on the
+// on every ISA.
+//
+// rq_cross_table: the codeword cross products of a residual quantizer's codebooks (m, K, d),
+// for s = 1..m-1 a block of (s * K, K) at offset K * K * s * (s - 1) / 2:
+//   cross[s][j * K + a][c] = books[j][a] . books[s][c]   (j < s; the dot products of vq_assign)
+// rq_beam_encode: the residual codes (n, m) of x (n, d) by a beam search of width beam without
+// residuals (FAISS's beam look-up tables): with D(x, p) the value of a partial code p, stage s
+// offers every (parent b, codeword c) of the kept parents the value
+//   (D_b + (||c||^2 - 2 x.c)) + 2 * (sum over j < s, in order, of cross[s][j*K + p_b[j]][c])
+// (= ||x - sum_j books[j][p_b[j]] - c||^2 up to rounding; D = ||x||^2 for the empty code) and
+// keeps the beam smallest, ascending, equal values by (b, c) (the earlier parent first); the
+// codes are the first kept entry after stage m - 1. Bit-identical on every ISA (the values are
+// float32 sums in the order above). All spread their rows over the thread pool; results do not
+// depend on the thread count. their rows over the thread pool; results do not depend on the
 // thread count.
 #pragma once
 #include <cstdint>
@@ -61,5 +74,9 @@ void pq_adc_scan(const float* table, int64_t nq, int64_t ksub, const uint8_t* co
                  int64_t m, float* dist);
 void pq_adc_scan(const float* table, int64_t nq, int64_t ksub, const uint16_t* codes,
                  int64_t n, int64_t m, float* dist);
+
+void rq_cross_table(const float* books, int64_t m, int64_t k, int64_t d, float* cross);
+void rq_beam_encode(const float* x, int64_t n, int64_t d, const float* books, int64_t m,
+                    int64_t k, const float* cross, int64_t beam, int64_t* codes);
 
 }  // namespace qk

@@ -114,7 +114,88 @@ void scan_impl(const float* table, int64_t nq, int64_t ksub, const Code* codes, 
   parallel_for(blocks, task);
 }
 
+// One row's beam search (api.h rq_beam_encode): xc its dot products with every codeword (m K),
+// norms the codewords' squared norms; scratch of the sizes below.
+struct Beam {
+  int64_t m, k, beam;
+  std::vector<float> dist, ndist, t, vals;
+  std::vector<int64_t> code, ncode, sel;
+  Beam(int64_t m_, int64_t k_, int64_t beam_) : m(m_), k(k_), beam(beam_) {
+    dist.resize(beam_);
+    ndist.resize(beam_);
+    t.resize(k_);
+    vals.resize(k_);
+    code.resize(beam_ * m_);
+    ncode.resize(beam_ * m_);
+    sel.resize(beam_);
+  }
+  void row(float xn, const float* xc, const float* norms, const float* cross, int64_t* out) {
+    int64_t nb = 1;
+    dist[0] = xn;
+    for (int64_t s = 0; s < m; ++s) {
+      const float* cs = cross + k * k * s * (s - 1) / 2;  // (s K, K); unused at s = 0
+      for (int64_t c = 0; c < k; ++c) t[c] = norms[s * k + c] - 2.0f * xc[s * k + c];
+      const int64_t keep = std::min(beam, nb * k);
+      vq::topk_init(ndist.data(), sel.data(), keep, nb * k);
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t* pb = code.data() + b * m;
+        for (int64_t c = 0; c < k; ++c) vals[c] = 0.0f;
+        for (int64_t j = 0; j < s; ++j) {
+          const float* rowj = cs + (j * k + pb[j]) * k;
+          for (int64_t c = 0; c < k; ++c) vals[c] = vals[c] + rowj[c];
+        }
+        const float db = dist[b];
+        for (int64_t c = 0; c < k; ++c) vals[c] = (db + t[c]) + 2.0f * vals[c];
+        for (int64_t c = 0; c < k; ++c)
+          if (vals[c] <= ndist[keep - 1])
+            vq::topk_offer(ndist.data(), sel.data(), keep, vals[c], b * k + c);
+      }
+      for (int64_t e = 0; e < keep; ++e) {
+        const int64_t* pb = code.data() + (sel[e] / k) * m;
+        std::copy(pb, pb + s, ncode.data() + e * m);
+        ncode[e * m + s] = sel[e] % k;
+      }
+      code.swap(ncode);
+      dist.swap(ndist);
+      nb = keep;
+    }
+    std::copy(code.data(), code.data() + m, out);
+  }
+};
+
 }  // namespace
+
+void rq_cross_table(const float* books, int64_t m, int64_t k, int64_t d, float* cross) {
+  if (m <= 1 || k <= 0 || d <= 0) return;
+  const auto& kern = vq::kernels();
+  for (int64_t s = 1; s < m; ++s) {
+    const PackedOwner own(books + s * k * d, k, d, d);
+    float* out = cross + k * k * s * (s - 1) / 2;
+    over_rows(s * k, k * d, [&](int64_t r0, int64_t r1) {
+      kern.dots(books + r0 * d, r1 - r0, own.packed, out + r0 * k, k);
+    });
+  }
+}
+
+void rq_beam_encode(const float* x, int64_t n, int64_t d, const float* books, int64_t m,
+                    int64_t k, const float* cross, int64_t beam, int64_t* codes) {
+  if (n <= 0 || m <= 0 || k <= 0 || d <= 0 || beam <= 0) return;
+  const int64_t mk = m * k;
+  const PackedOwner own(books, mk, d, d);  // every codeword: norms, panels
+  const auto& kern = vq::kernels();
+  over_rows(n, mk * d, [&](int64_t r0, int64_t r1) {
+    constexpr int64_t kChunk = 24;  // rows whose dot products are computed together
+    std::vector<float> xc(static_cast<size_t>(kChunk * mk));
+    Beam bs(m, k, beam);
+    for (int64_t i0 = r0; i0 < r1; i0 += kChunk) {
+      const int64_t len = std::min(kChunk, r1 - i0);
+      kern.dots(x + i0 * d, len, own.packed, xc.data(), mk);
+      for (int64_t r = 0; r < len; ++r)
+        bs.row(sqnorm(x + (i0 + r) * d, d), xc.data() + r * mk, own.norms.data(), cross,
+               codes + (i0 + r) * m);
+    }
+  });
+}
 
 void vq_assign(const float* x, int64_t n, int64_t d, const float* centroids, int64_t k,
                int64_t* codes, float* dist) {

@@ -39,6 +39,9 @@ struct Kernels {
                   int64_t n, int64_t m, float* dist, int64_t ld);
   void (*scan_u16)(const float* tables, int64_t nq, int64_t ksub, const uint16_t* codes,
                    int64_t n, int64_t m, float* dist, int64_t ld);
+  // rows [0, n) of x: out[i * ld + j] = x_i . c_j for j < k (sequential over t, mul then add;
+  // the dot products of assign / topk).
+  void (*dots)(const float* x, int64_t n, const Packed& c, float* out, int64_t ld);
 };
 
 extern const Kernels kScalarKernels;  // scalar.cpp
@@ -54,6 +57,7 @@ inline const Kernels& kernels() {
 void assign_scalar(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v);
 void topk_scalar(const float* x, int64_t n, const Packed& c, int64_t kk, int64_t* idx,
                  float* v);
+void dots_scalar(const float* x, int64_t n, const Packed& c, float* out, int64_t ld);
 void table_scalar(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
                   const float* cbt, float* table);
 // The reference scans (scalar.cpp; the SIMD files call these rather than compile the loop
@@ -207,6 +211,37 @@ inline void topk_simd(const float* x, int64_t n, const Packed& c, int64_t kk, in
     topk_block<V, 1>(x + i * c.ldx, c, kk, idx + i * kk, v + i * kk);
 }
 
+// The dot products of panel_dots stored: out[r * ld + j] (the last panel's missing lanes not).
+template <class V, int R>
+inline void dots_block(const float* x, const Packed& c, float* out, int64_t ld) {
+  constexpr int kV = static_cast<int>(kPanel / V::kW);
+  const int64_t panels = (c.k + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    typename V::T acc[R][kV];
+    panel_dots<V, R>(x, c, p, acc);
+    const int64_t lanes = std::min<int64_t>(kPanel, c.k - p * kPanel);
+    for (int r = 0; r < R; ++r) {
+      float* o = out + r * ld + p * kPanel;
+      if (lanes == kPanel) {
+        for (int u = 0; u < kV; ++u) V::store(o + u * V::kW, acc[r][u]);
+        continue;
+      }
+      alignas(64) float fv[kPanel];
+      for (int u = 0; u < kV; ++u) V::store(fv + u * V::kW, acc[r][u]);
+      for (int64_t l = 0; l < lanes; ++l) o[l] = fv[l];
+    }
+  }
+}
+
+template <class V>
+inline void dots_simd(const float* x, int64_t n, const Packed& c, float* out, int64_t ld) {
+  constexpr int kR = V::kRows;
+  int64_t i = 0;
+  for (; i + kR <= n; i += kR) dots_block<V, kR>(x + i * c.ldx, c, out + i * ld, ld);
+  for (; i + 4 <= n; i += 4) dots_block<V, 4>(x + i * c.ldx, c, out + i * ld, ld);
+  for (; i < n; ++i) dots_block<V, 1>(x + i * c.ldx, c, out + i * ld, ld);
+}
+
 template <class V>
 inline void assign_simd(const float* x, int64_t n, const Packed& c, int64_t* idx, float* v) {
   constexpr int kR = V::kRows;
@@ -284,7 +319,7 @@ inline void scan_simd(const float* tables, int64_t nq, int64_t ksub, const Code*
 template <class V>
 constexpr Kernels simd_kernels() {
   return {assign_simd<V>, topk_simd<V>, table_simd<V>, scan_simd<V, uint8_t>,
-          scan_simd<V, uint16_t>};
+          scan_simd<V, uint16_t>, dots_simd<V>};
 }
 
 }  // namespace vq

@@ -91,8 +91,19 @@ void scan_scalar(const float* tables, int64_t nq, int64_t ksub, const uint16_t* 
   scan_rows(tables, nq, ksub, codes, n, m, dist, ld);
 }
 
+void dots_scalar(const float* x, int64_t n, const Packed& c, float* out, int64_t ld) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < c.k; ++j) {
+      const float* xi = x + i * c.ldx;
+      const float* cj = c.raw + j * c.d;
+      float s = 0.0f;
+      for (int64_t t = 0; t < c.d; ++t) s = s + xi[t] * cj[t];
+      out[i * ld + j] = s;
+    }
+}
+
 const Kernels kScalarKernels = {assign_scalar, topk_scalar, table_scalar, scan_scalar,
-                                 scan_scalar};
+                                 scan_scalar, dots_scalar};
 
 }  // namespace vq
 }  // namespace qk

@@ -36,7 +36,8 @@ from .raw import contig, ptr
 from .schemas import LIB
 from .vq import ROWS, decode_vq, pack_codes, unpack_codes
 
-__all__ = ["pack_codes4", "quantize_codebooks", "run_gemm_vq8", "unpack_codes4", "vq8_fits"]
+__all__ = ["pack_codes4", "quantize_codebooks", "run_gemm_vq8", "unpack_codes4", "vq8_fits",
+           "vq8_tables"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -87,6 +88,26 @@ def quantize_codebooks(codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     bs = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     q = torch.round(b / bs.view(-1, 1, 1)).clamp(-127, 127).to(torch.int8)
     return q.contiguous(), bs.contiguous()
+
+
+def vq8_tables(books8: torch.Tensor) -> torch.Tensor:
+    """The byte planes (groups, dim, 256) int8 the kernel looks codes up in, from int8
+    codebooks (groups, kc, dim), kc <= 256: ``[g, d, c] = books8[g, c, d]``, 0 past kc.
+    ``run_gemm_vq8`` builds them per call unless given (VQLinear keeps them).
+
+    >>> t = vq8_tables(torch.tensor([[[1, 2], [3, 4]]], dtype=torch.int8))
+    >>> t.shape, t[0, :, :3].tolist()
+    (torch.Size([1, 2, 256]), [[1, 3, 0], [2, 4, 0]])
+    """
+    if not isinstance(books8, torch.Tensor) or books8.dim() != 3 or books8.dtype != torch.int8:
+        raise TypeError("vq8_tables: books8 must be an int8 (groups, kc, dim) tensor")
+    groups, kc, dim = books8.shape
+    if not 1 <= kc <= 256 or dim < 1:
+        raise ValueError(f"vq8_tables: 1..256 entries of dim >= 1, got {tuple(books8.shape)}")
+    books8 = books8.contiguous()
+    out = torch.empty((groups, dim, 256), dtype=torch.int8)
+    _C.vq8_tables_raw(ptr(books8), groups, kc, dim, ptr(out))
+    return out
 
 
 def vq8_fits(n: int, nv: int, kc: int, dim: int, groups: int, group_rows: int,
@@ -158,16 +179,17 @@ def _gemm_vq8_cpu(x, packed4, codebooks8, book_scales, scales, bias, N, K, group
 
 
 def run_gemm_vq8(x, packed4, books8, bs, scales, bias, N: int, K: int,
-                 group_rows: int) -> torch.Tensor:
+                 group_rows: int, tables: torch.Tensor | None = None) -> torch.Tensor:
     """The CPU body of ``gemm_vq8`` on checked, contiguous operands of the kernel's dtypes
     (x float32 (M, K)): the op after its checks, and VQLinear's eager decode path (its
-    operands were checked when it built them; the kernel still checks every code)."""
+    operands were checked when it built them; the kernel still checks every code).
+    ``tables``: :func:`vq8_tables` of ``books8`` (built here when None; the same bits)."""
     groups, kc, dim = books8.shape
     y = torch.empty((x.shape[0], N), dtype=torch.float32)
     bad = _C.gemm_vq8_raw(ptr(x), x.shape[0], ptr(packed4), N, K // dim, ptr(books8), ptr(bs),
                           groups, kc, dim, group_rows, ptr(scales),
                           0 if scales is None else scales.shape[1], ptr(bias), ptr(y),
-                          _nibbles(packed4, K // dim))
+                          _nibbles(packed4, K // dim), ptr(tables))
     if bad:
         raise NonFiniteError("gemm_vq8: x contains NaN or Inf (the fast mode quantizes x to "
                              "int8; use gemm_vq to propagate them)")

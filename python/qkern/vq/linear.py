@@ -57,7 +57,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.vq import decode_vq, nibbles_fit, pack_codes
-from ..ops.vq8 import pack_codes4, quantize_codebooks, run_gemm_vq8, unpack_codes4, vq8_fits
+from ..ops.vq8 import (
+    pack_codes4,
+    quantize_codebooks,
+    run_gemm_vq8,
+    unpack_codes4,
+    vq8_fits,
+    vq8_tables,
+)
 from .lattice import lattice_codebook
 
 __all__ = ["FUSED_MAX_ROWS", "MODES", "VQLinear"]
@@ -116,7 +123,7 @@ class VQLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
         for name in ("_vq_packed", "_vq_books", "_vq_scales", "_vq_bias", "_vq8_books",
-                     "_vq8_bs"):
+                     "_vq8_bs", "_vq8_tables"):
             self.register_buffer(name, None, persistent=False)
         self.refresh_kernel_operands()
 
@@ -137,7 +144,8 @@ class VQLinear(nn.Module):
 
     def refresh_kernel_operands(self) -> None:
         """Rebuilds the fused kernel's operands (codes packed in blocks of 16 rows, float32
-        or, in fast mode, int8 codebooks, scales and bias: non-persistent buffers) from
+        or, in fast mode, int8 codebooks and their byte planes, scales and bias:
+        non-persistent buffers) from
         ``codes`` / ``codebooks`` / ``scales`` / ``bias``. ``forward`` calls it itself when one
         of them was replaced or changed in place (eagerly; a compiled forward uses the
         operands as they are)."""
@@ -145,12 +153,13 @@ class VQLinear(nn.Module):
         nseg = None if self.scales is None else self.scales.shape[1]
         fast = self.mode == "fast" and self.codes.dtype == torch.uint8 and vq8_fits(
             self.out_features, nv, self.k, self.dim, groups, self.group_rows, nseg)
-        self._vq8_books = self._vq8_bs = None
+        self._vq8_books = self._vq8_bs = self._vq8_tables = None
         if fast:
             self._vq_nib = vq8_fits(self.out_features, nv, self.k, self.dim, groups,
                                     self.group_rows, nseg, nibbles=True)
             self._vq_packed = pack_codes4(self.codes, nibbles=self._vq_nib)
             self._vq8_books, self._vq8_bs = quantize_codebooks(self.codebooks)
+            self._vq8_tables = vq8_tables(self._vq8_books)
         else:
             nib = self.codes.dtype == torch.uint8 and nibbles_fit(
                 self.out_features, nv, self.k, groups, self.group_rows, self.scales)
@@ -167,7 +176,8 @@ class VQLinear(nn.Module):
             # matmul; the operands were checked when refresh_kernel_operands built them
             return run_gemm_vq8(x.reshape(rows, self.in_features), self._vq_packed,
                                 self._vq8_books, self._vq8_bs, self._vq_scales, self._vq_bias,
-                                self.out_features, self.in_features, self.group_rows)
+                                self.out_features, self.in_features, self.group_rows,
+                                self._vq8_tables)
         if rows <= FUSED_MAX_ROWS:
             return torch.ops.qkern.gemm_vq8(x.reshape(rows, self.in_features), self._vq_packed,
                                             self._vq8_books, self._vq8_bs, self._vq_scales,

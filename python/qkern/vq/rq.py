@@ -4,10 +4,16 @@ codebooks) and a two-level quantizer (a coarse k-means, then a PQ or RQ of the r
 A residual / additive code of ``m`` stages of ``nbits`` each reconstructs a vector as the sum of
 one entry of each of the ``m`` codebooks (m, 2^nbits, d). Encoding is a beam search (FAISS's):
 stage s keeps, per vector, the ``beam_size`` partial encodings with the smallest residual
-after s + 1 stages; each entry's nearest codewords come from the C++ top-k kernel
+after s + 1 stages. ``encode`` runs it from look-up tables (:func:`qkern.vq.search.rq_beam_encode`,
+FAISS's ``use_beam_LUT``: each vector's dot products with every codeword and the codewords'
+cross products, built once per codebooks and cached, give the candidates' residual norms
+without forming residuals) while the cross-product table holds at most ``LUT_MAX_FLOATS``
+floats (m = 16 stages of 256); otherwise, and in training (whose k-means needs the residuals),
+each stage forms the residuals: each entry's nearest codewords from the C++ top-k kernel
 (:func:`qkern.vq.search.topk`), the best of a vector's candidates from
-:func:`qkern.vq.search.smallest` (C++ too). ``beam_size = 1`` is the greedy encoding; a beam of
-``2^(nbits m)`` is exhaustive.
+:func:`qkern.vq.search.smallest` (C++ too). Both keep ties the same way (the earlier parent,
+then the lower codeword); their float sums differ, so a near-tie may rarely go either way.
+``beam_size = 1`` is the greedy encoding; a beam of ``2^(nbits m)`` is exhaustive.
 
 >>> import numpy as np
 >>> x = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32)
@@ -30,9 +36,13 @@ from .base import VQBase, as_codes
 from .icm import ils, sq_errors
 from .kmeans import KMeans, progressive_dim_kmeans
 from .pq import ProductQuantizer
-from .search import assign, smallest, topk
+from .search import assign, rq_beam_encode, rq_cross_table, smallest, topk
 
 __all__ = ["ResidualQuantizer", "AdditiveQuantizer", "MultiLevelVQ", "beam_search"]
+
+#: the largest codeword cross-product table (floats, K^2 m (m - 1) / 2) the look-up-table beam
+#: search builds (64 MiB); larger codebooks search by residuals.
+LUT_MAX_FLOATS = 1 << 24
 
 
 def _int(owner: str, name: str, v: Any, lo: int, hi: int | None = None) -> None:
@@ -65,9 +75,21 @@ def _beam_step(res: np.ndarray, codes: np.ndarray, book: np.ndarray, beam: int):
             np.take_along_axis(dist, sel, axis=1))
 
 
-def beam_search(x: np.ndarray, codebooks: np.ndarray, beam_size: int) -> np.ndarray:
+def _lut_fits(codebooks: np.ndarray) -> bool:
+    m, k = codebooks.shape[0], codebooks.shape[1]
+    return k * k * m * (m - 1) // 2 <= LUT_MAX_FLOATS
+
+
+def beam_search(x: np.ndarray, codebooks: np.ndarray, beam_size: int,
+                cross: np.ndarray | None = None, lut: bool | None = None) -> np.ndarray:
     """Residual codes (n, m) int64 of ``x`` (n, d) float32 against ``codebooks`` (m, K, d) by
-    a beam search of width ``beam_size`` (module docstring): the best final entry."""
+    a beam search of width ``beam_size`` (module docstring): the best final entry. ``lut``:
+    from look-up tables (``cross``: :func:`qkern.vq.search.rq_cross_table` of the codebooks,
+    built when None) or by residuals; None: tables when they fit ``LUT_MAX_FLOATS``."""
+    if lut is None:
+        lut = _lut_fits(codebooks)
+    if lut:
+        return rq_beam_encode(x, codebooks, beam_size, cross)
     n, d = x.shape
     res, codes = x[:, None, :], np.zeros((n, 1, 0), dtype=np.int64)
     for book in codebooks:
@@ -117,6 +139,19 @@ class ResidualQuantizer(VQBase):
         self.m, self.nbits, self.beam_size = m, nbits, beam_size
         self.n_iter, self.seed, self.ksub = n_iter, seed, 1 << nbits
         self.codebooks: np.ndarray | None = None  # (m, ksub, d) float32
+        self._cross: tuple[np.ndarray, np.ndarray] | None = None  # (codebooks, their table)
+
+    def _tables(self, books: np.ndarray) -> np.ndarray | None:
+        """The cached cross-product table of ``books`` (the codebooks array it was built from,
+        by identity: assign new codebooks, do not modify them in place), None when too big."""
+        if not _lut_fits(books):
+            return None
+        if self._cross is None or self._cross[0] is not books:
+            self._cross = (books, rq_cross_table(books))
+        return self._cross[1]
+
+    def _beam(self, x: np.ndarray, books: np.ndarray) -> np.ndarray:
+        return beam_search(x, books, self.beam_size, self._tables(books))
 
     def _train(self, x: np.ndarray, **kw) -> None:
         if kw:
@@ -140,7 +175,7 @@ class ResidualQuantizer(VQBase):
         self.codebooks = np.ascontiguousarray(np.stack(books))
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
-        return beam_search(x, self.codebooks, self.beam_size)
+        return self._beam(x, self.codebooks)
 
     def _decode(self, codes: Any) -> np.ndarray:
         c = as_codes(codes, self.m, self.ksub)
@@ -255,7 +290,7 @@ class AdditiveQuantizer(ResidualQuantizer):
         return ils(x, books, codes, iters, self.icm_iters, self.nperts, rng)
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
-        codes = beam_search(x, self.codebooks, self.beam_size)
+        codes = self._beam(x, self.codebooks)
         if self.encoder == "beam":
             return codes
         rng = np.random.default_rng([self.seed, 1])

@@ -21,6 +21,12 @@
   ``codebooks`` (m, ksub, dsub).
 - ``adc_scan(table, codes) -> dist``: ``dist[i, n] = sum_j table[i, j, codes[n, j]]`` for codes
   (n, m) of dtype uint8 or uint16: the asymmetric distance of each query to each encoded vector.
+- ``rq_cross_table(codebooks) -> cross`` and ``rq_beam_encode(x, codebooks, beam, cross) ->
+  codes``: a residual quantizer's beam search over codebooks (m, K, d) from look-up tables
+  (FAISS's ``use_beam_LUT``): the dot products of each row with every codeword and the
+  codewords' cross products ``cross`` (for stage s, ``books[j][a] . books[s][c]`` for j < s;
+  K^2 m (m - 1) / 2 floats, built once per codebooks) give each candidate's squared residual
+  norm without forming residuals (csrc/cpu/vq/api.h has the float order and ties).
 
 Every ISA (scalar, AVX2, AVX-512) gives the same bits; so does every thread count.
 
@@ -41,7 +47,7 @@ from .. import _C
 from .base import as_vectors
 
 __all__ = ["assign", "assign_grouped", "topk", "smallest", "pq_encode", "adc_table",
-           "adc_scan"]
+           "adc_scan", "rq_cross_table", "rq_beam_encode"]
 
 
 def _floats(a: Any, name: str, ndim: int) -> np.ndarray:
@@ -191,3 +197,48 @@ def adc_scan(table: Any, codes: Any) -> np.ndarray:
         _C.pq_adc_scan_raw(t.ctypes.data, nq, ksub, c.ctypes.data, c.shape[0], m, c.itemsize,
                            dist.ctypes.data)
     return dist
+
+
+def rq_cross_table(codebooks: Any) -> np.ndarray:
+    """The cross products of residual codebooks (m, K, d): float32 of K^2 m (m - 1) / 2, stage
+    s's block (s K, K) at offset K^2 s (s - 1) / 2, row j K + a, column c = books[j][a] .
+    books[s][c] (j < s).
+
+    >>> cb = np.array([[[1.0, 0.0]], [[2.0, 3.0]], [[0.0, 1.0]]])  # m = 3, K = 1, d = 2
+    >>> rq_cross_table(cb).tolist()   # 1.2; 1.0, 2.0 (stage 2: 0.1 + 0.0, 2.0 + 3.1)
+    [2.0, 0.0, 3.0]
+    """
+    cb = _floats(codebooks, "codebooks", 3)
+    m, k, d = cb.shape
+    cross = np.empty(k * k * m * (m - 1) // 2, dtype=np.float32)
+    if m > 1:
+        _C.rq_cross_table_raw(cb.ctypes.data, m, k, d, cross.ctypes.data)
+    return cross
+
+
+def rq_beam_encode(x: Any, codebooks: Any, beam: int, cross: np.ndarray | None = None
+                   ) -> np.ndarray:
+    """Residual codes (n, m) int64 of ``x`` (n, d) against ``codebooks`` (m, K, d) by a beam
+    search of width ``beam`` from look-up tables; ``cross``: :func:`rq_cross_table` of the
+    codebooks (built here when None).
+
+    >>> cb = np.array([[[0.0, 0.0], [4.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])
+    >>> rq_beam_encode(np.array([[4.0, 1.1], [0.1, 0.0]]), cb, 2).tolist()
+    [[1, 1], [0, 0]]
+    """
+    cb = _floats(codebooks, "codebooks", 3)
+    m, k, d = cb.shape
+    x = as_vectors(x, d, "x")
+    if not isinstance(beam, (int, np.integer)) or isinstance(beam, bool) or beam < 1:
+        raise ValueError(f"rq_beam_encode: beam must be an int >= 1, got {beam!r}")
+    if cross is None:
+        cross = rq_cross_table(cb)
+    size = k * k * m * (m - 1) // 2
+    if (not isinstance(cross, np.ndarray) or cross.dtype != np.float32 or cross.shape != (size,)
+            or not cross.flags.c_contiguous):
+        raise ValueError(f"rq_beam_encode: cross must be rq_cross_table's float32 array of "
+                         f"{size} entries for codebooks of shape {cb.shape}")
+    codes = np.empty((x.shape[0], m), dtype=np.int64)
+    _C.rq_beam_encode_raw(x.ctypes.data, x.shape[0], d, cb.ctypes.data, m, k,
+                          cross.ctypes.data, int(beam), codes.ctypes.data)
+    return codes

@@ -35,9 +35,14 @@ bool vq8_supported(int64_t n, int64_t nv, int64_t groups, int64_t kc, int64_t di
 bool vq8_nibbles_fit(int64_t n, int64_t nv, int64_t groups, int64_t kc, int64_t dim,
                      int64_t group_rows, int64_t nseg);
 
+// The codebook byte planes the kernels look codes up in: tables (groups, dim, 256) int8,
+// tables[g][d][c] = books8[g][c][d] for c < kc, 0 past kc.
+void vq8_tables(const int8_t* books8, int64_t groups, int64_t kc, int64_t dim, int8_t* tables);
+
+// tables: vq8_tables(books8, ...) built once by the caller, or null (built on every call).
 bool gemm_vq8(const float* x, int64_t m, const uint8_t* packed4, int64_t n, int64_t nv,
               const int8_t* books8, const float* bs, int64_t groups, int64_t kc, int64_t dim,
               int64_t group_rows, const float* scales, int64_t nseg, const float* bias, float* y,
-              bool nibbles = false);
+              bool nibbles = false, const int8_t* tables = nullptr);
 
 }  // namespace qk

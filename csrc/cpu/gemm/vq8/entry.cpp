@@ -43,10 +43,18 @@ void activation_words(const int8_t* xq, int64_t m, int64_t nv, int64_t dim, uint
 
 }  // namespace
 
+void vq8_tables(const int8_t* books8, int64_t groups, int64_t kc, int64_t dim, int8_t* tables) {
+  std::fill(tables, tables + groups * dim * 256, int8_t{0});
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t c = 0; c < kc; ++c)
+      for (int64_t d = 0; d < dim; ++d)
+        tables[(g * dim + d) * 256 + c] = books8[(g * kc + c) * dim + d];
+}
+
 bool gemm_vq8(const float* x, int64_t m, const uint8_t* packed4, int64_t n, int64_t nv,
               const int8_t* books8, const float* bs, int64_t groups, int64_t kc, int64_t dim,
               int64_t group_rows, const float* scales, int64_t nseg, const float* bias,
-              float* y, bool nibbles) {
+              float* y, bool nibbles, const int8_t* tables) {
   if (!scales) nseg = 1;
   if (!vq8_supported(n, nv, groups, kc, dim, group_rows, nseg))
     throw std::invalid_argument("gemm_vq8: unsupported shape (api.h vq8_supported)");
@@ -60,13 +68,14 @@ bool gemm_vq8(const float* x, int64_t m, const uint8_t* packed4, int64_t n, int6
   if (tdrv::quantize_activations(x, m, k, parallel, xq, dx, xs)) return true;
   std::vector<uint32_t> xp(static_cast<size_t>(m * (nv / kVq8Group) * dim));
   activation_words(xq.data(), m, nv, dim, xp.data());
-  std::vector<int8_t> tables(static_cast<size_t>(groups * dim * 256), 0);
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t c = 0; c < kc; ++c)
-      for (int64_t d = 0; d < dim; ++d)
-        tables[(g * dim + d) * 256 + c] = books8[(g * kc + c) * dim + d];
+  std::vector<int8_t> own;
+  if (!tables) {
+    own.resize(static_cast<size_t>(groups * dim * 256));
+    vq8_tables(books8, groups, kc, dim, own.data());
+    tables = own.data();
+  }
   const vq8::Problem p{xp.data(), dx.data(), xs.data(), m,  nv,      dim,     kc,
-                       k / 32,    packed4,   nibbles, tables.data(), scales, n,  nseg};
+                       k / 32,    packed4,   nibbles, tables, scales, n,  nseg};
   const vq8::Kernels& kern = vq8::kernels();
   const int64_t tasks = parallel ? std::min<int64_t>(nb, 64) : 1;
   std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
@@ -75,7 +84,7 @@ bool gemm_vq8(const float* x, int64_t m, const uint8_t* packed4, int64_t n, int6
     uint32_t top = 0;
     for (int64_t b = nb * ti / tasks; b < nb * (ti + 1) / tasks; ++b) {
       const int64_t g = groups == 1 ? 0 : b * kVq8Rows / group_rows;
-      top = std::max(top, kern.block(p, b, tables.data() + g * dim * 256, out.data()));
+      top = std::max(top, kern.block(p, b, tables + g * dim * 256, out.data()));
       for (int64_t i = 0; i < m; ++i)
         for (int64_t l = 0; l < kVq8Rows && b * kVq8Rows + l < n; ++l) {
           const int64_t r = b * kVq8Rows + l;
