@@ -26,8 +26,9 @@ import torch
 from ... import quantization as Q
 from ...logdomain import log_matmul, log_quantize
 from ...models import digits as D
-from ...models import load_pretrained
+from ...models import load_llama, load_pretrained
 from ...models.assets import shipped_path
+from ...quantization import text_calibration
 from ...quantize import quantize
 
 __all__ = ["LLM_SETS", "SETS", "constraint_table", "llm_table", "log_table", "main"]
@@ -141,9 +142,6 @@ LLM_SETS: list[tuple[str, HC | None]] = [
 
 def llm_table() -> str:
     """RTN vs GPTQ int4 per channel on models/wikitext-bytelm under each of LLM_SETS."""
-    from ...models import load_llama
-    from ...quantization import text_calibration
-
     model = load_llama(shipped_path("models/wikitext-bytelm"))
     cal = text_calibration(shipped_path("data/wikitext-2/wiki.valid.tokens"), "bytes", 8, 128)
     ids = text_calibration(shipped_path("data/wikitext-2/wiki.test.tokens"), "bytes", 2, 128,
