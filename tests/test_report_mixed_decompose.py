@@ -78,7 +78,11 @@ def test_gptq_pareto_quantizes_each_allocation_once_and_matches_a_fresh_choice(t
     assert all(len({v for _, v in k}) == 1 for k in set(calls) - distinct)  # uniform ones
     assert len(set(calls) - distinct) <= 4
     assert not any(v is None for k in calls for _, v in k)
-    assert len(points["uniform"]) == 4 and len(points["verified (fisher)"]) == 3
+    # uniform allocations quantized only as needed: w2 (below 3), w3 (above 3, at u3), w4
+    assert len(points["uniform"]) == 3 and len(points["verified (fisher)"]) == 3
+    # the u3 budget (bits from the sensitivities) is the built w3 model's measured average
+    u3 = rows[2].split(" | ")
+    assert u3[0] == "| " + u3[3].split("(")[1].split(" b)")[0] and u3[3].startswith("w3:")
 
 
 @pytest.mark.parametrize("argv, what", [(["--choices", "2,9"], "choices"),

@@ -131,16 +131,21 @@ def bytelm_rows(quick: bool = False, n_cal: int = 32, rows: tuple = ("base", "sv
                if "lqlora" in rows] + \
         [(f"weighted LoRC r{r} (||(W-Q-LR) X||)", dict(rank=r, weighted=True)) for r in (8, 16)
          if "weighted" in rows]
+    in_pipe.sort(key=lambda v: v[1]["rank"])  # rank 8 first: the rows that matter most
     if quick:
         in_pipe = [v for v in in_pipe if v[1]["rank"] == 8]
-    if in_pipe and "base" not in rows:
-        alone, secs = quantize(model, BASES["GPTQ"], cal)
-        yield _row("GPTQ w3 g64", alone, test, secs)
-    for lab, kw in in_pipe:
+    svd = SVD_BUDGETS[:1] if quick else SVD_BUDGETS
+    yield from _svd_rows(model, test, svd if "svd" in rows else ())  # cheap: first
+    for i, (lab, kw) in enumerate(in_pipe):
+        if i == min(1, len(in_pipe) - 1) and "base" not in rows:  # GPTQ alone (base has it)
+            alone, secs = quantize(model, BASES["GPTQ"], cal)
+            yield _row("GPTQ w3 g64", alone, test, secs)
         q, secs = quantize(model, LowRankCompensationConfig(base=BASES["GPTQ"], **kw), cal)
         yield _row(f"GPTQ w3 g64 + {lab} (config, in the pipeline)", q, test, secs)
-    svd = SVD_BUDGETS[:1] if quick else SVD_BUDGETS
-    for budget, fmt, g in svd if "svd" in rows else ():
+
+
+def _svd_rows(model, test, budgets):
+    for budget, fmt, g in budgets:
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -102,15 +102,27 @@ def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_prob
             measured[k] = measure_loss(q, cal)
         return tested[k]
 
-    uni = {b: test_bpb(mp.uniform(sens[methods[0]], b)) for b in UNIFORM}
-    points = {"uniform": sorted(uni.values())}
+    s0 = sens[methods[0]]
+    # uniform averages from the sensitivities' bits (the built layers' storage); a uniform
+    # allocation is quantized only where a column needs it (the nearest below / above)
+    avg_u = {b: mp.average_bits(s0, mp.uniform(s0, b)) for b in UNIFORM}
+    uni: dict = {}
+
+    def uniform_at(b):
+        if b not in uni:
+            uni[b] = test_bpb(mp.uniform(s0, b))
+        return uni[b]
+
+    points = {"uniform": []}
 
     rows = []
     t_choose = 0.0
     for label in budgets:
-        budget = uni[int(label[1:])][0] if label.startswith("u") else float(label)
-        fits = [b for b in UNIFORM if uni[b][0] <= budget + 1e-9]
-        above = [b for b in UNIFORM if uni[b][0] > budget + 1e-9]
+        budget = avg_u[int(label[1:])] if label.startswith("u") else float(label)
+        fits = [b for b in UNIFORM if avg_u[b] <= budget + 1e-9]
+        above = [b for b in UNIFORM if avg_u[b] > budget + 1e-9]
+        for b in fits[-1:] + above[:1]:
+            uniform_at(b)
         cells = [f"{budget:.3f}"]
         ok = True
         for m in methods:
@@ -151,8 +163,9 @@ def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_prob
              f"verified by their loss on the same calibration windows ({len(measured)} distinct "
              f"quantizations; {t_choose:.0f} s choosing)", "", head,
              "|" + "---|" * (2 * len(methods) + 4)] + rows
+    points["uniform"] = sorted(uni.values())
     lines += ["", "uniform allocations: " + ", ".join(
-        f"w{b} {uni[b][1]:.4f} bpb at {uni[b][0]:.3f} bits/weight" for b in UNIFORM)]
+        f"w{b} {uni[b][1]:.4f} bpb at {uni[b][0]:.3f} bits/weight" for b in sorted(uni))]
     return "\n".join(lines), {"fp32": fp, **points}
 
 
