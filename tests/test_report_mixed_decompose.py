@@ -111,7 +111,8 @@ def test_decompose_rows_lqlora_weighted_svd(tiny, monkeypatch):
     labels = list(rows)
     assert "GPTQ w3 g64" in labels
     for lab in ("LQ-LoRA r8 (2 steps)", "LQ-LoRA r16 (2 steps)",
-                "weighted LoRC r8 (||(W-Q-LR) X||)", "weighted LoRC r16 (||(W-Q-LR) X||)"):
+                "weighted LoRC r8 (||(W-Q-LR) X||)", "weighted LoRC r16 (||(W-Q-LR) X||)",
+                "LoRC r8", "LoRC r16"):
         assert f"GPTQ w3 g64 + {lab} (config, in the pipeline)" in labels
     assert sum(lab.startswith("quantized SVD") for lab in labels) == 3
     assert not any("LoRC r4" in lab for lab in labels)  # the base group was not asked for
@@ -126,8 +127,11 @@ def test_decompose_rows_lqlora_weighted_svd(tiny, monkeypatch):
         assert int(rows[lab][3]) == (bits + extra) // 8
         assert float(rows[lab][2]) == pytest.approx((bits + extra) / n, abs=1e-3)
     assert int(rows["fp32"][3]) == 4 * n
-    q = built[(0, True, 8)]
+    q, plain = built[(0, True, 8)], built[(0, False, 8)]
     assert sum(isinstance(m, CompensatedLinear) for m in q.modules()) == len(lin)
+    name = "model.layers.0.self_attn.q_proj"
+    assert not torch.equal(q.get_submodule(name).side.dequantize_weight(),
+                           plain.get_submodule(name).side.dequantize_weight())
     with pytest.raises(ValueError, match="row groups"):
         list(dec.bytelm_rows(rows=("nope",)))
     with pytest.raises(SystemExit):

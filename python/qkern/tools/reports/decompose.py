@@ -14,9 +14,10 @@ Markdown tables:
   Calibration: 32 windows x 256 bytes of WikiText-2 valid (the llm report uses 64).
   ``--rows`` picks groups of rows: ``base`` (the above without SVD), ``lqlora`` (LQ-LoRA's
   alternating fit, 2 steps, rank 8 / 16, as ``LowRankCompensationConfig(base=GPTQ w3,
-  iters=2)`` inside the pipeline), ``weighted`` (the data-aware LoRC, ``weighted=True``,
-  rank 8 / 16, in the pipeline), ``svd`` (quantized SVD); every row also gives the total
-  bytes of the block linears (codes + scales + zero points + factors);
+  iters=2)`` inside the pipeline), ``weighted`` (plain LoRC and the data-aware LoRC,
+  ``weighted=True``, rank 8 / 16, in the pipeline), ``svd`` (quantized SVD); every row
+  also gives the total bytes of the block linears (codes + scales + zero points +
+  factors);
 - the digits CNN (qkern.models.digits, trained with seed 0): held-out accuracy of the model
   with its second conv (16 -> 32, 3x3) replaced by a Tucker-2 (HOSVD + 2 HOOI sweeps) or CP
   (ALS) sequence, factors float32 / int8 / int4 (per output channel), without and with a
@@ -94,8 +95,9 @@ def bytelm_rows(quick: bool = False, n_cal: int = 32, rows: tuple = ("base", "sv
     rows add the compensation after the fact (:func:`compensate_model`; seconds: the
     compensation's own), plus one row of ``LowRankCompensationConfig`` inside the GPTQ
     pipeline (not with ``quick``); ``lqlora`` / ``weighted``: GPTQ w3 alone, then
-    ``LowRankCompensationConfig`` in the pipeline with ``iters=2`` / ``weighted=True`` at rank
-    8 and 16 (rank 8 with ``quick``); ``svd``: quantized SVD (:data:`ROW_GROUPS`)."""
+    ``LowRankCompensationConfig`` in the pipeline with ``iters=2`` / plain and
+    ``weighted=True`` at rank 8 and 16 (rank 8 with ``quick``); ``svd``: quantized SVD
+    (:data:`ROW_GROUPS`)."""
     bad = [r for r in rows if r not in ROW_GROUPS]
     if bad:
         raise ValueError(f"unknown row groups {bad}; choose from {ROW_GROUPS}")
@@ -129,8 +131,8 @@ def bytelm_rows(quick: bool = False, n_cal: int = 32, rows: tuple = ("base", "sv
         yield _row("GPTQ w3 g64 + LoRC r8 (config, in the pipeline)", q, test, secs)
     in_pipe = [(f"LQ-LoRA r{r} (2 steps)", dict(rank=r, iters=2)) for r in (8, 16)
                if "lqlora" in rows] + \
-        [(f"weighted LoRC r{r} (||(W-Q-LR) X||)", dict(rank=r, weighted=True)) for r in (8, 16)
-         if "weighted" in rows]
+        [(f"{w}LoRC r{r}{x}", dict(rank=r, weighted=bool(w))) for r in (8, 16)
+         for w, x in (("", ""), ("weighted ", " (||(W-Q-LR) X||)")) if "weighted" in rows]
     in_pipe.sort(key=lambda v: v[1]["rank"])  # rank 8 first: the rows that matter most
     if quick:
         in_pipe = [v for v in in_pipe if v[1]["rank"] == 8]
