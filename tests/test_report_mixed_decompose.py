@@ -111,7 +111,7 @@ def test_decompose_rows_lqlora_weighted_svd(tiny, monkeypatch):
     labels = list(rows)
     assert "GPTQ w3 g64" in labels
     for lab in ("LQ-LoRA r8 (2 steps)", "LQ-LoRA r16 (2 steps)",
-                "weighted LoRC r8 (||(W-Q-LR) X||)", "weighted LoRC r16 (||(W-Q-LR) X||)",
+                "weighted LoRC r8 (fit to the inputs)", "weighted LoRC r16 (fit to the inputs)",
                 "LoRC r8", "LoRC r16"):
         assert f"GPTQ w3 g64 + {lab} (config, in the pipeline)" in labels
     assert sum(lab.startswith("quantized SVD") for lab in labels) == 3
@@ -123,7 +123,7 @@ def test_decompose_rows_lqlora_weighted_svd(tiny, monkeypatch):
            if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}"]
     for r in (8, 16):
         extra = sum(16 * r * (m.in_features + m.out_features) for m in lin)
-        lab = f"GPTQ w3 g64 + weighted LoRC r{r} (||(W-Q-LR) X||) (config, in the pipeline)"
+        lab = f"GPTQ w3 g64 + weighted LoRC r{r} (fit to the inputs) (config, in the pipeline)"
         assert int(rows[lab][3]) == (bits + extra) // 8
         assert float(rows[lab][2]) == pytest.approx((bits + extra) / n, abs=1e-3)
     assert int(rows["fp32"][3]) == 4 * n

@@ -132,7 +132,7 @@ def bytelm_rows(quick: bool = False, n_cal: int = 32, rows: tuple = ("base", "sv
     in_pipe = [(f"LQ-LoRA r{r} (2 steps)", dict(rank=r, iters=2)) for r in (8, 16)
                if "lqlora" in rows] + \
         [(f"{w}LoRC r{r}{x}", dict(rank=r, weighted=bool(w))) for r in (8, 16)
-         for w, x in (("", ""), ("weighted ", " (||(W-Q-LR) X||)")) if "weighted" in rows]
+         for w, x in (("", ""), ("weighted ", " (fit to the inputs)")) if "weighted" in rows]
     in_pipe.sort(key=lambda v: v[1]["rank"])  # rank 8 first: the rows that matter most
     if quick:
         in_pipe = [v for v in in_pipe if v[1]["rank"] == 8]
