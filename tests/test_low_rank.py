@@ -178,3 +178,88 @@ def test_report_counts_bits_as_the_vq_report_counts_gptq():
     extra = sum(16 * 8 * (m.in_features + m.out_features) for n, m in model.named_modules()
                 if isinstance(m, torch.nn.Linear) and ".layers." in n)
     assert block_bits(q) == (gptq_bits(model, 3, 64)[0] + extra, gptq_bits(model, 3, 64)[1])
+
+
+def _np_weighted_best(e: np.ndarray, x: np.ndarray, damp: float, r: int) -> np.ndarray:
+    """argmin over rank-r M of ||(E - M) X^T||^2 / N + d ||E - M||^2, d = damp * mean(diag(
+    X^T X / N)), from the definition: with A = [X^T / sqrt(N), sqrt(d) I] = P Sig Q^T (thin
+    SVD, P Sig invertible) the objective is ||(E - M) P Sig||^2, M P Sig ranges over the
+    rank-r matrices, so M = SVD_r(E P Sig) (P Sig)^{-1} (Eckart-Young)."""
+    n, k = x.shape
+    d = damp * np.mean(np.sum(x.astype(np.float64) ** 2, 0) / n)
+    a = np.hstack([x.T.astype(np.float64) / np.sqrt(n), np.sqrt(d) * np.eye(k)])
+    p, sig, _ = np.linalg.svd(a, full_matrices=False)
+    ps = p * sig
+    return _np_truncated(e @ ps, r) @ np.linalg.inv(ps)
+
+
+def _objective(e, m, x):
+    return float(np.linalg.norm((e - m) @ x.T.astype(np.float64)))
+
+
+def test_weighted_lorc_minimises_the_output_error():
+    from qkern.decompose import weighted_svd_factors
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(64, 24)
+    # correlated inputs of uneven scale: the weighted and plain fits differ
+    x = (torch.randn(300, 64) @ torch.randn(64, 64)) * torch.linspace(0.1, 3, 64)
+    gram = (x.double().T @ x.double()) / x.shape[0]
+    q = QuantLinear.from_float(lin, "int3", group_size=32, symmetric=False)
+    w, qd, xn = lin.weight.detach().numpy(), q.dequantize_weight().numpy(), x.numpy()
+    e = w.astype(np.float64) - qd
+    for damp in (0.0, 0.01):
+        ref = _np_weighted_best(e, xn, damp, 5)
+        left, right = weighted_svd_factors(torch.from_numpy(e), gram, 5, damp)
+        np.testing.assert_allclose((left @ right).numpy(), ref, rtol=1e-4,
+                                   atol=1e-5 * np.abs(ref).max())
+    ref = _np_weighted_best(e, xn, 0.0, 5)
+    # it beats the plain SVD of the error on the inputs (and the plain SVD wins in weights)
+    plain = _np_truncated(e, 5)
+    assert _objective(e, ref, xn) < 0.97 * _objective(e, plain, xn)
+    assert np.linalg.norm(e - plain) < np.linalg.norm(e - ref)
+    res = compensate(lin.weight, q, rank=5, gram=gram, damp=0.0)
+    np.testing.assert_allclose(res.layer.dequantize_weight().numpy(), qd + ref, rtol=1e-4,
+                               atol=1e-4)
+    # the recorded error is ||(W - Q - L R) S||_F, S S = gram: ||(.) X^T|| / sqrt(N)
+    assert res.errors[0] == pytest.approx(_objective(e, ref, xn) / np.sqrt(300), rel=1e-4)
+    res2 = _quiet(compensate, lin.weight, q, rank=5, iters=3, gram=gram)
+    assert res2.errors[0] >= min(res2.errors) and len(res2.errors) >= 2
+    with pytest.raises(ValueError, match="gram"):
+        compensate(lin.weight, q, rank=5, gram=torch.eye(7))
+    with pytest.raises(ValueError, match="positive definite"):
+        compensate(lin.weight, q, rank=5, gram=torch.zeros(64, 64), damp=0.0)
+    with pytest.raises(ValueError, match="damp"):
+        compensate(lin.weight, q, rank=5, gram=gram, damp=-1.0)
+
+
+def test_weighted_config_in_the_llm_pipeline():
+    model, cal = build("llama"), calibration(4, 16)
+    base = RTNConfig(bits=3, group_size=32, sym=False)
+    cfg = LowRankCompensationConfig(base=base, rank=4, weighted=True)
+    assert BaseConfig.from_json(cfg.to_json()) == cfg
+    q = _quiet(qkern.quantize_model, model, cfg, cal, progress=False)
+    # block 0's q_proj sees the float model's inputs: the reference fits on them
+    name = "model.layers.0.self_attn.q_proj"
+    seen = []
+    lin = model.get_submodule(name)
+    h = lin.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        for c in cal:
+            model(c)
+    h.remove()
+    x = torch.cat(seen).numpy()
+    c = q.get_submodule(name)
+    assert isinstance(c, CompensatedLinear)
+    w = lin.weight.detach().numpy().astype(np.float64)
+    qd = c.base.dequantize_weight().numpy()
+    np.testing.assert_allclose(c.dequantize_weight().numpy(),
+                               qd + _np_weighted_best(w - qd, x, 0.01, 4), atol=1e-4)
+    # the RTN base is unchanged by the Grams it did not ask for
+    alone = _quiet(qkern.quantize_model, model, base, cal, progress=False)
+    np.testing.assert_array_equal(qd, alone.get_submodule(name).dequantize_weight().numpy())
+    with pytest.raises(ValueError, match="weighted"):
+        qkern.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 32)),
+                             LowRankCompensationConfig(base=WeightOnlyConfig(group_size=32),
+                                                       weighted=True), [torch.randn(4, 64)])
+    with pytest.raises(ValueError, match="weighted"):
+        LowRankCompensationConfig(weighted=1)

@@ -48,8 +48,8 @@ from .mixed_precision import (
 )
 from .quantization import BaseConfig, quantize_model
 
-__all__ = ["MEASURES", "AllocationChoice", "candidate_allocations", "choose_allocation",
-           "measure_loss"]
+__all__ = ["MEASURES", "AllocationChoice", "allocation_key", "candidate_allocations",
+           "choose_allocation", "measure_loss"]
 
 MEASURES = ("loss", "kl")
 
@@ -69,9 +69,14 @@ class AllocationChoice:
     candidates: dict[str, dict] = field(default_factory=dict)
 
 
-def _key(over: Mapping) -> tuple:
+def allocation_key(over: Mapping) -> tuple:
+    """The hashable key of an allocation (``{layer: override}``) in
+    :func:`choose_allocation`'s ``cache``."""
     return tuple(sorted((n, None if v is None else tuple(sorted(v.items())))
                         for n, v in over.items()))
+
+
+_key = allocation_key
 
 
 def candidate_allocations(sensitivities: Mapping, budget: float,

@@ -17,6 +17,7 @@ from ..quantization.algorithms.low_rank import (
     compensate,
     compensate_model,
     svd_factors,
+    weighted_svd_factors,
 )
 from .conv import (
     cp_als,
@@ -35,4 +36,4 @@ __all__ = ["CompensatedLinear", "CompensationResult", "LowRankCompensationConfig
            "LowRankLinear", "compensate", "compensate_model", "cp_als", "cp_conv", "cp_reconstruct",
            "decompose_convs", "decompose_model", "factor_bits", "quantize_factors",
            "quantized_svd", "rank_for_budget", "storage_bits", "svd_factors", "tucker2",
-           "tucker2_reconstruct", "tucker_conv", "weight_bits"]
+           "tucker2_reconstruct", "tucker_conv", "weight_bits", "weighted_svd_factors"]

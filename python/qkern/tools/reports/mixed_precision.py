@@ -31,7 +31,7 @@ from torch import nn
 
 from ... import GPTQConfig, RTNConfig, set_num_threads
 from ... import mixed_precision as mp
-from ...mixed_choice import choose_allocation
+from ...mixed_choice import allocation_key, candidate_allocations, choose_allocation, measure_loss
 from ...models import bits_per_byte, load_llama
 from ...models.assets import shipped_path
 from ...quantization import quantize_model, text_calibration
@@ -69,14 +69,19 @@ def _score(model, cfg, test, cal) -> tuple[nn.Module, float]:
 
 
 def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_probes: int = 4,
-                 algo: str = "rtn", progress: bool = False) -> tuple[str, dict]:
-    """(Markdown, the points {curve label: [(avg bits, bits per byte)]})."""
+                 algo: str = "rtn", progress: bool = False,
+                 choices: tuple = (2, 3, 4, 8, None), below: tuple = (0.025, 0.05, 0.1),
+                 quant_cal: int = 64) -> tuple[str, dict]:
+    """(Markdown, the points {curve label: [(avg bits, bits per byte)]}). ``choices``: the
+    per-layer bits (None = float16); ``below``: the knapsack's lower budgets tried;
+    ``quant_cal``: GPTQ's calibration windows. Each distinct allocation is quantized once:
+    its calibration loss (``choose_allocation``'s cache) and test bits per byte together."""
     model = load_llama(shipped_path("models/wikitext-bytelm"))
     valid, test = wikitext_bytes()
     cal = text_calibration(valid, "bytes", n_cal, 256)
     config = CONFIGS[algo]
-    # GPTQ calibrates on the llm report's 64 windows; RTN needs none
-    qcal = text_calibration(valid, "bytes", 64, 256) if algo == "gptq" else None
+    # GPTQ calibrates on quant_cal windows (the llm report's 64); RTN needs none
+    qcal = text_calibration(valid, "bytes", quant_cal, 256) if algo == "gptq" else None
     with torch.no_grad():
         fp = bits_per_byte(model, test)
     sens, secs = {}, {}
@@ -86,34 +91,45 @@ def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_prob
                                  progress=progress)
         secs[m] = time.perf_counter() - t
     layers = list(next(iter(sens.values())))
-    uni = {}
-    for b in UNIFORM:
-        q, bpb = _score(model, mp.mixed_config(config, mp.uniform(sens[methods[0]], b)), test,
-                        qcal)
-        uni[b] = (measured_bits(q, layers), bpb)
-    points = {"uniform": sorted(uni.values())}
-    tested: dict = {}  # test bpb by allocation, so a candidate met again is not rescored
+    tested: dict = {}  # test (avg bits, bpb) by allocation: a candidate met again is not rescored
     measured: dict = {}  # calibration loss by allocation (choose_allocation's cache)
 
     def test_bpb(over):
-        k = tuple(sorted((n, None if v is None else tuple(sorted(v.items())))
-                         for n, v in over.items()))
-        if k not in tested:
+        k = allocation_key(over)
+        if k not in tested:  # one quantization gives both the test and calibration numbers
             q, bpb = _score(model, mp.mixed_config(config, over), test, qcal)
             tested[k] = (measured_bits(q, layers), bpb)
+            measured[k] = measure_loss(q, cal)
         return tested[k]
+
+    s0 = sens[methods[0]]
+    # uniform averages from the sensitivities' bits (the built layers' storage); a uniform
+    # allocation is quantized only where a column needs it (the nearest below / above)
+    avg_u = {b: mp.average_bits(s0, mp.uniform(s0, b)) for b in UNIFORM}
+    uni: dict = {}
+
+    def uniform_at(b):
+        if b not in uni:
+            uni[b] = test_bpb(mp.uniform(s0, b))
+        return uni[b]
+
+    points = {"uniform": []}
 
     rows = []
     t_choose = 0.0
     for label in budgets:
-        budget = uni[int(label[1:])][0] if label.startswith("u") else float(label)
-        fits = [b for b in UNIFORM if uni[b][0] <= budget + 1e-9]
-        above = [b for b in UNIFORM if uni[b][0] > budget + 1e-9]
+        budget = avg_u[int(label[1:])] if label.startswith("u") else float(label)
+        fits = [b for b in UNIFORM if avg_u[b] <= budget + 1e-9]
+        above = [b for b in UNIFORM if avg_u[b] > budget + 1e-9]
+        for b in fits[-1:] + above[:1]:
+            uniform_at(b)
         cells = [f"{budget:.3f}"]
         ok = True
         for m in methods:
             t = time.perf_counter()
-            pick = choose_allocation(model, config, cal, budget, sens[m],
+            for over in candidate_allocations(sens[m], budget, choices, below).values():
+                test_bpb(over)  # quantized here once; choose_allocation reads the cache
+            pick = choose_allocation(model, config, cal, budget, sens[m], choices, below,
                                      quant_calibration=qcal, cache=measured)
             t_choose += time.perf_counter() - t
             over = pick.overrides
@@ -122,7 +138,8 @@ def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_prob
             points.setdefault(f"verified ({m})", []).append((avg, bpb))
             points.setdefault(f"knapsack ({m})", []).append((kavg, kbpb))
             counts = {b: sum(1 for v in over.values() if (v or {}).get("bits") == b)
-                      for b in (*UNIFORM, None)}
+                      for b in UNIFORM}
+            counts[None] = sum(1 for v in over.values() if v is None)
             mix = "/".join(str(counts[b]) for b in (*UNIFORM, None))
             cells.append(f"{bpb:.4f} ({avg:.3f} b; {mix}; {pick.label}, of "
                          f"{len(pick.candidates)})")
@@ -137,17 +154,23 @@ def pareto_table(budgets: list[str], methods: list[str], n_cal: int = 16, n_prob
         f"verified, {m}: bpb (avg bits; 2/3/4/8/float layers; chosen, of candidates) | "
         f"knapsack alone, {m}" for m in methods)
             + " | uniform at or below budget | uniform above budget | verified <= uniform below |")
+    qtxt = f"; GPTQ calibrated on {quant_cal} x 256 bytes of valid" if qcal else ""
     lines = [f"wikitext-bytelm, {algo.upper()} g64 asymmetric: bits per byte on WikiText-2 test "
              f"(48 x 256 bytes; fp32 {fp:.4f}); sensitivities on {n_cal} x 256 bytes of "
              f"WikiText-2 valid "
              f"({', '.join(f'{m} {secs[m]:.0f} s' for m in methods)}; Hutchinson "
-             f"{n_probes} probes); knapsack over {{2, 3, 4, 8, float16}}; candidates verified "
-             f"by their loss on the same calibration windows ({len(measured)} distinct "
-             f"quantizations, {t_choose:.0f} s)", "", head,
+             f"{n_probes} probes){qtxt}; knapsack over {{{_choices_text(choices)}}}; candidates "
+             f"verified by their loss on the same calibration windows ({len(measured)} distinct "
+             f"quantizations; {t_choose:.0f} s choosing)", "", head,
              "|" + "---|" * (2 * len(methods) + 4)] + rows
+    points["uniform"] = sorted(uni.values())
     lines += ["", "uniform allocations: " + ", ".join(
-        f"w{b} {uni[b][1]:.4f} bpb at {uni[b][0]:.3f} bits/weight" for b in UNIFORM)]
+        f"w{b} {uni[b][1]:.4f} bpb at {uni[b][0]:.3f} bits/weight" for b in sorted(uni))]
     return "\n".join(lines), {"fp32": fp, **points}
+
+
+def _choices_text(choices) -> str:
+    return ", ".join("float16" if c is None else str(c) for c in choices)
 
 
 def plot(points: dict, path: str | Path, algo: str = "rtn") -> None:
@@ -184,6 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--probes", type=int, default=4, help="Hutchinson probes")
     p.add_argument("--algo", default="rtn", choices=sorted(CONFIGS),
                    help="the quantizer (g64 asymmetric; default rtn)")
+    p.add_argument("--choices", default="2,3,4,8,float",
+                   help="per-layer bits to choose from (float = float16); default 2,3,4,8,float")
+    p.add_argument("--below", default="0.025,0.05,0.1",
+                   help="the knapsack is also tried this many bits below the budget")
+    p.add_argument("--gptq-cal", type=int, default=64,
+                   help="GPTQ's calibration windows of 256 bytes (default 64, as the llm report)")
     p.add_argument("--plot", default=None, help="write the PNG plot here")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     a = p.parse_args(argv)
@@ -199,9 +228,22 @@ def main(argv: list[str] | None = None) -> None:
     for m in methods:
         if m not in mp.METHODS:
             p.error(f"unknown method {m!r}; choose from {', '.join(mp.METHODS)}")
+    try:
+        choices = tuple(None if c.strip() == "float" else int(c) for c in a.choices.split(","))
+        below = tuple(float(d) for d in a.below.split(",")) if a.below.strip() else ()
+    except ValueError:
+        p.error(f"bad --choices {a.choices!r} / --below {a.below!r}: comma-separated numbers "
+                "(choices: bits 2..8 or float)")
+    if not choices or any(c is not None and not 2 <= c <= 8 for c in choices):
+        p.error(f"bad --choices {a.choices!r}: bits 2..8 or float")
+    if any(not d > 0 for d in below):
+        p.error(f"bad --below {a.below!r}: positive numbers")
+    if a.gptq_cal < 1:
+        p.error("--gptq-cal must be at least 1")
     set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
-    text, points = pareto_table(budgets, methods, a.n_cal, a.probes, a.algo)
+    text, points = pareto_table(budgets, methods, a.n_cal, a.probes, a.algo, choices=choices,
+                                below=below, quant_cal=a.gptq_cal)
     print(text)
     if a.plot:
         plot(points, a.plot, a.algo)
