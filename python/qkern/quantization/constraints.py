@@ -38,10 +38,12 @@ import numpy as np
 import torch
 
 from .. import formats as QF
+from ..quantize import quantize
 
-__all__ = ["HardwareConstraints", "accumulator_bits_needed", "check_input_format",
-           "constrain_activation", "constrained_weight", "fit_l1_budget", "grid_params",
-           "l1_project_int", "pow2_ceil", "worst_case_accumulator"]
+__all__ = ["HardwareConstraints", "accumulator_bits_needed", "check_dynamic_activations",
+           "check_input_format", "constrain_activation", "constrained_fake_weight",
+           "constrained_weight", "fit_l1_budget", "grid_params", "l1_project_int", "pow2_ceil",
+           "symmetric_weights", "whole_layer", "worst_case_accumulator"]
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,61 @@ def constrained_weight(w: torch.Tensor, fmt: str, c: HardwareConstraints, name: 
     if budget is not None:
         q = l1_project_int(q, budget)
     return (q.float() * scale[:, None]), scale.contiguous(), q
+
+
+def whole_layer(c: HardwareConstraints, fmt: str) -> bool:
+    """True when ``c`` replaces a layer's grid by :func:`constrained_weight`'s symmetric
+    per-channel (or per-tensor) one (an accumulator bound, per-tensor scales, or a float
+    format); False: :func:`grid_params` per group, zero points kept unless symmetric."""
+    return c.accumulator_bits is not None or c.per_tensor or QF.get(fmt).kind != "int"
+
+
+def symmetric_weights(c: HardwareConstraints | None, fmt: str, sym: bool) -> bool:
+    """Whether a layer asked for ``sym`` gets symmetric weights under ``c``: also when ``c``
+    is ``symmetric`` or :func:`whole_layer` (its grid is symmetric per channel / tensor)."""
+    return sym or (c is not None and c.touches_weights() and (c.symmetric or whole_layer(c, fmt)))
+
+
+def constrained_fake_weight(w: torch.Tensor, fmt: str, c: HardwareConstraints, sym: bool,
+                            group_size: int | None, name: str = "layer") -> torch.Tensor:
+    """The float weight (out, K) a layer quantized from ``w`` under ``c`` holds (no gradient):
+    what ``layers.weight_module(..., constraints=c)`` stores, for the methods that train
+    through the quantized weight (OmniQuant's LWC, ZeroQuant's LKD) to see it in the forward.
+    :func:`constrained_weight`'s ``codes * scale`` when :func:`whole_layer`; otherwise
+    qkern's quantize (the layer's own op) with :func:`grid_params`' scales / zero points
+    (``group_size`` None or K: per row).
+
+    >>> w = torch.tensor([[0.3, -0.9, 0.5, 0.1]])
+    >>> constrained_fake_weight(w, "int4", HardwareConstraints(pow2_scales=True), True, None)
+    tensor([[ 0.2500, -1.0000,  0.5000,  0.0000]])
+    """
+    w = w.detach().float()
+    if whole_layer(c, fmt):
+        return constrained_weight(w, fmt, c, name)[0]
+    g = None if group_size is None or group_size == w.shape[1] else group_size
+    scale, zp = grid_params(w, fmt, c, sym, g, name)
+    kw = ({"granularity": "channel", "axis": 0} if g is None
+          else {"granularity": "group", "axis": 1, "group_size": g})
+    return quantize(w, fmt, symmetric=zp is None, scale=scale, zero_point=zp,
+                    **kw).dequantize().float()
+
+
+def check_dynamic_activations(c: HardwareConstraints | None, per_token: bool, what: str,
+                              fix: str) -> None:
+    """ValueError when ``c`` asks what int8 activations quantized at run time (per token, or
+    per tensor when ``per_token`` is False) cannot give: power-of-two scales (the scale is
+    ``max|x| / 127`` of each call), ``per_tensor`` with per-token scales, or more than the
+    accumulator bound's ``input_bits`` (:func:`check_input_format`). ``fix``: what to use
+    instead (the message's end)."""
+    if c is None:
+        return
+    if c.pow2_scales:
+        raise ValueError(f"{what} computes activation scales at run time, which cannot be made "
+                         f"powers of two; {fix}")
+    if c.per_tensor and per_token:
+        raise ValueError(f"{what}: per_tensor constraints need per-tensor activation scales, "
+                         f"but its activations are quantized per token; {fix}")
+    check_input_format(c, "int8", what)
 
 
 def check_input_format(c: HardwareConstraints | None, act_fmt: str, what: str) -> None:

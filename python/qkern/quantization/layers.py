@@ -28,6 +28,7 @@ from .constraints import (
     constrain_activation,
     constrained_weight,
     grid_params,
+    whole_layer,
 )
 from .registry import BaseConfig, Quantizer, replace_module
 
@@ -101,7 +102,7 @@ def _constrained_module(mod, fmt, group_size, notes, name, params, c, kw) -> nn.
     if f.block_size is not None:
         raise ValueError(f"{name}: block format {fmt} has its own scales; hardware "
                          "constraints need per-channel or per-tensor scales")
-    whole = c.accumulator_bits is not None or c.per_tensor or f.kind != "int"
+    whole = whole_layer(c, fmt)
     sym = kw.get("symmetric", True) is not False
     row = group_size is not None and group_size == in_features(mod)  # one group: per channel
     why = [w for w, on in ((f"group_size {group_size} -> per-channel scales",

@@ -272,7 +272,8 @@ class SequentialQuantizer(Quantizer):
         quantize_sequential(model, self, self.batches or None, inplace=True)
 
 
-CONSTRAINTS_HINT = ("the LLM methods that do are RTNConfig, GPTQConfig, AWQConfig and HQQConfig "
+CONSTRAINTS_HINT = ("the LLM methods that do are RTNConfig, GPTQConfig, AWQConfig, HQQConfig, "
+                    "OmniQuantConfig, ZeroQuantConfig, SmoothQuantConfig and RotationConfig "
                     "(WeightOnlyConfig, StaticConfig, DynamicConfig outside the pipeline); "
                     "or pass constraints=None (docs/hardware.md)")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ...quantize import fake_quantize
-from ..constraints import HardwareConstraints, constrained_weight, grid_params
+from ..constraints import HardwareConstraints, constrained_fake_weight
 
 __all__ = ["CHUNK", "awq_scales", "clip_quantize", "clip_ratios", "clip_search",
            "pseudo_quantize", "weight_mean"]
@@ -20,16 +20,11 @@ def pseudo_quantize(w: torch.Tensor, bits: int, group_size: int | None, sym: boo
                     c: HardwareConstraints | None = None) -> torch.Tensor:
     """Round to nearest of ``w`` (rows, K) on qkern's ``int{bits}`` grid, dequantized: per
     row (``group_size`` None) or in groups along K, as ``QuantLinear.from_float`` does; under
-    hardware constraints ``c`` on the grid the final layer gets (``constraints.grid_params``,
-    or ``constrained_weight`` with per_tensor / accumulator_bits)."""
+    hardware constraints ``c`` on the grid the final layer gets
+    (``constraints.constrained_fake_weight``)."""
     fmt = f"int{bits}"
     if c is not None and c.touches_weights():
-        if c.per_tensor or c.accumulator_bits is not None:
-            return constrained_weight(w.float(), fmt, c)[0]
-        s, z = grid_params(w, fmt, c, sym, group_size)
-        gran = {"granularity": "channel", "axis": 0} if group_size is None else {
-            "granularity": "group", "axis": 1, "group_size": group_size}
-        return fake_quantize(w, fmt, scale=s, zero_point=z, symmetric=z is None, **gran)
+        return constrained_fake_weight(w, fmt, c, sym, group_size).to(w.dtype)
     if group_size is None:
         return fake_quantize(w, fmt, granularity="channel", axis=0, symmetric=sym)
     return fake_quantize(w, fmt, granularity="group", axis=1, group_size=group_size,

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..constraints import check_input_format
+from ..constraints import check_dynamic_activations
 from ..layers import weight_module
 from ..registry import BaseConfig, Quantizer, check_choice, config_class, register_quantizer
 
@@ -38,14 +38,10 @@ class DynamicQuantizer(Quantizer):
     APPLIES_CONSTRAINTS = True
 
     def prepare(self, model: nn.Module) -> None:
-        c = self.config.constraints
-        if c is not None and c.pow2_scales:
-            raise ValueError("DynamicConfig computes activation scales at run time, which "
-                             "cannot be made powers of two; use StaticConfig")
-        check_input_format(c, "int8", "DynamicConfig")
-        if c is not None and c.per_tensor and self.config.act_granularity == "per_token":
-            raise ValueError("DynamicConfig: per_tensor constraints need "
-                             "act_granularity='per_tensor'")
+        check_dynamic_activations(self.config.constraints,
+                                  self.config.act_granularity == "per_token", "DynamicConfig",
+                                  "use StaticConfig (power-of-two scales) or "
+                                  "act_granularity='per_tensor' (per_tensor)")
         super().prepare(model)
 
     def convert(self, model: nn.Module) -> None:

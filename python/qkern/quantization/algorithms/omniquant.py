@@ -45,9 +45,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ... import formats as QF
 from ...nn import QuantLinear
 from ..blocks import fold_scales
+from ..constraints import (
+    check_dynamic_activations,
+    constrained_fake_weight,
+    symmetric_weights,
+)
+from ..layers import weight_module
 from ..registry import (
     BaseConfig,
     Batch,
@@ -67,6 +72,15 @@ from ..sequential import (
     check_weight_bits,
     relative_output_error,
 )
+from .omniquant_math import (
+    act_fake_quant,
+    clip_weight,
+    fake_quant_inputs,
+    lwc_fake_quant,
+    lwc_qparams,
+    lwc_range,
+    round_ste,
+)
 
 __all__ = ["OmniQuantConfig", "OmniQuantQuantizer", "act_fake_quant", "fake_quant_inputs",
            "lwc_fake_quant", "lwc_qparams", "lwc_range", "round_ste"]
@@ -75,8 +89,6 @@ log = logging.getLogger("qkern.omniquant")
 
 #: the targets of the block loss
 TARGETS = ("float", "block")
-#: smallest scale (as qkern's quantize: a zero range takes scale 1, smaller ones FLT_MIN)
-MIN_SCALE = float(torch.finfo(torch.float32).tiny)
 
 
 @config_class
@@ -140,92 +152,6 @@ class OmniQuantConfig(BaseConfig):
         super().__post_init__()
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round half to even forward, identity backward (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
-
-
-def _grid(bits: int) -> tuple[int, int]:
-    f = QF.get(f"int{bits}")
-    return f.qmin, f.qmax
-
-
-def _sane(scale: torch.Tensor) -> torch.Tensor:
-    return torch.where(scale > 0, scale, torch.ones_like(scale)).clamp_min(MIN_SCALE)
-
-
-def lwc_range(w: torch.Tensor, group: int, up: torch.Tensor | None = None,
-              low: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group ``(max(sigmoid(up) max(w_g), 0), min(sigmoid(low) min(w_g), 0))``."""
-    n, k = w.shape
-    wg = w.reshape(n, k // group, group)
-    hi, lo = wg.amax(-1), wg.amin(-1)
-    if up is not None:
-        hi = torch.sigmoid(up) * hi
-    if low is not None:
-        lo = torch.sigmoid(low) * lo
-    return hi.clamp_min(0.0), lo.clamp_max(0.0)
-
-
-def lwc_qparams(w: torch.Tensor, group: int, bits: int, sym: bool,
-                up: torch.Tensor | None = None, low: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales and zero points (N, K / group) of ``w`` (N, K) on qkern's ``int{bits}`` grid
-    with the learnable clip: ``hi = max(sigmoid(up) max(w_g), 0)``, ``lo = min(sigmoid(low)
-    min(w_g), 0)`` per group (``up`` / ``low`` None: no clipping, qkern's min-max rule).
-    Asymmetric: ``scale = (hi - lo) / (qmax - qmin)``, ``zp = clamp(qmin - rne(lo / scale))``
-    (no gradient through the zero point, as the authors' ``round``); symmetric:
-    ``scale = max(hi, -lo) / qmax``, zp None. Differentiable in ``up`` / ``low``."""
-    hi, lo = lwc_range(w, group, up, low)
-    qmin, qmax = _grid(bits)
-    if sym:
-        return _sane(torch.maximum(hi, -lo) / float(qmax)), None
-    scale = _sane((hi - lo) / float(qmax - qmin))
-    zp = (qmin - torch.round(lo.detach() / scale.detach())).clamp(qmin, qmax)
-    return scale, zp
-
-
-def lwc_fake_quant(w: torch.Tensor, group: int, bits: int, sym: bool,
-                   up: torch.Tensor | None = None, low: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(w_q, scale, zp)``: ``w`` quantized and dequantized on qkern's grid with the clip of
-    :func:`lwc_qparams`, rounding through :func:`round_ste` (float32, the kernels' order of
-    operations: ``t = w * (1/scale)``, ``q = clamp(rne(t) + zp, qmin, qmax)``,
-    ``w_q = (q - zp) * scale``)."""
-    n, k = w.shape
-    scale, zp = lwc_qparams(w, group, bits, sym, up, low)
-    qmin, qmax = _grid(bits)
-    s = scale.unsqueeze(-1)
-    t = w.reshape(n, k // group, group) * (1.0 / s)
-    q = round_ste(t)
-    if zp is not None:
-        q = q + zp.unsqueeze(-1)
-    q = q.clamp(qmin, qmax)
-    if zp is not None:
-        q = q - zp.unsqueeze(-1)
-    return (q * s).reshape(n, k), scale, zp
-
-
-def act_fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """Per-token symmetric int8 of the w8a8 kernel (docs/numerics.md: ``sx = amax / 127``,
-    0 -> 1, ``xq = clamp(rne(x / sx), -127, 127)``), straight-through rounding."""
-    sx = x.abs().amax(-1, keepdim=True) / 127.0
-    sx = torch.where(sx > 0, sx, torch.ones_like(sx)).clamp_min(MIN_SCALE)
-    return round_ste(x * (1.0 / sx)).clamp(-127, 127) * sx
-
-
-@contextlib.contextmanager
-def fake_quant_inputs(block: nn.Module, names):
-    """While active, the named linears of ``block`` see per-token int8 fake-quantized inputs."""
-    hooks = [block.get_submodule(n).register_forward_pre_hook(
-        lambda mod, args: (act_fake_quant(args[0]), *args[1:])) for n in names]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def _hidden(batch: Batch) -> torch.Tensor:
     return batch.args[0] if batch.args else batch.kwargs["hidden_states"]
 
@@ -269,9 +195,20 @@ class OmniQuantQuantizer(SequentialQuantizer):
                        "calibration batches: split over ranks, the sums take another order "
                        "and Adam's epochs carry the difference on; docs/distributed.md")
     NEEDS_DATA = True
+    APPLIES_CONSTRAINTS = True
+
+    def check_constraints(self, cfg, name: str) -> None:
+        """The base rules, and with ``act_bits=8`` those of per-token dynamic activations."""
+        super().check_constraints(cfg, name)
+        if cfg.act_bits == 8:
+            check_dynamic_activations(cfg.constraints, True,
+                                      f"OmniQuantConfig(act_bits=8) (layer {name})",
+                                      "use act_bits=None (weight-only)")
 
     def __init__(self, config):
         super().__init__(config)
+        #: {layer (block-relative): its hardware constraints} of the block being trained
+        self._cons: dict = {}
         self.history: dict[str, list[float]] = {}
         self.clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fp: list[torch.Tensor] | None = None
@@ -290,7 +227,8 @@ class OmniQuantQuantizer(SequentialQuantizer):
             if c.lwc:
                 up = nn.Parameter(torch.full((n, k // g), float(c.lwc_init)))
                 low = nn.Parameter(torch.full((n, k // g), float(c.lwc_init)))
-            out[rel] = (g, cfg.bits, cfg.sym, up, low)
+            sym = symmetric_weights(cfg.constraints, f"int{cfg.bits}", cfg.sym)
+            out[rel] = (g, cfg.bits, sym, up, low)
         return out
 
     def _let_params(self, ctx: BlockContext) -> list[tuple[str, list[str], nn.Parameter]]:
@@ -334,7 +272,16 @@ class OmniQuantQuantizer(SequentialQuantizer):
         for rel, (g, bits, sym, up, low) in lwc.items():
             key = f"{rel}.weight"
             w = eff.get(key, block.get_submodule(rel).weight)
-            eff[key] = lwc_fake_quant(w, g, bits, sym, up, low)[0]
+            fq = lwc_fake_quant(w, g, bits, sym, up, low)[0]
+            c = self._cons.get(rel)
+            if c is not None and c.touches_weights():
+                # forward: the constrained layer of the clipped weight (what is deployed);
+                # gradient: the unconstrained LWC's (straight through the constraints)
+                with torch.no_grad():
+                    target = constrained_fake_weight(clip_weight(w, g, sym, up, low),
+                                                     f"int{bits}", c, sym, g, rel)
+                fq = fq + (target.to(fq.dtype) - fq).detach()
+            eff[key] = fq
         return eff
 
     # ---- training ------------------------------------------------------------------------
@@ -440,6 +387,7 @@ class OmniQuantQuantizer(SequentialQuantizer):
             return
         for p in ctx.block.parameters():
             p.requires_grad_(False)
+        self._cons = {rel: cfg.constraints for rel, cfg in ctx.layers.items()}
         lwc = self._lwc_params(ctx)
         let = self._let_params(ctx)
         if ctx.inputs:
@@ -460,12 +408,22 @@ class OmniQuantQuantizer(SequentialQuantizer):
         names = list(ctx.layers)
         grams = ctx.grams(names) if ctx.inputs else {}
         share = (time.perf_counter() - t0) / len(names)
+        act = "none" if self.config.act_bits is None else "int8_dynamic"
         for rel in names:
             t1 = time.perf_counter()
             lin = ctx.block.get_submodule(rel)
             w = lin.weight.detach().float().clone()
-            new = self.build_layer(lin, *lwc[rel], act="none" if self.config.act_bits is None
-                                   else "int8_dynamic")
+            cfg = ctx.layers[rel]
+            if cfg.constraints is not None and cfg.constraints.touches_weights():
+                # the constrained grid (grid_params / the l1 budget) of the clipped weight
+                g, _, sym, up, low = lwc[rel]
+                with torch.no_grad():
+                    lin.weight.copy_(clip_weight(w, g, sym, up, low).to(lin.weight.dtype))
+                new = weight_module(lin, f"int{cfg.bits}", self.group_for(
+                    ctx.full_name(rel), cfg, lin.in_features), self.notes, ctx.full_name(rel),
+                    symmetric=cfg.sym, constraints=cfg.constraints, act=act)
+            else:
+                new = self.build_layer(lin, *lwc[rel], act=act)
             replace_module(ctx.block, rel, new)
             err = relative_output_error(w, new.dequantize_weight(), grams.get(rel))
             log(ctx.full_name(rel), err, share + time.perf_counter() - t1)
@@ -475,16 +433,8 @@ class OmniQuantQuantizer(SequentialQuantizer):
         """Clamps each weight group to its learned ``[lo, hi]`` (sym: ``+-max(hi, -lo)``)."""
         with torch.no_grad():
             for rel, (g, _, sym, up, low) in lwc.items():
-                lin = ctx.block.get_submodule(rel)
-                w = lin.weight
-                hi, lo = lwc_range(w.detach().float(), g, up, low)
-                if sym:
-                    hi = torch.maximum(hi, -lo)
-                    lo = -hi
-                n, k = w.shape
-                wg = w.detach().float().reshape(n, k // g, g)
-                wg = torch.minimum(torch.maximum(wg, lo.unsqueeze(-1)), hi.unsqueeze(-1))
-                w.copy_(wg.reshape(n, k).to(w.dtype))
+                w = ctx.block.get_submodule(rel).weight
+                w.copy_(clip_weight(w, g, sym, up, low).to(w.dtype))
 
     @staticmethod
     def build_layer(lin: nn.Linear, group: int, bits: int, sym: bool,

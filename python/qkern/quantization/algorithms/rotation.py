@@ -53,6 +53,7 @@ from ...hadamard import base_order, random_signs
 from ...nn import QuantLinear
 from ...nn.hadamard import HadamardInput, HadamardOutput, rotate
 from ..blocks import block_linears, find_blocks, is_norm, linearize_conv1d, scale_pairs
+from ..constraints import check_dynamic_activations
 from ..registry import BaseConfig, check_bool, check_int, config_class, fail, register_quantizer
 from ..sequential import BlockContext, SequentialQuantizer, check_weight_bits
 
@@ -319,10 +320,23 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 @register_quantizer(RotationConfig)
 class RotationQuantizer(SequentialQuantizer):
     """Rotates each block (:func:`rotate_block`), then quantizes its linears (``then`` or
-    round to nearest), with int8 dynamic activations when ``act_bits == 8``."""
+    round to nearest), with int8 dynamic activations when ``act_bits == 8``. ``constraints``
+    apply to the round to nearest as RTNConfig's (``then`` carries its own, the same); with
+    ``act_bits=8`` the activation scales are computed at run time: ``pow2_scales`` and
+    ``per_tensor`` are refused there (docs/hardware.md)."""
 
     GRAMS = False
     NEEDS_DATA = False
+    APPLIES_CONSTRAINTS = True
+
+    def check_constraints(self, cfg, name: str) -> None:
+        """The base rules, and with ``act_bits=8`` those of dynamic int8 activations (per
+        token, or per block of 32 along K on the int2-4 fast kernels)."""
+        super().check_constraints(cfg, name)
+        if cfg.act_bits == 8:
+            check_dynamic_activations(cfg.constraints, True,
+                                      f"RotationConfig(act_bits=8) (layer {name})",
+                                      "use act_bits=None (weight-only)")
 
     def process_block(self, ctx: BlockContext) -> None:
         cfg = self.config

@@ -31,6 +31,7 @@ from ..._checks import warn_user
 from ...nn import QuantLinear
 from ..blocks import find_blocks, fold_scales, is_norm, scale_pairs
 from ..calibration import as_batches, input_rows, run_batches
+from ..constraints import check_dynamic_activations, check_input_format, constrain_activation
 from ..distributed import active, all_reduce_max, all_reduce_sum
 from ..layers import weight_module
 from ..registry import (
@@ -294,9 +295,26 @@ class SmoothQuantQuantizer(SequentialQuantizer):
     float block's calibration inputs, folded into the block (:func:`smooth_block`); then each
     linear becomes a W8A8 QuantLinear (``then``'s weights when given). ``scales``
     {full prev name: s} and ``act_absmax`` {full layer name: max |x| of its smoothed input}
-    keep what was used."""
+    keep what was used. ``constraints``: the int8 weights on :func:`~qkern.quantization.
+    constraints.grid_params`' grid (or within the accumulator bound), the static activation
+    scale rounded up to a power of two; dynamic activations (O1 / O2) refuse
+    ``pow2_scales``, per-token ones (O1) ``per_tensor`` (docs/hardware.md)."""
 
     GRAMS = False
+    APPLIES_CONSTRAINTS = True
+
+    def check_constraints(self, cfg, name: str) -> None:
+        """The base rules, and what the activations can honour: power-of-two scales only
+        static (``act="static_tensor"``), ``per_tensor`` not per token, inputs of at most the
+        accumulator bound's ``input_bits``."""
+        super().check_constraints(cfg, name)
+        c = cfg.constraints
+        what = f"SmoothQuantConfig(act={cfg.act!r}) (layer {name})"
+        if cfg.act == "static_tensor":
+            check_input_format(c, "int8", what)
+        else:
+            check_dynamic_activations(c, cfg.act == "dynamic_token", what,
+                                      "use act='static_tensor' (O3)")
 
     def __init__(self, config):
         super().__init__(config)
@@ -367,15 +385,21 @@ class SmoothQuantQuantizer(SequentialQuantizer):
                              "scale (did the layer run on the calibration data?)")
         return m / 127.0 if m > 0 else 1.0 / 127.0
 
+    def _static_scale(self, name: str, cfg) -> float:
+        """:meth:`act_scale` under the constraints (``constraints.constrain_activation``, as
+        StaticConfig's observers: rounded up to a power of two when asked)."""
+        sx = torch.tensor(self.act_scale(name), dtype=torch.float32)
+        return float(constrain_activation(sx, None, cfg.constraints, name)[0])
+
     def quantize_layer(self, name: str, linear: nn.Linear, gram: torch.Tensor | None,
                        cfg) -> nn.Module:
         act = ACT_MODES[cfg.act]
-        sx = self.act_scale(name) if act == "int8_static" else None
+        sx = self._static_scale(name, cfg) if act == "int8_static" else None
         if self.inner is not None:
             q = self.inner.quantize_layer(name, linear, gram, self.inner.config)
             return with_activations(q, act, sx, self.notes, name)
         return weight_module(linear, "int8", None, self.notes, name, symmetric=True, act=act,
-                             act_scale=sx)
+                             act_scale=sx, constraints=cfg.constraints)
 
 
 def with_activations(q: nn.Module, act: str, act_scale: float | None, notes: dict,

@@ -25,6 +25,12 @@ from torch import nn
 from ...kernels.token_int8 import per_token_int8
 from ...quantize import fake_quantize
 from ..calibration import call_model
+from ..constraints import (
+    HardwareConstraints,
+    check_dynamic_activations,
+    constrained_fake_weight,
+    symmetric_weights,
+)
 from ..distributed import all_reduce_sum, batch_count, local_batch, sum_batches
 from ..layers import weight_module
 from ..registry import (
@@ -73,7 +79,9 @@ class ZeroQuantConfig(BaseConfig):
 def zeroquant_act(cfg: ZeroQuantConfig, group_size: int | None) -> str:
     """The activation mode: the fused int8 GEMM for symmetric int8 weights per output
     channel, per-token int8 in front of the weight's kernel otherwise."""
-    return "int8_dynamic" if cfg.bits == 8 and group_size is None and cfg.sym else "int8_token"
+    return ("int8_dynamic" if cfg.bits == 8 and group_size is None
+            and symmetric_weights(cfg.constraints, f"int{cfg.bits}", cfg.sym)
+            else "int8_token")
 
 
 def _quant_kwargs(group_size: int | None, sym: bool) -> dict:
@@ -82,24 +90,34 @@ def _quant_kwargs(group_size: int | None, sym: bool) -> dict:
     return {"granularity": "group", "axis": 1, "group_size": group_size, "symmetric": sym}
 
 
-def zeroquant_weight(w: torch.Tensor, bits: int, group_size: int | None, sym: bool
-                     ) -> torch.Tensor:
+def zeroquant_weight(w: torch.Tensor, bits: int, group_size: int | None, sym: bool,
+                     constraints: HardwareConstraints | None = None) -> torch.Tensor:
     """The round-to-nearest weight (out, in) the quantized layer holds, differentiable with
-    the straight-through estimator (``qkern.fake_quantize``)."""
+    the straight-through estimator (``qkern.fake_quantize``). With ``constraints`` the
+    forward value is the constrained layer's weight
+    (``constraints.constrained_fake_weight``: the grid of ``grid_params``, the accumulator
+    bound) and the gradient passes unchanged (straight through)."""
+    if constraints is not None and constraints.touches_weights():
+        target = constrained_fake_weight(w, f"int{bits}", constraints, sym, group_size,
+                                         "zeroquant_weight")
+        return w + (target.to(w.dtype) - w).detach()
     return fake_quantize(w, f"int{bits}", **_quant_kwargs(group_size, sym))
 
 
 class _FakeQuantLinear(nn.Module):
     """LKD's training twin of a linear: per-token int8 x, fake-quantized weight (STE)."""
 
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int | None, sym: bool):
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int | None, sym: bool,
+                 constraints: HardwareConstraints | None = None):
         super().__init__()
         self.linear, self.bits, self.group_size, self.sym = linear, bits, group_size, sym
+        self.constraints = constraints
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xq = per_token_int8(x.reshape(-1, shape[-1]).float()).reshape(shape)
-        w = zeroquant_weight(self.linear.weight, self.bits, self.group_size, self.sym)
+        w = zeroquant_weight(self.linear.weight, self.bits, self.group_size, self.sym,
+                             self.constraints)
         return F.linear(xq, w, self.linear.bias)
 
 
@@ -109,8 +127,13 @@ def _hidden(out):
 
 @register_quantizer(ZeroQuantConfig)
 class ZeroQuantQuantizer(SequentialQuantizer):
+    """``constraints``: the weights (and LKD's fake-quantized training weights) on the
+    constrained grid (``symmetric``, ``accumulator_bits``); the activations are quantized per
+    token at run time, so ``pow2_scales`` and ``per_tensor`` are refused (docs/hardware.md)."""
+
     GRAMS = False
     NEEDS_DATA = False
+    APPLIES_CONSTRAINTS = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -127,13 +150,21 @@ class ZeroQuantQuantizer(SequentialQuantizer):
         return self.group_for(name, cfg, k) if cfg.bits == 4 else (
             None if cfg.group_size is None or k % cfg.group_size else cfg.group_size)
 
+    def check_constraints(self, cfg, name: str) -> None:
+        """The base rules, and those of its per-token dynamic int8 activations."""
+        super().check_constraints(cfg, name)
+        check_dynamic_activations(cfg.constraints, True, f"ZeroQuantConfig (layer {name})",
+                                  "ZeroQuant's activations are int8 per token (for power-of-two"
+                                  " or per-tensor scales use SmoothQuantConfig(act="
+                                  "'static_tensor') or RTNConfig / GPTQConfig)")
+
     def quantize_layer(self, name, linear, gram, cfg):
         g = self.layer_group(name, cfg, linear.in_features)
         if cfg.bits == 8 and cfg.group_size is not None and g is None:
             self.notes[name] = (f"group_size {cfg.group_size} does not divide its input size "
                                 f"{linear.in_features}: quantized per output channel")
         return weight_module(linear, f"int{cfg.bits}", g, self.notes, name, symmetric=cfg.sym,
-                             act=zeroquant_act(cfg, g))
+                             act=zeroquant_act(cfg, g), constraints=cfg.constraints)
 
     def preflight(self, name, linear, cfg) -> str | None:
         """None, or why the layer cannot be built (every weight runs: the int8_token path
@@ -200,7 +231,7 @@ def distill_block(q: ZeroQuantQuantizer, ctx: BlockContext) -> tuple[float, floa
         lin = ctx.block.get_submodule(rel)
         originals[rel] = lin.weight.detach().clone()
         g = q.layer_group(ctx.full_name(rel), cfg, lin.in_features)
-        twins[rel] = _FakeQuantLinear(lin, cfg.bits, g, cfg.sym)
+        twins[rel] = _FakeQuantLinear(lin, cfg.bits, g, cfg.sym, cfg.constraints)
         replace_module(ctx.block, rel, twins[rel])
     grads = {p: p.requires_grad for p in ctx.block.parameters()}
     try:
