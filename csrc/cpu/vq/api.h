@@ -57,8 +57,12 @@
 // in turn and sets b_j to the lowest c with the smallest
 //   U[j][c] + 2 * s_c,  s_c = (((0 + P_i0[c]) + P_i1[c]) + ...)  (float32, i = 0..m-1, i != j,
 //   ascending; P_i[c] = <c_{i b_i}, c_jc>, the current b_i: earlier codebooks already moved)
-// (= ||x - sum_{i != j} c_{i b_i} - c_jc||^2 less terms independent of c, up to rounding). Up to icm_iters sweeps per vector; a vector stops after a sweep that changed
-// nothing (a fixed point: the next sweep would see the same values).
+// (= ||x - sum_{i != j} c_{i b_i} - c_jc||^2 less terms independent of c, up to rounding;
+// U[j][c] = ||c||^2 - 2 (x.c) in float32, x2 exact). The scan in c ascending replaces the
+// running best (start: +inf, entry 0) only when strictly smaller: ties to the lowest c, NaN
+// never chosen, no value below +inf keeps entry 0. Up to icm_iters sweeps per vector; a
+// vector stops after a sweep that changed nothing (a fixed point: the next sweep would see the
+// same values).
 // ils_encode: iterated local search on icm_encode's sweeps, per vector: best = ICM(start), the
 // start kept if its float64 error is lower; then ils_iters rounds of (cand = best with
 // cand[pert_book[o + p]] = pert_code[o + p] for p = 0..nperts-1 in order, o = (r n + i) nperts,
