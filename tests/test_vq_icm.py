@@ -1,6 +1,8 @@
-"""Local-search encoding of additive codebooks (qkern.vq.icm: ICM / ILS, FAISS's LSQ encoder),
-the additive quantizer that uses it, and progressive-dimension k-means (FAISS's
-ProgressiveDimClustering) in the residual quantizer, against independent references: numpy
+"""Local-search encoding of additive codebooks (qkern.vq.icm: ICM / ILS, FAISS's LSQ encoder,
+from look-up tables in C++), the additive quantizer that uses it, and progressive-dimension
+k-means (FAISS's ProgressiveDimClustering) in the residual quantizer, against independent
+references: numpy ICM / ILS written from the definition (each codebook in turn takes the
+argmin over its entries of the exact float64 squared error, the lowest entry on ties), numpy
 brute force over every single-code change and over every code (exhaustive search), FAISS's
 LocalSearchQuantizer, ProgressiveDimClustering and ResidualQuantizer (faiss-cpu) on digits."""
 
@@ -13,7 +15,7 @@ import pytest
 
 import qkern
 from isas import params, use
-from qkern.vq import AdditiveQuantizer, KMeans, ResidualQuantizer
+from qkern.vq import AdditiveQuantizer, KMeans, ResidualQuantizer, search
 from qkern.vq.icm import icm, ils
 from qkern.vq.kmeans import progressive_dim_kmeans
 
@@ -37,7 +39,88 @@ def tiny(rng, n=300, m=3, k=5, d=4):
     return x, books, rng.integers(0, k, (n, m))
 
 
+def icm_reference(x, books, codes, iters):
+    """ICM from the definition: ``iters`` sweeps, each codebook j = 0..m-1 in turn set to the
+    argmin over k (first: the lowest k on ties) of the float64 squared error, others fixed."""
+    b = books.astype(np.float64)
+    x64 = x.astype(np.float64)
+    codes = codes.astype(np.int64, copy=True)
+    for _ in range(iters):
+        for j in range(books.shape[0]):
+            others = sum(b[i][codes[:, i]] for i in range(books.shape[0]) if i != j)
+            res = x64 - others  # (n, d)
+            errs = ((res[:, None, :] - b[j][None]) ** 2).sum(-1)  # (n, K)
+            codes[:, j] = errs.argmin(1)
+    return codes
+
+
+def ils_reference(x, books, codes, ils_iters, icm_iters, nperts, rng):
+    """ILS from the definition, the perturbations drawn round by round (codebooks, then
+    entries), the start kept where ICM does worse, a candidate kept where strictly better."""
+    n, (m, k) = x.shape[0], books.shape[:2]
+    best = icm_reference(x, books, codes, icm_iters)
+    worse = err64(x, books, best) > err64(x, books, codes)
+    best[worse] = codes[worse]
+    for _ in range(ils_iters):
+        which, value = rng.integers(0, m, (n, nperts)), rng.integers(0, k, (n, nperts))
+        cand = best.copy()
+        for i in range(n):
+            for p in range(nperts):
+                cand[i, which[i, p]] = value[i, p]
+        cand = icm_reference(x, books, cand, icm_iters)
+        better = err64(x, books, cand) < err64(x, books, best)
+        best[better] = cand[better]
+    return best
+
+
+def integer_problem(rng, n=200, m=3, k=40, d=4):
+    """Small integers (float32 arithmetic exact): many exact ties; duplicated codewords."""
+    x = rng.integers(-6, 7, (n, d)).astype(np.float32)
+    books = rng.integers(-2, 3, (m, k, d)).astype(np.float32)
+    books[:, k // 2] = books[:, 1]  # equal entries: the lower one must win
+    return x, books, rng.integers(0, k, (n, m))
+
+
 # ---- ICM ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("isa", params())
+@pytest.mark.parametrize("k", [5, 40, 64])
+def test_icm_equals_the_definition_with_exact_ties(isa, k, rng):
+    """Exact arithmetic (integers): the look-up-table sweep's codes are the reference's,
+    ties to the lowest entry, on every ISA and thread count; also the search path (codebooks
+    past the table limit)."""
+    use(isa)
+    x, books, start = integer_problem(rng, k=k)
+    want = icm_reference(x, books, start, 3)
+    for threads in (1, 3):
+        qkern.set_num_threads(threads)
+        np.testing.assert_array_equal(icm(x, books, start, icm_iters=3), want)
+
+
+def test_icm_search_path_past_the_table_limit(rng, monkeypatch):
+    x, books, start = integer_problem(rng, k=40)
+    want = icm_reference(x, books, start, 3)
+    monkeypatch.setattr(search, "LUT_MAX_FLOATS", 10)
+    np.testing.assert_array_equal(icm(x, books, start, icm_iters=3), want)
+    got = ils(x, books, start, 3, 2, 2, np.random.default_rng(4))
+    np.testing.assert_array_equal(
+        got, ils_reference(x, books, start, 3, 2, 2, np.random.default_rng(4)))
+
+
+@pytest.mark.parametrize("isa", params())
+def test_icm_and_ils_equal_the_definition_on_gaussians(isa, rng):
+    """Random floats: the same codes as the float64 reference (no near-ties at this size) and
+    squared errors equal within float rounding."""
+    use(isa)
+    x, books, start = tiny(rng, n=300, m=4, k=48, d=8)
+    want = icm_reference(x, books, start, 4)
+    got = icm(x, books, start, icm_iters=4)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(err64(x, books, got), err64(x, books, want), rtol=1e-6)
+    got = ils(x, books, start, 3, 3, 2, np.random.default_rng(5))
+    want = ils_reference(x, books, start, 3, 3, 2, np.random.default_rng(5))
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("isa", params())
 def test_icm_fixed_point_is_locally_optimal(isa, rng):
     """Run to convergence, no single code change (brute force over all j, k) lowers the
@@ -80,16 +163,19 @@ def test_ils_never_worse_than_its_start_and_near_exhaustive(rng):
     assert reached > 0.95 and reached > np.isclose(err64(x, books, plain), opt).mean()
 
 
-def test_ils_is_deterministic_across_threads_and_isas(rng):
-    x, books, start = tiny(rng, n=700, m=4, k=16, d=8)
+@pytest.mark.parametrize("k", [16, 70])
+def test_ils_is_deterministic_across_threads_and_isas(rng, k):
+    x, books, start = tiny(rng, n=700, m=4, k=k, d=8)
     qkern.set_isa("scalar")
     want = ils(x, books, start, 4, 3, 2, np.random.default_rng(7))
+    want_icm = icm(x, books, start, 3)
     for isa in qkern.available_isas():
         qkern.set_isa(isa)
         for threads in (1, 3):
             qkern.set_num_threads(threads)
             got = ils(x, books, start, 4, 3, 2, np.random.default_rng(7))
             np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(icm(x, books, start, 3), want_icm)
 
 
 def test_icm_errors(rng):
@@ -104,10 +190,14 @@ def test_icm_errors(rng):
         ils(x, books, codes, nperts=4)
     with pytest.raises(ValueError, match="codebooks"):
         icm(x[:, :3], books, codes)
+    with pytest.raises(ValueError, match="cross must be"):
+        icm(x, books, codes, cross=np.zeros(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="cross must be"):
+        ils(x, books, codes, 2, 2, 2, cross=search.rq_cross_table(books).astype(np.float64))
 
 
 # ---- the additive quantizer ----------------------------------------------------------------
-def test_aq_ils_beats_beam_and_matches_faiss_lsq(digits):
+def test_aq_ils_beats_beam_and_matches_faiss_lsq(digits, monkeypatch):
     """On held-out digits (FAISS's LSQ encodes its own training vectors, in their training
     order, far better than any others: its encoder replays the training's random start)."""
     faiss = pytest.importorskip("faiss")
@@ -128,6 +218,11 @@ def test_aq_ils_beats_beam_and_matches_faiss_lsq(digits):
     np.testing.assert_array_equal(aq.encode(digits[:300]), c1)
     again = AdditiveQuantizer(64, m, nbits, beam_size=4, refine_rounds=10).train(train)
     np.testing.assert_array_equal(again.codebooks, aq.codebooks)
+    # the residual-search path (past the table limit: the encoder before the look-up tables)
+    # gives the same MSE up to float order (the same codes on these vectors when measured)
+    monkeypatch.setattr(search, "LUT_MAX_FLOATS", 0)
+    aq._cross = None
+    assert abs(aq.mse(test) - ours) <= 1e-6 * ours
 
 
 def test_aq_errors():

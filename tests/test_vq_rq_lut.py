@@ -11,7 +11,7 @@ import pytest
 
 import qkern
 from isas import params, use
-from qkern.vq import ResidualQuantizer, rq
+from qkern.vq import ResidualQuantizer, rq, search
 from qkern.vq.search import rq_beam_encode, rq_cross_table
 
 
@@ -122,7 +122,7 @@ def test_quantizer_caches_tables_per_codebooks(rng, monkeypatch):
     q.codebooks = other  # new codebooks: new tables
     np.testing.assert_array_equal(q.encode(x), beam_reference(x, other, 4))
     # codebooks past LUT_MAX_FLOATS search by residuals (the same codes here)
-    monkeypatch.setattr(rq, "LUT_MAX_FLOATS", 10)
+    monkeypatch.setattr(search, "LUT_MAX_FLOATS", 10)
     q2 = ResidualQuantizer(6, m=3, nbits=4, beam_size=4)
     q2.codebooks, q2.is_trained = other, True
     np.testing.assert_array_equal(q2.encode(x), beam_reference(x, other, 4))

@@ -115,6 +115,47 @@ void init(py::module_& m) {
                        reinterpret_cast<const float*>(cross), beam,
                        reinterpret_cast<int64_t*>(codes));
   });
+  // x (n, d), books (m, k, d), cross (rq_cross_table) float32; codes (n, m) int64 in place,
+  // each < k (checked by the caller). ils_iters < 0: plain ICM; else ILS with the perturbations
+  // book / code (ils_iters, n, nperts) int32 (book < m, code < k: the caller draws them).
+  m.def("icm_encode_raw", [](uintptr_t x, int64_t n, int64_t d, uintptr_t books, int64_t m_,
+                             int64_t k, uintptr_t cross, int64_t icm_iters, int64_t ils_iters,
+                             int64_t nperts, uintptr_t book, uintptr_t code, uintptr_t codes) {
+    positive(d, "icm_encode: d");
+    positive(m_, "icm_encode: m");
+    positive(k, "icm_encode: k");
+    if (icm_iters < 0)
+      throw py::value_error("icm_encode: icm_iters must be >= 0, got " +
+                            std::to_string(icm_iters));
+    qk::bind::checked_mul(n, d, "icm_encode n x d");
+    qk::bind::checked_mul(n, m_, "icm_encode n x m");
+    qk::bind::checked_mul(qk::bind::checked_mul(m_, k, "icm_encode m x k"), d,
+                          "icm_encode m x k x d");
+    qk::bind::checked_mul(qk::bind::checked_mul(k, k, "icm_encode k x k"), m_ * m_,
+                          "icm_encode table size");
+    if (ils_iters >= 0) {
+      if (nperts < 1 || nperts > m_)
+        throw py::value_error("icm_encode: nperts must lie in 1.." + std::to_string(m_) +
+                              ", got " + std::to_string(nperts));
+      qk::bind::checked_mul(qk::bind::checked_mul(ils_iters, n, "icm_encode ils_iters x n"),
+                            nperts, "icm_encode perturbations");
+    }
+    if (n == 0) return;
+    nonnull({x, books, codes}, "icm_encode_raw");
+    if (m_ > 1) nonnull({cross}, "icm_encode_raw");
+    if (ils_iters > 0) nonnull({book, code}, "icm_encode_raw");
+    const auto* xp = reinterpret_cast<const float*>(x);
+    const auto* bp = reinterpret_cast<const float*>(books);
+    const auto* cp = reinterpret_cast<const float*>(cross);
+    auto* out = reinterpret_cast<int64_t*>(codes);
+    py::gil_scoped_release nogil;
+    if (ils_iters < 0)
+      qk::icm_encode(xp, n, d, bp, m_, k, cp, icm_iters, out);
+    else
+      qk::ils_encode(xp, n, d, bp, m_, k, cp, icm_iters, ils_iters, nperts,
+                     reinterpret_cast<const int32_t*>(book),
+                     reinterpret_cast<const int32_t*>(code), out);
+  });
   // x (n, m * dsub), codebooks (m, ksub, dsub) float32, codes (n, m) int64.
   m.def("pq_encode_raw", [](uintptr_t x, int64_t n, int64_t m_, int64_t ksub, int64_t dsub,
                             uintptr_t cb, uintptr_t codes) {

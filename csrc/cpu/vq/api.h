@@ -47,9 +47,30 @@
 // (= ||x - sum_j books[j][p_b[j]] - c||^2 up to rounding; D = ||x||^2 for the empty code) and
 // keeps the beam smallest, ascending, equal values by (b, c) (the earlier parent first); the
 // codes are the first kept entry after stage m - 1. Bit-identical on every ISA (the values are
-// float32 sums in the order above). All spread their rows over the thread pool; results do not
-// depend on the thread count. their rows over the thread pool; results do not depend on the
-// thread count.
+// float32 sums in the order above).
+//
+// icm_encode: iterated conditional modes for additive codebooks (m, K, d) (FAISS's
+// LocalSearchQuantizer icm_encode_step) from look-up tables, codes (n, m) in place: the unary
+// terms U[j][c] = ||c_jc||^2 - 2 x.c_jc (the norms and dot products of vq_assign, once per
+// vector) and the pair terms <c_ia, c_jc> read from cross (rq_cross_table of the same books;
+// rows with i > j come from its transposed blocks, built per call). A sweep takes j = 0..m-1
+// in turn and sets b_j to the lowest c with the smallest
+//   U[j][c] + 2 * s_c,  s_c = (((0 + P_i0[c]) + P_i1[c]) + ...)  (float32, i = 0..m-1, i != j,
+//   ascending; P_i[c] = <c_{i b_i}, c_jc>, the current b_i: earlier codebooks already moved)
+// (= ||x - sum_{i != j} c_{i b_i} - c_jc||^2 less terms independent of c, up to rounding;
+// U[j][c] = ||c||^2 - 2 (x.c) in float32, x2 exact). The scan in c ascending replaces the
+// running best (start: +inf, entry 0) only when strictly smaller: ties to the lowest c, NaN
+// never chosen, no value below +inf keeps entry 0. Up to icm_iters sweeps per vector; a
+// vector stops after a sweep that changed nothing (a fixed point: the next sweep would see the
+// same values).
+// ils_encode: iterated local search on icm_encode's sweeps, per vector: best = ICM(start), the
+// start kept if its float64 error is lower; then ils_iters rounds of (cand = best with
+// cand[pert_book[o + p]] = pert_code[o + p] for p = 0..nperts-1 in order, o = (r n + i) nperts,
+// the perturbations (ils_iters, n, nperts) drawn by the caller; ICM(cand); best = cand where
+// its float64 error is strictly lower). The float64 error: sum over t in order of
+// (x_t - sum_j c_{j b_j}[t])^2, the reconstruction summed in codebook order.
+// All spread their rows over the thread pool; results do not depend on the thread count, and
+// every ISA gives the same bits.
 #pragma once
 #include <cstdint>
 
@@ -78,5 +99,11 @@ void pq_adc_scan(const float* table, int64_t nq, int64_t ksub, const uint16_t* c
 void rq_cross_table(const float* books, int64_t m, int64_t k, int64_t d, float* cross);
 void rq_beam_encode(const float* x, int64_t n, int64_t d, const float* books, int64_t m,
                     int64_t k, const float* cross, int64_t beam, int64_t* codes);
+
+void icm_encode(const float* x, int64_t n, int64_t d, const float* books, int64_t m, int64_t k,
+                const float* cross, int64_t icm_iters, int64_t* codes);
+void ils_encode(const float* x, int64_t n, int64_t d, const float* books, int64_t m, int64_t k,
+                const float* cross, int64_t icm_iters, int64_t ils_iters, int64_t nperts,
+                const int32_t* pert_book, const int32_t* pert_code, int64_t* codes);
 
 }  // namespace qk

@@ -163,6 +163,123 @@ struct Beam {
   }
 };
 
+// One vector's local search (api.h icm_encode / ils_encode) on the look-up tables: u the
+// unary terms (m K), the pair rows from the cross table and its transposed blocks.
+struct LocalSearch {
+  int64_t m, k, d;
+  const float *books, *cross, *cross_t;
+  const vq::Kernels& kern;
+  std::vector<float> u;
+  std::vector<const float*> rows;
+  std::vector<int64_t> start, best, cand;
+  std::vector<double> recon;
+  LocalSearch(int64_t m_, int64_t k_, int64_t d_, const float* books_, const float* cross_,
+              const float* cross_t_, const vq::Kernels& kern_)
+      : m(m_), k(k_), d(d_), books(books_), cross(cross_), cross_t(cross_t_), kern(kern_),
+        u(m_ * k_), rows(m_), start(m_), best(m_), cand(m_), recon(d_) {}
+  // <books[i][a], books[j][c]> for c < K (i != j): a row of the cross table (i < j) or of its
+  // transposed block (i > j).
+  const float* pair_row(int64_t j, int64_t i, int64_t a) const {
+    return i < j ? cross + k * k * j * (j - 1) / 2 + (i * k + a) * k
+                 : cross_t + k * k * i * (i - 1) / 2 + (j * k + a) * k;
+  }
+  // Up to iters sweeps on b (j = 0..m-1 in turn); stops after a sweep that changed nothing.
+  void sweeps(int64_t* b, int64_t iters) {
+    for (int64_t it = 0; it < iters; ++it) {
+      bool moved = false;
+      for (int64_t j = 0; j < m; ++j) {
+        int64_t nr = 0;
+        for (int64_t i = 0; i < m; ++i)
+          if (i != j) rows[nr++] = pair_row(j, i, b[i]);
+        const int64_t c = kern.lut_argmin(u.data() + j * k, rows.data(), nr, k);
+        if (c != b[j]) {
+          b[j] = c;
+          moved = true;
+        }
+      }
+      if (!moved) break;
+    }
+  }
+  // ||x - sum_j books[j][b_j]||^2 in float64: the sum in codebook order, then over t in order.
+  double err(const float* x, const int64_t* b) {
+    std::fill(recon.begin(), recon.end(), 0.0);
+    for (int64_t j = 0; j < m; ++j) {
+      const float* c = books + (j * k + b[j]) * d;
+      for (int64_t t = 0; t < d; ++t) recon[t] += static_cast<double>(c[t]);
+    }
+    double e = 0.0;
+    for (int64_t t = 0; t < d; ++t) {
+      const double r = static_cast<double>(x[t]) - recon[t];
+      e += r * r;
+    }
+    return e;
+  }
+  // rounds < 0: plain ICM; else ILS, the perturbations (rounds, n, nperts) book / code pairs,
+  // row i's of round r at (r * n + i) * nperts.
+  void row(const float* x, const float* xc, const float* norms, int64_t icm_iters,
+           int64_t rounds, int64_t n, int64_t i, int64_t nperts, const int32_t* pbook,
+           const int32_t* pcode, int64_t* codes) {
+    for (int64_t c = 0; c < m * k; ++c) u[c] = norms[c] - 2.0f * xc[c];
+    if (rounds < 0) {
+      sweeps(codes, icm_iters);
+      return;
+    }
+    std::copy(codes, codes + m, start.data());
+    std::copy(codes, codes + m, best.data());
+    sweeps(best.data(), icm_iters);
+    double e_best = err(x, best.data());
+    const double e_start = err(x, start.data());
+    if (e_best > e_start) {
+      best = start;
+      e_best = e_start;
+    }
+    for (int64_t r = 0; r < rounds; ++r) {
+      cand = best;
+      const int64_t o = (r * n + i) * nperts;
+      for (int64_t p = 0; p < nperts; ++p) cand[pbook[o + p]] = pcode[o + p];
+      sweeps(cand.data(), icm_iters);
+      const double e = err(x, cand.data());
+      if (e < e_best) {
+        best.swap(cand);
+        e_best = e;
+      }
+    }
+    std::copy(best.begin(), best.end(), codes);
+  }
+};
+
+void local_search(const float* x, int64_t n, int64_t d, const float* books, int64_t m, int64_t k,
+                  const float* cross, int64_t icm_iters, int64_t rounds, int64_t nperts,
+                  const int32_t* pbook, const int32_t* pcode, int64_t* codes) {
+  if (n <= 0 || m <= 0 || k <= 0 || d <= 0) return;
+  const int64_t mk = m * k;
+  // The transposed K x K blocks of the cross table (block (s, j) at the same offset).
+  std::vector<float> cross_t(static_cast<size_t>(k * k * m * (m - 1) / 2));
+  for (int64_t s = 1; s < m; ++s)
+    for (int64_t j = 0; j < s; ++j) {
+      const int64_t off = k * k * s * (s - 1) / 2 + j * k * k;
+      for (int64_t a0 = 0; a0 < k; a0 += 32)
+        for (int64_t c = 0; c < k; ++c)
+          for (int64_t a = a0; a < std::min(k, a0 + 32); ++a)
+            cross_t[off + a * k + c] = cross[off + c * k + a];
+    }
+  const PackedOwner own(books, mk, d, d);  // every codeword: norms, panels
+  const auto& kern = vq::kernels();
+  const int64_t work = mk * d + (std::max<int64_t>(rounds, 0) + 1) * icm_iters * m * mk;
+  over_rows(n, work, [&](int64_t r0, int64_t r1) {
+    constexpr int64_t kChunk = 24;  // rows whose dot products are computed together
+    std::vector<float> xc(static_cast<size_t>(kChunk * mk));
+    LocalSearch ls(m, k, d, books, cross, cross_t.data(), kern);
+    for (int64_t i0 = r0; i0 < r1; i0 += kChunk) {
+      const int64_t len = std::min(kChunk, r1 - i0);
+      kern.dots(x + i0 * d, len, own.packed, xc.data(), mk);
+      for (int64_t r = 0; r < len; ++r)
+        ls.row(x + (i0 + r) * d, xc.data() + r * mk, own.norms.data(), icm_iters, rounds, n,
+               i0 + r, nperts, pbook, pcode, codes + (i0 + r) * m);
+    }
+  });
+}
+
 }  // namespace
 
 void rq_cross_table(const float* books, int64_t m, int64_t k, int64_t d, float* cross) {
@@ -195,6 +312,18 @@ void rq_beam_encode(const float* x, int64_t n, int64_t d, const float* books, in
                codes + (i0 + r) * m);
     }
   });
+}
+
+void icm_encode(const float* x, int64_t n, int64_t d, const float* books, int64_t m, int64_t k,
+                const float* cross, int64_t icm_iters, int64_t* codes) {
+  local_search(x, n, d, books, m, k, cross, icm_iters, -1, 0, nullptr, nullptr, codes);
+}
+
+void ils_encode(const float* x, int64_t n, int64_t d, const float* books, int64_t m, int64_t k,
+                const float* cross, int64_t icm_iters, int64_t ils_iters, int64_t nperts,
+                const int32_t* pert_book, const int32_t* pert_code, int64_t* codes) {
+  local_search(x, n, d, books, m, k, cross, icm_iters, ils_iters, nperts, pert_book, pert_code,
+               codes);
 }
 
 void vq_assign(const float* x, int64_t n, int64_t d, const float* centroids, int64_t k,

@@ -42,6 +42,11 @@ struct Kernels {
   // rows [0, n) of x: out[i * ld + j] = x_i . c_j for j < k (sequential over t, mul then add;
   // the dot products of assign / topk).
   void (*dots)(const float* x, int64_t n, const Packed& c, float* out, int64_t ld);
+  // The ICM choice of one codebook for one vector (api.h icm_encode): the lowest c < k with the
+  // smallest u[c] + 2 * s_c, s_c = the float32 sum 0 + rows[0][c] + ... + rows[nrows-1][c] in
+  // that order (mul by 2 exact, so FMA-proof); c replaces the running best (start: +inf, 0)
+  // only when strictly smaller (NaN never chosen).
+  int64_t (*lut_argmin)(const float* u, const float* const* rows, int64_t nrows, int64_t k);
 };
 
 extern const Kernels kScalarKernels;  // scalar.cpp
@@ -58,6 +63,7 @@ void assign_scalar(const float* x, int64_t n, const Packed& c, int64_t* idx, flo
 void topk_scalar(const float* x, int64_t n, const Packed& c, int64_t kk, int64_t* idx,
                  float* v);
 void dots_scalar(const float* x, int64_t n, const Packed& c, float* out, int64_t ld);
+int64_t lut_argmin_scalar(const float* u, const float* const* rows, int64_t nrows, int64_t k);
 void table_scalar(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
                   const float* cbt, float* table);
 // The reference scans (scalar.cpp; the SIMD files call these rather than compile the loop
@@ -314,12 +320,68 @@ inline void scan_simd(const float* tables, int64_t nq, int64_t ksub, const Code*
   scan_scalar(tables, nq, ksub, codes + i * m, n - i, m, dist + i, ld);
 }
 
+// The ICM choice (Kernels::lut_argmin), 32 entries per step (32 / V::kW vectors: independent
+// sums and running minima in flight); per lane the lowest index of the smallest value (strict
+// <, ascending c), the lanes reduced by (value, index), the last k % 32 entries scalar.
+template <class V>
+inline int64_t lut_argmin_simd(const float* u, const float* const* rows, int64_t nrows,
+                               int64_t k) {
+  constexpr int kV = static_cast<int>(32 / V::kW);
+  const int64_t kv = k / 32 * 32;
+  float best = __builtin_inff();
+  int64_t bidx = 0;
+  if (kv > 0) {
+    typename V::T bv[kV];
+    typename V::I bi[kV];
+    for (int w = 0; w < kV; ++w) {
+      bv[w] = V::set1(__builtin_inff());
+      bi[w] = V::seq(0);
+    }
+    const typename V::T two = V::set1(2.0f);
+    for (int64_t c = 0; c < kv; c += 32) {
+      typename V::T s[kV];
+      for (int w = 0; w < kV; ++w) s[w] = V::set1(0.0f);
+      for (int64_t r = 0; r < nrows; ++r) {
+        const float* row = rows[r] + c;
+        for (int w = 0; w < kV; ++w) s[w] = V::add(s[w], V::load(row + w * V::kW));
+      }
+      for (int w = 0; w < kV; ++w) {
+        const typename V::T val = V::add(V::load(u + c + w * V::kW), V::mul(two, s[w]));
+        const auto lt = V::lt(val, bv[w]);
+        bv[w] = V::blend(lt, bv[w], val);
+        bi[w] = V::blendi(lt, bi[w], V::seq(c + w * V::kW));
+      }
+    }
+    alignas(64) float fv[32];
+    alignas(64) int32_t fi[32];
+    for (int w = 0; w < kV; ++w) {
+      V::store(fv + w * V::kW, bv[w]);
+      V::storei(fi + w * V::kW, bi[w]);
+    }
+    for (int l = 0; l < 32; ++l)
+      if (fv[l] < best || (fv[l] == best && fi[l] < bidx)) {
+        best = fv[l];
+        bidx = fi[l];
+      }
+  }
+  for (int64_t c = kv; c < k; ++c) {
+    float s = 0.0f;
+    for (int64_t r = 0; r < nrows; ++r) s = s + rows[r][c];
+    const float val = u[c] + 2.0f * s;
+    if (val < best) {
+      best = val;
+      bidx = c;
+    }
+  }
+  return bidx;
+}
+
 // The table of one vector ISA V: every entry the templates of this file instantiated for V
 // (avx2.cpp and avx512.cpp differ only in V).
 template <class V>
 constexpr Kernels simd_kernels() {
   return {assign_simd<V>, topk_simd<V>, table_simd<V>, scan_simd<V, uint8_t>,
-          scan_simd<V, uint16_t>, dots_simd<V>};
+          scan_simd<V, uint16_t>, dots_simd<V>, lut_argmin_simd<V>};
 }
 
 }  // namespace vq

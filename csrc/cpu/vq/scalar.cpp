@@ -102,8 +102,29 @@ void dots_scalar(const float* x, int64_t n, const Packed& c, float* out, int64_t
     }
 }
 
+int64_t lut_argmin_scalar(const float* u, const float* const* rows, int64_t nrows, int64_t k) {
+  float best = __builtin_inff();
+  int64_t bidx = 0;
+  constexpr int64_t kBlock = 256;
+  float s[kBlock];
+  for (int64_t c0 = 0; c0 < k; c0 += kBlock) {  // the sums row by row, a block of c at a time
+    const int64_t len = std::min(kBlock, k - c0);
+    for (int64_t c = 0; c < len; ++c) s[c] = 0.0f;
+    for (int64_t r = 0; r < nrows; ++r)
+      for (int64_t c = 0; c < len; ++c) s[c] = s[c] + rows[r][c0 + c];
+    for (int64_t c = 0; c < len; ++c) {
+      const float val = u[c0 + c] + 2.0f * s[c];
+      if (val < best) {
+        best = val;
+        bidx = c0 + c;
+      }
+    }
+  }
+  return bidx;
+}
+
 const Kernels kScalarKernels = {assign_scalar, topk_scalar, table_scalar, scan_scalar,
-                                 scan_scalar, dots_scalar};
+                                 scan_scalar, dots_scalar, lut_argmin_scalar};
 
 }  // namespace vq
 }  // namespace qk

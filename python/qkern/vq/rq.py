@@ -7,7 +7,7 @@ stage s keeps, per vector, the ``beam_size`` partial encodings with the smallest
 after s + 1 stages. ``encode`` runs it from look-up tables (:func:`qkern.vq.search.rq_beam_encode`,
 FAISS's ``use_beam_LUT``: each vector's dot products with every codeword and the codewords'
 cross products, built once per codebooks and cached, give the candidates' residual norms
-without forming residuals) while the cross-product table holds at most ``LUT_MAX_FLOATS``
+without forming residuals) while the cross-product table holds at most ``search.LUT_MAX_FLOATS``
 floats (m = 16 stages of 256); otherwise, and in training (whose k-means needs the residuals),
 each stage forms the residuals: each entry's nearest codewords from the C++ top-k kernel
 (:func:`qkern.vq.search.topk`), the best of a vector's candidates from
@@ -36,14 +36,9 @@ from .base import VQBase, as_codes
 from .icm import ils, sq_errors
 from .kmeans import KMeans, progressive_dim_kmeans
 from .pq import ProductQuantizer
-from .search import assign, rq_beam_encode, rq_cross_table, smallest, topk
+from .search import assign, lut_fits, rq_beam_encode, rq_cross_table, smallest, topk
 
 __all__ = ["ResidualQuantizer", "AdditiveQuantizer", "MultiLevelVQ", "beam_search"]
-
-#: the largest codeword cross-product table (floats, K^2 m (m - 1) / 2) the look-up-table beam
-#: search builds (64 MiB); larger codebooks search by residuals.
-LUT_MAX_FLOATS = 1 << 24
-
 
 def _int(owner: str, name: str, v: Any, lo: int, hi: int | None = None) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
@@ -75,19 +70,14 @@ def _beam_step(res: np.ndarray, codes: np.ndarray, book: np.ndarray, beam: int):
             np.take_along_axis(dist, sel, axis=1))
 
 
-def _lut_fits(codebooks: np.ndarray) -> bool:
-    m, k = codebooks.shape[0], codebooks.shape[1]
-    return k * k * m * (m - 1) // 2 <= LUT_MAX_FLOATS
-
-
 def beam_search(x: np.ndarray, codebooks: np.ndarray, beam_size: int,
                 cross: np.ndarray | None = None, lut: bool | None = None) -> np.ndarray:
     """Residual codes (n, m) int64 of ``x`` (n, d) float32 against ``codebooks`` (m, K, d) by
     a beam search of width ``beam_size`` (module docstring): the best final entry. ``lut``:
     from look-up tables (``cross``: :func:`qkern.vq.search.rq_cross_table` of the codebooks,
-    built when None) or by residuals; None: tables when they fit ``LUT_MAX_FLOATS``."""
+    built when None) or by residuals; None: tables when they fit ``search.LUT_MAX_FLOATS``."""
     if lut is None:
-        lut = _lut_fits(codebooks)
+        lut = lut_fits(codebooks)
     if lut:
         return rq_beam_encode(x, codebooks, beam_size, cross)
     n, d = x.shape
@@ -144,7 +134,7 @@ class ResidualQuantizer(VQBase):
     def _tables(self, books: np.ndarray) -> np.ndarray | None:
         """The cached cross-product table of ``books`` (the codebooks array it was built from,
         by identity: assign new codebooks, do not modify them in place), None when too big."""
-        if not _lut_fits(books):
+        if not lut_fits(books):
             return None
         if self._cross is None or self._cross[0] is not books:
             self._cross = (books, rq_cross_table(books))
@@ -287,7 +277,7 @@ class AdditiveQuantizer(ResidualQuantizer):
         self.mse_history: list[float] = []
 
     def _ils(self, x, books, codes, iters, rng):
-        return ils(x, books, codes, iters, self.icm_iters, self.nperts, rng)
+        return ils(x, books, codes, iters, self.icm_iters, self.nperts, rng, self._tables(books))
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
         codes = self._beam(x, self.codebooks)
@@ -327,7 +317,7 @@ class AdditiveQuantizer(ResidualQuantizer):
 
         def enc(b):  # the encoder's codes (beam start, ILS): never codes carried over rounds,
             # which can reach a training error no encoder reaches from scratch again
-            return self._ils(x, b, beam_search(x, b, self.beam_size), self.train_ils_iters, rng)
+            return self._ils(x, b, self._beam(x, b), self.train_ils_iters, rng)
 
         books = self.codebooks
         codes = enc(books)

@@ -47,7 +47,18 @@ from .. import _C
 from .base import as_vectors
 
 __all__ = ["assign", "assign_grouped", "topk", "smallest", "pq_encode", "adc_table",
-           "adc_scan", "rq_cross_table", "rq_beam_encode"]
+           "adc_scan", "rq_cross_table", "rq_beam_encode", "lut_fits", "LUT_MAX_FLOATS"]
+
+#: the largest codeword cross-product table (floats, K^2 m (m - 1) / 2) the look-up-table
+#: encoders (the RQ beam search, ICM / ILS) build (64 MiB); larger codebooks search by residuals.
+LUT_MAX_FLOATS = 1 << 24
+
+
+def lut_fits(codebooks: np.ndarray) -> bool:
+    """Whether :func:`rq_cross_table` of ``codebooks`` (m, K, d) holds at most
+    ``LUT_MAX_FLOATS`` floats."""
+    m, k = codebooks.shape[0], codebooks.shape[1]
+    return k * k * m * (m - 1) // 2 <= LUT_MAX_FLOATS
 
 
 def _floats(a: Any, name: str, ndim: int) -> np.ndarray:
