@@ -24,7 +24,7 @@ from . import checks
 from .cpu import NonFiniteError
 from .raw import contig, ptr
 from .schemas import LIB
-from .tiles import check_group
+from .tiles import check_int_codes
 from .w4 import pack_weight as pack_w4
 from .w4 import unpack_weight as unpack_w4
 
@@ -54,12 +54,7 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
     float ``table`` for ``gemm_lut4_fast``: returns ``{"packed": uint8 (N_pad // 8, K // 32,
     128), "scales": float32 (N_pad // 8, K // G, 8) (times tmax / 127), "table8": uint8 (16,),
     "N", "K", "group_size"}``."""
-    if codes.dim() != 2:
-        raise ValueError(f"codes must be 2-D (N, K), got shape {tuple(codes.shape)}")
-    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-    n, k = codes.shape
-    check_group(k, group_size)
+    n, k = check_int_codes(codes, group_size)
     c = codes.detach().cpu()
     if c.numel() and (int(c.min()) < 0 or int(c.max()) > 15):
         raise ValueError("codes must be in 0..15")

@@ -31,6 +31,18 @@ def check_group(k: int, group_size: int, op: str = "") -> None:
         raise ValueError(f"{op}: {err}" if op else err)
 
 
+def check_int_codes(codes: torch.Tensor, group_size: int) -> tuple[int, int]:
+    """The tile packers' common argument check: ``codes`` a 2-D (N, K) integer tensor and
+    ``group_size`` a valid group of K (:func:`check_group`); returns (N, K)."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D (N, K), got shape {tuple(codes.shape)}")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    n, k = codes.shape
+    check_group(k, group_size)
+    return n, k
+
+
 def parse_mode(mode: str | int) -> int:
     """"exact" / 0 or "fast" / 1 (the modes of gemm_w4 and gemm_w23)."""
     m = MODES.get(mode, mode) if isinstance(mode, str) else mode

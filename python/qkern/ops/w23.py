@@ -34,7 +34,7 @@ from .cpu import NonFiniteError
 from .raw import contig, ptr
 from .schemas import LIB
 from .tiles import (
-    check_group,
+    check_int_codes,
     check_scales_zeros,
     from_tiles,
     padded,
@@ -87,14 +87,9 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     like scales or None, "N", "K", "group_size", "bits", "qmin"}``."""
     if bits not in (2, 3):
         raise ValueError(f"bits must be 2 or 3, got {bits!r}")
-    if codes.dim() != 2:
-        raise ValueError(f"codes must be 2-D (N, K), got shape {tuple(codes.shape)}")
-    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    n, k = check_int_codes(codes, group_size)
     if signed is None:
         signed = codes.dtype != torch.uint8
-    n, k = codes.shape
-    check_group(k, group_size)
     qmin, qmax = code_range(bits, signed)
     name = f"{'' if signed else 'u'}int{bits}"
     c = codes.detach().cpu()

@@ -33,7 +33,7 @@ from .cpu import NonFiniteError
 from .raw import contig, ptr
 from .schemas import LIB
 from .tiles import (
-    check_group,
+    check_int_codes,
     check_scales_zeros,
     from_tiles,
     padded,
@@ -77,12 +77,7 @@ def pack_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     (N, K // G) in [-8, 7] (or float32 zero points of ``u = q + 8``) for ``gemm_w4``. Returns
     ``{"packed": uint8 (N_pad // 8, K // 32, 128), "scales": float32 (N_pad // 8, K // G, 8),
     "zeros": int32 (float32) like scales or None, "N", "K", "group_size"}``."""
-    if codes.dim() != 2:
-        raise ValueError(f"codes must be 2-D (N, K), got shape {tuple(codes.shape)}")
-    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-    n, k = codes.shape
-    check_group(k, group_size)
+    n, k = check_int_codes(codes, group_size)
     c = codes.detach().cpu()
     if c.numel() and (int(c.min()) < -8 or int(c.max()) > 7):
         raise ValueError("codes must be in [-8, 7]")
