@@ -3,11 +3,14 @@ the per-ISA table, the synthetic-Llama decode bench and ``python -m qkern.bench`
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 import qkern
 from qkern.models.llama import LlamaConfig
@@ -97,3 +100,23 @@ def test_python_m_qkern_bench():
     r = subprocess.run([sys.executable, "-m", "qkern.bench", "matmul", "--help"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--isa" in r.stdout
+
+
+def test_cuda_bench_script_runs_on_the_host():
+    """bench/cuda_matmul.py (the GPU check's bench) on the CPU: every qkern row is checked
+    against x @ W^T of its own dequantized weight in float64 before it is timed, so a row with
+    figures passed that check; on a machine without a GPU the CUDA default exits saying so."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "cuda_matmul.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(qkern.__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick",
+                          "--repeats", "1"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [r for r in out.stdout.splitlines() if r.startswith("| 256x512 |")]
+    assert "WRONG" not in out.stdout
+    timed = [r for r in rows if "qkern" in r and "copies" in r]
+    assert len(timed) == 10  # 5 qkern rows x M = 1, 16, all checked and timed
+    if not torch.cuda.is_available():
+        gone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert gone.returncode != 0 and "no CUDA device here" in gone.stderr
