@@ -90,6 +90,11 @@ struct AffineVec {
         half(_mm512_set1_ps(0.5f)), dz(_mm512_set1_ps(s.deadzone_half)), z(_mm512_set1_epi32(zp)) {}
 
   __m512i code(__m512 t) const {
+    if (shape == kMidTread && rounding == kNearestEven) {  // integer bounds: clamp, then round
+      t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);          // (max(NaN, lo) = lo)
+      return _mm512_add_epi32(
+          _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), z);
+    }
     __m512 q;
     if (shape == kMidRise) {
       q = round_vec(_mm512_sub_ps(t, half), rounding);
@@ -360,7 +365,9 @@ inline __m512i transpose_max16(const __m512i* v) {
 }
 
 // Codes of one group x[0, n) (n a multiple of 16) with reciprocal scale r; `pf[0, pf_n)` is
-// prefetched alongside (one line per 64 bytes coded).
+// prefetched alongside (one line per 64 bytes coded): into L1 (kL1) when both batches fit
+// there, else into L2 (a 16 KiB per-channel row would evict the row being coded).
+template <bool kL1>
 inline void absmax_codes(const float* x, int64_t n, float r, __m512 lo, __m512 hi, uint8_t* out,
                          bool stream, const float* pf, int64_t pf_n) {
   const __m512 vs = _mm512_set1_ps(r);
@@ -374,7 +381,8 @@ inline void absmax_codes(const float* x, int64_t n, float r, __m512 lo, __m512 h
   int64_t i = 0;
   for (; i + 4 * kW <= n; i += 4 * kW) {
     for (int64_t k = i; k < i + 4 * kW && k < pf_n; k += kW)
-      _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0);
+      kL1 ? _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0)
+          : _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T1);
     __m512i p01 = _mm512_packs_epi32(code(i), code(i + kW));
     __m512i p23 = _mm512_packs_epi32(code(i + 2 * kW), code(i + 3 * kW));
     __m512i b = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(p01, p23));
@@ -424,8 +432,13 @@ bool affine_groups_avx512(const float* x, int64_t g0, int64_t g1, int64_t group,
     const int64_t next = g + nb < g1 ? ((per < g1 - g - nb ? per : g1 - g - nb) * group) : 0;
     for (int64_t j = 0; j < nb; ++j) {
       const int64_t off = j * group;  // the next batch's lines, spread over this one's groups
-      absmax_codes(xb + off, group, rcp[j], lo, hi, codes + (g + j) * group, stream_all,
-                   xb + nb * group + off, next - off < group ? next - off : group);
+      const int64_t pf_n = next - off < group ? next - off : group;
+      if (4 * group * per <= kBatchBytes)
+        absmax_codes<true>(xb + off, group, rcp[j], lo, hi, codes + (g + j) * group,
+                           stream_all, xb + nb * group + off, pf_n);
+      else
+        absmax_codes<false>(xb + off, group, rcp[j], lo, hi, codes + (g + j) * group,
+                            stream_all, xb + nb * group + off, pf_n);
     }
   }
   if (stream_all) _mm_sfence();
