@@ -12,6 +12,7 @@
 // (the Python bench, python/qkern/tools/bench/core.py, includes them, as a user sees them).
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -250,6 +251,61 @@ void BM_unpack_bits(benchmark::State& state) {
   set_bytes(state, nin + kN);
 }
 
+// ---- cold calls, two shapes --------------------------------------------------------------
+
+// As the Python bench times them: a 128 MiB read before every call (nothing of the operands
+// left in the caches), 2 threads, manual timing of the call alone; rows x 4096 float32.
+// range(0): 0 memcpy of the input (baseline), 1 quantize int8 per-channel, 2 quantize int4
+// group-128, 3 dequantize int8 per-channel, 4 dequantize int4 group-128.
+void BM_cold(benchmark::State& state) {
+  const int kind = static_cast<int>(state.range(0));
+  qk::set_isa(static_cast<qk::Isa>(state.range(1)));
+  qk::set_num_threads(2);
+  const int64_t n = state.range(2) * kCols;
+  const int64_t group = kind == 1 || kind == 3 ? kCols : 128;
+  const int32_t qmax = kind == 1 || kind == 3 ? 127 : 7;
+  const qk::AffineSpec spec{-qmax - 1, qmax, qk::kNearestEven, qk::kMidTread, 0.0f, 0};
+  auto x = aligned_buffer(n), y = aligned_buffer(n);
+  auto codes = aligned_buffer<uint8_t>(n);
+  std::vector<float> scale(static_cast<size_t>(n / group));
+  const auto& w = weights();
+  for (int64_t i = 0; i < n; ++i) x.get()[i] = w[static_cast<size_t>(i % kN)];
+  qk::quantize_affine_dynamic(x.get(), n, group, spec, qk::kScaleAbsMax, static_cast<float>(qmax),
+                              0, scale.data(), nullptr, codes.get());
+  std::vector<float> flush(static_cast<size_t>(32) << 20, 1.0f);
+  float sink = 0.0f;
+  for (auto _ : state) {
+    for (size_t i = 0; i < flush.size(); i += 16) sink += flush[i];
+    const auto t0 = std::chrono::steady_clock::now();
+    if (kind == 0) {
+      copy_parallel(reinterpret_cast<const uint8_t*>(x.get()), reinterpret_cast<uint8_t*>(y.get()),
+                    n * 4);
+    } else if (kind <= 2) {
+      benchmark::DoNotOptimize(qk::quantize_affine_dynamic(
+          x.get(), n, group, spec, qk::kScaleAbsMax, static_cast<float>(qmax), 0, scale.data(),
+          nullptr, codes.get()));
+    } else {
+      qk::dequantize_affine(codes.get(), n, group, scale.data(), nullptr, true, 0.0f, y.get());
+    }
+    benchmark::ClobberMemory();
+    state.SetIterationTime(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  benchmark::DoNotOptimize(sink);
+  state.counters["threads"] = 2;
+  set_bytes(state, kind == 0 ? 8 * n : 5 * n + 4 * (n / group));
+}
+
+void ColdArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"op", "isa", "rows"});
+  for (int64_t rows : {4096, 11008})
+    for (int64_t op = 0; op < 5; ++op)
+      for (int64_t isa : bench_isas())
+        if (isa != qk::kIsaScalar && (op > 0 || isa == bench_isas().back()))
+          b->Args({op, isa, rows});
+  b->Unit(benchmark::kMillisecond)->UseManualTime();
+}
+
 void IsaThreadArgs(benchmark::internal::Benchmark* b) {
   b->ArgNames({"isa", "threads"});
   for (int64_t isa : bench_isas())
@@ -285,5 +341,6 @@ BENCHMARK(BM_dequantize_int4_g128)->Apply(IsaThreadArgs);
 BENCHMARK(BM_dequantize_lut_nf4_g64)->Apply(IsaThreadArgs);
 BENCHMARK(BM_pack_bits)->Apply(BitsArgs);
 BENCHMARK(BM_unpack_bits)->Apply(BitsArgs);
+BENCHMARK(BM_cold)->Apply(ColdArgs);
 
 BENCHMARK_MAIN();

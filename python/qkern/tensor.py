@@ -180,19 +180,21 @@ def dequantize_float_zero(codes: torch.Tensor, sck: torch.Tensor, zk: torch.Tens
 # ``*_out`` ops as flat views so the kernels write them in place; otherwise the result is
 # copied in.
 
-def _check(ok: bool, msg: str) -> None:
+def _check(ok: bool, msg) -> None:
+    """``msg``: the message, or a function making it (formatted only on failure: a call that
+    passes pays no reprs)."""
     if not ok:
-        raise ValueError(f"out= {msg}")
+        raise ValueError(f"out= {msg() if callable(msg) else msg}")
 
 
 def _tensor(t, name: str, shape, dtype, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"out= {name} must be a tensor, got {type(t).__name__}")
-    _check(tuple(t.shape) == tuple(shape), f"{name} has shape {tuple(t.shape)}, expected "
-           f"{tuple(shape)}")
+    _check(tuple(t.shape) == tuple(shape),
+           lambda: f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if t.dtype != dtype:
         raise TypeError(f"out= {name} has dtype {t.dtype}, expected {dtype}")
-    _check(t.device == device, f"{name} is on {t.device}, the input on {device}")
+    _check(t.device == device, lambda: f"{name} is on {t.device}, the input on {device}")
     _check(t.is_contiguous(), f"{name} must be contiguous")
 
 
@@ -201,8 +203,9 @@ def check_quantize_out(out, fmt: F.Format, layout, symmetric: bool, device, code
     if not isinstance(out, QTensor):
         raise TypeError(f"out= must be a QTensor (e.g. from an earlier qkern.quantize of the same "
                         f"shape and format), got {type(out).__name__}")
-    _check(out.format.name == fmt.name, f"has format {out.format.name}, quantizing to {fmt.name}")
-    _check(out.layout == layout, f"has layout {out.layout}, this call needs {layout}")
+    _check(out.format.name == fmt.name,
+           lambda: f"has format {out.format.name}, quantizing to {fmt.name}")
+    _check(out.layout == layout, lambda: f"has layout {out.layout}, this call needs {layout}")
     _check(out.codes is not None, "has no codes (a PackedQTensor's meta)")
     _tensor(out.codes, "codes", layout.shape, code_dtype, device)
     _tensor(out.scale, "scale", layout.scale_shape, torch.float32, device)

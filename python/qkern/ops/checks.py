@@ -95,19 +95,19 @@ def check_dtype(op: str, t: torch.Tensor | None, name: str, allowed: tuple) -> N
 
 
 def check_scale_values(op: str, scale: torch.Tensor, quantize: bool) -> None:
-    """Scales finite and > 0 (and for quantize ops 1/scale finite: the kernels multiply by
-    it). One pass over the scale tensor (small: one entry per group); CPU tensors in numpy
-    (one thread: torch's OpenMP wake-up costs more than the pass)."""
+    """Scales finite and > 0 (quantize ops: 1/scale finite too, the kernels multiply by it); CPU
+    tensors by numpy's min and max (one thread), the masks only naming a bad value."""
     check_float_input(op, scale, "scale")
     if scale.numel() == 0 or scale.device.type == "meta":
         return
     s = scale.detach().float()
-    cpu = s.device.type == "cpu"
-    a, lib = (s.numpy(), np) if cpu else (s, torch)
+    a, lib = (s.numpy(), np) if (cpu := s.device.type == "cpu") else (s, torch)
     with np.errstate(all="ignore"):
-        ok = lib.isfinite(a) & (a > 0)
-        if quantize:
-            ok &= lib.isfinite((np.float32(1.0) if cpu else 1.0) / a)
+        one = np.float32(1.0) if cpu else 1.0  # NaN fails both compares; 1/x decreases
+        if cpu and (lo := a.min()) > 0 and a.max() <= np.finfo(a.dtype).max and (
+                not quantize or np.isfinite(one / lo)):
+            return
+        ok = lib.isfinite(a) & (a > 0) & (lib.isfinite(one / a) if quantize else True)
     if not bool(ok.all()):
         bad = float(a[~ok].reshape(-1)[0])
         raise ValueError(f"{op}: scale must be finite and > 0{' with 1/scale finite' * quantize}"
