@@ -29,6 +29,10 @@ namespace w23 {
 namespace {
 
 constexpr int64_t kPrefetch = 8192;  // bytes ahead in the packed stream of a tile
+// The one-row GEMV streams its weights from memory: further ahead and into L2, as int4's
+// (w4/avx512.cpp kGemvPrefetch). Measured on Zen 4, weights cold, 2 threads: 16 KiB / T1 ran
+// int3 1.15-1.27x and int2 1.0-1.17x the 8 KiB / T0 above; 32 KiB / T1 between the two.
+constexpr int64_t kGemvPrefetch = 16384;
 
 // The zero-masking forms with every lane selected: GCC 12 builds the plain ones from
 // _mm512_undefined_*() and reports it as maybe-uninitialized.
@@ -226,7 +230,9 @@ void fast_tile_row(const Problem& p, int64_t t, int64_t m) {
     const __m256 zc = pr.offsets8(g);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
-      prefetch_block<BITS>(pr.blk0(b));
+      const char* pf = reinterpret_cast<const char*>(pr.blk0(b)) + kGemvPrefetch;
+      _mm_prefetch(pf, _MM_HINT_T1);
+      if (BITS == 3) _mm_prefetch(pf + 64, _MM_HINT_T1);  // a 96-byte block spans 2 lines
       const __m256i dot = block_dot_inplace<BITS>(TileYmm{pr.blk0(b)}, xq + b * kW23Block);
       const __m256 du = _mm256_cvtepi32_ps(dot);
       acc = _mm256_fmadd_ps(_mm256_set1_ps(dx[b]),
