@@ -50,8 +50,10 @@ __all__ = ["assign", "assign_grouped", "topk", "smallest", "pq_encode", "adc_tab
            "adc_scan", "rq_cross_table", "rq_beam_encode", "lut_fits", "LUT_MAX_FLOATS"]
 
 #: the largest codeword cross-product table (floats, K^2 m (m - 1) / 2) the look-up-table
-#: encoders (the RQ beam search, ICM / ILS) build (64 MiB); larger codebooks search by residuals.
-LUT_MAX_FLOATS = 1 << 24
+#: encoders (the RQ beam search, ICM / ILS) build: 2^25 floats (128 MiB), enough for 32 stages
+#: of 256 (32.5M floats, 124 MiB); larger codebooks search by residuals. User-settable (read at
+#: each encode): ``qkern.vq.search.LUT_MAX_FLOATS = 1 << 24`` caps the table at 64 MiB.
+LUT_MAX_FLOATS = 1 << 25
 
 
 def lut_fits(codebooks: np.ndarray) -> bool:
