@@ -26,6 +26,9 @@ def main() -> None:
     p.add_argument("--bytes", type=int, required=True)
     p.add_argument("--libs", default="qkern,faiss", help="comma-separated: qkern, faiss")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lsq-init", choices=("rq", "random"), default=None,
+                   help="qkern's LSQ start (AdditiveQuantizer init): the bench maker's (rq) "
+                        "or FAISS's random codes")
     a = p.parse_args()
     faiss = vq._import_faiss()
     set_num_threads(a.threads)
@@ -37,7 +40,12 @@ def main() -> None:
     rows = []
     for lib in [t.strip() for t in a.libs.split(",") if t.strip()]:
         if lib == "qkern":
-            im = vq._Qkern(meth.qkern, ds.d, a.bytes)
+            make = meth.qkern
+            if a.lsq_init is not None and a.method == "LSQ":
+                def make(d, nbytes, base=meth.qkern, init=a.lsq_init):
+                    q = base(d, nbytes)
+                    return type(q)(**{**q.config(), "init": init})
+            im = vq._Qkern(make, ds.d, a.bytes)
         elif lib == "faiss":
             im = vq._Faiss(faiss, meth.faiss.format(m=a.bytes), ds.d)
         else:
