@@ -26,9 +26,10 @@ def main() -> None:
     p.add_argument("--bytes", type=int, required=True)
     p.add_argument("--libs", default="qkern,faiss", help="comma-separated: qkern, faiss")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--lsq-init", choices=("rq", "random"), default=None,
-                   help="qkern's LSQ start (AdditiveQuantizer init): the bench maker's (rq) "
-                        "or FAISS's random codes")
+    p.add_argument("--lsq-init", choices=("rq", "random", "auto"), default=None,
+                   help="qkern's LSQ start (AdditiveQuantizer init) instead of the bench "
+                        "maker's: rq, FAISS's random codes, or auto (the better on held-out "
+                        "training vectors)")
     a = p.parse_args()
     faiss = vq._import_faiss()
     set_num_threads(a.threads)

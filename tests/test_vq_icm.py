@@ -245,11 +245,38 @@ def test_aq_random_init_matches_faiss_lsq(digits):
     assert AdditiveQuantizer(**aq.config()).init == "random"
 
 
+def test_aq_auto_init_picks_the_better_start_on_held_out_vectors(digits):
+    """init="auto": both starts trained on a seeded 90 % of the training set, each scored by
+    its MSE on the other 10 % (recomputed here in numpy from a quantizer of that start trained
+    on the same split), the lower one then trained on all of it: the same codebooks as that
+    start trained directly."""
+    train = digits[:600]
+    kw = dict(d=64, m=2, nbits=5, beam_size=2, refine_rounds=3)
+    aq = AdditiveQuantizer(**kw, init="auto").train(train)
+    perm = np.random.default_rng([0, 4]).permutation(600)
+    fit, held = train[np.sort(perm[60:])], train[np.sort(perm[:60])]
+    for start in ("rq", "random"):
+        q = AdditiveQuantizer(**kw, init=start).train(fit)
+        mse = float(((q.decode(q.encode(held)) - held) ** 2).sum(1).mean())
+        assert aq.start_scores[start] == pytest.approx(mse, rel=1e-6)
+    best = min(("rq", "random"), key=lambda s: (aq.start_scores[s], s != "rq"))
+    direct = AdditiveQuantizer(**kw, init=best).train(train)
+    np.testing.assert_array_equal(aq.codebooks, direct.codebooks)
+    assert AdditiveQuantizer(**aq.config()).init == "auto"
+    # too few vectors to hold 10 % out and still train 2^nbits codewords: the RQ start
+    small = AdditiveQuantizer(**kw, init="auto").train(train[:34])
+    assert small.start_scores == {}
+    np.testing.assert_array_equal(
+        small.codebooks, AdditiveQuantizer(**kw, init="rq").train(train[:34]).codebooks)
+
+
 def test_aq_errors():
     with pytest.raises(ValueError, match="init"):
         AdditiveQuantizer(4, 2, 3, init="kmeans")
     with pytest.raises(ValueError, match="init"):
         AdditiveQuantizer(4, 2, 3, init="random", encoder="beam")
+    with pytest.raises(ValueError, match="init"):
+        AdditiveQuantizer(4, 2, 3, init="auto", encoder="beam")
     for bad, word in (({"encoder": "lsq"}, "encoder"), ({"nperts": 3}, "nperts"),
                       ({"icm_iters": 0}, "icm_iters"), ({"anneal": -1}, "anneal"),
                       ({"ils_iters": -1}, "ils_iters"), ({"train_ils_iters": 1.5}, "train_ils")):

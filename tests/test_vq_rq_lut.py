@@ -97,8 +97,9 @@ def test_cross_table_is_the_codeword_dot_products(rng):
     assert rq_cross_table(books[:1]).shape == (0,)
 
 
-def test_isas_and_threads_agree_bitwise(rng):
-    x, books = problem(rng, 777, 5, 40, 19)
+@pytest.mark.parametrize("k", [40, 150])  # 150: full SIMD blocks of entries and a tail
+def test_isas_and_threads_agree_bitwise(rng, k):
+    x, books = problem(rng, 777, 5, k, 19)
     qkern.set_isa("scalar")
     qkern.set_num_threads(1)
     want, cross = rq_beam_encode(x, books, 6), rq_cross_table(books)

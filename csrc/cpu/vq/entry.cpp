@@ -114,52 +114,50 @@ void scan_impl(const float* table, int64_t nq, int64_t ksub, const Code* codes, 
   parallel_for(blocks, task);
 }
 
-// One row's beam search (api.h rq_beam_encode): xc its dot products with every codeword (m K),
-// norms the codewords' squared norms; scratch of the sizes below.
-struct Beam {
-  int64_t m, k, beam;
-  std::vector<float> dist, ndist, t, vals;
-  std::vector<int64_t> code, ncode, sel;
-  Beam(int64_t m_, int64_t k_, int64_t beam_) : m(m_), k(k_), beam(beam_) {
-    dist.resize(beam_);
-    ndist.resize(beam_);
-    t.resize(k_);
-    vals.resize(k_);
-    code.resize(beam_ * m_);
-    ncode.resize(beam_ * m_);
-    sel.resize(beam_);
+// The beam searches of a block of rows (api.h rq_beam_encode), advanced stage by stage: every
+// row of the block goes through stage s before any goes on to s + 1, so the block's rows share
+// stage s's slice of the cross table (s K rows of K floats, up to 8 MiB at 32 x 256) from the
+// cache, where one row at a time through all m stages read the whole table (124 MiB at
+// 32 x 256) from memory for every row. Codes held as int32 (K <= 2^16).
+struct BeamBlock {
+  int64_t m, k, beam, nb = 1;
+  std::vector<float> dist, ndist, t;
+  std::vector<int32_t> code, ncode;
+  std::vector<int64_t> sel;
+  std::vector<const float*> rows;
+  BeamBlock(int64_t m_, int64_t k_, int64_t beam_, int64_t len)
+      : m(m_), k(k_), beam(beam_), dist(len * beam_), ndist(len * beam_), t(k_),
+        code(len * beam_ * m_), ncode(len * beam_ * m_), sel(beam_), rows(m_) {}
+  void start(const float* xn, int64_t len) {
+    nb = 1;
+    for (int64_t r = 0; r < len; ++r) dist[r * beam] = xn[r];
   }
-  void row(float xn, const float* xc, const float* norms, const float* cross, int64_t* out) {
-    int64_t nb = 1;
-    dist[0] = xn;
-    for (int64_t s = 0; s < m; ++s) {
-      const float* cs = cross + k * k * s * (s - 1) / 2;  // (s K, K); unused at s = 0
-      for (int64_t c = 0; c < k; ++c) t[c] = norms[s * k + c] - 2.0f * xc[s * k + c];
-      const int64_t keep = std::min(beam, nb * k);
-      vq::topk_init(ndist.data(), sel.data(), keep, nb * k);
+  // Stage s of rows [0, len): xc (len, K) their dot products with stage s's codewords, norms
+  // those codewords' squared norms.
+  void stage(int64_t s, int64_t len, const float* xc, const float* norms, const float* cross,
+             const vq::Kernels& kern) {
+    const float* cs = cross + k * k * s * (s - 1) / 2;  // (s K, K); unused at s = 0
+    const int64_t keep = std::min(beam, nb * k);
+    for (int64_t r = 0; r < len; ++r) {
+      for (int64_t c = 0; c < k; ++c) t[c] = norms[c] - 2.0f * xc[r * k + c];
+      float* nd = ndist.data() + r * beam;
+      vq::topk_init(nd, sel.data(), keep, nb * k);
       for (int64_t b = 0; b < nb; ++b) {
-        const int64_t* pb = code.data() + b * m;
-        for (int64_t c = 0; c < k; ++c) vals[c] = 0.0f;
-        for (int64_t j = 0; j < s; ++j) {
-          const float* rowj = cs + (j * k + pb[j]) * k;
-          for (int64_t c = 0; c < k; ++c) vals[c] = vals[c] + rowj[c];
-        }
-        const float db = dist[b];
-        for (int64_t c = 0; c < k; ++c) vals[c] = (db + t[c]) + 2.0f * vals[c];
-        for (int64_t c = 0; c < k; ++c)
-          if (vals[c] <= ndist[keep - 1])
-            vq::topk_offer(ndist.data(), sel.data(), keep, vals[c], b * k + c);
+        const int32_t* pb = code.data() + (r * beam + b) * m;
+        for (int64_t j = 0; j < s; ++j) rows[j] = cs + (j * k + pb[j]) * k;
+        kern.beam_offer(rows.data(), s, k, t.data(), dist[r * beam + b], b * k, nd, sel.data(),
+                        keep);
       }
       for (int64_t e = 0; e < keep; ++e) {
-        const int64_t* pb = code.data() + (sel[e] / k) * m;
-        std::copy(pb, pb + s, ncode.data() + e * m);
-        ncode[e * m + s] = sel[e] % k;
+        const int32_t* pb = code.data() + (r * beam + sel[e] / k) * m;
+        int32_t* pe = ncode.data() + (r * beam + e) * m;
+        std::copy(pb, pb + s, pe);
+        pe[s] = static_cast<int32_t>(sel[e] % k);
       }
-      code.swap(ncode);
-      dist.swap(ndist);
-      nb = keep;
     }
-    std::copy(code.data(), code.data() + m, out);
+    code.swap(ncode);
+    dist.swap(ndist);
+    nb = keep;
   }
 };
 
@@ -297,21 +295,35 @@ void rq_cross_table(const float* books, int64_t m, int64_t k, int64_t d, float* 
 void rq_beam_encode(const float* x, int64_t n, int64_t d, const float* books, int64_t m,
                     int64_t k, const float* cross, int64_t beam, int64_t* codes) {
   if (n <= 0 || m <= 0 || k <= 0 || d <= 0 || beam <= 0) return;
-  const int64_t mk = m * k;
-  const PackedOwner own(books, mk, d, d);  // every codeword: norms, panels
+  std::vector<PackedOwner> own;  // each stage's codewords: norms, panels
+  own.reserve(static_cast<size_t>(m));
+  for (int64_t s = 0; s < m; ++s) own.emplace_back(books + s * k * d, k, d, d);
   const auto& kern = vq::kernels();
-  over_rows(n, mk * d, [&](int64_t r0, int64_t r1) {
-    constexpr int64_t kChunk = 24;  // rows whose dot products are computed together
-    std::vector<float> xc(static_cast<size_t>(kChunk * mk));
-    Beam bs(m, k, beam);
-    for (int64_t i0 = r0; i0 < r1; i0 += kChunk) {
-      const int64_t len = std::min(kChunk, r1 - i0);
-      kern.dots(x + i0 * d, len, own.packed, xc.data(), mk);
-      for (int64_t r = 0; r < len; ++r)
-        bs.row(sqnorm(x + (i0 + r) * d, d), xc.data() + r * mk, own.norms.data(), cross,
-               codes + (i0 + r) * m);
+  // Blocks as large as the threads allow (BeamBlock: the larger, the fewer table reads), at
+  // most kBlock rows (the block's codes and distances, beam (m + 2) words a row).
+  constexpr int64_t kBlock = 1024;
+  const int64_t threads = std::max<int64_t>(1, pool_threads());
+  const int64_t per = std::min(kBlock, std::max<int64_t>(1, (n + threads - 1) / threads));
+  const int64_t blocks = (n + per - 1) / per;
+  auto task = [&](int64_t blk) {
+    const int64_t i0 = blk * per, len = std::min(per, n - i0);
+    std::vector<float> xc(static_cast<size_t>(len * k)), xn(static_cast<size_t>(len));
+    for (int64_t r = 0; r < len; ++r) xn[r] = sqnorm(x + (i0 + r) * d, d);
+    BeamBlock bb(m, k, beam, len);
+    bb.start(xn.data(), len);
+    for (int64_t s = 0; s < m; ++s) {
+      kern.dots(x + i0 * d, len, own[s].packed, xc.data(), k);
+      bb.stage(s, len, xc.data(), own[s].norms.data(), cross, kern);
     }
-  });
+    for (int64_t r = 0; r < len; ++r)
+      std::copy(bb.code.data() + r * beam * m, bb.code.data() + r * beam * m + m,
+                codes + (i0 + r) * m);
+  };
+  if (blocks <= 1 || threads == 1) {
+    for (int64_t b = 0; b < blocks; ++b) task(b);
+    return;
+  }
+  parallel_for(blocks, task);
 }
 
 void icm_encode(const float* x, int64_t n, int64_t d, const float* books, int64_t m, int64_t k,

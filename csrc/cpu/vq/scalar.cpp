@@ -123,8 +123,25 @@ int64_t lut_argmin_scalar(const float* u, const float* const* rows, int64_t nrow
   return bidx;
 }
 
-const Kernels kScalarKernels = {assign_scalar, topk_scalar, table_scalar, scan_scalar,
-                                 scan_scalar, dots_scalar, lut_argmin_scalar};
+void beam_offer_scalar(const float* const* rows, int64_t nrows, int64_t k, const float* t,
+                       float db, int64_t base, float* v, int64_t* idx, int64_t kk) {
+  constexpr int64_t kBlock = 256;
+  float s[kBlock];
+  for (int64_t c0 = 0; c0 < k; c0 += kBlock) {  // the sums row by row, a block of c at a time
+    const int64_t len = std::min(kBlock, k - c0);
+    for (int64_t c = 0; c < len; ++c) s[c] = 0.0f;
+    for (int64_t r = 0; r < nrows; ++r)
+      for (int64_t c = 0; c < len; ++c) s[c] = s[c] + rows[r][c0 + c];
+    for (int64_t c = 0; c < len; ++c) {
+      const float x = (db + t[c0 + c]) + 2.0f * s[c];
+      if (x <= v[kk - 1]) topk_offer(v, idx, kk, x, base + c0 + c);
+    }
+  }
+}
+
+const Kernels kScalarKernels = {assign_scalar,   topk_scalar, table_scalar,
+                                 scan_scalar,     scan_scalar, dots_scalar,
+                                 lut_argmin_scalar, beam_offer_scalar};
 
 }  // namespace vq
 }  // namespace qk

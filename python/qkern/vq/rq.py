@@ -241,7 +241,9 @@ class AdditiveQuantizer(ResidualQuantizer):
     codewords per training vector the RQ start memorizes the training set (minilm, 32 x 256
     codewords, 2000 vectors: RQ training MSE 0.002, held-out 0.366) and the random start
     generalizes better there (docs/vq.md). Which start is better depends on the data and the
-    code size: measure on held-out vectors.
+    code size: ``init="auto"`` measures it, training both starts on 90 % of the training set
+    and scoring them on the rest (``start_scores``), then training the better one on all of it
+    (about three trainings' time).
 
     Either way, if the trained codebooks encode the training set worse than the RQ did, the
     RQ's codebooks are kept: never worse than the RQ on the training data (``rq_mse`` and
@@ -262,10 +264,11 @@ class AdditiveQuantizer(ResidualQuantizer):
                  anneal: float = 0.0, init: str = "rq"):
         super().__init__(d, m, nbits, beam_size, n_iter, seed, progressive_dim_steps)
         owner = "AdditiveQuantizer"
-        if init not in ("rq", "random") or (init == "random" and encoder != "ils"):
-            raise ValueError(f"{owner}: init must be 'rq' or 'random' (the latter with "
-                             f"encoder='ils'), got init={init!r}, encoder={encoder!r}")
+        if init not in ("rq", "random", "auto") or (init != "rq" and encoder != "ils"):
+            raise ValueError(f"{owner}: init must be 'rq', 'random' or 'auto' (the last two "
+                             f"with encoder='ils'), got init={init!r}, encoder={encoder!r}")
         self.init = init
+        self.start_scores: dict[str, float] = {}  # init="auto": held-out MSE of each start
         _int(owner, "refine_rounds", refine_rounds, 0)
         for name, v, ok in (("ridge", ridge, "> 0"), ("anneal", anneal, ">= 0")):
             if (not isinstance(v, (int, float)) or isinstance(v, bool)
@@ -298,7 +301,8 @@ class AdditiveQuantizer(ResidualQuantizer):
         return self._ils(x, self.codebooks, codes, self.ils_iters, rng)
 
     def _train(self, x: np.ndarray, **kw) -> None:
-        if self.init == "random":
+        start = self._choose_start(x) if self.init == "auto" else self.init
+        if start == "random":
             self._train_random(x)
             return
         super()._train(x, **kw)
@@ -348,6 +352,23 @@ class AdditiveQuantizer(ResidualQuantizer):
             self.mse_history.append(e)
             if e < best:
                 self.codebooks, best = books, e
+
+    def _choose_start(self, x: np.ndarray) -> str:
+        """init="auto": both starts trained on a random 90 % of ``x`` (seeded) and scored by
+        their MSE on the other 10 % (``start_scores``); the better ("rq" on a tie, or when
+        ``x`` is too small to split with 2^nbits vectors left to train on) is then trained on
+        all of ``x``."""
+        n = x.shape[0]
+        hold = n // 10
+        self.start_scores = {}
+        if hold == 0 or n - hold < self.ksub:
+            return "rq"
+        perm = np.random.default_rng([self.seed, 4]).permutation(n)
+        fit, held = x[np.sort(perm[hold:])], x[np.sort(perm[:hold])]
+        for start in ("rq", "random"):
+            q = type(self)(**{**self.config(), "init": start}).train(fit)
+            self.start_scores[start] = q.mse(held)
+        return "random" if self.start_scores["random"] < self.start_scores["rq"] else "rq"
 
     def _train_random(self, x: np.ndarray) -> None:
         """FAISS's LSQ from random codes: ``max(refine_rounds, 1)`` rounds of (ILS from the
