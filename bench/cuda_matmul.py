@@ -118,7 +118,7 @@ def check(fn, ref, x) -> str:
     return "" if err < 0.02 else f"WRONG (relative error {err:.3g})"
 
 
-def time_impl(build, lin, dev, x, copies: int, repeats: int, timer: Timer):
+def time_impl(build, dev, x, copies: int, repeats: int, timer: Timer):
     fns = [build()[0] for _ in range(copies)]
 
     def sweep():
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
                     print(f"| {n}x{k} | {m} | {name} | - | - | - | - | - | {bad} |")
                     continue
                 copies = max(1, min(64, math.ceil(2 * l2 / nbytes)))
-                eager, graph = time_impl(build, lin, dev, x, copies, a.repeats, timer)
+                eager, graph = time_impl(build, dev, x, copies, a.repeats, timer)
                 t = graph if graph is not None else eager
                 base = t if name == "torch fp16 F.linear" else base
                 vs = f"{base / t:.2f}x" if base else "-"

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "cpu/quant/kernels.h"
+#include "cpu/quant/onepass_driver.h"
 
 namespace qk {
 namespace quant {
@@ -258,21 +259,11 @@ __attribute__((always_inline)) inline void minmax_avx2(const float* x, int64_t n
 
 using Path = VectorPath<affine_vectorized, affine_segment, minmax_avx2, Table16>;
 
-// ---- dynamic symmetric quantization in one memory pass (the AVX-512 path's scheme, 8 lanes) --
-// Absmax scale, mid-tread, nearest-even, signed codes of at most 8 bits, groups of a multiple of
-// 32 floats, in batches of up to 8 groups (<= 8 KiB, or one per-channel row): integer maxima of
-// |x| (NaN / Inf bits above every finite value), one transpose per batch, the batch's scales and
-// reciprocals in one division each, then the codes from L1 while the next batch is prefetched.
-// The reference's float operations, so the same bits; NaN / Inf batches take the general path.
+// ---- dynamic symmetric quantization in one memory pass (onepass_driver.h, 8 lanes) --------
+// Groups of a multiple of 32 floats, batches of up to 8 groups.
 
-constexpr int64_t kBatchBytes = 8192;
-
-bool absmax_eligible(const AffineSpec& spec, const ScaleSpec& ss, int64_t group) {
-  return ss.rule == kScaleAbsMax && spec.shape == kMidTread && spec.rounding == kNearestEven &&
-         spec.qmin >= -128 && spec.qmax <= 127 && group % 32 == 0;
-}
-
-inline __m256i absmax_bits(const float* x, int64_t n) {  // n a multiple of 32
+// Lane-wise max of the bits of |x[0, n)| (n a multiple of 32).
+inline __m256i absmax_bits(const float* x, int64_t n) {
   const __m256i m = _mm256_set1_epi32(0x7FFFFFFF);
   auto abs_at = [&](int64_t i) {
     return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), m);
@@ -303,77 +294,57 @@ inline __m256i transpose_max8(const __m256i* v) {
   return _mm256_permutevar8x32_epi32(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// Codes of one group x[0, n) (n a multiple of 32) with reciprocal scale r, prefetching
-// pf[0, pf_n) alongside into L1 (kL1) or L2.
-template <bool kL1>
-inline void absmax_codes(const float* x, int64_t n, float r, __m256 lo, __m256 hi, uint8_t* out,
-                         bool stream, const float* pf, int64_t pf_n) {
-  const __m256 vs = _mm256_set1_ps(r);
-  auto code = [&](int64_t i) {
-    __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), lo), hi);
-    return _mm256_cvttps_epi32(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  };
-  for (int64_t i = 0; i < n; i += 32) {
-    for (int64_t k = i; k < i + 32 && k < pf_n; k += 16)
-      kL1 ? _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0)
-          : _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T1);
-    store_bytes32(out + i, code(i), code(i + 8), code(i + 16), code(i + 24), stream);
-  }
-}
+// The AVX2 traits of onepass_affine_groups (see onepass_driver.h for the contract).
+struct OnePass {
+  using Vec = __m256;
+  static constexpr int64_t kLanes = 8, kGroupMultiple = 32;
+  static Vec splat(float v) { return _mm256_set1_ps(v); }
+  static void fence() { _mm_sfence(); }
 
-bool affine_groups_avx2(const float* x, int64_t g0, int64_t g1, int64_t group,
-                        const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
-                        uint8_t* codes, bool stream) {
-  if (!absmax_eligible(spec, ss, group))
-    return Path::affine_groups(x, g0, g1, group, spec, ss, scale, zp, codes, stream);
-  const bool stream_all = stream_codes(stream, codes, g0 * group, group);
-  int64_t per = kBatchBytes / (4 * group);
-  per = per < 1 ? 1 : (per > 8 ? 8 : per);
-  const __m256 lo = _mm256_set1_ps(static_cast<float>(spec.qmin));
-  const __m256 hi = _mm256_set1_ps(static_cast<float>(spec.qmax));
-  alignas(32) float sc[8], rcp[8];
-  bool bad = false;
-  for (int64_t g = g0; g < g1; g += per) {
-    const int64_t nb = per < g1 - g ? per : g1 - g;
-    const float* xb = x + g * group;
+  __attribute__((always_inline)) static bool batch_scales(const float* xb, int64_t nb,
+                                                          int64_t group, float qpos,
+                                                          float* scale, int32_t* zp, float* rcp) {
     __m256i acc[8];
     for (int64_t j = 0; j < nb; ++j) acc[j] = absmax_bits(xb + j * group, group);
     for (int64_t j = nb; j < 8; ++j) acc[j] = _mm256_setzero_si256();
     const __m256i m = transpose_max8(acc);
-    const int valid = (1 << nb) - 1;
     const __m256i big = _mm256_cmpgt_epi32(m, _mm256_set1_epi32(0x7F7FFFFF));  // NaN / Inf
-    if (_mm256_movemask_ps(_mm256_castsi256_ps(big)) & valid) {
-      bad |= Path::affine_groups(x, g, g + nb, group, spec, ss, scale, zp, codes, stream_all);
-      continue;
-    }
-    __m256 s = _mm256_div_ps(_mm256_castsi256_ps(m), _mm256_set1_ps(ss.qpos));
+    if (_mm256_movemask_ps(_mm256_castsi256_ps(big)) & ((1 << nb) - 1)) return false;
+    __m256 s = _mm256_div_ps(_mm256_castsi256_ps(m), _mm256_set1_ps(qpos));
     const __m256 pos = _mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_GT_OQ);
     s = _mm256_blendv_ps(_mm256_set1_ps(1.0f), _mm256_max_ps(s, _mm256_set1_ps(FLT_MIN)),
                          pos);  // sanitize_scale
+    alignas(32) float sc[8];
     _mm256_store_ps(sc, s);
     _mm256_store_ps(rcp, _mm256_div_ps(_mm256_set1_ps(1.0f), s));
     for (int64_t j = 0; j < nb; ++j) {
-      scale[g + j] = sc[j];
-      if (zp) zp[g + j] = 0;
+      scale[j] = sc[j];
+      if (zp) zp[j] = 0;
     }
-    const int64_t next = g + nb < g1 ? ((per < g1 - g - nb ? per : g1 - g - nb) * group) : 0;
-    for (int64_t j = 0; j < nb; ++j) {
-      const int64_t off = j * group;  // the next batch's lines, spread over this one's groups
-      const int64_t pf_n = next - off < group ? next - off : group;
-      if (4 * group * per <= kBatchBytes)
-        absmax_codes<true>(xb + off, group, rcp[j], lo, hi, codes + (g + j) * group,
-                           stream_all, xb + nb * group + off, pf_n);
-      else
-        absmax_codes<false>(xb + off, group, rcp[j], lo, hi, codes + (g + j) * group,
-                            stream_all, xb + nb * group + off, pf_n);
+    return true;
+  }
+
+  template <bool kL1>
+  static void codes(const float* x, int64_t n, float r, Vec lo, Vec hi, uint8_t* out,
+                    bool stream, const float* pf, int64_t pf_n) {
+    const __m256 vs = _mm256_set1_ps(r);
+    auto code = [&](int64_t i) {
+      __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), lo), hi);
+      return _mm256_cvttps_epi32(
+          _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    };
+    for (int64_t i = 0; i < n; i += 32) {
+      for (int64_t k = i; k < i + 32 && k < pf_n; k += 16)
+        kL1 ? _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0)
+            : _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T1);
+      store_bytes32(out + i, code(i), code(i + 8), code(i + 16), code(i + 24), stream);
     }
   }
-  if (stream_all) _mm_sfence();
-  return bad;
-}
+};
 
 const Kernels kAvx2Kernels = {Path::affine, dequant_affine_avx2, Path::codebook, lut_avx2,
-                              minmax_avx2, affine_groups_avx2, Path::codebook_groups};
+                              minmax_avx2, onepass_affine_groups<OnePass, Path>,
+                              Path::codebook_groups};
 
 }  // namespace
 

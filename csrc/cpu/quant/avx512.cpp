@@ -16,6 +16,7 @@
 #include <cmath>
 
 #include "cpu/quant/kernels.h"
+#include "cpu/quant/onepass_driver.h"
 
 namespace qk {
 namespace quant {
@@ -310,23 +311,8 @@ __attribute__((always_inline)) inline void minmax_avx512(const float* x, int64_t
 
 using Path = VectorPath<affine_vectorized, affine_segment, minmax_avx512, Table16>;
 
-// ---- dynamic symmetric quantization in one memory pass ----------------------------------
-// The common case (absmax scale, mid-tread, nearest-even, signed codes of at most 8 bits,
-// groups of a multiple of 16 floats) in batches of up to 16 groups that fit in L1 (<= 8 KiB, or
-// one group of a per-channel row): the maxima of |x| are taken on the integer bits (|x| bits
-// order like the floats, and NaN / Inf bits lie above every finite value, so one compare finds
-// them), reduced for the whole batch by one transpose; its 16 scales and reciprocals are one
-// vector division each; then its codes are written from L1 while the next batch is prefetched.
-// The float operations are the reference's (scale = sanitize(amax / qpos), t = x * (1/scale),
-// clamp, round to nearest even), so the bits are identical. A batch holding NaN / Inf is redone
-// by the general path, whose NaN-skipping statistics give the reference's scales.
-
-constexpr int64_t kBatchBytes = 8192;
-
-bool absmax_eligible(const AffineSpec& spec, const ScaleSpec& ss, int64_t group) {
-  return ss.rule == kScaleAbsMax && spec.shape == kMidTread && spec.rounding == kNearestEven &&
-         spec.qmin >= -128 && spec.qmax <= 127 && group % kW == 0;
-}
+// ---- dynamic symmetric quantization in one memory pass (onepass_driver.h, 16 lanes) -------
+// Groups of a multiple of 16 floats, batches of up to 16 groups.
 
 // Lane-wise max of the bits of |x[0, n)| (n a multiple of 16).
 inline __m512i absmax_bits(const float* x, int64_t n) {
@@ -364,50 +350,16 @@ inline __m512i transpose_max16(const __m512i* v) {
   return _mm512_permutexvar_epi32(idx, r);
 }
 
-// Codes of one group x[0, n) (n a multiple of 16) with reciprocal scale r; `pf[0, pf_n)` is
-// prefetched alongside (one line per 64 bytes coded): into L1 (kL1) when both batches fit
-// there, else into L2 (a 16 KiB per-channel row would evict the row being coded).
-template <bool kL1>
-inline void absmax_codes(const float* x, int64_t n, float r, __m512 lo, __m512 hi, uint8_t* out,
-                         bool stream, const float* pf, int64_t pf_n) {
-  const __m512 vs = _mm512_set1_ps(r);
-  auto code = [&](int64_t i) {
-    __m512 t = _mm512_mul_ps(_mm512_loadu_ps(x + i), vs);
-    t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);  // integer bounds: clamp-then-round is exact
-    return _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  };
-  // saturating packs keep the bytes (codes are in [-128, 127]); the permute fixes the order
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  int64_t i = 0;
-  for (; i + 4 * kW <= n; i += 4 * kW) {
-    for (int64_t k = i; k < i + 4 * kW && k < pf_n; k += kW)
-      kL1 ? _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0)
-          : _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T1);
-    __m512i p01 = _mm512_packs_epi32(code(i), code(i + kW));
-    __m512i p23 = _mm512_packs_epi32(code(i + 2 * kW), code(i + 3 * kW));
-    __m512i b = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(p01, p23));
-    if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(out + i), b);
-    else _mm512_storeu_si512(out + i, b);
-  }
-  for (; i < n; i += kW)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(code(i)));
-}
+// The AVX-512 traits of onepass_affine_groups (see onepass_driver.h for the contract).
+struct OnePass {
+  using Vec = __m512;
+  static constexpr int64_t kLanes = kW, kGroupMultiple = kW;
+  static Vec splat(float v) { return _mm512_set1_ps(v); }
+  static void fence() { _mm_sfence(); }
 
-bool affine_groups_avx512(const float* x, int64_t g0, int64_t g1, int64_t group,
-                          const AffineSpec& spec, const ScaleSpec& ss, float* scale, int32_t* zp,
-                          uint8_t* codes, bool stream) {
-  if (!absmax_eligible(spec, ss, group))
-    return Path::affine_groups(x, g0, g1, group, spec, ss, scale, zp, codes, stream);
-  const bool stream_all = stream_codes(stream, codes, g0 * group, group);
-  int64_t per = kBatchBytes / (4 * group);
-  per = per < 1 ? 1 : (per > 16 ? 16 : per);
-  const __m512 lo = _mm512_set1_ps(static_cast<float>(spec.qmin));
-  const __m512 hi = _mm512_set1_ps(static_cast<float>(spec.qmax));
-  alignas(64) float rcp[16];
-  bool bad = false;
-  for (int64_t g = g0; g < g1; g += per) {
-    const int64_t nb = per < g1 - g ? per : g1 - g;
-    const float* xb = x + g * group;
+  __attribute__((always_inline)) static bool batch_scales(const float* xb, int64_t nb,
+                                                          int64_t group, float qpos,
+                                                          float* scale, int32_t* zp, float* rcp) {
     __m512i acc[16];
     for (int64_t j = 0; j < nb; ++j) acc[j] = absmax_bits(xb + j * group, group);
     __m512i m;
@@ -418,35 +370,51 @@ bool affine_groups_avx512(const float* x, int64_t g0, int64_t g1, int64_t group,
       m = transpose_max16(acc);
     }
     const __mmask16 valid = lanes(nb);
-    if (_mm512_mask_cmpge_epu32_mask(valid, m, _mm512_set1_epi32(0x7F800000))) {
-      bad |= Path::affine_groups(x, g, g + nb, group, spec, ss, scale, zp, codes, stream_all);
-      continue;
-    }
-    __m512 s = _mm512_div_ps(_mm512_castsi512_ps(m), _mm512_set1_ps(ss.qpos));
+    if (_mm512_mask_cmpge_epu32_mask(valid, m, _mm512_set1_epi32(0x7F800000)))
+      return false;  // NaN / Inf
+    __m512 s = _mm512_div_ps(_mm512_castsi512_ps(m), _mm512_set1_ps(qpos));
     const __mmask16 pos = _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_GT_OQ);
     s = _mm512_mask_blend_ps(pos, _mm512_set1_ps(1.0f),  // sanitize_scale
                              _mm512_max_ps(s, _mm512_set1_ps(FLT_MIN)));
-    _mm512_mask_storeu_ps(scale + g, valid, s);
-    if (zp) _mm512_mask_storeu_epi32(zp + g, valid, _mm512_setzero_si512());
+    _mm512_mask_storeu_ps(scale, valid, s);
+    if (zp) _mm512_mask_storeu_epi32(zp, valid, _mm512_setzero_si512());
     _mm512_store_ps(rcp, _mm512_div_ps(_mm512_set1_ps(1.0f), s));
-    const int64_t next = g + nb < g1 ? ((per < g1 - g - nb ? per : g1 - g - nb) * group) : 0;
-    for (int64_t j = 0; j < nb; ++j) {
-      const int64_t off = j * group;  // the next batch's lines, spread over this one's groups
-      const int64_t pf_n = next - off < group ? next - off : group;
-      if (4 * group * per <= kBatchBytes)
-        absmax_codes<true>(xb + off, group, rcp[j], lo, hi, codes + (g + j) * group,
-                           stream_all, xb + nb * group + off, pf_n);
-      else
-        absmax_codes<false>(xb + off, group, rcp[j], lo, hi, codes + (g + j) * group,
-                            stream_all, xb + nb * group + off, pf_n);
-    }
+    return true;
   }
-  if (stream_all) _mm_sfence();
-  return bad;
-}
+
+  // One line of pf prefetched per 64 bytes coded; into L2 (kL1 false) when a 16 KiB
+  // per-channel row would evict the row being coded.
+  template <bool kL1>
+  static void codes(const float* x, int64_t n, float r, Vec lo, Vec hi, uint8_t* out,
+                    bool stream, const float* pf, int64_t pf_n) {
+    const __m512 vs = _mm512_set1_ps(r);
+    auto code = [&](int64_t i) {
+      __m512 t = _mm512_mul_ps(_mm512_loadu_ps(x + i), vs);
+      t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);  // integer bounds: clamp-then-round is exact
+      return _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    };
+    // saturating packs keep the bytes (codes are in [-128, 127]); the permute fixes the order
+    const __m512i order =
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    int64_t i = 0;
+    for (; i + 4 * kW <= n; i += 4 * kW) {
+      for (int64_t k = i; k < i + 4 * kW && k < pf_n; k += kW)
+        kL1 ? _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0)
+            : _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T1);
+      __m512i p01 = _mm512_packs_epi32(code(i), code(i + kW));
+      __m512i p23 = _mm512_packs_epi32(code(i + 2 * kW), code(i + 3 * kW));
+      __m512i b = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(p01, p23));
+      if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(out + i), b);
+      else _mm512_storeu_si512(out + i, b);
+    }
+    for (; i < n; i += kW)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(code(i)));
+  }
+};
 
 const Kernels kAvx512Kernels = {Path::affine, dequant_affine_avx512, Path::codebook, lut_avx512,
-                                minmax_avx512, affine_groups_avx512, Path::codebook_groups};
+                                minmax_avx512, onepass_affine_groups<OnePass, Path>,
+                                Path::codebook_groups};
 
 }  // namespace
 
