@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "cpu/gemm/fp8/kernels.h"
@@ -242,7 +243,12 @@ void gemm(const Fp8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t rows = m1 - m0, tiles = (n1 - n0 + kNr - 1) / kNr;
   thread_local std::vector<float> tbuf_v, ybuf_v;
   tbuf_v.resize(kKc * kNr + 8);
-  ybuf_v.assign(static_cast<size_t>(rows * tiles * kNr) + 8, 0.0f);
+  // resize + memset, not assign(n, 0.0f): vector<float>::assign instantiated in this file is
+  // compiled with AVX2 and could be the copy the linker keeps for the scalar files too
+  // (tests/test_isa_symbols.py)
+  const size_t ylen = static_cast<size_t>(rows * tiles * kNr) + 8;
+  if (ybuf_v.size() < ylen) ybuf_v.resize(ylen);
+  std::memset(ybuf_v.data(), 0, ylen * sizeof(float));
   float* tbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tbuf_v.data()) + 31) & ~uintptr_t{31});
   float* ybuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ybuf_v.data()) + 31) & ~uintptr_t{31});
   for (int64_t k0 = 0; k0 < a.k; k0 += kKc) {

@@ -1,0 +1,94 @@
+"""The per-ISA object files must not define a shared (weak, COMDAT) function with their ISA's
+instructions that another object file also defines: the linker keeps one copy of such a
+function for the whole library (an inline function, a template instance such as
+``std::vector<float>::assign``), and if it keeps the AVX2 or AVX-512 one, the scalar path calls
+it too and dies of SIGILL on a CPU without that ISA.
+
+Reads the object files of the C++ build trees under ``build/`` (the wheel build that ``make
+test`` installs from, or a development build); skipped, saying so, where none exists."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: an instruction that needs the ISA: AVX2 (256-bit integer ops, FMA, vpbroadcast, gathers) or
+#: AVX-512 (zmm registers, mask registers, the upper 16 vector registers, EVEX masking)
+ISA_PATTERNS = {
+    "avx2": re.compile(r"ymm|vfn?m(add|sub)|vpbroadcast|vperm|vpgather|vgather|vpdp"),
+    "avx512": re.compile(r"zmm|%k[1-7]|[xy]mm(1[6-9]|2\d|3[01])|\{%k"),
+}
+
+
+def build_trees() -> list[Path]:
+    trees = []
+    for cache in sorted((ROOT / "build").glob("*/CMakeCache.txt")):
+        tree = cache.parent
+        if "asan" not in tree.name and any(tree.glob("CMakeFiles/qk_cpu.dir/**/*.o")):
+            trees.append(tree)
+    return trees
+
+
+def weak_definitions(objs: list[Path]) -> dict[str, list[Path]]:
+    defs: dict[str, list[Path]] = defaultdict(list)
+    for o in objs:
+        out = subprocess.run(["nm", "--defined-only", str(o)], capture_output=True, text=True,
+                             check=True).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] in ("W", "V", "u"):
+                defs[parts[2]].append(o)
+    return defs
+
+
+def isa_functions(obj: Path, pattern: re.Pattern) -> set[str]:
+    """The functions of ``obj`` (mangled names) with at least one instruction ``pattern``
+    matches."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(obj)], capture_output=True,
+                         text=True, check=True).stdout
+    found, cur = set(), None
+    for line in out.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if head:
+            cur = head.group(1)
+        elif cur is not None and pattern.search(line):
+            found.add(cur)
+    return found
+
+
+@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("objdump") is None,
+                    reason="binutils (nm, objdump) not installed")
+def test_no_shared_function_carries_isa_instructions():
+    trees = build_trees()
+    if not trees:
+        pytest.skip("no C++ build tree with object files under build/ (run make install)")
+    for tree in trees:
+        objs = sorted(tree.glob("CMakeFiles/*.dir/**/*.o"))
+        defs = weak_definitions(objs)
+        bad = []
+        for isa, pattern in ISA_PATTERNS.items():
+            for obj in [o for o in objs if o.name == f"{isa}.cpp.o"]:
+                for fn in isa_functions(obj, pattern):
+                    others = [o for o in defs.get(fn, []) if o != obj]
+                    if others:
+                        bad.append(f"{fn} ({isa}: {obj.relative_to(tree)}; also in "
+                                   f"{', '.join(str(o.relative_to(tree)) for o in others[:3])})")
+        assert not bad, f"{tree.name}: shared functions with ISA instructions:\n" + "\n".join(bad)
+
+
+def test_the_check_finds_an_isa_instance():
+    """The pattern sees AVX2 / AVX-512 instructions in objdump's syntax (a check that
+    matched nothing would pass vacuously)."""
+    assert ISA_PATTERNS["avx2"].search("vbroadcastss %xmm0,%ymm1")
+    assert ISA_PATTERNS["avx2"].search("vfmadd231ps %xmm1,%xmm2,%xmm3")
+    assert ISA_PATTERNS["avx512"].search("vaddps %zmm1,%zmm2,%zmm3")
+    assert ISA_PATTERNS["avx512"].search("vmovups %xmm17,(%rax)")
+    assert ISA_PATTERNS["avx512"].search("vaddps %ymm1,%ymm2,%ymm3{%k1}")
+    assert not ISA_PATTERNS["avx2"].search("addps %xmm1,%xmm2")
+    assert not ISA_PATTERNS["avx512"].search("vaddps %ymm1,%ymm2,%ymm3")
