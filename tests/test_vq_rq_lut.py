@@ -145,3 +145,21 @@ def test_errors(rng):
         rq_beam_encode(np.full((1, 2), np.nan), books, 2)
     with pytest.raises(ValueError, match="3 dimensions"):
         rq_cross_table(books[0])
+
+
+def test_encode_beam_size_is_the_beam_of_encode_alone(rng):
+    """ResidualQuantizer(encode_beam_size=b) trains as with beam_size (the same codebooks) and
+    encodes with a beam of b: the numpy beam search's codes at b (>= 99 % of rows, the rest
+    float-order ties, as above); rebuilt from its config."""
+    x, _ = problem(rng, 400, 3, 8, 6)
+    plain = ResidualQuantizer(6, m=3, nbits=3, beam_size=2, n_iter=5).train(x)
+    wide = ResidualQuantizer(6, m=3, nbits=3, beam_size=2, n_iter=5, encode_beam_size=6).train(x)
+    np.testing.assert_array_equal(wide.codebooks, plain.codebooks)
+    got = wide.encode(x)
+    assert (got == beam_reference(x, wide.codebooks, 6)).all(1).mean() >= 0.99
+    assert (plain.encode(x) == beam_reference(x, plain.codebooks, 2)).all(1).mean() >= 0.99
+    assert ResidualQuantizer(**wide.config()).encode_beam_size == 6
+    assert "encode_beam_size" not in plain.config()
+    with pytest.raises(ValueError, match="encode_beam_size"):
+        ResidualQuantizer(6, m=3, encode_beam_size=0)
+
