@@ -16,7 +16,7 @@ import qkern
 from qkern.models.llama import LlamaConfig
 from qkern.tools.bench import matmul
 from qkern.tools.bench.decode_synth import SCHEMES, run_decode_synth, synthetic_llama
-from qkern.tools.bench.sweep import copies_for, run_sweep
+from qkern.tools.bench.sweep import copies_for, rounds_for, run_sweep
 from qkern.tools.bench.timing import Probe
 
 
@@ -43,9 +43,11 @@ def test_per_isa_table_has_a_column_per_isa():
 
 
 def test_sweep_copies_cover_twice_the_cache():
-    assert copies_for(8 << 20, cache=32 << 20) == 8
-    assert copies_for(100 << 20, cache=32 << 20) == 2  # at least 2: one call evicts the other
+    # the timed copies (all but the wake-up one) cover twice the cache
+    assert copies_for(8 << 20, cache=32 << 20) == 9
+    assert copies_for(100 << 20, cache=32 << 20) == 3  # at least 2 timed: one evicts the other
     assert copies_for(1000, cache=32 << 20, most=64) == 64
+    assert [rounds_for(c, 24) for c in (2, 3, 5, 9, 25, 64)] == [24, 12, 6, 3, 1, 1]
 
 
 def test_sweep_table_times_every_implementation():
@@ -69,8 +71,9 @@ def test_sweep_table_times_every_implementation():
         cells = [c.strip() for c in rows[name].strip("|").split("|")]
         assert cells[2] == "4"  # copies, capped by most
         assert float(cells[3]) > 0
-        # 1 warm-up sweep + 3 timed sweeps of 4 copies each
-        assert calls[name] == 4 * 4
+        # 1 warm-up sweep over the 4 copies, then 3 times (the wake-up call, then rounds over
+        # the 3 other copies until >= 24 calls: 8 rounds)
+        assert calls[name] == 4 + 3 * (1 + 8 * 3)
     assert rows["a"].split("|")[5].strip() == "1.00x"
     assert len(probe.sum_s) == 3
 

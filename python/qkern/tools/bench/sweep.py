@@ -16,6 +16,13 @@ implementation's worker threads, as the previous layer of a decode step would ha
 timed sweep runs over the other copies (whose weights the last sweep evicted). Without it the
 first call of a sweep paid 0.3-0.5 ms of thread wake-up on this VM, which a sweep of 4 copies
 (a 16 MB fp8 layer) spread as +0.1 ms per call.
+
+The timed copies alone (the wake-up copy not counted) add up to twice the last-level cache, and
+the timed sweep goes round them until it has made at least ``min_calls`` calls (24): a decode
+step calls dozens of layers in a row, and the first calls after the idle pause run slow for
+longer than the one wake-up call covers. With 3 timed calls (a 16 MB fp8 layer: 4 copies, one
+round) every implementation measured 1.5-1.9 x slower per call than over 24 calls, which is
+what the fp8 row's "49-51 % of the read probe" of the earlier tables was (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -30,17 +37,25 @@ from .timing import Probe, l3_bytes
 
 
 def copies_for(nbytes: int, cache: int | None = None, most: int = 512) -> int:
-    """Copies of a layer whose weights (``nbytes`` each) add up to twice the last-level cache
-    (at least 2, at most ``most``: layers that small stay partly cached, as they would in a
-    model)."""
+    """Copies of a layer: enough timed ones whose weights (``nbytes`` each) add up to twice the
+    last-level cache (at least 2), plus the untimed wake-up copy; at most ``most`` (layers that
+    small stay partly cached, as they would in a model)."""
     cache = l3_bytes() if cache is None else cache
-    return min(most, max(2, -(-2 * cache // max(nbytes, 1))))
+    return min(most, max(2, -(-2 * cache // max(nbytes, 1))) + 1)
+
+
+def rounds_for(copies: int, min_calls: int) -> int:
+    """Rounds of a timed sweep over ``copies - 1`` copies that make at least ``min_calls``
+    calls."""
+    return max(1, -(-min_calls // max(copies - 1, 1)))
 
 
 def time_sweeps(layers: dict[str, list[Callable]], x: torch.Tensor, repeats: int,
-                probe: Probe | None = None, settle_s: float = 0.0) -> dict[str, float]:
+                probe: Probe | None = None, settle_s: float = 0.0,
+                min_calls: int = 24) -> dict[str, float]:
     """Median seconds per call of each implementation, its copies called back to back (the
-    last copy untimed, first: the wake-up call)."""
+    last copy untimed, first: the wake-up call; the others round and round until at least
+    ``min_calls`` calls)."""
     names = list(layers)
     samples: dict[str, list[float]] = {n: [] for n in names}
     with torch.no_grad():
@@ -53,10 +68,13 @@ def time_sweeps(layers: dict[str, list[Callable]], x: torch.Tensor, repeats: int
                 if settle_s > 0:
                     time.sleep(settle_s)  # the previous sweep's spinning threads go idle
                 layers[n][-1](x)  # untimed: wakes this implementation's threads (see above)
+                timed = layers[n][:-1]
+                rounds = rounds_for(len(layers[n]), min_calls)
                 t0 = time.perf_counter()
-                for f in layers[n][:-1]:
-                    f(x)
-                samples[n].append((time.perf_counter() - t0) / (len(layers[n]) - 1))
+                for _ in range(rounds):
+                    for f in timed:
+                        f(x)
+                samples[n].append((time.perf_counter() - t0) / (rounds * len(timed)))
             if probe is not None:
                 t0 = time.perf_counter()
                 probe.run_sum()
@@ -66,7 +84,7 @@ def time_sweeps(layers: dict[str, list[Callable]], x: torch.Tensor, repeats: int
 
 def run_sweep(shapes, makers: Callable[[nn.Linear], dict[str, Callable[[nn.Linear], tuple]]],
               repeats: int, settle_s: float, probe: Probe, ref: str,
-              most: int = 512) -> list[str]:
+              most: int = 512, min_calls: int = 24) -> list[str]:
     """The table's lines: one row per (shape, implementation), ratios against ``ref``.
     ``makers(lin)``: name -> builder of (call on x, weight bytes per call, note) from ``lin``."""
     lines = ["", "**M = 1, layers back to back** (weights cold, code warm: a decode step; "
@@ -82,7 +100,7 @@ def run_sweep(shapes, makers: Callable[[nn.Linear], dict[str, Callable[[nn.Linea
             f, nb, _ = build(lin)
             layers[name] = [f] + [build(lin)[0] for _ in range(copies_for(nb, most=most) - 1)]
             nbytes[name] = nb
-        med = time_sweeps(layers, torch.randn(1, k), repeats, probe, settle_s)
+        med = time_sweeps(layers, torch.randn(1, k), repeats, probe, settle_s, min_calls)
         print(f"  {n}x{k} M=1 back to back: " + ", ".join(
             f"{a} {1e3 * t:.3f} ms" for a, t in med.items()), flush=True)
         rows.append((n, k, med, layers, nbytes))
