@@ -53,6 +53,8 @@ struct Kernels {
   // values by entry); a value above the list's current last one is never offered.
   void (*beam_offer)(const float* const* rows, int64_t nrows, int64_t k, const float* t,
                      float db, int64_t base, float* v, int64_t* idx, int64_t kk);
+  // out[c] = a[c] + b[c], c < k (float32; the prefix sums of rq_beam_encode).
+  void (*row_add)(const float* a, const float* b, int64_t k, float* out);
 };
 
 extern const Kernels kScalarKernels;  // scalar.cpp
@@ -72,6 +74,7 @@ void dots_scalar(const float* x, int64_t n, const Packed& c, float* out, int64_t
 int64_t lut_argmin_scalar(const float* u, const float* const* rows, int64_t nrows, int64_t k);
 void beam_offer_scalar(const float* const* rows, int64_t nrows, int64_t k, const float* t,
                        float db, int64_t base, float* v, int64_t* idx, int64_t kk);
+void row_add_scalar(const float* a, const float* b, int64_t k, float* out);
 void table_scalar(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
                   const float* cbt, float* table);
 // The reference scans (scalar.cpp; the SIMD files call these rather than compile the loop
@@ -422,12 +425,19 @@ inline void beam_offer_simd(const float* const* rows, int64_t nrows, int64_t k, 
   }
 }
 
+template <class V>
+inline void row_add_simd(const float* a, const float* b, int64_t k, float* out) {
+  int64_t c = 0;
+  for (; c + V::kW <= k; c += V::kW) V::store(out + c, V::add(V::load(a + c), V::load(b + c)));
+  for (; c < k; ++c) out[c] = a[c] + b[c];
+}
+
 // The table of one vector ISA V: every entry the templates of this file instantiated for V
 // (avx2.cpp and avx512.cpp differ only in V).
 template <class V>
 constexpr Kernels simd_kernels() {
   return {assign_simd<V>, topk_simd<V>, table_simd<V>, scan_simd<V, uint8_t>,
-          scan_simd<V, uint16_t>, dots_simd<V>, lut_argmin_simd<V>, beam_offer_simd<V>};
+          scan_simd<V, uint16_t>, dots_simd<V>, lut_argmin_simd<V>, beam_offer_simd<V>, row_add_simd<V>};
 }
 
 }  // namespace vq

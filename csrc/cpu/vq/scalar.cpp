@@ -139,9 +139,13 @@ void beam_offer_scalar(const float* const* rows, int64_t nrows, int64_t k, const
   }
 }
 
+void row_add_scalar(const float* a, const float* b, int64_t k, float* out) {
+  for (int64_t c = 0; c < k; ++c) out[c] = a[c] + b[c];
+}
+
 const Kernels kScalarKernels = {assign_scalar,   topk_scalar, table_scalar,
                                  scan_scalar,     scan_scalar, dots_scalar,
-                                 lut_argmin_scalar, beam_offer_scalar};
+                                 lut_argmin_scalar, beam_offer_scalar, row_add_scalar};
 
 }  // namespace vq
 }  // namespace qk
