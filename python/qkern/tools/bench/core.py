@@ -266,19 +266,24 @@ def _shape_str(shape) -> str:
 
 
 def format_table(cases: list[Case], copy_gbs: float) -> str:
+    """The table; "% copy" against the row's own ``copy_`` of its bytes, timed as the row
+    (``copy_gbs``, the run's roofline, where a row has none)."""
     def rate(c: Case, key: str) -> str:
         gbs = c.nbytes / c.result[key] / 1e9
-        return f"{gbs:.1f} ({100 * gbs / copy_gbs:.0f}%)"
+        ref = c.nbytes / c.result["copy"] / 1e9 if "copy" in c.result else copy_gbs
+        return f"{gbs:.1f} ({100 * gbs / ref:.0f}%)"
 
     lines = [
-        ("| operation | shape | torch peer | torch ms | qkern ms | op ms | torch GB/s (% copy) "
-         "| qkern GB/s (% copy) | op GB/s (% copy) | qkern vs torch | op vs torch | n |"),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ("| operation | shape | torch peer | copy ms | torch ms | qkern ms | op ms | "
+         "torch GB/s (% copy) | qkern GB/s (% copy) | op GB/s (% copy) | qkern vs torch | "
+         "op vs torch | n |"),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         r = c.result
+        cp = f"{1e3 * r['copy']:.2f}" if "copy" in r else "-"
         lines.append(
-            f"| {c.op} | {_shape_str(c.shape)} | {c.peer_name} | {1e3 * r['torch']:.2f} | "
+            f"| {c.op} | {_shape_str(c.shape)} | {c.peer_name} | {cp} | {1e3 * r['torch']:.2f} | "
             f"{1e3 * r['qkern']:.2f} | {1e3 * r['op']:.2f} | {rate(c, 'torch')} | "
             f"{rate(c, 'qkern')} | {rate(c, 'op')} | {r['torch'] / r['qkern']:.2f}x | "
             f"{r['torch'] / r['op']:.2f}x | {c.repeats} |")
@@ -302,6 +307,8 @@ def run_core(threads: int, repeats: int, warmup: int, shapes: list[tuple[int, in
         for shape in shapes:
             cases = build_cases(shape)
             for c in cases:
+                src = torch.rand(max(1, c.nbytes // 8))  # float32: read + write = the row's bytes
+                c.impls["copy"] = _bind(torch.empty_like(src).copy_(src).copy_, src)
                 c.result, c.repeats = time_alternating(c.impls, repeats, warmup, probe, flush,
                                                        budget_s)
                 r = c.result
@@ -331,8 +338,11 @@ def run_core(threads: int, repeats: int, warmup: int, shapes: list[tuple[int, in
           "bytes read + bytes written (float32 input, 1 B per code, float32 scales, packed "
           "bytes), GB/s = 1e9 B/s; qkern = public API (`qkern.quantize`, "
           "`QTensor.dequantize`, `qkern.pack_bits`), op = `torch.ops.qkern.*` on flat tensors; "
-          "\"vs torch\" = torch time / qkern time (> 1: qkern faster). copy_ also reads every "
-          "line it writes, so kernels that read more than they write can pass 100 % of copy.",
+          "\"vs torch\" = torch time / qkern time (> 1: qkern faster); copy = torch `copy_` of "
+          "a float32 buffer moving the row's bytes (half read, half written), timed with the "
+          "row (flushed, idle first), and \"% copy\" against it: a call this short after an idle "
+          "pause runs slower than the long roofline copy above. copy_ also reads every line "
+          "it writes, so kernels that read more than they write can pass 100 % of copy.",
           file=out)
     if os.environ.get("THP_MEM_ALLOC_ENABLE", "0") in ("", "0"):
         print(file=out)
