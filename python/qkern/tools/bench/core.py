@@ -340,8 +340,7 @@ def run_core(threads: int, repeats: int, warmup: int, shapes: list[tuple[int, in
           "`QTensor.dequantize`, `qkern.pack_bits`), op = `torch.ops.qkern.*` on flat tensors; "
           "\"vs torch\" = torch time / qkern time (> 1: qkern faster); copy = torch `copy_` of "
           "a float32 buffer moving the row's bytes (half read, half written), timed with the "
-          "row (flushed, idle first), and \"% copy\" against it: a call this short after an idle "
-          "pause runs slower than the long roofline copy above. copy_ also reads every line "
+          "row (flushed, idle first), and \"% copy\" against it. copy_ also reads every line "
           "it writes, so kernels that read more than they write can pass 100 % of copy.",
           file=out)
     if os.environ.get("THP_MEM_ALLOC_ENABLE", "0") in ("", "0"):
