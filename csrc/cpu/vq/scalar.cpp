@@ -102,16 +102,27 @@ void dots_scalar(const float* x, int64_t n, const Packed& c, float* out, int64_t
     }
 }
 
+namespace {
+
+constexpr int64_t kSumBlock = 256;
+
+// s[c] = 0 + rows[0][c0 + c] + ... + rows[nrows - 1][c0 + c] in that order, c < len: the sums
+// row by row, a block of entries at a time (lut_argmin, beam_offer).
+void block_sums(const float* const* rows, int64_t nrows, int64_t c0, int64_t len, float* s) {
+  for (int64_t c = 0; c < len; ++c) s[c] = 0.0f;
+  for (int64_t r = 0; r < nrows; ++r)
+    for (int64_t c = 0; c < len; ++c) s[c] = s[c] + rows[r][c0 + c];
+}
+
+}  // namespace
+
 int64_t lut_argmin_scalar(const float* u, const float* const* rows, int64_t nrows, int64_t k) {
   float best = __builtin_inff();
   int64_t bidx = 0;
-  constexpr int64_t kBlock = 256;
-  float s[kBlock];
-  for (int64_t c0 = 0; c0 < k; c0 += kBlock) {  // the sums row by row, a block of c at a time
-    const int64_t len = std::min(kBlock, k - c0);
-    for (int64_t c = 0; c < len; ++c) s[c] = 0.0f;
-    for (int64_t r = 0; r < nrows; ++r)
-      for (int64_t c = 0; c < len; ++c) s[c] = s[c] + rows[r][c0 + c];
+  float s[kSumBlock];
+  for (int64_t c0 = 0; c0 < k; c0 += kSumBlock) {
+    const int64_t len = std::min(kSumBlock, k - c0);
+    block_sums(rows, nrows, c0, len, s);
     for (int64_t c = 0; c < len; ++c) {
       const float val = u[c0 + c] + 2.0f * s[c];
       if (val < best) {
@@ -125,13 +136,10 @@ int64_t lut_argmin_scalar(const float* u, const float* const* rows, int64_t nrow
 
 void beam_offer_scalar(const float* const* rows, int64_t nrows, int64_t k, const float* t,
                        float db, int64_t base, float* v, int64_t* idx, int64_t kk) {
-  constexpr int64_t kBlock = 256;
-  float s[kBlock];
-  for (int64_t c0 = 0; c0 < k; c0 += kBlock) {  // the sums row by row, a block of c at a time
-    const int64_t len = std::min(kBlock, k - c0);
-    for (int64_t c = 0; c < len; ++c) s[c] = 0.0f;
-    for (int64_t r = 0; r < nrows; ++r)
-      for (int64_t c = 0; c < len; ++c) s[c] = s[c] + rows[r][c0 + c];
+  float s[kSumBlock];
+  for (int64_t c0 = 0; c0 < k; c0 += kSumBlock) {
+    const int64_t len = std::min(kSumBlock, k - c0);
+    block_sums(rows, nrows, c0, len, s);
     for (int64_t c = 0; c < len; ++c) {
       const float x = (db + t[c0 + c]) + 2.0f * s[c];
       if (x <= v[kk - 1]) topk_offer(v, idx, kk, x, base + c0 + c);
