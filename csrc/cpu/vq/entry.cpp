@@ -121,9 +121,10 @@ void scan_impl(const float* table, int64_t nq, int64_t ksub, const Code* codes, 
 // 32 x 256) from memory for every row. A row's beam entries mostly share the first codes of
 // their partial codes, so their cross-term sums are prefix sums along a trie: taken in
 // lexicographic order of their codes (kept as each entry's rank: a child's rank is its
-// parent's, then its codeword; the common prefix of neighbours follows from the parents'), each
-// entry extends the previous one's running sums from their common prefix on (the same float32 additions in the same order as summing each entry's s
-// rows alone: bit-identical; digits, 32 x 256, beam 16: 6 x fewer rows). The candidates are
+// parent's, then its codeword; the common prefix of neighbours follows from the parents'),
+// each entry extends the previous one's running sums from their common prefix on (the same
+// float32 additions in the same order as summing each entry's s rows alone: bit-identical;
+// digits, 32 x 256, beam 16: 6 x fewer rows). The candidates are
 // then offered best parent first (the previous stage's order), so that the list's threshold
 // falls early and fewer candidates are inserted. Codes held as int32 (K <= 2^16).
 struct BeamBlock {

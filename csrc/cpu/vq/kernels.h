@@ -437,7 +437,8 @@ inline void row_add_simd(const float* a, const float* b, int64_t k, float* out) 
 template <class V>
 constexpr Kernels simd_kernels() {
   return {assign_simd<V>, topk_simd<V>, table_simd<V>, scan_simd<V, uint8_t>,
-          scan_simd<V, uint16_t>, dots_simd<V>, lut_argmin_simd<V>, beam_offer_simd<V>, row_add_simd<V>};
+          scan_simd<V, uint16_t>, dots_simd<V>, lut_argmin_simd<V>, beam_offer_simd<V>,
+          row_add_simd<V>};
 }
 
 }  // namespace vq
