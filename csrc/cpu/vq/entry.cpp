@@ -169,8 +169,8 @@ struct BeamBlock {
       }
       vq::topk_init(nd, sel.data(), keep, nb * k);
       for (int64_t b = 0; b < nb; ++b) {  // best parent first
-        const float* row = own.data() + b * k;  // 0 + (r_0 + ... in order): the same value
-        kern.beam_offer(&row, 1, k, t.data(), dist[r * beam + b], b * k, nd, sel.data(), keep);
+        kern.beam_offer(own.data() + b * k, k, t.data(), dist[r * beam + b], b * k, nd,
+                        sel.data(), keep);
       }
       int32_t* nrr = nrank.data() + r * beam;
       for (int64_t e = 0; e < keep; ++e) {

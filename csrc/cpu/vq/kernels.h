@@ -48,11 +48,11 @@ struct Kernels {
   // only when strictly smaller (NaN never chosen).
   int64_t (*lut_argmin)(const float* u, const float* const* rows, int64_t nrows, int64_t k);
   // One beam entry's offers in rq_beam_encode (api.h): for c < k the value
-  // (db + t[c]) + 2 * s_c, s_c = the float32 sum 0 + rows[0][c] + ... + rows[nrows-1][c] in that
-  // order, offered to the top-kk list (v, idx) as entry base + c (topk_offer: ascending, equal
-  // values by entry); a value above the list's current last one is never offered.
-  void (*beam_offer)(const float* const* rows, int64_t nrows, int64_t k, const float* t,
-                     float db, int64_t base, float* v, int64_t* idx, int64_t kk);
+  // (db + t[c]) + 2 * s[c] (s: the entry's prefix sums, row_add), offered to the top-kk list
+  // (v, idx) as entry base + c (topk_offer: ascending, equal values by entry); a value above the
+  // list's current last one is never offered.
+  void (*beam_offer)(const float* s, int64_t k, const float* t, float db, int64_t base, float* v,
+                     int64_t* idx, int64_t kk);
   // out[c] = a[c] + b[c], c < k (float32; the prefix sums of rq_beam_encode).
   void (*row_add)(const float* a, const float* b, int64_t k, float* out);
 };
@@ -72,8 +72,8 @@ void topk_scalar(const float* x, int64_t n, const Packed& c, int64_t kk, int64_t
                  float* v);
 void dots_scalar(const float* x, int64_t n, const Packed& c, float* out, int64_t ld);
 int64_t lut_argmin_scalar(const float* u, const float* const* rows, int64_t nrows, int64_t k);
-void beam_offer_scalar(const float* const* rows, int64_t nrows, int64_t k, const float* t,
-                       float db, int64_t base, float* v, int64_t* idx, int64_t kk);
+void beam_offer_scalar(const float* s, int64_t k, const float* t, float db, int64_t base,
+                       float* v, int64_t* idx, int64_t kk);
 void row_add_scalar(const float* a, const float* b, int64_t k, float* out);
 void table_scalar(const float* q, int64_t m, int64_t ksub, int64_t dsub, const float* cb,
                   const float* cbt, float* table);
@@ -387,40 +387,34 @@ inline int64_t lut_argmin_simd(const float* u, const float* const* rows, int64_t
   return bidx;
 }
 
-// Kernels::beam_offer, 4 vectors of entries per step (4 independent sums in flight: the adds'
-// latency, not the loads, bounds fewer): their values against the list's current last one
-// (V::le, V::bits), the lanes that may enter offered in entry order, each re-checked by
+// Kernels::beam_offer, 4 vectors of entries per step: their values against the list's current
+// last one (V::le, V::bits), the lanes that may enter offered in entry order, each re-checked by
 // topk_offer; the last k % (4 V::kW) scalar.
 template <class V>
-inline void beam_offer_simd(const float* const* rows, int64_t nrows, int64_t k, const float* t,
-                            float db, int64_t base, float* v, int64_t* idx, int64_t kk) {
+inline void beam_offer_simd(const float* s, int64_t k, const float* t, float db, int64_t base,
+                            float* v, int64_t* idx, int64_t kk) {
   constexpr int kW = static_cast<int>(V::kW), kStep = 4 * kW;
   const typename V::T two = V::set1(2.0f), vdb = V::set1(db);
   alignas(64) float val[kStep];
   int64_t c = 0;
   for (; c + kStep <= k; c += kStep) {
-    typename V::T s[4] = {V::set1(0.0f), V::set1(0.0f), V::set1(0.0f), V::set1(0.0f)};
-    for (int64_t r = 0; r < nrows; ++r) {
-      const float* row = rows[r] + c;
-      for (int w = 0; w < 4; ++w) s[w] = V::add(s[w], V::load(row + w * kW));
-    }
+    typename V::T x[4];
     const typename V::T thr = V::set1(v[kk - 1]);
     uint64_t live = 0;
     for (int w = 0; w < 4; ++w) {
-      s[w] = V::add(V::add(vdb, V::load(t + c + w * kW)), V::mul(two, s[w]));
-      live |= uint64_t{V::bits(V::le(s[w], thr))} << (w * kW);
+      const int64_t o = c + w * kW;
+      x[w] = V::add(V::add(vdb, V::load(t + o)), V::mul(two, V::load(s + o)));
+      live |= uint64_t{V::bits(V::le(x[w], thr))} << (w * kW);
     }
     if (!live) continue;
-    for (int w = 0; w < 4; ++w) V::store(val + w * kW, s[w]);
+    for (int w = 0; w < 4; ++w) V::store(val + w * kW, x[w]);
     for (; live; live &= live - 1) {
       const int l = __builtin_ctzll(live);
       topk_offer(v, idx, kk, val[l], base + c + l);
     }
   }
   for (; c < k; ++c) {
-    float s = 0.0f;
-    for (int64_t r = 0; r < nrows; ++r) s = s + rows[r][c];
-    const float x = (db + t[c]) + 2.0f * s;
+    const float x = (db + t[c]) + 2.0f * s[c];
     if (x <= v[kk - 1]) topk_offer(v, idx, kk, x, base + c);
   }
 }

@@ -107,7 +107,7 @@ namespace {
 constexpr int64_t kSumBlock = 256;
 
 // s[c] = 0 + rows[0][c0 + c] + ... + rows[nrows - 1][c0 + c] in that order, c < len: the sums
-// row by row, a block of entries at a time (lut_argmin, beam_offer).
+// row by row, a block of entries at a time (lut_argmin).
 void block_sums(const float* const* rows, int64_t nrows, int64_t c0, int64_t len, float* s) {
   for (int64_t c = 0; c < len; ++c) s[c] = 0.0f;
   for (int64_t r = 0; r < nrows; ++r)
@@ -134,16 +134,11 @@ int64_t lut_argmin_scalar(const float* u, const float* const* rows, int64_t nrow
   return bidx;
 }
 
-void beam_offer_scalar(const float* const* rows, int64_t nrows, int64_t k, const float* t,
-                       float db, int64_t base, float* v, int64_t* idx, int64_t kk) {
-  float s[kSumBlock];
-  for (int64_t c0 = 0; c0 < k; c0 += kSumBlock) {
-    const int64_t len = std::min(kSumBlock, k - c0);
-    block_sums(rows, nrows, c0, len, s);
-    for (int64_t c = 0; c < len; ++c) {
-      const float x = (db + t[c0 + c]) + 2.0f * s[c];
-      if (x <= v[kk - 1]) topk_offer(v, idx, kk, x, base + c0 + c);
-    }
+void beam_offer_scalar(const float* s, int64_t k, const float* t, float db, int64_t base,
+                       float* v, int64_t* idx, int64_t kk) {
+  for (int64_t c = 0; c < k; ++c) {
+    const float x = (db + t[c]) + 2.0f * s[c];
+    if (x <= v[kk - 1]) topk_offer(v, idx, kk, x, base + c);
   }
 }
 

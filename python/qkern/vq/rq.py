@@ -147,8 +147,8 @@ class ResidualQuantizer(VQBase):
             self._cross = (books, rq_cross_table(books))
         return self._cross[1]
 
-    def _beam(self, x: np.ndarray, books: np.ndarray) -> np.ndarray:
-        return beam_search(x, books, self.beam_size, self._tables(books))
+    def _beam(self, x: np.ndarray, books: np.ndarray, beam: int | None = None) -> np.ndarray:
+        return beam_search(x, books, beam or self.beam_size, self._tables(books))
 
     def _train(self, x: np.ndarray, **kw) -> None:
         if kw:
@@ -172,8 +172,7 @@ class ResidualQuantizer(VQBase):
         self.codebooks = np.ascontiguousarray(np.stack(books))
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
-        beam = self.encode_beam_size or self.beam_size
-        return beam_search(x, self.codebooks, beam, self._tables(self.codebooks))
+        return self._beam(x, self.codebooks, self.encode_beam_size)
 
     def _decode(self, codes: Any) -> np.ndarray:
         c = as_codes(codes, self.m, self.ksub)
