@@ -27,13 +27,12 @@ what the fp8 row's "49-51 % of the read probe" of the earlier tables was (docs/s
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .timing import Probe, l3_bytes
+from .timing import Probe, l3_bytes, time_alternating, time_block
 
 
 def copies_for(nbytes: int, cache: int | None = None, most: int = 512) -> int:
@@ -56,30 +55,24 @@ def time_sweeps(layers: dict[str, list[Callable]], x: torch.Tensor, repeats: int
     """Median seconds per call of each implementation, its copies called back to back (the
     last copy untimed, first: the wake-up call; the others round and round until at least
     ``min_calls`` calls)."""
-    names = list(layers)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    with torch.no_grad():
-        for n in names:  # warm-up: builds plans, touches every page once
-            for f in layers[n]:
+    def sweep(n: str) -> Callable[[], None]:
+        def run() -> None:
+            for f in layers[n][:-1]:
                 f(x)
-        for r in range(repeats):
-            k = r % len(names) if names else 0
-            for n in names[k:] + names[:k]:
-                if settle_s > 0:
-                    time.sleep(settle_s)  # the previous sweep's spinning threads go idle
-                layers[n][-1](x)  # untimed: wakes this implementation's threads (see above)
-                timed = layers[n][:-1]
-                rounds = rounds_for(len(layers[n]), min_calls)
-                t0 = time.perf_counter()
-                for _ in range(rounds):
-                    for f in timed:
-                        f(x)
-                samples[n].append((time.perf_counter() - t0) / (rounds * len(timed)))
-            if probe is not None:
-                t0 = time.perf_counter()
-                probe.run_sum()
-                probe.sum_s.append(time.perf_counter() - t0)
-    return {n: sorted(s)[len(s) // 2] for n, s in samples.items()}
+        return run
+
+    rounds = {n: rounds_for(len(fs), min_calls) for n, fs in layers.items()}
+    sweeps = {n: sweep(n) for n in layers}
+
+    def sample(n: str) -> float:  # the last copy untimed: the wake-up call (see above)
+        return time_block(sweeps[n], rounds[n], settle_s,
+                          lambda: layers[n][-1](x)) / (len(layers[n]) - 1)
+
+    with torch.no_grad():
+        for fs in layers.values():  # warm-up: builds plans, touches every page once
+            for f in fs:
+                f(x)
+        return time_alternating(sweeps, repeats, 0, probe, sample=sample)[0]
 
 
 def run_sweep(shapes, makers: Callable[[nn.Linear], dict[str, Callable[[nn.Linear], tuple]]],

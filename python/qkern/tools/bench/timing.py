@@ -15,7 +15,8 @@ import torch
 
 import qkern
 
-__all__ = ["Flusher", "Probe", "cpu_model", "l3_bytes", "machine_line", "time_alternating"]
+__all__ = ["Flusher", "Probe", "cpu_model", "l3_bytes", "machine_line", "time_alternating",
+           "time_block"]
 
 
 @dataclass
@@ -96,12 +97,30 @@ class Flusher:
             time.sleep(self.settle_s)
 
 
+def time_block(call: Callable[[], object], calls: int, settle_s: float = 0.0,
+               wake: Callable[[], object] | None = None) -> float:
+    """Seconds per call of ``calls`` back-to-back calls, as a decode step or a batch of encodes
+    sees them: first ``settle_s`` idle (the previous sample's spinning threads stop and leave
+    the cores), then one untimed ``wake`` call (it wakes this implementation's worker threads,
+    as the previous layer or batch would have)."""
+    if settle_s > 0:
+        time.sleep(settle_s)
+    if wake is not None:
+        wake()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - t0) / calls
+
+
 def time_alternating(impls: dict[str, Callable[[], object]], repeats: int, warmup: int,
                      probe: Probe | None = None, flush: Callable[[], object] | None = None,
-                     budget_s: float | None = None) -> tuple[dict[str, float], int]:
+                     budget_s: float | None = None,
+                     sample: Callable[[str], float] | None = None) -> tuple[dict[str, float], int]:
     """Median seconds of each implementation, timed in alternating order, and the number of
     repeats used: at least 3, fewer than ``repeats`` when one round of the slowest
-    implementations would overrun ``budget_s``."""
+    implementations would overrun ``budget_s``. ``sample(name)``: one sample of an
+    implementation (default: one call, ``flush`` before it; :func:`time_block` for blocks)."""
     names = list(impls)
     last: dict[str, float] = {}
     for _ in range(warmup):
@@ -115,7 +134,7 @@ def time_alternating(impls: dict[str, Callable[[], object]], repeats: int, warmu
         k = r % len(names) if names else 0
         order = names[k:] + names[:k]  # cyclic: each implementation follows each other one
         for n in order:
-            samples[n].append(_timed(impls[n], flush))
+            samples[n].append(sample(n) if sample else _timed(impls[n], flush))
         if probe is not None:
             probe.copy_s.append(_timed(probe.run_copy, flush))
             probe.sum_s.append(_timed(probe.run_sum, flush))

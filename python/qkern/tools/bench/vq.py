@@ -37,7 +37,7 @@ import numpy as np
 from ... import get_num_threads, set_num_threads
 from ...vq import OPQ, AdditiveQuantizer, ProductQuantizer, ResidualQuantizer, VQBase
 from . import vq_data
-from .timing import machine_line
+from .timing import machine_line, time_alternating, time_block
 
 __all__ = ["METHODS", "QKERN_MAKERS", "Method", "exact_nearest", "main", "recall_at", "run_vq"]
 
@@ -209,19 +209,11 @@ def _time_encodes(impls, x: np.ndarray, repeats: int) -> dict[str, float]:
         t0 = time.perf_counter()
         f()
         inner[lib] = max(1, min(100, int(MIN_BLOCK_S / max(time.perf_counter() - t0, 1e-6))))
-    names = list(fns)
-    samples: dict[str, list[float]] = {lib: [] for lib in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for lib in names[k:] + names[:k]:
-            time.sleep(SETTLE_S)
-            if inner[lib] > 1:
-                fns[lib]()  # untimed: wakes the threads
-            t0 = time.perf_counter()
-            for _ in range(inner[lib]):
-                fns[lib]()
-            samples[lib].append((time.perf_counter() - t0) / inner[lib])
-    return {lib: float(np.median(v)) for lib, v in samples.items()}
+
+    def sample(lib: str) -> float:
+        return time_block(fns[lib], inner[lib], SETTLE_S, fns[lib] if inner[lib] > 1 else None)
+
+    return time_alternating(fns, repeats, 0, sample=sample)[0]
 
 
 def _measure(makers, ds: vq_data.VQData, nearest, repeats: int, method: str, nbytes: int,
