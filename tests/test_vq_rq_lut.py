@@ -98,17 +98,29 @@ def test_cross_table_is_the_codeword_dot_products(rng):
 
 
 @pytest.mark.parametrize("k", [40, 150])  # 150: full SIMD blocks of entries and a tail
-def test_isas_and_threads_agree_bitwise(rng, k):
+@pytest.mark.parametrize("beam", [6, 16, 17])  # AVX-512 keeps lists <= 16 in registers
+def test_isas_and_threads_agree_bitwise(rng, k, beam):
     x, books = problem(rng, 777, 5, k, 19)
     qkern.set_isa("scalar")
     qkern.set_num_threads(1)
-    want, cross = rq_beam_encode(x, books, 6), rq_cross_table(books)
+    want, cross = rq_beam_encode(x, books, beam), rq_cross_table(books)
     for isa in qkern.available_isas():
         qkern.set_isa(isa)
         for threads in (1, 2, 3):
             qkern.set_num_threads(threads)
             np.testing.assert_array_equal(rq_cross_table(books), cross)
-            np.testing.assert_array_equal(rq_beam_encode(x, books, 6), want)
+            np.testing.assert_array_equal(rq_beam_encode(x, books, beam), want)
+
+
+@pytest.mark.parametrize("isa", params())
+@pytest.mark.parametrize("beam", [3, 16, 20])
+def test_many_exact_ties_follow_the_definition(isa, rng, beam):
+    """Small integers: every distance exact in float32 and most of them tied, so the list's
+    order (equal values by parent, then codeword) decides nearly every code."""
+    use(isa)
+    x = rng.integers(-2, 3, (300, 6)).astype(np.float32)
+    books = rng.integers(-1, 2, (4, 70, 6)).astype(np.float32)
+    np.testing.assert_array_equal(rq_beam_encode(x, books, beam), beam_reference(x, books, beam))
 
 
 def test_quantizer_caches_tables_per_codebooks(rng, monkeypatch):

@@ -4,6 +4,9 @@
 // scalar.cpp (kernels.h).
 #include <immintrin.h>
 
+#include <algorithm>
+#include <climits>
+
 #include "cpu/runtime/simd_f32.h"
 #include "cpu/vq/kernels.h"
 
@@ -34,7 +37,75 @@ struct Avx512 : simd::F32x16 {
   }
 };
 
-const Kernels kAvx512Kernels = simd_kernels<Avx512>();
+// (value, entry) of lane l before (x, j) in the list's order: ascending, equal values by entry.
+inline __mmask16 before(__m512 lv, __m512i li, __m512 x, __m512i j) {
+  const __mmask16 eq = _mm512_cmp_ps_mask(lv, x, _CMP_EQ_OQ);
+  return _mm512_cmp_ps_mask(lv, x, _CMP_LT_OQ) | _mm512_mask_cmplt_epi32_mask(eq, li, j);
+}
+
+// Kernels::beam_offer with a list of at most 16 entries held in registers (values in one zmm,
+// entries as int32 in another) instead of topk_offer's insertion loop, whose branches on the
+// data mispredict: an offer's place is the count of the list's entries before it (a mask and
+// a popcount), and it goes in by one masked expand of each register (an offer that does not
+// enter lands at lane kk or later, outside the list). The same list as beam_offer_simd, so the
+// same codes. Longer lists, or entries past int32, take beam_offer_simd.
+void beam_offer_reg(const float* s, int64_t k, const float* t, float db, int64_t base,
+                    float* v, int64_t* idx, int64_t kk) {
+  bool narrow = kk <= 16 && base + k <= INT32_MAX;
+  for (int64_t e = 0; e < kk && narrow; ++e) narrow = idx[e] <= INT32_MAX;
+  if (!narrow) return beam_offer_simd<Avx512>(s, k, t, db, base, v, idx, kk);
+  const __mmask16 in = static_cast<__mmask16>((1u << kk) - 1);
+  alignas(64) int32_t ent[16] = {};
+  for (int64_t e = 0; e < kk; ++e) ent[e] = static_cast<int32_t>(idx[e]);
+  __m512 lv = _mm512_mask_loadu_ps(_mm512_set1_ps(__builtin_inff()), in, v);
+  __m512i li = _mm512_load_si512(ent);
+  const __m512i last = _mm512_set1_epi32(static_cast<int32_t>(kk - 1));
+  const __m512 two = _mm512_set1_ps(2.0f), vdb = _mm512_set1_ps(db);
+  auto thr = [&] { return _mm512_maskz_permutexvar_ps(0xFFFF, last, lv); };  // lv[kk - 1]
+  alignas(64) float val[64];
+  auto offer = [&](uint64_t live, int64_t c) {
+    for (; live; live &= live - 1) {
+      const int l = __builtin_ctzll(live);
+      const __m512 x = _mm512_set1_ps(val[l]);
+      const __m512i j = _mm512_set1_epi32(static_cast<int32_t>(base + c + l));
+      const int pos = __builtin_popcount(static_cast<uint32_t>(before(lv, li, x, j) & in));
+      const __mmask16 keep = static_cast<__mmask16>(~(1u << pos));
+      lv = _mm512_mask_expand_ps(x, keep, lv);
+      li = _mm512_mask_expand_epi32(j, keep, li);
+    }
+  };
+  int64_t c = 0;
+  for (; c + 64 <= k; c += 64) {  // 4 vectors per step, as beam_offer_simd
+    const __m512 lim = thr();
+    uint64_t live = 0;
+    for (int w = 0; w < 4; ++w) {
+      const int64_t o = c + 16 * w;
+      const __m512 x = _mm512_add_ps(_mm512_add_ps(vdb, _mm512_loadu_ps(t + o)),
+                                     _mm512_mul_ps(two, _mm512_loadu_ps(s + o)));
+      _mm512_store_ps(val + 16 * w, x);
+      live |= uint64_t{_mm512_cmp_ps_mask(x, lim, _CMP_LE_OQ)} << (16 * w);
+    }
+    offer(live, c);
+  }
+  for (; c < k; c += 16) {  // the tail, 16 lanes at a time (masked)
+    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(16, k - c)) - 1);
+    const __m512 x = _mm512_add_ps(_mm512_add_ps(vdb, _mm512_maskz_loadu_ps(m, t + c)),
+                                   _mm512_mul_ps(two, _mm512_maskz_loadu_ps(m, s + c)));
+    _mm512_store_ps(val, x);
+    offer(_mm512_mask_cmp_ps_mask(m, x, thr(), _CMP_LE_OQ), c);
+  }
+  _mm512_mask_storeu_ps(v, in, lv);
+  _mm512_store_si512(ent, li);
+  for (int64_t e = 0; e < kk; ++e) idx[e] = ent[e];
+}
+
+constexpr Kernels with_reg_list(Kernels t) {
+  t.beam_offer = beam_offer_reg;
+  return t;
+}
+
+// Constant-initialized (no code runs at load: this file's code needs AVX-512).
+constexpr Kernels kAvx512Kernels = with_reg_list(simd_kernels<Avx512>());
 
 }  // namespace
 
