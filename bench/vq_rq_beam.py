@@ -1,6 +1,6 @@
 """qkern's RQ encoder at FAISS's beam (5) and at the bench's (16), beside FAISS, in one process.
 
-The bench's RQ maker trains at beam 5 (FAISS's ``max_beam_size``) and encodes at 16. This
+The bench's RQ maker trains at beam 5 (FAISS's ``max_beam_size``) and encodes at 12. This
 script trains that maker's codebooks once per (data set, size), encodes the base at beams 5
 and 16, and FAISS's ``RQ{m}x8`` index (trained on the same vectors) at its own beam of 5; the
 encode seconds are the median of ``--repeats`` runs, the three alternating. MSE: squared error

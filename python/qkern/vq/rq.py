@@ -108,7 +108,7 @@ class ResidualQuantizer(VQBase):
     (n, m) int64; ``decode`` sums the chosen codewords; ``code_size_bits = m * nbits``.
     ``encode_beam_size`` (default: ``beam_size``) widens or narrows the beam of ``encode``
     alone: training keeps ``beam_size`` (a wider encode beam finds better codes for the same
-    codebooks, at a cost linear in the width; the bench trains at FAISS's 5 and encodes at 16).
+    codebooks, at a cost linear in the width; the bench trains at FAISS's 5 and encodes at 12).
 
     >>> x = np.random.default_rng(1).standard_normal((600, 6))
     >>> rq = ResidualQuantizer(6, m=2, nbits=5).train(x)
