@@ -1,10 +1,10 @@
-"""qkern's RQ encoder at FAISS's beam (5) and at the bench's (16), beside FAISS, in one process.
+"""qkern's RQ encoder at FAISS's beam (5) and at the bench's (12), beside FAISS, in one process.
 
 The bench's RQ maker trains at beam 5 (FAISS's ``max_beam_size``) and encodes at 12. This
 script trains that maker's codebooks once per (data set, size), encodes the base at beams 5
-and 16, and FAISS's ``RQ{m}x8`` index (trained on the same vectors) at its own beam of 5; the
-encode seconds are the median of ``--repeats`` runs, the three alternating. MSE: squared error
-per base vector, as the bench computes it.
+and 12 (``--beams``), and FAISS's ``RQ{m}x8`` index (trained on the same vectors) at its own
+beam of 5; the encode seconds are the median of ``--repeats`` runs, the encoders alternating.
+MSE: squared error per base vector, as the bench computes it.
 
     PYTHONPATH=python python bench/vq_rq_beam.py --datasets digits,minilm --bytes 8,16,32
 """
@@ -26,7 +26,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="digits,minilm")
     p.add_argument("--bytes", default="8,16,32")
-    p.add_argument("--beams", default="5,16", help="qkern's encode beams")
+    p.add_argument("--beams", default="5,12", help="qkern's encode beams")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
