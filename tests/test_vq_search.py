@@ -56,6 +56,20 @@ def test_assign_ties_take_the_lowest_index(isa, rng):
     np.testing.assert_array_equal(codes[:5], np.arange(5))
 
 
+@pytest.mark.parametrize("isa", params())
+@pytest.mark.parametrize("k", [40, 256])
+def test_assign_exact_ties_across_lanes_and_panels(isa, rng, k):
+    """Small integers: every distance exact and most tied, between lanes, vectors and panels
+    alike, so the lanes' reduction decides: the lowest index of the smallest distance."""
+    use(isa)
+    x = rng.integers(-3, 4, (500, 2)).astype(np.float32)
+    c = rng.integers(-2, 3, (k, 2)).astype(np.float32)
+    codes, dist = assign(x, c)
+    D = ((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(codes, D.argmin(1))  # argmin: the first of equal minima
+    np.testing.assert_array_equal(dist, D.min(1))
+
+
 def test_assign_isas_and_threads_agree_bitwise(rng):
     x = rng.standard_normal((997, 24)).astype(np.float32)
     c = rng.standard_normal((70, 24)).astype(np.float32)

@@ -34,6 +34,26 @@ struct Avx2 : simd::F32x8 {
     const I keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(ksub)), lanes);
     return _mm256_permutevar8x32_ps(_mm256_maskload_ps(row, keep), ix);
   }
+  // (a, b) = the lexicographic minimum of (a, b) and (c, d), lane by lane.
+  static void pick(T& a, I& b, T c, I d) {
+    const T eq = _mm256_cmp_ps(c, a, _CMP_EQ_OQ);
+    const T ilt = _mm256_castsi256_ps(_mm256_cmpgt_epi32(b, d));
+    const T take = _mm256_or_ps(_mm256_cmp_ps(c, a, _CMP_LT_OQ), _mm256_and_ps(eq, ilt));
+    a = _mm256_blendv_ps(a, c, take);
+    b = blendi(take, b, d);
+  }
+  // The lexicographic minimum (value, index) over every lane of v[0..n), i[0..n) (no NaN in
+  // v): the vectors folded, then a butterfly over 4, 2, 1 lanes (every lane ends with it).
+  static void argmin(const T* v, const I* i, int n, float* best, int32_t* idx) {
+    T a = v[0];
+    I b = i[0];
+    for (int u = 1; u < n; ++u) pick(a, b, v[u], i[u]);
+    pick(a, b, _mm256_permute2f128_ps(a, a, 1), _mm256_permute2x128_si256(b, b, 1));
+    pick(a, b, _mm256_permute_ps(a, 0x4E), _mm256_shuffle_epi32(b, 0x4E));
+    pick(a, b, _mm256_permute_ps(a, 0xB1), _mm256_shuffle_epi32(b, 0xB1));
+    *best = _mm256_cvtss_f32(a);
+    *idx = _mm_cvtsi128_si32(_mm256_castsi256_si128(b));
+  }
 };
 
 const Kernels kAvx2Kernels = simd_kernels<Avx2>();

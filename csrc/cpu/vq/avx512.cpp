@@ -35,6 +35,32 @@ struct Avx512 : simd::F32x16 {
     const T r = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ksub) - 1), row);
     return _mm512_mask_permutexvar_ps(r, 0xFFFF, ix, r);
   }
+  // (a, b) = the lexicographic minimum of (a, b) and (c, d), lane by lane.
+  static void pick(T& a, I& b, T c, I d) {
+    const __mmask16 eq = _mm512_cmp_ps_mask(c, a, _CMP_EQ_OQ);
+    const __mmask16 take =
+        _mm512_cmp_ps_mask(c, a, _CMP_LT_OQ) | _mm512_mask_cmplt_epi32_mask(eq, d, b);
+    a = _mm512_mask_blend_ps(take, a, c);
+    b = _mm512_mask_blend_epi32(take, b, d);
+  }
+  // The lexicographic minimum (value, index) over every lane of v[0..n), i[0..n) (no NaN in
+  // v): the vectors folded, then a butterfly over 8, 4, 2, 1 lanes (every lane ends with it).
+  static void argmin(const T* v, const I* i, int n, float* best, int32_t* idx) {
+    T a = v[0];
+    I b = i[0];
+    for (int u = 1; u < n; ++u) pick(a, b, v[u], i[u]);
+    constexpr __mmask16 kAll = 0xFFFF;  // the masked forms: GCC 12 warns on the plain ones
+    pick(a, b, _mm512_maskz_shuffle_f32x4(kAll, a, a, 0x4E),
+         _mm512_maskz_shuffle_i32x4(kAll, b, b, 0x4E));
+    pick(a, b, _mm512_maskz_shuffle_f32x4(kAll, a, a, 0xB1),
+         _mm512_maskz_shuffle_i32x4(kAll, b, b, 0xB1));
+    pick(a, b, _mm512_maskz_shuffle_ps(kAll, a, a, 0x4E),
+         _mm512_maskz_shuffle_epi32(kAll, b, _MM_PERM_BADC));
+    pick(a, b, _mm512_maskz_shuffle_ps(kAll, a, a, 0xB1),
+         _mm512_maskz_shuffle_epi32(kAll, b, _MM_PERM_CDAB));
+    _mm512_mask_storeu_ps(best, 1, a);  // lane 0
+    _mm512_mask_storeu_epi32(idx, 1, b);
+  }
 };
 
 // (value, entry) of lane l before (x, j) in the list's order: ascending, equal values by entry.

@@ -87,7 +87,8 @@ void scan_scalar(const float* tables, int64_t nq, int64_t ksub, const uint16_t* 
 // The SIMD assignment (avx2.cpp, avx512.cpp): V is a float vector type of V::kW lanes with
 // load/store/add/sub/mul/set1, plus V::I (index vector), lt(a, b) -> mask, blend(mask, a, b)
 // (b where mask) for values and indices, seq(base) (base, base+1, ...), le(a, b) -> mask and
-// bits(mask) -> the lanes' bits (topk_block). kPanel / V::kW
+// bits(mask) -> the lanes' bits (topk_block), argmin(v, i, n, best, idx) -> the lexicographic
+// minimum (value, index) over the lanes of n vectors (branch-free). kPanel / V::kW
 // vectors per panel, R rows at a time (V::kRows: what its registers hold); the per-lane
 // running minimum keeps the lowest index (strict <, panels in ascending order), the lanes are
 // reduced at the end the same way.
@@ -136,20 +137,10 @@ inline void assign_block(const float* x, const Packed& c, int64_t* idx, float* v
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(64) float fv[kPanel];
-    alignas(64) int32_t fi[kPanel];
-    for (int u = 0; u < kV; ++u) {
-      V::store(fv + u * V::kW, bv[r][u]);
-      V::storei(fi + u * V::kW, bi[r][u]);
-    }
-    float best = fv[0];
-    int32_t bidx = fi[0];
-    for (int64_t l = 1; l < kPanel; ++l)
-      if (fv[l] < best || (fv[l] == best && fi[l] < bidx)) {
-        best = fv[l];
-        bidx = fi[l];
-      }
+  for (int r = 0; r < R; ++r) {  // the lanes' (value, index) minimum (V::argmin)
+    float best;
+    int32_t bidx;
+    V::argmin(bv[r], bi[r], kV, &best, &bidx);
     idx[r] = bidx < c.k ? bidx : 0;
     v[r] = best;
   }
