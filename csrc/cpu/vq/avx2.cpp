@@ -42,17 +42,11 @@ struct Avx2 : simd::F32x8 {
     a = _mm256_blendv_ps(a, c, take);
     b = blendi(take, b, d);
   }
-  // The lexicographic minimum (value, index) over every lane of v[0..n), i[0..n) (no NaN in
-  // v): the vectors folded, then a butterfly over 4, 2, 1 lanes (every lane ends with it).
-  static void argmin(const T* v, const I* i, int n, float* best, int32_t* idx) {
-    T a = v[0];
-    I b = i[0];
-    for (int u = 1; u < n; ++u) pick(a, b, v[u], i[u]);
+  // Every lane of (a, b) the minimum over all lanes: pick across 4, 2, 1 lanes.
+  static void butterfly(T& a, I& b) {
     pick(a, b, _mm256_permute2f128_ps(a, a, 1), _mm256_permute2x128_si256(b, b, 1));
     pick(a, b, _mm256_permute_ps(a, 0x4E), _mm256_shuffle_epi32(b, 0x4E));
     pick(a, b, _mm256_permute_ps(a, 0xB1), _mm256_shuffle_epi32(b, 0xB1));
-    *best = _mm256_cvtss_f32(a);
-    *idx = _mm_cvtsi128_si32(_mm256_castsi256_si128(b));
   }
 };
 

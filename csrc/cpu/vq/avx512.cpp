@@ -43,12 +43,8 @@ struct Avx512 : simd::F32x16 {
     a = _mm512_mask_blend_ps(take, a, c);
     b = _mm512_mask_blend_epi32(take, b, d);
   }
-  // The lexicographic minimum (value, index) over every lane of v[0..n), i[0..n) (no NaN in
-  // v): the vectors folded, then a butterfly over 8, 4, 2, 1 lanes (every lane ends with it).
-  static void argmin(const T* v, const I* i, int n, float* best, int32_t* idx) {
-    T a = v[0];
-    I b = i[0];
-    for (int u = 1; u < n; ++u) pick(a, b, v[u], i[u]);
+  // Every lane of (a, b) the minimum over all lanes: pick across 8, 4, 2, 1 lanes.
+  static void butterfly(T& a, I& b) {
     constexpr __mmask16 kAll = 0xFFFF;  // the masked forms: GCC 12 warns on the plain ones
     pick(a, b, _mm512_maskz_shuffle_f32x4(kAll, a, a, 0x4E),
          _mm512_maskz_shuffle_i32x4(kAll, b, b, 0x4E));
@@ -58,8 +54,6 @@ struct Avx512 : simd::F32x16 {
          _mm512_maskz_shuffle_epi32(kAll, b, _MM_PERM_BADC));
     pick(a, b, _mm512_maskz_shuffle_ps(kAll, a, a, 0xB1),
          _mm512_maskz_shuffle_epi32(kAll, b, _MM_PERM_CDAB));
-    _mm512_mask_storeu_ps(best, 1, a);  // lane 0
-    _mm512_mask_storeu_epi32(idx, 1, b);
   }
 };
 

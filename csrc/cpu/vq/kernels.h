@@ -87,8 +87,9 @@ void scan_scalar(const float* tables, int64_t nq, int64_t ksub, const uint16_t* 
 // The SIMD assignment (avx2.cpp, avx512.cpp): V is a float vector type of V::kW lanes with
 // load/store/add/sub/mul/set1, plus V::I (index vector), lt(a, b) -> mask, blend(mask, a, b)
 // (b where mask) for values and indices, seq(base) (base, base+1, ...), le(a, b) -> mask and
-// bits(mask) -> the lanes' bits (topk_block), argmin(v, i, n, best, idx) -> the lexicographic
-// minimum (value, index) over the lanes of n vectors (branch-free). kPanel / V::kW
+// bits(mask) -> the lanes' bits (topk_block), pick(a, b, c, d) -> (a, b) the lexicographic
+// minimum of (a, b) and (c, d) lane by lane, butterfly(a, b) -> every lane the minimum over
+// all (lanes_argmin). kPanel / V::kW
 // vectors per panel, R rows at a time (V::kRows: what its registers hold); the per-lane
 // running minimum keeps the lowest index (strict <, panels in ascending order), the lanes are
 // reduced at the end the same way.
@@ -109,6 +110,23 @@ inline void panel_dots(const float* x, const Packed& c, int64_t p,
       for (int u = 0; u < kV; ++u) acc[r][u] = V::add(acc[r][u], V::mul(xv, cv[u]));
     }
   }
+}
+
+// The lexicographic minimum (value, index) over every lane of v[0..n), i[0..n) (no NaN in v),
+// without branches: the vectors folded lane by lane, then the lanes.
+template <class V>
+inline void lanes_argmin(const typename V::T* v, const typename V::I* i, int n, float* best,
+                         int32_t* idx) {
+  typename V::T a = v[0];
+  typename V::I b = i[0];
+  for (int u = 1; u < n; ++u) V::pick(a, b, v[u], i[u]);
+  V::butterfly(a, b);
+  alignas(64) float fv[V::kW];
+  alignas(64) int32_t fi[V::kW];
+  V::store(fv, a);
+  V::storei(fi, b);
+  *best = fv[0];
+  *idx = fi[0];
 }
 
 template <class V, int R>
@@ -137,10 +155,10 @@ inline void assign_block(const float* x, const Packed& c, int64_t* idx, float* v
       }
     }
   }
-  for (int r = 0; r < R; ++r) {  // the lanes' (value, index) minimum (V::argmin)
+  for (int r = 0; r < R; ++r) {
     float best;
     int32_t bidx;
-    V::argmin(bv[r], bi[r], kV, &best, &bidx);
+    lanes_argmin<V>(bv[r], bi[r], kV, &best, &bidx);
     idx[r] = bidx < c.k ? bidx : 0;
     v[r] = best;
   }
