@@ -372,17 +372,9 @@ inline int64_t lut_argmin_simd(const float* u, const float* const* rows, int64_t
         bi[w] = V::blendi(lt, bi[w], V::seq(c + w * V::kW));
       }
     }
-    alignas(64) float fv[32];
-    alignas(64) int32_t fi[32];
-    for (int w = 0; w < kV; ++w) {
-      V::store(fv + w * V::kW, bv[w]);
-      V::storei(fi + w * V::kW, bi[w]);
-    }
-    for (int l = 0; l < 32; ++l)
-      if (fv[l] < best || (fv[l] == best && fi[l] < bidx)) {
-        best = fv[l];
-        bidx = fi[l];
-      }
+    int32_t i32;
+    lanes_argmin<V>(bv, bi, kV, &best, &i32);  // (+inf, 0) when no lane moved, as before
+    bidx = i32;
   }
   for (int64_t c = kv; c < k; ++c) {
     float s = 0.0f;
