@@ -65,10 +65,11 @@ inline __mmask16 before(__m512 lv, __m512i li, __m512 x, __m512i j) {
 
 // Kernels::beam_offer with a list of at most 16 entries held in registers (values in one zmm,
 // entries as int32 in another) instead of topk_offer's insertion loop, whose branches on the
-// data mispredict: an offer's place is the count of the list's entries before it (a mask and
-// a popcount), and it goes in by one masked expand of each register (an offer that does not
-// enter lands at lane kk or later, outside the list). The same list as beam_offer_simd, so the
-// same codes. Longer lists, or entries past int32, take beam_offer_simd.
+// data mispredict: the list's entries before an offer are a prefix (a compare mask), the offer
+// goes in after them and the rest move one lane up (blends of the list and the list shifted
+// by one lane; an offer that does not enter lands at lane kk or later, outside the list). The
+// same list as beam_offer_simd, so the same codes. Longer lists, or entries past int32, take
+// beam_offer_simd.
 void beam_offer_reg(const float* s, int64_t k, const float* t, float db, int64_t base,
                     float* v, int64_t* idx, int64_t kk) {
   bool narrow = kk <= 16 && base + k <= INT32_MAX;
@@ -88,10 +89,16 @@ void beam_offer_reg(const float* s, int64_t k, const float* t, float db, int64_t
       const int l = __builtin_ctzll(live);
       const __m512 x = _mm512_set1_ps(val[l]);
       const __m512i j = _mm512_set1_epi32(static_cast<int32_t>(base + c + l));
-      const int pos = __builtin_popcount(static_cast<uint32_t>(before(lv, li, x, j) & in));
-      const __mmask16 keep = static_cast<__mmask16>(~(1u << pos));
-      lv = _mm512_mask_expand_ps(x, keep, lv);
-      li = _mm512_mask_expand_epi32(j, keep, li);
+      // lanes before the offer stay, the offer's lane (the first not before) takes it, the
+      // rest take their left neighbour (valignd: lane 0 the offer, lane i the old i - 1); all
+      // in mask registers, so the chain to the next offer is a compare and two blends
+      const __mmask16 stay = before(lv, li, x, j) & in;
+      const __mmask16 at = _kandn_mask16(stay, _kor_mask16(_kshiftli_mask16(stay, 1), 1));
+      const __m512 sv = _mm512_castsi512_ps(
+          _mm512_maskz_alignr_epi32(0xFFFF, _mm512_castps_si512(lv), _mm512_castps_si512(x), 15));
+      const __m512i si = _mm512_maskz_alignr_epi32(0xFFFF, li, j, 15);
+      lv = _mm512_mask_blend_ps(stay, _mm512_mask_blend_ps(at, sv, x), lv);
+      li = _mm512_mask_blend_epi32(stay, _mm512_mask_blend_epi32(at, si, j), li);
     }
   };
   int64_t c = 0;
