@@ -36,10 +36,13 @@ struct Avx512 : simd::F32x16 {
     return _mm512_mask_permutexvar_ps(r, 0xFFFF, ix, r);
   }
   // (a, b) = the lexicographic minimum of (a, b) and (c, d), lane by lane.
+  // The lanes where (a, b) comes before (c, d): ascending values, equal values by index.
+  static __mmask16 before(T a, I b, T c, I d) {
+    const __mmask16 eq = _mm512_cmp_ps_mask(a, c, _CMP_EQ_OQ);
+    return _mm512_cmp_ps_mask(a, c, _CMP_LT_OQ) | _mm512_mask_cmplt_epi32_mask(eq, b, d);
+  }
   static void pick(T& a, I& b, T c, I d) {
-    const __mmask16 eq = _mm512_cmp_ps_mask(c, a, _CMP_EQ_OQ);
-    const __mmask16 take =
-        _mm512_cmp_ps_mask(c, a, _CMP_LT_OQ) | _mm512_mask_cmplt_epi32_mask(eq, d, b);
+    const __mmask16 take = before(c, d, a, b);
     a = _mm512_mask_blend_ps(take, a, c);
     b = _mm512_mask_blend_epi32(take, b, d);
   }
@@ -56,12 +59,6 @@ struct Avx512 : simd::F32x16 {
          _mm512_maskz_shuffle_epi32(kAll, b, _MM_PERM_CDAB));
   }
 };
-
-// (value, entry) of lane l before (x, j) in the list's order: ascending, equal values by entry.
-inline __mmask16 before(__m512 lv, __m512i li, __m512 x, __m512i j) {
-  const __mmask16 eq = _mm512_cmp_ps_mask(lv, x, _CMP_EQ_OQ);
-  return _mm512_cmp_ps_mask(lv, x, _CMP_LT_OQ) | _mm512_mask_cmplt_epi32_mask(eq, li, j);
-}
 
 // Kernels::beam_offer with a list of at most 16 entries held in registers (values in one zmm,
 // entries as int32 in another) instead of topk_offer's insertion loop, whose branches on the
@@ -90,10 +87,11 @@ void beam_offer_reg(const float* s, int64_t k, const float* t, float db, int64_t
       const __m512 x = _mm512_set1_ps(val[l]);
       const __m512i j = _mm512_set1_epi32(static_cast<int32_t>(base + c + l));
       // lanes before the offer stay, the offer's lane (the first not before) takes it, the
-      // rest take their left neighbour (valignd: lane 0 the offer, lane i the old i - 1); all
-      // in mask registers, so the chain to the next offer is a compare and two blends
-      const __mmask16 stay = before(lv, li, x, j) & in;
-      const __mmask16 at = _kandn_mask16(stay, _kor_mask16(_kshiftli_mask16(stay, 1), 1));
+      // rest take their left neighbour (valignd: lane 0 the offer, lane i the old i - 1, so a
+      // new best needs no lane marked); all in mask registers, so the chain to the next offer
+      // is a compare and two blends
+      const __mmask16 stay = Avx512::before(lv, li, x, j) & in;
+      const __mmask16 at = _kandn_mask16(stay, _kshiftli_mask16(stay, 1));
       const __m512 sv = _mm512_castsi512_ps(
           _mm512_maskz_alignr_epi32(0xFFFF, _mm512_castps_si512(lv), _mm512_castps_si512(x), 15));
       const __m512i si = _mm512_maskz_alignr_epi32(0xFFFF, li, j, 15);
