@@ -133,15 +133,16 @@ void scan_impl(const float* table, int64_t nq, int64_t ksub, const Code* codes, 
 // and the prefetch together.
 struct BeamBlock {
   int64_t m, k, beam, nb = 1;
-  std::vector<float> dist, ndist, t, sums, own;
+  std::vector<float> dist, ndist, t, sums, own, trunk;
   std::vector<int32_t> code, ncode, rank, nrank, lcp, nlcp;  // lcp[i]: codes the entries at
   std::vector<int64_t> sel, order, par, cw, key;               // positions i - 1, i share
+  std::vector<int32_t> depth;  // depth[r]: the length of row r's trunk
   BeamBlock(int64_t m_, int64_t k_, int64_t beam_, int64_t len)
       : m(m_), k(k_), beam(beam_), dist(len * beam_), ndist(len * beam_), t(k_),
-        sums((m_ + 1) * k_, 0.0f), own(beam_ * k_), code(len * beam_ * m_),
+        sums((m_ + 1) * k_, 0.0f), own(beam_ * k_), trunk(len * k_), code(len * beam_ * m_),
         ncode(len * beam_ * m_), rank(len * beam_, 0), nrank(len * beam_),
         lcp(len * beam_, 0), nlcp(len * beam_, 0), sel(beam_), order(beam_), par(beam_),
-        cw(beam_), key(beam_) {}
+        cw(beam_), key(beam_), depth(len, 0) {}
   void start(const float* xn, int64_t len) {
     nb = 1;
     for (int64_t r = 0; r < len; ++r) {
@@ -151,10 +152,32 @@ struct BeamBlock {
   }
   // Stage s of rows [0, len): xc (len, K) their dot products with stage s's codewords, norms
   // those codewords' squared norms.
+  // Each row's trunk, the codes all its entries share (up to s - 1 of them): their sums
+  // into trunk[r], level by level over the whole block, so that a level's rows of the table
+  // (K rows of K floats, 256 KiB at K = 256) serve every row of the block from the L2 cache
+  // (the same additions in the same order as the walk down the trie: bit-identical).
+  void trunks(int64_t s, int64_t len, const float* cs, const vq::Kernels& kern) {
+    int64_t most = 0;
+    for (int64_t r = 0; r < len; ++r) {
+      int32_t t_r = static_cast<int32_t>(s - 1);
+      for (int64_t i = 1; i < nb; ++i) t_r = std::min(t_r, lcp[r * beam + i]);
+      depth[r] = t_r;
+      most = std::max<int64_t>(most, t_r);
+    }
+    std::fill(trunk.begin(), trunk.begin() + len * k, 0.0f);
+    for (int64_t j = 0; j < most; ++j) {
+      for (int64_t r = 0; r < len; ++r) {
+        if (depth[r] <= j) continue;
+        const int32_t c = code[r * beam * m + j];  // entry 0's (every entry's) code j
+        kern.row_add(trunk.data() + r * k, cs + (j * k + c) * k, k, trunk.data() + r * k);
+      }
+    }
+  }
   void stage(int64_t s, int64_t len, const float* xc, const float* norms, const float* cross,
              const vq::Kernels& kern) {
     const float* cs = cross + k * k * s * (s - 1) / 2;  // (s K, K); unused at s = 0
     const int64_t keep = std::min(beam, nb * k);
+    if (s > 0) trunks(s, len, cs, kern);
     for (int64_t r = 0; r < len; ++r) {
       for (int64_t c = 0; c < k; ++c) t[c] = norms[c] - 2.0f * xc[r * k + c];
       float* nd = ndist.data() + r * beam;
@@ -170,12 +193,17 @@ struct BeamBlock {
         const int64_t b = order[i];       // sums of the first j rows of the previous entry
         const int32_t* pb = rc + b * m;
         if (s == 0) std::fill(own.begin() + b * k, own.begin() + (b + 1) * k, 0.0f);
-        for (int64_t j = i == 0 ? 0 : rl[i]; j < s; ++j) {
+        for (int64_t j = i == 0 ? depth[r] : rl[i]; j < s; ++j) {
           float* to = j + 1 == s ? own.data() + b * k : sums.data() + (j + 1) * k;
-          kern.row_add(sums.data() + j * k, cs + (j * k + pb[j]) * k, k, to);
+          const float* from = j == depth[r] ? trunk.data() + r * k : sums.data() + j * k;
+          kern.row_add(from, cs + (j * k + pb[j]) * k, k, to);
         }
       }
       vq::topk_init(nd, sel.data(), keep, nb * k);
+      // the list starts at a bound from the best parent's offers (fewer insertions, the same
+      // list: keep candidates lie at or below it; the placeholders' index nb K sorts last)
+      const float lim = kern.beam_bound(own.data(), k, t.data(), dist[r * beam], keep);
+      if (lim < __builtin_inff()) std::fill(nd, nd + keep, lim);
       for (int64_t b = 0; b < nb; ++b) {  // best parent first
         kern.beam_offer(own.data() + b * k, k, t.data(), dist[r * beam + b], b * k, nd,
                         sel.data(), keep);

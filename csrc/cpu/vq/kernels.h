@@ -55,6 +55,10 @@ struct Kernels {
                      int64_t* idx, int64_t kk);
   // out[c] = a[c] + b[c], c < k (float32; the prefix sums of rq_beam_encode).
   void (*row_add)(const float* a, const float* b, int64_t k, float* out);
+  // An upper bound on the kk-th smallest of one entry's beam_offer values (c < k): the kk-th
+  // smallest of the minima of the 16 classes c mod 16 (kk distinct candidates lie at or below
+  // it; a NaN is never a minimum); +inf when kk > min(k, 16).
+  float (*beam_bound)(const float* s, int64_t k, const float* t, float db, int64_t kk);
 };
 
 extern const Kernels kScalarKernels;  // scalar.cpp
@@ -72,6 +76,7 @@ void topk_scalar(const float* x, int64_t n, const Packed& c, int64_t kk, int64_t
                  float* v);
 void dots_scalar(const float* x, int64_t n, const Packed& c, float* out, int64_t ld);
 int64_t lut_argmin_scalar(const float* u, const float* const* rows, int64_t nrows, int64_t k);
+float beam_bound_scalar(const float* s, int64_t k, const float* t, float db, int64_t kk);
 void beam_offer_scalar(const float* s, int64_t k, const float* t, float db, int64_t base,
                        float* v, int64_t* idx, int64_t kk);
 void row_add_scalar(const float* a, const float* b, int64_t k, float* out);
@@ -176,6 +181,18 @@ inline void topk_offer(float* v, int64_t* idx, int64_t kk, float val, int64_t j)
   }
   v[pos] = val;
   idx[pos] = j;
+}
+
+// The kk-th smallest (1 <= kk <= 16) of 16 class minima (beam_bound): the least value with
+// kk of the 16 at or below it (no NaN among them), counted without branches.
+inline float kth_of_16(const float* lo, int64_t kk) {
+  float out = __builtin_inff();
+  for (int i = 0; i < 16; ++i) {
+    int at_or_below = 0;
+    for (int j = 0; j < 16; ++j) at_or_below += lo[j] <= lo[i];
+    out = at_or_below >= kk && lo[i] < out ? lo[i] : out;
+  }
+  return out;
 }
 
 inline void topk_init(float* v, int64_t* idx, int64_t n_entries, int64_t k) {
@@ -421,6 +438,43 @@ inline void beam_offer_simd(const float* s, int64_t k, const float* t, float db,
 }
 
 template <class V>
+inline float beam_bound_simd(const float* s, int64_t k, const float* t, float db, int64_t kk) {
+  if (kk > std::min<int64_t>(k, 16)) return __builtin_inff();
+  constexpr int kA = static_cast<int>(16 / V::kW);  // accumulator a: classes a kW + lane
+  const typename V::T two = V::set1(2.0f), vdb = V::set1(db);
+  typename V::T lo[kA];
+  for (int a = 0; a < kA; ++a) lo[a] = V::set1(__builtin_inff());
+  int64_t c = 0;
+  for (; c + 16 <= k; c += 16) {
+    for (int a = 0; a < kA; ++a) {
+      const int64_t o = c + a * V::kW;
+      const typename V::T x = V::add(V::add(vdb, V::load(t + o)), V::mul(two, V::load(s + o)));
+      lo[a] = V::blend(V::lt(x, lo[a]), lo[a], x);
+    }
+  }
+  alignas(64) float m[16];
+  for (int a = 0; a < kA; ++a) V::store(m + a * V::kW, lo[a]);
+  for (; c < k; ++c) {
+    const float x = (db + t[c]) + 2.0f * s[c];
+    if (x < m[c & 15]) m[c & 15] = x;
+  }
+  // kth_of_16 with the 16 counts in vectors: each minimum kept where kk lie at or below it
+  typename V::T n[kA];
+  const typename V::T one = V::set1(1.0f), zero = V::set1(0.0f), need = V::set1(float(kk));
+  for (int a = 0; a < kA; ++a) {
+    lo[a] = V::load(m + a * V::kW);
+    n[a] = zero;
+  }
+  for (int j = 0; j < 16; ++j) {
+    const typename V::T mj = V::set1(m[j]);
+    for (int a = 0; a < kA; ++a) n[a] = V::add(n[a], V::blend(V::le(mj, lo[a]), zero, one));
+  }
+  for (int a = 0; a < kA; ++a)
+    V::store(m + a * V::kW, V::blend(V::le(need, n[a]), V::set1(__builtin_inff()), lo[a]));
+  return *std::min_element(m, m + 16);
+}
+
+template <class V>
 inline void row_add_simd(const float* a, const float* b, int64_t k, float* out) {
   int64_t c = 0;
   for (; c + V::kW <= k; c += V::kW) V::store(out + c, V::add(V::load(a + c), V::load(b + c)));
@@ -433,7 +487,7 @@ template <class V>
 constexpr Kernels simd_kernels() {
   return {assign_simd<V>, topk_simd<V>, table_simd<V>, scan_simd<V, uint8_t>,
           scan_simd<V, uint16_t>, dots_simd<V>, lut_argmin_simd<V>, beam_offer_simd<V>,
-          row_add_simd<V>};
+          row_add_simd<V>, beam_bound_simd<V>};
 }
 
 }  // namespace vq

@@ -146,9 +146,21 @@ void row_add_scalar(const float* a, const float* b, int64_t k, float* out) {
   for (int64_t c = 0; c < k; ++c) out[c] = a[c] + b[c];
 }
 
+float beam_bound_scalar(const float* s, int64_t k, const float* t, float db, int64_t kk) {
+  if (kk > std::min<int64_t>(k, 16)) return __builtin_inff();
+  float lo[16];
+  std::fill(lo, lo + 16, __builtin_inff());
+  for (int64_t c = 0; c < k; ++c) {
+    const float x = (db + t[c]) + 2.0f * s[c];
+    if (x < lo[c & 15]) lo[c & 15] = x;
+  }
+  return kth_of_16(lo, kk);
+}
+
 const Kernels kScalarKernels = {assign_scalar,   topk_scalar, table_scalar,
                                  scan_scalar,     scan_scalar, dots_scalar,
-                                 lut_argmin_scalar, beam_offer_scalar, row_add_scalar};
+                                 lut_argmin_scalar, beam_offer_scalar, row_add_scalar,
+                                 beam_bound_scalar};
 
 }  // namespace vq
 }  // namespace qk
