@@ -12,13 +12,10 @@ MSE: squared error per base vector, as the bench computes it.
 from __future__ import annotations
 
 import argparse
-import time
-
-import numpy as np
 
 from qkern import set_num_threads
 from qkern.tools.bench import vq, vq_data
-from qkern.tools.bench.timing import machine_line
+from qkern.tools.bench.timing import machine_line, time_alternating
 from qkern.vq.search import rq_beam_encode, rq_cross_table
 
 
@@ -49,13 +46,7 @@ def main() -> None:
             for b in beams:
                 fns[b] = lambda b=b: rq_beam_encode(ds.base, books, b, cross)
             out = {k: fn() for k, fn in fns.items()}  # warm-up, and the codes
-            ts: dict = {k: [] for k in fns}
-            for _ in range(a.repeats):
-                for k, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    ts[k].append(time.perf_counter() - t0)
-            med = {k: float(np.median(v)) for k, v in ts.items()}
+            med, _ = time_alternating(fns, a.repeats, warmup=0)
             fm = vq._mse(ds.base, f.sa_decode(out["faiss"]))
             cells = []
             for b in beams:
