@@ -49,18 +49,20 @@ def _pq(d: int, nbytes: int) -> VQBase:
 #: method name -> maker (d, bytes per vector) -> an untrained qkern quantizer of that code
 #: size. The methods of METHODS without an entry here run FAISS only (when asked for by name).
 #: qkern's RQ and LSQ (additive) train their stages as FAISS's RQ does by default (progressive-
-#: dimension k-means, 10 steps of 10 iterations, a beam of 5: FAISS's max_beam_size); RQ then
-#: encodes with a beam of 12 (encode_beam_size: of the beams 6, 7, 8, 10, 12 and 16 measured on
-#: both data sets at 8, 16 and 32 bytes, the narrowest whose MSE is at or below FAISS's on all
-#: six; a beam search is not monotone in its width; docs/vq.md), LSQ starts from the beam
-#: search (5) and re-encodes by ILS,
+#: dimension k-means in 10 steps, a beam of 5: FAISS's max_beam_size), LSQ with FAISS's 10
+#: iterations a step, RQ with qkern's default 25 (at 10 digits RQ 8 came out 0.09 % above
+#: FAISS's MSE on an Intel machine; docs/vq.md); RQ then encodes with a beam of 12
+#: (encode_beam_size: of the beams measured on both data sets at 8, 16 and 32 bytes, the
+#: narrowest whose MSE is at or below FAISS's on all six at both iteration counts; a beam
+#: search is not monotone in its width; docs/vq.md), LSQ starts from the beam search (5) and
+#: re-encodes by ILS,
 #: its start (RQ codebooks or FAISS's random codes) chosen on held-out training vectors
 #: (init="auto"). OPQ retrains its PQ each outer iteration as FAISS's OPQMatrix does
 #: (warm_start=False). FAISS runs its index_factory defaults.
 QKERN_MAKERS: dict[str, Callable[[int, int], VQBase]] = {
     "PQ": _pq,
     "OPQ": lambda d, nbytes: OPQ(d, m=nbytes, nbits=8, warm_start=False),
-    "RQ": lambda d, nbytes: ResidualQuantizer(d, m=nbytes, nbits=8, beam_size=5, n_iter=10,
+    "RQ": lambda d, nbytes: ResidualQuantizer(d, m=nbytes, nbits=8, beam_size=5,
                                               progressive_dim_steps=10, encode_beam_size=12),
     "LSQ": lambda d, nbytes: AdditiveQuantizer(d, m=nbytes, nbits=8, beam_size=5, n_iter=10,
                                                progressive_dim_steps=10, init="auto"),
