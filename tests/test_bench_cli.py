@@ -50,6 +50,27 @@ def test_sweep_copies_cover_twice_the_cache():
     assert [rounds_for(c, 24) for c in (2, 3, 5, 9, 25, 64)] == [24, 12, 6, 3, 1, 1]
 
 
+def test_sweep_and_flush_sizes_are_capped(monkeypatch):
+    # a CPU reporting a 480 MiB L3 (an Intel Xeon 6 VM): the flush and each implementation's
+    # sweep read 512 MiB, not 960 (the sweep of every implementation's copies ran out of
+    # 24 GiB there)
+    from qkern.tools.bench import sweep, timing
+    monkeypatch.setattr(timing, "l3_bytes", lambda: 480 << 20)
+    assert timing.evict_bytes() == 512 << 20
+    assert sweep.copies_for(64 << 20) == 8 + 1
+    monkeypatch.setattr(timing, "l3_bytes", lambda: 32 << 20)
+    assert timing.evict_bytes() == 64 << 20 and sweep.copies_for(8 << 20) == 9
+
+
+def test_sweep_copies_fit_in_memory():
+    from qkern.tools.bench.sweep import fit_memory
+    want, nbytes = {"a": 9, "b": 17}, {"a": 64 << 20, "b": 32 << 20}  # 1120 MiB in all
+    assert fit_memory(want, nbytes, 4 << 30) == want
+    got = fit_memory(want, nbytes, 1 << 30)  # half: 512 MiB
+    assert sum(got[n] * nbytes[n] for n in got) <= 512 << 20 and got == {"a": 4, "b": 7}
+    assert fit_memory(want, nbytes, 1 << 20) == {"a": 3, "b": 3}  # never below 3
+
+
 def test_sweep_table_times_every_implementation():
     calls = {"a": 0, "b": 0}
 
@@ -76,6 +97,8 @@ def test_sweep_table_times_every_implementation():
         assert calls[name] == 4 + 3 * (1 + 8 * 3)
     assert rows["a"].split("|")[5].strip() == "1.00x"
     assert len(probe.sum_s) == 3
+    # 3 timed copies of 1-4 MiB cover less than twice any real last-level cache: said so
+    assert any(line.startswith("Not cold for every row: the timed copies of 2 ") for line in lines)
 
 
 def test_synthetic_llama_size():

@@ -15,8 +15,8 @@ import torch
 
 import qkern
 
-__all__ = ["Flusher", "Probe", "cpu_model", "l3_bytes", "machine_line", "time_alternating",
-           "time_block"]
+__all__ = ["Flusher", "Probe", "available_bytes", "cpu_model", "evict_bytes", "l3_bytes",
+           "machine_line", "time_alternating", "time_block"]
 
 
 @dataclass
@@ -80,6 +80,25 @@ def l3_bytes() -> int:
     return best or 32 << 20
 
 
+def evict_bytes() -> int:
+    """Bytes a read must cover to evict the caches: twice the last-level cache, at most
+    512 MiB (a CPU reporting a 480 MiB L3 would otherwise ask for a gigabyte per flush, and
+    the sweep for a gigabyte of copies of every implementation)."""
+    return min(2 * l3_bytes(), 512 << 20)
+
+
+def available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (8 GiB when it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 << 30
+
+
 class Flusher:
     """Runs before every timed call: evicts the caches by reading (not writing, so nothing
     dirty is left to write back) a buffer of twice the last-level cache, then sleeps
@@ -88,7 +107,7 @@ class Flusher:
     call. Every call starts cold and on idle cores."""
 
     def __init__(self, settle_s: float = 0.0) -> None:
-        self.buf = torch.ones(min(2 * l3_bytes(), 512 << 20) // 4)
+        self.buf = torch.ones(evict_bytes() // 4)
         self.settle_s = settle_s
 
     def __call__(self) -> None:
