@@ -112,6 +112,19 @@ def test_isas_and_threads_agree_bitwise(rng, k, beam):
             np.testing.assert_array_equal(rq_beam_encode(x, books, beam), want)
 
 
+def test_large_codebooks_sum_trunks_in_chunks(rng):
+    """K = 2600: a block's trunk sums are taken in chunks of 100 rows (1 MiB), so rows of one
+    block go through several chunks; the codes still follow the definition and agree bitwise
+    across thread counts (other blocks, other chunk boundaries)."""
+    x, books = problem(rng, 250, 3, 2600, 4)
+    qkern.set_num_threads(1)
+    want = rq_beam_encode(x, books, 3)
+    assert (want == beam_reference(x, books, 3)).all(1).mean() >= 0.99
+    for threads in (2, 3):
+        qkern.set_num_threads(threads)
+        np.testing.assert_array_equal(rq_beam_encode(x, books, 3), want)
+
+
 @pytest.mark.parametrize("isa", params())
 @pytest.mark.parametrize("beam", [3, 16, 20])
 def test_many_exact_ties_follow_the_definition(isa, rng, beam):

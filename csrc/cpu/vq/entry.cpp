@@ -134,14 +134,15 @@ void scan_impl(const float* table, int64_t nq, int64_t ksub, const Code* codes, 
 // thread: 0.28 -> 0.23 s from the register list, the branch-free ranks and the prefetch;
 // beam 12: 0.178 -> 0.159 s from the trunks and the bound.
 struct BeamBlock {
-  int64_t m, k, beam, nb = 1;
+  int64_t m, k, beam, chunk, nb = 1;  // chunk: rows per trunks() call
   std::vector<float> dist, ndist, t, sums, own, trunk;
   std::vector<int32_t> code, ncode, rank, nrank, lcp, nlcp;  // lcp[i]: codes the entries at
   std::vector<int64_t> sel, order, par, cw, key;               // positions i - 1, i share
   std::vector<int32_t> depth;  // depth[r]: the length of row r's trunk
   BeamBlock(int64_t m_, int64_t k_, int64_t beam_, int64_t len)
-      : m(m_), k(k_), beam(beam_), dist(len * beam_), ndist(len * beam_), t(k_),
-        sums((m_ + 1) * k_, 0.0f), own(beam_ * k_), trunk(len * k_), code(len * beam_ * m_),
+      : m(m_), k(k_), beam(beam_), chunk(std::max<int64_t>(1, std::min(len, (1 << 18) / k_))),
+        dist(len * beam_), ndist(len * beam_), t(k_), sums((m_ + 1) * k_, 0.0f),
+        own(beam_ * k_), trunk(chunk * k_), code(len * beam_ * m_),
         ncode(len * beam_ * m_), rank(len * beam_, 0), nrank(len * beam_),
         lcp(len * beam_, 0), nlcp(len * beam_, 0), sel(beam_), order(beam_), par(beam_),
         cw(beam_), key(beam_), depth(len, 0) {}
@@ -155,23 +156,25 @@ struct BeamBlock {
   // Stage s of rows [0, len): xc (len, K) their dot products with stage s's codewords, norms
   // those codewords' squared norms.
   // Each row's trunk, the codes all its entries share (up to s - 1 of them): their sums
-  // into trunk[r], level by level over the whole block, so that a level's rows of the table
-  // (K rows of K floats, 256 KiB at K = 256) serve every row of the block from the L2 cache
+  // into trunk[r - r0], level by level over rows [r0, r1) (a chunk of the block whose sums
+  // take at most 1 MiB: the whole block at K <= 256), so that a level's rows of the table
+  // (K rows of K floats, 256 KiB at K = 256) serve every row of the chunk from the L2 cache
   // (the same additions in the same order as the walk down the trie: bit-identical).
-  void trunks(int64_t s, int64_t len, const float* cs, const vq::Kernels& kern) {
+  void trunks(int64_t s, int64_t r0, int64_t r1, const float* cs, const vq::Kernels& kern) {
     int64_t most = 0;
-    for (int64_t r = 0; r < len; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       int32_t t_r = static_cast<int32_t>(s - 1);
       for (int64_t i = 1; i < nb; ++i) t_r = std::min(t_r, lcp[r * beam + i]);
       depth[r] = t_r;
       most = std::max<int64_t>(most, t_r);
     }
-    std::fill(trunk.begin(), trunk.begin() + len * k, 0.0f);
+    std::fill(trunk.begin(), trunk.begin() + (r1 - r0) * k, 0.0f);
     for (int64_t j = 0; j < most; ++j) {
-      for (int64_t r = 0; r < len; ++r) {
+      for (int64_t r = r0; r < r1; ++r) {
         if (depth[r] <= j) continue;
         const int32_t c = code[r * beam * m + j];  // entry 0's (every entry's) code j
-        kern.row_add(trunk.data() + r * k, cs + (j * k + c) * k, k, trunk.data() + r * k);
+        float* acc = trunk.data() + (r - r0) * k;
+        kern.row_add(acc, cs + (j * k + c) * k, k, acc);
       }
     }
   }
@@ -179,8 +182,8 @@ struct BeamBlock {
              const vq::Kernels& kern) {
     const float* cs = cross + k * k * s * (s - 1) / 2;  // (s K, K); unused at s = 0
     const int64_t keep = std::min(beam, nb * k);
-    if (s > 0) trunks(s, len, cs, kern);
     for (int64_t r = 0; r < len; ++r) {
+      if (s > 0 && r % chunk == 0) trunks(s, r, std::min(len, r + chunk), cs, kern);
       for (int64_t c = 0; c < k; ++c) t[c] = norms[c] - 2.0f * xc[r * k + c];
       float* nd = ndist.data() + r * beam;
       const int32_t* rc = code.data() + r * beam * m;  // entry b's codes at rc + b * m
@@ -197,7 +200,8 @@ struct BeamBlock {
         if (s == 0) std::fill(own.begin() + b * k, own.begin() + (b + 1) * k, 0.0f);
         for (int64_t j = i == 0 ? depth[r] : rl[i]; j < s; ++j) {
           float* to = j + 1 == s ? own.data() + b * k : sums.data() + (j + 1) * k;
-          const float* from = j == depth[r] ? trunk.data() + r * k : sums.data() + j * k;
+          const float* from =
+              j == depth[r] ? trunk.data() + (r % chunk) * k : sums.data() + j * k;
           kern.row_add(from, cs + (j * k + pb[j]) * k, k, to);
         }
       }
