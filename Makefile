@@ -41,6 +41,12 @@ install: deps
 # PYTHONPATH only for the interop tests (gptqmodel there makes transformers believe it can load
 # GPTQ checkpoints). llama-cpp-python builds llama.cpp from PyPI's source package (minutes).
 CONSUMERS = build/consumers
+# llama.cpp 0.3.36 built -march=native on a CPU with AMX (an Intel Xeon VM) runs Q4_0 through
+# its AMX backend, which crashed (SIGSEGV in ggml_backend_amx_mul_mat) on the bytelm export:
+# built without AMX it takes its AVX-512 path. --no-cache-dir: a wheel cached from another
+# build would ignore these flags.
+AMX_OFF = -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_NO_AMX = "-DCMAKE_C_FLAGS=$(AMX_OFF)" "-DCMAKE_CXX_FLAGS=$(AMX_OFF)"
 CONSUMER_PATH = $(abspath $(CONSUMERS))/gptq:$(abspath $(CONSUMERS))/awq:$(abspath $(CONSUMERS))/gptqmodel:$(abspath $(CONSUMERS))/llamacpp
 INTEROP_TESTS = tests/test_interop_gptq.py tests/test_interop_gptq_consumers.py \
 	tests/test_interop_awq.py tests/test_interop_gguf.py
@@ -49,9 +55,9 @@ $(CONSUMERS)/.done: $(VENV)/.deps
 	$(VPY) -m pip install -q --no-deps --target $(CONSUMERS)/gptq auto-gptq==0.7.1
 	$(VPY) -m pip install -q --no-deps --target $(CONSUMERS)/awq autoawq==0.2.9
 	$(VPY) -m pip install -q --no-deps --target $(CONSUMERS)/gptqmodel gptqmodel==7.7.0
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON" MAKEFLAGS=-j$(JOBS) timeout 2400 \
-		$(VPY) -m pip install -q --no-deps --target $(CONSUMERS)/llamacpp \
-		llama-cpp-python==0.3.36 diskcache
+	CMAKE_ARGS='-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON $(LLAMA_NO_AMX)' MAKEFLAGS=-j$(JOBS) \
+		timeout 2400 $(VPY) -m pip install -q --no-cache-dir --no-deps \
+		--target $(CONSUMERS)/llamacpp llama-cpp-python==0.3.36 diskcache
 	touch $@
 
 consumers: $(CONSUMERS)/.done
