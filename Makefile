@@ -118,9 +118,10 @@ asan-build: deps
 
 # The kernel tests over the sanitizer build (not the documentation and command-line runs, which
 # start whole Python processes, nor the peak-memory measurements, which ASan's shadow memory
-# would swamp: the release build runs them in `make test`).
+# would swamp: the release build runs them in `make test`). 45 minutes: on an Intel Xeon VM the
+# run passed 92 % of the tests, no failure, in the 30 it had.
 asan: asan-build
-	cd build/asan/pkg && $(ASAN_ENV) timeout 1800 $(abspath $(VPY)) -m pytest -q -p no:cacheprovider \
+	cd build/asan/pkg && $(ASAN_ENV) timeout 2700 $(abspath $(VPY)) -m pytest -q -p no:cacheprovider \
 		$(abspath tests) -k "not cuda and not test_peak_memory" --ignore=$(abspath tests/test_demo.py) \
 		--ignore-glob='*/test_interop_*' --ignore=$(abspath tests/test_hf_integration.py) \
 		--ignore=$(abspath tests/test_doc_blocks.py) --ignore=$(abspath tests/test_cli_llm.py)
