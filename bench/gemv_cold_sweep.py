@@ -21,7 +21,7 @@ from torch import nn
 from qkern import set_num_threads
 from qkern.tools.bench import peers
 from qkern.tools.bench.matmul import _qkern
-from qkern.tools.bench.sweep import time_sweeps
+from qkern.tools.bench.sweep import copies_for, time_sweeps
 from qkern.tools.bench.timing import Probe, l3_bytes, machine_line
 
 
@@ -43,14 +43,13 @@ def main() -> None:
     for shape in a.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         lin = nn.Linear(k, n)
-        first = {"aten": (peers.aten_int4(lin).fn, None),
-                 "qkern": _qkern(lin, fmt="int4", group_size=128, mode="fast")[:2]}
-        qbytes = first["qkern"][1]
-        count = -(-span // qbytes) + 1  # the timed copies span `span`, plus the wake-up one
-        layers = {"aten": [first["aten"][0]] + [peers.aten_int4(lin).fn for _ in range(count - 1)],
-                  "qkern": [first["qkern"][0]] + [
-                      _qkern(lin, fmt="int4", group_size=128, mode="fast")[0]
-                      for _ in range(count - 1)]}
+        def q4(lin=lin):
+            return _qkern(lin, fmt="int4", group_size=128, mode="fast")
+        first, qbytes, _ = q4()
+        # the timed copies span `span`, plus the wake-up one
+        count = copies_for(qbytes, cache=span // 2, most=1 << 30)
+        layers = {"aten": [peers.aten_int4(lin).fn for _ in range(count)],
+                  "qkern": [first] + [q4()[0] for _ in range(count - 1)]}
         med = time_sweeps(layers, torch.randn(1, k), a.repeats, probe, 0.01)
         print(f"| {n}x{k} | {count} / {count} | {1e3 * med['aten']:.3f} | "
               f"{1e3 * med['qkern']:.3f} | {med['aten'] / med['qkern']:.2f}x | "
