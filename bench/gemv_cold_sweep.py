@@ -1,19 +1,24 @@
-"""int4 g128 GEMV (M = 1) back to back, qkern's fast mode beside aten's
-``_weight_int4pack_mm``, with enough copies that the weights really come from memory.
+"""g128 GEMV (M = 1) back to back, qkern's fast mode (int4, and int3 / int2 with
+``--bits 4,3,2``) beside aten's int4 ``_weight_int4pack_mm``, with enough copies that the
+weights really come from memory.
 
 ``qkern bench matmul --sweep`` builds copies of all fifteen implementations at once, so it
 caps each one's copies at 512 MiB (and by memory); on a CPU with a larger last-level cache
-(an Intel VM reporting 480 MiB) part of those weights stay cached. With two implementations
-this script can afford copies spanning ``--span-mib`` (default: twice the last-level cache,
-uncapped) each. The figure is time_sweeps' (the bench's sweep): per call, median of
-``--repeats``, the two alternating, after a wake-up call.
+(an Intel VM reporting 480 MiB) part of those weights stay cached. With at most four
+implementations this script can afford copies spanning ``--span-mib`` (default: twice the
+last-level cache, uncapped) each. The figure is time_sweeps' (the bench's sweep): per call,
+median of ``--repeats``, the implementations alternating, after a wake-up call. With several
+widths, each is also given as a speed-up over qkern's int4 beside the ratio of their bytes
+(codes + scales): the issue's "faster than int4 in proportion to their bytes".
 
     PYTHONPATH=python python bench/gemv_cold_sweep.py --shapes 4096x4096,11008x4096,4096x11008
+    PYTHONPATH=python python bench/gemv_cold_sweep.py --bits 4,3,2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from torch import nn
@@ -22,7 +27,22 @@ from qkern import set_num_threads
 from qkern.tools.bench import peers
 from qkern.tools.bench.matmul import _qkern
 from qkern.tools.bench.sweep import copies_for, time_sweeps
-from qkern.tools.bench.timing import Probe, l3_bytes, machine_line
+from qkern.tools.bench.timing import Probe, available_bytes, l3_bytes, machine_line
+
+
+def _rss() -> int:
+    """This process's resident bytes (/proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _copies(make, count: int, rss0: int, limit: int) -> list:
+    """Up to ``count`` results of ``make()``, at least 3, fewer once this process has grown by
+    ``limit`` bytes since ``rss0``."""
+    out = []
+    while len(out) < count and (len(out) < 3 or _rss() - rss0 < limit):
+        out.append(make())
+    return out
 
 
 def main() -> None:
@@ -31,30 +51,48 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--span-mib", type=int, default=None)
+    p.add_argument("--bits", default="4", help="qkern code widths, comma list of 4, 3, 2")
     a = p.parse_args()
+    bits = [int(b) for b in a.bits.split(",")]
+    if not bits or any(b not in (2, 3, 4) for b in bits):
+        p.error(f"--bits: a comma list of 4, 3, 2, got {a.bits!r}")
     set_num_threads(a.threads)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     span = (a.span_mib << 20) if a.span_mib else 2 * l3_bytes()
     probe = Probe.make(256 << 20)
     print(machine_line(a.threads) + f"; copies span {span >> 20} MiB each", flush=True)
-    print("\n| N x K | copies (aten / qkern) | aten int4 ms | qkern int4 fast ms | qkern vs aten "
-          "| qkern GB/s |\n|---|--:|--:|--:|--:|--:|")
+    print("\n| N x K | implementation | copies | ms | vs aten int4 | GB/s | vs qkern int4 "
+          "| int4's bytes / its bytes |\n|---|---|--:|--:|--:|--:|--:|--:|")
     for shape in a.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         lin = nn.Linear(k, n)
-        def q4(lin=lin):
-            return _qkern(lin, fmt="int4", group_size=128, mode="fast")
-        first, qbytes, _ = q4()
-        # the timed copies span `span`, plus the wake-up one
-        count = copies_for(qbytes, cache=span // 2, most=1 << 30)
-        layers = {"aten": [peers.aten_int4(lin).fn for _ in range(count)],
-                  "qkern": [first] + [q4()[0] for _ in range(count - 1)]}
+        # each implementation's copies span `span`, plus the wake-up one; building stops once
+        # the process has grown by its share of half of MemAvailable (a line says so): a copy
+        # can hold more than its weights (the allocators' pools, the builders' temporaries)
+        budget, rss0 = available_bytes() // 2, _rss()
+        nbytes = {b: _qkern(lin, fmt=f"int{b}", group_size=128, mode="fast")[1] for b in bits}
+        want = {f"int{b}": copies_for(nbytes[b], cache=span // 2, most=1 << 30) for b in bits}
+        want["aten"] = copies_for(n * k // 2, cache=span // 2, most=1 << 30)  # 4-bit codes
+        makers = {f"int{b}": (lambda b=b: _qkern(lin, fmt=f"int{b}", group_size=128,
+                                                 mode="fast")[0]) for b in bits}
+        makers["aten"] = lambda: peers.aten_int4(lin).fn
+        layers = {}
+        for i, name in enumerate(makers):
+            layers[name] = _copies(makers[name], want[name], rss0, budget * (i + 1) // len(want))
+            if len(layers[name]) < want[name]:
+                print(f"  {n}x{k} {name}: {len(layers[name])} of {want[name]} copies, to fit "
+                      "in memory")
         med = time_sweeps(layers, torch.randn(1, k), a.repeats, probe, 0.01)
-        print(f"| {n}x{k} | {count} / {count} | {1e3 * med['aten']:.3f} | "
-              f"{1e3 * med['qkern']:.3f} | {med['aten'] / med['qkern']:.2f}x | "
-              f"{qbytes / med['qkern'] / 1e9:.1f} |", flush=True)
-        del layers, first
+        print(f"| {n}x{k} | aten int4 g128 bf16 | {len(layers['aten'])} | "
+              f"{1e3 * med['aten']:.3f} | 1.00x | | | |")
+        for b in bits:
+            t = med[f"int{b}"]
+            rel = f"{med['int4'] / t:.2f}x | {nbytes[4] / nbytes[b]:.2f}x" if 4 in bits else " | "
+            print(f"| {n}x{k} | qkern int{b} g128 fast | {len(layers[f'int{b}'])} | "
+                  f"{1e3 * t:.3f} | {med['aten'] / t:.2f}x | {nbytes[b] / t / 1e9:.1f} | {rel} |",
+                  flush=True)
+        del layers
     print(f"\nRead bandwidth in the same sweeps {probe.read_gbs():.1f} GB/s.")
 
 
