@@ -18,7 +18,6 @@ widths, each is also given as a speed-up over qkern's int4 beside the ratio of t
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 from torch import nn
@@ -27,20 +26,14 @@ from qkern import set_num_threads
 from qkern.tools.bench import peers
 from qkern.tools.bench.matmul import _qkern
 from qkern.tools.bench.sweep import copies_for, time_sweeps
-from qkern.tools.bench.timing import Probe, available_bytes, l3_bytes, machine_line
-
-
-def _rss() -> int:
-    """This process's resident bytes (/proc/self/statm)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from qkern.tools.bench.timing import Probe, available_bytes, l3_bytes, machine_line, rss_bytes
 
 
 def _copies(make, count: int, rss0: int, limit: int) -> list:
     """Up to ``count`` results of ``make()``, at least 3, fewer once this process has grown by
     ``limit`` bytes since ``rss0``."""
     out = []
-    while len(out) < count and (len(out) < 3 or _rss() - rss0 < limit):
+    while len(out) < count and (len(out) < 3 or rss_bytes() - rss0 < limit):
         out.append(make())
     return out
 
@@ -70,7 +63,7 @@ def main() -> None:
         # each implementation's copies span `span`, plus the wake-up one; building stops once
         # the process has grown by its share of half of MemAvailable (a line says so): a copy
         # can hold more than its weights (the allocators' pools, the builders' temporaries)
-        budget, rss0 = available_bytes() // 2, _rss()
+        budget, rss0 = available_bytes() // 2, rss_bytes()
         nbytes = {b: _qkern(lin, fmt=f"int{b}", group_size=128, mode="fast")[1] for b in bits}
         want = {f"int{b}": copies_for(nbytes[b], cache=span // 2, most=1 << 30) for b in bits}
         want["aten"] = copies_for(n * k // 2, cache=span // 2, most=1 << 30)  # 4-bit codes

@@ -19,13 +19,13 @@ import resource
 from ... import RTNConfig, empty_init, load, quantize_model, save
 from ...models import Llama
 from .decode_synth import CONFIG, synthetic_llama
+from .timing import rss_bytes
 
 __all__ = ["main"]
 
 
 def _mb() -> str:
-    with open("/proc/self/statm") as f:
-        rss = int(f.read().split()[1]) * resource.getpagesize()
+    rss = rss_bytes()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return f"rss {rss / 2**20:.0f} MB, peak {peak / 2**20:.0f} MB"
 

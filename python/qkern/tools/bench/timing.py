@@ -16,7 +16,7 @@ import torch
 import qkern
 
 __all__ = ["Flusher", "Probe", "available_bytes", "cpu_model", "evict_bytes", "l3_bytes",
-           "machine_line", "time_alternating", "time_block"]
+           "machine_line", "rss_bytes", "time_alternating", "time_block"]
 
 
 @dataclass
@@ -85,6 +85,12 @@ def evict_bytes() -> int:
     512 MiB (a CPU reporting a 480 MiB L3 would otherwise ask for a gigabyte per flush, and
     the sweep for a gigabyte of copies of every implementation)."""
     return min(2 * l3_bytes(), 512 << 20)
+
+
+def rss_bytes() -> int:
+    """This process's resident bytes now (/proc/self/statm; Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def available_bytes() -> int:
