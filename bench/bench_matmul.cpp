@@ -3,8 +3,8 @@
 //   cmake -S . -B build-bench -G Ninja -DQKERN_PYTHON=OFF -DQKERN_BENCH=ON -DQKERN_CUDA=OFF
 //   cmake --build build-bench --target bench_matmul && build-bench/bench_matmul
 //
-// Arguments of every benchmark: isa (0 scalar, 1 avx2, 2 avx512; levels the CPU lacks are not
-// registered), threads, M (rows of x), N (out), K (in). Weights are random
+// Arguments of every benchmark: isa (0 scalar, 1 avx2, 2 avx512, 3 amx for W8A8 only; levels
+// the CPU lacks are not registered), threads, M (rows of x), N (out), K (in). Weights are random
 // codes packed once, in enough copies that one sweep over them is >= 256 MiB, and each
 // iteration uses the next copy: a GEMV reads its weights from memory, as in decode, not from
 // cache. Counters: weight_GBps = packed weight bytes (codes + scales) / time, the figure to
@@ -325,14 +325,16 @@ void BM_read_bw(benchmark::State& state) {
 }
 
 // threads x M x (N, K): decode (M = 1, 8) and prefill (M = 128, 512) on the shapes.
-void Shapes(benchmark::internal::Benchmark* b) {
+void ShapesOn(benchmark::internal::Benchmark* b, bool with_amx) {
   b->ArgNames({"isa", "threads", "M", "N", "K"});
-  for (int64_t isa : bench_isas())
+  for (int64_t isa : bench_isas(with_amx))
     for (int t : {2})
       for (auto nk : {std::pair<int64_t, int64_t>{4096, 4096}, {11008, 4096}, {4096, 11008}})
         for (int64_t m : {1, 8, 128, 512}) b->Args({isa, t, m, nk.first, nk.second});
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
+void Shapes(benchmark::internal::Benchmark* b) { ShapesOn(b, false); }
+void ShapesWithAmx(benchmark::internal::Benchmark* b) { ShapesOn(b, true); }
 
 // The decode shapes only (VQLinear decodes the weight for more than 8 rows of x).
 void DecodeShapes(benchmark::internal::Benchmark* b) {
@@ -357,7 +359,7 @@ BENCHMARK(BM_vq_d2_16_per_16_rows)->Apply(DecodeShapes);
 BENCHMARK(BM_vq8_d4_256_per_layer)->Apply(DecodeShapes);
 BENCHMARK(BM_vq8_d2_16_per_16_rows)->Apply(DecodeShapes);
 BENCHMARK(BM_fp8_e4m3_channel)->Apply(Shapes);
-BENCHMARK(BM_w8a8)->Apply(Shapes);
+BENCHMARK(BM_w8a8)->Apply(ShapesWithAmx);
 BENCHMARK(BM_w8a16)->Apply(Shapes);
 BENCHMARK(BM_binary)->Apply(Shapes);
 BENCHMARK(BM_binary_xnor)->Apply(Shapes);

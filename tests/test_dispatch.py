@@ -166,6 +166,34 @@ def test_force_scalar_env():
     assert out.stdout.strip() == "scalar"
 
 
+LEVELS = ("scalar", "avx2", "avx512", "amx")  # lowest first, as docs/architecture.md orders them
+
+
+def highest_up_to(want: str) -> str:
+    top = len(LEVELS) if want == "auto" else LEVELS.index(want) + 1
+    return [i for i in LEVELS[:top] if i in isas.HAVE][-1]
+
+
+@pytest.mark.parametrize("want", LEVELS + ("auto",))
+def test_isa_env_and_set_isa_pick_the_highest_level_up_to_the_one_asked(want):
+    """QKERN_ISA=<level> starts the process on that level, or on the highest one below it that
+    this CPU has; qkern.set_isa(<level>) switches the same way."""
+    code = "import qkern; print(qkern.get_isa())"
+    env = {k: v for k, v in os.environ.items() if k != "QKERN_FORCE_SCALAR"}
+    env["QKERN_ISA"] = want
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=False, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == highest_up_to(want)
+    qkern.set_isa(want)  # conftest restores the level
+    assert qkern.get_isa() == highest_up_to(want)
+
+
+def test_set_isa_rejects_unknown_names():
+    with pytest.raises(ValueError, match="'scalar', 'avx2', 'avx512', 'amx' or 'auto'.*'sse4'"):
+        qkern.set_isa("sse4")
+
+
 @pytest.mark.parametrize("isa", isas.params())
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_seen_at_every_position(isa, bad):

@@ -17,7 +17,7 @@ from qkern import _C
 from qkern.ops import NonFiniteError
 
 OPS = torch.ops.qkern
-ISAS = isas.params()
+ISAS = isas.params(isas.WITH_AMX)
 U = 2.0**-24  # float32 unit roundoff
 F32_TINY = np.float32(np.finfo(np.float32).tiny)
 MAX_K = 132104  # largest K with K * 127 * 128 <= 2^31 - 1

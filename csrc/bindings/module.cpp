@@ -129,17 +129,23 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_has_avx512", &qk::cpu_has_avx512);
   m.def("cpu_has_avx512_bf16", &qk::cpu_has_avx512_bf16);
   m.def("cpu_has_avx512_vbmi", &qk::cpu_has_avx512_vbmi);
+  m.def("cpu_has_amx", &qk::cpu_has_amx);
   m.def("get_isa", [] {
-    const qk::Isa isa = qk::active_isa();
-    return std::string(isa == qk::kIsaAvx512 ? "avx512" : isa == qk::kIsaAvx2 ? "avx2" : "scalar");
+    switch (qk::active_isa()) {
+      case qk::kIsaAmx: return std::string("amx");
+      case qk::kIsaAvx512: return std::string("avx512");
+      case qk::kIsaAvx2: return std::string("avx2");
+      default: return std::string("scalar");
+    }
   });
   m.def("set_isa", [](const std::string& isa) {
     if (isa == "scalar") qk::set_isa(qk::kIsaScalar);
     else if (isa == "avx2") qk::set_isa(qk::kIsaAvx2);
-    else if (isa == "avx512" || isa == "auto") qk::set_isa(qk::kIsaAvx512);
+    else if (isa == "avx512") qk::set_isa(qk::kIsaAvx512);
+    else if (isa == "amx" || isa == "auto") qk::set_isa(qk::kIsaAmx);
     else
-      throw py::value_error("isa must be 'scalar', 'avx2', 'avx512' or 'auto', got '" + isa +
-                            "'");
+      throw py::value_error("isa must be 'scalar', 'avx2', 'avx512', 'amx' or 'auto', got '" +
+                            isa + "'");
   });
   m.def("set_num_threads", [](int64_t n) {
     const int64_t most = qk::max_num_threads();

@@ -109,8 +109,10 @@ def get_num_threads() -> int:
 
 
 def set_isa(isa: str) -> None:
-    """Kernel path: 'avx512' (AVX-512 F/BW/VL/DQ + VNNI), 'avx2' (AVX2 + FMA + F16C), 'scalar'
-    or 'auto' (the best the CPU has, the default). At import, ``QKERN_ISA=scalar|avx2|avx512``
+    """Kernel path: 'amx' (the avx512 level + AMX-TILE / AMX-INT8: the int8 W8A8 product on the
+    tile unit, other kernels as 'avx512'), 'avx512' (AVX-512 F/BW/VL/DQ + VNNI), 'avx2' (AVX2 +
+    FMA + F16C), 'scalar' or 'auto' (the best the CPU has, the default). At import,
+    ``QKERN_ISA=scalar|avx2|avx512|amx``
     in the environment picks the starting level and ``QKERN_FORCE_SCALAR=1`` forces 'scalar'.
     A path the CPU lacks falls back to the next lower one, and so does a kernel family without
     a path at that level. Integer results are bit-identical on every path; float results too,
@@ -123,12 +125,14 @@ def get_isa() -> str:
 
 
 def available_isas() -> list[str]:
-    """The kernel paths this CPU can run, lowest first: 'scalar', then 'avx2', 'avx512'."""
+    """The kernel paths this CPU can run, lowest first: 'scalar', then 'avx2', 'avx512', 'amx'."""
     out = ["scalar"]
     if _C.cpu_has_avx2():
         out.append("avx2")
         if _C.cpu_has_avx512():
             out.append("avx512")
+            if _C.cpu_has_amx():
+                out.append("amx")
     return out
 
 

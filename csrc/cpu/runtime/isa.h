@@ -6,7 +6,11 @@
 //
 // The levels: avx2 = AVX2 + FMA + F16C; avx512 = that + AVX-512 F/BW/VL/DQ + VNNI (Cascade
 // Lake, Ice Lake, Sapphire Rapids, Zen 4 and later; a Skylake-X without VNNI runs avx2).
-// avx512.cpp translation units are compiled for exactly that set. BF16 and VBMI are extra:
+// amx = the avx512 level + AMX-TILE + AMX-INT8 with the
+// Linux kernel's permission to use the tile data (Sapphire Rapids and later); the families with
+// an amx.cpp run their int8 products on the tile unit there, the others their avx512 kernels.
+// avx512.cpp translation units are compiled for exactly the avx512 set, amx.cpp for it plus
+// AMX-TILE / AMX-INT8. BF16 and VBMI are extra:
 // code using them carries __attribute__((target("avx512bf16"))) (or "avx512vbmi") and runs only
 // when cpu_has_avx512_bf16() (cpu_has_avx512_vbmi()) says so. Each family keeps one table of function
 // pointers per ISA (its kernels.h) and calls pick() on them for every call, so a switch takes
@@ -16,11 +20,14 @@
 
 namespace qk {
 
-enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+enum Isa : int { kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAmx = 3 };
 bool cpu_has_avx2();    // what the CPU supports (cpuid + OS support)
 bool cpu_has_avx512();  // AVX-512 F + BW + VL + DQ + VNNI (and AVX2); else the avx2 level
 bool cpu_has_avx512_bf16();  // the avx512 level + AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16)
 bool cpu_has_avx512_vbmi();  // the avx512 level + AVX512_VBMI (vpermb, vpmultishiftqb)
+// The avx512 level + AMX-TILE + AMX-INT8, the OS saving the tile state (XCR0) and, on Linux,
+// arch_prctl(ARCH_REQ_XCOMP_PERM) granting this process the tile data (asked once, here).
+bool cpu_has_amx();
 Isa active_isa();       // what the kernels use now
 void set_isa(Isa isa);  // the highest supported ISA <= isa
 

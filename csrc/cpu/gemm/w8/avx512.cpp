@@ -23,6 +23,7 @@
 
 #include <cstring>
 
+#include "cpu/gemm/w8/epilogue_avx512.h"
 #include "cpu/gemm/w8/kernels.h"
 
 namespace qk {
@@ -40,20 +41,11 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
-// int32 -> float (the masked form: the plain one starts from _mm512_undefined_ps(), which
-// GCC 12 reports as maybe-uninitialized; an all-ones mask compiles to the same vcvtdq2ps).
-inline __m512 to_ps(__m512i v) { return _mm512_mask_cvtepi32_ps(_mm512_setzero_ps(), 0xFFFF, v); }
-
 // acc + the 4-byte dot products of u (unsigned) and x (signed): _mm512_dpbusd_epi32 as inline
 // asm, since GCC 12 copies (and spills) the accumulator of every intrinsic call in the tile.
 inline __m512i dpbusd(__m512i acc, __m512i u, __m512i x) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(x));
   return acc;
-}
-
-inline __mmask16 col_mask(int64_t col, int64_t n) {
-  const int64_t left = n - col;
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (left > 0 ? left : 0)) - 1);
 }
 
 // ---- int8 x int8 -> int32 ----------------------------------------------------------------
@@ -73,21 +65,6 @@ int32_t rowsum128(const int8_t* x, int64_t kp) {
   uint32_t sum = 0;  // wraps like the vector lanes (the true value fits: k <= kW8A8MaxK)
   for (int32_t v : lane) sum += static_cast<uint32_t>(v);
   return static_cast<int32_t>(sum << 7);
-}
-
-// Block columns [col, col + 16) of row `row` from the biased sum d: the int32 sums, or
-// (float(acc) * sx) * sw (+ bias) as w8a8_value computes it.
-inline void store_s8(__m512i d, int32_t comp, int64_t row, int64_t col, const W8Out& o) {
-  const __m512i acc = _mm512_sub_epi32(d, _mm512_set1_epi32(comp));
-  const __mmask16 m = col_mask(col, o.n);
-  if (o.acc) {
-    _mm512_mask_storeu_epi32(o.acc + row * o.n + col, m, acc);
-    return;
-  }
-  __m512 v = _mm512_mul_ps(to_ps(acc), _mm512_set1_ps(o.sx[row]));
-  v = _mm512_mul_ps(v, _mm512_loadu_ps(o.sw + col));
-  if (o.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(o.bias + col));
-  _mm512_mask_storeu_ps(o.y + row * o.n + col, m, v);
 }
 
 // Rows x[0 .. MR) (stride ldx) times NR blocks (stride ws) over `steps` 4-k steps.
@@ -151,6 +128,8 @@ void rows_s8(const int8_t* xq, int64_t m0, int64_t m1, int64_t k, const int8_t* 
   }
 }
 
+}  // namespace
+
 void s8s8_avx512(const int8_t* xq, int64_t m0, int64_t m1, const int8_t* packed, int64_t k,
                  int64_t b0, int64_t b1, const W8Out& out) {
   const int64_t ws = kW8BlockN * w8_padded_k(k);
@@ -171,8 +150,8 @@ void xsums_avx512(const int8_t* xq, int64_t m, int64_t k, int32_t* out) {
   for (int64_t i = 0; i < m; ++i) out[i] = rowsum128(xq + i * k, w8_padded_k(k));
 }
 
+namespace {
 const Kernels kAvx512Kernels = {s8s8_avx512, f32_avx512, xsums_avx512};
-
 }  // namespace
 
 const Kernels* avx512_kernels() { return &kAvx512Kernels; }

@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/gemm/w8/epilogue_avx512.h"
 #include "cpu/gemm/w8/kernels.h"
 
 namespace qk {
@@ -29,7 +30,6 @@ constexpr int64_t kKc = 256;  // panel k rows: 3 blocks x 256 x 16 floats = 48 K
 
 // The masked forms with every lane selected (the plain ones start from _mm512_undefined_*(),
 // which GCC 12 reports as maybe-uninitialized; all-ones masks compile to the plain instruction).
-inline __m512 to_ps(__m512i v) { return _mm512_mask_cvtepi32_ps(_mm512_setzero_ps(), 0xFFFF, v); }
 inline __m512i widen(__m128i q) { return _mm512_maskz_cvtepi8_epi32(0xFFFF, q); }
 inline __m128i quarter(__m512i v, int i) {
   switch (i) {
@@ -40,11 +40,6 @@ inline __m128i quarter(__m512i v, int i) {
   }
 }
 inline __m512 bcast4(__m128 v) { return _mm512_maskz_broadcast_f32x4(0xFFFF, v); }
-
-inline __mmask16 col_mask(int64_t col, int64_t n) {
-  const int64_t left = n - col;
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (left > 0 ? left : 0)) - 1);
-}
 
 // The 16 column sums v of a block through the epilogue w8a16_value.
 inline void store_f32(__m512 v, int64_t row, int64_t col, const W8Out& o) {

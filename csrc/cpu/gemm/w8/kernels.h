@@ -36,6 +36,17 @@ struct Kernels {
 extern const Kernels kScalarKernels;  // scalar.cpp
 const Kernels* avx2_kernels();        // avx2.cpp
 const Kernels* avx512_kernels();      // avx512.cpp
+#ifdef QK_HAVE_AMX
+const Kernels* amx_kernels();  // amx.cpp
+#else
+inline const Kernels* amx_kernels() { return nullptr; }  // the compiler has no AMX flags
+#endif
+
+// The AVX-512 int8 kernel and its row sums (avx512.cpp), which the AMX table uses for the rows
+// that do not fill a 16-row tile.
+void s8s8_avx512(const int8_t* xq, int64_t m0, int64_t m1, const int8_t* packed, int64_t k,
+                 int64_t b0, int64_t b1, const W8Out& out);
+void xsums_avx512(const int8_t* xq, int64_t m, int64_t k, int32_t* out);
 
 // The AVX-512 float-activation kernel (f32_avx512.cpp), an entry of avx512_kernels().
 void f32_avx512(const float* x, int64_t m0, int64_t m1, const int8_t* packed, int64_t k,
@@ -43,7 +54,8 @@ void f32_avx512(const float* x, int64_t m0, int64_t m1, const int8_t* packed, in
 
 // The table of the running ISA, one entry per qk::Isa (cpu/runtime/isa.h).
 inline const Kernels& kernels() {
-  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels(),
+                                   amx_kernels()};
   return pick(by_isa);
 }
 

@@ -75,6 +75,9 @@ QKERN_ROWS = (("qkern int4 g128 exact", {"fmt": "int4", "group_size": 128}),
               ("qkern fp8_e4m3 per-channel", {"fmt": "fp8_e4m3", "group_size": None}),
               ("qkern binary", {"fmt": "binary", "group_size": None}),
               ("qkern ternary", {"fmt": "ternary", "group_size": None}))
+#: the rows whose kernel has a path of its own at the amx level (the others run their avx512
+#: kernel there, so an "[amx]" row of theirs would time it twice)
+AMX_ROWS = frozenset({"qkern W8A8 dynamic"})
 
 
 def _peer_maker(make: Callable, first) -> Callable[[nn.Linear], Impl]:
@@ -120,7 +123,8 @@ def makers(lin: nn.Linear, isas: tuple[str, ...] = ()) -> dict[str, Callable[[nn
         if not isas:
             out[name] = _qkern_maker(kw, None)
         for isa in isas:
-            out[f"{name} [{isa}]"] = _qkern_maker(kw, isa)
+            if isa != "amx" or name in AMX_ROWS:
+                out[f"{name} [{isa}]"] = _qkern_maker(kw, isa)
     return out
 
 
@@ -221,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-ms", type=float, default=10.0)
     p.add_argument("--isa", default=None,
                    help="qkern kernel paths to time, each as its own rows: 'all' (every ISA "
-                        "this CPU has) or a comma list of scalar, avx2, avx512 (default: the "
-                        "active one only)")
+                        "this CPU has) or a comma list of scalar, avx2, avx512, amx (default: "
+                        "the active one only; amx rows only for W8A8, the one kernel with an "
+                        "AMX path)")
     p.add_argument("--sweep", choices=("also", "only", "no"), default="also",
                    help="the M = 1 table of layers called back to back (weights cold, code "
                         "warm, as in decode): after the main table (also), alone (only) or not")
@@ -231,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.isa is not None:
         have = available_isas()
         isas = tuple(have) if a.isa == "all" else tuple(i.strip() for i in a.isa.split(","))
-        bad = [i for i in isas if i not in ("scalar", "avx2", "avx512")]
+        bad = [i for i in isas if i not in ("scalar", "avx2", "avx512", "amx")]
         if bad:
-            p.error(f"--isa: unknown {bad}; use 'all' or a comma list of scalar, avx2, avx512")
+            p.error(f"--isa: unknown {bad}; use 'all' or a comma list of scalar, avx2, avx512, "
+                    "amx")
         missing = [i for i in isas if i not in have]
         if missing:
             p.error(f"--isa: this CPU cannot run {missing} (it has {', '.join(have)})")
