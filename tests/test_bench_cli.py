@@ -26,6 +26,20 @@ def test_isa_flag_errors(capsys):
     assert e.value.code == 2 and "unknown ['sse9']" in capsys.readouterr().err
 
 
+def test_only_and_ms_pick_the_rows_and_batch_sizes(capsys):
+    assert matmul.main(["--quick", "--only", "W8A8|fbgemm", "--ms", "8", "--sweep", "no"]) == 0
+    out = capsys.readouterr().out
+    names = {r.split("|")[3].strip() for r in out.splitlines() if r.startswith("| 1024x1024 |")}
+    assert names == {"torch fp32 F.linear", "torch dynamic int8 (fbgemm)", "qkern W8A8 dynamic"}
+    assert {r.split("|")[2].strip() for r in out.splitlines()
+            if r.startswith("| 1024x1024 |")} == {"8"}
+    for bad, what in ((["--only", "("], "--only: not a regular expression"),
+                      (["--ms", "0"], "--ms: a comma list"), (["--ms", "x"], "--ms: a comma list")):
+        with pytest.raises(SystemExit) as e:
+            matmul.main(["--quick", *bad])
+        assert e.value.code == 2 and what in capsys.readouterr().err
+
+
 def test_per_isa_table_has_a_column_per_isa():
     isas = tuple(qkern.available_isas())
     start = qkern.get_isa()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -35,6 +36,7 @@ from .timing import Flusher, Probe, machine_line, time_alternating
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N out, K in)
 AT4 = "aten int4 g128 bf16 (_weight_int4pack_mm)"  # the M = 1 reference of the sweep table
+FP32 = "torch fp32 F.linear"  # the baseline of every "vs fp32" ratio
 MS = [1, 8, 128, 512]
 
 
@@ -100,19 +102,23 @@ def _qkern_maker(kw: dict, isa: str | None) -> Callable[[nn.Linear], Impl]:
     return build
 
 
-def makers(lin: nn.Linear, isas: tuple[str, ...] = ()) -> dict[str, Callable[[nn.Linear], Impl]]:
+def makers(lin: nn.Linear, isas: tuple[str, ...] = (),
+           only: re.Pattern | None = None) -> dict[str, Callable[[nn.Linear], Impl]]:
     """name -> a builder of that implementation from an ``nn.Linear``: the peers that build
     here (``lin`` is tried once; a missing package or op is skipped with a line saying why),
-    then qkern's rows, with ``isas`` once per ISA, named "... [isa]"."""
+    then qkern's rows, with ``isas`` once per ISA, named "... [isa]". ``only``: the names it
+    matches (re.search), besides the fp32 baseline every ratio needs."""
     out: dict[str, Callable[[nn.Linear], Impl]] = {
-        "torch fp32 F.linear": lambda m: (lambda x: nn.functional.linear(x, m.weight, m.bias),
-                                          m.weight.numel() * 4, "peer"),
+        FP32: lambda m: (lambda x: nn.functional.linear(x, m.weight, m.bias),
+                         m.weight.numel() * 4, "peer"),
     }
     for name, make in (("torch dynamic int8 (fbgemm)", peers.torch_dynamic_int8),
                        (AT4, peers.aten_int4),
                        ("aten int8 bf16 (_weight_int8pack_mm)", peers.aten_int8),
                        ("bitsandbytes nf4 b64 (matmul_4bit)", peers.bnb_nf4),
                        ("GPTQModel int4 g128 AVX512-BF16", peers.gptqmodel_int4)):
+        if only is not None and not only.search(name):
+            continue
         try:
             out[name] = _peer_maker(make, make(lin))
         except ImportError as e:  # an optional package (bitsandbytes, gptqmodel) is missing
@@ -125,12 +131,15 @@ def makers(lin: nn.Linear, isas: tuple[str, ...] = ()) -> dict[str, Callable[[nn
         for isa in isas:
             if isa != "amx" or name in AMX_ROWS:
                 out[f"{name} [{isa}]"] = _qkern_maker(kw, isa)
+    if only is not None:
+        out = {name: b for name, b in out.items() if name == FP32 or only.search(name)}
     return out
 
 
-def implementations(lin: nn.Linear, isas: tuple[str, ...] = ()) -> dict[str, Impl]:
+def implementations(lin: nn.Linear, isas: tuple[str, ...] = (),
+                    only: re.Pattern | None = None) -> dict[str, Impl]:
     """name -> (callable on x, weight bytes read per call, note), every row built once."""
-    return {name: build(lin) for name, build in makers(lin, isas).items()}
+    return {name: build(lin) for name, build in makers(lin, isas, only).items()}
 
 
 def isa_columns(rows: list[tuple], isas: tuple[str, ...]) -> list[str]:
@@ -154,18 +163,19 @@ def isa_columns(rows: list[tuple], isas: tuple[str, ...]) -> list[str]:
 
 
 def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: float,
-               isas: tuple[str, ...] = (), sweep: str = "also") -> str:
+               isas: tuple[str, ...] = (), sweep: str = "also",
+               only: re.Pattern | None = None) -> str:
     """The table (and with ``isas``, one qkern row per ISA plus a per-ISA table). The scalar
     path is timed for M = 1 only (a 4096 x 4096 M = 512 product takes it tens of seconds).
     ``sweep``: "also" adds the M = 1 back-to-back table (:mod:`.sweep`), "only" prints just
-    that one, "no" leaves it out."""
+    that one, "no" leaves it out. ``only``: the rows whose name it matches (and fp32)."""
     start_isa = get_isa()
     torch.set_num_threads(threads)
     set_num_threads(threads)
     torch.manual_seed(0)
     probe = Probe.make(256 << 20)
     if sweep == "only":
-        lines = [machine_line(threads), *run_sweep(shapes, lambda lin: makers(lin, isas),
+        lines = [machine_line(threads), *run_sweep(shapes, lambda lin: makers(lin, isas, only),
                                                    repeats, settle_s, probe, AT4)]
         set_isa(start_isa)
         return "\n".join(lines)
@@ -180,7 +190,7 @@ def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: fl
     rows: list[tuple] = []
     for n, k in shapes:
         lin = nn.Linear(k, n)
-        impls = implementations(lin, isas)
+        impls = implementations(lin, isas, only)
         for m in ms:
             x = torch.randn(m, k)
             calls = {name: (lambda f=f: f(x)) for name, (f, _, _) in impls.items()
@@ -189,7 +199,7 @@ def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: fl
                 med, _ = time_alternating(calls, repeats, warmup, probe, flush, budget_s=20.0)
             for name, (_, nb, note) in impls.items():
                 if name in med:
-                    rows.append((n, k, m, name, med[name], med["torch fp32 F.linear"], nb, note))
+                    rows.append((n, k, m, name, med[name], med[FP32], nb, note))
             print(f"  {n}x{k} M={m}: " + ", ".join(f"{a} {1e3 * t:.2f} ms"
                                                    for a, t in med.items()), flush=True)
     read_gbs = probe.read_gbs()
@@ -209,7 +219,7 @@ def run_matmul(threads: int, repeats: int, warmup: int, shapes, ms, settle_s: fl
         set_isa(start_isa)
         lines += isa_columns(rows, isas)
     if sweep == "also" and 1 in ms:
-        lines += run_sweep(shapes, lambda lin: makers(lin, isas), repeats, settle_s,
+        lines += run_sweep(shapes, lambda lin: makers(lin, isas, only), repeats, settle_s,
                            Probe(probe.src, probe.dst), AT4)
         set_isa(start_isa)
     return "\n".join(lines)
@@ -231,7 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", choices=("also", "only", "no"), default="also",
                    help="the M = 1 table of layers called back to back (weights cold, code "
                         "warm, as in decode): after the main table (also), alone (only) or not")
+    p.add_argument("--only", default=None, metavar="REGEX",
+                   help="time only the rows whose name matches (re.search; the fp32 baseline "
+                        "always runs), e.g. 'W8A8|fbgemm'")
+    p.add_argument("--ms", default=None, metavar="M,M,...",
+                   help="the batch sizes M (default 1,8,128,512; --quick: 1,8)")
     a = p.parse_args(argv)
+    only = None
+    if a.only is not None:
+        try:
+            only = re.compile(a.only)
+        except re.error as e:
+            p.error(f"--only: not a regular expression ({e})")
     isas: tuple[str, ...] = ()
     if a.isa is not None:
         have = available_isas()
@@ -244,8 +265,15 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             p.error(f"--isa: this CPU cannot run {missing} (it has {', '.join(have)})")
     shapes, ms = (SHAPES, MS) if not a.quick else ([(1024, 1024)], [1, 8])
+    if a.ms is not None:
+        try:
+            ms = [int(v) for v in a.ms.split(",")]
+        except ValueError:
+            p.error(f"--ms: a comma list of positive integers, got {a.ms!r}")
+        if not ms or min(ms) < 1:
+            p.error(f"--ms: a comma list of positive integers, got {a.ms!r}")
     t0 = time.perf_counter()
     print(run_matmul(a.threads, a.repeats if not a.quick else 2, a.warmup, shapes, ms,
-                     a.settle_ms / 1e3, isas, a.sweep))
+                     a.settle_ms / 1e3, isas, a.sweep, only))
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     return 0
