@@ -63,9 +63,11 @@ void run_s8s8(const int8_t* xq, int64_t m, const int8_t* packed, int64_t n, int6
     p.xsums(xq, m, k, xsum.data());
     out.xsum = xsum.data();
   }
-  // Row tiles of about 512 KiB of codes, a multiple of 8 rows (the micro-tiles' heights).
-  const int64_t mc = (int64_t{512} << 10) / k / 8 * 8;
-  run_tiles(m, n, k, mc < 8 ? 8 : mc, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
+  // Row tiles of about 512 KiB of codes, a multiple of 32 rows (the AMX micro-tile's height,
+  // a multiple of the AVX2 / AVX-512 ones: 4 and 8), so that only a call's last rows can fall
+  // short of the AMX tiles.
+  const int64_t mc = (int64_t{512} << 10) / k / 32 * 32;
+  run_tiles(m, n, k, mc < 32 ? 32 : mc, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
     p.s8s8(xq, m0, m1, packed, k, b0, b1, out);
   });
 }
