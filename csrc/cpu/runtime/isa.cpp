@@ -72,7 +72,7 @@ bool cpu_has_avx512_vbmi() {
 #endif
 }
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(QK_HAVE_AMX)
 namespace {
 
 // What cpu_has_amx() says, computed once: cpuid leaf 7 EDX bits 24 (AMX-TILE) and 25
@@ -98,7 +98,7 @@ bool amx_usable() {
 #endif
 
 bool cpu_has_amx() {
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(QK_HAVE_AMX)  // QK_HAVE_AMX: the amx.cpp files were built
   static const bool usable = amx_usable();
   return usable;
 #else

@@ -27,6 +27,7 @@ bool cpu_has_avx512_bf16();  // the avx512 level + AVX512_BF16 (vdpbf16ps, vcvtn
 bool cpu_has_avx512_vbmi();  // the avx512 level + AVX512_VBMI (vpermb, vpmultishiftqb)
 // The avx512 level + AMX-TILE + AMX-INT8, the OS saving the tile state (XCR0) and, on Linux,
 // arch_prctl(ARCH_REQ_XCOMP_PERM) granting this process the tile data (asked once, here).
+// False in a build whose compiler lacked the AMX flags (no amx.cpp was compiled).
 bool cpu_has_amx();
 Isa active_isa();       // what the kernels use now
 void set_isa(Isa isa);  // the highest supported ISA <= isa
