@@ -19,6 +19,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <new>
 #include <random>
 #include <vector>
 
@@ -66,19 +67,35 @@ int copies_for(int64_t bytes) {
   return static_cast<int>(std::max<int64_t>(1, (kSweepBytes + bytes - 1) / bytes));
 }
 
+// 64-byte aligned storage, as torch allocates tensors (a malloc'ed block of this size starts
+// 16 bytes into a page, which splits every 64-byte row the AMX kernel loads across two lines).
 template <typename T>
-std::vector<std::vector<T>> replicate(const std::vector<T>& v, int copies) {
-  return std::vector<std::vector<T>>(static_cast<size_t>(copies), v);
-}
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+template <typename T>
+using Copy = std::vector<T, Aligned64<T>>;
 
 // Sets w.bytes (packed weights + `extra` bytes of scales) and w.copies, and returns the
-// copies of `packed` the calls rotate through.
+// copies of `packed` the calls rotate through, each 64-byte aligned.
 template <typename T>
-std::shared_ptr<std::vector<std::vector<T>>> rotate(Weights& w, const std::vector<T>& packed,
-                                                    size_t extra) {
+std::shared_ptr<std::vector<Copy<T>>> rotate(Weights& w, const std::vector<T>& packed,
+                                             size_t extra) {
   w.bytes = static_cast<int64_t>(packed.size() * sizeof(T) + extra);
   w.copies = copies_for(w.bytes);
-  return std::make_shared<std::vector<std::vector<T>>>(replicate(packed, w.copies));
+  return std::make_shared<std::vector<Copy<T>>>(static_cast<size_t>(w.copies),
+                                                Copy<T>(packed.begin(), packed.end()));
 }
 
 void run_bench(benchmark::State& state, const std::function<Weights(int64_t, int64_t)>& make) {
@@ -115,7 +132,8 @@ Weights make_w4(int64_t n, int64_t k, int64_t group, int mode,
   const auto scales = randn(qk::w4_padded_rows(n) * k / group, 2, 0.01f);
   Weights w;
   auto p = rotate(w, packed, 4 * scales.size());
-  auto s = std::make_shared<std::vector<std::vector<float>>>(replicate(scales, w.copies));
+  auto s = std::make_shared<std::vector<Copy<float>>>(static_cast<size_t>(w.copies),
+                                                     Copy<float>(scales.begin(), scales.end()));
   w.run = [=](int c, const float* x, int64_t m, float* y) {
     qk::gemm_w4(x, m, (*p)[c].data(), (*s)[c].data(), nullptr, nullptr, n, k, group, mode, y,
                 nullptr, table8);
@@ -134,7 +152,8 @@ Weights make_lut4(int64_t n, int64_t k, int64_t group) {
   const auto scales = randn(n * k / group, 4, 0.01f);
   Weights w;
   auto p = rotate(w, packed, 4 * scales.size());
-  auto s = std::make_shared<std::vector<std::vector<float>>>(replicate(scales, w.copies));
+  auto s = std::make_shared<std::vector<Copy<float>>>(static_cast<size_t>(w.copies),
+                                                     Copy<float>(scales.begin(), scales.end()));
   w.run = [=](int c, const float* x, int64_t m, float* y) {
     qk::gemm_lut4(x, m, (*p)[c].data(), (*s)[c].data(), kNf4, nullptr, n, k, group, y);
   };

@@ -1,20 +1,20 @@
 // Run-time ISA choice, shared by every kernel family. The CPU's support is read once (cpuid +
-// OS support); the default is the highest ISA the CPU has. QKERN_ISA=scalar|avx2|avx512|auto
-// in the environment picks the starting level (the highest supported one <= it);
+// OS support); the default is the highest ISA the CPU has. QKERN_ISA=scalar|avx2|avx512|amx|
+// auto in the environment picks the starting level (the highest supported one <= it);
 // QKERN_FORCE_SCALAR (any value but "" and "0") starts the process on the scalar path (it wins
 // over QKERN_ISA); set_isa switches at run time (qkern.set_isa).
 //
 // The levels: avx2 = AVX2 + FMA + F16C; avx512 = that + AVX-512 F/BW/VL/DQ + VNNI (Cascade
 // Lake, Ice Lake, Sapphire Rapids, Zen 4 and later; a Skylake-X without VNNI runs avx2).
-// amx = the avx512 level + AMX-TILE + AMX-INT8 with the
-// Linux kernel's permission to use the tile data (Sapphire Rapids and later); the families with
-// an amx.cpp run their int8 products on the tile unit there, the others their avx512 kernels.
+// amx = the avx512 level + AMX-TILE + AMX-INT8 with the Linux kernel's permission to use the
+// tile data (Sapphire Rapids and later); the families with an amx.cpp run their int8 products
+// on the tile unit there, the others their avx512 kernels.
 // avx512.cpp translation units are compiled for exactly the avx512 set, amx.cpp for it plus
-// AMX-TILE / AMX-INT8. BF16 and VBMI are extra:
-// code using them carries __attribute__((target("avx512bf16"))) (or "avx512vbmi") and runs only
-// when cpu_has_avx512_bf16() (cpu_has_avx512_vbmi()) says so. Each family keeps one table of function
-// pointers per ISA (its kernels.h) and calls pick() on them for every call, so a switch takes
-// effect at the next call.
+// AMX-TILE / AMX-INT8. BF16 and VBMI are extra: code using them carries
+// __attribute__((target("avx512bf16"))) (or "avx512vbmi") and runs only when
+// cpu_has_avx512_bf16() (cpu_has_avx512_vbmi()) says so. Each family keeps one table of
+// function pointers per ISA (its kernels.h) and calls pick() on them for every call, so a
+// switch takes effect at the next call.
 #pragma once
 #include <cstddef>
 
