@@ -21,6 +21,7 @@
 #include <random>
 #include <vector>
 
+#include "bench_aligned.h"
 #include "bench_isa.h"
 #include "cpu/quant/api.h"
 #include "cpu/runtime/isa.h"
@@ -76,16 +77,6 @@ void set_threads(benchmark::State& state, int arg = 0) {
 void set_isa_threads(benchmark::State& state) {
   qk::set_isa(static_cast<qk::Isa>(state.range(0)));
   set_threads(state, 1);
-}
-
-// A zeroed output buffer on a 64-byte line, as torch allocates (a std::vector's data sits 16
-// bytes past a page, which keeps the kernels off their streaming-store path).
-template <typename T = float>
-std::shared_ptr<T> aligned_buffer(int64_t n) {
-  const auto bytes = static_cast<size_t>((n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64);
-  void* p = std::aligned_alloc(64, bytes);
-  std::memset(p, 0, bytes);
-  return std::shared_ptr<T>(static_cast<T*>(p), std::free);
 }
 
 void set_bytes(benchmark::State& state, int64_t bytes_per_iter) {

@@ -19,7 +19,6 @@
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <new>
 #include <random>
 #include <vector>
 
@@ -32,6 +31,7 @@
 #include "cpu/gemm/vq8/api.h"
 #include "cpu/gemm/w8/api.h"
 #include "cpu/quant/api.h"
+#include "bench_aligned.h"
 #include "bench_isa.h"
 #include "cpu/runtime/isa.h"
 #include "cpu/runtime/threadpool.h"
@@ -67,35 +67,25 @@ int copies_for(int64_t bytes) {
   return static_cast<int>(std::max<int64_t>(1, (kSweepBytes + bytes - 1) / bytes));
 }
 
-// 64-byte aligned storage, as torch allocates tensors (a malloc'ed block of this size starts
-// 16 bytes into a page, which splits every 64-byte row the AMX kernel loads across two lines).
+// `copies` copies of v, each 64-byte aligned (aligned_buffer).
 template <typename T>
-struct Aligned64 {
-  using value_type = T;
-  Aligned64() = default;
-  template <typename U>
-  Aligned64(const Aligned64<U>&) {}
-  T* allocate(size_t n) {
-    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64}));
+std::shared_ptr<std::vector<std::shared_ptr<T>>> replicate(const std::vector<T>& v, int copies) {
+  auto out = std::make_shared<std::vector<std::shared_ptr<T>>>();
+  for (int c = 0; c < copies; ++c) {
+    out->push_back(aligned_buffer<T>(static_cast<int64_t>(v.size())));
+    std::memcpy(out->back().get(), v.data(), v.size() * sizeof(T));
   }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{64}); }
-  template <typename U>
-  bool operator==(const Aligned64<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const Aligned64<U>&) const { return false; }
-};
-template <typename T>
-using Copy = std::vector<T, Aligned64<T>>;
+  return out;
+}
 
 // Sets w.bytes (packed weights + `extra` bytes of scales) and w.copies, and returns the
-// copies of `packed` the calls rotate through, each 64-byte aligned.
+// copies of `packed` the calls rotate through.
 template <typename T>
-std::shared_ptr<std::vector<Copy<T>>> rotate(Weights& w, const std::vector<T>& packed,
-                                             size_t extra) {
+std::shared_ptr<std::vector<std::shared_ptr<T>>> rotate(Weights& w, const std::vector<T>& packed,
+                                                        size_t extra) {
   w.bytes = static_cast<int64_t>(packed.size() * sizeof(T) + extra);
   w.copies = copies_for(w.bytes);
-  return std::make_shared<std::vector<Copy<T>>>(static_cast<size_t>(w.copies),
-                                                Copy<T>(packed.begin(), packed.end()));
+  return replicate(packed, w.copies);
 }
 
 void run_bench(benchmark::State& state, const std::function<Weights(int64_t, int64_t)>& make) {
@@ -132,10 +122,9 @@ Weights make_w4(int64_t n, int64_t k, int64_t group, int mode,
   const auto scales = randn(qk::w4_padded_rows(n) * k / group, 2, 0.01f);
   Weights w;
   auto p = rotate(w, packed, 4 * scales.size());
-  auto s = std::make_shared<std::vector<Copy<float>>>(static_cast<size_t>(w.copies),
-                                                     Copy<float>(scales.begin(), scales.end()));
+  auto s = replicate(scales, w.copies);
   w.run = [=](int c, const float* x, int64_t m, float* y) {
-    qk::gemm_w4(x, m, (*p)[c].data(), (*s)[c].data(), nullptr, nullptr, n, k, group, mode, y,
+    qk::gemm_w4(x, m, (*p)[c].get(), (*s)[c].get(), nullptr, nullptr, n, k, group, mode, y,
                 nullptr, table8);
   };
   return w;
@@ -152,10 +141,9 @@ Weights make_lut4(int64_t n, int64_t k, int64_t group) {
   const auto scales = randn(n * k / group, 4, 0.01f);
   Weights w;
   auto p = rotate(w, packed, 4 * scales.size());
-  auto s = std::make_shared<std::vector<Copy<float>>>(static_cast<size_t>(w.copies),
-                                                     Copy<float>(scales.begin(), scales.end()));
+  auto s = replicate(scales, w.copies);
   w.run = [=](int c, const float* x, int64_t m, float* y) {
-    qk::gemm_lut4(x, m, (*p)[c].data(), (*s)[c].data(), kNf4, nullptr, n, k, group, y);
+    qk::gemm_lut4(x, m, (*p)[c].get(), (*s)[c].get(), kNf4, nullptr, n, k, group, y);
   };
   return w;
 }
@@ -173,7 +161,7 @@ Weights make_vq(int64_t n, int64_t k, int64_t dim, int64_t kc, int64_t group_row
   Weights w;
   auto p = rotate(w, packed, 4 * books.size());
   w.run = [=](int c, const float* x, int64_t m, float* y) {
-    const uint8_t* codes = (*p)[c].data();
+    const uint8_t* codes = (*p)[c].get();
     if (words)
       qk::gemm_vq_p4(x, m, reinterpret_cast<const uint32_t*>(codes), n, nv, books.data(),
                      groups, kc, dim, rows, nullptr, 1, nullptr, y);
@@ -199,7 +187,7 @@ Weights make_vq8(int64_t n, int64_t k, int64_t dim, int64_t kc, int64_t group_ro
   Weights w;
   auto p = rotate(w, packed, books.size());
   w.run = [=](int c, const float* x, int64_t m, float* y) {
-    qk::gemm_vq8(x, m, (*p)[c].data(), n, nv, books.data(), bs.data(), groups, kc, dim, rows,
+    qk::gemm_vq8(x, m, (*p)[c].get(), n, nv, books.data(), bs.data(), groups, kc, dim, rows,
                  nullptr, 1, nullptr, y, nib);
   };
   return w;
@@ -216,9 +204,9 @@ Weights make_w8(int64_t n, int64_t k, bool a8) {
   auto p = rotate(w, packed, 4 * scales.size());
   w.run = [=](int c, const float* x, int64_t m, float* y) {
     if (a8)
-      qk::gemm_w8a8(x, m, (*p)[c].data(), scales.data(), nullptr, n, k, y);
+      qk::gemm_w8a8(x, m, (*p)[c].get(), scales.data(), nullptr, n, k, y);
     else
-      qk::gemm_w8a16(x, m, (*p)[c].data(), scales.data(), nullptr, n, k, y);
+      qk::gemm_w8a16(x, m, (*p)[c].get(), scales.data(), nullptr, n, k, y);
   };
   return w;
 }
@@ -230,9 +218,9 @@ Weights make_bits(int64_t n, int64_t k, bool ternary, bool xnor) {
   auto p = rotate(w, packed, 4 * alpha.size());
   w.run = [=](int c, const float* x, int64_t m, float* y) {
     if (ternary)
-      qk::gemm_ternary(x, m, (*p)[c].data(), alpha.data(), nullptr, n, k, y);
+      qk::gemm_ternary(x, m, (*p)[c].get(), alpha.data(), nullptr, n, k, y);
     else
-      qk::gemm_binary(x, m, (*p)[c].data(), alpha.data(), nullptr, n, k, xnor, y);
+      qk::gemm_binary(x, m, (*p)[c].get(), alpha.data(), nullptr, n, k, xnor, y);
   };
   return w;
 }
@@ -247,7 +235,7 @@ Weights make_w23(int64_t n, int64_t k, int bits, int64_t group, int mode) {
   auto p = rotate(w, packed, 4 * scales.size());
   const int qmin = -(1 << (bits - 1));
   w.run = [=](int c, const float* x, int64_t m, float* y) {
-    qk::gemm_w23(x, m, (*p)[c].data(), scales.data(), nullptr, nullptr, n, k, group, bits, qmin,
+    qk::gemm_w23(x, m, (*p)[c].get(), scales.data(), nullptr, nullptr, n, k, group, bits, qmin,
                  mode, y);
   };
   return w;
@@ -262,7 +250,7 @@ Weights make_fp8(int64_t n, int64_t k) {
   Weights w;
   auto p = rotate(w, codes, 4 * scales.size());
   w.run = [=](int c, const float* x, int64_t m, float* y) {
-    qk::gemm_fp8(x, m, (*p)[c].data(), scales.data(), nullptr, n, k, k, qk::kFp8E4M3, y);
+    qk::gemm_fp8(x, m, (*p)[c].get(), scales.data(), nullptr, n, k, k, qk::kFp8E4M3, y);
   };
   return w;
 }

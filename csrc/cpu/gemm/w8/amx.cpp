@@ -114,12 +114,23 @@ void s8s8_amx(const int8_t* xq, int64_t m0, int64_t m1, const int8_t* packed, in
     }
     _tile_release();
   }
-  if (full < m1) s8s8_avx512(xq, full, m1, packed, k, b0, b1, out);
+  if (full < m1) {  // fewer than 16 rows: the AVX-512 kernel, with the row sums it takes
+    int32_t sums[16];
+    const int8_t* x = xq + full * k;  // rows [full, m1) as rows [0, m1 - full)
+    xsums_avx512(x, m1 - full, k, sums);
+    W8Out rest = out;
+    rest.sx = out.sx ? out.sx + full : nullptr;
+    rest.y = out.y ? out.y + full * out.n : nullptr;
+    rest.acc = out.acc ? out.acc + full * out.n : nullptr;
+    rest.xsum = sums;
+    s8s8_avx512(x, 0, m1 - full, packed, k, b0, b1, rest);
+  }
 }
 
-// The float-activation product (W8A16) stays on the AVX-512 kernel; the row sums are the
-// AVX-512 kernel's, for the rows it takes.
-const Kernels kAmxKernels = {s8s8_amx, f32_avx512, xsums_avx512};
+// The float-activation product (W8A16) stays on the AVX-512 kernel. No per-call row sums
+// (xsums): the tiles take signed codes as they are, and the few rows left to the AVX-512
+// kernel get theirs above.
+const Kernels kAmxKernels = {s8s8_amx, f32_avx512, nullptr};
 }  // namespace
 
 const Kernels* amx_kernels() { return &kAmxKernels; }

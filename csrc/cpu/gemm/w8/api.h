@@ -25,8 +25,8 @@ void pack_w8(const int8_t* codes, int64_t n, int64_t k, int8_t* packed);
 void unpack_w8(const int8_t* packed, int64_t n, int64_t k, int8_t* codes);
 
 // acc[m][n] = sum_k xq[m][k] * w[n][k] in int32 (exact for k <= kW8A8MaxK). xq: (m, k) row-major
-// codes in [-127, 127] (-128 is not allowed: the AVX2 kernel negates activation codes), with at
-// least 3 readable bytes after the last row (their values do not matter).
+// codes in [-127, 127] (-128 is not allowed: the AVX2 kernel negates activation codes); the
+// call works on an aligned, padded copy of them (the kernels' layout), so xq needs no spare bytes.
 void gemm_s8s8_s32(const int8_t* xq, int64_t m, const int8_t* packed, int64_t n, int64_t k,
                    int32_t* acc);
 

@@ -1,7 +1,6 @@
 // int8-weight matmuls: weight packing, activation quantization, ISA dispatch and the split of
 // the output into (row range x column-block range) tiles run on the thread pool. Results do
 // not depend on the thread count: every output element is computed by one tile, whole.
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -42,14 +41,18 @@ void run_tiles(int64_t m, int64_t n, int64_t k, int64_t mc, F body) {
   }
 }
 
-// Activation codes on a 64-byte boundary: the AMX kernel loads 64-byte rows of them, one cache
-// line each only when the rows start on one (rows split across two lines ran its tile loop
-// 2.8x slower in a micro-benchmark). With k a multiple of 64 every row is then aligned.
+// The (m, k) activation codes as the kernels read them: on a 64-byte boundary (the AMX kernel
+// loads 64-byte rows of them, one cache line each only when the rows start on one: rows split
+// across two lines ran its tile loop 2.8x slower in a micro-benchmark; with k a multiple of 64
+// every row is then aligned) and followed by 4 zero bytes (the AVX2 kernel reads whole 4-byte
+// steps; padding weights are 0, so the values would not matter).
 class AlignedCodes {
  public:
-  explicit AlignedCodes(int64_t n)
-      : p_(static_cast<int8_t*>(std::aligned_alloc(64, static_cast<size_t>((n + 63) & ~63)))) {
+  AlignedCodes(int64_t m, int64_t k)
+      : p_(static_cast<int8_t*>(
+            std::aligned_alloc(64, static_cast<size_t>((m * k + 4 + 63) & ~int64_t{63})))) {
     if (!p_) throw std::bad_alloc();
+    std::memset(p_ + m * k, 0, 4);
   }
   ~AlignedCodes() { std::free(p_); }
   AlignedCodes(const AlignedCodes&) = delete;
@@ -127,16 +130,10 @@ void gemm_s8s8_s32(const int8_t* xq, int64_t m, const int8_t* packed, int64_t n,
     std::memset(acc, 0, sizeof(int32_t) * static_cast<size_t>(m * n));
     return;
   }
-  const w8::W8Out out{nullptr, nullptr, nullptr, nullptr, acc, n, nullptr};
-  if (reinterpret_cast<uintptr_t>(xq) % 64 != 0 && k % 64 == 0 && m >= 16) {
-    // a product big enough for the AMX tiles: their rows aligned (AlignedCodes) for a copy
-    AlignedCodes aligned(m * k + 4);
-    std::memcpy(aligned.data(), xq, static_cast<size_t>(m * k));
-    std::memset(aligned.data() + m * k, 0, 4);
-    run_s8s8(aligned.data(), m, packed, n, k, out);
-    return;
-  }
-  run_s8s8(xq, m, packed, n, k, out);
+  AlignedCodes codes(m, k);
+  std::memcpy(codes.data(), xq, static_cast<size_t>(m * k));
+  run_s8s8(codes.data(), m, packed, n, k,
+           w8::W8Out{nullptr, nullptr, nullptr, nullptr, acc, n, nullptr});
 }
 
 bool gemm_w8a8(const float* x, int64_t m, const int8_t* packed, const float* w_scale,
@@ -147,10 +144,8 @@ bool gemm_w8a8(const float* x, int64_t m, const int8_t* packed, const float* w_s
     return false;
   }
   // Per-row symmetric int8 with the project's quantizer (docs/numerics.md): scale = amax/127,
-  // t = x * (1/scale), round-nearest-even, clamp to [-127, 127]. 4 spare bytes: the AVX2
-  // kernel reads whole 4-byte steps (padding weights are 0, so their values do not matter).
-  AlignedCodes xq(m * k + 4);
-  std::memset(xq.data() + m * k, 0, 4);
+  // t = x * (1/scale), round-nearest-even, clamp to [-127, 127].
+  AlignedCodes xq(m, k);
   std::vector<float> sx(static_cast<size_t>(m));
   const AffineSpec spec{-127, 127, kNearestEven, kMidTread, 0.0f, 0};
   if (quantize_affine_dynamic(x, m * k, k, spec, kScaleAbsMax, 127.0f, 0, sx.data(), nullptr,

@@ -42,8 +42,8 @@ const Kernels* amx_kernels();  // amx.cpp
 inline const Kernels* amx_kernels() { return nullptr; }  // the compiler has no AMX flags
 #endif
 
-// The AVX-512 int8 kernel and its row sums (avx512.cpp), which the AMX table uses for the rows
-// that do not fill a 16-row tile.
+// The AVX-512 int8 kernel and its row sums (avx512.cpp), which the AMX kernel calls for the
+// rows that do not fill a 16-row tile.
 void s8s8_avx512(const int8_t* xq, int64_t m0, int64_t m1, const int8_t* packed, int64_t k,
                  int64_t b0, int64_t b1, const W8Out& out);
 void xsums_avx512(const int8_t* xq, int64_t m, int64_t k, int32_t* out);

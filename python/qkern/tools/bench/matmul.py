@@ -108,6 +108,9 @@ def makers(lin: nn.Linear, isas: tuple[str, ...] = (),
     here (``lin`` is tried once; a missing package or op is skipped with a line saying why),
     then qkern's rows, with ``isas`` once per ISA, named "... [isa]". ``only``: the names it
     matches (re.search), besides the fp32 baseline every ratio needs."""
+    def wanted(name: str) -> bool:
+        return only is None or only.search(name) is not None
+
     out: dict[str, Callable[[nn.Linear], Impl]] = {
         FP32: lambda m: (lambda x: nn.functional.linear(x, m.weight, m.bias),
                          m.weight.numel() * 4, "peer"),
@@ -117,7 +120,7 @@ def makers(lin: nn.Linear, isas: tuple[str, ...] = (),
                        ("aten int8 bf16 (_weight_int8pack_mm)", peers.aten_int8),
                        ("bitsandbytes nf4 b64 (matmul_4bit)", peers.bnb_nf4),
                        ("GPTQModel int4 g128 AVX512-BF16", peers.gptqmodel_int4)):
-        if only is not None and not only.search(name):
+        if not wanted(name):  # a peer left out is not built either
             continue
         try:
             out[name] = _peer_maker(make, make(lin))
@@ -126,13 +129,11 @@ def makers(lin: nn.Linear, isas: tuple[str, ...] = (),
         except (RuntimeError, AttributeError) as e:  # op missing or failing to build here
             _say(f"  {name}: unavailable ({str(e).strip().splitlines()[0][:100]})")
     for name, kw in QKERN_ROWS:
-        if not isas:
+        if not isas and wanted(name):
             out[name] = _qkern_maker(kw, None)
         for isa in isas:
-            if isa != "amx" or name in AMX_ROWS:
+            if (isa != "amx" or name in AMX_ROWS) and wanted(f"{name} [{isa}]"):
                 out[f"{name} [{isa}]"] = _qkern_maker(kw, isa)
-    if only is not None:
-        out = {name: b for name, b in out.items() if name == FP32 or only.search(name)}
     return out
 
 
