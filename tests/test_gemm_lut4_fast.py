@@ -71,7 +71,8 @@ RANDOM_TABLE = torch.tensor([-2.5, -1.7, -1.1, -0.8, -0.4, -0.2, -0.05, 0.0, 0.0
                              0.9, 1.2, 1.9, 2.2, 3.1])
 # (M, N, K, group, table): N not a multiple of 8, several groups, GEMV and GEMM row blocks
 CASES = [(1, 13, 64, 32, "nf4"), (3, 40, 256, 64, "fp4_e2m1"), (9, 21, 384, 128, "fp4_bnb"),
-         (1, 8, 512, 512, "nf4"), (17, 35, 128, 64, "random"), (2, 3, 96, 32, "nf4")]
+         (1, 8, 512, 512, "nf4"), (17, 35, 128, 64, "random"), (2, 3, 96, 32, "nf4"),
+         (40, 35, 320, 64, "nf4"), (67, 24, 192, 32, "random")]  # the amx tiles: 16-row blocks
 
 
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])

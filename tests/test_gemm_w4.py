@@ -3,7 +3,7 @@ written from docs/numerics.md "int4 group-wise matmul": the packed layout byte f
 exact mode within its float32 accumulation bound, the fast mode against a reference that
 quantizes x per block exactly as specified (to float32 accumulation rounding) and against the
 true product within the activation-quantization bound; every ISA (tests/isas.py: scalar, AVX2,
-AVX-512), 1 and 2 threads, GEMV and GEMM paths all bit-identical to the scalar path."""
+AVX-512, AMX), 1 and 2 threads, GEMV and GEMM paths all bit-identical to the scalar path."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import qkern
 import qkern.ops.w4 as W
 from ref_groupwise import U, check_exact, check_fast, dequant64, quantize_x_ref, ref_exact  # noqa: F401
 
-SIMD = isas.params(("avx2", "avx512"))  # the paths compared bit for bit with scalar
+SIMD = isas.params(("avx2", "avx512", "amx"))  # the paths compared bit for bit with scalar
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit in opcheck
 

@@ -21,7 +21,7 @@ void run_tasks(int64_t n, bool parallel, const std::function<void(int64_t)>& fn)
 }
 
 bool quantize_activations(const float* x, int64_t m, int64_t k, bool parallel,
-                          std::vector<int8_t>& xq, std::vector<float>& dx,
+                          AlignedVector<int8_t>& xq, std::vector<float>& dx,
                           std::vector<float>& xs) {
   const w4::Kernels& kern = w4::kernels();
   const int64_t nb = k / kW4Block;

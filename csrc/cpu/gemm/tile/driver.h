@@ -6,6 +6,8 @@
 #include <functional>
 #include <vector>
 
+#include "cpu/runtime/aligned.h"
+
 namespace qk {
 namespace tdrv {
 
@@ -19,7 +21,7 @@ void run_tasks(int64_t n, bool parallel, const std::function<void(int64_t)>& fn)
 // x (m, k) quantized per row and block of 32 by the active ISA's gemm_w4 quantize_x into
 // xq / dx / xs (resized here). Returns true when a block holds NaN/Inf (d = NaN).
 bool quantize_activations(const float* x, int64_t m, int64_t k, bool parallel,
-                          std::vector<int8_t>& xq, std::vector<float>& dx,
+                          AlignedVector<int8_t>& xq, std::vector<float>& dx,
                           std::vector<float>& xs);
 
 // fn(t0, t1, m0, m1) over chunks of tiles x chunks of rows: rows split only when there are
@@ -33,7 +35,7 @@ void for_tile_tasks(int64_t tiles, int64_t m, bool fast, bool parallel,
 // NaN/Inf in x (nothing computed).
 template <class Problem, class Kernels>
 bool run_tile_gemm(Problem& p, const Kernels& kern, int64_t tiles, bool fast, bool parallel) {
-  std::vector<int8_t> xq;
+  AlignedVector<int8_t> xq;  // 64-byte aligned: its rows (k a multiple of 32) never split a line
   std::vector<float> dx, xs;
   if (fast) {
     if (quantize_activations(p.x, p.m, p.k, parallel, xq, dx, xs)) return true;

@@ -63,7 +63,7 @@ bool gemm_vq8(const float* x, int64_t m, const uint8_t* packed4, int64_t n, int6
   if (m == 0 || n == 0) return false;
   const int64_t k = nv * dim, nb = (n + kVq8Rows - 1) / kVq8Rows;
   const bool parallel = tdrv::worth_parallel(m * n * k, true);
-  std::vector<int8_t> xq;
+  AlignedVector<int8_t> xq;
   std::vector<float> dx, xs;
   if (tdrv::quantize_activations(x, m, k, parallel, xq, dx, xs)) return true;
   std::vector<uint32_t> xp(static_cast<size_t>(m * (nv / kVq8Group) * dim));

@@ -27,6 +27,7 @@
 #include "cpu/gemm/tile/avx2.h"
 #include "cpu/gemm/tile/avx512.h"
 #include "cpu/gemm/w4/kernels.h"
+#include "cpu/gemm/w4/offsets_avx512.h"
 
 namespace qk {
 namespace w4 {
@@ -77,20 +78,6 @@ constexpr int64_t kPrefetch = 4096;  // bytes ahead in the packed stream of a ti
 // The one-row GEMV streams its weights from memory: prefetched further ahead and into L2
 // (measured on Zen 4, weights cold: 16 KiB / T1 ran 1.1-1.25x 4 KiB / T0).
 constexpr int64_t kGemvPrefetch = 16384;
-
-// (8 + z) of the pair's rows for group g, as float (the float zero points themselves if given).
-inline __m512 code_offsets(const Problem& p, int64_t t, int nt, int64_t g) {
-  const int64_t ng = p.k / p.group;
-  if (p.zeros_f) return params_pair(p.zeros_f, ng, t, nt, g);
-  const __m512 eight = _mm512_set1_ps(8.0f);
-  if (!p.zeros) return eight;
-  const __m256i za =
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zeros + (t * ng + g) * kW4Rows));
-  const __m256i zb = _mm256_loadu_si256(
-      reinterpret_cast<const __m256i*>(p.zeros + ((t + nt - 1) * ng + g) * kW4Rows));
-  const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(za), zb, 1);
-  return _mm512_add_ps(eight, _mm512_cvtepi32_ps(z));
-}
 
 inline void prefetch_block(const uint8_t* blk) {
   _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
