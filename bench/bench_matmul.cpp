@@ -356,9 +356,9 @@ void DecodeShapes(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_read_bw)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_int4_g128_exact)->Apply(Shapes);
-BENCHMARK(BM_int4_g128_fast)->Apply(Shapes);
+BENCHMARK(BM_int4_g128_fast)->Apply(ShapesWithAmx);
 BENCHMARK(BM_nf4_g64)->Apply(Shapes);
-BENCHMARK(BM_nf4_g64_fast)->Apply(Shapes);
+BENCHMARK(BM_nf4_g64_fast)->Apply(ShapesWithAmx);
 BENCHMARK(BM_int3_g128_fast)->Apply(Shapes);
 BENCHMARK(BM_int2_g128_fast)->Apply(Shapes);
 BENCHMARK(BM_vq_d4_256_per_layer)->Apply(DecodeShapes);

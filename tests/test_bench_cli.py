@@ -48,16 +48,16 @@ def test_per_isa_table_has_a_column_per_isa():
     head = next(line for line in out.splitlines() if line.startswith("| layer") and "ms |" in line
                 and "implementation | " + isas[0] in line)
     assert [f"{i} ms" for i in isas] == re.findall(r"(\w+ ms)", head)
-    rows = [r for r in out.splitlines() if r.startswith("| 64x128 | 1 | qkern int4 g128 fast |")]
-    assert len(rows) == 1
-    cells = dict(zip(isas, rows[0].strip("|").split("|")[3:3 + len(isas)]))
-    # every ISA timed at M = 1, scalar included; amx only for W8A8, the kernel with an AMX path
-    assert all(float(c) > 0 for i, c in cells.items() if i != "amx")
+    def cells(name):
+        rows = [r for r in out.splitlines() if r.startswith(f"| 64x128 | 1 | {name} |")]
+        assert len(rows) == 1
+        return dict(zip(isas, rows[0].strip("|").split("|")[3:3 + len(isas)]))
+
+    # every ISA timed at M = 1, scalar included; amx only for the kernels with an AMX path
+    for name in ("qkern int4 g128 fast", "qkern W8A8 dynamic", "qkern nf4 b64 fast"):
+        assert all(float(c) > 0 for c in cells(name).values())
     if "amx" in isas:
-        assert cells["amx"].strip() == "-"
-        w8 = next(r for r in out.splitlines()
-                  if r.startswith("| 64x128 | 1 | qkern W8A8 dynamic |"))
-        assert float(w8.strip("|").split("|")[3 + isas.index("amx")]) > 0
+        assert cells("qkern int4 g128 exact")["amx"].strip() == "-"
     m8 = next(r for r in out.splitlines() if r.startswith("| 64x128 | 8 | qkern int4 g128 fast |"))
     assert m8.strip("|").split("|")[3].strip() == "-"  # scalar: M = 1 only
 

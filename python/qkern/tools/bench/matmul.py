@@ -79,7 +79,7 @@ QKERN_ROWS = (("qkern int4 g128 exact", {"fmt": "int4", "group_size": 128}),
               ("qkern ternary", {"fmt": "ternary", "group_size": None}))
 #: the rows whose kernel has a path of its own at the amx level (the others run their avx512
 #: kernel there, so an "[amx]" row of theirs would time it twice)
-AMX_ROWS = frozenset({"qkern W8A8 dynamic"})
+AMX_ROWS = frozenset({"qkern W8A8 dynamic", "qkern int4 g128 fast", "qkern nf4 b64 fast"})
 
 
 def _peer_maker(make: Callable, first) -> Callable[[nn.Linear], Impl]:
@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isa", default=None,
                    help="qkern kernel paths to time, each as its own rows: 'all' (every ISA "
                         "this CPU has) or a comma list of scalar, avx2, avx512, amx (default: "
-                        "the active one only; amx rows only for W8A8, the one kernel with an "
-                        "AMX path)")
+                        "the active one only; amx rows only for the kernels with an AMX path: "
+                        "W8A8, int4 fast, nf4 fast)")
     p.add_argument("--sweep", choices=("also", "only", "no"), default="also",
                    help="the M = 1 table of layers called back to back (weights cold, code "
                         "warm, as in decode): after the main table (also), alone (only) or not")
