@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu/gemm/tile/avx512.h"
 #include "cpu/gemm/w4/kernels.h"
@@ -77,13 +78,42 @@ inline void transpose8(const __m512i* v, __m512i* out) {
   }
 }
 
+// The integer code offsets zc = 8 + z (table8: 128) of the pair's 16 columns for group g, each
+// in all 4 bytes of its dword, when every one is in [0, 15] (table8: always); false otherwise
+// (zero points past [-8, 7], which the op accepts, or float zero points).
+inline bool int_offsets(const Problem& p, int64_t t, int nt, int64_t g, __m512i& off) {
+  if (p.table8) {
+    off = _mm512_set1_epi8(static_cast<char>(128));
+    return true;
+  }
+  if (p.zeros_f) return false;
+  if (!p.zeros) {
+    off = _mm512_set1_epi8(8);
+    return true;
+  }
+  const int64_t ng = p.k / p.group;
+  const __m256i za =
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zeros + (t * ng + g) * kW4Rows));
+  const __m256i zb = _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(p.zeros + ((t + nt - 1) * ng + g) * kW4Rows));
+  const __m512i zc = _mm512_add_epi32(_mm512_inserti64x4(_mm512_zextsi256_si512(za), zb, 1),
+                                      _mm512_set1_epi32(8));
+  if (_mm512_cmpgt_epu32_mask(zc, _mm512_set1_epi32(15)) != 0) return false;
+  off = _mm512_mullo_epi32(zc, _mm512_set1_epi32(0x01010101));
+  return true;
+}
+
 // Blocks [0, nb) of tiles t, t + nt - 1 as weight tiles (16 rows = columns n of the output, 32
-// bytes = the block's codes in k order): panel[b * 512 + 32 n + 4 q + j] = u[n][32 b + 4 q + j].
-// Packed vector i's low nibbles are the 4-k groups q = 2i of the 16 rows, its high nibbles
-// q = 2i + 1; kTable: the codes table8[c] of both.
+// bytes = the block's codes in k order): panel[b * 512 + 32 n + 4 q + j] = code of (n, 32 b +
+// 4 q + j). Packed vector i's low nibbles are the 4-k groups q = 2i of the 16 columns, its high
+// nibbles q = 2i + 1; kTable: the codes u = table8[c] of both. The codes are the signed u - zc
+// when every group's offset zc is an integer in [0, 15] (128 with table8) and then the
+// function returns true: the block sums are then sum (u - zc) xq = du - zc xs, the
+// definition's idot, exactly; else the unsigned u (false).
 template <bool kTable>
-void decode_panel(const Problem& p, int64_t t, int nt, uint8_t* panel) {
+bool decode_panel(const Problem& p, int64_t t, int nt, uint8_t* panel) {
   const int64_t nb = p.k / kW4Block, tile_bytes = nb * kW4TileBlockBytes;
+  const int64_t bpg = p.group / kW4Block;
   const uint8_t* w0 = p.packed + t * tile_bytes;
   const uint8_t* w1 = w0 + (nt - 1) * tile_bytes;
   const __m512i mask = _mm512_set1_epi8(0x0F);
@@ -91,16 +121,27 @@ void decode_panel(const Problem& p, int64_t t, int nt, uint8_t* panel) {
   if (kTable)
     tbl = _mm512_maskz_broadcast_i32x4(
         0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.table8)));
+  bool is_signed = true;
+  for (int64_t g = 0; g < nb / bpg && is_signed; ++g) {
+    __m512i off;
+    is_signed = int_offsets(p, t, nt, g, off);
+  }
+  __m512i off = _mm512_setzero_si512();
   for (int64_t b = 0; b < nb; ++b) {
+    if (is_signed && b % bpg == 0) int_offsets(p, t, nt, b / bpg, off);
     __m512i v[8], rows[8];
     for (int i = 0; i < 4; ++i) {
-      const int64_t off = b * kW4TileBlockBytes + 32 * i;
-      const __m512i w = load_pair(w0 + off, w1 + off);
+      const int64_t at = b * kW4TileBlockBytes + 32 * i;
+      const __m512i w = load_pair(w0 + at, w1 + at);
       v[2 * i] = _mm512_and_si512(w, mask);
       v[2 * i + 1] = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
       if (kTable) {
         v[2 * i] = _mm512_shuffle_epi8(tbl, v[2 * i]);
         v[2 * i + 1] = _mm512_shuffle_epi8(tbl, v[2 * i + 1]);
+      }
+      if (is_signed) {  // u - zc in [-15, 15] (table8: [-127, 127]) as signed bytes
+        v[2 * i] = _mm512_sub_epi8(v[2 * i], off);
+        v[2 * i + 1] = _mm512_sub_epi8(v[2 * i + 1], off);
       }
     }
     transpose8(v, rows);
@@ -112,6 +153,7 @@ void decode_panel(const Problem& p, int64_t t, int nt, uint8_t* panel) {
                          _mm512_extracti64x4_epi64(rows[d], 1));
     }
   }
+  return is_signed;
 }
 
 // Rows [m, m + 16) of the activations as the tile unit's second operand: per block 8 rows (4-k
@@ -140,43 +182,39 @@ void pack_rows(const Problem& p, int64_t m, int8_t* a, float* dxt, float* xst) {
   }
 }
 
+// One block's sums into tile D: weight tile A (signed codes: tdpbssd, unsigned: tdpbusd) times
+// activation tile B. (A macro: the tile intrinsics take their register numbers as literals.)
+#define QK_W4_AMX_DOT(D, A, B, w, a)         \
+  do {                                        \
+    _tile_zero(D);                            \
+    _tile_loadd(A, w, 32);                    \
+    _tile_loadd(B, a, 64);                    \
+    if (kSigned) _tile_dpbssd(D, A, B);       \
+    else _tile_dpbusd(D, A, B);               \
+  } while (0)
+
 // The block sums of `cnt` (1-4) consecutive blocks, C[n][r] (w: weight tiles, a: activation
 // tiles of the first block, each block 512 bytes on) into c[0 .. cnt).
+template <bool kSigned>
 inline void block_sums(const uint8_t* w, const int8_t* a, int64_t cnt, int32_t (*c)[256]) {
-  _tile_zero(0);
-  _tile_loadd(4, w, 32);
-  _tile_loadd(6, a, 64);
-  _tile_dpbusd(0, 4, 6);
-  if (cnt > 1) {
-    _tile_zero(1);
-    _tile_loadd(5, w + kPanelBlock, 32);
-    _tile_loadd(7, a + kPanelBlock, 64);
-    _tile_dpbusd(1, 5, 7);
-  }
-  if (cnt > 2) {
-    _tile_zero(2);
-    _tile_loadd(4, w + 2 * kPanelBlock, 32);
-    _tile_loadd(6, a + 2 * kPanelBlock, 64);
-    _tile_dpbusd(2, 4, 6);
-  }
-  if (cnt > 3) {
-    _tile_zero(3);
-    _tile_loadd(5, w + 3 * kPanelBlock, 32);
-    _tile_loadd(7, a + 3 * kPanelBlock, 64);
-    _tile_dpbusd(3, 5, 7);
-  }
+  QK_W4_AMX_DOT(0, 4, 6, w, a);
+  if (cnt > 1) QK_W4_AMX_DOT(1, 5, 7, w + kPanelBlock, a + kPanelBlock);
+  if (cnt > 2) QK_W4_AMX_DOT(2, 4, 6, w + 2 * kPanelBlock, a + 2 * kPanelBlock);
+  if (cnt > 3) QK_W4_AMX_DOT(3, 5, 7, w + 3 * kPanelBlock, a + 3 * kPanelBlock);
   _tile_stored(0, c[0], 64);
   if (cnt > 1) _tile_stored(1, c[1], 64);
   if (cnt > 2) _tile_stored(2, c[2], 64);
   if (cnt > 3) _tile_stored(3, c[3], 64);
 }
 
-// Rows [m, m + 16) (a, dxt, xst: pack_rows) x the pair's columns (w: its panel), every group,
-// stored with the bias. The sums come out as one register per column n (lanes: the 16 rows),
-// so the rows' block parameters are vectors and the columns' ones broadcasts. The blocks go in
-// chunks of up to 4 within a group; chunk q + 1's tile work is issued before chunk q's float
-// epilogue (two sets of sums in c), so the two overlap.
-template <bool kTable>
+// Rows [m, m + 16) (a, dxt, xst: pack_rows) x the pair's columns (w: its panel, kSigned: of
+// signed codes u - zc), every group, stored with the bias. The sums come out as one register
+// per column with the 16 rows in its lanes: the rows' block parameters are vector loads, the
+// columns' offsets and scales broadcasts. With signed codes the sums are idot itself; else idot
+// = fma(-zc, xs, du) as the definition writes it. The blocks go in chunks of up to 4 within a
+// group; chunk q + 1's tile work is issued before chunk q's float epilogue (two sets of sums in
+// c), so the two overlap.
+template <bool kSigned>
 void rows16(const Problem& p, const int8_t* a, const float* dxt, const float* xst,
             const uint8_t* w, int64_t m, int64_t t, int nt) {
   const int64_t ng = p.k / p.group, bpg = p.group / kW4Block;
@@ -184,30 +222,35 @@ void rows16(const Problem& p, const int8_t* a, const float* dxt, const float* xs
   alignas(64) int32_t c[2][4][256];
   alignas(64) float yt[16][16] = {};  // yt[n][r]
   alignas(64) float zc[16], sc[16];
-  const bool same_zc = kTable || (!p.zeros && !p.zeros_f);
-  const __m512 zc0 = _mm512_set1_ps(kTable ? 128.0f : 8.0f);
   auto first = [&](int64_t q) { return q / cpg * bpg + q % cpg * 4; };
   auto count = [&](int64_t q) { return std::min<int64_t>(4, (q / cpg + 1) * bpg - first(q)); };
-  block_sums(w, a, count(0), c[0]);
+  block_sums<kSigned>(w, a, count(0), c[0]);
   __m512 acc[16];
   for (int64_t q = 0; q < chunks; ++q) {
     const int64_t g = q / cpg, b0 = first(q), cnt = count(q);
     if (q + 1 < chunks) {
       const int64_t b1 = first(q + 1);
-      block_sums(w + b1 * kPanelBlock, a + b1 * kPanelBlock, count(q + 1), c[(q + 1) & 1]);
+      block_sums<kSigned>(w + b1 * kPanelBlock, a + b1 * kPanelBlock, count(q + 1),
+                          c[(q + 1) & 1]);
     }
     if (q % cpg == 0) {
       for (int n = 0; n < 16; ++n) acc[n] = _mm512_setzero_ps();
-      if (!same_zc) _mm512_store_ps(zc, code_offsets(p, t, nt, g));
+      if (!kSigned) _mm512_store_ps(zc, code_offsets(p, t, nt, g));
     }
     for (int64_t j = 0; j < cnt; ++j) {
       const int32_t* sums = c[q & 1][j];
-      const __m512 xs = _mm512_load_ps(xst + 16 * (b0 + j));
       const __m512 dx = _mm512_load_ps(dxt + 16 * (b0 + j));
-      for (int n = 0; n < 16; ++n) {
-        const __m512 du = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * n));
-        const __m512 idot = _mm512_fnmadd_ps(xs, same_zc ? zc0 : _mm512_set1_ps(zc[n]), du);
-        acc[n] = _mm512_fmadd_ps(dx, idot, acc[n]);
+      if (kSigned) {
+        for (int n = 0; n < 16; ++n)
+          acc[n] = _mm512_fmadd_ps(dx, _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * n)),
+                                   acc[n]);
+      } else {
+        const __m512 xs = _mm512_load_ps(xst + 16 * (b0 + j));
+        for (int n = 0; n < 16; ++n) {
+          const __m512 du = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * n));
+          const __m512 idot = _mm512_fnmadd_ps(xs, _mm512_set1_ps(zc[n]), du);
+          acc[n] = _mm512_fmadd_ps(dx, idot, acc[n]);
+        }
       }
     }
     if (q % cpg == cpg - 1) {
@@ -237,9 +280,11 @@ void fast_impl(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1)
     panels.resize(static_cast<size_t>(pairs * bytes));
     rows.resize(static_cast<size_t>(bytes));
     params.resize(static_cast<size_t>(32 * nb));
+    thread_local std::vector<char> is_signed;  // pair i's panel holds signed codes
+    is_signed.resize(static_cast<size_t>(pairs));
     for (int64_t i = 0; i < pairs; ++i) {
       const int64_t t = t0 + 2 * i;
-      decode_panel<kTable>(p, t, t1 - t >= 2 ? 2 : 1, panels.data() + i * bytes);
+      is_signed[i] = decode_panel<kTable>(p, t, t1 - t >= 2 ? 2 : 1, panels.data() + i * bytes);
     }
     float* dxt = params.data();
     float* xst = dxt + 16 * nb;
@@ -247,8 +292,10 @@ void fast_impl(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1)
       pack_rows(p, m, rows.data(), dxt, xst);
       for (int64_t i = 0; i < pairs; ++i) {
         const int64_t t = t0 + 2 * i;
-        rows16<kTable>(p, rows.data(), dxt, xst, panels.data() + i * bytes, m, t,
-                       t1 - t >= 2 ? 2 : 1);
+        const uint8_t* w = panels.data() + i * bytes;
+        const int nt = t1 - t >= 2 ? 2 : 1;
+        if (is_signed[i]) rows16<true>(p, rows.data(), dxt, xst, w, m, t, nt);
+        else rows16<false>(p, rows.data(), dxt, xst, w, m, t, nt);
       }
     }
     _tile_release();
