@@ -41,7 +41,7 @@ bool quantize_activations(const float* x, int64_t m, int64_t k, bool parallel,
 void for_tile_tasks(int64_t tiles, int64_t m, bool fast, bool parallel,
                     const std::function<void(int64_t, int64_t, int64_t, int64_t)>& fn) {
   const int threads = pool_threads();
-  const int64_t row_chunk = fast ? 64 : 32;
+  const int64_t row_chunk = fast ? 128 : 32;
   const int64_t mchunks = (m + row_chunk - 1) / row_chunk;
   int64_t per = 16;
   if (parallel) per = std::max<int64_t>(1, std::min<int64_t>(16, tiles * mchunks / (8 * threads)));
