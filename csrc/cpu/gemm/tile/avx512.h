@@ -2,7 +2,8 @@
 // pairs, one 16-float register holding 16 rows (tile t in lanes 0..7, tile t + 1 in lanes
 // 8..15; with a lone last tile both halves read it and the upper lanes are never stored).
 // Provides the per-pair parameter loads, the output store, and the exact-mode GEMM over weights
-// already decoded to k-major floats. Include only from the families' avx512.cpp files. A
+// already decoded to k-major floats. Include only from the families' avx512.cpp / amx.cpp
+// files. A
 // format provides `decode(t, nt, g0, g1, w)` exactly as for tile/avx2.h: tiles t .. t+nt-1
 // (nt 1 or 2), groups [g0, g1), w[(g - g0) * G * 16 + kk * 16 + 8 j + r] = float32(u - zc) of
 // row 8(t+j)+r. The float32 operations and their order are tile_ref::exact's (ref.h), so the
@@ -34,6 +35,20 @@ inline __m512i load_pair(const uint8_t* a, const uint8_t* b) {
 // of tiles t and t + nt - 1 for group g.
 inline __m512 params_pair(const float* v, int64_t ng, int64_t t, int nt, int64_t g) {
   return load_pair(v + (t * ng + g) * kRows, v + ((t + nt - 1) * ng + g) * kRows);
+}
+
+// The code offsets zc of tiles t and t + nt - 1 for group g: the float zero points themselves
+// if given (zeros_f), else zc0 + float(z) (z = 0 without zero points), as the scalar kernels
+// compute them.
+inline __m512 offsets_pair(const float* zeros_f, const int32_t* zeros, float zc0, int64_t ng,
+                           int64_t t, int nt, int64_t g) {
+  if (zeros_f) return params_pair(zeros_f, ng, t, nt, g);
+  const __m512 base = _mm512_set1_ps(zc0);
+  if (!zeros) return base;
+  const auto* z8 = reinterpret_cast<const uint8_t*>(zeros);
+  const __m512i z =
+      load_pair(z8 + 4 * (t * ng + g) * kRows, z8 + 4 * ((t + nt - 1) * ng + g) * kRows);
+  return _mm512_add_ps(base, _mm512_cvtepi32_ps(z));
 }
 
 // y[m][8t .. 8t + 8 nt) = v (+ bias), the rows past N dropped.

@@ -27,7 +27,6 @@
 #include "cpu/gemm/tile/avx2.h"
 #include "cpu/gemm/tile/avx512.h"
 #include "cpu/gemm/w4/kernels.h"
-#include "cpu/gemm/w4/offsets_avx512.h"
 
 namespace qk {
 namespace w4 {
@@ -78,6 +77,11 @@ constexpr int64_t kPrefetch = 4096;  // bytes ahead in the packed stream of a ti
 // The one-row GEMV streams its weights from memory: prefetched further ahead and into L2
 // (measured on Zen 4, weights cold: 16 KiB / T1 ran 1.1-1.25x 4 KiB / T0).
 constexpr int64_t kGemvPrefetch = 16384;
+
+// (8 + z) of the pair's rows for group g, as float (the float zero points themselves if given).
+inline __m512 code_offsets(const Problem& p, int64_t t, int nt, int64_t g) {
+  return tile_avx512::offsets_pair(p.zeros_f, p.zeros, 8.0f, p.k / p.group, t, nt, g);
+}
 
 inline void prefetch_block(const uint8_t* blk) {
   _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);

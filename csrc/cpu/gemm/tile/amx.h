@@ -1,0 +1,279 @@
+// The fast mode of the tile-layout matmuls (gemm_w4 with its codebook mode, gemm_w23) on the
+// AMX tile unit: the amx level of cpu/runtime/isa.h. Include only from the families' amx.cpp
+// files (compiled for the avx512 set + AMX-TILE / AMX-INT8).
+//
+// The definition (tile/ref.h `fast`): per row m, column n and block b of 32 k, the exact sum
+// I = sum (u - zc) xq = du - zc xs; acc = fma(dx, I, acc) over a group's blocks; y = fma(scale,
+// acc, y) over the groups; then + bias. The tile unit computes the block sums for 16 columns x
+// 16 rows at once (tdpbssd / tdpbusd, groups of 4 byte products added exactly), and the float
+// epilogue runs per output in the definition's order, so the outputs are the scalar kernel's
+// bits (integer sums are exact in any order).
+//
+// Operands, per block (512 bytes each):
+// - weights, per tile pair (16 columns): 16 rows of the block's 32 codes in k order, decoded
+//   once per task from the format's 4-code groups (one register per group q, lane n = codes
+//   4q .. 4q+3 of column n) by an 8 x 16 dword transpose. Where every group's offset zc of the
+//   pair is an integer in [0, 15] the panel holds the signed codes u - zc (then tdpbssd gives I
+//   itself: one conversion and one FMA per block and output); else the unsigned u (tdpbusd,
+//   then fma(-zc, xs, du) as the definition writes it: float zero points, or integer zero
+//   points outside the packers' range, which the ops accept).
+// - activations, per 16 rows: 8 rows (4-k groups) of 16 dwords (one per row), the same
+//   transpose of the rows' int8 codes, once per 16 rows and task, with the rows' dx / xs by
+//   block.
+// The sums come out as one register per column with the 16 rows in its lanes: the rows' block
+// parameters are vector loads, the columns' offsets and scales broadcasts.
+//
+// Tile registers: 0-3 the sums of up to 4 consecutive blocks of one group, 4-5 weight tiles
+// (16 x 32 bytes), 6-7 activation tiles (8 x 64 bytes). Chunk q + 1's tile work is issued
+// before chunk q's epilogue (two sets of sums in memory). Measured on a Sapphire Rapids class
+// core the tile work and the vector epilogue barely overlap, so the epilogue's two operations per
+// block and output bound the kernel (docs/speed.md).
+//
+// A format F provides, for its Problem p (fields as tile/ref.h reads them):
+//   void decode(int64_t t, int nt, int64_t b, __m512i (&v)[8]) const: block b of tiles t,
+//     t + nt - 1 as unsigned bytes, v[q] lane n = codes 4q .. 4q+3 of column n;
+//   bool int_offsets(int64_t t, int nt, int64_t g, __m512i& off) const: the integer offsets
+//     zc in [0, 15] of the pair's columns for group g, in every byte of lane n, or false;
+//   __m512 offsets(int64_t t, int nt, int64_t g) const: the float offsets zc;
+//   void rest(int64_t t0, int64_t t1, int64_t m0, int64_t m1) const: the AVX-512 kernel, for
+//     the rows that do not fill a 16-row tile.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/gemm/tile/avx512.h"
+#include "cpu/runtime/aligned.h"
+
+namespace qk {
+namespace tile_amx {
+
+constexpr int64_t kBlock = 32;        // codes per block along k
+constexpr int64_t kPanelBlock = 512;  // one block of 16 columns or rows as a tile
+
+// ldtilecfg's 64-byte operand, palette 1: tiles 0-3 16 x 64 bytes (int32 sums), 4-5 16 x 32
+// (weight codes), 6-7 8 x 64 (activation codes).
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 32, 32, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 8, 8};
+};
+
+// The 8 x 16 dword matrix v[j][d] transposed, in pairs of rows: out[4L + s] holds row
+// d = 4L + s (dwords v[0..7][d], lower half) and row d + 8 (upper half), L = 0, 1, s = 0..3.
+inline void transpose8(const __m512i* v, __m512i* out) {
+  __m512i t[4], u[8];
+  for (int h = 0; h < 2; ++h) {  // v[0..3] into u[0..3], v[4..7] into u[4..7]
+    const __m512i* a = v + 4 * h;
+    t[0] = _mm512_unpacklo_epi32(a[0], a[1]);
+    t[1] = _mm512_unpackhi_epi32(a[0], a[1]);
+    t[2] = _mm512_unpacklo_epi32(a[2], a[3]);
+    t[3] = _mm512_unpackhi_epi32(a[2], a[3]);
+    u[4 * h + 0] = _mm512_unpacklo_epi64(t[0], t[2]);  // lane L: v[0..3][4L]
+    u[4 * h + 1] = _mm512_unpackhi_epi64(t[0], t[2]);  //         v[0..3][4L + 1]
+    u[4 * h + 2] = _mm512_unpacklo_epi64(t[1], t[3]);
+    u[4 * h + 3] = _mm512_unpackhi_epi64(t[1], t[3]);
+  }
+  const __m512i lane0 = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+  const __m512i lane1 = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  for (int s = 0; s < 4; ++s) {
+    out[s] = _mm512_permutex2var_epi64(u[s], lane0, u[4 + s]);
+    out[4 + s] = _mm512_permutex2var_epi64(u[s], lane1, u[4 + s]);
+  }
+}
+
+// zc = zc0 + z of tiles t, t + nt - 1 for group g (z = 0 without zero points) in every byte of
+// its lane, when all 16 are in [0, 15]; else false.
+inline bool int_offsets_pair(const int32_t* zeros, int zc0, int64_t ng, int64_t t, int nt,
+                             int64_t g, __m512i& off) {
+  __m512i zc = _mm512_set1_epi32(zc0);
+  if (zeros) {
+    const auto* z8 = reinterpret_cast<const uint8_t*>(zeros);
+    zc = _mm512_add_epi32(zc, tile_avx512::load_pair(z8 + 4 * (t * ng + g) * 8,
+                                                     z8 + 4 * ((t + nt - 1) * ng + g) * 8));
+  }
+  if (_mm512_cmpgt_epu32_mask(zc, _mm512_set1_epi32(15)) != 0) return false;
+  off = _mm512_mullo_epi32(zc, _mm512_set1_epi32(0x01010101));
+  return true;
+}
+
+// Blocks [0, nb) of tiles t, t + nt - 1 as weight tiles (16 rows = columns n, 32 bytes = the
+// block's codes in k order): panel[b * 512 + 32 n + 4 q + j] = code 4q + j of column n. Signed
+// codes u - zc (returns true) where every group's integer offset allows, else u (false).
+template <class F>
+bool decode_panel(const F& f, int64_t t, int nt, uint8_t* panel) {
+  const int64_t nb = f.p.k / kBlock, bpg = f.p.group / kBlock;
+  __m512i off = _mm512_setzero_si512();
+  bool is_signed = true;
+  for (int64_t g = 0; g < nb / bpg && is_signed; ++g) is_signed = f.int_offsets(t, nt, g, off);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (is_signed && b % bpg == 0) f.int_offsets(t, nt, b / bpg, off);
+    __m512i v[8], rows[8];
+    f.decode(t, nt, b, v);
+    if (is_signed)  // u - zc in [-15, 15] (a codebook's: [-127, 127]) as signed bytes
+      for (int q = 0; q < 8; ++q) v[q] = _mm512_sub_epi8(v[q], off);
+    transpose8(v, rows);
+    uint8_t* dst = panel + b * kPanelBlock;
+    for (int d = 0; d < 8; ++d) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 32 * d),
+                         _mm512_castsi512_si256(rows[d]));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 32 * (d + 8)),
+                         _mm512_extracti64x4_epi64(rows[d], 1));
+    }
+  }
+  return is_signed;
+}
+
+// Rows [m, m + 16) of the activation codes as activation tiles: a[b * 512 + 64 q + 4 r + j] =
+// xq[m + r][32 b + 4 q + j]; their block parameters by block: dxt[b * 16 + r] = dx[m + r][b],
+// xst the same.
+template <class P>
+void pack_rows(const P& p, int64_t m, int8_t* a, float* dxt, float* xst) {
+  const int64_t k = p.k, nb = k / kBlock;
+  const int8_t* x = p.xq + m * k;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i v[8], rows[8];
+    for (int r = 0; r < 8; ++r) {  // v[r]: rows r and r + 8 of the block (32-byte aligned)
+      const __m256i lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + r * k + 32 * b));
+      const __m256i hi =
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(x + (r + 8) * k + 32 * b));
+      v[r] = _mm512_inserti64x4(_mm512_zextsi256_si512(lo), hi, 1);
+    }
+    transpose8(v, rows);  // rows[q]: group q of rows 0..7, then of rows 8..15
+    for (int q = 0; q < 8; ++q) _mm512_store_si512(a + b * kPanelBlock + 64 * q, rows[q]);
+  }
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(nb)));
+  for (int64_t b = 0; b < nb; ++b) {
+    _mm512_store_ps(dxt + 16 * b, _mm512_i32gather_ps(idx, p.dx + m * nb + b, 4));
+    _mm512_store_ps(xst + 16 * b, _mm512_i32gather_ps(idx, p.xs + m * nb + b, 4));
+  }
+}
+
+// One block's sums into tile D: weight tile A (signed codes: tdpbssd, unsigned: tdpbusd) times
+// activation tile B. (A macro: the tile intrinsics take their register numbers as literals.)
+#define QK_TILE_AMX_DOT(D, A, B, w, a) \
+  do {                                 \
+    _tile_zero(D);                     \
+    _tile_loadd(A, w, 32);             \
+    _tile_loadd(B, a, 64);             \
+    if (kSigned) _tile_dpbssd(D, A, B); \
+    else _tile_dpbusd(D, A, B);        \
+  } while (0)
+
+// The block sums of `cnt` (1-4) consecutive blocks, C[n][r] (w: weight tiles, a: activation
+// tiles of the first block, each block 512 bytes on) into c[0 .. cnt).
+template <bool kSigned>
+inline void block_sums(const uint8_t* w, const int8_t* a, int64_t cnt, int32_t (*c)[256]) {
+  QK_TILE_AMX_DOT(0, 4, 6, w, a);
+  if (cnt > 1) QK_TILE_AMX_DOT(1, 5, 7, w + kPanelBlock, a + kPanelBlock);
+  if (cnt > 2) QK_TILE_AMX_DOT(2, 4, 6, w + 2 * kPanelBlock, a + 2 * kPanelBlock);
+  if (cnt > 3) QK_TILE_AMX_DOT(3, 5, 7, w + 3 * kPanelBlock, a + 3 * kPanelBlock);
+  _tile_stored(0, c[0], 64);
+  if (cnt > 1) _tile_stored(1, c[1], 64);
+  if (cnt > 2) _tile_stored(2, c[2], 64);
+  if (cnt > 3) _tile_stored(3, c[3], 64);
+}
+#undef QK_TILE_AMX_DOT
+
+// Rows [m, m + 16) (a, dxt, xst: pack_rows) x the pair's columns (w: its panel, kSigned: of
+// signed codes), every group, stored with the bias.
+template <bool kSigned, class F>
+void rows16(const F& f, const int8_t* a, const float* dxt, const float* xst, const uint8_t* w,
+            int64_t m, int64_t t, int nt) {
+  const auto& p = f.p;
+  const int64_t ng = p.k / p.group, bpg = p.group / kBlock;
+  const int64_t cpg = (bpg + 3) / 4, chunks = ng * cpg;  // chunks per group, in all
+  alignas(64) int32_t c[2][4][256];
+  alignas(64) float yt[16][16] = {};  // yt[n][r]
+  alignas(64) float zc[16], sc[16];
+  auto first = [&](int64_t q) { return q / cpg * bpg + q % cpg * 4; };
+  auto count = [&](int64_t q) { return std::min<int64_t>(4, (q / cpg + 1) * bpg - first(q)); };
+  block_sums<kSigned>(w, a, count(0), c[0]);
+  __m512 acc[16];
+  for (int64_t q = 0; q < chunks; ++q) {
+    const int64_t g = q / cpg, b0 = first(q), cnt = count(q);
+    if (q + 1 < chunks) {
+      const int64_t b1 = first(q + 1);
+      block_sums<kSigned>(w + b1 * kPanelBlock, a + b1 * kPanelBlock, count(q + 1),
+                          c[(q + 1) & 1]);
+    }
+    if (q % cpg == 0) {
+      for (int n = 0; n < 16; ++n) acc[n] = _mm512_setzero_ps();
+      if (!kSigned) _mm512_store_ps(zc, f.offsets(t, nt, g));
+    }
+    for (int64_t j = 0; j < cnt; ++j) {
+      const int32_t* sums = c[q & 1][j];
+      const __m512 dx = _mm512_load_ps(dxt + 16 * (b0 + j));
+      if (kSigned) {
+        for (int n = 0; n < 16; ++n)
+          acc[n] = _mm512_fmadd_ps(dx, _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * n)),
+                                   acc[n]);
+      } else {
+        const __m512 xs = _mm512_load_ps(xst + 16 * (b0 + j));
+        for (int n = 0; n < 16; ++n) {
+          const __m512 du = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * n));
+          const __m512 idot = _mm512_fnmadd_ps(xs, _mm512_set1_ps(zc[n]), du);
+          acc[n] = _mm512_fmadd_ps(dx, idot, acc[n]);
+        }
+      }
+    }
+    if (q % cpg == cpg - 1) {
+      _mm512_store_ps(sc, tile_avx512::params_pair(p.scales, ng, t, nt, g));
+      for (int n = 0; n < 16; ++n)
+        _mm512_store_ps(yt[n], _mm512_fmadd_ps(_mm512_set1_ps(sc[n]), acc[n],
+                                               _mm512_load_ps(yt[n])));
+    }
+  }
+  alignas(64) float ys[16][16];  // ys[r][n]
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 16; ++n) ys[r][n] = yt[n][r];
+  for (int r = 0; r < 16; ++r) tile_avx512::store_pair(p, m + r, t, nt, _mm512_load_ps(ys[r]));
+}
+
+// Tiles [t0, t1) x rows [m0, m1): every tile pair's panel first, then per 16-row tile its
+// packed rows against each pair; the rows short of a tile through f.rest.
+template <class F>
+void fast(const F& f, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
+  const auto& p = f.p;
+  const int64_t full = m0 + (m1 - m0) / 16 * 16;  // rows the tiles take
+  if (full > m0) {
+    static const TileConfig config;
+    _tile_loadconfig(&config);
+    const int64_t nb = p.k / kBlock, bytes = nb * kPanelBlock, pairs = (t1 - t0 + 1) / 2;
+    thread_local AlignedVector<uint8_t> panels;
+    thread_local AlignedVector<int8_t> rows;
+    thread_local AlignedVector<float> params;
+    thread_local std::vector<char> is_signed;  // pair i's panel holds signed codes
+    panels.resize(static_cast<size_t>(pairs * bytes));
+    rows.resize(static_cast<size_t>(bytes));
+    params.resize(static_cast<size_t>(32 * nb));
+    is_signed.resize(static_cast<size_t>(pairs));
+    for (int64_t i = 0; i < pairs; ++i) {
+      const int64_t t = t0 + 2 * i;
+      is_signed[i] = decode_panel(f, t, t1 - t >= 2 ? 2 : 1, panels.data() + i * bytes);
+    }
+    float* dxt = params.data();
+    float* xst = dxt + 16 * nb;
+    for (int64_t m = m0; m < full; m += 16) {
+      pack_rows(p, m, rows.data(), dxt, xst);
+      for (int64_t i = 0; i < pairs; ++i) {
+        const int64_t t = t0 + 2 * i;
+        const uint8_t* w = panels.data() + i * bytes;
+        const int nt = t1 - t >= 2 ? 2 : 1;
+        if (is_signed[i]) rows16<true>(f, rows.data(), dxt, xst, w, m, t, nt);
+        else rows16<false>(f, rows.data(), dxt, xst, w, m, t, nt);
+      }
+    }
+    _tile_release();
+  }
+  if (full < m1) f.rest(t0, t1, full, m1);
+}
+
+}  // namespace tile_amx
+}  // namespace qk
