@@ -54,7 +54,8 @@ def test_per_isa_table_has_a_column_per_isa():
         return dict(zip(isas, rows[0].strip("|").split("|")[3:3 + len(isas)]))
 
     # every ISA timed at M = 1, scalar included; amx only for the kernels with an AMX path
-    for name in ("qkern int4 g128 fast", "qkern W8A8 dynamic", "qkern nf4 b64 fast"):
+    for name in ("qkern int4 g128 fast", "qkern W8A8 dynamic", "qkern nf4 b64 fast",
+                 "qkern int3 g128 fast", "qkern int2 g128 fast"):
         assert all(float(c) > 0 for c in cells(name).values())
     if "amx" in isas:
         assert cells("qkern int4 g128 exact")["amx"].strip() == "-"

@@ -163,6 +163,8 @@ SHAPES = [  # M, N, K, G
     (17, 33, 1024, 32), (512, 7, 96, 32), (35, 16, 256, 128),
     # odd tile counts, 4-pair blocks of tiles and every row remainder of the AVX-512 kernels
     (2, 136, 128, 128), (5, 40, 64, 32), (7, 65, 96, 32), (13, 72, 256, 64),
+    # the amx kernel's 16-row tiles with a remainder, an odd tile, groups of 1-4 blocks
+    (40, 24, 256, 64), (33, 17, 128, 32), (16, 8, 384, 128),
 ]
 FORMATS = [(2, True), (3, True), (2, False), (3, False)]
 

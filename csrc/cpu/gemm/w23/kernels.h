@@ -39,10 +39,17 @@ struct Kernels {
 extern const Kernels kScalarKernels;  // scalar.cpp
 const Kernels* avx2_kernels();        // avx2.cpp
 const Kernels* avx512_kernels();      // avx512.cpp
+#ifdef QK_HAVE_AMX
+// The fast mode on the tile unit, the rest (and rows short of a tile) on avx512's (amx.cpp).
+const Kernels* amx_kernels();
+#else
+inline const Kernels* amx_kernels() { return nullptr; }  // the compiler has no AMX flags
+#endif
 
 // The table of the running ISA, one entry per qk::Isa (cpu/runtime/isa.h).
 inline const Kernels& kernels() {
-  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels(),
+                                   amx_kernels()};
   return pick(by_isa);
 }
 

@@ -79,7 +79,8 @@ QKERN_ROWS = (("qkern int4 g128 exact", {"fmt": "int4", "group_size": 128}),
               ("qkern ternary", {"fmt": "ternary", "group_size": None}))
 #: the rows whose kernel has a path of its own at the amx level (the others run their avx512
 #: kernel there, so an "[amx]" row of theirs would time it twice)
-AMX_ROWS = frozenset({"qkern W8A8 dynamic", "qkern int4 g128 fast", "qkern nf4 b64 fast"})
+AMX_ROWS = frozenset({"qkern W8A8 dynamic", "qkern int4 g128 fast", "qkern nf4 b64 fast",
+                      "qkern int3 g128 fast", "qkern int2 g128 fast"})
 
 
 def _peer_maker(make: Callable, first) -> Callable[[nn.Linear], Impl]:
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="qkern kernel paths to time, each as its own rows: 'all' (every ISA "
                         "this CPU has) or a comma list of scalar, avx2, avx512, amx (default: "
                         "the active one only; amx rows only for the kernels with an AMX path: "
-                        "W8A8, int4 fast, nf4 fast)")
+                        "W8A8 and the fast modes of int4, nf4, int3, int2)")
     p.add_argument("--sweep", choices=("also", "only", "no"), default="also",
                    help="the M = 1 table of layers called back to back (weights cold, code "
                         "warm, as in decode): after the main table (also), alone (only) or not")
