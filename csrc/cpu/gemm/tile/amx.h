@@ -24,10 +24,12 @@
 // parameters are vector loads, the columns' offsets and scales broadcasts.
 //
 // Tile registers: 0-3 the sums of up to 4 consecutive blocks of one group, 4-5 weight tiles
-// (16 x 32 bytes), 6-7 activation tiles (8 x 64 bytes). Chunk q + 1's tile work is issued
-// before chunk q's epilogue (two sets of sums in memory). Measured on a Sapphire Rapids class
-// core the tile work and the vector epilogue barely overlap, so the epilogue's two operations per
-// block and output bound the kernel (docs/speed.md).
+// (16 x 32 bytes), 6-7 activation tiles (8 x 64 bytes). The next chunk's tile work is issued
+// before a chunk's epilogue (two sets of sums in memory). Measured on a Sapphire Rapids class
+// VM (docs/speed.md), per block of 16 x 16 outputs: the tile work with its stores ~10 ns, the
+// epilogue (16 conversions and FMAs) ~10 ns, the two together ~21 ns: they barely overlap, and
+// bf16 tiles (tdpbf16ps, whose sums need no conversion) traded the conversions for slower tile
+// work at the same total.
 //
 // A format F provides, for its Problem p (fields as tile/ref.h reads them):
 //   void decode(int64_t t, int nt, int64_t b, __m512i (&v)[8]) const: block b of tiles t,
@@ -187,48 +189,43 @@ template <bool kSigned, class F>
 void rows16(const F& f, const int8_t* a, const float* dxt, const float* xst, const uint8_t* w,
             int64_t m, int64_t t, int nt) {
   const auto& p = f.p;
-  const int64_t ng = p.k / p.group, bpg = p.group / kBlock;
-  const int64_t cpg = (bpg + 3) / 4, chunks = ng * cpg;  // chunks per group, in all
+  const int64_t ng = p.k / p.group, bpg = p.group / kBlock, nb = p.k / kBlock;
   alignas(64) int32_t c[2][4][256];
   alignas(64) float yt[16][16] = {};  // yt[n][r]
   alignas(64) float zc[16], sc[16];
-  auto first = [&](int64_t q) { return q / cpg * bpg + q % cpg * 4; };
-  auto count = [&](int64_t q) { return std::min<int64_t>(4, (q / cpg + 1) * bpg - first(q)); };
+  // Chunks of up to 4 blocks inside each group, in order: the one at b0 has cnt blocks.
+  auto count = [&](int64_t b0) { return std::min<int64_t>(4, (b0 / bpg + 1) * bpg - b0); };
   block_sums<kSigned>(w, a, count(0), c[0]);
   __m512 acc[16];
-  for (int64_t q = 0; q < chunks; ++q) {
-    const int64_t g = q / cpg, b0 = first(q), cnt = count(q);
-    if (q + 1 < chunks) {
-      const int64_t b1 = first(q + 1);
-      block_sums<kSigned>(w + b1 * kPanelBlock, a + b1 * kPanelBlock, count(q + 1),
-                          c[(q + 1) & 1]);
-    }
-    if (q % cpg == 0) {
-      for (int n = 0; n < 16; ++n) acc[n] = _mm512_setzero_ps();
-      if (!kSigned) _mm512_store_ps(zc, f.offsets(t, nt, g));
-    }
-    for (int64_t j = 0; j < cnt; ++j) {
-      const int32_t* sums = c[q & 1][j];
-      const __m512 dx = _mm512_load_ps(dxt + 16 * (b0 + j));
-      if (kSigned) {
-        for (int n = 0; n < 16; ++n)
-          acc[n] = _mm512_fmadd_ps(dx, _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * n)),
-                                   acc[n]);
-      } else {
-        const __m512 xs = _mm512_load_ps(xst + 16 * (b0 + j));
-        for (int n = 0; n < 16; ++n) {
-          const __m512 du = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * n));
-          const __m512 idot = _mm512_fnmadd_ps(xs, _mm512_set1_ps(zc[n]), du);
-          acc[n] = _mm512_fmadd_ps(dx, idot, acc[n]);
+  int buf = 0;
+  for (int64_t g = 0; g < ng; ++g) {
+    for (int n = 0; n < 16; ++n) acc[n] = _mm512_setzero_ps();
+    if (!kSigned) _mm512_store_ps(zc, f.offsets(t, nt, g));
+    for (int64_t b0 = g * bpg; b0 < (g + 1) * bpg; b0 += 4, buf ^= 1) {
+      const int64_t cnt = count(b0), b1 = b0 + cnt;
+      if (b1 < nb)  // the next chunk's tile work before this one's epilogue
+        block_sums<kSigned>(w + b1 * kPanelBlock, a + b1 * kPanelBlock, count(b1), c[buf ^ 1]);
+      for (int64_t j = 0; j < cnt; ++j) {
+        const int32_t* sums = c[buf][j];
+        const __m512 dx = _mm512_load_ps(dxt + 16 * (b0 + j));
+        if (kSigned) {
+          for (int n = 0; n < 16; ++n)
+            acc[n] = _mm512_fmadd_ps(dx, _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * n)),
+                                     acc[n]);
+        } else {
+          const __m512 xs = _mm512_load_ps(xst + 16 * (b0 + j));
+          for (int n = 0; n < 16; ++n) {
+            const __m512 du = _mm512_cvtepi32_ps(_mm512_load_si512(sums + 16 * n));
+            const __m512 idot = _mm512_fnmadd_ps(xs, _mm512_set1_ps(zc[n]), du);
+            acc[n] = _mm512_fmadd_ps(dx, idot, acc[n]);
+          }
         }
       }
     }
-    if (q % cpg == cpg - 1) {
-      _mm512_store_ps(sc, tile_avx512::params_pair(p.scales, ng, t, nt, g));
-      for (int n = 0; n < 16; ++n)
-        _mm512_store_ps(yt[n], _mm512_fmadd_ps(_mm512_set1_ps(sc[n]), acc[n],
-                                               _mm512_load_ps(yt[n])));
-    }
+    _mm512_store_ps(sc, tile_avx512::params_pair(p.scales, ng, t, nt, g));
+    for (int n = 0; n < 16; ++n)
+      _mm512_store_ps(yt[n], _mm512_fmadd_ps(_mm512_set1_ps(sc[n]), acc[n],
+                                             _mm512_load_ps(yt[n])));
   }
   alignas(64) float ys[16][16];  // ys[r][n]
   for (int r = 0; r < 16; ++r)
