@@ -48,22 +48,13 @@
 
 #include "cpu/gemm/tile/avx512.h"
 #include "cpu/runtime/aligned.h"
+#include "cpu/runtime/amx_tiles.h"
 
 namespace qk {
 namespace tile_amx {
 
 constexpr int64_t kBlock = 32;        // codes per block along k
 constexpr int64_t kPanelBlock = 512;  // one block of 16 columns or rows as a tile
-
-// ldtilecfg's 64-byte operand, palette 1: tiles 0-3 16 x 64 bytes (int32 sums), 4-5 16 x 32
-// (weight codes), 6-7 8 x 64 (activation codes).
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 32, 32, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 8, 8};
-};
 
 // The 8 x 16 dword matrix v[j][d] transposed, in pairs of rows: out[4L + s] holds row
 // d = 4L + s (dwords v[0..7][d], lower half) and row d + 8 (upper half), L = 0, 1, s = 0..3.
@@ -240,7 +231,10 @@ void fast(const F& f, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
   const auto& p = f.p;
   const int64_t full = m0 + (m1 - m0) / 16 * 16;  // rows the tiles take
   if (full > m0) {
-    static const TileConfig config;
+    // tiles 0-3: 16 x 64 bytes (int32 sums), 4-5: 16 x 32 (weight codes), 6-7: 8 x 64
+    // (activation codes)
+    static const AmxTileConfig config({16, 16, 16, 16, 16, 16, 8, 8},
+                                      {64, 64, 64, 64, 32, 32, 64, 64});
     _tile_loadconfig(&config);
     const int64_t nb = p.k / kBlock, bytes = nb * kPanelBlock, pairs = (t1 - t0 + 1) / 2;
     thread_local AlignedVector<uint8_t> panels;

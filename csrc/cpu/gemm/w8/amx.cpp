@@ -20,19 +20,11 @@
 
 #include "cpu/gemm/w8/epilogue_avx512.h"
 #include "cpu/gemm/w8/kernels.h"
+#include "cpu/runtime/amx_tiles.h"
 
 namespace qk {
 namespace w8 {
 namespace {
-
-// ldtilecfg's 64-byte operand, palette 1: every tile 16 rows of 64 bytes.
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
 
 // Where a micro-tile reads: R activation tiles (rows a, a + 16 lda), NB weight blocks (w, w +
 // ws), `chunks` whole 64-k chunks in place, then (if at) one zero-padded tail chunk: at holds R
@@ -84,7 +76,8 @@ void s8s8_amx(const int8_t* xq, int64_t m0, int64_t m1, const int8_t* packed, in
   const int64_t steps_left = kp / 4 - 16 * chunks;        // weight 4-k steps past chunks
   const int64_t full = m0 + (m1 - m0) / 16 * 16;          // rows the tiles take
   if (full > m0) {
-    static const TileConfig config;
+    static const AmxTileConfig config({16, 16, 16, 16, 16, 16, 16, 16},  // every tile 16 x 64
+                                      {64, 64, 64, 64, 64, 64, 64, 64});
     _tile_loadconfig(&config);
     alignas(64) int8_t at[2 * 16 * 64], wt[2 * 1024];
     alignas(64) int32_t c[4][256];
