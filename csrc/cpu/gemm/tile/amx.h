@@ -121,30 +121,34 @@ bool decode_panel(const F& f, int64_t t, int nt, uint8_t* panel) {
   return is_signed;
 }
 
-// Rows [m, m + 16) of the activation codes as activation tiles: a[b * 512 + 64 q + 4 r + j] =
-// xq[m + r][32 b + 4 q + j]; their block parameters by block: dxt[b * 16 + r] = dx[m + r][b],
-// xst the same.
+// Rows [m, m + rows) (rows <= 16) of the activation codes as activation tiles, rows past
+// `rows` zero: a[b * 512 + 64 q + 4 r + j] = xq[m + r][32 b + 4 q + j]; their block parameters
+// by block: dxt[b * 16 + r] = dx[m + r][b], xst the same (0 past `rows`).
 template <class P>
-void pack_rows(const P& p, int64_t m, int8_t* a, float* dxt, float* xst) {
+void pack_rows(const P& p, int64_t m, int rows, int8_t* a, float* dxt, float* xst) {
   const int64_t k = p.k, nb = k / kBlock;
   const int8_t* x = p.xq + m * k;
+  auto row = [&](int r, int64_t b) {  // 32-byte aligned (the driver's codes, k % 32 == 0)
+    return r < rows ? _mm256_load_si256(reinterpret_cast<const __m256i*>(x + r * k + 32 * b))
+                    : _mm256_setzero_si256();
+  };
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i v[8], rows[8];
-    for (int r = 0; r < 8; ++r) {  // v[r]: rows r and r + 8 of the block (32-byte aligned)
-      const __m256i lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(x + r * k + 32 * b));
-      const __m256i hi =
-          _mm256_load_si256(reinterpret_cast<const __m256i*>(x + (r + 8) * k + 32 * b));
-      v[r] = _mm512_inserti64x4(_mm512_zextsi256_si512(lo), hi, 1);
-    }
-    transpose8(v, rows);  // rows[q]: group q of rows 0..7, then of rows 8..15
-    for (int q = 0; q < 8; ++q) _mm512_store_si512(a + b * kPanelBlock + 64 * q, rows[q]);
+    __m512i v[8], out[8];
+    for (int r = 0; r < 8; ++r)  // v[r]: rows r and r + 8 of the block
+      v[r] = _mm512_inserti64x4(_mm512_zextsi256_si512(row(r, b)), row(r + 8, b), 1);
+    transpose8(v, out);  // out[q]: group q of rows 0..7, then of rows 8..15
+    for (int q = 0; q < 8; ++q) _mm512_store_si512(a + b * kPanelBlock + 64 * q, out[q]);
   }
   const __m512i idx = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(static_cast<int>(nb)));
+  const __mmask16 valid = static_cast<__mmask16>((1u << rows) - 1);
+  const __m512 zero = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    _mm512_store_ps(dxt + 16 * b, _mm512_i32gather_ps(idx, p.dx + m * nb + b, 4));
-    _mm512_store_ps(xst + 16 * b, _mm512_i32gather_ps(idx, p.xs + m * nb + b, 4));
+    _mm512_store_ps(dxt + 16 * b,
+                    _mm512_mask_i32gather_ps(zero, valid, idx, p.dx + m * nb + b, 4));
+    _mm512_store_ps(xst + 16 * b,
+                    _mm512_mask_i32gather_ps(zero, valid, idx, p.xs + m * nb + b, 4));
   }
 }
 
@@ -175,10 +179,10 @@ inline void block_sums(const uint8_t* w, const int8_t* a, int64_t cnt, int32_t (
 #undef QK_TILE_AMX_DOT
 
 // Rows [m, m + 16) (a, dxt, xst: pack_rows) x the pair's columns (w: its panel, kSigned: of
-// signed codes), every group, stored with the bias.
+// signed codes), every group; the first `rows` stored, with the bias.
 template <bool kSigned, class F>
 void rows16(const F& f, const int8_t* a, const float* dxt, const float* xst, const uint8_t* w,
-            int64_t m, int64_t t, int nt) {
+            int64_t m, int rows, int64_t t, int nt) {
   const auto& p = f.p;
   const int64_t ng = p.k / p.group, bpg = p.group / kBlock, nb = p.k / kBlock;
   alignas(64) int32_t c[2][4][256];
@@ -221,16 +225,26 @@ void rows16(const F& f, const int8_t* a, const float* dxt, const float* xst, con
   alignas(64) float ys[16][16];  // ys[r][n]
   for (int r = 0; r < 16; ++r)
     for (int n = 0; n < 16; ++n) ys[r][n] = yt[n][r];
-  for (int r = 0; r < 16; ++r) tile_avx512::store_pair(p, m + r, t, nt, _mm512_load_ps(ys[r]));
+  for (int r = 0; r < rows; ++r)
+    tile_avx512::store_pair(p, m + r, t, nt, _mm512_load_ps(ys[r]));
 }
 
+// Rows left after the whole 16-row tiles that still take a tile of their own (zero rows
+// padding it): from 8 after whole tiles, from 12 in a call of fewer than 16 rows; fewer run on
+// the AVX-512 kernel (int4 fast 4096x4096 on 2 threads, ms, AVX-512 / AMX: M = 16 1.19 / 0.82,
+// M = 24 with its 8 rows on AVX-512 1.35, M = 32 1.20; the AVX-512 kernel's rows ~0.07 each).
+constexpr int kPadAfterTiles = 8, kPadAlone = 12;
+
 // Tiles [t0, t1) x rows [m0, m1): every tile pair's panel first, then per 16-row tile its
-// packed rows against each pair; the rows short of a tile through f.rest.
+// packed rows against each pair; the rows short of a tile padded or through f.rest.
 template <class F>
 void fast(const F& f, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
   const auto& p = f.p;
-  const int64_t full = m0 + (m1 - m0) / 16 * 16;  // rows the tiles take
-  if (full > m0) {
+  const int64_t whole = m0 + (m1 - m0) / 16 * 16;  // rows in whole tiles
+  const int left = static_cast<int>(m1 - whole);
+  const bool pad = left >= (whole > m0 ? kPadAfterTiles : kPadAlone);
+  const int64_t end = pad ? m1 : whole;  // rows on the tile unit
+  if (end > m0) {
     // tiles 0-3: 16 x 64 bytes (int32 sums), 4-5: 16 x 32 (weight codes), 6-7: 8 x 64
     // (activation codes)
     static const AmxTileConfig config({16, 16, 16, 16, 16, 16, 8, 8},
@@ -251,19 +265,20 @@ void fast(const F& f, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
     }
     float* dxt = params.data();
     float* xst = dxt + 16 * nb;
-    for (int64_t m = m0; m < full; m += 16) {
-      pack_rows(p, m, rows.data(), dxt, xst);
+    for (int64_t m = m0; m < end; m += 16) {
+      const int valid = static_cast<int>(std::min<int64_t>(16, end - m));
+      pack_rows(p, m, valid, rows.data(), dxt, xst);
       for (int64_t i = 0; i < pairs; ++i) {
         const int64_t t = t0 + 2 * i;
         const uint8_t* w = panels.data() + i * bytes;
         const int nt = t1 - t >= 2 ? 2 : 1;
-        if (is_signed[i]) rows16<true>(f, rows.data(), dxt, xst, w, m, t, nt);
-        else rows16<false>(f, rows.data(), dxt, xst, w, m, t, nt);
+        if (is_signed[i]) rows16<true>(f, rows.data(), dxt, xst, w, m, valid, t, nt);
+        else rows16<false>(f, rows.data(), dxt, xst, w, m, valid, t, nt);
       }
     }
     _tile_release();
   }
-  if (full < m1) f.rest(t0, t1, full, m1);
+  if (end < m1) f.rest(t0, t1, end, m1);
 }
 
 }  // namespace tile_amx
