@@ -13,10 +13,10 @@
 // - weights, per tile pair (16 columns): 16 rows of the block's 32 codes in k order, decoded
 //   once per task from the format's 4-code groups (one register per group q, lane n = codes
 //   4q .. 4q+3 of column n) by an 8 x 16 dword transpose. Where every group's offset zc of the
-//   pair is an integer in [0, 15] the panel holds the signed codes u - zc (then tdpbssd gives I
-//   itself: one conversion and one FMA per block and output); else the unsigned u (tdpbusd,
-//   then fma(-zc, xs, du) as the definition writes it: float zero points, or integer zero
-//   points outside the packers' range, which the ops accept).
+//   pair is an integer in [0, 15] (a codebook's: 128) the panel holds the signed codes u - zc
+//   (then tdpbssd gives I itself: one conversion and one FMA per block and output); else u
+//   (tdpbusd, then fma(-zc, xs, du) as the definition writes it: float zero points, or integer
+//   zero points outside the packers' range, which the ops accept).
 // - activations, per 16 rows: 8 rows (4-k groups) of 16 dwords (one per row), the same
 //   transpose of the rows' int8 codes, once per 16 rows and task, with the rows' dx / xs by
 //   block.
@@ -35,10 +35,11 @@
 //   void decode(int64_t t, int nt, int64_t b, __m512i (&v)[8]) const: block b of tiles t,
 //     t + nt - 1 as unsigned bytes, v[q] lane n = codes 4q .. 4q+3 of column n;
 //   bool int_offsets(int64_t t, int nt, int64_t g, __m512i& off) const: the integer offsets
-//     zc in [0, 15] of the pair's columns for group g, in every byte of lane n, or false;
+//     zc of the pair's columns for group g in every byte of lane n, when u - zc fits a signed
+//     byte for every code u (int4 / int2 / int3: zc in [0, 15]; a codebook: 128), or false;
 //   __m512 offsets(int64_t t, int nt, int64_t g) const: the float offsets zc;
 //   void rest(int64_t t0, int64_t t1, int64_t m0, int64_t m1) const: the AVX-512 kernel, for
-//     the rows that do not fill a 16-row tile.
+//     the few rows left after the 16-row tiles (kPadAfterTiles, kPadAlone below).
 #pragma once
 #include <immintrin.h>
 
@@ -230,7 +231,7 @@ void rows16(const F& f, const int8_t* a, const float* dxt, const float* xst, con
 }
 
 // Rows left after the whole 16-row tiles that still take a tile of their own (zero rows
-// padding it): from 8 after whole tiles, from 12 in a call of fewer than 16 rows; fewer run on
+// padding it): from 8 after whole tiles, from 12 in a task without one; fewer run on
 // the AVX-512 kernel (int4 fast 4096x4096 on 2 threads, ms, AVX-512 / AMX: M = 16 1.19 / 0.82,
 // M = 24 with its 8 rows on AVX-512 1.35, M = 32 1.20; the AVX-512 kernel's rows ~0.07 each).
 constexpr int kPadAfterTiles = 8, kPadAlone = 12;
