@@ -141,6 +141,7 @@ def test_decode_synth_runs_every_scheme():
     for name, _ in SCHEMES:
         row = next(r for r in out.splitlines() if r.startswith(f"| {name} |"))
         assert float(row.split("|")[4]) > 0  # decode tok/s
+        assert float(row.split("|")[8]) > 0  # prefill tok/s
 
 
 def test_python_m_qkern_bench():

@@ -11,6 +11,8 @@ token / read bandwidth measured in the same run) are printed beside it.
 llama.cpp (llama-cpp-python, where importable) runs the GGUF that ``qkern.export`` writes from
 the int4 g32 model as Q4_0 (the same codes; fp16 scales; token embeddings in Q4_0 too) with
 the same threads, timed the same way (one ``eval`` of the prompt, then one token per ``eval``).
+Prefill (prompt processing) is one forward of a 256-token prompt, all positions' logits, from
+an empty cache: ``model(ids)`` for the qkern / torch schemes, one ``eval`` for llama.cpp.
 Random weights carry no quality figure: the bench only times.
 """
 
@@ -38,6 +40,7 @@ CONFIG = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                      num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
                      max_position_embeddings=512)
 PROMPT = 16
+PREFILL = 256  # tokens of the prefill (prompt processing) forward, at most the model's context
 
 SCHEMES: list[tuple[str, dict | str | None]] = [
     ("fp32 (torch F.linear)", None),
@@ -76,7 +79,7 @@ def synthetic_llama(seed: int = 0, config: LlamaConfig = CONFIG) -> Llama:
     return model
 
 
-def _llama_cpp(model: nn.Module, threads: int, n_ctx: int, tmp: Path):
+def _llama_cpp(model: nn.Module, threads: int, n_ctx: int, n_batch: int, tmp: Path):
     """(llama_cpp.Llama over the Q4_0 export, the bytes of its Linear weights), or None
     without the package."""
     try:
@@ -87,11 +90,17 @@ def _llama_cpp(model: nn.Module, threads: int, n_ctx: int, tmp: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export(model, path, format="gguf", type="Q4_0", vocab="none")
-    llm = LlamaCpp(str(path), n_ctx=n_ctx, n_batch=PROMPT, n_threads=threads,
+    llm = LlamaCpp(str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
                    n_threads_batch=threads, logits_all=True, verbose=False)
     # bytes a decode step reads: the Linear layers' Q4_0 blocks (18 bytes per 32 weights)
     return llm, sum(m.in_features * m.out_features for m in model.modules()
                     if isinstance(m, QuantLinear)) * 18 // 32
+
+
+def llama_cpp_prefill(llm, prompt: list[int]) -> None:
+    """One ``eval`` of ``prompt`` from an empty cache (llama.cpp's prompt processing)."""
+    llm.reset()
+    llm.eval(prompt)
 
 
 def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
@@ -111,25 +120,32 @@ def run_decode_synth(threads: int, repeats: int, n_tokens: int, schemes=SCHEMES,
     torch.set_num_threads(threads)
     set_num_threads(threads)
     model = synthetic_llama(config=config)
-    prompt = torch.randint(0, config.vocab_size, (PROMPT,), generator=torch.Generator()
-                           .manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, config.vocab_size, (PROMPT,), generator=gen)
+    n_pre = min(PREFILL, config.max_position_embeddings)
+    prefill = torch.randint(0, config.vocab_size, (1, n_pre), generator=gen)
     built: dict[str, nn.Module] = {}
     for name, spec in schemes:
         built[name] = build(model, spec) if spec is not None else model
     calls = {n: (lambda m=m: m.generate(prompt, n_tokens)) for n, m in built.items()}
+    pre = {n: (lambda m=m: m(prefill)) for n, m in built.items()}
     sizes = {n: linear_weight_bytes(m) for n, m in built.items()}
     notes = {n: kernels_of(m) for n, m in built.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        cpp = _llama_cpp(built[Q4_0_SOURCE], threads, PROMPT + n_tokens + 8, Path(tmp)) \
+        cpp = _llama_cpp(built[Q4_0_SOURCE], threads, max(PROMPT + n_tokens, n_pre) + 8,
+                         max(PROMPT, n_pre), Path(tmp)) \
             if llama_cpp and Q4_0_SOURCE in built else None
         if cpp is not None:
             llm, nbytes = cpp
-            ids = prompt.tolist()
-            calls["llama.cpp Q4_0 (llama-cpp-python)"] = lambda: llama_cpp_greedy(llm, ids,
-                                                                                  n_tokens)
-            sizes["llama.cpp Q4_0 (llama-cpp-python)"] = nbytes
-            notes["llama.cpp Q4_0 (llama-cpp-python)"] = "ggml Q4_0"
+            ids, pre_ids = prompt.tolist(), prefill[0].tolist()
+            name = "llama.cpp Q4_0 (llama-cpp-python)"
+            calls[name] = lambda: llama_cpp_greedy(llm, ids, n_tokens)
+            pre[name] = lambda: llama_cpp_prefill(llm, pre_ids)
+            sizes[name] = nbytes
+            notes[name] = "ggml Q4_0"
         t, _ = time_alternating(calls, repeats, 1)
+        with torch.inference_mode():
+            t_pre, _ = time_alternating(pre, repeats, 1)
     probe = Probe.make(256 << 20)
     for _ in range(5):
         t0 = time.perf_counter()
@@ -141,14 +157,16 @@ def run_decode_synth(threads: int, repeats: int, n_tokens: int, schemes=SCHEMES,
              f"Model: synthetic Llama, {sum(p.numel() for p in model.parameters()):,} "
              f"parameters (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
              f"vocab {config.vocab_size}), random weights; decode: {n_tokens} greedy tokens "
-             f"after a {PROMPT}-token prompt, batch 1, KV cache; median of {repeats} alternating "
+             f"after a {PROMPT}-token prompt, batch 1, KV cache; prefill: one forward of a "
+             f"{n_pre}-token prompt (all positions' logits); median of {repeats} alternating "
              f"repeats. Read bandwidth (same run): {read:.1f} GB/s.", "",
              "| scheme | kernels | linear weights MB | decode tok/s | vs fp32 | roofline tok/s "
-             "| % of roofline |",
-             "|---|---|--:|--:|--:|--:|--:|"]
+             "| % of roofline | prefill tok/s | vs fp32 |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for name in calls:
         tok_s = n_tokens / t[name]
         roof = read * 1e9 / sizes[name]
         lines.append(f"| {name} | {notes[name]} | {sizes[name] / 1e6:.0f} | {tok_s:.1f} | "
-                     f"{t[base] / t[name]:.2f}x | {roof:.0f} | {100 * tok_s / roof:.0f} % |")
+                     f"{t[base] / t[name]:.2f}x | {roof:.0f} | {100 * tok_s / roof:.0f} % | "
+                     f"{n_pre / t_pre[name]:.0f} | {t_pre[base] / t_pre[name]:.2f}x |")
     return "\n".join(lines)
