@@ -87,8 +87,9 @@ inline bool int_offsets_pair(const int32_t* zeros, int zc0, int64_t ng, int64_t 
   __m512i zc = _mm512_set1_epi32(zc0);
   if (zeros) {
     const auto* z8 = reinterpret_cast<const uint8_t*>(zeros);
-    zc = _mm512_add_epi32(zc, tile_avx512::load_pair(z8 + 4 * (t * ng + g) * 8,
-                                                     z8 + 4 * ((t + nt - 1) * ng + g) * 8));
+    constexpr int64_t kRows = tile_avx512::kRows;
+    zc = _mm512_add_epi32(zc, tile_avx512::load_pair(z8 + 4 * (t * ng + g) * kRows,
+                                                     z8 + 4 * ((t + nt - 1) * ng + g) * kRows));
   }
   if (_mm512_cmpgt_epu32_mask(zc, _mm512_set1_epi32(15)) != 0) return false;
   off = _mm512_mullo_epi32(zc, _mm512_set1_epi32(0x01010101));

@@ -21,14 +21,14 @@ namespace tile_avx512 {
 
 constexpr int64_t kRows = 8;
 
-// 8 floats at a in lanes 0..7, 8 at b in lanes 8..15.
+// 8 floats at a in lanes 0..7, 8 at b in lanes 8..15. (The zero-masking forms: GCC 12 builds
+// the plain ones from _mm512_undefined_*() and reports it as maybe-uninitialized.)
 inline __m512 load_pair(const float* a, const float* b) {
-  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(b), 1);
+  return _mm512_maskz_insertf32x8(0xFFFF, _mm512_maskz_loadu_ps(0xFF, a), _mm256_loadu_ps(b), 1);
 }
 inline __m512i load_pair(const uint8_t* a, const uint8_t* b) {
-  return _mm512_inserti64x4(
-      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+  return _mm512_maskz_inserti64x4(0xFF, _mm512_maskz_loadu_epi32(0xFF, a),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
 }
 
 // The per-row parameters (scales, zero points: 8 per tile and group, index (t * ng + g) * 8 + r)
@@ -48,7 +48,7 @@ inline __m512 offsets_pair(const float* zeros_f, const int32_t* zeros, float zc0
   const auto* z8 = reinterpret_cast<const uint8_t*>(zeros);
   const __m512i z =
       load_pair(z8 + 4 * (t * ng + g) * kRows, z8 + 4 * ((t + nt - 1) * ng + g) * kRows);
-  return _mm512_add_ps(base, _mm512_cvtepi32_ps(z));
+  return _mm512_add_ps(base, _mm512_maskz_cvtepi32_ps(0xFFFF, z));
 }
 
 // y[m][8t .. 8t + 8 nt) = v (+ bias), the rows past N dropped.

@@ -35,14 +35,6 @@ constexpr int64_t kPrefetch = 8192;  // bytes ahead in the packed stream of a ti
 // int3 1.15-1.27x and int2 1.0-1.17x the 8 KiB / T0 above; 32 KiB / T1 between the two.
 constexpr int64_t kGemvPrefetch = 16384;
 
-template <bool kTwo>
-inline __m512 load2f(const float* p0, const float* p1) {
-  if constexpr (kTwo)
-    return _mm512_maskz_insertf32x8(kAll, _mm512_maskz_loadu_ps(0xFF, p0),
-                                    _mm256_loadu_ps(p1), 1);
-  else return _mm512_maskz_loadu_ps(0xFF, p0);
-}
-
 // The lines of one block kPrefetch bytes ahead (a 2-bit block is one 64-byte line).
 template <int BITS>
 inline void prefetch_block(const uint8_t* blk) {
@@ -60,17 +52,15 @@ struct Pair {
   const uint8_t* blk1(int64_t b) const { return p.packed + ((t + 1) * nb + b) * tbb; }
   int64_t par0(int64_t g) const { return (t * ng + g) * kW23Rows; }
   int64_t par1(int64_t g) const { return ((t + 1) * ng + g) * kW23Rows; }
+  // The scales / code offsets zc = float(-qmin) + float(z) (the float zero points if given)
+  // of the pair's rows (tile t's alone in both halves when !kTwo: the upper lanes are dropped).
   template <bool kTwo>
-  __m512 scales(int64_t g) const { return load2f<kTwo>(p.scales + par0(g), p.scales + par1(g)); }
-  // zc = float(-qmin) + float(z) of the pair's rows (the float zero points if given).
+  __m512 scales(int64_t g) const {
+    return tile_avx512::params_pair(p.scales, ng, t, kTwo ? 2 : 1, g);
+  }
   template <bool kTwo>
   __m512 offsets(int64_t g) const {
-    if (p.zeros_f) return load2f<kTwo>(p.zeros_f + par0(g), p.zeros_f + par1(g));
-    const __m512 zc0 = _mm512_set1_ps(p.zc0);
-    if (!p.zeros) return zc0;
-    const auto* z = reinterpret_cast<const uint8_t*>(p.zeros);
-    const __m512i zi = load2<kTwo>(z + 4 * par0(g), z + 4 * par1(g));
-    return _mm512_add_ps(zc0, cvt(zi));
+    return tile_avx512::offsets_pair(p.zeros_f, p.zeros, p.zc0, ng, t, kTwo ? 2 : 1, g);
   }
   __m256 offsets8(int64_t g) const {  // offsets() of tile t alone
     if (p.zeros_f) return _mm256_loadu_ps(p.zeros_f + par0(g));

@@ -105,8 +105,7 @@ def llama_cpp_prefill(llm, prompt: list[int]) -> None:
 
 def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
     """Greedy decode of ``n`` tokens by llama-cpp-python after ``prompt`` (from an empty cache)."""
-    llm.reset()
-    llm.eval(prompt)
+    llama_cpp_prefill(llm, prompt)
     out = []
     for _ in range(n):
         nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
