@@ -56,14 +56,16 @@ def ref_w8a8(x, codes, sw, bias):
     return y.astype(np.float32)
 
 
-def w8a16_bound(x, codes, sw, bias):
+def w8a16_bound(x, codes, sw, bias, isa=None):
     """|y - exact| <= (K + 4) u (s * sum_k |x q| + |b|): float32 summation of K products
-    (gamma_K), then the scale multiply and the bias add (docs/numerics.md)."""
+    (gamma_K), then the scale multiply and the bias add (docs/numerics.md). The amx level from
+    16 rows (x split into three bfloat16 pieces, tile sums hi and lo): (K + 3K/256 + 4) u."""
     k = codes.shape[1]
     mag = np.abs(x.astype(np.float64)) @ np.abs(codes.astype(np.float64)).T * np.abs(sw)[None, :]
     if bias is not None:
         mag = mag + np.abs(bias.astype(np.float64))[None, :]
-    return (k + 4) * U * mag + 1e-45
+    terms = k + 4 + (3 * k / 256 if isa == "amx" and x.shape[0] >= 16 else 0)
+    return terms * U * mag + 1e-45
 
 
 def ref_w8a16(x, codes, sw, bias):
@@ -222,7 +224,8 @@ def test_tiles_vs_reference_and_scalar(isa):
             np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
             np.testing.assert_array_equal(got.view(np.uint32), scalar.view(np.uint32))
             y = run(OPS.gemm_w8a16, x, codes, sw, b, isa, threads)
-            assert np.all(np.abs(y - ref_w8a16(x, codes, sw, b)) <= w8a16_bound(x, codes, sw, b))
+            bound = w8a16_bound(x, codes, sw, b, isa)
+            assert np.all(np.abs(y - ref_w8a16(x, codes, sw, b)) <= bound)
 
 
 @pytest.mark.parametrize("m,n,k", TAILS[::7] + [(8, 40, 4096), (100, 33, 300), (1, 4100, 4)])
@@ -289,7 +292,7 @@ def test_w8a16_vs_float64(m, n, k, isa):
         k = 256
     for bias in (True, False):
         x, codes, sw, b = make(m, n, k, seed=m + n + k, bias=bias)
-        exact, bound = ref_w8a16(x, codes, sw, b), w8a16_bound(x, codes, sw, b)
+        exact, bound = ref_w8a16(x, codes, sw, b), w8a16_bound(x, codes, sw, b, isa)
         first = None
         for threads in (1, 2):
             got = run(OPS.gemm_w8a16, x, codes, sw, b, isa, threads)
@@ -314,13 +317,62 @@ def test_w8a16_half_inputs_and_leading_dims():
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_w8a16_nonfinite_propagates_per_row(isa):
-    x, codes, sw, b = make(8, 33, 64, seed=2)
+    x, codes, sw, b = make(40, 33, 64, seed=2)
     x[2, 7] = np.nan
     x[5, 63] = np.inf
-    for m in (1, 3, 8):  # GEMV (1 and 3 rows) and panel kernels
+    x[21, 0] = -np.inf
+    for m in (1, 3, 8, 40):  # GEMV (1 and 3 rows), panel kernels, amx tiles (16 rows up)
         y = run(OPS.gemm_w8a16, x[:m], codes, sw, b, isa)
         finite = np.isfinite(y).all(axis=1)
-        assert finite.tolist() == [i not in (2, 5) for i in range(m)]
+        assert finite.tolist() == [i not in (2, 5, 21) for i in range(m)]
+
+
+def g_sub(k, seed):
+    """k float32 subnormals of both signs."""
+    g = np.random.default_rng(seed)
+    return (g.uniform(-1, 1, k) * 2.0**-127).astype(np.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k", [(16, 64), (37, 1000), (48, 33)])
+def test_w8a16_rows_out_of_the_tiles_range(isa, m, k):
+    """Rows with values the amx level's bfloat16 pieces cannot carry (subnormal pieces are
+    flushed by the tile unit) go to the AVX-512 kernel: tiny, subnormal and huge values, alone
+    or among ordinary ones, keep the float32 bound relative to their own magnitude."""
+    x, codes, sw, b = make(m, 40, k, seed=m + k, bias=False)
+    x[0] *= np.float32(1e-37)                      # pieces below float32's normal range
+    x[1] = g_sub(k, m)                              # subnormals only
+    x[7, :3] = [1e-42, -3e-39, 5e-45]             # subnormals among ordinary values
+    x[8] *= np.float32(1e-25)                      # every value below 2^-64
+    x[2] *= np.float32(1e25)                       # above 2^64
+    x[3, 5] = np.float32(2.0**-64)                 # the range's edges stay in the tiles
+    x[4, 6] = np.float32(-(2.0**64))
+    x[5] = 0.0
+    x[6, 1::2] = 0.0
+    for threads in (1, 2):
+        y = run(OPS.gemm_w8a16, x, codes, sw, b, isa, threads)
+        err = np.abs(y - ref_w8a16(x, codes, sw, b))
+        assert np.all(err <= w8a16_bound(x, codes, sw, b, isa)), err.max()
+        np.testing.assert_array_equal(y[5], np.zeros(40, np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_w8a16_one_hot_rows_exact(isa):
+    """One nonzero activation per row and power-of-two weights: every path returns
+    float32(float32(x q) * s), bit for bit. On the amx level that needs all 24 bits of x from
+    its three bfloat16 pieces (values spread over the whole mantissa)."""
+    m, n, k = 48, 33, 96
+    g = np.random.default_rng(11)
+    mant = g.integers(2**23, 2**24, m).astype(np.float64)
+    vals = (mant * 2.0 ** g.integers(-40, 10, m) * g.choice([-1, 1], m)).astype(np.float32)
+    at = g.integers(0, k, m)
+    x = np.zeros((m, k), np.float32)
+    x[np.arange(m), at] = vals
+    codes = (g.choice([-1, 1], (n, k)) * 2 ** g.integers(0, 7, (n, k))).astype(np.int8)
+    sw = g.uniform(1e-3, 2e-2, n).astype(np.float32)
+    want = (vals[:, None] * codes[:, at].T.astype(np.float32)).astype(np.float32) * sw[None, :]
+    got = run(OPS.gemm_w8a16, x, codes, sw, None, isa)
+    np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -106,6 +106,19 @@ bool cpu_has_amx() {
 #endif
 }
 
+bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) && defined(QK_HAVE_AMX_BF16)
+  static const bool usable = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return cpu_has_amx() && cpu_has_avx512_bf16() && __get_cpuid_count(7, 0, &a, &b, &c, &d) &&
+           ((d >> 22) & 1);  // AMX-BF16
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
 Isa active_isa() {
   int v = g_isa.load();
   if (v < 0) {

@@ -29,6 +29,9 @@ bool cpu_has_avx512_vbmi();  // the avx512 level + AVX512_VBMI (vpermb, vpmultis
 // arch_prctl(ARCH_REQ_XCOMP_PERM) granting this process the tile data (asked once, here).
 // False in a build whose compiler lacked the AMX flags (no amx.cpp was compiled).
 bool cpu_has_amx();
+// cpu_has_amx() + AMX-BF16 (tdpbf16ps) + AVX512_BF16, and a build whose compiler had their flags:
+// the amx level's float-activation kernels (gemm/tile/bf16x3.h) run only where this says so.
+bool cpu_has_amx_bf16();
 Isa active_isa();       // what the kernels use now
 void set_isa(Isa isa);  // the highest supported ISA <= isa
 

@@ -120,10 +120,10 @@ void s8s8_amx(const int8_t* xq, int64_t m0, int64_t m1, const int8_t* packed, in
   }
 }
 
-// The float-activation product (W8A16) stays on the AVX-512 kernel. No per-call row sums
-// (xsums): the tiles take signed codes as they are, and the few rows left to the AVX-512
-// kernel get theirs above.
-const Kernels kAmxKernels = {s8s8_amx, f32_avx512, nullptr};
+// The float-activation product (W8A16): f32_amx.cpp from 16 rows up, else the AVX-512 kernel.
+// No per-call row sums (xsums): the tiles take signed codes as they are, and the few rows left
+// to the AVX-512 kernel get theirs above.
+const Kernels kAmxKernels = {s8s8_amx, f32_avx512, nullptr, f32_call_amx};
 }  // namespace
 
 const Kernels* amx_kernels() { return &kAmxKernels; }

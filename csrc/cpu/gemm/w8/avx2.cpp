@@ -259,7 +259,7 @@ void f32_avx2(const float* x, int64_t m0, int64_t m1, const int8_t* packed, int6
   }
 }
 
-const Kernels kAvx2Kernels = {s8s8_avx2, f32_avx2, nullptr};
+const Kernels kAvx2Kernels = {s8s8_avx2, f32_avx2, nullptr, nullptr};
 
 }  // namespace
 

@@ -151,7 +151,7 @@ void xsums_avx512(const int8_t* xq, int64_t m, int64_t k, int32_t* out) {
 }
 
 namespace {
-const Kernels kAvx512Kernels = {s8s8_avx512, f32_avx512, xsums_avx512};
+const Kernels kAvx512Kernels = {s8s8_avx512, f32_avx512, xsums_avx512, nullptr};
 }  // namespace
 
 const Kernels* avx512_kernels() { return &kAvx512Kernels; }

@@ -31,6 +31,11 @@ struct Kernels {
   // Per-row activation sums s8s8 needs (W8Out::xsum), computed once per call for rows [0, m);
   // null when it needs none.
   void (*xsums)(const int8_t* xq, int64_t m, int64_t k, int32_t* out);
+  // The whole float-activation product (all m rows, all columns) where the level has a
+  // call-wide path for it (amx: f32_call_amx); returns false to leave the call to f32. Null
+  // elsewhere.
+  bool (*f32_call)(const float* x, int64_t m, const int8_t* packed, int64_t n, int64_t k,
+                   const W8Out& out);
 };
 
 extern const Kernels kScalarKernels;  // scalar.cpp
@@ -51,6 +56,12 @@ void xsums_avx512(const int8_t* xq, int64_t m, int64_t k, int32_t* out);
 // The AVX-512 float-activation kernel (f32_avx512.cpp), an entry of avx512_kernels().
 void f32_avx512(const float* x, int64_t m0, int64_t m1, const int8_t* packed, int64_t k,
                 int64_t b0, int64_t b1, const W8Out& out);
+
+#ifdef QK_HAVE_AMX
+// The amx level's W8A16 from 16 rows up, where cpu_has_amx_bf16() (f32_amx.cpp).
+bool f32_call_amx(const float* x, int64_t m, const int8_t* packed, int64_t n, int64_t k,
+                  const W8Out& out);
+#endif
 
 // The table of the running ISA, one entry per qk::Isa (cpu/runtime/isa.h).
 inline const Kernels& kernels() {

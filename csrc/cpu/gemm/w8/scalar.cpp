@@ -55,7 +55,7 @@ void f32_scalar(const float* x, int64_t m0, int64_t m1, const int8_t* packed, in
 
 }  // namespace
 
-const Kernels kScalarKernels = {s8s8_scalar, f32_scalar, nullptr};
+const Kernels kScalarKernels = {s8s8_scalar, f32_scalar, nullptr, nullptr};
 
 }  // namespace w8
 }  // namespace qk

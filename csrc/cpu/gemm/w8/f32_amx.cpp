@@ -1,0 +1,123 @@
+// The amx level's W8A16 (float activations x int8 weights) from 16 rows up: the tile unit's
+// bfloat16 products at float32 accuracy (gemm/tile/bf16x3.h: each activation split into three
+// bfloat16 pieces, int8 codes exact in bfloat16). Per call, in slabs of kSlab rows: the slab's
+// rows are split once (in parallel), then tiles of 128 rows x up to 8 column blocks run the
+// tile kernel, whose weight panels convert 32 columns x 512 k of codes at a time. Rows the split
+// flags (NaN, Inf, or values outside [2^-64, 2^64]) are then recomputed on the AVX-512 kernel.
+// Each output is a float32 sum within (K + 3K/256 + 4) u of the exact one (docs/numerics.md).
+#include "cpu/gemm/w8/kernels.h"
+
+#ifdef QK_HAVE_AMX_BF16
+// GCC 12's unmasked AVX-512 intrinsics start from _mm512_undefined_*() and report it as
+// maybe-uninitialized once inlined (a false positive: every lane is written).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/gemm/tile/bf16x3.h"
+#include "cpu/gemm/w8/epilogue_avx512.h"
+#include "cpu/gemm/w8/kernels.h"
+#include "cpu/gemm/w8/run_tiles.h"
+#include "cpu/runtime/aligned.h"
+#include "cpu/runtime/isa.h"
+#include "cpu/runtime/threadpool.h"
+
+namespace qk {
+namespace w8 {
+namespace {
+
+using tile_bf16x3::kTile;
+
+constexpr int64_t kSlab = 512;  // rows split at a time (512 x 4096 k: 12 MiB of pieces)
+
+// The packed codes (api.h) as a bf16x3 format: one group (the per-column scale after the sum).
+struct W8Format {
+  const int8_t* packed;
+  int64_t n, k, group, kp;
+  const W8Out* out;
+
+  // Step s of block b, tile rows 2q, 2q + 1 from the 4-k step 8s + q (16 columns x 4 codes):
+  // the 64 codes as bfloat16 in order, then the even / odd dwords (k pairs 4q, 4q + 2).
+  void decode(int64_t c0, int64_t s0, int64_t s1, uint16_t* w) const {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const int64_t nb = w8_padded_n(n) / kW8BlockN, quads = kp / 4;
+    for (int j = 0; j < 2; ++j) {
+      const int64_t b = c0 / kW8BlockN + j;
+      const int8_t* blk = packed + b * kW8BlockN * kp;
+      for (int64_t s = s0; s < s1; ++s) {
+        uint16_t* dst = w + ((s - s0) * 2 + j) * kTile;
+        for (int64_t q = 0; q < 8; ++q) {
+          const int64_t qq = 8 * s + q;
+          if (b >= nb || qq >= quads) {
+            _mm512_storeu_si512(dst + 64 * q, _mm512_setzero_si512());
+            _mm512_storeu_si512(dst + 64 * q + 32, _mm512_setzero_si512());
+            continue;
+          }
+          __m512 f[4];
+          for (int i = 0; i < 4; ++i)
+            f[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 64 * qq + 16 * i))));
+          const __m512i lo = tile_bf16x3::to_bf16(f[0], f[1]), hi = tile_bf16x3::to_bf16(f[2], f[3]);
+          _mm512_storeu_si512(dst + 64 * q, _mm512_permutex2var_epi32(lo, even, hi));
+          _mm512_storeu_si512(dst + 64 * q + 32, _mm512_permutex2var_epi32(lo, odd, hi));
+        }
+      }
+    }
+  }
+  __m512 scale(int64_t c, int64_t) const { return _mm512_loadu_ps(out->sw + c); }
+  // y = fma(sw, c, 0) = c * sw (w8a16_value), then + bias.
+  void store(int64_t row, int64_t c, __m512 y, __mmask16 keep) const {
+    if (out->bias) y = _mm512_add_ps(y, _mm512_loadu_ps(out->bias + c));
+    _mm512_mask_storeu_ps(out->y + row * out->n + c, keep, y);
+  }
+};
+
+}  // namespace
+
+bool f32_call_amx(const float* x, int64_t m, const int8_t* packed, int64_t n, int64_t k,
+                  const W8Out& out) {
+  if (m < 16 || !cpu_has_amx_bf16()) return false;
+  const int64_t ns = tile_bf16x3::steps(k);
+  const W8Format fmt{packed, n, k, k, w8_padded_k(k), &out};
+  AlignedVector<uint16_t> a(static_cast<size_t>(tile_bf16x3::split_size(std::min(m, kSlab), k)));
+  std::vector<uint8_t> bad(static_cast<size_t>(std::min(m, kSlab)));
+  for (int64_t r0 = 0; r0 < m; r0 += kSlab) {
+    const int64_t r1 = std::min(m, r0 + kSlab), nrt = tile_bf16x3::row_tiles(r1 - r0);
+    std::vector<int64_t> nbad(static_cast<size_t>(nrt));
+    auto split_tile = [&](int64_t t) {
+      const int64_t t0 = r0 + 16 * t, t1 = std::min(r1, t0 + 16);
+      nbad[t] = tile_bf16x3::split(x, k, t0, t1, a.data() + t * ns * 3 * kTile, bad.data() + 16 * t);
+    };
+    if (pool_threads() == 1 || (r1 - r0) * k < kMinParallelMacs) {
+      for (int64_t t = 0; t < nrt; ++t) split_tile(t);
+    } else {
+      parallel_for(nrt, split_tile);
+    }
+    run_tiles(r1 - r0, n, k, 128, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
+      tile_bf16x3::gemm(fmt, a.data() + (m0 / 16) * ns * 3 * kTile, ns, r0 + m0, m1 - m0,
+                        b0 * kW8BlockN, b1 * kW8BlockN);
+    });
+    for (int64_t t = 0; t < nrt; ++t) {
+      if (!nbad[t]) continue;
+      for (int64_t i = 16 * t; i < std::min(r1 - r0, 16 * t + 16); ++i)
+        if (bad[i]) f32_avx512(x, r0 + i, r0 + i + 1, packed, k, 0, w8_padded_n(n) / kW8BlockN, out);
+    }
+  }
+  return true;
+}
+
+}  // namespace w8
+}  // namespace qk
+
+#else  // a compiler without the AMX-BF16 flags: the AVX-512 kernel runs every call
+
+bool qk::w8::f32_call_amx(const float*, int64_t, const int8_t*, int64_t, int64_t,
+                          const W8Out&) {
+  return false;
+}
+
+#endif
