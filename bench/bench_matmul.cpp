@@ -365,7 +365,7 @@ BENCHMARK(BM_vq_d4_256_per_layer)->Apply(DecodeShapes);
 BENCHMARK(BM_vq_d2_16_per_16_rows)->Apply(DecodeShapes);
 BENCHMARK(BM_vq8_d4_256_per_layer)->Apply(DecodeShapes);
 BENCHMARK(BM_vq8_d2_16_per_16_rows)->Apply(DecodeShapes);
-BENCHMARK(BM_fp8_e4m3_channel)->Apply(Shapes);
+BENCHMARK(BM_fp8_e4m3_channel)->Apply(ShapesWithAmx);
 BENCHMARK(BM_w8a8)->Apply(ShapesWithAmx);
 BENCHMARK(BM_w8a16)->Apply(ShapesWithAmx);
 BENCHMARK(BM_binary)->Apply(Shapes);

@@ -284,7 +284,7 @@ void gemm_avx2(const Fp8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
   else gemm<kFp8E5M2>(a, m0, m1, n0, n1);
 }
 
-const Kernels kAvx2Kernels = {gemm_avx2};
+const Kernels kAvx2Kernels = {gemm_avx2, nullptr};
 
 }  // namespace
 

@@ -200,7 +200,7 @@ void gemm_avx512(const Fp8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n
   else gemv<kFp8E5M2>(a, m0, m1, n0, n1);
 }
 
-const Kernels kAvx512Kernels = {gemm_avx512};
+const Kernels kAvx512Kernels = {gemm_avx512, nullptr};
 
 }  // namespace
 

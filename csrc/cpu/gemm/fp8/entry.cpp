@@ -21,7 +21,9 @@ void gemm_fp8(const float* x, int64_t m, const uint8_t* w, const float* scales,
               const float* bias, int64_t n, int64_t k, int64_t group, int fmt, float* y) {
   if (m <= 0 || n <= 0) return;
   const fp8::Fp8Args a{x, w, scales, bias, y, m, n, k, group, fmt};
-  auto* kernel = fp8::kernels().gemm;
+  const auto& table = fp8::kernels();
+  if (table.call && table.call(a)) return;
+  auto* kernel = table.gemm;
   const int threads = pool_threads();
   if (threads == 1 || m * n * k < kMinParallelMacs) {
     kernel(a, 0, m, 0, n);

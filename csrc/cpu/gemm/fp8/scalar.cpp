@@ -28,7 +28,7 @@ void gemm_scalar(const Fp8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n
 
 }  // namespace
 
-const Kernels kScalarKernels = {gemm_scalar};
+const Kernels kScalarKernels = {gemm_scalar, nullptr};
 
 }  // namespace fp8
 }  // namespace qk

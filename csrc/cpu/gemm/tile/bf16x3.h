@@ -34,14 +34,16 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/runtime/aligned.h"
 #include "cpu/runtime/amx_tiles.h"
+#include "cpu/runtime/threadpool.h"
 
 namespace qk {
 namespace tile_bf16x3 {
 
 constexpr int64_t kStep = 32;        // k per tile step
 constexpr int64_t kTile = 512;       // bfloat16 values per 16 x 64-byte tile
-constexpr int64_t kPanelSteps = 8;  // steps per weight panel at most (512 k: 2 x 16 KiB)
+constexpr int64_t kPanelSteps = 8;  // steps per weight panel at most (256 k: 2 x 8 KiB a pair)
 
 inline int64_t steps(int64_t k) { return (k + kStep - 1) / kStep; }
 inline int64_t row_tiles(int64_t rows) { return (rows + 15) / 16; }
@@ -54,6 +56,32 @@ inline __m512i to_bf16(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_p
 inline __m512 from_bf16(__m512i v, int h) {
   const __m256i half = h ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// One weight tile from its 16 columns' 32 bfloat16 each (r[n]: column n's k values in order):
+// tile row q (k pair q) = dword q of every column, a 16 x 16 dword transpose.
+inline void store_columns(__m512i (&r)[16], uint16_t* dst) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {  // lanes: [a0 b0 a1 b1], [a2 b2 a3 b3] per 128 bits
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + j], lane L: columns 4i .. 4i + 3 at k pair 4L + j
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // a 4 x 4 transpose of 128-bit lanes
+    const __m512i p0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44);
+    const __m512i p1 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512i p2 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
+    const __m512i p3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
+    _mm512_storeu_si512(dst + 32 * j, _mm512_shuffle_i32x4(p0, p1, 0x88));
+    _mm512_storeu_si512(dst + 32 * (4 + j), _mm512_shuffle_i32x4(p0, p1, 0xDD));
+    _mm512_storeu_si512(dst + 32 * (8 + j), _mm512_shuffle_i32x4(p2, p3, 0x88));
+    _mm512_storeu_si512(dst + 32 * (12 + j), _mm512_shuffle_i32x4(p2, p3, 0xDD));
+  }
 }
 
 // Rows [r0, r1) of x (row stride k) into activation tiles `a` (split_size(r1 - r0, k) values;
@@ -192,6 +220,48 @@ void gemm(const F& f, const uint16_t* a, int64_t ns, int64_t row0, int64_t rows,
           f.store(row0 + 16 * rt + t, col,
                   _mm512_loadu_ps(ybuf.data() + ((cp * nrt + rt) * 16 + t) * 32 + 16 * j), keep);
         }
+}
+
+// A whole call, m rows of x (row stride k) x the format's n columns: in slabs of kSlab rows,
+// the slab's rows are split once (16-row tiles in parallel), then tasks of up to 128 rows x
+// 128 columns (about 4 per thread at least) run gemm(); then rerun(row) for each row split()
+// flagged. Each output is computed by one task, whole, so the thread count changes nothing.
+constexpr int64_t kSlab = 512;  // rows split at a time (512 x 4096 k: 12 MiB of pieces)
+
+template <typename F, typename Rerun>
+void run_call(const F& f, const float* x, int64_t m, Rerun rerun) {
+  const int64_t k = f.k, n = f.n, ns = steps(k);
+  const int threads = pool_threads();
+  AlignedVector<uint16_t> a(static_cast<size_t>(split_size(std::min(m, kSlab), k)));
+  std::vector<uint8_t> bad(static_cast<size_t>(std::min(m, kSlab)));
+  for (int64_t r0 = 0; r0 < m; r0 += kSlab) {
+    const int64_t r1 = std::min(m, r0 + kSlab), rows = r1 - r0, nrt = row_tiles(rows);
+    std::vector<int64_t> nbad(static_cast<size_t>(nrt));
+    auto split_tile = [&](int64_t t) {
+      const int64_t t0 = r0 + 16 * t, t1 = std::min(r1, t0 + 16);
+      nbad[t] = split(x, k, t0, t1, a.data() + t * ns * 3 * kTile, bad.data() + 16 * t);
+    };
+    const int64_t mt = (rows + 127) / 128, pairs = (n + 31) / 32;
+    const int64_t cpt = std::max<int64_t>(1, std::min<int64_t>(4, pairs * mt / (4 * threads)));
+    const int64_t nt = (pairs + cpt - 1) / cpt;
+    auto task = [&](int64_t c) {
+      const int64_t i0 = (c % mt) * 128, p0 = (c / mt) * cpt;
+      gemm(f, a.data() + (i0 / 16) * ns * 3 * kTile, ns, r0 + i0, std::min<int64_t>(128, rows - i0),
+           32 * p0, std::min(n, 32 * (p0 + cpt)));
+    };
+    if (threads == 1) {
+      for (int64_t t = 0; t < nrt; ++t) split_tile(t);
+      for (int64_t c = 0; c < mt * nt; ++c) task(c);
+    } else {
+      parallel_for(nrt, split_tile);
+      parallel_for(mt * nt, task);
+    }
+    for (int64_t t = 0; t < nrt; ++t) {
+      if (!nbad[t]) continue;
+      for (int64_t i = 16 * t; i < std::min(rows, 16 * t + 16); ++i)
+        if (bad[i]) rerun(r0 + i);
+    }
+  }
 }
 
 }  // namespace tile_bf16x3

@@ -1,9 +1,8 @@
 // The amx level's W8A16 (float activations x int8 weights) from 16 rows up: the tile unit's
 // bfloat16 products at float32 accuracy (gemm/tile/bf16x3.h: each activation split into three
-// bfloat16 pieces, int8 codes exact in bfloat16). Per call, in slabs of kSlab rows: the slab's
-// rows are split once (in parallel), then tiles of 128 rows x up to 8 column blocks run the
-// tile kernel, whose weight panels convert 32 columns x 512 k of codes at a time. Rows the split
-// flags (NaN, Inf, or values outside [2^-64, 2^64]) are then recomputed on the AVX-512 kernel.
+// bfloat16 pieces, int8 codes exact in bfloat16; tile_bf16x3::run_call splits the rows and
+// the tasks), the weight panels converting 32 columns x 256 k of codes at a time. Rows the split
+// flags (NaN, Inf, or values outside [2^-64, 2^64]) are recomputed on the AVX-512 kernel.
 // Each output is a float32 sum within (K + 3K/256 + 4) u of the exact one (docs/numerics.md).
 #include "cpu/gemm/w8/kernels.h"
 
@@ -19,18 +18,13 @@
 #include "cpu/gemm/tile/bf16x3.h"
 #include "cpu/gemm/w8/epilogue_avx512.h"
 #include "cpu/gemm/w8/kernels.h"
-#include "cpu/gemm/w8/run_tiles.h"
-#include "cpu/runtime/aligned.h"
 #include "cpu/runtime/isa.h"
-#include "cpu/runtime/threadpool.h"
 
 namespace qk {
 namespace w8 {
 namespace {
 
 using tile_bf16x3::kTile;
-
-constexpr int64_t kSlab = 512;  // rows split at a time (512 x 4096 k: 12 MiB of pieces)
 
 // The packed codes (api.h) as a bf16x3 format: one group (the per-column scale after the sum).
 struct W8Format {
@@ -81,32 +75,10 @@ struct W8Format {
 bool f32_call_amx(const float* x, int64_t m, const int8_t* packed, int64_t n, int64_t k,
                   const W8Out& out) {
   if (m < 16 || !cpu_has_amx_bf16()) return false;
-  const int64_t ns = tile_bf16x3::steps(k);
-  const W8Format fmt{packed, n, k, k, w8_padded_k(k), &out};
-  AlignedVector<uint16_t> a(static_cast<size_t>(tile_bf16x3::split_size(std::min(m, kSlab), k)));
-  std::vector<uint8_t> bad(static_cast<size_t>(std::min(m, kSlab)));
-  for (int64_t r0 = 0; r0 < m; r0 += kSlab) {
-    const int64_t r1 = std::min(m, r0 + kSlab), nrt = tile_bf16x3::row_tiles(r1 - r0);
-    std::vector<int64_t> nbad(static_cast<size_t>(nrt));
-    auto split_tile = [&](int64_t t) {
-      const int64_t t0 = r0 + 16 * t, t1 = std::min(r1, t0 + 16);
-      nbad[t] = tile_bf16x3::split(x, k, t0, t1, a.data() + t * ns * 3 * kTile, bad.data() + 16 * t);
-    };
-    if (pool_threads() == 1 || (r1 - r0) * k < kMinParallelMacs) {
-      for (int64_t t = 0; t < nrt; ++t) split_tile(t);
-    } else {
-      parallel_for(nrt, split_tile);
-    }
-    run_tiles(r1 - r0, n, k, 128, [&](int64_t m0, int64_t m1, int64_t b0, int64_t b1) {
-      tile_bf16x3::gemm(fmt, a.data() + (m0 / 16) * ns * 3 * kTile, ns, r0 + m0, m1 - m0,
-                        b0 * kW8BlockN, b1 * kW8BlockN);
-    });
-    for (int64_t t = 0; t < nrt; ++t) {
-      if (!nbad[t]) continue;
-      for (int64_t i = 16 * t; i < std::min(r1 - r0, 16 * t + 16); ++i)
-        if (bad[i]) f32_avx512(x, r0 + i, r0 + i + 1, packed, k, 0, w8_padded_n(n) / kW8BlockN, out);
-    }
-  }
+  const int64_t nb = w8_padded_n(n) / kW8BlockN;
+  tile_bf16x3::run_call(W8Format{packed, n, k, k, w8_padded_k(k), &out}, x, m, [&](int64_t row) {
+    f32_avx512(x, row, row + 1, packed, k, 0, nb, out);
+  });
   return true;
 }
 
