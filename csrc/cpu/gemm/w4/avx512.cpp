@@ -26,6 +26,7 @@
 
 #include "cpu/gemm/tile/avx2.h"
 #include "cpu/gemm/tile/avx512.h"
+#include "cpu/gemm/tile/exact_loop.h"
 #include "cpu/gemm/w4/kernels.h"
 
 namespace qk {
