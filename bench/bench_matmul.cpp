@@ -368,8 +368,8 @@ BENCHMARK(BM_vq8_d2_16_per_16_rows)->Apply(DecodeShapes);
 BENCHMARK(BM_fp8_e4m3_channel)->Apply(ShapesWithAmx);
 BENCHMARK(BM_w8a8)->Apply(ShapesWithAmx);
 BENCHMARK(BM_w8a16)->Apply(ShapesWithAmx);
-BENCHMARK(BM_binary)->Apply(Shapes);
+BENCHMARK(BM_binary)->Apply(ShapesWithAmx);
 BENCHMARK(BM_binary_xnor)->Apply(Shapes);
-BENCHMARK(BM_ternary)->Apply(Shapes);
+BENCHMARK(BM_ternary)->Apply(ShapesWithAmx);
 
 BENCHMARK_MAIN();

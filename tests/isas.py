@@ -9,9 +9,9 @@ import qkern
 
 ALL = ("scalar", "avx2", "avx512")
 #: the families with a kernel of their own at the amx level (the int8 W8A8 product; the fast
-#: modes of int4, the 4-bit codebooks and int2 / int3; the float-activation W8A16 and FP8
-#: products, where the CPU has AMX-BF16 too); the others run their avx512 kernels there, so
-#: their tests take ALL
+#: modes of int4, the 4-bit codebooks and int2 / int3; the float-activation W8A16, FP8 and
+#: binary / ternary products, where the CPU has AMX-BF16 too); the others run their avx512
+#: kernels there, so their tests take ALL
 WITH_AMX = ALL + ("amx",)
 HAVE = tuple(qkern.available_isas())
 WHAT = {"avx2": "AVX2 + FMA + F16C", "avx512": "AVX-512 F/BW/VL/DQ + VNNI",

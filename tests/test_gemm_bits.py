@@ -165,10 +165,11 @@ def _dirty(packed: torch.Tensor, n: int, k: int, ternary: bool) -> torch.Tensor:
     return d.view(packed.shape)
 
 
+@pytest.mark.parametrize("m", [5, 20])  # 20: the amx level's tiles (16 rows up)
 @pytest.mark.parametrize("k", [1, 29, 31, 65, 1000])
-def test_padding_bits_ignored(k):
+def test_padding_bits_ignored(k, m):
     n = 6
-    x, codes, alpha, _ = _data(5, n, k, seed=k, zero_row=False)
+    x, codes, alpha, _ = _data(m, n, k, seed=k, zero_row=False)
     t = codes.to(torch.int8) * -1
     wb, wt = bits.pack_binary(codes), bits.pack_ternary(t)
     dirty_b, dirty_t = _dirty(wb, n, k, False), _dirty(wt, n, k, True)
@@ -213,11 +214,12 @@ def test_pack_layout():
     assert bits.pack_binary(torch.zeros(0, 5, dtype=torch.uint8)).numel() == 0
 
 
+@pytest.mark.parametrize("m", [3, 20])  # 20: the amx level (those rows go to AVX2 there)
 @pytest.mark.parametrize("ternary", [False, True])
-def test_nonfinite_and_large(ternary):
+def test_nonfinite_and_large(ternary, m):
     """A NaN / Inf activation reaches exactly the outputs whose weight at that k is nonzero;
     large magnitudes stay within the float32 bound."""
-    m, n, k = 3, 19, 100
+    n, k = 19, 100
     x, codes, alpha, _ = _data(m, n, k, seed=77, ternary=ternary, zero_row=False)
     x = x * 1e30
     ref = _ref_float(x, codes, alpha, None, ternary)
@@ -228,13 +230,33 @@ def test_nonfinite_and_large(ternary):
                                if ternary else
                                OPS.gemm_binary(x, bits.pack_binary(codes), alpha, None, n, k,
                                                False))):
-        err = (y[0].double() - ref[0]).abs()
-        assert (err <= _tol(x[:1], alpha, None)[0]).all()
+        fin = [0] + list(range(3, m))
+        err = (y[fin].double() - ref[fin]).abs()
+        assert (err <= _tol(x[fin], alpha, None)).all()
         assert torch.equal(y[1].isnan(), nz)
         want = torch.where(sign41 > 0, float("inf"), float("-inf"))
         want = torch.where(sign41 == 0, y[2], want)
         assert torch.equal(y[2][sign41 != 0], want[sign41 != 0].float())
         assert y[2][sign41 == 0].isfinite().all()
+
+
+@pytest.mark.parametrize("ternary", [False, True])
+@pytest.mark.parametrize("k", [100, 1000])
+def test_one_hot_rows_exact(ternary, k):
+    """One activation per row, at every k: each path returns float32(+-x * alpha) bit for bit
+    (the amx level: all 24 bits of x from its bfloat16 pieces, and every weight bit found in
+    its 30-bit word)."""
+    n = 21
+    g = torch.Generator().manual_seed(k)
+    _, codes, alpha, _ = _data(1, n, k, seed=k + 1, ternary=ternary)
+    mant = torch.randint(2**23, 2**24, (k,), generator=g).double()
+    vals = (mant * 2.0 ** torch.randint(-40, 10, (k,), generator=g).double()).float()
+    x = torch.diag(vals)[torch.randperm(k, generator=g)]
+    want = ((x @ _signs(codes, ternary).float().T) * alpha).float()  # one nonzero term: exact
+    packed = bits.pack_ternary(codes) if ternary else bits.pack_binary(codes)
+    for y in _run_all(lambda: OPS.gemm_ternary(x, packed, alpha, None, n, k) if ternary
+                      else OPS.gemm_binary(x, packed, alpha, None, n, k, False)):
+        assert torch.equal(y.view(torch.int32), want.view(torch.int32))
 
 
 def test_batched_and_empty():

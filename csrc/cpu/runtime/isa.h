@@ -8,8 +8,8 @@
 // Lake, Ice Lake, Sapphire Rapids, Zen 4 and later; a Skylake-X without VNNI runs avx2).
 // amx = the avx512 level + AMX-TILE + AMX-INT8 with the Linux kernel's permission to use the
 // tile data (Sapphire Rapids and later); the families with an amx.cpp run their int8 products
-// (and, where cpu_has_amx_bf16(), their float-activation W8A16 / FP8 products: gemm/tile/
-// bf16x3.h) on the tile unit there, the others their avx512 kernels.
+// (and, where cpu_has_amx_bf16(), their float-activation W8A16 / FP8 / binary / ternary
+// products: gemm/tile/bf16x3.h) on the tile unit there, the others their avx512 kernels.
 // avx512.cpp translation units are compiled for exactly the avx512 set, amx.cpp for it plus
 // AMX-TILE / AMX-INT8 (+ AMX-BF16 / AVX512_BF16 where the compiler has them). Elsewhere BF16
 // and VBMI are extra: code using them carries

@@ -231,7 +231,7 @@ void xnor_tiles_avx2(const XnorProblem& p, int64_t m0, int64_t m1, int64_t t0, i
                   });
 }
 
-const Kernels kAvx2Kernels = {tables_avx2, float_tiles_avx2, xnor_tiles_avx2};
+const Kernels kAvx2Kernels = {tables_avx2, float_tiles_avx2, xnor_tiles_avx2, nullptr};
 
 }  // namespace
 

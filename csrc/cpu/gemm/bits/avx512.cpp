@@ -72,7 +72,8 @@ void xnor_tiles_avx512(const XnorProblem& p, int64_t m0, int64_t m1, int64_t t0,
   else avx2_kernels()->xnor_tiles(p, m0, m1, t0, t1);
 }
 
-const Kernels kAvx512Kernels = {tables_avx512, float_tiles_avx512, xnor_tiles_avx512};
+const Kernels kAvx512Kernels = {tables_avx512, float_tiles_avx512, xnor_tiles_avx512,
+                                   nullptr};
 
 }  // namespace
 

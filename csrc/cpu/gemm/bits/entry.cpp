@@ -69,6 +69,7 @@ void gemm_float(bool ternary, const float* x, int64_t M, const uint8_t* w, const
                 const float* bias, int64_t N, int64_t K, float* y) {
   const bits::Kernels& k = bits::kernels();
   bits::FloatProblem p{x, nullptr, w, alpha, bias, y, M, N, K, ternary};
+  if (k.float_call && k.float_call(p)) return;
   auto run = [&](const bits::FloatProblem& q) {
     split_mt(q.M, N, K, [&](int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
       k.float_tiles(q, m0, m1, t0, t1);

@@ -45,15 +45,24 @@ struct Kernels {
   void (*tables)(const float* x, int64_t K, bool ternary, float* tab);
   void (*float_tiles)(const FloatProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
   void (*xnor_tiles)(const XnorProblem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1);
+  // The whole float-activation call where the level has a call-wide path (amx: amx.cpp, from
+  // 16 rows); false leaves it to tables + float_tiles. Null elsewhere.
+  bool (*float_call)(const FloatProblem& p);
 };
 
 extern const Kernels kScalarKernels;  // scalar.cpp
 const Kernels* avx2_kernels();        // avx2.cpp
 const Kernels* avx512_kernels();      // avx512.cpp
+#ifdef QK_HAVE_AMX
+const Kernels* amx_kernels();  // amx.cpp
+#else
+inline const Kernels* amx_kernels() { return nullptr; }  // the compiler has no AMX flags
+#endif
 
 // The table of the running ISA, one entry per qk::Isa (cpu/runtime/isa.h).
 inline const Kernels& kernels() {
-  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels(),
+                                   amx_kernels()};
   return pick(by_isa);
 }
 

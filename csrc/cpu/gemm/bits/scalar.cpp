@@ -66,7 +66,7 @@ void xnor_tiles_scalar(const XnorProblem& p, int64_t m0, int64_t m1, int64_t t0,
 
 }  // namespace
 
-const Kernels kScalarKernels = {nullptr, float_tiles_scalar, xnor_tiles_scalar};
+const Kernels kScalarKernels = {nullptr, float_tiles_scalar, xnor_tiles_scalar, nullptr};
 
 }  // namespace bits
 }  // namespace qk

@@ -81,7 +81,7 @@ QKERN_ROWS = (("qkern int4 g128 exact", {"fmt": "int4", "group_size": 128}),
 #: kernel there, so an "[amx]" row of theirs would time it twice)
 AMX_ROWS = frozenset({"qkern W8A8 dynamic", "qkern int4 g128 fast", "qkern nf4 b64 fast",
                       "qkern int3 g128 fast", "qkern int2 g128 fast", "qkern W8A16",
-                      "qkern fp8_e4m3 per-channel"})
+                      "qkern fp8_e4m3 per-channel", "qkern binary", "qkern ternary"})
 
 
 def _peer_maker(make: Callable, first) -> Callable[[nn.Linear], Impl]:
