@@ -88,15 +88,11 @@ struct BitsFormat {
       }
   }
   __m512 scale(int64_t c, int64_t) const {
-    return _mm512_maskz_loadu_ps(keep(c), p->alpha + c);
+    return _mm512_maskz_loadu_ps(tile_bf16x3::lanes(n - c), p->alpha + c);
   }
   void store(int64_t row, int64_t c, __m512 y, __mmask16 m) const {  // y = acc * alpha
     if (p->bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, p->bias + c));
     _mm512_mask_storeu_ps(p->y + row * n + c, m, y);
-  }
-  __mmask16 keep(int64_t c) const {
-    const int64_t left = n - c;
-    return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
   }
 };
 

@@ -21,10 +21,6 @@ namespace {
 
 using tile_bf16x3::kTile;
 
-inline __mmask16 first(int64_t count) {
-  return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (count > 0 ? count : 0)) - 1);
-}
-
 template <int F>
 struct Fp8Format {
   const Fp8Args* a;
@@ -63,7 +59,7 @@ struct Fp8Format {
   }
   __m512 scale(int64_t c, int64_t g) const {
     const int64_t ng = k / group;
-    const __mmask16 keep = first(n - c);
+    const __mmask16 keep = tile_bf16x3::lanes(n - c);
     if (ng == 1) return _mm512_maskz_loadu_ps(keep, a->scales + c);
     const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
                                                              11, 12, 13, 14, 15),

@@ -46,9 +46,16 @@ constexpr int64_t kTile = 512;       // bfloat16 values per 16 x 64-byte tile
 constexpr int64_t kPanelSteps = 8;  // steps per weight panel at most (256 k: 2 x 8 KiB a pair)
 
 inline int64_t steps(int64_t k) { return (k + kStep - 1) / kStep; }
+// The first `count` of 16 lanes (none for count <= 0).
+inline __mmask16 lanes(int64_t count) {
+  if (count >= 16) return 0xFFFF;
+  return static_cast<__mmask16>((1u << (count > 0 ? count : 0)) - 1);
+}
 inline int64_t row_tiles(int64_t rows) { return (rows + 15) / 16; }
 // uint16_t values of the activation tiles for `rows` rows.
-inline int64_t split_size(int64_t rows, int64_t k) { return row_tiles(rows) * steps(k) * 3 * kTile; }
+inline int64_t split_size(int64_t rows, int64_t k) {
+  return row_tiles(rows) * steps(k) * 3 * kTile;
+}
 
 // 32 bfloat16 (two 16-float halves, lo first) from 32 floats that bfloat16 holds.
 inline __m512i to_bf16(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
@@ -107,8 +114,9 @@ inline int64_t split(const float* x, int64_t k, int64_t r0, int64_t r1, uint16_t
                      _mm512_maskz_loadu_ps(m1, xr + s * kStep + 16)};
       for (int h = 0; h < 2; ++h) {
         const __m512 av = _mm512_abs_ps(v[h]);
-        out |= _mm512_cmp_ps_mask(av, big, _CMP_NLE_UQ) |  // NaN, Inf or > 2^64
-               (_mm512_cmp_ps_mask(av, tiny, _CMP_LT_OQ) & _mm512_cmp_ps_mask(av, zero, _CMP_NEQ_OQ));
+        const __mmask16 small = _mm512_cmp_ps_mask(av, tiny, _CMP_LT_OQ) &
+                                _mm512_cmp_ps_mask(av, zero, _CMP_NEQ_OQ);
+        out |= _mm512_cmp_ps_mask(av, big, _CMP_NLE_UQ) | small;  // NaN, Inf, > 2^64, < 2^-64
       }
       uint16_t* dst = base + s * 3 * kTile;
       for (int p = 0; p < 3; ++p) {
@@ -216,9 +224,9 @@ void gemm(const F& f, const uint16_t* a, int64_t ns, int64_t row0, int64_t rows,
         for (int j = 0; j < 2; ++j) {
           const int64_t col = c0 + 32 * cp + 16 * j, left = std::min(c1, f.n) - col;
           if (left <= 0) continue;
-          const __mmask16 keep = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
           f.store(row0 + 16 * rt + t, col,
-                  _mm512_loadu_ps(ybuf.data() + ((cp * nrt + rt) * 16 + t) * 32 + 16 * j), keep);
+                  _mm512_loadu_ps(ybuf.data() + ((cp * nrt + rt) * 16 + t) * 32 + 16 * j),
+                  lanes(left));
         }
 }
 

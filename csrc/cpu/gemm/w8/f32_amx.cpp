@@ -55,7 +55,8 @@ struct W8Format {
           for (int i = 0; i < 4; ++i)
             f[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 64 * qq + 16 * i))));
-          const __m512i lo = tile_bf16x3::to_bf16(f[0], f[1]), hi = tile_bf16x3::to_bf16(f[2], f[3]);
+          const __m512i lo = tile_bf16x3::to_bf16(f[0], f[1]);
+          const __m512i hi = tile_bf16x3::to_bf16(f[2], f[3]);
           _mm512_storeu_si512(dst + 64 * q, _mm512_permutex2var_epi32(lo, even, hi));
           _mm512_storeu_si512(dst + 64 * q + 32, _mm512_permutex2var_epi32(lo, odd, hi));
         }
