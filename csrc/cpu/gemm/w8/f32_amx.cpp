@@ -63,10 +63,13 @@ struct W8Format {
       }
     }
   }
-  __m512 scale(int64_t c, int64_t) const { return _mm512_loadu_ps(out->sw + c); }
+  // (A pair's second 16 columns can lie past the padded N: masked.)
+  __m512 scale(int64_t c, int64_t) const {
+    return _mm512_maskz_loadu_ps(tile_bf16x3::lanes(n - c), out->sw + c);
+  }
   // y = fma(sw, c, 0) = c * sw (w8a16_value), then + bias.
   void store(int64_t row, int64_t c, __m512 y, __mmask16 keep) const {
-    if (out->bias) y = _mm512_add_ps(y, _mm512_loadu_ps(out->bias + c));
+    if (out->bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(keep, out->bias + c));
     _mm512_mask_storeu_ps(out->y + row * out->n + c, keep, y);
   }
 };
