@@ -73,7 +73,8 @@ struct Fp8Format {
 };
 
 bool call_amx(const Fp8Args& a) {
-  if (a.m < 16 || (a.group != a.k && a.group % tile_bf16x3::kStep != 0) || !cpu_has_amx_bf16())
+  if (a.m < 16 || a.k <= 0 || (a.group != a.k && a.group % tile_bf16x3::kStep != 0) ||
+      !cpu_has_amx_bf16())
     return false;
   auto rerun = [&](int64_t row) { avx512_kernels()->gemm(a, row, row + 1, 0, a.n); };
   if (a.fmt == kFp8E4M3)
