@@ -1,8 +1,8 @@
 // The loop of the tile-layout GEMMs that take tiles in pairs and K in chunks of groups: the
-// exact modes over weights decoded to k-major floats (tile/avx2.h, tile/avx512.h) and the
-// AVX-512 fast mode (nothing to decode: `decode` does nothing). ISA-neutral: the register
-// blocks are the caller's. Tiles are
-// taken in pairs (nt = 2, or 1 for a lone last tile), decoded once per chunk of groups (>= 256
+// AVX2 exact modes over weights decoded to k-major floats (tile/avx2.h) and the AVX-512 fast
+// mode (nothing to decode: `decode` does nothing); the AVX-512 exact GEMM (tile/avx512.h) takes
+// two pairs at a time in a loop of its own. ISA-neutral: the register blocks are the caller's.
+// Tiles are taken in pairs (nt = 2, or 1 for a lone last tile), decoded once per chunk of groups (>= 256
 // k, L1-resident) by `decode(t, nt, g0, g1, w)` (the layout of tile/avx2.h), then
 // `block(m, rows, t, nt, g, w_g, ys)` runs rows [m, m + rows) (rows <= MR) over group g, its
 // outputs accumulated in ys (16 floats per row, zero at the start of each pair), and

@@ -12,7 +12,7 @@
 //   (zero points in [-8, 7]; with float zero points: (2^23 + u) - 2^23 = u, then u - zf, the
 //   definition's one rounding); FMA chains along k inside each group: M = 1 on 4 tile pairs
 //   at a time, M = 2, 3 on 2 pairs with each code decoded once for all the rows; M >= 4 the
-//   shared k-major GEMM (tile/avx512.h) with 8-row x 16-column register blocks.
+//   shared k-major GEMM (tile/avx512.h) with 8-row x 32-column register blocks.
 // - quantize_x: two 16-float registers per block of 32.
 //
 // GCC 12's unmasked AVX-512 intrinsics start from _mm512_undefined_*() and report it as
