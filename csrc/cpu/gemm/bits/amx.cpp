@@ -14,9 +14,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
-#include <vector>
-
 #include "cpu/gemm/tile/bf16x3.h"
+#include "cpu/runtime/aligned.h"
 
 namespace qk {
 namespace bits {
@@ -34,7 +33,7 @@ struct BitsFormat {
   __m512i words(int64_t c, int64_t h, int plane) const {
     const int64_t t = c / kBitsRows;
     if (h >= kb || t >= tiles) return _mm512_setzero_si512();
-    const int64_t planes = p->ternary ? 2 : 1;
+    const int64_t planes = bits_planes(p->ternary);
     const uint8_t* a = p->w + ((t * kb + h) * planes + plane) * 32;
     const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
     __m512i v = _mm512_zextsi256_si512(lo);
@@ -101,17 +100,15 @@ bool float_call_amx(const FloatProblem& p) {
   const Kernels* lower = avx512_kernels();
   const int64_t tiles = bits_padded_rows(p.N) / kBitsRows;
   const BitsFormat fmt{&p, p.N, p.K, p.K, bits_blocks(p.K), tiles};
-  std::vector<float> tab(static_cast<size_t>(lower->tables ? table_floats(p.K) + 8 : 0));
+  AlignedVector<float> tab(static_cast<size_t>(lower->tables ? table_floats(p.K) : 0));
   tile_bf16x3::run_call(fmt, p.x, p.M, [&](int64_t row) {
     FloatProblem one = p;  // the row alone, on the lower level's kernel
     one.x = p.x + row * p.K;
     one.y = p.y + row * p.N;
     one.M = 1;
-    if (lower->tables) {
-      float* t = tab.data();
-      t += (8 - (reinterpret_cast<uintptr_t>(t) / 4) % 8) % 8;  // 32-byte aligned
-      lower->tables(one.x, p.K, p.ternary, t);
-      one.tab = t;
+    if (lower->tables) {  // (AlignedVector: the 32-byte alignment the tables need)
+      lower->tables(one.x, p.K, p.ternary, tab.data());
+      one.tab = tab.data();
     }
     lower->float_tiles(one, 0, 1, 0, tiles);
   });

@@ -107,11 +107,8 @@ inline int64_t split(const float* x, int64_t k, int64_t r0, int64_t r1, uint16_t
     __mmask16 out = 0;
     for (int64_t s = 0; s < ns; ++s) {
       const int64_t left = k - s * kStep;
-      const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-      const __mmask16 m1 =
-          left >= 32 ? 0xFFFF : (left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0);
-      __m512 v[2] = {_mm512_maskz_loadu_ps(m0, xr + s * kStep),
-                     _mm512_maskz_loadu_ps(m1, xr + s * kStep + 16)};
+      __m512 v[2] = {_mm512_maskz_loadu_ps(lanes(left), xr + s * kStep),
+                     _mm512_maskz_loadu_ps(lanes(left - 16), xr + s * kStep + 16)};
       for (int h = 0; h < 2; ++h) {
         const __m512 av = _mm512_abs_ps(v[h]);
         const __mmask16 small = _mm512_cmp_ps_mask(av, tiny, _CMP_LT_OQ) &
