@@ -1,4 +1,5 @@
-"""Shared fixtures: every test leaves qkern's dispatch ISA and thread count as it found them."""
+"""Shared fixtures: every test leaves qkern's dispatch ISA, its thread count and torch's as it
+found them."""
 
 from __future__ import annotations
 
@@ -21,10 +22,16 @@ def _restore_qkern_settings():
     except ImportError:
         yield
         return
-    isa, threads = qkern.get_isa(), qkern.get_num_threads()
+    import torch
+
+    # torch's intra-op thread count too: a test that leaves it changed would change the float
+    # sums (and so trained checkpoints) of whatever runs next in the same worker
+    isa, threads, torch_threads = qkern.get_isa(), qkern.get_num_threads(), torch.get_num_threads()
     yield
     qkern.set_isa(isa)
     qkern.set_num_threads(threads)
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
 
 
 @pytest.fixture

@@ -46,7 +46,10 @@ def test_quantize_then_eval_matches_the_python_api(gptq_out):
                              progress=False)
     want = bits_per_byte(q, WIKI_TEST.read_bytes(), window=256, n_windows=WINDOWS)
     assert got == pytest.approx(want, abs=2e-3)
-    assert want > bits_per_byte(model, WIKI_TEST.read_bytes(), 256, WINDOWS)  # 4 bits cost
+    # 4-bit GPTQ g32 lands within a few thousandths of the float model here, on either side:
+    # 1.8589 / 1.8538 against 1.8543 with torch on 1 / 2 threads (the Hessian's summation order)
+    base = bits_per_byte(model, WIKI_TEST.read_bytes(), 256, WINDOWS)
+    assert want != base and abs(want - base) < 0.02
     # the plain text output prints the same figure
     rc, text, _ = run("eval", out, "--windows", WINDOWS)
     assert rc == 0 and f"bits/byte  {got:.4f}" in text
