@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/runtime/aligned.h"
 #include "cpu/runtime/isa.h"
 #include "cpu/vq/api.h"
 
@@ -340,7 +341,7 @@ inline void scan_simd(const float* tables, int64_t nq, int64_t ksub, const Code*
                       int64_t n, int64_t m, float* dist, int64_t ld) {
   int64_t i = 0;
   if (ksub <= V::kW && nq >= 2) {  // the transposition pays from two queries on
-    std::vector<int32_t> scratch(static_cast<size_t>(m * V::kW));
+    AlignedVector<int32_t> scratch(static_cast<size_t>(m * V::kW));
     int32_t* sc = scratch.data();
     for (; i + V::kW <= n; i += V::kW) {
       for (int64_t l = 0; l < V::kW; ++l)

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/gemm/fp8/kernels.h"
+#include "cpu/runtime/aligned.h"
 #include "cpu/runtime/prefetch.h"
 
 namespace qk {
@@ -241,7 +242,7 @@ void micro_rows(int rows, const float* x, int64_t ldx, const float* t, int64_t k
 template <int F>
 void gemm(const Fp8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t rows = m1 - m0, tiles = (n1 - n0 + kNr - 1) / kNr;
-  thread_local std::vector<float> tbuf_v, ybuf_v;
+  thread_local AlignedVector<float> tbuf_v, ybuf_v;
   tbuf_v.resize(kKc * kNr + 8);
   // resize + memset, not assign(n, 0.0f): vector<float>::assign instantiated in this file is
   // compiled with AVX2 and could be the copy the linker keeps for the scalar files too

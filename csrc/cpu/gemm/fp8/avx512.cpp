@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/gemm/fp8/kernels.h"
+#include "cpu/runtime/aligned.h"
 #include "cpu/runtime/prefetch.h"
 #include "cpu/runtime/simd_f32.h"
 
@@ -182,7 +183,7 @@ void few_rows(const Fp8Args& a, const float* xs, int64_t m0, int64_t n0, int64_t
 
 template <int F>
 void gemv(const Fp8Args& a, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  thread_local std::vector<float> xbuf;
+  thread_local AlignedVector<float> xbuf;
   xbuf.resize(static_cast<size_t>((m1 - m0) * a.k));
   for (int64_t i = m0; i < m1; ++i) shuffle_x(a.x + i * a.k, a.k, xbuf.data() + (i - m0) * a.k);
   using Fn = void (*)(const Fp8Args&, const float*, int64_t, int64_t, int64_t);

@@ -27,9 +27,10 @@
 #include <vector>
 
 #include "cpu/gemm/lut4/kernels.h"
+#include "cpu/gemm/lut4/tiles.h"
+#include "cpu/runtime/aligned.h"
 #include "cpu/runtime/prefetch.h"
 #include "cpu/runtime/simd_f32.h"
-#include "cpu/gemm/lut4/tiles.h"
 
 namespace qk {
 namespace lut4 {
@@ -185,7 +186,7 @@ void gemv_rows(const Lut4Args& a, __m512 table, const float* xs, int64_t j, floa
 // decoder's order (128-code steps, then the 32- or 16-code ones), shared by every row of W.
 template <int S>
 void gemv(const Lut4Args& a, __m512 table, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  thread_local std::vector<float> xbuf;
+  thread_local AlignedVector<float> xbuf;
   xbuf.resize(static_cast<size_t>((m1 - m0) * a.k));
   const int64_t k128 = a.k / 128 * 128;
   for (int64_t i = m0; i < m1; ++i) {

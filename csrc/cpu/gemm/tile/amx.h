@@ -256,7 +256,7 @@ void fast(const F& f, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
     thread_local AlignedVector<uint8_t> panels;
     thread_local AlignedVector<int8_t> rows;
     thread_local AlignedVector<float> params;
-    thread_local std::vector<char> is_signed;  // pair i's panel holds signed codes
+    thread_local AlignedVector<char> is_signed;  // pair i's panel holds signed codes
     panels.resize(static_cast<size_t>(pairs * bytes));
     rows.resize(static_cast<size_t>(bytes));
     params.resize(static_cast<size_t>(32 * nb));

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/runtime/aligned.h"
+
 namespace qk {
 namespace tile_avx512 {
 
@@ -120,7 +122,7 @@ void exact_gemm(const P& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1, Deco
   const int64_t gpc = std::max<int64_t>(1, 256 / p.group);  // groups per chunk
   const int64_t span = gpc * p.group * 16;                   // floats per decoded pair
   // Zero-filled when grown, so the unused half of a lone tile's columns is always finite.
-  thread_local std::vector<float> wbuf, ybuf;
+  thread_local AlignedVector<float> wbuf, ybuf;
   if (wbuf.size() < static_cast<size_t>(kPairs * span)) wbuf.resize(kPairs * span);
   if (ybuf.size() < static_cast<size_t>(rows * width)) ybuf.resize(rows * width);
   float* yp = ybuf.data();

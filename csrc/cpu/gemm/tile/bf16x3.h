@@ -151,8 +151,8 @@ void gemm(const F& f, const uint16_t* a, int64_t ns, int64_t row0, int64_t rows,
   // that spans panels wait in `held`).
   const int64_t gs = std::min<int64_t>(f.group >= f.k ? ns : f.group / kStep, ns);
   const int64_t ps = gs <= kPanelSteps ? kPanelSteps / gs * gs : kPanelSteps;
-  thread_local std::vector<uint16_t> wbuf;
-  thread_local std::vector<float> ybuf, cbuf;
+  thread_local AlignedVector<uint16_t> wbuf;
+  thread_local AlignedVector<float> ybuf, cbuf;
   wbuf.resize(static_cast<size_t>(npairs * kPanelSteps * 2 * kTile));
   ybuf.assign(static_cast<size_t>(npairs * nrt * 16 * 32), 0.0f);
   if (gs > ps) cbuf.resize(static_cast<size_t>(npairs * nrt * 4 * 256));
@@ -241,10 +241,10 @@ void run_call(const F& f, const float* x, int64_t m, Rerun rerun) {
   const int64_t k = f.k, n = f.n, ns = steps(k);
   const int threads = pool_threads();
   AlignedVector<uint16_t> a(static_cast<size_t>(split_size(std::min(m, kSlab), k)));
-  std::vector<uint8_t> bad(static_cast<size_t>(std::min(m, kSlab)));
+  AlignedVector<uint8_t> bad(static_cast<size_t>(std::min(m, kSlab)));
   for (int64_t r0 = 0; r0 < m; r0 += kSlab) {
     const int64_t r1 = std::min(m, r0 + kSlab), rows = r1 - r0, nrt = row_tiles(rows);
-    std::vector<int64_t> nbad(static_cast<size_t>(nrt));
+    AlignedVector<int64_t> nbad(static_cast<size_t>(nrt));
     auto split_tile = [&](int64_t t) {
       const int64_t t0 = r0 + 16 * t, t1 = std::min(r1, t0 + 16);
       nbad[t] = split(x, k, t0, t1, a.data() + t * ns * 3 * kTile, bad.data() + 16 * t);

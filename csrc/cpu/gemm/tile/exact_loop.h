@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/runtime/aligned.h"
+
 namespace qk {
 namespace tile_loop {
 
@@ -21,7 +23,7 @@ void pairs_by_groups(const P& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1,
   const int64_t ng = p.k / p.group, rows = m1 - m0;
   const int64_t gpc = std::max<int64_t>(1, 256 / p.group);  // groups per chunk
   // Zero-filled when grown, so the unused half of a lone tile's columns is always finite.
-  thread_local std::vector<float> wbuf, ybuf;
+  thread_local AlignedVector<float> wbuf, ybuf;
   if (wbuf.size() < static_cast<size_t>(gpc * p.group * 16)) wbuf.resize(gpc * p.group * 16);
   if (ybuf.size() < static_cast<size_t>(rows * 16)) ybuf.resize(rows * 16);
   float* wp = wbuf.data();

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/gemm/w8/kernels.h"
+#include "cpu/runtime/aligned.h"
 
 namespace qk {
 namespace w8 {
@@ -231,7 +232,7 @@ void f32_avx2(const float* x, int64_t m0, int64_t m1, const int8_t* packed, int6
     return;
   }
   alignas(64) float panel[kKc * kW8BlockN];
-  thread_local std::vector<float> cbuf;
+  thread_local AlignedVector<float> cbuf;
   if (cbuf.size() < static_cast<size_t>((m1 - m0) * kW8BlockN)) cbuf.resize((m1 - m0) * kW8BlockN);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t col = b * kW8BlockN;

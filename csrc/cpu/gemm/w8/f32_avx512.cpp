@@ -18,6 +18,7 @@
 
 #include "cpu/gemm/w8/epilogue_avx512.h"
 #include "cpu/gemm/w8/kernels.h"
+#include "cpu/runtime/aligned.h"
 
 namespace qk {
 namespace w8 {
@@ -186,7 +187,7 @@ void f32_avx512(const float* x, int64_t m0, int64_t m1, const int8_t* packed, in
     return;
   }
   alignas(64) float panel[kNrF * kKc * kW8BlockN];
-  thread_local std::vector<float> cbuf;
+  thread_local AlignedVector<float> cbuf;
   const size_t need = static_cast<size_t>((m1 - m0) * kW8BlockN * kNrF);
   if (cbuf.size() < need) cbuf.resize(need);
   for (int64_t b = b0; b < b1; b += kNrF) {
