@@ -3,11 +3,11 @@
 //   cmake -S . -B build-bench -G Ninja -DQKERN_PYTHON=OFF -DQKERN_BENCH=ON -DQKERN_CUDA=OFF
 //   cmake --build build-bench --target bench_matmul && build-bench/bench_matmul
 //
-// Arguments of every benchmark: isa (0 scalar, 1 avx2, 2 avx512, 3 amx for W8A8 only; levels
-// the CPU lacks are not registered), threads, M (rows of x), N (out), K (in). Weights are random
-// codes packed once, in enough copies that one sweep over them is >= 256 MiB, and each
-// iteration uses the next copy: a GEMV reads its weights from memory, as in decode, not from
-// cache. Counters: weight_GBps = packed weight bytes (codes + scales) / time, the figure to
+// Arguments of every benchmark: isa (0 scalar, 1 avx2, 2 avx512, 3 amx for the families with an
+// amx table; levels the CPU lacks are not registered), threads, M (rows of x), N (out), K (in).
+// Weights are random codes packed once, in enough copies that one sweep over them is >= 256 MiB,
+// and each iteration uses the next copy: a GEMV reads its weights from memory, as in decode, not
+// from cache. Counters: weight_GBps = packed weight bytes (codes + scales) / time, the figure to
 // compare with BM_read_bw (a streaming read of 256 MiB with the same threads: the roofline);
 // GFLOPs = 2 M N K / time. The Python bench (python -m qkern.bench matmul) runs the same
 // kernels against torch's in the same process.
@@ -343,7 +343,7 @@ void ShapesOn(benchmark::internal::Benchmark* b, bool with_amx) {
 void Shapes(benchmark::internal::Benchmark* b) { ShapesOn(b, false); }
 void ShapesWithAmx(benchmark::internal::Benchmark* b) { ShapesOn(b, true); }
 
-// The decode shapes only (VQLinear decodes the weight for more than 8 rows of x).
+// The decode shapes only (VQLinear's float mode decodes the weight for more than 32 rows of x).
 void DecodeShapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"isa", "threads", "M", "N", "K"});
   for (int64_t isa : bench_isas())
@@ -363,8 +363,8 @@ BENCHMARK(BM_int3_g128_fast)->Apply(ShapesWithAmx);
 BENCHMARK(BM_int2_g128_fast)->Apply(ShapesWithAmx);
 BENCHMARK(BM_vq_d4_256_per_layer)->Apply(DecodeShapes);
 BENCHMARK(BM_vq_d2_16_per_16_rows)->Apply(DecodeShapes);
-BENCHMARK(BM_vq8_d4_256_per_layer)->Apply(DecodeShapes);
-BENCHMARK(BM_vq8_d2_16_per_16_rows)->Apply(DecodeShapes);
+BENCHMARK(BM_vq8_d4_256_per_layer)->Apply(ShapesWithAmx);
+BENCHMARK(BM_vq8_d2_16_per_16_rows)->Apply(ShapesWithAmx);
 BENCHMARK(BM_fp8_e4m3_channel)->Apply(ShapesWithAmx);
 BENCHMARK(BM_w8a8)->Apply(ShapesWithAmx);
 BENCHMARK(BM_w8a16)->Apply(ShapesWithAmx);

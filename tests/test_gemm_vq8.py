@@ -41,6 +41,14 @@ CASES = [
     (32, 32, 2, 100, 16, None, 2),     # 100 entries (two registers per plane)
     (40, 128, 2, 16, 16, 2, 3),        # 16-row codebooks of 16 entries: 4-bit codes too
     (24, 64, 4, 9, None, None, 1),     # 9 entries: 4-bit codes too
+    # from 16 rows the amx level's tile path: whole 16-row tiles, 8+ rows left padded to a
+    # tile, fewer on the AVX-512 kernel; blocks of 32 in chunks of 4 (K = 320: 10 blocks)
+    (64, 256, 4, 256, None, None, 16),
+    (37, 128, 4, 256, None, 2, 21),
+    (48, 64, 2, 16, 16, 1, 24),
+    (40, 96, 8, 128, 32, 3, 40),
+    (33, 320, 4, 60, None, 5, 33),
+    (32, 320, 2, 100, 16, None, 17),
 ]
 
 
@@ -188,11 +196,14 @@ def test_vqlinear_fast_mode_runs_the_int8_kernel_and_round_trips(tmp_path):
     want = x1 @ decode_vq(codes % 16, b16.float() * bs16.view(-1, 1, 1), scales, 40).T + bias
     assert float((small(x1) - want).norm() / want.norm()) < 0.01
     b8, bs = quantize_codebooks(books)
-    for rows in (1, 5, 33):  # the fused kernel, then the decoded GEMM
+    for rows in (1, 5, 33, 40):  # the kernel at every row count (amx: tiles from 16 rows)
         x = torch.randn(rows, 128, generator=g)
         want = x.double() @ decode_vq(codes, b8.float() * bs.view(-1, 1, 1), scales,
                                       40).double().T + bias.double()
-        got = fast(x)
+        with torch.no_grad():
+            got = fast(x)
+            # each row's outputs are its own: the same bits as the row alone (M = 1, GEMV)
+            assert all(torch.equal(got[i:i + 1], fast(x[i:i + 1])) for i in range(rows))
         assert float((got.double() - want).norm() / want.norm()) < 0.01
         assert float((got - exact(x)).norm() / exact(x).norm()) < 0.02
     x = torch.randn(2, 128, generator=g)

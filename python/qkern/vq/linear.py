@@ -25,10 +25,11 @@ fine-tuning) or off the CPU, it decodes with torch ops (:meth:`dequantize_weight
 differentiable). They agree to float32 rounding.
 
 ``mode="fast"`` (llama.cpp IQ2-style, about int2's decode speed): the codebooks are rounded to
-int8 (one float32 scale per codebook, :func:`qkern.ops.vq8.quantize_codebooks`) and, for up to
-``FUSED_MAX_ROWS`` rows, ``x`` to int8 per row and block of 32 columns inside the kernel
-``qkern::gemm_vq8`` (integer dot products); more rows decode those int8 codebooks (torch) for a
-GEMM. Shapes it does not take (:func:`qkern.ops.vq8.vq8_fits`: dim 2 / 4 / 8, in a multiple of
+int8 (one float32 scale per codebook, :func:`qkern.ops.vq8.quantize_codebooks`) and ``x`` to
+int8 per row and block of 32 columns inside the kernel ``qkern::gemm_vq8`` (integer dot
+products), for any number of rows (it decodes each block of 16 weight rows once per call;
+AMX tiles from 16 rows where the CPU has them), so decode and prefill give the same bits
+per row. Shapes it does not take (:func:`qkern.ops.vq8.vq8_fits`: dim 2 / 4 / 8, in a multiple of
 32, <= 256 entries, 128 at dim 8, one codebook or one per a multiple of 16 rows, scale groups
 of a multiple of 32) run the exact path: ``fast_active`` says which. NaN / Inf in ``x`` raise
 ``qkern.ops.NonFiniteError`` in the fast kernel.
@@ -61,7 +62,6 @@ from ..ops.vq8 import (
     pack_codes4,
     quantize_codebooks,
     run_gemm_vq8,
-    unpack_codes4,
     vq8_fits,
     vq8_tables,
 )
@@ -170,23 +170,19 @@ class VQLinear(nn.Module):
         self._vq_key = self._buffers_key()
 
     def _forward_fast(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        if (rows <= FUSED_MAX_ROWS and not torch.compiler.is_compiling() and x.dtype ==
-                torch.float32 and x.is_contiguous() and not torch.is_grad_enabled()):
-            # eager decode: the op's per-call checks cost about as much as a small layer's
-            # matmul; the operands were checked when refresh_kernel_operands built them
-            return run_gemm_vq8(x.reshape(rows, self.in_features), self._vq_packed,
-                                self._vq8_books, self._vq8_bs, self._vq_scales, self._vq_bias,
-                                self.out_features, self.in_features, self.group_rows,
-                                self._vq8_tables)
-        if rows <= FUSED_MAX_ROWS:
-            return torch.ops.qkern.gemm_vq8(x.reshape(rows, self.in_features), self._vq_packed,
-                                            self._vq8_books, self._vq8_bs, self._vq_scales,
-                                            self._vq_bias, self.out_features,
-                                            self.in_features, self.group_rows)
-        books = self._vq8_books.float() * self._vq8_bs.view(-1, 1, 1)
-        w = decode_vq(unpack_codes4(self._vq_packed, 0, self.out_features, self._vq_nib), books,
-                      self._vq_scales, self.group_rows)
-        return F.linear(x.reshape(rows, self.in_features).float(), w, self._vq_bias)
+        # every row count: the kernel decodes each 16-row block once per call (on AMX tiles
+        # from 16 rows), 2-5x faster than decoding the weight for a GEMM at prefill
+        x2 = x.reshape(rows, self.in_features)
+        if (not torch.compiler.is_compiling() and x.dtype == torch.float32 and
+                x2.is_contiguous() and not torch.is_grad_enabled()):
+            # eager: the op's per-call checks cost about as much as a small layer's matmul;
+            # the operands were checked when refresh_kernel_operands built them
+            return run_gemm_vq8(x2, self._vq_packed, self._vq8_books, self._vq8_bs,
+                                self._vq_scales, self._vq_bias, self.out_features,
+                                self.in_features, self.group_rows, self._vq8_tables)
+        return torch.ops.qkern.gemm_vq8(x2, self._vq_packed, self._vq8_books, self._vq8_bs,
+                                        self._vq_scales, self._vq_bias, self.out_features,
+                                        self.in_features, self.group_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

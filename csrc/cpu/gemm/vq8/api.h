@@ -9,14 +9,16 @@
 //   w8[r][v dim + d] = books8[g(r)][code(r, v)][d]   (int8 in [-127, 127]),
 // xq / dx: x quantized per row and block of 32 by gemm_w4's fast-mode rule (docs/numerics.md:
 // dx = amax / 127, xq = clamp(rne(x / dx), -127, 127)). Mul then add, no FMA: the same bits on
-// every ISA and thread count.
+// every ISA and thread count. The amx level computes D on the tile unit from 16 rows of x
+// (amx.cpp); AVX-512 / AVX2 decode a block once for many rows of x.
 //
 // Operands. codes uint8 packed in blocks of 16 rows and groups of 4 vectors, `packed4`
 // (ceil(n / 16), nv / 4, 16, 4): packed4[b][q][l][t] = code of row 16 b + l, vector 4 q + t (rows
 // past n: code 0, dropped). With `nibbles` (kc <= 16, nv a multiple of 8) two codes share a
 // byte, (ceil(n / 16), nv / 8, 16, 4): byte [b][h][l][t] = code (row 16 b + l, vector 8 h + t)
-// | code (same row, vector 8 h + 4 + t) << 4: half the bytes. books8 (groups, kc, dim) int8, bs (groups) float32, scales null or
-// (n, nseg) float32 with K / nseg a multiple of 32 columns, bias null or (n).
+// | code (same row, vector 8 h + 4 + t) << 4: half the bytes. books8 (groups, kc, dim) int8,
+// bs (groups) float32, scales null or (n, nseg) float32 with K / nseg a multiple of 32
+// columns, bias null or (n).
 // Shapes (vq8_supported): dim 2, 4 or 8; K = nv dim a multiple of 32; kc <= 256 (128 at dim
 // 8); group_rows a multiple of 16 or one codebook.
 // A code >= kc raises std::invalid_argument (no out-of-range read: register tables wrap).

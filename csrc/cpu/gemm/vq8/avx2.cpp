@@ -1,10 +1,12 @@
 // AVX2 gemm_vq8 (api.h): each group of 16 rows x 4 vectors is decoded into bytes from the
-// codebook planes (scalar look-ups), then multiplied by the broadcast activation word with
+// codebook planes (scalar look-ups; from kPanelRows rows of x once per block, before the
+// rows' loop), then multiplied by the broadcast activation word with
 // the sign trick (maddubs(|x|, sign(w, x)): pairs <= 2 * 127 * 127, no saturation) and
 // madd into int32 lanes, one per row: the exact dot products of api.h.
 #include <immintrin.h>
 
 #include "cpu/gemm/vq8/kernels.h"
+#include "cpu/runtime/aligned.h"
 
 namespace qk {
 namespace vq8 {
@@ -15,12 +17,34 @@ inline __m256i dot4(__m256i acc, __m256i w, __m256i x) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
+// Code group q of block `codes` decoded from the planes into w[d * 64 + 4 l + t] (16 rows l x
+// 4 vectors t per plane d); the largest code so far in top.
+inline void decode_group(const Problem& p, const uint8_t* codes, const int8_t* tab, int64_t q,
+                         int8_t* w, uint32_t& top) {
+  for (int64_t j = 0; j < 64; ++j) {
+    const uint32_t c = code_at(p, codes, q, j / kVq8Group, j % kVq8Group);
+    top = c > top ? c : top;
+    for (int64_t d = 0; d < p.dim; ++d) w[d * 64 + j] = tab[d * 256 + c];
+  }
+}
+
+// From this many rows of x the block is decoded once (16 nv dim bytes) before the rows'
+// loop; below it each row decodes its groups as it goes (no panel to write and read back).
+constexpr int64_t kPanelRows = 4;
+
 uint32_t block_avx2(const Problem& p, int64_t b, const int8_t* tab, float* out) {
   const int64_t nq = p.nv / kVq8Group, dim = p.dim, qpb = 8 / dim;
   const uint8_t* codes = p.packed4 + b * block_bytes(p);
-  alignas(32) int8_t w[8 * 64];  // the decoded group, plane by plane
+  const bool whole = p.m >= kPanelRows;
+  thread_local AlignedVector<int8_t> panel;
+  alignas(32) int8_t group[8 * 64];  // one decoded group, plane by plane (rows decoding it)
   alignas(32) float s[kVq8Rows];
   uint32_t top = 0;
+  if (whole) {
+    panel.resize(static_cast<size_t>(nq * dim * 64));
+    for (int64_t q = 0; q < nq; ++q)
+      decode_group(p, codes, tab, q, panel.data() + q * dim * 64, top);
+  }
   for (int64_t i = 0; i < p.m; ++i) {
     const uint32_t* xp = p.xp + i * nq * dim;
     __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
@@ -28,11 +52,9 @@ uint32_t block_avx2(const Problem& p, int64_t b, const int8_t* tab, float* out) 
     for (int64_t blk = 0, q = 0; blk < p.nblk; ++blk) {
       __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
       for (int64_t e = 0; e < qpb; ++e, ++q) {
-        for (int64_t j = 0; j < 64; ++j) {
-          const uint32_t c = code_at(p, codes, q, j / kVq8Group, j % kVq8Group);
-          top = c > top ? c : top;
-          for (int64_t d = 0; d < dim; ++d) w[d * 64 + j] = tab[d * 256 + c];
-        }
+        const int8_t* w = group;
+        if (whole) w = panel.data() + q * dim * 64;
+        else decode_group(p, codes, tab, q, group, top);
         for (int64_t d = 0; d < dim; ++d) {
           const __m256i xb = _mm256_set1_epi32(static_cast<int>(xp[q * dim + d]));
           const auto* wd = reinterpret_cast<const __m256i*>(w + d * 64);
@@ -56,7 +78,7 @@ uint32_t block_avx2(const Problem& p, int64_t b, const int8_t* tab, float* out) 
   return top;
 }
 
-const Kernels kAvx2Kernels = {block_avx2};
+const Kernels kAvx2Kernels = {block_avx2, nullptr};
 
 }  // namespace
 

@@ -6,24 +6,12 @@
 #include <immintrin.h>
 
 #include "cpu/gemm/vq8/kernels.h"
-
-#define QK_VBMI __attribute__((target("avx512vbmi")))
+#include "cpu/gemm/vq8/lookup_avx512.h"
+#include "cpu/runtime/aligned.h"
 
 namespace qk {
 namespace vq8 {
 namespace {
-
-template <int NT>
-QK_VBMI inline __m512i lookup(const __m512i* t, __m512i c, __mmask64 hi) {
-  if constexpr (NT == 1) {
-    return _mm512_permutexvar_epi8(c, t[0]);
-  } else if constexpr (NT == 2) {
-    return _mm512_permutex2var_epi8(t[0], c, t[1]);
-  } else {
-    const __m512i lo = _mm512_permutex2var_epi8(t[0], c, t[1]);
-    return _mm512_mask_blend_epi8(hi, lo, _mm512_permutex2var_epi8(t[2], c, t[3]));
-  }
-}
 
 // The 16 rows' scales of block of 32 `blk` (api.h row_scale).
 inline __m512 scales_of(const Problem& p, int64_t b, int64_t blk) {
@@ -93,15 +81,65 @@ QK_VBMI uint32_t rows_vbmi(const Problem& p, int64_t b, const __m512i (&t)[DIM][
   return mx;
 }
 
+// x rows i0 .. i0 + MR - 1 of block b from its decoded panel: rows_vbmi's sums and epilogue,
+// the weights loaded instead of looked up (word 8 blk + e of a row meets panel entry 8 blk + e).
+template <int MR>
+void rows_panel(const Problem& p, int64_t b, const uint8_t* panel, int64_t i0, float* out) {
+  const int64_t words = p.nv / kVq8Group * p.dim;
+  const uint32_t* xp[MR];
+  __m512 yacc[MR];
+  for (int mi = 0; mi < MR; ++mi) {
+    xp[mi] = p.xp + (i0 + mi) * words;
+    yacc[mi] = _mm512_setzero_ps();
+  }
+  __m512 sv = _mm512_set1_ps(1.0f);
+  int64_t seg = -1;
+  for (int64_t blk = 0; blk < p.nblk; ++blk) {
+    __m512i acc[MR];
+    for (int mi = 0; mi < MR; ++mi) acc[mi] = _mm512_setzero_si512();
+    for (int64_t e = 8 * blk; e < 8 * blk + 8; ++e) {
+      const __m512i w = _mm512_load_si512(panel + e * 64);
+      for (int mi = 0; mi < MR; ++mi)
+        acc[mi] = _mm512_dpbusd_epi32(acc[mi], w, _mm512_set1_epi32(static_cast<int>(xp[mi][e])));
+    }
+    if (blk * p.nseg / p.nblk != seg) {
+      seg = blk * p.nseg / p.nblk;
+      sv = scales_of(p, b, blk);
+    }
+    for (int mi = 0; mi < MR; ++mi) {
+      const int64_t j = (i0 + mi) * p.nblk + blk;
+      const __m512 f = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[mi]), _mm512_set1_ps(128.0f * p.xs[j]));
+      const __m512 tt = _mm512_mul_ps(_mm512_set1_ps(p.dx[j]), sv);
+      yacc[mi] = _mm512_add_ps(yacc[mi], _mm512_mul_ps(f, tt));
+    }
+  }
+  for (int mi = 0; mi < MR; ++mi) _mm512_storeu_ps(out + (i0 + mi) * kVq8Rows, yacc[mi]);
+}
+
+// From this many rows of x a block's weights are looked up once into a panel, then read by
+// groups of 8 rows: the look-ups (1-3 byte permutes per plane) no longer repeat per row pair.
+// A one-register plane (kc <= 64: one permute) waits for 16 rows (bench_matmul vq8 d2 16
+// entries, M = 8: 0.79-0.80 ms looked up, 0.82-0.85 through the panel; d4 256 entries,
+// three permutes: 1.32 -> 0.93-0.96 ms).
+template <int NT>
+constexpr int64_t kPanelRows = NT == 1 ? 16 : 8;
+
 template <int DIM, int NT>
 QK_VBMI uint32_t block_dim(const Problem& p, int64_t b, const int8_t* tab, float* out) {
   __m512i t[DIM][NT];
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int d = 0; d < DIM; ++d)
-    for (int j = 0; j < NT; ++j)
-      t[d][j] = _mm512_xor_si512(_mm512_loadu_si512(tab + d * 256 + 64 * j), flip);
+  load_planes(tab, t);
   uint32_t top = 0, r = 0;
   int64_t i = 0;
+  if (p.m >= kPanelRows<NT>) {
+    thread_local AlignedVector<uint8_t> panel;
+    panel.resize(static_cast<size_t>(p.nv * kVq8Rows * p.dim));
+    top = p.nib ? decode_panel<DIM, NT, true>(p, b, t, panel.data())
+                : decode_panel<DIM, NT, false>(p, b, t, panel.data());
+    for (; i + 8 <= p.m; i += 8) rows_panel<8>(p, b, panel.data(), i, out);
+    for (; i + 4 <= p.m; i += 4) rows_panel<4>(p, b, panel.data(), i, out);
+    for (; i < p.m; ++i) rows_panel<1>(p, b, panel.data(), i, out);
+    return top;
+  }
   for (; i + 2 <= p.m; i += 2) {
     r = p.nib ? rows_vbmi<DIM, NT, 2, true>(p, b, t, i, out)
               : rows_vbmi<DIM, NT, 2, false>(p, b, t, i, out);
@@ -129,7 +167,7 @@ QK_VBMI uint32_t block_avx512(const Problem& p, int64_t b, const int8_t* tab, fl
   return block_kc<8>(p, b, tab, out);
 }
 
-const Kernels kAvx512Kernels = {block_avx512};
+const Kernels kAvx512Kernels = {block_avx512, nullptr};
 
 }  // namespace
 

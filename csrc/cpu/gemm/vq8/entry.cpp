@@ -74,27 +74,34 @@ bool gemm_vq8(const float* x, int64_t m, const uint8_t* packed4, int64_t n, int6
     vq8_tables(books8, groups, kc, dim, own.data());
     tables = own.data();
   }
-  const vq8::Problem p{xp.data(), dx.data(), xs.data(), m,  nv,      dim,     kc,
-                       k / 32,    packed4,   nibbles, tables, scales, n,  nseg};
+  const vq8::Problem p{xp.data(), dx.data(), xs.data(), m,      nv,    dim,   kc,
+                       k / 32,    packed4,   nibbles,   tables, scales, n, nseg, groups,
+                       group_rows};
+  auto store = [&](int64_t b, const float* out) {
+    const float s = bs[groups == 1 ? 0 : b * kVq8Rows / group_rows];
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t l = 0; l < kVq8Rows && b * kVq8Rows + l < n; ++l) {
+        const int64_t r = b * kVq8Rows + l;
+        const float v = out[i * kVq8Rows + l] * s;
+        y[i * n + r] = bias ? v + bias[r] : v;
+      }
+  };
   const vq8::Kernels& kern = vq8::kernels();
-  const int64_t tasks = parallel ? std::min<int64_t>(nb, 64) : 1;
-  std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
-  tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
-    std::vector<float> out(static_cast<size_t>(m * kVq8Rows));
-    uint32_t top = 0;
-    for (int64_t b = nb * ti / tasks; b < nb * (ti + 1) / tasks; ++b) {
-      const int64_t g = groups == 1 ? 0 : b * kVq8Rows / group_rows;
-      top = std::max(top, kern.block(p, b, tables + g * dim * 256, out.data()));
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t l = 0; l < kVq8Rows && b * kVq8Rows + l < n; ++l) {
-          const int64_t r = b * kVq8Rows + l;
-          const float v = out[i * kVq8Rows + l] * bs[g];
-          y[i * n + r] = bias ? v + bias[r] : v;
-        }
-    }
-    tops[ti] = top;
-  });
-  const uint32_t top = *std::max_element(tops.begin(), tops.end());
+  uint32_t top = 0;
+  if (kern.call && m >= kVq8Rows) {
+    top = kern.call(p, parallel, store);
+  } else {
+    const int64_t tasks = parallel ? std::min<int64_t>(nb, 64) : 1;
+    std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
+    tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
+      std::vector<float> out(static_cast<size_t>(m * kVq8Rows));
+      for (int64_t b = nb * ti / tasks; b < nb * (ti + 1) / tasks; ++b) {
+        tops[ti] = std::max(tops[ti], kern.block(p, b, vq8::block_tables(p, b), out.data()));
+        store(b, out.data());
+      }
+    });
+    top = *std::max_element(tops.begin(), tops.end());
+  }
   if (top >= static_cast<uint64_t>(kc))
     throw std::invalid_argument("gemm_vq8: code " + std::to_string(top) +
                                 " is out of range for a codebook of " + std::to_string(kc) +

@@ -1,6 +1,7 @@
 // Internal interface of gemm_vq8 (api.h): the per-ISA loop over one block of 16 rows.
 #pragma once
 #include <cstdint>
+#include <functional>
 
 #include "cpu/gemm/vq8/api.h"
 #include "cpu/runtime/isa.h"
@@ -23,15 +24,31 @@ struct Problem {
   const int8_t* tables;
   const float* scales;  // null or (n, nseg); nseg = 1 without scales
   int64_t n, nseg;
+  int64_t groups, group_rows;  // codebook groups (tables: groups x dim x 256 bytes)
 };
+
+// The codebook tables of 16-row block b.
+inline const int8_t* block_tables(const Problem& p, int64_t b) {
+  const int64_t g = p.groups == 1 ? 0 : b * kVq8Rows / p.group_rows;
+  return p.tables + g * p.dim * 256;
+}
 
 // Block b (16 rows; codebook tables `tab`, dim * 256 bytes) for x rows [0, m): acc[i][l] as
 // api.h defines it (before bs and bias), stored at out[i * 16 + l]; rows past n get scale 0.
 // Returns the largest code read.
 using BlockFn = uint32_t (*)(const Problem& p, int64_t b, const int8_t* tab, float* out);
 
+// store(b, out): block b's outputs, out[i * 16 + l] as BlockFn leaves them, into y (entry.cpp).
+using BlockStore = std::function<void(int64_t b, const float* out)>;
+
+// A whole call where the level has a call-wide path (amx: amx.cpp, from 16 rows of x): every
+// 16-row block's outputs through `store` (each block once, from one task; the same bits as
+// BlockFn), on the pool when `parallel`. Returns the largest code read. Null elsewhere.
+using CallFn = uint32_t (*)(const Problem& p, bool parallel, const BlockStore& store);
+
 struct Kernels {
   BlockFn block;
+  CallFn call;
 };
 
 // Bytes of one 16-row block's codes.
@@ -54,9 +71,15 @@ inline float row_scale(const Problem& p, int64_t r, int64_t blk) {
 extern const Kernels kScalarKernels;  // scalar.cpp
 const Kernels* avx2_kernels();        // avx2.cpp
 const Kernels* avx512_kernels();      // avx512.cpp (VBMI; else the AVX2 table)
+#ifdef QK_HAVE_AMX
+const Kernels* amx_kernels();  // amx.cpp (VBMI; else the avx512 level's table)
+#else
+inline const Kernels* amx_kernels() { return nullptr; }  // the compiler has no AMX flags
+#endif
 
 inline const Kernels& kernels() {
-  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels()};
+  const Kernels* const by_isa[] = {&kScalarKernels, avx2_kernels(), avx512_kernels(),
+                                   amx_kernels()};
   return pick(by_isa);
 }
 
