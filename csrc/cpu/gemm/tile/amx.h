@@ -11,15 +11,15 @@
 //
 // Operands, per block (512 bytes each):
 // - weights, per tile pair (16 columns): 16 rows of the block's 32 codes in k order, decoded
-//   once per task from the format's 4-code groups (one register per group q, lane n = codes
+//   once per task (fast_call: once per call) from the format's 4-code groups (one register per group q, lane n = codes
 //   4q .. 4q+3 of column n) by an 8 x 16 dword transpose. Where every group's offset zc of the
 //   pair is an integer in [0, 15] (a codebook's: 128) the panel holds the signed codes u - zc
 //   (then tdpbssd gives I itself: one conversion and one FMA per block and output); else u
 //   (tdpbusd, then fma(-zc, xs, du) as the definition writes it: float zero points, or integer
 //   zero points outside the packers' range, which the ops accept).
 // - activations, per 16 rows: 8 rows (4-k groups) of 16 dwords (one per row), the same
-//   transpose of the rows' int8 codes, once per 16 rows and task, with the rows' dx / xs by
-//   block.
+//   transpose of the rows' int8 codes, once per 16 rows and task (fast_call: per call), with
+//   the rows' dx / xs by block.
 // The sums come out as one register per column with the 16 rows in its lanes: the rows' block
 // parameters are vector loads, the columns' offsets and scales broadcasts.
 //
@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "cpu/gemm/tile/avx512.h"
+#include "cpu/gemm/tile/driver.h"
 #include "cpu/runtime/aligned.h"
 #include "cpu/runtime/amx_tiles.h"
 
@@ -80,6 +81,18 @@ inline void transpose8(const __m512i* v, __m512i* out) {
   }
 }
 
+// One block's weight tile (16 rows of 32 bytes, 64-byte aligned) from its 8 registers of 4-code
+// groups, v[q] lane n = bytes 4q .. 4q+3 of row n: transposed, row n = v[0..7][n].
+inline void store_weight_tile(const __m512i (&v)[8], uint8_t* dst) {
+  __m512i rows[8];
+  transpose8(v, rows);
+  for (int d = 0; d < 8; ++d) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 32 * d), _mm512_castsi512_si256(rows[d]));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 32 * (d + 8)),
+                       _mm512_extracti64x4_epi64(rows[d], 1));
+  }
+}
+
 // zc = zc0 + z of tiles t, t + nt - 1 for group g (z = 0 without zero points) in every byte of
 // its lane, when all 16 are in [0, 15]; else false.
 inline bool int_offsets_pair(const int32_t* zeros, int zc0, int64_t ng, int64_t t, int nt,
@@ -107,18 +120,11 @@ bool decode_panel(const F& f, int64_t t, int nt, uint8_t* panel) {
   for (int64_t g = 0; g < nb / bpg && is_signed; ++g) is_signed = f.int_offsets(t, nt, g, off);
   for (int64_t b = 0; b < nb; ++b) {
     if (is_signed && b % bpg == 0) f.int_offsets(t, nt, b / bpg, off);
-    __m512i v[8], rows[8];
+    __m512i v[8];
     f.decode(t, nt, b, v);
     if (is_signed)  // u - zc in [-15, 15] (a codebook's: [-127, 127]) as signed bytes
       for (int q = 0; q < 8; ++q) v[q] = _mm512_sub_epi8(v[q], off);
-    transpose8(v, rows);
-    uint8_t* dst = panel + b * kPanelBlock;
-    for (int d = 0; d < 8; ++d) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 32 * d),
-                         _mm512_castsi512_si256(rows[d]));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 32 * (d + 8)),
-                         _mm512_extracti64x4_epi64(rows[d], 1));
-    }
+    store_weight_tile(v, panel + b * kPanelBlock);
   }
   return is_signed;
 }
@@ -281,6 +287,62 @@ void fast(const F& f, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
     _tile_release();
   }
   if (end < m1) f.rest(t0, t1, end, m1);
+}
+
+// Tile pairs a task of fast_call decodes together (4 x 16 columns: their panels, 64 KiB per
+// pair and 4096 k, stay in L2 while every row tile passes).
+constexpr int64_t kCallPairs = 8;
+
+// A whole call of at least 16 rows: every 16-row tile of x packed once (tiles in parallel),
+// then tasks over the tile pairs only, all rows each: a task decodes kCallPairs pairs' panels
+// at a time and runs every row tile against them (rows outer, pairs inner), then f.rest for
+// the rows short of a tile (fast()'s rule). The weights are decoded once per call, the rows
+// packed once, where fast()'s (tiles x 128 rows) tasks did both once per task.
+template <class F>
+void fast_call(const F& f, int64_t tiles, bool parallel) {
+  const auto& p = f.p;
+  const int64_t m = p.m, left = m % 16;
+  const int64_t end = left >= kPadAfterTiles ? m : m - left;  // rows on the tile unit
+  const int64_t chunks = (end + 15) / 16, nb = p.k / kBlock, bytes = nb * kPanelBlock;
+  AlignedVector<int8_t> xt(static_cast<size_t>(chunks * bytes));
+  AlignedVector<float> params(static_cast<size_t>(chunks * 32 * nb));  // per tile: dxt, xst
+  tdrv::run_tasks(chunks, parallel, [&](int64_t c) {
+    float* dxt = params.data() + c * 32 * nb;
+    pack_rows(p, 16 * c, static_cast<int>(std::min<int64_t>(16, end - 16 * c)),
+              xt.data() + c * bytes, dxt, dxt + 16 * nb);
+  });
+  const int64_t pairs = (tiles + 1) / 2;
+  const int64_t tasks = parallel ? std::min<int64_t>(pairs, 64) : 1;
+  tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
+    // tiles 0-3: 16 x 64 bytes (int32 sums), 4-5: 16 x 32 (weight codes), 6-7: 8 x 64
+    // (activation codes)
+    static const AmxTileConfig config({16, 16, 16, 16, 16, 16, 8, 8},
+                                      {64, 64, 64, 64, 32, 32, 64, 64});
+    _tile_loadconfig(&config);
+    thread_local AlignedVector<uint8_t> panels;
+    panels.resize(static_cast<size_t>(kCallPairs * bytes));
+    bool is_signed[kCallPairs];
+    const int64_t q0 = pairs * ti / tasks, q1 = pairs * (ti + 1) / tasks;
+    for (int64_t b0 = q0; b0 < q1; b0 += kCallPairs) {
+      const int64_t cnt = std::min(kCallPairs, q1 - b0);
+      auto width = [&](int64_t i) { return tiles - 2 * (b0 + i) >= 2 ? 2 : 1; };
+      for (int64_t i = 0; i < cnt; ++i)
+        is_signed[i] = decode_panel(f, 2 * (b0 + i), width(i), panels.data() + i * bytes);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int rows = static_cast<int>(std::min<int64_t>(16, end - 16 * c));
+        const int8_t* a = xt.data() + c * bytes;
+        const float* dxt = params.data() + c * 32 * nb;
+        for (int64_t i = 0; i < cnt; ++i) {
+          const uint8_t* w = panels.data() + i * bytes;
+          const int64_t t = 2 * (b0 + i);
+          if (is_signed[i]) rows16<true>(f, a, dxt, dxt + 16 * nb, w, 16 * c, rows, t, width(i));
+          else rows16<false>(f, a, dxt, dxt + 16 * nb, w, 16 * c, rows, t, width(i));
+        }
+      }
+    }
+    _tile_release();
+    if (end < m && q1 > q0) f.rest(2 * q0, std::min(tiles, 2 * q1), end, m);
+  });
 }
 
 }  // namespace tile_amx

@@ -43,6 +43,10 @@ bool run_tile_gemm(Problem& p, const Kernels& kern, int64_t tiles, bool fast, bo
     p.dx = dx.data();
     p.xs = xs.data();
   }
+  if (fast && kern.fast_call && p.m >= 16) {
+    kern.fast_call(p, tiles, parallel);
+    return false;
+  }
   auto fn = fast ? kern.fast : kern.exact;
   for_tile_tasks(tiles, p.m, fast, parallel,
                  [&](int64_t t0, int64_t t1, int64_t m0, int64_t m1) { fn(p, t0, t1, m0, m1); });

@@ -57,17 +57,10 @@ uint32_t decode_tiles(const Problem& p, int64_t b, uint8_t* flat, uint8_t* panel
   const uint32_t top = decode_block(p, b, flat);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t blk = 0; blk < p.nblk; ++blk) {
-    __m512i v[8], rows[8];
+    __m512i v[8];
     for (int e = 0; e < 8; ++e)
       v[e] = _mm512_xor_si512(_mm512_load_si512(flat + (8 * blk + e) * 64), flip);
-    tile_amx::transpose8(v, rows);
-    uint8_t* dst = panel + blk * kPanelBlock;
-    for (int d = 0; d < 8; ++d) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 32 * d),
-                         _mm512_castsi512_si256(rows[d]));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 32 * (d + 8)),
-                         _mm512_extracti64x4_epi64(rows[d], 1));
-    }
+    tile_amx::store_weight_tile(v, panel + blk * kPanelBlock);
   }
   return top;
 }

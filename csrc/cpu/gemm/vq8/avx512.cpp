@@ -20,6 +20,25 @@ inline __m512 scales_of(const Problem& p, int64_t b, int64_t blk) {
   return _mm512_load_ps(s);
 }
 
+// The float step of block of 32 `blk` for rows i0 .. i0 + MR - 1 (acc: their sums of
+// (w + 128) xq): yacc += (float(acc) - 128 xs) * (dx * s), the definition's D = float(acc) -
+// 128 xs being exact; sv / seg: the 16 rows' segment scales, reloaded when the segment changes.
+template <int MR>
+inline void block_epilogue(const Problem& p, int64_t b, int64_t blk, int64_t i0,
+                           const __m512i (&acc)[MR], __m512 (&yacc)[MR], __m512& sv,
+                           int64_t& seg) {
+  if (blk * p.nseg / p.nblk != seg) {
+    seg = blk * p.nseg / p.nblk;
+    sv = scales_of(p, b, blk);
+  }
+  for (int mi = 0; mi < MR; ++mi) {
+    const int64_t j = (i0 + mi) * p.nblk + blk;
+    const __m512 f = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[mi]), _mm512_set1_ps(128.0f * p.xs[j]));
+    const __m512 tt = _mm512_mul_ps(_mm512_set1_ps(p.dx[j]), sv);
+    yacc[mi] = _mm512_add_ps(yacc[mi], _mm512_mul_ps(f, tt));
+  }
+}
+
 // x rows i0 .. i0 + MR - 1 of block b.
 template <int DIM, int NT, int MR, bool NIB>
 QK_VBMI uint32_t rows_vbmi(const Problem& p, int64_t b, const __m512i (&t)[DIM][NT], int64_t i0,
@@ -62,16 +81,7 @@ QK_VBMI uint32_t rows_vbmi(const Problem& p, int64_t b, const __m512i (&t)[DIM][
                                         _mm512_set1_epi32(static_cast<int>(xp[mi][q * DIM + d])));
       }
     }
-    if (blk * p.nseg / p.nblk != seg) {
-      seg = blk * p.nseg / p.nblk;
-      sv = scales_of(p, b, blk);
-    }
-    for (int mi = 0; mi < MR; ++mi) {
-      const int64_t j = (i0 + mi) * p.nblk + blk;
-      const __m512 f = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[mi]), _mm512_set1_ps(128.0f * p.xs[j]));
-      const __m512 tt = _mm512_mul_ps(_mm512_set1_ps(p.dx[j]), sv);
-      yacc[mi] = _mm512_add_ps(yacc[mi], _mm512_mul_ps(f, tt));
-    }
+    block_epilogue<MR>(p, b, blk, i0, acc, yacc, sv, seg);
   }
   for (int mi = 0; mi < MR; ++mi) _mm512_storeu_ps(out + (i0 + mi) * kVq8Rows, yacc[mi]);
   alignas(64) uint8_t tb[64];
@@ -102,16 +112,7 @@ void rows_panel(const Problem& p, int64_t b, const uint8_t* panel, int64_t i0, f
       for (int mi = 0; mi < MR; ++mi)
         acc[mi] = _mm512_dpbusd_epi32(acc[mi], w, _mm512_set1_epi32(static_cast<int>(xp[mi][e])));
     }
-    if (blk * p.nseg / p.nblk != seg) {
-      seg = blk * p.nseg / p.nblk;
-      sv = scales_of(p, b, blk);
-    }
-    for (int mi = 0; mi < MR; ++mi) {
-      const int64_t j = (i0 + mi) * p.nblk + blk;
-      const __m512 f = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[mi]), _mm512_set1_ps(128.0f * p.xs[j]));
-      const __m512 tt = _mm512_mul_ps(_mm512_set1_ps(p.dx[j]), sv);
-      yacc[mi] = _mm512_add_ps(yacc[mi], _mm512_mul_ps(f, tt));
-    }
+    block_epilogue<MR>(p, b, blk, i0, acc, yacc, sv, seg);
   }
   for (int mi = 0; mi < MR; ++mi) _mm512_storeu_ps(out + (i0 + mi) * kVq8Rows, yacc[mi]);
 }

@@ -246,7 +246,7 @@ void fast_dispatch(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t
   else fast_avx2<3>(p, t0, t1, m0, m1);
 }
 
-const Kernels kAvx2Kernels = {fast_dispatch, exact_dispatch};
+const Kernels kAvx2Kernels = {fast_dispatch, exact_dispatch, nullptr};
 
 }  // namespace
 

@@ -355,7 +355,7 @@ void exact_dispatch(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_
   else exact_avx512<3>(p, t0, t1, m0, m1);
 }
 
-const Kernels kAvx512Kernels = {fast_dispatch, exact_dispatch};
+const Kernels kAvx512Kernels = {fast_dispatch, exact_dispatch, nullptr};
 
 }  // namespace
 

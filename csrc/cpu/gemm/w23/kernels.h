@@ -34,6 +34,8 @@ struct Problem {
 struct Kernels {
   void (*fast)(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1);
   void (*exact)(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1);
+  // As gemm_w4's (w4/kernels.h): the amx level's whole-call fast mode, null elsewhere.
+  void (*fast_call)(const Problem& p, int64_t tiles, bool parallel);
 };
 
 extern const Kernels kScalarKernels;  // scalar.cpp

@@ -33,7 +33,7 @@ void fast_scalar(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m
 
 }  // namespace
 
-const Kernels kScalarKernels = {fast_scalar, exact_scalar};
+const Kernels kScalarKernels = {fast_scalar, exact_scalar, nullptr};
 
 }  // namespace w23
 }  // namespace qk

@@ -67,10 +67,16 @@ void fast_amx(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1) 
   else tile_amx::fast(Format<false>(p), t0, t1, m0, m1);
 }
 
+void fast_call_amx(const Problem& p, int64_t tiles, bool parallel) {
+  if (p.table8) tile_amx::fast_call(Format<true>(p), tiles, parallel);
+  else tile_amx::fast_call(Format<false>(p), tiles, parallel);
+}
+
 }  // namespace
 
 const Kernels* amx_kernels() {
-  static const Kernels table = {avx512_kernels()->quantize_x, fast_amx, avx512_kernels()->exact};
+  static const Kernels table = {avx512_kernels()->quantize_x, fast_amx, avx512_kernels()->exact,
+                                fast_call_amx};
   return &table;
 }
 

@@ -280,7 +280,7 @@ void exact_avx2(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1
                         });
 }
 
-const Kernels kAvx2Kernels = {quantize_x_avx2, fast_avx2, exact_avx2};
+const Kernels kAvx2Kernels = {quantize_x_avx2, fast_avx2, exact_avx2, nullptr};
 
 }  // namespace
 

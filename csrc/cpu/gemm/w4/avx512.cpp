@@ -404,7 +404,8 @@ void exact_avx512(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t 
   else exact_impl<false>(p, t0, t1, m0, m1);
 }
 
-const Kernels kAvx512Kernels = {quantize_x_avx512, fast_avx512, exact_avx512};
+const Kernels kAvx512Kernels = {quantize_x_avx512, fast_avx512, exact_avx512,
+                                   nullptr};
 
 }  // namespace
 

@@ -34,6 +34,9 @@ struct Kernels {
                      float* xs);
   void (*fast)(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1);
   void (*exact)(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t m1);
+  // The fast mode over a whole call of >= 16 rows where the level has such a path (amx:
+  // tile/amx.h fast_call); null elsewhere (tile tasks of `fast`).
+  void (*fast_call)(const Problem& p, int64_t tiles, bool parallel);
 };
 
 extern const Kernels kScalarKernels;  // scalar.cpp

@@ -77,7 +77,7 @@ void exact_scalar(const Problem& p, int64_t t0, int64_t t1, int64_t m0, int64_t 
 
 }  // namespace
 
-const Kernels kScalarKernels = {quantize_x_scalar, fast_scalar, exact_scalar};
+const Kernels kScalarKernels = {quantize_x_scalar, fast_scalar, exact_scalar, nullptr};
 
 }  // namespace w4
 }  // namespace qk
