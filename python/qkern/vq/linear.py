@@ -69,8 +69,9 @@ from .lattice import lattice_codebook
 
 __all__ = ["FUSED_MAX_ROWS", "MODES", "VQLinear"]
 
-#: the most rows of x (tokens) the fused kernel takes (its cost grows with the rows; past
-#: about 32 decoding the weight once for a GEMM is cheaper)
+#: the most rows of x (tokens) the float fused kernel takes (its cost grows with the rows;
+#: past about 32 decoding the weight once for a GEMM is cheaper); the fast mode's int8 kernel
+#: takes every row count
 FUSED_MAX_ROWS = 32
 
 _FLOATS = (torch.float16, torch.float32)
