@@ -11,8 +11,8 @@
 //
 // Operands, per block (512 bytes each):
 // - weights, per tile pair (16 columns): 16 rows of the block's 32 codes in k order, decoded
-//   once per task (fast_call: once per call) from the format's 4-code groups (one register per group q, lane n = codes
-//   4q .. 4q+3 of column n) by an 8 x 16 dword transpose. Where every group's offset zc of the
+//   once per task (fast_call: once per call) from the format's 4-code groups (one register
+//   per group q, lane n = codes 4q .. 4q+3 of column n) by an 8 x 16 dword transpose. Where every group's offset zc of the
 //   pair is an integer in [0, 15] (a codebook's: 128) the panel holds the signed codes u - zc
 //   (then tdpbssd gives I itself: one conversion and one FMA per block and output); else u
 //   (tdpbusd, then fma(-zc, xs, du) as the definition writes it: float zero points, or integer
@@ -160,6 +160,14 @@ void pack_rows(const P& p, int64_t m, int rows, int8_t* a, float* dxt, float* xs
   }
 }
 
+// The tile configuration of block_sums: tiles 0-3 16 x 64 bytes (int32 sums), 4-5 16 x 32
+// (weight codes), 6-7 8 x 64 (activation codes). Loaded by each task that runs them.
+inline void load_sums_config() {
+  static const AmxTileConfig config({16, 16, 16, 16, 16, 16, 8, 8},
+                                    {64, 64, 64, 64, 32, 32, 64, 64});
+  _tile_loadconfig(&config);
+}
+
 // One block's sums into tile D: weight tile A (signed codes: tdpbssd, unsigned: tdpbusd) times
 // activation tile B. (A macro: the tile intrinsics take their register numbers as literals.)
 #define QK_TILE_AMX_DOT(D, A, B, w, a) \
@@ -243,6 +251,12 @@ void rows16(const F& f, const int8_t* a, const float* dxt, const float* xst, con
 // M = 24 with its 8 rows on AVX-512 1.35, M = 32 1.20; the AVX-512 kernel's rows ~0.07 each).
 constexpr int kPadAfterTiles = 8, kPadAlone = 12;
 
+// A call of m >= 16 rows: the rows on the tile unit, [0, rows_on_tiles(m)), the rest on the
+// AVX-512 kernel (kPadAfterTiles).
+inline int64_t rows_on_tiles(int64_t m) {
+  return m % 16 >= kPadAfterTiles ? m : m - m % 16;
+}
+
 // Tiles [t0, t1) x rows [m0, m1): every tile pair's panel first, then per 16-row tile its
 // packed rows against each pair; the rows short of a tile padded or through f.rest.
 template <class F>
@@ -253,11 +267,7 @@ void fast(const F& f, int64_t t0, int64_t t1, int64_t m0, int64_t m1) {
   const bool pad = left >= (whole > m0 ? kPadAfterTiles : kPadAlone);
   const int64_t end = pad ? m1 : whole;  // rows on the tile unit
   if (end > m0) {
-    // tiles 0-3: 16 x 64 bytes (int32 sums), 4-5: 16 x 32 (weight codes), 6-7: 8 x 64
-    // (activation codes)
-    static const AmxTileConfig config({16, 16, 16, 16, 16, 16, 8, 8},
-                                      {64, 64, 64, 64, 32, 32, 64, 64});
-    _tile_loadconfig(&config);
+    load_sums_config();
     const int64_t nb = p.k / kBlock, bytes = nb * kPanelBlock, pairs = (t1 - t0 + 1) / 2;
     thread_local AlignedVector<uint8_t> panels;
     thread_local AlignedVector<int8_t> rows;
@@ -301,8 +311,7 @@ constexpr int64_t kCallPairs = 8;
 template <class F>
 void fast_call(const F& f, int64_t tiles, bool parallel) {
   const auto& p = f.p;
-  const int64_t m = p.m, left = m % 16;
-  const int64_t end = left >= kPadAfterTiles ? m : m - left;  // rows on the tile unit
+  const int64_t m = p.m, end = rows_on_tiles(m);
   const int64_t chunks = (end + 15) / 16, nb = p.k / kBlock, bytes = nb * kPanelBlock;
   AlignedVector<int8_t> xt(static_cast<size_t>(chunks * bytes));
   AlignedVector<float> params(static_cast<size_t>(chunks * 32 * nb));  // per tile: dxt, xst
@@ -314,11 +323,7 @@ void fast_call(const F& f, int64_t tiles, bool parallel) {
   const int64_t pairs = (tiles + 1) / 2;
   const int64_t tasks = parallel ? std::min<int64_t>(pairs, 64) : 1;
   tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
-    // tiles 0-3: 16 x 64 bytes (int32 sums), 4-5: 16 x 32 (weight codes), 6-7: 8 x 64
-    // (activation codes)
-    static const AmxTileConfig config({16, 16, 16, 16, 16, 16, 8, 8},
-                                      {64, 64, 64, 64, 32, 32, 64, 64});
-    _tile_loadconfig(&config);
+    load_sums_config();
     thread_local AlignedVector<uint8_t> panels;
     panels.resize(static_cast<size_t>(kCallPairs * bytes));
     bool is_signed[kCallPairs];

@@ -21,7 +21,6 @@
 #include "cpu/gemm/tile/amx.h"
 
 #include <algorithm>
-#include <vector>
 
 #include "cpu/gemm/tile/driver.h"
 #include "cpu/gemm/vq8/kernels.h"
@@ -113,8 +112,7 @@ void tile_rows(const Problem& p, int64_t b, const uint8_t* w, const int8_t* a, c
 
 uint32_t call_amx(const Problem& p, bool parallel, const BlockStore& store) {
   const int64_t m = p.m, nblk = p.nblk, nb = (p.n + kVq8Rows - 1) / kVq8Rows;
-  const int64_t left = m % 16;
-  const int64_t mt = left >= tile_amx::kPadAfterTiles ? m : m - left;  // rows on tiles
+  const int64_t mt = tile_amx::rows_on_tiles(m);
   const int64_t chunks = (mt + 15) / 16, tile_bytes = nblk * kPanelBlock;
   AlignedVector<uint32_t> xt(static_cast<size_t>(chunks * tile_bytes / 4));
   AlignedVector<float> dxt(static_cast<size_t>(chunks * nblk * 16));
@@ -127,10 +125,7 @@ uint32_t call_amx(const Problem& p, bool parallel, const BlockStore& store) {
   const int64_t tasks = parallel ? std::min<int64_t>(nb, 64) : 1;
   AlignedVector<uint32_t> tops(static_cast<size_t>(tasks), 0);
   tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
-    // tiles 0-3: 16 x 64 bytes (int32 sums), 4-5: 16 x 32 (weights), 6-7: 8 x 64 (activations)
-    static const AmxTileConfig config({16, 16, 16, 16, 16, 16, 8, 8},
-                                      {64, 64, 64, 64, 32, 32, 64, 64});
-    _tile_loadconfig(&config);
+    tile_amx::load_sums_config();
     thread_local AlignedVector<uint8_t> panels, flat;
     thread_local AlignedVector<float> outs;
     panels.resize(static_cast<size_t>(kBatch * tile_bytes));
