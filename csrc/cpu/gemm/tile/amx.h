@@ -12,8 +12,9 @@
 // Operands, per block (512 bytes each):
 // - weights, per tile pair (16 columns): 16 rows of the block's 32 codes in k order, decoded
 //   once per task (fast_call: once per call) from the format's 4-code groups (one register
-//   per group q, lane n = codes 4q .. 4q+3 of column n) by an 8 x 16 dword transpose. Where every group's offset zc of the
-//   pair is an integer in [0, 15] (a codebook's: 128) the panel holds the signed codes u - zc
+//   per group q, lane n = codes 4q .. 4q+3 of column n) by an 8 x 16 dword transpose. Where
+//   every group's offset zc of the pair is an integer in [0, 15] (a codebook's: 128) the panel
+//   holds the signed codes u - zc
 //   (then tdpbssd gives I itself: one conversion and one FMA per block and output); else u
 //   (tdpbusd, then fma(-zc, xs, du) as the definition writes it: float zero points, or integer
 //   zero points outside the packers' range, which the ops accept).
