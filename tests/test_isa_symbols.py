@@ -4,6 +4,12 @@ function for the whole library (an inline function, a template instance such as
 ``std::vector<float>::assign``), and if it keeps the AVX2 or AVX-512 one, the scalar path calls
 it too and dies of SIGILL on a CPU without that ISA.
 
+Nor may a per-ISA object file initialize anything at load time (a namespace-scope object built by
+a function call, e.g. a kernel table filled by a non-constexpr function): the dynamic
+initializer runs when the library loads, on every CPU, and the compiler writes it with the
+file's ISA (2026-12-06: ``gemm/vq/avx512.cpp`` stored its table with a zmm move and ``import
+qkern`` died of SIGILL on an AVX2-only EPYC).
+
 Reads the object files of the C++ build trees under ``build/`` (the wheel build that ``make
 test`` installs from, or a development build); skipped, saying so, where none exists."""
 
@@ -93,6 +99,32 @@ def test_no_shared_function_carries_isa_instructions():
                         bad.append(f"{fn} ({isa}: {obj.relative_to(tree)}; also in "
                                    f"{', '.join(str(o.relative_to(tree)) for o in others[:3])})")
         assert not bad, f"{tree.name}: shared functions with ISA instructions:\n" + "\n".join(bad)
+
+
+def dynamic_initializers(obj: Path) -> list[str]:
+    """The load-time initializers of ``obj``: its ``.init_array`` section(s), or the
+    ``_GLOBAL__sub_I_`` functions GCC and Clang name them with."""
+    heads = subprocess.run(["objdump", "-h", str(obj)], capture_output=True, text=True,
+                           check=True).stdout
+    syms = subprocess.run(["nm", "--defined-only", str(obj)], capture_output=True, text=True,
+                          check=True).stdout
+    found = [line.split()[1] for line in heads.splitlines() if ".init_array" in line]
+    return found + [s.split()[-1] for s in syms.splitlines() if "_GLOBAL__sub_I_" in s]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("objdump") is None,
+                    reason="binutils (nm, objdump) not installed")
+def test_no_per_isa_file_runs_code_at_load_time():
+    trees = build_trees()
+    if not trees:
+        pytest.skip("no C++ build tree with object files under build/ (run make install)")
+    bad = []
+    for tree in trees:
+        for obj in sorted(tree.glob("CMakeFiles/*.dir/**/*.o")):
+            if level_of(obj) is not None and dynamic_initializers(obj):
+                bad.append(f"{tree.name}: {obj.relative_to(tree)}: {dynamic_initializers(obj)}")
+    assert not bad, ("per-ISA files with load-time initializers (make them constexpr or "
+                     "build them on first use from the dispatching file):\n" + "\n".join(bad))
 
 
 def test_the_check_finds_an_isa_instance():

@@ -155,14 +155,15 @@ uint32_t lane_avx512(const float* x, int64_t nvt, int64_t dim, const Code* codes
   return lane_simd<Avx512, Code>(x, nvt, dim, codes, kc, books, base, v0, chains);
 }
 
-Kernels avx512_table() {
+// constexpr: a table built at load time would run this file's AVX-512 code on every CPU
+constexpr Kernels avx512_table() {
   Kernels k = simd_kernels<Avx512>();
   k.u8.lane = lane_avx512<uint8_t>;
   k.u16.lane = lane_avx512<uint16_t>;
   return k;
 }
 
-const Kernels kAvx512Kernels = avx512_table();
+constexpr Kernels kAvx512Kernels = avx512_table();
 
 }  // namespace
 
