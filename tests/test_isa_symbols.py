@@ -127,6 +127,30 @@ def test_no_per_isa_file_runs_code_at_load_time():
                      "build them on first use from the dispatching file):\n" + "\n".join(bad))
 
 
+@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("objdump") is None,
+                    reason="binutils (nm, objdump) not installed")
+def test_kernel_table_getters_have_no_isa_instructions():
+    """The dispatching files build their ``by_isa`` arrays by calling every level's
+    ``avx2_kernels()`` / ``avx512_kernels()`` / ``amx_kernels()`` whatever the CPU has, so
+    those getters (compiled with their file's ISA) must be plain code."""
+    trees = build_trees()
+    if not trees:
+        pytest.skip("no C++ build tree with object files under build/ (run make install)")
+    bad, seen = [], 0
+    for tree in trees:
+        for obj in sorted(tree.glob("CMakeFiles/*.dir/**/*.o")):
+            level = level_of(obj)
+            if level is None:
+                continue
+            getters = {m for m in isa_functions(obj, re.compile(r"."))
+                       if re.search(r"(avx2|avx512|amx)_kernels", m)}
+            seen += len(getters)
+            hits = getters & isa_functions(obj, ISA_PATTERNS[LEVEL[level]])
+            bad += [f"{tree.name}: {obj.relative_to(tree)}: {m}" for m in sorted(hits)]
+    assert seen > 0, "no kernel-table getter found in the per-ISA object files"
+    assert not bad, "kernel-table getters with ISA instructions:\n" + "\n".join(bad)
+
+
 def test_the_check_finds_an_isa_instance():
     """The pattern sees AVX2 / AVX-512 instructions in objdump's syntax (a check that
     matched nothing would pass vacuously)."""
