@@ -146,15 +146,24 @@ def test_layer_pairs_only_across_homogeneous_modules():
 
 
 def test_cle_gain_int4_per_tensor(mlp, cnn, data):
-    for name, m in (("MLP", mlp), ("CNN", cnn)):
+    """CLE cuts the MLP's int4 per-tensor error by over a quarter for each of three training
+    seeds (0.59 / 0.65 / 0.67; the MLP trains to the same bits on AVX2 and AVX-512 CPUs). The
+    CNN's ratio is printed, not asserted: it depends on the trained model, which differs
+    between CPUs (torch's convolutions sum in another order): 0.51 on an AVX-512 Xeon, and
+    0.73 - 1.24 (mean 0.94) over seeds 0 - 4 on an AVX2-only EPYC, so CLE is no reliable gain
+    on it (README, "Gains on the digits models")."""
+    for name, m in (("MLP", mlp), ("MLP seed 1", None), ("MLP seed 2", None), ("CNN", cnn)):
+        if m is None:
+            with torch.random.fork_rng():
+                m = digits.train("mlp", data, epochs=15, seed=int(name[-1]))
         base = _quant(m, WeightOnlyConfig(fmt="int4", per_tensor=True))
         cle = _quant(m, WeightOnlyConfig(fmt="int4", per_tensor=True,
                                          cross_layer_equalization=True))
-        first = cle[1] if name == "MLP" else cle[0].qlinear
+        first = cle[0].qlinear if name == "CNN" else cle[1]
         assert first.weight_q.scale.unique().numel() == 1  # one scale for the layer
         r = _gain("cross-layer equalization", f"{name}, int4 per-tensor weights", m, data,
                   base, cle)
-        assert r < 0.75, r
+        assert name == "CNN" or r < 0.75, (name, r)
 
 
 # ---- bias correction ------------------------------------------------------------------------
