@@ -207,6 +207,34 @@ def test_vqlinear_fused_forward_matches_decoded_weight():
     assert layer.codebooks.grad is not None and layer.codebooks.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 4096, None], ids=["step", "4k", "default"])
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_vqlinear_decoded_path_by_chunks(case, chunk_bytes, monkeypatch):
+    """Past FUSED_MAX_ROWS rows the exact mode decodes the weight by chunks of rows into a
+    reused buffer (qkern.ops.vq.linear_decoded): one chunk per step of rows (16, or a multiple
+    of the codebook groups), a few, or the whole layer; with and without bias; against the
+    float64 definition."""
+    import qkern.ops.vq as vq
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(vq, "CHUNK_BYTES", chunk_bytes)
+    _, codes, books, scales, bias, gr = _data(*case)
+    n, k = codes.shape[0], codes.shape[1] * books.shape[2]
+    for b in (bias, None):
+        layer = VQLinear(codes, books, scales, b, group_rows=gr)
+        for rows in (FUSED_MAX_ROWS + 1, 70):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+            want = _reference(x, codes, books, scales, torch.zeros(n) if b is None else b, gr)
+            got = layer(x)
+            assert got.shape == (rows, n) and got.dtype == torch.float32
+            scale = np.abs(x.double().numpy()) @ np.abs(_reference(
+                torch.eye(k), codes, books, scales, torch.zeros(n), gr)) + 1
+            assert np.all(np.abs(got.double().numpy() - want) <= 1e-5 * scale), (case, rows)
+    # a reused buffer: the same call twice gives the same bits, and a 3-D x keeps its shape
+    x3 = torch.randn(2, 20, k)
+    assert torch.equal(layer(x3), layer(x3)) and layer(x3).shape == (2, 20, n)
+
+
 def test_vqlinear_compiles_fullgraph():
     x, codes, books, scales, bias, gr = _data(48, 16, 2, 16, 16, 2, 1, seed=5)
     layer = VQLinear(codes, books.half(), scales.half(), bias, group_rows=gr)

@@ -19,10 +19,12 @@ codes[r, v]]`` (in float32), and ``forward(x) = x @ W^T + bias``. On the CPU, fo
 ``FUSED_MAX_ROWS`` rows of ``x`` (decoding), ``forward`` runs the fused kernel
 ``qkern::gemm_vq`` (:mod:`qkern.ops.vq`: per block of 16 rows the dot products of ``x`` with
 the codebook entries, then one look-up per code; the weight is never decoded); for more rows
-it decodes the weight in C++ (``qkern::dequantize_vq``) and calls
-``torch.nn.functional.linear`` (a GEMM); when the codebooks or scales require grad (codebook
-fine-tuning) or off the CPU, it decodes with torch ops (:meth:`dequantize_weight`,
-differentiable). They agree to float32 rounding.
+it decodes the weight in C++ (``qkern::dequantize_vq``) a chunk of about 8 MiB at a time into
+a reused buffer and multiplies each chunk with ``torch.mm`` (a GEMM;
+:func:`qkern.ops.vq.linear_decoded`; ``F.linear`` on the whole decoded weight under
+``torch.compile``, for other dtypes and when ``x`` requires grad); when the codebooks or
+scales require grad (codebook fine-tuning) or off the CPU, it decodes with torch ops
+(:meth:`dequantize_weight`, differentiable). They agree to float32 rounding.
 
 ``mode="fast"`` (llama.cpp IQ2-style, about int2's decode speed): the codebooks are rounded to
 int8 (one float32 scale per codebook, :func:`qkern.ops.vq8.quantize_codebooks`) and ``x`` to
@@ -57,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.vq import decode_vq, nibbles_fit, pack_codes
+from ..ops.vq import decode_vq, linear_decoded, nibbles_fit, pack_codes
 from ..ops.vq8 import (
     pack_codes4,
     quantize_codebooks,
@@ -202,6 +204,15 @@ class VQLinear(nn.Module):
                                             self.out_features, self.in_features,
                                             self.group_rows)
                 return y.reshape(*lead, self.out_features).to(x.dtype)
+            x2 = x.reshape(rows, self.in_features)
+            if (not torch.compiler.is_compiling() and x.dtype == torch.float32 and
+                    x2.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad)):
+                # by chunks into a reused buffer (no page faults per call; the operands were
+                # checked when refresh_kernel_operands built them)
+                y = linear_decoded(x2, self._vq_packed, self._vq_books, self._vq_scales,
+                                   self._vq_bias, self.out_features, self.in_features,
+                                   self.group_rows)
+                return y.reshape(*lead, self.out_features)
             w = torch.ops.qkern.dequantize_vq(self._vq_packed, self._vq_books, self._vq_scales,
                                               self.out_features, self.in_features,
                                               self.group_rows).to(x.dtype)
