@@ -384,3 +384,90 @@ def test_quant_linear_double_quant_runs_lut4_dq(name, m):
     assert torch.allclose(y, torch.nn.functional.linear(x, wq, b), rtol=1e-5, atol=1e-5)
     plain = QuantLinear.from_float(lin, name, group_size=64)
     assert plain.kernel == "lut4"
+
+
+# ---- many rows of x: the weight decoded by chunks for torch.mm (ops/lut4.py run_decoded) ----
+
+
+def _fused(x, codes, scales, table, g, bias):
+    """The fused kernel itself (whatever the row count), on the active ISA."""
+    p = lut4.pack_weight(codes, scales, g)
+    return lut4.run_gemm_lut4(x.contiguous(), p["packed"], p["scales"], table, bias,
+                              codes.shape[0], codes.shape[1], g)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("chunk_bytes", [4096, None], ids=["4k", "default"])
+@pytest.mark.parametrize("n,k,g", [(33, 1024, 64), (257, 256, 32), (40, 4096, 128)])
+def test_decoded_path_vs_reference(isa, chunk_bytes, n, k, g, monkeypatch):
+    """From DECODED_MIN_ROWS rows the op decodes W by chunks (several with 4 KiB chunks, N not
+    a multiple of the chunk rows) into a reused buffer and multiplies with torch.mm: within the
+    float32 sum's bound of the definition, for the float and the double-quantized scales."""
+    import qkern.ops.decoded as decoded
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(decoded, "CHUNK_BYTES", chunk_bytes)
+    isas.use(isa)
+    table = _table("nf4")
+    m = lut4.decoded_min_rows()
+    x, codes, scales, b = _problem(m + 3, n, k, g, seed=n + k)
+    ref, bound = _reference(x, codes, scales, table, g, b)
+    for xx, rr, bb in ((x, ref, bound), (x[:m], ref[:m], bound[:m])):
+        _check(_run(xx, codes, scales, table, g, b), rr, bb, k)
+        assert torch.equal(_run(xx, codes, scales, table, g, b),
+                           lut4.run_decoded(xx.contiguous(), *_packed(codes, scales, g),
+                                            None, None, 0.0, 0, table, b, n, k, g))
+    q = _dq_weight("nf4", n, k, g, seed=g)
+    w = q.dequantize()
+    y = _run_dq(x, q, b)
+    _check(y, x.double() @ w.double().T + b.double(),
+           x.double().abs() @ w.double().abs().T + b.double().abs(), k)
+    # the same weights with float scales: the same decoded bits, the same product
+    p = lut4.pack_weight(q.codes, q.scale, g)
+    assert torch.equal(y, torch.ops.qkern.gemm_lut4(x, p["packed"], p["scales"], table, b, n,
+                                                    k, g))
+
+
+def _packed(codes, scales, g):
+    p = lut4.pack_weight(codes, scales, g)
+    return p["packed"], p["scales"]
+
+
+def test_decode_weight_is_the_definition_and_the_threshold_is_by_isa():
+    """decode_weight (the decoded path's rows, QuantLinear.dequantize_weight) is table[c] * s
+    bit for bit, float and double-quantized scales, 1 or 2 threads; the op takes the fused
+    kernel below DECODED_MIN_ROWS rows and the decoded path from there."""
+    table = _table("fp4_e2m1")
+    x, codes, scales, _ = _problem(1, 70, 512, 32, seed=5)
+    want = table[codes.long()] * scales.repeat_interleave(32, 1)
+    packed, sc = _packed(codes, scales, 32)
+    q = _dq_weight("nf4", 70, 512, 64, seed=6)
+    pd = lut4.pack_weight_dq(q.codes, q.double_quant, 64)
+    for threads in (1, 2):
+        qkern.set_num_threads(threads)
+        got = lut4.decode_weight(packed, sc, None, None, 0.0, 0, table, 70, 512, 32)
+        assert torch.equal(got, want)
+        got = lut4.decode_weight(pd["packed"], None, pd["qscales"], pd["scale2"],
+                                 float(pd["mean"]), pd["dq_group"], _table("nf4"), 70, 512, 64)
+        assert torch.equal(got, q.dequantize())
+    assert lut4.DECODED_MIN_ROWS == {"scalar": 32, "avx2": 32, "avx512": 128, "amx": 128}
+    with pytest.raises(ValueError, match="not inside"):
+        qkern._C.lut4_decode_raw(packed.data_ptr(), sc.data_ptr(), 0, 0, 0.0, 0,
+                                 table.data_ptr(), 70, 60, 71, 512, 32, got.data_ptr())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [64, 130])
+def test_fused_kernel_at_many_rows(isa, m):
+    """The fused kernel keeps its own test at row counts the op now sends to the decoded path
+    (several 64-row blocks of x), on every ISA and thread count."""
+    isas.use(isa)
+    table = _table("nf4")
+    x, codes, scales, b = _problem(m, 257, 1024, 64, seed=m)
+    ref, bound = _reference(x, codes, scales, table, 64, b)
+    ys = []
+    for threads in (1, 2):
+        qkern.set_num_threads(threads)
+        ys.append(_fused(x, codes, scales, table, 64, b))
+        _check(ys[-1], ref, bound, 1024)
+    assert torch.equal(ys[0], ys[1])

@@ -211,13 +211,13 @@ def test_vqlinear_fused_forward_matches_decoded_weight():
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
 def test_vqlinear_decoded_path_by_chunks(case, chunk_bytes, monkeypatch):
     """Past FUSED_MAX_ROWS rows the exact mode decodes the weight by chunks of rows into a
-    reused buffer (qkern.ops.vq.linear_decoded): one chunk per step of rows (16, or a multiple
-    of the codebook groups), a few, or the whole layer; with and without bias; against the
-    float64 definition."""
-    import qkern.ops.vq as vq
+    reused buffer (qkern.ops.vq.linear_decoded on qkern.ops.decoded): one chunk per step of
+    rows (16, or a multiple of the codebook groups), a few, or the whole layer; with and
+    without bias; against the float64 definition."""
+    import qkern.ops.decoded as decoded
 
     if chunk_bytes is not None:
-        monkeypatch.setattr(vq, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(decoded, "CHUNK_BYTES", chunk_bytes)
     _, codes, books, scales, bias, gr = _data(*case)
     n, k = codes.shape[0], codes.shape[1] * books.shape[2]
     for b in (bias, None):

@@ -67,6 +67,27 @@ void gemm_lut4_dq_raw(uintptr_t x, int64_t m, uintptr_t packed, uintptr_t qscale
                    n, k, group, reinterpret_cast<float*>(y));
 }
 
+// Rows [n0, n1) of the layer (N rows) decoded into w; qscales / scale2 (dq_group > 0) when
+// scales is 0.
+void lut4_decode_raw(uintptr_t packed, uintptr_t scales, uintptr_t qscales, uintptr_t scale2,
+                     float mean, int64_t dq_group, uintptr_t table, int64_t n, int64_t n0,
+                     int64_t n1, int64_t k, int64_t group, uintptr_t w) {
+  expect(0 <= n0 && n0 <= n1 && n1 <= n, "rows [" + std::to_string(n0) + ", " +
+                                             std::to_string(n1) + ") are not inside [0, " +
+                                             std::to_string(n) + ")");
+  expect(scales || dq_group > 0, "dq_group must be positive, got " + std::to_string(dq_group));
+  check_raw(n1 - n0, n, k, group,
+            n0 == n1 || (packed && (scales || (qscales && scale2)) && table && w));
+  if (n0 == n1) return;
+  py::gil_scoped_release nogil;
+  qk::lut4_decode(reinterpret_cast<const uint8_t*>(packed),
+                  reinterpret_cast<const float*>(scales),
+                  reinterpret_cast<const int8_t*>(qscales),
+                  reinterpret_cast<const float*>(scale2), mean, dq_group,
+                  reinterpret_cast<const float*>(table), n0, n1, k, group,
+                  reinterpret_cast<float*>(w));
+}
+
 static qk::bind::Register reg([](py::module_& m) {
   m.def("gemm_lut4_raw", &gemm_lut4_raw, py::arg("x"), py::arg("m"), py::arg("packed"),
         py::arg("scales"), py::arg("table"), py::arg("bias"), py::arg("n"), py::arg("k"),
@@ -77,6 +98,11 @@ static qk::bind::Register reg([](py::module_& m) {
         py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("group_size"),
         py::arg("dq_group"), py::arg("y"),
         "gemm_lut4_dq over data_ptr()s of checked contiguous tensors");
+  m.def("lut4_decode_raw", &lut4_decode_raw, py::arg("packed"), py::arg("scales"),
+        py::arg("qscales"), py::arg("scale2"), py::arg("mean"), py::arg("dq_group"),
+        py::arg("table"), py::arg("n"), py::arg("n0"), py::arg("n1"), py::arg("k"),
+        py::arg("group_size"), py::arg("w"),
+        "rows [n0, n1) of a gemm_lut4 weight decoded (float32) into w");
 });
 
 }  // namespace

@@ -69,8 +69,22 @@ class Lut4Dq(_Lut4Family):
         table, bias, mean = contig(table, torch.float32), contig(bias, torch.float32), float(mean)
         keep = (packed, qs, s2, table, bias)  # alive as long as the plan
         p, q8, sc2, tb, bi = (ptr(t) for t in keep)
-        return lambda x2, keep=keep: lut4.run_gemm_lut4_dq(x2, p, q8, sc2, mean, tb, bi, n, k, g,
-                                                           dg)
+        def run(x2, keep=keep):
+            if x2.shape[0] >= 32 and x2.shape[0] >= lut4.decoded_min_rows():  # prefill
+                return lut4.run_decoded(x2, packed, None, qs, s2, mean, dg, table, bias, n, k, g)
+            return lut4.run_gemm_lut4_dq(x2, p, q8, sc2, mean, tb, bi, n, k, g, dg)
+        return run
+
+    def weight(self, name, q, bufs):
+        packed, table = bufs["lut4_packed"], bufs["lut4_table"]
+        if packed.device.type != "cpu":
+            return super().weight(name, q, bufs)
+        n, k = q.shape
+        return lut4.decode_weight(packed.contiguous(), None, bufs["lut4_qscales"].contiguous(),
+                                  contig(bufs["lut4_scale2"], torch.float32),
+                                  float(bufs["lut4_mean"].float().reshape(())),
+                                  q.double_quant.group, contig(table, torch.float32), n, k,
+                                  q.group_size)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_lut4_dq(x2, bufs["lut4_packed"], bufs["lut4_qscales"],
@@ -106,7 +120,22 @@ class Lut4(_Lut4Family):
         table, bias = contig(table, torch.float32), contig(bias, torch.float32)
         keep = (packed, scales, table, bias)  # alive as long as the plan
         a = [ptr(t) for t in keep]
-        return lambda x2, keep=keep: lut4.run_gemm_lut4(x2, *a, n, k, g)
+
+        def run(x2, keep=keep):
+            if x2.shape[0] >= 32 and x2.shape[0] >= lut4.decoded_min_rows():  # prefill
+                return lut4.run_decoded(x2, packed, scales, None, None, 0.0, 0, table, bias, n,
+                                        k, g)
+            return lut4.run_gemm_lut4(x2, *a, n, k, g)
+        return run
+
+    def weight(self, name, q, bufs):
+        packed, table = bufs["lut4_packed"], bufs["lut4_table"]
+        if packed.device.type != "cpu":
+            return super().weight(name, q, bufs)
+        n, k = q.shape
+        return lut4.decode_weight(packed.contiguous(), contig(bufs["lut4_scales"], torch.float32),
+                                  None, None, 0.0, 0, contig(table, torch.float32), n, k,
+                                  q.group_size)
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_lut4(x2, bufs["lut4_packed"], bufs["lut4_scales"],

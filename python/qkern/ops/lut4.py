@@ -23,11 +23,13 @@ import torch
 
 from .. import _C
 from . import checks
+from .decoded import chunked_matmul
 from .raw import contig, ptr
 from .schemas import LIB
 
-__all__ = ["cpu_group_error", "cuda_group_error", "dq_scales", "gemm_lut4", "gemm_lut4_dq",
-           "group_error", "pack_weight", "pack_weight_dq", "run_gemm_lut4", "run_gemm_lut4_dq"]
+__all__ = ["cpu_group_error", "cuda_group_error", "decode_weight", "decoded_min_rows",
+           "dq_scales", "gemm_lut4", "gemm_lut4_dq", "group_error", "pack_weight",
+           "pack_weight_dq", "run_decoded", "run_gemm_lut4", "run_gemm_lut4_dq"]
 
 # The AVX2 GEMM decodes W in tiles of 512 columns (csrc/cpu/gemm/lut4/avx2.cpp kKc), a group at
 # a time, and its GEMV reads 16 codes at a time: safe for groups that are multiples of 16
@@ -65,11 +67,50 @@ def group_error(k: int, group_size: int) -> str | None:
     return cuda_group_error(k, group_size) or cpu_group_error(k, group_size)
 
 
+#: the fewest rows of x for which the CPU ops decode the weight by chunks for ``torch.mm``
+#: (:func:`run_decoded`) instead of running the fused kernel, by ISA: there the decode (a few
+#: ms per 4096 x 4096 layer) costs less than the fused kernel's extra time over torch's GEMM
+#: (measured: 2-2.5x torch's time at M = 512 on AVX2, 1.3-1.6x on AVX-512)
+DECODED_MIN_ROWS = {"scalar": 32, "avx2": 32, "avx512": 128, "amx": 128}
+
+
+def decoded_min_rows() -> int:
+    """:data:`DECODED_MIN_ROWS` of the active ISA."""
+    return DECODED_MIN_ROWS.get(_C.get_isa(), 128)
+
+
+def run_decoded(x, packed, scales, qscales, scale2, mean: float, dq_group: int, table, bias, N,
+                K, group_size):
+    """``x @ W^T (+ bias)`` on checked, contiguous CPU tensors (x float32 (M, K); ``scales``
+    float32, or None and the double-quantized ``qscales`` / ``scale2`` / ``mean`` /
+    ``dq_group``), ``W`` decoded exactly as the kernels decode it a chunk of rows at a time
+    into a reused buffer and multiplied by ``torch.mm`` (:mod:`qkern.ops.decoded`)."""
+    args = (ptr(packed), ptr(scales), ptr(qscales), ptr(scale2), float(mean),
+            int(dq_group), ptr(table))
+
+    def decode(n0: int, n1: int, w: int) -> None:
+        _C.lut4_decode_raw(*args, N, n0, n1, K, group_size, w)
+
+    return chunked_matmul(x, decode, N, K, bias)
+
+
+def decode_weight(packed, scales, qscales, scale2, mean: float, dq_group: int, table, N, K,
+                  group_size) -> torch.Tensor:
+    """The float32 weight (N, K), decoded exactly as the CPU kernels decode it, from checked,
+    contiguous CPU tensors (``scales`` float32, or None and the double-quantized scales)."""
+    w = torch.empty((N, K), dtype=torch.float32)
+    _C.lut4_decode_raw(ptr(packed), ptr(scales), ptr(qscales), ptr(scale2), float(mean),
+                       int(dq_group), ptr(table), N, 0, N, K, group_size, ptr(w))
+    return w
+
+
 def _gemm_lut4_cpu(x, packed, scales, table, bias, N, K, group_size):
     checks.gemm_lut4("gemm_lut4", x, packed, scales, table, bias, N, K, group_size,
                      cpu_group_error)
     x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
     table, bias = contig(table, torch.float32), contig(bias, torch.float32)
+    if x.shape[0] >= decoded_min_rows():
+        return run_decoded(x, packed, scales, None, None, 0.0, 0, table, bias, N, K, group_size)
     return run_gemm_lut4(x, packed, scales, table, bias, N, K, group_size)
 
 
@@ -90,8 +131,12 @@ def _gemm_lut4_dq_cpu(x, packed, qscales, scale2, mean, table, bias, N, K, group
                         dq_group, cpu_group_error)
     x, packed, qscales = contig(x, torch.float32), packed.contiguous(), qscales.contiguous()
     scale2, table = contig(scale2, torch.float32), contig(table, torch.float32)
-    return run_gemm_lut4_dq(x, packed, qscales, scale2, float(mean.float().reshape(())), table,
-                            contig(bias, torch.float32), N, K, group_size, dq_group)
+    mean, bias = float(mean.float().reshape(())), contig(bias, torch.float32)
+    if x.shape[0] >= decoded_min_rows():
+        return run_decoded(x, packed, None, qscales, scale2, mean, dq_group, table, bias, N, K,
+                           group_size)
+    return run_gemm_lut4_dq(x, packed, qscales, scale2, mean, table, bias, N, K, group_size,
+                            dq_group)
 
 
 def run_gemm_lut4_dq(x, packed, qscales, scale2, mean: float, table, bias, N, K, group_size,

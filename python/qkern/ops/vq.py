@@ -28,11 +28,11 @@ share a codebook the kernel computes each ``x_v . c`` once per codebook entry an
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 
 from .. import _C
+from .decoded import chunked_matmul
 from .raw import contig, ptr
 from .schemas import LIB
 
@@ -41,7 +41,7 @@ from .schemas import LIB
 # GEMM when x has many rows. Frozen weights only (no autograd: :func:`decode_vq` is the
 # differentiable twin).
 
-__all__ = ["CHUNK_BYTES", "ROWS", "check_gemm_vq", "decode_vq", "linear_decoded", "nibbles_fit",
+__all__ = ["ROWS", "check_gemm_vq", "decode_vq", "linear_decoded", "nibbles_fit",
            "pack_codes", "unpack_codes"]
 
 ROWS = 16  # rows per block of the packed layout
@@ -185,46 +185,21 @@ def _dequantize_vq_cpu(packed, codebooks, scales, N, K, group_rows):
 LIB.impl("dequantize_vq", _dequantize_vq_cpu, "CPU")
 
 
-#: bytes of decoded weight per chunk in :func:`linear_decoded`
-CHUNK_BYTES = 8 << 20
-_SCRATCH = threading.local()  # per thread: {"w": float32 buffer, "y": float32 buffer}
 
-
-def _scratch(name: str, n: int) -> torch.Tensor:
-    buf = getattr(_SCRATCH, name, None)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(n, dtype=torch.float32)
-        setattr(_SCRATCH, name, buf)
-    return buf[:n]
-
-
-@torch.no_grad()
 def linear_decoded(x, packed, books, scales, bias, N, K, group_rows) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for a float32 contiguous ``x`` (M, K) and the gemm_vq operands
     (contiguous, float32, checked by the caller: :class:`qkern.vq.linear.VQLinear`'s kernel
-    operands), ``W`` decoded a chunk of rows at a time (about :data:`CHUNK_BYTES`) into a
-    buffer each thread reuses, and each chunk multiplied by ``torch.mm``. Decoding the whole
-    weight into a fresh tensor costs its first-touch page faults on every call, about twice
-    the decode itself for a 4096 x 4096 layer; a chunk is also still cached for its GEMM.
-    No autograd (frozen weights)."""
+    operands), ``W`` decoded by chunks of rows into a reused buffer
+    (:func:`qkern.ops.decoded.chunked_matmul`). No autograd (frozen weights)."""
     groups, kc, dim = books.shape
-    m, nv = x.shape[0], K // dim
     nseg = 0 if scales is None else scales.shape[1]
-    step = ROWS if groups == 1 else math.lcm(ROWS, group_rows)
-    rows = max(step, CHUNK_BYTES // (4 * max(K, 1)) // step * step)
-    y = torch.empty((m, N), dtype=torch.float32)
     layout = _LAYOUT[packed.dtype]
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
+
+    def decode(n0: int, n1: int, w: int) -> None:
         g0 = 0 if groups == 1 else n0 // group_rows
-        w = _scratch("w", (n1 - n0) * K)
-        _C.decode_vq_raw(ptr(packed[n0 // ROWS:]), layout, n1 - n0, nv, ptr(books[g0:]),
+        _C.decode_vq_raw(ptr(packed[n0 // ROWS:]), layout, n1 - n0, K // dim, ptr(books[g0:]),
                          -(-(n1 - n0) // group_rows), kc, dim, group_rows,
-                         ptr(None if scales is None else scales[n0:]), nseg, ptr(w))
-        if n1 - n0 == N:  # one chunk: straight into y
-            return torch.addmm(bias, x, w.view(N, K).t(), out=y) if bias is not None else \
-                torch.mm(x, w.view(N, K).t(), out=y)
-        part = _scratch("y", m * (n1 - n0)).view(m, n1 - n0)
-        torch.mm(x, w.view(n1 - n0, K).t(), out=part)
-        y[:, n0:n1] = part
-    return y if bias is None else y.add_(bias)
+                         ptr(None if scales is None else scales[n0:]), nseg, w)
+
+    step = ROWS if groups == 1 else math.lcm(ROWS, group_rows)
+    return chunked_matmul(x, decode, N, K, bias, step)

@@ -34,4 +34,13 @@ void gemm_lut4_dq(const float* x, int64_t m, const uint8_t* packed, const int8_t
                   const float* scale2, float mean, int64_t dq_group, const float* table16,
                   const float* bias, int64_t n, int64_t k, int64_t group, float* y);
 
+// Rows [n0, n1) of W decoded as the kernels decode them, w[(r - n0) * k + c] = table16[code] *
+// s (one float32 product; bits equal to dequantize_lut's); packed, scales / qscales are the
+// whole layer's (row 0 first). scales null: the double-quantized scales (qscales, scale2,
+// mean, dq_group as gemm_lut4_dq), rebuilt with the kernels' rule. For a GEMM by chunks
+// (python/qkern/ops/lut4.py, many rows of x). Threaded.
+void lut4_decode(const uint8_t* packed, const float* scales, const int8_t* qscales,
+                 const float* scale2, float mean, int64_t dq_group, const float* table16,
+                 int64_t n0, int64_t n1, int64_t k, int64_t group, float* w);
+
 }  // namespace qk

@@ -101,4 +101,34 @@ void gemm_lut4_dq(const float* x, int64_t m, const uint8_t* packed, const int8_t
   run(a);
 }
 
+void lut4_decode(const uint8_t* packed, const float* scales, const int8_t* qscales,
+                 const float* scale2, float mean, int64_t dq_group, const float* table16,
+                 int64_t n0, int64_t n1, int64_t k, int64_t group, float* w) {
+  if (n1 <= n0 || k <= 0) return;
+  const int64_t groups = k / group, rows = n1 - n0;
+  const int64_t rb = std::max<int64_t>(1, (int64_t{1} << 16) / k);  // ~64k weights per task
+  parallel_for(ceil_div(rows, rb), [&](int64_t t) {
+    thread_local std::vector<float> rebuilt;
+    rebuilt.resize(static_cast<size_t>(groups));
+    for (int64_t r = n0 + t * rb; r < std::min(n1, n0 + (t + 1) * rb); ++r) {
+      const float* s = scales ? scales + r * groups : rebuilt.data();
+      if (!scales)
+        rebuild_scales(qscales, scale2, mean, dq_group, r * groups, (r + 1) * groups,
+                       rebuilt.data());
+      const uint8_t* row = packed + r * (k / 2);
+      float* out = w + (r - n0) * k;
+      for (int64_t g = 0; g < groups; ++g) {
+        float ts[16];  // the group's 16 weights: table16[c] * s, the same product per weight
+        for (int c = 0; c < 16; ++c) ts[c] = table16[c] * s[g];
+        const uint8_t* bytes = row + g * group / 2;
+        float* o = out + g * group;
+        for (int64_t i = 0; i < group / 2; ++i) {
+          o[2 * i] = ts[bytes[i] & 15];
+          o[2 * i + 1] = ts[bytes[i] >> 4];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace qk
