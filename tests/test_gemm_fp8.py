@@ -285,3 +285,49 @@ def test_quant_linear_unsupported_group_does_not_pick_fp8():
     assert ql.kernel == "dequant"
     x = torch.randn(3, 64)
     assert torch.allclose(ql(x), F.linear(x, ql.dequantize_weight(), lin.bias), atol=1e-5)
+
+
+# ---- many rows of x: the weight decoded by chunks for torch.mm (ops/fp8.py run_decoded) ----
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", list(FMTS))
+@pytest.mark.parametrize("chunk_bytes", [4096, None], ids=["4k", "default"])
+@pytest.mark.parametrize("n,k,g", [(33, 1024, 64), (257, 256, None), (40, 4096, 128)])
+def test_decoded_path(isa, fmt, chunk_bytes, n, k, g, monkeypatch):
+    """From DECODED_MIN_ROWS rows (where the ISA has no faster kernel) the op decodes W by
+    chunks (several with 4 KiB chunks) into a reused buffer and multiplies with torch.mm:
+    within the bound, and the same bits as run_decoded on the same operands; the decoded rows
+    are torch's float8 values times the scales bit for bit."""
+    import qkern.ops.decoded as decoded
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(decoded, "CHUNK_BYTES", chunk_bytes)
+    isas.use(isa)
+    low = fp8.decoded_min_rows()
+    m = 40 if low is None else low + 3
+    x, codes, scales, b = _problem(m, n, k, g, fmt, seed=n + k)
+    w = _weight(codes, scales, fmt)
+    y = _run(x, codes, scales, g, fmt, b)
+    _check(y, x, w, b)
+    p = fp8.pack_weight(codes, scales, g, fmt)
+    args = (p["w"], p["scales"], b, n, k, p["group_size"], p["fmt"])
+    assert fp8.use_decoded(m) == (low is not None)
+    if low is not None:
+        assert torch.equal(y, fp8.run_decoded(x, *args))
+    out = torch.empty(n - 3, k)
+    qkern._C.fp8_decode_raw(p["w"].data_ptr(), p["scales"].data_ptr(), n, 2, n - 1, k,
+                            p["group_size"], p["fmt"], out.data_ptr())
+    assert torch.equal(out, w[2:n - 1])
+
+
+def test_decoded_threshold_by_isa():
+    assert fp8.DECODED_MIN_ROWS == {"scalar": 32, "avx2": 32, "avx512": 32, "amx": 32}
+    for isa in HAVE:
+        isas.use(isa)
+        amx_tiles = isa == "amx" and qkern._C.cpu_has_amx_bf16()
+        assert fp8.decoded_min_rows() == (None if amx_tiles else 32)
+        assert not fp8.use_decoded(31) and fp8.use_decoded(32) != amx_tiles
+    w, s = torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1)
+    with pytest.raises(ValueError, match="not inside"):
+        qkern._C.fp8_decode_raw(w.data_ptr(), s.data_ptr(), 4, 3, 5, 32, 0, 0, s.data_ptr())

@@ -69,7 +69,27 @@ void gemm_raw(uintptr_t x, int64_t m, uintptr_t w, uintptr_t scales, uintptr_t b
                k, g, fmt, reinterpret_cast<float*>(y));
 }
 
+// Rows [n0, n1) of the layer (N rows) decoded into out.
+void decode_raw(uintptr_t w, uintptr_t scales, int64_t n, int64_t n0, int64_t n1, int64_t k,
+                int64_t group, int fmt, uintptr_t out) {
+  expect(0 <= n0 && n0 <= n1 && n1 <= n,
+         "rows [" + str(n0) + ", " + str(n1) + ") are not inside [0, " + str(n) + ")");
+  expect(k > 0, "K must be > 0, got " + str(k));
+  expect(fmt == qk::kFp8E4M3 || fmt == qk::kFp8E5M2,
+         "fmt must be 0 (fp8_e4m3) or 1 (fp8_e5m2), got " + str(fmt));
+  const int64_t g = effective_group(k, group);
+  qk::bind::checked_mul(n, k, "gemm_fp8: N x K");
+  if (n0 == n1) return;
+  expect(w && scales && out, "null pointer");
+  py::gil_scoped_release nogil;
+  qk::fp8_decode(reinterpret_cast<const uint8_t*>(w), reinterpret_cast<const float*>(scales), n0,
+                 n1, k, g, fmt, reinterpret_cast<float*>(out));
+}
+
 const qk::bind::Register reg([](py::module_& m) {
+  m.def("fp8_decode_raw", &decode_raw, py::arg("w"), py::arg("scales"), py::arg("n"),
+        py::arg("n0"), py::arg("n1"), py::arg("k"), py::arg("group_size"), py::arg("fmt"),
+        py::arg("out"), "rows [n0, n1) of a gemm_fp8 weight decoded (float32) into out");
   m.def("gemm_fp8_raw", &gemm_raw, py::arg("x"), py::arg("m"), py::arg("w"), py::arg("scales"),
         py::arg("bias"), py::arg("n"), py::arg("k"), py::arg("group_size"), py::arg("fmt"),
         py::arg("y"), "gemm_fp8 over data_ptr()s of checked contiguous tensors");

@@ -130,6 +130,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_has_avx512_bf16", &qk::cpu_has_avx512_bf16);
   m.def("cpu_has_avx512_vbmi", &qk::cpu_has_avx512_vbmi);
   m.def("cpu_has_amx", &qk::cpu_has_amx);
+  m.def("cpu_has_amx_bf16", &qk::cpu_has_amx_bf16);
   m.def("get_isa", [] {
     switch (qk::active_isa()) {
       case qk::kIsaAmx: return std::string("amx");

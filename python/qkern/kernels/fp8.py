@@ -41,7 +41,11 @@ class Fp8(Kernel):
         w, scales, bias = w.contiguous(), contig(scales, torch.float32), contig(bias, torch.float32)
         keep = (w, scales, bias)  # alive as long as the plan
         a = [ptr(t) for t in keep]
-        return lambda x2, keep=keep: fp8.run_gemm_fp8(x2, *a, n, k, g, fmt)
+        def run(x2, keep=keep):
+            if fp8.use_decoded(x2.shape[0]):  # prefill
+                return fp8.run_decoded(x2, w, scales, bias, n, k, g, fmt)
+            return fp8.run_gemm_fp8(x2, *a, n, k, g, fmt)
+        return run
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_fp8(x2, bufs["fp8_w"], bufs["fp8_scales"], bias, n, k,

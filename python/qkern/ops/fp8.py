@@ -17,11 +17,12 @@ import torch
 
 from .. import _C
 from . import checks
+from .decoded import chunked_matmul
 from .raw import contig, ptr
 from .schemas import LIB
 
-__all__ = ["FORMATS", "GROUP_SIZES", "gemm_fp8", "group_error", "pack_weight",
-           "run_gemm_fp8"]
+__all__ = ["DECODED_MIN_ROWS", "FORMATS", "GROUP_SIZES", "decoded_min_rows", "gemm_fp8",
+           "group_error", "pack_weight", "run_decoded", "run_gemm_fp8", "use_decoded"]
 
 FORMATS = {"fp8_e4m3": 0, "fp8_e5m2": 1}
 GROUP_SIZES = (32, 64, 128)
@@ -38,10 +39,49 @@ def group_error(k: int, group_size: int | None) -> str | None:
         return f"group_size {group_size} does not divide K = {k}"
     return None
 
+#: the fewest rows of x for which the CPU op decodes the weight by chunks for ``torch.mm``
+#: (:func:`run_decoded`) instead of running its kernel, by ISA (None: never): the scalar, AVX2
+#: and AVX-512 levels run the AVX2 tiled kernel (or slower) from 5 rows, 0.79x torch's fp32 GEMM
+#: at M = 512 on AVX2 (one thread); the amx level with AMX-BF16 runs bf16x3 tiles, 1.4-1.8x it
+DECODED_MIN_ROWS = {"scalar": 32, "avx2": 32, "avx512": 32, "amx": 32}
+
+
+def decoded_min_rows() -> int | None:
+    """:data:`DECODED_MIN_ROWS` of the active ISA; None where the amx level has its bf16x3
+    kernel (the CPU has AMX-BF16)."""
+    isa = _C.get_isa()
+    if isa == "amx" and _C.cpu_has_amx_bf16():
+        return None
+    return DECODED_MIN_ROWS.get(isa, 32)
+
+
+def run_decoded(x, w, scales, bias, N, K, group_size, fmt):
+    """``x @ W^T (+ bias)`` on checked, contiguous CPU tensors (x float32 (M, K)), ``W``
+    decoded as the definition has it (``fp8_value(code) * s``) a chunk of rows at a time into
+    a reused buffer and multiplied by ``torch.mm`` (:mod:`qkern.ops.decoded`)."""
+    pw, ps = ptr(w), ptr(scales)
+
+    def decode(n0: int, n1: int, out: int) -> None:
+        _C.fp8_decode_raw(pw, ps, N, n0, n1, K, group_size, fmt, out)
+
+    return chunked_matmul(x, decode, N, K, bias)
+
+
+def use_decoded(m: int) -> bool:
+    """Whether ``m`` rows of x take :func:`run_decoded` on the active ISA."""
+    if m < 32:  # decode steps: no ISA query
+        return False
+    low = decoded_min_rows()
+    return low is not None and m >= low
+
+
 def _gemm_fp8_cpu(x, w, scales, bias, N, K, group_size, fmt):
     checks.gemm_fp8(x, w, scales, bias, N, K, group_size, fmt)
     x, w, scales = contig(x, torch.float32), w.contiguous(), contig(scales, torch.float32)
-    return run_gemm_fp8(x, w, scales, contig(bias, torch.float32), N, K, group_size, fmt)
+    bias = contig(bias, torch.float32)
+    if use_decoded(x.shape[0]):
+        return run_decoded(x, w, scales, bias, N, K, group_size, fmt)
+    return run_gemm_fp8(x, w, scales, bias, N, K, group_size, fmt)
 
 
 def run_gemm_fp8(x, w, scales, bias, N, K, group_size, fmt):

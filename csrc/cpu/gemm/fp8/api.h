@@ -64,4 +64,11 @@ inline float fp8_value(uint8_t c, int fmt) {
 void gemm_fp8(const float* x, int64_t m, const uint8_t* w, const float* scales,
               const float* bias, int64_t n, int64_t k, int64_t group, int fmt, float* y);
 
+// Rows [n0, n1) of W decoded as the definition has them, out[(r - n0) * k + c] =
+// fp8_value(code, fmt) * s (one float32 product); w / scales are the whole layer's, group the
+// effective group (K for per channel). For a GEMM by chunks (python/qkern/ops/fp8.py, many
+// rows of x). Threaded.
+void fp8_decode(const uint8_t* w, const float* scales, int64_t n0, int64_t n1, int64_t k,
+                int64_t group, int fmt, float* out);
+
 }  // namespace qk

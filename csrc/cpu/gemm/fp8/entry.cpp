@@ -45,4 +45,23 @@ void gemm_fp8(const float* x, int64_t m, const uint8_t* w, const float* scales,
   });
 }
 
+void fp8_decode(const uint8_t* w, const float* scales, int64_t n0, int64_t n1, int64_t k,
+                int64_t group, int fmt, float* out) {
+  if (n1 <= n0 || k <= 0) return;
+  float value[256];
+  for (int c = 0; c < 256; ++c) value[c] = fp8_value(static_cast<uint8_t>(c), fmt);
+  const int64_t groups = k / group;
+  const int64_t rb = std::max<int64_t>(1, (int64_t{1} << 16) / k);  // ~64k weights per task
+  parallel_for(ceil_div(n1 - n0, rb), [&](int64_t t) {
+    for (int64_t r = n0 + t * rb; r < std::min(n1, n0 + (t + 1) * rb); ++r) {
+      const uint8_t* codes = w + r * k;
+      float* o = out + (r - n0) * k;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = scales[r * groups + g];
+        for (int64_t c = g * group; c < (g + 1) * group; ++c) o[c] = value[codes[c]] * s;
+      }
+    }
+  });
+}
+
 }  // namespace qk
