@@ -305,7 +305,7 @@ def test_decoded_path(isa, fmt, chunk_bytes, n, k, g, monkeypatch):
         monkeypatch.setattr(decoded, "CHUNK_BYTES", chunk_bytes)
     isas.use(isa)
     low = fp8.decoded_min_rows()
-    m = 40 if low is None else low + 3
+    m = 40 if low is None else low + 3  # AVX2: the tiled kernel, still checked
     x, codes, scales, b = _problem(m, n, k, g, fmt, seed=n + k)
     w = _weight(codes, scales, fmt)
     y = _run(x, codes, scales, g, fmt, b)
@@ -322,12 +322,15 @@ def test_decoded_path(isa, fmt, chunk_bytes, n, k, g, monkeypatch):
 
 
 def test_decoded_threshold_by_isa():
-    assert fp8.DECODED_MIN_ROWS == {"scalar": 32, "avx2": 32, "avx512": 32, "amx": 32}
+    want = {"scalar": 32, "avx2": None, "avx512": 128, "amx": 128}
+    assert fp8.DECODED_MIN_ROWS == want
     for isa in HAVE:
         isas.use(isa)
-        amx_tiles = isa == "amx" and qkern._C.cpu_has_amx_bf16()
-        assert fp8.decoded_min_rows() == (None if amx_tiles else 32)
-        assert not fp8.use_decoded(31) and fp8.use_decoded(32) != amx_tiles
+        low = None if isa == "amx" and qkern._C.cpu_has_amx_bf16() else want[isa]
+        assert fp8.decoded_min_rows() == low
+        assert not fp8.use_decoded(31)
+        assert fp8.use_decoded(128) == (low is not None)
+        assert not fp8.use_decoded(low - 1 if low else 4096)
     w, s = torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1)
     with pytest.raises(ValueError, match="not inside"):
         qkern._C.fp8_decode_raw(w.data_ptr(), s.data_ptr(), 4, 3, 5, 32, 0, 0, s.data_ptr())

@@ -450,7 +450,10 @@ def test_decode_weight_is_the_definition_and_the_threshold_is_by_isa():
         got = lut4.decode_weight(pd["packed"], None, pd["qscales"], pd["scale2"],
                                  float(pd["mean"]), pd["dq_group"], _table("nf4"), 70, 512, 64)
         assert torch.equal(got, q.dequantize())
-    assert lut4.DECODED_MIN_ROWS == {"scalar": 32, "avx2": 32, "avx512": 128, "amx": 128}
+    assert lut4.DECODED_MIN_ROWS == {"scalar": 32, "avx2": 128, "avx512": 128, "amx": 128}
+    for isa in HAVE:
+        isas.use(isa)
+        assert lut4.decoded_min_rows() == lut4.DECODED_MIN_ROWS[isa]
     with pytest.raises(ValueError, match="not inside"):
         qkern._C.lut4_decode_raw(packed.data_ptr(), sc.data_ptr(), 0, 0, 0.0, 0,
                                  table.data_ptr(), 70, 60, 71, 512, 32, got.data_ptr())

@@ -40,10 +40,13 @@ def group_error(k: int, group_size: int | None) -> str | None:
     return None
 
 #: the fewest rows of x for which the CPU op decodes the weight by chunks for ``torch.mm``
-#: (:func:`run_decoded`) instead of running its kernel, by ISA (None: never): the scalar, AVX2
-#: and AVX-512 levels run the AVX2 tiled kernel (or slower) from 5 rows, 0.79x torch's fp32 GEMM
-#: at M = 512 on AVX2 (one thread); the amx level with AMX-BF16 runs bf16x3 tiles, 1.4-1.8x it
-DECODED_MIN_ROWS = {"scalar": 32, "avx2": 32, "avx512": 32, "amx": 32}
+#: (:func:`run_decoded`) instead of running its kernel, by ISA (None: never). AVX2: never (its
+#: tiled kernel is as fast as torch's fp32 GEMM or faster: an AVX2-only EPYC, 2 threads,
+#: 4096 x 4096, M = 64 / 256 / 512: tiled 15.6 / 59.6 / 101.0 ms, decoded 28.0 / 76.0 / 105.7,
+#: fp32 22.0 / 70.1 / 108.6); AVX-512 runs that AVX2 kernel from 5 rows while torch's GEMM
+#: doubles its speed (0.54x fp32 at M = 512, docs/speed.md eleventh pass): decoded from 128
+#: rows; the amx level with AMX-BF16 keeps its bf16x3 tiles (1.4-1.8x fp32)
+DECODED_MIN_ROWS = {"scalar": 32, "avx2": None, "avx512": 128, "amx": 128}
 
 
 def decoded_min_rows() -> int | None:
@@ -52,7 +55,7 @@ def decoded_min_rows() -> int | None:
     isa = _C.get_isa()
     if isa == "amx" and _C.cpu_has_amx_bf16():
         return None
-    return DECODED_MIN_ROWS.get(isa, 32)
+    return DECODED_MIN_ROWS.get(isa, 128)
 
 
 def run_decoded(x, w, scales, bias, N, K, group_size, fmt):

@@ -69,9 +69,11 @@ def group_error(k: int, group_size: int) -> str | None:
 
 #: the fewest rows of x for which the CPU ops decode the weight by chunks for ``torch.mm``
 #: (:func:`run_decoded`) instead of running the fused kernel, by ISA: there the decode (a few
-#: ms per 4096 x 4096 layer) costs less than the fused kernel's extra time over torch's GEMM
-#: (measured: 2-2.5x torch's time at M = 512 on AVX2, 1.3-1.6x on AVX-512)
-DECODED_MIN_ROWS = {"scalar": 32, "avx2": 32, "avx512": 128, "amx": 128}
+#: ms per 4096 x 4096 layer) costs less than the fused kernel's extra time over torch's GEMM.
+#: Measured on an AVX2-only EPYC, 2 threads, 4096 x 4096: M = 64 fused 21.1 / decoded 29.6 ms,
+#: M = 256 87.2 / 70.5, M = 512 154.1 / 107.9 (fp32 22.0 / 70.1 / 108.6); on AVX-512 the fused
+#: GEMM ran at 0.64-0.77x torch's fp32 at prefill (docs/speed.md)
+DECODED_MIN_ROWS = {"scalar": 32, "avx2": 128, "avx512": 128, "amx": 128}
 
 
 def decoded_min_rows() -> int:
