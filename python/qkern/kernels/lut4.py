@@ -25,6 +25,19 @@ def _codes(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
 
 
+def _decoded_weight(kernel: Kernel, name: str, q: QTensor, bufs: dict[str, torch.Tensor],
+                    scale_args: tuple) -> torch.Tensor:
+    """Kernel.weight of the exact lut4 kernels on the CPU: the weight decoded as the kernels
+    decode it (``scale_args``: scales, qscales, scale2, mean, dq_group of
+    :func:`qkern.ops.lut4.decode_weight`); elsewhere the generic identity-rows product."""
+    packed = bufs["lut4_packed"]
+    if packed.device.type != "cpu":
+        return Kernel.weight(kernel, name, q, bufs)
+    n, k = q.shape
+    return lut4.decode_weight(packed.contiguous(), *scale_args,
+                              contig(bufs["lut4_table"], torch.float32), n, k, q.group_size)
+
+
 class _Lut4Family(Kernel):
     def claims(self, q: QTensor) -> bool:
         return q.format.kind == "codebook" and q.format.bits == 4
@@ -70,21 +83,15 @@ class Lut4Dq(_Lut4Family):
         keep = (packed, qs, s2, table, bias)  # alive as long as the plan
         p, q8, sc2, tb, bi = (ptr(t) for t in keep)
         def run(x2, keep=keep):
-            if x2.shape[0] >= 32 and x2.shape[0] >= lut4.decoded_min_rows():  # prefill
+            if lut4.use_decoded(x2.shape[0]):  # prefill
                 return lut4.run_decoded(x2, packed, None, qs, s2, mean, dg, table, bias, n, k, g)
             return lut4.run_gemm_lut4_dq(x2, p, q8, sc2, mean, tb, bi, n, k, g, dg)
         return run
 
     def weight(self, name, q, bufs):
-        packed, table = bufs["lut4_packed"], bufs["lut4_table"]
-        if packed.device.type != "cpu":
-            return super().weight(name, q, bufs)
-        n, k = q.shape
-        return lut4.decode_weight(packed.contiguous(), None, bufs["lut4_qscales"].contiguous(),
-                                  contig(bufs["lut4_scale2"], torch.float32),
-                                  float(bufs["lut4_mean"].float().reshape(())),
-                                  q.double_quant.group, contig(table, torch.float32), n, k,
-                                  q.group_size)
+        dq = (bufs["lut4_qscales"].contiguous(), contig(bufs["lut4_scale2"], torch.float32),
+              float(bufs["lut4_mean"].float().reshape(())), q.double_quant.group)
+        return _decoded_weight(self, name, q, bufs, (None, *dq))
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_lut4_dq(x2, bufs["lut4_packed"], bufs["lut4_qscales"],
@@ -122,20 +129,15 @@ class Lut4(_Lut4Family):
         a = [ptr(t) for t in keep]
 
         def run(x2, keep=keep):
-            if x2.shape[0] >= 32 and x2.shape[0] >= lut4.decoded_min_rows():  # prefill
+            if lut4.use_decoded(x2.shape[0]):  # prefill
                 return lut4.run_decoded(x2, packed, scales, None, None, 0.0, 0, table, bias, n,
                                         k, g)
             return lut4.run_gemm_lut4(x2, *a, n, k, g)
         return run
 
     def weight(self, name, q, bufs):
-        packed, table = bufs["lut4_packed"], bufs["lut4_table"]
-        if packed.device.type != "cpu":
-            return super().weight(name, q, bufs)
-        n, k = q.shape
-        return lut4.decode_weight(packed.contiguous(), contig(bufs["lut4_scales"], torch.float32),
-                                  None, None, 0.0, 0, contig(table, torch.float32), n, k,
-                                  q.group_size)
+        scales = contig(bufs["lut4_scales"], torch.float32)
+        return _decoded_weight(self, name, q, bufs, (scales, None, None, 0.0, 0))
 
     def matmul(self, name, x2, bufs, bias, n, k, q):
         return torch.ops.qkern.gemm_lut4(x2, bufs["lut4_packed"], bufs["lut4_scales"],

@@ -29,7 +29,8 @@ from .schemas import LIB
 
 __all__ = ["cpu_group_error", "cuda_group_error", "decode_weight", "decoded_min_rows",
            "dq_scales", "gemm_lut4", "gemm_lut4_dq", "group_error", "pack_weight",
-           "pack_weight_dq", "run_decoded", "run_gemm_lut4", "run_gemm_lut4_dq"]
+           "pack_weight_dq", "run_decoded", "run_gemm_lut4", "run_gemm_lut4_dq",
+           "use_decoded"]
 
 # The AVX2 GEMM decodes W in tiles of 512 columns (csrc/cpu/gemm/lut4/avx2.cpp kKc), a group at
 # a time, and its GEMV reads 16 codes at a time: safe for groups that are multiples of 16
@@ -81,6 +82,11 @@ def decoded_min_rows() -> int:
     return DECODED_MIN_ROWS.get(_C.get_isa(), 128)
 
 
+def use_decoded(m: int) -> bool:
+    """Whether ``m`` rows of x take :func:`run_decoded` on the active ISA."""
+    return m >= 32 and m >= decoded_min_rows()  # decode steps: no ISA query
+
+
 def run_decoded(x, packed, scales, qscales, scale2, mean: float, dq_group: int, table, bias, N,
                 K, group_size):
     """``x @ W^T (+ bias)`` on checked, contiguous CPU tensors (x float32 (M, K); ``scales``
@@ -111,7 +117,7 @@ def _gemm_lut4_cpu(x, packed, scales, table, bias, N, K, group_size):
                      cpu_group_error)
     x, packed, scales = contig(x, torch.float32), packed.contiguous(), contig(scales, torch.float32)
     table, bias = contig(table, torch.float32), contig(bias, torch.float32)
-    if x.shape[0] >= decoded_min_rows():
+    if use_decoded(x.shape[0]):
         return run_decoded(x, packed, scales, None, None, 0.0, 0, table, bias, N, K, group_size)
     return run_gemm_lut4(x, packed, scales, table, bias, N, K, group_size)
 
@@ -134,7 +140,7 @@ def _gemm_lut4_dq_cpu(x, packed, qscales, scale2, mean, table, bias, N, K, group
     x, packed, qscales = contig(x, torch.float32), packed.contiguous(), qscales.contiguous()
     scale2, table = contig(scale2, torch.float32), contig(table, torch.float32)
     mean, bias = float(mean.float().reshape(())), contig(bias, torch.float32)
-    if x.shape[0] >= decoded_min_rows():
+    if use_decoded(x.shape[0]):
         return run_decoded(x, packed, None, qscales, scale2, mean, dq_group, table, bias, N, K,
                            group_size)
     return run_gemm_lut4_dq(x, packed, qscales, scale2, mean, table, bias, N, K, group_size,
