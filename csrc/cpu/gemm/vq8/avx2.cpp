@@ -28,6 +28,43 @@ inline void decode_group(const Problem& p, const uint8_t* codes, const int8_t* t
   }
 }
 
+// The largest byte of c0 and c1.
+inline uint32_t max_byte(__m256i c0, __m256i c1) {
+  const __m256i v = _mm256_max_epu8(c0, c1);
+  __m128i m = _mm_max_epu8(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
+  m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m)) & 0xffu;
+}
+
+// decode_group for codebooks of <= 16 entries: the group's 64 codes are 64 consecutive bytes
+// (or nibbles) in j order, so each plane is one vpshufb of its first 16 table bytes per 32
+// codes (the same bytes as the scalar look-ups; a code >= 16 can only be out of range, which
+// `top` reports and the entry point raises on).
+inline void decode_group16(const Problem& p, const uint8_t* codes, const int8_t* tab, int64_t q,
+                           int8_t* w, uint32_t& top) {
+  const uint8_t* src = codes + (p.nib ? q / 2 : q) * kVq8Rows * kVq8Group;
+  __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32));
+  if (p.nib) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    const int sh = q % 2 ? 4 : 0;
+    c0 = _mm256_and_si256(_mm256_srli_epi16(c0, sh), m15);
+    c1 = _mm256_and_si256(_mm256_srli_epi16(c1, sh), m15);
+  }
+  const uint32_t mx = max_byte(c0, c1);
+  top = mx > top ? mx : top;
+  for (int64_t d = 0; d < p.dim; ++d) {
+    const __m256i t = _mm256_broadcastsi128_si256(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(tab + d * 256)));
+    auto* wd = reinterpret_cast<__m256i*>(w + d * 64);
+    _mm256_store_si256(wd, _mm256_shuffle_epi8(t, c0));
+    _mm256_store_si256(wd + 1, _mm256_shuffle_epi8(t, c1));
+  }
+}
+
 // From this many rows of x the block is decoded once (16 nv dim bytes) before the rows'
 // loop; below it each row decodes its groups as it goes (no panel to write and read back).
 constexpr int64_t kPanelRows = 4;
@@ -40,10 +77,10 @@ uint32_t block_avx2(const Problem& p, int64_t b, const int8_t* tab, float* out) 
   alignas(32) int8_t group[8 * 64];  // one decoded group, plane by plane (rows decoding it)
   alignas(32) float s[kVq8Rows];
   uint32_t top = 0;
+  const auto decode = p.kc <= 16 ? decode_group16 : decode_group;
   if (whole) {
     panel.resize(static_cast<size_t>(nq * dim * 64));
-    for (int64_t q = 0; q < nq; ++q)
-      decode_group(p, codes, tab, q, panel.data() + q * dim * 64, top);
+    for (int64_t q = 0; q < nq; ++q) decode(p, codes, tab, q, panel.data() + q * dim * 64, top);
   }
   for (int64_t i = 0; i < p.m; ++i) {
     const uint32_t* xp = p.xp + i * nq * dim;
@@ -54,7 +91,7 @@ uint32_t block_avx2(const Problem& p, int64_t b, const int8_t* tab, float* out) 
       for (int64_t e = 0; e < qpb; ++e, ++q) {
         const int8_t* w = group;
         if (whole) w = panel.data() + q * dim * 64;
-        else decode_group(p, codes, tab, q, group, top);
+        else decode(p, codes, tab, q, group, top);
         for (int64_t d = 0; d < dim; ++d) {
           const __m256i xb = _mm256_set1_epi32(static_cast<int>(xp[q * dim + d]));
           const auto* wd = reinterpret_cast<const __m256i*>(w + d * 64);
