@@ -62,8 +62,10 @@ $(CONSUMERS)/.done: $(VENV)/.deps
 
 consumers: $(CONSUMERS)/.done
 
+# Two pytest workers (pytest-xdist): the suite took 26 min that way on an AVX2-only 2-core EPYC
+# (2026-12-07), where one process was on course for over 40; the slowest tests listed.
 test: install consumers
-	timeout 1800 $(VPY) -m pytest -q tests $(addprefix --ignore=,$(INTEROP_TESTS))
+	timeout 2700 $(VPY) -m pytest -q -n 2 --durations=25 tests $(addprefix --ignore=,$(INTEROP_TESTS))
 	PYTHONPATH=$(CONSUMER_PATH) timeout 600 $(VPY) -m pytest -q -rs $(INTEROP_TESTS)
 
 demo: install
