@@ -51,6 +51,18 @@ def build_trees() -> list[Path]:
     return trees
 
 
+NEEDS_BINUTILS = pytest.mark.skipif(shutil.which("nm") is None or shutil.which("objdump") is None,
+                                    reason="binutils (nm, objdump) not installed")
+
+
+def trees_or_skip() -> list[Path]:
+    """build_trees(), or the test skipped saying why."""
+    trees = build_trees()
+    if not trees:
+        pytest.skip("no C++ build tree with object files under build/ (run make install)")
+    return trees
+
+
 def weak_definitions(objs: list[Path]) -> dict[str, list[Path]]:
     defs: dict[str, list[Path]] = defaultdict(list)
     for o in objs:
@@ -78,12 +90,9 @@ def isa_functions(obj: Path, pattern: re.Pattern) -> set[str]:
     return found
 
 
-@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("objdump") is None,
-                    reason="binutils (nm, objdump) not installed")
+@NEEDS_BINUTILS
 def test_no_shared_function_carries_isa_instructions():
-    trees = build_trees()
-    if not trees:
-        pytest.skip("no C++ build tree with object files under build/ (run make install)")
+    trees = trees_or_skip()
     for tree in trees:
         objs = sorted(tree.glob("CMakeFiles/*.dir/**/*.o"))
         defs = weak_definitions(objs)
@@ -112,30 +121,25 @@ def dynamic_initializers(obj: Path) -> list[str]:
     return found + [s.split()[-1] for s in syms.splitlines() if "_GLOBAL__sub_I_" in s]
 
 
-@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("objdump") is None,
-                    reason="binutils (nm, objdump) not installed")
+@NEEDS_BINUTILS
 def test_no_per_isa_file_runs_code_at_load_time():
-    trees = build_trees()
-    if not trees:
-        pytest.skip("no C++ build tree with object files under build/ (run make install)")
+    trees = trees_or_skip()
     bad = []
     for tree in trees:
         for obj in sorted(tree.glob("CMakeFiles/*.dir/**/*.o")):
-            if level_of(obj) is not None and dynamic_initializers(obj):
-                bad.append(f"{tree.name}: {obj.relative_to(tree)}: {dynamic_initializers(obj)}")
+            found = dynamic_initializers(obj) if level_of(obj) is not None else []
+            if found:
+                bad.append(f"{tree.name}: {obj.relative_to(tree)}: {found}")
     assert not bad, ("per-ISA files with load-time initializers (make them constexpr or "
                      "build them on first use from the dispatching file):\n" + "\n".join(bad))
 
 
-@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("objdump") is None,
-                    reason="binutils (nm, objdump) not installed")
+@NEEDS_BINUTILS
 def test_kernel_table_getters_have_no_isa_instructions():
     """The dispatching files build their ``by_isa`` arrays by calling every level's
     ``avx2_kernels()`` / ``avx512_kernels()`` / ``amx_kernels()`` whatever the CPU has, so
     those getters (compiled with their file's ISA) must be plain code."""
-    trees = build_trees()
-    if not trees:
-        pytest.skip("no C++ build tree with object files under build/ (run make install)")
+    trees = trees_or_skip()
     bad, seen = [], 0
     for tree in trees:
         for obj in sorted(tree.glob("CMakeFiles/*.dir/**/*.o")):
