@@ -15,6 +15,32 @@ sys.path.insert(0, os.path.dirname(__file__))  # `import reference` from any tes
 warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*audioop.*")
 
 
+def _worker_threads() -> int | None:
+    """Threads per pytest-xdist worker: the cores shared out among the workers, unless
+    OMP_NUM_THREADS is set. Two workers of two threads each on two cores made torch's OpenMP
+    regions wait on descheduled threads: docs/serving/awq.md's block took 94 s beside another
+    worker instead of 44 s, 284 s in the full suite (2026-12-07, a 2-core EPYC)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // int(workers))
+
+
+# before torch is imported, so that torch (and qkern, whose default follows torch's) and the
+# subprocesses the tests start take it
+WORKER_THREADS = _worker_threads()
+if WORKER_THREADS is not None:
+    os.environ["OMP_NUM_THREADS"] = str(WORKER_THREADS)
+
+
+def pytest_configure(config):
+    # in case a plugin imported torch before this file was read
+    if WORKER_THREADS is not None and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(WORKER_THREADS)
+        if "qkern" in sys.modules:
+            sys.modules["qkern"].set_num_threads(WORKER_THREADS)
+
+
 @pytest.fixture(autouse=True)
 def _restore_qkern_settings():
     try:
