@@ -144,6 +144,18 @@ def test_codebook_quantization_and_packing():
         pack_codes4(codes[:, :8], nibbles=True)
 
 
+@pytest.mark.parametrize("m", [1, 3, 5])
+def test_a_code_past_the_codebook_raises_on_every_isa(m):
+    """100 entries (8-bit codes): a code of 200 reads 0 from every path's tables (the dot
+    tables of avx2's 1-3 row path too) and the largest code read is reported."""
+    x, codes, books8, bs, scales, bias, gr = _data(64, 128, 4, 100, None, None, m)
+    codes[37, 5] = 200
+    for isa in isas.HAVE:
+        isas.use(isa)
+        with pytest.raises(ValueError, match="code 200 is out of range"):
+            OPS.gemm_vq8(x, pack_codes4(codes), books8, bs, scales, bias, 64, 128, gr)
+
+
 def test_bad_input_raises_clear_errors():
     x, codes, books8, bs, scales, bias, gr = _data(48, 64, 2, 16, 16, 1, 2)
     p = pack_codes4(codes)

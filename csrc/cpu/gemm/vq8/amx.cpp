@@ -155,10 +155,13 @@ uint32_t call_amx(const Problem& p, bool parallel, const BlockStore& store) {
   return *std::max_element(tops.begin(), tops.end());
 }
 
+// The tile path from 16 rows of x (fewer: the AVX-512 blocks).
+bool amx_fits(const Problem& p) { return p.m >= kVq8Rows; }
+
 }  // namespace
 
 const Kernels* amx_kernels() {
-  static const Kernels table = {avx512_kernels()->block, call_amx};
+  static const Kernels table = {avx512_kernels()->block, call_amx, amx_fits};
   return cpu_has_avx512_vbmi() ? &table : avx512_kernels();
 }
 

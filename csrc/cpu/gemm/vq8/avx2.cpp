@@ -2,7 +2,8 @@
 // codebook planes (scalar look-ups; from kPanelRows rows of x once per block, before the
 // rows' loop), then multiplied by the broadcast activation word with
 // the sign trick (maddubs(|x|, sign(w, x)): pairs <= 2 * 127 * 127, no saturation) and
-// madd into int32 lanes, one per row: the exact dot products of api.h.
+// madd into int32 lanes, one per row: the exact dot products of api.h. For 1-3 rows of x and
+// codebooks past 16 entries the call goes to dots_avx2.cpp instead (no decode at all).
 #include <immintrin.h>
 
 #include "cpu/gemm/vq8/kernels.h"
@@ -115,7 +116,7 @@ uint32_t block_avx2(const Problem& p, int64_t b, const int8_t* tab, float* out) 
   return top;
 }
 
-const Kernels kAvx2Kernels = {block_avx2, nullptr};
+const Kernels kAvx2Kernels = {block_avx2, call_dots, dots_fit};
 
 }  // namespace
 

@@ -168,7 +168,7 @@ QK_VBMI uint32_t block_avx512(const Problem& p, int64_t b, const int8_t* tab, fl
   return block_kc<8>(p, b, tab, out);
 }
 
-const Kernels kAvx512Kernels = {block_avx512, nullptr};
+const Kernels kAvx512Kernels = {block_avx512, nullptr, nullptr};
 
 }  // namespace
 

@@ -88,7 +88,7 @@ bool gemm_vq8(const float* x, int64_t m, const uint8_t* packed4, int64_t n, int6
   };
   const vq8::Kernels& kern = vq8::kernels();
   uint32_t top = 0;
-  if (kern.call && m >= kVq8Rows) {
+  if (kern.call && kern.fits(p)) {
     top = kern.call(p, parallel, store);
   } else {
     const int64_t tasks = parallel ? std::min<int64_t>(nb, 64) : 1;

@@ -41,14 +41,18 @@ using BlockFn = uint32_t (*)(const Problem& p, int64_t b, const int8_t* tab, flo
 // store(b, out): block b's outputs, out[i * 16 + l] as BlockFn leaves them, into y (entry.cpp).
 using BlockStore = std::function<void(int64_t b, const float* out)>;
 
-// A whole call where the level has a call-wide path (amx: amx.cpp, from 16 rows of x): every
-// 16-row block's outputs through `store` (each block once, from one task; the same bits as
-// BlockFn), on the pool when `parallel`. Returns the largest code read. Null elsewhere.
+// A whole call where the level has a call-wide path (amx: amx.cpp, from 16 rows of x; avx2:
+// avx2.cpp, a few rows of x and codebooks past 16 entries): every 16-row block's outputs
+// through `store` (each block once, from one task; the same bits as BlockFn), on the pool
+// when `parallel`. Returns the largest code read. Null elsewhere; `fits` says whether it
+// takes problem p (else the blocks run through `block`).
 using CallFn = uint32_t (*)(const Problem& p, bool parallel, const BlockStore& store);
+using FitsFn = bool (*)(const Problem& p);
 
 struct Kernels {
   BlockFn block;
   CallFn call;
+  FitsFn fits;
 };
 
 // Bytes of one 16-row block's codes.
@@ -67,6 +71,11 @@ inline float row_scale(const Problem& p, int64_t r, int64_t blk) {
   if (r >= p.n) return 0.0f;
   return p.scales ? p.scales[r * p.nseg + blk * p.nseg / p.nblk] : 1.0f;
 }
+
+// avx2's call-wide path (dots_avx2.cpp): 1-3 rows of x, codebooks past 16 entries (8-bit
+// codes), the per-call table of dot products within 16 MiB.
+bool dots_fit(const Problem& p);
+uint32_t call_dots(const Problem& p, bool parallel, const BlockStore& store);
 
 extern const Kernels kScalarKernels;  // scalar.cpp
 const Kernels* avx2_kernels();        // avx2.cpp

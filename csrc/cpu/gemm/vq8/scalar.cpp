@@ -37,7 +37,7 @@ uint32_t block_scalar(const Problem& p, int64_t b, const int8_t* tab, float* out
 
 }  // namespace
 
-const Kernels kScalarKernels = {block_scalar, nullptr};
+const Kernels kScalarKernels = {block_scalar, nullptr, nullptr};
 
 }  // namespace vq8
 }  // namespace qk

@@ -1,0 +1,160 @@
+// AVX2 gemm_vq8 (api.h) for a few rows of x and codebooks past 16 entries, where decoding the
+// codes costs more than the products (scalar look-ups, avx2.cpp): per call, every activation
+// vector's int32 dot product with every codebook entry,
+//   dots[((g m + i) nv + v) 256 + c] = sum_d tables[g][d][c] xq[i][v dim + d],
+// then each code is one 32-bit gather (index = the code byte; entries past kc are 0 in the
+// tables, so in dots, and the caller raises on the largest code), summed per block of 32
+// columns: api.h's D exactly (|D| <= 32 127^2), so the same bits as every other path.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/gemm/tile/driver.h"
+#include "cpu/gemm/vq8/kernels.h"
+#include "cpu/runtime/aligned.h"
+
+namespace qk {
+namespace vq8 {
+namespace {
+
+constexpr int64_t kMaxRows = 3;                  // m below avx2.cpp's panel (4 rows)
+constexpr int64_t kMaxDotBytes = int64_t{16} << 20;  // the dots table's cap
+
+int64_t dot_words(const Problem& p) { return p.groups * p.m * p.nv * 256; }
+
+// The tables' planes in pairs for vpmaddwd: pairs[(g dim / 2 + d / 2) 256 + c] = the int16s
+// (tables[g][d][c], tables[g][d + 1][c]), low half first.
+AlignedVector<uint32_t> table_pairs(const Problem& p) {
+  AlignedVector<uint32_t> pairs(static_cast<size_t>(p.groups * p.dim / 2 * 256));
+  for (int64_t g = 0; g < p.groups; ++g)
+    for (int64_t d = 0; d < p.dim; d += 2)
+      for (int64_t c = 0; c < 256; ++c) {
+        const int8_t* plane = p.tables + (g * p.dim + d) * 256 + c;
+        pairs[(g * p.dim / 2 + d / 2) * 256 + c] =
+            static_cast<uint16_t>(int16_t{plane[0]}) |
+            static_cast<uint32_t>(static_cast<uint16_t>(int16_t{plane[256]})) << 16;
+      }
+  return pairs;
+}
+
+// dots for codebook group g, x row i, vectors [v0, v1): 8 entries at a time, the dims in pairs
+// through vpmaddwd (a pair's sum <= 2 127^2, the dim-8 total <= 8 127^2: no overflow).
+void build_dots(const Problem& p, const uint32_t* pairs, int64_t g, int64_t i, int64_t v0,
+                int64_t v1, int32_t* dots) {
+  const int64_t nq = p.nv / kVq8Group, np = p.dim / 2;
+  const auto* pg = reinterpret_cast<const __m256i*>(pairs + g * np * 256);
+  for (int64_t v = v0; v < v1; ++v) {
+    const int64_t sh = 8 * (v % kVq8Group);
+    const uint32_t* w = p.xp + (i * nq + v / kVq8Group) * p.dim;
+    __m256i xpair[4];  // (x[d], x[d + 1]) as the int16s of each 32-bit lane
+    for (int64_t j = 0; j < np; ++j) {
+      const auto lo = static_cast<uint16_t>(int16_t{static_cast<int8_t>(w[2 * j] >> sh)});
+      const auto hi = static_cast<uint16_t>(int16_t{static_cast<int8_t>(w[2 * j + 1] >> sh)});
+      xpair[j] = _mm256_set1_epi32(static_cast<int>(lo | static_cast<uint32_t>(hi) << 16));
+    }
+    auto* out = reinterpret_cast<__m256i*>(dots + ((g * p.m + i) * p.nv + v) * 256);
+    for (int64_t c = 0; c < 32; ++c) {  // 8 entries each
+      __m256i acc = _mm256_madd_epi16(_mm256_load_si256(pg + c), xpair[0]);
+      for (int64_t j = 1; j < np; ++j) {
+        const __m256i t = _mm256_load_si256(pg + j * 32 + c);
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(t, xpair[j]));
+      }
+      _mm256_store_si256(out + c, acc);
+    }
+  }
+}
+
+// Block b for all MR = m rows of x: out[i * 16 + l] as BlockFn (kernels.h) leaves it.
+template <int MR>
+uint32_t block_dots(const Problem& p, int64_t b, const int32_t* dots, float* out) {
+  const int64_t qpb = 8 / p.dim;  // code groups per block of 32 columns
+  const int64_t g = p.groups == 1 ? 0 : b * kVq8Rows / p.group_rows;
+  const uint8_t* codes = p.packed4 + b * block_bytes(p);
+  const __m256i m255 = _mm256_set1_epi32(255);
+  const int32_t* base[MR];
+  __m256 y[MR][2];
+  for (int i = 0; i < MR; ++i) {
+    base[i] = dots + (g * p.m + i) * p.nv * 256;
+    y[i][0] = y[i][1] = _mm256_setzero_ps();
+  }
+  __m256i top = _mm256_setzero_si256();
+  alignas(32) float s[kVq8Rows];
+  int64_t seg = -1;
+  for (int64_t blk = 0, q = 0; blk < p.nblk; ++blk) {
+    __m256i a[MR][2];
+    for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_si256();
+    for (int64_t e = 0; e < qpb; ++e, ++q) {
+      // rows 0-7 and 8-15 of code group q: lane l = row l's codes of vectors 4 q .. 4 q + 3
+      const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + q * 64));
+      const __m256i c1 =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + q * 64 + 32));
+      top = _mm256_max_epu8(top, _mm256_max_epu8(c0, c1));
+      for (int t = 0; t < 4; ++t) {
+        const __m256i i0 = _mm256_and_si256(_mm256_srli_epi32(c0, 8 * t), m255);
+        const __m256i i1 = _mm256_and_si256(_mm256_srli_epi32(c1, 8 * t), m255);
+        const int64_t off = (4 * q + t) * 256;
+        for (int i = 0; i < MR; ++i) {
+          const auto* src = reinterpret_cast<const int*>(base[i] + off);
+          a[i][0] = _mm256_add_epi32(a[i][0], _mm256_i32gather_epi32(src, i0, 4));
+          a[i][1] = _mm256_add_epi32(a[i][1], _mm256_i32gather_epi32(src, i1, 4));
+        }
+      }
+    }
+    if (blk * p.nseg / p.nblk != seg) {
+      seg = blk * p.nseg / p.nblk;
+      for (int64_t l = 0; l < kVq8Rows; ++l) s[l] = row_scale(p, b * kVq8Rows + l, blk);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256 dx = _mm256_set1_ps(p.dx[i * p.nblk + blk]);
+      for (int h = 0; h < 2; ++h) {
+        const __m256 t = _mm256_mul_ps(dx, _mm256_load_ps(s + 8 * h));
+        y[i][h] = _mm256_add_ps(y[i][h], _mm256_mul_ps(_mm256_cvtepi32_ps(a[i][h]), t));
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(out + i * kVq8Rows, y[i][0]);
+    _mm256_storeu_ps(out + i * kVq8Rows + 8, y[i][1]);
+  }
+  alignas(32) uint8_t tb[32];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(tb), top);
+  return *std::max_element(tb, tb + 32);
+}
+
+}  // namespace
+
+bool dots_fit(const Problem& p) {
+  return p.m <= kMaxRows && p.kc > 16 && !p.nib && dot_words(p) * 4 <= kMaxDotBytes;
+}
+
+uint32_t call_dots(const Problem& p, bool parallel, const BlockStore& store) {
+  thread_local AlignedVector<int32_t> own;  // the caller's, reused: no page faults per call
+  own.resize(static_cast<size_t>(dot_words(p)));
+  int32_t* dots = own.data();  // (the pool's threads see their own thread_local)
+  const AlignedVector<uint32_t> pair_words = table_pairs(p);
+  const uint32_t* pairs = pair_words.data();
+  const int64_t nb = (p.n + kVq8Rows - 1) / kVq8Rows;
+  const int64_t tasks = parallel ? std::min<int64_t>(nb, 64) : 1;
+  const int64_t slices = p.groups * p.m;  // (g, i) pairs, each nv vectors
+  tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
+    for (int64_t gi = 0; gi < slices; ++gi)
+      build_dots(p, pairs, gi / p.m, gi % p.m, p.nv * ti / tasks, p.nv * (ti + 1) / tasks, dots);
+  });
+  std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
+  tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
+    alignas(32) float out[kMaxRows * kVq8Rows];
+    for (int64_t b = nb * ti / tasks; b < nb * (ti + 1) / tasks; ++b) {
+      uint32_t t = 0;
+      if (p.m == 1) t = block_dots<1>(p, b, dots, out);
+      else if (p.m == 2) t = block_dots<2>(p, b, dots, out);
+      else t = block_dots<3>(p, b, dots, out);
+      tops[ti] = std::max(tops[ti], t);
+      store(b, out);
+    }
+  });
+  return *std::max_element(tops.begin(), tops.end());
+}
+
+}  // namespace vq8
+}  // namespace qk
