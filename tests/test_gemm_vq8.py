@@ -41,6 +41,9 @@ CASES = [
     (32, 32, 2, 100, 16, None, 2),     # 100 entries (two registers per plane)
     (40, 128, 2, 16, 16, 2, 3),        # 16-row codebooks of 16 entries: 4-bit codes too
     (24, 64, 4, 9, None, None, 1),     # 9 entries: 4-bit codes too
+    # avx2's 1-3 row path: 3 rows' dot tables (3 x 5504 vectors x 1 KiB) pass its 16 MiB cap,
+    # so the rows go in two batches
+    (16, 11008, 2, 256, None, 43, 3),
     # from 16 rows the amx level's tile path: whole 16-row tiles, 8+ rows left padded to a
     # tile, fewer on the AVX-512 kernel; blocks of 32 in chunks of 4 (K = 320: 10 blocks)
     (64, 256, 4, 256, None, None, 16),

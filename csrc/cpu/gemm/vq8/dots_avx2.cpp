@@ -19,9 +19,10 @@ namespace vq8 {
 namespace {
 
 constexpr int64_t kMaxRows = 3;                  // m below avx2.cpp's panel (4 rows)
-constexpr int64_t kMaxDotBytes = int64_t{16} << 20;  // the dots table's cap
+constexpr int64_t kMaxDotBytes = int64_t{16} << 20;  // the dots table's cap (16 MiB)
 
-int64_t dot_words(const Problem& p) { return p.groups * p.m * p.nv * 256; }
+// Bytes of one x row's dots (every codebook group's).
+int64_t row_dot_bytes(const Problem& p) { return p.groups * p.nv * 256 * 4; }
 
 // The tables' planes in pairs for vpmaddwd: pairs[(g dim / 2 + d / 2) 256 + c] = the int16s
 // (tables[g][d][c], tables[g][d + 1][c]), low half first.
@@ -125,34 +126,52 @@ uint32_t block_dots(const Problem& p, int64_t b, const int32_t* dots, float* out
 }  // namespace
 
 bool dots_fit(const Problem& p) {
-  return p.m <= kMaxRows && p.kc > 16 && !p.nib && dot_words(p) * 4 <= kMaxDotBytes;
+  return p.m <= kMaxRows && p.kc > 16 && !p.nib && row_dot_bytes(p) <= kMaxDotBytes;
 }
 
 uint32_t call_dots(const Problem& p, bool parallel, const BlockStore& store) {
+  // x rows in batches whose dots fit kMaxDotBytes (all m rows at once but for the widest
+  // layers); the blocks' outputs go to `store` at once, or once every batch is done
+  const int64_t rows = std::min(p.m, kMaxDotBytes / row_dot_bytes(p));
+  const int64_t nb = (p.n + kVq8Rows - 1) / kVq8Rows;
   thread_local AlignedVector<int32_t> own;  // the caller's, reused: no page faults per call
-  own.resize(static_cast<size_t>(dot_words(p)));
+  own.resize(static_cast<size_t>(row_dot_bytes(p) / 4 * rows));
   int32_t* dots = own.data();  // (the pool's threads see their own thread_local)
+  AlignedVector<float> outs(static_cast<size_t>(rows < p.m ? nb * p.m * kVq8Rows : 0));
   const AlignedVector<uint32_t> pair_words = table_pairs(p);
   const uint32_t* pairs = pair_words.data();
-  const int64_t nb = (p.n + kVq8Rows - 1) / kVq8Rows;
   const int64_t tasks = parallel ? std::min<int64_t>(nb, 64) : 1;
-  const int64_t slices = p.groups * p.m;  // (g, i) pairs, each nv vectors
-  tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
-    for (int64_t gi = 0; gi < slices; ++gi)
-      build_dots(p, pairs, gi / p.m, gi % p.m, p.nv * ti / tasks, p.nv * (ti + 1) / tasks, dots);
-  });
   std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
-  tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
-    alignas(32) float out[kMaxRows * kVq8Rows];
-    for (int64_t b = nb * ti / tasks; b < nb * (ti + 1) / tasks; ++b) {
-      uint32_t t = 0;
-      if (p.m == 1) t = block_dots<1>(p, b, dots, out);
-      else if (p.m == 2) t = block_dots<2>(p, b, dots, out);
-      else t = block_dots<3>(p, b, dots, out);
-      tops[ti] = std::max(tops[ti], t);
-      store(b, out);
-    }
-  });
+  for (int64_t i0 = 0; i0 < p.m; i0 += rows) {
+    Problem q = p;  // x rows [i0, i0 + q.m)
+    q.m = std::min(rows, p.m - i0);
+    q.xp += i0 * (p.nv / kVq8Group) * p.dim;
+    q.dx += i0 * p.nblk;
+    q.xs += i0 * p.nblk;
+    const int64_t slices = q.groups * q.m;  // (g, i) pairs, each nv vectors
+    tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
+      for (int64_t gi = 0; gi < slices; ++gi)
+        build_dots(q, pairs, gi / q.m, gi % q.m, q.nv * ti / tasks, q.nv * (ti + 1) / tasks,
+                   dots);
+    });
+    tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
+      alignas(32) float own_out[kMaxRows * kVq8Rows];
+      for (int64_t b = nb * ti / tasks; b < nb * (ti + 1) / tasks; ++b) {
+        float* out = outs.empty() ? own_out : outs.data() + (b * p.m + i0) * kVq8Rows;
+        uint32_t t = 0;
+        if (q.m == 1) t = block_dots<1>(q, b, dots, out);
+        else if (q.m == 2) t = block_dots<2>(q, b, dots, out);
+        else t = block_dots<3>(q, b, dots, out);
+        tops[ti] = std::max(tops[ti], t);
+        if (outs.empty()) store(b, out);
+      }
+    });
+  }
+  if (!outs.empty())
+    tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
+      for (int64_t b = nb * ti / tasks; b < nb * (ti + 1) / tasks; ++b)
+        store(b, outs.data() + b * p.m * kVq8Rows);
+    });
   return *std::max_element(tops.begin(), tops.end());
 }
 
