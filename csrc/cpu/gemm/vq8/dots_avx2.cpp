@@ -13,6 +13,7 @@
 #include "cpu/gemm/tile/driver.h"
 #include "cpu/gemm/vq8/kernels.h"
 #include "cpu/runtime/aligned.h"
+#include "cpu/runtime/threadpool.h"
 
 namespace qk {
 namespace vq8 {
@@ -20,6 +21,7 @@ namespace {
 
 constexpr int64_t kMaxRows = 3;                  // m below avx2.cpp's panel (4 rows)
 constexpr int64_t kMaxDotBytes = int64_t{16} << 20;  // the dots table's cap (16 MiB)
+constexpr int64_t kChunkDotBytes = int64_t{128} << 10;  // dots read per pass over the blocks
 
 // Bytes of one x row's dots (every codebook group's).
 int64_t row_dot_bytes(const Problem& p) { return p.groups * p.nv * 256 * 4; }
@@ -66,9 +68,12 @@ void build_dots(const Problem& p, const uint32_t* pairs, int64_t g, int64_t i, i
   }
 }
 
-// Block b for all MR = m rows of x: out[i * 16 + l] as BlockFn (kernels.h) leaves it.
+// Blocks of 32 columns [blk0, blk1) of 16-row block b for all MR = m rows of x: y[i * 16 + l]
+// holds the sums over the blocks before blk0 (0 when blk0 = 0) and gets those to blk1; at
+// blk1 = nblk it is out as BlockFn (kernels.h) leaves it. Returns the largest code read.
 template <int MR>
-uint32_t block_dots(const Problem& p, int64_t b, const int32_t* dots, float* out) {
+uint32_t block_dots(const Problem& p, int64_t b, const int32_t* dots, int64_t blk0,
+                    int64_t blk1, float* out) {
   const int64_t qpb = 8 / p.dim;  // code groups per block of 32 columns
   const int64_t g = p.groups == 1 ? 0 : b * kVq8Rows / p.group_rows;
   const uint8_t* codes = p.packed4 + b * block_bytes(p);
@@ -77,12 +82,13 @@ uint32_t block_dots(const Problem& p, int64_t b, const int32_t* dots, float* out
   __m256 y[MR][2];
   for (int i = 0; i < MR; ++i) {
     base[i] = dots + (g * p.m + i) * p.nv * 256;
-    y[i][0] = y[i][1] = _mm256_setzero_ps();
+    y[i][0] = blk0 ? _mm256_loadu_ps(out + i * kVq8Rows) : _mm256_setzero_ps();
+    y[i][1] = blk0 ? _mm256_loadu_ps(out + i * kVq8Rows + 8) : _mm256_setzero_ps();
   }
   __m256i top = _mm256_setzero_si256();
   alignas(32) float s[kVq8Rows];
   int64_t seg = -1;
-  for (int64_t blk = 0, q = 0; blk < p.nblk; ++blk) {
+  for (int64_t blk = blk0, q = blk0 * qpb; blk < blk1; ++blk) {
     __m256i a[MR][2];
     for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_si256();
     for (int64_t e = 0; e < qpb; ++e, ++q) {
@@ -140,7 +146,8 @@ uint32_t call_dots(const Problem& p, bool parallel, const BlockStore& store) {
   AlignedVector<float> outs(static_cast<size_t>(rows < p.m ? nb * p.m * kVq8Rows : 0));
   const AlignedVector<uint32_t> pair_words = table_pairs(p);
   const uint32_t* pairs = pair_words.data();
-  const int64_t tasks = parallel ? std::min<int64_t>(nb, 64) : 1;
+  // few tasks, so that each reads a chunk's dots for many blocks
+  const int64_t tasks = parallel ? std::min<int64_t>(nb, 2 * pool_threads()) : 1;
   std::vector<uint32_t> tops(static_cast<size_t>(tasks), 0);
   for (int64_t i0 = 0; i0 < p.m; i0 += rows) {
     Problem q = p;  // x rows [i0, i0 + q.m)
@@ -154,16 +161,26 @@ uint32_t call_dots(const Problem& p, bool parallel, const BlockStore& store) {
         build_dots(q, pairs, gi / q.m, gi % q.m, q.nv * ti / tasks, q.nv * (ti + 1) / tasks,
                    dots);
     });
+    // the task's blocks a chunk of columns at a time, so that the chunk's dots stay in the
+    // cache while every block reads them (a whole row's are 1 MiB at K = 4096, dim 4)
+    const int64_t chunk = std::max<int64_t>(1, kChunkDotBytes / (q.m * 32 / q.dim * 1024));
     tdrv::run_tasks(tasks, parallel, [&](int64_t ti) {
-      alignas(32) float own_out[kMaxRows * kVq8Rows];
-      for (int64_t b = nb * ti / tasks; b < nb * (ti + 1) / tasks; ++b) {
-        float* out = outs.empty() ? own_out : outs.data() + (b * p.m + i0) * kVq8Rows;
-        uint32_t t = 0;
-        if (q.m == 1) t = block_dots<1>(q, b, dots, out);
-        else if (q.m == 2) t = block_dots<2>(q, b, dots, out);
-        else t = block_dots<3>(q, b, dots, out);
-        tops[ti] = std::max(tops[ti], t);
-        if (outs.empty()) store(b, out);
+      const int64_t b0 = nb * ti / tasks, b1 = nb * (ti + 1) / tasks;
+      AlignedVector<float> ys(static_cast<size_t>((b1 - b0) * q.m * kVq8Rows));
+      for (int64_t c0 = 0; c0 < q.nblk; c0 += chunk)
+        for (int64_t b = b0; b < b1; ++b) {
+          float* y = ys.data() + (b - b0) * q.m * kVq8Rows;
+          const int64_t c1 = std::min(q.nblk, c0 + chunk);
+          uint32_t t = 0;
+          if (q.m == 1) t = block_dots<1>(q, b, dots, c0, c1, y);
+          else if (q.m == 2) t = block_dots<2>(q, b, dots, c0, c1, y);
+          else t = block_dots<3>(q, b, dots, c0, c1, y);
+          tops[ti] = std::max(tops[ti], t);
+        }
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* y = ys.data() + (b - b0) * q.m * kVq8Rows;
+        if (outs.empty()) store(b, y);
+        else std::copy(y, y + q.m * kVq8Rows, outs.data() + (b * p.m + i0) * kVq8Rows);
       }
     });
   }
