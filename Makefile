@@ -62,8 +62,9 @@ $(CONSUMERS)/.done: $(VENV)/.deps
 
 consumers: $(CONSUMERS)/.done
 
-# Two pytest workers (pytest-xdist): the suite took 26 min that way on an AVX2-only 2-core EPYC
-# (2026-12-07), where one process was on course for over 40; the slowest tests listed.
+# Two pytest workers (pytest-xdist), each with its share of the cores (tests/conftest.py sets
+# OMP_NUM_THREADS): 8 min 53 s on a 2-core EPYC (2026-12-07; 21 min when each worker ran two
+# threads); the slowest tests listed.
 test: install consumers
 	timeout 2700 $(VPY) -m pytest -q -n 2 --durations=25 tests $(addprefix --ignore=,$(INTEROP_TESTS))
 	PYTHONPATH=$(CONSUMER_PATH) timeout 600 $(VPY) -m pytest -q -rs $(INTEROP_TESTS)
@@ -120,8 +121,8 @@ asan-build: deps
 
 # The kernel tests over the sanitizer build (not the documentation and command-line runs, which
 # start whole Python processes, nor the peak-memory measurements, which ASan's shadow memory
-# would swamp: the release build runs them in `make test`). Two pytest workers (pytest-xdist):
-# on the 2-core Intel Xeon VM the run took 22 minutes so, about 33 one at a time.
+# would swamp: the release build runs them in `make test`). Two pytest workers (pytest-xdist),
+# one thread each (tests/conftest.py): 12.6 min on a 2-core EPYC (2026-12-07).
 asan: asan-build
 	cd build/asan/pkg && $(ASAN_ENV) timeout 2700 $(abspath $(VPY)) -m pytest -q -n 2 \
 		-p no:cacheprovider $(abspath tests) -k "not cuda and not test_peak_memory" --ignore=$(abspath tests/test_demo.py) \
