@@ -75,19 +75,26 @@ def weak_definitions(objs: list[Path]) -> dict[str, list[Path]]:
     return defs
 
 
-def isa_functions(obj: Path, pattern: re.Pattern) -> set[str]:
-    """The functions of ``obj`` (mangled names) with at least one instruction ``pattern``
-    matches."""
+def function_lines(obj: Path) -> dict[str, list[str]]:
+    """``obj``'s functions (mangled names) -> their disassembled instruction lines."""
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(obj)], capture_output=True,
                          text=True, check=True).stdout
-    found, cur = set(), None
+    funcs: dict[str, list[str]] = {}
+    cur = None
     for line in out.splitlines():
         head = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
         if head:
-            cur = head.group(1)
-        elif cur is not None and pattern.search(line):
-            found.add(cur)
-    return found
+            cur = funcs.setdefault(head.group(1), [])
+        elif cur is not None:
+            cur.append(line)
+    return funcs
+
+
+def isa_functions(obj: Path | dict[str, list[str]], pattern: re.Pattern) -> set[str]:
+    """The functions of ``obj`` (an object file, or its :func:`function_lines`) with at least
+    one instruction ``pattern`` matches."""
+    funcs = function_lines(obj) if isinstance(obj, Path) else obj
+    return {f for f, lines in funcs.items() if any(pattern.search(x) for x in lines)}
 
 
 @NEEDS_BINUTILS
@@ -146,10 +153,10 @@ def test_kernel_table_getters_have_no_isa_instructions():
             level = level_of(obj)
             if level is None:
                 continue
-            getters = {m for m in isa_functions(obj, re.compile(r"."))
-                       if re.search(r"(avx2|avx512|amx)_kernels", m)}
+            funcs = function_lines(obj)  # one objdump per file
+            getters = {m: funcs[m] for m in funcs if re.search(r"(avx2|avx512|amx)_kernels", m)}
             seen += len(getters)
-            hits = getters & isa_functions(obj, ISA_PATTERNS[LEVEL[level]])
+            hits = isa_functions(getters, ISA_PATTERNS[LEVEL[level]])
             bad += [f"{tree.name}: {obj.relative_to(tree)}: {m}" for m in sorted(hits)]
     assert seen > 0, "no kernel-table getter found in the per-ISA object files"
     assert not bad, "kernel-table getters with ISA instructions:\n" + "\n".join(bad)
