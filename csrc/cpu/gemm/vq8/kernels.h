@@ -42,7 +42,7 @@ using BlockFn = uint32_t (*)(const Problem& p, int64_t b, const int8_t* tab, flo
 using BlockStore = std::function<void(int64_t b, const float* out)>;
 
 // A whole call where the level has a call-wide path (amx: amx.cpp, from 16 rows of x; avx2:
-// avx2.cpp, a few rows of x and codebooks past 16 entries): every 16-row block's outputs
+// dots_avx2.cpp, 1-3 rows of x and codebooks past 16 entries): every 16-row block's outputs
 // through `store` (each block once, from one task; the same bits as BlockFn), on the pool
 // when `parallel`. Returns the largest code read. Null elsewhere; `fits` says whether it
 // takes problem p (else the blocks run through `block`).
@@ -73,7 +73,7 @@ inline float row_scale(const Problem& p, int64_t r, int64_t blk) {
 }
 
 // avx2's call-wide path (dots_avx2.cpp): 1-3 rows of x, codebooks past 16 entries (8-bit
-// codes), the per-call table of dot products within 16 MiB.
+// codes), one x row's table of dot products within 16 MiB (rows go in batches).
 bool dots_fit(const Problem& p);
 uint32_t call_dots(const Problem& p, bool parallel, const BlockStore& store);
 
