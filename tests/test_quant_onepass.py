@@ -91,3 +91,39 @@ def test_nonfinite_batches_as_scalar(isa, bad):
             np.testing.assert_array_equal(got[2], ref[2], err_msg=f"{isa} {pos} {g} scale")
         with pytest.raises(ValueError, match="NaN|Inf|finite"):
             qkern.quantize(xb.view(x.shape), "int4", granularity="group", group_size=128)
+
+
+def _np_qpos(x: np.ndarray, g: int, qmin: int, qmax: int, qpos: float):
+    """numpy from the spec: scale = sanitize(amax / qpos) per group, t = x * (1 / scale),
+    clamped to [qmin, qmax], rounded to nearest even; codes as two's-complement bytes."""
+    xg = x.reshape(-1, g)
+    with np.errstate(over="ignore"):  # 3e38 / 0.75 is inf in float32, as in the kernel
+        scale = R.sanitize_scale((np.abs(xg).max(axis=1) / np.float32(qpos)).astype(np.float32))
+    t = (xg * (np.float32(1) / scale)[:, None]).astype(np.float32)
+    codes = np.rint(np.clip(t, np.float32(qmin), np.float32(qmax))).astype(np.int64)
+    return codes.reshape(-1).astype(np.uint8), scale.view(np.uint32)
+
+
+@pytest.mark.parametrize("isa", isas.params())
+@pytest.mark.parametrize("qmin,qmax,qpos", [
+    (-128, 127, 127.0), (-8, 7, 7.0), (-8, 7, 8.0),  # qpos = qmax; -qpos = qmin
+    (-8, 7, 7.4), (-8, 7, 7.6), (-128, 127, 126.5), (-2, 1, 1.0), (-8, 7, 3.0),
+    (-128, 127, 0.75), (-128, 127, 300.0)])
+def test_qpos_clamps_where_rounding_leaves_the_range(isa, qmin, qmax, qpos):
+    """The one-pass kernel skips its clamp only when an integral qpos lies inside the code range
+    (rounding t, |t| <= qpos + a few ulp, cannot leave it); every other qpos (fractional, past
+    qmax or -qmin, below 1) must still clamp: rows pushed to the edge of every group."""
+    isas.use(isa)
+    x = _data(4, 6).reshape(-1)
+    x[::128] = np.float32(0.31)  # every 128-group holds the same +amax and -amax
+    x[1::128] = np.float32(-0.31)
+    for g in (128, 4096):
+        xt = torch.from_numpy(x.copy())
+        codes = torch.empty(x.size, dtype=torch.uint8)
+        scale = torch.empty(x.size // g)
+        _C.quantize_affine_dynamic_raw(ptr(xt), x.size, g, qmin, qmax, F.SCALE_ABSMAX, qpos,
+                                       0, 0, 0, 0.0, 0, ptr(scale), 0, ptr(codes))
+        ref_codes, ref_scale = _np_qpos(x, g, qmin, qmax, qpos)
+        what = f"{isa} q[{qmin}, {qmax}] qpos={qpos} g={g}"
+        np.testing.assert_array_equal(scale.numpy().view(np.uint32), ref_scale, err_msg=what)
+        np.testing.assert_array_equal(codes.numpy(), ref_codes, err_msg=what)

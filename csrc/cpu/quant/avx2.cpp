@@ -324,19 +324,20 @@ struct OnePass {
     return true;
   }
 
-  template <bool kL1>
+  // One line of pf prefetched into L2 per 256 bytes coded (onepass_driver.h).
+  template <bool kClamp>
   static void codes(const float* x, int64_t n, float r, Vec lo, Vec hi, uint8_t* out,
                     bool stream, const float* pf, int64_t pf_n) {
     const __m256 vs = _mm256_set1_ps(r);
     auto code = [&](int64_t i) {
-      __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), lo), hi);
+      __m256 t = _mm256_mul_ps(_mm256_loadu_ps(x + i), vs);
+      if (kClamp) t = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
       return _mm256_cvttps_epi32(
           _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     };
     for (int64_t i = 0; i < n; i += 32) {
-      for (int64_t k = i; k < i + 32 && k < pf_n; k += 16)
-        kL1 ? _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0)
-            : _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T1);
+      if (i % 64 == 0 && i < pf_n)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + i), _MM_HINT_T1);
       store_bytes32(out + i, code(i), code(i + 8), code(i + 16), code(i + 24), stream);
     }
   }

@@ -382,15 +382,14 @@ struct OnePass {
     return true;
   }
 
-  // One line of pf prefetched per 64 bytes coded; into L2 (kL1 false) when a 16 KiB
-  // per-channel row would evict the row being coded.
-  template <bool kL1>
+  // One line of pf prefetched into L2 per 256 bytes coded (onepass_driver.h).
+  template <bool kClamp>
   static void codes(const float* x, int64_t n, float r, Vec lo, Vec hi, uint8_t* out,
                     bool stream, const float* pf, int64_t pf_n) {
     const __m512 vs = _mm512_set1_ps(r);
     auto code = [&](int64_t i) {
       __m512 t = _mm512_mul_ps(_mm512_loadu_ps(x + i), vs);
-      t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);  // integer bounds: clamp-then-round is exact
+      if (kClamp) t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);  // clamp-then-round is exact
       return _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     };
     // saturating packs keep the bytes (codes are in [-128, 127]); the permute fixes the order
@@ -398,9 +397,7 @@ struct OnePass {
         _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     int64_t i = 0;
     for (; i + 4 * kW <= n; i += 4 * kW) {
-      for (int64_t k = i; k < i + 4 * kW && k < pf_n; k += kW)
-        kL1 ? _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T0)
-            : _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T1);
+      if (i < pf_n) _mm_prefetch(reinterpret_cast<const char*>(pf + i), _MM_HINT_T1);
       __m512i p01 = _mm512_packs_epi32(code(i), code(i + kW));
       __m512i p23 = _mm512_packs_epi32(code(i + 2 * kW), code(i + 3 * kW));
       __m512i b = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(p01, p23));
