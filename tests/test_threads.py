@@ -3,6 +3,7 @@ between parallel calls never hangs (a regression: a worker born during a resize 
 part in a finished job and the next call waited forever). Run in a subprocess with a time
 limit so that a hang fails the test instead of stalling the suite."""
 
+import json
 import os
 import subprocess
 import sys
@@ -58,3 +59,52 @@ def test_spin_setting():
                 qkern._C.set_spin_us(bad)
     finally:
         qkern._C.set_spin_us(before)
+
+
+PLACEMENT = textwrap.dedent("""
+    import json, os, sys, torch, qkern
+    if sys.argv[1] == "one-cpu":
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    qkern.set_num_threads(2)
+    allowed = os.sched_getaffinity(0)
+    qkern.quantize(torch.randn(64, 4096), "int8", granularity="channel")  # a parallel job
+    def cpus(text):
+        out = set()
+        for part in text.split(","):
+            a, _, b = part.partition("-")
+            out.update(range(int(a), int(b or a) + 1))
+        return out
+    masks = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            if f.read().strip() != "qkern-worker":
+                continue
+        with open(f"/proc/self/task/{tid}/status") as f:
+            line = next(l for l in f if l.startswith("Cpus_allowed_list"))
+        masks.append(sorted(cpus(line.split(":")[1].strip())))
+    print(json.dumps([sorted(allowed), masks]))
+""")
+
+
+def _placement(mode: str, env: dict | None = None):
+    out = subprocess.run([sys.executable, "-c", PLACEMENT, mode], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr[-2000:]
+    allowed, masks = json.loads(out.stdout)
+    return set(allowed), [set(m) for m in masks]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="worker placement is Linux's, and needs two CPUs")
+def test_workers_are_kept_off_the_callers_cpu():
+    """A sleeping worker woken onto the caller's busy CPU joins a job milliseconds late
+    (threadpool.cpp, place_workers): after a parallel job the worker may run anywhere the caller
+    may, except one CPU (the caller's at the time); QKERN_PIN_WORKERS=0 leaves it alone, and a
+    caller confined to one CPU leaves the worker's inherited mask alone."""
+    allowed, masks = _placement("all")
+    assert len(masks) == 1, masks
+    assert masks[0] < allowed and len(masks[0]) == len(allowed) - 1, (allowed, masks)
+    allowed, masks = _placement("all", {"QKERN_PIN_WORKERS": "0"})
+    assert masks == [allowed], (allowed, masks)
+    allowed, masks = _placement("one-cpu")
+    assert len(allowed) == 1 and masks == [allowed], (allowed, masks)

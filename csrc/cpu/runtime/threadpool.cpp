@@ -7,6 +7,9 @@
 #include <mutex>
 #include <pthread.h>
 #include <thread>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <vector>
 
 namespace qk {
@@ -25,7 +28,13 @@ class Pool {
     // New workers start at the current generation: a stale one must not run (or count itself
     // done for) a job that ended before it was born.
     const uint64_t born = generation_.load();
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, born] { worker(born); });
+    for (int i = 1; i < threads_; ++i) {
+      workers_.emplace_back([this, born] { worker(born); });
+#if defined(__linux__)
+      pthread_setname_np(workers_.back().native_handle(), "qkern-worker");  // top -H, /proc
+#endif
+    }
+    placed_for_ = -1;
   }
 
   int threads() const { return threads_; }
@@ -50,6 +59,7 @@ class Pool {
     n_chunks_.store(n_chunks, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     work_.store(tag(gen), std::memory_order_release);
+    place_workers();
     {
       std::lock_guard<std::mutex> lk(mu_);
       generation_.store(gen, std::memory_order_release);
@@ -119,6 +129,34 @@ class Pool {
     }
   }
 
+  // Keeps the workers off the caller's CPU (Linux). A worker asleep when a job comes is woken
+  // by the kernel onto the waker's CPU, or its own last one, when the last-level cache looks
+  // busy (Linux's SIS_UTIL skips the search for an idle CPU), and an idle CPU pulls it only at
+  // the busy one's next tick: on a 2-vCPU VM half of the calls after a pause ran on one
+  // thread, the worker joining 1-3 ms late (a C++ probe: notify, then 4 ms of work; pinned,
+  // it joined within 45-110 us every time). So before each job, when the caller's CPU differs
+  // from the one the workers were last placed around, each worker's affinity becomes the
+  // caller's own mask less that CPU: no system call while the caller stays put (a decode
+  // loop), nothing when the caller may run on one CPU only, when the pool has more threads
+  // than the caller's CPUs, or with QKERN_PIN_WORKERS=0.
+  void place_workers() {
+#if defined(__linux__)
+    static const bool enabled = [] {
+      const char* env = std::getenv("QKERN_PIN_WORKERS");
+      return !(env && env[0] == '0' && env[1] == '\0');
+    }();
+    const int cpu = enabled ? sched_getcpu() : -1;
+    if (cpu < 0 || cpu == placed_for_) return;
+    placed_for_ = cpu;
+    cpu_set_t mask;
+    if (sched_getaffinity(0, sizeof mask, &mask) != 0 || !CPU_ISSET(cpu, &mask) ||
+        CPU_COUNT(&mask) < threads_)
+      return;
+    CPU_CLR(cpu, &mask);
+    for (auto& t : workers_) pthread_setaffinity_np(t.native_handle(), sizeof mask, &mask);
+#endif
+  }
+
   // Busy-waits while cond() holds, for at most `micros` (pause's latency differs 20x
   // between CPU generations, so the budget is in time, not iterations).
   template <typename Cond>
@@ -157,6 +195,7 @@ class Pool {
   std::atomic<bool> stop_flag_{false};  // stop_, readable while spinning
   static constexpr int kJoinSpinMicros = 2000;
   int threads_ = 1;
+  int placed_for_ = -1;  // the caller's CPU the workers were last kept off (-1: none yet)
   bool stop_ = false;
   static thread_local bool in_pool_;
 };
