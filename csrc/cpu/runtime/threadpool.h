@@ -26,6 +26,10 @@ constexpr int kDefaultSpinMicros = 50;
 int spin_micros();
 void set_spin_micros(int us);
 
+// Before each job the workers' affinity becomes the caller's CPU mask less the CPU the caller
+// runs on (Linux; only when that CPU changed since the last job; QKERN_PIN_WORKERS=0 turns it
+// off): a sleeping worker woken onto the busy caller's CPU otherwise waits there for the
+// kernel's load balancer (threadpool.cpp, place_workers).
 void pool_set_threads(int n);
 int pool_threads();
 
