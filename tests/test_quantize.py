@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qkern
+import isas
 import reference as R
 from _util import (
     CODEBOOK_FORMATS,
@@ -384,3 +385,24 @@ def test_away_rounding_is_directed_away_from_zero(isa):
     x = torch.tensor([1.2, -1.2, 2.0, -2.0, 0.5, -0.5, 0.0, 0.01, -0.01, 126.5, -127.9])
     got = qkern.quantize(x, "int8", scale=torch.tensor(1.0), rounding="away").codes
     assert got.tolist() == [2, -2, 2, -2, 1, -1, 0, 1, -1, 127, -128]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", isas.params())
+def test_few_large_groups_match_reference(isa, threads):
+    """Per-tensor and two-group scales of a tensor of many work chunks: statistics first, then
+    the codes chunk by chunk from the end back (the end is what the cache still holds), on
+    every ISA and thread count, against numpy (int8 / int4 affine, nf4 codebook)."""
+    isas.use(isa)
+    before = qkern.get_num_threads()
+    qkern.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(6, 131_072 + 48, generator=g) * 0.1  # 786 720 values: a ragged end
+        x[5, -1] = 3.0  # the last value sets the per-tensor scale
+        for name in ("int8", "int4"):
+            run_int(x, name, granularity="tensor")
+            run_int(x.reshape(2, -1), name, granularity="channel")
+        run_codebook(x, "nf4", granularity="tensor")
+    finally:
+        qkern.set_num_threads(before)

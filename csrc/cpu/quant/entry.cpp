@@ -28,17 +28,26 @@ inline int64_t task_elems(int64_t n) {
 // with streaming stores: they cannot stay cached beside the float side.
 inline bool stream_output(int64_t n) { return n >= (int64_t{1} << 22); }
 
-// Runs body(e0, e1) over [0, n) in chunks; returns the OR of the results.
+// Runs body(e0, e1) over [0, n) in chunks; returns the OR of the results. last_first: the
+// chunks from the end of [0, n) back (each still forward inside), for a pass that follows one
+// over the same input: the end of it, read last, is what the last-level cache still holds.
 template <typename F>
-bool for_ranges(int64_t n, F body) {
-  if (n < kMinParallel || pool_threads() == 1) return body(int64_t{0}, n);
+bool for_ranges(int64_t n, F body, bool last_first = false) {
+  const bool one = n < kMinParallel || pool_threads() == 1;
+  if (one && !last_first) return body(int64_t{0}, n);
   const int64_t task = task_elems(n);
   const int64_t chunks = (n + task - 1) / task;
   std::atomic<bool> bad{false};
-  parallel_for(chunks, [&](int64_t c) {
+  auto run = [&](int64_t c) {
+    if (last_first) c = chunks - 1 - c;
     int64_t e0 = c * task, e1 = e0 + task < n ? e0 + task : n;
     if (body(e0, e1)) bad.store(true, std::memory_order_relaxed);
-  });
+  };
+  if (one) {
+    for (int64_t c = 0; c < chunks; ++c) run(c);
+  } else {
+    parallel_for(chunks, run);
+  }
   return bad.load();
 }
 
@@ -107,16 +116,23 @@ void group_stats(const float* x, int64_t n, int64_t group, bool want_sum_abs, St
   }
 }
 
-bool quantize_affine(const float* x, int64_t n, int64_t group, const float* scale,
-                     const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
+static bool affine_ranges(const float* x, int64_t n, int64_t group, const float* scale,
+                          const int32_t* zp, const AffineSpec& spec, uint8_t* codes,
+                          bool last_first) {
   const auto& p = quant::kernels();
   return for_ranges(n, [&](int64_t e0, int64_t e1) {
     return p.affine(x, e0, e1, group, scale, zp, spec, codes, stream_output(n));
-  });
+  }, last_first);
+}
+
+bool quantize_affine(const float* x, int64_t n, int64_t group, const float* scale,
+                     const int32_t* zp, const AffineSpec& spec, uint8_t* codes) {
+  return affine_ranges(x, n, group, scale, zp, spec, codes, false);
 }
 
 // Parameters of few, large groups: each group's statistics are computed in parallel, then
-// the whole tensor is coded by the range-parallel kernel. Returns whether NaN/Inf was seen.
+// the whole tensor is coded by the range-parallel kernel (the callers: last chunk first).
+// Returns whether NaN/Inf was seen.
 static bool big_group_params(const float* x, int64_t n, int64_t group, const AffineSpec& spec,
                              const quant::ScaleSpec& ss, float* scale_out, int32_t* zp_out) {
   bool bad = false;
@@ -144,7 +160,7 @@ bool quantize_affine_dynamic(const float* x, int64_t n, int64_t group, const Aff
       }, &bad))
     return bad;
   bad = big_group_params(x, n, group, spec, ss, scale_out, zp_out);
-  return quantize_affine(x, n, group, scale_out, zp_out, spec, codes) || bad;
+  return affine_ranges(x, n, group, scale_out, zp_out, spec, codes, true) || bad;
 }
 
 void dequantize_affine(const uint8_t* codes, int64_t n, int64_t group, const float* scale,
@@ -156,12 +172,17 @@ void dequantize_affine(const uint8_t* codes, int64_t n, int64_t group, const flo
   });
 }
 
-bool quantize_codebook(const float* x, int64_t n, int64_t group, const float* scale,
-                       const CodebookSpec& spec, uint8_t* codes) {
+static bool codebook_ranges(const float* x, int64_t n, int64_t group, const float* scale,
+                            const CodebookSpec& spec, uint8_t* codes, bool last_first) {
   const auto& p = quant::kernels();
   return for_ranges(n, [&](int64_t e0, int64_t e1) {
     return p.codebook(x, e0, e1, group, scale, spec, codes);
-  });
+  }, last_first);
+}
+
+bool quantize_codebook(const float* x, int64_t n, int64_t group, const float* scale,
+                       const CodebookSpec& spec, uint8_t* codes) {
+  return codebook_ranges(x, n, group, scale, spec, codes, false);
 }
 
 bool quantize_codebook_dynamic(const float* x, int64_t n, int64_t group,
@@ -177,7 +198,7 @@ bool quantize_codebook_dynamic(const float* x, int64_t n, int64_t group,
     return bad;
   const AffineSpec none{0, 0, 0, 0, 0.0f, 0};
   bad = big_group_params(x, n, group, none, ss, scale_out, nullptr);
-  return quantize_codebook(x, n, group, scale_out, spec, codes) || bad;
+  return codebook_ranges(x, n, group, scale_out, spec, codes, true) || bad;
 }
 
 void dequantize_lut(const uint8_t* codes, int64_t n, int64_t group, const float* scale,
