@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import qkern
 import isas
+import qkern
 import reference as R
 from _util import (
     CODEBOOK_FORMATS,
