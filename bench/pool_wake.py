@@ -1,11 +1,12 @@
 """Does the thread pool's worker join a call that comes after a pause? A 4096 x 4096 float32
 per-channel int8 quantize (``torch.ops.qkern.quantize_affine_dynamic_out``, 64 MiB read,
-16 MiB written) timed cold: a 64 MiB read, ``--settle-ms`` idle (the worker has gone to
-sleep), then the call. Each setting runs in its own process: 1 thread, and 2 threads with the
-workers kept off the caller's CPU (the default) and with ``QKERN_PIN_WORKERS=0``. A worker
-that joins late leaves a call at the one-thread time, so a bimodal spread (half the calls at
-the 2-thread time, half at the 1-thread time) is the symptom. Beside it, torch's ``copy_`` of
-the same bytes (half read, half written), timed the same way.
+16 MiB written) timed cold: the bench's Flusher (a read of twice the last-level cache), then
+``--settle-ms`` idle (the worker has gone to sleep), then the call. Each setting runs in its
+own process: 1 thread, and 2 threads with the workers kept off the caller's CPU (the
+default) and with ``QKERN_PIN_WORKERS=0``. A worker that joins late leaves a call at the
+one-thread time, so a bimodal spread (half the calls at the 2-thread time, half at the
+1-thread time) is the symptom. Beside it, torch's ``copy_`` of the same bytes (half read,
+half written), timed the same way.
 
     THP_MEM_ALLOC_ENABLE=1 PYTHONPATH=python python bench/pool_wake.py
 """
@@ -21,6 +22,7 @@ import sys
 CHILD = r"""
 import json, sys, time, torch, qkern
 from qkern import formats as F
+from qkern.tools.bench.timing import Flusher
 threads, settle, repeats = int(sys.argv[1]), float(sys.argv[2]) / 1e3, int(sys.argv[3])
 torch.set_num_threads(threads)
 qkern.set_num_threads(threads)
@@ -30,7 +32,7 @@ q = qkern.quantize(w, "int8", granularity="channel")
 codes, scale, none = q.codes.view(-1), q.scale.view(-1), torch.empty(0, dtype=torch.int32)
 src = torch.randn(w.numel() * 5 // 8)  # the quantize's 84 MB, half read and half written
 dst = torch.empty_like(src)
-flush = torch.ones(16 << 20)
+flush = Flusher(settle)  # a read of twice the last-level cache, then `settle` idle
 calls = {
     "quantize": lambda: torch.ops.qkern.quantize_affine_dynamic_out(
         flat, 4096, -128, 127, F.SCALE_ABSMAX, 127.0, 0, 0, 0, 0.0, 0, codes, scale, none),
@@ -39,8 +41,7 @@ calls = {
 out = {k: [] for k in calls}
 for _ in range(repeats):
     for name, f in calls.items():
-        flush.sum()
-        time.sleep(settle)
+        flush()
         t0 = time.perf_counter()
         f()
         out[name].append((time.perf_counter() - t0) * 1e3)

@@ -94,13 +94,12 @@ def test_nonfinite_batches_as_scalar(isa, bad):
 
 
 def _np_qpos(x: np.ndarray, g: int, qmin: int, qmax: int, qpos: float):
-    """numpy from the spec: scale = sanitize(amax / qpos) per group, t = x * (1 / scale),
-    clamped to [qmin, qmax], rounded to nearest even; codes as two's-complement bytes."""
+    """numpy from the spec: scale = sanitize(amax / qpos) per group, then the reference's
+    codes (t = x * (1 / scale), nearest even, in [qmin, qmax]) as two's-complement bytes."""
     xg = x.reshape(-1, g)
     with np.errstate(over="ignore"):  # 3e38 / 0.75 is inf in float32, as in the kernel
         scale = R.sanitize_scale((np.abs(xg).max(axis=1) / np.float32(qpos)).astype(np.float32))
-    t = (xg * (np.float32(1) / scale)[:, None]).astype(np.float32)
-    codes = np.rint(np.clip(t, np.float32(qmin), np.float32(qmax))).astype(np.int64)
+    codes = R.affine_quantize_2d(xg, scale[:, None], 0, qmin, qmax)
     return codes.reshape(-1).astype(np.uint8), scale.view(np.uint32)
 
 

@@ -68,20 +68,11 @@ PLACEMENT = textwrap.dedent("""
     qkern.set_num_threads(2)
     allowed = os.sched_getaffinity(0)
     qkern.quantize(torch.randn(64, 4096), "int8", granularity="channel")  # a parallel job
-    def cpus(text):
-        out = set()
-        for part in text.split(","):
-            a, _, b = part.partition("-")
-            out.update(range(int(a), int(b or a) + 1))
-        return out
     masks = []
     for tid in os.listdir("/proc/self/task"):
         with open(f"/proc/self/task/{tid}/comm") as f:
-            if f.read().strip() != "qkern-worker":
-                continue
-        with open(f"/proc/self/task/{tid}/status") as f:
-            line = next(l for l in f if l.startswith("Cpus_allowed_list"))
-        masks.append(sorted(cpus(line.split(":")[1].strip())))
+            if f.read().strip() == "qkern-worker":
+                masks.append(sorted(os.sched_getaffinity(int(tid))))  # a thread's, on Linux
     print(json.dumps([sorted(allowed), masks]))
 """)
 
@@ -98,7 +89,8 @@ def _placement(mode: str, env: dict | None = None):
                     reason="worker placement is Linux's, and needs two CPUs")
 def test_workers_are_kept_off_the_callers_cpu():
     """A sleeping worker woken onto the caller's busy CPU joins a job milliseconds late
-    (threadpool.cpp, place_workers): after a parallel job the worker may run anywhere the caller
+    (threadpool.cpp, place_workers): after a parallel job the worker (found by its name in
+    /proc) may run anywhere the caller
     may, except one CPU (the caller's at the time); QKERN_PIN_WORKERS=0 leaves it alone, and a
     caller confined to one CPU leaves the worker's inherited mask alone."""
     allowed, masks = _placement("all")
