@@ -7,9 +7,12 @@ caps each one's copies at 512 MiB (and by memory); on a CPU with a larger last-l
 (an Intel VM reporting 480 MiB) part of those weights stay cached. With at most four
 implementations this script can afford copies spanning ``--span-mib`` (default: twice the
 last-level cache, uncapped) each. The figure is time_sweeps' (the bench's sweep): per call,
-median of ``--repeats``, the implementations alternating, after a wake-up call. With several
-widths, each is also given as a speed-up over qkern's int4 beside the ratio of their bytes
-(codes + scales): the issue's "faster than int4 in proportion to their bytes".
+median of ``--repeats``, the implementations alternating, after a wake-up call. The ratios are
+paired: the median over rounds of the two implementations' ratio within a round (this VM's
+bandwidth drifts by 10-20 % between rounds; within a round it mostly cancels), with the middle
+half of the rounds' ratios in brackets. With several widths, each is also given as a speed-up
+over qkern's int4 beside the ratio of their bytes (codes + scales): the issue's "faster than
+int4 in proportion to their bytes".
 
     PYTHONPATH=python python bench/gemv_cold_sweep.py --shapes 4096x4096,11008x4096,4096x11008
     PYTHONPATH=python python bench/gemv_cold_sweep.py --bits 4,3,2
@@ -18,6 +21,7 @@ widths, each is also given as a speed-up over qkern's int4 beside the ratio of t
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from torch import nn
@@ -38,11 +42,18 @@ def _copies(make, count: int, rss0: int, limit: int) -> list:
     return out
 
 
+def paired(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """The median and quartiles of num[r] / den[r] over the rounds r."""
+    r = sorted(a / b for a, b in zip(num, den))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return statistics.median(r), q[0], q[2]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="N x K, ...")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--span-mib", type=int, default=None)
     p.add_argument("--bits", default="4", help="qkern code widths, comma list of 4, 3, 2")
     a = p.parse_args()
@@ -76,15 +87,19 @@ def main() -> None:
             if len(layers[name]) < want[name]:
                 print(f"  {n}x{k} {name}: {len(layers[name])} of {want[name]} copies, to fit "
                       "in memory")
-        med = time_sweeps(layers, torch.randn(1, k), a.repeats, probe, 0.01)
+        smp: dict[str, list[float]] = {}
+        med = time_sweeps(layers, torch.randn(1, k), a.repeats, probe, 0.01, samples_out=smp)
         print(f"| {n}x{k} | aten int4 g128 bf16 | {len(layers['aten'])} | "
               f"{1e3 * med['aten']:.3f} | 1.00x | | | |")
         for b in bits:
-            t = med[f"int{b}"]
-            rel = f"{med['int4'] / t:.2f}x | {nbytes[4] / nbytes[b]:.2f}x" if 4 in bits else " | "
+            t, s = med[f"int{b}"], smp[f"int{b}"]
+            rel = " | "
+            if 4 in bits:
+                m, lo, hi = paired(smp["int4"], s)
+                rel = f"{m:.2f}x ({lo:.2f}-{hi:.2f}) | {nbytes[4] / nbytes[b]:.2f}x"
             print(f"| {n}x{k} | qkern int{b} g128 fast | {len(layers[f'int{b}'])} | "
-                  f"{1e3 * t:.3f} | {med['aten'] / t:.2f}x | {nbytes[b] / t / 1e9:.1f} | {rel} |",
-                  flush=True)
+                  f"{1e3 * t:.3f} | {paired(smp['aten'], s)[0]:.2f}x | "
+                  f"{nbytes[b] / t / 1e9:.1f} | {rel} |", flush=True)
         del layers
     print(f"\nRead bandwidth in the same sweeps {probe.read_gbs():.1f} GB/s.")
 

@@ -17,7 +17,7 @@ from qkern.models.llama import LlamaConfig
 from qkern.tools.bench import matmul
 from qkern.tools.bench.decode_synth import SCHEMES, run_decode_synth, synthetic_llama
 from qkern.tools.bench.sweep import copies_for, rounds_for, run_sweep
-from qkern.tools.bench.timing import Probe
+from qkern.tools.bench.timing import Probe, time_alternating
 
 
 def test_isa_flag_errors(capsys):
@@ -168,3 +168,30 @@ def test_cuda_bench_script_runs_on_the_host():
         gone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                               env=env, timeout=120)
         assert gone.returncode != 0 and "no CUDA device here" in gone.stderr
+
+
+def test_alternating_hands_out_each_rounds_samples():
+    calls = []
+    impls = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+    fake = iter(range(1, 100))
+    got: dict[str, list[float]] = {}
+    med, reps = time_alternating(impls, 4, 0, sample=lambda n: float(next(fake)),
+                                 samples_out=got)
+    assert reps == 4 and sorted(got) == ["a", "b", "c"]
+    # round r starts at implementation r % 3 (cyclic order), one sample each per round
+    assert got == {"a": [1, 6, 8, 10], "b": [2, 4, 9, 11], "c": [3, 5, 7, 12]}
+    assert med == {n: (s[1] + s[2]) / 2 for n, s in got.items()}
+
+
+def test_gemv_cold_sweep_prints_paired_ratios():
+    script = Path(__file__).resolve().parents[1] / "bench" / "gemv_cold_sweep.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(qkern.__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, str(script), "--shapes",
+                          "64x256", "--span-mib", "1", "--repeats", "3", "--bits", "4,2",
+                          "--threads", "1"], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    rows = [r for r in out.splitlines() if r.startswith("| 64x256 | qkern int2")]
+    assert len(rows) == 1, out
+    # vs qkern int4: "median (lower-upper quartile)" of the rounds' ratios, then the byte ratio
+    m = re.search(r"\| ([\d.]+)x \(([\d.]+)-([\d.]+)\) \| ([\d.]+)x \|$", rows[0])
+    assert m and float(m[2]) <= float(m[1]) <= float(m[3]), rows[0]

@@ -21,6 +21,7 @@
 #include <algorithm>
 
 #include "cpu/gemm/tile/avx512.h"
+#include "cpu/gemm/tile/vnni_avx512.h"
 #include "cpu/gemm/w23/decode_avx512.h"
 #include "cpu/gemm/w23/geo.h"
 #include "cpu/gemm/w23/kernels.h"
@@ -87,12 +88,6 @@ inline void store_pair(const Problem& p, int64_t m, int64_t t, bool two, __m512 
 
 // ---- fast mode ---------------------------------------------------------------------------
 
-inline __m512i bcast4(const int8_t* p) {
-  int32_t v;
-  __builtin_memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
-
 // One row's exact int32 dots over a block of the pair (row r in lane r) from the fields left in
 // place: (word & field mask) is u * 2^e in each byte (at most 192: a valid vpdpbusd u8 operand),
 // so the dots of the fields with the same e are summed in one accumulator and shifted down
@@ -103,9 +98,7 @@ template <int BITS, typename V>
 inline typename V::I block_dot_inplace(const V& w, const int8_t* xq) {
   using I = typename V::I;
   auto dp = [&](I acc, I v, int mask, int c) {
-    int32_t x4;
-    __builtin_memcpy(&x4, xq + 4 * c, 4);
-    return V::dpbusd(acc, V::and8(v, mask), x4);
+    return vnni::dpbusd_x4(acc, V::and8(v, mask), xq + 4 * c);
   };
   if constexpr (BITS == 2) {
     I s[4] = {V::zero(), V::zero(), V::zero(), V::zero()};  // s[q]: fields at bit 2q
@@ -139,9 +132,6 @@ struct TileYmm {
   I load(int i) const { return load8(blk + 32 * i); }
   static I zero() { return _mm256_setzero_si256(); }
   static I and8(I v, int m) { return _mm256_and_si256(v, _mm256_set1_epi8(static_cast<char>(m))); }
-  static I dpbusd(I acc, I u, int32_t x4) {
-    return _mm256_dpbusd_epi32(acc, u, _mm256_set1_epi32(x4));
-  }
   static I add(I a, I b) { return _mm256_add_epi32(a, b); }
   template <int N>
   static I srai(I v) { return _mm256_srai_epi32(v, N); }
@@ -195,11 +185,11 @@ void fast_rows(const Problem& p, int64_t t, int64_t m) {
       decode_u8<BITS, kTwo>(pr.blk0(b), pr.blk1(b), u);
       for (int r = 0; r < MR; ++r) {
         const int8_t* xq = p.xq + (m + r) * p.k + b * kW23Block;
-        __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast4(xq));
-        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast4(xq + 4));
+        __m512i s0 = vnni::dpbusd_x4(_mm512_setzero_si512(), u[0], xq);
+        __m512i s1 = vnni::dpbusd_x4(_mm512_setzero_si512(), u[1], xq + 4);
         for (int c = 2; c < 8; c += 2) {
-          s0 = _mm512_dpbusd_epi32(s0, u[c], bcast4(xq + 4 * c));
-          s1 = _mm512_dpbusd_epi32(s1, u[c + 1], bcast4(xq + 4 * c + 4));
+          s0 = vnni::dpbusd_x4(s0, u[c], xq + 4 * c);
+          s1 = vnni::dpbusd_x4(s1, u[c + 1], xq + 4 * c + 4);
         }
         const __m512i dot = _mm512_add_epi32(s0, s1);  // exact int32 sums
         const __m512 du = cvt(dot);

@@ -27,6 +27,7 @@
 #include "cpu/gemm/tile/avx2.h"
 #include "cpu/gemm/tile/avx512.h"
 #include "cpu/gemm/tile/exact_loop.h"
+#include "cpu/gemm/tile/vnni_avx512.h"
 #include "cpu/gemm/w4/kernels.h"
 
 namespace qk {
@@ -120,12 +121,6 @@ inline __m512i table_lanes(const Problem& p) {
   return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.table8)));
 }
 
-inline __m512i bcast4(const int8_t* p) {
-  int32_t v;
-  __builtin_memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
-
 // Exact int32 sums u . xq over one block for the pair's 16 rows: the low nibbles' chain plus
 // the high nibbles' chain (16 times their sum: |.| <= 16 * 16 * 15 * 127, the shift exact;
 // with kTable the codes themselves, |.| <= 32 * 255 * 127).
@@ -133,8 +128,8 @@ template <bool kTable>
 inline __m512i block_dot(const PairBlock& c, const int8_t* xq) {
   __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
   for (int i = 0; i < 4; ++i) {
-    a = _mm512_dpbusd_epi32(a, c.lo[i], bcast4(xq + 8 * i));
-    b = _mm512_dpbusd_epi32(b, c.hi[i], bcast4(xq + 8 * i + 4));
+    a = vnni::dpbusd_x4(a, c.lo[i], xq + 8 * i);
+    b = vnni::dpbusd_x4(b, c.hi[i], xq + 8 * i + 4);
   }
   return _mm512_add_epi32(a, kTable ? b : _mm512_srai_epi32(b, 4));
 }
@@ -181,12 +176,6 @@ constexpr int kFastRows = 8;  // rows per register block
 // single row runs AVX2's GEMV with VNNI in ymm (vpdpbusd replaces maddubs + madd; the sums are
 // exact either way) and AVX2's float epilogue: the scalar order.
 
-inline __m256i bcast4_y(const int8_t* p) {
-  int32_t v;
-  __builtin_memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
-}
-
 // (8 + z) of one tile's rows for group g (the float zero points themselves if given).
 inline __m256 code_offsets_y(const Problem& p, int64_t off) {
   if (p.zeros_f) return _mm256_loadu_ps(p.zeros_f + off);
@@ -224,8 +213,8 @@ void gemv_tile_y(const Problem& p, int64_t t, int64_t m) {
           cl = _mm256_shuffle_epi8(tbl, cl);
           ch = _mm256_shuffle_epi8(tbl, ch);
         }
-        const __m256i lo = _mm256_dpbusd_epi32(_mm256_setzero_si256(), cl, bcast4_y(xb + 8 * i));
-        d[i] = _mm256_dpbusd_epi32(lo, ch, bcast4_y(xb + 8 * i + 4));
+        const __m256i lo = vnni::dpbusd_x4(_mm256_setzero_si256(), cl, xb + 8 * i);
+        d[i] = vnni::dpbusd_x4(lo, ch, xb + 8 * i + 4);
       }
       const __m256 du = _mm256_cvtepi32_ps(
           _mm256_add_epi32(_mm256_add_epi32(d[0], d[1]), _mm256_add_epi32(d[2], d[3])));

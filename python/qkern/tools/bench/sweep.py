@@ -62,10 +62,11 @@ def rounds_for(copies: int, min_calls: int) -> int:
 
 def time_sweeps(layers: dict[str, list[Callable]], x: torch.Tensor, repeats: int,
                 probe: Probe | None = None, settle_s: float = 0.0,
-                min_calls: int = 24) -> dict[str, float]:
+                min_calls: int = 24,
+                samples_out: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Median seconds per call of each implementation, its copies called back to back (the
     last copy untimed, first: the wake-up call; the others round and round until at least
-    ``min_calls`` calls)."""
+    ``min_calls`` calls). ``samples_out``: as :func:`time_alternating`'s (seconds per call)."""
     def sweep(n: str) -> Callable[[], None]:
         def run() -> None:
             for f in layers[n][:-1]:
@@ -83,7 +84,8 @@ def time_sweeps(layers: dict[str, list[Callable]], x: torch.Tensor, repeats: int
         for fs in layers.values():  # warm-up: builds plans, touches every page once
             for f in fs:
                 f(x)
-        return time_alternating(sweeps, repeats, 0, probe, sample=sample)[0]
+        return time_alternating(sweeps, repeats, 0, probe, sample=sample,
+                                samples_out=samples_out)[0]
 
 
 def run_sweep(shapes, makers: Callable[[nn.Linear], dict[str, Callable[[nn.Linear], tuple]]],

@@ -141,11 +141,15 @@ def time_block(call: Callable[[], object], calls: int, settle_s: float = 0.0,
 def time_alternating(impls: dict[str, Callable[[], object]], repeats: int, warmup: int,
                      probe: Probe | None = None, flush: Callable[[], object] | None = None,
                      budget_s: float | None = None,
-                     sample: Callable[[str], float] | None = None) -> tuple[dict[str, float], int]:
+                     sample: Callable[[str], float] | None = None,
+                     samples_out: dict[str, list[float]] | None = None,
+                     ) -> tuple[dict[str, float], int]:
     """Median seconds of each implementation, timed in alternating order, and the number of
     repeats used: at least 3, fewer than ``repeats`` when one round of the slowest
     implementations would overrun ``budget_s``. ``sample(name)``: one sample of an
-    implementation (default: one call, ``flush`` before it; :func:`time_block` for blocks)."""
+    implementation (default: one call, ``flush`` before it; :func:`time_block` for blocks).
+    ``samples_out``, if given, receives every implementation's samples, round by round (for
+    ratios paired within a round)."""
     names = list(impls)
     last: dict[str, float] = {}
     for _ in range(warmup):
@@ -163,6 +167,8 @@ def time_alternating(impls: dict[str, Callable[[], object]], repeats: int, warmu
         if probe is not None:
             probe.copy_s.append(_timed(probe.run_copy, flush))
             probe.sum_s.append(_timed(probe.run_sum, flush))
+    if samples_out is not None:
+        samples_out.update(samples)
     return {n: statistics.median(s) for n, s in samples.items()}, repeats
 
 
