@@ -38,13 +38,14 @@ bool quantize_activations(const float* x, int64_t m, int64_t k, bool parallel,
   return false;
 }
 
-void for_tile_tasks(int64_t tiles, int64_t m, bool fast, bool parallel,
+void for_tile_tasks(int64_t tiles, int64_t tile_bytes, int64_t m, bool fast, bool parallel,
                     const std::function<void(int64_t, int64_t, int64_t, int64_t)>& fn) {
   const int threads = pool_threads();
   const int64_t row_chunk = fast ? 128 : 32;
   const int64_t mchunks = (m + row_chunk - 1) / row_chunk;
-  int64_t per = 16;
-  if (parallel) per = std::max<int64_t>(1, std::min<int64_t>(16, tiles * mchunks / (8 * threads)));
+  const int64_t most = std::max<int64_t>(16, kTaskBytes / std::max<int64_t>(1, tile_bytes));
+  int64_t per = most;
+  if (parallel) per = std::max<int64_t>(1, std::min(most, tiles * mchunks / (8 * threads)));
   if (per > 1) per &= ~int64_t{1};
   const int64_t tchunks = (tiles + per - 1) / per;
   run_tasks(tchunks * mchunks, parallel, [&](int64_t i) {

@@ -25,16 +25,25 @@ bool quantize_activations(const float* x, int64_t m, int64_t k, bool parallel,
                           std::vector<float>& xs);
 
 // fn(t0, t1, m0, m1) over chunks of tiles x chunks of rows: rows split only when there are
-// many; tiles per task leave at least 8 tasks per thread, at most 16 tiles each (an even
-// count: the exact GEMM kernels take tiles in pairs). Every output is computed by one task.
-void for_tile_tasks(int64_t tiles, int64_t m, bool fast, bool parallel,
+// many; tiles per task leave at least 8 tasks per thread, at most 16 tiles each or as many as
+// make kTaskBytes of weights when that is more (an even count: the exact GEMM kernels take
+// tiles in pairs). tile_bytes: the packed weight bytes of one tile. Every output is computed
+// by one task.
+void for_tile_tasks(int64_t tiles, int64_t tile_bytes, int64_t m, bool fast, bool parallel,
                     const std::function<void(int64_t, int64_t, int64_t, int64_t)>& fn);
+
+// A task's weights are one stream from memory, and a thread's next task is somewhere else: the
+// first bytes of each task arrive before its prefetches do. With at most 16 tiles a task (256
+// KiB of 4-bit codes at K = 4096, 128 KiB of 2-bit ones), GEMVs from memory ran 2-18 % slower
+// than with tasks of up to 1 MiB, int2 the most (docs/speed.md "Sixteenth pass").
+constexpr int64_t kTaskBytes = int64_t{1} << 20;
 
 // A tile-layout matmul call: in fast mode x is quantized into p.xq / p.dx / p.xs first, then
 // kern.fast (or kern.exact) runs over the tile tasks. Returns true when the fast mode meets
 // NaN/Inf in x (nothing computed).
 template <class Problem, class Kernels>
-bool run_tile_gemm(Problem& p, const Kernels& kern, int64_t tiles, bool fast, bool parallel) {
+bool run_tile_gemm(Problem& p, const Kernels& kern, int64_t tiles, int64_t tile_bytes, bool fast,
+                   bool parallel) {
   AlignedVector<int8_t> xq;  // 64-byte aligned: its rows (k a multiple of 32) never split a line
   std::vector<float> dx, xs;
   if (fast) {
@@ -48,7 +57,7 @@ bool run_tile_gemm(Problem& p, const Kernels& kern, int64_t tiles, bool fast, bo
     return false;
   }
   auto fn = fast ? kern.fast : kern.exact;
-  for_tile_tasks(tiles, p.m, fast, parallel,
+  for_tile_tasks(tiles, tile_bytes, p.m, fast, parallel,
                  [&](int64_t t0, int64_t t1, int64_t m0, int64_t m1) { fn(p, t0, t1, m0, m1); });
   return false;
 }

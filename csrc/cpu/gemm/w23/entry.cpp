@@ -65,7 +65,8 @@ bool gemm_w23(const float* x, int64_t m, const uint8_t* packed, const float* sca
   w23::Problem p{x,     packed, scales, zeros, bias, y,      m,      n,     k,
                  group, bits,   static_cast<float>(-qmin), nullptr, nullptr, nullptr, zeros_f};
   // fast mode: the int4 kernel's activation quantization (the same definition)
-  return tdrv::run_tile_gemm(p, kern, tiles, fast, parallel);
+  return tdrv::run_tile_gemm(p, kern, tiles, k / kW23Block * w23_tile_block_bytes(bits), fast,
+                             parallel);
 }
 
 }  // namespace qk

@@ -54,7 +54,7 @@ bool gemm_w4(const float* x, int64_t m, const uint8_t* packed, const float* scal
                                 "points");
   w4::Problem p{x,     packed,  scales,  zeros,   bias,   y,      m, n, k,
                 group, nullptr, nullptr, nullptr, zeros_f, table8};
-  return tdrv::run_tile_gemm(p, kern, tiles, fast, parallel);
+  return tdrv::run_tile_gemm(p, kern, tiles, k / kW4Block * kW4TileBlockBytes, fast, parallel);
 }
 
 }  // namespace qk
