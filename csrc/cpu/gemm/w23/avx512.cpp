@@ -31,10 +31,12 @@ namespace w23 {
 namespace {
 
 constexpr int64_t kPrefetch = 8192;  // bytes ahead in the packed stream of a tile
-// The one-row GEMV streams its weights from memory: further ahead and into L2, as int4's
-// (w4/avx512.cpp kGemvPrefetch). Measured on Zen 4, weights cold, 2 threads: 16 KiB / T1 ran
-// int3 1.15-1.27x and int2 1.0-1.17x the 8 KiB / T0 above; 32 KiB / T1 between the two.
-constexpr int64_t kGemvPrefetch = 16384;
+// The one-row GEMV streams its weights from memory: into L2, as int4's (w4/avx512.cpp
+// kGemvPrefetch). Measured on Zen 4, weights cold, 2 threads: 16 KiB / T1 ran int3 1.15-1.27x
+// and int2 1.0-1.17x the 8 KiB / T0 above; with the 1 MiB tasks (tile/driver.h kTaskBytes),
+// 8 KiB / T1 ran int2 1-9 % and int3 1-5 % faster than 16 KiB / T1 (rotated-order C++ A/B,
+// docs/speed.md "Sixteenth pass"); 4 KiB / T0 won at K = 4096 and lost at K = 11008.
+constexpr int64_t kGemvPrefetch = 8192;
 
 // The lines of one block kPrefetch bytes ahead (a 2-bit block is one 64-byte line).
 template <int BITS>
