@@ -7,7 +7,8 @@
 // amx table; levels the CPU lacks are not registered), threads, M (rows of x), N (out), K (in).
 // Weights are random codes packed once, in enough copies that one sweep over them is >= 256 MiB,
 // and each iteration uses the next copy: a GEMV reads its weights from memory, as in decode, not
-// from cache. Counters: weight_GBps = packed weight bytes (codes + scales) / time, the figure to
+// from cache. QKERN_BENCH_HOT=1 keeps one copy instead (the weights stay in cache when they fit:
+// the kernels' compute alone, e.g. the int2 / int3 / int4 GEMVs of docs/speed.md). Counters: weight_GBps = packed weight bytes (codes + scales) / time, the figure to
 // compare with BM_read_bw (a streaming read of 256 MiB with the same threads: the roofline);
 // GFLOPs = 2 M N K / time. The Python bench (python -m qkern.bench matmul) runs the same
 // kernels against torch's in the same process.
@@ -64,6 +65,11 @@ struct Weights {
 };
 
 int copies_for(int64_t bytes) {
+  static const bool hot = [] {
+    const char* v = std::getenv("QKERN_BENCH_HOT");
+    return v && std::strcmp(v, "0") != 0 && *v;
+  }();
+  if (hot) return 1;
   return static_cast<int>(std::max<int64_t>(1, (kSweepBytes + bytes - 1) / bytes));
 }
 
