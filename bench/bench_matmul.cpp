@@ -8,8 +8,9 @@
 // Weights are random codes packed once, in enough copies that one sweep over them is >= 256 MiB,
 // and each iteration uses the next copy: a GEMV reads its weights from memory, as in decode, not
 // from cache. QKERN_BENCH_HOT=1 keeps one copy instead (the weights stay in cache when they fit:
-// the kernels' compute alone, e.g. the int2 / int3 / int4 GEMVs of docs/speed.md). Counters: weight_GBps = packed weight bytes (codes + scales) / time, the figure to
-// compare with BM_read_bw (a streaming read of 256 MiB with the same threads: the roofline);
+// the kernels' compute alone, e.g. the int2 / int3 / int4 GEMVs of docs/speed.md). Counters:
+// weight_GBps = packed weight bytes (codes + scales) / time, the figure to compare with
+// BM_read_bw (a streaming read of 256 MiB with the same threads: the roofline);
 // GFLOPs = 2 M N K / time. The Python bench (python -m qkern.bench matmul) runs the same
 // kernels against torch's in the same process.
 #include <benchmark/benchmark.h>

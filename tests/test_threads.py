@@ -90,9 +90,9 @@ def _placement(mode: str, env: dict | None = None):
 def test_workers_are_kept_off_the_callers_cpu():
     """A sleeping worker woken onto the caller's busy CPU joins a job milliseconds late
     (threadpool.cpp, place_workers): after a parallel job the worker (found by its name in
-    /proc) may run anywhere the caller
-    may, except one CPU (the caller's at the time); QKERN_PIN_WORKERS=0 leaves it alone, and a
-    caller confined to one CPU leaves the worker's inherited mask alone."""
+    /proc) may run anywhere the caller may, except one CPU (the caller's at the time);
+    QKERN_PIN_WORKERS=0 leaves it alone, and a caller confined to one CPU leaves the worker's
+    inherited mask alone."""
     allowed, masks = _placement("all")
     assert len(masks) == 1, masks
     assert masks[0] < allowed and len(masks[0]) == len(allowed) - 1, (allowed, masks)

@@ -23,6 +23,7 @@
 
 #include <cstring>
 
+#include "cpu/gemm/tile/vnni_avx512.h"
 #include "cpu/gemm/w8/epilogue_avx512.h"
 #include "cpu/gemm/w8/kernels.h"
 
@@ -39,13 +40,6 @@ inline int32_t load_i32(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return v;
-}
-
-// acc + the 4-byte dot products of u (unsigned) and x (signed): _mm512_dpbusd_epi32 as inline
-// asm, since GCC 12 copies (and spills) the accumulator of every intrinsic call in the tile.
-inline __m512i dpbusd(__m512i acc, __m512i u, __m512i x) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(x));
-  return acc;
 }
 
 // ---- int8 x int8 -> int32 ----------------------------------------------------------------
@@ -94,7 +88,7 @@ __attribute__((always_inline)) inline void mk_s8(const int8_t* x, int64_t ldx, c
     for (int i = 0; i < MR; ++i) {
       const __m512i xb = _mm512_set1_epi32(load_i32(xr[i] + 4 * s));
 #pragma GCC unroll 3
-      for (int j = 0; j < NR; ++j) c[i][j] = dpbusd(c[i][j], u[j], xb);
+      for (int j = 0; j < NR; ++j) c[i][j] = vnni::dpbusd(c[i][j], u[j], xb);
     }
   }
 }
