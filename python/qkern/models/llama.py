@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io.shards import checkpoint_files, read_checkpoint
+from ..ops.decode import attention_step, rms_norm, silu_mul
 
 __all__ = ["INDEX_FILE", "KVCache", "Llama", "LlamaConfig", "bits_per_byte", "load_llama",
            "read_weights", "weight_files"]
@@ -205,12 +206,76 @@ class Llama(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         h = self.model.embed_tokens(ids)
+        if t == 1 and cache is not None:
+            plan = self._fused_plan(h, cache)
+            if plan is not None:
+                return self._fused_step(plan, h, cache)
         cos, sin = self.rope_cos[p:p + t].to(h.dtype), self.rope_sin[p:p + t].to(h.dtype)
         for i, blk in enumerate(self.model.layers):
             h = blk(h, cos, sin, cache, i)
         if cache is not None:
             cache.pos += t
         return self.lm_head(self.model.norm(h))
+
+    #: decode one position at a time through qkern.ops.decode's kernels (one call per norm,
+    #: attention and SwiGLU instead of ~25 torch ops per layer) where _fused_plan allows;
+    #: False keeps every step on the modules' own forwards
+    fused_decode: bool = True
+
+    def _fused_plan(self, h: torch.Tensor, cache: KVCache) -> list | None:
+        """Per layer (attention, mlp, its second norm, the norm after it), when the fused step
+        computes what the modules' forwards do: float32 CPU inference (no grad, no tracing)
+        through this file's plain modules, none of them hooked (the projections are called as
+        modules, so their hooks and wrappers run); else None."""
+        if not self.fused_decode or torch.is_grad_enabled() or h.dtype is not torch.float32 \
+                or not h.is_cpu or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        hooks = nn.modules.module
+        if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+            return None
+        body = self.model
+        layers, plan = body.layers, []
+        norms = [blk.input_layernorm for blk in layers] + [body.norm]
+        for i, blk in enumerate(layers):
+            a, mlp = blk.self_attn, blk.mlp
+            if type(blk) is not Block or type(a) is not Attention or a.attn_fn is not None \
+                    or type(mlp) is not MLP:
+                return None
+            plan.append((a, mlp, blk.post_attention_layernorm, norms[i + 1]))
+            for m in (blk, a, mlp):
+                if m._forward_hooks or m._forward_pre_hooks:
+                    return None
+        for m in norms + [blk.post_attention_layernorm for blk in layers]:
+            if type(m) is not RMSNorm or m._forward_hooks or m._forward_pre_hooks or \
+                    m.weight.dtype is not torch.float32 or not m.weight.is_cpu:
+                return None
+        for c in cache.k + cache.v:
+            if c.dtype is not torch.float32 or not c.is_cpu or not c.is_contiguous():
+                return None
+        return plan if self.rope_cos.dtype is torch.float32 else None
+
+    def _fused_step(self, plan: list, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Llama.forward of one position per sequence (h: (batch, 1, hidden) embeddings) with
+        the norms, RoPE + attention over the cache and SiLU(gate) * up as single kernels, each
+        residual add fused into the norm after it."""
+        p = cache.pos
+        cos, sin = self.rope_cos[p], self.rope_sin[p]
+
+        def f32(t: torch.Tensor) -> torch.Tensor:
+            ok = t.dtype is torch.float32 and t.is_contiguous()
+            return t if ok else t.float().contiguous()
+
+        h = f32(h)
+        norm = self.model.layers[0].input_layernorm if plan else self.model.norm
+        x = rms_norm(h, norm.weight, norm.eps)
+        for i, (a, mlp, norm1, norm2) in enumerate(plan):
+            y = attention_step(f32(a.q_proj(x)), f32(a.k_proj(x)), f32(a.v_proj(x)), cos, sin,
+                               cache.k[i], cache.v[i], p)
+            x, h = rms_norm(f32(a.o_proj(y)), norm1.weight, norm1.eps, residual=h)
+            y = silu_mul(f32(mlp.gate_proj(x)), f32(mlp.up_proj(x)))
+            x, h = rms_norm(f32(mlp.down_proj(y)), norm2.weight, norm2.eps, residual=h)
+        cache.pos += 1
+        return self.lm_head(x)
 
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
