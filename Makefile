@@ -100,8 +100,9 @@ bench-smoke: install
 		(apt-get update -qq && apt-get install -y -qq libbenchmark-dev) >/dev/null 2>&1 || \
 		{ echo "libbenchmark-dev missing and could not be installed"; exit 1; }; fi
 	cmake -S . -B build/bench -G Ninja -DQKERN_PYTHON=OFF -DQKERN_BENCH=ON -DQKERN_CUDA=OFF >/dev/null
-	cmake --build build/bench --target bench_core bench_matmul
+	cmake --build build/bench --target bench_core bench_matmul bench_decode
 	build/bench/bench_core --benchmark_min_time=0.02
+	build/bench/bench_decode --benchmark_min_time=0.02
 	build/bench/bench_matmul --benchmark_min_time=0.02 --benchmark_filter='read_bw|M:1/N:4096/K:4096'
 	$(VENV)/bin/qkern bench core --quick
 	$(VENV)/bin/qkern bench matmul --quick
