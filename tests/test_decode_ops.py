@@ -86,6 +86,7 @@ def test_silu_mul_matches_float64(isa):
 CASES = [  # batch, heads, kv_heads, head_dim, max_len, pos
     (1, 1, 1, 2, 1, 0), (1, 16, 16, 128, 40, 37), (2, 8, 2, 64, 9, 8), (2, 6, 3, 6, 20, 5),
     (1, 4, 1, 34, 70, 69), (3, 2, 2, 32, 17, 0),
+    (1, 7, 1, 16, 12, 11), (2, 10, 2, 24, 6, 5),  # 7 / 5 heads per KV head: groups 4 + 3, 4 + 1
 ]
 
 

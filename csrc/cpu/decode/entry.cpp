@@ -58,14 +58,16 @@ void attention_step_f32(const AttentionStep& a, const float* q, const float* k, 
       kern.rope(k + (b * a.kv_heads + g) * d, cos, sin, d, k_cache + row);
       std::memcpy(v_cache + row, v + (b * a.kv_heads + g) * d, sizeof(float) * d);
     }
-  run_tasks(a.batch * a.heads, 2 * len * d, [&](int64_t t) {
-    const int64_t b = t / a.heads, h = t % a.heads;
-    const int64_t cache = (b * a.kv_heads + h / rep) * a.max_len * d;
+  // one task per (sequence, KV head): its rep query heads read the cached rows once
+  run_tasks(a.batch * a.kv_heads, 2 * len * d * rep, [&](int64_t t) {
+    const int64_t cache = t * a.max_len * d, first = t * rep * d;  // t = b * kv_heads + g
     thread_local std::vector<float> scratch;
-    if (scratch.size() < static_cast<size_t>(d + len)) scratch.resize(d + len);
+    const size_t need = static_cast<size_t>(rep * (d + len));
+    if (scratch.size() < need) scratch.resize(need);
     float* qr = scratch.data();
-    kern.rope(q + t * d, cos, sin, d, qr);
-    kern.attend(qr, k_cache + cache, v_cache + cache, len, d, a.scale, qr + d, y + t * d);
+    for (int64_t r = 0; r < rep; ++r) kern.rope(q + first + r * d, cos, sin, d, qr + r * d);
+    kern.attend(qr, rep, k_cache + cache, v_cache + cache, len, d, a.scale, qr + rep * d,
+                y + first);
   });
 }
 

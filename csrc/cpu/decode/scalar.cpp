@@ -36,8 +36,8 @@ void silu_mul_scalar(const float* g, const float* u, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = silu_mul_one(g[i], u[i]);
 }
 
-void attend_scalar(const float* q, const float* k, const float* v, int64_t n, int64_t d,
-                   float scale, float* s, float* y) {
+void attend_one(const float* q, const float* k, const float* v, int64_t n, int64_t d,
+                float scale, float* s, float* y) {
   float m = -INFINITY;
   for (int64_t j = 0; j < n; ++j) {
     float t = 0.0f;
@@ -56,6 +56,12 @@ void attend_scalar(const float* q, const float* k, const float* v, int64_t n, in
     for (int64_t j = 0; j < n; ++j) acc += s[j] * v[j * d + i];
     y[i] = acc * inv;
   }
+}
+
+void attend_scalar(const float* q, int64_t heads, const float* k, const float* v, int64_t n,
+                   int64_t d, float scale, float* s, float* y) {
+  for (int64_t h = 0; h < heads; ++h)
+    attend_one(q + h * d, k, v, n, d, scale, s + h * n, y + h * d);
 }
 
 }  // namespace
