@@ -33,6 +33,7 @@ with atheris.instrument_imports(include=["qkern"]):
 
     import qkern
     from qkern.nn import QuantLinear
+    from qkern.ops.decode import attention_step, rms_norm, silu_mul
     from qkern.ops.vq import pack_codes
     from qkern.ops.vq8 import pack_codes4
 
@@ -202,6 +203,26 @@ def target_vq8(fdp) -> None:
     OPS.gemm_vq8(x, packed, books8, bs, scales, None, n, nv * dim, gr)
 
 
+def target_decode(fdp) -> None:
+    """qkern.ops.decode: caches and heads of any (mismatched) layout, positions in and out of
+    range, special floats, other dtypes, eps / scale of any value."""
+    b, kvh, max_len = _int(fdp, 0, 3), _int(fdp, 0, 4), _int(fdp, 0, 9)
+    d = fdp.PickValueInList([0, 1, 2, 3, 4, 8, 16, 34])
+    heads = kvh * _int(fdp, 0, 3) + _int(fdp, 0, 1)
+    q, k, v = (_tensor(fdp, [b, n, d]) for n in (heads, kvh, kvh))
+    cos, sin = _tensor(fdp, [_int(fdp, 0, 1) + d - 1 if d else 0]), _tensor(fdp, [d])
+    kc, vc = _tensor(fdp, [b, kvh, max_len, d]), _tensor(fdp, [b, kvh, max_len, d])
+    pos = _size(fdp) * (-1 if fdp.ConsumeBool() else 1) if _int(fdp, 0, 3) == 0 else \
+        _int(fdp, 0, max_len)
+    scale = fdp.PickValueInList(SPECIALS) if fdp.ConsumeBool() else None
+    attention_step(q, k, v, cos, sin, kc, vc, pos, scale)
+    n, rows = _int(fdp, 0, 40), _int(fdp, 0, 3)
+    x, w = _tensor(fdp, [rows, n]), _tensor(fdp, [n if fdp.ConsumeBool() else _int(fdp, 0, 40)])
+    res = _tensor(fdp, [rows, n]) if fdp.ConsumeBool() else None
+    rms_norm(x, w, float(fdp.PickValueInList(SPECIALS)), res)
+    silu_mul(_tensor(fdp, [n]), _tensor(fdp, [n if fdp.ConsumeBool() else _int(fdp, 0, 40)]))
+
+
 def target_load(fdp) -> None:
     path = os.path.join(TMP, "m.safetensors")
     data = fdp.ConsumeBytes(_int(fdp, 0, 4096))
@@ -230,7 +251,7 @@ def _saved_bytes() -> bytes:
 
 _SAVED = _saved_bytes()
 TARGETS = [target_quantize, target_bits, target_raw_quantize, target_matmul, target_load,
-           target_fake_quant, target_vq, target_vq8]
+           target_fake_quant, target_vq, target_vq8, target_decode]
 
 
 def test_one_input(data: bytes) -> None:

@@ -12,6 +12,7 @@ import torch
 
 import qkern
 from isas import params, use
+from qkern import _C
 from qkern.models import KVCache, Llama, LlamaConfig
 from qkern.ops.decode import attention_step, rms_norm, silu_mul
 
@@ -175,11 +176,46 @@ def test_bad_input_is_refused():
                        torch.ones(3), torch.ones(3), c3, c3.clone(), 0)
     with pytest.raises(ValueError, match="same memory"):
         attention_step(q, k, v, cos, sin, kc, kc, 0)
+    with pytest.raises(TypeError, match="pos must be an integer"):
+        attention_step(q, k, v, cos, sin, kc, vc, 1.5)
+    with pytest.raises(ValueError, match="scale must be a finite"):
+        attention_step(q, k, v, cos, sin, kc, vc, 0, scale=float("nan"))
+    for eps in (-1e-5, float("inf"), "1e-5"):
+        with pytest.raises(ValueError, match="eps must be"):
+            rms_norm(x, w, eps)
     with pytest.raises(ValueError, match="alike"):
         attention_step(q, k, v, cos, sin, kc, torch.zeros(1, 2, 6, 8), 0)
     with pytest.raises(ValueError, match="cos and sin"):
         attention_step(q, k, v, cos[:4], sin, kc, vc, 0)
     assert torch.equal(kc, torch.zeros(1, 2, 5, 8))  # nothing written by a refused call
+
+
+def test_raw_bindings_refuse_bad_sizes_and_pointers():
+    """The ``*_raw`` bindings check again what they can: null pointers, sizes past 2^56, the
+    head layout, the position (ops/decode.py checks the tensors first)."""
+    x = torch.ones(4)
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.rms_norm_raw(0, 0, x.data_ptr(), 1, 4, 1e-5, 0, x.data_ptr())
+    with pytest.raises(ValueError, match="needs a sum output"):
+        _C.rms_norm_raw(x.data_ptr(), x.data_ptr(), x.data_ptr(), 1, 4, 1e-5, 0, x.data_ptr())
+    with pytest.raises(ValueError, match="exceeds 2"):
+        _C.rms_norm_raw(x.data_ptr(), 0, x.data_ptr(), 1 << 40, 1 << 40, 1e-5, 0, x.data_ptr())
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.silu_mul_raw(x.data_ptr(), 0, 4, x.data_ptr())
+    with pytest.raises(ValueError, match="negative"):
+        _C.silu_mul_raw(x.data_ptr(), x.data_ptr(), -1, x.data_ptr())
+    p = x.data_ptr()
+    args = [p] * 8
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        _C.attention_step_raw(*args, 1, 3, 2, 2, 1, 0, 1.0)
+    with pytest.raises(ValueError, match="even"):
+        _C.attention_step_raw(*args, 1, 2, 2, 3, 1, 0, 1.0)
+    with pytest.raises(ValueError, match="outside the cache"):
+        _C.attention_step_raw(*args, 1, 1, 1, 2, 1, 1, 1.0)
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.attention_step_raw(*([0] * 8), 1, 1, 1, 2, 1, 0, 1.0)
+    with pytest.raises(ValueError, match="exceeds 2"):
+        _C.attention_step_raw(*args, 1 << 30, 1 << 30, 1, 2, 1, 0, 1.0)
 
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2,

@@ -20,6 +20,9 @@ eager torch; sums in float32 in an ISA-specific order)::
 
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 from .. import _C
@@ -45,6 +48,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """``weight * s / sqrt(mean(s ** 2, -1) + eps)`` over the last dimension, with ``s = x``,
     or ``s = x + residual`` when a residual is given: then returns ``(normed, s)``."""
     op = "rms_norm"
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
     _f32(op, "x", x)
     _f32(op, "weight", weight)
     n = x.shape[-1] if x.dim() else 0
@@ -88,6 +93,12 @@ def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     ``softmax(scale * RoPE(q) K^T) V`` over positions ``0..pos``, shaped like ``q``; head ``h``
     reads kv head ``h // (heads // kv_heads)``. ``scale`` defaults to ``head_dim ** -0.5``."""
     op = "attention_step"
+    try:
+        pos = operator.index(pos)
+    except TypeError:
+        raise TypeError(f"{op}: pos must be an integer, got {type(pos).__name__}") from None
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
     for name, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin),
                     ("k_cache", k_cache), ("v_cache", v_cache)):
         _f32(op, name, t)
@@ -109,6 +120,6 @@ def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     y = torch.empty_like(q)
     _C.attention_step_raw(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(),
                           sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), y.data_ptr(),
-                          b, q.numel() // (b * d), kvh, d, max_len, int(pos),
+                          b, q.numel() // (b * d), kvh, d, max_len, pos,
                           float(d ** -0.5 if scale is None else scale))
     return y
