@@ -11,6 +11,7 @@
 // std::invalid_argument becomes ValueError in pybind11.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -41,6 +42,12 @@ inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
 
 inline int64_t checked_mul(int64_t a, int64_t b, int64_t c, const char* what) {
   return checked_mul(checked_mul(a, b, what), c, what);
+}
+
+// Every address in ps non-zero; else std::invalid_argument "<fn>: null pointer".
+inline void nonnull(std::initializer_list<uintptr_t> ps, const char* fn) {
+  for (auto p : ps)
+    if (!p) throw std::invalid_argument(std::string(fn) + ": null pointer");
 }
 
 }  // namespace bind

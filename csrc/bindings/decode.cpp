@@ -14,13 +14,10 @@ namespace py = pybind11;
 
 namespace {
 
+using qk::bind::nonnull;
+
 const float* cf(uintptr_t p) { return reinterpret_cast<const float*>(p); }
 float* mf(uintptr_t p) { return reinterpret_cast<float*>(p); }
-
-void nonnull(std::initializer_list<uintptr_t> ps, const char* op) {
-  for (auto p : ps)
-    if (!p) throw py::value_error(std::string(op) + ": null pointer");
-}
 
 void init(py::module_& m) {
   m.def("rms_norm_raw", [](uintptr_t x, uintptr_t res, uintptr_t w, int64_t rows, int64_t n,

@@ -16,14 +16,11 @@ namespace py = pybind11;
 
 namespace {
 
+using qk::bind::nonnull;
+
 void positive(int64_t v, const char* what) {
   if (v <= 0) throw py::value_error(std::string(what) + " must be positive, got " +
                                     std::to_string(v));
-}
-
-void nonnull(std::initializer_list<uintptr_t> ps, const char* fn) {
-  for (auto p : ps)
-    if (!p) throw py::value_error(std::string(fn) + ": null pointer");
 }
 
 void init(py::module_& m) {

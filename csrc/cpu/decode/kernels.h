@@ -240,25 +240,9 @@ float scores_one(const float* q, const float* k, int64_t n, int64_t d, float sca
 }
 
 template <class V>
-void attend_one(const float* q, const float* k, const float* v, int64_t n, int64_t d, float scale,
-            float* s, float* y) {
-  const float m = scores_one<V>(q, k, n, d, scale, s);
-  const int64_t nv = n / V::kW * V::kW;
-  const auto vm = V::set1(m);
-  auto z = V::set1(0.0f);
-  for (int64_t j = 0; j < nv; j += V::kW) {
-    const auto e = exp<V>(V::sub(V::load(s + j), vm));
-    V::store(s + j, e);
-    z = V::add(z, e);
-  }
-  float zs = V::hsum(z);
-  for (int64_t j = nv; j < n; ++j) {  // the tail through the same vector exp, one lane used
-    float lane[V::kW] = {};
-    lane[0] = s[j] - m;
-    V::store(lane, exp<V>(V::load(lane)));
-    s[j] = lane[0];
-    zs += s[j];
-  }
+void attend_one(const float* q, const float* k, const float* v, int64_t n, int64_t d,
+                float scale, float* s, float* y) {
+  const float zs = softmax_exp<V>(s, n, scores_one<V>(q, k, n, d, scale, s));
   const auto inv = V::set1(1.0f / zs);
   constexpr int64_t kAcc = 4;  // value vectors kept in registers per pass over the positions
   int64_t i = 0;
@@ -288,8 +272,8 @@ void attend_one(const float* q, const float* k, const float* v, int64_t n, int64
 template <class V>
 void attend(const float* q, int64_t heads, const float* k, const float* v, int64_t n, int64_t d,
             float scale, float* s, float* y) {
-  // one head: its own loop, which ran 1.3-1.6x faster than attend_group<V, 1> on 4096 cached
-  // positions (docs/speed.md "Seventeenth pass")
+  // a lone head (multi-head attention): attend_one, which ran 1.3-1.6x faster than
+  // attend_group<V, 1> on 4096 cached positions (docs/speed.md "Seventeenth pass")
   if (heads == 1) return attend_one<V>(q, k, v, n, d, scale, s, y);
   for (int64_t h = 0; h < heads; h += kGroup) {
     const float* qh = q + h * d;
