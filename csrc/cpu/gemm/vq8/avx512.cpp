@@ -5,6 +5,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include "cpu/gemm/tile/vnni_avx512.h"
 #include "cpu/gemm/vq8/kernels.h"
 #include "cpu/gemm/vq8/lookup_avx512.h"
 #include "cpu/runtime/aligned.h"
@@ -77,8 +78,8 @@ QK_VBMI uint32_t rows_vbmi(const Problem& p, int64_t b, const __m512i (&t)[DIM][
       for (int d = 0; d < DIM; ++d) {
         const __m512i w = lookup<NT>(t[d], c, hi);
         for (int mi = 0; mi < MR; ++mi)
-          acc[mi] = _mm512_dpbusd_epi32(acc[mi], w,
-                                        _mm512_set1_epi32(static_cast<int>(xp[mi][q * DIM + d])));
+          acc[mi] = vnni::dpbusd_x4(acc[mi], w,
+                                    reinterpret_cast<const int8_t*>(xp[mi] + q * DIM + d));
       }
     }
     block_epilogue<MR>(p, b, blk, i0, acc, yacc, sv, seg);
@@ -110,7 +111,7 @@ void rows_panel(const Problem& p, int64_t b, const uint8_t* panel, int64_t i0, f
     for (int64_t e = 8 * blk; e < 8 * blk + 8; ++e) {
       const __m512i w = _mm512_load_si512(panel + e * 64);
       for (int mi = 0; mi < MR; ++mi)
-        acc[mi] = _mm512_dpbusd_epi32(acc[mi], w, _mm512_set1_epi32(static_cast<int>(xp[mi][e])));
+        acc[mi] = vnni::dpbusd_x4(acc[mi], w, reinterpret_cast<const int8_t*>(xp[mi] + e));
     }
     block_epilogue<MR>(p, b, blk, i0, acc, yacc, sv, seg);
   }
