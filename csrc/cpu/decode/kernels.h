@@ -121,7 +121,8 @@ template <class V, int R>
 void group_scores(const float* q, const float* k, int64_t n, int64_t d, float scale, float* s,
                   float* m) {
   const int64_t dv = d / V::kW * V::kW;
-  for (int r = 0; r < R; ++r) m[r] = -__builtin_inff();
+  float mx[R];  // the running maxima in registers (m may alias s)
+  for (int r = 0; r < R; ++r) mx[r] = -__builtin_inff();
   for (int64_t j = 0; j < n; ++j) {
     const float* kj = k + j * d;
     typename V::T acc[R], acc2[R];  // two chains per head: even and odd vectors
@@ -140,10 +141,12 @@ void group_scores(const float* q, const float* k, int64_t n, int64_t d, float sc
     for (int r = 0; r < R; ++r) {
       float t = V::hsum(V::add(acc[r], acc2[r]));
       for (int64_t i = dv; i < d; ++i) t += q[r * d + i] * kj[i];
-      s[r * n + j] = t * scale;
-      m[r] = s[r * n + j] > m[r] ? s[r * n + j] : m[r];
+      t *= scale;
+      s[r * n + j] = t;
+      mx[r] = t > mx[r] ? t : mx[r];
     }
   }
+  for (int r = 0; r < R; ++r) m[r] = mx[r];
 }
 
 // s <- exp(s - m) over n scores (m: their largest); returns their sum.
@@ -216,33 +219,13 @@ void attend_group(const float* q, const float* k, const float* v, int64_t n, int
   group_values<V, R>(s, v, n, d, z, y);
 }
 
-// One query head alone (no other head shares its KV head, as in multi-head attention): the
-// dot products of q with the n rows of k, times scale; returns their maximum.
-template <class V>
-float scores_one(const float* q, const float* k, int64_t n, int64_t d, float scale, float* s) {
-  const int64_t dv = d / V::kW * V::kW;
-  float m = -__builtin_inff();
-  for (int64_t j = 0; j < n; ++j) {
-    const float* kj = k + j * d;
-    auto a0 = V::set1(0.0f), a1 = V::set1(0.0f);
-    int64_t i = 0;
-    for (; i + 2 * V::kW <= dv; i += 2 * V::kW) {
-      a0 = V::fmadd(V::load(q + i), V::load(kj + i), a0);
-      a1 = V::fmadd(V::load(q + i + V::kW), V::load(kj + i + V::kW), a1);
-    }
-    if (i < dv) a0 = V::fmadd(V::load(q + i), V::load(kj + i), a0);
-    float t = V::hsum(V::add(a0, a1));
-    for (i = dv; i < d; ++i) t += q[i] * kj[i];
-    s[j] = t * scale;
-    m = s[j] > m ? s[j] : m;
-  }
-  return m;
-}
-
+// One query head alone (no other head shares its KV head, as in multi-head attention).
 template <class V>
 void attend_one(const float* q, const float* k, const float* v, int64_t n, int64_t d,
                 float scale, float* s, float* y) {
-  const float zs = softmax_exp<V>(s, n, scores_one<V>(q, k, n, d, scale, s));
+  float m;
+  group_scores<V, 1>(q, k, n, d, scale, s, &m);
+  const float zs = softmax_exp<V>(s, n, m);
   const auto inv = V::set1(1.0f / zs);
   constexpr int64_t kAcc = 4;  // value vectors kept in registers per pass over the positions
   int64_t i = 0;
@@ -268,12 +251,11 @@ void attend_one(const float* q, const float* k, const float* v, int64_t n, int64
   }
 }
 
-
 template <class V>
 void attend(const float* q, int64_t heads, const float* k, const float* v, int64_t n, int64_t d,
             float scale, float* s, float* y) {
-  // a lone head (multi-head attention): attend_one, which ran 1.3-1.6x faster than
-  // attend_group<V, 1> on 4096 cached positions (docs/speed.md "Seventeenth pass")
+  // a lone head (multi-head attention): attend_one, whose value loop ran faster than
+  // group_values<V, 1> on 4096 cached positions (docs/speed.md "Seventeenth pass")
   if (heads == 1) return attend_one<V>(q, k, v, n, d, scale, s, y);
   for (int64_t h = 0; h < heads; h += kGroup) {
     const float* qh = q + h * d;
